@@ -1,0 +1,287 @@
+"""Configuration dataclasses for Kimi-VL, read from and written to the official ``config.json`` schema.
+
+Unknown fields of an official file are kept in ``extra`` and written back unchanged, so a load/save round trip
+never loses information.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """An impossible or malformed configuration value."""
+
+
+def _split_known(cls, d: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+    return {k: v for k, v in d.items() if k in names}, {k: v for k, v in d.items() if k not in names}
+
+
+def _to_dict(obj) -> dict[str, Any]:
+    out = dict(obj.extra)
+    for f in dataclasses.fields(obj):
+        if f.name != "extra":
+            v = getattr(obj, f.name)
+            out[f.name] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass
+class VisionConfig:
+    """MoonViT (``vision_config``, model_type ``moonvit``)."""
+
+    patch_size: int = 14
+    init_pos_emb_height: int = 64
+    init_pos_emb_width: int = 64
+    num_attention_heads: int = 16
+    num_hidden_layers: int = 27
+    hidden_size: int = 1152
+    intermediate_size: int = 4304
+    merge_kernel_size: tuple[int, int] = (2, 2)
+    layer_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    model_type: str = "moonvit"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.merge_kernel_size = tuple(self.merge_kernel_size)
+        self.validate()
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def merged_dim(self) -> int:
+        """Width of one merged token entering the projector."""
+        return self.hidden_size * self.merge_kernel_size[0] * self.merge_kernel_size[1]
+
+    def validate(self) -> None:
+        for name in ("patch_size", "init_pos_emb_height", "init_pos_emb_width", "num_attention_heads",
+                     "num_hidden_layers", "hidden_size", "intermediate_size"):
+            _require(isinstance(getattr(self, name), int) and getattr(self, name) > 0,
+                     f"vision_config.{name} must be a positive integer, got {getattr(self, name)!r}")
+        _require(self.hidden_size % self.num_attention_heads == 0,
+                 f"vision_config.num_attention_heads ({self.num_attention_heads}) must divide "
+                 f"hidden_size ({self.hidden_size})")
+        _require(self.head_dim % 4 == 0,
+                 f"vision head dim {self.head_dim} must be a multiple of 4 for the 2D RoPE "
+                 "(half the pairs rotate by column, half by row)")
+        _require(len(self.merge_kernel_size) == 2 and all(k >= 1 for k in self.merge_kernel_size),
+                 f"vision_config.merge_kernel_size must be two positive integers, got {self.merge_kernel_size}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VisionConfig:
+        known, extra = _split_known(cls, d)
+        return cls(**known, extra=extra)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_dict(self)
+
+
+@dataclass
+class TextConfig:
+    """The DeepSeek-V3-style language model (``text_config``, model_type ``deepseek_v3``)."""
+
+    vocab_size: int = 163840
+    hidden_size: int = 2048
+    intermediate_size: int = 11264
+    moe_intermediate_size: int = 1408
+    num_hidden_layers: int = 27
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 16
+    q_lora_rank: int | None = None
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    n_routed_experts: int = 64
+    num_experts_per_tok: int = 6
+    n_shared_experts: int = 2
+    first_k_dense_replace: int = 1
+    moe_layer_freq: int = 1
+    routed_scaling_factor: float = 2.446
+    topk_method: str = "noaux_tc"
+    scoring_func: str = "sigmoid"
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = True
+    aux_loss_alpha: float = 0.001
+    seq_aux: bool = True
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 800000.0
+    rope_scaling: dict[str, Any] | None = None
+    max_position_embeddings: int = 131072
+    attention_bias: bool = False
+    tie_word_embeddings: bool = False
+    num_nextn_predict_layers: int = 0
+    bos_token_id: int = 163584
+    eos_token_id: int | list[int] = 163585
+    pad_token_id: int = 0
+    initializer_range: float = 0.02
+    torch_dtype: str = "bfloat16"
+    model_type: str = "deepseek_v3"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.validate()
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return layer >= self.first_k_dense_replace and layer % self.moe_layer_freq == 0
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
+                     "num_hidden_layers", "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim",
+                     "qk_rope_head_dim", "v_head_dim", "n_routed_experts", "num_experts_per_tok",
+                     "n_group", "topk_group", "moe_layer_freq", "max_position_embeddings"):
+            _require(isinstance(getattr(self, name), int) and getattr(self, name) > 0,
+                     f"text_config.{name} must be a positive integer, got {getattr(self, name)!r}")
+        _require(self.q_lora_rank is None,
+                 "text_config.q_lora_rank must be null: Kimi-VL's MLA has no query compression")
+        _require(self.num_key_value_heads == self.num_attention_heads,
+                 f"text_config.num_key_value_heads ({self.num_key_value_heads}) must equal "
+                 f"num_attention_heads ({self.num_attention_heads}) for MLA")
+        _require(self.qk_rope_head_dim % 2 == 0,
+                 f"text_config.qk_rope_head_dim ({self.qk_rope_head_dim}) must be even (RoPE rotates pairs)")
+        _require(self.n_routed_experts % self.n_group == 0,
+                 f"text_config.n_group ({self.n_group}) must divide n_routed_experts ({self.n_routed_experts})")
+        _require(self.topk_group <= self.n_group,
+                 f"text_config.topk_group ({self.topk_group}) must not exceed n_group ({self.n_group})")
+        per_group = self.n_routed_experts // self.n_group
+        _require(self.num_experts_per_tok <= self.topk_group * per_group,
+                 f"text_config.num_experts_per_tok ({self.num_experts_per_tok}) exceeds the experts reachable "
+                 f"in topk_group={self.topk_group} groups of {per_group}")
+        _require(self.n_group == 1 or per_group >= 2,
+                 "text_config: grouped routing scores each group by its top-2 experts, so every group needs "
+                 f"at least 2 experts (got {per_group})")
+        _require(self.scoring_func == "sigmoid", f"text_config.scoring_func {self.scoring_func!r} unsupported "
+                 "(Kimi-VL uses 'sigmoid')")
+        _require(self.topk_method == "noaux_tc", f"text_config.topk_method {self.topk_method!r} unsupported "
+                 "(Kimi-VL uses 'noaux_tc')")
+        _require(self.hidden_act == "silu", f"text_config.hidden_act {self.hidden_act!r} unsupported (expected 'silu')")
+        _require(0 <= self.first_k_dense_replace <= self.num_hidden_layers,
+                 f"text_config.first_k_dense_replace ({self.first_k_dense_replace}) must be in "
+                 f"[0, num_hidden_layers={self.num_hidden_layers}]")
+        _require(self.rope_scaling is None,
+                 "text_config.rope_scaling is not supported: Kimi-VL uses plain RoPE (rope_scaling null)")
+        _require(self.num_nextn_predict_layers == 0,
+                 "text_config.num_nextn_predict_layers must be 0: multi-token prediction layers are not supported")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TextConfig:
+        known, extra = _split_known(cls, d)
+        return cls(**known, extra=extra)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_dict(self)
+
+
+@dataclass
+class KimiVLConfig:
+    """The whole model: ``vision_config`` + ``text_config`` + the top-level fields of ``config.json``."""
+
+    vision_config: VisionConfig = field(default_factory=VisionConfig)
+    text_config: TextConfig = field(default_factory=TextConfig)
+    media_placeholder_token_id: int = 163605
+    ignore_index: int = -100
+    pad_token_id: int = 0
+    model_type: str = "kimi_vl"
+    architectures: list[str] = field(default_factory=lambda: ["KimiVLForConditionalGeneration"])
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if isinstance(self.vision_config, dict):
+            self.vision_config = VisionConfig.from_dict(self.vision_config)
+        if isinstance(self.text_config, dict):
+            self.text_config = TextConfig.from_dict(self.text_config)
+        _require(self.model_type == "kimi_vl", f"model_type must be 'kimi_vl', got {self.model_type!r}")
+        _require(0 <= self.media_placeholder_token_id < self.text_config.vocab_size,
+                 f"media_placeholder_token_id ({self.media_placeholder_token_id}) is outside the vocabulary "
+                 f"(vocab_size {self.text_config.vocab_size})")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> KimiVLConfig:
+        for part in ("vision_config", "text_config"):
+            _require(isinstance(d.get(part), dict), f"config.json has no {part} object")
+        known, extra = _split_known(cls, d)
+        return cls(**known, extra=extra)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = _to_dict(self)
+        out["vision_config"] = self.vision_config.to_dict()
+        out["text_config"] = self.text_config.to_dict()
+        return out
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> KimiVLConfig:
+        try:
+            with open(path, encoding="utf-8") as f:
+                d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        try:
+            return cls.from_dict(d)
+        except TypeError as e:
+            raise ConfigError(f"{path}: {e}") from None
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> KimiVLConfig:
+        file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"no config.json at {path}")
+        return cls.from_json_file(file)
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    @classmethod
+    def from_preset(cls, name: str) -> KimiVLConfig:
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return PRESETS[name]()
+
+
+def _a3b() -> KimiVLConfig:
+    return KimiVLConfig(text_config=TextConfig(eos_token_id=[163585, 163586]))
+
+
+# Tiny vocabulary: 3840 BPE ranks then the 256 special ids, laid out like the official table
+# (the official table starts at 163584; the placeholder is special number 21).
+TINY_VOCAB = 4096
+TINY_SPECIAL_BASE = 3840
+
+
+def _tiny() -> KimiVLConfig:
+    base = TINY_SPECIAL_BASE
+    return KimiVLConfig(
+        vision_config=VisionConfig(init_pos_emb_height=16, init_pos_emb_width=16, num_attention_heads=4,
+                                   num_hidden_layers=2, hidden_size=64, intermediate_size=128),
+        text_config=TextConfig(
+            vocab_size=TINY_VOCAB, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
+            num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=32,
+            qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2,
+            n_shared_experts=1, n_group=2, topk_group=1, max_position_embeddings=4096, rope_theta=50000.0,
+            bos_token_id=base, eos_token_id=[base + 1, base + 2]),
+        media_placeholder_token_id=base + 21,
+    )
+
+
+PRESETS = {"kimi-vl-a3b": _a3b, "tiny": _tiny}

@@ -1,0 +1,62 @@
+"""Attention backends: flash-attn varlen when importable on CUDA, exact PyTorch SDPA otherwise.
+
+Layouts are named in suffixes: ``T`` packed tokens, ``B`` batch, ``H`` heads, ``S``/``K`` query/key length,
+``D``/``E`` query-key/value head dims. Packed inputs carry ``cu_seqlens`` (int32, length segments + 1); tokens of
+different segments never attend to each other, and memory stays linear in the total token count.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:  # optional accelerator
+    from flash_attn import flash_attn_varlen_func
+except ImportError:  # pragma: no cover - depends on the machine
+    flash_attn_varlen_func = None
+
+
+def use_flash(x: torch.Tensor) -> bool:
+    """True when the flash-attn kernel can run on ``x``."""
+    return flash_attn_varlen_func is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+
+
+def varlen_attention(q_THD: torch.Tensor, k_THD: torch.Tensor, v_THE: torch.Tensor, cu_seqlens: torch.Tensor,
+                     *, causal: bool, scale: float | None = None) -> torch.Tensor:
+    """Attention within each packed segment; returns (T, H, E)."""
+    if use_flash(q_THD):
+        return _flash_varlen(q_THD, k_THD, v_THE, cu_seqlens, causal=causal, scale=scale)
+    out_THE = q_THD.new_empty(*q_THD.shape[:2], v_THE.shape[-1])
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end == start:
+            continue
+        q, k, v = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q_THD, k_THD, v_THE))
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+        out_THE[start:end] = o.squeeze(0).transpose(0, 1)
+    return out_THE
+
+
+def _flash_varlen(q, k, v, cu_seqlens, *, causal, scale):
+    d, e = q.shape[-1], v.shape[-1]
+    if e < d:  # flash-attn needs equal head dims: pad values, then drop the padding
+        v = F.pad(v, (0, d - e))
+    cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+    max_len = int((cu[1:] - cu[:-1]).max())
+    out = flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, softmax_scale=scale, causal=causal)
+    return out[..., :e]
+
+
+def causal_attention(q_BHSD: torch.Tensor, k_BHKD: torch.Tensor, v_BHKE: torch.Tensor, *,
+                     scale: float | None = None, key_padding_B1SK: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention where the S queries are the last S of the K keys; returns (B, H, S, E).
+
+    ``key_padding_B1SK`` (bool, True = may attend) adds a padding mask for batches of different lengths.
+    """
+    s, k = q_BHSD.shape[2], k_BHKD.shape[2]
+    if key_padding_B1SK is None and (s == k or s == 1):
+        return F.scaled_dot_product_attention(q_BHSD, k_BHKD, v_BHKE, is_causal=s > 1, scale=scale)
+    allowed = torch.ones(s, k, dtype=torch.bool, device=q_BHSD.device).tril(k - s)
+    if key_padding_B1SK is not None:
+        allowed = allowed & key_padding_B1SK
+    return F.scaled_dot_product_attention(q_BHSD, k_BHKD, v_BHKE, attn_mask=allowed, scale=scale)

@@ -1,0 +1,79 @@
+"""The DeepSeek-V3-style decoder: MLA attention, a dense first layer, MoE layers after it.
+
+Module names mirror the official checkpoint (``language_model.model.layers.{L}...``, ``language_model.lm_head``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kimivl.config import TextConfig
+from kimivl.model.mla import MLA, rope_rotation
+from kimivl.model.moe import MoE, SwiGLU
+from kimivl.model.norm import RMSNorm
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, layer: int):
+        super().__init__()
+        self.self_attn = MLA(cfg)
+        self.mlp = MoE(cfg) if cfg.is_moe_layer(layer) else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, h: torch.Tensor, rot: torch.Tensor, **attn_kwargs) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), rot, **attn_kwargs)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class TextModel(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class LanguageModel(nn.Module):
+    """Decoder + untied head. ``forward`` returns final hidden states (B, S, D); ``logits`` maps them to float32."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = TextModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def rotation(self, position_ids: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        return rope_rotation(position_ids, cfg.qk_rope_head_dim, cfg.rope_theta)
+
+    def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        b, s, _ = inputs_embeds.shape
+        if position_ids is None:
+            if cu_seqlens is not None:
+                position_ids = positions_from_cu_seqlens(cu_seqlens, s)[None]
+            else:
+                position_ids = torch.arange(s, device=inputs_embeds.device).expand(b, s)
+        if int(position_ids.max()) >= self.config.max_position_embeddings:
+            raise ValueError(f"position {int(position_ids.max())} is past the context of "
+                             f"{self.config.max_position_embeddings} tokens")
+        rot = self.rotation(position_ids)
+        h = inputs_embeds
+        for layer in self.model.layers:
+            h = layer(h, rot, cu_seqlens=cu_seqlens)
+        return self.model.norm(h)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+
+def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """Positions that restart at 0 at every packed sample boundary: (total,)."""
+    cu = cu_seqlens.to(torch.long)
+    if int(cu[-1]) != total:
+        raise ValueError(f"cu_seqlens ends at {int(cu[-1])} but the packed row has {total} tokens")
+    lengths = cu[1:] - cu[:-1]
+    starts = torch.repeat_interleave(cu[:-1], lengths)
+    return torch.arange(total, device=cu.device) - starts

@@ -1,0 +1,79 @@
+"""Multi-head latent attention (MLA) without query compression, with interleaved RoPE on the rope dims.
+
+Per token only the normalised latent ``c`` (kv_lora_rank) and the rotated shared rope key (qk_rope_head_dim) need
+caching; ``kv_b_proj`` expands the latent into per-head ``k_nope`` and ``v``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from kimivl.config import TextConfig
+from kimivl.model.attention import causal_attention, varlen_attention
+from kimivl.model.norm import RMSNorm
+
+
+def rope_rotation(positions: torch.Tensor, dim: int, theta: float) -> torch.Tensor:
+    """Unit complex rotations (positions.shape + (dim/2,)): pair i turns by pos * theta^(-2i/dim), in float32."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim)
+    angles = positions.float()[..., None] * inv_freq
+    return torch.polar(torch.ones_like(angles), angles)
+
+
+def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (2i, 2i+1) of ``x`` (..., dim) by ``rot`` (complex, broadcastable to (..., dim/2))."""
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2).contiguous())
+    return torch.view_as_real(xc * rot).flatten(-2).to(x.dtype)
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.n_heads = cfg.num_attention_heads
+        self.nope_dim, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.kv_rank = cfg.kv_lora_rank
+        self.scale = 1.0 / math.sqrt(cfg.qk_head_dim)
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * cfg.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(cfg.hidden_size, self.kv_rank + self.rope_dim, bias=cfg.attention_bias)
+        self.kv_a_layernorm = RMSNorm(self.kv_rank, eps=1e-6)
+        self.kv_b_proj = nn.Linear(self.kv_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.v_dim, cfg.hidden_size, bias=cfg.attention_bias)
+
+    def compress(self, x_BSD: torch.Tensor, rot_BSR: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cacheable part: normalised latent (B, S, kv_rank) and rotated shared rope key (B, S, rope_dim)."""
+        c_BSC, kr_BSR = self.kv_a_proj_with_mqa(x_BSD).split([self.kv_rank, self.rope_dim], dim=-1)
+        return self.kv_a_layernorm(c_BSC), apply_rope(kr_BSR, rot_BSR)
+
+    def queries(self, x_BSD: torch.Tensor, rot_BSR: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head query parts: nope (B, S, H, nope_dim) and rotated rope (B, S, H, rope_dim)."""
+        b, s, _ = x_BSD.shape
+        q_BSHD = self.q_proj(x_BSD).view(b, s, self.n_heads, self.nope_dim + self.rope_dim)
+        q_nope, q_rope = q_BSHD.split([self.nope_dim, self.rope_dim], dim=-1)
+        return q_nope, apply_rope(q_rope, rot_BSR[:, :, None])
+
+    def forward(self, x_BSD: torch.Tensor, rot_BSR: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None,
+                past: tuple[torch.Tensor, torch.Tensor] | None = None,
+                key_padding_B1SK: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal attention over ``x`` (after ``past`` latents when given). With ``cu_seqlens`` (B must be 1) the
+        sequence is a pack of independent samples."""
+        b, s, _ = x_BSD.shape
+        q_nope, q_rope = self.queries(x_BSD, rot_BSR)
+        c_BSC, kr_BSR = self.compress(x_BSD, rot_BSR)
+        if past is not None:
+            c_BSC, kr_BSR = torch.cat([past[0], c_BSC], 1), torch.cat([past[1], kr_BSR], 1)
+        k_len = c_BSC.shape[1]
+        kv = self.kv_b_proj(c_BSC).view(b, k_len, self.n_heads, self.nope_dim + self.v_dim)
+        k_nope, v_BKHE = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        q_BSHD = torch.cat([q_nope, q_rope], dim=-1)
+        k_BKHD = torch.cat([k_nope, kr_BSR[:, :, None].expand(-1, -1, self.n_heads, -1)], dim=-1)
+        if cu_seqlens is not None:
+            if b != 1 or past is not None:
+                raise ValueError("packed attention (cu_seqlens) takes one packed row and no cache")
+            o = varlen_attention(q_BSHD[0], k_BKHD[0], v_BKHE[0], cu_seqlens, causal=True, scale=self.scale)[None]
+        else:
+            o = causal_attention(q_BSHD.transpose(1, 2), k_BKHD.transpose(1, 2), v_BKHE.transpose(1, 2),
+                                 scale=self.scale, key_padding_B1SK=key_padding_B1SK).transpose(1, 2)
+        return self.o_proj(o.reshape(b, s, self.n_heads * self.v_dim))

@@ -1,0 +1,130 @@
+"""Mixture of experts: sigmoid router with a selection-only bias and grouped top-k, grouped SwiGLU experts,
+shared experts.
+
+Routed experts are stored stacked, ``gate_up_proj`` (E, 2I, D) and ``down_proj`` (E, D, I), so that all experts run
+as two grouped matmuls over tokens sorted by expert. State-dict hooks present them under the official per-expert
+names ``experts.{e}.{gate,up,down}_proj.weight``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kimivl.config import TextConfig
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)): the dense MLP and the shared experts."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """Sigmoid scores; choice by score + ``e_score_correction_bias`` within the best groups; weights from the
+    unbiased scores. Kept in float32 whatever dtype the model is cast to (the bias moves in tiny steps)."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.top_k, self.n_group, self.topk_group = cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group
+        self.norm_topk_prob, self.scaling = cfg.norm_topk_prob, cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts))
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.weight.data = self.weight.data.float()
+        self.e_score_correction_bias = self.e_score_correction_bias.float()
+        return self
+
+    def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (weights (T, k) float32, expert ids (T, k), scores (T, E) float32)."""
+        scores_TE = F.linear(x_TD.float(), self.weight.float()).sigmoid()
+        choice_TE = scores_TE.detach() + self.e_score_correction_bias
+        if self.n_group > 1:
+            t, e = choice_TE.shape
+            grouped = choice_TE.view(t, self.n_group, e // self.n_group)
+            group_score_TG = grouped.topk(2, dim=-1).values.sum(-1)
+            keep_TG = torch.zeros_like(group_score_TG, dtype=torch.bool)
+            keep_TG.scatter_(1, group_score_TG.topk(self.topk_group, dim=-1).indices, True)
+            choice_TE = grouped.masked_fill(~keep_TG[..., None], float("-inf")).view(t, e)
+        idx_TK = choice_TE.topk(self.top_k, dim=-1).indices
+        w_TK = scores_TE.gather(1, idx_TK)
+        if self.norm_topk_prob:
+            w_TK = w_TK / (w_TK.sum(-1, keepdim=True) + 1e-20)
+        return w_TK * self.scaling, idx_TK, scores_TE
+
+
+class GroupedExperts(nn.Module):
+    def __init__(self, n_experts: int, dim: int, hidden: int):
+        super().__init__()
+        self.n_experts, self.hidden = n_experts, hidden
+        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * hidden, dim))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, dim, hidden))
+        self.register_state_dict_post_hook(_split_experts)
+        self.register_load_state_dict_pre_hook(_stack_experts)
+
+    def official_views(self) -> dict[str, torch.Tensor]:
+        """Per-expert views under the official names (relative to this module)."""
+        out = {}
+        for e in range(self.n_experts):
+            out[f"{e}.gate_proj.weight"] = self.gate_up_proj[e, : self.hidden]
+            out[f"{e}.up_proj.weight"] = self.gate_up_proj[e, self.hidden:]
+            out[f"{e}.down_proj.weight"] = self.down_proj[e]
+        return out
+
+    def forward(self, x_TD: torch.Tensor, idx_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
+        t, k = idx_TK.shape
+        flat_idx = idx_TK.reshape(-1)
+        order = flat_idx.argsort(stable=True)
+        offsets = torch.bincount(flat_idx, minlength=self.n_experts).cumsum(0).to(torch.int32)
+        token = order // k
+        x_ND = x_TD[token]
+        gate_up_N2I = torch._grouped_mm(x_ND, self.gate_up_proj.transpose(1, 2), offs=offsets)
+        gate, up = gate_up_N2I.chunk(2, dim=-1)
+        y_ND = torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=offsets)
+        y_ND = (y_ND * w_TK.reshape(-1)[order, None]).to(x_TD.dtype)
+        return torch.zeros_like(x_TD).index_add_(0, token, y_ND)
+
+
+def _split_experts(module: GroupedExperts, state_dict, prefix, local_metadata):
+    for name in ("gate_up_proj", "down_proj"):
+        state_dict.pop(prefix + name, None)
+    for key, view in module.official_views().items():
+        state_dict[prefix + key] = view
+
+
+def _stack_experts(module: GroupedExperts, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+    names = {prefix + k for k in module.official_views()}
+    if not names & state_dict.keys():
+        return
+    absent = sorted(names - state_dict.keys())
+    if absent:
+        missing.extend(absent)
+        return
+    per = [[state_dict.pop(f"{prefix}{e}.{p}.weight") for p in ("gate_proj", "up_proj", "down_proj")]
+           for e in range(module.n_experts)]
+    state_dict[prefix + "gate_up_proj"] = torch.stack([torch.cat(w[:2]) for w in per])
+    state_dict[prefix + "down_proj"] = torch.stack([w[2] for w in per])
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.gate = Router(cfg)
+        self.experts = GroupedExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared_experts = SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_TD = x.reshape(-1, x.shape[-1])
+        w_TK, idx_TK, _ = self.gate(x_TD)
+        routed_TD = self.experts(x_TD, idx_TK, w_TK)
+        return routed_TD.view_as(x) + self.shared_experts(x)
