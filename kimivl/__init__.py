@@ -1,5 +1,6 @@
 """kimivl: Kimi-VL in plain PyTorch."""
 
 from kimivl.config import KimiVLConfig, TextConfig, VisionConfig
+from kimivl.model.kimivl import KimiVL, KimiVLOutput
 
-__all__ = ["KimiVLConfig", "TextConfig", "VisionConfig"]
+__all__ = ["KimiVL", "KimiVLConfig", "KimiVLOutput", "TextConfig", "VisionConfig"]

@@ -1,0 +1,156 @@
+"""Safetensors checkpoints in the official layout: ``model.safetensors`` or shards with
+``model.safetensors.index.json``, under the official key names. Pickle files are never opened.
+
+Loading copies tensor by tensor into an already-allocated model, so a 16B checkpoint never exists twice in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+# Keys that released checkpoints may carry but that hold nothing a model needs.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match the model or cannot be read."""
+
+
+def checkpoint_files(path: str | os.PathLike) -> dict[str, list[str]]:
+    """Map each safetensors file of the checkpoint at ``path`` to the keys it should hold (None = all)."""
+    path = os.fspath(path)
+    index = os.path.join(path, INDEX)
+    if os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index} is not a valid safetensors index: {e!r}") from None
+        files: dict[str, list[str]] = {}
+        for key, name in weight_map.items():
+            files.setdefault(os.path.join(path, name), []).append(key)
+        absent = [f for f in files if not os.path.isfile(f)]
+        if absent:
+            raise CheckpointError(f"{index} names shard files that do not exist: {absent}")
+        return files
+    single = os.path.join(path, SINGLE)
+    if os.path.isfile(single):
+        return {single: None}
+    pickles = [n for n in os.listdir(path) if n.endswith((".bin", ".pt", ".pth", ".ckpt"))] if os.path.isdir(path) else []
+    hint = f" (found {pickles}: pickle checkpoints are never loaded; convert them to safetensors)" if pickles else ""
+    raise CheckpointError(f"no {SINGLE} or {INDEX} in {path}{hint}")
+
+
+def _read_headers(files: dict[str, list[str] | None]) -> dict[str, tuple[str, list[int]]]:
+    """key -> (file, shape) from the safetensors headers only."""
+    found: dict[str, tuple[str, list[int]]] = {}
+    for file, listed in files.items():
+        try:
+            with safe_open(file, framework="pt") as f:
+                keys = list(f.keys())
+                shapes = {k: f.get_slice(k).get_shape() for k in keys}
+        except Exception as e:  # safetensors raises its own error types for corrupt headers
+            raise CheckpointError(f"cannot read {file}: {e}") from None
+        if listed is not None and set(listed) - set(keys):
+            raise CheckpointError(f"{file} lacks keys its index assigns to it: {sorted(set(listed) - set(keys))[:10]}")
+        for k in keys:
+            if listed is not None and k not in listed:
+                continue  # the index is authoritative about which file holds a key
+            if k in found:
+                raise CheckpointError(f"key {k} appears in both {found[k][0]} and {file}")
+            found[k] = (file, shapes[k])
+    return found
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
+    """Copy the checkpoint at ``path`` into ``model`` (already allocated), strictly: every model tensor must be
+    present with its shape, and no unknown tensor may be left over. All problems are reported in one error."""
+    files = checkpoint_files(path)
+    found = _read_headers(files)
+    slots = model.state_dict(keep_vars=True)
+    found = {k: v for k, v in found.items() if not k.endswith(IGNORED_SUFFIXES)}
+    missing = sorted(slots.keys() - found.keys())
+    unexpected = sorted(found.keys() - slots.keys())
+    wrong = [f"{k}: checkpoint {list(shape)} vs model {list(slots[k].shape)}"
+             for k, (_, shape) in sorted(found.items()) if k in slots and list(shape) != list(slots[k].shape)]
+    if missing or unexpected or wrong:
+        parts = [f"{title} ({len(items)}):\n  " + "\n  ".join(items[:20]) + ("\n  ..." if len(items) > 20 else "")
+                 for title, items in (("missing tensors", missing), ("unexpected tensors", unexpected),
+                                      ("wrongly shaped tensors", wrong)) if items]
+        raise CheckpointError(f"checkpoint {os.fspath(path)} does not match the model:\n" + "\n".join(parts))
+    with torch.no_grad():
+        for file in files:
+            with safe_open(file, framework="pt") as f:
+                for k in f.keys():
+                    if k in slots and found[k][0] == file:
+                        slots[k].copy_(f.get_tensor(k))
+
+
+def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
+    shards, size = [[]], 0
+    for k, t in state.items():
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(k)
+        size += n
+    return shards
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], file: str) -> None:
+    tmp = file + ".tmp"
+    save_file(tensors, tmp, metadata={"format": "pt"})
+    os.replace(tmp, file)
+
+
+def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, max_shard_bytes: int = 5 * 2**30,
+                    dtype: torch.dtype | None = None) -> list[str]:
+    """Write the model's tensors under the official names, sharded above ``max_shard_bytes``. Each file is
+    written to a temporary name and renamed, so a crash never leaves a half-written file. Returns file names."""
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    state = model.state_dict()
+    groups = _shards(state, max_shard_bytes)
+    names = [SINGLE] if len(groups) == 1 else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+                                                for i in range(len(groups))]
+    _remove_stale(path, keep=names)
+    for keys, name in zip(groups, names):
+        tensors = {k: _for_file(state[k], dtype) for k in keys}
+        _atomic_save(tensors, os.path.join(path, name))
+    if len(groups) > 1:
+        weight_map = {k: name for keys, name in zip(groups, names) for k in keys}
+        total = sum(t.numel() * (dtype.itemsize if dtype and t.is_floating_point() else t.element_size())
+                    for t in state.values())
+        tmp = os.path.join(path, INDEX + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        os.replace(tmp, os.path.join(path, INDEX))
+    return names
+
+
+def _for_file(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    t = t.detach().to("cpu")
+    if dtype is not None and t.is_floating_point():
+        t = t.to(dtype)
+    return t.clone()  # a private, contiguous copy: expert views share storage
+
+
+def _remove_stale(path: str, keep: Iterable[str]) -> None:
+    keep = set(keep)
+    for name in os.listdir(path):
+        if name == INDEX or (name.endswith(".safetensors") and name.startswith("model") and name not in keep):
+            log.info("removing stale %s from %s", name, path)
+            os.remove(os.path.join(path, name))

@@ -1,0 +1,130 @@
+"""KimiVL: MoonViT + projector + language model; image features replace the placeholder tokens' embeddings."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kimivl.checkpoint import load_checkpoint, save_checkpoint
+from kimivl.config import KimiVLConfig
+from kimivl.model.language_model import LanguageModel
+from kimivl.model.moe import GroupedExperts, Router
+from kimivl.model.moonvit import MoonViT, patch_merge
+from kimivl.model.projector import Projector
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class KimiVLOutput:
+    logits: torch.Tensor | None  # (B, S, V) float32
+    loss: torch.Tensor | None = None  # mean next-token cross-entropy over labels != ignore_index
+    hidden_states: torch.Tensor | None = None  # (B, S, D) after the final norm
+
+
+class KimiVL(nn.Module):
+    def __init__(self, config: KimiVLConfig):
+        super().__init__()
+        self.config = config
+        self.vision_tower = MoonViT(config.vision_config)
+        self.multi_modal_projector = Projector(config.vision_config, config.text_config.hidden_size)
+        self.language_model = LanguageModel(config.text_config)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, std: float | None = None) -> None:
+        """Fresh weights for training from scratch: normal(0, std) matrices, zero biases, unit norms."""
+        std = self.config.text_config.initializer_range if std is None else std
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
+                nn.init.normal_(m.weight, 0.0, std)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, GroupedExperts):
+                nn.init.normal_(m.gate_up_proj, 0.0, std)
+                nn.init.normal_(m.down_proj, 0.0, std)
+            elif isinstance(m, Router):
+                nn.init.normal_(m.weight, 0.0, std)
+                m.e_score_correction_bias.zero_()
+        nn.init.normal_(self.vision_tower.patch_embed.pos_emb.weight, 0.0, std)
+
+    @property
+    def device(self) -> torch.device:
+        return self.language_model.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.language_model.lm_head.weight.dtype
+
+    def get_image_features(self, pixel_values: torch.Tensor, image_grid_hws: torch.Tensor) -> torch.Tensor:
+        """Packed patches of many images -> LM-width features, (sum of h/2 * w/2, text hidden size)."""
+        tower_dtype = self.vision_tower.patch_embed.proj.weight.dtype
+        feats_NC = self.vision_tower(pixel_values.to(tower_dtype), image_grid_hws)
+        merged_TKC = patch_merge(feats_NC, image_grid_hws, self.config.vision_config.merge_kernel_size)
+        return self.multi_modal_projector(merged_TKC)
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+              image_grid_hws: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with image features written into the placeholder positions."""
+        embeds = self.language_model.model.embed_tokens(input_ids)
+        is_media = input_ids == self.config.media_placeholder_token_id
+        n_slots = int(is_media.sum())
+        if pixel_values is None:
+            if n_slots:
+                raise ValueError(f"input_ids hold {n_slots} image placeholder tokens but no pixel_values were given")
+            return embeds
+        if image_grid_hws is None:
+            raise ValueError("pixel_values given without image_grid_hws")
+        feats = self.get_image_features(pixel_values, image_grid_hws)
+        if feats.shape[0] != n_slots:
+            raise ValueError(f"input_ids hold {n_slots} image placeholder tokens "
+                             f"(id {self.config.media_placeholder_token_id}) but the images give {feats.shape[0]} "
+                             "features; each image of grid (h, w) needs (h/2)*(w/2) placeholders")
+        return embeds.masked_scatter(is_media[..., None], feats.to(embeds.dtype))
+
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                image_grid_hws: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None) -> KimiVLOutput:
+        """``input_ids`` (B, S). With ``cu_seqlens`` the single row is a pack of samples that never attend to
+        each other and whose positions restart at 0."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(f"labels shape {tuple(labels.shape)} differs from input_ids {tuple(input_ids.shape)}")
+        embeds = self.embed(input_ids, pixel_values, image_grid_hws)
+        hidden = self.language_model(embeds, position_ids=position_ids, cu_seqlens=cu_seqlens)
+        logits = self.language_model.logits(hidden)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
+                                   ignore_index=self.config.ignore_index)
+        return KimiVLOutput(logits=logits, loss=loss, hidden_states=hidden)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | None = None,
+                        device: str | torch.device = "cpu") -> KimiVL:
+        """Load an official-format checkpoint directory. The model is built on the meta device and filled
+        shard by shard, so weights are held once. ``dtype`` defaults to the config's ``torch_dtype``."""
+        config = KimiVLConfig.from_pretrained(path)
+        device = torch.device(device)
+        if dtype is None:
+            dtype = getattr(torch, config.text_config.torch_dtype, torch.bfloat16)
+            if dtype == torch.float16 and device.type == "cpu":
+                log.warning("float16 is very slow on CPU; loading in bfloat16 instead")
+                dtype = torch.bfloat16
+        with torch.device("meta"):
+            model = cls(config)
+        model = model.to(dtype).to_empty(device=device)
+        load_checkpoint(model, path)
+        return model.eval()
+
+    def save_pretrained(self, path: str | os.PathLike, *, max_shard_bytes: int = 5 * 2**30,
+                        dtype: torch.dtype | None = None) -> None:
+        """Write ``config.json`` and safetensors weights (sharded above ``max_shard_bytes``)."""
+        self.config.save_pretrained(path)
+        save_checkpoint(self, path, max_shard_bytes=max_shard_bytes, dtype=dtype)
