@@ -1,0 +1,80 @@
+"""Peak extra memory of MoonViT on one 1792x1792 image (128x128 = 16384 patches), bf16, CPU, no grad.
+
+The a3b vision shape (``VisionConfig()``) with only ``--layers`` blocks (default 1): blocks run one after another
+and free their activations, so the peak of one block is the peak of the tower. The figure is the rise of the
+process's resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs) over the resident set just
+before the forward, printed against the size of a dense attention matrix over all patches (heads * N^2 * 2 bytes).
+Target: a ratio below 0.1.
+
+    python benchmarks/moonvit_memory.py [--layers 1] [--side 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import resource
+import time
+
+import torch
+
+from kimivl.config import VisionConfig
+from kimivl.model.moonvit import MoonViT
+
+MIB = 1 << 20
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} missing from /proc/self/status")
+
+
+def _reset_peak() -> bool:
+    """Reset VmHWM to the current RSS; False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=1, help="encoder blocks (per-block peak is what matters)")
+    ap.add_argument("--side", type=int, default=128, help="patches per side of the square image")
+    args = ap.parse_args()
+
+    torch.manual_seed(0)
+    config = dataclasses.replace(VisionConfig(), num_hidden_layers=args.layers)
+    model = MoonViT(config).to(torch.bfloat16).eval()
+    n = args.side * args.side
+    pixel_values = torch.randn(n, 3, config.patch_size, config.patch_size, dtype=torch.bfloat16)
+    grid_hws = torch.tensor([[args.side, args.side]])
+
+    exact = _reset_peak()
+    before_kib = _status_kib("VmRSS") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model(pixel_values, grid_hws)
+    seconds = time.perf_counter() - start
+    peak_kib = _status_kib("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    extra = (peak_kib - before_kib) * 1024
+    dense = config.num_attention_heads * n * n * 2
+    features = out.numel() * out.element_size()
+    print(f"MoonViT a3b shape, {args.layers} layer(s), {args.side}x{args.side} = {n} patches, bf16, CPU, "
+          f"{torch.get_num_threads()} threads, forward {seconds:.1f} s")
+    print(f"peak extra memory        {extra / MIB:10.1f} MiB"
+          f"{'' if exact else '  (ru_maxrss: VmHWM reset unavailable, upper bound)'}")
+    print(f"dense attention matrix   {dense / MIB:10.1f} MiB  ({config.num_attention_heads} heads x {n}^2 x 2 B)")
+    print(f"output features          {features / MIB:10.1f} MiB")
+    print(f"peak extra / dense       {extra / dense:10.4f}  (target < 0.1)")
+    print(f"peak extra / features    {extra / features:10.2f}")
+
+
+if __name__ == "__main__":
+    main()
