@@ -1,0 +1,70 @@
+"""The assembled model: image features in placeholder slots, loss, packed samples."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+
+def image_batch(grids, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pv = torch.randn(sum(h * w for h, w in grids), 3, 14, 14, generator=g)
+    return pv, torch.tensor(grids)
+
+
+def prompt(cfg, n_image_tokens, before=3, after=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 3000, (1, before + n_image_tokens + after), generator=g)
+    ids[0, before:before + n_image_tokens] = cfg.media_placeholder_token_id
+    return ids
+
+
+def test_image_features_fill_placeholders(tiny_model, tiny_config):
+    pv, hws = image_batch([(4, 6), (2, 2)])
+    ids = prompt(tiny_config, 6 + 1)
+    feats = tiny_model.get_image_features(pv, hws)
+    assert feats.shape == (7, tiny_config.text_config.hidden_size)
+    embeds = tiny_model.embed(ids, pv, hws)
+    assert torch.equal(embeds[0, 3:10], feats.to(embeds.dtype))
+    assert torch.equal(embeds[0, :3], tiny_model.language_model.model.embed_tokens(ids[0, :3]))
+    with torch.no_grad():
+        base = tiny_model(ids, pv, hws).logits
+        other = tiny_model(ids, pv + 1, hws).logits
+    assert (base[0, :3] - other[0, :3]).abs().max() < 1e-6  # causal: text before the image is unaffected
+    assert not torch.allclose(base[0, 3:], other[0, 3:])
+
+
+def test_placeholder_count_mismatch_is_an_error(tiny_model, tiny_config):
+    pv, hws = image_batch([(4, 6)])
+    with pytest.raises(ValueError, match="5 image placeholder tokens .* give 6 features"):
+        tiny_model(prompt(tiny_config, 5), pv, hws)
+    with pytest.raises(ValueError, match="no pixel_values"):
+        tiny_model(prompt(tiny_config, 6))
+
+
+def test_loss_is_mean_next_token_cross_entropy(tiny_model, tiny_config):
+    ids = torch.randint(0, 3000, (2, 12))
+    labels = ids.clone()
+    labels[:, :5] = -100
+    out = tiny_model(ids, labels=labels)
+    assert out.logits.dtype == torch.float32 and out.logits.shape == (2, 12, tiny_config.text_config.vocab_size)
+    manual = F.cross_entropy(out.logits[:, 5 - 1:-1].reshape(-1, out.logits.shape[-1]), ids[:, 5:].reshape(-1))
+    assert torch.allclose(out.loss, manual, atol=1e-6)
+    out.loss.backward()
+    experts = tiny_model.language_model.model.layers[1].mlp.experts
+    assert experts.gate_up_proj.grad is not None and experts.gate_up_proj.grad.abs().sum() > 0
+
+
+def test_packed_samples_equal_separate_runs(tiny_model):
+    a, b = torch.randint(0, 3000, (1, 7)), torch.randint(0, 3000, (1, 5))
+    packed = torch.cat([a, b], 1)
+    cu = torch.tensor([0, 7, 12], dtype=torch.int32)
+    with torch.no_grad():
+        together = tiny_model(packed, cu_seqlens=cu).logits
+        alone = torch.cat([tiny_model(a).logits, tiny_model(b).logits], 1)
+    assert (together - alone).abs().max() < 1e-5
+
+
+def test_context_limit_is_checked(tiny_model, tiny_config):
+    n = tiny_config.text_config.max_position_embeddings
+    with pytest.raises(ValueError, match="past the context"):
+        tiny_model(torch.zeros(1, 2, dtype=torch.long), position_ids=torch.tensor([[0, n]]))

@@ -1,0 +1,165 @@
+"""Saving and loading the official safetensors layout: round trips, sharding, dtypes, and every bad case."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from kimivl import KimiVL
+from kimivl.checkpoint import INDEX, CheckpointError
+
+
+def official_keys(cfg):
+    """The spec's key list (§7) expanded for a config."""
+    v, t = cfg.vision_config, cfg.text_config
+    keys = ["vision_tower.patch_embed.proj.weight", "vision_tower.patch_embed.proj.bias",
+            "vision_tower.patch_embed.pos_emb.weight", "vision_tower.encoder.final_layernorm.weight",
+            "vision_tower.encoder.final_layernorm.bias",
+            "language_model.model.embed_tokens.weight", "language_model.model.norm.weight",
+            "language_model.lm_head.weight"]
+    for i in range(v.num_hidden_layers):
+        for m in ("norm0", "wqkv", "wo", "norm1", "mlp.fc0", "mlp.fc1"):
+            keys += [f"vision_tower.encoder.blocks.{i}.{m}.weight", f"vision_tower.encoder.blocks.{i}.{m}.bias"]
+    keys += [f"multi_modal_projector.{m}.{p}" for m in ("pre_norm", "linear_1", "linear_2") for p in ("weight", "bias")]
+    for layer in range(t.num_hidden_layers):
+        p = f"language_model.model.layers.{layer}."
+        keys += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight",
+                 p + "self_attn.kv_a_layernorm.weight"]
+        keys += [p + f"self_attn.{m}.weight" for m in ("q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")]
+        if layer < t.first_k_dense_replace:
+            keys += [p + f"mlp.{m}.weight" for m in ("gate_proj", "up_proj", "down_proj")]
+        else:
+            keys += [p + "mlp.gate.weight", p + "mlp.gate.e_score_correction_bias"]
+            keys += [p + f"mlp.shared_experts.{m}.weight" for m in ("gate_proj", "up_proj", "down_proj")]
+            keys += [p + f"mlp.experts.{e}.{m}.weight" for e in range(t.n_routed_experts)
+                     for m in ("gate_proj", "up_proj", "down_proj")]
+    return keys
+
+
+def test_state_dict_keys_are_the_official_ones(tiny_model, tiny_config):
+    assert sorted(tiny_model.state_dict()) == sorted(official_keys(tiny_config))
+
+
+def test_expert_tensors_have_official_shapes(tiny_model, tiny_config):
+    t = tiny_config.text_config
+    sd = tiny_model.state_dict()
+    assert sd["language_model.model.layers.1.mlp.experts.3.gate_proj.weight"].shape == (t.moe_intermediate_size,
+                                                                                          t.hidden_size)
+    assert sd["language_model.model.layers.1.mlp.experts.3.down_proj.weight"].shape == (t.hidden_size,
+                                                                                          t.moe_intermediate_size)
+    assert sd["language_model.model.layers.1.self_attn.kv_b_proj.weight"].shape == (
+        t.num_attention_heads * (t.qk_nope_head_dim + t.v_head_dim), t.kv_lora_rank)
+
+
+@pytest.mark.parametrize("shard_bytes", [5 * 2**30, 300_000])
+def test_round_trip_is_bit_exact(tiny_model, tmp_path, shard_bytes):
+    tiny_model.save_pretrained(tmp_path, max_shard_bytes=shard_bytes)
+    sharded = os.path.isfile(tmp_path / INDEX)
+    assert sharded == (shard_bytes < 5 * 2**30)
+    if sharded:
+        index = json.loads((tmp_path / INDEX).read_text())
+        assert set(index["weight_map"]) == set(tiny_model.state_dict())
+        assert len(set(index["weight_map"].values())) > 1
+    loaded = KimiVL.from_pretrained(tmp_path, dtype=torch.float32)
+    for (k, a), (k2, b) in zip(tiny_model.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and a.dtype == b.dtype and torch.equal(a, b), k
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    assert torch.equal(tiny_model(ids).logits, loaded(ids).logits)
+
+
+def test_resharding_removes_stale_shards(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path, max_shard_bytes=300_000)
+    tiny_model.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    KimiVL.from_pretrained(tmp_path)
+
+
+def test_bf16_and_float32_loading(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path, dtype=torch.bfloat16)
+    on_disk = load_file(tmp_path / "model.safetensors")
+    assert all(t.dtype == torch.bfloat16 for t in on_disk.values())
+    bf16 = KimiVL.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    fp32 = KimiVL.from_pretrained(tmp_path, dtype=torch.float32)
+    assert bf16.dtype == torch.bfloat16 and fp32.dtype == torch.float32
+    gate = "language_model.model.layers.1.mlp.gate.weight"
+    assert bf16.state_dict()[gate].dtype == torch.float32  # the router stays float32 for exact routing
+    for k, t in on_disk.items():
+        assert torch.equal(fp32.state_dict()[k], t.float()), k
+    assert KimiVL.from_pretrained(tmp_path).dtype == torch.bfloat16  # config torch_dtype is the default
+
+
+def _rewrite(path, edit):
+    tensors = load_file(path / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, path / "model.safetensors")
+
+
+def test_mismatches_are_listed_together(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path)
+
+    def break_it(t):
+        del t["language_model.model.norm.weight"]
+        t["language_model.model.layers.0.extra.weight"] = torch.zeros(2)
+        t["language_model.lm_head.weight"] = torch.zeros(3, 3)
+
+    _rewrite(tmp_path, break_it)
+    with pytest.raises(CheckpointError) as e:
+        KimiVL.from_pretrained(tmp_path)
+    msg = str(e.value)
+    assert "missing tensors (1)" in msg and "language_model.model.norm.weight" in msg
+    assert "unexpected tensors (1)" in msg and "layers.0.extra.weight" in msg
+    assert "wrongly shaped tensors (1)" in msg and "lm_head.weight: checkpoint [3, 3]" in msg
+
+
+def test_ignorable_rotary_buffers_are_skipped(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path)
+    _rewrite(tmp_path, lambda t: t.update({"language_model.model.layers.0.self_attn.rotary_emb.inv_freq":
+                                           torch.ones(4)}))
+    KimiVL.from_pretrained(tmp_path)
+
+
+def test_missing_and_pickle_checkpoints(tiny_model, tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        KimiVL.from_pretrained(tmp_path)
+    tiny_model.config.save_pretrained(tmp_path)
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
+    with pytest.raises(CheckpointError, match="pickle checkpoints are never loaded"):
+        KimiVL.from_pretrained(tmp_path)
+
+
+def test_corrupt_safetensors_file(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path)
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[:100])
+    with pytest.raises(CheckpointError, match="cannot read"):
+        KimiVL.from_pretrained(tmp_path)
+
+
+def test_index_naming_absent_shard(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path, max_shard_bytes=300_000)
+    next(tmp_path.glob("model-00002-*.safetensors")).unlink()
+    with pytest.raises(CheckpointError, match="do not exist"):
+        KimiVL.from_pretrained(tmp_path)
+
+
+def test_config_mismatch_reports_shapes(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["text_config"]["moe_intermediate_size"] = 32
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"experts\.0\.gate_proj\.weight: checkpoint \[64, 128\] vs model \[32, 128\]"):
+        KimiVL.from_pretrained(tmp_path)
+
+
+def test_loading_fills_preallocated_storage(tiny_model, tmp_path):
+    """Tensors are copied into the model built on the meta device, not collected into a second state dict."""
+    from kimivl.checkpoint import load_checkpoint
+
+    tiny_model.save_pretrained(tmp_path)
+    target = KimiVL(tiny_model.config)
+    ptrs = {k: v.data_ptr() for k, v in target.state_dict(keep_vars=True).items()}
+    load_checkpoint(target, tmp_path)
+    assert {k: v.data_ptr() for k, v in target.state_dict(keep_vars=True).items()} == ptrs
+    assert all(torch.equal(a, b) for a, b in zip(target.state_dict().values(), tiny_model.state_dict().values()))
