@@ -47,16 +47,20 @@ def _flash_varlen(q, k, v, cu_seqlens, *, causal, scale):
     return out[..., :e]
 
 
-def causal_attention(q_BHSD: torch.Tensor, k_BHKD: torch.Tensor, v_BHKE: torch.Tensor, *,
-                     scale: float | None = None, key_padding_B1SK: torch.Tensor | None = None) -> torch.Tensor:
+def causal_attention(q_BHSD: torch.Tensor, k_BhKD: torch.Tensor, v_BhKE: torch.Tensor, *,
+                     scale: float | None = None, key_valid_BK: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention where the S queries are the last S of the K keys; returns (B, H, S, E).
 
-    ``key_padding_B1SK`` (bool, True = may attend) adds a padding mask for batches of different lengths.
+    ``k``/``v`` may have fewer heads ``h`` than ``q`` (grouped queries). ``key_valid_BK`` (bool) marks real keys
+    in batches padded to one length; a query always sees itself, so padding rows stay finite.
     """
-    s, k = q_BHSD.shape[2], k_BHKD.shape[2]
-    if key_padding_B1SK is None and (s == k or s == 1):
-        return F.scaled_dot_product_attention(q_BHSD, k_BHKD, v_BHKE, is_causal=s > 1, scale=scale)
+    s, k = q_BHSD.shape[2], k_BhKD.shape[2]
+    gqa = k_BhKD.shape[1] != q_BHSD.shape[1]
+    if key_valid_BK is None and (s == k or s == 1):
+        return F.scaled_dot_product_attention(q_BHSD, k_BhKD, v_BhKE, is_causal=s > 1, scale=scale,
+                                              enable_gqa=gqa)
     allowed = torch.ones(s, k, dtype=torch.bool, device=q_BHSD.device).tril(k - s)
-    if key_padding_B1SK is not None:
-        allowed = allowed & key_padding_B1SK
-    return F.scaled_dot_product_attention(q_BHSD, k_BHKD, v_BHKE, attn_mask=allowed, scale=scale)
+    if key_valid_BK is not None:
+        allowed = (allowed & key_valid_BK[:, None, None, :]) | allowed.triu(k - s)
+    return F.scaled_dot_product_attention(q_BHSD, k_BhKD, v_BhKE, attn_mask=allowed, scale=scale,
+                                          enable_gqa=gqa)

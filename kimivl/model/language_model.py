@@ -49,20 +49,34 @@ class LanguageModel(nn.Module):
         return rope_rotation(position_ids, cfg.qk_rope_head_dim, cfg.rope_theta)
 
     def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor | None = None,
-                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+                cu_seqlens: torch.Tensor | None = None, cache=None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states (B, S, D). ``cache`` (see ``kimivl.inference.cache.MLACache``) holds the past
+        tokens' latents and is extended in place; ``attention_mask`` (B, past + S), 1 for real tokens and 0 for
+        padding, is needed only for batches padded to one length."""
         b, s, _ = inputs_embeds.shape
+        past = cache.length if cache is not None else 0
         if position_ids is None:
             if cu_seqlens is not None:
                 position_ids = positions_from_cu_seqlens(cu_seqlens, s)[None]
             else:
-                position_ids = torch.arange(s, device=inputs_embeds.device).expand(b, s)
+                position_ids = torch.arange(past, past + s, device=inputs_embeds.device).expand(b, s)
         if int(position_ids.max()) >= self.config.max_position_embeddings:
             raise ValueError(f"position {int(position_ids.max())} is past the context of "
                              f"{self.config.max_position_embeddings} tokens")
+        key_valid = None
+        if attention_mask is not None:
+            if attention_mask.shape != (b, past + s):
+                raise ValueError(f"attention_mask must cover past and new tokens: expected {(b, past + s)}, "
+                                 f"got {tuple(attention_mask.shape)}")
+            key_valid = attention_mask.bool()
         rot = self.rotation(position_ids)
         h = inputs_embeds
-        for layer in self.model.layers:
-            h = layer(h, rot, cu_seqlens=cu_seqlens)
+        for i, layer in enumerate(self.model.layers):
+            h = layer(h, rot, cu_seqlens=cu_seqlens, key_valid_BK=key_valid,
+                      cache=cache.layer(i) if cache is not None else None)
+        if cache is not None:
+            cache.advance(s)
         return self.model.norm(h)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -55,25 +55,39 @@ class MLA(nn.Module):
         return q_nope, apply_rope(q_rope, rot_BSR[:, :, None])
 
     def forward(self, x_BSD: torch.Tensor, rot_BSR: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None,
-                past: tuple[torch.Tensor, torch.Tensor] | None = None,
-                key_padding_B1SK: torch.Tensor | None = None) -> torch.Tensor:
-        """Causal attention over ``x`` (after ``past`` latents when given). With ``cu_seqlens`` (B must be 1) the
-        sequence is a pack of independent samples."""
+                cache=None, key_valid_BK: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal attention of ``x`` over itself and, with ``cache`` (an object whose ``update(c, kr)`` stores
+        the new latents and returns all of them), over the cached tokens; single-token steps then run absorbed.
+        ``key_valid_BK`` marks real (non-padding) keys. With ``cu_seqlens`` the single row is a pack of samples."""
         b, s, _ = x_BSD.shape
         q_nope, q_rope = self.queries(x_BSD, rot_BSR)
-        c_BSC, kr_BSR = self.compress(x_BSD, rot_BSR)
-        if past is not None:
-            c_BSC, kr_BSR = torch.cat([past[0], c_BSC], 1), torch.cat([past[1], kr_BSR], 1)
-        k_len = c_BSC.shape[1]
-        kv = self.kv_b_proj(c_BSC).view(b, k_len, self.n_heads, self.nope_dim + self.v_dim)
+        c_BKC, kr_BKR = self.compress(x_BSD, rot_BSR)
+        if cache is not None:
+            c_BKC, kr_BKR = cache.update(c_BKC, kr_BKR)
+            if s == 1:
+                return self._absorbed(q_nope, q_rope, c_BKC, kr_BKR, key_valid_BK)
+        k_len = c_BKC.shape[1]
+        kv = self.kv_b_proj(c_BKC).view(b, k_len, self.n_heads, self.nope_dim + self.v_dim)
         k_nope, v_BKHE = kv.split([self.nope_dim, self.v_dim], dim=-1)
         q_BSHD = torch.cat([q_nope, q_rope], dim=-1)
-        k_BKHD = torch.cat([k_nope, kr_BSR[:, :, None].expand(-1, -1, self.n_heads, -1)], dim=-1)
+        k_BKHD = torch.cat([k_nope, kr_BKR[:, :, None].expand(-1, -1, self.n_heads, -1)], dim=-1)
         if cu_seqlens is not None:
-            if b != 1 or past is not None:
+            if b != 1 or cache is not None:
                 raise ValueError("packed attention (cu_seqlens) takes one packed row and no cache")
             o = varlen_attention(q_BSHD[0], k_BKHD[0], v_BKHE[0], cu_seqlens, causal=True, scale=self.scale)[None]
         else:
             o = causal_attention(q_BSHD.transpose(1, 2), k_BKHD.transpose(1, 2), v_BKHE.transpose(1, 2),
-                                 scale=self.scale, key_padding_B1SK=key_padding_B1SK).transpose(1, 2)
+                                 scale=self.scale, key_valid_BK=key_valid_BK).transpose(1, 2)
         return self.o_proj(o.reshape(b, s, self.n_heads * self.v_dim))
+
+    def _absorbed(self, q_nope_BSHN, q_rope_BSHR, c_BKC, kr_BKR, key_valid_BK):
+        """Attention straight on the compressed cache: kv_b_proj's key half is folded into the query and its
+        value half applied after, so per-head keys and values are never built (one shared 576-wide key)."""
+        w_HXC = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_rank)
+        w_uk_HNC, w_uv_HEC = w_HXC.split([self.nope_dim, self.v_dim], dim=1)
+        q_lat_BHSC = torch.einsum("bshn,hnc->bhsc", q_nope_BSHN, w_uk_HNC)
+        q_BHSX = torch.cat([q_lat_BHSC, q_rope_BSHR.transpose(1, 2)], dim=-1)
+        k_B1KX = torch.cat([c_BKC, kr_BKR], dim=-1)[:, None]
+        o_BHSC = causal_attention(q_BHSX, k_B1KX, c_BKC[:, None], scale=self.scale, key_valid_BK=key_valid_BK)
+        o_BSHE = torch.einsum("bhsc,hec->bshe", o_BHSC, w_uv_HEC)
+        return self.o_proj(o_BSHE.flatten(2))
