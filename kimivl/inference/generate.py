@@ -1,0 +1,83 @@
+"""Batched generation on token ids with the compressed MLA cache.
+
+Prompts of different lengths are left-padded into one batch; each row's positions start at its first real token,
+and padding is masked out of attention, so a row generates exactly what it would alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from kimivl.inference.cache import MLACache
+from kimivl.inference.sampling import SamplingParams, sample_next
+
+log = logging.getLogger(__name__)
+
+
+def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        if p:
+            ids[i, width - len(p):] = torch.as_tensor(p, dtype=torch.long)
+            mask[i, width - len(p):] = 1
+    return ids, mask
+
+
+@torch.inference_mode()
+def stream_ids(model, prompts: Sequence[Sequence[int]], pixel_values: torch.Tensor | None = None,
+               image_grid_hws: torch.Tensor | None = None, params: SamplingParams | None = None,
+               stop_ids: Sequence[int] = ()) -> Iterator[list[int | None]]:
+    """Yield, per decoding step, each row's new token id (None once the row has stopped). A stop id ends its
+    row and is not yielded. Images of all prompts are packed in prompt order."""
+    params = params or SamplingParams()
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    cfg = model.config.text_config
+    context = cfg.max_position_embeddings
+    longest = max(len(p) for p in prompts)
+    if longest >= context:
+        raise ValueError(f"prompt of {longest} tokens does not fit the model's context of {context} tokens")
+    max_new = params.max_new_tokens
+    if longest + max_new > context:
+        max_new = context - longest
+        log.warning("max_new_tokens cut to %d: the prompt leaves only that much of the %d-token context",
+                    max_new, context)
+    device = model.device
+    ids, mask = _left_pad(prompts, cfg.pad_token_id, device)
+    padded = bool((mask == 0).any())
+    cache = MLACache(cfg, len(prompts), longest + max_new, dtype=model.dtype, device=device)
+    generator = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
+    stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
+    lm = model.language_model
+
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    hidden = lm(model.embed(ids, pixel_values, image_grid_hws), position_ids=positions, cache=cache,
+                attention_mask=mask if padded else None)
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    for step in range(max_new):
+        token = sample_next(lm.logits(hidden[:, -1]), params, generator)
+        done |= torch.isin(token, stop)
+        yield [None if d else t for t, d in zip(token.tolist(), done.tolist())]
+        if bool(done.all()) or step == max_new - 1:
+            return
+        positions = positions[:, -1:] + 1
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        hidden = lm(lm.model.embed_tokens(token[:, None]), position_ids=positions, cache=cache,
+                    attention_mask=mask if padded else None)
+
+
+def generate_ids(model, prompts: Sequence[Sequence[int]], pixel_values: torch.Tensor | None = None,
+                 image_grid_hws: torch.Tensor | None = None, params: SamplingParams | None = None,
+                 stop_ids: Sequence[int] = ()) -> list[list[int]]:
+    """New token ids per prompt (stop ids excluded)."""
+    out: list[list[int]] = [[] for _ in prompts]
+    for step in stream_ids(model, prompts, pixel_values, image_grid_hws, params, stop_ids):
+        for row, token in zip(out, step):
+            if token is not None:
+                row.append(token)
+    return out

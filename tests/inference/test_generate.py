@@ -1,0 +1,84 @@
+"""Cached generation against full recomputation, batching, stopping, sampling and the cache's size."""
+
+import pytest
+import torch
+
+from kimivl.inference.cache import MLACache
+from kimivl.inference.generate import generate_ids, stream_ids
+from kimivl.inference.sampling import SamplingParams, sample_next
+
+
+def greedy_by_recompute(model, prompt, pixel_values, grid_hws, n):
+    ids = list(prompt)
+    for _ in range(n):
+        logits = model(torch.tensor([ids]), pixel_values, grid_hws).logits
+        ids.append(int(logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def image_prompt(cfg, grid, before, after, seed):
+    g = torch.Generator().manual_seed(seed)
+    n_tokens = grid[0] * grid[1] // 4
+    prompt = torch.randint(0, 3000, (before,), generator=g).tolist() + [cfg.media_placeholder_token_id] * n_tokens
+    prompt += torch.randint(0, 3000, (after,), generator=g).tolist()
+    return prompt, torch.randn(grid[0] * grid[1], 3, 14, 14, generator=g)
+
+
+@torch.no_grad()
+def test_cached_greedy_equals_recompute_single_and_batched(tiny_model, tiny_config):
+    p1, pv1 = image_prompt(tiny_config, (4, 6), 3, 5, seed=1)
+    p2, pv2 = image_prompt(tiny_config, (2, 2), 1, 2, seed=2)
+    g1, g2 = torch.tensor([[4, 6]]), torch.tensor([[2, 2]])
+    params = SamplingParams(max_new_tokens=12)
+    ref1 = greedy_by_recompute(tiny_model, p1, pv1, g1, 12)
+    ref2 = greedy_by_recompute(tiny_model, p2, pv2, g2, 12)
+    assert generate_ids(tiny_model, [p1], pv1, g1, params) == [ref1]
+    batched = generate_ids(tiny_model, [p1, p2], torch.cat([pv1, pv2]), torch.cat([g1, g2]), params)
+    assert batched == [ref1, ref2]
+    assert len(p1) != len(p2)  # the batch really was padded
+
+
+def test_text_only_batches_and_stop_ids(tiny_model):
+    prompts = [[5, 6, 7, 8, 9], [10, 11]]
+    params = SamplingParams(max_new_tokens=8)
+    full = generate_ids(tiny_model, prompts, params=params)
+    stop = full[0][3]
+    cut = generate_ids(tiny_model, prompts, params=params, stop_ids=[stop])
+    assert cut[0] == full[0][: full[0].index(stop)]
+    assert cut[1] == (full[1][: full[1].index(stop)] if stop in full[1] else full[1])
+    steps = list(stream_ids(tiny_model, prompts, params=params, stop_ids=[stop]))
+    assert [s[0] for s in steps if s[0] is not None] == cut[0]
+
+
+def test_sampling_is_seeded_and_respects_top_k(tiny_model):
+    params = SamplingParams(max_new_tokens=6, temperature=1.0, top_k=3, seed=7)
+    a = generate_ids(tiny_model, [[1, 2, 3]], params=params)
+    assert a == generate_ids(tiny_model, [[1, 2, 3]], params=params)
+    logits = torch.tensor([[0.0, 5.0, 4.0, 3.0, -1.0]])
+    g = torch.Generator().manual_seed(0)
+    draws = {int(sample_next(logits, SamplingParams(temperature=1.0, top_k=2), g)) for _ in range(200)}
+    assert draws == {1, 2}
+    draws = {int(sample_next(logits, SamplingParams(temperature=1.0, top_p=0.5), g)) for _ in range(200)}
+    assert draws == {1}  # the top token alone holds more than half the mass
+
+
+def test_context_overflow_is_an_error(tiny_model, tiny_config):
+    n = tiny_config.text_config.max_position_embeddings
+    with pytest.raises(ValueError, match="does not fit the model's context"):
+        generate_ids(tiny_model, [[1] * n])
+    with pytest.raises(ValueError, match="at least one token"):
+        generate_ids(tiny_model, [[]])
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+
+
+def test_cache_bytes_per_token(tiny_config):
+    from kimivl import KimiVLConfig
+
+    t = tiny_config.text_config
+    cache = MLACache(t, batch=3, max_len=10, dtype=torch.bfloat16)
+    assert cache.nbytes() == 3 * 10 * MLACache.bytes_per_token(t, torch.bfloat16)
+    assert MLACache.bytes_per_token(t, torch.bfloat16) == t.num_hidden_layers * (32 + 8) * 2
+    a3b = KimiVLConfig.from_preset("kimi-vl-a3b").text_config
+    assert MLACache.bytes_per_token(a3b) == 27 * 576 * 2  # about 30 KiB
+    assert round(MLACache.uncompressed_bytes_per_token(a3b) / MLACache.bytes_per_token(a3b), 1) == 8.9
