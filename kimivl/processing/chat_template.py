@@ -1,0 +1,114 @@
+"""The Kimi-VL chat format (spec section 9) and the thinking-output splitter.
+
+Messages are dicts ``{"role": "system"|"user"|"assistant", "content": str | list[part]}``. A part is
+``{"type": "text", "text": str}``, ``{"type": "image", "image": <path | bytes | PIL image | array>}`` (``"image_url"``
+or ``"url"`` are accepted in place of ``"image"``), or ``{"type": "video", "video": <path | bytes | file>,
+"fps": 1.0, "max_frames": 64}`` which is decoded and written as timestamped frames (see ``kimivl.processing.video``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+ROLES = ("system", "user", "assistant")
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant"
+IMAGE_PLACEHOLDER = "<|media_start|>image<|media_content|><|media_pad|><|media_end|>"
+GENERATION_PROMPT = "<|im_assistant|>assistant<|im_middle|>"
+THINK_OPEN = "◁think▷"
+THINK_CLOSE = "◁/think▷"
+
+
+def _turn(role: str, content: str) -> str:
+    return f"<|im_{role}|>{role}<|im_middle|>{content}<|im_end|>"
+
+
+def _image_payload(part: dict, where: str) -> Any:
+    for key in ("image", "image_url", "url"):
+        if key in part:
+            value = part[key]
+            if key == "image_url" and isinstance(value, dict):
+                value = value.get("url")
+            if value is None:
+                break
+            return value
+    raise ValueError(f"{where}: image part has no 'image' (or 'image_url' / 'url') value")
+
+
+def _video_parts(part: dict, where: str) -> list[dict]:
+    from kimivl.processing.video import DEFAULT_FPS, DEFAULT_MAX_FRAMES, frames_to_parts, load_video
+
+    if part.get("video") is None:
+        raise ValueError(f"{where}: video part has no 'video' value")
+    frames, times = load_video(part["video"], fps=part.get("fps", DEFAULT_FPS),
+                               max_frames=part.get("max_frames", DEFAULT_MAX_FRAMES))
+    return frames_to_parts(frames, times)
+
+
+def _render_content(content: Any, where: str, media: list) -> str:
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise ValueError(f"{where}: content must be a string or a list of parts, got {type(content).__name__}")
+    out = []
+    for j, part in enumerate(content):
+        at = f"{where}, part {j}"
+        if not isinstance(part, dict):
+            raise ValueError(f"{at}: a content part must be a dict, got {type(part).__name__}")
+        kind = part.get("type")
+        if kind == "text":
+            if not isinstance(part.get("text"), str):
+                raise ValueError(f"{at}: text part needs a string 'text'")
+            out.append(part["text"])
+        elif kind == "image":
+            media.append(_image_payload(part, at))
+            out.append(IMAGE_PLACEHOLDER)
+        elif kind == "video":
+            out.append(_render_content(_video_parts(part, at), at, media))
+        else:
+            raise ValueError(f"{at}: unknown part type {kind!r} (expected 'text', 'image' or 'video')")
+    return "".join(out)
+
+
+def apply_chat_template(messages: list[dict], add_generation_prompt: bool = True) -> tuple[str, list]:
+    """Render ``messages`` as the prompt string; also return the images in placeholder order.
+
+    Each image placeholder holds one ``<|media_pad|>``; the processor repeats it (h/2)*(w/2) times for the image
+    of the same index. Video parts contribute one image per sampled frame.
+    """
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+    media: list = []
+    out = []
+    for i, msg in enumerate(messages):
+        where = f"message {i}"
+        if not isinstance(msg, dict):
+            raise ValueError(f"{where}: must be a dict with 'role' and 'content', got {type(msg).__name__}")
+        role = msg.get("role")
+        if role not in ROLES:
+            raise ValueError(f"{where}: unknown role {role!r} (expected one of {', '.join(ROLES)})")
+        if "content" not in msg or msg["content"] is None:
+            raise ValueError(f"{where}: missing 'content'")
+        if i == 0 and role != "system":
+            out.append(_turn("system", DEFAULT_SYSTEM_PROMPT))
+        out.append(_turn(role, _render_content(msg["content"], where, media)))
+    if add_generation_prompt:
+        out.append(GENERATION_PROMPT)
+    return "".join(out), media
+
+
+def parse_thinking(text: str) -> tuple[str | None, str]:
+    """Split a thinking model's output into ``(reasoning, answer)``, both stripped.
+
+    No think markers: ``(None, text)``. An unclosed ``◁think▷``: the rest is reasoning and the answer is empty.
+    A closing marker without an opening one: everything before it is reasoning.
+    """
+    head, sep, tail = text.partition(THINK_CLOSE)
+    if sep:
+        before, opened, reasoning = head.partition(THINK_OPEN)
+        if not opened:
+            before, reasoning = "", head
+        return reasoning.strip(), (before + tail).strip()
+    _, opened, reasoning = text.partition(THINK_OPEN)
+    if opened:
+        return reasoning.strip(), ""
+    return None, text.strip()
