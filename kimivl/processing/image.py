@@ -1,0 +1,265 @@
+"""MoonViT image preprocessing (spec section 3): resize to a patch budget, pad, normalise, patchify.
+
+Per image: decode (header checked against ``max_pixels`` before the pixels are decoded), apply the EXIF
+orientation, convert to RGB, then
+1. if (w//p)*(h//p) > in_token_limit: resize by sqrt(limit / ((w//p)*(h//p))) to (int(w*s), int(h*s)), BICUBIC;
+2. pad right/bottom with zero pixels to multiples of p*merge (``pad_input``; otherwise centre-crop to multiples of p);
+3. reject grids with 512 or more patches on a side (the size of MoonViT's RoPE table);
+4. scale to [0, 1] and normalise with image_mean/image_std. Padding happens before normalisation, exactly as in the
+   released processor, so padded pixels hold (0 - mean) / std, not 0;
+5. patchify row-major into (h*w, 3, p, p) float32 with grid (h, w).
+
+Differences from the released processor, on purpose: the image is made RGB before resizing (the release resizes in
+the original mode, so palette images were resized with nearest-neighbour), transparent images are composited over
+a background (the release drops alpha, exposing whatever colour transparent pixels store; ``background=None``
+restores that), and 16-bit / float images are rescaled instead of being clipped at 255.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+CONFIG_FILE = "preprocessor_config.json"
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+MAX_GRID_SIDE = 512
+BACKGROUNDS = {"black": (0, 0, 0), "white": (255, 255, 255), None: None}
+
+
+class ImageError(ValueError):
+    """An image that cannot be read or processed."""
+
+
+def _describe(image: Any) -> str:
+    if isinstance(image, (str, os.PathLike)):
+        return str(image)
+    if isinstance(image, (bytes, bytearray)):
+        return f"<{len(image)} bytes>"
+    if isinstance(image, np.ndarray):
+        return f"<array {image.shape} {image.dtype}>"
+    if isinstance(image, Image.Image):
+        return f"<PIL {image.mode} {image.size[0]}x{image.size[1]}>"
+    return f"<{type(image).__name__}>"
+
+
+def _from_array(a: np.ndarray, name: str) -> Image.Image:
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[:, :, 0]
+    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4))):
+        raise ImageError(f"image {name}: arrays must be HW, HWC with C in 1/3/4; got shape {a.shape}")
+    if a.dtype.kind == "f":
+        a = np.round(np.clip(np.nan_to_num(a), 0.0, 1.0) * 255)
+    elif a.dtype != np.uint8:
+        raise ImageError(f"image {name}: arrays must be uint8 (0..255) or float (0..1), got {a.dtype}")
+    return Image.fromarray(np.ascontiguousarray(a.astype(np.uint8)))
+
+
+def to_rgb(img: Image.Image, background: str | None = "black") -> Image.Image:
+    """Convert any PIL mode to RGB; alpha is composited over ``background`` ("black", "white", or None to drop it).
+
+    16-bit and 32-bit integer grey ("I;16*", "I") are read as 0..65535; float grey ("F") as 0..1.
+    """
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode.startswith("I"):
+        a = np.asarray(img.convert("I"), dtype=np.float64) if mode != "I" else np.asarray(img, dtype=np.float64)
+        return Image.fromarray(np.round(np.clip(a, 0, 65535) / 257).astype(np.uint8)).convert("RGB")
+    if mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        return Image.fromarray(np.round(np.clip(np.nan_to_num(a), 0, 1) * 255).astype(np.uint8)).convert("RGB")
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info)
+    if has_alpha and BACKGROUNDS[background] is not None:
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGBA", img.size, BACKGROUNDS[background] + (255,))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    if mode in ("RGBa", "La"):
+        img = img.convert(mode.upper())
+    return img.convert("RGB")
+
+
+@dataclass
+class ImageProcessor:
+    """Turns images into MoonViT patches; fields mirror ``preprocessor_config.json``."""
+
+    patch_size: int = 14
+    in_token_limit: int = 4096
+    merge_kernel_size: tuple[int, int] = (2, 2)
+    pad_input: bool = True
+    image_mean: tuple[float, float, float] = CLIP_MEAN
+    image_std: tuple[float, float, float] = CLIP_STD
+    max_pixels: int = 1 << 26  # decoded-size cap against decompression bombs (not an official field)
+    background: str | None = "black"  # what transparent pixels become (not an official field)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.merge_kernel_size = tuple(self.merge_kernel_size)
+        self.image_mean, self.image_std = tuple(self.image_mean), tuple(self.image_std)
+        if len(self.image_mean) != 3 or len(self.image_std) != 3 or not all(s > 0 for s in self.image_std):
+            raise ValueError(f"image_mean/image_std need 3 values (std > 0), got {self.image_mean}, {self.image_std}")
+        if self.background not in BACKGROUNDS:
+            raise ValueError(f"background must be 'black', 'white' or None, got {self.background!r}")
+
+    # ---- config files -------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ImageProcessor:
+        names = {f for f in cls.__dataclass_fields__} - {"extra"}
+        return cls(**{k: v for k, v in d.items() if k in names}, extra={k: v for k, v in d.items() if k not in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        extra = d.pop("extra")
+        return {**extra, **{k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}}
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> ImageProcessor:
+        file = os.path.join(path, CONFIG_FILE) if os.path.isdir(path) else path
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"no {CONFIG_FILE} at {path}")
+        try:
+            with open(file, encoding="utf-8") as f:
+                return cls.from_dict(json.load(f))
+        except (json.JSONDecodeError, TypeError) as e:
+            raise ValueError(f"{file} is not a valid {CONFIG_FILE}: {e}") from None
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, CONFIG_FILE), "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2)
+            f.write("\n")
+
+    # ---- loading ------------------------------------------------------------------------------------------
+    def load(self, image: Any) -> Image.Image:
+        """Any supported input -> an upright RGB PIL image; raises ImageError naming the input."""
+        name = _describe(image)
+        if isinstance(image, np.ndarray):
+            if image.size == 0:
+                raise ImageError(f"image {name} is empty")
+            img = _from_array(image, name)
+        elif isinstance(image, Image.Image):
+            img = image
+        elif isinstance(image, (str, os.PathLike, bytes, bytearray)):
+            img = self._open(image, name)
+        else:
+            raise ImageError(f"image {name}: expected a path, bytes, PIL image or numpy array")
+        w, h = img.size
+        if w == 0 or h == 0:
+            raise ImageError(f"image {name} has zero size {w}x{h}")
+        if w * h > self.max_pixels:
+            raise ImageError(f"image {name} is {w}x{h} = {w * h} pixels, over max_pixels={self.max_pixels}")
+        try:
+            return to_rgb(ImageOps.exif_transpose(img), self.background)
+        except (OSError, ValueError, SyntaxError) as e:
+            raise ImageError(f"cannot convert image {name} (mode {img.mode}) to RGB: {e}") from None
+
+    def _open(self, source, name: str) -> Image.Image:
+        if not isinstance(source, (bytes, bytearray)):
+            try:
+                with open(source, "rb") as f:
+                    source = f.read()
+            except OSError as e:
+                raise ImageError(f"cannot read image file {name}: {e.strerror or e}") from None
+        if not source:
+            raise ImageError(f"image {name} is empty")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img = Image.open(io.BytesIO(source))  # reads the header only
+                w, h = img.size
+                if w * h > self.max_pixels:
+                    raise ImageError(f"image {name} is {w}x{h} = {w * h} pixels, over max_pixels={self.max_pixels} "
+                                     "(a decompression bomb or a very large scan; raise max_pixels to allow it)")
+                img.load()
+        except ImageError:
+            raise
+        except Image.DecompressionBombError as e:
+            raise ImageError(f"image {name} looks like a decompression bomb: {e}") from None
+        except (OSError, ValueError, SyntaxError, EOFError) as e:  # UnidentifiedImageError is an OSError
+            raise ImageError(f"cannot decode image {name}: {e}") from None
+        return img
+
+    # ---- geometry -----------------------------------------------------------------------------------------
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """(w, h) after step 1 (the patch budget)."""
+        p = self.patch_size
+        n = (width // p) * (height // p)
+        if n > self.in_token_limit:
+            scale = math.sqrt(self.in_token_limit / n)
+            return int(width * scale), int(height * scale)
+        return width, height
+
+    def grid_hw(self, width: int, height: int) -> tuple[int, int]:
+        """Patch grid (rows, cols) of an upright image of this size."""
+        w, h = self.resized_size(width, height)
+        p = self.patch_size
+        if self.pad_input:
+            mh, mw = self.merge_kernel_size
+            return -(-h // (p * mh)) * mh, -(-w // (p * mw)) * mw
+        return h // p, w // p
+
+    def num_tokens(self, grid_hw: tuple[int, int]) -> int:
+        """LM tokens of one image: (h/2)*(w/2) for a 2x2 merge."""
+        mh, mw = self.merge_kernel_size
+        return (grid_hw[0] // mh) * (grid_hw[1] // mw)
+
+    # ---- processing ---------------------------------------------------------------------------------------
+    def _rescale(self, img: Image.Image, name: str) -> Image.Image:
+        size = self.resized_size(*img.size)
+        if size != img.size:
+            if min(size) < 1:
+                raise ImageError(f"image {name} ({img.size[0]}x{img.size[1]}) is too elongated to fit "
+                                 f"in_token_limit={self.in_token_limit}: it would shrink to {size[0]}x{size[1]}")
+            img = img.resize(size, Image.Resampling.BICUBIC)
+        w, h = img.size
+        p = self.patch_size
+        if self.pad_input:
+            mh, mw = self.merge_kernel_size
+            pw, ph = -(-w // (p * mw)) * p * mw, -(-h // (p * mh)) * p * mh
+            if (pw, ph) != (w, h):
+                canvas = Image.new("RGB", (pw, ph), (0, 0, 0))
+                canvas.paste(img, (0, 0))
+                img = canvas
+        else:
+            cw, ch = w - w % p, h - h % p
+            if cw == 0 or ch == 0:
+                raise ImageError(f"image {name} ({w}x{h}) is smaller than one {p}x{p} patch and pad_input is off")
+            left, top = int(round((w - cw) / 2.0)), int(round((h - ch) / 2.0))
+            img = img.crop((left, top, left + cw, top + ch))
+        w, h = img.size
+        if w // p >= MAX_GRID_SIDE or h // p >= MAX_GRID_SIDE:
+            raise ImageError(f"image {name} gives a {h // p}x{w // p} patch grid; MoonViT allows fewer than "
+                             f"{MAX_GRID_SIDE} patches per side (lower in_token_limit)")
+        return img
+
+    def preprocess(self, image: Any) -> tuple[torch.Tensor, tuple[int, int]]:
+        """One image -> (patches (h*w, 3, p, p) float32, grid (h, w))."""
+        name = _describe(image)
+        img = self._rescale(self.load(image), name)
+        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div(255)
+        mean = torch.tensor(self.image_mean, dtype=torch.float32)[:, None, None]
+        std = torch.tensor(self.image_std, dtype=torch.float32)[:, None, None]
+        x = x.sub(mean).div(std)
+        p = self.patch_size
+        c, hh, ww = x.shape
+        patches = x.reshape(c, hh // p, p, ww // p, p).permute(1, 3, 0, 2, 4).reshape(-1, c, p, p)
+        return patches.contiguous(), (hh // p, ww // p)
+
+    def __call__(self, images: Any) -> dict[str, torch.Tensor]:
+        """One image or a list -> {"pixel_values": (sum h*w, 3, p, p) float32, "image_grid_hws": (M, 2) int64}."""
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        p = self.patch_size
+        out = [self.preprocess(im) for im in images]
+        pixels = torch.cat([o[0] for o in out]) if out else torch.zeros(0, 3, p, p)
+        grids = torch.tensor([o[1] for o in out], dtype=torch.int64).reshape(-1, 2)
+        return {"pixel_values": pixels, "image_grid_hws": grids}

@@ -1,0 +1,255 @@
+import io
+import json
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kimivl.processing.image import CLIP_MEAN, CLIP_STD, ImageError, ImageProcessor
+
+MEAN = np.array(CLIP_MEAN, dtype=np.float32)
+STD = np.array(CLIP_STD, dtype=np.float32)
+
+
+def photo(w: int, h: int, seed: int = 0) -> np.ndarray:
+    """A photo-like HWC uint8 image: smooth gradients plus noise."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    base = np.stack([255 * x / max(w - 1, 1), 255 * y / max(h - 1, 1), 127 + 100 * np.sin((x + y) / 9)], -1)
+    return np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+
+
+def encoded(a: np.ndarray, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def pixel(out: torch.Tensor, grid_w: int, y: int, x: int, p: int = 14) -> np.ndarray:
+    """The normalised RGB value of image pixel (y, x) from row-major patches."""
+    return out[(y // p) * grid_w + x // p, :, y % p, x % p].numpy()
+
+
+def normalised(rgb) -> np.ndarray:
+    return (np.asarray(rgb, np.float32) / np.float32(255) - MEAN) / STD
+
+
+def test_pad_100x50():
+    a = photo(100, 50)
+    out = ImageProcessor()(a)
+    pv, grid = out["pixel_values"], out["image_grid_hws"]
+    assert pv.shape == (4 * 8, 3, 14, 14) and pv.dtype == torch.float32
+    assert grid.tolist() == [[4, 8]] and grid.dtype == torch.int64  # padded to 112x56
+    for y, x in [(0, 0), (20, 30), (49, 99), (13, 14)]:
+        np.testing.assert_allclose(pixel(pv, 8, y, x), normalised(a[y, x]), rtol=0, atol=1e-6)
+    for y, x in [(50, 0), (55, 111), (0, 100), (30, 105)]:  # padding is zero *before* normalisation
+        np.testing.assert_allclose(pixel(pv, 8, y, x), -MEAN / STD, rtol=0, atol=1e-6)
+    assert ImageProcessor().num_tokens((4, 8)) == 8
+
+
+@pytest.mark.parametrize("w, h, limit, resized, grid", [
+    (300, 200, 64, (139, 93), (4, 5)),      # 294 patches > 64: scale sqrt(64/294), int() truncation
+    (1200, 900, 4096, (1041, 780), (28, 38)),
+    (1000, 500, 4096, (1000, 500), (18, 36)),  # 2485 patches: no resize, pad to 1008x504
+    (28, 28, 4096, (28, 28), (1, 1)),
+    (5, 3, 4096, (5, 3), (1, 1)),              # smaller than a patch: one padded 28x28 block
+    (1260, 42, 64, (613, 20), (1, 22)),        # padding may exceed the limit, as released
+])
+def test_geometry(w, h, limit, resized, grid):
+    proc = ImageProcessor(in_token_limit=limit)
+    assert proc.resized_size(w, h) == resized
+    gh, gw = grid[0] * 2, grid[1] * 2
+    assert proc.grid_hw(w, h) == (gh, gw)
+    out = proc(Image.fromarray(photo(w, h)))
+    assert out["image_grid_hws"].tolist() == [[gh, gw]] and out["pixel_values"].shape[0] == gh * gw
+    assert proc.num_tokens((gh, gw)) == grid[0] * grid[1]
+
+
+def test_downscale_uses_pil_bicubic():
+    a = photo(300, 200, seed=3)
+    pv = ImageProcessor(in_token_limit=64)(a)["pixel_values"]
+    ref = np.asarray(Image.fromarray(a).resize((139, 93), Image.Resampling.BICUBIC))
+    for y, x in [(0, 0), (50, 70), (92, 138)]:
+        np.testing.assert_allclose(pixel(pv, 10, y, x), normalised(ref[y, x]), atol=1e-6)
+    np.testing.assert_allclose(pixel(pv, 10, 93, 0), -MEAN / STD, atol=1e-6)
+
+
+def test_center_crop_without_pad():
+    a = photo(100, 50)
+    out = ImageProcessor(pad_input=False)(a)
+    assert out["image_grid_hws"].tolist() == [[3, 7]]  # 98x42, offsets left 1, top 4
+    np.testing.assert_allclose(pixel(out["pixel_values"], 7, 0, 0), normalised(a[4, 1]), atol=1e-6)
+    with pytest.raises(ImageError, match="smaller than one"):
+        ImageProcessor(pad_input=False)(photo(10, 40))
+
+
+def test_grid_side_limit():
+    with pytest.raises(ImageError, match="fewer than 512"):
+        ImageProcessor(in_token_limit=10**6)(np.zeros((20, 7200, 3), np.uint8))
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
+def test_encoded_inputs_bytes_and_path(tmp_path, fmt):
+    a = photo(90, 61, seed=1)
+    data = encoded(a, fmt)
+    ref = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    path = tmp_path / f"img.{fmt.lower()}"
+    path.write_bytes(data)
+    proc = ImageProcessor()
+    for src in (data, str(path), path):
+        out = proc(src)
+        assert out["image_grid_hws"].tolist() == [[6, 8]]
+        np.testing.assert_allclose(pixel(out["pixel_values"], 8, 33, 44), normalised(ref[33, 44]), atol=1e-6)
+
+
+def test_batch_concatenates_in_order():
+    imgs = [photo(100, 50), photo(28, 56, seed=2), photo(60, 60, seed=4)]
+    proc = ImageProcessor()
+    out = proc(imgs)
+    assert out["image_grid_hws"].tolist() == [[4, 8], [4, 2], [6, 6]]
+    assert out["pixel_values"].shape == (32 + 8 + 36, 3, 14, 14)
+    torch.testing.assert_close(out["pixel_values"][32:40], proc(imgs[1])["pixel_values"])
+    empty = proc([])
+    assert empty["pixel_values"].shape == (0, 3, 14, 14) and empty["image_grid_hws"].shape == (0, 2)
+
+
+def test_array_inputs():
+    proc = ImageProcessor()
+    gray = np.full((30, 20), 77, np.uint8)
+    np.testing.assert_allclose(pixel(proc(gray)["pixel_values"], 2, 5, 5), normalised([77] * 3), atol=1e-6)
+    np.testing.assert_allclose(pixel(proc(gray[:, :, None])["pixel_values"], 2, 5, 5), normalised([77] * 3),
+                               atol=1e-6)
+    f = np.full((20, 20, 3), 0.5, np.float32)
+    np.testing.assert_allclose(pixel(proc(f)["pixel_values"], 2, 0, 0), normalised([128] * 3), atol=1e-6)
+    rgba = np.zeros((20, 20, 4), np.uint8)
+    rgba[..., 0], rgba[..., 3] = 200, 255
+    np.testing.assert_allclose(pixel(proc(rgba)["pixel_values"], 2, 0, 0), normalised([200, 0, 0]), atol=1e-6)
+    with pytest.raises(ImageError, match="HWC"):
+        proc(np.zeros((4, 4, 2), np.uint8))
+    with pytest.raises(ImageError, match="uint8"):
+        proc(np.zeros((4, 4, 3), np.int64))
+
+
+def _mode_image(mode: str) -> tuple[Image.Image, tuple, tuple]:
+    """(image, expected RGB over black, expected RGB over white) for a uniform 16x16 image."""
+    if mode == "P":
+        im = Image.new("P", (16, 16), 1)
+        im.putpalette([0, 0, 0, 10, 20, 30] + [0] * 762)
+        return im, (10, 20, 30), (10, 20, 30)
+    if mode == "P+transparency":
+        im = Image.new("P", (16, 16), 1)
+        im.putpalette([0, 0, 0, 10, 20, 30] + [0] * 762)
+        im.info["transparency"] = 1
+        return im, (0, 0, 0), (255, 255, 255)
+    table = {
+        "L": (100, (100,) * 3, (100,) * 3),
+        "1": (1, (255,) * 3, (255,) * 3),
+        "RGBA": ((200, 100, 50, 255), (200, 100, 50), (200, 100, 50)),
+        "RGBA-half": ((200, 100, 50, 102), (80, 40, 20), (233, 193, 173)),
+        "LA": ((100, 0), (0, 0, 0), (255, 255, 255)),
+        "CMYK": ((0, 0, 0, 0), (255, 255, 255), (255, 255, 255)),
+        "YCbCr": ((128, 128, 128), (128, 128, 128), (128, 128, 128)),
+        "I;16": (25700, (100,) * 3, (100,) * 3),
+        "I": (51400, (200,) * 3, (200,) * 3),
+        "F": (0.25, (64,) * 3, (64,) * 3),
+    }
+    value, black, white = table[mode]
+    return Image.new(mode.split("-")[0], (16, 16), value), black, white
+
+
+@pytest.mark.parametrize("mode", ["L", "1", "P", "P+transparency", "RGBA", "RGBA-half", "LA", "CMYK", "YCbCr",
+                                  "I;16", "I", "F"])
+def test_every_mode(mode):
+    im, black, white = _mode_image(mode)
+    for background, expect in (("black", black), ("white", white)):
+        got = pixel(ImageProcessor(background=background)(im)["pixel_values"], 2, 3, 3)
+        np.testing.assert_allclose(got, normalised(expect), atol=1.01 / 255 / STD.min())
+
+
+def test_alpha_dropped_when_background_none():
+    im = Image.new("RGBA", (16, 16), (200, 100, 50, 0))
+    got = pixel(ImageProcessor(background=None)(im)["pixel_values"], 2, 0, 0)
+    np.testing.assert_allclose(got, normalised([200, 100, 50]), atol=1e-6)
+
+
+def test_sixteen_bit_png_is_rescaled_not_clipped():
+    a = np.array([[0, 257 * 50, 65535]], np.uint16).repeat(3, 0)
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, "PNG")
+    pv = ImageProcessor()(buf.getvalue())["pixel_values"]
+    got = [pixel(pv, 2, 0, x)[0] for x in range(3)]
+    np.testing.assert_allclose(got, normalised([[0] * 3, [50] * 3, [255] * 3])[:, 0], atol=1e-6)
+
+
+def test_exif_orientation():
+    a = np.zeros((20, 40, 3), np.uint8)
+    a[:5, :5] = 255  # a white block at the top-left of the stored pixels
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated: display needs a 90 degree clockwise turn
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, "PNG", exif=exif)
+    proc = ImageProcessor()
+    upright = proc.load(buf.getvalue())
+    assert upright.size == (20, 40)
+    arr = np.asarray(upright)
+    assert arr[0, -1].tolist() == [255] * 3 and arr[0, 0].tolist() == [0] * 3  # top-left went to top-right
+    assert proc(buf.getvalue())["image_grid_hws"].tolist() == [[4, 2]]  # 20x40 upright -> 28x56
+
+
+def png_header_only(w: int, h: int) -> bytes:
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+
+
+def test_bad_images(tmp_path):
+    proc = ImageProcessor()
+    jpeg = encoded(photo(64, 64), "JPEG")
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    cases = [
+        (b"definitely not an image", "cannot decode"),
+        (jpeg[: len(jpeg) // 2], "cannot decode"),  # truncated JPEG
+        (b"", "empty"),
+        (str(empty), "empty"),
+        (str(tmp_path / "missing.png"), "cannot read image file .*missing.png: No such file"),
+        (png_header_only(10_000, 10_000), "over max_pixels"),  # 100 MP: caught from the header alone
+        (png_header_only(100_000, 100_000), "decompression bomb"),
+        (png_header_only(64, 64), "cannot decode"),  # header fine, pixel data short
+        (np.zeros((0, 5, 3), np.uint8), "empty"),
+        (Image.new("RGB", (0, 5)), "zero size"),
+        (12345, "expected a path"),
+    ]
+    for src, match in cases:
+        with pytest.raises(ImageError, match=match):
+            proc(src)
+    with pytest.raises(ImageError, match=r"<1[0-9]+ bytes>"):  # the message names the input
+        proc(b"x" * 100)
+    with pytest.raises(ImageError, match="over max_pixels"):
+        ImageProcessor(max_pixels=100)(photo(20, 20))
+    assert issubclass(ImageError, ValueError)
+
+
+def test_config_round_trip(tmp_path):
+    official = {"patch_size": 14, "in_token_limit": 16384, "merge_kernel_size": [2, 2], "pad_input": True,
+                "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "num_pooled_tokens": 1024,
+                "image_processor_type": "KimiVLImageProcessor"}
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(official))
+    proc = ImageProcessor.from_pretrained(tmp_path)
+    assert proc.in_token_limit == 16384 and proc.image_mean == (0.5,) * 3 and proc.merge_kernel_size == (2, 2)
+    out = proc(np.full((28, 28, 3), 255, np.uint8))["pixel_values"]
+    assert torch.allclose(out, torch.ones_like(out))  # (1 - 0.5) / 0.5
+    proc.save_pretrained(tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "preprocessor_config.json").read_text())
+    assert {k: saved[k] for k in official} == official
+    assert ImageProcessor().image_mean == CLIP_MEAN and ImageProcessor().image_std == CLIP_STD
+    with pytest.raises(FileNotFoundError):
+        ImageProcessor.from_pretrained(tmp_path / "nowhere")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "preprocessor_config.json").write_text("{oops")
+    with pytest.raises(ValueError, match="not a valid"):
+        ImageProcessor.from_pretrained(tmp_path / "bad")
