@@ -15,6 +15,7 @@ import os
 import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable
+from itertools import pairwise
 
 import regex
 import tiktoken
@@ -62,7 +63,7 @@ def split_long_runs(text: str, max_run: int = MAX_RUN_CHARS) -> list[str]:
     long_run = _LONG_RUN if max_run == MAX_RUN_CHARS else re.compile(r"\s{%d,}|\S{%d,}" % (max_run + 1, max_run + 1))
     cuts = [c for m in long_run.finditer(text) for c in range(m.start() + max_run, m.end(), max_run)]
     bounds = [0, *cuts, len(text)]
-    return [text[a:b] for a, b in zip(bounds, bounds[1:])]
+    return [text[a:b] for a, b in pairwise(bounds)]
 
 
 def _special(name: str) -> property:
@@ -251,7 +252,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 3840,
     pair_counts: Counter[tuple[int, int]] = Counter()
     where: dict[tuple[int, int], set[int]] = defaultdict(set)
     for wi, w in enumerate(words):
-        for pair in zip(w, w[1:]):
+        for pair in pairwise(w):
             pair_counts[pair] += freqs[wi]
             where[pair].add(wi)
     heap = [(-c, vocab[a], vocab[b], (a, b)) for (a, b), c in pair_counts.items()]
@@ -272,7 +273,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 3840,
         touched: set[tuple[int, int]] = set()
         for wi in where.pop(pair):
             w, f = words[wi], freqs[wi]
-            for p in zip(w, w[1:]):
+            for p in pairwise(w):
                 pair_counts[p] -= f
                 touched.add(p)
             out, i = [], 0
@@ -284,7 +285,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 3840,
                     out.append(w[i])
                     i += 1
             words[wi] = out
-            for p in zip(out, out[1:]):
+            for p in pairwise(out):
                 pair_counts[p] += f
                 where[p].add(wi)
                 touched.add(p)

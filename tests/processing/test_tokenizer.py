@@ -2,6 +2,8 @@ import base64
 import json
 import os
 from collections import Counter
+from itertools import pairwise
+from pathlib import Path
 
 import pytest
 import tiktoken
@@ -96,8 +98,9 @@ def test_named_special_ids(tok):
 
 
 def test_tiny_preset_layout():
-    files = [os.path.join(os.path.dirname(os.__file__), f) for f in ("os.py", "argparse.py", "typing.py", "inspect.py")]
-    tok = train_bpe([open(f, encoding="utf-8").read() for f in files], vocab_size=TINY_SPECIAL_BASE)
+    stdlib = Path(os.__file__).parent
+    texts = [(stdlib / f).read_text(encoding="utf-8") for f in ("os.py", "argparse.py", "typing.py", "inspect.py")]
+    tok = train_bpe(texts, vocab_size=TINY_SPECIAL_BASE)
     cfg = KimiVLConfig.from_preset("tiny")
     assert tok.vocab_size == TINY_VOCAB == cfg.text_config.vocab_size
     assert tok.bos_id == cfg.text_config.bos_token_id
@@ -121,7 +124,7 @@ def naive_bpe(texts, vocab_size):
     while len(ranks) < vocab_size:
         pairs = Counter()
         for w, s in seqs.items():
-            for p in zip(s, s[1:]):
+            for p in pairwise(s):
                 pairs[p] += words[w]
         a, b = min(pairs, key=lambda p: (-pairs[p], p[0], p[1]))
         ranks.setdefault(a + b, len(ranks))

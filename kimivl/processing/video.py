@@ -1,0 +1,131 @@
+"""Video input as sampled frames (the released Kimi-VL processor has no video path).
+
+A video enters the chat as its sampled frames, each an ordinary image preceded by its timestamp as text::
+
+    00:00.0<|media_start|>image<|media_content|><|media_pad|><|media_end|>00:01.0<|media_start|>image...
+
+Timestamps are ``MM:SS.d`` (minutes, seconds, tenths), with an ``H:`` prefix from one hour on (``1:02:03.5``).
+``frames_to_parts`` builds these content parts; ``apply_chat_template`` does it for ``{"type": "video"}`` parts.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from collections.abc import Iterator
+from typing import Any, BinaryIO
+
+import numpy as np
+from PIL import Image
+
+DEFAULT_FPS = 1.0
+DEFAULT_MAX_FRAMES = 64
+
+
+class VideoError(ValueError):
+    """A video that cannot be opened or decoded."""
+
+
+def format_timestamp(seconds: float) -> str:
+    tenths = round(seconds * 10)
+    h, rest = divmod(tenths, 36000)
+    m, rest = divmod(rest, 600)
+    s = f"{m:02d}:{rest // 10:02d}.{rest % 10}"
+    return f"{h}:{s}" if h else s
+
+
+def frames_to_parts(frames: list, timestamps: list[float]) -> list[dict]:
+    """Content parts for a video: timestamp text then the frame image, per frame."""
+    if len(frames) != len(timestamps):
+        raise ValueError(f"{len(frames)} frames but {len(timestamps)} timestamps")
+    parts: list[dict] = []
+    for frame, t in zip(frames, timestamps):
+        parts += [{"type": "text", "text": format_timestamp(t)}, {"type": "image", "image": frame}]
+    return parts
+
+
+def _describe(source: Any) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return str(source)
+    if isinstance(source, (bytes, bytearray)):
+        return f"<{len(source)} bytes>"
+    return f"<{type(source).__name__}>"
+
+
+def _targets(duration: float | None, fps: float, max_frames: int) -> Iterator[float]:
+    """Sampling times: every 1/fps seconds over the duration, thinned uniformly to max_frames."""
+    if duration is None:
+        k = 0
+        while True:
+            yield k / fps
+            k += 1
+    n = max(1, math.ceil(duration * fps - 1e-6))
+    idx = range(n) if n <= max_frames else np.round(np.linspace(0, n - 1, max_frames)).astype(int)
+    for k in idx:
+        yield int(k) / fps
+
+
+def load_video(source: str | os.PathLike | bytes | BinaryIO, fps: float = DEFAULT_FPS,
+               max_frames: int = DEFAULT_MAX_FRAMES) -> tuple[list[Image.Image], list[float]]:
+    """Decode ``source`` and sample frames at ``fps``; more than ``max_frames`` samples are thinned uniformly.
+
+    The frame for time t is the one on screen at t (the last frame starting at or before t). Returns RGB
+    PIL frames and their times in seconds from the start of the stream. A stream that declares no duration
+    keeps every frame sampled at ``fps`` until the end, then thins them.
+    """
+    import av
+
+    if not fps > 0 or max_frames < 1:
+        raise ValueError(f"need fps > 0 and max_frames >= 1, got fps={fps}, max_frames={max_frames}")
+    name = _describe(source)
+    if isinstance(source, (bytes, bytearray)):
+        source = io.BytesIO(source)
+    try:
+        container = av.open(source)
+    except (av.FFmpegError, OSError, ValueError) as e:
+        raise VideoError(f"cannot open video {name}: {e}") from None
+    frames: list[Image.Image] = []
+    times: list[float] = []
+    with container:
+        if not container.streams.video:
+            raise VideoError(f"{name} has no video stream")
+        stream = container.streams.video[0]
+        duration = None
+        if stream.duration is not None and stream.time_base is not None:
+            duration = float(stream.duration * stream.time_base)
+        elif container.duration is not None:
+            duration = container.duration / av.time_base
+        stream.thread_type = "AUTO"
+        rate = float(stream.average_rate or 25)
+        start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+        targets = _targets(duration, fps, max_frames)
+        target = next(targets)
+        prev = None
+
+        def take(frame, t):
+            if not times or t != times[-1]:
+                frames.append(frame.to_image())
+                times.append(t)
+
+        try:
+            for i, frame in enumerate(container.decode(stream)):
+                t = frame.time - start if frame.time is not None else i / rate
+                while target is not None and t > target + 1e-6:
+                    take(*(prev or (frame, t)))
+                    target = next(targets, None)
+                if target is None:
+                    break
+                prev = (frame, t)
+        except (av.FFmpegError, OSError, ValueError) as e:
+            raise VideoError(f"cannot decode video {name}: {e}") from None
+        if prev is not None and target is not None:
+            end = duration if duration is not None else prev[1] + 1 / rate
+            if target < end:
+                take(*prev)
+    if not frames:
+        raise VideoError(f"{name} has no decodable frames")
+    if len(frames) > max_frames:  # unknown duration: thin what was collected
+        keep = np.round(np.linspace(0, len(frames) - 1, max_frames)).astype(int)
+        frames, times = [frames[k] for k in keep], [times[k] for k in keep]
+    return [f.convert("RGB") for f in frames], times

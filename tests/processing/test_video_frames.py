@@ -1,0 +1,94 @@
+import io
+
+import av
+import numpy as np
+import pytest
+
+from kimivl.processing.chat_template import IMAGE_PLACEHOLDER, apply_chat_template
+from kimivl.processing.video import VideoError, format_timestamp, frames_to_parts, load_video
+
+
+def make_video(n: int = 25, rate: int = 10, codec: str = "mpeg4", fmt: str = "mp4", w: int = 64,
+               h: int = 48) -> bytes:
+    """A video whose frame i is uniformly grey at level 10*i (2.5 s at 10 fps by default)."""
+    buf = io.BytesIO()
+    with av.open(buf, "w", format=fmt) as c:
+        s = c.add_stream(codec, rate=rate)
+        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+        for i in range(n):
+            frame = av.VideoFrame.from_ndarray(np.full((h, w, 3), 10 * i, np.uint8), format="rgb24")
+            for packet in s.encode(frame):
+                c.mux(packet)
+        for packet in s.encode():
+            c.mux(packet)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def video() -> bytes:
+    return make_video()
+
+
+def levels(frames) -> list[int]:
+    return [round(float(np.asarray(f).mean()) / 10) for f in frames]
+
+
+def test_one_fps(video, tmp_path):
+    frames, times = load_video(video)
+    assert times == [0.0, 1.0, 2.0] and levels(frames) == [0, 10, 20]
+    assert all(f.mode == "RGB" and f.size == (64, 48) for f in frames)
+    path = tmp_path / "v.mp4"
+    path.write_bytes(video)
+    assert load_video(str(path))[1] == times and load_video(io.BytesIO(video))[1] == times
+
+
+def test_fps_and_uniform_cap(video):
+    frames, times = load_video(video, fps=4)  # 10 samples over 2.5 s
+    assert times == pytest.approx([0, 0.2, 0.5, 0.7, 1.0, 1.2, 1.5, 1.7, 2.0, 2.2])  # frame on screen at k/4
+    frames, times = load_video(video, fps=4, max_frames=5)  # thinned evenly over the whole clip
+    assert len(frames) == 5 and times[0] == 0 and times[-1] == pytest.approx(2.2)
+    assert levels(frames) == [round(t * 10) for t in times]
+    frames, times = load_video(video, fps=100)  # faster than the video: each frame once
+    assert len(frames) == 25
+    assert load_video(video, fps=0.1)[1] == [0.0]
+
+
+def test_unknown_duration():
+    video = make_video(fmt="m4v")  # a raw MPEG-4 stream declares no duration
+    frames, times = load_video(video)
+    assert times == [0.0, 1.0, 2.0] and levels(frames) == [0, 10, 20]
+    assert load_video(video, fps=4, max_frames=5)[1] == pytest.approx([0, 0.5, 1.0, 1.7, 2.2])
+
+
+def test_libx264_if_available():
+    if "libx264" not in av.codecs_available:
+        pytest.skip("libx264 not built into PyAV")
+    frames, times = load_video(make_video(codec="libx264"))
+    assert times == [0.0, 1.0, 2.0] and levels(frames) == [0, 10, 20]
+
+
+def test_unreadable(video, tmp_path):
+    with pytest.raises(VideoError, match="cannot open video <11 bytes>"):
+        load_video(b"not a video")
+    with pytest.raises(VideoError, match="missing.mp4"):
+        load_video(str(tmp_path / "missing.mp4"))
+    with pytest.raises(VideoError):
+        load_video(video[:300])  # truncated
+    with pytest.raises(ValueError, match="fps > 0"):
+        load_video(video, fps=0)
+
+
+def test_timestamps_and_chat_parts(video):
+    assert [format_timestamp(t) for t in (0, 1, 61.25, 3599.96, 3723.5)] == \
+        ["00:00.0", "00:01.0", "01:01.2", "1:00:00.0", "1:02:03.5"]
+    frames, times = load_video(video)
+    parts = frames_to_parts(frames, times)
+    assert [p["type"] for p in parts] == ["text", "image"] * 3 and parts[2]["text"] == "00:01.0"
+    text, media = apply_chat_template([{"role": "user", "content": [
+        {"type": "video", "video": video}, {"type": "text", "text": "What changes?"}]}])
+    assert "<|im_user|>user<|im_middle|>00:00.0" + IMAGE_PLACEHOLDER + "00:01.0" + IMAGE_PLACEHOLDER + \
+        "00:02.0" + IMAGE_PLACEHOLDER + "What changes?<|im_end|>" in text
+    assert levels(media) == [0, 10, 20]
+    _, media = apply_chat_template([{"role": "user", "content": [{"type": "video", "video": video, "fps": 2,
+                                                                   "max_frames": 2}]}])
+    assert len(media) == 2
