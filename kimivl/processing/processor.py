@@ -1,0 +1,105 @@
+"""KimiVLProcessor: chat template + tokenizer + image processor, from messages to model inputs.
+
+Each image placeholder (one ``<|media_pad|>`` in the template) is expanded to (h/2)*(w/2) copies for its image.
+For training, ``encode_for_training`` also returns labels that cover only the assistant turns' content and their
+closing ``<|im_end|>`` (everything else is ``-100``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from kimivl.processing.chat_template import apply_chat_template
+from kimivl.processing.image import ImageProcessor
+from kimivl.processing.tokenizer import KimiTokenizer
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Encoded:
+    """One conversation: token ids (placeholders expanded), labels for training, and its images' patches."""
+
+    input_ids: list[int]
+    pixel_values: torch.Tensor  # (sum h*w, 3, 14, 14)
+    image_grid_hws: torch.Tensor  # (M, 2)
+    labels: list[int] | None = None
+
+
+class KimiVLProcessor:
+    def __init__(self, tokenizer: KimiTokenizer, image_processor: ImageProcessor | None = None):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor or ImageProcessor()
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> KimiVLProcessor:
+        """Reads ``tiktoken.model``, ``tokenizer_config.json`` and ``preprocessor_config.json`` (defaults to the
+        official values when the last is absent)."""
+        tokenizer = KimiTokenizer.from_pretrained(path)
+        has_pre = os.path.isfile(os.path.join(path, "preprocessor_config.json"))
+        return cls(tokenizer, ImageProcessor.from_pretrained(path) if has_pre else ImageProcessor())
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        self.tokenizer.save_pretrained(path)
+        self.image_processor.save_pretrained(path)
+
+    @property
+    def stop_ids(self) -> list[int]:
+        return self.tokenizer.stop_ids
+
+    def _expand(self, ids: list[int], grids: torch.Tensor) -> list[int]:
+        pad = self.tokenizer.media_pad_id
+        slots = [i for i, t in enumerate(ids) if t == pad]
+        if len(slots) != len(grids):
+            raise ValueError(f"the text has {len(slots)} image placeholders but {len(grids)} images were given")
+        out, start = [], 0
+        for slot, (h, w) in zip(slots, grids.tolist()):
+            out += ids[start:slot] + [pad] * self.image_processor.num_tokens((h, w))
+            start = slot + 1
+        return out + ids[start:]
+
+    def encode(self, messages: list[dict], add_generation_prompt: bool = True) -> Encoded:
+        """A conversation as a prompt for generation."""
+        text, media = apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        images = self.image_processor(media)
+        ids = self._expand(self.tokenizer.encode(text), images["image_grid_hws"])
+        return Encoded(ids, images["pixel_values"], images["image_grid_hws"])
+
+    def encode_for_training(self, messages: list[dict]) -> Encoded:
+        """A whole conversation with labels on the assistant answers and their end tokens only."""
+        if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
+            raise ValueError("a training conversation needs at least one assistant message")
+        enc = self.encode(messages, add_generation_prompt=False)
+        enc.labels = self.answer_labels(enc.input_ids)
+        return enc
+
+    def answer_labels(self, ids: list[int]) -> list[int]:
+        """Labels that keep the tokens from each assistant turn's ``<|im_middle|>`` (exclusive) through its
+        ``<|im_end|>`` (inclusive) and ignore everything else."""
+        tok = self.tokenizer
+        roles = {tok.im_system_id, tok.im_user_id, tok.im_assistant_id}
+        labels, role, answering = [IGNORE_INDEX] * len(ids), None, False
+        for i, t in enumerate(ids):
+            if answering:
+                labels[i] = t
+                answering = t != tok.im_end_id
+            elif t in roles:
+                role = t
+            elif t == tok.im_middle_id and role is not None:
+                answering, role = role == tok.im_assistant_id, None
+        return labels
+
+    def __call__(self, messages: list[dict], add_generation_prompt: bool = True) -> dict[str, torch.Tensor]:
+        """Model inputs for one conversation: ``input_ids`` (1, S), ``pixel_values``, ``image_grid_hws``."""
+        enc = self.encode(messages, add_generation_prompt)
+        return {"input_ids": torch.tensor([enc.input_ids]), "pixel_values": enc.pixel_values,
+                "image_grid_hws": enc.image_grid_hws}
+
+    def decode(self, ids: list[int], skip_special: bool = True) -> str:
+        if skip_special:
+            ids = [t for t in ids if not self.tokenizer.is_special(t)]
+        return self.tokenizer.decode(ids)
+
