@@ -29,6 +29,58 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load(path: str, dtype: str, device: str):
+    import torch
+
+    from kimivl import KimiVL, KimiVLProcessor
+
+    model = KimiVL.from_pretrained(path, dtype=getattr(torch, dtype) if dtype else None, device=device)
+    return model, KimiVLProcessor.from_pretrained(path)
+
+
+def _user_message(text: str, images: list[str], video: str | None) -> dict:
+    parts = [{"type": "image", "image": f} for f in images]
+    if video:
+        parts.append({"type": "video", "video": video})
+    return {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
+
+
+def _show(text: str) -> str:
+    """Print an answer, the reasoning of a thinking model apart; return the answer."""
+    from kimivl.processing.chat_template import parse_thinking
+
+    reasoning, answer = parse_thinking(text)
+    if reasoning is not None:
+        print(f"[reasoning]\n{reasoning}\n[answer]")
+    print(answer)
+    return answer
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from kimivl import generate
+
+    model, processor = _load(args.model, args.dtype, args.device)
+    sampling = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+                "seed": args.seed}
+    if args.question:
+        _show(generate(model, processor, [_user_message(args.question, args.image, args.video)], **sampling))
+        return 0
+    history: list[dict] = []
+    images, video = args.image, args.video  # attached to the first turn
+    print("kimivl chat: type a message; an empty line or Ctrl-D ends.")
+    while True:
+        try:
+            question = input("> ").strip()
+        except EOFError:
+            return 0
+        if not question:
+            return 0
+        history.append(_user_message(question, images, video))
+        images, video = [], None
+        answer = _show(generate(model, processor, history, **sampling))
+        history.append({"role": "assistant", "content": answer})
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kimivl", description="Kimi-VL in plain PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -37,6 +89,19 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("path", nargs="?", help="checkpoint directory (its config.json)")
     src.add_argument("--preset", choices=sorted(PRESETS), help="a built-in configuration")
     info.set_defaults(func=cmd_info)
+
+    chat = sub.add_parser("chat", help="answer a question (or chat interactively) with a checkpoint")
+    chat.add_argument("question", nargs="?", help="one question; without it, an interactive multi-turn session")
+    chat.add_argument("--model", required=True, help="checkpoint directory (weights, tokenizer, preprocessor)")
+    chat.add_argument("--image", action="append", default=[], help="an image file (repeatable)")
+    chat.add_argument("--video", help="a video file, fed as timestamped frames")
+    chat.add_argument("--max-new-tokens", type=int, default=512)
+    chat.add_argument("--temperature", type=float, default=0.2, help="0 for greedy (default 0.2, as for Instruct)")
+    chat.add_argument("--top-p", type=float, default=1.0)
+    chat.add_argument("--seed", type=int, default=0)
+    chat.add_argument("--dtype", choices=["bfloat16", "float32"], help="default: the checkpoint's")
+    chat.add_argument("--device", default="cpu")
+    chat.set_defaults(func=cmd_chat)
     return parser
 
 

@@ -1,7 +1,13 @@
+import dataclasses
+
 import pytest
 import torch
 
-from kimivl import KimiVL, KimiVLConfig
+from kimivl import KimiVL, KimiVLConfig, KimiVLProcessor
+from kimivl.processing.tokenizer import train_bpe
+
+CORPUS = ["The quick brown fox jumps over the lazy dog. " * 3, "What colour is the square? It is red.",
+          "Count the circles: there are 3 circles and 2 squares.", "你好，世界"] * 5
 
 
 @pytest.fixture(scope="session")
@@ -18,3 +24,19 @@ def tiny_model(tiny_config) -> KimiVL:
             if hasattr(m, "e_score_correction_bias"):
                 m.e_score_correction_bias.normal_(0, 0.05)
     return model
+
+
+@pytest.fixture(scope="session")
+def small_processor() -> KimiVLProcessor:
+    """A processor whose BPE (300 ranks) was trained on a few sentences."""
+    return KimiVLProcessor(train_bpe(CORPUS, vocab_size=300))
+
+
+@pytest.fixture(scope="session")
+def small_model(small_processor) -> KimiVL:
+    """The tiny model resized to ``small_processor``'s vocabulary."""
+    base = KimiVLConfig.from_preset("tiny")
+    n = small_processor.tokenizer.n_ranks
+    text = dataclasses.replace(base.text_config, vocab_size=n + 256, bos_token_id=n, eos_token_id=[n + 1, n + 2])
+    torch.manual_seed(0)
+    return KimiVL(dataclasses.replace(base, text_config=text, media_placeholder_token_id=n + 21)).eval()

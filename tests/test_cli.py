@@ -1,0 +1,46 @@
+"""The kimivl command: chat on a saved checkpoint."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from kimivl import generate
+from kimivl.cli import main
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, small_model, small_processor):
+    path = tmp_path_factory.mktemp("ckpt")
+    small_model.save_pretrained(path)
+    small_processor.save_pretrained(path)
+    return path
+
+
+def test_chat_one_question_with_image(checkpoint, small_model, small_processor, tmp_path, capsys):
+    img = tmp_path / "x.png"
+    Image.fromarray(np.full((40, 60, 3), 200, dtype=np.uint8)).save(img)
+    assert main(["chat", "--model", str(checkpoint), "--image", str(img), "--temperature", "0",
+                 "--max-new-tokens", "5", "--dtype", "float32", "What colour?"]) == 0
+    expected = generate(small_model, small_processor, [{"role": "user", "content": [
+        {"type": "image", "image": str(img)}, {"type": "text", "text": "What colour?"}]}], max_new_tokens=5)
+    assert capsys.readouterr().out.strip() == expected.strip()
+
+
+def test_chat_interactive_and_errors(checkpoint, monkeypatch, capsys, tmp_path):
+    answers = iter(["Count the circles.", "And squares?", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(answers))
+    assert main(["chat", "--model", str(checkpoint), "--max-new-tokens", "3"]) == 0
+    assert "type a message" in capsys.readouterr().out
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    assert main(["chat", "--model", str(checkpoint), "--image", str(bad), "hi"]) == 2
+    assert "bad.png" in capsys.readouterr().err
+
+
+def test_thinking_output_is_shown_apart(capsys):
+    from kimivl.cli import _show
+
+    assert _show("◁think▷ 2+2 is 4 ◁/think▷ 4") == "4"
+    assert capsys.readouterr().out == "[reasoning]\n2+2 is 4\n[answer]\n4\n"
+    assert _show("plain") == "plain"
+    assert capsys.readouterr().out == "plain\n"
