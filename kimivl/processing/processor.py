@@ -76,6 +76,12 @@ class KimiVLProcessor:
         enc.labels = self.answer_labels(enc.input_ids)
         return enc
 
+    def encode_text(self, text: str) -> Encoded:
+        """A plain document for language modelling: every token is a label; ends with [EOS]."""
+        ids = self.tokenizer.encode(text) + [self.tokenizer.eos_id]
+        p = self.image_processor.patch_size
+        return Encoded(ids, torch.zeros(0, 3, p, p), torch.zeros(0, 2, dtype=torch.int64), list(ids))
+
     def answer_labels(self, ids: list[int]) -> list[int]:
         """Labels that keep the tokens from each assistant turn's ``<|im_middle|>`` (exclusive) through its
         ``<|im_end|>`` (inclusive) and ignore everything else."""

@@ -1,0 +1,74 @@
+"""A deterministic, resumable stream of packed batches drawn from weighted sources.
+
+Sample ``i`` is a pure function of (seed, i): its source is drawn with weights interpolated from ``start`` to
+``end`` as ``i`` goes from 0 to ``horizon`` (a rising multimodal share, for example), then an item of that source.
+So a run resumes from a sample index alone, and two runs with one seed see the same data.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from kimivl.data.packing import PackedBatch, pack
+from kimivl.processing.processor import Encoded
+
+log = logging.getLogger(__name__)
+
+
+class Mixture:
+    def __init__(self, sources: dict[str, Sequence[Any]], encode: Callable[[str, Any], Encoded], budget: int,
+                 start: dict[str, float], end: dict[str, float] | None = None, horizon: int = 1, seed: int = 0):
+        unknown = (set(start) | set(end or {})) - set(sources)
+        if unknown:
+            raise ValueError(f"mixture weights name unknown sources {sorted(unknown)}; have {sorted(sources)}")
+        empty = [k for k in set(start) | set(end or {}) if not sources[k]]
+        if empty:
+            raise ValueError(f"mixture sources {sorted(empty)} are empty")
+        self.sources, self.encode, self.budget = sources, encode, budget
+        self.names = sorted(set(start) | set(end or {}))
+        self.start = [float(start.get(n, 0.0)) for n in self.names]
+        self.end = [float((end or start).get(n, 0.0)) for n in self.names]
+        if sum(self.start) <= 0 or sum(self.end) <= 0:
+            raise ValueError("mixture weights must have a positive sum")
+        self.horizon, self.seed = max(1, horizon), seed
+        self.skipped = 0
+
+    def weights(self, i: int) -> list[float]:
+        t = min(1.0, i / self.horizon)
+        return [a + (b - a) * t for a, b in zip(self.start, self.end)]
+
+    def pick(self, i: int) -> tuple[str, Any]:
+        rng = random.Random(self.seed * 1_000_003 + i)
+        name = rng.choices(self.names, weights=self.weights(i))[0]
+        items = self.sources[name]
+        return name, items[rng.randrange(len(items))]
+
+    def sample(self, i: int) -> Encoded:
+        return self.encode(*self.pick(i))
+
+    def batches(self, position: int) -> Iterator[tuple[PackedBatch, int]]:
+        """Rows packed greedily from sample ``position`` on; a sample longer than the budget is skipped."""
+        i = position
+        pending = None
+        while True:
+            row, used = [], 0
+            while True:
+                s = pending if pending is not None else self.sample(i)
+                pending = None
+                n = len(s.input_ids)
+                if n > self.budget:
+                    self.skipped += 1
+                    log.warning("sample %d (%d tokens) exceeds the %d-token budget; skipped", i, n, self.budget)
+                    i += 1
+                    continue
+                if used + n > self.budget:
+                    pending = s
+                    break
+                row.append(s)
+                used += n
+                i += 1
+            yield pack(row, self.budget), i
+

@@ -1,0 +1,112 @@
+"""The training loop shared by every stage: bf16 autocast, clipping, MoE bias balancing, atomic resumable
+checkpoints, NaN guard, progress bar and metrics."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from kimivl.model.moe import Router
+from kimivl.train.balance import ExpertLoadTracker
+from kimivl.train.metrics import MetricsLog
+from kimivl.train.state import latest_checkpoint, load_state, save_state
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the message says where the last good state is."""
+
+
+class Batches(Protocol):
+    def batches(self, position: int) -> Iterator[tuple[Any, int]]:
+        """Batches from data ``position`` on, each with the position just after it."""
+
+
+@dataclass
+class LoopConfig:
+    steps: int
+    ckpt_every: int = 100
+    log_every: int = 10
+    clip: float = 1.0
+    bf16: bool = True
+    bias_update_rate: float = 1e-3  # aux-loss-free balancing step; 0 disables
+    keep_checkpoints: int = 2
+
+
+LossFn = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, dict[str, float], int]]
+
+
+def train_loop(model: torch.nn.Module, loss_fn: LossFn, data: Batches, optimizer: torch.optim.Optimizer,
+               scheduler: torch.optim.lr_scheduler.LRScheduler, cfg: LoopConfig, run_dir: str | Path,
+               stage: str, resume: bool = True, progress: bool = True) -> dict[str, float]:
+    """Run ``cfg.steps`` optimizer steps of one stage under ``run_dir/stage``; resume from its latest checkpoint
+    when there is one. ``loss_fn(model, batch)`` returns (loss, metrics, tokens). Returns the last metrics."""
+    stage_dir = Path(run_dir) / stage
+    ckpt_dir = stage_dir / "checkpoints"
+    metrics = MetricsLog(run_dir, stage)
+    step, position = 0, 0
+    found = latest_checkpoint(ckpt_dir) if resume else None
+    if found is not None:
+        state = load_state(found, model)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, position = state["step"], state["position"]
+        log.info("%s: resumed at step %d from %s", stage, step, found)
+    metrics.truncate_after(step)
+
+    def checkpoint() -> Path:
+        return save_state(ckpt_dir, model, {"step": step, "position": position, "optimizer": optimizer.state_dict(),
+                                            "scheduler": scheduler.state_dict()}, keep=cfg.keep_checkpoints)
+
+    device_type = next(model.parameters()).device.type
+    last: dict[str, float] = {}
+    tokens_seen, t0 = 0, time.perf_counter()
+    bar = tqdm(total=cfg.steps, initial=step, desc=stage, disable=not progress, unit="step", dynamic_ncols=True)
+    model.train()
+    moe = any(isinstance(m, Router) for m in model.modules())
+    with ExpertLoadTracker(model) if moe else contextlib.nullcontext() as tracker:
+        batches = data.batches(position)
+        while step < cfg.steps:
+            batch, next_position = next(batches)
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                loss, values, n_tokens = loss_fn(model, batch)
+            if not torch.isfinite(loss):
+                raise TrainingError(f"{stage}: loss is {loss.item()} at step {step}; the last good state is "
+                                    f"saved at {checkpoint()}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+            if not torch.isfinite(grad_norm):
+                raise TrainingError(f"{stage}: gradient norm is {grad_norm.item()} at step {step}; the last good "
+                                    f"state is saved at {checkpoint()}")
+            optimizer.step()
+            scheduler.step()
+            imbalance = max(tracker.imbalance().values(), default=1.0) if moe else None
+            if moe and cfg.bias_update_rate:
+                tracker.update_biases(cfg.bias_update_rate)
+            elif moe:
+                tracker.reset()
+            step, position = step + 1, next_position
+            tokens_seen += n_tokens
+            rate = tokens_seen / (time.perf_counter() - t0)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{rate:.0f}")
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                last = {"loss": loss.item(), "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm.item(),
+                        "tokens_per_s": rate, **values}
+                if imbalance is not None:
+                    last["expert_imbalance"] = imbalance
+                metrics.write(step, last)
+            if step % cfg.ckpt_every == 0 or step == cfg.steps:
+                checkpoint()
+    bar.close()
+    return last

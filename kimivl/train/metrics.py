@@ -1,0 +1,74 @@
+"""Training metrics: one JSON object per logged step in ``metrics.jsonl`` (TensorBoard too when installed), and
+PNG curves drawn from that file."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class MetricsLog:
+    def __init__(self, run_dir: str | os.PathLike, stage: str):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.stage = stage
+        self._tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard" / stage))
+        except ImportError:  # tensorboard is optional
+            pass
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"stage": self.stage, "step": step, **values}) + "\n")
+        if self._tb is not None:
+            for k, v in values.items():
+                self._tb.add_scalar(k, v, step)
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records of this stage logged after ``step`` (they are redone when a run resumes)."""
+        if not self.path.is_file():
+            return
+        rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        kept = [r for r in rows if r["stage"] != self.stage or r["step"] <= step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_curves(metrics_file: str | os.PathLike, out_png: str | os.PathLike, keys: tuple[str, ...] = ("loss",)) -> None:
+    """One panel per stage with the given keys against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_file)
+    stages = list(dict.fromkeys(r["stage"] for r in rows))
+    if not stages:
+        raise ValueError(f"{metrics_file} holds no metrics")
+    cols = min(4, len(stages))
+    nrows = (len(stages) + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3 * nrows), squeeze=False)
+    for ax, stage in zip(axes.flat, stages):
+        mine = [r for r in rows if r["stage"] == stage]
+        for key in keys:
+            pts = [(r["step"], r[key]) for r in mine if key in r]
+            if pts:
+                ax.plot(*zip(*pts), label=key)
+        ax.set_title(stage)
+        ax.set_xlabel("step")
+        ax.legend()
+    for ax in list(axes.flat)[len(stages):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,87 @@
+"""Resumable training checkpoints, written atomically.
+
+A checkpoint is a directory ``step-{N:07d}`` holding the model in the official format (``config.json`` +
+safetensors, full precision) and ``trainer.pt`` (optimizer, scheduler, step, data position, RNG states; loaded with
+``weights_only=True``, so nothing is unpickled beyond tensors and plain containers). It is written under a
+temporary name and renamed into place; the ``latest`` file then moves to it with an atomic replace, so a crash at
+any moment leaves the previous checkpoint intact and pointed to.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kimivl.checkpoint import load_checkpoint, save_checkpoint
+
+log = logging.getLogger(__name__)
+LATEST = "latest"
+TRAINER_FILE = "trainer.pt"
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]]}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_tuples(state["python"]))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), *rest))
+
+
+def _tuples(x):
+    """``random.setstate`` wants the nested tuples that a save/load round trip may have turned into lists."""
+    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def save_state(ckpt_dir: str | os.PathLike, model, trainer: dict[str, Any], keep: int = 2) -> Path:
+    """Write ``model`` and ``trainer`` (a dict with at least ``step``) as a new checkpoint; prune old ones."""
+    root = Path(ckpt_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{trainer['step']:07d}"
+    tmp = root / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained(tmp)
+    else:  # a training-only wrapper (e.g. the ViT pre-trainer): its tensors alone
+        save_checkpoint(model, tmp)
+    torch.save({**trainer, "rng": rng_state()}, tmp / TRAINER_FILE)
+    final = root / name
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    pointer = root / f".{LATEST}.tmp"
+    pointer.write_text(name + "\n")
+    os.replace(pointer, root / LATEST)
+    older = sorted(p for p in root.glob("step-*") if p.name != name)
+    for old in older[:max(0, len(older) - (keep - 1))]:
+        shutil.rmtree(old, ignore_errors=True)
+    log.info("checkpoint %s written", final)
+    return final
+
+
+def latest_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
+    pointer = Path(ckpt_dir) / LATEST
+    if not pointer.is_file():
+        return None
+    path = Path(ckpt_dir) / pointer.read_text().strip()
+    if not (path / TRAINER_FILE).is_file():
+        raise FileNotFoundError(f"{pointer} names {path}, which is not a complete checkpoint")
+    return path
+
+
+def load_state(path: str | os.PathLike, model) -> dict[str, Any]:
+    """Restore ``model`` weights and the global RNG from checkpoint ``path``; return the trainer dict."""
+    load_checkpoint(model, path)
+    trainer = torch.load(Path(path) / TRAINER_FILE, weights_only=True)
+    set_rng_state(trainer.pop("rng"))
+    return trainer

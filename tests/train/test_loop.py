@@ -1,0 +1,96 @@
+"""The shared training loop: kill-and-resume equality, atomic checkpoints, the NaN guard, metrics."""
+
+import json
+
+import pytest
+import torch
+
+from kimivl import KimiVL
+from kimivl.data.mixture import Mixture
+from kimivl.train.loop import LoopConfig, TrainingError, train_loop
+from kimivl.train.optim import build_optimizer
+from kimivl.train.schedule import WarmupCosine, scheduler_at
+from kimivl.train.state import latest_checkpoint
+
+CHATS = [[{"role": "user", "content": f"What is {a} plus {b}?"}, {"role": "assistant", "content": str(a + b)}]
+         for a in range(5) for b in range(5)]
+TEXTS = ["The quick brown fox jumps over the lazy dog.", "Count the circles: there are 3 circles."]
+
+
+def joint_loss(model, batch):
+    out = model(**batch.kwargs())
+    return out.loss, {"efficiency": batch.efficiency}, batch.n_tokens
+
+
+def setup(small_model, small_processor, seed=0):
+    torch.manual_seed(seed)
+    model = KimiVL(small_model.config)
+    def encode(kind, item):
+        return small_processor.encode_text(item) if kind == "text" else small_processor.encode_for_training(item)
+    data = Mixture({"chat": CHATS, "text": TEXTS}, encode, budget=96, start={"chat": 1, "text": 1}, seed=1)
+    opt = build_optimizer(model, lr=3e-3)
+    return model, data, opt, scheduler_at(opt, WarmupCosine(2, 8))
+
+
+def losses(run_dir):
+    return [r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
+
+
+def test_kill_and_resume_gives_identical_losses(small_model, small_processor, tmp_path):
+    cfg = LoopConfig(steps=6, ckpt_every=3, log_every=1)
+    model, data, opt, sched = setup(small_model, small_processor)
+    train_loop(model, joint_loss, data, opt, sched, cfg, tmp_path / "a", "s", progress=False)
+
+    calls = {"n": 0}
+    def dies_at_step_5(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt  # killed mid-run, after the step-3 checkpoint
+        return joint_loss(model, batch)
+
+    model, data, opt, sched = setup(small_model, small_processor)
+    with pytest.raises(KeyboardInterrupt):
+        train_loop(model, dies_at_step_5, data, opt, sched, cfg, tmp_path / "b", "s", progress=False)
+    assert latest_checkpoint(tmp_path / "b" / "s" / "checkpoints").name == "step-0000003"
+    model, data, opt, sched = setup(small_model, small_processor, seed=123)  # different init: all comes from disk
+    train_loop(model, joint_loss, data, opt, sched, cfg, tmp_path / "b", "s", progress=False)
+    assert losses(tmp_path / "b") == losses(tmp_path / "a")
+    assert len(losses(tmp_path / "a")) == 6 and losses(tmp_path / "a")[-1] < losses(tmp_path / "a")[0]
+
+
+def test_nan_loss_stops_with_a_usable_checkpoint(small_model, small_processor, tmp_path):
+    model, data, opt, sched = setup(small_model, small_processor)
+    calls = {"n": 0}
+    def nan_at_step_3(model, batch):
+        calls["n"] += 1
+        loss, values, n = joint_loss(model, batch)
+        return (loss * float("nan") if calls["n"] == 3 else loss), values, n
+
+    with pytest.raises(TrainingError, match="loss is nan at step 2; the last good state is saved"):
+        train_loop(model, nan_at_step_3, data, opt, sched, LoopConfig(steps=5, ckpt_every=10), tmp_path, "s",
+                   progress=False)
+    saved = latest_checkpoint(tmp_path / "s" / "checkpoints")
+    assert saved.name == "step-0000002"
+    reloaded = KimiVL.from_pretrained(saved, dtype=torch.float32)
+    assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), model.state_dict().values()))
+
+
+def test_crash_while_writing_keeps_previous_checkpoint(small_model, small_processor, tmp_path, monkeypatch):
+    model, data, opt, sched = setup(small_model, small_processor)
+    train_loop(model, joint_loss, data, opt, sched, LoopConfig(steps=2, ckpt_every=2), tmp_path, "s",
+               progress=False)
+    import kimivl.checkpoint as ck
+
+    def torn_write(tensors, file, metadata=None):
+        open(file, "wb").write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ck, "save_file", torn_write)
+    model, data, opt, sched = setup(small_model, small_processor)
+    with pytest.raises(OSError, match="disk full"):
+        train_loop(model, joint_loss, data, opt, sched, LoopConfig(steps=4, ckpt_every=2), tmp_path, "s",
+                   progress=False)
+    monkeypatch.undo()
+    saved = latest_checkpoint(tmp_path / "s" / "checkpoints")
+    assert saved.name == "step-0000002"
+    KimiVL.from_pretrained(saved)
