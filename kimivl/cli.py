@@ -81,6 +81,22 @@ def cmd_chat(args: argparse.Namespace) -> int:
         history.append({"role": "assistant", "content": answer})
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    import logging
+
+    from kimivl.train.pipeline import run_recipe
+    from kimivl.train.recipe import load_recipe
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    recipe = load_recipe(args.recipe, {"out": args.out} if args.out else None)
+    started = any(recipe.out.glob("*/checkpoints")) or any(recipe.out.glob("*/final"))
+    if started and not args.resume:
+        raise ValueError(f"{recipe.out} already holds a run of this recipe; pass --resume to continue it "
+                         "(finished stages are kept) or choose another --out")
+    run_recipe(recipe)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kimivl", description="Kimi-VL in plain PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -102,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--dtype", choices=["bfloat16", "float32"], help="default: the checkpoint's")
     chat.add_argument("--device", default="cpu")
     chat.set_defaults(func=cmd_chat)
+
+    train = sub.add_parser("train", help="run a training recipe (YAML): every stage in order, resumable")
+    train.add_argument("recipe", help="recipe file, e.g. recipes/tiny.yaml")
+    train.add_argument("--resume", action="store_true", help="continue a run: skip finished stages, resume the rest")
+    train.add_argument("--out", help="run directory (default: the recipe's 'out')")
+    train.set_defaults(func=cmd_train)
     return parser
 
 

@@ -3,7 +3,8 @@
 Messages are dicts ``{"role": "system"|"user"|"assistant", "content": str | list[part]}``. A part is
 ``{"type": "text", "text": str}``, ``{"type": "image", "image": <path | bytes | PIL image | array>}`` (``"image_url"``
 or ``"url"`` are accepted in place of ``"image"``), or ``{"type": "video", "video": <path | bytes | file>,
-"fps": 1.0, "max_frames": 64}`` which is decoded and written as timestamped frames (see ``kimivl.processing.video``).
+"fps": 1.0, "max_frames": 64}`` which is decoded and written as timestamped frames (see ``kimivl.processing.video``),
+or ``{"type": "video", "frames": [images], "timestamps": [seconds]}`` for frames sampled beforehand.
 """
 
 from __future__ import annotations
@@ -37,8 +38,11 @@ def _image_payload(part: dict, where: str) -> Any:
 def _video_parts(part: dict, where: str) -> list[dict]:
     from kimivl.processing.video import DEFAULT_FPS, DEFAULT_MAX_FRAMES, frames_to_parts, load_video
 
+    if part.get("frames") is not None:  # pre-sampled frames (the data format's alternative to a file)
+        frames = part["frames"]
+        return frames_to_parts(frames, part.get("timestamps") or [float(i) for i in range(len(frames))])
     if part.get("video") is None:
-        raise ValueError(f"{where}: video part has no 'video' value")
+        raise ValueError(f"{where}: video part has no 'video' (a file) or 'frames' (a list of images)")
     frames, times = load_video(part["video"], fps=part.get("fps", DEFAULT_FPS),
                                max_frames=part.get("max_frames", DEFAULT_MAX_FRAMES))
     return frames_to_parts(frames, times)

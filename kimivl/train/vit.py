@@ -62,7 +62,7 @@ class ViTPretrainer(nn.Module):
         pooled_txt = (enc * batch.text_mask[..., None]).sum(1) / batch.text_mask.sum(1, keepdim=True)
         l_siglip = siglip_loss(self.image_proj(pooled_img), self.text_proj(pooled_txt), self.log_temp,
                                self.logit_bias)
-        causal = nn.Transformer.generate_square_subsequent_mask(length, device=text_BLC.device)
+        causal = torch.ones(length, length, dtype=torch.bool, device=text_BLC.device).triu(1)  # True = hidden
         dec = self.caption_decoder(text_BLC, patches_BNC, tgt_mask=causal, tgt_is_causal=True,
                                    tgt_key_padding_mask=~batch.text_mask, memory_key_padding_mask=~patch_mask)
         logits = self.lm_head(self.out_norm(dec))

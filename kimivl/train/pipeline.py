@@ -1,0 +1,211 @@
+"""Run a recipe: prepare data, tokenizer and base model, then each stage in order, each starting from the one
+before. A stage's result is an official-format checkpoint (``out/<stage>/final``) that any later stage, or any other
+recipe, can start from; a re-run skips finished stages and resumes an interrupted one."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import statistics
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from kimivl.config import KimiVLConfig
+from kimivl.data.formats import iter_records, iter_texts
+from kimivl.data.mixture import Mixture
+from kimivl.model.kimivl import KimiVL
+from kimivl.processing.processor import KimiVLProcessor
+from kimivl.processing.tokenizer import KimiTokenizer, train_bpe
+from kimivl.train.loop import LoopConfig, train_loop
+from kimivl.train.metrics import plot_curves
+from kimivl.train.optim import build_optimizer
+from kimivl.train.recipe import PARTS, Recipe, Stage
+from kimivl.train.schedule import WSD, WarmupCosine, scheduler_at
+from kimivl.train.vit import ViTPretrainer, caption_batch, vit_loss
+
+log = logging.getLogger(__name__)
+FINAL = "final"
+
+
+def _is_text_source(path: Path) -> bool:
+    with open(path, encoding="utf-8") as f:
+        first = f.readline()
+    return '"messages"' not in first
+
+
+class Sources:
+    """The recipe's data sources, loaded once: conversation records or plain texts, by name."""
+
+    def __init__(self, recipe: Recipe):
+        self.items: dict[str, list] = {}
+        self.is_text: dict[str, bool] = {}
+        for name in recipe.sources:
+            path = recipe.source_path(name)
+            if not path.is_file():
+                raise FileNotFoundError(f"data source {name!r}: {path} does not exist")
+            self.is_text[name] = _is_text_source(path)
+            self.items[name] = list(iter_texts(path) if self.is_text[name] else iter_records(path))
+
+    def encoder(self, processor: KimiVLProcessor):
+        def encode(name: str, item):
+            if self.is_text[name]:
+                return processor.encode_text(item)
+            return processor.encode_for_training(item["messages"])
+        return encode
+
+
+def _tokenizer(recipe: Recipe, sources: Sources, base_dir: Path | None) -> KimiTokenizer:
+    spec = recipe.tokenizer
+    if "path" in spec:
+        return KimiTokenizer.from_pretrained(spec["path"])
+    if "train_vocab" in spec:
+        out = recipe.out / "tokenizer"
+        if (out / "tiktoken.model").is_file():
+            return KimiTokenizer.from_pretrained(out)
+        texts = [t for n, items in sources.items.items() if sources.is_text[n] for t in items]
+        texts += [_record_text(r) for n, items in sources.items.items() if not sources.is_text[n] for r in items]
+        log.info("training a %d-rank BPE on %d texts", spec["train_vocab"], len(texts))
+        tok = train_bpe(texts, vocab_size=spec["train_vocab"])
+        tok.save_pretrained(out)
+        return tok
+    if base_dir is None:
+        raise ValueError("a preset base needs tokenizer: {path: DIR} or {train_vocab: N}")
+    return KimiTokenizer.from_pretrained(base_dir)
+
+
+def _record_text(record: dict) -> str:
+    return " ".join(p if isinstance(p, str) else p.get("text", "") for m in record["messages"]
+                    for p in ([m["content"]] if isinstance(m["content"], str) else m["content"]))
+
+
+def _base_model(recipe: Recipe, tokenizer: KimiTokenizer) -> KimiVL:
+    if "checkpoint" in recipe.base:
+        return KimiVL.from_pretrained(recipe.base["checkpoint"], dtype=torch.float32)
+    config = KimiVLConfig.from_preset(recipe.base["preset"])
+    n = tokenizer.n_ranks
+    text = dataclasses.replace(config.text_config, vocab_size=n + 256, bos_token_id=tokenizer.bos_id,
+                               eos_token_id=[tokenizer.eos_id, tokenizer.im_end_id], pad_token_id=tokenizer.pad_id)
+    config = dataclasses.replace(config, text_config=text, media_placeholder_token_id=tokenizer.media_pad_id,
+                                 pad_token_id=tokenizer.pad_id)
+    torch.manual_seed(recipe.seed)
+    return KimiVL(config)
+
+
+def global_schedule(recipe: Recipe) -> tuple[WSD, dict[str, int]]:
+    """The recipe-wide warm-up/stable/decay curve over 'continue' stages, and each such stage's start step."""
+    offsets, step, decay_start, decay_steps = {}, 0, None, 0
+    for s in recipe.stages:
+        if s.schedule != "continue":
+            continue
+        offsets[s.name] = step
+        if s.name in recipe.schedule.get("decay_stages", []):
+            decay_start = step if decay_start is None else decay_start
+            decay_steps += s.steps
+        step += s.steps
+    warmup = int(recipe.schedule.get("warmup", 0))
+    decay_start = step if decay_start is None else decay_start
+    return WSD(warmup, max(0, decay_start - warmup), decay_steps,
+               min_ratio=float(recipe.schedule.get("min_ratio", 0.1))), offsets
+
+
+class CaptionStream:
+    """ViT-stage batches: ``images_per_batch`` (image, caption) pairs, sample i a pure function of (seed, i)."""
+
+    def __init__(self, records: list[dict], processor: KimiVLProcessor, per_batch: int, seed: int, max_len: int = 64):
+        self.records, self.processor, self.per_batch, self.seed, self.max_len = records, processor, per_batch, seed, max_len
+
+    def pair(self, i: int):
+        rec = self.records[random.Random(self.seed * 1_000_003 + i).randrange(len(self.records))]
+        user, answer = rec["messages"][0]["content"], rec["messages"][-1]["content"]
+        image = next(p["image"] for p in user if isinstance(p, dict) and p.get("type") == "image")
+        question = " ".join(p["text"] for p in user if isinstance(p, dict) and p.get("type") == "text")
+        return self.processor.image_processor(image), self.processor.tokenizer.encode(f"{question} {answer}")
+
+    def batches(self, position: int) -> Iterator:
+        tok = self.processor.tokenizer
+        while True:
+            pairs = [self.pair(i) for i in range(position, position + self.per_batch)]
+            position += self.per_batch
+            yield caption_batch([p[0] for p in pairs], [p[1] for p in pairs], tok.bos_id, tok.eos_id, tok.pad_id,
+                                self.max_len), position
+
+
+def _freeze(model: KimiVL, stage: Stage) -> None:
+    for part in PARTS:
+        getattr(model, part).requires_grad_(part in stage.train)
+
+
+def _loop_config(stage: Stage) -> LoopConfig:
+    return LoopConfig(steps=stage.steps, ckpt_every=stage.ckpt_every, log_every=stage.log_every, clip=stage.clip,
+                      bias_update_rate=stage.bias_update_rate)
+
+
+def joint_loss(model: KimiVL, batch) -> tuple[torch.Tensor, dict[str, float], int]:
+    out = model(**batch.kwargs())
+    return out.loss, {"packing_efficiency": batch.efficiency}, batch.n_tokens
+
+
+def run_stage(recipe: Recipe, stage: Stage, model: KimiVL, processor: KimiVLProcessor, sources: Sources,
+              progress: bool = True) -> dict[str, float]:
+    """Train ``model`` through one stage (resuming it if interrupted)."""
+    schedule, offsets = global_schedule(recipe)
+    if stage.rope_theta is not None:
+        model.config.text_config.rope_theta = float(stage.rope_theta)
+    if stage.kind == "vit":
+        records = [r for name in stage.sources for r in sources.items[name]]
+        trainee = ViTPretrainer(model.vision_tower, model.config.text_config.vocab_size)
+        data, loss_fn = CaptionStream(records, processor, stage.images_per_batch, recipe.seed), vit_loss
+    else:
+        _freeze(model, stage)
+        encode = sources.encoder(processor)
+        probe = Mixture(sources.items, encode, stage.budget, stage.mix, stage.mix_end, seed=recipe.seed)
+        mean_len = statistics.mean(len(probe.sample(i).input_ids) for i in range(32))
+        horizon = int(stage.steps * stage.budget / mean_len)
+        data = Mixture({k: sources.items[k] for k in set(stage.mix) | set(stage.mix_end or {})}, encode,
+                       stage.budget, stage.mix, stage.mix_end, horizon=horizon, seed=recipe.seed)
+        trainee, loss_fn = model, joint_loss
+    optimizer = build_optimizer(trainee, lr=stage.lr, weight_decay=stage.weight_decay)
+    if stage.schedule == "continue":
+        offset = offsets[stage.name]
+        scheduler = scheduler_at(optimizer, lambda step: schedule(offset + step))
+    else:
+        scheduler = scheduler_at(optimizer, WarmupCosine(stage.warmup, stage.steps, min_ratio=0.1))
+    result = train_loop(trainee, loss_fn, data, optimizer, scheduler, _loop_config(stage), recipe.out, stage.name,
+                        progress=progress)
+    model.requires_grad_(True)
+    return result
+
+
+def run_recipe(recipe: Recipe, progress: bool = True) -> KimiVL:
+    """Run every stage not yet finished; export the final model when the recipe asks for it."""
+    recipe.out.mkdir(parents=True, exist_ok=True)
+    if recipe.world is not None:
+        from kimivl.data.world import ensure_world
+
+        ensure_world(recipe.out / "world", **recipe.world)
+    sources = Sources(recipe)
+    base_dir = Path(recipe.base["checkpoint"]) if "checkpoint" in recipe.base else None
+    processor = KimiVLProcessor(_tokenizer(recipe, sources, base_dir))
+    model = _base_model(recipe, processor.tokenizer)
+    for stage in recipe.stages:
+        final = recipe.out / stage.name / FINAL
+        if (final / "config.json").is_file():
+            log.info("stage %s already finished; loading %s", stage.name, final)
+            model = KimiVL.from_pretrained(final, dtype=torch.float32)
+            continue
+        log.info("stage %s: %d steps", stage.name, stage.steps)
+        run_stage(recipe, stage, model, processor, sources, progress)
+        model.save_pretrained(final)
+        processor.save_pretrained(final)
+    metrics = recipe.out / "metrics.jsonl"
+    if metrics.is_file():
+        plot_curves(metrics, recipe.out / "curves.png")
+    if recipe.export:
+        dtype = getattr(torch, recipe.export.get("dtype", "bfloat16"))
+        model.save_pretrained(recipe.export["path"], dtype=dtype)
+        processor.save_pretrained(recipe.export["path"])
+        log.info("exported %s", recipe.export["path"])
+    return model.eval()

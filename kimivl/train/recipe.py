@@ -1,0 +1,130 @@
+"""Training recipes: a YAML file naming the base model, the data, and the stages to run in order.
+
+```yaml
+name: kimivl-tiny
+seed: 0
+out: runs/tiny                        # stage checkpoints, metrics.jsonl, curves.png
+base: {preset: tiny}                  # or {checkpoint: path/to/official/checkpoint}
+tokenizer: {train_vocab: 3840}        # or {path: dir}; default: the base checkpoint's own
+world: {seed: 0, train: 4000, heldout: 300}   # optional: build the synthetic world under out/world
+sources: {caption: world/train/caption.jsonl, text: world/text.jsonl}   # name -> JSONL (relative to out/)
+schedule: {warmup: 50, decay_stages: [cooldown]}   # one warm-up/stable/decay LR curve over 'continue' stages
+export: {path: models/kimivl-tiny, dtype: bfloat16}
+stages:
+  - {name: vit, kind: vit, steps: 300, lr: 2.0e-3, sources: [caption, ocr], images_per_batch: 32}
+  - {name: pretrain, kind: joint, steps: 800, lr: 3.0e-3, mix: {text: 3, caption: 1}, mix_end: {text: 1, caption: 3}}
+  - {name: sft, kind: joint, steps: 300, lr: 1.0e-3, schedule: cosine, mix: {caption: 1}}
+```
+Joint stages train parts named in ``train`` (``vision_tower``, ``multi_modal_projector``, ``language_model``;
+default all). ``schedule: continue`` (the default) takes the LR multiplier of the recipe-wide schedule at the global
+step where the stage starts, so stages resume the curve of the one before; ``cosine`` gives the stage its own
+warm-up + cosine. ``budget`` is the packed tokens per step; ``rope_theta`` changes the LM's RoPE base from that
+stage on (long-context activation).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+PARTS = ("vision_tower", "multi_modal_projector", "language_model")
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run."""
+
+
+@dataclass
+class Stage:
+    name: str
+    kind: str  # "vit" or "joint"
+    steps: int
+    lr: float
+    schedule: str = "continue"  # or "cosine"
+    warmup: int = 0  # for schedule "cosine"
+    train: list[str] = field(default_factory=lambda: list(PARTS))
+    mix: dict[str, float] = field(default_factory=dict)
+    mix_end: dict[str, float] | None = None
+    sources: list[str] = field(default_factory=list)  # vit: caption sources
+    images_per_batch: int = 32
+    budget: int = 1024
+    rope_theta: float | None = None
+    weight_decay: float = 0.1
+    clip: float = 1.0
+    bias_update_rate: float = 1e-3
+    ckpt_every: int = 100
+    log_every: int = 10
+
+    def __post_init__(self):
+        where = f"stage {self.name!r}"
+        if self.kind not in ("vit", "joint"):
+            raise RecipeError(f"{where}: kind must be 'vit' or 'joint', got {self.kind!r}")
+        if self.steps < 1 or self.lr <= 0 or self.budget < 16:
+            raise RecipeError(f"{where}: steps >= 1, lr > 0 and budget >= 16 are required")
+        if self.schedule not in ("continue", "cosine"):
+            raise RecipeError(f"{where}: schedule must be 'continue' or 'cosine', got {self.schedule!r}")
+        bad = set(self.train) - set(PARTS)
+        if bad or not self.train:
+            raise RecipeError(f"{where}: train names unknown parts {sorted(bad)}; choose from {PARTS}")
+        if self.kind == "joint" and not self.mix:
+            raise RecipeError(f"{where}: a joint stage needs a 'mix' of sources")
+        if self.kind == "vit" and not self.sources:
+            raise RecipeError(f"{where}: a vit stage needs caption 'sources'")
+
+
+@dataclass
+class Recipe:
+    name: str
+    out: Path
+    stages: list[Stage]
+    seed: int = 0
+    base: dict[str, Any] = field(default_factory=lambda: {"preset": "tiny"})
+    tokenizer: dict[str, Any] = field(default_factory=dict)
+    world: dict[str, Any] | None = None
+    sources: dict[str, str] = field(default_factory=dict)
+    schedule: dict[str, Any] = field(default_factory=lambda: {"warmup": 0, "decay_stages": []})
+    export: dict[str, Any] | None = None
+
+    def __post_init__(self):
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise RecipeError(f"stage names must be unique, got {names}")
+        for s in self.stages:
+            used = set(s.mix) | set(s.mix_end or {}) | set(s.sources)
+            missing = used - set(self.sources)
+            if missing:
+                raise RecipeError(f"stage {s.name!r} uses sources {sorted(missing)} that 'sources' does not define")
+        unknown = set(self.schedule.get("decay_stages", [])) - set(names)
+        if unknown:
+            raise RecipeError(f"schedule.decay_stages names unknown stages {sorted(unknown)}")
+        if len(self.base) != 1 or next(iter(self.base)) not in ("preset", "checkpoint"):
+            raise RecipeError(f"base must be {{preset: NAME}} or {{checkpoint: PATH}}, got {self.base}")
+
+    def source_path(self, name: str) -> Path:
+        return self.out / self.sources[name]
+
+
+def load_recipe(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> Recipe:
+    """Read a recipe file; relative ``out`` and export paths are taken from the current directory."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as e:
+        raise RecipeError(f"cannot read recipe {path}: {e}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"recipe {path} must be a mapping")
+    raw.update(overrides or {})
+    known = {f.name for f in fields(Recipe)}
+    unknown = set(raw) - known
+    if unknown:
+        raise RecipeError(f"recipe {path}: unknown keys {sorted(unknown)}")
+    try:
+        stages = [Stage(**s) for s in raw.pop("stages", [])]
+        if not stages:
+            raise RecipeError(f"recipe {path} has no stages")
+        return Recipe(stages=stages, out=Path(raw.pop("out", f"runs/{raw.get('name', 'run')}")), **raw)
+    except TypeError as e:
+        raise RecipeError(f"recipe {path}: {e}") from None
