@@ -1,0 +1,1 @@
+"""Training building blocks: optimizers, LR schedules, losses, expert-load balancing."""

@@ -1,0 +1,204 @@
+import copy
+import math
+
+import pytest
+import torch
+
+from kimivl import KimiVL, KimiVLConfig
+from kimivl.train.optim import (
+    GROUPS,
+    MuonAdamW,
+    build_optimizer,
+    newton_schulz,
+    partition_params,
+)
+
+
+def reference_ns(u: torch.Tensor) -> torch.Tensor:
+    """The quintic iteration written out for one matrix."""
+    x = u.T if u.shape[0] > u.shape[1] else u
+    x = x / max(float(torch.linalg.matrix_norm(x)), 1e-7)
+    for _ in range(5):
+        a = x @ x.T
+        x = 3.4445 * x + (-4.7750 * a + 2.0315 * a @ a) @ x
+    return x.T if u.shape[0] > u.shape[1] else x
+
+
+def test_two_muon_steps_match_the_formula():
+    torch.manual_seed(0)
+    w0 = torch.randn(6, 10)
+    g1, g2 = torch.randn(6, 10), torch.randn(6, 10)
+    lr, wd, mu = 0.05, 0.1, 0.95
+    p = torch.nn.Parameter(w0.clone())
+    opt = MuonAdamW([p], lr=lr, weight_decay=wd, momentum=mu)
+    expected = w0.clone()
+    buf = torch.zeros_like(w0)
+    for g in (g1, g2):
+        p.grad = g.clone()
+        opt.step()
+        buf = mu * buf + g
+        expected = expected * (1 - lr * wd) - lr * 0.2 * math.sqrt(10) * reference_ns(g + mu * buf)
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(opt.state[p]["momentum_buffer"], 0.95 * g1 + g2)
+
+
+def test_without_nesterov_the_buffer_is_orthogonalised():
+    torch.manual_seed(1)
+    p = torch.nn.Parameter(torch.zeros(8, 4))
+    g = torch.randn(8, 4)
+    p.grad = g
+    MuonAdamW([p], lr=1.0, weight_decay=0.0, nesterov=False).step()
+    torch.testing.assert_close(p.detach(), -0.2 * math.sqrt(8) * reference_ns(g), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(32, 96), (96, 32), (4, 64, 24)])
+def test_newton_schulz_singular_values_near_one(shape):
+    torch.manual_seed(0)
+    s = torch.linalg.svdvals(newton_schulz(torch.randn(shape)))
+    assert s.min() > 0.65 and s.max() < 1.2, (s.min(), s.max())
+
+
+def test_stacked_experts_equal_per_matrix_steps():
+    torch.manual_seed(0)
+    w = torch.randn(3, 8, 5)
+    grads = [torch.randn(3, 8, 5) for _ in range(2)]
+    stacked = torch.nn.Parameter(w.clone())
+    single = [torch.nn.Parameter(w[e].clone()) for e in range(3)]
+    opt_stacked = MuonAdamW([stacked], lr=0.02)
+    opt_single = MuonAdamW(single, lr=0.02)
+    for g in grads:
+        stacked.grad = g.clone()
+        for e, p in enumerate(single):
+            p.grad = g[e].clone()
+        opt_stacked.step()
+        opt_single.step()
+    torch.testing.assert_close(stacked.detach(), torch.stack([p.detach() for p in single]))
+
+
+def test_chunks_orthogonalise_row_blocks_apart():
+    torch.manual_seed(0)
+    w, g = torch.randn(2, 12, 7), torch.randn(2, 12, 7)
+    fused = torch.nn.Parameter(w.clone())
+    gate, up = torch.nn.Parameter(w[:, :6].clone()), torch.nn.Parameter(w[:, 6:].clone())
+    fused.grad, gate.grad, up.grad = g.clone(), g[:, :6].clone(), g[:, 6:].clone()
+    MuonAdamW([{"params": [fused], "chunks": 2}], lr=0.02).step()
+    MuonAdamW([gate, up], lr=0.02).step()
+    torch.testing.assert_close(fused.detach(), torch.cat([gate.detach(), up.detach()], dim=1))
+
+
+def test_adamw_groups_match_torch_adamw():
+    torch.manual_seed(0)
+    w = torch.randn(5, 3)
+    ours, ref = torch.nn.Parameter(w.clone()), torch.nn.Parameter(w.clone())
+    opt = MuonAdamW([{"params": [ours], "algorithm": "adamw"}], lr=0.01, weight_decay=0.1, betas=(0.9, 0.95))
+    ref_opt = torch.optim.AdamW([ref], lr=0.01, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
+    for _ in range(3):
+        g = torch.randn(5, 3)
+        ours.grad, ref.grad = g.clone(), g.clone()
+        opt.step()
+        ref_opt.step()
+    torch.testing.assert_close(ours.detach(), ref.detach())
+
+
+def test_muon_rejects_vectors():
+    with pytest.raises(ValueError, match="adamw"):
+        MuonAdamW([torch.nn.Parameter(torch.zeros(4))])
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return KimiVL(KimiVLConfig.from_preset("tiny"))
+
+
+def expected_group(name: str, p: torch.Tensor) -> str:
+    if name.endswith("experts.gate_up_proj"):
+        return "muon_gate_up"
+    if name.endswith("experts.down_proj"):
+        return "muon"
+    if name.endswith("pos_emb.weight") or p.ndim == 1:
+        return "adamw_no_decay"
+    if any(key in name for key in ("embed_tokens", "lm_head", "patch_embed.proj", "mlp.gate.weight")):
+        return "adamw"
+    return "muon"
+
+
+def test_partition_covers_every_trainable_param_once(model):
+    groups = partition_params(model)
+    assert set(groups) == set(GROUPS)
+    placed = {name: g for g, named in groups.items() for name, _ in named}
+    assert sum(len(named) for named in groups.values()) == len(placed)
+    params = dict(model.named_parameters())
+    assert placed.keys() == params.keys()
+    for name, group in placed.items():
+        assert group == expected_group(name, params[name]), name
+    spot = {"language_model.model.layers.1.mlp.gate.weight": "adamw",
+            "language_model.model.layers.1.self_attn.kv_b_proj.weight": "muon",
+            "vision_tower.encoder.blocks.0.wqkv.weight": "muon",
+            "vision_tower.encoder.blocks.0.wqkv.bias": "adamw_no_decay",
+            "multi_modal_projector.linear_1.weight": "muon",
+            "vision_tower.patch_embed.proj.weight": "adamw"}
+    assert {n: placed[n] for n in spot} == spot
+    buffers = {name for name, _ in model.named_buffers()}
+    assert buffers and not buffers & placed.keys()
+
+
+def test_frozen_params_are_left_out():
+    torch.manual_seed(0)
+    m = KimiVL(KimiVLConfig.from_preset("tiny"))
+    m.vision_tower.requires_grad_(False)
+    placed = {name for named in partition_params(m).values() for name, _ in named}
+    assert placed == {n for n, p in m.named_parameters() if p.requires_grad}
+    assert not any(n.startswith("vision_tower") for n in placed)
+    opt = build_optimizer(m, lr=1e-3)
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert in_opt == {id(p) for p in m.parameters() if p.requires_grad}
+
+
+def test_build_optimizer_groups(model):
+    opt = build_optimizer(model, lr=1e-3, weight_decay=0.1)
+    by_name = {g["name"]: g for g in opt.param_groups}
+    assert by_name["muon_gate_up"]["chunks"] == 2 and by_name["muon_gate_up"]["algorithm"] == "muon"
+    assert by_name["adamw"]["weight_decay"] == 0.1 and by_name["adamw_no_decay"]["weight_decay"] == 0.0
+    assert by_name["muon"]["momentum"] == 0.95 and by_name["muon"]["ns_steps"] == 5
+
+
+def fake_grads(m: torch.nn.Module, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for p in m.parameters():
+        p.grad = torch.randn(p.shape, generator=gen) * 1e-2
+
+
+def test_state_dict_resume_gives_the_identical_next_step(model):
+    m = copy.deepcopy(model)
+    opt = build_optimizer(m, lr=1e-2)
+    for seed in range(2):
+        fake_grads(m, seed)
+        opt.step()
+    saved_model = {k: v.detach().clone() for k, v in m.state_dict().items()}
+    saved_opt = copy.deepcopy(opt.state_dict())
+
+    resumed = copy.deepcopy(model)
+    resumed.load_state_dict(saved_model)
+    resumed_opt = build_optimizer(resumed, lr=1e-2)
+    resumed_opt.load_state_dict(saved_opt)
+    for mm, oo in ((m, opt), (resumed, resumed_opt)):
+        fake_grads(mm, 7)
+        oo.step()
+    for (name, a), b in zip(m.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_one_step_on_the_tiny_model_moves_every_trainable_param(model):
+    m = copy.deepcopy(model)
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    opt = build_optimizer(m, lr=1e-3)
+    ids = torch.randint(0, 100, (1, 16))
+    out = m(ids, labels=ids)
+    out.loss.backward()
+    torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+    opt.step()
+    unused = {"vision_tower", "multi_modal_projector"}  # text-only batch: no gradient reaches the vision side
+    for n, p in m.named_parameters():
+        if n.split(".")[0] not in unused and p.grad is not None:
+            assert not torch.equal(p.detach(), before[n]), n
