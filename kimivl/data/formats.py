@@ -1,0 +1,179 @@
+"""On-disk data formats: JSONL conversations and JSONL text documents.
+
+Conversations: one JSON object per line (blank lines are skipped)::
+
+    {"id": "train/caption/000007",                                  # optional, str or int
+     "messages": [{"role": "user", "content": [
+                      {"type": "image", "image": "images/caption/000007.png"},
+                      {"type": "text", "text": "How many red circles are there?"}]},
+                  {"role": "assistant", "content": "2"}],
+     "meta": {"task": "caption", "difficulty": "easy", "gold": 2}}   # optional, a JSON object
+
+``role`` is ``system``, ``user`` or ``assistant``; ``content`` is a string or a non-empty list of parts:
+``{"type": "text", "text": str}``, ``{"type": "image", "image": path}``, ``{"type": "video", "video": path}``
+(an encoded file, e.g. mp4) or ``{"type": "video", "frames": [path, ...], "timestamps": [seconds, ...]}``
+(pre-sampled frames; timestamps optional, same length, non-decreasing). Media paths are relative to the
+directory of the JSONL file (or absolute) and must exist. ``iter_records`` yields records with media paths
+made absolute; ``write_records`` writes paths inside the file's directory back as relative ones.
+
+Text (for language pre-training and tokenizer training): one JSON object per line with a string ``"text"``
+key holding a whole document (newlines escaped by JSON); other keys are free-form. Read with ``iter_texts``.
+
+Every malformed line raises ``DataError`` naming the file and 1-based line number. Both readers stream.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+ROLES = ("system", "user", "assistant")
+
+
+class DataError(ValueError):
+    """A malformed data record; the message starts with ``file:line:``."""
+
+
+def _lines(path: Path) -> Iterator[tuple[int, Any]]:
+    """Yield (line number, parsed JSON object) for each non-blank line of ``path``."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{where}: a record must be a JSON object, got {type(obj).__name__}")
+            yield lineno, obj
+
+
+def _media(value: Any, root: Path, where: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise DataError(f"{where}: a media path must be a non-empty string, got {value!r}")
+    path = root / value
+    if not path.is_file():
+        raise DataError(f"{where}: media file {value!r} not found (looked for {path})")
+    return str(path)
+
+
+def _part(part: Any, root: Path, where: str) -> dict:
+    if not isinstance(part, dict):
+        raise DataError(f"{where}: a content part must be an object, got {type(part).__name__}")
+    kind = part.get("type")
+    if kind == "text":
+        if not isinstance(part.get("text"), str):
+            raise DataError(f"{where}: a text part needs a string 'text'")
+        return part
+    if kind == "image":
+        return {**part, "image": _media(part.get("image"), root, where)}
+    if kind == "video":
+        if ("video" in part) == ("frames" in part):
+            raise DataError(f"{where}: a video part needs exactly one of 'video' (a file) or 'frames' (a list)")
+        if "video" in part:
+            return {**part, "video": _media(part["video"], root, where)}
+        frames = part["frames"]
+        if not isinstance(frames, list) or not frames:
+            raise DataError(f"{where}: 'frames' must be a non-empty list of image paths")
+        out = {**part, "frames": [_media(f, root, f"{where}, frame {k}") for k, f in enumerate(frames)]}
+        times = part.get("timestamps")
+        if times is not None:
+            ok = isinstance(times, list) and len(times) == len(frames) and all(
+                isinstance(t, (int, float)) and not isinstance(t, bool) for t in times)
+            if not ok or any(b < a for a, b in zip(times, times[1:])):
+                raise DataError(f"{where}: 'timestamps' must be {len(frames)} non-decreasing numbers (one per frame)")
+        return out
+    raise DataError(f"{where}: unknown part type {kind!r} (expected 'text', 'image' or 'video')")
+
+
+def _message(msg: Any, root: Path, where: str) -> dict:
+    if not isinstance(msg, dict):
+        raise DataError(f"{where}: a message must be an object with 'role' and 'content'")
+    if msg.get("role") not in ROLES:
+        raise DataError(f"{where}: bad role {msg.get('role')!r} (expected one of {', '.join(ROLES)})")
+    content = msg.get("content")
+    if isinstance(content, str):
+        return msg
+    if not isinstance(content, list) or not content:
+        raise DataError(f"{where}: 'content' must be a string or a non-empty list of parts")
+    return {**msg, "content": [_part(p, root, f"{where}, part {j}") for j, p in enumerate(content)]}
+
+
+def parse_record(obj: Any, root: str | os.PathLike, where: str = "record") -> dict:
+    """Validate one conversation record; return a copy with media paths resolved against ``root``."""
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: a record must be a JSON object, got {type(obj).__name__}")
+    messages = obj.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: missing 'messages' (a non-empty list)")
+    if "id" in obj and not isinstance(obj["id"], (str, int)):
+        raise DataError(f"{where}: 'id' must be a string or an integer")
+    if "meta" in obj and not isinstance(obj["meta"], dict):
+        raise DataError(f"{where}: 'meta' must be an object")
+    root = Path(root)
+    return {**obj, "messages": [_message(m, root, f"{where}: message {i}") for i, m in enumerate(messages)]}
+
+
+def iter_records(path: str | os.PathLike) -> Iterator[dict]:
+    """Stream the validated conversation records of a JSONL file (media paths made absolute)."""
+    path = Path(path)
+    root = path.resolve().parent
+    for lineno, obj in _lines(path):
+        yield parse_record(obj, root, f"{path}:{lineno}")
+
+
+def iter_texts(path: str | os.PathLike) -> Iterator[str]:
+    """Stream the ``"text"`` of each document in a JSONL text file."""
+    path = Path(path)
+    for lineno, obj in _lines(path):
+        if not isinstance(obj.get("text"), str):
+            raise DataError(f"{path}:{lineno}: a text record needs a string 'text'")
+        yield obj["text"]
+
+
+def _relative(value: str, root: Path) -> str:
+    p = Path(value)
+    if p.is_absolute() and p.is_relative_to(root):
+        return p.relative_to(root).as_posix()
+    return value
+
+
+def _portable(record: dict, root: Path) -> dict:
+    messages = []
+    for msg in record["messages"]:
+        if isinstance(msg.get("content"), list):
+            parts = []
+            for part in msg["content"]:
+                part = dict(part)
+                for key in ("image", "video"):
+                    if isinstance(part.get(key), str):
+                        part[key] = _relative(part[key], root)
+                if isinstance(part.get("frames"), list):
+                    part["frames"] = [_relative(f, root) if isinstance(f, str) else f for f in part["frames"]]
+                parts.append(part)
+            msg = {**msg, "content": parts}
+        messages.append(msg)
+    return {**record, "messages": messages}
+
+
+def write_records(path: str | os.PathLike, records: Iterable[dict]) -> int:
+    """Write conversation (or ``{"text": ...}``) records as JSONL; return how many were written.
+
+    Absolute media paths inside the file's directory are written relative to it, so a data folder can move.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    root = path.resolve().parent
+    n = 0
+    with open(path, "w", encoding="utf-8") as f:
+        for record in records:
+            if "messages" in record:
+                record = _portable(record, root)
+            f.write(json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n")
+            n += 1
+    return n

@@ -1,0 +1,102 @@
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from kimivl.data.formats import DataError, iter_records, iter_texts, write_records
+
+
+@pytest.fixture()
+def media(tmp_path: Path) -> Path:
+    (tmp_path / "img").mkdir()
+    for name in ("a.png", "b.png", "c.png"):
+        Image.new("RGB", (28, 28), "red").save(tmp_path / "img" / name)
+    (tmp_path / "clip.mp4").write_bytes(b"not really a video; only its existence is checked")
+    return tmp_path
+
+
+GOOD = {"id": "x/1", "messages": [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": [{"type": "image", "image": "img/a.png"}, {"type": "text", "text": "What is it?"},
+                                 {"type": "video", "frames": ["img/b.png", "img/c.png"], "timestamps": [0, 1.5]},
+                                 {"type": "video", "video": "clip.mp4"}]},
+    {"role": "assistant", "content": "A square."}], "meta": {"task": "t", "gold": 3}}
+
+
+def test_round_trip_resolves_paths_and_writes_them_back_relative(media):
+    src = media / "data.jsonl"
+    assert write_records(src, [GOOD, {"messages": [{"role": "user", "content": "hi"}]}]) == 2
+    records = list(iter_records(src))
+    user = records[0]["messages"][1]["content"]
+    assert user[0]["image"] == str(media / "img" / "a.png")
+    assert user[2]["frames"] == [str(media / "img" / "b.png"), str(media / "img" / "c.png")]
+    assert user[3]["video"] == str(media / "clip.mp4")
+    assert records[0]["meta"] == GOOD["meta"] and records[0]["id"] == "x/1"
+    copy = media / "copy.jsonl"
+    write_records(copy, records)
+    assert copy.read_bytes() == src.read_bytes()
+
+
+def test_absolute_paths_outside_the_folder_stay_absolute(media, tmp_path_factory):
+    other = tmp_path_factory.mktemp("elsewhere") / "d.jsonl"
+    record = {"messages": [{"role": "user", "content": [{"type": "image", "image": str(media / "img" / "a.png")}]}]}
+    write_records(other, [record])
+    assert json.loads(other.read_text())["messages"][0]["content"][0]["image"] == str(media / "img" / "a.png")
+    assert next(iter_records(other))["messages"][0]["content"][0]["image"] == str(media / "img" / "a.png")
+
+
+def _user(*parts):
+    return json.dumps({"messages": [{"role": "user", "content": list(parts)}]})
+
+
+MALFORMED = {
+    "invalid JSON": ('{"messages": [', "invalid JSON"),
+    "not an object": ("[1, 2]", "must be a JSON object"),
+    "no messages": ('{"id": "a"}', "missing 'messages'"),
+    "empty messages": ('{"messages": []}', "missing 'messages'"),
+    "message not an object": ('{"messages": ["hi"]}', "message 0: a message must be an object"),
+    "bad role": ('{"messages": [{"role": "robot", "content": "hi"}]}', "message 0: bad role 'robot'"),
+    "no content": ('{"messages": [{"role": "user"}]}', "'content' must be a string or a non-empty list"),
+    "empty content": (_user(), "'content' must be a string or a non-empty list"),
+    "part not an object": (_user("hi"), "part 0: a content part must be an object"),
+    "unknown part": (_user({"type": "audio", "audio": "a.wav"}), "part 0: unknown part type 'audio'"),
+    "text without text": (_user({"type": "text", "txt": "hi"}), "text part needs a string 'text'"),
+    "image without path": (_user({"type": "image"}), "media path must be a non-empty string"),
+    "missing image file": (_user({"type": "image", "image": "img/nope.png"}), "media file 'img/nope.png' not found"),
+    "missing video file": (_user({"type": "video", "video": "nope.mp4"}), "media file 'nope.mp4' not found"),
+    "video and frames": (_user({"type": "video", "video": "clip.mp4", "frames": ["img/a.png"]}), "exactly one of"),
+    "empty frames": (_user({"type": "video", "frames": []}), "'frames' must be a non-empty list"),
+    "missing frame": (_user({"type": "video", "frames": ["img/a.png", "img/x.png"]}), "frame 1: media file 'img/x.png'"),
+    "timestamp count": (_user({"type": "video", "frames": ["img/a.png"], "timestamps": [0, 1]}), "'timestamps' must be 1"),
+    "timestamps backwards": (_user({"type": "video", "frames": ["img/a.png", "img/b.png"], "timestamps": [1, 0]}),
+                             "non-decreasing"),
+    "bad id": ('{"id": [1], "messages": [{"role": "user", "content": "hi"}]}', "'id' must be"),
+    "bad meta": ('{"meta": 3, "messages": [{"role": "user", "content": "hi"}]}', "'meta' must be an object"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_record_names_file_and_line(media, case):
+    line, message = MALFORMED[case]
+    path = media / "bad.jsonl"
+    good = json.dumps(GOOD)
+    path.write_text(f"{good}\n\n{line}\n{good}\n", encoding="utf-8")
+    records = iter_records(path)
+    assert next(records)["id"] == "x/1"  # streamed: the good first line is read before the bad one
+    with pytest.raises(DataError, match=r"bad\.jsonl:3: ") as err:
+        next(records)
+    assert message in str(err.value)
+    assert str(err.value).startswith(f"{path}:3: ")
+
+
+def test_texts_stream_and_name_the_bad_line(tmp_path):
+    path = tmp_path / "text.jsonl"
+    write_records(path, [{"text": "one\n\ntwo"}, {"id": 2, "text": "three"}])
+    assert list(iter_texts(path)) == ["one\n\ntwo", "three"]
+    path.write_text('{"text": "ok"}\n{"body": "no text key"}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"text\.jsonl:2: a text record needs a string 'text'"):
+        list(iter_texts(path))
+    path.write_text('{"text": "ok"}\nnot json\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"text\.jsonl:2: invalid JSON"):
+        list(iter_texts(path))
