@@ -1,0 +1,73 @@
+"""Scoring the synthetic world's held-out tasks from each record's ``meta.gold``.
+
+Thinking output is scored on the text after ``◁/think▷``; a reasoning that never closes has no answer. Integers
+are read as the first integer of the answer; strings compare case- and punctuation-insensitively; lists (an
+order of shapes) compare item by item; GUI clicks score when the point, or a predicted box's centre, falls in the
+gold box (normalised coordinates).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from kimivl.processing.chat_template import parse_thinking
+
+_INT = re.compile(r"-?\d+")
+_FLOAT = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def final_answer(prediction: str) -> str:
+    reasoning, answer = parse_thinking(prediction)
+    return answer
+
+
+def _norm(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def score(prediction: str, meta: dict[str, Any]) -> bool:
+    """Whether ``prediction`` answers the record whose meta is ``meta``."""
+    answer = final_answer(prediction)
+    gold = meta["gold"]
+    if meta.get("task") == "gui":
+        nums = [float(x) for x in _FLOAT.findall(answer)]
+        if len(nums) >= 4:
+            point = ((nums[0] + nums[2]) / 2, (nums[1] + nums[3]) / 2)
+        elif len(nums) >= 2:
+            point = (nums[0], nums[1])
+        else:
+            return False
+        x1, y1, x2, y2 = meta["box"]
+        return x1 <= point[0] <= x2 and y1 <= point[1] <= y2
+    if isinstance(gold, bool):
+        return _norm(answer) == _norm(str(gold))
+    if isinstance(gold, int):
+        found = _INT.search(answer)
+        return found is not None and int(found.group()) == gold
+    if isinstance(gold, list):
+        return _norm(answer) == _norm(" ".join(str(g) for g in gold))
+    return _norm(answer) == _norm(str(gold))
+
+
+def evaluate(model, processor, records: list[dict], batch_size: int = 16, max_new_tokens: int = 48,
+             progress: bool = False) -> tuple[dict[str, float], list[dict]]:
+    """Greedy answers to each record's prompt (its messages before the last assistant turn), scored.
+    Returns (accuracy per task, with ``all``) and one row per record."""
+    from tqdm.auto import tqdm
+
+    from kimivl.inference.chat import generate
+
+    rows = []
+    for start in tqdm(range(0, len(records), batch_size), desc="eval", disable=not progress):
+        chunk = records[start:start + batch_size]
+        prompts = [r["messages"][:-1] if r["messages"][-1]["role"] == "assistant" else r["messages"] for r in chunk]
+        for rec, pred in zip(chunk, generate(model, processor, prompts, max_new_tokens=max_new_tokens)):
+            rows.append({"id": rec.get("id"), "task": rec["meta"]["task"], "prediction": pred,
+                         "gold": rec["meta"]["gold"], "correct": score(pred, rec["meta"])})
+    acc: dict[str, float] = {}
+    for task in sorted({r["task"] for r in rows}):
+        mine = [r["correct"] for r in rows if r["task"] == task]
+        acc[task] = sum(mine) / len(mine)
+    acc["all"] = sum(r["correct"] for r in rows) / max(1, len(rows))
+    return acc, rows
