@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Iterator
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +86,7 @@ def _part(part: Any, root: Path, where: str) -> dict:
         if times is not None:
             ok = isinstance(times, list) and len(times) == len(frames) and all(
                 isinstance(t, (int, float)) and not isinstance(t, bool) for t in times)
-            if not ok or any(b < a for a, b in zip(times, times[1:])):
+            if not ok or any(b < a for a, b in pairwise(times)):
                 raise DataError(f"{where}: 'timestamps' must be {len(frames)} non-decreasing numbers (one per frame)")
         return out
     raise DataError(f"{where}: unknown part type {kind!r} (expected 'text', 'image' or 'video')")

@@ -1,0 +1,147 @@
+"""Build the synthetic world on disk: PNG media plus one conversation JSONL per split and task.
+
+Layout under ``out_dir``::
+
+    world.json                       the seed, sizes and tasks it was built with
+    <split>/<task>.jsonl             conversations (see ``kimivl.data.formats``), ``meta`` holding the gold answer
+    <split>/text.jsonl               text-only documents, ``{"id", "text"}``
+    <split>/images/<task>/<n>_<j>.png   the j-th image (or video frame) of sample n
+
+Each (split, task) draws from its own seeded stream, so the same seed gives byte-identical files (given the
+same Pillow, zlib and FreeType) and splits never share a stream. No sample repeats another anywhere in the world (same question, answer and images).
+Reasoning records of the train split answer with the long-CoT target ``◁think▷steps◁/think▷answer``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+from PIL import Image
+from tqdm import tqdm
+
+from kimivl.data.formats import write_records
+from kimivl.data.synthetic import GENERATORS, TASKS, Clip, Sample, make_text
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SIZES = {"train": 1000, "heldout": 100}
+
+
+def _fingerprint(sample: Sample) -> str:
+    h = hashlib.sha256(f"{sample.question}\0{sample.answer}".encode())
+    for im in sample.images:
+        h.update(f"{im.mode}{im.size}".encode())
+        h.update(im.tobytes())
+    return h.hexdigest()
+
+
+def _save(im: Image.Image, root: Path, rel: str) -> str:
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im.save(path, format="PNG", compress_level=1)
+    return rel
+
+
+def sample_record(sample: Sample, sample_id: str, root: Path, stem: str, thinking: bool = False) -> dict:
+    """Save the sample's images as ``root/stem_<j>.png`` and return its conversation record."""
+    parts, j = [], 0
+    for item in sample.content:
+        if isinstance(item, str):
+            parts.append({"type": "text", "text": item})
+        elif isinstance(item, Clip):
+            frames = [_save(f, root, f"{stem}_{j + k}.png") for k, f in enumerate(item.frames)]
+            j += len(frames)
+            parts.append({"type": "video", "frames": frames, "timestamps": item.timestamps})
+        else:
+            parts.append({"type": "image", "image": _save(item, root, f"{stem}_{j}.png")})
+            j += 1
+    messages = [{"role": "user", "content": parts}, {"role": "assistant", "content": sample.target(thinking)}]
+    return {"id": sample_id, "messages": messages, "meta": sample.meta}
+
+
+def _distinct(make, n: int, seen: set[str], key):
+    """Yield ``n`` outputs of ``make()`` whose ``key`` is not in ``seen`` (which grows)."""
+    made, tries = 0, 0
+    while made < n:
+        tries += 1
+        if tries > 20 * n + 100:
+            raise RuntimeError(f"could only make {made} of {n} distinct samples; ask for fewer")
+        item = make()
+        k = key(item)
+        if k not in seen:
+            seen.add(k)
+            made += 1
+            yield item
+
+
+def _records(split: str, task: str, n: int, seed: int, seen: set[str], root: Path):
+    """The records of one (split, task), from its own seeded stream."""
+    rng = random.Random(f"kimivl-world/{seed}/{split}/{task}")
+    if task == "text":
+        docs = _distinct(lambda: make_text(rng), n, seen, lambda d: hashlib.sha256(d.encode()).hexdigest())
+        for i, doc in enumerate(docs):
+            yield {"id": f"{split}/text/{i:06d}", "text": doc}
+        return
+    thinking = split == "train" and task == "reasoning"
+    for i, sample in enumerate(_distinct(lambda: GENERATORS[task](rng), n, seen, _fingerprint)):
+        yield sample_record(sample, f"{split}/{task}/{i:06d}", root, f"images/{task}/{i:06d}", thinking)
+
+
+def _ticking(items, bar: tqdm):
+    for item in items:
+        bar.update()
+        yield item
+
+
+def build_world(out_dir: str | os.PathLike, seed: int = 0, sizes: dict[str, int] | None = None,
+                tasks: tuple[str, ...] | list[str] = TASKS, overwrite: bool = False, progress: bool = True) -> dict:
+    """Generate ``sizes[split]`` samples per task for every split (in order; later splits are de-duplicated
+    against earlier ones) and write them under ``out_dir``. Returns the manifest also saved as world.json."""
+    sizes = dict(DEFAULT_SIZES if sizes is None else sizes)
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown tasks {unknown} (expected some of {', '.join(TASKS)})")
+    out = Path(out_dir)
+    for split in sizes:
+        if (out / split).exists():
+            if not overwrite:
+                raise FileExistsError(f"{out / split} exists; pass overwrite=True to replace it")
+            shutil.rmtree(out / split)
+    start = time.perf_counter()
+    files: dict[str, dict[str, str]] = {}
+    seen: set[str] = set()
+    with tqdm(total=sum(sizes.values()) * len(tasks), unit="sample", desc="world", disable=not progress) as bar:
+        for split, n in sizes.items():
+            files[split] = {}
+            for task in tasks:
+                rel = f"{split}/{task}.jsonl"
+                records = _records(split, task, n, seed, seen, out / split)
+                write_records(out / rel, _ticking(records, bar))
+                files[split][task] = rel
+                logger.info("wrote %d %s records to %s", n, task, out / rel)
+    manifest = {"seed": seed, "sizes": sizes, "tasks": list(tasks), "files": files}
+    (out / "world.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    logger.info("built the world (%d records) in %.1f s under %s", sum(sizes.values()) * len(tasks),
+                time.perf_counter() - start, out)
+    return manifest
+
+
+def ensure_world(out_dir: str | os.PathLike, seed: int = 0, tasks: tuple[str, ...] | list[str] = TASKS,
+                 progress: bool = True, **sizes: int) -> dict:
+    """Build the world (``sizes`` as split=count keywords, e.g. ``train=4000, heldout=300``) unless ``out_dir``
+    already holds one built with the same seed, sizes and tasks; return its manifest."""
+    sizes = sizes or dict(DEFAULT_SIZES)
+    manifest_path = Path(out_dir) / "world.json"
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        if (manifest.get("seed"), manifest.get("sizes"), manifest.get("tasks")) == (seed, sizes, list(tasks)):
+            logger.info("reusing the world under %s", out_dir)
+            return manifest
+    return build_world(out_dir, seed, sizes, tasks, overwrite=True, progress=progress)

@@ -1,0 +1,259 @@
+import random
+from collections import deque
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from kimivl.data.synthetic import (
+    DIFFICULTIES,
+    GENERATORS,
+    THINK_CLOSE,
+    THINK_OPEN,
+    Clip,
+    Sample,
+    make_caption,
+    make_chart,
+    make_gui,
+    make_interleaved,
+    make_ocr,
+    make_reasoning,
+    make_text,
+    make_video,
+)
+from kimivl.data.synthetic.draw import COLOURS, canvas_size
+
+SEEDS = range(12)
+
+
+def samples(make, difficulty=None, seeds=SEEDS):
+    return [make(random.Random(seed), difficulty) for seed in seeds]
+
+
+def pixels(img: Image.Image) -> np.ndarray:
+    return np.asarray(img.convert("RGB")).astype(int)
+
+
+def colour_mask(img: Image.Image, colour: str) -> np.ndarray:
+    return (pixels(img) == COLOURS[colour]).all(-1)
+
+
+def components(mask: np.ndarray) -> int:
+    """8-connected components of a boolean mask."""
+    seen, count = np.zeros_like(mask), 0
+    h, w = mask.shape
+    for y, x in zip(*np.nonzero(mask)):
+        if seen[y, x]:
+            continue
+        count += 1
+        seen[y, x] = True
+        queue = deque([(y, x)])
+        while queue:
+            cy, cx = queue.popleft()
+            for ny in range(max(cy - 1, 0), min(cy + 2, h)):
+                for nx in range(max(cx - 1, 0), min(cx + 2, w)):
+                    if mask[ny, nx] and not seen[ny, nx]:
+                        seen[ny, nx] = True
+                        queue.append((ny, nx))
+    return count
+
+
+def px(box, img):
+    return [round(v * (img.width if i % 2 == 0 else img.height)) for i, v in enumerate(box)]
+
+
+@pytest.mark.parametrize("task", sorted(GENERATORS))
+@pytest.mark.parametrize("difficulty", DIFFICULTIES)
+def test_samples_are_well_formed_and_deterministic(task, difficulty):
+    make = GENERATORS[task]
+    for seed in range(6):
+        s = make(random.Random(seed), difficulty)
+        assert isinstance(s, Sample) and s.content and isinstance(s.content[-1], str) and s.question.strip()
+        assert isinstance(s.answer, str) and s.answer.strip()
+        assert s.meta["task"] in (task, "reasoning") and s.meta["difficulty"] == difficulty and "kind" in s.meta
+        gold = s.meta["gold"]
+        if task != "gui":  # gui answers format the gold point or box
+            assert s.answer == (", ".join(gold) if isinstance(gold, list) else str(gold))
+        assert s.images and all(im.mode == "RGB" and min(im.size) >= 16 for im in s.images)
+        again = make(random.Random(seed), difficulty)
+        assert (again.question, again.answer, again.meta, again.solution) == (s.question, s.answer, s.meta, s.solution)
+        assert [im.tobytes() for im in again.images] == [im.tobytes() for im in s.images]
+
+
+def test_unknown_difficulty_is_rejected():
+    with pytest.raises(ValueError, match="unknown difficulty 'medium-rare'"):
+        make_caption(random.Random(0), "medium-rare")
+
+
+def test_canvas_sizes_vary_and_mostly_fit_the_token_budget():
+    rng = random.Random(0)
+    sizes = [canvas_size(rng) for _ in range(2000)]
+    patches = [(w // 14) * (h // 14) for w, h in sizes]
+    assert all(56 <= min(s) and max(s) <= 448 for s in sizes)
+    assert sum(p <= 256 for p in patches) / len(patches) > 0.85 and max(patches) <= 1024
+    ratios = [w / h for w, h in sizes]
+    assert min(ratios) < 0.4 and max(ratios) > 2.5 and len(set(sizes)) > 1500
+
+
+def test_caption_answers_match_the_drawn_shapes():
+    for s in samples(make_caption, seeds=range(40)):
+        img, objects = s.images[0], s.meta["objects"]
+        for o in objects:
+            x1, y1, x2, y2 = px(o["box"], img)
+            assert 0 <= x1 < x2 <= img.width and 0 <= y1 < y2 <= img.height
+            assert colour_mask(img, o["colour"])[(y1 + y2) // 2, (x1 + x2) // 2]
+        for colour in {o["colour"] for o in objects}:  # one blob per object of each colour
+            assert components(colour_mask(img, colour)) == sum(o["colour"] == colour for o in objects)
+        kind, gold, question = s.meta["kind"], s.meta["gold"], s.question
+        if kind == "count_all":
+            assert gold == len(objects)
+        elif kind == "count_colour":
+            colour = question.split()[2]
+            assert gold == components(colour_mask(img, colour))
+        elif kind == "count":
+            colour, shape = question.split()[2], question.split()[3][:-1]
+            assert gold == sum(o["colour"] == colour and o["shape"] == shape for o in objects)
+        elif kind == "colour":
+            assert [o["colour"] for o in objects if f"the {o['shape']}?" in question] == [gold]
+        elif kind == "describe":
+            assert gold.count(",") + gold.count(" and ") == len(objects) - 1
+
+
+def test_ocr_text_lies_inside_its_box():
+    for s in samples(make_ocr, seeds=range(30)):
+        img = s.images[0]
+        arr = pixels(img)
+        background = np.median(arr.reshape(-1, 3), axis=0)
+        ys, xs = np.nonzero(np.linalg.norm(arr - background, axis=-1) > 120)  # ink; noise stays far below
+        assert len(xs) > 10
+        x1, y1, x2, y2 = px(s.meta["box"], img)
+        assert x1 - 1 <= xs.min() and xs.max() <= x2 and y1 - 1 <= ys.min() and ys.max() <= y2
+        assert s.answer == s.meta["gold"] and ("\n" in s.answer) == (s.meta["kind"] == "page")
+
+
+def test_chart_bars_are_proportional_to_values():
+    charts = [s for s in samples(make_chart, seeds=range(40))]
+    assert {s.meta["chart"] for s in charts} == {"bar", "line"}
+    for s in charts:
+        img, values = s.images[0], s.meta["values"]
+        mask = colour_mask(img, s.meta["colour"])
+        if s.meta["chart"] == "bar":
+            heights = {}
+            for k, box in s.meta["marks"].items():
+                x1, _, x2, _ = px(box, img)
+                heights[k] = int(mask[:, (x1 + x2) // 2].sum())
+            units = {heights[k] / values[k] for k in values}
+            assert len(units) == 1 and units.pop() >= 3
+        else:
+            ys = {}
+            for k, (x, y) in s.meta["marks"].items():
+                cx, cy = round(x * img.width), round(y * img.height)
+                assert mask[cy - 1: cy + 2, cx - 1: cx + 2].any()
+                ys[k] = y * img.height
+            keys = sorted(values)
+            slopes = [(ys[a] - ys[b]) / (values[b] - values[a]) for a in keys for b in keys if values[a] != values[b]]
+            assert not slopes or (max(slopes) - min(slopes) < 0.05 and min(slopes) >= 3)
+        kind, gold = s.meta["kind"], s.meta["gold"]
+        if kind == "max":
+            assert values[gold] == max(values.values())
+        elif kind == "min":
+            assert values[gold] == min(values.values())
+        elif kind == "value":
+            assert gold == values[s.question.rstrip("?")[-1]]
+
+
+def test_gui_gold_box_is_the_named_widget():
+    for s in samples(make_gui, seeds=range(40)):
+        img, widgets = s.images[0], s.meta["widgets"]
+        labels = [w["label"] for w in widgets]
+        assert len(set(labels)) == len(labels)
+        target = [w for w in widgets if f"'{w['label']}'" in s.question]
+        assert len(target) == 1 and target[0]["box"] == s.meta["box"]
+        arr = pixels(img)
+        for w in widgets:
+            x1, y1, x2, y2 = px(w["box"], img)
+            fill = COLOURS[w["colour"]] if w["kind"] == "button" else (255, 255, 255)
+            for x, y in ((x1 + 2, y1 + 2), (x2 - 3, y2 - 3), (x1 + 2, y2 - 3)):
+                assert tuple(arr[y, x]) == fill
+        bx1, by1, bx2, by2 = s.meta["box"]
+        if s.meta["kind"] == "point":
+            x, y = s.meta["gold"]
+            assert s.answer == f"({x:.2f}, {y:.2f})"
+            assert bx1 <= x <= bx2 and by1 <= y <= by2
+        else:
+            assert s.answer.startswith("[") and all(abs(a - b) <= 0.0051 for a, b in zip(s.meta["gold"], s.meta["box"]))
+
+
+def test_video_motion_and_order_match_the_frames():
+    clips = samples(make_video, seeds=range(30))
+    assert {s.meta["kind"] for s in clips} >= {"direction", "mover", "first", "last", "order"}
+    for s in clips:
+        clip = s.content[0]
+        assert isinstance(clip, Clip) and len(clip.frames) == len(clip.timestamps) >= 3
+        assert clip.timestamps == sorted(clip.timestamps) == s.meta["timestamps"]
+        assert len({f.size for f in clip.frames}) == 1
+        objects = s.meta["objects"]
+        if s.meta["kind"] in ("direction", "mover"):
+            mover = objects[0]
+            centres = []
+            for frame in clip.frames:
+                ys, xs = np.nonzero(colour_mask(frame, mover["colour"]))
+                centres.append((xs.mean(), ys.mean()))
+            dx, dy = centres[-1][0] - centres[0][0], centres[-1][1] - centres[0][1]
+            moved = {"right": dx, "left": -dx, "down": dy, "up": -dy}
+            if s.meta["kind"] == "direction":
+                assert max(moved, key=moved.get) == s.meta["gold"] and moved[s.meta["gold"]] > 5
+            else:
+                assert s.meta["gold"] == f"{mover['colour']} {mover['shape']}"
+                for o in objects[1:]:
+                    assert len({frame.tobytes() for frame in [f.crop(f.getbbox()) for f in clip.frames]}) > 1
+                    assert all(colour_mask(f, o["colour"]).sum() == colour_mask(clip.frames[0], o["colour"]).sum()
+                               for f in clip.frames)
+        else:
+            first_seen = [next(k for k, f in enumerate(clip.frames) if colour_mask(f, o["colour"]).any())
+                          for o in objects]
+            assert first_seen == sorted(first_seen) and len(set(first_seen)) == len(first_seen)
+            names = [f"{o['colour']} {o['shape']}" for o in objects]
+            gold = s.meta["gold"]
+            assert gold == {"first": names[0], "last": names[-1], "order": names}[s.meta["kind"]]
+
+
+def test_reasoning_answers_and_thinking_targets():
+    problems = samples(make_reasoning, seeds=range(60))
+    assert {s.meta["kind"] for s in problems} == {"arithmetic", "geometry"}
+    for s in problems:
+        gold = s.meta["gold"]
+        assert isinstance(gold, int) and s.solution.endswith(f"The answer is {gold}.")
+        assert s.target(thinking=True) == f"{THINK_OPEN}{s.solution}{THINK_CLOSE}{s.answer}"
+        assert s.target() == s.answer == str(gold)
+        if s.meta["kind"] == "arithmetic":
+            assert eval(s.meta["expression"].replace("×", "*").replace("÷", "/")) == gold
+            assert s.meta["operations"] == {"easy": 1, "medium": 2, "hard": 3}[s.meta["difficulty"]]
+        else:
+            d, figure = s.meta["sides"], s.meta["figure"]
+            area = {"rectangle": d["w"] * d["h"], "square": d["w"] ** 2, "triangle": d["w"] * d["h"] / 2,
+                    "l-shape": d["w"] * d["h"] - d.get("cut_w", 0) * d.get("cut_h", 0)}[figure]
+            perimeter = 2 * (d["w"] + d["h"])
+            assert gold == (area if "area" in s.question else perimeter)
+
+
+def test_interleaved_documents_have_two_figures_and_consistent_answers():
+    for s in samples(make_interleaved, seeds=range(30)):
+        kinds = [type(p) for p in s.content]
+        assert kinds == [str, Image.Image, str, Image.Image, str]
+        assert "Figure 1" in s.content[0] and "Figure 2" in s.content[2]
+        figures, gold, q = s.meta["figures"], s.meta["gold"], s.question
+        if s.meta["kind"] == "count":
+            assert gold == len(figures[int(q.split("Figure ")[1][0]) - 1])
+        elif s.meta["kind"] == "more":
+            assert gold == f"Figure {1 if len(figures[0]) > len(figures[1]) else 2}"
+        elif s.meta["kind"] == "total":
+            colour = q.split()[2]
+            assert gold == sum(o["colour"] == colour for f in figures for o in f)
+
+
+def test_text_documents_are_deterministic_and_varied():
+    docs = [make_text(random.Random(i)) for i in range(200)]
+    assert docs == [make_text(random.Random(i)) for i in range(200)]
+    assert len(set(docs)) == 200 and all(d.strip() == d and "  " not in d for d in docs)
+    assert any("\n\n" in d for d in docs)

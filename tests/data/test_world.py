@@ -1,0 +1,85 @@
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from kimivl.data import build_world, ensure_world, iter_records, iter_texts
+from kimivl.data.synthetic import TASKS, THINK_CLOSE, THINK_OPEN
+
+SIZES = {"train": 10, "heldout": 4}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("world")
+    build_world(out, seed=3, sizes=SIZES, progress=False)
+    return out
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_gives_byte_identical_files(world, tmp_path):
+    build_world(tmp_path / "again", seed=3, sizes=SIZES, progress=False)
+    assert _tree(tmp_path / "again") == _tree(world)
+    build_world(tmp_path / "other", seed=4, sizes=SIZES, progress=False)
+    other = (tmp_path / "other" / "train" / "caption.jsonl").read_bytes()
+    assert other != (world / "train" / "caption.jsonl").read_bytes()
+
+
+def test_layout_counts_and_records_load(world):
+    manifest = json.loads((world / "world.json").read_text())
+    assert manifest["seed"] == 3 and manifest["sizes"] == SIZES and manifest["tasks"] == list(TASKS)
+    for split, n in SIZES.items():
+        assert sorted(manifest["files"][split]) == sorted(TASKS)
+        assert len(list(iter_texts(world / split / "text.jsonl"))) == n
+        for task in TASKS[:-1]:
+            records = list(iter_records(world / manifest["files"][split][task]))
+            assert len(records) == n and len({r["id"] for r in records}) == n
+            for r in records:
+                user, assistant = r["messages"]
+                assert user["role"] == "user" and assistant["role"] == "assistant"
+                assert user["content"][-1]["type"] == "text" and r["meta"]["task"] == task
+                thinking = assistant["content"].startswith(THINK_OPEN)
+                assert thinking == (split == "train" and task == "reasoning")
+                if thinking:
+                    assert assistant["content"].endswith(f"{THINK_CLOSE}{r['meta']['gold']}")
+
+
+def _fingerprints(world: Path, split: str) -> set[str]:
+    out = set()
+    for task in TASKS[:-1]:
+        for r in iter_records(world / split / f"{task}.jsonl"):
+            user, assistant = r["messages"]
+            h = hashlib.sha256(assistant["content"].split(THINK_CLOSE)[-1].encode())
+            for part in user["content"]:
+                paths = part.get("frames") or [part.get("image")] if part["type"] != "text" else []
+                h.update(part.get("text", "").encode())
+                for p in paths:
+                    h.update(Image.open(p).tobytes())
+            out.add(h.hexdigest())
+    return out
+
+
+def test_heldout_is_disjoint_from_train(world):
+    train, heldout = _fingerprints(world, "train"), _fingerprints(world, "heldout")
+    assert len(train) == SIZES["train"] * (len(TASKS) - 1) and len(heldout) == SIZES["heldout"] * (len(TASKS) - 1)
+    assert not train & heldout
+    assert not set(iter_texts(world / "train" / "text.jsonl")) & set(iter_texts(world / "heldout" / "text.jsonl"))
+
+
+def test_existing_world_is_kept_or_replaced_on_request(tmp_path):
+    sizes = {"train": 2, "heldout": 1}
+    build_world(tmp_path, seed=0, sizes=sizes, tasks=["caption", "text"], progress=False)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        build_world(tmp_path, seed=0, sizes=sizes, tasks=["caption"], progress=False)
+    stamp = (tmp_path / "train" / "caption.jsonl").stat().st_mtime_ns
+    ensure_world(tmp_path, seed=0, tasks=["caption", "text"], progress=False, **sizes)
+    assert (tmp_path / "train" / "caption.jsonl").stat().st_mtime_ns == stamp
+    ensure_world(tmp_path, seed=1, tasks=["caption"], progress=False, **sizes)
+    assert not (tmp_path / "train" / "text.jsonl").exists()
+    with pytest.raises(ValueError, match="unknown tasks"):
+        build_world(tmp_path / "x", tasks=["caption", "smell"])
