@@ -284,4 +284,15 @@ def _tiny() -> KimiVLConfig:
     )
 
 
-PRESETS = {"kimi-vl-a3b": _a3b, "tiny": _tiny}
+def _kimivl_tiny() -> KimiVLConfig:
+    """The shipped kimivl-tiny (about 5M parameters): wider than ``tiny`` so it can learn the synthetic world."""
+    cfg = _tiny()
+    cfg.vision_config = VisionConfig(init_pos_emb_height=16, init_pos_emb_width=16, num_attention_heads=4,
+                                     num_hidden_layers=3, hidden_size=128, intermediate_size=256)
+    cfg.text_config = dataclasses.replace(cfg.text_config, hidden_size=256, intermediate_size=512,
+                                          moe_intermediate_size=128, kv_lora_rank=64, qk_nope_head_dim=32,
+                                          qk_rope_head_dim=16, v_head_dim=32)
+    return cfg
+
+
+PRESETS = {"kimi-vl-a3b": _a3b, "tiny": _tiny, "kimivl-tiny": _kimivl_tiny}

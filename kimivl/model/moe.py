@@ -87,19 +87,22 @@ class GroupedExperts(nn.Module):
         order = flat_idx.argsort(stable=True)
         offsets = torch.bincount(flat_idx, minlength=self.n_experts).cumsum(0).to(torch.int32)
         token = order // k
-        x_ND = x_TD[token]
-        gate_up_N2I = torch._grouped_mm(x_ND, self.gate_up_proj.transpose(1, 2), offs=offsets)
+        device = x_TD.device.type  # grouped matmuls are not autocast ops: follow autocast by hand
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x_TD.dtype
+        x_ND = x_TD.index_select(0, token).to(dtype)
+        gate_up_N2I = torch._grouped_mm(x_ND, self.gate_up_proj.to(dtype).transpose(1, 2), offs=offsets)
         gate, up = gate_up_N2I.chunk(2, dim=-1)
-        y_ND = torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=offsets)
-        y_ND = (y_ND * w_TK.reshape(-1)[order, None]).to(x_TD.dtype)
-        return torch.zeros_like(x_TD).index_add_(0, token, y_ND)
+        # the routing weight scales the hidden activation (down_proj is linear): no full-width float32 copy
+        h_NI = F.silu(gate) * up * w_TK.reshape(-1)[order, None].to(dtype)
+        y_ND = torch._grouped_mm(h_NI, self.down_proj.to(dtype).transpose(1, 2), offs=offsets)
+        return torch.zeros_like(x_TD).index_add_(0, token, y_ND.to(x_TD.dtype))
 
 
 def _split_experts(module: GroupedExperts, state_dict, prefix, local_metadata):
     for name in ("gate_up_proj", "down_proj"):
         state_dict.pop(prefix + name, None)
     for key, view in module.official_views().items():
-        state_dict[prefix + key] = view
+        state_dict[prefix + key] = view.detach()  # shares storage: loading copies into the stacked parameter
 
 
 def _stack_experts(module: GroupedExperts, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):

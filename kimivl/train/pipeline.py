@@ -5,6 +5,7 @@ recipe, can start from; a re-run skips finished stages and resumes an interrupte
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import random
 import statistics
@@ -16,7 +17,9 @@ import torch
 from kimivl.config import KimiVLConfig
 from kimivl.data.formats import iter_records, iter_texts
 from kimivl.data.mixture import Mixture
+from kimivl.data.world import ensure_world
 from kimivl.model.kimivl import KimiVL
+from kimivl.processing.chat_template import parse_thinking
 from kimivl.processing.processor import KimiVLProcessor
 from kimivl.processing.tokenizer import KimiTokenizer, train_bpe
 from kimivl.train.loop import LoopConfig, train_loop
@@ -37,17 +40,21 @@ def _is_text_source(path: Path) -> bool:
 
 
 class Sources:
-    """The recipe's data sources, loaded once: conversation records or plain texts, by name."""
+    """The recipe's data sources, loaded once: conversation records or plain texts, by name. A source given as
+    ``{path: FILE, answers_only: true}`` drops the ``◁think▷…◁/think▷`` part of assistant turns."""
 
     def __init__(self, recipe: Recipe):
         self.items: dict[str, list] = {}
         self.is_text: dict[str, bool] = {}
-        for name in recipe.sources:
+        for name, spec in recipe.sources.items():
             path = recipe.source_path(name)
             if not path.is_file():
                 raise FileNotFoundError(f"data source {name!r}: {path} does not exist")
             self.is_text[name] = _is_text_source(path)
-            self.items[name] = list(iter_texts(path) if self.is_text[name] else iter_records(path))
+            items = list(iter_texts(path) if self.is_text[name] else iter_records(path))
+            if isinstance(spec, dict) and spec.get("answers_only"):
+                items = [_answers_only(r) for r in items]
+            self.items[name] = items
 
     def encoder(self, processor: KimiVLProcessor):
         def encode(name: str, item):
@@ -55,6 +62,12 @@ class Sources:
                 return processor.encode_text(item)
             return processor.encode_for_training(item["messages"])
         return encode
+
+
+def _answers_only(record: dict) -> dict:
+    messages = [{**m, "content": parse_thinking(m["content"])[1]} if m["role"] == "assistant"
+                and isinstance(m["content"], str) else m for m in record["messages"]]
+    return {**record, "messages": messages}
 
 
 def _tokenizer(recipe: Recipe, sources: Sources, base_dir: Path | None) -> KimiTokenizer:
@@ -179,13 +192,41 @@ def run_stage(recipe: Recipe, stage: Stage, model: KimiVL, processor: KimiVLProc
     return result
 
 
+def heldout_records(split_dir: Path, limit: int | None = None) -> list[dict]:
+    """The first ``limit`` records of every task file in a held-out split directory (text files excluded)."""
+    records = []
+    for path in sorted(split_dir.glob("*.jsonl")):
+        if _is_text_source(path):
+            continue
+        records += list(iter_records(path))[:limit]
+    if not records:
+        raise FileNotFoundError(f"no held-out conversation files in {split_dir}")
+    return records
+
+
+def evaluate_stage(recipe: Recipe, stage: str, model: KimiVL, processor: KimiVLProcessor,
+                   progress: bool = True) -> dict[str, float]:
+    """Held-out accuracy per task after ``stage``, written to ``out/eval/<stage>.json`` (predictions beside)."""
+    from kimivl.eval.synthetic import evaluate
+
+    spec = recipe.eval
+    records = heldout_records(recipe.out / spec["split"], spec.get("limit"))
+    model.eval()
+    accuracy, rows = evaluate(model, processor, records, max_new_tokens=spec.get("max_new_tokens", 160),
+                              progress=progress)
+    out = recipe.out / "eval"
+    out.mkdir(exist_ok=True)
+    (out / f"{stage}.json").write_text(json.dumps(accuracy, indent=1) + "\n")
+    (out / f"{stage}.predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    log.info("held-out accuracy after %s: %s", stage, accuracy)
+    return accuracy
+
+
 def run_recipe(recipe: Recipe, progress: bool = True) -> KimiVL:
     """Run every stage not yet finished; export the final model when the recipe asks for it."""
     recipe.out.mkdir(parents=True, exist_ok=True)
     if recipe.world is not None:
-        from kimivl.data.world import ensure_world
-
-        ensure_world(recipe.out / "world", **recipe.world)
+        ensure_world(recipe.out / "world", progress=progress, **recipe.world)
     sources = Sources(recipe)
     base_dir = Path(recipe.base["checkpoint"]) if "checkpoint" in recipe.base else None
     processor = KimiVLProcessor(_tokenizer(recipe, sources, base_dir))
@@ -200,6 +241,8 @@ def run_recipe(recipe: Recipe, progress: bool = True) -> KimiVL:
         run_stage(recipe, stage, model, processor, sources, progress)
         model.save_pretrained(final)
         processor.save_pretrained(final)
+        if stage.name in (recipe.eval or {}).get("after", []):
+            evaluate_stage(recipe, stage.name, model, processor, progress)
     metrics = recipe.out / "metrics.jsonl"
     if metrics.is_file():
         plot_curves(metrics, recipe.out / "curves.png")

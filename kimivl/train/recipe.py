@@ -7,9 +7,10 @@ out: runs/tiny                        # stage checkpoints, metrics.jsonl, curves
 base: {preset: tiny}                  # or {checkpoint: path/to/official/checkpoint}
 tokenizer: {train_vocab: 3840}        # or {path: dir}; default: the base checkpoint's own
 world: {seed: 0, train: 4000, heldout: 300}   # optional: build the synthetic world under out/world
-sources: {caption: world/train/caption.jsonl, text: world/text.jsonl}   # name -> JSONL (relative to out/)
+sources: {caption: world/train/caption.jsonl, text: world/train/text.jsonl}   # name -> JSONL (relative to out/)
 schedule: {warmup: 50, decay_stages: [cooldown]}   # one warm-up/stable/decay LR curve over 'continue' stages
 export: {path: models/kimivl-tiny, dtype: bfloat16}
+eval: {after: [sft], split: world/heldout, limit: 50}   # held-out accuracy -> out/eval/<stage>.json
 stages:
   - {name: vit, kind: vit, steps: 300, lr: 2.0e-3, sources: [caption, ocr], images_per_batch: 32}
   - {name: pretrain, kind: joint, steps: 800, lr: 3.0e-3, mix: {text: 3, caption: 1}, mix_end: {text: 1, caption: 3}}
@@ -83,9 +84,10 @@ class Recipe:
     base: dict[str, Any] = field(default_factory=lambda: {"preset": "tiny"})
     tokenizer: dict[str, Any] = field(default_factory=dict)
     world: dict[str, Any] | None = None
-    sources: dict[str, str] = field(default_factory=dict)
+    sources: dict[str, str | dict[str, Any]] = field(default_factory=dict)
     schedule: dict[str, Any] = field(default_factory=lambda: {"warmup": 0, "decay_stages": []})
     export: dict[str, Any] | None = None
+    eval: dict[str, Any] | None = None  # {after: [stage, ...], split: DIR of <task>.jsonl, limit: N per task}
 
     def __post_init__(self):
         names = [s.name for s in self.stages]
@@ -99,11 +101,15 @@ class Recipe:
         unknown = set(self.schedule.get("decay_stages", [])) - set(names)
         if unknown:
             raise RecipeError(f"schedule.decay_stages names unknown stages {sorted(unknown)}")
+        unknown = set((self.eval or {}).get("after", [])) - set(names)
+        if unknown:
+            raise RecipeError(f"eval.after names unknown stages {sorted(unknown)}")
         if len(self.base) != 1 or next(iter(self.base)) not in ("preset", "checkpoint"):
             raise RecipeError(f"base must be {{preset: NAME}} or {{checkpoint: PATH}}, got {self.base}")
 
     def source_path(self, name: str) -> Path:
-        return self.out / self.sources[name]
+        spec = self.sources[name]
+        return self.out / (spec["path"] if isinstance(spec, dict) else spec)
 
 
 def load_recipe(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> Recipe:

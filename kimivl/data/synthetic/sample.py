@@ -7,8 +7,8 @@ from typing import Any
 
 from PIL import Image
 
-THINK_OPEN = "◁think▷"
-THINK_CLOSE = "◁/think▷"
+from kimivl.processing.chat_template import THINK_CLOSE, THINK_OPEN
+
 DIFFICULTIES = ("easy", "medium", "hard")
 
 
