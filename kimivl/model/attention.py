@@ -21,6 +21,16 @@ def use_flash(x: torch.Tensor) -> bool:
     return flash_attn_varlen_func is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
 
 
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
+    """``F.scaled_dot_product_attention``; on CPU, values narrower than the query-key head dim (MLA's 128 vs 192) are
+    zero-padded to it, because the fused CPU kernel needs equal head dims and the fallback builds every (S, K) score
+    matrix in memory and is several times slower."""
+    e = v.shape[-1]
+    if v.is_cuda or e >= q.shape[-1]:
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
+    return F.scaled_dot_product_attention(q, k, F.pad(v, (0, q.shape[-1] - e)), **kwargs)[..., :e]
+
+
 def varlen_attention(q_THD: torch.Tensor, k_THD: torch.Tensor, v_THE: torch.Tensor, cu_seqlens: torch.Tensor,
                      *, causal: bool, scale: float | None = None) -> torch.Tensor:
     """Attention within each packed segment; returns (T, H, E)."""
@@ -32,7 +42,7 @@ def varlen_attention(q_THD: torch.Tensor, k_THD: torch.Tensor, v_THE: torch.Tens
         if end == start:
             continue
         q, k, v = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q_THD, k_THD, v_THE))
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+        o = _sdpa(q, k, v, is_causal=causal, scale=scale)
         out_THE[start:end] = o.squeeze(0).transpose(0, 1)
     return out_THE
 
@@ -57,10 +67,8 @@ def causal_attention(q_BHSD: torch.Tensor, k_BhKD: torch.Tensor, v_BhKE: torch.T
     s, k = q_BHSD.shape[2], k_BhKD.shape[2]
     gqa = k_BhKD.shape[1] != q_BHSD.shape[1]
     if key_valid_BK is None and (s == k or s == 1):
-        return F.scaled_dot_product_attention(q_BHSD, k_BhKD, v_BhKE, is_causal=s > 1, scale=scale,
-                                              enable_gqa=gqa)
+        return _sdpa(q_BHSD, k_BhKD, v_BhKE, is_causal=s > 1, scale=scale, enable_gqa=gqa)
     allowed = torch.ones(s, k, dtype=torch.bool, device=q_BHSD.device).tril(k - s)
     if key_valid_BK is not None:
         allowed = (allowed & key_valid_BK[:, None, None, :]) | allowed.triu(k - s)
-    return F.scaled_dot_product_attention(q_BHSD, k_BhKD, v_BhKE, attn_mask=allowed, scale=scale,
-                                          enable_gqa=gqa)
+    return _sdpa(q_BHSD, k_BhKD, v_BhKE, attn_mask=allowed, scale=scale, enable_gqa=gqa)

@@ -12,8 +12,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
-        return self.weight * y
+        # F.rms_norm upcasts bf16/fp16 inputs to float32 itself (same bits as an explicit .float() round trip)
+        return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
