@@ -97,6 +97,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from kimivl.demo import run_demo
+
+    run_demo(args.model, args.examples)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kimivl", description="Kimi-VL in plain PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -124,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue a run: skip finished stages, resume the rest")
     train.add_argument("--out", help="run directory (default: the recipe's 'out')")
     train.set_defaults(func=cmd_train)
+
+    from kimivl.demo import DEFAULT_EXAMPLES, DEFAULT_MODEL
+
+    demo = sub.add_parser("demo", help="the shipped kimivl-tiny answering bundled held-out questions")
+    demo.add_argument("--model", default=str(DEFAULT_MODEL), help="checkpoint directory (default: kimivl-tiny)")
+    demo.add_argument("--examples", default=str(DEFAULT_EXAMPLES), help="held-out split directory")
+    demo.set_defaults(func=cmd_demo)
     return parser
 
 

@@ -178,3 +178,10 @@ def write_records(path: str | os.PathLike, records: Iterable[dict]) -> int:
             f.write(json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n")
             n += 1
     return n
+
+
+def is_text_file(path: str | os.PathLike) -> bool:
+    """Whether a JSONL file holds text documents rather than conversations (judged by its first record)."""
+    for _, obj in _lines(Path(path)):
+        return "messages" not in obj
+    return False

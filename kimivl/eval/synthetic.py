@@ -8,9 +8,12 @@ gold box (normalised coordinates).
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 from typing import Any
 
+from kimivl.data.formats import is_text_file, iter_records
 from kimivl.processing.chat_template import parse_thinking
 
 _INT = re.compile(r"-?\d+")
@@ -71,3 +74,15 @@ def evaluate(model, processor, records: list[dict], batch_size: int = 16, max_ne
         acc[task] = sum(mine) / len(mine)
     acc["all"] = sum(r["correct"] for r in rows) / max(1, len(rows))
     return acc, rows
+
+
+def heldout_records(split_dir: str | os.PathLike, limit: int | None = None) -> list[dict]:
+    """The first ``limit`` records of every task file in a held-out split directory (text files excluded)."""
+    records = []
+    for path in sorted(Path(split_dir).glob("*.jsonl")):
+        if is_text_file(path):
+            continue
+        records += list(iter_records(path))[:limit]
+    if not records:
+        raise FileNotFoundError(f"no held-out conversation files in {split_dir}")
+    return records

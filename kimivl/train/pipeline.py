@@ -15,9 +15,10 @@ from pathlib import Path
 import torch
 
 from kimivl.config import KimiVLConfig
-from kimivl.data.formats import iter_records, iter_texts
+from kimivl.data.formats import is_text_file, iter_records, iter_texts
 from kimivl.data.mixture import Mixture
 from kimivl.data.world import ensure_world
+from kimivl.eval.synthetic import evaluate, heldout_records
 from kimivl.model.kimivl import KimiVL
 from kimivl.processing.chat_template import parse_thinking
 from kimivl.processing.processor import KimiVLProcessor
@@ -33,12 +34,6 @@ log = logging.getLogger(__name__)
 FINAL = "final"
 
 
-def _is_text_source(path: Path) -> bool:
-    with open(path, encoding="utf-8") as f:
-        first = f.readline()
-    return '"messages"' not in first
-
-
 class Sources:
     """The recipe's data sources, loaded once: conversation records or plain texts, by name. A source given as
     ``{path: FILE, answers_only: true}`` drops the ``◁think▷…◁/think▷`` part of assistant turns."""
@@ -50,7 +45,7 @@ class Sources:
             path = recipe.source_path(name)
             if not path.is_file():
                 raise FileNotFoundError(f"data source {name!r}: {path} does not exist")
-            self.is_text[name] = _is_text_source(path)
+            self.is_text[name] = is_text_file(path)
             items = list(iter_texts(path) if self.is_text[name] else iter_records(path))
             if isinstance(spec, dict) and spec.get("answers_only"):
                 items = [_answers_only(r) for r in items]
@@ -192,23 +187,9 @@ def run_stage(recipe: Recipe, stage: Stage, model: KimiVL, processor: KimiVLProc
     return result
 
 
-def heldout_records(split_dir: Path, limit: int | None = None) -> list[dict]:
-    """The first ``limit`` records of every task file in a held-out split directory (text files excluded)."""
-    records = []
-    for path in sorted(split_dir.glob("*.jsonl")):
-        if _is_text_source(path):
-            continue
-        records += list(iter_records(path))[:limit]
-    if not records:
-        raise FileNotFoundError(f"no held-out conversation files in {split_dir}")
-    return records
-
-
 def evaluate_stage(recipe: Recipe, stage: str, model: KimiVL, processor: KimiVLProcessor,
                    progress: bool = True) -> dict[str, float]:
     """Held-out accuracy per task after ``stage``, written to ``out/eval/<stage>.json`` (predictions beside)."""
-    from kimivl.eval.synthetic import evaluate
-
     spec = recipe.eval
     records = heldout_records(recipe.out / spec["split"], spec.get("limit"))
     model.eval()
