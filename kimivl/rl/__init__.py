@@ -1,0 +1,1 @@
+"""Reinforcement learning: rollouts, rule rewards, OPMD / GRPO objectives, problem sampling, the RL loop."""

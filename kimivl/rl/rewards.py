@@ -1,0 +1,104 @@
+"""Rule-based rewards for RL, in [0, 1], read from the answer after ``◁/think▷``.
+
+A response that never closes its reasoning (no ``◁/think▷``) has no answer and gets 0, and so does one without any
+think markers: the RL policy is a thinking model and must keep its format. Checkers, each ``(answer, meta) -> float``:
+
+- ``numeric``: the **last** number of the answer (after units such as ``cm``, ``cm²`` or ``m^2`` are stripped, so
+  their exponents are not read as numbers; thousands commas allowed) equals ``meta['gold']`` within
+  ``max(abs_tol, rel_tol * |gold|)``. The last number because a worked answer ends on its result
+  ("3 + 4 = 7"); held-out scoring (``kimivl.eval.synthetic``) reads the first integer, and the two agree on
+  answers holding one number, which is what the synthetic tasks ask for.
+- ``option``: the option letter, from "B", "(B)", "B." / "B)" at the start, or "answer is B", equals the gold letter.
+- ``string``: case-, space- and punctuation-insensitive equality (OCR); no substring credit, which a policy could
+  farm by writing many words.
+- ``point_in_box``: a point "(x, y)" or a box's centre (the first two or four numbers) inside ``meta['box']``
+  ``[x1, y1, x2, y2]``, normalised coordinates (GUI grounding).
+
+``REWARDS`` maps a synthetic task name to its checker; other tasks fall back to ``kimivl.eval.synthetic.score``
+(binary correctness as held-out evaluation counts it). ``register`` adds or replaces a task's checker.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+from kimivl.eval.synthetic import score
+from kimivl.processing.chat_template import THINK_CLOSE
+
+Checker = Callable[[str, dict[str, Any]], float]
+
+_NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")
+_FLOAT = re.compile(r"-?\d+(?:\.\d+)?")
+_UNIT = re.compile(r"(?<![A-Za-z])(?:mm|cm|km|m|in|ft|units?|sq)(?:\s*\^\s*[23]|[²³]|[23](?!\d))?(?![A-Za-z])|[²³]")
+_LEAD_LETTER = re.compile(r"^\(?([A-Z])(?:\)|\.|:|$|\s)")
+_PAREN_LETTER = re.compile(r"\(([A-Z])\)")
+_SAID_LETTER = re.compile(r"answer is:?\s*\(?([A-Z])\b", re.IGNORECASE)
+
+
+def answer_of(response: str) -> str | None:
+    """The stripped text after the last ``◁/think▷``, or None when the response never closes its reasoning."""
+    head, sep, tail = response.rpartition(THINK_CLOSE)
+    return tail.strip() if sep else None
+
+
+def numbers(text: str) -> list[float]:
+    """The numbers in ``text`` in order, after unit words and their exponents are removed."""
+    return [float(n.replace(",", "")) for n in _NUMBER.findall(_UNIT.sub(" ", text))]
+
+
+def numeric(answer: str, meta: dict[str, Any], rel_tol: float = 1e-4, abs_tol: float = 1e-6) -> float:
+    found = numbers(answer)
+    if not found:
+        return 0.0
+    gold = float(meta["gold"])
+    return float(abs(found[-1] - gold) <= max(abs_tol, rel_tol * abs(gold)))
+
+
+def option(answer: str, meta: dict[str, Any]) -> float:
+    answer = answer.strip()
+    found = _LEAD_LETTER.match(answer) or _PAREN_LETTER.search(answer) or _SAID_LETTER.search(answer)
+    return float(found is not None and found.group(1).upper() == str(meta["gold"]).strip().upper())
+
+
+def _norm(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def string(answer: str, meta: dict[str, Any]) -> float:
+    gold = meta["gold"]
+    gold = " ".join(map(str, gold)) if isinstance(gold, list) else str(gold)
+    return float(bool(_norm(answer)) and _norm(answer) == _norm(gold))
+
+
+def point_in_box(answer: str, meta: dict[str, Any]) -> float:
+    found = [float(n) for n in _FLOAT.findall(answer)]
+    if len(found) >= 4:
+        x, y = (found[0] + found[2]) / 2, (found[1] + found[3]) / 2
+    elif len(found) >= 2:
+        x, y = found[0], found[1]
+    else:
+        return 0.0
+    x1, y1, x2, y2 = meta["box"]
+    return float(x1 <= x <= x2 and y1 <= y <= y2)
+
+
+def binary(answer: str, meta: dict[str, Any]) -> float:
+    """Held-out scoring's notion of correct (``kimivl.eval.synthetic.score``)."""
+    return float(score(answer, meta))
+
+
+REWARDS: dict[str, Checker] = {"reasoning": numeric, "ocr": string, "gui": point_in_box}
+
+
+def register(task: str, checker: Checker) -> None:
+    REWARDS[task] = checker
+
+
+def correctness(response: str, meta: dict[str, Any]) -> float:
+    """The reward of ``response`` to the problem whose meta is ``meta`` (its ``task`` picks the checker)."""
+    answer = answer_of(response)
+    if answer is None:
+        return 0.0
+    return REWARDS.get(meta.get("task"), binary)(answer, meta)

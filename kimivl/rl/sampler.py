@@ -1,0 +1,84 @@
+"""Which problems an RL iteration trains on: a curriculum by difficulty label and prioritised sampling.
+
+The curriculum maps training progress (0 at the first iteration, 1 at the end) to weights per difficulty: the
+phase in force is the one with the largest start <= progress, e.g. ``{0.0: {easy: 1}, 0.3: {easy: 1, medium: 1},
+0.6: {easy: 1, medium: 1, hard: 2}}``. A difficulty is drawn by its weight (labels without problems drop out),
+then a problem of that difficulty with probability proportional to max(floor, 1 - its running success rate); a
+problem never tried counts as rate 0. The rate is an exponential average over visits (``decay`` of the old value),
+the first visit setting it outright, so it follows a policy that improves. Without a curriculum, labels are
+ignored: P(i) is proportional to the priority over all problems. A batch never repeats a problem.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+class ProblemSampler:
+    def __init__(self, difficulties: Sequence[str], curriculum: dict[float, dict[str, float]] | None = None,
+                 floor: float = 0.05, decay: float = 0.5, seed: int = 0):
+        if not difficulties:
+            raise ValueError("the sampler needs at least one problem")
+        if not 0 < floor <= 1 or not 0 <= decay < 1:
+            raise ValueError(f"need 0 < floor <= 1 and 0 <= decay < 1, got {floor} and {decay}")
+        self.difficulties = list(difficulties)
+        self.labels = sorted(set(self.difficulties))
+        self.curriculum = {float(k): dict(v) for k, v in sorted((curriculum or {}).items())}
+        if self.curriculum and min(self.curriculum) > 0:
+            raise ValueError(f"the curriculum must start at progress 0, got {sorted(self.curriculum)}")
+        for start, weights in self.curriculum.items():
+            if not any(w > 0 and d in self.labels for d, w in weights.items()):
+                raise ValueError(f"curriculum phase {start} gives no weight to any difficulty present "
+                                 f"({', '.join(self.labels)})")
+        self.floor, self.decay = floor, decay
+        self.success = torch.zeros(len(difficulties), dtype=torch.float64)
+        self.visits = torch.zeros(len(difficulties), dtype=torch.int64)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def weights(self, progress: float) -> dict[str, float]:
+        """The curriculum's difficulty weights in force at ``progress`` (empty without a curriculum)."""
+        if not self.curriculum:
+            return {}
+        start = max((s for s in self.curriculum if s <= progress), default=0.0)
+        return {d: float(w) for d, w in self.curriculum[start].items() if d in self.labels}
+
+    def priorities(self) -> torch.Tensor:
+        return (1 - self.success).clamp_min(self.floor)
+
+    def probabilities(self, progress: float) -> torch.Tensor:
+        """P(problem i is drawn first) at ``progress``: (N,), summing to 1."""
+        prio = self.priorities()
+        if not self.curriculum:
+            return prio / prio.sum()
+        label = torch.tensor([self.labels.index(d) for d in self.difficulties])
+        weights = self.weights(progress)
+        share = torch.tensor([weights.get(d, 0.0) for d in self.labels], dtype=torch.float64)
+        share = share / share.sum()
+        per_label = torch.zeros(len(self.labels), dtype=torch.float64).index_add_(0, label, prio)
+        return share[label] * prio / per_label[label]
+
+    def sample(self, n: int, progress: float) -> list[int]:
+        """``n`` distinct problem indices (fewer if fewer problems have non-zero probability)."""
+        probs = self.probabilities(progress)
+        n = min(n, int((probs > 0).sum()))
+        return torch.multinomial(probs, n, replacement=False, generator=self.generator).tolist()
+
+    def update(self, indices: Sequence[int], success: Sequence[float]) -> None:
+        """Fold each problem's share of correct samples this iteration into its running success rate."""
+        for i, s in zip(indices, success):
+            old = self.success[i] if self.visits[i] else torch.tensor(float(s), dtype=torch.float64)
+            self.success[i] = self.decay * old + (1 - self.decay) * float(s)
+            self.visits[i] += 1
+
+    def state_dict(self) -> dict:
+        return {"success": self.success.clone(), "visits": self.visits.clone(),
+                "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["success"].shape != self.success.shape:
+            raise ValueError(f"sampler state holds {len(state['success'])} problems, this sampler "
+                             f"{len(self.success)}: resume with the same problem sources")
+        self.success, self.visits = state["success"].clone(), state["visits"].clone()
+        self.generator.set_state(state["generator"])

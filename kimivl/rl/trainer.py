@@ -1,0 +1,250 @@
+"""The RL loop: online policy mirror descent (or GRPO) on rule-rewarded problems, resumable.
+
+Each iteration: snapshot the policy as the frozen reference pi_i; draw problems (curriculum + priority); sample k
+responses per problem from pi_i; score them (plus the length reward after its warm-up); compute pi_i's log-probs;
+then take ``updates`` optimizer steps on shuffled minibatches of the samples, each with the policy's log-probs
+recomputed with gradients; finally check that the reference did not move. One LR-scheduler step per iteration.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from kimivl.inference.sampling import SamplingParams
+from kimivl.processing.processor import Encoded, KimiVLProcessor
+from kimivl.rl.objectives import (group_baseline, group_normalised, grpo_loss, kl_estimate, length_reward,
+                                  opmd_loss)
+from kimivl.rl.rewards import correctness
+from kimivl.rl.rollouts import pack_rows, rollout, token_logprobs
+from kimivl.rl.sampler import ProblemSampler
+from kimivl.train.loop import TrainingError
+from kimivl.train.metrics import MetricsLog, plot_curves
+from kimivl.train.state import latest_checkpoint, load_state, save_state
+
+log = logging.getLogger(__name__)
+OBJECTIVES = ("opmd", "grpo")
+
+
+@dataclass
+class RLConfig:
+    """One RL stage. In a recipe, a stage of kind ``rl`` gives these under ``rl:``; ``iterations``, ``budget``,
+    ``clip``, ``ckpt_every`` and ``seed`` come from the stage (``steps``, ...) and the recipe."""
+
+    iterations: int = 40
+    problems: int = 16  # problems per iteration
+    samples: int = 8  # k responses per problem
+    temperature: float = 0.8
+    top_p: float = 1.0
+    max_new_tokens: int = 160
+    stop: list[str] = field(default_factory=lambda: ["<|im_end|>", "[EOS]"])
+    objective: str = "opmd"  # or "grpo"
+    tau: float = 0.5  # OPMD: weight of log(pi_theta / pi_ref)
+    clip_eps: float = 0.2  # GRPO ratio clip
+    grpo_level: str = "token"  # GRPO ratio per "token" or per "sequence"
+    kl_coef: float = 0.0  # GRPO: k3 KL to the reference
+    length_weight: float = 0.0  # 0 turns the length reward off
+    length_warmup: int = 0  # iterations before the length reward starts
+    updates: int = 2  # optimizer steps (minibatches) per iteration
+    rollout_batch: int = 64  # rows per generation batch
+    curriculum: dict[float, dict[str, float]] | None = None  # progress -> weight per difficulty
+    priority_floor: float = 0.05
+    success_decay: float = 0.5
+    budget: int = 4096  # tokens per packed log-prob forward
+    clip: float = 1.0  # gradient-norm clip
+    bf16: bool = True  # autocast the log-prob forwards
+    ckpt_every: int = 10
+    keep_checkpoints: int = 2
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"rl objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if min(self.iterations, self.problems, self.samples, self.updates, self.max_new_tokens) < 1:
+            raise ValueError("rl iterations, problems, samples, updates and max_new_tokens must be >= 1")
+        if self.samples < 2:
+            raise ValueError("rl samples must be >= 2: the baseline is the mean reward of a problem's samples")
+        if self.tau <= 0:
+            raise ValueError(f"rl tau must be > 0, got {self.tau}")
+
+
+def snapshot(policy: torch.nn.Module) -> torch.nn.Module:
+    """A frozen copy of ``policy`` (no shared storage, no gradients)."""
+    return copy.deepcopy(policy).requires_grad_(False).eval()
+
+
+def fingerprint(model: torch.nn.Module) -> torch.Tensor:
+    """Per-parameter sum and sum of squares, enough to notice any update."""
+    return torch.stack([torch.stack([p.double().sum(), p.double().square().sum()]) for p in model.parameters()])
+
+
+def prompt_of(record: dict) -> list[dict]:
+    """A problem record's messages up to (not including) a final assistant turn."""
+    messages = record["messages"]
+    return messages[:-1] if messages and messages[-1]["role"] == "assistant" else messages
+
+
+def _images(encoded: list[Encoded]):
+    have = [e for e in encoded if len(e.image_grid_hws)]
+    if not have:
+        return None, None
+    return torch.cat([e.pixel_values for e in have]), torch.cat([e.image_grid_hws for e in have])
+
+
+class RLTrainer:
+    """``problems``: records ``{"messages": [...], "meta": {"task", "gold", "difficulty", ...}}``; ``reward_fn``
+    ``(response text, meta) -> float`` (default: ``kimivl.rl.rewards.correctness``)."""
+
+    def __init__(self, policy, processor: KimiVLProcessor, problems: list[dict], cfg: RLConfig,
+                 optimizer: torch.optim.Optimizer, scheduler, run_dir: str | Path, stage: str = "rl",
+                 reward_fn: Callable[[str, dict], float] = correctness):
+        if not problems:
+            raise ValueError("RL needs at least one problem")
+        self.policy, self.processor, self.problems, self.cfg = policy, processor, problems, cfg
+        self.optimizer, self.scheduler, self.reward_fn = optimizer, scheduler, reward_fn
+        self.run_dir, self.stage = Path(run_dir), stage
+        self.sampler = ProblemSampler([p["meta"].get("difficulty", "any") for p in problems], cfg.curriculum,
+                                      cfg.priority_floor, cfg.success_decay, cfg.seed)
+        self.stop_ids = [processor.tokenizer.special_id(s) for s in cfg.stop]
+        self.iteration = 0
+        self._encoded: dict[int, Encoded] = {}
+
+    def encode(self, i: int) -> Encoded:
+        if i not in self._encoded:
+            self._encoded[i] = self.processor.encode(prompt_of(self.problems[i]))
+        return self._encoded[i]
+
+    def _autocast(self):
+        return torch.autocast(self.policy.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16)
+
+    def step(self) -> dict[str, float]:
+        """One iteration; returns its metrics."""
+        cfg, it, k = self.cfg, self.iteration, self.cfg.samples
+        start = time.perf_counter()
+        chosen = self.sampler.sample(cfg.problems, it / cfg.iterations)
+        # pi_i: rollouts and reference log-probs come from this frozen copy, never from the moving policy
+        reference = snapshot(self.policy)
+        ref_print = fingerprint(reference)
+        encoded = [self.encode(i) for i in chosen]
+        base_seed = (cfg.seed * 1_000_003 + it) * 1000
+        params = SamplingParams(cfg.max_new_tokens, cfg.temperature, top_p=cfg.top_p, seed=base_seed)
+        rolls = rollout(reference, self.processor, [e.input_ids for e in encoded], *_images(encoded), k, params,
+                        self.stop_ids, cfg.rollout_batch)
+        rollout_s = time.perf_counter() - start
+
+        correct = torch.tensor([self.reward_fn(r.text, self.problems[chosen[r.prompt]]["meta"]) for r in rolls])
+        lengths = torch.tensor([r.length for r in rolls], dtype=torch.float32)
+        reward = correct.clone()
+        length_on = cfg.length_weight > 0 and it >= cfg.length_warmup
+        if length_on:
+            reward = reward + cfg.length_weight * length_reward(lengths, correct >= 0.5, k)
+        advantage = group_baseline(reward, k) if cfg.objective == "opmd" else group_normalised(reward, k)
+
+        prompts = [encoded[r.prompt].input_ids for r in rolls]
+        responses = [r.ids for r in rolls]
+        sample_images = [encoded[r.prompt] for r in rolls]
+        with torch.no_grad(), self._autocast():
+            ref_tokens = token_logprobs(reference, prompts, responses, *_images(sample_images), cfg.budget)
+        ref_seq = torch.stack([t.sum() for t in ref_tokens])
+
+        self.policy.train()
+        order = torch.randperm(len(rolls), generator=torch.Generator().manual_seed(base_seed + 999))
+        losses, seen, seen_ref, grad_norm = [], [], [], torch.tensor(0.0)
+        for minibatch in order.chunk(cfg.updates):
+            mb = minibatch.tolist()
+            self.optimizer.zero_grad(set_to_none=True)
+            for row in pack_rows([len(prompts[i]) + len(responses[i]) for i in mb], cfg.budget):
+                idx = [mb[j] for j in row]
+                with self._autocast():
+                    tokens = token_logprobs(self.policy, [prompts[i] for i in idx], [responses[i] for i in idx],
+                                            *_images([sample_images[i] for i in idx]), cfg.budget)
+                if cfg.objective == "opmd":
+                    seq = torch.stack([t.sum() for t in tokens])
+                    loss = opmd_loss(seq, ref_seq[idx], advantage[idx], cfg.tau)
+                else:
+                    loss = grpo_loss(tokens, [ref_tokens[i] for i in idx], advantage[idx], cfg.clip_eps,
+                                     cfg.grpo_level, cfg.kl_coef)
+                if not torch.isfinite(loss).all():
+                    raise TrainingError(f"{self.stage}: non-finite RL loss at iteration {it}; the last good state "
+                                        f"is the latest checkpoint under {self._ckpt_dir}")
+                (loss.sum() / len(mb)).backward()
+                losses.append(loss.detach())
+                seen += [t.detach().sum() for t in tokens]
+                seen_ref += [ref_seq[i] for i in idx]
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.clip)
+            if not torch.isfinite(grad_norm):
+                raise TrainingError(f"{self.stage}: gradient norm {grad_norm.item()} at iteration {it}; the last "
+                                    f"good state is the latest checkpoint under {self._ckpt_dir}")
+            self.optimizer.step()
+        self.scheduler.step()
+        if not torch.equal(fingerprint(reference), ref_print):
+            raise AssertionError("the reference policy moved during an RL iteration")
+
+        correct_PK = correct.view(-1, k) >= 0.5
+        self.sampler.update(chosen, correct_PK.float().mean(1).tolist())
+        self.iteration += 1
+        tokens = int(lengths.sum())
+        values = {"reward": reward.mean().item(), "accuracy": correct.mean().item(),
+                  "mean_length": lengths.mean().item(), "truncated": 1 - sum(r.stopped for r in rolls) / len(rolls),
+                  "kl_ref": kl_estimate(torch.stack(seen), torch.stack(seen_ref)).item(),
+                  "all_correct": correct_PK.all(1).float().mean().item(),
+                  "all_wrong": (~correct_PK).all(1).float().mean().item(),
+                  "loss": torch.cat(losses).mean().item(), "grad_norm": grad_norm.item(),
+                  "lr": self.scheduler.get_last_lr()[0], "rollout_tokens_per_s": tokens / rollout_s,
+                  "seconds": time.perf_counter() - start}
+        if length_on:
+            values["length_reward"] = (reward - correct).mean().item() / cfg.length_weight
+        return values
+
+    @property
+    def _ckpt_dir(self) -> Path:
+        return self.run_dir / self.stage / "checkpoints"
+
+    def _checkpoint(self) -> Path:
+        # The reference is not saved: checkpoints fall between iterations, where pi_i is about to be
+        # re-snapshotted from the policy, so it would be a second copy of the same weights.
+        return save_state(self._ckpt_dir, self.policy, {
+            "step": self.iteration, "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict()},
+            keep=self.cfg.keep_checkpoints)
+
+    def _plot(self) -> None:
+        metrics, out = self.run_dir / "metrics.jsonl", self.run_dir / self.stage
+        for name, keys in (("rewards", ("reward", "accuracy", "all_correct", "all_wrong")),
+                           ("length", ("mean_length",)), ("kl", ("kl_ref",))):
+            plot_curves(metrics, out / f"{name}.png", keys)
+
+    def run(self, resume: bool = True, progress: bool = True) -> dict[str, float]:
+        """Run the remaining iterations (resuming from the latest checkpoint); returns the last metrics."""
+        found = latest_checkpoint(self._ckpt_dir) if resume else None
+        if found is not None:
+            state = load_state(found, self.policy)
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.sampler.load_state_dict(state["sampler"])
+            self.iteration = state["step"]
+            log.info("%s: resumed at iteration %d from %s", self.stage, self.iteration, found)
+        metrics = MetricsLog(self.run_dir, self.stage)
+        metrics.truncate_after(self.iteration)
+        last: dict[str, Any] = {}
+        bar = tqdm(total=self.cfg.iterations, initial=self.iteration, desc=self.stage, unit="it",
+                   disable=not progress, dynamic_ncols=True)
+        while self.iteration < self.cfg.iterations:
+            last = self.step()
+            metrics.write(self.iteration, last)
+            bar.update(1)
+            bar.set_postfix(reward=f"{last['reward']:.2f}", acc=f"{last['accuracy']:.2f}",
+                            len=f"{last['mean_length']:.0f}")
+            if self.iteration % self.cfg.ckpt_every == 0 or self.iteration == self.cfg.iterations:
+                self._checkpoint()
+                self._plot()
+        bar.close()
+        return last

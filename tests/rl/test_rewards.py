@@ -1,0 +1,70 @@
+import pytest
+
+from kimivl.rl.rewards import REWARDS, answer_of, correctness, numbers, option, point_in_box, register, string
+
+THINK = "◁think▷ 3 + 4 = 7 ◁/think▷"
+
+
+def test_answer_needs_a_closed_reasoning():
+    assert answer_of(f"{THINK} 7") == "7"
+    assert answer_of("◁think▷ 3 + 4 = 7, so 7") is None  # never closes: no answer
+    assert answer_of("7") is None  # no thinking format at all
+    assert answer_of("◁think▷a◁/think▷b◁/think▷ 9 ") == "9"  # the last closing marker counts
+    meta = {"task": "reasoning", "gold": 7}
+    assert correctness("◁think▷ the answer is 7", meta) == 0.0
+    assert correctness("7", meta) == 0.0
+    assert correctness(f"{THINK}7", meta) == 1.0
+    assert correctness(f"{THINK}", meta) == 0.0  # closed, but the answer is empty
+
+
+@pytest.mark.parametrize("answer, gold, expected", [
+    ("7", 7, 1.0), ("7.0", 7, 1.0), ("7.00001", 7, 1.0), ("7.1", 7, 0.0), ("-3", -3, 1.0), ("1,234", 1234, 1.0),
+    ("3 + 4 = 7", 7, 1.0),  # several numbers: the last one is the answer
+    ("7, or maybe 8", 7, 0.0),
+    ("12 cm", 12, 1.0), ("12cm²", 12, 1.0), ("12 cm^2", 12, 1.0), ("12 m2", 12, 1.0), ("12 sq units", 12, 1.0),
+    ("The area is 12 square cm.", 12, 1.0), ("2.5", 2.5, 1.0), ("no idea", 7, 0.0),
+])
+def test_numeric(answer, gold, expected):
+    assert correctness(f"{THINK}{answer}", {"task": "reasoning", "gold": gold}) == expected
+
+
+def test_numbers_strip_units_not_digits():
+    assert numbers("area 12 cm² and 3 m^3, total 15") == [12.0, 3.0, 15.0]
+
+
+@pytest.mark.parametrize("answer, expected", [
+    ("B", 1.0), ("(B)", 1.0), ("B. blue", 1.0), ("B) blue", 1.0), ("The answer is B", 1.0), ("the answer is (b)", 1.0),
+    ("A", 0.0), ("(A) or (B)", 0.0), ("Blue", 0.0), ("", 0.0),
+])
+def test_option(answer, expected):
+    assert option(answer, {"gold": "B"}) == expected
+
+
+def test_string_match():
+    meta = {"task": "ocr", "gold": "Hello, World"}
+    assert string("hello world", meta) == 1.0
+    assert string("  HELLO   world! ", meta) == 1.0
+    assert string("hello world again", meta) == 0.0  # no credit for a superset
+    assert string("", {"gold": ""}) == 0.0
+    assert string("red circle", {"gold": ["red", "circle"]}) == 1.0
+
+
+def test_point_in_box():
+    meta = {"task": "gui", "box": [0.2, 0.3, 0.4, 0.5], "gold": [0.3, 0.4]}
+    assert point_in_box("(0.30, 0.40)", meta) == 1.0
+    assert point_in_box("[0.25, 0.35, 0.35, 0.45]", meta) == 1.0  # a box scores by its centre
+    assert point_in_box("(0.5, 0.4)", meta) == 0.0
+    assert point_in_box("0.3", meta) == 0.0
+    assert correctness("◁think▷ the button ◁/think▷(0.3, 0.4)", meta) == 1.0
+
+
+def test_registry_and_default():
+    assert REWARDS["reasoning"].__name__ == "numeric"
+    # tasks without a checker use held-out scoring: captions here, an integer gold read as the first integer
+    assert correctness(f"{THINK} 3 circles", {"task": "caption", "gold": 3}) == 1.0
+    assert correctness(f"{THINK} Red", {"task": "caption", "gold": "red"}) == 1.0
+    register("toy-task", lambda answer, meta: float(answer == "yes"))
+    try:
+        assert correctness(f"{THINK}yes", {"task": "toy-task"}) == 1.0
+    finally:
+        del REWARDS["toy-task"]

@@ -1,0 +1,109 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kimivl.inference.generate import generate_ids
+from kimivl.inference.sampling import SamplingParams
+from kimivl.rl.rollouts import pack_rows, rollout, sequence_logprobs, split_images, token_logprobs
+
+
+@pytest.fixture(scope="module")
+def prompts(small_processor):
+    """Three prompts: with a 56x28 image, text only, with a 28x56 image."""
+    img_a = Image.fromarray(np.full((28, 56, 3), (200, 30, 30), dtype=np.uint8))
+    img_b = Image.fromarray(np.random.default_rng(0).integers(0, 255, (56, 28, 3), dtype=np.uint8))
+    encoded = [small_processor.encode([{"role": "user", "content": parts}]) for parts in (
+        [{"type": "image", "image": img_a}, {"type": "text", "text": "What colour is the square?"}],
+        "Count the circles.",
+        [{"type": "text", "text": "the fox"}, {"type": "image", "image": img_b}])]
+    ids = [e.input_ids for e in encoded]
+    have = [e for e in encoded if len(e.image_grid_hws)]
+    return ids, torch.cat([e.pixel_values for e in have]), torch.cat([e.image_grid_hws for e in have])
+
+
+def test_split_images(small_model, prompts):
+    ids, pv, grids = prompts
+    parts = split_images(ids, pv, grids, small_model.config.media_placeholder_token_id)
+    assert parts[1] == (None, None)
+    assert parts[0][1].tolist() == [grids[0].tolist()] and parts[2][1].tolist() == [grids[1].tolist()]
+    assert len(parts[0][0]) + len(parts[2][0]) == len(pv)
+    with pytest.raises(ValueError, match="left over"):
+        split_images(ids[:2], pv, grids, small_model.config.media_placeholder_token_id)
+
+
+def test_pack_rows():
+    assert pack_rows([3, 4, 2, 9, 1], budget=8) == [[0, 1], [2], [3], [4]]
+    assert pack_rows([], budget=8) == []
+
+
+def test_logprobs_cover_response_tokens_only_and_match_a_plain_forward(small_model, prompts):
+    ids, pv, grids = prompts
+    responses = [[5, 17, 40], [9], [33, 2, 2, 100]]
+    packed = token_logprobs(small_model, ids, responses, pv, grids, budget=4096)
+    alone = token_logprobs(small_model, ids, responses, pv, grids, budget=1)  # one row per sample
+    assert [len(t) for t in packed] == [3, 1, 4]
+    parts = split_images(ids, pv, grids, small_model.config.media_placeholder_token_id)
+    for i, (p, r) in enumerate(zip(ids, responses)):
+        full = torch.tensor([p + r])
+        with torch.no_grad():
+            logits = small_model(full, *parts[i]).logits[0].float()
+        expected = torch.log_softmax(logits, -1)[torch.arange(len(p) - 1, len(p) + len(r) - 1), torch.tensor(r)]
+        torch.testing.assert_close(packed[i].detach(), expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(alone[i].detach(), expected, rtol=1e-4, atol=1e-4)
+    seq = sequence_logprobs(small_model, ids, responses, pv, grids)
+    torch.testing.assert_close(seq.detach(), torch.stack([t.sum() for t in packed]).detach())
+    assert packed[0].requires_grad
+
+
+def test_rollout_k_samples_per_prompt_with_the_stop_token(small_model, small_processor, prompts):
+    ids, pv, grids = prompts
+    # stop on any byte-level token so that rows stop at different steps
+    stop = list(range(200))
+    params = SamplingParams(max_new_tokens=6, temperature=1.0, seed=3)
+    rolls = rollout(small_model, small_processor, ids, pv, grids, k=4, params=params, stop_ids=stop, batch_size=5)
+    assert [r.prompt for r in rolls] == [0] * 4 + [1] * 4 + [2] * 4
+    assert any(r.stopped for r in rolls) and all(len(r.ids) <= 6 for r in rolls)
+    for r in rolls:
+        assert r.stopped == (r.ids[-1] in stop)
+        assert r.text == small_processor.decode(r.ids) and r.length == len(r.ids)
+    again = rollout(small_model, small_processor, ids, pv, grids, k=4, params=params, stop_ids=stop, batch_size=5)
+    assert [r.ids for r in again] == [r.ids for r in rolls]  # seeded: repeatable
+    # the engine with stop ids gives the same tokens, without the stop token (batch 0: rows 0-4, seed 3)
+    pv0, grid0 = split_images(ids, pv, grids, small_model.config.media_placeholder_token_id)[0]
+    engine = generate_ids(small_model, [ids[0]] * 4 + [ids[1]], pv0.repeat(4, 1, 1, 1), grid0.repeat(4, 1), params,
+                          stop_ids=stop)
+    assert engine == [r.ids[:-1] if r.stopped else r.ids for r in rolls[:5]]
+
+
+def test_greedy_rollouts_are_the_argmax_of_the_teacher_forced_log_probs(small_model, small_processor, prompts):
+    ids, pv, grids = prompts
+    rolls = rollout(small_model, small_processor, ids, pv, grids, k=2, params=SamplingParams(max_new_tokens=5),
+                    stop_ids=small_processor.stop_ids)
+    assert rolls[0].ids == rolls[1].ids
+    parts = split_images(ids, pv, grids, small_model.config.media_placeholder_token_id)
+    for r in rolls[::2]:
+        p = ids[r.prompt]
+        with torch.no_grad():
+            logits = small_model(torch.tensor([p + r.ids]), *parts[r.prompt]).logits[0]
+        assert logits[len(p) - 1:len(p) + len(r.ids) - 1].argmax(-1).tolist() == r.ids
+
+
+def test_a_sampled_placeholder_token_is_a_plain_token(small_model, prompts):
+    """The policy may sample <|media_pad|>; it takes no image feature (as in generation) and breaks nothing."""
+    ids, pv, grids = prompts
+    pad = small_model.config.media_placeholder_token_id
+    with torch.no_grad():
+        out = token_logprobs(small_model, ids, [[pad, 5], [pad], [7, pad, pad]], pv, grids)
+        plain = token_logprobs(small_model, ids, [[pad], [pad], [7]], pv, grids)
+        embeds = small_model.embed(torch.tensor([ids[1]]))
+        lm = small_model.language_model
+        both = torch.cat([embeds, lm.model.embed_tokens(torch.tensor([[pad]]))], 1)
+        logits = lm.logits(lm(both))[0, -1]
+    assert [len(t) for t in out] == [2, 1, 3]
+    torch.testing.assert_close(out[0][:1], plain[0])
+    torch.testing.assert_close(out[2][:1], plain[2])
+    torch.testing.assert_close(out[1], plain[1])
+    # the token after a sampled placeholder, for the text-only prompt: compare a hand-built forward
+    after = token_logprobs(small_model, ids[1:2], [[pad, 5]])[0][1]
+    torch.testing.assert_close(after, torch.log_softmax(logits, -1)[5], rtol=1e-4, atol=1e-4)

@@ -1,0 +1,70 @@
+import pytest
+import torch
+
+from kimivl.rl.sampler import ProblemSampler
+
+CURRICULUM = {0.0: {"easy": 1}, 0.5: {"easy": 1, "medium": 1}, 0.8: {"easy": 1, "medium": 1, "hard": 2}}
+
+
+def test_probabilities_follow_success_rates():
+    s = ProblemSampler(["easy"] * 4, floor=0.1, decay=0.5)
+    torch.testing.assert_close(s.probabilities(0.0), torch.full((4,), 0.25, dtype=torch.float64))
+    s.update([0, 1, 2], [1.0, 0.5, 0.25])  # first visits set the rate outright
+    prio = torch.tensor([0.1, 0.5, 0.75, 1.0], dtype=torch.float64)  # 1 - rate, the solved one at the floor
+    torch.testing.assert_close(s.probabilities(0.0), prio / prio.sum())
+    s.update([1], [1.0])  # running rate: 0.5 * 0.5 + 0.5 * 1.0 = 0.75
+    assert s.success[1].item() == pytest.approx(0.75)
+    assert s.visits.tolist() == [1, 2, 1, 0]
+
+
+def test_curriculum_moves_from_easy_to_hard():
+    labels = ["easy", "easy", "medium", "hard", "hard", "hard"]
+    s = ProblemSampler(labels, CURRICULUM)
+    p = s.probabilities(0.0)
+    assert p[:2].tolist() == [0.5, 0.5] and p[2:].sum() == 0
+    p = s.probabilities(0.6)
+    assert p.tolist() == pytest.approx([0.25, 0.25, 0.5, 0, 0, 0])
+    p = s.probabilities(0.9)  # hard has weight 2 of 4, shared by its three problems
+    assert p.tolist() == pytest.approx([0.125, 0.125, 0.25, 1 / 6, 1 / 6, 1 / 6])
+    assert set(s.sample(2, 0.1)) == {0, 1}
+    assert len(s.sample(5, 0.1)) == 2  # only two problems are allowed this early
+
+
+def test_priority_within_a_difficulty():
+    s = ProblemSampler(["easy", "easy", "hard"], {0.0: {"easy": 1, "hard": 1}}, floor=0.05)
+    s.update([0, 1], [1.0, 0.0])
+    p = s.probabilities(0.0)
+    assert p.tolist() == pytest.approx([0.5 * 0.05 / 1.05, 0.5 * 1 / 1.05, 0.5])
+
+
+def test_no_curriculum_is_plain_prioritised_sampling():
+    s = ProblemSampler(["easy", "hard", "hard", "hard"])
+    torch.testing.assert_close(s.probabilities(0.3), torch.full((4,), 0.25, dtype=torch.float64))
+    s.update([1], [1.0])
+    prio = torch.tensor([1, 0.05, 1, 1], dtype=torch.float64)
+    torch.testing.assert_close(s.probabilities(0.3), prio / prio.sum())
+
+
+def test_sampling_frequencies_and_resume():
+    s = ProblemSampler(["easy"] * 3, seed=1)
+    s.update([0, 1], [1.0, 0.5])
+    counts = torch.zeros(3)
+    for _ in range(3000):
+        counts[s.sample(1, 0.0)[0]] += 1
+    expected = torch.tensor([0.05, 0.5, 1.0]) / 1.55
+    torch.testing.assert_close(counts / 3000, expected.float(), atol=0.03, rtol=0)
+    state = s.state_dict()
+    again = ProblemSampler(["easy"] * 3, seed=99)
+    again.load_state_dict(state)
+    assert [s.sample(2, 0.0) for _ in range(5)] == [again.sample(2, 0.0) for _ in range(5)]
+    with pytest.raises(ValueError, match="same problem sources"):
+        ProblemSampler(["easy"] * 4).load_state_dict(state)
+
+
+def test_bad_settings():
+    with pytest.raises(ValueError, match="start at progress 0"):
+        ProblemSampler(["easy"], {0.2: {"easy": 1}})
+    with pytest.raises(ValueError, match="no weight"):
+        ProblemSampler(["easy"], {0.0: {"hard": 1}})
+    with pytest.raises(ValueError, match="floor"):
+        ProblemSampler(["easy"], floor=0)

@@ -1,0 +1,103 @@
+import copy
+import json
+
+import pytest
+import torch
+
+import kimivl.rl.trainer as trainer_mod
+from kimivl.rl.trainer import RLConfig, RLTrainer
+from kimivl.train.optim import build_optimizer
+from kimivl.train.schedule import scheduler_at
+
+PROBLEMS = [{"messages": [{"role": "user", "content": f"question {i}"}], "meta": {"task": "toy", "gold": i}}
+            for i in range(4)]
+
+
+def starts_with_a_letter(text: str, meta: dict) -> float:
+    """A trivially learnable reward: about 3% of the untrained model's first tokens are letters."""
+    return float(text[:1].isalpha())
+
+
+def make_trainer(model, processor, run_dir, reward_fn=starts_with_a_letter, **overrides):
+    settings = {"iterations": 12, "problems": 4, "samples": 8, "max_new_tokens": 3, "temperature": 1.0,
+                "updates": 2, "bf16": False, "budget": 2048, "ckpt_every": 1, **overrides}
+    optimizer = build_optimizer(model, lr=1e-2, weight_decay=0.0)
+    scheduler = scheduler_at(optimizer, lambda step: 1.0)
+    return RLTrainer(model, processor, PROBLEMS, RLConfig(**settings), optimizer, scheduler, run_dir,
+                     reward_fn=reward_fn)
+
+
+@pytest.mark.parametrize("objective", ["opmd", "grpo"])
+def test_a_short_run_raises_the_reward(small_model, small_processor, tmp_path, objective):
+    trainer = make_trainer(copy.deepcopy(small_model), small_processor, tmp_path, objective=objective)
+    trainer.run(progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    first, last = sum(r["reward"] for r in rows[:3]) / 3, sum(r["reward"] for r in rows[-3:]) / 3
+    assert first < 0.3 and last > first + 0.3, (first, last)
+    for key in ("accuracy", "mean_length", "kl_ref", "all_correct", "all_wrong", "loss", "truncated"):
+        assert key in rows[-1]
+    assert (tmp_path / "rl" / "rewards.png").is_file() and (tmp_path / "rl" / "length.png").is_file()
+
+
+def test_the_reference_does_not_move_during_an_iteration(small_model, small_processor, tmp_path, monkeypatch):
+    policy = copy.deepcopy(small_model)
+    snapshots = []
+
+    def recording_snapshot(model):
+        ref = trainer_mod.copy.deepcopy(model).requires_grad_(False).eval()
+        snapshots.append((ref, {k: v.clone() for k, v in ref.state_dict().items()}))
+        return ref
+
+    monkeypatch.setattr(trainer_mod, "snapshot", recording_snapshot)
+    trainer = make_trainer(policy, small_processor, tmp_path)
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    trainer.step()
+    (reference, at_start), = snapshots
+    assert all(torch.equal(v, at_start[k]) for k, v in reference.state_dict().items())  # pi_i stayed put
+    assert all(torch.equal(v, before[k]) for k, v in at_start.items())  # and it was the policy at the start
+    assert not all(torch.equal(v, before[k]) for k, v in policy.state_dict().items())  # the policy moved
+    assert not any(p.requires_grad for p in reference.parameters())
+
+    def meddling_reward(text, meta):  # runs mid-iteration, after the rollouts
+        with torch.no_grad():
+            next(snapshots[-1][0].parameters()).add_(1.0)
+        return 0.0
+
+    trainer.reward_fn = meddling_reward
+    with pytest.raises(AssertionError, match="reference policy moved"):
+        trainer.step()
+
+
+def test_resume_after_a_crash_matches_an_uninterrupted_run(small_model, small_processor, tmp_path):
+    straight = make_trainer(copy.deepcopy(small_model), small_processor, tmp_path / "a", iterations=4)
+    straight.run(progress=False)
+
+    calls = []
+
+    def crashing(text, meta):
+        calls.append(1)
+        if len(calls) > 2 * 32:  # dies in iteration 3, after two checkpointed iterations
+            raise KeyboardInterrupt
+        return starts_with_a_letter(text, meta)
+
+    first = make_trainer(copy.deepcopy(small_model), small_processor, tmp_path / "b", crashing, iterations=4)
+    with pytest.raises(KeyboardInterrupt):
+        first.run(progress=False)
+    resumed = make_trainer(copy.deepcopy(small_model), small_processor, tmp_path / "b", iterations=4)
+    resumed.run(progress=False)
+    assert resumed.sampler.visits.sum() == 4 * 4
+    for k, v in straight.policy.state_dict().items():
+        assert torch.equal(v, resumed.policy.state_dict()[k]), k
+    a = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    drop = ("seconds", "rollout_tokens_per_s")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in a] == \
+           [{k: v for k, v in r.items() if k not in drop} for r in b]
+
+
+def test_config_checks():
+    with pytest.raises(ValueError, match="objective"):
+        RLConfig(objective="ppo")
+    with pytest.raises(ValueError, match="samples must be >= 2"):
+        RLConfig(samples=1)
