@@ -18,7 +18,6 @@ and the timings then say more about the neighbours than about the models.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import time
 
@@ -26,11 +25,7 @@ import torch
 import transformers
 
 from kimivl.config import TextConfig
-from kimivl.model.language_model import LanguageModel
-
-HF_SKIP = ("extra", "rope_theta", "rope_scaling", "torch_dtype", "model_type", "topk_method", "scoring_func",
-           "moe_layer_freq", "aux_loss_alpha", "seq_aux", "eos_token_id")
-
+from kimivl.hf_reference import hf_reference, random_lm, to_bf16
 
 def bench_config(layers: int) -> TextConfig:
     return TextConfig(
@@ -38,47 +33,6 @@ def bench_config(layers: int) -> TextConfig:
         num_attention_heads=8, num_key_value_heads=8, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32,
         v_head_dim=64, n_routed_experts=64, num_experts_per_tok=6, n_shared_experts=2, n_group=8, topk_group=4,
         max_position_embeddings=4096, rope_theta=50000.0, bos_token_id=1, eos_token_id=2)
-
-
-def random_lm(cfg: TextConfig) -> LanguageModel:
-    torch.manual_seed(0)
-    lm = LanguageModel(cfg).float().eval()
-    with torch.no_grad():
-        for name, p in lm.named_parameters():
-            p.normal_(0, 0.02 if p.dim() > 1 else 0.1).add_(1.0 if "norm" in name else 0.0)
-        for layer in lm.model.layers:
-            if hasattr(layer.mlp, "gate"):
-                layer.mlp.gate.e_score_correction_bias.normal_(0, 0.05)
-    return lm
-
-
-def hf_reference(cfg: TextConfig, lm: LanguageModel) -> transformers.DeepseekV3ForCausalLM:
-    """transformers' model with ``lm``'s weights: official names, per-expert weights fused into its stacked layout."""
-    hf_cfg = transformers.DeepseekV3Config(
-        **{k: v for k, v in dataclasses.asdict(cfg).items() if k not in HF_SKIP},
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta}, rope_interleave=True,
-        attn_implementation="sdpa", use_cache=False)
-    ref = transformers.DeepseekV3ForCausalLM(hf_cfg).float().eval()
-    state = lm.state_dict()
-    mapped = {k: v for k, v in state.items() if ".experts." not in k}
-    for layer in filter(cfg.is_moe_layer, range(cfg.num_hidden_layers)):
-        p = f"model.layers.{layer}.mlp.experts."
-        e = range(cfg.n_routed_experts)
-        mapped[p + "gate_up_proj"] = torch.stack(
-            [torch.cat([state[f"{p}{i}.gate_proj.weight"], state[f"{p}{i}.up_proj.weight"]]) for i in e])
-        mapped[p + "down_proj"] = torch.stack([state[f"{p}{i}.down_proj.weight"] for i in e])
-    missing, unexpected = ref.load_state_dict(mapped, strict=False)
-    if unexpected or any("rotary" not in m for m in missing):
-        raise RuntimeError(f"weights did not map onto transformers: missing {missing}, unexpected {unexpected}")
-    return ref
-
-
-def to_bf16(model: torch.nn.Module) -> None:
-    """bf16 parameters but the routers' (float32 in both, as released checkpoints load); buffers such as
-    transformers' RoPE frequencies keep float32."""
-    for name, p in model.named_parameters():
-        if ".mlp.gate." not in name:
-            p.data = p.data.to(torch.bfloat16)
 
 
 def timed(fn, x) -> float:
@@ -106,7 +60,7 @@ def main() -> None:
         return lm.logits(lm(x))
 
     def theirs(x):
-        return ref(inputs_embeds=x).logits.float()
+        return ref(inputs_embeds=x, use_cache=False).logits.float()
 
     print(f"config: hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers (first dense), "
           f"{cfg.num_attention_heads} heads, kv_lora_rank {cfg.kv_lora_rank}, {cfg.n_routed_experts} experts "

@@ -40,9 +40,12 @@ class Router(nn.Module):
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts))
 
     def _apply(self, fn, recurse=True):
+        before = (self.weight.data, self.e_score_correction_bias)
         super()._apply(fn, recurse)
-        self.weight.data = self.weight.data.float()
-        self.e_score_correction_bias = self.e_score_correction_bias.float()
+        after = (self.weight.data, self.e_score_correction_bias)
+        # follow device moves, never dtype casts: restore the float32 originals rather than round-trip them
+        kept = [a.float() if b.is_meta or a.is_meta else b.to(a.device, torch.float32) for b, a in zip(before, after)]
+        self.weight.data, self.e_score_correction_bias = kept
         return self
 
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
