@@ -26,7 +26,7 @@ from kimivl.processing.tokenizer import KimiTokenizer, train_bpe
 from kimivl.train.loop import LoopConfig, train_loop
 from kimivl.train.metrics import plot_curves
 from kimivl.train.optim import build_optimizer
-from kimivl.train.recipe import PARTS, Recipe, Stage
+from kimivl.train.recipe import PARTS, Recipe, RecipeError, Stage
 from kimivl.train.schedule import WSD, WarmupCosine, scheduler_at
 from kimivl.train.vit import ViTPretrainer, caption_batch, vit_loss
 
@@ -151,6 +151,17 @@ def _loop_config(stage: Stage) -> LoopConfig:
                       bias_update_rate=stage.bias_update_rate)
 
 
+def rl_config(recipe: Recipe, stage: Stage):
+    """The ``RLConfig`` of an rl stage: its ``rl`` settings plus the stage's steps, budget, clip and ckpt_every."""
+    from kimivl.rl.trainer import RLConfig  # rl builds on train, so it is imported only when a stage needs it
+
+    try:
+        return RLConfig(iterations=stage.steps, budget=stage.budget, clip=stage.clip, ckpt_every=stage.ckpt_every,
+                        seed=recipe.seed, **(stage.rl or {}))
+    except (TypeError, ValueError) as e:
+        raise RecipeError(f"stage {stage.name!r}: rl: {e}") from None
+
+
 def joint_loss(model: KimiVL, batch) -> tuple[torch.Tensor, dict[str, float], int]:
     out = model(**batch.kwargs())
     return out.loss, {"packing_efficiency": batch.efficiency}, batch.n_tokens
@@ -166,6 +177,9 @@ def run_stage(recipe: Recipe, stage: Stage, model: KimiVL, processor: KimiVLProc
         records = [r for name in stage.sources for r in sources.items[name]]
         trainee = ViTPretrainer(model.vision_tower, model.config.text_config.vocab_size)
         data, loss_fn = CaptionStream(records, processor, stage.images_per_batch, recipe.seed), vit_loss
+    elif stage.kind == "rl":
+        _freeze(model, stage)
+        trainee = model
     else:
         _freeze(model, stage)
         encode = sources.encoder(processor)
@@ -181,15 +195,23 @@ def run_stage(recipe: Recipe, stage: Stage, model: KimiVL, processor: KimiVLProc
         scheduler = scheduler_at(optimizer, lambda step: schedule(offset + step))
     else:
         scheduler = scheduler_at(optimizer, WarmupCosine(stage.warmup, stage.steps, min_ratio=0.1))
-    result = train_loop(trainee, loss_fn, data, optimizer, scheduler, _loop_config(stage), recipe.out, stage.name,
-                        progress=progress)
+    if stage.kind == "rl":
+        from kimivl.rl.trainer import RLTrainer
+
+        problems = [r for name in stage.sources for r in sources.items[name]]
+        result = RLTrainer(model, processor, problems, rl_config(recipe, stage), optimizer, scheduler, recipe.out,
+                           stage.name).run(progress=progress)
+    else:
+        result = train_loop(trainee, loss_fn, data, optimizer, scheduler, _loop_config(stage), recipe.out,
+                            stage.name, progress=progress)
     model.requires_grad_(True)
     return result
 
 
 def evaluate_stage(recipe: Recipe, stage: str, model: KimiVL, processor: KimiVLProcessor,
                    progress: bool = True) -> dict[str, float]:
-    """Held-out accuracy per task after ``stage``, written to ``out/eval/<stage>.json`` (predictions beside)."""
+    """Held-out accuracy per task after ``stage``, written to ``out/eval/<stage>.json``; beside it the predictions
+    and ``<stage>.lengths.json``, the mean answer length in tokens per task (re-encoded text)."""
     spec = recipe.eval
     records = heldout_records(recipe.out / spec["split"], spec.get("limit"))
     model.eval()
@@ -199,12 +221,18 @@ def evaluate_stage(recipe: Recipe, stage: str, model: KimiVL, processor: KimiVLP
     out.mkdir(exist_ok=True)
     (out / f"{stage}.json").write_text(json.dumps(accuracy, indent=1) + "\n")
     (out / f"{stage}.predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tokens = {task: statistics.mean(len(processor.tokenizer.encode(r["prediction"])) for r in rows
+                                     if task in ("all", r["task"])) for task in accuracy}
+    (out / f"{stage}.lengths.json").write_text(json.dumps(tokens, indent=1) + "\n")
     log.info("held-out accuracy after %s: %s", stage, accuracy)
     return accuracy
 
 
 def run_recipe(recipe: Recipe, progress: bool = True) -> KimiVL:
     """Run every stage not yet finished; export the final model when the recipe asks for it."""
+    for stage in recipe.stages:
+        if stage.kind == "rl":
+            rl_config(recipe, stage)  # a bad rl setting fails now, not after the world is built
     recipe.out.mkdir(parents=True, exist_ok=True)
     if recipe.world is not None:
         ensure_world(recipe.out / "world", progress=progress, **recipe.world)
@@ -212,6 +240,8 @@ def run_recipe(recipe: Recipe, progress: bool = True) -> KimiVL:
     base_dir = Path(recipe.base["checkpoint"]) if "checkpoint" in recipe.base else None
     processor = KimiVLProcessor(_tokenizer(recipe, sources, base_dir))
     model = _base_model(recipe, processor.tokenizer)
+    if (recipe.eval or {}).get("base") and not (recipe.out / "eval" / "base.json").is_file():
+        evaluate_stage(recipe, "base", model, processor, progress)
     for stage in recipe.stages:
         final = recipe.out / stage.name / FINAL
         if (final / "config.json").is_file():

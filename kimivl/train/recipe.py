@@ -11,16 +11,19 @@ sources: {caption: world/train/caption.jsonl, text: world/train/text.jsonl}   # 
 schedule: {warmup: 50, decay_stages: [cooldown]}   # one warm-up/stable/decay LR curve over 'continue' stages
 export: {path: models/kimivl-tiny, dtype: bfloat16}
 eval: {after: [sft], split: world/heldout, limit: 50}   # held-out accuracy -> out/eval/<stage>.json
+                                      # (base: true also evaluates the base model first -> out/eval/base.json)
 stages:
   - {name: vit, kind: vit, steps: 300, lr: 2.0e-3, sources: [caption, ocr], images_per_batch: 32}
   - {name: pretrain, kind: joint, steps: 800, lr: 3.0e-3, mix: {text: 3, caption: 1}, mix_end: {text: 1, caption: 3}}
   - {name: sft, kind: joint, steps: 300, lr: 1.0e-3, schedule: cosine, mix: {caption: 1}}
+  - {name: rl, kind: rl, steps: 40, lr: 2.0e-4, sources: [reasoning], rl: {problems: 16, samples: 8}}
 ```
 Joint stages train parts named in ``train`` (``vision_tower``, ``multi_modal_projector``, ``language_model``;
 default all). ``schedule: continue`` (the default) takes the LR multiplier of the recipe-wide schedule at the global
 step where the stage starts, so stages resume the curve of the one before; ``cosine`` gives the stage its own
 warm-up + cosine. ``budget`` is the packed tokens per step; ``rope_theta`` changes the LM's RoPE base from that
-stage on (long-context activation).
+stage on (long-context activation). An ``rl`` stage runs ``steps`` RL iterations on the problems of its ``sources``
+(see ``kimivl.rl.trainer.RLConfig`` for the ``rl`` settings; ``budget`` is its packed log-prob row length).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ class RecipeError(ValueError):
 @dataclass
 class Stage:
     name: str
-    kind: str  # "vit" or "joint"
+    kind: str  # "vit", "joint" or "rl"
     steps: int
     lr: float
     schedule: str = "continue"  # or "cosine"
@@ -48,7 +51,7 @@ class Stage:
     train: list[str] = field(default_factory=lambda: list(PARTS))
     mix: dict[str, float] = field(default_factory=dict)
     mix_end: dict[str, float] | None = None
-    sources: list[str] = field(default_factory=list)  # vit: caption sources
+    sources: list[str] = field(default_factory=list)  # vit: caption sources; rl: problem sources
     images_per_batch: int = 32
     budget: int = 1024
     rope_theta: float | None = None
@@ -57,11 +60,12 @@ class Stage:
     bias_update_rate: float = 1e-3
     ckpt_every: int = 100
     log_every: int = 10
+    rl: dict[str, Any] | None = None  # rl: kimivl.rl.trainer.RLConfig settings
 
     def __post_init__(self):
         where = f"stage {self.name!r}"
-        if self.kind not in ("vit", "joint"):
-            raise RecipeError(f"{where}: kind must be 'vit' or 'joint', got {self.kind!r}")
+        if self.kind not in ("vit", "joint", "rl"):
+            raise RecipeError(f"{where}: kind must be 'vit', 'joint' or 'rl', got {self.kind!r}")
         if self.steps < 1 or self.lr <= 0 or self.budget < 16:
             raise RecipeError(f"{where}: steps >= 1, lr > 0 and budget >= 16 are required")
         if self.schedule not in ("continue", "cosine"):
@@ -73,6 +77,10 @@ class Stage:
             raise RecipeError(f"{where}: a joint stage needs a 'mix' of sources")
         if self.kind == "vit" and not self.sources:
             raise RecipeError(f"{where}: a vit stage needs caption 'sources'")
+        if self.kind == "rl" and not self.sources:
+            raise RecipeError(f"{where}: an rl stage needs problem 'sources'")
+        if self.rl is not None and (self.kind != "rl" or not isinstance(self.rl, dict)):
+            raise RecipeError(f"{where}: 'rl' settings are a mapping, for a stage of kind 'rl'")
 
 
 @dataclass
@@ -87,7 +95,7 @@ class Recipe:
     sources: dict[str, str | dict[str, Any]] = field(default_factory=dict)
     schedule: dict[str, Any] = field(default_factory=lambda: {"warmup": 0, "decay_stages": []})
     export: dict[str, Any] | None = None
-    eval: dict[str, Any] | None = None  # {after: [stage, ...], split: DIR of <task>.jsonl, limit: N per task}
+    eval: dict[str, Any] | None = None  # {after: [stage, ...], split: DIR of <task>.jsonl, limit: N per task, base}
 
     def __post_init__(self):
         names = [s.name for s in self.stages]

@@ -1,0 +1,85 @@
+"""The rl stage kind inside a recipe: a two-iteration run on hand-made problems, and the shipped RL recipes."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from kimivl import KimiVL
+from kimivl.cli import main
+from kimivl.data.formats import write_records
+from kimivl.train.pipeline import rl_config
+from kimivl.train.recipe import RecipeError, load_recipe
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+
+
+@pytest.fixture(scope="module")
+def problems(tmp_path_factory):
+    root = tmp_path_factory.mktemp("problems")
+    (root / "img").mkdir()
+    records = []
+    for i in range(6):
+        Image.fromarray(np.full((28, 56, 3), 40 * i, dtype=np.uint8)).save(root / "img" / f"{i}.png")
+        records.append({"messages": [
+            {"role": "user", "content": [{"type": "image", "image": str(root / "img" / f"{i}.png")},
+                                         {"type": "text", "text": f"What is {i} + {i}?"}]},
+            {"role": "assistant", "content": f"◁think▷{i} + {i} = {2 * i}◁/think▷{2 * i}"}],
+            "meta": {"task": "reasoning", "gold": 2 * i, "difficulty": ["easy", "hard"][i % 2]}})
+    write_records(root / "train" / "reasoning.jsonl", records[:4])
+    write_records(root / "heldout" / "reasoning.jsonl", records[4:])
+    return root
+
+
+def test_an_rl_stage_runs_in_a_recipe(problems, tmp_path):
+    out = tmp_path / "run"
+    recipe = {
+        "name": "rl-smoke", "out": str(out), "base": {"preset": "tiny"}, "tokenizer": {"train_vocab": 260},
+        "sources": {"reasoning": str(problems / "train" / "reasoning.jsonl")},
+        "export": {"path": str(out / "export"), "dtype": "bfloat16"},
+        "eval": {"base": True, "after": ["rl"], "split": str(problems / "heldout"), "max_new_tokens": 4},
+        "stages": [{"name": "rl", "kind": "rl", "steps": 2, "lr": 1e-3, "budget": 512, "ckpt_every": 1,
+                    "sources": ["reasoning"],
+                    "rl": {"problems": 2, "samples": 2, "max_new_tokens": 4, "length_weight": 1.0,
+                           "curriculum": {0.0: {"easy": 1}, 0.5: {"easy": 1, "hard": 1}}}}]}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["train", str(tmp_path / "r.yaml")]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["step"]) for r in rows] == [("rl", 1), ("rl", 2)]
+    assert "length_reward" in rows[0] and 0 <= rows[-1]["accuracy"] <= 1
+    assert (out / "rl" / "final" / "model.safetensors").is_file() and (out / "rl" / "checkpoints" / "latest").is_file()
+    for name in ("base", "rl"):
+        assert "reasoning" in json.loads((out / "eval" / f"{name}.json").read_text())
+        assert "all" in json.loads((out / "eval" / f"{name}.lengths.json").read_text())
+    assert KimiVL.from_pretrained(out / "export").config.text_config.vocab_size > 0
+
+
+def test_bad_rl_settings_are_recipe_errors(problems, tmp_path):
+    base = {"name": "x", "out": str(tmp_path), "sources": {"p": str(problems / "train" / "reasoning.jsonl")}}
+    stage = {"name": "rl", "kind": "rl", "steps": 2, "lr": 1e-3, "sources": ["p"]}
+    for bad, match in (({**stage, "sources": []}, "problem 'sources'"),
+                       ({**stage, "kind": "joint", "mix": {"p": 1}, "rl": {}}, "kind 'rl'")):
+        (tmp_path / "r.yaml").write_text(yaml.safe_dump({**base, "stages": [bad]}))
+        with pytest.raises(RecipeError, match=match):
+            load_recipe(tmp_path / "r.yaml")
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({**base, "stages": [{**stage, "rl": {"objective": "ppo"}}]}))
+    recipe = load_recipe(tmp_path / "r.yaml")
+    with pytest.raises(RecipeError, match="objective"):
+        rl_config(recipe, recipe.stages[0])
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({**base, "stages": [{**stage, "rl": {"samplez": 4}}]}))
+    recipe = load_recipe(tmp_path / "r.yaml")
+    with pytest.raises(RecipeError, match="samplez"):
+        rl_config(recipe, recipe.stages[0])
+
+
+@pytest.mark.parametrize("name", ["tiny-rl.yaml", "tiny-rl-nolen.yaml", "tiny-rl-grpo.yaml"])
+def test_shipped_rl_recipes_are_valid(name):
+    recipe = load_recipe(RECIPES / name)
+    assert recipe.base == {"checkpoint": "models/kimivl-tiny"} and recipe.world["seed"] == 0
+    cfg = rl_config(recipe, recipe.stages[0])
+    assert cfg.iterations * cfg.problems * cfg.samples <= 48 * 16 * 8  # the same budget for every comparison
+    assert cfg.objective == ("grpo" if "grpo" in name else "opmd")
+    assert (cfg.length_weight > 0) == (name != "tiny-rl-nolen.yaml")
