@@ -104,6 +104,74 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_paths(specs: list[str], tasks: list) -> dict[str, str]:
+    """``--data`` values (``FILE``, or ``TASK=FILE`` when several tasks run) as ``{task: path}``."""
+    paths: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if sep and any(t.name == name for t in tasks):
+            paths[name] = path
+        elif len(tasks) == 1:
+            paths[tasks[0].name] = spec
+        else:
+            raise ValueError(f"--data {spec}: with several tasks, write --data TASK=FILE")
+    return paths
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import logging
+    from functools import partial
+
+    from kimivl import generate
+    from kimivl.eval.runner import read_predictions, run_task
+    from kimivl.eval.tables import Sample
+    from kimivl.eval.tasks import get_task
+
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    tasks = [get_task(name.strip()) for name in args.task.split(",") if name.strip()]
+    data = _data_paths(args.data, tasks)
+    for task in tasks:
+        if task.needs_data and task.name not in data:
+            raise ValueError(f"task {task.name} needs --data (a local copy of the benchmark)")
+    if args.predictions and len(tasks) != 1:
+        raise ValueError("--predictions re-scores one task at a time")
+    if not args.predictions and not args.model:
+        raise ValueError("give --model to generate answers, or --predictions to re-score saved ones")
+    model, processor, context = None, None, None
+    if args.model:
+        model, processor = _load(args.model, args.dtype, args.device)
+        context = model.config.text_config.max_position_embeddings
+    for task in tasks:
+        max_new = args.max_new_tokens or (32 if task.name == "niah" else 512)
+        answer = None if args.predictions else partial(generate, model, processor, max_new_tokens=max_new)
+        options = {**task.options, "processor": processor, "context": context, "max_new_tokens": max_new,
+                   "lengths": args.lengths, "depths": args.depths or None, "kinds": args.haystack,
+                   "trials": args.trials}
+        options = {k: v for k, v in options.items() if v is not None}
+        source = data.get(task.name) or task.default_data
+        if args.predictions and task.from_index:
+            samples = (Sample(k, [], task.from_index(k)) for k in read_predictions(args.predictions))
+        else:
+            samples = task.load(source, **options)
+        result = run_task(task, samples, args.out,
+                          generate_fn=answer,
+                          predictions=args.predictions, batch_size=args.batch_size, limit=args.limit,
+                          info={"model": args.model, "data": source})
+        metrics = "  ".join(f"{k}={v:.1f}" for k, v in result["metrics"].items() if "/" not in k)
+        print(f"{task.name}: {metrics}  (scored {result['scored']}, skipped {result['skipped']})")
+        for row in result["skipped_rows"][:5]:
+            print(f"  skipped {row['index']}: {row['reason']}")
+        if result["skipped"] > 5:
+            print(f"  ... {result['skipped'] - 5} more skipped rows in {args.out}/results.json")
+    print(f"results: {args.out}/results.json, {args.out}/results.md")
+    return 0
+
+
+def _ints(text: str) -> list[int]:
+    return [int(float(x.lower().replace("k", "")) * (1024 if x.lower().endswith("k") else 1))
+            for x in text.split(",") if x]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kimivl", description="Kimi-VL in plain PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -138,6 +206,26 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default=str(DEFAULT_MODEL), help="checkpoint directory (default: kimivl-tiny)")
     demo.add_argument("--examples", default=str(DEFAULT_EXAMPLES), help="held-out split directory")
     demo.set_defaults(func=cmd_demo)
+
+    ev = sub.add_parser("eval", help="score a checkpoint (or saved predictions) on benchmarks, synthetic tasks, NIAH")
+    ev.add_argument("--task", required=True, help="comma-separated: mmmu, mathvista, ocrbench, screenspot, "
+                    "screenspot_pro, videomme, mmlongbench_doc, synthetic, synthetic:<task>, niah")
+    ev.add_argument("--model", help="checkpoint directory (not needed with --predictions)")
+    ev.add_argument("--data", action="append", default=[], help="benchmark file or directory (TSV, parquet, JSON); "
+                    "with several tasks TASK=FILE (repeatable)")
+    ev.add_argument("--predictions", help="re-score this JSONL of {index, prediction} without loading a model")
+    ev.add_argument("--limit", type=int, help="only the first N rows of each task")
+    ev.add_argument("--out", default="runs/eval", help="output directory (default runs/eval)")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--max-new-tokens", type=int, help="default 512 (32 for niah)")
+    ev.add_argument("--lengths", type=_ints, help="niah prompt lengths, e.g. 1k,2k,4k (default: powers of two up "
+                    "to the model's context)")
+    ev.add_argument("--depths", type=_ints, help="niah needle depths in percent (default 0,10,...,100)")
+    ev.add_argument("--haystack", type=lambda s: s.split(","), help="niah haystacks: text,video (default both)")
+    ev.add_argument("--trials", type=int, help="niah cases per length and depth (default 1)")
+    ev.add_argument("--dtype", choices=["bfloat16", "float32"], help="default: the checkpoint's")
+    ev.add_argument("--device", default="cpu")
+    ev.set_defaults(func=cmd_eval)
     return parser
 
 
@@ -145,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, FileNotFoundError, ValueError, ImportError) as e:
         print(f"kimivl {args.command}: error: {e}", file=sys.stderr)
         return 2
 

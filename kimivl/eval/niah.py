@@ -1,0 +1,268 @@
+"""Needle in a haystack: can the model find one fact at any depth of a long context (Kimi-VL report, Table 2)?
+
+Two haystacks, each built to a target prompt length in tokens (the whole chat prompt, as the model sees it):
+- ``text``: filler sentences with the needle sentence "The secret number of the day is N." placed at the
+  sentence boundary nearest to the asked depth (0% = first, 100% = last).
+- ``video``: frames (timestamped images, 224x224) of coloured shapes; the frame at the asked depth shows the
+  secret number written large.
+Each case asks for the number; it is recalled when the answer contains it (digits not part of a longer number).
+Rows are indexed ``kind/length/depth/trial``; the secret is a seeded function of the index, so predictions can
+be re-scored from the index alone. Recall is reported per length bucket (the report's buckets: 0-2K, 2K-4K, ...,
+64K-128K) and drawn as a depth x length heatmap.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from collections import defaultdict
+from functools import lru_cache
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+from kimivl.eval.answers import final_answer
+from kimivl.eval.tables import Sample
+from kimivl.processing.chat_template import apply_chat_template
+from kimivl.processing.video import frames_to_parts
+
+KINDS = ("text", "video")
+DEFAULT_DEPTHS = tuple(range(0, 101, 10))
+BUCKETS = ((0, 2048), (2048, 4096), (4096, 8192), (8192, 16384), (16384, 32768), (32768, 65536), (65536, 131072))
+NEEDLE = "The secret number of the day is {secret}."
+TEXT_QUESTION = "What is the secret number of the day mentioned in the text above? Answer with the number only."
+VIDEO_QUESTION = "One frame of this video shows a secret number. What is the number? Answer with the number only."
+FRAME_SIZE = 224
+FILLER = (
+    "The river bends twice before it reaches the old mill at the edge of town.",
+    "Most mornings the market opens early and the bakers sell out of rye bread by nine.",
+    "A narrow staircase leads from the kitchen to a library full of atlases.",
+    "Rain fell all afternoon, so the football match was moved to the following week.",
+    "The museum keeps its collection of clocks in a quiet room on the second floor.",
+    "Farmers in the valley grow apples, pears and a few rows of sunflowers.",
+    "The train to the coast leaves from platform four and stops at every village.",
+    "Children fly kites on the hill whenever the wind comes from the west.",
+    "An old lighthouse stands on the rocks, painted white with a red band.",
+    "The committee met on Tuesday to discuss the repairs to the bridge.",
+    "In winter the lake freezes and people skate from one shore to the other.",
+    "The gardener planted tulips along the path that leads to the greenhouse.",
+    "Every summer a travelling circus sets up its tent in the square.",
+    "The library lends bicycles as well as books to anyone with a card.",
+    "A small café near the station serves soup and sandwiches at lunchtime.",
+    "Geese fly south in long lines when the first cold nights arrive.",
+)
+
+
+def case_index(kind: str, length: int, depth: int, trial: int) -> str:
+    return f"{kind}/{length}/{depth}/{trial}"
+
+
+def secret_for(index: str, seed: int = 0) -> str:
+    """The 7-digit secret of a case, a function of its index and the seed."""
+    return str(random.Random(f"{seed}:{index}").randrange(1_000_000, 10_000_000))
+
+
+def meta_from_index(index: str, seed: int = 0) -> dict:
+    """A case's meta from its index ``kind/length/depth/trial`` (what re-scoring needs)."""
+    kind, length, depth, trial = str(index).split("/")
+    if kind not in KINDS:
+        raise ValueError(f"not a NIAH index: {index!r} (expected kind/length/depth/trial, kind in {KINDS})")
+    return {"kind": kind, "length": int(length), "depth": int(depth), "trial": int(trial),
+            "secret": secret_for(str(index), seed)}
+
+
+def default_lengths(context: int, max_new_tokens: int = 32) -> list[int]:
+    """1K, 2K, 4K, ... below the context, then the longest prompt that leaves room for the answer."""
+    top = context - max_new_tokens
+    return [n for n in (1024 << k for k in range(12)) if n < top] + [top]
+
+
+def _prompt_tokens(processor, messages: list[dict]) -> int:
+    return len(processor.encode(messages).input_ids)
+
+
+def _text_messages(haystack: str) -> list[dict]:
+    return [{"role": "user", "content": f"{haystack}\n\n{TEXT_QUESTION}"}]
+
+
+def text_case(processor, length: int, depth: int, secret: str, seed: int = 0) -> tuple[list[dict], dict]:
+    """A text haystack of about ``length`` prompt tokens with the needle at ``depth`` percent.
+    Returns the messages and where things landed: ``tokens`` (prompt length), ``haystack`` (token span of the
+    haystack in the prompt) and ``needle`` (token position of the needle's first token)."""
+    tok = processor.tokenizer
+    needle = NEEDLE.format(secret=secret)
+    overhead = _prompt_tokens(processor, _text_messages(needle))
+    rng = random.Random(f"{seed}:{length}")
+    sentences, counts, budget = [], [], length - overhead
+    while budget > 0:
+        sentence = FILLER[rng.randrange(len(FILLER))]
+        n = len(tok.encode(" " + sentence))
+        if n > budget and sentences:
+            break
+        sentences.append(sentence)
+        counts.append(n)
+        budget -= n
+    total, before, cut = sum(counts), 0, 0
+    target = depth / 100 * total
+    for i, n in enumerate(counts):  # the sentence boundary nearest the target depth
+        if abs(before + n - target) < abs(before - target):
+            before, cut = before + n, i + 1
+        else:
+            break
+    haystack = " ".join(sentences[:cut] + [needle] + sentences[cut:])
+    messages = _text_messages(haystack)
+    text, _ = apply_chat_template(messages)
+    start = text.index(haystack)
+    at = text.index(needle, start)
+    at -= text[at - 1] == " "  # the space before the needle belongs to its first token
+
+    def position(offset: int) -> int:
+        return len(tok.encode(text[:offset]))
+
+    where = {"tokens": _prompt_tokens(processor, messages), "haystack": [position(start), position(start + len(haystack))],
+             "needle": position(at)}
+    return messages, where
+
+
+@lru_cache(maxsize=4)
+def _frame_pool(seed: int, n: int = 24) -> tuple[Image.Image, ...]:
+    rng = random.Random(seed)
+    frames = []
+    for _ in range(n):
+        img = Image.new("RGB", (FRAME_SIZE, FRAME_SIZE), tuple(rng.randrange(40, 216) for _ in range(3)))
+        draw = ImageDraw.Draw(img)
+        for _ in range(rng.randrange(2, 5)):
+            x, y, r = rng.randrange(20, 204), rng.randrange(20, 204), rng.randrange(10, 40)
+            box = (x - r, y - r, x + r, y + r)
+            colour = tuple(rng.randrange(256) for _ in range(3))
+            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=colour)
+        frames.append(img)
+    return tuple(frames)
+
+
+def needle_frame(secret: str) -> Image.Image:
+    """A white frame with the secret number written large in black."""
+    img = Image.new("RGB", (FRAME_SIZE, FRAME_SIZE), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    draw.text((FRAME_SIZE // 2, 70), "secret number", fill=(0, 0, 0), anchor="mm", font=ImageFont.load_default(22))
+    draw.text((FRAME_SIZE // 2, 130), secret, fill=(0, 0, 0), anchor="mm", font=ImageFont.load_default(40))
+    return img
+
+
+def _video_messages(frames: list) -> list[dict]:
+    parts = frames_to_parts(frames, [float(i) for i in range(len(frames))])
+    return [{"role": "user", "content": [*parts, {"type": "text", "text": VIDEO_QUESTION}]}]
+
+
+def video_case(processor, length: int, depth: int, secret: str, seed: int = 0) -> tuple[list[dict], dict]:
+    """A video haystack of about ``length`` prompt tokens with the needle frame at ``depth`` percent.
+    Returns the messages and ``tokens``, ``frames`` (count) and ``needle`` (index of the needle frame)."""
+    pool = _frame_pool(seed)
+    one, two = (_prompt_tokens(processor, _video_messages(list(pool[:k]))) for k in (1, 2))
+    per_frame = two - one
+    n = max(1, (length - (one - per_frame)) // per_frame)
+    at = round(depth / 100 * (n - 1))
+    rng = random.Random(f"{seed}:{length}")
+    frames = [pool[rng.randrange(len(pool))] for _ in range(n)]
+    frames[at] = needle_frame(secret)
+    messages = _video_messages(frames)
+    return messages, {"tokens": one + (n - 1) * per_frame, "frames": n, "needle": at}
+
+
+def load(data=None, processor=None, lengths=None, depths=DEFAULT_DEPTHS, kinds=KINDS, trials: int = 1,
+         seed: int = 0, context: int | None = None, max_new_tokens: int = 32, **_):
+    """NIAH cases for every kind x length x depth x trial (built lazily). ``lengths`` defaults to
+    ``default_lengths(context, max_new_tokens)``."""
+    if processor is None:
+        raise ValueError("building NIAH haystacks needs the model's processor (pass --model)")
+    for kind in kinds:
+        if kind not in KINDS:
+            raise ValueError(f"unknown haystack {kind!r} (expected one of {', '.join(KINDS)})")
+    lengths = lengths or default_lengths(context or 131072, max_new_tokens)
+    build = {"text": text_case, "video": video_case}
+    for kind in kinds:
+        for length in lengths:
+            for depth in depths:
+                for trial in range(trials):
+                    index = case_index(kind, length, depth, trial)
+                    meta = meta_from_index(index, seed)
+                    messages, where = build[kind](processor, length, depth, meta["secret"], seed + trial)
+                    yield Sample(index, messages, {**meta, **where})
+
+
+def score(prediction: str, meta: dict) -> dict:
+    answer = final_answer(prediction)
+    found = answer is not None and re.search(rf"(?<!\d){meta['secret']}(?!\d)", answer) is not None
+    return {"score": float(found), "extracted": answer}
+
+
+def bucket_name(length: int) -> str:
+    for lo, hi in BUCKETS:
+        if length <= hi:
+            return f"{lo // 1024}K-{hi // 1024}K"
+    return f">{BUCKETS[-1][1] // 1024}K"
+
+
+def summarize(rows: list[dict]) -> dict[str, float]:
+    """``recall/<kind>`` and ``recall/<kind>/<bucket>`` in percent."""
+    groups: dict[str, list[float]] = defaultdict(list)
+    for r in rows:
+        kind = r["meta"]["kind"]
+        groups[f"recall/{kind}"].append(r["score"])
+        groups[f"recall/{kind}/{bucket_name(r['meta']['length'])}"].append(r["score"])
+    return {k: 100 * sum(v) / len(v) for k, v in groups.items()}
+
+
+def table(rows: list[dict]) -> str:
+    """Recall by length bucket, one row per haystack kind (Markdown, like the report's Table 2)."""
+    metrics = summarize(rows)
+    names = [bucket_name(hi) for _, hi in BUCKETS]
+    names = [b for b in names if any(k.endswith(f"/{b}") for k in metrics)]
+    lines = ["| haystack | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for kind in KINDS:
+        if f"recall/{kind}" in metrics:
+            cells = [f"{metrics[f'recall/{kind}/{b}']:.1f}" if f"recall/{kind}/{b}" in metrics else "-" for b in names]
+            lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def heatmap(rows: list[dict], kind: str, path: str | Path) -> Path:
+    """Recall (percent, mean over trials) as a depth x length heatmap PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells: dict[tuple[int, int], list[float]] = defaultdict(list)
+    for r in rows:
+        if r["meta"]["kind"] == kind:
+            cells[(r["meta"]["depth"], r["meta"]["length"])].append(r["score"])
+    depths = sorted({d for d, _ in cells})
+    lengths = sorted({n for _, n in cells})
+    grid = [[100 * sum(cells[(d, n)]) / len(cells[(d, n)]) if cells.get((d, n)) else float("nan") for n in lengths]
+            for d in depths]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 1.2 + 0.45 * len(depths)))
+    im = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
+    ax.set_xticks(range(len(lengths)), [f"{n / 1024:.3g}K" for n in lengths])
+    ax.set_yticks(range(len(depths)), [f"{d}%" for d in depths])
+    ax.set_xlabel("prompt length (tokens)")
+    ax.set_ylabel("needle depth")
+    ax.set_title(f"NIAH recall, {kind} haystack")
+    for i, row in enumerate(grid):
+        for j, v in enumerate(row):
+            if not math.isnan(v):
+                ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7)
+    fig.colorbar(im, ax=ax, label="recall %")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def report(rows: list[dict], out_dir: str | Path) -> dict:
+    """The recall table and one heatmap PNG per haystack kind under ``out_dir``."""
+    kinds = sorted({r["meta"]["kind"] for r in rows})
+    figures = [str(heatmap(rows, kind, Path(out_dir) / f"niah_{kind}.png")) for kind in kinds]
+    return {"table": table(rows), "figures": figures}

@@ -1,0 +1,56 @@
+"""Aggregating scored rows into metrics and writing ``results.json`` and ``results.md``."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from pathlib import Path
+
+
+def accuracy(rows: list[dict]) -> dict[str, float]:
+    """``accuracy`` (percent of the mean row score) and ``accuracy/<group>`` for each row group present."""
+    out = {"accuracy": 100 * sum(r["score"] for r in rows) / max(1, len(rows))}
+    groups: dict[str, list[float]] = defaultdict(list)
+    for r in rows:
+        if r["meta"].get("group"):
+            groups[str(r["meta"]["group"])].append(r["score"])
+    for name in sorted(groups):
+        out[f"accuracy/{name}"] = 100 * sum(groups[name]) / len(groups[name])
+    return out
+
+
+def update_results(out_dir: str | os.PathLike, task: str, result: dict) -> dict:
+    """Merge one task's result into ``out_dir/results.json`` (other tasks' entries are kept), rewrite
+    ``results.md`` from it, and return the merged results."""
+    out_dir = Path(out_dir)
+    path = out_dir / "results.json"
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    results[task] = result
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    (out_dir / "results.md").write_text(markdown(results))
+    return results
+
+
+def _fmt(value) -> str:
+    return f"{value:.1f}" if isinstance(value, float) else str(value)
+
+
+def markdown(results: dict) -> str:
+    """One table of every task's headline metrics (groups and extra tables follow per task)."""
+    lines = ["| task | metric | value | scored | skipped |", "|---|---|---|---|---|"]
+    details = []
+    for task, res in results.items():
+        metrics = res.get("metrics", {})
+        head = {k: v for k, v in metrics.items() if "/" not in k} or metrics
+        for k, v in head.items():
+            lines.append(f"| {task} | {k} | {_fmt(v)} | {res.get('scored', '')} | {res.get('skipped', '')} |")
+        groups = {k: v for k, v in metrics.items() if k not in head}
+        if groups:
+            details += ["", f"### {task}", "", "| metric | value |", "|---|---|"]
+            details += [f"| {k} | {_fmt(v)} |" for k, v in groups.items()]
+        if res.get("table"):
+            details += ["", f"### {task}", "", res["table"]]
+    return "\n".join(lines + details) + "\n"

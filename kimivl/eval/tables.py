@@ -1,0 +1,186 @@
+"""Reading benchmark files in their usual distribution formats, row by row.
+
+- VLMEvalKit TSV: one row per question with an ``index`` column; images are base64 in an ``image`` column (a
+  Python-list string of several base64 images for multi-image rows, or, to save space, the ``index`` of another
+  row holding the same image).
+- Parquet as published on dataset hubs: image columns are structs ``{"bytes": ..., "path": ...}``. A directory
+  is read as all the parquet (or TSV/JSON) files below it, sorted. Needs ``pyarrow`` (``pip install kimivl[eval]``).
+- JSON (a list of objects, or ``{"data": [...]}``) and JSONL, e.g. the original annotation files.
+
+``Sample`` is a question ready for generation; ``Skipped`` a row that cannot be scored, with the reason.
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import binascii
+import csv
+import io
+import json
+import math
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+TABLE_SUFFIXES = (".tsv", ".parquet", ".json", ".jsonl")
+
+
+@dataclass
+class Sample:
+    """One benchmark question: its row ``index``, the prompt as chat ``messages``, and what scoring needs."""
+
+    index: Any
+    messages: list[dict]
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class Skipped:
+    """A malformed row: reported with its index and reason, never scored."""
+
+    index: Any
+    reason: str
+
+
+class RowError(ValueError):
+    """Raised by a row parser for a malformed row; the loader turns it into ``Skipped``."""
+
+
+def table_files(path: str | os.PathLike) -> list[Path]:
+    """``path`` itself, or every table file below a directory (sorted)."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise FileNotFoundError(f"benchmark data not found: {path}")
+    files = sorted(p for p in path.rglob("*") if p.suffix in TABLE_SUFFIXES and p.is_file())
+    if not files:
+        raise FileNotFoundError(f"no {', '.join(TABLE_SUFFIXES)} files under {path}")
+    return files
+
+
+def _tsv_rows(path: Path) -> Iterator[dict]:
+    csv.field_size_limit(sys.maxsize)
+
+    def rows() -> Iterator[dict]:
+        with open(path, newline="", encoding="utf-8") as f:
+            yield from csv.DictReader(f, delimiter="\t")
+
+    refs = {r["image"] for r in rows() if 0 < len(r.get("image") or "") <= 64}
+    shared = {r["index"]: r["image"] for r in rows() if refs and r.get("index") in refs} if refs else {}
+    for row in rows():
+        if row.get("image") in refs:
+            row["image"] = shared.get(row["image"], row["image"])
+        yield row
+
+
+def _parquet_rows(path: Path) -> Iterator[dict]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError(f"reading {path} needs pyarrow: pip install 'kimivl[eval]' (or pip install pyarrow)") from None
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=64):
+        yield from batch.to_pylist()
+
+
+def _json_rows(path: Path) -> Iterator[dict]:
+    with open(path, encoding="utf-8") as f:
+        if path.suffix == ".jsonl":
+            for line in f:
+                if line.strip():
+                    yield json.loads(line)
+            return
+        data = json.load(f)
+    rows = data.get("data", data.get("samples", data.get("annotations"))) if isinstance(data, dict) else data
+    if type(rows) is not list:
+        raise ValueError(f"{path}: expected a JSON list of rows (or an object with a 'data' list)")
+    yield from rows
+
+
+def iter_rows(path: str | os.PathLike) -> Iterator[tuple[Path, dict]]:
+    """(file, row as a dict) for every row of every table file at ``path``."""
+    readers = {".tsv": _tsv_rows, ".parquet": _parquet_rows, ".json": _json_rows, ".jsonl": _json_rows}
+    for file in table_files(path):
+        if file.suffix not in readers:
+            raise ValueError(f"{file}: unknown table format (expected one of {', '.join(TABLE_SUFFIXES)})")
+        for row in readers[file.suffix](file):
+            yield file, row
+
+
+def load_samples(path: str | os.PathLike, parse, index_keys: tuple[str, ...] = ("index",)) -> Iterator[Sample | Skipped]:
+    """Apply ``parse(row, index, file) -> Sample`` to every row; a ``RowError`` (or a missing key) becomes
+    ``Skipped``. The index is the first present column of ``index_keys``, else the row's position."""
+    for position, (file, row) in enumerate(iter_rows(path)):
+        index = next((row[k] for k in index_keys if row.get(k) not in (None, "")), position)
+        index = int(index) if isinstance(index, str) and index.lstrip("-").isdigit() else index
+        try:
+            yield parse(row, index, file)
+        except (RowError, KeyError) as e:
+            reason = f"missing column {e}" if isinstance(e, KeyError) else str(e)
+            yield Skipped(index, reason)
+
+
+def present(value: Any) -> bool:
+    """A cell that holds something (not None, NaN or an empty string)."""
+    return not (value is None or value == "" or (isinstance(value, float) and math.isnan(value)))
+
+
+def literal_list(value: Any) -> list:
+    """A list cell: a list already, or a Python/JSON list written as a string (a lone value is a list of one)."""
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    if isinstance(value, str) and value.strip().startswith("["):
+        try:
+            parsed = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            raise RowError(f"cannot read {value[:60]!r} as a list") from None
+        return list(parsed)
+    return [value] if present(value) else []
+
+
+def image_bytes(value: Any, root: Path | None = None) -> bytes | str:
+    """One image cell as bytes (base64 text, raw bytes or a ``{"bytes", "path"}`` struct) or as a file path
+    (relative to ``root``). Raises ``RowError`` when it is neither."""
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return bytes(value["bytes"])
+        value = value.get("path")
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if not isinstance(value, str) or not value:
+        raise RowError("no image")
+    if root is not None and len(value) < 1024 and (root / value).is_file():
+        return str(root / value)
+    if len(value) <= 64:
+        raise RowError(f"image {value!r} is neither a file under {root} nor the index of a row with an image")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise RowError(f"image is neither base64 nor a file under {root}: {value[:40]!r}") from None
+
+
+def image_list(value: Any, root: Path | None = None) -> list[bytes | str]:
+    """An image cell that may hold several images (a list, or a list written as a string)."""
+    items = literal_list(value) if isinstance(value, (list, tuple)) or str(value).startswith("[") else [value]
+    return [image_bytes(v, root) for v in items]
+
+
+def image_size(image: bytes | str) -> tuple[int, int]:
+    """(width, height) read from the image header; ``RowError`` for an unreadable image."""
+    try:
+        with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as img:
+            return img.size
+    except (OSError, Image.DecompressionBombError) as e:
+        raise RowError(f"unreadable image: {e}") from None
+
+
+def user_turn(images: list, text: str) -> list[dict]:
+    """A one-turn conversation: the images, then the text."""
+    return [{"role": "user", "content": [*({"type": "image", "image": i} for i in images),
+                                         {"type": "text", "text": text}]}]

@@ -1,0 +1,85 @@
+"""The evaluation tasks by name: how each loads its rows, scores a prediction and sums up.
+
+``get_task("mmmu")`` etc.; ``synthetic`` is every bundled held-out task of the synthetic world and
+``synthetic:<task>`` one of them (default data: ``examples/heldout``); ``niah`` builds its own haystacks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kimivl.eval import (
+    mathvista,
+    mmlongbench,
+    mmmu,
+    niah,
+    ocrbench,
+    screenspot,
+    synthetic,
+    videomme,
+)
+from kimivl.eval.report import accuracy
+from kimivl.eval.tables import Sample
+
+
+@dataclass(frozen=True)
+class Task:
+    """``load(data, **options)`` yields ``Sample``/``Skipped``; ``score(prediction, meta)`` gives a dict with a
+    ``score`` in [0, 1]; ``summarize(rows)`` the metrics; ``report(rows, out_dir)`` optional extra output
+    (tables, figures); ``from_index(index)`` rebuilds a row's meta for re-scoring tasks without data files."""
+
+    name: str
+    load: Callable[..., Iterable]
+    score: Callable[[str, dict], dict]
+    summarize: Callable[[list[dict]], dict] = accuracy
+    needs_data: bool = True
+    default_data: str | None = None
+    report: Callable[[list[dict], Path], dict] | None = None
+    from_index: Callable[[str], dict] | None = None
+    options: dict = field(default_factory=dict)
+
+
+def _synthetic_load(data, task: str | None = None, **_):
+    for record in synthetic.heldout_records(data):
+        meta = record.get("meta") or {}
+        if task and meta.get("task") != task:
+            continue
+        messages = record["messages"]
+        prompt = messages[:-1] if messages[-1]["role"] == "assistant" else messages
+        yield Sample(record.get("id"), prompt, {**meta, "group": meta.get("task", "")})
+
+
+def _synthetic_score(prediction: str, meta: dict) -> dict:
+    return {"score": float(synthetic.score(prediction, meta)), "extracted": synthetic.final_answer(prediction)}
+
+
+def _default_heldout() -> str:
+    from kimivl.demo import DEFAULT_EXAMPLES
+
+    return str(DEFAULT_EXAMPLES)
+
+
+TASKS = {
+    "mmmu": Task("mmmu", mmmu.load, mmmu.score),
+    "mathvista": Task("mathvista", mathvista.load, mathvista.score),
+    "ocrbench": Task("ocrbench", ocrbench.load, ocrbench.score, ocrbench.summarize),
+    "screenspot": Task("screenspot", screenspot.loader("screenspot"), screenspot.score),
+    "screenspot_pro": Task("screenspot_pro", screenspot.loader("screenspot_pro"), screenspot.score),
+    "videomme": Task("videomme", videomme.load, videomme.score),
+    "mmlongbench_doc": Task("mmlongbench_doc", mmlongbench.load, mmlongbench.score, mmlongbench.summarize),
+    "niah": Task("niah", niah.load, niah.score, niah.summarize, needs_data=False, report=niah.report,
+                 from_index=niah.meta_from_index),
+}
+
+
+def get_task(name: str) -> Task:
+    """The task called ``name`` (``synthetic`` and ``synthetic:<task>`` included)."""
+    if name == "synthetic" or name.startswith("synthetic:"):
+        sub = name.partition(":")[2] or None
+        return Task(name, _synthetic_load, _synthetic_score, needs_data=False, default_data=_default_heldout(),
+                    options={"task": sub})
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; known: {', '.join([*TASKS, 'synthetic', 'synthetic:<task>'])}")
+    return TASKS[name]

@@ -1,0 +1,80 @@
+"""The lmms-eval adapter against a minimal fake of lmms-eval's model API (lmms-eval itself is not installed)."""
+
+import importlib
+import sys
+import types
+from types import SimpleNamespace
+
+import pytest
+from PIL import Image
+
+from kimivl import generate
+
+
+@pytest.fixture()
+def fake_lmms_eval(monkeypatch):
+    registry: dict = {}
+
+    class lmms:  # lmms-eval's name
+        def __init__(self):
+            self.task_dict = {}
+
+    def register_model(*names):
+        def decorate(cls):
+            assert issubclass(cls, lmms)
+            registry.update(dict.fromkeys(names, cls))
+            return cls
+        return decorate
+
+    modules = {"lmms_eval": types.ModuleType("lmms_eval"), "lmms_eval.api": types.ModuleType("lmms_eval.api"),
+               "lmms_eval.api.model": types.ModuleType("lmms_eval.api.model"),
+               "lmms_eval.api.registry": types.ModuleType("lmms_eval.api.registry")}
+    modules["lmms_eval.api.model"].lmms = lmms
+    modules["lmms_eval.api.registry"].register_model = register_model
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    import kimivl.eval.lmms_adapter as adapter
+
+    yield importlib.reload(adapter), registry, lmms
+    monkeypatch.undo()
+    importlib.reload(adapter)  # back to the state without lmms-eval
+
+
+def request(context, gen_kwargs, doc_id, task="demo", split="test"):
+    return SimpleNamespace(args=(context, gen_kwargs, lambda doc: doc["visuals"], doc_id, task, split))
+
+
+def test_registered_and_generates_in_request_order(fake_lmms_eval, small_model, small_processor):
+    adapter, registry, base = fake_lmms_eval
+    cls = registry["kimivl"]
+    assert cls is adapter.KimiVLLmms and issubclass(cls, base)
+    lm = cls(model=small_model, processor=small_processor, batch_size=2)
+    img = Image.new("RGB", (56, 56), (10, 200, 10))
+    lm.task_dict = {"demo": {"test": {0: {"visuals": [img]}, 1: {"visuals": []}, 2: {"visuals": [img, img]}}}}
+    greedy = {"max_new_tokens": 4, "temperature": 0, "until": ["\n\n"]}
+    reqs = [request("What colour?", greedy, 0), request("Count the circles.", {"max_new_tokens": 3}, 1),
+            request("<image>left, <image>right: same?", greedy, 2)]
+    answers = lm.generate_until(reqs)
+    expected = [
+        generate(small_model, small_processor, [{"role": "user", "content": [
+            {"type": "image", "image": img}, {"type": "text", "text": "What colour?"}]}], max_new_tokens=4),
+        generate(small_model, small_processor, [{"role": "user", "content": [
+            {"type": "text", "text": "Count the circles."}]}], max_new_tokens=3),
+        generate(small_model, small_processor, [{"role": "user", "content": [
+            {"type": "image", "image": img}, {"type": "text", "text": "left, "},
+            {"type": "image", "image": img}, {"type": "text", "text": "right: same?"}]}], max_new_tokens=4),
+    ]
+    assert answers == [e.split("\n\n")[0] for e in expected]
+    with pytest.raises(NotImplementedError, match="generate_until"):
+        lm.loglikelihood(reqs)
+
+
+def test_imports_without_lmms_eval(small_model, small_processor):
+    import kimivl.eval.lmms_adapter as adapter
+
+    assert "lmms_eval" not in sys.modules
+    lm = adapter.KimiVLLmms(model=small_model, processor=small_processor)
+    assert lm.generate_until([]) == []
+    assert adapter.request_messages("clip <image>?", ["a.mp4"])[0]["content"][1] == {"type": "video", "video": "a.mp4"}
+    with pytest.raises(SystemExit, match="not installed"):
+        adapter.main()

@@ -1,0 +1,77 @@
+"""Needle in a haystack: the needle lands at the asked depth and length, and the scorer reads it back."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from kimivl.cli import main
+from kimivl.eval import niah
+from kimivl.eval.runner import run_task
+from kimivl.eval.tasks import get_task
+
+
+@pytest.mark.parametrize("depth", [0, 25, 50, 90, 100])
+def test_text_needle_at_the_asked_depth_and_length(small_processor, depth):
+    messages, where = niah.text_case(small_processor, 1500, depth, "4821337")
+    assert where["tokens"] == len(small_processor.encode(messages).input_ids)
+    assert 1400 <= where["tokens"] <= 1500
+    start, end = where["haystack"]
+    relative = (where["needle"] - start) / (end - start)
+    assert abs(relative - depth / 100) < 0.04  # within about one filler sentence
+    ids = small_processor.encode(messages).input_ids
+    needle = small_processor.tokenizer.decode(ids[where["needle"]:where["needle"] + 40])
+    assert needle.lstrip().startswith("The secret number of the day is 4821337.")
+
+
+@pytest.mark.parametrize("depth", [0, 50, 100])
+def test_video_needle_frame_at_the_asked_depth(small_processor, depth):
+    messages, where = niah.video_case(small_processor, 1200, depth, "5550123")
+    assert where["tokens"] == len(small_processor.encode(messages).input_ids) <= 1200
+    assert where["tokens"] > 1200 - 80  # within one frame of the target
+    frames = [p["image"] for p in messages[0]["content"] if p["type"] == "image"]
+    assert len(frames) == where["frames"]
+    white = [bool((np.asarray(f) == 255).mean() > 0.8) for f in frames]
+    assert white.index(True) == where["needle"] == round(depth / 100 * (len(frames) - 1)) and sum(white) == 1
+
+
+def test_secret_and_meta_come_back_from_the_index():
+    index = niah.case_index("video", 4096, 30, 1)
+    meta = niah.meta_from_index(index)
+    assert meta == {"kind": "video", "length": 4096, "depth": 30, "trial": 1, "secret": niah.secret_for(index)}
+    assert niah.secret_for(index) != niah.secret_for(niah.case_index("video", 4096, 40, 1))
+    assert niah.default_lengths(4096) == [1024, 2048, 4064]
+
+
+def test_an_oracle_that_reads_the_needle_scores_full_recall(small_processor, tmp_path):
+    def oracle(conversations):
+        return [re.search(r"day is (\d+)", c[0]["content"]).group(1) for c in conversations]
+
+    task = get_task("niah")
+    cases = task.load(processor=small_processor, lengths=[300, 2500], depths=[0, 50, 100], kinds=["text"])
+    result = run_task(task, cases, tmp_path, generate_fn=oracle, batch_size=3, progress=False)
+    assert result["scored"] == 6 and result["metrics"]["recall/text"] == 100.0
+    assert result["metrics"]["recall/text/0K-2K"] == result["metrics"]["recall/text/2K-4K"] == 100.0
+    assert "| text | 100.0 | 100.0 |" in result["table"]
+    assert (tmp_path / "niah_text.png").stat().st_size > 1000
+
+
+def test_niah_through_the_cli_and_rescored_from_the_index(small_model, small_processor, tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    small_model.save_pretrained(ckpt)
+    small_processor.save_pretrained(ckpt)
+    out = tmp_path / "out"
+    assert main(["eval", "--model", str(ckpt), "--task", "niah", "--lengths", "300,600", "--depths", "0,100",
+                 "--max-new-tokens", "2", "--dtype", "float32", "--out", str(out)]) == 0
+    result = json.loads((out / "results.json").read_text())["niah"]
+    assert result["scored"] == 8 and set(result["figures"]) == {str(out / "niah_text.png"), str(out / "niah_video.png")}
+    assert "| haystack | 0K-2K |" in (out / "results.md").read_text()
+    pred = out / "niah.predictions.jsonl"
+    rows = [json.loads(x) for x in pred.read_text().splitlines()]
+    perfect = tmp_path / "perfect.jsonl"
+    perfect.write_text("".join(json.dumps({"index": r["index"], "prediction": niah.secret_for(r["index"])}) + "\n"
+                               for r in rows))
+    assert main(["eval", "--task", "niah", "--predictions", str(perfect), "--out", str(tmp_path / "re")]) == 0
+    rescored = json.loads((tmp_path / "re" / "results.json").read_text())["niah"]
+    assert rescored["metrics"]["recall/text"] == rescored["metrics"]["recall/video"] == 100.0

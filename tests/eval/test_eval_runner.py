@@ -1,0 +1,143 @@
+"""Running tasks: resume after an interruption, re-scoring saved predictions, the results files, the CLI."""
+
+import base64
+import csv
+import io
+import json
+
+import pytest
+from PIL import Image
+
+from kimivl import generate
+from kimivl.cli import main
+from kimivl.eval.runner import read_predictions, run_task
+from kimivl.eval.tasks import get_task
+
+
+def ocr_tsv(path, n=7, bad=()):
+    buf = io.BytesIO()
+    Image.new("RGB", (28, 28), (255, 255, 255)).save(buf, format="PNG")
+    image = base64.b64encode(buf.getvalue()).decode()
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["index", "image", "question", "answer", "category"], delimiter="\t")
+        w.writeheader()
+        for i in range(n):
+            w.writerow({"index": i, "image": image, "question": f"Word {i}?", "category": "Regular",
+                        "answer": "[]" if i in bad else f"['word{i}']"})
+    return path
+
+
+def lines(path):
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+class Interrupted(RuntimeError):
+    pass
+
+
+def test_resume_after_interruption_scores_every_row_once(tmp_path):
+    data, out = ocr_tsv(tmp_path / "ocr.tsv"), tmp_path / "out"
+    task = get_task("ocrbench")
+    asked = []
+
+    def flaky(conversations):  # answers two batches, then dies
+        if len(asked) >= 4:
+            raise Interrupted("killed")
+        asked.extend(c[0]["content"][-1]["text"] for c in conversations)
+        return [f"it says word{t.split()[1][:-1]}" for t in asked[-len(conversations):]]
+
+    with pytest.raises(Interrupted):
+        run_task(task, task.load(data), out, generate_fn=flaky, batch_size=2, progress=False)
+    pred = out / "ocrbench.predictions.jsonl"
+    assert [r["index"] for r in lines(pred)] == [0, 1, 2, 3]
+    with open(pred, "a") as f:  # a write cut short by the kill
+        f.write('{"index": 4, "predic')
+
+    second = []
+
+    def steady(conversations):
+        second.extend(c[0]["content"][-1]["text"] for c in conversations)
+        return ["word" + t.split()[1][:-1] for t in second[-len(conversations):]]
+
+    result = run_task(task, task.load(data), out, generate_fn=steady, batch_size=2, progress=False)
+    assert second == ["Word 4?", "Word 5?", "Word 6?"]
+    assert sorted(r["index"] for r in lines(pred)) == list(range(7))  # each once, the cut line dropped
+    assert result["scored"] == 7 and result["skipped"] == 0 and result["metrics"]["score"] == 1000.0
+    results = json.loads((out / "results.json").read_text())
+    assert results["ocrbench"]["metrics"]["score"] == 1000.0
+    assert "| ocrbench | score | 1000.0 | 7 | 0 |" in (out / "results.md").read_text()
+
+
+def test_malformed_rows_and_failed_generation_are_reported_not_scored(tmp_path):
+    data = ocr_tsv(tmp_path / "ocr.tsv", n=5, bad={1})
+    task = get_task("ocrbench")
+
+    def gen(conversations):
+        if any("Word 3?" in c[0]["content"][-1]["text"] for c in conversations):
+            raise ValueError("prompt of 99999 tokens does not fit the model's context")
+        return ["nothing"] * len(conversations)
+
+    result = run_task(task, task.load(data), tmp_path / "out", generate_fn=gen, batch_size=4, progress=False)
+    reasons = {r["index"]: r["reason"] for r in result["skipped_rows"]}
+    assert result["scored"] == 3 and result["skipped"] == 2
+    assert reasons[1] == "no answer" and "does not fit" in reasons[3]
+    scored = lines(tmp_path / "out" / "ocrbench.scored.jsonl")
+    assert sorted(r["index"] for r in scored) == ["0", "2", "4"]
+
+
+def test_rescoring_saved_predictions_without_a_model(tmp_path, capsys):
+    data = ocr_tsv(tmp_path / "ocr.tsv", n=4)
+    pred = tmp_path / "other_system.jsonl"
+    pred.write_text("".join(json.dumps({"index": i, "prediction": p}) + "\n"
+                            for i, p in [(0, "WORD0"), (1, "◁think▷ word1 ◁/think▷ nope"), (2, "word2"), (0, "x")]))
+    out = tmp_path / "scores"
+    assert main(["eval", "--task", "ocrbench", "--data", str(data), "--predictions", str(pred),
+                 "--out", str(out)]) == 0
+    result = json.loads((out / "results.json").read_text())["ocrbench"]
+    assert result["scored"] == 3 and result["metrics"]["score"] == pytest.approx(2000 / 3)
+    assert result["skipped_rows"] == [{"index": "3", "reason": "no prediction"}]
+    assert "ocrbench: score=666.7" in capsys.readouterr().out
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"index": 0}\n')
+    assert main(["eval", "--task", "ocrbench", "--data", str(data), "--predictions", str(bad)]) == 2
+    assert "bad.jsonl:1" in capsys.readouterr().err
+
+
+def test_read_predictions_keeps_the_first_of_an_index(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"index": 1, "prediction": "a"}\n\n{"index": "1", "prediction": "b"}\n')
+    assert read_predictions(path) == {"1": "a"}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, small_model, small_processor):
+    path = tmp_path_factory.mktemp("ckpt")
+    small_model.save_pretrained(path)
+    small_processor.save_pretrained(path)
+    return path
+
+
+def test_cli_eval_with_a_model_on_synthetic_and_a_benchmark(checkpoint, small_model, small_processor, tmp_path,
+                                                            capsys):
+    data = ocr_tsv(tmp_path / "ocr.tsv", n=3)
+    out = tmp_path / "out"
+    assert main(["eval", "--model", str(checkpoint), "--task", "synthetic:caption,ocrbench",
+                 "--data", f"ocrbench={data}", "--limit", "2", "--batch-size", "2", "--max-new-tokens", "3",
+                 "--dtype", "float32", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["synthetic:caption"]["scored"] == 2 and results["ocrbench"]["scored"] == 2
+    preds = lines(out / "ocrbench.predictions.jsonl")
+    task = get_task("ocrbench")
+    samples = list(task.load(data))[:2]
+    expected = generate(small_model, small_processor, [s.messages for s in samples], max_new_tokens=3)
+    assert [p["prediction"] for p in preds] == expected
+    assert "synthetic:caption: accuracy=" in capsys.readouterr().out
+
+
+def test_cli_errors(tmp_path, capsys):
+    assert main(["eval", "--task", "mmmu", "--predictions", "p.jsonl"]) == 2
+    assert "needs --data" in capsys.readouterr().err
+    assert main(["eval", "--task", "nope", "--predictions", "p.jsonl"]) == 2
+    assert "unknown task 'nope'" in capsys.readouterr().err
+    assert main(["eval", "--task", "ocrbench", "--data", str(ocr_tsv(tmp_path / "o.tsv"))]) == 2
+    assert "--model" in capsys.readouterr().err

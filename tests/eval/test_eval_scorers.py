@@ -1,0 +1,169 @@
+"""Each benchmark scorer on hand-made answers, the tricky ones included."""
+
+import pytest
+
+from kimivl.eval import (
+    mathvista,
+    mmlongbench,
+    mmmu,
+    niah,
+    ocrbench,
+    screenspot,
+    videomme,
+)
+from kimivl.eval.answers import answer_number, final_answer, numbers, parse_option
+
+OPTIONS = {"A": "Paris", "B": "London", "C": "Berlin", "D": "New York City"}
+MC = {"type": "multiple-choice", "options": OPTIONS, "answer": "C", "seed": "17", "group": "Geo"}
+
+
+def test_final_answer_after_think_and_unclosed_think():
+    assert final_answer("◁think▷ it is C ◁/think▷ (B)") == "(B)"
+    assert final_answer("◁think▷ still thinking about (C)") is None
+    assert final_answer("plain C") == "plain C"
+
+
+@pytest.mark.parametrize("text, letter", [
+    ("(C)", "C"), ("The answer is (c).", "C"), ("C. Berlin", "C"), ("C", "C"), ("Answer: C", "C"),
+    ("It must be Berlin.", "C"), ("I pick new york city", "D"),
+    ("Because the capital of Germany is the answer, the correct option is C", "C"),
+    ("Both options look wrong but (B) fits", "B"),
+])
+def test_parse_option(text, letter):
+    assert parse_option(text, OPTIONS) == letter
+
+
+def test_a_letter_inside_a_word_does_not_count():
+    assert parse_option("Because Definitely", OPTIONS) is None
+    assert parse_option("ABC", OPTIONS) is None
+
+
+def test_mmmu_multiple_choice_and_seeded_fallback():
+    assert mmmu.score("The answer is (C).", MC)["score"] == 1.0
+    assert mmmu.score("◁think▷ maybe (C) ◁/think▷ B.", MC)["score"] == 0.0
+    assert mmmu.score("◁think▷ maybe (C)", MC) == {"score": 0.0, "extracted": None}  # unclosed: no answer
+    guessed = mmmu.score("I cannot tell", MC)
+    assert guessed["random"] and guessed["extracted"] in OPTIONS
+    assert mmmu.score("I cannot tell", MC) == guessed  # seeded: the same guess every time
+    assert {mmmu.score("???", {**MC, "seed": str(s)})["extracted"] for s in range(40)} == set(OPTIONS)
+
+
+def test_mmmu_open_numbers_and_strings():
+    meta = {"type": "open", "answer": ["3.14159"], "seed": "1"}
+    assert mmmu.score("The value is 3.14", meta)["score"] == 1.0  # numbers compare at 2 decimals
+    assert mmmu.score("3.2", meta)["score"] == 0.0
+    assert mmmu.score("It is 1,200 metres", {"type": "open", "answer": ["1200"], "seed": "1"})["score"] == 1.0
+    meta = {"type": "open", "answer": ["photosynthesis", "light reaction"], "seed": "1"}
+    assert mmmu.score("The process is Photosynthesis.", meta)["score"] == 1.0
+    assert mmmu.score("respiration", meta)["score"] == 0.0
+
+
+def test_numbers():
+    assert numbers("x = -3, y = 1,234.5 and .5 or 2e3") == [-3.0, 1234.5, 0.5, 2000.0]
+    assert numbers("v2 of 5cm") == [5.0]
+    assert answer_number("First 3 apples, then 4; the answer is 7.") == 7.0
+    assert answer_number("3 then 4 then 12") == 12.0
+
+
+def _mv(**kw):
+    return {"question_type": "free_form", "answer_type": "integer", "precision": 2, "answer": "7", **kw}
+
+
+def test_mathvista_by_answer_type():
+    assert mathvista.score("The answer is 7.", _mv())["score"] == 1.0
+    assert mathvista.score("7.0", _mv())["score"] == 1.0
+    assert mathvista.score("8", _mv())["score"] == 0.0
+    floats = _mv(answer_type="float", precision=1, answer="1.5")
+    assert mathvista.score("about 1.46", floats)["score"] == 1.0  # rounded to 1 decimal: 1.5
+    assert mathvista.score("1.44", floats)["score"] == 0.0
+    two = _mv(answer_type="float", precision=2, answer="1.45")
+    assert mathvista.score("1.449", two)["score"] == 1.0 and mathvista.score("1.5", two)["score"] == 0.0
+    lists = _mv(answer_type="list", answer="[2, 3.5, 1]")
+    assert mathvista.score("So the list is [2, 3.5, 1].", lists)["score"] == 1.0
+    assert mathvista.score("[2, 1, 3.5]", lists)["score"] == 0.0
+    text = _mv(answer_type="text", answer="Yes")
+    assert mathvista.score("yes.", text)["score"] == 1.0
+    mc = {"question_type": "multi_choice", "answer_type": "text", "precision": 2, "answer": "B",
+          "options": {"A": "1", "B": "2", "C": "3"}}
+    assert mathvista.score("(B) 2", mc)["score"] == 1.0
+    assert mathvista.score("◁think▷ hmm ◁/think▷ The correct option is A", mc)["score"] == 0.0
+
+
+def test_ocrbench_substring_case_and_handwritten_math():
+    meta = {"answers": ["Hello World", "hello"], "hme": False}
+    assert ocrbench.score("The sign says: HELLO WORLD!", meta)["score"] == 1.0
+    assert ocrbench.score("Helo", meta)["score"] == 0.0
+    hme = {"answers": ["x ^ { 2 } + 1"], "hme": True}
+    assert ocrbench.score("x^{2}+1", hme)["score"] == 1.0  # spaces removed on both sides
+    assert ocrbench.score("X^{2}+1", hme)["score"] == 0.0  # case kept for formulas
+    rows = [{"score": s, "meta": {"group": "g"}} for s in (1.0, 1.0, 0.0, 1.0)]
+    assert ocrbench.summarize(rows)["score"] == 750.0
+
+
+def test_screenspot_points_boxes_pixels_and_conventions():
+    size = (200, 100)
+    box_xywh = screenspot.normalized_box([40, 20, 60, 30], "xywh", size)  # pixels [x, y, w, h]
+    box_xyxy = screenspot.normalized_box([40, 20, 100, 50], "xyxy", size)  # pixels [x1, y1, x2, y2]
+    assert box_xywh == box_xyxy == [0.2, 0.2, 0.5, 0.5]
+    assert screenspot.normalized_box([0.2, 0.2, 0.3, 0.3], "xywh", size) == pytest.approx([0.2, 0.2, 0.5, 0.5])
+    meta = {"box": box_xyxy, "size": list(size)}
+    assert screenspot.score("(0.3, 0.4)", meta)["score"] == 1.0  # normalised point
+    assert screenspot.score("click(x=70, y=35)", meta)["score"] == 1.0  # pixels: 0.35, 0.35
+    assert screenspot.score("(0.3, 0.6)", meta)["score"] == 0.0
+    assert screenspot.score("[0.25, 0.25, 0.45, 0.45]", meta)["score"] == 1.0  # a box: its centre
+    assert screenspot.score("[0.0, 0.0, 0.2, 0.2]", meta)["score"] == 0.0
+    assert screenspot.score("(0.5, 0.5)", meta)["score"] == 1.0  # edges included
+    assert screenspot.score("no idea", meta) == {"score": 0.0, "extracted": None}
+
+
+@pytest.mark.parametrize("text, letter", [
+    ("The best answer is B.", "B"), ("(C) The man leaves", "C"), ("Answer: D", "D"), ("A", "A"),
+    ("Based on the video, the answer is C", "C"), ("Definitely", None), ("The best answer is: (a)", None),
+])
+def test_videomme_extraction(text, letter):
+    assert videomme.extract(text) == letter
+
+
+def test_videomme_score():
+    assert videomme.score("The best answer is B", {"answer": "B"})["score"] == 1.0
+    assert videomme.score("◁think▷ B or C", {"answer": "B"})["score"] == 0.0
+
+
+def _doc(fmt, answer):
+    return {"format": fmt, "answer": answer}
+
+
+def test_mmlongbench_typed_answers():
+    assert mmlongbench.score("Not answerable", _doc("None", "Not answerable"))["score"] == 1.0
+    assert mmlongbench.score("The answer is 12", _doc("None", "Not answerable"))["score"] == 0.0
+    assert mmlongbench.score("The answer is not answerable.", _doc("Int", "12"))["score"] == 0.0
+    assert mmlongbench.score("There are 12 figures.", _doc("Int", "12"))["score"] == 1.0
+    assert mmlongbench.score("13", _doc("Int", "12"))["score"] == 0.0
+    assert mmlongbench.score("0.253", _doc("Float", "25.3%"))["score"] == 1.0  # percent forms
+    assert mmlongbench.score("25.3", _doc("Float", "25.3"))["score"] == 1.0
+    assert mmlongbench.score("26", _doc("Float", "25.3"))["score"] == 0.0
+    assert mmlongbench.score("Machine learning", _doc("Str", "machine learning"))["score"] == 1.0
+    partial = mmlongbench.score("machine learnin", _doc("Str", "machine learning"))["score"]
+    assert 0.9 < partial < 1.0  # ANLS
+    assert mmlongbench.score("www.example.org", _doc("Str", "www.example.com"))["score"] == 0.0  # exact
+    assert mmlongbench.score("['Tokyo', 'Paris']", _doc("List", "['Paris', 'Tokyo']"))["score"] == 1.0
+    assert mmlongbench.score("Paris and Tokyo", _doc("List", "['Paris', 'Tokyo']"))["score"] == 1.0
+    assert mmlongbench.score("Paris", _doc("List", "['Paris', 'Tokyo']"))["score"] == 0.0
+
+
+def test_mmlongbench_accuracy_and_generalised_f1():
+    cases = [("12", _doc("Int", "12")), ("Not answerable", _doc("Int", "5")),
+             ("Not answerable", _doc("None", "Not answerable")), ("7", _doc("None", "Not answerable"))]
+    rows = [{**mmlongbench.score(p, m), "meta": m} for p, m in cases]
+    metrics = mmlongbench.summarize(rows)
+    assert metrics["accuracy"] == 50.0
+    assert metrics["recall"] == 50.0  # 1 of the 2 answerable questions
+    assert metrics["precision"] == 50.0  # 1 right of the 2 answered
+    assert metrics["f1"] == pytest.approx(50.0)
+
+
+def test_niah_score_needs_the_whole_secret():
+    meta = {"secret": "4821337"}
+    assert niah.score("The number is 4821337.", meta)["score"] == 1.0
+    assert niah.score("14821337", meta)["score"] == 0.0
+    assert niah.score("482133", meta)["score"] == 0.0
