@@ -3,7 +3,8 @@
 Formats: the hub's parquet (``pid``, ``query``, ``question``, ``decoded_image`` struct, ``choices`` list or
 null, ``answer``, ``question_type`` multi_choice/free_form, ``answer_type`` integer/float/text/list,
 ``precision``) and VLMEvalKit TSV (``index``, ``image`` base64, ``question``, ``choices`` as a list string,
-``answer``, ``answer_option``, the same type columns). The prompt is ``query`` when the file has it.
+``answer``, ``answer_option``, the same type columns). The prompt is ``query`` when the file has it, else the
+question with a hint for its answer type and its choices (unless the question already carries them).
 
 Extraction by type: multi_choice -> an option letter (parsed as for MMMU, or the option text); integer -> the
 answer's number truncated to an int; float -> the number rounded to ``precision`` decimals, compared with the
@@ -66,8 +67,12 @@ def parse_row(row: dict, index, file: Path) -> Sample:
         if gold not in options:
             raise RowError(f"answer {answer!r} is not one of the choices")
         meta.update(options=options, answer=gold)
-        text += "\nChoices:\n" + "\n".join(f"({k}) {v}" for k, v in options.items())
-    prompt = str(row["query"]) if present(row.get("query")) else f"Hint: {hint}\nQuestion: {text}"
+        if "Choices:" not in text:
+            text += "\nChoices:\n" + "\n".join(f"({k}) {v}" for k, v in options.items())
+    if present(row.get("query")):
+        prompt = str(row["query"])
+    else:
+        prompt = text if text.startswith("Hint:") else f"Hint: {hint}\nQuestion: {text}"
     return Sample(index, user_turn([image], prompt), meta)
 
 

@@ -56,13 +56,15 @@ def parse_row(row: dict, index, file: Path) -> Sample:
     question = str(row["question"])
     options = _options(row)
     kind = str(row.get("question_type") or ("multiple-choice" if options else "open"))
+    if kind not in ("multiple-choice", "open"):
+        raise RowError(f"unknown question_type {kind!r} (expected multiple-choice or open)")
     images = _images(row, file.parent)
     if not images:
         raise RowError("no image")
     answer = row["answer"]
     if not present(answer):
         raise RowError("no answer")
-    subject = row.get("category") or (str(row["id"]).split("_")[1] if str(row.get("id", "")).count("_") >= 2 else "")
+    subject = row.get("category") or "_".join(str(row.get("id", "")).split("_")[1:-1])  # validation_Art_Theory_12
     if kind == "multiple-choice":
         if len(options) < 2:
             raise RowError(f"a multiple-choice question needs options, found {len(options)}")

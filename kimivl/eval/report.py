@@ -53,4 +53,5 @@ def markdown(results: dict) -> str:
             details += [f"| {k} | {_fmt(v)} |" for k, v in groups.items()]
         if res.get("table"):
             details += ["", f"### {task}", "", res["table"]]
+        details += [f"\n![{task} {Path(f).stem}]({Path(f).name})" for f in res.get("figures", [])]
     return "\n".join(lines + details) + "\n"

@@ -132,7 +132,8 @@ def run_task(task: Task, samples: Iterable[Sample | Skipped], out_dir: str | os.
         f.writelines(json.dumps({k: v for k, v in r.items() if k != "meta"}, ensure_ascii=False, default=str) + "\n" for r in rows)
     result = {"metrics": task.summarize(rows) if rows else {}, "scored": len(rows), "skipped": len(skipped),
               "skipped_rows": [{"index": s.index, "reason": s.reason} for s in skipped],
-              "predictions": str(pred_path), "scores": str(scored_path), **(info or {})}
+              "unmatched_predictions": len(done.keys() - metas.keys()), "predictions": str(pred_path),
+              "scores": str(scored_path), **(info or {})}
     if task.report and rows:
         result.update(task.report(rows, out_dir))
     update_results(out_dir, task.name, result)

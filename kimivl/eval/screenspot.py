@@ -72,7 +72,7 @@ def _image(row: dict, file: Path):
 def parse_row(row: dict, index, file: Path, task: str, box_format: str | None) -> Sample:
     fmt = box_format or BOX_FORMATS[(task, file.suffix)]
     image = _image(row, file)
-    size = tuple(row["img_size"]) if present(row.get("img_size")) else image_size(image)
+    size = tuple(int(v) for v in literal_list(row["img_size"])) if present(row.get("img_size")) else image_size(image)
     box = normalized_box(literal_list(row["bbox"]), fmt, size)
     instruction = str(row.get("instruction") or row.get("question") or "").strip()
     if not instruction:

@@ -114,16 +114,19 @@ def iter_rows(path: str | os.PathLike) -> Iterator[tuple[Path, dict]]:
 
 
 def load_samples(path: str | os.PathLike, parse, index_keys: tuple[str, ...] = ("index",)) -> Iterator[Sample | Skipped]:
-    """Apply ``parse(row, index, file) -> Sample`` to every row; a ``RowError`` (or a missing key) becomes
-    ``Skipped``. The index is the first present column of ``index_keys``, else the row's position."""
+    """Apply ``parse(row, index, file) -> Sample`` to every row; a row it cannot parse (``RowError``, a missing
+    column, a value of the wrong kind) becomes ``Skipped`` with the reason. The index is the first present column of ``index_keys``, else the row's position."""
     for position, (file, row) in enumerate(iter_rows(path)):
         index = next((row[k] for k in index_keys if row.get(k) not in (None, "")), position)
         index = int(index) if isinstance(index, str) and index.lstrip("-").isdigit() else index
         try:
-            yield parse(row, index, file)
-        except (RowError, KeyError) as e:
+            sample = parse(row, index, file)
+        except (KeyError, ValueError, TypeError) as e:
             reason = f"missing column {e}" if isinstance(e, KeyError) else str(e)
-            yield Skipped(index, reason)
+            if not isinstance(e, RowError):
+                reason = f"{type(e).__name__}: {reason}"
+            sample = Skipped(index, reason)
+        yield sample
 
 
 def present(value: Any) -> bool:
