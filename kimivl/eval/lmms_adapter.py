@@ -79,7 +79,7 @@ class KimiVLLmms(_Base):
             model = KimiVL.from_pretrained(pretrained, dtype=getattr(torch, dtype) if dtype else None, device=device)
             processor = KimiVLProcessor.from_pretrained(pretrained)
         self.model, self.processor = model.eval(), processor
-        self.batch_size_per_gpu = int(batch_size)
+        self.batch_size_per_gpu = int(batch_size) if str(batch_size).isdigit() else 1  # "auto" -> 1
         self.max_new_tokens = int(max_new_tokens)
         self.task_dict = getattr(self, "task_dict", {})
 

@@ -68,6 +68,17 @@ def _generate(generate_fn: GenerateFn, batch: list[Sample]) -> tuple[list[tuple[
     return done, failed
 
 
+def _score(task: Task, metas: dict[str, dict], done: dict[str, str], skipped: list[Skipped]) -> list[dict]:
+    """Score every row that has a prediction; the others join ``skipped`` (unless already there)."""
+    rows, known = [], {str(s.index) for s in skipped}
+    for key, meta in metas.items():
+        if key in done:
+            rows.append({"index": key, "prediction": done[key], "meta": meta, **task.score(done[key], meta)})
+        elif key not in known:
+            skipped.append(Skipped(key, "no prediction"))
+    return rows
+
+
 def run_task(task: Task, samples: Iterable[Sample | Skipped], out_dir: str | os.PathLike,
              generate_fn: GenerateFn | None = None, predictions: str | os.PathLike | None = None,
              batch_size: int = 8, limit: int | None = None, progress: bool = True, info: dict | None = None) -> dict:
@@ -119,17 +130,11 @@ def run_task(task: Task, samples: Iterable[Sample | Skipped], out_dir: str | os.
     if not metas and not skipped:
         raise ValueError(f"{task.name}: the data holds no rows")
 
-    rows = []
-    failed_keys = {str(s.index) for s in skipped}
-    for key, meta in metas.items():
-        if key not in done:
-            if key not in failed_keys:
-                skipped.append(Skipped(key, "no prediction"))
-            continue
-        rows.append({"index": key, "prediction": done[key], "meta": meta, **task.score(done[key], meta)})
+    rows = _score(task, metas, done, skipped)
     scored_path = out_dir / f"{task.name.replace(':', '_')}.scored.jsonl"
     with open(scored_path, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps({k: v for k, v in r.items() if k != "meta"}, ensure_ascii=False, default=str) + "\n" for r in rows)
+        f.writelines(json.dumps({k: v for k, v in r.items() if k != "meta"}, ensure_ascii=False, default=str) + "\n"
+                     for r in rows)
     result = {"metrics": task.summarize(rows) if rows else {}, "scored": len(rows), "skipped": len(skipped),
               "skipped_rows": [{"index": s.index, "reason": s.reason} for s in skipped],
               "unmatched_predictions": len(done.keys() - metas.keys()), "predictions": str(pred_path),

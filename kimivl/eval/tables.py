@@ -73,7 +73,7 @@ def _tsv_rows(path: Path) -> Iterator[dict]:
             yield from csv.DictReader(f, delimiter="\t")
 
     refs = {r["image"] for r in rows() if 0 < len(r.get("image") or "") <= 64}
-    shared = {r["index"]: r["image"] for r in rows() if refs and r.get("index") in refs} if refs else {}
+    shared = {r["index"]: r["image"] for r in rows() if r.get("index") in refs} if refs else {}
     for row in rows():
         if row.get("image") in refs:
             row["image"] = shared.get(row["image"], row["image"])
@@ -115,7 +115,8 @@ def iter_rows(path: str | os.PathLike) -> Iterator[tuple[Path, dict]]:
 
 def load_samples(path: str | os.PathLike, parse, index_keys: tuple[str, ...] = ("index",)) -> Iterator[Sample | Skipped]:
     """Apply ``parse(row, index, file) -> Sample`` to every row; a row it cannot parse (``RowError``, a missing
-    column, a value of the wrong kind) becomes ``Skipped`` with the reason. The index is the first present column of ``index_keys``, else the row's position."""
+    column, a value of the wrong kind) becomes ``Skipped`` with the reason. The index is the first present
+    column of ``index_keys``, else the row's position."""
     for position, (file, row) in enumerate(iter_rows(path)):
         index = next((row[k] for k in index_keys if row.get(k) not in (None, "")), position)
         index = int(index) if isinstance(index, str) and index.lstrip("-").isdigit() else index
