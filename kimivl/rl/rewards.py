@@ -39,7 +39,7 @@ _SAID_LETTER = re.compile(r"answer is:?\s*\(?([A-Z])\b", re.IGNORECASE)
 
 def answer_of(response: str) -> str | None:
     """The stripped text after the last ``◁/think▷``, or None when the response never closes its reasoning."""
-    head, sep, tail = response.rpartition(THINK_CLOSE)
+    _, sep, tail = response.rpartition(THINK_CLOSE)
     return tail.strip() if sep else None
 
 

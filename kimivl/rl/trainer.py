@@ -21,8 +21,7 @@ from tqdm.auto import tqdm
 
 from kimivl.inference.sampling import SamplingParams
 from kimivl.processing.processor import Encoded, KimiVLProcessor
-from kimivl.rl.objectives import (group_baseline, group_normalised, grpo_loss, kl_estimate, length_reward,
-                                  opmd_loss)
+from kimivl.rl.objectives import group_baseline, group_normalised, grpo_loss, kl_estimate, length_reward, opmd_loss
 from kimivl.rl.rewards import correctness
 from kimivl.rl.rollouts import pack_rows, rollout, token_logprobs
 from kimivl.rl.sampler import ProblemSampler
@@ -115,12 +114,10 @@ class RLTrainer:
                                       cfg.priority_floor, cfg.success_decay, cfg.seed)
         self.stop_ids = [processor.tokenizer.special_id(s) for s in cfg.stop]
         self.iteration = 0
-        self._encoded: dict[int, Encoded] = {}
 
     def encode(self, i: int) -> Encoded:
-        if i not in self._encoded:
-            self._encoded[i] = self.processor.encode(prompt_of(self.problems[i]))
-        return self._encoded[i]
+        """Problem ``i``'s prompt (encoded afresh each time: caching every visited problem's pixels would grow)."""
+        return self.processor.encode(prompt_of(self.problems[i]))
 
     def _autocast(self):
         return torch.autocast(self.policy.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16)
@@ -136,9 +133,10 @@ class RLTrainer:
         encoded = [self.encode(i) for i in chosen]
         base_seed = (cfg.seed * 1_000_003 + it) * 1000
         params = SamplingParams(cfg.max_new_tokens, cfg.temperature, top_p=cfg.top_p, seed=base_seed)
+        rollout_start = time.perf_counter()
         rolls = rollout(reference, self.processor, [e.input_ids for e in encoded], *_images(encoded), k, params,
                         self.stop_ids, cfg.rollout_batch)
-        rollout_s = time.perf_counter() - start
+        rollout_s = time.perf_counter() - rollout_start
 
         correct = torch.tensor([self.reward_fn(r.text, self.problems[chosen[r.prompt]]["meta"]) for r in rolls])
         lengths = torch.tensor([r.length for r in rolls], dtype=torch.float32)
@@ -155,35 +153,9 @@ class RLTrainer:
             ref_tokens = token_logprobs(reference, prompts, responses, *_images(sample_images), cfg.budget)
         ref_seq = torch.stack([t.sum() for t in ref_tokens])
 
-        self.policy.train()
         order = torch.randperm(len(rolls), generator=torch.Generator().manual_seed(base_seed + 999))
-        losses, seen, seen_ref, grad_norm = [], [], [], torch.tensor(0.0)
-        for minibatch in order.chunk(cfg.updates):
-            mb = minibatch.tolist()
-            self.optimizer.zero_grad(set_to_none=True)
-            for row in pack_rows([len(prompts[i]) + len(responses[i]) for i in mb], cfg.budget):
-                idx = [mb[j] for j in row]
-                with self._autocast():
-                    tokens = token_logprobs(self.policy, [prompts[i] for i in idx], [responses[i] for i in idx],
-                                            *_images([sample_images[i] for i in idx]), cfg.budget)
-                if cfg.objective == "opmd":
-                    seq = torch.stack([t.sum() for t in tokens])
-                    loss = opmd_loss(seq, ref_seq[idx], advantage[idx], cfg.tau)
-                else:
-                    loss = grpo_loss(tokens, [ref_tokens[i] for i in idx], advantage[idx], cfg.clip_eps,
-                                     cfg.grpo_level, cfg.kl_coef)
-                if not torch.isfinite(loss).all():
-                    raise TrainingError(f"{self.stage}: non-finite RL loss at iteration {it}; the last good state "
-                                        f"is the latest checkpoint under {self._ckpt_dir}")
-                (loss.sum() / len(mb)).backward()
-                losses.append(loss.detach())
-                seen += [t.detach().sum() for t in tokens]
-                seen_ref += [ref_seq[i] for i in idx]
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.clip)
-            if not torch.isfinite(grad_norm):
-                raise TrainingError(f"{self.stage}: gradient norm {grad_norm.item()} at iteration {it}; the last "
-                                    f"good state is the latest checkpoint under {self._ckpt_dir}")
-            self.optimizer.step()
+        losses, seen, seen_ref, grad_norm = self._update(order, prompts, responses, sample_images, ref_tokens,
+                                                         ref_seq, advantage)
         self.scheduler.step()
         if not torch.equal(fingerprint(reference), ref_print):
             raise AssertionError("the reference policy moved during an RL iteration")
@@ -203,6 +175,41 @@ class RLTrainer:
         if length_on:
             values["length_reward"] = (reward - correct).mean().item() / cfg.length_weight
         return values
+
+    def _update(self, order, prompts, responses, images, ref_tokens, ref_seq, advantage):
+        """``updates`` optimizer steps, one per chunk of ``order``; the policy's log-probs are recomputed with
+        gradients row by packed row (each row back-propagated at once, so memory holds one row's graph).
+        Returns the per-sample losses, the policy's and reference's sequence log-probs seen, the last grad norm."""
+        cfg, it = self.cfg, self.iteration
+        self.policy.train()
+        losses, seen, seen_ref, grad_norm = [], [], [], torch.tensor(0.0)
+        for minibatch in order.chunk(cfg.updates):
+            mb = minibatch.tolist()
+            self.optimizer.zero_grad(set_to_none=True)
+            for row in pack_rows([len(prompts[i]) + len(responses[i]) for i in mb], cfg.budget):
+                idx = [mb[j] for j in row]
+                with self._autocast():
+                    tokens = token_logprobs(self.policy, [prompts[i] for i in idx], [responses[i] for i in idx],
+                                            *_images([images[i] for i in idx]), cfg.budget)
+                if cfg.objective == "opmd":
+                    seq = torch.stack([t.sum() for t in tokens])
+                    loss = opmd_loss(seq, ref_seq[idx], advantage[idx], cfg.tau)
+                else:
+                    loss = grpo_loss(tokens, [ref_tokens[i] for i in idx], advantage[idx], cfg.clip_eps,
+                                     cfg.grpo_level, cfg.kl_coef)
+                if not torch.isfinite(loss).all():
+                    raise TrainingError(f"{self.stage}: non-finite RL loss at iteration {it}; the last good state "
+                                        f"is the latest checkpoint under {self._ckpt_dir}")
+                (loss.sum() / len(mb)).backward()
+                losses.append(loss.detach())
+                seen += [t.detach().sum() for t in tokens]
+                seen_ref += [ref_seq[i] for i in idx]
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.clip)
+            if not torch.isfinite(grad_norm):
+                raise TrainingError(f"{self.stage}: gradient norm {grad_norm.item()} at iteration {it}; the last "
+                                    f"good state is the latest checkpoint under {self._ckpt_dir}")
+            self.optimizer.step()
+        return losses, seen, seen_ref, grad_norm
 
     @property
     def _ckpt_dir(self) -> Path:

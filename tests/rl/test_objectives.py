@@ -3,8 +3,7 @@ import math
 import pytest
 import torch
 
-from kimivl.rl.objectives import (group_baseline, group_normalised, grpo_loss, kl_estimate, length_reward,
-                                  opmd_loss)
+from kimivl.rl.objectives import group_baseline, group_normalised, grpo_loss, kl_estimate, length_reward, opmd_loss
 
 # a toy policy: one logit per token of a 3-token vocabulary, the same at every position
 SEQS = [[0, 1, 1], [2], [0, 0, 2, 1], [1, 2]]  # two problems x k=2 samples
