@@ -15,9 +15,10 @@ class MLACache:
                  device: str | torch.device = "cpu"):
         if max_len > config.max_position_embeddings:
             raise ValueError(f"cache of {max_len} tokens exceeds the context of {config.max_position_embeddings}")
-        shape = (config.num_hidden_layers, batch, max_len)
-        self.latent = torch.zeros(*shape, config.kv_lora_rank, dtype=dtype, device=device)
-        self.rope_key = torch.zeros(*shape, config.qk_rope_head_dim, dtype=dtype, device=device)
+        # one buffer per layer and token: [latent | rope key], so attention reads both without a concatenation
+        width = config.kv_lora_rank + config.qk_rope_head_dim
+        self.joint = torch.zeros(config.num_hidden_layers, batch, max_len, width, dtype=dtype, device=device)
+        self.rank = config.kv_lora_rank
         self.max_len = max_len
         self.length = 0
 
@@ -39,18 +40,19 @@ class MLACache:
         return config.num_hidden_layers * per_layer * dtype.itemsize
 
     def nbytes(self) -> int:
-        return self.latent.nbytes + self.rope_key.nbytes
+        return self.joint.nbytes
 
 
 class _LayerCache:
     def __init__(self, cache: MLACache, i: int):
         self.cache, self.i = cache, i
 
-    def update(self, c_BSC: torch.Tensor, kr_BSR: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, c_BSC: torch.Tensor, kr_BSR: torch.Tensor) -> torch.Tensor:
+        """Store the new tokens' latents; return every cached token's ``[latent | rope key]`` (B, K, C + R)."""
         cache, start = self.cache, self.cache.length
         end = start + c_BSC.shape[1]
         if end > cache.max_len:
             raise ValueError(f"cache full: {end} tokens exceed its {cache.max_len}")
-        cache.latent[self.i, :, start:end] = c_BSC
-        cache.rope_key[self.i, :, start:end] = kr_BSR
-        return cache.latent[self.i, :, :end], cache.rope_key[self.i, :, :end]
+        cache.joint[self.i, :, start:end, : cache.rank] = c_BSC
+        cache.joint[self.i, :, start:end, cache.rank:] = kr_BSR
+        return cache.joint[self.i, :, :end]

@@ -63,9 +63,10 @@ class MLA(nn.Module):
         q_nope, q_rope = self.queries(x_BSD, rot_BSR)
         c_BKC, kr_BKR = self.compress(x_BSD, rot_BSR)
         if cache is not None:
-            c_BKC, kr_BKR = cache.update(c_BKC, kr_BKR)
+            ckr_BKX = cache.update(c_BKC, kr_BKR)
             if s == 1:
-                return self._absorbed(q_nope, q_rope, c_BKC, kr_BKR, key_valid_BK)
+                return self._absorbed(q_nope, q_rope, ckr_BKX, key_valid_BK)
+            c_BKC, kr_BKR = ckr_BKX.split([self.kv_rank, self.rope_dim], dim=-1)
         k_len = c_BKC.shape[1]
         kv = self.kv_b_proj(c_BKC).view(b, k_len, self.n_heads, self.nope_dim + self.v_dim)
         k_nope, v_BKHE = kv.split([self.nope_dim, self.v_dim], dim=-1)
@@ -80,14 +81,18 @@ class MLA(nn.Module):
                                  scale=self.scale, key_valid_BK=key_valid_BK).transpose(1, 2)
         return self.o_proj(o.reshape(b, s, self.n_heads * self.v_dim))
 
-    def _absorbed(self, q_nope_BSHN, q_rope_BSHR, c_BKC, kr_BKR, key_valid_BK):
-        """Attention straight on the compressed cache: kv_b_proj's key half is folded into the query and its
-        value half applied after, so per-head keys and values are never built (one shared 576-wide key)."""
+    def _absorbed(self, q_nope_BSHN, q_rope_BSHR, ckr_BKX, key_valid_BK):
+        """Attention straight on the compressed cache ``[latent | rope key]``: kv_b_proj's key half is folded into
+        the query and its value half applied after, so per-head keys and values are never built (one shared
+        576-wide key). On CPU the attention itself runs in float32, where SDPA's kernel is many times faster."""
         w_HXC = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_rank)
         w_uk_HNC, w_uv_HEC = w_HXC.split([self.nope_dim, self.v_dim], dim=1)
         q_lat_BHSC = torch.einsum("bshn,hnc->bhsc", q_nope_BSHN, w_uk_HNC)
         q_BHSX = torch.cat([q_lat_BHSC, q_rope_BSHR.transpose(1, 2)], dim=-1)
-        k_B1KX = torch.cat([c_BKC, kr_BKR], dim=-1)[:, None]
-        o_BHSC = causal_attention(q_BHSX, k_B1KX, c_BKC[:, None], scale=self.scale, key_valid_BK=key_valid_BK)
+        k_B1KX = ckr_BKX[:, None]
+        if not k_B1KX.is_cuda:
+            q_BHSX, k_B1KX = q_BHSX.float(), k_B1KX.float()
+        o_BHSC = causal_attention(q_BHSX, k_B1KX, k_B1KX[..., : self.kv_rank], scale=self.scale,
+                                  key_valid_BK=key_valid_BK).to(q_nope_BSHN.dtype)
         o_BSHE = torch.einsum("bhsc,hec->bshe", o_BHSC, w_uv_HEC)
         return self.o_proj(o_BSHE.flatten(2))
