@@ -31,13 +31,22 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.
     return F.scaled_dot_product_attention(q, k, F.pad(v, (0, q.shape[-1] - e)), **kwargs)[..., :e]
 
 
+# Many short segments run as one padded batch when the padded score matrices stay this small (elements); longer
+# segments (a large image, a long document) run one by one, so memory stays linear in the token count.
+BATCHED_SCORES_LIMIT = 1 << 24
+
+
 def varlen_attention(q_THD: torch.Tensor, k_THD: torch.Tensor, v_THE: torch.Tensor, cu_seqlens: torch.Tensor,
                      *, causal: bool, scale: float | None = None) -> torch.Tensor:
     """Attention within each packed segment; returns (T, H, E)."""
     if use_flash(q_THD):
         return _flash_varlen(q_THD, k_THD, v_THE, cu_seqlens, causal=causal, scale=scale)
-    out_THE = q_THD.new_empty(*q_THD.shape[:2], v_THE.shape[-1])
     bounds = cu_seqlens.tolist()
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    longest = max(lengths, default=0)
+    if len(lengths) > 1 and len(lengths) * q_THD.shape[1] * longest * longest <= BATCHED_SCORES_LIMIT:
+        return _padded_batch(q_THD, k_THD, v_THE, cu_seqlens, longest, causal=causal, scale=scale)
+    out_THE = q_THD.new_empty(*q_THD.shape[:2], v_THE.shape[-1])
     for start, end in zip(bounds[:-1], bounds[1:]):
         if end == start:
             continue
@@ -45,6 +54,24 @@ def varlen_attention(q_THD: torch.Tensor, k_THD: torch.Tensor, v_THE: torch.Tens
         o = _sdpa(q, k, v, is_causal=causal, scale=scale)
         out_THE[start:end] = o.squeeze(0).transpose(0, 1)
     return out_THE
+
+
+def _padded_batch(q_THD, k_THD, v_THE, cu_seqlens, longest, *, causal, scale):
+    """The segments gathered into one (segments, H, longest, D) batch with a mask; padding rows see only
+    themselves (finite) and are dropped."""
+    cu = cu_seqlens.to(device=q_THD.device, dtype=torch.long)
+    lengths = cu[1:] - cu[:-1]
+    keep = lengths > 0
+    starts, lengths = cu[:-1][keep], lengths[keep]
+    offsets = torch.arange(longest, device=q_THD.device)
+    real_NL = offsets[None] < lengths[:, None]
+    index_NL = torch.where(real_NL, starts[:, None] + offsets[None], 0)
+    q, k, v = (t[index_NL].transpose(1, 2) for t in (q_THD, k_THD, v_THE))
+    allowed = real_NL[:, None, None, :] | torch.eye(longest, dtype=torch.bool, device=q_THD.device)
+    if causal:
+        allowed = allowed & torch.ones(longest, longest, dtype=torch.bool, device=q_THD.device).tril()
+    o_NHLE = _sdpa(q, k, v, attn_mask=allowed, scale=scale)
+    return o_NHLE.transpose(1, 2)[real_NL]
 
 
 def _flash_varlen(q, k, v, cu_seqlens, *, causal, scale):

@@ -68,3 +68,17 @@ def test_context_limit_is_checked(tiny_model, tiny_config):
     n = tiny_config.text_config.max_position_embeddings
     with pytest.raises(ValueError, match="past the context"):
         tiny_model(torch.zeros(1, 2, dtype=torch.long), position_ids=torch.tensor([[0, n]]))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_batched_and_looped_varlen_attention_agree(monkeypatch, causal):
+    from kimivl.model import attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 23, 4, 16, generator=g)
+    v = torch.randn(23, 4, 8, generator=g)
+    cu = torch.tensor([0, 5, 5, 17, 23], dtype=torch.int32)
+    batched = attention.varlen_attention(q, k, v, cu, causal=causal)
+    monkeypatch.setattr(attention, "BATCHED_SCORES_LIMIT", 0)
+    looped = attention.varlen_attention(q, k, v, cu, causal=causal)
+    assert (batched - looped).abs().max() < 1e-5
