@@ -4,15 +4,17 @@ this CPU's bf16 matmul peak measured in the same run.
 Both arms train the same model on the same synthetic-world samples (a mix of every task and text) with bf16
 autocast and the Muon/AdamW optimiser. Packed: samples laid end to end in rows of ``--budget`` tokens. Padded:
 ``--batch`` samples per step, right-padded to the longest (padding is causal-safe and unscored). Printed: useful
-(non-padding) tokens/s of each and their ratio (target >= 1.5x), and the packed step's model FLOPs
+(non-padding) tokens/s of each and their ratio (target >= 1.5x), with the optimiser stepping every ``--accum``
+micro-batches in both arms as in real training, and the packed arm's model FLOPs
 (6 x active non-embedding parameters per token, plus attention) as GFLOP/s and as a share of the matmul peak.
 
-    python benchmarks/train_throughput.py [--steps 12] [--budget 2048] [--batch 16]
+    python benchmarks/train_throughput.py [--steps 16] [--budget 2048] [--batch 16] [--accum 8] [--width 256]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import tempfile
 import time
@@ -54,21 +56,25 @@ def padded(samples, pad_id):
     return dict(input_ids=ids, labels=labels, pixel_values=pixels, image_grid_hws=grids), sum(len(s.input_ids) for s in samples)
 
 
-def step_time(model, opt, kwargs) -> float:
+def step_time(model, opt, kwargs, update: bool) -> float:
+    """One micro-batch forward and backward; the optimiser steps when ``update``."""
     start = time.perf_counter()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = model(**kwargs).loss
-    opt.zero_grad(set_to_none=True)
     loss.backward()
-    opt.step()
+    if update:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
     return time.perf_counter() - start
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=16, help="packed micro-batches timed (after 2 warm-up ones)")
     ap.add_argument("--budget", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--width", type=int, default=256, help="LM hidden size (kimivl-tiny: 256)")
+    ap.add_argument("--accum", type=int, default=8, help="micro-batches per optimiser step (gradient accumulation)")
     args = ap.parse_args()
 
     world = tempfile.mkdtemp()
@@ -81,6 +87,10 @@ def main() -> None:
         return processor.encode_text(item) if name == "text" else processor.encode_for_training(item["messages"])
 
     config = KimiVLConfig.from_preset("kimivl-tiny")
+    t = config.text_config
+    scale = args.width // t.hidden_size
+    config.text_config = dataclasses.replace(t, hidden_size=args.width, intermediate_size=t.intermediate_size * scale,
+                                             moe_intermediate_size=t.moe_intermediate_size * scale)
     n = processor.tokenizer.n_ranks
     config.text_config.vocab_size = n + 256
     config.media_placeholder_token_id = processor.tokenizer.media_pad_id
@@ -98,12 +108,12 @@ def main() -> None:
     times = {"packed": [], "padded": []}
     tokens = {"packed": [], "padded": []}
     for k, row in enumerate(packed_rows):
-        t = step_time(model, opt, row.kwargs())
+        t = step_time(model, opt, row.kwargs(), update=(k + 1) % args.accum == 0)
         if k >= 2:  # warm-up steps excluded
             times["packed"].append(t)
             tokens["packed"].append(row.n_tokens)
     for k, (kwargs, real) in enumerate(padded_batches):
-        t = step_time(model, opt, kwargs)
+        t = step_time(model, opt, kwargs, update=(k + 1) % args.accum == 0)
         if k >= 2:
             times["padded"].append(t)
             tokens["padded"].append(real)
@@ -119,7 +129,7 @@ def main() -> None:
     flops_per_token = 6 * active + attn
     achieved = flops_per_token * speed["packed"] / 1e9
     peak = matmul_peak()
-    print(f"kimivl-tiny ({counts['total'].total / 1e6:.1f}M parameters), bf16 autocast, "
+    print(f"kimivl-tiny at LM width {args.width} ({counts['total'].total / 1e6:.1f}M parameters), bf16 autocast, "
           f"{torch.get_num_threads()} threads")
     print(f"packed rows of {args.budget}: {speed['packed']:.0f} useful tokens/s (budget filled {100 * efficiency:.0f}%)")
     print(f"padded batches of {args.batch}: {speed['padded']:.0f} useful tokens/s (real tokens {100 * pad_share:.0f}%)")
