@@ -14,15 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from kimivl.data.formats import is_text_file, iter_records
-from kimivl.processing.chat_template import parse_thinking
+from kimivl.eval.answers import final_answer
 
 _INT = re.compile(r"-?\d+")
 _FLOAT = re.compile(r"-?\d+(?:\.\d+)?")
-
-
-def final_answer(prediction: str) -> str:
-    reasoning, answer = parse_thinking(prediction)
-    return answer
 
 
 def _norm(text: str) -> str:
@@ -31,7 +26,7 @@ def _norm(text: str) -> str:
 
 def score(prediction: str, meta: dict[str, Any]) -> bool:
     """Whether ``prediction`` answers the record whose meta is ``meta``."""
-    answer = final_answer(prediction)
+    answer = final_answer(prediction) or ""  # an unclosed reasoning has no answer
     gold = meta["gold"]
     if meta.get("task") == "gui":
         nums = [float(x) for x in _FLOAT.findall(answer)]

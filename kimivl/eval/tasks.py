@@ -20,6 +20,7 @@ from kimivl.eval import (
     synthetic,
     videomme,
 )
+from kimivl.eval.answers import final_answer
 from kimivl.eval.report import accuracy
 from kimivl.eval.tables import Sample
 
@@ -52,7 +53,7 @@ def _synthetic_load(data, task: str | None = None, **_):
 
 
 def _synthetic_score(prediction: str, meta: dict) -> dict:
-    return {"score": float(synthetic.score(prediction, meta)), "extracted": synthetic.final_answer(prediction)}
+    return {"score": float(synthetic.score(prediction, meta)), "extracted": final_answer(prediction)}
 
 
 def _default_heldout() -> str:
