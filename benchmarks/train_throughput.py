@@ -5,10 +5,11 @@ Both arms train the same model on the same synthetic-world samples (a mix of eve
 autocast and the Muon/AdamW optimiser. Packed: samples laid end to end in rows of ``--budget`` tokens. Padded:
 ``--batch`` samples per step, right-padded to the longest (padding is causal-safe and unscored). Printed: useful
 (non-padding) tokens/s of each and their ratio (target >= 1.5x), with the optimiser stepping every ``--accum``
-micro-batches in both arms as in real training, and the packed arm's model FLOPs
+micro-batches in both arms as in real training (Newton-Schulz in ``--ns-dtype``), and the packed arm's model FLOPs
 (6 x active non-embedding parameters per token, plus attention) as GFLOP/s and as a share of the matmul peak.
 
     python benchmarks/train_throughput.py [--steps 16] [--budget 2048] [--batch 16] [--accum 8] [--width 256]
+                                          [--ns-dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--width", type=int, default=256, help="LM hidden size (kimivl-tiny: 256)")
     ap.add_argument("--accum", type=int, default=8, help="micro-batches per optimiser step (gradient accumulation)")
+    ap.add_argument("--ns-dtype", default="bfloat16", choices=["bfloat16", "float32"], help="Muon's Newton-Schulz")
     args = ap.parse_args()
 
     world = tempfile.mkdtemp()
@@ -96,7 +98,7 @@ def main() -> None:
     config.media_placeholder_token_id = processor.tokenizer.media_pad_id
     torch.manual_seed(0)
     model = KimiVL(config).train()
-    opt = build_optimizer(model, lr=1e-4)
+    opt = build_optimizer(model, lr=1e-4, ns_dtype=args.ns_dtype)
     mix = Mixture(sources, encode, args.budget, {k: 1 for k in sources}, seed=0)
 
     packed_rows = [b for b, _ in islice(mix.batches(0), args.steps + 2)]

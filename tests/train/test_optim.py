@@ -202,3 +202,12 @@ def test_one_step_on_the_tiny_model_moves_every_trainable_param(model):
     for n, p in m.named_parameters():
         if n.split(".")[0] not in unused and p.grad is not None:
             assert not torch.equal(p.detach(), before[n]), n
+
+
+def test_bfloat16_newton_schulz_stays_close_to_float32():
+    g = torch.randn(3, 48, 80, generator=torch.Generator().manual_seed(0))
+    exact, fast = newton_schulz(g), newton_schulz(g, dtype=torch.bfloat16)
+    assert fast.dtype == torch.float32
+    assert (fast - exact).norm() / exact.norm() < 0.05
+    s = torch.linalg.svdvals(fast)
+    assert s.min() > 0.5 and s.max() < 1.3
