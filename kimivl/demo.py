@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from kimivl.data.formats import content_text
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO / "models" / "kimivl-tiny"
 DEFAULT_EXAMPLES = REPO / "examples" / "heldout"
@@ -18,7 +20,7 @@ def _question(record: dict) -> str:
     content = record["messages"][0]["content"]
     parts = content if isinstance(content, list) else [{"type": "text", "text": content}]
     media = sum(p["type"] in ("image", "video") for p in parts)
-    text = " ".join(p["text"] for p in parts if p["type"] == "text")
+    text = content_text(parts)
     return f"[{media} image/video part{'s' if media != 1 else ''}] {text}"
 
 

@@ -31,7 +31,8 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-ROLES = ("system", "user", "assistant")
+from kimivl.processing.chat_template import ROLES
+
 
 
 class DataError(ValueError):
@@ -185,3 +186,10 @@ def is_text_file(path: str | os.PathLike) -> bool:
     for _, obj in _lines(Path(path)):
         return "messages" not in obj
     return False
+
+
+def content_text(content: str | list[dict]) -> str:
+    """The text of a message's content: the string itself, or its text parts joined by spaces."""
+    if isinstance(content, str):
+        return content
+    return " ".join(p["text"] for p in content if isinstance(p, dict) and p.get("type") == "text")

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from kimivl.config import KimiVLConfig
-from kimivl.data.formats import is_text_file, iter_records, iter_texts
+from kimivl.data.formats import content_text, is_text_file, iter_records, iter_texts
 from kimivl.data.mixture import Mixture
 from kimivl.data.world import ensure_world
 from kimivl.eval.synthetic import evaluate, heldout_records
@@ -85,8 +85,7 @@ def _tokenizer(recipe: Recipe, sources: Sources, base_dir: Path | None) -> KimiT
 
 
 def _record_text(record: dict) -> str:
-    return " ".join(p if isinstance(p, str) else p.get("text", "") for m in record["messages"]
-                    for p in ([m["content"]] if isinstance(m["content"], str) else m["content"]))
+    return " ".join(content_text(m["content"]) for m in record["messages"])
 
 
 def _base_model(recipe: Recipe, tokenizer: KimiTokenizer) -> KimiVL:
@@ -129,7 +128,7 @@ class CaptionStream:
         rec = self.records[random.Random(self.seed * 1_000_003 + i).randrange(len(self.records))]
         user, answer = rec["messages"][0]["content"], rec["messages"][-1]["content"]
         image = next(p["image"] for p in user if isinstance(p, dict) and p.get("type") == "image")
-        question = " ".join(p["text"] for p in user if isinstance(p, dict) and p.get("type") == "text")
+        question = content_text(user)
         return self.processor.image_processor(image), self.processor.tokenizer.encode(f"{question} {answer}")
 
     def batches(self, position: int) -> Iterator:
