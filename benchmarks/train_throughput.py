@@ -3,9 +3,10 @@ this CPU's bf16 matmul peak measured in the same run.
 
 Both arms train the same model on the same synthetic-world samples (a mix of every task and text) with bf16
 autocast and the Muon/AdamW optimiser. Packed: samples laid end to end in rows of ``--budget`` tokens. Padded:
-``--batch`` samples per step, right-padded to the longest (padding is causal-safe and unscored). Printed: useful
-(non-padding) tokens/s of each and their ratio (target >= 1.5x), with the optimiser stepping every ``--accum``
-micro-batches in both arms as in real training (Newton-Schulz in ``--ns-dtype``), and the packed arm's model FLOPs
+the same samples, ``--batch`` per step, right-padded to the longest (padding is causal-safe and unscored). The arms
+alternate in cycles: ``--accum`` packed rows then their samples padded, the optimiser stepping once per cycle in each
+(Newton-Schulz in ``--ns-dtype``), as in training with gradient accumulation; the first cycle is an untimed warm-up.
+Printed: useful (non-padding) tokens/s of each and their ratio (target >= 1.5x), and the packed arm's model FLOPs
 (6 x active non-embedding parameters per token, plus attention) as GFLOP/s and as a share of the matmul peak.
 
     python benchmarks/train_throughput.py [--steps 16] [--budget 2048] [--batch 16] [--accum 8] [--width 256]
@@ -71,7 +72,7 @@ def step_time(model, opt, kwargs, update: bool) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=16, help="packed micro-batches timed (after 2 warm-up ones)")
+    ap.add_argument("--steps", type=int, default=16, help="packed micro-batches timed (whole cycles of --accum, after one warm-up cycle)")
     ap.add_argument("--budget", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--width", type=int, default=256, help="LM hidden size (kimivl-tiny: 256)")
@@ -101,27 +102,34 @@ def main() -> None:
     opt = build_optimizer(model, lr=1e-4, ns_dtype=args.ns_dtype)
     mix = Mixture(sources, encode, args.budget, {k: 1 for k in sources}, seed=0)
 
-    packed_rows = [b for b, _ in islice(mix.batches(0), args.steps + 2)]
-    used = sum(b.n_samples for b in packed_rows)
-    samples = [mix.sample(i) for i in range(used)]
-    padded_batches = [padded(samples[i:i + args.batch], processor.tokenizer.pad_id)
-                      for i in range(0, len(samples) - args.batch + 1, args.batch)]
-
-    times = {"packed": [], "padded": []}
-    tokens = {"packed": [], "padded": []}
-    for k, row in enumerate(packed_rows):
-        t = step_time(model, opt, row.kwargs(), update=(k + 1) % args.accum == 0)
-        if k >= 2:  # warm-up steps excluded
-            times["packed"].append(t)
-            tokens["packed"].append(row.n_tokens)
-    for k, (kwargs, real) in enumerate(padded_batches):
-        t = step_time(model, opt, kwargs, update=(k + 1) % args.accum == 0)
-        if k >= 2:
-            times["padded"].append(t)
-            tokens["padded"].append(real)
-    speed = {name: sum(tokens[name]) / sum(times[name]) for name in times}
-    efficiency = statistics.mean(b.efficiency for b in packed_rows)
-    pad_share = statistics.mean(real / kw["input_ids"].numel() for kw, real in padded_batches)
+    # Cycles of --accum packed rows, and the same samples in padded batches; the optimiser steps once per cycle in
+    # each arm. Cycle 0 warms both arms up (and creates the optimiser state); the others alternate, timed.
+    stream = mix.batches(0)
+    times = {"packed": 0.0, "padded": 0.0}
+    tokens = {"packed": 0, "padded": 0}
+    shares, fills, start = [], [], 0
+    for c in range(max(1, args.steps // args.accum) + 1):
+        rows = []
+        for _ in range(args.accum):
+            row, end = next(stream)
+            rows.append(row)
+        samples = [s for s in map(mix.sample, range(start, end)) if len(s.input_ids) <= args.budget]
+        start = end
+        batches = [padded(samples[i:i + args.batch], processor.tokenizer.pad_id)
+                   for i in range(0, len(samples), args.batch)]
+        packed_time = sum(step_time(model, opt, row.kwargs(), update=k == len(rows) - 1) for k, row in enumerate(rows))
+        padded_time = sum(step_time(model, opt, kw, update=k == len(batches) - 1)
+                          for k, (kw, _) in enumerate(batches))
+        fills += [row.efficiency for row in rows]
+        shares += [real / kw["input_ids"].numel() for kw, real in batches]
+        if c:
+            times["packed"] += packed_time
+            times["padded"] += padded_time
+            tokens["packed"] += sum(row.n_tokens for row in rows)
+            tokens["padded"] += sum(real for _, real in batches)
+    assert tokens["packed"] == tokens["padded"], "both arms must train on the same samples"
+    speed = {name: tokens[name] / times[name] for name in times}
+    efficiency, pad_share = statistics.mean(fills), statistics.mean(shares)
 
     counts = parameter_counts(config)
     embed = config.text_config.vocab_size * config.text_config.hidden_size

@@ -31,10 +31,11 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.
     return F.scaled_dot_product_attention(q, k, F.pad(v, (0, q.shape[-1] - e)), **kwargs)[..., :e]
 
 
-# Many short segments run as one padded batch when the padded score matrices stay this small (elements); longer
-# segments (a large image, a long document) run one by one, so memory stays linear in the token count. On CPU,
-# score matrices up to this size are computed by plain matmuls, larger ones by the fused (flash) kernel.
-BATCHED_SCORES_LIMIT = 1 << 24
+# On CUDA without flash-attn, many short segments run as one padded batch (fewer kernel launches) when the padded
+# score matrices stay this small (elements); otherwise segments run one by one, so memory stays linear in the
+# token count. On CPU, a segment's scores up to this size are computed by plain matmuls (1.5-3x faster than the
+# fused kernel for short segments and narrow heads, and no padding), larger ones by the fused kernel.
+SCORES_LIMIT = 1 << 24
 
 
 def varlen_attention(q_THD: torch.Tensor, k_THD: torch.Tensor, v_THE: torch.Tensor, cu_seqlens: torch.Tensor,
@@ -45,7 +46,8 @@ def varlen_attention(q_THD: torch.Tensor, k_THD: torch.Tensor, v_THE: torch.Tens
     bounds = cu_seqlens.tolist()
     lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
     longest = max(lengths, default=0)
-    if len(lengths) > 1 and len(lengths) * q_THD.shape[1] * longest * longest <= BATCHED_SCORES_LIMIT:
+    batched_scores = len(lengths) * q_THD.shape[1] * longest * longest
+    if q_THD.is_cuda and len(lengths) > 1 and batched_scores <= SCORES_LIMIT:
         return _padded_batch(q_THD, k_THD, v_THE, cu_seqlens, longest, causal=causal, scale=scale)
     out_THE = q_THD.new_empty(*q_THD.shape[:2], v_THE.shape[-1])
     for start, end in zip(bounds[:-1], bounds[1:]):
@@ -53,7 +55,7 @@ def varlen_attention(q_THD: torch.Tensor, k_THD: torch.Tensor, v_THE: torch.Tens
             continue
         q, k, v = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q_THD, k_THD, v_THE))
         n = end - start
-        if not q.is_cuda and q.shape[1] * n * n <= BATCHED_SCORES_LIMIT:
+        if not q.is_cuda and q.shape[1] * n * n <= SCORES_LIMIT:
             allowed = torch.ones(n, n, dtype=torch.bool, device=q.device).tril() if causal else None
             o = _matmul_attention(q, k, v, allowed, scale)
         else:
@@ -75,20 +77,16 @@ def _padded_batch(q_THD, k_THD, v_THE, cu_seqlens, longest, *, causal, scale):
     index_NL = torch.where(real_NL, starts[:, None] + offsets[None], 0)
     q, k, v = (t[index_NL].transpose(1, 2) for t in (q_THD, k_THD, v_THE))
     if causal:
-        allowed = torch.ones(longest, longest, dtype=torch.bool, device=q_THD.device).tril()
+        o_NHLE = _sdpa(q, k, v, is_causal=True, scale=scale)
     else:
         allowed = real_NL[:, None, None, :] | torch.eye(longest, dtype=torch.bool, device=q_THD.device)
-    if q.is_cuda:
-        o_NHLE = _sdpa(q, k, v, attn_mask=None if causal else allowed, is_causal=causal, scale=scale)
-    else:
-        o_NHLE = _matmul_attention(q, k, v, allowed, scale)
+        o_NHLE = _sdpa(q, k, v, attn_mask=allowed, scale=scale)
     return o_NHLE.transpose(1, 2)[real_NL]
 
 
 def _matmul_attention(q, k, v, allowed, scale):
-    """softmax(q k^T * scale) v over the ``allowed`` keys (all when None) as plain matmuls, softmax in float32. On CPU, for the
-    short sequences and narrow heads of batched segments, forward and backward run 1.5-3x faster than the fused
-    kernel; the caller bounds the score memory (``BATCHED_SCORES_LIMIT``)."""
+    """softmax(q k^T * scale) v over the ``allowed`` keys (all when None) as plain matmuls, softmax in float32;
+    the caller bounds the score memory (``SCORES_LIMIT``)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = (q @ k.transpose(-1, -2)).float() * scale
     if allowed is not None:

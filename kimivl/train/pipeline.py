@@ -119,10 +119,7 @@ def global_schedule(recipe: Recipe) -> tuple[WSD, dict[str, int]]:
 
 
 class CaptionStream:
-    """ViT-stage batches: ``images_per_batch`` (image, caption) pairs, sample i a pure function of (seed, i).
-
-    The caption is the record's ``meta["caption"]`` (what the image shows, e.g. a reasoning figure's expression)
-    when it has one, else its question and answer."""
+    """ViT-stage batches: ``images_per_batch`` (image, caption) pairs, sample i a pure function of (seed, i)."""
 
     def __init__(self, records: list[dict], processor: KimiVLProcessor, per_batch: int, seed: int, max_len: int = 64):
         self.records, self.processor, self.per_batch, self.seed, self.max_len = records, processor, per_batch, seed, max_len
@@ -131,8 +128,8 @@ class CaptionStream:
         rec = self.records[random.Random(self.seed * 1_000_003 + i).randrange(len(self.records))]
         user, answer = rec["messages"][0]["content"], rec["messages"][-1]["content"]
         image = next(p["image"] for p in user if isinstance(p, dict) and p.get("type") == "image")
-        caption = rec.get("meta", {}).get("caption") or f"{content_text(user)} {answer}"
-        return self.processor.image_processor(image), self.processor.tokenizer.encode(caption)
+        question = content_text(user)
+        return self.processor.image_processor(image), self.processor.tokenizer.encode(f"{question} {answer}")
 
     def batches(self, position: int) -> Iterator:
         tok = self.processor.tokenizer

@@ -71,16 +71,21 @@ def test_context_limit_is_checked(tiny_model, tiny_config):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("limit", [1 << 24, 4 * 12 * 12, 0])  # batched matmuls, one segment at a time, fused kernel
-def test_varlen_attention_paths_equal_per_segment_sdpa(monkeypatch, causal, limit):
+@pytest.mark.parametrize("path", ["matmul", "fused", "padded_batch"])
+def test_varlen_attention_paths_equal_per_segment_sdpa(monkeypatch, causal, path):
+    """CPU: segments by plain matmuls, or by the fused kernel past SCORES_LIMIT; CUDA: one padded batch."""
     from kimivl.model import attention
 
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(2, 23, 4, 16, generator=g)
     v = torch.randn(23, 4, 8, generator=g)
     bounds = [0, 5, 5, 17, 23]
-    monkeypatch.setattr(attention, "BATCHED_SCORES_LIMIT", limit)
-    got = attention.varlen_attention(q, k, v, torch.tensor(bounds, dtype=torch.int32), causal=causal)
+    cu = torch.tensor(bounds, dtype=torch.int32)
+    if path == "padded_batch":
+        got = attention._padded_batch(q, k, v, cu, 12, causal=causal, scale=None)
+    else:
+        monkeypatch.setattr(attention, "SCORES_LIMIT", 1 << 24 if path == "matmul" else 0)
+        got = attention.varlen_attention(q, k, v, cu, causal=causal)
     want = torch.cat([torch.nn.functional.scaled_dot_product_attention(
         *(t[a:b].transpose(0, 1) for t in (q, k, v)), is_causal=causal).transpose(0, 1)
         for a, b in zip(bounds[:-1], bounds[1:]) if b > a])

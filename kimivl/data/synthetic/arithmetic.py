@@ -151,5 +151,5 @@ def make_arithmetic(rng: random.Random, difficulty: str | None = None) -> Sample
     img = add_noise(img, rng, rng.uniform(0, 6))
     question = rng.choice(("What is the value of the expression in the image?", "Solve the problem in the image."))
     meta = {"task": "reasoning", "kind": "arithmetic", "difficulty": difficulty, "gold": value,
-            "expression": expression, "operations": ops, "caption": " ".join(lines)}
+            "expression": expression, "operations": ops}
     return Sample([img, question], str(value), meta, solution)

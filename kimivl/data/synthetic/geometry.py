@@ -94,6 +94,5 @@ def make_geometry(rng: random.Random, difficulty: str | None = None) -> Sample:
     sides, question, answer, steps = _problem(rng, figure, difficulty)
     solution = "\n".join(steps + [f"The answer is {answer}."])
     meta = {"task": "reasoning", "kind": "geometry", "difficulty": difficulty, "gold": answer, "figure": figure,
-            "sides": sides,
-            "caption": " ".join([figure] + [f"{k} {v}" for k, v in sides.items()])}
+            "sides": sides}
     return Sample([_draw(rng, figure, sides), question], str(answer), meta, solution)
