@@ -20,7 +20,6 @@ import dataclasses
 import statistics
 import tempfile
 import time
-from itertools import islice
 from pathlib import Path
 
 import torch
@@ -72,7 +71,8 @@ def step_time(model, opt, kwargs, update: bool) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=16, help="packed micro-batches timed (whole cycles of --accum, after one warm-up cycle)")
+    ap.add_argument("--steps", type=int, default=16,
+                    help="packed micro-batches timed (whole cycles of --accum, after one warm-up cycle)")
     ap.add_argument("--budget", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--width", type=int, default=256, help="LM hidden size (kimivl-tiny: 256)")
@@ -117,7 +117,8 @@ def main() -> None:
         start = end
         batches = [padded(samples[i:i + args.batch], processor.tokenizer.pad_id)
                    for i in range(0, len(samples), args.batch)]
-        packed_time = sum(step_time(model, opt, row.kwargs(), update=k == len(rows) - 1) for k, row in enumerate(rows))
+        packed_time = sum(step_time(model, opt, row.kwargs(), update=k == len(rows) - 1)
+                          for k, row in enumerate(rows))
         padded_time = sum(step_time(model, opt, kw, update=k == len(batches) - 1)
                           for k, (kw, _) in enumerate(batches))
         fills += [row.efficiency for row in rows]
