@@ -40,3 +40,12 @@ def small_model(small_processor) -> KimiVL:
     text = dataclasses.replace(base.text_config, vocab_size=n + 256, bos_token_id=n, eos_token_id=[n + 1, n + 2])
     torch.manual_seed(0)
     return KimiVL(dataclasses.replace(base, text_config=text, media_placeholder_token_id=n + 21)).eval()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, small_model, small_processor):
+    """``small_model`` and ``small_processor`` saved as an official-format checkpoint directory."""
+    path = tmp_path_factory.mktemp("ckpt")
+    small_model.save_pretrained(path)
+    small_processor.save_pretrained(path)
+    return path

@@ -1,19 +1,10 @@
 """The kimivl command: chat on a saved checkpoint."""
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from kimivl import generate
 from kimivl.cli import main
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, small_model, small_processor):
-    path = tmp_path_factory.mktemp("ckpt")
-    small_model.save_pretrained(path)
-    small_processor.save_pretrained(path)
-    return path
 
 
 def test_chat_one_question_with_image(checkpoint, small_model, small_processor, tmp_path, capsys):

@@ -109,14 +109,6 @@ def test_read_predictions_keeps_the_first_of_an_index(tmp_path):
     assert read_predictions(path) == {"1": "a"}
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, small_model, small_processor):
-    path = tmp_path_factory.mktemp("ckpt")
-    small_model.save_pretrained(path)
-    small_processor.save_pretrained(path)
-    return path
-
-
 def test_cli_eval_with_a_model_on_synthetic_and_a_benchmark(checkpoint, small_model, small_processor, tmp_path,
                                                             capsys):
     data = ocr_tsv(tmp_path / "ocr.tsv", n=3)
