@@ -44,11 +44,11 @@ def varlen_attention(q_THD: torch.Tensor, k_THD: torch.Tensor, v_THE: torch.Tens
     if use_flash(q_THD):
         return _flash_varlen(q_THD, k_THD, v_THE, cu_seqlens, causal=causal, scale=scale)
     bounds = cu_seqlens.tolist()
-    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-    longest = max(lengths, default=0)
-    batched_scores = len(lengths) * q_THD.shape[1] * longest * longest
-    if q_THD.is_cuda and len(lengths) > 1 and batched_scores <= SCORES_LIMIT:
-        return _padded_batch(q_THD, k_THD, v_THE, cu_seqlens, longest, causal=causal, scale=scale)
+    if q_THD.is_cuda:
+        lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+        longest = max(lengths, default=0)
+        if len(lengths) > 1 and len(lengths) * q_THD.shape[1] * longest * longest <= SCORES_LIMIT:
+            return _padded_batch(q_THD, k_THD, v_THE, cu_seqlens, longest, causal=causal, scale=scale)
     out_THE = q_THD.new_empty(*q_THD.shape[:2], v_THE.shape[-1])
     for start, end in zip(bounds[:-1], bounds[1:]):
         if end == start:
