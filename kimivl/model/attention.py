@@ -49,19 +49,25 @@ def varlen_attention(q_THD: torch.Tensor, k_THD: torch.Tensor, v_THE: torch.Tens
         longest = max(lengths, default=0)
         if len(lengths) > 1 and len(lengths) * q_THD.shape[1] * longest * longest <= SCORES_LIMIT:
             return _padded_batch(q_THD, k_THD, v_THE, cu_seqlens, longest, causal=causal, scale=scale)
-    out_THE = q_THD.new_empty(*q_THD.shape[:2], v_THE.shape[-1])
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        if end == start:
+    # split/cat rather than slicing and slice assignment: their backward moves each gradient once, where per-segment
+    # slices would each materialise a full-size gradient (quadratic in the number of segments)
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    if sum(lengths) != q_THD.shape[0]:
+        raise ValueError(f"cu_seqlens covers {sum(lengths)} tokens but the inputs hold {q_THD.shape[0]}")
+    outs = []
+    for q, k, v in zip(*(t.split(lengths) for t in (q_THD, k_THD, v_THE))):
+        n = q.shape[0]
+        if n == 0:
+            outs.append(v)
             continue
-        q, k, v = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q_THD, k_THD, v_THE))
-        n = end - start
+        q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
         if not q.is_cuda and q.shape[1] * n * n <= SCORES_LIMIT:
             allowed = torch.ones(n, n, dtype=torch.bool, device=q.device).tril() if causal else None
             o = _matmul_attention(q, k, v, allowed, scale)
         else:
             o = _sdpa(q, k, v, is_causal=causal, scale=scale)
-        out_THE[start:end] = o.squeeze(0).transpose(0, 1)
-    return out_THE
+        outs.append(o.squeeze(0).transpose(0, 1))
+    return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 
 def _padded_batch(q_THD, k_THD, v_THE, cu_seqlens, longest, *, causal, scale):
