@@ -81,12 +81,29 @@ def test_varlen_attention_paths_equal_per_segment_sdpa(monkeypatch, causal, path
     v = torch.randn(23, 4, 8, generator=g)
     bounds = [0, 5, 5, 17, 23]
     cu = torch.tensor(bounds, dtype=torch.int32)
+
+    def run(fn):
+        inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = fn(*inputs)
+        out.backward(torch.arange(out.numel(), dtype=out.dtype).reshape(out.shape).cos())
+        return out, [t.grad for t in inputs]
+
     if path == "padded_batch":
-        got = attention._padded_batch(q, k, v, cu, 12, causal=causal, scale=None)
+        got, got_grads = run(lambda q, k, v: attention._padded_batch(q, k, v, cu, 12, causal=causal, scale=None))
     else:
         monkeypatch.setattr(attention, "SCORES_LIMIT", 1 << 24 if path == "matmul" else 0)
-        got = attention.varlen_attention(q, k, v, cu, causal=causal)
-    want = torch.cat([torch.nn.functional.scaled_dot_product_attention(
+        got, got_grads = run(lambda q, k, v: attention.varlen_attention(q, k, v, cu, causal=causal))
+    want, want_grads = run(lambda q, k, v: torch.cat([torch.nn.functional.scaled_dot_product_attention(
         *(t[a:b].transpose(0, 1) for t in (q, k, v)), is_causal=causal).transpose(0, 1)
-        for a, b in zip(bounds[:-1], bounds[1:]) if b > a])
+        for a, b in zip(bounds[:-1], bounds[1:]) if b > a]))
     assert (got - want).abs().max() < 1e-5
+    for a, b in zip(got_grads, want_grads):
+        assert (a - b).abs().max() < 1e-5
+
+
+def test_varlen_attention_rejects_cu_seqlens_that_miss_tokens():
+    from kimivl.model.attention import varlen_attention
+
+    q = torch.randn(10, 2, 8)
+    with pytest.raises(ValueError, match="cu_seqlens covers 7 tokens but the inputs hold 10"):
+        varlen_attention(q, q, q, torch.tensor([0, 3, 7], dtype=torch.int32), causal=True)
