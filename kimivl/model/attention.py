@@ -33,8 +33,9 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.
 
 # On CUDA without flash-attn, many short segments run as one padded batch (fewer kernel launches) when the padded
 # score matrices stay this small (elements); otherwise segments run one by one, so memory stays linear in the
-# token count. On CPU, a segment's scores up to this size are computed by plain matmuls (1.5-3x faster than the
-# fused kernel for short segments and narrow heads, and no padding), larger ones by the fused kernel.
+# token count. On CPU, segments of similar length share padded batches of plain-matmul attention up to this size
+# (few large operations instead of many small ones; for short segments and narrow heads matmuls are 1.5-3x faster
+# than the fused kernel); a segment beyond it runs alone through the fused kernel.
 SCORES_LIMIT = 1 << 24
 
 
@@ -44,49 +45,77 @@ def varlen_attention(q_THD: torch.Tensor, k_THD: torch.Tensor, v_THE: torch.Tens
     if use_flash(q_THD):
         return _flash_varlen(q_THD, k_THD, v_THE, cu_seqlens, causal=causal, scale=scale)
     bounds = cu_seqlens.tolist()
-    if q_THD.is_cuda:
-        lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-        longest = max(lengths, default=0)
-        if len(lengths) > 1 and len(lengths) * q_THD.shape[1] * longest * longest <= SCORES_LIMIT:
-            return _padded_batch(q_THD, k_THD, v_THE, cu_seqlens, longest, causal=causal, scale=scale)
-    # split/cat rather than slicing and slice assignment: their backward moves each gradient once, where per-segment
-    # slices would each materialise a full-size gradient (quadratic in the number of segments)
     lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
-    if sum(lengths) != q_THD.shape[0]:
+    if sum(lengths) != q_THD.shape[0] or min(lengths, default=0) < 0:
         raise ValueError(f"cu_seqlens covers {sum(lengths)} tokens but the inputs hold {q_THD.shape[0]}")
+    segments = [(a, n) for a, n in zip(bounds, lengths) if n]
+    heads = q_THD.shape[1]
+    if q_THD.is_cuda:
+        longest = max((n for _, n in segments), default=0)
+        if len(segments) > 1 and len(segments) * heads * longest * longest <= SCORES_LIMIT:
+            return _padded_batch(q_THD, k_THD, v_THE, segments, causal=causal, scale=scale, fused=True)
+        buckets = [[seg] for seg in segments]
+    else:
+        buckets = _similar_lengths(segments, heads)
     outs = []
-    for q, k, v in zip(*(t.split(lengths) for t in (q_THD, k_THD, v_THE))):
-        n = q.shape[0]
-        if n == 0:
-            outs.append(v)
+    for bucket in buckets:
+        if len(bucket) > 1:
+            outs.append(_padded_batch(q_THD, k_THD, v_THE, bucket, causal=causal, scale=scale, fused=False))
             continue
-        q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-        if not q.is_cuda and q.shape[1] * n * n <= SCORES_LIMIT:
+        (a, n), = bucket
+        q, k, v = (t[a:a + n].transpose(0, 1) for t in (q_THD, k_THD, v_THE))
+        if not q.is_cuda and heads * n * n <= SCORES_LIMIT:
             allowed = torch.ones(n, n, dtype=torch.bool, device=q.device).tril() if causal else None
             o = _matmul_attention(q, k, v, allowed, scale)
         else:
-            o = _sdpa(q, k, v, is_causal=causal, scale=scale)
-        outs.append(o.squeeze(0).transpose(0, 1))
-    return torch.cat(outs) if len(outs) > 1 else outs[0]
+            o = _sdpa(q[None], k[None], v[None], is_causal=causal, scale=scale)[0]
+        outs.append(o.transpose(0, 1))
+    if not outs:
+        return v_THE.new_zeros(*q_THD.shape[:2], v_THE.shape[-1])
+    done = [seg for bucket in buckets for seg in bucket]
+    if done == segments:
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+    # back into token order with one indexed copy (its backward is one gather)
+    order = torch.tensor([i for a, n in done for i in range(a, a + n)], device=q_THD.device)
+    return v_THE.new_empty(*q_THD.shape[:2], v_THE.shape[-1]).index_copy(0, order, torch.cat(outs))
 
 
-def _padded_batch(q_THD, k_THD, v_THE, cu_seqlens, longest, *, causal, scale):
-    """The segments gathered into one (segments, H, longest, D) batch, padded at the end. Causal: every real
-    query's keys are real, so the causal mask alone is exact. Otherwise the mask hides the padding keys (padding
-    rows see only themselves, so they stay finite). Padding rows are dropped."""
-    cu = cu_seqlens.to(device=q_THD.device, dtype=torch.long)
-    lengths = cu[1:] - cu[:-1]
-    keep = lengths > 0
-    starts, lengths = cu[:-1][keep], lengths[keep]
-    offsets = torch.arange(longest, device=q_THD.device)
+def _similar_lengths(segments: list[tuple[int, int]], heads: int) -> list[list[tuple[int, int]]]:
+    """(start, length) segments grouped, longest first, into buckets of lengths within 2x of the bucket's longest
+    whose padded scores fit ``SCORES_LIMIT``."""
+    buckets: list[list[tuple[int, int]]] = []
+    for seg in sorted(segments, key=lambda s: -s[1]):
+        if buckets:
+            longest = buckets[-1][0][1]
+            if 2 * seg[1] >= longest and (len(buckets[-1]) + 1) * heads * longest * longest <= SCORES_LIMIT:
+                buckets[-1].append(seg)
+                continue
+        buckets.append([seg])
+    return buckets
+
+
+def _padded_batch(q_THD, k_THD, v_THE, segments, *, causal, scale, fused):
+    """The (start, length) ``segments`` gathered into one (segments, H, longest, D) batch, padded at the end,
+    returning their outputs (sum of lengths, H, E) segment after segment; SDPA when ``fused``, else plain matmuls.
+    Causal: every real query's keys are real, so the causal mask alone is exact. Otherwise the mask hides the
+    padding keys (padding rows see only themselves, so they stay finite). Padding rows are dropped."""
+    device = q_THD.device
+    starts = torch.tensor([a for a, _ in segments], device=device)
+    lengths = torch.tensor([n for _, n in segments], device=device)
+    longest = max(n for _, n in segments)
+    offsets = torch.arange(longest, device=device)
     real_NL = offsets[None] < lengths[:, None]
     index_NL = torch.where(real_NL, starts[:, None] + offsets[None], 0)
     q, k, v = (t[index_NL].transpose(1, 2) for t in (q_THD, k_THD, v_THE))
     if causal:
-        o_NHLE = _sdpa(q, k, v, is_causal=True, scale=scale)
+        allowed = torch.ones(longest, longest, dtype=torch.bool, device=device).tril()
     else:
-        allowed = real_NL[:, None, None, :] | torch.eye(longest, dtype=torch.bool, device=q_THD.device)
-        o_NHLE = _sdpa(q, k, v, attn_mask=allowed, scale=scale)
+        allowed = real_NL[:, None, None, :] | torch.eye(longest, dtype=torch.bool, device=device)
+    if fused:
+        o_NHLE = _sdpa(q, k, v, is_causal=True, scale=scale) if causal else _sdpa(q, k, v, attn_mask=allowed,
+                                                                                   scale=scale)
+    else:
+        o_NHLE = _matmul_attention(q, k, v, allowed, scale)
     return o_NHLE.transpose(1, 2)[real_NL]
 
 

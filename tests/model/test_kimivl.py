@@ -73,7 +73,8 @@ def test_context_limit_is_checked(tiny_model, tiny_config):
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("path", ["matmul", "fused", "padded_batch"])
 def test_varlen_attention_paths_equal_per_segment_sdpa(monkeypatch, causal, path):
-    """CPU: segments by plain matmuls, or by the fused kernel past SCORES_LIMIT; CUDA: one padded batch."""
+    """CPU: similar-length segments in padded batches of plain matmuls (here lengths 12 and 6 together, 5 alone, so
+    outputs are reordered), or one by one through the fused kernel past SCORES_LIMIT; CUDA: one fused padded batch."""
     from kimivl.model import attention
 
     g = torch.Generator().manual_seed(0)
@@ -89,7 +90,8 @@ def test_varlen_attention_paths_equal_per_segment_sdpa(monkeypatch, causal, path
         return out, [t.grad for t in inputs]
 
     if path == "padded_batch":
-        got, got_grads = run(lambda q, k, v: attention._padded_batch(q, k, v, cu, 12, causal=causal, scale=None))
+        got, got_grads = run(lambda q, k, v: attention._padded_batch(q, k, v, [(0, 5), (5, 12), (17, 6)], causal=causal, scale=None,
+                                                              fused=True))
     else:
         monkeypatch.setattr(attention, "SCORES_LIMIT", 1 << 24 if path == "matmul" else 0)
         got, got_grads = run(lambda q, k, v: attention.varlen_attention(q, k, v, cu, causal=causal))
