@@ -46,7 +46,9 @@ def varlen_attention(q_THD: torch.Tensor, k_THD: torch.Tensor, v_THE: torch.Tens
         return _flash_varlen(q_THD, k_THD, v_THE, cu_seqlens, causal=causal, scale=scale)
     bounds = cu_seqlens.tolist()
     lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
-    if sum(lengths) != q_THD.shape[0] or min(lengths, default=0) < 0:
+    if min(lengths, default=0) < 0:
+        raise ValueError(f"cu_seqlens must be non-decreasing, got {bounds}")
+    if sum(lengths) != q_THD.shape[0]:
         raise ValueError(f"cu_seqlens covers {sum(lengths)} tokens but the inputs hold {q_THD.shape[0]}")
     segments = [(a, n) for a, n in zip(bounds, lengths) if n]
     heads = q_THD.shape[1]
@@ -57,13 +59,18 @@ def varlen_attention(q_THD: torch.Tensor, k_THD: torch.Tensor, v_THE: torch.Tens
         buckets = [[seg] for seg in segments]
     else:
         buckets = _similar_lengths(segments, heads)
+    # segments running alone are split off (not sliced), so backward moves each gradient once rather than
+    # materialising a full-size gradient per segment
+    alone = None
+    if any(len(bucket) == 1 for bucket in buckets):
+        alone = [dict(zip(bounds, t.split(lengths))) for t in (q_THD, k_THD, v_THE)]
     outs = []
     for bucket in buckets:
         if len(bucket) > 1:
             outs.append(_padded_batch(q_THD, k_THD, v_THE, bucket, causal=causal, scale=scale, fused=False))
             continue
         (a, n), = bucket
-        q, k, v = (t[a:a + n].transpose(0, 1) for t in (q_THD, k_THD, v_THE))
+        q, k, v = (part[a].transpose(0, 1) for part in alone)
         if not q.is_cuda and heads * n * n <= SCORES_LIMIT:
             allowed = torch.ones(n, n, dtype=torch.bool, device=q.device).tril() if causal else None
             o = _matmul_attention(q, k, v, allowed, scale)
@@ -107,15 +114,14 @@ def _padded_batch(q_THD, k_THD, v_THE, segments, *, causal, scale, fused):
     real_NL = offsets[None] < lengths[:, None]
     index_NL = torch.where(real_NL, starts[:, None] + offsets[None], 0)
     q, k, v = (t[index_NL].transpose(1, 2) for t in (q_THD, k_THD, v_THE))
-    if causal:
-        allowed = torch.ones(longest, longest, dtype=torch.bool, device=device).tril()
+    if fused and causal:
+        o_NHLE = _sdpa(q, k, v, is_causal=True, scale=scale)
     else:
-        allowed = real_NL[:, None, None, :] | torch.eye(longest, dtype=torch.bool, device=device)
-    if fused:
-        o_NHLE = _sdpa(q, k, v, is_causal=True, scale=scale) if causal else _sdpa(q, k, v, attn_mask=allowed,
-                                                                                   scale=scale)
-    else:
-        o_NHLE = _matmul_attention(q, k, v, allowed, scale)
+        if causal:
+            allowed = torch.ones(longest, longest, dtype=torch.bool, device=device).tril()
+        else:
+            allowed = real_NL[:, None, None, :] | torch.eye(longest, dtype=torch.bool, device=device)
+        o_NHLE = _sdpa(q, k, v, attn_mask=allowed, scale=scale) if fused else _matmul_attention(q, k, v, allowed, scale)
     return o_NHLE.transpose(1, 2)[real_NL]
 
 

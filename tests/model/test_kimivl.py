@@ -109,3 +109,5 @@ def test_varlen_attention_rejects_cu_seqlens_that_miss_tokens():
     q = torch.randn(10, 2, 8)
     with pytest.raises(ValueError, match="cu_seqlens covers 7 tokens but the inputs hold 10"):
         varlen_attention(q, q, q, torch.tensor([0, 3, 7], dtype=torch.int32), causal=True)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        varlen_attention(q, q, q, torch.tensor([0, 6, 4, 10], dtype=torch.int32), causal=True)
