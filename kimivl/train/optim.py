@@ -156,13 +156,27 @@ def partition_params(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1,
                     betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, momentum: float = 0.95,
-                    nesterov: bool = True, ns_steps: int = 5, ns_dtype: str = "float32") -> MuonAdamW:
+                    nesterov: bool = True, ns_steps: int = 5, ns_dtype: str = "float32",
+                    lr_scale: dict[str, float] | None = None) -> MuonAdamW:
     """``MuonAdamW`` over ``partition_params(model)``; each param group carries its ``name``. Empty groups are
-    dropped, so a resumed run must freeze the same parts as the run that saved the state."""
+    dropped, so a resumed run must freeze the same parts as the run that saved the state. ``lr_scale`` maps a
+    submodule name (``vision_tower``) to a multiplier of ``lr`` for its parameters; those form their own groups,
+    named ``muon@vision_tower`` and so on, after the unscaled ones."""
+    lr_scale = dict(lr_scale or {})
+    modules = dict(model.named_modules())
+    for prefix, factor in lr_scale.items():
+        if prefix not in modules or not factor > 0:
+            raise ValueError(f"lr_scale {{{prefix}: {factor}}}: needs a submodule of the model and a factor > 0")
     settings = {"muon": {"algorithm": "muon"}, "muon_gate_up": {"algorithm": "muon", "chunks": 2},
                 "adamw": {"algorithm": "adamw"}, "adamw_no_decay": {"algorithm": "adamw", "weight_decay": 0.0}}
-    param_groups = [{"name": name, "params": [p for _, p in named], **settings[name]}
-                    for name, named in partition_params(model).items() if named]
+    split: dict[tuple[str, str | None], list[nn.Parameter]] = {}
+    for name, named in partition_params(model).items():
+        for pname, p in named:
+            prefix = next((k for k in lr_scale if pname.startswith(k + ".")), None)
+            split.setdefault((name, prefix), []).append(p)
+    param_groups = [{"name": name if prefix is None else f"{name}@{prefix}", "params": params,
+                     "lr": lr * (1.0 if prefix is None else lr_scale[prefix]), **settings[name]}
+                    for (name, prefix), params in sorted(split.items(), key=lambda kv: kv[0][1] is not None)]
     if not param_groups:
         raise ValueError("the model has no trainable parameters (all have requires_grad=False)")
     return MuonAdamW(param_groups, lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,

@@ -188,7 +188,8 @@ def run_stage(recipe: Recipe, stage: Stage, model: KimiVL, processor: KimiVLProc
         data = Mixture({k: sources.items[k] for k in set(stage.mix) | set(stage.mix_end or {})}, encode,
                        stage.budget, stage.mix, stage.mix_end, horizon=horizon, seed=recipe.seed)
         trainee, loss_fn = model, joint_loss
-    optimizer = build_optimizer(trainee, lr=stage.lr, weight_decay=stage.weight_decay, ns_dtype=stage.ns_dtype)
+    optimizer = build_optimizer(trainee, lr=stage.lr, weight_decay=stage.weight_decay, ns_dtype=stage.ns_dtype,
+                                lr_scale=stage.lr_scale)
     if stage.schedule == "continue":
         offset = offsets[stage.name]
         scheduler = scheduler_at(optimizer, lambda step: schedule(offset + step))

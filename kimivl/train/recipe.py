@@ -19,9 +19,9 @@ stages:
   - {name: rl, kind: rl, steps: 40, lr: 2.0e-4, sources: [reasoning], rl: {problems: 16, samples: 8}}
 ```
 Joint stages train parts named in ``train`` (``vision_tower``, ``multi_modal_projector``, ``language_model``;
-default all). ``schedule: continue`` (the default) takes the LR multiplier of the recipe-wide schedule at the global
-step where the stage starts, so stages resume the curve of the one before; ``cosine`` gives the stage its own
-warm-up + cosine. ``budget`` is the packed tokens per step; ``rope_theta`` changes the LM's RoPE base from that
+default all); ``lr_scale: {vision_tower: 0.1}`` multiplies a part's learning rate. ``schedule: continue`` (the
+default) takes the LR multiplier of the recipe-wide schedule at the global step where the stage starts, so stages
+resume the curve of the one before; ``cosine`` gives the stage its own warm-up + cosine. ``budget`` is the packed tokens per step; ``rope_theta`` changes the LM's RoPE base from that
 stage on (long-context activation). An ``rl`` stage runs ``steps`` RL iterations on the problems of its ``sources``
 (see ``kimivl.rl.trainer.RLConfig`` for the ``rl`` settings; ``budget`` is its packed log-prob row length).
 """
@@ -49,6 +49,7 @@ class Stage:
     schedule: str = "continue"  # or "cosine"
     warmup: int = 0  # for schedule "cosine"
     train: list[str] = field(default_factory=lambda: list(PARTS))
+    lr_scale: dict[str, float] = field(default_factory=dict)  # part -> multiplier of lr (joint and rl stages)
     mix: dict[str, float] = field(default_factory=dict)
     mix_end: dict[str, float] | None = None
     sources: list[str] = field(default_factory=list)  # vit: caption sources; rl: problem sources
@@ -74,6 +75,11 @@ class Stage:
         bad = set(self.train) - set(PARTS)
         if bad or not self.train:
             raise RecipeError(f"{where}: train names unknown parts {sorted(bad)}; choose from {PARTS}")
+        if set(self.lr_scale) - set(PARTS) or not all(isinstance(f, (int, float)) and f > 0
+                                                       for f in self.lr_scale.values()):
+            raise RecipeError(f"{where}: lr_scale maps parts of {PARTS} to factors > 0, got {self.lr_scale}")
+        if self.lr_scale and self.kind == "vit":
+            raise RecipeError(f"{where}: a vit stage trains the vision tower alone; lr_scale does not apply")
         if self.kind == "joint" and not self.mix:
             raise RecipeError(f"{where}: a joint stage needs a 'mix' of sources")
         if self.kind == "vit" and not self.sources:

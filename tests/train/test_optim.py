@@ -211,3 +211,30 @@ def test_bfloat16_newton_schulz_stays_close_to_float32():
     assert (fast - exact).norm() / exact.norm() < 0.05
     s = torch.linalg.svdvals(fast)
     assert s.min() > 0.5 and s.max() < 1.3
+
+
+def test_lr_scale_gives_a_part_its_own_groups_and_a_proportional_step(model):
+    plain, scaled = copy.deepcopy(model), copy.deepcopy(model)
+    opt = build_optimizer(plain, lr=1e-2)
+    opt_scaled = build_optimizer(scaled, lr=1e-2, lr_scale={"vision_tower": 0.1})
+    names = [g["name"] for g in opt_scaled.param_groups]
+    assert names[:len(opt.param_groups)] == [g["name"] for g in opt.param_groups]  # unscaled groups first
+    assert set(names[len(opt.param_groups):]) == {"muon@vision_tower", "adamw@vision_tower",
+                                                   "adamw_no_decay@vision_tower"}
+    assert all(g["lr"] == pytest.approx(1e-3 if "@" in g["name"] else 1e-2) for g in opt_scaled.param_groups)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for m, o in ((plain, opt), (scaled, opt_scaled)):
+        fake_grads(m, 3)
+        o.step()
+    for (n, a), b in zip(plain.named_parameters(), scaled.parameters()):
+        step, step_scaled = a.detach() - before[n], b.detach() - before[n]
+        if n.startswith("vision_tower."):  # Muon, AdamW and the decay all move in proportion to the rate
+            assert torch.allclose(step_scaled, 0.1 * step, rtol=1e-3, atol=1e-7), n
+        else:
+            assert torch.equal(step_scaled, step), n
+
+
+@pytest.mark.parametrize("lr_scale", [{"vision": 0.1}, {"vision_tower": 0.0}, {"language_model": -1.0}])
+def test_lr_scale_rejects_unknown_parts_and_bad_factors(model, lr_scale):
+    with pytest.raises(ValueError, match="lr_scale"):
+        build_optimizer(model, lr=1e-3, lr_scale=lr_scale)

@@ -50,7 +50,8 @@ def recipe_dict(data_dir, out):
             {"name": "pretrain", **joint, "mix": {"text": 3, "colour": 1}, "mix_end": {"text": 1, "colour": 3}},
             {"name": "cooldown", **joint, "mix": {"text": 1, "colour": 1}},
             {"name": "long-context", **joint, "budget": 384, "rope_theta": 800000.0, "mix": {"text": 1, "colour": 1}},
-            {"name": "sft", **joint, "schedule": "cosine", "warmup": 1, "mix": {"colour": 1}},
+            {"name": "sft", **joint, "schedule": "cosine", "warmup": 1, "mix": {"colour": 1},
+             "lr_scale": {"vision_tower": 0.1, "multi_modal_projector": 0.1}},
         ]}
 
 
@@ -92,3 +93,10 @@ def test_recipe_errors(data_dir, tmp_path):
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
     with pytest.raises(RecipeError, match="unknown parts"):
         load_recipe(tmp_path / "bad.yaml")
+    for stage, lr_scale, match in ((1, {"eyes": 0.1}, "lr_scale maps parts"), (1, {"vision_tower": 0}, "factors > 0"),
+                                   (0, {"vision_tower": 0.1}, "lr_scale does not apply")):
+        bad = recipe_dict(data_dir, tmp_path)
+        bad["stages"][stage]["lr_scale"] = lr_scale
+        (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+        with pytest.raises(RecipeError, match=match):
+            load_recipe(tmp_path / "bad.yaml")
