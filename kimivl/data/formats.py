@@ -31,7 +31,7 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-from kimivl.processing.chat_template import ROLES
+from kimivl.processing.chat_template import ROLES, part_type
 
 
 
@@ -65,32 +65,26 @@ def _media(value: Any, root: Path, where: str) -> str:
 
 
 def _part(part: Any, root: Path, where: str) -> dict:
-    if not isinstance(part, dict):
-        raise DataError(f"{where}: a content part must be an object, got {type(part).__name__}")
-    kind = part.get("type")
+    kind = part_type(part, where, DataError)
     if kind == "text":
-        if not isinstance(part.get("text"), str):
-            raise DataError(f"{where}: a text part needs a string 'text'")
         return part
     if kind == "image":
         return {**part, "image": _media(part.get("image"), root, where)}
-    if kind == "video":
-        if ("video" in part) == ("frames" in part):
-            raise DataError(f"{where}: a video part needs exactly one of 'video' (a file) or 'frames' (a list)")
-        if "video" in part:
-            return {**part, "video": _media(part["video"], root, where)}
-        frames = part["frames"]
-        if not isinstance(frames, list) or not frames:
-            raise DataError(f"{where}: 'frames' must be a non-empty list of image paths")
-        out = {**part, "frames": [_media(f, root, f"{where}, frame {k}") for k, f in enumerate(frames)]}
-        times = part.get("timestamps")
-        if times is not None:
-            ok = isinstance(times, list) and len(times) == len(frames) and all(
-                isinstance(t, (int, float)) and not isinstance(t, bool) for t in times)
-            if not ok or any(b < a for a, b in pairwise(times)):
-                raise DataError(f"{where}: 'timestamps' must be {len(frames)} non-decreasing numbers (one per frame)")
-        return out
-    raise DataError(f"{where}: unknown part type {kind!r} (expected 'text', 'image' or 'video')")
+    if ("video" in part) == ("frames" in part):
+        raise DataError(f"{where}: a video part needs exactly one of 'video' (a file) or 'frames' (a list)")
+    if "video" in part:
+        return {**part, "video": _media(part["video"], root, where)}
+    frames = part["frames"]
+    if not isinstance(frames, list) or not frames:
+        raise DataError(f"{where}: 'frames' must be a non-empty list of image paths")
+    out = {**part, "frames": [_media(f, root, f"{where}, frame {k}") for k, f in enumerate(frames)]}
+    times = part.get("timestamps")
+    if times is not None:
+        ok = isinstance(times, list) and len(times) == len(frames) and all(
+            isinstance(t, (int, float)) and not isinstance(t, bool) for t in times)
+        if not ok or any(b < a for a, b in pairwise(times)):
+            raise DataError(f"{where}: 'timestamps' must be {len(frames)} non-decreasing numbers (one per frame)")
+    return out
 
 
 def _message(msg: Any, root: Path, where: str) -> dict:

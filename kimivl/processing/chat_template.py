@@ -23,6 +23,19 @@ def _turn(role: str, content: str) -> str:
     return f"<|im_{role}|>{role}<|im_middle|>{content}<|im_end|>"
 
 
+def part_type(part: Any, where: str, error: type[ValueError] = ValueError) -> str:
+    """The ``type`` of a content part ('text', 'image' or 'video') once its shape is checked; ``error`` names the
+    exception raised (the data loaders raise their ``DataError``)."""
+    if not isinstance(part, dict):
+        raise error(f"{where}: a content part must be an object (dict), got {type(part).__name__}")
+    kind = part.get("type")
+    if kind not in ("text", "image", "video"):
+        raise error(f"{where}: unknown part type {kind!r} (expected 'text', 'image' or 'video')")
+    if kind == "text" and not isinstance(part.get("text"), str):
+        raise error(f"{where}: a text part needs a string 'text'")
+    return kind
+
+
 def _image_payload(part: dict, where: str) -> Any:
     for key in ("image", "image_url", "url"):
         if key in part:
@@ -56,20 +69,14 @@ def _render_content(content: Any, where: str, media: list) -> str:
     out = []
     for j, part in enumerate(content):
         at = f"{where}, part {j}"
-        if not isinstance(part, dict):
-            raise ValueError(f"{at}: a content part must be a dict, got {type(part).__name__}")
-        kind = part.get("type")
+        kind = part_type(part, at)
         if kind == "text":
-            if not isinstance(part.get("text"), str):
-                raise ValueError(f"{at}: text part needs a string 'text'")
             out.append(part["text"])
         elif kind == "image":
             media.append(_image_payload(part, at))
             out.append(IMAGE_PLACEHOLDER)
-        elif kind == "video":
-            out.append(_render_content(_video_parts(part, at), at, media))
         else:
-            raise ValueError(f"{at}: unknown part type {kind!r} (expected 'text', 'image' or 'video')")
+            out.append(_render_content(_video_parts(part, at), at, media))
     return "".join(out)
 
 
