@@ -72,8 +72,7 @@ def varlen_attention(q_THD: torch.Tensor, k_THD: torch.Tensor, v_THE: torch.Tens
         (a, n), = bucket
         q, k, v = (part[a].transpose(0, 1) for part in alone)
         if not q.is_cuda and heads * n * n <= SCORES_LIMIT:
-            allowed = torch.ones(n, n, dtype=torch.bool, device=q.device).tril() if causal else None
-            o = _matmul_attention(q, k, v, allowed, scale)
+            o = _matmul_attention(q, k, v, _causal_bias(n, q) if causal else None, scale)
         else:
             o = _sdpa(q[None], k[None], v[None], is_causal=causal, scale=scale)[0]
         outs.append(o.transpose(0, 1))
@@ -112,27 +111,38 @@ def _padded_batch(q_THD, k_THD, v_THE, segments, *, causal, scale, fused):
     longest = max(n for _, n in segments)
     offsets = torch.arange(longest, device=device)
     real_NL = offsets[None] < lengths[:, None]
-    index_NL = torch.where(real_NL, starts[:, None] + offsets[None], 0)
-    q, k, v = (t[index_NL].transpose(1, 2) for t in (q_THD, k_THD, v_THE))
+    index = torch.where(real_NL, starts[:, None] + offsets[None], 0).flatten()
+    q, k, v = (t.index_select(0, index).unflatten(0, real_NL.shape).transpose(1, 2) for t in (q_THD, k_THD, v_THE))
     if fused and causal:
         o_NHLE = _sdpa(q, k, v, is_causal=True, scale=scale)
-    else:
-        if causal:
-            allowed = torch.ones(longest, longest, dtype=torch.bool, device=device).tril()
-        else:
-            allowed = real_NL[:, None, None, :] | torch.eye(longest, dtype=torch.bool, device=device)
-        o_NHLE = _sdpa(q, k, v, attn_mask=allowed, scale=scale) if fused else _matmul_attention(q, k, v, allowed, scale)
-    return o_NHLE.transpose(1, 2)[real_NL]
+    elif fused:
+        allowed = real_NL[:, None, None, :] | torch.eye(longest, dtype=torch.bool, device=device)
+        o_NHLE = _sdpa(q, k, v, attn_mask=allowed, scale=scale)
+    elif causal:
+        o_NHLE = _matmul_attention(q, k, v, _causal_bias(longest, q), scale)
+    else:  # one row of key biases per (segment, head), shared by all its queries
+        bias = torch.zeros(real_NL.shape, dtype=q.dtype, device=device).masked_fill_(~real_NL, float("-inf"))
+        o_NHLE = _matmul_attention(q, k, v, bias.repeat_interleave(q.shape[1], 0)[:, None], scale)
+    return o_NHLE.transpose(1, 2).flatten(0, 1).index_select(0, real_NL.flatten().nonzero()[:, 0])
 
 
-def _matmul_attention(q, k, v, allowed, scale):
-    """softmax(q k^T * scale) v over the ``allowed`` keys (all when None) as plain matmuls, softmax in float32;
-    the caller bounds the score memory (``SCORES_LIMIT``)."""
+def _causal_bias(n: int, like: torch.Tensor) -> torch.Tensor:
+    """(n, n) additive mask: 0 on and below the diagonal, -inf above."""
+    return torch.full((n, n), float("-inf"), dtype=like.dtype, device=like.device).triu_(1)
+
+
+def _matmul_attention(q, k, v, bias, scale):
+    """softmax(q k^T * scale + bias) v as plain matmuls over q, k, v of shape (..., L, D). ``bias`` (None, or an
+    additive 0 / -inf mask broadcastable to (prod(...), S, K)) enters the scores' matmul, so masking costs no pass of
+    its own and masked scores get no gradient. The CPU softmax accumulates in float32 whatever its input dtype. The
+    caller bounds the score memory (``SCORES_LIMIT``)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = (q @ k.transpose(-1, -2)).float() * scale
-    if allowed is not None:
-        scores = scores.masked_fill(~allowed, float("-inf"))
-    return scores.softmax(-1).to(v.dtype) @ v
+    *lead, s, d = q.shape
+    k_len = k.shape[-2]
+    q3, kt3 = q.reshape(-1, s, d), k.reshape(-1, k_len, d).transpose(1, 2)
+    bias = q.new_zeros(()) if bias is None else bias
+    scores = torch.baddbmm(bias, q3, kt3, beta=1 if bias.dim() else 0, alpha=scale)
+    return scores.view(*lead, s, k_len).softmax(-1) @ v
 
 
 def _flash_varlen(q, k, v, cu_seqlens, *, causal, scale):
