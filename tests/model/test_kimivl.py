@@ -103,6 +103,26 @@ def test_varlen_attention_paths_equal_per_segment_sdpa(monkeypatch, causal, path
         assert (a - b).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_varlen_attention_in_bfloat16_stays_close_to_float32(causal):
+    """The CPU matmul path keeps bf16 scores (its softmax accumulates in float32): outputs and gradients within 3%
+    (relative norm) of the float32 result, as bf16 inputs allow."""
+    from kimivl.model.attention import varlen_attention
+
+    g = torch.Generator().manual_seed(0)
+    bounds = [0, 5, 17, 23, 63, 96, 97]
+    q, k, v, grad = (2 * torch.randn(97, 4, 16, generator=g) for _ in range(4))
+
+    def run(dtype):
+        inputs = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        out = varlen_attention(*inputs, torch.tensor(bounds, dtype=torch.int32), causal=causal, scale=0.3)
+        out.backward(grad.to(dtype))
+        return [out.float()] + [t.grad.float() for t in inputs]
+
+    for got, want in zip(run(torch.bfloat16), run(torch.float32)):
+        assert (got - want).norm() / want.norm() < 0.03
+
+
 def test_varlen_attention_rejects_cu_seqlens_that_miss_tokens():
     from kimivl.model.attention import varlen_attention
 
