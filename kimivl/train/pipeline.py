@@ -23,6 +23,7 @@ from kimivl.model.kimivl import KimiVL
 from kimivl.processing.chat_template import parse_thinking
 from kimivl.processing.processor import KimiVLProcessor
 from kimivl.processing.tokenizer import KimiTokenizer, train_bpe
+from kimivl.train.calibrate import standardize_image_features
 from kimivl.train.loop import LoopConfig, train_loop
 from kimivl.train.metrics import plot_curves
 from kimivl.train.optim import build_optimizer
@@ -32,6 +33,7 @@ from kimivl.train.vit import ViTPretrainer, caption_batch, vit_loss
 
 log = logging.getLogger(__name__)
 FINAL = "final"
+CALIBRATION_SAMPLES = 32  # per image source, for standardize_images
 
 
 class Sources:
@@ -188,6 +190,10 @@ def run_stage(recipe: Recipe, stage: Stage, model: KimiVL, processor: KimiVLProc
         data = Mixture({k: sources.items[k] for k in set(stage.mix) | set(stage.mix_end or {})}, encode,
                        stage.budget, stage.mix, stage.mix_end, horizon=horizon, seed=recipe.seed)
         trainee, loss_fn = model, joint_loss
+        if stage.standardize_images:
+            names = sorted(n for n in set(stage.mix) | set(stage.mix_end or {}) if not sources.is_text[n])
+            samples = [encode(n, r) for n in names for r in sources.items[n][:CALIBRATION_SAMPLES]]
+            standardize_image_features(model, samples, stage.standardize_images)
     optimizer = build_optimizer(trainee, lr=stage.lr, weight_decay=stage.weight_decay, ns_dtype=stage.ns_dtype,
                                 lr_scale=stage.lr_scale)
     if stage.schedule == "continue":

@@ -19,11 +19,14 @@ stages:
   - {name: rl, kind: rl, steps: 40, lr: 2.0e-4, sources: [reasoning], rl: {problems: 16, samples: 8}}
 ```
 Joint stages train parts named in ``train`` (``vision_tower``, ``multi_modal_projector``, ``language_model``;
-default all); ``lr_scale: {vision_tower: 0.1}`` multiplies a part's learning rate. ``schedule: continue`` (the
-default) takes the LR multiplier of the recipe-wide schedule at the global step where the stage starts, so stages
-resume the curve of the one before; ``cosine`` gives the stage its own warm-up + cosine. ``budget`` is the packed tokens per step; ``rope_theta`` changes the LM's RoPE base from that
-stage on (long-context activation). An ``rl`` stage runs ``steps`` RL iterations on the problems of its ``sources``
-(see ``kimivl.rl.trainer.RLConfig`` for the ``rl`` settings; ``budget`` is its packed log-prob row length).
+default all); ``lr_scale: {vision_tower: 0.1}`` multiplies a part's learning rate; ``standardize_images: 1.0``
+first rescales the projector so that the stage's image embeddings have mean 0 and that std in every channel
+(``kimivl.train.calibrate``). ``schedule: continue`` (the default) takes the LR multiplier of the recipe-wide
+schedule at the global step where the stage starts, so stages resume the curve of the one before; ``cosine`` gives
+the stage its own warm-up + cosine. ``budget`` is the packed tokens per step; ``rope_theta`` changes the LM's RoPE
+base from that stage on (long-context activation). An ``rl`` stage runs ``steps`` RL iterations on the problems of
+its ``sources`` (see ``kimivl.rl.trainer.RLConfig`` for the ``rl`` settings; ``budget`` is its packed log-prob row
+length).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ class Stage:
     warmup: int = 0  # for schedule "cosine"
     train: list[str] = field(default_factory=lambda: list(PARTS))
     lr_scale: dict[str, float] = field(default_factory=dict)  # part -> multiplier of lr (joint and rl stages)
+    standardize_images: float | None = None  # joint: first set image embeddings to mean 0, this std per channel
     mix: dict[str, float] = field(default_factory=dict)
     mix_end: dict[str, float] | None = None
     sources: list[str] = field(default_factory=list)  # vit: caption sources; rl: problem sources
@@ -80,6 +84,8 @@ class Stage:
             raise RecipeError(f"{where}: lr_scale maps parts of {PARTS} to factors > 0, got {self.lr_scale}")
         if self.lr_scale and self.kind == "vit":
             raise RecipeError(f"{where}: a vit stage trains the vision tower alone; lr_scale does not apply")
+        if self.standardize_images is not None and (self.kind != "joint" or not self.standardize_images > 0):
+            raise RecipeError(f"{where}: standardize_images (a target std > 0) applies to joint stages")
         if self.kind == "joint" and not self.mix:
             raise RecipeError(f"{where}: a joint stage needs a 'mix' of sources")
         if self.kind == "vit" and not self.sources:

@@ -47,7 +47,8 @@ def recipe_dict(data_dir, out):
         "stages": [
             {"name": "vit", "kind": "vit", "steps": 2, "lr": 1e-3, "sources": ["colour"], "images_per_batch": 4},
             {"name": "align", **joint, "train": ["multi_modal_projector"], "mix": {"colour": 1}},
-            {"name": "pretrain", **joint, "mix": {"text": 3, "colour": 1}, "mix_end": {"text": 1, "colour": 3}},
+            {"name": "pretrain", **joint, "mix": {"text": 3, "colour": 1}, "mix_end": {"text": 1, "colour": 3},
+             "standardize_images": 1.0},
             {"name": "cooldown", **joint, "mix": {"text": 1, "colour": 1}},
             {"name": "long-context", **joint, "budget": 384, "rope_theta": 800000.0, "mix": {"text": 1, "colour": 1}},
             {"name": "sft", **joint, "schedule": "cosine", "warmup": 1, "mix": {"colour": 1},
