@@ -2,8 +2,9 @@
 
 After ViT training and alignment, the image embeddings that reach the LM are dominated by a direction shared by all
 tokens: their norm is tens of times the text embeddings', and what tells one token from another is a few percent
-of it. The LM then learns to read image content very slowly. Measured on kimivl-tiny: with the mean removed and every
-channel at unit variance, a pre-trained model learns to read one digit in one of nine image tokens six times faster.
+of it. The LM then learns to read image content very slowly. Measured on kimivl-tiny after pre-training, asked to
+name one digit drawn in one of nine image tokens: 7% right after 50 steps as it is (chance 10%), 42% with the mean
+removed and every channel at unit variance.
 Both operations are affine per channel, so they fold exactly into ``linear_2``'s weight and bias: the checkpoint keeps
 the official architecture.
 """
