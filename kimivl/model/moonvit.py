@@ -7,6 +7,7 @@ Images arrive packed: ``pixel_values`` (N, 3, p, p) holds the row-major patches 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -75,6 +76,14 @@ def cu_seqlens_of(grids: list[Grid], device=None) -> torch.Tensor:
     return lengths.cumsum(0, dtype=torch.int32).to(device)
 
 
+@functools.lru_cache(maxsize=256)
+def bicubic_matrix(n_out: int, n_in: int) -> torch.Tensor:
+    """(n_out, n_in) float32 weights of PyTorch's 1-D bicubic resize (align_corners=False, edges clamped), read off
+    by resizing the identity: a 2-D bicubic resize is this matrix applied along each axis."""
+    eye_1CH1 = torch.eye(n_in)[None, :, :, None]
+    return F.interpolate(eye_1CH1, size=(n_out, 1), mode="bicubic", align_corners=False)[0, :, :, 0].T.contiguous()
+
+
 class PositionEmbedding(nn.Module):
     """Learnable (height, width, C) table, bicubically resized to each image's grid and added."""
 
@@ -84,12 +93,17 @@ class PositionEmbedding(nn.Module):
         nn.init.normal_(self.weight, std=0.02)
 
     def table(self, h: int, w: int) -> torch.Tensor:
-        """The table resized to (h, w), flattened row-major to (h*w, C)."""
-        if (h, w) == tuple(self.weight.shape[:2]):
+        """The table resized to (h, w) as ``F.interpolate(mode="bicubic")`` would (within float32 rounding), flattened
+        row-major to (h*w, C). Run as two small float32 matmuls: their backward is several times faster on CPU than
+        the bicubic kernel's."""
+        height, width = self.weight.shape[:2]
+        if (h, w) == (height, width):
             return self.weight.flatten(0, 1)
-        table_1CHW = self.weight.permute(2, 0, 1).unsqueeze(0)
-        resized_1Chw = F.interpolate(table_1CHW, size=(h, w), mode="bicubic", align_corners=False, antialias=False)
-        return resized_1Chw[0].permute(1, 2, 0).flatten(0, 1)
+        device = self.weight.device
+        with torch.autocast(device.type, enabled=False):
+            a_hH, a_wW = (bicubic_matrix(n, m).to(device) for n, m in ((h, height), (w, width)))
+            resized_hwC = torch.einsum("hH,HWC,wW->hwC", a_hH, self.weight.float(), a_wW)
+        return resized_hwC.flatten(0, 1).to(self.weight.dtype)
 
     def forward(self, x_NC: torch.Tensor, grids: list[Grid]) -> torch.Tensor:
         tables = {g: self.table(*g) for g in dict.fromkeys(grids)}  # resize once per distinct grid

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from kimivl.config import KimiVLConfig
-from kimivl.model.moonvit import MoonViT, apply_rope_2d, patch_merge, rope_2d_freqs
+from kimivl.model.moonvit import MoonViT, PositionEmbedding, apply_rope_2d, patch_merge, rope_2d_freqs
 from kimivl.model.projector import Projector
 
 
@@ -139,12 +139,29 @@ def test_position_table_resize(vit):
         try:
             want = F.interpolate(hand.permute(2, 0, 1)[None], size=(5, 7), mode="bicubic", align_corners=False,
                                  antialias=False)[0].permute(1, 2, 0).reshape(35, c)
-            torch.testing.assert_close(pos.table(5, 7), want, atol=0, rtol=0)
+            torch.testing.assert_close(pos.table(5, 7), want, atol=2e-6, rtol=0)
             assert torch.equal(pos.table(th, tw), hand.reshape(th * tw, c))
             torch.testing.assert_close(pos(torch.zeros(35 + th * tw, c), [(5, 7), (th, tw)]),
-                                       torch.cat([want, hand.reshape(-1, c)]), atol=0, rtol=0)
+                                       torch.cat([want, hand.reshape(-1, c)]), atol=2e-6, rtol=0)
+            for h, w in ((1, 1), (2, 40), (37, 3)):  # shrinking, stretching, one row: every edge case of the kernel
+                want = F.interpolate(hand.permute(2, 0, 1)[None], size=(h, w), mode="bicubic", align_corners=False)
+                torch.testing.assert_close(pos.table(h, w), want[0].permute(1, 2, 0).reshape(h * w, c), atol=2e-6,
+                                           rtol=0)
         finally:
             pos.weight.copy_(saved)
+
+
+def test_position_table_gradient_equals_the_bicubic_kernels():
+    weight = torch.randn(6, 5, 3, generator=torch.Generator().manual_seed(0))
+    pos = PositionEmbedding(6, 5, 3)
+    upstream = torch.randn(9 * 4, 3)
+    with torch.no_grad():
+        pos.weight.copy_(weight)
+    (pos.table(9, 4) * upstream).sum().backward()
+    ref = weight.clone().requires_grad_()
+    resized = F.interpolate(ref.permute(2, 0, 1)[None], size=(9, 4), mode="bicubic", align_corners=False)
+    (resized[0].permute(1, 2, 0).reshape(36, 3) * upstream).sum().backward()
+    torch.testing.assert_close(pos.weight.grad, ref.grad, atol=1e-5, rtol=0)
 
 
 def test_gradient_reaches_position_table(vit):
