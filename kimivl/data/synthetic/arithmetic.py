@@ -10,8 +10,8 @@ from PIL import Image, ImageDraw
 from kimivl.data.synthetic.draw import COLOURS, add_noise, font, light_background, pick_difficulty, render_text
 from kimivl.data.synthetic.sample import Sample
 
-# difficulty: (operations, largest literal)
-LEVELS = {"easy": (1, 20), "medium": (2, 30), "hard": (3, 50)}
+# difficulty: (operations, largest literal, font sizes): easy problems are one operation in large print
+LEVELS = {"easy": (1, 9, (24, 32)), "medium": (2, 30, (14, 26)), "hard": (3, 50, (14, 26))}
 PREC = {"+": 1, "-": 1, "×": 2, "÷": 2}
 INVERSE = {"+": "-", "-": "+", "×": "÷", "÷": "×"}
 Node = int | tuple  # a literal, or (op, left, right)
@@ -136,14 +136,14 @@ def _render_lines(lines: list[str], size: int, colour, style: str) -> Image.Imag
 def make_arithmetic(rng: random.Random, difficulty: str | None = None) -> Sample:
     """An expression image ('17 + 25 × 2 = ?'); the answer is its value, with a step-by-step solution."""
     difficulty = pick_difficulty(rng, difficulty)
-    ops, top = LEVELS[difficulty]
+    ops, top, sizes = LEVELS[difficulty]
     node = _tree(rng, ops, top)
     while not _ok(node):
         node = _tree(rng, ops, top)
     value, solution = solve(node)
     expression = render(node)
     lines = [f"{expression} = ?"] if rng.random() < 0.7 else ["Compute:", expression]
-    layer = _render_lines(lines, rng.randint(14, 26), COLOURS[rng.choice(("black", "blue"))],
+    layer = _render_lines(lines, rng.randint(*sizes), COLOURS[rng.choice(("black", "blue"))],
                           rng.choice(("regular", "regular", "bold", "pixel")))
     w, h = layer.width + rng.randint(12, 60), layer.height + rng.randint(12, 60)
     img = Image.new("RGB", (w, h), light_background(rng))

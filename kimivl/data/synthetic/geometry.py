@@ -16,7 +16,7 @@ INK = (30, 30, 30)
 
 def _problem(rng: random.Random, figure: str, difficulty: str) -> tuple[dict, str, int, list[str]]:
     """(side lengths, question, answer, solution lines) for ``figure``."""
-    top = 12 if difficulty == "easy" else 20
+    top = 9 if difficulty == "easy" else 20
     if figure == "square":
         s = rng.randint(2, top)
         if rng.random() < 0.5:
@@ -54,9 +54,9 @@ def _problem(rng: random.Random, figure: str, difficulty: str) -> tuple[dict, st
         f"{big_w} + {big_h} = {big_w + big_h}.", f"2 × {big_w + big_h} = {2 * (big_w + big_h)}."]
 
 
-def _draw(rng: random.Random, figure: str, sides: dict) -> Image.Image:
+def _draw(rng: random.Random, figure: str, sides: dict, difficulty: str) -> Image.Image:
     w, h = canvas_size(rng, min_side=150 if figure == "l-shape" else 112, big_chance=0, aspect=(0.75, 1.8))
-    fsize = rng.randint(11, 15)
+    fsize = rng.randint(18, 24) if difficulty == "easy" else rng.randint(11, 15)  # easy labels in large print
     m = int(1.6 * fsize) + 4
     scale = min((w - 2 * m) / sides["w"], (h - 2 * m) / sides["h"])
     fw, fh = sides["w"] * scale, sides["h"] * scale
@@ -95,4 +95,4 @@ def make_geometry(rng: random.Random, difficulty: str | None = None) -> Sample:
     solution = "\n".join(steps + [f"The answer is {answer}."])
     meta = {"task": "reasoning", "kind": "geometry", "difficulty": difficulty, "gold": answer, "figure": figure,
             "sides": sides}
-    return Sample([_draw(rng, figure, sides), question], str(answer), meta, solution)
+    return Sample([_draw(rng, figure, sides, difficulty), question], str(answer), meta, solution)
