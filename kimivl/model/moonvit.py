@@ -79,9 +79,11 @@ def cu_seqlens_of(grids: list[Grid], device=None) -> torch.Tensor:
 @functools.lru_cache(maxsize=256)
 def bicubic_matrix(n_out: int, n_in: int) -> torch.Tensor:
     """(n_out, n_in) float32 weights of PyTorch's 1-D bicubic resize (align_corners=False, edges clamped), read off
-    by resizing the identity: a 2-D bicubic resize is this matrix applied along each axis."""
-    eye_1CH1 = torch.eye(n_in)[None, :, :, None]
-    return F.interpolate(eye_1CH1, size=(n_out, 1), mode="bicubic", align_corners=False)[0, :, :, 0].T.contiguous()
+    by resizing the identity: a 2-D bicubic resize is this matrix applied along each axis. Built outside inference
+    mode, so that a matrix cached during generation can later be used in training."""
+    with torch.inference_mode(False), torch.no_grad():
+        eye_1CH1 = torch.eye(n_in)[None, :, :, None]
+        return F.interpolate(eye_1CH1, size=(n_out, 1), mode="bicubic", align_corners=False)[0, :, :, 0].T.contiguous()
 
 
 class PositionEmbedding(nn.Module):

@@ -164,6 +164,15 @@ def test_position_table_gradient_equals_the_bicubic_kernels():
     torch.testing.assert_close(pos.weight.grad, ref.grad, atol=1e-5, rtol=0)
 
 
+def test_position_table_trains_after_inference_mode():
+    """The resize weights are cached: one first built under inference mode must still serve a training step."""
+    pos = PositionEmbedding(4, 4, 2)
+    with torch.inference_mode():
+        pos.table(11, 13)
+    pos.table(11, 13).sum().backward()
+    assert pos.weight.grad is not None and pos.weight.grad.abs().sum() > 0
+
+
 def test_gradient_reaches_position_table(vit):
     vit.zero_grad()
     vit(pixels([(4, 4)]), torch.tensor([[4, 4]])).square().sum().backward()
