@@ -88,17 +88,37 @@ class GroupedExperts(nn.Module):
         t, k = idx_TK.shape
         flat_idx = idx_TK.reshape(-1)
         order = flat_idx.argsort(stable=True)
-        offsets = torch.bincount(flat_idx, minlength=self.n_experts).cumsum(0).to(torch.int32)
-        token = order // k
+        counts = torch.bincount(flat_idx, minlength=self.n_experts)
+        token, weight = order // k, w_TK.reshape(-1)[order]
+        if not x_TD.is_cuda:
+            counts, token, weight = _pad_groups(counts, token, weight, flat_idx[order], t)
+        offsets = counts.cumsum(0).to(torch.int32)
         device = x_TD.device.type  # grouped matmuls are not autocast ops: follow autocast by hand
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x_TD.dtype
-        x_ND = x_TD.index_select(0, token).to(dtype)
+        x_ND = F.pad(x_TD, (0, 0, 0, 1)).index_select(0, token).to(dtype)  # row t: zeros, for padding slots
         gate_up_N2I = torch._grouped_mm(x_ND, self.gate_up_proj.to(dtype).transpose(1, 2), offs=offsets)
         gate, up = gate_up_N2I.chunk(2, dim=-1)
         # the routing weight scales the hidden activation (down_proj is linear): no full-width float32 copy
-        h_NI = F.silu(gate) * up * w_TK.reshape(-1)[order, None].to(dtype)
+        h_NI = F.silu(gate) * up * weight[:, None].to(dtype)
         y_ND = torch._grouped_mm(h_NI, self.down_proj.to(dtype).transpose(1, 2), offs=offsets)
-        return torch.zeros_like(x_TD).index_add_(0, token, y_ND.to(x_TD.dtype))
+        out = x_TD.new_zeros(t + 1, x_TD.shape[1]).index_add_(0, token, y_ND.to(x_TD.dtype))
+        return out[:t]
+
+
+CPU_GROUP_ROWS = 32  # on CPU each expert's rows are padded to a multiple of this
+
+
+def _pad_groups(counts, token, weight, expert, t):
+    """Each expert's run of rows padded (with token ``t``, a zero row, and weight 0) to a multiple of
+    ``CPU_GROUP_ROWS``. The CPU grouped matmul prepares one kernel per distinct group size, which costs more than the
+    multiply itself when sizes change every batch; rounded sizes recur, and the padding rows contribute nothing."""
+    padded = (counts + CPU_GROUP_ROWS - 1) // CPU_GROUP_ROWS * CPU_GROUP_ROWS
+    rank = torch.arange(len(token), device=token.device) - (counts.cumsum(0) - counts)[expert]
+    slot = (padded.cumsum(0) - padded)[expert] + rank
+    total = int(padded.sum())
+    token_padded = token.new_full((total,), t).index_copy(0, slot, token)
+    weight_padded = weight.new_zeros(total).index_copy(0, slot, weight)
+    return padded, token_padded, weight_padded
 
 
 def _split_experts(module: GroupedExperts, state_dict, prefix, local_metadata):
