@@ -4,9 +4,8 @@ After ViT training and alignment, the image embeddings that reach the LM are dom
 tokens: their norm is tens of times the text embeddings', and what tells one token from another is a few percent
 of it. The LM then learns to read image content very slowly. Measured on kimivl-tiny after pre-training, asked to
 name one digit drawn in one of nine image tokens: 7% right after 50 steps as it is (chance 10%), 42% with the mean
-removed and every channel at unit variance.
-Both operations are affine per channel, so they fold exactly into ``linear_2``'s weight and bias: the checkpoint keeps
-the official architecture.
+removed and every channel at unit variance. Both operations are affine per channel, so they fold exactly into
+``linear_2``'s weight and bias: the checkpoint keeps the official architecture.
 """
 
 from __future__ import annotations
@@ -22,7 +21,8 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def image_feature_stats(model: KimiVL, samples: list[Encoded], chunk: int = 16) -> tuple[torch.Tensor, torch.Tensor, int]:
+def image_feature_stats(model: KimiVL, samples: list[Encoded],
+                        chunk: int = 16) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Per-channel mean and standard deviation (float32) of the projected image features of ``samples``' images,
     and the number of image tokens they came from."""
     with_images = [s for s in samples if len(s.image_grid_hws)]
@@ -41,7 +41,8 @@ def image_feature_stats(model: KimiVL, samples: list[Encoded], chunk: int = 16) 
 @torch.no_grad()
 def standardize_image_features(model: KimiVL, samples: list[Encoded], target_std: float = 1.0) -> dict[str, float]:
     """Rewrite the projector's ``linear_2`` so that, over ``samples``' images, every channel of the image embeddings
-    has mean 0 and standard deviation ``target_std``; returns the mean token norm before and after."""
+    has mean 0 and standard deviation ``target_std``. Returns the number of image tokens measured and their
+    root-mean-square norm before and after."""
     if not target_std > 0:
         raise ValueError(f"target_std must be > 0, got {target_std}")
     mean, std, tokens = image_feature_stats(model, samples)
