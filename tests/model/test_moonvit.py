@@ -143,7 +143,7 @@ def test_position_table_resize(vit):
             assert torch.equal(pos.table(th, tw), hand.reshape(th * tw, c))
             torch.testing.assert_close(pos(torch.zeros(35 + th * tw, c), [(5, 7), (th, tw)]),
                                        torch.cat([want, hand.reshape(-1, c)]), atol=2e-6, rtol=0)
-            for h, w in ((1, 1), (2, 40), (37, 3)):  # shrinking, stretching, one row: every edge case of the kernel
+            for h, w in ((1, 1), (2, 40), (37, 3)):  # down to one cell, one side stretched, mixed
                 want = F.interpolate(hand.permute(2, 0, 1)[None], size=(h, w), mode="bicubic", align_corners=False)
                 torch.testing.assert_close(pos.table(h, w), want[0].permute(1, 2, 0).reshape(h * w, c), atol=2e-6,
                                            rtol=0)
