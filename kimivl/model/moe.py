@@ -90,19 +90,20 @@ class GroupedExperts(nn.Module):
         order = flat_idx.argsort(stable=True)
         counts = torch.bincount(flat_idx, minlength=self.n_experts)
         token, weight = order // k, w_TK.reshape(-1)[order]
+        source = x_TD
         if not x_TD.is_cuda:
             counts, token, weight = _pad_groups(counts, token, weight, flat_idx[order], t)
+            source = F.pad(x_TD, (0, 0, 0, 1))  # row t: zeros, for the padding slots
         offsets = counts.cumsum(0).to(torch.int32)
         device = x_TD.device.type  # grouped matmuls are not autocast ops: follow autocast by hand
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x_TD.dtype
-        x_ND = F.pad(x_TD, (0, 0, 0, 1)).index_select(0, token).to(dtype)  # row t: zeros, for padding slots
+        x_ND = source.index_select(0, token).to(dtype)
         gate_up_N2I = torch._grouped_mm(x_ND, self.gate_up_proj.to(dtype).transpose(1, 2), offs=offsets)
         gate, up = gate_up_N2I.chunk(2, dim=-1)
         # the routing weight scales the hidden activation (down_proj is linear): no full-width float32 copy
         h_NI = F.silu(gate) * up * weight[:, None].to(dtype)
         y_ND = torch._grouped_mm(h_NI, self.down_proj.to(dtype).transpose(1, 2), offs=offsets)
-        out = x_TD.new_zeros(t + 1, x_TD.shape[1]).index_add_(0, token, y_ND.to(x_TD.dtype))
-        return out[:t]
+        return torch.zeros_like(source).index_add_(0, token, y_ND.to(x_TD.dtype))[:t]
 
 
 CPU_GROUP_ROWS = 32  # on CPU each expert's rows are padded to a multiple of this

@@ -77,13 +77,14 @@ def cu_seqlens_of(grids: list[Grid], device=None) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=256)
-def bicubic_matrix(n_out: int, n_in: int) -> torch.Tensor:
+def bicubic_matrix(n_out: int, n_in: int, device: torch.device) -> torch.Tensor:
     """(n_out, n_in) float32 weights of PyTorch's 1-D bicubic resize (align_corners=False, edges clamped), read off
-    by resizing the identity: a 2-D bicubic resize is this matrix applied along each axis. Built outside inference
-    mode, so that a matrix cached during generation can later be used in training."""
+    by resizing the identity: a 2-D bicubic resize is this matrix applied along each axis. Cached per device, and
+    built outside inference mode, so that a matrix first made during generation can later be used in training."""
     with torch.inference_mode(False), torch.no_grad():
         eye_1CH1 = torch.eye(n_in)[None, :, :, None]
-        return F.interpolate(eye_1CH1, size=(n_out, 1), mode="bicubic", align_corners=False)[0, :, :, 0].T.contiguous()
+        a_oi = F.interpolate(eye_1CH1, size=(n_out, 1), mode="bicubic", align_corners=False)[0, :, :, 0].T
+        return a_oi.contiguous().to(device)
 
 
 class PositionEmbedding(nn.Module):
@@ -103,7 +104,7 @@ class PositionEmbedding(nn.Module):
             return self.weight.flatten(0, 1)
         device = self.weight.device
         with torch.autocast(device.type, enabled=False):
-            a_hH, a_wW = (bicubic_matrix(n, m).to(device) for n, m in ((h, height), (w, width)))
+            a_hH, a_wW = (bicubic_matrix(n, m, device) for n, m in ((h, height), (w, width)))
             resized_hwC = torch.einsum("hH,HWC,wW->hwC", a_hH, self.weight.float(), a_wW)
         return resized_hwC.flatten(0, 1).to(self.weight.dtype)
 

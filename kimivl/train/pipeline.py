@@ -187,11 +187,12 @@ def run_stage(recipe: Recipe, stage: Stage, model: KimiVL, processor: KimiVLProc
         probe = Mixture(sources.items, encode, stage.budget, stage.mix, stage.mix_end, seed=recipe.seed)
         mean_len = statistics.mean(len(probe.sample(i).input_ids) for i in range(32))
         horizon = int(stage.steps * stage.budget / mean_len)
-        data = Mixture({k: sources.items[k] for k in set(stage.mix) | set(stage.mix_end or {})}, encode,
+        used = set(stage.mix) | set(stage.mix_end or {})
+        data = Mixture({k: sources.items[k] for k in used}, encode,
                        stage.budget, stage.mix, stage.mix_end, horizon=horizon, seed=recipe.seed)
         trainee, loss_fn = model, joint_loss
         if stage.standardize_images:
-            names = sorted(n for n in set(stage.mix) | set(stage.mix_end or {}) if not sources.is_text[n])
+            names = sorted(n for n in used if not sources.is_text[n])
             samples = [encode(n, r) for n in names for r in sources.items[n][:CALIBRATION_SAMPLES]]
             standardize_image_features(model, samples, stage.standardize_images)
     optimizer = build_optimizer(trainee, lr=stage.lr, weight_decay=stage.weight_decay, ns_dtype=stage.ns_dtype,
