@@ -17,6 +17,7 @@ import torch
 from kimivl.config import KimiVLConfig
 from kimivl.data.formats import content_text, is_text_file, iter_records, iter_texts
 from kimivl.data.mixture import Mixture
+from kimivl.data.synthetic.sample import DIFFICULTIES
 from kimivl.data.world import ensure_world
 from kimivl.eval.synthetic import evaluate, heldout_records
 from kimivl.model.kimivl import KimiVL
@@ -38,7 +39,8 @@ CALIBRATION_SAMPLES = 32  # per image source, for standardize_images
 
 class Sources:
     """The recipe's data sources, loaded once: conversation records or plain texts, by name. A source given as
-    ``{path: FILE, answers_only: true}`` drops the ``◁think▷…◁/think▷`` part of assistant turns."""
+    ``{path: FILE, answers_only: true}`` drops the ``◁think▷…◁/think▷`` part of assistant turns;
+    ``{path: FILE, difficulty: [easy, ...]}`` keeps the records whose ``meta.difficulty`` is listed (a curriculum)."""
 
     def __init__(self, recipe: Recipe):
         self.items: dict[str, list] = {}
@@ -51,6 +53,8 @@ class Sources:
             items = list(iter_texts(path) if self.is_text[name] else iter_records(path))
             if isinstance(spec, dict) and spec.get("answers_only"):
                 items = [_answers_only(r) for r in items]
+            if isinstance(spec, dict) and "difficulty" in spec:
+                items = _of_difficulty(name, path, items, spec["difficulty"])
             self.items[name] = items
 
     def encoder(self, processor: KimiVLProcessor):
@@ -59,6 +63,22 @@ class Sources:
                 return processor.encode_text(item)
             return processor.encode_for_training(item["messages"])
         return encode
+
+
+def _of_difficulty(name: str, path: Path, records: list[dict], levels) -> list[dict]:
+    if not isinstance(levels, list) or not levels or set(levels) - set(DIFFICULTIES):
+        raise RecipeError(f"data source {name!r}: difficulty must be a list of some of {list(DIFFICULTIES)}, "
+                          f"got {levels!r}")
+    kept = []
+    for i, r in enumerate(records):
+        level = r.get("meta", {}).get("difficulty") if isinstance(r, dict) else None
+        if level is None:
+            raise RecipeError(f"data source {name!r}: record {i + 1} of {path} has no meta.difficulty to filter on")
+        if level in levels:
+            kept.append(r)
+    if not kept:
+        raise RecipeError(f"data source {name!r}: no record of {path} has difficulty {levels}")
+    return kept
 
 
 def _answers_only(record: dict) -> dict:

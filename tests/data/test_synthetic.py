@@ -21,7 +21,9 @@ from kimivl.data.synthetic import (
     make_text,
     make_video,
 )
-from kimivl.data.synthetic.draw import COLOURS, canvas_size
+from kimivl.data.synthetic.arithmetic import make_arithmetic
+from kimivl.data.synthetic.draw import COLOURS, TOKEN_PX, canvas_size
+from kimivl.data.synthetic.geometry import make_geometry
 
 SEEDS = range(12)
 
@@ -129,6 +131,50 @@ def test_ocr_text_lies_inside_its_box():
         x1, y1, x2, y2 = px(s.meta["box"], img)
         assert x1 - 1 <= xs.min() and xs.max() <= x2 and y1 - 1 <= ys.min() and ys.max() <= y2
         assert s.answer == s.meta["gold"] and ("\n" in s.answer) == (s.meta["kind"] == "page")
+
+
+def ink_cells(img: Image.Image) -> tuple[np.ndarray, np.ndarray]:
+    """(inked, clear): per token cell, whether it holds ink, and whether none of that ink continues into a
+    neighbouring cell."""
+    arr = pixels(img)
+    ink = np.linalg.norm(arr - np.median(arr.reshape(-1, 3), axis=0), axis=-1) > 100  # noise stays far below
+    rows, cols = img.height // TOKEN_PX, img.width // TOKEN_PX
+    ink = ink[: rows * TOKEN_PX, : cols * TOKEN_PX]
+    across = np.zeros_like(ink)  # ink pixels with an ink neighbour on the other side of a cell border
+    cut_x = (ink[:, TOKEN_PX - 1:-1:TOKEN_PX] & ink[:, TOKEN_PX::TOKEN_PX])
+    across[:, TOKEN_PX - 1:-1:TOKEN_PX] |= cut_x
+    across[:, TOKEN_PX::TOKEN_PX] |= cut_x
+    cut_y = (ink[TOKEN_PX - 1:-1:TOKEN_PX] & ink[TOKEN_PX::TOKEN_PX])
+    across[TOKEN_PX - 1:-1:TOKEN_PX] |= cut_y
+    across[TOKEN_PX::TOKEN_PX] |= cut_y
+
+    def per_cell(mask):
+        return mask.reshape(rows, TOKEN_PX, cols, TOKEN_PX).any((1, 3))
+
+    return per_cell(ink), ~per_cell(across)
+
+
+@pytest.mark.parametrize("make", [make_ocr, make_arithmetic])
+def test_easy_print_puts_one_character_in_each_token_cell(make):
+    for s in samples(make, "easy", seeds=range(40)):
+        img = s.images[0]
+        assert img.width % TOKEN_PX == 0 and img.height % TOKEN_PX == 0
+        text = s.answer if make is make_ocr else f"{s.meta['expression']} = ?"
+        inked, clear = ink_cells(img)
+        rows, cols = np.nonzero(inked)
+        assert len(set(rows)) == 1 and sorted(cols) == list(range(cols.min(), cols.min() + len(text.replace(" ", ""))))
+        assert clear.all()  # every character stays inside its own cell
+        if make is make_ocr:
+            x1, y1, x2, y2 = px(s.meta["box"], img)
+            assert (x1 // TOKEN_PX, y1 // TOKEN_PX, x2 // TOKEN_PX) == (cols.min(), rows[0], cols.max() + 1)
+    if make is make_ocr:
+        assert {s.meta["kind"] for s in samples(make, "easy", seeds=range(40))} == {"word", "number", "sum"}
+
+
+def test_easy_geometry_labels_sit_in_their_own_token_cells():
+    for s in samples(make_geometry, "easy", seeds=range(30)):
+        inked, clear = ink_cells(s.images[0])
+        assert (inked & clear).sum() == 2  # the two one-digit labels; the figure's sides cross cell borders
 
 
 def test_chart_bars_are_proportional_to_values():

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from kimivl import KimiVL
 from kimivl.cli import main
 from kimivl.data.formats import write_records
+from kimivl.train.pipeline import Sources
 from kimivl.train.recipe import RecipeError, load_recipe
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220)}
@@ -101,3 +102,29 @@ def test_recipe_errors(data_dir, tmp_path):
         (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
         with pytest.raises(RecipeError, match=match):
             load_recipe(tmp_path / "bad.yaml")
+
+
+def test_a_source_can_keep_only_some_difficulties(data_dir, tmp_path):
+    def record(i, level):
+        meta = {} if level is None else {"difficulty": level}
+        return {"messages": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": str(i)}],
+                "meta": meta}
+
+    def sources(levels, records):
+        write_records(tmp_path / "levels.jsonl", records)
+        d = recipe_dict(data_dir, tmp_path)
+        d["sources"]["levels"] = {"path": str(tmp_path / "levels.jsonl"), "difficulty": levels}
+        (tmp_path / "r.yaml").write_text(yaml.safe_dump(d))
+        return Sources(load_recipe(tmp_path / "r.yaml"))
+
+    mixed = [record(i, level) for i, level in enumerate(("easy", "hard", "easy", "medium"))]
+    assert [r["messages"][1]["content"] for r in sources(["easy"], mixed).items["levels"]] == ["0", "2"]
+    assert len(sources(["easy", "medium"], mixed).items["levels"]) == 3
+    with pytest.raises(RecipeError, match="difficulty must be a list of some of"):
+        sources(["extreme"], mixed)
+    with pytest.raises(RecipeError, match="difficulty must be a list"):
+        sources("easy", mixed)
+    with pytest.raises(RecipeError, match="record 2 of .*levels.jsonl has no meta.difficulty"):
+        sources(["easy"], [record(0, "easy"), record(1, None)])
+    with pytest.raises(RecipeError, match="no record of .*levels.jsonl has difficulty \\['hard'\\]"):
+        sources(["hard"], [record(0, "easy")])

@@ -7,11 +7,21 @@ import re
 
 from PIL import Image, ImageDraw
 
-from kimivl.data.synthetic.draw import COLOURS, add_noise, font, light_background, pick_difficulty, render_text
+from kimivl.data.synthetic.draw import (
+    COLOURS,
+    add_noise,
+    draw_operator,
+    font,
+    grid_text,
+    light_background,
+    pick_difficulty,
+    render_text,
+)
 from kimivl.data.synthetic.sample import Sample
 
-# difficulty: (operations, largest literal, font sizes): easy problems are one operation in large print
-LEVELS = {"easy": (1, 9, (24, 32)), "medium": (2, 30, (14, 26)), "hard": (3, 50, (14, 26))}
+# difficulty: (operations, largest literal, font sizes): easy problems are one operation in large print on the
+# token grid (draw.grid_text)
+LEVELS = {"easy": (1, 9, (20, 24)), "medium": (2, 30, (14, 26)), "hard": (3, 50, (14, 26))}
 PREC = {"+": 1, "-": 1, "×": 2, "÷": 2}
 INVERSE = {"+": "-", "-": "+", "×": "÷", "÷": "×"}
 Node = int | tuple  # a literal, or (op, left, right)
@@ -97,18 +107,6 @@ def solve(node: Node) -> tuple[int, str]:
     return node, "\n".join(lines)
 
 
-def _operator(draw: ImageDraw.ImageDraw, symbol: str, cx: float, cy: float, r: float, ink, width: int) -> None:
-    """Draw × or ÷ around (cx, cy) (Pillow's scalable default font has no glyph for them)."""
-    if symbol == "×":
-        draw.line([(cx - r, cy - r), (cx + r, cy + r)], fill=ink, width=width)
-        draw.line([(cx - r, cy + r), (cx + r, cy - r)], fill=ink, width=width)
-        return
-    draw.line([(cx - r, cy), (cx + r, cy)], fill=ink, width=width)
-    dot = max(1.0, r / 4)
-    for y in (cy - r * 0.8, cy + r * 0.8):
-        draw.ellipse([cx - dot, y - dot, cx + dot, y + dot], fill=ink)
-
-
 def _render_lines(lines: list[str], size: int, colour, style: str) -> Image.Image:
     """Left-aligned lines as a cropped RGBA image; × and ÷ are drawn by hand except in the bitmap font,
     at the position and height of a '+'."""
@@ -124,7 +122,7 @@ def _render_lines(lines: list[str], size: int, colour, style: str) -> Image.Imag
         x, base = 2 + stroke, size + i * line_h
         for piece in re.split("([×÷])", line):
             if piece in ("×", "÷"):
-                _operator(draw, piece, x + (px0 + px1) / 2, base + (py0 + py1) / 2, 0.4 * (px1 - px0), ink,
+                draw_operator(draw, piece, x + (px0 + px1) / 2, base + (py0 + py1) / 2, 0.4 * (px1 - px0), ink,
                           1 + (stroke or size // 22))
                 x += advance
             else:
@@ -142,13 +140,17 @@ def make_arithmetic(rng: random.Random, difficulty: str | None = None) -> Sample
         node = _tree(rng, ops, top)
     value, solution = solve(node)
     expression = render(node)
-    lines = [f"{expression} = ?"] if rng.random() < 0.7 else ["Compute:", expression]
-    layer = _render_lines(lines, rng.randint(*sizes), COLOURS[rng.choice(("black", "blue"))],
-                          rng.choice(("regular", "regular", "bold", "pixel")))
-    w, h = layer.width + rng.randint(12, 60), layer.height + rng.randint(12, 60)
-    img = Image.new("RGB", (w, h), light_background(rng))
-    img.paste(layer, (rng.randint(4, w - layer.width - 4), rng.randint(4, h - layer.height - 4)), layer)
-    img = add_noise(img, rng, rng.uniform(0, 6))
+    ink = COLOURS[rng.choice(("black", "blue"))]
+    if difficulty == "easy":
+        img, _ = grid_text(rng, f"{expression} = ?", ink, light_background(rng), rng.randint(*sizes))
+        img = add_noise(img, rng, rng.uniform(0, 4))
+    else:
+        lines = [f"{expression} = ?"] if rng.random() < 0.7 else ["Compute:", expression]
+        layer = _render_lines(lines, rng.randint(*sizes), ink, rng.choice(("regular", "regular", "bold", "pixel")))
+        w, h = layer.width + rng.randint(12, 60), layer.height + rng.randint(12, 60)
+        img = Image.new("RGB", (w, h), light_background(rng))
+        img.paste(layer, (rng.randint(4, w - layer.width - 4), rng.randint(4, h - layer.height - 4)), layer)
+        img = add_noise(img, rng, rng.uniform(0, 6))
     question = rng.choice(("What is the value of the expression in the image?", "Solve the problem in the image."))
     meta = {"task": "reasoning", "kind": "arithmetic", "difficulty": difficulty, "gold": value,
             "expression": expression, "operations": ops}

@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw, ImageFont
 from kimivl.data.synthetic.sample import DIFFICULTIES
 
 PATCH = 14
+TOKEN_PX = 2 * PATCH  # the side of one LM token's image area after MoonViT's 2x2 patch merge
 COLOURS = {
     "red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220), "yellow": (235, 200, 20),
     "orange": (245, 135, 20), "purple": (140, 60, 180), "pink": (240, 120, 190), "black": (25, 25, 25),
@@ -110,6 +111,41 @@ def _draw_text(text: str, fnt, colour, stroke: int, spacing: int) -> Image.Image
     ImageDraw.Draw(img).multiline_text((1 - x0, 1 - y0), text, font=fnt, fill=(*colour, 255), spacing=spacing,
                                        stroke_width=stroke, stroke_fill=(*colour, 255))
     return img.crop(img.getbbox())
+
+
+def draw_operator(draw: ImageDraw.ImageDraw, symbol: str, cx: float, cy: float, r: float, ink, width: int) -> None:
+    """Draw × or ÷ around (cx, cy) (Pillow's scalable default font has no glyph for them)."""
+    if symbol == "×":
+        draw.line([(cx - r, cy - r), (cx + r, cy + r)], fill=ink, width=width)
+        draw.line([(cx - r, cy + r), (cx + r, cy - r)], fill=ink, width=width)
+        return
+    draw.line([(cx - r, cy), (cx + r, cy)], fill=ink, width=width)
+    dot = max(1.0, r / 4)
+    for y in (cy - r * 0.8, cy + r * 0.8):
+        draw.ellipse([cx - dot, y - dot, cx + dot, y + dot], fill=ink)
+
+
+def token_cell_centre(x: float, y: float) -> tuple[int, int]:
+    """The centre of the token cell (TOKEN_PX square, from the image's top left) that holds pixel (x, y)."""
+    return int(x) // TOKEN_PX * TOKEN_PX + TOKEN_PX // 2, int(y) // TOKEN_PX * TOKEN_PX + TOKEN_PX // 2
+
+
+def grid_text(rng: random.Random, text: str, ink, background, size: int) -> tuple[Image.Image, tuple[int, int]]:
+    """One line in large print on the LM's token grid: every non-space character centred in its own TOKEN_PX
+    cell, at a random cell of a canvas 0-3 cells wider and 0-2 taller than the text. Returns the image and the
+    text's first cell (column, row). The easy rung of reading: one token, one character."""
+    chars = text.replace(" ", "")
+    cols, rows = len(chars) + rng.randint(0, 3), 1 + rng.randint(0, 2)
+    col, row = rng.randint(0, cols - len(chars)), rng.randrange(rows)
+    img = Image.new("RGB", (cols * TOKEN_PX, rows * TOKEN_PX), background)
+    draw = ImageDraw.Draw(img)
+    for i, ch in enumerate(chars):
+        cx, cy = (col + i) * TOKEN_PX + TOKEN_PX // 2, row * TOKEN_PX + TOKEN_PX // 2
+        if ch in "×÷":
+            draw_operator(draw, ch, cx, cy, size / 4, ink, 2)
+        else:
+            draw.text((cx, cy), ch, font=font(size), fill=ink, anchor="mm")
+    return img, (col, row)
 
 
 def text_centred(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, size: int, fill) -> None:

@@ -7,7 +7,14 @@ import random
 
 from PIL import Image, ImageDraw
 
-from kimivl.data.synthetic.draw import canvas_size, light_background, pick_difficulty, text_centred
+from kimivl.data.synthetic.draw import (
+    TOKEN_PX,
+    canvas_size,
+    light_background,
+    pick_difficulty,
+    text_centred,
+    token_cell_centre,
+)
 from kimivl.data.synthetic.sample import Sample
 
 FIGURES = {"easy": ("rectangle", "square"), "medium": ("rectangle", "triangle"), "hard": ("l-shape",)}
@@ -55,9 +62,11 @@ def _problem(rng: random.Random, figure: str, difficulty: str) -> tuple[dict, st
 
 
 def _draw(rng: random.Random, figure: str, sides: dict, difficulty: str) -> Image.Image:
-    w, h = canvas_size(rng, min_side=150 if figure == "l-shape" else 112, big_chance=0, aspect=(0.75, 1.8))
-    fsize = rng.randint(18, 24) if difficulty == "easy" else rng.randint(11, 15)  # easy labels in large print
-    m = int(1.6 * fsize) + 4
+    easy = difficulty == "easy"  # easy labels in large print, each in its own token cell next to its side
+    w, h = canvas_size(rng, min_side=196 if easy else 150 if figure == "l-shape" else 112, big_chance=0,
+                       aspect=(0.75, 1.8))
+    fsize = rng.randint(20, 24) if easy else rng.randint(11, 15)
+    m = 2 * TOKEN_PX + 4 if easy else int(1.6 * fsize) + 4
     scale = min((w - 2 * m) / sides["w"], (h - 2 * m) / sides["h"])
     fw, fh = sides["w"] * scale, sides["h"] * scale
     x0, y0 = (w - fw) / 2, (h - fh) / 2
@@ -67,6 +76,13 @@ def _draw(rng: random.Random, figure: str, sides: dict, difficulty: str) -> Imag
 
     def label(xy: tuple[float, float], value: int) -> None:
         text_centred(draw, xy, str(value), fsize, INK)
+
+    if easy:  # the cell left of the one holding the left side, and the one below the bottom side's
+        draw.rectangle([x0, y0, x1, y1], outline=INK, width=2)
+        left, bottom = token_cell_centre(x0, (y0 + y1) / 2), token_cell_centre((x0 + x1) / 2, y1)
+        label((left[0] - TOKEN_PX, left[1]), sides["h"])
+        label((bottom[0], bottom[1] + TOKEN_PX), sides["w"])
+        return img
 
     if figure == "triangle":
         draw.polygon([(x0, y0), (x0, y1), (x1, y1)], outline=INK, width=2)

@@ -9,7 +9,9 @@ from PIL import Image
 from kimivl.data.synthetic.draw import (
     COLOURS,
     FONT_STYLES,
+    TOKEN_PX,
     add_noise,
+    grid_text,
     light_background,
     norm_box,
     pick_difficulty,
@@ -19,12 +21,14 @@ from kimivl.data.synthetic.sample import Sample
 from kimivl.data.synthetic.vocab import WORDS
 
 DARK_INKS = ("black", "blue", "red", "green", "purple")
-# difficulty: (lines, words per line, font sizes, max rotation in degrees, max noise sigma)
-LEVELS = {"easy": ((1, 1), (1, 1), (16, 32), 0, 4), "medium": ((1, 1), (2, 3), (13, 26), 8, 10),
+# difficulty: (lines, words per line, font sizes, max rotation in degrees, max noise sigma); easy is one word,
+# number or sum in large print on the token grid (draw.grid_text)
+LEVELS = {"easy": ((1, 1), (1, 1), (20, 24), 0, 4), "medium": ((1, 1), (2, 3), (13, 26), 8, 10),
           "hard": ((3, 5), (2, 4), (11, 18), 4, 12)}
 QUESTIONS = {"word": ("What word is written in the image?", "Read the word in the image."),
              "line": ("What does the text say?", "Read the text in the image."),
              "page": ("Read all the text in the image.", "Transcribe the text in the image.")}
+QUESTIONS["number"] = QUESTIONS["sum"] = QUESTIONS["line"]
 
 
 def _colours(rng: random.Random) -> tuple[tuple, tuple]:
@@ -35,9 +39,32 @@ def _colours(rng: random.Random) -> tuple[tuple, tuple]:
     return light, tuple(rng.randint(10, 70) for _ in range(3))
 
 
+def _easy(rng: random.Random) -> Sample:
+    """A word, a number or a one-digit sum ('3 × 4 = 12'), one character per token cell."""
+    kind = rng.choice(("word", "word", "number", "sum"))
+    if kind == "word":
+        text = rng.choice(WORDS)
+    elif kind == "number":
+        text = str(rng.randint(0, 9999))
+    else:
+        a, b, op = rng.randint(1, 9), rng.randint(1, 9), rng.choice("+-×")
+        a, b = (max(a, b), min(a, b)) if op == "-" else (a, b)
+        text = f"{a} {op} {b} = {a + b if op == '+' else a - b if op == '-' else a * b}"
+    size = rng.randint(*LEVELS["easy"][2])
+    img, (col, row) = grid_text(rng, text, COLOURS[rng.choice(DARK_INKS)], light_background(rng), size)
+    img = add_noise(img, rng, rng.uniform(0, LEVELS["easy"][4]))
+    n = len(text.replace(" ", ""))
+    box = norm_box((col * TOKEN_PX, row * TOKEN_PX, (col + n) * TOKEN_PX, (row + 1) * TOKEN_PX), *img.size)
+    meta = {"task": "ocr", "kind": kind, "difficulty": "easy", "gold": text, "style": "grid", "size": size,
+            "angle": 0.0, "box": box}
+    return Sample([img, rng.choice(QUESTIONS[kind])], text, meta)
+
+
 def make_ocr(rng: random.Random, difficulty: str | None = None) -> Sample:
     """Rendered text to read; the answer is the text (lines joined by newlines)."""
     difficulty = pick_difficulty(rng, difficulty)
+    if difficulty == "easy":
+        return _easy(rng)
     n_lines, n_words, sizes, max_angle, max_noise = LEVELS[difficulty]
     lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(*n_words))) for _ in range(rng.randint(*n_lines))]
     text = "\n".join(lines)
