@@ -168,7 +168,7 @@ def test_easy_print_puts_one_character_in_each_token_cell(make):
             x1, y1, x2, y2 = px(s.meta["box"], img)
             assert (x1 // TOKEN_PX, y1 // TOKEN_PX, x2 // TOKEN_PX) == (cols.min(), rows[0], cols.max() + 1)
     if make is make_ocr:
-        assert {s.meta["kind"] for s in samples(make, "easy", seeds=range(40))} == {"word", "number", "sum"}
+        assert all(eval(s.answer.replace("×", "*").replace("=", "==")) for s in samples(make, "easy"))
 
 
 def test_easy_geometry_labels_sit_in_their_own_token_cells():

@@ -21,14 +21,14 @@ from kimivl.data.synthetic.sample import Sample
 from kimivl.data.synthetic.vocab import WORDS
 
 DARK_INKS = ("black", "blue", "red", "green", "purple")
-# difficulty: (lines, words per line, font sizes, max rotation in degrees, max noise sigma); easy is one word,
-# number or sum in large print on the token grid (draw.grid_text)
+# difficulty: (lines, words per line, font sizes, max rotation in degrees, max noise sigma); easy is a one-digit sum
+# in large print on the token grid (draw.grid_text)
 LEVELS = {"easy": ((1, 1), (1, 1), (20, 24), 0, 4), "medium": ((1, 1), (2, 3), (13, 26), 8, 10),
           "hard": ((3, 5), (2, 4), (11, 18), 4, 12)}
 QUESTIONS = {"word": ("What word is written in the image?", "Read the word in the image."),
              "line": ("What does the text say?", "Read the text in the image."),
              "page": ("Read all the text in the image.", "Transcribe the text in the image.")}
-QUESTIONS["number"] = QUESTIONS["sum"] = QUESTIONS["line"]
+QUESTIONS["sum"] = QUESTIONS["line"]
 
 
 def _colours(rng: random.Random) -> tuple[tuple, tuple]:
@@ -40,24 +40,19 @@ def _colours(rng: random.Random) -> tuple[tuple, tuple]:
 
 
 def _easy(rng: random.Random) -> Sample:
-    """A word, a number or a one-digit sum ('3 × 4 = 12'), one character per token cell."""
-    kind = rng.choice(("word", "word", "number", "sum"))
-    if kind == "word":
-        text = rng.choice(WORDS)
-    elif kind == "number":
-        text = str(rng.randint(0, 9999))
-    else:
-        a, b, op = rng.randint(1, 9), rng.randint(1, 9), rng.choice("+-×")
-        a, b = (max(a, b), min(a, b)) if op == "-" else (a, b)
-        text = f"{a} {op} {b} = {a + b if op == '+' else a - b if op == '-' else a * b}"
+    """A one-digit sum ('3 × 4 = 12'), one character per token cell: its tokens are mostly one per character,
+    unlike words and long numbers, which the tokenizer splits into pieces of several characters."""
+    a, b, op = rng.randint(1, 9), rng.randint(1, 9), rng.choice("+-×")
+    a, b = (max(a, b), min(a, b)) if op == "-" else (a, b)
+    text = f"{a} {op} {b} = {a + b if op == '+' else a - b if op == '-' else a * b}"
     size = rng.randint(*LEVELS["easy"][2])
     img, (col, row) = grid_text(rng, text, COLOURS[rng.choice(DARK_INKS)], light_background(rng), size)
     img = add_noise(img, rng, rng.uniform(0, LEVELS["easy"][4]))
     n = len(text.replace(" ", ""))
     box = norm_box((col * TOKEN_PX, row * TOKEN_PX, (col + n) * TOKEN_PX, (row + 1) * TOKEN_PX), *img.size)
-    meta = {"task": "ocr", "kind": kind, "difficulty": "easy", "gold": text, "style": "grid", "size": size,
+    meta = {"task": "ocr", "kind": "sum", "difficulty": "easy", "gold": text, "style": "grid", "size": size,
             "angle": 0.0, "box": box}
-    return Sample([img, rng.choice(QUESTIONS[kind])], text, meta)
+    return Sample([img, rng.choice(QUESTIONS["sum"])], text, meta)
 
 
 def make_ocr(rng: random.Random, difficulty: str | None = None) -> Sample:
