@@ -2,7 +2,7 @@
 
 Layout under ``out_dir``::
 
-    world.json                       the seed, sizes and tasks it was built with
+    world.json                       the seed, sizes and tasks it was built with, and the generators' fingerprint
     <split>/<task>.jsonl             conversations (see ``kimivl.data.formats``), ``meta`` holding the gold answer
     <split>/text.jsonl               text-only documents, ``{"id", "text"}``
     <split>/images/<task>/<n>_<j>.png   the j-th image (or video frame) of sample n
@@ -27,11 +27,20 @@ from PIL import Image
 from tqdm import tqdm
 
 from kimivl.data.formats import write_records
+from kimivl.data import synthetic
 from kimivl.data.synthetic import GENERATORS, TASKS, Clip, Sample, make_text
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_SIZES = {"train": 1000, "heldout": 100}
+
+
+def generators_fingerprint() -> str:
+    """A hash of the synthetic generators' source code: a world made by other generators is rebuilt, not reused."""
+    h = hashlib.sha256()
+    for path in sorted(Path(synthetic.__file__).parent.glob("*.py")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def _fingerprint(sample: Sample) -> str:
@@ -126,7 +135,8 @@ def build_world(out_dir: str | os.PathLike, seed: int = 0, sizes: dict[str, int]
                 write_records(out / rel, _ticking(records, bar))
                 files[split][task] = rel
                 logger.info("wrote %d %s records to %s", n, task, out / rel)
-    manifest = {"seed": seed, "sizes": sizes, "tasks": list(tasks), "files": files}
+    manifest = {"seed": seed, "sizes": sizes, "tasks": list(tasks), "generators": generators_fingerprint(),
+                "files": files}
     (out / "world.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
     logger.info("built the world (%d records) in %.1f s under %s", sum(sizes.values()) * len(tasks),
                 time.perf_counter() - start, out)
@@ -136,12 +146,15 @@ def build_world(out_dir: str | os.PathLike, seed: int = 0, sizes: dict[str, int]
 def ensure_world(out_dir: str | os.PathLike, seed: int = 0, tasks: tuple[str, ...] | list[str] = TASKS,
                  progress: bool = True, **sizes: int) -> dict:
     """Build the world (``sizes`` as split=count keywords, e.g. ``train=4000, heldout=300``) unless ``out_dir``
-    already holds one built with the same seed, sizes and tasks; return its manifest."""
+    already holds one built with the same seed, sizes, tasks and generator code; return its manifest."""
     sizes = sizes or dict(DEFAULT_SIZES)
     manifest_path = Path(out_dir) / "world.json"
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        if (manifest.get("seed"), manifest.get("sizes"), manifest.get("tasks")) == (seed, sizes, list(tasks)):
+        built = (manifest.get("seed"), manifest.get("sizes"), manifest.get("tasks"), manifest.get("generators"))
+        if built == (seed, sizes, list(tasks), generators_fingerprint()):
             logger.info("reusing the world under %s", out_dir)
             return manifest
+        if built[:3] == (seed, sizes, list(tasks)):
+            logger.warning("the world under %s was made by other generator code: rebuilding it", out_dir)
     return build_world(out_dir, seed, sizes, tasks, overwrite=True, progress=progress)

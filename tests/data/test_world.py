@@ -79,6 +79,11 @@ def test_existing_world_is_kept_or_replaced_on_request(tmp_path):
     stamp = (tmp_path / "train" / "caption.jsonl").stat().st_mtime_ns
     ensure_world(tmp_path, seed=0, tasks=["caption", "text"], progress=False, **sizes)
     assert (tmp_path / "train" / "caption.jsonl").stat().st_mtime_ns == stamp
+    manifest = json.loads((tmp_path / "world.json").read_text())
+    (tmp_path / "world.json").write_text(json.dumps({**manifest, "generators": "older code"}))
+    ensure_world(tmp_path, seed=0, tasks=["caption", "text"], progress=False, **sizes)
+    assert (tmp_path / "train" / "caption.jsonl").stat().st_mtime_ns != stamp  # rebuilt by today's generators
+    assert json.loads((tmp_path / "world.json").read_text()) == manifest
     ensure_world(tmp_path, seed=1, tasks=["caption"], progress=False, **sizes)
     assert not (tmp_path / "train" / "text.jsonl").exists()
     with pytest.raises(ValueError, match="unknown tasks"):
