@@ -26,8 +26,8 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from kimivl.data.formats import write_records
 from kimivl.data import synthetic
+from kimivl.data.formats import write_records
 from kimivl.data.synthetic import GENERATORS, TASKS, Clip, Sample, make_text
 
 logger = logging.getLogger(__name__)

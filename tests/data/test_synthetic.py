@@ -162,12 +162,14 @@ def test_easy_print_puts_one_character_in_each_token_cell(make):
         text = s.answer if make is make_ocr else f"{s.meta['expression']} = ?"
         inked, clear = ink_cells(img)
         rows, cols = np.nonzero(inked)
-        assert len(set(rows)) == 1 and sorted(cols) == list(range(cols.min(), cols.min() + len(text.replace(" ", ""))))
+        n = len(text.replace(" ", ""))
+        assert len(set(rows)) == 1 and sorted(cols) == list(range(cols.min(), cols.min() + n))
         assert clear.all()  # every character stays inside its own cell
         if make is make_ocr:
             x1, y1, x2, y2 = px(s.meta["box"], img)
-            assert (x1 // TOKEN_PX, y1 // TOKEN_PX, x2 // TOKEN_PX) == (cols.min(), rows[0], cols.max() + 1)
-    if make is make_ocr:
+            assert (x1, y1, x2, y2) == (cols.min() * TOKEN_PX, rows[0] * TOKEN_PX, (cols.max() + 1) * TOKEN_PX,
+                                        (rows[0] + 1) * TOKEN_PX)
+    if make is make_ocr:  # true one-digit sums
         assert all(eval(s.answer.replace("×", "*").replace("=", "==")) for s in samples(make, "easy"))
 
 

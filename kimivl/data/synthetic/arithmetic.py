@@ -123,7 +123,7 @@ def _render_lines(lines: list[str], size: int, colour, style: str) -> Image.Imag
         for piece in re.split("([×÷])", line):
             if piece in ("×", "÷"):
                 draw_operator(draw, piece, x + (px0 + px1) / 2, base + (py0 + py1) / 2, 0.4 * (px1 - px0), ink,
-                          1 + (stroke or size // 22))
+                              1 + (stroke or size // 22))
                 x += advance
             else:
                 draw.text((x, base), piece, font=fnt, fill=ink, anchor="ls", stroke_width=stroke, stroke_fill=ink)
