@@ -77,29 +77,23 @@ def _draw(rng: random.Random, figure: str, sides: dict, difficulty: str) -> Imag
     def label(xy: tuple[float, float], value: int) -> None:
         text_centred(draw, xy, str(value), fsize, INK)
 
+    left, bottom = (x0 - fsize, (y0 + y1) / 2), ((x0 + x1) / 2, y1 + fsize)
     if easy:  # the cell left of the one holding the left side, and the one below the bottom side's
-        draw.rectangle([x0, y0, x1, y1], outline=INK, width=2)
-        left, bottom = token_cell_centre(x0, (y0 + y1) / 2), token_cell_centre((x0 + x1) / 2, y1)
-        label((left[0] - TOKEN_PX, left[1]), sides["h"])
-        label((bottom[0], bottom[1] + TOKEN_PX), sides["w"])
-        return img
-
+        (lx, ly), (bx, by) = token_cell_centre(x0, left[1]), token_cell_centre(bottom[0], y1)
+        left, bottom = (lx - TOKEN_PX, ly), (bx, by + TOKEN_PX)
     if figure == "triangle":
         draw.polygon([(x0, y0), (x0, y1), (x1, y1)], outline=INK, width=2)
         draw.rectangle([x0, y1 - 8, x0 + 8, y1], outline=INK)
-        label((x0 - fsize, (y0 + y1) / 2), sides["h"])
-        label(((x0 + x1) / 2, y1 + fsize), sides["w"])
     elif figure == "l-shape":
         cx, cy = x1 - sides["cut_w"] * scale, y0 + sides["cut_h"] * scale
         draw.polygon([(x0, y0), (cx, y0), (cx, cy), (x1, cy), (x1, y1), (x0, y1)], outline=INK, width=2)
-        label((x0 - fsize, (y0 + y1) / 2), sides["h"])
-        label(((x0 + x1) / 2, y1 + fsize), sides["w"])
-        label(((cx + x1) / 2, cy - fsize), sides["cut_w"])
-        label((cx + fsize, (y0 + cy) / 2), sides["cut_h"])
     else:
         draw.rectangle([x0, y0, x1, y1], outline=INK, width=2)
-        label((x0 - fsize, (y0 + y1) / 2), sides["h"])
-        label(((x0 + x1) / 2, y1 + fsize), sides["w"])
+    label(left, sides["h"])
+    label(bottom, sides["w"])
+    if figure == "l-shape":
+        label(((cx + x1) / 2, cy - fsize), sides["cut_w"])
+        label((cx + fsize, (y0 + cy) / 2), sides["cut_h"])
     return img
 
 
