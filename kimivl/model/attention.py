@@ -33,10 +33,11 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.
 
 # On CUDA without flash-attn, many short segments run as one padded batch (fewer kernel launches) when the padded
 # score matrices stay this small (elements); otherwise segments run one by one, so memory stays linear in the
-# token count. On CPU, segments of similar length share padded batches of plain-matmul attention up to this size
-# (few large operations instead of many small ones; for short segments and narrow heads matmuls are 1.5-3x faster
-# than the fused kernel); a segment beyond it runs alone through the fused kernel.
+# token count. On CPU, attention whose scores fit it runs as plain matmuls (1.3-3x faster than the fused kernel,
+# forward and backward, for short sequences and narrow heads), in chunks of CHUNK_SCORES score elements that stay in
+# cache, and similar-length segments share padded batches; longer segments run through the fused kernel.
 SCORES_LIMIT = 1 << 24
+CHUNK_SCORES = 1 << 22
 
 
 def varlen_attention(q_THD: torch.Tensor, k_THD: torch.Tensor, v_THE: torch.Tensor, cu_seqlens: torch.Tensor,
@@ -122,7 +123,7 @@ def _padded_batch(q_THD, k_THD, v_THE, segments, *, causal, scale, fused):
         o_NHLE = _matmul_attention(q, k, v, _causal_bias(longest, q), scale)
     else:  # one row of key biases per (segment, head), shared by all its queries
         bias = torch.zeros(real_NL.shape, dtype=q.dtype, device=device).masked_fill_(~real_NL, float("-inf"))
-        o_NHLE = _matmul_attention(q, k, v, bias.repeat_interleave(q.shape[1], 0)[:, None], scale)
+        o_NHLE = _matmul_attention(q, k, v, bias[:, None, None], scale)
     return o_NHLE.transpose(1, 2).flatten(0, 1).index_select(0, real_NL.flatten().nonzero()[:, 0])
 
 
@@ -133,16 +134,23 @@ def _causal_bias(n: int, like: torch.Tensor) -> torch.Tensor:
 
 def _matmul_attention(q, k, v, bias, scale):
     """softmax(q k^T * scale + bias) v as plain matmuls over q, k, v of shape (..., L, D). ``bias`` (None, or an
-    additive 0 / -inf mask broadcastable to (prod(...), S, K)) enters the scores' matmul, so masking costs no pass of
-    its own and masked scores get no gradient. The CPU softmax accumulates in float32 whatever its input dtype. The
-    caller bounds the score memory (``SCORES_LIMIT``)."""
+    additive 0 / -inf mask broadcastable to (..., S, K)) enters the scores' matmul, so masking costs no pass of its
+    own and masked scores get no gradient. The CPU softmax accumulates in float32 whatever its input dtype. Runs in
+    chunks of at most ``CHUNK_SCORES`` score elements; the caller bounds the total (``SCORES_LIMIT``)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     *lead, s, d = q.shape
-    k_len = k.shape[-2]
-    q3, kt3 = q.reshape(-1, s, d), k.reshape(-1, k_len, d).transpose(1, 2)
-    bias = q.new_zeros(()) if bias is None else bias
-    scores = torch.baddbmm(bias, q3, kt3, beta=1 if bias.dim() else 0, alpha=scale)
-    return scores.view(*lead, s, k_len).softmax(-1) @ v
+    k_len, e = k.shape[-2], v.shape[-1]
+    q3, k3, v3 = q.reshape(-1, s, d), k.reshape(-1, k_len, d), v.reshape(-1, k_len, e)
+    if bias is None:
+        bias = q.new_zeros(())
+    elif bias.dim() > 2:  # one (S or 1, K) mask per leading index
+        bias = bias.expand(*lead, *bias.shape[-2:]).reshape(-1, *bias.shape[-2:])
+    step = max(1, CHUNK_SCORES // (s * k_len))
+    chunks = [t.split(step) for t in (q3, k3, v3)]
+    biases = bias.split(step) if bias.dim() == 3 and bias.shape[0] > 1 else [bias] * len(chunks[0])
+    outs = [torch.baddbmm(b, qc, kc.transpose(1, 2), beta=1 if b.dim() else 0, alpha=scale).softmax(-1) @ vc
+            for qc, kc, vc, b in zip(*chunks, biases)]
+    return (torch.cat(outs) if len(outs) > 1 else outs[0]).view(*lead, s, e)
 
 
 def _flash_varlen(q, k, v, cu_seqlens, *, causal, scale):
@@ -162,11 +170,16 @@ def causal_attention(q_BHSD: torch.Tensor, k_BhKD: torch.Tensor, v_BhKE: torch.T
     ``k``/``v`` may have fewer heads ``h`` than ``q`` (grouped queries). ``key_valid_BK`` (bool) marks real keys
     in batches padded to one length; a query always sees itself, so padding rows stay finite.
     """
-    s, k = q_BHSD.shape[2], k_BhKD.shape[2]
-    gqa = k_BhKD.shape[1] != q_BHSD.shape[1]
-    if key_valid_BK is None and (s == k or s == 1):
+    b, h, s, _ = q_BHSD.shape
+    k = k_BhKD.shape[2]
+    gqa = k_BhKD.shape[1] != h
+    matmul = not q_BHSD.is_cuda and not gqa and s > 1 and b * h * s * k <= SCORES_LIMIT
+    if key_valid_BK is None and (s == k or s == 1) and not matmul:
         return _sdpa(q_BHSD, k_BhKD, v_BhKE, is_causal=s > 1, scale=scale, enable_gqa=gqa)
     allowed = torch.ones(s, k, dtype=torch.bool, device=q_BHSD.device).tril(k - s)
     if key_valid_BK is not None:
         allowed = (allowed & key_valid_BK[:, None, None, :]) | allowed.triu(k - s)
+    if matmul:
+        bias = q_BHSD.new_zeros(allowed.shape).masked_fill_(~allowed, float("-inf"))
+        return _matmul_attention(q_BHSD, k_BhKD, v_BhKE, bias, scale)
     return _sdpa(q_BHSD, k_BhKD, v_BhKE, attn_mask=allowed, scale=scale, enable_gqa=gqa)

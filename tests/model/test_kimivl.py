@@ -103,6 +103,65 @@ def test_varlen_attention_paths_equal_per_segment_sdpa(monkeypatch, causal, path
         assert (a - b).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("past", [0, 3])
+def test_causal_attention_matmul_path_equals_fused_kernel(monkeypatch, masked, past):
+    """CPU padded batches run as plain matmuls (the fused kernel is not called); outputs and gradients equal the
+    fused kernel's, with and without padding keys and with queries that are the last S of the keys."""
+    from kimivl.model import attention
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 4, 6, 16, generator=g)
+    k = torch.randn(3, 4, 6 + past, 16, generator=g)
+    v = torch.randn(3, 4, 6 + past, 8, generator=g)
+    valid = torch.ones(3, 6 + past, dtype=torch.bool)
+    if masked:
+        valid[0, :4] = False
+        valid[2, :1] = False
+
+    def run():
+        inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = attention.causal_attention(*inputs, key_valid_BK=valid if masked else None)
+        out.backward(torch.arange(out.numel(), dtype=out.dtype).reshape(out.shape).cos())
+        return [out] + [t.grad for t in inputs]
+
+    def no_fused(*args, **kwargs):
+        raise AssertionError("the fused kernel ran")
+
+    with monkeypatch.context() as m:
+        m.setattr(attention, "_sdpa", no_fused)
+        got = run()
+    monkeypatch.setattr(attention, "SCORES_LIMIT", 0)
+    for a, b in zip(got, run()):
+        assert (a - b).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("bias", ["none", "square", "per_key", "per_batch"])
+def test_matmul_attention_in_chunks_equals_one_call(monkeypatch, bias):
+    """Chunks of a few score matrices give the one-call result, outputs and gradients, for every bias shape."""
+    from kimivl.model import attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 5, 3, 7, 16, generator=g)
+    v = torch.randn(5, 3, 7, 8, generator=g)
+    mask = torch.rand(5, 3, 7, 7, generator=g) < 0.3
+    mask[..., 0] = False
+    biases = {"none": None, "square": attention._causal_bias(7, q),
+              "per_key": torch.zeros(5, 1, 1, 7).masked_fill(mask[:, :1, :1], float("-inf")),
+              "per_batch": torch.zeros(5, 3, 7, 7).masked_fill(mask, float("-inf"))}
+
+    def run():
+        inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = attention._matmul_attention(*inputs, biases[bias], 0.3)
+        out.backward(torch.arange(out.numel(), dtype=out.dtype).reshape(out.shape).sin())
+        return [out] + [t.grad for t in inputs]
+
+    whole = run()
+    monkeypatch.setattr(attention, "CHUNK_SCORES", 2 * 7 * 7)  # 8 chunks of 2 matrices (the last one of 1)
+    for a, b in zip(run(), whole):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_varlen_attention_in_bfloat16_stays_close_to_float32(causal):
     """The CPU matmul path keeps bf16 scores (its softmax accumulates in float32): outputs and gradients within 3%
