@@ -33,9 +33,10 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.
 
 # On CUDA without flash-attn, many short segments run as one padded batch (fewer kernel launches) when the padded
 # score matrices stay this small (elements); otherwise segments run one by one, so memory stays linear in the
-# token count. On CPU, attention whose scores fit it runs as plain matmuls (1.3-3x faster than the fused kernel,
-# forward and backward, for short sequences and narrow heads), in chunks of CHUNK_SCORES score elements that stay in
-# cache, and similar-length segments share padded batches; longer segments run through the fused kernel.
+# token count. On CPU, packed segments and padded training batches whose scores fit it run as plain matmuls (1.3-3x
+# faster than the fused kernel, forward and backward, for short sequences and narrow heads), in chunks of
+# CHUNK_SCORES score elements that stay in cache; similar-length segments share padded batches, and longer segments
+# run through the fused kernel.
 SCORES_LIMIT = 1 << 24
 CHUNK_SCORES = 1 << 22
 
@@ -173,7 +174,9 @@ def causal_attention(q_BHSD: torch.Tensor, k_BhKD: torch.Tensor, v_BhKE: torch.T
     b, h, s, _ = q_BHSD.shape
     k = k_BhKD.shape[2]
     gqa = k_BhKD.shape[1] != h
-    matmul = not q_BHSD.is_cuda and not gqa and s > 1 and b * h * s * k <= SCORES_LIMIT
+    # training on CPU: plain matmuls, as for packed segments; inference keeps the fused kernel's float32 scores
+    matmul = (not q_BHSD.is_cuda and q_BHSD.requires_grad and torch.is_grad_enabled() and not gqa and s > 1
+              and b * h * s * k <= SCORES_LIMIT)
     if key_valid_BK is None and (s == k or s == 1) and not matmul:
         return _sdpa(q_BHSD, k_BhKD, v_BhKE, is_causal=s > 1, scale=scale, enable_gqa=gqa)
     allowed = torch.ones(s, k, dtype=torch.bool, device=q_BHSD.device).tril(k - s)

@@ -106,8 +106,9 @@ def test_varlen_attention_paths_equal_per_segment_sdpa(monkeypatch, causal, path
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("past", [0, 3])
 def test_causal_attention_matmul_path_equals_fused_kernel(monkeypatch, masked, past):
-    """CPU padded batches run as plain matmuls (the fused kernel is not called); outputs and gradients equal the
-    fused kernel's, with and without padding keys and with queries that are the last S of the keys."""
+    """CPU padded training batches run as plain matmuls (the fused kernel is not called); outputs and gradients
+    equal the fused kernel's, with and without padding keys and with queries that are the last S of the keys.
+    Without gradients (inference) the fused kernel runs."""
     from kimivl.model import attention
 
     g = torch.Generator().manual_seed(0)
@@ -131,6 +132,8 @@ def test_causal_attention_matmul_path_equals_fused_kernel(monkeypatch, masked, p
     with monkeypatch.context() as m:
         m.setattr(attention, "_sdpa", no_fused)
         got = run()
+        with torch.no_grad(), pytest.raises(AssertionError, match="fused kernel ran"):
+            attention.causal_attention(q, k, v)
     monkeypatch.setattr(attention, "SCORES_LIMIT", 0)
     for a, b in zip(got, run()):
         assert (a - b).abs().max() < 1e-5
