@@ -123,9 +123,13 @@ def _padded_batch(q_THD, k_THD, v_THE, segments, *, causal, scale, fused):
     elif causal:
         o_NHLE = _matmul_attention(q, k, v, _causal_bias(longest, q), scale)
     else:  # one row of key biases per (segment, head), shared by all its queries
-        bias = torch.zeros(real_NL.shape, dtype=q.dtype, device=device).masked_fill_(~real_NL, float("-inf"))
-        o_NHLE = _matmul_attention(q, k, v, bias[:, None, None], scale)
+        o_NHLE = _matmul_attention(q, k, v, _mask_bias(real_NL, q)[:, None, None], scale)
     return o_NHLE.transpose(1, 2).flatten(0, 1).index_select(0, real_NL.flatten().nonzero()[:, 0])
+
+
+def _mask_bias(allowed: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A boolean mask as an additive one in ``like``'s dtype: 0 where allowed, -inf elsewhere."""
+    return like.new_zeros(allowed.shape).masked_fill_(~allowed, float("-inf"))
 
 
 def _causal_bias(n: int, like: torch.Tensor) -> torch.Tensor:
@@ -183,6 +187,5 @@ def causal_attention(q_BHSD: torch.Tensor, k_BhKD: torch.Tensor, v_BhKE: torch.T
     if key_valid_BK is not None:
         allowed = (allowed & key_valid_BK[:, None, None, :]) | allowed.triu(k - s)
     if matmul:
-        bias = q_BHSD.new_zeros(allowed.shape).masked_fill_(~allowed, float("-inf"))
-        return _matmul_attention(q_BHSD, k_BhKD, v_BhKE, bias, scale)
+        return _matmul_attention(q_BHSD, k_BhKD, v_BhKE, _mask_bias(allowed, q_BHSD), scale)
     return _sdpa(q_BHSD, k_BhKD, v_BhKE, attn_mask=allowed, scale=scale, enable_gqa=gqa)
