@@ -7,9 +7,10 @@ the same samples, ``--batch`` per step, right-padded to the longest (padding is 
 alternate in cycles: ``--accum`` packed rows then their samples padded, the optimiser stepping once per cycle in each
 (Newton-Schulz in ``--ns-dtype``), as in training with gradient accumulation; the first cycle is an untimed warm-up.
 Printed: useful (non-padding) tokens/s of each and their ratio (target >= 1.5x), beside the ratio of their model
-FLOPs (``model_flops``; padding is computed, so the padded arm does more); the vision tower's share (timed alone on
-the same images: its work is identical in both arms) and the ratio of the rest; and the packed arm's achieved GFLOP/s
-as a share of the matmul peak.
+FLOPs (``model_flops``; padding is computed, so the padded arm does more: the most packing can give, were every
+FLOP equally fast) and the share of it reached; the vision tower's share (timed alone on the same images: its work
+is identical in both arms) and the ratio of the rest; and the packed arm's achieved GFLOP/s as a share of the matmul
+peak.
 
     python benchmarks/train_throughput.py [--steps 16] [--budget 2048] [--batch 16] [--accum 8] [--width 256]
                                           [--vision-width 128] [--ns-dtype bfloat16]
@@ -56,7 +57,8 @@ def padded(samples, pad_id):
     with_images = [s for s in samples if len(s.image_grid_hws)]
     pixels = torch.cat([s.pixel_values for s in with_images]) if with_images else None
     grids = torch.cat([s.image_grid_hws for s in with_images]) if with_images else None
-    return dict(input_ids=ids, labels=labels, pixel_values=pixels, image_grid_hws=grids), sum(len(s.input_ids) for s in samples)
+    kwargs = {"input_ids": ids, "labels": labels, "pixel_values": pixels, "image_grid_hws": grids}
+    return kwargs, sum(len(s.input_ids) for s in samples)
 
 
 def step_time(model, opt, kwargs, update: bool) -> float:
@@ -184,8 +186,10 @@ def main() -> None:
           f"{torch.get_num_threads()} threads")
     print(f"packed rows of {args.budget}: {speed['packed']:.0f} useful tokens/s (budget filled {100 * efficiency:.0f}%)")
     print(f"padded batches of {args.batch}: {speed['padded']:.0f} useful tokens/s (real tokens {100 * pad_share:.0f}%)")
-    print(f"ratio packed / padded: {speed['packed'] / speed['padded']:.2f}x (target >= 1.5x); their model FLOPs: "
-          f"{flops['padded'] / flops['packed']:.2f}x (the ratio if every FLOP took the same time)")
+    ratio, flop_ratio = speed["packed"] / speed["padded"], flops["padded"] / flops["packed"]
+    print(f"ratio packed / padded: {ratio:.2f}x (target >= 1.5x); their model FLOPs: {flop_ratio:.2f}x (the ratio "
+          "if every FLOP took the same time, the most packing can give on these samples): "
+          f"{100 * ratio / flop_ratio:.0f}% of it")
     print(f"vision tower and projector, the same images in both arms: {100 * shared / times['packed']:.0f}% of the "
           f"packed arm's time; the rest (LM, loss, optimiser) runs "
           f"{(times['padded'] - shared) / (times['packed'] - shared):.2f}x faster packed")
