@@ -71,11 +71,29 @@ def test_context_limit_is_checked(tiny_model, tiny_config):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("path", ["matmul", "fused", "padded_batch"])
+@pytest.mark.parametrize("path", ["matmul", "fused", "padded_batch", "flash"])
 def test_varlen_attention_paths_equal_per_segment_sdpa(monkeypatch, causal, path):
     """CPU: similar-length segments in padded batches of plain matmuls (here lengths 12 and 6 together, 5 alone, so
-    outputs are reordered), or one by one through the fused kernel past SCORES_LIMIT; CUDA: one fused padded batch."""
+    outputs are reordered), or one by one through the fused kernel past SCORES_LIMIT; CUDA: one fused padded batch,
+    or flash-attn's varlen kernel (here a stand-in that checks its input contract: equal head dims, so the narrower
+    values are padded and the output cut back, int32 bounds, the longest segment's length)."""
     from kimivl.model import attention
+
+    def flash_stand_in(q, k, v, cu_q, cu_k, max_q, max_k, *, softmax_scale, causal):
+        assert q.shape == k.shape == v.shape and cu_q.dtype == cu_k.dtype == torch.int32
+        starts = cu_q.tolist()
+        assert max_q == max_k == max(b - a for a, b in zip(starts[:-1], starts[1:]))
+        outs = []
+        for a, b in zip(starts[:-1], starts[1:]):
+            scores = torch.einsum("shd,khd->hsk", q[a:b], k[a:b]) * (softmax_scale or q.shape[-1] ** -0.5)
+            if causal:
+                scores = scores.masked_fill(torch.ones(b - a, b - a, dtype=torch.bool).triu(1), float("-inf"))
+            outs.append(torch.einsum("hsk,khd->shd", scores.softmax(-1), v[a:b]))
+        return torch.cat(outs)
+
+    if path == "flash":
+        monkeypatch.setattr(attention, "use_flash", lambda x: True)
+        monkeypatch.setattr(attention, "flash_attn_varlen_func", flash_stand_in)
 
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(2, 23, 4, 16, generator=g)
@@ -93,7 +111,8 @@ def test_varlen_attention_paths_equal_per_segment_sdpa(monkeypatch, causal, path
         got, got_grads = run(lambda q, k, v: attention._padded_batch(q, k, v, [(0, 5), (5, 12), (17, 6)], causal=causal, scale=None,
                                                               fused=True))
     else:
-        monkeypatch.setattr(attention, "SCORES_LIMIT", 1 << 24 if path == "matmul" else 0)
+        if path != "flash":
+            monkeypatch.setattr(attention, "SCORES_LIMIT", 1 << 24 if path == "matmul" else 0)
         got, got_grads = run(lambda q, k, v: attention.varlen_attention(q, k, v, cu, causal=causal))
     want, want_grads = run(lambda q, k, v: torch.cat([torch.nn.functional.scaled_dot_product_attention(
         *(t[a:b].transpose(0, 1) for t in (q, k, v)), is_causal=causal).transpose(0, 1)
