@@ -6,7 +6,6 @@ is ignored, so no token is ever predicted from another sample. Images travel wit
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -26,10 +25,6 @@ class PackedBatch:
     @property
     def n_tokens(self) -> int:
         return self.input_ids.shape[1]
-
-    @property
-    def n_samples(self) -> int:
-        return len(self.cu_seqlens) - 1
 
     @property
     def efficiency(self) -> float:
@@ -60,20 +55,3 @@ def pack(samples: list[Encoded], budget: int) -> PackedBatch:
     return PackedBatch(torch.tensor([ids]), torch.tensor([labels]),
                        torch.tensor(lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32), pixels, grids, budget)
 
-
-def greedy_pack(samples: Iterable[Encoded], budget: int) -> Iterator[PackedBatch]:
-    """Pack samples in order, starting a new row whenever the next one does not fit. A sample longer than the
-    budget is an error (raise the budget, or filter such samples out beforehand)."""
-    row: list[Encoded] = []
-    used = 0
-    for s in samples:
-        n = len(s.input_ids)
-        if n > budget:
-            raise ValueError(f"a sample of {n} tokens exceeds the packing budget of {budget}")
-        if used + n > budget:
-            yield pack(row, budget)
-            row, used = [], 0
-        row.append(s)
-        used += n
-    if row:
-        yield pack(row, budget)

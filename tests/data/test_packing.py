@@ -1,0 +1,104 @@
+"""Packing samples into rows, and the seeded, resumable mixture that feeds them."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kimivl.data.mixture import Mixture
+from kimivl.data.packing import pack
+from kimivl.processing.processor import IGNORE_INDEX, Encoded
+
+
+def picture(w, h, seed):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+def chat(question, answer, image=None):
+    content = [{"type": "text", "text": question}]
+    if image is not None:
+        content.insert(0, {"type": "image", "image": image})
+    return [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
+
+
+@pytest.fixture(scope="module")
+def samples(small_processor):
+    return [small_processor.encode_for_training(chat("What colour is it?", "red", picture(56, 28, 0))),
+            small_processor.encode_text("Count the circles: there are 3 circles."),
+            small_processor.encode_for_training(chat("How many squares?", "2 squares", picture(28, 84, 1)))]
+
+
+def test_a_packed_row_scores_each_sample_as_if_alone(small_model, samples):
+    """Bounds, labels and images of the row; its loss is the token-weighted mean of each sample's loss run alone, so
+    no sample sees another and only each sample's own scored tokens count."""
+    row = pack(samples, budget=512)
+    lengths = [len(s.input_ids) for s in samples]
+    assert row.cu_seqlens.tolist() == np.cumsum([0] + lengths).tolist() and row.cu_seqlens.dtype == torch.int32
+    assert row.input_ids[0].tolist() == [t for s in samples for t in s.input_ids]
+    assert row.labels[0].tolist() == [t for s in samples for t in [IGNORE_INDEX] + s.labels[1:]]
+    assert torch.equal(row.pixel_values, torch.cat([samples[0].pixel_values, samples[2].pixel_values]))
+    assert row.image_grid_hws.tolist() == [[2, 4], [6, 2]]
+    assert row.efficiency == sum(lengths) / 512
+
+    with torch.no_grad():
+        packed = small_model(**row.kwargs()).loss
+        total, scored = 0.0, 0
+        for s in samples:
+            alone = small_model(torch.tensor([s.input_ids]), s.pixel_values if len(s.image_grid_hws) else None,
+                                s.image_grid_hws if len(s.image_grid_hws) else None, torch.tensor([s.labels])).loss
+            n = sum(t != IGNORE_INDEX for t in s.labels[1:])
+            total, scored = total + alone * n, scored + n
+    assert scored < sum(lengths) - len(samples)  # the chats' prompts are not scored
+    assert torch.allclose(packed, total / scored, atol=1e-5)
+
+
+def test_pack_rejects_overflow_nothing_and_unlabelled_samples(small_processor, samples):
+    with pytest.raises(ValueError, match="budget of 20"):
+        pack(samples, budget=20)
+    with pytest.raises(ValueError, match="cannot pack 0 samples"):
+        pack([], budget=20)
+    with pytest.raises(ValueError, match="encode_for_training"):
+        pack([samples[0], small_processor.encode([{"role": "user", "content": "Hi?"}])], budget=512)
+
+
+def stream(seed=0, budget=64):
+    """Sources of 4-, 12- and 200-token samples; the 200-token one never fits the budget."""
+    texts = {"short": [f"item {i} " * 2 for i in range(10)], "long": [f"sample {i} " * 6 for i in range(10)],
+             "huge": ["word " * 200]}
+
+    def encode(name, text):
+        ids = [sum(map(ord, w)) % 97 for w in text.split()]
+        return Encoded(ids, torch.zeros(0, 3, 14, 14), torch.zeros(0, 2, dtype=torch.long), ids)
+
+    return Mixture(texts, encode, budget, start={"short": 1, "long": 0, "huge": 0.1},
+                   end={"short": 0, "long": 1, "huge": 0.1}, horizon=40, seed=seed)
+
+
+def test_the_mixture_is_seeded_resumable_and_skips_samples_over_the_budget(caplog):
+    def rows(mix, position, n):
+        it = mix.batches(position)
+        return [(row.input_ids.tolist(), end) for row, end in (next(it) for _ in range(n))]
+
+    mix = stream()
+    with caplog.at_level(logging.WARNING, logger="kimivl.data.mixture"):
+        first = rows(mix, 0, 12)
+    assert first == rows(stream(), 0, 12) and first != rows(stream(seed=1), 0, 12)
+    # resuming from a row's end position continues exactly where the uninterrupted stream went on
+    assert rows(stream(), first[4][1], 7) == first[5:]
+    assert all(len(ids[0]) <= 64 for ids, _ in first)
+    assert mix.skipped > 0 and "(200 tokens) exceeds the 64-token budget; skipped" in caplog.text
+    # sources in name order (huge, long, short); weights move from start to end over the horizon, then stay
+    assert stream().weights(0) == [0.1, 0.0, 1.0] and stream().weights(20) == [0.1, 0.5, 0.5]
+    assert stream().weights(400) == [0.1, 1.0, 0.0]
+
+
+def test_mixture_errors_name_the_problem():
+    ok = {"a": ["x"], "b": []}
+    with pytest.raises(ValueError, match=r"unknown sources \['c'\]"):
+        Mixture(ok, None, 8, start={"a": 1, "c": 1})
+    with pytest.raises(ValueError, match=r"sources \['b'\] are empty"):
+        Mixture(ok, None, 8, start={"a": 1, "b": 1})
+    with pytest.raises(ValueError, match="positive sum"):
+        Mixture(ok, None, 8, start={"a": 0})
