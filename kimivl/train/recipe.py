@@ -78,7 +78,8 @@ class Stage:
             raise RecipeError(f"{where}: schedule must be 'continue' or 'cosine', got {self.schedule!r}")
         bad = set(self.train) - set(PARTS)
         if bad or not self.train:
-            raise RecipeError(f"{where}: train names unknown parts {sorted(bad)}; choose from {PARTS}")
+            problem = f"names unknown parts {sorted(bad)}" if bad else "is empty"
+            raise RecipeError(f"{where}: train {problem}; choose from {PARTS}")
         if set(self.lr_scale) - set(PARTS) or not all(isinstance(f, (int, float)) and f > 0
                                                        for f in self.lr_scale.values()):
             raise RecipeError(f"{where}: lr_scale maps parts of {PARTS} to factors > 0, got {self.lr_scale}")

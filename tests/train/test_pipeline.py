@@ -104,6 +104,51 @@ def test_recipe_errors(data_dir, tmp_path):
             load_recipe(tmp_path / "bad.yaml")
 
 
+
+def _stage(i, **changes):
+    def edit(recipe):
+        recipe["stages"][i].update(changes)
+    return edit
+
+
+@pytest.mark.parametrize("edit, match", [
+    (_stage(1, kind="dpo"), "kind must be 'vit', 'joint' or 'rl', got 'dpo'"),
+    (_stage(1, steps=0), "steps >= 1, lr > 0 and budget >= 16"),
+    (_stage(1, budget=8), "steps >= 1, lr > 0 and budget >= 16"),
+    (_stage(1, schedule="linear"), "schedule must be 'continue' or 'cosine', got 'linear'"),
+    (_stage(1, train=[]), "train is empty; choose from"),
+    (_stage(1, standardize_images=0), "standardize_images .* applies to joint stages"),
+    (_stage(0, standardize_images=1.0), "standardize_images .* applies to joint stages"),
+    (_stage(1, mix={}), "a joint stage needs a 'mix'"),
+    (_stage(0, sources=[]), "a vit stage needs caption 'sources'"),
+    (_stage(1, kind="rl"), "an rl stage needs problem 'sources'"),
+    (_stage(1, rl={"k": 4}), "'rl' settings are a mapping, for a stage of kind 'rl'"),
+    (_stage(1, epochs=3), "unexpected keyword argument 'epochs'"),
+    (_stage(2, name="align"), "stage names must be unique"),
+    (lambda r: r["schedule"].update(decay_stages=["warmdown"]), r"decay_stages names unknown stages \['warmdown'\]"),
+    (lambda r: r.update(eval={"after": ["final"]}), r"eval.after names unknown stages \['final'\]"),
+    (lambda r: r.update(base={"hub": "moonshotai/Kimi-VL"}), "base must be {preset: NAME} or {checkpoint: PATH}"),
+    (lambda r: r.update(stages=[]), "has no stages"),
+    (lambda r: r.update(epochs=3), r"unknown keys \['epochs'\]"),
+])
+def test_every_recipe_mistake_is_named(data_dir, tmp_path, edit, match):
+    recipe = recipe_dict(data_dir, tmp_path)
+    edit(recipe)
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(RecipeError, match=match):
+        load_recipe(tmp_path / "bad.yaml")
+
+
+def test_an_unreadable_recipe_is_named(tmp_path):
+    with pytest.raises(RecipeError, match="cannot read recipe .*missing.yaml"):
+        load_recipe(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(RecipeError, match="must be a mapping"):
+        load_recipe(tmp_path / "list.yaml")
+    (tmp_path / "broken.yaml").write_text("stages: [\n")
+    with pytest.raises(RecipeError, match="cannot read recipe"):
+        load_recipe(tmp_path / "broken.yaml")
+
 def test_a_source_can_keep_only_some_difficulties(data_dir, tmp_path):
     def record(i, level):
         meta = {} if level is None else {"difficulty": level}
