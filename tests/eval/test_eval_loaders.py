@@ -5,14 +5,13 @@ import csv
 import io
 import json
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from kimivl.eval import mathvista, mmlongbench, mmmu, ocrbench, screenspot, videomme
 from kimivl.eval.tables import Sample, Skipped
-
-pa = pytest.importorskip("pyarrow")
-pq = pytest.importorskip("pyarrow.parquet")
 
 
 def png(w=40, h=30, colour=(200, 30, 30)) -> bytes:
@@ -205,3 +204,25 @@ def test_mmlongbench_pages_from_image_folder_and_tsv(tmp_path):
             "image": str([b64(png()), b64(png())])}]
     [sample], _ = split(mmlongbench.load(write_tsv(tmp_path / "MMLongBench_DOC.tsv", tsv)))
     assert len(images_of(sample)) == 2
+
+
+def test_json_and_jsonl_tables_and_missing_data(tmp_path):
+    """A JSON list, a JSON object holding its rows under 'data', JSONL (blank lines ignored): the same sample."""
+    from kimivl.eval.tables import iter_rows
+
+    row = {"index": "0", "image": b64(png()), "question": "What is written?", "answer": "['STOP']", "category": "x"}
+    (tmp_path / "list.json").write_text(json.dumps([row]))
+    (tmp_path / "object.json").write_text(json.dumps({"data": [row]}))
+    (tmp_path / "rows.jsonl").write_text("\n" + json.dumps(row) + "\n\n")
+    for name in ("list.json", "object.json", "rows.jsonl"):
+        [sample], skipped = split(ocrbench.load(tmp_path / name))
+        assert not skipped and sample.meta["answers"] == ["STOP"] and text_of(sample) == "What is written?"
+    (tmp_path / "scalar.json").write_text(json.dumps({"data": 3}))
+    with pytest.raises(ValueError, match="scalar.json: expected a JSON list of rows"):
+        list(iter_rows(tmp_path / "scalar.json"))
+    with pytest.raises(FileNotFoundError, match="benchmark data not found: .*nowhere"):
+        list(iter_rows(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no tables here")
+    with pytest.raises(FileNotFoundError, match="no .tsv, .parquet, .json, .jsonl files under"):
+        list(iter_rows(tmp_path / "empty"))

@@ -1,12 +1,9 @@
 """The language model against transformers' DeepseekV3ForCausalLM with the same weights (official key names)."""
 
-import pytest
 import torch
 
 from kimivl.config import KimiVLConfig
 from kimivl.hf_reference import hf_reference, random_lm
-
-pytest.importorskip("transformers")
 
 
 def random_tiny_lm():
