@@ -38,8 +38,6 @@ def score(prediction: str, meta: dict[str, Any]) -> bool:
             return False
         x1, y1, x2, y2 = meta["box"]
         return x1 <= point[0] <= x2 and y1 <= point[1] <= y2
-    if isinstance(gold, bool):
-        return _norm(answer) == _norm(str(gold))
     if isinstance(gold, int):
         found = _INT.search(answer)
         return found is not None and int(found.group()) == gold
