@@ -6,6 +6,7 @@ import types
 from types import SimpleNamespace
 
 import pytest
+import torch
 from PIL import Image
 
 from kimivl import generate
@@ -78,3 +79,17 @@ def test_imports_without_lmms_eval(small_model, small_processor):
     assert adapter.request_messages("clip <image>?", ["a.mp4"])[0]["content"][1] == {"type": "video", "video": "a.mp4"}
     with pytest.raises(SystemExit, match="not installed"):
         adapter.main()
+
+
+def test_loads_a_checkpoint_directory(checkpoint, small_model, small_processor):
+    import kimivl.eval.lmms_adapter as adapter
+
+    lm = adapter.KimiVLLmms(pretrained=str(checkpoint), dtype="float32", batch_size="auto")
+    assert lm.batch_size_per_gpu == 1 and next(lm.model.parameters()).dtype == torch.float32
+    prompt = [{"role": "user", "content": [{"type": "text", "text": "Count the circles."}]}]
+    assert (generate(lm.model, lm.processor, prompt, max_new_tokens=4)
+            == generate(small_model, small_processor, prompt, max_new_tokens=4))
+    with pytest.raises(ValueError, match="needs pretrained=<checkpoint directory>"):
+        adapter.KimiVLLmms()
+    with pytest.raises(TypeError, match="images and videos"):
+        adapter.request_messages("listen", [{"array": [0.0], "sampling_rate": 16000}])
