@@ -68,8 +68,6 @@ def _read_headers(files: dict[str, list[str] | None]) -> dict[str, tuple[str, li
         for k in keys:
             if listed is not None and k not in listed:
                 continue  # the index is authoritative about which file holds a key
-            if k in found:
-                raise CheckpointError(f"key {k} appears in both {found[k][0]} and {file}")
             found[k] = (file, shapes[k])
     return found
 

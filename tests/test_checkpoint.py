@@ -144,6 +144,35 @@ def test_index_naming_absent_shard(tiny_model, tmp_path):
         KimiVL.from_pretrained(tmp_path)
 
 
+
+def test_broken_indexes_and_shards_that_disagree_with_them(tiny_model, tmp_path):
+    """The index is authoritative: a shard lacking a key it assigns, or a key it assigns to two files, is named;
+    a key a shard holds but the index assigns elsewhere is taken from where the index says."""
+    tiny_model.save_pretrained(tmp_path, max_shard_bytes=300_000)
+    index = json.loads((tmp_path / INDEX).read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    first, second = (tmp_path / name for name in shards[:2])
+    moved = next(k for k, name in index["weight_map"].items() if name == shards[1])
+
+    # a stale copy of `moved` (zeros) in the first shard: ignored, the index points at the second
+    tensors = load_file(first)
+    save_file({**tensors, moved: torch.zeros_like(load_file(second)[moved])}, first)
+    loaded = KimiVL.from_pretrained(tmp_path, dtype=torch.float32)
+    assert torch.equal(loaded.state_dict()[moved], tiny_model.state_dict()[moved])
+
+    # the index assigns `moved` to the first shard, which now lacks it
+    save_file(tensors, first)
+    (tmp_path / INDEX).write_text(json.dumps({**index, "weight_map": {**index["weight_map"], moved: shards[0]}}))
+    with pytest.raises(CheckpointError, match=f"lacks keys its index assigns to it: \\['{moved}'\\]"):
+        KimiVL.from_pretrained(tmp_path)
+
+    (tmp_path / INDEX).write_text("{not json")
+    with pytest.raises(CheckpointError, match="is not a valid safetensors index"):
+        KimiVL.from_pretrained(tmp_path)
+    (tmp_path / INDEX).write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(CheckpointError, match="is not a valid safetensors index: KeyError"):
+        KimiVL.from_pretrained(tmp_path)
+
 def test_config_mismatch_reports_shapes(tiny_model, tmp_path):
     tiny_model.save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())

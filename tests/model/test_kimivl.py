@@ -39,6 +39,12 @@ def test_placeholder_count_mismatch_is_an_error(tiny_model, tiny_config):
         tiny_model(prompt(tiny_config, 5), pv, hws)
     with pytest.raises(ValueError, match="no pixel_values"):
         tiny_model(prompt(tiny_config, 6))
+    with pytest.raises(ValueError, match="pixel_values given without image_grid_hws"):
+        tiny_model(prompt(tiny_config, 6), pv)
+    with pytest.raises(ValueError, match=r"input_ids must be \(batch, seq\), got shape \(4,\)"):
+        tiny_model(torch.tensor([1, 2, 3, 4]))
+    with pytest.raises(ValueError, match=r"labels shape \(1, 3\) differs from input_ids \(1, 4\)"):
+        tiny_model(torch.tensor([[1, 2, 3, 4]]), labels=torch.tensor([[1, 2, 3]]))
 
 
 def test_loss_is_mean_next_token_cross_entropy(tiny_model, tiny_config):
