@@ -96,3 +96,19 @@ def test_info_command(capsys, tmp_path):
     assert "language_model" in capsys.readouterr().out
     assert main(["info", str(tmp_path / "absent")]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_the_kimivl_tiny_preset_is_the_shipped_architecture():
+    """Only what the recipe sets differs: the trained tokenizer's vocabulary and special ids, and the RoPE base that
+    long-context activation raised."""
+    import dataclasses
+    from pathlib import Path
+
+    preset = KimiVLConfig.from_preset("kimivl-tiny")
+    for name in ("kimivl-tiny", "kimivl-tiny-thinking"):
+        shipped = KimiVLConfig.from_pretrained(Path(__file__).parents[1] / "models" / name)
+        assert shipped.vision_config == preset.vision_config
+        recipe_set = {"vocab_size", "bos_token_id", "eos_token_id", "pad_token_id", "rope_theta"}
+        differ = {f.name for f in dataclasses.fields(preset.text_config)
+                  if getattr(preset.text_config, f.name) != getattr(shipped.text_config, f.name)}
+        assert differ <= recipe_set and shipped.text_config.rope_theta == 800_000.0
