@@ -17,7 +17,6 @@ import torch
 from kimivl.config import KimiVLConfig
 from kimivl.data.formats import content_text, is_text_file, iter_records, iter_texts
 from kimivl.data.mixture import Mixture
-from kimivl.data.synthetic.sample import DIFFICULTIES
 from kimivl.data.world import ensure_world
 from kimivl.eval.synthetic import evaluate, heldout_records
 from kimivl.model.kimivl import KimiVL
@@ -65,10 +64,7 @@ class Sources:
         return encode
 
 
-def _of_difficulty(name: str, path: Path, records: list[dict], levels) -> list[dict]:
-    if not isinstance(levels, list) or not levels or set(levels) - set(DIFFICULTIES):
-        raise RecipeError(f"data source {name!r}: difficulty must be a list of some of {list(DIFFICULTIES)}, "
-                          f"got {levels!r}")
+def _of_difficulty(name: str, path: Path, records: list[dict], levels: list[str]) -> list[dict]:
     kept = []
     for i, r in enumerate(records):
         level = r.get("meta", {}).get("difficulty") if isinstance(r, dict) else None

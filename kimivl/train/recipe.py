@@ -36,6 +36,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from kimivl.data.synthetic.sample import DIFFICULTIES
+
 PARTS = ("vision_tower", "multi_modal_projector", "language_model")
 
 
@@ -112,6 +114,8 @@ class Recipe:
     eval: dict[str, Any] | None = None  # {after: [stage, ...], split: DIR of <task>.jsonl, limit: N per task, base}
 
     def __post_init__(self):
+        for name, spec in self.sources.items():
+            _check_source(name, spec)
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise RecipeError(f"stage names must be unique, got {names}")
@@ -132,6 +136,25 @@ class Recipe:
     def source_path(self, name: str) -> Path:
         spec = self.sources[name]
         return self.out / (spec["path"] if isinstance(spec, dict) else spec)
+
+
+def _check_source(name: str, spec: Any) -> None:
+    """A source is a path, or ``{path, answers_only: bool, difficulty: [levels]}``."""
+    if isinstance(spec, str) and spec:
+        return
+    where = f"data source {name!r}"
+    if not isinstance(spec, dict) or not isinstance(spec.get("path"), str) or not spec["path"]:
+        raise RecipeError(f"{where}: give a path, or a mapping with a 'path' (and optionally 'answers_only', "
+                          f"'difficulty'), got {spec!r}")
+    unknown = set(spec) - {"path", "answers_only", "difficulty"}
+    if unknown:
+        raise RecipeError(f"{where}: unknown keys {sorted(unknown)}; a source takes 'path', 'answers_only', "
+                          "'difficulty'")
+    if not isinstance(spec.get("answers_only", False), bool):
+        raise RecipeError(f"{where}: answers_only must be true or false, got {spec['answers_only']!r}")
+    levels = spec.get("difficulty", list(DIFFICULTIES))
+    if not isinstance(levels, list) or not levels or set(levels) - set(DIFFICULTIES):
+        raise RecipeError(f"{where}: difficulty must be a list of some of {list(DIFFICULTIES)}, got {levels!r}")
 
 
 def load_recipe(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> Recipe:

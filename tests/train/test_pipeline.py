@@ -130,6 +130,14 @@ def _stage(i, **changes):
     (lambda r: r.update(base={"hub": "moonshotai/Kimi-VL"}), "base must be {preset: NAME} or {checkpoint: PATH}"),
     (lambda r: r.update(stages=[]), "has no stages"),
     (lambda r: r.update(epochs=3), r"unknown keys \['epochs'\]"),
+    (lambda r: r["sources"].update(text={"path": r["sources"]["text"], "answer_only": True}),
+     r"data source 'text': unknown keys \['answer_only'\]"),
+    (lambda r: r["sources"].update(text={"difficulty": ["easy"]}), "data source 'text': give a path"),
+    (lambda r: r["sources"].update(text=3), "data source 'text': give a path"),
+    (lambda r: r["sources"].update(text={"path": r["sources"]["text"], "answers_only": "yes"}),
+     "answers_only must be true or false"),
+    (lambda r: r["sources"].update(text={"path": r["sources"]["text"], "difficulty": ["extreme"]}),
+     "data source 'text': difficulty must be a list of some of"),
 ])
 def test_every_recipe_mistake_is_named(data_dir, tmp_path, edit, match):
     recipe = recipe_dict(data_dir, tmp_path)
@@ -148,6 +156,7 @@ def test_an_unreadable_recipe_is_named(tmp_path):
     (tmp_path / "broken.yaml").write_text("stages: [\n")
     with pytest.raises(RecipeError, match="cannot read recipe"):
         load_recipe(tmp_path / "broken.yaml")
+
 
 def test_a_source_can_keep_only_some_difficulties(data_dir, tmp_path):
     def record(i, level):
