@@ -39,6 +39,8 @@ from typing import Any
 from kimivl.data.synthetic.sample import DIFFICULTIES
 
 PARTS = ("vision_tower", "multi_modal_projector", "language_model")
+MAPPINGS = {"tokenizer": {"path", "train_vocab"}, "schedule": {"warmup", "decay_stages", "min_ratio"},
+            "export": {"path", "dtype"}, "eval": {"after", "split", "limit", "max_new_tokens", "base"}}
 
 
 class RecipeError(ValueError):
@@ -116,6 +118,15 @@ class Recipe:
     def __post_init__(self):
         for name, spec in self.sources.items():
             _check_source(name, spec)
+        for key, allowed in MAPPINGS.items():
+            _check_keys(key, getattr(self, key), allowed)
+        if len(self.tokenizer) > 1:
+            raise RecipeError(f"tokenizer takes one of {{path: DIR}} or {{train_vocab: N}}, got {self.tokenizer}")
+        if self.export is not None and ("path" not in self.export
+                                        or self.export.get("dtype", "bfloat16") not in ("bfloat16", "float32")):
+            raise RecipeError(f"export needs a path and a dtype of bfloat16 (default) or float32, got {self.export}")
+        if self.eval is not None and "split" not in self.eval:
+            raise RecipeError(f"eval needs a split (a directory of held-out <task>.jsonl files), got {self.eval}")
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise RecipeError(f"stage names must be unique, got {names}")
@@ -136,6 +147,16 @@ class Recipe:
     def source_path(self, name: str) -> Path:
         spec = self.sources[name]
         return self.out / (spec["path"] if isinstance(spec, dict) else spec)
+
+
+def _check_keys(key: str, value: Any, allowed: set[str]) -> None:
+    if value is None:
+        return
+    if not isinstance(value, dict):
+        raise RecipeError(f"{key} must be a mapping, got {value!r}")
+    unknown = set(value) - allowed
+    if unknown:
+        raise RecipeError(f"{key} has unknown keys {sorted(unknown)}; it takes {sorted(allowed)}")
 
 
 def _check_source(name: str, spec: Any) -> None:
