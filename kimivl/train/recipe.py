@@ -116,6 +116,8 @@ class Recipe:
     eval: dict[str, Any] | None = None  # {after: [stage, ...], split: DIR of <task>.jsonl, limit: N per task, base}
 
     def __post_init__(self):
+        self.tokenizer = {} if self.tokenizer is None else self.tokenizer  # an empty `tokenizer:` in YAML
+        self.schedule = {} if self.schedule is None else self.schedule
         for name, spec in self.sources.items():
             _check_source(name, spec)
         for key, allowed in MAPPINGS.items():

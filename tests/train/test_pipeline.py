@@ -155,6 +155,13 @@ def test_every_recipe_mistake_is_named(data_dir, tmp_path, edit, match):
         load_recipe(tmp_path / "bad.yaml")
 
 
+def test_empty_settings_take_their_defaults(data_dir, tmp_path):
+    recipe = {**recipe_dict(data_dir, tmp_path), "tokenizer": None, "schedule": None}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    loaded = load_recipe(tmp_path / "r.yaml")
+    assert loaded.tokenizer == {} and loaded.schedule == {}
+
+
 def test_an_unreadable_recipe_is_named(tmp_path):
     with pytest.raises(RecipeError, match="cannot read recipe .*missing.yaml"):
         load_recipe(tmp_path / "missing.yaml")
