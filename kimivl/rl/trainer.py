@@ -239,19 +239,18 @@ class RLTrainer:
             self.sampler.load_state_dict(state["sampler"])
             self.iteration = state["step"]
             log.info("%s: resumed at iteration %d from %s", self.stage, self.iteration, found)
-        metrics = MetricsLog(self.run_dir, self.stage)
-        metrics.truncate_after(self.iteration)
         last: dict[str, Any] = {}
         bar = tqdm(total=self.cfg.iterations, initial=self.iteration, desc=self.stage, unit="it",
                    disable=not progress, dynamic_ncols=True)
-        while self.iteration < self.cfg.iterations:
-            last = self.step()
-            metrics.write(self.iteration, last)
-            bar.update(1)
-            bar.set_postfix(reward=f"{last['reward']:.2f}", acc=f"{last['accuracy']:.2f}",
-                            len=f"{last['mean_length']:.0f}")
-            if self.iteration % self.cfg.ckpt_every == 0 or self.iteration == self.cfg.iterations:
-                self._checkpoint()
-                self._plot()
+        with MetricsLog(self.run_dir, self.stage, start=self.iteration) as metrics:
+            while self.iteration < self.cfg.iterations:
+                last = self.step()
+                metrics.write(self.iteration, last)
+                bar.update(1)
+                bar.set_postfix(reward=f"{last['reward']:.2f}", acc=f"{last['accuracy']:.2f}",
+                                len=f"{last['mean_length']:.0f}")
+                if self.iteration % self.cfg.ckpt_every == 0 or self.iteration == self.cfg.iterations:
+                    self._checkpoint()
+                    self._plot()
         bar.close()
         return last

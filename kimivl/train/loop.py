@@ -52,7 +52,6 @@ def train_loop(model: torch.nn.Module, loss_fn: LossFn, data: Batches, optimizer
     when there is one. ``loss_fn(model, batch)`` returns (loss, metrics, tokens). Returns the last metrics."""
     stage_dir = Path(run_dir) / stage
     ckpt_dir = stage_dir / "checkpoints"
-    metrics = MetricsLog(run_dir, stage)
     step, position = 0, 0
     found = latest_checkpoint(ckpt_dir) if resume else None
     if found is not None:
@@ -61,7 +60,6 @@ def train_loop(model: torch.nn.Module, loss_fn: LossFn, data: Batches, optimizer
         scheduler.load_state_dict(state["scheduler"])
         step, position = state["step"], state["position"]
         log.info("%s: resumed at step %d from %s", stage, step, found)
-    metrics.truncate_after(step)
 
     def checkpoint() -> Path:
         return save_state(ckpt_dir, model, {"step": step, "position": position, "optimizer": optimizer.state_dict(),
@@ -73,7 +71,8 @@ def train_loop(model: torch.nn.Module, loss_fn: LossFn, data: Batches, optimizer
     bar = tqdm(total=cfg.steps, initial=step, desc=stage, disable=not progress, unit="step", dynamic_ncols=True)
     model.train()
     moe = any(isinstance(m, Router) for m in model.modules())
-    with ExpertLoadTracker(model) if moe else contextlib.nullcontext() as tracker:
+    with MetricsLog(run_dir, stage, start=step) as metrics, \
+            ExpertLoadTracker(model) if moe else contextlib.nullcontext() as tracker:
         batches = data.batches(position)
         while step < cfg.steps:
             batch, next_position = next(batches)

@@ -4,25 +4,31 @@ PNG curves drawn from that file."""
 from __future__ import annotations
 
 import json
-import logging
 import os
 from pathlib import Path
 
-log = logging.getLogger(__name__)
-
 
 class MetricsLog:
-    def __init__(self, run_dir: str | os.PathLike, stage: str):
+    """Appends a stage's metrics to ``run_dir/metrics.jsonl`` and, when tensorboard is installed, to
+    ``run_dir/tensorboard/<stage>`` (flushed at every write, so a live TensorBoard follows the run). A stage resumed
+    from step ``start`` first drops its records logged after that step by the interrupted run, from the JSONL and,
+    by TensorBoard's purge, from the curves. Close it when the stage ends (or use it in a ``with`` block)."""
+
+    def __init__(self, run_dir: str | os.PathLike, stage: str, start: int = 0):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.stage = stage
+        if self.path.is_file():
+            rows = read_metrics(self.path)
+            kept = [r for r in rows if r["stage"] != stage or r["step"] <= start]
+            if len(kept) < len(rows):
+                self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         self._tb = None
         try:
             from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard" / stage))
         except ImportError:  # tensorboard is optional
-            pass
+            return
+        self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard" / stage), purge_step=start + 1)
 
     def write(self, step: int, values: dict[str, float]) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
@@ -30,14 +36,17 @@ class MetricsLog:
         if self._tb is not None:
             for k, v in values.items():
                 self._tb.add_scalar(k, v, step)
+            self._tb.flush()
 
-    def truncate_after(self, step: int) -> None:
-        """Drop records of this stage logged after ``step`` (they are redone when a run resumes)."""
-        if not self.path.is_file():
-            return
-        rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-        kept = [r for r in rows if r["stage"] != self.stage or r["step"] <= step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+    def __enter__(self) -> MetricsLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
