@@ -49,11 +49,11 @@ _EXACT = re.compile(r"https?://|www\.|@|\.(?:py|pdf|ipynb|txt|csv|docx?)\b|\b\d{
 def render_pdf(path: Path, max_pages: int, dpi: int) -> list[bytes]:
     """The first ``max_pages`` pages of a PDF as PNG bytes."""
     try:
-        import fitz  # PyMuPDF
+        import pymupdf
     except ImportError:
-        raise ImportError(f"rendering {path} needs PyMuPDF: pip install pymupdf (or give page images: a "
+        raise ImportError(f"rendering {path} needs PyMuPDF: pip install 'kimivl[eval]' (or give page images: a "
                           f"directory {path.with_suffix('')} of page images)") from None
-    with fitz.open(path) as doc:
+    with pymupdf.open(path) as doc:
         return [page.get_pixmap(dpi=dpi).tobytes("png") for page in list(doc)[:max_pages]]
 
 

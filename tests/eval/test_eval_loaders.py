@@ -7,6 +7,7 @@ import json
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pymupdf
 import pytest
 from PIL import Image
 
@@ -204,6 +205,21 @@ def test_mmlongbench_pages_from_image_folder_and_tsv(tmp_path):
             "image": str([b64(png()), b64(png())])}]
     [sample], _ = split(mmlongbench.load(write_tsv(tmp_path / "MMLongBench_DOC.tsv", tsv)))
     assert len(images_of(sample)) == 2
+
+
+def test_mmlongbench_renders_pdf_pages(tmp_path):
+    (tmp_path / "documents").mkdir()
+    with pymupdf.open() as doc:
+        for i in range(3):
+            doc.new_page(width=300, height=200).insert_text((40, 100), f"Page {i + 1}", fontsize=20)
+        doc.save(tmp_path / "documents" / "report.pdf")
+    rows = [{"doc_id": "report.pdf", "question": "Pages?", "answer": "3", "answer_format": "Int"}]
+    (tmp_path / "samples.json").write_text(json.dumps(rows))
+    [sample], _ = split(mmlongbench.load(tmp_path / "samples.json", max_pages=2, dpi=144))
+    pages = [Image.open(io.BytesIO(page)) for page in images_of(sample)]
+    assert [page.size for page in pages] == [(600, 400)] * 2  # 300 x 200 pt at 144 dpi, the first 2 pages
+    ink = [page.convert("L").point(lambda v: v < 128).getbbox() for page in pages]
+    assert all(box is not None and box[0] >= 70 for box in ink)  # the text, from x = 40 pt = 80 px on
 
 
 def test_json_and_jsonl_tables_and_missing_data(tmp_path):
