@@ -51,8 +51,8 @@ def render_pdf(path: Path, max_pages: int, dpi: int) -> list[bytes]:
     try:
         import pymupdf
     except ImportError:
-        raise ImportError(f"rendering {path} needs PyMuPDF: pip install 'kimivl[eval]' (or give page images: a "
-                          f"directory {path.with_suffix('')} of page images)") from None
+        raise ImportError(f"rendering {path} needs PyMuPDF: pip install 'kimivl[eval]' (or pip install pymupdf), or "
+                          f"give page images: a directory {path.with_suffix('')} of them") from None
     with pymupdf.open(path) as doc:
         return [page.get_pixmap(dpi=dpi).tobytes("png") for page in list(doc)[:max_pages]]
 
