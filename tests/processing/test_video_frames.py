@@ -65,6 +65,18 @@ def test_libx264():
     assert times == [0.0, 1.0, 2.0] and levels(frames) == [0, 10, 20]
 
 
+def test_audio_only_file_has_no_video_stream():
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="wav") as c:
+        s = c.add_stream("pcm_s16le", rate=8000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16", layout="mono")
+        frame.sample_rate = 8000
+        for packet in [*s.encode(frame), *s.encode()]:
+            c.mux(packet)
+    with pytest.raises(VideoError, match="has no video stream"):
+        load_video(buf.getvalue())
+
+
 def test_unreadable(video, tmp_path):
     with pytest.raises(VideoError, match="cannot open video <11 bytes>"):
         load_video(b"not a video")
