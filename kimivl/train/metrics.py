@@ -21,8 +21,10 @@ class MetricsLog:
         if self.path.is_file():
             rows = read_metrics(self.path)
             kept = [r for r in rows if r["stage"] != stage or r["step"] <= start]
-            if len(kept) < len(rows):
-                self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            if len(kept) < len(rows):  # rewritten beside, then renamed: a crash here loses nothing
+                tmp = self.path.with_suffix(".jsonl.tmp")
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+                os.replace(tmp, self.path)
         self._tb = None
         try:
             from torch.utils.tensorboard import SummaryWriter
