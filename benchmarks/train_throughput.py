@@ -1,19 +1,20 @@
 """Training throughput of kimivl-tiny: packed rows against a padded-batch baseline, and achieved GFLOP/s against
 this CPU's bf16 matmul peak measured in the same run.
 
-Both arms train the same model on the same synthetic-world samples (a mix of every task and text) with bf16 autocast
-and the Muon/AdamW optimiser. Packed: samples laid end to end in rows of ``--budget`` tokens. Padded: the same
-samples, ``--batch`` per step, right-padded to the longest (padding is causal-safe and unscored). The arms alternate
-in cycles: ``--accum`` packed rows then their samples padded, the optimiser stepping once per cycle in each
-(Newton-Schulz in ``--ns-dtype``), as in training with gradient accumulation; the first cycle is an untimed warm-up.
-Printed: useful (non-padding) tokens/s of each and their ratio (target >= 1.5x, and its range over the cycles),
-beside the ratio of their model FLOPs (``model_flops``; padding is computed, so the padded arm does more: the most
-packing can give, were every FLOP equally fast) and the share of it reached; the vision tower's share (timed alone on
-the same images: its work is identical in both arms) and the ratio of the rest; and the packed arm's achieved GFLOP/s
-as a share of the matmul peak.
+Both arms train the same model on the same samples (the synthetic world's, a mix of every task and text, or those of
+your ``--data`` JSONL files, encoded by ``--tokenizer``'s tokenizer) with bf16 autocast and the Muon/AdamW optimiser.
+Packed: samples laid end to end in rows of ``--budget`` tokens. Padded: the same samples, ``--batch`` per step,
+right-padded to the longest (padding is causal-safe and unscored). The arms alternate in cycles: ``--accum`` packed
+rows then their samples padded, the optimiser stepping once per cycle in each (Newton-Schulz in ``--ns-dtype``), as
+in training with gradient accumulation; the first cycle is an untimed warm-up. Printed: useful (non-padding) tokens/s
+of each and their ratio (target >= 1.5x, and its range over the cycles), beside the ratio of their model FLOPs
+(``model_flops``; padding is computed, so the padded arm does more: the most packing can give, were every FLOP
+equally fast) and the share of it reached; the vision tower's share (timed alone on the same images: its work is
+identical in both arms) and the ratio of the rest; and the packed arm's achieved GFLOP/s as a share of the matmul
+peak.
 
     python benchmarks/train_throughput.py [--steps 64] [--budget 2048] [--batch 16] [--accum 8] [--width 256]
-                                          [--vision-width 128] [--ns-dtype bfloat16]
+                                          [--vision-width 128] [--ns-dtype bfloat16] [--data FILE ...]
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 import torch
 
 from kimivl import KimiVL, KimiVLConfig, KimiVLProcessor
-from kimivl.data.formats import iter_records, iter_texts
+from kimivl.data.formats import is_text_file, iter_records, iter_texts
 from kimivl.data.mixture import Mixture
 from kimivl.data.world import build_world
 from kimivl.model.params import parameter_counts
@@ -113,16 +114,27 @@ def main() -> None:
     ap.add_argument("--vision-width", type=int, default=128, help="vision tower hidden size (kimivl-tiny: 128)")
     ap.add_argument("--accum", type=int, default=8, help="micro-batches per optimiser step (gradient accumulation)")
     ap.add_argument("--ns-dtype", default="bfloat16", choices=["bfloat16", "float32"], help="Muon's Newton-Schulz")
+    ap.add_argument("--data", nargs="+", type=Path,
+                    help="your own JSONL files (conversations or texts, equally weighted) instead of the synthetic "
+                         "world, to see what packing gives on their lengths")
+    ap.add_argument("--tokenizer", type=Path, default=Path(__file__).parents[1] / "models" / "kimivl-tiny",
+                    help="checkpoint directory whose tokenizer encodes --data")
     args = ap.parse_args()
 
-    world = tempfile.mkdtemp()
-    build_world(world, seed=1, sizes={"train": 120}, progress=False)
-    sources = {p.stem: list(iter_texts(p) if p.stem == "text" else iter_records(p))
-               for p in sorted((Path(world) / "train").glob("*.jsonl"))}
-    processor = KimiVLProcessor(train_bpe(sources["text"], vocab_size=1024))
+    if args.data:
+        files = args.data
+        processor = KimiVLProcessor.from_pretrained(args.tokenizer)
+    else:
+        world = tempfile.mkdtemp()
+        build_world(world, seed=1, sizes={"train": 120}, progress=False)
+        files = sorted((Path(world) / "train").glob("*.jsonl"))
+    texts = {p.stem: is_text_file(p) for p in files}
+    sources = {p.stem: list(iter_texts(p) if texts[p.stem] else iter_records(p)) for p in files}
+    if not args.data:
+        processor = KimiVLProcessor(train_bpe(sources["text"], vocab_size=1024))
 
     def encode(name, item):
-        return processor.encode_text(item) if name == "text" else processor.encode_for_training(item["messages"])
+        return processor.encode_text(item) if texts[name] else processor.encode_for_training(item["messages"])
 
     config = KimiVLConfig.from_preset("kimivl-tiny")
     t = config.text_config
@@ -182,7 +194,8 @@ def main() -> None:
 
     achieved = flops["packed"] / times["packed"] / 1e9
     peak = matmul_peak()
-    print(f"kimivl-tiny at LM width {args.width}, vision width {args.vision_width} "
+    print(f"on {', '.join(map(str, args.data)) if args.data else 'the synthetic world'}: "
+          f"kimivl-tiny at LM width {args.width}, vision width {args.vision_width} "
           f"({counts['total'].total / 1e6:.1f}M parameters), bf16 autocast, "
           f"{torch.get_num_threads()} threads")
     print(f"packed rows of {args.budget}: {speed['packed']:.0f} useful tokens/s (budget filled {100 * efficiency:.0f}%)")
