@@ -16,6 +16,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from kimivl.files import write_text_atomic
+
 log = logging.getLogger(__name__)
 
 INDEX = "model.safetensors.index.json"
@@ -132,10 +134,8 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, max_shard_byte
         weight_map = {k: name for keys, name in zip(groups, names) for k in keys}
         total = sum(t.numel() * (dtype.itemsize if dtype and t.is_floating_point() else t.element_size())
                     for t in state.values())
-        tmp = os.path.join(path, INDEX + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-        os.replace(tmp, os.path.join(path, INDEX))
+        write_text_atomic(os.path.join(path, INDEX),
+                          json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     return names
 
 

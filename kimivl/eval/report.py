@@ -7,6 +7,8 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
+from kimivl.files import write_text_atomic
+
 
 def accuracy(rows: list[dict]) -> dict[str, float]:
     """``accuracy`` (percent of the mean row score) and ``accuracy/<group>`` for each row group present."""
@@ -27,9 +29,7 @@ def update_results(out_dir: str | os.PathLike, task: str, result: dict) -> dict:
     path = out_dir / "results.json"
     results = json.loads(path.read_text()) if path.is_file() else {}
     results[task] = result
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     (out_dir / "results.md").write_text(markdown(results))
     return results
 

@@ -7,6 +7,8 @@ import json
 import os
 from pathlib import Path
 
+from kimivl.files import write_text_atomic
+
 
 class MetricsLog:
     """Appends a stage's metrics to ``run_dir/metrics.jsonl`` and, when tensorboard is installed, to
@@ -21,10 +23,8 @@ class MetricsLog:
         if self.path.is_file():
             rows = read_metrics(self.path)
             kept = [r for r in rows if r["stage"] != stage or r["step"] <= start]
-            if len(kept) < len(rows):  # rewritten beside, then renamed: a crash here loses nothing
-                tmp = self.path.with_suffix(".jsonl.tmp")
-                tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-                os.replace(tmp, self.path)
+            if len(kept) < len(rows):
+                write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._tb = None
         try:
             from torch.utils.tensorboard import SummaryWriter

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from kimivl.checkpoint import load_checkpoint, save_checkpoint
+from kimivl.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 LATEST = "latest"
@@ -59,9 +60,7 @@ def save_state(ckpt_dir: str | os.PathLike, model, trainer: dict[str, Any], keep
     final = root / name
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    pointer = root / f".{LATEST}.tmp"
-    pointer.write_text(name + "\n")
-    os.replace(pointer, root / LATEST)
+    write_text_atomic(root / LATEST, name + "\n")
     older = sorted(p for p in root.glob("step-*") if p.name != name)
     for old in older[:max(0, len(older) - (keep - 1))]:
         shutil.rmtree(old, ignore_errors=True)
