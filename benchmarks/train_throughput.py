@@ -121,17 +121,15 @@ def main() -> None:
                     help="checkpoint directory whose tokenizer encodes --data")
     args = ap.parse_args()
 
-    if args.data:
-        files = args.data
-        processor = KimiVLProcessor.from_pretrained(args.tokenizer)
-    else:
+    files = args.data
+    if not files:
         world = tempfile.mkdtemp()
         build_world(world, seed=1, sizes={"train": 120}, progress=False)
         files = sorted((Path(world) / "train").glob("*.jsonl"))
     texts = {p.stem: is_text_file(p) for p in files}
     sources = {p.stem: list(iter_texts(p) if texts[p.stem] else iter_records(p)) for p in files}
-    if not args.data:
-        processor = KimiVLProcessor(train_bpe(sources["text"], vocab_size=1024))
+    processor = (KimiVLProcessor.from_pretrained(args.tokenizer) if args.data
+                 else KimiVLProcessor(train_bpe(sources["text"], vocab_size=1024)))
 
     def encode(name, item):
         return processor.encode_text(item) if texts[name] else processor.encode_for_training(item["messages"])
