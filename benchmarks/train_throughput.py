@@ -1,20 +1,20 @@
 """Training throughput of kimivl-tiny: packed rows against a padded-batch baseline, and achieved GFLOP/s against
 this CPU's bf16 matmul peak measured in the same run.
 
-Both arms train the same model on the same samples (the synthetic world's, a mix of every task and text, or those of
-your ``--data`` JSONL files, encoded by ``--tokenizer``'s tokenizer) with bf16 autocast and the Muon/AdamW optimiser.
-Packed: samples laid end to end in rows of ``--budget`` tokens. Padded: the same samples, ``--batch`` per step,
-right-padded to the longest (padding is causal-safe and unscored). The arms alternate in cycles: ``--accum`` packed
-rows then their samples padded, the optimiser stepping once per cycle in each (Newton-Schulz in ``--ns-dtype``), as
-in training with gradient accumulation; the first cycle is an untimed warm-up. Printed: useful (non-padding) tokens/s
-of each and their ratio (target >= 1.5x, and its range over the cycles), beside the ratio of their model FLOPs
-(``model_flops``; padding is computed, so the padded arm does more: the most packing can give, were every FLOP
-equally fast) and the share of it reached; the vision tower's share (timed alone on the same images: its work is
-identical in both arms) and the ratio of the rest; and the packed arm's achieved GFLOP/s as a share of the matmul
-peak.
+Both arms train the same model on the same samples (the synthetic world's ``--tasks`` in a seeded mix, by default
+every task and text but the long documents, or those of your ``--data`` JSONL files, encoded by ``--tokenizer``'s
+tokenizer) with bf16 autocast and the Muon/AdamW optimiser. Packed: samples laid end to end in rows of ``--budget``
+tokens. Padded: the same samples, ``--batch`` per step, right-padded to the longest (padding is causal-safe and
+unscored). The arms alternate in cycles: ``--accum`` packed rows then their samples padded, the optimiser stepping
+once per cycle in each (Newton-Schulz in ``--ns-dtype``), as in training with gradient accumulation; the first cycle
+is an untimed warm-up. Printed: useful (non-padding) tokens/s of each and their ratio (target >= 1.5x, and its range
+over the cycles), beside the ratio of their model FLOPs (``model_flops``; padding is computed, so the padded arm
+does more: the most packing can give, were every FLOP equally fast) and the share of it reached; the vision tower's
+share (timed alone on the same images: its work is identical in both arms) and the ratio of the rest; and the packed
+arm's achieved GFLOP/s as a share of the matmul peak.
 
     python benchmarks/train_throughput.py [--steps 64] [--budget 2048] [--batch 16] [--accum 8] [--width 256]
-                                          [--vision-width 128] [--ns-dtype bfloat16] [--data FILE ...]
+                                          [--vision-width 128] [--ns-dtype bfloat16] [--tasks T,...] [--data FILE ...]
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import torch
 from kimivl import KimiVL, KimiVLConfig, KimiVLProcessor
 from kimivl.data.formats import is_text_file, iter_records, iter_texts
 from kimivl.data.mixture import Mixture
+from kimivl.data.synthetic import TASKS
 from kimivl.data.world import build_world
 from kimivl.model.params import parameter_counts
 from kimivl.processing.processor import IGNORE_INDEX
@@ -114,6 +115,10 @@ def main() -> None:
     ap.add_argument("--vision-width", type=int, default=128, help="vision tower hidden size (kimivl-tiny: 128)")
     ap.add_argument("--accum", type=int, default=8, help="micro-batches per optimiser step (gradient accumulation)")
     ap.add_argument("--ns-dtype", default="bfloat16", choices=["bfloat16", "float32"], help="Muon's Newton-Schulz")
+    ap.add_argument("--tasks", default=",".join(t for t in TASKS if t != "long"),
+                    help="the synthetic world's tasks to mix, each weighted 1 or TASK:WEIGHT (default: all but the "
+                         "long documents, which only recipes/tiny.yaml's long-context stage trains on; its mix: "
+                         "--budget 4096 --tasks text,interleaved,video,caption,long:0.15)")
     ap.add_argument("--data", nargs="+", type=Path,
                     help="your own JSONL files (conversations or texts, equally weighted) instead of the synthetic "
                          "world, to see what packing gives on their lengths")
@@ -121,15 +126,19 @@ def main() -> None:
                     help="checkpoint directory whose tokenizer encodes --data")
     args = ap.parse_args()
 
-    files = args.data
+    files, weights = args.data, None
     if not files:
         world = tempfile.mkdtemp()
-        build_world(world, seed=1, sizes={"train": 120}, progress=False)
-        files = sorted((Path(world) / "train").glob("*.jsonl"))
+        weights = {t: float(w or 1) for t, _, w in (item.partition(":") for item in args.tasks.split(","))}
+        build_world(world, seed=1, sizes={"train": 120}, tasks=list(weights), progress=False)
+        files = [Path(world) / "train" / f"{task}.jsonl" for task in sorted(weights)]
     texts = {p.stem: is_text_file(p) for p in files}
     sources = {p.stem: list(iter_texts(p) if texts[p.stem] else iter_records(p)) for p in files}
+    corpus = [t for name in sources if texts[name] for t in sources[name]]
+    if not args.data and not corpus:
+        ap.error("--tasks needs a text corpus (text or long) to train the benchmark's tokenizer on")
     processor = (KimiVLProcessor.from_pretrained(args.tokenizer) if args.data
-                 else KimiVLProcessor(train_bpe(sources["text"], vocab_size=1024)))
+                 else KimiVLProcessor(train_bpe(corpus, vocab_size=1024)))
 
     def encode(name, item):
         return processor.encode_text(item) if texts[name] else processor.encode_for_training(item["messages"])
@@ -149,7 +158,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = KimiVL(config).train()
     opt = build_optimizer(model, lr=1e-4, ns_dtype=args.ns_dtype)
-    mix = Mixture(sources, encode, args.budget, {k: 1 for k in sources}, seed=0)
+    mix = Mixture(sources, encode, args.budget, weights or {k: 1 for k in sources}, seed=0)
 
     # Cycles of --accum packed rows, and the same samples in padded batches; the optimiser steps once per cycle in
     # each arm. Cycle 0 warms both arms up (and creates the optimiser state); the others alternate, timed.
@@ -192,7 +201,7 @@ def main() -> None:
 
     achieved = flops["packed"] / times["packed"] / 1e9
     peak = matmul_peak()
-    print(f"on {', '.join(map(str, args.data)) if args.data else 'the synthetic world'}: "
+    print(f"on {', '.join(map(str, args.data)) if args.data else 'the synthetic world (' + args.tasks + ')'}: "
           f"kimivl-tiny at LM width {args.width}, vision width {args.vision_width} "
           f"({counts['total'].total / 1e6:.1f}M parameters), bf16 autocast, "
           f"{torch.get_num_threads()} threads")

@@ -4,7 +4,8 @@ Layout under ``out_dir``::
 
     world.json                       the seed, sizes and tasks it was built with, and the generators' fingerprint
     <split>/<task>.jsonl             conversations (see ``kimivl.data.formats``), ``meta`` holding the gold answer
-    <split>/text.jsonl               text-only documents, ``{"id", "text"}``
+    <split>/text.jsonl, long.jsonl   text-only documents, ``{"id", "text"}``: short ones, and long ones for
+                                     long-context activation
     <split>/images/<task>/<n>_<j>.png   the j-th image (or video frame) of sample n
 
 Each (split, task) draws from its own seeded stream, so the same seed gives byte-identical files (given the
@@ -28,7 +29,7 @@ from tqdm import tqdm
 
 from kimivl.data import synthetic
 from kimivl.data.formats import write_records
-from kimivl.data.synthetic import GENERATORS, TASKS, Clip, Sample, make_text
+from kimivl.data.synthetic import GENERATORS, TASKS, TEXTS, Clip, Sample
 
 logger = logging.getLogger(__name__)
 
@@ -93,10 +94,10 @@ def _distinct(make, n: int, seen: set[str], key):
 def _records(split: str, task: str, n: int, seed: int, seen: set[str], root: Path):
     """The records of one (split, task), from its own seeded stream."""
     rng = random.Random(f"kimivl-world/{seed}/{split}/{task}")
-    if task == "text":
-        docs = _distinct(lambda: make_text(rng), n, seen, lambda d: hashlib.sha256(d.encode()).hexdigest())
+    if task in TEXTS:
+        docs = _distinct(lambda: TEXTS[task](rng), n, seen, lambda d: hashlib.sha256(d.encode()).hexdigest())
         for i, doc in enumerate(docs):
-            yield {"id": f"{split}/text/{i:06d}", "text": doc}
+            yield {"id": f"{split}/{task}/{i:06d}", "text": doc}
         return
     thinking = split == "train" and task == "reasoning"
     for i, sample in enumerate(_distinct(lambda: GENERATORS[task](rng), n, seen, _fingerprint)):

@@ -18,6 +18,7 @@ from kimivl.config import KimiVLConfig
 from kimivl.data.formats import content_text, is_text_file, iter_records, iter_texts
 from kimivl.data.mixture import Mixture
 from kimivl.data.world import ensure_world
+from kimivl.eval.position_loss import position_loss
 from kimivl.eval.synthetic import evaluate, heldout_records
 from kimivl.model.kimivl import KimiVL
 from kimivl.processing.chat_template import parse_thinking
@@ -233,11 +234,15 @@ def run_stage(recipe: Recipe, stage: Stage, model: KimiVL, processor: KimiVLProc
 
 def evaluate_stage(recipe: Recipe, stage: str, model: KimiVL, processor: KimiVLProcessor,
                    progress: bool = True) -> dict[str, float]:
-    """Held-out accuracy per task after ``stage``, written to ``out/eval/<stage>.json``; beside it the predictions
-    and ``<stage>.lengths.json``, the mean answer length in tokens per task (re-encoded text)."""
+    """Held-out accuracy per task after ``stage``, written to ``out/eval/<stage>.json``; beside it the predictions,
+    ``<stage>.lengths.json``, the mean answer length in tokens per task (re-encoded text), and
+    ``<stage>.position_loss.json``, the loss by position range on each text-only file of the split."""
     spec = recipe.eval
-    records = heldout_records(recipe.out / spec["split"], spec.get("limit"))
+    split = recipe.out / spec["split"]
+    records = heldout_records(split, spec.get("limit"))
     model.eval()
+    losses = {p.stem: position_loss(model, processor, list(iter_texts(p))[:spec.get("limit")])
+              for p in sorted(split.glob("*.jsonl")) if is_text_file(p)}
     accuracy, rows = evaluate(model, processor, records, max_new_tokens=spec.get("max_new_tokens", 160),
                               progress=progress)
     out = recipe.out / "eval"
@@ -247,7 +252,11 @@ def evaluate_stage(recipe: Recipe, stage: str, model: KimiVL, processor: KimiVLP
     tokens = {task: statistics.mean(len(processor.tokenizer.encode(r["prediction"])) for r in rows
                                      if task in ("all", r["task"])) for task in accuracy}
     (out / f"{stage}.lengths.json").write_text(json.dumps(tokens, indent=1) + "\n")
+    (out / f"{stage}.position_loss.json").write_text(json.dumps(losses, indent=1) + "\n")
     log.info("held-out accuracy after %s: %s", stage, accuracy)
+    for name, loss in losses.items():
+        log.info("held-out %s loss by position after %s: %s", name, stage,
+                 ", ".join(f"{k} {v:.3f}" for k, v in loss.items()))
     return accuracy
 
 

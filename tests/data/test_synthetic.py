@@ -1,4 +1,5 @@
 import random
+import re
 from collections import deque
 
 import numpy as np
@@ -16,6 +17,7 @@ from kimivl.data.synthetic import (
     make_chart,
     make_gui,
     make_interleaved,
+    make_long,
     make_ocr,
     make_reasoning,
     make_text,
@@ -24,6 +26,7 @@ from kimivl.data.synthetic import (
 from kimivl.data.synthetic.arithmetic import make_arithmetic
 from kimivl.data.synthetic.draw import COLOURS, TOKEN_PX, canvas_size
 from kimivl.data.synthetic.geometry import make_geometry
+from kimivl.data.synthetic.long import FACTS, RECALL
 
 SEEDS = range(12)
 
@@ -305,3 +308,26 @@ def test_text_documents_are_deterministic_and_varied():
     assert docs == [make_text(random.Random(i)) for i in range(200)]
     assert len(set(docs)) == 200 and all(d.strip() == d and "  " not in d for d in docs)
     assert any("\n\n" in d for d in docs)
+
+
+
+
+
+def test_long_documents_end_by_recalling_one_of_their_facts():
+    docs = [make_long(random.Random(seed)) for seed in range(80)]
+    assert docs == [make_long(random.Random(seed)) for seed in range(80)]
+    patterns = {kind: re.escape(fact).replace(re.escape("{key}"), r"(\w+)").replace(re.escape("{n}"), r"\d{3,7}")
+                for kind, (_, fact) in FACTS.items()}
+    sizes, depths, counts = [], [], set()
+    for doc in docs:
+        body, recalled = doc.split("\n\n" + RECALL)
+        kind = next(k for k, p in patterns.items() if re.fullmatch(p, recalled))
+        stated = list(re.finditer(patterns[kind], body))
+        assert 1 <= len(stated) <= 3 and len({m.group(1) for m in stated}) == len(stated)  # one fact per key
+        assert [m.group(0) for m in stated].count(recalled) == 1
+        assert not any(re.search(p, body) for k, p in patterns.items() if k != kind)
+        counts.add(len(stated))
+        sizes.append(len(body))
+        depths += [m.start() / len(body) for m in stated]
+    assert counts == {1, 2, 3} and min(sizes) < 1500 and max(sizes) > 8000
+    assert min(depths) < 0.05 and max(depths) > 0.95

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from kimivl.data import build_world, ensure_world, iter_records, iter_texts
-from kimivl.data.synthetic import TASKS, THINK_CLOSE, THINK_OPEN
+from kimivl.data.synthetic import GENERATORS, TASKS, TEXTS, THINK_CLOSE, THINK_OPEN
 
 SIZES = {"train": 10, "heldout": 4}
 
@@ -35,8 +35,9 @@ def test_layout_counts_and_records_load(world):
     assert manifest["seed"] == 3 and manifest["sizes"] == SIZES and manifest["tasks"] == list(TASKS)
     for split, n in SIZES.items():
         assert sorted(manifest["files"][split]) == sorted(TASKS)
-        assert len(list(iter_texts(world / split / "text.jsonl"))) == n
-        for task in TASKS[:-1]:
+        for task in TEXTS:
+            assert len(list(iter_texts(world / split / f"{task}.jsonl"))) == n
+        for task in GENERATORS:
             records = list(iter_records(world / manifest["files"][split][task]))
             assert len(records) == n and len({r["id"] for r in records}) == n
             for r in records:
@@ -51,7 +52,7 @@ def test_layout_counts_and_records_load(world):
 
 def _fingerprints(world: Path, split: str) -> set[str]:
     out = set()
-    for task in TASKS[:-1]:
+    for task in GENERATORS:
         for r in iter_records(world / split / f"{task}.jsonl"):
             user, assistant = r["messages"]
             h = hashlib.sha256(assistant["content"].split(THINK_CLOSE)[-1].encode())
@@ -66,9 +67,11 @@ def _fingerprints(world: Path, split: str) -> set[str]:
 
 def test_heldout_is_disjoint_from_train(world):
     train, heldout = _fingerprints(world, "train"), _fingerprints(world, "heldout")
-    assert len(train) == SIZES["train"] * (len(TASKS) - 1) and len(heldout) == SIZES["heldout"] * (len(TASKS) - 1)
+    assert len(train) == SIZES["train"] * len(GENERATORS) and len(heldout) == SIZES["heldout"] * len(GENERATORS)
     assert not train & heldout
-    assert not set(iter_texts(world / "train" / "text.jsonl")) & set(iter_texts(world / "heldout" / "text.jsonl"))
+    for task in TEXTS:
+        train_docs, heldout_docs = (set(iter_texts(world / split / f"{task}.jsonl")) for split in ("train", "heldout"))
+        assert not train_docs & heldout_docs
 
 
 def test_existing_world_is_kept_or_replaced_on_request(tmp_path):

@@ -31,6 +31,8 @@ def problems(tmp_path_factory):
             "meta": {"task": "reasoning", "gold": 2 * i, "difficulty": ["easy", "hard"][i % 2]}})
     write_records(root / "train" / "reasoning.jsonl", records[:4])
     write_records(root / "heldout" / "reasoning.jsonl", records[4:])
+    write_records(root / "heldout" / "notes.jsonl", [{"id": str(i), "text": f"{i} + {i} = {2 * i}. " * 40}
+                                                     for i in range(3)])
     return root
 
 
@@ -54,6 +56,8 @@ def test_an_rl_stage_runs_in_a_recipe(problems, tmp_path):
     for name in ("base", "rl"):
         assert "reasoning" in json.loads((out / "eval" / f"{name}.json").read_text())
         assert "all" in json.loads((out / "eval" / f"{name}.lengths.json").read_text())
+        losses = json.loads((out / "eval" / f"{name}.position_loss.json").read_text())
+        assert list(losses) == ["notes"] and list(losses["notes"]) == ["0-512"] and losses["notes"]["0-512"] > 0
     assert KimiVL.from_pretrained(out / "export").config.text_config.vocab_size > 0
 
 
