@@ -1,7 +1,7 @@
 """Long documents for long-context activation: pages of the text corpus's sentences that state a few numbered facts
 and end by recalling one of them, so predicting its number needs a look hundreds or thousands of tokens back.
 
-The length is log-uniform between ``MIN_SENTENCES`` and ``MAX_SENTENCES`` sentences (about 150 to 3,300 tokens with
+The length is log-uniform between ``MIN_SENTENCES`` and ``MAX_SENTENCES`` sentences (about 160 to 3,500 tokens with
 kimivl-tiny's tokenizer), the facts (one to three, of one form, with different keys) sit at uniform depths, and the
 closing sentence recalls a random one of them.
 """
