@@ -31,8 +31,10 @@ def make_long(rng: random.Random) -> str:
     keys, fact = FACTS[rng.choice(sorted(FACTS))]
     n_sentences = round(math.exp(rng.uniform(math.log(MIN_SENTENCES), math.log(MAX_SENTENCES))))
     sentences = [filler(rng) for _ in range(n_sentences)]
-    facts = [fact.format(key=key, n=rng.randint(10 ** (d - 1), 10**d - 1))
-             for key, d in zip(rng.sample(keys, rng.randint(1, 3)), (rng.randint(3, 7) for _ in range(3)))]
+    facts = []
+    for key in rng.sample(keys, rng.randint(1, 3)):
+        digits = rng.randint(3, 7)
+        facts.append(fact.format(key=key, n=rng.randint(10 ** (digits - 1), 10**digits - 1)))
     for f in facts:
         sentences.insert(rng.randint(0, len(sentences)), f)
     return " ".join(sentences) + "\n\n" + RECALL + rng.choice(facts)
