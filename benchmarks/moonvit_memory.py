@@ -13,33 +13,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import resource
 import time
 
 import torch
 
 from kimivl.config import VisionConfig
 from kimivl.model.moonvit import MoonViT
+from rss import PeakRise
 
 MIB = 1 << 20
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} missing from /proc/self/status")
-
-
-def _reset_peak() -> bool:
-    """Reset VmHWM to the current RSS; False where the kernel does not allow it."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def main() -> None:
@@ -55,21 +37,18 @@ def main() -> None:
     pixel_values = torch.randn(n, 3, config.patch_size, config.patch_size, dtype=torch.bfloat16)
     grid_hws = torch.tensor([[args.side, args.side]])
 
-    exact = _reset_peak()
-    before_kib = _status_kib("VmRSS") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
-    with torch.no_grad():
+    with PeakRise() as rise, torch.no_grad():
         out = model(pixel_values, grid_hws)
     seconds = time.perf_counter() - start
-    peak_kib = _status_kib("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
-    extra = (peak_kib - before_kib) * 1024
+    extra = rise.bytes
     dense = config.num_attention_heads * n * n * 2
     features = out.numel() * out.element_size()
     print(f"MoonViT a3b shape, {args.layers} layer(s), {args.side}x{args.side} = {n} patches, bf16, CPU, "
           f"{torch.get_num_threads()} threads, forward {seconds:.1f} s")
     print(f"peak extra memory        {extra / MIB:10.1f} MiB"
-          f"{'' if exact else '  (ru_maxrss: VmHWM reset unavailable, upper bound)'}")
+          f"{'' if rise.exact else '  (ru_maxrss: VmHWM reset unavailable, upper bound)'}")
     print(f"dense attention matrix   {dense / MIB:10.1f} MiB  ({config.num_attention_heads} heads x {n}^2 x 2 B)")
     print(f"output features          {features / MIB:10.1f} MiB")
     print(f"peak extra / dense       {extra / dense:10.4f}  (target < 0.1)")

@@ -87,12 +87,14 @@ def vision_time(model, kwargs) -> float:
     return time.perf_counter() - start
 
 
-def model_flops(config, counts, lengths, grids) -> float:
+def model_flops(config, counts, lengths, scored, grids) -> float:
     """Forward-and-backward FLOPs of one micro-batch: 6 per matrix parameter per position (the LM's positions without
-    its embedding table, the vision tower's patches without its position table, the projector's merged tokens), plus
-    attention within each of the LM's sequences of ``lengths`` (causal) and within each image of ``grids``."""
+    its embedding table and head, the head's ``scored`` positions, the vision tower's patches without its position
+    table, the projector's merged tokens), plus attention within each of the LM's sequences of ``lengths`` (causal)
+    and within each image of ``grids``."""
     t, v = config.text_config, config.vision_config
-    flops = 6 * (counts["language_model"].active - t.vocab_size * t.hidden_size) * sum(lengths)
+    flops = 6 * (counts["language_model"].active - 2 * t.vocab_size * t.hidden_size) * sum(lengths)
+    flops += 6 * t.vocab_size * t.hidden_size * scored
     head_dims = t.num_attention_heads * (t.qk_head_dim + t.v_head_dim)
     flops += 3 * t.num_hidden_layers * head_dims * sum(n * n for n in lengths)
     if grids is not None:
@@ -103,6 +105,11 @@ def model_flops(config, counts, lengths, grids) -> float:
         flops += 12 * v.num_hidden_layers * v.hidden_size * sum(n * n for n in patches)
         flops += 6 * counts["multi_modal_projector"].active * sum(patches) // merge
     return flops
+
+
+def scored(labels) -> int:
+    """Positions whose next token is scored: the only ones that go through the LM head in training."""
+    return int((labels[..., 1:] != IGNORE_INDEX).sum())
 
 
 def main() -> None:
@@ -192,9 +199,9 @@ def main() -> None:
             tokens["padded"] += sum(real for _, real in batches)
             shared += sum(vision_time(model, row.kwargs()) for row in rows)
             flops["packed"] += sum(model_flops(config, counts, (row.cu_seqlens[1:] - row.cu_seqlens[:-1]).tolist(),
-                                               row.image_grid_hws) for row in rows)
+                                               scored(row.labels), row.image_grid_hws) for row in rows)
             flops["padded"] += sum(model_flops(config, counts, [kw["input_ids"].shape[1]] * kw["input_ids"].shape[0],
-                                               kw["image_grid_hws"]) for kw, _ in batches)
+                                               scored(kw["labels"]), kw["image_grid_hws"]) for kw, _ in batches)
     assert tokens["packed"] == tokens["padded"], "both arms must train on the same samples"
     speed = {name: tokens[name] / times[name] for name in times}
     efficiency, pad_share = statistics.mean(fills), statistics.mean(shares)

@@ -7,7 +7,6 @@ import os
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kimivl.checkpoint import load_checkpoint, save_checkpoint
@@ -16,13 +15,14 @@ from kimivl.model.language_model import LanguageModel
 from kimivl.model.moe import GroupedExperts, Router
 from kimivl.model.moonvit import MoonViT, patch_merge
 from kimivl.model.projector import Projector
+from kimivl.model.target_logprobs import target_logprobs
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class KimiVLOutput:
-    logits: torch.Tensor | None  # (B, S, V) float32
+    logits: torch.Tensor | None  # (B, S, V) float32; None when a loss alone was asked for
     loss: torch.Tensor | None = None  # mean next-token cross-entropy over labels != ignore_index
     hidden_states: torch.Tensor | None = None  # (B, S, D) after the final norm
 
@@ -89,20 +89,27 @@ class KimiVL(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 image_grid_hws: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None) -> KimiVLOutput:
+                position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+                return_logits: bool | None = None) -> KimiVLOutput:
         """``input_ids`` (B, S). With ``cu_seqlens`` the single row is a pack of samples that never attend to
-        each other and whose positions restart at 0."""
+        each other and whose positions restart at 0. Logits are returned unless ``labels`` are given: then the
+        loss alone is computed, through the head at the labelled positions only (``target_logprobs``), unless
+        ``return_logits=True``."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(f"labels shape {tuple(labels.shape)} differs from input_ids {tuple(input_ids.shape)}")
         embeds = self.embed(input_ids, pixel_values, image_grid_hws)
         hidden = self.language_model(embeds, position_ids=position_ids, cu_seqlens=cu_seqlens)
-        logits = self.language_model.logits(hidden)
+        if return_logits is None:
+            return_logits = labels is None
+        logits = self.language_model.logits(hidden) if return_logits else None
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
-                                   ignore_index=self.config.ignore_index)
+            targets = labels[:, 1:]
+            scored = targets != self.config.ignore_index
+            loss = -target_logprobs(hidden[:, :-1][scored], self.language_model.lm_head.weight,
+                                    targets[scored]).mean()
         return KimiVLOutput(logits=logits, loss=loss, hidden_states=hidden)
 
     @classmethod

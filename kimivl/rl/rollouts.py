@@ -12,10 +12,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from kimivl.inference.generate import stream_ids
 from kimivl.inference.sampling import SamplingParams
+from kimivl.model.target_logprobs import target_logprobs
 
 
 @dataclass
@@ -94,7 +94,7 @@ def rollout(model, processor, prompts: Sequence[Sequence[int]], pixel_values: to
 
 
 def _forward(model, ids: torch.Tensor, prompt_lengths: list[int], cu: torch.Tensor, pixel_values, grids):
-    """Logits of a packed row. A response may hold the image placeholder id (a sampled token like any other):
+    """Final hidden states (1, T, D) of a packed row. A response may hold the image placeholder id (a sampled token like any other):
     it is embedded as the plain token, as during generation, and only prompt placeholders take image features."""
     placeholder = model.config.media_placeholder_token_id
     in_response = torch.zeros_like(ids, dtype=torch.bool)
@@ -107,8 +107,7 @@ def _forward(model, ids: torch.Tensor, prompt_lengths: list[int], cu: torch.Tens
                          grids.to(device) if grids is not None else None)
     if sampled.any():
         embeds = torch.where(sampled[..., None], model.language_model.model.embed_tokens(ids), embeds)
-    lm = model.language_model
-    return lm.logits(lm(embeds, cu_seqlens=cu))
+    return model.language_model(embeds, cu_seqlens=cu)
 
 
 def token_logprobs(model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
@@ -130,12 +129,13 @@ def token_logprobs(model, prompts: Sequence[Sequence[int]], responses: Sequence[
         cu = torch.tensor([0] + [len(s) for s in seqs], device=device).cumsum(0).to(torch.int32)
         ids = torch.tensor([[t for s in seqs for t in s]], device=device)
         pv, grids = _pack_images([images[i] for i in row])
-        logits_TV = _forward(model, ids, [len(prompts[i]) for i in row], cu, pv, grids)[0]
-        for j, i in enumerate(row):
-            start, n = int(cu[j]) + len(prompts[i]), len(responses[i])
-            # the logits at position p predict token p + 1
-            logp_RV = F.log_softmax(logits_TV[start - 1:start - 1 + n].float(), -1)
-            out.append(logp_RV.gather(-1, ids[0, start:start + n, None]).squeeze(-1))
+        hidden_TD = _forward(model, ids, [len(prompts[i]) for i in row], cu, pv, grids)[0]
+        # the hidden state at position p predicts token p + 1
+        starts = [int(cu[j]) + len(prompts[i]) for j, i in enumerate(row)]
+        lengths = [len(responses[i]) for i in row]
+        at = torch.cat([torch.arange(a, a + n, device=device) for a, n in zip(starts, lengths)])
+        logp = target_logprobs(hidden_TD[at - 1], model.language_model.lm_head.weight, ids[0, at])
+        out.extend(logp.split(lengths))
     return out
 
 

@@ -51,7 +51,8 @@ def test_loss_is_mean_next_token_cross_entropy(tiny_model, tiny_config):
     ids = torch.randint(0, 3000, (2, 12))
     labels = ids.clone()
     labels[:, :5] = -100
-    out = tiny_model(ids, labels=labels)
+    assert tiny_model(ids, labels=labels).logits is None  # the loss alone: no (B, S, V) logits
+    out = tiny_model(ids, labels=labels, return_logits=True)
     assert out.logits.dtype == torch.float32 and out.logits.shape == (2, 12, tiny_config.text_config.vocab_size)
     manual = F.cross_entropy(out.logits[:, 5 - 1:-1].reshape(-1, out.logits.shape[-1]), ids[:, 5:].reshape(-1))
     assert torch.allclose(out.loss, manual, atol=1e-6)

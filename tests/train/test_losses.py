@@ -57,7 +57,7 @@ def test_caption_loss_matches_the_model_loss(tiny_model):
     ids = torch.randint(0, 200, (2, 12))
     labels = ids.clone()
     labels[:, :4] = -100
-    out = tiny_model(ids, labels=labels)
+    out = tiny_model(ids, labels=labels, return_logits=True)
     torch.testing.assert_close(caption_loss(out.logits, labels), out.loss)
 
 

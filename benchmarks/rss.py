@@ -1,0 +1,37 @@
+"""The process's resident-set high-water mark, resettable, for the memory benchmarks (Linux /proc)."""
+
+from __future__ import annotations
+
+import resource
+
+
+def status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} missing from /proc/self/status")
+
+
+def reset_peak() -> bool:
+    """Reset VmHWM to the current RSS; False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class PeakRise:
+    """``with PeakRise() as rise: ...`` then ``rise.bytes``: how far the high-water mark rose above the resident set
+    at entry (``rise.exact`` False: VmHWM could not be reset, so ru_maxrss gives an upper bound)."""
+
+    def __enter__(self) -> PeakRise:
+        self.exact = reset_peak()
+        self._before = status_kib("VmRSS") if self.exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return self
+
+    def __exit__(self, *exc) -> None:
+        peak = status_kib("VmHWM") if self.exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        self.bytes = (peak - self._before) * 1024

@@ -1,0 +1,74 @@
+"""Log-probabilities of target tokens through the LM head, computed only at the positions that have a target and
+never holding more than ``LOGITS_LIMIT`` float32 logits at once.
+
+A full (positions, vocab) logit tensor is what makes training memory explode at Kimi-VL's 163,840-token vocabulary
+(8,192 positions: 5.4 GB of float32 logits, and as much again for their gradient). Small cases take the plain
+autograd path; larger ones run in chunks of positions whose logits are recomputed in backward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+LOGITS_LIMIT = 1 << 26  # float32 logit elements materialised at once (256 MiB)
+
+
+def target_logprobs(hidden_ND: torch.Tensor, weight_VD: torch.Tensor, targets_N: torch.Tensor,
+                    limit: int = LOGITS_LIMIT) -> torch.Tensor:
+    """log softmax(hidden @ weight.T)[target] per position, float32 (N,); differentiable in hidden and weight.
+    Under autocast the head's matmuls run in the autocast dtype, as ``nn.Linear`` would."""
+    if hidden_ND.shape[:-1] != targets_N.shape:
+        raise ValueError(f"hidden {tuple(hidden_ND.shape)} and targets {tuple(targets_N.shape)} disagree")
+    vocab = weight_VD.shape[0]
+    if hidden_ND.shape[0] * vocab <= limit:
+        logits_NV = F.linear(hidden_ND, weight_VD).float()
+        return F.log_softmax(logits_NV, -1).gather(-1, targets_N[:, None]).squeeze(-1)
+    device = hidden_ND.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden_ND.dtype
+    return _ChunkedLogprobs.apply(hidden_ND, weight_VD, targets_N, dtype, limit)
+
+
+def _logits(hidden_ND, weight_VD, dtype):
+    with torch.autocast(hidden_ND.device.type, enabled=False):
+        return (hidden_ND.to(dtype) @ weight_VD.to(dtype).T).float()
+
+
+class _ChunkedLogprobs(torch.autograd.Function):
+    """Chunks of positions with at most ``limit`` logits; keeps each position's log-sum-exp and recomputes its
+    logits in backward."""
+
+    @staticmethod
+    def forward(ctx, hidden_ND, weight_VD, targets_N, dtype, limit):
+        rows = max(1, limit // weight_VD.shape[0])
+        out_N = torch.empty(targets_N.shape, dtype=torch.float32, device=hidden_ND.device)
+        lse_N = torch.empty_like(out_N)
+        w = weight_VD.to(dtype)
+        for s in range(0, len(targets_N), rows):
+            logits_nV = _logits(hidden_ND[s:s + rows], w, dtype)
+            lse_N[s:s + rows] = logits_nV.logsumexp(-1)
+            out_N[s:s + rows] = logits_nV.gather(-1, targets_N[s:s + rows, None]).squeeze(-1) - lse_N[s:s + rows]
+        ctx.save_for_backward(hidden_ND, weight_VD, targets_N, lse_N)
+        ctx.dtype, ctx.rows = dtype, rows
+        ctx.block = max(1, limit // weight_VD.shape[1])  # vocabulary rows per block of the weight's gradient
+        return out_N
+
+    @staticmethod
+    def backward(ctx, grad_N):
+        hidden_ND, weight_VD, targets_N, lse_N = ctx.saved_tensors
+        dtype, rows, block = ctx.dtype, ctx.rows, ctx.block
+        grad_hidden = torch.empty_like(hidden_ND)
+        grad_weight = torch.zeros(weight_VD.shape, dtype=torch.promote_types(weight_VD.dtype, torch.float32),
+                                  device=weight_VD.device)
+        w = weight_VD.to(dtype)
+        with torch.autocast(hidden_ND.device.type, enabled=False):
+            for s in range(0, len(targets_N), rows):
+                h = hidden_ND[s:s + rows].to(dtype)
+                # d logprob / d logits = onehot(target) - softmax
+                probs_nV = (_logits(h, w, dtype) - lse_N[s:s + rows, None]).exp_()
+                probs_nV[torch.arange(len(h), device=h.device), targets_N[s:s + rows]] -= 1
+                g_nV = (probs_nV * -grad_N[s:s + rows, None]).to(dtype)
+                grad_hidden[s:s + rows] = g_nV @ w
+                for v in range(0, len(w), block):  # vocabulary blocks bound the float32 copy of the product
+                    grad_weight[v:v + block] += g_nV[:, v:v + block].T @ h
+        return grad_hidden, grad_weight.to(weight_VD.dtype), None, None, None

@@ -1,0 +1,63 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kimivl.model.target_logprobs import target_logprobs
+
+
+def reference(hidden, weight, targets):
+    return F.log_softmax(F.linear(hidden, weight).float(), -1).gather(-1, targets[:, None]).squeeze(-1)
+
+
+def grads(fn, hidden, weight, targets, upstream):
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    out = fn(h, w, targets)
+    (out * upstream).sum().backward()
+    return out.detach(), h.grad, w.grad
+
+
+@pytest.mark.parametrize("limit", [1, 7 * 50, 10**9])  # one row per chunk, uneven chunks, the plain path
+def test_equals_full_log_softmax_with_gradients(limit):
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(23, 16, dtype=torch.float64), torch.randn(50, 16, dtype=torch.float64)
+    targets, upstream = torch.randint(0, 50, (23,)), torch.randn(23, dtype=torch.float64)
+    want = grads(reference, hidden, weight, targets, upstream)
+    got = grads(lambda h, w, t: target_logprobs(h, w, t, limit=limit), hidden, weight, targets, upstream)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-6, atol=1e-6)
+    assert got[0].dtype == torch.float32 and got[1].dtype == got[2].dtype == torch.float64
+
+
+def test_chunks_follow_autocast_like_the_linear_head():
+    torch.manual_seed(1)
+    hidden, weight = torch.randn(40, 32), torch.randn(64, 32)
+    targets, upstream = torch.randint(0, 64, (40,)), torch.randn(40)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = grads(reference, hidden, weight, targets, upstream)
+        got = grads(lambda h, w, t: target_logprobs(h, w, t, limit=64 * 6), hidden, weight, targets, upstream)
+    torch.testing.assert_close(got[0], want[0])  # the same bf16 logits, log-softmax in float32
+    for a, b in zip(got[1:], want[1:]):
+        assert a.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=0.02, atol=0.02 * b.abs().max().item())
+
+
+def test_memory_stays_within_the_limit():
+    hidden, weight = torch.randn(4096, 8, requires_grad=True), torch.randn(4096, 8, requires_grad=True)
+    targets = torch.randint(0, 4096, (4096,))
+    seen = []
+
+    def pack(t):
+        if t.dim() == 2 and t.shape[1] == 4096 and t.dtype == torch.float32 and t.shape[0] == 4096:
+            seen.append(t.shape)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = target_logprobs(hidden, weight, targets, limit=4096 * 64)
+    out.sum().backward()
+    assert not seen  # no (positions, vocab) tensor kept for backward
+    assert hidden.grad.shape == hidden.shape and weight.grad.abs().sum() > 0
+
+
+def test_shape_mismatch_is_named():
+    with pytest.raises(ValueError, match=r"hidden \(3, 4\) and targets \(2,\) disagree"):
+        target_logprobs(torch.zeros(3, 4), torch.zeros(5, 4), torch.zeros(2, dtype=torch.long))
