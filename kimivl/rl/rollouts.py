@@ -94,8 +94,9 @@ def rollout(model, processor, prompts: Sequence[Sequence[int]], pixel_values: to
 
 
 def _forward(model, ids: torch.Tensor, prompt_lengths: list[int], cu: torch.Tensor, pixel_values, grids):
-    """Final hidden states (1, T, D) of a packed row. A response may hold the image placeholder id (a sampled token like any other):
-    it is embedded as the plain token, as during generation, and only prompt placeholders take image features."""
+    """Final hidden states (1, T, D) of a packed row. A response may hold the image placeholder id (a sampled token
+    like any other): it is embedded as the plain token, as during generation, and only prompt placeholders take
+    image features."""
     placeholder = model.config.media_placeholder_token_id
     in_response = torch.zeros_like(ids, dtype=torch.bool)
     bounds = cu.tolist()
