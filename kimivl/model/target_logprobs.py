@@ -15,11 +15,13 @@ LOGITS_LIMIT = 1 << 26  # float32 logit elements materialised at once (256 MiB)
 
 
 def target_logprobs(hidden_ND: torch.Tensor, weight_VD: torch.Tensor, targets_N: torch.Tensor,
-                    limit: int = LOGITS_LIMIT) -> torch.Tensor:
+                    limit: int | None = None) -> torch.Tensor:
     """log softmax(hidden @ weight.T)[target] per position, float32 (N,); differentiable in hidden and weight.
-    Under autocast the head's matmuls run in the autocast dtype, as ``nn.Linear`` would."""
+    Under autocast the head's matmuls run in the autocast dtype, as ``nn.Linear`` would. ``limit``: logits held at
+    once (default ``LOGITS_LIMIT``)."""
     if hidden_ND.shape[:-1] != targets_N.shape:
         raise ValueError(f"hidden {tuple(hidden_ND.shape)} and targets {tuple(targets_N.shape)} disagree")
+    limit = LOGITS_LIMIT if limit is None else limit
     vocab = weight_VD.shape[0]
     if hidden_ND.shape[0] * vocab <= limit:
         logits_NV = F.linear(hidden_ND, weight_VD).float()

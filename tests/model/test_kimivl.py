@@ -219,3 +219,26 @@ def test_varlen_attention_rejects_cu_seqlens_that_miss_tokens():
         varlen_attention(q, q, q, torch.tensor([0, 3, 7], dtype=torch.int32), causal=True)
     with pytest.raises(ValueError, match="non-decreasing"):
         varlen_attention(q, q, q, torch.tensor([0, 6, 4, 10], dtype=torch.int32), causal=True)
+
+
+def test_loss_in_chunks_equals_the_plain_loss_under_autocast(tiny_model, monkeypatch):
+    import kimivl.model.target_logprobs as head_loss
+
+    ids = torch.randint(0, 3000, (2, 16))
+    labels = ids.clone()
+    labels[0, :6] = -100
+
+    def loss_and_grads():
+        tiny_model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = tiny_model(ids, labels=labels).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in (tiny_model.language_model.lm_head.weight,
+                                                         tiny_model.language_model.model.norm.weight)]
+
+    plain, plain_grads = loss_and_grads()
+    monkeypatch.setattr(head_loss, "LOGITS_LIMIT", 5 * tiny_model.config.text_config.vocab_size)  # 5 rows a chunk
+    chunked, chunked_grads = loss_and_grads()
+    torch.testing.assert_close(chunked, plain)
+    for a, b in zip(chunked_grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=0.02, atol=0.02 * b.abs().max().item())
