@@ -33,7 +33,7 @@ class ExpertLoadTracker:
     ``counts`` maps the router's module name (e.g. ``language_model.model.layers.1.mlp.gate``) to an int64 (E,)
     tensor accumulated over every forward since the last ``reset()``. With ``keep_routing=True``, ``routing`` also
     maps each name to the latest forward's (scores_TE, idx_TK), scores still attached to the graph, for
-    ``losses.sequence_aux_loss``. Forwards re-run by activation checkpointing are counted again.
+    ``losses.sequence_aux_loss``. Forwards re-run in backward by activation checkpointing are not counted again.
     """
 
     def __init__(self, model: nn.Module, keep_routing: bool = False):
@@ -57,6 +57,8 @@ class ExpertLoadTracker:
 
     def _hook(self, name: str):
         def record(module: Router, args, output) -> None:
+            if torch._C._current_graph_task_id() != -1:  # inside backward: activation checkpointing's recompute
+                return
             _, idx_TK, scores_TE = output
             self.counts[name] += torch.bincount(idx_TK.flatten(), minlength=scores_TE.shape[-1])
             if self.keep_routing:

@@ -214,6 +214,7 @@ def run_stage(recipe: Recipe, stage: Stage, model: KimiVL, processor: KimiVLProc
             standardize_image_features(model, samples, stage.standardize_images)
     optimizer = build_optimizer(trainee, lr=stage.lr, weight_decay=stage.weight_decay, ns_dtype=stage.ns_dtype,
                                 lr_scale=stage.lr_scale)
+    model.set_recompute(stage.recompute)
     if stage.schedule == "continue":
         offset = offsets[stage.name]
         scheduler = scheduler_at(optimizer, lambda step: schedule(offset + step))
@@ -229,6 +230,7 @@ def run_stage(recipe: Recipe, stage: Stage, model: KimiVL, processor: KimiVLProc
         result = train_loop(trainee, loss_fn, data, optimizer, scheduler, _loop_config(stage), recipe.out,
                             stage.name, progress=progress)
     model.requires_grad_(True)
+    model.set_recompute(False)
     return result
 
 

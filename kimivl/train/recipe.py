@@ -24,7 +24,8 @@ first rescales the projector so that the stage's image embeddings have mean 0 an
 (``kimivl.train.calibrate``). ``schedule: continue`` (the default) takes the LR multiplier of the recipe-wide
 schedule at the global step where the stage starts, so stages resume the curve of the one before; ``cosine`` gives
 the stage its own warm-up + cosine. ``budget`` is the packed tokens per step; ``rope_theta`` changes the LM's RoPE
-base from that stage on (long-context activation). An ``rl`` stage runs ``steps`` RL iterations on the problems of
+base from that stage on (long-context activation); ``recompute: true`` checkpoints activations (memory of one layer
+at a time, about a third more compute). An ``rl`` stage runs ``steps`` RL iterations on the problems of
 its ``sources`` (see ``kimivl.rl.trainer.RLConfig`` for the ``rl`` settings; ``budget`` is its packed log-prob row
 length).
 """
@@ -66,6 +67,7 @@ class Stage:
     rope_theta: float | None = None
     weight_decay: float = 0.1
     ns_dtype: str = "float32"  # Muon's Newton-Schulz: "bfloat16" is several times faster on CPU and GPU
+    recompute: bool = False  # activation checkpointing: layer-boundary activations only, recomputed in backward
     clip: float = 1.0
     bias_update_rate: float = 1e-3
     ckpt_every: int = 100
@@ -97,6 +99,8 @@ class Stage:
             raise RecipeError(f"{where}: a vit stage needs caption 'sources'")
         if self.kind == "rl" and not self.sources:
             raise RecipeError(f"{where}: an rl stage needs problem 'sources'")
+        if not isinstance(self.recompute, bool):
+            raise RecipeError(f"{where}: recompute is true or false, got {self.recompute!r}")
         if self.rl is not None and (self.kind != "rl" or not isinstance(self.rl, dict)):
             raise RecipeError(f"{where}: 'rl' settings are a mapping, for a stage of kind 'rl'")
 
