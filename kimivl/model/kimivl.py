@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kimivl.checkpoint import load_checkpoint, save_checkpoint
@@ -113,8 +114,11 @@ class KimiVL(nn.Module):
         if labels is not None:
             targets = labels[:, 1:]
             scored = targets != self.config.ignore_index
-            loss = -target_logprobs(hidden[:, :-1][scored], self.language_model.lm_head.weight,
-                                    targets[scored]).mean()
+            if logits is not None:  # already computed: no second pass through the head
+                loss = F.cross_entropy(logits[:, :-1][scored], targets[scored])
+            else:
+                loss = -target_logprobs(hidden[:, :-1][scored], self.language_model.lm_head.weight,
+                                        targets[scored]).mean()
         return KimiVLOutput(logits=logits, loss=loss, hidden_states=hidden)
 
     @classmethod
