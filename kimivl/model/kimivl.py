@@ -16,7 +16,7 @@ from kimivl.model.language_model import LanguageModel
 from kimivl.model.moe import GroupedExperts, Router
 from kimivl.model.moonvit import MoonViT, patch_merge
 from kimivl.model.projector import Projector
-from kimivl.model.target_logprobs import target_logprobs
+from kimivl.model.target_logprobs import next_token_loss
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class KimiVL(nn.Module):
                 return_logits: bool | None = None) -> KimiVLOutput:
         """``input_ids`` (B, S). With ``cu_seqlens`` the single row is a pack of samples that never attend to
         each other and whose positions restart at 0. Logits are returned unless ``labels`` are given: then the
-        loss alone is computed, through the head at the labelled positions only (``target_logprobs``), unless
+        loss alone is computed, through the head at the labelled positions only (``next_token_loss``), unless
         ``return_logits=True``."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
@@ -111,14 +111,12 @@ class KimiVL(nn.Module):
             return_logits = labels is None
         logits = self.language_model.logits(hidden) if return_logits else None
         loss = None
-        if labels is not None:
+        if labels is not None and logits is not None:  # already computed: no second pass through the head
             targets = labels[:, 1:]
             scored = targets != self.config.ignore_index
-            if logits is not None:  # already computed: no second pass through the head
-                loss = F.cross_entropy(logits[:, :-1][scored], targets[scored])
-            else:
-                loss = -target_logprobs(hidden[:, :-1][scored], self.language_model.lm_head.weight,
-                                        targets[scored]).mean()
+            loss = F.cross_entropy(logits[:, :-1][scored], targets[scored])
+        elif labels is not None:
+            loss = next_token_loss(hidden, self.language_model.lm_head.weight, labels, self.config.ignore_index)
         return KimiVLOutput(logits=logits, loss=loss, hidden_states=hidden)
 
     @classmethod

@@ -31,6 +31,22 @@ def target_logprobs(hidden_ND: torch.Tensor, weight_VD: torch.Tensor, targets_N:
     return _ChunkedLogprobs.apply(hidden_ND, weight_VD, targets_N, dtype, limit)
 
 
+def next_token_loss(hidden_BSD: torch.Tensor, weight_VD: torch.Tensor, labels_BS: torch.Tensor,
+                    ignore_index: int = -100) -> torch.Tensor:
+    """Mean next-token cross-entropy through the head ``weight`` at the scored positions only. ``labels`` are
+    aligned with the inputs (unscored positions set to ``ignore_index``); the shift happens here: the hidden state
+    at s predicts the label at s + 1. 0, with a graph, when nothing is scored."""
+    if hidden_BSD.shape[:-1] != labels_BS.shape:
+        raise ValueError(f"hidden {tuple(hidden_BSD.shape)} and labels {tuple(labels_BS.shape)} disagree on "
+                         "(batch, seq)")
+    targets = labels_BS[:, 1:]
+    scored = targets != ignore_index
+    logprobs_N = target_logprobs(hidden_BSD[:, :-1][scored], weight_VD, targets[scored])
+    if not len(logprobs_N):
+        return (hidden_BSD.sum() * 0.0).float()
+    return -logprobs_N.mean()
+
+
 def _logits(hidden_ND, weight_VD, dtype):
     with torch.autocast(hidden_ND.device.type, enabled=False):
         return (hidden_ND.to(dtype) @ weight_VD.to(dtype).T).float()

@@ -1,5 +1,5 @@
-"""Training losses: SigLIP's pairwise sigmoid loss, next-token captioning loss, DeepSeek-V3's sequence-wise
-expert-balance loss. All compute in float32."""
+"""Training losses: SigLIP's pairwise sigmoid loss and DeepSeek-V3's sequence-wise expert-balance loss, both in
+float32. The captioning (next-token) loss is ``kimivl.model.target_logprobs.next_token_loss``."""
 
 from __future__ import annotations
 
@@ -24,25 +24,6 @@ def siglip_loss(img_emb_ND: torch.Tensor, txt_emb_ND: torch.Tensor, log_temp: to
     n = z_NN.shape[0]
     labels_NN = 2 * torch.eye(n, device=z_NN.device) - 1
     return -F.logsigmoid(labels_NN * z_NN).sum() / n
-
-
-def caption_loss(logits_BSV: torch.Tensor, labels_BS: torch.Tensor, ignore_index: int = -100,
-                 reduction: str = "mean") -> torch.Tensor:
-    """Next-token cross-entropy. ``labels`` are aligned with the inputs (usually a copy of ``input_ids`` with
-    unscored positions set to ``ignore_index``); the shift happens here: logits at position s predict labels at
-    s + 1. ``mean`` averages over scored tokens (0 when none is scored); ``sum`` lets a loop with gradient
-    accumulation divide by its own token count."""
-    if logits_BSV.shape[:-1] != labels_BS.shape:
-        raise ValueError(f"logits {tuple(logits_BSV.shape)} and labels {tuple(labels_BS.shape)} disagree on "
-                         "(batch, seq)")
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    logits_NV = logits_BSV[:, :-1].flatten(0, 1).float()
-    targets_N = labels_BS[:, 1:].flatten()
-    total = F.cross_entropy(logits_NV, targets_N, ignore_index=ignore_index, reduction="sum")
-    if reduction == "sum":
-        return total
-    return total / (targets_N != ignore_index).sum().clamp_min(1)
 
 
 def sequence_aux_loss(scores_TE: torch.Tensor, idx_TK: torch.Tensor, seq_lens: torch.Tensor | list[int],

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from kimivl.model.moonvit import MoonViT
-from kimivl.train.losses import caption_loss, siglip_loss
+from kimivl.model.target_logprobs import next_token_loss
+from kimivl.train.losses import siglip_loss
 
 CAPTION_WEIGHT = 2.0
 
@@ -65,9 +66,8 @@ class ViTPretrainer(nn.Module):
         causal = torch.ones(length, length, dtype=torch.bool, device=text_BLC.device).triu(1)  # True = hidden
         dec = self.caption_decoder(text_BLC, patches_BNC, tgt_mask=causal, tgt_is_causal=True,
                                    tgt_key_padding_mask=~batch.text_mask, memory_key_padding_mask=~patch_mask)
-        logits = self.lm_head(self.out_norm(dec))
         labels = batch.text_ids.masked_fill(~batch.text_mask, -100)
-        l_caption = caption_loss(logits, labels)
+        l_caption = next_token_loss(self.out_norm(dec), self.lm_head.weight, labels)
         loss = l_siglip + CAPTION_WEIGHT * l_caption
         return loss, {"siglip": l_siglip.item(), "caption": l_caption.item()}
 

@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from kimivl.train.losses import caption_loss, sequence_aux_loss, siglip_loss
+from kimivl.model.target_logprobs import next_token_loss
+from kimivl.train.losses import sequence_aux_loss, siglip_loss
 
 
 def softplus(x: float) -> float:
@@ -35,22 +36,34 @@ def test_siglip_loss_prefers_matching_pairs():
 
 
 def test_caption_loss_shifts_inside():
-    logits = torch.zeros(1, 3, 2)
+    logits = torch.zeros(1, 3, 2)  # through an identity head the hidden states are the logits
     logits[0, 0, 1] = math.log(3.0)  # position 0 predicts label[1] = 1 with p = 3/4
     logits[0, 2] = torch.tensor([50.0, -50.0])  # the last position predicts nothing
     labels = torch.tensor([[-100, 1, 0]])  # position 1 predicts label[2] = 0 with p = 1/2
     expected = (math.log(4 / 3) + math.log(2)) / 2
-    assert caption_loss(logits, labels).item() == pytest.approx(expected, rel=1e-6)
-    assert caption_loss(logits, labels, reduction="sum").item() == pytest.approx(2 * expected, rel=1e-6)
+    assert next_token_loss(logits, torch.eye(2), labels).item() == pytest.approx(expected, rel=1e-6)
     ignored = torch.tensor([[5, -100, 0]])
-    assert caption_loss(logits, ignored).item() == pytest.approx(math.log(2), rel=1e-6)
+    assert next_token_loss(logits, torch.eye(2), ignored).item() == pytest.approx(math.log(2), rel=1e-6)
+
+
+def test_caption_loss_goes_through_the_head():
+    hidden = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+    head = torch.tensor([[2.0, 0.0], [0.0, 0.0], [0.0, 0.0]])  # position 0's logits: (2, 0, 0)
+    loss = next_token_loss(hidden, head, torch.tensor([[-100, 0]]))
+    assert loss.item() == pytest.approx(math.log(1 + 2 * math.exp(-2)), rel=1e-6)
 
 
 def test_caption_loss_with_nothing_scored_is_zero_with_a_graph():
-    logits = torch.randn(2, 4, 5, requires_grad=True)
-    loss = caption_loss(logits, torch.full((2, 4), -100))
-    assert loss.item() == 0.0
+    hidden = torch.randn(2, 4, 5, requires_grad=True)
+    loss = next_token_loss(hidden, torch.randn(7, 5), torch.full((2, 4), -100))
+    assert loss.item() == 0.0 and loss.dtype == torch.float32
     loss.backward()
+    assert torch.equal(hidden.grad, torch.zeros_like(hidden))
+
+
+def test_caption_loss_names_a_shape_mismatch():
+    with pytest.raises(ValueError, match="disagree"):
+        next_token_loss(torch.randn(2, 4, 5), torch.randn(7, 5), torch.zeros(2, 3, dtype=torch.long))
 
 
 def test_caption_loss_matches_the_model_loss(tiny_model):
@@ -58,7 +71,9 @@ def test_caption_loss_matches_the_model_loss(tiny_model):
     labels = ids.clone()
     labels[:, :4] = -100
     out = tiny_model(ids, labels=labels, return_logits=True)
-    torch.testing.assert_close(caption_loss(out.logits, labels), out.loss)
+    head = tiny_model.language_model.lm_head.weight
+    torch.testing.assert_close(next_token_loss(out.hidden_states, head, labels), out.loss)
+    torch.testing.assert_close(tiny_model(ids, labels=labels).loss, out.loss)
 
 
 def test_sequence_aux_loss_by_hand():
