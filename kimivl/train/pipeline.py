@@ -5,6 +5,7 @@ recipe, can start from; a re-run skips finished stages and resumes an interrupte
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import random
@@ -20,6 +21,7 @@ from kimivl.data.mixture import Mixture
 from kimivl.data.world import ensure_world
 from kimivl.eval.position_loss import position_loss
 from kimivl.eval.synthetic import evaluate, heldout_records
+from kimivl.files import write_text_atomic
 from kimivl.model.kimivl import KimiVL
 from kimivl.processing.chat_template import parse_thinking
 from kimivl.processing.processor import KimiVLProcessor
@@ -214,24 +216,24 @@ def run_stage(recipe: Recipe, stage: Stage, model: KimiVL, processor: KimiVLProc
             standardize_image_features(model, samples, stage.standardize_images)
     optimizer = build_optimizer(trainee, lr=stage.lr, weight_decay=stage.weight_decay, ns_dtype=stage.ns_dtype,
                                 lr_scale=stage.lr_scale)
-    model.set_recompute(stage.recompute)
     if stage.schedule == "continue":
         offset = offsets[stage.name]
         scheduler = scheduler_at(optimizer, lambda step: schedule(offset + step))
     else:
         scheduler = scheduler_at(optimizer, WarmupCosine(stage.warmup, stage.steps, min_ratio=0.1))
-    if stage.kind == "rl":
-        from kimivl.rl.trainer import RLTrainer
+    model.set_recompute(stage.recompute)
+    try:
+        if stage.kind == "rl":
+            from kimivl.rl.trainer import RLTrainer
 
-        problems = [r for name in stage.sources for r in sources.items[name]]
-        result = RLTrainer(model, processor, problems, rl_config(recipe, stage), optimizer, scheduler, recipe.out,
-                           stage.name).run(progress=progress)
-    else:
-        result = train_loop(trainee, loss_fn, data, optimizer, scheduler, _loop_config(stage), recipe.out,
-                            stage.name, progress=progress)
-    model.requires_grad_(True)
-    model.set_recompute(False)
-    return result
+            problems = [r for name in stage.sources for r in sources.items[name]]
+            return RLTrainer(model, processor, problems, rl_config(recipe, stage), optimizer, scheduler, recipe.out,
+                             stage.name).run(progress=progress)
+        return train_loop(trainee, loss_fn, data, optimizer, scheduler, _loop_config(stage), recipe.out,
+                          stage.name, progress=progress)
+    finally:  # the model leaves the stage as it came, even when the stage stops with an error
+        model.requires_grad_(True)
+        model.set_recompute(False)
 
 
 def evaluate_stage(recipe: Recipe, stage: str, model: KimiVL, processor: KimiVLProcessor,
@@ -243,18 +245,18 @@ def evaluate_stage(recipe: Recipe, stage: str, model: KimiVL, processor: KimiVLP
     split = recipe.out / spec["split"]
     records = heldout_records(split, spec.get("limit"))
     model.eval()
-    losses = {p.stem: position_loss(model, processor, list(iter_texts(p))[:spec.get("limit")])
+    losses = {p.stem: position_loss(model, processor, list(itertools.islice(iter_texts(p), spec.get("limit"))))
               for p in sorted(split.glob("*.jsonl")) if is_text_file(p)}
     accuracy, rows = evaluate(model, processor, records, max_new_tokens=spec.get("max_new_tokens", 160),
                               progress=progress)
     out = recipe.out / "eval"
     out.mkdir(exist_ok=True)
-    (out / f"{stage}.json").write_text(json.dumps(accuracy, indent=1) + "\n")
-    (out / f"{stage}.predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_text_atomic(out / f"{stage}.json", json.dumps(accuracy, indent=1) + "\n")
+    write_text_atomic(out / f"{stage}.predictions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     tokens = {task: statistics.mean(len(processor.tokenizer.encode(r["prediction"])) for r in rows
                                      if task in ("all", r["task"])) for task in accuracy}
-    (out / f"{stage}.lengths.json").write_text(json.dumps(tokens, indent=1) + "\n")
-    (out / f"{stage}.position_loss.json").write_text(json.dumps(losses, indent=1) + "\n")
+    write_text_atomic(out / f"{stage}.lengths.json", json.dumps(tokens, indent=1) + "\n")
+    write_text_atomic(out / f"{stage}.position_loss.json", json.dumps(losses, indent=1) + "\n")
     log.info("held-out accuracy after %s: %s", stage, accuracy)
     for name, loss in losses.items():
         log.info("held-out %s loss by position after %s: %s", name, stage,

@@ -200,3 +200,29 @@ def test_a_source_can_keep_only_some_difficulties(data_dir, tmp_path):
         sources(["easy"], [record(0, "easy"), record(1, None)])
     with pytest.raises(RecipeError, match="no record of .*levels.jsonl has difficulty \\['hard'\\]"):
         sources(["hard"], [record(0, "easy")])
+
+
+def test_a_failing_stage_leaves_the_model_as_it_came(data_dir, tmp_path, monkeypatch):
+    from kimivl.processing.processor import KimiVLProcessor
+    from kimivl.train import pipeline
+
+    d = recipe_dict(data_dir, tmp_path)
+    d["stages"][1].update(recompute=True, train=["multi_modal_projector"])
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(d))
+    recipe = load_recipe(tmp_path / "r.yaml")
+    sources = Sources(recipe)
+    processor = KimiVLProcessor(pipeline._tokenizer(recipe, sources, None))
+    model = pipeline._base_model(recipe, processor.tokenizer)
+    seen = {}
+
+    def crash(trainee, *args, **kwargs):
+        seen["recompute"] = trainee.language_model.recompute
+        seen["frozen"] = not trainee.language_model.lm_head.weight.requires_grad
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(pipeline, "train_loop", crash)
+    with pytest.raises(RuntimeError, match="disk full"):
+        pipeline.run_stage(recipe, recipe.stages[1], model, processor, sources, progress=False)
+    assert seen == {"recompute": True, "frozen": True}  # the stage ran as configured
+    assert not model.language_model.recompute and not model.vision_tower.encoder.recompute
+    assert all(p.requires_grad for p in model.parameters())
