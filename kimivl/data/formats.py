@@ -39,20 +39,27 @@ class DataError(ValueError):
     """A malformed data record; the message starts with ``file:line:``."""
 
 
-def _lines(path: Path) -> Iterator[tuple[int, Any]]:
-    """Yield (line number, parsed JSON object) for each non-blank line of ``path``."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{where}: a record must be a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
+def _lines(path: Path) -> Iterator[tuple[int, int, Any]]:
+    """Yield (line number, byte offset, parsed JSON object) for each non-blank line of ``path``."""
+    offset = 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            start, offset = offset, offset + len(raw)
+            if raw.strip():
+                yield lineno, start, parse_line(raw, f"{path}:{lineno}")
+
+
+def parse_line(raw: bytes, where: str) -> dict:
+    """One JSONL line (UTF-8 bytes) as a JSON object."""
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: not UTF-8 (byte {e.start + 1} of the line)") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: a record must be a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 def _media(value: Any, root: Path, where: str) -> str:
@@ -115,21 +122,31 @@ def parse_record(obj: Any, root: str | os.PathLike, where: str = "record") -> di
     return {**obj, "messages": [_message(m, root, f"{where}: message {i}") for i, m in enumerate(messages)]}
 
 
-def iter_records(path: str | os.PathLike) -> Iterator[dict]:
-    """Stream the validated conversation records of a JSONL file (media paths made absolute)."""
+def parse_text(obj: dict, where: str = "record") -> str:
+    """The ``"text"`` of one text document."""
+    if not isinstance(obj.get("text"), str):
+        raise DataError(f"{where}: a text record needs a string 'text'")
+    return obj["text"]
+
+
+def iter_lines(path: str | os.PathLike, text: bool) -> Iterator[tuple[int, int, dict | str]]:
+    """Stream (line number, byte offset, item) over a JSONL file: validated conversation records (media paths made
+    absolute) or, with ``text``, the documents' texts."""
     path = Path(path)
     root = path.resolve().parent
-    for lineno, obj in _lines(path):
-        yield parse_record(obj, root, f"{path}:{lineno}")
+    for lineno, offset, obj in _lines(path):
+        where = f"{path}:{lineno}"
+        yield lineno, offset, parse_text(obj, where) if text else parse_record(obj, root, where)
+
+
+def iter_records(path: str | os.PathLike) -> Iterator[dict]:
+    """Stream the validated conversation records of a JSONL file (media paths made absolute)."""
+    return (record for _, _, record in iter_lines(path, text=False))
 
 
 def iter_texts(path: str | os.PathLike) -> Iterator[str]:
     """Stream the ``"text"`` of each document in a JSONL text file."""
-    path = Path(path)
-    for lineno, obj in _lines(path):
-        if not isinstance(obj.get("text"), str):
-            raise DataError(f"{path}:{lineno}: a text record needs a string 'text'")
-        yield obj["text"]
+    return (text for _, _, text in iter_lines(path, text=True))
 
 
 def _relative(value: str, root: Path) -> str:
@@ -177,7 +194,7 @@ def write_records(path: str | os.PathLike, records: Iterable[dict]) -> int:
 
 def is_text_file(path: str | os.PathLike) -> bool:
     """Whether a JSONL file holds text documents rather than conversations (judged by its first record)."""
-    for _, obj in _lines(Path(path)):
+    for _, _, obj in _lines(Path(path)):
         return "messages" not in obj
     return False
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,7 +102,7 @@ class RLTrainer:
     """``problems``: records ``{"messages": [...], "meta": {"task", "gold", "difficulty", ...}}``; ``reward_fn``
     ``(response text, meta) -> float`` (default: ``kimivl.rl.rewards.correctness``)."""
 
-    def __init__(self, policy, processor: KimiVLProcessor, problems: list[dict], cfg: RLConfig,
+    def __init__(self, policy, processor: KimiVLProcessor, problems: Sequence[dict], cfg: RLConfig,
                  optimizer: torch.optim.Optimizer, scheduler, run_dir: str | Path, stage: str = "rl",
                  reward_fn: Callable[[str, dict], float] = correctness):
         if not problems:

@@ -10,13 +10,14 @@ import json
 import logging
 import random
 import statistics
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 
 from kimivl.config import KimiVLConfig
-from kimivl.data.formats import content_text, is_text_file, iter_records, iter_texts
+from kimivl.data.formats import content_text, is_text_file, iter_texts
+from kimivl.data.indexed import Concat, JsonlRecords
 from kimivl.data.mixture import Mixture
 from kimivl.data.world import ensure_world
 from kimivl.eval.position_loss import position_loss
@@ -40,24 +41,26 @@ CALIBRATION_SAMPLES = 32  # per image source, for standardize_images
 
 
 class Sources:
-    """The recipe's data sources, loaded once: conversation records or plain texts, by name. A source given as
-    ``{path: FILE, answers_only: true}`` drops the ``◁think▷…◁/think▷`` part of assistant turns;
-    ``{path: FILE, difficulty: [easy, ...]}`` keeps the records whose ``meta.difficulty`` is listed (a curriculum)."""
+    """The recipe's data sources, validated once and read on demand (``JsonlRecords``): conversation records or plain
+    texts, by name. A source given as ``{path: FILE, answers_only: true}`` drops the ``◁think▷…◁/think▷`` part of
+    assistant turns; ``{path: FILE, difficulty: [easy, ...]}`` keeps the records whose ``meta.difficulty`` is
+    listed (a curriculum)."""
 
     def __init__(self, recipe: Recipe):
-        self.items: dict[str, list] = {}
+        self.items: dict[str, JsonlRecords] = {}
         self.is_text: dict[str, bool] = {}
         for name, spec in recipe.sources.items():
             path = recipe.source_path(name)
             if not path.is_file():
                 raise FileNotFoundError(f"data source {name!r}: {path} does not exist")
             self.is_text[name] = is_text_file(path)
-            items = list(iter_texts(path) if self.is_text[name] else iter_records(path))
-            if isinstance(spec, dict) and spec.get("answers_only"):
-                items = [_answers_only(r) for r in items]
-            if isinstance(spec, dict) and "difficulty" in spec:
-                items = _of_difficulty(name, path, items, spec["difficulty"])
-            self.items[name] = items
+            spec = spec if isinstance(spec, dict) else {}
+            levels = spec.get("difficulty")
+            keep = None if levels is None else _of_difficulty(name, path, levels)
+            self.items[name] = JsonlRecords(path, self.is_text[name], keep,
+                                            _answers_only if spec.get("answers_only") else None)
+            if levels is not None and not self.items[name]:
+                raise RecipeError(f"data source {name!r}: no record of {path} has difficulty {levels}")
 
     def encoder(self, processor: KimiVLProcessor):
         def encode(name: str, item):
@@ -67,17 +70,14 @@ class Sources:
         return encode
 
 
-def _of_difficulty(name: str, path: Path, records: list[dict], levels: list[str]) -> list[dict]:
-    kept = []
-    for i, r in enumerate(records):
-        level = r.get("meta", {}).get("difficulty") if isinstance(r, dict) else None
+def _of_difficulty(name: str, path: Path, levels: list[str]):
+    """``JsonlRecords``' ``keep``: records whose ``meta.difficulty`` is one of ``levels``."""
+    def keep(lineno: int, record) -> bool:
+        level = record.get("meta", {}).get("difficulty") if isinstance(record, dict) else None
         if level is None:
-            raise RecipeError(f"data source {name!r}: record {i + 1} of {path} has no meta.difficulty to filter on")
-        if level in levels:
-            kept.append(r)
-    if not kept:
-        raise RecipeError(f"data source {name!r}: no record of {path} has difficulty {levels}")
-    return kept
+            raise RecipeError(f"data source {name!r}: {path}:{lineno} has no meta.difficulty to filter on")
+        return level in levels
+    return keep
 
 
 def _answers_only(record: dict) -> dict:
@@ -142,7 +142,7 @@ def global_schedule(recipe: Recipe) -> tuple[WSD, dict[str, int]]:
 class CaptionStream:
     """ViT-stage batches: ``images_per_batch`` (image, caption) pairs, sample i a pure function of (seed, i)."""
 
-    def __init__(self, records: list[dict], processor: KimiVLProcessor, per_batch: int, seed: int, max_len: int = 64):
+    def __init__(self, records: Sequence[dict], processor: KimiVLProcessor, per_batch: int, seed: int, max_len: int = 64):
         self.records, self.processor, self.per_batch, self.seed, self.max_len = records, processor, per_batch, seed, max_len
 
     def pair(self, i: int):
@@ -194,7 +194,7 @@ def run_stage(recipe: Recipe, stage: Stage, model: KimiVL, processor: KimiVLProc
     if stage.rope_theta is not None:
         model.config.text_config.rope_theta = float(stage.rope_theta)
     if stage.kind == "vit":
-        records = [r for name in stage.sources for r in sources.items[name]]
+        records = Concat([sources.items[name] for name in stage.sources])
         trainee = ViTPretrainer(model.vision_tower, model.config.text_config.vocab_size)
         data, loss_fn = CaptionStream(records, processor, stage.images_per_batch, recipe.seed), vit_loss
     elif stage.kind == "rl":
@@ -226,7 +226,7 @@ def run_stage(recipe: Recipe, stage: Stage, model: KimiVL, processor: KimiVLProc
         if stage.kind == "rl":
             from kimivl.rl.trainer import RLTrainer
 
-            problems = [r for name in stage.sources for r in sources.items[name]]
+            problems = Concat([sources.items[name] for name in stage.sources])
             return RLTrainer(model, processor, problems, rl_config(recipe, stage), optimizer, scheduler, recipe.out,
                              stage.name).run(progress=progress)
         return train_loop(trainee, loss_fn, data, optimizer, scheduler, _loop_config(stage), recipe.out,

@@ -196,7 +196,7 @@ def test_a_source_can_keep_only_some_difficulties(data_dir, tmp_path):
         sources(["extreme"], mixed)
     with pytest.raises(RecipeError, match="difficulty must be a list"):
         sources("easy", mixed)
-    with pytest.raises(RecipeError, match="record 2 of .*levels.jsonl has no meta.difficulty"):
+    with pytest.raises(RecipeError, match="levels.jsonl:2 has no meta.difficulty"):
         sources(["easy"], [record(0, "easy"), record(1, None)])
     with pytest.raises(RecipeError, match="no record of .*levels.jsonl has difficulty \\['hard'\\]"):
         sources(["hard"], [record(0, "easy")])

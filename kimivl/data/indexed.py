@@ -1,0 +1,74 @@
+"""Random access to the records of JSONL files without holding them in memory.
+
+``JsonlRecords`` validates a file in one streaming pass and keeps only each record's byte offset (8 bytes a record,
+against kilobytes for a parsed conversation); record i is read and parsed again when asked for. ``Concat`` joins
+several such sequences into one. Training samples by index (``Mixture``, the ViT stage, RL), so a source of millions
+of conversations costs its offsets, not its contents.
+"""
+
+from __future__ import annotations
+
+import os
+from array import array
+from bisect import bisect_right
+from collections.abc import Callable, Sequence
+from itertools import accumulate
+from pathlib import Path
+from typing import Any
+
+from kimivl.data.formats import DataError, iter_lines, parse_line, parse_record, parse_text
+
+
+class JsonlRecords(Sequence):
+    """The validated conversation records (or, with ``text``, the document texts) of a JSONL file, read on demand.
+
+    ``keep(line number, item)`` chooses which records are indexed (all by default); ``transform`` is applied to each
+    record read. Reading a record after the file has changed raises ``DataError``: its offsets no longer hold."""
+
+    def __init__(self, path: str | os.PathLike, text: bool, keep: Callable[[int, Any], bool] | None = None,
+                 transform: Callable[[Any], Any] | None = None):
+        self.path, self.text, self.transform = Path(path), text, transform
+        self._root = self.path.resolve().parent
+        self._stamp = self._stat()
+        self._offsets = array("q", (offset for lineno, offset, item in iter_lines(self.path, text)
+                                    if keep is None or keep(lineno, item)))
+
+    def _stat(self) -> tuple[int, int]:
+        st = os.stat(self.path)
+        return st.st_size, st.st_mtime_ns
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        offset = self._offsets[i]
+        if self._stat() != self._stamp:
+            raise DataError(f"{self.path} changed after it was indexed; load the data source again")
+        where = f"{self.path} at byte {offset}"
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            obj = parse_line(f.readline(), where)
+        item = parse_text(obj, where) if self.text else parse_record(obj, self._root, where)
+        return item if self.transform is None else self.transform(item)
+
+
+class Concat(Sequence):
+    """Sequences joined end to end, indexed without copying them."""
+
+    def __init__(self, parts: Sequence[Sequence]):
+        self.parts = list(parts)
+        self._ends = list(accumulate(len(p) for p in self.parts))
+
+    def __len__(self) -> int:
+        return self._ends[-1] if self._ends else 0
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} items")
+        i %= len(self)
+        part = bisect_right(self._ends, i)
+        return self.parts[part][i - (self._ends[part - 1] if part else 0)]

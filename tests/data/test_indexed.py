@@ -1,0 +1,82 @@
+import json
+
+import pytest
+from PIL import Image
+
+from kimivl.data.formats import DataError, iter_records, iter_texts, write_records
+from kimivl.data.indexed import Concat, JsonlRecords
+
+
+def _conversations(tmp_path, n=7):
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (28, 28), (200, 10, 10)).save(tmp_path / "img" / "a.png")
+    records = [{"id": i, "messages": [
+        {"role": "user", "content": [{"type": "image", "image": "img/a.png"}, {"type": "text", "text": f"q{i} é"}]},
+        {"role": "assistant", "content": f"◁think▷step◁/think▷{i}"}], "meta": {"difficulty": "easy" if i % 2 else "hard"}}
+        for i in range(n)]
+    path = tmp_path / "conv.jsonl"
+    write_records(path, records)
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    path.write_text("\n" + "".join(lines[:3]) + "\n  \n" + "".join(lines[3:]), encoding="utf-8")  # blank lines
+    return path
+
+
+def test_records_are_those_the_stream_gives_in_order(tmp_path):
+    path = _conversations(tmp_path)
+    records = JsonlRecords(path, text=False)
+    streamed = list(iter_records(path))
+    assert len(records) == 7 and list(records) == streamed
+    assert records[-1] == streamed[-1] and records[2:5] == streamed[2:5] and records[::3] == streamed[::3]
+    assert records[0]["messages"][0]["content"][0]["image"] == str((tmp_path / "img" / "a.png").resolve())
+    with pytest.raises(IndexError):
+        records[7]
+
+
+def test_texts_and_line_numbers(tmp_path):
+    path = tmp_path / "t.jsonl"
+    texts = ["first", "second, with\nnewline", "third ü"]
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts) + "\n", encoding="utf-8")
+    seen = []
+    docs = JsonlRecords(path, text=True, keep=lambda lineno, t: seen.append(lineno) or t != "second, with\nnewline")
+    assert seen == [1, 2, 3] and list(docs) == ["first", "third ü"] and list(iter_texts(path)) == texts
+
+
+def test_keep_and_transform(tmp_path):
+    path = _conversations(tmp_path)
+    easy = JsonlRecords(path, text=False, keep=lambda _, r: r["meta"]["difficulty"] == "easy",
+                        transform=lambda r: r["messages"][-1]["content"][-1])
+    assert list(easy) == ["1", "3", "5"]
+
+
+def test_a_bad_line_is_named_when_indexing(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b'{"text": "ok"}\n{"text": "broken\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: invalid JSON"):
+        JsonlRecords(path, text=True)
+    path.write_bytes(b'{"text": "ok"}\n\n{"text": "\xff"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:3: not UTF-8"):
+        JsonlRecords(path, text=True)
+    path.write_bytes(b'{"text": "ok"}\n{"messages": []}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: a text record needs a string 'text'"):
+        JsonlRecords(path, text=True)
+
+
+def test_a_file_changed_after_indexing_is_refused(tmp_path):
+    path = _conversations(tmp_path)
+    records = JsonlRecords(path, text=False)
+    assert records[1]["id"] == 1
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("\n")
+    with pytest.raises(DataError, match="changed after it was indexed"):
+        records[1]
+    assert JsonlRecords(path, text=False)[1]["id"] == 1  # indexed again, it reads
+
+
+def test_concat_indexes_across_parts():
+    joined = Concat([[0, 1, 2], [], [3], [4, 5]])
+    assert len(joined) == 6 and list(joined) == [0, 1, 2, 3, 4, 5]
+    assert joined[-1] == 5 and joined[-6] == 0 and joined[3] == 3 and joined[1:5] == [1, 2, 3, 4]
+    for bad in (6, -7):
+        with pytest.raises(IndexError, match="out of range for 6 items"):
+            joined[bad]
+    assert len(Concat([])) == 0 and list(Concat([])) == []
