@@ -12,6 +12,7 @@ import random
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from kimivl.data.formats import DataError
 from kimivl.data.packing import PackedBatch, pack
 from kimivl.processing.processor import Encoded
 
@@ -40,14 +41,18 @@ class Mixture:
         t = min(1.0, i / self.horizon)
         return [a + (b - a) * t for a, b in zip(self.start, self.end)]
 
-    def pick(self, i: int) -> tuple[str, Any]:
+    def pick(self, i: int) -> tuple[str, int]:
+        """Sample ``i``'s source and its index in that source."""
         rng = random.Random(self.seed * 1_000_003 + i)
         name = rng.choices(self.names, weights=self.weights(i))[0]
-        items = self.sources[name]
-        return name, items[rng.randrange(len(items))]
+        return name, rng.randrange(len(self.sources[name]))
 
     def sample(self, i: int) -> Encoded:
-        return self.encode(*self.pick(i))
+        name, k = self.pick(i)
+        try:
+            return self.encode(name, self.sources[name][k])
+        except ValueError as e:  # DataError, ImageError, VideoError, a malformed conversation
+            raise DataError(f"sample {i}: item {k} of source {name!r} cannot be encoded: {e}") from e
 
     def batches(self, position: int) -> Iterator[tuple[PackedBatch, int]]:
         """Rows packed greedily from sample ``position`` on; a sample longer than the budget is skipped."""

@@ -74,8 +74,14 @@ def train_loop(model: torch.nn.Module, loss_fn: LossFn, data: Batches, optimizer
     with MetricsLog(run_dir, stage, start=step) as metrics, \
             ExpertLoadTracker(model) if moe else contextlib.nullcontext() as tracker:
         batches = data.batches(position)
+        newest = (step, found)  # the step and path of the newest checkpoint on disk (path None: none yet)
         while step < cfg.steps:
-            batch, next_position = next(batches)
+            try:
+                batch, next_position = next(batches)
+            except Exception as e:  # bad data: keep the progress made, resume once the data is fixed
+                where = newest[1] if newest[0] == step and newest[1] is not None else checkpoint()
+                raise TrainingError(f"{stage}: no batch for step {step + 1}: {e}; the state before it is saved at "
+                                    f"{where} (fix the data, then resume)") from e
             with torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.bf16):
                 loss, values, n_tokens = loss_fn(model, batch)
             if not torch.isfinite(loss):
@@ -106,6 +112,6 @@ def train_loop(model: torch.nn.Module, loss_fn: LossFn, data: Batches, optimizer
                     last["expert_imbalance"] = imbalance
                 metrics.write(step, last)
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
-                checkpoint()
+                newest = (step, checkpoint())
     bar.close()
     return last

@@ -103,3 +103,27 @@ def test_crash_while_writing_keeps_previous_checkpoint(small_model, small_proces
     saved = latest_checkpoint(tmp_path / "s" / "checkpoints")
     assert saved.name == "step-0000002"
     KimiVL.from_pretrained(saved)
+
+
+def test_a_sample_that_cannot_be_encoded_stops_with_the_progress_saved(small_model, small_processor, tmp_path):
+    cfg = LoopConfig(steps=6, ckpt_every=10, log_every=1)
+    model, data, opt, sched = setup(small_model, small_processor)
+    train_loop(model, joint_loss, data, opt, sched, cfg, tmp_path / "a", "s", progress=False)
+
+    model, data, opt, sched = setup(small_model, small_processor)
+    encode, first_bad = data.encode, next(data.batches(0))[1] + 1  # the second row's second sample
+    bad, calls = data.pick(first_bad), []
+    def broken(kind, item):  # samples are encoded once each, in order: from this one on, the data is bad
+        calls.append(kind)
+        if len(calls) > first_bad:
+            raise ValueError("image /data/x.png is truncated")
+        return encode(kind, item)
+    data.encode = broken
+    with pytest.raises(TrainingError, match=rf"s: no batch for step 2: sample {first_bad}: item {bad[1]} of source "
+                                            rf"'{bad[0]}' cannot be encoded: image /data/x.png is truncated; the state "
+                                            "before it is saved at .*step-0000001 \\(fix the data, then resume\\)"):
+        train_loop(model, joint_loss, data, opt, sched, cfg, tmp_path / "b", "s", progress=False)
+    data.encode = encode  # fixed: the resumed run equals an uninterrupted one
+    model, data, opt, sched = setup(small_model, small_processor, seed=123)
+    train_loop(model, joint_loss, data, opt, sched, cfg, tmp_path / "b", "s", progress=False)
+    assert losses(tmp_path / "b") == losses(tmp_path / "a")
