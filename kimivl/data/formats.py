@@ -36,7 +36,8 @@ from kimivl.processing.chat_template import ROLES, part_type
 
 
 class DataError(ValueError):
-    """A malformed data record; the message starts with ``file:line:``."""
+    """Malformed or unusable data; the message starts with where: ``file:line:``, the file and byte offset of an
+    indexed record, or the mixture's sample."""
 
 
 def _lines(path: Path) -> Iterator[tuple[int, int, Any]]:

@@ -142,7 +142,8 @@ def global_schedule(recipe: Recipe) -> tuple[WSD, dict[str, int]]:
 class CaptionStream:
     """ViT-stage batches: ``images_per_batch`` (image, caption) pairs, sample i a pure function of (seed, i)."""
 
-    def __init__(self, records: Sequence[dict], processor: KimiVLProcessor, per_batch: int, seed: int, max_len: int = 64):
+    def __init__(self, records: Sequence[dict], processor: KimiVLProcessor, per_batch: int, seed: int,
+                 max_len: int = 64):
         self.records, self.processor, self.per_batch, self.seed, self.max_len = records, processor, per_batch, seed, max_len
 
     def pair(self, i: int):
