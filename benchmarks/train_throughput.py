@@ -4,8 +4,8 @@ this CPU's bf16 matmul peak measured in the same run.
 Both arms train the same model on the same samples (the synthetic world's ``--tasks`` in a seeded mix, by default
 every task and text but the long documents, or those of your ``--data`` JSONL files, encoded by ``--tokenizer``'s
 tokenizer) with bf16 autocast and the Muon/AdamW optimiser. Packed: samples laid end to end in rows of ``--budget``
-tokens. Padded: the same samples, ``--batch`` per step, right-padded to the longest (padding is causal-safe and
-unscored). The arms alternate in cycles: ``--accum`` packed rows then their samples padded, the optimiser stepping
+tokens. Padded: the same samples, ``--batch`` per step (or as many as fit ``--padded-tokens`` with their padding),
+right-padded to the longest (padding is causal-safe and unscored). The arms alternate in cycles: ``--accum`` packed rows then their samples padded, the optimiser stepping
 once per cycle in each (Newton-Schulz in ``--ns-dtype``), as in training with gradient accumulation; the first cycle
 is an untimed warm-up. Printed: useful (non-padding) tokens/s of each and their ratio (target >= 1.5x, and its range
 over the cycles), beside the ratio of their model FLOPs (``model_flops``; padding is computed, so the padded arm
@@ -13,8 +13,9 @@ does more: the most packing can give, were every FLOP equally fast) and the shar
 share (timed alone on the same images: its work is identical in both arms) and the ratio of the rest; and the packed
 arm's achieved GFLOP/s as a share of the matmul peak.
 
-    python benchmarks/train_throughput.py [--steps 64] [--budget 2048] [--batch 16] [--accum 8] [--width 256]
-                                          [--vision-width 128] [--ns-dtype bfloat16] [--tasks T,...] [--data FILE ...]
+    python benchmarks/train_throughput.py [--steps 64] [--budget 2048] [--batch 16 | --padded-tokens N] [--accum 8]
+                                          [--width 256] [--vision-width 128] [--ns-dtype bfloat16] [--tasks T,...]
+                                          [--data FILE ...]
 """
 
 from __future__ import annotations
@@ -61,6 +62,19 @@ def padded(samples, pad_id):
     grids = torch.cat([s.image_grid_hws for s in with_images]) if with_images else None
     kwargs = {"input_ids": ids, "labels": labels, "pixel_values": pixels, "image_grid_hws": grids}
     return kwargs, sum(len(s.input_ids) for s in samples)
+
+
+def by_tokens(samples, limit: int):
+    """Consecutive samples grouped while (samples x the longest) stays within ``limit`` tokens."""
+    groups, group, longest = [], [], 0
+    for s in samples:
+        n = len(s.input_ids)
+        if group and (len(group) + 1) * max(longest, n) > limit:
+            groups.append(group)
+            group, longest = [], 0
+        group.append(s)
+        longest = max(longest, n)
+    return groups + [group] if group else groups
 
 
 def step_time(model, opt, kwargs, update: bool) -> float:
@@ -118,6 +132,9 @@ def main() -> None:
                     help="packed micro-batches timed (whole cycles of --accum, after one warm-up cycle)")
     ap.add_argument("--budget", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--padded-tokens", type=int,
+                    help="instead of --batch samples, padded batches of as many samples (in order) as fit this many "
+                         "tokens with their padding (a max-tokens batch; --budget gives both arms equal rows)")
     ap.add_argument("--width", type=int, default=256, help="LM hidden size (kimivl-tiny: 256)")
     ap.add_argument("--vision-width", type=int, default=128, help="vision tower hidden size (kimivl-tiny: 128)")
     ap.add_argument("--accum", type=int, default=8, help="micro-batches per optimiser step (gradient accumulation)")
@@ -176,6 +193,7 @@ def main() -> None:
     counts = parameter_counts(config)
     shares, fills, cycle_ratios, start = [], [], [], 0
     flops = {"packed": 0, "padded": 0}
+    n_packed = n_padded = 0  # micro-batches timed
     for c in range(max(1, args.steps // args.accum) + 1):
         rows = []
         for _ in range(args.accum):
@@ -183,8 +201,9 @@ def main() -> None:
             rows.append(row)
         samples = [s for s in map(mix.sample, range(start, end)) if len(s.input_ids) <= args.budget]
         start = end
-        batches = [padded(samples[i:i + args.batch], processor.tokenizer.pad_id)
-                   for i in range(0, len(samples), args.batch)]
+        batches = [padded(group, processor.tokenizer.pad_id)
+                   for group in (by_tokens(samples, args.padded_tokens) if args.padded_tokens
+                                 else [samples[i:i + args.batch] for i in range(0, len(samples), args.batch)])]
         packed_time = sum(step_time(model, opt, row.kwargs(), update=k == len(rows) - 1)
                           for k, row in enumerate(rows))
         padded_time = sum(step_time(model, opt, kw, update=k == len(batches) - 1)
@@ -197,6 +216,7 @@ def main() -> None:
             times["padded"] += padded_time
             tokens["packed"] += sum(row.n_tokens for row in rows)
             tokens["padded"] += sum(real for _, real in batches)
+            n_packed, n_padded = n_packed + len(rows), n_padded + len(batches)
             shared += sum(vision_time(model, row.kwargs()) for row in rows)
             flops["packed"] += sum(model_flops(config, counts, (row.cu_seqlens[1:] - row.cu_seqlens[:-1]).tolist(),
                                                scored(row.labels), row.image_grid_hws) for row in rows)
@@ -213,7 +233,9 @@ def main() -> None:
           f"({counts['total'].total / 1e6:.1f}M parameters), bf16 autocast, "
           f"{torch.get_num_threads()} threads")
     print(f"packed rows of {args.budget}: {speed['packed']:.0f} useful tokens/s (budget filled {100 * efficiency:.0f}%)")
-    print(f"padded batches of {args.batch}: {speed['padded']:.0f} useful tokens/s (real tokens {100 * pad_share:.0f}%)")
+    shape = f"of at most {args.padded_tokens} tokens with padding" if args.padded_tokens else f"of {args.batch}"
+    print(f"padded batches {shape}: {speed['padded']:.0f} useful tokens/s (real tokens {100 * pad_share:.0f}%, "
+          f"{n_padded / n_packed:.2f} batches per packed row)")
     ratio, flop_ratio = speed["packed"] / speed["padded"], flops["padded"] / flops["packed"]
     print(f"ratio packed / padded: {ratio:.2f}x (target >= 1.5x); their model FLOPs: {flop_ratio:.2f}x (the ratio "
           "if every FLOP took the same time, the most packing can give on these samples): "
