@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 CONFIG_FILE = "preprocessor_config.json"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -184,7 +184,9 @@ class ImageProcessor:
             raise
         except Image.DecompressionBombError as e:
             raise ImageError(f"image {name} looks like a decompression bomb: {e}") from None
-        except (OSError, ValueError, SyntaxError, EOFError) as e:  # UnidentifiedImageError is an OSError
+        except UnidentifiedImageError:  # Pillow's message would name only its in-memory buffer
+            raise ImageError(f"cannot decode image {name}: not in a format Pillow reads, or damaged") from None
+        except (OSError, ValueError, SyntaxError, EOFError) as e:
             raise ImageError(f"cannot decode image {name}: {e}") from None
         return img
 
