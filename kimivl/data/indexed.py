@@ -16,22 +16,33 @@ from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from kimivl.data.formats import DataError, iter_lines, parse_line, parse_record, parse_text
+
+PROGRESS_BYTES = 1 << 26  # 64 MiB
 
 
 class JsonlRecords(Sequence):
     """The validated conversation records (or, with ``text``, the document texts) of a JSONL file, read on demand.
 
     ``keep(line number, item)`` chooses which records are indexed (all by default); ``transform`` is applied to each
-    record read. Reading a record after the file has changed raises ``DataError``: its offsets no longer hold."""
+    record read. Reading a record after the file has changed raises ``DataError``: its offsets no longer hold. With
+    ``progress``, files of ``PROGRESS_BYTES`` or more show a progress bar while they are indexed."""
 
     def __init__(self, path: str | os.PathLike, text: bool, keep: Callable[[int, Any], bool] | None = None,
-                 transform: Callable[[Any], Any] | None = None):
+                 transform: Callable[[Any], Any] | None = None, progress: bool = False):
         self.path, self.text, self.transform = Path(path), text, transform
         self._root = self.path.resolve().parent
         self._stamp = self._stat()
-        self._offsets = array("q", (offset for lineno, offset, item in iter_lines(self.path, text)
-                                    if keep is None or keep(lineno, item)))
+        self._offsets = array("q")
+        with tqdm(total=self._stamp[0], unit="B", unit_scale=True, desc=f"indexing {self.path.name}",
+                  disable=not progress or self._stamp[0] < PROGRESS_BYTES) as bar:
+            for lineno, offset, item in iter_lines(self.path, text):
+                bar.update(offset - bar.n)
+                if keep is None or keep(lineno, item):
+                    self._offsets.append(offset)
+            bar.update(self._stamp[0] - bar.n)
 
     def _stat(self) -> tuple[int, int]:
         st = os.stat(self.path)

@@ -46,7 +46,7 @@ class Sources:
     assistant turns; ``{path: FILE, difficulty: [easy, ...]}`` keeps the records whose ``meta.difficulty`` is
     listed (a curriculum)."""
 
-    def __init__(self, recipe: Recipe):
+    def __init__(self, recipe: Recipe, progress: bool = False):
         self.items: dict[str, JsonlRecords] = {}
         self.is_text: dict[str, bool] = {}
         for name, spec in recipe.sources.items():
@@ -58,7 +58,8 @@ class Sources:
             levels = spec.get("difficulty")
             keep = None if levels is None else _of_difficulty(name, path, levels)
             self.items[name] = JsonlRecords(path, self.is_text[name], keep,
-                                            _answers_only if spec.get("answers_only") else None)
+                                            _answers_only if spec.get("answers_only") else None, progress)
+            log.info("data source %s: %d records from %s", name, len(self.items[name]), path)
             if levels is not None and not self.items[name]:
                 raise RecipeError(f"data source {name!r}: no record of {path} has difficulty {levels}")
 
@@ -273,7 +274,7 @@ def run_recipe(recipe: Recipe, progress: bool = True) -> KimiVL:
     recipe.out.mkdir(parents=True, exist_ok=True)
     if recipe.world is not None:
         ensure_world(recipe.out / "world", progress=progress, **recipe.world)
-    sources = Sources(recipe)
+    sources = Sources(recipe, progress)
     base_dir = Path(recipe.base["checkpoint"]) if "checkpoint" in recipe.base else None
     processor = KimiVLProcessor(_tokenizer(recipe, sources, base_dir))
     model = _base_model(recipe, processor.tokenizer)

@@ -80,3 +80,17 @@ def test_concat_indexes_across_parts():
         with pytest.raises(IndexError, match="out of range for 6 items"):
             joined[bad]
     assert len(Concat([])) == 0 and list(Concat([])) == []
+
+
+def test_large_files_show_indexing_progress(tmp_path, monkeypatch, capsys):
+    from kimivl.data import indexed
+
+    path = _conversations(tmp_path)
+    JsonlRecords(path, text=False, progress=True)
+    assert "indexing" not in capsys.readouterr().err  # under PROGRESS_BYTES: quiet
+    monkeypatch.setattr(indexed, "PROGRESS_BYTES", 0)
+    records = JsonlRecords(path, text=False, progress=True)
+    err = capsys.readouterr().err
+    assert "indexing conv.jsonl" in err and "100%" in err and len(records) == 7
+    JsonlRecords(path, text=False)
+    assert "indexing" not in capsys.readouterr().err  # progress off
