@@ -71,5 +71,6 @@ def main() -> None:
     print(f"loss {recomputed[0].item():.6f} vs {plain[0].item():.6f}; largest relative gradient difference "
           f"(last layer) {grad_err:.1e}")
 
+
 if __name__ == "__main__":
     main()

@@ -5,9 +5,9 @@ Both arms train the same model on the same samples (the synthetic world's ``--ta
 every task and text but the long documents, or those of your ``--data`` JSONL files, encoded by ``--tokenizer``'s
 tokenizer) with bf16 autocast and the Muon/AdamW optimiser. Packed: samples laid end to end in rows of ``--budget``
 tokens. Padded: the same samples, ``--batch`` per step (or as many as fit ``--padded-tokens`` with their padding),
-right-padded to the longest (padding is causal-safe and unscored). The arms alternate in cycles: ``--accum`` packed rows then their samples padded, the optimiser stepping
-once per cycle in each (Newton-Schulz in ``--ns-dtype``), as in training with gradient accumulation; the first cycle
-is an untimed warm-up. Printed: useful (non-padding) tokens/s of each and their ratio (target >= 1.5x, and its range
+right-padded to the longest (padding is causal-safe and unscored). The arms alternate in cycles: ``--accum`` packed
+rows then their samples padded, the optimiser stepping once per cycle in each (Newton-Schulz in ``--ns-dtype``), as
+in training with gradient accumulation; the first cycle is an untimed warm-up. Printed: useful (non-padding) tokens/s of each and their ratio (target >= 1.5x, and its range
 over the cycles), beside the ratio of their model FLOPs (``model_flops``; padding is computed, so the padded arm
 does more: the most packing can give, were every FLOP equally fast) and the share of it reached; the vision tower's
 share (timed alone on the same images: its work is identical in both arms) and the ratio of the rest; and the packed

@@ -130,14 +130,19 @@ def parse_text(obj: dict, where: str = "record") -> str:
     return obj["text"]
 
 
+def parse_item(obj: dict, text: bool, root: str | os.PathLike, where: str = "record") -> dict | str:
+    """A validated conversation record (media paths resolved against ``root``) or, with ``text``, a document's
+    text."""
+    return parse_text(obj, where) if text else parse_record(obj, root, where)
+
+
 def iter_lines(path: str | os.PathLike, text: bool) -> Iterator[tuple[int, int, dict | str]]:
     """Stream (line number, byte offset, item) over a JSONL file: validated conversation records (media paths made
     absolute) or, with ``text``, the documents' texts."""
     path = Path(path)
     root = path.resolve().parent
     for lineno, offset, obj in _lines(path):
-        where = f"{path}:{lineno}"
-        yield lineno, offset, parse_text(obj, where) if text else parse_record(obj, root, where)
+        yield lineno, offset, parse_item(obj, text, root, f"{path}:{lineno}")
 
 
 def iter_records(path: str | os.PathLike) -> Iterator[dict]:

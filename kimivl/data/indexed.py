@@ -18,7 +18,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from kimivl.data.formats import DataError, iter_lines, parse_line, parse_record, parse_text
+from kimivl.data.formats import DataError, iter_lines, parse_item, parse_line
 
 PROGRESS_BYTES = 1 << 26  # 64 MiB
 
@@ -61,7 +61,7 @@ class JsonlRecords(Sequence):
         with open(self.path, "rb") as f:
             f.seek(offset)
             obj = parse_line(f.readline(), where)
-        item = parse_text(obj, where) if self.text else parse_record(obj, self._root, where)
+        item = parse_item(obj, self.text, self._root, where)
         return item if self.transform is None else self.transform(item)
 
 

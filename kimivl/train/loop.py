@@ -74,12 +74,12 @@ def train_loop(model: torch.nn.Module, loss_fn: LossFn, data: Batches, optimizer
     with MetricsLog(run_dir, stage, start=step) as metrics, \
             ExpertLoadTracker(model) if moe else contextlib.nullcontext() as tracker:
         batches = data.batches(position)
-        newest = (step, found)  # the step and path of the newest checkpoint on disk (path None: none yet)
+        saved = found  # the checkpoint of the current step, None while it has progress not on disk
         while step < cfg.steps:
             try:
                 batch, next_position = next(batches)
             except Exception as e:  # bad data: keep the progress made, resume once the data is fixed
-                where = newest[1] if newest[0] == step and newest[1] is not None else checkpoint()
+                where = saved or checkpoint()
                 raise TrainingError(f"{stage}: no batch for step {step + 1}: {e}; the state before it is saved at "
                                     f"{where} (fix the data, then resume)") from e
             with torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.bf16):
@@ -100,7 +100,7 @@ def train_loop(model: torch.nn.Module, loss_fn: LossFn, data: Batches, optimizer
                 tracker.update_biases(cfg.bias_update_rate)
             elif moe:
                 tracker.reset()
-            step, position = step + 1, next_position
+            step, position, saved = step + 1, next_position, None
             tokens_seen += n_tokens
             rate = tokens_seen / (time.perf_counter() - t0)
             bar.update(1)
@@ -112,6 +112,6 @@ def train_loop(model: torch.nn.Module, loss_fn: LossFn, data: Batches, optimizer
                     last["expert_imbalance"] = imbalance
                 metrics.write(step, last)
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
-                newest = (step, checkpoint())
+                saved = checkpoint()
     bar.close()
     return last
