@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from kimivl.config import PRESETS, ConfigError, KimiVLConfig
+from kimivl.train.recipe import PARTS
 
 
 def _fmt(n: int, billions: bool) -> str:
@@ -26,6 +27,21 @@ def cmd_info(args: argparse.Namespace) -> int:
     for name, c in counts.items():
         print(f"{name:<24}{_fmt(c.total, billions):>12}{_fmt(c.active, billions):>12}")
     print("active = parameters used per token (the routed experts count only the chosen ones)")
+    if args.train or args.freeze:
+        import torch
+
+        from kimivl import KimiVL
+        from kimivl.train.trainable import memory_plan, set_trainable
+
+        with torch.device("meta"):
+            model = KimiVL(config)  # float32, as training keeps its weights
+        try:
+            set_trainable(model, args.train or list(PARTS), args.freeze)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        frozen = f", less {' '.join(args.freeze)}" if args.freeze else ""
+        print(f"training {' + '.join(args.train or PARTS)}{frozen}: {memory_plan(model)}")
     return 0
 
 
@@ -179,6 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     src = info.add_mutually_exclusive_group(required=True)
     src.add_argument("path", nargs="?", help="checkpoint directory (its config.json)")
     src.add_argument("--preset", choices=sorted(PRESETS), help="a built-in configuration")
+    info.add_argument("--train", nargs="+", choices=PARTS, metavar="PART",
+                      help=f"print the memory that training these parts takes ({', '.join(PARTS)}; default all)")
+    info.add_argument("--freeze", nargs="+", default=[], metavar="GLOB",
+                      help="parameter-name patterns kept frozen, e.g. '*.mlp.experts.*' (the routed experts)")
     info.set_defaults(func=cmd_info)
 
     chat = sub.add_parser("chat", help="answer a question (or chat interactively) with a checkpoint")

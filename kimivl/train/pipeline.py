@@ -31,8 +31,9 @@ from kimivl.train.calibrate import standardize_image_features
 from kimivl.train.loop import LoopConfig, train_loop
 from kimivl.train.metrics import plot_curves
 from kimivl.train.optim import build_optimizer
-from kimivl.train.recipe import PARTS, Recipe, RecipeError, Stage
+from kimivl.train.recipe import Recipe, RecipeError, Stage
 from kimivl.train.schedule import WSD, WarmupCosine, scheduler_at
+from kimivl.train.trainable import memory_plan, set_trainable
 from kimivl.train.vit import ViTPretrainer, caption_batch, vit_loss
 
 log = logging.getLogger(__name__)
@@ -164,8 +165,10 @@ class CaptionStream:
 
 
 def _freeze(model: KimiVL, stage: Stage) -> None:
-    for part in PARTS:
-        getattr(model, part).requires_grad_(part in stage.train)
+    try:
+        set_trainable(model, stage.train, stage.freeze)
+    except ValueError as e:
+        raise RecipeError(f"stage {stage.name!r}: {e}") from None
 
 
 def _loop_config(stage: Stage) -> LoopConfig:
@@ -216,6 +219,7 @@ def run_stage(recipe: Recipe, stage: Stage, model: KimiVL, processor: KimiVLProc
             names = sorted(n for n in used if not sources.is_text[n])
             samples = [encode(n, r) for n in names for r in sources.items[n][:CALIBRATION_SAMPLES]]
             standardize_image_features(model, samples, stage.standardize_images)
+    log.info("stage %s %s", stage.name, memory_plan(trainee))
     optimizer = build_optimizer(trainee, lr=stage.lr, weight_decay=stage.weight_decay, ns_dtype=stage.ns_dtype,
                                 lr_scale=stage.lr_scale)
     if stage.schedule == "continue":
@@ -278,6 +282,10 @@ def run_recipe(recipe: Recipe, progress: bool = True) -> KimiVL:
     base_dir = Path(recipe.base["checkpoint"]) if "checkpoint" in recipe.base else None
     processor = KimiVLProcessor(_tokenizer(recipe, sources, base_dir))
     model = _base_model(recipe, processor.tokenizer)
+    for stage in recipe.stages:  # a freeze pattern that matches nothing fails now, not stages later
+        if stage.freeze:
+            _freeze(model, stage)
+    model.requires_grad_(True)
     if (recipe.eval or {}).get("base") and not (recipe.out / "eval" / "base.json").is_file():
         evaluate_stage(recipe, "base", model, processor, progress)
     for stage in recipe.stages:

@@ -19,16 +19,16 @@ stages:
   - {name: rl, kind: rl, steps: 40, lr: 2.0e-4, sources: [reasoning], rl: {problems: 16, samples: 8}}
 ```
 Joint stages train parts named in ``train`` (``vision_tower``, ``multi_modal_projector``, ``language_model``;
-default all); ``lr_scale: {vision_tower: 0.1}`` multiplies a part's learning rate; ``standardize_images: 1.0``
-first rescales the projector so that the stage's image embeddings have mean 0 and that std in every channel
-(``kimivl.train.calibrate``). ``schedule: continue`` (the default) takes the LR multiplier of the recipe-wide
-schedule at the global step where the stage starts, so stages resume the curve of the one before; ``cosine`` gives
-the stage its own warm-up + cosine. ``budget`` is the packed tokens per step; ``rope_theta`` changes the LM's RoPE
-base from that stage on (long-context activation); ``recompute: true`` checkpoints activations (memory of one layer
-at a time, about a third more compute). An ``rl`` stage runs ``steps`` RL iterations on the problems of
-its ``sources`` (see ``kimivl.rl.trainer.RLConfig`` for the ``rl`` settings; ``budget`` is its packed log-prob row
-length).
-"""
+default all), less the parameters matching a ``freeze`` glob (``freeze: ["*.mlp.experts.*"]`` keeps the routed
+experts as they are; see ``kimivl.train.trainable``); ``lr_scale: {vision_tower: 0.1}`` multiplies a part's
+learning rate; ``standardize_images: 1.0`` first rescales the projector so that the stage's image embeddings have
+mean 0 and that std in every channel (``kimivl.train.calibrate``). ``schedule: continue`` (the default) takes the
+LR multiplier of the recipe-wide schedule at the global step where the stage starts, so stages resume the curve of
+the one before; ``cosine`` gives the stage its own warm-up + cosine. ``budget`` is the packed tokens per step;
+``rope_theta`` changes the LM's RoPE base from that stage on (long-context activation); ``recompute: true``
+checkpoints activations (memory of one layer at a time, about a third more compute). An ``rl`` stage runs ``steps``
+RL iterations on the problems of its ``sources`` (see ``kimivl.rl.trainer.RLConfig`` for the ``rl`` settings;
+``budget`` is its packed log-prob row length)."""
 
 from __future__ import annotations
 
@@ -57,6 +57,7 @@ class Stage:
     schedule: str = "continue"  # or "cosine"
     warmup: int = 0  # for schedule "cosine"
     train: list[str] = field(default_factory=lambda: list(PARTS))
+    freeze: list[str] = field(default_factory=list)  # globs of parameter names kept frozen within ``train``
     lr_scale: dict[str, float] = field(default_factory=dict)  # part -> multiplier of lr (joint and rl stages)
     standardize_images: float | None = None  # joint: first set image embeddings to mean 0, this std per channel
     mix: dict[str, float] = field(default_factory=dict)
@@ -86,6 +87,10 @@ class Stage:
         if bad or not self.train:
             problem = f"names unknown parts {sorted(bad)}" if bad else "is empty"
             raise RecipeError(f"{where}: train {problem}; choose from {PARTS}")
+        if not isinstance(self.freeze, list) or not all(isinstance(g, str) and g for g in self.freeze):
+            raise RecipeError(f"{where}: freeze is a list of parameter-name patterns, got {self.freeze!r}")
+        if self.freeze and self.kind == "vit":
+            raise RecipeError(f"{where}: a vit stage trains the vision tower alone; freeze does not apply")
         if set(self.lr_scale) - set(PARTS) or not all(isinstance(f, (int, float)) and f > 0
                                                        for f in self.lr_scale.values()):
             raise RecipeError(f"{where}: lr_scale maps parts of {PARTS} to factors > 0, got {self.lr_scale}")

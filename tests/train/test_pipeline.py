@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from kimivl import KimiVL
 from kimivl.cli import main
 from kimivl.data.formats import write_records
-from kimivl.train.pipeline import Sources
+from kimivl.train.pipeline import Sources, run_recipe
 from kimivl.train.recipe import RecipeError, load_recipe
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220)}
@@ -55,7 +55,7 @@ def recipe_dict(data_dir, out):
             {"name": "long-context", **joint, "budget": 384, "rope_theta": 800000.0, "mix": {"text": 1, "colour": 1},
              "recompute": True},
             {"name": "sft", **joint, "schedule": "cosine", "warmup": 1, "mix": {"colour": 1},
-             "lr_scale": {"vision_tower": 0.1, "multi_modal_projector": 0.1}},
+             "lr_scale": {"vision_tower": 0.1, "multi_modal_projector": 0.1}, "freeze": ["*.mlp.experts.*"]},
         ]}
 
 
@@ -73,6 +73,10 @@ def test_every_stage_runs_and_chains(data_dir, tmp_path):
     assert torch.equal(vit[key_lm], align[key_lm]) and torch.equal(vit[key_vit], align[key_vit])  # frozen
     assert not torch.equal(vit[key_proj], align[key_proj])  # trained
     assert not torch.equal(align[key_lm], pretrain[key_lm])
+    long, sft = (load_file(out / stage / "final" / "model.safetensors") for stage in ("long-context", "sft"))
+    routed = [k for k in sft if ".mlp.experts." in k]
+    assert routed and all(torch.equal(long[k], sft[k]) for k in routed)  # frozen by the sft stage's pattern
+    assert not torch.equal(long[key_lm], sft[key_lm])
     exported = KimiVL.from_pretrained(out / "export")
     assert exported.dtype == torch.bfloat16 and exported.config.text_config.rope_theta == 800000.0
     assert (out / "export" / "tiktoken.model").is_file() and (out / "curves.png").is_file()
@@ -126,6 +130,8 @@ def _stage(i, **changes):
     (_stage(1, kind="rl"), "an rl stage needs problem 'sources'"),
     (_stage(1, rl={"k": 4}), "'rl' settings are a mapping, for a stage of kind 'rl'"),
     (_stage(1, recompute="yes"), "recompute is true or false, got 'yes'"),
+    (_stage(1, freeze="*.experts.*"), "freeze is a list of parameter-name patterns, got '\\*.experts.\\*'"),
+    (_stage(0, freeze=["*.wqkv.*"]), "a vit stage trains the vision tower alone; freeze does not apply"),
     (_stage(1, epochs=3), "unexpected keyword argument 'epochs'"),
     (_stage(2, name="align"), "stage names must be unique"),
     (lambda r: r["schedule"].update(decay_stages=["warmdown"]), r"decay_stages names unknown stages \['warmdown'\]"),
@@ -226,3 +232,12 @@ def test_a_failing_stage_leaves_the_model_as_it_came(data_dir, tmp_path, monkeyp
     assert seen == {"recompute": True, "frozen": True}  # the stage ran as configured
     assert not model.language_model.recompute and not model.vision_tower.encoder.recompute
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_a_freeze_pattern_that_matches_nothing_fails_before_training(data_dir, tmp_path):
+    recipe = recipe_dict(data_dir, tmp_path / "run")
+    recipe["stages"][-1]["freeze"] = ["*.mlp.expert.*"]
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(RecipeError, match=r"stage 'sft': freeze pattern '\*\.mlp\.expert\.\*' matches no parameter"):
+        run_recipe(load_recipe(tmp_path / "r.yaml"), progress=False)
+    assert not (tmp_path / "run" / "vit").exists()

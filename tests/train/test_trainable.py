@@ -1,0 +1,78 @@
+"""What a stage trains (parts less freeze patterns) and the memory it says training will hold."""
+
+import pytest
+import torch
+
+from kimivl import KimiVL
+from kimivl.cli import main
+from kimivl.train.optim import build_optimizer
+from kimivl.train.trainable import memory_plan, set_trainable
+
+EXPERTS = "*.mlp.experts.*"
+
+
+def train_step(model):
+    opt = build_optimizer(model, lr=1e-2)
+    ids = torch.randint(0, model.config.text_config.vocab_size, (1, 24))
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    return opt
+
+
+def test_freeze_keeps_the_routed_experts_as_they_were(tiny_model):
+    set_trainable(tiny_model, ["multi_modal_projector", "language_model"], [EXPERTS])
+    trained = {n for n, p in tiny_model.named_parameters() if p.requires_grad}
+    assert not any(n.startswith("vision_tower.") for n in trained)
+    routed = [n for n, _ in tiny_model.named_parameters() if ".mlp.experts." in n]
+    assert routed and not set(routed) & trained
+    assert any(".mlp.shared_experts." in n for n in trained) and any(".self_attn." in n for n in trained)
+    before = {n: p.detach().clone() for n, p in tiny_model.named_parameters()}
+    train_step(tiny_model)
+    after = dict(tiny_model.named_parameters())
+    assert all(torch.equal(before[n], after[n]) for n in routed)
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed and changed <= trained
+
+
+def test_memory_plan_is_what_training_holds(tiny_model):
+    set_trainable(tiny_model, ["language_model"], [EXPERTS, "*.embed_tokens.*"])  # every one gets a gradient
+    plan = memory_plan(tiny_model)
+    opt = train_step(tiny_model)
+    params = list(tiny_model.parameters())
+    trained = [p for p in params if p.requires_grad]
+    assert plan.total == sum(p.numel() for p in params) and plan.trained == sum(p.numel() for p in trained)
+    assert plan.weights == 4 * plan.total
+    assert plan.gradients == sum(p.grad.numel() * 4 for p in trained) == 4 * plan.trained
+    held = sum(t.numel() * t.element_size() for state in opt.state.values() for t in state.values()
+               if isinstance(t, torch.Tensor))
+    assert plan.optimizer == held
+    assert all(p.grad is None for p in params if not p.requires_grad)
+    tiny_model.to(torch.bfloat16)  # the router keeps its float32 weights: each tensor counts in its own dtype
+    weights = memory_plan(tiny_model).weights
+    assert weights == sum(p.numel() * p.element_size() for p in params) and 2 * plan.total < weights < 2.01 * plan.total
+
+
+def test_a_pattern_that_matches_nothing_or_everything_is_an_error(tiny_model):
+    with pytest.raises(ValueError, match=r"freeze pattern '\*\.mlp\.expert\.\*' matches no parameter"):
+        set_trainable(tiny_model, ["language_model"], ["*.mlp.expert.*"])
+    with pytest.raises(ValueError, match="matches no parameter of the trained parts \\['language_model'\\]"):
+        set_trainable(tiny_model, ["language_model"], ["vision_tower.*"])  # frozen already: a likely mistake
+    with pytest.raises(ValueError, match="leaves nothing of \\['multi_modal_projector'\\] to train"):
+        set_trainable(tiny_model, ["multi_modal_projector"], ["*"])
+
+
+def test_info_prints_the_memory_of_a_fine_tuning_plan(capsys, tiny_config, tmp_path):
+    assert main(["info", "--preset", "kimi-vl-a3b", "--train", "multi_modal_projector", "language_model",
+                 "--freeze", EXPERTS]) == 0
+    out = capsys.readouterr().out.splitlines()[-1]
+    assert out.startswith("training multi_modal_projector + language_model, less *.mlp.experts.*: trains 1.60B "
+                          "of 16.41B parameters; holds weights 65.6 GB, gradients 6.4 GB")
+    tiny_config.save_pretrained(tmp_path)
+    assert main(["info", str(tmp_path), "--train", "language_model"]) == 0
+    with torch.device("meta"):
+        model = KimiVL(tiny_config)
+    set_trainable(model, ["language_model"])
+    assert capsys.readouterr().out.splitlines()[-1] == f"training language_model: {memory_plan(model)}"
+    assert main(["info", str(tmp_path), "--freeze", "nothing*"]) == 2
+    assert "freeze pattern 'nothing*' matches no parameter" in capsys.readouterr().err
