@@ -104,7 +104,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from kimivl.train.recipe import load_recipe
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    recipe = load_recipe(args.recipe, {"out": args.out} if args.out else None)
+    overrides = {key: value for key, value in (("out", args.out), ("device", args.device)) if value}
+    recipe = load_recipe(args.recipe, overrides)
     started = any(recipe.out.glob("*/checkpoints")) or any(recipe.out.glob("*/final"))
     if started and not args.resume:
         raise ValueError(f"{recipe.out} already holds a run of this recipe; pass --resume to continue it "
@@ -218,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("recipe", help="recipe file, e.g. recipes/tiny.yaml")
     train.add_argument("--resume", action="store_true", help="continue a run: skip finished stages, resume the rest")
     train.add_argument("--out", help="run directory (default: the recipe's 'out')")
+    train.add_argument("--device", help="where to train, e.g. cuda (default: the recipe's 'device', else cpu)")
     train.set_defaults(func=cmd_train)
 
     from kimivl.demo import DEFAULT_EXAMPLES, DEFAULT_MODEL

@@ -69,8 +69,8 @@ class KimiVL(nn.Module):
 
     def get_image_features(self, pixel_values: torch.Tensor, image_grid_hws: torch.Tensor) -> torch.Tensor:
         """Packed patches of many images -> LM-width features, (sum of h/2 * w/2, text hidden size)."""
-        tower_dtype = self.vision_tower.patch_embed.proj.weight.dtype
-        feats_NC = self.vision_tower(pixel_values.to(tower_dtype), image_grid_hws)
+        weight = self.vision_tower.patch_embed.proj.weight
+        feats_NC = self.vision_tower(pixel_values.to(weight.device, weight.dtype), image_grid_hws)
         merged_TKC = patch_merge(feats_NC, image_grid_hws, self.config.vision_config.merge_kernel_size)
         return self.multi_modal_projector(merged_TKC)
 

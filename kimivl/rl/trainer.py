@@ -145,6 +145,7 @@ class RLTrainer:
         if length_on:
             reward = reward + cfg.length_weight * length_reward(lengths, correct >= 0.5, k)
         advantage = group_baseline(reward, k) if cfg.objective == "opmd" else group_normalised(reward, k)
+        advantage = advantage.to(self.policy.device)  # beside the log-probs it weighs
 
         prompts = [encoded[r.prompt].input_ids for r in rolls]
         responses = [r.ids for r in rolls]

@@ -4,6 +4,7 @@ checkpoints, NaN guard, progress bar and metrics."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -45,6 +46,15 @@ class LoopConfig:
 LossFn = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, dict[str, float], int]]
 
 
+def to_device(batch: Any, device: torch.device) -> Any:
+    """A dataclass ``batch`` with its tensor fields on ``device`` (anything else is returned as it is)."""
+    if not dataclasses.is_dataclass(batch):
+        return batch
+    moved = {f.name: value.to(device) for f in dataclasses.fields(batch)
+             if isinstance(value := getattr(batch, f.name), torch.Tensor)}
+    return dataclasses.replace(batch, **moved)
+
+
 def train_loop(model: torch.nn.Module, loss_fn: LossFn, data: Batches, optimizer: torch.optim.Optimizer,
                scheduler: torch.optim.lr_scheduler.LRScheduler, cfg: LoopConfig, run_dir: str | Path,
                stage: str, resume: bool = True, progress: bool = True) -> dict[str, float]:
@@ -65,7 +75,7 @@ def train_loop(model: torch.nn.Module, loss_fn: LossFn, data: Batches, optimizer
         return save_state(ckpt_dir, model, {"step": step, "position": position, "optimizer": optimizer.state_dict(),
                                             "scheduler": scheduler.state_dict()}, keep=cfg.keep_checkpoints)
 
-    device_type = next(model.parameters()).device.type
+    device = next(model.parameters()).device
     last: dict[str, float] = {}
     tokens_seen, t0 = 0, time.perf_counter()
     bar = tqdm(total=cfg.steps, initial=step, desc=stage, disable=not progress, unit="step", dynamic_ncols=True)
@@ -82,8 +92,8 @@ def train_loop(model: torch.nn.Module, loss_fn: LossFn, data: Batches, optimizer
                 where = saved or checkpoint()
                 raise TrainingError(f"{stage}: no batch for step {step + 1}: {e}; the state before it is saved at "
                                     f"{where} (fix the data, then resume)") from e
-            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                loss, values, n_tokens = loss_fn(model, batch)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                loss, values, n_tokens = loss_fn(model, to_device(batch, device))
             if not torch.isfinite(loss):
                 raise TrainingError(f"{stage}: loss is {loss.item()} at step {step}; the last good state is "
                                     f"saved at {checkpoint()}")

@@ -113,7 +113,7 @@ def _record_text(record: dict) -> str:
 
 def _base_model(recipe: Recipe, tokenizer: KimiTokenizer) -> KimiVL:
     if "checkpoint" in recipe.base:
-        return KimiVL.from_pretrained(recipe.base["checkpoint"], dtype=torch.float32)
+        return KimiVL.from_pretrained(recipe.base["checkpoint"], dtype=torch.float32, device=recipe.device)
     config = KimiVLConfig.from_preset(recipe.base["preset"])
     n = tokenizer.n_ranks
     text = dataclasses.replace(config.text_config, vocab_size=n + 256, bos_token_id=tokenizer.bos_id,
@@ -121,7 +121,7 @@ def _base_model(recipe: Recipe, tokenizer: KimiTokenizer) -> KimiVL:
     config = dataclasses.replace(config, text_config=text, media_placeholder_token_id=tokenizer.media_pad_id,
                                  pad_token_id=tokenizer.pad_id)
     torch.manual_seed(recipe.seed)
-    return KimiVL(config)
+    return KimiVL(config).to(recipe.device)  # initialised on the CPU, so every device starts from the same weights
 
 
 def global_schedule(recipe: Recipe) -> tuple[WSD, dict[str, int]]:
@@ -200,7 +200,7 @@ def run_stage(recipe: Recipe, stage: Stage, model: KimiVL, processor: KimiVLProc
         model.config.text_config.rope_theta = float(stage.rope_theta)
     if stage.kind == "vit":
         records = Concat([sources.items[name] for name in stage.sources])
-        trainee = ViTPretrainer(model.vision_tower, model.config.text_config.vocab_size)
+        trainee = ViTPretrainer(model.vision_tower, model.config.text_config.vocab_size).to(model.device)
         data, loss_fn = CaptionStream(records, processor, stage.images_per_batch, recipe.seed), vit_loss
     elif stage.kind == "rl":
         _freeze(model, stage)
@@ -292,7 +292,7 @@ def run_recipe(recipe: Recipe, progress: bool = True) -> KimiVL:
         final = recipe.out / stage.name / FINAL
         if (final / "config.json").is_file():
             log.info("stage %s already finished; loading %s", stage.name, final)
-            model = KimiVL.from_pretrained(final, dtype=torch.float32)
+            model = KimiVL.from_pretrained(final, dtype=torch.float32, device=recipe.device)
             continue
         log.info("stage %s: %d steps", stage.name, stage.steps)
         run_stage(recipe, stage, model, processor, sources, progress)

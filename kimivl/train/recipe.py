@@ -6,6 +6,7 @@ seed: 0
 out: runs/tiny                        # stage checkpoints, metrics.jsonl, curves.png
 base: {preset: tiny}                  # or {checkpoint: path/to/official/checkpoint}
 tokenizer: {train_vocab: 3840}        # or {path: dir}; default: the base checkpoint's own
+device: cpu                           # or cuda (kimivl train --device overrides it)
 world: {seed: 0, train: 4000, heldout: 300}   # optional: build the synthetic world under out/world
 sources: {caption: world/train/caption.jsonl, text: world/train/text.jsonl}   # name -> JSONL (relative to out/)
 schedule: {warmup: 50, decay_stages: [cooldown]}   # one warm-up/stable/decay LR curve over 'continue' stages
@@ -123,6 +124,7 @@ class Recipe:
     schedule: dict[str, Any] = field(default_factory=lambda: {"warmup": 0, "decay_stages": []})
     export: dict[str, Any] | None = None
     eval: dict[str, Any] | None = None  # {after: [stage, ...], split: DIR of <task>.jsonl, limit: N per task, base}
+    device: str = "cpu"  # where the model trains: "cuda", "cuda:1", ...
 
     def __post_init__(self):
         self.tokenizer = {} if self.tokenizer is None else self.tokenizer  # an empty `tokenizer:` in YAML
@@ -154,10 +156,24 @@ class Recipe:
             raise RecipeError(f"eval.after names unknown stages {sorted(unknown)}")
         if len(self.base) != 1 or next(iter(self.base)) not in ("preset", "checkpoint"):
             raise RecipeError(f"base must be {{preset: NAME}} or {{checkpoint: PATH}}, got {self.base}")
+        _check_device(self.device)
 
     def source_path(self, name: str) -> Path:
         spec = self.sources[name]
         return self.out / (spec["path"] if isinstance(spec, dict) else spec)
+
+
+def _check_device(name: Any) -> None:
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise RecipeError(f"device must name a torch device such as 'cpu' or 'cuda', got {name!r}") from None
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        raise RecipeError(f"device {name!r} is not available here ({torch.cuda.device_count()} CUDA devices)")
+    if device.type not in ("cpu", "cuda"):
+        raise RecipeError(f"device {name!r}: training runs on 'cpu' or 'cuda'")
 
 
 def _check_keys(key: str, value: Any, allowed: set[str]) -> None:

@@ -81,6 +81,6 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
 def load_state(path: str | os.PathLike, model) -> dict[str, Any]:
     """Restore ``model`` weights and the global RNG from checkpoint ``path``; return the trainer dict."""
     load_checkpoint(model, path)
-    trainer = torch.load(Path(path) / TRAINER_FILE, weights_only=True)
+    trainer = torch.load(Path(path) / TRAINER_FILE, map_location="cpu", weights_only=True)
     set_rng_state(trainer.pop("rng"))
     return trainer

@@ -51,7 +51,8 @@ class ViTPretrainer(nn.Module):
         feats_NC = self.tower(batch.pixel_values, batch.image_grid_hws)
         sizes = (batch.image_grid_hws[:, 0] * batch.image_grid_hws[:, 1]).tolist()
         padded = nn.utils.rnn.pad_sequence(list(feats_NC.split(sizes)), batch_first=True)
-        mask = torch.arange(padded.shape[1])[None] < torch.tensor(sizes)[:, None]
+        lengths = torch.tensor(sizes, device=padded.device)
+        mask = torch.arange(padded.shape[1], device=padded.device)[None] < lengths[:, None]
         return padded, mask
 
     def forward(self, batch: CaptionBatch) -> tuple[torch.Tensor, dict[str, float]]:

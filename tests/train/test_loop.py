@@ -8,7 +8,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from kimivl import KimiVL
 from kimivl.data.mixture import Mixture
-from kimivl.train.loop import LoopConfig, TrainingError, train_loop
+from kimivl.data.packing import PackedBatch
+from kimivl.train.loop import LoopConfig, TrainingError, to_device, train_loop
 from kimivl.train.optim import build_optimizer
 from kimivl.train.schedule import WarmupCosine, scheduler_at
 from kimivl.train.state import latest_checkpoint
@@ -127,3 +128,12 @@ def test_a_sample_that_cannot_be_encoded_stops_with_the_progress_saved(small_mod
     model, data, opt, sched = setup(small_model, small_processor, seed=123)
     train_loop(model, joint_loss, data, opt, sched, cfg, tmp_path / "b", "s", progress=False)
     assert losses(tmp_path / "b") == losses(tmp_path / "a")
+
+
+def test_batches_move_to_the_model_device():
+    batch = PackedBatch(torch.ones(1, 4, dtype=torch.long), torch.ones(1, 4, dtype=torch.long),
+                        torch.tensor([0, 4], dtype=torch.int32), None, None, budget=8)
+    moved = to_device(batch, torch.device("meta"))
+    assert all(t.is_meta for t in (moved.input_ids, moved.labels, moved.cu_seqlens))
+    assert moved.pixel_values is None and moved.budget == 8 and batch.input_ids.device.type == "cpu"
+    assert to_device((1, 2), torch.device("meta")) == (1, 2)

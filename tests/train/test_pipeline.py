@@ -138,6 +138,9 @@ def _stage(i, **changes):
     (lambda r: r.update(eval={"after": ["final"], "split": "world/heldout"}),
      r"eval.after names unknown stages \['final'\]"),
     (lambda r: r.update(base={"hub": "moonshotai/Kimi-VL"}), "base must be {preset: NAME} or {checkpoint: PATH}"),
+    (lambda r: r.update(device="gpu"), "device must name a torch device such as 'cpu' or 'cuda', got 'gpu'"),
+    (lambda r: r.update(device="cuda:99"), "device 'cuda:99' is not available here"),
+    (lambda r: r.update(device="meta"), "device 'meta': training runs on 'cpu' or 'cuda'"),
     (lambda r: r.update(stages=[]), "has no stages"),
     (lambda r: r.update(epochs=3), r"unknown keys \['epochs'\]"),
     (lambda r: r["schedule"].update(warm_up=10), r"schedule has unknown keys \['warm_up'\]"),
@@ -241,3 +244,13 @@ def test_a_freeze_pattern_that_matches_nothing_fails_before_training(data_dir, t
     with pytest.raises(RecipeError, match=r"stage 'sft': freeze pattern '\*\.mlp\.expert\.\*' matches no parameter"):
         run_recipe(load_recipe(tmp_path / "r.yaml"), progress=False)
     assert not (tmp_path / "run" / "vit").exists()
+
+
+def test_the_device_comes_from_the_recipe_or_the_command_line(data_dir, tmp_path, capsys):
+    recipe = recipe_dict(data_dir, tmp_path / "run")
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    assert load_recipe(tmp_path / "r.yaml").device == "cpu"
+    assert load_recipe(tmp_path / "r.yaml", {"device": "cpu:0"}).device == "cpu:0"
+    assert main(["train", str(tmp_path / "r.yaml"), "--device", "cuda:99"]) == 2
+    assert "device 'cuda:99' is not available here" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,138 @@
+"""The checks that need a GPU, which CI does not have: ``python .ci/device_check.py [--device cuda]`` (bash
+.ci/device-check installs first). With ``--device cpu`` the same code runs here, so the script itself is tested.
+
+1. kimivl-tiny on the bundled held-out questions: greedy answers on the device against the CPU's (bf16 kernels differ,
+   so a few answers may), and its accuracy.
+2. One packed training step of kimivl-tiny (bf16 autocast): loss and gradient norm on the device against the CPU's.
+3. A recipe with a vit, a joint (experts frozen) and an rl stage trains on the device, resumes, and exports.
+4. With flash-attn installed, packed attention through it against the exact SDPA path.
+Prints one line per check and exits non-zero when one fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = REPO / "models" / "kimivl-tiny"
+
+
+def answers(device: str) -> tuple[list[str], float]:
+    from kimivl import KimiVL, KimiVLProcessor
+    from kimivl.eval.synthetic import evaluate, heldout_records
+
+    model = KimiVL.from_pretrained(MODEL, dtype=torch.bfloat16, device=device)
+    accuracy, rows = evaluate(model, KimiVLProcessor.from_pretrained(MODEL), heldout_records(REPO / "examples/heldout"),
+                              max_new_tokens=160, progress=False)
+    return [r["prediction"] for r in rows], accuracy["all"]
+
+
+def train_step(device: str) -> tuple[float, float]:
+    from kimivl import KimiVL, KimiVLProcessor
+    from kimivl.data.formats import iter_records
+    from kimivl.data.packing import pack
+    from kimivl.train.loop import to_device
+
+    processor = KimiVLProcessor.from_pretrained(MODEL)
+    records = list(iter_records(REPO / "examples/heldout/caption.jsonl"))[:6]
+    batch = to_device(pack([processor.encode_for_training(r["messages"]) for r in records], 4096), torch.device(device))
+    model = KimiVL.from_pretrained(MODEL, dtype=torch.float32, device=device).train()
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        loss = model(**batch.kwargs()).loss
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9)
+    return loss.item(), norm.item()
+
+
+def recipe_runs(device: str, work: Path) -> str:
+    from kimivl.cli import main
+
+    recipe = {"name": "device-check", "out": str(work / "run"), "device": device, "base": {"preset": "tiny"},
+              "tokenizer": {"train_vocab": 600}, "world": {"seed": 0, "train": 40, "heldout": 4},
+              "sources": {"caption": "world/train/caption.jsonl", "text": "world/train/text.jsonl",
+                          "reasoning": "world/train/reasoning.jsonl"},
+              "export": {"path": str(work / "export")},
+              "stages": [{"name": "vit", "kind": "vit", "steps": 3, "lr": 1e-3, "sources": ["caption"],
+                          "images_per_batch": 4},
+                         {"name": "joint", "kind": "joint", "steps": 3, "lr": 1e-3, "budget": 1024, "ckpt_every": 2,
+                          "mix": {"caption": 1, "text": 1}, "freeze": ["*.mlp.experts.*"], "recompute": True},
+                         {"name": "rl", "kind": "rl", "steps": 2, "lr": 1e-4, "budget": 1024, "sources": ["reasoning"],
+                          "rl": {"problems": 2, "samples": 2, "max_new_tokens": 16}}]}
+    path = work / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    if main(["train", str(path)]) != 0 or main(["train", str(path), "--resume"]) != 0:
+        raise RuntimeError("kimivl train failed")
+    metrics = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
+    if not all(math.isfinite(m["loss"]) for m in metrics):
+        raise RuntimeError(f"a non-finite loss: {metrics}")
+    return f"{len(metrics)} metric rows, all finite; exported {sorted(p.name for p in (work / 'export').iterdir())}"
+
+
+def flash_against_sdpa(device: str) -> str:
+    from kimivl.model import attention
+
+    if not attention.use_flash(torch.zeros(1, device=device, dtype=torch.bfloat16)):
+        return "flash-attn not usable here: skipped"
+    torch.manual_seed(0)
+    q, k = (torch.randn(700, 8, 192, device=device, dtype=torch.bfloat16) for _ in range(2))
+    v = torch.randn(700, 8, 128, device=device, dtype=torch.bfloat16)
+    cu = torch.tensor([0, 100, 450, 700], dtype=torch.int32, device=device)
+    fast = attention.varlen_attention(q, k, v, cu, causal=True)
+    kernel, attention.flash_attn_varlen_func = attention.flash_attn_varlen_func, None
+    try:
+        exact = attention.varlen_attention(q, k, v, cu, causal=True)
+    finally:
+        attention.flash_attn_varlen_func = kernel
+    err = (fast.float() - exact.float()).abs().max().item()
+    if err > 2e-2:
+        raise RuntimeError(f"flash-attn differs from SDPA by {err}")
+    return f"flash-attn within {err:.1e} of SDPA"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda")
+    device = ap.parse_args().device
+    failed = False
+
+    def check(name, fn):
+        nonlocal failed
+        start = time.perf_counter()
+        try:
+            print(f"ok   {name}: {fn()} ({time.perf_counter() - start:.0f} s)", flush=True)
+        except Exception as e:  # report every check, then fail
+            failed = True
+            print(f"FAIL {name}: {type(e).__name__}: {e}", flush=True)
+
+    def same_answers():
+        (here, acc_here), (cpu, acc_cpu) = answers(device), answers("cpu")
+        same = sum(a == b for a, b in zip(here, cpu))
+        if same < 0.9 * len(cpu):
+            raise RuntimeError(f"only {same} of {len(cpu)} answers equal the CPU's")
+        return f"{same}/{len(cpu)} answers as on the CPU; accuracy {100 * acc_here:.1f}% vs {100 * acc_cpu:.1f}%"
+
+    def same_step():
+        (loss, norm), (loss_cpu, norm_cpu) = train_step(device), train_step("cpu")
+        if abs(loss - loss_cpu) > 0.02 * loss_cpu or abs(norm - norm_cpu) > 0.05 * norm_cpu:
+            raise RuntimeError(f"loss {loss} / grad norm {norm} against the CPU's {loss_cpu} / {norm_cpu}")
+        return f"loss {loss:.4f} vs {loss_cpu:.4f}, gradient norm {norm:.3f} vs {norm_cpu:.3f}"
+
+    check("generation", same_answers)
+    check("training step", same_step)
+    with tempfile.TemporaryDirectory() as work:
+        check("recipe", lambda: recipe_runs(device, Path(work)))
+    check("flash-attn", lambda: flash_against_sdpa(device))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
