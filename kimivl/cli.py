@@ -31,7 +31,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         import torch
 
         from kimivl import KimiVL
-        from kimivl.train.trainable import memory_plan, set_trainable
+        from kimivl.train.trainable import hold_frozen_in_bf16, memory_plan, set_trainable
 
         with torch.device("meta"):
             model = KimiVL(config)  # float32, as training keeps its weights
@@ -40,8 +40,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+        hold_frozen_in_bf16(model, check=False)  # as joint stages do with a bfloat16 checkpoint's frozen weights
         frozen = f", less {' '.join(args.freeze)}" if args.freeze else ""
-        print(f"training {' + '.join(args.train or PARTS)}{frozen}: {memory_plan(model)}")
+        print(f"training {' + '.join(args.train or PARTS)}{frozen} from a bfloat16 checkpoint: {memory_plan(model)}")
     return 0
 
 

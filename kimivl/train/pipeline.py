@@ -33,7 +33,7 @@ from kimivl.train.metrics import plot_curves
 from kimivl.train.optim import build_optimizer
 from kimivl.train.recipe import Recipe, RecipeError, Stage
 from kimivl.train.schedule import WSD, WarmupCosine, scheduler_at
-from kimivl.train.trainable import memory_plan, set_trainable
+from kimivl.train.trainable import hold_frozen_in_bf16, memory_plan, restore_float32, set_trainable
 from kimivl.train.vit import ViTPretrainer, caption_batch, vit_loss
 
 log = logging.getLogger(__name__)
@@ -219,7 +219,6 @@ def run_stage(recipe: Recipe, stage: Stage, model: KimiVL, processor: KimiVLProc
             names = sorted(n for n in used if not sources.is_text[n])
             samples = [encode(n, r) for n in names for r in sources.items[n][:CALIBRATION_SAMPLES]]
             standardize_image_features(model, samples, stage.standardize_images)
-    log.info("stage %s %s", stage.name, memory_plan(trainee))
     optimizer = build_optimizer(trainee, lr=stage.lr, weight_decay=stage.weight_decay, ns_dtype=stage.ns_dtype,
                                 lr_scale=stage.lr_scale)
     if stage.schedule == "continue":
@@ -227,8 +226,12 @@ def run_stage(recipe: Recipe, stage: Stage, model: KimiVL, processor: KimiVLProc
         scheduler = scheduler_at(optimizer, lambda step: schedule(offset + step))
     else:
         scheduler = scheduler_at(optimizer, WarmupCosine(stage.warmup, stage.steps, min_ratio=0.1))
-    model.set_recompute(stage.recompute)
+    # frozen weights of a bfloat16 checkpoint train as they would in float32, in half the memory (joint stages:
+    # everything they run is autocast; the rl stage's generation is not)
+    held = hold_frozen_in_bf16(model) if stage.kind == "joint" else []
     try:
+        log.info("stage %s %s", stage.name, memory_plan(trainee))
+        model.set_recompute(stage.recompute)
         if stage.kind == "rl":
             from kimivl.rl.trainer import RLTrainer
 
@@ -238,6 +241,7 @@ def run_stage(recipe: Recipe, stage: Stage, model: KimiVL, processor: KimiVLProc
         return train_loop(trainee, loss_fn, data, optimizer, scheduler, _loop_config(stage), recipe.out,
                           stage.name, progress=progress)
     finally:  # the model leaves the stage as it came, even when the stage stops with an error
+        restore_float32(held)
         model.requires_grad_(True)
         model.set_recompute(False)
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
+import torch
 from torch import nn
 
+from kimivl.model.moe import GroupedExperts
 from kimivl.train.optim import partition_params
 from kimivl.train.recipe import PARTS
 
@@ -31,6 +33,33 @@ def set_trainable(model: nn.Module, parts: list[str], freeze: list[str] = ()) ->
             trained[name].requires_grad_(False)
     if not any(p.requires_grad for p in trained.values()):
         raise ValueError(f"freeze {list(freeze)} leaves nothing of {list(parts)} to train")
+
+
+def hold_frozen_in_bf16(model: nn.Module, check: bool = True) -> list[nn.Parameter]:
+    """Store each frozen float32 matrix that bf16 autocast multiplies in bfloat16 anyway (``nn.Linear`` weights, the
+    experts' stacks) in bfloat16, when that loses nothing: its values are bfloat16 values, as in a weight loaded from a
+    bfloat16 checkpoint and not trained since. Training under autocast then computes exactly what it did, and those
+    weights take half the memory. ``check=False`` skips the value check (for a meta-device plan). Returns the changed
+    parameters, for ``restore_float32``."""
+    held = []
+    for module in model.modules():
+        names = ("gate_up_proj", "down_proj") if isinstance(module, GroupedExperts) else \
+            ("weight",) if isinstance(module, nn.Linear) else ()
+        for name in names:
+            p = getattr(module, name)
+            if p.requires_grad or p.dtype != torch.float32:
+                continue
+            if check and (p.detach().view(torch.int32) & 0xFFFF).any():  # mantissa bits bfloat16 lacks
+                continue
+            p.data = p.data.to(torch.bfloat16)
+            held.append(p)
+    return held
+
+
+def restore_float32(params: list[nn.Parameter]) -> None:
+    """Undo ``hold_frozen_in_bf16`` (exactly: the values were bfloat16 values)."""
+    for p in params:
+        p.data = p.data.float()
 
 
 @dataclass

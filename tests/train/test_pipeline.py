@@ -254,3 +254,29 @@ def test_the_device_comes_from_the_recipe_or_the_command_line(data_dir, tmp_path
     assert main(["train", str(tmp_path / "r.yaml"), "--device", "cuda:99"]) == 2
     assert "device 'cuda:99' is not available here" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_fine_tuning_a_bf16_checkpoint_holds_frozen_weights_in_bf16_and_trains_the_same(
+        data_dir, tmp_path, small_model, small_processor, monkeypatch, caplog):
+    base = tmp_path / "base"
+    small_model.save_pretrained(base, dtype=torch.bfloat16)
+    small_processor.save_pretrained(base)
+    stage = {"name": "sft", "kind": "joint", "steps": 2, "lr": 1e-3, "budget": 192, "ckpt_every": 1,
+             "train": ["multi_modal_projector", "language_model"], "freeze": ["*.mlp.experts.*"], "mix": {"colour": 1}}
+    finals = {}
+    for run, hold in (("held", True), ("float32", False)):
+        if not hold:
+            monkeypatch.setattr("kimivl.train.pipeline.hold_frozen_in_bf16", lambda model: [])
+        recipe = {"name": run, "out": str(tmp_path / run), "base": {"checkpoint": str(base)},
+                  "sources": {"colour": str(data_dir / "colour.jsonl")}, "stages": [stage]}
+        (tmp_path / f"{run}.yaml").write_text(yaml.safe_dump(recipe))
+        with caplog.at_level("INFO", logger="kimivl.train.pipeline"):
+            model = run_recipe(load_recipe(tmp_path / f"{run}.yaml"), progress=False)
+        assert all(p.dtype == torch.float32 for p in model.parameters())  # as it came, after the stage
+        finals[run] = load_file(tmp_path / run / "sft" / "final" / "model.safetensors")
+        checkpoint = load_file(tmp_path / run / "sft" / "checkpoints" / "step-0000001" / "model.safetensors")
+        expert = next(k for k in checkpoint if ".mlp.experts." in k)
+        assert checkpoint[expert].dtype == (torch.bfloat16 if hold else torch.float32)
+    assert all(torch.equal(finals["held"][k], finals["float32"][k]) for k in finals["held"])
+    plans = [r.getMessage() for r in caplog.records if "holds weights" in r.getMessage()]
+    assert len(plans) == 2 and plans[0] != plans[1]

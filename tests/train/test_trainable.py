@@ -6,7 +6,7 @@ import torch
 from kimivl import KimiVL
 from kimivl.cli import main
 from kimivl.train.optim import build_optimizer
-from kimivl.train.trainable import memory_plan, set_trainable
+from kimivl.train.trainable import hold_frozen_in_bf16, memory_plan, restore_float32, set_trainable
 
 EXPERTS = "*.mlp.experts.*"
 
@@ -66,13 +66,56 @@ def test_info_prints_the_memory_of_a_fine_tuning_plan(capsys, tiny_config, tmp_p
     assert main(["info", "--preset", "kimi-vl-a3b", "--train", "multi_modal_projector", "language_model",
                  "--freeze", EXPERTS]) == 0
     out = capsys.readouterr().out.splitlines()[-1]
-    assert out.startswith("training multi_modal_projector + language_model, less *.mlp.experts.*: trains 1.60B "
-                          "of 16.41B parameters; holds weights 65.6 GB, gradients 6.4 GB")
+    assert out == ("training multi_modal_projector + language_model, less *.mlp.experts.* from a bfloat16 "
+                   "checkpoint: trains 1.60B of 16.41B parameters; holds weights 36.0 GB, gradients 6.4 GB, "
+                   "optimiser state 9.1 GB (total 51.5 GB, activations on top)")
     tiny_config.save_pretrained(tmp_path)
     assert main(["info", str(tmp_path), "--train", "language_model"]) == 0
     with torch.device("meta"):
         model = KimiVL(tiny_config)
     set_trainable(model, ["language_model"])
-    assert capsys.readouterr().out.splitlines()[-1] == f"training language_model: {memory_plan(model)}"
+    hold_frozen_in_bf16(model, check=False)
+    expected = f"training language_model from a bfloat16 checkpoint: {memory_plan(model)}"
+    assert capsys.readouterr().out.splitlines()[-1] == expected
     assert main(["info", str(tmp_path), "--freeze", "nothing*"]) == 2
     assert "freeze pattern 'nothing*' matches no parameter" in capsys.readouterr().err
+
+
+def loss_and_grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_frozen_bf16_weights_train_exactly_as_float32_in_half_the_memory(tiny_model):
+    tiny_model.to(torch.bfloat16).float().train()  # float32 holding bfloat16 values, as loaded from a bf16 checkpoint
+    set_trainable(tiny_model, ["language_model"], [EXPERTS, "*.self_attn.q_proj.*"])
+    ids = torch.randint(0, tiny_model.config.text_config.vocab_size, (2, 16))
+    before, plan = loss_and_grads(tiny_model, ids), memory_plan(tiny_model)
+    originals = {n: p.detach().clone() for n, p in tiny_model.named_parameters()}
+    held = hold_frozen_in_bf16(tiny_model)
+    dtypes = {n: p.dtype for n, p in tiny_model.named_parameters()}
+    bf16 = {n for n, d in dtypes.items() if d == torch.bfloat16}
+    assert any(".mlp.experts." in n for n in bf16) and any(".q_proj." in n for n in bf16)
+    assert any(n.startswith("vision_tower.") and n.endswith("wqkv.weight") for n in bf16)
+    assert "language_model.lm_head.weight" not in bf16 and "language_model.model.embed_tokens.weight" not in bf16
+    assert not any(p.requires_grad for n, p in tiny_model.named_parameters() if n in bf16)
+    assert not any(".mlp.gate." in n or "norm" in n for n in bf16)  # the router, norms: only autocast's matrices
+    after = loss_and_grads(tiny_model, ids)
+    assert torch.equal(before[0], after[0]) and before[1].keys() == after[1].keys()
+    assert all(torch.equal(before[1][n], after[1][n]) for n in before[1])
+    saved = sum(p.numel() * 2 for p in held)
+    assert len(held) == len(bf16) and memory_plan(tiny_model).weights == plan.weights - saved
+    restore_float32(held)
+    assert all(p.dtype == originals[n].dtype and torch.equal(p, originals[n]) for n, p in tiny_model.named_parameters())
+
+
+def test_weights_with_more_precision_than_bf16_stay_float32(tiny_model):
+    set_trainable(tiny_model, ["language_model"], [EXPERTS])  # freshly initialised float32 values
+    assert hold_frozen_in_bf16(tiny_model) == []
+    with torch.device("meta"):
+        planned = KimiVL(tiny_model.config)
+    set_trainable(planned, ["language_model"], [EXPERTS])
+    assert len(hold_frozen_in_bf16(planned, check=False)) > 0  # a plan assumes a bf16 checkpoint
