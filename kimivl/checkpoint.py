@@ -6,6 +6,7 @@ Loading copies tensor by tensor into an already-allocated model, so a 16B checkp
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ log = logging.getLogger(__name__)
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+FROZEN_FINGERPRINT = "kimivl_frozen_fingerprint"  # safetensors metadata of a training checkpoint's frozen shard
 # Keys that released checkpoints may carry but that hold nothing a model needs.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -110,26 +112,69 @@ def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
     return shards
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], file: str) -> None:
+def _atomic_save(tensors: dict[str, torch.Tensor], file: str, metadata: dict[str, str] | None = None) -> None:
     tmp = file + ".tmp"
-    save_file(tensors, tmp, metadata={"format": "pt"})
+    save_file(tensors, tmp, metadata={"format": "pt", **(metadata or {})})
     os.replace(tmp, file)
 
 
+def _frozen_keys(model: nn.Module, state: dict[str, torch.Tensor]) -> set[str]:
+    """State keys whose tensors are (views of) parameters with ``requires_grad=False``."""
+    frozen = {p.untyped_storage().data_ptr() for p in model.parameters() if not p.requires_grad}
+    return {k for k, t in state.items() if t.untyped_storage().data_ptr() in frozen}
+
+
+def _fingerprint(state: dict[str, torch.Tensor], keys: list[str]) -> str:
+    """Names, shapes, dtypes and float64 sums (of values and of magnitudes) of ``keys``' tensors: equal for a frozen
+    shard that did not change."""
+    rows = [f"{k}:{list(state[k].shape)}:{state[k].dtype}:{state[k].sum(dtype=torch.float64).item()!r}:"
+            f"{state[k].abs().sum(dtype=torch.float64).item()!r}" for k in keys]
+    return hashlib.sha256("\n".join(rows).encode()).hexdigest()
+
+
+def _link_unchanged(previous: str, file: str, fingerprint: str) -> bool:
+    """Hard-link ``previous`` to ``file`` when it holds the shard of this ``fingerprint``; False otherwise (then the
+    caller writes the shard, which is always safe)."""
+    if not os.path.isfile(previous):
+        return False
+    try:
+        with safe_open(previous, framework="pt") as f:
+            if (f.metadata() or {}).get(FROZEN_FINGERPRINT) != fingerprint:
+                return False
+        os.link(previous, file + ".tmp")
+    except Exception:  # an unreadable file, a filesystem without hard links: write the shard instead
+        return False
+    os.replace(file + ".tmp", file)
+    return True
+
+
 def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, max_shard_bytes: int = 5 * 2**30,
-                    dtype: torch.dtype | None = None) -> list[str]:
+                    dtype: torch.dtype | None = None, frozen_apart: bool = False,
+                    frozen_from: str | os.PathLike | None = None) -> list[str]:
     """Write the model's tensors under the official names, sharded above ``max_shard_bytes``. Each file is
-    written to a temporary name and renamed, so a crash never leaves a half-written file. Returns file names."""
+    written to a temporary name and renamed, so a crash never leaves a half-written file. Returns file names.
+
+    ``frozen_apart`` (training checkpoints) puts the tensors of frozen parameters in shards of their own, marked
+    with a fingerprint; a frozen shard that the checkpoint ``frozen_from`` holds unchanged is hard-linked from it
+    instead of written again, so a stage that trains a small part of a large model writes its frozen weights once."""
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     state = model.state_dict()
-    groups = _shards(state, max_shard_bytes)
+    frozen = _frozen_keys(model, state) if frozen_apart else set()
+    parts = [{k: t for k, t in state.items() if (k in frozen) == side} for side in (True, False)]
+    groups = [g for part in parts if part for g in _shards(part, max_shard_bytes)]
     names = [SINGLE] if len(groups) == 1 else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
                                                 for i in range(len(groups))]
     _remove_stale(path, keep=names)
     for keys, name in zip(groups, names):
-        tensors = {k: _for_file(state[k], dtype) for k in keys}
-        _atomic_save(tensors, os.path.join(path, name))
+        file = os.path.join(path, name)
+        metadata = None
+        if keys[0] in frozen:
+            metadata = {FROZEN_FINGERPRINT: _fingerprint(state, keys)}
+            if frozen_from is not None and _link_unchanged(os.path.join(frozen_from, name), file,
+                                                           metadata[FROZEN_FINGERPRINT]):
+                continue
+        _atomic_save({k: _for_file(state[k], dtype) for k in keys}, file, metadata)
     if len(groups) > 1:
         weight_map = {k: name for keys, name in zip(groups, names) for k in keys}
         total = sum(t.numel() * (dtype.itemsize if dtype and t.is_floating_point() else t.element_size())

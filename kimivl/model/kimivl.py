@@ -138,7 +138,8 @@ class KimiVL(nn.Module):
         return model.eval()
 
     def save_pretrained(self, path: str | os.PathLike, *, max_shard_bytes: int = 5 * 2**30,
-                        dtype: torch.dtype | None = None) -> None:
-        """Write ``config.json`` and safetensors weights (sharded above ``max_shard_bytes``)."""
+                        dtype: torch.dtype | None = None, **frozen) -> None:
+        """Write ``config.json`` and safetensors weights (sharded above ``max_shard_bytes``; ``frozen``:
+        ``save_checkpoint``'s ``frozen_apart`` and ``frozen_from``, for training checkpoints)."""
         self.config.save_pretrained(path)
-        save_checkpoint(self, path, max_shard_bytes=max_shard_bytes, dtype=dtype)
+        save_checkpoint(self, path, max_shard_bytes=max_shard_bytes, dtype=dtype, **frozen)

@@ -4,7 +4,8 @@ A checkpoint is a directory ``step-{N:07d}`` holding the model in the official f
 safetensors, full precision) and ``trainer.pt`` (optimizer, scheduler, step, data position, RNG states; loaded with
 ``weights_only=True``, so nothing is unpickled beyond tensors and plain containers). It is written under a
 temporary name and renamed into place; the ``latest`` file then moves to it with an atomic replace, so a crash at
-any moment leaves the previous checkpoint intact and pointed to.
+any moment leaves the previous checkpoint intact and pointed to. Frozen parameters' tensors are shards of their
+own, hard-linked from the previous checkpoint while they stay unchanged (``save_checkpoint``'s ``frozen_from``).
 """
 
 from __future__ import annotations
@@ -52,10 +53,12 @@ def save_state(ckpt_dir: str | os.PathLike, model, trainer: dict[str, Any], keep
     name = f"step-{trainer['step']:07d}"
     tmp = root / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
+    previous = root / LATEST
+    previous = root / previous.read_text().strip() if previous.is_file() else None  # frozen shards link from it
     if hasattr(model, "save_pretrained"):
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, frozen_apart=True, frozen_from=previous)
     else:  # a training-only wrapper (e.g. the ViT pre-trainer): its tensors alone
-        save_checkpoint(model, tmp)
+        save_checkpoint(model, tmp, frozen_apart=True, frozen_from=previous)
     torch.save({**trainer, "rng": rng_state()}, tmp / TRAINER_FILE)
     final = root / name
     shutil.rmtree(final, ignore_errors=True)

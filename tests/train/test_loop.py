@@ -1,18 +1,23 @@
 """The shared training loop: kill-and-resume equality, atomic checkpoints, the NaN guard, metrics."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from kimivl import KimiVL
+from kimivl.checkpoint import FROZEN_FINGERPRINT, checkpoint_files
 from kimivl.data.mixture import Mixture
 from kimivl.data.packing import PackedBatch
 from kimivl.train.loop import LoopConfig, TrainingError, to_device, train_loop
 from kimivl.train.optim import build_optimizer
 from kimivl.train.schedule import WarmupCosine, scheduler_at
-from kimivl.train.state import latest_checkpoint
+from kimivl.train.state import latest_checkpoint, save_state
+from kimivl.train.trainable import set_trainable
 
 CHATS = [[{"role": "user", "content": f"What is {a} plus {b}?"}, {"role": "assistant", "content": str(a + b)}]
          for a in range(5) for b in range(5)]
@@ -137,3 +142,36 @@ def test_batches_move_to_the_model_device():
     assert all(t.is_meta for t in (moved.input_ids, moved.labels, moved.cu_seqlens))
     assert moved.pixel_values is None and moved.budget == 8 and batch.input_ids.device.type == "cpu"
     assert to_device((1, 2), torch.device("meta")) == (1, 2)
+
+
+def frozen_shard(checkpoint):
+    """The checkpoint's shard of frozen tensors (marked with a fingerprint)."""
+    shards = [f for f in checkpoint_files(checkpoint) if FROZEN_FINGERPRINT in (safe_open(f, "pt").metadata() or {})]
+    assert len(shards) == 1
+    return Path(shards[0])
+
+
+def test_frozen_weights_are_written_once_a_stage(small_model, small_processor, tmp_path):
+    model, data, _, _ = setup(small_model, small_processor)
+    set_trainable(model, ["language_model"], ["*.mlp.experts.*", "*.embed_tokens.*"])
+    opt = build_optimizer(model, lr=3e-3)
+    cfg = LoopConfig(steps=4, ckpt_every=1, log_every=1, keep_checkpoints=3)
+    train_loop(model, joint_loss, data, opt, scheduler_at(opt, WarmupCosine(2, 8)), cfg, tmp_path, "s",
+               progress=False)
+    root = tmp_path / "s" / "checkpoints"
+    steps = [root / f"step-{s:07d}" for s in (2, 3, 4)]
+    assert sorted(p.name for p in root.glob("step-*")) == [p.name for p in steps]  # step 1, the first writer, pruned
+    shards = [frozen_shard(p) for p in steps]
+    assert len({s.stat().st_ino for s in shards}) == 1 and shards[0].stat().st_nlink == 3  # one file, three names
+    frozen = load_file(shards[0])
+    assert any(".mlp.experts." in k for k in frozen) and "language_model.model.embed_tokens.weight" in frozen
+    assert not any(".self_attn." in k for k in frozen)
+    others = {f for p in steps for f in checkpoint_files(p) if Path(f) not in shards}
+    assert len({Path(f).stat().st_ino for f in others}) == len(others) == 3  # trained tensors: written each time
+    loaded = KimiVL.from_pretrained(steps[-1], dtype=torch.float32)  # a complete official checkpoint
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    with torch.no_grad():  # a frozen tensor that did change is written again, not linked
+        next(p for n, p in model.named_parameters() if ".mlp.experts." in n).add_(1.0)
+    changed = save_state(root, model, {"step": 5}, keep=4)
+    assert frozen_shard(changed).stat().st_ino != shards[0].stat().st_ino and shards[0].stat().st_nlink == 3
+    assert not all(torch.equal(load_file(frozen_shard(changed))[k], t) for k, t in frozen.items())

@@ -10,6 +10,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from kimivl import KimiVL
+from kimivl.checkpoint import checkpoint_files
 from kimivl.cli import main
 from kimivl.data.formats import write_records
 from kimivl.train.pipeline import Sources, run_recipe
@@ -274,7 +275,8 @@ def test_fine_tuning_a_bf16_checkpoint_holds_frozen_weights_in_bf16_and_trains_t
             model = run_recipe(load_recipe(tmp_path / f"{run}.yaml"), progress=False)
         assert all(p.dtype == torch.float32 for p in model.parameters())  # as it came, after the stage
         finals[run] = load_file(tmp_path / run / "sft" / "final" / "model.safetensors")
-        checkpoint = load_file(tmp_path / run / "sft" / "checkpoints" / "step-0000001" / "model.safetensors")
+        checkpoint = {k: t for f in checkpoint_files(tmp_path / run / "sft" / "checkpoints" / "step-0000001")
+                      for k, t in load_file(f).items()}
         expert = next(k for k in checkpoint if ".mlp.experts." in k)
         assert checkpoint[expert].dtype == (torch.bfloat16 if hold else torch.float32)
     assert all(torch.equal(finals["held"][k], finals["float32"][k]) for k in finals["held"])
