@@ -6,6 +6,7 @@
 2. One packed training step of kimivl-tiny (bf16 autocast): loss and gradient norm on the device against the CPU's.
 3. A recipe with a vit, a joint (experts frozen) and an rl stage trains on the device, resumes, and exports.
 4. With flash-attn installed, packed attention through it against the exact SDPA path.
+5. benchmarks/train_throughput.py on the device (packed against padded useful tokens/s; share of the matmul peak).
 Prints one line per check and exits non-zero when one fails.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import subprocess
 import sys
 import tempfile
 import time
@@ -98,6 +100,14 @@ def flash_against_sdpa(device: str) -> str:
     return f"flash-attn within {err:.1e} of SDPA"
 
 
+def throughput(device: str) -> str:
+    steps = "64" if device != "cpu" else "16"
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks/train_throughput.py"), "--device", device,
+                          "--steps", steps], capture_output=True, text=True, check=True).stdout
+    keep = ("ratio packed", "vision tower", "achieved")
+    return " | ".join(line for line in out.splitlines() if line.startswith(keep))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
@@ -131,6 +141,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as work:
         check("recipe", lambda: recipe_runs(device, Path(work)))
     check("flash-attn", lambda: flash_against_sdpa(device))
+    check("packing throughput", lambda: throughput(device))
     return 1 if failed else 0
 
 

@@ -15,7 +15,7 @@ arm's achieved GFLOP/s as a share of the matmul peak.
 
     python benchmarks/train_throughput.py [--steps 64] [--budget 2048] [--batch 16 | --padded-tokens N] [--accum 8]
                                           [--width 256] [--vision-width 128] [--ns-dtype bfloat16] [--tasks T,...]
-                                          [--data FILE ...]
+                                          [--data FILE ...] [--device cuda]
 """
 
 from __future__ import annotations
@@ -40,12 +40,21 @@ from kimivl.processing.tokenizer import train_bpe
 from kimivl.train.optim import build_optimizer
 
 
-def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
-    a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work, so that wall-clock times cover it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(device: torch.device, repeats: int = 10) -> float:
+    n = 2048 if device.type == "cpu" else 8192
+    a, b = (torch.randn(n, n, dtype=torch.bfloat16, device=device) for _ in range(2))
     a @ b
+    sync(device)
     start = time.perf_counter()
     for _ in range(repeats):
         a @ b
+    sync(device)
     return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
@@ -77,15 +86,23 @@ def by_tokens(samples, limit: int):
     return groups + [group] if group else groups
 
 
+def on(kwargs: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+
+
 def step_time(model, opt, kwargs, update: bool) -> float:
-    """One micro-batch forward and backward; the optimiser steps when ``update``."""
+    """One micro-batch forward and backward (its tensors moved to the model's device first); the optimiser steps
+    when ``update``."""
+    kwargs = on(kwargs, model.device)
+    sync(model.device)
     start = time.perf_counter()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(model.device.type, dtype=torch.bfloat16):
         loss = model(**kwargs).loss
     loss.backward()
     if update:
         opt.step()
         opt.zero_grad(set_to_none=True)
+    sync(model.device)
     return time.perf_counter() - start
 
 
@@ -93,11 +110,14 @@ def vision_time(model, kwargs) -> float:
     """Forward and backward of the vision tower and projector alone on one micro-batch's images."""
     if kwargs["pixel_values"] is None:
         return 0.0
+    kwargs = on(kwargs, model.device)
+    sync(model.device)
     start = time.perf_counter()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(model.device.type, dtype=torch.bfloat16):
         features = model.get_image_features(kwargs["pixel_values"], kwargs["image_grid_hws"])
     features.float().square().mean().backward()
     model.zero_grad(set_to_none=True)
+    sync(model.device)
     return time.perf_counter() - start
 
 
@@ -148,7 +168,9 @@ def main() -> None:
                          "world, to see what packing gives on their lengths")
     ap.add_argument("--tokenizer", type=Path, default=Path(__file__).parents[1] / "models" / "kimivl-tiny",
                     help="checkpoint directory whose tokenizer encodes --data")
+    ap.add_argument("--device", default="cpu", help="where both arms train (cuda: flash-attn when installed)")
     args = ap.parse_args()
+    device = torch.device(args.device)
 
     files, weights = args.data, None
     if not files:
@@ -180,7 +202,7 @@ def main() -> None:
     config.text_config.vocab_size = n + 256
     config.media_placeholder_token_id = processor.tokenizer.media_pad_id
     torch.manual_seed(0)
-    model = KimiVL(config).train()
+    model = KimiVL(config).to(device).train()
     opt = build_optimizer(model, lr=1e-4, ns_dtype=args.ns_dtype)
     mix = Mixture(sources, encode, args.budget, weights or {k: 1 for k in sources}, seed=0)
 
@@ -227,11 +249,11 @@ def main() -> None:
     efficiency, pad_share = statistics.mean(fills), statistics.mean(shares)
 
     achieved = flops["packed"] / times["packed"] / 1e9
-    peak = matmul_peak()
+    peak = matmul_peak(device)
     print(f"on {', '.join(map(str, args.data)) if args.data else 'the synthetic world (' + args.tasks + ')'}: "
           f"kimivl-tiny at LM width {args.width}, vision width {args.vision_width} "
           f"({counts['total'].total / 1e6:.1f}M parameters), bf16 autocast, "
-          f"{torch.get_num_threads()} threads")
+          + (f"{torch.get_num_threads()} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)))
     print(f"packed rows of {args.budget}: {speed['packed']:.0f} useful tokens/s (budget filled {100 * efficiency:.0f}%)")
     shape = f"of at most {args.padded_tokens} tokens with padding" if args.padded_tokens else f"of {args.batch}"
     print(f"padded batches {shape}: {speed['padded']:.0f} useful tokens/s (real tokens {100 * pad_share:.0f}%, "
