@@ -41,6 +41,7 @@ class LoopConfig:
     bf16: bool = True
     bias_update_rate: float = 1e-3  # aux-loss-free balancing step; 0 disables
     keep_checkpoints: int = 2
+    accum: int = 1  # batches (micro-batches) whose gradients add up to one optimizer step
 
 
 LossFn = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, dict[str, float], int]]
@@ -59,7 +60,9 @@ def train_loop(model: torch.nn.Module, loss_fn: LossFn, data: Batches, optimizer
                scheduler: torch.optim.lr_scheduler.LRScheduler, cfg: LoopConfig, run_dir: str | Path,
                stage: str, resume: bool = True, progress: bool = True) -> dict[str, float]:
     """Run ``cfg.steps`` optimizer steps of one stage under ``run_dir/stage``; resume from its latest checkpoint
-    when there is one. ``loss_fn(model, batch)`` returns (loss, metrics, tokens). Returns the last metrics."""
+    when there is one. ``loss_fn(model, batch)`` returns (loss, metrics, tokens). Each step back-propagates
+    ``cfg.accum`` batches, each loss weighing 1/accum (their logged loss and metrics are the mean, tokens the sum).
+    Returns the last metrics."""
     stage_dir = Path(run_dir) / stage
     ckpt_dir = stage_dir / "checkpoints"
     step, position = 0, 0
@@ -86,19 +89,29 @@ def train_loop(model: torch.nn.Module, loss_fn: LossFn, data: Batches, optimizer
         batches = data.batches(position)
         saved = found  # the checkpoint of the current step, None while it has progress not on disk
         while step < cfg.steps:
-            try:
-                batch, next_position = next(batches)
-            except Exception as e:  # bad data: keep the progress made, resume once the data is fixed
-                where = saved or checkpoint()
-                raise TrainingError(f"{stage}: no batch for step {step + 1}: {e}; the state before it is saved at "
-                                    f"{where} (fix the data, then resume)") from e
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                loss, values, n_tokens = loss_fn(model, to_device(batch, device))
-            if not torch.isfinite(loss):
-                raise TrainingError(f"{stage}: loss is {loss.item()} at step {step}; the last good state is "
-                                    f"saved at {checkpoint()}")
+            micro = []
+            for _ in range(cfg.accum):
+                try:
+                    batch, next_position = next(batches)
+                except Exception as e:  # bad data: keep the progress made, resume once the data is fixed
+                    where = saved or checkpoint()
+                    raise TrainingError(f"{stage}: no batch for step {step + 1}: {e}; the state before it is saved "
+                                        f"at {where} (fix the data, then resume)") from e
+                micro.append(batch)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            losses, metered, n_tokens = [], [], 0
+            for batch in micro:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                    loss, values, n = loss_fn(model, to_device(batch, device))
+                if not torch.isfinite(loss):
+                    raise TrainingError(f"{stage}: loss is {loss.item()} at step {step}; the last good state is "
+                                        f"saved at {checkpoint()}")
+                (loss / len(micro) if len(micro) > 1 else loss).backward()
+                losses.append(loss.detach())
+                metered.append(values)
+                n_tokens += n
+            loss = torch.stack(losses).mean()
+            values = {k: sum(v[k] for v in metered) / len(metered) for k in metered[0]}
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
             if not torch.isfinite(grad_norm):
                 raise TrainingError(f"{stage}: gradient norm is {grad_norm.item()} at step {step}; the last good "

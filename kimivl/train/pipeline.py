@@ -173,7 +173,7 @@ def _freeze(model: KimiVL, stage: Stage) -> None:
 
 def _loop_config(stage: Stage) -> LoopConfig:
     return LoopConfig(steps=stage.steps, ckpt_every=stage.ckpt_every, log_every=stage.log_every, clip=stage.clip,
-                      bias_update_rate=stage.bias_update_rate)
+                      bias_update_rate=stage.bias_update_rate, accum=stage.accum)
 
 
 def rl_config(recipe: Recipe, stage: Stage):
@@ -210,7 +210,7 @@ def run_stage(recipe: Recipe, stage: Stage, model: KimiVL, processor: KimiVLProc
         encode = sources.encoder(processor)
         probe = Mixture(sources.items, encode, stage.budget, stage.mix, stage.mix_end, seed=recipe.seed)
         mean_len = statistics.mean(len(probe.sample(i).input_ids) for i in range(32))
-        horizon = int(stage.steps * stage.budget / mean_len)
+        horizon = int(stage.steps * stage.accum * stage.budget / mean_len)
         used = set(stage.mix) | set(stage.mix_end or {})
         data = Mixture({k: sources.items[k] for k in used}, encode,
                        stage.budget, stage.mix, stage.mix_end, horizon=horizon, seed=recipe.seed)

@@ -25,10 +25,11 @@ experts as they are; see ``kimivl.train.trainable``); ``lr_scale: {vision_tower:
 learning rate; ``standardize_images: 1.0`` first rescales the projector so that the stage's image embeddings have
 mean 0 and that std in every channel (``kimivl.train.calibrate``). ``schedule: continue`` (the default) takes the
 LR multiplier of the recipe-wide schedule at the global step where the stage starts, so stages resume the curve of
-the one before; ``cosine`` gives the stage its own warm-up + cosine. ``budget`` is the packed tokens per step;
-``rope_theta`` changes the LM's RoPE base from that stage on (long-context activation); ``recompute: true``
-checkpoints activations (memory of one layer at a time, about a third more compute). An ``rl`` stage runs ``steps``
-RL iterations on the problems of its ``sources`` (see ``kimivl.rl.trainer.RLConfig`` for the ``rl`` settings;
+the one before; ``cosine`` gives the stage its own warm-up + cosine. ``budget`` is the tokens of a packed row, a
+step's batch; ``accum: 4`` adds the gradients of 4 rows (or vit batches) before each optimizer step; ``rope_theta``
+changes the LM's RoPE base from that stage on (long-context activation); ``recompute: true`` checkpoints
+activations (memory of one layer at a time, about a third more compute). An ``rl`` stage runs ``steps`` RL
+iterations on the problems of its ``sources`` (see ``kimivl.rl.trainer.RLConfig`` for the ``rl`` settings;
 ``budget`` is its packed log-prob row length)."""
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class Stage:
     sources: list[str] = field(default_factory=list)  # vit: caption sources; rl: problem sources
     images_per_batch: int = 32
     budget: int = 1024
+    accum: int = 1  # vit and joint: batches (packed rows) whose gradients make one step
     rope_theta: float | None = None
     weight_decay: float = 0.1
     ns_dtype: str = "float32"  # Muon's Newton-Schulz: "bfloat16" is several times faster on CPU and GPU
@@ -82,6 +84,12 @@ class Stage:
             raise RecipeError(f"{where}: kind must be 'vit', 'joint' or 'rl', got {self.kind!r}")
         if self.steps < 1 or self.lr <= 0 or self.budget < 16:
             raise RecipeError(f"{where}: steps >= 1, lr > 0 and budget >= 16 are required")
+        if not isinstance(self.accum, int) or isinstance(self.accum, bool) or self.accum < 1:
+            raise RecipeError(f"{where}: accum (batches per optimizer step) must be an integer >= 1, got "
+                              f"{self.accum!r}")
+        if self.accum > 1 and self.kind == "rl":
+            raise RecipeError(f"{where}: an rl stage sets its batches with rl.problems and rl.updates; accum does "
+                              "not apply")
         if self.schedule not in ("continue", "cosine"):
             raise RecipeError(f"{where}: schedule must be 'continue' or 'cosine', got {self.schedule!r}")
         bad = set(self.train) - set(PARTS)

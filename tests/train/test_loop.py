@@ -175,3 +175,30 @@ def test_frozen_weights_are_written_once_a_stage(small_model, small_processor, t
     changed = save_state(root, model, {"step": 5}, keep=4)
     assert frozen_shard(changed).stat().st_ino != shards[0].stat().st_ino and shards[0].stat().st_nlink == 3
     assert not all(torch.equal(load_file(frozen_shard(changed))[k], t) for k, t in frozen.items())
+
+
+def test_accumulation_adds_the_gradients_of_several_batches_to_one_step(small_model, small_processor, tmp_path):
+    model, data, opt, sched = setup(small_model, small_processor)
+    cfg = LoopConfig(steps=2, log_every=1, accum=3, bias_update_rate=0)  # the router's bias stays put, as by hand
+    train_loop(model, joint_loss, data, opt, sched, cfg, tmp_path / "a", "s", progress=False)
+    # by hand: the same batches, each loss over 3, backward, then one optimizer step
+    ref, _, ref_opt, ref_sched = setup(small_model, small_processor)
+    rows = data.batches(0)
+    logged = []
+    for _ in range(2):
+        ref_opt.zero_grad(set_to_none=True)
+        step_losses = []
+        for _ in range(3):
+            batch, position = next(rows)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = joint_loss(ref, batch)[0]
+            (loss / 3).backward()
+            step_losses.append(loss.item())
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+        ref_opt.step()
+        ref_sched.step()
+        logged.append(sum(step_losses) / 3)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref.state_dict().values()))
+    assert losses(tmp_path / "a") == pytest.approx(logged, rel=1e-6)
+    state = torch.load(latest_checkpoint(tmp_path / "a" / "s" / "checkpoints") / "trainer.pt", weights_only=True)
+    assert state["position"] == position  # six batches consumed
