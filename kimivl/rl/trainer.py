@@ -1,14 +1,14 @@
 """The RL loop: online policy mirror descent (or GRPO) on rule-rewarded problems, resumable.
 
-Each iteration: snapshot the policy as the frozen reference pi_i; draw problems (curriculum + priority); sample k
-responses per problem from pi_i; score them (plus the length reward after its warm-up); compute pi_i's log-probs;
-then take ``updates`` optimizer steps on shuffled minibatches of the samples, each with the policy's log-probs
-recomputed with gradients; finally check that the reference did not move. One LR-scheduler step per iteration.
+Each iteration: draw problems (curriculum + priority); sample k responses per problem from the policy as it stands,
+the reference pi_i; score them (plus the length reward after its warm-up); compute pi_i's log-probs; check that
+the policy did not change meanwhile; then take ``updates`` optimizer steps on shuffled minibatches of the samples,
+each with the policy's log-probs recomputed with gradients. pi_i is used only before the first update, so it needs
+no copy of the model. One LR-scheduler step per iteration.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -75,11 +75,7 @@ class RLConfig:
             raise ValueError(f"rl tau must be > 0, got {self.tau}")
 
 
-def snapshot(policy: torch.nn.Module) -> torch.nn.Module:
-    """A frozen copy of ``policy`` (no shared storage, no gradients)."""
-    return copy.deepcopy(policy).requires_grad_(False).eval()
-
-
+@torch.no_grad()
 def fingerprint(model: torch.nn.Module) -> torch.Tensor:
     """Per-parameter sum and sum of squares, enough to notice any update."""
     return torch.stack([torch.stack([p.double().sum(), p.double().square().sum()]) for p in model.parameters()])
@@ -127,8 +123,8 @@ class RLTrainer:
         cfg, it, k = self.cfg, self.iteration, self.cfg.samples
         start = time.perf_counter()
         chosen = self.sampler.sample(cfg.problems, it / cfg.iterations)
-        # pi_i: rollouts and reference log-probs come from this frozen copy, never from the moving policy
-        reference = snapshot(self.policy)
+        # pi_i is the policy now: its rollouts and log-probs are all taken before the first update
+        reference = self.policy.eval()
         ref_print = fingerprint(reference)
         encoded = [self.encode(i) for i in chosen]
         base_seed = (cfg.seed * 1_000_003 + it) * 1000
@@ -153,13 +149,13 @@ class RLTrainer:
         with torch.no_grad(), self._autocast():
             ref_tokens = token_logprobs(reference, prompts, responses, *_images(sample_images), cfg.budget)
         ref_seq = torch.stack([t.sum() for t in ref_tokens])
+        if not torch.equal(fingerprint(reference), ref_print):
+            raise AssertionError("the policy changed while the reference pi_i's samples and log-probs were taken")
 
         order = torch.randperm(len(rolls), generator=torch.Generator().manual_seed(base_seed + 999))
         losses, seen, seen_ref, grad_norm = self._update(order, prompts, responses, sample_images, ref_tokens,
                                                          ref_seq, advantage)
         self.scheduler.step()
-        if not torch.equal(fingerprint(reference), ref_print):
-            raise AssertionError("the reference policy moved during an RL iteration")
 
         correct_PK = correct.view(-1, k) >= 0.5
         self.sampler.update(chosen, correct_PK.float().mean(1).tolist())
@@ -217,8 +213,7 @@ class RLTrainer:
         return self.run_dir / self.stage / "checkpoints"
 
     def _checkpoint(self) -> Path:
-        # The reference is not saved: checkpoints fall between iterations, where pi_i is about to be
-        # re-snapshotted from the policy, so it would be a second copy of the same weights.
+        # Nothing of pi_i is saved: checkpoints fall between iterations, where pi_i is the policy as it is then.
         return save_state(self._ckpt_dir, self.policy, {
             "step": self.iteration, "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict()},

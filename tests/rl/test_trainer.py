@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import kimivl.rl.trainer as trainer_mod
+from kimivl.rl.rollouts import token_logprobs
 from kimivl.rl.trainer import RLConfig, RLTrainer
 from kimivl.train.optim import build_optimizer
 from kimivl.train.schedule import scheduler_at
@@ -40,32 +41,31 @@ def test_a_short_run_raises_the_reward(small_model, small_processor, tmp_path, o
     assert (tmp_path / "rl" / "rewards.png").is_file() and (tmp_path / "rl" / "length.png").is_file()
 
 
-def test_the_reference_does_not_move_during_an_iteration(small_model, small_processor, tmp_path, monkeypatch):
+def test_the_reference_is_the_policy_before_its_first_update(small_model, small_processor, tmp_path, monkeypatch):
     policy = copy.deepcopy(small_model)
-    snapshots = []
+    seen = []  # (grad enabled, the model's weights) at every log-prob pass
 
-    def recording_snapshot(model):
-        ref = trainer_mod.copy.deepcopy(model).requires_grad_(False).eval()
-        snapshots.append((ref, {k: v.clone() for k, v in ref.state_dict().items()}))
-        return ref
+    def recording(model, *args, **kwargs):
+        seen.append((torch.is_grad_enabled(), model, {k: v.clone() for k, v in model.state_dict().items()}))
+        return token_logprobs(model, *args, **kwargs)
 
-    monkeypatch.setattr(trainer_mod, "snapshot", recording_snapshot)
+    monkeypatch.setattr(trainer_mod, "token_logprobs", recording)
     trainer = make_trainer(policy, small_processor, tmp_path)
     before = {k: v.clone() for k, v in policy.state_dict().items()}
     trainer.step()
-    (reference, at_start), = snapshots
-    assert all(torch.equal(v, at_start[k]) for k, v in reference.state_dict().items())  # pi_i stayed put
-    assert all(torch.equal(v, before[k]) for k, v in at_start.items())  # and it was the policy at the start
-    assert not all(torch.equal(v, before[k]) for k, v in policy.state_dict().items())  # the policy moved
-    assert not any(p.requires_grad for p in reference.parameters())
+    reference = [s for s in seen if not s[0]]
+    assert len(reference) == 1 and reference[0][1] is policy  # pi_i's log-probs: the policy itself, no copy
+    assert all(torch.equal(v, before[k]) for k, v in reference[0][2].items())  # as it was when the step began
+    assert any(not torch.equal(v, before[k]) for k, v in seen[-1][2].items())  # the last update saw it moved
+    assert any(not torch.equal(v, before[k]) for k, v in policy.state_dict().items())
 
-    def meddling_reward(text, meta):  # runs mid-iteration, after the rollouts
+    def meddling_reward(text, meta):  # runs after the rollouts, before pi_i's log-probs
         with torch.no_grad():
-            next(snapshots[-1][0].parameters()).add_(1.0)
+            next(policy.parameters()).add_(1.0)
         return 0.0
 
     trainer.reward_fn = meddling_reward
-    with pytest.raises(AssertionError, match="reference policy moved"):
+    with pytest.raises(AssertionError, match="the policy changed while the reference pi_i's samples"):
         trainer.step()
 
 
