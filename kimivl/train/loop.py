@@ -42,6 +42,7 @@ class LoopConfig:
     bias_update_rate: float = 1e-3  # aux-loss-free balancing step; 0 disables
     keep_checkpoints: int = 2
     accum: int = 1  # batches (micro-batches) whose gradients add up to one optimizer step
+    val_every: int = 100  # steps between calls of train_loop's ``validate`` (and after the last step)
 
 
 LossFn = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, dict[str, float], int]]
@@ -58,11 +59,13 @@ def to_device(batch: Any, device: torch.device) -> Any:
 
 def train_loop(model: torch.nn.Module, loss_fn: LossFn, data: Batches, optimizer: torch.optim.Optimizer,
                scheduler: torch.optim.lr_scheduler.LRScheduler, cfg: LoopConfig, run_dir: str | Path,
-               stage: str, resume: bool = True, progress: bool = True) -> dict[str, float]:
+               stage: str, resume: bool = True, progress: bool = True,
+               validate: Callable[[torch.nn.Module], dict[str, float]] | None = None) -> dict[str, float]:
     """Run ``cfg.steps`` optimizer steps of one stage under ``run_dir/stage``; resume from its latest checkpoint
     when there is one. ``loss_fn(model, batch)`` returns (loss, metrics, tokens). Each step back-propagates
     ``cfg.accum`` batches, each loss weighing 1/accum (their logged loss and metrics are the mean, tokens the sum).
-    Returns the last metrics."""
+    ``validate(model)``, every ``cfg.val_every`` steps and after the last, adds its metrics (e.g. a held-out loss) to
+    that step's. Returns the last metrics."""
     stage_dir = Path(run_dir) / stage
     ckpt_dir = stage_dir / "checkpoints"
     step, position = 0, 0
@@ -128,9 +131,12 @@ def train_loop(model: torch.nn.Module, loss_fn: LossFn, data: Batches, optimizer
             rate = tokens_seen / (time.perf_counter() - t0)
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{rate:.0f}")
-            if step % cfg.log_every == 0 or step == cfg.steps:
+            held_out = validate(model) if validate and (step % cfg.val_every == 0 or step == cfg.steps) else {}
+            if moe and held_out:
+                tracker.reset()  # held-out forwards are no training load for the next bias update
+            if held_out or step % cfg.log_every == 0 or step == cfg.steps:
                 last = {"loss": loss.item(), "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm.item(),
-                        "tokens_per_s": rate, **values}
+                        "tokens_per_s": rate, **values, **held_out}
                 if imbalance is not None:
                     last["expert_imbalance"] = imbalance
                 metrics.write(step, last)

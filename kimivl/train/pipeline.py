@@ -34,6 +34,7 @@ from kimivl.train.optim import build_optimizer
 from kimivl.train.recipe import Recipe, RecipeError, Stage
 from kimivl.train.schedule import WSD, WarmupCosine, scheduler_at
 from kimivl.train.trainable import hold_frozen_in_bf16, memory_plan, restore_float32, set_trainable
+from kimivl.train.validation import heldout_loss, heldout_rows
 from kimivl.train.vit import ViTPretrainer, caption_batch, vit_loss
 
 log = logging.getLogger(__name__)
@@ -173,7 +174,8 @@ def _freeze(model: KimiVL, stage: Stage) -> None:
 
 def _loop_config(stage: Stage) -> LoopConfig:
     return LoopConfig(steps=stage.steps, ckpt_every=stage.ckpt_every, log_every=stage.log_every, clip=stage.clip,
-                      bias_update_rate=stage.bias_update_rate, accum=stage.accum)
+                      bias_update_rate=stage.bias_update_rate, accum=stage.accum,
+                      val_every=(stage.val or {}).get("every", 100))
 
 
 def rl_config(recipe: Recipe, stage: Stage):
@@ -196,6 +198,7 @@ def run_stage(recipe: Recipe, stage: Stage, model: KimiVL, processor: KimiVLProc
               progress: bool = True) -> dict[str, float]:
     """Train ``model`` through one stage (resuming it if interrupted)."""
     schedule, offsets = global_schedule(recipe)
+    validate = None
     if stage.rope_theta is not None:
         model.config.text_config.rope_theta = float(stage.rope_theta)
     if stage.kind == "vit":
@@ -215,6 +218,12 @@ def run_stage(recipe: Recipe, stage: Stage, model: KimiVL, processor: KimiVLProc
         data = Mixture({k: sources.items[k] for k in used}, encode,
                        stage.budget, stage.mix, stage.mix_end, horizon=horizon, seed=recipe.seed)
         trainee, loss_fn = model, joint_loss
+        if stage.val:
+            rows = heldout_rows({k: sources.items[k] for k in stage.val["sources"]}, encode, stage.budget,
+                                stage.val.get("rows", 16), seed=recipe.seed)
+
+            def validate(m):
+                return {"val_loss": heldout_loss(m, rows)}
         if stage.standardize_images:
             names = sorted(n for n in used if not sources.is_text[n])
             samples = [encode(n, r) for n in names for r in sources.items[n][:CALIBRATION_SAMPLES]]
@@ -239,7 +248,7 @@ def run_stage(recipe: Recipe, stage: Stage, model: KimiVL, processor: KimiVLProc
             return RLTrainer(model, processor, problems, rl_config(recipe, stage), optimizer, scheduler, recipe.out,
                              stage.name).run(progress=progress)
         return train_loop(trainee, loss_fn, data, optimizer, scheduler, _loop_config(stage), recipe.out,
-                          stage.name, progress=progress)
+                          stage.name, progress=progress, validate=validate)
     finally:  # the model leaves the stage as it came, even when the stage stops with an error
         restore_float32(held)
         model.requires_grad_(True)
@@ -306,7 +315,7 @@ def run_recipe(recipe: Recipe, progress: bool = True) -> KimiVL:
             evaluate_stage(recipe, stage.name, model, processor, progress)
     metrics = recipe.out / "metrics.jsonl"
     if metrics.is_file():
-        plot_curves(metrics, recipe.out / "curves.png")
+        plot_curves(metrics, recipe.out / "curves.png", keys=("loss", "val_loss"))
     if recipe.export:
         dtype = getattr(torch, recipe.export.get("dtype", "bfloat16"))
         model.save_pretrained(recipe.export["path"], dtype=dtype)

@@ -68,6 +68,7 @@ class Stage:
     images_per_batch: int = 32
     budget: int = 1024
     accum: int = 1  # vit and joint: batches (packed rows) whose gradients make one step
+    val: dict[str, Any] | None = None  # joint: {sources: [names], every: 100, rows: 16} -> val_loss in the metrics
     rope_theta: float | None = None
     weight_decay: float = 0.1
     ns_dtype: str = "float32"  # Muon's Newton-Schulz: "bfloat16" is several times faster on CPU and GPU
@@ -90,6 +91,8 @@ class Stage:
         if self.accum > 1 and self.kind == "rl":
             raise RecipeError(f"{where}: an rl stage sets its batches with rl.problems and rl.updates; accum does "
                               "not apply")
+        if self.val is not None:
+            _check_val(where, self.kind, self.val)
         if self.schedule not in ("continue", "cosine"):
             raise RecipeError(f"{where}: schedule must be 'continue' or 'cosine', got {self.schedule!r}")
         bad = set(self.train) - set(PARTS)
@@ -152,7 +155,7 @@ class Recipe:
         if len(set(names)) != len(names):
             raise RecipeError(f"stage names must be unique, got {names}")
         for s in self.stages:
-            used = set(s.mix) | set(s.mix_end or {}) | set(s.sources)
+            used = set(s.mix) | set(s.mix_end or {}) | set(s.sources) | set((s.val or {}).get("sources", []))
             missing = used - set(self.sources)
             if missing:
                 raise RecipeError(f"stage {s.name!r} uses sources {sorted(missing)} that 'sources' does not define")
@@ -169,6 +172,20 @@ class Recipe:
     def source_path(self, name: str) -> Path:
         spec = self.sources[name]
         return self.out / (spec["path"] if isinstance(spec, dict) else spec)
+
+
+def _check_val(where: str, kind: str, val: Any) -> None:
+    """A stage's ``val``: ``{sources: [names], every: steps, rows: packed rows}`` on a joint stage."""
+    if kind != "joint":
+        raise RecipeError(f"{where}: val (a held-out loss) applies to joint stages")
+    if not isinstance(val, dict) or set(val) - {"sources", "every", "rows"}:
+        raise RecipeError(f"{where}: val is a mapping of 'sources', 'every' and 'rows', got {val!r}")
+    sources = val.get("sources")
+    if not isinstance(sources, list) or not sources or not all(isinstance(s, str) for s in sources):
+        raise RecipeError(f"{where}: val needs 'sources', a list of source names, got {sources!r}")
+    for key in ("every", "rows"):
+        if key in val and (not isinstance(val[key], int) or isinstance(val[key], bool) or val[key] < 1):
+            raise RecipeError(f"{where}: val {key} must be an integer >= 1, got {val[key]!r}")
 
 
 def _check_device(name: Any) -> None:

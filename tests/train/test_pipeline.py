@@ -15,6 +15,7 @@ from kimivl.cli import main
 from kimivl.data.formats import write_records
 from kimivl.train.pipeline import Sources, run_recipe
 from kimivl.train.recipe import RecipeError, load_recipe
+from kimivl.train.validation import heldout_loss, heldout_rows
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220)}
 
@@ -131,6 +132,11 @@ def _stage(i, **changes):
     (_stage(1, kind="rl"), "an rl stage needs problem 'sources'"),
     (_stage(1, rl={"k": 4}), "'rl' settings are a mapping, for a stage of kind 'rl'"),
     (_stage(1, recompute="yes"), "recompute is true or false, got 'yes'"),
+    (_stage(1, val={"sources": ["nope"]}), "uses sources \\['nope'\\]"),
+    (_stage(1, val={"sources": []}), "val needs 'sources', a list of source names"),
+    (_stage(1, val={"sources": ["colour"], "every": 0}), "val every must be an integer >= 1, got 0"),
+    (_stage(1, val={"sources": ["colour"], "steps": 3}), "val is a mapping of 'sources', 'every' and 'rows'"),
+    (_stage(0, val={"sources": ["colour"]}), "val \\(a held-out loss\\) applies to joint stages"),
     (_stage(1, accum=0), "accum \\(batches per optimizer step\\) must be an integer >= 1, got 0"),
     (_stage(1, accum=1.5), "accum .* must be an integer >= 1, got 1.5"),
     (lambda r: r["stages"][1].update(kind="rl", sources=["colour"], accum=2), "accum does not apply"),
@@ -285,3 +291,29 @@ def test_fine_tuning_a_bf16_checkpoint_holds_frozen_weights_in_bf16_and_trains_t
     assert all(torch.equal(finals["held"][k], finals["float32"][k]) for k in finals["held"])
     plans = [r.getMessage() for r in caplog.records if "holds weights" in r.getMessage()]
     assert len(plans) == 2 and plans[0] != plans[1]
+
+
+def test_a_stage_logs_its_held_out_loss(data_dir, tmp_path, small_model, small_processor):
+    base = tmp_path / "base"
+    small_model.save_pretrained(base)
+    small_processor.save_pretrained(base)
+    recipe = {"name": "val", "out": str(tmp_path / "run"), "base": {"checkpoint": str(base)},
+              "sources": {"colour": str(data_dir / "colour.jsonl"), "text": str(data_dir / "text.jsonl")},
+              "stages": [{"name": "sft", "kind": "joint", "steps": 5, "lr": 1e-3, "budget": 192, "log_every": 4,
+                          "mix": {"colour": 1}, "val": {"sources": ["text", "colour"], "every": 2, "rows": 3}}]}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    model = run_recipe(load_recipe(tmp_path / "r.yaml"), progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], "val_loss" in r) for r in rows] == [(2, True), (4, True), (5, True)]
+    sources = Sources(load_recipe(tmp_path / "r.yaml"))
+    held = heldout_rows({"text": sources.items["text"], "colour": sources.items["colour"]},
+                        sources.encoder(small_processor), 192, 3)
+    assert len(held) == 3 and all(r.pixel_values is not None for r in held)  # images and texts packed together
+    assert rows[-1]["val_loss"] == pytest.approx(heldout_loss(model.train(), held), rel=1e-6)
+    assert rows[0]["val_loss"] > rows[-1]["val_loss"]
+    del recipe["stages"][0]["val"]  # validating leaves training as it was (the held-out forwards move no bias)
+    recipe["out"] = str(tmp_path / "plain")
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    run_recipe(load_recipe(tmp_path / "r.yaml"), progress=False)
+    plain, validated = (load_file(tmp_path / run / "sft" / "final" / "model.safetensors") for run in ("plain", "run"))
+    assert all(torch.equal(plain[k], validated[k]) for k in plain)
