@@ -1,17 +1,21 @@
 """A deterministic, resumable stream of packed batches drawn from weighted sources.
 
 Sample ``i`` is a pure function of (seed, i): its source is drawn with weights interpolated from ``start`` to
-``end`` as ``i`` goes from 0 to ``horizon`` (a rising multimodal share, for example), then an item of that source.
-So a run resumes from a sample index alone, and two runs with one seed see the same data.
+``end`` as ``i`` goes from 0 to ``horizon`` (a rising multimodal share, for example), then an item of that source:
+at random, or, with ``replacement=False``, the next item of a seeded shuffle of the source, reshuffled after each
+pass, so that every item comes once before any comes twice. So a run resumes from a sample index alone, and two
+runs with one seed see the same data.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 from kimivl.data.formats import DataError
 from kimivl.data.packing import PackedBatch, pack
 from kimivl.processing.processor import Encoded
@@ -21,7 +25,8 @@ log = logging.getLogger(__name__)
 
 class Mixture:
     def __init__(self, sources: dict[str, Sequence[Any]], encode: Callable[[str, Any], Encoded], budget: int,
-                 start: dict[str, float], end: dict[str, float] | None = None, horizon: int = 1, seed: int = 0):
+                 start: dict[str, float], end: dict[str, float] | None = None, horizon: int = 1, seed: int = 0,
+                 replacement: bool = True):
         unknown = (set(start) | set(end or {})) - set(sources)
         if unknown:
             raise ValueError(f"mixture weights name unknown sources {sorted(unknown)}; have {sorted(sources)}")
@@ -34,18 +39,45 @@ class Mixture:
         self.end = [float((end or start).get(n, 0.0)) for n in self.names]
         if sum(self.start) <= 0 or sum(self.end) <= 0:
             raise ValueError("mixture weights must have a positive sum")
-        self.horizon, self.seed = max(1, horizon), seed
+        self.horizon, self.seed, self.replacement = max(1, horizon), seed, replacement
         self.skipped = 0
+        self._scanned, self._drawn = 0, dict.fromkeys(self.names, 0)  # without replacement: draws before _scanned
+        self._orders: dict[tuple[str, int], np.ndarray] = {}  # (source, pass) -> its shuffle, the latest per source
 
     def weights(self, i: int) -> list[float]:
         t = min(1.0, i / self.horizon)
         return [a + (b - a) * t for a, b in zip(self.start, self.end)]
 
+    def _rng(self, i: int) -> random.Random:
+        return random.Random(self.seed * 1_000_003 + i)
+
     def pick(self, i: int) -> tuple[str, int]:
         """Sample ``i``'s source and its index in that source."""
-        rng = random.Random(self.seed * 1_000_003 + i)
+        rng = self._rng(i)
         name = rng.choices(self.names, weights=self.weights(i))[0]
-        return name, rng.randrange(len(self.sources[name]))
+        if self.replacement:
+            return name, rng.randrange(len(self.sources[name]))
+        return name, self._next_of(name, self._draws_before(i, name))
+
+    def _draws_before(self, i: int, name: str) -> int:
+        """How many of samples 0..i-1 came from ``name``: a replay of their source draws (cheap: no item is read),
+        continued from the last call, or restarted for an earlier ``i``."""
+        if i < self._scanned:
+            self._scanned, self._drawn = 0, dict.fromkeys(self.names, 0)
+        for j in range(self._scanned, i):
+            self._drawn[self._rng(j).choices(self.names, weights=self.weights(j))[0]] += 1
+        self._scanned = i
+        return self._drawn[name]
+
+    def _next_of(self, name: str, k: int) -> int:
+        """The ``k``-th draw from ``name`` without replacement: item ``k % n`` of that pass's seeded shuffle."""
+        n = len(self.sources[name])
+        key = (name, k // n)
+        if key not in self._orders:
+            rng = np.random.default_rng([self.seed, zlib.crc32(name.encode()), k // n])
+            self._orders = {o: v for o, v in self._orders.items() if o[0] != name}
+            self._orders[key] = rng.permutation(n)
+        return int(self._orders[key][k % n])
 
     def sample(self, i: int) -> Encoded:
         name, k = self.pick(i)

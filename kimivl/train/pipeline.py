@@ -215,8 +215,8 @@ def run_stage(recipe: Recipe, stage: Stage, model: KimiVL, processor: KimiVLProc
         mean_len = statistics.mean(len(probe.sample(i).input_ids) for i in range(32))
         horizon = int(stage.steps * stage.accum * stage.budget / mean_len)
         used = set(stage.mix) | set(stage.mix_end or {})
-        data = Mixture({k: sources.items[k] for k in used}, encode,
-                       stage.budget, stage.mix, stage.mix_end, horizon=horizon, seed=recipe.seed)
+        data = Mixture({k: sources.items[k] for k in used}, encode, stage.budget, stage.mix, stage.mix_end,
+                       horizon=horizon, seed=recipe.seed, replacement=stage.replacement)
         trainee, loss_fn = model, joint_loss
         if stage.val:
             rows = heldout_rows({k: sources.items[k] for k in stage.val["sources"]}, encode, stage.budget,

@@ -26,9 +26,10 @@ learning rate; ``standardize_images: 1.0`` first rescales the projector so that 
 mean 0 and that std in every channel (``kimivl.train.calibrate``). ``schedule: continue`` (the default) takes the
 LR multiplier of the recipe-wide schedule at the global step where the stage starts, so stages resume the curve of
 the one before; ``cosine`` gives the stage its own warm-up + cosine. ``budget`` is the tokens of a packed row, a
-step's batch; ``accum: 4`` adds the gradients of 4 rows (or vit batches) before each optimizer step; ``rope_theta``
-changes the LM's RoPE base from that stage on (long-context activation); ``recompute: true`` checkpoints
-activations (memory of one layer at a time, about a third more compute). An ``rl`` stage runs ``steps`` RL
+step's batch; ``replacement: false`` draws each source's records in a shuffled order, every record once per pass
+(the default draws them at random); ``accum: 4`` adds the gradients of 4 rows (or vit batches) before each
+optimizer step; ``rope_theta`` changes the LM's RoPE base from that stage on (long-context activation);
+``recompute: true`` checkpoints activations (memory of one layer at a time, about a third more compute). An ``rl`` stage runs ``steps`` RL
 iterations on the problems of its ``sources`` (see ``kimivl.rl.trainer.RLConfig`` for the ``rl`` settings;
 ``budget`` is its packed log-prob row length)."""
 
@@ -68,6 +69,7 @@ class Stage:
     images_per_batch: int = 32
     budget: int = 1024
     accum: int = 1  # vit and joint: batches (packed rows) whose gradients make one step
+    replacement: bool = True  # joint: draw records at random; false: every record once per pass, reshuffled
     val: dict[str, Any] | None = None  # joint: {sources: [names], every: 100, rows: 16} -> val_loss in the metrics
     rope_theta: float | None = None
     weight_decay: float = 0.1
@@ -116,6 +118,8 @@ class Stage:
             raise RecipeError(f"{where}: a vit stage needs caption 'sources'")
         if self.kind == "rl" and not self.sources:
             raise RecipeError(f"{where}: an rl stage needs problem 'sources'")
+        if not isinstance(self.replacement, bool):
+            raise RecipeError(f"{where}: replacement is true or false, got {self.replacement!r}")
         if not isinstance(self.recompute, bool):
             raise RecipeError(f"{where}: recompute is true or false, got {self.recompute!r}")
         if self.rl is not None and (self.kind != "rl" or not isinstance(self.rl, dict)):

@@ -1,6 +1,7 @@
 """Packing samples into rows, and the seeded, resumable mixture that feeds them."""
 
 import logging
+import random
 
 import numpy as np
 import pytest
@@ -102,3 +103,23 @@ def test_mixture_errors_name_the_problem():
         Mixture(ok, None, 8, start={"a": 1, "b": 1})
     with pytest.raises(ValueError, match="positive sum"):
         Mixture(ok, None, 8, start={"a": 0})
+
+
+def test_without_replacement_every_item_comes_once_a_pass():
+    sources = {"a": list(range(7)), "b": list(range(3))}
+    mix = Mixture(sources, None, 8, start={"a": 2, "b": 1}, seed=5, replacement=False)
+    picks = [mix.pick(i) for i in range(60)]
+    for name, n in (("a", 7), ("b", 3)):
+        drawn = [k for s, k in picks if s == name]
+        passes = [drawn[p:p + n] for p in range(0, len(drawn) - n + 1, n)]
+        assert len(passes) >= 4 and all(sorted(p) == list(range(n)) for p in passes)  # each item once a pass
+        assert len({tuple(p) for p in passes}) > 1  # reshuffled between passes
+    fresh = Mixture(sources, None, 8, start={"a": 2, "b": 1}, seed=5, replacement=False)
+    assert [fresh.pick(i) for i in (59, 3, 40, 0)] == [picks[i] for i in (59, 3, 40, 0)]  # a pure function of i
+    # the sources are drawn as with replacement; only the items within them differ
+    with_replacement = Mixture(sources, None, 8, start={"a": 2, "b": 1}, seed=5)
+    assert [s for s, _ in picks] == [with_replacement.pick(i)[0] for i in range(60)]
+    for i in range(60):  # with replacement, as ever: the source by weight, then a random item of it
+        rng = random.Random(5 * 1_000_003 + i)
+        name = rng.choices(["a", "b"], weights=[2.0, 1.0])[0]
+        assert with_replacement.pick(i) == (name, rng.randrange(len(sources[name])))

@@ -57,7 +57,8 @@ def recipe_dict(data_dir, out):
             {"name": "long-context", **joint, "budget": 384, "rope_theta": 800000.0, "mix": {"text": 1, "colour": 1},
              "recompute": True},
             {"name": "sft", **joint, "schedule": "cosine", "warmup": 1, "mix": {"colour": 1},
-             "lr_scale": {"vision_tower": 0.1, "multi_modal_projector": 0.1}, "freeze": ["*.mlp.experts.*"]},
+             "lr_scale": {"vision_tower": 0.1, "multi_modal_projector": 0.1}, "freeze": ["*.mlp.experts.*"],
+             "replacement": False},
         ]}
 
 
@@ -137,6 +138,7 @@ def _stage(i, **changes):
     (_stage(1, val={"sources": ["colour"], "every": 0}), "val every must be an integer >= 1, got 0"),
     (_stage(1, val={"sources": ["colour"], "steps": 3}), "val is a mapping of 'sources', 'every' and 'rows'"),
     (_stage(0, val={"sources": ["colour"]}), "val \\(a held-out loss\\) applies to joint stages"),
+    (_stage(1, replacement="no"), "replacement is true or false, got 'no'"),
     (_stage(1, accum=0), "accum \\(batches per optimizer step\\) must be an integer >= 1, got 0"),
     (_stage(1, accum=1.5), "accum .* must be an integer >= 1, got 1.5"),
     (lambda r: r["stages"][1].update(kind="rl", sources=["colour"], accum=2), "accum does not apply"),
