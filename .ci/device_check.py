@@ -4,7 +4,9 @@
 1. kimivl-tiny on the bundled held-out questions: greedy answers on the device against the CPU's (bf16 kernels differ,
    so a few answers may), and its accuracy.
 2. One packed training step of kimivl-tiny (bf16 autocast): loss and gradient norm on the device against the CPU's.
-3. A recipe with a vit, a joint (experts frozen) and an rl stage trains on the device, resumes, and exports.
+3. A recipe with a vit, a joint (experts frozen) and an rl stage trains on the device, resumes, and exports; a
+   fine-tune of kimivl-tiny (bf16 checkpoint: frozen experts held in bf16) with accumulation, a held-out loss and
+   sampling without replacement runs too.
 4. With flash-attn installed, packed attention through it against the exact SDPA path.
 5. benchmarks/train_throughput.py on the device (packed against padded useful tokens/s; share of the matmul peak).
 Prints one line per check and exits non-zero when one fails.
@@ -69,13 +71,21 @@ def recipe_runs(device: str, work: Path) -> str:
                           "mix": {"caption": 1, "text": 1}, "freeze": ["*.mlp.experts.*"], "recompute": True},
                          {"name": "rl", "kind": "rl", "steps": 2, "lr": 1e-4, "budget": 1024, "sources": ["reasoning"],
                           "rl": {"problems": 2, "samples": 2, "max_new_tokens": 16}}]}
-    path = work / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    if main(["train", str(path)]) != 0 or main(["train", str(path), "--resume"]) != 0:
-        raise RuntimeError("kimivl train failed")
-    metrics = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
-    if not all(math.isfinite(m["loss"]) for m in metrics):
-        raise RuntimeError(f"a non-finite loss: {metrics}")
+    heldout = REPO / "examples/heldout"
+    tune = {"name": "device-tune", "out": str(work / "tune"), "device": device, "base": {"checkpoint": str(MODEL)},
+            "sources": {"caption": str(heldout / "caption.jsonl"), "ocr": str(heldout / "ocr.jsonl")},
+            "stages": [{"name": "sft", "kind": "joint", "steps": 4, "lr": 1e-4, "budget": 2048, "accum": 2,
+                        "freeze": ["*.mlp.experts.*"], "replacement": False, "mix": {"caption": 1},
+                        "val": {"sources": ["ocr"], "every": 2, "rows": 2}}]}
+    for name, spec in (("recipe", recipe), ("tune", tune)):
+        path = work / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(spec))
+        if main(["train", str(path)]) != 0 or main(["train", str(path), "--resume"]) != 0:
+            raise RuntimeError(f"kimivl train {name} failed")
+    metrics = [json.loads(line) for run in ("run", "tune")
+               for line in (work / run / "metrics.jsonl").read_text().splitlines()]
+    if not all(math.isfinite(m["loss"]) for m in metrics) or not any("val_loss" in m for m in metrics):
+        raise RuntimeError(f"a non-finite loss or no held-out loss: {metrics}")
     return f"{len(metrics)} metric rows, all finite; exported {sorted(p.name for p in (work / 'export').iterdir())}"
 
 
