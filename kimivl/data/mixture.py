@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
+
 from kimivl.data.formats import DataError
 from kimivl.data.packing import PackedBatch, pack
 from kimivl.processing.processor import Encoded

@@ -29,9 +29,10 @@ the one before; ``cosine`` gives the stage its own warm-up + cosine. ``budget`` 
 step's batch; ``replacement: false`` draws each source's records in a shuffled order, every record once per pass
 (the default draws them at random); ``accum: 4`` adds the gradients of 4 rows (or vit batches) before each
 optimizer step; ``rope_theta`` changes the LM's RoPE base from that stage on (long-context activation);
-``recompute: true`` checkpoints activations (memory of one layer at a time, about a third more compute). An ``rl`` stage runs ``steps`` RL
-iterations on the problems of its ``sources`` (see ``kimivl.rl.trainer.RLConfig`` for the ``rl`` settings;
-``budget`` is its packed log-prob row length)."""
+``recompute: true`` checkpoints activations (memory of one layer at a time, about a third more compute); ``val``
+logs a held-out loss (see ``Stage``). An ``rl`` stage runs ``steps`` RL iterations on the problems of its
+``sources`` (see ``kimivl.rl.trainer.RLConfig`` for the ``rl`` settings; ``budget`` is its packed log-prob row
+length)."""
 
 from __future__ import annotations
 
