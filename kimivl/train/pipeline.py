@@ -172,6 +172,14 @@ def _freeze(model: KimiVL, stage: Stage) -> None:
         raise RecipeError(f"stage {stage.name!r}: {e}") from None
 
 
+def _passes(data: Mixture, samples: int, items: dict[str, Sequence]) -> dict[str, float]:
+    """Expected draws from each source over ``samples`` samples, as passes over its records (the weights move
+    linearly from ``mix`` to ``mix_end``, so each source gets the mean of its two shares)."""
+    start, end = sum(data.start), sum(data.end)
+    return {name: samples * (a / start + b / end) / 2 / len(items[name])
+            for name, a, b in zip(data.names, data.start, data.end)}
+
+
 def _loop_config(stage: Stage) -> LoopConfig:
     return LoopConfig(steps=stage.steps, ckpt_every=stage.ckpt_every, log_every=stage.log_every, clip=stage.clip,
                       bias_update_rate=stage.bias_update_rate, accum=stage.accum,
@@ -217,6 +225,9 @@ def run_stage(recipe: Recipe, stage: Stage, model: KimiVL, processor: KimiVLProc
         used = set(stage.mix) | set(stage.mix_end or {})
         data = Mixture({k: sources.items[k] for k in used}, encode, stage.budget, stage.mix, stage.mix_end,
                        horizon=horizon, seed=recipe.seed, replacement=stage.replacement)
+        log.info("stage %s: about %d samples (%d tokens each on average); passes over each source: %s", stage.name,
+                 horizon, round(mean_len), ", ".join(f"{k} {passes:.2f}" for k, passes in
+                                                      _passes(data, horizon, sources.items).items()))
         trainee, loss_fn = model, joint_loss
         if stage.val:
             rows = heldout_rows({k: sources.items[k] for k in stage.val["sources"]}, encode, stage.budget,

@@ -1,6 +1,7 @@
 """A smoke run of every stage kind of a recipe on the tiny preset, on hand-made data."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -319,3 +320,17 @@ def test_a_stage_logs_its_held_out_loss(data_dir, tmp_path, small_model, small_p
     run_recipe(load_recipe(tmp_path / "r.yaml"), progress=False)
     plain, validated = (load_file(tmp_path / run / "sft" / "final" / "model.safetensors") for run in ("plain", "run"))
     assert all(torch.equal(plain[k], validated[k]) for k in plain)
+
+
+def test_a_stage_says_how_many_passes_over_its_sources_it_makes(data_dir, tmp_path, caplog):
+    recipe = recipe_dict(data_dir, tmp_path / "run")
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    with caplog.at_level("INFO", logger="kimivl.train.pipeline"):
+        run_recipe(load_recipe(tmp_path / "r.yaml"), progress=False)
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("stage pretrain: about"))
+    samples, mean = (int(x) for x in re.match(r"stage pretrain: about (\d+) samples \((\d+) tokens", line).groups())
+    assert abs(samples - 2 * 192 / mean) < 1  # steps x budget / mean sample length, rounded down
+    passes = dict(re.findall(r"(\w+) ([\d.]+)", line.split("each source: ")[1]))
+    # pretrain's weights go from text 3 : colour 1 to 1 : 3, so each source gets half of the samples
+    assert float(passes["colour"]) == pytest.approx(samples / 2 / 12, abs=0.01)
+    assert float(passes["text"]) == pytest.approx(samples / 2 / 180, abs=0.01)
