@@ -1,5 +1,5 @@
-"""The checks that need a GPU, which CI does not have: ``python .ci/device_check.py [--device cuda]`` (bash
-.ci/device-check installs first). With ``--device cpu`` the same code runs here, so the script itself is tested.
+"""The checks that need a GPU, which CI does not have: ``bash .ci/device-check`` (the repo on PYTHONPATH, nothing
+installed: the device machines have torch and no network). ``--device cpu`` runs the same code here.
 
 1. kimivl-tiny on the bundled held-out questions: greedy answers on the device against the CPU's (bf16 kernels differ,
    so a few answers may), and its accuracy.
