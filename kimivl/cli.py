@@ -40,7 +40,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        hold_frozen_in_bf16(model, check=False)  # as joint stages do with a bfloat16 checkpoint's frozen weights
+        hold_frozen_in_bf16(model, lambda name, p: True)  # as joint stages do with a bf16 checkpoint's frozen weights
         frozen = f", less {' '.join(args.freeze)}" if args.freeze else ""
         print(f"training {' + '.join(args.train or PARTS)}{frozen} from a bfloat16 checkpoint: {memory_plan(model)}")
     return 0
@@ -107,6 +107,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     overrides = {key: value for key, value in (("out", args.out), ("device", args.device)) if value}
     recipe = load_recipe(args.recipe, overrides)
+    if args.plan:
+        from kimivl.train.plan import plan_recipe
+
+        print("\n".join(plan_recipe(recipe)))
+        return 0
     started = any(recipe.out.glob("*/checkpoints")) or any(recipe.out.glob("*/final"))
     if started and not args.resume:
         raise ValueError(f"{recipe.out} already holds a run of this recipe; pass --resume to continue it "
@@ -221,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue a run: skip finished stages, resume the rest")
     train.add_argument("--out", help="run directory (default: the recipe's 'out')")
     train.add_argument("--device", help="where to train, e.g. cuda (default: the recipe's 'device', else cpu)")
+    train.add_argument("--plan", action="store_true",
+                       help="print each stage's data and memory plan, then stop (no weights loaded, nothing written)")
     train.set_defaults(func=cmd_train)
 
     from kimivl.demo import DEFAULT_EXAMPLES, DEFAULT_MODEL

@@ -89,7 +89,9 @@ def _answers_only(record: dict) -> dict:
     return {**record, "messages": messages}
 
 
-def _tokenizer(recipe: Recipe, sources: Sources, base_dir: Path | None) -> KimiTokenizer:
+def recipe_tokenizer(recipe: Recipe, sources: Sources, base_dir: Path | None, save: bool = True) -> KimiTokenizer:
+    """The recipe's tokenizer: from ``path``, trained on the sources (``train_vocab``; saved under ``out`` unless
+    ``save`` is false), or the base checkpoint's."""
     spec = recipe.tokenizer
     if "path" in spec:
         return KimiTokenizer.from_pretrained(spec["path"])
@@ -101,7 +103,8 @@ def _tokenizer(recipe: Recipe, sources: Sources, base_dir: Path | None) -> KimiT
         texts += [_record_text(r) for n, items in sources.items.items() if not sources.is_text[n] for r in items]
         log.info("training a %d-rank BPE on %d texts", spec["train_vocab"], len(texts))
         tok = train_bpe(texts, vocab_size=spec["train_vocab"])
-        tok.save_pretrained(out)
+        if save:
+            tok.save_pretrained(out)
         return tok
     if base_dir is None:
         raise ValueError("a preset base needs tokenizer: {path: DIR} or {train_vocab: N}")
@@ -112,17 +115,24 @@ def _record_text(record: dict) -> str:
     return " ".join(content_text(m["content"]) for m in record["messages"])
 
 
-def _base_model(recipe: Recipe, tokenizer: KimiTokenizer) -> KimiVL:
+def base_config(recipe: Recipe, tokenizer: KimiTokenizer) -> KimiVLConfig:
+    """The base checkpoint's configuration, or the preset's sized to ``tokenizer``."""
     if "checkpoint" in recipe.base:
-        return KimiVL.from_pretrained(recipe.base["checkpoint"], dtype=torch.float32, device=recipe.device)
+        return KimiVLConfig.from_pretrained(recipe.base["checkpoint"])
     config = KimiVLConfig.from_preset(recipe.base["preset"])
     n = tokenizer.n_ranks
     text = dataclasses.replace(config.text_config, vocab_size=n + 256, bos_token_id=tokenizer.bos_id,
                                eos_token_id=[tokenizer.eos_id, tokenizer.im_end_id], pad_token_id=tokenizer.pad_id)
-    config = dataclasses.replace(config, text_config=text, media_placeholder_token_id=tokenizer.media_pad_id,
-                                 pad_token_id=tokenizer.pad_id)
+    return dataclasses.replace(config, text_config=text, media_placeholder_token_id=tokenizer.media_pad_id,
+                               pad_token_id=tokenizer.pad_id)
+
+
+def _base_model(recipe: Recipe, tokenizer: KimiTokenizer) -> KimiVL:
+    if "checkpoint" in recipe.base:
+        return KimiVL.from_pretrained(recipe.base["checkpoint"], dtype=torch.float32, device=recipe.device)
     torch.manual_seed(recipe.seed)
-    return KimiVL(config).to(recipe.device)  # initialised on the CPU, so every device starts from the same weights
+    # initialised on the CPU, so every device starts from the same weights
+    return KimiVL(base_config(recipe, tokenizer)).to(recipe.device)
 
 
 def global_schedule(recipe: Recipe) -> tuple[WSD, dict[str, int]]:
@@ -165,19 +175,40 @@ class CaptionStream:
                                 self.max_len), position
 
 
-def _freeze(model: KimiVL, stage: Stage) -> None:
+def freeze_stage(model: KimiVL, stage: Stage) -> None:
+    """``set_trainable`` with the stage's ``train`` and ``freeze``; a mistake is a ``RecipeError`` naming it."""
     try:
         set_trainable(model, stage.train, stage.freeze)
     except ValueError as e:
         raise RecipeError(f"stage {stage.name!r}: {e}") from None
 
 
-def _passes(data: Mixture, samples: int, items: dict[str, Sequence]) -> dict[str, float]:
-    """Expected draws from each source over ``samples`` samples, as passes over its records (the weights move
-    linearly from ``mix`` to ``mix_end``, so each source gets the mean of its two shares)."""
+def stage_amount(recipe: Recipe, stage: Stage, sources: Sources) -> str:
+    """What a vit or rl stage's steps hold: captioned images and passes over their sources, or RL problems."""
+    if stage.kind == "vit":
+        images = stage.steps * stage.accum * stage.images_per_batch
+        records = sum(len(sources.items[name]) for name in stage.sources)
+        return (f"stage {stage.name}: {images} captioned images, {images / records:.2f} passes over "
+                f"{', '.join(stage.sources)}")
+    cfg = rl_config(recipe, stage)
+    return f"stage {stage.name}: {stage.steps} iterations of {cfg.problems} problems x {cfg.samples} answers"
+
+
+def stage_mixture(recipe: Recipe, stage: Stage, sources: Sources, encode) -> tuple[Mixture, str]:
+    """A joint stage's data, and a line saying about how many samples its steps hold (from the mean length of 32
+    samples) and how many passes over each source they make (the weights move linearly from ``mix`` to
+    ``mix_end``, so each source gets the mean of its two shares)."""
+    probe = Mixture(sources.items, encode, stage.budget, stage.mix, stage.mix_end, seed=recipe.seed)
+    mean_len = statistics.mean(len(probe.sample(i).input_ids) for i in range(32))
+    horizon = int(stage.steps * stage.accum * stage.budget / mean_len)
+    used = set(stage.mix) | set(stage.mix_end or {})
+    data = Mixture({k: sources.items[k] for k in used}, encode, stage.budget, stage.mix, stage.mix_end,
+                   horizon=horizon, seed=recipe.seed, replacement=stage.replacement)
     start, end = sum(data.start), sum(data.end)
-    return {name: samples * (a / start + b / end) / 2 / len(items[name])
-            for name, a, b in zip(data.names, data.start, data.end)}
+    passes = ", ".join(f"{name} {horizon * (a / start + b / end) / 2 / len(sources.items[name]):.2f}"
+                       for name, a, b in zip(data.names, data.start, data.end))
+    return data, (f"stage {stage.name}: about {horizon} samples ({round(mean_len)} tokens each on average); "
+                  f"passes over each source: {passes}")
 
 
 def _loop_config(stage: Stage) -> LoopConfig:
@@ -213,21 +244,17 @@ def run_stage(recipe: Recipe, stage: Stage, model: KimiVL, processor: KimiVLProc
         records = Concat([sources.items[name] for name in stage.sources])
         trainee = ViTPretrainer(model.vision_tower, model.config.text_config.vocab_size).to(model.device)
         data, loss_fn = CaptionStream(records, processor, stage.images_per_batch, recipe.seed), vit_loss
+        log.info("%s", stage_amount(recipe, stage, sources))
     elif stage.kind == "rl":
-        _freeze(model, stage)
+        freeze_stage(model, stage)
         trainee = model
+        log.info("%s", stage_amount(recipe, stage, sources))
     else:
-        _freeze(model, stage)
+        freeze_stage(model, stage)
         encode = sources.encoder(processor)
-        probe = Mixture(sources.items, encode, stage.budget, stage.mix, stage.mix_end, seed=recipe.seed)
-        mean_len = statistics.mean(len(probe.sample(i).input_ids) for i in range(32))
-        horizon = int(stage.steps * stage.accum * stage.budget / mean_len)
-        used = set(stage.mix) | set(stage.mix_end or {})
-        data = Mixture({k: sources.items[k] for k in used}, encode, stage.budget, stage.mix, stage.mix_end,
-                       horizon=horizon, seed=recipe.seed, replacement=stage.replacement)
-        log.info("stage %s: about %d samples (%d tokens each on average); passes over each source: %s", stage.name,
-                 horizon, round(mean_len), ", ".join(f"{k} {passes:.2f}" for k, passes in
-                                                      _passes(data, horizon, sources.items).items()))
+        data, amount = stage_mixture(recipe, stage, sources, encode)
+        log.info("%s", amount)
+        used = set(data.names)
         trainee, loss_fn = model, joint_loss
         if stage.val:
             rows = heldout_rows({k: sources.items[k] for k in stage.val["sources"]}, encode, stage.budget,
@@ -304,11 +331,11 @@ def run_recipe(recipe: Recipe, progress: bool = True) -> KimiVL:
         ensure_world(recipe.out / "world", progress=progress, **recipe.world)
     sources = Sources(recipe, progress)
     base_dir = Path(recipe.base["checkpoint"]) if "checkpoint" in recipe.base else None
-    processor = KimiVLProcessor(_tokenizer(recipe, sources, base_dir))
+    processor = KimiVLProcessor(recipe_tokenizer(recipe, sources, base_dir))
     model = _base_model(recipe, processor.tokenizer)
     for stage in recipe.stages:  # a freeze pattern that matches nothing fails now, not stages later
         if stage.freeze:
-            _freeze(model, stage)
+            freeze_stage(model, stage)
     model.requires_grad_(True)
     if (recipe.eval or {}).get("base") and not (recipe.out / "eval" / "base.json").is_file():
         evaluate_stage(recipe, "base", model, processor, progress)

@@ -3,6 +3,7 @@ memory: weights, gradients and optimiser state, known before any weight is alloc
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
@@ -35,21 +36,24 @@ def set_trainable(model: nn.Module, parts: list[str], freeze: list[str] = ()) ->
         raise ValueError(f"freeze {list(freeze)} leaves nothing of {list(parts)} to train")
 
 
-def hold_frozen_in_bf16(model: nn.Module, check: bool = True) -> list[nn.Parameter]:
+def _bf16_values(name: str, p: nn.Parameter) -> bool:
+    return not (p.detach().view(torch.int32) & 0xFFFF).any()  # no mantissa bits that bfloat16 lacks
+
+
+def hold_frozen_in_bf16(model: nn.Module, lossless: Callable[[str, nn.Parameter], bool] = _bf16_values
+                        ) -> list[nn.Parameter]:
     """Store each frozen float32 matrix that bf16 autocast multiplies in bfloat16 anyway (``nn.Linear`` weights, the
     experts' stacks) in bfloat16, when that loses nothing: its values are bfloat16 values, as in a weight loaded from a
     bfloat16 checkpoint and not trained since. Training under autocast then computes exactly what it did, and those
-    weights take half the memory. ``check=False`` skips the value check (for a meta-device plan). Returns the changed
-    parameters, for ``restore_float32``."""
+    weights take half the memory. ``lossless(name, param)`` decides instead of looking at the values (a meta-device
+    plan knows which weights come from the checkpoint). Returns the changed parameters, for ``restore_float32``."""
     held = []
-    for module in model.modules():
+    for module_name, module in model.named_modules():
         names = ("gate_up_proj", "down_proj") if isinstance(module, GroupedExperts) else \
             ("weight",) if isinstance(module, nn.Linear) else ()
         for name in names:
             p = getattr(module, name)
-            if p.requires_grad or p.dtype != torch.float32:
-                continue
-            if check and (p.detach().view(torch.int32) & 0xFFFF).any():  # mantissa bits bfloat16 lacks
+            if p.requires_grad or p.dtype != torch.float32 or not lossless(f"{module_name}.{name}", p):
                 continue
             p.data = p.data.to(torch.bfloat16)
             held.append(p)

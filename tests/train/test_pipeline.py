@@ -233,7 +233,7 @@ def test_a_failing_stage_leaves_the_model_as_it_came(data_dir, tmp_path, monkeyp
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(d))
     recipe = load_recipe(tmp_path / "r.yaml")
     sources = Sources(recipe)
-    processor = KimiVLProcessor(pipeline._tokenizer(recipe, sources, None))
+    processor = KimiVLProcessor(pipeline.recipe_tokenizer(recipe, sources, None))
     model = pipeline._base_model(recipe, processor.tokenizer)
     seen = {}
 
@@ -334,3 +334,29 @@ def test_a_stage_says_how_many_passes_over_its_sources_it_makes(data_dir, tmp_pa
     # pretrain's weights go from text 3 : colour 1 to 1 : 3, so each source gets half of the samples
     assert float(passes["colour"]) == pytest.approx(samples / 2 / 12, abs=0.01)
     assert float(passes["text"]) == pytest.approx(samples / 2 / 180, abs=0.01)
+
+
+def test_the_plan_is_what_the_run_then_logs(data_dir, tmp_path, small_model, small_processor, caplog, capsys):
+    base = tmp_path / "base"
+    small_model.save_pretrained(base, dtype=torch.bfloat16)
+    small_processor.save_pretrained(base)
+    joint = {"kind": "joint", "steps": 2, "lr": 1e-3, "budget": 192, "mix": {"colour": 2, "text": 1}}
+    recipe = {"name": "plan", "out": str(tmp_path / "run"), "base": {"checkpoint": str(base)},
+              "sources": {"colour": str(data_dir / "colour.jsonl"), "text": str(data_dir / "text.jsonl")},
+              "stages": [{"name": "vit", "kind": "vit", "steps": 2, "lr": 1e-3, "sources": ["colour"],
+                          "images_per_batch": 4},
+                         {"name": "lm", **joint, "train": ["language_model"], "freeze": ["*.mlp.experts.*"]},
+                         {"name": "projector", **joint, "train": ["multi_modal_projector"], "accum": 2}]}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["train", str(tmp_path / "r.yaml"), "--plan"]) == 0
+    planned = capsys.readouterr().out.splitlines()
+    assert not (tmp_path / "run").exists()  # a plan writes nothing
+    with caplog.at_level("INFO", logger="kimivl.train.pipeline"):
+        run_recipe(load_recipe(tmp_path / "r.yaml"), progress=False)
+    logged = [r.getMessage() for r in caplog.records
+              if re.match(r"stage \S+(:| trains)", r.getMessage()) and "steps" not in r.getMessage()]
+    assert planned == logged and len(planned) == 6
+    # the projector stage still holds the experts (frozen since the checkpoint) in bf16, but no longer the LM weights
+    # that the stage before trained
+    lm, projector = (float(re.search(r"holds weights ([\d.]+) MB", line).group(1)) for line in planned[3::2])
+    assert lm < projector < sum(4 * p.numel() for p in small_model.parameters()) / 1e6

@@ -74,7 +74,7 @@ def test_info_prints_the_memory_of_a_fine_tuning_plan(capsys, tiny_config, tmp_p
     with torch.device("meta"):
         model = KimiVL(tiny_config)
     set_trainable(model, ["language_model"])
-    hold_frozen_in_bf16(model, check=False)
+    hold_frozen_in_bf16(model, lambda name, p: True)
     expected = f"training language_model from a bfloat16 checkpoint: {memory_plan(model)}"
     assert capsys.readouterr().out.splitlines()[-1] == expected
     assert main(["info", str(tmp_path), "--freeze", "nothing*"]) == 2
@@ -118,4 +118,4 @@ def test_weights_with_more_precision_than_bf16_stay_float32(tiny_model):
     with torch.device("meta"):
         planned = KimiVL(tiny_model.config)
     set_trainable(planned, ["language_model"], [EXPERTS])
-    assert len(hold_frozen_in_bf16(planned, check=False)) > 0  # a plan assumes a bf16 checkpoint
+    assert len(hold_frozen_in_bf16(planned, lambda name, p: True)) > 0  # a plan knows the weights' origin

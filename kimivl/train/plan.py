@@ -1,0 +1,59 @@
+"""``kimivl train RECIPE --plan``: what each stage will train, on how much data, in how much memory, found without
+loading a weight, training or writing anything (the model is built on the meta device). The lines are those the run
+itself logs at each stage's start."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from kimivl.model.kimivl import KimiVL
+from kimivl.processing.processor import KimiVLProcessor
+from kimivl.train.pipeline import (Sources, base_config, freeze_stage, recipe_tokenizer, rl_config, stage_amount,
+                                   stage_mixture)
+from kimivl.train.recipe import Recipe, RecipeError
+from kimivl.train.trainable import hold_frozen_in_bf16, memory_plan, restore_float32
+from kimivl.train.vit import ViTPretrainer
+
+
+def plan_recipe(recipe: Recipe) -> list[str]:
+    """Two lines per stage: its data (samples and passes over each source) and its memory plan."""
+    for stage in recipe.stages:
+        if stage.kind == "rl":
+            rl_config(recipe, stage)
+    if recipe.world is not None and not (recipe.out / "world" / "world.json").is_file():
+        raise RecipeError(f"the recipe's synthetic world is not built yet under {recipe.out / 'world'}; "
+                          "kimivl train builds it first")
+    sources = Sources(recipe)
+    base_dir = Path(recipe.base["checkpoint"]) if "checkpoint" in recipe.base else None
+    processor = KimiVLProcessor(recipe_tokenizer(recipe, sources, base_dir, save=False))
+    with torch.device("meta"):
+        model = KimiVL(base_config(recipe, processor.tokenizer))
+    trained: set[str] = set()  # trained by an earlier stage: float32 values, never held in bf16
+
+    def from_checkpoint(name: str, p) -> bool:
+        return base_dir is not None and name not in trained
+
+    lines = []
+    for stage in recipe.stages:
+        held = []
+        if stage.kind == "vit":
+            with torch.device("meta"):
+                trainee = ViTPretrainer(model.vision_tower, model.config.text_config.vocab_size)
+            lines.append(stage_amount(recipe, stage, sources))
+            model.requires_grad_(False)
+            model.vision_tower.requires_grad_(True)
+        else:
+            freeze_stage(model, stage)
+            trainee = model
+            if stage.kind == "joint":
+                lines.append(stage_mixture(recipe, stage, sources, sources.encoder(processor))[1])
+                held = hold_frozen_in_bf16(model, from_checkpoint)
+            else:
+                lines.append(stage_amount(recipe, stage, sources))
+        lines.append(f"stage {stage.name} {memory_plan(trainee)}")
+        restore_float32(held)
+        trained |= {name for name, p in model.named_parameters() if p.requires_grad}
+        model.requires_grad_(True)
+    return lines
