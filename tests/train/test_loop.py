@@ -29,12 +29,13 @@ def joint_loss(model, batch):
     return out.loss, {"efficiency": batch.efficiency}, batch.n_tokens
 
 
-def setup(small_model, small_processor, seed=0):
+def setup(small_model, small_processor, seed=0, replacement=True):
     torch.manual_seed(seed)
     model = KimiVL(small_model.config)
     def encode(kind, item):
         return small_processor.encode_text(item) if kind == "text" else small_processor.encode_for_training(item)
-    data = Mixture({"chat": CHATS, "text": TEXTS}, encode, budget=96, start={"chat": 1, "text": 1}, seed=1)
+    data = Mixture({"chat": CHATS, "text": TEXTS}, encode, budget=96, start={"chat": 1, "text": 1}, seed=1,
+                   replacement=replacement)
     opt = build_optimizer(model, lr=3e-3)
     return model, data, opt, scheduler_at(opt, WarmupCosine(2, 8))
 
@@ -49,23 +50,25 @@ def tensorboard_losses(run_dir):
     return [(e.step, round(e.value, 6)) for e in events.Scalars("loss")]
 
 
-def test_kill_and_resume_gives_identical_losses(small_model, small_processor, tmp_path):
-    cfg = LoopConfig(steps=6, ckpt_every=3, log_every=1)
-    model, data, opt, sched = setup(small_model, small_processor)
+@pytest.mark.parametrize("accum, replacement", [(1, True), (2, False)])
+def test_kill_and_resume_gives_identical_losses(small_model, small_processor, tmp_path, accum, replacement):
+    cfg = LoopConfig(steps=6, ckpt_every=3, log_every=1, accum=accum)
+    model, data, opt, sched = setup(small_model, small_processor, replacement=replacement)
     train_loop(model, joint_loss, data, opt, sched, cfg, tmp_path / "a", "s", progress=False)
 
     calls = {"n": 0}
-    def dies_at_step_5(model, batch):
+    def dies_in_step_5(model, batch):
         calls["n"] += 1
-        if calls["n"] == 5:
+        if calls["n"] == 4 * accum + 1:
             raise KeyboardInterrupt  # killed mid-run, after the step-3 checkpoint
         return joint_loss(model, batch)
 
-    model, data, opt, sched = setup(small_model, small_processor)
+    model, data, opt, sched = setup(small_model, small_processor, replacement=replacement)
     with pytest.raises(KeyboardInterrupt):
-        train_loop(model, dies_at_step_5, data, opt, sched, cfg, tmp_path / "b", "s", progress=False)
+        train_loop(model, dies_in_step_5, data, opt, sched, cfg, tmp_path / "b", "s", progress=False)
     assert latest_checkpoint(tmp_path / "b" / "s" / "checkpoints").name == "step-0000003"
-    model, data, opt, sched = setup(small_model, small_processor, seed=123)  # different init: all comes from disk
+    # different init, a fresh mixture: all comes from disk and the data position
+    model, data, opt, sched = setup(small_model, small_processor, seed=123, replacement=replacement)
     train_loop(model, joint_loss, data, opt, sched, cfg, tmp_path / "b", "s", progress=False)
     assert losses(tmp_path / "b") == losses(tmp_path / "a")
     assert len(losses(tmp_path / "a")) == 6 and losses(tmp_path / "a")[-1] < losses(tmp_path / "a")[0]
