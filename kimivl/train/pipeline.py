@@ -288,6 +288,8 @@ def run_stage(recipe: Recipe, stage: Stage, model: KimiVL, processor: KimiVLProc
         return train_loop(trainee, loss_fn, data, optimizer, scheduler, _loop_config(stage), recipe.out,
                           stage.name, progress=progress, validate=validate)
     finally:  # the model leaves the stage as it came, even when the stage stops with an error
+        optimizer.zero_grad(set_to_none=True)  # gradients and optimiser state go before held weights grow back
+        optimizer.state.clear()
         restore_float32(held)
         model.requires_grad_(True)
         model.set_recompute(False)

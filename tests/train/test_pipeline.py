@@ -285,7 +285,7 @@ def test_fine_tuning_a_bf16_checkpoint_holds_frozen_weights_in_bf16_and_trains_t
         (tmp_path / f"{run}.yaml").write_text(yaml.safe_dump(recipe))
         with caplog.at_level("INFO", logger="kimivl.train.pipeline"):
             model = run_recipe(load_recipe(tmp_path / f"{run}.yaml"), progress=False)
-        assert all(p.dtype == torch.float32 for p in model.parameters())  # as it came, after the stage
+        assert all(p.dtype == torch.float32 and p.grad is None for p in model.parameters())  # as it came
         finals[run] = load_file(tmp_path / run / "sft" / "final" / "model.safetensors")
         checkpoint = {k: t for f in checkpoint_files(tmp_path / run / "sft" / "checkpoints" / "step-0000001")
                       for k, t in load_file(f).items()}
