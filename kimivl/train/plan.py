@@ -4,10 +4,13 @@ itself logs at each stage's start."""
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
+from kimivl.checkpoint import checkpoint_files
 from kimivl.model.kimivl import KimiVL
 from kimivl.processing.processor import KimiVLProcessor
 from kimivl.train.pipeline import (Sources, base_config, freeze_stage, recipe_tokenizer, rl_config, stage_amount,
@@ -15,6 +18,16 @@ from kimivl.train.pipeline import (Sources, base_config, freeze_stage, recipe_to
 from kimivl.train.recipe import Recipe, RecipeError
 from kimivl.train.trainable import hold_frozen_in_bf16, memory_plan, restore_float32
 from kimivl.train.vit import ViTPretrainer
+
+
+def stored_in_bf16(path: Path) -> bool:
+    """Whether most tensors of the checkpoint at ``path`` are stored in bfloat16, as in released checkpoints (read
+    from the headers only)."""
+    dtypes = Counter()
+    for file in checkpoint_files(path):
+        with safe_open(file, framework="pt") as f:
+            dtypes.update(f.get_slice(k).get_dtype() for k in f.keys())
+    return dtypes.most_common(1)[0][0] == "BF16"
 
 
 def plan_recipe(recipe: Recipe) -> list[str]:
@@ -31,9 +44,10 @@ def plan_recipe(recipe: Recipe) -> list[str]:
     with torch.device("meta"):
         model = KimiVL(base_config(recipe, processor.tokenizer))
     trained: set[str] = set()  # trained by an earlier stage: float32 values, never held in bf16
+    bf16_base = base_dir is not None and stored_in_bf16(base_dir)
 
     def from_checkpoint(name: str, p) -> bool:
-        return base_dir is not None and name not in trained
+        return bf16_base and name not in trained
 
     lines = []
     for stage in recipe.stages:

@@ -15,6 +15,7 @@ from kimivl.checkpoint import checkpoint_files
 from kimivl.cli import main
 from kimivl.data.formats import write_records
 from kimivl.train.pipeline import Sources, run_recipe
+from kimivl.train.plan import plan_recipe
 from kimivl.train.recipe import RecipeError, load_recipe
 from kimivl.train.validation import heldout_loss, heldout_rows
 
@@ -360,3 +361,19 @@ def test_the_plan_is_what_the_run_then_logs(data_dir, tmp_path, small_model, sma
     # that the stage before trained
     lm, projector = (float(re.search(r"holds weights ([\d.]+) MB", line).group(1)) for line in planned[3::2])
     assert lm < projector < sum(4 * p.numel() for p in small_model.parameters()) / 1e6
+
+
+def test_a_plan_holds_nothing_in_bf16_from_a_float32_checkpoint(data_dir, tmp_path, small_model, small_processor):
+    plans = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        base = tmp_path / str(dtype)
+        small_model.save_pretrained(base, dtype=dtype)
+        small_processor.save_pretrained(base)
+        recipe = {"name": "plan", "out": str(tmp_path / "run"), "base": {"checkpoint": str(base)},
+                  "sources": {"colour": str(data_dir / "colour.jsonl")},
+                  "stages": [{"name": "sft", "kind": "joint", "steps": 2, "lr": 1e-3, "budget": 192,
+                              "train": ["multi_modal_projector"], "mix": {"colour": 1}}]}
+        (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+        plans[dtype] = plan_recipe(load_recipe(tmp_path / "r.yaml"))[-1]
+    float32 = sum(4 * p.numel() for p in small_model.parameters()) / 1e6
+    assert f"holds weights {float32:.1f} MB" in plans[torch.float32] and plans[torch.bfloat16] != plans[torch.float32]
