@@ -22,6 +22,7 @@ from kimivl.data.packing import PackedBatch, pack
 from kimivl.processing.processor import Encoded
 
 log = logging.getLogger(__name__)
+SKIPPED_IN_A_ROW = 1000  # samples over the budget in a row that stop the stream: the data cannot fill a row
 
 
 class Mixture:
@@ -88,9 +89,11 @@ class Mixture:
             raise DataError(f"sample {i}: item {k} of source {name!r} cannot be encoded: {e}") from e
 
     def batches(self, position: int) -> Iterator[tuple[PackedBatch, int]]:
-        """Rows packed greedily from sample ``position`` on; a sample longer than the budget is skipped."""
+        """Rows packed greedily from sample ``position`` on; a sample longer than the budget is skipped (and
+        ``SKIPPED_IN_A_ROW`` of them in a row are a ``DataError``)."""
         i = position
         pending = None
+        in_a_row = 0
         while True:
             row, used = [], 0
             while True:
@@ -99,9 +102,14 @@ class Mixture:
                 n = len(s.input_ids)
                 if n > self.budget:
                     self.skipped += 1
+                    in_a_row += 1
                     log.warning("sample %d (%d tokens) exceeds the %d-token budget; skipped", i, n, self.budget)
+                    if in_a_row >= SKIPPED_IN_A_ROW:
+                        raise DataError(f"samples {i - in_a_row + 1} to {i} all exceed the {self.budget}-token "
+                                        "budget: raise the stage's budget or shorten the data")
                     i += 1
                     continue
+                in_a_row = 0
                 if used + n > self.budget:
                     pending = s
                     break

@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from kimivl.data.formats import DataError
 from kimivl.data.mixture import Mixture
 from kimivl.data.packing import pack
 from kimivl.processing.processor import IGNORE_INDEX, Encoded
@@ -123,3 +124,11 @@ def test_without_replacement_every_item_comes_once_a_pass():
         rng = random.Random(5 * 1_000_003 + i)
         name = rng.choices(["a", "b"], weights=[2.0, 1.0])[0]
         assert with_replacement.pick(i) == (name, rng.randrange(len(sources[name])))
+
+
+def test_data_that_never_fits_the_budget_is_an_error(monkeypatch, caplog):
+    monkeypatch.setattr("kimivl.data.mixture.SKIPPED_IN_A_ROW", 20)
+    long = Mixture({"a": ["x"] * 3}, lambda name, text: Encoded([1] * 50, None, None, [1] * 50), 16, {"a": 1})
+    with caplog.at_level(logging.ERROR), pytest.raises(DataError, match="samples 0 to 19 all exceed the 16-token "
+                                                                         "budget: raise the stage's budget"):
+        next(long.batches(0))
