@@ -25,7 +25,7 @@ from kimivl.rl.objectives import group_baseline, group_normalised, grpo_loss, kl
 from kimivl.rl.rewards import correctness
 from kimivl.rl.rollouts import pack_rows, rollout, token_logprobs
 from kimivl.rl.sampler import ProblemSampler
-from kimivl.train.loop import TrainingError
+from kimivl.train.loop import TrainingError, load_optimizer_state
 from kimivl.train.metrics import MetricsLog, plot_curves
 from kimivl.train.state import latest_checkpoint, load_state, save_state
 
@@ -230,7 +230,7 @@ class RLTrainer:
         found = latest_checkpoint(self._ckpt_dir) if resume else None
         if found is not None:
             state = load_state(found, self.policy)
-            self.optimizer.load_state_dict(state["optimizer"])
+            load_optimizer_state(self.optimizer, state["optimizer"], found, self.stage)
             self.scheduler.load_state_dict(state["scheduler"])
             self.sampler.load_state_dict(state["sampler"])
             self.iteration = state["step"]

@@ -57,6 +57,17 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return dataclasses.replace(batch, **moved)
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict, found: Path, stage: str) -> None:
+    """``optimizer.load_state_dict(saved)``, where state that does not fit (the run now trains other parameters) is a
+    ``TrainingError`` naming the checkpoint."""
+    try:
+        optimizer.load_state_dict(saved)
+    except ValueError as e:
+        raise TrainingError(f"{stage}: the optimiser state in {found} does not fit the parameters this run trains "
+                            f"({e}); resume with the stage's settings of that run (train, freeze, lr_scale), or "
+                            "start the stage afresh") from None
+
+
 def train_loop(model: torch.nn.Module, loss_fn: LossFn, data: Batches, optimizer: torch.optim.Optimizer,
                scheduler: torch.optim.lr_scheduler.LRScheduler, cfg: LoopConfig, run_dir: str | Path,
                stage: str, resume: bool = True, progress: bool = True,
@@ -72,7 +83,7 @@ def train_loop(model: torch.nn.Module, loss_fn: LossFn, data: Batches, optimizer
     found = latest_checkpoint(ckpt_dir) if resume else None
     if found is not None:
         state = load_state(found, model)
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(optimizer, state["optimizer"], found, stage)
         scheduler.load_state_dict(state["scheduler"])
         step, position = state["step"], state["position"]
         log.info("%s: resumed at step %d from %s", stage, step, found)

@@ -205,3 +205,15 @@ def test_accumulation_adds_the_gradients_of_several_batches_to_one_step(small_mo
     assert losses(tmp_path / "a") == pytest.approx(logged, rel=1e-6)
     state = torch.load(latest_checkpoint(tmp_path / "a" / "s" / "checkpoints") / "trainer.pt", weights_only=True)
     assert state["position"] == position  # six batches consumed
+
+
+def test_resuming_with_other_trained_parameters_is_named(small_model, small_processor, tmp_path):
+    model, data, opt, sched = setup(small_model, small_processor)
+    train_loop(model, joint_loss, data, opt, sched, LoopConfig(steps=2, ckpt_every=1), tmp_path, "s", progress=False)
+    model, data, _, _ = setup(small_model, small_processor)
+    set_trainable(model, ["language_model"], ["*.mlp.experts.*"])  # the recipe changed between the runs
+    opt = build_optimizer(model, lr=3e-3)
+    with pytest.raises(TrainingError, match="s: the optimiser state in .*step-0000002 does not fit the parameters "
+                                            "this run trains .*resume with the stage's settings of that run"):
+        train_loop(model, joint_loss, data, opt, scheduler_at(opt, WarmupCosine(2, 8)), LoopConfig(steps=4),
+                   tmp_path, "s", progress=False)
