@@ -115,6 +115,17 @@ def _record_text(record: dict) -> str:
     return " ".join(content_text(m["content"]) for m in record["messages"])
 
 
+def base_checkpoint(recipe: Recipe) -> Path | None:
+    """The directory of the recipe's base checkpoint (None for a preset), which must hold a ``config.json``."""
+    if "checkpoint" not in recipe.base:
+        return None
+    path = Path(recipe.base["checkpoint"])
+    if not (path / "config.json").is_file():
+        raise RecipeError(f"base checkpoint {path} has no config.json: give the directory of an official-format "
+                          "checkpoint (config.json, safetensors, tokenizer files)")
+    return path
+
+
 def base_config(recipe: Recipe, tokenizer: KimiTokenizer) -> KimiVLConfig:
     """The base checkpoint's configuration, or the preset's sized to ``tokenizer``."""
     if "checkpoint" in recipe.base:
@@ -328,11 +339,11 @@ def run_recipe(recipe: Recipe, progress: bool = True) -> KimiVL:
     for stage in recipe.stages:
         if stage.kind == "rl":
             rl_config(recipe, stage)  # a bad rl setting fails now, not after the world is built
+    base_dir = base_checkpoint(recipe)
     recipe.out.mkdir(parents=True, exist_ok=True)
     if recipe.world is not None:
         ensure_world(recipe.out / "world", progress=progress, **recipe.world)
     sources = Sources(recipe, progress)
-    base_dir = Path(recipe.base["checkpoint"]) if "checkpoint" in recipe.base else None
     processor = KimiVLProcessor(recipe_tokenizer(recipe, sources, base_dir))
     model = _base_model(recipe, processor.tokenizer)
     for stage in recipe.stages:  # a freeze pattern that matches nothing fails now, not stages later

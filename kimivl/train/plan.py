@@ -13,8 +13,8 @@ from safetensors import safe_open
 from kimivl.checkpoint import checkpoint_files
 from kimivl.model.kimivl import KimiVL
 from kimivl.processing.processor import KimiVLProcessor
-from kimivl.train.pipeline import (Sources, base_config, freeze_stage, recipe_tokenizer, rl_config, stage_amount,
-                                   stage_mixture)
+from kimivl.train.pipeline import (Sources, base_checkpoint, base_config, freeze_stage, recipe_tokenizer, rl_config,
+                                   stage_amount, stage_mixture)
 from kimivl.train.recipe import Recipe, RecipeError
 from kimivl.train.trainable import hold_frozen_in_bf16, memory_plan, restore_float32
 from kimivl.train.vit import ViTPretrainer
@@ -39,7 +39,7 @@ def plan_recipe(recipe: Recipe) -> list[str]:
         raise RecipeError(f"the recipe's synthetic world is not built yet under {recipe.out / 'world'}; "
                           "kimivl train builds it first")
     sources = Sources(recipe)
-    base_dir = Path(recipe.base["checkpoint"]) if "checkpoint" in recipe.base else None
+    base_dir = base_checkpoint(recipe)
     processor = KimiVLProcessor(recipe_tokenizer(recipe, sources, base_dir, save=False))
     with torch.device("meta"):
         model = KimiVL(base_config(recipe, processor.tokenizer))

@@ -377,3 +377,14 @@ def test_a_plan_holds_nothing_in_bf16_from_a_float32_checkpoint(data_dir, tmp_pa
         plans[dtype] = plan_recipe(load_recipe(tmp_path / "r.yaml"))[-1]
     float32 = sum(4 * p.numel() for p in small_model.parameters()) / 1e6
     assert f"holds weights {float32:.1f} MB" in plans[torch.float32] and plans[torch.bfloat16] != plans[torch.float32]
+
+
+def test_a_missing_base_checkpoint_is_named_before_anything_runs(data_dir, tmp_path):
+    recipe = {"name": "x", "out": str(tmp_path / "run"), "base": {"checkpoint": str(tmp_path / "nope")},
+              "sources": {"colour": str(data_dir / "colour.jsonl")},
+              "stages": [{"name": "sft", "kind": "joint", "steps": 1, "lr": 1e-3, "mix": {"colour": 1}}]}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    for run in (run_recipe, plan_recipe):
+        with pytest.raises(RecipeError, match="base checkpoint .*nope has no config.json"):
+            run(load_recipe(tmp_path / "r.yaml"))
+    assert not (tmp_path / "run").exists()
