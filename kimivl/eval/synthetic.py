@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from kimivl.data.formats import is_text_file, iter_records
+from kimivl.data.formats import DataError, is_text_file, iter_records
 from kimivl.eval.answers import final_answer
 
 _INT = re.compile(r"-?\d+")
@@ -70,12 +70,19 @@ def evaluate(model, processor, records: list[dict], batch_size: int = 16, max_ne
 
 
 def heldout_records(split_dir: str | os.PathLike, limit: int | None = None) -> list[dict]:
-    """The first ``limit`` records of every task file in a held-out split directory (text files excluded)."""
+    """The first ``limit`` records of every task file in a held-out split directory (text files excluded); each
+    needs ``meta.task`` and ``meta.gold`` to be scored (a ``DataError`` names the first that lacks them)."""
     records = []
     for path in sorted(Path(split_dir).glob("*.jsonl")):
         if is_text_file(path):
             continue
-        records += list(iter_records(path))[:limit]
+        mine = list(iter_records(path))[:limit]
+        for i, record in enumerate(mine):
+            meta = record.get("meta")
+            if not isinstance(meta, dict) or "task" not in meta or "gold" not in meta:
+                raise DataError(f"{path}: record {i + 1} has no meta.task and meta.gold to score it by (held-out "
+                                "accuracy needs them; for a loss on your own data use a stage's val)")
+        records += mine
     if not records:
         raise FileNotFoundError(f"no held-out conversation files in {split_dir}")
     return records

@@ -344,6 +344,8 @@ def run_recipe(recipe: Recipe, progress: bool = True) -> KimiVL:
     if recipe.world is not None:
         ensure_world(recipe.out / "world", progress=progress, **recipe.world)
     sources = Sources(recipe, progress)
+    if recipe.eval:  # a held-out split that cannot be scored fails now, not after the first stage
+        heldout_records(recipe.out / recipe.eval["split"], recipe.eval.get("limit"))
     processor = KimiVLProcessor(recipe_tokenizer(recipe, sources, base_dir))
     model = _base_model(recipe, processor.tokenizer)
     for stage in recipe.stages:  # a freeze pattern that matches nothing fails now, not stages later

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from kimivl import KimiVL
 from kimivl.checkpoint import checkpoint_files
 from kimivl.cli import main
-from kimivl.data.formats import write_records
+from kimivl.data.formats import DataError, write_records
 from kimivl.train.pipeline import Sources, run_recipe
 from kimivl.train.plan import plan_recipe
 from kimivl.train.recipe import RecipeError, load_recipe
@@ -388,3 +388,16 @@ def test_a_missing_base_checkpoint_is_named_before_anything_runs(data_dir, tmp_p
         with pytest.raises(RecipeError, match="base checkpoint .*nope has no config.json"):
             run(load_recipe(tmp_path / "r.yaml"))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_held_out_split_without_answers_to_score_fails_before_training(data_dir, tmp_path):
+    split = tmp_path / "heldout"
+    split.mkdir()
+    write_records(split / "mine.jsonl", [{"messages": [{"role": "user", "content": "Hi?"},
+                                                       {"role": "assistant", "content": "Hello."}]}])
+    recipe = recipe_dict(data_dir, tmp_path / "run")
+    recipe["eval"] = {"after": ["sft"], "split": str(split)}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(DataError, match="mine.jsonl: record 1 has no meta.task and meta.gold to score it by"):
+        run_recipe(load_recipe(tmp_path / "r.yaml"), progress=False)
+    assert not (tmp_path / "run" / "vit").exists()
