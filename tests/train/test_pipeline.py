@@ -401,3 +401,17 @@ def test_a_held_out_split_without_answers_to_score_fails_before_training(data_di
     with pytest.raises(DataError, match="mine.jsonl: record 1 has no meta.task and meta.gold to score it by"):
         run_recipe(load_recipe(tmp_path / "r.yaml"), progress=False)
     assert not (tmp_path / "run" / "vit").exists()
+
+
+def test_an_evaluation_cut_short_runs_again_on_resume(data_dir, tmp_path):
+    recipe = recipe_dict(data_dir, tmp_path / "run")
+    recipe["eval"] = {"after": ["sft"], "split": str(data_dir), "limit": 2, "max_new_tokens": 4}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    run_recipe(load_recipe(tmp_path / "r.yaml"), progress=False)
+    evaluated = sorted(p.name for p in (tmp_path / "run" / "eval").iterdir())
+    assert evaluated == ["sft.json", "sft.lengths.json", "sft.position_loss.json", "sft.predictions.jsonl"]
+    first = (tmp_path / "run" / "eval" / "sft.json").read_text()
+    (tmp_path / "run" / "eval" / "sft.position_loss.json").unlink()  # killed before the last file was written
+    run_recipe(load_recipe(tmp_path / "r.yaml"), progress=False)
+    assert sorted(p.name for p in (tmp_path / "run" / "eval").iterdir()) == evaluated
+    assert (tmp_path / "run" / "eval" / "sft.json").read_text() == first
