@@ -8,7 +8,9 @@ import dataclasses
 import itertools
 import json
 import logging
+import os
 import random
+import shutil
 import statistics
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -334,6 +336,17 @@ def evaluate_stage(recipe: Recipe, stage: str, model: KimiVL, processor: KimiVLP
     return accuracy
 
 
+def _save_final(model: KimiVL, processor: KimiVLProcessor, final: Path) -> None:
+    """Write the stage's checkpoint under a temporary name, then rename it into place: a run killed meanwhile finds
+    no ``final`` and finishes the stage again from its last training checkpoint."""
+    tmp = final.with_name(f".{final.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    shutil.rmtree(final, ignore_errors=True)  # an incomplete one left by an older version
+    os.replace(tmp, final)
+
+
 def run_recipe(recipe: Recipe, progress: bool = True) -> KimiVL:
     """Run every stage not yet finished; export the final model when the recipe asks for it."""
     for stage in recipe.stages:
@@ -365,8 +378,7 @@ def run_recipe(recipe: Recipe, progress: bool = True) -> KimiVL:
             continue
         log.info("stage %s: %d steps", stage.name, stage.steps)
         run_stage(recipe, stage, model, processor, sources, progress)
-        model.save_pretrained(final)
-        processor.save_pretrained(final)
+        _save_final(model, processor, final)
         if stage.name in (recipe.eval or {}).get("after", []):
             evaluate_stage(recipe, stage.name, model, processor, progress)
     metrics = recipe.out / "metrics.jsonl"

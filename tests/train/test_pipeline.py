@@ -10,7 +10,7 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
-from kimivl import KimiVL
+from kimivl import KimiVL, KimiVLProcessor
 from kimivl.checkpoint import checkpoint_files
 from kimivl.cli import main
 from kimivl.data.formats import DataError, write_records
@@ -415,3 +415,22 @@ def test_an_evaluation_cut_short_runs_again_on_resume(data_dir, tmp_path):
     run_recipe(load_recipe(tmp_path / "r.yaml"), progress=False)
     assert sorted(p.name for p in (tmp_path / "run" / "eval").iterdir()) == evaluated
     assert (tmp_path / "run" / "eval" / "sft.json").read_text() == first
+
+
+def test_a_kill_while_a_stage_saves_its_result_leaves_no_half_final(data_dir, tmp_path, monkeypatch):
+    recipe = recipe_dict(data_dir, tmp_path / "run")
+    recipe["stages"], recipe["schedule"]["decay_stages"] = recipe["stages"][:2], []
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+
+    def killed(self, path):
+        raise KeyboardInterrupt  # after the weights, before the tokenizer files
+
+    with monkeypatch.context() as patch:
+        patch.setattr(KimiVLProcessor, "save_pretrained", killed)
+        with pytest.raises(KeyboardInterrupt):
+            run_recipe(load_recipe(tmp_path / "r.yaml"), progress=False)
+    assert not (tmp_path / "run" / "vit" / "final").exists()
+    run_recipe(load_recipe(tmp_path / "r.yaml"), progress=False)  # finishes the stage from its last checkpoint
+    for stage in ("vit", "align"):
+        assert {"config.json", "model.safetensors", "tiktoken.model"} <= {p.name for p in
+                                                                          (tmp_path / "run" / stage / "final").iterdir()}
