@@ -86,11 +86,28 @@ class Stage:
         where = f"stage {self.name!r}"
         if self.kind not in ("vit", "joint", "rl"):
             raise RecipeError(f"{where}: kind must be 'vit', 'joint' or 'rl', got {self.kind!r}")
-        if self.steps < 1 or self.lr <= 0 or self.budget < 16:
-            raise RecipeError(f"{where}: steps >= 1, lr > 0 and budget >= 16 are required")
-        if not isinstance(self.accum, int) or isinstance(self.accum, bool) or self.accum < 1:
+        if not _number(self.lr) or not all(_integer(v) for v in (self.steps, self.budget)) \
+                or self.steps < 1 or self.lr <= 0 or self.budget < 16:
+            raise RecipeError(f"{where}: steps >= 1, lr > 0 and budget >= 16 are required, got {self.steps!r}, "
+                              f"{self.lr!r}, {self.budget!r}")
+        if not _integer(self.accum) or self.accum < 1:
             raise RecipeError(f"{where}: accum (batches per optimizer step) must be an integer >= 1, got "
                               f"{self.accum!r}")
+        for key, low in (("ckpt_every", 1), ("log_every", 1), ("images_per_batch", 1), ("warmup", 0)):
+            if not _integer(getattr(self, key)) or getattr(self, key) < low:
+                raise RecipeError(f"{where}: {key} must be an integer >= {low}, got {getattr(self, key)!r}")
+        for key, low in (("clip", 0.0), ("weight_decay", 0.0), ("bias_update_rate", 0.0)):
+            if not _number(getattr(self, key)) or getattr(self, key) < low or (key == "clip" and not self.clip):
+                raise RecipeError(f"{where}: {key} must be a number >= 0{' (and not 0)' if key == 'clip' else ''}, "
+                                  f"got {getattr(self, key)!r}")
+        if self.ns_dtype not in ("float32", "bfloat16"):
+            raise RecipeError(f"{where}: ns_dtype is 'float32' or 'bfloat16', got {self.ns_dtype!r}")
+        if self.rope_theta is not None and (not _number(self.rope_theta) or self.rope_theta <= 0):
+            raise RecipeError(f"{where}: rope_theta must be a number > 0, got {self.rope_theta!r}")
+        for key in ("mix", "mix_end"):
+            weights = getattr(self, key) or {}
+            if not isinstance(weights, dict) or not all(_number(w) and w >= 0 for w in weights.values()):
+                raise RecipeError(f"{where}: {key} maps source names to weights >= 0, got {weights!r}")
         if self.accum > 1 and self.kind == "rl":
             raise RecipeError(f"{where}: an rl stage sets its batches with rl.problems and rl.updates; accum does "
                               "not apply")
@@ -179,6 +196,14 @@ class Recipe:
         return self.out / (spec["path"] if isinstance(spec, dict) else spec)
 
 
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _check_val(where: str, kind: str, val: Any) -> None:
     """A stage's ``val``: ``{sources: [names], every: steps, rows: packed rows}`` on a joint stage."""
     if kind != "joint":
@@ -189,7 +214,7 @@ def _check_val(where: str, kind: str, val: Any) -> None:
     if not isinstance(sources, list) or not sources or not all(isinstance(s, str) for s in sources):
         raise RecipeError(f"{where}: val needs 'sources', a list of source names, got {sources!r}")
     for key in ("every", "rows"):
-        if key in val and (not isinstance(val[key], int) or isinstance(val[key], bool) or val[key] < 1):
+        if key in val and (not _integer(val[key]) or val[key] < 1):
             raise RecipeError(f"{where}: val {key} must be an integer >= 1, got {val[key]!r}")
 
 
