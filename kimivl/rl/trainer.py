@@ -73,6 +73,15 @@ class RLConfig:
             raise ValueError("rl samples must be >= 2: the baseline is the mean reward of a problem's samples")
         if self.tau <= 0:
             raise ValueError(f"rl tau must be > 0, got {self.tau}")
+        if min(self.rollout_batch, self.ckpt_every, self.keep_checkpoints) < 1:
+            raise ValueError("rl rollout_batch, ckpt_every and keep_checkpoints must be >= 1")
+        if min(self.length_weight, self.length_warmup, self.kl_coef) < 0 or self.clip_eps <= 0:
+            raise ValueError("rl length_weight, length_warmup and kl_coef must be >= 0, clip_eps > 0")
+        if self.grpo_level not in ("token", "sequence"):
+            raise ValueError(f"rl grpo_level is 'token' or 'sequence', got {self.grpo_level!r}")
+        if not (0 <= self.priority_floor <= 1 and 0 <= self.success_decay <= 1):
+            raise ValueError("rl priority_floor and success_decay must lie in [0, 1]")
+        SamplingParams(self.max_new_tokens, self.temperature, top_p=self.top_p)  # its own checks, named
 
 
 @torch.no_grad()

@@ -101,3 +101,10 @@ def test_config_checks():
         RLConfig(objective="ppo")
     with pytest.raises(ValueError, match="samples must be >= 2"):
         RLConfig(samples=1)
+    for settings, match in (({"rollout_batch": 0}, "rollout_batch, ckpt_every and keep_checkpoints must be >= 1"),
+                            ({"length_weight": -0.5}, "length_weight, length_warmup and kl_coef must be >= 0"),
+                            ({"clip_eps": 0}, "clip_eps > 0"), ({"grpo_level": "batch"}, "grpo_level is 'token'"),
+                            ({"priority_floor": 1.5}, r"priority_floor and success_decay must lie in \[0, 1\]"),
+                            ({"temperature": -1}, "temperature must be >= 0"), ({"top_p": 0}, "top_p must be in")):
+        with pytest.raises(ValueError, match=match):
+            RLConfig(**settings)
