@@ -110,7 +110,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.plan:
         from kimivl.train.plan import plan_recipe
 
-        print("\n".join(plan_recipe(recipe)))
+        print("\n".join(plan_recipe(recipe, progress=True)))
         return 0
     started = any(recipe.out.glob("*/checkpoints")) or any(recipe.out.glob("*/final"))
     if started and not args.resume:

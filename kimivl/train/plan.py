@@ -30,15 +30,16 @@ def stored_in_bf16(path: Path) -> bool:
     return dtypes.most_common(1)[0][0] == "BF16"
 
 
-def plan_recipe(recipe: Recipe) -> list[str]:
-    """Two lines per stage: its data (samples and passes over each source) and its memory plan."""
+def plan_recipe(recipe: Recipe, progress: bool = False) -> list[str]:
+    """Two lines per stage: its data (samples and passes over each source) and its memory plan. ``progress`` shows a
+    bar while large sources are checked."""
     for stage in recipe.stages:
         if stage.kind == "rl":
             rl_config(recipe, stage)
     if recipe.world is not None and not (recipe.out / "world" / "world.json").is_file():
         raise RecipeError(f"the recipe's synthetic world is not built yet under {recipe.out / 'world'}; "
                           "kimivl train builds it first")
-    sources = Sources(recipe)
+    sources = Sources(recipe, progress)
     base_dir = base_checkpoint(recipe)
     processor = KimiVLProcessor(recipe_tokenizer(recipe, sources, base_dir, save=False))
     with torch.device("meta"):
