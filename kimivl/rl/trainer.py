@@ -86,8 +86,10 @@ class RLConfig:
 
 @torch.no_grad()
 def fingerprint(model: torch.nn.Module) -> torch.Tensor:
-    """Per-parameter sum and sum of squares, enough to notice any update."""
-    return torch.stack([torch.stack([p.double().sum(), p.double().square().sum()]) for p in model.parameters()])
+    """Per-parameter sums of values and of magnitudes, accumulated in float64 (no float64 copy of a weight), enough to
+    notice any update."""
+    return torch.stack([torch.stack([p.sum(dtype=torch.float64), p.abs().sum(dtype=torch.float64)])
+                        for p in model.parameters()])
 
 
 def prompt_of(record: dict) -> list[dict]:

@@ -369,17 +369,17 @@ def run_recipe(recipe: Recipe, progress: bool = True) -> KimiVL:
         evaluate_stage(recipe, "base", model, processor, progress)
     for stage in recipe.stages:
         final = recipe.out / stage.name / FINAL
-        evaluated = (recipe.out / "eval" / f"{stage.name}.position_loss.json").is_file()  # written last
-        if (final / "config.json").is_file():
+        finished = (final / "config.json").is_file()
+        if finished:
             log.info("stage %s already finished; loading %s", stage.name, final)
             model = KimiVL.from_pretrained(final, dtype=torch.float32, device=recipe.device)
-            if stage.name in (recipe.eval or {}).get("after", []) and not evaluated:  # killed while evaluating
-                evaluate_stage(recipe, stage.name, model, processor, progress)
-            continue
-        log.info("stage %s: %d steps", stage.name, stage.steps)
-        run_stage(recipe, stage, model, processor, sources, progress)
-        _save_final(model, processor, final)
-        if stage.name in (recipe.eval or {}).get("after", []):
+        else:
+            log.info("stage %s: %d steps", stage.name, stage.steps)
+            run_stage(recipe, stage, model, processor, sources, progress)
+            _save_final(model, processor, final)
+        # a finished stage is evaluated again only when a kill cut its evaluation short (position_loss comes last)
+        evaluated = finished and (recipe.out / "eval" / f"{stage.name}.position_loss.json").is_file()
+        if stage.name in (recipe.eval or {}).get("after", []) and not evaluated:
             evaluate_stage(recipe, stage.name, model, processor, progress)
     metrics = recipe.out / "metrics.jsonl"
     if metrics.is_file():
