@@ -106,6 +106,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     overrides = {key: value for key, value in (("out", args.out), ("device", args.device)) if value}
+    if args.bf16 is not None:
+        overrides["bf16"] = args.bf16
     recipe = load_recipe(args.recipe, overrides)
     if args.plan:
         from kimivl.train.plan import plan_recipe
@@ -217,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--temperature", type=float, default=0.2, help="0 for greedy (default 0.2, as for Instruct)")
     chat.add_argument("--top-p", type=float, default=1.0)
     chat.add_argument("--seed", type=int, default=0)
-    chat.add_argument("--dtype", choices=["bfloat16", "float32"], help="default: the checkpoint's")
+    chat.add_argument("--dtype", choices=["bfloat16", "float32"],
+                      help="default: the checkpoint's (float32 for bfloat16 on a CPU that multiplies bf16 slowly)")
     chat.add_argument("--device", default="cpu")
     chat.set_defaults(func=cmd_chat)
 
@@ -226,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue a run: skip finished stages, resume the rest")
     train.add_argument("--out", help="run directory (default: the recipe's 'out')")
     train.add_argument("--device", help="where to train, e.g. cuda (default: the recipe's 'device', else cpu)")
+    train.add_argument("--bf16", action=argparse.BooleanOptionalAction,
+                       help="bf16 autocast on or off (default: the recipe's 'bf16', else where the device multiplies "
+                            "bf16 fast)")
     train.add_argument("--plan", action="store_true",
                        help="print each stage's data and memory plan, then stop (no weights loaded, nothing written)")
     train.set_defaults(func=cmd_train)
@@ -253,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--depths", type=_ints, help="niah needle depths in percent (default 0,10,...,100)")
     ev.add_argument("--haystack", type=lambda s: s.split(","), help="niah haystacks: text,video (default both)")
     ev.add_argument("--trials", type=int, help="niah cases per length and depth (default 1)")
-    ev.add_argument("--dtype", choices=["bfloat16", "float32"], help="default: the checkpoint's")
+    ev.add_argument("--dtype", choices=["bfloat16", "float32"],
+                    help="default: the checkpoint's (float32 for bfloat16 on a CPU that multiplies bf16 slowly)")
     ev.add_argument("--device", default="cpu")
     ev.set_defaults(func=cmd_eval)
     return parser

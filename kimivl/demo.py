@@ -7,8 +7,6 @@ import os
 import time
 from pathlib import Path
 
-import torch
-
 from kimivl.data.formats import content_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,7 +33,7 @@ def run_demo(model_dir: str | Path = DEFAULT_MODEL, examples_dir: str | Path = D
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"no model at {model_dir}: train it with 'kimivl train recipes/tiny.yaml' "
                                 "or pass --model")
-    model = KimiVL.from_pretrained(model_dir, dtype=torch.bfloat16)
+    model = KimiVL.from_pretrained(model_dir)
     processor = KimiVLProcessor.from_pretrained(model_dir)
     records = heldout_records(examples_dir)
     print(f"kimivl-tiny from {model_dir}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters\n")

@@ -3,11 +3,17 @@ import dataclasses
 import pytest
 import torch
 
-from kimivl import KimiVL, KimiVLConfig, KimiVLProcessor
+from kimivl import KimiVL, KimiVLConfig, KimiVLProcessor, precision
 from kimivl.processing.tokenizer import train_bpe
 
 CORPUS = ["The quick brown fox jumps over the lazy dog. " * 3, "What colour is the square? It is red.",
           "Count the circles: there are 3 circles and 2 squares.", "你好，世界"] * 5
+
+
+@pytest.fixture(autouse=True)
+def bf16_is_fast(monkeypatch):
+    """Every test takes the bf16 paths, whatever this CPU multiplies fast; tests of that choice set it themselves."""
+    monkeypatch.setattr(precision, "cpu_bf16_slowdown", lambda: 1.0)
 
 
 @pytest.fixture(scope="session")

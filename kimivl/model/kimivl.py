@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
 
@@ -17,8 +16,7 @@ from kimivl.model.moe import GroupedExperts, Router
 from kimivl.model.moonvit import MoonViT, patch_merge
 from kimivl.model.projector import Projector
 from kimivl.model.target_logprobs import next_token_loss
-
-log = logging.getLogger(__name__)
+from kimivl.precision import load_dtype
 
 
 @dataclass
@@ -123,17 +121,15 @@ class KimiVL(nn.Module):
     def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | None = None,
                         device: str | torch.device = "cpu") -> KimiVL:
         """Load an official-format checkpoint directory. The model is built on the meta device and filled
-        shard by shard, so weights are held once. ``dtype`` defaults to the config's ``torch_dtype``."""
+        shard by shard, so weights are held once. ``dtype`` defaults to the config's ``torch_dtype``, or float32 on a
+        CPU that multiplies bf16 slowly (``kimivl.precision.load_dtype``)."""
         config = KimiVLConfig.from_pretrained(path)
-        device = torch.device(device)
-        if dtype is None:
-            dtype = getattr(torch, config.text_config.torch_dtype, torch.bfloat16)
-            if dtype == torch.float16 and device.type == "cpu":
-                log.warning("float16 is very slow on CPU; loading in bfloat16 instead")
-                dtype = torch.bfloat16
         with torch.device("meta"):
             model = cls(config)
-        model = model.to(dtype).to_empty(device=device)
+        if dtype is None:
+            stored = getattr(torch, config.text_config.torch_dtype, torch.bfloat16)
+            dtype = load_dtype(stored, device, sum(p.numel() for p in model.parameters()))
+        model = model.to(dtype).to_empty(device=torch.device(device))
         load_checkpoint(model, path)
         return model.eval()
 

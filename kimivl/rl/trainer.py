@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kimivl.inference.sampling import SamplingParams
+from kimivl.precision import autocast
 from kimivl.processing.processor import Encoded, KimiVLProcessor
 from kimivl.rl.objectives import group_baseline, group_normalised, grpo_loss, kl_estimate, length_reward, opmd_loss
 from kimivl.rl.rewards import correctness
@@ -59,7 +60,7 @@ class RLConfig:
     success_decay: float = 0.5
     budget: int = 4096  # tokens per packed log-prob forward
     clip: float = 1.0  # gradient-norm clip
-    bf16: bool = True  # autocast the log-prob forwards
+    bf16: bool | None = None  # autocast the log-prob forwards; None: where bf16 is fast (kimivl.precision)
     ckpt_every: int = 10
     keep_checkpoints: int = 2
     seed: int = 0
@@ -127,7 +128,7 @@ class RLTrainer:
         return self.processor.encode(prompt_of(self.problems[i]))
 
     def _autocast(self):
-        return torch.autocast(self.policy.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16)
+        return autocast(self.policy.device, self.cfg.bf16)
 
     def step(self) -> dict[str, float]:
         """One iteration; returns its metrics."""

@@ -1,5 +1,5 @@
-"""The training loop shared by every stage: bf16 autocast, clipping, MoE bias balancing, atomic resumable
-checkpoints, NaN guard, progress bar and metrics."""
+"""The training loop shared by every stage: bf16 autocast (where the device multiplies bf16 fast), clipping, MoE
+bias balancing, atomic resumable checkpoints, NaN guard, progress bar and metrics."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kimivl.model.moe import Router
+from kimivl.precision import autocast
 from kimivl.train.balance import ExpertLoadTracker
 from kimivl.train.metrics import MetricsLog
 from kimivl.train.state import latest_checkpoint, load_state, save_state
@@ -38,7 +39,7 @@ class LoopConfig:
     ckpt_every: int = 100
     log_every: int = 10
     clip: float = 1.0
-    bf16: bool = True
+    bf16: bool | None = None  # bf16 autocast; None: where the device multiplies bf16 fast (kimivl.precision)
     bias_update_rate: float = 1e-3  # aux-loss-free balancing step; 0 disables
     keep_checkpoints: int = 2
     accum: int = 1  # batches (micro-batches) whose gradients add up to one optimizer step
@@ -115,7 +116,7 @@ def train_loop(model: torch.nn.Module, loss_fn: LossFn, data: Batches, optimizer
             optimizer.zero_grad(set_to_none=True)
             losses, metered, n_tokens = [], [], 0
             for batch in micro:
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                with autocast(device, cfg.bf16):
                     loss, values, n = loss_fn(model, to_device(batch, device))
                 if not torch.isfinite(loss):
                     raise TrainingError(f"{stage}: loss is {loss.item()} at step {step}; the last good state is "

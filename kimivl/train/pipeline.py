@@ -26,6 +26,7 @@ from kimivl.eval.position_loss import position_loss
 from kimivl.eval.synthetic import evaluate, heldout_records
 from kimivl.files import write_text_atomic
 from kimivl.model.kimivl import KimiVL
+from kimivl.precision import use_bf16
 from kimivl.processing.chat_template import parse_thinking
 from kimivl.processing.processor import KimiVLProcessor
 from kimivl.processing.tokenizer import KimiTokenizer, train_bpe
@@ -224,19 +225,28 @@ def stage_mixture(recipe: Recipe, stage: Stage, sources: Sources, encode) -> tup
                   f"passes over each source: {passes}")
 
 
-def _loop_config(stage: Stage) -> LoopConfig:
+def compute_line(recipe: Recipe) -> str:
+    """What the run computes in, as it logs it (the weights train in float32 either way)."""
+    autocast = "bf16 autocast" if use_bf16(recipe.device, recipe.bf16) else "float32, no bf16 autocast"
+    return f"training on {recipe.device} in {autocast}"
+
+
+def _loop_config(recipe: Recipe, stage: Stage) -> LoopConfig:
     return LoopConfig(steps=stage.steps, ckpt_every=stage.ckpt_every, log_every=stage.log_every, clip=stage.clip,
-                      bias_update_rate=stage.bias_update_rate, accum=stage.accum,
+                      bf16=recipe.bf16, bias_update_rate=stage.bias_update_rate, accum=stage.accum,
                       val_every=(stage.val or {}).get("every", 100))
 
 
 def rl_config(recipe: Recipe, stage: Stage):
-    """The ``RLConfig`` of an rl stage: its ``rl`` settings plus the stage's steps, budget, clip and ckpt_every."""
+    """The ``RLConfig`` of an rl stage: its ``rl`` settings plus the stage's steps, budget, clip and ckpt_every, and
+    the recipe's bf16."""
     from kimivl.rl.trainer import RLConfig  # rl builds on train, so it is imported only when a stage needs it
 
+    if "bf16" in (stage.rl or {}):
+        raise RecipeError(f"stage {stage.name!r}: rl: bf16 is set for the whole recipe (its top-level 'bf16')")
     try:
         return RLConfig(iterations=stage.steps, budget=stage.budget, clip=stage.clip, ckpt_every=stage.ckpt_every,
-                        seed=recipe.seed, **(stage.rl or {}))
+                        seed=recipe.seed, bf16=recipe.bf16, **(stage.rl or {}))
     except (TypeError, ValueError) as e:
         raise RecipeError(f"stage {stage.name!r}: rl: {e}") from None
 
@@ -274,7 +284,7 @@ def run_stage(recipe: Recipe, stage: Stage, model: KimiVL, processor: KimiVLProc
                                 stage.val.get("rows", 16), seed=recipe.seed)
 
             def validate(m):
-                return {"val_loss": heldout_loss(m, rows)}
+                return {"val_loss": heldout_loss(m, rows, recipe.bf16)}
         if stage.standardize_images:
             names = sorted(n for n in used if not sources.is_text[n])
             samples = [encode(n, r) for n in names for r in sources.items[n][:CALIBRATION_SAMPLES]]
@@ -286,9 +296,9 @@ def run_stage(recipe: Recipe, stage: Stage, model: KimiVL, processor: KimiVLProc
         scheduler = scheduler_at(optimizer, lambda step: schedule(offset + step))
     else:
         scheduler = scheduler_at(optimizer, WarmupCosine(stage.warmup, stage.steps, min_ratio=0.1))
-    # frozen weights of a bfloat16 checkpoint train as they would in float32, in half the memory (joint stages:
-    # everything they run is autocast; the rl stage's generation is not)
-    held = hold_frozen_in_bf16(model) if stage.kind == "joint" else []
+    # under bf16 autocast, frozen weights of a bfloat16 checkpoint train as they would in float32, in half the memory
+    # (joint stages: everything they run is autocast; the rl stage's generation is not)
+    held = hold_frozen_in_bf16(model) if stage.kind == "joint" and use_bf16(model.device, recipe.bf16) else []
     try:
         log.info("stage %s %s", stage.name, memory_plan(trainee))
         model.set_recompute(stage.recompute)
@@ -298,7 +308,7 @@ def run_stage(recipe: Recipe, stage: Stage, model: KimiVL, processor: KimiVLProc
             problems = Concat([sources.items[name] for name in stage.sources])
             return RLTrainer(model, processor, problems, rl_config(recipe, stage), optimizer, scheduler, recipe.out,
                              stage.name).run(progress=progress)
-        return train_loop(trainee, loss_fn, data, optimizer, scheduler, _loop_config(stage), recipe.out,
+        return train_loop(trainee, loss_fn, data, optimizer, scheduler, _loop_config(recipe, stage), recipe.out,
                           stage.name, progress=progress, validate=validate)
     finally:  # the model leaves the stage as it came, even when the stage stops with an error
         optimizer.zero_grad(set_to_none=True)  # gradients and optimiser state go before held weights grow back
@@ -361,6 +371,7 @@ def run_recipe(recipe: Recipe, progress: bool = True) -> KimiVL:
         heldout_records(recipe.out / recipe.eval["split"], recipe.eval.get("limit"))
     processor = KimiVLProcessor(recipe_tokenizer(recipe, sources, base_dir))
     model = _base_model(recipe, processor.tokenizer)
+    log.info("%s", compute_line(recipe))
     for stage in recipe.stages:  # a freeze pattern that matches nothing fails now, not stages later
         if stage.freeze:
             freeze_stage(model, stage)

@@ -12,9 +12,10 @@ from safetensors import safe_open
 
 from kimivl.checkpoint import checkpoint_files
 from kimivl.model.kimivl import KimiVL
+from kimivl.precision import use_bf16
 from kimivl.processing.processor import KimiVLProcessor
-from kimivl.train.pipeline import (Sources, base_checkpoint, base_config, freeze_stage, recipe_tokenizer, rl_config,
-                                   stage_amount, stage_mixture)
+from kimivl.train.pipeline import (Sources, base_checkpoint, base_config, compute_line, freeze_stage,
+                                   recipe_tokenizer, rl_config, stage_amount, stage_mixture)
 from kimivl.train.recipe import Recipe, RecipeError
 from kimivl.train.trainable import hold_frozen_in_bf16, memory_plan, restore_float32
 from kimivl.train.vit import ViTPretrainer
@@ -31,8 +32,8 @@ def stored_in_bf16(path: Path) -> bool:
 
 
 def plan_recipe(recipe: Recipe, progress: bool = False) -> list[str]:
-    """Two lines per stage: its data (samples and passes over each source) and its memory plan. ``progress`` shows a
-    bar while large sources are checked."""
+    """What the run computes in, then two lines per stage: its data (samples and passes over each source) and its
+    memory plan. ``progress`` shows a bar while large sources are checked."""
     for stage in recipe.stages:
         if stage.kind == "rl":
             rl_config(recipe, stage)
@@ -50,7 +51,8 @@ def plan_recipe(recipe: Recipe, progress: bool = False) -> list[str]:
     def from_checkpoint(name: str, p) -> bool:
         return bf16_base and name not in trained
 
-    lines = []
+    bf16 = use_bf16(recipe.device, recipe.bf16)
+    lines = [compute_line(recipe)]
     for stage in recipe.stages:
         held = []
         if stage.kind == "vit":
@@ -64,7 +66,7 @@ def plan_recipe(recipe: Recipe, progress: bool = False) -> list[str]:
             trainee = model
             if stage.kind == "joint":
                 lines.append(stage_mixture(recipe, stage, sources, sources.encoder(processor))[1])
-                held = hold_frozen_in_bf16(model, from_checkpoint)
+                held = hold_frozen_in_bf16(model, from_checkpoint) if bf16 else []
             else:
                 lines.append(stage_amount(recipe, stage, sources))
         lines.append(f"stage {stage.name} {memory_plan(trainee)}")

@@ -7,6 +7,7 @@ out: runs/tiny                        # stage checkpoints, metrics.jsonl, curves
 base: {preset: tiny}                  # or {checkpoint: path/to/official/checkpoint}
 tokenizer: {train_vocab: 3840}        # or {path: dir}; default: the base checkpoint's own
 device: cpu                           # or cuda (kimivl train --device overrides it)
+bf16: null                            # bf16 autocast: true, false, or null: where the device multiplies bf16 fast
 world: {seed: 0, train: 4000, heldout: 300}   # optional: build the synthetic world under out/world
 sources: {caption: world/train/caption.jsonl, text: world/train/text.jsonl}   # name -> JSONL (relative to out/)
 schedule: {warmup: 50, decay_stages: [cooldown]}   # one warm-up/stable/decay LR curve over 'continue' stages
@@ -158,6 +159,7 @@ class Recipe:
     export: dict[str, Any] | None = None
     eval: dict[str, Any] | None = None  # {after: [stage, ...], split: DIR of <task>.jsonl, limit: N per task, base}
     device: str = "cpu"  # where the model trains: "cuda", "cuda:1", ...
+    bf16: bool | None = None  # bf16 autocast; None: where the device multiplies bf16 fast (kimivl.precision)
 
     def __post_init__(self):
         self.tokenizer = {} if self.tokenizer is None else self.tokenizer  # an empty `tokenizer:` in YAML
@@ -190,6 +192,8 @@ class Recipe:
         if len(self.base) != 1 or next(iter(self.base)) not in ("preset", "checkpoint"):
             raise RecipeError(f"base must be {{preset: NAME}} or {{checkpoint: PATH}}, got {self.base}")
         _check_device(self.device)
+        if not (self.bf16 is None or isinstance(self.bf16, bool)):
+            raise RecipeError(f"bf16 is true, false or null (where the device multiplies bf16 fast), got {self.bf16!r}")
 
     def source_path(self, name: str) -> Path:
         spec = self.sources[name]

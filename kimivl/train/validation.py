@@ -10,6 +10,7 @@ import torch
 
 from kimivl.data.mixture import Mixture
 from kimivl.data.packing import PackedBatch
+from kimivl.precision import autocast
 from kimivl.processing.processor import IGNORE_INDEX, Encoded
 from kimivl.train.loop import to_device
 
@@ -23,15 +24,16 @@ def heldout_rows(sources: dict[str, Sequence[Any]], encode: Callable[[str, Any],
 
 
 @torch.no_grad()
-def heldout_loss(model: torch.nn.Module, rows: list[PackedBatch]) -> float:
-    """Mean next-token cross-entropy over every scored position of ``rows``, under bf16 autocast as in training."""
+def heldout_loss(model: torch.nn.Module, rows: list[PackedBatch], bf16: bool | None = None) -> float:
+    """Mean next-token cross-entropy over every scored position of ``rows``, under training's autocast (``bf16`` as in
+    ``LoopConfig``)."""
     total, count = 0.0, 0
     training = model.training
     model.eval()
     try:
         for row in rows:
             row = to_device(row, model.device)
-            with torch.autocast(model.device.type, dtype=torch.bfloat16):
+            with autocast(model.device, bf16):
                 loss = model(**row.kwargs()).loss
             scored = int((row.labels[..., 1:] != IGNORE_INDEX).sum())
             total, count = total + loss.item() * scored, count + scored

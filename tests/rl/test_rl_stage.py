@@ -73,10 +73,14 @@ def test_bad_rl_settings_are_recipe_errors(problems, tmp_path):
     recipe = load_recipe(tmp_path / "r.yaml")
     with pytest.raises(RecipeError, match="objective"):
         rl_config(recipe, recipe.stages[0])
-    (tmp_path / "r.yaml").write_text(yaml.safe_dump({**base, "stages": [{**stage, "rl": {"samplez": 4}}]}))
+    for rl, match in (({"samplez": 4}, "samplez"), ({"bf16": False}, "bf16 is set for the whole recipe")):
+        (tmp_path / "r.yaml").write_text(yaml.safe_dump({**base, "stages": [{**stage, "rl": rl}]}))
+        recipe = load_recipe(tmp_path / "r.yaml")
+        with pytest.raises(RecipeError, match=match):
+            rl_config(recipe, recipe.stages[0])
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({**base, "bf16": False, "stages": [stage]}))
     recipe = load_recipe(tmp_path / "r.yaml")
-    with pytest.raises(RecipeError, match="samplez"):
-        rl_config(recipe, recipe.stages[0])
+    assert rl_config(recipe, recipe.stages[0]).bf16 is False
 
 
 @pytest.mark.parametrize("name", ["tiny-rl.yaml", "tiny-rl-nolen.yaml", "tiny-rl-grpo.yaml"])

@@ -10,7 +10,7 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
-from kimivl import KimiVL, KimiVLProcessor
+from kimivl import KimiVL, KimiVLProcessor, precision
 from kimivl.checkpoint import checkpoint_files
 from kimivl.cli import main
 from kimivl.data.formats import DataError, write_records
@@ -165,6 +165,7 @@ def _stage(i, **changes):
     (lambda r: r.update(device="gpu"), "device must name a torch device such as 'cpu' or 'cuda', got 'gpu'"),
     (lambda r: r.update(device="cuda:99"), "device 'cuda:99' is not available here"),
     (lambda r: r.update(device="meta"), "device 'meta': training runs on 'cpu' or 'cuda'"),
+    (lambda r: r.update(bf16="auto"), "bf16 is true, false or null .where the device multiplies bf16 fast., got 'auto'"),
     (lambda r: r.update(stages=[]), "has no stages"),
     (lambda r: r.update(epochs=3), r"unknown keys \['epochs'\]"),
     (lambda r: r["schedule"].update(warm_up=10), r"schedule has unknown keys \['warm_up'\]"),
@@ -307,6 +308,41 @@ def test_fine_tuning_a_bf16_checkpoint_holds_frozen_weights_in_bf16_and_trains_t
     assert len(plans) == 2 and plans[0] != plans[1]
 
 
+def test_bf16_autocast_follows_the_recipe_the_command_line_or_the_cpu(
+        data_dir, tmp_path, small_model, small_processor, monkeypatch, caplog, capsys):
+    base = tmp_path / "base"
+    small_model.save_pretrained(base, dtype=torch.bfloat16)
+    small_processor.save_pretrained(base)
+    stage = {"name": "sft", "kind": "joint", "steps": 2, "lr": 1e-3, "budget": 192, "ckpt_every": 1,
+             "train": ["multi_modal_projector", "language_model"], "freeze": ["*.mlp.experts.*"], "mix": {"colour": 1}}
+    finals, logged = {}, {}
+    # (run, the recipe's bf16, --bf16 / --no-bf16, how much slower this CPU multiplies bf16)
+    for run, bf16, flag, slowdown in (("auto-slow", None, None, 100.0), ("off", False, None, 1.0),
+                                      ("on", None, "--bf16", 100.0)):
+        monkeypatch.setattr(precision, "cpu_bf16_slowdown", lambda s=slowdown: s)
+        recipe = {"name": run, "out": str(tmp_path / run), "base": {"checkpoint": str(base)}, "bf16": bf16,
+                  "sources": {"colour": str(data_dir / "colour.jsonl")}, "stages": [stage]}
+        (tmp_path / f"{run}.yaml").write_text(yaml.safe_dump(recipe))
+        args = ["train", str(tmp_path / f"{run}.yaml")] + ([flag] if flag else [])
+        assert main(args + ["--plan"]) == 0
+        planned = capsys.readouterr().out.splitlines()
+        caplog.clear()
+        with caplog.at_level("INFO", logger="kimivl.train.pipeline"):
+            assert main(args) == 0
+        logged[run] = [r.getMessage() for r in caplog.records if r.getMessage() in planned]
+        assert logged[run] == planned and len(planned) == 3  # compute, data, memory: as planned
+        finals[run] = load_file(tmp_path / run / "sft" / "final" / "model.safetensors")
+        checkpoint = {k: t for f in checkpoint_files(tmp_path / run / "sft" / "checkpoints" / "step-0000001")
+                      for k, t in load_file(f).items()}
+        expert = next(k for k in checkpoint if ".mlp.experts." in k)  # frozen experts are held in bf16 for autocast
+        assert checkpoint[expert].dtype == (torch.bfloat16 if run == "on" else torch.float32)
+    assert logged["auto-slow"][0] == logged["off"][0] == "training on cpu in float32, no bf16 autocast"
+    assert logged["on"][0] == "training on cpu in bf16 autocast"
+    assert logged["auto-slow"][2] == logged["off"][2] != logged["on"][2]
+    assert all(torch.equal(finals["auto-slow"][k], finals["off"][k]) for k in finals["off"])
+    assert not all(torch.equal(finals["on"][k], finals["off"][k]) for k in finals["off"])
+
+
 def test_a_stage_logs_its_held_out_loss(data_dir, tmp_path, small_model, small_processor):
     base = tmp_path / "base"
     small_model.save_pretrained(base)
@@ -365,11 +401,11 @@ def test_the_plan_is_what_the_run_then_logs(data_dir, tmp_path, small_model, sma
     with caplog.at_level("INFO", logger="kimivl.train.pipeline"):
         run_recipe(load_recipe(tmp_path / "r.yaml"), progress=False)
     logged = [r.getMessage() for r in caplog.records
-              if re.match(r"stage \S+(:| trains)", r.getMessage()) and "steps" not in r.getMessage()]
-    assert planned == logged and len(planned) == 6
+              if re.match(r"stage \S+(:| trains)|training on", r.getMessage()) and "steps" not in r.getMessage()]
+    assert planned == logged and len(planned) == 7 and planned[0] == "training on cpu in bf16 autocast"
     # the projector stage still holds the experts (frozen since the checkpoint) in bf16, but no longer the LM weights
     # that the stage before trained
-    lm, projector = (float(re.search(r"holds weights ([\d.]+) MB", line).group(1)) for line in planned[3::2])
+    lm, projector = (float(re.search(r"holds weights ([\d.]+) MB", line).group(1)) for line in planned[4::2])
     assert lm < projector < sum(4 * p.numel() for p in small_model.parameters()) / 1e6
 
 

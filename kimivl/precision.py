@@ -1,0 +1,93 @@
+"""Whether a device multiplies bfloat16 fast, and the dtypes kimivl computes and loads in there.
+
+GPUs and CPUs with native bf16 matmul (AMX, AVX512-BF16) multiply bfloat16 as fast as float32 or faster. CPUs
+without it (AVX2 only: many laptops' chips) emulate it, about 100x slower than float32. There kimivl trains without
+bf16 autocast and loads bf16 checkpoints in float32 (exactly: every bf16 value is a float32 value), unless told
+otherwise.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SLOW = 4.0  # bf16 matmuls this many times slower than float32 are emulated ones
+FIT = 0.6  # float32 weights are chosen only while they take at most this share of physical memory
+
+
+def _matmul_seconds(dtype: torch.dtype, n: int = 256, repeats: int = 3) -> float:
+    """The best of ``repeats`` timings of an (n, n) @ (n, n) matmul on the CPU."""
+    a, b = torch.randn(2, n, n).to(dtype)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@functools.cache
+def cpu_bf16_slowdown() -> float:
+    """How many times longer a bf16 matmul takes than a float32 one on this CPU (measured once, in milliseconds)."""
+    slowdown = _matmul_seconds(torch.bfloat16) / _matmul_seconds(torch.float32)
+    if slowdown >= SLOW:
+        log.warning("this CPU multiplies bfloat16 %.0fx slower than float32 (it lacks native bf16 instructions): "
+                    "kimivl computes in float32 here unless asked for bf16", slowdown)
+    return slowdown
+
+
+def fast_bf16(device: str | torch.device) -> bool:
+    """Whether bf16 matmuls on ``device`` run at least about as fast as float32 ones."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return cpu_bf16_slowdown() < SLOW
+    return True
+
+
+def use_bf16(device: str | torch.device, bf16: bool | None = None) -> bool:
+    """Whether training autocasts to bf16 on ``device``: ``bf16`` when given, else where bf16 is fast."""
+    return fast_bf16(device) if bf16 is None else bf16
+
+
+def autocast(device: str | torch.device, bf16: bool | None = None) -> torch.autocast:
+    """bf16 autocast on ``device`` when ``use_bf16(device, bf16)``; a disabled one (float32) otherwise."""
+    device = torch.device(device)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(device, bf16))
+
+
+def physical_memory() -> int | None:
+    """Bytes of RAM of this machine, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def load_dtype(stored: torch.dtype, device: str | torch.device, n_params: int) -> torch.dtype:
+    """The dtype to hold a checkpoint stored in ``stored`` on ``device`` when the caller names none: ``stored``,
+    except on a CPU float16 becomes bfloat16 (float16 is very slow there), and bfloat16 becomes float32 where bf16 is
+    slow, while ``n_params`` float32 weights take at most ``FIT`` of the machine's memory."""
+    device = torch.device(device)
+    if device.type != "cpu" or stored not in (torch.float16, torch.bfloat16):
+        return stored
+    if fast_bf16(device):
+        if stored == torch.float16:
+            log.warning("float16 is very slow on CPU; loading in bfloat16 instead")
+        return torch.bfloat16
+    need, memory = 4 * n_params, physical_memory()
+    if memory is not None and need > FIT * memory:
+        log.warning("float32 weights (%.1f GB) would not fit in this machine's %.1f GB: loading in bfloat16, which "
+                    "this CPU multiplies slowly", need / 1e9, memory / 1e9)
+        return torch.bfloat16
+    log.info("loading in float32 (%.1f GB; this CPU multiplies bf16 slowly; dtype=torch.bfloat16 takes half the "
+             "memory)", need / 1e9)
+    return torch.float32
