@@ -1,21 +1,23 @@
 """Training throughput of kimivl-tiny: packed rows against a padded-batch baseline, and achieved GFLOP/s against
-this CPU's bf16 matmul peak measured in the same run.
+the device's matmul peak (in the compute dtype) measured in the same run.
 
 Both arms train the same model on the same samples (the synthetic world's ``--tasks`` in a seeded mix, by default
 every task and text but the long documents, or those of your ``--data`` JSONL files, encoded by ``--tokenizer``'s
-tokenizer) with bf16 autocast and the Muon/AdamW optimiser. Packed: samples laid end to end in rows of ``--budget``
-tokens. Padded: the same samples, ``--batch`` per step (or as many as fit ``--padded-tokens`` with their padding),
-right-padded to the longest (padding is causal-safe and unscored). The arms alternate in cycles: ``--accum`` packed
-rows then their samples padded, the optimiser stepping once per cycle in each (Newton-Schulz in ``--ns-dtype``), as
-in training with gradient accumulation; the first cycle is an untimed warm-up. Printed: useful (non-padding) tokens/s of each and their ratio (target >= 1.5x, and its range
-over the cycles), beside the ratio of their model FLOPs (``model_flops``; padding is computed, so the padded arm
-does more: the most packing can give, were every FLOP equally fast) and the share of it reached; the vision tower's
-share (timed alone on the same images: its work is identical in both arms) and the ratio of the rest; and the packed
-arm's achieved GFLOP/s as a share of the matmul peak.
+tokenizer) with bf16 autocast where the device multiplies bf16 fast (else in float32; ``--bf16``/``--no-bf16``
+decide) and the Muon/AdamW optimiser. Packed: samples laid end to end in rows of ``--budget`` tokens. Padded: the
+same samples, ``--batch`` per step (or as many as fit ``--padded-tokens`` with their padding), right-padded to the
+longest (padding is causal-safe and unscored). The arms alternate in cycles: ``--accum`` packed rows then their
+samples padded, the optimiser stepping once per cycle in each (Newton-Schulz in ``--ns-dtype``, by default the
+compute dtype), as in training with gradient accumulation; the first cycle is an untimed warm-up. Printed: useful
+(non-padding) tokens/s of each and their ratio (target >= 1.5x, and its range over the cycles), beside the ratio of
+their model FLOPs (``model_flops``; padding is computed, so the padded arm does more: the most packing can give,
+were every FLOP equally fast) and the share of it reached; the vision tower's share (timed alone on the same images:
+its work is identical in both arms) and the ratio of the rest; and the packed arm's achieved GFLOP/s as a share of
+the matmul peak.
 
     python benchmarks/train_throughput.py [--steps 64] [--budget 2048] [--batch 16 | --padded-tokens N] [--accum 8]
                                           [--width 256] [--vision-width 128] [--ns-dtype bfloat16] [--tasks T,...]
-                                          [--data FILE ...] [--device cuda]
+                                          [--data FILE ...] [--device cuda] [--bf16 | --no-bf16]
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from kimivl.data.mixture import Mixture
 from kimivl.data.synthetic import TASKS
 from kimivl.data.world import build_world
 from kimivl.model.params import parameter_counts
+from kimivl.precision import autocast, use_bf16
 from kimivl.processing.processor import IGNORE_INDEX
 from kimivl.processing.tokenizer import train_bpe
 from kimivl.train.optim import build_optimizer
@@ -46,9 +49,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_peak(device: torch.device, repeats: int = 10) -> float:
+def matmul_peak(device: torch.device, dtype: torch.dtype, repeats: int = 10) -> float:
     n = 2048 if device.type == "cpu" else 8192
-    a, b = (torch.randn(n, n, dtype=torch.bfloat16, device=device) for _ in range(2))
+    a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
     a @ b
     sync(device)
     start = time.perf_counter()
@@ -90,13 +93,13 @@ def on(kwargs: dict, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
 
 
-def step_time(model, opt, kwargs, update: bool) -> float:
+def step_time(model, opt, kwargs, update: bool, bf16: bool) -> float:
     """One micro-batch forward and backward (its tensors moved to the model's device first); the optimiser steps
     when ``update``."""
     kwargs = on(kwargs, model.device)
     sync(model.device)
     start = time.perf_counter()
-    with torch.autocast(model.device.type, dtype=torch.bfloat16):
+    with autocast(model.device, bf16):
         loss = model(**kwargs).loss
     loss.backward()
     if update:
@@ -106,14 +109,14 @@ def step_time(model, opt, kwargs, update: bool) -> float:
     return time.perf_counter() - start
 
 
-def vision_time(model, kwargs) -> float:
+def vision_time(model, kwargs, bf16: bool) -> float:
     """Forward and backward of the vision tower and projector alone on one micro-batch's images."""
     if kwargs["pixel_values"] is None:
         return 0.0
     kwargs = on(kwargs, model.device)
     sync(model.device)
     start = time.perf_counter()
-    with torch.autocast(model.device.type, dtype=torch.bfloat16):
+    with autocast(model.device, bf16):
         features = model.get_image_features(kwargs["pixel_values"], kwargs["image_grid_hws"])
     features.float().square().mean().backward()
     model.zero_grad(set_to_none=True)
@@ -158,7 +161,8 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=256, help="LM hidden size (kimivl-tiny: 256)")
     ap.add_argument("--vision-width", type=int, default=128, help="vision tower hidden size (kimivl-tiny: 128)")
     ap.add_argument("--accum", type=int, default=8, help="micro-batches per optimiser step (gradient accumulation)")
-    ap.add_argument("--ns-dtype", default="bfloat16", choices=["bfloat16", "float32"], help="Muon's Newton-Schulz")
+    ap.add_argument("--ns-dtype", choices=["bfloat16", "float32"], help="Muon's Newton-Schulz (default: the compute "
+                    "dtype)")
     ap.add_argument("--tasks", default=",".join(t for t in TASKS if t != "long"),
                     help="the synthetic world's tasks to mix, each weighted 1 or TASK:WEIGHT (default: all but the "
                          "long documents, which only recipes/tiny.yaml's long-context stage trains on; its mix: "
@@ -169,8 +173,11 @@ def main() -> None:
     ap.add_argument("--tokenizer", type=Path, default=Path(__file__).parents[1] / "models" / "kimivl-tiny",
                     help="checkpoint directory whose tokenizer encodes --data")
     ap.add_argument("--device", default="cpu", help="where both arms train (cuda: flash-attn when installed)")
+    ap.add_argument("--bf16", action=argparse.BooleanOptionalAction,
+                    help="bf16 autocast on or off (default: where the device multiplies bf16 fast)")
     args = ap.parse_args()
     device = torch.device(args.device)
+    bf16 = use_bf16(device, args.bf16)
 
     files, weights = args.data, None
     if not files:
@@ -203,7 +210,7 @@ def main() -> None:
     config.media_placeholder_token_id = processor.tokenizer.media_pad_id
     torch.manual_seed(0)
     model = KimiVL(config).to(device).train()
-    opt = build_optimizer(model, lr=1e-4, ns_dtype=args.ns_dtype)
+    opt = build_optimizer(model, lr=1e-4, ns_dtype=args.ns_dtype or ("bfloat16" if bf16 else "float32"))
     mix = Mixture(sources, encode, args.budget, weights or {k: 1 for k in sources}, seed=0)
 
     # Cycles of --accum packed rows, and the same samples in padded batches; the optimiser steps once per cycle in
@@ -226,10 +233,8 @@ def main() -> None:
         batches = [padded(group, processor.tokenizer.pad_id)
                    for group in (by_tokens(samples, args.padded_tokens) if args.padded_tokens
                                  else [samples[i:i + args.batch] for i in range(0, len(samples), args.batch)])]
-        packed_time = sum(step_time(model, opt, row.kwargs(), update=k == len(rows) - 1)
-                          for k, row in enumerate(rows))
-        padded_time = sum(step_time(model, opt, kw, update=k == len(batches) - 1)
-                          for k, (kw, _) in enumerate(batches))
+        packed_time = sum(step_time(model, opt, row.kwargs(), k == len(rows) - 1, bf16) for k, row in enumerate(rows))
+        padded_time = sum(step_time(model, opt, kw, k == len(batches) - 1, bf16) for k, (kw, _) in enumerate(batches))
         fills += [row.efficiency for row in rows]
         shares += [real / kw["input_ids"].numel() for kw, real in batches]
         if c:
@@ -239,7 +244,7 @@ def main() -> None:
             tokens["packed"] += sum(row.n_tokens for row in rows)
             tokens["padded"] += sum(real for _, real in batches)
             n_packed, n_padded = n_packed + len(rows), n_padded + len(batches)
-            shared += sum(vision_time(model, row.kwargs()) for row in rows)
+            shared += sum(vision_time(model, row.kwargs(), bf16) for row in rows)
             flops["packed"] += sum(model_flops(config, counts, (row.cu_seqlens[1:] - row.cu_seqlens[:-1]).tolist(),
                                                scored(row.labels), row.image_grid_hws) for row in rows)
             flops["padded"] += sum(model_flops(config, counts, [kw["input_ids"].shape[1]] * kw["input_ids"].shape[0],
@@ -249,10 +254,11 @@ def main() -> None:
     efficiency, pad_share = statistics.mean(fills), statistics.mean(shares)
 
     achieved = flops["packed"] / times["packed"] / 1e9
-    peak = matmul_peak(device)
+    compute = torch.bfloat16 if bf16 else torch.float32
+    peak = matmul_peak(device, compute)
     print(f"on {', '.join(map(str, args.data)) if args.data else 'the synthetic world (' + args.tasks + ')'}: "
           f"kimivl-tiny at LM width {args.width}, vision width {args.vision_width} "
-          f"({counts['total'].total / 1e6:.1f}M parameters), bf16 autocast, "
+          f"({counts['total'].total / 1e6:.1f}M parameters), {'bf16 autocast' if bf16 else 'float32'}, "
           + (f"{torch.get_num_threads()} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)))
     print(f"packed rows of {args.budget}: {speed['packed']:.0f} useful tokens/s (budget filled {100 * efficiency:.0f}%)")
     shape = f"of at most {args.padded_tokens} tokens with padding" if args.padded_tokens else f"of {args.batch}"
@@ -268,7 +274,8 @@ def main() -> None:
           f"packed arm's time; the rest (LM, loss, optimiser) runs "
           f"{(times['padded'] - shared) / (times['packed'] - shared):.2f}x faster packed")
     print(f"achieved {achieved:.1f} GFLOP/s ({flops['packed'] / tokens['packed'] / 1e6:.1f} MFLOP/token) "
-          f"vs bf16 matmul peak {peak:.0f} GFLOP/s: {100 * achieved / peak:.1f}% of peak")
+          f"vs {str(compute).removeprefix('torch.')} matmul peak {peak:.0f} GFLOP/s: "
+          f"{100 * achieved / peak:.1f}% of peak")
 
 
 if __name__ == "__main__":
