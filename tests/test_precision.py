@@ -23,9 +23,12 @@ def test_the_slowdown_is_the_ratio_of_matmul_times_and_warns_when_bf16_is_emulat
         assert ("multiplies bfloat16 50x slower than float32" in caplog.text) is warned
 
 
-def test_the_matmul_timing_is_real():
+def test_the_matmul_timing_is_real_and_leaves_the_global_rng_alone():
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
     seconds = precision._matmul_seconds(torch.float32, n=64, repeats=2)
-    assert 0 < seconds < 1
+    assert 0 < seconds < 1 and torch.equal(torch.rand(3), expected)
 
 
 def matmul_dtype(context) -> torch.dtype:
