@@ -36,7 +36,8 @@ def _matmul_seconds(dtype: torch.dtype, n: int = 256, repeats: int = 3) -> float
 
 @functools.cache
 def cpu_bf16_slowdown() -> float:
-    """How many times longer a bf16 matmul takes than a float32 one on this CPU (measured once, in milliseconds)."""
+    """How many times longer a bf16 matmul takes than a float32 one on this CPU (measured once per process: a few
+    milliseconds, a tenth of a second where bf16 is emulated)."""
     slowdown = _matmul_seconds(torch.bfloat16) / _matmul_seconds(torch.float32)
     if slowdown >= SLOW:
         log.warning("this CPU multiplies bfloat16 %.0fx slower than float32 (it lacks native bf16 instructions): "
