@@ -42,7 +42,8 @@ def cmd_info(args: argparse.Namespace) -> int:
             return 2
         hold_frozen_in_bf16(model, lambda name, p: True)  # as joint stages do with a bf16 checkpoint's frozen weights
         frozen = f", less {' '.join(args.freeze)}" if args.freeze else ""
-        print(f"training {' + '.join(args.train or PARTS)}{frozen} from a bfloat16 checkpoint: {memory_plan(model)}")
+        print(f"training {' + '.join(args.train or PARTS)}{frozen} from a bfloat16 checkpoint under bf16 autocast: "
+              f"{memory_plan(model)}")
     return 0
 
 

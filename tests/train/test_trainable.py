@@ -67,7 +67,7 @@ def test_info_prints_the_memory_of_a_fine_tuning_plan(capsys, tiny_config, tmp_p
                  "--freeze", EXPERTS]) == 0
     out = capsys.readouterr().out.splitlines()[-1]
     assert out == ("training multi_modal_projector + language_model, less *.mlp.experts.* from a bfloat16 "
-                   "checkpoint: trains 1.60B of 16.41B parameters; holds weights 36.0 GB, gradients 6.4 GB, "
+                   "checkpoint under bf16 autocast: trains 1.60B of 16.41B parameters; holds weights 36.0 GB, gradients 6.4 GB, "
                    "optimiser state 9.1 GB (total 51.5 GB, activations on top)")
     tiny_config.save_pretrained(tmp_path)
     assert main(["info", str(tmp_path), "--train", "language_model"]) == 0
@@ -75,7 +75,7 @@ def test_info_prints_the_memory_of_a_fine_tuning_plan(capsys, tiny_config, tmp_p
         model = KimiVL(tiny_config)
     set_trainable(model, ["language_model"])
     hold_frozen_in_bf16(model, lambda name, p: True)
-    expected = f"training language_model from a bfloat16 checkpoint: {memory_plan(model)}"
+    expected = f"training language_model from a bfloat16 checkpoint under bf16 autocast: {memory_plan(model)}"
     assert capsys.readouterr().out.splitlines()[-1] == expected
     assert main(["info", str(tmp_path), "--freeze", "nothing*"]) == 2
     assert "freeze pattern 'nothing*' matches no parameter" in capsys.readouterr().err
