@@ -1,9 +1,9 @@
 """Whether a device multiplies bfloat16 fast, and the dtypes kimivl computes and loads in there.
 
-GPUs and CPUs with native bf16 matmul (AMX, AVX512-BF16) multiply bfloat16 as fast as float32 or faster. CPUs
-without it (AVX2 only: many laptops' chips) emulate it, about 100x slower than float32. There kimivl trains without
-bf16 autocast and loads bf16 checkpoints in float32 (exactly: every bf16 value is a float32 value), unless told
-otherwise.
+GPUs and CPUs with native bf16 matmul (Ampere and later, AMX, AVX512-BF16) multiply bfloat16 as fast as float32 or
+faster. CPUs without it (AVX2 only: many laptops' chips) emulate it, about 100x slower than float32. There kimivl
+trains without bf16 autocast and loads bf16 checkpoints in float32 (exactly: every bf16 value is a float32 value),
+unless told otherwise.
 """
 
 from __future__ import annotations
@@ -46,10 +46,11 @@ def cpu_bf16_slowdown() -> float:
 
 
 def fast_bf16(device: str | torch.device) -> bool:
-    """Whether bf16 matmuls on ``device`` run at least about as fast as float32 ones."""
+    """Whether bf16 matmuls on ``device`` run at least about as fast as float32 ones: natively on NVIDIA GPUs from
+    Ampere on (compute capability 8) and on AMD GPUs; on a CPU, as measured."""
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.version.hip is not None or torch.cuda.get_device_capability(device)[0] >= 8
     if device.type == "cpu":
         return cpu_bf16_slowdown() < SLOW
     return True

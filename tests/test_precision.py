@@ -47,6 +47,12 @@ def test_bf16_is_used_where_it_is_fast_unless_the_caller_says(monkeypatch):
     assert matmul_dtype(precision.autocast("cpu", False)) == torch.float32
 
 
+def test_on_a_gpu_bf16_is_fast_from_ampere_on(monkeypatch):
+    for major, fast in ((7, False), (8, True), (9, True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, m=major: (m, 0))
+        assert fast_bf16("cuda:0") is fast and use_bf16("cuda") is fast and use_bf16("cuda", True)
+
+
 def test_a_bf16_checkpoint_loads_in_float32_on_a_cpu_that_multiplies_bf16_slowly(monkeypatch, caplog):
     n = 10**9
     slow_cpu(monkeypatch, memory=64 << 30)
