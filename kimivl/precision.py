@@ -75,11 +75,17 @@ def physical_memory() -> int | None:
         return None
 
 
-def load_dtype(stored: torch.dtype, device: str | torch.device, n_params: int) -> torch.dtype:
-    """The dtype to hold a checkpoint stored in ``stored`` on ``device`` when the caller names none: ``stored``,
-    except on a CPU float16 becomes bfloat16 (float16 is very slow there), and bfloat16 becomes float32 where bf16 is
-    slow, while ``n_params`` float32 weights take at most ``FIT`` of the machine's memory."""
+def load_dtype(stored: torch.dtype, device: str | torch.device, n_params: int,
+               requested: torch.dtype | None = None) -> torch.dtype:
+    """The dtype to hold a checkpoint stored in ``stored`` on ``device``: ``requested`` when the caller names one (bf16
+    on a CPU that emulates it gets the slowdown's warning); else ``stored``, except that on a CPU float16 becomes
+    bfloat16 (float16 is very slow there), and bfloat16 becomes float32 where bf16 is slow, while ``n_params`` float32
+    weights take at most ``FIT`` of the machine's memory."""
     device = torch.device(device)
+    if requested is not None:
+        if requested == torch.bfloat16 and device.type == "cpu":
+            fast_bf16(device)  # measured once: warns where bf16 is emulated
+        return requested
     if device.type != "cpu" or stored not in (torch.float16, torch.bfloat16):
         return stored
     if fast_bf16(device):

@@ -1,3 +1,4 @@
+import functools
 import logging
 
 import pytest
@@ -76,6 +77,17 @@ def test_a_bf16_checkpoint_loads_in_float32_on_a_cpu_that_multiplies_bf16_slowly
         assert load_dtype(torch.bfloat16, "cpu", n) == torch.bfloat16
         assert load_dtype(torch.float16, "cpu", n) == torch.bfloat16
     assert caplog.text.count("float16 is very slow on CPU") == 1
+
+
+def test_asking_for_bf16_on_a_cpu_that_emulates_it_warns_once(tiny_model, tmp_path, monkeypatch, caplog):
+    tiny_model.save_pretrained(tmp_path, dtype=torch.bfloat16)
+    monkeypatch.setattr(precision, "cpu_bf16_slowdown", functools.cache(cpu_bf16_slowdown.__wrapped__))
+    monkeypatch.setattr(precision, "_matmul_seconds", {torch.bfloat16: 0.06, torch.float32: 0.001}.__getitem__)
+    with caplog.at_level(logging.WARNING, logger="kimivl.precision"):
+        for _ in range(2):
+            assert KimiVL.from_pretrained(tmp_path, dtype=torch.bfloat16).dtype == torch.bfloat16
+        assert KimiVL.from_pretrained(tmp_path, dtype=torch.float32).dtype == torch.float32
+    assert caplog.text.count("this CPU multiplies bfloat16 60x slower than float32") == 1
 
 
 def test_from_pretrained_follows_the_choice_and_an_explicit_dtype_wins(tiny_model, tmp_path, monkeypatch):

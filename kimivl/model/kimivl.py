@@ -126,9 +126,8 @@ class KimiVL(nn.Module):
         config = KimiVLConfig.from_pretrained(path)
         with torch.device("meta"):
             model = cls(config)
-        if dtype is None:
-            stored = getattr(torch, config.text_config.torch_dtype, torch.bfloat16)
-            dtype = load_dtype(stored, device, sum(p.numel() for p in model.parameters()))
+        stored = getattr(torch, config.text_config.torch_dtype, torch.bfloat16)
+        dtype = load_dtype(stored, device, sum(p.numel() for p in model.parameters()), dtype)
         model = model.to(dtype).to_empty(device=torch.device(device))
         load_checkpoint(model, path)
         return model.eval()
