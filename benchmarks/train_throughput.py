@@ -15,9 +15,14 @@ were every FLOP equally fast) and the share of it reached; the vision tower's sh
 its work is identical in both arms) and the ratio of the rest; and the packed arm's achieved GFLOP/s as a share of
 the matmul peak.
 
+With ``--recipe``, the same for what a recipe's joint stages train: each stage's own mixture, rows and model (at
+random weights), ``--steps`` micro-batches spread over its samples (its mix may move from ``mix`` to ``mix_end``),
+each stage's times, tokens and FLOPs weighted by the rows it trains.
+
     python benchmarks/train_throughput.py [--steps 64] [--budget 2048] [--batch 16 | --padded-tokens N] [--accum 8]
                                           [--width 256] [--vision-width 128] [--ns-dtype bfloat16] [--tasks T,...]
                                           [--data FILE ...] [--device cuda] [--bf16 | --no-bf16]
+    python benchmarks/train_throughput.py --recipe recipes/tiny.yaml [--steps 32] [--batch 16] [--device cuda]
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import dataclasses
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -35,12 +41,14 @@ from kimivl import KimiVL, KimiVLConfig, KimiVLProcessor
 from kimivl.data.formats import is_text_file, iter_records, iter_texts
 from kimivl.data.mixture import Mixture
 from kimivl.data.synthetic import TASKS
-from kimivl.data.world import build_world
+from kimivl.data.world import build_world, ensure_world
 from kimivl.model.params import parameter_counts
 from kimivl.precision import autocast, use_bf16
 from kimivl.processing.processor import IGNORE_INDEX
 from kimivl.processing.tokenizer import train_bpe
 from kimivl.train.optim import build_optimizer
+from kimivl.train.pipeline import Sources, base_checkpoint, base_config, recipe_tokenizer, stage_mixture
+from kimivl.train.recipe import load_recipe
 
 
 def sync(device: torch.device) -> None:
@@ -124,6 +132,61 @@ def vision_time(model, kwargs, bf16: bool) -> float:
     return time.perf_counter() - start
 
 
+@dataclass
+class Arms:
+    """Both arms' totals over timed cycles."""
+    times: dict = field(default_factory=lambda: {"packed": 0.0, "padded": 0.0})
+    tokens: dict = field(default_factory=lambda: {"packed": 0.0, "padded": 0.0})
+    flops: dict = field(default_factory=lambda: {"packed": 0.0, "padded": 0.0})
+    micro: dict = field(default_factory=lambda: {"packed": 0, "padded": 0})  # micro-batches timed
+    shared: float = 0.0  # the vision tower's time on the same images, identical in both arms
+    fills: list = field(default_factory=list)
+    shares: list = field(default_factory=list)
+    ratios: list = field(default_factory=list)  # per cycle
+
+    def add(self, other: Arms, weight: float = 1.0) -> None:
+        """Count ``other``'s times, tokens and FLOPs ``weight`` times (a stage's share of a recipe)."""
+        for name in ("times", "tokens", "flops"):
+            for arm in ("packed", "padded"):
+                getattr(self, name)[arm] += weight * getattr(other, name)[arm]
+        for arm in ("packed", "padded"):
+            self.micro[arm] += other.micro[arm]
+        self.shared += weight * other.shared
+        self.fills += other.fills
+        self.shares += other.shares
+        self.ratios += other.ratios
+
+
+def cycle(model, opt, mix, position: int, args, bf16: bool, pad_id: int) -> tuple[Arms, int]:
+    """``args.accum`` packed rows from sample ``position`` of ``mix``, then the same samples in padded batches, the
+    optimiser stepping once in each arm, as in training with gradient accumulation. Returns the cycle's measurements
+    and the sample position after it."""
+    stream = mix.batches(position)
+    rows = []
+    for _ in range(args.accum):
+        row, end = next(stream)
+        rows.append(row)
+    samples = [s for s in map(mix.sample, range(position, end)) if len(s.input_ids) <= mix.budget]
+    batches = [padded(group, pad_id)
+               for group in (by_tokens(samples, args.padded_tokens) if args.padded_tokens
+                             else [samples[i:i + args.batch] for i in range(0, len(samples), args.batch)])]
+    packed_time = sum(step_time(model, opt, row.kwargs(), k == len(rows) - 1, bf16) for k, row in enumerate(rows))
+    padded_time = sum(step_time(model, opt, kw, k == len(batches) - 1, bf16) for k, (kw, _) in enumerate(batches))
+    config, counts = model.config, parameter_counts(model.config)
+    one = Arms(times={"packed": packed_time, "padded": padded_time},
+               tokens={"packed": sum(row.n_tokens for row in rows), "padded": sum(real for _, real in batches)},
+               micro={"packed": len(rows), "padded": len(batches)},
+               shared=sum(vision_time(model, row.kwargs(), bf16) for row in rows),
+               fills=[row.efficiency for row in rows],
+               shares=[real / kw["input_ids"].numel() for kw, real in batches],
+               ratios=[padded_time / packed_time])  # the same samples in both arms
+    one.flops["packed"] = sum(model_flops(config, counts, (row.cu_seqlens[1:] - row.cu_seqlens[:-1]).tolist(),
+                                          scored(row.labels), row.image_grid_hws) for row in rows)
+    one.flops["padded"] = sum(model_flops(config, counts, [kw["input_ids"].shape[1]] * kw["input_ids"].shape[0],
+                                          scored(kw["labels"]), kw["image_grid_hws"]) for kw, _ in batches)
+    return one, end
+
+
 def model_flops(config, counts, lengths, scored, grids) -> float:
     """Forward-and-backward FLOPs of one micro-batch: 6 per matrix parameter per position (the LM's positions without
     its embedding table and head, the head's ``scored`` positions, the vision tower's patches without its position
@@ -175,9 +238,16 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="where both arms train (cuda: flash-attn when installed)")
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction,
                     help="bf16 autocast on or off (default: where the device multiplies bf16 fast)")
+    ap.add_argument("--recipe", type=Path,
+                    help="instead: every joint stage of this recipe on its own data, rows and mix (--steps micro-"
+                         "batches each, spread over the stage), weighted by the stage's rows (builds the recipe's "
+                         "world under its out if it is not there)")
     args = ap.parse_args()
     device = torch.device(args.device)
     bf16 = use_bf16(device, args.bf16)
+    if args.recipe:
+        recipe_arms(args, device, bf16)
+        return
 
     files, weights = args.data, None
     if not files:
@@ -213,63 +283,70 @@ def main() -> None:
     opt = build_optimizer(model, lr=1e-4, ns_dtype=args.ns_dtype or ("bfloat16" if bf16 else "float32"))
     mix = Mixture(sources, encode, args.budget, weights or {k: 1 for k in sources}, seed=0)
 
-    # Cycles of --accum packed rows, and the same samples in padded batches; the optimiser steps once per cycle in
-    # each arm. Cycle 0 warms both arms up (and creates the optimiser state); the others alternate, timed.
-    stream = mix.batches(0)
-    times = {"packed": 0.0, "padded": 0.0}
-    shared = 0.0  # the vision tower's time on the same images, identical in both arms
-    tokens = {"packed": 0, "padded": 0}
-    counts = parameter_counts(config)
-    shares, fills, cycle_ratios, start = [], [], [], 0
-    flops = {"packed": 0, "padded": 0}
-    n_packed = n_padded = 0  # micro-batches timed
+    # Cycle 0 warms both arms up (and creates the optimiser state); the others alternate, timed.
+    arms, position = Arms(), 0
     for c in range(max(1, args.steps // args.accum) + 1):
-        rows = []
-        for _ in range(args.accum):
-            row, end = next(stream)
-            rows.append(row)
-        samples = [s for s in map(mix.sample, range(start, end)) if len(s.input_ids) <= args.budget]
-        start = end
-        batches = [padded(group, processor.tokenizer.pad_id)
-                   for group in (by_tokens(samples, args.padded_tokens) if args.padded_tokens
-                                 else [samples[i:i + args.batch] for i in range(0, len(samples), args.batch)])]
-        packed_time = sum(step_time(model, opt, row.kwargs(), k == len(rows) - 1, bf16) for k, row in enumerate(rows))
-        padded_time = sum(step_time(model, opt, kw, k == len(batches) - 1, bf16) for k, (kw, _) in enumerate(batches))
-        fills += [row.efficiency for row in rows]
-        shares += [real / kw["input_ids"].numel() for kw, real in batches]
+        one, position = cycle(model, opt, mix, position, args, bf16, processor.tokenizer.pad_id)
         if c:
-            cycle_ratios.append(padded_time / packed_time)  # the same samples in both arms
-            times["packed"] += packed_time
-            times["padded"] += padded_time
-            tokens["packed"] += sum(row.n_tokens for row in rows)
-            tokens["padded"] += sum(real for _, real in batches)
-            n_packed, n_padded = n_packed + len(rows), n_padded + len(batches)
-            shared += sum(vision_time(model, row.kwargs(), bf16) for row in rows)
-            flops["packed"] += sum(model_flops(config, counts, (row.cu_seqlens[1:] - row.cu_seqlens[:-1]).tolist(),
-                                               scored(row.labels), row.image_grid_hws) for row in rows)
-            flops["padded"] += sum(model_flops(config, counts, [kw["input_ids"].shape[1]] * kw["input_ids"].shape[0],
-                                               scored(kw["labels"]), kw["image_grid_hws"]) for kw, _ in batches)
-    assert tokens["packed"] == tokens["padded"], "both arms must train on the same samples"
-    speed = {name: tokens[name] / times[name] for name in times}
-    efficiency, pad_share = statistics.mean(fills), statistics.mean(shares)
+            arms.add(one)
+    data = ", ".join(map(str, args.data)) if args.data else f"the synthetic world ({args.tasks})"
+    report(arms, device, bf16, args, f"on {data}: kimivl-tiny at LM width {args.width}, vision width "
+           f"{args.vision_width} ({parameter_counts(config)['total'].total / 1e6:.1f}M parameters), packed rows of "
+           f"{args.budget}")
 
+
+def recipe_arms(args, device: torch.device, bf16: bool) -> None:
+    """Every joint stage of ``args.recipe`` on its own data, rows and mix (``args.steps`` micro-batches spread over
+    the stage's samples), weighted by the stage's rows; the recipe's model at random weights."""
+    recipe = load_recipe(args.recipe)
+    if recipe.world is not None:
+        ensure_world(recipe.out / "world", progress=True, **recipe.world)
+    sources = Sources(recipe, progress=True)
+    processor = KimiVLProcessor(recipe_tokenizer(recipe, sources, base_checkpoint(recipe), save=False))
+    config = base_config(recipe, processor.tokenizer)
+    torch.manual_seed(0)
+    model = KimiVL(config).to(device).train()
+    opt = build_optimizer(model, lr=1e-4, ns_dtype=args.ns_dtype or ("bfloat16" if bf16 else "float32"))
+    encode, total, warm = sources.encoder(processor), Arms(), False
+    cycles = max(1, args.steps // args.accum)
+    for stage in (s for s in recipe.stages if s.kind == "joint"):
+        mix, _ = stage_mixture(recipe, stage, sources, encode)
+        if not warm:
+            cycle(model, opt, mix, 0, args, bf16, processor.tokenizer.pad_id)
+            warm = True
+        arms = Arms()
+        for k in range(cycles):  # spread over the stage, whose mix may move from mix to mix_end
+            arms.add(cycle(model, opt, mix, mix.horizon * k // cycles, args, bf16, processor.tokenizer.pad_id)[0])
+        total.add(arms, stage.steps * stage.accum / arms.micro["packed"])
+        print(f"stage {stage.name} ({stage.steps * stage.accum} rows of {stage.budget}): packed / padded "
+              f"{arms.times['padded'] / arms.times['packed']:.2f}x, model FLOPs "
+              f"{arms.flops['padded'] / arms.flops['packed']:.2f}x", flush=True)
+    report(total, device, bf16, args, f"on the joint stages of {args.recipe}, each weighted by its rows: "
+           f"{recipe.name} ({parameter_counts(config)['total'].total / 1e6:.1f}M parameters)")
+
+
+def report(arms: Arms, device: torch.device, bf16: bool, args, heading: str) -> None:
+    """Print both arms' useful tokens/s, their ratio beside the FLOP ratio, the vision tower's share, and the packed
+    arm's achieved GFLOP/s against the matmul peak."""
+    times, tokens, flops, shared = arms.times, arms.tokens, arms.flops, arms.shared
+    assert abs(tokens["packed"] - tokens["padded"]) <= 1e-6 * tokens["packed"], "both arms train on the same samples"
+    speed = {name: tokens[name] / times[name] for name in times}
     achieved = flops["packed"] / times["packed"] / 1e9
     compute = torch.bfloat16 if bf16 else torch.float32
     peak = matmul_peak(device, compute)
-    print(f"on {', '.join(map(str, args.data)) if args.data else 'the synthetic world (' + args.tasks + ')'}: "
-          f"kimivl-tiny at LM width {args.width}, vision width {args.vision_width} "
-          f"({counts['total'].total / 1e6:.1f}M parameters), {'bf16 autocast' if bf16 else 'float32'}, "
+    print(f"{heading}, {'bf16 autocast' if bf16 else 'float32'}, "
           + (f"{torch.get_num_threads()} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)))
-    print(f"packed rows of {args.budget}: {speed['packed']:.0f} useful tokens/s (budget filled {100 * efficiency:.0f}%)")
+    print(f"packed: {speed['packed']:.0f} useful tokens/s (budget filled {100 * statistics.mean(arms.fills):.0f}%)")
     shape = f"of at most {args.padded_tokens} tokens with padding" if args.padded_tokens else f"of {args.batch}"
-    print(f"padded batches {shape}: {speed['padded']:.0f} useful tokens/s (real tokens {100 * pad_share:.0f}%, "
-          f"{n_padded / n_packed:.2f} batches per packed row)")
+    print(f"padded batches {shape}: {speed['padded']:.0f} useful tokens/s (real tokens "
+          f"{100 * statistics.mean(arms.shares):.0f}%, {arms.micro['padded'] / arms.micro['packed']:.2f} batches per "
+          "packed row)")
     ratio, flop_ratio = speed["packed"] / speed["padded"], flops["padded"] / flops["packed"]
     print(f"ratio packed / padded: {ratio:.2f}x (target >= 1.5x); their model FLOPs: {flop_ratio:.2f}x (the ratio "
           "if every FLOP took the same time, the most packing can give on these samples): "
           f"{100 * ratio / flop_ratio:.0f}% of it")
-    print(f"per cycle of {args.accum} rows: {min(cycle_ratios):.2f}x to {max(cycle_ratios):.2f}x over "
-          f"{len(cycle_ratios)} cycles")
+    print(f"per cycle of {args.accum} rows: {min(arms.ratios):.2f}x to {max(arms.ratios):.2f}x over "
+          f"{len(arms.ratios)} cycles")
     print(f"vision tower and projector, the same images in both arms: {100 * shared / times['packed']:.0f}% of the "
           f"packed arm's time; the rest (LM, loss, optimiser) runs "
           f"{(times['padded'] - shared) / (times['packed'] - shared):.2f}x faster packed")
