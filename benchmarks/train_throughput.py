@@ -157,10 +157,10 @@ class Arms:
         self.ratios += other.ratios
 
 
-def cycle(model, opt, mix, position: int, args, bf16: bool, pad_id: int) -> tuple[Arms, int]:
+def cycle(model, opt, mix, position: int, args, bf16: bool, pad_id: int, counts) -> tuple[Arms, int]:
     """``args.accum`` packed rows from sample ``position`` of ``mix``, then the same samples in padded batches, the
-    optimiser stepping once in each arm, as in training with gradient accumulation. Returns the cycle's measurements
-    and the sample position after it."""
+    optimiser stepping once in each arm, as in training with gradient accumulation (``counts``: the model's
+    ``parameter_counts``, for its FLOPs). Returns the cycle's measurements and the sample position after it."""
     stream = mix.batches(position)
     rows = []
     for _ in range(args.accum):
@@ -172,7 +172,7 @@ def cycle(model, opt, mix, position: int, args, bf16: bool, pad_id: int) -> tupl
                              else [samples[i:i + args.batch] for i in range(0, len(samples), args.batch)])]
     packed_time = sum(step_time(model, opt, row.kwargs(), k == len(rows) - 1, bf16) for k, row in enumerate(rows))
     padded_time = sum(step_time(model, opt, kw, k == len(batches) - 1, bf16) for k, (kw, _) in enumerate(batches))
-    config, counts = model.config, parameter_counts(model.config)
+    config = model.config
     one = Arms(times={"packed": packed_time, "padded": padded_time},
                tokens={"packed": sum(row.n_tokens for row in rows), "padded": sum(real for _, real in batches)},
                micro={"packed": len(rows), "padded": len(batches)},
@@ -284,14 +284,14 @@ def main() -> None:
     mix = Mixture(sources, encode, args.budget, weights or {k: 1 for k in sources}, seed=0)
 
     # Cycle 0 warms both arms up (and creates the optimiser state); the others alternate, timed.
-    arms, position = Arms(), 0
+    arms, position, counts = Arms(), 0, parameter_counts(config)
     for c in range(max(1, args.steps // args.accum) + 1):
-        one, position = cycle(model, opt, mix, position, args, bf16, processor.tokenizer.pad_id)
+        one, position = cycle(model, opt, mix, position, args, bf16, processor.tokenizer.pad_id, counts)
         if c:
             arms.add(one)
     data = ", ".join(map(str, args.data)) if args.data else f"the synthetic world ({args.tasks})"
     report(arms, device, bf16, args, f"on {data}: kimivl-tiny at LM width {args.width}, vision width "
-           f"{args.vision_width} ({parameter_counts(config)['total'].total / 1e6:.1f}M parameters), packed rows of "
+           f"{args.vision_width} ({counts['total'].total / 1e6:.1f}M parameters), packed rows of "
            f"{args.budget}")
 
 
@@ -307,22 +307,26 @@ def recipe_arms(args, device: torch.device, bf16: bool) -> None:
     torch.manual_seed(0)
     model = KimiVL(config).to(device).train()
     opt = build_optimizer(model, lr=1e-4, ns_dtype=args.ns_dtype or ("bfloat16" if bf16 else "float32"))
-    encode, total, warm = sources.encoder(processor), Arms(), False
+    encode, total, warm, counts = sources.encoder(processor), Arms(), False, parameter_counts(config)
     cycles = max(1, args.steps // args.accum)
+
+    def run(mix, position: int) -> Arms:
+        return cycle(model, opt, mix, position, args, bf16, processor.tokenizer.pad_id, counts)[0]
+
     for stage in (s for s in recipe.stages if s.kind == "joint"):
         mix, _ = stage_mixture(recipe, stage, sources, encode)
         if not warm:
-            cycle(model, opt, mix, 0, args, bf16, processor.tokenizer.pad_id)
+            run(mix, 0)
             warm = True
         arms = Arms()
         for k in range(cycles):  # spread over the stage, whose mix may move from mix to mix_end
-            arms.add(cycle(model, opt, mix, mix.horizon * k // cycles, args, bf16, processor.tokenizer.pad_id)[0])
+            arms.add(run(mix, mix.horizon * k // cycles))
         total.add(arms, stage.steps * stage.accum / arms.micro["packed"])
         print(f"stage {stage.name} ({stage.steps * stage.accum} rows of {stage.budget}): packed / padded "
               f"{arms.times['padded'] / arms.times['packed']:.2f}x, model FLOPs "
               f"{arms.flops['padded'] / arms.flops['packed']:.2f}x", flush=True)
     report(total, device, bf16, args, f"on the joint stages of {args.recipe}, each weighted by its rows: "
-           f"{recipe.name} ({parameter_counts(config)['total'].total / 1e6:.1f}M parameters)")
+           f"{recipe.name} ({counts['total'].total / 1e6:.1f}M parameters)")
 
 
 def report(arms: Arms, device: torch.device, bf16: bool, args, heading: str) -> None:
