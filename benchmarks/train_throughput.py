@@ -132,6 +132,14 @@ def vision_time(model, kwargs, bf16: bool) -> float:
     return time.perf_counter() - start
 
 
+def trainee(config, device: torch.device, bf16: bool, args):
+    """The model both arms train (seeded initial weights) and its Muon/AdamW optimiser, Newton-Schulz in
+    ``--ns-dtype`` or the compute dtype."""
+    torch.manual_seed(0)
+    model = KimiVL(config).to(device).train()
+    return model, build_optimizer(model, lr=1e-4, ns_dtype=args.ns_dtype or ("bfloat16" if bf16 else "float32"))
+
+
 @dataclass
 class Arms:
     """Both arms' totals over timed cycles."""
@@ -278,9 +286,7 @@ def main() -> None:
     n = processor.tokenizer.n_ranks
     config.text_config.vocab_size = n + 256
     config.media_placeholder_token_id = processor.tokenizer.media_pad_id
-    torch.manual_seed(0)
-    model = KimiVL(config).to(device).train()
-    opt = build_optimizer(model, lr=1e-4, ns_dtype=args.ns_dtype or ("bfloat16" if bf16 else "float32"))
+    model, opt = trainee(config, device, bf16, args)
     mix = Mixture(sources, encode, args.budget, weights or {k: 1 for k in sources}, seed=0)
 
     # Cycle 0 warms both arms up (and creates the optimiser state); the others alternate, timed.
@@ -304,9 +310,7 @@ def recipe_arms(args, device: torch.device, bf16: bool) -> None:
     sources = Sources(recipe, progress=True)
     processor = KimiVLProcessor(recipe_tokenizer(recipe, sources, base_checkpoint(recipe), save=False))
     config = base_config(recipe, processor.tokenizer)
-    torch.manual_seed(0)
-    model = KimiVL(config).to(device).train()
-    opt = build_optimizer(model, lr=1e-4, ns_dtype=args.ns_dtype or ("bfloat16" if bf16 else "float32"))
+    model, opt = trainee(config, device, bf16, args)
     encode, total, warm, counts = sources.encoder(processor), Arms(), False, parameter_counts(config)
     cycles = max(1, args.steps // args.accum)
 
