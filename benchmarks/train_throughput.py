@@ -47,8 +47,10 @@ from kimivl.precision import autocast, use_bf16
 from kimivl.processing.processor import IGNORE_INDEX
 from kimivl.processing.tokenizer import train_bpe
 from kimivl.train.optim import build_optimizer
-from kimivl.train.pipeline import Sources, base_checkpoint, base_config, recipe_tokenizer, stage_mixture
+from kimivl.train.pipeline import Sources, base_checkpoint, base_config, recipe_tokenizer
 from kimivl.train.recipe import load_recipe
+from kimivl.train.stages.base import StageContext
+from kimivl.train.stages.joint import JointStage, stage_mixture
 
 
 def sync(device: torch.device) -> None:
@@ -317,8 +319,9 @@ def recipe_arms(args, device: torch.device, bf16: bool) -> None:
     def run(mix, position: int) -> Arms:
         return cycle(model, opt, mix, position, args, bf16, processor.tokenizer.pad_id, counts)[0]
 
-    for stage in (s for s in recipe.stages if s.kind == "joint"):
-        mix, _ = stage_mixture(recipe, stage, sources, encode)
+    ctx = StageContext(recipe, sources, processor)
+    for stage in (s for s in recipe.stages if isinstance(s, JointStage)):
+        mix, _ = stage_mixture(stage, ctx, encode)
         if not warm:
             run(mix, 0)
             warm = True

@@ -26,9 +26,9 @@ from kimivl.rl.objectives import group_baseline, group_normalised, grpo_loss, kl
 from kimivl.rl.rewards import correctness
 from kimivl.rl.rollouts import pack_rows, rollout, token_logprobs
 from kimivl.rl.sampler import ProblemSampler
-from kimivl.train.loop import TrainingError, load_optimizer_state
 from kimivl.train.metrics import MetricsLog, plot_curves
-from kimivl.train.state import latest_checkpoint, load_state, save_state
+from kimivl.train.state import TrainState
+from kimivl.train.step import check_loss, optimizer_step
 
 log = logging.getLogger(__name__)
 OBJECTIVES = ("opmd", "grpo")
@@ -121,7 +121,13 @@ class RLTrainer:
         self.sampler = ProblemSampler([p["meta"].get("difficulty", "any") for p in problems], cfg.curriculum,
                                       cfg.priority_floor, cfg.success_decay, cfg.seed)
         self.stop_ids = [processor.tokenizer.special_id(s) for s in cfg.stop]
-        self.iteration = 0
+        # nothing of pi_i is saved: checkpoints fall between iterations, where pi_i is the policy as it is then
+        self.state = TrainState(self.run_dir / stage / "checkpoints", stage, policy, optimizer, scheduler,
+                                {"sampler": self.sampler}, keep=cfg.keep_checkpoints)
+
+    @property
+    def iteration(self) -> int:
+        return self.state.step
 
     def encode(self, i: int) -> Encoded:
         """Problem ``i``'s prompt (encoded afresh each time: caching every visited problem's pixels would grow)."""
@@ -171,7 +177,7 @@ class RLTrainer:
 
         correct_PK = correct.view(-1, k) >= 0.5
         self.sampler.update(chosen, correct_PK.float().mean(1).tolist())
-        self.iteration += 1
+        self.state.advance()
         tokens = int(lengths.sum())
         values = {"reward": reward.mean().item(), "accuracy": correct.mean().item(),
                   "mean_length": lengths.mean().item(), "truncated": 1 - sum(r.stopped for r in rolls) / len(rolls),
@@ -189,7 +195,7 @@ class RLTrainer:
         """``updates`` optimizer steps, one per chunk of ``order``; the policy's log-probs are recomputed with
         gradients row by packed row (each row back-propagated at once, so memory holds one row's graph).
         Returns the per-sample losses, the policy's and reference's sequence log-probs seen, the last grad norm."""
-        cfg, it = self.cfg, self.iteration
+        cfg, where = self.cfg, f"{self.stage}: iteration {self.iteration + 1}"
         self.policy.train()
         losses, seen, seen_ref, grad_norm = [], [], [], torch.tensor(0.0)
         for minibatch in order.chunk(cfg.updates):
@@ -206,30 +212,17 @@ class RLTrainer:
                 else:
                     loss = grpo_loss(tokens, [ref_tokens[i] for i in idx], advantage[idx], cfg.clip_eps,
                                      cfg.grpo_level, cfg.kl_coef)
-                if not torch.isfinite(loss).all():
-                    raise TrainingError(f"{self.stage}: non-finite RL loss at iteration {it}; the last good state "
-                                        f"is the latest checkpoint under {self._ckpt_dir}")
+                check_loss(loss, where, self._last_good)
                 (loss.sum() / len(mb)).backward()
                 losses.append(loss.detach())
                 seen += [t.detach().sum() for t in tokens]
                 seen_ref += [ref_seq[i] for i in idx]
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.clip)
-            if not torch.isfinite(grad_norm):
-                raise TrainingError(f"{self.stage}: gradient norm {grad_norm.item()} at iteration {it}; the last "
-                                    f"good state is the latest checkpoint under {self._ckpt_dir}")
-            self.optimizer.step()
+            grad_norm = optimizer_step(self.policy, self.optimizer, cfg.clip, where, self._last_good)
         return losses, seen, seen_ref, grad_norm
 
-    @property
-    def _ckpt_dir(self) -> Path:
-        return self.run_dir / self.stage / "checkpoints"
-
-    def _checkpoint(self) -> Path:
-        # Nothing of pi_i is saved: checkpoints fall between iterations, where pi_i is the policy as it is then.
-        return save_state(self._ckpt_dir, self.policy, {
-            "step": self.iteration, "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict()},
-            keep=self.cfg.keep_checkpoints)
+    def _last_good(self, weights_ok: bool) -> str:
+        # within an iteration an earlier minibatch may have updated the policy: only a checkpoint is a good state
+        return self.state.last_good(False)
 
     def _plot(self) -> None:
         metrics, out = self.run_dir / "metrics.jsonl", self.run_dir / self.stage
@@ -239,14 +232,8 @@ class RLTrainer:
 
     def run(self, resume: bool = True, progress: bool = True) -> dict[str, float]:
         """Run the remaining iterations (resuming from the latest checkpoint); returns the last metrics."""
-        found = latest_checkpoint(self._ckpt_dir) if resume else None
-        if found is not None:
-            state = load_state(found, self.policy)
-            load_optimizer_state(self.optimizer, state["optimizer"], found, self.stage)
-            self.scheduler.load_state_dict(state["scheduler"])
-            self.sampler.load_state_dict(state["sampler"])
-            self.iteration = state["step"]
-            log.info("%s: resumed at iteration %d from %s", self.stage, self.iteration, found)
+        if resume:
+            self.state.resume()
         last: dict[str, Any] = {}
         bar = tqdm(total=self.cfg.iterations, initial=self.iteration, desc=self.stage, unit="it",
                    disable=not progress, dynamic_ncols=True)
@@ -258,7 +245,7 @@ class RLTrainer:
                 bar.set_postfix(reward=f"{last['reward']:.2f}", acc=f"{last['accuracy']:.2f}",
                                 len=f"{last['mean_length']:.0f}")
                 if self.iteration % self.cfg.ckpt_every == 0 or self.iteration == self.cfg.iterations:
-                    self._checkpoint()
+                    self.state.save()
                     self._plot()
         bar.close()
         return last

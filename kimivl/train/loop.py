@@ -19,13 +19,10 @@ from kimivl.model.moe import Router
 from kimivl.precision import autocast
 from kimivl.train.balance import ExpertLoadTracker
 from kimivl.train.metrics import MetricsLog
-from kimivl.train.state import latest_checkpoint, load_state, save_state
+from kimivl.train.state import TrainState
+from kimivl.train.step import TrainingError, check_loss, optimizer_step
 
 log = logging.getLogger(__name__)
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. a non-finite loss); the message says where the last good state is."""
 
 
 class Batches(Protocol):
@@ -58,17 +55,6 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return dataclasses.replace(batch, **moved)
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict, found: Path, stage: str) -> None:
-    """``optimizer.load_state_dict(saved)``, where state that does not fit (the run now trains other parameters) is a
-    ``TrainingError`` naming the checkpoint."""
-    try:
-        optimizer.load_state_dict(saved)
-    except ValueError as e:
-        raise TrainingError(f"{stage}: the optimiser state in {found} does not fit the parameters this run trains "
-                            f"({e}); resume with the stage's settings of that run (train, freeze, lr_scale), or "
-                            "start the stage afresh") from None
-
-
 def train_loop(model: torch.nn.Module, loss_fn: LossFn, data: Batches, optimizer: torch.optim.Optimizer,
                scheduler: torch.optim.lr_scheduler.LRScheduler, cfg: LoopConfig, run_dir: str | Path,
                stage: str, resume: bool = True, progress: bool = True,
@@ -78,67 +64,50 @@ def train_loop(model: torch.nn.Module, loss_fn: LossFn, data: Batches, optimizer
     ``cfg.accum`` batches, each loss weighing 1/accum (their logged loss and metrics are the mean, tokens the sum).
     ``validate(model)``, every ``cfg.val_every`` steps and after the last, adds its metrics (e.g. a held-out loss) to
     that step's. Returns the last metrics."""
-    stage_dir = Path(run_dir) / stage
-    ckpt_dir = stage_dir / "checkpoints"
-    step, position = 0, 0
-    found = latest_checkpoint(ckpt_dir) if resume else None
-    if found is not None:
-        state = load_state(found, model)
-        load_optimizer_state(optimizer, state["optimizer"], found, stage)
-        scheduler.load_state_dict(state["scheduler"])
-        step, position = state["step"], state["position"]
-        log.info("%s: resumed at step %d from %s", stage, step, found)
-
-    def checkpoint() -> Path:
-        return save_state(ckpt_dir, model, {"step": step, "position": position, "optimizer": optimizer.state_dict(),
-                                            "scheduler": scheduler.state_dict()}, keep=cfg.keep_checkpoints)
-
+    state = TrainState(Path(run_dir) / stage / "checkpoints", stage, model, optimizer, scheduler,
+                       keep=cfg.keep_checkpoints)
+    if resume:
+        state.resume()
     device = next(model.parameters()).device
     last: dict[str, float] = {}
     tokens_seen, t0 = 0, time.perf_counter()
-    bar = tqdm(total=cfg.steps, initial=step, desc=stage, disable=not progress, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=state.step, desc=stage, disable=not progress, unit="step", dynamic_ncols=True)
     model.train()
     moe = any(isinstance(m, Router) for m in model.modules())
-    with MetricsLog(run_dir, stage, start=step) as metrics, \
+    with MetricsLog(run_dir, stage, start=state.step) as metrics, \
             ExpertLoadTracker(model) if moe else contextlib.nullcontext() as tracker:
-        batches = data.batches(position)
-        saved = found  # the checkpoint of the current step, None while it has progress not on disk
-        while step < cfg.steps:
+        batches = data.batches(state.position)
+        while state.step < cfg.steps:
+            where = f"{stage}: step {state.step + 1}"
             micro = []
             for _ in range(cfg.accum):
                 try:
                     batch, next_position = next(batches)
                 except Exception as e:  # bad data: keep the progress made, resume once the data is fixed
-                    where = saved or checkpoint()
-                    raise TrainingError(f"{stage}: no batch for step {step + 1}: {e}; the state before it is saved "
-                                        f"at {where} (fix the data, then resume)") from e
+                    raise TrainingError(f"{stage}: no batch for step {state.step + 1}: {e}; the state before it is "
+                                        f"saved at {state.save()} (fix the data, then resume)") from e
                 micro.append(batch)
             optimizer.zero_grad(set_to_none=True)
             losses, metered, n_tokens = [], [], 0
             for batch in micro:
                 with autocast(device, cfg.bf16):
                     loss, values, n = loss_fn(model, to_device(batch, device))
-                if not torch.isfinite(loss):
-                    raise TrainingError(f"{stage}: loss is {loss.item()} at step {step}; the last good state is "
-                                        f"saved at {checkpoint()}")
+                check_loss(loss, where, state.last_good)
                 (loss / len(micro) if len(micro) > 1 else loss).backward()
                 losses.append(loss.detach())
                 metered.append(values)
                 n_tokens += n
             loss = torch.stack(losses).mean()
             values = {k: sum(v[k] for v in metered) / len(metered) for k in metered[0]}
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-            if not torch.isfinite(grad_norm):
-                raise TrainingError(f"{stage}: gradient norm is {grad_norm.item()} at step {step}; the last good "
-                                    f"state is saved at {checkpoint()}")
-            optimizer.step()
+            grad_norm = optimizer_step(model, optimizer, cfg.clip, where, state.last_good)
             scheduler.step()
             imbalance = max(tracker.imbalance().values(), default=1.0) if moe else None
             if moe and cfg.bias_update_rate:
                 tracker.update_biases(cfg.bias_update_rate)
             elif moe:
                 tracker.reset()
-            step, position, saved = step + 1, next_position, None
+            state.advance(next_position)
+            step = state.step
             tokens_seen += n_tokens
             rate = tokens_seen / (time.perf_counter() - t0)
             bar.update(1)
@@ -153,6 +122,6 @@ def train_loop(model: torch.nn.Module, loss_fn: LossFn, data: Batches, optimizer
                     last["expert_imbalance"] = imbalance
                 metrics.write(step, last)
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
-                saved = checkpoint()
+                state.save()
     bar.close()
     return last

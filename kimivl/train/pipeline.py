@@ -9,18 +9,15 @@ import itertools
 import json
 import logging
 import os
-import random
 import shutil
 import statistics
-from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 
 from kimivl.config import KimiVLConfig
 from kimivl.data.formats import content_text, is_text_file, iter_texts
-from kimivl.data.indexed import Concat, JsonlRecords
-from kimivl.data.mixture import Mixture
+from kimivl.data.indexed import JsonlRecords
 from kimivl.data.world import ensure_world
 from kimivl.eval.position_loss import position_loss
 from kimivl.eval.synthetic import evaluate, heldout_records
@@ -30,19 +27,16 @@ from kimivl.precision import use_bf16
 from kimivl.processing.chat_template import parse_thinking
 from kimivl.processing.processor import KimiVLProcessor
 from kimivl.processing.tokenizer import KimiTokenizer, train_bpe
-from kimivl.train.calibrate import standardize_image_features
-from kimivl.train.loop import LoopConfig, train_loop
 from kimivl.train.metrics import plot_curves
 from kimivl.train.optim import build_optimizer
-from kimivl.train.recipe import Recipe, RecipeError, Stage
+from kimivl.train.recipe import Recipe, RecipeError
 from kimivl.train.schedule import WSD, WarmupCosine, scheduler_at
-from kimivl.train.trainable import hold_frozen_in_bf16, memory_plan, restore_float32, set_trainable
-from kimivl.train.validation import heldout_loss, heldout_rows
-from kimivl.train.vit import ViTPretrainer, caption_batch, vit_loss
+from kimivl.train.stages import prepare
+from kimivl.train.stages.base import StageContext, StageSettings
+from kimivl.train.trainable import hold_frozen_in_bf16, memory_plan, restore_float32
 
 log = logging.getLogger(__name__)
 FINAL = "final"
-CALIBRATION_SAMPLES = 32  # per image source, for standardize_images
 
 
 class Sources:
@@ -166,63 +160,14 @@ def global_schedule(recipe: Recipe) -> tuple[WSD, dict[str, int]]:
                min_ratio=float(recipe.schedule.get("min_ratio", 0.1))), offsets
 
 
-class CaptionStream:
-    """ViT-stage batches: ``images_per_batch`` (image, caption) pairs, sample i a pure function of (seed, i)."""
-
-    def __init__(self, records: Sequence[dict], processor: KimiVLProcessor, per_batch: int, seed: int,
-                 max_len: int = 64):
-        self.records, self.processor, self.per_batch, self.seed, self.max_len = records, processor, per_batch, seed, max_len
-
-    def pair(self, i: int):
-        rec = self.records[random.Random(self.seed * 1_000_003 + i).randrange(len(self.records))]
-        user, answer = rec["messages"][0]["content"], rec["messages"][-1]["content"]
-        image = next(p["image"] for p in user if isinstance(p, dict) and p.get("type") == "image")
-        question = content_text(user)
-        return self.processor.image_processor(image), self.processor.tokenizer.encode(f"{question} {answer}")
-
-    def batches(self, position: int) -> Iterator:
-        tok = self.processor.tokenizer
-        while True:
-            pairs = [self.pair(i) for i in range(position, position + self.per_batch)]
-            position += self.per_batch
-            yield caption_batch([p[0] for p in pairs], [p[1] for p in pairs], tok.bos_id, tok.eos_id, tok.pad_id,
-                                self.max_len), position
-
-
-def freeze_stage(model: KimiVL, stage: Stage) -> None:
-    """``set_trainable`` with the stage's ``train`` and ``freeze``; a mistake is a ``RecipeError`` naming it."""
-    try:
-        set_trainable(model, stage.train, stage.freeze)
-    except ValueError as e:
-        raise RecipeError(f"stage {stage.name!r}: {e}") from None
-
-
-def stage_amount(recipe: Recipe, stage: Stage, sources: Sources) -> str:
-    """What a vit or rl stage's steps hold: captioned images and passes over their sources, or RL problems."""
-    if stage.kind == "vit":
-        images = stage.steps * stage.accum * stage.images_per_batch
-        records = sum(len(sources.items[name]) for name in stage.sources)
-        return (f"stage {stage.name}: {images} captioned images, {images / records:.2f} passes over "
-                f"{', '.join(stage.sources)}")
-    cfg = rl_config(recipe, stage)
-    return f"stage {stage.name}: {stage.steps} iterations of {cfg.problems} problems x {cfg.samples} answers"
-
-
-def stage_mixture(recipe: Recipe, stage: Stage, sources: Sources, encode) -> tuple[Mixture, str]:
-    """A joint stage's data, and a line saying about how many samples its steps hold (from the mean length of 32
-    samples) and how many passes over each source they make (the weights move linearly from ``mix`` to
-    ``mix_end``, so each source gets the mean of its two shares)."""
-    probe = Mixture(sources.items, encode, stage.budget, stage.mix, stage.mix_end, seed=recipe.seed)
-    mean_len = statistics.mean(len(probe.sample(i).input_ids) for i in range(32))
-    horizon = int(stage.steps * stage.accum * stage.budget / mean_len)
-    used = set(stage.mix) | set(stage.mix_end or {})
-    data = Mixture({k: sources.items[k] for k in used}, encode, stage.budget, stage.mix, stage.mix_end,
-                   horizon=horizon, seed=recipe.seed, replacement=stage.replacement)
-    start, end = sum(data.start), sum(data.end)
-    passes = ", ".join(f"{name} {horizon * (a / start + b / end) / 2 / len(sources.items[name]):.2f}"
-                       for name, a, b in zip(data.names, data.start, data.end))
-    return data, (f"stage {stage.name}: about {horizon} samples ({round(mean_len)} tokens each on average); "
-                  f"passes over each source: {passes}")
+def stage_scheduler(recipe: Recipe, stage: StageSettings, optimizer: torch.optim.Optimizer):
+    """The stage's LR scheduler: its place on the recipe-wide curve (``schedule: continue``), or its own warm-up +
+    cosine."""
+    if stage.schedule == "continue":
+        schedule, offsets = global_schedule(recipe)
+        offset = offsets[stage.name]
+        return scheduler_at(optimizer, lambda step: schedule(offset + step))
+    return scheduler_at(optimizer, WarmupCosine(stage.warmup, stage.steps, min_ratio=0.1))
 
 
 def compute_line(recipe: Recipe) -> str:
@@ -231,85 +176,23 @@ def compute_line(recipe: Recipe) -> str:
     return f"training on {recipe.device} in {autocast}"
 
 
-def _loop_config(recipe: Recipe, stage: Stage) -> LoopConfig:
-    return LoopConfig(steps=stage.steps, ckpt_every=stage.ckpt_every, log_every=stage.log_every, clip=stage.clip,
-                      bf16=recipe.bf16, bias_update_rate=stage.bias_update_rate, accum=stage.accum,
-                      val_every=(stage.val or {}).get("every", 100))
-
-
-def rl_config(recipe: Recipe, stage: Stage):
-    """The ``RLConfig`` of an rl stage: its ``rl`` settings plus the stage's steps, budget, clip and ckpt_every, and
-    the recipe's bf16."""
-    from kimivl.rl.trainer import RLConfig  # rl builds on train, so it is imported only when a stage needs it
-
-    if "bf16" in (stage.rl or {}):
-        raise RecipeError(f"stage {stage.name!r}: rl: bf16 is set for the whole recipe (its top-level 'bf16')")
-    try:
-        return RLConfig(iterations=stage.steps, budget=stage.budget, clip=stage.clip, ckpt_every=stage.ckpt_every,
-                        seed=recipe.seed, bf16=recipe.bf16, **(stage.rl or {}))
-    except (TypeError, ValueError) as e:
-        raise RecipeError(f"stage {stage.name!r}: rl: {e}") from None
-
-
-def joint_loss(model: KimiVL, batch) -> tuple[torch.Tensor, dict[str, float], int]:
-    out = model(**batch.kwargs())
-    return out.loss, {"packing_efficiency": batch.efficiency}, batch.n_tokens
-
-
-def run_stage(recipe: Recipe, stage: Stage, model: KimiVL, processor: KimiVLProcessor, sources: Sources,
+def run_stage(recipe: Recipe, stage: StageSettings, model: KimiVL, processor: KimiVLProcessor, sources: Sources,
               progress: bool = True) -> dict[str, float]:
     """Train ``model`` through one stage (resuming it if interrupted)."""
-    schedule, offsets = global_schedule(recipe)
-    validate = None
     if stage.rope_theta is not None:
         model.config.text_config.rope_theta = float(stage.rope_theta)
-    if stage.kind == "vit":
-        records = Concat([sources.items[name] for name in stage.sources])
-        trainee = ViTPretrainer(model.vision_tower, model.config.text_config.vocab_size).to(model.device)
-        data, loss_fn = CaptionStream(records, processor, stage.images_per_batch, recipe.seed), vit_loss
-        log.info("%s", stage_amount(recipe, stage, sources))
-    elif stage.kind == "rl":
-        freeze_stage(model, stage)
-        trainee = model
-        log.info("%s", stage_amount(recipe, stage, sources))
-    else:
-        freeze_stage(model, stage)
-        encode = sources.encoder(processor)
-        data, amount = stage_mixture(recipe, stage, sources, encode)
-        log.info("%s", amount)
-        used = set(data.names)
-        trainee, loss_fn = model, joint_loss
-        if stage.val:
-            rows = heldout_rows({k: sources.items[k] for k in stage.val["sources"]}, encode, stage.budget,
-                                stage.val.get("rows", 16), seed=recipe.seed)
-
-            def validate(m):
-                return {"val_loss": heldout_loss(m, rows, recipe.bf16)}
-        if stage.standardize_images:
-            names = sorted(n for n in used if not sources.is_text[n])
-            samples = [encode(n, r) for n in names for r in sources.items[n][:CALIBRATION_SAMPLES]]
-            standardize_image_features(model, samples, stage.standardize_images)
-    optimizer = build_optimizer(trainee, lr=stage.lr, weight_decay=stage.weight_decay, ns_dtype=stage.ns_dtype,
-                                lr_scale=stage.lr_scale)
-    if stage.schedule == "continue":
-        offset = offsets[stage.name]
-        scheduler = scheduler_at(optimizer, lambda step: schedule(offset + step))
-    else:
-        scheduler = scheduler_at(optimizer, WarmupCosine(stage.warmup, stage.steps, min_ratio=0.1))
+    prepared = prepare(stage, StageContext(recipe, sources, processor), model)
+    log.info("%s", prepared.data_line)
+    prepared.setup()
+    optimizer = build_optimizer(prepared.trainee, lr=stage.lr, weight_decay=stage.weight_decay,
+                                ns_dtype=stage.ns_dtype, lr_scale=getattr(stage, "lr_scale", None))
+    scheduler = stage_scheduler(recipe, stage, optimizer)
     # under bf16 autocast, frozen weights of a bfloat16 checkpoint train as they would in float32, in half the memory
-    # (joint stages: everything they run is autocast; the rl stage's generation is not)
-    held = hold_frozen_in_bf16(model) if stage.kind == "joint" and use_bf16(model.device, recipe.bf16) else []
+    held = hold_frozen_in_bf16(model) if prepared.hold_frozen_bf16 and use_bf16(model.device, recipe.bf16) else []
     try:
-        log.info("stage %s %s", stage.name, memory_plan(trainee))
+        log.info("stage %s %s", stage.name, memory_plan(prepared.trainee))
         model.set_recompute(stage.recompute)
-        if stage.kind == "rl":
-            from kimivl.rl.trainer import RLTrainer
-
-            problems = Concat([sources.items[name] for name in stage.sources])
-            return RLTrainer(model, processor, problems, rl_config(recipe, stage), optimizer, scheduler, recipe.out,
-                             stage.name).run(progress=progress)
-        return train_loop(trainee, loss_fn, data, optimizer, scheduler, _loop_config(recipe, stage), recipe.out,
-                          stage.name, progress=progress, validate=validate)
+        return prepared.run(optimizer, scheduler, progress)
     finally:  # the model leaves the stage as it came, even when the stage stops with an error
         optimizer.zero_grad(set_to_none=True)  # gradients and optimiser state go before held weights grow back
         optimizer.state.clear()
@@ -359,9 +242,6 @@ def _save_final(model: KimiVL, processor: KimiVLProcessor, final: Path) -> None:
 
 def run_recipe(recipe: Recipe, progress: bool = True) -> KimiVL:
     """Run every stage not yet finished; export the final model when the recipe asks for it."""
-    for stage in recipe.stages:
-        if stage.kind == "rl":
-            rl_config(recipe, stage)  # a bad rl setting fails now, not after the world is built
     base_dir = base_checkpoint(recipe)
     recipe.out.mkdir(parents=True, exist_ok=True)
     if recipe.world is not None:
@@ -372,10 +252,8 @@ def run_recipe(recipe: Recipe, progress: bool = True) -> KimiVL:
     processor = KimiVLProcessor(recipe_tokenizer(recipe, sources, base_dir))
     model = _base_model(recipe, processor.tokenizer)
     log.info("%s", compute_line(recipe))
-    for stage in recipe.stages:  # a freeze pattern that matches nothing fails now, not stages later
-        if stage.freeze:
-            freeze_stage(model, stage)
-    model.requires_grad_(True)
+    for stage in recipe.stages:
+        stage.check_model(model)
     if (recipe.eval or {}).get("base") and not (recipe.out / "eval" / "base.json").is_file():
         evaluate_stage(recipe, "base", model, processor, progress)
     for stage in recipe.stages:

@@ -1,6 +1,6 @@
 """``kimivl train RECIPE --plan``: what each stage will train, on how much data, in how much memory, found without
-loading a weight, training or writing anything (the model is built on the meta device). The lines are those the run
-itself logs at each stage's start."""
+loading a weight, training or writing anything (the model is built on the meta device). Each stage is prepared by the
+same ``prepare()`` as in the run, so the lines are those the run itself logs at each stage's start."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ from kimivl.checkpoint import checkpoint_files
 from kimivl.model.kimivl import KimiVL
 from kimivl.precision import use_bf16
 from kimivl.processing.processor import KimiVLProcessor
-from kimivl.train.pipeline import (Sources, base_checkpoint, base_config, compute_line, freeze_stage,
-                                   recipe_tokenizer, rl_config, stage_amount, stage_mixture)
+from kimivl.train.pipeline import Sources, base_checkpoint, base_config, compute_line, recipe_tokenizer
 from kimivl.train.recipe import Recipe, RecipeError
+from kimivl.train.stages import prepare
+from kimivl.train.stages.base import StageContext
 from kimivl.train.trainable import hold_frozen_in_bf16, memory_plan, restore_float32
-from kimivl.train.vit import ViTPretrainer
 
 
 def stored_in_bf16(path: Path) -> bool:
@@ -34,9 +34,6 @@ def stored_in_bf16(path: Path) -> bool:
 def plan_recipe(recipe: Recipe, progress: bool = False) -> list[str]:
     """What the run computes in, then two lines per stage: its data (samples and passes over each source) and its
     memory plan. ``progress`` shows a bar while large sources are checked."""
-    for stage in recipe.stages:
-        if stage.kind == "rl":
-            rl_config(recipe, stage)
     if recipe.world is not None and not (recipe.out / "world" / "world.json").is_file():
         raise RecipeError(f"the recipe's synthetic world is not built yet under {recipe.out / 'world'}; "
                           "kimivl train builds it first")
@@ -45,6 +42,7 @@ def plan_recipe(recipe: Recipe, progress: bool = False) -> list[str]:
     processor = KimiVLProcessor(recipe_tokenizer(recipe, sources, base_dir, save=False))
     with torch.device("meta"):
         model = KimiVL(base_config(recipe, processor.tokenizer))
+    ctx = StageContext(recipe, sources, processor)
     trained: set[str] = set()  # trained by an earlier stage: float32 values, never held in bf16
     bf16_base = base_dir is not None and stored_in_bf16(base_dir)
 
@@ -54,22 +52,9 @@ def plan_recipe(recipe: Recipe, progress: bool = False) -> list[str]:
     bf16 = use_bf16(recipe.device, recipe.bf16)
     lines = [compute_line(recipe)]
     for stage in recipe.stages:
-        held = []
-        if stage.kind == "vit":
-            with torch.device("meta"):
-                trainee = ViTPretrainer(model.vision_tower, model.config.text_config.vocab_size)
-            lines.append(stage_amount(recipe, stage, sources))
-            model.requires_grad_(False)
-            model.vision_tower.requires_grad_(True)
-        else:
-            freeze_stage(model, stage)
-            trainee = model
-            if stage.kind == "joint":
-                lines.append(stage_mixture(recipe, stage, sources, sources.encoder(processor))[1])
-                held = hold_frozen_in_bf16(model, from_checkpoint) if bf16 else []
-            else:
-                lines.append(stage_amount(recipe, stage, sources))
-        lines.append(f"stage {stage.name} {memory_plan(trainee)}")
+        prepared = prepare(stage, ctx, model)
+        held = hold_frozen_in_bf16(model, from_checkpoint) if prepared.hold_frozen_bf16 and bf16 else []
+        lines += [prepared.data_line, f"stage {stage.name} {memory_plan(prepared.trainee)}"]
         restore_float32(held)
         trained |= {name for name, p in model.named_parameters() if p.requires_grad}
         model.requires_grad_(True)

@@ -20,29 +20,23 @@ stages:
   - {name: sft, kind: joint, steps: 300, lr: 1.0e-3, schedule: cosine, mix: {caption: 1}}
   - {name: rl, kind: rl, steps: 40, lr: 2.0e-4, sources: [reasoning], rl: {problems: 16, samples: 8}}
 ```
-Joint stages train parts named in ``train`` (``vision_tower``, ``multi_modal_projector``, ``language_model``;
-default all), less the parameters matching a ``freeze`` glob (``freeze: ["*.mlp.experts.*"]`` keeps the routed
-experts as they are; see ``kimivl.train.trainable``); ``lr_scale: {vision_tower: 0.1}`` multiplies a part's
-learning rate; ``standardize_images: 1.0`` first rescales the projector so that the stage's image embeddings have
-mean 0 and that std in every channel (``kimivl.train.calibrate``). ``schedule: continue`` (the default) takes the
-LR multiplier of the recipe-wide schedule at the global step where the stage starts, so stages resume the curve of
-the one before; ``cosine`` gives the stage its own warm-up + cosine. ``budget`` is the tokens of a packed row, a
-step's batch; ``replacement: false`` draws each source's records in a shuffled order, every record once per pass
-(the default draws them at random); ``accum: 4`` adds the gradients of 4 rows (or vit batches) before each
-optimizer step; ``rope_theta`` changes the LM's RoPE base from that stage on (long-context activation);
-``recompute: true`` checkpoints activations (memory of one layer at a time, about a third more compute); ``val``
-logs a held-out loss (see ``Stage``). An ``rl`` stage runs ``steps`` RL iterations on the problems of its
-``sources`` (see ``kimivl.rl.trainer.RLConfig`` for the ``rl`` settings; ``budget`` is its packed log-prob row
-length)."""
+Each stage kind takes its own settings, defined and checked in its module under ``kimivl.train.stages``: the
+settings every kind takes in ``base.StageSettings`` (``steps``, ``lr``, ``schedule``, ``clip``, ``rope_theta``, ...),
+``vit.ViTStage``, ``joint.JointStage`` and ``rl.RLStage``. ``schedule: continue`` (the default) takes the LR multiplier
+of the recipe-wide schedule at the global step where the stage starts, so stages resume the curve of the one before;
+``cosine`` gives the stage its own warm-up + cosine."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kimivl.data.synthetic.sample import DIFFICULTIES
+
+if TYPE_CHECKING:
+    from kimivl.train.stages.base import StageSettings
 
 PARTS = ("vision_tower", "multi_modal_projector", "language_model")
 MAPPINGS = {"tokenizer": {"path", "train_vocab"}, "schedule": {"warmup", "decay_stages", "min_ratio"},
@@ -54,102 +48,10 @@ class RecipeError(ValueError):
 
 
 @dataclass
-class Stage:
-    name: str
-    kind: str  # "vit", "joint" or "rl"
-    steps: int
-    lr: float
-    schedule: str = "continue"  # or "cosine"
-    warmup: int = 0  # for schedule "cosine"
-    train: list[str] = field(default_factory=lambda: list(PARTS))
-    freeze: list[str] = field(default_factory=list)  # globs of parameter names kept frozen within ``train``
-    lr_scale: dict[str, float] = field(default_factory=dict)  # part -> multiplier of lr (joint and rl stages)
-    standardize_images: float | None = None  # joint: first set image embeddings to mean 0, this std per channel
-    mix: dict[str, float] = field(default_factory=dict)
-    mix_end: dict[str, float] | None = None
-    sources: list[str] = field(default_factory=list)  # vit: caption sources; rl: problem sources
-    images_per_batch: int = 32
-    budget: int = 1024
-    accum: int = 1  # vit and joint: batches (packed rows) whose gradients make one step
-    replacement: bool = True  # joint: draw records at random; false: every record once per pass, reshuffled
-    val: dict[str, Any] | None = None  # joint: {sources: [names], every: 100, rows: 16} -> val_loss in the metrics
-    rope_theta: float | None = None
-    weight_decay: float = 0.1
-    ns_dtype: str = "float32"  # Muon's Newton-Schulz: "bfloat16" is several times faster on CPU and GPU
-    recompute: bool = False  # activation checkpointing: layer-boundary activations only, recomputed in backward
-    clip: float = 1.0
-    bias_update_rate: float = 1e-3
-    ckpt_every: int = 100
-    log_every: int = 10
-    rl: dict[str, Any] | None = None  # rl: kimivl.rl.trainer.RLConfig settings
-
-    def __post_init__(self):
-        where = f"stage {self.name!r}"
-        if self.kind not in ("vit", "joint", "rl"):
-            raise RecipeError(f"{where}: kind must be 'vit', 'joint' or 'rl', got {self.kind!r}")
-        if not _number(self.lr) or not all(_integer(v) for v in (self.steps, self.budget)) \
-                or self.steps < 1 or self.lr <= 0 or self.budget < 16:
-            raise RecipeError(f"{where}: steps >= 1, lr > 0 and budget >= 16 are required, got {self.steps!r}, "
-                              f"{self.lr!r}, {self.budget!r}")
-        if not _integer(self.accum) or self.accum < 1:
-            raise RecipeError(f"{where}: accum (batches per optimizer step) must be an integer >= 1, got "
-                              f"{self.accum!r}")
-        for key, low in (("ckpt_every", 1), ("log_every", 1), ("images_per_batch", 1), ("warmup", 0)):
-            if not _integer(getattr(self, key)) or getattr(self, key) < low:
-                raise RecipeError(f"{where}: {key} must be an integer >= {low}, got {getattr(self, key)!r}")
-        for key, low in (("clip", 0.0), ("weight_decay", 0.0), ("bias_update_rate", 0.0)):
-            if not _number(getattr(self, key)) or getattr(self, key) < low or (key == "clip" and not self.clip):
-                raise RecipeError(f"{where}: {key} must be a number >= 0{' (and not 0)' if key == 'clip' else ''}, "
-                                  f"got {getattr(self, key)!r}")
-        if self.ns_dtype not in ("float32", "bfloat16"):
-            raise RecipeError(f"{where}: ns_dtype is 'float32' or 'bfloat16', got {self.ns_dtype!r}")
-        if self.rope_theta is not None and (not _number(self.rope_theta) or self.rope_theta <= 0):
-            raise RecipeError(f"{where}: rope_theta must be a number > 0, got {self.rope_theta!r}")
-        for key in ("mix", "mix_end"):
-            weights = getattr(self, key) or {}
-            if not isinstance(weights, dict) or not all(_number(w) and w >= 0 for w in weights.values()):
-                raise RecipeError(f"{where}: {key} maps source names to weights >= 0, got {weights!r}")
-        if self.accum > 1 and self.kind == "rl":
-            raise RecipeError(f"{where}: an rl stage sets its batches with rl.problems and rl.updates; accum does "
-                              "not apply")
-        if self.val is not None:
-            _check_val(where, self.kind, self.val)
-        if self.schedule not in ("continue", "cosine"):
-            raise RecipeError(f"{where}: schedule must be 'continue' or 'cosine', got {self.schedule!r}")
-        bad = set(self.train) - set(PARTS)
-        if bad or not self.train:
-            problem = f"names unknown parts {sorted(bad)}" if bad else "is empty"
-            raise RecipeError(f"{where}: train {problem}; choose from {PARTS}")
-        if not isinstance(self.freeze, list) or not all(isinstance(g, str) and g for g in self.freeze):
-            raise RecipeError(f"{where}: freeze is a list of parameter-name patterns, got {self.freeze!r}")
-        if self.freeze and self.kind == "vit":
-            raise RecipeError(f"{where}: a vit stage trains the vision tower alone; freeze does not apply")
-        if set(self.lr_scale) - set(PARTS) or not all(isinstance(f, (int, float)) and f > 0
-                                                       for f in self.lr_scale.values()):
-            raise RecipeError(f"{where}: lr_scale maps parts of {PARTS} to factors > 0, got {self.lr_scale}")
-        if self.lr_scale and self.kind == "vit":
-            raise RecipeError(f"{where}: a vit stage trains the vision tower alone; lr_scale does not apply")
-        if self.standardize_images is not None and (self.kind != "joint" or not self.standardize_images > 0):
-            raise RecipeError(f"{where}: standardize_images (a target std > 0) applies to joint stages")
-        if self.kind == "joint" and not self.mix:
-            raise RecipeError(f"{where}: a joint stage needs a 'mix' of sources")
-        if self.kind == "vit" and not self.sources:
-            raise RecipeError(f"{where}: a vit stage needs caption 'sources'")
-        if self.kind == "rl" and not self.sources:
-            raise RecipeError(f"{where}: an rl stage needs problem 'sources'")
-        if not isinstance(self.replacement, bool):
-            raise RecipeError(f"{where}: replacement is true or false, got {self.replacement!r}")
-        if not isinstance(self.recompute, bool):
-            raise RecipeError(f"{where}: recompute is true or false, got {self.recompute!r}")
-        if self.rl is not None and (self.kind != "rl" or not isinstance(self.rl, dict)):
-            raise RecipeError(f"{where}: 'rl' settings are a mapping, for a stage of kind 'rl'")
-
-
-@dataclass
 class Recipe:
     name: str
     out: Path
-    stages: list[Stage]
+    stages: list[StageSettings]
     seed: int = 0
     base: dict[str, Any] = field(default_factory=lambda: {"preset": "tiny"})
     tokenizer: dict[str, Any] = field(default_factory=dict)
@@ -179,8 +81,7 @@ class Recipe:
         if len(set(names)) != len(names):
             raise RecipeError(f"stage names must be unique, got {names}")
         for s in self.stages:
-            used = set(s.mix) | set(s.mix_end or {}) | set(s.sources) | set((s.val or {}).get("sources", []))
-            missing = used - set(self.sources)
+            missing = s.sources_used() - set(self.sources)
             if missing:
                 raise RecipeError(f"stage {s.name!r} uses sources {sorted(missing)} that 'sources' does not define")
         unknown = set(self.schedule.get("decay_stages", [])) - set(names)
@@ -194,32 +95,20 @@ class Recipe:
         _check_device(self.device)
         if not (self.bf16 is None or isinstance(self.bf16, bool)):
             raise RecipeError(f"bf16 is true, false or null (where the device multiplies bf16 fast), got {self.bf16!r}")
+        for s in self.stages:
+            s.check_recipe(self)
 
     def source_path(self, name: str) -> Path:
         spec = self.sources[name]
         return self.out / (spec["path"] if isinstance(spec, dict) else spec)
 
 
-def _integer(value: Any) -> bool:
+def integer(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _number(value: Any) -> bool:
+def number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _check_val(where: str, kind: str, val: Any) -> None:
-    """A stage's ``val``: ``{sources: [names], every: steps, rows: packed rows}`` on a joint stage."""
-    if kind != "joint":
-        raise RecipeError(f"{where}: val (a held-out loss) applies to joint stages")
-    if not isinstance(val, dict) or set(val) - {"sources", "every", "rows"}:
-        raise RecipeError(f"{where}: val is a mapping of 'sources', 'every' and 'rows', got {val!r}")
-    sources = val.get("sources")
-    if not isinstance(sources, list) or not sources or not all(isinstance(s, str) for s in sources):
-        raise RecipeError(f"{where}: val needs 'sources', a list of source names, got {sources!r}")
-    for key in ("every", "rows"):
-        if key in val and (not _integer(val[key]) or val[key] < 1):
-            raise RecipeError(f"{where}: val {key} must be an integer >= 1, got {val[key]!r}")
 
 
 def _check_device(name: Any) -> None:
@@ -279,8 +168,10 @@ def load_recipe(path: str | os.PathLike, overrides: dict[str, Any] | None = None
     unknown = set(raw) - known
     if unknown:
         raise RecipeError(f"recipe {path}: unknown keys {sorted(unknown)}")
+    from kimivl.train.stages import parse_stage  # the stage kinds build on this module
+
     try:
-        stages = [Stage(**s) for s in raw.pop("stages", [])]
+        stages = [parse_stage(s) for s in raw.pop("stages", None) or []]
         if not stages:
             raise RecipeError(f"recipe {path} has no stages")
         return Recipe(stages=stages, out=Path(raw.pop("out", f"runs/{raw.get('name', 'run')}")), **raw)

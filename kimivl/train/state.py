@@ -14,6 +14,7 @@ import logging
 import os
 import random
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import torch
 
 from kimivl.checkpoint import load_checkpoint, save_checkpoint
 from kimivl.files import write_text_atomic
+from kimivl.train.step import TrainingError
 
 log = logging.getLogger(__name__)
 LATEST = "latest"
@@ -87,3 +89,61 @@ def load_state(path: str | os.PathLike, model) -> dict[str, Any]:
     trainer = torch.load(Path(path) / TRAINER_FILE, map_location="cpu", weights_only=True)
     set_rng_state(trainer.pop("rng"))
     return trainer
+
+
+@dataclass
+class TrainState:
+    """What a stage saves and resumes: the model, optimizer and scheduler, the step, the data position, and any other
+    part with ``state_dict``/``load_state_dict`` (``extras``, e.g. the RL problem sampler), under
+    ``run_dir/stage/checkpoints``."""
+
+    ckpt_dir: Path
+    stage: str
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    extras: dict[str, Any] = field(default_factory=dict)
+    keep: int = 2
+    step: int = 0
+    position: int = 0
+    saved: Path | None = None  # the checkpoint of the current step; None while the step has progress not on disk
+
+    def resume(self) -> Path | None:
+        """Load the latest checkpoint, if there is one; returns it."""
+        found = latest_checkpoint(self.ckpt_dir)
+        if found is None:
+            return None
+        state = load_state(found, self.model)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except ValueError as e:
+            raise TrainingError(f"{self.stage}: the optimiser state in {found} does not fit the parameters this run "
+                                f"trains ({e}); resume with the stage's settings of that run (train, freeze, "
+                                "lr_scale), or start the stage afresh") from None
+        self.scheduler.load_state_dict(state["scheduler"])
+        for name, part in self.extras.items():
+            part.load_state_dict(state[name])
+        self.step, self.position, self.saved = state["step"], state.get("position", 0), found
+        log.info("%s: resumed at step %d from %s", self.stage, self.step, found)
+        return found
+
+    def advance(self, position: int = 0) -> None:
+        """One step done, the data read up to ``position``."""
+        self.step, self.position, self.saved = self.step + 1, position, None
+
+    def save(self) -> Path:
+        """A checkpoint of the current step (written once)."""
+        if self.saved is None:
+            self.saved = save_state(self.ckpt_dir, self.model, {
+                "step": self.step, "position": self.position, "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), **{n: p.state_dict() for n, p in self.extras.items()}},
+                keep=self.keep)
+        return self.saved
+
+    def last_good(self, weights_ok: bool) -> str:
+        """Where the last good state is (``step.LastGood``): saved now while the weights are good, else the newest
+        checkpoint on disk."""
+        if weights_ok:
+            return f"saved at {self.save()}"
+        found = latest_checkpoint(self.ckpt_dir)
+        return f"the checkpoint {found}" if found else f"the start of the stage (no checkpoint under {self.ckpt_dir})"

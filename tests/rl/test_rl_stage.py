@@ -11,7 +11,7 @@ from PIL import Image
 from kimivl import KimiVL
 from kimivl.cli import main
 from kimivl.data.formats import write_records
-from kimivl.train.pipeline import rl_config
+from kimivl.train.stages.rl import rl_config
 from kimivl.train.recipe import RecipeError, load_recipe
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
@@ -65,19 +65,12 @@ def test_bad_rl_settings_are_recipe_errors(problems, tmp_path):
     base = {"name": "x", "out": str(tmp_path), "sources": {"p": str(problems / "train" / "reasoning.jsonl")}}
     stage = {"name": "rl", "kind": "rl", "steps": 2, "lr": 1e-3, "sources": ["p"]}
     for bad, match in (({**stage, "sources": []}, "problem 'sources'"),
-                       ({**stage, "kind": "joint", "mix": {"p": 1}, "rl": {}}, "kind 'rl'")):
+                       ({**stage, "kind": "joint", "mix": {"p": 1}, "rl": {}}, "rl, sources do not apply to a joint stage"),
+                       ({**stage, "rl": {"objective": "ppo"}}, "objective"), ({**stage, "rl": {"samplez": 4}}, "samplez"),
+                       ({**stage, "rl": {"bf16": False}}, "bf16 is set for the whole recipe")):
         (tmp_path / "r.yaml").write_text(yaml.safe_dump({**base, "stages": [bad]}))
-        with pytest.raises(RecipeError, match=match):
+        with pytest.raises(RecipeError, match=match):  # when the recipe loads, before anything runs
             load_recipe(tmp_path / "r.yaml")
-    (tmp_path / "r.yaml").write_text(yaml.safe_dump({**base, "stages": [{**stage, "rl": {"objective": "ppo"}}]}))
-    recipe = load_recipe(tmp_path / "r.yaml")
-    with pytest.raises(RecipeError, match="objective"):
-        rl_config(recipe, recipe.stages[0])
-    for rl, match in (({"samplez": 4}, "samplez"), ({"bf16": False}, "bf16 is set for the whole recipe")):
-        (tmp_path / "r.yaml").write_text(yaml.safe_dump({**base, "stages": [{**stage, "rl": rl}]}))
-        recipe = load_recipe(tmp_path / "r.yaml")
-        with pytest.raises(RecipeError, match=match):
-            rl_config(recipe, recipe.stages[0])
     (tmp_path / "r.yaml").write_text(yaml.safe_dump({**base, "bf16": False, "stages": [stage]}))
     recipe = load_recipe(tmp_path / "r.yaml")
     assert rl_config(recipe, recipe.stages[0]).bf16 is False

@@ -13,7 +13,8 @@ from kimivl import KimiVL
 from kimivl.checkpoint import FROZEN_FINGERPRINT, checkpoint_files
 from kimivl.data.mixture import Mixture
 from kimivl.data.packing import PackedBatch
-from kimivl.train.loop import LoopConfig, TrainingError, to_device, train_loop
+from kimivl.train.loop import LoopConfig, to_device, train_loop
+from kimivl.train.step import TrainingError
 from kimivl.train.optim import build_optimizer
 from kimivl.train.schedule import WarmupCosine, scheduler_at
 from kimivl.train.state import latest_checkpoint, save_state
@@ -84,7 +85,7 @@ def test_nan_loss_stops_with_a_usable_checkpoint(small_model, small_processor, t
         loss, values, n = joint_loss(model, batch)
         return (loss * float("nan") if calls["n"] == 3 else loss), values, n
 
-    with pytest.raises(TrainingError, match="loss is nan at step 2; the last good state is saved"):
+    with pytest.raises(TrainingError, match="s: step 3: loss is nan; the last good state is saved"):
         train_loop(model, nan_at_step_3, data, opt, sched, LoopConfig(steps=5, ckpt_every=10), tmp_path, "s",
                    progress=False)
     saved = latest_checkpoint(tmp_path / "s" / "checkpoints")

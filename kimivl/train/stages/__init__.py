@@ -1,0 +1,48 @@
+"""Stage kinds, one module each (its settings dataclass and ``prepare()``), in a registry by kind. A recipe's stage
+mapping becomes its kind's settings (``parse_stage``); ``kimivl train`` and ``kimivl train --plan`` both start a stage
+with ``prepare(stage, ctx, model)``."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any
+
+from kimivl.train.recipe import RecipeError
+from kimivl.train.stages import joint, rl, vit
+from kimivl.train.stages.base import Prepared, StageContext, StageSettings
+
+KINDS = {"vit": (vit.ViTStage, vit.prepare), "joint": (joint.JointStage, joint.prepare), "rl": (rl.RLStage, rl.prepare)}
+
+
+def parse_stage(raw: Any) -> StageSettings:
+    """A recipe's stage mapping as the settings of its kind; unknown keys, and keys of another kind, are named."""
+    if not isinstance(raw, dict):
+        raise RecipeError(f"a stage is a mapping with a name, kind, steps and lr, got {raw!r}")
+    where = f"stage {raw.get('name', '?')!r}"
+    kind = raw.get("kind")
+    if kind not in KINDS:
+        names = [repr(k) for k in KINDS]
+        raise RecipeError(f"{where}: kind must be {', '.join(names[:-1])} or {names[-1]}, got {kind!r}")
+    settings = KINDS[kind][0]
+    taken = {f.name for f in fields(settings)}
+    elsewhere = sorted(k for k in raw if k not in taken and any(k in {f.name for f in fields(s)}
+                                                                 for s, _ in KINDS.values()))
+    if elsewhere:
+        raise RecipeError(f"{where}: {', '.join(elsewhere)} {'does' if len(elsewhere) == 1 else 'do'} not apply to "
+                          f"{_a(kind)} stage")
+    unknown = sorted(set(raw) - taken)
+    if unknown:
+        raise RecipeError(f"{where}: unknown keys {unknown}; {_a(kind)} stage takes {sorted(taken)}")
+    missing = sorted(f.name for f in fields(settings) if f.name in ("name", "steps", "lr") and f.name not in raw)
+    if missing:
+        raise RecipeError(f"{where}: missing {missing}")
+    return settings(**raw)
+
+
+def _a(kind: str) -> str:
+    return f"an {kind}" if kind[0] in "aeioru" else f"a {kind}"
+
+
+def prepare(stage: StageSettings, ctx: StageContext, model) -> Prepared:
+    """What ``stage`` needs to run on ``model`` (a meta-device model plans it), by its kind's ``prepare()``."""
+    return KINDS[stage.kind][1](stage, ctx, model)

@@ -1,0 +1,130 @@
+"""What every stage kind shares: the settings all stages take (and their checks), the settings of stages that train
+parts of the model, what a stage's ``prepare()`` gets and returns."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from kimivl.train.recipe import PARTS, RecipeError, integer, number
+from kimivl.train.trainable import set_trainable
+
+if TYPE_CHECKING:
+    from kimivl.processing.processor import KimiVLProcessor
+    from kimivl.train.pipeline import Sources
+    from kimivl.train.recipe import Recipe
+
+
+@dataclass
+class StageSettings:
+    """Settings every stage kind takes; a kind's own dataclass adds its fields and checks (``check``)."""
+
+    name: str
+    kind: str
+    steps: int
+    lr: float
+    schedule: str = "continue"  # or "cosine"
+    warmup: int = 0  # for schedule "cosine"
+    weight_decay: float = 0.1
+    ns_dtype: str = "float32"  # Muon's Newton-Schulz: "bfloat16" is several times faster on CPU and GPU
+    recompute: bool = False  # activation checkpointing: layer-boundary activations only, recomputed in backward
+    clip: float = 1.0
+    ckpt_every: int = 100
+    rope_theta: float | None = None  # the LM's RoPE base from this stage on (long-context activation)
+
+    def __post_init__(self):
+        self.check(f"stage {self.name!r}")
+
+    def check(self, where: str) -> None:
+        if not integer(self.steps) or self.steps < 1 or not number(self.lr) or self.lr <= 0:
+            raise RecipeError(f"{where}: steps >= 1 and lr > 0 are required, got {self.steps!r}, {self.lr!r}")
+        for key, low in (("ckpt_every", 1), ("warmup", 0)):
+            if not integer(getattr(self, key)) or getattr(self, key) < low:
+                raise RecipeError(f"{where}: {key} must be an integer >= {low}, got {getattr(self, key)!r}")
+        for key in ("clip", "weight_decay"):
+            if not number(getattr(self, key)) or getattr(self, key) < 0 or (key == "clip" and not self.clip):
+                raise RecipeError(f"{where}: {key} must be a number >= 0{' (and not 0)' if key == 'clip' else ''}, "
+                                  f"got {getattr(self, key)!r}")
+        if self.ns_dtype not in ("float32", "bfloat16"):
+            raise RecipeError(f"{where}: ns_dtype is 'float32' or 'bfloat16', got {self.ns_dtype!r}")
+        if self.rope_theta is not None and (not number(self.rope_theta) or self.rope_theta <= 0):
+            raise RecipeError(f"{where}: rope_theta must be a number > 0, got {self.rope_theta!r}")
+        if self.schedule not in ("continue", "cosine"):
+            raise RecipeError(f"{where}: schedule must be 'continue' or 'cosine', got {self.schedule!r}")
+        if not isinstance(self.recompute, bool):
+            raise RecipeError(f"{where}: recompute is true or false, got {self.recompute!r}")
+
+    def sources_used(self) -> set[str]:
+        """The recipe sources this stage reads."""
+        return set()
+
+    def check_recipe(self, recipe: Recipe) -> None:
+        """Checks that need the whole recipe, when it loads."""
+
+    def check_model(self, model: nn.Module) -> None:
+        """Checks that need the model, before the first stage runs (a meta-device model will do)."""
+
+
+@dataclass
+class PartsSettings(StageSettings):
+    """A stage that trains whole parts of the model (``train``), less the parameters its ``freeze`` globs name, each
+    part at ``lr`` times its ``lr_scale``, on packed rows of ``budget`` tokens."""
+
+    train: list[str] = field(default_factory=lambda: list(PARTS))
+    freeze: list[str] = field(default_factory=list)  # globs of parameter names kept frozen within ``train``
+    lr_scale: dict[str, float] = field(default_factory=dict)  # part -> multiplier of lr
+    budget: int = 1024
+
+    def check(self, where: str) -> None:
+        super().check(where)
+        if not integer(self.budget) or self.budget < 16:
+            raise RecipeError(f"{where}: budget (tokens of a packed row) must be an integer >= 16, got "
+                              f"{self.budget!r}")
+        bad = set(self.train) - set(PARTS)
+        if bad or not self.train:
+            problem = f"names unknown parts {sorted(bad)}" if bad else "is empty"
+            raise RecipeError(f"{where}: train {problem}; choose from {PARTS}")
+        if not isinstance(self.freeze, list) or not all(isinstance(g, str) and g for g in self.freeze):
+            raise RecipeError(f"{where}: freeze is a list of parameter-name patterns, got {self.freeze!r}")
+        if not isinstance(self.lr_scale, dict) or set(self.lr_scale) - set(PARTS) \
+                or not all(number(f) and f > 0 for f in self.lr_scale.values()):
+            raise RecipeError(f"{where}: lr_scale maps parts of {PARTS} to factors > 0, got {self.lr_scale}")
+
+    def check_model(self, model: nn.Module) -> None:
+        if self.freeze:  # a pattern that matches nothing fails now, not stages later
+            self.freeze_model(model)
+            model.requires_grad_(True)
+
+    def freeze_model(self, model: nn.Module) -> None:
+        """``set_trainable`` with the stage's ``train`` and ``freeze``; a mistake is a ``RecipeError`` naming it."""
+        try:
+            set_trainable(model, self.train, self.freeze)
+        except ValueError as e:
+            raise RecipeError(f"stage {self.name!r}: {e}") from None
+
+
+@dataclass
+class StageContext:
+    """What a stage prepares from besides the model: the recipe, its data sources and the processor."""
+
+    recipe: Recipe
+    sources: Sources
+    processor: KimiVLProcessor
+
+
+@dataclass
+class Prepared:
+    """A stage ready to run: ``trainee`` (what the optimizer trains), ``data_line`` (how much data its steps hold, as
+    logged and planned), ``run(optimizer, scheduler, progress)`` (trains, resuming; returns the last metrics),
+    ``setup()`` (work that changes the model before the optimizer is built; ``--plan`` skips it), and whether frozen
+    weights of a bf16 checkpoint may be held in bf16 under autocast (everything the stage runs is autocast)."""
+
+    trainee: nn.Module
+    data_line: str
+    run: Callable[[torch.optim.Optimizer, Any, bool], dict[str, float]]
+    setup: Callable[[], None] = lambda: None
+    hold_frozen_bf16: bool = False

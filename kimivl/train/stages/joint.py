@@ -1,0 +1,119 @@
+"""The joint stage kind: the model trained on packed rows from a weighted mixture of sources (alignment, pre-training,
+cooldown, long-context activation, SFT, long-CoT SFT)."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from kimivl.data.mixture import Mixture
+from kimivl.train.calibrate import standardize_image_features
+from kimivl.train.loop import LoopConfig, train_loop
+from kimivl.train.recipe import RecipeError, integer, number
+from kimivl.train.stages.base import PartsSettings, Prepared, StageContext
+from kimivl.train.validation import heldout_loss, heldout_rows
+
+CALIBRATION_SAMPLES = 32  # per image source, for standardize_images
+
+
+@dataclass
+class JointStage(PartsSettings):
+    mix: dict[str, float] = field(default_factory=dict)
+    mix_end: dict[str, float] | None = None  # the weights move linearly from ``mix`` to these over the stage
+    accum: int = 1  # packed rows whose gradients make one step
+    replacement: bool = True  # draw records at random; false: every record once per pass, reshuffled
+    val: dict[str, Any] | None = None  # {sources: [names], every: 100, rows: 16} -> val_loss in the metrics
+    standardize_images: float | None = None  # first set image embeddings to mean 0, this std per channel
+    bias_update_rate: float = 1e-3
+    log_every: int = 10
+
+    def check(self, where: str) -> None:
+        super().check(where)
+        if not self.mix:
+            raise RecipeError(f"{where}: a joint stage needs a 'mix' of sources")
+        for key in ("mix", "mix_end"):
+            weights = getattr(self, key) or {}
+            if not isinstance(weights, dict) or not all(number(w) and w >= 0 for w in weights.values()):
+                raise RecipeError(f"{where}: {key} maps source names to weights >= 0, got {weights!r}")
+        for key in ("accum", "log_every"):
+            if not integer(getattr(self, key)) or getattr(self, key) < 1:
+                raise RecipeError(f"{where}: {key} must be an integer >= 1, got {getattr(self, key)!r}")
+        if not isinstance(self.replacement, bool):
+            raise RecipeError(f"{where}: replacement is true or false, got {self.replacement!r}")
+        if self.standardize_images is not None and not (number(self.standardize_images) and self.standardize_images > 0):
+            raise RecipeError(f"{where}: standardize_images is a target std > 0, got {self.standardize_images!r}")
+        if not number(self.bias_update_rate) or self.bias_update_rate < 0:
+            raise RecipeError(f"{where}: bias_update_rate must be a number >= 0, got {self.bias_update_rate!r}")
+        if self.val is not None:
+            _check_val(where, self.val)
+
+    def sources_used(self) -> set[str]:
+        return set(self.mix) | set(self.mix_end or {}) | set((self.val or {}).get("sources", []))
+
+
+def _check_val(where: str, val: Any) -> None:
+    """``val``: ``{sources: [names], every: steps, rows: packed rows}``."""
+    if not isinstance(val, dict) or set(val) - {"sources", "every", "rows"}:
+        raise RecipeError(f"{where}: val is a mapping of 'sources', 'every' and 'rows', got {val!r}")
+    sources = val.get("sources")
+    if not isinstance(sources, list) or not sources or not all(isinstance(s, str) for s in sources):
+        raise RecipeError(f"{where}: val needs 'sources', a list of source names, got {sources!r}")
+    for key in ("every", "rows"):
+        if key in val and (not integer(val[key]) or val[key] < 1):
+            raise RecipeError(f"{where}: val {key} must be an integer >= 1, got {val[key]!r}")
+
+
+def stage_mixture(stage: JointStage, ctx: StageContext, encode) -> tuple[Mixture, str]:
+    """A joint stage's data, and a line saying about how many samples its steps hold (from the mean length of 32
+    samples) and how many passes over each source they make (the weights move linearly from ``mix`` to
+    ``mix_end``, so each source gets the mean of its two shares)."""
+    items, seed = ctx.sources.items, ctx.recipe.seed
+    probe = Mixture(items, encode, stage.budget, stage.mix, stage.mix_end, seed=seed)
+    mean_len = statistics.mean(len(probe.sample(i).input_ids) for i in range(32))
+    horizon = int(stage.steps * stage.accum * stage.budget / mean_len)
+    used = set(stage.mix) | set(stage.mix_end or {})
+    data = Mixture({k: items[k] for k in used}, encode, stage.budget, stage.mix, stage.mix_end,
+                   horizon=horizon, seed=seed, replacement=stage.replacement)
+    start, end = sum(data.start), sum(data.end)
+    passes = ", ".join(f"{name} {horizon * (a / start + b / end) / 2 / len(items[name]):.2f}"
+                       for name, a, b in zip(data.names, data.start, data.end))
+    return data, (f"stage {stage.name}: about {horizon} samples ({round(mean_len)} tokens each on average); "
+                  f"passes over each source: {passes}")
+
+
+def joint_loss(model, batch) -> tuple[torch.Tensor, dict[str, float], int]:
+    out = model(**batch.kwargs())
+    return out.loss, {"packing_efficiency": batch.efficiency}, batch.n_tokens
+
+
+def prepare(stage: JointStage, ctx: StageContext, model) -> Prepared:
+    recipe, sources = ctx.recipe, ctx.sources
+    stage.freeze_model(model)
+    encode = sources.encoder(ctx.processor)
+    data, line = stage_mixture(stage, ctx, encode)
+
+    def setup() -> None:
+        if stage.standardize_images:
+            names = sorted(n for n in data.names if not sources.is_text[n])
+            samples = [encode(n, r) for n in names for r in sources.items[n][:CALIBRATION_SAMPLES]]
+            standardize_image_features(model, samples, stage.standardize_images)
+
+    def run(optimizer, scheduler, progress: bool) -> dict[str, float]:
+        validate = None
+        if stage.val:
+            rows = heldout_rows({k: sources.items[k] for k in stage.val["sources"]}, encode, stage.budget,
+                                stage.val.get("rows", 16), seed=recipe.seed)
+
+            def validate(m):
+                return {"val_loss": heldout_loss(m, rows, recipe.bf16)}
+
+        cfg = LoopConfig(steps=stage.steps, ckpt_every=stage.ckpt_every, log_every=stage.log_every, clip=stage.clip,
+                         bf16=recipe.bf16, bias_update_rate=stage.bias_update_rate, accum=stage.accum,
+                         val_every=(stage.val or {}).get("every", 100))
+        return train_loop(model, joint_loss, data, optimizer, scheduler, cfg, recipe.out, stage.name,
+                          progress=progress, validate=validate)
+
+    return Prepared(model, line, run, setup, hold_frozen_bf16=True)

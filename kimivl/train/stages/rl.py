@@ -1,0 +1,62 @@
+"""The rl stage kind: online policy mirror descent (or GRPO) on rule-rewarded problems (``kimivl.rl.trainer``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from kimivl.data.indexed import Concat
+from kimivl.train.recipe import Recipe, RecipeError
+from kimivl.train.stages.base import PartsSettings, Prepared, StageContext
+
+
+@dataclass
+class RLStage(PartsSettings):
+    """``steps`` RL iterations on the problems of ``sources``; ``budget`` is the packed log-prob row length; ``rl``
+    holds the ``kimivl.rl.trainer.RLConfig`` settings."""
+
+    sources: list[str] = field(default_factory=list)  # problem sources
+    rl: dict[str, Any] = field(default_factory=dict)
+
+    def check(self, where: str) -> None:
+        super().check(where)
+        self.rl = {} if self.rl is None else self.rl  # an empty `rl:` in YAML
+        if not self.sources:
+            raise RecipeError(f"{where}: an rl stage needs problem 'sources'")
+        if not isinstance(self.rl, dict):
+            raise RecipeError(f"{where}: 'rl' settings are a mapping, got {self.rl!r}")
+
+    def sources_used(self) -> set[str]:
+        return set(self.sources)
+
+    def check_recipe(self, recipe: Recipe) -> None:
+        rl_config(recipe, self)
+
+
+def rl_config(recipe: Recipe, stage: RLStage):
+    """The ``RLConfig`` of an rl stage: its ``rl`` settings plus the stage's steps, budget, clip and ckpt_every, and
+    the recipe's bf16."""
+    from kimivl.rl.trainer import RLConfig  # rl builds on train, so it is imported only when a stage needs it
+
+    if "bf16" in stage.rl:
+        raise RecipeError(f"stage {stage.name!r}: rl: bf16 is set for the whole recipe (its top-level 'bf16')")
+    try:
+        return RLConfig(iterations=stage.steps, budget=stage.budget, clip=stage.clip, ckpt_every=stage.ckpt_every,
+                        seed=recipe.seed, bf16=recipe.bf16, **stage.rl)
+    except (TypeError, ValueError) as e:
+        raise RecipeError(f"stage {stage.name!r}: rl: {e}") from None
+
+
+def prepare(stage: RLStage, ctx: StageContext, model) -> Prepared:
+    cfg = rl_config(ctx.recipe, stage)
+    stage.freeze_model(model)
+    line = f"stage {stage.name}: {stage.steps} iterations of {cfg.problems} problems x {cfg.samples} answers"
+
+    def run(optimizer, scheduler, progress: bool) -> dict[str, float]:
+        from kimivl.rl.trainer import RLTrainer
+
+        problems = Concat([ctx.sources.items[name] for name in stage.sources])
+        return RLTrainer(model, ctx.processor, problems, cfg, optimizer, scheduler, ctx.recipe.out,
+                         stage.name).run(progress=progress)
+
+    return Prepared(model, line, run)

@@ -1,0 +1,87 @@
+"""The vit stage kind: MoonViT trained alone on image-caption pairs (SigLIP + captioning heads, dropped after)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from kimivl.data.formats import content_text
+from kimivl.data.indexed import Concat
+from kimivl.processing.processor import KimiVLProcessor
+from kimivl.train.loop import LoopConfig, train_loop
+from kimivl.train.recipe import RecipeError, integer
+from kimivl.train.stages.base import Prepared, StageContext, StageSettings
+from kimivl.train.vit import ViTPretrainer, caption_batch, vit_loss
+
+
+@dataclass
+class ViTStage(StageSettings):
+    sources: list[str] = field(default_factory=list)  # caption sources
+    images_per_batch: int = 32
+    accum: int = 1  # batches whose gradients make one step
+    log_every: int = 10
+
+    def check(self, where: str) -> None:
+        super().check(where)
+        if not self.sources:
+            raise RecipeError(f"{where}: a vit stage needs caption 'sources'")
+        for key in ("images_per_batch", "accum", "log_every"):
+            if not integer(getattr(self, key)) or getattr(self, key) < 1:
+                raise RecipeError(f"{where}: {key} must be an integer >= 1, got {getattr(self, key)!r}")
+
+    def sources_used(self) -> set[str]:
+        return set(self.sources)
+
+
+class CaptionStream:
+    """ViT-stage batches: ``images_per_batch`` (image, caption) pairs, sample i a pure function of (seed, i)."""
+
+    def __init__(self, records: Sequence[dict], processor: KimiVLProcessor, per_batch: int, seed: int,
+                 max_len: int = 64):
+        self.records, self.processor, self.per_batch, self.seed, self.max_len = records, processor, per_batch, seed, max_len
+
+    def pair(self, i: int):
+        rec = self.records[random.Random(self.seed * 1_000_003 + i).randrange(len(self.records))]
+        user, answer = rec["messages"][0]["content"], rec["messages"][-1]["content"]
+        image = next(p["image"] for p in user if isinstance(p, dict) and p.get("type") == "image")
+        question = content_text(user)
+        return self.processor.image_processor(image), self.processor.tokenizer.encode(f"{question} {answer}")
+
+    def batches(self, position: int) -> Iterator:
+        tok = self.processor.tokenizer
+        while True:
+            pairs = [self.pair(i) for i in range(position, position + self.per_batch)]
+            position += self.per_batch
+            yield caption_batch([p[0] for p in pairs], [p[1] for p in pairs], tok.bos_id, tok.eos_id, tok.pad_id,
+                                self.max_len), position
+
+
+def prepare(stage: ViTStage, ctx: StageContext, model) -> Prepared:
+    """The tower with its training heads (built on the meta device for a meta model, else on the CPU and moved, so
+    every device starts from the same weights); the rest of the model is frozen."""
+    recipe, sources = ctx.recipe, ctx.sources
+    vocab = model.config.text_config.vocab_size
+    if model.device.type == "meta":
+        with torch.device("meta"):
+            trainee = ViTPretrainer(model.vision_tower, vocab)
+    else:
+        trainee = ViTPretrainer(model.vision_tower, vocab).to(model.device)
+    model.requires_grad_(False)
+    model.vision_tower.requires_grad_(True)
+    images = stage.steps * stage.accum * stage.images_per_batch
+    records = sum(len(sources.items[name]) for name in stage.sources)
+    line = (f"stage {stage.name}: {images} captioned images, {images / records:.2f} passes over "
+            f"{', '.join(stage.sources)}")
+
+    def run(optimizer, scheduler, progress: bool) -> dict[str, float]:
+        data = CaptionStream(Concat([sources.items[name] for name in stage.sources]), ctx.processor,
+                             stage.images_per_batch, recipe.seed)
+        cfg = LoopConfig(steps=stage.steps, ckpt_every=stage.ckpt_every, log_every=stage.log_every, clip=stage.clip,
+                         bf16=recipe.bf16, accum=stage.accum)
+        return train_loop(trainee, vit_loss, data, optimizer, scheduler, cfg, recipe.out, stage.name,
+                          progress=progress)
+
+    return Prepared(trainee, line, run)
