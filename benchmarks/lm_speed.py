@@ -19,13 +19,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import transformers
 
 from kimivl.config import TextConfig
-from kimivl.hf_reference import hf_reference, random_lm, to_bf16
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the transformers reference
+from hf_reference import hf_reference, random_lm, to_bf16  # noqa: E402
 
 def bench_config(layers: int) -> TextConfig:
     return TextConfig(

@@ -3,7 +3,7 @@
 import torch
 
 from kimivl.config import KimiVLConfig
-from kimivl.hf_reference import hf_reference, random_lm
+from hf_reference import hf_reference, random_lm
 
 
 def random_tiny_lm():

@@ -1,6 +1,6 @@
 """transformers' ``DeepseekV3ForCausalLM`` carrying a kimivl language model's weights: the reference the parity
-tests and the speed benchmarks compare against. transformers is imported only here, and only tests and
-benchmarks import this module (it is a test-only dependency, never one of the model)."""
+tests and the speed benchmarks compare against. It lives with the tests, outside the package: transformers is a
+test-only dependency (the benchmarks put this folder on their path to import it)."""
 
 from __future__ import annotations
 
