@@ -119,7 +119,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     if started and not args.resume:
         raise ValueError(f"{recipe.out} already holds a run of this recipe; pass --resume to continue it "
                          "(finished stages are kept) or choose another --out")
-    run_recipe(recipe)
+    from kimivl.train.interrupt import Interrupted
+
+    try:
+        run_recipe(recipe)
+    except Interrupted as e:
+        again = " ".join(["kimivl train", args.recipe, "--resume", *(["--out", args.out] if args.out else [])])
+        print(f"kimivl train: {e}\nresume with: {again}", file=sys.stderr)
+        return 130
     return 0
 
 

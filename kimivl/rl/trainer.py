@@ -26,6 +26,7 @@ from kimivl.rl.objectives import group_baseline, group_normalised, grpo_loss, kl
 from kimivl.rl.rewards import correctness
 from kimivl.rl.rollouts import pack_rows, rollout, token_logprobs
 from kimivl.rl.sampler import ProblemSampler
+from kimivl.train.interrupt import stop_on_interrupt
 from kimivl.train.metrics import MetricsLog, plot_curves
 from kimivl.train.state import TrainState
 from kimivl.train.step import check_loss, optimizer_step
@@ -237,7 +238,7 @@ class RLTrainer:
         last: dict[str, Any] = {}
         bar = tqdm(total=self.cfg.iterations, initial=self.iteration, desc=self.stage, unit="it",
                    disable=not progress, dynamic_ncols=True)
-        with MetricsLog(self.run_dir, self.stage, start=self.iteration) as metrics:
+        with MetricsLog(self.run_dir, self.stage, start=self.iteration) as metrics, stop_on_interrupt() as stop:
             while self.iteration < self.cfg.iterations:
                 last = self.step()
                 metrics.write(self.iteration, last)
@@ -247,5 +248,6 @@ class RLTrainer:
                 if self.iteration % self.cfg.ckpt_every == 0 or self.iteration == self.cfg.iterations:
                     self.state.save()
                     self._plot()
+                self.state.stop_if_asked(stop, self.cfg.iterations)
         bar.close()
         return last

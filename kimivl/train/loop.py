@@ -1,5 +1,6 @@
-"""The training loop shared by every stage: bf16 autocast (where the device multiplies bf16 fast), clipping, MoE
-bias balancing, atomic resumable checkpoints, NaN guard, progress bar and metrics."""
+"""The training loop of the vit and joint stages: bf16 autocast (where the device multiplies bf16 fast), gradient
+accumulation, the shared optimizer step (clipping, non-finite guard), MoE bias balancing, atomic resumable checkpoints,
+a held-out loss, progress bar and metrics; Ctrl-C saves the step and stops."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from tqdm.auto import tqdm
 from kimivl.model.moe import Router
 from kimivl.precision import autocast
 from kimivl.train.balance import ExpertLoadTracker
+from kimivl.train.interrupt import stop_on_interrupt
 from kimivl.train.metrics import MetricsLog
 from kimivl.train.state import TrainState
 from kimivl.train.step import TrainingError, check_loss, optimizer_step
@@ -74,7 +76,7 @@ def train_loop(model: torch.nn.Module, loss_fn: LossFn, data: Batches, optimizer
     bar = tqdm(total=cfg.steps, initial=state.step, desc=stage, disable=not progress, unit="step", dynamic_ncols=True)
     model.train()
     moe = any(isinstance(m, Router) for m in model.modules())
-    with MetricsLog(run_dir, stage, start=state.step) as metrics, \
+    with MetricsLog(run_dir, stage, start=state.step) as metrics, stop_on_interrupt() as stop, \
             ExpertLoadTracker(model) if moe else contextlib.nullcontext() as tracker:
         batches = data.batches(state.position)
         while state.step < cfg.steps:
@@ -123,5 +125,6 @@ def train_loop(model: torch.nn.Module, loss_fn: LossFn, data: Batches, optimizer
                 metrics.write(step, last)
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
                 state.save()
+            state.stop_if_asked(stop, cfg.steps)
     bar.close()
     return last

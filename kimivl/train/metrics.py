@@ -4,10 +4,13 @@ PNG curves drawn from that file."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
 from kimivl.files import write_text_atomic
+
+log = logging.getLogger(__name__)
 
 
 class MetricsLog:
@@ -23,7 +26,8 @@ class MetricsLog:
         if self.path.is_file():
             rows = read_metrics(self.path)
             kept = [r for r in rows if r["stage"] != stage or r["step"] <= start]
-            if len(kept) < len(rows):
+            torn = not self.path.read_bytes().endswith(b"\n")  # a kill or a full disk cut the last line short
+            if len(kept) < len(rows) or torn:
                 write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._tb = None
         try:
@@ -52,7 +56,20 @@ class MetricsLog:
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The records of a ``metrics.jsonl``; a last line cut short (by a kill or a full disk) is passed over, any other
+    bad line is a ``ValueError`` naming it."""
+    lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if i < len(lines):
+                raise ValueError(f"{path}:{i} is not a JSON record; remove that line to resume") from None
+            log.warning("%s: passing over its last line, cut short: %r", path, line[:80])
+    return rows
 
 
 def plot_curves(metrics_file: str | os.PathLike, out_png: str | os.PathLike, keys: tuple[str, ...] = ("loss",)) -> None:

@@ -27,6 +27,7 @@ from kimivl.precision import use_bf16
 from kimivl.processing.chat_template import parse_thinking
 from kimivl.processing.processor import KimiVLProcessor
 from kimivl.processing.tokenizer import KimiTokenizer, train_bpe
+from kimivl.train.lock import run_lock
 from kimivl.train.metrics import plot_curves
 from kimivl.train.optim import build_optimizer
 from kimivl.train.recipe import Recipe, RecipeError
@@ -240,9 +241,49 @@ def _save_final(model: KimiVL, processor: KimiVLProcessor, final: Path) -> None:
     os.replace(tmp, final)
 
 
+EXPORT_RECORD = "kimivl-run.json"  # in an exported model: which run wrote it
+
+
+def check_export(recipe: Recipe) -> Path | None:
+    """The export directory, refused (before anything runs) when it holds a model that another run wrote, or one
+    with no record of its run."""
+    if not recipe.export:
+        return None
+    path = Path(recipe.export["path"])
+    if (path / "config.json").is_file():
+        try:
+            wrote = json.loads((path / EXPORT_RECORD).read_text())["out"]
+        except (OSError, ValueError, KeyError, TypeError):
+            wrote = None
+        if wrote is None or (path / wrote).resolve() != recipe.out.resolve():
+            who = f"the run in {(path / wrote).resolve()}" if wrote else "no recorded run"
+            raise RecipeError(f"export path {path} holds a model written by {who}, not by this run ({recipe.out}); "
+                              "export elsewhere (export.path, or --out, which moves a relative export path under it) "
+                              "or remove it")
+    return path
+
+
+def _export(recipe: Recipe, model: KimiVL, processor: KimiVLProcessor, path: Path) -> None:
+    model.save_pretrained(path, dtype=getattr(torch, recipe.export.get("dtype", "bfloat16")))
+    processor.save_pretrained(path)
+    write_text_atomic(path / EXPORT_RECORD,
+                      json.dumps({"out": os.path.relpath(recipe.out.resolve(), path.resolve())}) + "\n")
+    log.info("exported %s", path)
+
+
 def run_recipe(recipe: Recipe, progress: bool = True) -> KimiVL:
-    """Run every stage not yet finished; export the final model when the recipe asks for it."""
+    """Run every stage not yet finished; export the final model when the recipe asks for it. One run at a time holds
+    ``recipe.out``."""
     base_dir = base_checkpoint(recipe)
+    export = check_export(recipe)
+    with run_lock(recipe.out):
+        model, processor = _run_stages(recipe, base_dir, progress)
+        if export is not None:
+            _export(recipe, model, processor, export)
+    return model.eval()
+
+
+def _run_stages(recipe: Recipe, base_dir: Path | None, progress: bool) -> tuple[KimiVL, KimiVLProcessor]:
     recipe.out.mkdir(parents=True, exist_ok=True)
     if recipe.world is not None:
         ensure_world(recipe.out / "world", progress=progress, **recipe.world)
@@ -273,9 +314,4 @@ def run_recipe(recipe: Recipe, progress: bool = True) -> KimiVL:
     metrics = recipe.out / "metrics.jsonl"
     if metrics.is_file():
         plot_curves(metrics, recipe.out / "curves.png", keys=("loss", "val_loss"))
-    if recipe.export:
-        dtype = getattr(torch, recipe.export.get("dtype", "bfloat16"))
-        model.save_pretrained(recipe.export["path"], dtype=dtype)
-        processor.save_pretrained(recipe.export["path"])
-        log.info("exported %s", recipe.export["path"])
-    return model.eval()
+    return model, processor

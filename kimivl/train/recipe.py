@@ -84,6 +84,10 @@ class Recipe:
             missing = s.sources_used() - set(self.sources)
             if missing:
                 raise RecipeError(f"stage {s.name!r} uses sources {sorted(missing)} that 'sources' does not define")
+        continued = sum(s.steps for s in self.stages if s.schedule == "continue")
+        if continued and not self.schedule.get("warmup", 0) < continued:
+            raise RecipeError(f"schedule.warmup ({self.schedule['warmup']} steps) must be below the steps of the stages "
+                              f"that continue the recipe-wide schedule ({continued})")
         unknown = set(self.schedule.get("decay_stages", [])) - set(names)
         if unknown:
             raise RecipeError(f"schedule.decay_stages names unknown stages {sorted(unknown)}")
@@ -154,7 +158,9 @@ def _check_source(name: str, spec: Any) -> None:
 
 
 def load_recipe(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> Recipe:
-    """Read a recipe file; relative ``out`` and export paths are taken from the current directory."""
+    """Read a recipe file; relative ``out`` and export paths are taken from the current directory, except that an
+    ``out`` among the ``overrides`` (``kimivl train --out``) moves a relative export path under it: every output of
+    the run then lands there."""
     import yaml
 
     try:
@@ -164,6 +170,10 @@ def load_recipe(path: str | os.PathLike, overrides: dict[str, Any] | None = None
     if not isinstance(raw, dict):
         raise RecipeError(f"recipe {path} must be a mapping")
     raw.update(overrides or {})
+    export = raw.get("export")
+    if (overrides or {}).get("out") and isinstance(export, dict) and isinstance(export.get("path"), str) \
+            and not Path(export["path"]).is_absolute():
+        raw["export"] = {**export, "path": str(Path(overrides["out"]) / export["path"])}
     known = {f.name for f in fields(Recipe)}
     unknown = set(raw) - known
     if unknown:

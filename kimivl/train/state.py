@@ -10,6 +10,7 @@ own, hard-linked from the previous checkpoint while they stay unchanged (``save_
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
@@ -23,6 +24,7 @@ import torch
 
 from kimivl.checkpoint import load_checkpoint, save_checkpoint
 from kimivl.files import write_text_atomic
+from kimivl.train.interrupt import Interrupted, StopRequest
 from kimivl.train.step import TrainingError
 
 log = logging.getLogger(__name__)
@@ -57,11 +59,17 @@ def save_state(ckpt_dir: str | os.PathLike, model, trainer: dict[str, Any], keep
     shutil.rmtree(tmp, ignore_errors=True)
     previous = root / LATEST
     previous = root / previous.read_text().strip() if previous.is_file() else None  # frozen shards link from it
-    if hasattr(model, "save_pretrained"):
-        model.save_pretrained(tmp, frozen_apart=True, frozen_from=previous)
-    else:  # a training-only wrapper (e.g. the ViT pre-trainer): its tensors alone
-        save_checkpoint(model, tmp, frozen_apart=True, frozen_from=previous)
-    torch.save({**trainer, "rng": rng_state()}, tmp / TRAINER_FILE)
+    try:
+        if hasattr(model, "save_pretrained"):
+            model.save_pretrained(tmp, frozen_apart=True, frozen_from=previous)
+        else:  # a training-only wrapper (e.g. the ViT pre-trainer): its tensors alone
+            save_checkpoint(model, tmp, frozen_apart=True, frozen_from=previous)
+        torch.save({**trainer, "rng": rng_state()}, tmp / TRAINER_FILE)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        full = " (the disk is full: free space, then resume)" if e.errno == errno.ENOSPC else ""
+        kept = f"; {previous} is intact" if previous else ""
+        raise TrainingError(f"cannot write checkpoint {root / name}: {e.strerror or e}{full}{kept}") from e
     final = root / name
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -139,6 +147,12 @@ class TrainState:
                 "scheduler": self.scheduler.state_dict(), **{n: p.state_dict() for n, p in self.extras.items()}},
                 keep=self.keep)
         return self.saved
+
+    def stop_if_asked(self, request: StopRequest, total: int) -> None:
+        """After a step: when Ctrl-C asked to stop, save the step and raise ``Interrupted``."""
+        if request.requested:
+            raise Interrupted(f"{self.stage}: stopped at your request after step {self.step} of {total}; saved at "
+                              f"{self.save()}")
 
     def last_good(self, weights_ok: bool) -> str:
         """Where the last good state is (``step.LastGood``): saved now while the weights are good, else the newest

@@ -39,7 +39,7 @@ def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, clip: flo
     if not torch.isfinite(torch.nn.utils.get_total_norm([p.detach() for _, p in named])):
         bad = [name for name, p in named if not torch.isfinite(p.detach()).all()]
         if bad:  # (else the norm overflowed on huge, finite weights)
-            raise TrainingError(f"{where}: the update made {len(bad)} weights non-finite ({', '.join(bad[:3])}"
+            raise TrainingError(f"{where}: the update made {len(bad)} weight tensors non-finite ({', '.join(bad[:3])}"
                                 f"{', ...' if len(bad) > 3 else ''}): is the learning rate too high? The last good "
                                 f"state is {last_good(False)}")
     return grad_norm

@@ -241,6 +241,7 @@ def test_a_source_can_keep_only_some_difficulties(data_dir, tmp_path):
 def test_a_failing_stage_leaves_the_model_as_it_came(data_dir, tmp_path, monkeypatch):
     from kimivl.processing.processor import KimiVLProcessor
     from kimivl.train import pipeline
+    from kimivl.train.stages import joint
 
     d = recipe_dict(data_dir, tmp_path)
     d["stages"][1].update(recompute=True, train=["multi_modal_projector"])
@@ -256,7 +257,7 @@ def test_a_failing_stage_leaves_the_model_as_it_came(data_dir, tmp_path, monkeyp
         seen["frozen"] = not trainee.language_model.lm_head.weight.requires_grad
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(pipeline, "train_loop", crash)
+    monkeypatch.setattr(joint, "train_loop", crash)
     with pytest.raises(RuntimeError, match="disk full"):
         pipeline.run_stage(recipe, recipe.stages[1], model, processor, sources, progress=False)
     assert seen == {"recompute": True, "frozen": True}  # the stage ran as configured

@@ -3,6 +3,7 @@ parts of the model, what a stage's ``prepare()`` gets and returns."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -12,6 +13,9 @@ from torch import nn
 
 from kimivl.train.recipe import PARTS, RecipeError, integer, number
 from kimivl.train.trainable import set_trainable
+
+STAGE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}")
+RESERVED = {"world", "tokenizer", "eval", "tensorboard"}  # other folders of a run
 
 if TYPE_CHECKING:
     from kimivl.processing.processor import KimiVLProcessor
@@ -40,6 +44,9 @@ class StageSettings:
         self.check(f"stage {self.name!r}")
 
     def check(self, where: str) -> None:
+        if not isinstance(self.name, str) or not STAGE_NAME.fullmatch(self.name) or self.name in RESERVED:
+            raise RecipeError(f"stage name {self.name!r}: use letters, digits, '.', '_' and '-' (not starting with "
+                              f"'.' or '-'), other than {sorted(RESERVED)}: it names the stage's folder under out")
         if not integer(self.steps) or self.steps < 1 or not number(self.lr) or self.lr <= 0:
             raise RecipeError(f"{where}: steps >= 1 and lr > 0 are required, got {self.steps!r}, {self.lr!r}")
         for key, low in (("ckpt_every", 1), ("warmup", 0)):
@@ -55,6 +62,8 @@ class StageSettings:
             raise RecipeError(f"{where}: rope_theta must be a number > 0, got {self.rope_theta!r}")
         if self.schedule not in ("continue", "cosine"):
             raise RecipeError(f"{where}: schedule must be 'continue' or 'cosine', got {self.schedule!r}")
+        if self.schedule == "cosine" and self.warmup >= self.steps:
+            raise RecipeError(f"{where}: warmup ({self.warmup} steps) must be below steps ({self.steps})")
         if not isinstance(self.recompute, bool):
             raise RecipeError(f"{where}: recompute is true or false, got {self.recompute!r}")
 

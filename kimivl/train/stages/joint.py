@@ -3,13 +3,16 @@ cooldown, long-context activation, SFT, long-CoT SFT)."""
 
 from __future__ import annotations
 
+import logging
 import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from kimivl.data.formats import DataError
 from kimivl.data.mixture import Mixture
+from kimivl.processing.processor import IGNORE_INDEX
 from kimivl.train.calibrate import standardize_image_features
 from kimivl.train.loop import LoopConfig, train_loop
 from kimivl.train.recipe import RecipeError, integer, number
@@ -17,6 +20,8 @@ from kimivl.train.stages.base import PartsSettings, Prepared, StageContext
 from kimivl.train.validation import heldout_loss, heldout_rows
 
 CALIBRATION_SAMPLES = 32  # per image source, for standardize_images
+PROBE_RECORDS = 8  # per source, checked for scored tokens before training
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -84,6 +89,23 @@ def stage_mixture(stage: JointStage, ctx: StageContext, encode) -> tuple[Mixture
                   f"passes over each source: {passes}")
 
 
+def check_sources(stage: JointStage, ctx: StageContext, encode) -> None:
+    """Before training: every conversation of the stage's sources has an assistant turn to learn from (a
+    ``DataError`` names the first that has none); a source whose first records score no token would train at loss 0
+    without a word, so it is named in a warning."""
+    for name in sorted(set(stage.mix) | set(stage.mix_end or {})):
+        items = ctx.sources.items[name]
+        if not ctx.sources.is_text[name]:
+            for i in range(len(items)):
+                if not any(m["role"] == "assistant" for m in items[i]["messages"]):
+                    raise DataError(f"data source {name!r}: record {i + 1} of {getattr(items, 'path', name)} has no "
+                                    "assistant turn to learn from")
+        probe = [encode(name, items[i]) for i in range(min(PROBE_RECORDS, len(items)))]
+        if probe and not any(label != IGNORE_INDEX for e in probe for label in e.labels):
+            log.warning("stage %s: the first %d records of data source %r score no token (every label masked): it "
+                        "adds nothing to the loss", stage.name, len(probe), name)
+
+
 def joint_loss(model, batch) -> tuple[torch.Tensor, dict[str, float], int]:
     out = model(**batch.kwargs())
     return out.loss, {"packing_efficiency": batch.efficiency}, batch.n_tokens
@@ -93,6 +115,7 @@ def prepare(stage: JointStage, ctx: StageContext, model) -> Prepared:
     recipe, sources = ctx.recipe, ctx.sources
     stage.freeze_model(model)
     encode = sources.encoder(ctx.processor)
+    check_sources(stage, ctx, encode)
     data, line = stage_mixture(stage, ctx, encode)
 
     def setup() -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from kimivl.data.formats import DataError
 from kimivl.data.indexed import Concat
+from kimivl.rl.trainer import RLConfig, RLTrainer, prompt_of
 from kimivl.train.recipe import Recipe, RecipeError
 from kimivl.train.stages.base import PartsSettings, Prepared, StageContext
 
@@ -33,11 +35,9 @@ class RLStage(PartsSettings):
         rl_config(recipe, self)
 
 
-def rl_config(recipe: Recipe, stage: RLStage):
+def rl_config(recipe: Recipe, stage: RLStage) -> RLConfig:
     """The ``RLConfig`` of an rl stage: its ``rl`` settings plus the stage's steps, budget, clip and ckpt_every, and
     the recipe's bf16."""
-    from kimivl.rl.trainer import RLConfig  # rl builds on train, so it is imported only when a stage needs it
-
     if "bf16" in stage.rl:
         raise RecipeError(f"stage {stage.name!r}: rl: bf16 is set for the whole recipe (its top-level 'bf16')")
     try:
@@ -47,14 +47,24 @@ def rl_config(recipe: Recipe, stage: RLStage):
         raise RecipeError(f"stage {stage.name!r}: rl: {e}") from None
 
 
+def check_problems(stage: RLStage, ctx: StageContext) -> None:
+    """Before training: every problem has a prompt and a ``meta.gold`` answer to reward against."""
+    for name in stage.sources:
+        items = ctx.sources.items[name]
+        for i in range(len(items)):
+            record = items[i]
+            if "gold" not in record.get("meta", {}) or not prompt_of(record):
+                raise DataError(f"data source {name!r}: record {i + 1} of {getattr(items, 'path', name)} is no RL "
+                                "problem: it needs a user prompt and meta.gold, the answer its reward checks")
+
+
 def prepare(stage: RLStage, ctx: StageContext, model) -> Prepared:
     cfg = rl_config(ctx.recipe, stage)
+    check_problems(stage, ctx)
     stage.freeze_model(model)
     line = f"stage {stage.name}: {stage.steps} iterations of {cfg.problems} problems x {cfg.samples} answers"
 
     def run(optimizer, scheduler, progress: bool) -> dict[str, float]:
-        from kimivl.rl.trainer import RLTrainer
-
         problems = Concat([ctx.sources.items[name] for name in stage.sources])
         return RLTrainer(model, ctx.processor, problems, cfg, optimizer, scheduler, ctx.recipe.out,
                          stage.name).run(progress=progress)

@@ -1,0 +1,42 @@
+"""Ctrl-C during training: the first stops the stage after the step in progress (which is then saved), a second one
+stops at once."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+from collections.abc import Iterator
+
+log = logging.getLogger(__name__)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Training stopped at the user's request; the message names the saved step."""
+
+
+class StopRequest:
+    def __init__(self):
+        self.requested = False
+
+
+@contextlib.contextmanager
+def stop_on_interrupt() -> Iterator[StopRequest]:
+    """While active, SIGINT sets ``requested`` instead of raising (outside the main thread it changes nothing)."""
+    request = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+
+    def handle(signum, frame):
+        if request.requested:
+            raise KeyboardInterrupt
+        request.requested = True
+        log.warning("stopping after this step, which will be saved (Ctrl-C again to stop at once, unsaved)")
+
+    previous = signal.signal(signal.SIGINT, handle)
+    try:
+        yield request
+    finally:
+        signal.signal(signal.SIGINT, previous)

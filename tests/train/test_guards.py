@@ -1,0 +1,190 @@
+"""What protects a run: weights checked after every update, Ctrl-C saving the step, a full disk named, a torn metrics
+line tolerated, one run per directory, stage names confined to their folder, exports that never replace another run's
+model."""
+
+import errno
+import json
+import os
+import signal
+
+import pytest
+import torch
+from test_loop import joint_loss, setup
+
+from kimivl import KimiVL
+from kimivl.train.interrupt import Interrupted
+from kimivl.train.lock import run_lock
+from kimivl.train.loop import LoopConfig, train_loop
+from kimivl.train.metrics import MetricsLog, read_metrics
+from kimivl.train.pipeline import EXPORT_RECORD, check_export
+from kimivl.train.recipe import RecipeError, load_recipe
+from kimivl.train.schedule import WarmupCosine, scheduler_at
+from kimivl.train.state import latest_checkpoint
+from kimivl.train.step import TrainingError, optimizer_step
+
+
+def test_an_update_that_makes_weights_non_finite_stops_and_names_them():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+    (model(torch.randn(8, 4)).pow(2).mean() * 1e12).backward()
+    told = []
+    with pytest.raises(TrainingError, match=r"s: step 1: the update made 2 weight tensors non-finite \(0.weight, "
+                                            r"1.weight\): is the learning rate too high\? The last good state is the "
+                                            r"checkpoint c"):
+        optimizer_step(model, torch.optim.SGD(model.parameters(), lr=1e30), 1e20, "s: step 1",
+                       lambda ok: told.append(ok) or "the checkpoint c")
+    assert told == [False]  # the current weights are not offered as the good state
+
+
+def test_loop_never_saves_non_finite_weights(small_model, small_processor, tmp_path, monkeypatch):
+    model, data, opt, sched = setup(small_model, small_processor)
+    step = opt.step
+    calls = {"n": 0}
+
+    def blow_up(*args, **kwargs):
+        step(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            with torch.no_grad():
+                model.language_model.lm_head.weight.fill_(float("inf"))
+
+    monkeypatch.setattr(opt, "step", blow_up)
+    sched = scheduler_at(opt, WarmupCosine(2, 8))  # on the patched step
+    with pytest.raises(TrainingError, match="s: step 3: the update made 1 weight tensors non-finite "
+                                            r"\(language_model.lm_head.weight\).* the checkpoint .*step-0000002"):
+        train_loop(model, joint_loss, data, opt, sched, LoopConfig(steps=5, ckpt_every=2), tmp_path, "s",
+                   progress=False)
+    saved = latest_checkpoint(tmp_path / "s" / "checkpoints")
+    assert saved.name == "step-0000002"
+    assert all(torch.isfinite(t).all() for t in KimiVL.from_pretrained(saved).state_dict().values())
+
+
+def test_ctrl_c_saves_the_step_and_stops(small_model, small_processor, tmp_path):
+    model, data, opt, sched = setup(small_model, small_processor)
+    calls = {"n": 0}
+
+    def interrupt_in_step_2(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # handled after the step, not inside it
+        return joint_loss(model, batch)
+
+    with pytest.raises(Interrupted, match=r"s: stopped at your request after step 2 of 6; saved at .*step-0000002"):
+        train_loop(model, interrupt_in_step_2, data, opt, sched, LoopConfig(steps=6, ckpt_every=10), tmp_path, "s",
+                   progress=False)
+    assert latest_checkpoint(tmp_path / "s" / "checkpoints").name == "step-0000002"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C behaves as usual again
+
+
+def test_a_full_disk_is_named_and_leaves_no_partial_checkpoint(small_model, small_processor, tmp_path, monkeypatch):
+    model, data, opt, sched = setup(small_model, small_processor)
+    train_loop(model, joint_loss, data, opt, sched, LoopConfig(steps=2, ckpt_every=2), tmp_path, "s", progress=False)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(TrainingError, match=r"cannot write checkpoint .*step-0000004: No space left on device \(the "
+                                            r"disk is full: free space, then resume\); .*step-0000002 is intact"):
+        train_loop(model, joint_loss, data, opt, sched, LoopConfig(steps=4, ckpt_every=2), tmp_path, "s",
+                   progress=False)
+    assert sorted(p.name for p in (tmp_path / "s" / "checkpoints").iterdir()) == ["latest", "step-0000002"]
+
+
+def test_a_torn_last_metrics_line_is_passed_over_and_mended(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"stage": "a", "step": 1, "loss": 2.0}\n{"stage": "a", "step": 2, "lo')
+    assert read_metrics(path) == [{"stage": "a", "step": 1, "loss": 2.0}]
+    with MetricsLog(tmp_path, "a", start=1) as log:
+        log.write(2, {"loss": 1.5})
+    assert read_metrics(path) == [{"stage": "a", "step": 1, "loss": 2.0}, {"stage": "a", "step": 2, "loss": 1.5}]
+    path.write_text('{"stage": "a", "step": 1}\nnot json\n{"stage": "a", "step": 2}\n')
+    with pytest.raises(ValueError, match="metrics.jsonl:2 is not a JSON record"):
+        read_metrics(path)
+
+
+def test_a_second_run_on_the_same_out_is_refused(tmp_path):
+    with run_lock(tmp_path):
+        with pytest.raises(RecipeError, match=rf"{tmp_path} is in use by another run \(pid {os.getpid()} on "):
+            with run_lock(tmp_path):
+                pass
+    with run_lock(tmp_path):  # free again once the first run ends
+        pass
+
+
+def _recipe(tmp_path, **changes):
+    recipe = {"name": "r", "out": str(tmp_path / "run"), "sources": {"t": "t.jsonl"}, "tokenizer": {"train_vocab": 300},
+              "export": {"path": "models/mine"},
+              "stages": [{"name": "a", "kind": "joint", "steps": 4, "lr": 1e-3, "mix": {"t": 1}}], **changes}
+    (tmp_path / "r.yaml").write_text(json.dumps(recipe))
+    return tmp_path / "r.yaml"
+
+
+@pytest.mark.parametrize("stage, match", [
+    ({"name": "../../x"}, r"stage name '\.\./\.\./x': use letters, digits"),
+    ({"name": "world"}, "stage name 'world': .* other than"),
+    ({"name": ".hidden"}, "stage name '.hidden'"),
+    ({"schedule": "cosine", "warmup": 4}, r"stage 'a': warmup \(4 steps\) must be below steps \(4\)"),
+])
+def test_stage_names_and_warmups_that_cannot_work(tmp_path, stage, match):
+    path = _recipe(tmp_path, stages=[{"name": "a", "kind": "joint", "steps": 4, "lr": 1e-3, "mix": {"t": 1}, **stage}])
+    with pytest.raises(RecipeError, match=match):
+        load_recipe(path)
+
+
+def test_a_recipe_warmup_longer_than_its_stages(tmp_path):
+    with pytest.raises(RecipeError, match=r"schedule.warmup \(10 steps\) must be below the steps of the stages that "
+                                          r"continue the recipe-wide schedule \(4\)"):
+        load_recipe(_recipe(tmp_path, schedule={"warmup": 10}))
+
+
+def test_export_goes_under_out_and_never_replaces_another_runs_model(tmp_path, monkeypatch, small_model,
+                                                                     small_processor):
+    monkeypatch.chdir(tmp_path)
+    path = _recipe(tmp_path)
+    assert load_recipe(path).export["path"] == "models/mine"  # relative to the working directory
+    moved = load_recipe(path, {"out": str(tmp_path / "elsewhere")})
+    assert moved.export["path"] == str(tmp_path / "elsewhere" / "models" / "mine")  # --out moves every output
+    recipe = load_recipe(path)
+    assert check_export(recipe).resolve() == tmp_path / "models" / "mine"  # nothing there yet
+    small_model.save_pretrained(tmp_path / "models" / "mine")
+    with pytest.raises(RecipeError, match="export path models/mine holds a model written by no recorded run, not by "
+                                          "this run"):
+        check_export(recipe)
+    (tmp_path / "models" / "mine" / EXPORT_RECORD).write_text(json.dumps({"out": "../../run"}))
+    assert check_export(recipe).resolve() == tmp_path / "models" / "mine"  # this run's own export
+    (tmp_path / "models" / "mine" / EXPORT_RECORD).write_text(json.dumps({"out": "../../other"}))
+    with pytest.raises(RecipeError, match=f"written by the run in {tmp_path / 'other'}"):
+        check_export(recipe)
+
+
+def _ctx(records, processor, text=False):
+    from types import SimpleNamespace
+
+    from kimivl.train.stages.base import StageContext
+
+    return StageContext(SimpleNamespace(seed=0), SimpleNamespace(items={"c": records}, is_text={"c": text}), processor)
+
+
+def test_sources_that_cannot_train_are_found_before_training(small_processor, caplog):
+    from kimivl.data.formats import DataError
+    from kimivl.train.stages.joint import JointStage, check_sources
+    from kimivl.train.stages.rl import RLStage, check_problems
+
+    stage = JointStage(name="a", kind="joint", steps=2, lr=1e-3, mix={"c": 1})
+    chat = {"messages": [{"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "4"}]}
+    no_answer = {"messages": [{"role": "user", "content": "2 + 2?"}]}
+    ctx = _ctx([chat, no_answer], small_processor)
+    encode = lambda name, record: small_processor.encode_for_training(record["messages"])  # noqa: E731
+    with pytest.raises(DataError, match="data source 'c': record 2 of c has no assistant turn to learn from"):
+        check_sources(stage, ctx, encode)
+    check_sources(stage, _ctx([chat], small_processor), encode)
+    assert "score no token" not in caplog.text
+    nothing = type(small_processor.encode_text("x"))([1, 2], torch.zeros(0, 3, 14, 14), torch.zeros(0, 2), [-100] * 2)
+    check_sources(stage, _ctx([chat], small_processor), lambda name, record: nothing)
+    assert "the first 1 records of data source 'c' score no token" in caplog.text
+
+    rl = RLStage(name="r", kind="rl", steps=2, lr=1e-3, sources=["c"])
+    check_problems(rl, _ctx([{**chat, "meta": {"gold": "4"}}], small_processor))
+    with pytest.raises(DataError, match="record 1 of c is no RL problem: it needs a user prompt and meta.gold"):
+        check_problems(rl, _ctx([{**chat, "meta": {"task": "x"}}], small_processor))
