@@ -15,7 +15,7 @@ from kimivl.model.kimivl import KimiVL
 from kimivl.precision import use_bf16
 from kimivl.processing.processor import KimiVLProcessor
 from kimivl.train.pipeline import Sources, base_checkpoint, base_config, compute_line, recipe_tokenizer
-from kimivl.train.recipe import Recipe, RecipeError
+from kimivl.train.recipe import Recipe
 from kimivl.train.stages import prepare
 from kimivl.train.stages.base import StageContext
 from kimivl.train.trainable import hold_frozen_in_bf16, memory_plan, restore_float32
@@ -35,8 +35,7 @@ def plan_recipe(recipe: Recipe, progress: bool = False) -> list[str]:
     """What the run computes in, then two lines per stage: its data (samples and passes over each source) and its
     memory plan. ``progress`` shows a bar while large sources are checked."""
     if recipe.world is not None and not (recipe.out / "world" / "world.json").is_file():
-        raise RecipeError(f"the recipe's synthetic world is not built yet under {recipe.out / 'world'}; "
-                          "kimivl train builds it first")
+        return _before_the_world(recipe)
     sources = Sources(recipe, progress)
     base_dir = base_checkpoint(recipe)
     processor = KimiVLProcessor(recipe_tokenizer(recipe, sources, base_dir, save=False))
@@ -58,4 +57,20 @@ def plan_recipe(recipe: Recipe, progress: bool = False) -> list[str]:
         restore_float32(held)
         trained |= {name for name, p in model.named_parameters() if p.requires_grad}
         model.requires_grad_(True)
+    return lines
+
+
+def _before_the_world(recipe: Recipe) -> list[str]:
+    """The plan of a recipe whose synthetic world is not built yet: what the run would build first, and the stages
+    (their data and memory are planned from the world's files, so only once it exists)."""
+    world = recipe.world
+    sizes = ", ".join(f"{v} {k}" for k, v in world.items() if k not in ("seed", "tasks"))
+    tasks = ", ".join(world.get("tasks", [])) or "every task"
+    vocab = recipe.tokenizer.get("train_vocab")
+    lines = [compute_line(recipe),
+             f"kimivl train first builds the synthetic world under {recipe.out / 'world'} (seed {world.get('seed', 0)}, "
+             f"{sizes or 'the default sizes'} samples per task of {tasks})"
+             + (f", then trains a {vocab}-rank tokenizer on it" if vocab else "")]
+    lines += [f"stage {s.name}: {s.kind}, {s.steps} steps; its data and memory are planned once the world is built "
+              "(run --plan again then)" for s in recipe.stages]
     return lines

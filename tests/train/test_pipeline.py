@@ -483,3 +483,15 @@ def test_a_kill_while_a_stage_saves_its_result_leaves_no_half_final(data_dir, tm
     for stage in ("vit", "align"):
         assert {"config.json", "model.safetensors", "tiktoken.model"} <= {p.name for p in
                                                                           (tmp_path / "run" / stage / "final").iterdir()}
+
+
+def test_plan_before_the_world_is_built_says_what_the_run_builds(tmp_path):
+    from pathlib import Path
+
+    recipe = load_recipe(Path(__file__).parents[2] / "recipes" / "tiny.yaml", {"out": str(tmp_path / "run")})
+    lines = plan_recipe(recipe)
+    assert lines[1] == (f"kimivl train first builds the synthetic world under {tmp_path / 'run' / 'world'} (seed 0, "
+                        "4000 train, 100 heldout samples per task of every task), then trains a 2048-rank tokenizer "
+                        "on it")
+    assert lines[2].startswith("stage vit: vit, 300 steps; its data and memory are planned once the world is built")
+    assert len(lines) == 2 + len(recipe.stages) and not (tmp_path / "run").exists()  # nothing written
