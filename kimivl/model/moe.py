@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kimivl.config import TextConfig
+from kimivl.kernels import grouped_swiglu
 
 
 class SwiGLU(nn.Module):
@@ -85,41 +86,8 @@ class GroupedExperts(nn.Module):
         return out
 
     def forward(self, x_TD: torch.Tensor, idx_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
-        t, k = idx_TK.shape
-        flat_idx = idx_TK.reshape(-1)
-        order = flat_idx.argsort(stable=True)
-        counts = torch.bincount(flat_idx, minlength=self.n_experts)
-        token, weight = order // k, w_TK.reshape(-1)[order]
-        source = x_TD
-        if not x_TD.is_cuda:
-            counts, token, weight = _pad_groups(counts, token, weight, flat_idx[order], t)
-            source = F.pad(x_TD, (0, 0, 0, 1))  # row t: zeros, for the padding slots
-        offsets = counts.cumsum(0).to(torch.int32)
-        device = x_TD.device.type  # grouped matmuls are not autocast ops: follow autocast by hand
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x_TD.dtype
-        x_ND = source.index_select(0, token).to(dtype)
-        gate_up_N2I = torch._grouped_mm(x_ND, self.gate_up_proj.to(dtype).transpose(1, 2), offs=offsets)
-        gate, up = gate_up_N2I.chunk(2, dim=-1)
-        # the routing weight scales the hidden activation (down_proj is linear): no full-width float32 copy
-        h_NI = F.silu(gate) * up * weight[:, None].to(dtype)
-        y_ND = torch._grouped_mm(h_NI, self.down_proj.to(dtype).transpose(1, 2), offs=offsets)
-        return torch.zeros_like(source).index_add_(0, token, y_ND.to(x_TD.dtype))[:t]
-
-
-CPU_GROUP_ROWS = 32  # on CPU each expert's rows are padded to a multiple of this
-
-
-def _pad_groups(counts, token, weight, expert, t):
-    """Each expert's run of rows padded (with token ``t``, a zero row, and weight 0) to a multiple of
-    ``CPU_GROUP_ROWS``. The CPU grouped matmul prepares one kernel per distinct group size, which costs more than the
-    multiply itself when sizes change every batch; rounded sizes recur, and the padding rows contribute nothing."""
-    padded = (counts + CPU_GROUP_ROWS - 1) // CPU_GROUP_ROWS * CPU_GROUP_ROWS
-    rank = torch.arange(len(token), device=token.device) - (counts.cumsum(0) - counts)[expert]
-    slot = (padded.cumsum(0) - padded)[expert] + rank
-    total = int(padded.sum())
-    token_padded = token.new_full((total,), t).index_copy(0, slot, token)
-    weight_padded = weight.new_zeros(total).index_copy(0, slot, weight)
-    return padded, token_padded, weight_padded
+        """Each token through its ``idx_TK`` experts, weighted by ``w_TK`` and summed: (T, D)."""
+        return grouped_swiglu(x_TD, idx_TK, w_TK, self.gate_up_proj, self.down_proj)
 
 
 def _split_experts(module: GroupedExperts, state_dict, prefix, local_metadata):

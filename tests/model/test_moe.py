@@ -1,7 +1,7 @@
 import torch
 import torch.nn.functional as F
 
-from kimivl.model.moe import CPU_GROUP_ROWS, GroupedExperts, _pad_groups
+from kimivl.model.moe import GroupedExperts
 
 
 def _reference(experts: GroupedExperts, x, idx, w):
@@ -34,15 +34,3 @@ def test_grouped_experts_equal_a_per_token_loop_with_padded_groups():
         experts.zero_grad()
     for got, want in zip(*grads):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-
-
-def test_pad_groups_rounds_each_expert_up_with_empty_rows():
-    counts = torch.tensor([3, 0, 33])
-    expert = torch.tensor([0] * 3 + [2] * 33)
-    token = torch.arange(36)
-    weight = torch.ones(36)
-    padded, token_p, weight_p = _pad_groups(counts, token, weight, expert, t=99)
-    assert padded.tolist() == [CPU_GROUP_ROWS, 0, 2 * CPU_GROUP_ROWS]
-    assert token_p[:3].tolist() == [0, 1, 2] and set(token_p[3:CPU_GROUP_ROWS].tolist()) == {99}
-    assert token_p[CPU_GROUP_ROWS:CPU_GROUP_ROWS + 33].tolist() == list(range(3, 36))
-    assert weight_p.sum() == 36 and (weight_p[token_p == 99] == 0).all()
