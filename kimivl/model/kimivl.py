@@ -12,7 +12,7 @@ from torch import nn
 from kimivl.checkpoint import load_checkpoint, save_checkpoint
 from kimivl.config import KimiVLConfig
 from kimivl.model.language_model import LanguageModel
-from kimivl.model.moe import GroupedExperts, Router
+from kimivl.model.moe import GroupedExperts, Router, to_dtype
 from kimivl.model.moonvit import MoonViT, patch_merge
 from kimivl.model.projector import Projector
 from kimivl.model.target_logprobs import next_token_loss
@@ -128,7 +128,7 @@ class KimiVL(nn.Module):
             model = cls(config)
         stored = getattr(torch, config.text_config.torch_dtype, torch.bfloat16)
         dtype = load_dtype(stored, device, sum(p.numel() for p in model.parameters()), dtype)
-        model = model.to(dtype).to_empty(device=torch.device(device))
+        model = to_dtype(model, dtype).to_empty(device=torch.device(device))
         load_checkpoint(model, path)
         return model.eval()
 

@@ -31,7 +31,8 @@ class SwiGLU(nn.Module):
 
 class Router(nn.Module):
     """Sigmoid scores; choice by score + ``e_score_correction_bias`` within the best groups; weights from the
-    unbiased scores. Kept in float32 whatever dtype the model is cast to (the bias moves in tiny steps)."""
+    unbiased scores. Held in float32 whatever dtype the rest of the model takes (the bias moves in tiny steps):
+    kimivl casts models with ``to_dtype``, which leaves the routers alone."""
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
@@ -39,15 +40,6 @@ class Router(nn.Module):
         self.norm_topk_prob, self.scaling = cfg.norm_topk_prob, cfg.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts))
-
-    def _apply(self, fn, recurse=True):
-        before = (self.weight.data, self.e_score_correction_bias)
-        super()._apply(fn, recurse)
-        after = (self.weight.data, self.e_score_correction_bias)
-        # follow device moves, never dtype casts: restore the float32 originals rather than round-trip them
-        kept = [a.float() if b.is_meta or a.is_meta else b.to(a.device, torch.float32) for b, a in zip(before, after)]
-        self.weight.data, self.e_score_correction_bias = kept
-        return self
 
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (weights (T, k) float32, expert ids (T, k), scores (T, E) float32)."""
@@ -65,6 +57,19 @@ class Router(nn.Module):
         if self.norm_topk_prob:
             w_TK = w_TK / (w_TK.sum(-1, keepdim=True) + 1e-20)
         return w_TK * self.scaling, idx_TK, scores_TE
+
+
+def to_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``model.to(dtype)`` except the routers' weights and ``e_score_correction_bias``, which stay as they are
+    (float32), never rounded through ``dtype``; returns ``model``. A plain ``model.to(dtype)`` casts the routers too
+    (the router still scores in float32, from the rounded values); device moves such as ``model.to("cuda")`` change
+    no dtype, so routers kept in float32 stay float32."""
+    if not dtype.is_floating_point:
+        raise ValueError(f"a model is cast to a floating-point dtype, not {dtype}")
+    for module in model.modules():
+        if not isinstance(module, Router):
+            module._apply(lambda t: t.to(dtype) if t.is_floating_point() else t, recurse=False)
+    return model
 
 
 class GroupedExperts(nn.Module):
