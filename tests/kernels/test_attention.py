@@ -120,7 +120,6 @@ def test_batched_path_follows_the_setting_whatever_the_grad_mode(monkeypatch, gr
 
 
 def test_training_attention_nests_and_restores():
-    (q, k, v), _ = batched_inputs(masked=False, past=0)
     assert not attn._matmul_rows
     with kernels.training_attention():
         assert attn._matmul_rows

@@ -52,7 +52,7 @@ def tiny_lm():
 
 
 def test_router_stays_exact_float32_through_the_explicit_cast_and_device_moves():
-    cfg, lm = tiny_lm()
+    _, lm = tiny_lm()
     gate = lm.model.layers[1].mlp.gate
     w, b = gate.weight.detach().clone(), gate.e_score_correction_bias.clone()
     assert to_dtype(lm, torch.bfloat16) is lm
