@@ -90,20 +90,20 @@ def recipe_runs(device: str, work: Path) -> str:
 
 
 def flash_against_sdpa(device: str) -> str:
-    from kimivl.model import attention
+    from kimivl.kernels import attention, fused
 
-    if not attention.use_flash(torch.zeros(1, device=device, dtype=torch.bfloat16)):
+    if not fused.use_flash(torch.zeros(1, device=device, dtype=torch.bfloat16)):
         return "flash-attn not usable here: skipped"
     torch.manual_seed(0)
-    q, k = (torch.randn(700, 8, 192, device=device, dtype=torch.bfloat16) for _ in range(2))
-    v = torch.randn(700, 8, 128, device=device, dtype=torch.bfloat16)
+    q, k = (torch.randn(1, 700, 8, 192, device=device, dtype=torch.bfloat16) for _ in range(2))
+    v = torch.randn(1, 700, 8, 128, device=device, dtype=torch.bfloat16)
     cu = torch.tensor([0, 100, 450, 700], dtype=torch.int32, device=device)
-    fast = attention.varlen_attention(q, k, v, cu, causal=True)
-    kernel, attention.flash_attn_varlen_func = attention.flash_attn_varlen_func, None
+    fast = attention(q, k, v, cu_seqlens=cu)
+    kernel, fused.flash_attn_varlen_func = fused.flash_attn_varlen_func, None
     try:
-        exact = attention.varlen_attention(q, k, v, cu, causal=True)
+        exact = attention(q, k, v, cu_seqlens=cu)
     finally:
-        attention.flash_attn_varlen_func = kernel
+        fused.flash_attn_varlen_func = kernel
     err = (fast.float() - exact.float()).abs().max().item()
     if err > 2e-2:
         raise RuntimeError(f"flash-attn differs from SDPA by {err}")

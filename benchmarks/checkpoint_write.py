@@ -22,6 +22,7 @@ import torch
 
 from kimivl import KimiVL, KimiVLConfig
 from kimivl.checkpoint import save_checkpoint
+from kimivl.model.moe import to_dtype
 from kimivl.train.state import save_state
 from kimivl.train.trainable import hold_frozen_in_bf16, set_trainable
 
@@ -47,7 +48,7 @@ def main() -> None:
     config.text_config = dataclasses.replace(config.text_config, num_hidden_layers=args.layers, vocab_size=32000)
     config.vision_config = dataclasses.replace(config.vision_config, num_hidden_layers=1)
     torch.manual_seed(0)
-    model = KimiVL(config).to(torch.bfloat16).float()
+    model = to_dtype(KimiVL(config), torch.bfloat16).float()
     set_trainable(model, ["multi_modal_projector", "language_model"], ["*.mlp.experts.*"])
     held = hold_frozen_in_bf16(model)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)

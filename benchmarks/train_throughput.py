@@ -42,6 +42,7 @@ from kimivl.data.formats import is_text_file, iter_records, iter_texts
 from kimivl.data.mixture import Mixture
 from kimivl.data.synthetic import TASKS
 from kimivl.data.world import build_world, ensure_world
+from kimivl.kernels import training_attention
 from kimivl.model.params import parameter_counts
 from kimivl.precision import autocast, use_bf16
 from kimivl.processing.processor import IGNORE_INDEX
@@ -109,7 +110,7 @@ def step_time(model, opt, kwargs, update: bool, bf16: bool) -> float:
     kwargs = on(kwargs, model.device)
     sync(model.device)
     start = time.perf_counter()
-    with autocast(model.device, bf16):
+    with training_attention(), autocast(model.device, bf16):
         loss = model(**kwargs).loss
     loss.backward()
     if update:

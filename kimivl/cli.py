@@ -51,8 +51,10 @@ def _load(path: str, dtype: str, device: str):
     import torch
 
     from kimivl import KimiVL, KimiVLProcessor
+    from kimivl.precision import checkpoint_load_dtype
 
-    model = KimiVL.from_pretrained(path, dtype=getattr(torch, dtype) if dtype else None, device=device)
+    dtype = checkpoint_load_dtype(path, device, getattr(torch, dtype) if dtype else None)
+    model = KimiVL.from_pretrained(path, dtype=dtype, device=device)
     return model, KimiVLProcessor.from_pretrained(path)
 
 

@@ -27,13 +27,14 @@ def run_demo(model_dir: str | Path = DEFAULT_MODEL, examples_dir: str | Path = D
     """Print the demo; return held-out accuracy per task."""
     from kimivl import KimiVL, KimiVLProcessor
     from kimivl.eval.synthetic import evaluate, heldout_records
+    from kimivl.precision import checkpoint_load_dtype
     from kimivl.processing.chat_template import parse_thinking
 
     model_dir, examples_dir = Path(model_dir), Path(examples_dir)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"no model at {model_dir}: train it with 'kimivl train recipes/tiny.yaml' "
                                 "or pass --model")
-    model = KimiVL.from_pretrained(model_dir)
+    model = KimiVL.from_pretrained(model_dir, dtype=checkpoint_load_dtype(model_dir, "cpu"))
     processor = KimiVLProcessor.from_pretrained(model_dir)
     records = heldout_records(examples_dir)
     print(f"kimivl-tiny from {model_dir}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters\n")

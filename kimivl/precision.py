@@ -2,8 +2,8 @@
 
 GPUs and CPUs with native bf16 matmul (Ampere and later, AMX, AVX512-BF16) multiply bfloat16 as fast as float32 or
 faster. CPUs without it (AVX2 only: many laptops' chips) emulate it, about 100x slower than float32. There kimivl
-trains without bf16 autocast and loads bf16 checkpoints in float32 (exactly: every bf16 value is a float32 value),
-unless told otherwise.
+trains without bf16 autocast, and its command line and demo load bf16 checkpoints in float32 (exactly: every bf16
+value is a float32 value), unless told otherwise; ``KimiVL.from_pretrained`` itself keeps the stored dtype.
 """
 
 from __future__ import annotations
@@ -14,6 +14,9 @@ import os
 import time
 
 import torch
+
+from kimivl.config import KimiVLConfig
+from kimivl.model.params import parameter_counts
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +44,8 @@ def cpu_bf16_slowdown() -> float:
     slowdown = _matmul_seconds(torch.bfloat16) / _matmul_seconds(torch.float32)
     if slowdown >= SLOW:
         log.warning("this CPU multiplies bfloat16 %.0fx slower than float32 (it lacks native bf16 instructions): "
-                    "kimivl computes in float32 here unless asked for bf16", slowdown)
+                    "kimivl's training, command line and demo compute in float32 here unless asked for bf16 "
+                    "(in Python: KimiVL.from_pretrained(path, dtype=torch.float32))", slowdown)
     return slowdown
 
 
@@ -75,28 +79,48 @@ def physical_memory() -> int | None:
         return None
 
 
+def stored_dtype(config: KimiVLConfig) -> torch.dtype:
+    """The dtype a checkpoint's weights are stored in: its config's ``torch_dtype`` (bfloat16 when it names none)."""
+    return getattr(torch, config.text_config.torch_dtype, torch.bfloat16)
+
+
+def held_dtype(stored: torch.dtype, device: str | torch.device, requested: torch.dtype | None = None) -> torch.dtype:
+    """The dtype ``KimiVL.from_pretrained`` holds a checkpoint stored in ``stored`` in on ``device``: ``requested``
+    when the caller names one, else ``stored``, except that on a CPU float16 becomes bfloat16 (float16 is very slow
+    there). bf16 on a CPU that emulates it gets the slowdown's warning."""
+    device = torch.device(device)
+    dtype = requested
+    if dtype is None and device.type == "cpu" and stored == torch.float16:
+        log.warning("float16 is very slow on CPU; loading in bfloat16 instead")
+        dtype = torch.bfloat16
+    dtype = stored if dtype is None else dtype
+    if dtype == torch.bfloat16 and device.type == "cpu":
+        fast_bf16(device)  # measured once: warns where bf16 is emulated
+    return dtype
+
+
 def load_dtype(stored: torch.dtype, device: str | torch.device, n_params: int,
                requested: torch.dtype | None = None) -> torch.dtype:
-    """The dtype to hold a checkpoint stored in ``stored`` on ``device``: ``requested`` when the caller names one (bf16
-    on a CPU that emulates it gets the slowdown's warning); else ``stored``, except that on a CPU float16 becomes
-    bfloat16 (float16 is very slow there), and bfloat16 becomes float32 where bf16 is slow, while ``n_params`` float32
-    weights take at most ``FIT`` of the machine's memory."""
+    """The dtype kimivl's command line and demo hold a checkpoint stored in ``stored`` in on ``device``: float32 for a
+    bfloat16 or float16 checkpoint on a CPU where bf16 is slow, while ``n_params`` float32 weights take at most
+    ``FIT`` of the machine's memory; else ``held_dtype`` (``requested`` when the caller names one)."""
     device = torch.device(device)
-    if requested is not None:
-        if requested == torch.bfloat16 and device.type == "cpu":
-            fast_bf16(device)  # measured once: warns where bf16 is emulated
-        return requested
-    if device.type != "cpu" or stored not in (torch.float16, torch.bfloat16):
-        return stored
-    if fast_bf16(device):
-        if stored == torch.float16:
-            log.warning("float16 is very slow on CPU; loading in bfloat16 instead")
-        return torch.bfloat16
-    need, memory = 4 * n_params, physical_memory()
-    if memory is not None and need > FIT * memory:
-        log.warning("float32 weights (%.1f GB) would not fit in this machine's %.1f GB: loading in bfloat16, which "
-                    "this CPU multiplies slowly", need / 1e9, memory / 1e9)
-        return torch.bfloat16
-    log.info("loading in float32 (%.1f GB; this CPU multiplies bf16 slowly; dtype=torch.bfloat16 takes half the "
-             "memory)", need / 1e9)
-    return torch.float32
+    if requested is None and device.type == "cpu" and stored in (torch.float16, torch.bfloat16) \
+            and not fast_bf16(device):
+        need, memory = 4 * n_params, physical_memory()
+        if memory is not None and need > FIT * memory:
+            log.warning("float32 weights (%.1f GB) would not fit in this machine's %.1f GB: loading in bfloat16, "
+                        "which this CPU multiplies slowly", need / 1e9, memory / 1e9)
+            return torch.bfloat16
+        log.info("loading in float32 (%.1f GB; this CPU multiplies bf16 slowly; dtype=torch.bfloat16 takes half the "
+                 "memory)", need / 1e9)
+        return torch.float32
+    return held_dtype(stored, device, requested)
+
+
+def checkpoint_load_dtype(path: str | os.PathLike, device: str | torch.device,
+                          requested: torch.dtype | None = None) -> torch.dtype:
+    """``load_dtype`` for the checkpoint directory ``path`` (from its config: nothing is loaded): what the command line
+    and the demo pass to ``KimiVL.from_pretrained``."""
+    config = KimiVLConfig.from_pretrained(path)
+    return load_dtype(stored_dtype(config), device, parameter_counts(config)["total"].total, requested)

@@ -1,8 +1,10 @@
 import functools
+import json
 import logging
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from kimivl import KimiVL, precision
 from kimivl.precision import cpu_bf16_slowdown, fast_bf16, load_dtype, use_bf16
@@ -86,19 +88,67 @@ def test_asking_for_bf16_on_a_cpu_that_emulates_it_warns_once(tiny_model, tmp_pa
     with caplog.at_level(logging.WARNING, logger="kimivl.precision"):
         for _ in range(2):
             assert KimiVL.from_pretrained(tmp_path, dtype=torch.bfloat16).dtype == torch.bfloat16
+        assert KimiVL.from_pretrained(tmp_path).dtype == torch.bfloat16  # as stored
         assert KimiVL.from_pretrained(tmp_path, dtype=torch.float32).dtype == torch.float32
     assert caplog.text.count("this CPU multiplies bfloat16 60x slower than float32") == 1
 
 
-def test_from_pretrained_follows_the_choice_and_an_explicit_dtype_wins(tiny_model, tmp_path, monkeypatch):
+def router(model):
+    gate = model.language_model.model.layers[1].mlp.gate
+    return gate.weight, gate.e_score_correction_bias
+
+
+def test_from_pretrained_keeps_the_stored_dtype_whatever_the_cpu(tiny_model, tmp_path, monkeypatch, caplog):
+    """A bf16 checkpoint loads in bf16 even where bf16 is slow (routers in float32, with the stored values); a float16
+    one loads in bf16 on CPU; an explicit dtype wins."""
     tiny_model.save_pretrained(tmp_path, dtype=torch.bfloat16)
+    on_disk = load_file(tmp_path / "model.safetensors")
     slow_cpu(monkeypatch)
     loaded = KimiVL.from_pretrained(tmp_path)
-    assert loaded.dtype == torch.float32
-    bf16 = KimiVL.from_pretrained(tmp_path, dtype=torch.bfloat16)
-    assert bf16.dtype == torch.bfloat16
-    # exactly the checkpoint's values: every bf16 value is a float32 value
-    for (name, a), b in zip(loaded.state_dict().items(), bf16.state_dict().values()):
-        assert torch.equal(a, b.float()), name
+    assert loaded.dtype == torch.bfloat16
+    weight, bias = router(loaded)
+    assert weight.dtype == bias.dtype == torch.float32
+    prefix = "language_model.model.layers.1.mlp.gate."
+    assert torch.equal(weight, on_disk[prefix + "weight"].float())
+    assert torch.equal(bias, on_disk[prefix + "e_score_correction_bias"].float())
+    assert KimiVL.from_pretrained(tmp_path, dtype=torch.float32).dtype == torch.float32
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["text_config"]["torch_dtype"] = "float16"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with caplog.at_level(logging.WARNING, logger="kimivl.precision"):
+        assert KimiVL.from_pretrained(tmp_path).dtype == torch.bfloat16
+    assert "float16 is very slow on CPU; loading in bfloat16 instead" in caplog.text
+
+
+def test_the_command_line_and_the_demo_load_in_float32_where_bf16_is_slow(tiny_model, small_model, small_processor,
+                                                                           tmp_path, monkeypatch):
+    """``kimivl chat``/``eval`` (``_load``) and the demo choose float32 for a bf16 checkpoint on a CPU that multiplies
+    bf16 slowly (exactly its values), bf16 where bf16 is fast, and what ``--dtype`` names."""
+    from kimivl.cli import _load
+    from kimivl.data.subset import copy_subset
+    from kimivl.demo import DEFAULT_EXAMPLES, run_demo
+
+    tiny_model.save_pretrained(tmp_path, dtype=torch.bfloat16)
+    small_processor.save_pretrained(tmp_path)
+    slow_cpu(monkeypatch)
+    assert precision.checkpoint_load_dtype(tmp_path, "cpu") == torch.float32
+    fp32, _ = _load(str(tmp_path), None, "cpu")
+    bf16, _ = _load(str(tmp_path), "bfloat16", "cpu")
+    assert fp32.dtype == torch.float32 and bf16.dtype == torch.bfloat16
+    for (name, a), b in zip(fp32.state_dict().items(), bf16.state_dict().values()):
+        assert torch.equal(a, b.float()), name  # every bf16 value is a float32 value
+    assert all(t.dtype == torch.float32 for t in router(bf16))
+    demo_model = tmp_path / "demo"
+    small_model.save_pretrained(demo_model, dtype=torch.bfloat16)
+    small_processor.save_pretrained(demo_model)
+    copy_subset(DEFAULT_EXAMPLES, tmp_path / "ex", per_task=1)
+    loaded = []
+    real = KimiVL.from_pretrained.__func__
+    monkeypatch.setattr(KimiVL, "from_pretrained", classmethod(lambda cls, *a, **k: loaded.append(real(cls, *a, **k))
+                                                               or loaded[-1]))
+    run_demo(demo_model, tmp_path / "ex", max_new_tokens=1, progress=False)
+    assert [m.dtype for m in loaded] == [torch.float32]
     slow_cpu(monkeypatch, slowdown=1.0)
-    assert KimiVL.from_pretrained(tmp_path).dtype == torch.bfloat16
+    run_demo(demo_model, tmp_path / "ex", max_new_tokens=1, progress=False)
+    assert _load(str(tmp_path), None, "cpu")[0].dtype == torch.bfloat16
+    assert [m.dtype for m in loaded] == [torch.float32, torch.bfloat16, torch.bfloat16]

@@ -75,8 +75,10 @@ class KimiVLLmms(_Base):
             import torch
 
             from kimivl import KimiVL, KimiVLProcessor
+            from kimivl.precision import checkpoint_load_dtype
 
-            model = KimiVL.from_pretrained(pretrained, dtype=getattr(torch, dtype) if dtype else None, device=device)
+            dtype = checkpoint_load_dtype(pretrained, device, getattr(torch, dtype) if dtype else None)
+            model = KimiVL.from_pretrained(pretrained, dtype=dtype, device=device)
             processor = KimiVLProcessor.from_pretrained(pretrained)
         self.model, self.processor = model.eval(), processor
         self.batch_size_per_gpu = int(batch_size) if str(batch_size).isdigit() else 1  # "auto" -> 1

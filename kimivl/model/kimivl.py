@@ -12,11 +12,11 @@ from torch import nn
 from kimivl.checkpoint import load_checkpoint, save_checkpoint
 from kimivl.config import KimiVLConfig
 from kimivl.model.language_model import LanguageModel
-from kimivl.model.moe import GroupedExperts, Router
+from kimivl.model.moe import GroupedExperts, Router, to_dtype
 from kimivl.model.moonvit import MoonViT, patch_merge
 from kimivl.model.projector import Projector
 from kimivl.model.target_logprobs import next_token_loss
-from kimivl.precision import load_dtype
+from kimivl.precision import held_dtype, stored_dtype
 
 
 @dataclass
@@ -121,14 +121,14 @@ class KimiVL(nn.Module):
     def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | None = None,
                         device: str | torch.device = "cpu") -> KimiVL:
         """Load an official-format checkpoint directory. The model is built on the meta device and filled
-        shard by shard, so weights are held once. ``dtype`` defaults to the config's ``torch_dtype``, or float32 on a
-        CPU that multiplies bf16 slowly (``kimivl.precision.load_dtype``)."""
+        shard by shard, so weights are held once. ``dtype`` defaults to the stored one (the config's ``torch_dtype``;
+        float16 becomes bfloat16 on CPU); the routers stay float32 (``to_dtype``). The command line and the demo pick
+        float32 on a CPU that multiplies bf16 slowly (``kimivl.precision.checkpoint_load_dtype``)."""
         config = KimiVLConfig.from_pretrained(path)
         with torch.device("meta"):
             model = cls(config)
-        stored = getattr(torch, config.text_config.torch_dtype, torch.bfloat16)
-        dtype = load_dtype(stored, device, sum(p.numel() for p in model.parameters()), dtype)
-        model = model.to(dtype).to_empty(device=torch.device(device))
+        dtype = held_dtype(stored_dtype(config), device, dtype)
+        model = to_dtype(model, dtype).to_empty(device=torch.device(device))
         load_checkpoint(model, path)
         return model.eval()
 

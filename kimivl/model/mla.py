@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from kimivl.config import TextConfig
-from kimivl.model.attention import causal_attention, varlen_attention
+from kimivl.kernels import attention
 from kimivl.model.norm import RMSNorm
 
 
@@ -72,27 +72,20 @@ class MLA(nn.Module):
         k_nope, v_BKHE = kv.split([self.nope_dim, self.v_dim], dim=-1)
         q_BSHD = torch.cat([q_nope, q_rope], dim=-1)
         k_BKHD = torch.cat([k_nope, kr_BKR[:, :, None].expand(-1, -1, self.n_heads, -1)], dim=-1)
-        if cu_seqlens is not None:
-            if b != 1 or cache is not None:
-                raise ValueError("packed attention (cu_seqlens) takes one packed row and no cache")
-            o = varlen_attention(q_BSHD[0], k_BKHD[0], v_BKHE[0], cu_seqlens, causal=True, scale=self.scale)[None]
-        else:
-            o = causal_attention(q_BSHD.transpose(1, 2), k_BKHD.transpose(1, 2), v_BKHE.transpose(1, 2),
-                                 scale=self.scale, key_valid_BK=key_valid_BK).transpose(1, 2)
+        if cu_seqlens is not None and (b != 1 or cache is not None):
+            raise ValueError("packed attention (cu_seqlens) takes one packed row and no cache")
+        o = attention(q_BSHD, k_BKHD, v_BKHE, scale=self.scale, cu_seqlens=cu_seqlens, key_valid_BK=key_valid_BK)
         return self.o_proj(o.reshape(b, s, self.n_heads * self.v_dim))
 
     def _absorbed(self, q_nope_BSHN, q_rope_BSHR, ckr_BKX, key_valid_BK):
         """Attention straight on the compressed cache ``[latent | rope key]``: kv_b_proj's key half is folded into
         the query and its value half applied after, so per-head keys and values are never built (one shared
-        576-wide key). On CPU the attention itself runs in float32, where SDPA's kernel is many times faster."""
+        576-wide key)."""
         w_HXC = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_rank)
         w_uk_HNC, w_uv_HEC = w_HXC.split([self.nope_dim, self.v_dim], dim=1)
         q_lat_BHSC = torch.einsum("bshn,hnc->bhsc", q_nope_BSHN, w_uk_HNC)
-        q_BHSX = torch.cat([q_lat_BHSC, q_rope_BSHR.transpose(1, 2)], dim=-1)
-        k_B1KX = ckr_BKX[:, None]
-        if not k_B1KX.is_cuda:
-            q_BHSX, k_B1KX = q_BHSX.float(), k_B1KX.float()
-        o_BHSC = causal_attention(q_BHSX, k_B1KX, k_B1KX[..., : self.kv_rank], scale=self.scale,
-                                  key_valid_BK=key_valid_BK).to(q_nope_BSHN.dtype)
-        o_BSHE = torch.einsum("bhsc,hec->bshe", o_BHSC, w_uv_HEC)
+        q_BSHX = torch.cat([q_lat_BHSC, q_rope_BSHR.transpose(1, 2)], dim=-1).transpose(1, 2)
+        k_BK1X = ckr_BKX[:, :, None]
+        o_BSHC = attention(q_BSHX, k_BK1X, k_BK1X[..., : self.kv_rank], scale=self.scale, key_valid_BK=key_valid_BK)
+        o_BSHE = torch.einsum("bshc,hec->bshe", o_BSHC, w_uv_HEC)
         return self.o_proj(o_BSHE.flatten(2))

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kimivl.config import TextConfig
+from kimivl.kernels import grouped_swiglu
 
 
 class SwiGLU(nn.Module):
@@ -30,7 +31,8 @@ class SwiGLU(nn.Module):
 
 class Router(nn.Module):
     """Sigmoid scores; choice by score + ``e_score_correction_bias`` within the best groups; weights from the
-    unbiased scores. Kept in float32 whatever dtype the model is cast to (the bias moves in tiny steps)."""
+    unbiased scores. Held in float32 whatever dtype the rest of the model takes (the bias moves in tiny steps):
+    kimivl casts models with ``to_dtype``, which leaves the routers alone."""
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
@@ -38,15 +40,6 @@ class Router(nn.Module):
         self.norm_topk_prob, self.scaling = cfg.norm_topk_prob, cfg.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts))
-
-    def _apply(self, fn, recurse=True):
-        before = (self.weight.data, self.e_score_correction_bias)
-        super()._apply(fn, recurse)
-        after = (self.weight.data, self.e_score_correction_bias)
-        # follow device moves, never dtype casts: restore the float32 originals rather than round-trip them
-        kept = [a.float() if b.is_meta or a.is_meta else b.to(a.device, torch.float32) for b, a in zip(before, after)]
-        self.weight.data, self.e_score_correction_bias = kept
-        return self
 
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (weights (T, k) float32, expert ids (T, k), scores (T, E) float32)."""
@@ -64,6 +57,19 @@ class Router(nn.Module):
         if self.norm_topk_prob:
             w_TK = w_TK / (w_TK.sum(-1, keepdim=True) + 1e-20)
         return w_TK * self.scaling, idx_TK, scores_TE
+
+
+def to_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``model.to(dtype)`` except the routers' weights and ``e_score_correction_bias``, which stay as they are
+    (float32), never rounded through ``dtype``; returns ``model``. A plain ``model.to(dtype)`` casts the routers too
+    (the router still scores in float32, from the rounded values); device moves such as ``model.to("cuda")`` change
+    no dtype, so routers kept in float32 stay float32."""
+    if not dtype.is_floating_point:
+        raise ValueError(f"a model is cast to a floating-point dtype, not {dtype}")
+    for module in model.modules():
+        if not isinstance(module, Router):
+            module._apply(lambda t: t.to(dtype) if t.is_floating_point() else t, recurse=False)
+    return model
 
 
 class GroupedExperts(nn.Module):
@@ -85,41 +91,8 @@ class GroupedExperts(nn.Module):
         return out
 
     def forward(self, x_TD: torch.Tensor, idx_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
-        t, k = idx_TK.shape
-        flat_idx = idx_TK.reshape(-1)
-        order = flat_idx.argsort(stable=True)
-        counts = torch.bincount(flat_idx, minlength=self.n_experts)
-        token, weight = order // k, w_TK.reshape(-1)[order]
-        source = x_TD
-        if not x_TD.is_cuda:
-            counts, token, weight = _pad_groups(counts, token, weight, flat_idx[order], t)
-            source = F.pad(x_TD, (0, 0, 0, 1))  # row t: zeros, for the padding slots
-        offsets = counts.cumsum(0).to(torch.int32)
-        device = x_TD.device.type  # grouped matmuls are not autocast ops: follow autocast by hand
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x_TD.dtype
-        x_ND = source.index_select(0, token).to(dtype)
-        gate_up_N2I = torch._grouped_mm(x_ND, self.gate_up_proj.to(dtype).transpose(1, 2), offs=offsets)
-        gate, up = gate_up_N2I.chunk(2, dim=-1)
-        # the routing weight scales the hidden activation (down_proj is linear): no full-width float32 copy
-        h_NI = F.silu(gate) * up * weight[:, None].to(dtype)
-        y_ND = torch._grouped_mm(h_NI, self.down_proj.to(dtype).transpose(1, 2), offs=offsets)
-        return torch.zeros_like(source).index_add_(0, token, y_ND.to(x_TD.dtype))[:t]
-
-
-CPU_GROUP_ROWS = 32  # on CPU each expert's rows are padded to a multiple of this
-
-
-def _pad_groups(counts, token, weight, expert, t):
-    """Each expert's run of rows padded (with token ``t``, a zero row, and weight 0) to a multiple of
-    ``CPU_GROUP_ROWS``. The CPU grouped matmul prepares one kernel per distinct group size, which costs more than the
-    multiply itself when sizes change every batch; rounded sizes recur, and the padding rows contribute nothing."""
-    padded = (counts + CPU_GROUP_ROWS - 1) // CPU_GROUP_ROWS * CPU_GROUP_ROWS
-    rank = torch.arange(len(token), device=token.device) - (counts.cumsum(0) - counts)[expert]
-    slot = (padded.cumsum(0) - padded)[expert] + rank
-    total = int(padded.sum())
-    token_padded = token.new_full((total,), t).index_copy(0, slot, token)
-    weight_padded = weight.new_zeros(total).index_copy(0, slot, weight)
-    return padded, token_padded, weight_padded
+        """Each token through its ``idx_TK`` experts, weighted by ``w_TK`` and summed: (T, D)."""
+        return grouped_swiglu(x_TD, idx_TK, w_TK, self.gate_up_proj, self.down_proj)
 
 
 def _split_experts(module: GroupedExperts, state_dict, prefix, local_metadata):

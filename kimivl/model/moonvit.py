@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kimivl.config import VisionConfig
-from kimivl.model.attention import varlen_attention
+from kimivl.kernels import attention
 from kimivl.model.recompute import run_layer
 
 MAX_GRID = 512  # size of the released RoPE table: grids with h or w >= this are rejected (spec §3 step 3)
@@ -158,8 +158,8 @@ class EncoderBlock(nn.Module):
         n, c = x_NC.shape
         qkv_N3HD = self.wqkv(self.norm0(x_NC)).view(n, 3, self.num_heads, self.head_dim)
         qk_N2HD = apply_rope_2d(qkv_N3HD[:, :2], freqs_NP)
-        out_NHD = varlen_attention(qk_N2HD[:, 0], qk_N2HD[:, 1], qkv_N3HD[:, 2], cu_seqlens,
-                                   causal=False, scale=1.0 / math.sqrt(self.head_dim))
+        out_NHD = attention(qk_N2HD[None, :, 0], qk_N2HD[None, :, 1], qkv_N3HD[None, :, 2], causal=False,
+                            scale=1.0 / math.sqrt(self.head_dim), cu_seqlens=cu_seqlens)[0]
         x_NC = x_NC + self.wo(out_NHD.reshape(n, c))
         return x_NC + self.mlp(self.norm1(x_NC))
 

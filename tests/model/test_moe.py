@@ -1,7 +1,10 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
-from kimivl.model.moe import CPU_GROUP_ROWS, GroupedExperts, _pad_groups
+from kimivl.config import KimiVLConfig
+from kimivl.model.language_model import LanguageModel
+from kimivl.model.moe import GroupedExperts, to_dtype
 
 
 def _reference(experts: GroupedExperts, x, idx, w):
@@ -36,13 +39,42 @@ def test_grouped_experts_equal_a_per_token_loop_with_padded_groups():
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
-def test_pad_groups_rounds_each_expert_up_with_empty_rows():
-    counts = torch.tensor([3, 0, 33])
-    expert = torch.tensor([0] * 3 + [2] * 33)
-    token = torch.arange(36)
-    weight = torch.ones(36)
-    padded, token_p, weight_p = _pad_groups(counts, token, weight, expert, t=99)
-    assert padded.tolist() == [CPU_GROUP_ROWS, 0, 2 * CPU_GROUP_ROWS]
-    assert token_p[:3].tolist() == [0, 1, 2] and set(token_p[3:CPU_GROUP_ROWS].tolist()) == {99}
-    assert token_p[CPU_GROUP_ROWS:CPU_GROUP_ROWS + 33].tolist() == list(range(3, 36))
-    assert weight_p.sum() == 36 and (weight_p[token_p == 99] == 0).all()
+def tiny_lm():
+    cfg = KimiVLConfig.from_preset("tiny").text_config
+    torch.manual_seed(0)
+    lm = LanguageModel(cfg)
+    with torch.no_grad():
+        for p in lm.parameters():
+            p.normal_(0, 0.02)
+        for layer in lm.model.layers[1:]:
+            layer.mlp.gate.e_score_correction_bias.normal_(0, 0.05)
+    return cfg, lm
+
+
+def test_router_stays_exact_float32_through_the_explicit_cast_and_device_moves():
+    _, lm = tiny_lm()
+    gate = lm.model.layers[1].mlp.gate
+    w, b = gate.weight.detach().clone(), gate.e_score_correction_bias.clone()
+    assert to_dtype(lm, torch.bfloat16) is lm
+    assert gate.weight.dtype == torch.float32 and torch.equal(gate.weight, w)
+    assert torch.equal(gate.e_score_correction_bias, b)
+    assert lm.model.layers[1].self_attn.q_proj.weight.dtype == torch.bfloat16
+    assert lm.model.layers[1].mlp.experts.gate_up_proj.dtype == torch.bfloat16
+    lm.to("meta")  # a device move changes no dtype
+    assert gate.weight.dtype == gate.e_score_correction_bias.dtype == torch.float32 and gate.weight.is_meta
+    assert lm.model.layers[1].self_attn.q_proj.weight.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="floating-point dtype, not torch.int64"):
+        to_dtype(lm, torch.int64)
+
+
+def test_a_plain_cast_rounds_the_router_too():
+    """model.to(dtype) is PyTorch's: the routers take the dtype as well (their values rounded); they still score in
+    float32."""
+    cfg, lm = tiny_lm()
+    gate = lm.model.layers[1].mlp.gate
+    w = gate.weight.detach().clone()
+    lm.to(torch.bfloat16)
+    assert gate.weight.dtype == gate.e_score_correction_bias.dtype == torch.bfloat16
+    assert torch.equal(gate.weight.float(), w.bfloat16().float())
+    x = torch.randn(5, cfg.hidden_size).bfloat16()
+    assert gate(x)[2].dtype == torch.float32

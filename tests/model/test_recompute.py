@@ -71,3 +71,23 @@ def test_recompute_only_where_gradients_flow_and_never_with_a_cache(tiny_model, 
     tiny_model.language_model(tiny_model.embed(ids), cache=cache)  # gradients on, but a cache: prefill as usual
     assert not calls
     tiny_model.set_recompute(False)
+
+
+def test_recompute_keeps_the_attention_path_of_its_forward(tiny_model):
+    """A layer's forward recomputed in backward takes the attention path of its forward, even when backward runs
+    outside training_attention: the same gradients as without recompute."""
+    from kimivl import kernels
+
+    tiny_model.train()
+    ids = torch.randint(0, 3000, (2, 10), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for recompute in (False, True):
+        tiny_model.zero_grad()
+        tiny_model.set_recompute(recompute)
+        with kernels.training_attention():
+            loss = tiny_model(ids, labels=ids).loss
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in tiny_model.named_parameters() if p.grad is not None})
+    tiny_model.set_recompute(False)
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)

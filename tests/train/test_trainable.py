@@ -5,6 +5,7 @@ import torch
 
 from kimivl import KimiVL
 from kimivl.cli import main
+from kimivl.model.moe import to_dtype
 from kimivl.train.optim import build_optimizer
 from kimivl.train.trainable import hold_frozen_in_bf16, memory_plan, restore_float32, set_trainable
 
@@ -48,7 +49,7 @@ def test_memory_plan_is_what_training_holds(tiny_model):
                if isinstance(t, torch.Tensor))
     assert plan.optimizer == held
     assert all(p.grad is None for p in params if not p.requires_grad)
-    tiny_model.to(torch.bfloat16)  # the router keeps its float32 weights: each tensor counts in its own dtype
+    to_dtype(tiny_model, torch.bfloat16)  # the routers stay float32: each tensor counts in its own dtype
     weights = memory_plan(tiny_model).weights
     assert weights == sum(p.numel() * p.element_size() for p in params) and 2 * plan.total < weights < 2.01 * plan.total
 
@@ -90,7 +91,8 @@ def loss_and_grads(model, ids):
 
 
 def test_frozen_bf16_weights_train_exactly_as_float32_in_half_the_memory(tiny_model):
-    tiny_model.to(torch.bfloat16).float().train()  # float32 holding bfloat16 values, as loaded from a bf16 checkpoint
+    to_dtype(tiny_model, torch.bfloat16).float().train()  # float32 holding bfloat16 values, as loaded from a bf16
+    # checkpoint
     set_trainable(tiny_model, ["language_model"], [EXPERTS, "*.self_attn.q_proj.*"])
     ids = torch.randint(0, tiny_model.config.text_config.vocab_size, (2, 16))
     before, plan = loss_and_grads(tiny_model, ids), memory_plan(tiny_model)
