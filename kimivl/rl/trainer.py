@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kimivl.inference.sampling import SamplingParams
+from kimivl.kernels import training_attention
 from kimivl.precision import autocast
 from kimivl.processing.processor import Encoded, KimiVLProcessor
 from kimivl.rl.objectives import group_baseline, group_normalised, grpo_loss, kl_estimate, length_reward, opmd_loss
@@ -204,7 +205,7 @@ class RLTrainer:
             self.optimizer.zero_grad(set_to_none=True)
             for row in pack_rows([len(prompts[i]) + len(responses[i]) for i in mb], cfg.budget):
                 idx = [mb[j] for j in row]
-                with self._autocast():
+                with self._autocast(), training_attention():
                     tokens = token_logprobs(self.policy, [prompts[i] for i in idx], [responses[i] for i in idx],
                                             *_images([images[i] for i in idx]), cfg.budget)
                 if cfg.objective == "opmd":

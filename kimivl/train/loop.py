@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import torch
 from tqdm.auto import tqdm
 
+from kimivl.kernels import training_attention
 from kimivl.model.moe import Router
 from kimivl.precision import autocast
 from kimivl.train.balance import ExpertLoadTracker
@@ -92,7 +93,7 @@ def train_loop(model: torch.nn.Module, loss_fn: LossFn, data: Batches, optimizer
             optimizer.zero_grad(set_to_none=True)
             losses, metered, n_tokens = [], [], 0
             for batch in micro:
-                with autocast(device, cfg.bf16):
+                with autocast(device, cfg.bf16), training_attention():
                     loss, values, n = loss_fn(model, to_device(batch, device))
                 check_loss(loss, where, state.last_good)
                 (loss / len(micro) if len(micro) > 1 else loss).backward()
