@@ -191,7 +191,10 @@ def load(data=None, processor=None, lengths=None, depths=DEFAULT_DEPTHS, kinds=K
                     yield Sample(index, messages, {**meta, **where})
 
 
-def score(prediction: str, meta: dict) -> dict:
+def score(prediction: str, meta: dict, mode: str = "official", extracted: str | None = None) -> dict:
+    """Recalled when the secret appears in the answer (both modes); ``extracted`` replaces the answer."""
+    if extracted is not None:
+        prediction = extracted
     answer = final_answer(prediction)
     found = answer is not None and re.search(rf"(?<!\d){meta['secret']}(?!\d)", answer) is not None
     return {"score": float(found), "extracted": answer}
@@ -204,7 +207,7 @@ def bucket_name(length: int) -> str:
     return f">{BUCKETS[-1][1] // 1024}K"
 
 
-def summarize(rows: list[dict]) -> dict[str, float]:
+def summarize(rows: list[dict], mode: str = "official") -> dict[str, float]:
     """``recall/<kind>`` and ``recall/<kind>/<bucket>`` in percent."""
     groups: dict[str, list[float]] = defaultdict(list)
     for r in rows:

@@ -10,8 +10,9 @@ from pathlib import Path
 from kimivl.files import write_text_atomic
 
 
-def accuracy(rows: list[dict]) -> dict[str, float]:
-    """``accuracy`` (percent of the mean row score) and ``accuracy/<group>`` for each row group present."""
+def accuracy(rows: list[dict], mode: str = "official") -> dict[str, float]:
+    """``accuracy`` (percent of the mean row score) and ``accuracy/<group>`` for each row group present (the same
+    in both scoring modes)."""
     out = {"accuracy": 100 * sum(r["score"] for r in rows) / max(1, len(rows))}
     groups: dict[str, list[float]] = defaultdict(list)
     for r in rows:
