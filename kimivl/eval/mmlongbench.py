@@ -230,33 +230,33 @@ def _as_list(value) -> list:
     return value if isinstance(value, list) else [value]
 
 
+_RAISES = (ValueError, TypeError, SyntaxError, IndexError, MemoryError, RecursionError, OverflowError)
+
+
 def official_score(gold: str, pred: str, fmt: str) -> float:
-    """``eval_score(gold, pred, fmt)``; a rule that raises scores 0."""
-    try:
-        if fmt == "Int":
-            try:
-                return float(int(gold) == int(float(pred)))
-            except (ValueError, TypeError, OverflowError):
-                return float(gold == "")
-        if fmt == "Float":
-            try:
-                gold = float(_clean(gold))
-                pred = float(_clean(pred))
-            except ValueError:
-                pred = ""
-            return float(_official_float_equal(gold, pred))
-        if fmt in ("Str", "None"):
-            gold, pred = _clean(gold), _clean(pred)
-            return float(gold == pred) if _exact_kind(gold) else official_anls(gold, pred)
-        golds, preds = _as_list(gold), _as_list(pred)
-        if len(golds) != len(preds):
-            return 0.0
-        golds, preds = sorted(_clean(a) for a in golds), sorted(_clean(a) for a in preds)
-        if _isfloat(golds[0]) or _exact_kind(golds[0]):
-            return float("-".join(golds) == "-".join(preds))
-        return float(min(official_anls(g, p) for g, p in zip(golds, preds)))
-    except (ValueError, TypeError, SyntaxError, IndexError, MemoryError, RecursionError, OverflowError):
+    """``eval_score(gold, pred, fmt)``; raises where it raises (a gold or answer that does not convert)."""
+    if fmt == "Int":
+        try:
+            return float(int(gold) == int(float(pred)))
+        except (ValueError, TypeError, OverflowError):
+            return float(gold == "")
+    if fmt == "Float":
+        try:
+            gold = float(_clean(gold))
+            pred = float(_clean(pred))
+        except ValueError:
+            pred = ""
+        return float(_official_float_equal(gold, pred))
+    if fmt in ("Str", "None"):
+        gold, pred = _clean(gold), _clean(pred)
+        return float(gold == pred) if _exact_kind(gold) else official_anls(gold, pred)
+    golds, preds = _as_list(gold), _as_list(pred)
+    if len(golds) != len(preds):
         return 0.0
+    golds, preds = sorted(_clean(a) for a in golds), sorted(_clean(a) for a in preds)
+    if _isfloat(golds[0]) or _exact_kind(golds[0]):
+        return float("-".join(golds) == "-".join(preds))
+    return float(min(official_anls(g, p) for g, p in zip(golds, preds)))
 
 
 def _isfloat(text: str) -> bool:
@@ -268,11 +268,9 @@ def _isfloat(text: str) -> bool:
 
 
 def _extractor_reply(text: str) -> str:
-    """The answer cut out of an extractor's reply as ``run_lvlm.py`` cuts it ("Failed to extract" when it fails)."""
-    try:
-        return text.split("Answer format:")[0].split("Extracted answer:")[1].strip()
-    except IndexError:
-        return "Failed to extract"
+    """The answer cut out of an extractor's reply ("Extracted answer: X\nAnswer format: Y") as ``run_lvlm.py``
+    cuts it."""
+    return text.split("Answer format:")[0].split("Extracted answer:")[1].strip()
 
 
 def score(prediction: str, meta: dict, mode: str = "official", extracted: str | None = None) -> dict:
@@ -282,7 +280,10 @@ def score(prediction: str, meta: dict, mode: str = "official", extracted: str | 
             pred = _extractor_reply(extracted) if "Extracted answer:" in extracted else extracted
         else:
             pred = stand_in(official_text(prediction), meta["format"])
-        value = 0.0 if pred == "Failed to extract" else official_score(meta["answer"], pred, meta["format"])
+        try:
+            value = official_score(meta["answer"], pred, meta["format"])
+        except _RAISES:  # run_lvlm.py: a failure to score is a score of 0 and a failed extraction
+            value, pred = 0.0, "Failed to extract"
         return {"score": value, "extracted": pred, "answered": pred != NOT_ANSWERABLE}
     answer = final_answer(prediction) if extracted is None else extracted
     if answer is None:
@@ -304,7 +305,7 @@ def score(prediction: str, meta: dict, mode: str = "official", extracted: str | 
             value = float(_float_equal(target[0], found[0]))
     elif fmt == "List":
         golds, items = sorted(_items(gold)), sorted(_items(said))
-        value = 0.0 if len(golds) != len(items) else min(_item_score(g, s) for g, s in zip(golds, items))
+        value = 0.0 if len(golds) != len(items) else min((_item_score(g, s) for g, s in zip(golds, items)), default=1.0)
     else:
         value = _str_score(gold, said)
     return {"score": value, "extracted": said, "answered": answered}
