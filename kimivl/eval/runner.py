@@ -12,6 +12,7 @@ an LLM), which the scorers use instead of parsing the prediction; ``mode`` picks
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
@@ -74,6 +75,19 @@ def read_prediction_records(path: str | os.PathLike, repair: bool = False) -> di
             raise ValueError(f"{path}:{lineno}: expected a JSON object with 'index', a string 'prediction' and "
                              "optionally a string 'extracted'") from None
     return out
+
+
+def checkpoint_fingerprint(path: str | os.PathLike) -> str:
+    """A cheap identity of a checkpoint directory: sha256 over its ``config.json``, its weight index (if any) and
+    the names and sizes of its weight files (no weights are read)."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    for name in ("config.json", "model.safetensors.index.json"):
+        if (path / name).is_file():
+            digest.update(name.encode() + b"\0" + (path / name).read_bytes() + b"\0")
+    for weights in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
+        digest.update(f"{weights.name}:{weights.stat().st_size}\0".encode())
+    return digest.hexdigest()
 
 
 def _check_run(pred_path: Path, run_path: Path, settings: dict, overwrite: bool) -> None:
@@ -153,6 +167,8 @@ def run_task(task: Task, samples: Iterable[Sample | Skipped], out_dir: str | os.
     metas: dict[str, dict] = {}
     skipped: list[Skipped] = []
     batch: list[Sample] = []
+    if total is None and hasattr(samples, "__len__"):
+        total = len(samples)
     total = min(x for x in (total, limit) if x is not None) if total is not None or limit is not None else None
     bar = tqdm(desc=task.name, unit="row", total=total, disable=not progress)
 

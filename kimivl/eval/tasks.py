@@ -52,14 +52,22 @@ class Task:
         return [self.score(p, m, mode=mode, extracted=e) for p, m, e in items]
 
 
-def _synthetic_load(data, task: str | None = None, **_):
+def _synthetic_load(data, task: str | None = None, **_) -> list[Sample]:
+    """The held-out questions, interleaved across tasks (so ``--limit N`` takes rows of every task), or those of
+    ``task``; an unknown ``task`` is an error listing the tasks the data holds."""
+    by_task: dict[str, list[Sample]] = {}
     for record in synthetic.heldout_records(data):
         meta = record.get("meta") or {}
-        if task and meta.get("task") != task:
-            continue
         messages = record["messages"]
         prompt = messages[:-1] if messages[-1]["role"] == "assistant" else messages
-        yield Sample(record.get("id"), prompt, {**meta, "group": meta.get("task", "")})
+        by_task.setdefault(meta["task"], []).append(Sample(record.get("id"), prompt, {**meta, "group": meta["task"]}))
+    if task is not None:
+        if task not in by_task:
+            raise ValueError(f"unknown synthetic task {task!r}; {data} holds: {', '.join(sorted(by_task))} "
+                             "(use --task synthetic:<one of them>, or synthetic for all)")
+        return by_task[task]
+    queues = list(by_task.values())
+    return [queue[i] for i in range(max(map(len, queues))) for queue in queues if i < len(queue)]
 
 
 def _synthetic_score(prediction: str, meta: dict, mode: str = "official", extracted: str | None = None) -> dict:
