@@ -174,3 +174,34 @@ def test_niah_score_needs_the_whole_secret():
     assert niah.score("The number is 4821337.", meta)["score"] == 1.0
     assert niah.score("14821337", meta)["score"] == 0.0
     assert niah.score("482133", meta)["score"] == 0.0
+
+
+def test_numbers_in_brackets_are_separate_not_thousands():
+    assert numbers("(250,250)") == [250.0, 250.0]
+    assert numbers("[5,100] or [5, 100, 7]") == [5.0, 100.0, 5.0, 100.0, 7.0]
+    assert numbers("a box [100,200,300,400]") == [100.0, 200.0, 300.0, 400.0]
+    assert numbers("1,200 metres and (1,234)") == [1200.0, 1.0, 234.0]
+    assert numbers("250,250 people") == [250250.0]  # outside brackets a comma still groups thousands
+    assert numbers("click 250,250", thousands=False) == [250.0, 250.0]
+    meta = {"type": "open", "answer": ["250"], "seed": "1"}
+    assert lenient(mmmu)("The point is (250,250)", meta)["score"] == 1.0
+
+
+def test_i_and_a_as_words_are_not_options():
+    nine = {k: f"option {k}" for k in "ABCDEFGHI"}
+    assert parse_option("I think the answer is B", nine) == "B"
+    assert parse_option("I believe (E) is right", nine) == "E"
+    assert parse_option("A cat sits on C", nine) == "C"
+    assert parse_option("I", nine) == "I" and parse_option("(I)", nine) == "I" and parse_option("I.", nine) == "I"
+    assert parse_option("The answer is I", nine) == "I"
+    assert parse_option("I don't know", nine) is None
+    assert parse_option("B is correct", nine) == "B"
+
+
+def test_screenspot_lenient_reads_qwen_boxes_and_boxes_without_spaces():
+    meta = {"box": [0.2, 0.2, 0.5, 0.5], "size": [200, 100]}
+    assert lenient(screenspot)("<box>(250,250),(450,450)</box>", meta)["extracted"] == [0.35, 0.35]
+    assert lenient(screenspot)("<box>(250, 250), (450, 450)</box>", meta)["score"] == 1.0
+    assert lenient(screenspot)("[50,25,90,45]", meta)["extracted"] == [0.35, 0.35]  # pixels, no spaces
+    assert lenient(screenspot)("(70,35)", meta)["score"] == 1.0
+    assert screenspot.score("(70,35)", meta)["score"] == 0.0  # official: points are taken as normalised
