@@ -241,6 +241,7 @@ def test_extracted_answers_and_the_scoring_mode_in_the_results(tmp_path, capsys)
         result = json.loads((out / "results.json").read_text())["ocrbench"]
         assert result["scoring"] == mode and result["metrics"]["score"] == pytest.approx(score)
         assert f"{mode} scoring" in capsys.readouterr().out
+        assert f"ocrbench {mode}" in (out / "results.md").read_text()
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"index": 0, "prediction": "x", "extracted": 3}\n')
     assert main(["eval", "--task", "ocrbench", "--data", str(data), "--predictions", str(bad)]) == 2
