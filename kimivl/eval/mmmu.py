@@ -16,9 +16,8 @@ reproduced rule for rule:
   ``random.Random(42)``, the seed the official module sets at import. ``score_rows`` draws these in the order of
   the official script run with ``--subject ALL``: subjects in the order of its ``CAT_SHORT2LONG`` table
   (Accounting, Agriculture, Architecture_and_Engineering, Art, ...; other subjects last), rows within a subject
-  in data order, one
-  shared stream; ``score`` alone draws the first number of a fresh stream (the official result for that row
-  scored alone). An unclosed reasoning is the empty answer, so it draws too.
+  in data order, one shared stream; ``score`` alone draws the first number of a fresh stream (the official result
+  for that row scored alone). An unclosed reasoning is the empty answer, so it draws too.
 - open (``parse_open_response`` + ``eval_open``): the answer, lower-cased, is split into lines; from each line the
   shortest tail after one of "could be ", "so ", "is ", "thus ", "therefore ", "final ", "answer ", "result " (and
   "=" on the last line) is a key response (the whole answer when there is none); the numbers in them (with
