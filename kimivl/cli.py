@@ -159,7 +159,12 @@ def _eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from kimivl import generate
-    from kimivl.eval.runner import EvalInterrupted, checkpoint_fingerprint, read_predictions, run_task
+    from kimivl.eval.runner import (
+        EvalInterrupted,
+        checkpoint_fingerprint,
+        read_predictions,
+        run_task,
+    )
     from kimivl.eval.tables import Sample
     from kimivl.eval.tasks import get_task
 

@@ -171,7 +171,7 @@ def stand_in(answer: str, fmt: str) -> str:
     said = after_cue(answer).strip()
     if _NOT_ANSWERABLE.search(normalize_text(said)) or _NOT_ANSWERABLE.search(normalize_text(answer)):
         return NOT_ANSWERABLE
-    said = said[:-1] if said.endswith(".") else said
+    said = said.removesuffix(".")
     if fmt in ("Int", "Float"):
         found = re.search(r"-?\d[\d,]*(?:\.\d+)?%?", said)
         return found.group().replace(",", "") if found else said

@@ -44,8 +44,8 @@ from kimivl.eval.answers import (
     final_answer,
     normalize_text,
     numbers,
-    parse_option,
     official_text,
+    parse_option,
     random_option,
 )
 from kimivl.eval.tables import (
@@ -130,14 +130,14 @@ def official_choice(response: str, options: dict[str, str]) -> str | None:
     response = f" {response} "
     letters = list(options)
     candidates = [c for c in letters if f"({c})" in response]
-    where = lambda c: response.rfind(f"({c})")  # noqa: E731
+    where = lambda c: response.rfind(f"({c})")
     if not candidates:
         candidates = [c for c in letters if f" {c} " in response]
-        where = lambda c: response.rfind(f" {c} ")  # noqa: E731
+        where = lambda c: response.rfind(f" {c} ")
     if not candidates and len(response.split()) > 5:
         lower = response.lower()
         candidates = [c for c in letters if options[c].lower() in lower]
-        where = lambda c: lower.rfind(options[c].lower())  # noqa: E731
+        where = lambda c: lower.rfind(options[c].lower())
     if not candidates:
         return None
     positions = [where(c) for c in candidates]

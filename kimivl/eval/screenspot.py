@@ -31,10 +31,9 @@ separate numbers); a click with a coordinate above 1 is in pixels and is divided
 
 from __future__ import annotations
 
+import re
 from functools import partial
 from pathlib import Path
-
-import re
 
 from kimivl.eval.answers import check_mode, final_answer, numbers, official_text
 from kimivl.eval.tables import (

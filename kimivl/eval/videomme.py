@@ -24,10 +24,9 @@ letter A-D standing alone (not inside a word) is the answer; accuracy over every
 from __future__ import annotations
 
 import re
+from collections import defaultdict
 from functools import partial
 from pathlib import Path
-
-from collections import defaultdict
 
 from kimivl.eval.answers import check_mode, final_answer, official_text
 from kimivl.eval.tables import RowError, Sample, literal_list, load_samples

@@ -185,8 +185,8 @@ def test_checkpoint_fingerprint_is_cheap_and_tells_checkpoints_apart(tmp_path):
 
 
 class FakeModel:
-    class config:  # noqa: N801
-        class text_config:  # noqa: N801
+    class config:
+        class text_config:
             max_position_embeddings = 4096
 
 

@@ -16,6 +16,7 @@ from kimivl.eval import (
 )
 from kimivl.eval.answers import answer_number, final_answer, numbers, parse_option
 
+
 def lenient(module):
     return partial(module.score, mode="lenient")
 
