@@ -148,8 +148,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     try:
         return _eval(args)
     except KeyboardInterrupt:
-        print(f"kimivl eval: interrupted; nothing more was written to {args.out}. Rerun the same command to resume.",
-              file=sys.stderr)
+        print(f"kimivl eval: interrupted; the predictions written so far stay in {args.out}. Rerun the same command "
+              "to resume.", file=sys.stderr)
         return 130
 
 

@@ -227,6 +227,14 @@ def test_cli_ctrl_c_keeps_predictions_and_says_how_to_resume(monkeypatch, tmp_pa
     assert "another run (max_new_tokens: 512 before, 64 now)" in err and "--overwrite" in err
     assert main([*args, "--max-new-tokens", "64", "--overwrite"]) == 0 and len(asked) == 8
 
+    def stopped(path, dtype, device):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("kimivl.cli._load", stopped)  # Ctrl-C while the model loads
+    assert main(args) == 130
+    err = capsys.readouterr().err
+    assert "interrupted; the predictions written so far stay in" in err and "Traceback" not in err
+
 
 def test_extracted_answers_and_the_scoring_mode_in_the_results(tmp_path, capsys):
     data = ocr_tsv(tmp_path / "ocr.tsv", n=3)
