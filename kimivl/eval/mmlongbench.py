@@ -163,7 +163,8 @@ def says_not_answerable(answer: str) -> bool:
 
 
 _NOT_ANSWERABLE = re.compile(r"\b(?:not answerable|unanswerable|can ?not be (?:answered|determined)|"
-                             r"not (?:mentioned|provided|found|given|stated|specified) in the (?:document|pdf|text|report))")
+                             r"not (?:mentioned|provided|found|given|stated|specified) "
+                             r"in the (?:document|pdf|text|report))")
 
 
 def stand_in(answer: str, fmt: str) -> str:

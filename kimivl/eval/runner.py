@@ -5,7 +5,8 @@ skips the indices already there (a line cut short by a kill is dropped), so ever
 once. ``OUT/<task>.run.json`` records what produced those predictions (model, checkpoint fingerprint, task, data,
 generation settings); a rerun with different settings is refused (``overwrite=True`` starts afresh), so one file
 never mixes two models' answers. A predictions line may carry an ``extracted`` answer (parsed elsewhere, e.g. by
-an LLM), which the scorers use instead of parsing the prediction; ``mode`` picks the official or lenient rules. ``OUT/<task>.scored.jsonl`` holds each row's extracted answer and score; ``OUT/results.json`` and
+an LLM), which the scorers use instead of parsing the prediction; ``mode`` picks the official or lenient rules.
+``OUT/<task>.scored.jsonl`` holds each row's extracted answer and score; ``OUT/results.json`` and
 ``OUT/results.md`` the metrics of every task run into ``OUT``. Malformed rows, rows whose generation failed
 (e.g. a prompt longer than the context) and rows without a prediction are listed with their reason, never scored.
 """

@@ -261,7 +261,8 @@ def test_a_small_base64_image_is_an_image_not_a_file_name(tmp_path):
     (tmp_path / "pic.png").write_bytes(small)
     assert image_bytes("pic.png", tmp_path) == str(tmp_path / "pic.png")
     rows = [{"index": "0", "image": cell, "question": "Word?", "answer": "['a']", "category": "c"},
-            {"index": "1", "image": b64(b"GIF89a-broken" * 30), "question": "Word?", "answer": "['b']", "category": "c"}]
+            {"index": "1", "image": b64(b"GIF89a-broken" * 30), "question": "Word?", "answer": "['b']",
+             "category": "c"}]
     samples, skipped = split(ocrbench.load(write_tsv(tmp_path / "OCRBench.tsv", rows)))
     assert [s.index for s in samples] == [0] and images_of(samples[0]) == [small]
     assert "not a readable image" in skipped[1]
