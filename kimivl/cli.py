@@ -154,11 +154,26 @@ def _data_paths(specs: list[str], tasks: list) -> dict[str, str]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    try:
+        return _eval(args)
+    except KeyboardInterrupt:
+        print(f"kimivl eval: interrupted; the predictions written so far stay in {args.out}. Rerun the same command "
+              "to resume.", file=sys.stderr)
+        return 130
+
+
+def _eval(args: argparse.Namespace) -> int:
     import logging
     from functools import partial
+    from pathlib import Path
 
     from kimivl import generate
-    from kimivl.eval.runner import read_predictions, run_task
+    from kimivl.eval.runner import (
+        EvalInterrupted,
+        checkpoint_fingerprint,
+        read_predictions,
+        run_task,
+    )
     from kimivl.eval.tables import Sample
     from kimivl.eval.tasks import get_task
 
@@ -172,8 +187,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError("--predictions re-scores one task at a time")
     if not args.predictions and not args.model:
         raise ValueError("give --model to generate answers, or --predictions to re-score saved ones")
-    model, processor, context = None, None, None
+    model, processor, context, fingerprint = None, None, None, None
     if args.model:
+        fingerprint = checkpoint_fingerprint(args.model)
         model, processor = _load(args.model, args.dtype, args.device)
         context = model.config.text_config.max_position_embeddings
     for task in tasks:
@@ -185,15 +201,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
         options = {k: v for k, v in options.items() if v is not None}
         source = data.get(task.name) or task.default_data
         if args.predictions and task.from_index:
-            samples = (Sample(k, [], task.from_index(k)) for k in read_predictions(args.predictions))
+            samples = [Sample(k, [], task.from_index(k)) for k in read_predictions(args.predictions)]
         else:
             samples = task.load(source, **options)
-        result = run_task(task, samples, args.out,
-                          generate_fn=answer,
-                          predictions=args.predictions, batch_size=args.batch_size, limit=args.limit,
-                          info={"model": args.model, "data": source})
+        settings = None
+        if not args.predictions:
+            settings = {"model": str(Path(args.model).resolve()), "checkpoint_fingerprint": fingerprint,
+                        "data": str(Path(source).resolve()) if source else None, "dtype": args.dtype,
+                        "max_new_tokens": max_new, "lengths": args.lengths, "depths": args.depths or None,
+                        "haystack": args.haystack, "trials": args.trials}
+        try:
+            result = run_task(task, samples, args.out, generate_fn=answer, predictions=args.predictions,
+                              batch_size=args.batch_size, limit=args.limit, mode=args.scoring, settings=settings,
+                              overwrite=args.overwrite, info={"model": args.model, "data": source})
+        except EvalInterrupted as e:
+            print(f"kimivl eval: interrupted; {e.kept} predictions of {e.task} kept in {e.path}. Rerun the same "
+                  "command to resume from there.", file=sys.stderr)
+            return 130
         metrics = "  ".join(f"{k}={v:.1f}" for k, v in result["metrics"].items() if "/" not in k)
-        print(f"{task.name}: {metrics}  (scored {result['scored']}, skipped {result['skipped']})")
+        print(f"{task.name}: {metrics}  (scored {result['scored']}, skipped {result['skipped']}, "
+              f"{args.scoring} scoring)")
+        if result.get("table"):
+            print(result["table"])
         for row in result["skipped_rows"][:5]:
             print(f"  skipped {row['index']}: {row['reason']}")
         if result["skipped"] > 5:
@@ -259,8 +288,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", help="checkpoint directory (not needed with --predictions)")
     ev.add_argument("--data", action="append", default=[], help="benchmark file or directory (TSV, parquet, JSON); "
                     "with several tasks TASK=FILE (repeatable)")
-    ev.add_argument("--predictions", help="re-score this JSONL of {index, prediction} without loading a model")
+    ev.add_argument("--predictions", help="re-score this JSONL of {index, prediction[, extracted]} without loading a "
+                    "model (extracted: an answer parsed elsewhere, e.g. by an LLM, scored by the rules)")
     ev.add_argument("--limit", type=int, help="only the first N rows of each task")
+    ev.add_argument("--scoring", choices=["official", "lenient"], default="official",
+                    help="official: each benchmark's own evaluation rules (default, comparable with published "
+                         "scores); lenient: kimivl's more forgiving answer parsing")
+    ev.add_argument("--overwrite", action="store_true",
+                    help="start afresh: drop the predictions already in --out for these tasks (needed when they "
+                         "come from another model, checkpoint, data or generation settings)")
     ev.add_argument("--out", default="runs/eval", help="output directory (default runs/eval)")
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--max-new-tokens", type=int, help="default 512 (32 for niah)")

@@ -1,7 +1,8 @@
 """Reading answers out of model text: the final answer of a thinking model, numbers, option letters.
 
-Every scorer starts from ``final_answer``: the text after ``◁/think▷`` (a reasoning block that never closes
-yields ``None``, no answer). The helpers are rule-based and deterministic; no model judges anything.
+Every scorer starts from ``final_answer`` (lenient scoring) or ``official_text`` (official scoring): the text
+after ``◁/think▷``; a reasoning block that never closes yields no answer. The helpers are rule-based and
+deterministic; no model judges anything.
 """
 
 from __future__ import annotations
@@ -10,10 +11,15 @@ import random
 import re
 import string
 
-from kimivl.processing.chat_template import THINK_OPEN, parse_thinking
+from kimivl.processing.chat_template import THINK_CLOSE, THINK_OPEN, parse_thinking
 
+MODES = ("official", "lenient")
 # "1,234.5", "-3", "0.25", ".5", "1e-3"
-_NUMBER = re.compile(r"(?<![\w.])[-+]?(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?(?:[eE][-+]?\d+)?|\.\d+)")
+_PLAIN = r"[-+]?(?:\d+(?:\.\d+)?(?:[eE][-+]?\d+)?|\.\d+)"
+_NUMBER = re.compile(rf"(?<![\w.])(?:[-+]?\d{{1,3}}(?:,\d{{3}})+(?:\.\d+)?(?![\d.])|{_PLAIN})")
+_PLAIN_NUMBER = re.compile(rf"(?<![\w.]){_PLAIN}")
+# "(250,250)", "[5,100, 7]": inside brackets, commas separate numbers (never thousands)
+_TUPLE = re.compile(rf"[(\[]\s*{_PLAIN}(?:\s*,\s*{_PLAIN})+\s*[)\]]")
 _CUE = re.compile(r"(?:the\s+)?(?:final\s+|correct\s+|best\s+)?(?:answer|option|choice)\s*(?:is|:)\s*:?",
                   re.IGNORECASE)
 OPTION_LETTERS = string.ascii_uppercase
@@ -27,15 +33,41 @@ def final_answer(prediction: str) -> str | None:
     return answer
 
 
+def check_mode(mode: str) -> str:
+    """``mode`` if it is a scoring mode, else a ``ValueError`` naming the choices."""
+    if mode not in MODES:
+        raise ValueError(f"unknown scoring mode {mode!r} (expected one of {', '.join(MODES)})")
+    return mode
+
+
+def official_text(prediction: str) -> str:
+    """The answer as an official script would receive it: a thinking model's output cut after ``◁/think▷``
+    (stripped), an unclosed reasoning as the empty answer, any other output unchanged (not even stripped)."""
+    if THINK_CLOSE not in prediction and THINK_OPEN not in prediction:
+        return prediction
+    return final_answer(prediction) or ""
+
+
 def after_cue(text: str) -> str:
     """The text after the last "answer is" / "Answer:" cue, or the whole text when there is none."""
     cues = list(_CUE.finditer(text))
     return text[cues[-1].end():].strip() if cues else text.strip()
 
 
-def numbers(text: str) -> list[float]:
-    """Every number written in ``text``, in order (thousands separators dropped)."""
-    return [float(m.group().replace(",", "")) for m in _NUMBER.finditer(text)]
+def numbers(text: str, thousands: bool = True) -> list[float]:
+    """Every number written in ``text``, in order. With ``thousands`` a comma between digit groups of three is a
+    thousands separator ("1,234.5"), except inside a bracketed tuple or list ("(250,250)", "[5,100]") where
+    commas separate numbers; without it, commas always separate numbers (coordinates)."""
+    if not thousands:
+        return [float(m.group()) for m in _PLAIN_NUMBER.finditer(text)]
+    found: list[tuple[int, float]] = []
+    end = 0
+    for tup in _TUPLE.finditer(text):
+        found += [(end + m.start(), float(m.group().replace(",", ""))) for m in _NUMBER.finditer(text[end:tup.start()])]
+        found += [(tup.start() + m.start(), float(m.group())) for m in _PLAIN_NUMBER.finditer(tup.group())]
+        end = tup.end()
+    found += [(end + m.start(), float(m.group().replace(",", ""))) for m in _NUMBER.finditer(text[end:])]
+    return [value for _, value in found]
 
 
 def answer_number(text: str) -> float | None:
@@ -58,7 +90,8 @@ def parse_option(text: str, options: dict[str, str]) -> str | None:
 
     In order: a bracketed letter "(B)"; a letter standing alone followed by ".", ")" or ":" ("B.", "B)");
     a lone letter word ("B"); the text of an option (the longest one contained). A capital letter inside a word
-    ("Because") never counts. Text after an answer cue ("The answer is ...") is searched first.
+    ("Because") never counts, nor "I" or "A" used as a word ("I think", "A cat"). Text after an answer cue ("The
+    answer is ...") is searched first.
     """
     letters = "".join(sorted(options))
     if not letters:
@@ -67,9 +100,9 @@ def parse_option(text: str, options: dict[str, str]) -> str | None:
         for pattern, flags in ((rf"\(([{letters}])\)", re.IGNORECASE),
                                (rf"(?<![\w])([{letters}])[.):](?!\w)", 0),
                                (rf"(?<![\w'])([{letters}])(?![\w'])", 0)):
-            found = re.search(pattern, region, flags)
-            if found:
-                return found.group(1).upper()
+            for found in re.finditer(pattern, region, flags):
+                if not (found.group(1) in "AI" and re.match(r"\s+[a-z]", region[found.end():])):  # "I think"
+                    return found.group(1).upper()
         norm = f" {normalize_text(region)} "
         hits = [(len(t), k) for k, t in options.items() if normalize_text(t) and f" {normalize_text(t)} " in norm]
         if hits:
@@ -80,3 +113,16 @@ def parse_option(text: str, options: dict[str, str]) -> str | None:
 def random_option(options: dict[str, str], seed: int | str) -> str:
     """A reproducible random letter for an unparsable answer (seeded per row)."""
     return random.Random(str(seed)).choice(sorted(options))
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance: the fewest single-character insertions, deletions and substitutions."""
+    if len(a) < len(b):
+        a, b = b, a
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]

@@ -6,10 +6,28 @@ null, ``answer``, ``question_type`` multi_choice/free_form, ``answer_type`` inte
 ``answer``, ``answer_option``, the same type columns). The prompt is ``query`` when the file has it, else the
 question with a hint for its answer type and its choices (unless the question already carries them).
 
-Extraction by type: multi_choice -> an option letter (parsed as for MMMU, or the option text); integer -> the
-answer's number truncated to an int; float -> the number rounded to ``precision`` decimals, compared with the
-gold answer rounded the same way; list -> the numbers of a bracketed list, element by element; text -> the
-normalised string. The number is the first after an "answer is" cue, else the last in the text.
+Scoring, ``mode="official"`` (the default): MathVista's own pipeline (github:lupantech/MathVista, commit
+53d525874bdde205128e6b160b7357a88277d479; ``evaluation/extract_answer.py`` and ``evaluation/calculate_score.py``,
+last changed in e999481), rule for rule:
+- extraction (``extract_answer`` with ``--quick_extract``): an empty answer is ""; a multi_choice answer that is
+  exactly one of the choices is kept; an integer question's answer that ``int()`` reads, a float question's that
+  ``float()`` reads, are kept (as ``str``); an answer holding ``The answer is "X".`` gives X. Everything else goes,
+  officially, to an LLM (GPT) with a few-shot prompt: MathVista's published scores NEED that LLM extraction.
+  kimivl has no model judge: give the LLM's extraction as the prediction's ``extracted`` field to score exactly
+  as published; without it kimivl's rule-based extraction stands in for the LLM (the letter of the chosen option,
+  the number after an "answer is" cue or the last one, the last bracketed list, the text after a cue).
+- normalisation (``normalize_extracted_answer``): multi_choice: a letter "(X)" is read as X; a letter among the
+  choices' letters selects that choice, anything else (the empty string too) the choice with the smallest
+  Levenshtein distance (the first on a tie, so "" picks the shortest choice); integer: ``str(int(float(x)))``;
+  float: ``str(round(float(x), precision))``; list: ``str(x)``; a value that does not convert is ``None``.
+- right when the normalised value ``==`` the dataset's ``answer`` string (so "0.6" is not "0.60"); accuracy over
+  every row. (free_form ``text`` questions do not occur in MathVista and the official code has no rule for them;
+  kimivl compares ``str(x)``.)
+
+``mode="lenient"`` (kimivl's own): multi_choice -> an option letter (parsed as for MMMU, or the option text);
+integer -> the answer's number truncated to an int; float -> the number rounded to ``precision`` decimals, compared
+with the gold answer rounded the same way; list -> the numbers of a bracketed list, element by element; text ->
+the normalised string. The number is the first after an "answer is" cue, else the last in the text.
 """
 
 from __future__ import annotations
@@ -21,9 +39,12 @@ from kimivl.eval.answers import (
     OPTION_LETTERS,
     after_cue,
     answer_number,
+    check_mode,
+    edit_distance,
     final_answer,
     normalize_text,
     numbers,
+    official_text,
     parse_option,
 )
 from kimivl.eval.tables import (
@@ -51,12 +72,14 @@ def parse_row(row: dict, index, file: Path) -> Sample:
         raise RowError(f"unknown answer_type {atype!r}")
     cell = next((row[k] for k in ("decoded_image", "image") if present(row.get(k))), None)
     image = image_bytes(cell, file.parent)
-    answer = str(row["answer"]).strip()
-    precision = int(float(row["precision"])) if present(row.get("precision")) else 2
+    raw_answer = row["answer"]
+    answer = str(raw_answer).strip()
+    precision = int(float(row["precision"])) if present(row.get("precision")) else None
     metadata = row["metadata"] if isinstance(row.get("metadata"), dict) else {}
     meta = {"question_type": qtype, "answer_type": atype, "precision": precision, "answer": answer,
+            "answer_text": raw_answer if isinstance(raw_answer, str) else str(raw_answer), "choices": None,
             "group": str(row.get("task") or metadata.get("task") or "")}
-    hint = HINTS[qtype if qtype == "multi_choice" else atype].format(p=precision)
+    hint = HINTS[qtype if qtype == "multi_choice" else atype].format(p=2 if precision is None else precision)
     text = str(row["question"])
     if qtype == "multi_choice":
         choices = [str(c) for c in literal_list(row.get("choices"))]
@@ -66,7 +89,7 @@ def parse_row(row: dict, index, file: Path) -> Sample:
         gold = str(row.get("answer_option") or "").strip() or next((k for k, v in options.items() if v == answer), "")
         if gold not in options:
             raise RowError(f"answer {answer!r} is not one of the choices")
-        meta.update(options=options, answer=gold)
+        meta.update(options=options, answer=gold, choices=choices)
         if "Choices:" not in text:
             text += "\nChoices:\n" + "\n".join(f"({k}) {v}" for k, v in options.items())
     if present(row.get("query")):
@@ -86,7 +109,7 @@ def _list(text: str) -> list[float] | None:
 
 
 def extract(answer: str, meta: dict):
-    """The comparable value in ``answer`` for the row's type, or ``None``."""
+    """The comparable value in ``answer`` for the row's type (lenient rules), or ``None``."""
     if meta["question_type"] == "multi_choice":
         return parse_option(answer, meta["options"])
     kind = meta["answer_type"]
@@ -97,13 +120,68 @@ def extract(answer: str, meta: dict):
     value = answer_number(answer)
     if value is None:
         return None
-    return int(value) if kind == "integer" else round(value, meta["precision"])
+    return int(value) if kind == "integer" else round(value, 2 if meta["precision"] is None else meta["precision"])
 
 
-def score(prediction: str, meta: dict) -> dict:
-    answer = final_answer(prediction)
+def _stand_in(answer: str, meta: dict) -> str:
+    """kimivl's rule-based extraction where the official pipeline asks an LLM: a string like the LLM's."""
+    if meta["question_type"] == "multi_choice":
+        return parse_option(answer, meta["options"]) or ""
+    kind = meta["answer_type"]
+    if kind == "list":
+        bracket = re.findall(r"\[[^\[\]]*\]", after_cue(answer))
+        return bracket[-1] if bracket else ""
+    if kind == "text":
+        return after_cue(answer).rstrip(".")
+    value = answer_number(answer)
+    return "" if value is None else str(int(value) if kind == "integer" and value == int(value) else value)
+
+
+def official_extraction(response: str, meta: dict) -> str:
+    """``extract_answer``'s rule-based steps (quick extraction on); where they decide nothing, ``_stand_in``."""
+    if response == "":
+        return ""
+    if meta["question_type"] == "multi_choice" and response in meta["choices"]:
+        return response
+    for kind, convert in (("integer", int), ("float", float)):
+        if meta["answer_type"] == kind:
+            try:
+                return str(convert(response))
+            except ValueError:
+                pass
+    quoted = re.search(r'The answer is "(.*)"\.', response)
+    if quoted:
+        return quoted.group(1)
+    return _stand_in(response, meta)
+
+
+def official_normalize(extraction, meta: dict) -> str | None:
+    """``normalize_extracted_answer``: the value the official code compares with the answer string."""
+    if meta["question_type"] == "multi_choice":
+        extraction = extraction.strip() if isinstance(extraction, str) else str(extraction)
+        letter = re.findall(r"\(([a-zA-Z])\)", extraction)
+        if letter:
+            extraction = letter[0].upper()
+        choices = meta["choices"]
+        letters = [chr(ord("A") + i) for i in range(len(choices))]
+        if extraction in letters:
+            return choices[letters.index(extraction)]
+        distances = [edit_distance(extraction, c) for c in choices]
+        return choices[distances.index(min(distances))]
+    try:
+        if meta["answer_type"] == "integer":
+            return str(int(float(extraction)))
+        if meta["answer_type"] == "float":
+            return str(round(float(extraction), int(meta["precision"])))
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return str(extraction)
+
+
+def _lenient(answer: str | None, meta: dict) -> dict:
     value = None if answer is None else extract(answer, meta)
     gold = meta["answer"]
+    precision = 2 if meta["precision"] is None else meta["precision"]
     if value is None:
         ok = False
     elif meta["question_type"] == "multi_choice":
@@ -111,9 +189,18 @@ def score(prediction: str, meta: dict) -> dict:
     elif meta["answer_type"] == "integer":
         ok = numbers(gold)[:1] == [value]
     elif meta["answer_type"] == "float":
-        ok = [round(g, meta["precision"]) for g in numbers(gold)[:1]] == [value]
+        ok = [round(g, precision) for g in numbers(gold)[:1]] == [value]
     elif meta["answer_type"] == "list":
         ok = _list(gold) == value
     else:
         ok = value == normalize_text(gold)
     return {"score": float(ok), "extracted": value}
+
+
+def score(prediction: str, meta: dict, mode: str = "official", extracted: str | None = None) -> dict:
+    """One row's score; ``extracted`` (e.g. an LLM's extraction) replaces the extraction from ``prediction``."""
+    if check_mode(mode) == "lenient":
+        return _lenient(final_answer(prediction) if extracted is None else extracted, meta)
+    extraction = official_extraction(official_text(prediction), meta) if extracted is None else extracted
+    value = official_normalize(extraction, meta)
+    return {"score": float(value == meta["answer_text"]), "extracted": extraction, "normalized": value}

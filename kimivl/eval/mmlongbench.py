@@ -7,7 +7,31 @@ base64). A PDF is rendered with PyMuPDF (``pip install pymupdf``) at ``dpi`` (de
 (default 120, MMLongBench-Doc's cap); a directory named after the document's stem holding page images
 (sorted by name) is used instead when present.
 
-Scoring, by the gold answer's type, after taking the text after an "answer is" cue:
+Scoring, ``mode="official"`` (the default): MMLongBench-Doc's ``eval/eval_score.py`` (github:mayubo2333/
+MMLongBench-Doc, commit d73f0dc0be7e0a2ff6a403d5fe65fcd96461f384, file last changed in 263f15d), rule for rule:
+- extraction: officially GPT-4o reads the answer out of the response (``eval/extract_answer.py`` with
+  ``prompt_for_answer_extraction.md``); MMLongBench-Doc's published scores NEED that LLM extraction. Give it as the
+  prediction's ``extracted`` field (either the bare answer or the extractor's whole reply "Extracted answer: X
+  Answer format: Y", which is cut as ``run_lvlm.py`` cuts it) to score exactly as published. Without it kimivl's
+  rule-based extraction stands in: the text after the last "answer is" cue without a final period; "Not
+  answerable" when the answer says it is not answerable (unanswerable, cannot be answered/determined, not
+  mentioned/provided/found in the document); for Int/Float the first number; for List a bracketed list, or the
+  comma/"and"-separated items written as a Python list.
+- ``eval_score(gold, extracted, answer_format)``: Int: ``int(gold) == int(float(pred))``; Float: both cleaned and
+  ``float``-ed, equal to the gold, the gold / 100 or x 100 within 1% relative (or rounded to the shorter of their
+  decimals, at least 2); Str and None (the "Not answerable" gold): both cleaned (lower-cased, stripped, "(...)"
+  removed, one leading and one trailing quote removed, a leading "$" and trailing "%" removed); exact equality for
+  golds that are URLs, .py/ipynb names, "page...", phone-like digit runs, a.m./p.m. times, YYYY-MM(-DD) dates and
+  e-mail addresses, else ANLS (1 - Levenshtein / longer length, 0 at or below 0.5); List: both read as Python lists
+  when they start with "[" (kimivl reads literals only, never evaluates; a non-list answer is a list of one), equal
+  length required, sorted cleaned items, compared joined by "-" exactly when the first gold is a number or an
+  exact-match kind, else the worst pairwise ANLS. A rule that raises (a gold or answer that does not convert)
+  scores 0, as ``run_lvlm.py``'s ``except`` does.
+- accuracy is the mean score over every row; ``eval_acc_and_f1``'s generalised F1: recall = the score summed over
+  the questions whose gold is not "Not answerable" / their number; precision = the same sum / the number of rows
+  whose extracted answer is not exactly "Not answerable"; F1 = 2PR/(P+R) (0 when a denominator is 0).
+
+``mode="lenient"`` (kimivl's own), by the gold answer's type, after taking the text after an "answer is" cue:
 - None: the gold is "Not answerable"; right when the answer says "not answerable" (or "unanswerable").
 - Int: the answer's first number, truncated, equals the gold integer.
 - Float: the first number is within 1% of the gold value, or of the gold x 100 or / 100 (percent forms).
@@ -15,18 +39,27 @@ Scoring, by the gold answer's type, after taking the text after an "answer is" c
   ANLS (1 - normalised edit distance, 0 below 0.5), a partial score.
 - List: the same number of items (read from "[a, b]" or a comma/"and" separated answer); sorted, items compare
   pairwise as numbers or by ANLS; the row scores the worst pair.
-Accuracy is the mean score. Generalised F1 (MMLongBench-Doc's): recall = mean score over answerable questions,
-precision = mean score over the questions the model answered (did not say "Not answerable"), F1 = 2PR/(P+R).
+Accuracy is the mean score. Generalised F1: recall = mean score over answerable questions, precision = mean score
+over the questions the model answered (did not say "Not answerable"), F1 = 2PR/(P+R).
 """
 
 from __future__ import annotations
 
+import ast
 import math
 import re
 from functools import partial
 from pathlib import Path
 
-from kimivl.eval.answers import after_cue, final_answer, normalize_text, numbers
+from kimivl.eval.answers import (
+    after_cue,
+    check_mode,
+    edit_distance,
+    final_answer,
+    normalize_text,
+    numbers,
+    official_text,
+)
 from kimivl.eval.report import accuracy
 from kimivl.eval.tables import (
     RowError,
@@ -93,13 +126,7 @@ def anls(gold: str, said: str, threshold: float = 0.5) -> float:
     a, b = normalize_text(gold), normalize_text(said)
     if not a and not b:
         return 1.0
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    similarity = 1 - prev[-1] / max(len(a), len(b))
+    similarity = 1 - edit_distance(a, b) / max(len(a), len(b))
     return similarity if similarity >= threshold else 0.0
 
 
@@ -135,8 +162,131 @@ def says_not_answerable(answer: str) -> bool:
     return "not answerable" in text or "unanswerable" in text
 
 
-def score(prediction: str, meta: dict) -> dict:
-    answer = final_answer(prediction)
+_NOT_ANSWERABLE = re.compile(r"\b(?:not answerable|unanswerable|can ?not be (?:answered|determined)|"
+                             r"not (?:mentioned|provided|found|given|stated|specified) "
+                             r"in the (?:document|pdf|text|report))")
+
+
+def stand_in(answer: str, fmt: str) -> str:
+    """kimivl's rule-based extraction where the official pipeline asks an LLM: a string like the LLM's answer."""
+    said = after_cue(answer).strip()
+    if _NOT_ANSWERABLE.search(normalize_text(said)) or _NOT_ANSWERABLE.search(normalize_text(answer)):
+        return NOT_ANSWERABLE
+    said = said.removesuffix(".")
+    if fmt in ("Int", "Float"):
+        found = re.search(r"-?\d[\d,]*(?:\.\d+)?%?", said)
+        return found.group().replace(",", "") if found else said
+    if fmt == "List" and not said.startswith("["):
+        return repr(_items(said))
+    return said
+
+
+def _clean(value) -> str:
+    text = str(value).lower().strip()
+    text = re.sub(r"\s*\([^)]*\)", "", text).strip()
+    text = re.sub(r"^['\"]|['\"]$", "", text).strip()
+    return text.strip().lstrip("$").strip().rstrip("%").strip()
+
+
+def _exact_kind(text: str) -> bool:
+    return ("https://" in text or text.endswith((".py", "ipynb")) or text.startswith("page")
+            or re.fullmatch(r"\b\d+(-\d+|\s\d+)?\b", text) is not None or "a.m." in text or "p.m." in text
+            or re.fullmatch(r"\b\d{4}[-\s]\d{2}[-\s]\d{2}\b", text) is not None
+            or re.fullmatch(r"\b\d{4}[-\s]\d{2}\b", text) is not None
+            or re.fullmatch(r"[a-zA-Z0-9._%+-]+@[a-zA-Z0-9.-]+\.[a-zA-Z]{2,}", text) is not None)
+
+
+def official_anls(gold: str, pred: str) -> float:
+    length = max(len(gold.upper()), len(pred.upper()))
+    value = 1.0 - (edit_distance(gold, pred) / length if length else 0.0)
+    return 0.0 if value <= 0.5 else value
+
+
+def _decimals(value: float) -> int:
+    text = str(value)
+    return len(text.split(".")[-1]) if "." in text else 3
+
+
+def _official_float_equal(gold, pred) -> bool:
+    gold = float(str(gold).strip().rstrip("%").strip())
+    try:
+        pred = float(str(pred).strip().rstrip("%").strip())
+    except ValueError:
+        return False
+    for item in (gold / 100, gold, gold * 100):
+        if math.isclose(item, pred, rel_tol=0.01):
+            return True
+        try:
+            places = max(min(_decimals(pred), _decimals(item)), 2)
+            if round(pred, places) == round(item, places):
+                return True
+        except (OverflowError, ValueError):
+            continue
+    return False
+
+
+def _as_list(value) -> list:
+    if isinstance(value, str) and value.startswith("["):
+        value = ast.literal_eval(value)  # the official code eval()s; kimivl never evaluates model output
+    return value if isinstance(value, list) else [value]
+
+
+_RAISES = (ValueError, TypeError, SyntaxError, IndexError, MemoryError, RecursionError, OverflowError)
+
+
+def official_score(gold: str, pred: str, fmt: str) -> float:
+    """``eval_score(gold, pred, fmt)``; raises where it raises (a gold or answer that does not convert)."""
+    if fmt == "Int":
+        try:
+            return float(int(gold) == int(float(pred)))
+        except (ValueError, TypeError, OverflowError):
+            return float(gold == "")
+    if fmt == "Float":
+        try:
+            gold = float(_clean(gold))
+            pred = float(_clean(pred))
+        except ValueError:
+            pred = ""
+        return float(_official_float_equal(gold, pred))
+    if fmt in ("Str", "None"):
+        gold, pred = _clean(gold), _clean(pred)
+        return float(gold == pred) if _exact_kind(gold) else official_anls(gold, pred)
+    golds, preds = _as_list(gold), _as_list(pred)
+    if len(golds) != len(preds):
+        return 0.0
+    golds, preds = sorted(_clean(a) for a in golds), sorted(_clean(a) for a in preds)
+    if _isfloat(golds[0]) or _exact_kind(golds[0]):
+        return float("-".join(golds) == "-".join(preds))
+    return float(min(official_anls(g, p) for g, p in zip(golds, preds)))
+
+
+def _isfloat(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _extractor_reply(text: str) -> str:
+    """The answer cut out of an extractor's reply ("Extracted answer: X\nAnswer format: Y") as ``run_lvlm.py``
+    cuts it."""
+    return text.split("Answer format:")[0].split("Extracted answer:")[1].strip()
+
+
+def score(prediction: str, meta: dict, mode: str = "official", extracted: str | None = None) -> dict:
+    """One row's score; ``extracted`` (e.g. an LLM's extraction) replaces the extraction from ``prediction``."""
+    if check_mode(mode) == "official":
+        if extracted is not None:
+            pred = _extractor_reply(extracted) if "Extracted answer:" in extracted else extracted
+        else:
+            pred = stand_in(official_text(prediction), meta["format"])
+        try:
+            value = official_score(meta["answer"], pred, meta["format"])
+        except _RAISES:  # run_lvlm.py: a failure to score is a score of 0 and a failed extraction
+            value, pred = 0.0, "Failed to extract"
+        return {"score": value, "extracted": pred, "answered": pred != NOT_ANSWERABLE}
+    answer = final_answer(prediction) if extracted is None else extracted
     if answer is None:
         return {"score": 0.0, "extracted": None, "answered": False}
     said = after_cue(answer)
@@ -156,14 +306,21 @@ def score(prediction: str, meta: dict) -> dict:
             value = float(_float_equal(target[0], found[0]))
     elif fmt == "List":
         golds, items = sorted(_items(gold)), sorted(_items(said))
-        value = 0.0 if len(golds) != len(items) else min(_item_score(g, s) for g, s in zip(golds, items))
+        value = 0.0 if len(golds) != len(items) else min((_item_score(g, s) for g, s in zip(golds, items)), default=1.0)
     else:
         value = _str_score(gold, said)
     return {"score": value, "extracted": said, "answered": answered}
 
 
-def summarize(rows: list[dict]) -> dict[str, float]:
+def summarize(rows: list[dict], mode: str = "official") -> dict[str, float]:
     """``accuracy`` and generalised ``f1`` (percent), with the recall and precision behind it."""
+    if check_mode(mode) == "official":
+        answerable = [r["score"] for r in rows if r["meta"]["answer"] != NOT_ANSWERABLE]
+        answered = sum(r["extracted"] != NOT_ANSWERABLE for r in rows)
+        recall = sum(answerable) / len(answerable) if answerable else 0.0
+        precision = sum(answerable) / answered if answered and answerable else 0.0
+        f1 = 2 * recall * precision / (recall + precision) if recall + precision > 0 else 0.0
+        return {**accuracy(rows), "f1": 100 * f1, "recall": 100 * recall, "precision": 100 * precision}
     answerable = [r["score"] for r in rows if r["meta"]["format"] != "None"]
     answered = [r["score"] for r in rows if r.get("answered")]
     recall = sum(answerable) / len(answerable) if answerable else 0.0

@@ -5,22 +5,46 @@ base64 image or a list of them, ``category``) and the hub's parquet (``id``, ``q
 string, ``answer``, ``question_type``, ``image_1``..``image_7`` structs). The images come first, then the
 question (its ``<image k>`` references left in the text), then the options.
 
-Scoring: a multiple-choice answer is parsed as an option letter ("(B)", "B.", "B", or an option's text); when
-nothing parses, a random option seeded by the row index is taken (as MMMU's own evaluation does). An open answer
-is right when one of the gold answers matches: numbers compare after rounding to 2 decimals, strings after
-normalisation (the gold string contained in the answer).
+Scoring, ``mode="official"`` (the default): the rules of MMMU's own ``mmmu/utils/eval_utils.py``
+(github:MMMU-Benchmark/MMMU, commit bb0b95a945998d91dfef37e969e07d49d1139438, file last changed in aa9b70d),
+reproduced rule for rule:
+- multiple choice (``parse_multi_choice_response``): the answer is stripped of , . ! ? ; : ' at both ends (one
+  character kind after the other) and padded with a space on each side; candidates are the letters written "(B)";
+  failing those, the letters standing between spaces (" B "); failing those, and only when the answer has more
+  than 5 words, the options whose text occurs in it (case-insensitive substring). Several candidates: the one
+  whose last occurrence is latest wins (first candidate on a tie). None: a random letter from
+  ``random.Random(42)``, the seed the official module sets at import. ``score_rows`` draws these in the order of
+  the official script run with ``--subject ALL``: subjects in the order of its ``CAT_SHORT2LONG`` table
+  (Accounting, Agriculture, Architecture_and_Engineering, Art, ...; other subjects last), rows within a subject
+  in data order, one shared stream; ``score`` alone draws the first number of a fresh stream (the official result
+  for that row scored alone). An unclosed reasoning is the empty answer, so it draws too.
+- open (``parse_open_response`` + ``eval_open``): the answer, lower-cased, is split into lines; from each line the
+  shortest tail after one of "could be ", "so ", "is ", "thus ", "therefore ", "final ", "answer ", "result " (and
+  "=" on the last line) is a key response (the whole answer when there is none); the numbers in them (with
+  thousands commas, scientific, or plain) join them; numbers compare rounded to 2 decimals, strings by the gold
+  (lower-cased; a one-character gold padded with a space) being a substring. Accuracy counts every row.
+- an ``extracted`` answer (parsed elsewhere) is scored as ``main_eval_only.py`` does: a letter compared as it is,
+  an open answer through ``parse_open_response``.
+
+``mode="lenient"`` (kimivl's own): an option letter from "(B)", "B.", "B" (never inside a word, nor "I"/"A" as
+words) or an option's text, after any "answer is" cue; nothing parsed: a random option seeded by the row index.
+Open answers: numbers at 2 decimals, normalised strings (the gold string contained in the answer).
 """
 
 from __future__ import annotations
 
+import random
+import re
 from pathlib import Path
 
 from kimivl.eval.answers import (
     OPTION_LETTERS,
     after_cue,
+    check_mode,
     final_answer,
     normalize_text,
     numbers,
+    official_text,
     parse_option,
     random_option,
 )
@@ -83,6 +107,15 @@ def load(data, **_) -> list:
     return load_samples(data, parse_row, ("index", "id"))
 
 
+# The subject order of the official script's CAT_SHORT2LONG table (what --subject ALL walks through).
+SUBJECTS = ("Accounting", "Agriculture", "Architecture_and_Engineering", "Art", "Art_Theory", "Basic_Medical_Science",
+            "Biology", "Chemistry", "Clinical_Medicine", "Computer_Science", "Design",
+            "Diagnostics_and_Laboratory_Medicine", "Economics", "Electronics", "Energy_and_Power", "Finance",
+            "Geography", "History", "Literature", "Manage", "Marketing", "Materials", "Math",
+            "Mechanical_Engineering", "Music", "Pharmacy", "Physics", "Psychology", "Public_Health", "Sociology")
+OFFICIAL_SEED = 42
+
+
 def _as_number(text: str) -> float | None:
     try:
         return round(float(text.strip().replace(",", "").lstrip("$").rstrip("%")), 2)
@@ -90,8 +123,87 @@ def _as_number(text: str) -> float | None:
         return None
 
 
-def score(prediction: str, meta: dict) -> dict:
-    answer = final_answer(prediction)
+def official_choice(response: str, options: dict[str, str]) -> str | None:
+    """The letter MMMU's ``parse_multi_choice_response`` picks, or ``None`` where it would pick at random."""
+    for char in ",.!?;:'":
+        response = response.strip(char)
+    response = f" {response} "
+    letters = list(options)
+    candidates = [c for c in letters if f"({c})" in response]
+    where = lambda c: response.rfind(f"({c})")
+    if not candidates:
+        candidates = [c for c in letters if f" {c} " in response]
+        where = lambda c: response.rfind(f" {c} ")
+    if not candidates and len(response.split()) > 5:
+        lower = response.lower()
+        candidates = [c for c in letters if options[c].lower() in lower]
+        where = lambda c: lower.rfind(options[c].lower())
+    if not candidates:
+        return None
+    positions = [where(c) for c in candidates]
+    return candidates[positions.index(max(positions))]
+
+
+def _official_numbers(text: str) -> list[str]:
+    with_commas = re.findall(r"-?\b\d{1,3}(?:,\d{3})+\b", text)
+    scientific = re.findall(r"-?\d+(?:\.\d+)?[eE][+-]?\d+", text)
+    simple = re.findall(r"-?(?:\d+\.\d+|\.\d+|\d+\b)(?![eE][+-]?\d+)(?![,\d])", text)
+    return with_commas + scientific + simple
+
+
+def _official_normal(text: str) -> list:
+    text = text.strip()
+    try:
+        return [round(float(text.replace(",", "")), 2)]
+    except ValueError:
+        text = text.lower()
+        return [f" {text}", f"{text} "] if len(text) == 1 else [text]
+
+
+def official_open(response: str) -> list:
+    """The normalised candidates (floats and strings) MMMU's ``parse_open_response`` reads from an open answer."""
+    response = response.strip().strip(".").lower()
+    lines = re.split(r"\.\s(?=[A-Z])|\n", response)  # lower-cased already: splits at newlines only
+    cues = ["could be ", "so ", "is ", "thus ", "therefore ", "final ", "answer ", "result "]
+    keys = []
+    for i, line in enumerate(lines):
+        shortest = None
+        for cue in cues + (["="] if i == len(lines) - 1 else []):
+            if cue in line:
+                tail = line.split(cue)[-1].strip()
+                if not shortest or len(tail) < len(shortest):
+                    shortest = tail
+        if shortest and shortest.strip() not in (":", ",", ".", "!", "?", ";", "'"):
+            keys.append(shortest)
+    keys = keys or [response]
+    found = keys + [n for k in keys for n in _official_numbers(k)]
+    return list({v: None for f in found for v in _official_normal(f)})
+
+
+def official_open_correct(golds: list[str], candidates: list) -> bool:
+    """MMMU's ``eval_open``: a string candidate holding a (string) gold, or a number candidate equal to one."""
+    norm = [v for g in golds for v in _official_normal(g)]
+    return any(any(isinstance(g, str) and g in c for g in norm) if isinstance(c, str) else c in norm
+               for c in candidates)
+
+
+def _official(prediction: str, meta: dict, rng: random.Random, extracted: str | None) -> dict:
+    if meta["type"] == "multiple-choice":
+        if extracted is not None:
+            return {"score": float(extracted == meta["answer"]), "extracted": extracted}
+        letter = official_choice(official_text(prediction), meta["options"])
+        guessed = letter is None
+        if guessed:
+            letter = rng.choice(list(meta["options"]))
+        return {"score": float(letter == meta["answer"]), "extracted": letter, "random": guessed}
+    candidates = official_open(official_text(prediction) if extracted is None else extracted)
+    return {"score": float(official_open_correct(meta["answer"], candidates)),
+            "extracted": [c for c in candidates if isinstance(c, str)] + sorted(c for c in candidates
+                                                                              if not isinstance(c, str))}
+
+
+def _lenient(prediction: str, meta: dict, extracted: str | None) -> dict:
+    answer = final_answer(prediction) if extracted is None else extracted
     if answer is None:
         return {"score": 0.0, "extracted": None}
     if meta["type"] == "multiple-choice":
@@ -111,3 +223,29 @@ def score(prediction: str, meta: dict) -> dict:
         elif normalize_text(gold) and f" {normalize_text(gold)} " in f" {said} ":
             return {"score": 1.0, "extracted": tail}
     return {"score": 0.0, "extracted": tail}
+
+
+def score(prediction: str, meta: dict, mode: str = "official", extracted: str | None = None) -> dict:
+    """One row's score; ``extracted`` (an answer parsed elsewhere) replaces the parsing of ``prediction``."""
+    if check_mode(mode) == "lenient":
+        return _lenient(prediction, meta, extracted)
+    return _official(prediction, meta, random.Random(OFFICIAL_SEED), extracted)
+
+
+def _subject_rank(group: str) -> int:
+    key = str(group).strip().replace(" ", "_").lower()
+    ranks = {s.lower(): i for i, s in enumerate(SUBJECTS)}
+    return ranks.get(key, len(SUBJECTS))
+
+
+def score_rows(items: list[tuple[str, dict, str | None]], mode: str = "official") -> list[dict]:
+    """Score (prediction, meta, extracted) rows; in official mode the random picks come from one
+    ``random.Random(42)`` stream in the official script's order (subjects as in ``SUBJECTS``, then data order)."""
+    if check_mode(mode) == "lenient":
+        return [_lenient(p, m, e) for p, m, e in items]
+    rng = random.Random(OFFICIAL_SEED)
+    order = sorted(range(len(items)), key=lambda i: _subject_rank(items[i][1].get("group", "")))
+    out: list[dict] = [{}] * len(items)
+    for i in order:
+        out[i] = _official(*items[i][:2], rng, items[i][2])
+    return out

@@ -170,28 +170,51 @@ def video_case(processor, length: int, depth: int, secret: str, seed: int = 0) -
     return messages, {"tokens": one + (n - 1) * per_frame, "frames": n, "needle": at}
 
 
+class Cases:
+    """The NIAH cases of a grid, built lazily as they are iterated; ``len`` is their number."""
+
+    def __init__(self, processor, lengths, depths, kinds, trials: int, seed: int):
+        self.processor, self.lengths, self.depths, self.kinds = processor, lengths, depths, kinds
+        self.trials, self.seed = trials, seed
+
+    def __len__(self) -> int:
+        return len(self.kinds) * len(self.lengths) * len(self.depths) * self.trials
+
+    def __iter__(self):
+        build = {"text": text_case, "video": video_case}
+        for kind in self.kinds:
+            for length in self.lengths:
+                for depth in self.depths:
+                    for trial in range(self.trials):
+                        index = case_index(kind, length, depth, trial)
+                        meta = meta_from_index(index, self.seed)
+                        messages, where = build[kind](self.processor, length, depth, meta["secret"], self.seed + trial)
+                        yield Sample(index, messages, {**meta, **where})
+
+
 def load(data=None, processor=None, lengths=None, depths=DEFAULT_DEPTHS, kinds=KINDS, trials: int = 1,
-         seed: int = 0, context: int | None = None, max_new_tokens: int = 32, **_):
+         seed: int = 0, context: int | None = None, max_new_tokens: int = 32, **_) -> Cases:
     """NIAH cases for every kind x length x depth x trial (built lazily). ``lengths`` defaults to
-    ``default_lengths(context, max_new_tokens)``."""
+    ``default_lengths(context, max_new_tokens)``; depths must lie in 0-100 (percent), lengths and trials be
+    positive."""
     if processor is None:
         raise ValueError("building NIAH haystacks needs the model's processor (pass --model)")
     for kind in kinds:
         if kind not in KINDS:
             raise ValueError(f"unknown haystack {kind!r} (expected one of {', '.join(KINDS)})")
+    bad = [d for d in depths if not 0 <= d <= 100]
+    if bad:
+        raise ValueError(f"NIAH depths are percentages from 0 to 100; got {', '.join(map(str, bad))} (--depths)")
     lengths = lengths or default_lengths(context or 131072, max_new_tokens)
-    build = {"text": text_case, "video": video_case}
-    for kind in kinds:
-        for length in lengths:
-            for depth in depths:
-                for trial in range(trials):
-                    index = case_index(kind, length, depth, trial)
-                    meta = meta_from_index(index, seed)
-                    messages, where = build[kind](processor, length, depth, meta["secret"], seed + trial)
-                    yield Sample(index, messages, {**meta, **where})
+    if any(n <= 0 for n in lengths) or trials < 1:
+        raise ValueError(f"NIAH lengths and trials must be positive; got lengths {list(lengths)}, trials {trials}")
+    return Cases(processor, list(lengths), list(depths), list(kinds), trials, seed)
 
 
-def score(prediction: str, meta: dict) -> dict:
+def score(prediction: str, meta: dict, mode: str = "official", extracted: str | None = None) -> dict:
+    """Recalled when the secret appears in the answer (both modes); ``extracted`` replaces the answer."""
+    if extracted is not None:
+        prediction = extracted
     answer = final_answer(prediction)
     found = answer is not None and re.search(rf"(?<!\d){meta['secret']}(?!\d)", answer) is not None
     return {"score": float(found), "extracted": answer}
@@ -204,7 +227,7 @@ def bucket_name(length: int) -> str:
     return f">{BUCKETS[-1][1] // 1024}K"
 
 
-def summarize(rows: list[dict]) -> dict[str, float]:
+def summarize(rows: list[dict], mode: str = "official") -> dict[str, float]:
     """``recall/<kind>`` and ``recall/<kind>/<bucket>`` in percent."""
     groups: dict[str, list[float]] = defaultdict(list)
     for r in rows:

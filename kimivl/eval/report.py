@@ -10,8 +10,9 @@ from pathlib import Path
 from kimivl.files import write_text_atomic
 
 
-def accuracy(rows: list[dict]) -> dict[str, float]:
-    """``accuracy`` (percent of the mean row score) and ``accuracy/<group>`` for each row group present."""
+def accuracy(rows: list[dict], mode: str = "official") -> dict[str, float]:
+    """``accuracy`` (percent of the mean row score) and ``accuracy/<group>`` for each row group present (the same
+    in both scoring modes)."""
     out = {"accuracy": 100 * sum(r["score"] for r in rows) / max(1, len(rows))}
     groups: dict[str, list[float]] = defaultdict(list)
     for r in rows:
@@ -54,4 +55,8 @@ def markdown(results: dict) -> str:
         if res.get("table"):
             details += ["", f"### {task}", "", res["table"]]
         details += [f"\n![{task} {Path(f).stem}]({Path(f).name})" for f in res.get("figures", [])]
+    modes = [f"{task} {res['scoring']}" for task, res in results.items() if res.get("scoring")]
+    if modes:
+        lines += ["", "Scoring rules (official: each benchmark's own evaluation code; lenient: kimivl's): "
+                  + ", ".join(modes)]
     return "\n".join(lines + details) + "\n"

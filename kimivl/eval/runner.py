@@ -2,13 +2,18 @@
 
 ``OUT/<task>.predictions.jsonl`` gets one ``{"index", "prediction"}`` line per row as batches finish; a rerun
 skips the indices already there (a line cut short by a kill is dropped), so every row is generated and scored
-once. ``OUT/<task>.scored.jsonl`` holds each row's extracted answer and score; ``OUT/results.json`` and
+once. ``OUT/<task>.run.json`` records what produced those predictions (model, checkpoint fingerprint, task, data,
+generation settings); a rerun with different settings is refused (``overwrite=True`` starts afresh), so one file
+never mixes two models' answers. A predictions line may carry an ``extracted`` answer (parsed elsewhere, e.g. by
+an LLM), which the scorers use instead of parsing the prediction; ``mode`` picks the official or lenient rules.
+``OUT/<task>.scored.jsonl`` holds each row's extracted answer and score; ``OUT/results.json`` and
 ``OUT/results.md`` the metrics of every task run into ``OUT``. Malformed rows, rows whose generation failed
 (e.g. a prompt longer than the context) and rows without a prediction are listed with their reason, never scored.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
@@ -16,6 +21,7 @@ import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from kimivl.eval.answers import check_mode
 from kimivl.eval.report import update_results
 from kimivl.eval.tables import Sample, Skipped
 from kimivl.eval.tasks import Task
@@ -25,9 +31,27 @@ log = logging.getLogger(__name__)
 GenerateFn = Callable[[list[list[dict]]], list[str]]
 
 
+class EvalError(ValueError):
+    """An evaluation that cannot go on as asked (e.g. an output directory holding another run's predictions)."""
+
+
+class EvalInterrupted(Exception):
+    """Ctrl-C during generation: ``kept`` predictions are in ``path``; rerunning the same command resumes."""
+
+    def __init__(self, task: str, path: Path, kept: int):
+        super().__init__(f"{task}: interrupted; {kept} predictions kept in {path}")
+        self.task, self.path, self.kept = task, path, kept
+
+
 def read_predictions(path: str | os.PathLike, repair: bool = False) -> dict[str, str]:
     """``{str(index): prediction}`` from a predictions JSONL (the first line of an index wins). A last line
     without its newline (a write cut short) is ignored, and with ``repair`` also cut from the file."""
+    return {k: v["prediction"] for k, v in read_prediction_records(path, repair).items()}
+
+
+def read_prediction_records(path: str | os.PathLike, repair: bool = False) -> dict[str, dict]:
+    """``{str(index): {"prediction", "extracted"}}`` as ``read_predictions`` reads them; ``extracted`` is the
+    line's optional extracted answer (a string) or ``None``."""
     path = Path(path)
     if not path.is_file():
         return {}
@@ -38,19 +62,56 @@ def read_predictions(path: str | os.PathLike, repair: bool = False) -> dict[str,
         if repair:
             with open(path, "r+b") as f:
                 f.truncate(len(complete))
-    out: dict[str, str] = {}
+    out: dict[str, dict] = {}
     for lineno, line in enumerate(complete.decode("utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
-            key, text = str(obj["index"]), obj["prediction"]
-            if not isinstance(text, str):
+            key, text, extracted = str(obj["index"]), obj["prediction"], obj.get("extracted")
+            if not isinstance(text, str) or not (extracted is None or isinstance(extracted, str)):
                 raise TypeError
-            out.setdefault(key, text)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise ValueError(f"{path}:{lineno}: expected a JSON object with 'index' and a string 'prediction'") from None
+            out.setdefault(key, {"prediction": text, "extracted": extracted})
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object with 'index', a string 'prediction' and "
+                             "optionally a string 'extracted'") from None
     return out
+
+
+def checkpoint_fingerprint(path: str | os.PathLike) -> str:
+    """A cheap identity of a checkpoint directory: sha256 over its ``config.json``, its weight index (if any) and
+    the names and sizes of its weight files (no weights are read)."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    for name in ("config.json", "model.safetensors.index.json"):
+        if (path / name).is_file():
+            digest.update(name.encode() + b"\0" + (path / name).read_bytes() + b"\0")
+    for weights in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
+        digest.update(f"{weights.name}:{weights.stat().st_size}\0".encode())
+    return digest.hexdigest()
+
+
+def _check_run(pred_path: Path, run_path: Path, settings: dict, overwrite: bool) -> None:
+    """Start afresh (``overwrite``), or make sure the predictions already in ``pred_path`` come from a run with the
+    same ``settings``; record the settings for the next run."""
+    has_predictions = pred_path.is_file() and pred_path.stat().st_size > 0
+    if overwrite:
+        pred_path.unlink(missing_ok=True)
+    elif has_predictions:
+        try:
+            before = json.loads(run_path.read_text()) if run_path.is_file() else None
+        except json.JSONDecodeError:
+            before = None
+        if before is None:
+            raise EvalError(f"{pred_path} holds predictions but no record of the run that made them ({run_path.name}),"
+                            " so they cannot be resumed safely; pass --overwrite to start afresh or choose another"
+                            " --out")
+        changed = [k for k in sorted(set(before) | set(settings)) if before.get(k) != settings.get(k)]
+        if changed:
+            diffs = "; ".join(f"{k}: {before.get(k)!r} before, {settings.get(k)!r} now" for k in changed)
+            raise EvalError(f"{pred_path} holds predictions of another run ({diffs}); pass --overwrite to replace "
+                            "them or choose another --out")
+    run_path.write_text(json.dumps(settings, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def _generate(generate_fn: GenerateFn, batch: list[Sample]) -> tuple[list[tuple[Sample, str]], list[Skipped]]:
@@ -68,34 +129,49 @@ def _generate(generate_fn: GenerateFn, batch: list[Sample]) -> tuple[list[tuple[
     return done, failed
 
 
-def _score(task: Task, metas: dict[str, dict], done: dict[str, str], skipped: list[Skipped]) -> list[dict]:
+def _score(task: Task, metas: dict[str, dict], done: dict[str, str], extracted: dict[str, str | None],
+           skipped: list[Skipped], mode: str) -> list[dict]:
     """Score every row that has a prediction; the others join ``skipped`` (unless already there)."""
-    rows, known = [], {str(s.index) for s in skipped}
-    for key, meta in metas.items():
-        if key in done:
-            rows.append({"index": key, "prediction": done[key], "meta": meta, **task.score(done[key], meta)})
-        elif key not in known:
-            skipped.append(Skipped(key, "no prediction"))
-    return rows
+    known = {str(s.index) for s in skipped}
+    keys = [key for key in metas if key in done]
+    skipped.extend(Skipped(key, "no prediction") for key in metas if key not in done and key not in known)
+    scores = task.score_rows([(done[k], metas[k], extracted.get(k)) for k in keys], mode)
+    return [{"index": k, "prediction": done[k], "meta": metas[k], **s} for k, s in zip(keys, scores)]
 
 
 def run_task(task: Task, samples: Iterable[Sample | Skipped], out_dir: str | os.PathLike,
              generate_fn: GenerateFn | None = None, predictions: str | os.PathLike | None = None,
-             batch_size: int = 8, limit: int | None = None, progress: bool = True, info: dict | None = None) -> dict:
-    """Generate (with ``generate_fn``) or read (``predictions``) the answers to ``samples``, score them, and
-    record the task in ``out_dir/results.json``. Returns that task's result."""
+             batch_size: int = 8, limit: int | None = None, progress: bool = True, info: dict | None = None,
+             mode: str = "official", settings: dict | None = None, overwrite: bool = False,
+             total: int | None = None) -> dict:
+    """Generate (with ``generate_fn``) or read (``predictions``) the answers to ``samples``, score them (``mode``:
+    official or lenient rules), and record the task in ``out_dir/results.json``. Returns that task's result.
+
+    ``settings`` (what makes the predictions: model, checkpoint fingerprint, data, generation settings) guards
+    resuming: predictions already in ``out_dir`` made with other settings raise ``EvalError`` unless
+    ``overwrite`` (start afresh). ``total``, the row count where it is known, sizes the progress bar. Ctrl-C
+    (``KeyboardInterrupt``) during generation raises ``EvalInterrupted``; every finished batch stays on disk."""
     from tqdm.auto import tqdm
 
     if (generate_fn is None) == (predictions is None):
         raise ValueError("give exactly one of generate_fn (generate answers) or predictions (re-score a file)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    pred_path = out_dir / f"{task.name.replace(':', '_')}.predictions.jsonl" if predictions is None else Path(predictions)
-    done = read_predictions(pred_path, repair=predictions is None)
+    check_mode(mode)
+    stem = task.name.replace(":", "_")
+    pred_path = out_dir / f"{stem}.predictions.jsonl" if predictions is None else Path(predictions)
+    if predictions is None and (settings is not None or overwrite):
+        _check_run(pred_path, out_dir / f"{stem}.run.json", {**(settings or {}), "task": task.name}, overwrite)
+    records = read_prediction_records(pred_path, repair=predictions is None)
+    done = {k: v["prediction"] for k, v in records.items()}
+    extracted = {k: v["extracted"] for k, v in records.items() if v["extracted"] is not None}
     metas: dict[str, dict] = {}
     skipped: list[Skipped] = []
     batch: list[Sample] = []
-    bar = tqdm(desc=task.name, unit="row", total=limit, disable=not progress)
+    if total is None and hasattr(samples, "__len__"):
+        total = len(samples)
+    total = min(x for x in (total, limit) if x is not None) if total is not None or limit is not None else None
+    bar = tqdm(desc=task.name, unit="row", total=total, disable=not progress)
 
     def flush() -> None:
         answered, failed = _generate(generate_fn, batch)
@@ -109,33 +185,40 @@ def run_task(task: Task, samples: Iterable[Sample | Skipped], out_dir: str | os.
         bar.update(len(batch))
         batch.clear()
 
-    for item in itertools.islice(samples, limit):
-        key = str(item.index)
-        if isinstance(item, Skipped) or key in metas:
-            item = item if isinstance(item, Skipped) else Skipped(item.index, "duplicate index")
-            skipped.append(item)
-            log.warning("%s row %s skipped: %s", task.name, item.index, item.reason)
-            bar.update(1)
-            continue
-        metas[key] = item.meta
-        if key in done or generate_fn is None:
-            bar.update(1)
-            continue
-        batch.append(item)
-        if len(batch) >= batch_size:
+    try:
+        for item in itertools.islice(samples, limit):
+            key = str(item.index)
+            if isinstance(item, Skipped) or key in metas:
+                item = item if isinstance(item, Skipped) else Skipped(item.index, "duplicate index")
+                skipped.append(item)
+                log.warning("%s row %s skipped: %s", task.name, item.index, item.reason)
+                bar.update(1)
+                continue
+            metas[key] = item.meta
+            if key in done or generate_fn is None:
+                bar.update(1)
+                continue
+            batch.append(item)
+            if len(batch) >= batch_size:
+                flush()
+        if batch:
             flush()
-    if batch:
-        flush()
+    except KeyboardInterrupt:
+        bar.close()
+        if generate_fn is None:
+            raise
+        raise EvalInterrupted(task.name, pred_path, len(read_predictions(pred_path, repair=True))) from None
     bar.close()
     if not metas and not skipped:
         raise ValueError(f"{task.name}: the data holds no rows")
 
-    rows = _score(task, metas, done, skipped)
+    rows = _score(task, metas, done, extracted, skipped, mode)
     scored_path = out_dir / f"{task.name.replace(':', '_')}.scored.jsonl"
     with open(scored_path, "w", encoding="utf-8") as f:
         f.writelines(json.dumps({k: v for k, v in r.items() if k != "meta"}, ensure_ascii=False, default=str) + "\n"
                      for r in rows)
-    result = {"metrics": task.summarize(rows) if rows else {}, "scored": len(rows), "skipped": len(skipped),
+    result = {"metrics": task.summarize(rows, mode=mode) if rows else {}, "scoring": mode, "scored": len(rows),
+              "skipped": len(skipped),
               "skipped_rows": [{"index": s.index, "reason": s.reason} for s in skipped],
               "unmatched_predictions": len(done.keys() - metas.keys()), "predictions": str(pred_path),
               "scores": str(scored_path), **(info or {})}

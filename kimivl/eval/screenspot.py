@@ -14,17 +14,28 @@ Units need no table: a box whose values all lie in [0, 1] is normalised, otherwi
 by the image size. Image files named by JSON rows are looked up next to the file, in ``images/`` beside it, or in
 ``../images/`` (the ScreenSpot-Pro layout ``annotations/*.json`` + ``images/``).
 
-Scoring: the answer's first two numbers are the click; four numbers are a box whose centre is the click. A
-click with a coordinate above 1 is in pixels and is divided by the image size. Right when the click lies in the
-gold box (edges included).
+Scoring, ``mode="official"`` (the default): SeeClick's ScreenSpot rule (``pretrain/screenspot_test.py`` and
+``pretrain/process_utils.py`` of github:njucckevin/SeeClick, commit 0ef37ac4d7aaf37ba7b990e3e3c3ca77e1fb8f93, last
+changed in 661ff1b), rule for rule: an answer containing "box" (case-sensitive, "checkbox" too) must hold Qwen-VL's
+``<box>(x1,y1),(x2,y2)</box>`` (integers on the 0-1000 grid, no spaces): the first box's centre / 1000 is the
+click, and no such box is a wrong format; any other answer is read with the pattern ``-?\\d+\\.?\\d*`` ("1,000" is
+two numbers, ".5" is 5): exactly 2 numbers are the click, exactly 4 a box whose centre is the click, any other
+count a wrong format. The click is taken as normalised as it stands (pixel or 0-1000 points outside ``<box>`` miss).
+Right when it lies in the gold box (edges included); accuracy over every row, wrong formats included. An
+``extracted`` answer goes through the same rule. ScreenSpot-Pro rows are scored by the same rule.
+
+``mode="lenient"`` (kimivl's own): a ``<box>(x1,y1),(x2,y2)</box>`` answer is read on the 0-1000 grid; otherwise
+the answer's first two numbers are the click and four numbers a box whose centre is the click (commas always
+separate numbers); a click with a coordinate above 1 is in pixels and is divided by the image size.
 """
 
 from __future__ import annotations
 
+import re
 from functools import partial
 from pathlib import Path
 
-from kimivl.eval.answers import final_answer, numbers
+from kimivl.eval.answers import check_mode, final_answer, numbers, official_text
 from kimivl.eval.tables import (
     RowError,
     Sample,
@@ -91,9 +102,17 @@ def loader(task: str):
     return load
 
 
+_QWEN_BOX = re.compile(r"<box>\((\d+),(\d+)\),\((\d+),(\d+)\)</box>")
+
+
 def click(answer: str, size: tuple[int, int]) -> tuple[float, float] | None:
-    """The normalised click point written in ``answer`` (a point, or a box's centre), or ``None``."""
-    found = numbers(answer)
+    """The normalised click point written in ``answer`` (lenient: a point, a box's centre, a Qwen-VL ``<box>`` on
+    the 0-1000 grid), or ``None``."""
+    box = _QWEN_BOX.search(answer.replace(" ", ""))
+    if box:
+        x1, y1, x2, y2 = (int(v) for v in box.groups())
+        return (x1 + x2) / 2000, (y1 + y2) / 2000
+    found = numbers(answer, thousands=False)
     if len(found) >= 4:
         x, y = (found[0] + found[2]) / 2, (found[1] + found[3]) / 2
     elif len(found) >= 2:
@@ -105,9 +124,29 @@ def click(answer: str, size: tuple[int, int]) -> tuple[float, float] | None:
     return x, y
 
 
-def score(prediction: str, meta: dict) -> dict:
-    answer = final_answer(prediction)
-    point = None if answer is None else click(answer, meta["size"])
+def official_click(answer: str) -> list[float] | None:
+    """The click SeeClick's evaluation reads from ``answer``; ``None`` for what it counts as a wrong format."""
+    if "box" in answer:
+        box = _QWEN_BOX.search(answer)
+        if not box:
+            return None
+        x1, y1, x2, y2 = (int(v) for v in box.groups())
+        return [(x1 + x2) / 2 / 1000, (y1 + y2) / 2 / 1000]
+    found = [float(v) for v in re.findall(r"-?\d+\.?\d*", answer)]
+    if len(found) == 2:
+        return found
+    if len(found) == 4:
+        return [(found[0] + found[2]) / 2, (found[1] + found[3]) / 2]
+    return None
+
+
+def score(prediction: str, meta: dict, mode: str = "official", extracted: str | None = None) -> dict:
+    """One row's score; ``extracted``, when given, is read instead of the prediction."""
+    if check_mode(mode) == "official":
+        point = official_click(official_text(prediction) if extracted is None else extracted)
+    else:
+        answer = final_answer(prediction) if extracted is None else extracted
+        point = None if answer is None else click(answer, meta["size"])
     if point is None:
         return {"score": 0.0, "extracted": None}
     x1, y1, x2, y2 = meta["box"]

@@ -52,14 +52,33 @@ class RowError(ValueError):
     """Raised by a row parser for a malformed row; the loader turns it into ``Skipped``."""
 
 
+OUTPUT_SUFFIXES = (".predictions.jsonl", ".scored.jsonl", ".run.json")
+
+
+def _is_eval_output(path: Path) -> bool:
+    """A file kimivl eval (or another system) wrote: predictions, scores, results; never benchmark rows."""
+    if path.name == "results.json" or path.name.endswith(OUTPUT_SUFFIXES):
+        return True
+    if path.suffix != ".jsonl":
+        return False
+    with open(path, encoding="utf-8", errors="replace") as f:
+        first = next((line for line in f if line.strip()), "")
+    try:
+        row = json.loads(first)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(row, dict) and "prediction" in row and "question" not in row
+
+
 def table_files(path: str | os.PathLike) -> list[Path]:
-    """``path`` itself, or every table file below a directory (sorted)."""
+    """``path`` itself, or every table file below a directory (sorted), less the files of predictions and scores
+    found there (``*.predictions.jsonl``, ``*.scored.jsonl``, ``results.json``, or JSONL rows of predictions)."""
     path = Path(path)
     if path.is_file():
         return [path]
     if not path.is_dir():
         raise FileNotFoundError(f"benchmark data not found: {path}")
-    files = sorted(p for p in path.rglob("*") if p.suffix in TABLE_SUFFIXES and p.is_file())
+    files = sorted(p for p in path.rglob("*") if p.suffix in TABLE_SUFFIXES and p.is_file() and not _is_eval_output(p))
     if not files:
         raise FileNotFoundError(f"no {', '.join(TABLE_SUFFIXES)} files under {path}")
     return files
@@ -148,9 +167,31 @@ def literal_list(value: Any) -> list:
     return [value] if present(value) else []
 
 
+def _decoded_image(value: str) -> bytes | None:
+    """The bytes of ``value`` when it is base64 of an image (PIL knows its header), else ``None``."""
+    try:
+        data = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.format  # noqa: B018  (the header was read)
+    except (OSError, Image.DecompressionBombError, ValueError):
+        return None
+    return data
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):  # a name too long or with a NUL byte is no file
+        return False
+
+
 def image_bytes(value: Any, root: Path | None = None) -> bytes | str:
     """One image cell as bytes (base64 text, raw bytes or a ``{"bytes", "path"}`` struct) or as a file path
-    (relative to ``root``). Raises ``RowError`` when it is neither."""
+    (relative to ``root``). The content decides: a cell that is base64 of an image is that image, however short;
+    otherwise it must name a file. Raises ``RowError`` (the row is skipped with the reason) when it is neither."""
     if isinstance(value, dict):
         if value.get("bytes"):
             return bytes(value["bytes"])
@@ -159,14 +200,18 @@ def image_bytes(value: Any, root: Path | None = None) -> bytes | str:
         return bytes(value)
     if not isinstance(value, str) or not value:
         raise RowError("no image")
-    if root is not None and len(value) < 1024 and (root / value).is_file():
+    decoded = _decoded_image(value)
+    if decoded is not None:
+        return decoded
+    if root is not None and _is_file(root / value):
         return str(root / value)
     if len(value) <= 64:
         raise RowError(f"image {value!r} is neither a file under {root} nor the index of a row with an image")
     try:
-        return base64.b64decode(value, validate=True)
+        base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
         raise RowError(f"image is neither base64 nor a file under {root}: {value[:40]!r}") from None
+    raise RowError(f"image cell is base64 but not a readable image: {value[:40]!r}...")
 
 
 def image_list(value: Any, root: Path | None = None) -> list[bytes | str]:

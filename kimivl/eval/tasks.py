@@ -27,9 +27,12 @@ from kimivl.eval.tables import Sample
 
 @dataclass(frozen=True)
 class Task:
-    """``load(data, **options)`` yields ``Sample``/``Skipped``; ``score(prediction, meta)`` gives a dict with a
-    ``score`` in [0, 1]; ``summarize(rows)`` the metrics; ``report(rows, out_dir)`` optional extra output
-    (tables, figures); ``from_index(index)`` rebuilds a row's meta for re-scoring tasks without data files."""
+    """``load(data, **options)`` yields ``Sample``/``Skipped``; ``score(prediction, meta, mode=, extracted=)``
+    gives a dict with a ``score`` in [0, 1] (``mode`` "official" or "lenient", ``extracted`` an answer parsed
+    elsewhere or ``None``); ``score_rows(items, mode)`` scores (prediction, meta, extracted) rows together (a row
+    at a time unless the benchmark's rules span rows, as MMMU's random stream does); ``summarize(rows, mode=)``
+    the metrics; ``report(rows, out_dir)`` optional extra output (tables, figures); ``from_index(index)`` rebuilds
+    a row's meta for re-scoring tasks without data files."""
 
     name: str
     load: Callable[..., Iterable]
@@ -40,19 +43,37 @@ class Task:
     report: Callable[[list[dict], Path], dict] | None = None
     from_index: Callable[[str], dict] | None = None
     options: dict = field(default_factory=dict)
+    rows_scorer: Callable[[list[tuple], str], list[dict]] | None = None
+
+    def score_rows(self, items: list[tuple[str, dict, str | None]], mode: str = "official") -> list[dict]:
+        """Scores of (prediction, meta, extracted) rows under ``mode``."""
+        if self.rows_scorer is not None:
+            return self.rows_scorer(items, mode)
+        return [self.score(p, m, mode=mode, extracted=e) for p, m, e in items]
 
 
-def _synthetic_load(data, task: str | None = None, **_):
+def _synthetic_load(data, task: str | None = None, **_) -> list[Sample]:
+    """The held-out questions, interleaved across tasks (so ``--limit N`` takes rows of every task), or those of
+    ``task``; an unknown ``task`` is an error listing the tasks the data holds."""
+    by_task: dict[str, list[Sample]] = {}
     for record in synthetic.heldout_records(data):
         meta = record.get("meta") or {}
-        if task and meta.get("task") != task:
-            continue
         messages = record["messages"]
         prompt = messages[:-1] if messages[-1]["role"] == "assistant" else messages
-        yield Sample(record.get("id"), prompt, {**meta, "group": meta.get("task", "")})
+        by_task.setdefault(meta["task"], []).append(Sample(record.get("id"), prompt, {**meta, "group": meta["task"]}))
+    if task is not None:
+        if task not in by_task:
+            raise ValueError(f"unknown synthetic task {task!r}; {data} holds: {', '.join(sorted(by_task))} "
+                             "(use --task synthetic:<one of them>, or synthetic for all)")
+        return by_task[task]
+    queues = list(by_task.values())
+    return [queue[i] for i in range(max(map(len, queues))) for queue in queues if i < len(queue)]
 
 
-def _synthetic_score(prediction: str, meta: dict) -> dict:
+def _synthetic_score(prediction: str, meta: dict, mode: str = "official", extracted: str | None = None) -> dict:
+    """The synthetic world's own rule (it has no official/lenient split); ``extracted`` replaces the answer."""
+    if extracted is not None:
+        prediction = extracted
     return {"score": float(synthetic.score(prediction, meta)), "extracted": final_answer(prediction)}
 
 
@@ -63,12 +84,12 @@ def _default_heldout() -> str:
 
 
 TASKS = {
-    "mmmu": Task("mmmu", mmmu.load, mmmu.score),
+    "mmmu": Task("mmmu", mmmu.load, mmmu.score, rows_scorer=mmmu.score_rows),
     "mathvista": Task("mathvista", mathvista.load, mathvista.score),
     "ocrbench": Task("ocrbench", ocrbench.load, ocrbench.score, ocrbench.summarize),
     "screenspot": Task("screenspot", screenspot.loader("screenspot"), screenspot.score),
     "screenspot_pro": Task("screenspot_pro", screenspot.loader("screenspot_pro"), screenspot.score),
-    "videomme": Task("videomme", videomme.load, videomme.score),
+    "videomme": Task("videomme", videomme.load, videomme.score, videomme.summarize),
     "mmlongbench_doc": Task("mmlongbench_doc", mmlongbench.load, mmlongbench.score, mmlongbench.summarize),
     "niah": Task("niah", niah.load, niah.score, niah.summarize, needs_data=False, report=niah.report,
                  from_index=niah.meta_from_index),

@@ -4,6 +4,7 @@ import base64
 import csv
 import io
 import json
+import random
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -242,3 +243,62 @@ def test_json_and_jsonl_tables_and_missing_data(tmp_path):
     (tmp_path / "empty" / "notes.txt").write_text("no tables here")
     with pytest.raises(FileNotFoundError, match="no .tsv, .parquet, .json, .jsonl files under"):
         list(iter_rows(tmp_path / "empty"))
+
+
+def test_a_small_base64_image_is_an_image_not_a_file_name(tmp_path):
+    from kimivl.eval.tables import RowError, image_bytes
+
+    buf = io.BytesIO()
+    Image.frombytes("RGB", (10, 8), random.Random(0).randbytes(240)).save(buf, format="PNG")  # noise: no compression
+    small = buf.getvalue()
+    cell = b64(small)
+    assert 256 < len(cell) < 1024  # longer than a file name may be: a path check alone fails with ENAMETOOLONG
+    assert image_bytes(cell, tmp_path) == small
+    tiny = png(1, 1)
+    assert image_bytes(b64(tiny), tmp_path) == tiny  # under 100 characters
+    with pytest.raises(RowError, match="not a readable image"):
+        image_bytes(b64(b"%PDF-1.4 not an image at all" * 4), tmp_path)
+    (tmp_path / "pic.png").write_bytes(small)
+    assert image_bytes("pic.png", tmp_path) == str(tmp_path / "pic.png")
+    rows = [{"index": "0", "image": cell, "question": "Word?", "answer": "['a']", "category": "c"},
+            {"index": "1", "image": b64(b"GIF89a-broken" * 30), "question": "Word?", "answer": "['b']",
+             "category": "c"}]
+    samples, skipped = split(ocrbench.load(write_tsv(tmp_path / "OCRBench.tsv", rows)))
+    assert [s.index for s in samples] == [0] and images_of(samples[0]) == [small]
+    assert "not a readable image" in skipped[1]
+
+
+def test_prediction_files_inside_the_data_directory_are_not_rows(tmp_path):
+    rows = [{"index": str(i), "image": b64(png()), "question": f"Word {i}?", "answer": f"['w{i}']", "category": "c"}
+            for i in range(3)]
+    write_tsv(tmp_path / "OCRBench.tsv", rows)
+    (tmp_path / "ocrbench.predictions.jsonl").write_text('{"index": 0, "prediction": "w0"}\n')
+    (tmp_path / "mine.jsonl").write_text('{"index": 1, "prediction": "w1", "extracted": "w1"}\n')
+    (tmp_path / "ocrbench.scored.jsonl").write_text('{"index": "0", "score": 1.0}\n')
+    (tmp_path / "results.json").write_text('{"ocrbench": {"metrics": {}}}\n')
+    samples, skipped = split(ocrbench.load(tmp_path))
+    assert [s.index for s in samples] == [0, 1, 2] and not skipped
+
+
+def test_ocrbench_own_json_layout(tmp_path):
+    root = tmp_path / "OCRBench"
+    (root / "OCRBench").mkdir(parents=True)
+    (root / "OCRBench_Images" / "IIIT5K").mkdir(parents=True)
+    (root / "OCRBench_Images" / "IIIT5K" / "1.png").write_bytes(png())
+    (root / "OCRBench_Images" / "HME").mkdir()
+    (root / "OCRBench_Images" / "HME" / "2.png").write_bytes(png())
+    rows = [{"dataset_name": "IIIT5K", "id": 7, "image_path": "IIIT5K/1.png", "question": "what is written?",
+             "answers": "CENTRE", "type": "Regular Text Recognition"},
+            {"dataset_name": "HME100k", "id": 7, "image_path": "HME/2.png", "question": "latex?",
+             "answers": ["x ^ { 2 }"], "type": "Handwritten Mathematical Expression Recognition"},
+            {"dataset_name": "svt", "id": 9, "image_path": "svt/missing.png", "question": "q", "answers": "A",
+             "type": "Regular Text Recognition"}]
+    data = root / "OCRBench" / "OCRBench.json"
+    data.write_text(json.dumps(rows))
+    samples, skipped = split(ocrbench.load(data))
+    assert [s.index for s in samples] == [0, 1] and "not found" in skipped[2]
+    first, hme = samples
+    assert images_of(first) == [str(root / "OCRBench_Images" / "IIIT5K" / "1.png")]
+    assert first.meta == {"answers": ["CENTRE"], "hme": False, "group": "Regular Text Recognition"}
+    assert hme.meta["hme"] and hme.meta["answers"] == ["x ^ { 2 }"]
+    assert ocrbench.score("x^{2}", hme.meta)["score"] == 1.0 and ocrbench.score("X^{2}", hme.meta)["score"] == 0.0

@@ -67,6 +67,8 @@ def test_niah_through_the_cli_and_rescored_from_the_index(small_model, small_pro
     result = json.loads((out / "results.json").read_text())["niah"]
     assert result["scored"] == 8 and set(result["figures"]) == {str(out / "niah_text.png"), str(out / "niah_video.png")}
     assert "| haystack | 0K-2K |" in (out / "results.md").read_text()
+    printed = capsys.readouterr().out
+    assert "| haystack | 0K-2K |" in printed and "| text |" in printed and "| video |" in printed  # on the console
     pred = out / "niah.predictions.jsonl"
     rows = [json.loads(x) for x in pred.read_text().splitlines()]
     perfect = tmp_path / "perfect.jsonl"
@@ -75,3 +77,23 @@ def test_niah_through_the_cli_and_rescored_from_the_index(small_model, small_pro
     assert main(["eval", "--task", "niah", "--predictions", str(perfect), "--out", str(tmp_path / "re")]) == 0
     rescored = json.loads((tmp_path / "re" / "results.json").read_text())["niah"]
     assert rescored["metrics"]["recall/text"] == rescored["metrics"]["recall/video"] == 100.0
+
+
+def test_depths_outside_0_to_100_are_an_error_and_the_grid_has_a_size(small_processor):
+    for depths in ([-50], [0, 101]):
+        with pytest.raises(ValueError, match="0 to 100"):
+            niah.load(processor=small_processor, lengths=[300], depths=depths)
+    with pytest.raises(ValueError, match="positive"):
+        niah.load(processor=small_processor, lengths=[0], depths=[0])
+    cases = niah.load(processor=small_processor, lengths=[300, 600], depths=[0, 50, 100], kinds=["text"], trials=2)
+    assert len(cases) == 12 == len(list(cases))
+
+
+def test_cli_rejects_a_negative_depth_in_one_line(small_model, small_processor, tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    small_model.save_pretrained(ckpt)
+    small_processor.save_pretrained(ckpt)
+    assert main(["eval", "--model", str(ckpt), "--task", "niah", "--lengths", "300", "--depths", "-50",
+                 "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "0 to 100" in err and "-50" in err and "Traceback" not in err

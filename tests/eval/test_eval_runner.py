@@ -133,3 +133,131 @@ def test_cli_errors(tmp_path, capsys):
     assert "unknown task 'nope'" in capsys.readouterr().err
     assert main(["eval", "--task", "ocrbench", "--data", str(ocr_tsv(tmp_path / "o.tsv"))]) == 2
     assert "--model" in capsys.readouterr().err
+
+
+def test_resuming_refuses_predictions_of_other_settings_unless_overwrite(tmp_path):
+    from kimivl.eval.runner import EvalError
+
+    data, out = ocr_tsv(tmp_path / "ocr.tsv", n=4), tmp_path / "out"
+    task = get_task("ocrbench")
+    calls = []
+
+    def answer(tag):
+        def gen(conversations):
+            calls.append((tag, len(conversations)))
+            return [f"{tag} word{c[0]['content'][-1]['text'].split()[1][:-1]}" for c in conversations]
+        return gen
+
+    a = {"model": "/m/a", "checkpoint_fingerprint": "aaa", "data": str(data), "max_new_tokens": 8}
+    run_task(task, task.load(data), out, generate_fn=answer("A"), settings=a, limit=2, progress=False)
+    resumed = run_task(task, task.load(data), out, generate_fn=answer("A"), settings=a, progress=False)
+    assert calls == [("A", 2), ("A", 2)] and resumed["scored"] == 4  # the same run: only the missing rows
+    for change in ({"model": "/m/b", "checkpoint_fingerprint": "bbb"}, {"max_new_tokens": 16}):
+        with pytest.raises(EvalError, match="another run.*" + next(iter(change)) + ".*--overwrite"):
+            run_task(task, task.load(data), out, generate_fn=answer("B"), settings={**a, **change}, progress=False)
+    assert [r["prediction"].split()[0] for r in lines(out / "ocrbench.predictions.jsonl")] == ["A"] * 4
+    b = {**a, "model": "/m/b", "checkpoint_fingerprint": "bbb"}
+    run_task(task, task.load(data), out, generate_fn=answer("B"), settings=b, overwrite=True, progress=False)
+    assert [r["prediction"].split()[0] for r in lines(out / "ocrbench.predictions.jsonl")] == ["B"] * 4
+    assert json.loads((out / "ocrbench.run.json").read_text())["model"] == "/m/b"
+    (out / "ocrbench.run.json").unlink()  # predictions whose run is unknown are not resumed either
+    with pytest.raises(EvalError, match="no record of the run"):
+        run_task(task, task.load(data), out, generate_fn=answer("B"), settings=b, progress=False)
+
+
+def test_checkpoint_fingerprint_is_cheap_and_tells_checkpoints_apart(tmp_path):
+    from kimivl.eval.runner import checkpoint_fingerprint
+
+    a = tmp_path / "a"
+    a.mkdir()
+    (a / "config.json").write_text('{"x": 1}')
+    (a / "model.safetensors").write_bytes(b"0" * 100)
+    b = tmp_path / "b"
+    b.mkdir()
+    (b / "config.json").write_text('{"x": 1}')
+    (b / "model.safetensors").write_bytes(b"1" * 100)
+    assert checkpoint_fingerprint(a) == checkpoint_fingerprint(b)  # same config and sizes: contents not read
+    (b / "model.safetensors").write_bytes(b"1" * 101)
+    assert checkpoint_fingerprint(a) != checkpoint_fingerprint(b)
+    (b / "model.safetensors").write_bytes(b"1" * 100)
+    (b / "config.json").write_text('{"x": 2}')
+    assert checkpoint_fingerprint(a) != checkpoint_fingerprint(b)
+
+
+class FakeModel:
+    class config:
+        class text_config:
+            max_position_embeddings = 4096
+
+
+def fake_cli(monkeypatch, tmp_path, generate_fn):
+    import kimivl
+    import kimivl.cli
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir(exist_ok=True)
+    (ckpt / "config.json").write_text("{}")
+    monkeypatch.setattr(kimivl.cli, "_load", lambda path, dtype, device: (FakeModel(), None))
+    monkeypatch.setattr(kimivl, "generate", lambda model, processor, convs, max_new_tokens: generate_fn(convs))
+    return ckpt
+
+
+def test_cli_ctrl_c_keeps_predictions_and_says_how_to_resume(monkeypatch, tmp_path, capsys):
+    data, out = ocr_tsv(tmp_path / "ocr.tsv", n=6), tmp_path / "out"
+    batches = []
+
+    def interrupted(convs):
+        if len(batches) == 2:
+            raise KeyboardInterrupt
+        batches.append(len(convs))
+        return ["x"] * len(convs)
+
+    ckpt = fake_cli(monkeypatch, tmp_path, interrupted)
+    args = ["eval", "--model", str(ckpt), "--task", "ocrbench", "--data", str(data), "--batch-size", "2",
+            "--out", str(out)]
+    assert main(args) == 130
+    err = capsys.readouterr().err
+    assert "interrupted; 4 predictions of ocrbench kept in" in err and "Rerun the same command" in err
+    assert "Traceback" not in err and len(lines(out / "ocrbench.predictions.jsonl")) == 4
+    asked = []
+    fake_cli(monkeypatch, tmp_path, lambda convs: asked.extend(convs) or ["x"] * len(convs))
+    assert main(args) == 0 and len(asked) == 2  # resumed: the 2 rows left
+    assert main([*args, "--max-new-tokens", "64"]) == 2
+    err = capsys.readouterr().err
+    assert "another run (max_new_tokens: 512 before, 64 now)" in err and "--overwrite" in err
+    assert main([*args, "--max-new-tokens", "64", "--overwrite"]) == 0 and len(asked) == 8
+
+    def stopped(path, dtype, device):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("kimivl.cli._load", stopped)  # Ctrl-C while the model loads
+    assert main(args) == 130
+    err = capsys.readouterr().err
+    assert "interrupted; the predictions written so far stay in" in err and "Traceback" not in err
+
+
+def test_extracted_answers_and_the_scoring_mode_in_the_results(tmp_path, capsys):
+    data = ocr_tsv(tmp_path / "ocr.tsv", n=3)
+    pred = tmp_path / "judged.jsonl"
+    pred.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"index": 0, "prediction": "long rambling answer", "extracted": "word0"},
+        {"index": 1, "prediction": "word1"}, {"index": 2, "prediction": "◁think▷ word2", "extracted": "nope"}]))
+    for mode, score in (("official", 2000 / 3), ("lenient", 2000 / 3)):
+        out = tmp_path / mode
+        assert main(["eval", "--task", "ocrbench", "--data", str(data), "--predictions", str(pred), "--out", str(out),
+                     *(["--scoring", mode] if mode == "lenient" else [])]) == 0
+        result = json.loads((out / "results.json").read_text())["ocrbench"]
+        assert result["scoring"] == mode and result["metrics"]["score"] == pytest.approx(score)
+        assert f"{mode} scoring" in capsys.readouterr().out
+        assert f"ocrbench {mode}" in (out / "results.md").read_text()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"index": 0, "prediction": "x", "extracted": 3}\n')
+    assert main(["eval", "--task", "ocrbench", "--data", str(data), "--predictions", str(bad)]) == 2
+    assert "optionally a string 'extracted'" in capsys.readouterr().err
+
+
+def test_progress_bar_shows_the_total_where_known(tmp_path, capsys):
+    task = get_task("ocrbench")
+    samples = list(task.load(ocr_tsv(tmp_path / "ocr.tsv", n=5)))
+    run_task(task, samples, tmp_path / "out", generate_fn=lambda c: ["x"] * len(c), batch_size=2)
+    assert "5/5" in capsys.readouterr().err

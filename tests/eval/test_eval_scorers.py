@@ -1,4 +1,7 @@
-"""Each benchmark scorer on hand-made answers, the tricky ones included."""
+"""Each benchmark scorer's lenient rules (``--scoring lenient``) on hand-made answers, the tricky ones included;
+the official rules are checked against the official code's results in test_eval_official.py."""
+
+from functools import partial
 
 import pytest
 
@@ -12,6 +15,11 @@ from kimivl.eval import (
     videomme,
 )
 from kimivl.eval.answers import answer_number, final_answer, numbers, parse_option
+
+
+def lenient(module):
+    return partial(module.score, mode="lenient")
+
 
 OPTIONS = {"A": "Paris", "B": "London", "C": "Berlin", "D": "New York City"}
 MC = {"type": "multiple-choice", "options": OPTIONS, "answer": "C", "seed": "17", "group": "Geo"}
@@ -39,23 +47,23 @@ def test_a_letter_inside_a_word_does_not_count():
 
 
 def test_mmmu_multiple_choice_and_seeded_fallback():
-    assert mmmu.score("The answer is (C).", MC)["score"] == 1.0
-    assert mmmu.score("◁think▷ maybe (C) ◁/think▷ B.", MC)["score"] == 0.0
-    assert mmmu.score("◁think▷ maybe (C)", MC) == {"score": 0.0, "extracted": None}  # unclosed: no answer
-    guessed = mmmu.score("I cannot tell", MC)
+    assert lenient(mmmu)("The answer is (C).", MC)["score"] == 1.0
+    assert lenient(mmmu)("◁think▷ maybe (C) ◁/think▷ B.", MC)["score"] == 0.0
+    assert lenient(mmmu)("◁think▷ maybe (C)", MC) == {"score": 0.0, "extracted": None}  # unclosed: no answer
+    guessed = lenient(mmmu)("I cannot tell", MC)
     assert guessed["random"] and guessed["extracted"] in OPTIONS
-    assert mmmu.score("I cannot tell", MC) == guessed  # seeded: the same guess every time
-    assert {mmmu.score("???", {**MC, "seed": str(s)})["extracted"] for s in range(40)} == set(OPTIONS)
+    assert lenient(mmmu)("I cannot tell", MC) == guessed  # seeded: the same guess every time
+    assert {lenient(mmmu)("???", {**MC, "seed": str(s)})["extracted"] for s in range(40)} == set(OPTIONS)
 
 
 def test_mmmu_open_numbers_and_strings():
     meta = {"type": "open", "answer": ["3.14159"], "seed": "1"}
-    assert mmmu.score("The value is 3.14", meta)["score"] == 1.0  # numbers compare at 2 decimals
-    assert mmmu.score("3.2", meta)["score"] == 0.0
-    assert mmmu.score("It is 1,200 metres", {"type": "open", "answer": ["1200"], "seed": "1"})["score"] == 1.0
+    assert lenient(mmmu)("The value is 3.14", meta)["score"] == 1.0  # numbers compare at 2 decimals
+    assert lenient(mmmu)("3.2", meta)["score"] == 0.0
+    assert lenient(mmmu)("It is 1,200 metres", {"type": "open", "answer": ["1200"], "seed": "1"})["score"] == 1.0
     meta = {"type": "open", "answer": ["photosynthesis", "light reaction"], "seed": "1"}
-    assert mmmu.score("The process is Photosynthesis.", meta)["score"] == 1.0
-    assert mmmu.score("respiration", meta)["score"] == 0.0
+    assert lenient(mmmu)("The process is Photosynthesis.", meta)["score"] == 1.0
+    assert lenient(mmmu)("respiration", meta)["score"] == 0.0
 
 
 def test_numbers():
@@ -70,32 +78,32 @@ def _mv(**kw):
 
 
 def test_mathvista_by_answer_type():
-    assert mathvista.score("The answer is 7.", _mv())["score"] == 1.0
-    assert mathvista.score("7.0", _mv())["score"] == 1.0
-    assert mathvista.score("8", _mv())["score"] == 0.0
+    assert lenient(mathvista)("The answer is 7.", _mv())["score"] == 1.0
+    assert lenient(mathvista)("7.0", _mv())["score"] == 1.0
+    assert lenient(mathvista)("8", _mv())["score"] == 0.0
     floats = _mv(answer_type="float", precision=1, answer="1.5")
-    assert mathvista.score("about 1.46", floats)["score"] == 1.0  # rounded to 1 decimal: 1.5
-    assert mathvista.score("1.44", floats)["score"] == 0.0
+    assert lenient(mathvista)("about 1.46", floats)["score"] == 1.0  # rounded to 1 decimal: 1.5
+    assert lenient(mathvista)("1.44", floats)["score"] == 0.0
     two = _mv(answer_type="float", precision=2, answer="1.45")
-    assert mathvista.score("1.449", two)["score"] == 1.0 and mathvista.score("1.5", two)["score"] == 0.0
+    assert lenient(mathvista)("1.449", two)["score"] == 1.0 and lenient(mathvista)("1.5", two)["score"] == 0.0
     lists = _mv(answer_type="list", answer="[2, 3.5, 1]")
-    assert mathvista.score("So the list is [2, 3.5, 1].", lists)["score"] == 1.0
-    assert mathvista.score("[2, 1, 3.5]", lists)["score"] == 0.0
+    assert lenient(mathvista)("So the list is [2, 3.5, 1].", lists)["score"] == 1.0
+    assert lenient(mathvista)("[2, 1, 3.5]", lists)["score"] == 0.0
     text = _mv(answer_type="text", answer="Yes")
-    assert mathvista.score("yes.", text)["score"] == 1.0
+    assert lenient(mathvista)("yes.", text)["score"] == 1.0
     mc = {"question_type": "multi_choice", "answer_type": "text", "precision": 2, "answer": "B",
           "options": {"A": "1", "B": "2", "C": "3"}}
-    assert mathvista.score("(B) 2", mc)["score"] == 1.0
-    assert mathvista.score("◁think▷ hmm ◁/think▷ The correct option is A", mc)["score"] == 0.0
+    assert lenient(mathvista)("(B) 2", mc)["score"] == 1.0
+    assert lenient(mathvista)("◁think▷ hmm ◁/think▷ The correct option is A", mc)["score"] == 0.0
 
 
 def test_ocrbench_substring_case_and_handwritten_math():
     meta = {"answers": ["Hello World", "hello"], "hme": False}
-    assert ocrbench.score("The sign says: HELLO WORLD!", meta)["score"] == 1.0
-    assert ocrbench.score("Helo", meta)["score"] == 0.0
+    assert lenient(ocrbench)("The sign says: HELLO WORLD!", meta)["score"] == 1.0
+    assert lenient(ocrbench)("Helo", meta)["score"] == 0.0
     hme = {"answers": ["x ^ { 2 } + 1"], "hme": True}
-    assert ocrbench.score("x^{2}+1", hme)["score"] == 1.0  # spaces removed on both sides
-    assert ocrbench.score("X^{2}+1", hme)["score"] == 0.0  # case kept for formulas
+    assert lenient(ocrbench)("x^{2}+1", hme)["score"] == 1.0  # spaces removed on both sides
+    assert lenient(ocrbench)("X^{2}+1", hme)["score"] == 0.0  # case kept for formulas
     rows = [{"score": s, "meta": {"group": "g"}} for s in (1.0, 1.0, 0.0, 1.0)]
     assert ocrbench.summarize(rows)["score"] == 750.0
 
@@ -107,13 +115,13 @@ def test_screenspot_points_boxes_pixels_and_conventions():
     assert box_xywh == box_xyxy == [0.2, 0.2, 0.5, 0.5]
     assert screenspot.normalized_box([0.2, 0.2, 0.3, 0.3], "xywh", size) == pytest.approx([0.2, 0.2, 0.5, 0.5])
     meta = {"box": box_xyxy, "size": list(size)}
-    assert screenspot.score("(0.3, 0.4)", meta)["score"] == 1.0  # normalised point
-    assert screenspot.score("click(x=70, y=35)", meta)["score"] == 1.0  # pixels: 0.35, 0.35
-    assert screenspot.score("(0.3, 0.6)", meta)["score"] == 0.0
-    assert screenspot.score("[0.25, 0.25, 0.45, 0.45]", meta)["score"] == 1.0  # a box: its centre
-    assert screenspot.score("[0.0, 0.0, 0.2, 0.2]", meta)["score"] == 0.0
-    assert screenspot.score("(0.5, 0.5)", meta)["score"] == 1.0  # edges included
-    assert screenspot.score("no idea", meta) == {"score": 0.0, "extracted": None}
+    assert lenient(screenspot)("(0.3, 0.4)", meta)["score"] == 1.0  # normalised point
+    assert lenient(screenspot)("click(x=70, y=35)", meta)["score"] == 1.0  # pixels: 0.35, 0.35
+    assert lenient(screenspot)("(0.3, 0.6)", meta)["score"] == 0.0
+    assert lenient(screenspot)("[0.25, 0.25, 0.45, 0.45]", meta)["score"] == 1.0  # a box: its centre
+    assert lenient(screenspot)("[0.0, 0.0, 0.2, 0.2]", meta)["score"] == 0.0
+    assert lenient(screenspot)("(0.5, 0.5)", meta)["score"] == 1.0  # edges included
+    assert lenient(screenspot)("no idea", meta) == {"score": 0.0, "extracted": None}
 
 
 @pytest.mark.parametrize("text, letter", [
@@ -125,8 +133,8 @@ def test_videomme_extraction(text, letter):
 
 
 def test_videomme_score():
-    assert videomme.score("The best answer is B", {"answer": "B"})["score"] == 1.0
-    assert videomme.score("◁think▷ B or C", {"answer": "B"})["score"] == 0.0
+    assert lenient(videomme)("The best answer is B", {"answer": "B"})["score"] == 1.0
+    assert lenient(videomme)("◁think▷ B or C", {"answer": "B"})["score"] == 0.0
 
 
 def _doc(fmt, answer):
@@ -134,28 +142,28 @@ def _doc(fmt, answer):
 
 
 def test_mmlongbench_typed_answers():
-    assert mmlongbench.score("Not answerable", _doc("None", "Not answerable"))["score"] == 1.0
-    assert mmlongbench.score("The answer is 12", _doc("None", "Not answerable"))["score"] == 0.0
-    assert mmlongbench.score("The answer is not answerable.", _doc("Int", "12"))["score"] == 0.0
-    assert mmlongbench.score("There are 12 figures.", _doc("Int", "12"))["score"] == 1.0
-    assert mmlongbench.score("13", _doc("Int", "12"))["score"] == 0.0
-    assert mmlongbench.score("0.253", _doc("Float", "25.3%"))["score"] == 1.0  # percent forms
-    assert mmlongbench.score("25.3", _doc("Float", "25.3"))["score"] == 1.0
-    assert mmlongbench.score("26", _doc("Float", "25.3"))["score"] == 0.0
-    assert mmlongbench.score("Machine learning", _doc("Str", "machine learning"))["score"] == 1.0
-    partial = mmlongbench.score("machine learnin", _doc("Str", "machine learning"))["score"]
+    assert lenient(mmlongbench)("Not answerable", _doc("None", "Not answerable"))["score"] == 1.0
+    assert lenient(mmlongbench)("The answer is 12", _doc("None", "Not answerable"))["score"] == 0.0
+    assert lenient(mmlongbench)("The answer is not answerable.", _doc("Int", "12"))["score"] == 0.0
+    assert lenient(mmlongbench)("There are 12 figures.", _doc("Int", "12"))["score"] == 1.0
+    assert lenient(mmlongbench)("13", _doc("Int", "12"))["score"] == 0.0
+    assert lenient(mmlongbench)("0.253", _doc("Float", "25.3%"))["score"] == 1.0  # percent forms
+    assert lenient(mmlongbench)("25.3", _doc("Float", "25.3"))["score"] == 1.0
+    assert lenient(mmlongbench)("26", _doc("Float", "25.3"))["score"] == 0.0
+    assert lenient(mmlongbench)("Machine learning", _doc("Str", "machine learning"))["score"] == 1.0
+    partial = lenient(mmlongbench)("machine learnin", _doc("Str", "machine learning"))["score"]
     assert 0.9 < partial < 1.0  # ANLS
-    assert mmlongbench.score("www.example.org", _doc("Str", "www.example.com"))["score"] == 0.0  # exact
-    assert mmlongbench.score("['Tokyo', 'Paris']", _doc("List", "['Paris', 'Tokyo']"))["score"] == 1.0
-    assert mmlongbench.score("Paris and Tokyo", _doc("List", "['Paris', 'Tokyo']"))["score"] == 1.0
-    assert mmlongbench.score("Paris", _doc("List", "['Paris', 'Tokyo']"))["score"] == 0.0
+    assert lenient(mmlongbench)("www.example.org", _doc("Str", "www.example.com"))["score"] == 0.0  # exact
+    assert lenient(mmlongbench)("['Tokyo', 'Paris']", _doc("List", "['Paris', 'Tokyo']"))["score"] == 1.0
+    assert lenient(mmlongbench)("Paris and Tokyo", _doc("List", "['Paris', 'Tokyo']"))["score"] == 1.0
+    assert lenient(mmlongbench)("Paris", _doc("List", "['Paris', 'Tokyo']"))["score"] == 0.0
 
 
 def test_mmlongbench_accuracy_and_generalised_f1():
     cases = [("12", _doc("Int", "12")), ("Not answerable", _doc("Int", "5")),
              ("Not answerable", _doc("None", "Not answerable")), ("7", _doc("None", "Not answerable"))]
-    rows = [{**mmlongbench.score(p, m), "meta": m} for p, m in cases]
-    metrics = mmlongbench.summarize(rows)
+    rows = [{**lenient(mmlongbench)(p, m), "meta": m} for p, m in cases]
+    metrics = mmlongbench.summarize(rows, mode="lenient")
     assert metrics["accuracy"] == 50.0
     assert metrics["recall"] == 50.0  # 1 of the 2 answerable questions
     assert metrics["precision"] == 50.0  # 1 right of the 2 answered
@@ -167,3 +175,34 @@ def test_niah_score_needs_the_whole_secret():
     assert niah.score("The number is 4821337.", meta)["score"] == 1.0
     assert niah.score("14821337", meta)["score"] == 0.0
     assert niah.score("482133", meta)["score"] == 0.0
+
+
+def test_numbers_in_brackets_are_separate_not_thousands():
+    assert numbers("(250,250)") == [250.0, 250.0]
+    assert numbers("[5,100] or [5, 100, 7]") == [5.0, 100.0, 5.0, 100.0, 7.0]
+    assert numbers("a box [100,200,300,400]") == [100.0, 200.0, 300.0, 400.0]
+    assert numbers("1,200 metres and (1,234)") == [1200.0, 1.0, 234.0]
+    assert numbers("250,250 people") == [250250.0]  # outside brackets a comma still groups thousands
+    assert numbers("click 250,250", thousands=False) == [250.0, 250.0]
+    meta = {"type": "open", "answer": ["250"], "seed": "1"}
+    assert lenient(mmmu)("The point is (250,250)", meta)["score"] == 1.0
+
+
+def test_i_and_a_as_words_are_not_options():
+    nine = {k: f"option {k}" for k in "ABCDEFGHI"}
+    assert parse_option("I think the answer is B", nine) == "B"
+    assert parse_option("I believe (E) is right", nine) == "E"
+    assert parse_option("A cat sits on C", nine) == "C"
+    assert parse_option("I", nine) == "I" and parse_option("(I)", nine) == "I" and parse_option("I.", nine) == "I"
+    assert parse_option("The answer is I", nine) == "I"
+    assert parse_option("I don't know", nine) is None
+    assert parse_option("B is correct", nine) == "B"
+
+
+def test_screenspot_lenient_reads_qwen_boxes_and_boxes_without_spaces():
+    meta = {"box": [0.2, 0.2, 0.5, 0.5], "size": [200, 100]}
+    assert lenient(screenspot)("<box>(250,250),(450,450)</box>", meta)["extracted"] == [0.35, 0.35]
+    assert lenient(screenspot)("<box>(250, 250), (450, 450)</box>", meta)["score"] == 1.0
+    assert lenient(screenspot)("[50,25,90,45]", meta)["extracted"] == [0.35, 0.35]  # pixels, no spaces
+    assert lenient(screenspot)("(70,35)", meta)["score"] == 1.0
+    assert screenspot.score("(70,35)", meta)["score"] == 0.0  # official: points are taken as normalised

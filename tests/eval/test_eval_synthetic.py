@@ -39,3 +39,18 @@ def test_gui_clicks_and_boxes(prediction, right):
 ])
 def test_integers_strings_and_orders(prediction, meta, right):
     assert score(prediction, meta) is right
+
+
+def test_synthetic_sub_task_typo_lists_the_tasks_and_limit_spans_tasks():
+    from kimivl.eval.tasks import get_task
+
+    task = get_task("synthetic:captoin")
+    with pytest.raises(ValueError, match="unknown synthetic task 'captoin'.*caption, chart, gui"):
+        task.load(task.default_data, **task.options)
+    every = get_task("synthetic")
+    rows = every.load(every.default_data)
+    tasks = {r.meta["task"] for r in rows}
+    assert len(tasks) == 7 and {r.meta["task"] for r in rows[:7]} == tasks  # the first 7 rows: one of each
+    caption = get_task("synthetic:caption")
+    only = caption.load(caption.default_data, **caption.options)
+    assert only and {r.meta["task"] for r in only} == {"caption"}
