@@ -12,7 +12,7 @@ Conversations: one JSON object per line (blank lines are skipped)::
 ``role`` is ``system``, ``user`` or ``assistant``; ``content`` is a string or a non-empty list of parts:
 ``{"type": "text", "text": str}``, ``{"type": "image", "image": path}``, ``{"type": "video", "video": path}``
 (an encoded file, e.g. mp4) or ``{"type": "video", "frames": [path, ...], "timestamps": [seconds, ...]}``
-(pre-sampled frames; timestamps optional, same length, non-decreasing). Media paths are relative to the
+(pre-sampled frames; timestamps optional, same length, non-decreasing, finite seconds >= 0). Media paths are relative to the
 directory of the JSONL file (or absolute) and must exist. ``iter_records`` yields records with media paths
 made absolute; ``write_records`` writes paths inside the file's directory back as relative ones.
 
@@ -25,6 +25,7 @@ Every malformed line raises ``DataError`` naming the file and 1-based line numbe
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterable, Iterator
 from itertools import pairwise
@@ -89,9 +90,10 @@ def _part(part: Any, root: Path, where: str) -> dict:
     times = part.get("timestamps")
     if times is not None:
         ok = isinstance(times, list) and len(times) == len(frames) and all(
-            isinstance(t, (int, float)) and not isinstance(t, bool) for t in times)
+            isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t >= 0 for t in times)
         if not ok or any(b < a for a, b in pairwise(times)):
-            raise DataError(f"{where}: 'timestamps' must be {len(frames)} non-decreasing numbers (one per frame)")
+            raise DataError(f"{where}: 'timestamps' must be {len(frames)} non-decreasing finite numbers of seconds "
+                            ">= 0 (one per frame)")
     return out
 
 
