@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
+from numbers import Integral
 
 import torch
 
 from kimivl.inference.cache import MLACache
-from kimivl.inference.sampling import SamplingParams, sample_next
+from kimivl.inference.sampling import SamplingError, SamplingParams, sample_next
 
 log = logging.getLogger(__name__)
 
@@ -28,16 +29,37 @@ def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[to
     return ids, mask
 
 
+def _check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> list[list[int]]:
+    """The prompts as lists of ints, once every one is checked to be a non-empty sequence (or 1-D integer tensor) of
+    token ids inside the vocabulary."""
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
+        raise ValueError("prompts must be a non-empty list of token-id lists")
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, torch.Tensor) and p.dim() == 1 and not p.is_floating_point():
+            p = p.tolist()
+        if isinstance(p, (str, bytes)) or not isinstance(p, Sequence) or len(p) == 0:
+            raise ValueError(f"prompt {i} needs at least one token (a non-empty list of token ids), got "
+                             f"{type(p).__name__} {p!r:.40}")
+        bad = [t for t in p if not (isinstance(t, Integral) and not isinstance(t, bool) and 0 <= t < vocab_size)]
+        if bad:
+            raise ValueError(f"prompt {i} holds {len(bad)} token ids that are not integers in [0, {vocab_size}) "
+                             f"(the model's vocabulary): {bad[:5]}")
+        out.append([int(t) for t in p])
+    return out
+
+
 @torch.inference_mode()
 def stream_ids(model, prompts: Sequence[Sequence[int]], pixel_values: torch.Tensor | None = None,
                image_grid_hws: torch.Tensor | None = None, params: SamplingParams | None = None,
                stop_ids: Sequence[int] = ()) -> Iterator[list[int | None]]:
     """Yield, per decoding step, each row's new token id (None once the row has stopped). A stop id ends its
     row and is not yielded. Images of all prompts are packed in prompt order."""
-    params = params or SamplingParams()
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
+    params = SamplingParams() if params is None else params
+    if not isinstance(params, SamplingParams):
+        raise SamplingError(f"params must be a SamplingParams, got {type(params).__name__}")
     cfg = model.config.text_config
+    prompts = _check_prompts(prompts, cfg.vocab_size)
     context = cfg.max_position_embeddings
     longest = max(len(p) for p in prompts)
     if longest >= context:
