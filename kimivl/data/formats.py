@@ -59,6 +59,8 @@ def parse_line(raw: bytes, where: str) -> dict:
         raise DataError(f"{where}: not UTF-8 (byte {e.start + 1} of the line)") from None
     except json.JSONDecodeError as e:
         raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise DataError(f"{where}: JSON nested too deeply to read") from None
     if not isinstance(obj, dict):
         raise DataError(f"{where}: a record must be a JSON object, got {type(obj).__name__}")
     return obj
