@@ -70,7 +70,11 @@ def _media(value: Any, root: Path, where: str) -> str:
     if not isinstance(value, str) or not value:
         raise DataError(f"{where}: a media path must be a non-empty string, got {value!r}")
     path = root / value
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except (OSError, ValueError) as e:  # a NUL byte, a name too long for the filesystem
+        raise DataError(f"{where}: bad media path {value!r:.80}: {e}") from None
+    if not found:
         raise DataError(f"{where}: media file {value!r} not found (looked for {path})")
     return str(path)
 

@@ -18,6 +18,10 @@ GENERATION_PROMPT = "<|im_assistant|>assistant<|im_middle|>"
 THINK_OPEN = "◁think▷"
 THINK_CLOSE = "◁/think▷"
 
+class MessageError(ValueError):
+    """A conversation that is not in the chat format (messages, roles, content parts)."""
+
+
 # A rendered conversation is a list of segments (text, is_structure): the template's own markup, whose special-token
 # strings become special ids, and message content, which is always encoded as plain text.
 Segment = tuple[str, bool]
@@ -27,7 +31,7 @@ def _turn(role: str, content: list[Segment]) -> list[Segment]:
     return [(f"<|im_{role}|>{role}<|im_middle|>", True), *content, ("<|im_end|>", True)]
 
 
-def part_type(part: Any, where: str, error: type[ValueError] = ValueError) -> str:
+def part_type(part: Any, where: str, error: type[ValueError] = MessageError) -> str:
     """The ``type`` of a content part ('text', 'image' or 'video') once its shape is checked; ``error`` names the
     exception raised (the data loaders raise their ``DataError``)."""
     if not isinstance(part, dict):
@@ -49,7 +53,7 @@ def _image_payload(part: dict, where: str) -> Any:
             if value is None:
                 break
             return value
-    raise ValueError(f"{where}: image part has no 'image' (or 'image_url' / 'url') value")
+    raise MessageError(f"{where}: image part has no 'image' (or 'image_url' / 'url') value")
 
 
 def _video_parts(part: dict, where: str) -> list[dict]:
@@ -59,7 +63,7 @@ def _video_parts(part: dict, where: str) -> list[dict]:
         frames = part["frames"]
         return frames_to_parts(frames, part.get("timestamps") or [float(i) for i in range(len(frames))])
     if part.get("video") is None:
-        raise ValueError(f"{where}: video part has no 'video' (a file) or 'frames' (a list of images)")
+        raise MessageError(f"{where}: video part has no 'video' (a file) or 'frames' (a list of images)")
     frames, times = load_video(part["video"], fps=part.get("fps", DEFAULT_FPS),
                                max_frames=part.get("max_frames", DEFAULT_MAX_FRAMES))
     return frames_to_parts(frames, times)
@@ -69,7 +73,7 @@ def _render_content(content: Any, where: str, media: list) -> list[Segment]:
     if isinstance(content, str):
         return [(content, False)]
     if not isinstance(content, list):
-        raise ValueError(f"{where}: content must be a string or a list of parts, got {type(content).__name__}")
+        raise MessageError(f"{where}: content must be a string or a list of parts, got {type(content).__name__}")
     out: list[Segment] = []
     for j, part in enumerate(content):
         at = f"{where}, part {j}"
@@ -99,18 +103,18 @@ def chat_segments(messages: list[dict], add_generation_prompt: bool = True) -> t
     """``messages`` as ``(text, is_structure)`` segments in order, and the images in placeholder order. Only
     structure segments may be encoded with special tokens; content segments are plain text."""
     if not isinstance(messages, list) or not messages:
-        raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+        raise MessageError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
     media: list = []
     out: list[Segment] = []
     for i, msg in enumerate(messages):
         where = f"message {i}"
         if not isinstance(msg, dict):
-            raise ValueError(f"{where}: must be a dict with 'role' and 'content', got {type(msg).__name__}")
+            raise MessageError(f"{where}: must be a dict with 'role' and 'content', got {type(msg).__name__}")
         role = msg.get("role")
         if role not in ROLES:
-            raise ValueError(f"{where}: unknown role {role!r} (expected one of {', '.join(ROLES)})")
+            raise MessageError(f"{where}: unknown role {role!r} (expected one of {', '.join(ROLES)})")
         if "content" not in msg or msg["content"] is None:
-            raise ValueError(f"{where}: missing 'content'")
+            raise MessageError(f"{where}: missing 'content'")
         if i == 0 and role != "system":
             out += _turn("system", [(DEFAULT_SYSTEM_PROMPT, False)])
         out += _turn(role, _render_content(msg["content"], where, media))

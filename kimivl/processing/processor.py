@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kimivl.processing.chat_template import chat_segments
+from kimivl.processing.chat_template import MessageError, chat_segments
 from kimivl.processing.image import ImageProcessor
 from kimivl.processing.tokenizer import KimiTokenizer
 
@@ -58,7 +58,7 @@ class KimiVLProcessor:
         pad = self.tokenizer.media_pad_id
         slots = [i for i, t in enumerate(ids) if t == pad]
         if len(slots) != len(grids):
-            raise ValueError(f"the text has {len(slots)} image placeholders but {len(grids)} images were given")
+            raise MessageError(f"the text has {len(slots)} image placeholders but {len(grids)} images were given")
         out, start = [], 0
         for slot, (h, w) in zip(slots, grids.tolist()):
             out += ids[start:slot] + [pad] * self.image_processor.num_tokens((h, w))
@@ -89,9 +89,9 @@ class KimiVLProcessor:
 
     def encode_for_training(self, messages: list[dict]) -> Encoded:
         """A whole conversation with labels on the assistant answers and their end tokens only."""
-        if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
-            raise ValueError("a training conversation needs at least one assistant message")
         enc = self.encode(messages, add_generation_prompt=False)
+        if not any(m.get("role") == "assistant" for m in messages):
+            raise MessageError("a training conversation needs at least one assistant message")
         enc.labels = self.answer_labels(enc.input_ids)
         return enc
 

@@ -109,7 +109,7 @@ def load_video(source: str | os.PathLike | bytes | BinaryIO, fps: float = DEFAUL
         source = io.BytesIO(source)
     try:
         container = av.open(source)
-    except (av.FFmpegError, OSError, ValueError) as e:
+    except (av.FFmpegError, OSError, ValueError, TypeError) as e:
         raise VideoError(f"cannot open video {name}: {e}") from None
     frames: list[Image.Image] = []
     times: list[float] = []
