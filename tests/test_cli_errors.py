@@ -128,3 +128,34 @@ def test_deeply_nested_jsonl_lines_are_data_errors(tmp_path):
     (tmp_path / "deep_chat.jsonl").write_text('{"messages": ' + "[" * 50_000 + "]" * 50_000 + "}\n")
     with pytest.raises(DataError, match=r"deep_chat\.jsonl:1: JSON nested too deeply"):
         list(iter_records(tmp_path / "deep_chat.jsonl"))
+
+
+def test_multi_line_checkpoint_errors_print_as_one_line(checkpoint, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoint, broken)
+    tensors = load_file(broken / "model.safetensors")
+    tensors["language_model.lm_head.weight"] = tensors["language_model.lm_head.weight"].to(torch.int8)
+    del tensors["language_model.model.norm.weight"]
+    save_file(tensors, broken / "model.safetensors")
+    assert main(["chat", "--model", str(broken), "--device", "cpu", "hi"]) == 2
+    _one_line_error(capsys, "chat", "does not match the model: missing tensors (1): language_model.model.norm.weight",
+                    "wrong kind", "language_model.lm_head.weight: checkpoint I8")
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("merge_kernel_size", 2, "merge_kernel_size must be two positive integers"),
+    ("image_std", ["a", 1, 1], "image_mean/image_std need 3 finite numbers"),
+    ("image_mean", [0.5, float("nan"), 0.5], "image_mean/image_std need 3 finite numbers"),
+    ("in_token_limit", 0, "in_token_limit must be a positive integer, got 0"),
+    ("max_bytes", "1e9", "max_bytes must be a positive integer, got '1e9'"),
+    ("pad_input", "yes", "pad_input must be true or false, got 'yes'")])
+def test_bad_preprocessor_configs(tmp_path, field, value, message):
+    from kimivl.processing.image import ImageProcessor
+
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({field: value}))
+    with pytest.raises(ValueError, match=message):
+        ImageProcessor.from_pretrained(tmp_path)

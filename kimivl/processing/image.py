@@ -107,10 +107,20 @@ class ImageProcessor:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
+        def numbers(v, n: int) -> bool:
+            return isinstance(v, (list, tuple)) and len(v) == n and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+
+        if not (numbers(self.merge_kernel_size, 2) and all(isinstance(k, int) and k >= 1
+                                                             for k in self.merge_kernel_size)):
+            raise ValueError(f"merge_kernel_size must be two positive integers, got {self.merge_kernel_size!r}")
+        if not (numbers(self.image_mean, 3) and numbers(self.image_std, 3) and all(s > 0 for s in self.image_std)):
+            raise ValueError(f"image_mean/image_std need 3 finite numbers (std > 0), got {self.image_mean!r}, "
+                             f"{self.image_std!r}")
         self.merge_kernel_size = tuple(self.merge_kernel_size)
         self.image_mean, self.image_std = tuple(self.image_mean), tuple(self.image_std)
-        if len(self.image_mean) != 3 or len(self.image_std) != 3 or not all(s > 0 for s in self.image_std):
-            raise ValueError(f"image_mean/image_std need 3 values (std > 0), got {self.image_mean}, {self.image_std}")
+        if not isinstance(self.pad_input, bool):
+            raise ValueError(f"pad_input must be true or false, got {self.pad_input!r}")
         if self.background not in BACKGROUNDS:
             raise ValueError(f"background must be 'black', 'white' or None, got {self.background!r}")
         for name in ("patch_size", "in_token_limit", "max_pixels", "max_bytes"):
