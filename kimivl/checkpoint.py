@@ -259,7 +259,7 @@ def _written_by_kimivl(file: str) -> bool:
             with safe_open(file, framework="pt") as f:
                 meta = f.metadata()
         return isinstance(meta, dict) and WRITER in meta
-    except Exception:  # unreadable: not known to be ours
+    except Exception:  # noqa: BLE001 - unreadable (any safetensors or JSON failure): not known to be ours
         return False
 
 

@@ -6,8 +6,7 @@ import json
 import pytest
 import torch
 
-import kimivl.cli as cli
-from kimivl import KimiVL, KimiVLProcessor, generate
+from kimivl import KimiVL, KimiVLProcessor, cli, generate
 from kimivl.checkpoint import CheckpointError
 from kimivl.cli import CommandError, main, resolve_device
 from kimivl.data.formats import DataError, iter_records, iter_texts
@@ -57,7 +56,7 @@ def test_default_device_is_a_gpu_when_there_is_one(monkeypatch):
 def test_chat_uses_the_shipped_model_by_default_and_streams(monkeypatch, capsys):
     """Without --model, chat answers with models/kimivl-tiny, exactly as generate does; the answer is printed piece
     by piece while it is generated."""
-    import kimivl.inference.chat as chat
+    from kimivl.inference import chat
 
     model, processor = KimiVL.from_pretrained(DEFAULT_MODEL), KimiVLProcessor.from_pretrained(DEFAULT_MODEL)
     question = [{"role": "user", "content": [{"type": "text", "text": "Read the text in the image."}]}]

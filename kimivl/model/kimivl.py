@@ -10,7 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kimivl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, write_error
+from kimivl.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+    write_error,
+)
 from kimivl.config import KimiVLConfig
 from kimivl.model.language_model import LanguageModel
 from kimivl.model.moe import GroupedExperts, Router

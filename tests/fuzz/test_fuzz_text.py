@@ -10,7 +10,12 @@ from hypothesis import strategies as st
 from kimivl import KimiVL, KimiVLConfig
 from kimivl.inference.generate import GenerationError, generate_ids
 from kimivl.inference.sampling import SamplingError, SamplingParams, sample_next
-from kimivl.processing.chat_template import THINK_CLOSE, THINK_OPEN, MessageError, chat_segments
+from kimivl.processing.chat_template import (
+    THINK_CLOSE,
+    THINK_OPEN,
+    MessageError,
+    chat_segments,
+)
 from kimivl.processing.image import ImageError
 from kimivl.processing.tokenizer import DEFAULT_SPECIAL_NAMES
 from kimivl.processing.video import VideoError
