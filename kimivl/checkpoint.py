@@ -134,8 +134,9 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
                         if slots[k].is_floating_point() and not bool(torch.isfinite(slots[k]).all()):
                             non_finite.append(k)
     if non_finite:
+        more = " ..." if len(non_finite) > 10 else ""
         log.warning("checkpoint %s holds NaN or inf values in %d tensors: %s%s; its outputs will not be usable",
-                    os.fspath(path), len(non_finite), ", ".join(non_finite[:10]), " ..." if len(non_finite) > 10 else "")
+                    os.fspath(path), len(non_finite), ", ".join(non_finite[:10]), more)
 
 
 def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
@@ -159,8 +160,8 @@ def _atomic_save(tensors: dict[str, torch.Tensor], file: str, metadata: dict[str
 def write_error(e: OSError, file: str | os.PathLike) -> CheckpointWriteError:
     """The error for an OS failure while writing ``file``: a full disk says so."""
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return CheckpointWriteError(f"the disk is full: writing {os.fspath(file)} failed ({e.strerror or e}); free space "
-                               "(or choose another directory) and save again")
+        return CheckpointWriteError(f"the disk is full: writing {os.fspath(file)} failed ({e.strerror or e}); "
+                                    "free space (or choose another directory) and save again")
     return CheckpointWriteError(f"cannot write {os.fspath(file)}: {e.strerror or e}")
 
 

@@ -111,7 +111,7 @@ def test_ctrl_c_is_one_line(monkeypatch, capsys):
 
 def test_bad_sampling_flags_and_configs_are_one_line(capsys, tmp_path):
     assert main(["chat", "--temperature", "nan", "--device", "cpu", "hi"]) == 2
-    _one_line_error(capsys, "chat", "temperature must be 0 (greedy) or a finite number")
+    _one_line_error(capsys, "chat", "temperature must be >= 0: 0 (greedy) or a finite number")
     config = json.loads((DEFAULT_MODEL / "config.json").read_text())
     config["text_config"]["eos_token_id"] = "[EOS]"
     (tmp_path / "config.json").write_text(json.dumps(config))

@@ -12,8 +12,8 @@ Conversations: one JSON object per line (blank lines are skipped)::
 ``role`` is ``system``, ``user`` or ``assistant``; ``content`` is a string or a non-empty list of parts:
 ``{"type": "text", "text": str}``, ``{"type": "image", "image": path}``, ``{"type": "video", "video": path}``
 (an encoded file, e.g. mp4) or ``{"type": "video", "frames": [path, ...], "timestamps": [seconds, ...]}``
-(pre-sampled frames; timestamps optional, same length, non-decreasing, finite seconds >= 0). Media paths are relative to the
-directory of the JSONL file (or absolute) and must exist. ``iter_records`` yields records with media paths
+(pre-sampled frames; timestamps optional, same length, non-decreasing, finite seconds >= 0). Media paths are relative
+to the directory of the JSONL file (or absolute) and must exist. ``iter_records`` yields records with media paths
 made absolute; ``write_records`` writes paths inside the file's directory back as relative ones.
 
 Text (for language pre-training and tokenizer training): one JSON object per line with a string ``"text"``

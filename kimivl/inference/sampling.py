@@ -40,11 +40,12 @@ class SamplingParams:
             raise SamplingError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
         t = self.temperature
         if not _is_real(t) or t < 0 or 0 < t < MIN_TEMPERATURE:
-            raise SamplingError(f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE}, got {t!r}")
+            raise SamplingError(f"temperature must be >= 0: 0 (greedy) or a finite number of at least "
+                                f"{MIN_TEMPERATURE}, got {t!r}")
         if not _is_int(self.top_k) or self.top_k < 0:
             raise SamplingError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
         if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
-            raise SamplingError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+            raise SamplingError(f"top_p must be in (0, 1] (a number), got {self.top_p!r}")
         if self.seed is not None and not (_is_int(self.seed) and 0 <= self.seed <= MAX_SEED):
             raise SamplingError(f"seed must be an integer in [0, 2**64), got {self.seed!r}")
 

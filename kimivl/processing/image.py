@@ -1,8 +1,8 @@
 """MoonViT image preprocessing (spec section 3): resize to a patch budget, pad, normalise, patchify.
 
 Per image: decode (a file's size checked against ``max_bytes`` before it is read, its header against ``max_pixels``
-before the pixels are decoded; a pipe or device must start like an image and is read up to ``max_bytes``), apply the EXIF
-orientation, convert to RGB, then
+before the pixels are decoded; a pipe or device must start like an image and is read up to ``max_bytes``), apply the
+EXIF orientation, convert to RGB, then
 1. if (w//p)*(h//p) > in_token_limit: resize by sqrt(limit / ((w//p)*(h//p))) to (int(w*s), int(h*s)), BICUBIC;
 2. pad right/bottom with zero pixels to multiples of p*merge (``pad_input``; otherwise centre-crop to multiples of p);
 3. reject grids with 512 or more patches on a side (the size of MoonViT's RoPE table);

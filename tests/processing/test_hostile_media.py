@@ -146,7 +146,7 @@ def test_bad_frame_timestamps(bad):
                                                            "timestamps": [0.0, bad]}]}])
 
 
-@pytest.mark.parametrize("fps,max_frames,message", [(float("nan"), 4, "need fps > 0"), (1.0, 2.5, "need max_frames > 0"),
+@pytest.mark.parametrize("fps,max_frames,message", [(float("nan"), 4, "need fps > 0"), (1.0, 2.5, "need max_frames"),
                                                     (float("inf"), 4, "need fps > 0"), (1.0, -1, "need max_frames")])
 def test_bad_sampling_settings(fps, max_frames, message):
     with pytest.raises(VideoError, match=message):
