@@ -45,7 +45,8 @@ def main() -> None:
     args = ap.parse_args()
 
     config = KimiVLConfig.from_preset("kimi-vl-a3b")
-    config.text_config = dataclasses.replace(config.text_config, num_hidden_layers=args.layers, vocab_size=32000)
+    config.text_config = dataclasses.replace(config.text_config, num_hidden_layers=args.layers, vocab_size=32000,
+                                             bos_token_id=1, eos_token_id=2)
     config.vision_config = dataclasses.replace(config.vision_config, num_hidden_layers=1)
     torch.manual_seed(0)
     model = to_dtype(KimiVL(config), torch.bfloat16).float()

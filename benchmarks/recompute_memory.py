@@ -49,7 +49,7 @@ def main() -> None:
 
     config = KimiVLConfig.from_preset("kimi-vl-a3b")
     config.text_config = dataclasses.replace(config.text_config, num_hidden_layers=args.layers,
-                                             vocab_size=args.vocab)
+                                             vocab_size=args.vocab, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(0)
     model = KimiVL(config).train()
     ids = torch.randint(0, args.vocab, (1, args.tokens))

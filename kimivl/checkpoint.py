@@ -2,15 +2,22 @@
 ``model.safetensors.index.json``, under the official key names. Pickle files are never opened.
 
 Loading copies tensor by tensor into an already-allocated model, so a 16B checkpoint never exists twice in memory.
+Shards named by an index must lie inside the checkpoint directory; tensors whose kind (float or not) differs from
+the model's are refused, and non-finite values are reported by name.
+
+Saving marks every file it writes (``WRITER`` in the safetensors metadata and in the index's metadata), so a later
+save into the same directory can tell the shards of an older kimivl save, which it removes, from another model's,
+which make it refuse; it never deletes a file it cannot tell is kimivl's.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterable
+from pathlib import PurePath
 
 import torch
 from safetensors import safe_open
@@ -24,12 +31,17 @@ log = logging.getLogger(__name__)
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 FROZEN_FINGERPRINT = "kimivl_frozen_fingerprint"  # safetensors metadata of a training checkpoint's frozen shard
+WRITER = "kimivl_checkpoint"  # metadata key marking a file (shard or index) that save_checkpoint wrote
 # Keys that released checkpoints may carry but that hold nothing a model needs.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 class CheckpointError(ValueError):
     """A checkpoint that does not match the model or cannot be read."""
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    """Writing a checkpoint failed (a full disk, a read-only directory); also an ``OSError``, as the failure was."""
 
 
 def checkpoint_files(path: str | os.PathLike) -> dict[str, list[str]]:
@@ -40,10 +52,21 @@ def checkpoint_files(path: str | os.PathLike) -> dict[str, list[str]]:
         try:
             with open(index, encoding="utf-8") as f:
                 weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index} is not a valid safetensors index: {e!r}") from None
+        except RecursionError:
+            raise CheckpointError(f"{index} is not a valid safetensors index: its JSON is nested too deeply") from None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names, "
+                                  f"got {type(weight_map).__name__}")
         files: dict[str, list[str]] = {}
         for key, name in weight_map.items():
+            if not isinstance(name, str) or not name:
+                raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names; "
+                                      f"{key!r} maps to {name!r}")
+            if os.path.isabs(name) or ".." in PurePath(name).parts or PurePath(name).drive:
+                raise CheckpointError(f"{index}: shard {name!r} (for {key!r}) lies outside the checkpoint directory; "
+                                      "an index may only name files inside it")
             files.setdefault(os.path.join(path, name), []).append(key)
         absent = [f for f in files if not os.path.isfile(f)]
         if absent:
@@ -57,14 +80,14 @@ def checkpoint_files(path: str | os.PathLike) -> dict[str, list[str]]:
     raise CheckpointError(f"no {SINGLE} or {INDEX} in {path}{hint}")
 
 
-def _read_headers(files: dict[str, list[str] | None]) -> dict[str, tuple[str, list[int]]]:
-    """key -> (file, shape) from the safetensors headers only."""
-    found: dict[str, tuple[str, list[int]]] = {}
+def _read_headers(files: dict[str, list[str] | None]) -> dict[str, tuple[str, list[int], str]]:
+    """key -> (file, shape, safetensors dtype such as 'BF16' or 'I8') from the safetensors headers only."""
+    found: dict[str, tuple[str, list[int], str]] = {}
     for file, listed in files.items():
         try:
             with safe_open(file, framework="pt") as f:
                 keys = list(f.keys())
-                shapes = {k: f.get_slice(k).get_shape() for k in keys}
+                shapes = {k: (f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in keys}
         except Exception as e:  # safetensors raises its own error types for corrupt headers
             raise CheckpointError(f"cannot read {file}: {e}") from None
         if listed is not None and set(listed) - set(keys):
@@ -72,8 +95,12 @@ def _read_headers(files: dict[str, list[str] | None]) -> dict[str, tuple[str, li
         for k in keys:
             if listed is not None and k not in listed:
                 continue  # the index is authoritative about which file holds a key
-            found[k] = (file, shapes[k])
+            found[k] = (file, *shapes[k])
     return found
+
+
+def _is_float(safetensors_dtype: str) -> bool:
+    return safetensors_dtype.startswith(("F", "BF"))
 
 
 def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
@@ -86,18 +113,30 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
     missing = sorted(slots.keys() - found.keys())
     unexpected = sorted(found.keys() - slots.keys())
     wrong = [f"{k}: checkpoint {list(shape)} vs model {list(slots[k].shape)}"
-             for k, (_, shape) in sorted(found.items()) if k in slots and list(shape) != list(slots[k].shape)]
-    if missing or unexpected or wrong:
+             for k, (_, shape, _) in sorted(found.items()) if k in slots and list(shape) != list(slots[k].shape)]
+    kind = [f"{k}: checkpoint {dtype} where the model holds {slots[k].dtype}"
+            for k, (_, _, dtype) in sorted(found.items())
+            if k in slots and _is_float(dtype) != slots[k].dtype.is_floating_point]
+    if missing or unexpected or wrong or kind:
         parts = [f"{title} ({len(items)}):\n  " + "\n  ".join(items[:20]) + ("\n  ..." if len(items) > 20 else "")
                  for title, items in (("missing tensors", missing), ("unexpected tensors", unexpected),
-                                      ("wrongly shaped tensors", wrong)) if items]
+                                      ("wrongly shaped tensors", wrong),
+                                      ("tensors of the wrong kind (integer or bool for float, or the reverse)", kind))
+                 if items]
         raise CheckpointError(f"checkpoint {os.fspath(path)} does not match the model:\n" + "\n".join(parts))
+    non_finite = []
     with torch.no_grad():
         for file in files:
             with safe_open(file, framework="pt") as f:
                 for k in f.keys():
                     if k in slots and found[k][0] == file:
                         slots[k].copy_(f.get_tensor(k))
+                        if slots[k].is_floating_point() and not bool(torch.isfinite(slots[k]).all()):
+                            non_finite.append(k)
+    if non_finite:
+        more = " ..." if len(non_finite) > 10 else ""
+        log.warning("checkpoint %s holds NaN or inf values in %d tensors: %s%s; its outputs will not be usable",
+                    os.fspath(path), len(non_finite), ", ".join(non_finite[:10]), more)
 
 
 def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
@@ -114,8 +153,16 @@ def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
 
 def _atomic_save(tensors: dict[str, torch.Tensor], file: str, metadata: dict[str, str] | None = None) -> None:
     tmp = file + ".tmp"
-    save_file(tensors, tmp, metadata={"format": "pt", **(metadata or {})})
+    save_file(tensors, tmp, metadata={"format": "pt", WRITER: "1", **(metadata or {})})
     os.replace(tmp, file)
+
+
+def write_error(e: OSError, file: str | os.PathLike) -> CheckpointWriteError:
+    """The error for an OS failure while writing ``file``: a full disk says so."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return CheckpointWriteError(f"the disk is full: writing {os.fspath(file)} failed ({e.strerror or e}); "
+                                    "free space (or choose another directory) and save again")
+    return CheckpointWriteError(f"cannot write {os.fspath(file)}: {e.strerror or e}")
 
 
 def _frozen_keys(model: nn.Module, state: dict[str, torch.Tensor]) -> set[str]:
@@ -165,22 +212,34 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, max_shard_byte
     groups = [g for part in parts if part for g in _shards(part, max_shard_bytes)]
     names = [SINGLE] if len(groups) == 1 else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
                                                 for i in range(len(groups))]
-    _remove_stale(path, keep=names)
-    for keys, name in zip(groups, names):
-        file = os.path.join(path, name)
-        metadata = None
-        if keys[0] in frozen:
-            metadata = {FROZEN_FINGERPRINT: _fingerprint(state, keys)}
-            if frozen_from is not None and _link_unchanged(os.path.join(frozen_from, name), file,
-                                                           metadata[FROZEN_FINGERPRINT]):
-                continue
-        _atomic_save({k: _for_file(state[k], dtype) for k in keys}, file, metadata)
-    if len(groups) > 1:
-        weight_map = {k: name for keys, name in zip(groups, names) for k in keys}
-        total = sum(t.numel() * (dtype.itemsize if dtype and t.is_floating_point() else t.element_size())
-                    for t in state.values())
-        write_text_atomic(os.path.join(path, INDEX),
-                          json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    keep = set(names) | ({INDEX} if len(groups) > 1 else set())
+    stale = _stale_files(path, keep)
+    file = path
+    try:
+        for keys, name in zip(groups, names):
+            file = os.path.join(path, name)
+            metadata = None
+            if keys[0] in frozen:
+                metadata = {FROZEN_FINGERPRINT: _fingerprint(state, keys)}
+                if frozen_from is not None and _link_unchanged(os.path.join(frozen_from, name), file,
+                                                               metadata[FROZEN_FINGERPRINT]):
+                    continue
+            _atomic_save({k: _for_file(state[k], dtype) for k in keys}, file, metadata)
+        if len(groups) > 1:
+            file = os.path.join(path, INDEX)
+            weight_map = {k: name for keys, name in zip(groups, names) for k in keys}
+            total = sum(t.numel() * (dtype.itemsize if dtype and t.is_floating_point() else t.element_size())
+                        for t in state.values())
+            write_text_atomic(file, json.dumps({"metadata": {"total_size": total, WRITER: "1"},
+                                                "weight_map": weight_map}, indent=2))
+    except OSError as e:
+        for name in keep:
+            if os.path.exists(os.path.join(path, name + ".tmp")):
+                os.remove(os.path.join(path, name + ".tmp"))
+        raise write_error(e, file) from None
+    for name in stale:
+        log.info("removing %s of an older kimivl save from %s", name, path)
+        os.remove(os.path.join(path, name))
     return names
 
 
@@ -191,9 +250,29 @@ def _for_file(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return t.clone()  # a private, contiguous copy: expert views share storage
 
 
-def _remove_stale(path: str, keep: Iterable[str]) -> None:
-    keep = set(keep)
-    for name in os.listdir(path):
-        if name == INDEX or (name.endswith(".safetensors") and name.startswith("model") and name not in keep):
-            log.info("removing stale %s from %s", name, path)
-            os.remove(os.path.join(path, name))
+def _written_by_kimivl(file: str) -> bool:
+    """Whether ``file`` (a shard or an index) carries the mark of ``save_checkpoint``."""
+    try:
+        if file.endswith(".json"):
+            with open(file, encoding="utf-8") as f:
+                meta = json.load(f).get("metadata")
+        else:
+            with safe_open(file, framework="pt") as f:
+                meta = f.metadata()
+        return isinstance(meta, dict) and WRITER in meta
+    except Exception:  # noqa: BLE001 - unreadable (any safetensors or JSON failure): not known to be ours
+        return False
+
+
+def _stale_files(path: str, keep: set[str]) -> list[str]:
+    """The checkpoint files in ``path`` that this save does not write: shards and an index of an older kimivl save
+    (returned, removed once the new files are written). A file that kimivl did not write is never deleted: the save
+    is refused before anything is written."""
+    others = sorted(n for n in os.listdir(path) if n not in keep and (n == INDEX or (
+        n.startswith("model") and n.endswith(".safetensors"))))
+    foreign = [n for n in others if not _written_by_kimivl(os.path.join(path, n))]
+    if foreign:
+        raise CheckpointError(f"{path} holds checkpoint files that this save would leave inconsistent and that kimivl "
+                              f"did not write: {', '.join(foreign[:10])}; save into an empty directory, or move "
+                              "those files away first")
+    return others

@@ -47,12 +47,43 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load(path: str, dtype: str, device: str):
+class CommandError(ValueError):
+    """A command-line setting that cannot work here (e.g. a device this machine lacks)."""
+
+
+def resolve_device(name: str | None) -> str:
+    """``--device``: a GPU when there is one and none was named; a named device must exist here and hold weights."""
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise CommandError(f"--device {name}: not a device name; use cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return name
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CommandError(f"--device {name}: CUDA is not available on this machine (no GPU, or torch "
+                               f"{torch.__version__} was built without CUDA); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CommandError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                               f"use cuda:0..cuda:{torch.cuda.device_count() - 1}")
+        return name
+    if device.type == "mps" and torch.backends.mps.is_available():
+        return name
+    why = "holds no weights (it only describes shapes)" if device.type == "meta" else "is not available here"
+    raise CommandError(f"--device {name}: {device.type} {why}; use --device cpu or cuda")
+
+
+def _load(path: str, dtype: str, device: str | None):
     import torch
 
     from kimivl import KimiVL, KimiVLProcessor
     from kimivl.precision import checkpoint_load_dtype
 
+    device = resolve_device(device)
     dtype = checkpoint_load_dtype(path, device, getattr(torch, dtype) if dtype else None)
     model = KimiVL.from_pretrained(path, dtype=dtype, device=device)
     return model, KimiVLProcessor.from_pretrained(path)
@@ -65,25 +96,67 @@ def _user_message(text: str, images: list[str], video: str | None) -> dict:
     return {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
 
 
-def _show(text: str) -> str:
-    """Print an answer, the reasoning of a thinking model apart; return the answer."""
-    from kimivl.processing.chat_template import parse_thinking
+class _StreamPrinter:
+    """Prints an answer piece by piece as it is generated; a thinking model's ``◁think▷ ... ◁/think▷`` becomes
+    ``[reasoning]`` and ``[answer]`` headers, with the whitespace around the markers dropped."""
 
-    reasoning, answer = parse_thinking(text)
-    if reasoning is not None:
-        print(f"[reasoning]\n{reasoning}\n[answer]")
-    print(answer)
-    return answer
+    def __init__(self):
+        from kimivl.processing.chat_template import THINK_CLOSE, THINK_OPEN
+
+        self.markers = {THINK_OPEN: "[reasoning]\n", THINK_CLOSE: "\n[answer]\n"}
+        self.text, self.held, self.space, self.fresh = "", "", "", True
+
+    def _emit(self, content: str) -> None:
+        if self.fresh:
+            content = content.lstrip()
+        if not content:
+            return
+        body = content.rstrip()
+        if body:
+            print(self.space + body, end="", flush=True)
+            self.fresh, self.space = False, ""
+        self.space += content[len(body):]
+
+    def feed(self, piece: str) -> None:
+        self.text += piece
+        self.held += piece
+        while True:
+            found = [(self.held.find(m), m) for m in self.markers if m in self.held]
+            if not found:
+                break
+            at, marker = min(found)
+            self._emit(self.held[:at])
+            print(self.markers[marker], end="", flush=True)
+            self.held, self.space, self.fresh = self.held[at + len(marker):], "", True
+        keep = max((k for m in self.markers for k in range(1, len(m)) if self.held.endswith(m[:k])), default=0)
+        self._emit(self.held[:len(self.held) - keep])
+        self.held = self.held[len(self.held) - keep:]
+
+    def close(self) -> str:
+        """Print what is held and the final newline; return the answer (the reasoning of a thinking model apart)."""
+        from kimivl.processing.chat_template import parse_thinking
+
+        self._emit(self.held)
+        print(flush=True)
+        return parse_thinking(self.text)[1]
+
+
+def _answer(model, processor, messages: list[dict], sampling: dict) -> str:
+    """Stream the answer to ``messages`` onto the console; return it."""
+    from kimivl.inference.chat import stream_generate
+
+    printer = _StreamPrinter()
+    for piece in stream_generate(model, processor, messages, **sampling):
+        printer.feed(piece)
+    return printer.close()
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from kimivl import generate
-
     model, processor = _load(args.model, args.dtype, args.device)
     sampling = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
                 "seed": args.seed}
     if args.question:
-        _show(generate(model, processor, [_user_message(args.question, args.image, args.video)], **sampling))
+        _answer(model, processor, [_user_message(args.question, args.image, args.video)], sampling)
         return 0
     history: list[dict] = []
     images, video = args.image, args.video  # attached to the first turn
@@ -97,7 +170,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             return 0
         history.append(_user_message(question, images, video))
         images, video = [], None
-        answer = _show(generate(model, processor, history, **sampling))
+        answer = _answer(model, processor, history, sampling)
         history.append({"role": "assistant", "content": answer})
 
 
@@ -237,6 +310,8 @@ def _ints(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from kimivl.demo import DEFAULT_EXAMPLES, DEFAULT_MODEL
+
     parser = argparse.ArgumentParser(prog="kimivl", description="Kimi-VL in plain PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="parameter counts of a checkpoint or preset (no weights are loaded)")
@@ -251,7 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     chat = sub.add_parser("chat", help="answer a question (or chat interactively) with a checkpoint")
     chat.add_argument("question", nargs="?", help="one question; without it, an interactive multi-turn session")
-    chat.add_argument("--model", required=True, help="checkpoint directory (weights, tokenizer, preprocessor)")
+    chat.add_argument("--model", default=str(DEFAULT_MODEL),
+                      help="checkpoint directory (weights, tokenizer, preprocessor; default: the shipped kimivl-tiny)")
     chat.add_argument("--image", action="append", default=[], help="an image file (repeatable)")
     chat.add_argument("--video", help="a video file, fed as timestamped frames")
     chat.add_argument("--max-new-tokens", type=int, default=512)
@@ -260,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--seed", type=int, default=0)
     chat.add_argument("--dtype", choices=["bfloat16", "float32"],
                       help="default: the checkpoint's (float32 for bfloat16 on a CPU that multiplies bf16 slowly)")
-    chat.add_argument("--device", default="cpu")
+    chat.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is a GPU, else cpu)")
     chat.set_defaults(func=cmd_chat)
 
     train = sub.add_parser("train", help="run a training recipe (YAML): every stage in order, resumable")
@@ -274,8 +350,6 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--plan", action="store_true",
                        help="print each stage's data and memory plan, then stop (no weights loaded, nothing written)")
     train.set_defaults(func=cmd_train)
-
-    from kimivl.demo import DEFAULT_EXAMPLES, DEFAULT_MODEL
 
     demo = sub.add_parser("demo", help="the shipped kimivl-tiny answering bundled held-out questions")
     demo.add_argument("--model", default=str(DEFAULT_MODEL), help="checkpoint directory (default: kimivl-tiny)")
@@ -307,17 +381,33 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--trials", type=int, help="niah cases per length and depth (default 1)")
     ev.add_argument("--dtype", choices=["bfloat16", "float32"],
                     help="default: the checkpoint's (float32 for bfloat16 on a CPU that multiplies bf16 slowly)")
-    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is a GPU, else cpu)")
     ev.set_defaults(func=cmd_eval)
     return parser
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """What a mistake in the user's input or setup raises: the project's errors (ConfigError, CheckpointError,
+    DataError, RecipeError, ImageError, VideoError, SamplingError, TokenizerError, CommandError are ValueErrors;
+    TrainingError), OS errors about the user's files (a missing file, a full disk), a missing optional package."""
+    from kimivl.train.step import TrainingError
+
+    return ConfigError, ValueError, TrainingError, OSError, ImportError
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; a user's mistake prints one ``kimivl CMD: error: ...`` message (no traceback) and exits 2."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError, ImportError) as e:
-        print(f"kimivl {args.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"\nkimivl {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if not isinstance(e, _user_errors()):
+            raise
+        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"kimivl {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

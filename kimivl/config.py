@@ -8,9 +8,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
+
+log = logging.getLogger(__name__)
+
+# Bounds that no real model comes near (DeepSeek-V3: 61 layers, 671B parameters): a config past them is a mistake,
+# refused before anything is built (building 10^9 layers would hang, allocating them would exhaust memory).
+MAX_LAYERS = 1024
+MAX_PARAMETERS = 2 * 10**12
+# torch_dtype values a checkpoint may declare (the float types torch loads weights in).
+FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64", "float", "half", "double")
 
 
 class ConfigError(ValueError):
@@ -36,6 +47,38 @@ def _require(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _ints(obj, part: str, names: tuple[str, ...], low: int, high: int | None = None) -> None:
+    """Each field an integer (not a bool) in [low, high]."""
+    for name in names:
+        v = getattr(obj, name)
+        ok = _is_int(v) and v >= low and (high is None or v <= high)
+        kind = "a positive integer" if low == 1 else f"an integer >= {low}"
+        _require(ok, f"{part}.{name} must be {kind}{f' (at most {high})' if high is not None else ''}, got {v!r}")
+
+
+def _floats(obj, part: str, names: tuple[str, ...], positive: bool) -> None:
+    """Each field a finite number (not a bool), > 0 (``positive``) or >= 0."""
+    for name in names:
+        v = getattr(obj, name)
+        ok = (_is_int(v) or isinstance(v, float)) and math.isfinite(v) and (v > 0 if positive else v >= 0)
+        _require(ok, f"{part}.{name} must be a finite number {'> 0' if positive else '>= 0'}, got {v!r}")
+
+
+def _types(obj, part: str, names: tuple[str, ...], kind: type) -> None:
+    for name in names:
+        v = getattr(obj, name)
+        _require(isinstance(v, kind), f"{part}.{name} must be a {'boolean' if kind is bool else 'string'}, "
+                 f"got {v!r}")
+
+
+def _token_id(part: str, name: str, v: Any, vocab: int) -> None:
+    _require(_is_int(v) and 0 <= v < vocab, f"{part}.{name} must be a token id in [0, vocab_size={vocab}), got {v!r}")
+
+
 @dataclass
 class VisionConfig:
     """MoonViT (``vision_config``, model_type ``moonvit``)."""
@@ -54,7 +97,10 @@ class VisionConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
-        self.merge_kernel_size = tuple(self.merge_kernel_size)
+        k = self.merge_kernel_size
+        _require(isinstance(k, (list, tuple)) and len(k) == 2 and all(_is_int(x) and x >= 1 for x in k),
+                 f"vision_config.merge_kernel_size must be two positive integers, got {k!r}")
+        self.merge_kernel_size = tuple(k)
         self.validate()
 
     @property
@@ -67,10 +113,11 @@ class VisionConfig:
         return self.hidden_size * self.merge_kernel_size[0] * self.merge_kernel_size[1]
 
     def validate(self) -> None:
-        for name in ("patch_size", "init_pos_emb_height", "init_pos_emb_width", "num_attention_heads",
-                     "num_hidden_layers", "hidden_size", "intermediate_size"):
-            _require(isinstance(getattr(self, name), int) and getattr(self, name) > 0,
-                     f"vision_config.{name} must be a positive integer, got {getattr(self, name)!r}")
+        _ints(self, "vision_config", ("patch_size", "init_pos_emb_height", "init_pos_emb_width", "num_attention_heads",
+                                      "hidden_size", "intermediate_size"), 1)
+        _ints(self, "vision_config", ("num_hidden_layers",), 1, MAX_LAYERS)
+        _floats(self, "vision_config", ("layer_norm_eps", "rope_theta"), positive=True)
+        _types(self, "vision_config", ("model_type",), str)
         _require(self.hidden_size % self.num_attention_heads == 0,
                  f"vision_config.num_attention_heads ({self.num_attention_heads}) must divide "
                  f"hidden_size ({self.hidden_size})")
@@ -128,7 +175,7 @@ class TextConfig:
     num_nextn_predict_layers: int = 0
     bos_token_id: int = 163584
     eos_token_id: int | list[int] = 163585
-    pad_token_id: int = 0
+    pad_token_id: int | None = 0  # null (as transformers writes for DeepSeek-V3) falls back to the first eos id
     initializer_range: float = 0.02
     torch_dtype: str = "bfloat16"
     model_type: str = "deepseek_v3"
@@ -136,6 +183,9 @@ class TextConfig:
 
     def __post_init__(self):
         self.validate()
+        if self.pad_token_id is None:
+            self.pad_token_id = self.eos_token_id if _is_int(self.eos_token_id) else self.eos_token_id[0]
+            log.info("text_config.pad_token_id is null: padding with the eos id %d", self.pad_token_id)
 
     @property
     def qk_head_dim(self) -> int:
@@ -145,12 +195,27 @@ class TextConfig:
         return layer >= self.first_k_dense_replace and layer % self.moe_layer_freq == 0
 
     def validate(self) -> None:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
-                     "num_hidden_layers", "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim",
-                     "qk_rope_head_dim", "v_head_dim", "n_routed_experts", "num_experts_per_tok",
-                     "n_group", "topk_group", "moe_layer_freq", "max_position_embeddings"):
-            _require(isinstance(getattr(self, name), int) and getattr(self, name) > 0,
-                     f"text_config.{name} must be a positive integer, got {getattr(self, name)!r}")
+        part = "text_config"
+        _ints(self, part, ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
+                           "num_attention_heads", "num_key_value_heads", "kv_lora_rank", "qk_nope_head_dim",
+                           "qk_rope_head_dim", "v_head_dim", "n_routed_experts", "num_experts_per_tok", "n_group",
+                           "topk_group", "moe_layer_freq", "max_position_embeddings"), 1)
+        _ints(self, part, ("num_hidden_layers",), 1, MAX_LAYERS)
+        _ints(self, part, ("n_shared_experts", "first_k_dense_replace", "num_nextn_predict_layers"), 0)
+        _floats(self, part, ("rms_norm_eps", "rope_theta", "routed_scaling_factor"), positive=True)
+        _floats(self, part, ("aux_loss_alpha", "initializer_range"), positive=False)
+        _types(self, part, ("norm_topk_prob", "seq_aux", "attention_bias", "tie_word_embeddings"), bool)
+        _types(self, part, ("topk_method", "scoring_func", "hidden_act", "model_type", "torch_dtype"), str)
+        _require(self.torch_dtype in FLOAT_DTYPES, f"text_config.torch_dtype must name a float type "
+                 f"({', '.join(FLOAT_DTYPES[:4])}), got {self.torch_dtype!r}")
+        eos = self.eos_token_id
+        _require(_is_int(eos) or (isinstance(eos, list) and eos and all(_is_int(e) for e in eos)),
+                 f"text_config.eos_token_id must be a token id or a non-empty list of token ids, got {eos!r}")
+        for e in [eos] if _is_int(eos) else eos:
+            _token_id(part, "eos_token_id", e, self.vocab_size)
+        _token_id(part, "bos_token_id", self.bos_token_id, self.vocab_size)
+        if self.pad_token_id is not None:
+            _token_id(part, "pad_token_id", self.pad_token_id, self.vocab_size)
         _require(self.q_lora_rank is None,
                  "text_config.q_lora_rank must be null: Kimi-VL's MLA has no query compression")
         _require(self.num_key_value_heads == self.num_attention_heads,
@@ -210,12 +275,24 @@ class KimiVLConfig:
         if isinstance(self.text_config, dict):
             self.text_config = TextConfig.from_dict(self.text_config)
         _require(self.model_type == "kimi_vl", f"model_type must be 'kimi_vl', got {self.model_type!r}")
-        _require(0 <= self.media_placeholder_token_id < self.text_config.vocab_size,
-                 f"media_placeholder_token_id ({self.media_placeholder_token_id}) is outside the vocabulary "
-                 f"(vocab_size {self.text_config.vocab_size})")
+        vocab = self.text_config.vocab_size
+        _require(_is_int(self.media_placeholder_token_id) and 0 <= self.media_placeholder_token_id < vocab,
+                 f"media_placeholder_token_id ({self.media_placeholder_token_id!r}) is outside the vocabulary "
+                 f"(vocab_size {vocab})")
+        _require(_is_int(self.ignore_index), f"ignore_index must be an integer, got {self.ignore_index!r}")
+        if self.pad_token_id is None:
+            self.pad_token_id = self.text_config.pad_token_id
+        _token_id("config", "pad_token_id", self.pad_token_id, vocab)
+        _require(isinstance(self.architectures, list) and all(isinstance(a, str) for a in self.architectures),
+                 f"architectures must be a list of strings, got {self.architectures!r}")
+        n = estimated_parameters(self)
+        _require(n <= MAX_PARAMETERS, f"this config describes a model of about {n:.3g} parameters "
+                 f"({n * 2 / 2**30:.3g} GiB in bfloat16), over the {MAX_PARAMETERS:.0e} that kimivl builds: "
+                 "check its sizes (hidden_size, num_hidden_layers, vocab_size, experts)")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> KimiVLConfig:
+        _require(isinstance(d, dict), f"a config must be a JSON object, got {type(d).__name__}")
         for part in ("vision_config", "text_config"):
             _require(isinstance(d.get(part), dict), f"config.json has no {part} object")
         known, extra = _split_known(cls, d)
@@ -232,10 +309,14 @@ class KimiVLConfig:
         try:
             with open(path, encoding="utf-8") as f:
                 d = json.load(f)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        except RecursionError:
+            raise ConfigError(f"{path} is not a config: its JSON is nested too deeply") from None
         try:
             return cls.from_dict(d)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
         except TypeError as e:
             raise ConfigError(f"{path}: {e}") from None
 
@@ -257,6 +338,26 @@ class KimiVLConfig:
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return PRESETS[name]()
+
+
+def estimated_parameters(config: KimiVLConfig) -> int:
+    """The parameter count of ``config``'s model from its sizes alone (norms and biases left out), so that a config
+    can be judged before anything is built."""
+    t, v = config.text_config, config.vision_config
+    heads = t.num_attention_heads
+    attention = (t.hidden_size * heads * (t.qk_nope_head_dim + t.qk_rope_head_dim)
+                 + t.hidden_size * (t.kv_lora_rank + t.qk_rope_head_dim)
+                 + t.kv_lora_rank * heads * (t.qk_nope_head_dim + t.v_head_dim) + heads * t.v_head_dim * t.hidden_size)
+    moe = ((t.n_routed_experts + t.n_shared_experts) * 3 * t.hidden_size * t.moe_intermediate_size
+           + t.n_routed_experts * t.hidden_size)
+    dense = 3 * t.hidden_size * t.intermediate_size
+    moe_layers = sum(1 for i in range(t.first_k_dense_replace, t.num_hidden_layers) if t.is_moe_layer(i))
+    text = (2 - t.tie_word_embeddings) * t.vocab_size * t.hidden_size + t.num_hidden_layers * attention \
+        + moe_layers * moe + (t.num_hidden_layers - moe_layers) * dense
+    vision = (v.num_hidden_layers * (4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.intermediate_size)
+              + v.init_pos_emb_height * v.init_pos_emb_width * v.hidden_size + 3 * v.patch_size ** 2 * v.hidden_size)
+    projector = v.merged_dim * (v.merged_dim + t.hidden_size)
+    return text + vision + projector
 
 
 def _a3b() -> KimiVLConfig:

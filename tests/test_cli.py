@@ -52,10 +52,22 @@ def test_chat_interactive_and_errors(checkpoint, monkeypatch, capsys, tmp_path):
     assert "bad.png" in capsys.readouterr().err
 
 
-def test_thinking_output_is_shown_apart(capsys):
-    from kimivl.cli import _show
+def _stream(pieces):
+    from kimivl.cli import _StreamPrinter
 
-    assert _show("◁think▷ 2+2 is 4 ◁/think▷ 4") == "4"
+    printer = _StreamPrinter()
+    for piece in pieces:
+        printer.feed(piece)
+    return printer.close()
+
+
+def test_thinking_output_is_shown_apart(capsys):
+    assert _stream(["◁think▷ 2+2 is 4 ◁/think▷ 4"]) == "4"
     assert capsys.readouterr().out == "[reasoning]\n2+2 is 4\n[answer]\n4\n"
-    assert _show("plain") == "plain"
-    assert capsys.readouterr().out == "plain\n"
+    # markers and whitespace split across pieces, as a streamed answer arrives
+    assert _stream(["◁th", "ink", "▷ 2+2", " is", " 4 ", " ◁/", "think", "▷", " ", "4", "\n"]) == "4"
+    assert capsys.readouterr().out == "[reasoning]\n2+2 is 4\n[answer]\n4\n"
+    assert _stream(["pl", "ain", " text "]) == "plain text"
+    assert capsys.readouterr().out == "plain text\n"
+    assert _stream(["a ◁", "b"]) == "a ◁b"  # a marker's prefix that turns out not to be one is printed
+    assert capsys.readouterr().out == "a ◁b\n"

@@ -12,8 +12,8 @@ Conversations: one JSON object per line (blank lines are skipped)::
 ``role`` is ``system``, ``user`` or ``assistant``; ``content`` is a string or a non-empty list of parts:
 ``{"type": "text", "text": str}``, ``{"type": "image", "image": path}``, ``{"type": "video", "video": path}``
 (an encoded file, e.g. mp4) or ``{"type": "video", "frames": [path, ...], "timestamps": [seconds, ...]}``
-(pre-sampled frames; timestamps optional, same length, non-decreasing). Media paths are relative to the
-directory of the JSONL file (or absolute) and must exist. ``iter_records`` yields records with media paths
+(pre-sampled frames; timestamps optional, same length, non-decreasing, finite seconds >= 0). Media paths are relative
+to the directory of the JSONL file (or absolute) and must exist. ``iter_records`` yields records with media paths
 made absolute; ``write_records`` writes paths inside the file's directory back as relative ones.
 
 Text (for language pre-training and tokenizer training): one JSON object per line with a string ``"text"``
@@ -25,6 +25,7 @@ Every malformed line raises ``DataError`` naming the file and 1-based line numbe
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterable, Iterator
 from itertools import pairwise
@@ -58,6 +59,8 @@ def parse_line(raw: bytes, where: str) -> dict:
         raise DataError(f"{where}: not UTF-8 (byte {e.start + 1} of the line)") from None
     except json.JSONDecodeError as e:
         raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise DataError(f"{where}: JSON nested too deeply to read") from None
     if not isinstance(obj, dict):
         raise DataError(f"{where}: a record must be a JSON object, got {type(obj).__name__}")
     return obj
@@ -67,7 +70,11 @@ def _media(value: Any, root: Path, where: str) -> str:
     if not isinstance(value, str) or not value:
         raise DataError(f"{where}: a media path must be a non-empty string, got {value!r}")
     path = root / value
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except (OSError, ValueError) as e:  # a NUL byte, a name too long for the filesystem
+        raise DataError(f"{where}: bad media path {value!r:.80}: {e}") from None
+    if not found:
         raise DataError(f"{where}: media file {value!r} not found (looked for {path})")
     return str(path)
 
@@ -89,9 +96,10 @@ def _part(part: Any, root: Path, where: str) -> dict:
     times = part.get("timestamps")
     if times is not None:
         ok = isinstance(times, list) and len(times) == len(frames) and all(
-            isinstance(t, (int, float)) and not isinstance(t, bool) for t in times)
+            isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t >= 0 for t in times)
         if not ok or any(b < a for a, b in pairwise(times)):
-            raise DataError(f"{where}: 'timestamps' must be {len(frames)} non-decreasing numbers (one per frame)")
+            raise DataError(f"{where}: 'timestamps' must be {len(frames)} non-decreasing finite numbers of seconds "
+                            ">= 0 (one per frame)")
     return out
 
 

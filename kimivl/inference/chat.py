@@ -35,7 +35,7 @@ def _pieces(model, processor, conversations, params) -> Iterator[list[str]]:
 
 def stream_generate(model, processor, messages: list[dict], **sampling) -> Iterator[str]:
     """Yield the answer to one conversation piece by piece as it is generated."""
-    for pieces in _pieces(model, processor, [messages], SamplingParams(**sampling)):
+    for pieces in _pieces(model, processor, [messages], SamplingParams.from_kwargs(**sampling)):
         if pieces[0]:
             yield pieces[0]
 
@@ -45,6 +45,6 @@ def generate(model, processor, messages: list[dict] | list[list[dict]], **sampli
     batch). ``sampling`` takes ``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``, ``seed``."""
     conversations = messages if _is_batch(messages) else [messages]
     texts = [""] * len(conversations)
-    for pieces in _pieces(model, processor, conversations, SamplingParams(**sampling)):
+    for pieces in _pieces(model, processor, conversations, SamplingParams.from_kwargs(**sampling)):
         texts = [t + p for t, p in zip(texts, pieces)]
     return texts if _is_batch(messages) else texts[0]

@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
+from numbers import Integral
 
 import torch
 
 from kimivl.inference.cache import MLACache
-from kimivl.inference.sampling import SamplingParams, sample_next
+from kimivl.inference.sampling import SamplingError, SamplingParams, sample_next
 
 log = logging.getLogger(__name__)
+
+
+class GenerationError(ValueError):
+    """Generation inputs that cannot be used: prompts that are not token ids of the model, or do not fit its context."""
 
 
 def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,20 +33,41 @@ def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[to
     return ids, mask
 
 
+def _check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> list[list[int]]:
+    """The prompts as lists of ints, once every one is checked to be a non-empty sequence (or 1-D integer tensor) of
+    token ids inside the vocabulary."""
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
+        raise GenerationError("prompts must be a non-empty list of token-id lists")
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, torch.Tensor) and p.dim() == 1 and not p.is_floating_point():
+            p = p.tolist()
+        if isinstance(p, (str, bytes)) or not isinstance(p, Sequence) or len(p) == 0:
+            raise GenerationError(f"prompt {i} needs at least one token (a non-empty list of token ids), got "
+                             f"{type(p).__name__} {p!r:.40}")
+        bad = [t for t in p if not (isinstance(t, Integral) and not isinstance(t, bool) and 0 <= t < vocab_size)]
+        if bad:
+            raise GenerationError(f"prompt {i} holds {len(bad)} token ids that are not integers in [0, {vocab_size}) "
+                             f"(the model's vocabulary): {bad[:5]}")
+        out.append([int(t) for t in p])
+    return out
+
+
 @torch.inference_mode()
 def stream_ids(model, prompts: Sequence[Sequence[int]], pixel_values: torch.Tensor | None = None,
                image_grid_hws: torch.Tensor | None = None, params: SamplingParams | None = None,
                stop_ids: Sequence[int] = ()) -> Iterator[list[int | None]]:
     """Yield, per decoding step, each row's new token id (None once the row has stopped). A stop id ends its
     row and is not yielded. Images of all prompts are packed in prompt order."""
-    params = params or SamplingParams()
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
+    params = SamplingParams() if params is None else params
+    if not isinstance(params, SamplingParams):
+        raise SamplingError(f"params must be a SamplingParams, got {type(params).__name__}")
     cfg = model.config.text_config
+    prompts = _check_prompts(prompts, cfg.vocab_size)
     context = cfg.max_position_embeddings
     longest = max(len(p) for p in prompts)
     if longest >= context:
-        raise ValueError(f"prompt of {longest} tokens does not fit the model's context of {context} tokens")
+        raise GenerationError(f"prompt of {longest} tokens does not fit the model's context of {context} tokens")
     max_new = params.max_new_tokens
     if longest + max_new > context:
         max_new = context - longest
@@ -75,8 +101,9 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], pixel_values: torch.Te
                  image_grid_hws: torch.Tensor | None = None, params: SamplingParams | None = None,
                  stop_ids: Sequence[int] = ()) -> list[list[int]]:
     """New token ids per prompt (stop ids excluded)."""
-    out: list[list[int]] = [[] for _ in prompts]
+    out: list[list[int]] = []
     for step in stream_ids(model, prompts, pixel_values, image_grid_hws, params, stop_ids):
+        out = out or [[] for _ in step]  # stream_ids checks the prompts before its first step
         for row, token in zip(out, step):
             if token is not None:
                 row.append(token)

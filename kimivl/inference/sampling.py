@@ -2,9 +2,29 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+# Below this a temperature divides float32 logits towards overflow (a denormal one gives inf and NaN probabilities);
+# 0 is the way to ask for greedy decoding.
+MIN_TEMPERATURE = 1e-4
+MAX_SEED = 2**64 - 1
+
+
+class SamplingError(ValueError):
+    """A sampling setting that cannot work, or logits that cannot be sampled from."""
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
 
 
 @dataclass
@@ -16,19 +36,36 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise SamplingError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        t = self.temperature
+        if not _is_real(t) or t < 0 or 0 < t < MIN_TEMPERATURE:
+            raise SamplingError(f"temperature must be >= 0: 0 (greedy) or a finite number of at least "
+                                f"{MIN_TEMPERATURE}, got {t!r}")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise SamplingError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
+            raise SamplingError(f"top_p must be in (0, 1] (a number), got {self.top_p!r}")
+        if self.seed is not None and not (_is_int(self.seed) and 0 <= self.seed <= MAX_SEED):
+            raise SamplingError(f"seed must be an integer in [0, 2**64), got {self.seed!r}")
+
+    @classmethod
+    def from_kwargs(cls, **sampling) -> SamplingParams:
+        """Settings given as keyword arguments; an unknown name is a ``SamplingError`` listing the known ones."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(sampling) - set(names))
+        if unknown:
+            raise SamplingError(f"unknown sampling setting{'s' * (len(unknown) > 1)} {', '.join(unknown)}; "
+                                f"the settings are {', '.join(names)}")
+        return cls(**sampling)
 
 
 def sample_next(logits_BV: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None
                 ) -> torch.Tensor:
     """Next token ids (B,) from last-position logits (B, V)."""
+    if bool(torch.isnan(logits_BV).any()):
+        raise SamplingError("the model's logits hold NaN: its weights (or inputs) are not finite; check the "
+                            "checkpoint (loading it warns about NaN/inf tensors)")
     if params.temperature == 0:
         return logits_BV.argmax(-1)
     logits_BV = logits_BV.float() / params.temperature

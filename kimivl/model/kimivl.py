@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kimivl.checkpoint import load_checkpoint, save_checkpoint
+from kimivl.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+    write_error,
+)
 from kimivl.config import KimiVLConfig
 from kimivl.model.language_model import LanguageModel
 from kimivl.model.moe import GroupedExperts, Router, to_dtype
@@ -135,6 +141,16 @@ class KimiVL(nn.Module):
     def save_pretrained(self, path: str | os.PathLike, *, max_shard_bytes: int = 5 * 2**30,
                         dtype: torch.dtype | None = None, **frozen) -> None:
         """Write ``config.json`` and safetensors weights (sharded above ``max_shard_bytes``; ``frozen``:
-        ``save_checkpoint``'s ``frozen_apart`` and ``frozen_from``, for training checkpoints)."""
-        self.config.save_pretrained(path)
-        save_checkpoint(self, path, max_shard_bytes=max_shard_bytes, dtype=dtype, **frozen)
+        ``save_checkpoint``'s ``frozen_apart`` and ``frozen_from``, for training checkpoints). A failed save (a full
+        disk) raises ``CheckpointError``; a directory that the call created is removed again."""
+        created = not os.path.exists(path)
+        try:
+            try:
+                self.config.save_pretrained(path)
+            except OSError as e:
+                raise write_error(e, os.path.join(path, "config.json")) from None
+            save_checkpoint(self, path, max_shard_bytes=max_shard_bytes, dtype=dtype, **frozen)
+        except CheckpointError:
+            if created:
+                shutil.rmtree(path, ignore_errors=True)
+            raise

@@ -18,12 +18,20 @@ GENERATION_PROMPT = "<|im_assistant|>assistant<|im_middle|>"
 THINK_OPEN = "◁think▷"
 THINK_CLOSE = "◁/think▷"
 
+class MessageError(ValueError):
+    """A conversation that is not in the chat format (messages, roles, content parts)."""
 
-def _turn(role: str, content: str) -> str:
-    return f"<|im_{role}|>{role}<|im_middle|>{content}<|im_end|>"
+
+# A rendered conversation is a list of segments (text, is_structure): the template's own markup, whose special-token
+# strings become special ids, and message content, which is always encoded as plain text.
+Segment = tuple[str, bool]
 
 
-def part_type(part: Any, where: str, error: type[ValueError] = ValueError) -> str:
+def _turn(role: str, content: list[Segment]) -> list[Segment]:
+    return [(f"<|im_{role}|>{role}<|im_middle|>", True), *content, ("<|im_end|>", True)]
+
+
+def part_type(part: Any, where: str, error: type[ValueError] = MessageError) -> str:
     """The ``type`` of a content part ('text', 'image' or 'video') once its shape is checked; ``error`` names the
     exception raised (the data loaders raise their ``DataError``)."""
     if not isinstance(part, dict):
@@ -45,7 +53,7 @@ def _image_payload(part: dict, where: str) -> Any:
             if value is None:
                 break
             return value
-    raise ValueError(f"{where}: image part has no 'image' (or 'image_url' / 'url') value")
+    raise MessageError(f"{where}: image part has no 'image' (or 'image_url' / 'url') value")
 
 
 def _video_parts(part: dict, where: str) -> list[dict]:
@@ -55,56 +63,64 @@ def _video_parts(part: dict, where: str) -> list[dict]:
         frames = part["frames"]
         return frames_to_parts(frames, part.get("timestamps") or [float(i) for i in range(len(frames))])
     if part.get("video") is None:
-        raise ValueError(f"{where}: video part has no 'video' (a file) or 'frames' (a list of images)")
+        raise MessageError(f"{where}: video part has no 'video' (a file) or 'frames' (a list of images)")
     frames, times = load_video(part["video"], fps=part.get("fps", DEFAULT_FPS),
                                max_frames=part.get("max_frames", DEFAULT_MAX_FRAMES))
     return frames_to_parts(frames, times)
 
 
-def _render_content(content: Any, where: str, media: list) -> str:
+def _render_content(content: Any, where: str, media: list) -> list[Segment]:
     if isinstance(content, str):
-        return content
+        return [(content, False)]
     if not isinstance(content, list):
-        raise ValueError(f"{where}: content must be a string or a list of parts, got {type(content).__name__}")
-    out = []
+        raise MessageError(f"{where}: content must be a string or a list of parts, got {type(content).__name__}")
+    out: list[Segment] = []
     for j, part in enumerate(content):
         at = f"{where}, part {j}"
         kind = part_type(part, at)
         if kind == "text":
-            out.append(part["text"])
+            out.append((part["text"], False))
         elif kind == "image":
             media.append(_image_payload(part, at))
-            out.append(IMAGE_PLACEHOLDER)
+            out.append((IMAGE_PLACEHOLDER, True))
         else:
-            out.append(_render_content(_video_parts(part, at), at, media))
-    return "".join(out)
+            out += _render_content(_video_parts(part, at), at, media)
+    return out
 
 
 def apply_chat_template(messages: list[dict], add_generation_prompt: bool = True) -> tuple[str, list]:
     """Render ``messages`` as the prompt string; also return the images in placeholder order.
 
     Each image placeholder holds one ``<|media_pad|>``; the processor repeats it (h/2)*(w/2) times for the image
-    of the same index. Video parts contribute one image per sampled frame.
+    of the same index. Video parts contribute one image per sampled frame. The string is for display and offsets:
+    special-token strings inside message content look like markup here, so encode with ``chat_segments`` instead.
     """
+    segments, media = chat_segments(messages, add_generation_prompt)
+    return "".join(text for text, _ in segments), media
+
+
+def chat_segments(messages: list[dict], add_generation_prompt: bool = True) -> tuple[list[Segment], list]:
+    """``messages`` as ``(text, is_structure)`` segments in order, and the images in placeholder order. Only
+    structure segments may be encoded with special tokens; content segments are plain text."""
     if not isinstance(messages, list) or not messages:
-        raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+        raise MessageError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
     media: list = []
-    out = []
+    out: list[Segment] = []
     for i, msg in enumerate(messages):
         where = f"message {i}"
         if not isinstance(msg, dict):
-            raise ValueError(f"{where}: must be a dict with 'role' and 'content', got {type(msg).__name__}")
+            raise MessageError(f"{where}: must be a dict with 'role' and 'content', got {type(msg).__name__}")
         role = msg.get("role")
         if role not in ROLES:
-            raise ValueError(f"{where}: unknown role {role!r} (expected one of {', '.join(ROLES)})")
+            raise MessageError(f"{where}: unknown role {role!r} (expected one of {', '.join(ROLES)})")
         if "content" not in msg or msg["content"] is None:
-            raise ValueError(f"{where}: missing 'content'")
+            raise MessageError(f"{where}: missing 'content'")
         if i == 0 and role != "system":
-            out.append(_turn("system", DEFAULT_SYSTEM_PROMPT))
-        out.append(_turn(role, _render_content(msg["content"], where, media)))
+            out += _turn("system", [(DEFAULT_SYSTEM_PROMPT, False)])
+        out += _turn(role, _render_content(msg["content"], where, media))
     if add_generation_prompt:
-        out.append(GENERATION_PROMPT)
-    return "".join(out), media
+        out.append((GENERATION_PROMPT, True))
+    return out, media
 
 
 def parse_thinking(text: str) -> tuple[str | None, str]:

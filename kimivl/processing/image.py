@@ -1,7 +1,8 @@
 """MoonViT image preprocessing (spec section 3): resize to a patch budget, pad, normalise, patchify.
 
-Per image: decode (header checked against ``max_pixels`` before the pixels are decoded), apply the EXIF
-orientation, convert to RGB, then
+Per image: decode (a file's size checked against ``max_bytes`` before it is read, its header against ``max_pixels``
+before the pixels are decoded; a pipe or device must start like an image and is read up to ``max_bytes``), apply the
+EXIF orientation, convert to RGB, then
 1. if (w//p)*(h//p) > in_token_limit: resize by sqrt(limit / ((w//p)*(h//p))) to (int(w*s), int(h*s)), BICUBIC;
 2. pad right/bottom with zero pixels to multiples of p*merge (``pad_input``; otherwise centre-crop to multiples of p);
 3. reject grids with 512 or more patches on a side (the size of MoonViT's RoPE table);
@@ -21,6 +22,7 @@ import io
 import json
 import math
 import os
+import stat
 import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -34,6 +36,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_GRID_SIDE = 512
 BACKGROUNDS = {"black": (0, 0, 0), "white": (255, 255, 255), None: None}
+READ_CHUNK = 1 << 20
 
 
 class ImageError(ValueError):
@@ -99,16 +102,31 @@ class ImageProcessor:
     image_mean: tuple[float, float, float] = CLIP_MEAN
     image_std: tuple[float, float, float] = CLIP_STD
     max_pixels: int = 1 << 26  # decoded-size cap against decompression bombs (not an official field)
+    max_bytes: int = 1 << 28  # encoded-size cap per image, checked before reading (not an official field)
     background: str | None = "black"  # what transparent pixels become (not an official field)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
+        def numbers(v, n: int) -> bool:
+            return isinstance(v, (list, tuple)) and len(v) == n and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+
+        if not (numbers(self.merge_kernel_size, 2) and all(isinstance(k, int) and k >= 1
+                                                             for k in self.merge_kernel_size)):
+            raise ValueError(f"merge_kernel_size must be two positive integers, got {self.merge_kernel_size!r}")
+        if not (numbers(self.image_mean, 3) and numbers(self.image_std, 3) and all(s > 0 for s in self.image_std)):
+            raise ValueError(f"image_mean/image_std need 3 finite numbers (std > 0), got {self.image_mean!r}, "
+                             f"{self.image_std!r}")
         self.merge_kernel_size = tuple(self.merge_kernel_size)
         self.image_mean, self.image_std = tuple(self.image_mean), tuple(self.image_std)
-        if len(self.image_mean) != 3 or len(self.image_std) != 3 or not all(s > 0 for s in self.image_std):
-            raise ValueError(f"image_mean/image_std need 3 values (std > 0), got {self.image_mean}, {self.image_std}")
+        if not isinstance(self.pad_input, bool):
+            raise ValueError(f"pad_input must be true or false, got {self.pad_input!r}")
         if self.background not in BACKGROUNDS:
             raise ValueError(f"background must be 'black', 'white' or None, got {self.background!r}")
+        for name in ("patch_size", "in_token_limit", "max_pixels", "max_bytes"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
 
     # ---- config files -------------------------------------------------------------------------------------
     @classmethod
@@ -162,19 +180,49 @@ class ImageProcessor:
         except (OSError, ValueError, SyntaxError) as e:
             raise ImageError(f"cannot convert image {name} (mode {img.mode}) to RGB: {e}") from None
 
+    def _read_stream(self, f, name: str) -> bytes:
+        """A pipe or device: it must start like an image, and at most ``max_bytes`` are read."""
+        head = f.read(16)
+        Image.init()
+        if not any(accept is not None and accept(head) for _, accept in Image.OPEN.values()):
+            raise ImageError(f"image {name} does not start like an image file Pillow reads (read 16 bytes)")
+        data = bytearray(head)
+        while chunk := f.read(READ_CHUNK):
+            data += chunk
+            if len(data) > self.max_bytes:
+                raise ImageError(f"image {name} is longer than max_bytes={self.max_bytes}; stopped reading it "
+                                 "(raise max_bytes to allow larger files)")
+        return bytes(data)
+
     def _open(self, source, name: str) -> Image.Image:
-        if not isinstance(source, (bytes, bytearray)):
-            try:
-                with open(source, "rb") as f:
-                    source = f.read()
-            except OSError as e:
-                raise ImageError(f"cannot read image file {name}: {e.strerror or e}") from None
-        if not source:
+        if isinstance(source, (bytes, bytearray)):
+            if len(source) > self.max_bytes:
+                raise ImageError(f"image {name} is over max_bytes={self.max_bytes} (raise max_bytes to allow it)")
+            return self._decode(io.BytesIO(source), name)
+        try:
+            info = os.stat(source)
+            if stat.S_ISDIR(info.st_mode):
+                raise ImageError(f"image {name} is a directory, not an image file")
+            if stat.S_ISREG(info.st_mode) and info.st_size > self.max_bytes:
+                raise ImageError(f"image file {name} is {info.st_size} bytes, over max_bytes={self.max_bytes} "
+                                 "(raise max_bytes to allow it)")
+            with open(source, "rb") as f:
+                if not stat.S_ISREG(info.st_mode):
+                    return self._decode(io.BytesIO(self._read_stream(f, name)), name)
+                return self._decode(f, name)
+        except OSError as e:
+            raise ImageError(f"cannot read image file {name}: {e.strerror or e}") from None
+
+    def _decode(self, f, name: str) -> Image.Image:
+        """Decode an open file: its header first (checked against ``max_pixels``), then its pixels."""
+        f.seek(0, os.SEEK_END)
+        if f.tell() == 0:
             raise ImageError(f"image {name} is empty")
+        f.seek(0)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                img = Image.open(io.BytesIO(source))  # reads the header only
+                img = Image.open(f)  # reads the header only
                 w, h = img.size
                 if w * h > self.max_pixels:
                     raise ImageError(f"image {name} is {w}x{h} = {w * h} pixels, over max_pixels={self.max_pixels} "

@@ -3,6 +3,10 @@
 Each image placeholder (one ``<|media_pad|>`` in the template) is expanded to (h/2)*(w/2) copies for its image.
 For training, ``encode_for_training`` also returns labels that cover only the assistant turns' content and their
 closing ``<|im_end|>`` (everything else is ``-100``).
+
+Only the template's own markup becomes special ids: message content and documents are encoded as plain text, so a
+``<|im_end|>`` or ``<|media_pad|>`` typed by a user (or found in a document) is ordinary tokens and cannot forge a
+turn, a system prompt or an image slot.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kimivl.processing.chat_template import apply_chat_template
+from kimivl.processing.chat_template import MessageError, chat_segments
 from kimivl.processing.image import ImageProcessor
 from kimivl.processing.tokenizer import KimiTokenizer
 
@@ -54,7 +58,7 @@ class KimiVLProcessor:
         pad = self.tokenizer.media_pad_id
         slots = [i for i, t in enumerate(ids) if t == pad]
         if len(slots) != len(grids):
-            raise ValueError(f"the text has {len(slots)} image placeholders but {len(grids)} images were given")
+            raise MessageError(f"the text has {len(slots)} image placeholders but {len(grids)} images were given")
         out, start = [], 0
         for slot, (h, w) in zip(slots, grids.tolist()):
             out += ids[start:slot] + [pad] * self.image_processor.num_tokens((h, w))
@@ -63,22 +67,38 @@ class KimiVLProcessor:
 
     def encode(self, messages: list[dict], add_generation_prompt: bool = True) -> Encoded:
         """A conversation as a prompt for generation."""
-        text, media = apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        segments, media = chat_segments(messages, add_generation_prompt=add_generation_prompt)
         images = self.image_processor(media)
-        ids = self._expand(self.tokenizer.encode(text), images["image_grid_hws"])
+        ids = self._expand(self.encode_segments(segments), images["image_grid_hws"])
         return Encoded(ids, images["pixel_values"], images["image_grid_hws"])
+
+    def encode_segments(self, segments: list[tuple[str, bool]]) -> list[int]:
+        """Token ids of rendered template segments: markup with special ids, content (adjacent pieces joined, as
+        they read) as plain text."""
+        ids: list[int] = []
+        plain: list[str] = []
+        for text, structure in [*segments, ("", True)]:
+            if not structure:
+                plain.append(text)
+                continue
+            if plain:
+                ids += self.tokenizer.encode("".join(plain), allow_special=False)
+                plain = []
+            ids += self.tokenizer.encode(text)
+        return ids
 
     def encode_for_training(self, messages: list[dict]) -> Encoded:
         """A whole conversation with labels on the assistant answers and their end tokens only."""
-        if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
-            raise ValueError("a training conversation needs at least one assistant message")
         enc = self.encode(messages, add_generation_prompt=False)
+        if not any(m.get("role") == "assistant" for m in messages):
+            raise MessageError("a training conversation needs at least one assistant message")
         enc.labels = self.answer_labels(enc.input_ids)
         return enc
 
     def encode_text(self, text: str) -> Encoded:
-        """A plain document for language modelling: every token is a label; ends with [EOS]."""
-        ids = self.tokenizer.encode(text) + [self.tokenizer.eos_id]
+        """A plain document for language modelling: every token is a label; ends with [EOS]. Special-token strings in
+        the document are plain text."""
+        ids = self.tokenizer.encode(text, allow_special=False) + [self.tokenizer.eos_id]
         p = self.image_processor.patch_size
         return Encoded(ids, torch.zeros(0, 3, p, p), torch.zeros(0, 2, dtype=torch.int64), list(ids))
 

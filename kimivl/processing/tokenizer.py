@@ -135,14 +135,17 @@ class KimiTokenizer:
     def is_special(self, token_id: int) -> bool:
         return token_id >= self.n_ranks
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``; special-token strings become their ids; no BOS is added."""
+    def encode(self, text: str, allow_special: bool = True) -> list[int]:
+        """Token ids of ``text``; no BOS is added. Special-token strings become their ids, as the released tokenizer
+        does, unless ``allow_special`` is False: then they are plain text (ordinary tokens), which is how message
+        content and documents must be encoded so that they cannot forge turns, system prompts or image slots."""
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
         ids: list[int] = []
         for start in range(0, max(len(text), 1), MAX_ENCODE_CHARS):
             for chunk in split_long_runs(text[start:start + MAX_ENCODE_CHARS]):
-                ids.extend(self._enc.encode(chunk, allowed_special="all"))
+                ids.extend(self._enc.encode(chunk, allowed_special="all") if allow_special
+                           else self._enc.encode_ordinary(chunk))
         return ids
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:

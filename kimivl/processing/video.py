@@ -4,7 +4,9 @@ A video enters the chat as its sampled frames, each an ordinary image preceded b
 
     00:00.0<|media_start|>image<|media_content|><|media_pad|><|media_end|>00:01.0<|media_start|>image...
 
-Timestamps are ``MM:SS.d`` (minutes, seconds, tenths), with an ``H:`` prefix from one hour on (``1:02:03.5``).
+Timestamps are ``MM:SS.d`` (minutes, seconds, tenths), with an ``H:`` prefix from one hour on (``1:02:03.5``); they
+must be finite and non-negative. Decoded frames larger than ``max_pixels`` are scaled down as they are decoded (the
+image processor shrinks them to its patch budget anyway), so a video of huge frames holds small ones in memory.
 ``frames_to_parts`` builds these content parts; ``apply_chat_template`` does it for ``{"type": "video"}`` parts.
 """
 
@@ -21,6 +23,7 @@ from PIL import Image
 
 DEFAULT_FPS = 1.0
 DEFAULT_MAX_FRAMES = 64
+DEFAULT_MAX_PIXELS = 1 << 20  # per kept frame; above the image processor's default budget (4096 patches of 14x14)
 
 
 class VideoError(ValueError):
@@ -37,8 +40,14 @@ def format_timestamp(seconds: float) -> str:
 
 def frames_to_parts(frames: list, timestamps: list[float]) -> list[dict]:
     """Content parts for a video: timestamp text then the frame image, per frame."""
+    if not isinstance(frames, (list, tuple)) or not isinstance(timestamps, (list, tuple)):
+        raise VideoError(f"video frames and timestamps must be lists, got {type(frames).__name__} and "
+                         f"{type(timestamps).__name__}")
     if len(frames) != len(timestamps):
-        raise ValueError(f"{len(frames)} frames but {len(timestamps)} timestamps")
+        raise VideoError(f"{len(frames)} frames but {len(timestamps)} timestamps")
+    for i, t in enumerate(timestamps):
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+            raise VideoError(f"video frame {i} has timestamp {t!r}: timestamps must be finite numbers of seconds >= 0")
     parts: list[dict] = []
     for frame, t in zip(frames, timestamps):
         parts += [{"type": "text", "text": format_timestamp(t)}, {"type": "image", "image": frame}]
@@ -66,24 +75,41 @@ def _targets(duration: float | None, fps: float, max_frames: int) -> Iterator[fl
         yield int(k) / fps
 
 
+def _fit(width: int, height: int, max_pixels: int) -> tuple[int, int]:
+    """(w, h) scaled down, aspect kept, to at most ``max_pixels``; unchanged when it fits."""
+    if width * height <= max_pixels:
+        return width, height
+    scale = math.sqrt(max_pixels / (width * height))
+    return max(1, int(width * scale)), max(1, int(height * scale))
+
+
+def _positive(value: Any, name: str, kind: type) -> None:
+    ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
+    if not (ok and math.isfinite(value) and value > 0):
+        raise VideoError(f"need {name} > 0 (a finite {'number' if kind is float else 'integer'}), got {value!r}")
+
+
 def load_video(source: str | os.PathLike | bytes | BinaryIO, fps: float = DEFAULT_FPS,
-               max_frames: int = DEFAULT_MAX_FRAMES) -> tuple[list[Image.Image], list[float]]:
+               max_frames: int = DEFAULT_MAX_FRAMES, max_pixels: int = DEFAULT_MAX_PIXELS
+               ) -> tuple[list[Image.Image], list[float]]:
     """Decode ``source`` and sample frames at ``fps``; more than ``max_frames`` samples are thinned uniformly.
 
     The frame for time t is the one on screen at t (the last frame starting at or before t). Returns RGB
-    PIL frames and their times in seconds from the start of the stream. A stream that declares no duration
-    keeps every frame sampled at ``fps`` until the end, then thins them.
+    PIL frames, each scaled down to at most ``max_pixels`` as it is decoded, and their times in seconds from the
+    start of the stream (a frame before the start counts as 0). A stream that declares no duration keeps every frame
+    sampled at ``fps`` until the end, then thins them.
     """
     import av
 
-    if not fps > 0 or max_frames < 1:
-        raise ValueError(f"need fps > 0 and max_frames >= 1, got fps={fps}, max_frames={max_frames}")
+    _positive(fps, "fps", float)
+    _positive(max_frames, "max_frames", int)
+    _positive(max_pixels, "max_pixels", int)
     name = _describe(source)
     if isinstance(source, (bytes, bytearray)):
         source = io.BytesIO(source)
     try:
         container = av.open(source)
-    except (av.FFmpegError, OSError, ValueError) as e:
+    except (av.FFmpegError, OSError, ValueError, TypeError) as e:
         raise VideoError(f"cannot open video {name}: {e}") from None
     frames: list[Image.Image] = []
     times: list[float] = []
@@ -96,6 +122,8 @@ def load_video(source: str | os.PathLike | bytes | BinaryIO, fps: float = DEFAUL
             duration = float(stream.duration * stream.time_base)
         elif container.duration is not None:
             duration = container.duration / av.time_base
+        if duration is not None and not (math.isfinite(duration) and duration >= 0):
+            duration = None  # a damaged header: sample until the frames end
         stream.thread_type = "AUTO"
         rate = float(stream.average_rate or 25)
         start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
@@ -105,18 +133,24 @@ def load_video(source: str | os.PathLike | bytes | BinaryIO, fps: float = DEFAUL
 
         def take(frame, t):
             if not times or t != times[-1]:
-                frames.append(frame.to_image())
-                times.append(t)
+                size = _fit(frame.width, frame.height, max_pixels)
+                scaled = size != (frame.width, frame.height)
+                frames.append(frame.to_image(width=size[0], height=size[1]) if scaled else frame.to_image())
+                times.append(max(t, 0.0))
 
         try:
             for i, frame in enumerate(container.decode(stream)):
                 t = frame.time - start if frame.time is not None else i / rate
+                if not math.isfinite(t):
+                    raise VideoError(f"video {name}: frame {i} has no usable timestamp ({t})")
                 while target is not None and t > target + 1e-6:
                     take(*(prev or (frame, t)))
                     target = next(targets, None)
                 if target is None:
                     break
                 prev = (frame, t)
+        except VideoError:
+            raise
         except (av.FFmpegError, OSError, ValueError) as e:
             raise VideoError(f"cannot decode video {name}: {e}") from None
         if prev is not None and target is not None:

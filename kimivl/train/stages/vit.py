@@ -48,7 +48,8 @@ class CaptionStream:
         user, answer = rec["messages"][0]["content"], rec["messages"][-1]["content"]
         image = next(p["image"] for p in user if isinstance(p, dict) and p.get("type") == "image")
         question = content_text(user)
-        return self.processor.image_processor(image), self.processor.tokenizer.encode(f"{question} {answer}")
+        return self.processor.image_processor(image), self.processor.tokenizer.encode(f"{question} {answer}",
+                                                                                  allow_special=False)
 
     def batches(self, position: int) -> Iterator:
         tok = self.processor.tokenizer

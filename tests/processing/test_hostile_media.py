@@ -1,0 +1,164 @@
+"""Hostile media: endless devices and pipes, huge sparse files, videos of huge frames, broken timestamps. Each is
+a clear error (or bounded work), never a read of the whole input or frames kept at full size."""
+
+import io
+import json
+import math
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from kimivl.data.formats import DataError, iter_records
+from kimivl.processing.chat_template import apply_chat_template
+from kimivl.processing.image import ImageError, ImageProcessor
+from kimivl.processing.video import VideoError, frames_to_parts, load_video
+from tests.processing.test_video_frames import make_video
+
+
+def png_bytes(w=20, h=10) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((h, w, 3), 200, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_dev_zero_is_refused_after_its_first_bytes():
+    start = time.perf_counter()
+    with pytest.raises(ImageError, match=r"/dev/zero does not start like an image file"):
+        ImageProcessor().load("/dev/zero")
+    assert time.perf_counter() - start < 1.0
+
+
+def _feed_fifo(path, data: bytes, endless: bytes = b""):
+    """Write ``data`` then ``endless`` forever into the FIFO at ``path`` until the reader goes away."""
+    def run():
+        try:
+            with open(path, "wb") as f:
+                f.write(data)
+                while endless:
+                    f.write(endless)
+        except (BrokenPipeError, OSError):
+            pass
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_endless_pipe_of_zeros(tmp_path):
+    fifo = tmp_path / "zeros"
+    os.mkfifo(fifo)
+    thread = _feed_fifo(fifo, b"", endless=b"\0" * 65536)
+    with pytest.raises(ImageError, match="does not start like an image"):
+        ImageProcessor().load(str(fifo))
+    thread.join(timeout=5)
+    assert not thread.is_alive()
+
+
+def test_pipe_with_an_image_header_and_no_end_stops_at_max_bytes(tmp_path):
+    fifo = tmp_path / "endless.png"
+    os.mkfifo(fifo)
+    thread = _feed_fifo(fifo, png_bytes(), endless=b"\0" * 65536)
+    with pytest.raises(ImageError, match=r"longer than max_bytes=4000000; stopped reading"):
+        ImageProcessor(max_bytes=4_000_000).load(str(fifo))
+    thread.join(timeout=5)
+    assert not thread.is_alive()
+
+
+def test_an_image_through_a_pipe_still_works(tmp_path):
+    fifo = tmp_path / "piped.png"
+    os.mkfifo(fifo)
+    _feed_fifo(fifo, png_bytes(20, 10))  # the writer ends on its own
+    img = ImageProcessor().load(str(fifo))
+    assert img.size == (20, 10) and img.getpixel((3, 3)) == (200, 200, 200)
+
+
+def test_huge_sparse_file_is_refused_from_its_size(tmp_path):
+    path = tmp_path / "huge.png"
+    with open(path, "wb") as f:
+        f.write(png_bytes())
+        f.truncate(64 * 2**30)  # 64 GiB, sparse: nothing is stored
+    start = time.perf_counter()
+    with pytest.raises(ImageError, match=rf"is {64 * 2**30} bytes, over max_bytes={1 << 28}"):
+        ImageProcessor().load(str(path))
+    assert time.perf_counter() - start < 1.0
+
+
+def test_bytes_over_the_cap_and_directories(tmp_path):
+    with pytest.raises(ImageError, match="over max_bytes=100"):
+        ImageProcessor(max_bytes=100).load(png_bytes() + b"\0" * 200)
+    with pytest.raises(ImageError, match="is a directory"):
+        ImageProcessor().load(str(tmp_path))
+    with pytest.raises(ValueError, match="max_bytes must be a positive integer"):
+        ImageProcessor(max_bytes=0)
+
+
+def test_regular_files_are_decoded_from_their_header_without_a_whole_read(tmp_path, monkeypatch):
+    """A regular file is opened by Pillow through the file object (header first), never read into memory whole."""
+    path = tmp_path / "big_header.png"
+    from tests.processing.test_image_processor import png_header_only
+
+    path.write_bytes(png_header_only(10_000, 10_000) + b"\0" * 5_000_000)
+    reads = []
+    real_open = open
+
+    def counting_open(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        if str(file) == str(path):
+            original = f.read
+            f.read = lambda n=-1: reads.append(n) or original(n)
+        return f
+
+    monkeypatch.setattr("builtins.open", counting_open)
+    with pytest.raises(ImageError, match="over max_pixels"):
+        ImageProcessor().load(str(path))
+    assert reads and all(0 <= n < 1_000_000 for n in reads)  # no read() of the whole file
+
+
+def test_video_of_huge_frames_is_downscaled_as_it_is_decoded():
+    w, h = 2400, 1600
+    video = make_video(n=3, rate=1, w=w, h=h)
+    frames, times = load_video(video)
+    assert times == [0.0, 1.0, 2.0]
+    for frame in frames:
+        fw, fh = frame.size
+        assert fw * fh <= 1 << 20 and fw * fh > 0.98 * (1 << 20)  # at most max_pixels, and not much below it
+        assert abs(fw / fh - w / h) < 0.01
+    # the frames' content survives the scaling: frame i is uniformly grey at level 10*i
+    assert [round(float(np.asarray(f).mean()) / 10) for f in frames] == [0, 1, 2]
+    small, _ = load_video(video, max_pixels=10_000)
+    assert all(f.size[0] * f.size[1] <= 10_000 for f in small)
+    full, _ = load_video(make_video(n=2, rate=1, w=64, h=48))
+    assert all(f.size == (64, 48) for f in full)  # frames under the cap are untouched
+
+
+@pytest.mark.parametrize("bad", [float("nan"), -1.0, float("inf"), "1.0", True, None])
+def test_bad_frame_timestamps(bad):
+    frames = [np.zeros((28, 28, 3), np.uint8)] * 2
+    with pytest.raises(VideoError, match=rf"video frame 1 has timestamp {bad!r}" if not isinstance(bad, float)
+                       or math.isfinite(bad) else "video frame 1 has timestamp"):
+        frames_to_parts(frames, [0.0, bad])
+    with pytest.raises(VideoError, match="timestamps must be finite numbers of seconds >= 0"):
+        apply_chat_template([{"role": "user", "content": [{"type": "video", "frames": frames,
+                                                           "timestamps": [0.0, bad]}]}])
+
+
+@pytest.mark.parametrize("fps,max_frames,message", [(float("nan"), 4, "need fps > 0"), (1.0, 2.5, "need max_frames"),
+                                                    (float("inf"), 4, "need fps > 0"), (1.0, -1, "need max_frames")])
+def test_bad_sampling_settings(fps, max_frames, message):
+    with pytest.raises(VideoError, match=message):
+        load_video(b"anything", fps=fps, max_frames=max_frames)
+
+
+def test_bad_timestamps_in_a_data_file(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "f.png")
+    for bad in ("NaN", "-1", "Infinity"):
+        record = '{"messages": [{"role": "user", "content": [{"type": "video", "frames": ["f.png", "f.png"], ' \
+                 f'"timestamps": [0, {bad}]}}]}}, {{"role": "assistant", "content": "x"}}]}}'
+        json.loads(record)  # Python's JSON reads NaN and Infinity
+        (tmp_path / "d.jsonl").write_text(record + "\n")
+        with pytest.raises(DataError, match="finite numbers of seconds >= 0"):
+            list(iter_records(tmp_path / "d.jsonl"))

@@ -1,0 +1,169 @@
+"""Checkpoints that are wrong in kind, hold non-finite values, point outside their directory, share a directory with
+another model, or meet a full disk."""
+
+import errno
+import json
+import logging
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from kimivl import KimiVL
+from kimivl import checkpoint as ckpt
+from kimivl.checkpoint import INDEX, CheckpointError
+
+
+@pytest.fixture()
+def saved(tiny_model, tmp_path):
+    path = tmp_path / "model"
+    tiny_model.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bool, torch.int64])
+def test_non_float_tensors_are_refused(saved, dtype):
+    tensors = load_file(saved / "model.safetensors")
+    name = "language_model.model.embed_tokens.weight"
+    tensors[name] = (tensors[name] * 100).to(dtype)
+    save_file(tensors, saved / "model.safetensors")
+    with pytest.raises(CheckpointError, match=rf"wrong kind.*\n  {name}: checkpoint (I8|BOOL|I64) where the model "
+                                              r"holds torch\.(bfloat16|float32)"):
+        KimiVL.from_pretrained(saved)
+
+
+def test_non_finite_values_are_named_in_a_warning(saved, caplog):
+    tensors = load_file(saved / "model.safetensors")
+    bad = ["language_model.lm_head.weight", "vision_tower.patch_embed.proj.bias"]
+    tensors[bad[0]][3, 5] = float("nan")
+    tensors[bad[1]][0] = float("-inf")
+    save_file(tensors, saved / "model.safetensors")
+    with caplog.at_level(logging.WARNING, logger="kimivl.checkpoint"):
+        model = KimiVL.from_pretrained(saved, dtype=torch.float32)
+    [record] = [r for r in caplog.records if "NaN or inf" in r.message]
+    assert "in 2 tensors" in record.message and all(b in record.message for b in bad)
+    assert torch.isnan(model.language_model.lm_head.weight[3, 5])
+
+
+def test_finite_checkpoints_load_without_warning(saved, caplog):
+    with caplog.at_level(logging.WARNING, logger="kimivl.checkpoint"):
+        KimiVL.from_pretrained(saved)
+    assert not caplog.records
+
+
+@pytest.mark.parametrize("weight_map,message", [
+    (["model-00001-of-00002.safetensors"], "'weight_map' must map tensor names to shard file names, got list"),
+    ("model.safetensors", "'weight_map' must map tensor names to shard file names, got str"),
+    ({"language_model.lm_head.weight": 3}, "maps to 3"),
+    ({"language_model.lm_head.weight": None}, "maps to None"),
+    ({"language_model.lm_head.weight": ""}, "maps to ''"),
+    ({"language_model.lm_head.weight": ["a", "b"]}, r"maps to \['a', 'b'\]"),
+])
+def test_malformed_weight_maps(tiny_model, tmp_path, weight_map, message):
+    tiny_model.save_pretrained(tmp_path, max_shard_bytes=300_000)
+    (tmp_path / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match=message):
+        KimiVL.from_pretrained(tmp_path)
+
+
+def test_nested_index_json(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path, max_shard_bytes=300_000)
+    (tmp_path / INDEX).write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(CheckpointError, match="not a valid safetensors index"):
+        KimiVL.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("outside", ["absolute", "dotdot", "nested-dotdot"])
+def test_index_entries_outside_the_directory_are_refused(tiny_model, tmp_path, outside):
+    ckpt_dir = tmp_path / "ckpt"
+    tiny_model.save_pretrained(ckpt_dir, max_shard_bytes=300_000)
+    index = json.loads((ckpt_dir / INDEX).read_text())
+    first = min(index["weight_map"].values())
+    (tmp_path / "elsewhere").mkdir()
+    os.replace(ckpt_dir / first, tmp_path / "elsewhere" / first)  # the shard exists, but outside
+    name = {"absolute": str(tmp_path / "elsewhere" / first), "dotdot": f"../elsewhere/{first}",
+            "nested-dotdot": f"sub/../../elsewhere/{first}"}[outside]
+    index["weight_map"] = {k: name if v == first else v for k, v in index["weight_map"].items()}
+    (ckpt_dir / INDEX).write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="outside the checkpoint directory"):
+        KimiVL.from_pretrained(ckpt_dir)
+
+
+def test_shards_in_subdirectories_are_allowed(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path, max_shard_bytes=300_000)
+    index = json.loads((tmp_path / INDEX).read_text())
+    (tmp_path / "shards").mkdir()
+    for name in set(index["weight_map"].values()):
+        os.replace(tmp_path / name, tmp_path / "shards" / name)
+    index["weight_map"] = {k: f"shards/{v}" for k, v in index["weight_map"].items()}
+    (tmp_path / INDEX).write_text(json.dumps(index))
+    loaded = KimiVL.from_pretrained(tmp_path, dtype=torch.float32)
+    assert torch.equal(loaded.language_model.lm_head.weight, tiny_model.language_model.lm_head.weight)
+
+
+def _listing(path):
+    return {p.name: p.stat().st_mtime_ns for p in path.iterdir()}
+
+
+def test_save_refuses_a_directory_holding_another_models_shards(tiny_model, tmp_path):
+    """Shards that kimivl did not write are never deleted: the save is refused before anything is written."""
+    foreign = {"x": torch.ones(3)}
+    save_file(foreign, tmp_path / "model-00001-of-00002.safetensors")
+    save_file(foreign, tmp_path / "model-00002-of-00002.safetensors")
+    (tmp_path / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": {"x": "model-00001-of-00002.safetensors"}}))
+    before = _listing(tmp_path)
+    with pytest.raises(CheckpointError, match=r"kimivl did not write: model-00001-of-00002\.safetensors, "
+                                              r"model-00002-of-00002\.safetensors, model\.safetensors\.index\.json"):
+        ckpt.save_checkpoint(tiny_model, tmp_path)
+    assert _listing(tmp_path) == before
+
+
+def test_save_keeps_unrelated_files_and_replaces_an_older_kimivl_save(tiny_model, tmp_path):
+    save_file({"x": torch.ones(3)}, tmp_path / "adapter.safetensors")
+    (tmp_path / "notes.txt").write_text("mine")
+    tiny_model.save_pretrained(tmp_path, max_shard_bytes=300_000)
+    shards = sorted(p.name for p in tmp_path.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    tiny_model.save_pretrained(tmp_path)  # the older save's shards and index are kimivl's: replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.safetensors", "config.json", "model.safetensors",
+                                                          "notes.txt"]
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert torch.equal(load_file(tmp_path / "adapter.safetensors")["x"], torch.ones(3))
+    KimiVL.from_pretrained(tmp_path)
+
+
+def test_a_full_disk_is_a_clear_error_and_leaves_no_temporary_files(tiny_model, tmp_path, monkeypatch):
+    def full(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\0" * 100)  # a partly written temporary file
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "save_file", full)
+    fresh = tmp_path / "fresh"
+    with pytest.raises(CheckpointError, match=r"the disk is full: writing .*model\.safetensors failed "
+                                              r"\(No space left on device\)"):
+        tiny_model.save_pretrained(fresh)
+    assert not fresh.exists()  # the directory this call created is removed
+
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("x")
+    with pytest.raises(CheckpointError, match="the disk is full"):
+        tiny_model.save_pretrained(existing, max_shard_bytes=300_000)
+    assert sorted(p.name for p in existing.iterdir()) == ["config.json", "keep.txt"]  # no *.tmp left
+
+
+def test_a_full_disk_during_a_training_checkpoint_removes_its_temporary_directory(tiny_model, tmp_path, monkeypatch):
+    from kimivl.train.state import save_state
+
+    monkeypatch.setattr(ckpt, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
+    with pytest.raises(CheckpointError, match="the disk is full"):
+        save_state(tmp_path / "ckpts", tiny_model, {"step": 3})
+    assert list((tmp_path / "ckpts").iterdir()) == []
+
+
+def test_other_write_failures_name_the_file(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(ckpt, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    with pytest.raises(CheckpointError, match=r"cannot write .*model\.safetensors: I/O error"):
+        tiny_model.save_pretrained(tmp_path / "m")

@@ -1,0 +1,160 @@
+"""The command line: devices, defaults, streaming, and every user mistake as one line on stderr with exit code 2."""
+
+import errno
+import json
+
+import pytest
+import torch
+
+from kimivl import KimiVL, KimiVLProcessor, cli, generate
+from kimivl.checkpoint import CheckpointError
+from kimivl.cli import CommandError, main, resolve_device
+from kimivl.data.formats import DataError, iter_records, iter_texts
+from kimivl.demo import DEFAULT_MODEL
+from kimivl.train.loop import TrainingError
+from kimivl.train.recipe import RecipeError
+
+
+def _one_line_error(capsys, command: str, *parts: str) -> str:
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    assert err.startswith(f"kimivl {command}: error: ")
+    for part in parts:
+        assert part in err, err
+    return err
+
+
+@pytest.mark.parametrize("device,parts", [
+    ("cuda", ["--device cuda: CUDA is not available on this machine", "use --device cpu"]),
+    ("cuda:1", ["--device cuda:1: CUDA is not available", "use --device cpu"]),
+    ("gpu", ["--device gpu: not a device name; use cpu, cuda or cuda:N"]),
+    ("meta", ["--device meta: meta holds no weights", "use --device cpu or cuda"]),
+    ("tpu", ["--device tpu"]),
+])
+@pytest.mark.parametrize("command", ["chat", "eval"])
+def test_unusable_devices_are_one_line(monkeypatch, capsys, device, parts, command):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    argv = ["chat", "--device", device, "hi"] if command == "chat" else [
+        "eval", "--task", "synthetic", "--model", str(DEFAULT_MODEL), "--device", device]
+    assert main(argv) == 2
+    _one_line_error(capsys, command, *parts)
+
+
+def test_default_device_is_a_gpu_when_there_is_one(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device(None) == "cuda" and resolve_device("cuda:1") == "cuda:1"
+    with pytest.raises(CommandError, match=r"has 2 CUDA device\(s\); use cuda:0..cuda:1"):
+        resolve_device("cuda:2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device(None) == "cpu" and resolve_device("cpu") == "cpu"
+    for command in ("chat", "eval"):
+        assert cli.build_parser().parse_args([command, "--task", "x"] if command == "eval" else [command]).device is None
+
+
+def test_chat_uses_the_shipped_model_by_default_and_streams(monkeypatch, capsys):
+    """Without --model, chat answers with models/kimivl-tiny, exactly as generate does; the answer is printed piece
+    by piece while it is generated."""
+    from kimivl.inference import chat
+
+    model, processor = KimiVL.from_pretrained(DEFAULT_MODEL), KimiVLProcessor.from_pretrained(DEFAULT_MODEL)
+    question = [{"role": "user", "content": [{"type": "text", "text": "Read the text in the image."}]}]
+    expected = generate(model, processor, question, max_new_tokens=6, temperature=0.0, seed=0, top_p=1.0)
+    real = chat.stream_generate
+    seen = []
+
+    def watched(*args, **kwargs):
+        for piece in real(*args, **kwargs):
+            seen.append((piece, capsys.readouterr().out))  # what was printed before this piece was handed out
+            yield piece
+
+    monkeypatch.setattr(chat, "stream_generate", watched)
+    assert main(["chat", "--max-new-tokens", "6", "--temperature", "0", "--device", "cpu",
+                 "Read the text in the image."]) == 0
+    printed = "".join(out for _, out in seen) + capsys.readouterr().out
+    assert printed.strip() == expected.strip() and len(seen) >= 2
+    assert any(out for _, out in seen[1:]), "nothing was printed before the answer ended"
+
+
+@pytest.mark.parametrize("error,parts", [
+    (TrainingError("step 12: the loss is NaN"), ["step 12: the loss is NaN"]),
+    (OSError(errno.ENOSPC, "No space left on device"), ["No space left on device"]),
+    (PermissionError(errno.EACCES, "Permission denied", "/root/x.png"), ["Permission denied", "/root/x.png"]),
+    (CheckpointError("the disk is full: writing m failed"), ["the disk is full"]),
+    (RecipeError("stage 'sft': steps (5) below warmup (10)"), ["stage 'sft'"]),
+    (DataError("data.jsonl:3: invalid JSON"), ["data.jsonl:3"]),
+])
+def test_project_and_os_errors_are_one_line(monkeypatch, capsys, error, parts):
+    def fail(args):
+        raise error
+
+    monkeypatch.setattr(cli, "cmd_demo", fail)
+    assert main(["demo"]) == 2
+    _one_line_error(capsys, "demo", *parts)
+
+
+def test_bugs_still_show_their_traceback(monkeypatch):
+    monkeypatch.setattr(cli, "cmd_demo", lambda args: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        main(["demo"])
+
+
+def test_ctrl_c_is_one_line(monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_demo", interrupted)
+    assert main(["demo"]) == 130
+    assert capsys.readouterr().err.strip() == "kimivl demo: interrupted"
+
+
+def test_bad_sampling_flags_and_configs_are_one_line(capsys, tmp_path):
+    assert main(["chat", "--temperature", "nan", "--device", "cpu", "hi"]) == 2
+    _one_line_error(capsys, "chat", "temperature must be >= 0: 0 (greedy) or a finite number")
+    config = json.loads((DEFAULT_MODEL / "config.json").read_text())
+    config["text_config"]["eos_token_id"] = "[EOS]"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert main(["info", str(tmp_path)]) == 2
+    _one_line_error(capsys, "info", "eos_token_id must be a token id")
+
+
+def test_deeply_nested_jsonl_lines_are_data_errors(tmp_path):
+    nested = '{"text": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    (tmp_path / "deep.jsonl").write_text('{"text": "fine"}\n' + nested + "\n")
+    with pytest.raises(DataError, match=r"deep\.jsonl:2: JSON nested too deeply"):
+        list(iter_texts(tmp_path / "deep.jsonl"))
+    (tmp_path / "deep_chat.jsonl").write_text('{"messages": ' + "[" * 50_000 + "]" * 50_000 + "}\n")
+    with pytest.raises(DataError, match=r"deep_chat\.jsonl:1: JSON nested too deeply"):
+        list(iter_records(tmp_path / "deep_chat.jsonl"))
+
+
+def test_multi_line_checkpoint_errors_print_as_one_line(checkpoint, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoint, broken)
+    tensors = load_file(broken / "model.safetensors")
+    tensors["language_model.lm_head.weight"] = tensors["language_model.lm_head.weight"].to(torch.int8)
+    del tensors["language_model.model.norm.weight"]
+    save_file(tensors, broken / "model.safetensors")
+    assert main(["chat", "--model", str(broken), "--device", "cpu", "hi"]) == 2
+    _one_line_error(capsys, "chat", "does not match the model: missing tensors (1): language_model.model.norm.weight",
+                    "wrong kind", "language_model.lm_head.weight: checkpoint I8")
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("merge_kernel_size", 2, "merge_kernel_size must be two positive integers"),
+    ("image_std", ["a", 1, 1], "image_mean/image_std need 3 finite numbers"),
+    ("image_mean", [0.5, float("nan"), 0.5], "image_mean/image_std need 3 finite numbers"),
+    ("in_token_limit", 0, "in_token_limit must be a positive integer, got 0"),
+    ("max_bytes", "1e9", "max_bytes must be a positive integer, got '1e9'"),
+    ("pad_input", "yes", "pad_input must be true or false, got 'yes'")])
+def test_bad_preprocessor_configs(tmp_path, field, value, message):
+    from kimivl.processing.image import ImageProcessor
+
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({field: value}))
+    with pytest.raises(ValueError, match=message):
+        ImageProcessor.from_pretrained(tmp_path)

@@ -1,0 +1,138 @@
+"""Every config field's type and range is checked when the config is read; impossible sizes fail fast."""
+
+import dataclasses
+import json
+import time
+
+import pytest
+import torch
+
+from kimivl import KimiVL, KimiVLConfig
+from kimivl.config import MAX_PARAMETERS, ConfigError, estimated_parameters
+from kimivl.inference.generate import generate_ids
+from kimivl.inference.sampling import SamplingParams
+from kimivl.model.params import parameter_counts
+
+
+def tiny_dict():
+    return KimiVLConfig.from_preset("tiny").to_dict()
+
+
+@pytest.mark.parametrize("part,field,value,message", [
+    ("text_config", "rope_theta", 0, "rope_theta must be a finite number > 0"),
+    ("text_config", "rope_theta", -10000.0, "rope_theta must be a finite number > 0"),
+    ("text_config", "rope_theta", "1e4", "rope_theta must be a finite number > 0"),
+    ("text_config", "rms_norm_eps", -1e-6, "rms_norm_eps must be a finite number > 0"),
+    ("text_config", "rms_norm_eps", float("nan"), "rms_norm_eps must be a finite number > 0"),
+    ("text_config", "routed_scaling_factor", float("inf"), "routed_scaling_factor"),
+    ("text_config", "initializer_range", -0.02, "initializer_range must be a finite number >= 0"),
+    ("text_config", "aux_loss_alpha", True, "aux_loss_alpha"),
+    ("text_config", "eos_token_id", "[EOS]", "eos_token_id must be a token id or a non-empty list"),
+    ("text_config", "eos_token_id", [], "eos_token_id must be a token id or a non-empty list"),
+    ("text_config", "eos_token_id", [3841, 99999], "eos_token_id must be a token id in"),
+    ("text_config", "bos_token_id", -1, "bos_token_id must be a token id in"),
+    ("text_config", "pad_token_id", 4096, "pad_token_id must be a token id in"),
+    ("text_config", "n_shared_experts", -1, "n_shared_experts must be an integer >= 0"),
+    ("text_config", "first_k_dense_replace", -2, "first_k_dense_replace must be an integer >= 0"),
+    ("text_config", "num_hidden_layers", True, "num_hidden_layers must be a positive integer"),
+    ("text_config", "hidden_size", 128.0, "hidden_size must be a positive integer"),
+    ("text_config", "vocab_size", "4096", "vocab_size must be a positive integer"),
+    ("text_config", "num_experts_per_tok", False, "num_experts_per_tok must be a positive integer"),
+    ("text_config", "norm_topk_prob", 1, "norm_topk_prob must be a boolean"),
+    ("text_config", "tie_word_embeddings", "false", "tie_word_embeddings must be a boolean"),
+    ("text_config", "torch_dtype", "int8", "torch_dtype must name a float type"),
+    ("text_config", "torch_dtype", "bool", "torch_dtype must name a float type"),
+    ("text_config", "torch_dtype", None, "torch_dtype must be a string"),
+    ("text_config", "hidden_act", 3, "hidden_act must be a string"),
+    ("vision_config", "rope_theta", -1, "vision_config.rope_theta must be a finite number > 0"),
+    ("vision_config", "layer_norm_eps", 0.0, "layer_norm_eps must be a finite number > 0"),
+    ("vision_config", "patch_size", 14.5, "patch_size must be a positive integer"),
+    ("vision_config", "merge_kernel_size", 2, "merge_kernel_size must be two positive integers"),
+    ("vision_config", "merge_kernel_size", "22", "merge_kernel_size must be two positive integers"),
+    ("vision_config", "merge_kernel_size", [2, True], "merge_kernel_size must be two positive integers"),
+    (None, "media_placeholder_token_id", "3861", "outside the vocabulary"),
+    (None, "ignore_index", None, "ignore_index must be an integer"),
+    (None, "pad_token_id", -5, "pad_token_id must be a token id in"),
+    (None, "architectures", "KimiVL", "architectures must be a list of strings"),
+])
+def test_bad_field_values_are_config_errors(part, field, value, message):
+    d = tiny_dict()
+    (d[part] if part else d)[field] = value
+    with pytest.raises(ConfigError, match=message):
+        KimiVLConfig.from_dict(d)
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", '"kimi"', "null", "3", "[" * 100_000 + "]" * 100_000],
+                         ids=["list", "string", "null", "number", "deeply-nested"])
+def test_a_config_that_is_not_an_object(tmp_path, text):
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(ConfigError, match="config.json"):
+        KimiVLConfig.from_pretrained(tmp_path)
+
+
+def test_non_utf8_config_file(tmp_path):
+    (tmp_path / "config.json").write_bytes(b'{"model_type": "\xff"}')
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        KimiVLConfig.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("part,field,value", [("text_config", "num_hidden_layers", 10**9),
+                                              ("vision_config", "num_hidden_layers", 10**9)])
+def test_absurd_layer_counts_fail_fast(tmp_path, part, field, value):
+    d = tiny_dict()
+    d[part][field] = value
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=rf"{part}.num_hidden_layers .*at most 1024.*1000000000"):
+        KimiVL.from_pretrained(tmp_path)
+    assert time.perf_counter() - start < 1.0
+
+
+def test_absurd_model_size_is_refused_naming_the_size():
+    d = tiny_dict()
+    d["text_config"]["hidden_size"] = 2**30
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"about 1\.63e\+13 parameters .*GiB in bfloat16"):
+        KimiVLConfig.from_dict(d)
+    assert time.perf_counter() - start < 1.0
+
+
+def test_estimate_matches_the_built_models():
+    for name in ("tiny", "kimivl-tiny", "kimi-vl-a3b"):
+        config = KimiVLConfig.from_preset(name)
+        built = parameter_counts(config)["total"].total
+        assert abs(estimated_parameters(config) - built) / built < 0.01, name
+    assert estimated_parameters(KimiVLConfig.from_preset("kimi-vl-a3b")) < MAX_PARAMETERS
+
+
+def test_null_pad_token_id_falls_back_and_generation_works(tmp_path):
+    """transformers writes ``pad_token_id: null`` in DeepSeek-V3 text configs; the pad id falls back to the first eos
+    id, and left-padded batches generate exactly what each prompt gives alone."""
+    d = tiny_dict()
+    d["text_config"]["pad_token_id"] = None
+    d["pad_token_id"] = None
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    config = KimiVLConfig.from_pretrained(tmp_path)
+    first_eos = d["text_config"]["eos_token_id"][0]
+    assert config.text_config.pad_token_id == first_eos and config.pad_token_id == first_eos
+    torch.manual_seed(0)
+    model = KimiVL(config).eval()
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12]]
+    params = SamplingParams(max_new_tokens=6)
+    batch = generate_ids(model, prompts, params=params)
+    alone = [generate_ids(model, [p], params=params)[0] for p in prompts]
+    assert batch == alone and all(len(row) == 6 for row in batch)
+    d["text_config"]["eos_token_id"] = 3843
+    d["text_config"]["pad_token_id"] = None
+    assert KimiVLConfig.from_dict(d).text_config.pad_token_id == 3843
+
+
+def test_shipped_configs_still_load_unchanged():
+    from pathlib import Path
+
+    for name in ("kimivl-tiny", "kimivl-tiny-thinking"):
+        path = Path(__file__).parents[1] / "models" / name / "config.json"
+        d = json.loads(path.read_text())
+        assert KimiVLConfig.from_pretrained(path).to_dict() == d
+    a3b = KimiVLConfig.from_preset("kimi-vl-a3b")
+    assert dataclasses.replace(a3b.text_config, torch_dtype="float32").torch_dtype == "float32"
