@@ -35,8 +35,13 @@ def answers(device: str) -> tuple[list[str], float]:
     from kimivl.eval.synthetic import evaluate, heldout_records
 
     model = KimiVL.from_pretrained(MODEL, dtype=torch.bfloat16, device=device)
-    accuracy, rows = evaluate(model, KimiVLProcessor.from_pretrained(MODEL), heldout_records(REPO / "examples/heldout"),
-                              max_new_tokens=160, progress=False)
+    accuracy, rows = evaluate(
+        model,
+        KimiVLProcessor.from_pretrained(MODEL),
+        heldout_records(REPO / "examples/heldout"),
+        max_new_tokens=160,
+        progress=False,
+    )
     return [r["prediction"] for r in rows], accuracy["all"]
 
 
@@ -60,30 +65,73 @@ def train_step(device: str) -> tuple[float, float]:
 def recipe_runs(device: str, work: Path) -> str:
     from kimivl.cli import main
 
-    recipe = {"name": "device-check", "out": str(work / "run"), "device": device, "base": {"preset": "tiny"},
-              "tokenizer": {"train_vocab": 600}, "world": {"seed": 0, "train": 40, "heldout": 4},
-              "sources": {"caption": "world/train/caption.jsonl", "text": "world/train/text.jsonl",
-                          "reasoning": "world/train/reasoning.jsonl"},
-              "export": {"path": str(work / "export")},
-              "stages": [{"name": "vit", "kind": "vit", "steps": 3, "lr": 1e-3, "sources": ["caption"],
-                          "images_per_batch": 4},
-                         {"name": "joint", "kind": "joint", "steps": 3, "lr": 1e-3, "budget": 1024, "ckpt_every": 2,
-                          "mix": {"caption": 1, "text": 1}, "freeze": ["*.mlp.experts.*"], "recompute": True},
-                         {"name": "rl", "kind": "rl", "steps": 2, "lr": 1e-4, "budget": 1024, "sources": ["reasoning"],
-                          "rl": {"problems": 2, "samples": 2, "max_new_tokens": 16}}]}
+    recipe = {
+        "name": "device-check",
+        "out": str(work / "run"),
+        "device": device,
+        "base": {"preset": "tiny"},
+        "tokenizer": {"train_vocab": 600},
+        "world": {"seed": 0, "train": 40, "heldout": 4},
+        "sources": {
+            "caption": "world/train/caption.jsonl",
+            "text": "world/train/text.jsonl",
+            "reasoning": "world/train/reasoning.jsonl",
+        },
+        "export": {"path": str(work / "export")},
+        "stages": [
+            {"name": "vit", "kind": "vit", "steps": 3, "lr": 1e-3, "sources": ["caption"], "images_per_batch": 4},
+            {
+                "name": "joint",
+                "kind": "joint",
+                "steps": 3,
+                "lr": 1e-3,
+                "budget": 1024,
+                "ckpt_every": 2,
+                "mix": {"caption": 1, "text": 1},
+                "freeze": ["*.mlp.experts.*"],
+                "recompute": True,
+            },
+            {
+                "name": "rl",
+                "kind": "rl",
+                "steps": 2,
+                "lr": 1e-4,
+                "budget": 1024,
+                "sources": ["reasoning"],
+                "rl": {"problems": 2, "samples": 2, "max_new_tokens": 16},
+            },
+        ],
+    }
     heldout = REPO / "examples/heldout"
-    tune = {"name": "device-tune", "out": str(work / "tune"), "device": device, "base": {"checkpoint": str(MODEL)},
-            "sources": {"caption": str(heldout / "caption.jsonl"), "ocr": str(heldout / "ocr.jsonl")},
-            "stages": [{"name": "sft", "kind": "joint", "steps": 4, "lr": 1e-4, "budget": 2048, "accum": 2,
-                        "freeze": ["*.mlp.experts.*"], "replacement": False, "mix": {"caption": 1},
-                        "val": {"sources": ["ocr"], "every": 2, "rows": 2}}]}
+    tune = {
+        "name": "device-tune",
+        "out": str(work / "tune"),
+        "device": device,
+        "base": {"checkpoint": str(MODEL)},
+        "sources": {"caption": str(heldout / "caption.jsonl"), "ocr": str(heldout / "ocr.jsonl")},
+        "stages": [
+            {
+                "name": "sft",
+                "kind": "joint",
+                "steps": 4,
+                "lr": 1e-4,
+                "budget": 2048,
+                "accum": 2,
+                "freeze": ["*.mlp.experts.*"],
+                "replacement": False,
+                "mix": {"caption": 1},
+                "val": {"sources": ["ocr"], "every": 2, "rows": 2},
+            }
+        ],
+    }
     for name, spec in (("recipe", recipe), ("tune", tune)):
         path = work / f"{name}.yaml"
         path.write_text(yaml.safe_dump(spec))
         if main(["train", str(path)]) != 0 or main(["train", str(path), "--resume"]) != 0:
             raise RuntimeError(f"kimivl train {name} failed")
-    metrics = [json.loads(line) for run in ("run", "tune")
-               for line in (work / run / "metrics.jsonl").read_text().splitlines()]
+    metrics = [
+        json.loads(line) for run in ("run", "tune") for line in (work / run / "metrics.jsonl").read_text().splitlines()
+    ]
     if not all(math.isfinite(m["loss"]) for m in metrics) or not any("val_loss" in m for m in metrics):
         raise RuntimeError(f"a non-finite loss or no held-out loss: {metrics}")
     return f"{len(metrics)} metric rows, all finite; exported {sorted(p.name for p in (work / 'export').iterdir())}"
@@ -112,8 +160,12 @@ def flash_against_sdpa(device: str) -> str:
 
 def throughput(device: str) -> str:
     steps = "64" if device != "cpu" else "16"
-    out = subprocess.run([sys.executable, str(REPO / "benchmarks/train_throughput.py"), "--device", device,
-                          "--steps", steps], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks/train_throughput.py"), "--device", device, "--steps", steps],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     keep = ("ratio packed", "vision tower", "achieved")
     return " | ".join(line for line in out.splitlines() if line.startswith(keep))
 

@@ -45,16 +45,19 @@ def main() -> None:
     args = ap.parse_args()
 
     config = KimiVLConfig.from_preset("kimi-vl-a3b")
-    config.text_config = dataclasses.replace(config.text_config, num_hidden_layers=args.layers, vocab_size=32000,
-                                             bos_token_id=1, eos_token_id=2)
+    config.text_config = dataclasses.replace(
+        config.text_config, num_hidden_layers=args.layers, vocab_size=32000, bos_token_id=1, eos_token_id=2
+    )
     config.vision_config = dataclasses.replace(config.vision_config, num_hidden_layers=1)
     torch.manual_seed(0)
     model = to_dtype(KimiVL(config), torch.bfloat16).float()
     set_trainable(model, ["multi_modal_projector", "language_model"], ["*.mlp.experts.*"])
     held = hold_frozen_in_bf16(model)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters, {frozen / 1e6:.0f}M frozen "
-          f"({sum(p.numel() for p in held) / 1e6:.0f}M held in bf16)")
+    print(
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters, {frozen / 1e6:.0f}M frozen "
+        f"({sum(p.numel() for p in held) / 1e6:.0f}M held in bf16)"
+    )
 
     times = {"linked": [], "full": []}
     with tempfile.TemporaryDirectory(dir=".") as work:
@@ -76,11 +79,15 @@ def main() -> None:
         sizes = {"linked": disk_bytes(linked), "full": disk_bytes(full)}
     for arm in ("linked", "full"):
         later = times[arm][1:] or times[arm]
-        print(f"{arm:>6}: first checkpoint {times[arm][0]:.1f} s, later ones {sum(later) / len(later):.1f} s each; "
-              f"{args.checkpoints} checkpoints take {sizes[arm] / 2**30:.2f} GiB on disk")
+        print(
+            f"{arm:>6}: first checkpoint {times[arm][0]:.1f} s, later ones {sum(later) / len(later):.1f} s each; "
+            f"{args.checkpoints} checkpoints take {sizes[arm] / 2**30:.2f} GiB on disk"
+        )
     later = {arm: sum(t[1:]) / max(1, len(t) - 1) for arm, t in times.items()}
-    print(f"later checkpoints {later['full'] / later['linked']:.1f}x faster, "
-          f"{sizes['full'] / sizes['linked']:.1f}x less disk")
+    print(
+        f"later checkpoints {later['full'] / later['linked']:.1f}x faster, "
+        f"{sizes['full'] / sizes['linked']:.1f}x less disk"
+    )
 
 
 if __name__ == "__main__":

@@ -32,16 +32,39 @@ from hf_reference import hf_reference, random_lm, to_bf16  # noqa: E402
 
 def bench_config(layers: int) -> TextConfig:
     return TextConfig(
-        vocab_size=8192, hidden_size=512, intermediate_size=1536, moe_intermediate_size=192, num_hidden_layers=layers,
-        num_attention_heads=8, num_key_value_heads=8, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32,
-        v_head_dim=64, n_routed_experts=32, num_experts_per_tok=4, n_shared_experts=1, n_group=4, topk_group=2,
-        max_position_embeddings=8192, rope_theta=50000.0, bos_token_id=1, eos_token_id=2)
+        vocab_size=8192,
+        hidden_size=512,
+        intermediate_size=1536,
+        moe_intermediate_size=192,
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        kv_lora_rank=256,
+        qk_nope_head_dim=64,
+        qk_rope_head_dim=32,
+        v_head_dim=64,
+        n_routed_experts=32,
+        num_experts_per_tok=4,
+        n_shared_experts=1,
+        n_group=4,
+        topk_group=2,
+        max_position_embeddings=8192,
+        rope_theta=50000.0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
 
 
 def kimivl_with(lm) -> KimiVL:
     """A KimiVL around the language model ``lm`` (a tiny, unused vision tower)."""
-    vision = VisionConfig(num_attention_heads=2, num_hidden_layers=1, hidden_size=32, intermediate_size=32,
-                          init_pos_emb_height=4, init_pos_emb_width=4)
+    vision = VisionConfig(
+        num_attention_heads=2,
+        num_hidden_layers=1,
+        hidden_size=32,
+        intermediate_size=32,
+        init_pos_emb_height=4,
+        init_pos_emb_width=4,
+    )
     model = KimiVL(KimiVLConfig(vision_config=vision, text_config=lm.config, media_placeholder_token_id=3))
     model.language_model.load_state_dict(lm.state_dict())
     return model.eval()
@@ -78,15 +101,29 @@ def main() -> None:
         return generate_ids(model, ids.tolist(), params=params)
 
     def theirs():
-        out = ref.generate(ids, max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False,
-                           pad_token_id=0, attention_mask=torch.ones_like(ids))
-        return out[:, args.prompt:].tolist()
+        out = ref.generate(
+            ids,
+            max_new_tokens=args.new,
+            min_new_tokens=args.new,
+            do_sample=False,
+            pad_token_id=0,
+            attention_mask=torch.ones_like(ids),
+        )
+        return out[:, args.prompt :].tolist()
 
     with torch.inference_mode():
         short = ids[:, :32]
-        same = generate_ids(model, short.tolist(), params=SamplingParams(max_new_tokens=8)) == ref.generate(
-            short, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0,
-            attention_mask=torch.ones_like(short))[:, 32:].tolist()
+        same = (
+            generate_ids(model, short.tolist(), params=SamplingParams(max_new_tokens=8))
+            == ref.generate(
+                short,
+                max_new_tokens=8,
+                min_new_tokens=8,
+                do_sample=False,
+                pad_token_id=0,
+                attention_mask=torch.ones_like(short),
+            )[:, 32:].tolist()
+        )
         print(f"fp32 greedy tokens identical to transformers on a short prompt: {same}")
         to_bf16(model)
         to_bf16(ref)
@@ -100,22 +137,28 @@ def main() -> None:
 
     new_tokens = args.batch * args.new
     speed = {name: new_tokens / statistics.median(t) for name, t in times.items()}
-    print(f"config: hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, {cfg.num_attention_heads} heads, "
-          f"kv_lora_rank {cfg.kv_lora_rank}, {cfg.n_routed_experts} experts top-{cfg.num_experts_per_tok}; batch "
-          f"{args.batch}, prompt {args.prompt}, {args.new} new tokens, bf16, {torch.get_num_threads()} threads; "
-          f"transformers {transformers.__version__}")
+    print(
+        f"config: hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, {cfg.num_attention_heads} heads, "
+        f"kv_lora_rank {cfg.kv_lora_rank}, {cfg.n_routed_experts} experts top-{cfg.num_experts_per_tok}; batch "
+        f"{args.batch}, prompt {args.prompt}, {args.new} new tokens, bf16, {torch.get_num_threads()} threads; "
+        f"transformers {transformers.__version__}"
+    )
     for name in times:
         print(f"{name:>12}: {speed[name]:7.1f} new tokens/s (prefill included; median of {args.repeats})")
     print(f"ratio kimivl / transformers: {speed['kimivl'] / speed['transformers']:.2f}x")
 
     measured = MLACache(cfg, args.batch, 100, dtype=torch.bfloat16).nbytes() / (args.batch * 100)
-    print(f"cache bytes/token, this shape, bf16: kimivl {MLACache.bytes_per_token(cfg)} by formula, {measured:.0f} "
-          f"measured; transformers {hf_cache_bytes_per_token(ref, ids[:, :64]):.0f} measured; per-head K/V would be "
-          f"{MLACache.uncompressed_bytes_per_token(cfg)}")
+    print(
+        f"cache bytes/token, this shape, bf16: kimivl {MLACache.bytes_per_token(cfg)} by formula, {measured:.0f} "
+        f"measured; transformers {hf_cache_bytes_per_token(ref, ids[:, :64]):.0f} measured; per-head K/V would be "
+        f"{MLACache.uncompressed_bytes_per_token(cfg)}"
+    )
     a3b = KimiVLConfig.from_preset("kimi-vl-a3b").text_config
     ratio = MLACache.uncompressed_bytes_per_token(a3b) / MLACache.bytes_per_token(a3b)
-    print(f"A3B shape, bf16: compressed {MLACache.bytes_per_token(a3b) / 1024:.1f} KiB/token vs per-head K/V "
-          f"{MLACache.uncompressed_bytes_per_token(a3b) / 1024:.1f} KiB/token: {ratio:.1f}x smaller")
+    print(
+        f"A3B shape, bf16: compressed {MLACache.bytes_per_token(a3b) / 1024:.1f} KiB/token vs per-head K/V "
+        f"{MLACache.uncompressed_bytes_per_token(a3b) / 1024:.1f} KiB/token: {ratio:.1f}x smaller"
+    )
 
 
 if __name__ == "__main__":

@@ -16,10 +16,10 @@ import time
 
 import torch
 import torch.nn.functional as F
-
-from kimivl.processing.processor import IGNORE_INDEX
-from kimivl.model.target_logprobs import target_logprobs
 from rss import PeakRise
+
+from kimivl.model.target_logprobs import target_logprobs
+from kimivl.processing.processor import IGNORE_INDEX
 
 MIB = 1 << 20
 
@@ -64,15 +64,19 @@ def main() -> None:
     results = {name: run(fn, hidden, weight, labels) for name, fn in arms.items()}
     (ref, *ref_grads, _, _), (got, *grads, _, _) = results.values()
     logits_mib = args.positions * args.vocab * 4 / MIB
-    print(f"head {args.vocab} x {args.hidden}, {args.positions} positions, {int((labels != IGNORE_INDEX).sum())} "
-          f"scored, bf16 autocast, CPU, {torch.get_num_threads()} threads; float32 logits of every position: "
-          f"{logits_mib:.0f} MiB")
+    print(
+        f"head {args.vocab} x {args.hidden}, {args.positions} positions, {int((labels != IGNORE_INDEX).sum())} "
+        f"scored, bf16 autocast, CPU, {torch.get_num_threads()} threads; float32 logits of every position: "
+        f"{logits_mib:.0f} MiB"
+    )
     for name, (_, _, _, rise, seconds) in results.items():
         bound = "" if rise.exact else "  (ru_maxrss upper bound)"
         print(f"{name:28s} peak extra {rise.bytes / MIB:8.0f} MiB  forward+backward {seconds:6.2f} s{bound}")
     full, lean = (r[3].bytes for r in results.values())
-    print(f"memory ratio full / target_logprobs: {full / max(lean, 1):.1f}x; time ratio: "
-          f"{results['full logits + cross-entropy'][4] / results['target_logprobs'][4]:.2f}x")
+    print(
+        f"memory ratio full / target_logprobs: {full / max(lean, 1):.1f}x; time ratio: "
+        f"{results['full logits + cross-entropy'][4] / results['target_logprobs'][4]:.2f}x"
+    )
     grad_err = max(((a - b).norm() / b.norm()).item() for a, b in zip(grads, ref_grads))
     print(f"loss {got.item():.6f} vs {ref.item():.6f}; largest relative gradient difference {grad_err:.2e}")
 

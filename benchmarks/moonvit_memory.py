@@ -16,10 +16,10 @@ import dataclasses
 import time
 
 import torch
+from rss import PeakRise
 
 from kimivl.config import VisionConfig
 from kimivl.model.moonvit import MoonViT
-from rss import PeakRise
 
 MIB = 1 << 20
 
@@ -45,10 +45,14 @@ def main() -> None:
     extra = rise.bytes
     dense = config.num_attention_heads * n * n * 2
     features = out.numel() * out.element_size()
-    print(f"MoonViT a3b shape, {args.layers} layer(s), {args.side}x{args.side} = {n} patches, bf16, CPU, "
-          f"{torch.get_num_threads()} threads, forward {seconds:.1f} s")
-    print(f"peak extra memory        {extra / MIB:10.1f} MiB"
-          f"{'' if rise.exact else '  (ru_maxrss: VmHWM reset unavailable, upper bound)'}")
+    print(
+        f"MoonViT a3b shape, {args.layers} layer(s), {args.side}x{args.side} = {n} patches, bf16, CPU, "
+        f"{torch.get_num_threads()} threads, forward {seconds:.1f} s"
+    )
+    print(
+        f"peak extra memory        {extra / MIB:10.1f} MiB"
+        f"{'' if rise.exact else '  (ru_maxrss: VmHWM reset unavailable, upper bound)'}"
+    )
     print(f"dense attention matrix   {dense / MIB:10.1f} MiB  ({config.num_attention_heads} heads x {n}^2 x 2 B)")
     print(f"output features          {features / MIB:10.1f} MiB")
     print(f"peak extra / dense       {extra / dense:10.4f}  (target < 0.1)")

@@ -16,9 +16,9 @@ import dataclasses
 import time
 
 import torch
+from rss import PeakRise, status_kib
 
 from kimivl import KimiVL, KimiVLConfig
-from rss import PeakRise, status_kib
 
 MIB = 1 << 20
 
@@ -48,8 +48,9 @@ def main() -> None:
     args = ap.parse_args()
 
     config = KimiVLConfig.from_preset("kimi-vl-a3b")
-    config.text_config = dataclasses.replace(config.text_config, num_hidden_layers=args.layers,
-                                             vocab_size=args.vocab, bos_token_id=1, eos_token_id=2)
+    config.text_config = dataclasses.replace(
+        config.text_config, num_hidden_layers=args.layers, vocab_size=args.vocab, bos_token_id=1, eos_token_id=2
+    )
     torch.manual_seed(0)
     model = KimiVL(config).train()
     ids = torch.randint(0, args.vocab, (1, args.tokens))
@@ -59,17 +60,25 @@ def main() -> None:
     plain = run(model, batch, recompute=False)
     recomputed = run(model, batch, recompute=True)
 
-    print(f"LM hidden {config.text_config.hidden_size}, {args.layers} layers (first dense), "
-          f"{config.text_config.n_routed_experts} experts top {config.text_config.num_experts_per_tok}, "
-          f"{args.tokens} tokens in samples of 512, bf16 autocast, CPU, {torch.get_num_threads()} threads")
+    print(
+        f"LM hidden {config.text_config.hidden_size}, {args.layers} layers (first dense), "
+        f"{config.text_config.n_routed_experts} experts top {config.text_config.num_experts_per_tok}, "
+        f"{args.tokens} tokens in samples of 512, bf16 autocast, CPU, {torch.get_num_threads()} threads"
+    )
     for name, (_, _, kept, peak, seconds) in (("without recompute", plain), ("with recompute", recomputed)):
-        print(f"{name:18s} kept for backward {kept / MIB:8.0f} MiB  peak extra {peak / MIB:8.0f} MiB  "
-              f"forward+backward {seconds:6.2f} s")
-    print(f"with recompute: {plain[2] / max(recomputed[2], 1):.1f}x less kept, {plain[3] / max(recomputed[3], 1):.2f}x "
-          f"lower peak, {recomputed[4] / plain[4]:.2f}x the time")
+        print(
+            f"{name:18s} kept for backward {kept / MIB:8.0f} MiB  peak extra {peak / MIB:8.0f} MiB  "
+            f"forward+backward {seconds:6.2f} s"
+        )
+    print(
+        f"with recompute: {plain[2] / max(recomputed[2], 1):.1f}x less kept, {plain[3] / max(recomputed[3], 1):.2f}x "
+        f"lower peak, {recomputed[4] / plain[4]:.2f}x the time"
+    )
     grad_err = max(((a - b).norm() / b.norm()).item() for a, b in zip(recomputed[1], plain[1]))
-    print(f"loss {recomputed[0].item():.6f} vs {plain[0].item():.6f}; largest relative gradient difference "
-          f"(last layer) {grad_err:.1e}")
+    print(
+        f"loss {recomputed[0].item():.6f} vs {plain[0].item():.6f}; largest relative gradient difference "
+        f"(last layer) {grad_err:.1e}"
+    )
 
 
 if __name__ == "__main__":

@@ -38,8 +38,9 @@ def main() -> None:
     encoded = []
     for _ in range(args.problems):
         sample = make_reasoning(rng)
-        parts = [{"type": "text", "text": p} if isinstance(p, str) else {"type": "image", "image": p}
-                 for p in sample.content]
+        parts = [
+            {"type": "text", "text": p} if isinstance(p, str) else {"type": "image", "image": p} for p in sample.content
+        ]
         encoded.append(processor.encode([{"role": "user", "content": parts}]))
     prompts = [e.input_ids for e in encoded]
     pv = torch.cat([e.pixel_values for e in encoded])

@@ -24,12 +24,16 @@ def conversations(n: int, seed: int = 0):
     words = "the a red blue circle square left right above below how many which colour count shape".split()
     for i in range(n):
         ask = " ".join(rng.choices(words, k=rng.randint(8, 30)))
-        yield {"id": i, "messages": [
-            {"role": "user", "content": [{"type": "image", "image": "img.png"}, {"type": "text", "text": ask}]},
-            {"role": "assistant", "content": " ".join(rng.choices(words, k=rng.randint(5, 60)))},
-            {"role": "user", "content": "Why?"},
-            {"role": "assistant", "content": " ".join(rng.choices(words, k=rng.randint(5, 60)))}],
-            "meta": {"task": "caption", "difficulty": rng.choice(["easy", "medium", "hard"])}}
+        yield {
+            "id": i,
+            "messages": [
+                {"role": "user", "content": [{"type": "image", "image": "img.png"}, {"type": "text", "text": ask}]},
+                {"role": "assistant", "content": " ".join(rng.choices(words, k=rng.randint(5, 60)))},
+                {"role": "user", "content": "Why?"},
+                {"role": "assistant", "content": " ".join(rng.choices(words, k=rng.randint(5, 60)))},
+            ],
+            "meta": {"task": "caption", "difficulty": rng.choice(["easy", "medium", "hard"])},
+        }
 
 
 def main() -> None:
@@ -58,8 +62,10 @@ def main() -> None:
             records[i]
         per_read = (time.perf_counter() - start) / len(picks) * 1e6
         results[name] = held
-        print(f"{name:8s} load {seconds:5.1f} s, held {held:7.1f} MiB (peak rise {rise.bytes / 2**20:.1f} MiB"
-              f"{'' if rise.exact else ', upper bound'}), random read {per_read:.1f} us")
+        print(
+            f"{name:8s} load {seconds:5.1f} s, held {held:7.1f} MiB (peak rise {rise.bytes / 2**20:.1f} MiB"
+            f"{'' if rise.exact else ', upper bound'}), random read {per_read:.1f} us"
+        )
         del records
     print(f"indexed holds {results['indexed'] / max(results['list'], 1e-9):.4f} of the list's memory")
 

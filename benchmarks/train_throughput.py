@@ -146,6 +146,7 @@ def trainee(config, device: torch.device, bf16: bool, args):
 @dataclass
 class Arms:
     """Both arms' totals over timed cycles."""
+
     times: dict = field(default_factory=lambda: {"packed": 0.0, "padded": 0.0})
     tokens: dict = field(default_factory=lambda: {"packed": 0.0, "padded": 0.0})
     flops: dict = field(default_factory=lambda: {"packed": 0.0, "padded": 0.0})
@@ -178,23 +179,42 @@ def cycle(model, opt, mix, position: int, args, bf16: bool, pad_id: int, counts)
         row, end = next(stream)
         rows.append(row)
     samples = [s for s in map(mix.sample, range(position, end)) if len(s.input_ids) <= mix.budget]
-    batches = [padded(group, pad_id)
-               for group in (by_tokens(samples, args.padded_tokens) if args.padded_tokens
-                             else [samples[i:i + args.batch] for i in range(0, len(samples), args.batch)])]
+    batches = [
+        padded(group, pad_id)
+        for group in (
+            by_tokens(samples, args.padded_tokens)
+            if args.padded_tokens
+            else [samples[i : i + args.batch] for i in range(0, len(samples), args.batch)]
+        )
+    ]
     packed_time = sum(step_time(model, opt, row.kwargs(), k == len(rows) - 1, bf16) for k, row in enumerate(rows))
     padded_time = sum(step_time(model, opt, kw, k == len(batches) - 1, bf16) for k, (kw, _) in enumerate(batches))
     config = model.config
-    one = Arms(times={"packed": packed_time, "padded": padded_time},
-               tokens={"packed": sum(row.n_tokens for row in rows), "padded": sum(real for _, real in batches)},
-               micro={"packed": len(rows), "padded": len(batches)},
-               shared=sum(vision_time(model, row.kwargs(), bf16) for row in rows),
-               fills=[row.efficiency for row in rows],
-               shares=[real / kw["input_ids"].numel() for kw, real in batches],
-               ratios=[padded_time / packed_time])  # the same samples in both arms
-    one.flops["packed"] = sum(model_flops(config, counts, (row.cu_seqlens[1:] - row.cu_seqlens[:-1]).tolist(),
-                                          scored(row.labels), row.image_grid_hws) for row in rows)
-    one.flops["padded"] = sum(model_flops(config, counts, [kw["input_ids"].shape[1]] * kw["input_ids"].shape[0],
-                                          scored(kw["labels"]), kw["image_grid_hws"]) for kw, _ in batches)
+    one = Arms(
+        times={"packed": packed_time, "padded": padded_time},
+        tokens={"packed": sum(row.n_tokens for row in rows), "padded": sum(real for _, real in batches)},
+        micro={"packed": len(rows), "padded": len(batches)},
+        shared=sum(vision_time(model, row.kwargs(), bf16) for row in rows),
+        fills=[row.efficiency for row in rows],
+        shares=[real / kw["input_ids"].numel() for kw, real in batches],
+        ratios=[padded_time / packed_time],
+    )  # the same samples in both arms
+    one.flops["packed"] = sum(
+        model_flops(
+            config, counts, (row.cu_seqlens[1:] - row.cu_seqlens[:-1]).tolist(), scored(row.labels), row.image_grid_hws
+        )
+        for row in rows
+    )
+    one.flops["padded"] = sum(
+        model_flops(
+            config,
+            counts,
+            [kw["input_ids"].shape[1]] * kw["input_ids"].shape[0],
+            scored(kw["labels"]),
+            kw["image_grid_hws"],
+        )
+        for kw, _ in batches
+    )
     return one, end
 
 
@@ -225,34 +245,59 @@ def scored(labels) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=64,
-                    help="packed micro-batches timed (whole cycles of --accum, after one warm-up cycle)")
+    ap.add_argument(
+        "--steps",
+        type=int,
+        default=64,
+        help="packed micro-batches timed (whole cycles of --accum, after one warm-up cycle)",
+    )
     ap.add_argument("--budget", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--padded-tokens", type=int,
-                    help="instead of --batch samples, padded batches of as many samples (in order) as fit this many "
-                         "tokens with their padding (a max-tokens batch; --budget gives both arms equal rows)")
+    ap.add_argument(
+        "--padded-tokens",
+        type=int,
+        help="instead of --batch samples, padded batches of as many samples (in order) as fit this many "
+        "tokens with their padding (a max-tokens batch; --budget gives both arms equal rows)",
+    )
     ap.add_argument("--width", type=int, default=256, help="LM hidden size (kimivl-tiny: 256)")
     ap.add_argument("--vision-width", type=int, default=128, help="vision tower hidden size (kimivl-tiny: 128)")
     ap.add_argument("--accum", type=int, default=8, help="micro-batches per optimiser step (gradient accumulation)")
-    ap.add_argument("--ns-dtype", choices=["bfloat16", "float32"], help="Muon's Newton-Schulz (default: the compute "
-                    "dtype)")
-    ap.add_argument("--tasks", default=",".join(t for t in TASKS if t != "long"),
-                    help="the synthetic world's tasks to mix, each weighted 1 or TASK:WEIGHT (default: all but the "
-                         "long documents, which only recipes/tiny.yaml's long-context stage trains on; its mix: "
-                         "--budget 4096 --tasks text,interleaved,video,caption,long:0.15)")
-    ap.add_argument("--data", nargs="+", type=Path,
-                    help="your own JSONL files (conversations or texts, equally weighted) instead of the synthetic "
-                         "world, to see what packing gives on their lengths")
-    ap.add_argument("--tokenizer", type=Path, default=Path(__file__).parents[1] / "models" / "kimivl-tiny",
-                    help="checkpoint directory whose tokenizer encodes --data")
+    ap.add_argument(
+        "--ns-dtype", choices=["bfloat16", "float32"], help="Muon's Newton-Schulz (default: the compute dtype)"
+    )
+    ap.add_argument(
+        "--tasks",
+        default=",".join(t for t in TASKS if t != "long"),
+        help="the synthetic world's tasks to mix, each weighted 1 or TASK:WEIGHT (default: all but the "
+        "long documents, which only recipes/tiny.yaml's long-context stage trains on; its mix: "
+        "--budget 4096 --tasks text,interleaved,video,caption,long:0.15)",
+    )
+    ap.add_argument(
+        "--data",
+        nargs="+",
+        type=Path,
+        help="your own JSONL files (conversations or texts, equally weighted) instead of the synthetic "
+        "world, to see what packing gives on their lengths",
+    )
+    ap.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=Path(__file__).parents[1] / "models" / "kimivl-tiny",
+        help="checkpoint directory whose tokenizer encodes --data",
+    )
     ap.add_argument("--device", default="cpu", help="where both arms train (cuda: flash-attn when installed)")
-    ap.add_argument("--bf16", action=argparse.BooleanOptionalAction,
-                    help="bf16 autocast on or off (default: where the device multiplies bf16 fast)")
-    ap.add_argument("--recipe", type=Path,
-                    help="instead: every joint stage of this recipe on its own data, rows and mix (--steps micro-"
-                         "batches each, spread over the stage), weighted by the stage's rows (builds the recipe's "
-                         "world under its out if it is not there)")
+    ap.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        help="bf16 autocast on or off (default: where the device multiplies bf16 fast)",
+    )
+    ap.add_argument(
+        "--recipe",
+        type=Path,
+        help="instead: every joint stage of this recipe on its own data, rows and mix (--steps micro-"
+        "batches each, spread over the stage), weighted by the stage's rows (builds the recipe's "
+        "world under its out if it is not there)",
+    )
     args = ap.parse_args()
     device = torch.device(args.device)
     bf16 = use_bf16(device, args.bf16)
@@ -271,8 +316,11 @@ def main() -> None:
     corpus = [t for name in sources if texts[name] for t in sources[name]]
     if not args.data and not corpus:
         ap.error("--tasks needs a text corpus (text or long) to train the benchmark's tokenizer on")
-    processor = (KimiVLProcessor.from_pretrained(args.tokenizer) if args.data
-                 else KimiVLProcessor(train_bpe(corpus, vocab_size=1024)))
+    processor = (
+        KimiVLProcessor.from_pretrained(args.tokenizer)
+        if args.data
+        else KimiVLProcessor(train_bpe(corpus, vocab_size=1024))
+    )
 
     def encode(name, item):
         return processor.encode_text(item) if texts[name] else processor.encode_for_training(item["messages"])
@@ -280,12 +328,17 @@ def main() -> None:
     config = KimiVLConfig.from_preset("kimivl-tiny")
     t = config.text_config
     scale = args.width // t.hidden_size
-    config.text_config = dataclasses.replace(t, hidden_size=args.width, intermediate_size=t.intermediate_size * scale,
-                                             moe_intermediate_size=t.moe_intermediate_size * scale)
+    config.text_config = dataclasses.replace(
+        t,
+        hidden_size=args.width,
+        intermediate_size=t.intermediate_size * scale,
+        moe_intermediate_size=t.moe_intermediate_size * scale,
+    )
     v = config.vision_config
     widen = args.vision_width / v.hidden_size
-    config.vision_config = dataclasses.replace(v, hidden_size=args.vision_width,
-                                               intermediate_size=round(v.intermediate_size * widen))
+    config.vision_config = dataclasses.replace(
+        v, hidden_size=args.vision_width, intermediate_size=round(v.intermediate_size * widen)
+    )
     n = processor.tokenizer.n_ranks
     config.text_config.vocab_size = n + 256
     config.media_placeholder_token_id = processor.tokenizer.media_pad_id
@@ -299,9 +352,15 @@ def main() -> None:
         if c:
             arms.add(one)
     data = ", ".join(map(str, args.data)) if args.data else f"the synthetic world ({args.tasks})"
-    report(arms, device, bf16, args, f"on {data}: kimivl-tiny at LM width {args.width}, vision width "
-           f"{args.vision_width} ({counts['total'].total / 1e6:.1f}M parameters), packed rows of "
-           f"{args.budget}")
+    report(
+        arms,
+        device,
+        bf16,
+        args,
+        f"on {data}: kimivl-tiny at LM width {args.width}, vision width "
+        f"{args.vision_width} ({counts['total'].total / 1e6:.1f}M parameters), packed rows of "
+        f"{args.budget}",
+    )
 
 
 def recipe_arms(args, device: torch.device, bf16: bool) -> None:
@@ -330,11 +389,20 @@ def recipe_arms(args, device: torch.device, bf16: bool) -> None:
         for k in range(cycles):  # spread over the stage, whose mix may move from mix to mix_end
             arms.add(run(mix, mix.horizon * k // cycles))
         total.add(arms, stage.steps * stage.accum / arms.micro["packed"])
-        print(f"stage {stage.name} ({stage.steps * stage.accum} rows of {stage.budget}): packed / padded "
-              f"{arms.times['padded'] / arms.times['packed']:.2f}x, model FLOPs "
-              f"{arms.flops['padded'] / arms.flops['packed']:.2f}x", flush=True)
-    report(total, device, bf16, args, f"on the joint stages of {args.recipe}, each weighted by its rows: "
-           f"{recipe.name} ({counts['total'].total / 1e6:.1f}M parameters)")
+        print(
+            f"stage {stage.name} ({stage.steps * stage.accum} rows of {stage.budget}): packed / padded "
+            f"{arms.times['padded'] / arms.times['packed']:.2f}x, model FLOPs "
+            f"{arms.flops['padded'] / arms.flops['packed']:.2f}x",
+            flush=True,
+        )
+    report(
+        total,
+        device,
+        bf16,
+        args,
+        f"on the joint stages of {args.recipe}, each weighted by its rows: "
+        f"{recipe.name} ({counts['total'].total / 1e6:.1f}M parameters)",
+    )
 
 
 def report(arms: Arms, device: torch.device, bf16: bool, args, heading: str) -> None:
@@ -346,25 +414,37 @@ def report(arms: Arms, device: torch.device, bf16: bool, args, heading: str) -> 
     achieved = flops["packed"] / times["packed"] / 1e9
     compute = torch.bfloat16 if bf16 else torch.float32
     peak = matmul_peak(device, compute)
-    print(f"{heading}, {'bf16 autocast' if bf16 else 'float32'}, "
-          + (f"{torch.get_num_threads()} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)))
+    print(
+        f"{heading}, {'bf16 autocast' if bf16 else 'float32'}, "
+        + (f"{torch.get_num_threads()} threads" if device.type == "cpu" else torch.cuda.get_device_name(device))
+    )
     print(f"packed: {speed['packed']:.0f} useful tokens/s (budget filled {100 * statistics.mean(arms.fills):.0f}%)")
     shape = f"of at most {args.padded_tokens} tokens with padding" if args.padded_tokens else f"of {args.batch}"
-    print(f"padded batches {shape}: {speed['padded']:.0f} useful tokens/s (real tokens "
-          f"{100 * statistics.mean(arms.shares):.0f}%, {arms.micro['padded'] / arms.micro['packed']:.2f} batches per "
-          "packed row)")
+    print(
+        f"padded batches {shape}: {speed['padded']:.0f} useful tokens/s (real tokens "
+        f"{100 * statistics.mean(arms.shares):.0f}%, {arms.micro['padded'] / arms.micro['packed']:.2f} batches per "
+        "packed row)"
+    )
     ratio, flop_ratio = speed["packed"] / speed["padded"], flops["padded"] / flops["packed"]
-    print(f"ratio packed / padded: {ratio:.2f}x (target >= 1.5x); their model FLOPs: {flop_ratio:.2f}x (the ratio "
-          "if every FLOP took the same time, the most packing can give on these samples): "
-          f"{100 * ratio / flop_ratio:.0f}% of it")
-    print(f"per cycle of {args.accum} rows: {min(arms.ratios):.2f}x to {max(arms.ratios):.2f}x over "
-          f"{len(arms.ratios)} cycles")
-    print(f"vision tower and projector, the same images in both arms: {100 * shared / times['packed']:.0f}% of the "
-          f"packed arm's time; the rest (LM, loss, optimiser) runs "
-          f"{(times['padded'] - shared) / (times['packed'] - shared):.2f}x faster packed")
-    print(f"achieved {achieved:.1f} GFLOP/s ({flops['packed'] / tokens['packed'] / 1e6:.1f} MFLOP/token) "
-          f"vs {str(compute).removeprefix('torch.')} matmul peak {peak:.0f} GFLOP/s: "
-          f"{100 * achieved / peak:.1f}% of peak")
+    print(
+        f"ratio packed / padded: {ratio:.2f}x (target >= 1.5x); their model FLOPs: {flop_ratio:.2f}x (the ratio "
+        "if every FLOP took the same time, the most packing can give on these samples): "
+        f"{100 * ratio / flop_ratio:.0f}% of it"
+    )
+    print(
+        f"per cycle of {args.accum} rows: {min(arms.ratios):.2f}x to {max(arms.ratios):.2f}x over "
+        f"{len(arms.ratios)} cycles"
+    )
+    print(
+        f"vision tower and projector, the same images in both arms: {100 * shared / times['packed']:.0f}% of the "
+        f"packed arm's time; the rest (LM, loss, optimiser) runs "
+        f"{(times['padded'] - shared) / (times['packed'] - shared):.2f}x faster packed"
+    )
+    print(
+        f"achieved {achieved:.1f} GFLOP/s ({flops['packed'] / tokens['packed'] / 1e6:.1f} MFLOP/token) "
+        f"vs {str(compute).removeprefix('torch.')} matmul peak {peak:.0f} GFLOP/s: "
+        f"{100 * achieved / peak:.1f}% of peak"
+    )
 
 
 if __name__ == "__main__":

@@ -5,5 +5,13 @@ from kimivl.inference.chat import generate, stream_generate
 from kimivl.model.kimivl import KimiVL, KimiVLOutput
 from kimivl.processing.processor import KimiVLProcessor
 
-__all__ = ["KimiVL", "KimiVLConfig", "KimiVLOutput", "KimiVLProcessor", "TextConfig", "VisionConfig", "generate",
-           "stream_generate"]
+__all__ = [
+    "KimiVL",
+    "KimiVLConfig",
+    "KimiVLOutput",
+    "KimiVLProcessor",
+    "TextConfig",
+    "VisionConfig",
+    "generate",
+    "stream_generate",
+]

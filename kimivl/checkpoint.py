@@ -57,16 +57,20 @@ def checkpoint_files(path: str | os.PathLike) -> dict[str, list[str]]:
         except RecursionError:
             raise CheckpointError(f"{index} is not a valid safetensors index: its JSON is nested too deeply") from None
         if not isinstance(weight_map, dict):
-            raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names, "
-                                  f"got {type(weight_map).__name__}")
+            raise CheckpointError(
+                f"{index}: 'weight_map' must map tensor names to shard file names, got {type(weight_map).__name__}"
+            )
         files: dict[str, list[str]] = {}
         for key, name in weight_map.items():
             if not isinstance(name, str) or not name:
-                raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names; "
-                                      f"{key!r} maps to {name!r}")
+                raise CheckpointError(
+                    f"{index}: 'weight_map' must map tensor names to shard file names; {key!r} maps to {name!r}"
+                )
             if os.path.isabs(name) or ".." in PurePath(name).parts or PurePath(name).drive:
-                raise CheckpointError(f"{index}: shard {name!r} (for {key!r}) lies outside the checkpoint directory; "
-                                      "an index may only name files inside it")
+                raise CheckpointError(
+                    f"{index}: shard {name!r} (for {key!r}) lies outside the checkpoint directory; "
+                    "an index may only name files inside it"
+                )
             files.setdefault(os.path.join(path, name), []).append(key)
         absent = [f for f in files if not os.path.isfile(f)]
         if absent:
@@ -75,7 +79,9 @@ def checkpoint_files(path: str | os.PathLike) -> dict[str, list[str]]:
     single = os.path.join(path, SINGLE)
     if os.path.isfile(single):
         return {single: None}
-    pickles = [n for n in os.listdir(path) if n.endswith((".bin", ".pt", ".pth", ".ckpt"))] if os.path.isdir(path) else []
+    pickles = (
+        [n for n in os.listdir(path) if n.endswith((".bin", ".pt", ".pth", ".ckpt"))] if os.path.isdir(path) else []
+    )
     hint = f" (found {pickles}: pickle checkpoints are never loaded; convert them to safetensors)" if pickles else ""
     raise CheckpointError(f"no {SINGLE} or {INDEX} in {path}{hint}")
 
@@ -112,17 +118,27 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
     found = {k: v for k, v in found.items() if not k.endswith(IGNORED_SUFFIXES)}
     missing = sorted(slots.keys() - found.keys())
     unexpected = sorted(found.keys() - slots.keys())
-    wrong = [f"{k}: checkpoint {list(shape)} vs model {list(slots[k].shape)}"
-             for k, (_, shape, _) in sorted(found.items()) if k in slots and list(shape) != list(slots[k].shape)]
-    kind = [f"{k}: checkpoint {dtype} where the model holds {slots[k].dtype}"
-            for k, (_, _, dtype) in sorted(found.items())
-            if k in slots and _is_float(dtype) != slots[k].dtype.is_floating_point]
+    wrong = [
+        f"{k}: checkpoint {list(shape)} vs model {list(slots[k].shape)}"
+        for k, (_, shape, _) in sorted(found.items())
+        if k in slots and list(shape) != list(slots[k].shape)
+    ]
+    kind = [
+        f"{k}: checkpoint {dtype} where the model holds {slots[k].dtype}"
+        for k, (_, _, dtype) in sorted(found.items())
+        if k in slots and _is_float(dtype) != slots[k].dtype.is_floating_point
+    ]
     if missing or unexpected or wrong or kind:
-        parts = [f"{title} ({len(items)}):\n  " + "\n  ".join(items[:20]) + ("\n  ..." if len(items) > 20 else "")
-                 for title, items in (("missing tensors", missing), ("unexpected tensors", unexpected),
-                                      ("wrongly shaped tensors", wrong),
-                                      ("tensors of the wrong kind (integer or bool for float, or the reverse)", kind))
-                 if items]
+        parts = [
+            f"{title} ({len(items)}):\n  " + "\n  ".join(items[:20]) + ("\n  ..." if len(items) > 20 else "")
+            for title, items in (
+                ("missing tensors", missing),
+                ("unexpected tensors", unexpected),
+                ("wrongly shaped tensors", wrong),
+                ("tensors of the wrong kind (integer or bool for float, or the reverse)", kind),
+            )
+            if items
+        ]
         raise CheckpointError(f"checkpoint {os.fspath(path)} does not match the model:\n" + "\n".join(parts))
     non_finite = []
     with torch.no_grad():
@@ -135,8 +151,13 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
                             non_finite.append(k)
     if non_finite:
         more = " ..." if len(non_finite) > 10 else ""
-        log.warning("checkpoint %s holds NaN or inf values in %d tensors: %s%s; its outputs will not be usable",
-                    os.fspath(path), len(non_finite), ", ".join(non_finite[:10]), more)
+        log.warning(
+            "checkpoint %s holds NaN or inf values in %d tensors: %s%s; its outputs will not be usable",
+            os.fspath(path),
+            len(non_finite),
+            ", ".join(non_finite[:10]),
+            more,
+        )
 
 
 def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
@@ -160,8 +181,10 @@ def _atomic_save(tensors: dict[str, torch.Tensor], file: str, metadata: dict[str
 def write_error(e: OSError, file: str | os.PathLike) -> CheckpointWriteError:
     """The error for an OS failure while writing ``file``: a full disk says so."""
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return CheckpointWriteError(f"the disk is full: writing {os.fspath(file)} failed ({e.strerror or e}); "
-                                    "free space (or choose another directory) and save again")
+        return CheckpointWriteError(
+            f"the disk is full: writing {os.fspath(file)} failed ({e.strerror or e}); "
+            "free space (or choose another directory) and save again"
+        )
     return CheckpointWriteError(f"cannot write {os.fspath(file)}: {e.strerror or e}")
 
 
@@ -174,8 +197,11 @@ def _frozen_keys(model: nn.Module, state: dict[str, torch.Tensor]) -> set[str]:
 def _fingerprint(state: dict[str, torch.Tensor], keys: list[str]) -> str:
     """Names, shapes, dtypes and float64 sums (of values and of magnitudes) of ``keys``' tensors: equal for a frozen
     shard that did not change."""
-    rows = [f"{k}:{list(state[k].shape)}:{state[k].dtype}:{state[k].sum(dtype=torch.float64).item()!r}:"
-            f"{state[k].abs().sum(dtype=torch.float64).item()!r}" for k in keys]
+    rows = [
+        f"{k}:{list(state[k].shape)}:{state[k].dtype}:{state[k].sum(dtype=torch.float64).item()!r}:"
+        f"{state[k].abs().sum(dtype=torch.float64).item()!r}"
+        for k in keys
+    ]
     return hashlib.sha256("\n".join(rows).encode()).hexdigest()
 
 
@@ -195,9 +221,15 @@ def _link_unchanged(previous: str, file: str, fingerprint: str) -> bool:
     return True
 
 
-def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, max_shard_bytes: int = 5 * 2**30,
-                    dtype: torch.dtype | None = None, frozen_apart: bool = False,
-                    frozen_from: str | os.PathLike | None = None) -> list[str]:
+def save_checkpoint(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    max_shard_bytes: int = 5 * 2**30,
+    dtype: torch.dtype | None = None,
+    frozen_apart: bool = False,
+    frozen_from: str | os.PathLike | None = None,
+) -> list[str]:
     """Write the model's tensors under the official names, sharded above ``max_shard_bytes``. Each file is
     written to a temporary name and renamed, so a crash never leaves a half-written file. Returns file names.
 
@@ -210,8 +242,11 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, max_shard_byte
     frozen = _frozen_keys(model, state) if frozen_apart else set()
     parts = [{k: t for k, t in state.items() if (k in frozen) == side} for side in (True, False)]
     groups = [g for part in parts if part for g in _shards(part, max_shard_bytes)]
-    names = [SINGLE] if len(groups) == 1 else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-                                                for i in range(len(groups))]
+    names = (
+        [SINGLE]
+        if len(groups) == 1
+        else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+    )
     keep = set(names) | ({INDEX} if len(groups) > 1 else set())
     stale = _stale_files(path, keep)
     file = path
@@ -221,17 +256,21 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, max_shard_byte
             metadata = None
             if keys[0] in frozen:
                 metadata = {FROZEN_FINGERPRINT: _fingerprint(state, keys)}
-                if frozen_from is not None and _link_unchanged(os.path.join(frozen_from, name), file,
-                                                               metadata[FROZEN_FINGERPRINT]):
+                if frozen_from is not None and _link_unchanged(
+                    os.path.join(frozen_from, name), file, metadata[FROZEN_FINGERPRINT]
+                ):
                     continue
             _atomic_save({k: _for_file(state[k], dtype) for k in keys}, file, metadata)
         if len(groups) > 1:
             file = os.path.join(path, INDEX)
             weight_map = {k: name for keys, name in zip(groups, names) for k in keys}
-            total = sum(t.numel() * (dtype.itemsize if dtype and t.is_floating_point() else t.element_size())
-                        for t in state.values())
-            write_text_atomic(file, json.dumps({"metadata": {"total_size": total, WRITER: "1"},
-                                                "weight_map": weight_map}, indent=2))
+            total = sum(
+                t.numel() * (dtype.itemsize if dtype and t.is_floating_point() else t.element_size())
+                for t in state.values()
+            )
+            write_text_atomic(
+                file, json.dumps({"metadata": {"total_size": total, WRITER: "1"}, "weight_map": weight_map}, indent=2)
+            )
     except OSError as e:
         for name in keep:
             if os.path.exists(os.path.join(path, name + ".tmp")):
@@ -268,11 +307,16 @@ def _stale_files(path: str, keep: set[str]) -> list[str]:
     """The checkpoint files in ``path`` that this save does not write: shards and an index of an older kimivl save
     (returned, removed once the new files are written). A file that kimivl did not write is never deleted: the save
     is refused before anything is written."""
-    others = sorted(n for n in os.listdir(path) if n not in keep and (n == INDEX or (
-        n.startswith("model") and n.endswith(".safetensors"))))
+    others = sorted(
+        n
+        for n in os.listdir(path)
+        if n not in keep and (n == INDEX or (n.startswith("model") and n.endswith(".safetensors")))
+    )
     foreign = [n for n in others if not _written_by_kimivl(os.path.join(path, n))]
     if foreign:
-        raise CheckpointError(f"{path} holds checkpoint files that this save would leave inconsistent and that kimivl "
-                              f"did not write: {', '.join(foreign[:10])}; save into an empty directory, or move "
-                              "those files away first")
+        raise CheckpointError(
+            f"{path} holds checkpoint files that this save would leave inconsistent and that kimivl "
+            f"did not write: {', '.join(foreign[:10])}; save into an empty directory, or move "
+            "those files away first"
+        )
     return others

@@ -19,9 +19,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     config = KimiVLConfig.from_preset(args.preset) if args.preset else KimiVLConfig.from_pretrained(args.path)
     counts = parameter_counts(config)
     tc, vc = config.text_config, config.vision_config
-    print(f"{args.preset or args.path}: vision {vc.num_hidden_layers}x{vc.hidden_size}, "
-          f"LM {tc.num_hidden_layers}x{tc.hidden_size}, {tc.n_routed_experts} experts "
-          f"(top-{tc.num_experts_per_tok}, {tc.n_shared_experts} shared), vocab {tc.vocab_size}")
+    print(
+        f"{args.preset or args.path}: vision {vc.num_hidden_layers}x{vc.hidden_size}, "
+        f"LM {tc.num_hidden_layers}x{tc.hidden_size}, {tc.n_routed_experts} experts "
+        f"(top-{tc.num_experts_per_tok}, {tc.n_shared_experts} shared), vocab {tc.vocab_size}"
+    )
     print(f"{'part':<24}{'total':>12}{'active':>12}")
     billions = counts["total"].total >= 1e9
     for name, c in counts.items():
@@ -42,8 +44,10 @@ def cmd_info(args: argparse.Namespace) -> int:
             return 2
         hold_frozen_in_bf16(model, lambda name, p: True)  # as joint stages do with a bf16 checkpoint's frozen weights
         frozen = f", less {' '.join(args.freeze)}" if args.freeze else ""
-        print(f"training {' + '.join(args.train or PARTS)}{frozen} from a bfloat16 checkpoint under bf16 autocast: "
-              f"{memory_plan(model)}")
+        print(
+            f"training {' + '.join(args.train or PARTS)}{frozen} from a bfloat16 checkpoint under bf16 autocast: "
+            f"{memory_plan(model)}"
+        )
     return 0
 
 
@@ -65,11 +69,15 @@ def resolve_device(name: str | None) -> str:
         return name
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise CommandError(f"--device {name}: CUDA is not available on this machine (no GPU, or torch "
-                               f"{torch.__version__} was built without CUDA); use --device cpu")
+            raise CommandError(
+                f"--device {name}: CUDA is not available on this machine (no GPU, or torch "
+                f"{torch.__version__} was built without CUDA); use --device cpu"
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise CommandError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s); "
-                               f"use cuda:0..cuda:{torch.cuda.device_count() - 1}")
+            raise CommandError(
+                f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                f"use cuda:0..cuda:{torch.cuda.device_count() - 1}"
+            )
         return name
     if device.type == "mps" and torch.backends.mps.is_available():
         return name
@@ -115,7 +123,7 @@ class _StreamPrinter:
         if body:
             print(self.space + body, end="", flush=True)
             self.fresh, self.space = False, ""
-        self.space += content[len(body):]
+        self.space += content[len(body) :]
 
     def feed(self, piece: str) -> None:
         self.text += piece
@@ -127,10 +135,10 @@ class _StreamPrinter:
             at, marker = min(found)
             self._emit(self.held[:at])
             print(self.markers[marker], end="", flush=True)
-            self.held, self.space, self.fresh = self.held[at + len(marker):], "", True
+            self.held, self.space, self.fresh = self.held[at + len(marker) :], "", True
         keep = max((k for m in self.markers for k in range(1, len(m)) if self.held.endswith(m[:k])), default=0)
-        self._emit(self.held[:len(self.held) - keep])
-        self.held = self.held[len(self.held) - keep:]
+        self._emit(self.held[: len(self.held) - keep])
+        self.held = self.held[len(self.held) - keep :]
 
     def close(self) -> str:
         """Print what is held and the final newline; return the answer (the reasoning of a thinking model apart)."""
@@ -153,8 +161,12 @@ def _answer(model, processor, messages: list[dict], sampling: dict) -> str:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     model, processor = _load(args.model, args.dtype, args.device)
-    sampling = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
-                "seed": args.seed}
+    sampling = {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "seed": args.seed,
+    }
     if args.question:
         _answer(model, processor, [_user_message(args.question, args.image, args.video)], sampling)
         return 0
@@ -192,8 +204,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     started = any(recipe.out.glob("*/checkpoints")) or any(recipe.out.glob("*/final"))
     if started and not args.resume:
-        raise ValueError(f"{recipe.out} already holds a run of this recipe; pass --resume to continue it "
-                         "(finished stages are kept) or choose another --out")
+        raise ValueError(
+            f"{recipe.out} already holds a run of this recipe; pass --resume to continue it "
+            "(finished stages are kept) or choose another --out"
+        )
     from kimivl.train.interrupt import Interrupted
 
     try:
@@ -230,8 +244,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     try:
         return _eval(args)
     except KeyboardInterrupt:
-        print(f"kimivl eval: interrupted; the predictions written so far stay in {args.out}. Rerun the same command "
-              "to resume.", file=sys.stderr)
+        print(
+            f"kimivl eval: interrupted; the predictions written so far stay in {args.out}. Rerun the same command "
+            "to resume.",
+            file=sys.stderr,
+        )
         return 130
 
 
@@ -268,9 +285,16 @@ def _eval(args: argparse.Namespace) -> int:
     for task in tasks:
         max_new = args.max_new_tokens or (32 if task.name == "niah" else 512)
         answer = None if args.predictions else partial(generate, model, processor, max_new_tokens=max_new)
-        options = {**task.options, "processor": processor, "context": context, "max_new_tokens": max_new,
-                   "lengths": args.lengths, "depths": args.depths or None, "kinds": args.haystack,
-                   "trials": args.trials}
+        options = {
+            **task.options,
+            "processor": processor,
+            "context": context,
+            "max_new_tokens": max_new,
+            "lengths": args.lengths,
+            "depths": args.depths or None,
+            "kinds": args.haystack,
+            "trials": args.trials,
+        }
         options = {k: v for k, v in options.items() if v is not None}
         source = data.get(task.name) or task.default_data
         if args.predictions and task.from_index:
@@ -279,21 +303,42 @@ def _eval(args: argparse.Namespace) -> int:
             samples = task.load(source, **options)
         settings = None
         if not args.predictions:
-            settings = {"model": str(Path(args.model).resolve()), "checkpoint_fingerprint": fingerprint,
-                        "data": str(Path(source).resolve()) if source else None, "dtype": args.dtype,
-                        "max_new_tokens": max_new, "lengths": args.lengths, "depths": args.depths or None,
-                        "haystack": args.haystack, "trials": args.trials}
+            settings = {
+                "model": str(Path(args.model).resolve()),
+                "checkpoint_fingerprint": fingerprint,
+                "data": str(Path(source).resolve()) if source else None,
+                "dtype": args.dtype,
+                "max_new_tokens": max_new,
+                "lengths": args.lengths,
+                "depths": args.depths or None,
+                "haystack": args.haystack,
+                "trials": args.trials,
+            }
         try:
-            result = run_task(task, samples, args.out, generate_fn=answer, predictions=args.predictions,
-                              batch_size=args.batch_size, limit=args.limit, mode=args.scoring, settings=settings,
-                              overwrite=args.overwrite, info={"model": args.model, "data": source})
+            result = run_task(
+                task,
+                samples,
+                args.out,
+                generate_fn=answer,
+                predictions=args.predictions,
+                batch_size=args.batch_size,
+                limit=args.limit,
+                mode=args.scoring,
+                settings=settings,
+                overwrite=args.overwrite,
+                info={"model": args.model, "data": source},
+            )
         except EvalInterrupted as e:
-            print(f"kimivl eval: interrupted; {e.kept} predictions of {e.task} kept in {e.path}. Rerun the same "
-                  "command to resume from there.", file=sys.stderr)
+            print(
+                f"kimivl eval: interrupted; {e.kept} predictions of {e.task} kept in {e.path}. Rerun the same "
+                "command to resume from there.",
+                file=sys.stderr,
+            )
             return 130
         metrics = "  ".join(f"{k}={v:.1f}" for k, v in result["metrics"].items() if "/" not in k)
-        print(f"{task.name}: {metrics}  (scored {result['scored']}, skipped {result['skipped']}, "
-              f"{args.scoring} scoring)")
+        print(
+            f"{task.name}: {metrics}  (scored {result['scored']}, skipped {result['skipped']}, {args.scoring} scoring)"
+        )
         if result.get("table"):
             print(result["table"])
         for row in result["skipped_rows"][:5]:
@@ -305,8 +350,9 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _ints(text: str) -> list[int]:
-    return [int(float(x.lower().replace("k", "")) * (1024 if x.lower().endswith("k") else 1))
-            for x in text.split(",") if x]
+    return [
+        int(float(x.lower().replace("k", "")) * (1024 if x.lower().endswith("k") else 1)) for x in text.split(",") if x
+    ]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -318,24 +364,40 @@ def build_parser() -> argparse.ArgumentParser:
     src = info.add_mutually_exclusive_group(required=True)
     src.add_argument("path", nargs="?", help="checkpoint directory (its config.json)")
     src.add_argument("--preset", choices=sorted(PRESETS), help="a built-in configuration")
-    info.add_argument("--train", nargs="+", choices=PARTS, metavar="PART",
-                      help=f"print the memory that training these parts takes ({', '.join(PARTS)}; default all)")
-    info.add_argument("--freeze", nargs="+", default=[], metavar="GLOB",
-                      help="parameter-name patterns kept frozen, e.g. '*.mlp.experts.*' (the routed experts)")
+    info.add_argument(
+        "--train",
+        nargs="+",
+        choices=PARTS,
+        metavar="PART",
+        help=f"print the memory that training these parts takes ({', '.join(PARTS)}; default all)",
+    )
+    info.add_argument(
+        "--freeze",
+        nargs="+",
+        default=[],
+        metavar="GLOB",
+        help="parameter-name patterns kept frozen, e.g. '*.mlp.experts.*' (the routed experts)",
+    )
     info.set_defaults(func=cmd_info)
 
     chat = sub.add_parser("chat", help="answer a question (or chat interactively) with a checkpoint")
     chat.add_argument("question", nargs="?", help="one question; without it, an interactive multi-turn session")
-    chat.add_argument("--model", default=str(DEFAULT_MODEL),
-                      help="checkpoint directory (weights, tokenizer, preprocessor; default: the shipped kimivl-tiny)")
+    chat.add_argument(
+        "--model",
+        default=str(DEFAULT_MODEL),
+        help="checkpoint directory (weights, tokenizer, preprocessor; default: the shipped kimivl-tiny)",
+    )
     chat.add_argument("--image", action="append", default=[], help="an image file (repeatable)")
     chat.add_argument("--video", help="a video file, fed as timestamped frames")
     chat.add_argument("--max-new-tokens", type=int, default=512)
     chat.add_argument("--temperature", type=float, default=0.2, help="0 for greedy (default 0.2, as for Instruct)")
     chat.add_argument("--top-p", type=float, default=1.0)
     chat.add_argument("--seed", type=int, default=0)
-    chat.add_argument("--dtype", choices=["bfloat16", "float32"],
-                      help="default: the checkpoint's (float32 for bfloat16 on a CPU that multiplies bf16 slowly)")
+    chat.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float32"],
+        help="default: the checkpoint's (float32 for bfloat16 on a CPU that multiplies bf16 slowly)",
+    )
     chat.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is a GPU, else cpu)")
     chat.set_defaults(func=cmd_chat)
 
@@ -344,11 +406,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue a run: skip finished stages, resume the rest")
     train.add_argument("--out", help="run directory (default: the recipe's 'out')")
     train.add_argument("--device", help="where to train, e.g. cuda (default: the recipe's 'device', else cpu)")
-    train.add_argument("--bf16", action=argparse.BooleanOptionalAction,
-                       help="bf16 autocast on or off (default: the recipe's 'bf16', else where the device multiplies "
-                            "bf16 fast)")
-    train.add_argument("--plan", action="store_true",
-                       help="print each stage's data and memory plan, then stop (no weights loaded, nothing written)")
+    train.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        help="bf16 autocast on or off (default: the recipe's 'bf16', else where the device multiplies bf16 fast)",
+    )
+    train.add_argument(
+        "--plan",
+        action="store_true",
+        help="print each stage's data and memory plan, then stop (no weights loaded, nothing written)",
+    )
     train.set_defaults(func=cmd_train)
 
     demo = sub.add_parser("demo", help="the shipped kimivl-tiny answering bundled held-out questions")
@@ -357,30 +424,54 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     ev = sub.add_parser("eval", help="score a checkpoint (or saved predictions) on benchmarks, synthetic tasks, NIAH")
-    ev.add_argument("--task", required=True, help="comma-separated: mmmu, mathvista, ocrbench, screenspot, "
-                    "screenspot_pro, videomme, mmlongbench_doc, synthetic, synthetic:<task>, niah")
+    ev.add_argument(
+        "--task",
+        required=True,
+        help="comma-separated: mmmu, mathvista, ocrbench, screenspot, "
+        "screenspot_pro, videomme, mmlongbench_doc, synthetic, synthetic:<task>, niah",
+    )
     ev.add_argument("--model", help="checkpoint directory (not needed with --predictions)")
-    ev.add_argument("--data", action="append", default=[], help="benchmark file or directory (TSV, parquet, JSON); "
-                    "with several tasks TASK=FILE (repeatable)")
-    ev.add_argument("--predictions", help="re-score this JSONL of {index, prediction[, extracted]} without loading a "
-                    "model (extracted: an answer parsed elsewhere, e.g. by an LLM, scored by the rules)")
+    ev.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        help="benchmark file or directory (TSV, parquet, JSON); with several tasks TASK=FILE (repeatable)",
+    )
+    ev.add_argument(
+        "--predictions",
+        help="re-score this JSONL of {index, prediction[, extracted]} without loading a "
+        "model (extracted: an answer parsed elsewhere, e.g. by an LLM, scored by the rules)",
+    )
     ev.add_argument("--limit", type=int, help="only the first N rows of each task")
-    ev.add_argument("--scoring", choices=["official", "lenient"], default="official",
-                    help="official: each benchmark's own evaluation rules (default, comparable with published "
-                         "scores); lenient: kimivl's more forgiving answer parsing")
-    ev.add_argument("--overwrite", action="store_true",
-                    help="start afresh: drop the predictions already in --out for these tasks (needed when they "
-                         "come from another model, checkpoint, data or generation settings)")
+    ev.add_argument(
+        "--scoring",
+        choices=["official", "lenient"],
+        default="official",
+        help="official: each benchmark's own evaluation rules (default, comparable with published "
+        "scores); lenient: kimivl's more forgiving answer parsing",
+    )
+    ev.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh: drop the predictions already in --out for these tasks (needed when they "
+        "come from another model, checkpoint, data or generation settings)",
+    )
     ev.add_argument("--out", default="runs/eval", help="output directory (default runs/eval)")
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--max-new-tokens", type=int, help="default 512 (32 for niah)")
-    ev.add_argument("--lengths", type=_ints, help="niah prompt lengths, e.g. 1k,2k,4k (default: powers of two up "
-                    "to the model's context)")
+    ev.add_argument(
+        "--lengths",
+        type=_ints,
+        help="niah prompt lengths, e.g. 1k,2k,4k (default: powers of two up to the model's context)",
+    )
     ev.add_argument("--depths", type=_ints, help="niah needle depths in percent (default 0,10,...,100)")
     ev.add_argument("--haystack", type=lambda s: s.split(","), help="niah haystacks: text,video (default both)")
     ev.add_argument("--trials", type=int, help="niah cases per length and depth (default 1)")
-    ev.add_argument("--dtype", choices=["bfloat16", "float32"],
-                    help="default: the checkpoint's (float32 for bfloat16 on a CPU that multiplies bf16 slowly)")
+    ev.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float32"],
+        help="default: the checkpoint's (float32 for bfloat16 on a CPU that multiplies bf16 slowly)",
+    )
     ev.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is a GPU, else cpu)")
     ev.set_defaults(func=cmd_eval)
     return parser

@@ -71,8 +71,7 @@ def _floats(obj, part: str, names: tuple[str, ...], positive: bool) -> None:
 def _types(obj, part: str, names: tuple[str, ...], kind: type) -> None:
     for name in names:
         v = getattr(obj, name)
-        _require(isinstance(v, kind), f"{part}.{name} must be a {'boolean' if kind is bool else 'string'}, "
-                 f"got {v!r}")
+        _require(isinstance(v, kind), f"{part}.{name} must be a {'boolean' if kind is bool else 'string'}, got {v!r}")
 
 
 def _token_id(part: str, name: str, v: Any, vocab: int) -> None:
@@ -98,8 +97,10 @@ class VisionConfig:
 
     def __post_init__(self):
         k = self.merge_kernel_size
-        _require(isinstance(k, (list, tuple)) and len(k) == 2 and all(_is_int(x) and x >= 1 for x in k),
-                 f"vision_config.merge_kernel_size must be two positive integers, got {k!r}")
+        _require(
+            isinstance(k, (list, tuple)) and len(k) == 2 and all(_is_int(x) and x >= 1 for x in k),
+            f"vision_config.merge_kernel_size must be two positive integers, got {k!r}",
+        )
         self.merge_kernel_size = tuple(k)
         self.validate()
 
@@ -113,19 +114,36 @@ class VisionConfig:
         return self.hidden_size * self.merge_kernel_size[0] * self.merge_kernel_size[1]
 
     def validate(self) -> None:
-        _ints(self, "vision_config", ("patch_size", "init_pos_emb_height", "init_pos_emb_width", "num_attention_heads",
-                                      "hidden_size", "intermediate_size"), 1)
+        _ints(
+            self,
+            "vision_config",
+            (
+                "patch_size",
+                "init_pos_emb_height",
+                "init_pos_emb_width",
+                "num_attention_heads",
+                "hidden_size",
+                "intermediate_size",
+            ),
+            1,
+        )
         _ints(self, "vision_config", ("num_hidden_layers",), 1, MAX_LAYERS)
         _floats(self, "vision_config", ("layer_norm_eps", "rope_theta"), positive=True)
         _types(self, "vision_config", ("model_type",), str)
-        _require(self.hidden_size % self.num_attention_heads == 0,
-                 f"vision_config.num_attention_heads ({self.num_attention_heads}) must divide "
-                 f"hidden_size ({self.hidden_size})")
-        _require(self.head_dim % 4 == 0,
-                 f"vision head dim {self.head_dim} must be a multiple of 4 for the 2D RoPE "
-                 "(half the pairs rotate by column, half by row)")
-        _require(len(self.merge_kernel_size) == 2 and all(k >= 1 for k in self.merge_kernel_size),
-                 f"vision_config.merge_kernel_size must be two positive integers, got {self.merge_kernel_size}")
+        _require(
+            self.hidden_size % self.num_attention_heads == 0,
+            f"vision_config.num_attention_heads ({self.num_attention_heads}) must divide "
+            f"hidden_size ({self.hidden_size})",
+        )
+        _require(
+            self.head_dim % 4 == 0,
+            f"vision head dim {self.head_dim} must be a multiple of 4 for the 2D RoPE "
+            "(half the pairs rotate by column, half by row)",
+        )
+        _require(
+            len(self.merge_kernel_size) == 2 and all(k >= 1 for k in self.merge_kernel_size),
+            f"vision_config.merge_kernel_size must be two positive integers, got {self.merge_kernel_size}",
+        )
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VisionConfig:
@@ -196,56 +214,102 @@ class TextConfig:
 
     def validate(self) -> None:
         part = "text_config"
-        _ints(self, part, ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
-                           "num_attention_heads", "num_key_value_heads", "kv_lora_rank", "qk_nope_head_dim",
-                           "qk_rope_head_dim", "v_head_dim", "n_routed_experts", "num_experts_per_tok", "n_group",
-                           "topk_group", "moe_layer_freq", "max_position_embeddings"), 1)
+        _ints(
+            self,
+            part,
+            (
+                "vocab_size",
+                "hidden_size",
+                "intermediate_size",
+                "moe_intermediate_size",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "kv_lora_rank",
+                "qk_nope_head_dim",
+                "qk_rope_head_dim",
+                "v_head_dim",
+                "n_routed_experts",
+                "num_experts_per_tok",
+                "n_group",
+                "topk_group",
+                "moe_layer_freq",
+                "max_position_embeddings",
+            ),
+            1,
+        )
         _ints(self, part, ("num_hidden_layers",), 1, MAX_LAYERS)
         _ints(self, part, ("n_shared_experts", "first_k_dense_replace", "num_nextn_predict_layers"), 0)
         _floats(self, part, ("rms_norm_eps", "rope_theta", "routed_scaling_factor"), positive=True)
         _floats(self, part, ("aux_loss_alpha", "initializer_range"), positive=False)
         _types(self, part, ("norm_topk_prob", "seq_aux", "attention_bias", "tie_word_embeddings"), bool)
         _types(self, part, ("topk_method", "scoring_func", "hidden_act", "model_type", "torch_dtype"), str)
-        _require(self.torch_dtype in FLOAT_DTYPES, f"text_config.torch_dtype must name a float type "
-                 f"({', '.join(FLOAT_DTYPES[:4])}), got {self.torch_dtype!r}")
+        _require(
+            self.torch_dtype in FLOAT_DTYPES,
+            f"text_config.torch_dtype must name a float type ({', '.join(FLOAT_DTYPES[:4])}), got {self.torch_dtype!r}",
+        )
         eos = self.eos_token_id
-        _require(_is_int(eos) or (isinstance(eos, list) and eos and all(_is_int(e) for e in eos)),
-                 f"text_config.eos_token_id must be a token id or a non-empty list of token ids, got {eos!r}")
+        _require(
+            _is_int(eos) or (isinstance(eos, list) and eos and all(_is_int(e) for e in eos)),
+            f"text_config.eos_token_id must be a token id or a non-empty list of token ids, got {eos!r}",
+        )
         for e in [eos] if _is_int(eos) else eos:
             _token_id(part, "eos_token_id", e, self.vocab_size)
         _token_id(part, "bos_token_id", self.bos_token_id, self.vocab_size)
         if self.pad_token_id is not None:
             _token_id(part, "pad_token_id", self.pad_token_id, self.vocab_size)
-        _require(self.q_lora_rank is None,
-                 "text_config.q_lora_rank must be null: Kimi-VL's MLA has no query compression")
-        _require(self.num_key_value_heads == self.num_attention_heads,
-                 f"text_config.num_key_value_heads ({self.num_key_value_heads}) must equal "
-                 f"num_attention_heads ({self.num_attention_heads}) for MLA")
-        _require(self.qk_rope_head_dim % 2 == 0,
-                 f"text_config.qk_rope_head_dim ({self.qk_rope_head_dim}) must be even (RoPE rotates pairs)")
-        _require(self.n_routed_experts % self.n_group == 0,
-                 f"text_config.n_group ({self.n_group}) must divide n_routed_experts ({self.n_routed_experts})")
-        _require(self.topk_group <= self.n_group,
-                 f"text_config.topk_group ({self.topk_group}) must not exceed n_group ({self.n_group})")
+        _require(
+            self.q_lora_rank is None, "text_config.q_lora_rank must be null: Kimi-VL's MLA has no query compression"
+        )
+        _require(
+            self.num_key_value_heads == self.num_attention_heads,
+            f"text_config.num_key_value_heads ({self.num_key_value_heads}) must equal "
+            f"num_attention_heads ({self.num_attention_heads}) for MLA",
+        )
+        _require(
+            self.qk_rope_head_dim % 2 == 0,
+            f"text_config.qk_rope_head_dim ({self.qk_rope_head_dim}) must be even (RoPE rotates pairs)",
+        )
+        _require(
+            self.n_routed_experts % self.n_group == 0,
+            f"text_config.n_group ({self.n_group}) must divide n_routed_experts ({self.n_routed_experts})",
+        )
+        _require(
+            self.topk_group <= self.n_group,
+            f"text_config.topk_group ({self.topk_group}) must not exceed n_group ({self.n_group})",
+        )
         per_group = self.n_routed_experts // self.n_group
-        _require(self.num_experts_per_tok <= self.topk_group * per_group,
-                 f"text_config.num_experts_per_tok ({self.num_experts_per_tok}) exceeds the experts reachable "
-                 f"in topk_group={self.topk_group} groups of {per_group}")
-        _require(self.n_group == 1 or per_group >= 2,
-                 "text_config: grouped routing scores each group by its top-2 experts, so every group needs "
-                 f"at least 2 experts (got {per_group})")
-        _require(self.scoring_func == "sigmoid", f"text_config.scoring_func {self.scoring_func!r} unsupported "
-                 "(Kimi-VL uses 'sigmoid')")
-        _require(self.topk_method == "noaux_tc", f"text_config.topk_method {self.topk_method!r} unsupported "
-                 "(Kimi-VL uses 'noaux_tc')")
+        _require(
+            self.num_experts_per_tok <= self.topk_group * per_group,
+            f"text_config.num_experts_per_tok ({self.num_experts_per_tok}) exceeds the experts reachable "
+            f"in topk_group={self.topk_group} groups of {per_group}",
+        )
+        _require(
+            self.n_group == 1 or per_group >= 2,
+            "text_config: grouped routing scores each group by its top-2 experts, so every group needs "
+            f"at least 2 experts (got {per_group})",
+        )
+        _require(
+            self.scoring_func == "sigmoid",
+            f"text_config.scoring_func {self.scoring_func!r} unsupported (Kimi-VL uses 'sigmoid')",
+        )
+        _require(
+            self.topk_method == "noaux_tc",
+            f"text_config.topk_method {self.topk_method!r} unsupported (Kimi-VL uses 'noaux_tc')",
+        )
         _require(self.hidden_act == "silu", f"text_config.hidden_act {self.hidden_act!r} unsupported (expected 'silu')")
-        _require(0 <= self.first_k_dense_replace <= self.num_hidden_layers,
-                 f"text_config.first_k_dense_replace ({self.first_k_dense_replace}) must be in "
-                 f"[0, num_hidden_layers={self.num_hidden_layers}]")
-        _require(self.rope_scaling is None,
-                 "text_config.rope_scaling is not supported: Kimi-VL uses plain RoPE (rope_scaling null)")
-        _require(self.num_nextn_predict_layers == 0,
-                 "text_config.num_nextn_predict_layers must be 0: multi-token prediction layers are not supported")
+        _require(
+            0 <= self.first_k_dense_replace <= self.num_hidden_layers,
+            f"text_config.first_k_dense_replace ({self.first_k_dense_replace}) must be in "
+            f"[0, num_hidden_layers={self.num_hidden_layers}]",
+        )
+        _require(
+            self.rope_scaling is None,
+            "text_config.rope_scaling is not supported: Kimi-VL uses plain RoPE (rope_scaling null)",
+        )
+        _require(
+            self.num_nextn_predict_layers == 0,
+            "text_config.num_nextn_predict_layers must be 0: multi-token prediction layers are not supported",
+        )
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TextConfig:
@@ -276,19 +340,26 @@ class KimiVLConfig:
             self.text_config = TextConfig.from_dict(self.text_config)
         _require(self.model_type == "kimi_vl", f"model_type must be 'kimi_vl', got {self.model_type!r}")
         vocab = self.text_config.vocab_size
-        _require(_is_int(self.media_placeholder_token_id) and 0 <= self.media_placeholder_token_id < vocab,
-                 f"media_placeholder_token_id ({self.media_placeholder_token_id!r}) is outside the vocabulary "
-                 f"(vocab_size {vocab})")
+        _require(
+            _is_int(self.media_placeholder_token_id) and 0 <= self.media_placeholder_token_id < vocab,
+            f"media_placeholder_token_id ({self.media_placeholder_token_id!r}) is outside the vocabulary "
+            f"(vocab_size {vocab})",
+        )
         _require(_is_int(self.ignore_index), f"ignore_index must be an integer, got {self.ignore_index!r}")
         if self.pad_token_id is None:
             self.pad_token_id = self.text_config.pad_token_id
         _token_id("config", "pad_token_id", self.pad_token_id, vocab)
-        _require(isinstance(self.architectures, list) and all(isinstance(a, str) for a in self.architectures),
-                 f"architectures must be a list of strings, got {self.architectures!r}")
+        _require(
+            isinstance(self.architectures, list) and all(isinstance(a, str) for a in self.architectures),
+            f"architectures must be a list of strings, got {self.architectures!r}",
+        )
         n = estimated_parameters(self)
-        _require(n <= MAX_PARAMETERS, f"this config describes a model of about {n:.3g} parameters "
-                 f"({n * 2 / 2**30:.3g} GiB in bfloat16), over the {MAX_PARAMETERS:.0e} that kimivl builds: "
-                 "check its sizes (hidden_size, num_hidden_layers, vocab_size, experts)")
+        _require(
+            n <= MAX_PARAMETERS,
+            f"this config describes a model of about {n:.3g} parameters "
+            f"({n * 2 / 2**30:.3g} GiB in bfloat16), over the {MAX_PARAMETERS:.0e} that kimivl builds: "
+            "check its sizes (hidden_size, num_hidden_layers, vocab_size, experts)",
+        )
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> KimiVLConfig:
@@ -345,17 +416,28 @@ def estimated_parameters(config: KimiVLConfig) -> int:
     can be judged before anything is built."""
     t, v = config.text_config, config.vision_config
     heads = t.num_attention_heads
-    attention = (t.hidden_size * heads * (t.qk_nope_head_dim + t.qk_rope_head_dim)
-                 + t.hidden_size * (t.kv_lora_rank + t.qk_rope_head_dim)
-                 + t.kv_lora_rank * heads * (t.qk_nope_head_dim + t.v_head_dim) + heads * t.v_head_dim * t.hidden_size)
-    moe = ((t.n_routed_experts + t.n_shared_experts) * 3 * t.hidden_size * t.moe_intermediate_size
-           + t.n_routed_experts * t.hidden_size)
+    attention = (
+        t.hidden_size * heads * (t.qk_nope_head_dim + t.qk_rope_head_dim)
+        + t.hidden_size * (t.kv_lora_rank + t.qk_rope_head_dim)
+        + t.kv_lora_rank * heads * (t.qk_nope_head_dim + t.v_head_dim)
+        + heads * t.v_head_dim * t.hidden_size
+    )
+    moe = (
+        t.n_routed_experts + t.n_shared_experts
+    ) * 3 * t.hidden_size * t.moe_intermediate_size + t.n_routed_experts * t.hidden_size
     dense = 3 * t.hidden_size * t.intermediate_size
     moe_layers = sum(1 for i in range(t.first_k_dense_replace, t.num_hidden_layers) if t.is_moe_layer(i))
-    text = (2 - t.tie_word_embeddings) * t.vocab_size * t.hidden_size + t.num_hidden_layers * attention \
-        + moe_layers * moe + (t.num_hidden_layers - moe_layers) * dense
-    vision = (v.num_hidden_layers * (4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.intermediate_size)
-              + v.init_pos_emb_height * v.init_pos_emb_width * v.hidden_size + 3 * v.patch_size ** 2 * v.hidden_size)
+    text = (
+        (2 - t.tie_word_embeddings) * t.vocab_size * t.hidden_size
+        + t.num_hidden_layers * attention
+        + moe_layers * moe
+        + (t.num_hidden_layers - moe_layers) * dense
+    )
+    vision = (
+        v.num_hidden_layers * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size)
+        + v.init_pos_emb_height * v.init_pos_emb_width * v.hidden_size
+        + 3 * v.patch_size**2 * v.hidden_size
+    )
     projector = v.merged_dim * (v.merged_dim + t.hidden_size)
     return text + vision + projector
 
@@ -373,14 +455,36 @@ TINY_SPECIAL_BASE = 3840
 def _tiny() -> KimiVLConfig:
     base = TINY_SPECIAL_BASE
     return KimiVLConfig(
-        vision_config=VisionConfig(init_pos_emb_height=16, init_pos_emb_width=16, num_attention_heads=4,
-                                   num_hidden_layers=2, hidden_size=64, intermediate_size=128),
+        vision_config=VisionConfig(
+            init_pos_emb_height=16,
+            init_pos_emb_width=16,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            hidden_size=64,
+            intermediate_size=128,
+        ),
         text_config=TextConfig(
-            vocab_size=TINY_VOCAB, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
-            num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=32,
-            qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2,
-            n_shared_experts=1, n_group=2, topk_group=1, max_position_embeddings=4096, rope_theta=50000.0,
-            bos_token_id=base, eos_token_id=[base + 1, base + 2]),
+            vocab_size=TINY_VOCAB,
+            hidden_size=128,
+            intermediate_size=256,
+            moe_intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            kv_lora_rank=32,
+            qk_nope_head_dim=16,
+            qk_rope_head_dim=8,
+            v_head_dim=16,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_shared_experts=1,
+            n_group=2,
+            topk_group=1,
+            max_position_embeddings=4096,
+            rope_theta=50000.0,
+            bos_token_id=base,
+            eos_token_id=[base + 1, base + 2],
+        ),
         media_placeholder_token_id=base + 21,
     )
 
@@ -388,11 +492,24 @@ def _tiny() -> KimiVLConfig:
 def _kimivl_tiny() -> KimiVLConfig:
     """The shipped kimivl-tiny (about 5M parameters): wider than ``tiny`` so it can learn the synthetic world."""
     cfg = _tiny()
-    cfg.vision_config = VisionConfig(init_pos_emb_height=16, init_pos_emb_width=16, num_attention_heads=4,
-                                     num_hidden_layers=3, hidden_size=128, intermediate_size=256)
-    cfg.text_config = dataclasses.replace(cfg.text_config, hidden_size=256, intermediate_size=512,
-                                          moe_intermediate_size=128, kv_lora_rank=64, qk_nope_head_dim=32,
-                                          qk_rope_head_dim=16, v_head_dim=32)
+    cfg.vision_config = VisionConfig(
+        init_pos_emb_height=16,
+        init_pos_emb_width=16,
+        num_attention_heads=4,
+        num_hidden_layers=3,
+        hidden_size=128,
+        intermediate_size=256,
+    )
+    cfg.text_config = dataclasses.replace(
+        cfg.text_config,
+        hidden_size=256,
+        intermediate_size=512,
+        moe_intermediate_size=128,
+        kv_lora_rank=64,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=16,
+        v_head_dim=32,
+    )
     return cfg
 
 

@@ -22,8 +22,12 @@ def _question(record: dict) -> str:
     return f"[{media} image/video part{'s' if media != 1 else ''}] {text}"
 
 
-def run_demo(model_dir: str | Path = DEFAULT_MODEL, examples_dir: str | Path = DEFAULT_EXAMPLES,
-             max_new_tokens: int = 160, progress: bool = True) -> dict[str, float]:
+def run_demo(
+    model_dir: str | Path = DEFAULT_MODEL,
+    examples_dir: str | Path = DEFAULT_EXAMPLES,
+    max_new_tokens: int = 160,
+    progress: bool = True,
+) -> dict[str, float]:
     """Print the demo; return held-out accuracy per task."""
     from kimivl import KimiVL, KimiVLProcessor
     from kimivl.eval.synthetic import evaluate, heldout_records
@@ -32,8 +36,9 @@ def run_demo(model_dir: str | Path = DEFAULT_MODEL, examples_dir: str | Path = D
 
     model_dir, examples_dir = Path(model_dir), Path(examples_dir)
     if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"no model at {model_dir}: train it with 'kimivl train recipes/tiny.yaml' "
-                                "or pass --model")
+        raise FileNotFoundError(
+            f"no model at {model_dir}: train it with 'kimivl train recipes/tiny.yaml' or pass --model"
+        )
     model = KimiVL.from_pretrained(model_dir, dtype=checkpoint_load_dtype(model_dir, "cpu"))
     processor = KimiVLProcessor.from_pretrained(model_dir)
     records = heldout_records(examples_dir)

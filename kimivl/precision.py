@@ -43,9 +43,12 @@ def cpu_bf16_slowdown() -> float:
     milliseconds, a tenth of a second where bf16 is emulated)."""
     slowdown = _matmul_seconds(torch.bfloat16) / _matmul_seconds(torch.float32)
     if slowdown >= SLOW:
-        log.warning("this CPU multiplies bfloat16 %.0fx slower than float32 (it lacks native bf16 instructions): "
-                    "kimivl's training, command line and demo compute in float32 here unless asked for bf16 "
-                    "(in Python: KimiVL.from_pretrained(path, dtype=torch.float32))", slowdown)
+        log.warning(
+            "this CPU multiplies bfloat16 %.0fx slower than float32 (it lacks native bf16 instructions): "
+            "kimivl's training, command line and demo compute in float32 here unless asked for bf16 "
+            "(in Python: KimiVL.from_pretrained(path, dtype=torch.float32))",
+            slowdown,
+        )
     return slowdown
 
 
@@ -99,27 +102,39 @@ def held_dtype(stored: torch.dtype, device: str | torch.device, requested: torch
     return dtype
 
 
-def load_dtype(stored: torch.dtype, device: str | torch.device, n_params: int,
-               requested: torch.dtype | None = None) -> torch.dtype:
+def load_dtype(
+    stored: torch.dtype, device: str | torch.device, n_params: int, requested: torch.dtype | None = None
+) -> torch.dtype:
     """The dtype kimivl's command line and demo hold a checkpoint stored in ``stored`` in on ``device``: float32 for a
     bfloat16 or float16 checkpoint on a CPU where bf16 is slow, while ``n_params`` float32 weights take at most
     ``FIT`` of the machine's memory; else ``held_dtype`` (``requested`` when the caller names one)."""
     device = torch.device(device)
-    if requested is None and device.type == "cpu" and stored in (torch.float16, torch.bfloat16) \
-            and not fast_bf16(device):
+    if (
+        requested is None
+        and device.type == "cpu"
+        and stored in (torch.float16, torch.bfloat16)
+        and not fast_bf16(device)
+    ):
         need, memory = 4 * n_params, physical_memory()
         if memory is not None and need > FIT * memory:
-            log.warning("float32 weights (%.1f GB) would not fit in this machine's %.1f GB: loading in bfloat16, "
-                        "which this CPU multiplies slowly", need / 1e9, memory / 1e9)
+            log.warning(
+                "float32 weights (%.1f GB) would not fit in this machine's %.1f GB: loading in bfloat16, "
+                "which this CPU multiplies slowly",
+                need / 1e9,
+                memory / 1e9,
+            )
             return torch.bfloat16
-        log.info("loading in float32 (%.1f GB; this CPU multiplies bf16 slowly; dtype=torch.bfloat16 takes half the "
-                 "memory)", need / 1e9)
+        log.info(
+            "loading in float32 (%.1f GB; this CPU multiplies bf16 slowly; dtype=torch.bfloat16 takes half the memory)",
+            need / 1e9,
+        )
         return torch.float32
     return held_dtype(stored, device, requested)
 
 
-def checkpoint_load_dtype(path: str | os.PathLike, device: str | torch.device,
-                          requested: torch.dtype | None = None) -> torch.dtype:
+def checkpoint_load_dtype(
+    path: str | os.PathLike, device: str | torch.device, requested: torch.dtype | None = None
+) -> torch.dtype:
     """``load_dtype`` for the checkpoint directory ``path`` (from its config: nothing is loaded): what the command line
     and the demo pass to ``KimiVL.from_pretrained``."""
     config = KimiVLConfig.from_pretrained(path)

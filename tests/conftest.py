@@ -6,8 +6,12 @@ import torch
 from kimivl import KimiVL, KimiVLConfig, KimiVLProcessor, precision
 from kimivl.processing.tokenizer import train_bpe
 
-CORPUS = ["The quick brown fox jumps over the lazy dog. " * 3, "What colour is the square? It is red.",
-          "Count the circles: there are 3 circles and 2 squares.", "你好，世界"] * 5
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. " * 3,
+    "What colour is the square? It is red.",
+    "Count the circles: there are 3 circles and 2 squares.",
+    "你好，世界",
+] * 5
 
 
 @pytest.fixture(autouse=True)

@@ -12,8 +12,19 @@ from kimivl.config import TextConfig
 from kimivl.model.language_model import LanguageModel
 
 # TextConfig fields that DeepseekV3Config names differently or does not take
-_SKIP = ("extra", "rope_theta", "rope_scaling", "torch_dtype", "model_type", "topk_method", "scoring_func",
-         "moe_layer_freq", "aux_loss_alpha", "seq_aux", "eos_token_id")
+_SKIP = (
+    "extra",
+    "rope_theta",
+    "rope_scaling",
+    "torch_dtype",
+    "model_type",
+    "topk_method",
+    "scoring_func",
+    "moe_layer_freq",
+    "aux_loss_alpha",
+    "seq_aux",
+    "eos_token_id",
+)
 
 
 def random_lm(cfg: TextConfig, seed: int = 0) -> LanguageModel:
@@ -35,8 +46,10 @@ def hf_reference(cfg: TextConfig, lm: LanguageModel, attn_implementation: str = 
 
     hf_cfg = transformers.DeepseekV3Config(
         **{k: v for k, v in dataclasses.asdict(cfg).items() if k not in _SKIP},
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta}, rope_interleave=True,
-        attn_implementation=attn_implementation)
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        rope_interleave=True,
+        attn_implementation=attn_implementation,
+    )
     ref = transformers.DeepseekV3ForCausalLM(hf_cfg).float().eval()
     state = lm.state_dict()
     mapped = {k: v for k, v in state.items() if ".experts." not in k}
@@ -44,7 +57,8 @@ def hf_reference(cfg: TextConfig, lm: LanguageModel, attn_implementation: str = 
         p = f"model.layers.{layer}.mlp.experts."
         e = range(cfg.n_routed_experts)
         mapped[p + "gate_up_proj"] = torch.stack(
-            [torch.cat([state[f"{p}{i}.gate_proj.weight"], state[f"{p}{i}.up_proj.weight"]]) for i in e])
+            [torch.cat([state[f"{p}{i}.gate_proj.weight"], state[f"{p}{i}.up_proj.weight"]]) for i in e]
+        )
         mapped[p + "down_proj"] = torch.stack([state[f"{p}{i}.down_proj.weight"] for i in e])
     missing, unexpected = ref.load_state_dict(mapped, strict=False)
     if unexpected or any("rotary" not in m for m in missing):

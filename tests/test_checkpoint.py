@@ -14,27 +14,38 @@ from kimivl.checkpoint import INDEX, CheckpointError
 def official_keys(cfg):
     """The spec's key list (§7) expanded for a config."""
     v, t = cfg.vision_config, cfg.text_config
-    keys = ["vision_tower.patch_embed.proj.weight", "vision_tower.patch_embed.proj.bias",
-            "vision_tower.patch_embed.pos_emb.weight", "vision_tower.encoder.final_layernorm.weight",
-            "vision_tower.encoder.final_layernorm.bias",
-            "language_model.model.embed_tokens.weight", "language_model.model.norm.weight",
-            "language_model.lm_head.weight"]
+    keys = [
+        "vision_tower.patch_embed.proj.weight",
+        "vision_tower.patch_embed.proj.bias",
+        "vision_tower.patch_embed.pos_emb.weight",
+        "vision_tower.encoder.final_layernorm.weight",
+        "vision_tower.encoder.final_layernorm.bias",
+        "language_model.model.embed_tokens.weight",
+        "language_model.model.norm.weight",
+        "language_model.lm_head.weight",
+    ]
     for i in range(v.num_hidden_layers):
         for m in ("norm0", "wqkv", "wo", "norm1", "mlp.fc0", "mlp.fc1"):
             keys += [f"vision_tower.encoder.blocks.{i}.{m}.weight", f"vision_tower.encoder.blocks.{i}.{m}.bias"]
     keys += [f"multi_modal_projector.{m}.{p}" for m in ("pre_norm", "linear_1", "linear_2") for p in ("weight", "bias")]
     for layer in range(t.num_hidden_layers):
         p = f"language_model.model.layers.{layer}."
-        keys += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight",
-                 p + "self_attn.kv_a_layernorm.weight"]
+        keys += [
+            p + "input_layernorm.weight",
+            p + "post_attention_layernorm.weight",
+            p + "self_attn.kv_a_layernorm.weight",
+        ]
         keys += [p + f"self_attn.{m}.weight" for m in ("q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")]
         if layer < t.first_k_dense_replace:
             keys += [p + f"mlp.{m}.weight" for m in ("gate_proj", "up_proj", "down_proj")]
         else:
             keys += [p + "mlp.gate.weight", p + "mlp.gate.e_score_correction_bias"]
             keys += [p + f"mlp.shared_experts.{m}.weight" for m in ("gate_proj", "up_proj", "down_proj")]
-            keys += [p + f"mlp.experts.{e}.{m}.weight" for e in range(t.n_routed_experts)
-                     for m in ("gate_proj", "up_proj", "down_proj")]
+            keys += [
+                p + f"mlp.experts.{e}.{m}.weight"
+                for e in range(t.n_routed_experts)
+                for m in ("gate_proj", "up_proj", "down_proj")
+            ]
     return keys
 
 
@@ -45,12 +56,18 @@ def test_state_dict_keys_are_the_official_ones(tiny_model, tiny_config):
 def test_expert_tensors_have_official_shapes(tiny_model, tiny_config):
     t = tiny_config.text_config
     sd = tiny_model.state_dict()
-    assert sd["language_model.model.layers.1.mlp.experts.3.gate_proj.weight"].shape == (t.moe_intermediate_size,
-                                                                                          t.hidden_size)
-    assert sd["language_model.model.layers.1.mlp.experts.3.down_proj.weight"].shape == (t.hidden_size,
-                                                                                          t.moe_intermediate_size)
+    assert sd["language_model.model.layers.1.mlp.experts.3.gate_proj.weight"].shape == (
+        t.moe_intermediate_size,
+        t.hidden_size,
+    )
+    assert sd["language_model.model.layers.1.mlp.experts.3.down_proj.weight"].shape == (
+        t.hidden_size,
+        t.moe_intermediate_size,
+    )
     assert sd["language_model.model.layers.1.self_attn.kv_b_proj.weight"].shape == (
-        t.num_attention_heads * (t.qk_nope_head_dim + t.v_head_dim), t.kv_lora_rank)
+        t.num_attention_heads * (t.qk_nope_head_dim + t.v_head_dim),
+        t.kv_lora_rank,
+    )
 
 
 @pytest.mark.parametrize("shard_bytes", [5 * 2**30, 300_000])
@@ -115,8 +132,9 @@ def test_mismatches_are_listed_together(tiny_model, tmp_path):
 
 def test_ignorable_rotary_buffers_are_skipped(tiny_model, tmp_path):
     tiny_model.save_pretrained(tmp_path)
-    _rewrite(tmp_path, lambda t: t.update({"language_model.model.layers.0.self_attn.rotary_emb.inv_freq":
-                                           torch.ones(4)}))
+    _rewrite(
+        tmp_path, lambda t: t.update({"language_model.model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(4)})
+    )
     KimiVL.from_pretrained(tmp_path)
 
 
@@ -142,7 +160,6 @@ def test_index_naming_absent_shard(tiny_model, tmp_path):
     next(tmp_path.glob("model-00002-*.safetensors")).unlink()
     with pytest.raises(CheckpointError, match="do not exist"):
         KimiVL.from_pretrained(tmp_path)
-
 
 
 def test_broken_indexes_and_shards_that_disagree_with_them(tiny_model, tmp_path):
@@ -173,12 +190,15 @@ def test_broken_indexes_and_shards_that_disagree_with_them(tiny_model, tmp_path)
     with pytest.raises(CheckpointError, match="is not a valid safetensors index: KeyError"):
         KimiVL.from_pretrained(tmp_path)
 
+
 def test_config_mismatch_reports_shapes(tiny_model, tmp_path):
     tiny_model.save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg["text_config"]["moe_intermediate_size"] = 32
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match=r"experts\.0\.gate_proj\.weight: checkpoint \[64, 128\] vs model \[32, 128\]"):
+    with pytest.raises(
+        CheckpointError, match=r"experts\.0\.gate_proj\.weight: checkpoint \[64, 128\] vs model \[32, 128\]"
+    ):
         KimiVL.from_pretrained(tmp_path)
 
 

@@ -28,8 +28,11 @@ def test_non_float_tensors_are_refused(saved, dtype):
     name = "language_model.model.embed_tokens.weight"
     tensors[name] = (tensors[name] * 100).to(dtype)
     save_file(tensors, saved / "model.safetensors")
-    with pytest.raises(CheckpointError, match=rf"wrong kind.*\n  {name}: checkpoint (I8|BOOL|I64) where the model "
-                                              r"holds torch\.(bfloat16|float32)"):
+    with pytest.raises(
+        CheckpointError,
+        match=rf"wrong kind.*\n  {name}: checkpoint (I8|BOOL|I64) where the model "
+        r"holds torch\.(bfloat16|float32)",
+    ):
         KimiVL.from_pretrained(saved)
 
 
@@ -52,14 +55,17 @@ def test_finite_checkpoints_load_without_warning(saved, caplog):
     assert not caplog.records
 
 
-@pytest.mark.parametrize("weight_map,message", [
-    (["model-00001-of-00002.safetensors"], "'weight_map' must map tensor names to shard file names, got list"),
-    ("model.safetensors", "'weight_map' must map tensor names to shard file names, got str"),
-    ({"language_model.lm_head.weight": 3}, "maps to 3"),
-    ({"language_model.lm_head.weight": None}, "maps to None"),
-    ({"language_model.lm_head.weight": ""}, "maps to ''"),
-    ({"language_model.lm_head.weight": ["a", "b"]}, r"maps to \['a', 'b'\]"),
-])
+@pytest.mark.parametrize(
+    "weight_map,message",
+    [
+        (["model-00001-of-00002.safetensors"], "'weight_map' must map tensor names to shard file names, got list"),
+        ("model.safetensors", "'weight_map' must map tensor names to shard file names, got str"),
+        ({"language_model.lm_head.weight": 3}, "maps to 3"),
+        ({"language_model.lm_head.weight": None}, "maps to None"),
+        ({"language_model.lm_head.weight": ""}, "maps to ''"),
+        ({"language_model.lm_head.weight": ["a", "b"]}, r"maps to \['a', 'b'\]"),
+    ],
+)
 def test_malformed_weight_maps(tiny_model, tmp_path, weight_map, message):
     tiny_model.save_pretrained(tmp_path, max_shard_bytes=300_000)
     (tmp_path / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
@@ -82,8 +88,11 @@ def test_index_entries_outside_the_directory_are_refused(tiny_model, tmp_path, o
     first = min(index["weight_map"].values())
     (tmp_path / "elsewhere").mkdir()
     os.replace(ckpt_dir / first, tmp_path / "elsewhere" / first)  # the shard exists, but outside
-    name = {"absolute": str(tmp_path / "elsewhere" / first), "dotdot": f"../elsewhere/{first}",
-            "nested-dotdot": f"sub/../../elsewhere/{first}"}[outside]
+    name = {
+        "absolute": str(tmp_path / "elsewhere" / first),
+        "dotdot": f"../elsewhere/{first}",
+        "nested-dotdot": f"sub/../../elsewhere/{first}",
+    }[outside]
     index["weight_map"] = {k: name if v == first else v for k, v in index["weight_map"].items()}
     (ckpt_dir / INDEX).write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match="outside the checkpoint directory"):
@@ -113,8 +122,11 @@ def test_save_refuses_a_directory_holding_another_models_shards(tiny_model, tmp_
     save_file(foreign, tmp_path / "model-00002-of-00002.safetensors")
     (tmp_path / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": {"x": "model-00001-of-00002.safetensors"}}))
     before = _listing(tmp_path)
-    with pytest.raises(CheckpointError, match=r"kimivl did not write: model-00001-of-00002\.safetensors, "
-                                              r"model-00002-of-00002\.safetensors, model\.safetensors\.index\.json"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"kimivl did not write: model-00001-of-00002\.safetensors, "
+        r"model-00002-of-00002\.safetensors, model\.safetensors\.index\.json",
+    ):
         ckpt.save_checkpoint(tiny_model, tmp_path)
     assert _listing(tmp_path) == before
 
@@ -126,8 +138,12 @@ def test_save_keeps_unrelated_files_and_replaces_an_older_kimivl_save(tiny_model
     shards = sorted(p.name for p in tmp_path.glob("model-*.safetensors"))
     assert len(shards) > 1
     tiny_model.save_pretrained(tmp_path)  # the older save's shards and index are kimivl's: replaced
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.safetensors", "config.json", "model.safetensors",
-                                                          "notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "adapter.safetensors",
+        "config.json",
+        "model.safetensors",
+        "notes.txt",
+    ]
     assert (tmp_path / "notes.txt").read_text() == "mine"
     assert torch.equal(load_file(tmp_path / "adapter.safetensors")["x"], torch.ones(3))
     KimiVL.from_pretrained(tmp_path)
@@ -141,8 +157,11 @@ def test_a_full_disk_is_a_clear_error_and_leaves_no_temporary_files(tiny_model, 
 
     monkeypatch.setattr(ckpt, "save_file", full)
     fresh = tmp_path / "fresh"
-    with pytest.raises(CheckpointError, match=r"the disk is full: writing .*model\.safetensors failed "
-                                              r"\(No space left on device\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"the disk is full: writing .*model\.safetensors failed "
+        r"\(No space left on device\)",
+    ):
         tiny_model.save_pretrained(fresh)
     assert not fresh.exists()  # the directory this call created is removed
 

@@ -10,10 +10,31 @@ from kimivl.cli import main
 def test_chat_one_question_with_image(checkpoint, small_model, small_processor, tmp_path, capsys):
     img = tmp_path / "x.png"
     Image.fromarray(np.full((40, 60, 3), 200, dtype=np.uint8)).save(img)
-    assert main(["chat", "--model", str(checkpoint), "--image", str(img), "--temperature", "0",
-                 "--max-new-tokens", "5", "--dtype", "float32", "What colour?"]) == 0
-    expected = generate(small_model, small_processor, [{"role": "user", "content": [
-        {"type": "image", "image": str(img)}, {"type": "text", "text": "What colour?"}]}], max_new_tokens=5)
+    assert (
+        main(
+            [
+                "chat",
+                "--model",
+                str(checkpoint),
+                "--image",
+                str(img),
+                "--temperature",
+                "0",
+                "--max-new-tokens",
+                "5",
+                "--dtype",
+                "float32",
+                "What colour?",
+            ]
+        )
+        == 0
+    )
+    expected = generate(
+        small_model,
+        small_processor,
+        [{"role": "user", "content": [{"type": "image", "image": str(img)}, {"type": "text", "text": "What colour?"}]}],
+        max_new_tokens=5,
+    )
     assert capsys.readouterr().out.strip() == expected.strip()
 
 
@@ -26,16 +47,24 @@ def test_chat_about_a_video(checkpoint, small_model, small_processor, tmp_path, 
         s.width, s.height, s.pix_fmt = 56, 56, "yuv420p"
         for i in range(8):  # 2 s: a square moving right
             frame = np.zeros((56, 56, 3), np.uint8)
-            frame[20:36, 4 + 5 * i:20 + 5 * i] = 255
+            frame[20:36, 4 + 5 * i : 20 + 5 * i] = 255
             for packet in s.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 c.mux(packet)
         for packet in s.encode():
             c.mux(packet)
     args = ["--temperature", "0", "--max-new-tokens", "5", "--dtype", "float32", "Which way does it move?"]
     assert main(["chat", "--model", str(checkpoint), "--video", str(clip), *args]) == 0
-    expected = generate(small_model, small_processor, [{"role": "user", "content": [
-        {"type": "video", "video": str(clip)}, {"type": "text", "text": "Which way does it move?"}]}],
-        max_new_tokens=5)
+    expected = generate(
+        small_model,
+        small_processor,
+        [
+            {
+                "role": "user",
+                "content": [{"type": "video", "video": str(clip)}, {"type": "text", "text": "Which way does it move?"}],
+            }
+        ],
+        max_new_tokens=5,
+    )
     assert capsys.readouterr().out.strip() == expected.strip()
     assert main(["chat", "--model", str(checkpoint), "--video", str(tmp_path / "none.mp4"), "hi"]) == 2
     assert "none.mp4" in capsys.readouterr().err

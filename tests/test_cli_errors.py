@@ -25,18 +25,24 @@ def _one_line_error(capsys, command: str, *parts: str) -> str:
     return err
 
 
-@pytest.mark.parametrize("device,parts", [
-    ("cuda", ["--device cuda: CUDA is not available on this machine", "use --device cpu"]),
-    ("cuda:1", ["--device cuda:1: CUDA is not available", "use --device cpu"]),
-    ("gpu", ["--device gpu: not a device name; use cpu, cuda or cuda:N"]),
-    ("meta", ["--device meta: meta holds no weights", "use --device cpu or cuda"]),
-    ("tpu", ["--device tpu"]),
-])
+@pytest.mark.parametrize(
+    "device,parts",
+    [
+        ("cuda", ["--device cuda: CUDA is not available on this machine", "use --device cpu"]),
+        ("cuda:1", ["--device cuda:1: CUDA is not available", "use --device cpu"]),
+        ("gpu", ["--device gpu: not a device name; use cpu, cuda or cuda:N"]),
+        ("meta", ["--device meta: meta holds no weights", "use --device cpu or cuda"]),
+        ("tpu", ["--device tpu"]),
+    ],
+)
 @pytest.mark.parametrize("command", ["chat", "eval"])
 def test_unusable_devices_are_one_line(monkeypatch, capsys, device, parts, command):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    argv = ["chat", "--device", device, "hi"] if command == "chat" else [
-        "eval", "--task", "synthetic", "--model", str(DEFAULT_MODEL), "--device", device]
+    argv = (
+        ["chat", "--device", device, "hi"]
+        if command == "chat"
+        else ["eval", "--task", "synthetic", "--model", str(DEFAULT_MODEL), "--device", device]
+    )
     assert main(argv) == 2
     _one_line_error(capsys, command, *parts)
 
@@ -50,7 +56,9 @@ def test_default_device_is_a_gpu_when_there_is_one(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device(None) == "cpu" and resolve_device("cpu") == "cpu"
     for command in ("chat", "eval"):
-        assert cli.build_parser().parse_args([command, "--task", "x"] if command == "eval" else [command]).device is None
+        assert (
+            cli.build_parser().parse_args([command, "--task", "x"] if command == "eval" else [command]).device is None
+        )
 
 
 def test_chat_uses_the_shipped_model_by_default_and_streams(monkeypatch, capsys):
@@ -70,21 +78,26 @@ def test_chat_uses_the_shipped_model_by_default_and_streams(monkeypatch, capsys)
             yield piece
 
     monkeypatch.setattr(chat, "stream_generate", watched)
-    assert main(["chat", "--max-new-tokens", "6", "--temperature", "0", "--device", "cpu",
-                 "Read the text in the image."]) == 0
+    assert (
+        main(["chat", "--max-new-tokens", "6", "--temperature", "0", "--device", "cpu", "Read the text in the image."])
+        == 0
+    )
     printed = "".join(out for _, out in seen) + capsys.readouterr().out
     assert printed.strip() == expected.strip() and len(seen) >= 2
     assert any(out for _, out in seen[1:]), "nothing was printed before the answer ended"
 
 
-@pytest.mark.parametrize("error,parts", [
-    (TrainingError("step 12: the loss is NaN"), ["step 12: the loss is NaN"]),
-    (OSError(errno.ENOSPC, "No space left on device"), ["No space left on device"]),
-    (PermissionError(errno.EACCES, "Permission denied", "/root/x.png"), ["Permission denied", "/root/x.png"]),
-    (CheckpointError("the disk is full: writing m failed"), ["the disk is full"]),
-    (RecipeError("stage 'sft': steps (5) below warmup (10)"), ["stage 'sft'"]),
-    (DataError("data.jsonl:3: invalid JSON"), ["data.jsonl:3"]),
-])
+@pytest.mark.parametrize(
+    "error,parts",
+    [
+        (TrainingError("step 12: the loss is NaN"), ["step 12: the loss is NaN"]),
+        (OSError(errno.ENOSPC, "No space left on device"), ["No space left on device"]),
+        (PermissionError(errno.EACCES, "Permission denied", "/root/x.png"), ["Permission denied", "/root/x.png"]),
+        (CheckpointError("the disk is full: writing m failed"), ["the disk is full"]),
+        (RecipeError("stage 'sft': steps (5) below warmup (10)"), ["stage 'sft'"]),
+        (DataError("data.jsonl:3: invalid JSON"), ["data.jsonl:3"]),
+    ],
+)
 def test_project_and_os_errors_are_one_line(monkeypatch, capsys, error, parts):
     def fail(args):
         raise error
@@ -141,17 +154,26 @@ def test_multi_line_checkpoint_errors_print_as_one_line(checkpoint, tmp_path, ca
     del tensors["language_model.model.norm.weight"]
     save_file(tensors, broken / "model.safetensors")
     assert main(["chat", "--model", str(broken), "--device", "cpu", "hi"]) == 2
-    _one_line_error(capsys, "chat", "does not match the model: missing tensors (1): language_model.model.norm.weight",
-                    "wrong kind", "language_model.lm_head.weight: checkpoint I8")
+    _one_line_error(
+        capsys,
+        "chat",
+        "does not match the model: missing tensors (1): language_model.model.norm.weight",
+        "wrong kind",
+        "language_model.lm_head.weight: checkpoint I8",
+    )
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("merge_kernel_size", 2, "merge_kernel_size must be two positive integers"),
-    ("image_std", ["a", 1, 1], "image_mean/image_std need 3 finite numbers"),
-    ("image_mean", [0.5, float("nan"), 0.5], "image_mean/image_std need 3 finite numbers"),
-    ("in_token_limit", 0, "in_token_limit must be a positive integer, got 0"),
-    ("max_bytes", "1e9", "max_bytes must be a positive integer, got '1e9'"),
-    ("pad_input", "yes", "pad_input must be true or false, got 'yes'")])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("merge_kernel_size", 2, "merge_kernel_size must be two positive integers"),
+        ("image_std", ["a", 1, 1], "image_mean/image_std need 3 finite numbers"),
+        ("image_mean", [0.5, float("nan"), 0.5], "image_mean/image_std need 3 finite numbers"),
+        ("in_token_limit", 0, "in_token_limit must be a positive integer, got 0"),
+        ("max_bytes", "1e9", "max_bytes must be a positive integer, got '1e9'"),
+        ("pad_input", "yes", "pad_input must be true or false, got 'yes'"),
+    ],
+)
 def test_bad_preprocessor_configs(tmp_path, field, value, message):
     from kimivl.processing.image import ImageProcessor
 

@@ -32,7 +32,12 @@ def test_a3b_values():
     cfg = KimiVLConfig.from_preset("kimi-vl-a3b")
     t, v = cfg.text_config, cfg.vision_config
     assert (t.vocab_size, t.hidden_size, t.num_hidden_layers, t.kv_lora_rank, t.n_routed_experts) == (
-        163840, 2048, 27, 512, 64)
+        163840,
+        2048,
+        27,
+        512,
+        64,
+    )
     assert (t.routed_scaling_factor, t.rope_theta, t.max_position_embeddings) == (2.446, 800000.0, 131072)
     assert (v.hidden_size, v.num_hidden_layers, v.head_dim, v.merged_dim) == (1152, 27, 72, 4608)
     assert cfg.media_placeholder_token_id == 163605
@@ -45,17 +50,20 @@ def test_tiny_exercises_every_structure():
     assert moe[0] is False and sum(moe) >= 2 and t.n_shared_experts >= 1 and t.n_group > 1
 
 
-@pytest.mark.parametrize("part,field,value,message", [
-    ("vision_config", "num_attention_heads", 7, "must divide hidden_size"),
-    ("vision_config", "hidden_size", 1120, "multiple of 4"),
-    ("text_config", "n_group", 5, "must divide n_routed_experts"),
-    ("text_config", "topk_group", 2, "must not exceed n_group"),
-    ("text_config", "num_experts_per_tok", 65, "exceeds the experts reachable"),
-    ("text_config", "q_lora_rank", 1536, "no query compression"),
-    ("text_config", "num_key_value_heads", 8, "must equal num_attention_heads"),
-    ("text_config", "hidden_size", 0, "positive integer"),
-    ("text_config", "scoring_func", "softmax", "unsupported"),
-])
+@pytest.mark.parametrize(
+    "part,field,value,message",
+    [
+        ("vision_config", "num_attention_heads", 7, "must divide hidden_size"),
+        ("vision_config", "hidden_size", 1120, "multiple of 4"),
+        ("text_config", "n_group", 5, "must divide n_routed_experts"),
+        ("text_config", "topk_group", 2, "must not exceed n_group"),
+        ("text_config", "num_experts_per_tok", 65, "exceeds the experts reachable"),
+        ("text_config", "q_lora_rank", 1536, "no query compression"),
+        ("text_config", "num_key_value_heads", 8, "must equal num_attention_heads"),
+        ("text_config", "hidden_size", 0, "positive integer"),
+        ("text_config", "scoring_func", "softmax", "unsupported"),
+    ],
+)
 def test_impossible_values_are_rejected(part, field, value, message):
     d = official_dict()
     d[part][field] = value
@@ -109,6 +117,9 @@ def test_the_kimivl_tiny_preset_is_the_shipped_architecture():
         shipped = KimiVLConfig.from_pretrained(Path(__file__).parents[1] / "models" / name)
         assert shipped.vision_config == preset.vision_config
         recipe_set = {"vocab_size", "bos_token_id", "eos_token_id", "pad_token_id", "rope_theta"}
-        differ = {f.name for f in dataclasses.fields(preset.text_config)
-                  if getattr(preset.text_config, f.name) != getattr(shipped.text_config, f.name)}
+        differ = {
+            f.name
+            for f in dataclasses.fields(preset.text_config)
+            if getattr(preset.text_config, f.name) != getattr(shipped.text_config, f.name)
+        }
         assert differ <= recipe_set and shipped.text_config.rope_theta == 800_000.0

@@ -18,43 +18,46 @@ def tiny_dict():
     return KimiVLConfig.from_preset("tiny").to_dict()
 
 
-@pytest.mark.parametrize("part,field,value,message", [
-    ("text_config", "rope_theta", 0, "rope_theta must be a finite number > 0"),
-    ("text_config", "rope_theta", -10000.0, "rope_theta must be a finite number > 0"),
-    ("text_config", "rope_theta", "1e4", "rope_theta must be a finite number > 0"),
-    ("text_config", "rms_norm_eps", -1e-6, "rms_norm_eps must be a finite number > 0"),
-    ("text_config", "rms_norm_eps", float("nan"), "rms_norm_eps must be a finite number > 0"),
-    ("text_config", "routed_scaling_factor", float("inf"), "routed_scaling_factor"),
-    ("text_config", "initializer_range", -0.02, "initializer_range must be a finite number >= 0"),
-    ("text_config", "aux_loss_alpha", True, "aux_loss_alpha"),
-    ("text_config", "eos_token_id", "[EOS]", "eos_token_id must be a token id or a non-empty list"),
-    ("text_config", "eos_token_id", [], "eos_token_id must be a token id or a non-empty list"),
-    ("text_config", "eos_token_id", [3841, 99999], "eos_token_id must be a token id in"),
-    ("text_config", "bos_token_id", -1, "bos_token_id must be a token id in"),
-    ("text_config", "pad_token_id", 4096, "pad_token_id must be a token id in"),
-    ("text_config", "n_shared_experts", -1, "n_shared_experts must be an integer >= 0"),
-    ("text_config", "first_k_dense_replace", -2, "first_k_dense_replace must be an integer >= 0"),
-    ("text_config", "num_hidden_layers", True, "num_hidden_layers must be a positive integer"),
-    ("text_config", "hidden_size", 128.0, "hidden_size must be a positive integer"),
-    ("text_config", "vocab_size", "4096", "vocab_size must be a positive integer"),
-    ("text_config", "num_experts_per_tok", False, "num_experts_per_tok must be a positive integer"),
-    ("text_config", "norm_topk_prob", 1, "norm_topk_prob must be a boolean"),
-    ("text_config", "tie_word_embeddings", "false", "tie_word_embeddings must be a boolean"),
-    ("text_config", "torch_dtype", "int8", "torch_dtype must name a float type"),
-    ("text_config", "torch_dtype", "bool", "torch_dtype must name a float type"),
-    ("text_config", "torch_dtype", None, "torch_dtype must be a string"),
-    ("text_config", "hidden_act", 3, "hidden_act must be a string"),
-    ("vision_config", "rope_theta", -1, "vision_config.rope_theta must be a finite number > 0"),
-    ("vision_config", "layer_norm_eps", 0.0, "layer_norm_eps must be a finite number > 0"),
-    ("vision_config", "patch_size", 14.5, "patch_size must be a positive integer"),
-    ("vision_config", "merge_kernel_size", 2, "merge_kernel_size must be two positive integers"),
-    ("vision_config", "merge_kernel_size", "22", "merge_kernel_size must be two positive integers"),
-    ("vision_config", "merge_kernel_size", [2, True], "merge_kernel_size must be two positive integers"),
-    (None, "media_placeholder_token_id", "3861", "outside the vocabulary"),
-    (None, "ignore_index", None, "ignore_index must be an integer"),
-    (None, "pad_token_id", -5, "pad_token_id must be a token id in"),
-    (None, "architectures", "KimiVL", "architectures must be a list of strings"),
-])
+@pytest.mark.parametrize(
+    "part,field,value,message",
+    [
+        ("text_config", "rope_theta", 0, "rope_theta must be a finite number > 0"),
+        ("text_config", "rope_theta", -10000.0, "rope_theta must be a finite number > 0"),
+        ("text_config", "rope_theta", "1e4", "rope_theta must be a finite number > 0"),
+        ("text_config", "rms_norm_eps", -1e-6, "rms_norm_eps must be a finite number > 0"),
+        ("text_config", "rms_norm_eps", float("nan"), "rms_norm_eps must be a finite number > 0"),
+        ("text_config", "routed_scaling_factor", float("inf"), "routed_scaling_factor"),
+        ("text_config", "initializer_range", -0.02, "initializer_range must be a finite number >= 0"),
+        ("text_config", "aux_loss_alpha", True, "aux_loss_alpha"),
+        ("text_config", "eos_token_id", "[EOS]", "eos_token_id must be a token id or a non-empty list"),
+        ("text_config", "eos_token_id", [], "eos_token_id must be a token id or a non-empty list"),
+        ("text_config", "eos_token_id", [3841, 99999], "eos_token_id must be a token id in"),
+        ("text_config", "bos_token_id", -1, "bos_token_id must be a token id in"),
+        ("text_config", "pad_token_id", 4096, "pad_token_id must be a token id in"),
+        ("text_config", "n_shared_experts", -1, "n_shared_experts must be an integer >= 0"),
+        ("text_config", "first_k_dense_replace", -2, "first_k_dense_replace must be an integer >= 0"),
+        ("text_config", "num_hidden_layers", True, "num_hidden_layers must be a positive integer"),
+        ("text_config", "hidden_size", 128.0, "hidden_size must be a positive integer"),
+        ("text_config", "vocab_size", "4096", "vocab_size must be a positive integer"),
+        ("text_config", "num_experts_per_tok", False, "num_experts_per_tok must be a positive integer"),
+        ("text_config", "norm_topk_prob", 1, "norm_topk_prob must be a boolean"),
+        ("text_config", "tie_word_embeddings", "false", "tie_word_embeddings must be a boolean"),
+        ("text_config", "torch_dtype", "int8", "torch_dtype must name a float type"),
+        ("text_config", "torch_dtype", "bool", "torch_dtype must name a float type"),
+        ("text_config", "torch_dtype", None, "torch_dtype must be a string"),
+        ("text_config", "hidden_act", 3, "hidden_act must be a string"),
+        ("vision_config", "rope_theta", -1, "vision_config.rope_theta must be a finite number > 0"),
+        ("vision_config", "layer_norm_eps", 0.0, "layer_norm_eps must be a finite number > 0"),
+        ("vision_config", "patch_size", 14.5, "patch_size must be a positive integer"),
+        ("vision_config", "merge_kernel_size", 2, "merge_kernel_size must be two positive integers"),
+        ("vision_config", "merge_kernel_size", "22", "merge_kernel_size must be two positive integers"),
+        ("vision_config", "merge_kernel_size", [2, True], "merge_kernel_size must be two positive integers"),
+        (None, "media_placeholder_token_id", "3861", "outside the vocabulary"),
+        (None, "ignore_index", None, "ignore_index must be an integer"),
+        (None, "pad_token_id", -5, "pad_token_id must be a token id in"),
+        (None, "architectures", "KimiVL", "architectures must be a list of strings"),
+    ],
+)
 def test_bad_field_values_are_config_errors(part, field, value, message):
     d = tiny_dict()
     (d[part] if part else d)[field] = value
@@ -62,8 +65,11 @@ def test_bad_field_values_are_config_errors(part, field, value, message):
         KimiVLConfig.from_dict(d)
 
 
-@pytest.mark.parametrize("text", ["[1, 2]", '"kimi"', "null", "3", "[" * 100_000 + "]" * 100_000],
-                         ids=["list", "string", "null", "number", "deeply-nested"])
+@pytest.mark.parametrize(
+    "text",
+    ["[1, 2]", '"kimi"', "null", "3", "[" * 100_000 + "]" * 100_000],
+    ids=["list", "string", "null", "number", "deeply-nested"],
+)
 def test_a_config_that_is_not_an_object(tmp_path, text):
     (tmp_path / "config.json").write_text(text)
     with pytest.raises(ConfigError, match="config.json"):
@@ -76,8 +82,9 @@ def test_non_utf8_config_file(tmp_path):
         KimiVLConfig.from_pretrained(tmp_path)
 
 
-@pytest.mark.parametrize("part,field,value", [("text_config", "num_hidden_layers", 10**9),
-                                              ("vision_config", "num_hidden_layers", 10**9)])
+@pytest.mark.parametrize(
+    "part,field,value", [("text_config", "num_hidden_layers", 10**9), ("vision_config", "num_hidden_layers", 10**9)]
+)
 def test_absurd_layer_counts_fail_fast(tmp_path, part, field, value):
     d = tiny_dict()
     d[part][field] = value

@@ -1,6 +1,5 @@
 """kimivl demo on a saved checkpoint and the bundled held-out examples."""
 
-
 from kimivl.cli import main
 from kimivl.data.subset import copy_subset
 from kimivl.demo import DEFAULT_EXAMPLES, run_demo

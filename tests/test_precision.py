@@ -17,8 +17,10 @@ def slow_cpu(monkeypatch, slowdown=100.0, memory=64 << 30):
 
 def test_the_slowdown_is_the_ratio_of_matmul_times_and_warns_when_bf16_is_emulated(monkeypatch, caplog):
     measure = cpu_bf16_slowdown.__wrapped__  # uncached, and not the suite's stand-in
-    for times, slowdown, warned in (({torch.bfloat16: 0.05, torch.float32: 0.001}, 50.0, True),
-                                    ({torch.bfloat16: 0.0009, torch.float32: 0.001}, 0.9, False)):
+    for times, slowdown, warned in (
+        ({torch.bfloat16: 0.05, torch.float32: 0.001}, 50.0, True),
+        ({torch.bfloat16: 0.0009, torch.float32: 0.001}, 0.9, False),
+    ):
         caplog.clear()
         monkeypatch.setattr(precision, "_matmul_seconds", times.__getitem__)
         with caplog.at_level(logging.WARNING, logger="kimivl.precision"):
@@ -120,8 +122,9 @@ def test_from_pretrained_keeps_the_stored_dtype_whatever_the_cpu(tiny_model, tmp
     assert "float16 is very slow on CPU; loading in bfloat16 instead" in caplog.text
 
 
-def test_the_command_line_and_the_demo_load_in_float32_where_bf16_is_slow(tiny_model, small_model, small_processor,
-                                                                           tmp_path, monkeypatch):
+def test_the_command_line_and_the_demo_load_in_float32_where_bf16_is_slow(
+    tiny_model, small_model, small_processor, tmp_path, monkeypatch
+):
     """``kimivl chat``/``eval`` (``_load``) and the demo choose float32 for a bf16 checkpoint on a CPU that multiplies
     bf16 slowly (exactly its values), bf16 where bf16 is fast, and what ``--dtype`` names."""
     from kimivl.cli import _load
@@ -144,8 +147,9 @@ def test_the_command_line_and_the_demo_load_in_float32_where_bf16_is_slow(tiny_m
     copy_subset(DEFAULT_EXAMPLES, tmp_path / "ex", per_task=1)
     loaded = []
     real = KimiVL.from_pretrained.__func__
-    monkeypatch.setattr(KimiVL, "from_pretrained", classmethod(lambda cls, *a, **k: loaded.append(real(cls, *a, **k))
-                                                               or loaded[-1]))
+    monkeypatch.setattr(
+        KimiVL, "from_pretrained", classmethod(lambda cls, *a, **k: loaded.append(real(cls, *a, **k)) or loaded[-1])
+    )
     run_demo(demo_model, tmp_path / "ex", max_new_tokens=1, progress=False)
     assert [m.dtype for m in loaded] == [torch.float32]
     slow_cpu(monkeypatch, slowdown=1.0)

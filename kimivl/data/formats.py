@@ -35,7 +35,6 @@ from typing import Any
 from kimivl.processing.chat_template import ROLES, part_type
 
 
-
 class DataError(ValueError):
     """Malformed or unusable data; the message starts with where: ``file:line:``, the file and byte offset of an
     indexed record, or the mixture's sample."""
@@ -95,11 +94,18 @@ def _part(part: Any, root: Path, where: str) -> dict:
     out = {**part, "frames": [_media(f, root, f"{where}, frame {k}") for k, f in enumerate(frames)]}
     times = part.get("timestamps")
     if times is not None:
-        ok = isinstance(times, list) and len(times) == len(frames) and all(
-            isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t >= 0 for t in times)
+        ok = (
+            isinstance(times, list)
+            and len(times) == len(frames)
+            and all(
+                isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t >= 0 for t in times
+            )
+        )
         if not ok or any(b < a for a, b in pairwise(times)):
-            raise DataError(f"{where}: 'timestamps' must be {len(frames)} non-decreasing finite numbers of seconds "
-                            ">= 0 (one per frame)")
+            raise DataError(
+                f"{where}: 'timestamps' must be {len(frames)} non-decreasing finite numbers of seconds "
+                ">= 0 (one per frame)"
+            )
     return out
 
 

@@ -30,14 +30,25 @@ class JsonlRecords(Sequence):
     record read. Reading a record after the file has changed raises ``DataError``: its offsets no longer hold. With
     ``progress``, files of ``PROGRESS_BYTES`` or more show a progress bar while they are indexed."""
 
-    def __init__(self, path: str | os.PathLike, text: bool, keep: Callable[[int, Any], bool] | None = None,
-                 transform: Callable[[Any], Any] | None = None, progress: bool = False):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        text: bool,
+        keep: Callable[[int, Any], bool] | None = None,
+        transform: Callable[[Any], Any] | None = None,
+        progress: bool = False,
+    ):
         self.path, self.text, self.transform = Path(path), text, transform
         self._root = self.path.resolve().parent
         self._stamp = self._stat()
         self._offsets = array("q")
-        with tqdm(total=self._stamp[0], unit="B", unit_scale=True, desc=f"indexing {self.path.name}",
-                  disable=not progress or self._stamp[0] < PROGRESS_BYTES) as bar:
+        with tqdm(
+            total=self._stamp[0],
+            unit="B",
+            unit_scale=True,
+            desc=f"indexing {self.path.name}",
+            disable=not progress or self._stamp[0] < PROGRESS_BYTES,
+        ) as bar:
             for lineno, offset, item in iter_lines(self.path, text):
                 bar.update(offset - bar.n)
                 if keep is None or keep(lineno, item):

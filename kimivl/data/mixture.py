@@ -26,9 +26,17 @@ SKIPPED_IN_A_ROW = 1000  # samples over the budget in a row that stop the stream
 
 
 class Mixture:
-    def __init__(self, sources: dict[str, Sequence[Any]], encode: Callable[[str, Any], Encoded], budget: int,
-                 start: dict[str, float], end: dict[str, float] | None = None, horizon: int = 1, seed: int = 0,
-                 replacement: bool = True):
+    def __init__(
+        self,
+        sources: dict[str, Sequence[Any]],
+        encode: Callable[[str, Any], Encoded],
+        budget: int,
+        start: dict[str, float],
+        end: dict[str, float] | None = None,
+        horizon: int = 1,
+        seed: int = 0,
+        replacement: bool = True,
+    ):
         unknown = (set(start) | set(end or {})) - set(sources)
         if unknown:
             raise ValueError(f"mixture weights name unknown sources {sorted(unknown)}; have {sorted(sources)}")
@@ -105,8 +113,10 @@ class Mixture:
                     in_a_row += 1
                     log.warning("sample %d (%d tokens) exceeds the %d-token budget; skipped", i, n, self.budget)
                     if in_a_row >= SKIPPED_IN_A_ROW:
-                        raise DataError(f"samples {i - in_a_row + 1} to {i} all exceed the {self.budget}-token "
-                                        "budget: raise the stage's budget or shorten the data")
+                        raise DataError(
+                            f"samples {i - in_a_row + 1} to {i} all exceed the {self.budget}-token "
+                            "budget: raise the stage's budget or shorten the data"
+                        )
                     i += 1
                     continue
                 in_a_row = 0
@@ -117,4 +127,3 @@ class Mixture:
                 used += n
                 i += 1
             yield pack(row, self.budget), i
-

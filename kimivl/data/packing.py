@@ -33,8 +33,13 @@ class PackedBatch:
 
     def kwargs(self) -> dict:
         """Keyword arguments for ``KimiVL.forward``."""
-        return {"input_ids": self.input_ids, "labels": self.labels, "cu_seqlens": self.cu_seqlens,
-                "pixel_values": self.pixel_values, "image_grid_hws": self.image_grid_hws}
+        return {
+            "input_ids": self.input_ids,
+            "labels": self.labels,
+            "cu_seqlens": self.cu_seqlens,
+            "pixel_values": self.pixel_values,
+            "image_grid_hws": self.image_grid_hws,
+        }
 
 
 def pack(samples: list[Encoded], budget: int) -> PackedBatch:
@@ -52,6 +57,11 @@ def pack(samples: list[Encoded], budget: int) -> PackedBatch:
     with_images = [s for s in samples if len(s.image_grid_hws)]
     pixels = torch.cat([s.pixel_values for s in with_images]) if with_images else None
     grids = torch.cat([s.image_grid_hws for s in with_images]) if with_images else None
-    return PackedBatch(torch.tensor([ids]), torch.tensor([labels]),
-                       torch.tensor(lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32), pixels, grids, budget)
-
+    return PackedBatch(
+        torch.tensor([ids]),
+        torch.tensor([labels]),
+        torch.tensor(lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32),
+        pixels,
+        grids,
+        budget,
+    )

@@ -30,8 +30,11 @@ def _relocate(record: dict, mapping: dict[str, str]) -> dict:
         if p["type"] == "video":
             return {**p, "video": mapping[p["video"]]}
         return p
-    messages = [{**m, "content": [part(p) for p in m["content"]]} if isinstance(m["content"], list) else m
-                for m in record["messages"]]
+
+    messages = [
+        {**m, "content": [part(p) for p in m["content"]]} if isinstance(m["content"], list) else m
+        for m in record["messages"]
+    ]
     return {**record, "messages": messages}
 
 

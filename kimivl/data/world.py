@@ -9,7 +9,8 @@ Layout under ``out_dir``::
     <split>/images/<task>/<n>_<j>.png   the j-th image (or video frame) of sample n
 
 Each (split, task) draws from its own seeded stream, so the same seed gives byte-identical files (given the
-same Pillow, zlib and FreeType) and splits never share a stream. No sample repeats another anywhere in the world (same question, answer and images).
+same Pillow, zlib and FreeType) and splits never share a stream. No sample repeats another anywhere in the world
+(same question, answer and images).
 Reasoning records of the train split answer with the long-CoT target ``◁think▷steps◁/think▷answer``.
 """
 
@@ -110,8 +111,14 @@ def _ticking(items, bar: tqdm):
         yield item
 
 
-def build_world(out_dir: str | os.PathLike, seed: int = 0, sizes: dict[str, int] | None = None,
-                tasks: tuple[str, ...] | list[str] = TASKS, overwrite: bool = False, progress: bool = True) -> dict:
+def build_world(
+    out_dir: str | os.PathLike,
+    seed: int = 0,
+    sizes: dict[str, int] | None = None,
+    tasks: tuple[str, ...] | list[str] = TASKS,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
     """Generate ``sizes[split]`` samples per task for every split (in order; later splits are de-duplicated
     against earlier ones) and write them under ``out_dir``. Returns the manifest also saved as world.json."""
     sizes = dict(DEFAULT_SIZES if sizes is None else sizes)
@@ -136,16 +143,30 @@ def build_world(out_dir: str | os.PathLike, seed: int = 0, sizes: dict[str, int]
                 write_records(out / rel, _ticking(records, bar))
                 files[split][task] = rel
                 logger.info("wrote %d %s records to %s", n, task, out / rel)
-    manifest = {"seed": seed, "sizes": sizes, "tasks": list(tasks), "generators": generators_fingerprint(),
-                "files": files}
+    manifest = {
+        "seed": seed,
+        "sizes": sizes,
+        "tasks": list(tasks),
+        "generators": generators_fingerprint(),
+        "files": files,
+    }
     (out / "world.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
-    logger.info("built the world (%d records) in %.1f s under %s", sum(sizes.values()) * len(tasks),
-                time.perf_counter() - start, out)
+    logger.info(
+        "built the world (%d records) in %.1f s under %s",
+        sum(sizes.values()) * len(tasks),
+        time.perf_counter() - start,
+        out,
+    )
     return manifest
 
 
-def ensure_world(out_dir: str | os.PathLike, seed: int = 0, tasks: tuple[str, ...] | list[str] = TASKS,
-                 progress: bool = True, **sizes: int) -> dict:
+def ensure_world(
+    out_dir: str | os.PathLike,
+    seed: int = 0,
+    tasks: tuple[str, ...] | list[str] = TASKS,
+    progress: bool = True,
+    **sizes: int,
+) -> dict:
     """Build the world (``sizes`` as split=count keywords, e.g. ``train=4000, heldout=300``) unless ``out_dir``
     already holds one built with the same seed, sizes, tasks and generator code; return its manifest."""
     sizes = sizes or dict(DEFAULT_SIZES)

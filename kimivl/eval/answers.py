@@ -20,8 +20,7 @@ _NUMBER = re.compile(rf"(?<![\w.])(?:[-+]?\d{{1,3}}(?:,\d{{3}})+(?:\.\d+)?(?![\d
 _PLAIN_NUMBER = re.compile(rf"(?<![\w.]){_PLAIN}")
 # "(250,250)", "[5,100, 7]": inside brackets, commas separate numbers (never thousands)
 _TUPLE = re.compile(rf"[(\[]\s*{_PLAIN}(?:\s*,\s*{_PLAIN})+\s*[)\]]")
-_CUE = re.compile(r"(?:the\s+)?(?:final\s+|correct\s+|best\s+)?(?:answer|option|choice)\s*(?:is|:)\s*:?",
-                  re.IGNORECASE)
+_CUE = re.compile(r"(?:the\s+)?(?:final\s+|correct\s+|best\s+)?(?:answer|option|choice)\s*(?:is|:)\s*:?", re.IGNORECASE)
 OPTION_LETTERS = string.ascii_uppercase
 
 
@@ -51,7 +50,7 @@ def official_text(prediction: str) -> str:
 def after_cue(text: str) -> str:
     """The text after the last "answer is" / "Answer:" cue, or the whole text when there is none."""
     cues = list(_CUE.finditer(text))
-    return text[cues[-1].end():].strip() if cues else text.strip()
+    return text[cues[-1].end() :].strip() if cues else text.strip()
 
 
 def numbers(text: str, thousands: bool = True) -> list[float]:
@@ -63,7 +62,9 @@ def numbers(text: str, thousands: bool = True) -> list[float]:
     found: list[tuple[int, float]] = []
     end = 0
     for tup in _TUPLE.finditer(text):
-        found += [(end + m.start(), float(m.group().replace(",", ""))) for m in _NUMBER.finditer(text[end:tup.start()])]
+        found += [
+            (end + m.start(), float(m.group().replace(",", ""))) for m in _NUMBER.finditer(text[end : tup.start()])
+        ]
         found += [(tup.start() + m.start(), float(m.group())) for m in _PLAIN_NUMBER.finditer(tup.group())]
         end = tup.end()
     found += [(end + m.start(), float(m.group().replace(",", ""))) for m in _NUMBER.finditer(text[end:])]
@@ -97,11 +98,13 @@ def parse_option(text: str, options: dict[str, str]) -> str | None:
     if not letters:
         return None
     for region in dict.fromkeys([after_cue(text), text]):
-        for pattern, flags in ((rf"\(([{letters}])\)", re.IGNORECASE),
-                               (rf"(?<![\w])([{letters}])[.):](?!\w)", 0),
-                               (rf"(?<![\w'])([{letters}])(?![\w'])", 0)):
+        for pattern, flags in (
+            (rf"\(([{letters}])\)", re.IGNORECASE),
+            (rf"(?<![\w])([{letters}])[.):](?!\w)", 0),
+            (rf"(?<![\w'])([{letters}])(?![\w'])", 0),
+        ):
             for found in re.finditer(pattern, region, flags):
-                if not (found.group(1) in "AI" and re.match(r"\s+[a-z]", region[found.end():])):  # "I think"
+                if not (found.group(1) in "AI" and re.match(r"\s+[a-z]", region[found.end() :])):  # "I think"
                     return found.group(1).upper()
         norm = f" {normalize_text(region)} "
         hits = [(len(t), k) for k, t in options.items() if normalize_text(t) and f" {normalize_text(t)} " in norm]

@@ -66,8 +66,17 @@ def _cut(text: str, until) -> str:
 class KimiVLLmms(_Base):
     """lmms-eval model: ``pretrained`` is a kimivl checkpoint directory (or pass ``model`` and ``processor``)."""
 
-    def __init__(self, pretrained: str | None = None, dtype: str | None = None, device: str = "cpu",
-                 batch_size: int | str = 1, max_new_tokens: int = 1024, model=None, processor=None, **_):
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        dtype: str | None = None,
+        device: str = "cpu",
+        batch_size: int | str = 1,
+        max_new_tokens: int = 1024,
+        model=None,
+        processor=None,
+        **_,
+    ):
         super().__init__()
         if model is None:
             if not pretrained:
@@ -89,8 +98,11 @@ class KimiVLLmms(_Base):
         temperature = float(gen_kwargs.get("temperature") or 0.0)
         if not gen_kwargs.get("do_sample", temperature > 0):
             temperature = 0.0
-        return {"max_new_tokens": int(gen_kwargs.get("max_new_tokens") or self.max_new_tokens),
-                "temperature": temperature, "top_p": float(gen_kwargs.get("top_p") or 1.0)}
+        return {
+            "max_new_tokens": int(gen_kwargs.get("max_new_tokens") or self.max_new_tokens),
+            "temperature": temperature,
+            "top_p": float(gen_kwargs.get("top_p") or 1.0),
+        }
 
     def generate_until(self, requests) -> list[str]:
         """Answers in request order, generated in batches of requests that share their generation settings."""
@@ -104,7 +116,7 @@ class KimiVLLmms(_Base):
         for members in groups.values():
             gen_kwargs = requests[members[0]].args[1]
             for start in range(0, len(members), self.batch_size_per_gpu):
-                chunk = members[start:start + self.batch_size_per_gpu]
+                chunk = members[start : start + self.batch_size_per_gpu]
                 conversations = []
                 for i in chunk:
                     context, _, doc_to_visual, doc_id, task, split = requests[i].args
@@ -118,8 +130,10 @@ class KimiVLLmms(_Base):
         return answers
 
     def loglikelihood(self, requests):
-        raise NotImplementedError("kimivl's lmms-eval adapter only generates: choose tasks whose output_type is "
-                                  "generate_until (loglikelihood scoring is not implemented)")
+        raise NotImplementedError(
+            "kimivl's lmms-eval adapter only generates: choose tasks whose output_type is "
+            "generate_until (loglikelihood scoring is not implemented)"
+        )
 
     def generate_until_multi_round(self, requests):
         raise NotImplementedError("kimivl's lmms-eval adapter does not implement multi-round generation")

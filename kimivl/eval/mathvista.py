@@ -57,11 +57,13 @@ from kimivl.eval.tables import (
     user_turn,
 )
 
-HINTS = {"multi_choice": "Answer the question with the correct option letter, e.g., A, B, C, D, at the end.",
-         "integer": "Answer the question requiring an integer answer.",
-         "float": "Answer the question requiring a floating-point number with {p} decimal places.",
-         "list": "Answer the question requiring a Python list as an answer.",
-         "text": "Answer the question with a single word or phrase."}
+HINTS = {
+    "multi_choice": "Answer the question with the correct option letter, e.g., A, B, C, D, at the end.",
+    "integer": "Answer the question requiring an integer answer.",
+    "float": "Answer the question requiring a floating-point number with {p} decimal places.",
+    "list": "Answer the question requiring a Python list as an answer.",
+    "text": "Answer the question with a single word or phrase.",
+}
 
 
 def parse_row(row: dict, index, file: Path) -> Sample:
@@ -76,9 +78,15 @@ def parse_row(row: dict, index, file: Path) -> Sample:
     answer = str(raw_answer).strip()
     precision = int(float(row["precision"])) if present(row.get("precision")) else None
     metadata = row["metadata"] if isinstance(row.get("metadata"), dict) else {}
-    meta = {"question_type": qtype, "answer_type": atype, "precision": precision, "answer": answer,
-            "answer_text": raw_answer if isinstance(raw_answer, str) else str(raw_answer), "choices": None,
-            "group": str(row.get("task") or metadata.get("task") or "")}
+    meta = {
+        "question_type": qtype,
+        "answer_type": atype,
+        "precision": precision,
+        "answer": answer,
+        "answer_text": raw_answer if isinstance(raw_answer, str) else str(raw_answer),
+        "choices": None,
+        "group": str(row.get("task") or metadata.get("task") or ""),
+    }
     hint = HINTS[qtype if qtype == "multi_choice" else atype].format(p=2 if precision is None else precision)
     text = str(row["question"])
     if qtype == "multi_choice":

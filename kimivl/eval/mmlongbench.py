@@ -73,8 +73,10 @@ from kimivl.eval.tables import (
 
 NOT_ANSWERABLE = "Not answerable"
 FORMATS = ("Int", "Float", "Str", "List", "None")
-PROMPT = ("{question}\nAnswer with the answer only: a number, a short phrase, or a list written as [a, b, ...]. "
-          f'If the document does not contain the answer, answer "{NOT_ANSWERABLE}".')
+PROMPT = (
+    "{question}\nAnswer with the answer only: a number, a short phrase, or a list written as [a, b, ...]. "
+    f'If the document does not contain the answer, answer "{NOT_ANSWERABLE}".'
+)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 _EXACT = re.compile(r"https?://|www\.|@|\.(?:py|pdf|ipynb|txt|csv|docx?)\b|\b\d{1,2}:\d{2}\b|\ba\.m\.|\bp\.m\.")
 
@@ -84,8 +86,10 @@ def render_pdf(path: Path, max_pages: int, dpi: int) -> list[bytes]:
     try:
         import pymupdf
     except ImportError:
-        raise ImportError(f"rendering {path} needs PyMuPDF: pip install 'kimivl[eval]' (or pip install pymupdf), or "
-                          f"give page images: a directory {path.with_suffix('')} of them") from None
+        raise ImportError(
+            f"rendering {path} needs PyMuPDF: pip install 'kimivl[eval]' (or pip install pymupdf), or "
+            f"give page images: a directory {path.with_suffix('')} of them"
+        ) from None
     with pymupdf.open(path) as doc:
         return [page.get_pixmap(dpi=dpi).tobytes("png") for page in list(doc)[:max_pages]]
 
@@ -113,8 +117,11 @@ def parse_row(row: dict, index, file: Path, max_pages: int, dpi: int) -> Sample:
     if not present(answer):
         raise RowError("no answer")
     pages = _pages(row, file, max_pages, dpi)
-    return Sample(index, user_turn(pages, PROMPT.format(question=str(row["question"]).strip())),
-                  {"format": fmt, "answer": str(answer), "group": str(row.get("doc_type") or "")})
+    return Sample(
+        index,
+        user_turn(pages, PROMPT.format(question=str(row["question"]).strip())),
+        {"format": fmt, "answer": str(answer), "group": str(row.get("doc_type") or "")},
+    )
 
 
 def load(data, max_pages: int = 120, dpi: int = 72, **_):
@@ -162,9 +169,11 @@ def says_not_answerable(answer: str) -> bool:
     return "not answerable" in text or "unanswerable" in text
 
 
-_NOT_ANSWERABLE = re.compile(r"\b(?:not answerable|unanswerable|can ?not be (?:answered|determined)|"
-                             r"not (?:mentioned|provided|found|given|stated|specified) "
-                             r"in the (?:document|pdf|text|report))")
+_NOT_ANSWERABLE = re.compile(
+    r"\b(?:not answerable|unanswerable|can ?not be (?:answered|determined)|"
+    r"not (?:mentioned|provided|found|given|stated|specified) "
+    r"in the (?:document|pdf|text|report))"
+)
 
 
 def stand_in(answer: str, fmt: str) -> str:
@@ -189,11 +198,17 @@ def _clean(value) -> str:
 
 
 def _exact_kind(text: str) -> bool:
-    return ("https://" in text or text.endswith((".py", "ipynb")) or text.startswith("page")
-            or re.fullmatch(r"\b\d+(-\d+|\s\d+)?\b", text) is not None or "a.m." in text or "p.m." in text
-            or re.fullmatch(r"\b\d{4}[-\s]\d{2}[-\s]\d{2}\b", text) is not None
-            or re.fullmatch(r"\b\d{4}[-\s]\d{2}\b", text) is not None
-            or re.fullmatch(r"[a-zA-Z0-9._%+-]+@[a-zA-Z0-9.-]+\.[a-zA-Z]{2,}", text) is not None)
+    return (
+        "https://" in text
+        or text.endswith((".py", "ipynb"))
+        or text.startswith("page")
+        or re.fullmatch(r"\b\d+(-\d+|\s\d+)?\b", text) is not None
+        or "a.m." in text
+        or "p.m." in text
+        or re.fullmatch(r"\b\d{4}[-\s]\d{2}[-\s]\d{2}\b", text) is not None
+        or re.fullmatch(r"\b\d{4}[-\s]\d{2}\b", text) is not None
+        or re.fullmatch(r"[a-zA-Z0-9._%+-]+@[a-zA-Z0-9.-]+\.[a-zA-Z]{2,}", text) is not None
+    )
 
 
 def official_anls(gold: str, pred: str) -> float:

@@ -69,8 +69,11 @@ def _options(row: dict) -> list[str]:
 
 
 def _images(row: dict, root: Path) -> list:
-    cells = [row[k] for k in sorted((k for k in row if k.startswith("image_") and k[6:].isdigit()),
-                                    key=lambda k: int(k[6:])) if present(row[k])]
+    cells = [
+        row[k]
+        for k in sorted((k for k in row if k.startswith("image_") and k[6:].isdigit()), key=lambda k: int(k[6:]))
+        if present(row[k])
+    ]
     if present(row.get("image")):
         cells = [row["image"]]
     return [img for cell in cells for img in image_list(cell, root)]
@@ -108,11 +111,38 @@ def load(data, **_) -> list:
 
 
 # The subject order of the official script's CAT_SHORT2LONG table (what --subject ALL walks through).
-SUBJECTS = ("Accounting", "Agriculture", "Architecture_and_Engineering", "Art", "Art_Theory", "Basic_Medical_Science",
-            "Biology", "Chemistry", "Clinical_Medicine", "Computer_Science", "Design",
-            "Diagnostics_and_Laboratory_Medicine", "Economics", "Electronics", "Energy_and_Power", "Finance",
-            "Geography", "History", "Literature", "Manage", "Marketing", "Materials", "Math",
-            "Mechanical_Engineering", "Music", "Pharmacy", "Physics", "Psychology", "Public_Health", "Sociology")
+SUBJECTS = (
+    "Accounting",
+    "Agriculture",
+    "Architecture_and_Engineering",
+    "Art",
+    "Art_Theory",
+    "Basic_Medical_Science",
+    "Biology",
+    "Chemistry",
+    "Clinical_Medicine",
+    "Computer_Science",
+    "Design",
+    "Diagnostics_and_Laboratory_Medicine",
+    "Economics",
+    "Electronics",
+    "Energy_and_Power",
+    "Finance",
+    "Geography",
+    "History",
+    "Literature",
+    "Manage",
+    "Marketing",
+    "Materials",
+    "Math",
+    "Mechanical_Engineering",
+    "Music",
+    "Pharmacy",
+    "Physics",
+    "Psychology",
+    "Public_Health",
+    "Sociology",
+)
 OFFICIAL_SEED = 42
 
 
@@ -129,19 +159,16 @@ def official_choice(response: str, options: dict[str, str]) -> str | None:
         response = response.strip(char)
     response = f" {response} "
     letters = list(options)
-    candidates = [c for c in letters if f"({c})" in response]
-    where = lambda c: response.rfind(f"({c})")
-    if not candidates:
-        candidates = [c for c in letters if f" {c} " in response]
-        where = lambda c: response.rfind(f" {c} ")
-    if not candidates and len(response.split()) > 5:
+    found = {c: response.rfind(f"({c})") for c in letters if f"({c})" in response}
+    if not found:
+        found = {c: response.rfind(f" {c} ") for c in letters if f" {c} " in response}
+    if not found and len(response.split()) > 5:
         lower = response.lower()
-        candidates = [c for c in letters if options[c].lower() in lower]
-        where = lambda c: lower.rfind(options[c].lower())
-    if not candidates:
+        found = {c: lower.rfind(options[c].lower()) for c in letters if options[c].lower() in lower}
+    if not found:
         return None
-    positions = [where(c) for c in candidates]
-    return candidates[positions.index(max(positions))]
+    positions = list(found.values())
+    return list(found)[positions.index(max(positions))]
 
 
 def _official_numbers(text: str) -> list[str]:
@@ -183,8 +210,9 @@ def official_open(response: str) -> list:
 def official_open_correct(golds: list[str], candidates: list) -> bool:
     """MMMU's ``eval_open``: a string candidate holding a (string) gold, or a number candidate equal to one."""
     norm = [v for g in golds for v in _official_normal(g)]
-    return any(any(isinstance(g, str) and g in c for g in norm) if isinstance(c, str) else c in norm
-               for c in candidates)
+    return any(
+        any(isinstance(g, str) and g in c for g in norm) if isinstance(c, str) else c in norm for c in candidates
+    )
 
 
 def _official(prediction: str, meta: dict, rng: random.Random, extracted: str | None) -> dict:
@@ -197,9 +225,11 @@ def _official(prediction: str, meta: dict, rng: random.Random, extracted: str | 
             letter = rng.choice(list(meta["options"]))
         return {"score": float(letter == meta["answer"]), "extracted": letter, "random": guessed}
     candidates = official_open(official_text(prediction) if extracted is None else extracted)
-    return {"score": float(official_open_correct(meta["answer"], candidates)),
-            "extracted": [c for c in candidates if isinstance(c, str)] + sorted(c for c in candidates
-                                                                              if not isinstance(c, str))}
+    return {
+        "score": float(official_open_correct(meta["answer"], candidates)),
+        "extracted": [c for c in candidates if isinstance(c, str)]
+        + sorted(c for c in candidates if not isinstance(c, str)),
+    }
 
 
 def _lenient(prediction: str, meta: dict, extracted: str | None) -> dict:

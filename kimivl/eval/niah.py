@@ -68,8 +68,13 @@ def meta_from_index(index: str, seed: int = 0) -> dict:
     kind, length, depth, trial = str(index).split("/")
     if kind not in KINDS:
         raise ValueError(f"not a NIAH index: {index!r} (expected kind/length/depth/trial, kind in {KINDS})")
-    return {"kind": kind, "length": int(length), "depth": int(depth), "trial": int(trial),
-            "secret": secret_for(str(index), seed)}
+    return {
+        "kind": kind,
+        "length": int(length),
+        "depth": int(depth),
+        "trial": int(trial),
+        "secret": secret_for(str(index), seed),
+    }
 
 
 def default_lengths(context: int, max_new_tokens: int = 32) -> list[int]:
@@ -120,8 +125,11 @@ def text_case(processor, length: int, depth: int, secret: str, seed: int = 0) ->
     def position(offset: int) -> int:
         return len(tok.encode(text[:offset]))
 
-    where = {"tokens": _prompt_tokens(processor, messages), "haystack": [position(start), position(start + len(haystack))],
-             "needle": position(at)}
+    where = {
+        "tokens": _prompt_tokens(processor, messages),
+        "haystack": [position(start), position(start + len(haystack))],
+        "needle": position(at),
+    }
     return messages, where
 
 
@@ -192,8 +200,18 @@ class Cases:
                         yield Sample(index, messages, {**meta, **where})
 
 
-def load(data=None, processor=None, lengths=None, depths=DEFAULT_DEPTHS, kinds=KINDS, trials: int = 1,
-         seed: int = 0, context: int | None = None, max_new_tokens: int = 32, **_) -> Cases:
+def load(
+    data=None,
+    processor=None,
+    lengths=None,
+    depths=DEFAULT_DEPTHS,
+    kinds=KINDS,
+    trials: int = 1,
+    seed: int = 0,
+    context: int | None = None,
+    max_new_tokens: int = 32,
+    **_,
+) -> Cases:
     """NIAH cases for every kind x length x depth x trial (built lazily). ``lengths`` defaults to
     ``default_lengths(context, max_new_tokens)``; depths must lie in 0-100 (percent), lengths and trials be
     positive."""
@@ -263,8 +281,10 @@ def heatmap(rows: list[dict], kind: str, path: str | Path) -> Path:
             cells[(r["meta"]["depth"], r["meta"]["length"])].append(r["score"])
     depths = sorted({d for d, _ in cells})
     lengths = sorted({n for _, n in cells})
-    grid = [[100 * sum(cells[(d, n)]) / len(cells[(d, n)]) if cells.get((d, n)) else float("nan") for n in lengths]
-            for d in depths]
+    grid = [
+        [100 * sum(cells[(d, n)]) / len(cells[(d, n)]) if cells.get((d, n)) else float("nan") for n in lengths]
+        for d in depths
+    ]
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 1.2 + 0.45 * len(depths)))
     im = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
     ax.set_xticks(range(len(lengths)), [f"{n / 1024:.3g}K" for n in lengths])

@@ -56,8 +56,7 @@ def parse_row(row: dict, index, file: Path) -> Sample:
     category = str(row.get("category") or row.get("type") or row.get("question_type") or "")
     hme = category == HME or str(row.get("dataset") or row.get("dataset_name") or "") == "HME100k"
     image = _image(row, file)
-    return Sample(index, user_turn([image], str(row["question"])),
-                  {"answers": answers, "hme": hme, "group": category})
+    return Sample(index, user_turn([image], str(row["question"])), {"answers": answers, "hme": hme, "group": category})
 
 
 def load(data, **_):

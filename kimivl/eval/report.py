@@ -57,6 +57,8 @@ def markdown(results: dict) -> str:
         details += [f"\n![{task} {Path(f).stem}]({Path(f).name})" for f in res.get("figures", [])]
     modes = [f"{task} {res['scoring']}" for task, res in results.items() if res.get("scoring")]
     if modes:
-        lines += ["", "Scoring rules (official: each benchmark's own evaluation code; lenient: kimivl's): "
-                  + ", ".join(modes)]
+        lines += [
+            "",
+            "Scoring rules (official: each benchmark's own evaluation code; lenient: kimivl's): " + ", ".join(modes),
+        ]
     return "\n".join(lines + details) + "\n"

@@ -56,7 +56,7 @@ def read_prediction_records(path: str | os.PathLike, repair: bool = False) -> di
     if not path.is_file():
         return {}
     data = path.read_bytes()
-    complete = data[:data.rfind(b"\n") + 1]
+    complete = data[: data.rfind(b"\n") + 1]
     if len(complete) < len(data):
         log.warning("%s: ignoring an incomplete last line (an interrupted write)", path)
         if repair:
@@ -73,8 +73,10 @@ def read_prediction_records(path: str | os.PathLike, repair: bool = False) -> di
                 raise TypeError
             out.setdefault(key, {"prediction": text, "extracted": extracted})
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-            raise ValueError(f"{path}:{lineno}: expected a JSON object with 'index', a string 'prediction' and "
-                             "optionally a string 'extracted'") from None
+            raise ValueError(
+                f"{path}:{lineno}: expected a JSON object with 'index', a string 'prediction' and "
+                "optionally a string 'extracted'"
+            ) from None
     return out
 
 
@@ -103,14 +105,18 @@ def _check_run(pred_path: Path, run_path: Path, settings: dict, overwrite: bool)
         except json.JSONDecodeError:
             before = None
         if before is None:
-            raise EvalError(f"{pred_path} holds predictions but no record of the run that made them ({run_path.name}),"
-                            " so they cannot be resumed safely; pass --overwrite to start afresh or choose another"
-                            " --out")
+            raise EvalError(
+                f"{pred_path} holds predictions but no record of the run that made them ({run_path.name}),"
+                " so they cannot be resumed safely; pass --overwrite to start afresh or choose another"
+                " --out"
+            )
         changed = [k for k in sorted(set(before) | set(settings)) if before.get(k) != settings.get(k)]
         if changed:
             diffs = "; ".join(f"{k}: {before.get(k)!r} before, {settings.get(k)!r} now" for k in changed)
-            raise EvalError(f"{pred_path} holds predictions of another run ({diffs}); pass --overwrite to replace "
-                            "them or choose another --out")
+            raise EvalError(
+                f"{pred_path} holds predictions of another run ({diffs}); pass --overwrite to replace "
+                "them or choose another --out"
+            )
     run_path.write_text(json.dumps(settings, indent=2, sort_keys=True, default=str) + "\n")
 
 
@@ -129,8 +135,14 @@ def _generate(generate_fn: GenerateFn, batch: list[Sample]) -> tuple[list[tuple[
     return done, failed
 
 
-def _score(task: Task, metas: dict[str, dict], done: dict[str, str], extracted: dict[str, str | None],
-           skipped: list[Skipped], mode: str) -> list[dict]:
+def _score(
+    task: Task,
+    metas: dict[str, dict],
+    done: dict[str, str],
+    extracted: dict[str, str | None],
+    skipped: list[Skipped],
+    mode: str,
+) -> list[dict]:
     """Score every row that has a prediction; the others join ``skipped`` (unless already there)."""
     known = {str(s.index) for s in skipped}
     keys = [key for key in metas if key in done]
@@ -139,11 +151,21 @@ def _score(task: Task, metas: dict[str, dict], done: dict[str, str], extracted: 
     return [{"index": k, "prediction": done[k], "meta": metas[k], **s} for k, s in zip(keys, scores)]
 
 
-def run_task(task: Task, samples: Iterable[Sample | Skipped], out_dir: str | os.PathLike,
-             generate_fn: GenerateFn | None = None, predictions: str | os.PathLike | None = None,
-             batch_size: int = 8, limit: int | None = None, progress: bool = True, info: dict | None = None,
-             mode: str = "official", settings: dict | None = None, overwrite: bool = False,
-             total: int | None = None) -> dict:
+def run_task(
+    task: Task,
+    samples: Iterable[Sample | Skipped],
+    out_dir: str | os.PathLike,
+    generate_fn: GenerateFn | None = None,
+    predictions: str | os.PathLike | None = None,
+    batch_size: int = 8,
+    limit: int | None = None,
+    progress: bool = True,
+    info: dict | None = None,
+    mode: str = "official",
+    settings: dict | None = None,
+    overwrite: bool = False,
+    total: int | None = None,
+) -> dict:
     """Generate (with ``generate_fn``) or read (``predictions``) the answers to ``samples``, score them (``mode``:
     official or lenient rules), and record the task in ``out_dir/results.json``. Returns that task's result.
 
@@ -215,13 +237,21 @@ def run_task(task: Task, samples: Iterable[Sample | Skipped], out_dir: str | os.
     rows = _score(task, metas, done, extracted, skipped, mode)
     scored_path = out_dir / f"{task.name.replace(':', '_')}.scored.jsonl"
     with open(scored_path, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps({k: v for k, v in r.items() if k != "meta"}, ensure_ascii=False, default=str) + "\n"
-                     for r in rows)
-    result = {"metrics": task.summarize(rows, mode=mode) if rows else {}, "scoring": mode, "scored": len(rows),
-              "skipped": len(skipped),
-              "skipped_rows": [{"index": s.index, "reason": s.reason} for s in skipped],
-              "unmatched_predictions": len(done.keys() - metas.keys()), "predictions": str(pred_path),
-              "scores": str(scored_path), **(info or {})}
+        f.writelines(
+            json.dumps({k: v for k, v in r.items() if k != "meta"}, ensure_ascii=False, default=str) + "\n"
+            for r in rows
+        )
+    result = {
+        "metrics": task.summarize(rows, mode=mode) if rows else {},
+        "scoring": mode,
+        "scored": len(rows),
+        "skipped": len(skipped),
+        "skipped_rows": [{"index": s.index, "reason": s.reason} for s in skipped],
+        "unmatched_predictions": len(done.keys() - metas.keys()),
+        "predictions": str(pred_path),
+        "scores": str(scored_path),
+        **(info or {}),
+    }
     if task.report and rows:
         result.update(task.report(rows, out_dir))
     update_results(out_dir, task.name, result)

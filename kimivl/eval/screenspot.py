@@ -47,10 +47,16 @@ from kimivl.eval.tables import (
     user_turn,
 )
 
-BOX_FORMATS = {("screenspot", ".tsv"): "xywh", ("screenspot", ".json"): "xywh", ("screenspot", ".jsonl"): "xywh",
-               ("screenspot", ".parquet"): "xyxy", ("screenspot_pro", ".json"): "xyxy",
-               ("screenspot_pro", ".jsonl"): "xyxy", ("screenspot_pro", ".tsv"): "xyxy",
-               ("screenspot_pro", ".parquet"): "xyxy"}
+BOX_FORMATS = {
+    ("screenspot", ".tsv"): "xywh",
+    ("screenspot", ".json"): "xywh",
+    ("screenspot", ".jsonl"): "xywh",
+    ("screenspot", ".parquet"): "xyxy",
+    ("screenspot_pro", ".json"): "xyxy",
+    ("screenspot_pro", ".jsonl"): "xyxy",
+    ("screenspot_pro", ".tsv"): "xyxy",
+    ("screenspot_pro", ".parquet"): "xyxy",
+}
 PROMPT = "{instruction}\nAnswer with the point to click as (x, y), each coordinate normalised to [0, 1] of the image."
 
 
@@ -91,14 +97,19 @@ def parse_row(row: dict, index, file: Path, task: str, box_format: str | None) -
     group = row.get("ui_type") or row.get("data_type") or ""
     if task == "screenspot_pro" and (row.get("group") or row.get("application")):
         group = f"{row.get('group') or row.get('application')}/{group}" if group else row.get("group")
-    return Sample(index, user_turn([image], PROMPT.format(instruction=instruction)),
-                  {"box": box, "size": list(size), "group": str(group)})
+    return Sample(
+        index,
+        user_turn([image], PROMPT.format(instruction=instruction)),
+        {"box": box, "size": list(size), "group": str(group)},
+    )
 
 
 def loader(task: str):
     """The loader of ``screenspot`` or ``screenspot_pro``."""
+
     def load(data, box_format: str | None = None, **_):
         return load_samples(data, partial(parse_row, task=task, box_format=box_format), ("index", "id"))
+
     return load
 
 

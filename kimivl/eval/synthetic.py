@@ -46,8 +46,9 @@ def score(prediction: str, meta: dict[str, Any]) -> bool:
     return _norm(answer) == _norm(str(gold))
 
 
-def evaluate(model, processor, records: list[dict], batch_size: int = 16, max_new_tokens: int = 48,
-             progress: bool = False) -> tuple[dict[str, float], list[dict]]:
+def evaluate(
+    model, processor, records: list[dict], batch_size: int = 16, max_new_tokens: int = 48, progress: bool = False
+) -> tuple[dict[str, float], list[dict]]:
     """Greedy answers to each record's prompt (its messages before the last assistant turn), scored.
     Returns (accuracy per task, with ``all``) and one row per record."""
     from tqdm.auto import tqdm
@@ -56,11 +57,18 @@ def evaluate(model, processor, records: list[dict], batch_size: int = 16, max_ne
 
     rows = []
     for start in tqdm(range(0, len(records), batch_size), desc="eval", disable=not progress):
-        chunk = records[start:start + batch_size]
+        chunk = records[start : start + batch_size]
         prompts = [r["messages"][:-1] if r["messages"][-1]["role"] == "assistant" else r["messages"] for r in chunk]
         for rec, pred in zip(chunk, generate(model, processor, prompts, max_new_tokens=max_new_tokens)):
-            rows.append({"id": rec.get("id"), "task": rec["meta"]["task"], "prediction": pred,
-                         "gold": rec["meta"]["gold"], "correct": score(pred, rec["meta"])})
+            rows.append(
+                {
+                    "id": rec.get("id"),
+                    "task": rec["meta"]["task"],
+                    "prediction": pred,
+                    "gold": rec["meta"]["gold"],
+                    "correct": score(pred, rec["meta"]),
+                }
+            )
     acc: dict[str, float] = {}
     for task in sorted({r["task"] for r in rows}):
         mine = [r["correct"] for r in rows if r["task"] == task]
@@ -80,8 +88,10 @@ def heldout_records(split_dir: str | os.PathLike, limit: int | None = None) -> l
         for i, record in enumerate(mine):
             meta = record.get("meta")
             if not isinstance(meta, dict) or "task" not in meta or "gold" not in meta:
-                raise DataError(f"{path}: record {i + 1} has no meta.task and meta.gold to score it by (held-out "
-                                "accuracy needs them; for a loss on your own data use a stage's val)")
+                raise DataError(
+                    f"{path}: record {i + 1} has no meta.task and meta.gold to score it by (held-out "
+                    "accuracy needs them; for a loss on your own data use a stage's val)"
+                )
         records += mine
     if not records:
         raise FileNotFoundError(f"no held-out conversation files in {split_dir}")

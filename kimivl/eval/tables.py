@@ -103,7 +103,9 @@ def _parquet_rows(path: Path) -> Iterator[dict]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise ImportError(f"reading {path} needs pyarrow: pip install 'kimivl[eval]' (or pip install pyarrow)") from None
+        raise ImportError(
+            f"reading {path} needs pyarrow: pip install 'kimivl[eval]' (or pip install pyarrow)"
+        ) from None
     for batch in pq.ParquetFile(path).iter_batches(batch_size=64):
         yield from batch.to_pylist()
 
@@ -132,7 +134,9 @@ def iter_rows(path: str | os.PathLike) -> Iterator[tuple[Path, dict]]:
             yield file, row
 
 
-def load_samples(path: str | os.PathLike, parse, index_keys: tuple[str, ...] = ("index",)) -> Iterator[Sample | Skipped]:
+def load_samples(
+    path: str | os.PathLike, parse, index_keys: tuple[str, ...] = ("index",)
+) -> Iterator[Sample | Skipped]:
     """Apply ``parse(row, index, file) -> Sample`` to every row; a row it cannot parse (``RowError``, a missing
     column, a value of the wrong kind) becomes ``Skipped`` with the reason. The index is the first present
     column of ``index_keys``, else the row's position."""
@@ -231,5 +235,6 @@ def image_size(image: bytes | str) -> tuple[int, int]:
 
 def user_turn(images: list, text: str) -> list[dict]:
     """A one-turn conversation: the images, then the text."""
-    return [{"role": "user", "content": [*({"type": "image", "image": i} for i in images),
-                                         {"type": "text", "text": text}]}]
+    return [
+        {"role": "user", "content": [*({"type": "image", "image": i} for i in images), {"type": "text", "text": text}]}
+    ]

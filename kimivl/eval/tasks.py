@@ -63,8 +63,10 @@ def _synthetic_load(data, task: str | None = None, **_) -> list[Sample]:
         by_task.setdefault(meta["task"], []).append(Sample(record.get("id"), prompt, {**meta, "group": meta["task"]}))
     if task is not None:
         if task not in by_task:
-            raise ValueError(f"unknown synthetic task {task!r}; {data} holds: {', '.join(sorted(by_task))} "
-                             "(use --task synthetic:<one of them>, or synthetic for all)")
+            raise ValueError(
+                f"unknown synthetic task {task!r}; {data} holds: {', '.join(sorted(by_task))} "
+                "(use --task synthetic:<one of them>, or synthetic for all)"
+            )
         return by_task[task]
     queues = list(by_task.values())
     return [queue[i] for i in range(max(map(len, queues))) for queue in queues if i < len(queue)]
@@ -91,8 +93,15 @@ TASKS = {
     "screenspot_pro": Task("screenspot_pro", screenspot.loader("screenspot_pro"), screenspot.score),
     "videomme": Task("videomme", videomme.load, videomme.score, videomme.summarize),
     "mmlongbench_doc": Task("mmlongbench_doc", mmlongbench.load, mmlongbench.score, mmlongbench.summarize),
-    "niah": Task("niah", niah.load, niah.score, niah.summarize, needs_data=False, report=niah.report,
-                 from_index=niah.meta_from_index),
+    "niah": Task(
+        "niah",
+        niah.load,
+        niah.score,
+        niah.summarize,
+        needs_data=False,
+        report=niah.report,
+        from_index=niah.meta_from_index,
+    ),
 }
 
 
@@ -100,8 +109,14 @@ def get_task(name: str) -> Task:
     """The task called ``name`` (``synthetic`` and ``synthetic:<task>`` included)."""
     if name == "synthetic" or name.startswith("synthetic:"):
         sub = name.partition(":")[2] or None
-        return Task(name, _synthetic_load, _synthetic_score, needs_data=False, default_data=_default_heldout(),
-                    options={"task": sub})
+        return Task(
+            name,
+            _synthetic_load,
+            _synthetic_score,
+            needs_data=False,
+            default_data=_default_heldout(),
+            options={"task": sub},
+        )
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; known: {', '.join([*TASKS, 'synthetic', 'synthetic:<task>'])}")
     return TASKS[name]

@@ -32,13 +32,31 @@ from kimivl.eval.answers import check_mode, final_answer, official_text
 from kimivl.eval.tables import RowError, Sample, literal_list, load_samples
 from kimivl.processing.video import DEFAULT_FPS, DEFAULT_MAX_FRAMES
 
-PROMPT = ("Select the best answer to the following multiple-choice question based on the video. "
-          "Respond with only the letter (A, B, C, or D) of the correct option.\n{question}\n{options}\n"
-          "The best answer is:")
-LEAD_INS = ("the best answer is", "the correct answer is", "the answer is", "the answer", "the best option is",
-            "the correct option is", "best answer:", "best option:", "answer:", "option:")
-OFFICIAL_LEAD_INS = ("The best answer is", "The correct answer is", "The answer is", "The answer",
-                     "The best option isThe correct option is", "Best answer:Best option:")
+PROMPT = (
+    "Select the best answer to the following multiple-choice question based on the video. "
+    "Respond with only the letter (A, B, C, or D) of the correct option.\n{question}\n{options}\n"
+    "The best answer is:"
+)
+LEAD_INS = (
+    "the best answer is",
+    "the correct answer is",
+    "the answer is",
+    "the answer",
+    "the best option is",
+    "the correct option is",
+    "best answer:",
+    "best option:",
+    "answer:",
+    "option:",
+)
+OFFICIAL_LEAD_INS = (
+    "The best answer is",
+    "The correct answer is",
+    "The answer is",
+    "The answer",
+    "The best option isThe correct option is",
+    "Best answer:Best option:",
+)
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov")
 
 
@@ -63,8 +81,11 @@ def parse_row(row: dict, index, file: Path, fps: float, max_frames: int) -> Samp
         raise RowError("no video")
     video = {"type": "video", "video": str(_video(name, file)), "fps": fps, "max_frames": max_frames}
     text = PROMPT.format(question=str(row["question"]).strip(), options="\n".join(options))
-    return Sample(index, [{"role": "user", "content": [video, {"type": "text", "text": text}]}],
-                  {"answer": answer, "group": str(row.get("duration") or "")})
+    return Sample(
+        index,
+        [{"role": "user", "content": [video, {"type": "text", "text": text}]}],
+        {"answer": answer, "group": str(row.get("duration") or "")},
+    )
 
 
 def load(data, fps: float = DEFAULT_FPS, max_frames: int = DEFAULT_MAX_FRAMES, **_):

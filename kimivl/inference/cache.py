@@ -11,8 +11,15 @@ from kimivl.config import TextConfig
 class MLACache:
     """Preallocated latents for ``batch`` rows of up to ``max_len`` tokens, filled left to right."""
 
-    def __init__(self, config: TextConfig, batch: int, max_len: int, *, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu"):
+    def __init__(
+        self,
+        config: TextConfig,
+        batch: int,
+        max_len: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ):
         if max_len > config.max_position_embeddings:
             raise ValueError(f"cache of {max_len} tokens exceeds the context of {config.max_position_embeddings}")
         # one buffer per layer and token: [latent | rope key], so attention reads both without a concatenation
@@ -54,5 +61,5 @@ class _LayerCache:
         if end > cache.max_len:
             raise ValueError(f"cache full: {end} tokens exceed its {cache.max_len}")
         cache.joint[self.i, :, start:end, : cache.rank] = c_BSC
-        cache.joint[self.i, :, start:end, cache.rank:] = kr_BSR
+        cache.joint[self.i, :, start:end, cache.rank :] = kr_BSR
         return cache.joint[self.i, :, :end]

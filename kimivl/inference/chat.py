@@ -28,8 +28,7 @@ def _pieces(model, processor, conversations, params) -> Iterator[list[str]]:
     tok = processor.tokenizer
     decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in prompts]
     for step in stream_ids(model, prompts, pixel_values, grids, params, stop_ids=processor.stop_ids):
-        yield ["" if t is None or tok.is_special(t) else d.decode(tok.token_bytes(t))
-               for d, t in zip(decoders, step)]
+        yield ["" if t is None or tok.is_special(t) else d.decode(tok.token_bytes(t)) for d, t in zip(decoders, step)]
     yield [d.decode(b"", final=True) for d in decoders]
 
 

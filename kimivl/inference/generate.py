@@ -28,8 +28,8 @@ def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[to
     mask = torch.zeros(len(prompts), width, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
         if p:
-            ids[i, width - len(p):] = torch.as_tensor(p, dtype=torch.long)
-            mask[i, width - len(p):] = 1
+            ids[i, width - len(p) :] = torch.as_tensor(p, dtype=torch.long)
+            mask[i, width - len(p) :] = 1
     return ids, mask
 
 
@@ -43,20 +43,28 @@ def _check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> list[li
         if isinstance(p, torch.Tensor) and p.dim() == 1 and not p.is_floating_point():
             p = p.tolist()
         if isinstance(p, (str, bytes)) or not isinstance(p, Sequence) or len(p) == 0:
-            raise GenerationError(f"prompt {i} needs at least one token (a non-empty list of token ids), got "
-                             f"{type(p).__name__} {p!r:.40}")
+            raise GenerationError(
+                f"prompt {i} needs at least one token (a non-empty list of token ids), got {type(p).__name__} {p!r:.40}"
+            )
         bad = [t for t in p if not (isinstance(t, Integral) and not isinstance(t, bool) and 0 <= t < vocab_size)]
         if bad:
-            raise GenerationError(f"prompt {i} holds {len(bad)} token ids that are not integers in [0, {vocab_size}) "
-                             f"(the model's vocabulary): {bad[:5]}")
+            raise GenerationError(
+                f"prompt {i} holds {len(bad)} token ids that are not integers in [0, {vocab_size}) "
+                f"(the model's vocabulary): {bad[:5]}"
+            )
         out.append([int(t) for t in p])
     return out
 
 
 @torch.inference_mode()
-def stream_ids(model, prompts: Sequence[Sequence[int]], pixel_values: torch.Tensor | None = None,
-               image_grid_hws: torch.Tensor | None = None, params: SamplingParams | None = None,
-               stop_ids: Sequence[int] = ()) -> Iterator[list[int | None]]:
+def stream_ids(
+    model,
+    prompts: Sequence[Sequence[int]],
+    pixel_values: torch.Tensor | None = None,
+    image_grid_hws: torch.Tensor | None = None,
+    params: SamplingParams | None = None,
+    stop_ids: Sequence[int] = (),
+) -> Iterator[list[int | None]]:
     """Yield, per decoding step, each row's new token id (None once the row has stopped). A stop id ends its
     row and is not yielded. Images of all prompts are packed in prompt order."""
     params = SamplingParams() if params is None else params
@@ -71,8 +79,9 @@ def stream_ids(model, prompts: Sequence[Sequence[int]], pixel_values: torch.Tens
     max_new = params.max_new_tokens
     if longest + max_new > context:
         max_new = context - longest
-        log.warning("max_new_tokens cut to %d: the prompt leaves only that much of the %d-token context",
-                    max_new, context)
+        log.warning(
+            "max_new_tokens cut to %d: the prompt leaves only that much of the %d-token context", max_new, context
+        )
     device = model.device
     ids, mask = _left_pad(prompts, cfg.pad_token_id, device)
     padded = bool((mask == 0).any())
@@ -82,8 +91,12 @@ def stream_ids(model, prompts: Sequence[Sequence[int]], pixel_values: torch.Tens
     lm = model.language_model
 
     positions = (mask.cumsum(1) - 1).clamp(min=0)
-    hidden = lm(model.embed(ids, pixel_values, image_grid_hws), position_ids=positions, cache=cache,
-                attention_mask=mask if padded else None)
+    hidden = lm(
+        model.embed(ids, pixel_values, image_grid_hws),
+        position_ids=positions,
+        cache=cache,
+        attention_mask=mask if padded else None,
+    )
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     for step in range(max_new):
         token = sample_next(lm.logits(hidden[:, -1]), params, generator)
@@ -93,13 +106,22 @@ def stream_ids(model, prompts: Sequence[Sequence[int]], pixel_values: torch.Tens
             return
         positions = positions[:, -1:] + 1
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-        hidden = lm(lm.model.embed_tokens(token[:, None]), position_ids=positions, cache=cache,
-                    attention_mask=mask if padded else None)
+        hidden = lm(
+            lm.model.embed_tokens(token[:, None]),
+            position_ids=positions,
+            cache=cache,
+            attention_mask=mask if padded else None,
+        )
 
 
-def generate_ids(model, prompts: Sequence[Sequence[int]], pixel_values: torch.Tensor | None = None,
-                 image_grid_hws: torch.Tensor | None = None, params: SamplingParams | None = None,
-                 stop_ids: Sequence[int] = ()) -> list[list[int]]:
+def generate_ids(
+    model,
+    prompts: Sequence[Sequence[int]],
+    pixel_values: torch.Tensor | None = None,
+    image_grid_hws: torch.Tensor | None = None,
+    params: SamplingParams | None = None,
+    stop_ids: Sequence[int] = (),
+) -> list[list[int]]:
     """New token ids per prompt (stop ids excluded)."""
     out: list[list[int]] = []
     for step in stream_ids(model, prompts, pixel_values, image_grid_hws, params, stop_ids):

@@ -40,8 +40,9 @@ class SamplingParams:
             raise SamplingError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
         t = self.temperature
         if not _is_real(t) or t < 0 or 0 < t < MIN_TEMPERATURE:
-            raise SamplingError(f"temperature must be >= 0: 0 (greedy) or a finite number of at least "
-                                f"{MIN_TEMPERATURE}, got {t!r}")
+            raise SamplingError(
+                f"temperature must be >= 0: 0 (greedy) or a finite number of at least {MIN_TEMPERATURE}, got {t!r}"
+            )
         if not _is_int(self.top_k) or self.top_k < 0:
             raise SamplingError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
         if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
@@ -55,17 +56,22 @@ class SamplingParams:
         names = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(sampling) - set(names))
         if unknown:
-            raise SamplingError(f"unknown sampling setting{'s' * (len(unknown) > 1)} {', '.join(unknown)}; "
-                                f"the settings are {', '.join(names)}")
+            raise SamplingError(
+                f"unknown sampling setting{'s' * (len(unknown) > 1)} {', '.join(unknown)}; "
+                f"the settings are {', '.join(names)}"
+            )
         return cls(**sampling)
 
 
-def sample_next(logits_BV: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None
-                ) -> torch.Tensor:
+def sample_next(
+    logits_BV: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Next token ids (B,) from last-position logits (B, V)."""
     if bool(torch.isnan(logits_BV).any()):
-        raise SamplingError("the model's logits hold NaN: its weights (or inputs) are not finite; check the "
-                            "checkpoint (loading it warns about NaN/inf tensors)")
+        raise SamplingError(
+            "the model's logits hold NaN: its weights (or inputs) are not finite; check the "
+            "checkpoint (loading it warns about NaN/inf tensors)"
+        )
     if params.temperature == 0:
         return logits_BV.argmax(-1)
     logits_BV = logits_BV.float() / params.temperature

@@ -48,9 +48,16 @@ def recompute_contexts() -> tuple[contextlib.AbstractContextManager, contextlib.
     return contextlib.nullcontext(), training_attention(_matmul_rows)
 
 
-def attention(q_BSHD: torch.Tensor, k_BKHD: torch.Tensor, v_BKHE: torch.Tensor, *, causal: bool = True,
-              scale: float | None = None, cu_seqlens: torch.Tensor | None = None,
-              key_valid_BK: torch.Tensor | None = None) -> torch.Tensor:
+def attention(
+    q_BSHD: torch.Tensor,
+    k_BKHD: torch.Tensor,
+    v_BKHE: torch.Tensor,
+    *,
+    causal: bool = True,
+    scale: float | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    key_valid_BK: torch.Tensor | None = None,
+) -> torch.Tensor:
     """softmax(q k^T * scale) v per head (``scale`` defaults to D^-0.5); returns (B, S, H, E).
 
     With ``cu_seqlens`` (int32, segments + 1 bounds) the single row is a pack of segments that never attend to each
@@ -60,8 +67,10 @@ def attention(q_BSHD: torch.Tensor, k_BKHD: torch.Tensor, v_BKHE: torch.Tensor, 
     """
     if cu_seqlens is not None:
         if q_BSHD.shape[0] != 1 or key_valid_BK is not None:
-            raise ValueError(f"packed attention (cu_seqlens) takes one row and no key mask, got a batch of "
-                             f"{q_BSHD.shape[0]}{' and a key mask' if key_valid_BK is not None else ''}")
+            raise ValueError(
+                f"packed attention (cu_seqlens) takes one row and no key mask, got a batch of "
+                f"{q_BSHD.shape[0]}{' and a key mask' if key_valid_BK is not None else ''}"
+            )
         return _packed(q_BSHD[0], k_BKHD[0], v_BKHE[0], cu_seqlens, causal=causal, scale=scale)[None]
     if not causal:
         raise ValueError("non-causal attention takes packed segments (cu_seqlens)")
@@ -69,8 +78,15 @@ def attention(q_BSHD: torch.Tensor, k_BKHD: torch.Tensor, v_BKHE: torch.Tensor, 
     return o_BHSE.transpose(1, 2)
 
 
-def _packed(q_THD: torch.Tensor, k_THD: torch.Tensor, v_THE: torch.Tensor, cu_seqlens: torch.Tensor, *,
-            causal: bool, scale: float | None) -> torch.Tensor:
+def _packed(
+    q_THD: torch.Tensor,
+    k_THD: torch.Tensor,
+    v_THE: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float | None,
+) -> torch.Tensor:
     """Attention within each packed segment; returns (T, H, E)."""
     if fused.use_flash(q_THD):
         return fused.flash_varlen(q_THD, k_THD, v_THE, cu_seqlens, causal=causal, scale=scale)
@@ -99,7 +115,7 @@ def _packed(q_THD: torch.Tensor, k_THD: torch.Tensor, v_THE: torch.Tensor, cu_se
         if len(bucket) > 1:
             outs.append(padded_batch(q_THD, k_THD, v_THE, bucket, causal=causal, scale=scale, fused_kernel=False))
             continue
-        (a, n), = bucket
+        ((a, n),) = bucket
         q, k, v = (part[a].transpose(0, 1) for part in alone)
         if not q.is_cuda and heads * n * n <= SCORES_LIMIT:
             o = matmul_attention(q, k, v, causal_bias(n, q) if causal else None, scale)
@@ -116,8 +132,13 @@ def _packed(q_THD: torch.Tensor, k_THD: torch.Tensor, v_THE: torch.Tensor, cu_se
     return v_THE.new_empty(*q_THD.shape[:2], v_THE.shape[-1]).index_copy(0, order, torch.cat(outs))
 
 
-def _batched(q_BHSD: torch.Tensor, k_BhKD: torch.Tensor, v_BhKE: torch.Tensor, scale: float | None,
-             key_valid_BK: torch.Tensor | None) -> torch.Tensor:
+def _batched(
+    q_BHSD: torch.Tensor,
+    k_BhKD: torch.Tensor,
+    v_BhKE: torch.Tensor,
+    scale: float | None,
+    key_valid_BK: torch.Tensor | None,
+) -> torch.Tensor:
     """Causal attention of rows; returns (B, H, S, E) in ``q``'s dtype. On CPU, keys shared by several heads (MLA's
     absorbed decoding) are attended to in float32, where the fused kernel is many times faster."""
     b, h, s, _ = q_BHSD.shape

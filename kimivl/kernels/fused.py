@@ -26,8 +26,15 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.T
     return F.scaled_dot_product_attention(q, k, F.pad(v, (0, q.shape[-1] - e)), **kwargs)[..., :e]
 
 
-def flash_varlen(q_THD: torch.Tensor, k_THD: torch.Tensor, v_THE: torch.Tensor, cu_seqlens: torch.Tensor, *,
-                 causal: bool, scale: float | None) -> torch.Tensor:
+def flash_varlen(
+    q_THD: torch.Tensor,
+    k_THD: torch.Tensor,
+    v_THE: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float | None,
+) -> torch.Tensor:
     """flash-attn over packed segments; returns (T, H, E)."""
     d, e = q_THD.shape[-1], v_THE.shape[-1]
     if e < d:  # flash-attn needs equal head dims: pad values, then drop the padding

@@ -13,8 +13,9 @@ import torch.nn.functional as F
 CPU_GROUP_ROWS = 32
 
 
-def grouped_swiglu(x_TD: torch.Tensor, idx_TK: torch.Tensor, w_TK: torch.Tensor, gate_up_E2ID: torch.Tensor,
-                   down_EDI: torch.Tensor) -> torch.Tensor:
+def grouped_swiglu(
+    x_TD: torch.Tensor, idx_TK: torch.Tensor, w_TK: torch.Tensor, gate_up_E2ID: torch.Tensor, down_EDI: torch.Tensor
+) -> torch.Tensor:
     """sum over k of ``w_TK`` * down_e(silu(gate_e(x)) * up_e(x)) with e = ``idx_TK``, for stacked expert weights
     ``gate_up_E2ID`` ([gate; up] rows) and ``down_EDI``; returns (T, D) in ``x_TD``'s dtype."""
     t, k = idx_TK.shape

@@ -18,8 +18,9 @@ def causal_bias(n: int, like: torch.Tensor) -> torch.Tensor:
     return torch.full((n, n), float("-inf"), dtype=like.dtype, device=like.device).triu_(1)
 
 
-def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
-                     scale: float | None) -> torch.Tensor:
+def matmul_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float | None
+) -> torch.Tensor:
     """softmax(q k^T * scale + bias) v as plain matmuls over q, k, v of shape (..., L, D). ``bias`` (None, or an
     additive 0 / -inf mask broadcastable to (..., S, K)) enters the scores' matmul, so masking costs no pass of its
     own and masked scores get no gradient. The CPU softmax accumulates in float32 whatever its input dtype. Runs in
@@ -35,6 +36,8 @@ def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     step = max(1, CHUNK_SCORES // (s * k_len))
     chunks = [t.split(step) for t in (q3, k3, v3)]
     biases = bias.split(step) if bias.dim() == 3 and bias.shape[0] > 1 else [bias] * len(chunks[0])
-    outs = [torch.baddbmm(b, qc, kc.transpose(1, 2), beta=1 if b.dim() else 0, alpha=scale).softmax(-1) @ vc
-            for qc, kc, vc, b in zip(*chunks, biases)]
+    outs = [
+        torch.baddbmm(b, qc, kc.transpose(1, 2), beta=1 if b.dim() else 0, alpha=scale).softmax(-1) @ vc
+        for qc, kc, vc, b in zip(*chunks, biases)
+    ]
     return (torch.cat(outs) if len(outs) > 1 else outs[0]).view(*lead, s, e)

@@ -22,8 +22,16 @@ def similar_lengths(segments: list[tuple[int, int]], heads: int, limit: int) -> 
     return buckets
 
 
-def padded_batch(q_THD: torch.Tensor, k_THD: torch.Tensor, v_THE: torch.Tensor, segments: list[tuple[int, int]], *,
-                 causal: bool, scale: float | None, fused_kernel: bool) -> torch.Tensor:
+def padded_batch(
+    q_THD: torch.Tensor,
+    k_THD: torch.Tensor,
+    v_THE: torch.Tensor,
+    segments: list[tuple[int, int]],
+    *,
+    causal: bool,
+    scale: float | None,
+    fused_kernel: bool,
+) -> torch.Tensor:
     """The (start, length) ``segments`` gathered into one (segments, H, longest, D) batch, padded at the end,
     returning their outputs (sum of lengths, H, E) segment after segment; SDPA when ``fused_kernel``, else plain
     matmuls. Causal: every real query's keys are real, so the causal mask alone is exact. Otherwise the mask hides

@@ -78,8 +78,12 @@ class KimiVL(nn.Module):
         merged_TKC = patch_merge(feats_NC, image_grid_hws, self.config.vision_config.merge_kernel_size)
         return self.multi_modal_projector(merged_TKC)
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-              image_grid_hws: torch.Tensor | None = None) -> torch.Tensor:
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_hws: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Token embeddings with image features written into the placeholder positions."""
         embeds = self.language_model.model.embed_tokens(input_ids)
         is_media = input_ids == self.config.media_placeholder_token_id
@@ -92,15 +96,23 @@ class KimiVL(nn.Module):
             raise ValueError("pixel_values given without image_grid_hws")
         feats = self.get_image_features(pixel_values, image_grid_hws)
         if feats.shape[0] != n_slots:
-            raise ValueError(f"input_ids hold {n_slots} image placeholder tokens "
-                             f"(id {self.config.media_placeholder_token_id}) but the images give {feats.shape[0]} "
-                             "features; each image of grid (h, w) needs (h/2)*(w/2) placeholders")
+            raise ValueError(
+                f"input_ids hold {n_slots} image placeholder tokens "
+                f"(id {self.config.media_placeholder_token_id}) but the images give {feats.shape[0]} "
+                "features; each image of grid (h, w) needs (h/2)*(w/2) placeholders"
+            )
         return embeds.masked_scatter(is_media[..., None], feats.to(embeds.dtype))
 
-    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                image_grid_hws: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
-                return_logits: bool | None = None) -> KimiVLOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_hws: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        return_logits: bool | None = None,
+    ) -> KimiVLOutput:
         """``input_ids`` (B, S). With ``cu_seqlens`` the single row is a pack of samples that never attend to
         each other and whose positions restart at 0. Logits are returned unless ``labels`` are given: then the
         loss alone is computed, through the head at the labelled positions only (``next_token_loss``), unless
@@ -124,8 +136,9 @@ class KimiVL(nn.Module):
         return KimiVLOutput(logits=logits, loss=loss, hidden_states=hidden)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | None = None,
-                        device: str | torch.device = "cpu") -> KimiVL:
+    def from_pretrained(
+        cls, path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+    ) -> KimiVL:
         """Load an official-format checkpoint directory. The model is built on the meta device and filled
         shard by shard, so weights are held once. ``dtype`` defaults to the stored one (the config's ``torch_dtype``;
         float16 becomes bfloat16 on CPU); the routers stay float32 (``to_dtype``). The command line and the demo pick
@@ -138,8 +151,9 @@ class KimiVL(nn.Module):
         load_checkpoint(model, path)
         return model.eval()
 
-    def save_pretrained(self, path: str | os.PathLike, *, max_shard_bytes: int = 5 * 2**30,
-                        dtype: torch.dtype | None = None, **frozen) -> None:
+    def save_pretrained(
+        self, path: str | os.PathLike, *, max_shard_bytes: int = 5 * 2**30, dtype: torch.dtype | None = None, **frozen
+    ) -> None:
         """Write ``config.json`` and safetensors weights (sharded above ``max_shard_bytes``; ``frozen``:
         ``save_checkpoint``'s ``frozen_apart`` and ``frozen_from``, for training checkpoints). A failed save (a full
         disk) raises ``CheckpointError``; a directory that the call created is removed again."""

@@ -50,9 +50,14 @@ class LanguageModel(nn.Module):
         cfg = self.config
         return rope_rotation(position_ids, cfg.qk_rope_head_dim, cfg.rope_theta)
 
-    def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor | None = None,
-                cu_seqlens: torch.Tensor | None = None, cache=None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        cache=None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Final hidden states (B, S, D). ``cache`` (see ``kimivl.inference.cache.MLACache``) holds the past
         tokens' latents and is extended in place; ``attention_mask`` (B, past + S), 1 for real tokens and 0 for
         padding, is needed only for batches padded to one length."""
@@ -64,19 +69,30 @@ class LanguageModel(nn.Module):
             else:
                 position_ids = torch.arange(past, past + s, device=inputs_embeds.device).expand(b, s)
         if int(position_ids.max()) >= self.config.max_position_embeddings:
-            raise ValueError(f"position {int(position_ids.max())} is past the context of "
-                             f"{self.config.max_position_embeddings} tokens")
+            raise ValueError(
+                f"position {int(position_ids.max())} is past the context of "
+                f"{self.config.max_position_embeddings} tokens"
+            )
         key_valid = None
         if attention_mask is not None:
             if attention_mask.shape != (b, past + s):
-                raise ValueError(f"attention_mask must cover past and new tokens: expected {(b, past + s)}, "
-                                 f"got {tuple(attention_mask.shape)}")
+                raise ValueError(
+                    f"attention_mask must cover past and new tokens: expected {(b, past + s)}, "
+                    f"got {tuple(attention_mask.shape)}"
+                )
             key_valid = attention_mask.bool()
         rot = self.rotation(position_ids)
         h = inputs_embeds
         for i, layer in enumerate(self.model.layers):
-            h = run_layer(layer, self.recompute and cache is None, h, rot, cu_seqlens=cu_seqlens,
-                          key_valid_BK=key_valid, cache=cache.layer(i) if cache is not None else None)
+            h = run_layer(
+                layer,
+                self.recompute and cache is None,
+                h,
+                rot,
+                cu_seqlens=cu_seqlens,
+                key_valid_BK=key_valid,
+                cache=cache.layer(i) if cache is not None else None,
+            )
         if cache is not None:
             cache.advance(s)
         return self.model.norm(h)

@@ -54,8 +54,15 @@ class MLA(nn.Module):
         q_nope, q_rope = q_BSHD.split([self.nope_dim, self.rope_dim], dim=-1)
         return q_nope, apply_rope(q_rope, rot_BSR[:, :, None])
 
-    def forward(self, x_BSD: torch.Tensor, rot_BSR: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None,
-                cache=None, key_valid_BK: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x_BSD: torch.Tensor,
+        rot_BSR: torch.Tensor,
+        *,
+        cu_seqlens: torch.Tensor | None = None,
+        cache=None,
+        key_valid_BK: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Causal attention of ``x`` over itself and, with ``cache`` (an object whose ``update(c, kr)`` stores
         the new latents and returns all of them), over the cached tokens; single-token steps then run absorbed.
         ``key_valid_BK`` marks real (non-padding) keys. With ``cu_seqlens`` the single row is a pack of samples."""

@@ -86,7 +86,7 @@ class GroupedExperts(nn.Module):
         out = {}
         for e in range(self.n_experts):
             out[f"{e}.gate_proj.weight"] = self.gate_up_proj[e, : self.hidden]
-            out[f"{e}.up_proj.weight"] = self.gate_up_proj[e, self.hidden:]
+            out[f"{e}.up_proj.weight"] = self.gate_up_proj[e, self.hidden :]
             out[f"{e}.down_proj.weight"] = self.down_proj[e]
         return out
 
@@ -110,8 +110,10 @@ def _stack_experts(module: GroupedExperts, state_dict, prefix, local_metadata, s
     if absent:
         missing.extend(absent)
         return
-    per = [[state_dict.pop(f"{prefix}{e}.{p}.weight") for p in ("gate_proj", "up_proj", "down_proj")]
-           for e in range(module.n_experts)]
+    per = [
+        [state_dict.pop(f"{prefix}{e}.{p}.weight") for p in ("gate_proj", "up_proj", "down_proj")]
+        for e in range(module.n_experts)
+    ]
     state_dict[prefix + "gate_up_proj"] = torch.stack([torch.cat(w[:2]) for w in per])
     state_dict[prefix + "down_proj"] = torch.stack([w[2] for w in per])
 

@@ -37,8 +37,10 @@ def check_grids(grid_hws: torch.Tensor, num_patches: int, max_grid: int | None =
         if h <= 0 or w <= 0:
             raise ValueError(f"image {i} has grid (h={h}, w={w}); both sides must be positive")
         if max_grid is not None and (h >= max_grid or w >= max_grid):
-            raise ValueError(f"image {i} has grid (h={h}, w={w}); each side must be below {max_grid} patches "
-                             "(downscale the image first)")
+            raise ValueError(
+                f"image {i} has grid (h={h}, w={w}); each side must be below {max_grid} patches "
+                "(downscale the image first)"
+            )
     total = sum(h * w for h, w in grids)
     if total != num_patches:
         raise ValueError(f"grid_hws describes {total} patches (sum of h*w) but {num_patches} were given")
@@ -158,8 +160,14 @@ class EncoderBlock(nn.Module):
         n, c = x_NC.shape
         qkv_N3HD = self.wqkv(self.norm0(x_NC)).view(n, 3, self.num_heads, self.head_dim)
         qk_N2HD = apply_rope_2d(qkv_N3HD[:, :2], freqs_NP)
-        out_NHD = attention(qk_N2HD[None, :, 0], qk_N2HD[None, :, 1], qkv_N3HD[None, :, 2], causal=False,
-                            scale=1.0 / math.sqrt(self.head_dim), cu_seqlens=cu_seqlens)[0]
+        out_NHD = attention(
+            qk_N2HD[None, :, 0],
+            qk_N2HD[None, :, 1],
+            qkv_N3HD[None, :, 2],
+            causal=False,
+            scale=1.0 / math.sqrt(self.head_dim),
+            cu_seqlens=cu_seqlens,
+        )[0]
         x_NC = x_NC + self.wo(out_NHD.reshape(n, c))
         return x_NC + self.mlp(self.norm1(x_NC))
 
@@ -191,8 +199,9 @@ class MoonViT(nn.Module):
     def forward(self, pixel_values: torch.Tensor, grid_hws: torch.Tensor) -> torch.Tensor:
         p = self.config.patch_size
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (3, p, p):
-            raise ValueError(f"pixel_values must have shape (num_patches, 3, {p}, {p}), "
-                             f"got {tuple(pixel_values.shape)}")
+            raise ValueError(
+                f"pixel_values must have shape (num_patches, 3, {p}, {p}), got {tuple(pixel_values.shape)}"
+            )
         grids = check_grids(grid_hws, pixel_values.shape[0])
         x_NC = self.patch_embed(pixel_values, grids)
         freqs_NP = rope_2d_freqs(grids, self.config.head_dim, self.config.rope_theta, device=x_NC.device)
@@ -210,9 +219,13 @@ def patch_merge(x_NC: torch.Tensor, grid_hws: torch.Tensor, kernel_size: tuple[i
     kh, kw = kernel_size
     for i, (h, w) in enumerate(grids):
         if h % kh or w % kw:
-            raise ValueError(f"image {i} has grid (h={h}, w={w}), not divisible by the merge kernel ({kh}, {kw}); "
-                             "pad images to a multiple of patch_size * merge kernel")
+            raise ValueError(
+                f"image {i} has grid (h={h}, w={w}), not divisible by the merge kernel ({kh}, {kw}); "
+                "pad images to a multiple of patch_size * merge kernel"
+            )
     c = x_NC.shape[1]
-    pieces = [x_LC.view(h // kh, kh, w // kw, kw, c).permute(0, 2, 1, 3, 4).reshape(-1, kh * kw, c)
-              for (h, w), x_LC in zip(grids, x_NC.split([h * w for h, w in grids]))]
+    pieces = [
+        x_LC.view(h // kh, kh, w // kw, kw, c).permute(0, 2, 1, 3, 4).reshape(-1, kh * kw, c)
+        for (h, w), x_LC in zip(grids, x_NC.split([h * w for h, w in grids]))
+    ]
     return torch.cat(pieces)

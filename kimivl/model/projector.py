@@ -28,7 +28,9 @@ class Projector(nn.Module):
 
     def forward(self, x_TKC: torch.Tensor) -> torch.Tensor:
         if x_TKC.dim() != 3 or tuple(x_TKC.shape[1:]) != (self.num_sub, self.dim):
-            raise ValueError(f"Projector expects merged tokens of shape (T, {self.num_sub}, {self.dim}) "
-                             f"(see moonvit.patch_merge), got {tuple(x_TKC.shape)}")
+            raise ValueError(
+                f"Projector expects merged tokens of shape (T, {self.num_sub}, {self.dim}) "
+                f"(see moonvit.patch_merge), got {tuple(x_TKC.shape)}"
+            )
         x_TF = self.pre_norm(x_TKC).flatten(1)
         return self.linear_2(F.gelu(self.linear_1(x_TF)))

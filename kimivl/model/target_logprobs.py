@@ -14,8 +14,9 @@ import torch.nn.functional as F
 LOGITS_LIMIT = 1 << 26  # float32 logit elements materialised at once (256 MiB)
 
 
-def target_logprobs(hidden_ND: torch.Tensor, weight_VD: torch.Tensor, targets_N: torch.Tensor,
-                    limit: int | None = None) -> torch.Tensor:
+def target_logprobs(
+    hidden_ND: torch.Tensor, weight_VD: torch.Tensor, targets_N: torch.Tensor, limit: int | None = None
+) -> torch.Tensor:
     """log softmax(hidden @ weight.T)[target] per position, float32 (N,); differentiable in hidden and weight.
     Under autocast the head's matmuls run in the autocast dtype, as ``nn.Linear`` would. ``limit``: logits held at
     once (default ``LOGITS_LIMIT``)."""
@@ -31,14 +32,16 @@ def target_logprobs(hidden_ND: torch.Tensor, weight_VD: torch.Tensor, targets_N:
     return _ChunkedLogprobs.apply(hidden_ND, weight_VD, targets_N, dtype, limit)
 
 
-def next_token_loss(hidden_BSD: torch.Tensor, weight_VD: torch.Tensor, labels_BS: torch.Tensor,
-                    ignore_index: int = -100) -> torch.Tensor:
+def next_token_loss(
+    hidden_BSD: torch.Tensor, weight_VD: torch.Tensor, labels_BS: torch.Tensor, ignore_index: int = -100
+) -> torch.Tensor:
     """Mean next-token cross-entropy through the head ``weight`` at the scored positions only. ``labels`` are
     aligned with the inputs (unscored positions set to ``ignore_index``); the shift happens here: the hidden state
     at s predicts the label at s + 1. 0, with a graph, when nothing is scored."""
     if hidden_BSD.shape[:-1] != labels_BS.shape:
-        raise ValueError(f"hidden {tuple(hidden_BSD.shape)} and labels {tuple(labels_BS.shape)} disagree on "
-                         "(batch, seq)")
+        raise ValueError(
+            f"hidden {tuple(hidden_BSD.shape)} and labels {tuple(labels_BS.shape)} disagree on (batch, seq)"
+        )
     targets = labels_BS[:, 1:]
     scored = targets != ignore_index
     logprobs_N = target_logprobs(hidden_BSD[:, :-1][scored], weight_VD, targets[scored])
@@ -63,9 +66,9 @@ class _ChunkedLogprobs(torch.autograd.Function):
         lse_N = torch.empty_like(out_N)
         w = weight_VD.to(dtype)
         for s in range(0, len(targets_N), rows):
-            logits_nV = _logits(hidden_ND[s:s + rows], w, dtype)
-            lse_N[s:s + rows] = logits_nV.logsumexp(-1)
-            out_N[s:s + rows] = logits_nV.gather(-1, targets_N[s:s + rows, None]).squeeze(-1) - lse_N[s:s + rows]
+            logits_nV = _logits(hidden_ND[s : s + rows], w, dtype)
+            lse_N[s : s + rows] = logits_nV.logsumexp(-1)
+            out_N[s : s + rows] = logits_nV.gather(-1, targets_N[s : s + rows, None]).squeeze(-1) - lse_N[s : s + rows]
         ctx.save_for_backward(hidden_ND, weight_VD, targets_N, lse_N)
         ctx.dtype, ctx.rows = dtype, rows
         ctx.block = max(1, limit // weight_VD.shape[1])  # vocabulary rows per block of the weight's gradient
@@ -76,17 +79,18 @@ class _ChunkedLogprobs(torch.autograd.Function):
         hidden_ND, weight_VD, targets_N, lse_N = ctx.saved_tensors
         dtype, rows, block = ctx.dtype, ctx.rows, ctx.block
         grad_hidden = torch.empty_like(hidden_ND)
-        grad_weight = torch.zeros(weight_VD.shape, dtype=torch.promote_types(weight_VD.dtype, torch.float32),
-                                  device=weight_VD.device)
+        grad_weight = torch.zeros(
+            weight_VD.shape, dtype=torch.promote_types(weight_VD.dtype, torch.float32), device=weight_VD.device
+        )
         w = weight_VD.to(dtype)
         with torch.autocast(hidden_ND.device.type, enabled=False):
             for s in range(0, len(targets_N), rows):
-                h = hidden_ND[s:s + rows].to(dtype)
+                h = hidden_ND[s : s + rows].to(dtype)
                 # d logprob / d logits = onehot(target) - softmax
-                probs_nV = (_logits(h, w, dtype) - lse_N[s:s + rows, None]).exp_()
-                probs_nV[torch.arange(len(h), device=h.device), targets_N[s:s + rows]] -= 1
-                g_nV = (probs_nV * -grad_N[s:s + rows, None]).to(dtype)
-                grad_hidden[s:s + rows] = g_nV @ w
+                probs_nV = (_logits(h, w, dtype) - lse_N[s : s + rows, None]).exp_()
+                probs_nV[torch.arange(len(h), device=h.device), targets_N[s : s + rows]] -= 1
+                g_nV = (probs_nV * -grad_N[s : s + rows, None]).to(dtype)
+                grad_hidden[s : s + rows] = g_nV @ w
                 for v in range(0, len(w), block):  # vocabulary blocks bound the float32 copy of the product
-                    grad_weight[v:v + block] += g_nV[:, v:v + block].T @ h
+                    grad_weight[v : v + block] += g_nV[:, v : v + block].T @ h
         return grad_hidden, grad_weight.to(weight_VD.dtype), None, None, None

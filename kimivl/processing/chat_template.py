@@ -18,6 +18,7 @@ GENERATION_PROMPT = "<|im_assistant|>assistant<|im_middle|>"
 THINK_OPEN = "◁think▷"
 THINK_CLOSE = "◁/think▷"
 
+
 class MessageError(ValueError):
     """A conversation that is not in the chat format (messages, roles, content parts)."""
 
@@ -64,8 +65,9 @@ def _video_parts(part: dict, where: str) -> list[dict]:
         return frames_to_parts(frames, part.get("timestamps") or [float(i) for i in range(len(frames))])
     if part.get("video") is None:
         raise MessageError(f"{where}: video part has no 'video' (a file) or 'frames' (a list of images)")
-    frames, times = load_video(part["video"], fps=part.get("fps", DEFAULT_FPS),
-                               max_frames=part.get("max_frames", DEFAULT_MAX_FRAMES))
+    frames, times = load_video(
+        part["video"], fps=part.get("fps", DEFAULT_FPS), max_frames=part.get("max_frames", DEFAULT_MAX_FRAMES)
+    )
     return frames_to_parts(frames, times)
 
 

@@ -108,15 +108,20 @@ class ImageProcessor:
 
     def __post_init__(self):
         def numbers(v, n: int) -> bool:
-            return isinstance(v, (list, tuple)) and len(v) == n and all(
-                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+            return (
+                isinstance(v, (list, tuple))
+                and len(v) == n
+                and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+            )
 
-        if not (numbers(self.merge_kernel_size, 2) and all(isinstance(k, int) and k >= 1
-                                                             for k in self.merge_kernel_size)):
+        if not (
+            numbers(self.merge_kernel_size, 2) and all(isinstance(k, int) and k >= 1 for k in self.merge_kernel_size)
+        ):
             raise ValueError(f"merge_kernel_size must be two positive integers, got {self.merge_kernel_size!r}")
         if not (numbers(self.image_mean, 3) and numbers(self.image_std, 3) and all(s > 0 for s in self.image_std)):
-            raise ValueError(f"image_mean/image_std need 3 finite numbers (std > 0), got {self.image_mean!r}, "
-                             f"{self.image_std!r}")
+            raise ValueError(
+                f"image_mean/image_std need 3 finite numbers (std > 0), got {self.image_mean!r}, {self.image_std!r}"
+            )
         self.merge_kernel_size = tuple(self.merge_kernel_size)
         self.image_mean, self.image_std = tuple(self.image_mean), tuple(self.image_std)
         if not isinstance(self.pad_input, bool):
@@ -190,8 +195,10 @@ class ImageProcessor:
         while chunk := f.read(READ_CHUNK):
             data += chunk
             if len(data) > self.max_bytes:
-                raise ImageError(f"image {name} is longer than max_bytes={self.max_bytes}; stopped reading it "
-                                 "(raise max_bytes to allow larger files)")
+                raise ImageError(
+                    f"image {name} is longer than max_bytes={self.max_bytes}; stopped reading it "
+                    "(raise max_bytes to allow larger files)"
+                )
         return bytes(data)
 
     def _open(self, source, name: str) -> Image.Image:
@@ -204,8 +211,10 @@ class ImageProcessor:
             if stat.S_ISDIR(info.st_mode):
                 raise ImageError(f"image {name} is a directory, not an image file")
             if stat.S_ISREG(info.st_mode) and info.st_size > self.max_bytes:
-                raise ImageError(f"image file {name} is {info.st_size} bytes, over max_bytes={self.max_bytes} "
-                                 "(raise max_bytes to allow it)")
+                raise ImageError(
+                    f"image file {name} is {info.st_size} bytes, over max_bytes={self.max_bytes} "
+                    "(raise max_bytes to allow it)"
+                )
             with open(source, "rb") as f:
                 if not stat.S_ISREG(info.st_mode):
                     return self._decode(io.BytesIO(self._read_stream(f, name)), name)
@@ -225,8 +234,10 @@ class ImageProcessor:
                 img = Image.open(f)  # reads the header only
                 w, h = img.size
                 if w * h > self.max_pixels:
-                    raise ImageError(f"image {name} is {w}x{h} = {w * h} pixels, over max_pixels={self.max_pixels} "
-                                     "(a decompression bomb or a very large scan; raise max_pixels to allow it)")
+                    raise ImageError(
+                        f"image {name} is {w}x{h} = {w * h} pixels, over max_pixels={self.max_pixels} "
+                        "(a decompression bomb or a very large scan; raise max_pixels to allow it)"
+                    )
                 img.load()
         except ImageError:
             raise
@@ -267,8 +278,10 @@ class ImageProcessor:
         size = self.resized_size(*img.size)
         if size != img.size:
             if min(size) < 1:
-                raise ImageError(f"image {name} ({img.size[0]}x{img.size[1]}) is too elongated to fit "
-                                 f"in_token_limit={self.in_token_limit}: it would shrink to {size[0]}x{size[1]}")
+                raise ImageError(
+                    f"image {name} ({img.size[0]}x{img.size[1]}) is too elongated to fit "
+                    f"in_token_limit={self.in_token_limit}: it would shrink to {size[0]}x{size[1]}"
+                )
             img = img.resize(size, Image.Resampling.BICUBIC)
         w, h = img.size
         p = self.patch_size
@@ -287,8 +300,10 @@ class ImageProcessor:
             img = img.crop((left, top, left + cw, top + ch))
         w, h = img.size
         if w // p >= MAX_GRID_SIDE or h // p >= MAX_GRID_SIDE:
-            raise ImageError(f"image {name} gives a {h // p}x{w // p} patch grid; MoonViT allows fewer than "
-                             f"{MAX_GRID_SIDE} patches per side (lower in_token_limit)")
+            raise ImageError(
+                f"image {name} gives a {h // p}x{w // p} patch grid; MoonViT allows fewer than "
+                f"{MAX_GRID_SIDE} patches per side (lower in_token_limit)"
+            )
         return img
 
     def preprocess(self, image: Any) -> tuple[torch.Tensor, tuple[int, int]]:

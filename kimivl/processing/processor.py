@@ -121,11 +121,13 @@ class KimiVLProcessor:
     def __call__(self, messages: list[dict], add_generation_prompt: bool = True) -> dict[str, torch.Tensor]:
         """Model inputs for one conversation: ``input_ids`` (1, S), ``pixel_values``, ``image_grid_hws``."""
         enc = self.encode(messages, add_generation_prompt)
-        return {"input_ids": torch.tensor([enc.input_ids]), "pixel_values": enc.pixel_values,
-                "image_grid_hws": enc.image_grid_hws}
+        return {
+            "input_ids": torch.tensor([enc.input_ids]),
+            "pixel_values": enc.pixel_values,
+            "image_grid_hws": enc.image_grid_hws,
+        }
 
     def decode(self, ids: list[int], skip_special: bool = True) -> str:
         if skip_special:
             ids = [t for t in ids if not self.tokenizer.is_special(t)]
         return self.tokenizer.decode(ids)
-

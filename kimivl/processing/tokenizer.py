@@ -25,22 +25,34 @@ MODEL_FILE = "tiktoken.model"
 CONFIG_FILE = "tokenizer_config.json"
 
 # The released split regex (spec section 8). tiktoken's fancy-regex engine supports the `&&` class intersection.
-PAT_STR = "|".join([
-    r"""[\p{Han}]+""",
-    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
-    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
-    r"""\p{N}{1,3}""",
-    r""" ?[^\s\p{L}\p{N}]+[\r\n]*""",
-    r"""\s*[\r\n]+""",
-    r"""\s+(?!\S)""",
-    r"""\s+""",
-])
+PAT_STR = "|".join(
+    [
+        r"""[\p{Han}]+""",
+        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+        r"""\p{N}{1,3}""",
+        r""" ?[^\s\p{L}\p{N}]+[\r\n]*""",
+        r"""\s*[\r\n]+""",
+        r"""\s+(?!\S)""",
+        r"""\s+""",
+    ]
+)
 
 # Special tokens of the released table, by index from the first special id (163584 in the real model).
 DEFAULT_SPECIAL_NAMES = {
-    0: "[BOS]", 1: "[EOS]", 2: "<|im_end|>", 3: "<|im_user|>", 4: "<|im_assistant|>", 10: "<|im_system|>",
-    17: "<|im_middle|>", 18: "<|media_start|>", 19: "<|media_content|>", 20: "<|media_end|>", 21: "<|media_pad|>",
-    254: "[UNK]", 255: "[PAD]",
+    0: "[BOS]",
+    1: "[EOS]",
+    2: "<|im_end|>",
+    3: "<|im_user|>",
+    4: "<|im_assistant|>",
+    10: "<|im_system|>",
+    17: "<|im_middle|>",
+    18: "<|media_start|>",
+    19: "<|media_content|>",
+    20: "<|media_end|>",
+    21: "<|media_pad|>",
+    254: "[UNK]",
+    255: "[PAD]",
 }
 
 # Chunking of long inputs, as the released tokenizer does: pieces of at most 400,000 characters, each cut inside
@@ -73,8 +85,13 @@ def _special(name: str) -> property:
 class KimiTokenizer:
     """Byte-level BPE with the Kimi split regex and 256 special ids after the ranks."""
 
-    def __init__(self, mergeable_ranks: dict[bytes, int], special_names: dict[int, str],
-                 config: dict | None = None, name: str = "kimi"):
+    def __init__(
+        self,
+        mergeable_ranks: dict[bytes, int],
+        special_names: dict[int, str],
+        config: dict | None = None,
+        name: str = "kimi",
+    ):
         """``special_names`` maps absolute special ids to their names; the rest are reserved.
 
         ``config`` is the tokenizer_config.json content written back by :meth:`save_pretrained`.
@@ -84,20 +101,23 @@ class KimiTokenizer:
             raise TokenizerError("BPE ranks must be exactly 0..n-1 with no gaps or duplicates")
         for i, content in special_names.items():
             if not n <= i < n + NUM_SPECIAL:
-                raise TokenizerError(f"special token {content!r} has id {i}, outside the special range "
-                                     f"{n}..{n + NUM_SPECIAL - 1}")
+                raise TokenizerError(
+                    f"special token {content!r} has id {i}, outside the special range {n}..{n + NUM_SPECIAL - 1}"
+                )
         self.mergeable_ranks = mergeable_ranks
         self.special_tokens: dict[str, int] = {}
         for i in range(n, n + NUM_SPECIAL):
             content = special_names.get(i, reserved_name(i))
             if content in self.special_tokens:
-                raise TokenizerError(f"special token {content!r} is named twice (ids "
-                                     f"{self.special_tokens[content]} and {i})")
+                raise TokenizerError(
+                    f"special token {content!r} is named twice (ids {self.special_tokens[content]} and {i})"
+                )
             self.special_tokens[content] = i
         self.id_to_special = {i: s for s, i in self.special_tokens.items()}
         self.config = config if config is not None else _default_config(special_names)
-        self._enc = tiktoken.Encoding(name=name, pat_str=PAT_STR, mergeable_ranks=mergeable_ranks,
-                                      special_tokens=self.special_tokens)
+        self._enc = tiktoken.Encoding(
+            name=name, pat_str=PAT_STR, mergeable_ranks=mergeable_ranks, special_tokens=self.special_tokens
+        )
 
     @property
     def n_ranks(self) -> int:
@@ -143,9 +163,12 @@ class KimiTokenizer:
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
         ids: list[int] = []
         for start in range(0, max(len(text), 1), MAX_ENCODE_CHARS):
-            for chunk in split_long_runs(text[start:start + MAX_ENCODE_CHARS]):
-                ids.extend(self._enc.encode(chunk, allowed_special="all") if allow_special
-                           else self._enc.encode_ordinary(chunk))
+            for chunk in split_long_runs(text[start : start + MAX_ENCODE_CHARS]):
+                ids.extend(
+                    self._enc.encode(chunk, allowed_special="all")
+                    if allow_special
+                    else self._enc.encode_ordinary(chunk)
+                )
         return ids
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
@@ -182,8 +205,10 @@ class KimiTokenizer:
         names = {}
         for key, entry in decoder.items():
             if not (key.isdigit() and isinstance(entry, dict) and isinstance(entry.get("content"), str)):
-                raise TokenizerError(f"{config_file}: bad added_tokens_decoder entry {key!r}: {entry!r} "
-                                     "(expected an integer id mapping to {\"content\": str, ...})")
+                raise TokenizerError(
+                    f"{config_file}: bad added_tokens_decoder entry {key!r}: {entry!r} "
+                    '(expected an integer id mapping to {"content": str, ...})'
+                )
             names[int(key)] = entry["content"]
         return cls(ranks, names, config=config, name=os.path.basename(os.path.normpath(path)))
 
@@ -199,7 +224,10 @@ def _default_config(special_names: dict[int, str]) -> dict:
     entry = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
     return {
         "added_tokens_decoder": {str(i): {"content": s, **entry} for i, s in sorted(special_names.items())},
-        "bos_token": "[BOS]", "eos_token": "[EOS]", "unk_token": "[UNK]", "pad_token": "[PAD]",
+        "bos_token": "[BOS]",
+        "eos_token": "[EOS]",
+        "unk_token": "[UNK]",
+        "pad_token": "[PAD]",
         "tokenizer_class": "TikTokenTokenizer",
     }
 
@@ -236,8 +264,9 @@ def save_ranks(ranks: dict[bytes, int], file: str | os.PathLike) -> None:
 _TRAIN_SPLIT = regex.compile(PAT_STR, regex.VERSION1)
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int = 3840,
-              special_names: dict[int, str] | None = None) -> KimiTokenizer:
+def train_bpe(
+    texts: Iterable[str], vocab_size: int = 3840, special_names: dict[int, str] | None = None
+) -> KimiTokenizer:
     """Learn ``vocab_size`` byte-level BPE ranks (the 256 single bytes are ranks 0..255) from ``texts``.
 
     Special tokens follow at ids ``vocab_size..vocab_size+255``, named like the released table unless
@@ -266,8 +295,10 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 3840,
             if pair_counts.get(pair, 0) == -neg and neg < 0:
                 break
         else:
-            raise ValueError(f"the training text only supports {len(ranks)} ranks, fewer than vocab_size="
-                             f"{vocab_size}; give more (or more varied) text")
+            raise ValueError(
+                f"the training text only supports {len(ranks)} ranks, fewer than vocab_size="
+                f"{vocab_size}; give more (or more varied) text"
+            )
         merged = vocab[pair[0]] + vocab[pair[1]]
         if merged not in ranks:  # the same bytes reached by another merge path keep their rank
             ranks[merged] = len(vocab)

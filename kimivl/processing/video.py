@@ -41,8 +41,9 @@ def format_timestamp(seconds: float) -> str:
 def frames_to_parts(frames: list, timestamps: list[float]) -> list[dict]:
     """Content parts for a video: timestamp text then the frame image, per frame."""
     if not isinstance(frames, (list, tuple)) or not isinstance(timestamps, (list, tuple)):
-        raise VideoError(f"video frames and timestamps must be lists, got {type(frames).__name__} and "
-                         f"{type(timestamps).__name__}")
+        raise VideoError(
+            f"video frames and timestamps must be lists, got {type(frames).__name__} and {type(timestamps).__name__}"
+        )
     if len(frames) != len(timestamps):
         raise VideoError(f"{len(frames)} frames but {len(timestamps)} timestamps")
     for i, t in enumerate(timestamps):
@@ -89,9 +90,12 @@ def _positive(value: Any, name: str, kind: type) -> None:
         raise VideoError(f"need {name} > 0 (a finite {'number' if kind is float else 'integer'}), got {value!r}")
 
 
-def load_video(source: str | os.PathLike | bytes | BinaryIO, fps: float = DEFAULT_FPS,
-               max_frames: int = DEFAULT_MAX_FRAMES, max_pixels: int = DEFAULT_MAX_PIXELS
-               ) -> tuple[list[Image.Image], list[float]]:
+def load_video(
+    source: str | os.PathLike | bytes | BinaryIO,
+    fps: float = DEFAULT_FPS,
+    max_frames: int = DEFAULT_MAX_FRAMES,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> tuple[list[Image.Image], list[float]]:
     """Decode ``source`` and sample frames at ``fps``; more than ``max_frames`` samples are thinned uniformly.
 
     The frame for time t is the one on screen at t (the last frame starting at or before t). Returns RGB

@@ -27,8 +27,10 @@ def comparison_table(runs: list[str | os.PathLike], stage: str = "rl", task: str
         before, after = _read(run, "base")[task], _read(run, stage)[task]
         len_before, len_after = _read(run, "base.lengths")[task], _read(run, f"{stage}.lengths")[task]
         change = 100 * (len_after - len_before) / len_before if len_before else float("nan")
-        lines.append(f"| {run.name} | {100 * before:.1f}% → {100 * after:.1f}% | "
-                     f"{len_before:.1f} → {len_after:.1f} ({change:+.0f}%) |")
+        lines.append(
+            f"| {run.name} | {100 * before:.1f}% → {100 * after:.1f}% | "
+            f"{len_before:.1f} → {len_after:.1f} ({change:+.0f}%) |"
+        )
     return "\n".join(lines)
 
 

@@ -46,8 +46,14 @@ def opmd_loss(logp: torch.Tensor, logp_ref: torch.Tensor, advantage: torch.Tenso
     return (advantage - tau * (logp - logp_ref)) ** 2
 
 
-def grpo_loss(logp_tokens: list[torch.Tensor], logp_old_tokens: list[torch.Tensor], advantage: torch.Tensor,
-              clip_eps: float = 0.2, level: str = "token", kl_coef: float = 0.0) -> torch.Tensor:
+def grpo_loss(
+    logp_tokens: list[torch.Tensor],
+    logp_old_tokens: list[torch.Tensor],
+    advantage: torch.Tensor,
+    clip_eps: float = 0.2,
+    level: str = "token",
+    kl_coef: float = 0.0,
+) -> torch.Tensor:
     """Per-sample clipped-ratio surrogate, negated: -min(rho * A, clip(rho, 1 - eps, 1 + eps) * A).
 
     ``level='token'``: rho per token, averaged over the sample's tokens (GRPO); ``'sequence'``: rho is the

@@ -32,9 +32,13 @@ class Rollout:
         return len(self.ids)
 
 
-def split_images(prompts: Sequence[Sequence[int]], pixel_values: torch.Tensor | None,
-                 image_grid_hws: torch.Tensor | None, placeholder_id: int,
-                 merge: tuple[int, int] = (2, 2)) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
+def split_images(
+    prompts: Sequence[Sequence[int]],
+    pixel_values: torch.Tensor | None,
+    image_grid_hws: torch.Tensor | None,
+    placeholder_id: int,
+    merge: tuple[int, int] = (2, 2),
+) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
     """Each prompt's own (pixel_values, image_grid_hws) out of the packed images (None, None for none)."""
     grids = image_grid_hws.tolist() if image_grid_hws is not None else []
     out, image, patch = [], 0, 0
@@ -60,20 +64,33 @@ def _pack_images(parts: Sequence[tuple[torch.Tensor | None, torch.Tensor | None]
 
 
 @torch.no_grad()
-def rollout(model, processor, prompts: Sequence[Sequence[int]], pixel_values: torch.Tensor | None,
-            image_grid_hws: torch.Tensor | None, k: int, params: SamplingParams, stop_ids: Sequence[int],
-            batch_size: int = 64) -> list[Rollout]:
+def rollout(
+    model,
+    processor,
+    prompts: Sequence[Sequence[int]],
+    pixel_values: torch.Tensor | None,
+    image_grid_hws: torch.Tensor | None,
+    k: int,
+    params: SamplingParams,
+    stop_ids: Sequence[int],
+    batch_size: int = 64,
+) -> list[Rollout]:
     """``k`` sampled responses per prompt, prompt by prompt (``k * len(prompts)`` rollouts), generated in batches
     of ``batch_size`` rows. Batch b samples with seed ``params.seed + b`` (a fixed seed makes rollouts repeatable).
     The engine runs without stop ids so that the stop token each row drew is seen; a batch ends once every row
     has stopped, as the engine would end it."""
-    images = split_images(prompts, pixel_values, image_grid_hws, model.config.media_placeholder_token_id,
-                          model.config.vision_config.merge_kernel_size)
+    images = split_images(
+        prompts,
+        pixel_values,
+        image_grid_hws,
+        model.config.media_placeholder_token_id,
+        model.config.vision_config.merge_kernel_size,
+    )
     rows = [i for i in range(len(prompts)) for _ in range(k)]
     stop = set(stop_ids)
     out: list[Rollout] = []
     for b, start in enumerate(range(0, len(rows), batch_size)):
-        chunk = rows[start:start + batch_size]
+        chunk = rows[start : start + batch_size]
         pv, grids = _pack_images([images[i] for i in chunk])
         seed = None if params.seed is None else params.seed + b
         sampling = SamplingParams(params.max_new_tokens, params.temperature, params.top_k, params.top_p, seed)
@@ -101,19 +118,27 @@ def _forward(model, ids: torch.Tensor, prompt_lengths: list[int], cu: torch.Tens
     in_response = torch.zeros_like(ids, dtype=torch.bool)
     bounds = cu.tolist()
     for start, end, n in zip(bounds[:-1], bounds[1:], prompt_lengths):
-        in_response[0, start + n:end] = True
+        in_response[0, start + n : end] = True
     sampled = in_response & (ids == placeholder)
     device = ids.device
-    embeds = model.embed(ids.masked_fill(sampled, 0), pixel_values.to(device) if pixel_values is not None else None,
-                         grids.to(device) if grids is not None else None)
+    embeds = model.embed(
+        ids.masked_fill(sampled, 0),
+        pixel_values.to(device) if pixel_values is not None else None,
+        grids.to(device) if grids is not None else None,
+    )
     if sampled.any():
         embeds = torch.where(sampled[..., None], model.language_model.model.embed_tokens(ids), embeds)
     return model.language_model(embeds, cu_seqlens=cu)
 
 
-def token_logprobs(model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
-                   pixel_values: torch.Tensor | None = None, image_grid_hws: torch.Tensor | None = None,
-                   budget: int = 4096) -> list[torch.Tensor]:
+def token_logprobs(
+    model,
+    prompts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    pixel_values: torch.Tensor | None = None,
+    image_grid_hws: torch.Tensor | None = None,
+    budget: int = 4096,
+) -> list[torch.Tensor]:
     """log pi(y_t | x, y_<t) for every response token (float32, one tensor per sample), from teacher-forced
     forwards over rows packed with ``cu_seqlens`` up to ``budget`` tokens (a longer sample gets a row of its own).
     Gradients flow unless called under ``torch.no_grad``. Prompt and image tokens get no log-prob."""
@@ -121,8 +146,13 @@ def token_logprobs(model, prompts: Sequence[Sequence[int]], responses: Sequence[
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     if not all(prompts):
         raise ValueError("every prompt needs at least one token")
-    images = split_images(prompts, pixel_values, image_grid_hws, model.config.media_placeholder_token_id,
-                          model.config.vision_config.merge_kernel_size)
+    images = split_images(
+        prompts,
+        pixel_values,
+        image_grid_hws,
+        model.config.media_placeholder_token_id,
+        model.config.vision_config.merge_kernel_size,
+    )
     device = model.device
     out: list[torch.Tensor] = []
     for row in pack_rows([len(p) + len(r) for p, r in zip(prompts, responses)], budget):
@@ -153,9 +183,14 @@ def pack_rows(lengths: Sequence[int], budget: int) -> list[list[int]]:
     return rows
 
 
-def sequence_logprobs(model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
-                      pixel_values: torch.Tensor | None = None, image_grid_hws: torch.Tensor | None = None,
-                      budget: int = 4096) -> torch.Tensor:
+def sequence_logprobs(
+    model,
+    prompts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    pixel_values: torch.Tensor | None = None,
+    image_grid_hws: torch.Tensor | None = None,
+    budget: int = 4096,
+) -> torch.Tensor:
     """log pi(y | x) = sum over response tokens of log pi(y_t | x, y_<t), one per sample: (N,)."""
     per_token = token_logprobs(model, prompts, responses, pixel_values, image_grid_hws, budget)
     return torch.stack([t.sum() for t in per_token]) if per_token else torch.zeros(0)

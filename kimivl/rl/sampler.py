@@ -17,8 +17,14 @@ import torch
 
 
 class ProblemSampler:
-    def __init__(self, difficulties: Sequence[str], curriculum: dict[float, dict[str, float]] | None = None,
-                 floor: float = 0.05, decay: float = 0.5, seed: int = 0):
+    def __init__(
+        self,
+        difficulties: Sequence[str],
+        curriculum: dict[float, dict[str, float]] | None = None,
+        floor: float = 0.05,
+        decay: float = 0.5,
+        seed: int = 0,
+    ):
         if not difficulties:
             raise ValueError("the sampler needs at least one problem")
         if not 0 < floor <= 1 or not 0 <= decay < 1:
@@ -30,8 +36,9 @@ class ProblemSampler:
             raise ValueError(f"the curriculum must start at progress 0, got {sorted(self.curriculum)}")
         for start, weights in self.curriculum.items():
             if not any(w > 0 and d in self.labels for d, w in weights.items()):
-                raise ValueError(f"curriculum phase {start} gives no weight to any difficulty present "
-                                 f"({', '.join(self.labels)})")
+                raise ValueError(
+                    f"curriculum phase {start} gives no weight to any difficulty present ({', '.join(self.labels)})"
+                )
         self.floor, self.decay = floor, decay
         self.success = torch.zeros(len(difficulties), dtype=torch.float64)
         self.visits = torch.zeros(len(difficulties), dtype=torch.int64)
@@ -73,12 +80,13 @@ class ProblemSampler:
             self.visits[i] += 1
 
     def state_dict(self) -> dict:
-        return {"success": self.success.clone(), "visits": self.visits.clone(),
-                "generator": self.generator.get_state()}
+        return {"success": self.success.clone(), "visits": self.visits.clone(), "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
         if state["success"].shape != self.success.shape:
-            raise ValueError(f"sampler state holds {len(state['success'])} problems, this sampler "
-                             f"{len(self.success)}: resume with the same problem sources")
+            raise ValueError(
+                f"sampler state holds {len(state['success'])} problems, this sampler "
+                f"{len(self.success)}: resume with the same problem sources"
+            )
         self.success, self.visits = state["success"].clone(), state["visits"].clone()
         self.generator.set_state(state["generator"])

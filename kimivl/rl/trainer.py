@@ -91,8 +91,9 @@ class RLConfig:
 def fingerprint(model: torch.nn.Module) -> torch.Tensor:
     """Per-parameter sums of values and of magnitudes, accumulated in float64 (no float64 copy of a weight), enough to
     notice any update."""
-    return torch.stack([torch.stack([p.sum(dtype=torch.float64), p.abs().sum(dtype=torch.float64)])
-                        for p in model.parameters()])
+    return torch.stack(
+        [torch.stack([p.sum(dtype=torch.float64), p.abs().sum(dtype=torch.float64)]) for p in model.parameters()]
+    )
 
 
 def prompt_of(record: dict) -> list[dict]:
@@ -112,20 +113,41 @@ class RLTrainer:
     """``problems``: records ``{"messages": [...], "meta": {"task", "gold", "difficulty", ...}}``; ``reward_fn``
     ``(response text, meta) -> float`` (default: ``kimivl.rl.rewards.correctness``)."""
 
-    def __init__(self, policy, processor: KimiVLProcessor, problems: Sequence[dict], cfg: RLConfig,
-                 optimizer: torch.optim.Optimizer, scheduler, run_dir: str | Path, stage: str = "rl",
-                 reward_fn: Callable[[str, dict], float] = correctness):
+    def __init__(
+        self,
+        policy,
+        processor: KimiVLProcessor,
+        problems: Sequence[dict],
+        cfg: RLConfig,
+        optimizer: torch.optim.Optimizer,
+        scheduler,
+        run_dir: str | Path,
+        stage: str = "rl",
+        reward_fn: Callable[[str, dict], float] = correctness,
+    ):
         if not problems:
             raise ValueError("RL needs at least one problem")
         self.policy, self.processor, self.problems, self.cfg = policy, processor, problems, cfg
         self.optimizer, self.scheduler, self.reward_fn = optimizer, scheduler, reward_fn
         self.run_dir, self.stage = Path(run_dir), stage
-        self.sampler = ProblemSampler([p["meta"].get("difficulty", "any") for p in problems], cfg.curriculum,
-                                      cfg.priority_floor, cfg.success_decay, cfg.seed)
+        self.sampler = ProblemSampler(
+            [p["meta"].get("difficulty", "any") for p in problems],
+            cfg.curriculum,
+            cfg.priority_floor,
+            cfg.success_decay,
+            cfg.seed,
+        )
         self.stop_ids = [processor.tokenizer.special_id(s) for s in cfg.stop]
         # nothing of pi_i is saved: checkpoints fall between iterations, where pi_i is the policy as it is then
-        self.state = TrainState(self.run_dir / stage / "checkpoints", stage, policy, optimizer, scheduler,
-                                {"sampler": self.sampler}, keep=cfg.keep_checkpoints)
+        self.state = TrainState(
+            self.run_dir / stage / "checkpoints",
+            stage,
+            policy,
+            optimizer,
+            scheduler,
+            {"sampler": self.sampler},
+            keep=cfg.keep_checkpoints,
+        )
 
     @property
     def iteration(self) -> int:
@@ -150,8 +172,16 @@ class RLTrainer:
         base_seed = (cfg.seed * 1_000_003 + it) * 1000
         params = SamplingParams(cfg.max_new_tokens, cfg.temperature, top_p=cfg.top_p, seed=base_seed)
         rollout_start = time.perf_counter()
-        rolls = rollout(reference, self.processor, [e.input_ids for e in encoded], *_images(encoded), k, params,
-                        self.stop_ids, cfg.rollout_batch)
+        rolls = rollout(
+            reference,
+            self.processor,
+            [e.input_ids for e in encoded],
+            *_images(encoded),
+            k,
+            params,
+            self.stop_ids,
+            cfg.rollout_batch,
+        )
         rollout_s = time.perf_counter() - rollout_start
 
         correct = torch.tensor([self.reward_fn(r.text, self.problems[chosen[r.prompt]]["meta"]) for r in rolls])
@@ -173,22 +203,29 @@ class RLTrainer:
             raise AssertionError("the policy changed while the reference pi_i's samples and log-probs were taken")
 
         order = torch.randperm(len(rolls), generator=torch.Generator().manual_seed(base_seed + 999))
-        losses, seen, seen_ref, grad_norm = self._update(order, prompts, responses, sample_images, ref_tokens,
-                                                         ref_seq, advantage)
+        losses, seen, seen_ref, grad_norm = self._update(
+            order, prompts, responses, sample_images, ref_tokens, ref_seq, advantage
+        )
         self.scheduler.step()
 
         correct_PK = correct.view(-1, k) >= 0.5
         self.sampler.update(chosen, correct_PK.float().mean(1).tolist())
         self.state.advance()
         tokens = int(lengths.sum())
-        values = {"reward": reward.mean().item(), "accuracy": correct.mean().item(),
-                  "mean_length": lengths.mean().item(), "truncated": 1 - sum(r.stopped for r in rolls) / len(rolls),
-                  "kl_ref": kl_estimate(torch.stack(seen), torch.stack(seen_ref)).item(),
-                  "all_correct": correct_PK.all(1).float().mean().item(),
-                  "all_wrong": (~correct_PK).all(1).float().mean().item(),
-                  "loss": torch.cat(losses).mean().item(), "grad_norm": grad_norm.item(),
-                  "lr": self.scheduler.get_last_lr()[0], "rollout_tokens_per_s": tokens / rollout_s,
-                  "seconds": time.perf_counter() - start}
+        values = {
+            "reward": reward.mean().item(),
+            "accuracy": correct.mean().item(),
+            "mean_length": lengths.mean().item(),
+            "truncated": 1 - sum(r.stopped for r in rolls) / len(rolls),
+            "kl_ref": kl_estimate(torch.stack(seen), torch.stack(seen_ref)).item(),
+            "all_correct": correct_PK.all(1).float().mean().item(),
+            "all_wrong": (~correct_PK).all(1).float().mean().item(),
+            "loss": torch.cat(losses).mean().item(),
+            "grad_norm": grad_norm.item(),
+            "lr": self.scheduler.get_last_lr()[0],
+            "rollout_tokens_per_s": tokens / rollout_s,
+            "seconds": time.perf_counter() - start,
+        }
         if length_on:
             values["length_reward"] = (reward - correct).mean().item() / cfg.length_weight
         return values
@@ -206,14 +243,20 @@ class RLTrainer:
             for row in pack_rows([len(prompts[i]) + len(responses[i]) for i in mb], cfg.budget):
                 idx = [mb[j] for j in row]
                 with self._autocast(), training_attention():
-                    tokens = token_logprobs(self.policy, [prompts[i] for i in idx], [responses[i] for i in idx],
-                                            *_images([images[i] for i in idx]), cfg.budget)
+                    tokens = token_logprobs(
+                        self.policy,
+                        [prompts[i] for i in idx],
+                        [responses[i] for i in idx],
+                        *_images([images[i] for i in idx]),
+                        cfg.budget,
+                    )
                 if cfg.objective == "opmd":
                     seq = torch.stack([t.sum() for t in tokens])
                     loss = opmd_loss(seq, ref_seq[idx], advantage[idx], cfg.tau)
                 else:
-                    loss = grpo_loss(tokens, [ref_tokens[i] for i in idx], advantage[idx], cfg.clip_eps,
-                                     cfg.grpo_level, cfg.kl_coef)
+                    loss = grpo_loss(
+                        tokens, [ref_tokens[i] for i in idx], advantage[idx], cfg.clip_eps, cfg.grpo_level, cfg.kl_coef
+                    )
                 check_loss(loss, where, self._last_good)
                 (loss.sum() / len(mb)).backward()
                 losses.append(loss.detach())
@@ -228,8 +271,11 @@ class RLTrainer:
 
     def _plot(self) -> None:
         metrics, out = self.run_dir / "metrics.jsonl", self.run_dir / self.stage
-        for name, keys in (("rewards", ("reward", "accuracy", "all_correct", "all_wrong")),
-                           ("length", ("mean_length",)), ("kl", ("kl_ref",))):
+        for name, keys in (
+            ("rewards", ("reward", "accuracy", "all_correct", "all_wrong")),
+            ("length", ("mean_length",)),
+            ("kl", ("kl_ref",)),
+        ):
             plot_curves(metrics, out / f"{name}.png", keys)
 
     def run(self, resume: bool = True, progress: bool = True) -> dict[str, float]:
@@ -237,15 +283,22 @@ class RLTrainer:
         if resume:
             self.state.resume()
         last: dict[str, Any] = {}
-        bar = tqdm(total=self.cfg.iterations, initial=self.iteration, desc=self.stage, unit="it",
-                   disable=not progress, dynamic_ncols=True)
+        bar = tqdm(
+            total=self.cfg.iterations,
+            initial=self.iteration,
+            desc=self.stage,
+            unit="it",
+            disable=not progress,
+            dynamic_ncols=True,
+        )
         with MetricsLog(self.run_dir, self.stage, start=self.iteration) as metrics, stop_on_interrupt() as stop:
             while self.iteration < self.cfg.iterations:
                 last = self.step()
                 metrics.write(self.iteration, last)
                 bar.update(1)
-                bar.set_postfix(reward=f"{last['reward']:.2f}", acc=f"{last['accuracy']:.2f}",
-                                len=f"{last['mean_length']:.0f}")
+                bar.set_postfix(
+                    reward=f"{last['reward']:.2f}", acc=f"{last['accuracy']:.2f}", len=f"{last['mean_length']:.0f}"
+                )
                 if self.iteration % self.cfg.ckpt_every == 0 or self.iteration == self.cfg.iterations:
                     self.state.save()
                     self._plot()

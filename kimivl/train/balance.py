@@ -19,8 +19,9 @@ def update_bias(router_bias: torch.Tensor, expert_counts: torch.Tensor, rate: fl
     """In place: raise the bias of experts chosen less than average by ``rate``, lower the over-loaded ones by
     ``rate``, leave exactly average ones alone. Returns ``router_bias``."""
     if router_bias.dtype != torch.float32:
-        raise ValueError(f"the router bias must be float32 (tiny steps vanish in lower precision), got "
-                         f"{router_bias.dtype}")
+        raise ValueError(
+            f"the router bias must be float32 (tiny steps vanish in lower precision), got {router_bias.dtype}"
+        )
     if expert_counts.shape != router_bias.shape:
         raise ValueError(f"expert_counts {tuple(expert_counts.shape)} must match the bias {tuple(router_bias.shape)}")
     load = expert_counts.to(device=router_bias.device, dtype=torch.float32)
@@ -63,12 +64,14 @@ class ExpertLoadTracker:
             self.counts[name] += torch.bincount(idx_TK.flatten(), minlength=scores_TE.shape[-1])
             if self.keep_routing:
                 self.routing[name] = (scores_TE, idx_TK)
+
         return record
 
     def reset(self) -> None:
         """Zero the counts and drop kept routing."""
-        self.counts = {name: torch.zeros_like(r.e_score_correction_bias, dtype=torch.long)
-                       for name, r in self.routers.items()}
+        self.counts = {
+            name: torch.zeros_like(r.e_score_correction_bias, dtype=torch.long) for name, r in self.routers.items()
+        }
         self.routing = {}
 
     def imbalance(self) -> dict[str, float]:

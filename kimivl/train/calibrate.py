@@ -21,8 +21,9 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def image_feature_stats(model: KimiVL, samples: list[Encoded],
-                        chunk: int = 16) -> tuple[torch.Tensor, torch.Tensor, int]:
+def image_feature_stats(
+    model: KimiVL, samples: list[Encoded], chunk: int = 16
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Per-channel mean and standard deviation (float32) of the projected image features of ``samples``' images,
     and the number of image tokens they came from."""
     with_images = [s for s in samples if len(s.image_grid_hws)]
@@ -30,7 +31,7 @@ def image_feature_stats(model: KimiVL, samples: list[Encoded],
         raise ValueError("no sample has an image: image features cannot be standardised")
     feats = []
     for i in range(0, len(with_images), chunk):
-        part = with_images[i:i + chunk]
+        part = with_images[i : i + chunk]
         pixels = torch.cat([s.pixel_values for s in part]).to(model.device)
         grids = torch.cat([s.image_grid_hws for s in part]).to(model.device)
         feats.append(model.get_image_features(pixels, grids).float())
@@ -52,6 +53,7 @@ def standardize_image_features(model: KimiVL, samples: list[Encoded], target_std
     linear.weight.copy_((linear.weight.float() * gain[:, None]).to(linear.weight.dtype))
     linear.bias.copy_(((linear.bias.float() - mean) * gain).to(linear.bias.dtype))
     after = target_std * mean.numel() ** 0.5
-    log.info("standardised image features over %d tokens: root-mean-square token norm %.2f -> %.2f", tokens, before,
-             after)
+    log.info(
+        "standardised image features over %d tokens: root-mean-square token norm %.2f -> %.2f", tokens, before, after
+    )
     return {"tokens": tokens, "norm_before": before, "norm_after": after}

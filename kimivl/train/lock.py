@@ -32,10 +32,12 @@ def run_lock(out: Path) -> Iterator[None]:
                 who = f"pid {who['pid']} on {who['host']}, started {who['started']}"
             except (ValueError, KeyError, TypeError):
                 who = "another process"
-            raise RecipeError(f"{out} is in use by another run ({who}); wait for it to end, or choose another "
-                              "--out") from None
-        holder = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                             "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode()
+            raise RecipeError(
+                f"{out} is in use by another run ({who}); wait for it to end, or choose another --out"
+            ) from None
+        holder = json.dumps(
+            {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        ).encode()
         os.ftruncate(fd, 0)
         os.pwrite(fd, holder, 0)
         yield

@@ -53,22 +53,35 @@ def to_device(batch: Any, device: torch.device) -> Any:
     """A dataclass ``batch`` with its tensor fields on ``device`` (anything else is returned as it is)."""
     if not dataclasses.is_dataclass(batch):
         return batch
-    moved = {f.name: value.to(device) for f in dataclasses.fields(batch)
-             if isinstance(value := getattr(batch, f.name), torch.Tensor)}
+    moved = {
+        f.name: value.to(device)
+        for f in dataclasses.fields(batch)
+        if isinstance(value := getattr(batch, f.name), torch.Tensor)
+    }
     return dataclasses.replace(batch, **moved)
 
 
-def train_loop(model: torch.nn.Module, loss_fn: LossFn, data: Batches, optimizer: torch.optim.Optimizer,
-               scheduler: torch.optim.lr_scheduler.LRScheduler, cfg: LoopConfig, run_dir: str | Path,
-               stage: str, resume: bool = True, progress: bool = True,
-               validate: Callable[[torch.nn.Module], dict[str, float]] | None = None) -> dict[str, float]:
+def train_loop(
+    model: torch.nn.Module,
+    loss_fn: LossFn,
+    data: Batches,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    cfg: LoopConfig,
+    run_dir: str | Path,
+    stage: str,
+    resume: bool = True,
+    progress: bool = True,
+    validate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+) -> dict[str, float]:
     """Run ``cfg.steps`` optimizer steps of one stage under ``run_dir/stage``; resume from its latest checkpoint
     when there is one. ``loss_fn(model, batch)`` returns (loss, metrics, tokens). Each step back-propagates
     ``cfg.accum`` batches, each loss weighing 1/accum (their logged loss and metrics are the mean, tokens the sum).
     ``validate(model)``, every ``cfg.val_every`` steps and after the last, adds its metrics (e.g. a held-out loss) to
     that step's. Returns the last metrics."""
-    state = TrainState(Path(run_dir) / stage / "checkpoints", stage, model, optimizer, scheduler,
-                       keep=cfg.keep_checkpoints)
+    state = TrainState(
+        Path(run_dir) / stage / "checkpoints", stage, model, optimizer, scheduler, keep=cfg.keep_checkpoints
+    )
     if resume:
         state.resume()
     device = next(model.parameters()).device
@@ -77,8 +90,11 @@ def train_loop(model: torch.nn.Module, loss_fn: LossFn, data: Batches, optimizer
     bar = tqdm(total=cfg.steps, initial=state.step, desc=stage, disable=not progress, unit="step", dynamic_ncols=True)
     model.train()
     moe = any(isinstance(m, Router) for m in model.modules())
-    with MetricsLog(run_dir, stage, start=state.step) as metrics, stop_on_interrupt() as stop, \
-            ExpertLoadTracker(model) if moe else contextlib.nullcontext() as tracker:
+    with (
+        MetricsLog(run_dir, stage, start=state.step) as metrics,
+        stop_on_interrupt() as stop,
+        ExpertLoadTracker(model) if moe else contextlib.nullcontext() as tracker,
+    ):
         batches = data.batches(state.position)
         while state.step < cfg.steps:
             where = f"{stage}: step {state.step + 1}"
@@ -87,8 +103,10 @@ def train_loop(model: torch.nn.Module, loss_fn: LossFn, data: Batches, optimizer
                 try:
                     batch, next_position = next(batches)
                 except Exception as e:  # bad data: keep the progress made, resume once the data is fixed
-                    raise TrainingError(f"{stage}: no batch for step {state.step + 1}: {e}; the state before it is "
-                                        f"saved at {state.save()} (fix the data, then resume)") from e
+                    raise TrainingError(
+                        f"{stage}: no batch for step {state.step + 1}: {e}; the state before it is "
+                        f"saved at {state.save()} (fix the data, then resume)"
+                    ) from e
                 micro.append(batch)
             optimizer.zero_grad(set_to_none=True)
             losses, metered, n_tokens = [], [], 0
@@ -119,8 +137,14 @@ def train_loop(model: torch.nn.Module, loss_fn: LossFn, data: Batches, optimizer
             if moe and held_out:
                 tracker.reset()  # held-out forwards are no training load for the next bias update
             if held_out or step % cfg.log_every == 0 or step == cfg.steps:
-                last = {"loss": loss.item(), "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm.item(),
-                        "tokens_per_s": rate, **values, **held_out}
+                last = {
+                    "loss": loss.item(),
+                    "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": grad_norm.item(),
+                    "tokens_per_s": rate,
+                    **values,
+                    **held_out,
+                }
                 if imbalance is not None:
                     last["expert_imbalance"] = imbalance
                 metrics.write(step, last)

@@ -95,7 +95,7 @@ def plot_curves(metrics_file: str | os.PathLike, out_png: str | os.PathLike, key
         ax.set_title(stage)
         ax.set_xlabel("step")
         ax.legend()
-    for ax in list(axes.flat)[len(stages):]:
+    for ax in list(axes.flat)[len(stages) :]:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)

@@ -25,8 +25,13 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 RMS_MATCH = 0.2
 
 
-def newton_schulz(g: torch.Tensor, steps: int = 5, coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
-                  eps: float = 1e-7, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def newton_schulz(
+    g: torch.Tensor,
+    steps: int = 5,
+    coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+    eps: float = 1e-7,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """Approximate U V^T for each matrix in the last two dims of ``g`` (..., m, n); the iterations run in
     ``dtype`` (bfloat16 is several times faster and, as in the reference Muon, accurate enough), the result is
     float32."""
@@ -52,18 +57,38 @@ class MuonAdamW(Optimizer):
     Newton-Schulz runs in ``ns_dtype`` ("float32" by default, or "bfloat16").
     """
 
-    def __init__(self, params: Iterable, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
-                 nesterov: bool = True, ns_steps: int = 5,
-                 ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
-                 betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, ns_dtype: str = "float32"):
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_steps: int = 5,
+        ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        ns_dtype: str = "float32",
+    ):
         if ns_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"ns_dtype must be 'float32' or 'bfloat16', got {ns_dtype!r}")
         if lr < 0 or weight_decay < 0 or not 0 <= momentum < 1:
-            raise ValueError(f"need lr >= 0, weight_decay >= 0, 0 <= momentum < 1; got {lr}, {weight_decay}, "
-                             f"{momentum}")
-        defaults = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "nesterov": nesterov,
-                    "ns_steps": ns_steps, "ns_coefficients": tuple(ns_coefficients), "betas": tuple(betas),
-                    "eps": eps, "algorithm": "muon", "chunks": 1, "ns_dtype": ns_dtype}
+            raise ValueError(
+                f"need lr >= 0, weight_decay >= 0, 0 <= momentum < 1; got {lr}, {weight_decay}, {momentum}"
+            )
+        defaults = {
+            "lr": lr,
+            "weight_decay": weight_decay,
+            "momentum": momentum,
+            "nesterov": nesterov,
+            "ns_steps": ns_steps,
+            "ns_coefficients": tuple(ns_coefficients),
+            "betas": tuple(betas),
+            "eps": eps,
+            "algorithm": "muon",
+            "chunks": 1,
+            "ns_dtype": ns_dtype,
+        }
         super().__init__(params, defaults)
         for group in self.param_groups:
             if group["algorithm"] not in ("muon", "adamw"):
@@ -71,9 +96,11 @@ class MuonAdamW(Optimizer):
             if group["algorithm"] == "muon":
                 for p in group["params"]:
                     if p.ndim < 2 or p.shape[-2] % group["chunks"]:
-                        raise ValueError(f"Muon needs matrices (or stacks of them) whose rows split into "
-                                         f"{group['chunks']} chunks; got shape {tuple(p.shape)}. Put vectors "
-                                         "in an 'adamw' group")
+                        raise ValueError(
+                            f"Muon needs matrices (or stacks of them) whose rows split into "
+                            f"{group['chunks']} chunks; got shape {tuple(p.shape)}. Put vectors "
+                            "in an 'adamw' group"
+                        )
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -154,10 +181,18 @@ def partition_params(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter
     return groups
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1,
-                    betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, momentum: float = 0.95,
-                    nesterov: bool = True, ns_steps: int = 5, ns_dtype: str = "float32",
-                    lr_scale: dict[str, float] | None = None) -> MuonAdamW:
+def build_optimizer(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float = 0.1,
+    betas: tuple[float, float] = (0.9, 0.95),
+    eps: float = 1e-8,
+    momentum: float = 0.95,
+    nesterov: bool = True,
+    ns_steps: int = 5,
+    ns_dtype: str = "float32",
+    lr_scale: dict[str, float] | None = None,
+) -> MuonAdamW:
     """``MuonAdamW`` over ``partition_params(model)``; each param group carries its ``name``. Empty groups are
     dropped, so a resumed run must freeze the same parts as the run that saved the state. ``lr_scale`` maps a
     submodule name (``vision_tower``) to a multiplier of ``lr`` for its parameters; those form their own groups,
@@ -167,17 +202,36 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1,
     for prefix, factor in lr_scale.items():
         if prefix not in modules or not factor > 0:
             raise ValueError(f"lr_scale {{{prefix}: {factor}}}: needs a submodule of the model and a factor > 0")
-    settings = {"muon": {"algorithm": "muon"}, "muon_gate_up": {"algorithm": "muon", "chunks": 2},
-                "adamw": {"algorithm": "adamw"}, "adamw_no_decay": {"algorithm": "adamw", "weight_decay": 0.0}}
+    settings = {
+        "muon": {"algorithm": "muon"},
+        "muon_gate_up": {"algorithm": "muon", "chunks": 2},
+        "adamw": {"algorithm": "adamw"},
+        "adamw_no_decay": {"algorithm": "adamw", "weight_decay": 0.0},
+    }
     split: dict[tuple[str, str | None], list[nn.Parameter]] = {}
     for name, named in partition_params(model).items():
         for pname, p in named:
             prefix = next((k for k in lr_scale if pname.startswith(k + ".")), None)
             split.setdefault((name, prefix), []).append(p)
-    param_groups = [{"name": name if prefix is None else f"{name}@{prefix}", "params": params,
-                     "lr": lr * (1.0 if prefix is None else lr_scale[prefix]), **settings[name]}
-                    for (name, prefix), params in sorted(split.items(), key=lambda kv: kv[0][1] is not None)]
+    param_groups = [
+        {
+            "name": name if prefix is None else f"{name}@{prefix}",
+            "params": params,
+            "lr": lr * (1.0 if prefix is None else lr_scale[prefix]),
+            **settings[name],
+        }
+        for (name, prefix), params in sorted(split.items(), key=lambda kv: kv[0][1] is not None)
+    ]
     if not param_groups:
         raise ValueError("the model has no trainable parameters (all have requires_grad=False)")
-    return MuonAdamW(param_groups, lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
-                     ns_steps=ns_steps, betas=betas, eps=eps, ns_dtype=ns_dtype)
+    return MuonAdamW(
+        param_groups,
+        lr=lr,
+        weight_decay=weight_decay,
+        momentum=momentum,
+        nesterov=nesterov,
+        ns_steps=ns_steps,
+        betas=betas,
+        eps=eps,
+        ns_dtype=ns_dtype,
+    )

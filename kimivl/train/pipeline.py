@@ -57,8 +57,9 @@ class Sources:
             spec = spec if isinstance(spec, dict) else {}
             levels = spec.get("difficulty")
             keep = None if levels is None else _of_difficulty(name, path, levels)
-            self.items[name] = JsonlRecords(path, self.is_text[name], keep,
-                                            _answers_only if spec.get("answers_only") else None, progress)
+            self.items[name] = JsonlRecords(
+                path, self.is_text[name], keep, _answers_only if spec.get("answers_only") else None, progress
+            )
             log.info("data source %s: %d records from %s", name, len(self.items[name]), path)
             if levels is not None and not self.items[name]:
                 raise RecipeError(f"data source {name!r}: no record of {path} has difficulty {levels}")
@@ -68,22 +69,29 @@ class Sources:
             if self.is_text[name]:
                 return processor.encode_text(item)
             return processor.encode_for_training(item["messages"])
+
         return encode
 
 
 def _of_difficulty(name: str, path: Path, levels: list[str]):
     """``JsonlRecords``' ``keep``: records whose ``meta.difficulty`` is one of ``levels``."""
+
     def keep(lineno: int, record) -> bool:
         level = record.get("meta", {}).get("difficulty") if isinstance(record, dict) else None
         if level is None:
             raise RecipeError(f"data source {name!r}: {path}:{lineno} has no meta.difficulty to filter on")
         return level in levels
+
     return keep
 
 
 def _answers_only(record: dict) -> dict:
-    messages = [{**m, "content": parse_thinking(m["content"])[1]} if m["role"] == "assistant"
-                and isinstance(m["content"], str) else m for m in record["messages"]]
+    messages = [
+        {**m, "content": parse_thinking(m["content"])[1]}
+        if m["role"] == "assistant" and isinstance(m["content"], str)
+        else m
+        for m in record["messages"]
+    ]
     return {**record, "messages": messages}
 
 
@@ -119,8 +127,10 @@ def base_checkpoint(recipe: Recipe) -> Path | None:
         return None
     path = Path(recipe.base["checkpoint"])
     if not (path / "config.json").is_file():
-        raise RecipeError(f"base checkpoint {path} has no config.json: give the directory of an official-format "
-                          "checkpoint (config.json, safetensors, tokenizer files)")
+        raise RecipeError(
+            f"base checkpoint {path} has no config.json: give the directory of an official-format "
+            "checkpoint (config.json, safetensors, tokenizer files)"
+        )
     return path
 
 
@@ -130,10 +140,16 @@ def base_config(recipe: Recipe, tokenizer: KimiTokenizer) -> KimiVLConfig:
         return KimiVLConfig.from_pretrained(recipe.base["checkpoint"])
     config = KimiVLConfig.from_preset(recipe.base["preset"])
     n = tokenizer.n_ranks
-    text = dataclasses.replace(config.text_config, vocab_size=n + 256, bos_token_id=tokenizer.bos_id,
-                               eos_token_id=[tokenizer.eos_id, tokenizer.im_end_id], pad_token_id=tokenizer.pad_id)
-    return dataclasses.replace(config, text_config=text, media_placeholder_token_id=tokenizer.media_pad_id,
-                               pad_token_id=tokenizer.pad_id)
+    text = dataclasses.replace(
+        config.text_config,
+        vocab_size=n + 256,
+        bos_token_id=tokenizer.bos_id,
+        eos_token_id=[tokenizer.eos_id, tokenizer.im_end_id],
+        pad_token_id=tokenizer.pad_id,
+    )
+    return dataclasses.replace(
+        config, text_config=text, media_placeholder_token_id=tokenizer.media_pad_id, pad_token_id=tokenizer.pad_id
+    )
 
 
 def _base_model(recipe: Recipe, tokenizer: KimiTokenizer) -> KimiVL:
@@ -157,8 +173,9 @@ def global_schedule(recipe: Recipe) -> tuple[WSD, dict[str, int]]:
         step += s.steps
     warmup = int(recipe.schedule.get("warmup", 0))
     decay_start = step if decay_start is None else decay_start
-    return WSD(warmup, max(0, decay_start - warmup), decay_steps,
-               min_ratio=float(recipe.schedule.get("min_ratio", 0.1))), offsets
+    return WSD(
+        warmup, max(0, decay_start - warmup), decay_steps, min_ratio=float(recipe.schedule.get("min_ratio", 0.1))
+    ), offsets
 
 
 def stage_scheduler(recipe: Recipe, stage: StageSettings, optimizer: torch.optim.Optimizer):
@@ -177,16 +194,27 @@ def compute_line(recipe: Recipe) -> str:
     return f"training on {recipe.device} in {autocast}"
 
 
-def run_stage(recipe: Recipe, stage: StageSettings, model: KimiVL, processor: KimiVLProcessor, sources: Sources,
-              progress: bool = True) -> dict[str, float]:
+def run_stage(
+    recipe: Recipe,
+    stage: StageSettings,
+    model: KimiVL,
+    processor: KimiVLProcessor,
+    sources: Sources,
+    progress: bool = True,
+) -> dict[str, float]:
     """Train ``model`` through one stage (resuming it if interrupted)."""
     if stage.rope_theta is not None:
         model.config.text_config.rope_theta = float(stage.rope_theta)
     prepared = prepare(stage, StageContext(recipe, sources, processor), model)
     log.info("%s", prepared.data_line)
     prepared.setup()
-    optimizer = build_optimizer(prepared.trainee, lr=stage.lr, weight_decay=stage.weight_decay,
-                                ns_dtype=stage.ns_dtype, lr_scale=getattr(stage, "lr_scale", None))
+    optimizer = build_optimizer(
+        prepared.trainee,
+        lr=stage.lr,
+        weight_decay=stage.weight_decay,
+        ns_dtype=stage.ns_dtype,
+        lr_scale=getattr(stage, "lr_scale", None),
+    )
     scheduler = stage_scheduler(recipe, stage, optimizer)
     # under bf16 autocast, frozen weights of a bfloat16 checkpoint train as they would in float32, in half the memory
     held = hold_frozen_in_bf16(model) if prepared.hold_frozen_bf16 and use_bf16(model.device, recipe.bf16) else []
@@ -202,8 +230,9 @@ def run_stage(recipe: Recipe, stage: StageSettings, model: KimiVL, processor: Ki
         model.set_recompute(False)
 
 
-def evaluate_stage(recipe: Recipe, stage: str, model: KimiVL, processor: KimiVLProcessor,
-                   progress: bool = True) -> dict[str, float]:
+def evaluate_stage(
+    recipe: Recipe, stage: str, model: KimiVL, processor: KimiVLProcessor, progress: bool = True
+) -> dict[str, float]:
     """Held-out accuracy per task after ``stage``, written to ``out/eval/<stage>.json``; beside it the predictions,
     ``<stage>.lengths.json``, the mean answer length in tokens per task (re-encoded text), and
     ``<stage>.position_loss.json``, the loss by position range on each text-only file of the split."""
@@ -211,22 +240,31 @@ def evaluate_stage(recipe: Recipe, stage: str, model: KimiVL, processor: KimiVLP
     split = recipe.out / spec["split"]
     records = heldout_records(split, spec.get("limit"))
     model.eval()
-    losses = {p.stem: position_loss(model, processor, list(itertools.islice(iter_texts(p), spec.get("limit"))))
-              for p in sorted(split.glob("*.jsonl")) if is_text_file(p)}
-    accuracy, rows = evaluate(model, processor, records, max_new_tokens=spec.get("max_new_tokens", 160),
-                              progress=progress)
+    losses = {
+        p.stem: position_loss(model, processor, list(itertools.islice(iter_texts(p), spec.get("limit"))))
+        for p in sorted(split.glob("*.jsonl"))
+        if is_text_file(p)
+    }
+    accuracy, rows = evaluate(
+        model, processor, records, max_new_tokens=spec.get("max_new_tokens", 160), progress=progress
+    )
     out = recipe.out / "eval"
     out.mkdir(exist_ok=True)
     write_text_atomic(out / f"{stage}.json", json.dumps(accuracy, indent=1) + "\n")
     write_text_atomic(out / f"{stage}.predictions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    tokens = {task: statistics.mean(len(processor.tokenizer.encode(r["prediction"])) for r in rows
-                                     if task in ("all", r["task"])) for task in accuracy}
+    tokens = {
+        task: statistics.mean(
+            len(processor.tokenizer.encode(r["prediction"])) for r in rows if task in ("all", r["task"])
+        )
+        for task in accuracy
+    }
     write_text_atomic(out / f"{stage}.lengths.json", json.dumps(tokens, indent=1) + "\n")
     write_text_atomic(out / f"{stage}.position_loss.json", json.dumps(losses, indent=1) + "\n")
     log.info("held-out accuracy after %s: %s", stage, accuracy)
     for name, loss in losses.items():
-        log.info("held-out %s loss by position after %s: %s", name, stage,
-                 ", ".join(f"{k} {v:.3f}" for k, v in loss.items()))
+        log.info(
+            "held-out %s loss by position after %s: %s", name, stage, ", ".join(f"{k} {v:.3f}" for k, v in loss.items())
+        )
     return accuracy
 
 
@@ -257,17 +295,20 @@ def check_export(recipe: Recipe) -> Path | None:
             wrote = None
         if wrote is None or (path / wrote).resolve() != recipe.out.resolve():
             who = f"the run in {(path / wrote).resolve()}" if wrote else "no recorded run"
-            raise RecipeError(f"export path {path} holds a model written by {who}, not by this run ({recipe.out}); "
-                              "export elsewhere (export.path, or --out, which moves a relative export path under it) "
-                              "or remove it")
+            raise RecipeError(
+                f"export path {path} holds a model written by {who}, not by this run ({recipe.out}); "
+                "export elsewhere (export.path, or --out, which moves a relative export path under it) "
+                "or remove it"
+            )
     return path
 
 
 def _export(recipe: Recipe, model: KimiVL, processor: KimiVLProcessor, path: Path) -> None:
     model.save_pretrained(path, dtype=getattr(torch, recipe.export.get("dtype", "bfloat16")))
     processor.save_pretrained(path)
-    write_text_atomic(path / EXPORT_RECORD,
-                      json.dumps({"out": os.path.relpath(recipe.out.resolve(), path.resolve())}) + "\n")
+    write_text_atomic(
+        path / EXPORT_RECORD, json.dumps({"out": os.path.relpath(recipe.out.resolve(), path.resolve())}) + "\n"
+    )
     log.info("exported %s", path)
 
 

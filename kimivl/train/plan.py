@@ -67,10 +67,15 @@ def _before_the_world(recipe: Recipe) -> list[str]:
     sizes = ", ".join(f"{v} {k}" for k, v in world.items() if k not in ("seed", "tasks"))
     tasks = ", ".join(world.get("tasks", [])) or "every task"
     vocab = recipe.tokenizer.get("train_vocab")
-    lines = [compute_line(recipe),
-             f"kimivl train first builds the synthetic world under {recipe.out / 'world'} (seed {world.get('seed', 0)}, "
-             f"{sizes or 'the default sizes'} samples per task of {tasks})"
-             + (f", then trains a {vocab}-rank tokenizer on it" if vocab else "")]
-    lines += [f"stage {s.name}: {s.kind}, {s.steps} steps; its data and memory are planned once the world is built "
-              "(run --plan again then)" for s in recipe.stages]
+    lines = [
+        compute_line(recipe),
+        f"kimivl train first builds the synthetic world under {recipe.out / 'world'} (seed {world.get('seed', 0)}, "
+        f"{sizes or 'the default sizes'} samples per task of {tasks})"
+        + (f", then trains a {vocab}-rank tokenizer on it" if vocab else ""),
+    ]
+    lines += [
+        f"stage {s.name}: {s.kind}, {s.steps} steps; its data and memory are planned once the world is built "
+        "(run --plan again then)"
+        for s in recipe.stages
+    ]
     return lines

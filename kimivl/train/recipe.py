@@ -39,8 +39,12 @@ if TYPE_CHECKING:
     from kimivl.train.stages.base import StageSettings
 
 PARTS = ("vision_tower", "multi_modal_projector", "language_model")
-MAPPINGS = {"tokenizer": {"path", "train_vocab"}, "schedule": {"warmup", "decay_stages", "min_ratio"},
-            "export": {"path", "dtype"}, "eval": {"after", "split", "limit", "max_new_tokens", "base"}}
+MAPPINGS = {
+    "tokenizer": {"path", "train_vocab"},
+    "schedule": {"warmup", "decay_stages", "min_ratio"},
+    "export": {"path", "dtype"},
+    "eval": {"after", "split", "limit", "max_new_tokens", "base"},
+}
 
 
 class RecipeError(ValueError):
@@ -72,8 +76,9 @@ class Recipe:
             _check_keys(key, getattr(self, key), allowed)
         if len(self.tokenizer) > 1:
             raise RecipeError(f"tokenizer takes one of {{path: DIR}} or {{train_vocab: N}}, got {self.tokenizer}")
-        if self.export is not None and ("path" not in self.export
-                                        or self.export.get("dtype", "bfloat16") not in ("bfloat16", "float32")):
+        if self.export is not None and (
+            "path" not in self.export or self.export.get("dtype", "bfloat16") not in ("bfloat16", "float32")
+        ):
             raise RecipeError(f"export needs a path and a dtype of bfloat16 (default) or float32, got {self.export}")
         if self.eval is not None and "split" not in self.eval:
             raise RecipeError(f"eval needs a split (a directory of held-out <task>.jsonl files), got {self.eval}")
@@ -86,8 +91,10 @@ class Recipe:
                 raise RecipeError(f"stage {s.name!r} uses sources {sorted(missing)} that 'sources' does not define")
         continued = sum(s.steps for s in self.stages if s.schedule == "continue")
         if continued and not self.schedule.get("warmup", 0) < continued:
-            raise RecipeError(f"schedule.warmup ({self.schedule['warmup']} steps) must be below the steps of the stages "
-                              f"that continue the recipe-wide schedule ({continued})")
+            raise RecipeError(
+                f"schedule.warmup ({self.schedule['warmup']} steps) must be below the steps of the stages "
+                f"that continue the recipe-wide schedule ({continued})"
+            )
         unknown = set(self.schedule.get("decay_stages", [])) - set(names)
         if unknown:
             raise RecipeError(f"schedule.decay_stages names unknown stages {sorted(unknown)}")
@@ -144,12 +151,15 @@ def _check_source(name: str, spec: Any) -> None:
         return
     where = f"data source {name!r}"
     if not isinstance(spec, dict) or not isinstance(spec.get("path"), str) or not spec["path"]:
-        raise RecipeError(f"{where}: give a path, or a mapping with a 'path' (and optionally 'answers_only', "
-                          f"'difficulty'), got {spec!r}")
+        raise RecipeError(
+            f"{where}: give a path, or a mapping with a 'path' (and optionally 'answers_only', "
+            f"'difficulty'), got {spec!r}"
+        )
     unknown = set(spec) - {"path", "answers_only", "difficulty"}
     if unknown:
-        raise RecipeError(f"{where}: unknown keys {sorted(unknown)}; a source takes 'path', 'answers_only', "
-                          "'difficulty'")
+        raise RecipeError(
+            f"{where}: unknown keys {sorted(unknown)}; a source takes 'path', 'answers_only', 'difficulty'"
+        )
     if not isinstance(spec.get("answers_only", False), bool):
         raise RecipeError(f"{where}: answers_only must be true or false, got {spec['answers_only']!r}")
     levels = spec.get("difficulty", list(DIFFICULTIES))
@@ -171,8 +181,12 @@ def load_recipe(path: str | os.PathLike, overrides: dict[str, Any] | None = None
         raise RecipeError(f"recipe {path} must be a mapping")
     raw.update(overrides or {})
     export = raw.get("export")
-    if (overrides or {}).get("out") and isinstance(export, dict) and isinstance(export.get("path"), str) \
-            and not Path(export["path"]).is_absolute():
+    if (
+        (overrides or {}).get("out")
+        and isinstance(export, dict)
+        and isinstance(export.get("path"), str)
+        and not Path(export["path"]).is_absolute()
+    ):
         raw["export"] = {**export, "path": str(Path(overrides["out"]) / export["path"])}
     known = {f.name for f in fields(Recipe)}
     unknown = set(raw) - known

@@ -34,8 +34,11 @@ TRAINER_FILE = "trainer.pt"
 
 def rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]]}
+    return {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+    }
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -75,7 +78,7 @@ def save_state(ckpt_dir: str | os.PathLike, model, trainer: dict[str, Any], keep
     os.replace(tmp, final)
     write_text_atomic(root / LATEST, name + "\n")
     older = sorted(p for p in root.glob("step-*") if p.name != name)
-    for old in older[:max(0, len(older) - (keep - 1))]:
+    for old in older[: max(0, len(older) - (keep - 1))]:
         shutil.rmtree(old, ignore_errors=True)
     log.info("checkpoint %s written", final)
     return final
@@ -125,9 +128,11 @@ class TrainState:
         try:
             self.optimizer.load_state_dict(state["optimizer"])
         except ValueError as e:
-            raise TrainingError(f"{self.stage}: the optimiser state in {found} does not fit the parameters this run "
-                                f"trains ({e}); resume with the stage's settings of that run (train, freeze, "
-                                "lr_scale), or start the stage afresh") from None
+            raise TrainingError(
+                f"{self.stage}: the optimiser state in {found} does not fit the parameters this run "
+                f"trains ({e}); resume with the stage's settings of that run (train, freeze, "
+                "lr_scale), or start the stage afresh"
+            ) from None
         self.scheduler.load_state_dict(state["scheduler"])
         for name, part in self.extras.items():
             part.load_state_dict(state[name])
@@ -142,17 +147,26 @@ class TrainState:
     def save(self) -> Path:
         """A checkpoint of the current step (written once)."""
         if self.saved is None:
-            self.saved = save_state(self.ckpt_dir, self.model, {
-                "step": self.step, "position": self.position, "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), **{n: p.state_dict() for n, p in self.extras.items()}},
-                keep=self.keep)
+            self.saved = save_state(
+                self.ckpt_dir,
+                self.model,
+                {
+                    "step": self.step,
+                    "position": self.position,
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    **{n: p.state_dict() for n, p in self.extras.items()},
+                },
+                keep=self.keep,
+            )
         return self.saved
 
     def stop_if_asked(self, request: StopRequest, total: int) -> None:
         """After a step: when Ctrl-C asked to stop, save the step and raise ``Interrupted``."""
         if request.requested:
-            raise Interrupted(f"{self.stage}: stopped at your request after step {self.step} of {total}; saved at "
-                              f"{self.save()}")
+            raise Interrupted(
+                f"{self.stage}: stopped at your request after step {self.step} of {total}; saved at {self.save()}"
+            )
 
     def last_good(self, weights_ok: bool) -> str:
         """Where the last good state is (``step.LastGood``): saved now while the weights are good, else the newest

@@ -26,8 +26,9 @@ def check_loss(loss: torch.Tensor, where: str, last_good: LastGood) -> None:
         raise TrainingError(f"{where}: loss is {value}; the last good state is {last_good(True)}")
 
 
-def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, clip: float, where: str,
-                   last_good: LastGood) -> torch.Tensor:
+def optimizer_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, clip: float, where: str, last_good: LastGood
+) -> torch.Tensor:
     """Clip the trained parameters' gradients to norm ``clip``, step ``optimizer``, check the updated weights; returns
     the gradient norm before clipping. A non-finite gradient norm stops the run before the update; weights made
     non-finite by it (e.g. by a learning rate far too high) stop it after, naming them."""
@@ -39,7 +40,9 @@ def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, clip: flo
     if not torch.isfinite(torch.nn.utils.get_total_norm([p.detach() for _, p in named])):
         bad = [name for name, p in named if not torch.isfinite(p.detach()).all()]
         if bad:  # (else the norm overflowed on huge, finite weights)
-            raise TrainingError(f"{where}: the update made {len(bad)} weight tensors non-finite ({', '.join(bad[:3])}"
-                                f"{', ...' if len(bad) > 3 else ''}): is the learning rate too high? The last good "
-                                f"state is {last_good(False)}")
+            raise TrainingError(
+                f"{where}: the update made {len(bad)} weight tensors non-finite ({', '.join(bad[:3])}"
+                f"{', ...' if len(bad) > 3 else ''}): is the learning rate too high? The last good "
+                f"state is {last_good(False)}"
+            )
     return grad_norm

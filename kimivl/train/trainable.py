@@ -28,8 +28,10 @@ def set_trainable(model: nn.Module, parts: list[str], freeze: list[str] = ()) ->
         hits = [name for name in trained if fnmatchcase(name, pattern)]
         if not hits:
             example = next(iter(trained), "")
-            raise ValueError(f"freeze pattern {pattern!r} matches no parameter of the trained parts {list(parts)} "
-                             f"(names look like {example!r})")
+            raise ValueError(
+                f"freeze pattern {pattern!r} matches no parameter of the trained parts {list(parts)} "
+                f"(names look like {example!r})"
+            )
         for name in hits:
             trained[name].requires_grad_(False)
     if not any(p.requires_grad for p in trained.values()):
@@ -40,8 +42,9 @@ def _bf16_values(name: str, p: nn.Parameter) -> bool:
     return not (p.detach().view(torch.int32) & 0xFFFF).any()  # no mantissa bits that bfloat16 lacks
 
 
-def hold_frozen_in_bf16(model: nn.Module, lossless: Callable[[str, nn.Parameter], bool] = _bf16_values
-                        ) -> list[nn.Parameter]:
+def hold_frozen_in_bf16(
+    model: nn.Module, lossless: Callable[[str, nn.Parameter], bool] = _bf16_values
+) -> list[nn.Parameter]:
     """Store each frozen float32 matrix that bf16 autocast multiplies in bfloat16 anyway (``nn.Linear`` weights, the
     experts' stacks) in bfloat16, when that loses nothing: its values are bfloat16 values, as in a weight loaded from a
     bfloat16 checkpoint and not trained since. Training under autocast then computes exactly what it did, and those
@@ -49,8 +52,13 @@ def hold_frozen_in_bf16(model: nn.Module, lossless: Callable[[str, nn.Parameter]
     plan knows which weights come from the checkpoint). Returns the changed parameters, for ``restore_float32``."""
     held = []
     for module_name, module in model.named_modules():
-        names = ("gate_up_proj", "down_proj") if isinstance(module, GroupedExperts) else \
-            ("weight",) if isinstance(module, nn.Linear) else ()
+        names = (
+            ("gate_up_proj", "down_proj")
+            if isinstance(module, GroupedExperts)
+            else ("weight",)
+            if isinstance(module, nn.Linear)
+            else ()
+        )
         for name in names:
             p = getattr(module, name)
             if p.requires_grad or p.dtype != torch.float32 or not lossless(f"{module_name}.{name}", p):
@@ -81,9 +89,11 @@ class MemoryPlan:
             return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
         count = (lambda n: f"{n / 1e9:.2f}B") if self.total >= 1e9 else (lambda n: f"{n / 1e6:.2f}M")
-        return (f"trains {count(self.trained)} of {count(self.total)} parameters; holds weights {gb(self.weights)}, "
-                f"gradients {gb(self.gradients)}, optimiser state {gb(self.optimizer)} "
-                f"(total {gb(self.weights + self.gradients + self.optimizer)}, activations on top)")
+        return (
+            f"trains {count(self.trained)} of {count(self.total)} parameters; holds weights {gb(self.weights)}, "
+            f"gradients {gb(self.gradients)}, optimiser state {gb(self.optimizer)} "
+            f"(total {gb(self.weights + self.gradients + self.optimizer)}, activations on top)"
+        )
 
 
 def memory_plan(model: nn.Module) -> MemoryPlan:
@@ -93,7 +103,10 @@ def memory_plan(model: nn.Module) -> MemoryPlan:
     params = list(model.parameters())
     groups = partition_params(model)
     trained = [(STATES[g], p) for g, named in groups.items() for _, p in named]
-    return MemoryPlan(trained=sum(p.numel() for _, p in trained), total=sum(p.numel() for p in params),
-                      weights=sum(p.numel() * p.element_size() for p in params),
-                      gradients=sum(p.numel() * p.element_size() for _, p in trained),
-                      optimizer=sum(n * p.numel() * p.element_size() for n, p in trained))
+    return MemoryPlan(
+        trained=sum(p.numel() for _, p in trained),
+        total=sum(p.numel() for p in params),
+        weights=sum(p.numel() * p.element_size() for p in params),
+        gradients=sum(p.numel() * p.element_size() for _, p in trained),
+        optimizer=sum(n * p.numel() * p.element_size() for n, p in trained),
+    )

@@ -15,8 +15,9 @@ from kimivl.processing.processor import IGNORE_INDEX, Encoded
 from kimivl.train.loop import to_device
 
 
-def heldout_rows(sources: dict[str, Sequence[Any]], encode: Callable[[str, Any], Encoded], budget: int, rows: int,
-                 seed: int = 0) -> list[PackedBatch]:
+def heldout_rows(
+    sources: dict[str, Sequence[Any]], encode: Callable[[str, Any], Encoded], budget: int, rows: int, seed: int = 0
+) -> list[PackedBatch]:
     """The first ``rows`` rows of ``budget`` tokens packed from ``sources`` (equally weighted, seeded, no record twice
     before every record once): the same rows at every evaluation, and in a resumed run."""
     mixture = Mixture(sources, encode, budget, {name: 1.0 for name in sources}, seed=seed, replacement=False)

@@ -62,31 +62,40 @@ class ViTPretrainer(nn.Module):
         text_BLC = self.text_embed(batch.text_ids) + self.text_pos[:length]
         enc = self.text_encoder(text_BLC, src_key_padding_mask=~batch.text_mask)
         pooled_txt = (enc * batch.text_mask[..., None]).sum(1) / batch.text_mask.sum(1, keepdim=True)
-        l_siglip = siglip_loss(self.image_proj(pooled_img), self.text_proj(pooled_txt), self.log_temp,
-                               self.logit_bias)
+        l_siglip = siglip_loss(self.image_proj(pooled_img), self.text_proj(pooled_txt), self.log_temp, self.logit_bias)
         causal = torch.ones(length, length, dtype=torch.bool, device=text_BLC.device).triu(1)  # True = hidden
-        dec = self.caption_decoder(text_BLC, patches_BNC, tgt_mask=causal, tgt_is_causal=True,
-                                   tgt_key_padding_mask=~batch.text_mask, memory_key_padding_mask=~patch_mask)
+        dec = self.caption_decoder(
+            text_BLC,
+            patches_BNC,
+            tgt_mask=causal,
+            tgt_is_causal=True,
+            tgt_key_padding_mask=~batch.text_mask,
+            memory_key_padding_mask=~patch_mask,
+        )
         labels = batch.text_ids.masked_fill(~batch.text_mask, -100)
         l_caption = next_token_loss(self.out_norm(dec), self.lm_head.weight, labels)
         loss = l_siglip + CAPTION_WEIGHT * l_caption
         return loss, {"siglip": l_siglip.item(), "caption": l_caption.item()}
 
 
-def caption_batch(images: list[dict[str, torch.Tensor]], texts: list[list[int]], bos: int, eos: int, pad: int,
-                  max_len: int) -> CaptionBatch:
+def caption_batch(
+    images: list[dict[str, torch.Tensor]], texts: list[list[int]], bos: int, eos: int, pad: int, max_len: int
+) -> CaptionBatch:
     """Pack processed images (``ImageProcessor`` outputs, one image each) and tokenised captions."""
     rows = [[bos, *t[: max_len - 2], eos] for t in texts]
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     for i, r in enumerate(rows):
         ids[i, : len(r)] = torch.tensor(r)
-    return CaptionBatch(torch.cat([im["pixel_values"] for im in images]),
-                        torch.cat([im["image_grid_hws"] for im in images]), ids, ids != pad)
+    return CaptionBatch(
+        torch.cat([im["pixel_values"] for im in images]),
+        torch.cat([im["image_grid_hws"] for im in images]),
+        ids,
+        ids != pad,
+    )
 
 
 def vit_loss(pretrainer: ViTPretrainer, batch: CaptionBatch) -> tuple[torch.Tensor, dict[str, float], int]:
     """``train_loop`` loss function for this stage."""
     loss, values = pretrainer(batch)
     return loss, values, int(batch.text_mask.sum()) + batch.pixel_values.shape[0]
-

@@ -16,12 +16,23 @@ def media(tmp_path: Path) -> Path:
     return tmp_path
 
 
-GOOD = {"id": "x/1", "messages": [
-    {"role": "system", "content": "Be brief."},
-    {"role": "user", "content": [{"type": "image", "image": "img/a.png"}, {"type": "text", "text": "What is it?"},
-                                 {"type": "video", "frames": ["img/b.png", "img/c.png"], "timestamps": [0, 1.5]},
-                                 {"type": "video", "video": "clip.mp4"}]},
-    {"role": "assistant", "content": "A square."}], "meta": {"task": "t", "gold": 3}}
+GOOD = {
+    "id": "x/1",
+    "messages": [
+        {"role": "system", "content": "Be brief."},
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": "img/a.png"},
+                {"type": "text", "text": "What is it?"},
+                {"type": "video", "frames": ["img/b.png", "img/c.png"], "timestamps": [0, 1.5]},
+                {"type": "video", "video": "clip.mp4"},
+            ],
+        },
+        {"role": "assistant", "content": "A square."},
+    ],
+    "meta": {"task": "t", "gold": 3},
+}
 
 
 def test_round_trip_resolves_paths_and_writes_them_back_relative(media):
@@ -67,12 +78,18 @@ MALFORMED = {
     "missing video file": (_user({"type": "video", "video": "nope.mp4"}), "media file 'nope.mp4' not found"),
     "video and frames": (_user({"type": "video", "video": "clip.mp4", "frames": ["img/a.png"]}), "exactly one of"),
     "empty frames": (_user({"type": "video", "frames": []}), "'frames' must be a non-empty list"),
-    "missing frame": (_user({"type": "video", "frames": ["img/a.png", "img/x.png"]}),
-                      "frame 1: media file 'img/x.png'"),
-    "timestamp count": (_user({"type": "video", "frames": ["img/a.png"], "timestamps": [0, 1]}),
-                        "'timestamps' must be 1"),
-    "timestamps backwards": (_user({"type": "video", "frames": ["img/a.png", "img/b.png"], "timestamps": [1, 0]}),
-                             "non-decreasing"),
+    "missing frame": (
+        _user({"type": "video", "frames": ["img/a.png", "img/x.png"]}),
+        "frame 1: media file 'img/x.png'",
+    ),
+    "timestamp count": (
+        _user({"type": "video", "frames": ["img/a.png"], "timestamps": [0, 1]}),
+        "'timestamps' must be 1",
+    ),
+    "timestamps backwards": (
+        _user({"type": "video", "frames": ["img/a.png", "img/b.png"], "timestamps": [1, 0]}),
+        "non-decreasing",
+    ),
     "bad id": ('{"id": [1], "messages": [{"role": "user", "content": "hi"}]}', "'id' must be"),
     "bad meta": ('{"meta": 3, "messages": [{"role": "user", "content": "hi"}]}', "'meta' must be an object"),
 }

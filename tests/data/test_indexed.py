@@ -10,10 +10,20 @@ from kimivl.data.indexed import Concat, JsonlRecords
 def _conversations(tmp_path, n=7):
     (tmp_path / "img").mkdir()
     Image.new("RGB", (28, 28), (200, 10, 10)).save(tmp_path / "img" / "a.png")
-    records = [{"id": i, "messages": [
-        {"role": "user", "content": [{"type": "image", "image": "img/a.png"}, {"type": "text", "text": f"q{i} é"}]},
-        {"role": "assistant", "content": f"◁think▷step◁/think▷{i}"}], "meta": {"difficulty": "easy" if i % 2 else "hard"}}
-        for i in range(n)]
+    records = [
+        {
+            "id": i,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "image", "image": "img/a.png"}, {"type": "text", "text": f"q{i} é"}],
+                },
+                {"role": "assistant", "content": f"◁think▷step◁/think▷{i}"},
+            ],
+            "meta": {"difficulty": "easy" if i % 2 else "hard"},
+        }
+        for i in range(n)
+    ]
     path = tmp_path / "conv.jsonl"
     write_records(path, records)
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
@@ -43,8 +53,12 @@ def test_texts_and_line_numbers(tmp_path):
 
 def test_keep_and_transform(tmp_path):
     path = _conversations(tmp_path)
-    easy = JsonlRecords(path, text=False, keep=lambda _, r: r["meta"]["difficulty"] == "easy",
-                        transform=lambda r: r["messages"][-1]["content"][-1])
+    easy = JsonlRecords(
+        path,
+        text=False,
+        keep=lambda _, r: r["meta"]["difficulty"] == "easy",
+        transform=lambda r: r["messages"][-1]["content"][-1],
+    )
     assert list(easy) == ["1", "3", "5"]
 
 

@@ -27,9 +27,11 @@ def chat(question, answer, image=None):
 
 @pytest.fixture(scope="module")
 def samples(small_processor):
-    return [small_processor.encode_for_training(chat("What colour is it?", "red", picture(56, 28, 0))),
-            small_processor.encode_text("Count the circles: there are 3 circles."),
-            small_processor.encode_for_training(chat("How many squares?", "2 squares", picture(28, 84, 1)))]
+    return [
+        small_processor.encode_for_training(chat("What colour is it?", "red", picture(56, 28, 0))),
+        small_processor.encode_text("Count the circles: there are 3 circles."),
+        small_processor.encode_for_training(chat("How many squares?", "2 squares", picture(28, 84, 1))),
+    ]
 
 
 def test_a_packed_row_scores_each_sample_as_if_alone(small_model, samples):
@@ -48,8 +50,12 @@ def test_a_packed_row_scores_each_sample_as_if_alone(small_model, samples):
         packed = small_model(**row.kwargs()).loss
         total, scored = 0.0, 0
         for s in samples:
-            alone = small_model(torch.tensor([s.input_ids]), s.pixel_values if len(s.image_grid_hws) else None,
-                                s.image_grid_hws if len(s.image_grid_hws) else None, torch.tensor([s.labels])).loss
+            alone = small_model(
+                torch.tensor([s.input_ids]),
+                s.pixel_values if len(s.image_grid_hws) else None,
+                s.image_grid_hws if len(s.image_grid_hws) else None,
+                torch.tensor([s.labels]),
+            ).loss
             n = sum(t != IGNORE_INDEX for t in s.labels[1:])
             total, scored = total + alone * n, scored + n
     assert scored < sum(lengths) - len(samples)  # the chats' prompts are not scored
@@ -67,15 +73,25 @@ def test_pack_rejects_overflow_nothing_and_unlabelled_samples(small_processor, s
 
 def stream(seed=0, budget=64):
     """Sources of 4-, 12- and 200-token samples; the 200-token one never fits the budget."""
-    texts = {"short": [f"item {i} " * 2 for i in range(10)], "long": [f"sample {i} " * 6 for i in range(10)],
-             "huge": ["word " * 200]}
+    texts = {
+        "short": [f"item {i} " * 2 for i in range(10)],
+        "long": [f"sample {i} " * 6 for i in range(10)],
+        "huge": ["word " * 200],
+    }
 
     def encode(name, text):
         ids = [sum(map(ord, w)) % 97 for w in text.split()]
         return Encoded(ids, torch.zeros(0, 3, 14, 14), torch.zeros(0, 2, dtype=torch.long), ids)
 
-    return Mixture(texts, encode, budget, start={"short": 1, "long": 0, "huge": 0.1},
-                   end={"short": 0, "long": 1, "huge": 0.1}, horizon=40, seed=seed)
+    return Mixture(
+        texts,
+        encode,
+        budget,
+        start={"short": 1, "long": 0, "huge": 0.1},
+        end={"short": 0, "long": 1, "huge": 0.1},
+        horizon=40,
+        seed=seed,
+    )
 
 
 def test_the_mixture_is_seeded_resumable_and_skips_samples_over_the_budget(caplog):
@@ -112,7 +128,7 @@ def test_without_replacement_every_item_comes_once_a_pass():
     picks = [mix.pick(i) for i in range(60)]
     for name, n in (("a", 7), ("b", 3)):
         drawn = [k for s, k in picks if s == name]
-        passes = [drawn[p:p + n] for p in range(0, len(drawn) - n + 1, n)]
+        passes = [drawn[p : p + n] for p in range(0, len(drawn) - n + 1, n)]
         assert len(passes) >= 4 and all(sorted(p) == list(range(n)) for p in passes)  # each item once a pass
         assert len({tuple(p) for p in passes}) > 1  # reshuffled between passes
     fresh = Mixture(sources, None, 8, start={"a": 2, "b": 1}, seed=5, replacement=False)
@@ -129,6 +145,8 @@ def test_without_replacement_every_item_comes_once_a_pass():
 def test_data_that_never_fits_the_budget_is_an_error(monkeypatch, caplog):
     monkeypatch.setattr("kimivl.data.mixture.SKIPPED_IN_A_ROW", 20)
     long = Mixture({"a": ["x"] * 3}, lambda name, text: Encoded([1] * 50, None, None, [1] * 50), 16, {"a": 1})
-    with caplog.at_level(logging.ERROR), pytest.raises(DataError, match="samples 0 to 19 all exceed the 16-token "
-                                                                         "budget: raise the stage's budget"):
+    with (
+        caplog.at_level(logging.ERROR),
+        pytest.raises(DataError, match="samples 0 to 19 all exceed the 16-token budget: raise the stage's budget"),
+    ):
         next(long.batches(0))

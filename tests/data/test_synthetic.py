@@ -144,11 +144,11 @@ def ink_cells(img: Image.Image) -> tuple[np.ndarray, np.ndarray]:
     rows, cols = img.height // TOKEN_PX, img.width // TOKEN_PX
     ink = ink[: rows * TOKEN_PX, : cols * TOKEN_PX]
     across = np.zeros_like(ink)  # ink pixels with an ink neighbour on the other side of a cell border
-    cut_x = (ink[:, TOKEN_PX - 1:-1:TOKEN_PX] & ink[:, TOKEN_PX::TOKEN_PX])
-    across[:, TOKEN_PX - 1:-1:TOKEN_PX] |= cut_x
+    cut_x = ink[:, TOKEN_PX - 1 : -1 : TOKEN_PX] & ink[:, TOKEN_PX::TOKEN_PX]
+    across[:, TOKEN_PX - 1 : -1 : TOKEN_PX] |= cut_x
     across[:, TOKEN_PX::TOKEN_PX] |= cut_x
-    cut_y = (ink[TOKEN_PX - 1:-1:TOKEN_PX] & ink[TOKEN_PX::TOKEN_PX])
-    across[TOKEN_PX - 1:-1:TOKEN_PX] |= cut_y
+    cut_y = ink[TOKEN_PX - 1 : -1 : TOKEN_PX] & ink[TOKEN_PX::TOKEN_PX]
+    across[TOKEN_PX - 1 : -1 : TOKEN_PX] |= cut_y
     across[TOKEN_PX::TOKEN_PX] |= cut_y
 
     def per_cell(mask):
@@ -170,8 +170,12 @@ def test_easy_print_puts_one_character_in_each_token_cell(make):
         assert clear.all()  # every character stays inside its own cell
         if make is make_ocr:
             x1, y1, x2, y2 = px(s.meta["box"], img)
-            assert (x1, y1, x2, y2) == (cols.min() * TOKEN_PX, rows[0] * TOKEN_PX, (cols.max() + 1) * TOKEN_PX,
-                                        (rows[0] + 1) * TOKEN_PX)
+            assert (x1, y1, x2, y2) == (
+                cols.min() * TOKEN_PX,
+                rows[0] * TOKEN_PX,
+                (cols.max() + 1) * TOKEN_PX,
+                (rows[0] + 1) * TOKEN_PX,
+            )
     if make is make_ocr:  # true one-digit sums
         assert all(eval(s.answer.replace("×", "*").replace("=", "==")) for s in samples(make, "easy"))
 
@@ -199,7 +203,7 @@ def test_chart_bars_are_proportional_to_values():
             ys = {}
             for k, (x, y) in s.meta["marks"].items():
                 cx, cy = round(x * img.width), round(y * img.height)
-                assert mask[cy - 1: cy + 2, cx - 1: cx + 2].any()
+                assert mask[cy - 1 : cy + 2, cx - 1 : cx + 2].any()
                 ys[k] = y * img.height
             keys = sorted(values)
             slopes = [(ys[a] - ys[b]) / (values[b] - values[a]) for a in keys for b in keys if values[a] != values[b]]
@@ -258,11 +262,14 @@ def test_video_motion_and_order_match_the_frames():
                 assert s.meta["gold"] == f"{mover['colour']} {mover['shape']}"
                 for o in objects[1:]:
                     assert len({frame.tobytes() for frame in [f.crop(f.getbbox()) for f in clip.frames]}) > 1
-                    assert all(colour_mask(f, o["colour"]).sum() == colour_mask(clip.frames[0], o["colour"]).sum()
-                               for f in clip.frames)
+                    assert all(
+                        colour_mask(f, o["colour"]).sum() == colour_mask(clip.frames[0], o["colour"]).sum()
+                        for f in clip.frames
+                    )
         else:
-            first_seen = [next(k for k, f in enumerate(clip.frames) if colour_mask(f, o["colour"]).any())
-                          for o in objects]
+            first_seen = [
+                next(k for k, f in enumerate(clip.frames) if colour_mask(f, o["colour"]).any()) for o in objects
+            ]
             assert first_seen == sorted(first_seen) and len(set(first_seen)) == len(first_seen)
             names = [f"{o['colour']} {o['shape']}" for o in objects]
             gold = s.meta["gold"]
@@ -282,8 +289,12 @@ def test_reasoning_answers_and_thinking_targets():
             assert s.meta["operations"] == {"easy": 1, "medium": 2, "hard": 3}[s.meta["difficulty"]]
         else:
             d, figure = s.meta["sides"], s.meta["figure"]
-            area = {"rectangle": d["w"] * d["h"], "square": d["w"] ** 2, "triangle": d["w"] * d["h"] / 2,
-                    "l-shape": d["w"] * d["h"] - d.get("cut_w", 0) * d.get("cut_h", 0)}[figure]
+            area = {
+                "rectangle": d["w"] * d["h"],
+                "square": d["w"] ** 2,
+                "triangle": d["w"] * d["h"] / 2,
+                "l-shape": d["w"] * d["h"] - d.get("cut_w", 0) * d.get("cut_h", 0),
+            }[figure]
             perimeter = 2 * (d["w"] + d["h"])
             assert gold == (area if "area" in s.question else perimeter)
 
@@ -310,14 +321,13 @@ def test_text_documents_are_deterministic_and_varied():
     assert any("\n\n" in d for d in docs)
 
 
-
-
-
 def test_long_documents_end_by_recalling_one_of_their_facts():
     docs = [make_long(random.Random(seed)) for seed in range(80)]
     assert docs == [make_long(random.Random(seed)) for seed in range(80)]
-    patterns = {kind: re.escape(fact).replace(re.escape("{key}"), r"(\w+)").replace(re.escape("{n}"), r"\d{3,7}")
-                for kind, (_, fact) in FACTS.items()}
+    patterns = {
+        kind: re.escape(fact).replace(re.escape("{key}"), r"(\w+)").replace(re.escape("{n}"), r"\d{3,7}")
+        for kind, (_, fact) in FACTS.items()
+    }
     sizes, depths, counts = [], [], set()
     for doc in docs:
         body, recalled = doc.split("\n\n" + RECALL)

@@ -25,11 +25,15 @@ def fake_lmms_eval(monkeypatch):
             assert issubclass(cls, lmms)
             registry.update(dict.fromkeys(names, cls))
             return cls
+
         return decorate
 
-    modules = {"lmms_eval": types.ModuleType("lmms_eval"), "lmms_eval.api": types.ModuleType("lmms_eval.api"),
-               "lmms_eval.api.model": types.ModuleType("lmms_eval.api.model"),
-               "lmms_eval.api.registry": types.ModuleType("lmms_eval.api.registry")}
+    modules = {
+        "lmms_eval": types.ModuleType("lmms_eval"),
+        "lmms_eval.api": types.ModuleType("lmms_eval.api"),
+        "lmms_eval.api.model": types.ModuleType("lmms_eval.api.model"),
+        "lmms_eval.api.registry": types.ModuleType("lmms_eval.api.registry"),
+    }
     modules["lmms_eval.api.model"].lmms = lmms
     modules["lmms_eval.api.registry"].register_model = register_model
     for name, module in modules.items():
@@ -53,17 +57,41 @@ def test_registered_and_generates_in_request_order(fake_lmms_eval, small_model, 
     img = Image.new("RGB", (56, 56), (10, 200, 10))
     lm.task_dict = {"demo": {"test": {0: {"visuals": [img]}, 1: {"visuals": []}, 2: {"visuals": [img, img]}}}}
     greedy = {"max_new_tokens": 4, "temperature": 0, "until": ["\n\n"]}
-    reqs = [request("What colour?", greedy, 0), request("Count the circles.", {"max_new_tokens": 3}, 1),
-            request("<image>left, <image>right: same?", greedy, 2)]
+    reqs = [
+        request("What colour?", greedy, 0),
+        request("Count the circles.", {"max_new_tokens": 3}, 1),
+        request("<image>left, <image>right: same?", greedy, 2),
+    ]
     answers = lm.generate_until(reqs)
     expected = [
-        generate(small_model, small_processor, [{"role": "user", "content": [
-            {"type": "image", "image": img}, {"type": "text", "text": "What colour?"}]}], max_new_tokens=4),
-        generate(small_model, small_processor, [{"role": "user", "content": [
-            {"type": "text", "text": "Count the circles."}]}], max_new_tokens=3),
-        generate(small_model, small_processor, [{"role": "user", "content": [
-            {"type": "image", "image": img}, {"type": "text", "text": "left, "},
-            {"type": "image", "image": img}, {"type": "text", "text": "right: same?"}]}], max_new_tokens=4),
+        generate(
+            small_model,
+            small_processor,
+            [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "What colour?"}]}],
+            max_new_tokens=4,
+        ),
+        generate(
+            small_model,
+            small_processor,
+            [{"role": "user", "content": [{"type": "text", "text": "Count the circles."}]}],
+            max_new_tokens=3,
+        ),
+        generate(
+            small_model,
+            small_processor,
+            [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image", "image": img},
+                        {"type": "text", "text": "left, "},
+                        {"type": "image", "image": img},
+                        {"type": "text", "text": "right: same?"},
+                    ],
+                }
+            ],
+            max_new_tokens=4,
+        ),
     ]
     assert answers == [e.split("\n\n")[0] for e in expected]
     with pytest.raises(NotImplementedError, match="generate_until"):
@@ -87,8 +115,9 @@ def test_loads_a_checkpoint_directory(checkpoint, small_model, small_processor):
     lm = adapter.KimiVLLmms(pretrained=str(checkpoint), dtype="float32", batch_size="auto")
     assert lm.batch_size_per_gpu == 1 and next(lm.model.parameters()).dtype == torch.float32
     prompt = [{"role": "user", "content": [{"type": "text", "text": "Count the circles."}]}]
-    assert (generate(lm.model, lm.processor, prompt, max_new_tokens=4)
-            == generate(small_model, small_processor, prompt, max_new_tokens=4))
+    assert generate(lm.model, lm.processor, prompt, max_new_tokens=4) == generate(
+        small_model, small_processor, prompt, max_new_tokens=4
+    )
     with pytest.raises(ValueError, match="needs pretrained=<checkpoint directory>"):
         adapter.KimiVLLmms()
     with pytest.raises(TypeError, match="images and videos"):

@@ -56,12 +56,34 @@ def text_of(sample):
 def test_mmmu_tsv_base64_multi_image_shared_image_and_malformed_rows(tmp_path):
     red, blue = png(), png(colour=(0, 0, 255))
     rows = [
-        {"index": "0", "question": "Which city? <image 1>", "A": "Paris", "B": "Rome", "C": "", "answer": "B",
-         "image": b64(red), "category": "Geo"},
-        {"index": "1", "question": "Compare <image 1> and <image 2>", "A": "same", "B": "different", "answer": "B",
-         "image": str([b64(red), b64(blue)]), "category": "Art"},
-        {"index": "2", "question": "Same picture again", "A": "x", "B": "y", "answer": "A", "image": "0",
-         "category": "Geo"},
+        {
+            "index": "0",
+            "question": "Which city? <image 1>",
+            "A": "Paris",
+            "B": "Rome",
+            "C": "",
+            "answer": "B",
+            "image": b64(red),
+            "category": "Geo",
+        },
+        {
+            "index": "1",
+            "question": "Compare <image 1> and <image 2>",
+            "A": "same",
+            "B": "different",
+            "answer": "B",
+            "image": str([b64(red), b64(blue)]),
+            "category": "Art",
+        },
+        {
+            "index": "2",
+            "question": "Same picture again",
+            "A": "x",
+            "B": "y",
+            "answer": "A",
+            "image": "0",
+            "category": "Geo",
+        },
         {"index": "3", "question": "Bad answer", "A": "x", "B": "y", "answer": "Z", "image": b64(red)},
         {"index": "4", "question": "Bad image", "A": "x", "B": "y", "answer": "A", "image": "!!not base64!!" * 8},
         {"index": "5", "question": "How many?", "answer": "3", "image": b64(red)},
@@ -77,11 +99,26 @@ def test_mmmu_tsv_base64_multi_image_shared_image_and_malformed_rows(tmp_path):
 
 
 def test_mmmu_parquet_image_structs(tmp_path):
-    rows = [{"id": "validation_Art_1", "question": "Style of <image 1>?", "options": "['Baroque', 'Cubism']",
-             "answer": "B", "question_type": "multiple-choice", "image_1": {"bytes": png(), "path": "a.png"},
-             "image_2": None},
-            {"id": "validation_Math_2", "question": "Area?", "options": "[]", "answer": "['12', '12.0']",
-             "question_type": "open", "image_1": {"bytes": png(), "path": "b.png"}, "image_2": None}]
+    rows = [
+        {
+            "id": "validation_Art_1",
+            "question": "Style of <image 1>?",
+            "options": "['Baroque', 'Cubism']",
+            "answer": "B",
+            "question_type": "multiple-choice",
+            "image_1": {"bytes": png(), "path": "a.png"},
+            "image_2": None,
+        },
+        {
+            "id": "validation_Math_2",
+            "question": "Area?",
+            "options": "[]",
+            "answer": "['12', '12.0']",
+            "question_type": "open",
+            "image_1": {"bytes": png(), "path": "b.png"},
+            "image_2": None,
+        },
+    ]
     samples, skipped = split(mmmu.load(write_parquet(tmp_path / "validation.parquet", rows)))
     assert not skipped and [s.index for s in samples] == ["validation_Art_1", "validation_Math_2"]
     assert samples[0].meta["group"] == "Art" and samples[0].meta["options"] == {"A": "Baroque", "B": "Cubism"}
@@ -91,47 +128,115 @@ def test_mmmu_parquet_image_structs(tmp_path):
 def test_directory_of_parquet_shards(tmp_path):
     for i, subject in enumerate(["Art", "Math"]):
         (tmp_path / subject).mkdir()
-        write_parquet(tmp_path / subject / "validation-00000.parquet", [
-            {"id": f"validation_{subject}_{i}", "question": "q", "options": "['a', 'b']", "answer": "A",
-             "question_type": "multiple-choice", "image_1": {"bytes": png(), "path": None}}])
+        write_parquet(
+            tmp_path / subject / "validation-00000.parquet",
+            [
+                {
+                    "id": f"validation_{subject}_{i}",
+                    "question": "q",
+                    "options": "['a', 'b']",
+                    "answer": "A",
+                    "question_type": "multiple-choice",
+                    "image_1": {"bytes": png(), "path": None},
+                }
+            ],
+        )
     samples, _ = split(mmmu.load(tmp_path))
     assert [s.index for s in samples] == ["validation_Art_0", "validation_Math_1"]
 
 
 def test_mathvista_parquet_and_tsv(tmp_path):
-    rows = [{"pid": "1", "query": "Hint: ...\nQuestion: How many?", "question": "How many?",
-             "decoded_image": {"bytes": png(), "path": "images/1.jpg"}, "choices": None, "answer": "3",
-             "question_type": "free_form", "answer_type": "integer", "precision": None,
-             "metadata": {"task": "figure QA"}},
-            {"pid": "2", "query": "Which?", "question": "Which?", "decoded_image": {"bytes": png(), "path": None},
-             "choices": ["1.5", "2.5"], "answer": "2.5", "question_type": "multi_choice", "answer_type": "float",
-             "precision": 1.0, "metadata": {"task": "math word problem"}},
-            {"pid": "3", "query": "?", "question": "?", "decoded_image": {"bytes": png(), "path": None},
-             "choices": None, "answer": "1", "question_type": "essay", "answer_type": "text", "precision": None,
-             "metadata": {}}]
+    rows = [
+        {
+            "pid": "1",
+            "query": "Hint: ...\nQuestion: How many?",
+            "question": "How many?",
+            "decoded_image": {"bytes": png(), "path": "images/1.jpg"},
+            "choices": None,
+            "answer": "3",
+            "question_type": "free_form",
+            "answer_type": "integer",
+            "precision": None,
+            "metadata": {"task": "figure QA"},
+        },
+        {
+            "pid": "2",
+            "query": "Which?",
+            "question": "Which?",
+            "decoded_image": {"bytes": png(), "path": None},
+            "choices": ["1.5", "2.5"],
+            "answer": "2.5",
+            "question_type": "multi_choice",
+            "answer_type": "float",
+            "precision": 1.0,
+            "metadata": {"task": "math word problem"},
+        },
+        {
+            "pid": "3",
+            "query": "?",
+            "question": "?",
+            "decoded_image": {"bytes": png(), "path": None},
+            "choices": None,
+            "answer": "1",
+            "question_type": "essay",
+            "answer_type": "text",
+            "precision": None,
+            "metadata": {},
+        },
+    ]
     samples, skipped = split(mathvista.load(write_parquet(tmp_path / "testmini.parquet", rows)))
     assert list(skipped) == [3] and "question_type" in skipped[3]
     assert samples[0].meta["answer_type"] == "integer" and text_of(samples[0]).startswith("Hint: ...")
     assert samples[1].meta["answer"] == "B" and samples[1].meta["group"] == "math word problem"
-    tsv = [{"index": "7", "image": b64(png()), "question": "Pick one", "choices": "['red', 'blue']",
-            "answer": "blue", "answer_option": "B", "question_type": "multi_choice", "answer_type": "text",
-            "precision": "", "task": "figure QA"}]
+    tsv = [
+        {
+            "index": "7",
+            "image": b64(png()),
+            "question": "Pick one",
+            "choices": "['red', 'blue']",
+            "answer": "blue",
+            "answer_option": "B",
+            "question_type": "multi_choice",
+            "answer_type": "text",
+            "precision": "",
+            "task": "figure QA",
+        }
+    ]
     [sample], skipped = split(mathvista.load(write_tsv(tmp_path / "MathVista_MINI.tsv", tsv)))
     assert not skipped and sample.meta["answer"] == "B" and "(B) blue" in text_of(sample)
 
 
 def test_ocrbench_tsv_and_parquet(tmp_path):
-    tsv = [{"index": "0", "image": b64(png()), "question": "What is written?", "answer": "['STOP', 'stop sign']",
-            "category": "Regular Text Recognition"},
-           {"index": "1", "image": b64(png()), "question": "Formula?", "answer": "['x ^ 2']",
-            "category": "Handwritten Mathematical Expression Recognition"},
-           {"index": "2", "image": b64(png()), "question": "Empty", "answer": "[]", "category": "x"}]
+    tsv = [
+        {
+            "index": "0",
+            "image": b64(png()),
+            "question": "What is written?",
+            "answer": "['STOP', 'stop sign']",
+            "category": "Regular Text Recognition",
+        },
+        {
+            "index": "1",
+            "image": b64(png()),
+            "question": "Formula?",
+            "answer": "['x ^ 2']",
+            "category": "Handwritten Mathematical Expression Recognition",
+        },
+        {"index": "2", "image": b64(png()), "question": "Empty", "answer": "[]", "category": "x"},
+    ]
     samples, skipped = split(ocrbench.load(write_tsv(tmp_path / "OCRBench.tsv", tsv)))
     assert list(skipped) == [2]
     assert samples[0].meta["answers"] == ["STOP", "stop sign"] and not samples[0].meta["hme"]
     assert samples[1].meta["hme"]
-    rows = [{"dataset": "HME100k", "question": "Formula?", "question_type": "x", "answer": ["a + b"],
-             "image": {"bytes": png(), "path": None}}]
+    rows = [
+        {
+            "dataset": "HME100k",
+            "question": "Formula?",
+            "question_type": "x",
+            "answer": ["a + b"],
+            "image": {"bytes": png(), "path": None},
+        }
+    ]
     [sample], _ = split(ocrbench.load(write_parquet(tmp_path / "ocrbench.parquet", rows)))
     assert sample.index == 0 and sample.meta["hme"]
 
@@ -140,16 +245,31 @@ def test_screenspot_conventions_per_loader(tmp_path):
     """The same element (pixels x 40..100, y 20..50 of a 200x100 screenshot) in each release's convention."""
     image = png(200, 100)
     want = [0.2, 0.2, 0.5, 0.5]
-    tsv = [{"index": "0", "image": b64(image), "question": "open menu", "bbox": "[40, 20, 60, 30]",
-            "data_type": "icon", "data_source": "web"},
-           {"index": "1", "image": b64(image), "question": "broken", "bbox": "[40, 20]", "data_type": "icon"}]
+    tsv = [
+        {
+            "index": "0",
+            "image": b64(image),
+            "question": "open menu",
+            "bbox": "[40, 20, 60, 30]",
+            "data_type": "icon",
+            "data_source": "web",
+        },
+        {"index": "1", "image": b64(image), "question": "broken", "bbox": "[40, 20]", "data_type": "icon"},
+    ]
     samples, skipped = split(screenspot.loader("screenspot")(write_tsv(tmp_path / "ScreenSpot_Web.tsv", tsv)))
     assert samples[0].meta["box"] == pytest.approx(want) and samples[0].meta["size"] == [200, 100]
     assert list(skipped) == [1] and "4 numbers" in skipped[1]
     assert "open menu" in text_of(samples[0]) and samples[0].meta["group"] == "icon"
 
-    hub = [{"file_name": "a.png", "bbox": [0.2, 0.2, 0.5, 0.5], "instruction": "open menu", "data_type": "text",
-            "image": {"bytes": image, "path": None}}]
+    hub = [
+        {
+            "file_name": "a.png",
+            "bbox": [0.2, 0.2, 0.5, 0.5],
+            "instruction": "open menu",
+            "data_type": "text",
+            "image": {"bytes": image, "path": None},
+        }
+    ]
     [sample], _ = split(screenspot.loader("screenspot")(write_parquet(tmp_path / "test.parquet", hub)))
     assert sample.meta["box"] == pytest.approx(want)
 
@@ -157,29 +277,59 @@ def test_screenspot_conventions_per_loader(tmp_path):
     (pro / "annotations").mkdir(parents=True)
     (pro / "images").mkdir()
     (pro / "images" / "shot.png").write_bytes(image)
-    ann = [{"id": "p0", "img_filename": "shot.png", "bbox": [40, 20, 100, 50], "img_size": [200, 100],
-            "instruction": "open menu", "ui_type": "icon", "group": "Dev"},
-           {"id": "p1", "img_filename": "missing.png", "bbox": [1, 1, 2, 2], "instruction": "x"}]
+    ann = [
+        {
+            "id": "p0",
+            "img_filename": "shot.png",
+            "bbox": [40, 20, 100, 50],
+            "img_size": [200, 100],
+            "instruction": "open menu",
+            "ui_type": "icon",
+            "group": "Dev",
+        },
+        {"id": "p1", "img_filename": "missing.png", "bbox": [1, 1, 2, 2], "instruction": "x"},
+    ]
     (pro / "annotations" / "vscode_macos.json").write_text(json.dumps(ann))
     samples, skipped = split(screenspot.loader("screenspot_pro")(pro / "annotations"))
     assert samples[0].meta["box"] == pytest.approx(want) and samples[0].meta["group"] == "Dev/icon"
     assert images_of(samples[0]) == [str(pro / "images" / "shot.png")]
     assert "not found" in skipped["p1"]
     # the convention is explicit and can be overridden
-    [sample], _ = split(screenspot.loader("screenspot_pro")(pro / "annotations" / "vscode_macos.json",
-                                                            box_format="xywh"))
+    [sample], _ = split(
+        screenspot.loader("screenspot_pro")(pro / "annotations" / "vscode_macos.json", box_format="xywh")
+    )
     assert sample.meta["box"] == pytest.approx([0.2, 0.2, 0.7, 0.7])
 
 
 def test_videomme_parquet_with_local_videos(tmp_path):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "vidA.mp4").write_bytes(b"not decoded by the loader")
-    rows = [{"question_id": "001-1", "videoID": "vidA", "duration": "short", "question": "What happens?",
-             "options": ["A. x", "B. y", "C. z", "D. w"], "answer": "C"},
-            {"question_id": "002-1", "videoID": "vidB", "duration": "long", "question": "?",
-             "options": ["A. x", "B. y", "C. z", "D. w"], "answer": "A"},
-            {"question_id": "003-1", "videoID": "vidA", "duration": "short", "question": "?",
-             "options": ["x", "y", "z", "w"], "answer": "E"}]
+    rows = [
+        {
+            "question_id": "001-1",
+            "videoID": "vidA",
+            "duration": "short",
+            "question": "What happens?",
+            "options": ["A. x", "B. y", "C. z", "D. w"],
+            "answer": "C",
+        },
+        {
+            "question_id": "002-1",
+            "videoID": "vidB",
+            "duration": "long",
+            "question": "?",
+            "options": ["A. x", "B. y", "C. z", "D. w"],
+            "answer": "A",
+        },
+        {
+            "question_id": "003-1",
+            "videoID": "vidA",
+            "duration": "short",
+            "question": "?",
+            "options": ["x", "y", "z", "w"],
+            "answer": "E",
+        },
+    ]
     samples, skipped = split(videomme.load(write_parquet(tmp_path / "test.parquet", rows), max_frames=8))
     assert [s.index for s in samples] == ["001-1"] and set(skipped) == {"002-1", "003-1"}
     video = samples[0].messages[0]["content"][0]
@@ -192,18 +342,33 @@ def test_mmlongbench_pages_from_image_folder_and_tsv(tmp_path):
     doc.mkdir(parents=True)
     for i in range(3):
         (doc / f"page_{i}.png").write_bytes(png())
-    rows = [{"doc_id": "report.pdf", "doc_type": "Research report", "question": "How many pages?", "answer": "3",
-             "answer_format": "Int"},
-            {"doc_id": "missing.pdf", "question": "?", "answer": "1", "answer_format": "Int"},
-            {"doc_id": "report.pdf", "question": "?", "answer": "1", "answer_format": "Number"}]
+    rows = [
+        {
+            "doc_id": "report.pdf",
+            "doc_type": "Research report",
+            "question": "How many pages?",
+            "answer": "3",
+            "answer_format": "Int",
+        },
+        {"doc_id": "missing.pdf", "question": "?", "answer": "1", "answer_format": "Int"},
+        {"doc_id": "report.pdf", "question": "?", "answer": "1", "answer_format": "Number"},
+    ]
     (tmp_path / "samples.json").write_text(json.dumps(rows))
     samples, skipped = split(mmlongbench.load(tmp_path / "samples.json", max_pages=2))
     assert len(samples) == 1 and set(skipped) == {1, 2} and "answer_format" in skipped[2]
     assert images_of(samples[0]) == [str(doc / "page_0.png"), str(doc / "page_1.png")]
     assert samples[0].meta == {"format": "Int", "answer": "3", "group": "Research report"}
     assert "Not answerable" in text_of(samples[0])
-    tsv = [{"index": "9", "doc_id": "x.pdf", "question": "?", "answer": "Not answerable", "answer_format": "None",
-            "image": str([b64(png()), b64(png())])}]
+    tsv = [
+        {
+            "index": "9",
+            "doc_id": "x.pdf",
+            "question": "?",
+            "answer": "Not answerable",
+            "answer_format": "None",
+            "image": str([b64(png()), b64(png())]),
+        }
+    ]
     [sample], _ = split(mmlongbench.load(write_tsv(tmp_path / "MMLongBench_DOC.tsv", tsv)))
     assert len(images_of(sample)) == 2
 
@@ -260,17 +425,20 @@ def test_a_small_base64_image_is_an_image_not_a_file_name(tmp_path):
         image_bytes(b64(b"%PDF-1.4 not an image at all" * 4), tmp_path)
     (tmp_path / "pic.png").write_bytes(small)
     assert image_bytes("pic.png", tmp_path) == str(tmp_path / "pic.png")
-    rows = [{"index": "0", "image": cell, "question": "Word?", "answer": "['a']", "category": "c"},
-            {"index": "1", "image": b64(b"GIF89a-broken" * 30), "question": "Word?", "answer": "['b']",
-             "category": "c"}]
+    rows = [
+        {"index": "0", "image": cell, "question": "Word?", "answer": "['a']", "category": "c"},
+        {"index": "1", "image": b64(b"GIF89a-broken" * 30), "question": "Word?", "answer": "['b']", "category": "c"},
+    ]
     samples, skipped = split(ocrbench.load(write_tsv(tmp_path / "OCRBench.tsv", rows)))
     assert [s.index for s in samples] == [0] and images_of(samples[0]) == [small]
     assert "not a readable image" in skipped[1]
 
 
 def test_prediction_files_inside_the_data_directory_are_not_rows(tmp_path):
-    rows = [{"index": str(i), "image": b64(png()), "question": f"Word {i}?", "answer": f"['w{i}']", "category": "c"}
-            for i in range(3)]
+    rows = [
+        {"index": str(i), "image": b64(png()), "question": f"Word {i}?", "answer": f"['w{i}']", "category": "c"}
+        for i in range(3)
+    ]
     write_tsv(tmp_path / "OCRBench.tsv", rows)
     (tmp_path / "ocrbench.predictions.jsonl").write_text('{"index": 0, "prediction": "w0"}\n')
     (tmp_path / "mine.jsonl").write_text('{"index": 1, "prediction": "w1", "extracted": "w1"}\n')
@@ -287,12 +455,32 @@ def test_ocrbench_own_json_layout(tmp_path):
     (root / "OCRBench_Images" / "IIIT5K" / "1.png").write_bytes(png())
     (root / "OCRBench_Images" / "HME").mkdir()
     (root / "OCRBench_Images" / "HME" / "2.png").write_bytes(png())
-    rows = [{"dataset_name": "IIIT5K", "id": 7, "image_path": "IIIT5K/1.png", "question": "what is written?",
-             "answers": "CENTRE", "type": "Regular Text Recognition"},
-            {"dataset_name": "HME100k", "id": 7, "image_path": "HME/2.png", "question": "latex?",
-             "answers": ["x ^ { 2 }"], "type": "Handwritten Mathematical Expression Recognition"},
-            {"dataset_name": "svt", "id": 9, "image_path": "svt/missing.png", "question": "q", "answers": "A",
-             "type": "Regular Text Recognition"}]
+    rows = [
+        {
+            "dataset_name": "IIIT5K",
+            "id": 7,
+            "image_path": "IIIT5K/1.png",
+            "question": "what is written?",
+            "answers": "CENTRE",
+            "type": "Regular Text Recognition",
+        },
+        {
+            "dataset_name": "HME100k",
+            "id": 7,
+            "image_path": "HME/2.png",
+            "question": "latex?",
+            "answers": ["x ^ { 2 }"],
+            "type": "Handwritten Mathematical Expression Recognition",
+        },
+        {
+            "dataset_name": "svt",
+            "id": 9,
+            "image_path": "svt/missing.png",
+            "question": "q",
+            "answers": "A",
+            "type": "Regular Text Recognition",
+        },
+    ]
     data = root / "OCRBench" / "OCRBench.json"
     data.write_text(json.dumps(rows))
     samples, skipped = split(ocrbench.load(data))

@@ -21,7 +21,7 @@ def test_text_needle_at_the_asked_depth_and_length(small_processor, depth):
     relative = (where["needle"] - start) / (end - start)
     assert abs(relative - depth / 100) < 0.04  # within about one filler sentence
     ids = small_processor.encode(messages).input_ids
-    needle = small_processor.tokenizer.decode(ids[where["needle"]:where["needle"] + 40])
+    needle = small_processor.tokenizer.decode(ids[where["needle"] : where["needle"] + 40])
     assert needle.lstrip().startswith("The secret number of the day is 4821337.")
 
 
@@ -62,8 +62,28 @@ def test_niah_through_the_cli_and_rescored_from_the_index(small_model, small_pro
     small_model.save_pretrained(ckpt)
     small_processor.save_pretrained(ckpt)
     out = tmp_path / "out"
-    assert main(["eval", "--model", str(ckpt), "--task", "niah", "--lengths", "300,600", "--depths", "0,100",
-                 "--max-new-tokens", "2", "--dtype", "float32", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(ckpt),
+                "--task",
+                "niah",
+                "--lengths",
+                "300,600",
+                "--depths",
+                "0,100",
+                "--max-new-tokens",
+                "2",
+                "--dtype",
+                "float32",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = json.loads((out / "results.json").read_text())["niah"]
     assert result["scored"] == 8 and set(result["figures"]) == {str(out / "niah_text.png"), str(out / "niah_video.png")}
     assert "| haystack | 0K-2K |" in (out / "results.md").read_text()
@@ -72,8 +92,9 @@ def test_niah_through_the_cli_and_rescored_from_the_index(small_model, small_pro
     pred = out / "niah.predictions.jsonl"
     rows = [json.loads(x) for x in pred.read_text().splitlines()]
     perfect = tmp_path / "perfect.jsonl"
-    perfect.write_text("".join(json.dumps({"index": r["index"], "prediction": niah.secret_for(r["index"])}) + "\n"
-                               for r in rows))
+    perfect.write_text(
+        "".join(json.dumps({"index": r["index"], "prediction": niah.secret_for(r["index"])}) + "\n" for r in rows)
+    )
     assert main(["eval", "--task", "niah", "--predictions", str(perfect), "--out", str(tmp_path / "re")]) == 0
     rescored = json.loads((tmp_path / "re" / "results.json").read_text())["niah"]
     assert rescored["metrics"]["recall/text"] == rescored["metrics"]["recall/video"] == 100.0
@@ -93,7 +114,23 @@ def test_cli_rejects_a_negative_depth_in_one_line(small_model, small_processor, 
     ckpt = tmp_path / "ckpt"
     small_model.save_pretrained(ckpt)
     small_processor.save_pretrained(ckpt)
-    assert main(["eval", "--model", str(ckpt), "--task", "niah", "--lengths", "300", "--depths", "-50",
-                 "--out", str(tmp_path / "out")]) == 2
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(ckpt),
+                "--task",
+                "niah",
+                "--lengths",
+                "300",
+                "--depths",
+                "-50",
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "0 to 100" in err and "-50" in err and "Traceback" not in err

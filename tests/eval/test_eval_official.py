@@ -29,8 +29,13 @@ def test_mmmu_agrees_with_the_official_code_random_picks_included():
     items = []
     for c in cases:
         if c["type"] == "multiple-choice":
-            meta = {"type": c["type"], "options": dict(zip(OPTION_LETTERS, c["options"])), "answer": c["answer"],
-                    "seed": c["id"], "group": c["subject"]}
+            meta = {
+                "type": c["type"],
+                "options": dict(zip(OPTION_LETTERS, c["options"])),
+                "answer": c["answer"],
+                "seed": c["id"],
+                "group": c["subject"],
+            }
         else:
             meta = {"type": "open", "answer": c["answer"], "seed": c["id"], "group": c["subject"]}
         items.append((c["response"], meta, None))
@@ -53,10 +58,15 @@ def test_mmmu_extracted_answers_skip_parsing():
 
 def _mathvista_meta(problem):
     choices = problem["choices"]
-    return {"question_type": problem["question_type"], "answer_type": problem["answer_type"],
-            "precision": None if problem["precision"] is None else int(problem["precision"]),
-            "answer_text": problem["answer"], "answer": problem["answer"], "choices": choices,
-            "options": dict(zip(OPTION_LETTERS, choices or []))}
+    return {
+        "question_type": problem["question_type"],
+        "answer_type": problem["answer_type"],
+        "precision": None if problem["precision"] is None else int(problem["precision"]),
+        "answer_text": problem["answer"],
+        "answer": problem["answer"],
+        "choices": choices,
+        "options": dict(zip(OPTION_LETTERS, choices or [])),
+    }
 
 
 def test_mathvista_agrees_with_the_official_code():
@@ -71,11 +81,19 @@ def test_mathvista_agrees_with_the_official_code():
 
 
 def test_mathvista_stand_in_for_the_llm_extraction():
-    meta = _mathvista_meta({"question_type": "free_form", "answer_type": "integer", "answer": "7", "choices": None,
-                            "precision": None})
+    meta = _mathvista_meta(
+        {"question_type": "free_form", "answer_type": "integer", "answer": "7", "choices": None, "precision": None}
+    )
     assert mathvista.score("The answer is 7.", meta) == {"score": 1.0, "extracted": "7", "normalized": "7"}
-    meta = _mathvista_meta({"question_type": "multi_choice", "answer_type": "text", "answer": "6",
-                            "choices": ["2", "4", "6"], "precision": None})
+    meta = _mathvista_meta(
+        {
+            "question_type": "multi_choice",
+            "answer_type": "text",
+            "answer": "6",
+            "choices": ["2", "4", "6"],
+            "precision": None,
+        }
+    )
     assert mathvista.score("So the answer is (C).", meta)["score"] == 1.0
     assert mathvista.score("◁think▷ (A)?", meta)["normalized"] == "2"  # no answer: "" picks the shortest choice
 
@@ -99,8 +117,12 @@ def test_videomme_agrees_with_the_official_code_and_its_denominator():
         rows.append({**s, "meta": meta})
     metrics = videomme.summarize(rows)
     printed = data["official_overall_printed"]
-    for name, key in (("short", "accuracy/short"), ("medium", "accuracy/medium"), ("long", "accuracy/long"),
-                      ("all", "accuracy")):
+    for name, key in (
+        ("short", "accuracy/short"),
+        ("medium", "accuracy/medium"),
+        ("long", "accuracy/long"),
+        ("all", "accuracy"),
+    ):
         assert printed[name] == f"Overall: {metrics[key]: .1f}%"
     assert metrics["answered"] < 100 and metrics["accuracy_all"] < metrics["accuracy"]  # unanswered rows left out
 
@@ -129,8 +151,12 @@ def test_mmlongbench_extractor_reply_and_stand_in():
     assert mmlongbench.score("There are 12 figures.", meta)["extracted"] == "12"  # Int: the first number
     assert mmlongbench.score("The answer is 12.", meta)["score"] == 1.0
     none = {"format": "None", "answer": "Not answerable"}
-    for said in ("Not answerable", "The question is unanswerable.", "This cannot be determined from the document.",
-                 "The answer is not mentioned in the document."):
+    for said in (
+        "Not answerable",
+        "The question is unanswerable.",
+        "This cannot be determined from the document.",
+        "The answer is not mentioned in the document.",
+    ):
         assert mmlongbench.score(said, none) == {"score": 1.0, "extracted": "Not answerable", "answered": False}
     lists = {"format": "List", "answer": "['Paris', 'Tokyo']"}
     assert mmlongbench.score("The answer is Tokyo and Paris", lists)["score"] == 1.0

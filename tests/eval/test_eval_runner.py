@@ -22,8 +22,15 @@ def ocr_tsv(path, n=7, bad=()):
         w = csv.DictWriter(f, fieldnames=["index", "image", "question", "answer", "category"], delimiter="\t")
         w.writeheader()
         for i in range(n):
-            w.writerow({"index": i, "image": image, "question": f"Word {i}?", "category": "Regular",
-                        "answer": "[]" if i in bad else f"['word{i}']"})
+            w.writerow(
+                {
+                    "index": i,
+                    "image": image,
+                    "question": f"Word {i}?",
+                    "category": "Regular",
+                    "answer": "[]" if i in bad else f"['word{i}']",
+                }
+            )
     return path
 
 
@@ -44,7 +51,7 @@ def test_resume_after_interruption_scores_every_row_once(tmp_path):
         if len(asked) >= 4:
             raise Interrupted("killed")
         asked.extend(c[0]["content"][-1]["text"] for c in conversations)
-        return [f"it says word{t.split()[1][:-1]}" for t in asked[-len(conversations):]]
+        return [f"it says word{t.split()[1][:-1]}" for t in asked[-len(conversations) :]]
 
     with pytest.raises(Interrupted):
         run_task(task, task.load(data), out, generate_fn=flaky, batch_size=2, progress=False)
@@ -57,7 +64,7 @@ def test_resume_after_interruption_scores_every_row_once(tmp_path):
 
     def steady(conversations):
         second.extend(c[0]["content"][-1]["text"] for c in conversations)
-        return ["word" + t.split()[1][:-1] for t in second[-len(conversations):]]
+        return ["word" + t.split()[1][:-1] for t in second[-len(conversations) :]]
 
     result = run_task(task, task.load(data), out, generate_fn=steady, batch_size=2, progress=False)
     assert second == ["Word 4?", "Word 5?", "Word 6?"]
@@ -88,11 +95,14 @@ def test_malformed_rows_and_failed_generation_are_reported_not_scored(tmp_path):
 def test_rescoring_saved_predictions_without_a_model(tmp_path, capsys):
     data = ocr_tsv(tmp_path / "ocr.tsv", n=4)
     pred = tmp_path / "other_system.jsonl"
-    pred.write_text("".join(json.dumps({"index": i, "prediction": p}) + "\n"
-                            for i, p in [(0, "WORD0"), (1, "◁think▷ word1 ◁/think▷ nope"), (2, "word2"), (0, "x")]))
+    pred.write_text(
+        "".join(
+            json.dumps({"index": i, "prediction": p}) + "\n"
+            for i, p in [(0, "WORD0"), (1, "◁think▷ word1 ◁/think▷ nope"), (2, "word2"), (0, "x")]
+        )
+    )
     out = tmp_path / "scores"
-    assert main(["eval", "--task", "ocrbench", "--data", str(data), "--predictions", str(pred),
-                 "--out", str(out)]) == 0
+    assert main(["eval", "--task", "ocrbench", "--data", str(data), "--predictions", str(pred), "--out", str(out)]) == 0
     result = json.loads((out / "results.json").read_text())["ocrbench"]
     assert result["scored"] == 3 and result["metrics"]["score"] == pytest.approx(2000 / 3)
     assert result["skipped_rows"] == [{"index": "3", "reason": "no prediction"}]
@@ -109,13 +119,33 @@ def test_read_predictions_keeps_the_first_of_an_index(tmp_path):
     assert read_predictions(path) == {"1": "a"}
 
 
-def test_cli_eval_with_a_model_on_synthetic_and_a_benchmark(checkpoint, small_model, small_processor, tmp_path,
-                                                            capsys):
+def test_cli_eval_with_a_model_on_synthetic_and_a_benchmark(checkpoint, small_model, small_processor, tmp_path, capsys):
     data = ocr_tsv(tmp_path / "ocr.tsv", n=3)
     out = tmp_path / "out"
-    assert main(["eval", "--model", str(checkpoint), "--task", "synthetic:caption,ocrbench",
-                 "--data", f"ocrbench={data}", "--limit", "2", "--batch-size", "2", "--max-new-tokens", "3",
-                 "--dtype", "float32", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(checkpoint),
+                "--task",
+                "synthetic:caption,ocrbench",
+                "--data",
+                f"ocrbench={data}",
+                "--limit",
+                "2",
+                "--batch-size",
+                "2",
+                "--max-new-tokens",
+                "3",
+                "--dtype",
+                "float32",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     results = json.loads((out / "results.json").read_text())
     assert results["synthetic:caption"]["scored"] == 2 and results["ocrbench"]["scored"] == 2
     preds = lines(out / "ocrbench.predictions.jsonl")
@@ -146,6 +176,7 @@ def test_resuming_refuses_predictions_of_other_settings_unless_overwrite(tmp_pat
         def gen(conversations):
             calls.append((tag, len(conversations)))
             return [f"{tag} word{c[0]['content'][-1]['text'].split()[1][:-1]}" for c in conversations]
+
         return gen
 
     a = {"model": "/m/a", "checkpoint_fingerprint": "aaa", "data": str(data), "max_new_tokens": 8}
@@ -213,8 +244,19 @@ def test_cli_ctrl_c_keeps_predictions_and_says_how_to_resume(monkeypatch, tmp_pa
         return ["x"] * len(convs)
 
     ckpt = fake_cli(monkeypatch, tmp_path, interrupted)
-    args = ["eval", "--model", str(ckpt), "--task", "ocrbench", "--data", str(data), "--batch-size", "2",
-            "--out", str(out)]
+    args = [
+        "eval",
+        "--model",
+        str(ckpt),
+        "--task",
+        "ocrbench",
+        "--data",
+        str(data),
+        "--batch-size",
+        "2",
+        "--out",
+        str(out),
+    ]
     assert main(args) == 130
     err = capsys.readouterr().err
     assert "interrupted; 4 predictions of ocrbench kept in" in err and "Rerun the same command" in err
@@ -239,13 +281,35 @@ def test_cli_ctrl_c_keeps_predictions_and_says_how_to_resume(monkeypatch, tmp_pa
 def test_extracted_answers_and_the_scoring_mode_in_the_results(tmp_path, capsys):
     data = ocr_tsv(tmp_path / "ocr.tsv", n=3)
     pred = tmp_path / "judged.jsonl"
-    pred.write_text("".join(json.dumps(r) + "\n" for r in [
-        {"index": 0, "prediction": "long rambling answer", "extracted": "word0"},
-        {"index": 1, "prediction": "word1"}, {"index": 2, "prediction": "◁think▷ word2", "extracted": "nope"}]))
+    pred.write_text(
+        "".join(
+            json.dumps(r) + "\n"
+            for r in [
+                {"index": 0, "prediction": "long rambling answer", "extracted": "word0"},
+                {"index": 1, "prediction": "word1"},
+                {"index": 2, "prediction": "◁think▷ word2", "extracted": "nope"},
+            ]
+        )
+    )
     for mode, score in (("official", 2000 / 3), ("lenient", 2000 / 3)):
         out = tmp_path / mode
-        assert main(["eval", "--task", "ocrbench", "--data", str(data), "--predictions", str(pred), "--out", str(out),
-                     *(["--scoring", mode] if mode == "lenient" else [])]) == 0
+        assert (
+            main(
+                [
+                    "eval",
+                    "--task",
+                    "ocrbench",
+                    "--data",
+                    str(data),
+                    "--predictions",
+                    str(pred),
+                    "--out",
+                    str(out),
+                    *(["--scoring", mode] if mode == "lenient" else []),
+                ]
+            )
+            == 0
+        )
         result = json.loads((out / "results.json").read_text())["ocrbench"]
         assert result["scoring"] == mode and result["metrics"]["score"] == pytest.approx(score)
         assert f"{mode} scoring" in capsys.readouterr().out

@@ -31,12 +31,20 @@ def test_final_answer_after_think_and_unclosed_think():
     assert final_answer("plain C") == "plain C"
 
 
-@pytest.mark.parametrize("text, letter", [
-    ("(C)", "C"), ("The answer is (c).", "C"), ("C. Berlin", "C"), ("C", "C"), ("Answer: C", "C"),
-    ("It must be Berlin.", "C"), ("I pick new york city", "D"),
-    ("Because the capital of Germany is the answer, the correct option is C", "C"),
-    ("Both options look wrong but (B) fits", "B"),
-])
+@pytest.mark.parametrize(
+    "text, letter",
+    [
+        ("(C)", "C"),
+        ("The answer is (c).", "C"),
+        ("C. Berlin", "C"),
+        ("C", "C"),
+        ("Answer: C", "C"),
+        ("It must be Berlin.", "C"),
+        ("I pick new york city", "D"),
+        ("Because the capital of Germany is the answer, the correct option is C", "C"),
+        ("Both options look wrong but (B) fits", "B"),
+    ],
+)
 def test_parse_option(text, letter):
     assert parse_option(text, OPTIONS) == letter
 
@@ -91,8 +99,13 @@ def test_mathvista_by_answer_type():
     assert lenient(mathvista)("[2, 1, 3.5]", lists)["score"] == 0.0
     text = _mv(answer_type="text", answer="Yes")
     assert lenient(mathvista)("yes.", text)["score"] == 1.0
-    mc = {"question_type": "multi_choice", "answer_type": "text", "precision": 2, "answer": "B",
-          "options": {"A": "1", "B": "2", "C": "3"}}
+    mc = {
+        "question_type": "multi_choice",
+        "answer_type": "text",
+        "precision": 2,
+        "answer": "B",
+        "options": {"A": "1", "B": "2", "C": "3"},
+    }
     assert lenient(mathvista)("(B) 2", mc)["score"] == 1.0
     assert lenient(mathvista)("◁think▷ hmm ◁/think▷ The correct option is A", mc)["score"] == 0.0
 
@@ -124,10 +137,18 @@ def test_screenspot_points_boxes_pixels_and_conventions():
     assert lenient(screenspot)("no idea", meta) == {"score": 0.0, "extracted": None}
 
 
-@pytest.mark.parametrize("text, letter", [
-    ("The best answer is B.", "B"), ("(C) The man leaves", "C"), ("Answer: D", "D"), ("A", "A"),
-    ("Based on the video, the answer is C", "C"), ("Definitely", None), ("The best answer is: (a)", None),
-])
+@pytest.mark.parametrize(
+    "text, letter",
+    [
+        ("The best answer is B.", "B"),
+        ("(C) The man leaves", "C"),
+        ("Answer: D", "D"),
+        ("A", "A"),
+        ("Based on the video, the answer is C", "C"),
+        ("Definitely", None),
+        ("The best answer is: (a)", None),
+    ],
+)
 def test_videomme_extraction(text, letter):
     assert videomme.extract(text) == letter
 
@@ -160,8 +181,12 @@ def test_mmlongbench_typed_answers():
 
 
 def test_mmlongbench_accuracy_and_generalised_f1():
-    cases = [("12", _doc("Int", "12")), ("Not answerable", _doc("Int", "5")),
-             ("Not answerable", _doc("None", "Not answerable")), ("7", _doc("None", "Not answerable"))]
+    cases = [
+        ("12", _doc("Int", "12")),
+        ("Not answerable", _doc("Int", "5")),
+        ("Not answerable", _doc("None", "Not answerable")),
+        ("7", _doc("None", "Not answerable")),
+    ]
     rows = [{**lenient(mmlongbench)(p, m), "meta": m} for p, m in cases]
     metrics = mmlongbench.summarize(rows, mode="lenient")
     assert metrics["accuracy"] == 50.0

@@ -8,35 +8,41 @@ from kimivl.eval.synthetic import score
 GUI = {"task": "gui", "gold": [0.5, 0.3], "box": [0.4, 0.2, 0.6, 0.4]}
 
 
-@pytest.mark.parametrize("prediction, right", [
-    ("(0.50, 0.30)", True),
-    ("(0.40, 0.20)", True),  # the box's edge counts
-    ("(0.39, 0.30)", False),
-    ("(0.5, 0.41)", False),
-    ("[0.42, 0.22, 0.58, 0.38]", True),  # a box scores by its centre
-    ("[0.30, 0.10, 0.90, 0.20]", False),  # centre (0.6, 0.15): above the box
-    ("(0.5)", False),
-    ("the OK button", False),
-    (f"{THINK_OPEN}The button is at 0.9, 0.9 in the old layout.{THINK_CLOSE}(0.45, 0.35)", True),
-    (f"{THINK_OPEN}It is at (0.45, 0.35)", False),  # a reasoning that never closes has no answer
-])
+@pytest.mark.parametrize(
+    "prediction, right",
+    [
+        ("(0.50, 0.30)", True),
+        ("(0.40, 0.20)", True),  # the box's edge counts
+        ("(0.39, 0.30)", False),
+        ("(0.5, 0.41)", False),
+        ("[0.42, 0.22, 0.58, 0.38]", True),  # a box scores by its centre
+        ("[0.30, 0.10, 0.90, 0.20]", False),  # centre (0.6, 0.15): above the box
+        ("(0.5)", False),
+        ("the OK button", False),
+        (f"{THINK_OPEN}The button is at 0.9, 0.9 in the old layout.{THINK_CLOSE}(0.45, 0.35)", True),
+        (f"{THINK_OPEN}It is at (0.45, 0.35)", False),  # a reasoning that never closes has no answer
+    ],
+)
 def test_gui_clicks_and_boxes(prediction, right):
     assert score(prediction, GUI) is right
 
 
-@pytest.mark.parametrize("prediction, meta, right", [
-    ("There are 12 circles.", {"task": "caption", "gold": 12}, True),
-    ("There are 12 circles.", {"task": "caption", "gold": 2}, False),
-    ("-7", {"task": "reasoning", "gold": -7}, True),
-    ("7 or maybe 8", {"task": "chart", "gold": 8}, False),  # the first integer is the answer
-    ("none", {"task": "chart", "gold": 0}, False),
-    ("Hold, DUCK!", {"task": "ocr", "gold": "hold duck"}, True),
-    ("hold duck now", {"task": "ocr", "gold": "hold duck"}, False),
-    ("red circle, blue square", {"task": "video", "gold": ["red circle", "blue square"]}, True),
-    ("blue square, red circle", {"task": "video", "gold": ["red circle", "blue square"]}, False),
-    (f"{THINK_OPEN}3 + 4 = 7, minus 2.{THINK_CLOSE}5", {"task": "reasoning", "gold": 5}, True),
-    (f"{THINK_OPEN}3 + 4 = 7, minus 2.{THINK_CLOSE}", {"task": "reasoning", "gold": 7}, False),
-])
+@pytest.mark.parametrize(
+    "prediction, meta, right",
+    [
+        ("There are 12 circles.", {"task": "caption", "gold": 12}, True),
+        ("There are 12 circles.", {"task": "caption", "gold": 2}, False),
+        ("-7", {"task": "reasoning", "gold": -7}, True),
+        ("7 or maybe 8", {"task": "chart", "gold": 8}, False),  # the first integer is the answer
+        ("none", {"task": "chart", "gold": 0}, False),
+        ("Hold, DUCK!", {"task": "ocr", "gold": "hold duck"}, True),
+        ("hold duck now", {"task": "ocr", "gold": "hold duck"}, False),
+        ("red circle, blue square", {"task": "video", "gold": ["red circle", "blue square"]}, True),
+        ("blue square, red circle", {"task": "video", "gold": ["red circle", "blue square"]}, False),
+        (f"{THINK_OPEN}3 + 4 = 7, minus 2.{THINK_CLOSE}5", {"task": "reasoning", "gold": 5}, True),
+        (f"{THINK_OPEN}3 + 4 = 7, minus 2.{THINK_CLOSE}", {"task": "reasoning", "gold": 7}, False),
+    ],
+)
 def test_integers_strings_and_orders(prediction, meta, right):
     assert score(prediction, meta) is right
 

@@ -28,18 +28,21 @@ def test_loss_by_position_range_is_the_mean_of_each_tokens_loss(small_model, sma
     edges = (0, 8, 40, 100000)
     got = position_loss(small_model, small_processor, TEXTS, edges)
     assert list(got) == ["0-8", "8-40", "40-100000"]
-    assert got == pytest.approx(by_hand(small_model, [small_processor.encode_text(t).input_ids for t in TEXTS],
-                                        edges), rel=1e-5)
+    assert got == pytest.approx(
+        by_hand(small_model, [small_processor.encode_text(t).input_ids for t in TEXTS], edges), rel=1e-5
+    )
 
 
 def test_documents_are_cut_to_the_context_and_unreached_ranges_left_out(small_model, small_processor):
     ids = small_processor.encode_text(TEXTS[0]).input_ids
     n = len(ids)
-    config = dataclasses.replace(small_model.config, text_config=dataclasses.replace(
-        small_model.config.text_config, max_position_embeddings=n // 2))
+    config = dataclasses.replace(
+        small_model.config,
+        text_config=dataclasses.replace(small_model.config.text_config, max_position_embeddings=n // 2),
+    )
     short = KimiVL(config).eval()
     short.load_state_dict(small_model.state_dict())
     edges = (0, n // 4, n // 2, n, 2 * n)
     got = position_loss(short, small_processor, TEXTS[:1], edges)
     assert list(got) == [f"0-{n // 4}", f"{n // 4}-{n // 2}"]
-    assert got == pytest.approx(by_hand(short, [ids[:n // 2]], edges), rel=1e-5)
+    assert got == pytest.approx(by_hand(short, [ids[: n // 2]], edges), rel=1e-5)

@@ -15,9 +15,18 @@ CASE_SECONDS = 5.0
 
 def fuzz(max_examples: int):
     """Hypothesis settings of the suite: reproducible (derandomized, no example database), a per-case deadline."""
-    return settings(max_examples=max_examples, deadline=CASE_SECONDS * 1000, derandomize=True, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                           HealthCheck.filter_too_much, HealthCheck.function_scoped_fixture])
+    return settings(
+        max_examples=max_examples,
+        deadline=CASE_SECONDS * 1000,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[
+            HealthCheck.too_slow,
+            HealthCheck.data_too_large,
+            HealthCheck.filter_too_much,
+            HealthCheck.function_scoped_fixture,
+        ],
+    )
 
 
 class CaseTimeout(BaseException):

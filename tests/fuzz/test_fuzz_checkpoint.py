@@ -16,8 +16,7 @@ from kimivl import KimiVL, KimiVLConfig
 from kimivl.checkpoint import INDEX, SINGLE, CheckpointError, load_checkpoint
 from tests.fuzz.common import case, expect, fuzz
 
-DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int8, torch.int64, torch.bool,
-          torch.uint8]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int8, torch.int64, torch.bool, torch.uint8]
 
 
 @pytest.fixture(scope="module")
@@ -50,15 +49,14 @@ def _load(model, path):
 
 
 @fuzz(60)
-@given(st.one_of(st.binary(max_size=400),
-                 st.tuples(st.integers(0, 10**7), st.integers(1, 255), st.integers(0, 10**7))))
+@given(st.one_of(st.binary(max_size=400), st.tuples(st.integers(0, 10**7), st.integers(1, 255), st.integers(0, 10**7))))
 def test_corrupt_file_bytes(model, good, folder, edit):
     _, data = good
     if isinstance(edit, tuple):  # flip one byte, then cut the file
         at, xor, cut = edit
         at %= len(data)
-        data = data[:at] + bytes([data[at] ^ xor]) + data[at + 1:]
-        data = data[:max(8, cut % (len(data) + 1))]
+        data = data[:at] + bytes([data[at] ^ xor]) + data[at + 1 :]
+        data = data[: max(8, cut % (len(data) + 1))]
     else:
         data = edit
     (folder / SINGLE).write_bytes(data)
@@ -89,16 +87,32 @@ def test_tensors_of_random_kind_and_shape(model, good, folder, data):
             assert v.dtype.is_floating_point == good[0][k].dtype.is_floating_point, k
 
 
-JSONISH = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=30),
-                                 st.sampled_from(["model.safetensors", "/etc/passwd", "../model.safetensors",
-                                                  "a/../../model.safetensors", "sub/model.safetensors", ""])),
-                       lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=40), inner,
-                                                                                   max_size=3), max_leaves=8)
+JSONISH = st.recursive(
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(),
+        st.text(max_size=30),
+        st.sampled_from(
+            [
+                "model.safetensors",
+                "/etc/passwd",
+                "../model.safetensors",
+                "a/../../model.safetensors",
+                "sub/model.safetensors",
+                "",
+            ]
+        ),
+    ),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=40), inner, max_size=3),
+    max_leaves=8,
+)
 
 
 @fuzz(60)
-@given(st.one_of(JSONISH, st.dictionaries(st.sampled_from(["weight_map", "metadata"]), JSONISH, max_size=2)),
-       st.booleans())
+@given(
+    st.one_of(JSONISH, st.dictionaries(st.sampled_from(["weight_map", "metadata"]), JSONISH, max_size=2)), st.booleans()
+)
 def test_hostile_indexes(model, good, folder, index, with_file):
     if with_file:
         (folder / SINGLE).write_bytes(good[1])

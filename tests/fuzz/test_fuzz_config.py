@@ -11,13 +11,25 @@ from kimivl.config import ConfigError, estimated_parameters
 from tests.fuzz.common import case, expect, fuzz
 
 BASE = KimiVLConfig.from_preset("tiny").to_dict()
-SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.integers(-3, 5000),
-                    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=8),
-                    st.sampled_from(["bfloat16", "int8", "silu", "sigmoid", "noaux_tc", "kimi_vl", "float32"]))
-VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
-                                                                                           max_size=3), max_leaves=6)
-PATHS = [(k,) for k in BASE if k not in ("vision_config", "text_config")] + [
-    (part, k) for part in ("vision_config", "text_config") for k in BASE[part]] + [("vision_config",), ("text_config",)]
+SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.integers(-3, 5000),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=8),
+    st.sampled_from(["bfloat16", "int8", "silu", "sigmoid", "noaux_tc", "kimi_vl", "float32"]),
+)
+VALUES = st.recursive(
+    SCALARS,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=6,
+)
+PATHS = (
+    [(k,) for k in BASE if k not in ("vision_config", "text_config")]
+    + [(part, k) for part in ("vision_config", "text_config") for k in BASE[part]]
+    + [("vision_config",), ("text_config",)]
+)
 
 
 def _mutated(edits) -> dict:
@@ -57,8 +69,12 @@ def test_whole_config_replaced(value):
 
 
 @fuzz(100)
-@given(st.one_of(st.binary(max_size=300), st.builds(lambda d, cut: json.dumps(d)[:cut].encode(),
-                                                     st.just(BASE), st.integers(0, 2000))))
+@given(
+    st.one_of(
+        st.binary(max_size=300),
+        st.builds(lambda d, cut: json.dumps(d)[:cut].encode(), st.just(BASE), st.integers(0, 2000)),
+    )
+)
 def test_config_file_bytes(tmp_path_factory, data):
     path = tmp_path_factory.mktemp("cfg") / "config.json"
     path.write_bytes(data)

@@ -15,14 +15,62 @@ from kimivl.data.formats import DataError, iter_records, iter_texts
 from kimivl.data.indexed import JsonlRecords
 from tests.fuzz.common import case, expect, fuzz
 
-SCALAR = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=8),
-                   st.sampled_from(["user", "assistant", "system", "text", "image", "video", "frames", "x.png",
-                                    "../x.png", "/etc/passwd", "a\x00b", "é" * 300]))
-JSON = st.recursive(SCALAR, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
-    st.sampled_from(["messages", "role", "content", "type", "text", "image", "video", "frames", "timestamps", "id",
-                     "meta", "x"]), inner, max_size=4), max_leaves=12)
-LINE = st.one_of(JSON.map(json.dumps), st.binary(max_size=60).map(lambda b: b.decode("latin-1")),
-                 st.integers(1, 3000).map(lambda n: "[" * n + "]" * n), st.just(""))
+SCALAR = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(allow_nan=False),
+    st.text(max_size=8),
+    st.sampled_from(
+        [
+            "user",
+            "assistant",
+            "system",
+            "text",
+            "image",
+            "video",
+            "frames",
+            "x.png",
+            "../x.png",
+            "/etc/passwd",
+            "a\x00b",
+            "é" * 300,
+        ]
+    ),
+)
+JSON = st.recursive(
+    SCALAR,
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(
+            st.sampled_from(
+                [
+                    "messages",
+                    "role",
+                    "content",
+                    "type",
+                    "text",
+                    "image",
+                    "video",
+                    "frames",
+                    "timestamps",
+                    "id",
+                    "meta",
+                    "x",
+                ]
+            ),
+            inner,
+            max_size=4,
+        )
+    ),
+    max_leaves=12,
+)
+LINE = st.one_of(
+    JSON.map(json.dumps),
+    st.binary(max_size=60).map(lambda b: b.decode("latin-1")),
+    st.integers(1, 3000).map(lambda n: "[" * n + "]" * n),
+    st.just(""),
+)
 
 
 @pytest.fixture(scope="module")

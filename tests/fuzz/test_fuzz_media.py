@@ -26,8 +26,10 @@ def _encoded(fmt: str, mode: str = "RGB") -> bytes:
     return buf.getvalue()
 
 
-SAMPLES = {fmt: _encoded(fmt, mode) for fmt, mode in
-           [("PNG", "RGBA"), ("JPEG", "RGB"), ("GIF", "P"), ("BMP", "RGB"), ("TIFF", "RGB"), ("WEBP", "RGB")]}
+SAMPLES = {
+    fmt: _encoded(fmt, mode)
+    for fmt, mode in [("PNG", "RGBA"), ("JPEG", "RGB"), ("GIF", "P"), ("BMP", "RGB"), ("TIFF", "RGB"), ("WEBP", "RGB")]
+}
 
 
 def _process(image):
@@ -45,11 +47,14 @@ def _mutate(data: bytes, edits) -> bytes:
 
 
 @fuzz(150)
-@given(st.sampled_from(sorted(SAMPLES)), st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=6),
-       st.integers(1, 10**6))
+@given(
+    st.sampled_from(sorted(SAMPLES)),
+    st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=6),
+    st.integers(1, 10**6),
+)
 def test_mutated_image_files(fmt, edits, cut):
     data = _mutate(SAMPLES[fmt], edits)
-    data = data[:max(1, cut % (len(data) + 1))]
+    data = data[: max(1, cut % (len(data) + 1))]
     with case("image: mutated files"):
         expect(lambda: _process(data), ImageError)
 
@@ -62,17 +67,28 @@ def test_random_image_bytes(data):
 
 
 @fuzz(100)
-@given(hnp.arrays(st.sampled_from([np.uint8, np.float32, np.float64, np.int16, np.bool_, np.uint16]),
-                  hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=40),
-                  elements=None))
+@given(
+    hnp.arrays(
+        st.sampled_from([np.uint8, np.float32, np.float64, np.int16, np.bool_, np.uint16]),
+        hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=40),
+        elements=None,
+    )
+)
 def test_arrays_of_any_shape_and_type(array):
     with case("image: arrays"):
         expect(lambda: _process(array), ImageError)
 
 
 @fuzz(30)
-@given(st.one_of(st.none(), st.integers(), st.text(max_size=20), st.lists(st.integers(), max_size=3),
-                 st.dictionaries(st.text(max_size=3), st.integers(), max_size=2)))
+@given(
+    st.one_of(
+        st.none(),
+        st.integers(),
+        st.text(max_size=20),
+        st.lists(st.integers(), max_size=3),
+        st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+    )
+)
 def test_things_that_are_not_images(value):
     with case("image: other values"):
         expect(lambda: _process(value), ImageError)
@@ -94,7 +110,7 @@ def _frames(source):
 @given(st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=8), st.integers(1, 10**6))
 def test_mutated_videos(video, edits, cut):
     data = _mutate(video, edits)
-    data = data[:max(1, cut % (len(data) + 1))]
+    data = data[: max(1, cut % (len(data) + 1))]
     with case("video: mutated files"):
         expect(lambda: _frames(data), VideoError)
 
@@ -107,8 +123,19 @@ def test_random_video_bytes(data):
 
 
 @fuzz(100)
-@given(st.lists(st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-5, 10**6), st.none(),
-                          st.booleans(), st.text(max_size=3)), max_size=4), st.integers(0, 4))
+@given(
+    st.lists(
+        st.one_of(
+            st.floats(allow_nan=True, allow_infinity=True),
+            st.integers(-5, 10**6),
+            st.none(),
+            st.booleans(),
+            st.text(max_size=3),
+        ),
+        max_size=4,
+    ),
+    st.integers(0, 4),
+)
 def test_frame_timestamps(times, n_frames):
     frames = [np.zeros((4, 4, 3), np.uint8)] * n_frames
     with case("video: frame timestamps"):

@@ -42,17 +42,24 @@ PART = st.one_of(
     st.builds(lambda t: {"type": "text", "text": t}, TEXT),
     st.just({"type": "image", "image": IMAGE}),
     st.builds(lambda v: {"type": "image", "image": v}, st.one_of(st.none(), st.integers(), st.text(max_size=5))),
-    st.builds(lambda times: {"type": "video", "frames": [IMAGE] * len(times), "timestamps": times},
-              st.lists(st.one_of(st.floats(allow_nan=True), st.integers(-3, 3)), max_size=2)),
-    st.dictionaries(st.sampled_from(["type", "text", "image", "video", "frames"]),
-                    st.one_of(st.none(), st.integers(), st.text(max_size=6), st.sampled_from(["text", "image"])),
-                    max_size=3),
-    st.integers(), st.none())
+    st.builds(
+        lambda times: {"type": "video", "frames": [IMAGE] * len(times), "timestamps": times},
+        st.lists(st.one_of(st.floats(allow_nan=True), st.integers(-3, 3)), max_size=2),
+    ),
+    st.dictionaries(
+        st.sampled_from(["type", "text", "image", "video", "frames"]),
+        st.one_of(st.none(), st.integers(), st.text(max_size=6), st.sampled_from(["text", "image"])),
+        max_size=3,
+    ),
+    st.integers(),
+    st.none(),
+)
 CONTENT = st.one_of(TEXT, st.lists(PART, max_size=3), st.none(), st.integers())
-MESSAGE = st.one_of(st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant", "tool", ""]),
-                                           "content": CONTENT}),
-                    st.dictionaries(st.sampled_from(["role", "content"]), st.text(max_size=5), max_size=2),
-                    st.text(max_size=4))
+MESSAGE = st.one_of(
+    st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant", "tool", ""]), "content": CONTENT}),
+    st.dictionaries(st.sampled_from(["role", "content"]), st.text(max_size=5), max_size=2),
+    st.text(max_size=4),
+)
 
 
 def _specials(tok, ids):
@@ -81,14 +88,23 @@ def test_conversations(small_processor, messages, training):
         assert len(enc.labels) == len(enc.input_ids)
 
 
-SETTING = st.one_of(st.none(), st.booleans(), st.integers(-3, 300), st.integers(2**63, 2**65),
-                    st.floats(allow_nan=True, allow_infinity=True, allow_subnormal=True), st.text(max_size=3))
+SETTING = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 300),
+    st.integers(2**63, 2**65),
+    st.floats(allow_nan=True, allow_infinity=True, allow_subnormal=True),
+    st.text(max_size=3),
+)
 
 
 @fuzz(200)
-@given(st.dictionaries(st.sampled_from(["max_new_tokens", "temperature", "top_k", "top_p", "seed", "max_tokens"]),
-                       SETTING, max_size=5),
-       st.lists(st.floats(-50, 50), min_size=7, max_size=7))
+@given(
+    st.dictionaries(
+        st.sampled_from(["max_new_tokens", "temperature", "top_k", "top_p", "seed", "max_tokens"]), SETTING, max_size=5
+    ),
+    st.lists(st.floats(-50, 50), min_size=7, max_size=7),
+)
 def test_sampling_settings(settings, logits):
     with case("sampler: settings"):
         params = expect(lambda: SamplingParams.from_kwargs(**settings), SamplingError)
@@ -116,7 +132,8 @@ TOKEN = st.one_of(st.integers(-5, 5000), st.floats(0, 10), st.booleans(), st.tex
 @given(st.one_of(st.lists(st.lists(TOKEN, max_size=4), max_size=3), st.text(max_size=3), st.none()))
 def test_prompts(micro_model, prompts):
     with case("generate: prompts"):
-        out = expect(lambda: generate_ids(micro_model, prompts, params=SamplingParams(max_new_tokens=1)),
-                     GenerationError)
+        out = expect(
+            lambda: generate_ids(micro_model, prompts, params=SamplingParams(max_new_tokens=1)), GenerationError
+        )
     if out is not None:
         assert all(len(row) <= 1 and all(0 <= t < 4096 for t in row) for row in out)

@@ -11,25 +11,33 @@ from kimivl.inference.generate import generate_ids
 from kimivl.inference.sampling import SamplingError, SamplingParams, sample_next
 
 
-@pytest.mark.parametrize("settings,message", [
-    ({"temperature": float("nan")}, "temperature must be >= 0: 0 .greedy. or a finite number of at least 0.0001, "
-                                    "got nan"),
-    ({"temperature": 5e-324}, "temperature must be >= 0: 0 .greedy. or a finite number of at least 0.0001, got 5e-324"),
-    ({"temperature": 1e-310}, "temperature must be >= 0"),
-    ({"temperature": float("inf")}, "temperature must be >= 0"),
-    ({"temperature": -0.5}, "temperature must be >= 0"),
-    ({"temperature": "0.7"}, "temperature must be >= 0"),
-    ({"max_new_tokens": 2.5}, "max_new_tokens must be an integer >= 1, got 2.5"),
-    ({"max_new_tokens": "16"}, "max_new_tokens must be an integer >= 1, got '16'"),
-    ({"max_new_tokens": True}, "max_new_tokens must be an integer >= 1, got True"),
-    ({"max_new_tokens": 0}, "max_new_tokens must be an integer >= 1"),
-    ({"seed": 2**64}, r"seed must be an integer in \[0, 2\*\*64\), got 18446744073709551616"),
-    ({"seed": -1}, "seed must be an integer"),
-    ({"seed": 1.5}, "seed must be an integer"),
-    ({"top_k": 2.0}, "top_k must be an integer >= 0"),
-    ({"top_p": float("nan")}, r"top_p must be in \(0, 1\] \(a number\)"),
-    ({"top_p": 1.5}, r"top_p must be in \(0, 1\] \(a number\)"),
-])
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        (
+            {"temperature": float("nan")},
+            "temperature must be >= 0: 0 .greedy. or a finite number of at least 0.0001, got nan",
+        ),
+        (
+            {"temperature": 5e-324},
+            "temperature must be >= 0: 0 .greedy. or a finite number of at least 0.0001, got 5e-324",
+        ),
+        ({"temperature": 1e-310}, "temperature must be >= 0"),
+        ({"temperature": float("inf")}, "temperature must be >= 0"),
+        ({"temperature": -0.5}, "temperature must be >= 0"),
+        ({"temperature": "0.7"}, "temperature must be >= 0"),
+        ({"max_new_tokens": 2.5}, "max_new_tokens must be an integer >= 1, got 2.5"),
+        ({"max_new_tokens": "16"}, "max_new_tokens must be an integer >= 1, got '16'"),
+        ({"max_new_tokens": True}, "max_new_tokens must be an integer >= 1, got True"),
+        ({"max_new_tokens": 0}, "max_new_tokens must be an integer >= 1"),
+        ({"seed": 2**64}, r"seed must be an integer in \[0, 2\*\*64\), got 18446744073709551616"),
+        ({"seed": -1}, "seed must be an integer"),
+        ({"seed": 1.5}, "seed must be an integer"),
+        ({"top_k": 2.0}, "top_k must be an integer >= 0"),
+        ({"top_p": float("nan")}, r"top_p must be in \(0, 1\] \(a number\)"),
+        ({"top_p": 1.5}, r"top_p must be in \(0, 1\] \(a number\)"),
+    ],
+)
 def test_bad_sampling_settings(settings, message):
     with pytest.raises(SamplingError, match=message):
         SamplingParams(**settings)
@@ -46,25 +54,31 @@ def test_edge_settings_that_work():
 
 def test_unknown_keyword_arguments_are_named(small_model, small_processor):
     messages = [{"role": "user", "content": "hi"}]
-    with pytest.raises(SamplingError, match="unknown sampling settings max_tokens, temp; the settings are "
-                                            "max_new_tokens, temperature, top_k, top_p, seed"):
+    with pytest.raises(
+        SamplingError,
+        match="unknown sampling settings max_tokens, temp; the settings are "
+        "max_new_tokens, temperature, top_k, top_p, seed",
+    ):
         generate(small_model, small_processor, messages, max_tokens=5, temp=0.3)
     with pytest.raises(SamplingError, match="unknown sampling setting max_length;"):
         next(stream_generate(small_model, small_processor, messages, max_length=5))
 
 
-@pytest.mark.parametrize("prompts,message", [
-    ([[1, 2, 10**9]], r"prompt 0 holds 1 token ids that are not integers in \[0, 4096\).*\[1000000000\]"),
-    ([[1, 2], [-1, 5]], r"prompt 1 holds 1 token ids .*\[-1\]"),
-    ([[1, 4096]], r"\[4096\]"),
-    ([[1.5, 2]], r"\[1\.5\]"),
-    ([[True, 2]], r"\[True\]"),
-    ([["a"]], r"\['a'\]"),
-    (["hello"], "prompt 0 needs at least one token"),
-    ([[]], "prompt 0 needs at least one token"),
-    ([], "prompts must be a non-empty list"),
-    ("abc", "prompts must be a non-empty list"),
-])
+@pytest.mark.parametrize(
+    "prompts,message",
+    [
+        ([[1, 2, 10**9]], r"prompt 0 holds 1 token ids that are not integers in \[0, 4096\).*\[1000000000\]"),
+        ([[1, 2], [-1, 5]], r"prompt 1 holds 1 token ids .*\[-1\]"),
+        ([[1, 4096]], r"\[4096\]"),
+        ([[1.5, 2]], r"\[1\.5\]"),
+        ([[True, 2]], r"\[True\]"),
+        ([["a"]], r"\['a'\]"),
+        (["hello"], "prompt 0 needs at least one token"),
+        ([[]], "prompt 0 needs at least one token"),
+        ([], "prompts must be a non-empty list"),
+        ("abc", "prompts must be a non-empty list"),
+    ],
+)
 def test_bad_token_ids_in_generate_ids(tiny_model, prompts, message):
     with pytest.raises(ValueError, match=message):
         generate_ids(tiny_model, prompts, params=SamplingParams(max_new_tokens=1))
@@ -72,8 +86,9 @@ def test_bad_token_ids_in_generate_ids(tiny_model, prompts, message):
 
 def test_tensor_prompts_still_work(tiny_model):
     params = SamplingParams(max_new_tokens=3)
-    assert generate_ids(tiny_model, [torch.tensor([5, 6, 7])], params=params) == \
-        generate_ids(tiny_model, [[5, 6, 7]], params=params)
+    assert generate_ids(tiny_model, [torch.tensor([5, 6, 7])], params=params) == generate_ids(
+        tiny_model, [[5, 6, 7]], params=params
+    )
     with pytest.raises(SamplingError, match="params must be a SamplingParams"):
         generate_ids(tiny_model, [[5]], params={"max_new_tokens": 3})
 

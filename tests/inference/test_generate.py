@@ -13,7 +13,7 @@ def greedy_by_recompute(model, prompt, pixel_values, grid_hws, n):
     for _ in range(n):
         logits = model(torch.tensor([ids]), pixel_values, grid_hws).logits
         ids.append(int(logits[0, -1].argmax()))
-    return ids[len(prompt):]
+    return ids[len(prompt) :]
 
 
 def image_prompt(cfg, grid, before, after, seed):

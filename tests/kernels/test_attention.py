@@ -53,15 +53,28 @@ def test_packed_paths_equal_per_segment_sdpa(monkeypatch, causal, path):
     cu = torch.tensor(bounds, dtype=torch.int32)
 
     if path == "padded_batch":
-        got = run(lambda q, k, v: segments.padded_batch(q, k, v, [(0, 5), (5, 12), (17, 6)], causal=causal,
-                                                        scale=None, fused_kernel=True), (q, k, v))
+        got = run(
+            lambda q, k, v: segments.padded_batch(
+                q, k, v, [(0, 5), (5, 12), (17, 6)], causal=causal, scale=None, fused_kernel=True
+            ),
+            (q, k, v),
+        )
     else:
         if path != "flash":
             monkeypatch.setattr(attn, "SCORES_LIMIT", 1 << 24 if path == "matmul" else 0)
         got = run(lambda q, k, v: packed(q, k, v, cu, causal=causal), (q, k, v))
-    want = run(lambda q, k, v: torch.cat([F.scaled_dot_product_attention(
-        *(t[a:b].transpose(0, 1) for t in (q, k, v)), is_causal=causal).transpose(0, 1)
-        for a, b in zip(bounds[:-1], bounds[1:]) if b > a]), (q, k, v))
+    want = run(
+        lambda q, k, v: torch.cat(
+            [
+                F.scaled_dot_product_attention(
+                    *(t[a:b].transpose(0, 1) for t in (q, k, v)), is_causal=causal
+                ).transpose(0, 1)
+                for a, b in zip(bounds[:-1], bounds[1:])
+                if b > a
+            ]
+        ),
+        (q, k, v),
+    )
     for a, b in zip(got, want):
         assert (a - b).abs().max() < 1e-5
 
@@ -81,6 +94,7 @@ def batched_inputs(masked, past):
 def failing(name):
     def fail(*args, **kwargs):
         raise AssertionError(f"the {name} ran")
+
     return fail
 
 
@@ -175,9 +189,12 @@ def test_matmul_attention_in_chunks_equals_one_call(monkeypatch, bias):
     v = torch.randn(5, 3, 7, 8, generator=g)
     mask = torch.rand(5, 3, 7, 7, generator=g) < 0.3
     mask[..., 0] = False
-    biases = {"none": None, "square": matmul.causal_bias(7, q),
-              "per_key": torch.zeros(5, 1, 1, 7).masked_fill(mask[:, :1, :1], float("-inf")),
-              "per_batch": torch.zeros(5, 3, 7, 7).masked_fill(mask, float("-inf"))}
+    biases = {
+        "none": None,
+        "square": matmul.causal_bias(7, q),
+        "per_key": torch.zeros(5, 1, 1, 7).masked_fill(mask[:, :1, :1], float("-inf")),
+        "per_batch": torch.zeros(5, 3, 7, 7).masked_fill(mask, float("-inf")),
+    }
 
     def fn(q, k, v):
         return matmul.matmul_attention(q, k, v, biases[bias], 0.3)

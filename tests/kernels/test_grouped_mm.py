@@ -14,7 +14,7 @@ def test_pad_groups_rounds_each_expert_up_with_empty_rows():
     padded, token_p, weight_p = _pad_groups(counts, token, weight, expert, t=99)
     assert padded.tolist() == [CPU_GROUP_ROWS, 0, 2 * CPU_GROUP_ROWS]
     assert token_p[:3].tolist() == [0, 1, 2] and set(token_p[3:CPU_GROUP_ROWS].tolist()) == {99}
-    assert token_p[CPU_GROUP_ROWS:CPU_GROUP_ROWS + 33].tolist() == list(range(3, 36))
+    assert token_p[CPU_GROUP_ROWS : CPU_GROUP_ROWS + 33].tolist() == list(range(3, 36))
     assert weight_p.sum() == 36 and (weight_p[token_p == 99] == 0).all()
 
 

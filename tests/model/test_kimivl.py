@@ -14,7 +14,7 @@ def image_batch(grids, seed=0):
 def prompt(cfg, n_image_tokens, before=3, after=4, seed=0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, 3000, (1, before + n_image_tokens + after), generator=g)
-    ids[0, before:before + n_image_tokens] = cfg.media_placeholder_token_id
+    ids[0, before : before + n_image_tokens] = cfg.media_placeholder_token_id
     return ids
 
 
@@ -54,7 +54,7 @@ def test_loss_is_mean_next_token_cross_entropy(tiny_model, tiny_config):
     assert tiny_model(ids, labels=labels).logits is None  # the loss alone: no (B, S, V) logits
     out = tiny_model(ids, labels=labels, return_logits=True)
     assert out.logits.dtype == torch.float32 and out.logits.shape == (2, 12, tiny_config.text_config.vocab_size)
-    manual = F.cross_entropy(out.logits[:, 5 - 1:-1].reshape(-1, out.logits.shape[-1]), ids[:, 5:].reshape(-1))
+    manual = F.cross_entropy(out.logits[:, 5 - 1 : -1].reshape(-1, out.logits.shape[-1]), ids[:, 5:].reshape(-1))
     assert torch.allclose(out.loss, manual, atol=1e-6)
     out.loss.backward()
     experts = tiny_model.language_model.model.layers[1].mlp.experts
@@ -89,8 +89,10 @@ def test_loss_in_chunks_equals_the_plain_loss_under_autocast(tiny_model, monkeyp
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = tiny_model(ids, labels=labels).loss
         loss.backward()
-        return loss.detach(), [p.grad.clone() for p in (tiny_model.language_model.lm_head.weight,
-                                                         tiny_model.language_model.model.norm.weight)]
+        return loss.detach(), [
+            p.grad.clone()
+            for p in (tiny_model.language_model.lm_head.weight, tiny_model.language_model.model.norm.weight)
+        ]
 
     plain, plain_grads = loss_and_grads()
     monkeypatch.setattr(head_loss, "LOGITS_LIMIT", 5 * tiny_model.config.text_config.vocab_size)  # 5 rows a chunk

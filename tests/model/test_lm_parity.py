@@ -1,9 +1,9 @@
 """The language model against transformers' DeepseekV3ForCausalLM with the same weights (official key names)."""
 
 import torch
+from hf_reference import hf_reference, random_lm
 
 from kimivl.config import KimiVLConfig
-from hf_reference import hf_reference, random_lm
 
 
 def random_tiny_lm():
@@ -37,5 +37,6 @@ def test_selection_bias_changes_routing_but_not_weights():
     raw = scores.gather(1, idx1)
     expect = raw / raw.sum(-1, keepdim=True) * cfg.routed_scaling_factor
     assert torch.allclose(w1, expect, atol=1e-6)
-    assert torch.allclose(w1.gather(1, pos[:, None]).squeeze(1),
-                          (scores[:, 3] / raw.sum(-1)) * cfg.routed_scaling_factor, atol=1e-6)
+    assert torch.allclose(
+        w1.gather(1, pos[:, None]).squeeze(1), (scores[:, 3] / raw.sum(-1)) * cfg.routed_scaling_factor, atol=1e-6
+    )

@@ -37,8 +37,13 @@ def pixels(grid_hws, seed=0):
 
 def test_state_dict_keys(vit, config):
     vc = config.vision_config
-    expected = {"patch_embed.proj.weight", "patch_embed.proj.bias", "patch_embed.pos_emb.weight",
-                "encoder.final_layernorm.weight", "encoder.final_layernorm.bias"}
+    expected = {
+        "patch_embed.proj.weight",
+        "patch_embed.proj.bias",
+        "patch_embed.pos_emb.weight",
+        "encoder.final_layernorm.weight",
+        "encoder.final_layernorm.bias",
+    }
     for i in range(vc.num_hidden_layers):
         for name in ("norm0", "norm1", "wqkv", "wo", "mlp.fc0", "mlp.fc1"):
             expected |= {f"encoder.blocks.{i}.{name}.weight", f"encoder.blocks.{i}.{name}.bias"}
@@ -71,14 +76,14 @@ def reference_forward(vit, pixel_values, h, w):
 
     for blk in vit.encoder.blocks:
         y = F.layer_norm(x, (x.shape[-1],), blk.norm0.weight, blk.norm0.bias, vc.layer_norm_eps)
-        q, k, v = (blk.wqkv(y)[:, j * nh * d:(j + 1) * nh * d].reshape(h * w, nh, d) for j in range(3))
+        q, k, v = (blk.wqkv(y)[:, j * nh * d : (j + 1) * nh * d].reshape(h * w, nh, d) for j in range(3))
         q, k = rope(q), rope(k)
         att = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(d)
         o = torch.einsum("hqk,khd->qhd", att.softmax(-1), v).reshape(h * w, nh * d)
         x = x + blk.wo(o)
         y = F.layer_norm(x, (x.shape[-1],), blk.norm1.weight, blk.norm1.bias, vc.layer_norm_eps)
         u = blk.mlp.fc0(y)
-        x = x + blk.mlp.fc1(0.5 * u * (1 + torch.tanh(math.sqrt(2 / math.pi) * (u + 0.044715 * u ** 3))))
+        x = x + blk.mlp.fc1(0.5 * u * (1 + torch.tanh(math.sqrt(2 / math.pi) * (u + 0.044715 * u**3))))
     fl = vit.encoder.final_layernorm
     return F.layer_norm(x, (x.shape[-1],), fl.weight, fl.bias, vc.layer_norm_eps)
 
@@ -137,16 +142,26 @@ def test_position_table_resize(vit):
         saved = pos.weight.clone()
         pos.weight.copy_(hand)
         try:
-            want = F.interpolate(hand.permute(2, 0, 1)[None], size=(5, 7), mode="bicubic", align_corners=False,
-                                 antialias=False)[0].permute(1, 2, 0).reshape(35, c)
+            want = (
+                F.interpolate(
+                    hand.permute(2, 0, 1)[None], size=(5, 7), mode="bicubic", align_corners=False, antialias=False
+                )[0]
+                .permute(1, 2, 0)
+                .reshape(35, c)
+            )
             torch.testing.assert_close(pos.table(5, 7), want, atol=2e-6, rtol=0)
             assert torch.equal(pos.table(th, tw), hand.reshape(th * tw, c))
-            torch.testing.assert_close(pos(torch.zeros(35 + th * tw, c), [(5, 7), (th, tw)]),
-                                       torch.cat([want, hand.reshape(-1, c)]), atol=2e-6, rtol=0)
+            torch.testing.assert_close(
+                pos(torch.zeros(35 + th * tw, c), [(5, 7), (th, tw)]),
+                torch.cat([want, hand.reshape(-1, c)]),
+                atol=2e-6,
+                rtol=0,
+            )
             for h, w in ((1, 1), (2, 40), (37, 3)):  # down to one cell, one side stretched, mixed
                 want = F.interpolate(hand.permute(2, 0, 1)[None], size=(h, w), mode="bicubic", align_corners=False)
-                torch.testing.assert_close(pos.table(h, w), want[0].permute(1, 2, 0).reshape(h * w, c), atol=2e-6,
-                                           rtol=0)
+                torch.testing.assert_close(
+                    pos.table(h, w), want[0].permute(1, 2, 0).reshape(h * w, c), atol=2e-6, rtol=0
+                )
         finally:
             pos.weight.copy_(saved)
 
@@ -221,17 +236,20 @@ def test_projector_norms_each_sub_patch(config):
         proj(x.reshape(5, 4 * c))
 
 
-@pytest.mark.parametrize("pv_shape, grid, match", [
-    ((24, 3, 14, 14), [[4, 5]], "describes 20 patches"),
-    ((20, 3, 16, 16), [[4, 5]], "pixel_values must have shape"),
-    ((20, 1, 14, 14), [[4, 5]], "pixel_values must have shape"),
-    ((20, 588), [[4, 5]], "pixel_values must have shape"),
-    ((20, 3, 14, 14), [[4, 5, 1]], r"shape \(num_images, 2\)"),
-    ((20, 3, 14, 14), [4, 5], r"shape \(num_images, 2\)"),
-    ((0, 3, 14, 14), torch.zeros(0, 2, dtype=torch.long), "empty"),
-    ((0, 3, 14, 14), [[0, 5]], "must be positive"),
-    ((512, 3, 14, 14), [[1, 512]], "below 512"),
-])
+@pytest.mark.parametrize(
+    "pv_shape, grid, match",
+    [
+        ((24, 3, 14, 14), [[4, 5]], "describes 20 patches"),
+        ((20, 3, 16, 16), [[4, 5]], "pixel_values must have shape"),
+        ((20, 1, 14, 14), [[4, 5]], "pixel_values must have shape"),
+        ((20, 588), [[4, 5]], "pixel_values must have shape"),
+        ((20, 3, 14, 14), [[4, 5, 1]], r"shape \(num_images, 2\)"),
+        ((20, 3, 14, 14), [4, 5], r"shape \(num_images, 2\)"),
+        ((0, 3, 14, 14), torch.zeros(0, 2, dtype=torch.long), "empty"),
+        ((0, 3, 14, 14), [[0, 5]], "must be positive"),
+        ((512, 3, 14, 14), [[1, 512]], "below 512"),
+    ],
+)
 def test_bad_inputs_raise(vit, pv_shape, grid, match):
     grid = grid if isinstance(grid, torch.Tensor) else torch.tensor(grid)
     with pytest.raises(ValueError, match=match):

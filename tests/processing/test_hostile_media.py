@@ -34,6 +34,7 @@ def test_dev_zero_is_refused_after_its_first_bytes():
 
 def _feed_fifo(path, data: bytes, endless: bytes = b""):
     """Write ``data`` then ``endless`` forever into the FIFO at ``path`` until the reader goes away."""
+
     def run():
         try:
             with open(path, "wb") as f:
@@ -138,16 +139,28 @@ def test_video_of_huge_frames_is_downscaled_as_it_is_decoded():
 @pytest.mark.parametrize("bad", [float("nan"), -1.0, float("inf"), "1.0", True, None])
 def test_bad_frame_timestamps(bad):
     frames = [np.zeros((28, 28, 3), np.uint8)] * 2
-    with pytest.raises(VideoError, match=rf"video frame 1 has timestamp {bad!r}" if not isinstance(bad, float)
-                       or math.isfinite(bad) else "video frame 1 has timestamp"):
+    with pytest.raises(
+        VideoError,
+        match=rf"video frame 1 has timestamp {bad!r}"
+        if not isinstance(bad, float) or math.isfinite(bad)
+        else "video frame 1 has timestamp",
+    ):
         frames_to_parts(frames, [0.0, bad])
     with pytest.raises(VideoError, match="timestamps must be finite numbers of seconds >= 0"):
-        apply_chat_template([{"role": "user", "content": [{"type": "video", "frames": frames,
-                                                           "timestamps": [0.0, bad]}]}])
+        apply_chat_template(
+            [{"role": "user", "content": [{"type": "video", "frames": frames, "timestamps": [0.0, bad]}]}]
+        )
 
 
-@pytest.mark.parametrize("fps,max_frames,message", [(float("nan"), 4, "need fps > 0"), (1.0, 2.5, "need max_frames"),
-                                                    (float("inf"), 4, "need fps > 0"), (1.0, -1, "need max_frames")])
+@pytest.mark.parametrize(
+    "fps,max_frames,message",
+    [
+        (float("nan"), 4, "need fps > 0"),
+        (1.0, 2.5, "need max_frames"),
+        (float("inf"), 4, "need fps > 0"),
+        (1.0, -1, "need max_frames"),
+    ],
+)
 def test_bad_sampling_settings(fps, max_frames, message):
     with pytest.raises(VideoError, match=message):
         load_video(b"anything", fps=fps, max_frames=max_frames)
@@ -156,8 +169,10 @@ def test_bad_sampling_settings(fps, max_frames, message):
 def test_bad_timestamps_in_a_data_file(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "f.png")
     for bad in ("NaN", "-1", "Infinity"):
-        record = '{"messages": [{"role": "user", "content": [{"type": "video", "frames": ["f.png", "f.png"], ' \
-                 f'"timestamps": [0, {bad}]}}]}}, {{"role": "assistant", "content": "x"}}]}}'
+        record = (
+            '{"messages": [{"role": "user", "content": [{"type": "video", "frames": ["f.png", "f.png"], '
+            f'"timestamps": [0, {bad}]}}]}}, {{"role": "assistant", "content": "x"}}]}}'
+        )
         json.loads(record)  # Python's JSON reads NaN and Infinity
         (tmp_path / "d.jsonl").write_text(record + "\n")
         with pytest.raises(DataError, match="finite numbers of seconds >= 0"):

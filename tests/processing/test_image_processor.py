@@ -50,14 +50,17 @@ def test_pad_100x50():
     assert ImageProcessor().num_tokens((4, 8)) == 8
 
 
-@pytest.mark.parametrize("w, h, limit, resized, grid", [
-    (300, 200, 64, (139, 93), (4, 5)),      # 294 patches > 64: scale sqrt(64/294), int() truncation
-    (1200, 900, 4096, (1041, 780), (28, 38)),
-    (1000, 500, 4096, (1000, 500), (18, 36)),  # 2485 patches: no resize, pad to 1008x504
-    (28, 28, 4096, (28, 28), (1, 1)),
-    (5, 3, 4096, (5, 3), (1, 1)),              # smaller than a patch: one padded 28x28 block
-    (1260, 42, 64, (613, 20), (1, 22)),        # padding may exceed the limit, as released
-])
+@pytest.mark.parametrize(
+    "w, h, limit, resized, grid",
+    [
+        (300, 200, 64, (139, 93), (4, 5)),  # 294 patches > 64: scale sqrt(64/294), int() truncation
+        (1200, 900, 4096, (1041, 780), (28, 38)),
+        (1000, 500, 4096, (1000, 500), (18, 36)),  # 2485 patches: no resize, pad to 1008x504
+        (28, 28, 4096, (28, 28), (1, 1)),
+        (5, 3, 4096, (5, 3), (1, 1)),  # smaller than a patch: one padded 28x28 block
+        (1260, 42, 64, (613, 20), (1, 22)),  # padding may exceed the limit, as released
+    ],
+)
 def test_geometry(w, h, limit, resized, grid):
     proc = ImageProcessor(in_token_limit=limit)
     assert proc.resized_size(w, h) == resized
@@ -120,8 +123,7 @@ def test_array_inputs():
     proc = ImageProcessor()
     gray = np.full((30, 20), 77, np.uint8)
     np.testing.assert_allclose(pixel(proc(gray)["pixel_values"], 2, 5, 5), normalised([77] * 3), atol=1e-6)
-    np.testing.assert_allclose(pixel(proc(gray[:, :, None])["pixel_values"], 2, 5, 5), normalised([77] * 3),
-                               atol=1e-6)
+    np.testing.assert_allclose(pixel(proc(gray[:, :, None])["pixel_values"], 2, 5, 5), normalised([77] * 3), atol=1e-6)
     f = np.full((20, 20, 3), 0.5, np.float32)
     np.testing.assert_allclose(pixel(proc(f)["pixel_values"], 2, 0, 0), normalised([128] * 3), atol=1e-6)
     rgba = np.zeros((20, 20, 4), np.uint8)
@@ -160,8 +162,9 @@ def _mode_image(mode: str) -> tuple[Image.Image, tuple, tuple]:
     return Image.new(mode.split("-")[0], (16, 16), value), black, white
 
 
-@pytest.mark.parametrize("mode", ["L", "1", "P", "P+transparency", "RGBA", "RGBA-half", "LA", "CMYK", "YCbCr",
-                                  "I;16", "I", "F"])
+@pytest.mark.parametrize(
+    "mode", ["L", "1", "P", "P+transparency", "RGBA", "RGBA-half", "LA", "CMYK", "YCbCr", "I;16", "I", "F"]
+)
 def test_every_mode(mode):
     im, black, white = _mode_image(mode)
     for background, expect in (("black", black), ("white", white)):
@@ -202,6 +205,7 @@ def test_exif_orientation():
 def png_header_only(w: int, h: int) -> bytes:
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
 
@@ -235,9 +239,16 @@ def test_bad_images(tmp_path):
 
 
 def test_config_round_trip(tmp_path):
-    official = {"patch_size": 14, "in_token_limit": 16384, "merge_kernel_size": [2, 2], "pad_input": True,
-                "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "num_pooled_tokens": 1024,
-                "image_processor_type": "KimiVLImageProcessor"}
+    official = {
+        "patch_size": 14,
+        "in_token_limit": 16384,
+        "merge_kernel_size": [2, 2],
+        "pad_input": True,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+        "num_pooled_tokens": 1024,
+        "image_processor_type": "KimiVLImageProcessor",
+    }
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(official))
     proc = ImageProcessor.from_pretrained(tmp_path)
     assert proc.in_token_limit == 16384 and proc.image_mean == (0.5,) * 3 and proc.merge_kernel_size == (2, 2)

@@ -8,13 +8,22 @@ from kimivl.inference.chat import generate, stream_generate
 from kimivl.inference.generate import generate_ids
 from kimivl.processing.processor import IGNORE_INDEX, KimiVLProcessor
 
+
 def picture(w, h, seed=0):
     return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8))
 
 
 def test_placeholders_expand_per_image(small_processor):
-    msgs = [{"role": "user", "content": [{"type": "image", "image": picture(100, 50)}, {"type": "text", "text": "Hi"},
-                                         {"type": "image", "image": picture(28, 28)}]}]
+    msgs = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": picture(100, 50)},
+                {"type": "text", "text": "Hi"},
+                {"type": "image", "image": picture(28, 28)},
+            ],
+        }
+    ]
     batch = small_processor(msgs)
     tok = small_processor.tokenizer
     # 100x50 pads to 112x56: grid (4, 8) -> 2*4 = 8 tokens; 28x28: grid (2, 2) -> 1 token
@@ -32,9 +41,12 @@ def test_placeholders_expand_per_image(small_processor):
 
 def test_training_labels_cover_answers_and_end_tokens(small_processor):
     tok = small_processor.tokenizer
-    msgs = [{"role": "user", "content": [{"type": "image", "image": picture(28, 56)}, {"type": "text", "text": "Q1"}]},
-            {"role": "assistant", "content": "red"}, {"role": "user", "content": "Q2"},
-            {"role": "assistant", "content": "3 circles"}]
+    msgs = [
+        {"role": "user", "content": [{"type": "image", "image": picture(28, 56)}, {"type": "text", "text": "Q1"}]},
+        {"role": "assistant", "content": "red"},
+        {"role": "user", "content": "Q2"},
+        {"role": "assistant", "content": "3 circles"},
+    ]
     enc = small_processor.encode_for_training(msgs)
     assert len(enc.labels) == len(enc.input_ids)
     kept = [t for t in enc.labels if t != IGNORE_INDEX]
@@ -54,13 +66,16 @@ def test_save_and_load(small_processor, tmp_path):
 
 
 def test_generate_text_single_batched_and_streamed(small_model, small_processor):
-    a = [{"role": "user", "content": [{"type": "image", "image": picture(56, 28)}, {"type": "text", "text": "Colour?"}]}]
+    a = [
+        {"role": "user", "content": [{"type": "image", "image": picture(56, 28)}, {"type": "text", "text": "Colour?"}]}
+    ]
     b = [{"role": "user", "content": "Count the circles."}]
     one = generate(small_model, small_processor, a, max_new_tokens=6)
     both = generate(small_model, small_processor, [a, b], max_new_tokens=6)
     assert both[0] == one and both[1] == generate(small_model, small_processor, b, max_new_tokens=6)
     assert "".join(stream_generate(small_model, small_processor, a, max_new_tokens=6)) == one
     enc = small_processor.encode(a)
-    ids = generate_ids(small_model, [enc.input_ids], enc.pixel_values, enc.image_grid_hws,
-                       stop_ids=small_processor.stop_ids)[0]
+    ids = generate_ids(
+        small_model, [enc.input_ids], enc.pixel_values, enc.image_grid_hws, stop_ids=small_processor.stop_ids
+    )[0]
     assert small_processor.decode(ids[:6]) == one

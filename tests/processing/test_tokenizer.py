@@ -12,8 +12,15 @@ from hypothesis import strategies as st
 
 from kimivl.config import TINY_SPECIAL_BASE, TINY_VOCAB, KimiVLConfig
 from kimivl.processing.tokenizer import (
-    _TRAIN_SPLIT, DEFAULT_SPECIAL_NAMES, MAX_RUN_CHARS, PAT_STR, KimiTokenizer, TokenizerError, load_ranks,
-    split_long_runs, train_bpe,
+    _TRAIN_SPLIT,
+    DEFAULT_SPECIAL_NAMES,
+    MAX_RUN_CHARS,
+    PAT_STR,
+    KimiTokenizer,
+    TokenizerError,
+    load_ranks,
+    split_long_runs,
+    train_bpe,
 )
 
 SAMPLE = (
@@ -46,15 +53,18 @@ def tiktoken_pieces(text: str) -> list[str]:
     return [enc.decode_single_token_bytes(t).decode() for t in enc.encode_ordinary(text)]
 
 
-@pytest.mark.parametrize("text, pieces", [
-    ("a中文b", ["a", "中文", "b"]),  # Han is cut out of the letter classes by the && intersection
-    ("Hello World's", ["Hello", " World's"]),
-    ("ÉCOLE normale", ["ÉCOLE", " normale"]),
-    ("camelCaseWord", ["camel", "Case", "Word"]),
-    ("12345 ab", ["123", "45", " ab"]),
-    ("x  \t y\n\n z", ["x", "  \t", " y", "\n\n", " z"]),
-    ("日本語のテキスト", ["日本語", "のテキスト"]),
-])
+@pytest.mark.parametrize(
+    "text, pieces",
+    [
+        ("a中文b", ["a", "中文", "b"]),  # Han is cut out of the letter classes by the && intersection
+        ("Hello World's", ["Hello", " World's"]),
+        ("ÉCOLE normale", ["ÉCOLE", " normale"]),
+        ("camelCaseWord", ["camel", "Case", "Word"]),
+        ("12345 ab", ["123", "45", " ab"]),
+        ("x  \t y\n\n z", ["x", "  \t", " y", "\n\n", " z"]),
+        ("日本語のテキスト", ["日本語", "のテキスト"]),
+    ],
+)
 def test_split_regex_in_tiktoken(text, pieces):
     assert tiktoken_pieces(text) == pieces
     assert _TRAIN_SPLIT.findall(text) == pieces
@@ -66,10 +76,23 @@ def test_training_split_matches_tiktoken(text):
     assert _TRAIN_SPLIT.findall(text) == tiktoken_pieces(text)
 
 
-@pytest.mark.parametrize("text", [
-    "", "hello", SAMPLE, "  leading and trailing  ", "\n\n\n", " " * 100, "中文" * 50, "😀" * 20 + "x",
-    "mixed 中文 and english and 한국어", "\u0301combining first", "a\u0000b", "<|im_end|> inside <|im_user|>text",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "hello",
+        SAMPLE,
+        "  leading and trailing  ",
+        "\n\n\n",
+        " " * 100,
+        "中文" * 50,
+        "😀" * 20 + "x",
+        "mixed 中文 and english and 한국어",
+        "\u0301combining first",
+        "a\u0000b",
+        "<|im_end|> inside <|im_user|>text",
+    ],
+)
 def test_round_trip(tok, text):
     assert tok.decode(tok.encode(text)) == text
 
@@ -86,9 +109,21 @@ def test_special_strings_are_single_ids(tok):
 
 def test_named_special_ids(tok):
     base = tok.n_ranks
-    expect = {"bos_id": 0, "eos_id": 1, "im_end_id": 2, "im_user_id": 3, "im_assistant_id": 4, "im_system_id": 10,
-              "im_middle_id": 17, "media_start_id": 18, "media_content_id": 19, "media_end_id": 20,
-              "media_pad_id": 21, "unk_id": 254, "pad_id": 255}
+    expect = {
+        "bos_id": 0,
+        "eos_id": 1,
+        "im_end_id": 2,
+        "im_user_id": 3,
+        "im_assistant_id": 4,
+        "im_system_id": 10,
+        "im_middle_id": 17,
+        "media_start_id": 18,
+        "media_content_id": 19,
+        "media_end_id": 20,
+        "media_pad_id": 21,
+        "unk_id": 254,
+        "pad_id": 255,
+    }
     assert {k: getattr(tok, k) - base for k in expect} == expect
     assert tok.stop_ids == [base + 2, base + 1]
     assert tok.decode([tok.media_pad_id]) == "<|media_pad|>"
@@ -199,8 +234,10 @@ def write_hand_built(path, extra_config=None):
     lines += [f"{base64.b64encode(m).decode()} {256 + i}" for i, m in enumerate(merges)]
     (path / "tiktoken.model").write_text("\n".join(lines) + "\n")
     n = 256 + len(merges)
-    cfg = {"added_tokens_decoder": {str(n + i): {"content": s, "special": True}
-                                    for i, s in DEFAULT_SPECIAL_NAMES.items()}, **(extra_config or {})}
+    cfg = {
+        "added_tokens_decoder": {str(n + i): {"content": s, "special": True} for i, s in DEFAULT_SPECIAL_NAMES.items()},
+        **(extra_config or {}),
+    }
     (path / "tokenizer_config.json").write_text(json.dumps(cfg))
     return n
 
@@ -217,21 +254,30 @@ def test_hand_built_files(tmp_path):
     assert load_ranks(tmp_path / "out" / "tiktoken.model") == tok.mergeable_ranks
 
 
-@pytest.mark.parametrize("damage, match", [
-    (lambda p: (p / "tiktoken.model").unlink(), "no tiktoken.model"),
-    (lambda p: (p / "tokenizer_config.json").unlink(), "no tokenizer_config.json"),
-    (lambda p: (p / "tiktoken.model").write_text("!!notbase64 0\n"), "expected 'base64"),
-    (lambda p: (p / "tiktoken.model").write_text("YQ== 0\nYg== 5\n"), "no gaps"),
-    (lambda p: (p / "tiktoken.model").write_text("YQ== 0\nYQ== 1\n"), "appears twice"),
-    (lambda p: (p / "tiktoken.model").write_text(""), "no BPE ranks"),
-    (lambda p: (p / "tokenizer_config.json").write_text("{not json"), "not valid JSON"),
-    (lambda p: (p / "tokenizer_config.json").write_text("{}"), "no added_tokens_decoder"),
-    (lambda p: (p / "tokenizer_config.json").write_text('{"added_tokens_decoder": {"3": {"content": "x"}}}'),
-     "outside the special range"),
-    (lambda p: (p / "tokenizer_config.json").write_text(
-        '{"added_tokens_decoder": {"261": {"content": "[BOS]"}, "262": {"content": "[BOS]"}}}'), "named twice"),
-    (lambda p: (p / "tokenizer_config.json").write_text('{"added_tokens_decoder": {"x": 1}}'), "bad added_tokens"),
-])
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        (lambda p: (p / "tiktoken.model").unlink(), "no tiktoken.model"),
+        (lambda p: (p / "tokenizer_config.json").unlink(), "no tokenizer_config.json"),
+        (lambda p: (p / "tiktoken.model").write_text("!!notbase64 0\n"), "expected 'base64"),
+        (lambda p: (p / "tiktoken.model").write_text("YQ== 0\nYg== 5\n"), "no gaps"),
+        (lambda p: (p / "tiktoken.model").write_text("YQ== 0\nYQ== 1\n"), "appears twice"),
+        (lambda p: (p / "tiktoken.model").write_text(""), "no BPE ranks"),
+        (lambda p: (p / "tokenizer_config.json").write_text("{not json"), "not valid JSON"),
+        (lambda p: (p / "tokenizer_config.json").write_text("{}"), "no added_tokens_decoder"),
+        (
+            lambda p: (p / "tokenizer_config.json").write_text('{"added_tokens_decoder": {"3": {"content": "x"}}}'),
+            "outside the special range",
+        ),
+        (
+            lambda p: (p / "tokenizer_config.json").write_text(
+                '{"added_tokens_decoder": {"261": {"content": "[BOS]"}, "262": {"content": "[BOS]"}}}'
+            ),
+            "named twice",
+        ),
+        (lambda p: (p / "tokenizer_config.json").write_text('{"added_tokens_decoder": {"x": 1}}'), "bad added_tokens"),
+    ],
+)
 def test_bad_files(tmp_path, damage, match):
     write_hand_built(tmp_path)
     damage(tmp_path)

@@ -8,8 +8,7 @@ from kimivl.processing.chat_template import IMAGE_PLACEHOLDER, apply_chat_templa
 from kimivl.processing.video import VideoError, format_timestamp, frames_to_parts, load_video
 
 
-def make_video(n: int = 25, rate: int = 10, codec: str = "mpeg4", fmt: str = "mp4", w: int = 64,
-               h: int = 48) -> bytes:
+def make_video(n: int = 25, rate: int = 10, codec: str = "mpeg4", fmt: str = "mp4", w: int = 64, h: int = 48) -> bytes:
     """A video whose frame i is uniformly grey at level 10*i (2.5 s at 10 fps by default)."""
     buf = io.BytesIO()
     with av.open(buf, "w", format=fmt) as c:
@@ -89,16 +88,31 @@ def test_unreadable(video, tmp_path):
 
 
 def test_timestamps_and_chat_parts(video):
-    assert [format_timestamp(t) for t in (0, 1, 61.25, 3599.96, 3723.5)] == \
-        ["00:00.0", "00:01.0", "01:01.2", "1:00:00.0", "1:02:03.5"]
+    assert [format_timestamp(t) for t in (0, 1, 61.25, 3599.96, 3723.5)] == [
+        "00:00.0",
+        "00:01.0",
+        "01:01.2",
+        "1:00:00.0",
+        "1:02:03.5",
+    ]
     frames, times = load_video(video)
     parts = frames_to_parts(frames, times)
     assert [p["type"] for p in parts] == ["text", "image"] * 3 and parts[2]["text"] == "00:01.0"
-    text, media = apply_chat_template([{"role": "user", "content": [
-        {"type": "video", "video": video}, {"type": "text", "text": "What changes?"}]}])
-    assert "<|im_user|>user<|im_middle|>00:00.0" + IMAGE_PLACEHOLDER + "00:01.0" + IMAGE_PLACEHOLDER + \
-        "00:02.0" + IMAGE_PLACEHOLDER + "What changes?<|im_end|>" in text
+    text, media = apply_chat_template(
+        [{"role": "user", "content": [{"type": "video", "video": video}, {"type": "text", "text": "What changes?"}]}]
+    )
+    assert (
+        "<|im_user|>user<|im_middle|>00:00.0"
+        + IMAGE_PLACEHOLDER
+        + "00:01.0"
+        + IMAGE_PLACEHOLDER
+        + "00:02.0"
+        + IMAGE_PLACEHOLDER
+        + "What changes?<|im_end|>"
+        in text
+    )
     assert levels(media) == [0, 10, 20]
-    _, media = apply_chat_template([{"role": "user", "content": [{"type": "video", "video": video, "fps": 2,
-                                                                   "max_frames": 2}]}])
+    _, media = apply_chat_template(
+        [{"role": "user", "content": [{"type": "video", "video": video, "fps": 2, "max_frames": 2}]}]
+    )
     assert len(media) == 2

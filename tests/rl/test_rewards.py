@@ -17,13 +17,27 @@ def test_answer_needs_a_closed_reasoning():
     assert correctness(f"{THINK}", meta) == 0.0  # closed, but the answer is empty
 
 
-@pytest.mark.parametrize("answer, gold, expected", [
-    ("7", 7, 1.0), ("7.0", 7, 1.0), ("7.00001", 7, 1.0), ("7.1", 7, 0.0), ("-3", -3, 1.0), ("1,234", 1234, 1.0),
-    ("3 + 4 = 7", 7, 1.0),  # several numbers: the last one is the answer
-    ("7, or maybe 8", 7, 0.0),
-    ("12 cm", 12, 1.0), ("12cm²", 12, 1.0), ("12 cm^2", 12, 1.0), ("12 m2", 12, 1.0), ("12 sq units", 12, 1.0),
-    ("The area is 12 square cm.", 12, 1.0), ("2.5", 2.5, 1.0), ("no idea", 7, 0.0),
-])
+@pytest.mark.parametrize(
+    "answer, gold, expected",
+    [
+        ("7", 7, 1.0),
+        ("7.0", 7, 1.0),
+        ("7.00001", 7, 1.0),
+        ("7.1", 7, 0.0),
+        ("-3", -3, 1.0),
+        ("1,234", 1234, 1.0),
+        ("3 + 4 = 7", 7, 1.0),  # several numbers: the last one is the answer
+        ("7, or maybe 8", 7, 0.0),
+        ("12 cm", 12, 1.0),
+        ("12cm²", 12, 1.0),
+        ("12 cm^2", 12, 1.0),
+        ("12 m2", 12, 1.0),
+        ("12 sq units", 12, 1.0),
+        ("The area is 12 square cm.", 12, 1.0),
+        ("2.5", 2.5, 1.0),
+        ("no idea", 7, 0.0),
+    ],
+)
 def test_numeric(answer, gold, expected):
     assert correctness(f"{THINK}{answer}", {"task": "reasoning", "gold": gold}) == expected
 
@@ -32,10 +46,21 @@ def test_numbers_strip_units_not_digits():
     assert numbers("area 12 cm² and 3 m^3, total 15") == [12.0, 3.0, 15.0]
 
 
-@pytest.mark.parametrize("answer, expected", [
-    ("B", 1.0), ("(B)", 1.0), ("B. blue", 1.0), ("B) blue", 1.0), ("The answer is B", 1.0), ("the answer is (b)", 1.0),
-    ("A", 0.0), ("(A) or (B)", 0.0), ("Blue", 0.0), ("", 0.0),
-])
+@pytest.mark.parametrize(
+    "answer, expected",
+    [
+        ("B", 1.0),
+        ("(B)", 1.0),
+        ("B. blue", 1.0),
+        ("B) blue", 1.0),
+        ("The answer is B", 1.0),
+        ("the answer is (b)", 1.0),
+        ("A", 0.0),
+        ("(A) or (B)", 0.0),
+        ("Blue", 0.0),
+        ("", 0.0),
+    ],
+)
 def test_option(answer, expected):
     assert option(answer, {"gold": "B"}) == expected
 

@@ -11,8 +11,8 @@ from PIL import Image
 from kimivl import KimiVL
 from kimivl.cli import main
 from kimivl.data.formats import write_records
-from kimivl.train.stages.rl import rl_config
 from kimivl.train.recipe import RecipeError, load_recipe
+from kimivl.train.stages.rl import rl_config
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
@@ -24,29 +24,58 @@ def problems(tmp_path_factory):
     records = []
     for i in range(6):
         Image.fromarray(np.full((28, 56, 3), 40 * i, dtype=np.uint8)).save(root / "img" / f"{i}.png")
-        records.append({"messages": [
-            {"role": "user", "content": [{"type": "image", "image": str(root / "img" / f"{i}.png")},
-                                         {"type": "text", "text": f"What is {i} + {i}?"}]},
-            {"role": "assistant", "content": f"◁think▷{i} + {i} = {2 * i}◁/think▷{2 * i}"}],
-            "meta": {"task": "reasoning", "gold": 2 * i, "difficulty": ["easy", "hard"][i % 2]}})
+        records.append(
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image", "image": str(root / "img" / f"{i}.png")},
+                            {"type": "text", "text": f"What is {i} + {i}?"},
+                        ],
+                    },
+                    {"role": "assistant", "content": f"◁think▷{i} + {i} = {2 * i}◁/think▷{2 * i}"},
+                ],
+                "meta": {"task": "reasoning", "gold": 2 * i, "difficulty": ["easy", "hard"][i % 2]},
+            }
+        )
     write_records(root / "train" / "reasoning.jsonl", records[:4])
     write_records(root / "heldout" / "reasoning.jsonl", records[4:])
-    write_records(root / "heldout" / "notes.jsonl", [{"id": str(i), "text": f"{i} + {i} = {2 * i}. " * 40}
-                                                     for i in range(3)])
+    write_records(
+        root / "heldout" / "notes.jsonl", [{"id": str(i), "text": f"{i} + {i} = {2 * i}. " * 40} for i in range(3)]
+    )
     return root
 
 
 def test_an_rl_stage_runs_in_a_recipe(problems, tmp_path):
     out = tmp_path / "run"
     recipe = {
-        "name": "rl-smoke", "out": str(out), "base": {"preset": "tiny"}, "tokenizer": {"train_vocab": 260},
+        "name": "rl-smoke",
+        "out": str(out),
+        "base": {"preset": "tiny"},
+        "tokenizer": {"train_vocab": 260},
         "sources": {"reasoning": str(problems / "train" / "reasoning.jsonl")},
         "export": {"path": str(out / "export"), "dtype": "bfloat16"},
         "eval": {"base": True, "after": ["rl"], "split": str(problems / "heldout"), "max_new_tokens": 4},
-        "stages": [{"name": "rl", "kind": "rl", "steps": 2, "lr": 1e-3, "budget": 512, "ckpt_every": 1,
-                    "sources": ["reasoning"],
-                    "rl": {"problems": 2, "samples": 2, "max_new_tokens": 4, "length_weight": 1.0,
-                           "curriculum": {0.0: {"easy": 1}, 0.5: {"easy": 1, "hard": 1}}}}]}
+        "stages": [
+            {
+                "name": "rl",
+                "kind": "rl",
+                "steps": 2,
+                "lr": 1e-3,
+                "budget": 512,
+                "ckpt_every": 1,
+                "sources": ["reasoning"],
+                "rl": {
+                    "problems": 2,
+                    "samples": 2,
+                    "max_new_tokens": 4,
+                    "length_weight": 1.0,
+                    "curriculum": {0.0: {"easy": 1}, 0.5: {"easy": 1, "hard": 1}},
+                },
+            }
+        ],
+    }
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     assert main(["train", str(tmp_path / "r.yaml")]) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -64,10 +93,13 @@ def test_an_rl_stage_runs_in_a_recipe(problems, tmp_path):
 def test_bad_rl_settings_are_recipe_errors(problems, tmp_path):
     base = {"name": "x", "out": str(tmp_path), "sources": {"p": str(problems / "train" / "reasoning.jsonl")}}
     stage = {"name": "rl", "kind": "rl", "steps": 2, "lr": 1e-3, "sources": ["p"]}
-    for bad, match in (({**stage, "sources": []}, "problem 'sources'"),
-                       ({**stage, "kind": "joint", "mix": {"p": 1}, "rl": {}}, "rl, sources do not apply to a joint stage"),
-                       ({**stage, "rl": {"objective": "ppo"}}, "objective"), ({**stage, "rl": {"samplez": 4}}, "samplez"),
-                       ({**stage, "rl": {"bf16": False}}, "bf16 is set for the whole recipe")):
+    for bad, match in (
+        ({**stage, "sources": []}, "problem 'sources'"),
+        ({**stage, "kind": "joint", "mix": {"p": 1}, "rl": {}}, "rl, sources do not apply to a joint stage"),
+        ({**stage, "rl": {"objective": "ppo"}}, "objective"),
+        ({**stage, "rl": {"samplez": 4}}, "samplez"),
+        ({**stage, "rl": {"bf16": False}}, "bf16 is set for the whole recipe"),
+    ):
         (tmp_path / "r.yaml").write_text(yaml.safe_dump({**base, "stages": [bad]}))
         with pytest.raises(RecipeError, match=match):  # when the recipe loads, before anything runs
             load_recipe(tmp_path / "r.yaml")

@@ -13,10 +13,14 @@ def prompts(small_processor):
     """Three prompts: with a 56x28 image, text only, with a 28x56 image."""
     img_a = Image.fromarray(np.full((28, 56, 3), (200, 30, 30), dtype=np.uint8))
     img_b = Image.fromarray(np.random.default_rng(0).integers(0, 255, (56, 28, 3), dtype=np.uint8))
-    encoded = [small_processor.encode([{"role": "user", "content": parts}]) for parts in (
-        [{"type": "image", "image": img_a}, {"type": "text", "text": "What colour is the square?"}],
-        "Count the circles.",
-        [{"type": "text", "text": "the fox"}, {"type": "image", "image": img_b}])]
+    encoded = [
+        small_processor.encode([{"role": "user", "content": parts}])
+        for parts in (
+            [{"type": "image", "image": img_a}, {"type": "text", "text": "What colour is the square?"}],
+            "Count the circles.",
+            [{"type": "text", "text": "the fox"}, {"type": "image", "image": img_b}],
+        )
+    ]
     ids = [e.input_ids for e in encoded]
     have = [e for e in encoded if len(e.image_grid_hws)]
     return ids, torch.cat([e.pixel_values for e in have]), torch.cat([e.image_grid_hws for e in have])
@@ -71,22 +75,31 @@ def test_rollout_k_samples_per_prompt_with_the_stop_token(small_model, small_pro
     assert [r.ids for r in again] == [r.ids for r in rolls]  # seeded: repeatable
     # the engine with stop ids gives the same tokens, without the stop token (batch 0: rows 0-4, seed 3)
     pv0, grid0 = split_images(ids, pv, grids, small_model.config.media_placeholder_token_id)[0]
-    engine = generate_ids(small_model, [ids[0]] * 4 + [ids[1]], pv0.repeat(4, 1, 1, 1), grid0.repeat(4, 1), params,
-                          stop_ids=stop)
+    engine = generate_ids(
+        small_model, [ids[0]] * 4 + [ids[1]], pv0.repeat(4, 1, 1, 1), grid0.repeat(4, 1), params, stop_ids=stop
+    )
     assert engine == [r.ids[:-1] if r.stopped else r.ids for r in rolls[:5]]
 
 
 def test_greedy_rollouts_are_the_argmax_of_the_teacher_forced_log_probs(small_model, small_processor, prompts):
     ids, pv, grids = prompts
-    rolls = rollout(small_model, small_processor, ids, pv, grids, k=2, params=SamplingParams(max_new_tokens=5),
-                    stop_ids=small_processor.stop_ids)
+    rolls = rollout(
+        small_model,
+        small_processor,
+        ids,
+        pv,
+        grids,
+        k=2,
+        params=SamplingParams(max_new_tokens=5),
+        stop_ids=small_processor.stop_ids,
+    )
     assert rolls[0].ids == rolls[1].ids
     parts = split_images(ids, pv, grids, small_model.config.media_placeholder_token_id)
     for r in rolls[::2]:
         p = ids[r.prompt]
         with torch.no_grad():
             logits = small_model(torch.tensor([p + r.ids]), *parts[r.prompt]).logits[0]
-        assert logits[len(p) - 1:len(p) + len(r.ids) - 1].argmax(-1).tolist() == r.ids
+        assert logits[len(p) - 1 : len(p) + len(r.ids) - 1].argmax(-1).tolist() == r.ids
 
 
 def test_a_sampled_placeholder_token_is_a_plain_token(small_model, prompts):

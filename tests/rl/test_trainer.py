@@ -10,8 +10,9 @@ from kimivl.rl.trainer import RLConfig, RLTrainer
 from kimivl.train.optim import build_optimizer
 from kimivl.train.schedule import scheduler_at
 
-PROBLEMS = [{"messages": [{"role": "user", "content": f"question {i}"}], "meta": {"task": "toy", "gold": i}}
-            for i in range(4)]
+PROBLEMS = [
+    {"messages": [{"role": "user", "content": f"question {i}"}], "meta": {"task": "toy", "gold": i}} for i in range(4)
+]
 
 
 def starts_with_a_letter(text: str, meta: dict) -> float:
@@ -20,12 +21,23 @@ def starts_with_a_letter(text: str, meta: dict) -> float:
 
 
 def make_trainer(model, processor, run_dir, reward_fn=starts_with_a_letter, **overrides):
-    settings = {"iterations": 12, "problems": 4, "samples": 8, "max_new_tokens": 3, "temperature": 1.0,
-                "updates": 2, "bf16": False, "budget": 2048, "ckpt_every": 1, **overrides}
+    settings = {
+        "iterations": 12,
+        "problems": 4,
+        "samples": 8,
+        "max_new_tokens": 3,
+        "temperature": 1.0,
+        "updates": 2,
+        "bf16": False,
+        "budget": 2048,
+        "ckpt_every": 1,
+        **overrides,
+    }
     optimizer = build_optimizer(model, lr=1e-2, weight_decay=0.0)
     scheduler = scheduler_at(optimizer, lambda step: 1.0)
-    return RLTrainer(model, processor, PROBLEMS, RLConfig(**settings), optimizer, scheduler, run_dir,
-                     reward_fn=reward_fn)
+    return RLTrainer(
+        model, processor, PROBLEMS, RLConfig(**settings), optimizer, scheduler, run_dir, reward_fn=reward_fn
+    )
 
 
 @pytest.mark.parametrize("objective", ["opmd", "grpo"])
@@ -92,8 +104,9 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(small_model, small_pr
     a = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     drop = ("seconds", "rollout_tokens_per_s")
-    assert [{k: v for k, v in r.items() if k not in drop} for r in a] == \
-           [{k: v for k, v in r.items() if k not in drop} for r in b]
+    assert [{k: v for k, v in r.items() if k not in drop} for r in a] == [
+        {k: v for k, v in r.items() if k not in drop} for r in b
+    ]
 
 
 def test_config_checks():
@@ -101,10 +114,14 @@ def test_config_checks():
         RLConfig(objective="ppo")
     with pytest.raises(ValueError, match="samples must be >= 2"):
         RLConfig(samples=1)
-    for settings, match in (({"rollout_batch": 0}, "rollout_batch, ckpt_every and keep_checkpoints must be >= 1"),
-                            ({"length_weight": -0.5}, "length_weight, length_warmup and kl_coef must be >= 0"),
-                            ({"clip_eps": 0}, "clip_eps > 0"), ({"grpo_level": "batch"}, "grpo_level is 'token'"),
-                            ({"priority_floor": 1.5}, r"priority_floor and success_decay must lie in \[0, 1\]"),
-                            ({"temperature": -1}, "temperature must be >= 0"), ({"top_p": 0}, "top_p must be in")):
+    for settings, match in (
+        ({"rollout_batch": 0}, "rollout_batch, ckpt_every and keep_checkpoints must be >= 1"),
+        ({"length_weight": -0.5}, "length_weight, length_warmup and kl_coef must be >= 0"),
+        ({"clip_eps": 0}, "clip_eps > 0"),
+        ({"grpo_level": "batch"}, "grpo_level is 'token'"),
+        ({"priority_floor": 1.5}, r"priority_floor and success_decay must lie in \[0, 1\]"),
+        ({"temperature": -1}, "temperature must be >= 0"),
+        ({"top_p": 0}, "top_p must be in"),
+    ):
         with pytest.raises(ValueError, match=match):
             RLConfig(**settings)

@@ -75,8 +75,10 @@ def test_kept_routing_feeds_the_aux_loss(tiny_config):
     with ExpertLoadTracker(model, keep_routing=True) as tracker:
         model(ids)
     assert set(tracker.routing) == set(tracker.counts)
-    aux = sum(sequence_aux_loss(scores, idx, [16, 16], cfg.n_routed_experts, cfg.num_experts_per_tok, 1e-3)
-              for scores, idx in tracker.routing.values())
+    aux = sum(
+        sequence_aux_loss(scores, idx, [16, 16], cfg.n_routed_experts, cfg.num_experts_per_tok, 1e-3)
+        for scores, idx in tracker.routing.values()
+    )
     aux.backward()
     gate = model.language_model.model.layers[1].mlp.gate
     assert gate.weight.grad is not None and gate.weight.grad.abs().sum() > 0

@@ -12,8 +12,16 @@ def _samples(processor, n=6, seed=0):
     out = []
     for i in range(n):
         image = rng.integers(0, 256, size=(28 * (1 + i % 3), 56, 3), dtype=np.uint8)
-        out.append(processor.encode([{"role": "user", "content": [{"type": "image", "image": image},
-                                                                  {"type": "text", "text": "what is it?"}]}]))
+        out.append(
+            processor.encode(
+                [
+                    {
+                        "role": "user",
+                        "content": [{"type": "image", "image": image}, {"type": "text", "text": "what is it?"}],
+                    }
+                ]
+            )
+        )
     return out
 
 

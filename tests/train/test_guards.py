@@ -27,11 +27,19 @@ def test_an_update_that_makes_weights_non_finite_stops_and_names_them():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
     (model(torch.randn(8, 4)).pow(2).mean() * 1e12).backward()
     told = []
-    with pytest.raises(TrainingError, match=r"s: step 1: the update made 2 weight tensors non-finite \(0.weight, "
-                                            r"1.weight\): is the learning rate too high\? The last good state is the "
-                                            r"checkpoint c"):
-        optimizer_step(model, torch.optim.SGD(model.parameters(), lr=1e30), 1e20, "s: step 1",
-                       lambda ok: told.append(ok) or "the checkpoint c")
+    with pytest.raises(
+        TrainingError,
+        match=r"s: step 1: the update made 2 weight tensors non-finite \(0.weight, "
+        r"1.weight\): is the learning rate too high\? The last good state is the "
+        r"checkpoint c",
+    ):
+        optimizer_step(
+            model,
+            torch.optim.SGD(model.parameters(), lr=1e30),
+            1e20,
+            "s: step 1",
+            lambda ok: told.append(ok) or "the checkpoint c",
+        )
     assert told == [False]  # the current weights are not offered as the good state
 
 
@@ -49,10 +57,14 @@ def test_loop_never_saves_non_finite_weights(small_model, small_processor, tmp_p
                 model.language_model.lm_head.weight.fill_(float("inf"))
 
     monkeypatch.setattr(opt, "step", blow_up)
-    with pytest.raises(TrainingError, match="s: step 3: the update made 1 weight tensors non-finite "
-                                            r"\(language_model.lm_head.weight\).* the checkpoint .*step-0000002"):
-        train_loop(model, joint_loss, data, opt, sched, LoopConfig(steps=5, ckpt_every=2), tmp_path, "s",
-                   progress=False)
+    with pytest.raises(
+        TrainingError,
+        match="s: step 3: the update made 1 weight tensors non-finite "
+        r"\(language_model.lm_head.weight\).* the checkpoint .*step-0000002",
+    ):
+        train_loop(
+            model, joint_loss, data, opt, sched, LoopConfig(steps=5, ckpt_every=2), tmp_path, "s", progress=False
+        )
     saved = latest_checkpoint(tmp_path / "s" / "checkpoints")
     assert saved.name == "step-0000002"
     assert all(torch.isfinite(t).all() for t in KimiVL.from_pretrained(saved).state_dict().values())
@@ -69,8 +81,17 @@ def test_ctrl_c_saves_the_step_and_stops(small_model, small_processor, tmp_path)
         return joint_loss(model, batch)
 
     with pytest.raises(Interrupted, match=r"s: stopped at your request after step 2 of 6; saved at .*step-0000002"):
-        train_loop(model, interrupt_in_step_2, data, opt, sched, LoopConfig(steps=6, ckpt_every=10), tmp_path, "s",
-                   progress=False)
+        train_loop(
+            model,
+            interrupt_in_step_2,
+            data,
+            opt,
+            sched,
+            LoopConfig(steps=6, ckpt_every=10),
+            tmp_path,
+            "s",
+            progress=False,
+        )
     assert latest_checkpoint(tmp_path / "s" / "checkpoints").name == "step-0000002"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C behaves as usual again
 
@@ -83,10 +104,14 @@ def test_a_full_disk_is_named_and_leaves_no_partial_checkpoint(small_model, smal
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full)
-    with pytest.raises(TrainingError, match=r"cannot write checkpoint .*step-0000004: No space left on device \(the "
-                                            r"disk is full: free space, then resume\); .*step-0000002 is intact"):
-        train_loop(model, joint_loss, data, opt, sched, LoopConfig(steps=4, ckpt_every=2), tmp_path, "s",
-                   progress=False)
+    with pytest.raises(
+        TrainingError,
+        match=r"cannot write checkpoint .*step-0000004: No space left on device \(the "
+        r"disk is full: free space, then resume\); .*step-0000002 is intact",
+    ):
+        train_loop(
+            model, joint_loss, data, opt, sched, LoopConfig(steps=4, ckpt_every=2), tmp_path, "s", progress=False
+        )
     assert sorted(p.name for p in (tmp_path / "s" / "checkpoints").iterdir()) == ["latest", "step-0000002"]
 
 
@@ -112,19 +137,28 @@ def test_a_second_run_on_the_same_out_is_refused(tmp_path):
 
 
 def _recipe(tmp_path, **changes):
-    recipe = {"name": "r", "out": str(tmp_path / "run"), "sources": {"t": "t.jsonl"}, "tokenizer": {"train_vocab": 300},
-              "export": {"path": "models/mine"},
-              "stages": [{"name": "a", "kind": "joint", "steps": 4, "lr": 1e-3, "mix": {"t": 1}}], **changes}
+    recipe = {
+        "name": "r",
+        "out": str(tmp_path / "run"),
+        "sources": {"t": "t.jsonl"},
+        "tokenizer": {"train_vocab": 300},
+        "export": {"path": "models/mine"},
+        "stages": [{"name": "a", "kind": "joint", "steps": 4, "lr": 1e-3, "mix": {"t": 1}}],
+        **changes,
+    }
     (tmp_path / "r.yaml").write_text(json.dumps(recipe))
     return tmp_path / "r.yaml"
 
 
-@pytest.mark.parametrize("stage, match", [
-    ({"name": "../../x"}, r"stage name '\.\./\.\./x': use letters, digits"),
-    ({"name": "world"}, "stage name 'world': .* other than"),
-    ({"name": ".hidden"}, "stage name '.hidden'"),
-    ({"schedule": "cosine", "warmup": 4}, r"stage 'a': warmup \(4 steps\) must be below steps \(4\)"),
-])
+@pytest.mark.parametrize(
+    "stage, match",
+    [
+        ({"name": "../../x"}, r"stage name '\.\./\.\./x': use letters, digits"),
+        ({"name": "world"}, "stage name 'world': .* other than"),
+        ({"name": ".hidden"}, "stage name '.hidden'"),
+        ({"schedule": "cosine", "warmup": 4}, r"stage 'a': warmup \(4 steps\) must be below steps \(4\)"),
+    ],
+)
 def test_stage_names_and_warmups_that_cannot_work(tmp_path, stage, match):
     path = _recipe(tmp_path, stages=[{"name": "a", "kind": "joint", "steps": 4, "lr": 1e-3, "mix": {"t": 1}, **stage}])
     with pytest.raises(RecipeError, match=match):
@@ -132,13 +166,17 @@ def test_stage_names_and_warmups_that_cannot_work(tmp_path, stage, match):
 
 
 def test_a_recipe_warmup_longer_than_its_stages(tmp_path):
-    with pytest.raises(RecipeError, match=r"schedule.warmup \(10 steps\) must be below the steps of the stages that "
-                                          r"continue the recipe-wide schedule \(4\)"):
+    with pytest.raises(
+        RecipeError,
+        match=r"schedule.warmup \(10 steps\) must be below the steps of the stages that "
+        r"continue the recipe-wide schedule \(4\)",
+    ):
         load_recipe(_recipe(tmp_path, schedule={"warmup": 10}))
 
 
-def test_export_goes_under_out_and_never_replaces_another_runs_model(tmp_path, monkeypatch, small_model,
-                                                                     small_processor):
+def test_export_goes_under_out_and_never_replaces_another_runs_model(
+    tmp_path, monkeypatch, small_model, small_processor
+):
     monkeypatch.chdir(tmp_path)
     path = _recipe(tmp_path)
     assert load_recipe(path).export["path"] == "models/mine"  # relative to the working directory
@@ -147,8 +185,9 @@ def test_export_goes_under_out_and_never_replaces_another_runs_model(tmp_path, m
     recipe = load_recipe(path)
     assert check_export(recipe).resolve() == tmp_path / "models" / "mine"  # nothing there yet
     small_model.save_pretrained(tmp_path / "models" / "mine")
-    with pytest.raises(RecipeError, match="export path models/mine holds a model written by no recorded run, not by "
-                                          "this run"):
+    with pytest.raises(
+        RecipeError, match="export path models/mine holds a model written by no recorded run, not by this run"
+    ):
         check_export(recipe)
     (tmp_path / "models" / "mine" / EXPORT_RECORD).write_text(json.dumps({"out": "../../run"}))
     assert check_export(recipe).resolve() == tmp_path / "models" / "mine"  # this run's own export

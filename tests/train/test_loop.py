@@ -14,14 +14,17 @@ from kimivl.checkpoint import FROZEN_FINGERPRINT, checkpoint_files
 from kimivl.data.mixture import Mixture
 from kimivl.data.packing import PackedBatch
 from kimivl.train.loop import LoopConfig, to_device, train_loop
-from kimivl.train.step import TrainingError
 from kimivl.train.optim import build_optimizer
 from kimivl.train.schedule import WarmupCosine, scheduler_at
 from kimivl.train.state import latest_checkpoint, save_state
+from kimivl.train.step import TrainingError
 from kimivl.train.trainable import set_trainable
 
-CHATS = [[{"role": "user", "content": f"What is {a} plus {b}?"}, {"role": "assistant", "content": str(a + b)}]
-         for a in range(5) for b in range(5)]
+CHATS = [
+    [{"role": "user", "content": f"What is {a} plus {b}?"}, {"role": "assistant", "content": str(a + b)}]
+    for a in range(5)
+    for b in range(5)
+]
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Count the circles: there are 3 circles."]
 
 
@@ -33,10 +36,13 @@ def joint_loss(model, batch):
 def setup(small_model, small_processor, seed=0, replacement=True):
     torch.manual_seed(seed)
     model = KimiVL(small_model.config)
+
     def encode(kind, item):
         return small_processor.encode_text(item) if kind == "text" else small_processor.encode_for_training(item)
-    data = Mixture({"chat": CHATS, "text": TEXTS}, encode, budget=96, start={"chat": 1, "text": 1}, seed=1,
-                   replacement=replacement)
+
+    data = Mixture(
+        {"chat": CHATS, "text": TEXTS}, encode, budget=96, start={"chat": 1, "text": 1}, seed=1, replacement=replacement
+    )
     opt = build_optimizer(model, lr=3e-3)
     return model, data, opt, scheduler_at(opt, WarmupCosine(2, 8))
 
@@ -58,6 +64,7 @@ def test_kill_and_resume_gives_identical_losses(small_model, small_processor, tm
     train_loop(model, joint_loss, data, opt, sched, cfg, tmp_path / "a", "s", progress=False)
 
     calls = {"n": 0}
+
     def dies_in_step_5(model, batch):
         calls["n"] += 1
         if calls["n"] == 4 * accum + 1:
@@ -80,14 +87,16 @@ def test_kill_and_resume_gives_identical_losses(small_model, small_processor, tm
 def test_nan_loss_stops_with_a_usable_checkpoint(small_model, small_processor, tmp_path):
     model, data, opt, sched = setup(small_model, small_processor)
     calls = {"n": 0}
+
     def nan_at_step_3(model, batch):
         calls["n"] += 1
         loss, values, n = joint_loss(model, batch)
         return (loss * float("nan") if calls["n"] == 3 else loss), values, n
 
     with pytest.raises(TrainingError, match="s: step 3: loss is nan; the last good state is saved"):
-        train_loop(model, nan_at_step_3, data, opt, sched, LoopConfig(steps=5, ckpt_every=10), tmp_path, "s",
-                   progress=False)
+        train_loop(
+            model, nan_at_step_3, data, opt, sched, LoopConfig(steps=5, ckpt_every=10), tmp_path, "s", progress=False
+        )
     saved = latest_checkpoint(tmp_path / "s" / "checkpoints")
     assert saved.name == "step-0000002"
     reloaded = KimiVL.from_pretrained(saved, dtype=torch.float32)
@@ -96,8 +105,7 @@ def test_nan_loss_stops_with_a_usable_checkpoint(small_model, small_processor, t
 
 def test_crash_while_writing_keeps_previous_checkpoint(small_model, small_processor, tmp_path, monkeypatch):
     model, data, opt, sched = setup(small_model, small_processor)
-    train_loop(model, joint_loss, data, opt, sched, LoopConfig(steps=2, ckpt_every=2), tmp_path, "s",
-               progress=False)
+    train_loop(model, joint_loss, data, opt, sched, LoopConfig(steps=2, ckpt_every=2), tmp_path, "s", progress=False)
     import kimivl.checkpoint as ck
 
     def torn_write(tensors, file, metadata=None):
@@ -106,9 +114,12 @@ def test_crash_while_writing_keeps_previous_checkpoint(small_model, small_proces
 
     monkeypatch.setattr(ck, "save_file", torn_write)
     model, data, opt, sched = setup(small_model, small_processor)
-    with pytest.raises(TrainingError, match="cannot write checkpoint .*step-0000004: disk full; .*step-0000002 is intact"):
-        train_loop(model, joint_loss, data, opt, sched, LoopConfig(steps=4, ckpt_every=2), tmp_path, "s",
-                   progress=False)
+    with pytest.raises(
+        TrainingError, match="cannot write checkpoint .*step-0000004: disk full; .*step-0000002 is intact"
+    ):
+        train_loop(
+            model, joint_loss, data, opt, sched, LoopConfig(steps=4, ckpt_every=2), tmp_path, "s", progress=False
+        )
     monkeypatch.undo()
     saved = latest_checkpoint(tmp_path / "s" / "checkpoints")
     assert saved.name == "step-0000002"
@@ -123,15 +134,20 @@ def test_a_sample_that_cannot_be_encoded_stops_with_the_progress_saved(small_mod
     model, data, opt, sched = setup(small_model, small_processor)
     encode, first_bad = data.encode, next(data.batches(0))[1] + 1  # the second row's second sample
     bad, calls = data.pick(first_bad), []
+
     def broken(kind, item):  # samples are encoded once each, in order: from this one on, the data is bad
         calls.append(kind)
         if len(calls) > first_bad:
             raise ValueError("image /data/x.png is truncated")
         return encode(kind, item)
+
     data.encode = broken
-    with pytest.raises(TrainingError, match=rf"s: no batch for step 2: sample {first_bad}: item {bad[1]} of source "
-                                            rf"'{bad[0]}' cannot be encoded: image /data/x.png is truncated; the state "
-                                            "before it is saved at .*step-0000001 \\(fix the data, then resume\\)"):
+    with pytest.raises(
+        TrainingError,
+        match=rf"s: no batch for step 2: sample {first_bad}: item {bad[1]} of source "
+        rf"'{bad[0]}' cannot be encoded: image /data/x.png is truncated; the state "
+        "before it is saved at .*step-0000001 \\(fix the data, then resume\\)",
+    ):
         train_loop(model, joint_loss, data, opt, sched, cfg, tmp_path / "b", "s", progress=False)
     data.encode = encode  # fixed: the resumed run equals an uninterrupted one
     model, data, opt, sched = setup(small_model, small_processor, seed=123)
@@ -140,8 +156,14 @@ def test_a_sample_that_cannot_be_encoded_stops_with_the_progress_saved(small_mod
 
 
 def test_batches_move_to_the_model_device():
-    batch = PackedBatch(torch.ones(1, 4, dtype=torch.long), torch.ones(1, 4, dtype=torch.long),
-                        torch.tensor([0, 4], dtype=torch.int32), None, None, budget=8)
+    batch = PackedBatch(
+        torch.ones(1, 4, dtype=torch.long),
+        torch.ones(1, 4, dtype=torch.long),
+        torch.tensor([0, 4], dtype=torch.int32),
+        None,
+        None,
+        budget=8,
+    )
     moved = to_device(batch, torch.device("meta"))
     assert all(t.is_meta for t in (moved.input_ids, moved.labels, moved.cu_seqlens))
     assert moved.pixel_values is None and moved.budget == 8 and batch.input_ids.device.type == "cpu"
@@ -160,8 +182,7 @@ def test_frozen_weights_are_written_once_a_stage(small_model, small_processor, t
     set_trainable(model, ["language_model"], ["*.mlp.experts.*", "*.embed_tokens.*"])
     opt = build_optimizer(model, lr=3e-3)
     cfg = LoopConfig(steps=4, ckpt_every=1, log_every=1, keep_checkpoints=3)
-    train_loop(model, joint_loss, data, opt, scheduler_at(opt, WarmupCosine(2, 8)), cfg, tmp_path, "s",
-               progress=False)
+    train_loop(model, joint_loss, data, opt, scheduler_at(opt, WarmupCosine(2, 8)), cfg, tmp_path, "s", progress=False)
     root = tmp_path / "s" / "checkpoints"
     steps = [root / f"step-{s:07d}" for s in (2, 3, 4)]
     assert sorted(p.name for p in root.glob("step-*")) == [p.name for p in steps]  # step 1, the first writer, pruned
@@ -214,7 +235,19 @@ def test_resuming_with_other_trained_parameters_is_named(small_model, small_proc
     model, data, _, _ = setup(small_model, small_processor)
     set_trainable(model, ["language_model"], ["*.mlp.experts.*"])  # the recipe changed between the runs
     opt = build_optimizer(model, lr=3e-3)
-    with pytest.raises(TrainingError, match="s: the optimiser state in .*step-0000002 does not fit the parameters "
-                                            "this run trains .*resume with the stage's settings of that run"):
-        train_loop(model, joint_loss, data, opt, scheduler_at(opt, WarmupCosine(2, 8)), LoopConfig(steps=4),
-                   tmp_path, "s", progress=False)
+    with pytest.raises(
+        TrainingError,
+        match="s: the optimiser state in .*step-0000002 does not fit the parameters "
+        "this run trains .*resume with the stage's settings of that run",
+    ):
+        train_loop(
+            model,
+            joint_loss,
+            data,
+            opt,
+            scheduler_at(opt, WarmupCosine(2, 8)),
+            LoopConfig(steps=4),
+            tmp_path,
+            "s",
+            progress=False,
+        )

@@ -132,12 +132,14 @@ def test_partition_covers_every_trainable_param_once(model):
     assert placed.keys() == params.keys()
     for name, group in placed.items():
         assert group == expected_group(name, params[name]), name
-    spot = {"language_model.model.layers.1.mlp.gate.weight": "adamw",
-            "language_model.model.layers.1.self_attn.kv_b_proj.weight": "muon",
-            "vision_tower.encoder.blocks.0.wqkv.weight": "muon",
-            "vision_tower.encoder.blocks.0.wqkv.bias": "adamw_no_decay",
-            "multi_modal_projector.linear_1.weight": "muon",
-            "vision_tower.patch_embed.proj.weight": "adamw"}
+    spot = {
+        "language_model.model.layers.1.mlp.gate.weight": "adamw",
+        "language_model.model.layers.1.self_attn.kv_b_proj.weight": "muon",
+        "vision_tower.encoder.blocks.0.wqkv.weight": "muon",
+        "vision_tower.encoder.blocks.0.wqkv.bias": "adamw_no_decay",
+        "multi_modal_projector.linear_1.weight": "muon",
+        "vision_tower.patch_embed.proj.weight": "adamw",
+    }
     assert {n: placed[n] for n in spot} == spot
     buffers = {name for name, _ in model.named_buffers()}
     assert buffers and not buffers & placed.keys()
@@ -218,9 +220,12 @@ def test_lr_scale_gives_a_part_its_own_groups_and_a_proportional_step(model):
     opt = build_optimizer(plain, lr=1e-2)
     opt_scaled = build_optimizer(scaled, lr=1e-2, lr_scale={"vision_tower": 0.1})
     names = [g["name"] for g in opt_scaled.param_groups]
-    assert names[:len(opt.param_groups)] == [g["name"] for g in opt.param_groups]  # unscaled groups first
-    assert set(names[len(opt.param_groups):]) == {"muon@vision_tower", "adamw@vision_tower",
-                                                   "adamw_no_decay@vision_tower"}
+    assert names[: len(opt.param_groups)] == [g["name"] for g in opt.param_groups]  # unscaled groups first
+    assert set(names[len(opt.param_groups) :]) == {
+        "muon@vision_tower",
+        "adamw@vision_tower",
+        "adamw_no_decay@vision_tower",
+    }
     assert all(g["lr"] == pytest.approx(1e-3 if "@" in g["name"] else 1e-2) for g in opt_scaled.param_groups)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     for m, o in ((plain, opt), (scaled, opt_scaled)):

@@ -31,10 +31,21 @@ def data_dir(tmp_path_factory):
         name = list(COLOURS)[i % 3]
         w, h = (28 * (1 + i % 3), 28 * (1 + (i // 3) % 2))
         Image.fromarray(np.full((h, w, 3), COLOURS[name], dtype=np.uint8)).save(root / "img" / f"{i}.png")
-        records.append({"messages": [
-            {"role": "user", "content": [{"type": "image", "image": f"img/{i}.png"},
-                                         {"type": "text", "text": "What colour is it?"}]},
-            {"role": "assistant", "content": name}], "meta": {"task": "colour", "gold": name}})
+        records.append(
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image", "image": f"img/{i}.png"},
+                            {"type": "text", "text": "What colour is it?"},
+                        ],
+                    },
+                    {"role": "assistant", "content": name},
+                ],
+                "meta": {"task": "colour", "gold": name},
+            }
+        )
     write_records(root / "colour.jsonl", records)
     texts = [f"The {c} square is next to the {d} circle." for c in COLOURS for d in COLOURS] * 20
     (root / "text.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
@@ -44,24 +55,54 @@ def data_dir(tmp_path_factory):
 def recipe_dict(data_dir, out):
     joint = {"kind": "joint", "steps": 2, "lr": 1e-3, "budget": 192, "ckpt_every": 1, "log_every": 1}
     return {
-        "name": "smoke", "seed": 0, "out": str(out), "base": {"preset": "tiny"},
+        "name": "smoke",
+        "seed": 0,
+        "out": str(out),
+        "base": {"preset": "tiny"},
         "tokenizer": {"train_vocab": 280},
         "sources": {"colour": str(data_dir / "colour.jsonl"), "text": str(data_dir / "text.jsonl")},
         "schedule": {"warmup": 1, "decay_stages": ["cooldown"]},
         "export": {"path": str(out / "export"), "dtype": "bfloat16"},
         "stages": [
-            {"name": "vit", "kind": "vit", "steps": 2, "lr": 1e-3, "sources": ["colour"], "images_per_batch": 4,
-             "recompute": True, "accum": 2},
+            {
+                "name": "vit",
+                "kind": "vit",
+                "steps": 2,
+                "lr": 1e-3,
+                "sources": ["colour"],
+                "images_per_batch": 4,
+                "recompute": True,
+                "accum": 2,
+            },
             {"name": "align", **joint, "train": ["multi_modal_projector"], "mix": {"colour": 1}},
-            {"name": "pretrain", **joint, "mix": {"text": 3, "colour": 1}, "mix_end": {"text": 1, "colour": 3},
-             "standardize_images": 1.0},
+            {
+                "name": "pretrain",
+                **joint,
+                "mix": {"text": 3, "colour": 1},
+                "mix_end": {"text": 1, "colour": 3},
+                "standardize_images": 1.0,
+            },
             {"name": "cooldown", **joint, "mix": {"text": 1, "colour": 1}, "accum": 2},
-            {"name": "long-context", **joint, "budget": 384, "rope_theta": 800000.0, "mix": {"text": 1, "colour": 1},
-             "recompute": True},
-            {"name": "sft", **joint, "schedule": "cosine", "warmup": 1, "mix": {"colour": 1},
-             "lr_scale": {"vision_tower": 0.1, "multi_modal_projector": 0.1}, "freeze": ["*.mlp.experts.*"],
-             "replacement": False},
-        ]}
+            {
+                "name": "long-context",
+                **joint,
+                "budget": 384,
+                "rope_theta": 800000.0,
+                "mix": {"text": 1, "colour": 1},
+                "recompute": True,
+            },
+            {
+                "name": "sft",
+                **joint,
+                "schedule": "cosine",
+                "warmup": 1,
+                "mix": {"colour": 1},
+                "lr_scale": {"vision_tower": 0.1, "multi_modal_projector": 0.1},
+                "freeze": ["*.mlp.experts.*"],
+                "replacement": False,
+            },
+        ],
+    }
 
 
 def test_every_stage_runs_and_chains(data_dir, tmp_path):
@@ -106,8 +147,11 @@ def test_recipe_errors(data_dir, tmp_path):
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
     with pytest.raises(RecipeError, match="unknown parts"):
         load_recipe(tmp_path / "bad.yaml")
-    for stage, lr_scale, match in ((1, {"eyes": 0.1}, "lr_scale maps parts"), (1, {"vision_tower": 0}, "factors > 0"),
-                                   (0, {"vision_tower": 0.1}, "lr_scale does not apply")):
+    for stage, lr_scale, match in (
+        (1, {"eyes": 0.1}, "lr_scale maps parts"),
+        (1, {"vision_tower": 0}, "factors > 0"),
+        (0, {"vision_tower": 0.1}, "lr_scale does not apply"),
+    ):
         bad = recipe_dict(data_dir, tmp_path)
         bad["stages"][stage]["lr_scale"] = lr_scale
         (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
@@ -115,77 +159,98 @@ def test_recipe_errors(data_dir, tmp_path):
             load_recipe(tmp_path / "bad.yaml")
 
 
-
 def _stage(i, **changes):
     def edit(recipe):
         recipe["stages"][i].update(changes)
+
     return edit
 
 
-@pytest.mark.parametrize("edit, match", [
-    (_stage(1, kind="dpo"), "kind must be 'vit', 'joint' or 'rl', got 'dpo'"),
-    (_stage(1, steps=0), "steps >= 1 and lr > 0 are required"),
-    (_stage(1, budget=8), "budget \\(tokens of a packed row\\) must be an integer >= 16, got 8"),
-    (_stage(1, schedule="linear"), "schedule must be 'continue' or 'cosine', got 'linear'"),
-    (_stage(1, train=[]), "train is empty; choose from"),
-    (_stage(1, standardize_images=0), "standardize_images is a target std > 0, got 0"),
-    (_stage(0, standardize_images=1.0), "standardize_images does not apply to a vit stage"),
-    (_stage(1, mix={}), "a joint stage needs a 'mix'"),
-    (_stage(0, sources=[]), "a vit stage needs caption 'sources'"),
-    (lambda r: r["stages"].append({"name": "rl", "kind": "rl", "steps": 1, "lr": 1e-3}),
-     "stage 'rl': an rl stage needs problem 'sources'"),
-    (_stage(1, rl={"k": 4}), "stage 'align': rl does not apply to a joint stage"),
-    (_stage(1, recompute="yes"), "recompute is true or false, got 'yes'"),
-    (_stage(1, val={"sources": ["nope"]}), "uses sources \\['nope'\\]"),
-    (_stage(1, val={"sources": []}), "val needs 'sources', a list of source names"),
-    (_stage(1, val={"sources": ["colour"], "every": 0}), "val every must be an integer >= 1, got 0"),
-    (_stage(1, val={"sources": ["colour"], "steps": 3}), "val is a mapping of 'sources', 'every' and 'rows'"),
-    (_stage(0, val={"sources": ["colour"]}), "val does not apply to a vit stage"),
-    (_stage(1, steps="100"), "steps >= 1 and lr > 0 are required, got '100'"),
-    (_stage(1, ckpt_every=0), "ckpt_every must be an integer >= 1, got 0"),
-    (_stage(1, log_every=2.5), "log_every must be an integer >= 1, got 2.5"),
-    (_stage(0, images_per_batch=0), "images_per_batch must be an integer >= 1"),
-    (_stage(1, clip=0), "clip must be a number >= 0 \\(and not 0\\), got 0"),
-    (_stage(1, weight_decay=-0.1), "weight_decay must be a number >= 0, got -0.1"),
-    (_stage(1, ns_dtype="float16"), "ns_dtype is 'float32' or 'bfloat16', got 'float16'"),
-    (_stage(1, rope_theta=0), "rope_theta must be a number > 0, got 0"),
-    (_stage(1, mix={"colour": -1}), "mix maps source names to weights >= 0"),
-    (_stage(2, mix_end={"text": "lots"}), "mix_end maps source names to weights >= 0"),
-    (_stage(1, replacement="no"), "replacement is true or false, got 'no'"),
-    (_stage(1, accum=0), "accum must be an integer >= 1, got 0"),
-    (_stage(1, accum=1.5), "accum must be an integer >= 1, got 1.5"),
-    (lambda r: r["stages"][1].update(kind="rl", sources=["colour"], accum=2),
-     "accum, log_every, mix do not apply to an rl stage"),
-    (_stage(1, freeze="*.experts.*"), "freeze is a list of parameter-name patterns, got '\\*.experts.\\*'"),
-    (_stage(0, freeze=["*.wqkv.*"]), "freeze does not apply to a vit stage"),
-    (_stage(1, epochs=3), "unknown keys \\['epochs'\\]; a joint stage takes \\['accum', "),
-    (_stage(2, name="align"), "stage names must be unique"),
-    (lambda r: r["schedule"].update(decay_stages=["warmdown"]), r"decay_stages names unknown stages \['warmdown'\]"),
-    (lambda r: r.update(eval={"after": ["final"], "split": "world/heldout"}),
-     r"eval.after names unknown stages \['final'\]"),
-    (lambda r: r.update(base={"hub": "moonshotai/Kimi-VL"}), "base must be {preset: NAME} or {checkpoint: PATH}"),
-    (lambda r: r.update(device="gpu"), "device must name a torch device such as 'cpu' or 'cuda', got 'gpu'"),
-    (lambda r: r.update(device="cuda:99"), "device 'cuda:99' is not available here"),
-    (lambda r: r.update(device="meta"), "device 'meta': training runs on 'cpu' or 'cuda'"),
-    (lambda r: r.update(bf16="auto"), "bf16 is true, false or null .where the device multiplies bf16 fast., got 'auto'"),
-    (lambda r: r.update(stages=[]), "has no stages"),
-    (lambda r: r.update(epochs=3), r"unknown keys \['epochs'\]"),
-    (lambda r: r["schedule"].update(warm_up=10), r"schedule has unknown keys \['warm_up'\]"),
-    (lambda r: r.update(eval={"after": ["sft"], "split": "world/heldout", "limt": 5}), r"eval has unknown keys"),
-    (lambda r: r.update(eval={"after": ["sft"]}), "eval needs a split"),
-    (lambda r: r.update(tokenizer={"path": "tok", "train_vocab": 300}), "tokenizer takes one of"),
-    (lambda r: r.update(tokenizer="tok"), "tokenizer must be a mapping"),
-    (lambda r: r["export"].update(dtype="float16"), "export needs a path and a dtype of bfloat16"),
-    (lambda r: r.update(export={"dtype": "float32"}), "export needs a path"),
-    (lambda r: r["sources"].update(text={"path": r["sources"]["text"], "answer_only": True}),
-     r"data source 'text': unknown keys \['answer_only'\]"),
-    (lambda r: r["sources"].update(text={"difficulty": ["easy"]}), "data source 'text': give a path"),
-    (lambda r: r["sources"].update(text=3), "data source 'text': give a path"),
-    (lambda r: r["sources"].update(text={"path": r["sources"]["text"], "answers_only": "yes"}),
-     "answers_only must be true or false"),
-    (lambda r: r["sources"].update(text={"path": r["sources"]["text"], "difficulty": ["extreme"]}),
-     "data source 'text': difficulty must be a list of some of"),
-])
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (_stage(1, kind="dpo"), "kind must be 'vit', 'joint' or 'rl', got 'dpo'"),
+        (_stage(1, steps=0), "steps >= 1 and lr > 0 are required"),
+        (_stage(1, budget=8), "budget \\(tokens of a packed row\\) must be an integer >= 16, got 8"),
+        (_stage(1, schedule="linear"), "schedule must be 'continue' or 'cosine', got 'linear'"),
+        (_stage(1, train=[]), "train is empty; choose from"),
+        (_stage(1, standardize_images=0), "standardize_images is a target std > 0, got 0"),
+        (_stage(0, standardize_images=1.0), "standardize_images does not apply to a vit stage"),
+        (_stage(1, mix={}), "a joint stage needs a 'mix'"),
+        (_stage(0, sources=[]), "a vit stage needs caption 'sources'"),
+        (
+            lambda r: r["stages"].append({"name": "rl", "kind": "rl", "steps": 1, "lr": 1e-3}),
+            "stage 'rl': an rl stage needs problem 'sources'",
+        ),
+        (_stage(1, rl={"k": 4}), "stage 'align': rl does not apply to a joint stage"),
+        (_stage(1, recompute="yes"), "recompute is true or false, got 'yes'"),
+        (_stage(1, val={"sources": ["nope"]}), "uses sources \\['nope'\\]"),
+        (_stage(1, val={"sources": []}), "val needs 'sources', a list of source names"),
+        (_stage(1, val={"sources": ["colour"], "every": 0}), "val every must be an integer >= 1, got 0"),
+        (_stage(1, val={"sources": ["colour"], "steps": 3}), "val is a mapping of 'sources', 'every' and 'rows'"),
+        (_stage(0, val={"sources": ["colour"]}), "val does not apply to a vit stage"),
+        (_stage(1, steps="100"), "steps >= 1 and lr > 0 are required, got '100'"),
+        (_stage(1, ckpt_every=0), "ckpt_every must be an integer >= 1, got 0"),
+        (_stage(1, log_every=2.5), "log_every must be an integer >= 1, got 2.5"),
+        (_stage(0, images_per_batch=0), "images_per_batch must be an integer >= 1"),
+        (_stage(1, clip=0), "clip must be a number >= 0 \\(and not 0\\), got 0"),
+        (_stage(1, weight_decay=-0.1), "weight_decay must be a number >= 0, got -0.1"),
+        (_stage(1, ns_dtype="float16"), "ns_dtype is 'float32' or 'bfloat16', got 'float16'"),
+        (_stage(1, rope_theta=0), "rope_theta must be a number > 0, got 0"),
+        (_stage(1, mix={"colour": -1}), "mix maps source names to weights >= 0"),
+        (_stage(2, mix_end={"text": "lots"}), "mix_end maps source names to weights >= 0"),
+        (_stage(1, replacement="no"), "replacement is true or false, got 'no'"),
+        (_stage(1, accum=0), "accum must be an integer >= 1, got 0"),
+        (_stage(1, accum=1.5), "accum must be an integer >= 1, got 1.5"),
+        (
+            lambda r: r["stages"][1].update(kind="rl", sources=["colour"], accum=2),
+            "accum, log_every, mix do not apply to an rl stage",
+        ),
+        (_stage(1, freeze="*.experts.*"), "freeze is a list of parameter-name patterns, got '\\*.experts.\\*'"),
+        (_stage(0, freeze=["*.wqkv.*"]), "freeze does not apply to a vit stage"),
+        (_stage(1, epochs=3), "unknown keys \\['epochs'\\]; a joint stage takes \\['accum', "),
+        (_stage(2, name="align"), "stage names must be unique"),
+        (
+            lambda r: r["schedule"].update(decay_stages=["warmdown"]),
+            r"decay_stages names unknown stages \['warmdown'\]",
+        ),
+        (
+            lambda r: r.update(eval={"after": ["final"], "split": "world/heldout"}),
+            r"eval.after names unknown stages \['final'\]",
+        ),
+        (lambda r: r.update(base={"hub": "moonshotai/Kimi-VL"}), "base must be {preset: NAME} or {checkpoint: PATH}"),
+        (lambda r: r.update(device="gpu"), "device must name a torch device such as 'cpu' or 'cuda', got 'gpu'"),
+        (lambda r: r.update(device="cuda:99"), "device 'cuda:99' is not available here"),
+        (lambda r: r.update(device="meta"), "device 'meta': training runs on 'cpu' or 'cuda'"),
+        (
+            lambda r: r.update(bf16="auto"),
+            "bf16 is true, false or null .where the device multiplies bf16 fast., got 'auto'",
+        ),
+        (lambda r: r.update(stages=[]), "has no stages"),
+        (lambda r: r.update(epochs=3), r"unknown keys \['epochs'\]"),
+        (lambda r: r["schedule"].update(warm_up=10), r"schedule has unknown keys \['warm_up'\]"),
+        (lambda r: r.update(eval={"after": ["sft"], "split": "world/heldout", "limt": 5}), r"eval has unknown keys"),
+        (lambda r: r.update(eval={"after": ["sft"]}), "eval needs a split"),
+        (lambda r: r.update(tokenizer={"path": "tok", "train_vocab": 300}), "tokenizer takes one of"),
+        (lambda r: r.update(tokenizer="tok"), "tokenizer must be a mapping"),
+        (lambda r: r["export"].update(dtype="float16"), "export needs a path and a dtype of bfloat16"),
+        (lambda r: r.update(export={"dtype": "float32"}), "export needs a path"),
+        (
+            lambda r: r["sources"].update(text={"path": r["sources"]["text"], "answer_only": True}),
+            r"data source 'text': unknown keys \['answer_only'\]",
+        ),
+        (lambda r: r["sources"].update(text={"difficulty": ["easy"]}), "data source 'text': give a path"),
+        (lambda r: r["sources"].update(text=3), "data source 'text': give a path"),
+        (
+            lambda r: r["sources"].update(text={"path": r["sources"]["text"], "answers_only": "yes"}),
+            "answers_only must be true or false",
+        ),
+        (
+            lambda r: r["sources"].update(text={"path": r["sources"]["text"], "difficulty": ["extreme"]}),
+            "data source 'text': difficulty must be a list of some of",
+        ),
+    ],
+)
 def test_every_recipe_mistake_is_named(data_dir, tmp_path, edit, match):
     recipe = recipe_dict(data_dir, tmp_path)
     edit(recipe)
@@ -215,8 +280,10 @@ def test_an_unreadable_recipe_is_named(tmp_path):
 def test_a_source_can_keep_only_some_difficulties(data_dir, tmp_path):
     def record(i, level):
         meta = {} if level is None else {"difficulty": level}
-        return {"messages": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": str(i)}],
-                "meta": meta}
+        return {
+            "messages": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": str(i)}],
+            "meta": meta,
+        }
 
     def sources(levels, records):
         write_records(tmp_path / "levels.jsonl", records)
@@ -285,25 +352,43 @@ def test_the_device_comes_from_the_recipe_or_the_command_line(data_dir, tmp_path
 
 
 def test_fine_tuning_a_bf16_checkpoint_holds_frozen_weights_in_bf16_and_trains_the_same(
-        data_dir, tmp_path, small_model, small_processor, monkeypatch, caplog):
+    data_dir, tmp_path, small_model, small_processor, monkeypatch, caplog
+):
     base = tmp_path / "base"
     small_model.save_pretrained(base, dtype=torch.bfloat16)
     small_processor.save_pretrained(base)
-    stage = {"name": "sft", "kind": "joint", "steps": 2, "lr": 1e-3, "budget": 192, "ckpt_every": 1,
-             "train": ["multi_modal_projector", "language_model"], "freeze": ["*.mlp.experts.*"], "mix": {"colour": 1}}
+    stage = {
+        "name": "sft",
+        "kind": "joint",
+        "steps": 2,
+        "lr": 1e-3,
+        "budget": 192,
+        "ckpt_every": 1,
+        "train": ["multi_modal_projector", "language_model"],
+        "freeze": ["*.mlp.experts.*"],
+        "mix": {"colour": 1},
+    }
     finals = {}
     for run, hold in (("held", True), ("float32", False)):
         if not hold:
             monkeypatch.setattr("kimivl.train.pipeline.hold_frozen_in_bf16", lambda model: [])
-        recipe = {"name": run, "out": str(tmp_path / run), "base": {"checkpoint": str(base)},
-                  "sources": {"colour": str(data_dir / "colour.jsonl")}, "stages": [stage]}
+        recipe = {
+            "name": run,
+            "out": str(tmp_path / run),
+            "base": {"checkpoint": str(base)},
+            "sources": {"colour": str(data_dir / "colour.jsonl")},
+            "stages": [stage],
+        }
         (tmp_path / f"{run}.yaml").write_text(yaml.safe_dump(recipe))
         with caplog.at_level("INFO", logger="kimivl.train.pipeline"):
             model = run_recipe(load_recipe(tmp_path / f"{run}.yaml"), progress=False)
         assert all(p.dtype == torch.float32 and p.grad is None for p in model.parameters())  # as it came
         finals[run] = load_file(tmp_path / run / "sft" / "final" / "model.safetensors")
-        checkpoint = {k: t for f in checkpoint_files(tmp_path / run / "sft" / "checkpoints" / "step-0000001")
-                      for k, t in load_file(f).items()}
+        checkpoint = {
+            k: t
+            for f in checkpoint_files(tmp_path / run / "sft" / "checkpoints" / "step-0000001")
+            for k, t in load_file(f).items()
+        }
         expert = next(k for k in checkpoint if ".mlp.experts." in k)
         assert checkpoint[expert].dtype == (torch.bfloat16 if hold else torch.float32)
     assert all(torch.equal(finals["held"][k], finals["float32"][k]) for k in finals["held"])
@@ -312,19 +397,38 @@ def test_fine_tuning_a_bf16_checkpoint_holds_frozen_weights_in_bf16_and_trains_t
 
 
 def test_bf16_autocast_follows_the_recipe_the_command_line_or_the_cpu(
-        data_dir, tmp_path, small_model, small_processor, monkeypatch, caplog, capsys):
+    data_dir, tmp_path, small_model, small_processor, monkeypatch, caplog, capsys
+):
     base = tmp_path / "base"
     small_model.save_pretrained(base, dtype=torch.bfloat16)
     small_processor.save_pretrained(base)
-    stage = {"name": "sft", "kind": "joint", "steps": 2, "lr": 1e-3, "budget": 192, "ckpt_every": 1,
-             "train": ["multi_modal_projector", "language_model"], "freeze": ["*.mlp.experts.*"], "mix": {"colour": 1}}
+    stage = {
+        "name": "sft",
+        "kind": "joint",
+        "steps": 2,
+        "lr": 1e-3,
+        "budget": 192,
+        "ckpt_every": 1,
+        "train": ["multi_modal_projector", "language_model"],
+        "freeze": ["*.mlp.experts.*"],
+        "mix": {"colour": 1},
+    }
     finals, logged = {}, {}
     # (run, the recipe's bf16, --bf16 / --no-bf16, how much slower this CPU multiplies bf16)
-    for run, bf16, flag, slowdown in (("auto-slow", None, None, 100.0), ("off", False, None, 1.0),
-                                      ("on", None, "--bf16", 100.0)):
+    for run, bf16, flag, slowdown in (
+        ("auto-slow", None, None, 100.0),
+        ("off", False, None, 1.0),
+        ("on", None, "--bf16", 100.0),
+    ):
         monkeypatch.setattr(precision, "cpu_bf16_slowdown", lambda s=slowdown: s)
-        recipe = {"name": run, "out": str(tmp_path / run), "base": {"checkpoint": str(base)}, "bf16": bf16,
-                  "sources": {"colour": str(data_dir / "colour.jsonl")}, "stages": [stage]}
+        recipe = {
+            "name": run,
+            "out": str(tmp_path / run),
+            "base": {"checkpoint": str(base)},
+            "bf16": bf16,
+            "sources": {"colour": str(data_dir / "colour.jsonl")},
+            "stages": [stage],
+        }
         (tmp_path / f"{run}.yaml").write_text(yaml.safe_dump(recipe))
         args = ["train", str(tmp_path / f"{run}.yaml")] + ([flag] if flag else [])
         assert main(args + ["--plan"]) == 0
@@ -335,8 +439,11 @@ def test_bf16_autocast_follows_the_recipe_the_command_line_or_the_cpu(
         logged[run] = [r.getMessage() for r in caplog.records if r.getMessage() in planned]
         assert logged[run] == planned and len(planned) == 3  # compute, data, memory: as planned
         finals[run] = load_file(tmp_path / run / "sft" / "final" / "model.safetensors")
-        checkpoint = {k: t for f in checkpoint_files(tmp_path / run / "sft" / "checkpoints" / "step-0000001")
-                      for k, t in load_file(f).items()}
+        checkpoint = {
+            k: t
+            for f in checkpoint_files(tmp_path / run / "sft" / "checkpoints" / "step-0000001")
+            for k, t in load_file(f).items()
+        }
         expert = next(k for k in checkpoint if ".mlp.experts." in k)  # frozen experts are held in bf16 for autocast
         assert checkpoint[expert].dtype == (torch.bfloat16 if run == "on" else torch.float32)
     assert logged["auto-slow"][0] == logged["off"][0] == "training on cpu in float32, no bf16 autocast"
@@ -350,17 +457,32 @@ def test_a_stage_logs_its_held_out_loss(data_dir, tmp_path, small_model, small_p
     base = tmp_path / "base"
     small_model.save_pretrained(base)
     small_processor.save_pretrained(base)
-    recipe = {"name": "val", "out": str(tmp_path / "run"), "base": {"checkpoint": str(base)},
-              "sources": {"colour": str(data_dir / "colour.jsonl"), "text": str(data_dir / "text.jsonl")},
-              "stages": [{"name": "sft", "kind": "joint", "steps": 5, "lr": 1e-3, "budget": 192, "log_every": 4,
-                          "mix": {"colour": 1}, "val": {"sources": ["text", "colour"], "every": 2, "rows": 3}}]}
+    recipe = {
+        "name": "val",
+        "out": str(tmp_path / "run"),
+        "base": {"checkpoint": str(base)},
+        "sources": {"colour": str(data_dir / "colour.jsonl"), "text": str(data_dir / "text.jsonl")},
+        "stages": [
+            {
+                "name": "sft",
+                "kind": "joint",
+                "steps": 5,
+                "lr": 1e-3,
+                "budget": 192,
+                "log_every": 4,
+                "mix": {"colour": 1},
+                "val": {"sources": ["text", "colour"], "every": 2, "rows": 3},
+            }
+        ],
+    }
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     model = run_recipe(load_recipe(tmp_path / "r.yaml"), progress=False)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], "val_loss" in r) for r in rows] == [(2, True), (4, True), (5, True)]
     sources = Sources(load_recipe(tmp_path / "r.yaml"))
-    held = heldout_rows({"text": sources.items["text"], "colour": sources.items["colour"]},
-                        sources.encoder(small_processor), 192, 3)
+    held = heldout_rows(
+        {"text": sources.items["text"], "colour": sources.items["colour"]}, sources.encoder(small_processor), 192, 3
+    )
     assert len(held) == 3 and all(r.pixel_values is not None for r in held)  # images and texts packed together
     assert rows[-1]["val_loss"] == pytest.approx(heldout_loss(model.train(), held), rel=1e-6)
     assert rows[0]["val_loss"] > rows[-1]["val_loss"]
@@ -391,20 +513,28 @@ def test_the_plan_is_what_the_run_then_logs(data_dir, tmp_path, small_model, sma
     small_model.save_pretrained(base, dtype=torch.bfloat16)
     small_processor.save_pretrained(base)
     joint = {"kind": "joint", "steps": 2, "lr": 1e-3, "budget": 192, "mix": {"colour": 2, "text": 1}}
-    recipe = {"name": "plan", "out": str(tmp_path / "run"), "base": {"checkpoint": str(base)},
-              "sources": {"colour": str(data_dir / "colour.jsonl"), "text": str(data_dir / "text.jsonl")},
-              "stages": [{"name": "vit", "kind": "vit", "steps": 2, "lr": 1e-3, "sources": ["colour"],
-                          "images_per_batch": 4},
-                         {"name": "lm", **joint, "train": ["language_model"], "freeze": ["*.mlp.experts.*"]},
-                         {"name": "projector", **joint, "train": ["multi_modal_projector"], "accum": 2}]}
+    recipe = {
+        "name": "plan",
+        "out": str(tmp_path / "run"),
+        "base": {"checkpoint": str(base)},
+        "sources": {"colour": str(data_dir / "colour.jsonl"), "text": str(data_dir / "text.jsonl")},
+        "stages": [
+            {"name": "vit", "kind": "vit", "steps": 2, "lr": 1e-3, "sources": ["colour"], "images_per_batch": 4},
+            {"name": "lm", **joint, "train": ["language_model"], "freeze": ["*.mlp.experts.*"]},
+            {"name": "projector", **joint, "train": ["multi_modal_projector"], "accum": 2},
+        ],
+    }
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     assert main(["train", str(tmp_path / "r.yaml"), "--plan"]) == 0
     planned = capsys.readouterr().out.splitlines()
     assert not (tmp_path / "run").exists()  # a plan writes nothing
     with caplog.at_level("INFO", logger="kimivl.train.pipeline"):
         run_recipe(load_recipe(tmp_path / "r.yaml"), progress=False)
-    logged = [r.getMessage() for r in caplog.records
-              if re.match(r"stage \S+(:| trains)|training on", r.getMessage()) and "steps" not in r.getMessage()]
+    logged = [
+        r.getMessage()
+        for r in caplog.records
+        if re.match(r"stage \S+(:| trains)|training on", r.getMessage()) and "steps" not in r.getMessage()
+    ]
     assert planned == logged and len(planned) == 7 and planned[0] == "training on cpu in bf16 autocast"
     # the projector stage still holds the experts (frozen since the checkpoint) in bf16, but no longer the LM weights
     # that the stage before trained
@@ -418,10 +548,23 @@ def test_a_plan_holds_nothing_in_bf16_from_a_float32_checkpoint(data_dir, tmp_pa
         base = tmp_path / str(dtype)
         small_model.save_pretrained(base, dtype=dtype)
         small_processor.save_pretrained(base)
-        recipe = {"name": "plan", "out": str(tmp_path / "run"), "base": {"checkpoint": str(base)},
-                  "sources": {"colour": str(data_dir / "colour.jsonl")},
-                  "stages": [{"name": "sft", "kind": "joint", "steps": 2, "lr": 1e-3, "budget": 192,
-                              "train": ["multi_modal_projector"], "mix": {"colour": 1}}]}
+        recipe = {
+            "name": "plan",
+            "out": str(tmp_path / "run"),
+            "base": {"checkpoint": str(base)},
+            "sources": {"colour": str(data_dir / "colour.jsonl")},
+            "stages": [
+                {
+                    "name": "sft",
+                    "kind": "joint",
+                    "steps": 2,
+                    "lr": 1e-3,
+                    "budget": 192,
+                    "train": ["multi_modal_projector"],
+                    "mix": {"colour": 1},
+                }
+            ],
+        }
         (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
         plans[dtype] = plan_recipe(load_recipe(tmp_path / "r.yaml"))[-1]
     float32 = sum(4 * p.numel() for p in small_model.parameters()) / 1e6
@@ -429,9 +572,13 @@ def test_a_plan_holds_nothing_in_bf16_from_a_float32_checkpoint(data_dir, tmp_pa
 
 
 def test_a_missing_base_checkpoint_is_named_before_anything_runs(data_dir, tmp_path):
-    recipe = {"name": "x", "out": str(tmp_path / "run"), "base": {"checkpoint": str(tmp_path / "nope")},
-              "sources": {"colour": str(data_dir / "colour.jsonl")},
-              "stages": [{"name": "sft", "kind": "joint", "steps": 1, "lr": 1e-3, "mix": {"colour": 1}}]}
+    recipe = {
+        "name": "x",
+        "out": str(tmp_path / "run"),
+        "base": {"checkpoint": str(tmp_path / "nope")},
+        "sources": {"colour": str(data_dir / "colour.jsonl")},
+        "stages": [{"name": "sft", "kind": "joint", "steps": 1, "lr": 1e-3, "mix": {"colour": 1}}],
+    }
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     for run in (run_recipe, plan_recipe):
         with pytest.raises(RecipeError, match="base checkpoint .*nope has no config.json"):
@@ -442,8 +589,10 @@ def test_a_missing_base_checkpoint_is_named_before_anything_runs(data_dir, tmp_p
 def test_a_held_out_split_without_answers_to_score_fails_before_training(data_dir, tmp_path):
     split = tmp_path / "heldout"
     split.mkdir()
-    write_records(split / "mine.jsonl", [{"messages": [{"role": "user", "content": "Hi?"},
-                                                       {"role": "assistant", "content": "Hello."}]}])
+    write_records(
+        split / "mine.jsonl",
+        [{"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}],
+    )
     recipe = recipe_dict(data_dir, tmp_path / "run")
     recipe["eval"] = {"after": ["sft"], "split": str(split)}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
@@ -481,8 +630,9 @@ def test_a_kill_while_a_stage_saves_its_result_leaves_no_half_final(data_dir, tm
     assert not (tmp_path / "run" / "vit" / "final").exists()
     run_recipe(load_recipe(tmp_path / "r.yaml"), progress=False)  # finishes the stage from its last checkpoint
     for stage in ("vit", "align"):
-        assert {"config.json", "model.safetensors", "tiktoken.model"} <= {p.name for p in
-                                                                          (tmp_path / "run" / stage / "final").iterdir()}
+        assert {"config.json", "model.safetensors", "tiktoken.model"} <= {
+            p.name for p in (tmp_path / "run" / stage / "final").iterdir()
+        }
 
 
 def test_plan_before_the_world_is_built_says_what_the_run_builds(tmp_path):
@@ -490,8 +640,10 @@ def test_plan_before_the_world_is_built_says_what_the_run_builds(tmp_path):
 
     recipe = load_recipe(Path(__file__).parents[2] / "recipes" / "tiny.yaml", {"out": str(tmp_path / "run")})
     lines = plan_recipe(recipe)
-    assert lines[1] == (f"kimivl train first builds the synthetic world under {tmp_path / 'run' / 'world'} (seed 0, "
-                        "4000 train, 100 heldout samples per task of every task), then trains a 2048-rank tokenizer "
-                        "on it")
+    assert lines[1] == (
+        f"kimivl train first builds the synthetic world under {tmp_path / 'run' / 'world'} (seed 0, "
+        "4000 train, 100 heldout samples per task of every task), then trains a 2048-rank tokenizer "
+        "on it"
+    )
     assert lines[2].startswith("stage vit: vit, 300 steps; its data and memory are planned once the world is built")
     assert len(lines) == 2 + len(recipe.stages) and not (tmp_path / "run").exists()  # nothing written

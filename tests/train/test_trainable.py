@@ -45,8 +45,12 @@ def test_memory_plan_is_what_training_holds(tiny_model):
     assert plan.total == sum(p.numel() for p in params) and plan.trained == sum(p.numel() for p in trained)
     assert plan.weights == 4 * plan.total
     assert plan.gradients == sum(p.grad.numel() * 4 for p in trained) == 4 * plan.trained
-    held = sum(t.numel() * t.element_size() for state in opt.state.values() for t in state.values()
-               if isinstance(t, torch.Tensor))
+    held = sum(
+        t.numel() * t.element_size()
+        for state in opt.state.values()
+        for t in state.values()
+        if isinstance(t, torch.Tensor)
+    )
     assert plan.optimizer == held
     assert all(p.grad is None for p in params if not p.requires_grad)
     to_dtype(tiny_model, torch.bfloat16)  # the routers stay float32: each tensor counts in its own dtype
@@ -64,12 +68,27 @@ def test_a_pattern_that_matches_nothing_or_everything_is_an_error(tiny_model):
 
 
 def test_info_prints_the_memory_of_a_fine_tuning_plan(capsys, tiny_config, tmp_path):
-    assert main(["info", "--preset", "kimi-vl-a3b", "--train", "multi_modal_projector", "language_model",
-                 "--freeze", EXPERTS]) == 0
+    assert (
+        main(
+            [
+                "info",
+                "--preset",
+                "kimi-vl-a3b",
+                "--train",
+                "multi_modal_projector",
+                "language_model",
+                "--freeze",
+                EXPERTS,
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out.splitlines()[-1]
-    assert out == ("training multi_modal_projector + language_model, less *.mlp.experts.* from a bfloat16 "
-                   "checkpoint under bf16 autocast: trains 1.60B of 16.41B parameters; holds weights 36.0 GB, gradients 6.4 GB, "
-                   "optimiser state 9.1 GB (total 51.5 GB, activations on top)")
+    assert out == (
+        "training multi_modal_projector + language_model, less *.mlp.experts.* from a bfloat16 "
+        "checkpoint under bf16 autocast: trains 1.60B of 16.41B parameters; holds weights 36.0 GB, gradients 6.4 GB, "
+        "optimiser state 9.1 GB (total 51.5 GB, activations on top)"
+    )
     tiny_config.save_pretrained(tmp_path)
     assert main(["info", str(tmp_path), "--train", "language_model"]) == 0
     with torch.device("meta"):

@@ -16,11 +16,35 @@ from kimivl.data.synthetic.sample import DIFFICULTIES, THINK_CLOSE, THINK_OPEN, 
 from kimivl.data.synthetic.text import make_text
 from kimivl.data.synthetic.video import make_video
 
-GENERATORS = {"caption": make_caption, "ocr": make_ocr, "chart": make_chart, "gui": make_gui, "video": make_video,
-              "reasoning": make_reasoning, "interleaved": make_interleaved}
+GENERATORS = {
+    "caption": make_caption,
+    "ocr": make_ocr,
+    "chart": make_chart,
+    "gui": make_gui,
+    "video": make_video,
+    "reasoning": make_reasoning,
+    "interleaved": make_interleaved,
+}
 TEXTS = {"text": make_text, "long": make_long}
 TASKS = (*GENERATORS, *TEXTS)
 
-__all__ = ["DIFFICULTIES", "GENERATORS", "TASKS", "TEXTS", "THINK_CLOSE", "THINK_OPEN", "Clip", "Sample",
-           "make_caption", "make_chart", "make_gui", "make_interleaved", "make_long", "make_ocr", "make_reasoning",
-           "make_text", "make_video", "thinking_target"]
+__all__ = [
+    "DIFFICULTIES",
+    "GENERATORS",
+    "TASKS",
+    "TEXTS",
+    "THINK_CLOSE",
+    "THINK_OPEN",
+    "Clip",
+    "Sample",
+    "make_caption",
+    "make_chart",
+    "make_gui",
+    "make_interleaved",
+    "make_long",
+    "make_ocr",
+    "make_reasoning",
+    "make_text",
+    "make_video",
+    "thinking_target",
+]

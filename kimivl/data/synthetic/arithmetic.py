@@ -122,8 +122,15 @@ def _render_lines(lines: list[str], size: int, colour, style: str) -> Image.Imag
         x, base = 2 + stroke, size + i * line_h
         for piece in re.split("([×÷])", line):
             if piece in ("×", "÷"):
-                draw_operator(draw, piece, x + (px0 + px1) / 2, base + (py0 + py1) / 2, 0.4 * (px1 - px0), ink,
-                              1 + (stroke or size // 22))
+                draw_operator(
+                    draw,
+                    piece,
+                    x + (px0 + px1) / 2,
+                    base + (py0 + py1) / 2,
+                    0.4 * (px1 - px0),
+                    ink,
+                    1 + (stroke or size // 22),
+                )
                 x += advance
             else:
                 draw.text((x, base), piece, font=fnt, fill=ink, anchor="ls", stroke_width=stroke, stroke_fill=ink)
@@ -152,6 +159,12 @@ def make_arithmetic(rng: random.Random, difficulty: str | None = None) -> Sample
         img.paste(layer, (rng.randint(4, w - layer.width - 4), rng.randint(4, h - layer.height - 4)), layer)
         img = add_noise(img, rng, rng.uniform(0, 6))
     question = rng.choice(("What is the value of the expression in the image?", "Solve the problem in the image."))
-    meta = {"task": "reasoning", "kind": "arithmetic", "difficulty": difficulty, "gold": value,
-            "expression": expression, "operations": ops}
+    meta = {
+        "task": "reasoning",
+        "kind": "arithmetic",
+        "difficulty": difficulty,
+        "gold": value,
+        "expression": expression,
+        "operations": ops,
+    }
     return Sample([img, question], str(value), meta, solution)

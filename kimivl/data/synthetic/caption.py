@@ -39,8 +39,14 @@ def make_scene(rng: random.Random, n: int, size: tuple[int, int] | None = None) 
         cy = (cell // 3 + 0.5) * ch + rng.uniform(-1, 1) * (ch / 2 - r - 1)
         shape, colour = rng.choice(shapes), rng.choice(colours)
         draw_shape(draw, shape, cx, cy, r, COLOURS[colour])
-        objects.append({"shape": shape, "colour": colour, "position": POSITIONS[cell],
-                        "box": norm_box((cx - r, cy - r, cx + r, cy + r), w, h)})
+        objects.append(
+            {
+                "shape": shape,
+                "colour": colour,
+                "position": POSITIONS[cell],
+                "box": norm_box((cx - r, cy - r, cx + r, cy + r), w, h),
+            }
+        )
     return img, objects
 
 
@@ -95,5 +101,8 @@ def make_caption(rng: random.Random, difficulty: str | None = None) -> Sample:
     difficulty = pick_difficulty(rng, difficulty)
     img, objects = make_scene(rng, rng.randint(*N_OBJECTS[difficulty]))
     kind, question, gold = _question(rng, objects)
-    return Sample([img, question], str(gold), {"task": "caption", "kind": kind, "difficulty": difficulty,
-                                               "gold": gold, "objects": objects})
+    return Sample(
+        [img, question],
+        str(gold),
+        {"task": "caption", "kind": kind, "difficulty": difficulty, "gold": gold, "objects": objects},
+    )

@@ -10,8 +10,11 @@ from kimivl.data.synthetic.draw import COLOURS, canvas_size, light_background, n
 from kimivl.data.synthetic.sample import Sample
 
 # difficulty: (number of categories, values written on the chart, question kinds)
-LEVELS = {"easy": ((3, 4), True, ("value", "max", "min")), "medium": ((4, 5), False, ("value", "max", "min")),
-          "hard": ((5, 6), False, ("value", "diff", "sum"))}
+LEVELS = {
+    "easy": ((3, 4), True, ("value", "max", "min")),
+    "medium": ((4, 5), False, ("value", "max", "min")),
+    "hard": ((5, 6), False, ("value", "diff", "sum")),
+}
 CHART_COLOURS = ("red", "green", "blue", "orange", "purple")
 
 
@@ -26,9 +29,13 @@ def _draw_axes(draw: ImageDraw.ImageDraw, left: int, bottom: int, right: int, un
 
 def _question(rng: random.Random, kinds: tuple[str, ...], values: dict[str, int], bar: bool) -> tuple[str, str, object]:
     top, low = max(values.values()), min(values.values())
-    kinds = [k for k in kinds if not (k == "max" and list(values.values()).count(top) > 1)
-             and not (k == "min" and list(values.values()).count(low) > 1)
-             and not (k == "diff" and top == low)]
+    kinds = [
+        k
+        for k in kinds
+        if not (k == "max" and list(values.values()).count(top) > 1)
+        and not (k == "min" and list(values.values()).count(low) > 1)
+        and not (k == "diff" and top == low)
+    ]
     kind = rng.choice(kinds)
     thing = "bar {}" if bar else "point {}"
     if kind == "value":
@@ -84,6 +91,14 @@ def make_chart(rng: random.Random, difficulty: str | None = None) -> Sample:
         for cx, y in points:
             draw.ellipse([cx - 3, y - 3, cx + 3, y + 3], fill=COLOURS[colour])
     kind, question, gold = _question(rng, kinds, values, bar)
-    meta = {"task": "chart", "kind": kind, "difficulty": difficulty, "gold": gold, "chart": "bar" if bar else "line",
-            "values": values, "colour": colour, "marks": marks}
+    meta = {
+        "task": "chart",
+        "kind": kind,
+        "difficulty": difficulty,
+        "gold": gold,
+        "chart": "bar" if bar else "line",
+        "values": values,
+        "colour": colour,
+        "marks": marks,
+    }
     return Sample([img, question], str(gold), meta)

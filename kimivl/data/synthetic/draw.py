@@ -19,8 +19,14 @@ from kimivl.data.synthetic.sample import DIFFICULTIES
 PATCH = 14
 TOKEN_PX = 2 * PATCH  # the side of one LM token's image area after MoonViT's 2x2 patch merge
 COLOURS = {
-    "red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220), "yellow": (235, 200, 20),
-    "orange": (245, 135, 20), "purple": (140, 60, 180), "pink": (240, 120, 190), "black": (25, 25, 25),
+    "red": (220, 40, 40),
+    "green": (40, 160, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 200, 20),
+    "orange": (245, 135, 20),
+    "purple": (140, 60, 180),
+    "pink": (240, 120, 190),
+    "black": (25, 25, 25),
 }
 SHAPES = ("circle", "square", "triangle", "star", "diamond")
 # A 3x3 grid of named places, row-major.
@@ -42,8 +48,14 @@ def place_phrase(position: str) -> str:
     return f"at the {position}"
 
 
-def canvas_size(rng: random.Random, max_patches: int = 256, big_chance: float = 0.1,
-                min_side: int = 56, max_side: int = 448, aspect: tuple[float, float] = (1 / 3, 3)) -> tuple[int, int]:
+def canvas_size(
+    rng: random.Random,
+    max_patches: int = 256,
+    big_chance: float = 0.1,
+    min_side: int = 56,
+    max_side: int = 448,
+    aspect: tuple[float, float] = (1 / 3, 3),
+) -> tuple[int, int]:
     """A random (width, height): aspect ratio log-uniform in ``aspect``, usually at most ``max_patches`` 14px
     patches (<= max_patches / 4 LM tokens), with ``big_chance`` of up to 4x that, sides in [min_side, max_side]."""
     limit = max_patches * (4 if rng.random() < big_chance else 1)
@@ -66,8 +78,13 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: f
     elif shape == "triangle":
         draw.polygon([(cx, cy - r), (cx + 0.95 * r, cy + 0.8 * r), (cx - 0.95 * r, cy + 0.8 * r)], fill=fill)
     elif shape == "star":
-        pts = [(cx + (r if k % 2 == 0 else 0.45 * r) * math.sin(k * math.pi / 5),
-                cy - (r if k % 2 == 0 else 0.45 * r) * math.cos(k * math.pi / 5)) for k in range(10)]
+        pts = [
+            (
+                cx + (r if k % 2 == 0 else 0.45 * r) * math.sin(k * math.pi / 5),
+                cy - (r if k % 2 == 0 else 0.45 * r) * math.cos(k * math.pi / 5),
+            )
+            for k in range(10)
+        ]
         draw.polygon(pts, fill=fill)
     elif shape == "diamond":
         draw.polygon([(cx, cy - r), (cx + 0.75 * r, cy), (cx, cy + r), (cx - 0.75 * r, cy)], fill=fill)
@@ -98,8 +115,9 @@ def render_text(text: str, size: int, colour, style: str = "regular") -> Image.I
     if style == "slanted":
         shear = math.tan(math.radians(20))
         extra = int(img.height * shear) + 1
-        img = img.transform((img.width + extra, img.height), Image.AFFINE, (1, shear, -extra, 0, 1, 0),
-                            resample=Image.BILINEAR)
+        img = img.transform(
+            (img.width + extra, img.height), Image.AFFINE, (1, shear, -extra, 0, 1, 0), resample=Image.BILINEAR
+        )
         img = img.crop(img.getbbox())
     return img
 
@@ -108,8 +126,15 @@ def _draw_text(text: str, fnt, colour, stroke: int, spacing: int) -> Image.Image
     probe = ImageDraw.Draw(Image.new("RGBA", (1, 1)))
     x0, y0, x1, y1 = probe.multiline_textbbox((0, 0), text, font=fnt, spacing=spacing, stroke_width=stroke)
     img = Image.new("RGBA", (x1 - x0 + 2, y1 - y0 + 2), (*colour, 0))
-    ImageDraw.Draw(img).multiline_text((1 - x0, 1 - y0), text, font=fnt, fill=(*colour, 255), spacing=spacing,
-                                       stroke_width=stroke, stroke_fill=(*colour, 255))
+    ImageDraw.Draw(img).multiline_text(
+        (1 - x0, 1 - y0),
+        text,
+        font=fnt,
+        fill=(*colour, 255),
+        spacing=spacing,
+        stroke_width=stroke,
+        stroke_fill=(*colour, 255),
+    )
     return img.crop(img.getbbox())
 
 

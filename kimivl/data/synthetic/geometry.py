@@ -27,44 +27,86 @@ def _problem(rng: random.Random, figure: str, difficulty: str) -> tuple[dict, st
     if figure == "square":
         s = rng.randint(2, top)
         if rng.random() < 0.5:
-            return {"w": s, "h": s}, "What is the area of the square?", s * s, [
-                "A square's area is side × side.", f"{s} × {s} = {s * s}."]
-        return {"w": s, "h": s}, "What is the perimeter of the square?", 4 * s, [
-            "A square has four equal sides, so the perimeter is 4 × side.", f"4 × {s} = {4 * s}."]
+            return (
+                {"w": s, "h": s},
+                "What is the area of the square?",
+                s * s,
+                ["A square's area is side × side.", f"{s} × {s} = {s * s}."],
+            )
+        return (
+            {"w": s, "h": s},
+            "What is the perimeter of the square?",
+            4 * s,
+            ["A square has four equal sides, so the perimeter is 4 × side.", f"4 × {s} = {4 * s}."],
+        )
     if figure == "rectangle":
         a, b = rng.randint(2, top), rng.randint(2, top)
         if rng.random() < 0.5:
-            return {"w": a, "h": b}, "What is the area of the rectangle?", a * b, [
-                f"The rectangle is {a} wide and {b} tall.", "Area = width × height.", f"{a} × {b} = {a * b}."]
-        return {"w": a, "h": b}, "What is the perimeter of the rectangle?", 2 * (a + b), [
-            f"The rectangle is {a} wide and {b} tall.", "Perimeter = 2 × (width + height).",
-            f"{a} + {b} = {a + b}.", f"2 × {a + b} = {2 * (a + b)}."]
+            return (
+                {"w": a, "h": b},
+                "What is the area of the rectangle?",
+                a * b,
+                [f"The rectangle is {a} wide and {b} tall.", "Area = width × height.", f"{a} × {b} = {a * b}."],
+            )
+        return (
+            {"w": a, "h": b},
+            "What is the perimeter of the rectangle?",
+            2 * (a + b),
+            [
+                f"The rectangle is {a} wide and {b} tall.",
+                "Perimeter = 2 × (width + height).",
+                f"{a} + {b} = {a + b}.",
+                f"2 × {a + b} = {2 * (a + b)}.",
+            ],
+        )
     if figure == "triangle":
         a, b = rng.randint(2, top), 2 * rng.randint(1, top // 2)
-        return {"w": a, "h": b}, "What is the area of the triangle?", a * b // 2, [
-            f"It is a right triangle with legs {a} and {b}.", "Area = base × height ÷ 2.",
-            f"{a} × {b} = {a * b}.", f"{a * b} ÷ 2 = {a * b // 2}."]
+        return (
+            {"w": a, "h": b},
+            "What is the area of the triangle?",
+            a * b // 2,
+            [
+                f"It is a right triangle with legs {a} and {b}.",
+                "Area = base × height ÷ 2.",
+                f"{a} × {b} = {a * b}.",
+                f"{a * b} ÷ 2 = {a * b // 2}.",
+            ],
+        )
     big_w = rng.randint(6, top)
     big_h = rng.randint(max(6, big_w // 2), min(top, 2 * big_w))
     cut_w, cut_h = rng.randint(-(-2 * big_w // 5), big_w - 2), rng.randint(-(-2 * big_h // 5), big_h - 2)
     sides = {"w": big_w, "h": big_h, "cut_w": cut_w, "cut_h": cut_h}
     if rng.random() < 0.5:
-        return sides, "What is the area of the shape?", big_w * big_h - cut_w * cut_h, [
+        return (
+            sides,
+            "What is the area of the shape?",
+            big_w * big_h - cut_w * cut_h,
+            [
+                f"The shape is a {big_w} by {big_h} rectangle with a {cut_w} by {cut_h} corner removed.",
+                f"Whole rectangle: {big_w} × {big_h} = {big_w * big_h}.",
+                f"Missing corner: {cut_w} × {cut_h} = {cut_w * cut_h}.",
+                f"Area = {big_w * big_h} - {cut_w * cut_h} = {big_w * big_h - cut_w * cut_h}.",
+            ],
+        )
+    return (
+        sides,
+        "What is the perimeter of the shape?",
+        2 * (big_w + big_h),
+        [
             f"The shape is a {big_w} by {big_h} rectangle with a {cut_w} by {cut_h} corner removed.",
-            f"Whole rectangle: {big_w} × {big_h} = {big_w * big_h}.",
-            f"Missing corner: {cut_w} × {cut_h} = {cut_w * cut_h}.",
-            f"Area = {big_w * big_h} - {cut_w * cut_h} = {big_w * big_h - cut_w * cut_h}."]
-    return sides, "What is the perimeter of the shape?", 2 * (big_w + big_h), [
-        f"The shape is a {big_w} by {big_h} rectangle with a {cut_w} by {cut_h} corner removed.",
-        "Cutting a corner moves two edges inwards without changing their total lengths,",
-        "so the perimeter equals that of the whole rectangle: 2 × (width + height).",
-        f"{big_w} + {big_h} = {big_w + big_h}.", f"2 × {big_w + big_h} = {2 * (big_w + big_h)}."]
+            "Cutting a corner moves two edges inwards without changing their total lengths,",
+            "so the perimeter equals that of the whole rectangle: 2 × (width + height).",
+            f"{big_w} + {big_h} = {big_w + big_h}.",
+            f"2 × {big_w + big_h} = {2 * (big_w + big_h)}.",
+        ],
+    )
 
 
 def _draw(rng: random.Random, figure: str, sides: dict, difficulty: str) -> Image.Image:
     easy = difficulty == "easy"  # easy labels in large print, each in its own token cell next to its side
-    w, h = canvas_size(rng, min_side=196 if easy else 150 if figure == "l-shape" else 112, big_chance=0,
-                       aspect=(0.75, 1.8))
+    w, h = canvas_size(
+        rng, min_side=196 if easy else 150 if figure == "l-shape" else 112, big_chance=0, aspect=(0.75, 1.8)
+    )
     fsize = rng.randint(20, 24) if easy else rng.randint(11, 15)
     m = 2 * TOKEN_PX + 4 if easy else int(1.6 * fsize) + 4
     scale = min((w - 2 * m) / sides["w"], (h - 2 * m) / sides["h"])
@@ -103,6 +145,12 @@ def make_geometry(rng: random.Random, difficulty: str | None = None) -> Sample:
     figure = rng.choice(FIGURES[difficulty])
     sides, question, answer, steps = _problem(rng, figure, difficulty)
     solution = "\n".join(steps + [f"The answer is {answer}."])
-    meta = {"task": "reasoning", "kind": "geometry", "difficulty": difficulty, "gold": answer, "figure": figure,
-            "sides": sides}
+    meta = {
+        "task": "reasoning",
+        "kind": "geometry",
+        "difficulty": difficulty,
+        "gold": answer,
+        "figure": figure,
+        "sides": sides,
+    }
     return Sample([_draw(rng, figure, sides, difficulty), question], str(answer), meta, solution)

@@ -27,8 +27,14 @@ def _widgets(rng: random.Random, n: int, fsize: int, max_width: int) -> list[dic
         tw = font(fsize).getbbox(label)[2]
         pad = rng.randint(4, 8)
         width = tw + 2 * pad if kind == "button" else tw + rng.randint(40, 80)
-        out.append({"kind": kind, "label": label, "size": (min(width, max_width), fsize + 2 * pad),
-                    "colour": rng.choice(sorted(COLOURS)) if kind == "button" else "white"})
+        out.append(
+            {
+                "kind": kind,
+                "label": label,
+                "size": (min(width, max_width), fsize + 2 * pad),
+                "colour": rng.choice(sorted(COLOURS)) if kind == "button" else "white",
+            }
+        )
     return out
 
 
@@ -88,7 +94,14 @@ def make_gui(rng: random.Random, difficulty: str | None = None) -> Sample:
         kind = "point"
         gold = [round((box[0] + box[2]) / 2, 2), round((box[1] + box[3]) / 2, 2)]
         question, answer = f"Click the '{target['label']}' {noun}.", f"({gold[0]:.2f}, {gold[1]:.2f})"
-    meta = {"task": "gui", "kind": kind, "difficulty": difficulty, "gold": gold, "box": box,
-            "widgets": [{**{k: wd[k] for k in ("kind", "label", "colour")}, "box": norm_box(wd["px"], w, h)}
-                        for wd in widgets]}
+    meta = {
+        "task": "gui",
+        "kind": kind,
+        "difficulty": difficulty,
+        "gold": gold,
+        "box": box,
+        "widgets": [
+            {**{k: wd[k] for k in ("kind", "label", "colour")}, "box": norm_box(wd["px"], w, h)} for wd in widgets
+        ],
+    }
     return Sample([img, question], answer, meta)

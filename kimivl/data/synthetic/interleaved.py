@@ -38,23 +38,38 @@ def _question(rng: random.Random, kind: str, scenes: list[list[dict]]) -> tuple[
         colour, shape = rng.choice(only)
         return kind, f"Which figure has a {colour} {shape}?", f"Figure {k}"
     colour = rng.choice(objects)["colour"]
-    return kind, f"How many {colour} shapes are there in the two figures together?", sum(
-        o["colour"] == colour for s in scenes for o in s)
+    return (
+        kind,
+        f"How many {colour} shapes are there in the two figures together?",
+        sum(o["colour"] == colour for s in scenes for o in s),
+    )
 
 
 def make_interleaved(rng: random.Random, difficulty: str | None = None) -> Sample:
     """A short document: text, Figure 1, text, Figure 2, then a question that needs the figures."""
     difficulty = pick_difficulty(rng, difficulty)
     while True:
-        figures = [make_scene(rng, rng.randint(*N_OBJECTS[difficulty]), canvas_size(rng, max_patches=144, big_chance=0))
-                   for _ in range(2)]
+        figures = [
+            make_scene(rng, rng.randint(*N_OBJECTS[difficulty]), canvas_size(rng, max_patches=144, big_chance=0))
+            for _ in range(2)
+        ]
         asked = _question(rng, rng.choice(KINDS[difficulty]), [objects for _, objects in figures])
         if asked:
             break
     kind, question, gold = asked
     name = rng.choice(NAMES)
-    content = [f"{filler(rng)} Figure 1 shows a drawing by {name}:", figures[0][0],
-               f"{filler(rng)} Figure 2 shows a second drawing:", figures[1][0], question]
-    meta = {"task": "interleaved", "kind": kind, "difficulty": difficulty, "gold": gold,
-            "figures": [objects for _, objects in figures]}
+    content = [
+        f"{filler(rng)} Figure 1 shows a drawing by {name}:",
+        figures[0][0],
+        f"{filler(rng)} Figure 2 shows a second drawing:",
+        figures[1][0],
+        question,
+    ]
+    meta = {
+        "task": "interleaved",
+        "kind": kind,
+        "difficulty": difficulty,
+        "gold": gold,
+        "figures": [objects for _, objects in figures],
+    }
     return Sample(content, str(gold), meta)

@@ -23,11 +23,16 @@ from kimivl.data.synthetic.vocab import WORDS
 DARK_INKS = ("black", "blue", "red", "green", "purple")
 # difficulty: (lines, words per line, font sizes, max rotation in degrees, max noise sigma); easy is a one-digit sum
 # in large print on the token grid (draw.grid_text)
-LEVELS = {"easy": ((1, 1), (1, 1), (20, 24), 0, 4), "medium": ((1, 1), (2, 3), (13, 26), 8, 10),
-          "hard": ((3, 5), (2, 4), (11, 18), 4, 12)}
-QUESTIONS = {"word": ("What word is written in the image?", "Read the word in the image."),
-             "line": ("What does the text say?", "Read the text in the image."),
-             "page": ("Read all the text in the image.", "Transcribe the text in the image.")}
+LEVELS = {
+    "easy": ((1, 1), (1, 1), (20, 24), 0, 4),
+    "medium": ((1, 1), (2, 3), (13, 26), 8, 10),
+    "hard": ((3, 5), (2, 4), (11, 18), 4, 12),
+}
+QUESTIONS = {
+    "word": ("What word is written in the image?", "Read the word in the image."),
+    "line": ("What does the text say?", "Read the text in the image."),
+    "page": ("Read all the text in the image.", "Transcribe the text in the image."),
+}
 QUESTIONS["sum"] = QUESTIONS["line"]
 
 
@@ -50,8 +55,16 @@ def _easy(rng: random.Random) -> Sample:
     img = add_noise(img, rng, rng.uniform(0, LEVELS["easy"][4]))
     n = len(text.replace(" ", ""))
     box = norm_box((col * TOKEN_PX, row * TOKEN_PX, (col + n) * TOKEN_PX, (row + 1) * TOKEN_PX), *img.size)
-    meta = {"task": "ocr", "kind": "sum", "difficulty": "easy", "gold": text, "style": "grid", "size": size,
-            "angle": 0.0, "box": box}
+    meta = {
+        "task": "ocr",
+        "kind": "sum",
+        "difficulty": "easy",
+        "gold": text,
+        "style": "grid",
+        "size": size,
+        "angle": 0.0,
+        "box": box,
+    }
     return Sample([img, rng.choice(QUESTIONS["sum"])], text, meta)
 
 
@@ -78,6 +91,14 @@ def make_ocr(rng: random.Random, difficulty: str | None = None) -> Sample:
     img.paste(layer, (x, y), layer)
     img = add_noise(img, rng, rng.uniform(0, max_noise))
     kind = "page" if len(lines) > 1 else ("line" if " " in text else "word")
-    meta = {"task": "ocr", "kind": kind, "difficulty": difficulty, "gold": text, "style": style, "size": size,
-            "angle": round(angle, 2), "box": norm_box((x, y, x + layer.width, y + layer.height), w, h)}
+    meta = {
+        "task": "ocr",
+        "kind": kind,
+        "difficulty": difficulty,
+        "gold": text,
+        "style": style,
+        "size": size,
+        "angle": round(angle, 2),
+        "box": norm_box((x, y, x + layer.width, y + layer.height), w, h),
+    }
     return Sample([img, rng.choice(QUESTIONS[kind])], text, meta)

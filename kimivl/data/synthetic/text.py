@@ -37,7 +37,7 @@ def _story(rng: random.Random) -> str:
 
 def _counting(rng: random.Random) -> str:
     start = rng.randint(0, 14)
-    return "Counting: " + ", ".join(NUMBER_WORDS[start: start + rng.randint(3, 6)]) + "."
+    return "Counting: " + ", ".join(NUMBER_WORDS[start : start + rng.randint(3, 6)]) + "."
 
 
 def _spelling(rng: random.Random) -> str:

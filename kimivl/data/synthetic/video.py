@@ -11,8 +11,11 @@ from kimivl.data.synthetic.sample import Clip, Sample
 
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 # difficulty: (frames, static distractors, question kinds)
-LEVELS = {"easy": ((3, 3), (0, 0), ("direction", "first")), "medium": ((4, 4), (1, 1), ("direction", "mover", "last")),
-          "hard": ((5, 6), (2, 3), ("direction", "mover", "order"))}
+LEVELS = {
+    "easy": ((3, 3), (0, 0), ("direction", "first")),
+    "medium": ((4, 4), (1, 1), ("direction", "mover", "last")),
+    "hard": ((5, 6), (2, 3), ("direction", "mover", "order")),
+}
 FRAME_SECONDS = 1.0
 
 
@@ -50,9 +53,15 @@ def make_video(rng: random.Random, difficulty: str | None = None) -> Sample:
         if dx < 0 or dy < 0:
             track = track[::-1]
         objects.append({**looks[0], "track": track})
-        taken = [(min(x for x, _ in track) - r, min(y for _, y in track) - r,
-                  max(x for x, _ in track) + r, max(y for _, y in track) + r)]
-        for look in looks[1: 1 + rng.randint(*distractors) + (kind == "mover")]:
+        taken = [
+            (
+                min(x for x, _ in track) - r,
+                min(y for _, y in track) - r,
+                max(x for x, _ in track) + r,
+                max(y for _, y in track) + r,
+            )
+        ]
+        for look in looks[1 : 1 + rng.randint(*distractors) + (kind == "mover")]:
             spot = _free_spot(rng, w, h, r, taken)
             if spot:
                 objects.append({**look, "track": [spot] * n})
@@ -89,8 +98,19 @@ def make_video(rng: random.Random, difficulty: str | None = None) -> Sample:
         question, gold = "In what order do the shapes appear?", [_name(o) for o in objects]
     answer = ", ".join(gold) if isinstance(gold, list) else gold
     timestamps = [k * FRAME_SECONDS for k in range(n)]
-    meta = {"task": "video", "kind": kind, "difficulty": difficulty, "gold": gold, "timestamps": timestamps,
-            "objects": [{"colour": o["colour"], "shape": o["shape"],
-                         "track": [None if p is None else [round(p[0] / w, 4), round(p[1] / h, 4)] for p in o["track"]]}
-                        for o in objects]}
+    meta = {
+        "task": "video",
+        "kind": kind,
+        "difficulty": difficulty,
+        "gold": gold,
+        "timestamps": timestamps,
+        "objects": [
+            {
+                "colour": o["colour"],
+                "shape": o["shape"],
+                "track": [None if p is None else [round(p[0] / w, 4), round(p[1] / h, 4)] for p in o["track"]],
+            }
+            for o in objects
+        ],
+    }
     return Sample([Clip(frames, timestamps), question], answer, meta)

@@ -1,6 +1,7 @@
 """Small closed vocabularies shared by the generators, so a tiny model can learn to read and name them."""
 
-WORDS = tuple("""
+WORDS = tuple(
+    """
 about above across act add after again age ago air all also always and animal answer any apple area arm art
 ask away baby back bad ball bank base bear beat bed before begin bell best bird black block blue boat body
 bone book both box boy bread bring brown build busy buy cake call came camp can car card care carry case cat
@@ -22,17 +23,103 @@ street sun table tail take talk tall team ten test thank thing three time tiny t
 train tree true turn two under up use valley very voice wait walk wall warm wash watch water wave way week
 well west wet whale wheel white wide wind window winter wish wood word work world write yard year yellow
 young zero
-""".split())  # noqa: SIM905 (a word list reads best as text)
+""".split()
+)  # noqa: SIM905 (a word list reads best as text)
 
-GUI_BUTTONS = ("Save", "Open", "Cancel", "OK", "Delete", "Search", "Send", "Next", "Back", "Print", "Help",
-               "Login", "Submit", "Edit", "Copy", "Paste", "Share", "Close", "Undo", "Redo", "Home", "Settings",
-               "Add", "Remove", "Apply", "Reset", "Upload", "Download", "Play", "Stop")
-GUI_FIELDS = ("Name", "Email", "Password", "City", "Phone", "Address", "User", "Age", "Title", "Date",
-              "Country", "Note")
+GUI_BUTTONS = (
+    "Save",
+    "Open",
+    "Cancel",
+    "OK",
+    "Delete",
+    "Search",
+    "Send",
+    "Next",
+    "Back",
+    "Print",
+    "Help",
+    "Login",
+    "Submit",
+    "Edit",
+    "Copy",
+    "Paste",
+    "Share",
+    "Close",
+    "Undo",
+    "Redo",
+    "Home",
+    "Settings",
+    "Add",
+    "Remove",
+    "Apply",
+    "Reset",
+    "Upload",
+    "Download",
+    "Play",
+    "Stop",
+)
+GUI_FIELDS = (
+    "Name",
+    "Email",
+    "Password",
+    "City",
+    "Phone",
+    "Address",
+    "User",
+    "Age",
+    "Title",
+    "Date",
+    "Country",
+    "Note",
+)
 
-NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
-                "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen",
-                "nineteen", "twenty")
+NUMBER_WORDS = (
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "thirteen",
+    "fourteen",
+    "fifteen",
+    "sixteen",
+    "seventeen",
+    "eighteen",
+    "nineteen",
+    "twenty",
+)
 
-NAMES = ("Ann", "Ben", "Cara", "Dan", "Eva", "Finn", "Gus", "Hana", "Ivo", "Jade", "Kai", "Lena", "Max", "Nora",
-         "Omar", "Pia", "Raj", "Sara", "Tom", "Uma", "Vic", "Will", "Yara", "Zoe")
+NAMES = (
+    "Ann",
+    "Ben",
+    "Cara",
+    "Dan",
+    "Eva",
+    "Finn",
+    "Gus",
+    "Hana",
+    "Ivo",
+    "Jade",
+    "Kai",
+    "Lena",
+    "Max",
+    "Nora",
+    "Omar",
+    "Pia",
+    "Raj",
+    "Sara",
+    "Tom",
+    "Uma",
+    "Vic",
+    "Will",
+    "Yara",
+    "Zoe",
+)

@@ -25,11 +25,13 @@ def parse_stage(raw: Any) -> StageSettings:
         raise RecipeError(f"{where}: kind must be {', '.join(names[:-1])} or {names[-1]}, got {kind!r}")
     settings = KINDS[kind][0]
     taken = {f.name for f in fields(settings)}
-    elsewhere = sorted(k for k in raw if k not in taken and any(k in {f.name for f in fields(s)}
-                                                                 for s, _ in KINDS.values()))
+    elsewhere = sorted(
+        k for k in raw if k not in taken and any(k in {f.name for f in fields(s)} for s, _ in KINDS.values())
+    )
     if elsewhere:
-        raise RecipeError(f"{where}: {', '.join(elsewhere)} {'does' if len(elsewhere) == 1 else 'do'} not apply to "
-                          f"{_a(kind)} stage")
+        raise RecipeError(
+            f"{where}: {', '.join(elsewhere)} {'does' if len(elsewhere) == 1 else 'do'} not apply to {_a(kind)} stage"
+        )
     unknown = sorted(set(raw) - taken)
     if unknown:
         raise RecipeError(f"{where}: unknown keys {unknown}; {_a(kind)} stage takes {sorted(taken)}")

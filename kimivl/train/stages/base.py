@@ -45,8 +45,10 @@ class StageSettings:
 
     def check(self, where: str) -> None:
         if not isinstance(self.name, str) or not STAGE_NAME.fullmatch(self.name) or self.name in RESERVED:
-            raise RecipeError(f"stage name {self.name!r}: use letters, digits, '.', '_' and '-' (not starting with "
-                              f"'.' or '-'), other than {sorted(RESERVED)}: it names the stage's folder under out")
+            raise RecipeError(
+                f"stage name {self.name!r}: use letters, digits, '.', '_' and '-' (not starting with "
+                f"'.' or '-'), other than {sorted(RESERVED)}: it names the stage's folder under out"
+            )
         if not integer(self.steps) or self.steps < 1 or not number(self.lr) or self.lr <= 0:
             raise RecipeError(f"{where}: steps >= 1 and lr > 0 are required, got {self.steps!r}, {self.lr!r}")
         for key, low in (("ckpt_every", 1), ("warmup", 0)):
@@ -54,8 +56,10 @@ class StageSettings:
                 raise RecipeError(f"{where}: {key} must be an integer >= {low}, got {getattr(self, key)!r}")
         for key in ("clip", "weight_decay"):
             if not number(getattr(self, key)) or getattr(self, key) < 0 or (key == "clip" and not self.clip):
-                raise RecipeError(f"{where}: {key} must be a number >= 0{' (and not 0)' if key == 'clip' else ''}, "
-                                  f"got {getattr(self, key)!r}")
+                raise RecipeError(
+                    f"{where}: {key} must be a number >= 0{' (and not 0)' if key == 'clip' else ''}, "
+                    f"got {getattr(self, key)!r}"
+                )
         if self.ns_dtype not in ("float32", "bfloat16"):
             raise RecipeError(f"{where}: ns_dtype is 'float32' or 'bfloat16', got {self.ns_dtype!r}")
         if self.rope_theta is not None and (not number(self.rope_theta) or self.rope_theta <= 0):
@@ -91,16 +95,18 @@ class PartsSettings(StageSettings):
     def check(self, where: str) -> None:
         super().check(where)
         if not integer(self.budget) or self.budget < 16:
-            raise RecipeError(f"{where}: budget (tokens of a packed row) must be an integer >= 16, got "
-                              f"{self.budget!r}")
+            raise RecipeError(f"{where}: budget (tokens of a packed row) must be an integer >= 16, got {self.budget!r}")
         bad = set(self.train) - set(PARTS)
         if bad or not self.train:
             problem = f"names unknown parts {sorted(bad)}" if bad else "is empty"
             raise RecipeError(f"{where}: train {problem}; choose from {PARTS}")
         if not isinstance(self.freeze, list) or not all(isinstance(g, str) and g for g in self.freeze):
             raise RecipeError(f"{where}: freeze is a list of parameter-name patterns, got {self.freeze!r}")
-        if not isinstance(self.lr_scale, dict) or set(self.lr_scale) - set(PARTS) \
-                or not all(number(f) and f > 0 for f in self.lr_scale.values()):
+        if (
+            not isinstance(self.lr_scale, dict)
+            or set(self.lr_scale) - set(PARTS)
+            or not all(number(f) and f > 0 for f in self.lr_scale.values())
+        ):
             raise RecipeError(f"{where}: lr_scale maps parts of {PARTS} to factors > 0, got {self.lr_scale}")
 
     def check_model(self, model: nn.Module) -> None:

@@ -48,7 +48,9 @@ class JointStage(PartsSettings):
                 raise RecipeError(f"{where}: {key} must be an integer >= 1, got {getattr(self, key)!r}")
         if not isinstance(self.replacement, bool):
             raise RecipeError(f"{where}: replacement is true or false, got {self.replacement!r}")
-        if self.standardize_images is not None and not (number(self.standardize_images) and self.standardize_images > 0):
+        if self.standardize_images is not None and not (
+            number(self.standardize_images) and self.standardize_images > 0
+        ):
             raise RecipeError(f"{where}: standardize_images is a target std > 0, got {self.standardize_images!r}")
         if not number(self.bias_update_rate) or self.bias_update_rate < 0:
             raise RecipeError(f"{where}: bias_update_rate must be a number >= 0, got {self.bias_update_rate!r}")
@@ -80,13 +82,25 @@ def stage_mixture(stage: JointStage, ctx: StageContext, encode) -> tuple[Mixture
     mean_len = statistics.mean(len(probe.sample(i).input_ids) for i in range(32))
     horizon = int(stage.steps * stage.accum * stage.budget / mean_len)
     used = set(stage.mix) | set(stage.mix_end or {})
-    data = Mixture({k: items[k] for k in used}, encode, stage.budget, stage.mix, stage.mix_end,
-                   horizon=horizon, seed=seed, replacement=stage.replacement)
+    data = Mixture(
+        {k: items[k] for k in used},
+        encode,
+        stage.budget,
+        stage.mix,
+        stage.mix_end,
+        horizon=horizon,
+        seed=seed,
+        replacement=stage.replacement,
+    )
     start, end = sum(data.start), sum(data.end)
-    passes = ", ".join(f"{name} {horizon * (a / start + b / end) / 2 / len(items[name]):.2f}"
-                       for name, a, b in zip(data.names, data.start, data.end))
-    return data, (f"stage {stage.name}: about {horizon} samples ({round(mean_len)} tokens each on average); "
-                  f"passes over each source: {passes}")
+    passes = ", ".join(
+        f"{name} {horizon * (a / start + b / end) / 2 / len(items[name]):.2f}"
+        for name, a, b in zip(data.names, data.start, data.end)
+    )
+    return data, (
+        f"stage {stage.name}: about {horizon} samples ({round(mean_len)} tokens each on average); "
+        f"passes over each source: {passes}"
+    )
 
 
 def check_sources(stage: JointStage, ctx: StageContext, encode) -> None:
@@ -98,12 +112,19 @@ def check_sources(stage: JointStage, ctx: StageContext, encode) -> None:
         if not ctx.sources.is_text[name]:
             for i in range(len(items)):
                 if not any(m["role"] == "assistant" for m in items[i]["messages"]):
-                    raise DataError(f"data source {name!r}: record {i + 1} of {getattr(items, 'path', name)} has no "
-                                    "assistant turn to learn from")
+                    raise DataError(
+                        f"data source {name!r}: record {i + 1} of {getattr(items, 'path', name)} has no "
+                        "assistant turn to learn from"
+                    )
         probe = [encode(name, items[i]) for i in range(min(PROBE_RECORDS, len(items)))]
         if probe and not any(label != IGNORE_INDEX for e in probe for label in e.labels):
-            log.warning("stage %s: the first %d records of data source %r score no token (every label masked): it "
-                        "adds nothing to the loss", stage.name, len(probe), name)
+            log.warning(
+                "stage %s: the first %d records of data source %r score no token (every label masked): it "
+                "adds nothing to the loss",
+                stage.name,
+                len(probe),
+                name,
+            )
 
 
 def joint_loss(model, batch) -> tuple[torch.Tensor, dict[str, float], int]:
@@ -127,16 +148,38 @@ def prepare(stage: JointStage, ctx: StageContext, model) -> Prepared:
     def run(optimizer, scheduler, progress: bool) -> dict[str, float]:
         validate = None
         if stage.val:
-            rows = heldout_rows({k: sources.items[k] for k in stage.val["sources"]}, encode, stage.budget,
-                                stage.val.get("rows", 16), seed=recipe.seed)
+            rows = heldout_rows(
+                {k: sources.items[k] for k in stage.val["sources"]},
+                encode,
+                stage.budget,
+                stage.val.get("rows", 16),
+                seed=recipe.seed,
+            )
 
             def validate(m):
                 return {"val_loss": heldout_loss(m, rows, recipe.bf16)}
 
-        cfg = LoopConfig(steps=stage.steps, ckpt_every=stage.ckpt_every, log_every=stage.log_every, clip=stage.clip,
-                         bf16=recipe.bf16, bias_update_rate=stage.bias_update_rate, accum=stage.accum,
-                         val_every=(stage.val or {}).get("every", 100))
-        return train_loop(model, joint_loss, data, optimizer, scheduler, cfg, recipe.out, stage.name,
-                          progress=progress, validate=validate)
+        cfg = LoopConfig(
+            steps=stage.steps,
+            ckpt_every=stage.ckpt_every,
+            log_every=stage.log_every,
+            clip=stage.clip,
+            bf16=recipe.bf16,
+            bias_update_rate=stage.bias_update_rate,
+            accum=stage.accum,
+            val_every=(stage.val or {}).get("every", 100),
+        )
+        return train_loop(
+            model,
+            joint_loss,
+            data,
+            optimizer,
+            scheduler,
+            cfg,
+            recipe.out,
+            stage.name,
+            progress=progress,
+            validate=validate,
+        )
 
     return Prepared(model, line, run, setup, hold_frozen_bf16=True)

@@ -41,8 +41,15 @@ def rl_config(recipe: Recipe, stage: RLStage) -> RLConfig:
     if "bf16" in stage.rl:
         raise RecipeError(f"stage {stage.name!r}: rl: bf16 is set for the whole recipe (its top-level 'bf16')")
     try:
-        return RLConfig(iterations=stage.steps, budget=stage.budget, clip=stage.clip, ckpt_every=stage.ckpt_every,
-                        seed=recipe.seed, bf16=recipe.bf16, **stage.rl)
+        return RLConfig(
+            iterations=stage.steps,
+            budget=stage.budget,
+            clip=stage.clip,
+            ckpt_every=stage.ckpt_every,
+            seed=recipe.seed,
+            bf16=recipe.bf16,
+            **stage.rl,
+        )
     except (TypeError, ValueError) as e:
         raise RecipeError(f"stage {stage.name!r}: rl: {e}") from None
 
@@ -54,8 +61,10 @@ def check_problems(stage: RLStage, ctx: StageContext) -> None:
         for i in range(len(items)):
             record = items[i]
             if "gold" not in record.get("meta", {}) or not prompt_of(record):
-                raise DataError(f"data source {name!r}: record {i + 1} of {getattr(items, 'path', name)} is no RL "
-                                "problem: it needs a user prompt and meta.gold, the answer its reward checks")
+                raise DataError(
+                    f"data source {name!r}: record {i + 1} of {getattr(items, 'path', name)} is no RL "
+                    "problem: it needs a user prompt and meta.gold, the answer its reward checks"
+                )
 
 
 def prepare(stage: RLStage, ctx: StageContext, model) -> Prepared:
@@ -66,7 +75,8 @@ def prepare(stage: RLStage, ctx: StageContext, model) -> Prepared:
 
     def run(optimizer, scheduler, progress: bool) -> dict[str, float]:
         problems = Concat([ctx.sources.items[name] for name in stage.sources])
-        return RLTrainer(model, ctx.processor, problems, cfg, optimizer, scheduler, ctx.recipe.out,
-                         stage.name).run(progress=progress)
+        return RLTrainer(model, ctx.processor, problems, cfg, optimizer, scheduler, ctx.recipe.out, stage.name).run(
+            progress=progress
+        )
 
     return Prepared(model, line, run)

@@ -39,25 +39,37 @@ class ViTStage(StageSettings):
 class CaptionStream:
     """ViT-stage batches: ``images_per_batch`` (image, caption) pairs, sample i a pure function of (seed, i)."""
 
-    def __init__(self, records: Sequence[dict], processor: KimiVLProcessor, per_batch: int, seed: int,
-                 max_len: int = 64):
-        self.records, self.processor, self.per_batch, self.seed, self.max_len = records, processor, per_batch, seed, max_len
+    def __init__(
+        self, records: Sequence[dict], processor: KimiVLProcessor, per_batch: int, seed: int, max_len: int = 64
+    ):
+        self.records, self.processor, self.per_batch, self.seed, self.max_len = (
+            records,
+            processor,
+            per_batch,
+            seed,
+            max_len,
+        )
 
     def pair(self, i: int):
         rec = self.records[random.Random(self.seed * 1_000_003 + i).randrange(len(self.records))]
         user, answer = rec["messages"][0]["content"], rec["messages"][-1]["content"]
         image = next(p["image"] for p in user if isinstance(p, dict) and p.get("type") == "image")
         question = content_text(user)
-        return self.processor.image_processor(image), self.processor.tokenizer.encode(f"{question} {answer}",
-                                                                                  allow_special=False)
+        return self.processor.image_processor(image), self.processor.tokenizer.encode(
+            f"{question} {answer}", allow_special=False
+        )
 
     def batches(self, position: int) -> Iterator:
         tok = self.processor.tokenizer
         while True:
             pairs = [self.pair(i) for i in range(position, position + self.per_batch)]
             position += self.per_batch
-            yield caption_batch([p[0] for p in pairs], [p[1] for p in pairs], tok.bos_id, tok.eos_id, tok.pad_id,
-                                self.max_len), position
+            yield (
+                caption_batch(
+                    [p[0] for p in pairs], [p[1] for p in pairs], tok.bos_id, tok.eos_id, tok.pad_id, self.max_len
+                ),
+                position,
+            )
 
 
 def prepare(stage: ViTStage, ctx: StageContext, model) -> Prepared:
@@ -74,15 +86,22 @@ def prepare(stage: ViTStage, ctx: StageContext, model) -> Prepared:
     model.vision_tower.requires_grad_(True)
     images = stage.steps * stage.accum * stage.images_per_batch
     records = sum(len(sources.items[name]) for name in stage.sources)
-    line = (f"stage {stage.name}: {images} captioned images, {images / records:.2f} passes over "
-            f"{', '.join(stage.sources)}")
+    line = (
+        f"stage {stage.name}: {images} captioned images, {images / records:.2f} passes over {', '.join(stage.sources)}"
+    )
 
     def run(optimizer, scheduler, progress: bool) -> dict[str, float]:
-        data = CaptionStream(Concat([sources.items[name] for name in stage.sources]), ctx.processor,
-                             stage.images_per_batch, recipe.seed)
-        cfg = LoopConfig(steps=stage.steps, ckpt_every=stage.ckpt_every, log_every=stage.log_every, clip=stage.clip,
-                         bf16=recipe.bf16, accum=stage.accum)
-        return train_loop(trainee, vit_loss, data, optimizer, scheduler, cfg, recipe.out, stage.name,
-                          progress=progress)
+        data = CaptionStream(
+            Concat([sources.items[name] for name in stage.sources]), ctx.processor, stage.images_per_batch, recipe.seed
+        )
+        cfg = LoopConfig(
+            steps=stage.steps,
+            ckpt_every=stage.ckpt_every,
+            log_every=stage.log_every,
+            clip=stage.clip,
+            bf16=recipe.bf16,
+            accum=stage.accum,
+        )
+        return train_loop(trainee, vit_loss, data, optimizer, scheduler, cfg, recipe.out, stage.name, progress=progress)
 
     return Prepared(trainee, line, run)
