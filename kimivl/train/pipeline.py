@@ -49,6 +49,7 @@ class Sources:
     def __init__(self, recipe: Recipe, progress: bool = False):
         self.items: dict[str, JsonlRecords] = {}
         self.is_text: dict[str, bool] = {}
+        self.checked: set[str] = set()  # conversation sources whose every record a stage has checked
         for name, spec in recipe.sources.items():
             path = recipe.source_path(name)
             if not path.is_file():

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kimivl.checkpoint import load_checkpoint, save_checkpoint
+from kimivl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from kimivl.files import write_text_atomic
 from kimivl.train.interrupt import Interrupted, StopRequest
 from kimivl.train.step import TrainingError
@@ -70,9 +70,11 @@ def save_state(ckpt_dir: str | os.PathLike, model, trainer: dict[str, Any], keep
         torch.save({**trainer, "rng": rng_state()}, tmp / TRAINER_FILE)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        full = " (the disk is full: free space, then resume)" if e.errno == errno.ENOSPC else ""
+        why = str(e) if isinstance(e, CheckpointError) else f"{e.strerror or e}"  # the former names the file
+        if e.errno == errno.ENOSPC and not isinstance(e, CheckpointError):
+            why += " (the disk is full: free space, then resume)"
         kept = f"; {previous} is intact" if previous else ""
-        raise TrainingError(f"cannot write checkpoint {root / name}: {e.strerror or e}{full}{kept}") from e
+        raise TrainingError(f"checkpoint {root / name} not written: {why}{kept}") from e
     final = root / name
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)

@@ -106,7 +106,7 @@ def test_a_full_disk_is_named_and_leaves_no_partial_checkpoint(small_model, smal
     monkeypatch.setattr(torch, "save", full)
     with pytest.raises(
         TrainingError,
-        match=r"cannot write checkpoint .*step-0000004: No space left on device \(the "
+        match=r"checkpoint .*step-0000004 not written: No space left on device \(the "
         r"disk is full: free space, then resume\); .*step-0000002 is intact",
     ):
         train_loop(
@@ -201,10 +201,12 @@ def _ctx(records, processor, text=False):
 
     from kimivl.train.stages.base import StageContext
 
-    return StageContext(SimpleNamespace(seed=0), SimpleNamespace(items={"c": records}, is_text={"c": text}), processor)
+    return StageContext(
+        SimpleNamespace(seed=0), SimpleNamespace(items={"c": records}, is_text={"c": text}, checked=set()), processor
+    )
 
 
-def test_sources_that_cannot_train_are_found_before_training(small_processor, caplog):
+def test_sources_that_cannot_train_are_found_before_training(small_processor, caplog, tmp_path):
     from kimivl.data.formats import DataError
     from kimivl.train.stages.joint import JointStage, check_sources
     from kimivl.train.stages.rl import RLStage, check_problems
@@ -221,6 +223,14 @@ def test_sources_that_cannot_train_are_found_before_training(small_processor, ca
     nothing = type(small_processor.encode_text("x"))([1, 2], torch.zeros(0, 3, 14, 14), torch.zeros(0, 2), [-100] * 2)
     check_sources(stage, _ctx([chat], small_processor), lambda name, record: nothing)
     assert "the first 1 records of data source 'c' score no token" in caplog.text
+
+    posing = tmp_path / "notes.png"
+    posing.write_text("a text file posing as an image")
+    pictured = {
+        "messages": [{"role": "user", "content": [{"type": "image", "image": str(posing)}]}, chat["messages"][1]]
+    }
+    with pytest.raises(DataError, match=f"record 1 of c names {posing}, which is no image that can be read"):
+        check_sources(stage, _ctx([pictured], small_processor), encode)
 
     rl = RLStage(name="r", kind="rl", steps=2, lr=1e-3, sources=["c"])
     check_problems(rl, _ctx([{**chat, "meta": {"gold": "4"}}], small_processor))

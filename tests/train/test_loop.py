@@ -115,7 +115,8 @@ def test_crash_while_writing_keeps_previous_checkpoint(small_model, small_proces
     monkeypatch.setattr(ck, "save_file", torn_write)
     model, data, opt, sched = setup(small_model, small_processor)
     with pytest.raises(
-        TrainingError, match="cannot write checkpoint .*step-0000004: disk full; .*step-0000002 is intact"
+        TrainingError,
+        match="step-0000004 not written: cannot write .*model.safetensors: disk full; .*step-0000002 is intact",
     ):
         train_loop(
             model, joint_loss, data, opt, sched, LoopConfig(steps=4, ckpt_every=2), tmp_path, "s", progress=False

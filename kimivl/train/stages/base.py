@@ -9,8 +9,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+from PIL import Image
 from torch import nn
 
+from kimivl.data.formats import DataError
 from kimivl.train.recipe import PARTS, RecipeError, integer, number
 from kimivl.train.trainable import set_trainable
 
@@ -120,6 +122,36 @@ class PartsSettings(StageSettings):
             set_trainable(model, self.train, self.freeze)
         except ValueError as e:
             raise RecipeError(f"stage {self.name!r}: {e}") from None
+
+
+def check_records(ctx: StageContext, names: list[str], problem: Callable[[dict], str | None]) -> None:
+    """Before training, read every record of the conversation sources ``names`` once (a source checked by an earlier
+    stage is not read again): ``problem(record)`` says what is wrong with one, and the first found is a ``DataError``
+    naming its source, record and file. Images named by path must open as images (their headers are read)."""
+    for name in names:
+        if name in ctx.sources.checked or ctx.sources.is_text[name]:
+            continue
+        items = ctx.sources.items[name]
+        for i in range(len(items)):
+            record = items[i]
+            why = problem(record) or _unreadable_image(record)
+            if why:
+                raise DataError(f"data source {name!r}: record {i + 1} of {getattr(items, 'path', name)} {why}")
+        ctx.sources.checked.add(name)
+
+
+def _unreadable_image(record: dict) -> str | None:
+    for message in record["messages"]:
+        parts = message["content"] if isinstance(message["content"], list) else ()
+        for part in parts:
+            path = part.get("image") if isinstance(part, dict) and part.get("type") == "image" else None
+            if isinstance(path, str):
+                try:
+                    with Image.open(path):
+                        pass
+                except (OSError, ValueError, Image.DecompressionBombError) as e:
+                    return f"names {path}, which is no image that can be read ({e})"
+    return None
 
 
 @dataclass

@@ -10,13 +10,12 @@ from typing import Any
 
 import torch
 
-from kimivl.data.formats import DataError
 from kimivl.data.mixture import Mixture
 from kimivl.processing.processor import IGNORE_INDEX
 from kimivl.train.calibrate import standardize_image_features
 from kimivl.train.loop import LoopConfig, train_loop
 from kimivl.train.recipe import RecipeError, integer, number
-from kimivl.train.stages.base import PartsSettings, Prepared, StageContext
+from kimivl.train.stages.base import PartsSettings, Prepared, StageContext, check_records
 from kimivl.train.validation import heldout_loss, heldout_rows
 
 CALIBRATION_SAMPLES = 32  # per image source, for standardize_images
@@ -104,18 +103,13 @@ def stage_mixture(stage: JointStage, ctx: StageContext, encode) -> tuple[Mixture
 
 
 def check_sources(stage: JointStage, ctx: StageContext, encode) -> None:
-    """Before training: every conversation of the stage's sources has an assistant turn to learn from (a
-    ``DataError`` names the first that has none); a source whose first records score no token would train at loss 0
-    without a word, so it is named in a warning."""
-    for name in sorted(set(stage.mix) | set(stage.mix_end or {})):
+    """Before training: every conversation of the stage's sources has an assistant turn to learn from and readable
+    images (``check_records``); a source whose first records score no token would train at loss 0 without a word, so
+    it is named in a warning."""
+    names = sorted(set(stage.mix) | set(stage.mix_end or {}))
+    check_records(ctx, names, _no_answer)
+    for name in names:
         items = ctx.sources.items[name]
-        if not ctx.sources.is_text[name]:
-            for i in range(len(items)):
-                if not any(m["role"] == "assistant" for m in items[i]["messages"]):
-                    raise DataError(
-                        f"data source {name!r}: record {i + 1} of {getattr(items, 'path', name)} has no "
-                        "assistant turn to learn from"
-                    )
         probe = [encode(name, items[i]) for i in range(min(PROBE_RECORDS, len(items)))]
         if probe and not any(label != IGNORE_INDEX for e in probe for label in e.labels):
             log.warning(
@@ -125,6 +119,12 @@ def check_sources(stage: JointStage, ctx: StageContext, encode) -> None:
                 len(probe),
                 name,
             )
+
+
+def _no_answer(record: dict) -> str | None:
+    if not any(m["role"] == "assistant" for m in record["messages"]):
+        return "has no assistant turn to learn from"
+    return None
 
 
 def joint_loss(model, batch) -> tuple[torch.Tensor, dict[str, float], int]:

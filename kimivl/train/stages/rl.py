@@ -5,11 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from kimivl.data.formats import DataError
 from kimivl.data.indexed import Concat
 from kimivl.rl.trainer import RLConfig, RLTrainer, prompt_of
 from kimivl.train.recipe import Recipe, RecipeError
-from kimivl.train.stages.base import PartsSettings, Prepared, StageContext
+from kimivl.train.stages.base import PartsSettings, Prepared, StageContext, check_records
 
 
 @dataclass
@@ -55,16 +54,14 @@ def rl_config(recipe: Recipe, stage: RLStage) -> RLConfig:
 
 
 def check_problems(stage: RLStage, ctx: StageContext) -> None:
-    """Before training: every problem has a prompt and a ``meta.gold`` answer to reward against."""
-    for name in stage.sources:
-        items = ctx.sources.items[name]
-        for i in range(len(items)):
-            record = items[i]
-            if "gold" not in record.get("meta", {}) or not prompt_of(record):
-                raise DataError(
-                    f"data source {name!r}: record {i + 1} of {getattr(items, 'path', name)} is no RL "
-                    "problem: it needs a user prompt and meta.gold, the answer its reward checks"
-                )
+    """Before training: every problem has a prompt, a ``meta.gold`` answer to reward against and readable images."""
+    check_records(ctx, stage.sources, _no_problem)
+
+
+def _no_problem(record: dict) -> str | None:
+    if "gold" not in record.get("meta", {}) or not prompt_of(record):
+        return "is no RL problem: it needs a user prompt and meta.gold, the answer its reward checks"
+    return None
 
 
 def prepare(stage: RLStage, ctx: StageContext, model) -> Prepared:
