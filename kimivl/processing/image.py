@@ -251,12 +251,18 @@ class ImageProcessor:
 
     # ---- geometry -----------------------------------------------------------------------------------------
     def resized_size(self, width: int, height: int) -> tuple[int, int]:
-        """(w, h) after step 1 (the patch budget)."""
+        """(w, h) after step 1 (the patch budget), then, only for an image so elongated that a side would reach
+        ``MAX_GRID_SIDE`` patches (which MoonViT's 2D RoPE does not cover, so the official model cannot take it),
+        scaled down further until it fits."""
         p = self.patch_size
         n = (width // p) * (height // p)
         if n > self.in_token_limit:
             scale = math.sqrt(self.in_token_limit / n)
-            return int(width * scale), int(height * scale)
+            width, height = int(width * scale), int(height * scale)
+        longest = (MAX_GRID_SIDE - max(self.merge_kernel_size)) * p  # a side stays under the limit once padded
+        if max(width, height) > longest:
+            scale = longest / max(width, height)
+            width, height = int(width * scale), int(height * scale)
         return width, height
 
     def grid_hw(self, width: int, height: int) -> tuple[int, int]:
@@ -298,12 +304,6 @@ class ImageProcessor:
                 raise ImageError(f"image {name} ({w}x{h}) is smaller than one {p}x{p} patch and pad_input is off")
             left, top = int(round((w - cw) / 2.0)), int(round((h - ch) / 2.0))
             img = img.crop((left, top, left + cw, top + ch))
-        w, h = img.size
-        if w // p >= MAX_GRID_SIDE or h // p >= MAX_GRID_SIDE:
-            raise ImageError(
-                f"image {name} gives a {h // p}x{w // p} patch grid; MoonViT allows fewer than "
-                f"{MAX_GRID_SIDE} patches per side (lower in_token_limit)"
-            )
         return img
 
     def preprocess(self, image: Any) -> tuple[torch.Tensor, tuple[int, int]]:

@@ -89,11 +89,6 @@ def test_center_crop_without_pad():
         ImageProcessor(pad_input=False)(photo(10, 40))
 
 
-def test_grid_side_limit():
-    with pytest.raises(ImageError, match="fewer than 512"):
-        ImageProcessor(in_token_limit=10**6)(np.zeros((20, 7200, 3), np.uint8))
-
-
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
 def test_encoded_inputs_bytes_and_path(tmp_path, fmt):
     a = photo(90, 61, seed=1)
@@ -264,3 +259,12 @@ def test_config_round_trip(tmp_path):
     (tmp_path / "bad" / "preprocessor_config.json").write_text("{oops")
     with pytest.raises(ValueError, match="not a valid"):
         ImageProcessor.from_pretrained(tmp_path / "bad")
+
+
+def test_an_image_too_long_for_moonvits_rope_is_scaled_down_to_fit():
+    from kimivl.processing.image import MAX_GRID_SIDE
+
+    proc = ImageProcessor(in_token_limit=10**6)  # the token budget alone would keep all 514 patches of its width
+    patches, (h, w) = proc.preprocess(np.zeros((20, 7200, 3), np.uint8))
+    assert (h, w) == (2, MAX_GRID_SIDE - 2) and patches.shape[0] == h * w  # 7140 x 19 px, padded to whole merges
+    assert proc.resized_size(1000, 800) == (1000, 800)  # ordinary images are untouched
