@@ -3,10 +3,17 @@
 The curriculum maps training progress (0 at the first iteration, 1 at the end) to weights per difficulty: the
 phase in force is the one with the largest start <= progress, e.g. ``{0.0: {easy: 1}, 0.3: {easy: 1, medium: 1},
 0.6: {easy: 1, medium: 1, hard: 2}}``. A difficulty is drawn by its weight (labels without problems drop out),
-then a problem of that difficulty with probability proportional to max(floor, 1 - its running success rate); a
-problem never tried counts as rate 0. The rate is an exponential average over visits (``decay`` of the old value),
-the first visit setting it outright, so it follows a policy that improves. Without a curriculum, labels are
-ignored: P(i) is proportional to the priority over all problems. A batch never repeats a problem.
+then a problem of that difficulty with probability proportional to its priority, from its running success rate s:
+
+- ``failure``: max(floor, 1 - s), a problem never tried counting as s = 0. Problems never solved get the most
+  weight, though all k samples of one are wrong and so give no advantage to learn from.
+- ``signal``: max(floor, 4 s (1 - s)), a problem never tried counting as s = 1/2 (priority 1, the most, so it gets
+  explored). Highest where the policy solves a problem sometimes (a group of samples with both rewards, which is
+  where RL has signal), lowest (the floor) for problems never or always solved.
+
+The rate is an exponential average over visits (``decay`` of the old value), the first visit setting it outright,
+so it follows a policy that improves. Without a curriculum, labels are ignored: P(i) is proportional to the
+priority over all problems. A batch never repeats a problem.
 """
 
 from __future__ import annotations
@@ -14,6 +21,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+
+PRIORITIES = ("failure", "signal")
 
 
 class ProblemSampler:
@@ -24,7 +33,10 @@ class ProblemSampler:
         floor: float = 0.05,
         decay: float = 0.5,
         seed: int = 0,
+        priority: str = "failure",
     ):
+        if priority not in PRIORITIES:
+            raise ValueError(f"sampler priority must be one of {PRIORITIES}, got {priority!r}")
         if not difficulties:
             raise ValueError("the sampler needs at least one problem")
         if not 0 < floor <= 1 or not 0 <= decay < 1:
@@ -39,7 +51,7 @@ class ProblemSampler:
                 raise ValueError(
                     f"curriculum phase {start} gives no weight to any difficulty present ({', '.join(self.labels)})"
                 )
-        self.floor, self.decay = floor, decay
+        self.floor, self.decay, self.priority = floor, decay, priority
         self.success = torch.zeros(len(difficulties), dtype=torch.float64)
         self.visits = torch.zeros(len(difficulties), dtype=torch.int64)
         self.generator = torch.Generator().manual_seed(seed)
@@ -52,7 +64,11 @@ class ProblemSampler:
         return {d: float(w) for d, w in self.curriculum[start].items() if d in self.labels}
 
     def priorities(self) -> torch.Tensor:
-        return (1 - self.success).clamp_min(self.floor)
+        """Each problem's priority (N,) by the ``priority`` mode (see the module docstring)."""
+        if self.priority == "failure":
+            return (1 - self.success).clamp_min(self.floor)
+        rate = torch.where(self.visits > 0, self.success, torch.full_like(self.success, 0.5))
+        return (4 * rate * (1 - rate)).clamp_min(self.floor)
 
     def probabilities(self, progress: float) -> torch.Tensor:
         """P(problem i is drawn first) at ``progress``: (N,), summing to 1."""

@@ -26,7 +26,7 @@ from kimivl.processing.processor import Encoded, KimiVLProcessor
 from kimivl.rl.objectives import group_baseline, group_normalised, grpo_loss, kl_estimate, length_reward, opmd_loss
 from kimivl.rl.rewards import correctness
 from kimivl.rl.rollouts import pack_rows, rollout, token_logprobs
-from kimivl.rl.sampler import ProblemSampler
+from kimivl.rl.sampler import PRIORITIES, ProblemSampler
 from kimivl.train.interrupt import stop_on_interrupt
 from kimivl.train.metrics import MetricsLog, plot_curves
 from kimivl.train.state import TrainState
@@ -58,6 +58,7 @@ class RLConfig:
     updates: int = 2  # optimizer steps (minibatches) per iteration
     rollout_batch: int = 64  # rows per generation batch
     curriculum: dict[float, dict[str, float]] | None = None  # progress -> weight per difficulty
+    priority: str = "failure"  # "failure": max(floor, 1 - s); "signal": max(floor, 4 s (1 - s)) (kimivl.rl.sampler)
     priority_floor: float = 0.05
     success_decay: float = 0.5
     budget: int = 4096  # tokens per packed log-prob forward
@@ -82,6 +83,11 @@ class RLConfig:
             raise ValueError("rl length_weight, length_warmup and kl_coef must be >= 0, clip_eps > 0")
         if self.grpo_level not in ("token", "sequence"):
             raise ValueError(f"rl grpo_level is 'token' or 'sequence', got {self.grpo_level!r}")
+        if self.priority not in PRIORITIES:
+            raise ValueError(
+                f"rl priority is 'signal' (most weight to problems sometimes solved) or 'failure' (most to problems "
+                f"never solved), got {self.priority!r}"
+            )
         if not (0 <= self.priority_floor <= 1 and 0 <= self.success_decay <= 1):
             raise ValueError("rl priority_floor and success_decay must lie in [0, 1]")
         SamplingParams(self.max_new_tokens, self.temperature, top_p=self.top_p)  # its own checks, named
@@ -136,6 +142,7 @@ class RLTrainer:
             cfg.priority_floor,
             cfg.success_decay,
             cfg.seed,
+            cfg.priority,
         )
         self.stop_ids = [processor.tokenizer.special_id(s) for s in cfg.stop]
         # nothing of pi_i is saved: checkpoints fall between iterations, where pi_i is the policy as it is then

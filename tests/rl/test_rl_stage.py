@@ -97,6 +97,7 @@ def test_bad_rl_settings_are_recipe_errors(problems, tmp_path):
         ({**stage, "sources": []}, "problem 'sources'"),
         ({**stage, "kind": "joint", "mix": {"p": 1}, "rl": {}}, "rl, sources do not apply to a joint stage"),
         ({**stage, "rl": {"objective": "ppo"}}, "objective"),
+        ({**stage, "rl": {"priority": "bogus"}}, "rl: rl priority is 'signal'"),
         ({**stage, "rl": {"samplez": 4}}, "samplez"),
         ({**stage, "rl": {"bf16": False}}, "bf16 is set for the whole recipe"),
     ):
@@ -116,6 +117,7 @@ def test_shipped_rl_recipes_are_valid(name):
     assert cfg.iterations * cfg.problems * cfg.samples <= 48 * 16 * 8  # the same budget for every comparison
     assert cfg.objective == ("grpo" if "grpo" in name else "opmd")
     assert (cfg.length_weight > 0) == (name != "tiny-rl-nolen.yaml")
+    assert cfg.priority == "failure"  # the default, by which the README's results were made
 
 
 def test_comparison_table(tmp_path):

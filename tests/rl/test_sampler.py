@@ -45,6 +45,36 @@ def test_no_curriculum_is_plain_prioritised_sampling():
     torch.testing.assert_close(s.probabilities(0.3), prio / prio.sum())
 
 
+def test_priorities_of_never_sometimes_and_always_solved_problems():
+    # problems: never solved, solved 1 in 8, solved half the time, always solved, never tried
+    rates = [0.0, 0.125, 0.5, 1.0]
+    failure = ProblemSampler(["easy"] * 5, floor=0.05)
+    signal = ProblemSampler(["easy"] * 5, floor=0.05, priority="signal")
+    for s in (failure, signal):
+        s.update(range(4), rates)
+    # failure: max(0.05, 1 - s), never tried as s = 0: the never-solved problem gets the most weight
+    assert failure.priorities().tolist() == pytest.approx([1.0, 0.875, 0.5, 0.05, 1.0])
+    # signal: max(0.05, 4 s (1 - s)), never tried as s = 1/2: never and always solved at the floor
+    assert signal.priorities().tolist() == pytest.approx([0.05, 0.4375, 1.0, 0.05, 1.0])
+    p = signal.probabilities(0.0)
+    assert p.tolist() == pytest.approx([0.05 / 2.5375, 0.4375 / 2.5375, 1 / 2.5375, 0.05 / 2.5375, 1 / 2.5375])
+    # a running rate that leaves 0 raises a never-solved problem's priority: 0.5 * 0 + 0.5 * 0.5 = 0.25 -> 0.75
+    signal.update([0], [0.5])
+    assert signal.priorities()[0].item() == pytest.approx(0.75)
+
+
+def test_signal_priority_within_a_curriculum():
+    labels, curriculum = ["easy", "easy", "easy", "hard"], {0.0: {"easy": 3, "hard": 1}}
+    s = ProblemSampler(labels, curriculum, floor=0.1, priority="signal")
+    s.update([0, 1, 2], [1.0, 0.25, 0.0])  # priorities 0.1, 0.75, 0.1 among the easy ones (sum 0.95)
+    easy = [0.1 / 0.95, 0.75 / 0.95, 0.1 / 0.95]
+    assert s.probabilities(0.0).tolist() == pytest.approx([0.75 * p for p in easy] + [0.25])
+    state = s.state_dict()
+    again = ProblemSampler(labels, curriculum, floor=0.1, priority="signal")
+    again.load_state_dict(state)
+    torch.testing.assert_close(again.probabilities(0.0), s.probabilities(0.0))
+
+
 def test_sampling_frequencies_and_resume():
     s = ProblemSampler(["easy"] * 3, seed=1)
     s.update([0, 1], [1.0, 0.5])
@@ -68,3 +98,5 @@ def test_bad_settings():
         ProblemSampler(["easy"], {0.0: {"hard": 1}})
     with pytest.raises(ValueError, match="floor"):
         ProblemSampler(["easy"], floor=0)
+    with pytest.raises(ValueError, match="priority must be one of"):
+        ProblemSampler(["easy"], priority="uncertainty")

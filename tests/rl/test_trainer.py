@@ -119,9 +119,17 @@ def test_config_checks():
         ({"length_weight": -0.5}, "length_weight, length_warmup and kl_coef must be >= 0"),
         ({"clip_eps": 0}, "clip_eps > 0"),
         ({"grpo_level": "batch"}, "grpo_level is 'token'"),
+        ({"priority": "success"}, "rl priority is 'signal' .* or 'failure' .*, got 'success'"),
         ({"priority_floor": 1.5}, r"priority_floor and success_decay must lie in \[0, 1\]"),
         ({"temperature": -1}, "temperature must be >= 0"),
         ({"top_p": 0}, "top_p must be in"),
     ):
         with pytest.raises(ValueError, match=match):
             RLConfig(**settings)
+
+
+def test_the_priority_setting_reaches_the_sampler(small_model, small_processor, tmp_path):
+    trainer = make_trainer(small_model, small_processor, tmp_path, priority="signal", priority_floor=0.1)
+    trainer.sampler.update([0, 1, 2], [0.0, 0.5, 1.0])
+    assert trainer.sampler.priorities().tolist() == pytest.approx([0.1, 1.0, 0.1, 1.0])
+    assert make_trainer(small_model, small_processor, tmp_path).sampler.priority == "failure"
