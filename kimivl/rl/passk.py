@@ -1,0 +1,181 @@
+"""pass@k of a policy on problem records: where RL can find signal.
+
+For each problem, ``n`` answers are sampled and ``c`` of them are correct (reward >= 0.5, ``kimivl.rl.rewards``);
+pass@k is estimated without bias by 1 - C(n - c, k) / C(n, k), the chance that k answers drawn without replacement
+from the n hold at least one correct one, averaged over problems. RL that samples k answers per problem can at best
+move pass@1 toward pass@k on the problems it trains on: a problem that no sample solves (c = 0) or every sample
+solves (c = n) gives every answer the same reward, hence no advantage. The table gives, per ``meta.difficulty`` and
+overall, pass@1, pass@k for each k asked, and the shares of problems never and always solved.
+
+    python -m kimivl.rl.passk --model models/kimivl-tiny --data DIR/heldout/reasoning.jsonl --samples 8 --k 1,8 \\
+        --limit 300 --out passk.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Callable, Sequence
+
+from tqdm.auto import tqdm
+
+from kimivl.rl.rewards import correctness
+
+# (problem records, answers per problem, seed) -> the answers' texts, problem by problem
+Generator = Callable[[Sequence[dict], int, int], list[str]]
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased estimate of pass@k from ``n`` samples of which ``c`` are correct: 1 - C(n-c, k) / C(n, k)."""
+    if not (0 <= c <= n and 1 <= k <= n):
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)  # comb is 0 when n - c < k: then pass@k is 1
+
+
+def count_correct(
+    generate: Generator,
+    problems: Sequence[dict],
+    samples: int,
+    reward_fn: Callable[[str, dict], float] = correctness,
+    chunk: int = 8,
+    seed: int = 0,
+    progress: bool = False,
+) -> list[int]:
+    """How many of ``samples`` answers to each problem are correct, generated ``chunk`` problems at a time (chunk j
+    with seed ``seed + j``)."""
+    counts: list[int] = []
+    bar = tqdm(total=len(problems), desc="pass@k", unit="problem", disable=not progress, dynamic_ncols=True)
+    for j, start in enumerate(range(0, len(problems), chunk)):
+        part = problems[start : start + chunk]
+        texts = generate(part, samples, seed + j)
+        if len(texts) != len(part) * samples:
+            raise ValueError(f"the generator gave {len(texts)} answers for {len(part)} problems x {samples} samples")
+        for i, record in enumerate(part):
+            counts.append(sum(reward_fn(t, record["meta"]) >= 0.5 for t in texts[i * samples : (i + 1) * samples]))
+        bar.update(len(part))
+    bar.close()
+    return counts
+
+
+def summarise(difficulties: Sequence[str], counts: Sequence[int], n: int, ks: Sequence[int]) -> dict[str, dict]:
+    """Per difficulty (sorted) and ``all``: ``problems``, ``pass@k`` for each k, ``never`` and ``always`` (the
+    shares of problems with c = 0 and c = n)."""
+    if len(difficulties) != len(counts) or not counts:
+        raise ValueError(f"need one count per problem and at least one problem, got {len(counts)} counts")
+    groups = {d: [c for d2, c in zip(difficulties, counts) if d2 == d] for d in sorted(set(difficulties))}
+    groups["all"] = list(counts)
+    table = {}
+    for name, cs in groups.items():
+        row: dict[str, float] = {"problems": len(cs)}
+        for k in ks:
+            row[f"pass@{k}"] = sum(pass_at_k(n, c, k) for c in cs) / len(cs)
+        row["never"] = sum(c == 0 for c in cs) / len(cs)
+        row["always"] = sum(c == n for c in cs) / len(cs)
+        table[name] = row
+    return table
+
+
+def model_generator(model, processor, params, stop: Sequence[str], batch_size: int = 64) -> Generator:
+    """A ``Generator`` sampling from ``model`` with ``kimivl.rl.rollouts.rollout`` (``params``' seed replaced by
+    each chunk's), on each record's prompt (its messages before a final assistant turn)."""
+    from kimivl.inference.sampling import SamplingParams
+    from kimivl.rl.rollouts import rollout
+    from kimivl.rl.trainer import _images, prompt_of
+
+    stop_ids = [processor.tokenizer.special_id(s) for s in stop]
+
+    def generate(records: Sequence[dict], samples: int, seed: int) -> list[str]:
+        encoded = [processor.encode(prompt_of(r)) for r in records]
+        sampling = SamplingParams(params.max_new_tokens, params.temperature, params.top_k, params.top_p, seed)
+        rolls = rollout(
+            model, processor, [e.input_ids for e in encoded], *_images(encoded), samples, sampling, stop_ids, batch_size
+        )
+        return [r.text for r in rolls]
+
+    return generate
+
+
+def format_table(table: dict[str, dict], ks: Sequence[int]) -> str:
+    head = " | ".join(f"pass@{k}" for k in ks)
+    lines = [f"| difficulty | problems | {head} | never solved | always solved |", "|---" * (4 + len(ks)) + "|"]
+    for name, row in table.items():
+        cells = " | ".join(f"{100 * row[f'pass@{k}']:.1f}%" for k in ks)
+        lines.append(
+            f"| {name} | {row['problems']} | {cells} | {100 * row['never']:.1f}% | {100 * row['always']:.1f}% |"
+        )
+    return "\n".join(lines)
+
+
+def _ks(text: str) -> list[int]:
+    try:
+        ks = sorted({int(k) for k in text.split(",") if k.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--k takes comma-separated integers such as 1,8, got {text!r}") from None
+    if not ks or ks[0] < 1:
+        raise argparse.ArgumentTypeError(f"--k takes integers >= 1, got {text!r}")
+    return ks
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m kimivl.rl.passk", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="checkpoint directory")
+    p.add_argument("--data", required=True, help="JSONL problem records with meta.task, meta.gold, meta.difficulty")
+    p.add_argument("--samples", type=int, required=True, help="answers sampled per problem (n)")
+    p.add_argument("--k", type=_ks, default=[1, 8], help="comma-separated k values, each <= --samples (default 1,8)")
+    p.add_argument("--limit", type=int, help="the first M problems only")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default 0.8, the RL default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=160)
+    p.add_argument("--batch", type=int, default=64, help="generation rows per batch (default 64)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="passk.json", help="where the table is written as JSON (default passk.json)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is a GPU, else cpu)")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], help="weights' dtype (default: the checkpoint's)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.samples < 1 or max(args.k) > args.samples:
+        parser.error(f"--k values must lie in 1..--samples ({args.samples}), got {args.k}")
+    if args.limit is not None and args.limit < 1:
+        parser.error(f"--limit must be >= 1, got {args.limit}")
+    if args.batch < 1:
+        parser.error(f"--batch must be >= 1, got {args.batch}")
+    try:
+        from kimivl.cli import _load
+        from kimivl.data.formats import iter_records
+        from kimivl.inference.sampling import SamplingParams
+        from kimivl.rl.trainer import RLConfig
+
+        params = SamplingParams(args.max_new_tokens, args.temperature, top_p=args.top_p, seed=args.seed)
+        problems = []
+        for record in iter_records(args.data):
+            if len(problems) == args.limit:
+                break
+            if "gold" not in record.get("meta", {}):
+                raise ValueError(f"{args.data}: record {len(problems) + 1} has no meta.gold to check answers against")
+            problems.append(record)
+        if not problems:
+            raise ValueError(f"{args.data} holds no problems")
+        model, processor = _load(args.model, args.dtype, args.device)
+        model.eval()
+        generate = model_generator(model, processor, params, RLConfig().stop, args.batch)
+        chunk = max(1, args.batch // args.samples)
+        counts = count_correct(generate, problems, args.samples, chunk=chunk, seed=args.seed, progress=True)
+    except (ValueError, OSError) as e:
+        parser.error(str(e))
+    table = summarise([p["meta"].get("difficulty", "any") for p in problems], counts, args.samples, args.k)
+    settings = {k: getattr(args, k) for k in ("model", "data", "samples", "temperature", "top_p", "max_new_tokens")}
+    with open(args.out, "w") as f:
+        json.dump({"settings": {**settings, "seed": args.seed}, "table": table, "correct": counts}, f, indent=1)
+    print(format_table(table, args.k))
+    print(f"written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+import itertools
+import json
+import random
+from fractions import Fraction
+
+import pytest
+
+from kimivl.data.formats import write_records
+from kimivl.inference.sampling import SamplingParams
+from kimivl.rl.passk import count_correct, main, model_generator, pass_at_k, summarise
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 6])
+def test_the_estimator_matches_brute_force_enumeration(n):
+    for c in range(n + 1):
+        samples = [1] * c + [0] * (n - c)
+        for k in range(1, n + 1):
+            subsets = list(itertools.combinations(range(n), k))
+            exact = Fraction(sum(any(samples[i] for i in s) for s in subsets), len(subsets))
+            assert pass_at_k(n, c, k) == pytest.approx(float(exact), abs=1e-12), (n, c, k)
+    assert pass_at_k(8, 1, 1) == 0.125 and pass_at_k(8, 1, 8) == 1.0 and pass_at_k(8, 0, 8) == 0.0
+    with pytest.raises(ValueError, match="1 <= k <= n"):
+        pass_at_k(4, 1, 5)
+
+
+def toy_policy(records, samples, seed):
+    """Right (the gold after the reasoning) with probability meta['p'], else off by one."""
+    rng = random.Random(seed)
+    answers = [r["meta"]["gold"] + (rng.random() >= r["meta"]["p"]) for r in records for _ in range(samples)]
+    return [f"◁think▷...◁/think▷{a}" for a in answers]
+
+
+def test_pass_at_k_of_a_toy_policy_follows_its_formula():
+    chances = {"zero": 0.0, "rare": 0.1, "even": 0.5, "sure": 1.0}
+    problems = [
+        {"meta": {"task": "reasoning", "gold": i, "p": p, "difficulty": name}}
+        for name, p in chances.items()
+        for i in range(1000)
+    ]
+    n, ks = 8, [1, 2, 4, 8]
+    counts = count_correct(toy_policy, problems, n, chunk=50, seed=3)
+    table = summarise([p["meta"]["difficulty"] for p in problems], counts, n, ks)
+    assert list(table) == ["even", "rare", "sure", "zero", "all"]
+    for name, p in chances.items():
+        assert table[name]["problems"] == 1000
+        for k in ks:  # a problem solved with chance p per sample: pass@k = 1 - (1 - p)^k
+            assert table[name][f"pass@{k}"] == pytest.approx(1 - (1 - p) ** k, abs=0.02), (name, k)
+    assert table["zero"]["never"] == 1 and table["sure"]["always"] == 1
+    assert table["zero"]["pass@8"] == 0 and table["sure"]["pass@1"] == 1
+    assert table["even"]["never"] == pytest.approx(0.5**8, abs=0.01) and table["rare"]["never"] == pytest.approx(
+        0.9**8, abs=0.03
+    )
+    assert table["all"]["pass@1"] == pytest.approx(sum(counts) / (n * len(problems)))
+    assert table["all"]["pass@4"] == pytest.approx(sum(table[d]["pass@4"] for d in chances) / 4)
+
+
+def test_count_correct_seeds_each_chunk():
+    seen = []
+
+    def generate(records, samples, seed):
+        seen.append((len(records), seed))
+        return ["◁think▷◁/think▷1"] * (len(records) * samples)
+
+    problems = [{"meta": {"task": "reasoning", "gold": i % 2}} for i in range(5)]
+    assert count_correct(generate, problems, 3, chunk=2, seed=10) == [0, 3, 0, 3, 0]
+    assert seen == [(2, 10), (2, 11), (1, 12)]
+    with pytest.raises(ValueError, match="gave 1 answers for 2 problems x 3 samples"):
+        count_correct(lambda r, s, seed: ["x"], problems, 3, chunk=2)
+
+
+def test_the_command_on_a_checkpoint(checkpoint, small_model, small_processor, tmp_path, capsys):
+    problems = [
+        {
+            "messages": [{"role": "user", "content": f"What is {i} + {i}?"}, {"role": "assistant", "content": "x"}],
+            "meta": {"task": "reasoning", "gold": 2 * i, "difficulty": ["easy", "hard"][i % 2]},
+        }
+        for i in range(4)
+    ]
+    write_records(tmp_path / "p.jsonl", problems)
+    out = tmp_path / "passk.json"
+    argv = ["--model", str(checkpoint), "--data", str(tmp_path / "p.jsonl"), "--samples", "3", "--k", "1,3"]
+    argv += ["--limit", "3", "--max-new-tokens", "4", "--out", str(out), "--device", "cpu", "--batch", "4"]
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["settings"]["samples"] == 3 and len(result["correct"]) == 3
+    assert {k: v["problems"] for k, v in result["table"].items()} == {"easy": 2, "hard": 1, "all": 3}
+    assert result["table"]["all"]["pass@1"] == pytest.approx(sum(result["correct"]) / 9)
+    printed = capsys.readouterr().out
+    assert "| difficulty | problems | pass@1 | pass@3 | never solved | always solved |" in printed
+    # the same answers as the generator gives on its own: 4 rows per batch -> one problem (3 samples) per chunk
+    params = SamplingParams(4, 0.8, seed=0)
+    generate = model_generator(small_model, small_processor, params, ["<|im_end|>", "[EOS]"], 4)
+    texts = generate(problems[:1], 3, 0)
+    assert len(texts) == 3 and texts == generate(problems[:1], 3, 0)
+    for bad, match in ((["--k", "1,5"], "--k values must lie in 1..--samples"), (["--k", "a"], "comma-separated")):
+        with pytest.raises(SystemExit) as e:
+            main(argv + bad)
+        assert e.value.code == 2 and match in capsys.readouterr().err
