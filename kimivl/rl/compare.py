@@ -1,16 +1,32 @@
-"""The README comparison of RL runs: held-out accuracy and answer length before and after RL, from each run's
-``out/eval/{base,<stage>}.json`` and ``.lengths.json`` (written when the recipe has ``eval: {base: true, after:
-[<stage>]}``).
+"""The README comparison of RL runs: held-out accuracy and answer length before and after RL, per arm (runs of one
+recipe with different seeds) as a mean with a 95% interval, from each run's ``out/eval/{base,<stage>}.json``,
+``.lengths.json`` and ``.predictions.jsonl`` (written when the recipe has ``eval: {base: true, after: [<stage>]}``).
 
-    python -m kimivl.rl.compare runs/kimivl-tiny-rl runs/kimivl-tiny-rl-nolen runs/kimivl-tiny-rl-grpo
+    python -m kimivl.rl.compare --arm opmd=runs/a-s0,runs/a-s1,runs/a-s2 --arm grpo=runs/g-s0,runs/g-s1,runs/g-s2
+    python -m kimivl.rl.compare runs/kimivl-tiny-rl runs/kimivl-tiny-rl-grpo     (each run an arm of one seed)
+
+Intervals:
+- Two or more seeds: a t-interval across seeds, mean ± t(0.975, m - 1) · sd / sqrt(m), with m seeds and sd their
+  sample standard deviation (divisor m - 1); for accuracy before and after, the change in points (after - before,
+  seed by seed) and mean answer tokens. It measures the seed-to-seed spread, not the finite number of problems.
+- One seed: accuracy gets the Wilson score interval of a binomial with n = the number of problems scored
+  (``<stage>.predictions.jsonl``): (p + z²/2n ± z · sqrt(p(1 - p)/n + z²/4n²)) / (1 + z²/n), z = 1.96. The change
+  and answer tokens have no interval then.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import os
+import statistics
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+Z95 = statistics.NormalDist().inv_cdf(0.975)
+Interval = tuple[float, float, float] | tuple[float, None, None]  # (mean, low, high); no interval: (mean, None, None)
 
 
 def _read(run: Path, name: str) -> dict:
@@ -20,19 +36,142 @@ def _read(run: Path, name: str) -> dict:
     return json.loads(path.read_text())
 
 
-def comparison_table(runs: list[str | os.PathLike], stage: str = "rl", task: str = "reasoning") -> str:
-    """One markdown row per run: accuracy and mean answer tokens on ``task`` before and after ``stage``."""
-    lines = [f"| run | {task} accuracy before → after | mean answer tokens before → after |", "|---|---|---|"]
-    for run in map(Path, runs):
-        before, after = _read(run, "base")[task], _read(run, stage)[task]
-        len_before, len_after = _read(run, "base.lengths")[task], _read(run, f"{stage}.lengths")[task]
-        change = 100 * (len_after - len_before) / len_before if len_before else float("nan")
+def _problems(run: Path, stage: str, task: str) -> int:
+    path = run / "eval" / f"{stage}.predictions.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: a single seed's interval needs the number of problems scored")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    n = sum(task in ("all", r["task"]) for r in rows)
+    if not n:
+        raise ValueError(f"{path} holds no predictions of task {task!r}")
+    return n
+
+
+def t_quantile(df: int, p: float = 0.975) -> float:
+    """The ``p`` quantile (p > 1/2) of Student's t with integer ``df`` degrees of freedom, by bisection on the
+    closed form of P(|T| <= t) for integer df (Abramowitz & Stegun 26.7.3-4)."""
+    if df < 1 or not 0.5 < p < 1:
+        raise ValueError(f"need df >= 1 and 1/2 < p < 1, got df={df}, p={p}")
+
+    def within(t: float) -> float:
+        theta = math.atan(t / math.sqrt(df))
+        s, c2 = math.sin(theta), math.cos(theta) ** 2
+        if df % 2 == 0:  # sin θ (1 + 1/2 cos²θ + 1·3/(2·4) cos⁴θ + ... up to cos^(df-2) θ)
+            term = total = 1.0
+            for i in range(1, df // 2):
+                term *= c2 * (2 * i - 1) / (2 * i)
+                total += term
+            return s * total
+        series = 0.0  # 2/π (θ + sin θ (cos θ + 2/3 cos³θ + ... up to cos^(df-2) θ)), the series empty for df = 1
+        term = math.cos(theta)
+        for i in range(1, (df - 1) // 2 + 1):
+            series += term
+            term *= c2 * (2 * i) / (2 * i + 1)
+        return 2 / math.pi * (theta + s * series)
+
+    low, high = 0.0, 1.0
+    while within(high) < 2 * p - 1:
+        high *= 2
+    for _ in range(200):
+        mid = (low + high) / 2
+        low, high = (mid, high) if within(mid) < 2 * p - 1 else (low, mid)
+    return (low + high) / 2
+
+
+def t_interval(values: Sequence[float]) -> Interval:
+    """Mean and 95% t-interval of ``values`` (at least two)."""
+    mean = statistics.fmean(values)
+    half = t_quantile(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return mean, mean - half, mean + half
+
+
+def wilson(p: float, n: int, z: float = Z95) -> Interval:
+    """A proportion ``p`` of ``n`` trials with its Wilson score interval."""
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return p, max(0.0, centre - half), min(1.0, centre + half)
+
+
+def arm_summary(runs: Sequence[str | os.PathLike], stage: str = "rl", task: str = "reasoning") -> dict[str, Interval]:
+    """``seeds`` and, each as (mean, low, high): ``before`` and ``after`` (accuracy in [0, 1]), ``change``
+    (after - before, in [-1, 1]), ``tokens_before`` and ``tokens_after`` (mean answer tokens)."""
+    runs = [Path(r) for r in runs]
+    if not runs:
+        raise ValueError("an arm needs at least one run directory")
+    columns = {
+        "before": [_read(r, "base")[task] for r in runs],
+        "after": [_read(r, stage)[task] for r in runs],
+        "tokens_before": [_read(r, "base.lengths")[task] for r in runs],
+        "tokens_after": [_read(r, f"{stage}.lengths")[task] for r in runs],
+    }
+    columns["change"] = [a - b for a, b in zip(columns["after"], columns["before"])]
+    if len(runs) > 1:
+        return {"seeds": len(runs), **{k: t_interval(v) for k, v in columns.items()}}
+    out = {k: (v[0], None, None) for k, v in columns.items()}
+    out["before"] = wilson(columns["before"][0], _problems(runs[0], "base", task))
+    out["after"] = wilson(columns["after"][0], _problems(runs[0], stage, task))
+    return {"seeds": 1, **out}
+
+
+def _cell(value: Interval, scale: float, fmt: str, unit: str = "") -> str:
+    mean, low, high = value
+    text = f"{scale * mean:{fmt}}{unit}"
+    return text if low is None else f"{text} [{scale * low:{fmt}}, {scale * high:{fmt}}]"
+
+
+def comparison_table(
+    arms: Mapping[str, Sequence[str | os.PathLike]] | Sequence[str | os.PathLike],
+    stage: str = "rl",
+    task: str = "reasoning",
+) -> str:
+    """One markdown row per arm (a mapping name -> run directories; a plain list of runs makes each run an arm named
+    after its directory): mean accuracy on ``task`` before and after ``stage``, its change in points and mean
+    answer tokens, with 95% intervals (see the module docstring)."""
+    if not isinstance(arms, Mapping):
+        arms = {Path(r).name: [r] for r in arms}
+    lines = [
+        f"| arm | seeds | {task} accuracy before | after | change (points) | answer tokens before | after |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, runs in arms.items():
+        s = arm_summary(runs, stage, task)
+        length_change = s["tokens_after"][0] / s["tokens_before"][0] - 1 if s["tokens_before"][0] else float("nan")
         lines.append(
-            f"| {run.name} | {100 * before:.1f}% → {100 * after:.1f}% | "
-            f"{len_before:.1f} → {len_after:.1f} ({change:+.0f}%) |"
+            f"| {name} | {s['seeds']} | {_cell(s['before'], 100, '.1f', '%')} | {_cell(s['after'], 100, '.1f', '%')} | "
+            f"{_cell(s['change'], 100, '+.1f')} | {_cell(s['tokens_before'], 1, '.1f')} | "
+            f"{_cell(s['tokens_after'], 1, '.1f')} ({100 * length_change:+.0f}%) |"
         )
     return "\n".join(lines)
 
 
+def _arm(text: str) -> tuple[str, list[str]]:
+    name, sep, runs = text.partition("=")
+    dirs = [r for r in runs.split(",") if r.strip()]
+    if not sep or not name.strip() or not dirs:
+        raise argparse.ArgumentTypeError(f"--arm takes NAME=DIR[,DIR...], got {text!r}")
+    return name.strip(), dirs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kimivl.rl.compare", description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="*", help="run directories, each an arm of one seed")
+    parser.add_argument("--arm", type=_arm, action="append", default=[], help="NAME=DIR[,DIR...]: one arm's seeds")
+    parser.add_argument("--stage", default="rl", help="the stage evaluated after (default rl)")
+    parser.add_argument("--task", default="reasoning", help="the task compared (default reasoning; 'all' for all)")
+    args = parser.parse_args(argv)
+    arms = {Path(r).name: [r] for r in args.runs}
+    for name, runs in args.arm:
+        if name in arms:
+            parser.error(f"arm {name!r} is given twice")
+        arms[name] = runs
+    if not arms:
+        parser.error("give run directories, or arms as --arm NAME=DIR,DIR,...")
+    try:
+        print(comparison_table(arms, args.stage, args.task))
+    except (ValueError, KeyError, OSError) as e:
+        parser.error(str(e) if not isinstance(e, KeyError) else f"no {e} in a run's eval files (--task, --stage)")
+    return 0
+
+
 if __name__ == "__main__":
-    print(comparison_table(sys.argv[1:]))
+    sys.exit(main())

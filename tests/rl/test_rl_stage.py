@@ -119,16 +119,3 @@ def test_shipped_rl_recipes_are_valid(name):
     assert (cfg.length_weight > 0) == (name != "tiny-rl-nolen.yaml")
     assert cfg.priority == "failure"  # the default, by which the README's results were made
 
-
-def test_comparison_table(tmp_path):
-    from kimivl.rl.compare import comparison_table
-
-    for run, (acc0, acc1, len0, len1) in {"a": (0.5, 0.75, 80.0, 60.0), "b": (0.5, 0.7, 80.0, 80.0)}.items():
-        (tmp_path / run / "eval").mkdir(parents=True)
-        for name, value in (("base", acc0), ("rl", acc1), ("base.lengths", len0), ("rl.lengths", len1)):
-            (tmp_path / run / "eval" / f"{name}.json").write_text(json.dumps({"reasoning": value, "all": value}))
-    table = comparison_table([tmp_path / "a", tmp_path / "b"]).splitlines()
-    assert table[2] == "| a | 50.0% → 75.0% | 80.0 → 60.0 (-25%) |"
-    assert table[3] == "| b | 50.0% → 70.0% | 80.0 → 80.0 (+0%) |"
-    with pytest.raises(FileNotFoundError, match="eval"):
-        comparison_table([tmp_path / "missing"])

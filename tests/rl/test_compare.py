@@ -1,0 +1,86 @@
+"""``kimivl.rl.compare`` on run directories laid out as the pipeline writes them (``out/eval``)."""
+
+import json
+
+import pytest
+
+from kimivl.rl.compare import comparison_table, main, t_quantile, wilson
+
+
+def write_run(root, before, after, tokens_before, tokens_after, problems=100, other=20):
+    """A run's eval files: accuracy and mean answer tokens per task, and the predictions behind them (``problems``
+    reasoning rows and ``other`` ocr rows)."""
+    out = root / "eval"
+    out.mkdir(parents=True)
+    for name, acc, tokens in (("base", before, tokens_before), ("rl", after, tokens_after)):
+        (out / f"{name}.json").write_text(json.dumps({"ocr": 0.5, "reasoning": acc, "all": 0.4}, indent=1) + "\n")
+        (out / f"{name}.lengths.json").write_text(json.dumps({"ocr": 3.0, "reasoning": tokens, "all": 9.0}) + "\n")
+        rows = [
+            {"id": str(i), "task": "reasoning", "prediction": "7", "gold": 7, "correct": True} for i in range(problems)
+        ]
+        rows += [{"id": str(i), "task": "ocr", "prediction": "a", "gold": "a", "correct": True} for i in range(other)]
+        (out / f"{name}.predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+@pytest.fixture()
+def runs(tmp_path):
+    opmd = [
+        write_run(tmp_path / f"opmd-s{i}", 0.24, after, 58.4, tokens)
+        for i, (after, tokens) in enumerate([(0.26, 34.0), (0.28, 36.0), (0.30, 38.0)])
+    ]
+    grpo = write_run(tmp_path / "grpo", 0.24, 0.05, 58.4, 8.6)
+    return opmd, grpo
+
+
+def test_t_quantiles_and_wilson_intervals_match_tables():
+    # Student's t 97.5% points from the standard tables
+    for df, t in ((1, 12.7062), (2, 4.3027), (3, 3.1824), (4, 2.7764), (9, 2.2622), (30, 2.0423)):
+        assert t_quantile(df) == pytest.approx(t, abs=1e-4), df
+    assert t_quantile(1, 0.75) == pytest.approx(1.0)  # Cauchy: tan(π/4)
+    _, low, high = wilson(0.24, 100)  # 24 of 100
+    assert (low, high) == pytest.approx((0.16691, 0.33232), abs=1e-5)
+    assert wilson(0.0, 50)[1:] == pytest.approx((0.0, 0.07135), abs=1e-5)
+    with pytest.raises(ValueError, match="df >= 1"):
+        t_quantile(0)
+
+
+def test_seeds_give_t_intervals_and_one_seed_wilson(runs):
+    opmd, grpo = runs
+    table = comparison_table({"opmd": opmd, "grpo": [grpo]}).splitlines()
+    assert table[0] == (
+        "| arm | seeds | reasoning accuracy before | after | change (points) | answer tokens before | after |"
+    )
+    # three seeds: after 26, 28, 30% -> mean 28, sd 2, half-width t(0.975, 2) * 2 / sqrt(3) = 4.97 points;
+    # the base model is the same for all three seeds, so its interval has no width
+    assert table[2] == (
+        "| opmd | 3 | 24.0% [24.0, 24.0] | 28.0% [23.0, 33.0] | +4.0 [-1.0, +9.0] | 58.4 [58.4, 58.4] | "
+        "36.0 [31.0, 41.0] (-38%) |"
+    )
+    # one seed: Wilson intervals from the 100 reasoning problems scored (24/100 and 5/100); no interval elsewhere
+    assert table[3] == "| grpo | 1 | 24.0% [16.7, 33.2] | 5.0% [2.2, 11.2] | -19.0 | 58.4 | 8.6 (-85%) |"
+    # the old form: each run directory an arm of one seed, named after it
+    assert comparison_table([grpo]).splitlines()[2] == table[3]
+    assert comparison_table([opmd[0]]).splitlines()[2].startswith("| opmd-s0 | 1 | 24.0% [16.7, 33.2] | 26.0% [")
+    # task "all": its accuracy (0.4) over every prediction (120 problems)
+    assert comparison_table({"g": [grpo]}, task="all").splitlines()[2].startswith("| g | 1 | 40.0% [31.7, 48.9] |")
+
+
+def test_the_command(runs, capsys, tmp_path):
+    opmd, grpo = runs
+    assert main([str(grpo), "--arm", "opmd=" + ",".join(map(str, opmd))]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" | ")[0] for line in lines[2:]] == ["| grpo", "| opmd"]
+    assert lines[3].startswith("| opmd | 3 | 24.0% [24.0, 24.0] | 28.0% [23.0, 33.0] |")
+    (grpo / "eval" / "rl.predictions.jsonl").unlink()
+    for argv, message in (
+        ([str(grpo)], "rl.predictions.jsonl is missing: a single seed's interval needs the number of problems"),
+        ([str(tmp_path / "nowhere")], "base.json is missing"),
+        (["--arm", "opmd"], "--arm takes NAME=DIR[,DIR...]"),
+        (["--arm", f"a={opmd[0]}", "--arm", f"a={opmd[1]}"], "arm 'a' is given twice"),
+        (["--arm", "a=" + ",".join(map(str, opmd)), "--task", "gui"], "no 'gui' in a run's eval files"),
+        ([], "give run directories"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err, argv
