@@ -118,4 +118,3 @@ def test_shipped_rl_recipes_are_valid(name):
     assert cfg.objective == ("grpo" if "grpo" in name else "opmd")
     assert (cfg.length_weight > 0) == (name != "tiny-rl-nolen.yaml")
     assert cfg.priority == "failure"  # the default, by which the README's results were made
-
