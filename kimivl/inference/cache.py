@@ -54,12 +54,20 @@ class _LayerCache:
     def __init__(self, cache: MLACache, i: int):
         self.cache, self.i = cache, i
 
-    def update(self, c_BSC: torch.Tensor, kr_BSR: torch.Tensor) -> torch.Tensor:
-        """Store the new tokens' latents; return every cached token's ``[latent | rope key]`` (B, K, C + R)."""
+    def update(self, c_BSC: torch.Tensor, kr_BSR: torch.Tensor) -> None:
+        """Store the new tokens' latents after those cached (the cache's length moves on at ``advance``)."""
         cache, start = self.cache, self.cache.length
         end = start + c_BSC.shape[1]
         if end > cache.max_len:
             raise ValueError(f"cache full: {end} tokens exceed its {cache.max_len}")
         cache.joint[self.i, :, start:end, : cache.rank] = c_BSC
         cache.joint[self.i, :, start:end, cache.rank :] = kr_BSR
-        return cache.joint[self.i, :, :end]
+        self.end = end
+
+    def blocks(self) -> list[torch.Tensor]:
+        """Every cached token's ``[latent | rope key]`` up to the last update, as (B, N, C + R) pieces in order."""
+        return [self.cache.joint[self.i, :, : self.end]]
+
+    def latents(self) -> torch.Tensor:
+        """Every cached token's ``[latent | rope key]`` up to the last update, as one (B, K, C + R) tensor."""
+        return self.cache.joint[self.i, :, : self.end]
