@@ -402,6 +402,7 @@ def _ints(text: str) -> list[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     from kimivl.demo import DEFAULT_EXAMPLES, DEFAULT_MODEL
+    from kimivl.inference.generate import PREFILL_CHUNK
 
     parser = argparse.ArgumentParser(prog="kimivl", description="Kimi-VL in plain PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -432,9 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument(
         "--prefill-chunk",
         type=int,
-        default=4096,
+        default=PREFILL_CHUNK,
         metavar="TOKENS",
-        help="with --context: tokens per prefill chunk (default 4096)",
+        help=f"with --context: tokens per prefill chunk (default {PREFILL_CHUNK}, as generation uses)",
     )
     info.set_defaults(func=cmd_info)
 

@@ -8,13 +8,16 @@ each in the model's dtype (``b`` bytes) unless noted:
 - residual stream: ``4 c D`` (the hidden state in and out, its norm, the embedding)
 - attention (the per-head path that prefill takes over the whole cache): ``L (C + R)`` for the cache's blocks joined,
   ``L H (N + V)`` for kv_b_proj's keys and values, ``2 L H (N + R)`` for the per-head keys and the values widened to
-  the key dim (CPU SDPA's fused kernel needs equal dims), ``3 c H (N + R)`` for queries and output
+  the key dim (CPU SDPA's fused kernel needs equal dims), ``3 c H (N + R)`` for queries and output, and when the
+  chunk is not the whole prompt ``c L (1 + b)`` for its causal mask over the cache (bool, and in the model's dtype
+  inside SDPA)
 - MLP: a routed layer holds ``c k (2 D + 4 I)`` for the tokens' expert rows (input, gate and up, activation, output),
   ``3 c I_s`` for the shared experts and ``3 c E`` float32 router scores; the dense layers ``3 c I_dense``
 
 with D hidden size, H heads, C kv_lora_rank, R rope dim, N/V nope/value head dims, E experts (k chosen), I/I_s the
-routed/shared expert widths. The attention term is linear in ``L`` (the fused kernel never builds the (c, L) scores);
-the rest is linear in ``c``. It is an estimate of the tensors the code allocates, not a measurement.
+routed/shared expert widths. The attention term is linear in ``L`` for a given ``c`` (the fused kernel never builds
+the (c, L) scores); the rest is linear in ``c``. It is an estimate of the tensors the code allocates, not a measurement
+(kimivl.inference.generate prefills in chunks of ``PREFILL_CHUNK`` tokens).
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ def prefill_activation_bytes(
         + 2 * n_keys * h * qk
         + 3 * c * h * qk
     )
+    if c < n_keys:
+        attention += c * n_keys * (1 + b)
     moe = [t.is_moe_layer(i) for i in range(t.num_hidden_layers)]
     mlp = 3 * c * t.intermediate_size * b if not all(moe) else 0
     if any(moe):

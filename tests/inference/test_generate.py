@@ -126,3 +126,40 @@ def test_early_stop_allocates_only_what_was_filled(tiny_model, monkeypatch):
     assert out == [[]] and made[-1].max_len == 4005
     t = tiny_model.config.text_config
     assert made[-1].nbytes() == 16 * MLACache.bytes_per_token(t, torch.float32)  # one block, not 4005 tokens
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("chunk", [1, 3, 7])
+def test_chunked_prefill_equals_one_pass(tiny_model, tiny_config, monkeypatch, chunk):
+    """A padded batch with images (whose tokens straddle chunk bounds): the last prompt token's logits, every cached
+    latent and the decoding steps after it equal a prefill in one pass."""
+    from kimivl.inference.generate import _left_pad, prefill
+
+    monkeypatch.setattr("kimivl.inference.cache.BLOCK_TOKENS", 4)
+    p1, pv1 = image_prompt(tiny_config, (4, 6), 3, 5, seed=1)
+    p2, pv2 = image_prompt(tiny_config, (2, 2), 1, 2, seed=2)
+    ids, mask = _left_pad([p1, p2], 0, "cpu")
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    embeds = tiny_model.embed(ids, torch.cat([pv1, pv2]), torch.tensor([[4, 6], [2, 2]]))
+    lm, t = tiny_model.language_model, tiny_config.text_config
+    runs = []
+    for size in (ids.shape[1], chunk):
+        cache = MLACache(t, 2, ids.shape[1] + 3)
+        hidden = prefill(lm, embeds, positions, cache, mask, size)
+        logits = [lm.logits(hidden[:, -1])]
+        step_mask, step_pos = mask, positions[:, -1:]
+        for token in (7, 8, 9):
+            step_mask, step_pos = torch.cat([step_mask, torch.ones_like(mask[:, :1])], 1), step_pos + 1
+            embed = lm.model.embed_tokens(torch.full((2, 1), token))
+            logits.append(lm.logits(lm(embed, position_ids=step_pos, cache=cache, attention_mask=step_mask)[:, -1]))
+        latents = torch.stack([cache.layer(i).latents() for i in range(t.num_hidden_layers)])
+        runs.append((torch.stack(logits), latents))
+    (one_logits, one_latents), (chunked_logits, chunked_latents) = runs
+    assert one_logits.abs().max() > 0.1
+    torch.testing.assert_close(chunked_logits, one_logits, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(chunked_latents, one_latents, atol=2e-5, rtol=2e-5)
+
+
+def test_prefill_chunk_must_be_positive(tiny_model):
+    with pytest.raises(ValueError, match="prefill_chunk must be a positive number of tokens, got 0"):
+        generate_ids(tiny_model, [[1, 2, 3]], params=SamplingParams(max_new_tokens=2), prefill_chunk=0)
