@@ -147,7 +147,9 @@ def main() -> None:
         print(f"{name:>12}: {speed[name]:7.1f} new tokens/s (prefill included; median of {args.repeats})")
     print(f"ratio kimivl / transformers: {speed['kimivl'] / speed['transformers']:.2f}x")
 
-    measured = MLACache(cfg, args.batch, 100, dtype=torch.bfloat16).nbytes() / (args.batch * 100)
+    filled = MLACache(cfg, args.batch, 100, dtype=torch.bfloat16)
+    filled.reserve(100)
+    measured = filled.nbytes() / (args.batch * 100)
     print(
         f"cache bytes/token, this shape, bf16: kimivl {MLACache.bytes_per_token(cfg)} by formula, {measured:.0f} "
         f"measured; transformers {hf_cache_bytes_per_token(ref, ids[:, :64]):.0f} measured; per-head K/V would be "

@@ -16,7 +16,20 @@ def _fmt(n: int, billions: bool) -> str:
 def cmd_info(args: argparse.Namespace) -> int:
     from kimivl.model.params import parameter_counts
 
+    if not args.path and not args.preset:
+        if args.context is None:
+            print("error: info needs a checkpoint directory or --preset NAME", file=sys.stderr)
+            return 2
+        args.preset = "kimi-vl-a3b"
     config = KimiVLConfig.from_preset(args.preset) if args.preset else KimiVLConfig.from_pretrained(args.path)
+    limit = config.text_config.max_position_embeddings
+    if args.context is not None and not (0 < args.context <= limit and args.prefill_chunk > 0):
+        print(
+            f"error: --context must be 1..{limit} tokens (the model's context) and --prefill-chunk at least 1, "
+            f"got {args.context} and {args.prefill_chunk}",
+            file=sys.stderr,
+        )
+        return 2
     counts = parameter_counts(config)
     tc, vc = config.text_config, config.vision_config
     print(
@@ -29,6 +42,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     for name, c in counts.items():
         print(f"{name:<24}{_fmt(c.total, billions):>12}{_fmt(c.active, billions):>12}")
     print("active = parameters used per token (the routed experts count only the chosen ones)")
+    if args.context is not None:
+        _print_context_memory(config, args.context, args.prefill_chunk)
     if args.train or args.freeze:
         import torch
 
@@ -49,6 +64,36 @@ def cmd_info(args: argparse.Namespace) -> int:
             f"{memory_plan(model)}"
         )
     return 0
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+def _print_context_memory(config: KimiVLConfig, context: int, chunk: int) -> None:
+    """``info --context``: the compressed cache and the prefill's peak activations at that length, in bf16, by the
+    formulas of ``kimivl.inference.memory``."""
+    import torch
+
+    from kimivl.inference.cache import MLACache
+    from kimivl.inference.memory import cache_bytes, prefill_activation_bytes
+
+    tc = config.text_config
+    per_token = MLACache.bytes_per_token(tc, torch.bfloat16)
+    print(
+        f"context {context} tokens, bf16: compressed cache {per_token} bytes/token (per-head K/V would take "
+        f"{MLACache.uncompressed_bytes_per_token(tc)}), {_size(cache_bytes(tc, context))} at {context} tokens"
+    )
+    for label, size in ((f"in chunks of {chunk} tokens", chunk), ("in one pass", context)):
+        act = prefill_activation_bytes(tc, context, size)
+        print(
+            f"prefill activations {label}: peak {_size(act['peak'])} (attention over the cache "
+            f"{_size(act['attention'])}, MLP {_size(act['mlp'])}, residual stream {_size(act['residual'])})"
+        )
+    print("estimates by formula (batch 1, beyond weights and cache): see kimivl/inference/memory.py")
 
 
 class CommandError(ValueError):
@@ -357,11 +402,12 @@ def _ints(text: str) -> list[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     from kimivl.demo import DEFAULT_EXAMPLES, DEFAULT_MODEL
+    from kimivl.inference.generate import PREFILL_CHUNK
 
     parser = argparse.ArgumentParser(prog="kimivl", description="Kimi-VL in plain PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="parameter counts of a checkpoint or preset (no weights are loaded)")
-    src = info.add_mutually_exclusive_group(required=True)
+    src = info.add_mutually_exclusive_group()
     src.add_argument("path", nargs="?", help="checkpoint directory (its config.json)")
     src.add_argument("--preset", choices=sorted(PRESETS), help="a built-in configuration")
     info.add_argument(
@@ -377,6 +423,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="GLOB",
         help="parameter-name patterns kept frozen, e.g. '*.mlp.experts.*' (the routed experts)",
+    )
+    info.add_argument(
+        "--context",
+        type=int,
+        metavar="TOKENS",
+        help="print the cache and prefill activation memory at this context length (preset default: kimi-vl-a3b)",
+    )
+    info.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=PREFILL_CHUNK,
+        metavar="TOKENS",
+        help=f"with --context: tokens per prefill chunk (default {PREFILL_CHUNK}, as generation uses)",
     )
     info.set_defaults(func=cmd_info)
 

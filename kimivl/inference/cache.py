@@ -1,5 +1,9 @@
 """The compressed MLA cache: per token and layer only the normalised latent (kv_lora_rank) and the rotated shared
-rope key (qk_rope_head_dim) are kept: 576 values at the a3b shape, against 2 x heads x 128-192 for per-head K/V."""
+rope key (qk_rope_head_dim) are kept: 576 values at the a3b shape, against 2 x heads x 128-192 for per-head K/V.
+
+Memory is allocated as tokens arrive, in blocks of ``BLOCK_TOKENS`` tokens (each spanning every layer), so a
+request that may run to ``max_len`` tokens but stops early holds only the blocks it filled; growing never copies
+what is cached. Decode attention reads the blocks in order (``kimivl.kernels.latent_decode_attention``)."""
 
 from __future__ import annotations
 
@@ -7,9 +11,12 @@ import torch
 
 from kimivl.config import TextConfig
 
+BLOCK_TOKENS = 256  # tokens per allocation: 256 x 27 layers x 576 bf16 values is 8 MB per row at the a3b shape
+
 
 class MLACache:
-    """Preallocated latents for ``batch`` rows of up to ``max_len`` tokens, filled left to right."""
+    """Latents for ``batch`` rows of up to ``max_len`` tokens, filled left to right; blocks of ``block`` tokens
+    (default ``BLOCK_TOKENS``) are allocated when the tokens reach them (or ahead, with ``reserve``)."""
 
     def __init__(
         self,
@@ -19,21 +26,37 @@ class MLACache:
         *,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
+        block: int | None = None,
     ):
         if max_len > config.max_position_embeddings:
             raise ValueError(f"cache of {max_len} tokens exceeds the context of {config.max_position_embeddings}")
-        # one buffer per layer and token: [latent | rope key], so attention reads both without a concatenation
-        width = config.kv_lora_rank + config.qk_rope_head_dim
-        self.joint = torch.zeros(config.num_hidden_layers, batch, max_len, width, dtype=dtype, device=device)
+        block = BLOCK_TOKENS if block is None else block
+        if block < 1:
+            raise ValueError(f"cache blocks need at least one token, got block={block}")
+        # per block, layer and token: [latent | rope key], so attention reads both without a concatenation
+        self.shape = (config.num_hidden_layers, batch, config.kv_lora_rank + config.qk_rope_head_dim)
+        self.dtype, self.device, self.block = dtype, torch.device(device), block
         self.rank = config.kv_lora_rank
         self.max_len = max_len
         self.length = 0
+        self.joint: list[torch.Tensor] = []  # blocks (layers, batch, n, width); every one but the last holds `block`
+        self.capacity = 0
 
     def layer(self, i: int) -> _LayerCache:
         return _LayerCache(self, i)
 
     def advance(self, n: int) -> None:
         self.length += n
+
+    def reserve(self, end: int) -> None:
+        """Allocate blocks until tokens up to ``end`` fit (the last block is cut at ``max_len``)."""
+        if end > self.max_len:
+            raise ValueError(f"cache full: {end} tokens exceed its {self.max_len}")
+        layers, batch, width = self.shape
+        while self.capacity < end:
+            n = min(self.block, self.max_len - self.capacity)
+            self.joint.append(torch.empty(layers, batch, n, width, dtype=self.dtype, device=self.device))
+            self.capacity += n
 
     @staticmethod
     def bytes_per_token(config: TextConfig, dtype: torch.dtype = torch.bfloat16) -> int:
@@ -47,19 +70,41 @@ class MLACache:
         return config.num_hidden_layers * per_layer * dtype.itemsize
 
     def nbytes(self) -> int:
-        return self.joint.nbytes
+        """Bytes allocated (whole blocks)."""
+        return sum(b.nbytes for b in self.joint)
 
 
 class _LayerCache:
     def __init__(self, cache: MLACache, i: int):
         self.cache, self.i = cache, i
+        self.end = cache.length
 
-    def update(self, c_BSC: torch.Tensor, kr_BSR: torch.Tensor) -> torch.Tensor:
-        """Store the new tokens' latents; return every cached token's ``[latent | rope key]`` (B, K, C + R)."""
-        cache, start = self.cache, self.cache.length
-        end = start + c_BSC.shape[1]
-        if end > cache.max_len:
-            raise ValueError(f"cache full: {end} tokens exceed its {cache.max_len}")
-        cache.joint[self.i, :, start:end, : cache.rank] = c_BSC
-        cache.joint[self.i, :, start:end, cache.rank :] = kr_BSR
-        return cache.joint[self.i, :, :end]
+    def update(self, c_BSC: torch.Tensor, kr_BSR: torch.Tensor) -> None:
+        """Store the new tokens' latents after those cached (the cache's length moves on at ``advance``)."""
+        cache, pos = self.cache, self.cache.length
+        end = pos + c_BSC.shape[1]
+        cache.reserve(end)
+        while pos < end:
+            blk = cache.joint[pos // cache.block][self.i]
+            at = pos % cache.block
+            n = min(end - pos, blk.shape[1] - at)
+            src = pos - cache.length
+            blk[:, at : at + n, : cache.rank] = c_BSC[:, src : src + n]
+            blk[:, at : at + n, cache.rank :] = kr_BSR[:, src : src + n]
+            pos += n
+        self.end = end
+
+    def blocks(self) -> list[torch.Tensor]:
+        """Every cached token's ``[latent | rope key]`` up to the last update, as (B, N, C + R) pieces in order."""
+        out, pos = [], 0
+        for blk in self.cache.joint:
+            if pos >= self.end:
+                break
+            out.append(blk[self.i, :, : self.end - pos])
+            pos += blk.shape[2]
+        return out
+
+    def latents(self) -> torch.Tensor:
+        """Every cached token's ``[latent | rope key]`` up to the last update, as one (B, K, C + R) tensor."""
+        blocks = self.blocks()
+        return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)

@@ -18,6 +18,9 @@ from kimivl.inference.sampling import SamplingError, SamplingParams, sample_next
 log = logging.getLogger(__name__)
 
 
+PREFILL_CHUNK = 2048  # prompt tokens per prefill pass: bounds the activations (kimivl.inference.memory)
+
+
 class GenerationError(ValueError):
     """Generation inputs that cannot be used: prompts that are not token ids of the model, or do not fit its context."""
 
@@ -56,6 +59,24 @@ def _check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> list[li
     return out
 
 
+def prefill(lm, embeds_BSD, positions_BS, cache, mask_BS: torch.Tensor | None, chunk: int) -> torch.Tensor:
+    """Run the prompt's embeddings through ``lm`` into ``cache`` in passes of ``chunk`` tokens, each attending to the
+    cache so far, so peak activations follow the chunk rather than the prompt; returns the last pass's final hidden
+    states (B, <= chunk, D). ``mask_BS`` (1 real, 0 padding) is needed only for padded batches."""
+    if not isinstance(chunk, Integral) or isinstance(chunk, bool) or chunk < 1:
+        raise GenerationError(f"prefill_chunk must be a positive number of tokens, got {chunk!r}")
+    s = embeds_BSD.shape[1]
+    for start in range(0, s, chunk):
+        end = min(start + chunk, s)
+        hidden = lm(
+            embeds_BSD[:, start:end],
+            position_ids=positions_BS[:, start:end],
+            cache=cache,
+            attention_mask=mask_BS[:, :end] if mask_BS is not None else None,
+        )
+    return hidden
+
+
 @torch.inference_mode()
 def stream_ids(
     model,
@@ -64,9 +85,11 @@ def stream_ids(
     image_grid_hws: torch.Tensor | None = None,
     params: SamplingParams | None = None,
     stop_ids: Sequence[int] = (),
+    prefill_chunk: int = PREFILL_CHUNK,
 ) -> Iterator[list[int | None]]:
     """Yield, per decoding step, each row's new token id (None once the row has stopped). A stop id ends its
-    row and is not yielded. Images of all prompts are packed in prompt order."""
+    row and is not yielded. Images of all prompts are packed in prompt order. Prompts are prefilled in passes of
+    ``prefill_chunk`` tokens."""
     params = SamplingParams() if params is None else params
     if not isinstance(params, SamplingParams):
         raise SamplingError(f"params must be a SamplingParams, got {type(params).__name__}")
@@ -91,12 +114,8 @@ def stream_ids(
     lm = model.language_model
 
     positions = (mask.cumsum(1) - 1).clamp(min=0)
-    hidden = lm(
-        model.embed(ids, pixel_values, image_grid_hws),
-        position_ids=positions,
-        cache=cache,
-        attention_mask=mask if padded else None,
-    )
+    embeds = model.embed(ids, pixel_values, image_grid_hws)
+    hidden = prefill(lm, embeds, positions, cache, mask if padded else None, prefill_chunk)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     for step in range(max_new):
         token = sample_next(lm.logits(hidden[:, -1]), params, generator)
@@ -121,10 +140,11 @@ def generate_ids(
     image_grid_hws: torch.Tensor | None = None,
     params: SamplingParams | None = None,
     stop_ids: Sequence[int] = (),
+    prefill_chunk: int = PREFILL_CHUNK,
 ) -> list[list[int]]:
     """New token ids per prompt (stop ids excluded)."""
     out: list[list[int]] = []
-    for step in stream_ids(model, prompts, pixel_values, image_grid_hws, params, stop_ids):
+    for step in stream_ids(model, prompts, pixel_values, image_grid_hws, params, stop_ids, prefill_chunk):
         out = out or [[] for _ in step]  # stream_ids checks the prompts before its first step
         for row, token in zip(out, step):
             if token is not None:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from kimivl.config import TextConfig
-from kimivl.kernels import attention
+from kimivl.kernels import attention, latent_decode_attention
 from kimivl.model.norm import RMSNorm
 
 
@@ -63,17 +63,18 @@ class MLA(nn.Module):
         cache=None,
         key_valid_BK: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Causal attention of ``x`` over itself and, with ``cache`` (an object whose ``update(c, kr)`` stores
-        the new latents and returns all of them), over the cached tokens; single-token steps then run absorbed.
+        """Causal attention of ``x`` over itself and, with ``cache`` (an object whose ``update(c, kr)`` stores the
+        new latents, ``blocks()`` returns all cached ``[latent | rope key]`` rows as (B, N, C + R) pieces in order and
+        ``latents()`` as one tensor), over the cached tokens; single-token steps then run absorbed on the cache.
         ``key_valid_BK`` marks real (non-padding) keys. With ``cu_seqlens`` the single row is a pack of samples."""
         b, s, _ = x_BSD.shape
         q_nope, q_rope = self.queries(x_BSD, rot_BSR)
         c_BKC, kr_BKR = self.compress(x_BSD, rot_BSR)
         if cache is not None:
-            ckr_BKX = cache.update(c_BKC, kr_BKR)
+            cache.update(c_BKC, kr_BKR)
             if s == 1:
-                return self._absorbed(q_nope, q_rope, ckr_BKX, key_valid_BK)
-            c_BKC, kr_BKR = ckr_BKX.split([self.kv_rank, self.rope_dim], dim=-1)
+                return self._absorbed(q_nope, q_rope, cache.blocks(), key_valid_BK)
+            c_BKC, kr_BKR = cache.latents().split([self.kv_rank, self.rope_dim], dim=-1)
         k_len = c_BKC.shape[1]
         kv = self.kv_b_proj(c_BKC).view(b, k_len, self.n_heads, self.nope_dim + self.v_dim)
         k_nope, v_BKHE = kv.split([self.nope_dim, self.v_dim], dim=-1)
@@ -84,15 +85,14 @@ class MLA(nn.Module):
         o = attention(q_BSHD, k_BKHD, v_BKHE, scale=self.scale, cu_seqlens=cu_seqlens, key_valid_BK=key_valid_BK)
         return self.o_proj(o.reshape(b, s, self.n_heads * self.v_dim))
 
-    def _absorbed(self, q_nope_BSHN, q_rope_BSHR, ckr_BKX, key_valid_BK):
-        """Attention straight on the compressed cache ``[latent | rope key]``: kv_b_proj's key half is folded into
-        the query and its value half applied after, so per-head keys and values are never built (one shared
-        576-wide key)."""
+    def _absorbed(self, q_nope_B1HN, q_rope_B1HR, blocks_BNX, key_valid_BK):
+        """One step's attention straight on the compressed cache ``[latent | rope key]``: kv_b_proj's key half is
+        folded into the query and its value half applied after, so per-head keys and values are never built (one
+        shared 576-wide key, read once in its stored dtype)."""
         w_HXC = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_rank)
         w_uk_HNC, w_uv_HEC = w_HXC.split([self.nope_dim, self.v_dim], dim=1)
-        q_lat_BHSC = torch.einsum("bshn,hnc->bhsc", q_nope_BSHN, w_uk_HNC)
-        q_BSHX = torch.cat([q_lat_BHSC, q_rope_BSHR.transpose(1, 2)], dim=-1).transpose(1, 2)
-        k_BK1X = ckr_BKX[:, :, None]
-        o_BSHC = attention(q_BSHX, k_BK1X, k_BK1X[..., : self.kv_rank], scale=self.scale, key_valid_BK=key_valid_BK)
-        o_BSHE = torch.einsum("bshc,hec->bshe", o_BSHC, w_uv_HEC)
-        return self.o_proj(o_BSHE.flatten(2))
+        q_lat_BHC = torch.einsum("bhn,hnc->bhc", q_nope_B1HN[:, 0], w_uk_HNC)
+        q_BHX = torch.cat([q_lat_BHC, q_rope_B1HR[:, 0]], dim=-1)
+        o_BHC = latent_decode_attention(q_BHX, blocks_BNX, self.kv_rank, scale=self.scale, key_valid_BK=key_valid_BK)
+        o_BHE = torch.einsum("bhc,hec->bhe", o_BHC, w_uv_HEC)
+        return self.o_proj(o_BHE.flatten(1))[:, None]

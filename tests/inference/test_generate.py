@@ -77,8 +77,89 @@ def test_cache_bytes_per_token(tiny_config):
 
     t = tiny_config.text_config
     cache = MLACache(t, batch=3, max_len=10, dtype=torch.bfloat16)
-    assert cache.nbytes() == 3 * 10 * MLACache.bytes_per_token(t, torch.bfloat16)
+    assert cache.nbytes() == 0  # nothing until tokens arrive
+    cache.reserve(10)
+    assert cache.nbytes() == 3 * 10 * MLACache.bytes_per_token(t, torch.bfloat16)  # one block, cut at max_len
     assert MLACache.bytes_per_token(t, torch.bfloat16) == t.num_hidden_layers * (32 + 8) * 2
     a3b = KimiVLConfig.from_preset("kimi-vl-a3b").text_config
     assert MLACache.bytes_per_token(a3b) == 27 * 576 * 2  # about 30 KiB
     assert round(MLACache.uncompressed_bytes_per_token(a3b) / MLACache.bytes_per_token(a3b), 1) == 8.9
+
+
+def test_cache_grows_in_blocks_and_keeps_values(tiny_config):
+    t = tiny_config.text_config
+    cache = MLACache(t, batch=2, max_len=30, block=4)
+    g = torch.Generator().manual_seed(0)
+    written = [[] for _ in range(t.num_hidden_layers)]
+    for n in (3, 1, 5, 1, 1, 8, 11):  # steps that fill a block exactly, straddle one, and span several
+        for i in range(t.num_hidden_layers):
+            c, kr = torch.randn(2, n, 32, generator=g), torch.randn(2, n, 8, generator=g)
+            layer = cache.layer(i)
+            layer.update(c, kr)
+            written[i].append(torch.cat([c, kr], -1))
+            assert torch.equal(layer.latents(), torch.cat(written[i], 1))
+            assert torch.equal(torch.cat(layer.blocks(), 1), layer.latents())
+            assert all(b.shape[1] <= 4 for b in layer.blocks())
+        cache.advance(n)
+        blocks = -(-cache.length // 4)
+        assert cache.nbytes() == min(blocks * 4, 30) * 2 * MLACache.bytes_per_token(t, torch.float32)
+    assert cache.length == 30
+    with pytest.raises(ValueError, match="cache full: 31 tokens exceed its 30"):
+        cache.layer(0).update(torch.zeros(2, 1, 32), torch.zeros(2, 1, 8))
+
+
+def test_early_stop_allocates_only_what_was_filled(tiny_model, monkeypatch):
+    import kimivl.inference.generate as gen
+
+    made = []
+
+    class Recorded(MLACache):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(gen, "MLACache", Recorded)
+    monkeypatch.setattr("kimivl.inference.cache.BLOCK_TOKENS", 16)
+    prompt = [5, 6, 7, 8, 9]
+    first = generate_ids(tiny_model, [prompt], params=SamplingParams(max_new_tokens=1))[0][0]
+    out = generate_ids(tiny_model, [prompt], params=SamplingParams(max_new_tokens=4000), stop_ids=[first])
+    assert out == [[]] and made[-1].max_len == 4005
+    t = tiny_model.config.text_config
+    assert made[-1].nbytes() == 16 * MLACache.bytes_per_token(t, torch.float32)  # one block, not 4005 tokens
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("chunk", [1, 3, 7])
+def test_chunked_prefill_equals_one_pass(tiny_model, tiny_config, monkeypatch, chunk):
+    """A padded batch with images (whose tokens straddle chunk bounds): the last prompt token's logits, every cached
+    latent and the decoding steps after it equal a prefill in one pass."""
+    from kimivl.inference.generate import _left_pad, prefill
+
+    monkeypatch.setattr("kimivl.inference.cache.BLOCK_TOKENS", 4)
+    p1, pv1 = image_prompt(tiny_config, (4, 6), 3, 5, seed=1)
+    p2, pv2 = image_prompt(tiny_config, (2, 2), 1, 2, seed=2)
+    ids, mask = _left_pad([p1, p2], 0, "cpu")
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    embeds = tiny_model.embed(ids, torch.cat([pv1, pv2]), torch.tensor([[4, 6], [2, 2]]))
+    lm, t = tiny_model.language_model, tiny_config.text_config
+    runs = []
+    for size in (ids.shape[1], chunk):
+        cache = MLACache(t, 2, ids.shape[1] + 3)
+        hidden = prefill(lm, embeds, positions, cache, mask, size)
+        logits = [lm.logits(hidden[:, -1])]
+        step_mask, step_pos = mask, positions[:, -1:]
+        for token in (7, 8, 9):
+            step_mask, step_pos = torch.cat([step_mask, torch.ones_like(mask[:, :1])], 1), step_pos + 1
+            embed = lm.model.embed_tokens(torch.full((2, 1), token))
+            logits.append(lm.logits(lm(embed, position_ids=step_pos, cache=cache, attention_mask=step_mask)[:, -1]))
+        latents = torch.stack([cache.layer(i).latents() for i in range(t.num_hidden_layers)])
+        runs.append((torch.stack(logits), latents))
+    (one_logits, one_latents), (chunked_logits, chunked_latents) = runs
+    assert one_logits.abs().max() > 0.1
+    torch.testing.assert_close(chunked_logits, one_logits, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(chunked_latents, one_latents, atol=2e-5, rtol=2e-5)
+
+
+def test_prefill_chunk_must_be_positive(tiny_model):
+    with pytest.raises(ValueError, match="prefill_chunk must be a positive number of tokens, got 0"):
+        generate_ids(tiny_model, [[1, 2, 3]], params=SamplingParams(max_new_tokens=2), prefill_chunk=0)
