@@ -78,9 +78,11 @@ def create_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         try:
-            raw = await request.body()
-            if len(raw) > max_body_bytes:
-                raise RequestError(f"the request body is over the limit of {max_body_bytes} bytes", status=413)
+            raw = bytearray()
+            async for chunk in request.stream():  # read no further than the limit
+                raw += chunk
+                if len(raw) > max_body_bytes:
+                    raise RequestError(f"the request body is over the limit of {max_body_bytes} bytes", status=413)
             try:
                 body = json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -46,6 +46,7 @@ class Request:
     n: int = 1
     stop: list[str] = field(default_factory=list)
     cancelled: bool = False
+    failed: bool = False
     submitted: float = field(default_factory=time.monotonic)
     first_token: float | None = None
 
@@ -57,10 +58,10 @@ class Request:
 class _Choice:
     """One row of the batch: its request, generator, incremental UTF-8 decoder and stop-string hold-back."""
 
-    def __init__(self, request: Request, index: int, tokenizer):
+    def __init__(self, request: Request, index: int, tokenizer, device: torch.device):
         self.request, self.index, self.tokenizer = request, index, tokenizer
         seed = request.params.seed
-        self.generator = None if seed is None else torch.Generator().manual_seed((seed + index) % 2**64)
+        self.generator = None if seed is None else torch.Generator(device).manual_seed((seed + index) % 2**64)
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.text, self.sent, self.tokens = "", 0, 0
         self.finish: str | None = None
@@ -257,6 +258,7 @@ class Engine:
             self.metrics.batch_size = len(batch.rows)
 
     def _fail(self, request: Request, message: str) -> None:
+        request.failed = request.cancelled = True
         self.metrics.requests["error"] += 1
         request.emit(("error", message))
 
@@ -281,7 +283,7 @@ class Engine:
                 attention_mask=mask,
             )
             logits = lm.logits(hidden[:, -1])
-            rows = [_Choice(request, i, self.processor.tokenizer) for i in range(request.n)]
+            rows = [_Choice(request, i, self.processor.tokenizer, model.device) for i in range(request.n)]
             firsts = [int(sample_next(logits, request.params, row.generator)) for row in rows]
         except Exception as e:
             log.exception("prefill failed")
@@ -327,16 +329,25 @@ class Engine:
         )
         logits = lm.logits(hidden[:, -1])
         batch.positions = batch.positions + 1
+        greedy = logits.argmax(-1).tolist()  # sample_next's greedy choice for all rows at once
+        nan = torch.isnan(logits).any(-1).tolist()
+        context = self.model.config.text_config.max_position_embeddings
         tokens = []
-        for i, row in enumerate(batch.rows):
-            token = int(sample_next(logits[i : i + 1], row.request.params, row.generator))
+        for i, (row, position) in enumerate(zip(batch.rows, batch.positions.tolist())):
+            params = row.request.params
+            if nan[i]:  # this row's request fails; the others go on
+                tokens.append(0)
+                if not row.request.cancelled:
+                    self._fail(row.request, "the model's logits hold NaN for this request")
+                continue
+            token = greedy[i] if params.temperature == 0 else int(sample_next(logits[i : i + 1], params, row.generator))
             tokens.append(token)
             if not row.request.cancelled:
                 row.add(token, self._stop_ids)
-                if not row.finish and int(batch.positions[i]) >= self.model.config.text_config.max_position_embeddings:
+                if not row.finish and position >= context:
                     row._end("length")
         batch.tokens = torch.tensor(tokens, device=batch.tokens.device)
         self._account([r for r in batch.rows if r.finish])
-        cancelled = {id(r.request): r.request for r in batch.rows if r.request.cancelled and not r.finish}
+        cancelled = {id(r.request) for r in batch.rows if r.request.cancelled and not r.request.failed and not r.finish}
         self.metrics.requests["cancelled"] += len(cancelled)
         batch.keep([i for i, r in enumerate(batch.rows) if not r.finish and not r.request.cancelled])

@@ -17,7 +17,9 @@ from conftest import MODELS, live_server
 from PIL import Image
 
 from kimivl.inference.chat import generate
+from kimivl.inference.sampling import SamplingParams
 from kimivl.processing.chat_template import parse_thinking
+from kimivl.serve.engine import Request as EngineRequest
 
 HELDOUT = Path(__file__).resolve().parents[2] / "examples" / "heldout"
 
@@ -256,3 +258,38 @@ def test_a_thinking_model_splits_reasoning_from_the_answer():
         assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == reasoning
         assert "".join(d.content or "" for d in deltas) == answer
         assert (MODELS / "kimivl-tiny-thinking").is_dir()
+
+
+def test_a_failing_request_fails_alone_and_the_server_keeps_serving(tiny):
+    """A prompt the model cannot embed (a token id past the vocabulary) fails in prefill: its client gets the error,
+    while requests around it are answered."""
+    url, engine = tiny
+    events, done = [], threading.Event()
+
+    def emit(event):
+        events.append(event)
+        done.set()
+
+    vocab = engine.model.config.text_config.vocab_size
+    params = SamplingParams(max_new_tokens=4)
+    errors_before = engine.metrics.requests["error"]
+    with ThreadPoolExecutor(2) as pool:
+        answer = pool.submit(_post, url, {"model": "kimivl-tiny", "messages": [{"role": "user", "content": "Hi"}]})
+        engine.submit(EngineRequest([1, 2, vocab + 5], None, None, params, emit))
+        assert done.wait(30) and events[0][0] == "error" and "prefill failed" in events[0][1]
+        assert answer.result(timeout=30)[0] == 200
+    assert engine.metrics.requests["error"] == errors_before + 1
+    assert (
+        _post(url, {"model": "kimivl-tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3})[0] == 200
+    )
+
+
+def test_serve_binds_to_loopback_by_default_and_checks_its_numbers(capsys):
+    from kimivl.cli import build_parser, main
+
+    args = build_parser().parse_args(["serve"])
+    assert (args.host, args.port, args.api_key, args.max_batch) == ("127.0.0.1", 8000, None, 8)
+    assert main(["serve", "--max-batch", "0"]) == 2
+    assert "--max-batch must be >= 1" in capsys.readouterr().err
+    assert main(["serve", "--allowed-local-media-path", "/no/such/dir"]) == 2
+    assert "not a directory" in capsys.readouterr().err
