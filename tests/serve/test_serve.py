@@ -20,6 +20,7 @@ from kimivl.inference.chat import generate
 from kimivl.inference.sampling import SamplingParams
 from kimivl.processing.chat_template import parse_thinking
 from kimivl.serve.engine import Request as EngineRequest
+from kimivl.serve.schema import Limits
 
 HELDOUT = Path(__file__).resolve().parents[2] / "examples" / "heldout"
 
@@ -293,3 +294,33 @@ def test_serve_binds_to_loopback_by_default_and_checks_its_numbers(capsys):
     assert "--max-batch must be >= 1" in capsys.readouterr().err
     assert main(["serve", "--allowed-local-media-path", "/no/such/dir"]) == 2
     assert "not a directory" in capsys.readouterr().err
+
+
+def test_local_media_only_under_the_allowed_directory_and_byte_limits(tmp_path):
+    media, outside = tmp_path / "media", tmp_path / "secret.png"
+    media.mkdir()
+    png = base64.b64decode(_png(28, 28).split(",")[1])
+    (media / "ok.png").write_bytes(png)
+    outside.write_bytes(png)
+    (media / "link.png").symlink_to(outside)
+    big = Image.effect_noise((64, 64), 80).convert("RGB")
+    buf = io.BytesIO()
+    big.save(buf, "PNG")
+    assert len(buf.getvalue()) > 2000
+    limits = Limits(context=4096, max_batch=8, max_image_bytes=2000, allowed_local_media_path=str(media))
+    with live_server("kimivl-tiny", limits=limits, max_body_bytes=20000) as (url, _):
+        good = {"model": "kimivl-tiny", "max_tokens": 3}
+        for image in (str(media / "ok.png"), "file://" + str(media / "ok.png"), _png(28, 28)):
+            assert _post(url, {**good, "messages": _image_msg(image)}, None)[0] == 200
+        for image, words in [
+            (str(outside), "not a file under the allowed local media path"),
+            (str(media / "link.png"), "not a file under the allowed local media path"),
+            (str(media / "../secret.png"), "not a file under the allowed local media path"),
+            ("http://127.0.0.1:1/x.png", "no remote URLs"),
+            ("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode(), "over the limit of 2000 bytes"),
+        ]:
+            code, reply = _post(url, {**good, "messages": _image_msg(image)}, None)
+            assert code == 400 and words in reply["error"]["message"], words
+        code, reply = _post(url, {**good, "messages": [{"role": "user", "content": "x" * 30000}]}, None)
+        assert code == 413 and "over the limit of 20000 bytes" in reply["error"]["message"]
+        assert _post(url, {**good, "messages": [{"role": "user", "content": "Hi"}]}, None)[0] == 200
