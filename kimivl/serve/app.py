@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import json
 import logging
@@ -64,6 +65,8 @@ def create_app(
 
     @app.get("/health")
     async def health():
+        if not engine.alive():
+            return JSONResponse({"status": "engine not running"}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -87,9 +90,11 @@ def create_app(
                 body = json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise RequestError(f"the request body is not valid JSON: {e}") from None
-            if isinstance(body, dict) and body.get("model") != model_name:
+            if isinstance(body, dict) and not isinstance(body.get("model"), str):
+                raise RequestError(f"model is required (a string): this server serves {model_name!r}", "model")
+            if isinstance(body, dict) and body["model"] != model_name:
                 raise RequestError(
-                    f"model {body.get('model')!r} is not served here; this server serves {model_name!r}",
+                    f"model {body['model']!r} is not served here; this server serves {model_name!r}",
                     "model",
                     status=404,
                     code="model_not_found",
@@ -105,7 +110,7 @@ def create_app(
             pixel_values=encoded.pixel_values if len(encoded.image_grid_hws) else None,
             image_grid_hws=encoded.image_grid_hws if len(encoded.image_grid_hws) else None,
             params=_params(chat, context - len(encoded.input_ids)),
-            emit=lambda event: loop.call_soon_threadsafe(queue.put_nowait, event),
+            emit=functools.partial(_deliver, loop, queue),
             n=chat.n,
             stop=chat.stop,
         )
@@ -122,6 +127,14 @@ def create_app(
             job.cancel()  # the client went away (or the answer is complete: then this is a no-op)
 
     return app
+
+
+def _deliver(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, event: tuple) -> None:
+    """Hand an engine event to the request's coroutine (nothing to do once the server's loop has closed)."""
+    try:
+        loop.call_soon_threadsafe(queue.put_nowait, event)
+    except RuntimeError:
+        pass
 
 
 def _encode(engine: Engine, chat: ChatRequest, context: int):

@@ -207,6 +207,10 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stop_ids = set(processor.stop_ids)
 
+    def alive(self) -> bool:
+        """Whether the worker thread is running (False before ``start`` and after ``shutdown``)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def start(self) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="kimivl-engine", daemon=True)
@@ -246,7 +250,11 @@ class Engine:
                     admitted.append(self._waiting.popleft())
                 self.metrics.queue_length = len(self._waiting)
             for request in admitted:
-                self._admit(request, batch)
+                try:
+                    self._admit(request, batch)
+                except Exception as e:  # after prefill (joining the batch): this request fails, the rows stay
+                    log.exception("admitting a request failed")
+                    self._fail(request, f"admission failed: {e}")
             if batch.rows:
                 try:
                     self._step(batch)

@@ -138,6 +138,12 @@ def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_serving(tiny, tmp_pat
         ({**good, "max_tokens": -1}, 400, "max_tokens", "secret-key"),
         ({**good, "n": "2"}, 400, "n must be", "secret-key"),
         ({**good, "model": "gpt-4"}, 404, "not served here", "secret-key"),
+        ({k: v for k, v in good.items() if k != "model"}, 400, "model is required", "secret-key"),
+        ([good], 400, "must be a JSON object", "secret-key"),
+        ({**good, "stop": ["a", 3]}, 400, "stop must be", "secret-key"),
+        ({**good, "stream": "yes"}, 400, "stream must be", "secret-key"),
+        ({**good, "n": 9}, 400, "n must be an integer in [1, 8]", "secret-key"),
+        ({**good, "messages": [{"role": "robot", "content": "hi"}]}, 400, "role", "secret-key"),
         ({**good, "messages": _image_msg(*[_png(28, 28)] * 9)}, 400, "more than 8 images", "secret-key"),
         ({**good, "messages": _image_msg("data:image/png;base64,aGVsbG8=")}, 400, "not an image", "secret-key"),
         ({**good, "messages": _image_msg("data:image/png;base64,@@@")}, 400, "not valid base64", "secret-key"),
@@ -173,6 +179,7 @@ def test_models_health_and_metrics(tiny):
     assert int(values["kimivl_completion_tokens_total"]) >= 1 and int(values["kimivl_prompt_tokens_total"]) > 10
     assert int(values["kimivl_time_to_first_token_seconds_count"]) >= 1
     assert values["kimivl_queue_length"] == "0" and "kimivl_batch_size" in values
+    assert int(values['kimivl_requests_total{outcome="rejected"}']) == 0
 
 
 def test_greedy_answers_under_8_concurrent_clients_equal_the_answers_alone(tiny):
@@ -205,8 +212,12 @@ def test_queue_full_gives_429_then_the_queued_requests_are_served():
         threads = [threading.Thread(target=lambda: results.append(_post(url, body, None))) for _ in range(2)]
         for t in threads:
             t.start()
-        while engine.metrics.queue_length < 2:
+        for _ in range(3000):
+            if engine.metrics.queue_length == 2:
+                break
             threading.Event().wait(0.01)
+        with pytest.raises(urllib.error.HTTPError, match="503"):
+            _get(url + "/health")  # the worker is not running yet
         code, reply = _post(url, body, None)
         assert code == 429 and "queue is full" in reply["error"]["message"]
         with pytest.raises(openai.RateLimitError):
@@ -215,6 +226,7 @@ def test_queue_full_gives_429_then_the_queued_requests_are_served():
         for t in threads:
             t.join(timeout=30)
         assert [code for code, _ in results] == [200, 200]
+        assert engine.metrics.requests["rejected"] == 2 and engine.metrics.queue_length == 0
         assert _post(url, body, None)[0] == 200
 
 
