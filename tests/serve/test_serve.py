@@ -336,3 +336,17 @@ def test_local_media_only_under_the_allowed_directory_and_byte_limits(tmp_path):
         code, reply = _post(url, {**good, "messages": [{"role": "user", "content": "x" * 30000}]}, None)
         assert code == 413 and "over the limit of 20000 bytes" in reply["error"]["message"]
         assert _post(url, {**good, "messages": [{"role": "user", "content": "Hi"}]}, None)[0] == 200
+
+
+def test_kimivl_serve_runs_uvicorn_on_loopback_with_the_app(monkeypatch):
+    import uvicorn
+
+    from kimivl.cli import main
+
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append((app, kw)))
+    model = str(MODELS / "kimivl-tiny")
+    assert main(["serve", "--model", model, "--device", "cpu", "--max-batch", "2", "--port", "8123"]) == 0
+    ((app, kw),) = calls
+    assert kw["host"] == "127.0.0.1" and kw["port"] == 8123
+    assert {r.path for r in app.routes} >= {"/v1/chat/completions", "/v1/models", "/health", "/metrics"}
