@@ -186,7 +186,7 @@ class _Batch:
         self.rows = [self.rows[i] for i in alive]
         mask = self.mask[idx]
         first = int(mask.any(0).long().argmax())
-        self.cache.joint = self.cache.joint[:, idx, first:].clone()
+        self.cache.joint = self.cache.joint[:, idx, first:]  # indexing copies: the old buffer is freed
         self.cache.length -= first
         self.cache.max_len -= first
         self.mask, self.positions, self.tokens = mask[:, first:], self.positions[idx], self.tokens[idx]
