@@ -231,6 +231,33 @@ def cmd_chat(args: argparse.Namespace) -> int:
         history.append({"role": "assistant", "content": answer})
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    import uvicorn
+
+    from kimivl.serve.app import create_app
+    from kimivl.serve.engine import Engine
+    from kimivl.serve.schema import Limits
+
+    for name in ("port", "max_batch", "max_queue"):
+        if getattr(args, name) < 1:
+            raise CommandError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.allowed_local_media_path and not os.path.isdir(args.allowed_local_media_path):
+        raise CommandError(f"--allowed-local-media-path {args.allowed_local_media_path}: not a directory")
+    model, processor = _load(args.model, args.dtype, args.device)
+    engine = Engine(model, processor, max_batch=args.max_batch, max_queue=args.max_queue)
+    limits = Limits(
+        context=model.config.text_config.max_position_embeddings,
+        max_batch=args.max_batch,
+        allowed_local_media_path=args.allowed_local_media_path,
+    )
+    name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
+    app = create_app(engine, name, api_key=args.api_key, limits=limits)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import logging
 
@@ -459,6 +486,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     chat.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is a GPU, else cpu)")
     chat.set_defaults(func=cmd_chat)
+
+    serve = sub.add_parser("serve", help="an OpenAI-compatible chat completions server (continuous batching)")
+    serve.add_argument("--model", default=str(DEFAULT_MODEL), help="checkpoint directory (default: kimivl-tiny)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ requests")
+    serve.add_argument("--dtype", choices=["bfloat16", "float32"], help="default: the checkpoint's (as for chat)")
+    serve.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is a GPU, else cpu)")
+    serve.add_argument("--max-batch", type=int, default=8, help="most sequences decoded together (default 8)")
+    serve.add_argument("--max-queue", type=int, default=64, help="most requests waiting; more get 429 (default 64)")
+    serve.add_argument("--served-model-name", help="the model name clients send (default: the directory's name)")
+    serve.add_argument(
+        "--allowed-local-media-path", help="a directory whose image files requests may name (default: data: URLs only)"
+    )
+    serve.set_defaults(func=cmd_serve)
 
     train = sub.add_parser("train", help="run a training recipe (YAML): every stage in order, resumable")
     train.add_argument("recipe", help="recipe file, e.g. recipes/tiny.yaml")

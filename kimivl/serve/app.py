@@ -1,0 +1,245 @@
+"""The FastAPI app: OpenAI chat completions (plain and server-sent events), models, health and Prometheus metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import hmac
+import json
+import logging
+import time
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from kimivl.inference.sampling import MIN_TEMPERATURE, SamplingParams
+from kimivl.processing.chat_template import parse_thinking
+from kimivl.serve.engine import Engine, QueueFull
+from kimivl.serve.engine import Request as EngineRequest
+from kimivl.serve.reasoning import ThinkSplitter
+from kimivl.serve.schema import ChatRequest, Limits, RequestError, parse_chat_request
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 64 << 20
+
+
+def _error(e: RequestError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+def create_app(
+    engine: Engine,
+    model_name: str,
+    *,
+    api_key: str | None = None,
+    limits: Limits | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    start_engine: bool = True,
+) -> FastAPI:
+    """An app serving ``engine`` under the name ``model_name``; the engine stops with the app, and starts with it
+    unless ``start_engine`` is False (then the caller starts it; requests wait in its queue until then)."""
+    context = engine.model.config.text_config.max_position_embeddings
+    limits = limits or Limits(context=context, max_batch=engine.max_batch)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if start_engine:
+            engine.start()
+        yield
+        engine.shutdown()
+
+    app = FastAPI(title="kimivl", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    created = int(time.time())
+
+    @app.middleware("http")
+    async def check_key(request: Request, call_next):
+        if api_key is not None and request.url.path.startswith("/v1/"):
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                return _error(RequestError("invalid or missing API key (Authorization: Bearer KEY)", status=401))
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        if not engine.alive():
+            return JSONResponse({"status": "engine not running"}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(engine.metrics.prometheus(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models():
+        card = {"id": model_name, "object": "model", "created": created, "owned_by": "kimivl"}
+        return {"object": "list", "data": [card]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        try:
+            raw = bytearray()
+            async for chunk in request.stream():  # read no further than the limit
+                raw += chunk
+                if len(raw) > max_body_bytes:
+                    raise RequestError(f"the request body is over the limit of {max_body_bytes} bytes", status=413)
+            try:
+                body = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise RequestError(f"the request body is not valid JSON: {e}") from None
+            if isinstance(body, dict) and not isinstance(body.get("model"), str):
+                raise RequestError(f"model is required (a string): this server serves {model_name!r}", "model")
+            if isinstance(body, dict) and body["model"] != model_name:
+                raise RequestError(
+                    f"model {body['model']!r} is not served here; this server serves {model_name!r}",
+                    "model",
+                    status=404,
+                    code="model_not_found",
+                )
+            chat = parse_chat_request(body, limits)
+            encoded = await run_in_threadpool(_encode, engine, chat, context)
+        except RequestError as e:
+            return _error(e)
+        queue: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        job = EngineRequest(
+            prompt=encoded.input_ids,
+            pixel_values=encoded.pixel_values if len(encoded.image_grid_hws) else None,
+            image_grid_hws=encoded.image_grid_hws if len(encoded.image_grid_hws) else None,
+            params=_params(chat, context - len(encoded.input_ids)),
+            emit=functools.partial(_deliver, loop, queue),
+            n=chat.n,
+            stop=chat.stop,
+        )
+        try:
+            engine.submit(job)
+        except QueueFull as e:
+            return _error(RequestError(str(e), status=429, code="queue_full"))
+        reply = _Reply(model_name, chat, len(encoded.input_ids))
+        if chat.stream:
+            return StreamingResponse(_stream(job, queue, reply), media_type="text/event-stream")
+        try:
+            return await _collect(job, queue, reply)
+        finally:
+            job.cancel()  # the client went away (or the answer is complete: then this is a no-op)
+
+    return app
+
+
+def _deliver(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, event: tuple) -> None:
+    """Hand an engine event to the request's coroutine (nothing to do once the server's loop has closed)."""
+    try:
+        loop.call_soon_threadsafe(queue.put_nowait, event)
+    except RuntimeError:
+        pass
+
+
+def _encode(engine: Engine, chat: ChatRequest, context: int):
+    try:
+        encoded = engine.processor.encode(chat.messages)
+    except ValueError as e:  # MessageError, ImageError, VideoError
+        raise RequestError(f"the messages cannot be encoded: {e}", "messages") from None
+    n = len(encoded.input_ids)
+    if n >= context or (chat.max_tokens is not None and n + chat.max_tokens > context):
+        raise RequestError(
+            f"the prompt is {n} tokens and max_tokens is {chat.max_tokens}: together over the model's context of "
+            f"{context} tokens; shorten the messages or lower max_tokens",
+            "messages",
+        )
+    return encoded
+
+
+def _params(chat: ChatRequest, room: int) -> SamplingParams:
+    temperature = 0.0 if chat.temperature < MIN_TEMPERATURE else chat.temperature
+    return SamplingParams(
+        max_new_tokens=chat.max_tokens or room, temperature=temperature, top_p=chat.top_p, seed=chat.seed
+    )
+
+
+class _Reply:
+    """What the answer so far looks like in the OpenAI schema."""
+
+    def __init__(self, model_name: str, chat: ChatRequest, prompt_tokens: int):
+        self.id, self.created, self.model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), model_name
+        self.chat, self.prompt_tokens = chat, prompt_tokens
+        self.texts = [""] * chat.n
+        self.finish: list[str | None] = [None] * chat.n
+        self.tokens = [0] * chat.n
+
+    def usage(self) -> dict:
+        done = sum(self.tokens)
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": done,
+            "total_tokens": self.prompt_tokens + done,
+        }
+
+    def chunk(self, choices: list[dict], usage: dict | None = None) -> str:
+        body = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model}
+        body["choices"] = choices
+        if usage is not None:
+            body["usage"] = usage
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+def _server_error(message: str) -> RequestError:
+    return RequestError(message, status=500, code="generation_failed")
+
+
+async def _collect(job: EngineRequest, queue: asyncio.Queue, reply: _Reply):
+    while not all(reply.finish):
+        event = await queue.get()
+        if event[0] == "error":
+            return _error(_server_error(event[1]))
+        if event[0] == "text":
+            reply.texts[event[1]] += event[2]
+        else:
+            reply.finish[event[1]], reply.tokens[event[1]] = event[2], event[3]
+    choices = []
+    for i, text in enumerate(reply.texts):
+        reasoning, answer = parse_thinking(text)
+        message = {"role": "assistant", "content": answer}
+        if reasoning is not None:
+            message["reasoning_content"] = reasoning
+        choices.append({"index": i, "message": message, "finish_reason": reply.finish[i], "logprobs": None})
+    body = {"id": reply.id, "object": "chat.completion", "created": reply.created, "model": reply.model}
+    return JSONResponse({**body, "choices": choices, "usage": reply.usage()})
+
+
+async def _stream(job: EngineRequest, queue: asyncio.Queue, reply: _Reply):
+    """Server-sent events: a role chunk per choice, content/reasoning deltas, each choice's finish, usage, [DONE]."""
+    splitters = [ThinkSplitter() for _ in range(reply.chat.n)]
+
+    def delta(i: int, reasoning: str, answer: str) -> dict:
+        d = {}
+        if reasoning:
+            d["reasoning_content"] = reasoning
+        if answer:
+            d["content"] = answer
+        return {"index": i, "delta": d, "finish_reason": None, "logprobs": None}
+
+    try:
+        yield reply.chunk([{"index": i, "delta": {"role": "assistant", "content": ""}} for i in range(reply.chat.n)])
+        while not all(reply.finish):
+            event = await queue.get()
+            if event[0] == "error":
+                yield f"data: {json.dumps(_server_error(event[1]).body())}\n\n"
+                return
+            i = event[1]
+            if event[0] == "text":
+                reasoning, answer = splitters[i].feed(event[2])
+            else:
+                reasoning, answer = splitters[i].close()
+                reply.finish[i], reply.tokens[i] = event[2], event[3]
+            if reasoning or answer:
+                yield reply.chunk([delta(i, reasoning, answer)])
+            if event[0] == "done":
+                yield reply.chunk([{"index": i, "delta": {}, "finish_reason": event[2], "logprobs": None}])
+        if reply.chat.include_usage:
+            yield reply.chunk([], reply.usage())
+        yield "data: [DONE]\n\n"
+    finally:
+        job.cancel()

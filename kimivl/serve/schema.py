@@ -1,0 +1,184 @@
+"""Checking an OpenAI chat completions request and turning it into kimivl messages and sampling settings.
+
+Every problem is a ``RequestError`` with the HTTP status, a message naming the field and the limit, and the field
+(``param``), as the OpenAI API reports errors. Images come as ``data:`` URLs (base64); a local path or ``file://`` URL
+only under ``allowed_local_media_path``; remote URLs never.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from kimivl.inference.sampling import MAX_SEED
+
+
+class RequestError(ValueError):
+    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None):
+        super().__init__(message)
+        self.message, self.param, self.status, self.code = message, param, status, code
+
+    def body(self) -> dict:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class Limits:
+    context: int
+    max_batch: int
+    max_images: int = 8
+    max_image_bytes: int = 20 << 20
+    max_image_pixels: int = 1 << 24
+    allowed_local_media_path: str | None = None
+
+
+@dataclass
+class ChatRequest:
+    messages: list[dict]  # kimivl's chat format, images as bytes
+    max_tokens: int | None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    n: int = 1
+    stop: list[str] = field(default_factory=list)
+    stream: bool = False
+    include_usage: bool = False
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(body: dict, name: str, default: float, lo: float, hi: float, lo_open: bool = False) -> float:
+    v = body.get(name)
+    if v is None:
+        return default
+    if not (_is_int(v) or isinstance(v, float)) or not math.isfinite(v) or v > hi or v < lo or (lo_open and v == lo):
+        raise RequestError(f"{name} must be a number in {'(' if lo_open else '['}{lo}, {hi}], got {v!r}", name)
+    return float(v)
+
+
+def _integer(body: dict, name: str, lo: int, hi: int) -> int | None:
+    v = body.get(name)
+    if v is None:
+        return None
+    if not _is_int(v) or not lo <= v <= hi:
+        raise RequestError(f"{name} must be an integer in [{lo}, {hi}], got {v!r}", name)
+    return v
+
+
+def _image_bytes(url: Any, where: str, limits: Limits) -> bytes:
+    if isinstance(url, dict):
+        url = url.get("url")
+    if not isinstance(url, str) or not url:
+        raise RequestError(f"{where}: image_url must be {{'url': 'data:image/...;base64,...'}}", where)
+    if url.startswith("data:"):
+        header, comma, payload = url.partition(",")
+        if not comma or not header.endswith(";base64"):
+            raise RequestError(f"{where}: a data: URL must be 'data:<mime type>;base64,<data>'", where)
+        if len(payload) > (limits.max_image_bytes + 2) // 3 * 4 + 4:
+            raise RequestError(f"{where}: the image is over the limit of {limits.max_image_bytes} bytes", where)
+        try:
+            data = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            raise RequestError(f"{where}: the data: URL's payload is not valid base64", where) from None
+    elif limits.allowed_local_media_path and (url.startswith("file://") or url.startswith("/")):
+        path = os.path.realpath(url.removeprefix("file://"))
+        root = os.path.realpath(limits.allowed_local_media_path)
+        if os.path.commonpath([path, root]) != root or not os.path.isfile(path):
+            raise RequestError(f"{where}: {url!r} is not a file under the allowed local media path", where)
+        if os.path.getsize(path) > limits.max_image_bytes:
+            raise RequestError(f"{where}: the image is over the limit of {limits.max_image_bytes} bytes", where)
+        with open(path, "rb") as f:
+            data = f.read()
+    else:
+        allowed = "data: URLs" + (
+            " or files under the allowed local media path" if limits.allowed_local_media_path else ""
+        )
+        raise RequestError(f"{where}: only {allowed} are accepted as images (no remote URLs or local paths)", where)
+    if len(data) > limits.max_image_bytes:
+        raise RequestError(
+            f"{where}: the image is {len(data)} bytes, over the limit of {limits.max_image_bytes}", where
+        )
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        raise RequestError(f"{where}: the data is not an image Pillow can read", where) from None
+    if w * h > limits.max_image_pixels:
+        raise RequestError(
+            f"{where}: the image is {w}x{h} = {w * h} pixels, over the limit of {limits.max_image_pixels}", where
+        )
+    return data
+
+
+def _content(content: Any, where: str, limits: Limits, n_images: list[int]) -> str | list[dict]:
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise RequestError(f"{where}: content must be a string or a list of parts", where)
+    parts = []
+    for j, part in enumerate(content):
+        at = f"{where}[{j}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            if not isinstance(part.get("text"), str):
+                raise RequestError(f"{at}: a text part needs 'text' (a string)", at)
+            parts.append({"type": "text", "text": part["text"]})
+        elif kind == "image_url":
+            n_images[0] += 1
+            if n_images[0] > limits.max_images:
+                raise RequestError(f"more than {limits.max_images} images in one request (the limit)", "messages")
+            parts.append({"type": "image", "image": _image_bytes(part.get("image_url"), at, limits)})
+        else:
+            raise RequestError(f"{at}: a content part must have type 'text' or 'image_url', got {kind!r}", at)
+    return parts
+
+
+def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
+    """The request ``body`` (decoded JSON) checked against ``limits``; raises ``RequestError``."""
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("messages must be a non-empty list of {role, content} objects", "messages")
+    out, n_images = [], [0]
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise RequestError(f"{where}: must be an object with role 'system', 'user' or 'assistant'", where)
+        if m.get("content") is None:
+            raise RequestError(f"{where}: content is missing", f"{where}.content")
+        out.append({"role": m["role"], "content": _content(m["content"], f"{where}.content", limits, n_images)})
+    max_tokens = _integer(body, "max_completion_tokens", 1, limits.context)
+    if max_tokens is None:
+        max_tokens = _integer(body, "max_tokens", 1, limits.context)
+    stop = body.get("stop")
+    stop = [stop] if isinstance(stop, str) else ([] if stop is None else stop)
+    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+        raise RequestError("stop must be a non-empty string or a list of at most 4 of them", "stop")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool) and stream is not None:
+        raise RequestError(f"stream must be true or false, got {stream!r}", "stream")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+        raise RequestError("stream_options must be {'include_usage': true|false}", "stream_options")
+    return ChatRequest(
+        messages=out,
+        max_tokens=max_tokens,
+        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+        top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
+        seed=_integer(body, "seed", 0, MAX_SEED),
+        n=_integer(body, "n", 1, limits.max_batch) or 1,
+        stop=stop,
+        stream=bool(stream),
+        include_usage=bool(options.get("include_usage", False)),
+    )

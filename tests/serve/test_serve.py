@@ -1,0 +1,352 @@
+"""``kimivl serve`` end to end: the official openai client against a live server on the shipped trained models."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import openai
+import pytest
+from conftest import MODELS, live_server
+from PIL import Image
+
+from kimivl.inference.chat import generate
+from kimivl.inference.sampling import SamplingParams
+from kimivl.processing.chat_template import parse_thinking
+from kimivl.serve.engine import Request as EngineRequest
+from kimivl.serve.schema import Limits
+
+HELDOUT = Path(__file__).resolve().parents[2] / "examples" / "heldout"
+
+
+def _data_url(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def _questions(task: str, count: int) -> list[tuple[list[dict], list[dict]]]:
+    """(OpenAI messages, kimivl messages) of the first ``count`` held-out questions of ``task``."""
+    out = []
+    for line in (HELDOUT / f"{task}.jsonl").read_text().splitlines()[:count]:
+        parts = json.loads(line)["messages"][0]["content"]
+        api, local = [], []
+        for p in parts:
+            if p["type"] == "image":
+                api.append({"type": "image_url", "image_url": {"url": _data_url(HELDOUT / p["image"])}})
+                local.append({"type": "image", "image": str(HELDOUT / p["image"])})
+            else:
+                api.append(p)
+                local.append(p)
+        out.append(([{"role": "user", "content": api}], [{"role": "user", "content": local}]))
+    return out
+
+
+def _client(url: str, key: str = "secret-key") -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key=key, timeout=30, max_retries=0)
+
+
+def test_answers_with_images_streamed_and_usage_match_generate(tiny):
+    url, engine = tiny
+    client = _client(url)
+    for api, local in _questions("caption", 2) + _questions("ocr", 1):
+        expected = generate(engine.model, engine.processor, local, max_new_tokens=24, temperature=0.0)
+        r = client.chat.completions.create(model="kimivl-tiny", messages=api, temperature=0, max_tokens=24)
+        assert r.choices[0].message.content == expected.strip() and r.choices[0].message.content
+        assert r.usage.prompt_tokens == len(engine.processor.encode(local).input_ids)
+        assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens > r.usage.prompt_tokens
+        stream = client.chat.completions.create(
+            model="kimivl-tiny",
+            messages=api,
+            temperature=0,
+            max_tokens=24,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = list(stream)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == r.choices[0].message.content
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == r.choices[0].finish_reason
+        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+
+
+def test_several_choices_stop_strings_and_length(tiny):
+    url, _ = tiny
+    client = _client(url)
+    api, _ = _questions("gui", 1)[0]
+    full = client.chat.completions.create(model="kimivl-tiny", messages=api, temperature=0, max_tokens=40)
+    answer = full.choices[0].message.content
+    assert len(answer) >= 4
+    cut = client.chat.completions.create(
+        model="kimivl-tiny", messages=api, temperature=0, max_tokens=40, stop=answer[2:4]
+    )
+    assert cut.choices[0].message.content == answer[:2].strip() and cut.choices[0].finish_reason == "stop"
+    short = client.chat.completions.create(model="kimivl-tiny", messages=api, temperature=0, max_tokens=2)
+    assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 2
+    two = client.chat.completions.create(model="kimivl-tiny", messages=api, temperature=0, max_tokens=40, n=2)
+    assert [c.index for c in two.choices] == [0, 1]
+    assert [c.message.content for c in two.choices] == [answer, answer]  # greedy: both choices are the answer
+    assert two.usage.completion_tokens == 2 * full.usage.completion_tokens
+    sampled = [
+        client.chat.completions.create(
+            model="kimivl-tiny", messages=api, temperature=1.0, max_tokens=12, n=2, seed=5
+        ).choices
+        for _ in range(2)
+    ]
+    assert [c.message.content for c in sampled[0]] == [c.message.content for c in sampled[1]]  # seeded
+
+
+def _post(url: str, body, key: str | None = "secret-key") -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
+    req = urllib.request.Request(url + "/v1/chat/completions", data, headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return r.read().decode()
+
+
+def _png(w: int, h: int) -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), "red").save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _image_msg(*urls: str) -> list[dict]:
+    parts = [{"type": "image_url", "image_url": {"url": u}} for u in urls]
+    return [{"role": "user", "content": parts + [{"type": "text", "text": "What is this?"}]}]
+
+
+def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_serving(tiny, tmp_path):
+    url, _ = tiny
+    good = {"model": "kimivl-tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+    (tmp_path / "x.png").write_bytes(base64.b64decode(_png(8, 8).split(",")[1]))
+    cases = [
+        (b"{not json", 400, "not valid JSON", "secret-key"),
+        ({**good, "messages": "hello"}, 400, "messages", "secret-key"),
+        ({**good, "temperature": "hot"}, 400, "temperature", "secret-key"),
+        ({**good, "max_tokens": -1}, 400, "max_tokens", "secret-key"),
+        ({**good, "n": "2"}, 400, "n must be", "secret-key"),
+        ({**good, "model": "gpt-4"}, 404, "not served here", "secret-key"),
+        ({k: v for k, v in good.items() if k != "model"}, 400, "model is required", "secret-key"),
+        ([good], 400, "must be a JSON object", "secret-key"),
+        ({**good, "stop": ["a", 3]}, 400, "stop must be", "secret-key"),
+        ({**good, "stream": "yes"}, 400, "stream must be", "secret-key"),
+        ({**good, "n": 9}, 400, "n must be an integer in [1, 8]", "secret-key"),
+        ({**good, "messages": [{"role": "robot", "content": "hi"}]}, 400, "role", "secret-key"),
+        ({**good, "messages": _image_msg(*[_png(28, 28)] * 9)}, 400, "more than 8 images", "secret-key"),
+        ({**good, "messages": _image_msg("data:image/png;base64,aGVsbG8=")}, 400, "not an image", "secret-key"),
+        ({**good, "messages": _image_msg("data:image/png;base64,@@@")}, 400, "not valid base64", "secret-key"),
+        ({**good, "messages": _image_msg(_png(5000, 4000))}, 400, "pixels, over the limit", "secret-key"),
+        ({**good, "messages": _image_msg("https://example.com/a.png")}, 400, "no remote URLs", "secret-key"),
+        ({**good, "messages": _image_msg(str(tmp_path / "x.png"))}, 400, "no remote URLs or local paths", "secret-key"),
+        ({**good, "max_tokens": 4090}, 400, "over the model's context of 4096", "secret-key"),
+        ({**good, "messages": [{"role": "user", "content": "word " * 5000}]}, 400, "context", "secret-key"),
+        (good, 401, "API key", "wrong-key"),
+        (good, 401, "API key", None),
+    ]
+    for body, status, words, key in cases:
+        code, reply = _post(url, body, key)
+        assert code == status and words in reply["error"]["message"], body if isinstance(body, bytes) else words
+        code, reply = _post(url, good)
+        assert code == 200 and reply["choices"][0]["message"]["content"] is not None
+    with pytest.raises(openai.AuthenticationError):
+        _client(url, "wrong").chat.completions.create(**good)
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        _client(url).chat.completions.create(**{**good, "max_tokens": -5})
+
+
+def test_models_health_and_metrics(tiny):
+    url, _ = tiny
+    assert [m.id for m in _client(url).models.list()] == ["kimivl-tiny"]
+    assert json.loads(_get(url + "/health")) == {"status": "ok"}
+    _client(url).chat.completions.create(
+        model="kimivl-tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=3, temperature=0
+    )
+    text = _get(url + "/metrics")
+    values = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
+    assert int(values['kimivl_requests_total{outcome="ok"}']) >= 1
+    assert int(values["kimivl_completion_tokens_total"]) >= 1 and int(values["kimivl_prompt_tokens_total"]) > 10
+    assert int(values["kimivl_time_to_first_token_seconds_count"]) >= 1
+    assert values["kimivl_queue_length"] == "0" and "kimivl_batch_size" in values
+    assert int(values['kimivl_requests_total{outcome="rejected"}']) == 0
+
+
+def test_greedy_answers_under_8_concurrent_clients_equal_the_answers_alone(tiny):
+    url, engine = tiny
+    client = _client(url)
+    questions = [q for task in ("caption", "ocr", "gui", "reasoning") for q, _ in _questions(task, 2)]
+
+    def ask(api):
+        r = client.chat.completions.create(model="kimivl-tiny", messages=api, temperature=0, max_tokens=32)
+        message = r.choices[0].message
+        return getattr(message, "reasoning_content", None), message.content, r.usage.completion_tokens
+
+    alone = [ask(q) for q in questions]
+    sizes, step = [], engine._step
+    engine._step = lambda batch: (sizes.append(len(batch.rows)), step(batch))
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            together = list(pool.map(ask, questions))
+    finally:
+        del engine._step
+    assert together == alone
+    assert max(sizes) >= 4  # the requests were decoded together
+    assert len({a for _, a, _ in alone}) > 4  # different questions, different answers: the rows did not mix
+
+
+def test_queue_full_gives_429_then_the_queued_requests_are_served():
+    with live_server("kimivl-tiny", max_batch=1, max_queue=2, start=False) as (url, engine):
+        body = {"model": "kimivl-tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
+        results = []
+        threads = [threading.Thread(target=lambda: results.append(_post(url, body, None))) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for _ in range(3000):
+            if engine.metrics.queue_length == 2:
+                break
+            threading.Event().wait(0.01)
+        with pytest.raises(urllib.error.HTTPError, match="503"):
+            _get(url + "/health")  # the worker is not running yet
+        code, reply = _post(url, body, None)
+        assert code == 429 and "queue is full" in reply["error"]["message"]
+        with pytest.raises(openai.RateLimitError):
+            _client(url).chat.completions.create(**body)
+        engine.start()
+        for t in threads:
+            t.join(timeout=30)
+        assert [code for code, _ in results] == [200, 200]
+        assert engine.metrics.requests["rejected"] == 2 and engine.metrics.queue_length == 0
+        assert _post(url, body, None)[0] == 200
+
+
+def test_a_disconnected_stream_frees_its_slot():
+    """The greedy answer to this question loops without end; a client that leaves after the first event frees the
+    only slot (max_batch=1), so the next request is answered at once instead of after 3000 tokens."""
+    with live_server("kimivl-tiny", max_batch=1) as (url, engine):
+        api, _ = _questions("reasoning", 1)[0]
+        body = {"model": "kimivl-tiny", "messages": api, "temperature": 0, "max_tokens": 3000, "stream": True}
+        req = urllib.request.Request(url + "/v1/chat/completions", json.dumps(body).encode(), method="POST")
+        req.add_header("Content-Type", "application/json")
+        with urllib.request.urlopen(req, timeout=30) as r:
+            r.readline()  # the first event: the request is running
+        wait = threading.Event()
+        for _ in range(1000):
+            if engine.metrics.requests["cancelled"]:
+                break
+            wait.wait(0.01)
+        assert engine.metrics.requests["cancelled"] == 1 and engine.metrics.requests["ok"] == 0
+        r = _client(url).chat.completions.create(
+            model="kimivl-tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=3, timeout=10
+        )
+        assert r.choices[0].message.content is not None and engine.metrics.completion_tokens < 3000
+
+
+def test_a_thinking_model_splits_reasoning_from_the_answer():
+    with live_server("kimivl-tiny-thinking") as (url, engine):
+        client = _client(url)
+        api, local = _questions("reasoning", 1)[0]
+        expected = generate(engine.model, engine.processor, local, max_new_tokens=160, temperature=0.0)
+        reasoning, answer = parse_thinking(expected)
+        assert reasoning, "the thinking model is expected to think on a reasoning question"
+        r = client.chat.completions.create(model="kimivl-tiny-thinking", messages=api, temperature=0, max_tokens=160)
+        message = r.choices[0].message
+        assert message.reasoning_content == reasoning and message.content == answer
+        chunks = list(
+            client.chat.completions.create(
+                model="kimivl-tiny-thinking", messages=api, temperature=0, max_tokens=160, stream=True
+            )
+        )
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == reasoning
+        assert "".join(d.content or "" for d in deltas) == answer
+        assert (MODELS / "kimivl-tiny-thinking").is_dir()
+
+
+def test_a_failing_request_fails_alone_and_the_server_keeps_serving(tiny):
+    """A prompt the model cannot embed (a token id past the vocabulary) fails in prefill: its client gets the error,
+    while requests around it are answered."""
+    url, engine = tiny
+    events, done = [], threading.Event()
+
+    def emit(event):
+        events.append(event)
+        done.set()
+
+    vocab = engine.model.config.text_config.vocab_size
+    params = SamplingParams(max_new_tokens=4)
+    errors_before = engine.metrics.requests["error"]
+    with ThreadPoolExecutor(2) as pool:
+        answer = pool.submit(_post, url, {"model": "kimivl-tiny", "messages": [{"role": "user", "content": "Hi"}]})
+        engine.submit(EngineRequest([1, 2, vocab + 5], None, None, params, emit))
+        assert done.wait(30) and events[0][0] == "error" and "prefill failed" in events[0][1]
+        assert answer.result(timeout=30)[0] == 200
+    assert engine.metrics.requests["error"] == errors_before + 1
+    assert (
+        _post(url, {"model": "kimivl-tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3})[0] == 200
+    )
+
+
+def test_serve_binds_to_loopback_by_default_and_checks_its_numbers(capsys):
+    from kimivl.cli import build_parser, main
+
+    args = build_parser().parse_args(["serve"])
+    assert (args.host, args.port, args.api_key, args.max_batch) == ("127.0.0.1", 8000, None, 8)
+    assert main(["serve", "--max-batch", "0"]) == 2
+    assert "--max-batch must be >= 1" in capsys.readouterr().err
+    assert main(["serve", "--allowed-local-media-path", "/no/such/dir"]) == 2
+    assert "not a directory" in capsys.readouterr().err
+
+
+def test_local_media_only_under_the_allowed_directory_and_byte_limits(tmp_path):
+    media, outside = tmp_path / "media", tmp_path / "secret.png"
+    media.mkdir()
+    png = base64.b64decode(_png(28, 28).split(",")[1])
+    (media / "ok.png").write_bytes(png)
+    outside.write_bytes(png)
+    (media / "link.png").symlink_to(outside)
+    big = Image.effect_noise((64, 64), 80).convert("RGB")
+    buf = io.BytesIO()
+    big.save(buf, "PNG")
+    assert len(buf.getvalue()) > 2000
+    limits = Limits(context=4096, max_batch=8, max_image_bytes=2000, allowed_local_media_path=str(media))
+    with live_server("kimivl-tiny", limits=limits, max_body_bytes=20000) as (url, _):
+        good = {"model": "kimivl-tiny", "max_tokens": 3}
+        for image in (str(media / "ok.png"), "file://" + str(media / "ok.png"), _png(28, 28)):
+            assert _post(url, {**good, "messages": _image_msg(image)}, None)[0] == 200
+        for image, words in [
+            (str(outside), "not a file under the allowed local media path"),
+            (str(media / "link.png"), "not a file under the allowed local media path"),
+            (str(media / "../secret.png"), "not a file under the allowed local media path"),
+            ("http://127.0.0.1:1/x.png", "no remote URLs"),
+            ("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode(), "over the limit of 2000 bytes"),
+        ]:
+            code, reply = _post(url, {**good, "messages": _image_msg(image)}, None)
+            assert code == 400 and words in reply["error"]["message"], words
+        code, reply = _post(url, {**good, "messages": [{"role": "user", "content": "x" * 30000}]}, None)
+        assert code == 413 and "over the limit of 20000 bytes" in reply["error"]["message"]
+        assert _post(url, {**good, "messages": [{"role": "user", "content": "Hi"}]}, None)[0] == 200
+
+
+def test_kimivl_serve_runs_uvicorn_on_loopback_with_the_app(monkeypatch):
+    import uvicorn
+
+    from kimivl.cli import main
+
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append((app, kw)))
+    model = str(MODELS / "kimivl-tiny")
+    assert main(["serve", "--model", model, "--device", "cpu", "--max-batch", "2", "--port", "8123"]) == 0
+    ((app, kw),) = calls
+    assert kw["host"] == "127.0.0.1" and kw["port"] == 8123
+    assert {r.path for r in app.routes} >= {"/v1/chat/completions", "/v1/models", "/health", "/metrics"}
