@@ -58,6 +58,30 @@ class MLACache:
             self.joint.append(torch.empty(layers, batch, n, width, dtype=self.dtype, device=self.device))
             self.capacity += n
 
+    def tokens(self) -> torch.Tensor:
+        """Every cached token of every row as one (layers, batch, length, width) tensor."""
+        layers, batch, width = self.shape
+        if not self.joint:
+            return torch.empty(layers, batch, 0, width, dtype=self.dtype, device=self.device)
+        return torch.cat(self.joint, dim=2)[:, :, : self.length]
+
+    def load(self, values: torch.Tensor) -> None:
+        """Hold exactly ``values`` (layers, rows, n, width) as tokens 0..n-1 of ``rows`` rows (a server re-lays its
+        batch this way when rows join or leave); the blocks are allocated anew."""
+        layers, _, width = self.shape
+        if values.dim() != 4 or values.shape[0] != layers or values.shape[3] != width:
+            raise ValueError(f"cache values must be ({layers}, rows, tokens, {width}), got {tuple(values.shape)}")
+        self.shape = (layers, values.shape[1], width)
+        self.joint, self.capacity, self.length = [], 0, 0
+        n = values.shape[2]
+        self.reserve(n)
+        pos = 0
+        for blk in self.joint:
+            take = min(n - pos, blk.shape[2])
+            blk[:, :, :take] = values[:, :, pos : pos + take]
+            pos += take
+        self.length = n
+
     @staticmethod
     def bytes_per_token(config: TextConfig, dtype: torch.dtype = torch.bfloat16) -> int:
         """Cache bytes per token for the whole model."""

@@ -7,8 +7,8 @@ length (a key mask hides the padding, and every row keeps its own positions). Ro
 belong to a cancelled request leave the batch after the step. Chunked prefill is not done: a long prompt's prefill
 holds up the running rows for its duration.
 
-The batch cache is an ``MLACache`` whose ``joint`` buffer (layers, rows, tokens, latent + rope key) this module
-re-lays when rows join or leave; the model code sees an ordinary cache.
+The batch cache is an ``MLACache`` whose tokens (layers, rows, tokens, latent + rope key) this module re-lays
+(``MLACache.tokens`` and ``load``) when rows join or leave; the model code sees an ordinary cache.
 """
 
 from __future__ import annotations
@@ -161,15 +161,17 @@ class _Batch:
         width = max(c.length for c, _ in parts)
         room = max(r.request.params.max_new_tokens - r.tokens for r in self.rows + rows) + 1
         room = min(room, cfg.max_position_embeddings - width)
-        ref = parts[0][0].joint
+        ref = parts[0][0]
         merged = MLACache(cfg, len(self.rows) + len(rows), width + room, dtype=ref.dtype, device=ref.device)
+        layers, _, depth = merged.shape
+        values = torch.zeros(layers, merged.shape[1], width, depth, dtype=ref.dtype, device=ref.device)
         masks, start = [], 0
         for c, m in parts:
-            b, pad = c.joint.shape[1], width - c.length
-            merged.joint[:, start : start + b, pad:width] = c.joint[:, :, : c.length]
+            b, pad = c.shape[1], width - c.length
+            values[:, start : start + b, pad:width] = c.tokens()
             masks.append(torch.cat([m.new_zeros(b, pad), m], 1))
             start += b
-        merged.length = width
+        merged.load(values)
         self.cache, self.mask = merged, torch.cat(masks)
         self.rows += rows
         self.positions = positions if self.positions is None else torch.cat([self.positions, positions])
@@ -186,9 +188,8 @@ class _Batch:
         self.rows = [self.rows[i] for i in alive]
         mask = self.mask[idx]
         first = int(mask.any(0).long().argmax())
-        self.cache.joint = self.cache.joint[:, idx, first:]  # indexing copies: the old buffer is freed
-        self.cache.length -= first
         self.cache.max_len -= first
+        self.cache.load(self.cache.tokens()[:, idx, first:])  # indexing copies: the old blocks are freed
         self.mask, self.positions, self.tokens = mask[:, first:], self.positions[idx], self.tokens[idx]
 
 
@@ -307,7 +308,7 @@ class Engine:
         if not live:
             return
         k = len(live)
-        cache.joint = cache.joint.expand(-1, k, -1, -1).clone()
+        cache.load(cache.tokens().expand(-1, k, -1, -1))
         tokens = torch.tensor([firsts[i] for i in live], device=model.device)
         batch.join(
             cfg,

@@ -163,3 +163,18 @@ def test_chunked_prefill_equals_one_pass(tiny_model, tiny_config, monkeypatch, c
 def test_prefill_chunk_must_be_positive(tiny_model):
     with pytest.raises(ValueError, match="prefill_chunk must be a positive number of tokens, got 0"):
         generate_ids(tiny_model, [[1, 2, 3]], params=SamplingParams(max_new_tokens=2), prefill_chunk=0)
+
+
+def test_cache_load_lays_tokens_out_again_for_other_rows(tiny_config):
+    cfg = tiny_config.text_config
+    cache = MLACache(cfg, 2, 20, block=3)
+    layers, _, width = cache.shape
+    values = torch.randn(layers, 2, 7, width)
+    cache.load(values)
+    assert cache.length == 7 and [b.shape[2] for b in cache.joint] == [3, 3, 3]
+    assert torch.equal(cache.tokens(), values)
+    cache.load(values[:, [1, 1, 0], 2:])  # rows repeated and reordered, leading tokens dropped
+    assert cache.shape[1] == 3 and torch.equal(cache.tokens(), values[:, [1, 1, 0], 2:])
+    assert torch.equal(cache.layer(1).latents(), values[1][[1, 1, 0], 2:])
+    with pytest.raises(ValueError, match="cache values must be"):
+        cache.load(values[0])
