@@ -4,8 +4,8 @@ Requests wait in a bounded queue. Between decode steps the worker admits waiting
 each is prefilled alone (its images encoded once, its compressed MLA cache built in a cache of its own), its ``n``
 choices copied from that one prefill, and the rows joined to the running batch by left-padding the caches to one
 length (a key mask hides the padding, and every row keeps its own positions). Rows that finish, hit a stop string or
-belong to a cancelled request leave the batch after the step. Chunked prefill is not done: a long prompt's prefill
-holds up the running rows for its duration.
+belong to a cancelled request leave the batch after the step. A prompt is prefilled in chunks (bounded memory), but
+all of them before the next decode step: a long prompt's prefill holds up the running rows for its duration.
 
 The batch cache is an ``MLACache`` whose tokens (layers, rows, tokens, latent + rope key) this module re-lays
 (``MLACache.tokens`` and ``load``) when rows join or leave; the model code sees an ordinary cache.
@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kimivl.inference.cache import MLACache
+from kimivl.inference.generate import PREFILL_CHUNK, prefill
 from kimivl.inference.sampling import SamplingParams, sample_next
 
 log = logging.getLogger(__name__)
@@ -285,13 +286,9 @@ class Engine:
             mask = torch.ones_like(ids)
             positions = torch.arange(n_prompt, device=model.device)[None]
             lm = model.language_model
-            hidden = lm(
-                model.embed(ids, request.pixel_values, request.image_grid_hws),
-                position_ids=positions,
-                cache=cache,
-                attention_mask=mask,
-            )
-            logits = lm.logits(hidden[:, -1])
+            embeds = model.embed(ids, request.pixel_values, request.image_grid_hws)
+            # as generate prefills a prompt alone: in chunks, no key mask
+            logits = lm.logits(prefill(lm, embeds, positions, cache, None, PREFILL_CHUNK)[:, -1])
             rows = [_Choice(request, i, self.processor.tokenizer, model.device) for i in range(request.n)]
             firsts = [int(sample_next(logits, request.params, row.generator)) for row in rows]
         except Exception as e:
