@@ -96,13 +96,8 @@ class VisionConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
-        k = self.merge_kernel_size
-        _require(
-            isinstance(k, (list, tuple)) and len(k) == 2 and all(_is_int(x) and x >= 1 for x in k),
-            f"vision_config.merge_kernel_size must be two positive integers, got {k!r}",
-        )
-        self.merge_kernel_size = tuple(k)
         self.validate()
+        self.merge_kernel_size = tuple(self.merge_kernel_size)
 
     @property
     def head_dim(self) -> int:
@@ -114,6 +109,11 @@ class VisionConfig:
         return self.hidden_size * self.merge_kernel_size[0] * self.merge_kernel_size[1]
 
     def validate(self) -> None:
+        k = self.merge_kernel_size
+        _require(
+            isinstance(k, (list, tuple)) and len(k) == 2 and all(_is_int(x) and x >= 1 for x in k),
+            f"vision_config.merge_kernel_size must be two positive integers, got {k!r}",
+        )
         _ints(
             self,
             "vision_config",
@@ -139,10 +139,6 @@ class VisionConfig:
             self.head_dim % 4 == 0,
             f"vision head dim {self.head_dim} must be a multiple of 4 for the 2D RoPE "
             "(half the pairs rotate by column, half by row)",
-        )
-        _require(
-            len(self.merge_kernel_size) == 2 and all(k >= 1 for k in self.merge_kernel_size),
-            f"vision_config.merge_kernel_size must be two positive integers, got {self.merge_kernel_size}",
         )
 
     @classmethod
