@@ -1,6 +1,7 @@
 """The shared training loop: kill-and-resume equality, atomic checkpoints, the NaN guard, metrics."""
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,10 @@ def test_kill_and_resume_gives_identical_losses(small_model, small_processor, tm
     with pytest.raises(KeyboardInterrupt):
         train_loop(model, dies_in_step_5, data, opt, sched, cfg, tmp_path / "b", "s", progress=False)
     assert latest_checkpoint(tmp_path / "b" / "s" / "checkpoints").name == "step-0000003"
+    # TensorBoard reads a run's event files in name order, and a name holds the second it was opened and then a
+    # per-process counter (…1796518961.host.pid.9 sorts after ….10): a resume opened within the killed run's second
+    # could be read first. A real resume starts a new process at least a second later; so does this one.
+    time.sleep(1.01 - time.time() % 1)
     # different init, a fresh mixture: all comes from disk and the data position
     model, data, opt, sched = setup(small_model, small_processor, seed=123, replacement=replacement)
     train_loop(model, joint_loss, data, opt, sched, cfg, tmp_path / "b", "s", progress=False)
