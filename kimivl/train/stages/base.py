@@ -13,6 +13,7 @@ from PIL import Image
 from torch import nn
 
 from kimivl.data.formats import DataError
+from kimivl.train.loop import LoopConfig
 from kimivl.train.recipe import PARTS, RecipeError, integer, number
 from kimivl.train.trainable import set_trainable
 
@@ -152,6 +153,19 @@ def _unreadable_image(record: dict) -> str | None:
                 except (OSError, ValueError, Image.DecompressionBombError) as e:
                     return f"names {path}, which is no image that can be read ({e})"
     return None
+
+
+def loop_config(stage: StageSettings, recipe: Recipe, **more) -> LoopConfig:
+    """The ``train_loop`` settings of a vit or joint stage (``more``: its kind's own, e.g. bias balancing)."""
+    return LoopConfig(
+        steps=stage.steps,
+        ckpt_every=stage.ckpt_every,
+        log_every=stage.log_every,
+        clip=stage.clip,
+        bf16=recipe.bf16,
+        accum=stage.accum,
+        **more,
+    )
 
 
 @dataclass

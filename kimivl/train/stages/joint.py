@@ -13,9 +13,9 @@ import torch
 from kimivl.data.mixture import Mixture
 from kimivl.processing.processor import IGNORE_INDEX
 from kimivl.train.calibrate import standardize_image_features
-from kimivl.train.loop import LoopConfig, train_loop
+from kimivl.train.loop import train_loop
 from kimivl.train.recipe import RecipeError, integer, number
-from kimivl.train.stages.base import PartsSettings, Prepared, StageContext, check_records
+from kimivl.train.stages.base import PartsSettings, Prepared, StageContext, check_records, loop_config
 from kimivl.train.validation import heldout_loss, heldout_rows
 
 CALIBRATION_SAMPLES = 32  # per image source, for standardize_images
@@ -159,15 +159,8 @@ def prepare(stage: JointStage, ctx: StageContext, model) -> Prepared:
             def validate(m):
                 return {"val_loss": heldout_loss(m, rows, recipe.bf16)}
 
-        cfg = LoopConfig(
-            steps=stage.steps,
-            ckpt_every=stage.ckpt_every,
-            log_every=stage.log_every,
-            clip=stage.clip,
-            bf16=recipe.bf16,
-            bias_update_rate=stage.bias_update_rate,
-            accum=stage.accum,
-            val_every=(stage.val or {}).get("every", 100),
+        cfg = loop_config(
+            stage, recipe, bias_update_rate=stage.bias_update_rate, val_every=(stage.val or {}).get("every", 100)
         )
         return train_loop(
             model,

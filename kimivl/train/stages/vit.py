@@ -11,9 +11,9 @@ import torch
 from kimivl.data.formats import content_text
 from kimivl.data.indexed import Concat
 from kimivl.processing.processor import KimiVLProcessor
-from kimivl.train.loop import LoopConfig, train_loop
+from kimivl.train.loop import train_loop
 from kimivl.train.recipe import RecipeError, integer
-from kimivl.train.stages.base import Prepared, StageContext, StageSettings
+from kimivl.train.stages.base import Prepared, StageContext, StageSettings, loop_config
 from kimivl.train.vit import ViTPretrainer, caption_batch, vit_loss
 
 
@@ -94,14 +94,7 @@ def prepare(stage: ViTStage, ctx: StageContext, model) -> Prepared:
         data = CaptionStream(
             Concat([sources.items[name] for name in stage.sources]), ctx.processor, stage.images_per_batch, recipe.seed
         )
-        cfg = LoopConfig(
-            steps=stage.steps,
-            ckpt_every=stage.ckpt_every,
-            log_every=stage.log_every,
-            clip=stage.clip,
-            bf16=recipe.bf16,
-            accum=stage.accum,
-        )
+        cfg = loop_config(stage, recipe)
         return train_loop(trainee, vit_loss, data, optimizer, scheduler, cfg, recipe.out, stage.name, progress=progress)
 
     return Prepared(trainee, line, run)
