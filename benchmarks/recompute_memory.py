@@ -1,5 +1,5 @@
 """Peak extra memory and time of one training step's forward and backward with activation checkpointing
-(``KimiVL.set_recompute``) against without, on a packed text row. CPU, bf16 autocast.
+(``kimivl.distributed.recompute``) against without, on a packed text row. CPU, bf16 autocast.
 
 The language model has the A3B's width and expert shapes (hidden 2048, 64 experts of 1408, top 6, 2 shared) with
 ``--layers`` layers and a ``--vocab`` of 32,000, float32 weights as in training. Peak extra memory is the rise of the
@@ -19,6 +19,7 @@ import torch
 from rss import PeakRise, status_kib
 
 from kimivl import KimiVL, KimiVLConfig
+from kimivl.distributed.recompute import apply_recompute, remove_recompute
 
 MIB = 1 << 20
 
@@ -27,7 +28,7 @@ def run(model, batch, recompute: bool):
     """Loss, the first layer's gradients, the memory kept from forward for backward, the peak over forward and
     backward (gradient buffers exist already, so neither counts them), seconds."""
     model.zero_grad(set_to_none=False)
-    model.set_recompute(recompute)
+    (apply_recompute if recompute else remove_recompute)(model)
     start = time.perf_counter()
     before_kib = status_kib("VmRSS")
     with PeakRise() as peak:

@@ -41,11 +41,6 @@ class KimiVL(nn.Module):
         self.language_model = LanguageModel(config.text_config)
         self.init_weights()
 
-    def set_recompute(self, on: bool) -> None:
-        """Activation checkpointing of the LM's decoder layers and the vision tower's blocks while gradients are on:
-        activations are kept at layer boundaries only and recomputed in backward (same values and gradients)."""
-        self.language_model.recompute = self.vision_tower.encoder.recompute = bool(on)
-
     @torch.no_grad()
     def init_weights(self, std: float | None = None) -> None:
         """Fresh weights for training from scratch: normal(0, std) matrices, zero biases, unit norms."""

@@ -12,7 +12,6 @@ from kimivl.config import TextConfig
 from kimivl.model.mla import MLA, rope_rotation
 from kimivl.model.moe import MoE, SwiGLU
 from kimivl.model.norm import RMSNorm
-from kimivl.model.recompute import run_layer
 
 
 class DecoderLayer(nn.Module):
@@ -44,7 +43,6 @@ class LanguageModel(nn.Module):
         self.config = cfg
         self.model = TextModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.recompute = False  # activation checkpointing of the decoder layers in training (KimiVL.set_recompute)
 
     def rotation(self, position_ids: torch.Tensor) -> torch.Tensor:
         cfg = self.config
@@ -84,15 +82,8 @@ class LanguageModel(nn.Module):
         rot = self.rotation(position_ids)
         h = inputs_embeds
         for i, layer in enumerate(self.model.layers):
-            h = run_layer(
-                layer,
-                self.recompute and cache is None,
-                h,
-                rot,
-                cu_seqlens=cu_seqlens,
-                key_valid_BK=key_valid,
-                cache=cache.layer(i) if cache is not None else None,
-            )
+            layer_cache = cache.layer(i) if cache is not None else None
+            h = layer(h, rot, cu_seqlens=cu_seqlens, key_valid_BK=key_valid, cache=layer_cache)
         if cache is not None:
             cache.advance(s)
         return self.model.norm(h)

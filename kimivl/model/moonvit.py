@@ -16,7 +16,6 @@ import torch.nn.functional as F
 
 from kimivl.config import VisionConfig
 from kimivl.kernels import attention
-from kimivl.model.recompute import run_layer
 
 MAX_GRID = 512  # size of the released RoPE table: grids with h or w >= this are rejected (spec §3 step 3)
 
@@ -179,11 +178,10 @@ class Encoder(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList(EncoderBlock(config) for _ in range(config.num_hidden_layers))
         self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.recompute = False  # activation checkpointing of the blocks in training (KimiVL.set_recompute)
 
     def forward(self, x_NC: torch.Tensor, freqs_NP: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
-            x_NC = run_layer(block, self.recompute, x_NC, freqs_NP, cu_seqlens)
+            x_NC = block(x_NC, freqs_NP, cu_seqlens)
         return self.final_layernorm(x_NC)
 
 

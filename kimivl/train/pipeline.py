@@ -19,6 +19,7 @@ from kimivl.config import KimiVLConfig
 from kimivl.data.formats import content_text, is_text_file, iter_texts
 from kimivl.data.indexed import JsonlRecords
 from kimivl.data.world import ensure_world
+from kimivl.distributed.recompute import apply_recompute, remove_recompute
 from kimivl.eval.position_loss import position_loss
 from kimivl.eval.synthetic import evaluate, heldout_records
 from kimivl.files import write_text_atomic
@@ -221,14 +222,15 @@ def run_stage(
     held = hold_frozen_in_bf16(model) if prepared.hold_frozen_bf16 and use_bf16(model.device, recipe.bf16) else []
     try:
         log.info("stage %s %s", stage.name, memory_plan(prepared.trainee))
-        model.set_recompute(stage.recompute)
+        if stage.recompute:
+            apply_recompute(prepared.trainee)
         return prepared.run(optimizer, scheduler, progress)
     finally:  # the model leaves the stage as it came, even when the stage stops with an error
         optimizer.zero_grad(set_to_none=True)  # gradients and optimiser state go before held weights grow back
         optimizer.state.clear()
         restore_float32(held)
         model.requires_grad_(True)
-        model.set_recompute(False)
+        remove_recompute(prepared.trainee)
 
 
 def evaluate_stage(

@@ -1,7 +1,9 @@
-"""Activation checkpointing (KimiVL.set_recompute): the same loss and gradients, far fewer saved activations."""
+"""Activation checkpointing applied from outside (kimivl.distributed.recompute): the same loss and gradients, far
+fewer saved activations."""
 
 import torch
 
+from kimivl.distributed.recompute import apply_recompute, recomputed, remove_recompute
 from kimivl.train.balance import ExpertLoadTracker
 from tests.model.test_kimivl import image_batch, prompt
 
@@ -37,10 +39,13 @@ def test_recompute_gives_the_same_loss_and_gradients_with_less_saved(tiny_model,
     tiny_model.train()
     batch = packed_batch(tiny_config)
     loss, grads, saved, counts = step(tiny_model, batch)
-    tiny_model.set_recompute(True)
-    assert tiny_model.language_model.recompute and tiny_model.vision_tower.encoder.recompute
+    layers = tiny_config.text_config.num_hidden_layers + tiny_config.vision_config.num_hidden_layers
+    assert apply_recompute(tiny_model) == layers and recomputed(tiny_model)
+    names = [n for n, _ in tiny_model.named_parameters()]
     loss_r, grads_r, saved_r, counts_r = step(tiny_model, batch)
-    tiny_model.set_recompute(False)
+    remove_recompute(tiny_model)
+    assert not recomputed(tiny_model)
+    assert [n for n, _ in tiny_model.named_parameters()] == names  # the module tree is unchanged
     torch.testing.assert_close(loss_r, loss, rtol=0, atol=0)
     assert grads_r.keys() == grads.keys() and len(grads) > 20
     for name in grads:
@@ -51,14 +56,14 @@ def test_recompute_gives_the_same_loss_and_gradients_with_less_saved(tiny_model,
 
 
 def test_recompute_only_where_gradients_flow_and_never_with_a_cache(tiny_model, tiny_config, monkeypatch):
-    import kimivl.model.recompute as recompute
+    import kimivl.distributed.recompute as recompute
     from kimivl.inference.cache import MLACache
 
     calls = []
     real = recompute.checkpoint
     monkeypatch.setattr(recompute, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
     batch = packed_batch(tiny_config)
-    tiny_model.set_recompute(True)
+    apply_recompute(tiny_model)
     with torch.no_grad():
         tiny_model(batch["input_ids"], batch["pixel_values"], batch["image_grid_hws"], cu_seqlens=batch["cu_seqlens"])
     assert not calls
@@ -70,7 +75,7 @@ def test_recompute_only_where_gradients_flow_and_never_with_a_cache(tiny_model, 
     cache = MLACache(tiny_config.text_config, batch=1, max_len=8)
     tiny_model.language_model(tiny_model.embed(ids), cache=cache)  # gradients on, but a cache: prefill as usual
     assert not calls
-    tiny_model.set_recompute(False)
+    remove_recompute(tiny_model)
 
 
 def test_recompute_keeps_the_attention_path_of_its_forward(tiny_model):
@@ -83,11 +88,11 @@ def test_recompute_keeps_the_attention_path_of_its_forward(tiny_model):
     grads = []
     for recompute in (False, True):
         tiny_model.zero_grad()
-        tiny_model.set_recompute(recompute)
+        (apply_recompute if recompute else remove_recompute)(tiny_model)
         with kernels.training_attention():
             loss = tiny_model(ids, labels=ids).loss
         loss.backward()
         grads.append({n: p.grad.clone() for n, p in tiny_model.named_parameters() if p.grad is not None})
-    tiny_model.set_recompute(False)
+    remove_recompute(tiny_model)
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)

@@ -1,0 +1,1 @@
+"""Training across processes on torch.distributed, applied from outside the model (see ``parallelize``)."""
