@@ -261,6 +261,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     import logging
 
+    from kimivl.distributed.world import close_world, init_world
     from kimivl.train.pipeline import run_recipe
     from kimivl.train.recipe import load_recipe
 
@@ -269,26 +270,40 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.bf16 is not None:
         overrides["bf16"] = args.bf16
     recipe = load_recipe(args.recipe, overrides)
+    layout = {key: value for key, value in (("dp_shard", args.dp_shard), ("ep", args.ep)) if value}
+    if layout:
+        recipe.parallel = {**(recipe.parallel or {}), **layout}
     if args.plan:
         from kimivl.train.plan import plan_recipe
 
         print("\n".join(plan_recipe(recipe, progress=True)))
         return 0
-    started = any(recipe.out.glob("*/checkpoints")) or any(recipe.out.glob("*/final"))
-    if started and not args.resume:
-        raise ValueError(
-            f"{recipe.out} already holds a run of this recipe; pass --resume to continue it "
-            "(finished stages are kept) or choose another --out"
-        )
-    from kimivl.train.interrupt import Interrupted
-
+    world = init_world(recipe.parallel, recipe.device)
     try:
-        run_recipe(recipe)
-    except Interrupted as e:
-        again = " ".join(["kimivl train", args.recipe, "--resume", *(["--out", args.out] if args.out else [])])
-        print(f"kimivl train: {e}\nresume with: {again}", file=sys.stderr)
-        return 130
-    return 0
+        recipe.device = world.device if world.active else recipe.device
+        if not world.main:
+            logging.getLogger().setLevel(logging.WARNING)  # rank 0 tells the story
+        started = any(recipe.out.glob("*/checkpoints")) or any(recipe.out.glob("*/final"))
+        world.barrier()  # every rank has looked before any writes
+        if started and not args.resume:
+            raise ValueError(
+                f"{recipe.out} already holds a run of this recipe; pass --resume to continue it "
+                "(finished stages are kept) or choose another --out"
+            )
+        from kimivl.train.interrupt import Interrupted
+
+        try:
+            run_recipe(recipe, world=world)
+        except Interrupted as e:
+            again = " ".join(["kimivl train", args.recipe, "--resume", *(["--out", args.out] if args.out else [])])
+            if world.active:
+                again = f"torchrun (as before) -m {again}"
+            if world.main:
+                print(f"kimivl train: {e}\nresume with: {again}", file=sys.stderr)
+            return 130
+        return 0
+    finally:
+        close_world(world)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -517,6 +532,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print each stage's data and memory plan, then stop (no weights loaded, nothing written)",
     )
+    train.add_argument(
+        "--dp-shard", type=int, help="under torchrun: ranks that shard the weights (default: world size / dp_replicate)"
+    )
+    train.add_argument("--ep", type=int, help="under torchrun: ranks that split each layer's routed experts")
     train.set_defaults(func=cmd_train)
 
     demo = sub.add_parser("demo", help="the shipped kimivl-tiny answering bundled held-out questions")

@@ -16,11 +16,12 @@ from typing import Any, Protocol
 import torch
 from tqdm.auto import tqdm
 
+from kimivl.distributed.world import World
 from kimivl.kernels import training_attention
 from kimivl.model.moe import Router
 from kimivl.precision import autocast
 from kimivl.train.balance import ExpertLoadTracker
-from kimivl.train.interrupt import stop_on_interrupt
+from kimivl.train.interrupt import StopRequest, stop_on_interrupt
 from kimivl.train.metrics import MetricsLog
 from kimivl.train.state import TrainState
 from kimivl.train.step import TrainingError, check_loss, optimizer_step
@@ -73,25 +74,43 @@ def train_loop(
     resume: bool = True,
     progress: bool = True,
     validate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+    world: World | None = None,
 ) -> dict[str, float]:
     """Run ``cfg.steps`` optimizer steps of one stage under ``run_dir/stage``; resume from its latest checkpoint
     when there is one. ``loss_fn(model, batch)`` returns (loss, metrics, tokens). Each step back-propagates
     ``cfg.accum`` batches, each loss weighing 1/accum (their logged loss and metrics are the mean, tokens the sum).
     ``validate(model)``, every ``cfg.val_every`` steps and after the last, adds its metrics (e.g. a held-out loss) to
-    that step's. Returns the last metrics."""
+    that step's. Returns the last metrics.
+
+    Across the ranks of a sharded ``world`` a step's ``cfg.accum`` batches are the same as in one process: rank r
+    trains batches r, r + size, ... of them (so ``accum`` must be a multiple of the world size); losses, token counts
+    and expert loads are summed over ranks, and rank 0 alone shows progress and writes metrics."""
+    world = world or World()
+    if cfg.accum % world.dp_size:
+        raise ValueError(
+            f"{stage}: accum ({cfg.accum} batches per step over all ranks) must be a multiple of the "
+            f"{world.dp_size} data-parallel ranks"
+        )
     state = TrainState(
-        Path(run_dir) / stage / "checkpoints", stage, model, optimizer, scheduler, keep=cfg.keep_checkpoints
+        Path(run_dir) / stage / "checkpoints",
+        stage,
+        model,
+        optimizer,
+        scheduler,
+        keep=cfg.keep_checkpoints,
+        world=world,
     )
     if resume:
         state.resume()
-    device = next(model.parameters()).device
+    device = torch.device(world.device) if world.active else next(model.parameters()).device
     last: dict[str, float] = {}
     tokens_seen, t0 = 0, time.perf_counter()
+    progress = progress and world.main
     bar = tqdm(total=cfg.steps, initial=state.step, desc=stage, disable=not progress, unit="step", dynamic_ncols=True)
     model.train()
     moe = any(isinstance(m, Router) for m in model.modules())
     with (
-        MetricsLog(run_dir, stage, start=state.step) as metrics,
+        MetricsLog(run_dir, stage, start=state.step) if world.main else _NoMetrics() as metrics,
         stop_on_interrupt() as stop,
         ExpertLoadTracker(model) if moe else contextlib.nullcontext() as tracker,
     ):
@@ -99,7 +118,7 @@ def train_loop(
         while state.step < cfg.steps:
             where = f"{stage}: step {state.step + 1}"
             micro = []
-            for _ in range(cfg.accum):
+            for j in range(cfg.accum):
                 try:
                     batch, next_position = next(batches)
                 except Exception as e:  # bad data: keep the progress made, resume once the data is fixed
@@ -107,7 +126,8 @@ def train_loop(
                         f"{stage}: no batch for step {state.step + 1}: {e}; the state before it is "
                         f"saved at {state.save()} (fix the data, then resume)"
                     ) from e
-                micro.append(batch)
+                if j % world.dp_size == world.rank:
+                    micro.append(batch)
             optimizer.zero_grad(set_to_none=True)
             losses, metered, n_tokens = [], [], 0
             for batch in micro:
@@ -118,10 +138,12 @@ def train_loop(
                 losses.append(loss.detach())
                 metered.append(values)
                 n_tokens += n
-            loss = torch.stack(losses).mean()
-            values = {k: sum(v[k] for v in metered) / len(metered) for k in metered[0]}
-            grad_norm = optimizer_step(model, optimizer, cfg.clip, where, state.last_good)
+            loss, values, n_tokens = _over_ranks(losses, metered, n_tokens, world)
+            grad_norm = optimizer_step(model, optimizer, cfg.clip, where, state.last_good, world)
             scheduler.step()
+            if moe and world.active:
+                for counts in tracker.counts.values():
+                    world.sum(counts)
             imbalance = max(tracker.imbalance().values(), default=1.0) if moe else None
             if moe and cfg.bias_update_rate:
                 tracker.update_biases(cfg.bias_update_rate)
@@ -150,6 +172,44 @@ def train_loop(
                 metrics.write(step, last)
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
                 state.save()
-            state.stop_if_asked(stop, cfg.steps)
+            state.stop_if_asked(_agreed(stop, world), cfg.steps)
     bar.close()
     return last
+
+
+def _over_ranks(
+    losses: list[torch.Tensor], metered: list[dict[str, float]], n_tokens: int, world: World
+) -> tuple[torch.Tensor, dict[str, float], int]:
+    """The step's mean loss and metrics over all its batches, and its tokens, summed over the ranks."""
+    keys = sorted(metered[0])
+    device = losses[0].device
+    local = [torch.stack(losses).float().sum()] + [torch.tensor(sum(v[k] for v in metered)) for k in keys]
+    totals = world.sum(
+        torch.stack(
+            [t.to(device, torch.float64) for t in local] + [torch.tensor(n_tokens, device=device, dtype=torch.float64)]
+        )
+    )
+    batches = len(losses) * world.dp_size
+    return (
+        (totals[0] / batches).float(),
+        {k: float(totals[i + 1]) / batches for i, k in enumerate(keys)},
+        int(totals[-1]),
+    )
+
+
+def _agreed(stop: StopRequest, world: World) -> StopRequest:
+    """Ctrl-C reaches the ranks at different moments: they stop after the same step when any of them was asked."""
+    if world.active:
+        flag = world.sum(torch.tensor(float(stop.requested), device=world.device))
+        stop.requested = bool(flag > 0)
+    return stop
+
+
+class _NoMetrics(contextlib.nullcontext):
+    """The metrics log of ranks other than 0."""
+
+    def __enter__(self):
+        return self
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        pass

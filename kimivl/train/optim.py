@@ -6,11 +6,13 @@ Muon step for a matrix W (rows m, cols n) with gradient G, lr, weight decay wd, 
 NS5 is the quintic Newton-Schulz iteration that pushes every singular value of U / |U|_F towards 1 (to roughly
 0.7..1.2); the 0.2 * sqrt(max(m, n)) factor gives the update the RMS of a typical AdamW update (Moonlight), so one
 lr and one weight decay serve both algorithms. Tensors with more than two dims are stacks of matrices over their
-leading dims (the grouped experts, (E, out, in)) and every matrix is orthogonalised on its own.
+leading dims (the grouped experts, (E, out, in)) and every matrix is orthogonalised on its own. Parameters sharded
+by FSDP (DTensors) get the same update: see ``kimivl.distributed.muon``.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 
@@ -18,6 +20,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from kimivl.distributed.muon import local, orthogonalize_sharded, row_sharded
 from kimivl.model.moe import GroupedExperts
 from kimivl.model.moonvit import PositionEmbedding
 
@@ -108,40 +111,79 @@ class MuonAdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        sharded = []  # Muon matrices whose rows FSDP split over ranks: orthogonalised by an owner rank each
         for group in self.param_groups:
-            update = self._muon if group["algorithm"] == "muon" else self._adamw
             for p in group["params"]:
-                if p.grad is not None:
-                    if p.grad.is_sparse:
-                        raise RuntimeError("MuonAdamW does not support sparse gradients")
-                    update(p, group)
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("MuonAdamW does not support sparse gradients")
+                if group["algorithm"] == "adamw":
+                    self._adamw(p, group)
+                    continue
+                u = self._momentum(p, group)
+                if row_sharded(p):
+                    sharded.append((p, group, u))
+                else:
+                    self._apply_muon(p, group, self._orthogonalize(u, group))
+        if sharded:
+            orthogonalized = orthogonalize_sharded(
+                [(p, u, functools.partial(self._orthogonalize, group=g)) for p, g, u in sharded]
+            )
+            for (p, group, _), o in zip(sharded, orthogonalized):
+                self._apply_muon(p, group, o)
         return loss
 
-    def _muon(self, p: torch.Tensor, group: dict) -> None:
+    def init_state(self) -> None:
+        """Create the state of every parameter that has none, as its first step would (to load a checkpoint into)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._state(p, group)
+
+    def _state(self, p: torch.Tensor, group: dict) -> dict:
+        """``p``'s state, created at its start when it has none."""
         state = self.state[p]
-        if "momentum_buffer" not in state:
+        if not state and group["algorithm"] == "muon":
             state["momentum_buffer"] = torch.zeros_like(p)
-        buf, mu = state["momentum_buffer"], group["momentum"]
-        buf.mul_(mu).add_(p.grad)
-        u = p.grad.add(buf, alpha=mu) if group["nesterov"] else buf
-        u = u.unflatten(-2, (group["chunks"], -1))
-        o = newton_schulz(u, group["ns_steps"], group["ns_coefficients"], dtype=getattr(torch, group["ns_dtype"]))
-        scale = RMS_MATCH * math.sqrt(max(o.shape[-2:]))
-        p.mul_(1 - group["lr"] * group["weight_decay"])
-        p.add_(o.reshape(p.shape).to(p.dtype), alpha=-group["lr"] * scale)
+        elif not state:
+            state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+        return state
+
+    def _momentum(self, p: torch.Tensor, group: dict) -> torch.Tensor:
+        """Update the momentum buffer; returns this rank's part of U (Nesterov or plain momentum)."""
+        buf, grad, mu = local(self._state(p, group)["momentum_buffer"]), local(p.grad), group["momentum"]
+        buf.mul_(mu).add_(grad)
+        return grad.add(buf, alpha=mu) if group["nesterov"] else buf
+
+    @staticmethod
+    def _orthogonalize(u: torch.Tensor, group: dict) -> torch.Tensor:
+        """NS5 of each of the ``chunks`` row blocks of each matrix of ``u``, in ``u``'s shape."""
+        o = newton_schulz(
+            u.unflatten(-2, (group["chunks"], -1)),
+            group["ns_steps"],
+            group["ns_coefficients"],
+            dtype=getattr(torch, group["ns_dtype"]),
+        )
+        return o.reshape(u.shape)
+
+    @staticmethod
+    def _apply_muon(p: torch.Tensor, group: dict, o: torch.Tensor) -> None:
+        scale = RMS_MATCH * math.sqrt(max(p.shape[-2] // group["chunks"], p.shape[-1]))
+        w = local(p)
+        w.mul_(1 - group["lr"] * group["weight_decay"])
+        w.add_(o.to(w.dtype), alpha=-group["lr"] * scale)
 
     def _adamw(self, p: torch.Tensor, group: dict) -> None:
-        state = self.state[p]
-        if not state:
-            state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
-        (b1, b2), lr, g = group["betas"], group["lr"], p.grad
+        state = self._state(p, group)
+        (b1, b2), lr, g, w = group["betas"], group["lr"], local(p.grad), local(p)
         state["step"] += 1
         t = state["step"]
-        state["exp_avg"].lerp_(g, 1 - b1)
-        state["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
-        denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - b2**t)).add_(group["eps"])
-        p.mul_(1 - lr * group["weight_decay"])
-        p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - b1**t))
+        exp_avg, exp_avg_sq = local(state["exp_avg"]), local(state["exp_avg_sq"])
+        exp_avg.lerp_(g, 1 - b1)
+        exp_avg_sq.mul_(b2).addcmul_(g, g, value=1 - b2)
+        denom = (exp_avg_sq.sqrt() / math.sqrt(1 - b2**t)).add_(group["eps"])
+        w.mul_(1 - lr * group["weight_decay"])
+        w.addcdiv_(exp_avg, denom, value=-lr / (1 - b1**t))
 
 
 GROUPS = ("muon", "muon_gate_up", "adamw", "adamw_no_decay")

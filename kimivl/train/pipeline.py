@@ -4,6 +4,7 @@ recipe, can start from; a re-run skips finished stages and resumes an interrupte
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -19,7 +20,10 @@ from kimivl.config import KimiVLConfig
 from kimivl.data.formats import content_text, is_text_file, iter_texts
 from kimivl.data.indexed import JsonlRecords
 from kimivl.data.world import ensure_world
+from kimivl.distributed.gather import full_state
+from kimivl.distributed.parallelize import parallelize
 from kimivl.distributed.recompute import apply_recompute, remove_recompute
+from kimivl.distributed.world import World, main_first
 from kimivl.eval.position_loss import position_loss
 from kimivl.eval.synthetic import evaluate, heldout_records
 from kimivl.files import write_text_atomic
@@ -203,13 +207,20 @@ def run_stage(
     processor: KimiVLProcessor,
     sources: Sources,
     progress: bool = True,
+    world: World | None = None,
 ) -> dict[str, float]:
-    """Train ``model`` through one stage (resuming it if interrupted)."""
+    """Train ``model`` through one stage (resuming it if interrupted). With a sharded ``world`` what the stage trains
+    is sharded first (``kimivl.distributed.parallelize``), and ``model`` stays sharded afterwards."""
+    world = world or World()
     if stage.rope_theta is not None:
         model.config.text_config.rope_theta = float(stage.rope_theta)
-    prepared = prepare(stage, StageContext(recipe, sources, processor), model)
+    prepared = prepare(stage, StageContext(recipe, sources, processor, world), model)
     log.info("%s", prepared.data_line)
     prepared.setup()
+    if world.active:
+        parallelize(prepared.trainee, world, recompute=stage.recompute)
+    elif stage.recompute:
+        apply_recompute(prepared.trainee)
     optimizer = build_optimizer(
         prepared.trainee,
         lr=stage.lr,
@@ -219,11 +230,10 @@ def run_stage(
     )
     scheduler = stage_scheduler(recipe, stage, optimizer)
     # under bf16 autocast, frozen weights of a bfloat16 checkpoint train as they would in float32, in half the memory
-    held = hold_frozen_in_bf16(model) if prepared.hold_frozen_bf16 and use_bf16(model.device, recipe.bf16) else []
+    hold = prepared.hold_frozen_bf16 and not world.active and use_bf16(model.device, recipe.bf16)
+    held = hold_frozen_in_bf16(model) if hold else []
     try:
         log.info("stage %s %s", stage.name, memory_plan(prepared.trainee))
-        if stage.recompute:
-            apply_recompute(prepared.trainee)
         return prepared.run(optimizer, scheduler, progress)
     finally:  # the model leaves the stage as it came, even when the stage stops with an error
         optimizer.zero_grad(set_to_none=True)  # gradients and optimiser state go before held weights grow back
@@ -315,47 +325,72 @@ def _export(recipe: Recipe, model: KimiVL, processor: KimiVLProcessor, path: Pat
     log.info("exported %s", path)
 
 
-def run_recipe(recipe: Recipe, progress: bool = True) -> KimiVL:
+def run_recipe(recipe: Recipe, progress: bool = True, world: World | None = None) -> KimiVL:
     """Run every stage not yet finished; export the final model when the recipe asks for it. One run at a time holds
-    ``recipe.out``."""
+    ``recipe.out``. Under torchrun every rank calls this with its ``world``: rank 0 alone builds data, evaluates,
+    writes checkpoints in the official format, exports, logs and plots; the others wait for it where they must."""
+    world = world or World()
     base_dir = base_checkpoint(recipe)
     export = check_export(recipe)
-    with run_lock(recipe.out):
-        model, processor = _run_stages(recipe, base_dir, progress)
-        if export is not None:
+    with run_lock(recipe.out) if world.main else contextlib.nullcontext():
+        model, processor = _run_stages(recipe, base_dir, progress and world.main, world)
+        if export is not None and world.main:
             _export(recipe, model, processor, export)
+    world.barrier()
     return model.eval()
 
 
-def _run_stages(recipe: Recipe, base_dir: Path | None, progress: bool) -> tuple[KimiVL, KimiVLProcessor]:
+def _run_stages(recipe: Recipe, base_dir: Path | None, progress: bool, world: World) -> tuple[KimiVL, KimiVLProcessor]:
     recipe.out.mkdir(parents=True, exist_ok=True)
-    if recipe.world is not None:
-        ensure_world(recipe.out / "world", progress=progress, **recipe.world)
-    sources = Sources(recipe, progress)
-    if recipe.eval:  # a held-out split that cannot be scored fails now, not after the first stage
-        heldout_records(recipe.out / recipe.eval["split"], recipe.eval.get("limit"))
-    processor = KimiVLProcessor(recipe_tokenizer(recipe, sources, base_dir))
+    with main_first(world, recipe.out / ".prepare.lock"):  # the others then reuse the world and tokenizer built
+        if recipe.world is not None:
+            ensure_world(recipe.out / "world", progress=progress, **recipe.world)
+        sources = Sources(recipe, progress)
+        if recipe.eval:  # a held-out split that cannot be scored fails now, not after the first stage
+            heldout_records(recipe.out / recipe.eval["split"], recipe.eval.get("limit"))
+        processor = KimiVLProcessor(recipe_tokenizer(recipe, sources, base_dir))
     model = _base_model(recipe, processor.tokenizer)
     log.info("%s", compute_line(recipe))
     for stage in recipe.stages:
         stage.check_model(model)
-    if (recipe.eval or {}).get("base") and not (recipe.out / "eval" / "base.json").is_file():
-        evaluate_stage(recipe, "base", model, processor, progress)
+    with main_first(world, recipe.out / ".eval.lock") as first:
+        if first and (recipe.eval or {}).get("base") and not (recipe.out / "eval" / "base.json").is_file():
+            evaluate_stage(recipe, "base", model, processor, progress)
     for stage in recipe.stages:
         final = recipe.out / stage.name / FINAL
         finished = (final / "config.json").is_file()
+        world.barrier()  # every rank has looked before rank 0 may write it
         if finished:
             log.info("stage %s already finished; loading %s", stage.name, final)
             model = KimiVL.from_pretrained(final, dtype=torch.float32, device=recipe.device)
         else:
             log.info("stage %s: %d steps", stage.name, stage.steps)
-            run_stage(recipe, stage, model, processor, sources, progress)
-            _save_final(model, processor, final)
+            run_stage(recipe, stage, model, processor, sources, progress, world)
+            model = _finish_stage(model, processor, final, world, recipe.device)
         # a finished stage is evaluated again only when a kill cut its evaluation short (position_loss comes last)
         evaluated = finished and (recipe.out / "eval" / f"{stage.name}.position_loss.json").is_file()
-        if stage.name in (recipe.eval or {}).get("after", []) and not evaluated:
-            evaluate_stage(recipe, stage.name, model, processor, progress)
+        with main_first(world, recipe.out / ".eval.lock") as first:
+            if first and stage.name in (recipe.eval or {}).get("after", []) and not evaluated:
+                evaluate_stage(recipe, stage.name, model, processor, progress)
     metrics = recipe.out / "metrics.jsonl"
-    if metrics.is_file():
+    if metrics.is_file() and world.main:
         plot_curves(metrics, recipe.out / "curves.png", keys=("loss", "val_loss"))
     return model, processor
+
+
+def _finish_stage(model: KimiVL, processor: KimiVLProcessor, final: Path, world: World, device: str) -> KimiVL:
+    """Write the stage's official-format checkpoint; a sharded model is gathered (rank 0 writes) and every rank goes
+    on with the whole model read back from it."""
+    if not world.active:
+        _save_final(model, processor, final)
+        return model
+    state = full_state(model, world)
+    if world.main:
+        with torch.device("meta"):
+            whole = KimiVL(model.config)
+        whole = whole.to_empty(device="cpu")
+        whole.load_state_dict(state, assign=True)
+        _save_final(whole, processor, final)
+        del whole, state
+    world.barrier()
+    return KimiVL.from_pretrained(final, dtype=torch.float32, device=device)

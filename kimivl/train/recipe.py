@@ -12,6 +12,7 @@ world: {seed: 0, train: 4000, heldout: 300}   # optional: build the synthetic wo
 sources: {caption: world/train/caption.jsonl, text: world/train/text.jsonl}   # name -> JSONL (relative to out/)
 schedule: {warmup: 50, decay_stages: [cooldown]}   # one warm-up/stable/decay LR curve over 'continue' stages
 export: {path: models/kimivl-tiny, dtype: bfloat16}
+parallel: {dp_shard: 2, ep: 2}        # optional, under torchrun: shard weights over 2 ranks, split experts over 2
 eval: {after: [sft], split: world/heldout, limit: 50}   # held-out accuracy -> out/eval/<stage>.json
                                       # (base: true also evaluates the base model first -> out/eval/base.json)
 stages:
@@ -66,6 +67,7 @@ class Recipe:
     eval: dict[str, Any] | None = None  # {after: [stage, ...], split: DIR of <task>.jsonl, limit: N per task, base}
     device: str = "cpu"  # where the model trains: "cuda", "cuda:1", ...
     bf16: bool | None = None  # bf16 autocast; None: where the device multiplies bf16 fast (kimivl.precision)
+    parallel: dict[str, int] | None = None  # {dp_shard: N, ep: M, dp_replicate: R, timeout: s} (kimivl.distributed)
 
     def __post_init__(self):
         self.tokenizer = {} if self.tokenizer is None else self.tokenizer  # an empty `tokenizer:` in YAML
@@ -106,6 +108,7 @@ class Recipe:
         _check_device(self.device)
         if not (self.bf16 is None or isinstance(self.bf16, bool)):
             raise RecipeError(f"bf16 is true, false or null (where the device multiplies bf16 fast), got {self.bf16!r}")
+        check_parallel(self.parallel)
         for s in self.stages:
             s.check_recipe(self)
 
@@ -120,6 +123,20 @@ def integer(value: Any) -> bool:
 
 def number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+PARALLEL_KEYS = ("dp_shard", "ep", "dp_replicate", "timeout")
+
+
+def check_parallel(parallel: Any) -> None:
+    """A recipe's ``parallel`` mapping: positive integers under the known keys (``kimivl.distributed.world``)."""
+    if parallel is None:
+        return
+    if not isinstance(parallel, dict) or set(parallel) - set(PARALLEL_KEYS):
+        raise RecipeError(f"parallel is a mapping of {list(PARALLEL_KEYS)}, got {parallel!r}")
+    for key, value in parallel.items():
+        if value is not None and (not integer(value) or value < 1):
+            raise RecipeError(f"parallel.{key} must be an integer >= 1, got {value!r}")
 
 
 def _check_device(name: Any) -> None:

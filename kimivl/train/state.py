@@ -23,6 +23,8 @@ import numpy as np
 import torch
 
 from kimivl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from kimivl.distributed.checkpoint import is_sharded, load_sharded, save_sharded
+from kimivl.distributed.world import World
 from kimivl.files import write_text_atomic
 from kimivl.train.interrupt import Interrupted, StopRequest
 from kimivl.train.step import TrainingError
@@ -86,6 +88,37 @@ def save_state(ckpt_dir: str | os.PathLike, model, trainer: dict[str, Any], keep
     return final
 
 
+def save_state_sharded(
+    ckpt_dir: str | os.PathLike, model, optimizer, trainer: dict[str, Any], world: World, keep: int = 2
+) -> Path:
+    """``save_state`` for a sharded model, on every rank together: weights and optimiser state by DCP
+    (``kimivl.distributed.checkpoint``), ``trainer`` by rank 0, each rank's RNG state beside them."""
+    root = Path(ckpt_dir)
+    name = f"step-{trainer['step']:07d}"
+    tmp, final = root / f".{name}.tmp", root / name
+    try:
+        if world.main:
+            root.mkdir(parents=True, exist_ok=True)
+        save_sharded(tmp, model, optimizer, world)
+        torch.save(rng_state(), tmp / f"rng-{world.rank}.pt")
+        world.barrier()
+        if world.main:
+            torch.save(trainer, tmp / TRAINER_FILE)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            write_text_atomic(root / LATEST, name + "\n")
+            older = sorted(p for p in root.glob("step-*") if p.name != name)
+            for old in older[: max(0, len(older) - (keep - 1))]:
+                shutil.rmtree(old, ignore_errors=True)
+            log.info("checkpoint %s written", final)
+    except OSError as e:
+        if world.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise TrainingError(f"checkpoint {final} not written: {e}") from e
+    world.barrier()
+    return final
+
+
 def latest_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
     pointer = Path(ckpt_dir) / LATEST
     if not pointer.is_file():
@@ -104,6 +137,15 @@ def load_state(path: str | os.PathLike, model) -> dict[str, Any]:
     return trainer
 
 
+def load_state_sharded(path: Path, model, optimizer, world: World) -> dict[str, Any]:
+    """``load_state`` for a sharded model, on every rank: its shards of weights and optimiser state, its RNG state
+    (rank 0's when the saving run had fewer ranks); returns the trainer dict."""
+    load_sharded(path, model, optimizer, world)
+    rng = path / f"rng-{world.rank}.pt"
+    set_rng_state(torch.load(rng if rng.is_file() else path / "rng-0.pt", weights_only=True))
+    return torch.load(path / TRAINER_FILE, map_location="cpu", weights_only=True)
+
+
 @dataclass
 class TrainState:
     """What a stage saves and resumes: the model, optimizer and scheduler, the step, the data position, and any other
@@ -117,6 +159,7 @@ class TrainState:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     extras: dict[str, Any] = field(default_factory=dict)
     keep: int = 2
+    world: World = field(default_factory=World)  # a sharded world saves and resumes with DCP
     step: int = 0
     position: int = 0
     saved: Path | None = None  # the checkpoint of the current step; None while the step has progress not on disk
@@ -126,9 +169,19 @@ class TrainState:
         found = latest_checkpoint(self.ckpt_dir)
         if found is None:
             return None
-        state = load_state(found, self.model)
+        if is_sharded(found) != self.world.active:
+            wrote, runs = ("a sharded", "one process") if is_sharded(found) else ("a one-process", "sharded")
+            raise TrainingError(
+                f"{self.stage}: {found} is {wrote} run's checkpoint, and this run is {runs}: resume it as it was "
+                "launched (torchrun and parallel, or neither), or start the stage afresh"
+            )
+        if self.world.active:
+            state = load_state_sharded(found, self.model, self.optimizer, self.world)
+        else:
+            state = load_state(found, self.model)
         try:
-            self.optimizer.load_state_dict(state["optimizer"])
+            if not self.world.active:
+                self.optimizer.load_state_dict(state["optimizer"])
         except ValueError as e:
             raise TrainingError(
                 f"{self.stage}: the optimiser state in {found} does not fit the parameters this run "
@@ -149,18 +202,19 @@ class TrainState:
     def save(self) -> Path:
         """A checkpoint of the current step (written once)."""
         if self.saved is None:
-            self.saved = save_state(
-                self.ckpt_dir,
-                self.model,
-                {
-                    "step": self.step,
-                    "position": self.position,
-                    "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(),
-                    **{n: p.state_dict() for n, p in self.extras.items()},
-                },
-                keep=self.keep,
-            )
+            trainer = {
+                "step": self.step,
+                "position": self.position,
+                "scheduler": self.scheduler.state_dict(),
+                **{n: p.state_dict() for n, p in self.extras.items()},
+            }
+            if self.world.active:
+                self.saved = save_state_sharded(
+                    self.ckpt_dir, self.model, self.optimizer, trainer, self.world, keep=self.keep
+                )
+            else:
+                trainer["optimizer"] = self.optimizer.state_dict()
+                self.saved = save_state(self.ckpt_dir, self.model, trainer, keep=self.keep)
         return self.saved
 
     def stop_if_asked(self, request: StopRequest, total: int) -> None:

@@ -7,7 +7,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 from torch import nn
+
+from kimivl.distributed.muon import local
+from kimivl.distributed.world import World
 
 
 class TrainingError(RuntimeError):
@@ -27,18 +31,31 @@ def check_loss(loss: torch.Tensor, where: str, last_good: LastGood) -> None:
 
 
 def optimizer_step(
-    model: nn.Module, optimizer: torch.optim.Optimizer, clip: float, where: str, last_good: LastGood
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    clip: float,
+    where: str,
+    last_good: LastGood,
+    world: World | None = None,
 ) -> torch.Tensor:
     """Clip the trained parameters' gradients to norm ``clip``, step ``optimizer``, check the updated weights; returns
     the gradient norm before clipping. A non-finite gradient norm stops the run before the update; weights made
-    non-finite by it (e.g. by a learning rate far too high) stop it after, naming them."""
+    non-finite by it (e.g. by a learning rate far too high) stop it after, naming them. With a sharded ``world`` the
+    norms are over the whole model (every rank's shards) and every rank decides alike."""
+    world = world or World()
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in named], clip)
+    grads = [p.grad for _, p in named if p.grad is not None]
+    grad_norm = total_norm(grads, world)
     if not torch.isfinite(grad_norm):
         raise TrainingError(f"{where}: gradient norm is {grad_norm.item()}; the last good state is {last_good(True)}")
+    coefficient = torch.clamp(clip / (grad_norm + 1e-6), max=1.0)  # as torch.nn.utils.clip_grad_norm_
+    for g in grads:
+        local(g).mul_(coefficient.to(g.dtype))
     optimizer.step()
-    if not torch.isfinite(torch.nn.utils.get_total_norm([p.detach() for _, p in named])):
-        bad = [name for name, p in named if not torch.isfinite(p.detach()).all()]
+    if not torch.isfinite(total_norm([p.detach() for _, p in named], world)):
+        bad = [name for name, p in named if not torch.isfinite(local(p.detach())).all()]
+        if world.active:
+            bad = _gathered(bad)
         if bad:  # (else the norm overflowed on huge, finite weights)
             raise TrainingError(
                 f"{where}: the update made {len(bad)} weight tensors non-finite ({', '.join(bad[:3])}"
@@ -46,3 +63,22 @@ def optimizer_step(
                 f"state is {last_good(False)}"
             )
     return grad_norm
+
+
+def total_norm(tensors: list[torch.Tensor], world: World) -> torch.Tensor:
+    """The 2-norm of all ``tensors`` together, float32; shards of a sharded model count once (each replica group
+    holds one copy)."""
+    if not world.active:
+        return torch.nn.utils.get_total_norm(tensors).float()
+    device = torch.device(world.device)
+    squares = torch.zeros((), dtype=torch.float32, device=device)
+    for t in tensors:
+        squares += local(t).float().square().sum().to(device)
+    return (world.sum(squares) / world.dp_replicate).sqrt()
+
+
+def _gathered(names: list[str]) -> list[str]:
+    """Every rank's ``names``, in rank order, without repeats."""
+    every: list[list[str]] = [[] for _ in range(dist.get_world_size())]
+    dist.all_gather_object(every, names)
+    return list(dict.fromkeys(n for part in every for n in part))

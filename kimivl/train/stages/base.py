@@ -13,6 +13,7 @@ from PIL import Image
 from torch import nn
 
 from kimivl.data.formats import DataError
+from kimivl.distributed.world import World
 from kimivl.train.loop import LoopConfig
 from kimivl.train.recipe import PARTS, RecipeError, integer, number
 from kimivl.train.trainable import set_trainable
@@ -170,11 +171,12 @@ def loop_config(stage: StageSettings, recipe: Recipe, **more) -> LoopConfig:
 
 @dataclass
 class StageContext:
-    """What a stage prepares from besides the model: the recipe, its data sources and the processor."""
+    """What a stage prepares from besides the model: the recipe, its data sources, the processor and the ranks."""
 
     recipe: Recipe
     sources: Sources
     processor: KimiVLProcessor
+    world: World = field(default_factory=World)
 
 
 @dataclass

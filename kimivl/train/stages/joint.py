@@ -173,6 +173,7 @@ def prepare(stage: JointStage, ctx: StageContext, model) -> Prepared:
             stage.name,
             progress=progress,
             validate=validate,
+            world=ctx.world,
         )
 
     return Prepared(model, line, run, setup, hold_frozen_bf16=True)

@@ -65,6 +65,11 @@ def _no_problem(record: dict) -> str | None:
 
 
 def prepare(stage: RLStage, ctx: StageContext, model) -> Prepared:
+    if ctx.world.active:
+        raise RecipeError(
+            f"stage {stage.name!r}: rl stages run in one process so far; run them without torchrun (a recipe of the "
+            "rl stage alone, from the sharded run's exported model)"
+        )
     cfg = rl_config(ctx.recipe, stage)
     check_problems(stage, ctx)
     stage.freeze_model(model)

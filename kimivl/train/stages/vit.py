@@ -95,6 +95,17 @@ def prepare(stage: ViTStage, ctx: StageContext, model) -> Prepared:
             Concat([sources.items[name] for name in stage.sources]), ctx.processor, stage.images_per_batch, recipe.seed
         )
         cfg = loop_config(stage, recipe)
-        return train_loop(trainee, vit_loss, data, optimizer, scheduler, cfg, recipe.out, stage.name, progress=progress)
+        return train_loop(
+            trainee,
+            vit_loss,
+            data,
+            optimizer,
+            scheduler,
+            cfg,
+            recipe.out,
+            stage.name,
+            progress=progress,
+            world=ctx.world,
+        )
 
     return Prepared(trainee, line, run)

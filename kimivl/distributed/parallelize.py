@@ -1,0 +1,52 @@
+"""Parallelism applied to a built model from outside, in this order:
+
+1. expert parallelism (``ep`` > 1): each MoE layer keeps its expert group's share of the routed experts and sends
+   tokens to them (``expert_parallel``);
+2. activation checkpointing of decoder layers and vision blocks (``recompute``);
+3. FSDP2 ``fully_shard``: with ``ep`` > 1 the local experts of each MoE layer over the ranks that hold the same
+   experts; each decoder layer; each vision block; then the root (embeddings, head, projector, the rest). Every
+   parameter is sharded along dim 0, so a rank holds whole experts of a stack (Muon orthogonalises them locally).
+
+Experts come first because FSDP must shard the local experts, not all of them; checkpointing comes before FSDP so
+that the recomputed forward runs inside the FSDP unit, whose weights are gathered again for backward.
+
+Weights stay float32 (master weights), gathered in float32, gradients reduced in float32; the compute dtype is set
+as in one process, by bf16 autocast where the device multiplies bf16 fast, so a sharded step does the arithmetic of
+a single-process one. Routers keep their float32 weights and bias (buffers are not sharded: every rank holds the
+bias, and moves it with the globally summed expert load).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.distributed.fsdp import fully_shard
+
+from kimivl.distributed.recompute import LAYERS, apply_recompute
+from kimivl.distributed.world import World
+from kimivl.model.moe import GroupedExperts
+
+
+def parallelize(model: nn.Module, world: World, recompute: bool = False) -> nn.Module:
+    """Shard ``model`` (in place) over ``world``'s mesh; returns it."""
+    if world.ep > 1:
+        from kimivl.distributed.expert_parallel import apply_expert_parallel
+
+        apply_expert_parallel(model, world.ep_group())
+    if recompute:
+        apply_recompute(model)
+    mesh = world.fsdp_mesh()
+    for experts in [m for m in model.modules() if isinstance(m, GroupedExperts)] if world.ep > 1 else []:
+        fully_shard(experts, mesh=world.expert_fsdp_mesh())
+        # a local expert's gradient already sums the tokens of its whole expert group: average over every rank
+        experts.set_gradient_divide_factor(float(world.size))
+    for layer in [m for m in model.modules() if isinstance(m, LAYERS)]:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh, reshard_after_forward=False)  # backward needs the root's weights right away
+    return model
+
+
+def sharded(model: nn.Module) -> bool:
+    """Whether ``parallelize`` has been applied to ``model``."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)

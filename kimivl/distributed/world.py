@@ -1,0 +1,162 @@
+"""The processes of a run and how they split the work: ``parallel: {dp_shard: N, ep: M, dp_replicate: R}``.
+
+Every rank trains its own rows. R groups of N ranks each hold one copy of the weights, sharded over the group's N
+ranks (FSDP2; R > 1 is hybrid sharding, e.g. one group per node); within a group, M ranks (M divides N) split each
+MoE layer's routed experts. The world size must be N x R. Ranks lie on the mesh in the order
+(``dp_replicate``, ``dp_shard_mod_ep``, ``ep``), so the M ranks of an expert group are neighbours (one node).
+
+A run launched without torchrun, and without ``parallel``, is one process exactly as before (``World()``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import fcntl
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from kimivl.train.recipe import RecipeError, check_parallel
+
+log = logging.getLogger(__name__)
+DEFAULT_TIMEOUT = 600  # seconds a collective waits for a dead or stuck rank before the job ends with an error
+
+
+@dataclass
+class World:
+    """This process's place in the run. ``World()`` is one process, no torch.distributed."""
+
+    rank: int = 0
+    size: int = 1
+    dp_shard: int = 1
+    ep: int = 1
+    dp_replicate: int = 1
+    device: str = "cpu"
+    mesh: Any = None  # DeviceMesh (dp_replicate, dp_shard)
+    ep_mesh: Any = None  # the same ranks as (dp_replicate, dp_shard_mod_ep, ep)
+
+    @property
+    def active(self) -> bool:
+        """Whether torch.distributed runs (even on one rank: the sharded code path)."""
+        return self.mesh is not None
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one that writes logs, metrics, plots and progress."""
+        return self.rank == 0
+
+    @property
+    def dp_size(self) -> int:
+        """Ranks that train their own rows: all of them."""
+        return self.size
+
+    def fsdp_mesh(self):
+        """The mesh the non-expert weights shard over: ``dp_shard`` (1-D), or (``dp_replicate``, ``dp_shard``)."""
+        return self.mesh["dp_shard"] if self.dp_replicate == 1 else self.mesh
+
+    def expert_fsdp_mesh(self):
+        """The mesh an expert group's local experts shard over (the ranks holding the same experts)."""
+        if self.dp_replicate == 1:
+            return self.ep_mesh["dp_shard_mod_ep"]
+        return self.ep_mesh["dp_replicate", "dp_shard_mod_ep"]
+
+    def ep_group(self):
+        return self.ep_mesh["ep"].get_group()
+
+    @property
+    def ep_rank(self) -> int:
+        """This rank's place in its expert group."""
+        return self.ep_mesh["ep"].get_local_rank() if self.active else 0
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """All-reduce ``t`` in place (sum over every rank); returns it."""
+        if self.active:
+            dist.all_reduce(t)
+        return t
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+
+@contextlib.contextmanager
+def main_first(world: World, lock: Path) -> Iterator[bool]:
+    """Rank 0 runs the block first (building data, training a tokenizer, evaluating), holding the file ``lock``; the
+    other ranks wait for the lock, not in a collective (the work may outlast the process-group timeout), then run the
+    block themselves (to read what rank 0 wrote). Yields whether this is rank 0. One process: just the block."""
+    if not world.active:
+        yield True
+        return
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if world.main:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        world.barrier()  # rank 0 holds the lock before anyone waits for it
+        if not world.main:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield world.main
+    finally:
+        os.close(fd)
+
+
+def launched() -> bool:
+    """Whether this process was started by torchrun (or another launcher setting its variables)."""
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def init_world(parallel: dict | None, device: str) -> World:
+    """Join the process group torchrun set up and lay out the mesh; ``World()`` when not launched by torchrun and
+    ``parallel`` asks for one process. A layout that does not fit the world is a ``RecipeError`` naming both, before
+    anything runs."""
+    parallel = dict(parallel or {})
+    check_parallel(parallel)
+    size = int(os.environ.get("WORLD_SIZE", 1)) if launched() else 1
+    replicate = parallel.get("dp_replicate") or 1
+    shard = parallel.get("dp_shard") or size // replicate
+    ep = parallel.get("ep") or 1
+    if shard * replicate != size:
+        how = "launch with torchrun --nproc-per-node N" if not launched() else "change parallel or the launch"
+        raise RecipeError(
+            f"parallel asks for dp_shard {shard} x dp_replicate {replicate} = {shard * replicate} ranks, but the "
+            f"world has {size} (WORLD_SIZE): {how}"
+        )
+    if shard % ep:
+        raise RecipeError(f"parallel.ep ({ep}) must divide dp_shard ({shard}): expert groups lie within a shard group")
+    if not launched():
+        return World()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
+    kind = torch.device(device).type
+    if kind == "cuda":
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    timeout = datetime.timedelta(seconds=parallel.get("timeout") or DEFAULT_TIMEOUT)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if kind == "cuda" else "gloo", timeout=timeout)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(kind, (replicate, shard), mesh_dim_names=("dp_replicate", "dp_shard"))
+    ep_mesh = mesh._unflatten("dp_shard", (shard // ep, ep), ("dp_shard_mod_ep", "ep"))
+    log.info(
+        "rank %d of %d on %s: dp_shard %d, ep %d, dp_replicate %d (%s)",
+        rank,
+        size,
+        device,
+        shard,
+        ep,
+        replicate,
+        dist.get_backend(),
+    )
+    return World(rank, size, shard, ep, replicate, device, mesh, ep_mesh)
+
+
+def close_world(world: World) -> None:
+    if world.active and dist.is_initialized():
+        dist.destroy_process_group()
