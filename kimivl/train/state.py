@@ -146,6 +146,15 @@ def load_state_sharded(path: Path, model, optimizer, world: World) -> dict[str, 
     return torch.load(path / TRAINER_FILE, map_location="cpu", weights_only=True)
 
 
+def _restore_groups(optimizer: torch.optim.Optimizer, saved: list[dict[str, Any]]) -> None:
+    """The hyperparameters of each param group (the current lr among them), as ``Optimizer.load_state_dict`` would."""
+    names = [g.get("name") for g in optimizer.param_groups]
+    if names != [g.get("name") for g in saved]:
+        raise ValueError(f"param groups {names} vs saved {[g.get('name') for g in saved]}")
+    for group, values in zip(optimizer.param_groups, saved):
+        group.update(values)
+
+
 @dataclass
 class TrainState:
     """What a stage saves and resumes: the model, optimizer and scheduler, the step, the data position, and any other
@@ -180,7 +189,9 @@ class TrainState:
         else:
             state = load_state(found, self.model)
         try:
-            if not self.world.active:
+            if self.world.active:
+                _restore_groups(self.optimizer, state["param_groups"])
+            else:
                 self.optimizer.load_state_dict(state["optimizer"])
         except ValueError as e:
             raise TrainingError(
@@ -208,7 +219,10 @@ class TrainState:
                 "scheduler": self.scheduler.state_dict(),
                 **{n: p.state_dict() for n, p in self.extras.items()},
             }
-            if self.world.active:
+            if self.world.active:  # the optimiser's tensors go by DCP, its hyperparameters (the current lr) here
+                trainer["param_groups"] = [
+                    {k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups
+                ]
                 self.saved = save_state_sharded(
                     self.ckpt_dir, self.model, self.optimizer, trainer, self.world, keep=self.keep
                 )

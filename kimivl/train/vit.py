@@ -43,8 +43,8 @@ class ViTPretrainer(nn.Module):
         self.text_proj = nn.Linear(dim, dim)
         self.out_norm = nn.LayerNorm(dim)
         self.lm_head = nn.Linear(dim, vocab_size, bias=False)
-        self.log_temp = nn.Parameter(torch.tensor(math.log(10.0)))
-        self.logit_bias = nn.Parameter(torch.tensor(-10.0))
+        self.log_temp = nn.Parameter(torch.tensor([math.log(10.0)]))  # (1,): FSDP shards no 0-dim tensor
+        self.logit_bias = nn.Parameter(torch.tensor([-10.0]))
 
     def _patch_features(self, batch: CaptionBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Tower features padded per image: (B, Nmax, C) and a (B, Nmax) bool mask of real patches."""

@@ -1,0 +1,131 @@
+"""Sharded training on 2 CPU processes (gloo, torchrun, loopback) against one process on the same global batch:
+losses, gradient norms and final weights; kill a rank mid-step, resume; a recipe end to end under torchrun."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from kimivl.distributed.world import init_world
+from kimivl.train.recipe import RecipeError
+from tests.train.test_pipeline import data_dir, recipe_dict  # noqa: F401 (data_dir is a fixture)
+
+WORKER = Path(__file__).with_name("train_worker.py")
+ROOT = Path(__file__).parents[2]
+TIMEOUT = 300  # seconds: a hang fails the test instead of stalling the suite
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(args: list[str], nproc: int | None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """``args`` as one plain process (``nproc`` None) or under torchrun on loopback."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    if nproc is None:
+        cmd = [sys.executable, *args]
+    else:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc-per-node={nproc}",
+            "--master-addr=127.0.0.1",
+            f"--master-port={free_port()}",
+            *args,
+        ]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def close(a: list[dict], b: list[dict], keys=("loss", "grad_norm", "expert_imbalance", "efficiency")) -> None:
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        for key in keys:
+            assert ra[key] == pytest.approx(rb[key], rel=2e-5), (ra["step"], key)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The one-process run: 4 steps of 4 rows (images and text), Muon + AdamW, bias balancing on."""
+    out = tmp_path_factory.mktemp("single")
+    done = run([str(WORKER), "--out", str(out), "--steps", "4", "--weights", str(out / "w.pt")], None)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def test_two_sharded_ranks_train_as_one_process(reference, tmp_path):
+    done = run([str(WORKER), "--out", str(tmp_path), "--steps", "4", "--weights", str(tmp_path / "w.pt")], 2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    close(metrics(tmp_path), metrics(reference))
+    assert metrics(reference)[-1]["loss"] < metrics(reference)[0]["loss"] - 1  # it learns
+    whole, sharded = torch.load(reference / "w.pt"), torch.load(tmp_path / "w.pt")
+    assert whole.keys() == sharded.keys() and len(whole) > 80
+    moved = 0
+    for name in whole:
+        torch.testing.assert_close(sharded[name], whole[name], rtol=1e-4, atol=1e-4, msg=name)
+        moved += name.endswith("e_score_correction_bias") and bool(whole[name].abs().sum() > 0)
+    assert moved == 3  # every MoE layer's bias moved, alike on both ranks
+
+
+def test_a_killed_rank_ends_the_job_and_the_run_resumes_to_the_same_losses(reference, tmp_path):
+    died = run([str(WORKER), "--out", str(tmp_path), "--steps", "4", "--die-at", "3"], 2)
+    assert died.returncode != 0
+    checkpoints = tmp_path / "s" / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == "step-0000002"
+    assert not list(checkpoints.glob(".*.tmp"))
+    resumed = run([str(WORKER), "--out", str(tmp_path), "--steps", "4", "--resume"], 2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    close(metrics(tmp_path), metrics(reference))
+
+
+def test_a_layout_that_does_not_fit_the_world_is_refused_before_anything_runs(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(RecipeError, match=r"dp_shard 3 x dp_replicate 1 = 3 ranks, but the world has 2"):
+        init_world({"dp_shard": 3}, "cpu")
+    with pytest.raises(RecipeError, match=r"ep \(3\) must divide dp_shard \(2\)"):
+        init_world({"ep": 3}, "cpu")
+    with pytest.raises(RecipeError, match="parallel.dp_shard must be an integer >= 1"):
+        init_world({"dp_shard": 0}, "cpu")
+    monkeypatch.delenv("WORLD_SIZE")
+    with pytest.raises(RecipeError, match="launch with torchrun"):
+        init_world({"dp_shard": 2}, "cpu")
+
+
+def test_a_recipe_under_torchrun_matches_one_process(data_dir, tmp_path):  # noqa: F811
+    """vit (with recompute), a projector-only joint stage, a joint stage with image standardisation: the same
+    losses and exported weights as one process; rank 0 alone writes metrics."""
+    results = {}
+    for name, nproc in (("single", None), ("sharded", 2)):
+        d = recipe_dict(data_dir, tmp_path / name)
+        d["stages"] = [d["stages"][0], d["stages"][1], d["stages"][2]]
+        for stage in d["stages"]:
+            stage["accum"] = 2
+        d["schedule"] = {"warmup": 1}
+        d["bf16"] = False
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(d))
+        done = run(["-m", "kimivl", "train", str(tmp_path / f"{name}.yaml")], nproc)
+        assert done.returncode == 0, done.stderr[-3000:]
+        results[name] = tmp_path / name
+    close(metrics(results["sharded"]), metrics(results["single"]), keys=("loss", "grad_norm"))
+    assert len(metrics(results["single"])) == 5  # vit logs its last step, the joint stages every step
+    a, b = (
+        load_file(results["single"] / "export" / "model.safetensors"),
+        load_file(results["sharded"] / "export" / "model.safetensors"),
+    )
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key].float(), a[key].float(), rtol=1e-2, atol=1e-3, msg=key)
