@@ -11,6 +11,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from kimivl.distributed.world import World
+from kimivl.model.kimivl import KimiVL
 from kimivl.model.moe import GroupedExperts
 
 
@@ -34,3 +35,15 @@ def full_state(model: nn.Module, world: World) -> dict[str, torch.Tensor] | None
             out[name] = whole.cpu().clone()
         del whole
     return out
+
+
+def whole_model(model: KimiVL, world: World) -> KimiVL | None:
+    """Every rank: gather ``model``; rank 0 gets it as a plain float32 ``KimiVL`` on the CPU, the others None."""
+    state = full_state(model, world)
+    if state is None:
+        return None
+    with torch.device("meta"):
+        whole = KimiVL(model.config)
+    whole = whole.to_empty(device="cpu")
+    whole.load_state_dict(state, assign=True)
+    return whole

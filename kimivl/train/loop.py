@@ -133,7 +133,7 @@ def train_loop(
             for batch in micro:
                 with autocast(device, cfg.bf16), training_attention():
                     loss, values, n = loss_fn(model, to_device(batch, device))
-                check_loss(loss, where, state.last_good)
+                check_loss(loss, where, state.last_good, world)
                 (loss / len(micro) if len(micro) > 1 else loss).backward()
                 losses.append(loss.detach())
                 metered.append(values)

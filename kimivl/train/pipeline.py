@@ -20,7 +20,7 @@ from kimivl.config import KimiVLConfig
 from kimivl.data.formats import content_text, is_text_file, iter_texts
 from kimivl.data.indexed import JsonlRecords
 from kimivl.data.world import ensure_world
-from kimivl.distributed.gather import full_state
+from kimivl.distributed.gather import whole_model
 from kimivl.distributed.parallelize import parallelize
 from kimivl.distributed.recompute import apply_recompute, remove_recompute
 from kimivl.distributed.world import World, main_first
@@ -384,13 +384,9 @@ def _finish_stage(model: KimiVL, processor: KimiVLProcessor, final: Path, world:
     if not world.active:
         _save_final(model, processor, final)
         return model
-    state = full_state(model, world)
-    if world.main:
-        with torch.device("meta"):
-            whole = KimiVL(model.config)
-        whole = whole.to_empty(device="cpu")
-        whole.load_state_dict(state, assign=True)
+    whole = whole_model(model, world)
+    if whole is not None:
         _save_final(whole, processor, final)
-        del whole, state
+        del whole
     world.barrier()
     return KimiVL.from_pretrained(final, dtype=torch.float32, device=device)

@@ -23,11 +23,16 @@ class TrainingError(RuntimeError):
 LastGood = Callable[[bool], str]
 
 
-def check_loss(loss: torch.Tensor, where: str, last_good: LastGood) -> None:
-    """Raise a ``TrainingError`` when any element of ``loss`` is not finite; ``where`` names the stage and step."""
-    if not torch.isfinite(loss).all():
-        value = loss.item() if loss.numel() == 1 else "not finite"
-        raise TrainingError(f"{where}: loss is {value}; the last good state is {last_good(True)}")
+def check_loss(loss: torch.Tensor, where: str, last_good: LastGood, world: World | None = None) -> None:
+    """Raise a ``TrainingError`` when any element of ``loss`` is not finite; ``where`` names the stage and step. With
+    a sharded ``world`` every rank raises when any rank's loss is not finite (saving the state is collective)."""
+    bad = ~torch.isfinite(loss.detach()).all()
+    if world is not None and world.active:
+        bad = world.sum(bad.float()) > 0
+    if bad:
+        value = loss.item() if loss.numel() == 1 and not torch.isfinite(loss).all() else "not finite"
+        whose = "a rank's loss" if world is not None and world.active else "loss"
+        raise TrainingError(f"{where}: {whose} is {value}; the last good state is {last_good(True)}")
 
 
 def optimizer_step(

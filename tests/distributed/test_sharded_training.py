@@ -91,6 +91,72 @@ def test_a_killed_rank_ends_the_job_and_the_run_resumes_to_the_same_losses(refer
     close(metrics(tmp_path), metrics(reference))
 
 
+def test_two_nodes_on_localhost_hybrid_sharded_train_as_one_process(reference, tmp_path):
+    """Two torchrun agents (one process each) meet by c10d rendezvous, as two nodes would; dp_replicate 2 keeps one
+    copy of the weights per node."""
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                "--nproc-per-node=1",
+                "--rdzv-backend=c10d",
+                f"--rdzv-endpoint=127.0.0.1:{port}",
+                "--rdzv-id=kimivl-test",
+                *(["--rdzv-conf=is_host=1"] if node == 0 else ["--rdzv-conf=is_host=0"]),
+                str(WORKER),
+                "--out",
+                str(tmp_path),
+                "--steps",
+                "4",
+                "--replicate",
+                "2",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for node in range(2)
+    ]
+    for node in nodes:
+        _, err = node.communicate(timeout=TIMEOUT)
+        assert node.returncode == 0, err[-3000:]
+    close(metrics(tmp_path), metrics(reference))
+
+
+def test_an_official_checkpoint_loads_sharded_and_exports_back_equal(tmp_path):
+    """Each rank reads only its rows (and its experts) of an official checkpoint; gathered and written again, every
+    tensor equals the original."""
+    source = tmp_path / "official"
+    made = run(["-c", MAKE_CHECKPOINT.format(worker=WORKER.parent, out=tmp_path, path=source)], None)
+    assert made.returncode == 0, made.stderr[-3000:]
+    done = run([str(WORKER), "--out", str(tmp_path), "--load", str(source), "--export", str(tmp_path / "back")], 2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    original, back = load_file(source / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
+    assert original.keys() == back.keys() and any(".experts.7.down_proj" in k for k in original)
+    for key in original:
+        torch.testing.assert_close(back[key], original[key], rtol=0, atol=0, msg=key)
+
+
+MAKE_CHECKPOINT = """
+import sys, torch
+sys.path.insert(0, "{worker}")
+from train_worker import build
+model, _ = build("{out}")
+with torch.no_grad():
+    for m in model.modules():
+        if hasattr(m, "e_score_correction_bias"):
+            m.e_score_correction_bias.normal_(0, 0.05)
+model.save_pretrained("{path}", dtype=torch.bfloat16)
+"""
+
+
 def test_a_layout_that_does_not_fit_the_world_is_refused_before_anything_runs(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")

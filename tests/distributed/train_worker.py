@@ -19,7 +19,8 @@ from PIL import Image
 
 from kimivl import KimiVL, KimiVLConfig, KimiVLProcessor
 from kimivl.data.mixture import Mixture
-from kimivl.distributed.gather import full_state
+from kimivl.distributed.gather import full_state, whole_model
+from kimivl.distributed.load import load_sharded_checkpoint
 from kimivl.distributed.parallelize import parallelize
 from kimivl.distributed.world import close_world, init_world
 from kimivl.processing.tokenizer import train_bpe
@@ -74,8 +75,11 @@ def main() -> int:
     ap.add_argument("--die-at", type=int, help="rank 1 exits abruptly while drawing this step's rows")
     ap.add_argument("--weights", help="write the final weights (whole) here")
     ap.add_argument("--ep", type=int)
+    ap.add_argument("--replicate", type=int, help="dp_replicate: weight copies (one per node)")
+    ap.add_argument("--load", help="no training: read this official checkpoint into the sharded model ...")
+    ap.add_argument("--export", help="... and write it back, gathered, in the official format here")
     args = ap.parse_args()
-    parallel = {"ep": args.ep} if args.ep else None
+    parallel = {k: v for k, v in (("ep", args.ep), ("dp_replicate", args.replicate)) if v} or None
     world = init_world(parallel, "cpu")
     try:
         model, data = build(args.out)
@@ -91,6 +95,14 @@ def main() -> int:
 
         if world.active:
             parallelize(model, world)
+        if args.load:
+            for t in model.parameters():
+                torch.nn.init.zeros_(t.to_local())
+            load_sharded_checkpoint(model, args.load, world)
+            whole = whole_model(model, world)
+            if whole is not None:
+                whole.save_pretrained(args.export, dtype=torch.bfloat16)
+            return 0
         optimizer = build_optimizer(model, lr=3e-3)
         scheduler = scheduler_at(optimizer, WarmupCosine(2, 8))
         cfg = LoopConfig(steps=args.steps, ckpt_every=2, log_every=1, bf16=False, accum=args.accum)
