@@ -8,7 +8,8 @@ installed: the device machines have torch and no network). ``--device cpu`` runs
    fine-tune of kimivl-tiny (bf16 checkpoint: frozen experts held in bf16) with accumulation, a held-out loss and
    sampling without replacement runs too.
 4. With flash-attn installed, packed attention through it against the exact SDPA path.
-5. benchmarks/train_throughput.py on the device (packed against padded useful tokens/s; share of the matmul peak).
+5. Sharded training (FSDP2 over nccl, one rank under torchrun): the losses of a one-process run on the device.
+6. benchmarks/train_throughput.py on the device (packed against padded useful tokens/s; share of the matmul peak).
 Prints one line per check and exits non-zero when one fails.
 """
 
@@ -170,6 +171,30 @@ def throughput(device: str) -> str:
     return " | ".join(line for line in out.splitlines() if line.startswith(keep))
 
 
+def sharded(device: str, work: Path) -> str:
+    worker = REPO / "tests" / "distributed" / "train_worker.py"
+    runs = {
+        "single": [sys.executable, str(worker)],
+        "sharded": [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node=1",
+            "--master-addr=127.0.0.1",
+            "--master-port=29533",
+            str(worker),
+        ],
+    }
+    losses = {}
+    for name, cmd in runs.items():
+        out = work / name
+        subprocess.run([*cmd, "--out", str(out), "--steps", "4", "--device", device], check=True, cwd=REPO, timeout=600)
+        losses[name] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    if any(abs(a - b) > 1e-3 * abs(b) for a, b in zip(losses["sharded"], losses["single"])):
+        raise RuntimeError(f"sharded losses {losses['sharded']} against {losses['single']}")
+    return f"losses {', '.join(f'{x:.4f}' for x in losses['sharded'])} as in one process"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
@@ -203,6 +228,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as work:
         check("recipe", lambda: recipe_runs(device, Path(work)))
     check("flash-attn", lambda: flash_against_sdpa(device))
+    with tempfile.TemporaryDirectory() as work:
+        check("sharded training", lambda: sharded(device, Path(work)))
     check("packing throughput", lambda: throughput(device))
     return 1 if failed else 0
 

@@ -74,15 +74,18 @@ def main() -> int:
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--die-at", type=int, help="rank 1 exits abruptly while drawing this step's rows")
     ap.add_argument("--weights", help="write the final weights (whole) here")
+    ap.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (nccl)")
     ap.add_argument("--ep", type=int)
     ap.add_argument("--replicate", type=int, help="dp_replicate: weight copies (one per node)")
     ap.add_argument("--load", help="no training: read this official checkpoint into the sharded model ...")
     ap.add_argument("--export", help="... and write it back, gathered, in the official format here")
     args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
     parallel = {k: v for k, v in (("ep", args.ep), ("dp_replicate", args.replicate)) if v} or None
-    world = init_world(parallel, "cpu")
+    world = init_world(parallel, args.device)
     try:
         model, data = build(args.out)
+        model = model.to(world.device if world.active else args.device)
         loss_fn = _loss
         if args.die_at is not None and world.rank == 1:
             calls = iter(range(10**6))
