@@ -18,8 +18,11 @@ bias, and moves it with the globally summed expert load).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 from torch import nn
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
 from kimivl.distributed.recompute import LAYERS, apply_recompute
 from kimivl.distributed.world import World
@@ -42,11 +45,27 @@ def parallelize(model: nn.Module, world: World, recompute: bool = False) -> nn.M
     for layer in [m for m in model.modules() if isinstance(m, LAYERS)]:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh, reshard_after_forward=False)  # backward needs the root's weights right away
+    if hasattr(model, "embed"):  # RL's log-prob forwards start at KimiVL.embed, not at forward
+        register_fsdp_forward_method(model, "embed")
     return model
 
 
-def sharded(model: nn.Module) -> bool:
-    """Whether ``parallelize`` has been applied to ``model``."""
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
+@contextlib.contextmanager
+def gathered(model: nn.Module) -> Iterator[None]:
+    """Every FSDP unit of a parallelized ``model`` gathered whole on every rank for the block, so that forwards make
+    no collective and each rank may run its own number of them (RL rollouts on each rank's own problems); sharded
+    again after. Not with expert parallelism, whose forward exchanges tokens."""
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not units:
+        yield
+        return
+    model._get_fsdp_state()._lazy_init()  # the root first: a unit called before it would take itself for the root
+    for unit in units:
+        unit.unshard()
+        unit.set_reshard_after_forward(False)
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+            unit.set_reshard_after_forward(unit is not model)  # as parallelize left them

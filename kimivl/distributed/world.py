@@ -107,6 +107,13 @@ def main_first(world: World, lock: Path) -> Iterator[bool]:
         os.close(fd)
 
 
+def max_over_ranks(n: int, world: World) -> int:
+    """The largest ``n`` of any rank."""
+    t = torch.tensor(n, device=world.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t)
+
+
 def launched() -> bool:
     """Whether this process was started by torchrun (or another launcher setting its variables)."""
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ

@@ -5,10 +5,17 @@ the reference pi_i; score them (plus the length reward after its warm-up); compu
 the policy did not change meanwhile; then take ``updates`` optimizer steps on shuffled minibatches of the samples,
 each with the policy's log-probs recomputed with gradients. pi_i is used only before the first update, so it needs
 no copy of the model. One LR-scheduler step per iteration.
+
+Data-parallel over a sharded ``world``: every rank draws the same problems and takes its share (problem i goes to
+rank i mod size), samples and scores its answers and takes pi_i's log-probs with the weights gathered whole (no
+collective, so each rank generates at its own pace), then all ranks take the same optimiser steps on their own
+answers, gradients averaged as one process would over all of them. Successes, rewards and lengths are gathered,
+so the sampler and the logged metrics see every answer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -17,8 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from kimivl.distributed.parallelize import gathered
+from kimivl.distributed.world import World, max_over_ranks
 from kimivl.inference.sampling import SamplingParams
 from kimivl.kernels import training_attention
 from kimivl.precision import autocast
@@ -28,6 +38,7 @@ from kimivl.rl.rewards import correctness
 from kimivl.rl.rollouts import pack_rows, rollout, token_logprobs
 from kimivl.rl.sampler import PRIORITIES, ProblemSampler
 from kimivl.train.interrupt import stop_on_interrupt
+from kimivl.train.loop import NoMetrics, agreed
 from kimivl.train.metrics import MetricsLog, plot_curves
 from kimivl.train.state import TrainState
 from kimivl.train.step import check_loss, optimizer_step
@@ -130,12 +141,17 @@ class RLTrainer:
         run_dir: str | Path,
         stage: str = "rl",
         reward_fn: Callable[[str, dict], float] = correctness,
+        world: World | None = None,
     ):
         if not problems:
             raise ValueError("RL needs at least one problem")
         self.policy, self.processor, self.problems, self.cfg = policy, processor, problems, cfg
         self.optimizer, self.scheduler, self.reward_fn = optimizer, scheduler, reward_fn
-        self.run_dir, self.stage = Path(run_dir), stage
+        self.run_dir, self.stage, self.world = Path(run_dir), stage, world or World()
+        if cfg.problems % self.world.size:
+            raise ValueError(
+                f"rl: problems ({cfg.problems} per iteration) must be a multiple of the {self.world.size} ranks"
+            )
         self.sampler = ProblemSampler(
             [p["meta"].get("difficulty", "any") for p in problems],
             cfg.curriculum,
@@ -154,6 +170,7 @@ class RLTrainer:
             scheduler,
             {"sampler": self.sampler},
             keep=cfg.keep_checkpoints,
+            world=self.world,
         )
 
     @property
@@ -171,25 +188,38 @@ class RLTrainer:
         """One iteration; returns its metrics."""
         cfg, it, k = self.cfg, self.iteration, self.cfg.samples
         start = time.perf_counter()
-        chosen = self.sampler.sample(cfg.problems, it / cfg.iterations)
+        world = self.world
+        everyone = self.sampler.sample(cfg.problems, it / cfg.iterations)
+        chosen = everyone[world.rank :: world.size]  # this rank's problems
         # pi_i is the policy now: its rollouts and log-probs are all taken before the first update
         reference = self.policy.eval()
-        ref_print = fingerprint(reference)
         encoded = [self.encode(i) for i in chosen]
         base_seed = (cfg.seed * 1_000_003 + it) * 1000
-        params = SamplingParams(cfg.max_new_tokens, cfg.temperature, top_p=cfg.top_p, seed=base_seed)
-        rollout_start = time.perf_counter()
-        rolls = rollout(
-            reference,
-            self.processor,
-            [e.input_ids for e in encoded],
-            *_images(encoded),
-            k,
-            params,
-            self.stop_ids,
-            cfg.rollout_batch,
+        params = SamplingParams(
+            cfg.max_new_tokens, cfg.temperature, top_p=cfg.top_p, seed=base_seed + 7919 * world.rank
         )
-        rollout_s = time.perf_counter() - rollout_start
+        with gathered(reference) if world.active else contextlib.nullcontext():
+            ref_print = fingerprint(reference)
+            rollout_start = time.perf_counter()
+            rolls = rollout(
+                reference,
+                self.processor,
+                [e.input_ids for e in encoded],
+                *_images(encoded),
+                k,
+                params,
+                self.stop_ids,
+                cfg.rollout_batch,
+            )
+            rollout_s = time.perf_counter() - rollout_start
+            prompts = [encoded[r.prompt].input_ids for r in rolls]
+            responses = [r.ids for r in rolls]
+            sample_images = [encoded[r.prompt] for r in rolls]
+            with torch.no_grad(), self._autocast():
+                ref_tokens = token_logprobs(reference, prompts, responses, *_images(sample_images), cfg.budget)
+            if not torch.equal(fingerprint(reference), ref_print):
+                raise AssertionError("the policy changed while the reference pi_i's samples and log-probs were taken")
+        ref_seq = torch.stack([t.sum() for t in ref_tokens])
 
         correct = torch.tensor([self.reward_fn(r.text, self.problems[chosen[r.prompt]]["meta"]) for r in rolls])
         lengths = torch.tensor([r.length for r in rolls], dtype=torch.float32)
@@ -200,15 +230,6 @@ class RLTrainer:
         advantage = group_baseline(reward, k) if cfg.objective == "opmd" else group_normalised(reward, k)
         advantage = advantage.to(self.policy.device)  # beside the log-probs it weighs
 
-        prompts = [encoded[r.prompt].input_ids for r in rolls]
-        responses = [r.ids for r in rolls]
-        sample_images = [encoded[r.prompt] for r in rolls]
-        with torch.no_grad(), self._autocast():
-            ref_tokens = token_logprobs(reference, prompts, responses, *_images(sample_images), cfg.budget)
-        ref_seq = torch.stack([t.sum() for t in ref_tokens])
-        if not torch.equal(fingerprint(reference), ref_print):
-            raise AssertionError("the policy changed while the reference pi_i's samples and log-probs were taken")
-
         order = torch.randperm(len(rolls), generator=torch.Generator().manual_seed(base_seed + 999))
         losses, seen, seen_ref, grad_norm = self._update(
             order, prompts, responses, sample_images, ref_tokens, ref_seq, advantage
@@ -216,15 +237,31 @@ class RLTrainer:
         self.scheduler.step()
 
         correct_PK = correct.view(-1, k) >= 0.5
-        self.sampler.update(chosen, correct_PK.float().mean(1).tolist())
+        if world.active:  # every rank's answers, in the order of the problems drawn
+            parts = [None] * world.size
+            mine = (correct, lengths, reward, [r.stopped for r in rolls], torch.cat(losses), seen, seen_ref)
+            dist.all_gather_object(parts, mine)
+            correct, lengths, reward = (torch.cat([p[j].view(-1, k) for p in parts]) for j in range(3))
+            order_back = torch.cat([torch.arange(r, cfg.problems, world.size) for r in range(world.size)]).argsort()
+            correct, lengths, reward = (t[order_back].flatten() for t in (correct, lengths, reward))
+            correct_PK = correct.view(-1, k) >= 0.5
+            stopped = [s for p in parts for s in p[3]]
+            losses, seen, seen_ref = (
+                [torch.cat([p[4] for p in parts])],
+                sum((p[5] for p in parts), []),
+                sum((p[6] for p in parts), []),
+            )
+        else:
+            stopped = [r.stopped for r in rolls]
+        self.sampler.update(everyone, correct_PK.float().mean(1).tolist())
         self.state.advance()
         tokens = int(lengths.sum())
         values = {
             "reward": reward.mean().item(),
             "accuracy": correct.mean().item(),
             "mean_length": lengths.mean().item(),
-            "truncated": 1 - sum(r.stopped for r in rolls) / len(rolls),
-            "kl_ref": kl_estimate(torch.stack(seen), torch.stack(seen_ref)).item(),
+            "truncated": 1 - sum(stopped) / len(stopped),
+            "kl_ref": kl_estimate(torch.stack(seen).cpu(), torch.stack(seen_ref).cpu()).item(),
             "all_correct": correct_PK.all(1).float().mean().item(),
             "all_wrong": (~correct_PK).all(1).float().mean().item(),
             "loss": torch.cat(losses).mean().item(),
@@ -241,13 +278,18 @@ class RLTrainer:
         """``updates`` optimizer steps, one per chunk of ``order``; the policy's log-probs are recomputed with
         gradients row by packed row (each row back-propagated at once, so memory holds one row's graph).
         Returns the per-sample losses, the policy's and reference's sequence log-probs seen, the last grad norm."""
-        cfg, where = self.cfg, f"{self.stage}: iteration {self.iteration + 1}"
+        cfg, where, world = self.cfg, f"{self.stage}: iteration {self.iteration + 1}", self.world
         self.policy.train()
         losses, seen, seen_ref, grad_norm = [], [], [], torch.tensor(0.0)
         for minibatch in order.chunk(cfg.updates):
             mb = minibatch.tolist()
             self.optimizer.zero_grad(set_to_none=True)
-            for row in pack_rows([len(prompts[i]) + len(responses[i]) for i in mb], cfg.budget):
+            rows = pack_rows([len(prompts[i]) + len(responses[i]) for i in mb], cfg.budget)
+            # a sharded forward and backward are collective: every rank runs as many rows (repeats weigh 0), and the
+            # loss is over the whole minibatch of every rank, times the size that FSDP's gradient mean divides by
+            total = int(world.sum(torch.tensor(len(mb), device=world.device))) if world.active else len(mb)
+            extra = max_over_ranks(len(rows), world) - len(rows) if world.active else 0
+            for n, row in enumerate(rows + rows[:1] * extra):
                 idx = [mb[j] for j in row]
                 with self._autocast(), training_attention():
                     tokens = token_logprobs(
@@ -264,12 +306,14 @@ class RLTrainer:
                     loss = grpo_loss(
                         tokens, [ref_tokens[i] for i in idx], advantage[idx], cfg.clip_eps, cfg.grpo_level, cfg.kl_coef
                     )
-                check_loss(loss, where, self._last_good)
-                (loss.sum() / len(mb)).backward()
-                losses.append(loss.detach())
-                seen += [t.detach().sum() for t in tokens]
-                seen_ref += [ref_seq[i] for i in idx]
-            grad_norm = optimizer_step(self.policy, self.optimizer, cfg.clip, where, self._last_good)
+                check_loss(loss, where, self._last_good, world)
+                weight = (0.0 if n >= len(rows) else world.size) if world.active else 1
+                (loss.sum() * weight / total).backward()
+                if n < len(rows):
+                    losses.append(loss.detach())
+                    seen += [t.detach().sum() for t in tokens]
+                    seen_ref += [ref_seq[i] for i in idx]
+            grad_norm = optimizer_step(self.policy, self.optimizer, cfg.clip, where, self._last_good, world)
         return losses, seen, seen_ref, grad_norm
 
     def _last_good(self, weights_ok: bool) -> str:
@@ -290,15 +334,17 @@ class RLTrainer:
         if resume:
             self.state.resume()
         last: dict[str, Any] = {}
+        main = self.world.main
         bar = tqdm(
             total=self.cfg.iterations,
             initial=self.iteration,
             desc=self.stage,
             unit="it",
-            disable=not progress,
+            disable=not (progress and main),
             dynamic_ncols=True,
         )
-        with MetricsLog(self.run_dir, self.stage, start=self.iteration) as metrics, stop_on_interrupt() as stop:
+        log_to = MetricsLog(self.run_dir, self.stage, start=self.iteration) if main else NoMetrics()
+        with log_to as metrics, stop_on_interrupt() as stop:
             while self.iteration < self.cfg.iterations:
                 last = self.step()
                 metrics.write(self.iteration, last)
@@ -308,7 +354,8 @@ class RLTrainer:
                 )
                 if self.iteration % self.cfg.ckpt_every == 0 or self.iteration == self.cfg.iterations:
                     self.state.save()
-                    self._plot()
-                self.state.stop_if_asked(stop, self.cfg.iterations)
+                    if main:
+                        self._plot()
+                self.state.stop_if_asked(agreed(stop, self.world), self.cfg.iterations)
         bar.close()
         return last

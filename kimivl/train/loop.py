@@ -110,7 +110,7 @@ def train_loop(
     model.train()
     moe = any(isinstance(m, Router) for m in model.modules())
     with (
-        MetricsLog(run_dir, stage, start=state.step) if world.main else _NoMetrics() as metrics,
+        MetricsLog(run_dir, stage, start=state.step) if world.main else NoMetrics() as metrics,
         stop_on_interrupt() as stop,
         ExpertLoadTracker(model) if moe else contextlib.nullcontext() as tracker,
     ):
@@ -172,7 +172,7 @@ def train_loop(
                 metrics.write(step, last)
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
                 state.save()
-            state.stop_if_asked(_agreed(stop, world), cfg.steps)
+            state.stop_if_asked(agreed(stop, world), cfg.steps)
     bar.close()
     return last
 
@@ -197,7 +197,7 @@ def _over_ranks(
     )
 
 
-def _agreed(stop: StopRequest, world: World) -> StopRequest:
+def agreed(stop: StopRequest, world: World) -> StopRequest:
     """Ctrl-C reaches the ranks at different moments: they stop after the same step when any of them was asked."""
     if world.active:
         flag = world.sum(torch.tensor(float(stop.requested), device=world.device))
@@ -205,7 +205,7 @@ def _agreed(stop: StopRequest, world: World) -> StopRequest:
     return stop
 
 
-class _NoMetrics(contextlib.nullcontext):
+class NoMetrics(contextlib.nullcontext):
     """The metrics log of ranks other than 0."""
 
     def __enter__(self):

@@ -65,20 +65,21 @@ def _no_problem(record: dict) -> str | None:
 
 
 def prepare(stage: RLStage, ctx: StageContext, model) -> Prepared:
-    if ctx.world.active:
-        raise RecipeError(
-            f"stage {stage.name!r}: rl stages run in one process so far; run them without torchrun (a recipe of the "
-            "rl stage alone, from the sharded run's exported model)"
-        )
     cfg = rl_config(ctx.recipe, stage)
+    if ctx.world.ep > 1 or cfg.problems % ctx.world.size:
+        raise RecipeError(
+            f"stage {stage.name!r}: an rl stage runs data-parallel without expert parallelism (ep 1), its problems "
+            f"({cfg.problems}) a multiple of the {ctx.world.size} ranks"
+        )
     check_problems(stage, ctx)
     stage.freeze_model(model)
     line = f"stage {stage.name}: {stage.steps} iterations of {cfg.problems} problems x {cfg.samples} answers"
 
     def run(optimizer, scheduler, progress: bool) -> dict[str, float]:
         problems = Concat([ctx.sources.items[name] for name in stage.sources])
-        return RLTrainer(model, ctx.processor, problems, cfg, optimizer, scheduler, ctx.recipe.out, stage.name).run(
-            progress=progress
+        trainer = RLTrainer(
+            model, ctx.processor, problems, cfg, optimizer, scheduler, ctx.recipe.out, stage.name, world=ctx.world
         )
+        return trainer.run(progress=progress)
 
     return Prepared(model, line, run)
