@@ -81,7 +81,7 @@ def _expert_parallel_forward(
     self: GroupedExperts, x_TD: torch.Tensor, idx_TK: torch.Tensor, w_TK: torch.Tensor
 ) -> torch.Tensor:
     """``GroupedExperts.forward`` for global expert ids ``idx_TK`` when this rank holds only its slice of experts."""
-    group, t, k = self.ep_group, *idx_TK.shape
+    group, k = self.ep_group, idx_TK.shape[1]
     flat_N = idx_TK.reshape(-1)
     order_N = flat_N.argsort(stable=True)
     expert_N = flat_N[order_N]
@@ -94,7 +94,8 @@ def _expert_parallel_forward(
     w_R = _AllToAll.apply(w_TK.reshape(-1)[order_N], received, sent, group)
     expert_R = expert_N.new_empty(sum(received))
     dist.all_to_all_single(expert_R, expert_N, received, sent, group=group)
-    y_RD = grouped_swiglu(x_RD, (expert_R - self.expert_offset)[:, None], w_R[:, None], self.gate_up_proj, self.down_proj)
+    local_R1 = (expert_R - self.expert_offset)[:, None]
+    y_RD = grouped_swiglu(x_RD, local_R1, w_R[:, None], self.gate_up_proj, self.down_proj)
     y_ND = _AllToAll.apply(y_RD, sent, received, group)
     return torch.zeros_like(x_TD).index_add_(0, token_N, y_ND)
 

@@ -82,7 +82,8 @@ def _lm_ids(world: int) -> torch.Tensor:
 def _lm_loss(lm: LanguageModel, ids: torch.Tensor, n_all: int) -> torch.Tensor:
     """Next-token cross entropy summed over ``ids`` and divided by ``n_all``, the predicted tokens of all ranks."""
     logits = lm.logits(lm(lm.model.embed_tokens(ids)))
-    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum") / n_all
+    targets = ids[:, 1:].flatten()
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), targets, reduction="sum") / n_all
 
 
 def _worker(rank: int, world: int, port: int, out: Path) -> None:
