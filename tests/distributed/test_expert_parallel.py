@@ -92,12 +92,13 @@ def _worker(rank: int, world: int, port: int, out: Path) -> None:
     )
     group = torch.distributed.group.WORLD
     results = {}
-    for case in ("moe", "skewed"):
+    for case in ("moe", "skewed", "autocast"):
         moe = _moe(case == "skewed")
         apply_expert_parallel(moe, group)
         x, upstream = _moe_inputs(world)[rank]
         x.requires_grad_()
-        y = moe(x)
+        with torch.autocast("cpu", torch.bfloat16, enabled=case == "autocast"):
+            y = moe(x)
         (y * upstream).sum().backward()
         results[case] = dict(
             y=y.detach(),
@@ -131,25 +132,20 @@ def _launch(world: int, out: Path) -> list[dict]:
     """``world`` worker processes on 127.0.0.1; a hang fails after 240 s instead of blocking the suite."""
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, str(r), str(world), str(port), str(out)],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        for r in range(world)
-    ]
-    logs = []
+    logs = [out / f"rank{r}.log" for r in range(world)]
+    procs = []
+    for r, log in enumerate(logs):  # output to files: a pipe nobody reads yet could fill and block a rank
+        with log.open("w") as f:
+            cmd = [sys.executable, __file__, str(r), str(world), str(port), str(out)]
+            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT))
     try:
         for p in procs:
-            logs.append(p.communicate(timeout=240)[0].decode())
+            p.wait(timeout=240)
     finally:
         for p in procs:
             p.kill()
     for r, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {r} of {world} failed:\n{log}"
+        assert p.returncode == 0, f"rank {r} of {world} failed:\n{log.read_text()}"
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
@@ -163,11 +159,12 @@ def four_ranks(tmp_path_factory):
     return _launch(4, tmp_path_factory.mktemp("ep4"))
 
 
-def _moe_reference(skewed: bool, world: int):
+def _moe_reference(skewed: bool, world: int, autocast: bool = False):
     moe = _moe(skewed)
     inputs = _moe_inputs(world)
     x = torch.cat([x for x, _ in inputs]).requires_grad_()
-    y = moe(x)
+    with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        y = moe(x)
     (y * torch.cat([u for _, u in inputs])).sum().backward()
     _, idx, _ = moe.gate(x)
     return moe, x, y.detach(), idx
@@ -201,6 +198,28 @@ def test_expert_parallel_moe_equals_one_process(request, world, case):
         assert experts == {f"experts.{e}.{p}_proj.weight" for e in range(lo, hi) for p in ("gate", "up", "down")}
     for name, param in (("router_grad", moe.gate.weight), ("shared_grad", moe.shared_experts.down_proj.weight)):
         close(sum(res[case][name] for res in results), param.grad)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_expert_parallel_under_bf16_autocast_computes_what_one_process_does(request, world):
+    """The received rows go through the same bf16 grouped matmuls as in one process, the weight scaling the hidden
+    activation, the outputs summed in float32."""
+    results = request.getfixturevalue({2: "two_ranks", 4: "four_ranks"}[world])
+    moe, x, y, _ = _moe_reference(False, world, autocast=True)
+    assert y.dtype == torch.float32
+    local = 8 // world
+    sizes = [6 + 5 * r for r in range(world)]
+    for r, (y_r, xg_r) in enumerate(zip(y.split(sizes), x.grad.split(sizes))):
+        got = results[r]["autocast"]
+        close(got["y"], y_r)
+        close(got["x_grad"], xg_r)
+        close(got["gate_up_grad"], moe.experts.gate_up_proj.grad[r * local : (r + 1) * local])
+    # the router's bf16 matmul rounds each rank's sum over its tokens to bf16, one process rounds the sum over all:
+    # data parallelism, not the exchange, makes these differ by bf16 rounding
+    want = moe.gate.weight.grad
+    torch.testing.assert_close(
+        sum(res["autocast"]["router_grad"] for res in results), want, rtol=1e-2, atol=1e-2 * float(want.abs().max())
+    )
 
 
 def test_expert_parallel_language_model_equals_one_process(two_ranks):
