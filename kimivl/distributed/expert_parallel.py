@@ -35,6 +35,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from kimivl.kernels import grouped_swiglu
 from kimivl.model.moe import GroupedExperts
@@ -43,13 +44,16 @@ from kimivl.model.moe import GroupedExperts
 def apply_expert_parallel(model: nn.Module, group: dist.ProcessGroup) -> None:
     """Split the routed experts of every ``GroupedExperts`` in ``model`` over the ranks of ``group`` (in place):
     this rank keeps its E/M experts as the same-named parameters and its forward exchanges tokens with the other
-    ranks. Works on a model on the meta device too (before FSDP and loading). Raises ``ValueError`` when the model
-    has no routed experts, when it was already split, or when the group size does not divide the expert count."""
+    ranks. Works on a model on the meta device too (before loading), and must come before FSDP. Raises ``ValueError``
+    when the model has no routed experts, when it was already split or sharded, or when the group size does not divide
+    the expert count."""
     m, r = group.size(), group.rank()
     experts = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, GroupedExperts)]
     if not experts:
         raise ValueError("expert parallelism needs routed experts, but the model has no MoE layer: use ep = 1")
     for name, mod in experts:
+        if isinstance(mod.gate_up_proj, DTensor):
+            raise ValueError(f"{name} is already sharded (FSDP): apply expert parallelism before fully_shard")
         if getattr(mod, "ep_group", None) is not None:
             raise ValueError(f"expert parallelism was already applied to {name}: apply it once, to a whole model")
         if mod.n_experts % m:

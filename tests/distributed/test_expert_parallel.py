@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 
 from kimivl.config import KimiVLConfig
 from kimivl.distributed.expert_parallel import apply_expert_parallel, expert_ranges
@@ -118,6 +120,11 @@ def _worker(rank: int, world: int, port: int, out: Path) -> None:
         loss = _lm_loss(lm, ids[rank], ids[:, :, 1:].numel())
         loss.backward()
         results["lm"] = dict(loss=loss.detach(), grads={n: p.grad for n, p in lm.named_parameters()})
+        sharded = fully_shard(_moe(False), mesh=init_device_mesh("cpu", (world,)))
+        try:
+            apply_expert_parallel(sharded, group)
+        except ValueError as e:
+            results["fsdp_first"] = str(e)
     torch.save(results, out / f"rank{rank}.pt")
     torch.distributed.destroy_process_group()
 
@@ -239,6 +246,11 @@ def test_expert_parallel_language_model_equals_one_process(two_ranks):
         else:
             close(sum(res["lm"]["grads"][name] for res in results), p.grad)
     assert n_moe == 2 * (len(lm.model.layers) - 1)
+
+
+def test_expert_parallel_comes_before_fsdp(two_ranks):
+    for res in two_ranks:
+        assert res["fsdp_first"] == "experts is already sharded (FSDP): apply expert parallelism before fully_shard"
 
 
 class _Group:
