@@ -3,7 +3,8 @@ shared experts.
 
 Routed experts are stored stacked, ``gate_up_proj`` (E, 2I, D) and ``down_proj`` (E, D, I), so that all experts run
 as two grouped matmuls over tokens sorted by expert. State-dict hooks present them under the official per-expert
-names ``experts.{e}.{gate,up,down}_proj.weight``.
+names ``experts.{e}.{gate,up,down}_proj.weight``, numbered from ``expert_offset`` (0 here; expert parallelism,
+``kimivl.distributed.expert_parallel``, leaves a module a slice of the experts).
 """
 
 from __future__ import annotations
@@ -76,18 +77,20 @@ class GroupedExperts(nn.Module):
     def __init__(self, n_experts: int, dim: int, hidden: int):
         super().__init__()
         self.n_experts, self.hidden = n_experts, hidden
+        self.expert_offset = 0  # global id of the first expert held
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * hidden, dim))
         self.down_proj = nn.Parameter(torch.empty(n_experts, dim, hidden))
         self.register_state_dict_post_hook(_split_experts)
         self.register_load_state_dict_pre_hook(_stack_experts)
 
     def official_views(self) -> dict[str, torch.Tensor]:
-        """Per-expert views under the official names (relative to this module)."""
+        """Per-expert views under the official names (relative to this module), by global expert id."""
         out = {}
-        for e in range(self.n_experts):
-            out[f"{e}.gate_proj.weight"] = self.gate_up_proj[e, : self.hidden]
-            out[f"{e}.up_proj.weight"] = self.gate_up_proj[e, self.hidden :]
-            out[f"{e}.down_proj.weight"] = self.down_proj[e]
+        for i in range(self.n_experts):
+            e = self.expert_offset + i
+            out[f"{e}.gate_proj.weight"] = self.gate_up_proj[i, : self.hidden]
+            out[f"{e}.up_proj.weight"] = self.gate_up_proj[i, self.hidden :]
+            out[f"{e}.down_proj.weight"] = self.down_proj[i]
         return out
 
     def forward(self, x_TD: torch.Tensor, idx_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
@@ -112,7 +115,7 @@ def _stack_experts(module: GroupedExperts, state_dict, prefix, local_metadata, s
         return
     per = [
         [state_dict.pop(f"{prefix}{e}.{p}.weight") for p in ("gate_proj", "up_proj", "down_proj")]
-        for e in range(module.n_experts)
+        for e in range(module.expert_offset, module.expert_offset + module.n_experts)
     ]
     state_dict[prefix + "gate_up_proj"] = torch.stack([torch.cat(w[:2]) for w in per])
     state_dict[prefix + "down_proj"] = torch.stack([w[2] for w in per])
