@@ -54,7 +54,7 @@ def load_sharded_checkpoint(model: nn.Module, path: str | os.PathLike, world: Wo
             mine, start = local(t.detach()), first_row(t)
             prefix = next((p for p in stacks if name.startswith(p) and "." not in name[len(p) :]), None)
             if prefix is not None:
-                _read_experts(mine, start + world.ep_rank * stacks[prefix].gate_up_proj.shape[0], prefix, name, read)
+                _read_experts(mine, start + stacks[prefix].expert_offset, prefix, name, read)
                 continue
             if key_shape := found.get(name):
                 if list(key_shape[1]) != list(t.shape):

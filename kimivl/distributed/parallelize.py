@@ -42,6 +42,7 @@ def parallelize(model: nn.Module, world: World, recompute: bool = False) -> nn.M
         fully_shard(experts, mesh=world.expert_fsdp_mesh())
         # a local expert's gradient already sums the tokens of its whole expert group: average over every rank
         experts.set_gradient_divide_factor(float(world.size))
+        experts.set_force_sum_reduction_for_comms(True)  # divide apart from the sum: gloo has no pre-scaled sum
     for layer in [m for m in model.modules() if isinstance(m, LAYERS)]:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh, reshard_after_forward=False)  # backward needs the root's weights right away

@@ -66,8 +66,17 @@ def reference(tmp_path_factory):
     return out
 
 
-def test_two_sharded_ranks_train_as_one_process(reference, tmp_path):
-    done = run([str(WORKER), "--out", str(tmp_path), "--steps", "4", "--weights", str(tmp_path / "w.pt")], 2)
+@pytest.mark.parametrize(
+    "nproc, layout",
+    [(2, []), (2, ["--ep", "2"]), (4, ["--ep", "2"])],
+    ids=["dp_shard 2", "dp_shard 2 ep 2", "dp_shard 4 ep 2"],
+)
+def test_sharded_ranks_train_as_one_process(reference, tmp_path, nproc, layout):
+    """Weights sharded over the ranks (and with ep, each layer's experts split over expert groups): the losses,
+    gradient norms, expert loads and final weights of one process on the same global batch."""
+    done = run(
+        [str(WORKER), "--out", str(tmp_path), "--steps", "4", "--weights", str(tmp_path / "w.pt"), *layout], nproc
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     close(metrics(tmp_path), metrics(reference))
     assert metrics(reference)[-1]["loss"] < metrics(reference)[0]["loss"] - 1  # it learns
@@ -130,13 +139,16 @@ def test_two_nodes_on_localhost_hybrid_sharded_train_as_one_process(reference, t
     close(metrics(tmp_path), metrics(reference))
 
 
-def test_an_official_checkpoint_loads_sharded_and_exports_back_equal(tmp_path):
+@pytest.mark.parametrize("layout", [[], ["--ep", "2"]], ids=["dp_shard 2", "dp_shard 2 ep 2"])
+def test_an_official_checkpoint_loads_sharded_and_exports_back_equal(tmp_path, layout):
     """Each rank reads only its rows (and its experts) of an official checkpoint; gathered and written again, every
     tensor equals the original."""
     source = tmp_path / "official"
     made = run(["-c", MAKE_CHECKPOINT.format(worker=WORKER.parent, out=tmp_path, path=source)], None)
     assert made.returncode == 0, made.stderr[-3000:]
-    done = run([str(WORKER), "--out", str(tmp_path), "--load", str(source), "--export", str(tmp_path / "back")], 2)
+    done = run(
+        [str(WORKER), "--out", str(tmp_path), "--load", str(source), "--export", str(tmp_path / "back"), *layout], 2
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     original, back = load_file(source / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
     assert original.keys() == back.keys() and any(".experts.7.down_proj" in k for k in original)
