@@ -57,12 +57,25 @@ def cmd_info(args: argparse.Namespace) -> int:
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        hold_frozen_in_bf16(model, lambda name, p: True)  # as joint stages do with a bf16 checkpoint's frozen weights
         frozen = f", less {' '.join(args.freeze)}" if args.freeze else ""
+        if args.dp_shard:
+            from kimivl.distributed.plan import rank_memory_plan
+
+            try:
+                plan = rank_memory_plan(model, args.dp_shard, args.ep or 1)
+            except ValueError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+            print(f"training {' + '.join(args.train or PARTS)}{frozen} sharded, with recompute: {plan}")
+            return 0
+        hold_frozen_in_bf16(model, lambda name, p: True)  # as joint stages do with a bf16 checkpoint's frozen weights
         print(
             f"training {' + '.join(args.train or PARTS)}{frozen} from a bfloat16 checkpoint under bf16 autocast: "
             f"{memory_plan(model)}"
         )
+    elif args.dp_shard or args.ep:
+        print("error: --dp-shard and --ep plan a training run: give --train (and --freeze) too", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -479,6 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="TOKENS",
         help=f"with --context: tokens per prefill chunk (default {PREFILL_CHUNK}, as generation uses)",
     )
+    info.add_argument("--dp-shard", type=int, help="with --train: the memory per rank, weights sharded over N ranks")
+    info.add_argument("--ep", type=int, help="with --dp-shard: routed experts split over M of them")
     info.set_defaults(func=cmd_info)
 
     chat = sub.add_parser("chat", help="answer a question (or chat interactively) with a checkpoint")

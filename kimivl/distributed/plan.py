@@ -10,10 +10,11 @@ largest chunk, ceil(rows / ranks) rows, so every rank holds (and this plan count
 - gradients: a float32 shard per trained parameter;
 - optimiser state: Muon's momentum (one tensor) or AdamW's two moments per trained shard, as
   ``kimivl.train.trainable.memory_plan`` counts them in one process;
-- gathered (an estimate): the parameters FSDP all-gathers in the compute dtype for the computation: the root unit
+- gathered (an estimate): the parameters FSDP all-gathers for the computation, in their own dtype (kimivl gathers
+  the float32 masters and computes under autocast, as one process does): the root unit
   (what is outside the decoder layers and vision blocks: embeddings, ``lm_head``, norms, projector, patch embedding),
   held through the step, plus two layers or blocks (the one running and the one prefetched), the largest; and the
-  unsharded gradients, in the compute dtype, of the largest unit before they are reduce-scattered;
+  unsharded gradients of the largest unit before they are reduce-scattered;
 - activations (an estimate) for ``tokens`` language-model tokens per rank: with ``recompute`` (activation
   checkpointing) the input of every decoder layer (T D) plus one layer's tensors twice (kept for its backward, and
   their gradients); without it every layer's tensors plus one layer's gradients (each layer counted as the largest).
@@ -105,12 +106,14 @@ def rank_memory_plan(
         return p.numel() // ep if id(p) in experts else p.numel()
 
     trained = [(STATES[g], p) for g, named in partition_params(model).items() for _, p in named]
-    c = compute_dtype.itemsize
     units = [*model.language_model.model.layers, *model.vision_tower.encoder.blocks]
     in_units = {id(p) for u in units for p in u.parameters()}
     root = [p for p in model.parameters() if id(p) not in in_units]
-    unit_params = [sum(gathered(p) for p in u.parameters()) for u in units]
-    unit_grads = [sum(gathered(p) for p in ps if p.requires_grad) for ps in [root, *(u.parameters() for u in units)]]
+    unit_params = [sum(gathered(p) * p.element_size() for p in u.parameters()) for u in units]
+    unit_grads = [
+        sum(gathered(p) * p.element_size() for p in ps if p.requires_grad)
+        for ps in [root, *(u.parameters() for u in units)]
+    ]
     return RankMemoryPlan(
         dp_shard=dp_shard,
         ep=ep,
@@ -118,7 +121,7 @@ def rank_memory_plan(
         weights=sum(shard(p) * p.element_size() for p in model.parameters()),
         gradients=sum(shard(p) * p.element_size() for _, p in trained),
         optimizer=sum(n * shard(p) * p.element_size() for n, p in trained),
-        gathered=c * (sum(gathered(p) for p in root) + 2 * max(unit_params, default=0) + max(unit_grads)),
+        gathered=sum(gathered(p) * p.element_size() for p in root) + 2 * max(unit_params, default=0) + max(unit_grads),
         activations=activation_bytes(model.config.text_config, tokens, ep, compute_dtype, recompute),
     )
 

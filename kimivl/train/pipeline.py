@@ -22,6 +22,7 @@ from kimivl.data.indexed import JsonlRecords
 from kimivl.data.world import ensure_world
 from kimivl.distributed.gather import whole_model
 from kimivl.distributed.parallelize import parallelize
+from kimivl.distributed.plan import rank_memory_plan
 from kimivl.distributed.recompute import apply_recompute, remove_recompute
 from kimivl.distributed.world import World, main_first
 from kimivl.eval.position_loss import position_loss
@@ -218,6 +219,11 @@ def run_stage(
     log.info("%s", prepared.data_line)
     prepared.setup()
     if world.active:
+        if isinstance(prepared.trainee, KimiVL):
+            plan = rank_memory_plan(
+                model, world.dp_shard, world.ep, getattr(stage, "budget", 4096), recompute=stage.recompute
+            )
+            log.info("stage %s %s", stage.name, plan)
         parallelize(prepared.trainee, world, recompute=stage.recompute)
     elif stage.recompute:
         apply_recompute(prepared.trainee)

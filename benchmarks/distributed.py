@@ -1,0 +1,172 @@
+"""What sharding costs and saves on this machine: one training run on 1 and on 2 ranks (torchrun, gloo, loopback)
+over the same global batch, a mid-size MoE on random tokens. Per rank: the peak memory the run adds (resident set,
+from before the weights are allocated to the end of the last step) against ``kimivl.distributed.plan``'s figures;
+and tokens/s of the whole run (the CPU's cores are split evenly between the ranks).
+
+    python benchmarks/distributed.py [--steps 6] [--rows 4] [--budget 1024] [--hidden 512] [--layers 4]
+
+A rank's model is built on the meta device, sharded, then allocated (no rank ever holds it whole), as a sharded load
+of an official checkpoint does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from kimivl import KimiVL, KimiVLConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def config(args) -> KimiVLConfig:
+    base = KimiVLConfig.from_preset("tiny")
+    text = dataclasses.replace(
+        base.text_config,
+        hidden_size=args.hidden,
+        num_hidden_layers=args.layers,
+        intermediate_size=4 * args.hidden,
+        moe_intermediate_size=args.hidden,
+        n_routed_experts=16,
+        num_experts_per_tok=4,
+        n_group=4,
+        topk_group=2,
+        num_attention_heads=8,
+        q_lora_rank=None,
+        kv_lora_rank=args.hidden // 4,
+        vocab_size=8192,
+    )
+    return dataclasses.replace(base, text_config=text)
+
+
+def rank_main(args) -> None:
+    """One rank of a run: build, shard, allocate, train; rank 0 writes the results as JSON to ``args.result``."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from rss import PeakRise
+
+    from kimivl.distributed.muon import local
+    from kimivl.distributed.parallelize import parallelize
+    from kimivl.distributed.plan import rank_memory_plan
+    from kimivl.distributed.world import close_world, init_world
+    from kimivl.precision import autocast, use_bf16
+    from kimivl.train.optim import build_optimizer
+    from kimivl.train.step import optimizer_step
+
+    world = init_world(None, "cpu")
+    cfg = config(args)
+    with torch.device("meta"):
+        model = KimiVL(cfg)
+    bf16 = use_bf16("cpu", None)
+    plan = rank_memory_plan(
+        model,
+        world.dp_shard,
+        1,
+        tokens=args.budget * args.rows // world.size,
+        compute_dtype=torch.bfloat16 if bf16 else torch.float32,
+        recompute=False,
+    )
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(0, 8192, (1, args.budget), generator=g) for _ in range(args.rows * (args.steps + 1))]
+    with PeakRise() as rise:
+        parallelize(model, world)
+        model.to_empty(device="cpu")
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                local(p.detach()).normal_(0, 0.02, generator=g) if p.dim() > 1 else local(p.detach()).fill_(1.0)
+            for name, b in model.named_buffers():
+                b.zero_()
+        optimizer = build_optimizer(model, lr=1e-3)
+        mine = [rows[i] for i in range(world.rank, len(rows), world.size)]
+        per_step = args.rows // world.size
+        start = None
+        for step in range(args.steps + 1):  # the first step is an untimed warm-up
+            if step == 1:
+                start = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            for ids in mine[step * per_step : (step + 1) * per_step]:
+                with autocast("cpu", None):
+                    loss = model(ids, labels=ids).loss
+                (loss / per_step).backward()
+            optimizer_step(model, optimizer, 1.0, "benchmark", lambda ok: "", world)
+        seconds = time.perf_counter() - start
+    if world.main:
+        Path(args.result).write_text(
+            json.dumps(
+                {
+                    "ranks": world.size,
+                    "peak": rise.bytes,
+                    "exact": rise.exact,
+                    "plan": dataclasses.asdict(plan) | {"total": plan.total},
+                    "tokens_per_s": args.steps * args.rows * args.budget / seconds,
+                }
+            )
+        )
+    close_world(world)
+
+
+def launch(args, ranks: int, result: Path) -> dict:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    threads = max(1, (os.cpu_count() or 1) // ranks)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={ranks}",
+        "--master-addr=127.0.0.1",
+        f"--master-port={port}",
+        __file__,
+        "--rank-main",
+        "--result",
+        str(result),
+        *[f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("rank_main", "result")],
+    ]
+    subprocess.run(cmd, check=True, env=env, timeout=1800)
+    return json.loads(result.read_text())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--rows", type=int, default=4, help="rows of --budget tokens per step, over all ranks")
+    ap.add_argument("--budget", type=int, default=1024)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--rank-main", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.rank_main:
+        rank_main(args)
+        return
+    with tempfile.TemporaryDirectory() as work:
+        runs = [launch(args, ranks, Path(work) / f"{ranks}.json") for ranks in (1, 2)]
+    mib = 2**20
+    print(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print("ranks  peak/rank MiB  plan MiB (w+g+opt+gathered+act)  peak/plan  tokens/s")
+    for r in runs:
+        p = r["plan"]
+        parts = "+".join(f"{p[k] / mib:.0f}" for k in ("weights", "gradients", "optimizer", "gathered", "activations"))
+        print(
+            f"{r['ranks']:>5}  {r['peak'] / mib:>13.0f}  {p['total'] / mib:>8.0f} ({parts})  "
+            f"{r['peak'] / p['total']:>9.2f}  {r['tokens_per_s']:>8.0f}"
+        )
+    print(
+        f"2 ranks against 1: memory per rank x{runs[1]['peak'] / runs[0]['peak']:.2f}, "
+        f"tokens/s x{runs[1]['tokens_per_s'] / runs[0]['tokens_per_s']:.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
