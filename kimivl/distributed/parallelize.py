@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
@@ -42,7 +43,8 @@ def parallelize(model: nn.Module, world: World, recompute: bool = False) -> nn.M
         fully_shard(experts, mesh=world.expert_fsdp_mesh())
         # a local expert's gradient already sums the tokens of its whole expert group: average over every rank
         experts.set_gradient_divide_factor(float(world.size))
-        experts.set_force_sum_reduction_for_comms(True)  # divide apart from the sum: gloo has no pre-scaled sum
+        if dist.get_backend() == "gloo" and world.expert_fsdp_mesh().size() > 1:
+            experts.set_force_sum_reduction_for_comms(True)  # gloo has no pre-scaled sum: divide apart from it
     for layer in [m for m in model.modules() if isinstance(m, LAYERS)]:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh, reshard_after_forward=False)  # backward needs the root's weights right away
