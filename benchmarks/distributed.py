@@ -42,6 +42,7 @@ def config(args) -> KimiVLConfig:
         n_group=4,
         topk_group=2,
         num_attention_heads=8,
+        num_key_value_heads=8,
         q_lora_rank=None,
         kv_lora_rank=args.hidden // 4,
         vocab_size=8192,
@@ -150,10 +151,11 @@ def main() -> None:
     if args.rank_main:
         rank_main(args)
         return
+    load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as work:
         runs = [launch(args, ranks, Path(work) / f"{ranks}.json") for ranks in (1, 2)]
     mib = 2**20
-    print(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(f"load average before: {load:.1f} on {os.cpu_count()} cores")
     print("ranks  peak/rank MiB  plan MiB (w+g+opt+gathered+act)  peak/plan  tokens/s")
     for r in runs:
         p = r["plan"]
