@@ -3,7 +3,7 @@ over the same global batch, a mid-size MoE on random tokens. Per rank: the peak 
 from before the weights are allocated to the end of the last step) against ``kimivl.distributed.plan``'s figures;
 and tokens/s of the whole run (the CPU's cores are split evenly between the ranks).
 
-    python benchmarks/distributed.py [--steps 6] [--rows 4] [--budget 1024] [--hidden 512] [--layers 4]
+    python benchmarks/distributed.py [--steps 6] [--rows 4] [--budget 1024] [--hidden 512] [--layers 4] [--bf16 on|off]
 
 A rank's model is built on the meta device, sharded, then allocated (no rank ever holds it whole), as a sharded load
 of an official checkpoint does.
@@ -59,7 +59,7 @@ def rank_main(args) -> None:
     from kimivl.distributed.parallelize import parallelize
     from kimivl.distributed.plan import rank_memory_plan
     from kimivl.distributed.world import close_world, init_world
-    from kimivl.precision import autocast, use_bf16
+    from kimivl.precision import autocast
     from kimivl.train.optim import build_optimizer
     from kimivl.train.step import optimizer_step
 
@@ -67,7 +67,7 @@ def rank_main(args) -> None:
     cfg = config(args)
     with torch.device("meta"):
         model = KimiVL(cfg)
-    bf16 = use_bf16("cpu", None)
+    bf16 = args.bf16 == "on"
     plan = rank_memory_plan(
         model,
         world.dp_shard,
@@ -95,7 +95,7 @@ def rank_main(args) -> None:
                 start = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             for ids in mine[step * per_step : (step + 1) * per_step]:
-                with autocast("cpu", None):
+                with autocast("cpu", bf16):
                     loss = model(ids, labels=ids).loss
                 (loss / per_step).backward()
             optimizer_step(model, optimizer, 1.0, "benchmark", lambda ok: "", world)
@@ -145,6 +145,7 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=1024)
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--bf16", choices=("on", "off"), help="bf16 autocast (default: where this CPU multiplies it fast)")
     ap.add_argument("--rank-main", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -152,10 +153,14 @@ def main() -> None:
         rank_main(args)
         return
     load = os.getloadavg()[0]
+    if args.bf16 is None:  # decided once, so that both runs compute alike
+        from kimivl.precision import use_bf16
+
+        args.bf16 = "on" if use_bf16("cpu", None) else "off"
     with tempfile.TemporaryDirectory() as work:
         runs = [launch(args, ranks, Path(work) / f"{ranks}.json") for ranks in (1, 2)]
     mib = 2**20
-    print(f"load average before: {load:.1f} on {os.cpu_count()} cores")
+    print(f"load average before: {load:.1f} on {os.cpu_count()} cores; bf16 autocast {args.bf16}")
     print("ranks  peak/rank MiB  plan MiB (w+g+opt+gathered+act)  peak/plan  tokens/s")
     for r in runs:
         p = r["plan"]

@@ -13,8 +13,10 @@ largest chunk, ceil(rows / ranks) rows, so every rank holds (and this plan count
 - gathered (an estimate): the parameters FSDP all-gathers for the computation, in their own dtype (kimivl gathers
   the float32 masters and computes under autocast, as one process does): the root unit
   (what is outside the decoder layers and vision blocks: embeddings, ``lm_head``, norms, projector, patch embedding),
-  held through the step, plus two layers or blocks (the one running and the one prefetched), the largest; and the
-  unsharded gradients of the largest unit before they are reduce-scattered;
+  held through the step, plus two layers or blocks (the one running and the one prefetched), the largest; the
+  unsharded gradients of the largest unit before they are reduce-scattered; and FSDP2's communication staging for
+  the largest unit: the all-gather's output (from which the parameters are copied out) and the reduce-scatter's
+  flattened input (measured on 2 CPU ranks, ``benchmarks/distributed.py``, without these the plan fell 25% short);
 - activations (an estimate) for ``tokens`` language-model tokens per rank: with ``recompute`` (activation
   checkpointing) the input of every decoder layer (T D) plus one layer's tensors twice (kept for its backward, and
   their gradients); without it every layer's tensors plus one layer's gradients (each layer counted as the largest).
@@ -23,7 +25,7 @@ largest chunk, ceil(rows / ranks) rows, so every rank holds (and this plan count
   residual stream counts 4 T D and the logits T V (compute dtype, float32 copy, float32 gradient). Image patches
   through the vision tower come on top.
 
-Not counted: Muon's transient whole-matrix gradients on their owner ranks, communication buffers, allocator slack.
+Not counted: Muon's transient whole-matrix gradients on their owner ranks, the backend's own buffers, allocator slack.
 """
 
 from __future__ import annotations
@@ -110,6 +112,7 @@ def rank_memory_plan(
     in_units = {id(p) for u in units for p in u.parameters()}
     root = [p for p in model.parameters() if id(p) not in in_units]
     unit_params = [sum(gathered(p) * p.element_size() for p in u.parameters()) for u in units]
+    root_bytes = sum(gathered(p) * p.element_size() for p in root)
     unit_grads = [
         sum(gathered(p) * p.element_size() for p in ps if p.requires_grad)
         for ps in [root, *(u.parameters() for u in units)]
@@ -121,7 +124,7 @@ def rank_memory_plan(
         weights=sum(shard(p) * p.element_size() for p in model.parameters()),
         gradients=sum(shard(p) * p.element_size() for _, p in trained),
         optimizer=sum(n * shard(p) * p.element_size() for n, p in trained),
-        gathered=sum(gathered(p) * p.element_size() for p in root) + 2 * max(unit_params, default=0) + max(unit_grads),
+        gathered=root_bytes + 2 * max(unit_params, default=0) + 2 * max(unit_grads) + max(unit_params + [root_bytes]),
         activations=activation_bytes(model.config.text_config, tokens, ep, compute_dtype, recompute),
     )
 

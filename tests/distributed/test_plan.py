@@ -58,18 +58,23 @@ def test_each_parameter_is_sharded_as_torch_chunk_does(freeze):
 
 
 def test_gathered_parameters_are_the_root_and_two_of_the_largest_units():
-    """Tiny, ep 2, float32 masters gathered (as kimivl's FSDP does, whatever the compute dtype). Root (outside layers and blocks): patch embedding 64*3*14*14 + 64 + 16*16*64,
+    """Tiny, ep 2, float32 masters gathered (as kimivl's FSDP does, whatever the compute dtype).
+    Root (outside layers and blocks): patch embedding 64*3*14*14 + 64 + 16*16*64,
     final vision norm 2*64, projector 2*64 + 256*256 + 256 + 128*256 + 128, embed and lm_head 2 * 4096*128, LM norm
-    128. Largest unit: an MoE layer, attention 96*128 + 40*128 + 32 + 128*32 + 128*64, router 8*128, half the experts
-    4*128*128 + 4*128*64, shared experts 3*64*128, norms 2*128. The root's gradients are the largest unit's."""
+    128. Largest layer: an MoE layer, attention 96*128 + 40*128 + 32 + 128*32 + 128*64, router 8*128, half the experts
+    4*128*128 + 4*128*64, shared experts 3*64*128, norms 2*128. The root is the largest unit
+    (its gradients too)."""
     root = (64 * 3 * 14 * 14 + 64 + 16 * 16 * 64) + 2 * 64 + (2 * 64 + 256 * 256 + 256 + 128 * 256 + 128)
     root += 2 * 4096 * 128 + 128
     layer = (96 * 128 + 40 * 128 + 32 + 128 * 32 + 128 * 64) + 8 * 128 + 4 * 128 * (128 + 64) + 3 * 64 * 128 + 256
     assert (root, layer) == (1_201_728, 153_888)
-    assert rank_memory_plan(tiny(), 2, 2).gathered == 4 * (root + 2 * layer + root)
-    assert rank_memory_plan(tiny(), 2, 2, compute_dtype=torch.float32).gathered == 4 * (root + 2 * layer + root)
+    staging = root + root  # the largest unit (here the root) gathered, and its gradients flattened for the reduction
+    assert rank_memory_plan(tiny(), 2, 2).gathered == 4 * (root + 2 * layer + root + staging)
+    assert rank_memory_plan(tiny(), 2, 2, compute_dtype=torch.float32).gathered == 4 * (
+        root + 2 * layer + root + staging
+    )
     # without expert parallelism a layer gathers all 8 experts
-    assert rank_memory_plan(tiny(), 2, 1).gathered == 4 * (root + 2 * (layer + 4 * 128 * 192) + root)
+    assert rank_memory_plan(tiny(), 2, 1).gathered == 4 * (root + 2 * (layer + 4 * 128 * 192) + root + staging)
 
 
 def test_activations_per_tokens_by_the_formula():
