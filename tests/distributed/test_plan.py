@@ -114,3 +114,18 @@ def test_sizes_that_cannot_shard_the_model_are_refused():
     apply_expert_parallel(model, Group())
     with pytest.raises(ValueError, match="already split by expert parallelism"):
         rank_memory_plan(model, 2, 2)
+
+
+def test_info_prints_the_per_rank_plan_and_names_bad_layouts(capsys):
+    from kimivl.cli import main
+
+    args = ["info", "--preset", "kimi-vl-a3b", "--train", "language_model"]
+    assert main([*args, "--dp-shard", "8", "--ep", "8"]) == 0
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert "per rank (dp_shard 8, ep 8)" in line and "optimiser state 8.3 GB" in line and "total 45.4 GB" in line
+    assert main([*args, "--freeze", "*.mlp.experts.*", "--dp-shard", "16", "--ep", "8"]) == 0
+    assert "total 25.9 GB" in capsys.readouterr().out
+    assert main([*args, "--dp-shard", "6", "--ep", "4"]) == 2
+    assert "ep (4) must divide dp_shard (6)" in capsys.readouterr().err
+    assert main(["info", "--preset", "kimi-vl-a3b", "--dp-shard", "8"]) == 2
+    assert "give --train" in capsys.readouterr().err
