@@ -1,4 +1,5 @@
-"""The FastAPI app: OpenAI chat completions (plain and server-sent events), models, health and Prometheus metrics."""
+"""The FastAPI app: OpenAI chat completions (plain and server-sent events), models, health, Prometheus metrics, and
+the chat page at ``/`` (``static/index.html``: plain HTML and JavaScript over the same API)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,14 @@ import asyncio
 import contextlib
 import functools
 import hmac
+import importlib.resources
 import json
 import logging
 import time
 import uuid
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from kimivl.inference.sampling import MIN_TEMPERATURE, SamplingParams
@@ -62,6 +64,12 @@ def create_app(
             if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
                 return _error(RequestError("invalid or missing API key (Authorization: Bearer KEY)", status=401))
         return await call_next(request)
+
+    page = importlib.resources.files("kimivl.serve").joinpath("static/index.html").read_text(encoding="utf-8")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index():  # the same page for every visitor: it asks for the API key itself when /v1/ answers 401
+        return HTMLResponse(page)
 
     @app.get("/health")
     async def health():
