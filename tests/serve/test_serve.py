@@ -205,6 +205,31 @@ def test_greedy_answers_under_8_concurrent_clients_equal_the_answers_alone(tiny)
     assert len({a for _, a, _ in alone}) > 4  # different questions, different answers: the rows did not mix
 
 
+def test_32_concurrent_clients_get_the_answers_alone_with_rows_reusing_free_slots(monkeypatch):
+    """32 clients at once on 16 rows: every greedy answer equals the request alone, none fails; rows of finished
+    requests are taken over by new ones in place (no re-lay of the batch)."""
+    from kimivl.serve import engine as engine_module
+
+    placed, place = [], engine_module._Batch._place
+    monkeypatch.setattr(engine_module._Batch, "_place", lambda self, *a: (placed.append(a[0]), place(self, *a)))
+    questions = [q for task in ("caption", "ocr", "gui", "chart", "reasoning") for q, _ in _questions(task, 8)][:32]
+    with live_server("kimivl-tiny", max_batch=16) as (url, engine):
+        client = _client(url, "unused")
+
+        def ask(api):
+            r = client.chat.completions.create(model="kimivl-tiny", messages=api, temperature=0, max_tokens=12)
+            return r.choices[0].message.content, r.choices[0].finish_reason, r.usage.completion_tokens
+
+        alone = [ask(q) for q in questions]
+        placed.clear()
+        with ThreadPoolExecutor(32) as pool:
+            together = list(pool.map(ask, questions))
+        assert together == alone
+        assert engine.metrics.requests["error"] == 0 and engine.metrics.requests["ok"] == 64
+        assert len(placed) >= 8  # finished rows were reused while the queue still held requests
+        assert len({a for a, _, _ in alone}) > 8
+
+
 def test_queue_full_gives_429_then_the_queued_requests_are_served():
     with live_server("kimivl-tiny", max_batch=1, max_queue=2, start=False) as (url, engine):
         body = {"model": "kimivl-tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
