@@ -14,7 +14,7 @@ import time
 import uuid
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from kimivl.inference.sampling import MIN_TEMPERATURE, SamplingParams
@@ -129,9 +129,11 @@ def create_app(
         reply = _Reply(model_name, chat, len(encoded.input_ids))
         if chat.stream:
             return StreamingResponse(_stream(job, queue, reply), media_type="text/event-stream")
+        watch = asyncio.create_task(_watch_disconnect(request, job, queue))
         try:
             return await _collect(job, queue, reply)
         finally:
+            watch.cancel()
             job.cancel()  # the client went away (or the answer is complete: then this is a no-op)
 
     return app
@@ -197,9 +199,19 @@ def _server_error(message: str) -> RequestError:
     return RequestError(message, status=500, code="generation_failed")
 
 
+async def _watch_disconnect(request: Request, job: EngineRequest, queue: asyncio.Queue) -> None:
+    """Cancel ``job`` once its client hangs up (the body is read: the next ASGI message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    job.cancel()
+    queue.put_nowait(("disconnected",))
+
+
 async def _collect(job: EngineRequest, queue: asyncio.Queue, reply: _Reply):
     while not all(reply.finish):
         event = await queue.get()
+        if event[0] == "disconnected":
+            return Response(status_code=499)  # nobody reads it
         if event[0] == "error":
             return _error(_server_error(event[1]))
         if event[0] == "text":

@@ -277,6 +277,69 @@ def test_a_disconnected_stream_frees_its_slot():
         assert r.choices[0].message.content is not None and engine.metrics.completion_tokens < 3000
 
 
+def test_a_client_that_hangs_up_on_a_plain_request_frees_its_slot():
+    """As above, without streaming: the server notices the closed connection while the answer is being generated."""
+    import socket
+
+    with live_server("kimivl-tiny", max_batch=1) as (url, engine):
+        api, _ = _questions("reasoning", 1)[0]
+        body = json.dumps({"model": "kimivl-tiny", "messages": api, "temperature": 0, "max_tokens": 3000}).encode()
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            sock.sendall(head.encode() + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            wait = threading.Event()
+            for _ in range(1000):
+                if engine.metrics.completion_tokens == 0 and engine.metrics.batch_size == 1:
+                    break
+                wait.wait(0.01)
+            assert engine.metrics.batch_size == 1  # it is decoding
+        for _ in range(1000):
+            if engine.metrics.requests["cancelled"]:
+                break
+            wait.wait(0.01)
+        assert engine.metrics.requests["cancelled"] == 1 and engine.metrics.requests["ok"] == 0
+        r = _client(url).chat.completions.create(
+            model="kimivl-tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=3, timeout=10
+        )
+        assert r.choices[0].message.content is not None and engine.metrics.completion_tokens < 3000
+
+
+def test_video_as_a_list_of_frames_equals_generate_on_the_frames(tiny):
+    url, engine = tiny
+    client = _client(url)
+    for line in (HELDOUT / "video.jsonl").read_text().splitlines()[:2]:
+        video, question = json.loads(line)["messages"][0]["content"]
+        frames = [HELDOUT / f for f in video["frames"]]
+        local = [{"role": "user", "content": [{**video, "frames": [str(f) for f in frames]}, question]}]
+        expected = generate(engine.model, engine.processor, local, max_new_tokens=16, temperature=0.0)
+        urls = [_data_url(f) for f in frames]
+        for part in (
+            {"type": "video", "video": urls, "timestamps": video["timestamps"]},
+            {"type": "video_url", "video_url": {"url": urls}},  # default 1 frame per second: the same timestamps
+        ):
+            r = client.chat.completions.create(
+                model="kimivl-tiny",
+                messages=[{"role": "user", "content": [part, question]}],
+                temperature=0,
+                max_tokens=16,
+            )
+            assert r.choices[0].message.content == expected.strip() and expected.strip()
+            assert r.usage.prompt_tokens == len(engine.processor.encode(local).input_ids)
+    good = {"model": "kimivl-tiny", "max_tokens": 3}
+    for part, words in [
+        ({"type": "video", "video": []}, "non-empty list of frame URLs"),
+        ({"type": "video", "video": [_png(28, 28)] * 65}, "more than 64 video frames"),
+        ({"type": "video", "video": ["https://example.com/a.png"]}, "no remote URLs"),
+        ({"type": "video", "video": [_png(28, 28)], "timestamps": [0, 1]}, "one per frame"),
+        ({"type": "video", "video": [_png(28, 28)], "timestamps": [-1]}, "timestamps must be finite"),
+        ({"type": "video_url", "video_url": {"url": "data:video/mp4;base64,aGVsbG8="}}, "cannot open video"),
+    ]:
+        code, reply = _post(url, {**good, "messages": [{"role": "user", "content": [part]}]})
+        assert code == 400 and words in reply["error"]["message"], (words, reply)
+    assert _post(url, {**good, "messages": [{"role": "user", "content": "Hi"}]})[0] == 200
+
+
 def test_a_thinking_model_splits_reasoning_from_the_answer():
     with live_server("kimivl-tiny-thinking") as (url, engine):
         client = _client(url)
