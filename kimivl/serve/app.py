@@ -12,10 +12,11 @@ import json
 import logging
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
-from starlette.concurrency import run_in_threadpool
 
 from kimivl.inference.sampling import MIN_TEMPERATURE, SamplingParams
 from kimivl.processing.chat_template import parse_thinking
@@ -47,12 +48,17 @@ def create_app(
     context = engine.model.config.text_config.max_position_embeddings
     limits = limits or Limits(context=context, max_batch=engine.max_batch)
 
+    # one thread turns messages into ids and pixels, its torch ops on one core: beside the engine's worker, a second
+    # team of OpenMP threads on the same cores would make both wait (several times slower decode steps on 2 cores)
+    encoder = ThreadPoolExecutor(1, "kimivl-encode", initializer=torch.set_num_threads, initargs=(1,))
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         if start_engine:
             engine.start()
         yield
         engine.shutdown()
+        encoder.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="kimivl", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     created = int(time.time())
@@ -108,7 +114,7 @@ def create_app(
                     code="model_not_found",
                 )
             chat = parse_chat_request(body, limits)
-            encoded = await run_in_threadpool(_encode, engine, chat, context)
+            encoded = await asyncio.get_running_loop().run_in_executor(encoder, _encode, engine, chat, context)
         except RequestError as e:
             return _error(e)
         queue: asyncio.Queue = asyncio.Queue()

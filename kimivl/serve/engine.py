@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kimivl.inference.cache import MLACache
-from kimivl.inference.generate import prefill
+from kimivl.inference.generate import _left_pad, prefill
 from kimivl.inference.sampling import SamplingParams, sample_next
 
 log = logging.getLogger(__name__)
@@ -257,6 +257,7 @@ class Engine:
         self._stop = False
         self._thread: threading.Thread | None = None
         self._stop_ids = set(processor.stop_ids)
+        self._threads = torch.get_num_threads()  # the creating thread's: the worker sets it for itself
 
     def alive(self) -> bool:
         """Whether the worker thread is running (False before ``start`` and after ``shutdown``)."""
@@ -288,6 +289,7 @@ class Engine:
     # ---- the worker ------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def _run(self) -> None:
+        torch.set_num_threads(self._threads)
         batch = _Batch(self.model.config.text_config)
         jobs: collections.deque[_Prefill] = collections.deque()
         while True:
@@ -335,45 +337,102 @@ class Engine:
         request.emit(("error", message))
 
     def _prefill(self, jobs: collections.deque[_Prefill]) -> list[tuple[_Choice, torch.Tensor, int]]:
-        """Prefill passes of the oldest jobs, about ``prefill_chunk`` tokens in all; returns the unfinished choices of
-        the jobs whose prompt is done, as (choice, prompt cache values, first token) to join the batch."""
-        model, lm = self.model, self.model.language_model
+        """Prefill the oldest jobs, about ``prefill_chunk`` tokens in all: prompts that fit a pass whole go together
+        (left-padded, as ``generate`` batches prompts: images encoded in one pass, a key mask on the padding), a
+        longer prompt alone, one pass of ``prefill_chunk`` tokens at a time. Returns the unfinished choices of the
+        jobs whose prompt is done, as (choice, prompt cache values, first token) to join the batch."""
         ready, spent = [], 0
         while jobs and spent < self.prefill_chunk:
-            job = jobs[0]
-            request = job.request
-            if request.cancelled:
+            if jobs[0].request.cancelled:
                 jobs.popleft()
                 self.metrics.requests["cancelled"] += 1
                 continue
-            try:
-                if job.embeds is None:
-                    job.embeds = model.embed(job.ids, request.pixel_values, request.image_grid_hws)
-                end = min(job.done + self.prefill_chunk, job.ids.shape[1])
-                part = slice(job.done, end)  # one pass of generate's prefill: no key mask for one row
-                job.hidden = prefill(lm, job.embeds[:, part], job.positions[:, part], job.cache, None, end - job.done)
-                spent += end - job.done
-                job.done = end
-                if end < job.ids.shape[1]:
+            group = [jobs.popleft()]
+            width = len(group[0].request.prompt)
+            if group[0].done == 0 and width <= self.prefill_chunk:
+                while jobs and not jobs[0].request.cancelled and jobs[0].done == 0:
+                    wider = max(width, len(jobs[0].request.prompt))
+                    if wider * (len(group) + 1) > self.prefill_chunk:
+                        break
+                    group.append(jobs.popleft())
+                    width = wider
+                spent += width * len(group)
+                ready += self._finish(group, self._prefill_whole(group))
+            else:
+                job = group[0]
+                spent += min(self.prefill_chunk, width - job.done)
+                try:
+                    self._prefill_pass(job)
+                except Exception as e:
+                    log.exception("prefill failed")
+                    self._fail(job.request, f"prefill failed: {e}")
                     continue
-                jobs.popleft()
-                logits = lm.logits(job.hidden[:, -1])
-                rows = [_Choice(request, i, self.processor.tokenizer, model.device) for i in range(request.n)]
+                if job.done < width:
+                    jobs.appendleft(job)
+                else:
+                    ready += self._finish(group, (job.cache, job.hidden[:, -1]))
+        return ready
+
+    def _prefill_pass(self, job: _Prefill) -> None:
+        """The next ``prefill_chunk`` tokens of a long prompt, alone (one pass of generate's prefill, no key mask)."""
+        if job.embeds is None:
+            job.embeds = self.model.embed(job.ids, job.request.pixel_values, job.request.image_grid_hws)
+        end = min(job.done + self.prefill_chunk, job.ids.shape[1])
+        part = slice(job.done, end)
+        lm = self.model.language_model
+        job.hidden = prefill(lm, job.embeds[:, part], job.positions[:, part], job.cache, None, end - job.done)
+        job.done = end
+
+    def _prefill_whole(self, group: list[_Prefill]) -> tuple[MLACache, torch.Tensor] | Exception:
+        """One pass over the whole prompts of ``group``: their cache (left-padded rows) and last hidden states; or the
+        exception that failed it."""
+        model, lm = self.model, self.model.language_model
+        try:
+            if len(group) == 1:  # alone: no padding, no key mask
+                ids, mask = group[0].ids, None
+                positions = group[0].positions
+            else:
+                cfg = model.config.text_config
+                ids, mask = _left_pad([j.request.prompt for j in group], cfg.pad_token_id, model.device)
+                positions = (mask.cumsum(1) - 1).clamp(min=0)
+            pixels = [j.request.pixel_values for j in group if j.request.pixel_values is not None]
+            grids = [j.request.image_grid_hws for j in group if j.request.image_grid_hws is not None]
+            embeds = model.embed(ids, torch.cat(pixels) if pixels else None, torch.cat(grids) if grids else None)
+            cache = MLACache(model.config.text_config, len(group), ids.shape[1], dtype=model.dtype, device=model.device)
+            hidden = prefill(lm, embeds, positions, cache, mask, ids.shape[1])
+            return cache, hidden[:, -1]
+        except Exception as e:
+            log.exception("prefill failed")
+            return e
+
+    def _finish(self, group: list[_Prefill], result) -> list[tuple[_Choice, torch.Tensor, int]]:
+        """Sample each choice's first token from the prefilled ``group``'s ``result`` (cache, last hidden states)."""
+        if isinstance(result, Exception):
+            for job in group:
+                self._fail(job.request, f"prefill failed: {result}")
+            return []
+        cache, hidden = result
+        lm, ready = self.model.language_model, []
+        values = cache.tokens()
+        for r, job in enumerate(group):
+            request = job.request
+            try:
+                logits = lm.logits(hidden[r : r + 1])
+                rows = [_Choice(request, i, self.processor.tokenizer, self.model.device) for i in range(request.n)]
                 firsts = [int(sample_next(logits, request.params, row.generator)) for row in rows]
             except Exception as e:
-                log.exception("prefill failed")
-                if jobs and jobs[0] is job:
-                    jobs.popleft()
+                log.exception("sampling the first token failed")
                 self._fail(request, f"prefill failed: {e}")
                 continue
             request.first_token = time.monotonic()
             self.metrics.observe_ttft(request.first_token - request.submitted)
-            self.metrics.prompt_tokens += job.ids.shape[1]
+            n = len(request.prompt)
+            self.metrics.prompt_tokens += n
             for row, token in zip(rows, firsts):
                 row.add(token, self._stop_ids)
-            self._account([r for r in rows if r.finish])
-            values = job.cache.tokens()[:, 0]
-            ready += [(row, values, token) for row, token in zip(rows, firsts) if not row.finish]
+            self._account([row for row in rows if row.finish])
+            own = values[:, r, values.shape[2] - n :]
+            ready += [(row, own, token) for row, token in zip(rows, firsts) if not row.finish]
         return ready
 
     def _account(self, finished: list[_Choice]) -> None:

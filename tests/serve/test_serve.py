@@ -206,12 +206,16 @@ def test_greedy_answers_under_8_concurrent_clients_equal_the_answers_alone(tiny)
 
 
 def test_32_concurrent_clients_get_the_answers_alone_with_rows_reusing_free_slots(monkeypatch):
-    """32 clients at once on 16 rows: every greedy answer equals the request alone, none fails; rows of finished
-    requests are taken over by new ones in place (no re-lay of the batch)."""
+    """32 clients at once on 16 rows: every greedy answer equals the request alone, none fails; waiting prompts are
+    prefilled together, and rows of finished requests are taken over by new ones in place (no re-lay of the batch)."""
     from kimivl.serve import engine as engine_module
 
     placed, place = [], engine_module._Batch._place
-    monkeypatch.setattr(engine_module._Batch, "_place", lambda self, *a: (placed.append(a[0]), place(self, *a)))
+    monkeypatch.setattr(engine_module._Batch, "_place", lambda self, *a: (placed.append(a[0]), place(self, *a))[1])
+    groups, whole = [], engine_module.Engine._prefill_whole
+    monkeypatch.setattr(
+        engine_module.Engine, "_prefill_whole", lambda self, g: (groups.append(len(g)), whole(self, g))[1]
+    )
     questions = [q for task in ("caption", "ocr", "gui", "chart", "reasoning") for q, _ in _questions(task, 8)][:32]
     with live_server("kimivl-tiny", max_batch=16) as (url, engine):
         client = _client(url, "unused")
@@ -222,11 +226,13 @@ def test_32_concurrent_clients_get_the_answers_alone_with_rows_reusing_free_slot
 
         alone = [ask(q) for q in questions]
         placed.clear()
+        groups.clear()
         with ThreadPoolExecutor(32) as pool:
             together = list(pool.map(ask, questions))
         assert together == alone
         assert engine.metrics.requests["error"] == 0 and engine.metrics.requests["ok"] == 64
         assert len(placed) >= 8  # finished rows were reused while the queue still held requests
+        assert sum(groups) == 32 and max(groups) >= 4  # waiting prompts were prefilled together
         assert len({a for a, _, _ in alone}) > 8
 
 
