@@ -1,14 +1,17 @@
 """The serving engine: one background thread owns the model and runs a continuously batched decode loop.
 
-Requests wait in a bounded queue. Between decode steps the worker admits waiting requests while the batch has room:
-each is prefilled alone (its images encoded once, its compressed MLA cache built in a cache of its own), its ``n``
-choices copied from that one prefill, and the rows joined to the running batch by left-padding the caches to one
-length (a key mask hides the padding, and every row keeps its own positions). Rows that finish, hit a stop string or
-belong to a cancelled request leave the batch after the step. A prompt is prefilled in chunks (bounded memory), but
-all of them before the next decode step: a long prompt's prefill holds up the running rows for its duration.
+Requests wait in a bounded queue. Each turn of the worker admits waiting requests while the batch has room for their
+``n`` choices, prefills about ``prefill_chunk`` prompt tokens, then runs one decode step for every running row, so a
+long prompt's prefill is spread over many steps instead of pausing the running rows. Prompts that fit one pass are
+prefilled together (left-padded with a key mask, as ``generate`` batches prompts; their images in one vision pass); a
+longer prompt is prefilled alone, ``prefill_chunk`` tokens per turn at fixed offsets. A request's ``n`` choices are
+copied from its one prefill.
 
-The batch cache is an ``MLACache`` whose tokens (layers, rows, tokens, latent + rope key) this module re-lays
-(``MLACache.tokens`` and ``load``) when rows join or leave; the model code sees an ordinary cache.
+The running rows share one ``MLACache``, left-padded to one length with a key mask; every row keeps its own
+positions. A row whose choice ends (stop token, stop string, ``max_tokens``, a cancelled request) becomes a free
+slot: a new choice whose prompt fits the cache's length is written into it in place (``MLACache.write``); otherwise,
+and when no request is waiting to use the free slots, the batch is re-laid (``MLACache.tokens`` and ``load``) with the
+live rows only and the leading columns that are padding in all of them dropped.
 """
 
 from __future__ import annotations

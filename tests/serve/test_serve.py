@@ -311,6 +311,21 @@ def test_a_client_that_hangs_up_on_a_plain_request_frees_its_slot():
         assert r.choices[0].message.content is not None and engine.metrics.completion_tokens < 3000
 
 
+def _mp4(colours: list[tuple[int, int, int]], rate: int = 10) -> bytes:
+    import av
+    import numpy as np
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as c:
+        stream = c.add_stream("mpeg4", rate=rate)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for colour in colours:
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), colour, np.uint8), format="rgb24")
+            c.mux(stream.encode(frame))
+        c.mux(stream.encode())
+    return buf.getvalue()
+
+
 def test_video_as_a_list_of_frames_equals_generate_on_the_frames(tiny):
     url, engine = tiny
     client = _client(url)
@@ -332,6 +347,18 @@ def test_video_as_a_list_of_frames_equals_generate_on_the_frames(tiny):
             )
             assert r.choices[0].message.content == expected.strip() and expected.strip()
             assert r.usage.prompt_tokens == len(engine.processor.encode(local).input_ids)
+    clip = _mp4([(200, 40, 40)] * 10 + [(40, 40, 200)] * 10)  # 2 s at 10 fps: red, then blue
+    local = [{"role": "user", "content": [{"type": "video", "video": clip}, {"type": "text", "text": "What colour?"}]}]
+    expected = generate(engine.model, engine.processor, local, max_new_tokens=16, temperature=0.0)
+    part = {"type": "video_url", "video_url": {"url": "data:video/mp4;base64," + base64.b64encode(clip).decode()}}
+    r = client.chat.completions.create(
+        model="kimivl-tiny",
+        messages=[{"role": "user", "content": [part, {"type": "text", "text": "What colour?"}]}],
+        temperature=0,
+        max_tokens=16,
+    )
+    assert r.choices[0].message.content == expected.strip()
+    assert r.usage.prompt_tokens == len(engine.processor.encode(local).input_ids)  # decoded and sampled as generate does
     good = {"model": "kimivl-tiny", "max_tokens": 3}
     for part, words in [
         ({"type": "video", "video": []}, "non-empty list of frame URLs"),
