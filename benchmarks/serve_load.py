@@ -3,7 +3,7 @@ concurrent clients to a server on loopback; requests/s, output tokens/s, time to
 (p50, p99), against one client (the requests served one at a time) in the same run. Bounded: ``--requests`` per
 level, and no new request starts after ``--time-limit`` seconds of a level.
 
-    python benchmarks/serve_load.py [--model models/kimivl-tiny] [--requests 64] [--max-tokens 64]
+    python benchmarks/serve_load.py [--model models/kimivl-tiny] [--requests 64] [--max-tokens 64] [--tasks ...]
 
 The server is ``python -m kimivl.cli serve`` in a child process on 127.0.0.1 (``--max-batch 32``), so the clients
 (threads here) do not share its interpreter.
@@ -33,14 +33,15 @@ def _url(path: str) -> str:
     return "data:image/png;base64," + base64.b64encode((HELDOUT / path).read_bytes()).decode()
 
 
-def questions(count: int) -> list[list[dict]]:
+def questions(count: int, tasks: tuple[str, ...] = TASKS) -> list[list[dict]]:
     """``count`` held-out questions, the tasks taken in turn, as OpenAI messages with data: URL images and videos."""
-    per_task = {t: (HELDOUT / f"{t}.jsonl").read_text().splitlines() for t in TASKS}
+    per_task = {t: (HELDOUT / f"{t}.jsonl").read_text().splitlines() for t in tasks}
     out = []
     for i in range(count):
-        task = TASKS[i % len(TASKS)]
+        task = tasks[i % len(tasks)]
+        lines = per_task[task]
         parts = []
-        for p in json.loads(per_task[task][i // len(TASKS)])["messages"][0]["content"]:
+        for p in json.loads(lines[(i // len(tasks)) % len(lines)])["messages"][0]["content"]:
             if p["type"] == "image":
                 parts.append({"type": "image_url", "image_url": {"url": _url(p["image"])}})
             elif p["type"] == "video":
@@ -141,8 +142,12 @@ def main() -> None:
     ap.add_argument("--clients", default="1,8,32", help="concurrency levels; the first is the baseline")
     ap.add_argument("--time-limit", type=float, default=300.0, help="seconds per level before no new request starts")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--tasks", default=",".join(TASKS), help="held-out tasks whose questions are sent, in turn")
     args = ap.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
+    unknown = [t for t in args.tasks.split(",") if not (HELDOUT / f"{t}.jsonl").is_file()]
+    if unknown:
+        ap.error(f"--tasks: no held-out questions for {unknown} in {HELDOUT}")
     if args.requests < 1 or args.max_tokens < 1 or min(levels) < 1:
         ap.error("--requests, --max-tokens and every --clients level must be >= 1")
 
@@ -169,7 +174,7 @@ def main() -> None:
             if server.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit("the server did not start")
             time.sleep(0.2)
-        prompts = questions(args.requests)
+        prompts = questions(args.requests, tuple(args.tasks.split(",")))
         ask(port, name, prompts[0], 4)  # warm-up
         rows = [level(port, name, prompts, c, args.max_tokens, args.time_limit) for c in levels]
     finally:
@@ -178,7 +183,8 @@ def main() -> None:
 
     base = rows[0]
     print(f"load average at the end: {os.getloadavg()[0]:.2f} ({os.cpu_count()} CPUs)")
-    print("| clients | requests | req/s | output tok/s | vs 1 client | TTFT p50 / p99 s | ITL p50 / p99 ms | same answers |")  # noqa: E501
+    print("| clients | requests | req/s | output tok/s | vs 1 client | TTFT p50 / p99 s | ITL p50 / p99 ms", end="")
+    print(" | same answers |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         same = sum(a == b for a, b in zip(r["texts"], base["texts"]) if a is not None)

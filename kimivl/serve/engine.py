@@ -353,12 +353,17 @@ class Engine:
             group = [jobs.popleft()]
             width = len(group[0].request.prompt)
             if group[0].done == 0 and width <= self.prefill_chunk:
-                while jobs and not jobs[0].request.cancelled and jobs[0].done == 0:
-                    wider = max(width, len(jobs[0].request.prompt))
-                    if wider * (len(group) + 1) > self.prefill_chunk:
-                        break
-                    group.append(jobs.popleft())
-                    width = wider
+                # the waiting whole prompts of about the head's length, so that little of the pass is padding
+                head = width
+                for job in list(jobs):
+                    n = len(job.request.prompt)
+                    similar = 3 * head <= 4 * n <= 5 * head  # within -25% .. +25% of the head's length
+                    fits = max(width, n) * (len(group) + 1) <= self.prefill_chunk
+                    if job.done or job.request.cancelled or not similar or not fits:
+                        continue
+                    jobs.remove(job)
+                    group.append(job)
+                    width = max(width, n)
                 spent += width * len(group)
                 ready += self._finish(group, self._prefill_whole(group))
             else:
