@@ -320,18 +320,18 @@ class Engine:
                     for request in {id(c.request): c.request for c, _, _ in ready}.values():
                         self._fail(request, f"admission failed: {e}")
                     batch.rows = [None if r is not None and r.request.failed else r for r in batch.rows]
-            if batch.live():
-                try:
+            try:
+                if batch.live():
                     if batch.crowded():
                         batch.relay()
                     self._step(batch)
-                except Exception as e:  # a failure in the shared step ends the rows it holds, not the server
-                    log.exception("decode step failed")
-                    for request in {id(r.request): r.request for r in batch.rows if r is not None}.values():
-                        self._fail(request, f"generation failed: {e}")
-                    batch.__init__(batch.cfg)
-            if len(batch.live()) < len(batch.rows) and not jobs and not self._waiting:
-                batch.relay()  # nobody to take the free slots: drop them
+                if len(batch.live()) < len(batch.rows) and not jobs and not self._waiting:
+                    batch.relay()  # nobody to take the free slots: drop them
+            except Exception as e:  # a failure in the shared step ends the rows it holds, not the server
+                log.exception("decode step failed")
+                for request in {id(r.request): r.request for r in batch.rows if r is not None}.values():
+                    self._fail(request, f"generation failed: {e}")
+                batch.__init__(batch.cfg)
             self.metrics.batch_size = len(batch.live())
 
     def _fail(self, request: Request, message: str) -> None:
