@@ -253,13 +253,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from kimivl.serve.engine import Engine
     from kimivl.serve.schema import Limits
 
-    for name in ("port", "max_batch", "max_queue"):
+    for name in ("port", "max_batch", "max_queue", "prefill_chunk"):
         if getattr(args, name) < 1:
             raise CommandError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.allowed_local_media_path and not os.path.isdir(args.allowed_local_media_path):
         raise CommandError(f"--allowed-local-media-path {args.allowed_local_media_path}: not a directory")
     model, processor = _load(args.model, args.dtype, args.device)
-    engine = Engine(model, processor, max_batch=args.max_batch, max_queue=args.max_queue)
+    engine = Engine(
+        model, processor, max_batch=args.max_batch, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk
+    )
     limits = Limits(
         context=model.config.text_config.max_position_embeddings,
         max_batch=args.max_batch,
@@ -526,6 +528,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is a GPU, else cpu)")
     serve.add_argument("--max-batch", type=int, default=8, help="most sequences decoded together (default 8)")
     serve.add_argument("--max-queue", type=int, default=64, help="most requests waiting; more get 429 (default 64)")
+    serve.add_argument(
+        "--prefill-chunk", type=int, default=512, help="prompt tokens prefilled between two decode steps (default 512)"
+    )
     serve.add_argument("--served-model-name", help="the model name clients send (default: the directory's name)")
     serve.add_argument(
         "--allowed-local-media-path", help="a directory whose image files requests may name (default: data: URLs only)"

@@ -82,6 +82,22 @@ class MLACache:
             pos += take
         self.length = n
 
+    def write(self, row: int, values: torch.Tensor) -> None:
+        """Overwrite every cached token of batch row ``row`` with ``values`` (layers, length, width), in place (a server
+        puts a new request into the row a finished one left this way, without re-laying the other rows)."""
+        layers, batch, width = self.shape
+        if not 0 <= row < batch or values.shape != (layers, self.length, width):
+            raise ValueError(
+                f"row {row} of {batch} takes ({layers}, {self.length}, {width}), got {tuple(values.shape)}"
+            )
+        pos = 0
+        for blk in self.joint:
+            take = min(self.length - pos, blk.shape[2])
+            if take <= 0:
+                break
+            blk[:, row, :take] = values[:, pos : pos + take]
+            pos += take
+
     @staticmethod
     def bytes_per_token(config: TextConfig, dtype: torch.dtype = torch.bfloat16) -> int:
         """Cache bytes per token for the whole model."""

@@ -1,4 +1,5 @@
-"""The FastAPI app: OpenAI chat completions (plain and server-sent events), models, health and Prometheus metrics."""
+"""The FastAPI app: OpenAI chat completions (plain and server-sent events), models, health, Prometheus metrics, and
+the chat page at ``/`` (``static/index.html``: plain HTML and JavaScript over the same API)."""
 
 from __future__ import annotations
 
@@ -6,14 +7,16 @@ import asyncio
 import contextlib
 import functools
 import hmac
+import importlib.resources
 import json
 import logging
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
+import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from starlette.concurrency import run_in_threadpool
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from kimivl.inference.sampling import MIN_TEMPERATURE, SamplingParams
 from kimivl.processing.chat_template import parse_thinking
@@ -45,12 +48,17 @@ def create_app(
     context = engine.model.config.text_config.max_position_embeddings
     limits = limits or Limits(context=context, max_batch=engine.max_batch)
 
+    # one thread turns messages into ids and pixels, its torch ops on one core: beside the engine's worker, a second
+    # team of OpenMP threads on the same cores would make both wait (several times slower decode steps on 2 cores)
+    encoder = ThreadPoolExecutor(1, "kimivl-encode", initializer=torch.set_num_threads, initargs=(1,))
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         if start_engine:
             engine.start()
         yield
         engine.shutdown()
+        encoder.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="kimivl", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     created = int(time.time())
@@ -62,6 +70,12 @@ def create_app(
             if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
                 return _error(RequestError("invalid or missing API key (Authorization: Bearer KEY)", status=401))
         return await call_next(request)
+
+    page = importlib.resources.files("kimivl.serve").joinpath("static/index.html").read_text(encoding="utf-8")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index():  # the same page for every visitor: it asks for the API key itself when /v1/ answers 401
+        return HTMLResponse(page)
 
     @app.get("/health")
     async def health():
@@ -100,7 +114,7 @@ def create_app(
                     code="model_not_found",
                 )
             chat = parse_chat_request(body, limits)
-            encoded = await run_in_threadpool(_encode, engine, chat, context)
+            encoded = await asyncio.get_running_loop().run_in_executor(encoder, _encode, engine, chat, context)
         except RequestError as e:
             return _error(e)
         queue: asyncio.Queue = asyncio.Queue()
@@ -121,9 +135,11 @@ def create_app(
         reply = _Reply(model_name, chat, len(encoded.input_ids))
         if chat.stream:
             return StreamingResponse(_stream(job, queue, reply), media_type="text/event-stream")
+        watch = asyncio.create_task(_watch_disconnect(request, job, queue))
         try:
             return await _collect(job, queue, reply)
         finally:
+            watch.cancel()
             job.cancel()  # the client went away (or the answer is complete: then this is a no-op)
 
     return app
@@ -189,9 +205,19 @@ def _server_error(message: str) -> RequestError:
     return RequestError(message, status=500, code="generation_failed")
 
 
+async def _watch_disconnect(request: Request, job: EngineRequest, queue: asyncio.Queue) -> None:
+    """Cancel ``job`` once its client hangs up (the body is read: the next ASGI message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    job.cancel()
+    queue.put_nowait(("disconnected",))
+
+
 async def _collect(job: EngineRequest, queue: asyncio.Queue, reply: _Reply):
     while not all(reply.finish):
         event = await queue.get()
+        if event[0] == "disconnected":
+            return Response(status_code=499)  # nobody reads it
         if event[0] == "error":
             return _error(_server_error(event[1]))
         if event[0] == "text":

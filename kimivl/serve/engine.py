@@ -1,14 +1,17 @@
 """The serving engine: one background thread owns the model and runs a continuously batched decode loop.
 
-Requests wait in a bounded queue. Between decode steps the worker admits waiting requests while the batch has room:
-each is prefilled alone (its images encoded once, its compressed MLA cache built in a cache of its own), its ``n``
-choices copied from that one prefill, and the rows joined to the running batch by left-padding the caches to one
-length (a key mask hides the padding, and every row keeps its own positions). Rows that finish, hit a stop string or
-belong to a cancelled request leave the batch after the step. A prompt is prefilled in chunks (bounded memory), but
-all of them before the next decode step: a long prompt's prefill holds up the running rows for its duration.
+Requests wait in a bounded queue. Each turn of the worker admits waiting requests while the batch has room for their
+``n`` choices, prefills about ``prefill_chunk`` prompt tokens, then runs one decode step for every running row, so a
+long prompt's prefill is spread over many steps instead of pausing the running rows. Prompts that fit one pass are
+prefilled together (left-padded with a key mask, as ``generate`` batches prompts; their images in one vision pass); a
+longer prompt is prefilled alone, ``prefill_chunk`` tokens per turn at fixed offsets. A request's ``n`` choices are
+copied from its one prefill.
 
-The batch cache is an ``MLACache`` whose tokens (layers, rows, tokens, latent + rope key) this module re-lays
-(``MLACache.tokens`` and ``load``) when rows join or leave; the model code sees an ordinary cache.
+The running rows share one ``MLACache``, left-padded to one length with a key mask; every row keeps its own
+positions. A row whose choice ends (stop token, stop string, ``max_tokens``, a cancelled request) becomes a free
+slot: a new choice whose prompt fits the cache's length is written into it in place (``MLACache.write``); otherwise,
+and when no request is waiting to use the free slots, the batch is re-laid (``MLACache.tokens`` and ``load``) with the
+live rows only and the leading columns that are padding in all of them dropped.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kimivl.inference.cache import MLACache
-from kimivl.inference.generate import PREFILL_CHUNK, prefill
+from kimivl.inference.generate import _left_pad, prefill
 from kimivl.inference.sampling import SamplingParams, sample_next
 
 log = logging.getLogger(__name__)
@@ -146,68 +149,118 @@ class Metrics:
 
 
 class _Batch:
-    """The running rows: their cache (left-padded to one length), key mask, next positions and last tokens."""
+    """The running rows: their cache (left-padded to one length), key mask, next positions and last tokens. A row whose
+    choice ended is a free slot (``None``) until a new choice is written into it (its prompt left-padded to the
+    cache's length, the other rows untouched) or the batch is re-laid without it."""
 
-    def __init__(self):
-        self.rows: list[_Choice] = []
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.rows: list[_Choice | None] = []
         self.cache: MLACache | None = None
         self.mask = self.positions = self.tokens = None
 
-    def join(self, cfg, rows: list[_Choice], cache: MLACache, mask, positions, tokens) -> None:
-        """Add rows whose cache holds ``cache.length`` tokens (their mask, next positions and last tokens)."""
-        if not self.rows:
-            parts = [(cache, mask)]
-        else:
-            parts = [(self.cache, self.mask), (cache, mask)]
-        width = max(c.length for c, _ in parts)
-        room = max(r.request.params.max_new_tokens - r.tokens for r in self.rows + rows) + 1
-        room = min(room, cfg.max_position_embeddings - width)
+    def live(self) -> list[int]:
+        return [i for i, r in enumerate(self.rows) if r is not None]
+
+    def add(self, entries: list[tuple[_Choice, torch.Tensor, int]]) -> None:
+        """Add choices given as (choice, its prompt's cache values (layers, tokens, width), its first token): into free
+        slots where the prompt fits the cache's length, the rest by one re-lay of the whole batch."""
+        free = [i for i, r in enumerate(self.rows) if r is None]
+        rest = []
+        for choice, values, token in entries:
+            if free and values.shape[1] <= self.cache.length:
+                self._place(free.pop(0), choice, values, token)
+            else:
+                rest.append((choice, values, token))
+        if rest:
+            self.relay(rest)
+
+    def _place(self, i: int, choice: _Choice, values: torch.Tensor, token: int) -> None:
+        width, n = self.cache.length, values.shape[1]
+        pad = values.new_zeros(values.shape[0], width - n, values.shape[2])  # zeros: masked, but never NaN
+        self.cache.write(i, torch.cat([pad, values], 1))
+        self.mask[i] = 0
+        self.mask[i, width - n :] = 1
+        self.positions[i], self.tokens[i], self.rows[i] = n, token, choice
+
+    def relay(self, new: list[tuple[_Choice, torch.Tensor, int]] = ()) -> None:
+        """Re-lay the cache with the live rows, then ``new``, left-padded to the longest; free slots and the leading
+        columns that are padding in every row are dropped (the old blocks are freed)."""
+        keep = self.live()
+        parts = []  # (values (layers, rows, n, width), mask (rows, n))
+        if keep:
+            idx = torch.tensor(keep, device=self.mask.device)
+            mask = self.mask[idx]
+            first = int(mask.any(0).long().argmax())
+            parts.append((self.cache.tokens()[:, idx, first:], mask[:, first:]))
+        for _, values, _ in new:
+            parts.append((values[:, None], values.new_ones(1, values.shape[1], dtype=torch.long)))
+        if not parts:
+            self.__init__(self.cfg)
+            return
         ref = parts[0][0]
-        merged = MLACache(cfg, len(self.rows) + len(rows), width + room, dtype=ref.dtype, device=ref.device)
-        layers, _, depth = merged.shape
-        values = torch.zeros(layers, merged.shape[1], width, depth, dtype=ref.dtype, device=ref.device)
+        layers, width, depth = ref.shape[0], max(v.shape[2] for v, _ in parts), ref.shape[3]
+        rows = sum(v.shape[1] for v, _ in parts)
+        values = ref.new_zeros(layers, rows, width, depth)
         masks, start = [], 0
-        for c, m in parts:
-            b, pad = c.shape[1], width - c.length
-            values[:, start : start + b, pad:width] = c.tokens()
+        for v, m in parts:
+            b, pad = v.shape[1], width - v.shape[2]
+            values[:, start : start + b, pad:] = v
             masks.append(torch.cat([m.new_zeros(b, pad), m], 1))
             start += b
-        merged.load(values)
-        self.cache, self.mask = merged, torch.cat(masks)
-        self.rows += rows
-        self.positions = positions if self.positions is None else torch.cat([self.positions, positions])
-        self.tokens = tokens if self.tokens is None else torch.cat([self.tokens, tokens])
+        cache = MLACache(self.cfg, rows, self.cfg.max_position_embeddings, dtype=ref.dtype, device=ref.device)
+        cache.load(values)
+        device = ref.device
+        old = (self.positions[idx], self.tokens[idx]) if keep else (None, None)
+        positions = torch.tensor([v.shape[1] for _, v, _ in new], dtype=torch.long, device=device)
+        tokens = torch.tensor([t for _, _, t in new], dtype=torch.long, device=device)
+        self.positions = positions if old[0] is None else torch.cat([old[0], positions])
+        self.tokens = tokens if old[1] is None else torch.cat([old[1], tokens])
+        self.rows = [self.rows[i] for i in keep] + [c for c, _, _ in new]
+        self.cache, self.mask = cache, torch.cat(masks)
 
-    def keep(self, alive: list[int]) -> None:
-        """Drop every row not in ``alive`` (and the leading columns that are padding in all kept rows)."""
-        if len(alive) == len(self.rows):
-            return
-        if not alive:
-            self.__init__()
-            return
-        idx = torch.tensor(alive, device=self.mask.device)
-        self.rows = [self.rows[i] for i in alive]
-        mask = self.mask[idx]
-        first = int(mask.any(0).long().argmax())
-        self.cache.max_len -= first
-        self.cache.load(self.cache.tokens()[:, idx, first:])  # indexing copies: the old blocks are freed
-        self.mask, self.positions, self.tokens = mask[:, first:], self.positions[idx], self.tokens[idx]
+    def crowded(self) -> bool:
+        """Whether a re-lay is due: the cache is at the context, or half of it is padding in every live row."""
+        keep = self.live()
+        if not keep or self.cache.length + 1 > self.cache.max_len:
+            return bool(keep)
+        lead = int(self.mask[torch.tensor(keep, device=self.mask.device)].any(0).long().argmax())
+        return lead >= max(64, self.cache.length // 2)
+
+
+class _Prefill:
+    """A request being prefilled: its prompt's own one-row cache, filled ``prefill_chunk`` tokens at a time at fixed
+    offsets (so its numbers do not depend on the load), its embeddings (images encoded once) and its progress."""
+
+    def __init__(self, request: Request, model):
+        self.request = request
+        n = len(request.prompt)
+        self.ids = torch.tensor([request.prompt], dtype=torch.long, device=model.device)
+        self.positions = torch.arange(n, device=model.device)[None]
+        self.cache = MLACache(model.config.text_config, 1, n, dtype=model.dtype, device=model.device)
+        self.embeds: torch.Tensor | None = None
+        self.done = 0
+        self.hidden: torch.Tensor | None = None
 
 
 class Engine:
-    """Owns ``model`` in a worker thread; ``submit`` queues a ``Request`` (``QueueFull`` past ``max_queue``)."""
+    """Owns ``model`` in a worker thread; ``submit`` queues a ``Request`` (``QueueFull`` past ``max_queue``). Prompts
+    are prefilled ``prefill_chunk`` tokens per pass, and at most about that many tokens between two decode steps."""
 
-    def __init__(self, model, processor, *, max_batch: int = 8, max_queue: int = 64):
-        if max_batch < 1 or max_queue < 1:
-            raise ValueError(f"max_batch and max_queue must be >= 1, got {max_batch} and {max_queue}")
+    def __init__(self, model, processor, *, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = 512):
+        if max_batch < 1 or max_queue < 1 or prefill_chunk < 1:
+            raise ValueError(
+                f"max_batch, max_queue and prefill_chunk must be >= 1, got {max_batch}, {max_queue}, {prefill_chunk}"
+            )
         self.model, self.processor = model, processor
-        self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.metrics = Metrics()
         self._waiting: collections.deque[Request] = collections.deque()
         self._cond = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
         self._stop_ids = set(processor.stop_ids)
+        self._threads = torch.get_num_threads()  # the creating thread's: the worker sets it for itself
 
     def alive(self) -> bool:
         """Whether the worker thread is running (False before ``start`` and after ``shutdown``)."""
@@ -237,84 +290,158 @@ class Engine:
             self._cond.notify()
 
     # ---- the worker ------------------------------------------------------------------------------------------
+    @torch.inference_mode()
     def _run(self) -> None:
-        batch = _Batch()
+        torch.set_num_threads(self._threads)
+        batch = _Batch(self.model.config.text_config)
+        jobs: collections.deque[_Prefill] = collections.deque()
         while True:
             with self._cond:
-                while not self._stop and not self._waiting and not batch.rows:
+                while not self._stop and not self._waiting and not jobs and not batch.live():
                     self._cond.wait()
                 if self._stop:
                     return
-                admitted = []
-                rows = len(batch.rows)
-                while self._waiting and rows + self._waiting[0].n <= self.max_batch:
-                    rows += self._waiting[0].n
-                    admitted.append(self._waiting.popleft())
+                room = self.max_batch - len(batch.live()) - sum(j.request.n for j in jobs)
+                while self._waiting and self._waiting[0].n <= room:
+                    room -= self._waiting[0].n
+                    request = self._waiting.popleft()
+                    try:
+                        jobs.append(_Prefill(request, self.model))
+                    except Exception as e:
+                        log.exception("admitting a request failed")
+                        self._fail(request, f"admission failed: {e}")
                 self.metrics.queue_length = len(self._waiting)
-            for request in admitted:
+            ready = self._prefill(jobs)
+            if ready:
                 try:
-                    self._admit(request, batch)
-                except Exception as e:  # after prefill (joining the batch): this request fails, the rows stay
-                    log.exception("admitting a request failed")
-                    self._fail(request, f"admission failed: {e}")
-            if batch.rows:
-                try:
+                    batch.add(ready)
+                except Exception as e:  # joining the batch: these requests fail, the running rows stay
+                    log.exception("joining the batch failed")
+                    for request in {id(c.request): c.request for c, _, _ in ready}.values():
+                        self._fail(request, f"admission failed: {e}")
+                    batch.rows = [None if r is not None and r.request.failed else r for r in batch.rows]
+            try:
+                if batch.live():
+                    if batch.crowded():
+                        batch.relay()
                     self._step(batch)
-                except Exception as e:  # a failure in the shared step ends the rows it holds, not the server
-                    log.exception("decode step failed")
-                    for request in {id(r.request): r.request for r in batch.rows}.values():
-                        self._fail(request, f"generation failed: {e}")
-                    batch.keep([])
-            self.metrics.batch_size = len(batch.rows)
+                if len(batch.live()) < len(batch.rows) and not jobs and not self._waiting:
+                    batch.relay()  # nobody to take the free slots: drop them
+            except Exception as e:  # a failure in the shared step ends the rows it holds, not the server
+                log.exception("decode step failed")
+                for request in {id(r.request): r.request for r in batch.rows if r is not None}.values():
+                    self._fail(request, f"generation failed: {e}")
+                batch.__init__(batch.cfg)
+            self.metrics.batch_size = len(batch.live())
 
     def _fail(self, request: Request, message: str) -> None:
         request.failed = request.cancelled = True
         self.metrics.requests["error"] += 1
         request.emit(("error", message))
 
-    @torch.inference_mode()
-    def _admit(self, request: Request, batch: _Batch) -> None:
-        """Prefill ``request`` alone, sample each choice's first token, and join the unfinished choices to ``batch``."""
-        if request.cancelled:
-            self.metrics.requests["cancelled"] += 1
-            return
-        model, cfg = self.model, self.model.config.text_config
+    def _prefill(self, jobs: collections.deque[_Prefill]) -> list[tuple[_Choice, torch.Tensor, int]]:
+        """Prefill the oldest jobs, about ``prefill_chunk`` tokens in all: prompts that fit a pass whole go together
+        (left-padded, as ``generate`` batches prompts: images encoded in one pass, a key mask on the padding), a
+        longer prompt alone, one pass of ``prefill_chunk`` tokens at a time. Returns the unfinished choices of the
+        jobs whose prompt is done, as (choice, prompt cache values, first token) to join the batch."""
+        ready, spent = [], 0
+        while jobs and spent < self.prefill_chunk:
+            if jobs[0].request.cancelled:
+                jobs.popleft()
+                self.metrics.requests["cancelled"] += 1
+                continue
+            group = [jobs.popleft()]
+            width = len(group[0].request.prompt)
+            if group[0].done == 0 and width <= self.prefill_chunk:
+                # the waiting whole prompts of about the head's length, so that little of the pass is padding
+                head = width
+                for job in list(jobs):
+                    n = len(job.request.prompt)
+                    similar = 3 * head <= 4 * n <= 5 * head  # within -25% .. +25% of the head's length
+                    fits = max(width, n) * (len(group) + 1) <= self.prefill_chunk
+                    if job.done or job.request.cancelled or not similar or not fits:
+                        continue
+                    jobs.remove(job)
+                    group.append(job)
+                    width = max(width, n)
+                spent += width * len(group)
+                ready += self._finish(group, self._prefill_whole(group))
+            else:
+                job = group[0]
+                spent += min(self.prefill_chunk, width - job.done)
+                try:
+                    self._prefill_pass(job)
+                except Exception as e:
+                    log.exception("prefill failed")
+                    self._fail(job.request, f"prefill failed: {e}")
+                    continue
+                if job.done < width:
+                    jobs.appendleft(job)
+                else:
+                    ready += self._finish(group, (job.cache, job.hidden[:, -1]))
+        return ready
+
+    def _prefill_pass(self, job: _Prefill) -> None:
+        """The next ``prefill_chunk`` tokens of a long prompt, alone (one pass of generate's prefill, no key mask)."""
+        if job.embeds is None:
+            job.embeds = self.model.embed(job.ids, job.request.pixel_values, job.request.image_grid_hws)
+        end = min(job.done + self.prefill_chunk, job.ids.shape[1])
+        part = slice(job.done, end)
+        lm = self.model.language_model
+        job.hidden = prefill(lm, job.embeds[:, part], job.positions[:, part], job.cache, None, end - job.done)
+        job.done = end
+
+    def _prefill_whole(self, group: list[_Prefill]) -> tuple[MLACache, torch.Tensor] | Exception:
+        """One pass over the whole prompts of ``group``: their cache (left-padded rows) and last hidden states; or the
+        exception that failed it."""
+        model, lm = self.model, self.model.language_model
         try:
-            ids = torch.tensor([request.prompt], dtype=torch.long, device=model.device)
-            n_prompt = ids.shape[1]
-            cache = MLACache(cfg, 1, n_prompt, dtype=model.dtype, device=model.device)
-            mask = torch.ones_like(ids)
-            positions = torch.arange(n_prompt, device=model.device)[None]
-            lm = model.language_model
-            embeds = model.embed(ids, request.pixel_values, request.image_grid_hws)
-            # as generate prefills a prompt alone: in chunks, no key mask
-            logits = lm.logits(prefill(lm, embeds, positions, cache, None, PREFILL_CHUNK)[:, -1])
-            rows = [_Choice(request, i, self.processor.tokenizer, model.device) for i in range(request.n)]
-            firsts = [int(sample_next(logits, request.params, row.generator)) for row in rows]
+            if len(group) == 1:  # alone: no padding, no key mask
+                ids, mask = group[0].ids, None
+                positions = group[0].positions
+            else:
+                cfg = model.config.text_config
+                ids, mask = _left_pad([j.request.prompt for j in group], cfg.pad_token_id, model.device)
+                positions = (mask.cumsum(1) - 1).clamp(min=0)
+            pixels = [j.request.pixel_values for j in group if j.request.pixel_values is not None]
+            grids = [j.request.image_grid_hws for j in group if j.request.image_grid_hws is not None]
+            embeds = model.embed(ids, torch.cat(pixels) if pixels else None, torch.cat(grids) if grids else None)
+            cache = MLACache(model.config.text_config, len(group), ids.shape[1], dtype=model.dtype, device=model.device)
+            hidden = prefill(lm, embeds, positions, cache, mask, ids.shape[1])
+            return cache, hidden[:, -1]
         except Exception as e:
             log.exception("prefill failed")
-            self._fail(request, f"prefill failed: {e}")
-            return
-        request.first_token = time.monotonic()
-        self.metrics.observe_ttft(request.first_token - request.submitted)
-        self.metrics.prompt_tokens += n_prompt
-        for row, token in zip(rows, firsts):
-            row.add(token, self._stop_ids)
-        self._account([r for r in rows if r.finish])
-        live = [i for i, r in enumerate(rows) if not r.finish]
-        if not live:
-            return
-        k = len(live)
-        cache.load(cache.tokens().expand(-1, k, -1, -1))
-        tokens = torch.tensor([firsts[i] for i in live], device=model.device)
-        batch.join(
-            cfg,
-            [rows[i] for i in live],
-            cache,
-            mask.expand(k, -1),
-            torch.full((k,), n_prompt, device=model.device),
-            tokens,
-        )
+            return e
+
+    def _finish(self, group: list[_Prefill], result) -> list[tuple[_Choice, torch.Tensor, int]]:
+        """Sample each choice's first token from the prefilled ``group``'s ``result`` (cache, last hidden states)."""
+        if isinstance(result, Exception):
+            for job in group:
+                self._fail(job.request, f"prefill failed: {result}")
+            return []
+        cache, hidden = result
+        lm, ready = self.model.language_model, []
+        values = cache.tokens()
+        for r, job in enumerate(group):
+            request = job.request
+            try:
+                logits = lm.logits(hidden[r : r + 1])
+                rows = [_Choice(request, i, self.processor.tokenizer, self.model.device) for i in range(request.n)]
+                firsts = [int(sample_next(logits, request.params, row.generator)) for row in rows]
+            except Exception as e:
+                log.exception("sampling the first token failed")
+                self._fail(request, f"prefill failed: {e}")
+                continue
+            request.first_token = time.monotonic()
+            self.metrics.observe_ttft(request.first_token - request.submitted)
+            n = len(request.prompt)
+            self.metrics.prompt_tokens += n
+            for row, token in zip(rows, firsts):
+                row.add(token, self._stop_ids)
+            self._account([row for row in rows if row.finish])
+            own = values[:, r, values.shape[2] - n :]
+            ready += [(row, own, token) for row, token in zip(rows, firsts) if not row.finish]
+        return ready
 
     def _account(self, finished: list[_Choice]) -> None:
         for row in finished:
@@ -322,9 +449,9 @@ class Engine:
             if row.index == 0:  # one request counted once, by its first choice's end (choices may end apart)
                 self.metrics.requests["ok"] += 1
 
-    @torch.inference_mode()
     def _step(self, batch: _Batch) -> None:
-        """One decode step for every running row, then the finished and cancelled rows leave."""
+        """One decode step for every row (a free slot's result is ignored), then finished and cancelled rows leave
+        their slots free."""
         lm = self.model.language_model
         batch.mask = torch.cat([batch.mask, torch.ones_like(batch.mask[:, :1])], 1)
         hidden = lm(
@@ -340,6 +467,9 @@ class Engine:
         context = self.model.config.text_config.max_position_embeddings
         tokens = []
         for i, (row, position) in enumerate(zip(batch.rows, batch.positions.tolist())):
+            if row is None:
+                tokens.append(0)
+                continue
             params = row.request.params
             if nan[i]:  # this row's request fails; the others go on
                 tokens.append(0)
@@ -353,7 +483,8 @@ class Engine:
                 if not row.finish and position >= context:
                     row._end("length")
         batch.tokens = torch.tensor(tokens, device=batch.tokens.device)
-        self._account([r for r in batch.rows if r.finish])
-        cancelled = {id(r.request) for r in batch.rows if r.request.cancelled and not r.request.failed and not r.finish}
+        live = [r for r in batch.rows if r is not None]
+        self._account([r for r in live if r.finish])
+        cancelled = {id(r.request) for r in live if r.request.cancelled and not r.request.failed and not r.finish}
         self.metrics.requests["cancelled"] += len(cancelled)
-        batch.keep([i for i, r in enumerate(batch.rows) if not r.finish and not r.request.cancelled])
+        batch.rows = [None if r is None or r.finish or r.request.cancelled else r for r in batch.rows]

@@ -2,7 +2,9 @@
 
 Every problem is a ``RequestError`` with the HTTP status, a message naming the field and the limit, and the field
 (``param``), as the OpenAI API reports errors. Images come as ``data:`` URLs (base64); a local path or ``file://`` URL
-only under ``allowed_local_media_path``; remote URLs never.
+only under ``allowed_local_media_path``; remote URLs never. A video is a ``video`` (or ``video_url``) part holding a
+list of frames, each an image URL as above (with ``timestamps`` in seconds, or ``fps``, default 1), or one
+``data:video/...`` URL that is decoded and sampled at ``fps`` (``kimivl.processing.video``).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class Limits:
     max_images: int = 8
     max_image_bytes: int = 20 << 20
     max_image_pixels: int = 1 << 24
+    max_frames: int = 64  # video frames per request, on top of max_images
     allowed_local_media_path: str | None = None
 
 
@@ -120,7 +123,42 @@ def _image_bytes(url: Any, where: str, limits: Limits) -> bytes:
     return data
 
 
-def _content(content: Any, where: str, limits: Limits, n_images: list[int]) -> str | list[dict]:
+def _video(part: dict, kind: str, at: str, limits: Limits, n_frames: list[int]) -> dict:
+    """A ``video`` / ``video_url`` part as kimivl's video part: its frames' bytes and timestamps, or a video's bytes."""
+    source = part.get(kind)
+    if isinstance(source, dict):
+        source = source.get("url")
+    fps = _number(part, "fps", 1.0, 0.0, 120.0, lo_open=True)
+    if isinstance(source, str) and source.startswith("data:video/"):
+        n_frames[0] += 1
+        if n_frames[0] > limits.max_frames:
+            raise RequestError(f"more than {limits.max_frames} video frames in one request (the limit)", "messages")
+        header, comma, payload = source.partition(",")
+        if not comma or not header.endswith(";base64"):
+            raise RequestError(f"{at}: a data: URL must be 'data:<mime type>;base64,<data>'", at)
+        try:
+            data = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            raise RequestError(f"{at}: the data: URL's payload is not valid base64", at) from None
+        return {"type": "video", "video": data, "fps": fps, "max_frames": limits.max_frames - n_frames[0] + 1}
+    if not isinstance(source, list) or not source:
+        raise RequestError(
+            f"{at}: a {kind} part needs {kind!r}: a non-empty list of frame URLs (data:image/...) or a data:video/ URL",
+            at,
+        )
+    n_frames[0] += len(source)
+    if n_frames[0] > limits.max_frames:
+        raise RequestError(f"more than {limits.max_frames} video frames in one request (the limit)", "messages")
+    times = part.get("timestamps")
+    if times is None:
+        times = [i / fps for i in range(len(source))]
+    elif not isinstance(times, list) or len(times) != len(source):
+        raise RequestError(f"{at}: timestamps must be a list of seconds, one per frame ({len(source)})", at)
+    frames = [_image_bytes(url, f"{at}.{kind}[{i}]", limits) for i, url in enumerate(source)]
+    return {"type": "video", "frames": frames, "timestamps": times}
+
+
+def _content(content: Any, where: str, limits: Limits, n_images: list[int], n_frames: list[int]) -> str | list[dict]:
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
@@ -138,8 +176,12 @@ def _content(content: Any, where: str, limits: Limits, n_images: list[int]) -> s
             if n_images[0] > limits.max_images:
                 raise RequestError(f"more than {limits.max_images} images in one request (the limit)", "messages")
             parts.append({"type": "image", "image": _image_bytes(part.get("image_url"), at, limits)})
+        elif kind in ("video", "video_url"):
+            parts.append(_video(part, kind, at, limits, n_frames))
         else:
-            raise RequestError(f"{at}: a content part must have type 'text' or 'image_url', got {kind!r}", at)
+            raise RequestError(
+                f"{at}: a content part must have type 'text', 'image_url', 'video' or 'video_url', got {kind!r}", at
+            )
     return parts
 
 
@@ -150,14 +192,16 @@ def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise RequestError("messages must be a non-empty list of {role, content} objects", "messages")
-    out, n_images = [], [0]
+    out, n_images, n_frames = [], [0], [0]
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
             raise RequestError(f"{where}: must be an object with role 'system', 'user' or 'assistant'", where)
         if m.get("content") is None:
             raise RequestError(f"{where}: content is missing", f"{where}.content")
-        out.append({"role": m["role"], "content": _content(m["content"], f"{where}.content", limits, n_images)})
+        out.append(
+            {"role": m["role"], "content": _content(m["content"], f"{where}.content", limits, n_images, n_frames)}
+        )
     max_tokens = _integer(body, "max_completion_tokens", 1, limits.context)
     if max_tokens is None:
         max_tokens = _integer(body, "max_tokens", 1, limits.context)

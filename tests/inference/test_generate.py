@@ -178,3 +178,21 @@ def test_cache_load_lays_tokens_out_again_for_other_rows(tiny_config):
     assert torch.equal(cache.layer(1).latents(), values[1][[1, 1, 0], 2:])
     with pytest.raises(ValueError, match="cache values must be"):
         cache.load(values[0])
+
+
+def test_cache_write_replaces_one_row_in_place_across_blocks(tiny_config):
+    cfg = tiny_config.text_config
+    cache = MLACache(cfg, 3, 20, block=3)
+    layers, _, width = cache.shape
+    values = torch.randn(layers, 3, 7, width)
+    cache.load(values)
+    blocks = list(cache.joint)
+    row = torch.randn(layers, 7, width)
+    cache.write(1, row)
+    assert all(a is b for a, b in zip(cache.joint, blocks))  # the same blocks: nothing re-laid
+    expected = values.clone()
+    expected[:, 1] = row
+    assert torch.equal(cache.tokens(), expected)
+    for bad_row, bad in [(3, row), (-1, row), (0, row[:, :6])]:
+        with pytest.raises(ValueError, match=r"row -?\d+ of 3 takes"):
+            cache.write(bad_row, bad)

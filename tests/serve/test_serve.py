@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import threading
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -205,6 +206,40 @@ def test_greedy_answers_under_8_concurrent_clients_equal_the_answers_alone(tiny)
     assert len({a for _, a, _ in alone}) > 4  # different questions, different answers: the rows did not mix
 
 
+def test_32_concurrent_clients_get_the_answers_alone_with_rows_reusing_free_slots(monkeypatch):
+    """32 clients at once on 16 rows: every greedy answer equals the request alone, none fails; waiting prompts are
+    prefilled together, and rows of finished requests are taken over by new ones in place (no re-lay of the batch)."""
+    from kimivl.serve import engine as engine_module
+
+    placed, place = [], engine_module._Batch._place
+    monkeypatch.setattr(engine_module._Batch, "_place", lambda self, *a: (placed.append(a[0]), place(self, *a))[1])
+    groups, whole = [], engine_module.Engine._prefill_whole
+    monkeypatch.setattr(
+        engine_module.Engine, "_prefill_whole", lambda self, g: (groups.append(len(g)), whole(self, g))[1]
+    )
+    questions = [q for task in ("caption", "ocr", "gui", "chart", "reasoning") for q, _ in _questions(task, 8)][:32]
+    with live_server("kimivl-tiny", max_batch=16) as (url, engine):
+        client = _client(url, "unused")
+
+        def ask(api):
+            r = client.chat.completions.create(model="kimivl-tiny", messages=api, temperature=0, max_tokens=12)
+            return r.choices[0].message.content, r.choices[0].finish_reason, r.usage.completion_tokens
+
+        alone = [ask(q) for q in questions]
+        placed.clear()
+        groups.clear()
+        with ThreadPoolExecutor(32) as pool:
+            together = list(pool.map(ask, questions))
+        assert together == alone
+        deadline = time.monotonic() + 10  # the worker counts a request just after its last event
+        while engine.metrics.requests["ok"] < 64 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.metrics.requests["error"] == 0 and engine.metrics.requests["ok"] == 64
+        assert len(placed) >= 8  # finished rows were reused while the queue still held requests
+        assert sum(groups) == 32 and max(groups) >= 4  # waiting prompts were prefilled together
+        assert len({a for a, _, _ in alone}) > 8
+
+
 def test_queue_full_gives_429_then_the_queued_requests_are_served():
     with live_server("kimivl-tiny", max_batch=1, max_queue=2, start=False) as (url, engine):
         body = {"model": "kimivl-tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
@@ -250,6 +285,96 @@ def test_a_disconnected_stream_frees_its_slot():
             model="kimivl-tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=3, timeout=10
         )
         assert r.choices[0].message.content is not None and engine.metrics.completion_tokens < 3000
+
+
+def test_a_client_that_hangs_up_on_a_plain_request_frees_its_slot():
+    """As above, without streaming: the server notices the closed connection while the answer is being generated."""
+    import socket
+
+    with live_server("kimivl-tiny", max_batch=1) as (url, engine):
+        api, _ = _questions("reasoning", 1)[0]
+        body = json.dumps({"model": "kimivl-tiny", "messages": api, "temperature": 0, "max_tokens": 3000}).encode()
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            sock.sendall(head.encode() + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            wait = threading.Event()
+            for _ in range(1000):
+                if engine.metrics.completion_tokens == 0 and engine.metrics.batch_size == 1:
+                    break
+                wait.wait(0.01)
+            assert engine.metrics.batch_size == 1  # it is decoding
+        for _ in range(1000):
+            if engine.metrics.requests["cancelled"]:
+                break
+            wait.wait(0.01)
+        assert engine.metrics.requests["cancelled"] == 1 and engine.metrics.requests["ok"] == 0
+        r = _client(url).chat.completions.create(
+            model="kimivl-tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=3, timeout=10
+        )
+        assert r.choices[0].message.content is not None and engine.metrics.completion_tokens < 3000
+
+
+def _mp4(colours: list[tuple[int, int, int]], rate: int = 10) -> bytes:
+    import av
+    import numpy as np
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as c:
+        stream = c.add_stream("mpeg4", rate=rate)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for colour in colours:
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), colour, np.uint8), format="rgb24")
+            c.mux(stream.encode(frame))
+        c.mux(stream.encode())
+    return buf.getvalue()
+
+
+def test_video_as_a_list_of_frames_equals_generate_on_the_frames(tiny):
+    url, engine = tiny
+    client = _client(url)
+    for line in (HELDOUT / "video.jsonl").read_text().splitlines()[:2]:
+        video, question = json.loads(line)["messages"][0]["content"]
+        frames = [HELDOUT / f for f in video["frames"]]
+        local = [{"role": "user", "content": [{**video, "frames": [str(f) for f in frames]}, question]}]
+        expected = generate(engine.model, engine.processor, local, max_new_tokens=16, temperature=0.0)
+        urls = [_data_url(f) for f in frames]
+        for part in (
+            {"type": "video", "video": urls, "timestamps": video["timestamps"]},
+            {"type": "video_url", "video_url": {"url": urls}},  # default 1 frame per second: the same timestamps
+        ):
+            r = client.chat.completions.create(
+                model="kimivl-tiny",
+                messages=[{"role": "user", "content": [part, question]}],
+                temperature=0,
+                max_tokens=16,
+            )
+            assert r.choices[0].message.content == expected.strip() and expected.strip()
+            assert r.usage.prompt_tokens == len(engine.processor.encode(local).input_ids)
+    clip = _mp4([(200, 40, 40)] * 10 + [(40, 40, 200)] * 10)  # 2 s at 10 fps: red, then blue
+    local = [{"role": "user", "content": [{"type": "video", "video": clip}, {"type": "text", "text": "What colour?"}]}]
+    expected = generate(engine.model, engine.processor, local, max_new_tokens=16, temperature=0.0)
+    part = {"type": "video_url", "video_url": {"url": "data:video/mp4;base64," + base64.b64encode(clip).decode()}}
+    r = client.chat.completions.create(
+        model="kimivl-tiny",
+        messages=[{"role": "user", "content": [part, {"type": "text", "text": "What colour?"}]}],
+        temperature=0,
+        max_tokens=16,
+    )
+    assert r.choices[0].message.content == expected.strip()
+    assert r.usage.prompt_tokens == len(engine.processor.encode(local).input_ids)  # sampled as generate does
+    good = {"model": "kimivl-tiny", "max_tokens": 3}
+    for part, words in [
+        ({"type": "video", "video": []}, "non-empty list of frame URLs"),
+        ({"type": "video", "video": [_png(28, 28)] * 65}, "more than 64 video frames"),
+        ({"type": "video", "video": ["https://example.com/a.png"]}, "no remote URLs"),
+        ({"type": "video", "video": [_png(28, 28)], "timestamps": [0, 1]}, "one per frame"),
+        ({"type": "video", "video": [_png(28, 28)], "timestamps": [-1]}, "timestamps must be finite"),
+        ({"type": "video_url", "video_url": {"url": "data:video/mp4;base64,aGVsbG8="}}, "cannot open video"),
+    ]:
+        code, reply = _post(url, {**good, "messages": [{"role": "user", "content": [part]}]})
+        assert code == 400 and words in reply["error"]["message"], (words, reply)
+    assert _post(url, {**good, "messages": [{"role": "user", "content": "Hi"}]})[0] == 200
 
 
 def test_a_thinking_model_splits_reasoning_from_the_answer():
