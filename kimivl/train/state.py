@@ -77,9 +77,14 @@ def save_state(ckpt_dir: str | os.PathLike, model, trainer: dict[str, Any], keep
             why += " (the disk is full: free space, then resume)"
         kept = f"; {previous} is intact" if previous else ""
         raise TrainingError(f"checkpoint {root / name} not written: {why}{kept}") from e
+    return _publish(root, name, keep)
+
+
+def _publish(root: Path, name: str, keep: int) -> Path:
+    """Rename the complete ``.{name}.tmp`` into place, point ``latest`` at it, prune to the ``keep`` newest."""
     final = root / name
     shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    os.replace(root / f".{name}.tmp", final)
     write_text_atomic(root / LATEST, name + "\n")
     older = sorted(p for p in root.glob("step-*") if p.name != name)
     for old in older[: max(0, len(older) - (keep - 1))]:
@@ -104,13 +109,7 @@ def save_state_sharded(
         world.barrier()
         if world.main:
             torch.save(trainer, tmp / TRAINER_FILE)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            write_text_atomic(root / LATEST, name + "\n")
-            older = sorted(p for p in root.glob("step-*") if p.name != name)
-            for old in older[: max(0, len(older) - (keep - 1))]:
-                shutil.rmtree(old, ignore_errors=True)
-            log.info("checkpoint %s written", final)
+            _publish(root, name, keep)
     except OSError as e:
         if world.main:
             shutil.rmtree(tmp, ignore_errors=True)
