@@ -69,13 +69,14 @@ def latent_prefill_attention(
         if seen is not None:  # a row without a real key here adds nothing (the kernel reports 0 for it, not -inf)
             lse_i.masked_fill_(~seen[:, None, None], float("-inf"))
         lse = torch.logaddexp(lse_BHS, lse_i)
-        o_BHSE = o_BHSE * (lse_BHS - lse).exp_()[..., None] + o_i * (lse_i - lse).exp_()[..., None]
+        o_BHSE.mul_((lse_BHS - lse).exp_()[..., None]).add_(o_i.mul_((lse_i - lse).exp_()[..., None]))
         lse_BHS = lse
     return o_BHSE.transpose(1, 2).to(q_BSHD.dtype)
 
 
 def _partial(q_BHSD, rows_BNX, expand, scale, mask, *, causal):
-    """The block's attention output (B, H, S, E) in float32 and each query's log-sum-exp (B, H, S)."""
+    """The block's attention output (B, H, S, E) in float32 (a tensor of its own: the merge scales it in place) and
+    each query's log-sum-exp (B, H, S)."""
     k_BNHD, v_BNHE = expand(rows_BNX)
     d, e = k_BNHD.shape[-1], v_BNHE.shape[-1]
     if e < d:  # the fused CPU kernel needs equal head dims: zero-padded values, the padding dropped after
