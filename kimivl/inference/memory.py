@@ -55,12 +55,13 @@ def prefill_activation_bytes(
     expanded = max(c, min(key_block, context - c))
     h, qk = t.num_attention_heads, t.qk_nope_head_dim + t.qk_rope_head_dim
     residual = 4 * c * t.hidden_size * b
-    attention = b * (
+    merged = (8 if c < context else 4) * c * h * t.v_head_dim  # float32 outputs
+    attention = merged + b * (
         expanded * (t.kv_lora_rank + t.qk_rope_head_dim)
         + expanded * h * (t.qk_nope_head_dim + t.v_head_dim)
         + 2 * expanded * h * qk
         + 4 * c * h * qk
-    ) + (8 if c < context else 4) * c * h * t.v_head_dim
+    )
     moe = [t.is_moe_layer(i) for i in range(t.num_hidden_layers)]
     mlp = 3 * c * t.intermediate_size * b if not all(moe) else 0
     if any(moe):

@@ -36,7 +36,8 @@ def test_chunks_in_key_blocks_equal_the_uncached_forward(tiny_model, monkeypatch
     parts = []
     for start in range(0, ids.shape[1], chunk):
         end = min(start + chunk, ids.shape[1])
-        hidden = lm(embeds[:, start:end], position_ids=positions[:, start:end], cache=cache, attention_mask=mask[:, :end])
+        part = embeds[:, start:end]
+        hidden = lm(part, position_ids=positions[:, start:end], cache=cache, attention_mask=mask[:, :end])
         parts.append(lm.logits(hidden))
     cached = torch.cat(parts, 1)
     assert full.abs().max() > 0.1
