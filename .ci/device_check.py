@@ -9,7 +9,10 @@ installed: the device machines have torch and no network). ``--device cpu`` runs
    sampling without replacement runs too.
 4. With flash-attn installed, packed attention through it against the exact SDPA path.
 5. Sharded training (FSDP2 over nccl, one rank under torchrun): the losses of a one-process run on the device.
-6. benchmarks/train_throughput.py on the device (packed against padded useful tokens/s; share of the matmul peak).
+6. Long context on the device's SDPA paths (``kernels.dispatch.sdpa_prefill`` / ``sdpa_decode``): a left-padded batch
+   of 3,000-token prompts prefilled in chunks of 512 into the block cache, then decoding steps, logits against the
+   CPU's key-block prefill and split-K decoding in float32.
+7. benchmarks/train_throughput.py on the device (packed against padded useful tokens/s; share of the matmul peak).
 Prints one line per check and exits non-zero when one fails.
 """
 
@@ -159,6 +162,39 @@ def flash_against_sdpa(device: str) -> str:
     return f"flash-attn within {err:.1e} of SDPA"
 
 
+def long_context(device: str) -> str:
+    from kimivl import KimiVL, KimiVLConfig
+    from kimivl.inference.cache import MLACache
+    from kimivl.inference.generate import prefill
+
+    torch.manual_seed(0)
+    model = KimiVL(KimiVLConfig.from_preset("tiny")).eval()
+    cfg = model.config.text_config
+    lengths = (3000, 2200)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, 3000, (2, max(lengths)), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, : max(lengths) - lengths[1]] = 0
+    logits = {}
+    for dev in (device, "cpu"):
+        lm = model.language_model.to(dev)
+        m, positions = mask.to(dev), (mask.cumsum(1) - 1).clamp(min=0).to(dev)
+        cache = MLACache(cfg, 2, ids.shape[1] + 8, device=dev)
+        with torch.inference_mode():
+            hidden = prefill(lm, lm.model.embed_tokens(ids.to(dev)), positions, cache, m, 512)
+            out = [lm.logits(hidden[:, -1])]
+            for step in range(8):
+                m, positions = torch.cat([m, torch.ones_like(m[:, :1])], 1), positions[:, -1:] + 1
+                token = torch.full((2, 1), 100 + step, device=dev)
+                hidden = lm(lm.model.embed_tokens(token), position_ids=positions, cache=cache, attention_mask=m)
+                out.append(lm.logits(hidden[:, -1]))
+        logits[dev] = torch.stack(out).cpu()
+    err = (logits[device] - logits["cpu"]).abs().max().item()
+    if not err <= 1e-3:
+        raise RuntimeError(f"long-context logits on {device} differ from the CPU's by {err}")
+    return f"3,000-token padded prefill in chunks of 512 and 8 steps within {err:.1e} of the CPU (float32)"
+
+
 def throughput(device: str) -> str:
     steps = "64" if device != "cpu" else "16"
     out = subprocess.run(
@@ -230,6 +266,7 @@ def main() -> int:
     check("flash-attn", lambda: flash_against_sdpa(device))
     with tempfile.TemporaryDirectory() as work:
         check("sharded training", lambda: sharded(device, Path(work)))
+    check("long context", lambda: long_context(device))
     check("packing throughput", lambda: throughput(device))
     return 1 if failed else 0
 

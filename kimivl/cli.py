@@ -104,7 +104,8 @@ def _print_context_memory(config: KimiVLConfig, context: int, chunk: int) -> Non
         act = prefill_activation_bytes(tc, context, size)
         print(
             f"prefill activations {label}: peak {_size(act['peak'])} (attention over the cache "
-            f"{_size(act['attention'])}, MLP {_size(act['mlp'])}, residual stream {_size(act['residual'])})"
+            f"{_size(act['attention'])}, MLP {_size(act['mlp'])}, residual stream {_size(act['residual'])}, prompt "
+            f"embeddings {_size(act['prompt'])})"
         )
     print("estimates by formula (batch 1, beyond weights and cache): see kimivl/inference/memory.py")
 

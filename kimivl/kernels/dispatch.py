@@ -10,16 +10,19 @@ Layouts are named in suffixes: ``T`` packed tokens, ``B`` batch, ``H`` heads, ``
   batches, and longer ones through the fused kernel one by one. Memory stays linear in the total token count.
 - batched causal rows: the fused kernel (on CPU its scores are float32 whatever the input dtype: the inference
   numbers); on CPU inside ``training_attention()``, plain matmuls, 1.3-3x faster forward and backward for short rows.
+- MLA on its compressed cache (``latent_decode_attention``, ``latent_prefill_attention``): on CPU split-K decoding
+  (``kernels.decode``) and prefill in key blocks (``kernels.prefill``), memory bounded by their chunks; on CUDA SDPA
+  over the cache joined into one tensor (its flash / memory-efficient kernels; GPU memory holds the context's keys).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 
-from kimivl.kernels import fused
+from kimivl.kernels import decode, fused, prefill
 from kimivl.kernels.matmul import causal_bias, mask_bias, matmul_attention
 from kimivl.kernels.segments import padded_batch, similar_lengths
 
@@ -156,3 +159,59 @@ def _batched(
     if matmul:
         return matmul_attention(q_BHSD, k_BhKD, v_BhKE, mask_bias(allowed, q_BHSD), scale)
     return fused.sdpa(q_BHSD, k_BhKD, v_BhKE, attn_mask=allowed, scale=scale, enable_gqa=gqa).to(dtype)
+
+
+def latent_decode_attention(
+    q_BHX: torch.Tensor,
+    blocks_BNX: Sequence[torch.Tensor],
+    value_dim: int,
+    *,
+    scale: float,
+    key_valid_BK: torch.Tensor | None = None,
+    chunk: int | None = None,
+) -> torch.Tensor:
+    """One query token per row and head over the cached ``[latent | rope key]`` rows (keys all X values, values the
+    first ``value_dim``); arguments as ``kernels.decode.latent_decode_attention`` (``chunk`` is its CPU split).
+    Returns (B, H, value_dim) in ``q``'s dtype."""
+    if q_BHX.is_cuda:
+        return sdpa_decode(q_BHX, blocks_BNX, value_dim, scale=scale, key_valid_BK=key_valid_BK)
+    return decode.latent_decode_attention(
+        q_BHX, blocks_BNX, value_dim, scale=scale, key_valid_BK=key_valid_BK, chunk=chunk
+    )
+
+
+def latent_prefill_attention(
+    q_BSHD: torch.Tensor,
+    blocks_BNX: Sequence[torch.Tensor],
+    expand: prefill.Expand,
+    *,
+    scale: float,
+    key_valid_BK: torch.Tensor | None = None,
+    key_block: int | None = None,
+) -> torch.Tensor:
+    """A chunk of queries (the last S cached tokens) over the whole cache, causal; arguments as
+    ``kernels.prefill.latent_prefill_attention`` (``key_block`` is its CPU split). Returns (B, S, H, E)."""
+    if q_BSHD.is_cuda:
+        return sdpa_prefill(q_BSHD, blocks_BNX, expand, scale=scale, key_valid_BK=key_valid_BK)
+    return prefill.latent_prefill_attention(
+        q_BSHD, blocks_BNX, expand, scale=scale, key_valid_BK=key_valid_BK, key_block=key_block
+    )
+
+
+def sdpa_decode(q_BHX, blocks_BNX, value_dim, *, scale, key_valid_BK=None) -> torch.Tensor:
+    """The CUDA decoding step: SDPA with the H heads as H query rows of one key head, over the joined cache."""
+    kv_B1KX = (blocks_BNX[0] if len(blocks_BNX) == 1 else torch.cat(list(blocks_BNX), 1))[:, None]
+    mask = None
+    if key_valid_BK is not None:
+        mask = key_valid_BK.clone()
+        mask[:, -1] = True  # a row's own key
+        mask = mask[:, None, None]
+    q_B1HX = q_BHX[:, None].to(kv_B1KX.dtype)
+    o = fused.sdpa(q_B1HX, kv_B1KX, kv_B1KX[..., :value_dim], attn_mask=mask, scale=scale)
+    return o[:, 0].to(q_BHX.dtype)
+
+
+def sdpa_prefill(q_BSHD, blocks_BNX, expand, *, scale, key_valid_BK=None) -> torch.Tensor:
+    """The CUDA prefill pass: the whole cache expanded to per-head keys and values, then causal SDPA."""
+    k_BKHD, v_BKHE = expand(blocks_BNX[0] if len(blocks_BNX) == 1 else torch.cat(list(blocks_BNX), 1))
+    return attention(q_BSHD, k_BKHD, v_BKHE, scale=scale, key_valid_BK=key_valid_BK)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from kimivl.config import TextConfig
-from kimivl.kernels import attention, latent_decode_attention
+from kimivl.kernels import attention, latent_decode_attention, latent_prefill_attention
 from kimivl.model.norm import RMSNorm
 
 
@@ -64,26 +64,40 @@ class MLA(nn.Module):
         key_valid_BK: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Causal attention of ``x`` over itself and, with ``cache`` (an object whose ``update(c, kr)`` stores the
-        new latents, ``blocks()`` returns all cached ``[latent | rope key]`` rows as (B, N, C + R) pieces in order and
-        ``latents()`` as one tensor), over the cached tokens; single-token steps then run absorbed on the cache.
-        ``key_valid_BK`` marks real (non-padding) keys. With ``cu_seqlens`` the single row is a pack of samples."""
+        new latents and ``blocks()`` returns all cached ``[latent | rope key]`` rows as (B, N, C + R) pieces in
+        order), over the cached tokens: single-token steps run absorbed on the cache, longer ones expand it to per-head
+        keys and values a block at a time. ``key_valid_BK`` marks real (non-padding) keys. With ``cu_seqlens`` the
+        single row is a pack of samples."""
         b, s, _ = x_BSD.shape
+        if cu_seqlens is not None and (b != 1 or cache is not None):
+            raise ValueError("packed attention (cu_seqlens) takes one packed row and no cache")
         q_nope, q_rope = self.queries(x_BSD, rot_BSR)
         c_BKC, kr_BKR = self.compress(x_BSD, rot_BSR)
         if cache is not None:
             cache.update(c_BKC, kr_BKR)
             if s == 1:
                 return self._absorbed(q_nope, q_rope, cache.blocks(), key_valid_BK)
-            c_BKC, kr_BKR = cache.latents().split([self.kv_rank, self.rope_dim], dim=-1)
-        k_len = c_BKC.shape[1]
+        q_BSHD = torch.cat([q_nope, q_rope], dim=-1)
+        if cache is not None:
+            o = latent_prefill_attention(
+                q_BSHD, cache.blocks(), self._expand, scale=self.scale, key_valid_BK=key_valid_BK
+            )
+        else:
+            k_BKHD, v_BKHE = self._keys_values(c_BKC, kr_BKR)
+            o = attention(q_BSHD, k_BKHD, v_BKHE, scale=self.scale, cu_seqlens=cu_seqlens, key_valid_BK=key_valid_BK)
+        return self.o_proj(o.reshape(b, s, self.n_heads * self.v_dim))
+
+    def _keys_values(self, c_BKC: torch.Tensor, kr_BKR: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head keys (B, K, H, nope + rope) and values (B, K, H, v_dim) from latents and the shared rope key."""
+        b, k_len, _ = c_BKC.shape
         kv = self.kv_b_proj(c_BKC).view(b, k_len, self.n_heads, self.nope_dim + self.v_dim)
         k_nope, v_BKHE = kv.split([self.nope_dim, self.v_dim], dim=-1)
-        q_BSHD = torch.cat([q_nope, q_rope], dim=-1)
         k_BKHD = torch.cat([k_nope, kr_BKR[:, :, None].expand(-1, -1, self.n_heads, -1)], dim=-1)
-        if cu_seqlens is not None and (b != 1 or cache is not None):
-            raise ValueError("packed attention (cu_seqlens) takes one packed row and no cache")
-        o = attention(q_BSHD, k_BKHD, v_BKHE, scale=self.scale, cu_seqlens=cu_seqlens, key_valid_BK=key_valid_BK)
-        return self.o_proj(o.reshape(b, s, self.n_heads * self.v_dim))
+        return k_BKHD, v_BKHE
+
+    def _expand(self, rows_BKX: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``_keys_values`` of cached ``[latent | rope key]`` rows."""
+        return self._keys_values(*rows_BKX.split([self.kv_rank, self.rope_dim], dim=-1))
 
     def _absorbed(self, q_nope_B1HN, q_rope_B1HR, blocks_BNX, key_valid_BK):
         """One step's attention straight on the compressed cache ``[latent | rope key]``: kv_b_proj's key half is
