@@ -212,6 +212,16 @@ class RLTrainer:
                 cfg.rollout_batch,
             )
             rollout_s = time.perf_counter() - rollout_start
+
+            correct = torch.tensor([self.reward_fn(r.text, self.problems[chosen[r.prompt]]["meta"]) for r in rolls])
+            lengths = torch.tensor([r.length for r in rolls], dtype=torch.float32)
+            reward = correct.clone()
+            length_on = cfg.length_weight > 0 and it >= cfg.length_warmup
+            if length_on:
+                reward = reward + cfg.length_weight * length_reward(lengths, correct >= 0.5, k)
+            advantage = group_baseline(reward, k) if cfg.objective == "opmd" else group_normalised(reward, k)
+            advantage = advantage.to(self.policy.device)  # beside the log-probs it weighs
+
             prompts = [encoded[r.prompt].input_ids for r in rolls]
             responses = [r.ids for r in rolls]
             sample_images = [encoded[r.prompt] for r in rolls]
@@ -220,15 +230,6 @@ class RLTrainer:
             if not torch.equal(fingerprint(reference), ref_print):
                 raise AssertionError("the policy changed while the reference pi_i's samples and log-probs were taken")
         ref_seq = torch.stack([t.sum() for t in ref_tokens])
-
-        correct = torch.tensor([self.reward_fn(r.text, self.problems[chosen[r.prompt]]["meta"]) for r in rolls])
-        lengths = torch.tensor([r.length for r in rolls], dtype=torch.float32)
-        reward = correct.clone()
-        length_on = cfg.length_weight > 0 and it >= cfg.length_warmup
-        if length_on:
-            reward = reward + cfg.length_weight * length_reward(lengths, correct >= 0.5, k)
-        advantage = group_baseline(reward, k) if cfg.objective == "opmd" else group_normalised(reward, k)
-        advantage = advantage.to(self.policy.device)  # beside the log-probs it weighs
 
         order = torch.randperm(len(rolls), generator=torch.Generator().manual_seed(base_seed + 999))
         losses, seen, seen_ref, grad_norm = self._update(
