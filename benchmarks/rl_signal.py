@@ -7,7 +7,7 @@
 2. pass@1 and pass@k of ``--model`` (kimivl-tiny) on the fresh problems, k up to ``--samples``
    (``OUT/passk/base.json``): how much RL can gain there.
 3. Each arm (a recipe of recipes/: ``opmd-len`` tiny-rl.yaml, ``opmd-nolen`` tiny-rl-nolen.yaml, ``grpo``
-   tiny-rl-grpo.yaml) once per seed, seed by seed (every arm's seed 0 first), in ``OUT/<arm>-s<seed>``: the recipe
+   tiny-rl-grpo.yaml, in the order of ``--arms``) once per seed, in ``OUT/<arm>-s<seed>``: the recipe
    with that ``seed``, the shared problems (``--priority``, ``--steps``, ``--problems``, ``--samples`` override the
    recipe's), and its evaluation moved to the fresh problems
    (greedy, 160 new tokens); the starting model is evaluated once and its files copied to the other runs (greedy
@@ -111,8 +111,8 @@ def main() -> int:
 
     runs: dict[str, list[Path]] = {arm: [] for arm in arms}
     base_eval = None  # the first run's evaluation of the starting model, copied to the others
-    for seed in seeds:
-        for arm in arms:
+    for arm in arms:  # arm by arm: an experiment cut short has every seed of the first arms
+        for seed in seeds:
             out = args.out / f"{arm}-s{seed}"
             runs[arm].append(out)
             if (out / "eval" / "rl.position_loss.json").is_file() and (out / "model" / "config.json").is_file():
