@@ -13,8 +13,8 @@
    (greedy, 160 new tokens); the starting model is evaluated once and its files copied to the other runs (greedy
    decoding gives every run the same). Each run exports its model (bf16) to ``OUT/<arm>-s<seed>/model``.
 4. ``OUT/compare.md``: ``kimivl.rl.compare``'s tables (overall and by difficulty), and per run the reward curve
-   summed up (mean reward, accuracy, answer tokens and the shares of problems all right or all wrong over the first
-   and last quarter of the iterations).
+   summed up (mean reward, accuracy, answer tokens and the shares of problems all right or all wrong, per quarter of
+   the iterations).
 
 Every step is skipped when its output exists, and an interrupted run resumes, so the command can be run again.
 One process at a time: each run is a ``kimivl train`` child process.
@@ -68,13 +68,16 @@ def derived_recipe(args: argparse.Namespace, arm: str, seed: int, out: Path) -> 
     return recipe
 
 
-def curve_summary(run_dir: Path) -> dict[str, tuple[float, float]]:
-    """Means over the first and the last quarter of the iterations in ``metrics.jsonl``."""
+def curve_summary(run_dir: Path) -> dict[str, tuple[float, ...]]:
+    """Means over each quarter of the iterations in ``metrics.jsonl`` (the recipes' curriculum: easy problems only in
+    the first two, a quarter medium ones in the last two)."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     rows = [r for r in rows if "reward" in r]
-    q = max(1, len(rows) // 4)
+    if len(rows) < 4:
+        raise ValueError(f"{run_dir / 'metrics.jsonl'} has {len(rows)} RL iterations; a summary by quarter needs 4")
+    cuts = [round(i * len(rows) / 4) for i in range(5)]
     keys = ("reward", "accuracy", "mean_length", "all_correct", "all_wrong")
-    return {k: (statistics.fmean(r[k] for r in rows[:q]), statistics.fmean(r[k] for r in rows[-q:])) for k in keys}
+    return {k: tuple(statistics.fmean(r[k] for r in rows[a:b]) for a, b in zip(cuts, cuts[1:])) for k in keys}
 
 
 def main() -> int:
@@ -135,11 +138,13 @@ def main() -> int:
     if passk.is_file():
         table = json.loads(passk.read_text())
         lines += [f"pass@k of {args.model} on the fresh problems: `{json.dumps(table)}`", ""]
-    lines += [comparison_table(done), "", difficulty_table(done), "", "| run | first quarter -> last quarter |", "|---|---|"]
+    keys = ("reward", "accuracy", "mean_length", "all_correct", "all_wrong")
+    lines += [comparison_table(done), "", difficulty_table(done), "", "RL iterations by quarter (means):", ""]
+    lines += ["| run | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for rs in done.values():
         for r in rs:
             c = curve_summary(r)
-            lines.append(f"| {r.name} | " + ", ".join(f"{k} {a:.3f} -> {b:.3f}" for k, (a, b) in c.items()) + " |")
+            lines.append(f"| {r.name} | " + " | ".join(" / ".join(f"{v:.2f}" for v in c[k]) for k in keys) + " |")
     (args.out / "compare.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -38,7 +38,7 @@ def test_each_arm_and_seed_gets_its_recipe_with_the_evaluation_on_the_fresh_prob
     assert (cfg.iterations, cfg.priority) == (12, "failure")
 
 
-def test_curve_summary_means_the_first_and_last_quarter(tmp_path):
+def test_curve_summary_means_each_quarter(tmp_path):
     rows = [
         {"step": i, "reward": i / 10, "accuracy": 0.5, "mean_length": 60 - i, "all_correct": 0, "all_wrong": i % 2}
         for i in range(8)
@@ -46,5 +46,8 @@ def test_curve_summary_means_the_first_and_last_quarter(tmp_path):
     rows.insert(3, {"step": 3, "loss": 1.0})  # rows without a reward (other stages) are not iterations
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     c = rl_signal.curve_summary(tmp_path)
-    assert c["reward"] == pytest.approx((0.05, 0.65)) and c["mean_length"] == pytest.approx((59.5, 53.5))
-    assert c["all_wrong"] == pytest.approx((0.5, 0.5)) and c["accuracy"] == (0.5, 0.5)
+    assert c["reward"] == pytest.approx((0.05, 0.25, 0.45, 0.65)) and c["mean_length"][::3] == (59.5, 53.5)
+    assert c["all_wrong"] == (0.5,) * 4 and c["accuracy"] == (0.5,) * 4
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
+    with pytest.raises(ValueError, match="has 3 RL iterations; a summary by quarter needs 4"):
+        rl_signal.curve_summary(tmp_path)
