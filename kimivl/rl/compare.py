@@ -8,8 +8,8 @@ recipe with different seeds) as a mean with a 95% interval, from each run's ``ou
 
 Intervals:
 - Two or more seeds: a t-interval across seeds, mean ± t(0.975, m - 1) · sd / sqrt(m), with m seeds and sd their
-  sample standard deviation (divisor m - 1); for accuracy before and after, the change in points (after - before,
-  seed by seed) and mean answer tokens. It measures the seed-to-seed spread, not the finite number of problems.
+  sample standard deviation (divisor m - 1); for accuracy before and after (kept within [0, 1]), the change in
+  points (after - before, seed by seed) and mean answer tokens. It measures the seed-to-seed spread, not the finite number of problems.
 - One seed: accuracy gets the Wilson score interval of a binomial with n = the number of problems scored
   (``<stage>.predictions.jsonl``): (p + z²/2n ± z · sqrt(p(1 - p)/n + z²/4n²)) / (1 + z²/n), z = 1.96. The change
   and answer tokens have no interval then.
@@ -90,6 +90,12 @@ def t_interval(values: Sequence[float]) -> Interval:
     return mean, mean - half, mean + half
 
 
+def _clamped(value: Interval) -> Interval:
+    """An accuracy's interval within [0, 1] (a t-interval can reach past either end)."""
+    mean, low, high = value
+    return value if low is None else (mean, max(0.0, low), min(1.0, high))
+
+
 def wilson(p: float, n: int, z: float = Z95) -> Interval:
     """A proportion ``p`` of ``n`` trials with its Wilson score interval."""
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
@@ -111,7 +117,8 @@ def arm_summary(runs: Sequence[str | os.PathLike], stage: str = "rl", task: str 
     }
     columns["change"] = [a - b for a, b in zip(columns["after"], columns["before"])]
     if len(runs) > 1:
-        return {"seeds": len(runs), **{k: t_interval(v) for k, v in columns.items()}}
+        out = {k: t_interval(v) for k, v in columns.items()}
+        return {"seeds": len(runs), **out, "before": _clamped(out["before"]), "after": _clamped(out["after"])}
     out = {k: (v[0], None, None) for k, v in columns.items()}
     out["before"] = wilson(columns["before"][0], _problems(runs[0], "base", task))
     out["after"] = wilson(columns["after"][0], _problems(runs[0], stage, task))
@@ -170,6 +177,7 @@ def difficulty_summary(
         cols["change"] = [x - y for x, y in zip(cols["after"], cols["before"])]
         if len(runs) > 1:
             out[d] = {"problems": n, **{k: t_interval(v) for k, v in cols.items()}}
+            out[d]["before"], out[d]["after"] = _clamped(out[d]["before"]), _clamped(out[d]["after"])
         else:
             out[d] = {
                 "problems": n,

@@ -118,6 +118,12 @@ def test_accuracy_by_difficulty_with_intervals(tmp_path, capsys):
     # one seed: Wilson intervals with n = 10 (4/10: [16.8, 68.7]; 2/10: [5.7, 51.0]); 0/10: [0, 27.8]
     assert table[4] == "| grpo | 1 | easy | 10 | 40.0% [16.8, 68.7] | 20.0% [5.7, 51.0] | -20.0 |"
     assert table[5] == "| grpo | 1 | hard | 10 | 10.0% [1.8, 40.4] | 0.0% [0.0, 27.8] | -10.0 |"
+    # hard after 0, 0, 10%: mean 3.3, t-interval 3.3 ± 14.3 points, its accuracy kept within [0, 1]; the change not
+    hard = [write_difficulty_run(tmp_path / f"h{i}", before, {"easy": (4, 10), "hard": (h, 10)}) for i, h in
+            enumerate((0, 0, 1))]  # fmt: skip
+    assert difficulty_table({"h": hard}).splitlines()[3] == (
+        "| h | 3 | hard | 10 | 10.0% [10.0, 10.0] | 3.3% [0.0, 17.7] | -6.7 [-21.0, +7.7] |"
+    )
     summary = difficulty_summary([one], task="all")  # every task: the ocr row counts as an easy problem
     assert summary["easy"]["problems"] == 11 and summary["easy"]["before"][0] == pytest.approx(5 / 11)
 
