@@ -9,7 +9,8 @@ recipe with different seeds) as a mean with a 95% interval, from each run's ``ou
 Intervals:
 - Two or more seeds: a t-interval across seeds, mean ± t(0.975, m - 1) · sd / sqrt(m), with m seeds and sd their
   sample standard deviation (divisor m - 1); for accuracy before and after (kept within [0, 1]), the change in
-  points (after - before, seed by seed) and mean answer tokens. It measures the seed-to-seed spread, not the finite number of problems.
+  points (after - before, seed by seed) and mean answer tokens. It measures the seed-to-seed spread, not the finite
+  number of problems.
 - One seed: accuracy gets the Wilson score interval of a binomial with n = the number of problems scored
   (``<stage>.predictions.jsonl``): (p + z²/2n ± z · sqrt(p(1 - p)/n + z²/4n²)) / (1 + z²/n), z = 1.96. The change
   and answer tokens have no interval then.
