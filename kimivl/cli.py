@@ -285,6 +285,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = {key: value for key, value in (("out", args.out), ("device", args.device)) if value}
     if args.bf16 is not None:
         overrides["bf16"] = args.bf16
+    if args.seed is not None:
+        overrides["seed"] = args.seed
     recipe = load_recipe(args.recipe, overrides)
     layout = {key: value for key, value in (("dp_shard", args.dp_shard), ("ep", args.ep)) if value}
     if layout:
@@ -311,7 +313,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         try:
             run_recipe(recipe, world=world)
         except Interrupted as e:
-            again = " ".join(["kimivl train", args.recipe, "--resume", *(["--out", args.out] if args.out else [])])
+            again = " ".join(
+                ["kimivl train", args.recipe, "--resume"]
+                + (["--out", args.out] if args.out else [])
+                + (["--seed", str(args.seed)] if args.seed is not None else [])
+            )
             if world.active:
                 again = f"torchrun (as before) -m {again}"
             if world.main:
@@ -543,6 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue a run: skip finished stages, resume the rest")
     train.add_argument("--out", help="run directory (default: the recipe's 'out')")
     train.add_argument("--device", help="where to train, e.g. cuda (default: the recipe's 'device', else cpu)")
+    train.add_argument("--seed", type=int, help="the run's seed (default: the recipe's 'seed'), e.g. for RL repeats")
     train.add_argument(
         "--bf16",
         action=argparse.BooleanOptionalAction,

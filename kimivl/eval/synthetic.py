@@ -50,7 +50,8 @@ def evaluate(
     model, processor, records: list[dict], batch_size: int = 16, max_new_tokens: int = 48, progress: bool = False
 ) -> tuple[dict[str, float], list[dict]]:
     """Greedy answers to each record's prompt (its messages before the last assistant turn), scored.
-    Returns (accuracy per task, with ``all``) and one row per record."""
+    Returns (accuracy per task, with ``all``) and one row per record (its id, task, ``meta.difficulty`` or None,
+    prediction, gold and whether it is correct)."""
     from tqdm.auto import tqdm
 
     from kimivl.inference.chat import generate
@@ -64,6 +65,7 @@ def evaluate(
                 {
                     "id": rec.get("id"),
                     "task": rec["meta"]["task"],
+                    "difficulty": rec["meta"].get("difficulty"),
                     "prediction": pred,
                     "gold": rec["meta"]["gold"],
                     "correct": score(pred, rec["meta"]),

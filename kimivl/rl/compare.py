@@ -4,14 +4,20 @@ recipe with different seeds) as a mean with a 95% interval, from each run's ``ou
 
     python -m kimivl.rl.compare --arm opmd=runs/a-s0,runs/a-s1,runs/a-s2 --arm grpo=runs/g-s0,runs/g-s1,runs/g-s2
     python -m kimivl.rl.compare runs/kimivl-tiny-rl runs/kimivl-tiny-rl-grpo     (each run an arm of one seed)
+    python -m kimivl.rl.compare --by-difficulty --arm ...     (accuracy per meta.difficulty, from the predictions)
 
 Intervals:
 - Two or more seeds: a t-interval across seeds, mean ± t(0.975, m - 1) · sd / sqrt(m), with m seeds and sd their
-  sample standard deviation (divisor m - 1); for accuracy before and after, the change in points (after - before,
-  seed by seed) and mean answer tokens. It measures the seed-to-seed spread, not the finite number of problems.
+  sample standard deviation (divisor m - 1); for accuracy before and after (kept within [0, 1]), the change in
+  points (after - before, seed by seed) and mean answer tokens. It measures the seed-to-seed spread, not the finite
+  number of problems.
 - One seed: accuracy gets the Wilson score interval of a binomial with n = the number of problems scored
   (``<stage>.predictions.jsonl``): (p + z²/2n ± z · sqrt(p(1 - p)/n + z²/4n²)) / (1 + z²/n), z = 1.96. The change
   and answer tokens have no interval then.
+
+``--by-difficulty`` gives one row per arm and difficulty instead, the accuracy recomputed from each run's
+predictions (rows with ``difficulty``, written by the pipeline from ``meta.difficulty``), before, after and the change,
+with the same intervals (Wilson with n = that difficulty's problems for one seed).
 """
 
 from __future__ import annotations
@@ -85,6 +91,12 @@ def t_interval(values: Sequence[float]) -> Interval:
     return mean, mean - half, mean + half
 
 
+def _clamped(value: Interval) -> Interval:
+    """An accuracy's interval within [0, 1] (a t-interval can reach past either end)."""
+    mean, low, high = value
+    return value if low is None else (mean, max(0.0, low), min(1.0, high))
+
+
 def wilson(p: float, n: int, z: float = Z95) -> Interval:
     """A proportion ``p`` of ``n`` trials with its Wilson score interval."""
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
@@ -106,11 +118,97 @@ def arm_summary(runs: Sequence[str | os.PathLike], stage: str = "rl", task: str 
     }
     columns["change"] = [a - b for a, b in zip(columns["after"], columns["before"])]
     if len(runs) > 1:
-        return {"seeds": len(runs), **{k: t_interval(v) for k, v in columns.items()}}
+        out = {k: t_interval(v) for k, v in columns.items()}
+        return {"seeds": len(runs), **out, "before": _clamped(out["before"]), "after": _clamped(out["after"])}
     out = {k: (v[0], None, None) for k, v in columns.items()}
     out["before"] = wilson(columns["before"][0], _problems(runs[0], "base", task))
     out["after"] = wilson(columns["after"][0], _problems(runs[0], stage, task))
     return {"seeds": 1, **out}
+
+
+def _predictions(run: Path, stage: str, task: str) -> list[dict]:
+    path = run / "eval" / f"{stage}.predictions.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: accuracy by difficulty is computed from the predictions")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if task in ("all", r["task"])]
+    if not rows:
+        raise ValueError(f"{path} holds no predictions of task {task!r}")
+    if any(r.get("difficulty") is None for r in rows):
+        raise ValueError(
+            f"{path} has predictions without a difficulty (written before predictions carried meta.difficulty, or "
+            "from problems without one): evaluate again to compare by difficulty"
+        )
+    return rows
+
+
+def _by_difficulty(rows: Sequence[dict]) -> dict[str, tuple[float, int]]:
+    """Accuracy and number of problems per difficulty, in order easy, medium, hard, then any other by name."""
+    order = {"easy": 0, "medium": 1, "hard": 2}
+    names = sorted({r["difficulty"] for r in rows}, key=lambda d: (order.get(d, 3), d))
+    out = {}
+    for name in names:
+        mine = [bool(r["correct"]) for r in rows if r["difficulty"] == name]
+        out[name] = (sum(mine) / len(mine), len(mine))
+    return out
+
+
+def difficulty_summary(
+    runs: Sequence[str | os.PathLike], stage: str = "rl", task: str = "reasoning"
+) -> dict[str, dict[str, Interval | int]]:
+    """Per difficulty: ``problems`` (scored per run) and, each as (mean, low, high), ``before``, ``after`` (accuracy
+    in [0, 1]) and ``change`` (after - before); t-intervals across seeds, Wilson for one seed (no interval for the
+    change then). Every run must have scored the same number of problems of each difficulty."""
+    runs = [Path(r) for r in runs]
+    if not runs:
+        raise ValueError("an arm needs at least one run directory")
+    before = [_by_difficulty(_predictions(r, "base", task)) for r in runs]
+    after = [_by_difficulty(_predictions(r, stage, task)) for r in runs]
+    shape = {d: n for d, (_, n) in before[0].items()}
+    for run, b, a in zip(runs, before, after):
+        for got in (b, a):
+            if {d: n for d, (_, n) in got.items()} != shape:
+                raise ValueError(
+                    f"{run} scored other problems than {runs[0]} (by difficulty: {shape}); compare runs evaluated "
+                    "on the same problems"
+                )
+    out: dict[str, dict[str, Interval | int]] = {}
+    for d, n in shape.items():
+        cols = {"before": [b[d][0] for b in before], "after": [a[d][0] for a in after]}
+        cols["change"] = [x - y for x, y in zip(cols["after"], cols["before"])]
+        if len(runs) > 1:
+            out[d] = {"problems": n, **{k: t_interval(v) for k, v in cols.items()}}
+            out[d]["before"], out[d]["after"] = _clamped(out[d]["before"]), _clamped(out[d]["after"])
+        else:
+            out[d] = {
+                "problems": n,
+                "before": wilson(cols["before"][0], n),
+                "after": wilson(cols["after"][0], n),
+                "change": (cols["change"][0], None, None),
+            }
+    return out
+
+
+def difficulty_table(
+    arms: Mapping[str, Sequence[str | os.PathLike]] | Sequence[str | os.PathLike],
+    stage: str = "rl",
+    task: str = "reasoning",
+) -> str:
+    """One markdown row per arm and difficulty: problems, accuracy before and after ``stage`` and its change in
+    points, with 95% intervals (see the module docstring)."""
+    if not isinstance(arms, Mapping):
+        arms = {Path(r).name: [r] for r in arms}
+    lines = [
+        f"| arm | seeds | difficulty | problems | {task} accuracy before | after | change (points) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, runs in arms.items():
+        for d, s in difficulty_summary(runs, stage, task).items():
+            lines.append(
+                f"| {name} | {len(runs)} | {d} | {s['problems']} | {_cell(s['before'], 100, '.1f', '%')} | "
+                f"{_cell(s['after'], 100, '.1f', '%')} | {_cell(s['change'], 100, '+.1f')} |"
+            )
+    return "\n".join(lines)
 
 
 def _cell(value: Interval, scale: float, fmt: str, unit: str = "") -> str:
@@ -158,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arm", type=_arm, action="append", default=[], help="NAME=DIR[,DIR...]: one arm's seeds")
     parser.add_argument("--stage", default="rl", help="the stage evaluated after (default rl)")
     parser.add_argument("--task", default="reasoning", help="the task compared (default reasoning; 'all' for all)")
+    parser.add_argument(
+        "--by-difficulty", action="store_true", help="accuracy per meta.difficulty (from the predictions) instead"
+    )
     args = parser.parse_args(argv)
     arms = {Path(r).name: [r] for r in args.runs}
     for name, runs in args.arm:
@@ -167,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     if not arms:
         parser.error("give run directories, or arms as --arm NAME=DIR,DIR,...")
     try:
-        print(comparison_table(arms, args.stage, args.task))
+        table = difficulty_table if args.by_difficulty else comparison_table
+        print(table(arms, args.stage, args.task))
     except (ValueError, KeyError, OSError) as e:
         parser.error(str(e) if not isinstance(e, KeyError) else f"no {e} in a run's eval files (--task, --stage)")
     return 0

@@ -60,3 +60,28 @@ def test_synthetic_sub_task_typo_lists_the_tasks_and_limit_spans_tasks():
     caption = get_task("synthetic:caption")
     only = caption.load(caption.default_data, **caption.options)
     assert only and {r.meta["task"] for r in only} == {"caption"}
+
+
+def test_evaluate_rows_carry_the_difficulty(monkeypatch):
+    import kimivl.inference.chat as chat
+    from kimivl.eval.synthetic import evaluate
+
+    answers = iter(["7", "8", "7"])
+    monkeypatch.setattr(chat, "generate", lambda model, processor, prompts, **kw: [next(answers) for _ in prompts])
+    records = [
+        {"id": f"r{i}", "messages": [{"role": "user", "content": "2 + 5?"}], "meta": meta}
+        for i, meta in enumerate(
+            [
+                {"task": "reasoning", "gold": 7, "difficulty": "easy"},
+                {"task": "reasoning", "gold": 7, "difficulty": "hard"},
+                {"task": "ocr", "gold": "7"},  # no difficulty: None
+            ]
+        )
+    ]
+    accuracy, rows = evaluate(None, None, records, batch_size=2)
+    assert [(r["id"], r["difficulty"], r["correct"]) for r in rows] == [
+        ("r0", "easy", True),
+        ("r1", "hard", False),
+        ("r2", None, True),
+    ]
+    assert accuracy == {"ocr": 1.0, "reasoning": 0.5, "all": pytest.approx(2 / 3)}

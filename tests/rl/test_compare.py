@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from kimivl.rl.compare import comparison_table, main, t_quantile, wilson
+from kimivl.rl.compare import comparison_table, difficulty_summary, difficulty_table, main, t_quantile, wilson
 
 
 def write_run(root, before, after, tokens_before, tokens_after, problems=100, other=20):
@@ -80,6 +80,60 @@ def test_the_command(runs, capsys, tmp_path):
         (["--arm", f"a={opmd[0]}", "--arm", f"a={opmd[1]}"], "arm 'a' is given twice"),
         (["--arm", "a=" + ",".join(map(str, opmd)), "--task", "gui"], "no 'gui' in a run's eval files"),
         ([], "give run directories"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err, argv
+
+
+def write_difficulty_run(root, correct_before, correct_after, difficulties=True):
+    """A run whose predictions carry a difficulty: ``correct_*`` maps difficulty -> (right, problems)."""
+    out = root / "eval"
+    out.mkdir(parents=True)
+    for name, correct in (("base", correct_before), ("rl", correct_after)):
+        rows = [
+            {"id": f"{d}{i}", "task": "reasoning", "prediction": "7", "gold": 7, "correct": i < right}
+            | ({"difficulty": d} if difficulties else {})
+            for d, (right, n) in correct.items()
+            for i in range(n)
+        ]
+        rows.append({"id": "o", "task": "ocr", "prediction": "a", "gold": "a", "correct": True, "difficulty": "easy"})
+        (out / f"{name}.predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def test_accuracy_by_difficulty_with_intervals(tmp_path, capsys):
+    before = {"hard": (1, 10), "easy": (4, 10)}  # listed out of order: the table goes easy, medium, hard
+    seeds = [
+        write_difficulty_run(tmp_path / f"s{i}", before, {"easy": (easy, 10), "hard": (1, 10)})
+        for i, easy in enumerate((5, 6, 7))
+    ]
+    one = write_difficulty_run(tmp_path / "one", before, {"easy": (2, 10), "hard": (0, 10)})
+    table = difficulty_table({"opmd": seeds, "grpo": [one]}).splitlines()
+    assert table[0] == "| arm | seeds | difficulty | problems | reasoning accuracy before | after | change (points) |"
+    # easy after: 50, 60, 70% -> mean 60, sd 10, half-width t(0.975, 2) * 10 / sqrt(3) = 24.8 points; the ocr row
+    # (task filter) is not counted, so each difficulty has 10 problems
+    assert table[2] == "| opmd | 3 | easy | 10 | 40.0% [40.0, 40.0] | 60.0% [35.2, 84.8] | +20.0 [-4.8, +44.8] |"
+    assert table[3] == "| opmd | 3 | hard | 10 | 10.0% [10.0, 10.0] | 10.0% [10.0, 10.0] | +0.0 [+0.0, +0.0] |"
+    # one seed: Wilson intervals with n = 10 (4/10: [16.8, 68.7]; 2/10: [5.7, 51.0]); 0/10: [0, 27.8]
+    assert table[4] == "| grpo | 1 | easy | 10 | 40.0% [16.8, 68.7] | 20.0% [5.7, 51.0] | -20.0 |"
+    assert table[5] == "| grpo | 1 | hard | 10 | 10.0% [1.8, 40.4] | 0.0% [0.0, 27.8] | -10.0 |"
+    # hard after 0, 0, 10%: mean 3.3, t-interval 3.3 ± 14.3 points, its accuracy kept within [0, 1]; the change not
+    hard = [write_difficulty_run(tmp_path / f"h{i}", before, {"easy": (4, 10), "hard": (h, 10)}) for i, h in
+            enumerate((0, 0, 1))]  # fmt: skip
+    assert difficulty_table({"h": hard}).splitlines()[3] == (
+        "| h | 3 | hard | 10 | 10.0% [10.0, 10.0] | 3.3% [0.0, 17.7] | -6.7 [-21.0, +7.7] |"
+    )
+    summary = difficulty_summary([one], task="all")  # every task: the ocr row counts as an easy problem
+    assert summary["easy"]["problems"] == 11 and summary["easy"]["before"][0] == pytest.approx(5 / 11)
+
+    assert main(["--by-difficulty", "--arm", "opmd=" + ",".join(map(str, seeds))]) == 0
+    assert capsys.readouterr().out.splitlines()[2] == table[2]
+    old = write_difficulty_run(tmp_path / "old", before, before, difficulties=False)
+    other = write_difficulty_run(tmp_path / "other", {"easy": (4, 12)}, {"easy": (4, 12)})
+    for argv, message in (
+        (["--by-difficulty", str(old)], "predictions without a difficulty"),
+        (["--by-difficulty", "--arm", f"a={seeds[0]},{other}"], "scored other problems than"),
     ):
         with pytest.raises(SystemExit) as e:
             main(argv)

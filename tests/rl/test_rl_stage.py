@@ -117,4 +117,4 @@ def test_shipped_rl_recipes_are_valid(name):
     assert cfg.iterations * cfg.problems * cfg.samples <= 48 * 16 * 8  # the same budget for every comparison
     assert cfg.objective == ("grpo" if "grpo" in name else "opmd")
     assert (cfg.length_weight > 0) == (name != "tiny-rl-nolen.yaml")
-    assert cfg.priority == "failure"  # the default, by which the README's results were made
+    assert cfg.priority == "signal" and "hard" not in str(cfg.curriculum)  # the budget where the model has signal

@@ -342,6 +342,19 @@ def test_a_freeze_pattern_that_matches_nothing_fails_before_training(data_dir, t
     assert not (tmp_path / "run" / "vit").exists()
 
 
+def test_the_seed_comes_from_the_recipe_or_the_command_line(data_dir, tmp_path, monkeypatch):
+    import kimivl.train.pipeline as pipeline
+
+    recipe = recipe_dict(data_dir, tmp_path / "run")
+    recipe["seed"] = 3
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    seen = []
+    monkeypatch.setattr(pipeline, "run_recipe", lambda r: seen.append((r.seed, r.out)))
+    assert main(["train", str(tmp_path / "r.yaml")]) == 0
+    assert main(["train", str(tmp_path / "r.yaml"), "--seed", "0", "--out", str(tmp_path / "s0")]) == 0
+    assert seen == [(3, tmp_path / "run"), (0, tmp_path / "s0")]
+
+
 def test_the_device_comes_from_the_recipe_or_the_command_line(data_dir, tmp_path, capsys):
     recipe = recipe_dict(data_dir, tmp_path / "run")
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))

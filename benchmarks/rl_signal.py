@@ -1,0 +1,154 @@
+"""Does RL beat long-CoT SFT beyond the seed-to-seed spread? The whole experiment of docs/rl.md, one command.
+
+    python benchmarks/rl_signal.py [--out runs/rl-signal] [--seeds 0,1,2] [--arms opmd-len,opmd-nolen,grpo]
+
+1. The reasoning problems RL trains on (recipes/tiny.yaml's world: seed 0, 4000 train) and ``--fresh`` problems it
+   never sees (a world of seed ``--fresh-seed``, 7, its held-out split), under ``OUT/world`` and ``OUT/fresh``.
+2. pass@1 and pass@k of ``--model`` (kimivl-tiny) on the fresh problems, k up to ``--samples``
+   (``OUT/passk/base.json``): how much RL can gain there.
+3. Each arm (a recipe of recipes/: ``opmd-len`` tiny-rl.yaml, ``opmd-nolen`` tiny-rl-nolen.yaml, ``grpo``
+   tiny-rl-grpo.yaml, in the order of ``--arms``) once per seed, in ``OUT/<arm>-s<seed>``: the recipe
+   with that ``seed``, the shared problems (``--priority``, ``--steps``, ``--problems``, ``--samples`` override the
+   recipe's), and its evaluation moved to the fresh problems
+   (greedy, 160 new tokens); the starting model is evaluated once and its files copied to the other runs (greedy
+   decoding gives every run the same). Each run exports its model (bf16) to ``OUT/<arm>-s<seed>/model``.
+4. ``OUT/compare.md``: ``kimivl.rl.compare``'s tables (overall and by difficulty), and per run the reward curve
+   summed up (mean reward, accuracy, answer tokens and the shares of problems all right or all wrong, per quarter of
+   the iterations).
+
+Every step is skipped when its output exists, and an interrupted run resumes, so the command can be run again.
+One process at a time: each run is a ``kimivl train`` child process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from kimivl.data.world import ensure_world
+from kimivl.rl.compare import comparison_table, difficulty_table
+
+ARMS = {"opmd-len": "tiny-rl.yaml", "opmd-nolen": "tiny-rl-nolen.yaml", "grpo": "tiny-rl-grpo.yaml"}
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(argv: list[str]) -> None:
+    print("+", " ".join(argv), flush=True)
+    subprocess.run([sys.executable, *argv], check=True, cwd=ROOT)
+
+
+def derived_recipe(args: argparse.Namespace, arm: str, seed: int, out: Path) -> dict:
+    recipe = yaml.safe_load((ROOT / "recipes" / ARMS[arm]).read_text())
+    recipe.pop("world", None)
+    recipe.update(
+        name=f"rl-signal-{arm}-s{seed}",
+        seed=seed,
+        out=str(out),
+        sources={"reasoning": str(args.out / "world" / "train" / "reasoning.jsonl")},
+        eval={
+            "base": True,
+            "after": ["rl"],
+            "split": str(args.out / "fresh" / "heldout"),
+            "limit": args.fresh,
+            "max_new_tokens": 160,
+        },
+        export={"path": str(out / "model"), "dtype": "bfloat16"},
+    )
+    (stage,) = recipe["stages"]
+    stage["steps"] = args.steps or stage["steps"]
+    given = {"problems": args.problems, "samples": args.samples, "priority": args.priority}
+    stage["rl"].update({k: v for k, v in given.items() if v is not None})
+    return recipe
+
+
+def curve_summary(run_dir: Path) -> dict[str, tuple[float, ...]]:
+    """Means over each quarter of the iterations in ``metrics.jsonl`` (the recipes' curriculum: easy problems only in
+    the first two, a quarter medium ones in the last two)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "reward" in r]
+    if len(rows) < 4:
+        raise ValueError(f"{run_dir / 'metrics.jsonl'} has {len(rows)} RL iterations; a summary by quarter needs 4")
+    cuts = [round(i * len(rows) / 4) for i in range(5)]
+    keys = ("reward", "accuracy", "mean_length", "all_correct", "all_wrong")
+    return {k: tuple(statistics.fmean(r[k] for r in rows[a:b]) for a, b in zip(cuts, cuts[1:])) for k in keys}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path("runs/rl-signal"))
+    ap.add_argument("--model", default="models/kimivl-tiny", help="the starting model (the recipes' base)")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--arms", default=",".join(ARMS), help=f"some of {', '.join(ARMS)}")
+    ap.add_argument("--fresh", type=int, default=500, help="fresh problems evaluated (default 500)")
+    ap.add_argument("--fresh-seed", type=int, default=7)
+    ap.add_argument("--priority", choices=["signal", "failure"], help="sampler priority (default: the recipes')")
+    ap.add_argument("--steps", type=int, help="RL iterations per run (default: the recipes', 48)")
+    ap.add_argument("--problems", type=int, help="problems per iteration (default: the recipes', 16)")
+    ap.add_argument("--samples", type=int, default=8, help="answers per problem (default: 8, the recipes')")
+    ap.add_argument("--no-passk", action="store_true", help="skip step 2")
+    args = ap.parse_args()
+    args.out = args.out.resolve()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    arms = args.arms.split(",")
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        ap.error(f"unknown arms {unknown}; choose from {', '.join(ARMS)}")
+
+    ensure_world(args.out / "world", seed=0, tasks=["reasoning"], progress=False, train=4000, heldout=100)
+    ensure_world(args.out / "fresh", seed=args.fresh_seed, tasks=["reasoning"], progress=False, heldout=args.fresh)
+    fresh = args.out / "fresh" / "heldout" / "reasoning.jsonl"
+
+    passk = args.out / "passk" / "base.json"
+    if not args.no_passk and not passk.is_file():
+        passk.parent.mkdir(parents=True, exist_ok=True)
+        ks = sorted({1, 2, 4, args.samples} & set(range(1, args.samples + 1)))
+        run(["-m", "kimivl.rl.passk", "--model", args.model, "--data", str(fresh), "--samples", str(args.samples),
+             "--k", ",".join(map(str, ks)), "--limit", str(args.fresh), "--out", str(passk)])  # fmt: skip
+
+    runs: dict[str, list[Path]] = {arm: [] for arm in arms}
+    base_eval = None  # the first run's evaluation of the starting model, copied to the others
+    for arm in arms:  # arm by arm: an experiment cut short has every seed of the first arms
+        for seed in seeds:
+            out = args.out / f"{arm}-s{seed}"
+            runs[arm].append(out)
+            if (out / "eval" / "rl.position_loss.json").is_file() and (out / "model" / "config.json").is_file():
+                base_eval = base_eval or out / "eval"
+                continue
+            recipe = args.out / "recipes" / f"{arm}-s{seed}.yaml"
+            recipe.parent.mkdir(parents=True, exist_ok=True)
+            recipe.write_text(yaml.safe_dump(derived_recipe(args, arm, seed, out), sort_keys=False))
+            if base_eval is not None and not (out / "eval" / "base.json").is_file():
+                (out / "eval").mkdir(parents=True, exist_ok=True)
+                for f in base_eval.glob("base.*"):
+                    shutil.copy(f, out / "eval" / f.name)
+            started = any(out.glob("*/checkpoints")) or any(out.glob("*/final"))
+            run(["-m", "kimivl.cli", "train", str(recipe)] + (["--resume"] if started else []))
+            base_eval = base_eval or out / "eval"
+
+    done = {arm: [r for r in rs if (r / "eval" / "rl.json").is_file()] for arm, rs in runs.items()}
+    done = {arm: rs for arm, rs in done.items() if rs}
+    lines = ["# RL signal experiment", ""]
+    if passk.is_file():
+        table = json.loads(passk.read_text())
+        lines += [f"pass@k of {args.model} on the fresh problems: `{json.dumps(table)}`", ""]
+    keys = ("reward", "accuracy", "mean_length", "all_correct", "all_wrong")
+    lines += [comparison_table(done), "", difficulty_table(done), "", "RL iterations by quarter (means):", ""]
+    lines += ["| run | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for rs in done.values():
+        for r in rs:
+            c = curve_summary(r)
+            lines.append(f"| {r.name} | " + " | ".join(" / ".join(f"{v:.2f}" for v in c[k]) for k in keys) + " |")
+    (args.out / "compare.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""benchmarks/rl_signal.py: the recipes it derives for each arm and seed, and its reward-curve summary."""
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kimivl.train.recipe import load_recipe
+from kimivl.train.stages.rl import rl_config
+
+ROOT = Path(__file__).resolve().parents[2]
+spec = importlib.util.spec_from_file_location("rl_signal", ROOT / "benchmarks" / "rl_signal.py")
+rl_signal = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(rl_signal)
+
+
+@pytest.mark.parametrize("arm", list(rl_signal.ARMS))
+def test_each_arm_and_seed_gets_its_recipe_with_the_evaluation_on_the_fresh_problems(arm, tmp_path):
+    args = argparse.Namespace(out=tmp_path, fresh=500, steps=None, problems=None, samples=8, priority=None)
+    out = tmp_path / f"{arm}-s2"
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(rl_signal.derived_recipe(args, arm, 2, out)))
+    recipe = load_recipe(tmp_path / "r.yaml")
+    shipped = load_recipe(ROOT / "recipes" / rl_signal.ARMS[arm])
+    assert recipe.seed == 2 and recipe.out == out and recipe.world is None
+    assert recipe.source_path("reasoning") == tmp_path / "world" / "train" / "reasoning.jsonl"
+    assert recipe.eval == {"base": True, "after": ["rl"], "split": str(tmp_path / "fresh" / "heldout"), "limit": 500,
+                           "max_new_tokens": 160}  # fmt: skip
+    assert recipe.export == {"path": str(out / "model"), "dtype": "bfloat16"}  # never over models/
+    # the shipped recipe's RL settings, with the seed
+    assert rl_config(recipe, recipe.stages[0]) == dataclasses.replace(rl_config(shipped, shipped.stages[0]), seed=2)
+    args.steps, args.priority = 12, "failure"
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(rl_signal.derived_recipe(args, arm, 2, out)))
+    cfg = rl_config(load_recipe(tmp_path / "r.yaml"), load_recipe(tmp_path / "r.yaml").stages[0])
+    assert (cfg.iterations, cfg.priority) == (12, "failure")
+
+
+def test_curve_summary_means_each_quarter(tmp_path):
+    rows = [
+        {"step": i, "reward": i / 10, "accuracy": 0.5, "mean_length": 60 - i, "all_correct": 0, "all_wrong": i % 2}
+        for i in range(8)
+    ]
+    rows.insert(3, {"step": 3, "loss": 1.0})  # rows without a reward (other stages) are not iterations
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    c = rl_signal.curve_summary(tmp_path)
+    assert c["reward"] == pytest.approx((0.05, 0.25, 0.45, 0.65)) and c["mean_length"][::3] == (59.5, 53.5)
+    assert c["all_wrong"] == (0.5,) * 4 and c["accuracy"] == (0.5,) * 4
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
+    with pytest.raises(ValueError, match="has 3 RL iterations; a summary by quarter needs 4"):
+        rl_signal.curve_summary(tmp_path)
