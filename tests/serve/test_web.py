@@ -75,7 +75,7 @@ def _set(driver, element_id: str, value) -> None:
     driver.execute_script("document.getElementById(arguments[0]).value = arguments[1]", element_id, str(value))
 
 
-def test_page_asks_for_the_key_streams_the_greedy_answer_keeps_history_and_stops(tiny, browser, tmp_path):
+def test_page_asks_for_the_key_streams_the_greedy_answer_keeps_history_and_stops(tiny, browser, tmp_path, monkeypatch):
     url, engine = tiny
     client = openai.OpenAI(base_url=url + "/v1", api_key="secret-key", timeout=30, max_retries=0)
     browser.get(url + "/")
@@ -120,9 +120,11 @@ def test_page_asks_for_the_key_streams_the_greedy_answer_keeps_history_and_stops
         assert browser.save_screenshot(str(folder / "serve_page.png"))
     assert (ARTIFACTS / "serve_page.png").stat().st_size > 10_000
 
-    # the greedy answer to this question is a thought that runs on without end: it streams into the folded reasoning
-    # above the (empty) answer; stop it after a few tokens, the slot is freed at once
+    # a thought streams into the folded reasoning above the (empty) answer; stop it after a few tokens (decoding
+    # slowed to 20 steps a second, so that the answer cannot end first), the slot is freed at once
     cancelled = engine.metrics.requests["cancelled"]
+    step = engine._step
+    monkeypatch.setattr(engine, "_step", lambda batch: time.sleep(0.05) or step(batch))
     _set(browser, "max-tokens", 3000)
     browser.find_element(By.ID, "clear").click()  # a new conversation: the question alone
     assert not browser.find_elements(By.CSS_SELECTOR, ".turn")

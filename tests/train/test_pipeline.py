@@ -349,7 +349,7 @@ def test_the_seed_comes_from_the_recipe_or_the_command_line(data_dir, tmp_path, 
     recipe["seed"] = 3
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     seen = []
-    monkeypatch.setattr(pipeline, "run_recipe", lambda r: seen.append((r.seed, r.out)))
+    monkeypatch.setattr(pipeline, "run_recipe", lambda r, world: seen.append((r.seed, r.out)))
     assert main(["train", str(tmp_path / "r.yaml")]) == 0
     assert main(["train", str(tmp_path / "r.yaml"), "--seed", "0", "--out", str(tmp_path / "s0")]) == 0
     assert seen == [(3, tmp_path / "run"), (0, tmp_path / "s0")]
