@@ -16,11 +16,13 @@ from pathlib import Path
 
 import torch
 
+from kimivl.checkpoint import load_checkpoint
 from kimivl.config import KimiVLConfig
 from kimivl.data.formats import content_text, is_text_file, iter_texts
 from kimivl.data.indexed import JsonlRecords
 from kimivl.data.world import ensure_world
 from kimivl.distributed.gather import whole_model
+from kimivl.distributed.load import load_sharded_checkpoint
 from kimivl.distributed.parallelize import parallelize
 from kimivl.distributed.plan import rank_memory_plan
 from kimivl.distributed.recompute import apply_recompute, remove_recompute
@@ -209,24 +211,34 @@ def run_stage(
     sources: Sources,
     progress: bool = True,
     world: World | None = None,
+    source: Path | None = None,
 ) -> dict[str, float]:
     """Train ``model`` through one stage (resuming it if interrupted). With a sharded ``world`` what the stage trains
-    is sharded first (``kimivl.distributed.parallelize``), and ``model`` stays sharded afterwards."""
+    is sharded first (``kimivl.distributed.parallelize``), and ``model`` stays sharded afterwards. A ``model`` still
+    on the meta device holds the weights of the checkpoint ``source``: a joint or rl stage on sharded ranks reads each
+    rank's shards of it only; other stages read it whole first."""
     world = world or World()
     if stage.rope_theta is not None:
         model.config.text_config.rope_theta = float(stage.rope_theta)
+    if _unloaded(model) and not _loads_sharded(stage, world):
+        model.to_empty(device=recipe.device)
+        load_checkpoint(model, source)
     prepared = prepare(stage, StageContext(recipe, sources, processor, world), model)
     log.info("%s", prepared.data_line)
-    prepared.setup()
-    if world.active:
-        if isinstance(prepared.trainee, KimiVL):
-            plan = rank_memory_plan(
-                model, world.dp_shard, world.ep, getattr(stage, "budget", 4096), recompute=stage.recompute
-            )
-            log.info("stage %s %s", stage.name, plan)
-        parallelize(prepared.trainee, world, recompute=stage.recompute)
-    elif stage.recompute:
-        apply_recompute(prepared.trainee)
+    if world.active and isinstance(prepared.trainee, KimiVL):
+        dtype = torch.bfloat16 if use_bf16(world.device, recipe.bf16) else torch.float32
+        plan = rank_memory_plan(model, world.dp_shard, world.ep, getattr(stage, "budget", 4096), dtype, stage.recompute)
+        log.info("stage %s %s", stage.name, plan)
+    if _unloaded(model):
+        parallelize(model, world, recompute=stage.recompute)
+        model.to_empty(device=world.device)
+        load_sharded_checkpoint(model, source, world)
+    else:
+        prepared.setup()
+        if world.active:
+            parallelize(prepared.trainee, world, recompute=stage.recompute)
+        elif stage.recompute:
+            apply_recompute(prepared.trainee)
     optimizer = build_optimizer(
         prepared.trainee,
         lr=stage.lr,
@@ -339,14 +351,20 @@ def run_recipe(recipe: Recipe, progress: bool = True, world: World | None = None
     base_dir = base_checkpoint(recipe)
     export = check_export(recipe)
     with run_lock(recipe.out) if world.main else contextlib.nullcontext():
-        model, processor = _run_stages(recipe, base_dir, progress and world.main, world)
-        if export is not None and world.main:
-            _export(recipe, model, processor, export)
+        model, source, processor = _run_stages(recipe, base_dir, progress and world.main, world)
+        if world.main:  # (the other ranks of a sharded run return the last stage's model unloaded)
+            model = _whole(model, source, recipe.device)
+            if export is not None:
+                _export(recipe, model, processor, export)
     world.barrier()
     return model.eval()
 
 
-def _run_stages(recipe: Recipe, base_dir: Path | None, progress: bool, world: World) -> tuple[KimiVL, KimiVLProcessor]:
+def _run_stages(
+    recipe: Recipe, base_dir: Path | None, progress: bool, world: World
+) -> tuple[KimiVL, Path | None, KimiVLProcessor]:
+    """The stages in order; returns the last model and the checkpoint it came from (a sharded run's model is left
+    unloaded, on the meta device, between stages: each stage reads its shards from the checkpoint before it)."""
     recipe.out.mkdir(parents=True, exist_ok=True)
     with main_first(world, recipe.out / ".prepare.lock"):  # the others then reuse the world and tokenizer built
         if recipe.world is not None:
@@ -355,38 +373,40 @@ def _run_stages(recipe: Recipe, base_dir: Path | None, progress: bool, world: Wo
         if recipe.eval:  # a held-out split that cannot be scored fails now, not after the first stage
             heldout_records(recipe.out / recipe.eval["split"], recipe.eval.get("limit"))
         processor = KimiVLProcessor(recipe_tokenizer(recipe, sources, base_dir))
-    model = _base_model(recipe, processor.tokenizer)
+    source = base_dir
+    model = _unloaded_model(base_dir) if world.active and base_dir else _base_model(recipe, processor.tokenizer)
     log.info("%s", compute_line(recipe))
     for stage in recipe.stages:
         stage.check_model(model)
     with main_first(world, recipe.out / ".eval.lock") as first:
         if first and (recipe.eval or {}).get("base") and not (recipe.out / "eval" / "base.json").is_file():
-            evaluate_stage(recipe, "base", model, processor, progress)
+            evaluate_stage(recipe, "base", _whole(model, source, recipe.device), processor, progress)
     for stage in recipe.stages:
         final = recipe.out / stage.name / FINAL
         finished = (final / "config.json").is_file()
         world.barrier()  # every rank has looked before rank 0 may write it
         if finished:
             log.info("stage %s already finished; loading %s", stage.name, final)
-            model = KimiVL.from_pretrained(final, dtype=torch.float32, device=recipe.device)
+            model = _unloaded_model(final) if world.active else _whole(_unloaded_model(final), final, recipe.device)
         else:
             log.info("stage %s: %d steps", stage.name, stage.steps)
-            run_stage(recipe, stage, model, processor, sources, progress, world)
-            model = _finish_stage(model, processor, final, world, recipe.device)
+            run_stage(recipe, stage, model, processor, sources, progress, world, source)
+            model = _finish_stage(model, processor, final, world)
+        source = final
         # a finished stage is evaluated again only when a kill cut its evaluation short (position_loss comes last)
         evaluated = finished and (recipe.out / "eval" / f"{stage.name}.position_loss.json").is_file()
         with main_first(world, recipe.out / ".eval.lock") as first:
             if first and stage.name in (recipe.eval or {}).get("after", []) and not evaluated:
-                evaluate_stage(recipe, stage.name, model, processor, progress)
+                evaluate_stage(recipe, stage.name, _whole(model, source, recipe.device), processor, progress)
     metrics = recipe.out / "metrics.jsonl"
     if metrics.is_file() and world.main:
         plot_curves(metrics, recipe.out / "curves.png", keys=("loss", "val_loss"))
-    return model, processor
+    return model, source, processor
 
 
-def _finish_stage(model: KimiVL, processor: KimiVLProcessor, final: Path, world: World, device: str) -> KimiVL:
-    """Write the stage's official-format checkpoint; a sharded model is gathered (rank 0 writes) and every rank goes
-    on with the whole model read back from it."""
+def _finish_stage(model: KimiVL, processor: KimiVLProcessor, final: Path, world: World) -> KimiVL:
+    """Write the stage's official-format checkpoint; a sharded model is gathered (rank 0 writes), and every rank goes
+    on with the model unloaded: the next stage reads its shards from that checkpoint."""
     if not world.active:
         _save_final(model, processor, final)
         return model
@@ -395,4 +415,25 @@ def _finish_stage(model: KimiVL, processor: KimiVLProcessor, final: Path, world:
         _save_final(whole, processor, final)
         del whole
     world.barrier()
-    return KimiVL.from_pretrained(final, dtype=torch.float32, device=device)
+    return _unloaded_model(final)
+
+
+def _unloaded_model(path: Path) -> KimiVL:
+    """The model of the checkpoint at ``path`` on the meta device, no weight read yet."""
+    with torch.device("meta"):
+        return KimiVL(KimiVLConfig.from_pretrained(path))
+
+
+def _unloaded(model: KimiVL) -> bool:
+    return model.device.type == "meta"
+
+
+def _whole(model: KimiVL, source: Path | None, device: str) -> KimiVL:
+    """``model`` itself, or, when it is unloaded, the whole model read from ``source`` (float32)."""
+    return KimiVL.from_pretrained(source, dtype=torch.float32, device=device) if _unloaded(model) else model
+
+
+def _loads_sharded(stage: StageSettings, world: World) -> bool:
+    """Whether the stage can read each rank's shards only: it trains the model itself (joint, rl) on sharded ranks,
+    and needs no whole-model work before (image standardisation)."""
+    return world.active and stage.kind in ("joint", "rl") and not getattr(stage, "standardize_images", None)
