@@ -230,6 +230,7 @@ def run_stage(
         plan = rank_memory_plan(model, world.dp_shard, world.ep, getattr(stage, "budget", 4096), dtype, stage.recompute)
         log.info("stage %s %s", stage.name, plan)
     if _unloaded(model):
+        log.info("stage %s: every rank reads only its shards of %s", stage.name, source)
         parallelize(model, world, recompute=stage.recompute)
         model.to_empty(device=world.device)
         load_sharded_checkpoint(model, source, world)

@@ -184,8 +184,9 @@ def test_a_layout_that_does_not_fit_the_world_is_refused_before_anything_runs(mo
 
 
 def test_a_recipe_under_torchrun_matches_one_process(data_dir, tmp_path):  # noqa: F811
-    """vit (with recompute), a projector-only joint stage, a joint stage with image standardisation: the same
-    losses and exported weights as one process; rank 0 alone writes metrics."""
+    """vit (with recompute), a projector-only joint stage (read shard by shard from the vit stage's checkpoint), a
+    joint stage with image standardisation: the same losses and exported weights as one process; rank 0 alone writes
+    metrics."""
     results = {}
     for name, nproc in (("single", None), ("sharded", 2)):
         d = recipe_dict(data_dir, tmp_path / name)
@@ -198,6 +199,8 @@ def test_a_recipe_under_torchrun_matches_one_process(data_dir, tmp_path):  # noq
         done = run(["-m", "kimivl", "train", str(tmp_path / f"{name}.yaml")], nproc)
         assert done.returncode == 0, done.stderr[-3000:]
         results[name] = tmp_path / name
+    # the alignment stage starts from the vit stage's checkpoint without any rank holding the whole model
+    assert f"stage align: every rank reads only its shards of {tmp_path / 'sharded' / 'vit' / 'final'}" in done.stderr
     close(metrics(results["sharded"]), metrics(results["single"]), keys=("loss", "grad_norm"))
     assert len(metrics(results["single"])) == 5  # vit logs its last step, the joint stages every step
     a, b = (
