@@ -1,49 +1,114 @@
-"""A sharded model made whole again, tensor by tensor, for the official-format checkpoint of a stage or an export:
-every rank takes part in gathering each tensor, rank 0 keeps it (on the CPU), the others drop it at once."""
+"""A sharded model made whole again, tensor by tensor, for the official format: every rank takes part in gathering
+each tensor, rank 0 keeps it (on the CPU), the others drop it at once. ``save_gathered`` writes the official
+safetensors file by file as their tensors arrive, so rank 0 holds at most about one file's worth."""
 
 from __future__ import annotations
 
 import itertools
+import json
+import os
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from kimivl.checkpoint import INDEX, SINGLE, WRITER, _atomic_save, _for_file, _shards
 from kimivl.distributed.world import World
+from kimivl.files import write_text_atomic
 from kimivl.model.kimivl import KimiVL
 from kimivl.model.moe import GroupedExperts
 
 
-def full_state(model: nn.Module, world: World) -> dict[str, torch.Tensor] | None:
-    """Every rank: each parameter and buffer of ``model`` whole (with expert parallelism, every expert group's experts
-    in order); rank 0 gets them as CPU tensors under their module names, the other ranks None."""
+def gathered_tensors(model: nn.Module, world: World) -> Iterator[tuple[str, torch.Tensor | None]]:
+    """Every rank, in step: each parameter and buffer of ``model`` by module name, whole (with expert parallelism,
+    every expert group's experts in order): a CPU tensor on rank 0, None on the others."""
     experts = {
         f"{name}.{p}"
         for name, m in model.named_modules()
         if isinstance(m, GroupedExperts)
         for p in ("gate_up_proj", "down_proj")
     }
-    out: dict[str, torch.Tensor] | None = {} if world.main else None
     for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
         whole = t.detach().full_tensor() if isinstance(t, DTensor) else t.detach()
         if world.ep > 1 and name in experts:
             parts = [torch.empty_like(whole) for _ in range(world.ep)]
             dist.all_gather(parts, whole.contiguous(), group=world.ep_group())
             whole = torch.cat(parts)
-        if out is not None:
-            out[name] = whole.cpu().clone()
+        yield name, whole.cpu().clone() if world.main else None
         del whole
-    return out
 
 
-def whole_model(model: KimiVL, world: World) -> KimiVL | None:
-    """Every rank: gather ``model``; rank 0 gets it as a plain float32 ``KimiVL`` on the CPU, the others None."""
-    state = full_state(model, world)
-    if state is None:
-        return None
-    with torch.device("meta"):
-        whole = KimiVL(model.config)
-    whole = whole.to_empty(device="cpu")
-    whole.load_state_dict(state, assign=True)
-    return whole
+def full_state(model: nn.Module, world: World) -> dict[str, torch.Tensor] | None:
+    """Every rank: ``gathered_tensors`` as one dict on rank 0 (None on the others)."""
+    state = dict(gathered_tensors(model, world))
+    return state if world.main else None
+
+
+def save_gathered(
+    model: KimiVL,
+    path: str | os.PathLike,
+    world: World,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+) -> None:
+    """Every rank: ``model`` (sharded) written by rank 0 to the new directory ``path`` in the official format
+    (``config.json`` and safetensors under the official names, sharded above ``max_shard_bytes``, floats in ``dtype``
+    if given), each file written as soon as its tensors are gathered."""
+    with torch.device("meta"):  # the official names and shapes, in the order a one-process save writes them
+        layout = KimiVL(model.config).state_dict()
+    planned = {
+        k: torch.empty(t.shape, dtype=dtype if dtype and t.is_floating_point() else t.dtype, device="meta")
+        for k, t in layout.items()
+    }
+    groups = _shards(planned, max_shard_bytes)
+    names = (
+        [SINGLE]
+        if len(groups) == 1
+        else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+    )
+    file_of = {k: i for i, keys in enumerate(groups) for k in keys}
+    stacks = {
+        f"{n}.{p}": m.hidden
+        for n, m in model.named_modules()
+        if isinstance(m, GroupedExperts)
+        for p in ("gate_up_proj", "down_proj")
+    }
+    pending: dict[int, dict[str, torch.Tensor]] = {}
+    if world.main:
+        os.makedirs(path)
+    for name, whole in gathered_tensors(model, world):
+        if whole is None:
+            continue
+        for key, t in _official(name, whole, stacks.get(name)):
+            i = file_of[key]
+            pending.setdefault(i, {})[key] = _for_file(t, dtype)
+            if len(pending[i]) == len(groups[i]):
+                _atomic_save(pending.pop(i), os.path.join(path, names[i]))
+    if world.main:
+        if pending:
+            missing = [k for i, held in pending.items() for k in groups[i] if k not in held]
+            raise RuntimeError(f"the gathered model lacks tensors of the official layout: {missing[:5]}")
+        if len(groups) > 1:
+            total = sum(t.numel() * t.element_size() for t in planned.values())
+            index = {
+                "metadata": {"total_size": total, WRITER: "1"},
+                "weight_map": {k: names[i] for k, i in file_of.items()},
+            }
+            write_text_atomic(os.path.join(path, INDEX), json.dumps(index, indent=2))
+        model.config.save_pretrained(path)
+
+
+def _official(name: str, whole: torch.Tensor, hidden: int | None) -> Iterator[tuple[str, torch.Tensor]]:
+    """A module tensor under its official name(s): a stack of experts as one tensor per expert and projection."""
+    if hidden is None:
+        yield name, whole
+        return
+    prefix, stacked = name.rsplit(".", 1)
+    for e, expert in enumerate(whole):
+        if stacked == "gate_up_proj":
+            yield f"{prefix}.{e}.gate_proj.weight", expert[:hidden]
+            yield f"{prefix}.{e}.up_proj.weight", expert[hidden:]
+        else:
+            yield f"{prefix}.{e}.down_proj.weight", expert

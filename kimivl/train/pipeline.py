@@ -21,7 +21,7 @@ from kimivl.config import KimiVLConfig
 from kimivl.data.formats import content_text, is_text_file, iter_texts
 from kimivl.data.indexed import JsonlRecords
 from kimivl.data.world import ensure_world
-from kimivl.distributed.gather import whole_model
+from kimivl.distributed.gather import save_gathered
 from kimivl.distributed.load import load_sharded_checkpoint
 from kimivl.distributed.parallelize import parallelize
 from kimivl.distributed.plan import rank_memory_plan
@@ -300,15 +300,11 @@ def evaluate_stage(
     return accuracy
 
 
-def _save_final(model: KimiVL, processor: KimiVLProcessor, final: Path) -> None:
-    """Write the stage's checkpoint under a temporary name, then rename it into place: a run killed meanwhile finds
+def _publish_final(final: Path) -> None:
+    """Rename the stage's checkpoint, complete under ``final``'s temporary name, into place: a run killed before finds
     no ``final`` and finishes the stage again from its last training checkpoint."""
-    tmp = final.with_name(f".{final.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
     shutil.rmtree(final, ignore_errors=True)  # an incomplete one left by an older version
-    os.replace(tmp, final)
+    os.replace(final.with_name(f".{final.name}.tmp"), final)
 
 
 EXPORT_RECORD = "kimivl-run.json"  # in an exported model: which run wrote it
@@ -406,17 +402,21 @@ def _run_stages(
 
 
 def _finish_stage(model: KimiVL, processor: KimiVLProcessor, final: Path, world: World) -> KimiVL:
-    """Write the stage's official-format checkpoint; a sharded model is gathered (rank 0 writes), and every rank goes
-    on with the model unloaded: the next stage reads its shards from that checkpoint."""
-    if not world.active:
-        _save_final(model, processor, final)
-        return model
-    whole = whole_model(model, world)
-    if whole is not None:
-        _save_final(whole, processor, final)
-        del whole
+    """Write the stage's official-format checkpoint; a sharded model is gathered file by file (rank 0 writes), and
+    every rank goes on with the model unloaded: the next stage reads its shards from that checkpoint."""
+    tmp = final.with_name(f".{final.name}.tmp")
+    if world.main:
+        shutil.rmtree(tmp, ignore_errors=True)
     world.barrier()
-    return _unloaded_model(final)
+    if world.active:
+        save_gathered(model, tmp, world)
+    else:
+        model.save_pretrained(tmp)
+    if world.main:
+        processor.save_pretrained(tmp)
+        _publish_final(final)
+    world.barrier()
+    return _unloaded_model(final) if world.active else model
 
 
 def _unloaded_model(path: Path) -> KimiVL:

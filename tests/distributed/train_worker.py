@@ -19,7 +19,7 @@ from PIL import Image
 
 from kimivl import KimiVL, KimiVLConfig, KimiVLProcessor
 from kimivl.data.mixture import Mixture
-from kimivl.distributed.gather import full_state, whole_model
+from kimivl.distributed.gather import full_state, save_gathered
 from kimivl.distributed.load import load_sharded_checkpoint
 from kimivl.distributed.parallelize import parallelize
 from kimivl.distributed.world import close_world, init_world
@@ -102,9 +102,7 @@ def main() -> int:
             for t in model.parameters():
                 torch.nn.init.zeros_(t.to_local())
             load_sharded_checkpoint(model, args.load, world)
-            whole = whole_model(model, world)
-            if whole is not None:
-                whole.save_pretrained(args.export, dtype=torch.bfloat16)
+            save_gathered(model, args.export, world, dtype=torch.bfloat16, max_shard_bytes=2**20)  # several files
             return 0
         optimizer = build_optimizer(model, lr=3e-3)
         scheduler = scheduler_at(optimizer, WarmupCosine(2, 8))
