@@ -26,8 +26,8 @@ of all M ranks of its EP group (the other ranks' gradients arrive through the re
 replicated parameter's gradient on a rank holds only that rank's tokens. If the loss is averaged over the D
 data-parallel ranks by dividing the summed gradient by D, the replicated parameters' reduction (over D ranks)
 divides by D, and the experts' reduction, over the D/M ranks that hold the same experts, must divide by D too, not by
-D/M (with FSDP2: ``set_gradient_divide_factor(D)`` on the modules that shard the experts), else expert gradients come
-out M times too large.
+D/M, else expert gradients come out M times too large: ``parallelize`` scales the local experts' weight gradients
+by 1/M (``weight_grad_scale``) and lets FSDP take its usual mean over the D/M ranks.
 """
 
 from __future__ import annotations
@@ -41,12 +41,13 @@ from kimivl.kernels import grouped_swiglu
 from kimivl.model.moe import GroupedExperts
 
 
-def apply_expert_parallel(model: nn.Module, group: dist.ProcessGroup) -> None:
+def apply_expert_parallel(model: nn.Module, group: dist.ProcessGroup, weight_grad_scale: float = 1.0) -> None:
     """Split the routed experts of every ``GroupedExperts`` in ``model`` over the ranks of ``group`` (in place):
     this rank keeps its E/M experts as the same-named parameters and its forward exchanges tokens with the other
     ranks. Works on a model on the meta device too (before loading), and must come before FSDP. Raises ``ValueError``
     when the model has no routed experts, when it was already split or sharded, or when the group size does not divide
-    the expert count."""
+    the expert count. ``weight_grad_scale`` multiplies the local experts' weight gradients (``parallelize`` passes
+    1/M, so that FSDP's mean over the ranks holding the same experts gives the mean over every rank)."""
     m, r = group.size(), group.rank()
     experts = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, GroupedExperts)]
     if not experts:
@@ -68,6 +69,7 @@ def apply_expert_parallel(model: nn.Module, group: dist.ProcessGroup) -> None:
             p = getattr(mod, pname)
             setattr(mod, pname, nn.Parameter(p.detach()[lo : lo + local].clone(), requires_grad=p.requires_grad))
         mod.n_experts, mod.expert_offset, mod.ep_group = local, lo, group
+        mod.weight_grad_scale = weight_grad_scale
         mod.forward = _expert_parallel_forward.__get__(mod)
 
 
@@ -99,9 +101,26 @@ def _expert_parallel_forward(
     expert_R = expert_N.new_empty(sum(received))
     dist.all_to_all_single(expert_R, expert_N, received, sent, group=group)
     local_R1 = (expert_R - self.expert_offset)[:, None]
-    y_RD = grouped_swiglu(x_RD, local_R1, w_R[:, None], self.gate_up_proj, self.down_proj)
+    gate_up, down = self.gate_up_proj, self.down_proj
+    if self.weight_grad_scale != 1:
+        gate_up, down = (_ScaleGrad.apply(p, self.weight_grad_scale) for p in (gate_up, down))
+    y_RD = grouped_swiglu(x_RD, local_R1, w_R[:, None], gate_up, down)
     y_ND = _AllToAll.apply(y_RD, sent, received, group)
     return torch.zeros_like(x_TD).index_add_(0, token_N, y_ND)
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """The identity, its gradient scaled: what a local expert's weights receive, which sums its whole expert group's
+    tokens, scaled as the data-parallel mean expects (see ``apply_expert_parallel``'s ``weight_grad_scale``)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.scale, None
 
 
 class _AllToAll(torch.autograd.Function):

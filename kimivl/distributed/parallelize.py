@@ -4,8 +4,9 @@
    tokens to them (``expert_parallel``);
 2. activation checkpointing of decoder layers and vision blocks (``recompute``);
 3. FSDP2 ``fully_shard``: with ``ep`` > 1 the local experts of each MoE layer over the ranks that hold the same
-   experts; each decoder layer; each vision block; then the root (embeddings, head, projector, the rest). Every
-   parameter is sharded along dim 0, so a rank holds whole experts of a stack (Muon orthogonalises them locally).
+   experts (their weight gradients scaled by 1/ep in the forward, as each sums its whole expert group's tokens);
+   each decoder layer; each vision block; then the root (embeddings, head, projector, the rest). Every parameter is
+   sharded along dim 0, so a rank holds whole experts of a stack (Muon orthogonalises them locally).
 
 Experts come first because FSDP must shard the local experts, not all of them; checkpointing comes before FSDP so
 that the recomputed forward runs inside the FSDP unit, whose weights are gathered again for backward.
@@ -21,7 +22,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
@@ -35,16 +35,14 @@ def parallelize(model: nn.Module, world: World, recompute: bool = False) -> nn.M
     if world.ep > 1:
         from kimivl.distributed.expert_parallel import apply_expert_parallel
 
-        apply_expert_parallel(model, world.ep_group())
+        apply_expert_parallel(model, world.ep_group(), weight_grad_scale=1 / world.ep)
     if recompute:
         apply_recompute(model)
     mesh = world.fsdp_mesh()
     for experts in [m for m in model.modules() if isinstance(m, GroupedExperts)] if world.ep > 1 else []:
+        # a local expert's gradient sums its whole expert group's tokens, scaled by 1/ep in the forward: FSDP's mean
+        # over the ranks that hold the same experts is then the mean over every rank
         fully_shard(experts, mesh=world.expert_fsdp_mesh())
-        # a local expert's gradient already sums the tokens of its whole expert group: average over every rank
-        experts.set_gradient_divide_factor(float(world.size))
-        if dist.get_backend() == "gloo" and world.expert_fsdp_mesh().size() > 1:
-            experts.set_force_sum_reduction_for_comms(True)  # gloo has no pre-scaled sum: divide apart from it
     for layer in [m for m in model.modules() if isinstance(m, LAYERS)]:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh, reshard_after_forward=False)  # backward needs the root's weights right away

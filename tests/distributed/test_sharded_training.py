@@ -69,8 +69,8 @@ def reference(tmp_path_factory):
 
 @pytest.mark.parametrize(
     "nproc, layout",
-    [(2, []), (2, ["--ep", "2"]), (4, ["--ep", "2"])],
-    ids=["dp_shard 2", "dp_shard 2 ep 2", "dp_shard 4 ep 2"],
+    [(2, []), (2, ["--ep", "2"]), (4, ["--ep", "2"]), (4, ["--ep", "2", "--replicate", "2"])],
+    ids=["dp_shard 2", "dp_shard 2 ep 2", "dp_shard 4 ep 2", "dp_replicate 2 x dp_shard 2 ep 2"],
 )
 def test_sharded_ranks_train_as_one_process(reference, tmp_path, nproc, layout):
     """Weights sharded over the ranks (and with ep, each layer's experts split over expert groups): the losses,
