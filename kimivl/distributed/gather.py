@@ -40,12 +40,6 @@ def gathered_tensors(model: nn.Module, world: World) -> Iterator[tuple[str, torc
         del whole
 
 
-def full_state(model: nn.Module, world: World) -> dict[str, torch.Tensor] | None:
-    """Every rank: ``gathered_tensors`` as one dict on rank 0 (None on the others)."""
-    state = dict(gathered_tensors(model, world))
-    return state if world.main else None
-
-
 def save_gathered(
     model: KimiVL,
     path: str | os.PathLike,

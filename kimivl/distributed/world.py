@@ -52,11 +52,6 @@ class World:
         """Rank 0: the one that writes logs, metrics, plots and progress."""
         return self.rank == 0
 
-    @property
-    def dp_size(self) -> int:
-        """Ranks that train their own rows: all of them."""
-        return self.size
-
     def fsdp_mesh(self):
         """The mesh the non-expert weights shard over: ``dp_shard`` (1-D), or (``dp_replicate``, ``dp_shard``)."""
         return self.mesh["dp_shard"] if self.dp_replicate == 1 else self.mesh

@@ -86,10 +86,10 @@ def train_loop(
     trains batches r, r + size, ... of them (so ``accum`` must be a multiple of the world size); losses, token counts
     and expert loads are summed over ranks, and rank 0 alone shows progress and writes metrics."""
     world = world or World()
-    if cfg.accum % world.dp_size:
+    if cfg.accum % world.size:
         raise ValueError(
             f"{stage}: accum ({cfg.accum} batches per step over all ranks) must be a multiple of the "
-            f"{world.dp_size} data-parallel ranks"
+            f"{world.size} data-parallel ranks"
         )
     state = TrainState(
         Path(run_dir) / stage / "checkpoints",
@@ -126,7 +126,7 @@ def train_loop(
                         f"{stage}: no batch for step {state.step + 1}: {e}; the state before it is "
                         f"saved at {state.save()} (fix the data, then resume)"
                     ) from e
-                if j % world.dp_size == world.rank:
+                if j % world.size == world.rank:
                     micro.append(batch)
             optimizer.zero_grad(set_to_none=True)
             losses, metered, n_tokens = [], [], 0
@@ -189,7 +189,7 @@ def _over_ranks(
             [t.to(device, torch.float64) for t in local] + [torch.tensor(n_tokens, device=device, dtype=torch.float64)]
         )
     )
-    batches = len(losses) * world.dp_size
+    batches = len(losses) * world.size
     return (
         (totals[0] / batches).float(),
         {k: float(totals[i + 1]) / batches for i, k in enumerate(keys)},

@@ -20,7 +20,7 @@ from train_worker import (
     build,  # noqa: E402
 )
 
-from kimivl.distributed.gather import full_state  # noqa: E402
+from kimivl.distributed.gather import gathered_tensors  # noqa: E402
 from kimivl.distributed.parallelize import gathered, parallelize  # noqa: E402
 from kimivl.distributed.world import close_world, init_world  # noqa: E402
 from kimivl.processing.processor import KimiVLProcessor  # noqa: E402
@@ -73,7 +73,7 @@ def main() -> int:
         ref_seq = torch.stack([t.sum() + 0.1 for t in ref_tokens])  # pi_i a little off, so the loss is not flat
         trainer._update(torch.arange(len(mine)), prompts, responses, images, ref_tokens, ref_seq, advantage)
         if world.active:
-            state = full_state(model, world)
+            state = dict(gathered_tensors(model, world))  # whole on rank 0, which saves it
         else:
             state = {k: v.detach().clone() for k, v in itertools.chain(model.named_parameters(), model.named_buffers())}
         if world.main:

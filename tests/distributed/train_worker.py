@@ -19,7 +19,7 @@ from PIL import Image
 
 from kimivl import KimiVL, KimiVLConfig, KimiVLProcessor
 from kimivl.data.mixture import Mixture
-from kimivl.distributed.gather import full_state, save_gathered
+from kimivl.distributed.gather import gathered_tensors, save_gathered
 from kimivl.distributed.load import load_sharded_checkpoint
 from kimivl.distributed.parallelize import parallelize
 from kimivl.distributed.world import close_world, init_world
@@ -121,7 +121,7 @@ def main() -> int:
             world=world,
         )
         if world.active:
-            state = full_state(model, world)
+            state = dict(gathered_tensors(model, world))  # whole on rank 0, which saves it
         else:
             state = {k: v.detach().clone() for k, v in itertools.chain(model.named_parameters(), model.named_buffers())}
         if args.weights and world.main:
