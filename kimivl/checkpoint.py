@@ -17,11 +17,12 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from pathlib import PurePath
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from kimivl.files import write_text_atomic
@@ -280,6 +281,38 @@ def save_checkpoint(
         log.info("removing %s of an older kimivl save from %s", name, path)
         os.remove(os.path.join(path, name))
     return names
+
+
+def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: torch.dtype) -> None:
+    """The checkpoint at ``src`` written again to ``dst`` (a new directory, or one holding an older kimivl save) with
+    its floating-point tensors in ``dtype``, file by file, so that one file is in memory at a time; the files keep
+    their names and keys, and ``config.json`` is copied."""
+    src, dst = os.fspath(src), os.fspath(dst)
+    files = checkpoint_files(src)
+    names = [os.path.relpath(f, src) for f in files]
+    indexed = os.path.isfile(os.path.join(src, INDEX))
+    os.makedirs(dst, exist_ok=True)
+    stale = _stale_files(dst, set(names) | ({INDEX} if indexed else set()))
+    file, total = dst, 0
+    try:
+        for name in names:
+            file = os.path.join(dst, name)
+            os.makedirs(os.path.dirname(file), exist_ok=True)
+            tensors = {k: _for_file(t, dtype) for k, t in load_file(os.path.join(src, name)).items()}
+            total += sum(t.numel() * t.element_size() for t in tensors.values())
+            _atomic_save(tensors, file)
+        if indexed:
+            file = os.path.join(dst, INDEX)
+            with open(os.path.join(src, INDEX), encoding="utf-8") as f:
+                index = json.load(f)
+            index["metadata"] = {"total_size": total, WRITER: "1"}
+            write_text_atomic(file, json.dumps(index, indent=2))
+        file = os.path.join(dst, "config.json")
+        shutil.copyfile(os.path.join(src, "config.json"), file)
+    except OSError as e:
+        raise write_error(e, file) from None
+    for name in stale:
+        os.remove(os.path.join(dst, name))
 
 
 def _for_file(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:

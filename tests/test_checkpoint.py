@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kimivl import KimiVL
-from kimivl.checkpoint import INDEX, CheckpointError
+from kimivl.checkpoint import INDEX, CheckpointError, convert_checkpoint
 
 
 def official_keys(cfg):
@@ -91,6 +91,31 @@ def test_resharding_removes_stale_shards(tiny_model, tmp_path):
     tiny_model.save_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
     KimiVL.from_pretrained(tmp_path)
+
+
+def test_a_checkpoint_converted_file_by_file_equals_one_saved_in_that_dtype(tiny_model, tmp_path):
+    """An export: each file of a float32 checkpoint written again in bf16 (same files and keys, the index's size
+    updated), into a directory holding an older single-file save, whose file goes."""
+    tiny_model.save_pretrained(tmp_path / "f32", max_shard_bytes=300_000)
+    tiny_model.save_pretrained(tmp_path / "out")  # an older export of one file
+    convert_checkpoint(tmp_path / "f32", tmp_path / "out", torch.bfloat16)
+    files = sorted(p.name for p in (tmp_path / "f32").iterdir())
+    assert len(files) > 3 and sorted(p.name for p in (tmp_path / "out").iterdir()) == files
+    tiny_model.save_pretrained(tmp_path / "bf16", dtype=torch.bfloat16)
+    expected = load_file(tmp_path / "bf16" / "model.safetensors")
+    got = {}
+    for file in (tmp_path / "out").glob("*.safetensors"):
+        got |= load_file(file)
+    assert got.keys() == expected.keys()
+    for key in expected:
+        assert got[key].dtype == expected[key].dtype and torch.equal(got[key], expected[key]), key
+    index = json.loads((tmp_path / "out" / INDEX).read_text())
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in expected.values())
+    loaded = KimiVL.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    ids = torch.tensor([[1, 2, 3]])
+    torch.testing.assert_close(
+        loaded(ids).logits, KimiVL.from_pretrained(tmp_path / "bf16", dtype=torch.float32)(ids).logits
+    )
 
 
 def test_bf16_and_float32_loading(tiny_model, tmp_path):

@@ -4,6 +4,7 @@ safetensors file by file as their tensors arrive, so rank 0 holds at most about 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -14,16 +15,18 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from kimivl.checkpoint import INDEX, SINGLE, WRITER, _atomic_save, _for_file, _shards
+from kimivl.checkpoint import INDEX, SINGLE, WRITER, CheckpointError, _atomic_save, _for_file, _shards
+from kimivl.distributed.load import CheckpointReader
 from kimivl.distributed.world import World
 from kimivl.files import write_text_atomic
 from kimivl.model.kimivl import KimiVL
-from kimivl.model.moe import GroupedExperts
+from kimivl.model.moe import GroupedExperts, expert_views
 
 
 def gathered_tensors(model: nn.Module, world: World) -> Iterator[tuple[str, torch.Tensor | None]]:
     """Every rank, in step: each parameter and buffer of ``model`` by module name, whole (with expert parallelism,
-    every expert group's experts in order): a CPU tensor on rank 0, None on the others."""
+    every expert group's experts in order): a CPU tensor on rank 0, None on the others. Tensors still on the meta
+    device (not loaded on any rank) are left out."""
     experts = {
         f"{name}.{p}"
         for name, m in model.named_modules()
@@ -31,6 +34,8 @@ def gathered_tensors(model: nn.Module, world: World) -> Iterator[tuple[str, torc
         for p in ("gate_up_proj", "down_proj")
     }
     for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
+        if t.is_meta:
+            continue
         whole = t.detach().full_tensor() if isinstance(t, DTensor) else t.detach()
         if world.ep > 1 and name in experts:
             parts = [torch.empty_like(whole) for _ in range(world.ep)]
@@ -46,12 +51,15 @@ def save_gathered(
     world: World,
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = 5 * 2**30,
+    source: str | os.PathLike | None = None,
 ) -> None:
     """Every rank: ``model`` (sharded) written by rank 0 to the new directory ``path`` in the official format
     (``config.json`` and safetensors under the official names, sharded above ``max_shard_bytes``, floats in ``dtype``
-    if given), each file written as soon as its tensors are gathered."""
+    if given), each file written as soon as its tensors are gathered. The tensors ``model`` holds on the meta device
+    (a stage that loaded only what it trains) are copied from the checkpoint ``source``, a file's worth at a time."""
     with torch.device("meta"):  # the official names and shapes, in the order a one-process save writes them
-        layout = KimiVL(model.config).state_dict()
+        whole_layout = KimiVL(model.config)
+    layout = whole_layout.state_dict()
     planned = {
         k: torch.empty(t.shape, dtype=dtype if dtype and t.is_floating_point() else t.dtype, device="meta")
         for k, t in layout.items()
@@ -69,17 +77,37 @@ def save_gathered(
         if isinstance(m, GroupedExperts)
         for p in ("gate_up_proj", "down_proj")
     }
+    unloaded = {n for n, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta}
+    tensors = dict(itertools.chain(whole_layout.named_parameters(), whole_layout.named_buffers()))
+    copied = {key for n in unloaded for key, _ in _official(n, tensors[n], stacks.get(n))}
+    if copied and source is None:
+        raise ValueError(f"{len(unloaded)} tensors of the model are not loaded (e.g. {min(unloaded)}): pass source")
+    gathered = [sum(k not in copied for k in keys) for keys in groups]  # tensors each file gets from the ranks
     pending: dict[int, dict[str, torch.Tensor]] = {}
-    if world.main:
-        os.makedirs(path)
-    for name, whole in gathered_tensors(model, world):
-        if whole is None:
-            continue
-        for key, t in _official(name, whole, stacks.get(name)):
-            i = file_of[key]
-            pending.setdefault(i, {})[key] = _for_file(t, dtype)
-            if len(pending[i]) == len(groups[i]):
-                _atomic_save(pending.pop(i), os.path.join(path, names[i]))
+    with CheckpointReader(source) if copied and world.main else contextlib.nullcontext() as reader:
+
+        def write(i: int) -> None:
+            held = pending.pop(i, {})
+            for key in groups[i]:
+                if key in copied:
+                    if (values := reader.read(key)) is None:
+                        raise CheckpointError(f"{source} lacks {key}, which the model did not load")
+                    held[key] = values.to(planned[key].dtype)
+            _atomic_save(held, os.path.join(path, names[i]))
+
+        if world.main:
+            os.makedirs(path)
+        for name, whole in gathered_tensors(model, world):
+            if whole is None:
+                continue
+            for key, t in _official(name, whole, stacks.get(name)):
+                i = file_of[key]
+                pending.setdefault(i, {})[key] = _for_file(t, dtype)
+                if len(pending[i]) == gathered[i]:
+                    write(i)
+        if world.main:
+            for i in [i for i, n in enumerate(gathered) if n == 0]:  # files of copied tensors alone
+                write(i)
     if world.main:
         if pending:
             missing = [k for i, held in pending.items() for k in groups[i] if k not in held]
@@ -99,10 +127,6 @@ def _official(name: str, whole: torch.Tensor, hidden: int | None) -> Iterator[tu
     if hidden is None:
         yield name, whole
         return
-    prefix, stacked = name.rsplit(".", 1)
-    for e, expert in enumerate(whole):
-        if stacked == "gate_up_proj":
-            yield f"{prefix}.{e}.gate_proj.weight", expert[:hidden]
-            yield f"{prefix}.{e}.up_proj.weight", expert[hidden:]
-        else:
-            yield f"{prefix}.{e}.down_proj.weight", expert
+    prefix, stack = name.rsplit(".", 1)
+    for key, view in expert_views(stack, whole, hidden, 0).items():
+        yield f"{prefix}.{key}", view

@@ -4,7 +4,6 @@ for a stack of routed experts, the official per-expert tensors of the experts th
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
 from contextlib import ExitStack
@@ -17,7 +16,7 @@ from torch.distributed.tensor import DTensor, Shard
 from kimivl.checkpoint import IGNORED_SUFFIXES, CheckpointError, _read_headers, checkpoint_files
 from kimivl.distributed.muon import local
 from kimivl.distributed.world import World
-from kimivl.model.moe import GroupedExperts
+from kimivl.model.moe import GroupedExperts, expert_views
 
 
 def first_row(t: torch.Tensor) -> int:
@@ -31,49 +30,70 @@ def first_row(t: torch.Tensor) -> int:
     return row
 
 
-def load_sharded_checkpoint(model: nn.Module, path: str | os.PathLike, world: World) -> None:
-    """Fill ``model`` (parallelized, allocated) from the checkpoint at ``path``; a missing or wrongly shaped tensor is
-    a ``CheckpointError`` naming it."""
-    found = {k: v for k, v in _read_headers(checkpoint_files(path)).items() if not k.endswith(IGNORED_SUFFIXES)}
-    stacks = {f"{n}.": m for n, m in model.named_modules() if isinstance(m, GroupedExperts)}
+def local_rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The part of ``t`` this rank holds (``t`` itself when it is not sharded) and the global index of its first row."""
+    return local(t.detach()), first_row(t)
+
+
+@torch.no_grad()
+def copy_rows(t: torch.Tensor, whole: torch.Tensor) -> None:
+    """Copy into ``t`` (sharded or not) this rank's rows of ``whole``, a tensor of ``t``'s whole shape."""
+    mine, start = local_rows(t)
+    mine.copy_(whole[start : start + mine.shape[0]] if t.dim() else whole)
+
+
+class CheckpointReader:
+    """The tensors of an official checkpoint by name, whole or by dim-0 rows, each file opened once; a context
+    manager. Names that are not there are collected in ``missing`` (``read`` returns None for them)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        headers = _read_headers(checkpoint_files(path))
+        self.found = {k: v for k, v in headers.items() if not k.endswith(IGNORED_SUFFIXES)}
+        self.missing: list[str] = []
+        self._files = ExitStack()
+        self._opened = {}
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._files.close()
+
+    def read(self, key: str, rows: slice | None = None) -> torch.Tensor | None:
+        if key not in self.found:
+            self.missing.append(key)
+            return None
+        file = self.found[key][0]
+        if file not in self._opened:
+            self._opened[file] = self._files.enter_context(safe_open(file, framework="pt"))
+        part = self._opened[file].get_slice(key)
+        return part[rows] if rows is not None else part[:]
+
+
+@torch.no_grad()
+def load_sharded_checkpoint(model: nn.Module, path: str | os.PathLike, world: World, prefix: str = "") -> None:
+    """Fill ``model`` (parallelized or not, allocated) from the checkpoint at ``path``, whose names for ``model``'s
+    tensors start with ``prefix`` (``vision_tower.`` for a tower alone); a missing or wrongly shaped tensor is a
+    ``CheckpointError`` naming it."""
     problems: list[str] = []
-    with ExitStack() as files, torch.no_grad():
-        opened = {}
-
-        def read(key: str, rows: slice | None = None) -> torch.Tensor | None:
-            if key not in found:
-                problems.append(f"missing {key}")
-                return None
-            file = found[key][0]
-            if file not in opened:
-                opened[file] = files.enter_context(safe_open(file, framework="pt"))
-            part = opened[file].get_slice(key)
-            return part[rows] if rows is not None else part[:]
-
-        for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
-            mine, start = local(t.detach()), first_row(t)
-            prefix = next((p for p in stacks if name.startswith(p) and "." not in name[len(p) :]), None)
-            if prefix is not None:
-                _read_experts(mine, start + stacks[prefix].expert_offset, prefix, name, read)
-                continue
-            if key_shape := found.get(name):
-                if list(key_shape[1]) != list(t.shape):
+    with CheckpointReader(path) as reader:
+        for module_name, owner in model.named_modules():
+            for attr, t in [*owner.named_parameters(recurse=False), *owner.named_buffers(recurse=False)]:
+                mine, start = local_rows(t)
+                owner_name = prefix + (f"{module_name}." if module_name else "")
+                if isinstance(owner, GroupedExperts):  # this rank's experts, from the official per-expert tensors
+                    for key, view in expert_views(attr, mine, owner.hidden, owner.expert_offset + start).items():
+                        if (values := reader.read(owner_name + key)) is not None:
+                            view.copy_(values)
+                    continue
+                name = owner_name + attr
+                if (key_shape := reader.found.get(name)) and list(key_shape[1]) != list(t.shape):
                     problems.append(f"{name}: checkpoint {list(key_shape[1])} vs model {list(t.shape)}")
                     continue
-            values = read(name, slice(start, start + mine.shape[0]) if t.dim() else None)
-            if values is not None:
-                mine.copy_(values)
+                values = reader.read(name, slice(start, start + mine.shape[0]) if t.dim() else None)
+                if values is not None:
+                    mine.copy_(values)
+        problems += [f"missing {key}" for key in reader.missing]
     if problems:
         raise CheckpointError(f"checkpoint {os.fspath(path)} does not match the model: " + "; ".join(problems[:20]))
-
-
-def _read_experts(mine: torch.Tensor, first: int, prefix: str, name: str, read) -> None:
-    """This rank's experts of a stack, from the official ``experts.{e}.{gate,up,down}_proj.weight``."""
-    for j in range(mine.shape[0]):
-        e = f"{prefix}{first + j}"
-        if name.endswith("gate_up_proj"):
-            parts = [read(f"{e}.gate_proj.weight"), read(f"{e}.up_proj.weight")]
-            if all(p is not None for p in parts):
-                mine[j].copy_(torch.cat(parts))
-        elif (down := read(f"{e}.down_proj.weight")) is not None:
-            mine[j].copy_(down)

@@ -52,11 +52,15 @@ def parallelize(model: nn.Module, world: World, recompute: bool = False) -> nn.M
 
 
 @contextlib.contextmanager
-def gathered(model: nn.Module) -> Iterator[None]:
-    """Every FSDP unit of a parallelized ``model`` gathered whole on every rank for the block, so that forwards make
-    no collective and each rank may run its own number of them (RL rollouts on each rank's own problems); sharded
-    again after. Not with expert parallelism, whose forward exchanges tokens."""
+def gathered(model: nn.Module, within: nn.Module | None = None) -> Iterator[None]:
+    """Every FSDP unit of a parallelized ``model`` (or only the root and the units inside its submodule ``within``)
+    gathered whole on every rank for the block, so that forwards make no collective and each rank may run its own
+    number of them (RL rollouts on each rank's own problems); sharded again after. Not with expert parallelism, whose
+    forward exchanges tokens. On a model that is not sharded, a block like any other."""
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if within is not None:
+        inside = set(within.modules())
+        units = [m for m in units if m is model or m in inside]
     if not units:
         yield
         return

@@ -17,8 +17,9 @@ from kimivl.checkpoint import (
     write_error,
 )
 from kimivl.config import KimiVLConfig
+from kimivl.model.init import init_weights
 from kimivl.model.language_model import LanguageModel
-from kimivl.model.moe import GroupedExperts, Router, to_dtype
+from kimivl.model.moe import to_dtype
 from kimivl.model.moonvit import MoonViT, patch_merge
 from kimivl.model.projector import Projector
 from kimivl.model.target_logprobs import next_token_loss
@@ -39,24 +40,13 @@ class KimiVL(nn.Module):
         self.vision_tower = MoonViT(config.vision_config)
         self.multi_modal_projector = Projector(config.vision_config, config.text_config.hidden_size)
         self.language_model = LanguageModel(config.text_config)
-        self.init_weights()
+        if self.device.type != "meta":
+            self.init_weights(int(torch.randint(2**62, ())))
 
-    @torch.no_grad()
-    def init_weights(self, std: float | None = None) -> None:
-        """Fresh weights for training from scratch: normal(0, std) matrices, zero biases, unit norms."""
-        std = self.config.text_config.initializer_range if std is None else std
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
-                nn.init.normal_(m.weight, 0.0, std)
-                if getattr(m, "bias", None) is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, GroupedExperts):
-                nn.init.normal_(m.gate_up_proj, 0.0, std)
-                nn.init.normal_(m.down_proj, 0.0, std)
-            elif isinstance(m, Router):
-                nn.init.normal_(m.weight, 0.0, std)
-                m.e_score_correction_bias.zero_()
-        nn.init.normal_(self.vision_tower.patch_embed.pos_emb.weight, 0.0, std)
+    def init_weights(self, seed: int, std: float | None = None, shard=None) -> None:
+        """Fresh weights for training from scratch (``kimivl.model.init``, ``shard`` for a sharded model), a function
+        of ``seed``; ``std`` defaults to the config's ``initializer_range``."""
+        init_weights(self, seed, self.config.text_config.initializer_range if std is None else std, shard)
 
     @property
     def device(self) -> torch.device:

@@ -88,14 +88,28 @@ class GroupedExperts(nn.Module):
         out = {}
         for i in range(self.n_experts):
             e = self.expert_offset + i
-            out[f"{e}.gate_proj.weight"] = self.gate_up_proj[i, : self.hidden]
-            out[f"{e}.up_proj.weight"] = self.gate_up_proj[i, self.hidden :]
-            out[f"{e}.down_proj.weight"] = self.down_proj[i]
+            out |= expert_views("gate_up_proj", self.gate_up_proj[i : i + 1], self.hidden, e)
+            out |= expert_views("down_proj", self.down_proj[i : i + 1], self.hidden, e)
         return out
 
     def forward(self, x_TD: torch.Tensor, idx_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
         """Each token through its ``idx_TK`` experts, weighted by ``w_TK`` and summed: (T, D)."""
         return grouped_swiglu(x_TD, idx_TK, w_TK, self.gate_up_proj, self.down_proj)
+
+
+def expert_views(stack: str, t: torch.Tensor, hidden: int, first: int) -> dict[str, torch.Tensor]:
+    """Views of the experts ``t`` of a ``gate_up_proj`` or ``down_proj`` stack (the first of global id ``first``)
+    under the official names relative to the experts module: ``{e}.gate_proj.weight`` and ``{e}.up_proj.weight``
+    (the two halves of ``gate_up_proj``'s rows, ``hidden`` each), or ``{e}.down_proj.weight``."""
+    if stack == "gate_up_proj":
+        pairs = (
+            (f"{first + i}.{p}.weight", w[a:b])
+            for i, w in enumerate(t)
+            for p, a, b in (("gate_proj", 0, hidden), ("up_proj", hidden, None))
+        )
+    else:
+        pairs = ((f"{first + i}.down_proj.weight", w) for i, w in enumerate(t))
+    return dict(pairs)
 
 
 def _split_experts(module: GroupedExperts, state_dict, prefix, local_metadata):

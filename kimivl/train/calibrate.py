@@ -14,6 +14,8 @@ import logging
 
 import torch
 
+from kimivl.distributed.load import copy_rows
+from kimivl.distributed.parallelize import gathered
 from kimivl.model.kimivl import KimiVL
 from kimivl.processing.processor import Encoded
 
@@ -42,16 +44,18 @@ def image_feature_stats(
 @torch.no_grad()
 def standardize_image_features(model: KimiVL, samples: list[Encoded], target_std: float = 1.0) -> dict[str, float]:
     """Rewrite the projector's ``linear_2`` so that, over ``samples``' images, every channel of the image embeddings
-    has mean 0 and standard deviation ``target_std``. Returns the number of image tokens measured and their
-    root-mean-square norm before and after."""
+    has mean 0 and standard deviation ``target_std`` (on a sharded model every rank measures the same ``samples``).
+    Returns the number of image tokens measured and their root-mean-square norm before and after."""
     if not target_std > 0:
         raise ValueError(f"target_std must be > 0, got {target_std}")
-    mean, std, tokens = image_feature_stats(model, samples)
+    linear = model.multi_modal_projector.linear_2
+    with gathered(model, within=model.vision_tower):  # a sharded model: the tower and the root's weights, whole
+        mean, std, tokens = image_feature_stats(model, samples)
+        weight, bias = linear.weight.float().clone(), linear.bias.float().clone()
     before = float((mean.square().sum() + std.square().sum()).sqrt())
     gain = target_std / std.clamp_min(1e-3 * float(std.mean()))
-    linear = model.multi_modal_projector.linear_2
-    linear.weight.copy_((linear.weight.float() * gain[:, None]).to(linear.weight.dtype))
-    linear.bias.copy_(((linear.bias.float() - mean) * gain).to(linear.bias.dtype))
+    copy_rows(linear.weight, (weight * gain[:, None]).to(linear.weight.dtype))
+    copy_rows(linear.bias, ((bias - mean) * gain).to(linear.bias.dtype))
     after = target_std * mean.numel() ** 0.5
     log.info(
         "standardised image features over %d tokens: root-mean-square token norm %.2f -> %.2f", tokens, before, after

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import torch
 
-from kimivl.checkpoint import load_checkpoint
+from kimivl.checkpoint import convert_checkpoint, load_checkpoint
 from kimivl.config import KimiVLConfig
 from kimivl.data.formats import content_text, is_text_file, iter_texts
 from kimivl.data.indexed import JsonlRecords
 from kimivl.data.world import ensure_world
 from kimivl.distributed.gather import save_gathered
-from kimivl.distributed.load import load_sharded_checkpoint
+from kimivl.distributed.load import load_sharded_checkpoint, local_rows
 from kimivl.distributed.parallelize import parallelize
 from kimivl.distributed.plan import rank_memory_plan
 from kimivl.distributed.recompute import apply_recompute, remove_recompute
@@ -164,9 +164,23 @@ def base_config(recipe: Recipe, tokenizer: KimiTokenizer) -> KimiVLConfig:
 def _base_model(recipe: Recipe, tokenizer: KimiTokenizer) -> KimiVL:
     if "checkpoint" in recipe.base:
         return KimiVL.from_pretrained(recipe.base["checkpoint"], dtype=torch.float32, device=recipe.device)
-    torch.manual_seed(recipe.seed)
-    # initialised on the CPU, so every device starts from the same weights
-    return KimiVL(base_config(recipe, tokenizer)).to(recipe.device)
+    model = _meta_model(base_config(recipe, tokenizer)).to_empty(device="cpu")
+    model.init_weights(recipe.seed)  # on the CPU, so every device starts from the same weights
+    return model.to(recipe.device)
+
+
+def _initial_checkpoint(recipe: Recipe, processor: KimiVLProcessor, world: World) -> Path:
+    """A sharded run from a preset: its fresh weights (those of one process, ``recipe.seed``) written once to
+    ``out/initial``, each rank drawing only the rows it holds; the first stage reads its shards from there."""
+    path = recipe.out / "initial"
+    world.barrier()  # every rank has looked before rank 0 may write it
+    if not (path / "config.json").is_file():
+        model = _meta_model(base_config(recipe, processor.tokenizer))
+        parallelize(model, world).to_empty(device=world.device)
+        model.init_weights(recipe.seed, shard=local_rows)
+        log.info("initial weights of preset %s drawn shard by shard (seed %d)", recipe.base["preset"], recipe.seed)
+        _finish_stage(model, processor, path, world)
+    return path
 
 
 def global_schedule(recipe: Recipe) -> tuple[WSD, dict[str, int]]:
@@ -215,25 +229,30 @@ def run_stage(
 ) -> dict[str, float]:
     """Train ``model`` through one stage (resuming it if interrupted). With a sharded ``world`` what the stage trains
     is sharded first (``kimivl.distributed.parallelize``), and ``model`` stays sharded afterwards. A ``model`` still
-    on the meta device holds the weights of the checkpoint ``source``: a joint or rl stage on sharded ranks reads each
-    rank's shards of it only; other stages read it whole first."""
+    on the meta device holds the weights of the checkpoint ``source``: in one process it is read whole first; on
+    sharded ranks a joint or rl stage reads each rank's shards of it only, and a vit stage the vision tower alone."""
     world = world or World()
     if stage.rope_theta is not None:
         model.config.text_config.rope_theta = float(stage.rope_theta)
-    if _unloaded(model) and not _loads_sharded(stage, world):
+    if _unloaded(model) and not world.active:
         model.to_empty(device=recipe.device)
         load_checkpoint(model, source)
+    elif _unloaded(model) and stage.kind == "vit":  # the tower alone, whole on each rank; the rest stays unloaded
+        log.info("stage %s: every rank reads only the vision tower of %s", stage.name, source)
+        model.vision_tower.to_empty(device=world.device)
+        load_sharded_checkpoint(model.vision_tower, source, world, prefix="vision_tower.")
     prepared = prepare(stage, StageContext(recipe, sources, processor, world), model)
     log.info("%s", prepared.data_line)
     if world.active and isinstance(prepared.trainee, KimiVL):
         dtype = torch.bfloat16 if use_bf16(world.device, recipe.bf16) else torch.float32
         plan = rank_memory_plan(model, world.dp_shard, world.ep, getattr(stage, "budget", 4096), dtype, stage.recompute)
         log.info("stage %s %s", stage.name, plan)
-    if _unloaded(model):
+    if prepared.trainee is model and _unloaded(model):
         log.info("stage %s: every rank reads only its shards of %s", stage.name, source)
         parallelize(model, world, recompute=stage.recompute)
         model.to_empty(device=world.device)
         load_sharded_checkpoint(model, source, world)
+        prepared.setup()
     else:
         prepared.setup()
         if world.active:
@@ -331,8 +350,9 @@ def check_export(recipe: Recipe) -> Path | None:
     return path
 
 
-def _export(recipe: Recipe, model: KimiVL, processor: KimiVLProcessor, path: Path) -> None:
-    model.save_pretrained(path, dtype=getattr(torch, recipe.export.get("dtype", "bfloat16")))
+def _export(recipe: Recipe, final: Path, processor: KimiVLProcessor, path: Path) -> None:
+    """The last stage's checkpoint in the export dtype, converted file by file (no process holds the whole model)."""
+    convert_checkpoint(final, path, getattr(torch, recipe.export.get("dtype", "bfloat16")))
     processor.save_pretrained(path)
     write_text_atomic(
         path / EXPORT_RECORD, json.dumps({"out": os.path.relpath(recipe.out.resolve(), path.resolve())}) + "\n"
@@ -343,16 +363,15 @@ def _export(recipe: Recipe, model: KimiVL, processor: KimiVLProcessor, path: Pat
 def run_recipe(recipe: Recipe, progress: bool = True, world: World | None = None) -> KimiVL:
     """Run every stage not yet finished; export the final model when the recipe asks for it. One run at a time holds
     ``recipe.out``. Under torchrun every rank calls this with its ``world``: rank 0 alone builds data, evaluates,
-    writes checkpoints in the official format, exports, logs and plots; the others wait for it where they must."""
+    writes checkpoints in the official format, exports, logs and plots; the others wait for it where they must.
+    Returns the last stage's model: whole in one process, unloaded (meta device) on the ranks of a sharded run."""
     world = world or World()
     base_dir = base_checkpoint(recipe)
     export = check_export(recipe)
     with run_lock(recipe.out) if world.main else contextlib.nullcontext():
         model, source, processor = _run_stages(recipe, base_dir, progress and world.main, world)
-        if world.main:  # (the other ranks of a sharded run return the last stage's model unloaded)
-            model = _whole(model, source, recipe.device)
-            if export is not None:
-                _export(recipe, model, processor, export)
+        if world.main and export is not None:
+            _export(recipe, source, processor, export)
     world.barrier()
     return model.eval()
 
@@ -371,7 +390,11 @@ def _run_stages(
             heldout_records(recipe.out / recipe.eval["split"], recipe.eval.get("limit"))
         processor = KimiVLProcessor(recipe_tokenizer(recipe, sources, base_dir))
     source = base_dir
-    model = _unloaded_model(base_dir) if world.active and base_dir else _base_model(recipe, processor.tokenizer)
+    if world.active:  # every stage reads its shards from a checkpoint: a preset's fresh weights are written first
+        source = source or _initial_checkpoint(recipe, processor, world)
+        model = _unloaded_model(source)
+    else:
+        model = _base_model(recipe, processor.tokenizer)
     log.info("%s", compute_line(recipe))
     for stage in recipe.stages:
         stage.check_model(model)
@@ -388,7 +411,7 @@ def _run_stages(
         else:
             log.info("stage %s: %d steps", stage.name, stage.steps)
             run_stage(recipe, stage, model, processor, sources, progress, world, source)
-            model = _finish_stage(model, processor, final, world)
+            model = _finish_stage(model, processor, final, world, source)
         source = final
         # a finished stage is evaluated again only when a kill cut its evaluation short (position_loss comes last)
         evaluated = finished and (recipe.out / "eval" / f"{stage.name}.position_loss.json").is_file()
@@ -401,15 +424,18 @@ def _run_stages(
     return model, source, processor
 
 
-def _finish_stage(model: KimiVL, processor: KimiVLProcessor, final: Path, world: World) -> KimiVL:
-    """Write the stage's official-format checkpoint; a sharded model is gathered file by file (rank 0 writes), and
-    every rank goes on with the model unloaded: the next stage reads its shards from that checkpoint."""
+def _finish_stage(
+    model: KimiVL, processor: KimiVLProcessor, final: Path, world: World, source: Path | None = None
+) -> KimiVL:
+    """Write the stage's official-format checkpoint; a sharded model is gathered file by file (rank 0 writes; what
+    it left unloaded comes from ``source``), and every rank goes on with the model unloaded: the next stage reads
+    its shards from that checkpoint."""
     tmp = final.with_name(f".{final.name}.tmp")
     if world.main:
         shutil.rmtree(tmp, ignore_errors=True)
     world.barrier()
     if world.active:
-        save_gathered(model, tmp, world)
+        save_gathered(model, tmp, world, source=source)
     else:
         model.save_pretrained(tmp)
     if world.main:
@@ -419,10 +445,14 @@ def _finish_stage(model: KimiVL, processor: KimiVLProcessor, final: Path, world:
     return _unloaded_model(final) if world.active else model
 
 
+def _meta_model(config: KimiVLConfig) -> KimiVL:
+    with torch.device("meta"):
+        return KimiVL(config)
+
+
 def _unloaded_model(path: Path) -> KimiVL:
     """The model of the checkpoint at ``path`` on the meta device, no weight read yet."""
-    with torch.device("meta"):
-        return KimiVL(KimiVLConfig.from_pretrained(path))
+    return _meta_model(KimiVLConfig.from_pretrained(path))
 
 
 def _unloaded(model: KimiVL) -> bool:
@@ -432,9 +462,3 @@ def _unloaded(model: KimiVL) -> bool:
 def _whole(model: KimiVL, source: Path | None, device: str) -> KimiVL:
     """``model`` itself, or, when it is unloaded, the whole model read from ``source`` (float32)."""
     return KimiVL.from_pretrained(source, dtype=torch.float32, device=device) if _unloaded(model) else model
-
-
-def _loads_sharded(stage: StageSettings, world: World) -> bool:
-    """Whether the stage can read each rank's shards only: it trains the model itself (joint, rl) on sharded ranks,
-    and needs no whole-model work before (image standardisation)."""
-    return world.active and stage.kind in ("joint", "rl") and not getattr(stage, "standardize_images", None)

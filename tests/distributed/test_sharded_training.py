@@ -171,7 +171,28 @@ with torch.no_grad():
         if hasattr(m, "e_score_correction_bias"):
             m.e_score_correction_bias.normal_(0, 0.05)
 model.save_pretrained("{path}", dtype=torch.bfloat16)
+model.init_weights(5)
+from safetensors.torch import save_file
+save_file({{k: v.contiguous() for k, v in model.state_dict().items()}}, "{path}/fresh.safetensors")
 """
+
+
+@pytest.mark.parametrize("layout", [[], ["--ep", "2"]], ids=["dp_shard 2", "dp_shard 2 ep 2"])
+def test_fresh_weights_drawn_shard_by_shard_equal_one_process(tmp_path, layout):
+    """Each rank draws only its rows (and its experts) of a fresh model: gathered, every tensor equals the one-process
+    initialisation of the same seed."""
+    whole = tmp_path / "whole"
+    made = run(["-c", MAKE_CHECKPOINT.format(worker=WORKER.parent, out=tmp_path, path=whole)], None)
+    assert made.returncode == 0, made.stderr[-3000:]
+    done = run([str(WORKER), "--out", str(tmp_path), "--init", "5", "--export", str(tmp_path / "drawn"), *layout], 2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    drawn = {}
+    for file in sorted((tmp_path / "drawn").glob("model-*.safetensors")):
+        drawn |= load_file(file)
+    expected = load_file(whole / "fresh.safetensors")
+    assert drawn.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(drawn[key], expected[key], rtol=0, atol=0, msg=key)
 
 
 def test_a_layout_that_does_not_fit_the_world_is_refused_before_anything_runs(monkeypatch):
@@ -189,13 +210,15 @@ def test_a_layout_that_does_not_fit_the_world_is_refused_before_anything_runs(mo
 
 
 def test_a_recipe_under_torchrun_matches_one_process(data_dir, tmp_path):  # noqa: F811
-    """vit (with recompute), a projector-only joint stage (read shard by shard from the vit stage's checkpoint), a
-    joint stage with image standardisation: the same losses and exported weights as one process; rank 0 alone writes
-    metrics."""
+    """From a preset, vit (with recompute), a projector-only joint stage, a joint stage with image standardisation
+    and lr_scale: the same losses and exported weights as one process; no rank ever holds the whole model (the
+    preset's weights are drawn shard by shard, the vit stage reads the tower alone, the others their shards); rank 0
+    alone writes metrics."""
     results = {}
     for name, nproc in (("single", None), ("sharded", 2)):
         d = recipe_dict(data_dir, tmp_path / name)
         d["stages"] = [d["stages"][0], d["stages"][1], d["stages"][2]]
+        d["stages"][2]["lr_scale"] = {"vision_tower": 0.1}  # parameter groups by name work on shards too
         for stage in d["stages"]:
             stage["accum"] = 2
         d["schedule"] = {"warmup": 1}
@@ -204,8 +227,15 @@ def test_a_recipe_under_torchrun_matches_one_process(data_dir, tmp_path):  # noq
         done = run(["-m", "kimivl", "train", str(tmp_path / f"{name}.yaml")], nproc)
         assert done.returncode == 0, done.stderr[-3000:]
         results[name] = tmp_path / name
-    # the alignment stage starts from the vit stage's checkpoint without any rank holding the whole model
-    assert f"stage align: every rank reads only its shards of {tmp_path / 'sharded' / 'vit' / 'final'}" in done.stderr
+    out = tmp_path / "sharded"
+    for line in (
+        "initial weights of preset tiny drawn shard by shard (seed 0)",
+        f"stage vit: every rank reads only the vision tower of {out / 'initial'}",
+        f"stage align: every rank reads only its shards of {out / 'vit' / 'final'}",
+        f"stage pretrain: every rank reads only its shards of {out / 'align' / 'final'}",
+        "standardised image features over",
+    ):
+        assert line in done.stderr, line
     close(metrics(results["sharded"]), metrics(results["single"]), keys=("loss", "grad_norm"))
     assert len(metrics(results["single"])) == 5  # vit logs its last step, the joint stages every step
     a, b = (

@@ -20,7 +20,7 @@ from PIL import Image
 from kimivl import KimiVL, KimiVLConfig, KimiVLProcessor
 from kimivl.data.mixture import Mixture
 from kimivl.distributed.gather import gathered_tensors, save_gathered
-from kimivl.distributed.load import load_sharded_checkpoint
+from kimivl.distributed.load import load_sharded_checkpoint, local_rows
 from kimivl.distributed.parallelize import parallelize
 from kimivl.distributed.world import close_world, init_world
 from kimivl.processing.tokenizer import train_bpe
@@ -78,6 +78,7 @@ def main() -> int:
     ap.add_argument("--ep", type=int)
     ap.add_argument("--replicate", type=int, help="dp_replicate: weight copies (one per node)")
     ap.add_argument("--load", help="no training: read this official checkpoint into the sharded model ...")
+    ap.add_argument("--init", type=int, help="no training: fresh weights of this seed drawn shard by shard ...")
     ap.add_argument("--export", help="... and write it back, gathered, in the official format here")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -103,6 +104,10 @@ def main() -> int:
                 torch.nn.init.zeros_(t.to_local())
             load_sharded_checkpoint(model, args.load, world)
             save_gathered(model, args.export, world, dtype=torch.bfloat16, max_shard_bytes=2**20)  # several files
+            return 0
+        if args.init is not None:
+            model.init_weights(args.init, shard=local_rows)
+            save_gathered(model, args.export, world, max_shard_bytes=2**20)
             return 0
         optimizer = build_optimizer(model, lr=3e-3)
         scheduler = scheduler_at(optimizer, WarmupCosine(2, 8))

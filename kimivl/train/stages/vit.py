@@ -73,15 +73,19 @@ class CaptionStream:
 
 
 def prepare(stage: ViTStage, ctx: StageContext, model) -> Prepared:
-    """The tower with its training heads (built on the meta device for a meta model, else on the CPU and moved, so
-    every device starts from the same weights); the rest of the model is frozen."""
+    """The tower with its training heads (built on the meta device for a meta tower, else on the CPU from
+    ``recipe.seed`` and moved, so every device and rank starts from the same weights); the rest of the model is
+    frozen."""
     recipe, sources = ctx.recipe, ctx.sources
     vocab = model.config.text_config.vocab_size
-    if model.device.type == "meta":
+    device = model.vision_tower.patch_embed.proj.weight.device
+    if device.type == "meta":
         with torch.device("meta"):
             trainee = ViTPretrainer(model.vision_tower, vocab)
     else:
-        trainee = ViTPretrainer(model.vision_tower, vocab).to(model.device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(recipe.seed)
+            trainee = ViTPretrainer(model.vision_tower, vocab).to(device)
     model.requires_grad_(False)
     model.vision_tower.requires_grad_(True)
     images = stage.steps * stage.accum * stage.images_per_batch
