@@ -1,11 +1,11 @@
 """The serving engine: one background thread owns the model and runs a continuously batched decode loop.
 
 Requests wait in a bounded queue. Each turn of the worker admits waiting requests while the batch has room for their
-``n`` choices, prefills about ``prefill_chunk`` prompt tokens, then runs one decode step for every running row, so a
-long prompt's prefill is spread over many steps instead of pausing the running rows. Prompts that fit one pass are
-prefilled together (left-padded with a key mask, as ``generate`` batches prompts; their images in one vision pass); a
-longer prompt is prefilled alone, ``prefill_chunk`` tokens per turn at fixed offsets. A request's ``n`` choices are
-copied from its one prefill.
+``n`` choices, prefills about ``prefill_chunk`` prompt tokens (``PREFILL_BURST`` times that while more prompts wait
+than rows decode), then runs one decode step for every running row, so a long prompt's prefill is spread over many
+steps instead of pausing the running rows. Prompts that fit one pass are prefilled together, packed into one row
+(``cu_seqlens``: each attends to itself only; their images in one vision call); a longer prompt is prefilled alone,
+``prefill_chunk`` tokens per turn at fixed offsets. A request's ``n`` choices are copied from its one prefill.
 
 The running rows share one ``MLACache``, left-padded to one length with a key mask; every row keeps its own
 positions. A row whose choice ends (stop token, stop string, ``max_tokens``, a cancelled request) becomes a free
@@ -31,6 +31,8 @@ from kimivl.inference.generate import prefill
 from kimivl.inference.sampling import SamplingParams, sample_next
 
 log = logging.getLogger(__name__)
+
+PREFILL_BURST = 4  # prefill_chunks per turn while more prompts wait than rows decode
 
 
 class QueueFull(RuntimeError):
@@ -245,7 +247,8 @@ class _Prefill:
 
 class Engine:
     """Owns ``model`` in a worker thread; ``submit`` queues a ``Request`` (``QueueFull`` past ``max_queue``). Prompts
-    are prefilled ``prefill_chunk`` tokens per pass, and at most about that many tokens between two decode steps."""
+    are prefilled ``prefill_chunk`` tokens per pass, and about that many tokens between two decode steps (up to
+    ``PREFILL_BURST`` times that while more prompts wait than rows decode)."""
 
     def __init__(self, model, processor, *, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = 512):
         if max_batch < 1 or max_queue < 1 or prefill_chunk < 1:
@@ -311,7 +314,7 @@ class Engine:
                         log.exception("admitting a request failed")
                         self._fail(request, f"admission failed: {e}")
                 self.metrics.queue_length = len(self._waiting)
-            ready = self._prefill(jobs)
+            ready = self._prefill(jobs, len(batch.live()))
             if ready:
                 try:
                     batch.add(ready)
@@ -339,14 +342,17 @@ class Engine:
         self.metrics.requests["error"] += 1
         request.emit(("error", message))
 
-    def _prefill(self, jobs: collections.deque[_Prefill]) -> list[tuple[_Choice, torch.Tensor, int]]:
-        """Prefill the oldest jobs, about ``prefill_chunk`` tokens in all: the prompts that fit a pass whole go in one
-        pass, packed into one row (``cu_seqlens``: each attends to itself only; their images in one vision call), a
-        longer prompt alone, one pass of ``prefill_chunk`` tokens at a time. Returns the unfinished choices of the
-        jobs whose prompt is done, as (choice, prompt cache values, first token) to join the batch."""
+    def _prefill(self, jobs: collections.deque[_Prefill], running: int) -> list[tuple[_Choice, torch.Tensor, int]]:
+        """Prefill the oldest jobs, about ``prefill_chunk`` tokens in all, or ``PREFILL_BURST`` times that while more
+        prompts wait than the ``running`` rows (a burst of arrivals gets its first tokens sooner, in fewer turns, each
+        with a decode step of a small batch): the prompts that fit a pass whole go in one pass, packed into one row
+        (``cu_seqlens``: each attends to itself only; their images in one vision call), a longer prompt alone, one
+        pass of ``prefill_chunk`` tokens at a time. Returns the unfinished choices of the jobs whose prompt is done,
+        as (choice, prompt cache values, first token) to join the batch."""
         ready, spent, pack = [], 0, []
-        most = min(self.prefill_chunk, self.model.config.text_config.max_position_embeddings)  # a pack's tokens
-        while jobs and spent < self.prefill_chunk:
+        budget = self.prefill_chunk * (PREFILL_BURST if len(jobs) > running else 1)
+        most = min(budget, self.model.config.text_config.max_position_embeddings)  # a pack's tokens
+        while jobs and spent < budget:
             job = jobs[0]
             if job.request.cancelled:
                 jobs.popleft()
