@@ -5,6 +5,7 @@ a pack fails alone."""
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 
@@ -15,7 +16,7 @@ from test_serve import _questions
 
 from kimivl import KimiVL, KimiVLProcessor
 from kimivl.inference.sampling import SamplingParams
-from kimivl.serve.engine import Engine, Request, _Prefill
+from kimivl.serve.engine import PREFILL_BURST, Engine, Request, _Prefill
 
 
 @pytest.fixture(scope="module")
@@ -140,3 +141,19 @@ def test_a_bad_prompt_packed_with_good_ones_fails_alone(loaded):
         engine.shutdown()
     assert events[0][0] == "error" and "prefill failed" in events[0][1]
     assert packs == [3, 1, 1, 1]  # the pack failed, then each prompt went alone
+
+
+def test_a_burst_of_waiting_prompts_gets_up_to_burst_chunks_per_turn(loaded):
+    model, processor = loaded
+    engine = Engine(model, processor, max_batch=32, prefill_chunk=64)  # not started: its turns are called here
+    questions = [[{"role": "user", "content": f"Question {i}: what colour is the square?"}] for i in range(16)]
+    jobs = collections.deque(_Prefill(_request(processor, q), model) for q in questions)
+    width = len(jobs[0].request.prompt)
+    packs, whole = [], engine._prefill_whole
+    engine._prefill_whole = lambda group: (packs.append(sum(len(j.request.prompt) for j in group)), whole(group))[1]
+    with torch.inference_mode():
+        first = engine._prefill(jobs, running=0)  # 16 wait, none decodes: up to PREFILL_BURST chunks in one pack
+        assert 64 < packs[0] <= PREFILL_BURST * 64 < packs[0] + width and len(first) == packs[0] // width
+        second = engine._prefill(jobs, running=len(jobs))  # no more wait than rows decode: one chunk
+    assert packs[1] <= 64 < packs[1] + width and len(second) == packs[1] // width
+    assert len({len(j.request.prompt) for j in jobs}) == 1 and len(jobs) == 16 - len(first) - len(second)
