@@ -4,9 +4,11 @@ concurrent clients to a server on loopback; requests/s, output tokens/s, time to
 level, and no new request starts after ``--time-limit`` seconds of a level.
 
     python benchmarks/serve_load.py [--model models/kimivl-tiny] [--requests 64] [--max-tokens 64] [--tasks ...]
+                                    [--dtype float32]
 
 The server is ``python -m kimivl.cli serve`` in a child process on 127.0.0.1 (``--max-batch 32``), so the clients
-(threads here) do not share its interpreter.
+(threads here) do not share its interpreter. It runs in ``kimivl serve``'s default dtype (the checkpoint's: bf16 for
+kimivl-tiny, float32 on a CPU that multiplies bf16 slowly) unless ``--dtype`` names one; the dtype is printed.
 """
 
 from __future__ import annotations
@@ -141,7 +143,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--clients", default="1,8,32", help="concurrency levels; the first is the baseline")
     ap.add_argument("--time-limit", type=float, default=300.0, help="seconds per level before no new request starts")
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--dtype", choices=["bfloat16", "float32"], help="default: kimivl serve's (the checkpoint's)")
     ap.add_argument("--tasks", default=",".join(TASKS), help="held-out tasks whose questions are sent, in turn")
     args = ap.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
@@ -151,6 +153,11 @@ def main() -> None:
     if args.requests < 1 or args.max_tokens < 1 or min(levels) < 1:
         ap.error("--requests, --max-tokens and every --clients level must be >= 1")
 
+    if args.dtype is None:  # what `kimivl serve` picks without --dtype; passed on, so that the printed one is used
+        sys.path.insert(0, str(REPO))  # this checkout's kimivl, as the server's PYTHONPATH
+        from kimivl.precision import checkpoint_load_dtype
+
+        args.dtype = str(checkpoint_load_dtype(args.model, "cpu")).removeprefix("torch.")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -182,7 +189,7 @@ def main() -> None:
         server.wait(timeout=30)
 
     base = rows[0]
-    print(f"load average at the end: {os.getloadavg()[0]:.2f} ({os.cpu_count()} CPUs)")
+    print(f"server dtype {args.dtype}; load average at the end: {os.getloadavg()[0]:.2f} ({os.cpu_count()} CPUs)")
     print("| clients | requests | req/s | output tok/s | vs 1 client | TTFT p50 / p99 s | ITL p50 / p99 ms", end="")
     print(" | same answers |")
     print("|---|---|---|---|---|---|---|---|")

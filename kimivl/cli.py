@@ -536,7 +536,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch", type=int, default=8, help="most sequences decoded together (default 8)")
     serve.add_argument("--max-queue", type=int, default=64, help="most requests waiting; more get 429 (default 64)")
     serve.add_argument(
-        "--prefill-chunk", type=int, default=512, help="prompt tokens prefilled between two decode steps (default 512)"
+        "--prefill-chunk",
+        type=int,
+        default=512,
+        help="prompt tokens per prefill pass and between two decode steps; up to 4 passes' worth while more prompts "
+        "wait than rows decode (default 512)",
     )
     serve.add_argument("--served-model-name", help="the model name clients send (default: the directory's name)")
     serve.add_argument(

@@ -57,7 +57,8 @@ class LanguageModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final hidden states (B, S, D). ``cache`` (see ``kimivl.inference.cache.MLACache``) holds the past
-        tokens' latents and is extended in place; ``attention_mask`` (B, past + S), 1 for real tokens and 0 for
+        tokens' latents and is extended in place (with ``cu_seqlens``, a packed row, only an empty cache: it takes the
+        pack's latents, one sample after another); ``attention_mask`` (B, past + S), 1 for real tokens and 0 for
         padding, is needed only for batches padded to one length."""
         b, s, _ = inputs_embeds.shape
         past = cache.length if cache is not None else 0

@@ -67,18 +67,19 @@ class MLA(nn.Module):
         new latents and ``blocks()`` returns all cached ``[latent | rope key]`` rows as (B, N, C + R) pieces in
         order), over the cached tokens: single-token steps run absorbed on the cache, longer ones expand it to per-head
         keys and values a block at a time. ``key_valid_BK`` marks real (non-padding) keys. With ``cu_seqlens`` the
-        single row is a pack of samples."""
+        single row is a pack of samples; a cache given with it must be empty, and takes the pack's latents (a packed
+        prefill: attention stays within each sample)."""
         b, s, _ = x_BSD.shape
-        if cu_seqlens is not None and (b != 1 or cache is not None):
-            raise ValueError("packed attention (cu_seqlens) takes one packed row and no cache")
+        if cu_seqlens is not None and (b != 1 or (cache is not None and cache.blocks())):
+            raise ValueError("packed attention (cu_seqlens) takes one packed row, and a cache only while it is empty")
         q_nope, q_rope = self.queries(x_BSD, rot_BSR)
         c_BKC, kr_BKR = self.compress(x_BSD, rot_BSR)
         if cache is not None:
             cache.update(c_BKC, kr_BKR)
-            if s == 1:
+            if s == 1 and cu_seqlens is None:
                 return self._absorbed(q_nope, q_rope, cache.blocks(), key_valid_BK)
         q_BSHD = torch.cat([q_nope, q_rope], dim=-1)
-        if cache is not None:
+        if cache is not None and cu_seqlens is None:
             o = latent_prefill_attention(
                 q_BSHD, cache.blocks(), self._expand, scale=self.scale, key_valid_BK=key_valid_BK
             )

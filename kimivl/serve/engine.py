@@ -1,11 +1,11 @@
 """The serving engine: one background thread owns the model and runs a continuously batched decode loop.
 
 Requests wait in a bounded queue. Each turn of the worker admits waiting requests while the batch has room for their
-``n`` choices, prefills about ``prefill_chunk`` prompt tokens, then runs one decode step for every running row, so a
-long prompt's prefill is spread over many steps instead of pausing the running rows. Prompts that fit one pass are
-prefilled together (left-padded with a key mask, as ``generate`` batches prompts; their images in one vision pass); a
-longer prompt is prefilled alone, ``prefill_chunk`` tokens per turn at fixed offsets. A request's ``n`` choices are
-copied from its one prefill.
+``n`` choices, prefills about ``prefill_chunk`` prompt tokens (``PREFILL_BURST`` times that while more prompts wait
+than rows decode), then runs one decode step for every running row, so a long prompt's prefill is spread over many
+steps instead of pausing the running rows. Prompts that fit one pass are prefilled together, packed into one row
+(``cu_seqlens``: each attends to itself only; their images in one vision call); a longer prompt is prefilled alone,
+``prefill_chunk`` tokens per turn at fixed offsets. A request's ``n`` choices are copied from its one prefill.
 
 The running rows share one ``MLACache``, left-padded to one length with a key mask; every row keeps its own
 positions. A row whose choice ends (stop token, stop string, ``max_tokens``, a cancelled request) becomes a free
@@ -27,10 +27,12 @@ from dataclasses import dataclass, field
 import torch
 
 from kimivl.inference.cache import MLACache
-from kimivl.inference.generate import _left_pad, prefill
+from kimivl.inference.generate import prefill
 from kimivl.inference.sampling import SamplingParams, sample_next
 
 log = logging.getLogger(__name__)
+
+PREFILL_BURST = 4  # prefill_chunks per turn while more prompts wait than rows decode
 
 
 class QueueFull(RuntimeError):
@@ -245,7 +247,8 @@ class _Prefill:
 
 class Engine:
     """Owns ``model`` in a worker thread; ``submit`` queues a ``Request`` (``QueueFull`` past ``max_queue``). Prompts
-    are prefilled ``prefill_chunk`` tokens per pass, and at most about that many tokens between two decode steps."""
+    are prefilled ``prefill_chunk`` tokens per pass, and about that many tokens between two decode steps (up to
+    ``PREFILL_BURST`` times that while more prompts wait than rows decode)."""
 
     def __init__(self, model, processor, *, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = 512):
         if max_batch < 1 or max_queue < 1 or prefill_chunk < 1:
@@ -311,7 +314,7 @@ class Engine:
                         log.exception("admitting a request failed")
                         self._fail(request, f"admission failed: {e}")
                 self.metrics.queue_length = len(self._waiting)
-            ready = self._prefill(jobs)
+            ready = self._prefill(jobs, len(batch.live()))
             if ready:
                 try:
                     batch.add(ready)
@@ -339,46 +342,48 @@ class Engine:
         self.metrics.requests["error"] += 1
         request.emit(("error", message))
 
-    def _prefill(self, jobs: collections.deque[_Prefill]) -> list[tuple[_Choice, torch.Tensor, int]]:
-        """Prefill the oldest jobs, about ``prefill_chunk`` tokens in all: prompts that fit a pass whole go together
-        (left-padded, as ``generate`` batches prompts: images encoded in one pass, a key mask on the padding), a
-        longer prompt alone, one pass of ``prefill_chunk`` tokens at a time. Returns the unfinished choices of the
-        jobs whose prompt is done, as (choice, prompt cache values, first token) to join the batch."""
-        ready, spent = [], 0
-        while jobs and spent < self.prefill_chunk:
-            if jobs[0].request.cancelled:
+    def _prefill(self, jobs: collections.deque[_Prefill], running: int) -> list[tuple[_Choice, torch.Tensor, int]]:
+        """Prefill the oldest jobs, about ``prefill_chunk`` tokens in all, or ``PREFILL_BURST`` times that while more
+        prompts wait than the ``running`` rows (a burst of arrivals gets its first tokens sooner, in fewer turns, each
+        with a decode step of a small batch): the prompts that fit a pass whole go in one pass, packed into one row
+        (``cu_seqlens``: each attends to itself only; their images in one vision call), a longer prompt alone, one
+        pass of ``prefill_chunk`` tokens at a time. Returns the unfinished choices of the jobs whose prompt is done,
+        as (choice, prompt cache values, first token) to join the batch."""
+        ready, spent, pack = [], 0, []
+        budget = self.prefill_chunk * (PREFILL_BURST if len(jobs) > running else 1)
+        most = min(budget, self.model.config.text_config.max_position_embeddings)  # a pack's tokens
+        while jobs and spent < budget:
+            job = jobs[0]
+            if job.request.cancelled:
                 jobs.popleft()
                 self.metrics.requests["cancelled"] += 1
                 continue
-            group = [jobs.popleft()]
-            width = len(group[0].request.prompt)
-            if group[0].done == 0 and width <= self.prefill_chunk:
-                # the waiting whole prompts of about the head's length, so that little of the pass is padding
-                head = width
-                for job in list(jobs):
-                    n = len(job.request.prompt)
-                    similar = 3 * head <= 4 * n <= 5 * head  # within -25% .. +25% of the head's length
-                    fits = max(width, n) * (len(group) + 1) <= self.prefill_chunk
-                    if job.done or job.request.cancelled or not similar or not fits:
-                        continue
-                    jobs.remove(job)
-                    group.append(job)
-                    width = max(width, n)
-                spent += width * len(group)
-                ready += self._finish(group, self._prefill_whole(group))
+            width = len(job.request.prompt)
+            if job.done == 0 and width <= self.prefill_chunk:
+                if pack and spent + width > most:
+                    break
+                pack.append(jobs.popleft())
+                spent += width
+                continue
+            jobs.popleft()
+            spent += min(self.prefill_chunk, width - job.done)
+            try:
+                self._prefill_pass(job)
+            except Exception as e:
+                log.exception("prefill failed")
+                self._fail(job.request, f"prefill failed: {e}")
+                continue
+            if job.done < width:
+                jobs.appendleft(job)
             else:
-                job = group[0]
-                spent += min(self.prefill_chunk, width - job.done)
-                try:
-                    self._prefill_pass(job)
-                except Exception as e:
-                    log.exception("prefill failed")
-                    self._fail(job.request, f"prefill failed: {e}")
-                    continue
-                if job.done < width:
-                    jobs.appendleft(job)
-                else:
-                    ready += self._finish(group, (job.cache, job.hidden[:, -1]))
+                ready += self._finish([job], [(job.cache.tokens()[:, 0], job.hidden[:, -1])])
+        if pack:
+            result = self._prefill_whole(pack)
+            if isinstance(result, Exception) and len(pack) > 1:  # one bad prompt fails alone: each again on its own
+                for job in pack:
+                    ready += self._finish([job], self._prefill_whole([job]))
+            else:
+                ready += self._finish(pack, result)
         return ready
 
     def _prefill_pass(self, job: _Prefill) -> None:
@@ -391,41 +396,49 @@ class Engine:
         job.hidden = prefill(lm, job.embeds[:, part], job.positions[:, part], job.cache, None, end - job.done)
         job.done = end
 
-    def _prefill_whole(self, group: list[_Prefill]) -> tuple[MLACache, torch.Tensor] | Exception:
-        """One pass over the whole prompts of ``group``: their cache (left-padded rows) and last hidden states; or the
-        exception that failed it."""
+    def _prefill_whole(self, group: list[_Prefill]) -> list[tuple[torch.Tensor, torch.Tensor]] | Exception:
+        """One pass over the whole prompts of ``group``: each prompt's cache values (layers, tokens, width) and last
+        hidden state (1, D); or the exception that failed the pass. One prompt runs as ``generate`` prefills it; several
+        are packed into one row, their images encoded in one call of the vision tower."""
         model, lm = self.model, self.model.language_model
         try:
-            if len(group) == 1:  # alone: no padding, no key mask
-                ids, mask = group[0].ids, None
-                positions = group[0].positions
-            else:
-                cfg = model.config.text_config
-                ids, mask = _left_pad([j.request.prompt for j in group], cfg.pad_token_id, model.device)
-                positions = (mask.cumsum(1) - 1).clamp(min=0)
+            lengths = [len(j.request.prompt) for j in group]
+            total = sum(lengths)
+            cache = MLACache(model.config.text_config, 1, total, dtype=model.dtype, device=model.device)
             pixels = [j.request.pixel_values for j in group if j.request.pixel_values is not None]
             grids = [j.request.image_grid_hws for j in group if j.request.image_grid_hws is not None]
+            if len(group) == 1:
+                ids, positions, cu_seqlens = group[0].ids, group[0].positions, None
+            else:
+                ids = torch.tensor([[t for j in group for t in j.request.prompt]], device=model.device)
+                positions = None  # restart at 0 in every prompt
+                cu_seqlens = torch.tensor([0, *lengths], device=model.device).cumsum(0, dtype=torch.int32)
             embeds = model.embed(ids, torch.cat(pixels) if pixels else None, torch.cat(grids) if grids else None)
-            cache = MLACache(model.config.text_config, len(group), ids.shape[1], dtype=model.dtype, device=model.device)
-            hidden = prefill(lm, embeds, positions, cache, mask, ids.shape[1])
-            return cache, hidden[:, -1]
+            if cu_seqlens is None:
+                hidden = prefill(lm, embeds, positions, cache, None, total)
+            else:
+                hidden = lm(embeds, cu_seqlens=cu_seqlens, cache=cache)
+            values, out, start = cache.tokens()[:, 0], [], 0
+            for n in lengths:
+                out.append((values[:, start : start + n], hidden[:, start + n - 1]))
+                start += n
+            return out
         except Exception as e:
-            log.exception("prefill failed")
+            log.exception("prefill of %d prompt(s) failed", len(group))
             return e
 
     def _finish(self, group: list[_Prefill], result) -> list[tuple[_Choice, torch.Tensor, int]]:
-        """Sample each choice's first token from the prefilled ``group``'s ``result`` (cache, last hidden states)."""
+        """Sample each choice's first token from the prefilled ``group``'s ``result``: per job, its prompt's cache
+        values and last hidden state (or the exception that failed the pass)."""
         if isinstance(result, Exception):
             for job in group:
                 self._fail(job.request, f"prefill failed: {result}")
             return []
-        cache, hidden = result
         lm, ready = self.model.language_model, []
-        values = cache.tokens()
-        for r, job in enumerate(group):
+        for job, (own, hidden) in zip(group, result):
             request = job.request
             try:
-                logits = lm.logits(hidden[r : r + 1])
+                logits = lm.logits(hidden)
                 rows = [_Choice(request, i, self.processor.tokenizer, self.model.device) for i in range(request.n)]
                 firsts = [int(sample_next(logits, request.params, row.generator)) for row in rows]
             except Exception as e:
@@ -434,12 +447,10 @@ class Engine:
                 continue
             request.first_token = time.monotonic()
             self.metrics.observe_ttft(request.first_token - request.submitted)
-            n = len(request.prompt)
-            self.metrics.prompt_tokens += n
+            self.metrics.prompt_tokens += len(request.prompt)
             for row, token in zip(rows, firsts):
                 row.add(token, self._stop_ids)
             self._account([row for row in rows if row.finish])
-            own = values[:, r, values.shape[2] - n :]
             ready += [(row, own, token) for row, token in zip(rows, firsts) if not row.finish]
         return ready
 

@@ -1,8 +1,11 @@
 """The serving engine directly: a long prompt is prefilled in chunks between decode steps, so a running request keeps
-receiving tokens meanwhile, and both answers equal the answers alone (greedy, float32)."""
+receiving tokens meanwhile, and both answers equal the answers alone (greedy, float32); waiting prompts are packed
+into one pass with their images in one vision call, each prompt's cache and first logits as alone, and a bad prompt in
+a pack fails alone."""
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 
@@ -13,14 +16,18 @@ from test_serve import _questions
 
 from kimivl import KimiVL, KimiVLProcessor
 from kimivl.inference.sampling import SamplingParams
-from kimivl.serve.engine import Engine, Request
+from kimivl.serve.engine import PREFILL_BURST, Engine, Request, _Prefill
 
 
 @pytest.fixture(scope="module")
-def engine():
+def loaded():
     model = KimiVL.from_pretrained(MODELS / "kimivl-tiny", dtype=torch.float32, device="cpu")
-    processor = KimiVLProcessor.from_pretrained(MODELS / "kimivl-tiny")
-    engine = Engine(model, processor, max_batch=4, prefill_chunk=32)
+    return model, KimiVLProcessor.from_pretrained(MODELS / "kimivl-tiny")
+
+
+@pytest.fixture(scope="module")
+def engine(loaded):
+    engine = Engine(*loaded, max_batch=4, prefill_chunk=32)
     engine.start()
     yield engine
     engine.shutdown()
@@ -71,3 +78,82 @@ def test_a_long_prompt_is_prefilled_between_decode_steps_and_answers_equal_alone
     # one decode step after each prefill pass: the running request got a token per pass, give or take its last
     assert len(during) >= late.prompt // 32 - 4, (len(during), late.prompt)
     assert max(t for t, e in running.events if e[0] == "done") > first  # it was still running when the long one began
+
+
+def _request(processor, messages: list[dict], emit=lambda event: None) -> Request:
+    encoded = processor.encode(messages)
+    images = len(encoded.image_grid_hws) > 0
+    return Request(
+        encoded.input_ids,
+        encoded.pixel_values if images else None,
+        encoded.image_grid_hws if images else None,
+        SamplingParams(max_new_tokens=8, temperature=0.0),
+        emit,
+    )
+
+
+def test_prompts_packed_in_one_pass_and_one_vision_call_get_their_cache_and_logits_alone(loaded, monkeypatch):
+    model, processor = loaded
+    engine = Engine(model, processor)  # not started: its passes are called here
+    messages = [local for task in ("caption", "ocr", "gui", "chart") for _, local in _questions(task, 2)]
+    messages.insert(3, [{"role": "user", "content": "What is a square?"}])  # no image, between the others
+    jobs = [_Prefill(_request(processor, m), model) for m in messages]
+    calls, forward = [], model.vision_tower.forward
+    monkeypatch.setattr(model.vision_tower, "forward", lambda p, g: (calls.append(len(g)), forward(p, g))[1])
+    with torch.inference_mode():
+        packed = engine._prefill_whole(jobs)
+        assert calls == [8]  # the 8 images of 9 prompts in one call of the vision tower
+        alone = [engine._prefill_whole([job]) for job in jobs]
+        assert len(calls) == 9
+        lm = model.language_model
+        for job, (values, hidden), ((own_values, own_hidden),) in zip(jobs, packed, alone):
+            assert values.shape == own_values.shape == (4, len(job.request.prompt), 80)
+            torch.testing.assert_close(values, own_values, atol=1e-4, rtol=1e-4)
+            logits, own = lm.logits(hidden), lm.logits(own_hidden)
+            torch.testing.assert_close(logits, own, atol=1e-4, rtol=1e-4)
+            assert logits.argmax() == own.argmax()
+        assert len({int(lm.logits(h).argmax()) for _, h in packed}) > 1  # different prompts, different first tokens
+
+
+def test_a_bad_prompt_packed_with_good_ones_fails_alone(loaded):
+    model, processor = loaded
+    messages = [local for task in ("gui", "ocr") for _, local in _questions(task, 1)]
+    engine = Engine(model, processor, max_batch=4)
+    engine.start()
+    try:
+        alone = [_Client(engine, m, 8).text() for m in messages]
+    finally:
+        engine.shutdown()
+    engine = Engine(model, processor, max_batch=4)
+    packs, whole = [], engine._prefill_whole
+    engine._prefill_whole = lambda group: (packs.append(len(group)), whole(group))[1]
+    events = []
+    bad = _request(processor, messages[0], events.append)
+    bad.prompt = bad.prompt[:5] + [model.config.text_config.vocab_size + 5]  # a token id past the vocabulary
+    bad.pixel_values = bad.image_grid_hws = None
+    first = _Client(engine, messages[0], 8)
+    engine.submit(bad)
+    second = _Client(engine, messages[1], 8)
+    engine.start()  # all three wait: one pack
+    try:
+        assert [first.text(), second.text()] == alone and alone[0] != alone[1]
+    finally:
+        engine.shutdown()
+    assert events[0][0] == "error" and "prefill failed" in events[0][1]
+    assert packs == [3, 1, 1, 1]  # the pack failed, then each prompt went alone
+
+
+def test_a_burst_of_waiting_prompts_gets_up_to_burst_chunks_per_turn(loaded):
+    model, processor = loaded
+    engine = Engine(model, processor, max_batch=32, prefill_chunk=64)  # not started: its turns are called here
+    questions = [[{"role": "user", "content": f"Question {i}: what colour is the square?"}] for i in range(16)]
+    jobs = collections.deque(_Prefill(_request(processor, q), model) for q in questions)
+    width = len(jobs[0].request.prompt)
+    packs, whole = [], engine._prefill_whole
+    engine._prefill_whole = lambda group: (packs.append(sum(len(j.request.prompt) for j in group)), whole(group))[1]
+    with torch.inference_mode():
+        first = engine._prefill(jobs, running=0)  # 16 wait, none decodes: up to PREFILL_BURST chunks in one pack
+        assert 64 < packs[0] <= PREFILL_BURST * 64 < packs[0] + width and len(first) == packs[0] // width
+        second = engine._prefill(jobs, running=len(jobs))  # no more wait than rows decode: one chunk
+    assert packs[1] <= 64 < packs[1] + width and len(second) == packs[1] // width
+    assert len({len(j.request.prompt) for j in jobs}) == 1 and len(jobs) == 16 - len(first) - len(second)
