@@ -3,7 +3,7 @@ concurrent clients to a server on loopback; requests/s, output tokens/s, time to
 (p50, p99), against one client (the requests served one at a time) in the same run. Bounded: ``--requests`` per
 level, and no new request starts after ``--time-limit`` seconds of a level.
 
-    python benchmarks/serve_load.py [--model models/kimivl-tiny] [--requests 64] [--max-tokens 64] [--tasks ...]
+    python benchmarks/serve_load.py [--model models/kimivl-tiny] [--requests 256] [--max-tokens 64] [--tasks ...]
                                     [--dtype float32]
 
 The server is ``python -m kimivl.cli serve`` in a child process on 127.0.0.1 (``--max-batch 32``), so the clients
@@ -139,7 +139,7 @@ def level(port: int, model: str, prompts: list, clients: int, max_tokens: int, t
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=str(REPO / "models" / "kimivl-tiny"))
-    ap.add_argument("--requests", type=int, default=64, help="requests per level (default 64)")
+    ap.add_argument("--requests", type=int, default=256, help="requests per level (default 256: 8 per client at 32)")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--clients", default="1,8,32", help="concurrency levels; the first is the baseline")
     ap.add_argument("--time-limit", type=float, default=300.0, help="seconds per level before no new request starts")
