@@ -173,8 +173,7 @@ def _initial_checkpoint(recipe: Recipe, processor: KimiVLProcessor, world: World
     """A sharded run from a preset: its fresh weights (those of one process, ``recipe.seed``) written once to
     ``out/initial``, each rank drawing only the rows it holds; the first stage reads its shards from there."""
     path = recipe.out / "initial"
-    world.barrier()  # every rank has looked before rank 0 may write it
-    if not (path / "config.json").is_file():
+    if not (path / "config.json").is_file():  # (rank 0 writes nothing before every rank is in _finish_stage)
         model = _meta_model(base_config(recipe, processor.tokenizer))
         parallelize(model, world).to_empty(device=world.device)
         model.init_weights(recipe.seed, shard=local_rows)
