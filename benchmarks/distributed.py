@@ -55,7 +55,7 @@ def rank_main(args) -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from rss import PeakRise
 
-    from kimivl.distributed.muon import local
+    from kimivl.distributed.load import local_rows
     from kimivl.distributed.parallelize import parallelize
     from kimivl.distributed.plan import rank_memory_plan
     from kimivl.distributed.world import close_world, init_world
@@ -81,11 +81,7 @@ def rank_main(args) -> None:
     with PeakRise() as rise:
         parallelize(model, world)
         model.to_empty(device="cpu")
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                local(p.detach()).normal_(0, 0.02, generator=g) if p.dim() > 1 else local(p.detach()).fill_(1.0)
-            for name, b in model.named_buffers():
-                b.zero_()
+        model.init_weights(0, shard=local_rows)  # each rank draws its own rows of one process's fresh weights
         optimizer = build_optimizer(model, lr=1e-3)
         mine = [rows[i] for i in range(world.rank, len(rows), world.size)]
         per_step = args.rows // world.size
