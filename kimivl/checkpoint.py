@@ -173,6 +173,17 @@ def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
     return shards
 
 
+def shard_file_names(count: int) -> list[str]:
+    """The safetensors file names of a checkpoint in ``count`` files."""
+    return [SINGLE] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+def write_index(path: str | os.PathLike, weight_map: dict[str, str], total: int) -> None:
+    """The index of a checkpoint in several files (``total`` bytes of tensors), marked as kimivl's."""
+    index = {"metadata": {"total_size": total, WRITER: "1"}, "weight_map": weight_map}
+    write_text_atomic(os.path.join(path, INDEX), json.dumps(index, indent=2))
+
+
 def _atomic_save(tensors: dict[str, torch.Tensor], file: str, metadata: dict[str, str] | None = None) -> None:
     tmp = file + ".tmp"
     save_file(tensors, tmp, metadata={"format": "pt", WRITER: "1", **(metadata or {})})
@@ -243,11 +254,7 @@ def save_checkpoint(
     frozen = _frozen_keys(model, state) if frozen_apart else set()
     parts = [{k: t for k, t in state.items() if (k in frozen) == side} for side in (True, False)]
     groups = [g for part in parts if part for g in _shards(part, max_shard_bytes)]
-    names = (
-        [SINGLE]
-        if len(groups) == 1
-        else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
-    )
+    names = shard_file_names(len(groups))
     keep = set(names) | ({INDEX} if len(groups) > 1 else set())
     stale = _stale_files(path, keep)
     file = path
@@ -264,14 +271,11 @@ def save_checkpoint(
             _atomic_save({k: _for_file(state[k], dtype) for k in keys}, file, metadata)
         if len(groups) > 1:
             file = os.path.join(path, INDEX)
-            weight_map = {k: name for keys, name in zip(groups, names) for k in keys}
             total = sum(
                 t.numel() * (dtype.itemsize if dtype and t.is_floating_point() else t.element_size())
                 for t in state.values()
             )
-            write_text_atomic(
-                file, json.dumps({"metadata": {"total_size": total, WRITER: "1"}, "weight_map": weight_map}, indent=2)
-            )
+            write_index(path, {k: name for keys, name in zip(groups, names) for k in keys}, total)
     except OSError as e:
         for name in keep:
             if os.path.exists(os.path.join(path, name + ".tmp")):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import os
 from collections.abc import Iterator
 
@@ -15,10 +14,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from kimivl.checkpoint import INDEX, SINGLE, WRITER, CheckpointError, _atomic_save, _for_file, _shards
+from kimivl.checkpoint import CheckpointError, _atomic_save, _for_file, _shards, shard_file_names, write_index
 from kimivl.distributed.load import CheckpointReader
 from kimivl.distributed.world import World
-from kimivl.files import write_text_atomic
 from kimivl.model.kimivl import KimiVL
 from kimivl.model.moe import GroupedExperts, expert_views
 
@@ -65,11 +63,7 @@ def save_gathered(
         for k, t in layout.items()
     }
     groups = _shards(planned, max_shard_bytes)
-    names = (
-        [SINGLE]
-        if len(groups) == 1
-        else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
-    )
+    names = shard_file_names(len(groups))
     file_of = {k: i for i, keys in enumerate(groups) for k in keys}
     stacks = {
         f"{n}.{p}": m.hidden
@@ -114,11 +108,7 @@ def save_gathered(
             raise RuntimeError(f"the gathered model lacks tensors of the official layout: {missing[:5]}")
         if len(groups) > 1:
             total = sum(t.numel() * t.element_size() for t in planned.values())
-            index = {
-                "metadata": {"total_size": total, WRITER: "1"},
-                "weight_map": {k: names[i] for k, i in file_of.items()},
-            }
-            write_text_atomic(os.path.join(path, INDEX), json.dumps(index, indent=2))
+            write_index(path, {k: names[i] for k, i in file_of.items()}, total)
         model.config.save_pretrained(path)
 
 
