@@ -166,13 +166,19 @@ def time_hf_decode(ref, context: int, steps: int, g: torch.Generator) -> float:
     return 1000 * statistics.median(times[2:])
 
 
-def prefill_table(args, context: int, g: torch.Generator, began: float) -> None:
-    cfg = bench_config(args.layers, context)
+def bf16_models(layers: int, context: int, with_reference: bool):
+    """The config, kimivl's random LM and (if asked) transformers' copy of it, both in bf16."""
+    cfg = bench_config(layers, context)
     lm = random_lm(cfg)
-    ref = hf_reference(cfg, lm) if min(args.lengths) <= args.hf_max else None
+    ref = hf_reference(cfg, lm) if with_reference else None
     to_bf16(lm)
     if ref is not None:
         to_bf16(ref)
+    return cfg, lm, ref
+
+
+def prefill_table(args, context: int, g: torch.Generator, began: float) -> None:
+    cfg, lm, ref = bf16_models(args.layers, context, min(args.lengths) <= args.hf_max)
     weights = sum(p.nbytes for p in lm.parameters())
     time_prefill(lm, torch.randint(10, cfg.vocab_size, (1, 1024), generator=g))  # warm-up of the kernels
     print(
@@ -206,12 +212,7 @@ def prefill_table(args, context: int, g: torch.Generator, began: float) -> None:
 
 
 def decode_table(args, context: int, g: torch.Generator, bw: float) -> None:
-    cfg = bench_config(args.decode_layers, context)
-    lm = random_lm(cfg)
-    ref = hf_reference(cfg, lm) if min(args.decode_lengths) <= args.hf_decode_max else None
-    to_bf16(lm)
-    if ref is not None:
-        to_bf16(ref)
+    cfg, lm, ref = bf16_models(args.decode_layers, context, min(args.decode_lengths) <= args.hf_decode_max)
     per_step = weight_bytes_per_step(lm)
     params = sum(p.numel() for p in lm.parameters()) / 1e6
     print(
