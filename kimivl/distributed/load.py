@@ -16,6 +16,7 @@ from torch.distributed.tensor import DTensor, Shard
 from kimivl.checkpoint import IGNORED_SUFFIXES, CheckpointError, _read_headers, checkpoint_files
 from kimivl.distributed.muon import local
 from kimivl.distributed.world import World
+from kimivl.model.init import owned_tensors
 from kimivl.model.moe import GroupedExperts, expert_views
 
 
@@ -78,22 +79,21 @@ def load_sharded_checkpoint(model: nn.Module, path: str | os.PathLike, world: Wo
     ``CheckpointError`` naming it."""
     problems: list[str] = []
     with CheckpointReader(path) as reader:
-        for module_name, owner in model.named_modules():
-            for attr, t in [*owner.named_parameters(recurse=False), *owner.named_buffers(recurse=False)]:
-                mine, start = local_rows(t)
-                owner_name = prefix + (f"{module_name}." if module_name else "")
-                if isinstance(owner, GroupedExperts):  # this rank's experts, from the official per-expert tensors
-                    for key, view in expert_views(attr, mine, owner.hidden, owner.expert_offset + start).items():
-                        if (values := reader.read(owner_name + key)) is not None:
-                            view.copy_(values)
-                    continue
-                name = owner_name + attr
-                if (key_shape := reader.found.get(name)) and list(key_shape[1]) != list(t.shape):
-                    problems.append(f"{name}: checkpoint {list(key_shape[1])} vs model {list(t.shape)}")
-                    continue
-                values = reader.read(name, slice(start, start + mine.shape[0]) if t.dim() else None)
-                if values is not None:
-                    mine.copy_(values)
+        for name, owner, attr, t in owned_tensors(model):
+            mine, start = local_rows(t)
+            name = prefix + name
+            if isinstance(owner, GroupedExperts):  # this rank's experts, from the official per-expert tensors
+                owner_name = name.removesuffix(attr)
+                for key, view in expert_views(attr, mine, owner.hidden, owner.expert_offset + start).items():
+                    if (values := reader.read(owner_name + key)) is not None:
+                        view.copy_(values)
+                continue
+            if (key_shape := reader.found.get(name)) and list(key_shape[1]) != list(t.shape):
+                problems.append(f"{name}: checkpoint {list(key_shape[1])} vs model {list(t.shape)}")
+                continue
+            values = reader.read(name, slice(start, start + mine.shape[0]) if t.dim() else None)
+            if values is not None:
+                mine.copy_(values)
         problems += [f"missing {key}" for key in reader.missing]
     if problems:
         raise CheckpointError(f"checkpoint {os.fspath(path)} does not match the model: " + "; ".join(problems[:20]))

@@ -10,7 +10,7 @@ values (``init_weights`` with ``kimivl.distributed.load.local_rows``).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -56,9 +56,14 @@ def initial_rows(
 def init_weights(model: nn.Module, seed: int, std: float, shard: Callable | None = None) -> None:
     """Fill every parameter and buffer of ``model`` (allocated) with its fresh value. For a sharded model, ``shard``
     maps a tensor to the part this rank holds and the global index of its first row."""
+    for name, owner, attr, t in owned_tensors(model):
+        mine, first = shard(t) if shard else (t, 0)
+        first += owner.expert_offset if isinstance(owner, GroupedExperts) else 0
+        mine.copy_(initial_rows(owner, attr, name, t.shape, seed, std, first, mine.shape[0] if t.dim() else 0))
+
+
+def owned_tensors(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, torch.Tensor]]:
+    """Every parameter and buffer of ``model`` as (full name, the module holding it, its name there, the tensor)."""
     for prefix, owner in model.named_modules():
         for attr, t in [*owner.named_parameters(recurse=False), *owner.named_buffers(recurse=False)]:
-            mine, first = shard(t) if shard else (t, 0)
-            first += owner.expert_offset if isinstance(owner, GroupedExperts) else 0
-            name = f"{prefix}.{attr}" if prefix else attr
-            mine.copy_(initial_rows(owner, attr, name, t.shape, seed, std, first, mine.shape[0] if t.dim() else 0))
+            yield f"{prefix}.{attr}" if prefix else attr, owner, attr, t
