@@ -16,16 +16,18 @@ largest chunk, ceil(rows / ranks) rows, so every rank holds (and this plan count
   held through the step, plus two layers or blocks (the one running and the one prefetched), the largest; the
   unsharded gradients of the largest unit before they are reduce-scattered; and FSDP2's communication staging for
   the largest unit: the all-gather's output (from which the parameters are copied out) and the reduce-scatter's
-  flattened input (measured on 2 CPU ranks, ``benchmarks/distributed.py``, without these the plan fell 25% short);
-- activations (an estimate) for ``tokens`` language-model tokens per rank: with ``recompute`` (activation
-  checkpointing) the input of every decoder layer (T D) plus one layer's tensors twice (kept for its backward, and
-  their gradients); without it every layer's tensors plus one layer's gradients (each layer counted as the largest).
+  flattened input;
+- activations (an estimate) for ``tokens`` language-model tokens in one forward and backward (in training, a packed
+  row of the stage's ``budget``): with ``recompute`` (activation checkpointing) the input of every decoder layer
+  (T D) plus one layer's tensors twice (kept for its backward, and their gradients); without it every layer's tensors
+  plus one layer's gradients (each layer counted as the largest).
   A layer's tensors are its attention and its MLP as ``kimivl.inference.memory.prefill_activation_bytes`` counts them
   for one chunk of ``tokens`` tokens, with, under expert parallelism, the exchanged rows and outputs (2 T k D); the
   residual stream counts 4 T D and the logits T V (compute dtype, float32 copy, float32 gradient). Image patches
   through the vision tower come on top.
 
 Not counted: Muon's transient whole-matrix gradients on their owner ranks, the backend's own buffers, allocator slack.
+``benchmarks/distributed.py`` compares the total with the peak of the live tensors on 1 and 2 CPU ranks.
 """
 
 from __future__ import annotations
