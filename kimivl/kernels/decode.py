@@ -2,10 +2,11 @@
 ``[latent | rope key]`` rows, which are at once the one key all heads share (all X values) and the shared value (the
 first ``value_dim`` values).
 
-The cache is read once per step, in its stored dtype, chunk by chunk (split-K over the context, as flash-decoding
-does): each chunk is widened to float32 in a buffer of ``chunk`` tokens, its scores, softmax and weighted values are
-taken in float32, and the chunks' partial maxima, sums and outputs are merged exactly at the end. Per-step memory
-beyond the cache is bounded by the chunk, not the context; the matmuls of a chunk use every thread.
+The cache is read once per step, in its stored dtype (split-K over the context, as flash-decoding does): a span of
+cached tokens at a time is widened to float32 in one buffer, cut into chunks whose scores, softmax and weighted values
+are taken in float32, all the span's chunks in one batched matmul (so the threads share them), and the chunks' partial
+maxima, sums and outputs are merged exactly at the end. Per-step memory beyond the cache is bounded by the span, not
+the context.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from collections.abc import Sequence
 
 import torch
 
-DECODE_CHUNK = 1024  # cached tokens per chunk: 1024 x 576 float32 values is 2.3 MB per row, cache-resident
+DECODE_CHUNK = 1024  # cached tokens per partial softmax
+DECODE_SPAN = 4096  # cached tokens widened at once over all rows: 4096 x 576 float32 values is 9.4 MB
 
 
 def latent_decode_attention(
@@ -25,14 +27,18 @@ def latent_decode_attention(
     scale: float,
     key_valid_BK: torch.Tensor | None = None,
     chunk: int | None = None,
+    span: int | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T * scale) v for one query token per row, over the cached tokens held in ``blocks_BNX`` (the
     cache in order, each block (B, N, X) in any dtype; keys are all X values, values the first ``value_dim``).
     ``key_valid_BK`` (bool, B x total cached) marks real keys in padded rows; the last key, the query's own, is
-    always seen. ``chunk`` defaults to ``DECODE_CHUNK`` tokens. Returns (B, H, value_dim) in ``q``'s dtype."""
+    always seen. ``chunk`` (default ``DECODE_CHUNK``) is the tokens of one partial softmax, ``span`` (default
+    ``DECODE_SPAN``) the tokens widened at once over all rows, at least one chunk per row. Returns (B, H, value_dim)
+    in ``q``'s dtype."""
     b, h, x = q_BHX.shape
     chunk = chunk or DECODE_CHUNK
-    pieces = [p for blk in blocks_BNX for p in blk.split(chunk, dim=1) if p.shape[1]]
+    per_row = max(1, (span or DECODE_SPAN) // (b * chunk)) * chunk  # tokens of each row widened at once
+    pieces = [p for blk in blocks_BNX for p in blk.split(per_row, dim=1) if p.shape[1]]
     total = sum(p.shape[1] for p in pieces)
     if not pieces or any(p.shape[0] != b or p.shape[2] != x for p in pieces):
         raise ValueError(
@@ -43,49 +49,54 @@ def latent_decode_attention(
         raise ValueError(
             f"key_valid_BK must be ({b}, {total}) for {total} cached tokens, got {tuple(key_valid_BK.shape)}"
         )
-    q_BHX_f = q_BHX.float() * scale
-    buf_BCX = None
+    if key_valid_BK is not None:
+        key_valid_BK = key_valid_BK.clone()
+        key_valid_BK[:, -1] = True
+    q_B1HX = (q_BHX.float() * scale)[:, None]
+    buf_BSX = None
     maxima, sums, outs = [], [], []
     start = 0
-    for group in _groups(pieces, chunk):
+    for group in _groups(pieces, per_row):
         n = sum(p.shape[1] for p in group)
         if len(group) == 1 and group[0].dtype == torch.float32:
-            kv_BCX = group[0]
+            kv_BNX = group[0]
         else:
-            if buf_BCX is None:
-                buf_BCX = torch.empty(b, chunk, x, dtype=torch.float32, device=q_BHX.device)
-            kv_BCX = buf_BCX[:, :n]
+            if buf_BSX is None:
+                buf_BSX = torch.empty(b, per_row, x, dtype=torch.float32, device=q_BHX.device)
+            kv_BNX = buf_BSX[:, :n]
             if len(group) > 1:
-                torch.cat(group, dim=1, out=kv_BCX)
+                torch.cat(group, dim=1, out=kv_BNX)
             else:
-                kv_BCX.copy_(group[0])
-        s_BHC = torch.bmm(q_BHX_f, kv_BCX.transpose(1, 2))
-        if key_valid_BK is not None:
-            valid_BC = key_valid_BK[:, start : start + n]
-            if start + n == total:
-                valid_BC = valid_BC.clone()
-                valid_BC[:, -1] = True
-            s_BHC.masked_fill_(~valid_BC[:, None, :], float("-inf"))
-        m_BH1 = s_BHC.amax(-1, keepdim=True)
-        p_BHC = (s_BHC - torch.where(torch.isinf(m_BH1), 0.0, m_BH1)).exp_()  # a fully masked chunk weighs 0
-        maxima.append(m_BH1)
-        sums.append(p_BHC.sum(-1, keepdim=True))
-        outs.append(torch.bmm(p_BHC, kv_BCX[..., :value_dim]))
+                kv_BNX.copy_(group[0])
+        whole = n // chunk * chunk  # the span's whole chunks go as one batch, a shorter rest after them
+        for lo, hi, size in ((0, whole, chunk), (whole, n, n - whole)):
+            if hi == lo:
+                continue
+            kv_BPCX = kv_BNX[:, lo:hi].unflatten(1, (-1, size))
+            s_BPHC = torch.matmul(q_B1HX, kv_BPCX.transpose(-1, -2))
+            if key_valid_BK is not None:
+                valid_BPC = key_valid_BK[:, start + lo : start + hi].unflatten(1, (-1, size))
+                s_BPHC.masked_fill_(~valid_BPC[:, :, None, :], float("-inf"))
+            m_BPH1 = s_BPHC.amax(-1, keepdim=True)
+            p_BPHC = (s_BPHC - torch.where(torch.isinf(m_BPH1), 0.0, m_BPH1)).exp_()  # a fully masked chunk weighs 0
+            maxima.append(m_BPH1)
+            sums.append(p_BPHC.sum(-1, keepdim=True))
+            outs.append(torch.matmul(p_BPHC, kv_BPCX[..., :value_dim]))
         start += n
-    if len(outs) == 1:
-        return (outs[0] / sums[0]).to(q_BHX.dtype)
-    m_PBH1 = torch.stack(maxima)
-    w_PBH1 = (m_PBH1 - m_PBH1.amax(0)).exp_()  # the last chunk always holds a seen key, so the maximum is finite
-    o_BHE = (w_PBH1 * torch.stack(outs)).sum(0) / (w_PBH1 * torch.stack(sums)).sum(0)
+    if len(outs) == 1 and outs[0].shape[1] == 1:
+        return (outs[0] / sums[0])[:, 0].to(q_BHX.dtype)
+    m_BPH1 = torch.cat(maxima, 1)
+    w_BPH1 = (m_BPH1 - m_BPH1.amax(1, keepdim=True)).exp_()  # the last chunk always holds a seen key
+    o_BHE = (w_BPH1 * torch.cat(outs, 1)).sum(1) / (w_BPH1 * torch.cat(sums, 1)).sum(1)
     return o_BHE.to(q_BHX.dtype)
 
 
-def _groups(pieces: list[torch.Tensor], chunk: int) -> list[list[torch.Tensor]]:
-    """Consecutive pieces (each at most ``chunk`` tokens) gathered into groups of at most ``chunk`` tokens."""
+def _groups(pieces: list[torch.Tensor], limit: int) -> list[list[torch.Tensor]]:
+    """Consecutive pieces (each at most ``limit`` tokens) gathered into groups of at most ``limit`` tokens."""
     groups: list[list[torch.Tensor]] = [[]]
     filled = 0
     for p in pieces:
-        if filled + p.shape[1] > chunk and groups[-1]:
+        if filled + p.shape[1] > limit and groups[-1]:
             groups.append([])
             filled = 0
         groups[-1].append(p)

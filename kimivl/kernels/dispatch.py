@@ -11,7 +11,7 @@ Layouts are named in suffixes: ``T`` packed tokens, ``B`` batch, ``H`` heads, ``
 - batched causal rows: the fused kernel (on CPU its scores are float32 whatever the input dtype: the inference
   numbers); on CPU inside ``training_attention()``, plain matmuls, 1.3-3x faster forward and backward for short rows.
 - MLA on its compressed cache (``latent_decode_attention``, ``latent_prefill_attention``): on CPU split-K decoding
-  (``kernels.decode``) and prefill in key blocks (``kernels.prefill``), memory bounded by their chunks; on CUDA SDPA
+  (``kernels.decode``) and prefill in key blocks (``kernels.prefill``), memory bounded by span and block; on CUDA SDPA
   over the cache joined into one tensor (its flash / memory-efficient kernels; GPU memory holds the context's keys).
 """
 
@@ -169,14 +169,15 @@ def latent_decode_attention(
     scale: float,
     key_valid_BK: torch.Tensor | None = None,
     chunk: int | None = None,
+    span: int | None = None,
 ) -> torch.Tensor:
     """One query token per row and head over the cached ``[latent | rope key]`` rows (keys all X values, values the
-    first ``value_dim``); arguments as ``kernels.decode.latent_decode_attention`` (``chunk`` is its CPU split).
-    Returns (B, H, value_dim) in ``q``'s dtype."""
+    first ``value_dim``); arguments as ``kernels.decode.latent_decode_attention`` (``chunk`` and ``span`` are its CPU
+    split). Returns (B, H, value_dim) in ``q``'s dtype."""
     if q_BHX.is_cuda:
         return sdpa_decode(q_BHX, blocks_BNX, value_dim, scale=scale, key_valid_BK=key_valid_BK)
     return decode.latent_decode_attention(
-        q_BHX, blocks_BNX, value_dim, scale=scale, key_valid_BK=key_valid_BK, chunk=chunk
+        q_BHX, blocks_BNX, value_dim, scale=scale, key_valid_BK=key_valid_BK, chunk=chunk, span=span
     )
 
 

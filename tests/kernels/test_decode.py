@@ -1,6 +1,6 @@
 """kimivl.kernels.latent_decode_attention: split-K decoding over cached blocks equals one softmax over the whole
 cache (float64 reference), with padding masks and chunks that are fully masked; in bf16 it matches the former path
-(the whole cache widened to float32, one softmax) to bf16 rounding, and its extra memory is bounded by the chunk."""
+(the whole cache widened to float32, one softmax) to bf16 rounding, and its extra memory is bounded by the span."""
 
 import pytest
 import torch
@@ -19,8 +19,9 @@ def reference(q_BHX, kv_BKX, value_dim, scale, valid_BK=None):
     return torch.einsum("bhk,bke->bhe", s_BHK.softmax(-1), kv_BKX[..., :value_dim].double())
 
 
+@pytest.mark.parametrize("span", [None, 16])  # the whole cache widened at once / one chunk of each row at a time
 @pytest.mark.parametrize("chunk", [5, 8, 64])
-def test_split_k_equals_one_softmax_float32(chunk):
+def test_split_k_equals_one_softmax_float32(chunk, span):
     g = torch.Generator().manual_seed(0)
     b, h, x, e = 3, 4, 24, 16
     sizes = [7, 3, 16, 1, 9]  # blocks of uneven sizes: chunks both split blocks and join them
@@ -32,10 +33,10 @@ def test_split_k_equals_one_softmax_float32(chunk):
     valid[1, :20] = False  # a left-padded row: its first chunks hold no seen key at all
     valid[2, :-1] = False  # only its own key is seen
     for mask in (None, valid):
-        out = latent_decode_attention(q, blocks, e, scale=0.3, key_valid_BK=mask, chunk=chunk)
+        out = latent_decode_attention(q, blocks, e, scale=0.3, key_valid_BK=mask, chunk=chunk, span=span)
         assert out.shape == (b, h, e) and out.dtype == torch.float32
         torch.testing.assert_close(out.double(), reference(q, kv, e, 0.3, mask), atol=2e-6, rtol=2e-6)
-    alone = latent_decode_attention(q, blocks, e, scale=0.3, key_valid_BK=valid, chunk=chunk)[2]
+    alone = latent_decode_attention(q, blocks, e, scale=0.3, key_valid_BK=valid, chunk=chunk, span=span)[2]
     torch.testing.assert_close(alone, kv[2, -1, :e].expand(h, e))
 
 
@@ -55,15 +56,16 @@ def test_bf16_cache_matches_the_former_float32_path():
     torch.testing.assert_close(out.double(), reference(q, kv, e, x**-0.5), atol=1e-2, rtol=1e-2)
 
 
-def test_extra_memory_is_bounded_by_the_chunk():
-    b, h, x, e, k, chunk = 1, 8, 576, 512, 16384, 512
+@pytest.mark.parametrize("b", [1, 2])
+def test_extra_memory_is_bounded_by_the_span(b):
+    h, x, e, k, chunk, span = 8, 576, 512, 16384, 512, 2048
     kv = torch.randn(b, k, x).bfloat16()
     q = torch.randn(b, h, x).bfloat16()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        latent_decode_attention(q, [kv[:, :8000], kv[:, 8000:]], e, scale=0.05, chunk=chunk)
+        latent_decode_attention(q, [kv[:, :8000], kv[:, 8000:]], e, scale=0.05, chunk=chunk, span=span)
     largest = max(ev.cpu_memory_usage for ev in prof.events() if ev.cpu_memory_usage > 0)
-    whole = kv.numel() * 4  # what a float32 copy of this cache takes: 37.7 MB
-    assert largest <= 2 * b * chunk * x * 4 < whole / 10
+    whole = kv.numel() * 4  # what a float32 copy of this cache takes: 37.7 MB per row
+    assert largest == span * x * 4 < whole / 4  # the widened span over all rows, the largest allocation
 
 
 def test_bad_blocks_are_named():
