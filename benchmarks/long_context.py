@@ -12,7 +12,9 @@ beside a baseline measured in the same run and, for decode, the memory-bandwidth
   random latents (decode cost does not depend on their values), median of ``--steps``. Baselines: the former step
   (the whole cache widened to float32, one SDPA call) and transformers with its per-head cache (up to
   ``--hf-decode-max``). Roofline: (cache bytes + weight bytes read per step) / the bandwidth of a large tensor copy
-  measured at the start.
+  measured at the start. Compute floor: the weights' read time plus the longer of the cache's read time and its
+  attention FLOPs (MLA's absorbed step: heads x (latent + rope + latent) x 2 per cached token and layer) at the rate
+  of a square bf16 matmul measured at the start, the fastest this CPU multiplies.
 
     python benchmarks/long_context.py [--lengths 1024 4096] [--decode-lengths 1024 8192] [--steps 8] [--threads 1]
 """
@@ -80,6 +82,24 @@ def bandwidth() -> float:
         dst.copy_(src)
         best = min(best, time.perf_counter() - start)
     return 2 * src.nbytes / best
+
+
+def matmul_rate() -> float:
+    """FLOP/s of a 2048 x 2048 bf16 matmul, best of 5."""
+    a, b = torch.randn(2, 2048, 2048).bfloat16()
+    best = float("inf")
+    for _ in range(6):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * 2048**3 / best
+
+
+def attention_flops_per_token(cfg: TextConfig) -> int:
+    """FLOPs of the absorbed decoding step per cached token, all layers: scores over latent + rope, output over the
+    latent, for every head."""
+    width = 2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    return 2 * cfg.num_hidden_layers * cfg.num_attention_heads * width
 
 
 def weight_bytes_per_step(lm) -> int:
@@ -211,17 +231,21 @@ def prefill_table(args, context: int, g: torch.Generator, began: float) -> None:
         print(f"| {n} | " + " | ".join(cells) + " |", flush=True)
 
 
-def decode_table(args, context: int, g: torch.Generator, bw: float) -> None:
+def decode_table(args, context: int, g: torch.Generator, bw: float, rate: float) -> None:
     cfg, lm, ref = bf16_models(args.decode_layers, context, min(args.decode_lengths) <= args.hf_decode_max)
     per_step = weight_bytes_per_step(lm)
     params = sum(p.numel() for p in lm.parameters()) / 1e6
     print(
         f"\ndecode: {args.decode_layers} layers, {params:.0f}M parameters, {per_step / MIB:.0f} MiB of weights read "
-        f"per step; ms/token, median of {args.steps}; roofline = (cache + weights read) / bandwidth",
+        f"per step; ms/token, median of {args.steps}; roofline = (cache + weights read) / bandwidth; compute floor = "
+        "weights read / bandwidth + the longer of cache read and attention FLOPs / bf16 matmul rate",
         flush=True,
     )
-    print("| context | kimivl ms | roofline ms | kimivl / roofline | former ms | transformers ms |")
-    print("|---|---|---|---|---|---|", flush=True)
+    print(
+        "| context | kimivl ms | roofline ms | kimivl / roofline | compute floor ms | kimivl / floor | former ms "
+        "| transformers ms |"
+    )
+    print("|---|---|---|---|---|---|---|---|", flush=True)
     ms = {}
     for n in sorted(args.decode_lengths):
         ms[n] = time_decode(lm, n, args.steps, g)
@@ -231,9 +255,15 @@ def decode_table(args, context: int, g: torch.Generator, bw: float) -> None:
         finally:
             mla.latent_decode_attention = patched
         hf = time_hf_decode(ref, n, args.steps, g) if ref is not None and n <= args.hf_decode_max else None
-        roof = 1000 * (per_step + MLACache.bytes_per_token(cfg) * n) / bw
+        cache_read = MLACache.bytes_per_token(cfg) * n / bw
+        roof = 1000 * (per_step / bw + cache_read)
+        floor = 1000 * (per_step / bw + max(cache_read, attention_flops_per_token(cfg) * n / rate))
         hf_cell = f"{hf:.1f}" if hf is not None else "-"
-        print(f"| {n} | {ms[n]:.1f} | {roof:.1f} | {ms[n] / roof:.2f} | {former:.1f} | {hf_cell} |", flush=True)
+        print(
+            f"| {n} | {ms[n]:.1f} | {roof:.1f} | {ms[n] / roof:.2f} | {floor:.1f} | {ms[n] / floor:.2f} | "
+            f"{former:.1f} | {hf_cell} |",
+            flush=True,
+        )
     if 1024 in ms and 32768 in ms:
         print(f"decode at 32K / at 1K: {ms[32768] / ms[1024]:.2f}x (target <= 3x)", flush=True)
 
@@ -256,15 +286,16 @@ def main() -> None:
     began = time.perf_counter()
     g = torch.Generator().manual_seed(0)
     context = max([*args.lengths, *args.decode_lengths, 1024]) + args.steps + 8
-    bw = bandwidth()
+    bw, rate = bandwidth(), matmul_rate()
     print(
-        f"memory bandwidth (256 MiB copy): {bw / 1e9:.1f} GB/s; {torch.get_num_threads()} threads; load average "
+        f"memory bandwidth (256 MiB copy): {bw / 1e9:.1f} GB/s; bf16 matmul {rate / 1e9:.0f} GFLOP/s; "
+        f"{torch.get_num_threads()} threads; load average "
         f"{os.getloadavg()[0]:.1f}; hidden 1024, 8 heads of 64 + 32 (values 64), latent 256, 64 experts of 256 "
         "top-6 + 2 shared, vocab 8192, bf16",
         flush=True,
     )
     if args.decode_lengths:
-        decode_table(args, context, g, bw)
+        decode_table(args, context, g, bw, rate)
     fresh()
     if args.lengths:
         prefill_table(args, context, g, began)
