@@ -49,9 +49,6 @@ def latent_decode_attention(
         raise ValueError(
             f"key_valid_BK must be ({b}, {total}) for {total} cached tokens, got {tuple(key_valid_BK.shape)}"
         )
-    if key_valid_BK is not None:
-        key_valid_BK = key_valid_BK.clone()
-        key_valid_BK[:, -1] = True
     q_B1HX = (q_BHX.float() * scale)[:, None]
     buf_BSX = None
     maxima, sums, outs = [], [], []
@@ -61,8 +58,8 @@ def latent_decode_attention(
         if len(group) == 1 and group[0].dtype == torch.float32:
             kv_BNX = group[0]
         else:
-            if buf_BSX is None:
-                buf_BSX = torch.empty(b, per_row, x, dtype=torch.float32, device=q_BHX.device)
+            if buf_BSX is None:  # no larger than the context: a short one allocates little per step
+                buf_BSX = torch.empty(b, min(per_row, total), x, dtype=torch.float32, device=q_BHX.device)
             kv_BNX = buf_BSX[:, :n]
             if len(group) > 1:
                 torch.cat(group, dim=1, out=kv_BNX)
@@ -72,16 +69,20 @@ def latent_decode_attention(
         for lo, hi, size in ((0, whole, chunk), (whole, n, n - whole)):
             if hi == lo:
                 continue
-            kv_BPCX = kv_BNX[:, lo:hi].unflatten(1, (-1, size))
-            s_BPHC = torch.matmul(q_B1HX, kv_BPCX.transpose(-1, -2))
+            n_chunks = (hi - lo) // size  # batched as (rows x chunks) matmuls: a view of the buffer
+            kv_NCX = kv_BNX[:, lo:hi].reshape(b * n_chunks, size, x)
+            s_NHC = torch.bmm(q_B1HX.expand(b, n_chunks, h, x).reshape(-1, h, x), kv_NCX.transpose(1, 2))
             if key_valid_BK is not None:
-                valid_BPC = key_valid_BK[:, start + lo : start + hi].unflatten(1, (-1, size))
-                s_BPHC.masked_fill_(~valid_BPC[:, :, None, :], float("-inf"))
-            m_BPH1 = s_BPHC.amax(-1, keepdim=True)
-            p_BPHC = (s_BPHC - torch.where(torch.isinf(m_BPH1), 0.0, m_BPH1)).exp_()  # a fully masked chunk weighs 0
-            maxima.append(m_BPH1)
-            sums.append(p_BPHC.sum(-1, keepdim=True))
-            outs.append(torch.matmul(p_BPHC, kv_BPCX[..., :value_dim]))
+                valid_BC = key_valid_BK[:, start + lo : start + hi]
+                if start + hi == total:  # the query's own key, the last, is always seen
+                    valid_BC = valid_BC.clone()
+                    valid_BC[:, -1] = True
+                s_NHC.masked_fill_(~valid_BC.reshape(-1, 1, size), float("-inf"))
+            m_NH1 = s_NHC.amax(-1, keepdim=True)
+            p_NHC = (s_NHC - torch.where(torch.isinf(m_NH1), 0.0, m_NH1)).exp_()  # a fully masked chunk weighs 0
+            maxima.append(m_NH1.view(b, n_chunks, h, 1))
+            sums.append(p_NHC.sum(-1, keepdim=True).view(b, n_chunks, h, 1))
+            outs.append(torch.bmm(p_NHC, kv_NCX[..., :value_dim]).view(b, n_chunks, h, value_dim))
         start += n
     if len(outs) == 1 and outs[0].shape[1] == 1:
         return (outs[0] / sums[0])[:, 0].to(q_BHX.dtype)

@@ -2,8 +2,9 @@
 
 Grouped matmuls are not autocast ops, so autocast is followed by hand. On CPU each expert's rows are padded to a
 multiple of ``CPU_GROUP_ROWS``: the CPU kernel prepares one plan per distinct group size, which costs more than the
-multiply itself when sizes change every batch; rounded sizes recur. Few tokens without gradients (decoding steps,
-short prompts) skip that padding on CPU: one pair of matmuls per chosen expert, up to ``CPU_LOOP_PICKS`` picks.
+multiply itself when sizes change every batch; rounded sizes recur. Without gradients, when the tokens pick no more
+experts than there are (a decoding step of a few rows), padding would multiply mostly zeros: CPU inference then runs
+one pair of matmuls per chosen expert instead (a 1-token step of 64 experts of 256, top-6: 0.9 ms against 2.7).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import torch
 import torch.nn.functional as F
 
 CPU_GROUP_ROWS = 32
-CPU_LOOP_PICKS = 512  # (token, expert) picks up to which CPU inference runs one matmul pair per chosen expert
 
 
 def grouped_swiglu(
@@ -27,7 +27,7 @@ def grouped_swiglu(
     token, weight = order // k, w_TK.reshape(-1)[order]
     device = x_TD.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x_TD.dtype
-    if not x_TD.is_cuda and not torch.is_grad_enabled() and t * k <= CPU_LOOP_PICKS:
+    if not x_TD.is_cuda and not torch.is_grad_enabled() and t * k <= len(counts):
         x_ND = x_TD.index_select(0, token).to(dtype)
         y_ND = torch.empty_like(x_ND)
         start = 0

@@ -5,7 +5,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kimivl.kernels import grouped_mm
 from kimivl.kernels.grouped_mm import CPU_GROUP_ROWS, _pad_groups, grouped_swiglu
 
 
@@ -43,29 +42,28 @@ def test_grouped_swiglu_follows_autocast_and_returns_the_input_dtype():
 
 
 @pytest.mark.parametrize("bf16", [False, True])
-def test_few_tokens_without_gradients_take_one_matmul_pair_per_expert(monkeypatch, bf16):
-    """CPU inference with at most ``CPU_LOOP_PICKS`` picks skips the grouped kernel; it gives what the grouped path
-    gives (float32 to rounding, under bf16 autocast to bf16 rounding), with an expert no token chose."""
+def test_few_picks_without_gradients_take_one_matmul_pair_per_expert(monkeypatch, bf16):
+    """CPU inference whose tokens pick at most as many experts as there are skips the grouped kernel; it gives what
+    the grouped path gives (float32 to rounding, under bf16 autocast to bf16 rounding). More picks, or gradients on,
+    take the grouped kernel."""
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(12, 16, generator=g)
-    idx = torch.randint(0, 4, (12, 2), generator=g)
-    idx[idx == 2] = 4  # expert 2 of 5 gets no token
-    w = torch.rand(12, 2, generator=g)
+    x = torch.randn(3, 16, generator=g)
+    idx = torch.tensor([[0, 4], [4, 1], [3, 0]])  # 6 picks of 5 experts; expert 2 gets no token
+    w = torch.rand(3, 2, generator=g)
     gate_up, down = torch.randn(5, 2 * 8, 16, generator=g) / 4, torch.randn(5, 16, 8, generator=g) / 3
     calls = []
     real = torch._grouped_mm
     monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
 
-    def run(grad: bool) -> torch.Tensor:
+    def run(rows: int, grad: bool) -> torch.Tensor:
         with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            return grouped_swiglu(x, idx, w, gate_up, down)
+            return grouped_swiglu(x[:rows], idx[:rows], w[:rows], gate_up, down)
 
-    per_expert = run(False)
+    per_expert = run(2, grad=False)  # 4 picks
     assert not calls and per_expert.dtype == torch.float32
-    grouped = run(True)
+    grouped = run(2, grad=True)
     assert len(calls) == 2
-    monkeypatch.setattr(grouped_mm, "CPU_LOOP_PICKS", 23)  # 24 picks: the grouped kernel, gradients or not
-    torch.testing.assert_close(run(False), grouped, rtol=0, atol=0)
-    assert len(calls) == 4
     tol = dict(rtol=2e-2, atol=2e-2) if bf16 else dict(rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(per_expert, grouped, **tol)
+    torch.testing.assert_close(run(3, grad=False), run(3, grad=True), rtol=0, atol=0)  # 6 picks: grouped, both
+    assert len(calls) == 6
