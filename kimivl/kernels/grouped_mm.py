@@ -2,9 +2,7 @@
 
 Grouped matmuls are not autocast ops, so autocast is followed by hand. On CPU each expert's rows are padded to a
 multiple of ``CPU_GROUP_ROWS``: the CPU kernel prepares one plan per distinct group size, which costs more than the
-multiply itself when sizes change every batch; rounded sizes recur. Without gradients, when the tokens pick no more
-experts than there are (a decoding step of a few rows), padding would multiply mostly zeros: CPU inference then runs
-one pair of matmuls per chosen expert instead (a 1-token step of 64 experts of 256, top-6: 0.9 ms against 2.7).
+multiply itself when sizes change every batch; rounded sizes recur.
 """
 
 from __future__ import annotations
@@ -25,37 +23,20 @@ def grouped_swiglu(
     order = flat_idx.argsort(stable=True)
     counts = torch.bincount(flat_idx, minlength=gate_up_E2ID.shape[0])
     token, weight = order // k, w_TK.reshape(-1)[order]
-    device = x_TD.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x_TD.dtype
-    if not x_TD.is_cuda and not torch.is_grad_enabled() and t * k <= len(counts):
-        x_ND = x_TD.index_select(0, token).to(dtype)
-        y_ND = torch.empty_like(x_ND)
-        start = 0
-        for e, n in enumerate(counts.tolist()):
-            if n:
-                rows = slice(start, start + n)
-                y_ND[rows] = _swiglu(x_ND[rows], weight[rows], gate_up_E2ID[e].to(dtype).T, down_EDI[e].to(dtype).T)
-                start += n
-        return torch.zeros_like(x_TD).index_add_(0, token, y_ND.to(x_TD.dtype))
     source = x_TD
     if not x_TD.is_cuda:
         counts, token, weight = _pad_groups(counts, token, weight, flat_idx[order], t)
         source = F.pad(x_TD, (0, 0, 0, 1))  # row t: zeros, for the padding slots
     offsets = counts.cumsum(0).to(torch.int32)
+    device = x_TD.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x_TD.dtype
     x_ND = source.index_select(0, token).to(dtype)
-
-    def grouped(a, w):
-        return torch._grouped_mm(a, w, offs=offsets)
-
-    y_ND = _swiglu(x_ND, weight, gate_up_E2ID.to(dtype).transpose(1, 2), down_EDI.to(dtype).transpose(1, 2), grouped)
-    return torch.zeros_like(source).index_add_(0, token, y_ND.to(x_TD.dtype))[:t]
-
-
-def _swiglu(x_ND, weight_N, gate_up_DI2, down_ID, mm=torch.matmul):
-    """down(silu(gate(x)) * up(x) * weight) for rows ``x_ND``, the weights given input-major, multiplied by ``mm``."""
-    gate, up = mm(x_ND, gate_up_DI2).chunk(2, dim=-1)
+    gate_up_N2I = torch._grouped_mm(x_ND, gate_up_E2ID.to(dtype).transpose(1, 2), offs=offsets)
+    gate, up = gate_up_N2I.chunk(2, dim=-1)
     # the routing weight scales the hidden activation (down_proj is linear): no full-width float32 copy
-    return mm(F.silu(gate) * up * weight_N[:, None].to(x_ND.dtype), down_ID)
+    h_NI = F.silu(gate) * up * weight[:, None].to(dtype)
+    y_ND = torch._grouped_mm(h_NI, down_EDI.to(dtype).transpose(1, 2), offs=offsets)
+    return torch.zeros_like(source).index_add_(0, token, y_ND.to(x_TD.dtype))[:t]
 
 
 def _pad_groups(counts, token, weight, expert, t):
