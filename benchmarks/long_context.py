@@ -72,27 +72,28 @@ def bench_config(layers: int, context: int) -> TextConfig:
     )
 
 
+def best_seconds(fn, repeats: int = 5) -> float:
+    """The shortest of ``repeats`` timed calls of ``fn``."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def bandwidth() -> float:
     """Bytes/s of a 256 MiB float32 copy (read + write), best of 5."""
     src = torch.randn(64 * MIB)
     dst = torch.empty_like(src)
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - start)
-    return 2 * src.nbytes / best
+    return 2 * src.nbytes / best_seconds(lambda: dst.copy_(src))
 
 
 def matmul_rate() -> float:
-    """FLOP/s of a 2048 x 2048 bf16 matmul, best of 5."""
+    """FLOP/s of a 2048 x 2048 bf16 matmul, best of 5 after a warm-up."""
     a, b = torch.randn(2, 2048, 2048).bfloat16()
-    best = float("inf")
-    for _ in range(6):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * 2048**3 / best
+    a @ b
+    return 2 * 2048**3 / best_seconds(lambda: a @ b)
 
 
 def attention_flops_per_token(cfg: TextConfig) -> int:
