@@ -68,6 +68,16 @@ def test_extra_memory_is_bounded_by_the_span(b):
     assert largest == span * x * 4 < whole / 4  # the widened span over all rows, the largest allocation
 
 
+def test_a_short_context_widens_no_more_than_itself():
+    """A context shorter than the span (a serving step) allocates its own size, not the span's, every step."""
+    h, x, e, k = 4, 96, 64, 300
+    kv = torch.randn(1, k, x).bfloat16()
+    q = torch.randn(1, h, x).bfloat16()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        latent_decode_attention(q, [kv[:, :256], kv[:, 256:]], e, scale=0.1)
+    assert max(ev.cpu_memory_usage for ev in prof.events() if ev.cpu_memory_usage > 0) == k * x * 4
+
+
 def test_bad_blocks_are_named():
     q = torch.randn(1, 2, 8)
     with pytest.raises(ValueError, match="at least one token"):
