@@ -1,8 +1,9 @@
 """Routed experts as two grouped matmuls over the tokens sorted by expert (``torch._grouped_mm``), on any device.
 
 Grouped matmuls are not autocast ops, so autocast is followed by hand. On CPU each expert's rows are padded to a
-multiple of ``CPU_GROUP_ROWS``: the CPU kernel prepares one plan per distinct group size, which costs more than the
-multiply itself when sizes change every batch; rounded sizes recur.
+power of two below ``CPU_GROUP_ROWS`` and to a multiple of it above: the CPU kernel prepares one plan per distinct
+group size, which costs more than the multiply itself when sizes change every batch; rounded sizes recur, and a
+decoding step's one or few rows per expert are not padded to 32.
 """
 
 from __future__ import annotations
@@ -40,9 +41,11 @@ def grouped_swiglu(
 
 
 def _pad_groups(counts, token, weight, expert, t):
-    """Each expert's run of rows padded (with token ``t``, a zero row, and weight 0) to a multiple of
-    ``CPU_GROUP_ROWS``; the padding rows contribute nothing."""
-    padded = (counts + CPU_GROUP_ROWS - 1) // CPU_GROUP_ROWS * CPU_GROUP_ROWS
+    """Each expert's run of rows padded (with token ``t``, a zero row, and weight 0) to the next power of two up to
+    ``CPU_GROUP_ROWS``, beyond it to a multiple of ``CPU_GROUP_ROWS``; the padding rows contribute nothing."""
+    power = torch.where(counts > 1, 2 ** torch.log2(counts.clamp(min=1)).ceil().long(), counts)
+    whole = (counts + CPU_GROUP_ROWS - 1) // CPU_GROUP_ROWS * CPU_GROUP_ROWS
+    padded = torch.where(counts > CPU_GROUP_ROWS, whole, power)
     rank = torch.arange(len(token), device=token.device) - (counts.cumsum(0) - counts)[expert]
     slot = (padded.cumsum(0) - padded)[expert] + rank
     total = int(padded.sum())

@@ -19,10 +19,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from kimivl.inference.sampling import MIN_TEMPERATURE, SamplingParams
-from kimivl.processing.chat_template import parse_thinking
 from kimivl.serve.engine import Engine, QueueFull
 from kimivl.serve.engine import Request as EngineRequest
-from kimivl.serve.reasoning import ThinkSplitter
+from kimivl.serve.reasoning import ThinkSplitter, split_reasoning
 from kimivl.serve.schema import ChatRequest, Limits, RequestError, parse_chat_request
 
 log = logging.getLogger(__name__)
@@ -226,7 +225,7 @@ async def _collect(job: EngineRequest, queue: asyncio.Queue, reply: _Reply):
             reply.finish[event[1]], reply.tokens[event[1]] = event[2], event[3]
     choices = []
     for i, text in enumerate(reply.texts):
-        reasoning, answer = parse_thinking(text)
+        reasoning, answer = split_reasoning(text)
         message = {"role": "assistant", "content": answer}
         if reasoning is not None:
             message["reasoning_content"] = reasoning

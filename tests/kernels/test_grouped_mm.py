@@ -7,15 +7,21 @@ from kimivl.kernels.grouped_mm import CPU_GROUP_ROWS, _pad_groups, grouped_swigl
 
 
 def test_pad_groups_rounds_each_expert_up_with_empty_rows():
-    counts = torch.tensor([3, 0, 33])
-    expert = torch.tensor([0] * 3 + [2] * 33)
-    token = torch.arange(36)
-    weight = torch.ones(36)
+    """Small groups go up to a power of two (a decoding step's single rows stay single), larger ones to a multiple
+    of CPU_GROUP_ROWS; padding slots take the zero row ``t`` with weight 0 after each expert's own rows."""
+    assert CPU_GROUP_ROWS == 32
+    counts = torch.tensor([3, 0, 33, 1, 17, 32])
+    expert = torch.repeat_interleave(torch.arange(6), counts)
+    token = torch.arange(86)
+    weight = torch.ones(86)
     padded, token_p, weight_p = _pad_groups(counts, token, weight, expert, t=99)
-    assert padded.tolist() == [CPU_GROUP_ROWS, 0, 2 * CPU_GROUP_ROWS]
-    assert token_p[:3].tolist() == [0, 1, 2] and set(token_p[3:CPU_GROUP_ROWS].tolist()) == {99}
-    assert token_p[CPU_GROUP_ROWS : CPU_GROUP_ROWS + 33].tolist() == list(range(3, 36))
-    assert weight_p.sum() == 36 and (weight_p[token_p == 99] == 0).all()
+    assert padded.tolist() == [4, 0, 64, 1, 32, 32]
+    assert token_p[:4].tolist() == [0, 1, 2, 99]
+    assert token_p[4:68].tolist() == list(range(3, 36)) + [99] * 31
+    assert token_p[68:69].tolist() == [36]
+    assert token_p[69:101].tolist() == list(range(37, 54)) + [99] * 15
+    assert token_p[101:].tolist() == list(range(54, 86))
+    assert weight_p.sum() == 86 and (weight_p[token_p == 99] == 0).all()
 
 
 def test_grouped_swiglu_follows_autocast_and_returns_the_input_dtype():
@@ -37,3 +43,20 @@ def test_grouped_swiglu_follows_autocast_and_returns_the_input_dtype():
             gate, up = (gate_up[e] @ x[t]).chunk(2)
             expected[t] += weight * (down[e] @ (F.silu(gate) * up))
     torch.testing.assert_close(want, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_grouped_swiglu_with_few_rows_per_expert_matches_a_per_token_loop():
+    """Decode-sized batches (one to five tokens over 16 experts: groups of 1-3 rows, padded to 1, 2 or 4)."""
+    g = torch.Generator().manual_seed(1)
+    gate_up, down = torch.randn(16, 2 * 8, 16, generator=g) / 4, torch.randn(16, 16, 8, generator=g) / 3
+    for tokens in (1, 2, 5):
+        x = torch.randn(tokens, 16, generator=g)
+        idx = torch.stack([torch.randperm(16, generator=g)[:4] for _ in range(tokens)])
+        idx[:, 0] = 3  # one expert chosen by every token
+        w = torch.rand(tokens, 4, generator=g)
+        expected = torch.zeros_like(x)
+        for t in range(tokens):
+            for e, weight in zip(idx[t].tolist(), w[t]):
+                gate, up = (gate_up[e] @ x[t]).chunk(2)
+                expected[t] += weight * (down[e] @ (F.silu(gate) * up))
+        torch.testing.assert_close(grouped_swiglu(x, idx, w, gate_up, down), expected, rtol=1e-4, atol=1e-5)

@@ -1,4 +1,4 @@
-"""The streamed reasoning/answer split joins to what ``parse_thinking`` gives for the whole text."""
+"""The server's reasoning/answer split: what it gives for whole outputs, and streamed pieces joining to it."""
 
 from __future__ import annotations
 
@@ -6,25 +6,31 @@ import random
 
 import pytest
 
-from kimivl.processing.chat_template import parse_thinking
-from kimivl.serve.reasoning import ThinkSplitter
+from kimivl.serve.reasoning import ThinkSplitter, split_reasoning
 
-TEXTS = [
-    "◁think▷ 6 + 9 = 15.\nThe answer is 15. ◁/think▷ 15 ",
-    " plain answer\n",
-    "◁think▷\nunclosed thought ",
-    "◁thi",
-    "",
-    "  ◁think▷◁/think▷\n\nx y  z\n",
-    "◁think▷a◁/thi",
-    "◁think▷ ◁ not a marker ◁/think▷◁/think▷",
+CASES = [
+    ("◁think▷ 6 + 9 = 15.\nThe answer is 15. ◁/think▷ 15 ", ("6 + 9 = 15.\nThe answer is 15.", "15 ")),
+    (" plain answer\n", (None, " plain answer\n")),  # no thought: the text unchanged, as generate returns it
+    ("◁think▷\nunclosed thought ", ("unclosed thought", "")),
+    ("◁thi", (None, "◁thi")),
+    ("", (None, "")),
+    ("  ◁think▷◁/think▷\n\nx y  z\n", ("", "x y  z\n")),
+    ("◁think▷a◁/thi", ("a◁/thi", "")),
+    ("◁think▷ ◁ not a marker ◁/think▷◁/think▷", ("◁ not a marker", "◁/think▷")),
+    ("2 ◁/think▷ 3", (None, "2 ◁/think▷ 3")),  # a close without an opening thought is answer text
+    ("x ◁think▷ y ◁/think▷ z", (None, "x ◁think▷ y ◁/think▷ z")),  # so is a thought that does not open it
 ]
 
 
-@pytest.mark.parametrize("text", TEXTS)
-def test_any_split_into_pieces_joins_to_parse_thinking(text):
+@pytest.mark.parametrize(("text", "expected"), CASES)
+def test_whole_outputs_split_as_documented(text, expected):
+    assert split_reasoning(text) == expected
+
+
+@pytest.mark.parametrize(("text", "expected"), CASES)
+def test_any_split_into_pieces_joins_to_the_whole_split(text, expected):
     rng = random.Random(0)
-    reasoning, answer = parse_thinking(text)
+    reasoning, answer = expected
     for _ in range(200):
         cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, rng.randint(0, 6))))
         pieces = [text[i:j] for i, j in zip([0] + cuts, cuts + [len(text)])]
@@ -40,4 +46,7 @@ def test_text_is_sent_as_soon_as_it_cannot_be_a_marker():
     assert splitter.feed("◁thi") == ("", "")
     assert splitter.feed("nk▷I reason ◁/") == ("I reason", "")
     assert splitter.feed("think▷ The") == ("", "The")
-    assert splitter.feed(" answer") == ("", " answer")
+    assert splitter.feed(" answer ") == ("", " answer ")
+    plain = ThinkSplitter()
+    assert plain.feed(" ") == ("", "")
+    assert plain.feed("4\n") == ("", " 4\n")

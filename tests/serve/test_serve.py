@@ -19,7 +19,7 @@ from PIL import Image
 
 from kimivl.inference.chat import generate
 from kimivl.inference.sampling import SamplingParams
-from kimivl.processing.chat_template import parse_thinking
+from kimivl.serve.reasoning import split_reasoning
 from kimivl.serve.engine import Request as EngineRequest
 from kimivl.serve.schema import Limits
 
@@ -57,7 +57,7 @@ def test_answers_with_images_streamed_and_usage_match_generate(tiny):
     for api, local in _questions("caption", 2) + _questions("ocr", 1):
         expected = generate(engine.model, engine.processor, local, max_new_tokens=24, temperature=0.0)
         r = client.chat.completions.create(model="kimivl-tiny", messages=api, temperature=0, max_tokens=24)
-        assert r.choices[0].message.content == expected.strip() and r.choices[0].message.content
+        assert r.choices[0].message.content == expected and expected.strip()
         assert r.usage.prompt_tokens == len(engine.processor.encode(local).input_ids)
         assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens > r.usage.prompt_tokens
         stream = client.chat.completions.create(
@@ -85,7 +85,7 @@ def test_several_choices_stop_strings_and_length(tiny):
     cut = client.chat.completions.create(
         model="kimivl-tiny", messages=api, temperature=0, max_tokens=40, stop=answer[2:4]
     )
-    assert cut.choices[0].message.content == answer[:2].strip() and cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].message.content == answer[:2] and cut.choices[0].finish_reason == "stop"
     short = client.chat.completions.create(model="kimivl-tiny", messages=api, temperature=0, max_tokens=2)
     assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 2
     two = client.chat.completions.create(model="kimivl-tiny", messages=api, temperature=0, max_tokens=40, n=2)
@@ -347,7 +347,7 @@ def test_video_as_a_list_of_frames_equals_generate_on_the_frames(tiny):
                 temperature=0,
                 max_tokens=16,
             )
-            assert r.choices[0].message.content == expected.strip() and expected.strip()
+            assert r.choices[0].message.content == expected and expected.strip()
             assert r.usage.prompt_tokens == len(engine.processor.encode(local).input_ids)
     clip = _mp4([(200, 40, 40)] * 10 + [(40, 40, 200)] * 10)  # 2 s at 10 fps: red, then blue
     local = [{"role": "user", "content": [{"type": "video", "video": clip}, {"type": "text", "text": "What colour?"}]}]
@@ -359,7 +359,7 @@ def test_video_as_a_list_of_frames_equals_generate_on_the_frames(tiny):
         temperature=0,
         max_tokens=16,
     )
-    assert r.choices[0].message.content == expected.strip()
+    assert r.choices[0].message.content == expected
     assert r.usage.prompt_tokens == len(engine.processor.encode(local).input_ids)  # sampled as generate does
     good = {"model": "kimivl-tiny", "max_tokens": 3}
     for part, words in [
@@ -380,7 +380,7 @@ def test_a_thinking_model_splits_reasoning_from_the_answer():
         client = _client(url)
         api, local = _questions("reasoning", 1)[0]
         expected = generate(engine.model, engine.processor, local, max_new_tokens=160, temperature=0.0)
-        reasoning, answer = parse_thinking(expected)
+        reasoning, answer = split_reasoning(expected)
         assert reasoning, "the thinking model is expected to think on a reasoning question"
         r = client.chat.completions.create(model="kimivl-tiny-thinking", messages=api, temperature=0, max_tokens=160)
         message = r.choices[0].message
