@@ -79,7 +79,7 @@ def sample_next(
         kth = logits_BV.topk(min(params.top_k, logits_BV.shape[-1]), dim=-1).values[:, -1:]
         logits_BV = logits_BV.masked_fill(logits_BV < kth, float("-inf"))
     if params.top_p < 1:
-        sorted_BV, order_BV = logits_BV.sort(dim=-1, descending=True)
+        sorted_BV, order_BV = logits_BV.sort(dim=-1, descending=True, stable=True)  # ties: lowest id first, as argmax
         probs_BV = sorted_BV.softmax(-1)
         # drop a token when the mass before it already reaches top_p (the top token always stays)
         drop_BV = probs_BV.cumsum(-1) - probs_BV >= params.top_p

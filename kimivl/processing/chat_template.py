@@ -3,7 +3,8 @@
 Messages are dicts ``{"role": "system"|"user"|"assistant", "content": str | list[part]}``. A part is
 ``{"type": "text", "text": str}``, ``{"type": "image", "image": <path | bytes | PIL image | array>}`` (``"image_url"``
 or ``"url"`` are accepted in place of ``"image"``), or ``{"type": "video", "video": <path | bytes | file>,
-"fps": 1.0, "max_frames": 64}`` which is decoded and written as timestamped frames (see ``kimivl.processing.video``),
+"fps": 1.0, "max_frames": 64, "max_decoded": None}`` which is decoded and written as timestamped frames (see
+``kimivl.processing.video``),
 or ``{"type": "video", "frames": [images], "timestamps": [seconds]}`` for frames sampled beforehand.
 """
 
@@ -66,7 +67,10 @@ def _video_parts(part: dict, where: str) -> list[dict]:
     if part.get("video") is None:
         raise MessageError(f"{where}: video part has no 'video' (a file) or 'frames' (a list of images)")
     frames, times = load_video(
-        part["video"], fps=part.get("fps", DEFAULT_FPS), max_frames=part.get("max_frames", DEFAULT_MAX_FRAMES)
+        part["video"],
+        fps=part.get("fps", DEFAULT_FPS),
+        max_frames=part.get("max_frames", DEFAULT_MAX_FRAMES),
+        max_decoded=part.get("max_decoded"),
     )
     return frames_to_parts(frames, times)
 

@@ -5,8 +5,9 @@ A video enters the chat as its sampled frames, each an ordinary image preceded b
     00:00.0<|media_start|>image<|media_content|><|media_pad|><|media_end|>00:01.0<|media_start|>image...
 
 Timestamps are ``MM:SS.d`` (minutes, seconds, tenths), with an ``H:`` prefix from one hour on (``1:02:03.5``); they
-must be finite and non-negative. Decoded frames larger than ``max_pixels`` are scaled down as they are decoded (the
-image processor shrinks them to its patch budget anyway), so a video of huge frames holds small ones in memory.
+must be finite, non-negative and under ``MAX_TIMESTAMP`` (a hundred hours). Decoded frames larger than
+``max_pixels`` are scaled down as they are decoded (the image processor shrinks them to its patch budget anyway), so a
+video of huge frames holds small ones in memory.
 ``frames_to_parts`` builds these content parts; ``apply_chat_template`` does it for ``{"type": "video"}`` parts.
 """
 
@@ -24,6 +25,7 @@ from PIL import Image
 DEFAULT_FPS = 1.0
 DEFAULT_MAX_FRAMES = 64
 DEFAULT_MAX_PIXELS = 1 << 20  # per kept frame; above the image processor's default budget (4096 patches of 14x14)
+MAX_TIMESTAMP = 360_000.0  # seconds
 
 
 class VideoError(ValueError):
@@ -47,8 +49,11 @@ def frames_to_parts(frames: list, timestamps: list[float]) -> list[dict]:
     if len(frames) != len(timestamps):
         raise VideoError(f"{len(frames)} frames but {len(timestamps)} timestamps")
     for i, t in enumerate(timestamps):
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
-            raise VideoError(f"video frame {i} has timestamp {t!r}: timestamps must be finite numbers of seconds >= 0")
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or not 0 <= t < MAX_TIMESTAMP:
+            raise VideoError(
+                f"video frame {i} has timestamp {t!r}: timestamps must be finite numbers of seconds >= 0 and under "
+                f"{MAX_TIMESTAMP:.0f}"
+            )
     parts: list[dict] = []
     for frame, t in zip(frames, timestamps):
         parts += [{"type": "text", "text": format_timestamp(t)}, {"type": "image", "image": frame}]
@@ -95,19 +100,24 @@ def load_video(
     fps: float = DEFAULT_FPS,
     max_frames: int = DEFAULT_MAX_FRAMES,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_decoded: int | None = None,
 ) -> tuple[list[Image.Image], list[float]]:
     """Decode ``source`` and sample frames at ``fps``; more than ``max_frames`` samples are thinned uniformly.
 
     The frame for time t is the one on screen at t (the last frame starting at or before t). Returns RGB
     PIL frames, each scaled down to at most ``max_pixels`` as it is decoded, and their times in seconds from the
-    start of the stream (a frame before the start counts as 0). A stream that declares no duration keeps every frame
-    sampled at ``fps`` until the end, then thins them.
+    start of the stream (a frame before the start counts as 0). A stream that declares no duration is sampled at
+    ``fps`` to its end, holding at most ``2 * max_frames`` samples (every other one is dropped, and then every other
+    sample is skipped, whenever they reach that), then thinned. With ``max_decoded``, a video with more frames to
+    decode is a ``VideoError`` (a server's bound on the work one request can ask for).
     """
     import av
 
     _positive(fps, "fps", float)
     _positive(max_frames, "max_frames", int)
     _positive(max_pixels, "max_pixels", int)
+    if max_decoded is not None:
+        _positive(max_decoded, "max_decoded", int)
     name = _describe(source)
     if isinstance(source, (bytes, bytearray)):
         source = io.BytesIO(source)
@@ -135,15 +145,30 @@ def load_video(
         target = next(targets)
         prev = None
 
+        every, sampled, last = 1, 0, None  # unknown duration: keep one sample in `every`
+
         def take(frame, t):
-            if not times or t != times[-1]:
-                size = _fit(frame.width, frame.height, max_pixels)
-                scaled = size != (frame.width, frame.height)
-                frames.append(frame.to_image(width=size[0], height=size[1]) if scaled else frame.to_image())
-                times.append(max(t, 0.0))
+            nonlocal every, sampled, last
+            if max(t, 0.0) == last:  # the frame on screen at the last sampled time too
+                return
+            sampled, last = sampled + 1, max(t, 0.0)
+            if (sampled - 1) % every:
+                return
+            size = _fit(frame.width, frame.height, max_pixels)
+            scaled = size != (frame.width, frame.height)
+            frames.append(frame.to_image(width=size[0], height=size[1]) if scaled else frame.to_image())
+            times.append(max(t, 0.0))
+            if len(frames) == 2 * max_frames:
+                del frames[1::2], times[1::2]
+                every *= 2
 
         try:
             for i, frame in enumerate(container.decode(stream)):
+                if max_decoded is not None and i >= max_decoded:
+                    raise VideoError(
+                        f"video {name} has more than {max_decoded} frames to decode (the limit); send a shorter clip "
+                        "or frames sampled from it"
+                    )
                 t = frame.time - start if frame.time is not None else i / rate
                 if not math.isfinite(t):
                     raise VideoError(f"video {name}: frame {i} has no usable timestamp ({t})")

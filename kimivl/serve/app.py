@@ -17,6 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from kimivl.inference.sampling import MIN_TEMPERATURE, SamplingParams
 from kimivl.serve.engine import Engine, QueueFull
@@ -62,6 +64,12 @@ def create_app(
     app = FastAPI(title="kimivl", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     created = int(time.time())
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):  # unknown routes and methods, OpenAI-shaped
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        what = f"{request.method} {request.url.path}: {e.detail}"
+        return JSONResponse(RequestError(what, status=e.status_code, code=code).body(), e.status_code, e.headers)
+
     @app.middleware("http")
     async def check_key(request: Request, call_next):
         if api_key is not None and request.url.path.startswith("/v1/"):
@@ -103,6 +111,8 @@ def create_app(
                 body = json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise RequestError(f"the request body is not valid JSON: {e}") from None
+            except RecursionError:
+                raise RequestError("the request body is JSON nested too deeply to read") from None
             if isinstance(body, dict) and not isinstance(body.get("model"), str):
                 raise RequestError(f"model is required (a string): this server serves {model_name!r}", "model")
             if isinstance(body, dict) and body["model"] != model_name:
@@ -116,6 +126,8 @@ def create_app(
             encoded = await asyncio.get_running_loop().run_in_executor(encoder, _encode, engine, chat, context)
         except RequestError as e:
             return _error(e)
+        except ClientDisconnect:  # gone while sending its body: nobody to answer
+            return Response(status_code=499)
         queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         job = EngineRequest(

@@ -14,6 +14,7 @@ import binascii
 import io
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +41,7 @@ class Limits:
     max_image_bytes: int = 20 << 20
     max_image_pixels: int = 1 << 24
     max_frames: int = 64  # video frames per request, on top of max_images
+    max_decoded_frames: int = 9000  # frames decoded per data:video URL (5 minutes at 30 fps)
     allowed_local_media_path: str | None = None
 
 
@@ -112,9 +114,13 @@ def _image_bytes(url: Any, where: str, limits: Limits) -> bytes:
             f"{where}: the image is {len(data)} bytes, over the limit of {limits.max_image_bytes}", where
         )
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            w, h = img.size
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:  # the header only
+                w, h = img.size
+    except Image.DecompressionBombError as e:  # Pillow's own guard, far above the limit below
+        raise RequestError(f"{where}: over the limit of {limits.max_image_pixels} pixels: {e}", where) from None
+    except (UnidentifiedImageError, OSError, ValueError):
         raise RequestError(f"{where}: the data is not an image Pillow can read", where) from None
     if w * h > limits.max_image_pixels:
         raise RequestError(
@@ -140,7 +146,13 @@ def _video(part: dict, kind: str, at: str, limits: Limits, n_frames: list[int]) 
             data = base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError):
             raise RequestError(f"{at}: the data: URL's payload is not valid base64", at) from None
-        return {"type": "video", "video": data, "fps": fps, "max_frames": limits.max_frames - n_frames[0] + 1}
+        return {
+            "type": "video",
+            "video": data,
+            "fps": fps,
+            "max_frames": limits.max_frames - n_frames[0] + 1,
+            "max_decoded": limits.max_decoded_frames,
+        }
     if not isinstance(source, list) or not source:
         raise RequestError(
             f"{at}: a {kind} part needs {kind!r}: a non-empty list of frame URLs (data:image/...) or a data:video/ URL",
@@ -185,6 +197,33 @@ def _content(content: Any, where: str, limits: Limits, n_images: list[int], n_fr
     return parts
 
 
+# OpenAI fields this server does not implement, with the values that ask for nothing (accepted and ignored)
+UNSUPPORTED = {
+    "logprobs": (False,),
+    "top_logprobs": (0,),
+    "tools": ([],),
+    "tool_choice": ("none",),
+    "functions": ([],),
+    "function_call": ("none",),
+    "response_format": ({"type": "text"},),
+    "logit_bias": ({},),
+    "frequency_penalty": (0, 0.0),
+    "presence_penalty": (0, 0.0),
+}
+
+
+def _refuse_unsupported(body: dict) -> None:
+    """A 400 for a field that would change the answer in a way this server cannot: never ignored silently."""
+    for name, inert in UNSUPPORTED.items():
+        value = body.get(name)
+        if value is not None and not any(value == v and type(value) is type(v) for v in inert):
+            raise RequestError(
+                f"{name}={value!r} is not supported by this server (it returns plain text from greedy or "
+                "temperature/top-p sampling); leave it out",
+                name,
+            )
+
+
 def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
     """The request ``body`` (decoded JSON) checked against ``limits``; raises ``RequestError``."""
     if not isinstance(body, dict):
@@ -202,9 +241,10 @@ def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
         out.append(
             {"role": m["role"], "content": _content(m["content"], f"{where}.content", limits, n_images, n_frames)}
         )
+    _refuse_unsupported(body)
     max_tokens = _integer(body, "max_completion_tokens", 1, limits.context)
-    if max_tokens is None:
-        max_tokens = _integer(body, "max_tokens", 1, limits.context)
+    legacy = _integer(body, "max_tokens", 1, limits.context)
+    max_tokens = legacy if max_tokens is None else max_tokens
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else ([] if stop is None else stop)
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
@@ -212,7 +252,10 @@ def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
     stream = body.get("stream", False)
     if not isinstance(stream, bool) and stream is not None:
         raise RequestError(f"stream must be true or false, got {stream!r}", "stream")
-    options = body.get("stream_options") or {}
+    options = body.get("stream_options")
+    if options is not None and not stream:
+        raise RequestError("stream_options is only allowed with stream: true", "stream_options")
+    options = options or {}
     if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
         raise RequestError("stream_options must be {'include_usage': true|false}", "stream_options")
     return ChatRequest(

@@ -60,6 +60,10 @@ def test_sampling_is_seeded_and_respects_top_k(tiny_model):
     assert draws == {1, 2}
     draws = {int(sample_next(logits, SamplingParams(temperature=1.0, top_p=0.5), g)) for _ in range(200)}
     assert draws == {1}  # the top token alone holds more than half the mass
+    tied = torch.zeros(1, 4096).index_fill_(1, torch.tensor([300, 2000, 3100]), 9.5625)
+    for seed in range(20):  # a tiny top_p keeps one of tied tops: the one greedy takes, the lowest id
+        g = torch.Generator().manual_seed(seed)
+        assert int(sample_next(tied, SamplingParams(temperature=0.7, top_p=1e-9), g)) == int(tied.argmax()) == 300
 
 
 def test_context_overflow_is_an_error(tiny_model, tiny_config):

@@ -56,7 +56,18 @@ def test_unknown_duration():
     video = make_video(fmt="m4v")  # a raw MPEG-4 stream declares no duration
     frames, times = load_video(video)
     assert times == [0.0, 1.0, 2.0] and levels(frames) == [0, 10, 20]
-    assert load_video(video, fps=4, max_frames=5)[1] == pytest.approx([0, 0.5, 1.0, 1.7, 2.2])
+    # 10 samples at 4 fps reach 2 x max_frames at the last: every other one is dropped
+    assert load_video(video, fps=4, max_frames=5)[1] == pytest.approx([0, 0.5, 1.0, 1.5, 2.0])
+    # every frame sampled: held samples halve at 6 (keeping 0 2 4), 6 again (0 4 8 ...), ... then 4 thinned to 3
+    frames, times = load_video(video, fps=10, max_frames=3)
+    assert times == pytest.approx([0, 1.6, 2.4]) and levels(frames) == [0, 16, 24]
+
+
+def test_a_bound_on_decoded_frames():
+    video = make_video(n=25, rate=5, fmt="m4v")  # 5 s
+    with pytest.raises(VideoError, match="more than 20 frames to decode"):
+        load_video(video, max_decoded=20)
+    assert load_video(video, max_decoded=25)[1] == [0.0, 1.0, 2.0, 3.0, 4.0]
 
 
 def test_libx264():
@@ -97,6 +108,9 @@ def test_timestamps_and_chat_parts(video):
     ]
     frames, times = load_video(video)
     parts = frames_to_parts(frames, times)
+    for bad in (float("inf"), -1, 1e308):
+        with pytest.raises(VideoError, match="timestamps must be finite numbers of seconds >= 0 and under 360000"):
+            frames_to_parts(frames[:1], [bad])
     assert [p["type"] for p in parts] == ["text", "image"] * 3 and parts[2]["text"] == "00:01.0"
     text, media = apply_chat_template(
         [{"role": "user", "content": [{"type": "video", "video": video}, {"type": "text", "text": "What changes?"}]}]
@@ -116,3 +130,5 @@ def test_timestamps_and_chat_parts(video):
         [{"role": "user", "content": [{"type": "video", "video": video, "fps": 2, "max_frames": 2}]}]
     )
     assert len(media) == 2
+    with pytest.raises(VideoError, match="more than 5 frames to decode"):  # a server's bound reaches the decoder
+        apply_chat_template([{"role": "user", "content": [{"type": "video", "video": video, "max_decoded": 5}]}])

@@ -5,10 +5,12 @@ from __future__ import annotations
 import base64
 import io
 import json
+import struct
 import threading
 import time
 import urllib.error
 import urllib.request
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,9 +21,9 @@ from PIL import Image
 
 from kimivl.inference.chat import generate
 from kimivl.inference.sampling import SamplingParams
-from kimivl.serve.reasoning import split_reasoning
 from kimivl.serve.engine import Request as EngineRequest
-from kimivl.serve.schema import Limits
+from kimivl.serve.reasoning import split_reasoning
+from kimivl.serve.schema import Limits, parse_chat_request
 
 HELDOUT = Path(__file__).resolve().parents[2] / "examples" / "heldout"
 
@@ -123,6 +125,16 @@ def _png(w: int, h: int) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def _png_header(w: int, h: int) -> str:
+    """A PNG that declares w x h pixels and holds none (what a decompression bomb's header says)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
 def _image_msg(*urls: str) -> list[dict]:
     parts = [{"type": "image_url", "image_url": {"url": u}} for u in urls]
     return [{"role": "user", "content": parts + [{"type": "text", "text": "What is this?"}]}]
@@ -153,6 +165,14 @@ def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_serving(tiny, tmp_pat
         ({**good, "messages": _image_msg(str(tmp_path / "x.png"))}, 400, "no remote URLs or local paths", "secret-key"),
         ({**good, "max_tokens": 4090}, 400, "over the model's context of 4096", "secret-key"),
         ({**good, "messages": [{"role": "user", "content": "word " * 5000}]}, 400, "context", "secret-key"),
+        ({**good, "messages": _image_msg(_png_header(20000, 20000))}, 400, "over the limit of 16777216", "secret-key"),
+        (b"[" * 100_000, 400, "nested too deeply", "secret-key"),
+        ({**good, "logprobs": True, "top_logprobs": 5}, 400, "logprobs=True is not supported", "secret-key"),
+        ({**good, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools=", "secret-key"),
+        ({**good, "response_format": {"type": "json_object"}}, 400, "response_format=", "secret-key"),
+        ({**good, "frequency_penalty": 0.5}, 400, "frequency_penalty=0.5 is not", "secret-key"),
+        ({**good, "max_completion_tokens": 3, "max_tokens": "bad"}, 400, "max_tokens must be", "secret-key"),
+        ({**good, "stream_options": {"include_usage": True}}, 400, "only allowed with stream", "secret-key"),
         (good, 401, "API key", "wrong-key"),
         (good, 401, "API key", None),
     ]
@@ -161,6 +181,15 @@ def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_serving(tiny, tmp_pat
         assert code == status and words in reply["error"]["message"], body if isinstance(body, bytes) else words
         code, reply = _post(url, good)
         assert code == 200 and reply["choices"][0]["message"]["content"] is not None
+    inert = {"logprobs": False, "tools": [], "tool_choice": "none", "presence_penalty": 0, "logit_bias": {}}
+    assert _post(url, {**good, **inert})[0] == 200  # the values that ask for nothing are accepted
+    for method, path, status in (("POST", "/v1/completions", 404), ("GET", "/v1/chat/completions", 405)):
+        req = urllib.request.Request(url + path, b"{}" if method == "POST" else None, method=method)
+        req.add_header("Authorization", "Bearer secret-key")
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=10)
+        error = json.loads(e.value.read())["error"]
+        assert e.value.code == status and path in error["message"] and error["type"] == "invalid_request_error"
     with pytest.raises(openai.AuthenticationError):
         _client(url, "wrong").chat.completions.create(**good)
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
@@ -363,6 +392,8 @@ def test_video_as_a_list_of_frames_equals_generate_on_the_frames(tiny):
     assert r.usage.prompt_tokens == len(engine.processor.encode(local).input_ids)  # sampled as generate does
     good = {"model": "kimivl-tiny", "max_tokens": 3}
     for part, words in [
+        ({"type": "video", "video": [_png(28, 28)], "timestamps": [1e308]}, "under 360000"),
+        ({"type": "video", "video": [_png(28, 28)] * 2, "fps": 1e-308}, "under 360000"),
         ({"type": "video", "video": []}, "non-empty list of frame URLs"),
         ({"type": "video", "video": [_png(28, 28)] * 65}, "more than 64 video frames"),
         ({"type": "video", "video": ["https://example.com/a.png"]}, "no remote URLs"),
@@ -473,3 +504,11 @@ def test_kimivl_serve_runs_uvicorn_on_loopback_with_the_app(monkeypatch):
     ((app, kw),) = calls
     assert kw["host"] == "127.0.0.1" and kw["port"] == 8123
     assert {r.path for r in app.routes} >= {"/v1/chat/completions", "/v1/models", "/health", "/metrics"}
+
+
+def test_a_data_video_carries_the_servers_bound_on_decoded_frames():
+    clip = "data:video/mp4;base64," + base64.b64encode(_mp4([(200, 40, 40)] * 10)).decode()
+    body = {"messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": clip}}]}]}
+    chat = parse_chat_request(body, Limits(context=4096, max_batch=2, max_decoded_frames=5))
+    assert chat.messages[0]["content"][0]["max_decoded"] == 5
+    assert Limits(context=4096, max_batch=2).max_decoded_frames == 9000
