@@ -12,6 +12,7 @@ from kimivl.precision import cpu_bf16_slowdown, fast_bf16, load_dtype, use_bf16
 
 def slow_cpu(monkeypatch, slowdown=100.0, memory=64 << 30):
     monkeypatch.setattr(precision, "cpu_bf16_slowdown", lambda: slowdown)
+    monkeypatch.setattr(precision, "cpu_native_bf16", lambda: False)
     monkeypatch.setattr(precision, "physical_memory", lambda: memory)
 
 
@@ -26,6 +27,29 @@ def test_the_slowdown_is_the_ratio_of_matmul_times_and_warns_when_bf16_is_emulat
         with caplog.at_level(logging.WARNING, logger="kimivl.precision"):
             assert measure() == pytest.approx(slowdown)
         assert ("multiplies bfloat16 50x slower than float32" in caplog.text) is warned
+
+
+def test_a_busy_moment_does_not_make_native_bf16_look_emulated(monkeypatch):
+    """Timings alternate and the best of each counts: one slowed bf16 timing is outvoted in the next round;
+    emulation (every bf16 timing slow) is still found, after ROUNDS rounds."""
+    measure = cpu_bf16_slowdown.__wrapped__
+    for bf16_times, slowdown, rounds in (([0.05, 0.0008, 0.0009], 0.8, 2), ([0.05, 0.06, 0.05], 50.0, 3)):
+        calls = []
+        times = {torch.bfloat16: iter(bf16_times), torch.float32: iter([0.001] * 3)}
+        monkeypatch.setattr(precision, "_matmul_seconds", lambda dtype: calls.append(dtype) or next(times[dtype]))
+        assert measure() == pytest.approx(slowdown)
+        assert calls == [torch.bfloat16, torch.float32] * rounds
+
+
+def test_a_cpu_with_bf16_instructions_is_fast_without_timing(monkeypatch):
+    native = precision.cpu_native_bf16
+    for avx512_bf16, amx, expected in ((True, False, True), (False, True, True), (False, False, False)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert native() is expected
+    monkeypatch.setattr(precision, "cpu_native_bf16", lambda: True)
+    monkeypatch.setattr(precision, "cpu_bf16_slowdown", lambda: pytest.fail("timed although native"))
+    assert fast_bf16("cpu")
 
 
 def test_the_matmul_timing_is_real_and_leaves_the_global_rng_alone():
@@ -87,6 +111,7 @@ def test_asking_for_bf16_on_a_cpu_that_emulates_it_warns_once(tiny_model, tmp_pa
     tiny_model.save_pretrained(tmp_path, dtype=torch.bfloat16)
     monkeypatch.setattr(precision, "cpu_bf16_slowdown", functools.cache(cpu_bf16_slowdown.__wrapped__))
     monkeypatch.setattr(precision, "_matmul_seconds", {torch.bfloat16: 0.06, torch.float32: 0.001}.__getitem__)
+    monkeypatch.setattr(precision, "cpu_native_bf16", lambda: False)
     with caplog.at_level(logging.WARNING, logger="kimivl.precision"):
         for _ in range(2):
             assert KimiVL.from_pretrained(tmp_path, dtype=torch.bfloat16).dtype == torch.bfloat16

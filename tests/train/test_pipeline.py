@@ -435,6 +435,7 @@ def test_bf16_autocast_follows_the_recipe_the_command_line_or_the_cpu(
         ("on", None, "--bf16", 100.0),
     ):
         monkeypatch.setattr(precision, "cpu_bf16_slowdown", lambda s=slowdown: s)
+        monkeypatch.setattr(precision, "cpu_native_bf16", lambda: False)
         recipe = {
             "name": run,
             "out": str(tmp_path / run),
