@@ -86,6 +86,16 @@ def test_round_trip_is_bit_exact(tiny_model, tmp_path, shard_bytes):
     assert torch.equal(tiny_model(ids).logits, loaded(ids).logits)
 
 
+def test_the_config_names_the_dtype_the_files_hold(tiny_model, tmp_path):
+    """Without a dtype, from_pretrained loads what the config names: a float32 save must reload in float32."""
+    assert tiny_model.dtype == torch.float32 and tiny_model.config.text_config.torch_dtype == "bfloat16"
+    for dtype, name in ((None, "float32"), (torch.bfloat16, "bfloat16")):
+        tiny_model.save_pretrained(tmp_path / name, dtype=dtype)
+        assert json.loads((tmp_path / name / "config.json").read_text())["text_config"]["torch_dtype"] == name
+        assert KimiVL.from_pretrained(tmp_path / name).dtype == getattr(torch, name)
+    assert tiny_model.config.text_config.torch_dtype == "bfloat16"  # the model's own config is left alone
+
+
 def test_resharding_removes_stale_shards(tiny_model, tmp_path):
     tiny_model.save_pretrained(tmp_path, max_shard_bytes=300_000)
     tiny_model.save_pretrained(tmp_path)

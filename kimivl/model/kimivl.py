@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 from dataclasses import dataclass
@@ -140,12 +141,18 @@ class KimiVL(nn.Module):
         self, path: str | os.PathLike, *, max_shard_bytes: int = 5 * 2**30, dtype: torch.dtype | None = None, **frozen
     ) -> None:
         """Write ``config.json`` and safetensors weights (sharded above ``max_shard_bytes``; ``frozen``:
-        ``save_checkpoint``'s ``frozen_apart`` and ``frozen_from``, for training checkpoints). A failed save (a full
-        disk) raises ``CheckpointError``; a directory that the call created is removed again."""
+        ``save_checkpoint``'s ``frozen_apart`` and ``frozen_from``, for training checkpoints), in ``dtype`` or as held;
+        the config's ``torch_dtype`` names that dtype (the widest held). A failed save (a full disk) raises
+        ``CheckpointError``; a directory that the call created is removed again."""
         created = not os.path.exists(path)
+        stored = dtype or max(
+            (t.dtype for t in self.state_dict().values() if t.is_floating_point()), key=lambda d: d.itemsize
+        )
+        config = copy.deepcopy(self.config)  # torch_dtype names what the files hold: from_pretrained loads that
+        config.text_config.torch_dtype = str(stored).removeprefix("torch.")
         try:
             try:
-                self.config.save_pretrained(path)
+                config.save_pretrained(path)
             except OSError as e:
                 raise write_error(e, os.path.join(path, "config.json")) from None
             save_checkpoint(self, path, max_shard_bytes=max_shard_bytes, dtype=dtype, **frozen)
