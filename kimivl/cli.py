@@ -378,10 +378,17 @@ def _eval(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     tasks = [get_task(name.strip()) for name in args.task.split(",") if name.strip()]
+    if not tasks:
+        raise CommandError(f"--task {args.task!r} names no task; give one or more, comma-separated")
+    for name in ("batch_size", "max_new_tokens", "limit", "trials"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise CommandError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     data = _data_paths(args.data, tasks)
     for task in tasks:
         if task.needs_data and task.name not in data:
             raise ValueError(f"task {task.name} needs --data (a local copy of the benchmark)")
+    if args.predictions and not Path(args.predictions).is_file():
+        raise CommandError(f"--predictions {args.predictions}: no such file")
     if args.predictions and len(tasks) != 1:
         raise ValueError("--predictions re-scores one task at a time")
     if not args.predictions and not args.model:
@@ -416,7 +423,7 @@ def _eval(args: argparse.Namespace) -> int:
                 "model": str(Path(args.model).resolve()),
                 "checkpoint_fingerprint": fingerprint,
                 "data": str(Path(source).resolve()) if source else None,
-                "dtype": args.dtype,
+                "dtype": str(model.dtype).removeprefix("torch."),  # as loaded: the default depends on the CPU
                 "max_new_tokens": max_new,
                 "lengths": args.lengths,
                 "depths": args.depths or None,

@@ -44,24 +44,24 @@ class EvalInterrupted(Exception):
 
 
 def read_predictions(path: str | os.PathLike, repair: bool = False) -> dict[str, str]:
-    """``{str(index): prediction}`` from a predictions JSONL (the first line of an index wins). A last line
-    without its newline (a write cut short) is ignored, and with ``repair`` also cut from the file."""
+    """``{str(index): prediction}`` from a predictions JSONL (the first line of an index wins); ``repair`` as for
+    ``read_prediction_records``."""
     return {k: v["prediction"] for k, v in read_prediction_records(path, repair).items()}
 
 
 def read_prediction_records(path: str | os.PathLike, repair: bool = False) -> dict[str, dict]:
     """``{str(index): {"prediction", "extracted"}}`` as ``read_predictions`` reads them; ``extracted`` is the
-    line's optional extracted answer (a string) or ``None``."""
+    line's optional extracted answer (a string) or ``None``. With ``repair`` (kimivl's own file, resumed), a last line
+    without its newline is an interrupted write and is cut off; otherwise (a file given to re-score) it is read."""
     path = Path(path)
     if not path.is_file():
         return {}
     data = path.read_bytes()
-    complete = data[: data.rfind(b"\n") + 1]
+    complete = data[: data.rfind(b"\n") + 1] if repair else data
     if len(complete) < len(data):
         log.warning("%s: ignoring an incomplete last line (an interrupted write)", path)
-        if repair:
-            with open(path, "r+b") as f:
-                f.truncate(len(complete))
+        with open(path, "r+b") as f:
+            f.truncate(len(complete))
     out: dict[str, dict] = {}
     for lineno, line in enumerate(complete.decode("utf-8").splitlines(), 1):
         if not line.strip():

@@ -6,6 +6,7 @@ import io
 import json
 
 import pytest
+import torch
 from PIL import Image
 
 from kimivl import generate
@@ -119,6 +120,28 @@ def test_read_predictions_keeps_the_first_of_an_index(tmp_path):
     assert read_predictions(path) == {"1": "a"}
 
 
+def test_a_last_line_without_newline_is_read_from_a_users_file_and_cut_from_a_resumed_one(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"index": 1, "prediction": "a"}\n{"index": 2, "prediction": "b"}')
+    assert read_predictions(path) == {"1": "a", "2": "b"}  # an editor's file often ends so
+    assert read_predictions(path, repair=True) == {"1": "a"}  # kimivl's own, killed mid-write
+    assert path.read_text() == '{"index": 1, "prediction": "a"}\n'
+
+
+def test_cli_eval_refuses_an_empty_task_list_bad_numbers_and_a_missing_predictions_file(tmp_path, capsys):
+    for args, words in (
+        (["--task", ","], "names no task"),
+        (["--task", "ocrbench", "--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--task", "ocrbench", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+        (["--task", "ocrbench", "--limit", "-1"], "--limit must be >= 1"),
+        (["--task", "synthetic", "--predictions", str(tmp_path / "none.jsonl")], "none.jsonl: no such file"),
+        (["--task", "synthetic", "--predictions", str(tmp_path)], "no such file"),
+    ):
+        assert main(["eval", *args, "--out", str(tmp_path / "out")]) == 2
+        assert words in capsys.readouterr().err, args
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_eval_with_a_model_on_synthetic_and_a_benchmark(checkpoint, small_model, small_processor, tmp_path, capsys):
     data = ocr_tsv(tmp_path / "ocr.tsv", n=3)
     out = tmp_path / "out"
@@ -216,6 +239,8 @@ def test_checkpoint_fingerprint_is_cheap_and_tells_checkpoints_apart(tmp_path):
 
 
 class FakeModel:
+    dtype = torch.bfloat16
+
     class config:
         class text_config:
             max_position_embeddings = 4096
