@@ -116,32 +116,12 @@ class CommandError(ValueError):
 
 def resolve_device(name: str | None) -> str:
     """``--device``: a GPU when there is one and none was named; a named device must exist here and hold weights."""
-    import torch
+    from kimivl.devices import DeviceError, check_device
 
-    if name is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise CommandError(f"--device {name}: not a device name; use cpu, cuda or cuda:N") from None
-    if device.type == "cpu":
-        return name
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise CommandError(
-                f"--device {name}: CUDA is not available on this machine (no GPU, or torch "
-                f"{torch.__version__} was built without CUDA); use --device cpu"
-            )
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise CommandError(
-                f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s); "
-                f"use cuda:0..cuda:{torch.cuda.device_count() - 1}"
-            )
-        return name
-    if device.type == "mps" and torch.backends.mps.is_available():
-        return name
-    why = "holds no weights (it only describes shapes)" if device.type == "meta" else "is not available here"
-    raise CommandError(f"--device {name}: {device.type} {why}; use --device cpu or cuda")
+        return check_device(name, "--device")
+    except DeviceError as e:
+        raise CommandError(str(e)) from None
 
 
 def _load(path: str, dtype: str, device: str | None):

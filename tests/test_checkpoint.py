@@ -96,6 +96,21 @@ def test_the_config_names_the_dtype_the_files_hold(tiny_model, tmp_path):
     assert tiny_model.config.text_config.torch_dtype == "bfloat16"  # the model's own config is left alone
 
 
+def test_from_pretrained_names_a_bad_dtype_or_device(tiny_model, tmp_path, monkeypatch):
+    from kimivl.devices import DeviceError
+
+    tiny_model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="dtype must be a floating torch.dtype .* got 'float32'"):
+        KimiVL.from_pretrained(tmp_path, dtype="float32")
+    with pytest.raises(ValueError, match="dtype must be a floating torch.dtype"):
+        KimiVL.from_pretrained(tmp_path, dtype=torch.int8)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device, words in (("meta", "meta holds no weights"), ("cuda", "CUDA is not available"), ("gpu", "not a")):
+        with pytest.raises(DeviceError, match=f"device='{device}': {words}"):
+            KimiVL.from_pretrained(tmp_path, device=device)
+    assert KimiVL.from_pretrained(tmp_path, device=None).language_model.lm_head.weight.device.type == "cpu"
+
+
 def test_resharding_removes_stale_shards(tiny_model, tmp_path):
     tiny_model.save_pretrained(tmp_path, max_shard_bytes=300_000)
     tiny_model.save_pretrained(tmp_path)

@@ -18,6 +18,7 @@ from kimivl.checkpoint import (
     write_error,
 )
 from kimivl.config import KimiVLConfig
+from kimivl.devices import check_device
 from kimivl.model.init import init_weights
 from kimivl.model.language_model import LanguageModel
 from kimivl.model.moe import to_dtype
@@ -123,12 +124,15 @@ class KimiVL(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+        cls, path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device | None = "cpu"
     ) -> KimiVL:
         """Load an official-format checkpoint directory. The model is built on the meta device and filled
         shard by shard, so weights are held once. ``dtype`` defaults to the stored one (the config's ``torch_dtype``;
         float16 becomes bfloat16 on CPU); the routers stay float32 (``to_dtype``). The command line and the demo pick
-        float32 on a CPU that multiplies bf16 slowly (``kimivl.precision.checkpoint_load_dtype``)."""
+        float32 on a CPU that multiplies bf16 slowly (``kimivl.precision.checkpoint_load_dtype``). ``device`` None
+        is a GPU when there is one; a device that cannot hold it here (no GPU for ``"cuda"``, ``"meta"``) is a
+        ``DeviceError``."""
+        device = check_device(device)
         config = KimiVLConfig.from_pretrained(path)
         with torch.device("meta"):
             model = cls(config)

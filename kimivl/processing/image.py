@@ -151,8 +151,11 @@ class ImageProcessor:
             raise FileNotFoundError(f"no {CONFIG_FILE} at {path}")
         try:
             with open(file, encoding="utf-8") as f:
-                return cls.from_dict(json.load(f))
-        except (json.JSONDecodeError, TypeError) as e:
+                d = json.load(f)
+            if not isinstance(d, dict):
+                raise TypeError(f"it holds a JSON {type(d).__name__}, not an object")
+            return cls.from_dict(d)
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
             raise ValueError(f"{file} is not a valid {CONFIG_FILE}: {e}") from None
 
     def save_pretrained(self, path: str | os.PathLike) -> None:

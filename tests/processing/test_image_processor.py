@@ -259,6 +259,9 @@ def test_config_round_trip(tmp_path):
     (tmp_path / "bad" / "preprocessor_config.json").write_text("{oops")
     with pytest.raises(ValueError, match="not a valid"):
         ImageProcessor.from_pretrained(tmp_path / "bad")
+    (tmp_path / "bad" / "preprocessor_config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="not a valid preprocessor_config.json: it holds a JSON list, not an object"):
+        ImageProcessor.from_pretrained(tmp_path / "bad")
 
 
 def test_an_image_too_long_for_moonvits_rope_is_scaled_down_to_fit():
