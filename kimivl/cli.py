@@ -30,6 +30,30 @@ def cmd_info(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    for flag, value in (("--dp-shard", args.dp_shard), ("--ep", args.ep)):
+        if value is not None and value < 1:
+            print(f"error: {flag} must be >= 1, got {value}", file=sys.stderr)
+            return 2
+    if (args.dp_shard or args.ep) and not (args.train or args.freeze):
+        print("error: --dp-shard and --ep plan a training run: give --train (and --freeze) too", file=sys.stderr)
+        return 2
+    if args.ep and not args.dp_shard:
+        print("error: --ep splits the experts of a sharded run: give --dp-shard too", file=sys.stderr)
+        return 2
+    model = None
+    if args.train or args.freeze:  # checked before anything is printed
+        import torch
+
+        from kimivl import KimiVL
+        from kimivl.train.trainable import set_trainable
+
+        with torch.device("meta"):
+            model = KimiVL(config)  # float32, as training keeps its weights
+        try:
+            set_trainable(model, args.train or list(PARTS), args.freeze)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     counts = parameter_counts(config)
     tc, vc = config.text_config, config.vision_config
     print(
@@ -44,24 +68,14 @@ def cmd_info(args: argparse.Namespace) -> int:
     print("active = parameters used per token (the routed experts count only the chosen ones)")
     if args.context is not None:
         _print_context_memory(config, args.context, args.prefill_chunk)
-    if args.train or args.freeze:
-        import torch
+    if model is not None:
+        from kimivl.train.trainable import hold_frozen_in_bf16, memory_plan
 
-        from kimivl import KimiVL
-        from kimivl.train.trainable import hold_frozen_in_bf16, memory_plan, set_trainable
-
-        with torch.device("meta"):
-            model = KimiVL(config)  # float32, as training keeps its weights
-        try:
-            set_trainable(model, args.train or list(PARTS), args.freeze)
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
         frozen = f", less {' '.join(args.freeze)}" if args.freeze else ""
         if args.dp_shard:
             from kimivl.distributed.plan import rank_memory_plan
 
-            try:
+            try:  # what the plan itself refuses (experts that do not split over --ep) comes after the table
                 plan = rank_memory_plan(model, args.dp_shard, args.ep or 1)
             except ValueError as e:
                 print(f"error: {e}", file=sys.stderr)
@@ -73,9 +87,6 @@ def cmd_info(args: argparse.Namespace) -> int:
             f"training {' + '.join(args.train or PARTS)}{frozen} from a bfloat16 checkpoint under bf16 autocast: "
             f"{memory_plan(model)}"
         )
-    elif args.dp_shard or args.ep:
-        print("error: --dp-shard and --ep plan a training run: give --train (and --freeze) too", file=sys.stderr)
-        return 2
     return 0
 
 
@@ -199,6 +210,8 @@ def _answer(model, processor, messages: list[dict], sampling: dict) -> str:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    if args.question is not None and not args.question.strip():
+        raise CommandError("the question is empty; ask something, or leave it out for an interactive session")
     model, processor = _load(args.model, args.dtype, args.device)
     sampling = {
         "max_new_tokens": args.max_new_tokens,

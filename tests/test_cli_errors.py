@@ -180,3 +180,8 @@ def test_bad_preprocessor_configs(tmp_path, field, value, message):
     (tmp_path / "preprocessor_config.json").write_text(json.dumps({field: value}))
     with pytest.raises(ValueError, match=message):
         ImageProcessor.from_pretrained(tmp_path)
+
+
+def test_an_empty_question_is_an_error_not_a_session(capsys):
+    assert main(["chat", "  "]) == 2
+    _one_line_error(capsys, "chat", "the question is empty")

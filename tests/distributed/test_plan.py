@@ -130,3 +130,12 @@ def test_info_prints_the_per_rank_plan_and_names_bad_layouts(capsys):
     assert "ep (4) must divide dp_shard (6)" in capsys.readouterr().err
     assert main(["info", "--preset", "kimi-vl-a3b", "--dp-shard", "8"]) == 2
     assert "give --train" in capsys.readouterr().err
+    for flags, words in (
+        (["--dp-shard", "0"], "--dp-shard must be >= 1, got 0"),
+        (["--dp-shard", "8", "--ep", "0"], "--ep must be >= 1, got 0"),
+        (["--ep", "8"], "give --dp-shard too"),
+        (["--freeze", "nothing.matches"], "nothing.matches"),
+    ):
+        assert main([*args, *flags]) == 2
+        out = capsys.readouterr()
+        assert words in out.err and out.out == "", flags  # refused before the table is printed
