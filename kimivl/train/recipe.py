@@ -29,7 +29,9 @@ of the recipe-wide schedule at the global step where the stage starts, so stages
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -106,6 +108,8 @@ class Recipe:
         if len(self.base) != 1 or next(iter(self.base)) not in ("preset", "checkpoint"):
             raise RecipeError(f"base must be {{preset: NAME}} or {{checkpoint: PATH}}, got {self.base}")
         _check_device(self.device)
+        if not (integer(self.seed) and 0 <= self.seed < 2**64):
+            raise RecipeError(f"seed must be an integer in [0, 2**64), got {self.seed!r}")
         if not (self.bf16 is None or isinstance(self.bf16, bool)):
             raise RecipeError(f"bf16 is true, false or null (where the device multiplies bf16 fast), got {self.bf16!r}")
         check_parallel(self.parallel)
@@ -184,6 +188,29 @@ def _check_source(name: str, spec: Any) -> None:
         raise RecipeError(f"{where}: difficulty must be a list of some of {list(DIFFICULTIES)}, got {levels!r}")
 
 
+@functools.cache
+def _recipe_loader() -> type:
+    """PyYAML's safe loader, with YAML 1.2's floats (``1e-3`` is a number, not the string YAML 1.1 makes it) and
+    a duplicate key as an error (YAML 1.1 lets the last one win silently)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        "while reading a mapping", node.start_mark, f"key {key!r} appears twice", key_node.start_mark
+                    )
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    exponent = r"[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+"
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(f"^{exponent}$"), list("-+0123456789"))
+    return Loader
+
+
 def load_recipe(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> Recipe:
     """Read a recipe file; relative ``out`` and export paths are taken from the current directory, except that an
     ``out`` among the ``overrides`` (``kimivl train --out``) moves a relative export path under it: every output of
@@ -191,8 +218,8 @@ def load_recipe(path: str | os.PathLike, overrides: dict[str, Any] | None = None
     import yaml
 
     try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as e:
+        raw = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_recipe_loader())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise RecipeError(f"cannot read recipe {path}: {e}") from None
     if not isinstance(raw, dict):
         raise RecipeError(f"recipe {path} must be a mapping")

@@ -166,6 +166,20 @@ def test_stage_names_and_warmups_that_cannot_work(tmp_path, stage, match):
         load_recipe(path)
 
 
+def test_yaml_exponents_are_numbers_duplicate_keys_and_bad_seeds_are_errors(tmp_path):
+    stage = "{name: a, kind: joint, steps: 4, lr: %s, mix: {t: 1}}"
+    base = "name: r\nout: %s\nsources: {t: t.jsonl}\nstages: [%s]\n" % (tmp_path / "run", stage)
+    (tmp_path / "r.yaml").write_text(base % "1e-3")  # YAML 1.1 alone reads 1e-3 as a string
+    assert load_recipe(tmp_path / "r.yaml").stages[0].lr == 0.001
+    (tmp_path / "r.yaml").write_text(base % "1e-3" + "seed: 1\nseed: 2\n")
+    with pytest.raises(RecipeError, match="key 'seed' appears twice"):
+        load_recipe(tmp_path / "r.yaml")
+    (tmp_path / "r.yaml").write_text(base % "1e-3")
+    for seed in (-1, 2**64, "7"):
+        with pytest.raises(RecipeError, match=r"seed must be an integer in \[0, 2\*\*64\)"):
+            load_recipe(tmp_path / "r.yaml", {"seed": seed})
+
+
 def test_a_recipe_warmup_longer_than_its_stages(tmp_path):
     with pytest.raises(
         RecipeError,
