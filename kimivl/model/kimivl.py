@@ -117,7 +117,10 @@ class KimiVL(nn.Module):
         if labels is not None and logits is not None:  # already computed: no second pass through the head
             targets = labels[:, 1:]
             scored = targets != self.config.ignore_index
-            loss = F.cross_entropy(logits[:, :-1][scored], targets[scored])
+            if scored.any():
+                loss = F.cross_entropy(logits[:, :-1][scored], targets[scored])
+            else:  # nothing to score: 0 with a graph, as next_token_loss gives, not the mean of nothing (NaN)
+                loss = (logits.sum() * 0.0).float()
         elif labels is not None:
             loss = next_token_loss(hidden, self.language_model.lm_head.weight, labels, self.config.ignore_index)
         return KimiVLOutput(logits=logits, loss=loss, hidden_states=hidden)

@@ -61,6 +61,14 @@ def test_loss_is_mean_next_token_cross_entropy(tiny_model, tiny_config):
     assert experts.gate_up_proj.grad is not None and experts.gate_up_proj.grad.abs().sum() > 0
 
 
+def test_nothing_to_score_is_a_zero_loss_with_or_without_logits(tiny_model):
+    ids = torch.randint(0, 3000, (2, 6))
+    labels = torch.full_like(ids, -100)
+    for return_logits in (False, True):
+        loss = tiny_model(ids, labels=labels, return_logits=return_logits).loss
+        assert loss.item() == 0.0 and loss.requires_grad, return_logits
+
+
 def test_packed_samples_equal_separate_runs(tiny_model):
     a, b = torch.randint(0, 3000, (1, 7)), torch.randint(0, 3000, (1, 5))
     packed = torch.cat([a, b], 1)
