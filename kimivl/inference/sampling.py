@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,11 +21,11 @@ class SamplingError(ValueError):
 
 
 def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)  # numpy's integers too
 
 
 def _is_real(v: Any) -> bool:
-    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclass
@@ -49,6 +50,9 @@ class SamplingParams:
             raise SamplingError(f"top_p must be in (0, 1] (a number), got {self.top_p!r}")
         if self.seed is not None and not (_is_int(self.seed) and 0 <= self.seed <= MAX_SEED):
             raise SamplingError(f"seed must be an integer in [0, 2**64), got {self.seed!r}")
+        self.max_new_tokens, self.top_k = int(self.max_new_tokens), int(self.top_k)  # numpy's numbers as Python's
+        self.temperature, self.top_p = float(self.temperature), float(self.top_p)
+        self.seed = None if self.seed is None else int(self.seed)
 
     @classmethod
     def from_kwargs(cls, **sampling) -> SamplingParams:

@@ -1,8 +1,8 @@
 """MoonViT image preprocessing (spec section 3): resize to a patch budget, pad, normalise, patchify.
 
-Per image: decode (a file's size checked against ``max_bytes`` before it is read, its header against ``max_pixels``
-before the pixels are decoded; a pipe or device must start like an image and is read up to ``max_bytes``), apply the
-EXIF orientation, convert to RGB, then
+Per image (a path, a ``data:...;base64,`` URL, bytes, a PIL image or an array): decode (a file's size checked
+against ``max_bytes`` before it is read, its header against ``max_pixels`` before the pixels are decoded; a pipe or
+device must start like an image and is read up to ``max_bytes``), apply the EXIF orientation, convert to RGB, then
 1. if (w//p)*(h//p) > in_token_limit: resize by sqrt(limit / ((w//p)*(h//p))) to (int(w*s), int(h*s)), BICUBIC;
 2. pad right/bottom with zero pixels to multiples of p*merge (``pad_input``; otherwise centre-crop to multiples of p);
 3. reject grids with 512 or more patches on a side (the size of MoonViT's RoPE table);
@@ -18,6 +18,8 @@ restores that), and 16-bit / float images are rescaled instead of being clipped 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import json
 import math
@@ -44,6 +46,8 @@ class ImageError(ValueError):
 
 
 def _describe(image: Any) -> str:
+    if isinstance(image, str) and image.startswith("data:"):
+        return f"<data: URL of {len(image)} characters>"
     if isinstance(image, (str, os.PathLike)):
         return str(image)
     if isinstance(image, (bytes, bytearray)):
@@ -53,6 +57,17 @@ def _describe(image: Any) -> str:
     if isinstance(image, Image.Image):
         return f"<PIL {image.mode} {image.size[0]}x{image.size[1]}>"
     return f"<{type(image).__name__}>"
+
+
+def _data_url_bytes(url: str, name: str) -> bytes:
+    """The bytes of a ``data:<mime type>;base64,<data>`` URL (as OpenAI-style clients send images)."""
+    header, comma, payload = url.partition(",")
+    if not comma or not header.endswith(";base64"):
+        raise ImageError(f"image {name}: a data: URL must be 'data:<mime type>;base64,<data>'")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageError(f"image {name}: the data: URL's payload is not valid base64") from None
 
 
 def _from_array(a: np.ndarray, name: str) -> Image.Image:
@@ -174,10 +189,12 @@ class ImageProcessor:
             img = _from_array(image, name)
         elif isinstance(image, Image.Image):
             img = image
+        elif isinstance(image, str) and image.startswith("data:"):
+            img = self._open(_data_url_bytes(image, name), name)
         elif isinstance(image, (str, os.PathLike, bytes, bytearray)):
             img = self._open(image, name)
         else:
-            raise ImageError(f"image {name}: expected a path, bytes, PIL image or numpy array")
+            raise ImageError(f"image {name}: expected a path, a data: URL, bytes, a PIL image or a numpy array")
         w, h = img.size
         if w == 0 or h == 0:
             raise ImageError(f"image {name} has zero size {w}x{h}")

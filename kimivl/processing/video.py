@@ -46,6 +46,8 @@ def frames_to_parts(frames: list, timestamps: list[float]) -> list[dict]:
         raise VideoError(
             f"video frames and timestamps must be lists, got {type(frames).__name__} and {type(timestamps).__name__}"
         )
+    if not frames:
+        raise VideoError("a video part holds no frames: give at least one")
     if len(frames) != len(timestamps):
         raise VideoError(f"{len(frames)} frames but {len(timestamps)} timestamps")
     for i, t in enumerate(timestamps):

@@ -1,3 +1,4 @@
+import base64
 import io
 import json
 import struct
@@ -97,10 +98,19 @@ def test_encoded_inputs_bytes_and_path(tmp_path, fmt):
     path = tmp_path / f"img.{fmt.lower()}"
     path.write_bytes(data)
     proc = ImageProcessor()
-    for src in (data, str(path), path):
+    url = f"data:image/{fmt.lower()};base64," + base64.b64encode(data).decode()
+    for src in (data, str(path), path, url):
         out = proc(src)
         assert out["image_grid_hws"].tolist() == [[6, 8]]
         np.testing.assert_allclose(pixel(out["pixel_values"], 8, 33, 44), normalised(ref[33, 44]), atol=1e-6)
+
+
+def test_a_bad_data_url_is_named():
+    proc = ImageProcessor()
+    with pytest.raises(ImageError, match=r"<data: URL of 26 characters>: the data: URL's payload is not valid base64"):
+        proc("data:image/png;base64,@@@@")
+    with pytest.raises(ImageError, match="must be 'data:<mime type>;base64,<data>'"):
+        proc("data:image/png,abc")
 
 
 def test_batch_concatenates_in_order():

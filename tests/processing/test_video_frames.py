@@ -108,6 +108,8 @@ def test_timestamps_and_chat_parts(video):
     ]
     frames, times = load_video(video)
     parts = frames_to_parts(frames, times)
+    with pytest.raises(VideoError, match="holds no frames"):
+        frames_to_parts([], [])
     for bad in (float("inf"), -1, 1e308):
         with pytest.raises(VideoError, match="timestamps must be finite numbers of seconds >= 0 and under 360000"):
             frames_to_parts(frames[:1], [bad])
