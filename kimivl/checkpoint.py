@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 from pathlib import PurePath
 
 import torch
@@ -290,7 +289,7 @@ def save_checkpoint(
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: torch.dtype) -> None:
     """The checkpoint at ``src`` written again to ``dst`` (a new directory, or one holding an older kimivl save) with
     its floating-point tensors in ``dtype``, file by file, so that one file is in memory at a time; the files keep
-    their names and keys, and ``config.json`` is copied."""
+    their names and keys, and ``config.json`` is copied with ``torch_dtype`` naming ``dtype``."""
     src, dst = os.fspath(src), os.fspath(dst)
     files = checkpoint_files(src)
     names = [os.path.relpath(f, src) for f in files]
@@ -312,7 +311,10 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: to
             index["metadata"] = {"total_size": total, WRITER: "1"}
             write_text_atomic(file, json.dumps(index, indent=2))
         file = os.path.join(dst, "config.json")
-        shutil.copyfile(os.path.join(src, "config.json"), file)
+        with open(os.path.join(src, "config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+        config.setdefault("text_config", {})["torch_dtype"] = str(dtype).removeprefix("torch.")
+        write_text_atomic(file, json.dumps(config, indent=2) + "\n")
     except OSError as e:
         raise write_error(e, file) from None
     for name in stale:

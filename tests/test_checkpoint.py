@@ -136,6 +136,8 @@ def test_a_checkpoint_converted_file_by_file_equals_one_saved_in_that_dtype(tiny
         assert got[key].dtype == expected[key].dtype and torch.equal(got[key], expected[key]), key
     index = json.loads((tmp_path / "out" / INDEX).read_text())
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in expected.values())
+    assert (tmp_path / "out" / "config.json").read_text() == (tmp_path / "bf16" / "config.json").read_text()
+    assert KimiVL.from_pretrained(tmp_path / "out").dtype == torch.bfloat16  # the config names what it holds
     loaded = KimiVL.from_pretrained(tmp_path / "out", dtype=torch.float32)
     ids = torch.tensor([[1, 2, 3]])
     torch.testing.assert_close(
