@@ -1,22 +1,29 @@
 """The compressed MLA cache: per token and layer only the normalised latent (kv_lora_rank) and the rotated shared
 rope key (qk_rope_head_dim) are kept: 576 values at the a3b shape, against 2 x heads x 128-192 for per-head K/V.
 
-Memory is allocated as tokens arrive, in blocks of ``BLOCK_TOKENS`` tokens (each spanning every layer), so a
-request that may run to ``max_len`` tokens but stops early holds only the blocks it filled; growing never copies
-what is cached. Decode attention reads the blocks in order (``kimivl.kernels.latent_decode_attention``)."""
+Memory is allocated as tokens arrive, in blocks (each spanning every layer), so a request that may run to
+``max_len`` tokens but stops early holds only the blocks it filled; growing never copies what is cached. Blocks hold
+``BLOCK_TOKENS`` tokens, and as the cache grows, the largest power-of-two multiple of that up to ``GROWTH`` times it
+that is at most a quarter of what is held: a long context is read in few pieces (at 32K, 24 blocks instead of 128),
+and at most a quarter more than the filled length is ever allocated. Each block starts at a multiple of its size.
+Decode attention reads the blocks in order (``kimivl.kernels.latent_decode_attention``)."""
 
 from __future__ import annotations
+
+import bisect
 
 import torch
 
 from kimivl.config import TextConfig
 
-BLOCK_TOKENS = 256  # tokens per allocation: 256 x 27 layers x 576 bf16 values is 8 MB per row at the a3b shape
+BLOCK_TOKENS = 256  # tokens of the first blocks: 256 x 27 layers x 576 bf16 values is 8 MB per row at the a3b shape
+GROWTH = 16  # the largest blocks hold this many times BLOCK_TOKENS (4096 tokens: one decode span)
 
 
 class MLACache:
     """Latents for ``batch`` rows of up to ``max_len`` tokens, filled left to right; blocks of ``block`` tokens
-    (default ``BLOCK_TOKENS``) are allocated when the tokens reach them (or ahead, with ``reserve``)."""
+    (default ``BLOCK_TOKENS``), growing to ``GROWTH`` times that, are allocated when the tokens reach them (or
+    ahead, with ``reserve``)."""
 
     def __init__(
         self,
@@ -39,7 +46,8 @@ class MLACache:
         self.rank = config.kv_lora_rank
         self.max_len = max_len
         self.length = 0
-        self.joint: list[torch.Tensor] = []  # blocks (layers, batch, n, width); every one but the last holds `block`
+        self.joint: list[torch.Tensor] = []  # blocks (layers, batch, n, width)
+        self.starts: list[int] = []  # the first token of each block
         self.capacity = 0
 
     def layer(self, i: int) -> _LayerCache:
@@ -54,9 +62,17 @@ class MLACache:
             raise ValueError(f"cache full: {end} tokens exceed its {self.max_len}")
         layers, batch, width = self.shape
         while self.capacity < end:
-            n = min(self.block, self.max_len - self.capacity)
+            n = self.block
+            while n * 2 <= min(self.capacity // 4, self.block * GROWTH):
+                n *= 2
+            n = min(n, self.max_len - self.capacity)
             self.joint.append(torch.empty(layers, batch, n, width, dtype=self.dtype, device=self.device))
+            self.starts.append(self.capacity)
             self.capacity += n
+
+    def block_at(self, pos: int) -> int:
+        """The index of the block holding token ``pos``."""
+        return bisect.bisect_right(self.starts, pos) - 1
 
     def tokens(self) -> torch.Tensor:
         """Every cached token of every row as one (layers, batch, length, width) tensor."""
@@ -72,7 +88,7 @@ class MLACache:
         if values.dim() != 4 or values.shape[0] != layers or values.shape[3] != width:
             raise ValueError(f"cache values must be ({layers}, rows, tokens, {width}), got {tuple(values.shape)}")
         self.shape = (layers, values.shape[1], width)
-        self.joint, self.capacity, self.length = [], 0, 0
+        self.joint, self.starts, self.capacity, self.length = [], [], 0, 0
         n = values.shape[2]
         self.reserve(n)
         pos = 0
@@ -125,8 +141,9 @@ class _LayerCache:
         end = pos + c_BSC.shape[1]
         cache.reserve(end)
         while pos < end:
-            blk = cache.joint[pos // cache.block][self.i]
-            at = pos % cache.block
+            k = cache.block_at(pos)
+            blk = cache.joint[k][self.i]
+            at = pos - cache.starts[k]
             n = min(end - pos, blk.shape[1] - at)
             src = pos - cache.length
             blk[:, at : at + n, : cache.rank] = c_BSC[:, src : src + n]

@@ -112,6 +112,26 @@ def test_cache_grows_in_blocks_and_keeps_values(tiny_config):
         cache.layer(0).update(torch.zeros(2, 1, 32), torch.zeros(2, 1, 8))
 
 
+def test_cache_blocks_grow_to_a_quarter_of_what_is_held(tiny_config):
+    """Past 8 blocks, each new block is the largest power-of-two multiple of the first size (up to 16x) that is at
+    most a quarter of the capacity: few pieces for a long context, at most 25% allocated beyond what is filled."""
+    t = tiny_config.text_config
+    cache = MLACache(t, batch=1, max_len=600, block=4)
+    g = torch.Generator().manual_seed(1)
+    written = []
+    while cache.length < 600:
+        n = min(int(torch.randint(1, 40, (1,), generator=g)), 600 - cache.length)
+        c, kr = torch.randn(1, n, 32, generator=g), torch.randn(1, n, 8, generator=g)
+        cache.layer(0).update(c, kr)
+        written.append(torch.cat([c, kr], -1))
+        cache.advance(n)
+        assert cache.capacity <= max(32, 1.25 * cache.length)
+    assert torch.equal(cache.layer(0).latents()[:, :600], torch.cat(written, 1))
+    sizes = [b.shape[2] for b in cache.joint]
+    assert sizes == [4] * 8 + [8] * 4 + [16] * 4 + [32] * 4 + [64] * 5 + [24]  # 576 + 24: cut at max_len
+    assert all(start % size == 0 for start, size in zip(cache.starts, sizes))
+
+
 def test_early_stop_allocates_only_what_was_filled(tiny_model, monkeypatch):
     import kimivl.inference.generate as gen
 
