@@ -446,7 +446,8 @@ def _eval(args: argparse.Namespace) -> int:
             return 130
         metrics = "  ".join(f"{k}={v:.1f}" for k, v in result["metrics"].items() if "/" not in k)
         print(
-            f"{task.name}: {metrics}  (scored {result['scored']}, skipped {result['skipped']}, {args.scoring} scoring)"
+            f"{task.name}: {metrics}  (scored {result['scored']} rows, {result['answered']} answered; skipped "
+            f"{result['skipped']}; {args.scoring} scoring)"
         )
         if result.get("table"):
             print(result["table"])

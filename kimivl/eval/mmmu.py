@@ -1,9 +1,9 @@
 """MMMU: multiple choice and open questions over one or more images; accuracy.
 
 Formats: VLMEvalKit TSV (``index``, ``question``, option columns ``A``..``I``, ``answer``, ``image`` holding one
-base64 image or a list of them, ``category``) and the hub's parquet (``id``, ``question``, ``options`` as a list
-string, ``answer``, ``question_type``, ``image_1``..``image_7`` structs). The images come first, then the
-question (its ``<image k>`` references left in the text), then the options.
+base64 image or a list of them, ``category``; of its ``split`` column, the validation rows are read) and the hub's
+parquet (``id``, ``question``, ``options`` as a list string, ``answer``, ``question_type``, ``image_1``..``image_7``
+structs). The images come first, then the question (its ``<image k>`` references left in the text), then the options.
 
 Scoring, ``mode="official"`` (the default): the rules of MMMU's own ``mmmu/utils/eval_utils.py``
 (github:MMMU-Benchmark/MMMU, commit bb0b95a945998d91dfef37e969e07d49d1139438, file last changed in aa9b70d),
@@ -106,8 +106,14 @@ def parse_row(row: dict, index, file: Path) -> Sample:
     return Sample(index, user_turn(images, text), {**meta, "seed": str(index), "group": str(subject)})
 
 
-def load(data, **_) -> list:
-    return load_samples(data, parse_row, ("index", "id"))
+def load(data, **_):
+    """The rows of ``data``; of a file with a ``split`` column (VLMEvalKit's ``MMMU_DEV_VAL.tsv`` holds the 150 dev
+    rows beside the 900 validation ones), the validation rows only: MMMU's reported number is over those."""
+
+    def parse(row, index, file):
+        return None if present(row.get("split")) and str(row["split"]) != "validation" else parse_row(row, index, file)
+
+    return (sample for sample in load_samples(data, parse, ("index", "id")) if sample is not None)
 
 
 # The subject order of the official script's CAT_SHORT2LONG table (what --subject ALL walks through).

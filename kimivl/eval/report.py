@@ -39,15 +39,24 @@ def _fmt(value) -> str:
     return f"{value:.1f}" if isinstance(value, float) else str(value)
 
 
+def _extracted(res: dict) -> str:
+    """Where the official pipeline extracts answers with an LLM: which extraction the scores rest on."""
+    ex = res.get("extraction")
+    if not ex or not ex["rules"]:
+        return ""
+    return f" (answers of {ex['rules']} rows extracted by kimivl's rules, not the official LLM: not comparable)"
+
+
 def markdown(results: dict) -> str:
     """One table of every task's headline metrics (groups and extra tables follow per task)."""
-    lines = ["| task | metric | value | scored | skipped |", "|---|---|---|---|---|"]
+    lines = ["| task | metric | value | scored | answered | skipped |", "|---|---|---|---|---|---|"]
     details = []
     for task, res in results.items():
         metrics = res.get("metrics", {})
         head = {k: v for k, v in metrics.items() if "/" not in k} or metrics
         for k, v in head.items():
-            lines.append(f"| {task} | {k} | {_fmt(v)} | {res.get('scored', '')} | {res.get('skipped', '')} |")
+            counts = " | ".join(str(res.get(key, "")) for key in ("scored", "answered", "skipped"))
+            lines.append(f"| {task} | {k} | {_fmt(v)} | {counts} |")
         groups = {k: v for k, v in metrics.items() if k not in head}
         if groups:
             details += ["", f"### {task}", "", "| metric | value |", "|---|---|"]
@@ -55,7 +64,7 @@ def markdown(results: dict) -> str:
         if res.get("table"):
             details += ["", f"### {task}", "", res["table"]]
         details += [f"\n![{task} {Path(f).stem}]({Path(f).name})" for f in res.get("figures", [])]
-    modes = [f"{task} {res['scoring']}" for task, res in results.items() if res.get("scoring")]
+    modes = [f"{task} {res['scoring']}{_extracted(res)}" for task, res in results.items() if res.get("scoring")]
     if modes:
         lines += [
             "",

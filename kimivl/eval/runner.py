@@ -143,12 +143,35 @@ def _score(
     skipped: list[Skipped],
     mode: str,
 ) -> list[dict]:
-    """Score every row that has a prediction; the others join ``skipped`` (unless already there)."""
-    known = {str(s.index) for s in skipped}
-    keys = [key for key in metas if key in done]
-    skipped.extend(Skipped(key, "no prediction") for key in metas if key not in done and key not in known)
-    scores = task.score_rows([(done[k], metas[k], extracted.get(k)) for k in keys], mode)
-    return [{"index": k, "prediction": done[k], "meta": metas[k], **s} for k, s in zip(keys, scores)]
+    """Score every row the data holds: a row without a prediction (its generation failed, or a re-scored file lacks
+    it) as an empty answer, as the official scripts count every row, and it also joins ``skipped`` (unless already
+    there) with its reason; a malformed row (no ``metas`` entry) cannot be scored and stays in ``skipped`` alone."""
+    reasons = {str(s.index): s.reason for s in skipped}
+    for key in metas:
+        if key not in done and key not in reasons:
+            reasons[key] = "no prediction"
+            skipped.append(Skipped(key, "no prediction"))
+    keys = list(metas)
+    scores = task.score_rows([(done.get(k, ""), metas[k], extracted.get(k)) for k in keys], mode)
+    return [
+        {
+            "index": k,
+            "prediction": done.get(k, ""),
+            "meta": metas[k],
+            **({} if k in done else {"failed": reasons[k]}),
+            **s,
+        }
+        for k, s in zip(keys, scores)
+    ]
+
+
+def _extraction(task: Task, rows: list[dict], extracted: dict[str, str]) -> dict:
+    """For a task whose official pipeline extracts answers with an LLM: how many of the scored rows had theirs
+    extracted elsewhere (the ``extracted`` field) and how many by kimivl's rules, which only approximate it."""
+    if not task.llm_extraction:
+        return {}
+    given = sum(r["index"] in extracted for r in rows)
+    return {"extraction": {"given": given, "rules": len(rows) - given}}
 
 
 def run_task(
@@ -244,7 +267,9 @@ def run_task(
     result = {
         "metrics": task.summarize(rows, mode=mode) if rows else {},
         "scoring": mode,
+        **_extraction(task, rows, extracted),
         "scored": len(rows),
+        "answered": sum("failed" not in r for r in rows),
         "skipped": len(skipped),
         "skipped_rows": [{"index": s.index, "reason": s.reason} for s in skipped],
         "unmatched_predictions": len(done.keys() - metas.keys()),

@@ -32,7 +32,8 @@ class Task:
     elsewhere or ``None``); ``score_rows(items, mode)`` scores (prediction, meta, extracted) rows together (a row
     at a time unless the benchmark's rules span rows, as MMMU's random stream does); ``summarize(rows, mode=)``
     the metrics; ``report(rows, out_dir)`` optional extra output (tables, figures); ``from_index(index)`` rebuilds
-    a row's meta for re-scoring tasks without data files."""
+    a row's meta for re-scoring tasks without data files; ``llm_extraction``: the official pipeline extracts answers
+    with an LLM, which kimivl replaces by rules unless a prediction carries its ``extracted`` answer."""
 
     name: str
     load: Callable[..., Iterable]
@@ -44,6 +45,7 @@ class Task:
     from_index: Callable[[str], dict] | None = None
     options: dict = field(default_factory=dict)
     rows_scorer: Callable[[list[tuple], str], list[dict]] | None = None
+    llm_extraction: bool = False  # the official pipeline has an LLM extract each answer (kimivl uses rules)
 
     def score_rows(self, items: list[tuple[str, dict, str | None]], mode: str = "official") -> list[dict]:
         """Scores of (prediction, meta, extracted) rows under ``mode``."""
@@ -87,12 +89,14 @@ def _default_heldout() -> str:
 
 TASKS = {
     "mmmu": Task("mmmu", mmmu.load, mmmu.score, rows_scorer=mmmu.score_rows),
-    "mathvista": Task("mathvista", mathvista.load, mathvista.score),
+    "mathvista": Task("mathvista", mathvista.load, mathvista.score, llm_extraction=True),
     "ocrbench": Task("ocrbench", ocrbench.load, ocrbench.score, ocrbench.summarize),
     "screenspot": Task("screenspot", screenspot.loader("screenspot"), screenspot.score),
     "screenspot_pro": Task("screenspot_pro", screenspot.loader("screenspot_pro"), screenspot.score),
     "videomme": Task("videomme", videomme.load, videomme.score, videomme.summarize),
-    "mmlongbench_doc": Task("mmlongbench_doc", mmlongbench.load, mmlongbench.score, mmlongbench.summarize),
+    "mmlongbench_doc": Task(
+        "mmlongbench_doc", mmlongbench.load, mmlongbench.score, mmlongbench.summarize, llm_extraction=True
+    ),
     "niah": Task(
         "niah",
         niah.load,

@@ -98,6 +98,21 @@ def test_mmmu_tsv_base64_multi_image_shared_image_and_malformed_rows(tmp_path):
     assert open_q.meta == {"type": "open", "answer": ["3"], "seed": "5", "group": ""}
 
 
+def test_mmmu_tsv_with_a_split_column_reads_the_validation_rows(tmp_path):
+    """VLMEvalKit's MMMU_DEV_VAL.tsv holds the dev split too; MMMU's reported number is over validation alone. A dev
+    row's image still serves a validation row that refers to it by index."""
+    red = png()
+    row = {"question": "Which?", "A": "x", "B": "y", "answer": "A", "category": "Art"}
+    rows = [
+        {**row, "index": "0", "split": "dev", "image": b64(red)},
+        {**row, "index": "1", "split": "validation", "image": "0"},
+        {**row, "index": "2", "split": "validation", "image": b64(red)},
+    ]
+    samples, skipped = split(mmmu.load(write_tsv(tmp_path / "MMMU_DEV_VAL.tsv", rows)))
+    assert [s.index for s in samples] == [1, 2] and not skipped
+    assert images_of(samples[0]) == [red]
+
+
 def test_mmmu_parquet_image_structs(tmp_path):
     rows = [
         {

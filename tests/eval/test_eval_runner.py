@@ -73,10 +73,12 @@ def test_resume_after_interruption_scores_every_row_once(tmp_path):
     assert result["scored"] == 7 and result["skipped"] == 0 and result["metrics"]["score"] == 1000.0
     results = json.loads((out / "results.json").read_text())
     assert results["ocrbench"]["metrics"]["score"] == 1000.0
-    assert "| ocrbench | score | 1000.0 | 7 | 0 |" in (out / "results.md").read_text()
+    assert "| ocrbench | score | 1000.0 | 7 | 7 | 0 |" in (out / "results.md").read_text()
 
 
-def test_malformed_rows_and_failed_generation_are_reported_not_scored(tmp_path):
+def test_malformed_rows_are_reported_and_failed_generation_scores_as_an_empty_answer(tmp_path):
+    """As the official scripts count every row, a row whose generation failed is scored (as no answer: wrong here),
+    so failures cannot raise the score; a malformed row cannot be scored. Both are listed with their reasons."""
     data = ocr_tsv(tmp_path / "ocr.tsv", n=5, bad={1})
     task = get_task("ocrbench")
 
@@ -87,10 +89,12 @@ def test_malformed_rows_and_failed_generation_are_reported_not_scored(tmp_path):
 
     result = run_task(task, task.load(data), tmp_path / "out", generate_fn=gen, batch_size=4, progress=False)
     reasons = {r["index"]: r["reason"] for r in result["skipped_rows"]}
-    assert result["scored"] == 3 and result["skipped"] == 2
+    assert result["scored"] == 4 and result["answered"] == 3 and result["skipped"] == 2
     assert reasons[1] == "no answer" and "does not fit" in reasons[3]
-    scored = lines(tmp_path / "out" / "ocrbench.scored.jsonl")
-    assert sorted(r["index"] for r in scored) == ["0", "2", "4"]
+    scored = {r["index"]: r for r in lines(tmp_path / "out" / "ocrbench.scored.jsonl")}
+    assert sorted(scored) == ["0", "2", "3", "4"]
+    assert "does not fit" in scored["3"]["failed"] and scored["3"]["prediction"] == "" and scored["3"]["score"] == 0
+    assert "failed" not in scored["0"]
 
 
 def test_rescoring_saved_predictions_without_a_model(tmp_path, capsys):
@@ -105,9 +109,10 @@ def test_rescoring_saved_predictions_without_a_model(tmp_path, capsys):
     out = tmp_path / "scores"
     assert main(["eval", "--task", "ocrbench", "--data", str(data), "--predictions", str(pred), "--out", str(out)]) == 0
     result = json.loads((out / "results.json").read_text())["ocrbench"]
-    assert result["scored"] == 3 and result["metrics"]["score"] == pytest.approx(2000 / 3)
+    assert result["scored"] == 4 and result["answered"] == 3
+    assert result["metrics"]["score"] == pytest.approx(2000 / 4)  # the row without a prediction counts, as wrong
     assert result["skipped_rows"] == [{"index": "3", "reason": "no prediction"}]
-    assert "ocrbench: score=666.7" in capsys.readouterr().out
+    assert "ocrbench: score=500.0  (scored 4 rows, 3 answered; skipped 1" in capsys.readouterr().out
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"index": 0}\n')
     assert main(["eval", "--task", "ocrbench", "--data", str(data), "--predictions", str(bad)]) == 2
@@ -350,3 +355,25 @@ def test_progress_bar_shows_the_total_where_known(tmp_path, capsys):
     samples = list(task.load(ocr_tsv(tmp_path / "ocr.tsv", n=5)))
     run_task(task, samples, tmp_path / "out", generate_fn=lambda c: ["x"] * len(c), batch_size=2)
     assert "5/5" in capsys.readouterr().err
+
+
+def test_rule_extraction_is_recorded_where_the_official_pipeline_uses_an_llm(tmp_path):
+    """MathVista and MMLongBench-Doc officially extract answers with an LLM; results say how many rows rest on
+    kimivl's rules instead, and results.md says those numbers are not comparable."""
+    import dataclasses
+
+    from kimivl.eval.report import markdown
+
+    assert get_task("mathvista").llm_extraction and get_task("mmlongbench_doc").llm_extraction
+    assert not get_task("ocrbench").llm_extraction
+    data = ocr_tsv(tmp_path / "ocr.tsv", n=3)
+    task = dataclasses.replace(get_task("ocrbench"), llm_extraction=True)
+    pred = tmp_path / "p.jsonl"
+    pred.write_text(
+        '{"index": 0, "prediction": "x", "extracted": "word0"}\n{"index": 1, "prediction": "word1"}\n'
+        '{"index": 2, "prediction": "word2", "extracted": "word2"}\n'
+    )
+    result = run_task(task, task.load(data), tmp_path / "out", predictions=pred, progress=False)
+    assert result["extraction"] == {"given": 2, "rules": 1}
+    assert "answers of 1 rows extracted by kimivl's rules" in markdown({"t": result})
+    assert "extracted by" not in markdown({"t": {**result, "extraction": {"given": 3, "rules": 0}}})
