@@ -1,5 +1,5 @@
-"""Ctrl-C during training: the first stops the stage after the step in progress (which is then saved), a second one
-stops at once."""
+"""Ctrl-C (or SIGTERM, as schedulers and torchrun stop jobs) during training: the first stops the stage after the step
+in progress (which is then saved), a second one stops at once."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ class StopRequest:
 
 @contextlib.contextmanager
 def stop_on_interrupt() -> Iterator[StopRequest]:
-    """While active, SIGINT sets ``requested`` instead of raising (outside the main thread it changes nothing)."""
+    """While active, SIGINT and SIGTERM set ``requested`` instead of ending the process (outside the main thread it
+    changes nothing)."""
     request = StopRequest()
     if threading.current_thread() is not threading.main_thread():
         yield request
@@ -33,10 +34,12 @@ def stop_on_interrupt() -> Iterator[StopRequest]:
         if request.requested:
             raise KeyboardInterrupt
         request.requested = True
-        log.warning("stopping after this step, which will be saved (Ctrl-C again to stop at once, unsaved)")
+        name = signal.Signals(signum).name
+        log.warning("%s: stopping after this step, which will be saved (again to stop at once, unsaved)", name)
 
-    previous = signal.signal(signal.SIGINT, handle)
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield request
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -198,11 +198,13 @@ def _over_ranks(
 
 
 def agreed(stop: StopRequest, world: World) -> StopRequest:
-    """Ctrl-C reaches the ranks at different moments: they stop after the same step when any of them was asked."""
-    if world.active:
-        flag = world.sum(torch.tensor(float(stop.requested), device=world.device))
-        stop.requested = bool(flag > 0)
-    return stop
+    """Ctrl-C reaches the ranks at different moments: they stop after the same step when any of them was asked. The
+    decision is a new request; ``stop`` keeps its own, so one that arrives while the ranks agree counts next step."""
+    if not world.active:
+        return stop
+    decision = StopRequest()
+    decision.requested = bool(world.sum(torch.tensor(float(stop.requested), device=world.device)) > 0)
+    return decision
 
 
 class NoMetrics(contextlib.nullcontext):

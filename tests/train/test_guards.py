@@ -70,15 +70,17 @@ def test_loop_never_saves_non_finite_weights(small_model, small_processor, tmp_p
     assert all(torch.isfinite(t).all() for t in KimiVL.from_pretrained(saved).state_dict().values())
 
 
-def test_ctrl_c_saves_the_step_and_stops(small_model, small_processor, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_saves_the_step_and_stops(small_model, small_processor, tmp_path, sig):
+    """Ctrl-C, and SIGTERM (how SLURM, Kubernetes and torchrun stop a job), save the step in progress and stop."""
     model, data, opt, sched = setup(small_model, small_processor)
     calls = {"n": 0}
-    before = signal.getsignal(signal.SIGINT)  # Python's default, or SIG_IGN in a job started in the background
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # default, or SIG_IGN in background
 
     def interrupt_in_step_2(model, batch):
         calls["n"] += 1
         if calls["n"] == 2:
-            os.kill(os.getpid(), signal.SIGINT)  # handled after the step, not inside it
+            os.kill(os.getpid(), sig)  # handled after the step, not inside it
         return joint_loss(model, batch)
 
     with pytest.raises(Interrupted, match=r"s: stopped at your request after step 2 of 6; saved at .*step-0000002"):
@@ -94,7 +96,32 @@ def test_ctrl_c_saves_the_step_and_stops(small_model, small_processor, tmp_path)
             progress=False,
         )
     assert latest_checkpoint(tmp_path / "s" / "checkpoints").name == "step-0000002"
-    assert signal.getsignal(signal.SIGINT) is before  # Ctrl-C behaves as it did before the run
+    assert {s: signal.getsignal(s) for s in before} == before  # the signals behave as they did before the run
+
+
+def test_a_stop_asked_while_the_ranks_agree_counts_at_the_next_step():
+    """A signal landing inside the all-reduce must not be erased by its result: every rank then stops a step later."""
+    from kimivl.train.interrupt import StopRequest
+    from kimivl.train.loop import agreed
+
+    stop = StopRequest()
+
+    class World:
+        active, device = True, "cpu"
+
+        def __init__(self):
+            self.calls = 0
+
+        def sum(self, t):
+            self.calls += 1
+            if self.calls == 1:
+                stop.requested = True  # arrives during the collective, after this rank sent 0
+                return torch.tensor(0.0)
+            return t  # the next step: this rank's request is in the sum
+
+    world = World()
+    assert not agreed(stop, world).requested and stop.requested  # this step: nobody asked; the request stays
+    assert agreed(stop, world).requested
 
 
 def test_a_full_disk_is_named_and_leaves_no_partial_checkpoint(small_model, small_processor, tmp_path, monkeypatch):
