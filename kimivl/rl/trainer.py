@@ -231,6 +231,7 @@ class RLTrainer:
                 raise AssertionError("the policy changed while the reference pi_i's samples and log-probs were taken")
         ref_seq = torch.stack([t.sum() for t in ref_tokens])
 
+        lr = self.scheduler.get_last_lr()[0]  # the rate this iteration's update uses (the scheduler moves on next)
         order = torch.randperm(len(rolls), generator=torch.Generator().manual_seed(base_seed + 999))
         losses, seen, seen_ref, grad_norm = self._update(
             order, prompts, responses, sample_images, ref_tokens, ref_seq, advantage
@@ -267,7 +268,7 @@ class RLTrainer:
             "all_wrong": (~correct_PK).all(1).float().mean().item(),
             "loss": torch.cat(losses).mean().item(),
             "grad_norm": grad_norm.item(),
-            "lr": self.scheduler.get_last_lr()[0],
+            "lr": lr,
             "rollout_tokens_per_s": tokens / rollout_s,
             "seconds": time.perf_counter() - start,
         }

@@ -139,6 +139,7 @@ def train_loop(
                 metered.append(values)
                 n_tokens += n
             loss, values, n_tokens = _over_ranks(losses, metered, n_tokens, world)
+            lr = scheduler.get_last_lr()[0]  # the rate this step trained at (the scheduler moves on next)
             grad_norm = optimizer_step(model, optimizer, cfg.clip, where, state.last_good, world)
             scheduler.step()
             if moe and world.active:
@@ -161,7 +162,7 @@ def train_loop(
             if held_out or step % cfg.log_every == 0 or step == cfg.steps:
                 last = {
                     "loss": loss.item(),
-                    "lr": scheduler.get_last_lr()[0],
+                    "lr": lr,
                     "grad_norm": grad_norm.item(),
                     "tokens_per_s": rate,
                     **values,

@@ -257,3 +257,14 @@ def test_resuming_with_other_trained_parameters_is_named(small_model, small_proc
             "s",
             progress=False,
         )
+
+
+def test_the_logged_lr_is_the_rate_each_step_trained_at(small_model, small_processor, tmp_path):
+    """Warm-up and cosine move the rate every step: each logged lr is the one the optimizer stepped with."""
+    model, data, opt, sched = setup(small_model, small_processor)
+    used = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: used.append(o.param_groups[0]["lr"]))
+    train_loop(model, joint_loss, data, opt, sched, LoopConfig(steps=4, log_every=1), tmp_path, "s", progress=False)
+    logged = [json.loads(line)["lr"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(used) == 4 and used[0] < used[1] > used[3]  # a warm-up of 2 steps, then the decay
+    assert logged == pytest.approx(used, rel=1e-12)
