@@ -109,7 +109,7 @@ def save_gathered(
         if len(groups) > 1:
             total = sum(t.numel() * t.element_size() for t in planned.values())
             write_index(path, {k: names[i] for k, i in file_of.items()}, total)
-        model.config.save_pretrained(path)
+        model.stored_config(dtype).save_pretrained(path)
 
 
 def _official(name: str, whole: torch.Tensor, hidden: int | None) -> Iterator[tuple[str, torch.Tensor]]:

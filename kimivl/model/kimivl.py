@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 import shutil
 from dataclasses import dataclass
@@ -144,6 +145,14 @@ class KimiVL(nn.Module):
         load_checkpoint(model, path)
         return model.eval()
 
+    def stored_config(self, dtype: torch.dtype | None = None) -> KimiVLConfig:
+        """The config to write beside weights saved in ``dtype`` (None: as held): its ``torch_dtype`` names that dtype
+        (the widest held), which is what ``from_pretrained`` loads them in."""
+        held = (t.dtype for t in itertools.chain(self.parameters(), self.buffers()) if t.is_floating_point())
+        config = copy.deepcopy(self.config)
+        config.text_config.torch_dtype = str(dtype or max(held, key=lambda d: d.itemsize)).removeprefix("torch.")
+        return config
+
     def save_pretrained(
         self, path: str | os.PathLike, *, max_shard_bytes: int = 5 * 2**30, dtype: torch.dtype | None = None, **frozen
     ) -> None:
@@ -152,11 +161,7 @@ class KimiVL(nn.Module):
         the config's ``torch_dtype`` names that dtype (the widest held). A failed save (a full disk) raises
         ``CheckpointError``; a directory that the call created is removed again."""
         created = not os.path.exists(path)
-        stored = dtype or max(
-            (t.dtype for t in self.state_dict().values() if t.is_floating_point()), key=lambda d: d.itemsize
-        )
-        config = copy.deepcopy(self.config)  # torch_dtype names what the files hold: from_pretrained loads that
-        config.text_config.torch_dtype = str(stored).removeprefix("torch.")
+        config = self.stored_config(dtype)
         try:
             try:
                 config.save_pretrained(path)

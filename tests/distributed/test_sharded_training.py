@@ -209,6 +209,9 @@ def test_a_layout_that_does_not_fit_the_world_is_refused_before_anything_runs(mo
         init_world({"dp_shard": 2}, "cpu")
 
 
+FINALS = ("vit/final", "align/final", "pretrain/final")
+
+
 def test_a_recipe_under_torchrun_matches_one_process(data_dir, tmp_path):  # noqa: F811
     """From a preset, vit (with recompute), a projector-only joint stage, a joint stage with image standardisation
     and lr_scale: the same losses and exported weights as one process; no rank ever holds the whole model (the
@@ -238,6 +241,9 @@ def test_a_recipe_under_torchrun_matches_one_process(data_dir, tmp_path):  # noq
         assert line in done.stderr, line
     close(metrics(results["sharded"]), metrics(results["single"]), keys=("loss", "grad_norm"))
     assert len(metrics(results["single"])) == 5  # vit logs its last step, the joint stages every step
+    for run_dir, stage in [(results["sharded"], "initial")] + [(r, s) for r in results.values() for s in FINALS]:
+        config = json.loads((run_dir / stage / "config.json").read_text())  # float32 on disk, and it says so
+        assert config["text_config"]["torch_dtype"] == "float32", (run_dir, stage)
     a, b = (
         load_file(results["single"] / "export" / "model.safetensors"),
         load_file(results["sharded"] / "export" / "model.safetensors"),
