@@ -198,7 +198,16 @@ class TrainState:
                 f"trains ({e}); resume with the stage's settings of that run (train, freeze, "
                 "lr_scale), or start the stage afresh"
             ) from None
-        self.scheduler.load_state_dict(state["scheduler"])
+        now, then = self.scheduler.state_dict(), state["scheduler"]
+        changed = {k: (then.get(k), now.get(k)) for k in ("base_lrs", "lr_lambdas") if then.get(k) != now.get(k)}
+        if changed:  # loading would quietly keep the old schedule
+            raise TrainingError(
+                f"{self.stage}: the learning-rate schedule of this run differs from the one {found} was trained "
+                f"with ({'; '.join(f'{k}: {a} then, {b} now' for k, (a, b) in changed.items())}): lr, steps, "
+                "warmup or the schedule changed in the recipe. Resume with that run's settings, or start the stage "
+                f"afresh (remove {self.ckpt_dir})"
+            )
+        self.scheduler.load_state_dict(then)
         for name, part in self.extras.items():
             part.load_state_dict(state[name])
         self.step, self.position, self.saved = state["step"], state.get("position", 0), found

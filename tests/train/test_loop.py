@@ -268,3 +268,29 @@ def test_the_logged_lr_is_the_rate_each_step_trained_at(small_model, small_proce
     logged = [json.loads(line)["lr"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(used) == 4 and used[0] < used[1] > used[3]  # a warm-up of 2 steps, then the decay
     assert logged == pytest.approx(used, rel=1e-12)
+
+
+def test_resuming_with_another_schedule_is_refused(small_model, small_processor, tmp_path):
+    """Loading the checkpoint's scheduler would quietly keep its lr and length: a changed recipe is named instead."""
+    from kimivl.train.schedule import WarmupCosine, scheduler_at
+    from kimivl.train.step import TrainingError
+
+    model, data, opt, sched = setup(small_model, small_processor)
+    train_loop(model, joint_loss, data, opt, sched, LoopConfig(steps=2, ckpt_every=2), tmp_path, "s", progress=False)
+    for lr, schedule, words in ((3e-3, WarmupCosine(2, 16), "total_steps"), (5e-2, WarmupCosine(2, 8), "base_lrs")):
+        model, data, _, _ = setup(small_model, small_processor)
+        opt = build_optimizer(model, lr=lr)
+        with pytest.raises(TrainingError, match=f"schedule of this run differs.*{words}.*start the stage afresh"):
+            train_loop(
+                model,
+                joint_loss,
+                data,
+                opt,
+                scheduler_at(opt, schedule),
+                LoopConfig(steps=4),
+                tmp_path,
+                "s",
+                progress=False,
+            )
+    model, data, opt, sched = setup(small_model, small_processor)  # the same settings resume
+    train_loop(model, joint_loss, data, opt, sched, LoopConfig(steps=4), tmp_path, "s", progress=False)
