@@ -350,12 +350,14 @@ def check_export(recipe: Recipe) -> Path | None:
 
 
 def _export(recipe: Recipe, final: Path, processor: KimiVLProcessor, path: Path) -> None:
-    """The last stage's checkpoint in the export dtype, converted file by file (no process holds the whole model)."""
-    convert_checkpoint(final, path, getattr(torch, recipe.export.get("dtype", "bfloat16")))
-    processor.save_pretrained(path)
+    """The last stage's checkpoint in the export dtype, converted file by file (no process holds the whole model).
+    The run's record goes first: an export cut short by a kill is this run's, and ``--resume`` writes it again."""
+    path.mkdir(parents=True, exist_ok=True)
     write_text_atomic(
         path / EXPORT_RECORD, json.dumps({"out": os.path.relpath(recipe.out.resolve(), path.resolve())}) + "\n"
     )
+    convert_checkpoint(final, path, getattr(torch, recipe.export.get("dtype", "bfloat16")))
+    processor.save_pretrained(path)
     log.info("exported %s", path)
 
 

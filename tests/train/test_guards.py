@@ -238,6 +238,24 @@ def test_export_goes_under_out_and_never_replaces_another_runs_model(
         check_export(recipe)
 
 
+def test_an_export_killed_midway_is_still_this_runs(tmp_path, monkeypatch, small_model, small_processor):
+    """The record goes before the weights: a kill during the export leaves a directory that --resume may write again."""
+    from kimivl.train import pipeline
+
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe(_recipe(tmp_path))
+    small_model.save_pretrained(tmp_path / "final")
+
+    def killed(*args):
+        raise KeyboardInterrupt  # the process dies while the weights are converted
+
+    monkeypatch.setattr(pipeline, "convert_checkpoint", killed)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline._export(recipe, tmp_path / "final", small_processor, check_export(recipe))
+    (tmp_path / "models" / "mine" / "config.json").write_text("{}")  # as far as the kill let it get
+    assert check_export(recipe).resolve() == tmp_path / "models" / "mine"
+
+
 def _ctx(records, processor, text=False):
     from types import SimpleNamespace
 
