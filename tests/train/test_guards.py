@@ -296,3 +296,11 @@ def test_sources_that_cannot_train_are_found_before_training(small_processor, ca
     check_problems(rl, _ctx([{**chat, "meta": {"gold": "4"}}], small_processor))
     with pytest.raises(DataError, match="record 1 of c is no RL problem: it needs a user prompt and meta.gold"):
         check_problems(rl, _ctx([{**chat, "meta": {"task": "x"}}], small_processor))
+    for meta, words in (  # what the reward would fail on mid-run is found before training
+        ({"task": "reasoning", "gold": "n/a"}, "the reasoning reward cannot check .ValueError: could not convert"),
+        ({"task": "reasoning", "gold": None}, "the reasoning reward cannot check .TypeError"),
+        ({"task": "gui", "gold": "x"}, r"the gui reward cannot check \(missing meta.box\)"),
+    ):
+        with pytest.raises(DataError, match=f"record 1 of c has a meta.gold {words}"):
+            check_problems(rl, _ctx([{**chat, "meta": meta}], small_processor))
+    check_problems(rl, _ctx([{**chat, "meta": {"task": "gui", "gold": "x", "box": [0, 0, 1, 1]}}], small_processor))

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kimivl.data.indexed import Concat
+from kimivl.rl.rewards import REWARDS, binary
 from kimivl.rl.trainer import RLConfig, RLTrainer, prompt_of
 from kimivl.train.recipe import Recipe, RecipeError
 from kimivl.train.stages.base import PartsSettings, Prepared, StageContext, check_records
@@ -59,8 +60,16 @@ def check_problems(stage: RLStage, ctx: StageContext) -> None:
 
 
 def _no_problem(record: dict) -> str | None:
-    if "gold" not in record.get("meta", {}) or not prompt_of(record):
+    meta = record.get("meta", {})
+    if "gold" not in meta or not prompt_of(record):
         return "is no RL problem: it needs a user prompt and meta.gold, the answer its reward checks"
+    task = meta.get("task")
+    try:  # the reward's checker on stand-in answers: a gold (or box) it cannot read fails here, not mid-run
+        for answer in ("0", "(0, 0)"):
+            REWARDS.get(task, binary)(answer, meta)
+    except (KeyError, TypeError, ValueError) as e:
+        what = f"missing meta.{e.args[0]}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+        return f"has a meta.gold the {task or 'default'} reward cannot check ({what})"
     return None
 
 
