@@ -557,6 +557,31 @@ def test_the_plan_is_what_the_run_then_logs(data_dir, tmp_path, small_model, sma
     assert lm < projector < sum(4 * p.numel() for p in small_model.parameters()) / 1e6
 
 
+def test_a_plan_refuses_a_budget_no_sample_fits_or_past_the_context(data_dir, tmp_path, small_model, small_processor):
+    """Both failed at the run's first step (after writing a checkpoint); the plan and the run now refuse them first."""
+    base = tmp_path / "base"
+    small_model.save_pretrained(base)
+    small_processor.save_pretrained(base)
+    context = small_model.config.text_config.max_position_embeddings
+    for budget, words in ((16, "none of 32 sampled records fits the budget of 16 tokens"), (context + 1, "context")):
+        stage = {"name": "lm", "kind": "joint", "steps": 2, "lr": 1e-3, "budget": budget, "mix": {"text": 1}}
+        recipe = {
+            "name": "p",
+            "out": str(tmp_path / "run"),
+            "base": {"checkpoint": str(base)},
+            "sources": {"text": str(data_dir / "text.jsonl")},
+            "stages": [stage],
+        }
+        (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+        with pytest.raises(RecipeError, match=f"stage 'lm': .*{words}"):
+            plan_recipe(load_recipe(tmp_path / "r.yaml"))
+    stage["budget"] = 25  # some samples fit: the plan counts those and says how many are skipped
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({**recipe, "stages": [stage]}))
+    line = plan_recipe(load_recipe(tmp_path / "r.yaml"))[1]
+    over = int(re.search(r"(\d+) of 32 sampled records are over the budget and skipped", line).group(1))
+    assert 0 < over < 32
+
+
 def test_a_plan_holds_nothing_in_bf16_from_a_float32_checkpoint(data_dir, tmp_path, small_model, small_processor):
     plans = {}
     for dtype in (torch.float32, torch.bfloat16):

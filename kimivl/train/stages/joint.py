@@ -20,6 +20,7 @@ from kimivl.train.validation import heldout_loss, heldout_rows
 
 CALIBRATION_SAMPLES = 32  # per image source, for standardize_images
 PROBE_RECORDS = 8  # per source, checked for scored tokens before training
+PROBE_SAMPLES = 32  # sampled to plan a stage: their mean length, and how many fit the budget
 log = logging.getLogger(__name__)
 
 
@@ -73,12 +74,19 @@ def _check_val(where: str, val: Any) -> None:
 
 
 def stage_mixture(stage: JointStage, ctx: StageContext, encode) -> tuple[Mixture, str]:
-    """A joint stage's data, and a line saying about how many samples its steps hold (from the mean length of 32
-    samples) and how many passes over each source they make (the weights move linearly from ``mix`` to
-    ``mix_end``, so each source gets the mean of its two shares)."""
+    """A joint stage's data, and a line saying about how many samples its steps hold (from the mean length of the
+    ``PROBE_SAMPLES`` sampled ones that fit the budget) and how many passes over each source they make (the weights
+    move linearly from ``mix`` to ``mix_end``, so each source gets the mean of its two shares)."""
     items, seed = ctx.sources.items, ctx.recipe.seed
     probe = Mixture(items, encode, stage.budget, stage.mix, stage.mix_end, seed=seed)
-    mean_len = statistics.mean(len(probe.sample(i).input_ids) for i in range(32))
+    lengths = [len(probe.sample(i).input_ids) for i in range(PROBE_SAMPLES)]
+    fitting = [n for n in lengths if n <= stage.budget]  # longer samples are skipped when rows are packed
+    if not fitting:
+        raise RecipeError(
+            f"stage {stage.name!r}: none of {PROBE_SAMPLES} sampled records fits the budget of {stage.budget} "
+            f"tokens (the shortest holds {min(lengths)}): raise budget or shorten the data"
+        )
+    mean_len = statistics.mean(fitting)
     horizon = int(stage.steps * stage.accum * stage.budget / mean_len)
     used = set(stage.mix) | set(stage.mix_end or {})
     data = Mixture(
@@ -96,9 +104,11 @@ def stage_mixture(stage: JointStage, ctx: StageContext, encode) -> tuple[Mixture
         f"{name} {horizon * (a / start + b / end) / 2 / len(items[name]):.2f}"
         for name, a, b in zip(data.names, data.start, data.end)
     )
+    over = len(lengths) - len(fitting)
+    skipped = f"; {over} of {PROBE_SAMPLES} sampled records are over the budget and skipped" if over else ""
     return data, (
         f"stage {stage.name}: about {horizon} samples ({round(mean_len)} tokens each on average); "
-        f"passes over each source: {passes}"
+        f"passes over each source: {passes}{skipped}"
     )
 
 
@@ -134,6 +144,9 @@ def joint_loss(model, batch) -> tuple[torch.Tensor, dict[str, float], int]:
 
 def prepare(stage: JointStage, ctx: StageContext, model) -> Prepared:
     recipe, sources = ctx.recipe, ctx.sources
+    context = model.config.text_config.max_position_embeddings
+    if stage.budget > context:  # a packed row is one sequence of positions: it must fit the model's context
+        raise RecipeError(f"stage {stage.name!r}: budget {stage.budget} is over the model's context ({context} tokens)")
     stage.freeze_model(model)
     encode = sources.encoder(ctx.processor)
     check_sources(stage, ctx, encode)
