@@ -268,6 +268,7 @@ def _ctx(records, processor, text=False):
 
 def test_sources_that_cannot_train_are_found_before_training(small_processor, caplog, tmp_path):
     from kimivl.data.formats import DataError
+    from kimivl.processing.image import ImageError
     from kimivl.train.stages.joint import JointStage, check_sources
     from kimivl.train.stages.rl import RLStage, check_problems
 
@@ -283,6 +284,12 @@ def test_sources_that_cannot_train_are_found_before_training(small_processor, ca
     nothing = type(small_processor.encode_text("x"))([1, 2], torch.zeros(0, 3, 14, 14), torch.zeros(0, 2), [-100] * 2)
     check_sources(stage, _ctx([chat], small_processor), lambda name, record: nothing)
     assert "the first 1 records of data source 'c' score no token" in caplog.text
+
+    def truncated(name, record):  # a PNG whose header reads but whose pixels do not
+        raise ImageError("image x.png cannot be decoded: image file is truncated")
+
+    with pytest.raises(DataError, match="data source 'c': record 1 of c cannot be encoded: image x.png cannot be"):
+        check_sources(stage, _ctx([chat], small_processor), truncated)
 
     posing = tmp_path / "notes.png"
     posing.write_text("a text file posing as an image")

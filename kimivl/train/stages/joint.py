@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from kimivl.data.formats import DataError
 from kimivl.data.mixture import Mixture
 from kimivl.processing.processor import IGNORE_INDEX
 from kimivl.train.calibrate import standardize_image_features
@@ -120,7 +121,13 @@ def check_sources(stage: JointStage, ctx: StageContext, encode) -> None:
     check_records(ctx, names, _no_answer)
     for name in names:
         items = ctx.sources.items[name]
-        probe = [encode(name, items[i]) for i in range(min(PROBE_RECORDS, len(items)))]
+        probe = []
+        for i in range(min(PROBE_RECORDS, len(items))):
+            try:
+                probe.append(encode(name, items[i]))
+            except ValueError as e:  # an image whose header reads but whose pixels do not, a malformed turn
+                where = f"record {i + 1} of {getattr(items, 'path', name)}"
+                raise DataError(f"data source {name!r}: {where} cannot be encoded: {e}") from None
         if probe and not any(label != IGNORE_INDEX for e in probe for label in e.labels):
             log.warning(
                 "stage %s: the first %d records of data source %r score no token (every label masked): it "
