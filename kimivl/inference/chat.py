@@ -41,7 +41,8 @@ def stream_generate(model, processor, messages: list[dict], **sampling) -> Itera
 
 def generate(model, processor, messages: list[dict] | list[list[dict]], **sampling) -> str | list[str]:
     """The answer to one conversation, or a list of answers for a list of conversations (generated as one
-    batch). ``sampling`` takes ``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``, ``seed``."""
+    batch). ``sampling`` takes ``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``, ``seed`` (a seeded batch
+    samples from one generator: a conversation's sampled answer depends on the batch; greedy ones do not)."""
     conversations = messages if _is_batch(messages) else [messages]
     texts = [""] * len(conversations)
     for pieces in _pieces(model, processor, conversations, SamplingParams.from_kwargs(**sampling)):

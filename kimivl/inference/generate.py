@@ -1,7 +1,9 @@
 """Batched generation on token ids with the compressed MLA cache.
 
 Prompts of different lengths are left-padded into one batch; each row's positions start at its first real token,
-and padding is masked out of attention, so a row generates exactly what it would alone.
+and padding is masked out of attention, so a greedy row generates exactly what it would alone. A seeded batch
+samples from one generator, so a sampled row depends on the rows beside it (RL's k answers to one prompt, side by
+side, differ so); the server seeds each choice apart (seed + i).
 """
 
 from __future__ import annotations
