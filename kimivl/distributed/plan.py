@@ -23,7 +23,8 @@ largest chunk, ceil(rows / ranks) rows, so every rank holds (and this plan count
   plus one layer's gradients (each layer counted as the largest).
   A layer's tensors are its attention and its MLP as ``kimivl.inference.memory.prefill_activation_bytes`` counts them
   for one chunk of ``tokens`` tokens, with, under expert parallelism, the exchanged rows and outputs (2 T k D); the
-  residual stream counts 4 T D and the logits T V (compute dtype, float32 copy, float32 gradient). Image patches
+  residual stream counts 4 T D and the logits T V, at most ``LOGITS_LIMIT`` of them (compute dtype, float32 copy,
+  float32 gradient: the loss runs the head in chunks of positions past that limit). Image patches
   through the vision tower come on top.
 
 Not counted: Muon's transient whole-matrix gradients on their owner ranks, the backend's own buffers, allocator slack.
@@ -41,6 +42,7 @@ from torch import nn
 from kimivl.config import TextConfig
 from kimivl.inference.memory import prefill_activation_bytes
 from kimivl.model.moe import GroupedExperts
+from kimivl.model.target_logprobs import LOGITS_LIMIT
 from kimivl.train.optim import partition_params
 from kimivl.train.trainable import STATES
 
@@ -139,7 +141,7 @@ def activation_bytes(
     per = prefill_activation_bytes(t, tokens, tokens, dtype)
     exchanged = 2 * tokens * t.num_experts_per_tok * t.hidden_size * b if ep > 1 else 0
     layer = per["attention"] + per["mlp"] + exchanged
-    logits = tokens * t.vocab_size * (b + 4 + 4)
+    logits = min(tokens * t.vocab_size, LOGITS_LIMIT) * (b + 4 + 4)  # the loss takes the head in chunks past that
     residual = 4 * tokens * t.hidden_size * b
     if recompute:
         return t.num_hidden_layers * tokens * t.hidden_size * b + 2 * layer + residual + logits
