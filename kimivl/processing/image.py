@@ -18,8 +18,6 @@ restores that), and 16-bit / float images are rescaled instead of being clipped 
 
 from __future__ import annotations
 
-import base64
-import binascii
 import io
 import json
 import math
@@ -32,6 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from kimivl.processing.data_url import data_url_bytes
 
 CONFIG_FILE = "preprocessor_config.json"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -57,17 +57,6 @@ def _describe(image: Any) -> str:
     if isinstance(image, Image.Image):
         return f"<PIL {image.mode} {image.size[0]}x{image.size[1]}>"
     return f"<{type(image).__name__}>"
-
-
-def _data_url_bytes(url: str, name: str) -> bytes:
-    """The bytes of a ``data:<mime type>;base64,<data>`` URL (as OpenAI-style clients send images)."""
-    header, comma, payload = url.partition(",")
-    if not comma or not header.endswith(";base64"):
-        raise ImageError(f"image {name}: a data: URL must be 'data:<mime type>;base64,<data>'")
-    try:
-        return base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        raise ImageError(f"image {name}: the data: URL's payload is not valid base64") from None
 
 
 def _from_array(a: np.ndarray, name: str) -> Image.Image:
@@ -190,7 +179,11 @@ class ImageProcessor:
         elif isinstance(image, Image.Image):
             img = image
         elif isinstance(image, str) and image.startswith("data:"):
-            img = self._open(_data_url_bytes(image, name), name)
+            try:
+                data = data_url_bytes(image)
+            except ValueError as e:
+                raise ImageError(f"image {name}: {e}") from None
+            img = self._open(data, name)
         elif isinstance(image, (str, os.PathLike, bytes, bytearray)):
             img = self._open(image, name)
         else:

@@ -9,8 +9,6 @@ list of frames, each an image URL as above (with ``timestamps`` in seconds, or `
 
 from __future__ import annotations
 
-import base64
-import binascii
 import io
 import math
 import os
@@ -21,6 +19,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from kimivl.inference.sampling import MAX_SEED
+from kimivl.processing.data_url import data_url_bytes
 
 
 class RequestError(ValueError):
@@ -86,15 +85,10 @@ def _image_bytes(url: Any, where: str, limits: Limits) -> bytes:
     if not isinstance(url, str) or not url:
         raise RequestError(f"{where}: image_url must be {{'url': 'data:image/...;base64,...'}}", where)
     if url.startswith("data:"):
-        header, comma, payload = url.partition(",")
-        if not comma or not header.endswith(";base64"):
-            raise RequestError(f"{where}: a data: URL must be 'data:<mime type>;base64,<data>'", where)
-        if len(payload) > (limits.max_image_bytes + 2) // 3 * 4 + 4:
-            raise RequestError(f"{where}: the image is over the limit of {limits.max_image_bytes} bytes", where)
         try:
-            data = base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError):
-            raise RequestError(f"{where}: the data: URL's payload is not valid base64", where) from None
+            data = data_url_bytes(url, limits.max_image_bytes)
+        except ValueError as e:
+            raise RequestError(f"{where}: {e}", where) from None
     elif limits.allowed_local_media_path and (url.startswith("file://") or url.startswith("/")):
         path = os.path.realpath(url.removeprefix("file://"))
         root = os.path.realpath(limits.allowed_local_media_path)
@@ -139,13 +133,10 @@ def _video(part: dict, kind: str, at: str, limits: Limits, n_frames: list[int]) 
         n_frames[0] += 1
         if n_frames[0] > limits.max_frames:
             raise RequestError(f"more than {limits.max_frames} video frames in one request (the limit)", "messages")
-        header, comma, payload = source.partition(",")
-        if not comma or not header.endswith(";base64"):
-            raise RequestError(f"{at}: a data: URL must be 'data:<mime type>;base64,<data>'", at)
         try:
-            data = base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError):
-            raise RequestError(f"{at}: the data: URL's payload is not valid base64", at) from None
+            data = data_url_bytes(source)
+        except ValueError as e:
+            raise RequestError(f"{at}: {e}", at) from None
         return {
             "type": "video",
             "video": data,
