@@ -125,6 +125,14 @@ class CommandError(ValueError):
     """A command-line setting that cannot work here (e.g. a device this machine lacks)."""
 
 
+def _at_least_one(args: argparse.Namespace, *names: str) -> None:
+    """Each of these numeric flags, when given, is at least 1."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise CommandError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+
 def resolve_device(name: str | None) -> str:
     """``--device``: a GPU when there is one and none was named; a named device must exist here and hold weights."""
     from kimivl.devices import DeviceError, check_device
@@ -247,9 +255,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from kimivl.serve.engine import Engine
     from kimivl.serve.schema import Limits
 
-    for name in ("port", "max_batch", "max_queue", "prefill_chunk"):
-        if getattr(args, name) < 1:
-            raise CommandError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    _at_least_one(args, "port", "max_batch", "max_queue", "prefill_chunk")
     if args.allowed_local_media_path and not os.path.isdir(args.allowed_local_media_path):
         raise CommandError(f"--allowed-local-media-path {args.allowed_local_media_path}: not a directory")
     model, processor = _load(args.model, args.dtype, args.device)
@@ -373,9 +379,7 @@ def _eval(args: argparse.Namespace) -> int:
     tasks = [get_task(name.strip()) for name in args.task.split(",") if name.strip()]
     if not tasks:
         raise CommandError(f"--task {args.task!r} names no task; give one or more, comma-separated")
-    for name in ("batch_size", "max_new_tokens", "limit", "trials"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise CommandError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    _at_least_one(args, "batch_size", "max_new_tokens", "limit", "trials")
     data = _data_paths(args.data, tasks)
     for task in tasks:
         if task.needs_data and task.name not in data:
