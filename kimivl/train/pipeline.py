@@ -216,6 +216,22 @@ def compute_line(recipe: Recipe) -> str:
     return f"training on {recipe.device} in {autocast}"
 
 
+def memory_line(
+    stage: StageSettings, trainee: torch.nn.Module, model: KimiVL, layout: tuple[int, int] | None, bf16: bool
+) -> str:
+    """What a stage holds, as the run logs it and ``--plan`` prints it: in one process, or per rank of a
+    ``layout`` (dp_shard, ep), where the weights (and a vit stage's tower) are sharded. A sharded layout is planned
+    on the whole model, before it is sharded."""
+    plan = memory_plan(trainee)
+    if layout is None:
+        return f"stage {stage.name} {plan}"
+    if not isinstance(trainee, KimiVL):
+        return f"stage {stage.name} {plan}, before FSDP shards it over {layout[0]} ranks"
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    per_rank = rank_memory_plan(model, *layout, getattr(stage, "budget", 4096), dtype, stage.recompute)
+    return f"stage {stage.name} {plan.counts}; {per_rank}"
+
+
 def run_stage(
     recipe: Recipe,
     stage: StageSettings,
@@ -242,10 +258,8 @@ def run_stage(
         load_sharded_checkpoint(model.vision_tower, source, world, prefix="vision_tower.")
     prepared = prepare(stage, StageContext(recipe, sources, processor, world), model)
     log.info("%s", prepared.data_line)
-    if world.active and isinstance(prepared.trainee, KimiVL):
-        dtype = torch.bfloat16 if use_bf16(world.device, recipe.bf16) else torch.float32
-        plan = rank_memory_plan(model, world.dp_shard, world.ep, getattr(stage, "budget", 4096), dtype, stage.recompute)
-        log.info("stage %s %s", stage.name, plan)
+    bf16 = use_bf16(recipe.device, recipe.bf16)
+    sharded_line = memory_line(stage, prepared.trainee, model, (world.dp_shard, world.ep), bf16) if world.active else ""
     if prepared.trainee is model and _unloaded(model):
         log.info("stage %s: every rank reads only its shards of %s", stage.name, source)
         parallelize(model, world, recompute=stage.recompute)
@@ -270,7 +284,7 @@ def run_stage(
     hold = prepared.hold_frozen_bf16 and not world.active and use_bf16(model.device, recipe.bf16)
     held = hold_frozen_in_bf16(model) if hold else []
     try:
-        log.info("stage %s %s", stage.name, memory_plan(prepared.trainee))
+        log.info("%s", sharded_line or memory_line(stage, prepared.trainee, model, None, bf16))
         return prepared.run(optimizer, scheduler, progress)
     finally:  # the model leaves the stage as it came, even when the stage stops with an error
         optimizer.zero_grad(set_to_none=True)  # gradients and optimiser state go before held weights grow back

@@ -14,11 +14,11 @@ from kimivl.checkpoint import checkpoint_files
 from kimivl.model.kimivl import KimiVL
 from kimivl.precision import use_bf16
 from kimivl.processing.processor import KimiVLProcessor
-from kimivl.train.pipeline import Sources, base_checkpoint, base_config, compute_line, recipe_tokenizer
+from kimivl.train.pipeline import Sources, base_checkpoint, base_config, compute_line, memory_line, recipe_tokenizer
 from kimivl.train.recipe import Recipe
 from kimivl.train.stages import prepare
 from kimivl.train.stages.base import StageContext
-from kimivl.train.trainable import hold_frozen_in_bf16, memory_plan, restore_float32
+from kimivl.train.trainable import hold_frozen_in_bf16, restore_float32
 
 
 def stored_in_bf16(path: Path) -> bool:
@@ -49,11 +49,16 @@ def plan_recipe(recipe: Recipe, progress: bool = False) -> list[str]:
         return bf16_base and name not in trained
 
     bf16 = use_bf16(recipe.device, recipe.bf16)
+    parallel = recipe.parallel or {}
+    layout = (parallel["dp_shard"], parallel.get("ep", 1)) if parallel.get("dp_shard") else None
     lines = [compute_line(recipe)]
+    if parallel and layout is None:
+        lines.append("memory is planned for one process: give --dp-shard N for the plan per rank of N")
     for stage in recipe.stages:
         prepared = prepare(stage, ctx, model)
-        held = hold_frozen_in_bf16(model, from_checkpoint) if prepared.hold_frozen_bf16 and bf16 else []
-        lines += [prepared.data_line, f"stage {stage.name} {memory_plan(prepared.trainee)}"]
+        hold = prepared.hold_frozen_bf16 and bf16 and not parallel  # as the run: sharded ranks hold nothing in bf16
+        held = hold_frozen_in_bf16(model, from_checkpoint) if hold else []
+        lines += [prepared.data_line, memory_line(stage, prepared.trainee, model, layout, bf16)]
         restore_float32(held)
         trained |= {name for name, p in model.named_parameters() if p.requires_grad}
         model.requires_grad_(True)

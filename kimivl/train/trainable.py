@@ -84,13 +84,18 @@ class MemoryPlan:
     gradients: int
     optimizer: int
 
+    @property
+    def counts(self) -> str:
+        """``trains X of Y parameters``."""
+        count = (lambda n: f"{n / 1e9:.2f}B") if self.total >= 1e9 else (lambda n: f"{n / 1e6:.2f}M")
+        return f"trains {count(self.trained)} of {count(self.total)} parameters"
+
     def __str__(self) -> str:
         def gb(n: int) -> str:
             return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
-        count = (lambda n: f"{n / 1e9:.2f}B") if self.total >= 1e9 else (lambda n: f"{n / 1e6:.2f}M")
         return (
-            f"trains {count(self.trained)} of {count(self.total)} parameters; holds weights {gb(self.weights)}, "
+            f"{self.counts}; holds weights {gb(self.weights)}, "
             f"gradients {gb(self.gradients)}, optimiser state {gb(self.optimizer)} "
             f"(total {gb(self.weights + self.gradients + self.optimizer)}, activations on top)"
         )

@@ -239,6 +239,11 @@ def test_a_recipe_under_torchrun_matches_one_process(data_dir, tmp_path):  # noq
         "standardised image features over",
     ):
         assert line in done.stderr, line
+    plan = run(["-m", "kimivl", "train", str(tmp_path / "sharded.yaml"), "--plan", "--dp-shard", "2"], None)
+    memory = [line for line in plan.stdout.splitlines() if "holds" in line or "per rank" in line]
+    assert len(memory) == 3 and "before FSDP shards it over 2 ranks" in memory[0] and "per rank" in memory[1]
+    for line in memory:  # the plan per rank is what the ranks log
+        assert line in done.stderr, line
     close(metrics(results["sharded"]), metrics(results["single"]), keys=("loss", "grad_norm"))
     assert len(metrics(results["single"])) == 5  # vit logs its last step, the joint stages every step
     for run_dir, stage in [(results["sharded"], "initial")] + [(r, s) for r in results.values() for s in FINALS]:

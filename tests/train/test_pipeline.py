@@ -14,10 +14,12 @@ from kimivl import KimiVL, KimiVLProcessor, precision
 from kimivl.checkpoint import checkpoint_files
 from kimivl.cli import main
 from kimivl.data.formats import DataError, write_records
+from kimivl.distributed.plan import rank_memory_plan
 from kimivl.distributed.recompute import recomputed
 from kimivl.train.pipeline import Sources, run_recipe
 from kimivl.train.plan import plan_recipe
 from kimivl.train.recipe import RecipeError, load_recipe
+from kimivl.train.trainable import memory_plan
 from kimivl.train.validation import heldout_loss, heldout_rows
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220)}
@@ -609,6 +611,35 @@ def test_a_plan_holds_nothing_in_bf16_from_a_float32_checkpoint(data_dir, tmp_pa
         plans[dtype] = plan_recipe(load_recipe(tmp_path / "r.yaml"))[-1]
     float32 = sum(4 * p.numel() for p in small_model.parameters()) / 1e6
     assert f"holds weights {float32:.1f} MB" in plans[torch.float32] and plans[torch.bfloat16] != plans[torch.float32]
+
+
+def test_a_plan_for_sharded_ranks_gives_the_memory_per_rank(data_dir, tmp_path, small_model, small_processor):
+    """With a layout the plan gives the per-rank plan of ``rank_memory_plan`` (the run under torchrun logs the same
+    lines: tests/distributed), without it the one-process plan, saying so when the recipe is parallel."""
+    base = tmp_path / "base"
+    small_model.save_pretrained(base, dtype=torch.bfloat16)
+    small_processor.save_pretrained(base)
+    stage = {"name": "lm", "kind": "joint", "steps": 2, "lr": 1e-3, "budget": 192, "mix": {"text": 1}}
+    recipe = {
+        "name": "p",
+        "out": str(tmp_path / "run"),
+        "base": {"checkpoint": str(base)},
+        "sources": {"text": str(data_dir / "text.jsonl")},
+        "stages": [{**stage, "train": ["language_model"]}],
+    }
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    one = plan_recipe(load_recipe(tmp_path / "r.yaml"))
+    sharded = plan_recipe(load_recipe(tmp_path / "r.yaml", {"parallel": {"dp_shard": 4, "ep": 2}}))
+    small_model.requires_grad_(False)
+    small_model.language_model.requires_grad_(True)
+    per_rank = rank_memory_plan(small_model, 4, 2, 192, torch.bfloat16, recompute=False)
+    assert sharded[-1] == f"stage lm {memory_plan(small_model).counts}; {per_rank}"
+    assert "per rank (dp_shard 4, ep 2)" in sharded[-1] and "per rank" not in one[-1]
+    # one process holds the frozen bf16 checkpoint weights in bf16; sharded ranks do not
+    assert one[-1] != f"stage lm {memory_plan(small_model)}"
+    unsized = plan_recipe(load_recipe(tmp_path / "r.yaml", {"parallel": {"dp_replicate": 2}}))
+    assert unsized[1] == "memory is planned for one process: give --dp-shard N for the plan per rank of N"
+    assert unsized[-1] == f"stage lm {memory_plan(small_model)}"  # nothing held in bf16, as on sharded ranks
 
 
 def test_a_missing_base_checkpoint_is_named_before_anything_runs(data_dir, tmp_path):
