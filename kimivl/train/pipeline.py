@@ -391,6 +391,24 @@ def run_recipe(recipe: Recipe, progress: bool = True, world: World | None = None
     return model.eval()
 
 
+SEED_RECORD = "seed.json"  # in out: the seed the run's stages were trained with
+
+
+def keep_seed(recipe: Recipe, world: World) -> None:
+    """Refuse to go on with a run under another seed than the one its stages began with (each stage's data stream,
+    and a preset's initial weights, follow it: resuming under a new seed would silently change the rest of the
+    stream). Rank 0 records the seed; a run with nothing trained yet may still change it."""
+    path = recipe.out / SEED_RECORD
+    started = any(recipe.out.glob("*/checkpoints/*")) or any(recipe.out.glob(f"*/{FINAL}"))
+    if started and path.is_file() and (then := json.loads(path.read_text())["seed"]) != recipe.seed:
+        raise RecipeError(
+            f"{recipe.out} was trained with seed {then}, not {recipe.seed}: the rest of the run follows its seed, "
+            f"so resume with --seed {then}, or give another --out to train with seed {recipe.seed}"
+        )
+    if world.main:
+        write_text_atomic(path, json.dumps({"seed": recipe.seed}) + "\n")
+
+
 def _run_stages(
     recipe: Recipe, base_dir: Path | None, progress: bool, world: World
 ) -> tuple[KimiVL, Path | None, KimiVLProcessor]:
@@ -404,6 +422,7 @@ def _run_stages(
         if recipe.eval:  # a held-out split that cannot be scored fails now, not after the first stage
             heldout_records(recipe.out / recipe.eval["split"], recipe.eval.get("limit"))
         processor = KimiVLProcessor(recipe_tokenizer(recipe, sources, base_dir))
+        keep_seed(recipe, world)
     source = base_dir
     if world.active:  # every stage reads its shards from a checkpoint: a preset's fresh weights are written first
         source = source or _initial_checkpoint(recipe, processor, world)
