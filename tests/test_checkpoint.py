@@ -96,6 +96,23 @@ def test_the_config_names_the_dtype_the_files_hold(tiny_model, tmp_path):
     assert tiny_model.config.text_config.torch_dtype == "bfloat16"  # the model's own config is left alone
 
 
+def test_a_model_held_in_bf16_saves_and_reloads_in_bf16(tiny_model, tmp_path):
+    """The routers stay float32 in a bf16 model; the config named them (float32), so a bf16 checkpoint saved as held
+    reloaded in float32, twice the memory."""
+    tiny_model.save_pretrained(tmp_path / "a", dtype=torch.bfloat16)
+    held = KimiVL.from_pretrained(tmp_path / "a")
+    assert held.dtype == torch.bfloat16 and held.language_model.model.layers[1].mlp.gate.weight.dtype == torch.float32
+    held.save_pretrained(tmp_path / "b")
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["text_config"]["torch_dtype"] == "bfloat16"
+    again = KimiVL.from_pretrained(tmp_path / "b")
+    assert again.dtype == torch.bfloat16
+    for (k, a), (k2, b) in zip(held.state_dict().items(), again.state_dict().items()):
+        assert k == k2 and a.dtype == b.dtype and torch.equal(a, b), k
+    again.save_pretrained(tmp_path / "c")
+    b, c = load_file(tmp_path / "b" / "model.safetensors"), load_file(tmp_path / "c" / "model.safetensors")
+    assert b.keys() == c.keys() and all(b[k].dtype == c[k].dtype and torch.equal(b[k], c[k]) for k in b)
+
+
 def test_from_pretrained_names_a_bad_dtype_or_device(tiny_model, tmp_path, monkeypatch):
     from kimivl.devices import DeviceError
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import itertools
 import os
 import shutil
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from kimivl.config import KimiVLConfig
 from kimivl.devices import check_device
 from kimivl.model.init import init_weights
 from kimivl.model.language_model import LanguageModel
-from kimivl.model.moe import to_dtype
+from kimivl.model.moe import Router, to_dtype
 from kimivl.model.moonvit import MoonViT, patch_merge
 from kimivl.model.projector import Projector
 from kimivl.model.target_logprobs import next_token_loss
@@ -147,8 +146,12 @@ class KimiVL(nn.Module):
 
     def stored_config(self, dtype: torch.dtype | None = None) -> KimiVLConfig:
         """The config to write beside weights saved in ``dtype`` (None: as held): its ``torch_dtype`` names that dtype
-        (the widest held), which is what ``from_pretrained`` loads them in."""
-        held = (t.dtype for t in itertools.chain(self.parameters(), self.buffers()) if t.is_floating_point())
+        (the widest held outside the routers, which stay float32 in any model), which is what ``from_pretrained``
+        loads them in."""
+        routers = [r for r in self.modules() if isinstance(r, Router)]
+        routers = {id(t) for r in routers for t in (r.weight, r.e_score_correction_bias)}
+        tensors = self.state_dict(keep_vars=True).values()
+        held = (t.dtype for t in tensors if t.is_floating_point() and id(t) not in routers)
         config = copy.deepcopy(self.config)
         config.text_config.torch_dtype = str(dtype or max(held, key=lambda d: d.itemsize)).removeprefix("torch.")
         return config
