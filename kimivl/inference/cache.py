@@ -23,7 +23,7 @@ GROWTH = 16  # the largest blocks hold this many times BLOCK_TOKENS (4096 tokens
 class MLACache:
     """Latents for ``batch`` rows of up to ``max_len`` tokens, filled left to right; blocks of ``block`` tokens
     (default ``BLOCK_TOKENS``), growing to ``GROWTH`` times that, are allocated when the tokens reach them (or
-    ahead, with ``reserve``)."""
+    ahead, with ``reserve``). ``max_len`` less the left ``padding`` of the longest row must fit the context."""
 
     def __init__(
         self,
@@ -34,9 +34,13 @@ class MLACache:
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         block: int | None = None,
+        padding: int = 0,
     ):
-        if max_len > config.max_position_embeddings:
-            raise ValueError(f"cache of {max_len} tokens exceeds the context of {config.max_position_embeddings}")
+        if max_len - padding > config.max_position_embeddings:
+            raise ValueError(
+                f"cache of {max_len} tokens ({padding} of them left padding) exceeds the context of "
+                f"{config.max_position_embeddings}"
+            )
         block = BLOCK_TOKENS if block is None else block
         if block < 1:
             raise ValueError(f"cache blocks need at least one token, got block={block}")

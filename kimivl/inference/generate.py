@@ -101,16 +101,20 @@ def stream_ids(
     longest = max(len(p) for p in prompts)
     if longest >= context:
         raise GenerationError(f"prompt of {longest} tokens does not fit the model's context of {context} tokens")
-    max_new = params.max_new_tokens
-    if longest + max_new > context:
-        max_new = context - longest
+    budgets = [min(params.max_new_tokens, context - len(p)) for p in prompts]  # each row's, as it would be alone
+    if min(budgets) < params.max_new_tokens:
         log.warning(
-            "max_new_tokens cut to %d: the prompt leaves only that much of the %d-token context", max_new, context
+            "max_new_tokens cut to %d: the prompt leaves only that much of the %d-token context",
+            min(budgets),
+            context,
         )
+    max_new = max(budgets)
     device = model.device
     ids, mask = _left_pad(prompts, cfg.pad_token_id, device)
     padded = bool((mask == 0).any())
-    cache = MLACache(cfg, len(prompts), longest + max_new, dtype=model.dtype, device=device)
+    shortest = min(len(p) for p in prompts)
+    cache = MLACache(cfg, len(prompts), longest + max_new, dtype=model.dtype, device=device, padding=longest - shortest)
+    budget = torch.tensor(budgets, device=device)
     generator = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
     stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
     lm = model.language_model
@@ -123,9 +127,10 @@ def stream_ids(
         token = sample_next(lm.logits(hidden[:, -1]), params, generator)
         done |= torch.isin(token, stop)
         yield [None if d else t for t, d in zip(token.tolist(), done.tolist())]
-        if bool(done.all()) or step == max_new - 1:
+        done |= budget <= step + 1
+        if bool(done.all()):
             return
-        positions = positions[:, -1:] + 1
+        positions = positions[:, -1:] + (~done[:, None]).long()  # a finished row stays within the context
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         hidden = lm(
             lm.model.embed_tokens(token[:, None]),

@@ -76,6 +76,27 @@ def test_context_overflow_is_an_error(tiny_model, tiny_config):
         SamplingParams(top_p=0)
 
 
+@torch.no_grad()
+def test_each_row_of_a_batch_gets_the_tokens_the_context_leaves_it_alone(tiny_model, tiny_config, monkeypatch):
+    """The longest prompt's budget cut every row: a short prompt beside one near the context got a token or two."""
+    context = tiny_config.text_config.max_position_embeddings
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 3000, (n,), generator=g).tolist() for n in (7, context - 3, context - 9)]
+    params = SamplingParams(max_new_tokens=12)
+    seen = []
+    logits = tiny_model.language_model.logits
+    monkeypatch.setattr(tiny_model.language_model, "logits", lambda h: seen.append(logits(h)) or seen[-1])
+    alone = []
+    for p in prompts:
+        seen.clear()
+        alone.append((generate_ids(tiny_model, [p], params=params)[0], torch.cat(seen)))
+    seen.clear()
+    batched = generate_ids(tiny_model, prompts, params=params)
+    assert [len(row) for row in batched] == [len(a) for a, _ in alone] == [12, 3, 9]
+    for i, (_, steps_VV) in enumerate(alone):  # float32 logits of each step, each row against itself alone
+        torch.testing.assert_close(torch.stack([s[i] for s in seen[: len(steps_VV)]]), steps_VV, atol=2e-5, rtol=0)
+
+
 def test_cache_bytes_per_token(tiny_config):
     from kimivl import KimiVLConfig
 
