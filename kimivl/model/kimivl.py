@@ -150,7 +150,7 @@ class KimiVL(nn.Module):
         loads them in."""
         routers = [r for r in self.modules() if isinstance(r, Router)]
         routers = {id(t) for r in routers for t in (r.weight, r.e_score_correction_bias)}
-        tensors = self.state_dict(keep_vars=True).values()
+        tensors = [*self.parameters(), *self.buffers()]
         held = (t.dtype for t in tensors if t.is_floating_point() and id(t) not in routers)
         config = copy.deepcopy(self.config)
         config.text_config.torch_dtype = str(dtype or max(held, key=lambda d: d.itemsize)).removeprefix("torch.")

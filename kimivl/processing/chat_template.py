@@ -130,18 +130,17 @@ def chat_segments(messages: list[dict], add_generation_prompt: bool = True) -> t
 
 
 def parse_thinking(text: str) -> tuple[str | None, str]:
-    """Split a thinking model's output into ``(reasoning, answer)``, both stripped.
+    """Split a thinking model's output into ``(reasoning, answer)``, both stripped: the one rule of the chat, eval,
+    RL rewards and the server (which splits outputs that open with ``◁think▷``: those it can tell while streaming).
 
-    No think markers: ``(None, text)``. An unclosed ``◁think▷``: the rest is reasoning and the answer is empty.
-    A closing marker without an opening one: everything before it is reasoning.
+    As the model card's parser: the answer is what follows the first ``◁/think▷``, the reasoning what precedes it
+    (after a ``◁think▷``, when one opens it); an unclosed ``◁think▷`` leaves the answer empty, the rest reasoning.
+    No think markers: ``(None, text)``.
     """
-    head, sep, tail = text.partition(THINK_CLOSE)
-    if sep:
-        before, opened, reasoning = head.partition(THINK_OPEN)
-        if not opened:
-            before, reasoning = "", head
-        return reasoning.strip(), (before + tail).strip()
-    _, opened, reasoning = text.partition(THINK_OPEN)
+    head, closed, answer = text.partition(THINK_CLOSE)
+    _, opened, reasoning = head.partition(THINK_OPEN)
+    if closed:
+        return (reasoning if opened else head).strip(), answer.strip()
     if opened:
         return reasoning.strip(), ""
     return None, text.strip()

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from kimivl.eval.synthetic import score
-from kimivl.processing.chat_template import THINK_CLOSE
+from kimivl.processing.chat_template import THINK_CLOSE, parse_thinking
 
 Checker = Callable[[str, dict[str, Any]], float]
 
@@ -38,9 +38,9 @@ _SAID_LETTER = re.compile(r"answer is:?\s*\(?([A-Z])\b", re.IGNORECASE)
 
 
 def answer_of(response: str) -> str | None:
-    """The stripped text after the last ``◁/think▷``, or None when the response never closes its reasoning."""
-    _, sep, tail = response.rpartition(THINK_CLOSE)
-    return tail.strip() if sep else None
+    """The answer of ``parse_thinking`` (the text after the first ``◁/think▷``, as eval scores it), or None when the
+    response never closes its reasoning."""
+    return parse_thinking(response)[1] if THINK_CLOSE in response else None
 
 
 def numbers(text: str) -> list[float]:

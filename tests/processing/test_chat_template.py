@@ -103,6 +103,10 @@ def test_malformed(messages, match):
         ("plain answer ", (None, "plain answer")),
         ("only the close ◁/think▷ answer", ("only the close", "answer")),
         ("◁think▷◁/think▷", ("", "")),
+        # as the model card's parser: the first close ends the reasoning, text before an opening marker is dropped
+        ("◁think▷a◁/think▷b◁/think▷c", ("a", "b◁/think▷c")),
+        ("x ◁think▷ a ◁/think▷ b", ("a", "b")),
+        ("ans ◁think▷ tail", ("tail", "")),
     ],
 )
 def test_parse_thinking(text, expected):

@@ -9,7 +9,7 @@ def test_answer_needs_a_closed_reasoning():
     assert answer_of(f"{THINK} 7") == "7"
     assert answer_of("◁think▷ 3 + 4 = 7, so 7") is None  # never closes: no answer
     assert answer_of("7") is None  # no thinking format at all
-    assert answer_of("◁think▷a◁/think▷b◁/think▷ 9 ") == "9"  # the last closing marker counts
+    assert answer_of("◁think▷a◁/think▷b◁/think▷ 9 ") == "b◁/think▷ 9"  # the first close counts, as eval scores it
     meta = {"task": "reasoning", "gold": 7}
     assert correctness("◁think▷ the answer is 7", meta) == 0.0
     assert correctness("7", meta) == 0.0

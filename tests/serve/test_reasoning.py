@@ -50,3 +50,17 @@ def test_text_is_sent_as_soon_as_it_cannot_be_a_marker():
     plain = ThinkSplitter()
     assert plain.feed(" ") == ("", "")
     assert plain.feed("4\n") == ("", " 4\n")
+
+
+@pytest.mark.parametrize(("text", "expected"), CASES)
+def test_an_output_that_opens_with_a_thought_splits_as_chat_eval_and_rewards_split_it(text, expected):
+    """One rule for outputs that open with a thought (the only ones the server splits): the server's reasoning and
+    answer are ``parse_thinking``'s (the answer unstripped), and the RL reward reads that same answer."""
+    from kimivl.processing.chat_template import THINK_CLOSE, parse_thinking
+    from kimivl.rl.rewards import answer_of
+
+    reasoning, answer = split_reasoning(text)
+    if reasoning is None:
+        return
+    assert (reasoning, answer.strip()) == parse_thinking(text)
+    assert answer_of(text) == (answer.strip() if THINK_CLOSE in text else None)
