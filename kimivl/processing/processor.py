@@ -104,13 +104,16 @@ class KimiVLProcessor:
 
     def answer_labels(self, ids: list[int]) -> list[int]:
         """Labels that keep the tokens from each assistant turn's ``<|im_middle|>`` (exclusive) through its
-        ``<|im_end|>`` (inclusive) and ignore everything else."""
+        ``<|im_end|>`` (inclusive) and ignore everything else, images in an answer too (``<|media_start|>`` through
+        ``<|media_end|>``: the model reads images, it never writes them)."""
         tok = self.tokenizer
         roles = {tok.im_system_id, tok.im_user_id, tok.im_assistant_id}
-        labels, role, answering = [IGNORE_INDEX] * len(ids), None, False
+        labels, role, answering, media = [IGNORE_INDEX] * len(ids), None, False, False
         for i, t in enumerate(ids):
             if answering:
-                labels[i] = t
+                media = media or t == tok.media_start_id
+                labels[i] = IGNORE_INDEX if media else t
+                media = media and t != tok.media_end_id
                 answering = t != tok.im_end_id
             elif t in roles:
                 role = t

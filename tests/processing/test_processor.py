@@ -57,6 +57,23 @@ def test_training_labels_cover_answers_and_end_tokens(small_processor):
         small_processor.encode_for_training([{"role": "user", "content": "x"}])
 
 
+def test_images_in_an_answer_are_read_not_scored(small_processor):
+    """An assistant turn's images were labels: the model learnt to write media markup and its placeholders."""
+    tok = small_processor.tokenizer
+    image = {"type": "image", "image": picture(28, 28)}
+    msgs = [
+        {"role": "user", "content": "draw two"},
+        {
+            "role": "assistant",
+            "content": [{"type": "text", "text": "here"}, image, image, {"type": "text", "text": "ok"}],
+        },
+    ]
+    enc = small_processor.encode_for_training(msgs)
+    kept = [t for t in enc.labels if t != IGNORE_INDEX]
+    assert kept == tok.encode("here") + tok.encode("ok<|im_end|>")
+    assert enc.input_ids.count(tok.media_pad_id) == 2 and enc.image_grid_hws.tolist() == [[2, 2], [2, 2]]
+
+
 def test_save_and_load(small_processor, tmp_path):
     small_processor.save_pretrained(tmp_path)
     again = KimiVLProcessor.from_pretrained(tmp_path)
