@@ -15,7 +15,7 @@ from numbers import Integral
 import torch
 
 from kimivl.inference.cache import MLACache
-from kimivl.inference.sampling import SamplingError, SamplingParams, sample_next
+from kimivl.inference.sampling import SamplingError, SamplingParams, sample_next, seeded_generator
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def stream_ids(
     shortest = min(len(p) for p in prompts)
     cache = MLACache(cfg, len(prompts), longest + max_new, dtype=model.dtype, device=device, padding=longest - shortest)
     budget = torch.tensor(budgets, device=device)
-    generator = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
+    generator = seeded_generator(params.seed, device) if params.seed is not None else None
     stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
     lm = model.language_model
 

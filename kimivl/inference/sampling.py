@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import numbers
 from dataclasses import dataclass
@@ -14,6 +15,15 @@ import torch
 # 0 is the way to ask for greedy decoding.
 MIN_TEMPERATURE = 1e-4
 MAX_SEED = 2**64 - 1
+
+
+def seeded_generator(seed: int, device: str | torch.device = "cpu") -> torch.Generator:
+    """A generator for ``seed`` in [0, 2**64). A CPU generator keeps only the low 32 bits of a seed, so a seed of
+    2**32 or more is first hashed down to 32 bits (seed and seed + 2**32 then draw differently); smaller seeds are
+    used as they are."""
+    if seed >= 2**32:
+        seed = int.from_bytes(hashlib.blake2b(seed.to_bytes(8, "little"), digest_size=4).digest(), "little")
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 class SamplingError(ValueError):

@@ -22,6 +22,8 @@ from collections.abc import Sequence
 
 import torch
 
+from kimivl.inference.sampling import seeded_generator
+
 PRIORITIES = ("failure", "signal")
 
 
@@ -54,7 +56,7 @@ class ProblemSampler:
         self.floor, self.decay, self.priority = floor, decay, priority
         self.success = torch.zeros(len(difficulties), dtype=torch.float64)
         self.visits = torch.zeros(len(difficulties), dtype=torch.int64)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = seeded_generator(seed)
 
     def weights(self, progress: float) -> dict[str, float]:
         """The curriculum's difficulty weights in force at ``progress`` (empty without a curriculum)."""

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from kimivl.distributed.parallelize import gathered
 from kimivl.distributed.world import World, max_over_ranks
-from kimivl.inference.sampling import SamplingParams
+from kimivl.inference.sampling import SamplingParams, seeded_generator
 from kimivl.kernels import training_attention
 from kimivl.precision import autocast
 from kimivl.processing.processor import Encoded, KimiVLProcessor
@@ -196,7 +196,7 @@ class RLTrainer:
         encoded = [self.encode(i) for i in chosen]
         base_seed = (cfg.seed * 1_000_003 + it) * 1000
         params = SamplingParams(
-            cfg.max_new_tokens, cfg.temperature, top_p=cfg.top_p, seed=base_seed + 7919 * world.rank
+            cfg.max_new_tokens, cfg.temperature, top_p=cfg.top_p, seed=(base_seed + 7919 * world.rank) % 2**64
         )
         with gathered(reference) if world.active else contextlib.nullcontext():
             ref_print = fingerprint(reference)
@@ -232,7 +232,7 @@ class RLTrainer:
         ref_seq = torch.stack([t.sum() for t in ref_tokens])
 
         lr = self.scheduler.get_last_lr()[0]  # the rate this iteration's update uses (the scheduler moves on next)
-        order = torch.randperm(len(rolls), generator=torch.Generator().manual_seed(base_seed + 999))
+        order = torch.randperm(len(rolls), generator=seeded_generator((base_seed + 999) % 2**64))
         losses, seen, seen_ref, grad_norm = self._update(
             order, prompts, responses, sample_images, ref_tokens, ref_seq, advantage
         )

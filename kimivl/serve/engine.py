@@ -28,7 +28,7 @@ import torch
 
 from kimivl.inference.cache import MLACache
 from kimivl.inference.generate import prefill
-from kimivl.inference.sampling import SamplingParams, sample_next
+from kimivl.inference.sampling import SamplingParams, sample_next, seeded_generator
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class _Choice:
     def __init__(self, request: Request, index: int, tokenizer, device: torch.device):
         self.request, self.index, self.tokenizer = request, index, tokenizer
         seed = request.params.seed
-        self.generator = None if seed is None else torch.Generator(device).manual_seed((seed + index) % 2**64)
+        self.generator = None if seed is None else seeded_generator((seed + index) % 2**64, device)
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.text, self.sent, self.tokens = "", 0, 0
         self.finish: str | None = None

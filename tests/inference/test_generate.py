@@ -1,11 +1,13 @@
 """Cached generation against full recomputation, batching, stopping, sampling and the cache's size."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from kimivl.inference.cache import MLACache
 from kimivl.inference.generate import generate_ids, stream_ids
-from kimivl.inference.sampling import SamplingParams, sample_next
+from kimivl.inference.sampling import SamplingParams, sample_next, seeded_generator
 
 
 def greedy_by_recompute(model, prompt, pixel_values, grid_hws, n):
@@ -64,6 +66,20 @@ def test_sampling_is_seeded_and_respects_top_k(tiny_model):
     for seed in range(20):  # a tiny top_p keeps one of tied tops: the one greedy takes, the lowest id
         g = torch.Generator().manual_seed(seed)
         assert int(sample_next(tied, SamplingParams(temperature=0.7, top_p=1e-9), g)) == int(tied.argmax()) == 300
+
+
+def test_seeds_that_differ_above_32_bits_draw_differently(tiny_model):
+    """A CPU generator keeps 32 bits of its seed: 5 and 5 + 2**32 (or 0 and 2**63) drew the same samples."""
+    flat = torch.zeros(64, 4096)
+    for a, b in ((5, 5 + 2**32), (0, 2**63), (2**64 - 1, 2**32 - 1)):
+        draws = [sample_next(flat, SamplingParams(temperature=1.0), seeded_generator(s)) for s in (a, b)]
+        assert not torch.equal(*draws), (a, b)
+    torch.manual_seed(7)  # seeds below 2**32 are used as they are, so earlier seeded runs draw as before
+    assert torch.equal(torch.rand(8, generator=seeded_generator(7)), torch.rand(8))
+    params = SamplingParams(max_new_tokens=6, temperature=1.0, seed=5 + 2**32)
+    assert generate_ids(tiny_model, [[1, 2, 3]], params=params) != generate_ids(
+        tiny_model, [[1, 2, 3]], params=dataclasses.replace(params, seed=5)
+    )
 
 
 def test_context_overflow_is_an_error(tiny_model, tiny_config):

@@ -133,3 +133,11 @@ def test_the_priority_setting_reaches_the_sampler(small_model, small_processor, 
     trainer.sampler.update([0, 1, 2], [0.0, 0.5, 1.0])
     assert trainer.sampler.priorities().tolist() == pytest.approx([0.1, 1.0, 0.1, 1.0])
     assert make_trainer(small_model, small_processor, tmp_path).sampler.priority == "failure"
+
+
+def test_the_largest_seed_runs(small_model, small_processor, tmp_path):
+    """Rollout seeds grow from the recipe's seed (x 1,000,003,000): past 2**64 they were refused at the first
+    iteration; they now wrap."""
+    trainer = make_trainer(copy.deepcopy(small_model), small_processor, tmp_path, iterations=1, seed=2**64 - 1)
+    trainer.run(progress=False)
+    assert json.loads((tmp_path / "metrics.jsonl").read_text())["step"] == 1
