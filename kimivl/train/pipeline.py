@@ -405,6 +405,13 @@ def keep_seed(recipe: Recipe, world: World) -> None:
             f"{recipe.out} was trained with seed {then}, not {recipe.seed}: the rest of the run follows its seed, "
             f"so resume with --seed {then}, or give another --out to train with seed {recipe.seed}"
         )
+    if started and not path.is_file():
+        log.warning(
+            "%s holds no record of its seed (a run begun before kimivl kept one): going on with seed %d, which must be "
+            "the seed it was begun with",
+            recipe.out,
+            recipe.seed,
+        )
     if world.main:
         write_text_atomic(path, json.dumps({"seed": recipe.seed}) + "\n")
 

@@ -642,7 +642,7 @@ def test_a_plan_for_sharded_ranks_gives_the_memory_per_rank(data_dir, tmp_path, 
     assert unsized[-1] == f"stage lm {memory_plan(small_model)}"  # nothing held in bf16, as on sharded ranks
 
 
-def test_a_run_goes_on_only_with_the_seed_it_was_trained_with(data_dir, tmp_path, capsys):
+def test_a_run_goes_on_only_with_the_seed_it_was_trained_with(data_dir, tmp_path, capsys, caplog):
     """``--resume --seed N`` with another seed silently changed the rest of each stage's data stream."""
     recipe = recipe_dict(data_dir, tmp_path / "run")
     recipe["stages"], recipe["schedule"] = [recipe["stages"][1]], {"warmup": 1}
@@ -657,6 +657,10 @@ def test_a_run_goes_on_only_with_the_seed_it_was_trained_with(data_dir, tmp_path
     assert main(["train", str(tmp_path / "r.yaml"), "--resume", "--seed", "7"]) == 2
     assert "resume with --seed 0, or give another --out to train with seed 7" in capsys.readouterr().err
     run_recipe(load_recipe(tmp_path / "r.yaml"), progress=False)  # the same seed goes on (here: all finished)
+    (tmp_path / "run" / "seed.json").unlink()  # a run begun before seeds were kept: it goes on, with a warning
+    with caplog.at_level("WARNING", logger="kimivl.train.pipeline"):
+        run_recipe(load_recipe(tmp_path / "r.yaml"), progress=False)
+    assert "holds no record of its seed" in caplog.text
 
 
 def test_a_missing_base_checkpoint_is_named_before_anything_runs(data_dir, tmp_path):
