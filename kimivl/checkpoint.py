@@ -109,24 +109,28 @@ def _is_float(safetensors_dtype: str) -> bool:
     return safetensors_dtype.startswith(("F", "BF"))
 
 
-def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
-    """Copy the checkpoint at ``path`` into ``model`` (already allocated), strictly: every model tensor must be
-    present with its shape, and no unknown tensor may be left over. All problems are reported in one error."""
-    files = checkpoint_files(path)
-    found = _read_headers(files)
-    slots = model.state_dict(keep_vars=True)
+def check_tensors(
+    path: str | os.PathLike,
+    found: dict[str, tuple[str, list[int], str]],
+    expected: dict[str, torch.Tensor],
+    elsewhere: set[str] = frozenset(),
+) -> None:
+    """Raise one ``CheckpointError`` listing every problem of the checkpoint at ``path`` whose headers are ``found``
+    (``_read_headers``) for a model whose tensors (or views of them) are ``expected`` by name: a missing tensor, an
+    unexpected one (not expected and not in ``elsewhere``, the names other ranks load), a shape that differs, and a
+    float tensor where the model holds an integer one, or the reverse."""
     found = {k: v for k, v in found.items() if not k.endswith(IGNORED_SUFFIXES)}
-    missing = sorted(slots.keys() - found.keys())
-    unexpected = sorted(found.keys() - slots.keys())
+    missing = sorted(expected.keys() - found.keys())
+    unexpected = sorted(found.keys() - expected.keys() - elsewhere)
     wrong = [
-        f"{k}: checkpoint {list(shape)} vs model {list(slots[k].shape)}"
+        f"{k}: checkpoint {list(shape)} vs model {list(expected[k].shape)}"
         for k, (_, shape, _) in sorted(found.items())
-        if k in slots and list(shape) != list(slots[k].shape)
+        if k in expected and list(shape) != list(expected[k].shape)
     ]
     kind = [
-        f"{k}: checkpoint {dtype} where the model holds {slots[k].dtype}"
+        f"{k}: checkpoint {dtype} where the model holds {expected[k].dtype}"
         for k, (_, _, dtype) in sorted(found.items())
-        if k in slots and _is_float(dtype) != slots[k].dtype.is_floating_point
+        if k in expected and _is_float(dtype) != expected[k].dtype.is_floating_point
     ]
     if missing or unexpected or wrong or kind:
         parts = [
@@ -140,6 +144,33 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
             if items
         ]
         raise CheckpointError(f"checkpoint {os.fspath(path)} does not match the model:\n" + "\n".join(parts))
+
+
+def warn_non_finite(path: str | os.PathLike, names: list[str]) -> None:
+    """Warn, naming them, that the tensors ``names`` loaded from ``path`` hold NaN or inf values."""
+    if names:
+        more = " ..." if len(names) > 10 else ""
+        log.warning(
+            "checkpoint %s holds NaN or inf values in %d tensors: %s%s; its outputs will not be usable",
+            os.fspath(path),
+            len(names),
+            ", ".join(names[:10]),
+            more,
+        )
+
+
+def is_finite(t: torch.Tensor) -> bool:
+    """Whether ``t`` holds no NaN or inf (an integer tensor always)."""
+    return not t.is_floating_point() or bool(torch.isfinite(t).all())
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
+    """Copy the checkpoint at ``path`` into ``model`` (already allocated), strictly: every model tensor must be
+    present with its shape, and no unknown tensor may be left over. All problems are reported in one error."""
+    files = checkpoint_files(path)
+    found = _read_headers(files)
+    slots = model.state_dict(keep_vars=True)
+    check_tensors(path, found, slots)
     non_finite = []
     with torch.no_grad():
         for file in files:
@@ -147,17 +178,9 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
                 for k in f.keys():
                     if k in slots and found[k][0] == file:
                         slots[k].copy_(f.get_tensor(k))
-                        if slots[k].is_floating_point() and not bool(torch.isfinite(slots[k]).all()):
+                        if not is_finite(slots[k]):
                             non_finite.append(k)
-    if non_finite:
-        more = " ..." if len(non_finite) > 10 else ""
-        log.warning(
-            "checkpoint %s holds NaN or inf values in %d tensors: %s%s; its outputs will not be usable",
-            os.fspath(path),
-            len(non_finite),
-            ", ".join(non_finite[:10]),
-            more,
-        )
+    warn_non_finite(path, non_finite)
 
 
 def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[list[str]]:

@@ -1,6 +1,7 @@
 """An official-format checkpoint read into a sharded model, each rank reading only the rows it holds (safetensors
 slices), so no rank ever holds the whole model: for a weight split along dim 0, rows [offset, offset + local rows);
-for a stack of routed experts, the official per-expert tensors of the experts this rank holds."""
+for a stack of routed experts, the official per-expert tensors of the experts this rank holds. It is checked as
+strictly as ``load_checkpoint`` checks a whole model (``check_tensors``), and non-finite values are named."""
 
 from __future__ import annotations
 
@@ -13,7 +14,14 @@ from safetensors import safe_open
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
-from kimivl.checkpoint import IGNORED_SUFFIXES, CheckpointError, _read_headers, checkpoint_files
+from kimivl.checkpoint import (
+    IGNORED_SUFFIXES,
+    _read_headers,
+    check_tensors,
+    checkpoint_files,
+    is_finite,
+    warn_non_finite,
+)
 from kimivl.distributed.muon import local
 from kimivl.distributed.world import World
 from kimivl.model.init import owned_tensors
@@ -45,13 +53,12 @@ def copy_rows(t: torch.Tensor, whole: torch.Tensor) -> None:
 
 class CheckpointReader:
     """The tensors of an official checkpoint by name, whole or by dim-0 rows, each file opened once; a context
-    manager. Names that are not there are collected in ``missing`` (``read`` returns None for them)."""
+    manager. ``found`` holds each tensor's header (file, shape, dtype); ``read`` returns None for a name not there."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
         headers = _read_headers(checkpoint_files(path))
         self.found = {k: v for k, v in headers.items() if not k.endswith(IGNORED_SUFFIXES)}
-        self.missing: list[str] = []
         self._files = ExitStack()
         self._opened = {}
 
@@ -63,7 +70,6 @@ class CheckpointReader:
 
     def read(self, key: str, rows: slice | None = None) -> torch.Tensor | None:
         if key not in self.found:
-            self.missing.append(key)
             return None
         file = self.found[key][0]
         if file not in self._opened:
@@ -72,28 +78,41 @@ class CheckpointReader:
         return part[rows] if rows is not None else part[:]
 
 
+def _targets(model: nn.Module, prefix: str) -> tuple[dict[str, tuple[torch.Tensor, int, torch.Tensor]], set[str]]:
+    """What this rank loads, by checkpoint name: (the tensor as the checkpoint holds it, the first of its rows this
+    rank reads, where they go); and the names of the experts that other expert-parallel ranks hold."""
+    targets, elsewhere = {}, set()
+    for name, owner, attr, t in owned_tensors(model):
+        mine, start = local_rows(t)
+        name = prefix + name
+        if not isinstance(owner, GroupedExperts):
+            targets[name] = (t, start, mine)
+            continue
+        # this rank's experts, from the official per-expert tensors (each read whole)
+        owner_name = name.removesuffix(attr)
+        for key, view in expert_views(attr, mine, owner.hidden, owner.expert_offset + start).items():
+            targets[owner_name + key] = (view, 0, view)
+        group = getattr(owner, "ep_group", None)
+        total = owner.n_experts * (group.size() if group is not None else 1)
+        every = torch.empty(total, 0, device="meta")  # the names of all the layer's experts (no values)
+        elsewhere |= {owner_name + key for key in expert_views(attr, every, owner.hidden, 0)}
+    return targets, elsewhere - targets.keys()
+
+
 @torch.no_grad()
 def load_sharded_checkpoint(model: nn.Module, path: str | os.PathLike, world: World, prefix: str = "") -> None:
     """Fill ``model`` (parallelized or not, allocated) from the checkpoint at ``path``, whose names for ``model``'s
-    tensors start with ``prefix`` (``vision_tower.`` for a tower alone); a missing or wrongly shaped tensor is a
-    ``CheckpointError`` naming it."""
-    problems: list[str] = []
+    tensors start with ``prefix`` (``vision_tower.`` for a tower alone). As ``load_checkpoint``, all problems are
+    reported in one ``CheckpointError``: a missing tensor, a wrongly shaped one (each expert's checked alone), one of
+    the wrong kind, and one under ``prefix`` that the model does not hold (the experts of other expert-parallel
+    ranks excepted); tensors with NaN or inf values are named in a warning."""
+    targets, elsewhere = _targets(model, prefix)
+    non_finite = []
     with CheckpointReader(path) as reader:
-        for name, owner, attr, t in owned_tensors(model):
-            mine, start = local_rows(t)
-            name = prefix + name
-            if isinstance(owner, GroupedExperts):  # this rank's experts, from the official per-expert tensors
-                owner_name = name.removesuffix(attr)
-                for key, view in expert_views(attr, mine, owner.hidden, owner.expert_offset + start).items():
-                    if (values := reader.read(owner_name + key)) is not None:
-                        view.copy_(values)
-                continue
-            if (key_shape := reader.found.get(name)) and list(key_shape[1]) != list(t.shape):
-                problems.append(f"{name}: checkpoint {list(key_shape[1])} vs model {list(t.shape)}")
-                continue
-            values = reader.read(name, slice(start, start + mine.shape[0]) if t.dim() else None)
-            if values is not None:
-                mine.copy_(values)
-        problems += [f"missing {key}" for key in reader.missing]
-    if problems:
-        raise CheckpointError(f"checkpoint {os.fspath(path)} does not match the model: " + "; ".join(problems[:20]))
+        found = {k: v for k, v in reader.found.items() if k.startswith(prefix)}
+        check_tensors(path, found, {k: whole for k, (whole, _, _) in targets.items()}, elsewhere)
+        for key, (whole, start, mine) in targets.items():
+            mine.copy_(reader.read(key, slice(start, start + mine.shape[0]) if whole.dim() else None))
+            if not is_finite(mine):
+                non_finite.append(key)
+    warn_non_finite(path, non_finite)

@@ -1,0 +1,99 @@
+"""The sharded loader (``load_sharded_checkpoint``) in one process: as strict as ``load_checkpoint``."""
+
+import logging
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from kimivl import KimiVL
+from kimivl.checkpoint import CheckpointError
+from kimivl.distributed.expert_parallel import apply_expert_parallel
+from kimivl.distributed.load import load_sharded_checkpoint
+from kimivl.distributed.world import World
+from tests.distributed.test_expert_parallel import _Group
+
+EXPERT = "language_model.model.layers.1.mlp.experts.0.gate_proj.weight"
+
+
+@pytest.fixture()
+def saved(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path)
+    return tmp_path
+
+
+def _edit(path, edit) -> None:
+    file = path / "model.safetensors"
+    tensors = load_file(file)
+    edit(tensors)
+    save_file(tensors, file)
+
+
+def _empty(config) -> KimiVL:
+    with torch.device("meta"):
+        model = KimiVL(config)
+    return model.to_empty(device="cpu")
+
+
+def test_a_checkpoint_loads_equal(tiny_model, saved):
+    model = _empty(tiny_model.config)
+    load_sharded_checkpoint(model, saved, World())
+    for (k, a), b in zip(tiny_model.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_an_expert_parallel_rank_loads_its_experts_and_leaves_the_others(tiny_model, saved):
+    model = _empty(tiny_model.config)
+    apply_expert_parallel(model, _Group(2, 1))
+    load_sharded_checkpoint(model, saved, World())
+    official = tiny_model.state_dict()
+    mine = model.state_dict()
+    n = tiny_model.config.text_config.n_routed_experts
+    assert f"language_model.model.layers.1.mlp.experts.{n - 1}.down_proj.weight" in mine and EXPERT not in mine
+    for k, v in mine.items():
+        assert torch.equal(v, official[k]), k
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda t: t.update({EXPERT: t[EXPERT][:1]}), rf"wrongly shaped tensors \(1\):\n  {EXPERT}: checkpoint \[1, "),
+        (lambda t: t.update({EXPERT: t[EXPERT].T.contiguous()}), rf"wrongly shaped tensors \(1\):\n  {EXPERT}"),
+        (
+            lambda t: t.update({"language_model.model.layers.9.mlp.gate.weight": torch.zeros(2, 2)}),
+            r"unexpected tensors \(1\):\n  language_model.model.layers.9.mlp.gate.weight",
+        ),
+        (
+            lambda t: t.update({EXPERT.replace("experts.0", "experts.99"): t[EXPERT].clone()}),
+            r"unexpected tensors \(1\):\n  language_model.model.layers.1.mlp.experts.99.gate_proj.weight",
+        ),
+        (
+            lambda t: t.update({"language_model.lm_head.weight": t["language_model.lm_head.weight"].to(torch.int32)}),
+            r"wrong kind .*\n  language_model.lm_head.weight: checkpoint I32 where the model holds torch.float32",
+        ),
+        (lambda t: t.pop(EXPERT), rf"missing tensors \(1\):\n  {EXPERT}"),
+    ],
+    ids=["expert broadcast", "expert transposed", "extra layer", "extra expert", "int32 weight", "missing expert"],
+)
+def test_a_checkpoint_that_does_not_match_is_refused_naming_the_tensor(tiny_model, saved, edit, message):
+    _edit(saved, edit)
+    with pytest.raises(CheckpointError, match=message):
+        load_sharded_checkpoint(_empty(tiny_model.config), saved, World())
+
+
+def test_a_tower_alone_refuses_only_what_lies_under_its_prefix(tiny_model, saved):
+    extra = "vision_tower.encoder.blocks.99.norm0.weight"
+    _edit(saved, lambda t: t.update({extra: torch.zeros(2)}))
+    with pytest.raises(CheckpointError, match=rf"unexpected tensors \(1\):\n  {extra}"):
+        load_sharded_checkpoint(_empty(tiny_model.config).vision_tower, saved, World(), prefix="vision_tower.")
+    _edit(saved, lambda t: t.pop(extra))
+    tower = _empty(tiny_model.config).vision_tower
+    load_sharded_checkpoint(tower, saved, World(), prefix="vision_tower.")
+    assert torch.equal(tower.patch_embed.proj.weight, tiny_model.vision_tower.patch_embed.proj.weight)
+
+
+def test_non_finite_values_are_named_in_a_warning(tiny_model, saved, caplog):
+    _edit(saved, lambda t: t[EXPERT].__setitem__((0, 0), float("nan")))
+    with caplog.at_level(logging.WARNING, logger="kimivl.checkpoint"):
+        load_sharded_checkpoint(_empty(tiny_model.config), saved, World())
+    assert f"NaN or inf values in 1 tensors: {EXPERT}" in caplog.text
