@@ -111,7 +111,10 @@ def held_dtype(stored: torch.dtype, device: str | torch.device, requested: torch
         )
     dtype = requested
     if dtype is None and device.type == "cpu" and stored == torch.float16:
-        log.warning("float16 is very slow on CPU; loading in bfloat16 instead")
+        log.warning(
+            "float16 is very slow on CPU; loading in bfloat16 instead, which rounds the weights (3 fewer mantissa "
+            "bits); pass dtype=torch.float32 to hold them exactly"
+        )
         dtype = torch.bfloat16
     dtype = stored if dtype is None else dtype
     if dtype == torch.bfloat16 and device.type == "cpu":

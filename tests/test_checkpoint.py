@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from kimivl import KimiVL
 from kimivl.checkpoint import INDEX, CheckpointError, convert_checkpoint
+from kimivl.model.moe import to_dtype
 
 
 def official_keys(cfg):
@@ -281,3 +282,29 @@ def test_loading_fills_preallocated_storage(tiny_model, tmp_path):
     load_checkpoint(target, tmp_path)
     assert {k: v.data_ptr() for k, v in target.state_dict(keep_vars=True).items()} == ptrs
     assert all(torch.equal(a, b) for a, b in zip(target.state_dict().values(), tiny_model.state_dict().values()))
+
+
+def test_a_float64_checkpoint_keeps_its_routers_in_float64(tiny_model, tmp_path):
+    gate = "language_model.model.layers.1.mlp.gate."
+    tiny_model.save_pretrained(tmp_path, dtype=torch.float64)
+    on_disk = load_file(tmp_path / "model.safetensors")
+    on_disk[gate + "weight"] += 1e-12  # values that float32 cannot hold
+    save_file(on_disk, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    loaded = KimiVL.from_pretrained(tmp_path)
+    state = loaded.state_dict()
+    assert loaded.dtype == torch.float64
+    for name in ("weight", "e_score_correction_bias"):
+        assert state[gate + name].dtype == torch.float64 and torch.equal(state[gate + name], on_disk[gate + name])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_save_load_save_is_bit_exact(tiny_model, tmp_path, dtype):
+    """A model held in ``dtype`` (its routers in float32), saved, loaded in ``dtype`` and saved again: the same
+    tensors, bit for bit, in the same dtypes."""
+    to_dtype(tiny_model, dtype).save_pretrained(tmp_path / "first")
+    KimiVL.from_pretrained(tmp_path / "first", dtype=dtype).save_pretrained(tmp_path / "second")
+    first, second = (load_file(tmp_path / name / "model.safetensors") for name in ("first", "second"))
+    assert first.keys() == second.keys() == tiny_model.state_dict().keys()
+    for key in first:
+        assert first[key].dtype == second[key].dtype and torch.equal(first[key], second[key]), key
+    assert {t.dtype for t in first.values()} == {dtype, torch.float32}

@@ -144,7 +144,7 @@ def test_from_pretrained_keeps_the_stored_dtype_whatever_the_cpu(tiny_model, tmp
     (tmp_path / "config.json").write_text(json.dumps(config))
     with caplog.at_level(logging.WARNING, logger="kimivl.precision"):
         assert KimiVL.from_pretrained(tmp_path).dtype == torch.bfloat16
-    assert "float16 is very slow on CPU; loading in bfloat16 instead" in caplog.text
+    assert "float16 is very slow on CPU; loading in bfloat16 instead, which rounds the weights" in caplog.text
 
 
 def test_the_command_line_and_the_demo_load_in_float32_where_bf16_is_slow(

@@ -131,10 +131,10 @@ class KimiVL(nn.Module):
     ) -> KimiVL:
         """Load an official-format checkpoint directory. The model is built on the meta device and filled
         shard by shard, so weights are held once. ``dtype`` defaults to the stored one (the config's ``torch_dtype``;
-        float16 becomes bfloat16 on CPU); the routers stay float32 (``to_dtype``). The command line and the demo pick
-        float32 on a CPU that multiplies bf16 slowly (``kimivl.precision.checkpoint_load_dtype``). ``device`` None
-        is a GPU when there is one; a device that cannot hold it here (no GPU for ``"cuda"``, ``"meta"``) is a
-        ``DeviceError``."""
+        float16 becomes bfloat16 on CPU); the routers are held in float32, or in ``dtype`` where it is wider
+        (``to_dtype``). The command line and the demo pick float32 on a CPU that multiplies bf16 slowly
+        (``kimivl.precision.checkpoint_load_dtype``). ``device`` None is a GPU when there is one; a device that cannot
+        hold it here (no GPU for ``"cuda"``, ``"meta"``) is a ``DeviceError``."""
         device = check_device(device)
         config = KimiVLConfig.from_pretrained(path)
         with torch.device("meta"):

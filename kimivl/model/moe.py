@@ -32,8 +32,8 @@ class SwiGLU(nn.Module):
 
 class Router(nn.Module):
     """Sigmoid scores; choice by score + ``e_score_correction_bias`` within the best groups; weights from the
-    unbiased scores. Held in float32 whatever dtype the rest of the model takes (the bias moves in tiny steps):
-    kimivl casts models with ``to_dtype``, which leaves the routers alone."""
+    unbiased scores. Held in float32 whatever narrower dtype the rest of the model takes (the bias moves in tiny
+    steps), float64 in a float64 model: kimivl casts models with ``to_dtype``, which casts the routers so."""
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
@@ -61,15 +61,17 @@ class Router(nn.Module):
 
 
 def to_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """``model.to(dtype)`` except the routers' weights and ``e_score_correction_bias``, which stay as they are
-    (float32), never rounded through ``dtype``; returns ``model``. A plain ``model.to(dtype)`` casts the routers too
-    (the router still scores in float32, from the rounded values); device moves such as ``model.to("cuda")`` change
-    no dtype, so routers kept in float32 stay float32."""
+    """``model.to(dtype)`` except the routers' weights and ``e_score_correction_bias``, which take float32 or
+    ``dtype``, whichever is wider (float64 for a float64 model), never rounded through a narrower ``dtype``; returns
+    ``model``. A plain ``model.to(dtype)`` casts the routers too (the router still scores in float32, from the
+    rounded values); device moves such as ``model.to("cuda")`` change no dtype, so routers kept in float32 stay
+    float32."""
     if not dtype.is_floating_point:
         raise ValueError(f"a model is cast to a floating-point dtype, not {dtype}")
+    router_dtype = max(dtype, torch.float32, key=lambda d: d.itemsize)
     for module in model.modules():
-        if not isinstance(module, Router):
-            module._apply(lambda t: t.to(dtype) if t.is_floating_point() else t, recurse=False)
+        cast = router_dtype if isinstance(module, Router) else dtype
+        module._apply(lambda t, cast=cast: t.to(cast) if t.is_floating_point() else t, recurse=False)
     return model
 
 
