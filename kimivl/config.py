@@ -303,6 +303,11 @@ class TextConfig:
             "text_config.rope_scaling is not supported: Kimi-VL uses plain RoPE (rope_scaling null)",
         )
         _require(
+            not self.tie_word_embeddings,
+            "text_config.tie_word_embeddings must be false: Kimi-VL's lm_head and embed_tokens are separate weights, "
+            "and tied ones are not supported",
+        )
+        _require(
             self.num_nextn_predict_layers == 0,
             "text_config.num_nextn_predict_layers must be 0: multi-token prediction layers are not supported",
         )
@@ -424,7 +429,7 @@ def estimated_parameters(config: KimiVLConfig) -> int:
     dense = 3 * t.hidden_size * t.intermediate_size
     moe_layers = sum(1 for i in range(t.first_k_dense_replace, t.num_hidden_layers) if t.is_moe_layer(i))
     text = (
-        (2 - t.tie_word_embeddings) * t.vocab_size * t.hidden_size
+        2 * t.vocab_size * t.hidden_size  # embed_tokens and lm_head (never tied)
         + t.num_hidden_layers * attention
         + moe_layers * moe
         + (t.num_hidden_layers - moe_layers) * dense

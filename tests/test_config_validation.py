@@ -42,6 +42,7 @@ def tiny_dict():
         ("text_config", "num_experts_per_tok", False, "num_experts_per_tok must be a positive integer"),
         ("text_config", "norm_topk_prob", 1, "norm_topk_prob must be a boolean"),
         ("text_config", "tie_word_embeddings", "false", "tie_word_embeddings must be a boolean"),
+        ("text_config", "tie_word_embeddings", True, "tie_word_embeddings must be false: .* not supported"),
         ("text_config", "torch_dtype", "int8", "torch_dtype must name a float type"),
         ("text_config", "torch_dtype", "bool", "torch_dtype must name a float type"),
         ("text_config", "torch_dtype", None, "torch_dtype must be a string"),
