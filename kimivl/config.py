@@ -14,6 +14,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from kimivl.files import write_text_atomic
+
 log = logging.getLogger(__name__)
 
 # Bounds that no real model comes near (DeepSeek-V3: 61 layers, 671B parameters): a config past them is a mistake,
@@ -400,10 +402,11 @@ class KimiVLConfig:
         return cls.from_json_file(file)
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write ``config.json`` in ``path`` atomically (``write_text_atomic``: a crash leaves the old file whole, and
+        a ``config.json`` that is a symlink, as in a Hugging Face cache, is replaced, its target left alone)."""
         os.makedirs(path, exist_ok=True)
-        with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
-            f.write("\n")
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        write_text_atomic(os.path.join(path, "config.json"), text)
 
     @classmethod
     def from_preset(cls, name: str) -> KimiVLConfig:

@@ -187,3 +187,22 @@ def test_other_write_failures_name_the_file(tiny_model, tmp_path, monkeypatch):
     monkeypatch.setattr(ckpt, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
     with pytest.raises(CheckpointError, match=r"cannot write .*model\.safetensors: I/O error"):
         tiny_model.save_pretrained(tmp_path / "m")
+
+
+def test_saved_files_that_are_symlinks_are_replaced_and_their_targets_left_alone(tiny_model, small_processor, tmp_path):
+    """A Hugging Face cache directory holds symlinks into its blobs: a save there must not rewrite the blobs."""
+    names = ["config.json", "tiktoken.model", "tokenizer_config.json", "preprocessor_config.json"]
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "snapshot").mkdir()
+    for name in names:
+        (tmp_path / "blobs" / name).write_text("the cached file")
+        (tmp_path / "snapshot" / name).symlink_to(tmp_path / "blobs" / name)
+    tiny_model.save_pretrained(tmp_path / "snapshot")
+    small_processor.save_pretrained(tmp_path / "snapshot")
+    for name in names:
+        assert (tmp_path / "blobs" / name).read_text() == "the cached file", name
+        assert not (tmp_path / "snapshot" / name).is_symlink(), name
+    assert KimiVL.from_pretrained(tmp_path / "snapshot").config.to_dict() == tiny_model.stored_config().to_dict()
+    assert type(small_processor).from_pretrained(tmp_path / "snapshot").tokenizer.encode("the cached file") == (
+        small_processor.tokenizer.encode("the cached file")
+    )

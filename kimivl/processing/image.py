@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from kimivl.files import write_text_atomic
 from kimivl.processing.data_url import data_url_bytes
 
 CONFIG_FILE = "preprocessor_config.json"
@@ -164,9 +165,7 @@ class ImageProcessor:
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         os.makedirs(path, exist_ok=True)
-        with open(os.path.join(path, CONFIG_FILE), "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2)
-            f.write("\n")
+        write_text_atomic(os.path.join(path, CONFIG_FILE), json.dumps(self.to_dict(), indent=2) + "\n")
 
     # ---- loading ------------------------------------------------------------------------------------------
     def load(self, image: Any) -> Image.Image:

@@ -20,6 +20,8 @@ from itertools import pairwise
 import regex
 import tiktoken
 
+from kimivl.files import write_text_atomic
+
 NUM_SPECIAL = 256
 MODEL_FILE = "tiktoken.model"
 CONFIG_FILE = "tokenizer_config.json"
@@ -215,9 +217,7 @@ class KimiTokenizer:
     def save_pretrained(self, path: str | os.PathLike) -> None:
         os.makedirs(path, exist_ok=True)
         save_ranks(self.mergeable_ranks, os.path.join(path, MODEL_FILE))
-        with open(os.path.join(path, CONFIG_FILE), "w", encoding="utf-8") as f:
-            json.dump(self.config, f, indent=2, ensure_ascii=False)
-            f.write("\n")
+        write_text_atomic(os.path.join(path, CONFIG_FILE), json.dumps(self.config, indent=2, ensure_ascii=False) + "\n")
 
 
 def _default_config(special_names: dict[int, str]) -> dict:
@@ -255,9 +255,9 @@ def load_ranks(file: str | os.PathLike) -> dict[bytes, int]:
 
 
 def save_ranks(ranks: dict[bytes, int], file: str | os.PathLike) -> None:
-    with open(file, "wb") as f:
-        for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
-            f.write(base64.b64encode(token) + b" %d\n" % rank)
+    """Write ``ranks`` as tiktoken's file (base64 token, rank, a line each), atomically (``write_text_atomic``)."""
+    ordered = sorted(ranks.items(), key=lambda kv: kv[1])
+    write_text_atomic(file, "".join(f"{base64.b64encode(token).decode('ascii')} {rank}\n" for token, rank in ordered))
 
 
 # Python's `regex` module needs VERSION1 for the `&&` class intersection; used only to pre-split training text.
