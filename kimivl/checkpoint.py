@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from pathlib import PurePath
 
 import torch
@@ -24,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from kimivl.config import KimiVLConfig
 from kimivl.files import write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,8 @@ FROZEN_FINGERPRINT = "kimivl_frozen_fingerprint"  # safetensors metadata of a tr
 WRITER = "kimivl_checkpoint"  # metadata key marking a file (shard or index) that save_checkpoint wrote
 # Keys that released checkpoints may carry but that hold nothing a model needs.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# The dtypes weights are loaded and saved in (those a config's torch_dtype can name).
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 class CheckpointError(ValueError):
@@ -103,6 +107,22 @@ def _read_headers(files: dict[str, list[str] | None]) -> dict[str, tuple[str, li
                 continue  # the index is authoritative about which file holds a key
             found[k] = (file, *shapes[k])
     return found
+
+
+def check_dtype(dtype: object) -> None:
+    """A ``ValueError`` unless ``dtype`` is one of the torch dtypes weights are held and saved in (a string such as
+    ``"bfloat16"`` is refused too: ``getattr(torch, name)`` gives the dtype)."""
+    if not isinstance(dtype, torch.dtype) or dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"dtype must be a floating torch.dtype ({', '.join(map(str, WEIGHT_DTYPES))}), got {dtype!r}")
+
+
+def check_save_arguments(max_shard_bytes: object, dtype: object) -> None:
+    """A ``ValueError`` for a ``max_shard_bytes`` that is not a positive integer or a ``dtype`` (None: as held) that
+    ``check_dtype`` refuses: checked before a save writes anything."""
+    if not isinstance(max_shard_bytes, int) or isinstance(max_shard_bytes, bool) or max_shard_bytes < 1:
+        raise ValueError(f"max_shard_bytes must be a positive number of bytes, got {max_shard_bytes!r}")
+    if dtype is not None:
+        check_dtype(dtype)
 
 
 def _is_float(safetensors_dtype: str) -> bool:
@@ -270,6 +290,7 @@ def save_checkpoint(
     ``frozen_apart`` (training checkpoints) puts the tensors of frozen parameters in shards of their own, marked
     with a fingerprint; a frozen shard that the checkpoint ``frozen_from`` holds unchanged is hard-linked from it
     instead of written again, so a stage that trains a small part of a large model writes its frozen weights once."""
+    check_save_arguments(max_shard_bytes, dtype)
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     state = model.state_dict()
@@ -312,13 +333,38 @@ def save_checkpoint(
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: torch.dtype) -> None:
     """The checkpoint at ``src`` written again to ``dst`` (a new directory, or one holding an older kimivl save) with
     its floating-point tensors in ``dtype``, file by file, so that one file is in memory at a time; the files keep
-    their names and keys, and ``config.json`` is copied with ``torch_dtype`` naming ``dtype``."""
+    their names and keys, and ``config.json`` is copied with ``torch_dtype`` (in ``text_config``, and at the top level
+    where the source has one) naming ``dtype``. The dtype and the source's config are checked before anything is
+    written; a failed conversion removes a ``dst`` that it created."""
+    check_dtype(dtype)
     src, dst = os.fspath(src), os.fspath(dst)
-    files = checkpoint_files(src)
-    names = [os.path.relpath(f, src) for f in files]
+    source_config = os.path.join(src, "config.json")
+    if not os.path.isfile(source_config):
+        raise CheckpointError(f"no config.json in {src}: a checkpoint to convert needs the config of its model")
+    KimiVLConfig.from_json_file(source_config)  # a ConfigError for a broken one
+    with open(source_config, encoding="utf-8") as f:
+        config = json.load(f)
+    dtype_name = str(dtype).removeprefix("torch.")
+    config["text_config"]["torch_dtype"] = dtype_name
+    if "torch_dtype" in config:
+        config["torch_dtype"] = dtype_name
+    names = [os.path.relpath(f, src) for f in checkpoint_files(src)]
     indexed = os.path.isfile(os.path.join(src, INDEX))
+    created = not os.path.exists(dst)
     os.makedirs(dst, exist_ok=True)
-    stale = _stale_files(dst, set(names) | ({INDEX} if indexed else set()))
+    try:
+        stale = _stale_files(dst, set(names) | ({INDEX} if indexed else set()))
+        _write_converted(src, dst, names, indexed, dtype, config)
+    except BaseException:
+        if created:
+            shutil.rmtree(dst, ignore_errors=True)
+        raise
+    for name in stale:
+        os.remove(os.path.join(dst, name))
+
+
+def _write_converted(src: str, dst: str, names: list[str], indexed: bool, dtype: torch.dtype, config: dict) -> None:
+    """``convert_checkpoint``'s writing: the files ``names`` of ``src`` in ``dtype``, its index, then ``config``."""
     file, total = dst, 0
     try:
         for name in names:
@@ -334,14 +380,9 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: to
             index["metadata"] = {"total_size": total, WRITER: "1"}
             write_text_atomic(file, json.dumps(index, indent=2))
         file = os.path.join(dst, "config.json")
-        with open(os.path.join(src, "config.json"), encoding="utf-8") as f:
-            config = json.load(f)
-        config.setdefault("text_config", {})["torch_dtype"] = str(dtype).removeprefix("torch.")
         write_text_atomic(file, json.dumps(config, indent=2) + "\n")
     except OSError as e:
         raise write_error(e, file) from None
-    for name in stale:
-        os.remove(os.path.join(dst, name))
 
 
 def _for_file(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:

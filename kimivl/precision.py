@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from kimivl.checkpoint import check_dtype
 from kimivl.config import KimiVLConfig
 from kimivl.model.params import parameter_counts
 
@@ -105,10 +106,8 @@ def held_dtype(stored: torch.dtype, device: str | torch.device, requested: torch
     when the caller names one, else ``stored``, except that on a CPU float16 becomes bfloat16 (float16 is very slow
     there). bf16 on a CPU that emulates it gets the slowdown's warning."""
     device = torch.device(device)
-    if requested is not None and not (isinstance(requested, torch.dtype) and requested.is_floating_point):
-        raise ValueError(
-            f"dtype must be a floating torch.dtype (torch.bfloat16, torch.float32, ...), got {requested!r}"
-        )
+    if requested is not None:
+        check_dtype(requested)
     dtype = requested
     if dtype is None and device.type == "cpu" and stored == torch.float16:
         log.warning(

@@ -189,6 +189,61 @@ def test_other_write_failures_name_the_file(tiny_model, tmp_path, monkeypatch):
         tiny_model.save_pretrained(tmp_path / "m")
 
 
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        ({"dtype": torch.int8}, r"dtype must be a floating torch.dtype .*, got torch.int8"),
+        ({"dtype": torch.bool}, r"dtype must be a floating torch.dtype .*, got torch.bool"),
+        ({"dtype": torch.complex64}, r"dtype must be a floating torch.dtype .*, got torch.complex64"),
+        ({"dtype": torch.float8_e4m3fn}, r"dtype must be a floating torch.dtype .*, got torch.float8_e4m3fn"),
+        ({"dtype": "bfloat16"}, r"dtype must be a floating torch.dtype .*, got 'bfloat16'"),
+        ({"max_shard_bytes": None}, "max_shard_bytes must be a positive number of bytes, got None"),
+        ({"max_shard_bytes": 0}, "max_shard_bytes must be a positive number of bytes, got 0"),
+    ],
+)
+def test_bad_save_arguments_are_refused_before_anything_is_written(tiny_model, tmp_path, arguments, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_model.save_pretrained(tmp_path / "new", **arguments)
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(ValueError, match=message):
+        ckpt.save_checkpoint(tiny_model, tmp_path / "direct", **arguments)
+    assert not (tmp_path / "direct").exists()
+
+
+def test_any_failed_save_removes_the_directory_it_created(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(ckpt, "save_file", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):
+        tiny_model.save_pretrained(tmp_path / "m")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_conversion_checks_its_dtype_and_source_config_before_writing(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "src")
+    with pytest.raises(ValueError, match="dtype must be a floating torch.dtype .*, got torch.int8"):
+        ckpt.convert_checkpoint(tmp_path / "src", tmp_path / "int8", torch.int8)
+    (tmp_path / "src" / "config.json").unlink()
+    with pytest.raises(CheckpointError, match=r"no config.json in .*src: a checkpoint to convert needs"):
+        ckpt.convert_checkpoint(tmp_path / "src", tmp_path / "out", torch.bfloat16)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_a_failed_conversion_removes_the_directory_it_created(tiny_model, tmp_path, monkeypatch):
+    tiny_model.save_pretrained(tmp_path / "src")
+    monkeypatch.setattr(ckpt, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
+    with pytest.raises(CheckpointError, match=r"the disk is full: writing .*out.model\.safetensors failed"):
+        ckpt.convert_checkpoint(tmp_path / "src", tmp_path / "out", torch.bfloat16)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_a_conversion_names_its_dtype_at_the_top_level_too(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "src")
+    config = json.loads((tmp_path / "src" / "config.json").read_text())
+    (tmp_path / "src" / "config.json").write_text(json.dumps({**config, "torch_dtype": "float32"}))
+    ckpt.convert_checkpoint(tmp_path / "src", tmp_path / "out", torch.bfloat16)
+    converted = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert converted["torch_dtype"] == converted["text_config"]["torch_dtype"] == "bfloat16"
+
+
 def test_saved_files_that_are_symlinks_are_replaced_and_their_targets_left_alone(tiny_model, small_processor, tmp_path):
     """A Hugging Face cache directory holds symlinks into its blobs: a save there must not rewrite the blobs."""
     names = ["config.json", "tiktoken.model", "tokenizer_config.json", "preprocessor_config.json"]

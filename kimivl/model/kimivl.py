@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kimivl.checkpoint import (
-    CheckpointError,
+    check_save_arguments,
     load_checkpoint,
     save_checkpoint,
     write_error,
@@ -160,9 +160,11 @@ class KimiVL(nn.Module):
         self, path: str | os.PathLike, *, max_shard_bytes: int = 5 * 2**30, dtype: torch.dtype | None = None, **frozen
     ) -> None:
         """Write ``config.json`` and safetensors weights (sharded above ``max_shard_bytes``; ``frozen``:
-        ``save_checkpoint``'s ``frozen_apart`` and ``frozen_from``, for training checkpoints), in ``dtype`` or as held;
-        the config's ``torch_dtype`` names that dtype (the widest held). A failed save (a full disk) raises
-        ``CheckpointError``; a directory that the call created is removed again."""
+        ``save_checkpoint``'s ``frozen_apart`` and ``frozen_from``, for training checkpoints), in ``dtype`` (a floating
+        torch dtype, as ``from_pretrained`` takes) or as held; the config's ``torch_dtype`` names that dtype (the widest
+        held). Bad arguments are a ``ValueError`` before anything is written; a failed save (a full disk) raises
+        ``CheckpointError``; a directory that the call created is removed again, whatever the failure."""
+        check_save_arguments(max_shard_bytes, dtype)
         created = not os.path.exists(path)
         config = self.stored_config(dtype)
         try:
@@ -171,7 +173,7 @@ class KimiVL(nn.Module):
             except OSError as e:
                 raise write_error(e, os.path.join(path, "config.json")) from None
             save_checkpoint(self, path, max_shard_bytes=max_shard_bytes, dtype=dtype, **frozen)
-        except CheckpointError:
+        except BaseException:
             if created:
                 shutil.rmtree(path, ignore_errors=True)
             raise
