@@ -14,7 +14,15 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from kimivl.checkpoint import CheckpointError, _atomic_save, _for_file, _shards, shard_file_names, write_index
+from kimivl.checkpoint import (
+    CheckpointError,
+    _atomic_save,
+    _for_file,
+    _shards,
+    check_save_arguments,
+    shard_file_names,
+    write_index,
+)
 from kimivl.distributed.load import CheckpointReader
 from kimivl.distributed.world import World
 from kimivl.model.kimivl import KimiVL
@@ -55,6 +63,7 @@ def save_gathered(
     (``config.json`` and safetensors under the official names, sharded above ``max_shard_bytes``, floats in ``dtype``
     if given), each file written as soon as its tensors are gathered. The tensors ``model`` holds on the meta device
     (a stage that loaded only what it trains) are copied from the checkpoint ``source``, a file's worth at a time."""
+    check_save_arguments(max_shard_bytes, dtype)
     with torch.device("meta"):  # the official names and shapes, in the order a one-process save writes them
         whole_layout = KimiVL(model.config)
     layout = whole_layout.state_dict()

@@ -97,3 +97,12 @@ def test_non_finite_values_are_named_in_a_warning(tiny_model, saved, caplog):
     with caplog.at_level(logging.WARNING, logger="kimivl.checkpoint"):
         load_sharded_checkpoint(_empty(tiny_model.config), saved, World())
     assert f"NaN or inf values in 1 tensors: {EXPERT}" in caplog.text
+
+
+def test_a_gathered_save_checks_its_arguments_before_writing(tiny_model, tmp_path):
+    from kimivl.distributed.gather import save_gathered
+
+    for bad, words in (({"dtype": torch.int8}, "dtype"), ({"max_shard_bytes": 0}, "max_shard_bytes")):
+        with pytest.raises(ValueError, match=words):
+            save_gathered(tiny_model, tmp_path / "out", World(), **bad)
+        assert not (tmp_path / "out").exists()
