@@ -1,11 +1,14 @@
 """MoonViT image preprocessing (spec section 3): resize to a patch budget, pad, normalise, patchify.
 
-Per image (a path, a ``data:...;base64,`` URL, bytes, a PIL image or an array): decode (a file's size checked
-against ``max_bytes`` before it is read, its header against ``max_pixels`` before the pixels are decoded; a pipe or
-device must start like an image and is read up to ``max_bytes``), apply the EXIF orientation, convert to RGB, then
+Per image (a path, a ``data:...;base64,`` URL, bytes, a PIL image or an array; encoded images only in ``FORMATS``):
+decode (a file's size checked against ``max_bytes`` before it is read, its header against ``max_pixels`` before the
+pixels are decoded; a pipe or device must start like an image and is read up to ``max_bytes``), apply the EXIF
+orientation, convert to RGB, then
 1. if (w//p)*(h//p) > in_token_limit: resize by sqrt(limit / ((w//p)*(h//p))) to (int(w*s), int(h*s)), BICUBIC;
 2. pad right/bottom with zero pixels to multiples of p*merge (``pad_input``; otherwise centre-crop to multiples of p);
-3. reject grids with 512 or more patches on a side (the size of MoonViT's RoPE table);
+3. keep every side under 512 patches (the size of MoonViT's RoPE table): the spec rejects such grids, here an image
+   that long is scaled down further until its padded grid fits (see below), and refused only if that leaves a side
+   under one pixel;
 4. scale to [0, 1] and normalise with image_mean/image_std. Padding happens before normalisation, exactly as in the
    released processor, so padded pixels hold (0 - mean) / std, not 0;
 5. patchify row-major into (h*w, 3, p, p) float32 with grid (h, w).
@@ -13,7 +16,9 @@ device must start like an image and is read up to ``max_bytes``), apply the EXIF
 Differences from the released processor, on purpose: the image is made RGB before resizing (the release resizes in
 the original mode, so palette images were resized with nearest-neighbour), transparent images are composited over
 a background (the release drops alpha, exposing whatever colour transparent pixels store; ``background=None``
-restores that), and 16-bit / float images are rescaled instead of being clipped at 255.
+restores that), 16-bit images are rescaled instead of being clipped at 255, float images must hold values in [0, 1]
+(anything else is refused, not clipped), and an image with a side of 512 patches or more is scaled down to fit
+MoonViT's RoPE table instead of being refused (the official model cannot take it either way).
 """
 
 from __future__ import annotations
@@ -38,6 +43,11 @@ CONFIG_FILE = "preprocessor_config.json"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_GRID_SIDE = 512
+MAX_PIXELS = 1 << 26  # decoded-size cap per image (and per video frame) against decompression bombs
+# Encoded formats decoded at all: other Pillow plugins (EPS runs Ghostscript, and many are rarely used) never see
+# the bytes of an image that may come from an untrusted client.
+FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF", "ICO")
+UNIT_TOLERANCE = 1e-3  # how far outside [0, 1] a float pixel may stray (rounding) before the image is refused
 BACKGROUNDS = {"black": (0, 0, 0), "white": (255, 255, 255), None: None}
 READ_CHUNK = 1 << 20
 
@@ -60,13 +70,64 @@ def _describe(image: Any) -> str:
     return f"<{type(image).__name__}>"
 
 
+def _unit_to_bytes(a: np.ndarray) -> np.ndarray:
+    """Float pixels in [0, 1] -> uint8; NaN, infinities and values outside [0, 1] are an ImageError."""
+    if not np.isfinite(a).all():
+        raise ImageError("it holds NaN or infinite values; float images must hold values in [0, 1]")
+    lo, hi = float(a.min()), float(a.max())
+    if lo < -UNIT_TOLERANCE or hi > 1 + UNIT_TOLERANCE:
+        raise ImageError(
+            f"it holds float values from {lo:g} to {hi:g}; float images must hold values in [0, 1] "
+            "(divide 0..255 values by 255, or pass uint8 values)"
+        )
+    return np.round(np.clip(a, 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def _accepts(head: bytes, formats) -> str | None:
+    """The first of ``formats`` (Pillow format ids) whose signature ``head`` matches, or None."""
+    Image.init()
+    for fmt in formats:
+        accept = Image.OPEN[fmt][1] if fmt in Image.OPEN else None
+        try:
+            if accept is not None and accept(head):
+                return fmt
+        except Exception:  # a plugin's check may raise on short or odd input; it just does not match
+            continue
+    return None
+
+
+def open_image(f, name: str) -> Image.Image:
+    """Pillow's header read (no pixels yet) of an open image file in one of ``FORMATS``; ImageError otherwise,
+    naming a format that Pillow knows but that is not accepted. Pillow's DecompressionBombError (a header far over
+    any sensible size) is left to the caller, which names its own pixel limit."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(f, formats=FORMATS)
+    except UnidentifiedImageError:  # Pillow's message would name only its in-memory buffer
+        f.seek(0)
+        other = _accepts(f.read(16), [fmt for fmt in Image.OPEN if fmt not in FORMATS])
+        if other is not None:
+            raise ImageError(
+                f"image {name} looks like {other}, a format not accepted here; send one of {', '.join(FORMATS)}"
+            ) from None
+        raise ImageError(
+            f"cannot decode image {name}: not in an accepted format ({', '.join(FORMATS)}), or damaged"
+        ) from None
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
+        raise ImageError(f"cannot decode image {name}: {e}") from None
+
+
 def _from_array(a: np.ndarray, name: str) -> Image.Image:
     if a.ndim == 3 and a.shape[2] == 1:
         a = a[:, :, 0]
     if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4))):
         raise ImageError(f"image {name}: arrays must be HW, HWC with C in 1/3/4; got shape {a.shape}")
     if a.dtype.kind == "f":
-        a = np.round(np.clip(np.nan_to_num(a), 0.0, 1.0) * 255)
+        try:
+            a = _unit_to_bytes(a)
+        except ImageError as e:
+            raise ImageError(f"image {name}: {e}") from None
     elif a.dtype != np.uint8:
         raise ImageError(f"image {name}: arrays must be uint8 (0..255) or float (0..1), got {a.dtype}")
     return Image.fromarray(np.ascontiguousarray(a.astype(np.uint8)))
@@ -75,7 +136,8 @@ def _from_array(a: np.ndarray, name: str) -> Image.Image:
 def to_rgb(img: Image.Image, background: str | None = "black") -> Image.Image:
     """Convert any PIL mode to RGB; alpha is composited over ``background`` ("black", "white", or None to drop it).
 
-    16-bit and 32-bit integer grey ("I;16*", "I") are read as 0..65535; float grey ("F") as 0..1.
+    16-bit and 32-bit integer grey ("I;16*", "I") are read as 0..65535; float grey ("F") as 0..1 (other values are
+    an ImageError).
     """
     mode = img.mode
     if mode == "RGB":
@@ -84,8 +146,7 @@ def to_rgb(img: Image.Image, background: str | None = "black") -> Image.Image:
         a = np.asarray(img.convert("I"), dtype=np.float64) if mode != "I" else np.asarray(img, dtype=np.float64)
         return Image.fromarray(np.round(np.clip(a, 0, 65535) / 257).astype(np.uint8)).convert("RGB")
     if mode == "F":
-        a = np.asarray(img, dtype=np.float64)
-        return Image.fromarray(np.round(np.clip(np.nan_to_num(a), 0, 1) * 255).astype(np.uint8)).convert("RGB")
+        return Image.fromarray(_unit_to_bytes(np.asarray(img))).convert("RGB")
     has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info)
     if has_alpha and BACKGROUNDS[background] is not None:
         rgba = img.convert("RGBA")
@@ -106,7 +167,7 @@ class ImageProcessor:
     pad_input: bool = True
     image_mean: tuple[float, float, float] = CLIP_MEAN
     image_std: tuple[float, float, float] = CLIP_STD
-    max_pixels: int = 1 << 26  # decoded-size cap against decompression bombs (not an official field)
+    max_pixels: int = MAX_PIXELS  # decoded-size cap against decompression bombs (not an official field)
     max_bytes: int = 1 << 28  # encoded-size cap per image, checked before reading (not an official field)
     background: str | None = "black"  # what transparent pixels become (not an official field)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -194,15 +255,21 @@ class ImageProcessor:
             raise ImageError(f"image {name} is {w}x{h} = {w * h} pixels, over max_pixels={self.max_pixels}")
         try:
             return to_rgb(ImageOps.exif_transpose(img), self.background)
+        except ImageError as e:
+            raise ImageError(f"image {name}: {e}") from None
         except (OSError, ValueError, SyntaxError) as e:
             raise ImageError(f"cannot convert image {name} (mode {img.mode}) to RGB: {e}") from None
 
     def _read_stream(self, f, name: str) -> bytes:
         """A pipe or device: it must start like an image, and at most ``max_bytes`` are read."""
         head = f.read(16)
-        Image.init()
-        if not any(accept is not None and accept(head) for _, accept in Image.OPEN.values()):
-            raise ImageError(f"image {name} does not start like an image file Pillow reads (read 16 bytes)")
+        if not head:
+            raise ImageError(f"image {name} is empty")
+        if _accepts(head, FORMATS) is None:
+            raise ImageError(
+                f"image {name} does not start like an image in an accepted format ({', '.join(FORMATS)}; "
+                f"read {len(head)} bytes)"
+            )
         data = bytearray(head)
         while chunk := f.read(READ_CHUNK):
             data += chunk
@@ -241,49 +308,63 @@ class ImageProcessor:
             raise ImageError(f"image {name} is empty")
         f.seek(0)
         try:
+            img = open_image(f, name)
+            w, h = img.size
+            if w * h > self.max_pixels:
+                raise ImageError(
+                    f"image {name} is {w}x{h} = {w * h} pixels, over max_pixels={self.max_pixels} "
+                    "(a decompression bomb or a very large scan; raise max_pixels to allow it)"
+                )
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                img = Image.open(f)  # reads the header only
-                w, h = img.size
-                if w * h > self.max_pixels:
-                    raise ImageError(
-                        f"image {name} is {w}x{h} = {w * h} pixels, over max_pixels={self.max_pixels} "
-                        "(a decompression bomb or a very large scan; raise max_pixels to allow it)"
-                    )
                 img.load()
         except ImageError:
             raise
         except Image.DecompressionBombError as e:
             raise ImageError(f"image {name} looks like a decompression bomb: {e}") from None
-        except UnidentifiedImageError:  # Pillow's message would name only its in-memory buffer
-            raise ImageError(f"cannot decode image {name}: not in a format Pillow reads, or damaged") from None
         except (OSError, ValueError, SyntaxError, EOFError) as e:
             raise ImageError(f"cannot decode image {name}: {e}") from None
         return img
 
     # ---- geometry -----------------------------------------------------------------------------------------
-    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+    def resized_size(self, width: int, height: int, name: str | None = None) -> tuple[int, int]:
         """(w, h) after step 1 (the patch budget), then, only for an image so elongated that a side would reach
         ``MAX_GRID_SIDE`` patches (which MoonViT's 2D RoPE does not cover, so the official model cannot take it),
-        scaled down further until it fits."""
+        scaled down further until it fits. An ImageError when a side would be left under one pixel."""
+        label = f"image {name} ({width}x{height})" if name else f"a {width}x{height} image"
+        if width < 1 or height < 1:
+            raise ImageError(f"{label} has no pixels")
         p = self.patch_size
         n = (width // p) * (height // p)
         if n > self.in_token_limit:
             scale = math.sqrt(self.in_token_limit / n)
             width, height = int(width * scale), int(height * scale)
+            if min(width, height) < 1:
+                raise ImageError(
+                    f"{label} is too elongated: scaled to in_token_limit={self.in_token_limit} patches, its short "
+                    "side would be under one pixel"
+                )
         longest = (MAX_GRID_SIDE - max(self.merge_kernel_size)) * p  # a side stays under the limit once padded
         if max(width, height) > longest:
             scale = longest / max(width, height)
             width, height = int(width * scale), int(height * scale)
+            if min(width, height) < 1:
+                raise ImageError(
+                    f"{label} is too elongated: scaled so its long side stays under {MAX_GRID_SIDE} patches "
+                    f"({longest} pixels; MoonViT's RoPE table covers no more), its short side would be under one pixel"
+                )
         return width, height
 
-    def grid_hw(self, width: int, height: int) -> tuple[int, int]:
-        """Patch grid (rows, cols) of an upright image of this size."""
-        w, h = self.resized_size(width, height)
+    def grid_hw(self, width: int, height: int, name: str | None = None) -> tuple[int, int]:
+        """Patch grid (rows, cols) of an upright image of this size; an ImageError for a size ``preprocess`` refuses."""
+        w, h = self.resized_size(width, height, name)
         p = self.patch_size
         if self.pad_input:
             mh, mw = self.merge_kernel_size
             return -(-h // (p * mh)) * mh, -(-w // (p * mw)) * mw
+        if w < p or h < p:
+            label = f"image {name}" if name else "an image"
+            raise ImageError(f"{label} ({w}x{h}) is smaller than one {p}x{p} patch and pad_input is off")
         return h // p, w // p
 
     def num_tokens(self, grid_hw: tuple[int, int]) -> int:
@@ -293,29 +374,21 @@ class ImageProcessor:
 
     # ---- processing ---------------------------------------------------------------------------------------
     def _rescale(self, img: Image.Image, name: str) -> Image.Image:
+        """Steps 1-3: resized, then padded (or cropped) to the patch grid ``grid_hw`` gives."""
+        gh, gw = self.grid_hw(*img.size, name)
         size = self.resized_size(*img.size)
         if size != img.size:
-            if min(size) < 1:
-                raise ImageError(
-                    f"image {name} ({img.size[0]}x{img.size[1]}) is too elongated to fit "
-                    f"in_token_limit={self.in_token_limit}: it would shrink to {size[0]}x{size[1]}"
-                )
             img = img.resize(size, Image.Resampling.BICUBIC)
         w, h = img.size
         p = self.patch_size
         if self.pad_input:
-            mh, mw = self.merge_kernel_size
-            pw, ph = -(-w // (p * mw)) * p * mw, -(-h // (p * mh)) * p * mh
-            if (pw, ph) != (w, h):
-                canvas = Image.new("RGB", (pw, ph), (0, 0, 0))
+            if (gw * p, gh * p) != (w, h):
+                canvas = Image.new("RGB", (gw * p, gh * p), (0, 0, 0))
                 canvas.paste(img, (0, 0))
                 img = canvas
         else:
-            cw, ch = w - w % p, h - h % p
-            if cw == 0 or ch == 0:
-                raise ImageError(f"image {name} ({w}x{h}) is smaller than one {p}x{p} patch and pad_input is off")
-            left, top = int(round((w - cw) / 2.0)), int(round((h - ch) / 2.0))
-            img = img.crop((left, top, left + cw, top + ch))
+            left, top = int(round((w - gw * p) / 2.0)), int(round((h - gh * p) / 2.0))
+            img = img.crop((left, top, left + gw * p, top + gh * p))
         return img
 
     def preprocess(self, image: Any) -> tuple[torch.Tensor, tuple[int, int]]:

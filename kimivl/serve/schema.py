@@ -12,14 +12,14 @@ from __future__ import annotations
 import io
 import math
 import os
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from kimivl.inference.sampling import MAX_SEED
 from kimivl.processing.data_url import data_url_bytes
+from kimivl.processing.image import ImageError, open_image
 
 
 class RequestError(ValueError):
@@ -108,14 +108,12 @@ def _image_bytes(url: Any, where: str, limits: Limits) -> bytes:
             f"{where}: the image is {len(data)} bytes, over the limit of {limits.max_image_bytes}", where
         )
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:  # the header only
-                w, h = img.size
+        with open_image(io.BytesIO(data), f"<{len(data)} bytes>") as img:  # the header only
+            w, h = img.size
     except Image.DecompressionBombError as e:  # Pillow's own guard, far above the limit below
         raise RequestError(f"{where}: over the limit of {limits.max_image_pixels} pixels: {e}", where) from None
-    except (UnidentifiedImageError, OSError, ValueError):
-        raise RequestError(f"{where}: the data is not an image Pillow can read", where) from None
+    except ImageError as e:
+        raise RequestError(f"{where}: {e}", where) from None
     if w * h > limits.max_image_pixels:
         raise RequestError(
             f"{where}: the image is {w}x{h} = {w * h} pixels, over the limit of {limits.max_image_pixels}", where

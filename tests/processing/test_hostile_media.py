@@ -27,7 +27,7 @@ def png_bytes(w=20, h=10) -> bytes:
 
 def test_dev_zero_is_refused_after_its_first_bytes():
     start = time.perf_counter()
-    with pytest.raises(ImageError, match=r"/dev/zero does not start like an image file"):
+    with pytest.raises(ImageError, match=r"/dev/zero does not start like an image in an accepted format"):
         ImageProcessor().load("/dev/zero")
     assert time.perf_counter() - start < 1.0
 
@@ -75,6 +75,46 @@ def test_an_image_through_a_pipe_still_works(tmp_path):
     _feed_fifo(fifo, png_bytes(20, 10))  # the writer ends on its own
     img = ImageProcessor().load(str(fifo))
     assert img.size == (20, 10) and img.getpixel((3, 3)) == (200, 200, 200)
+
+
+@pytest.mark.parametrize("data", [b"", b"BM", b"BM\0\0\0", b"\0\0"])
+def test_empty_or_short_pipes_are_an_image_error(tmp_path, data):
+    fifo = tmp_path / "short"
+    os.mkfifo(fifo)
+    _feed_fifo(fifo, data)  # the writer ends on its own
+    with pytest.raises(ImageError, match="short is empty" if not data else "short"):  # never a plugin's struct.error
+        ImageProcessor().load(str(fifo))
+
+
+def test_dev_null_is_empty():
+    with pytest.raises(ImageError, match="image /dev/null is empty"):
+        ImageProcessor().load("/dev/null")
+
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n0 0 moveto 10 10 lineto stroke\nshowpage\n"
+
+
+def test_formats_outside_the_allow_list_never_reach_their_plugin(tmp_path, monkeypatch):
+    from PIL import EpsImagePlugin
+
+    def never(*args, **kwargs):
+        raise AssertionError("the EPS plugin was asked to open client bytes")
+
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", never)
+    path = tmp_path / "a.eps"
+    path.write_bytes(EPS)
+    fifo = tmp_path / "eps-pipe"
+    os.mkfifo(fifo)
+    _feed_fifo(fifo, EPS)
+    for source in (EPS, str(path)):
+        with pytest.raises(ImageError, match=r"looks like EPS, a format not accepted here; send one of PNG, JPEG"):
+            ImageProcessor().load(source)
+    with pytest.raises(ImageError, match=r"does not start like an image in an accepted format \(PNG, JPEG"):
+        ImageProcessor().load(str(fifo))
+    for fmt in ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF", "ICO"):  # the accepted ones still decode
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 16), (250, 0, 0)).save(buf, fmt)
+        assert ImageProcessor().load(buf.getvalue()).getpixel((8, 8))[0] > 240, fmt
 
 
 def test_huge_sparse_file_is_refused_from_its_size(tmp_path):

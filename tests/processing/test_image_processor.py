@@ -140,6 +140,28 @@ def test_array_inputs():
         proc(np.zeros((4, 4, 3), np.int64))
 
 
+@pytest.mark.parametrize(
+    "values, words",
+    [
+        (200.0, "float values from 200 to 200; float images must hold values in \\[0, 1\\] \\(divide 0..255"),
+        (-0.5, "float values from -0.5 to -0.5"),
+        (float("nan"), "NaN or infinite"),
+        (float("inf"), "NaN or infinite"),
+    ],
+)
+def test_float_images_outside_zero_one_are_refused_not_clipped(values, words):
+    a = np.full((20, 20, 3), values, np.float32)
+    with pytest.raises(ImageError, match=r"image <array \(20, 20, 3\) float32>: it holds " + words):
+        ImageProcessor()(a)
+    with pytest.raises(ImageError, match=r"image <PIL F 20x20>: it holds " + words):  # float grey PIL images too
+        ImageProcessor()(Image.fromarray(a[:, :, 0]))
+    edge = np.full((20, 20, 3), 1.0005, np.float32)  # rounding just past 1 is kept, as 255
+    edge[0, 0] = -0.0005
+    out = ImageProcessor()(edge)["pixel_values"]
+    np.testing.assert_allclose(pixel(out, 2, 1, 1), normalised([255] * 3), atol=1e-6)
+    np.testing.assert_allclose(pixel(out, 2, 0, 0), normalised([0] * 3), atol=1e-6)
+
+
 def _mode_image(mode: str) -> tuple[Image.Image, tuple, tuple]:
     """(image, expected RGB over black, expected RGB over white) for a uniform 16x16 image."""
     if mode == "P":
@@ -221,7 +243,7 @@ def test_bad_images(tmp_path):
     empty = tmp_path / "empty.png"
     empty.write_bytes(b"")
     cases = [
-        (b"definitely not an image", "cannot decode image <23 bytes>: not in a format Pillow reads, or damaged$"),
+        (b"definitely not an image", r"<23 bytes>: not in an accepted format \(PNG, JPEG, GIF, WEBP, BMP, TIFF, ICO\)"),
         (jpeg[: len(jpeg) // 2], "cannot decode"),  # truncated JPEG
         (b"", "empty"),
         (str(empty), "empty"),
@@ -281,3 +303,23 @@ def test_an_image_too_long_for_moonvits_rope_is_scaled_down_to_fit():
     patches, (h, w) = proc.preprocess(np.zeros((20, 7200, 3), np.uint8))
     assert (h, w) == (2, MAX_GRID_SIDE - 2) and patches.shape[0] == h * w  # 7140 x 19 px, padded to whole merges
     assert proc.resized_size(1000, 800) == (1000, 800)  # ordinary images are untouched
+
+
+def test_grid_hw_refuses_what_preprocess_refuses_and_names_the_rope_limit():
+    proc = ImageProcessor()
+    assert proc.grid_hw(7141, 14) == (2, 510)  # scaled to 7140 x 13, padded to 7140 x 28
+    assert proc.preprocess(np.zeros((14, 7141, 3), np.uint8))[1] == (2, 510)
+    rope = r"too elongated: scaled so its long side stays under 512 patches \(7140 pixels; MoonViT's RoPE table"
+    for w, h in ((1, 7167), (7167, 1)):  # 7140/7167 of one pixel is none
+        with pytest.raises(ImageError, match=rf"a {w}x{h} image is {rope}"):
+            proc.grid_hw(w, h)
+        with pytest.raises(ImageError, match=rf"image <array \({h}, {w}, 3\) uint8> \({w}x{h}\) is {rope}"):
+            proc.preprocess(np.zeros((h, w, 3), np.uint8))
+    with pytest.raises(ImageError, match="no pixels"):
+        proc.grid_hw(0, 10)
+    crop = ImageProcessor(pad_input=False)
+    assert crop.grid_hw(30, 14) == (1, 2)
+    with pytest.raises(ImageError, match=r"\(13x30\) is smaller than one 14x14 patch and pad_input is off"):
+        crop.grid_hw(13, 30)
+    with pytest.raises(ImageError, match="smaller than one 14x14 patch"):
+        crop.preprocess(np.zeros((30, 13, 3), np.uint8))

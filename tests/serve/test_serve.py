@@ -23,7 +23,7 @@ from kimivl.inference.chat import generate
 from kimivl.inference.sampling import SamplingParams
 from kimivl.serve.engine import Request as EngineRequest
 from kimivl.serve.reasoning import split_reasoning
-from kimivl.serve.schema import Limits, parse_chat_request
+from kimivl.serve.schema import Limits, RequestError, parse_chat_request
 
 HELDOUT = Path(__file__).resolve().parents[2] / "examples" / "heldout"
 
@@ -158,7 +158,7 @@ def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_serving(tiny, tmp_pat
         ({**good, "n": 9}, 400, "n must be an integer in [1, 8]", "secret-key"),
         ({**good, "messages": [{"role": "robot", "content": "hi"}]}, 400, "role", "secret-key"),
         ({**good, "messages": _image_msg(*[_png(28, 28)] * 9)}, 400, "more than 8 images", "secret-key"),
-        ({**good, "messages": _image_msg("data:image/png;base64,aGVsbG8=")}, 400, "not an image", "secret-key"),
+        ({**good, "messages": _image_msg("data:image/png;base64,aGVsbG8=")}, 400, "accepted format", "secret-key"),
         ({**good, "messages": _image_msg("data:image/png;base64,@@@")}, 400, "not valid base64", "secret-key"),
         ({**good, "messages": _image_msg(_png(5000, 4000))}, 400, "pixels, over the limit", "secret-key"),
         ({**good, "messages": _image_msg("https://example.com/a.png")}, 400, "no remote URLs", "secret-key"),
@@ -512,3 +512,16 @@ def test_a_data_video_carries_the_servers_bound_on_decoded_frames():
     chat = parse_chat_request(body, Limits(context=4096, max_batch=2, max_decoded_frames=5))
     assert chat.messages[0]["content"][0]["max_decoded"] == 5
     assert Limits(context=4096, max_batch=2).max_decoded_frames == 9000
+
+
+def test_images_in_formats_outside_the_allow_list_are_refused_unopened(monkeypatch):
+    from PIL import EpsImagePlugin
+
+    def never(*args, **kwargs):
+        raise AssertionError("the EPS plugin was asked to open client bytes")
+
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", never)
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+    url = "data:image/eps;base64," + base64.b64encode(eps).decode()
+    with pytest.raises(RequestError, match=r"content\[0\]: image <58 bytes> looks like EPS, a format not accepted"):
+        parse_chat_request({"messages": _image_msg(url)}, Limits(context=4096, max_batch=2))
