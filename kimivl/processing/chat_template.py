@@ -3,9 +3,9 @@
 Messages are dicts ``{"role": "system"|"user"|"assistant", "content": str | list[part]}``. A part is
 ``{"type": "text", "text": str}``, ``{"type": "image", "image": <path | bytes | PIL image | array>}`` (``"image_url"``
 or ``"url"`` are accepted in place of ``"image"``), or ``{"type": "video", "video": <path | bytes | file>,
-"fps": 1.0, "max_frames": 64, "max_decoded": None}`` which is decoded and written as timestamped frames (see
-``kimivl.processing.video``),
-or ``{"type": "video", "frames": [images], "timestamps": [seconds]}`` for frames sampled beforehand.
+"fps": 1.0, "max_frames": 64, "max_decoded": None, "max_frame_pixels": 2**26}`` which is decoded and written as
+timestamped frames (see ``kimivl.processing.video``), or ``{"type": "video", "frames": [images], "timestamps":
+[seconds]}`` for frames sampled beforehand.
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ def _image_payload(part: dict, where: str) -> Any:
 
 
 def _video_parts(part: dict, where: str) -> list[dict]:
+    from kimivl.processing.image import MAX_PIXELS
     from kimivl.processing.video import DEFAULT_FPS, DEFAULT_MAX_FRAMES, frames_to_parts, load_video
 
     if part.get("frames") is not None:  # pre-sampled frames (the data format's alternative to a file)
@@ -71,6 +72,7 @@ def _video_parts(part: dict, where: str) -> list[dict]:
         fps=part.get("fps", DEFAULT_FPS),
         max_frames=part.get("max_frames", DEFAULT_MAX_FRAMES),
         max_decoded=part.get("max_decoded"),
+        max_frame_pixels=part.get("max_frame_pixels", MAX_PIXELS),
     )
     return frames_to_parts(frames, times)
 

@@ -7,7 +7,8 @@ A video enters the chat as its sampled frames, each an ordinary image preceded b
 Timestamps are ``MM:SS.d`` (minutes, seconds, tenths), with an ``H:`` prefix from one hour on (``1:02:03.5``); they
 must be finite, non-negative and under ``MAX_TIMESTAMP`` (a hundred hours). Decoded frames larger than
 ``max_pixels`` are scaled down as they are decoded (the image processor shrinks them to its patch budget anyway), so a
-video of huge frames holds small ones in memory.
+video of huge frames holds small ones in memory; frames over ``max_frame_pixels`` (the image processor's pixel cap)
+are refused from the header, before any is decoded. Frames are turned upright as the file's display rotation asks.
 ``frames_to_parts`` builds these content parts; ``apply_chat_template`` does it for ``{"type": "video"}`` parts.
 """
 
@@ -16,11 +17,12 @@ from __future__ import annotations
 import io
 import math
 import os
-from collections.abc import Iterator
 from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image
+
+from kimivl.processing.image import MAX_PIXELS
 
 DEFAULT_FPS = 1.0
 DEFAULT_MAX_FRAMES = 64
@@ -70,17 +72,49 @@ def _describe(source: Any) -> str:
     return f"<{type(source).__name__}>"
 
 
-def _targets(duration: float | None, fps: float, max_frames: int) -> Iterator[float]:
+def _sample_times(duration: float, fps: float, max_frames: int) -> list[float]:
     """Sampling times: every 1/fps seconds over the duration, thinned uniformly to max_frames."""
-    if duration is None:
-        k = 0
-        while True:
-            yield k / fps
-            k += 1
     n = max(1, math.ceil(duration * fps - 1e-6))
     idx = range(n) if n <= max_frames else np.round(np.linspace(0, n - 1, max_frames)).astype(int)
-    for k in idx:
-        yield int(k) / fps
+    return [int(k) / fps for k in idx]
+
+
+def _sample_time(plan: list[float] | None, fps: float, k: int) -> float | None:
+    """The time of sample k: from the plan, or every 1/fps seconds without end when there is none (no duration)."""
+    if plan is None:
+        return k / fps
+    return plan[k] if k < len(plan) else None
+
+
+def _next_sample(plan: list[float] | None, fps: float, k: int, t: float) -> int:
+    """The first sample after k that is not before time t: the ones between would show the frame already taken."""
+    if plan is None:  # jump there at once, however far above the frame rate fps is
+        k = max(k + 1, math.floor((t - 1e-6) * fps) - 1)
+    else:
+        k += 1
+    while (target := _sample_time(plan, fps, k)) is not None and t > target + 1e-6:
+        k += 1
+    return k
+
+
+def _duration(container, stream, start: float, fps: float, max_frames: int) -> float | None:
+    """The stream's length in seconds from its header, or None (sample to the end) when unknown or unusable.
+
+    A container's duration (the fallback when the stream declares none) means the end time for some formats
+    (Matroska, WebM, NUT) and the length for others (FLV). For a stream that starts late the two readings differ, so
+    it is used only when it cannot change the samples: when no thinning is planned either way.
+    """
+    import av
+
+    if stream.duration is not None and stream.time_base is not None:
+        duration = float(stream.duration * stream.time_base)
+    elif container.duration is not None:
+        duration = container.duration / av.time_base
+        if 0 < start < duration and math.ceil(duration * fps - 1e-6) > max_frames:
+            return None
+    else:
+        return None
+    return duration if math.isfinite(duration) and duration >= 0 else None  # else a damaged header
 
 
 def _fit(width: int, height: int, max_pixels: int) -> tuple[int, int]:
@@ -97,27 +131,39 @@ def _positive(value: Any, name: str, kind: type) -> None:
         raise VideoError(f"need {name} > 0 (a finite {'number' if kind is float else 'integer'}), got {value!r}")
 
 
+def _upright(image: Image.Image, rotation: float) -> Image.Image:
+    """``image`` turned as the file's display matrix asks (``rotation``: degrees counter-clockwise, as PyAV gives
+    it), to the nearest quarter turn: a phone's portrait video comes out portrait."""
+    quarter = round(rotation / 90) % 4
+    turns = {1: Image.Transpose.ROTATE_90, 2: Image.Transpose.ROTATE_180, 3: Image.Transpose.ROTATE_270}
+    return image.transpose(turns[quarter]) if quarter else image
+
+
 def load_video(
     source: str | os.PathLike | bytes | BinaryIO,
     fps: float = DEFAULT_FPS,
     max_frames: int = DEFAULT_MAX_FRAMES,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_decoded: int | None = None,
+    max_frame_pixels: int = MAX_PIXELS,
 ) -> tuple[list[Image.Image], list[float]]:
     """Decode ``source`` and sample frames at ``fps``; more than ``max_frames`` samples are thinned uniformly.
 
     The frame for time t is the one on screen at t (the last frame starting at or before t). Returns RGB
-    PIL frames, each scaled down to at most ``max_pixels`` as it is decoded, and their times in seconds from the
-    start of the stream (a frame before the start counts as 0). A stream that declares no duration is sampled at
-    ``fps`` to its end, holding at most ``2 * max_frames`` samples (every other one is dropped, and then every other
-    sample is skipped, whenever they reach that), then thinned. With ``max_decoded``, a video with more frames to
-    decode is a ``VideoError`` (a server's bound on the work one request can ask for).
+    PIL frames, upright (turned as the file's display rotation asks), each scaled down to at most ``max_pixels`` as
+    it is decoded, and their times in seconds from the start of the stream (a frame before the start counts as 0).
+    A stream whose duration is unknown (or ambiguous, see ``_duration``) is sampled at ``fps`` to its end, holding at
+    most ``2 * max_frames`` samples (every other one is dropped, and then every other sample is skipped, whenever
+    they reach that), then thinned. A video whose frames are over ``max_frame_pixels`` (the image processor's
+    ``max_pixels``) is a ``VideoError`` before any frame is decoded. With ``max_decoded``, a video with more frames
+    to decode is a ``VideoError`` (a server's bound on the work one request can ask for).
     """
     import av
 
     _positive(fps, "fps", float)
     _positive(max_frames, "max_frames", int)
     _positive(max_pixels, "max_pixels", int)
+    _positive(max_frame_pixels, "max_frame_pixels", int)
     if max_decoded is not None:
         _positive(max_decoded, "max_decoded", int)
     name = _describe(source)
@@ -129,22 +175,26 @@ def load_video(
         raise VideoError(f"cannot open video {name}: {e}") from None
     frames: list[Image.Image] = []
     times: list[float] = []
+
+    def check_size(width: int, height: int) -> None:
+        if width * height > max_frame_pixels:
+            raise VideoError(
+                f"video {name} has {width}x{height} frames = {width * height} pixels, over max_frame_pixels="
+                f"{max_frame_pixels}; send it scaled down"
+            )
+
     with container:
         if not container.streams.video:
             raise VideoError(f"{name} has no video stream")
         stream = container.streams.video[0]
-        duration = None
-        if stream.duration is not None and stream.time_base is not None:
-            duration = float(stream.duration * stream.time_base)
-        elif container.duration is not None:
-            duration = container.duration / av.time_base
-        if duration is not None and not (math.isfinite(duration) and duration >= 0):
-            duration = None  # a damaged header: sample until the frames end
+        if stream.codec_context is not None:  # None: no decoder for it, which decoding reports
+            check_size(stream.codec_context.width, stream.codec_context.height)  # from the header: nothing decoded yet
         stream.thread_type = "AUTO"
         rate = float(stream.average_rate or 25)
         start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
-        targets = _targets(duration, fps, max_frames)
-        target = next(targets)
+        duration = _duration(container, stream, start, fps, max_frames)
+        plan = None if duration is None else _sample_times(duration, fps, max_frames)
+        k, target = 0, 0.0  # the next sample and its time
         prev = None
 
         every, sampled, last = 1, 0, None  # unknown duration: keep one sample in `every`
@@ -158,7 +208,8 @@ def load_video(
                 return
             size = _fit(frame.width, frame.height, max_pixels)
             scaled = size != (frame.width, frame.height)
-            frames.append(frame.to_image(width=size[0], height=size[1]) if scaled else frame.to_image())
+            image = frame.to_image(width=size[0], height=size[1]) if scaled else frame.to_image()
+            frames.append(_upright(image, frame.rotation))
             times.append(max(t, 0.0))
             if len(frames) == 2 * max_frames:
                 del frames[1::2], times[1::2]
@@ -171,14 +222,16 @@ def load_video(
                         f"video {name} has more than {max_decoded} frames to decode (the limit); send a shorter clip "
                         "or frames sampled from it"
                     )
+                check_size(frame.width, frame.height)  # a stream may change size midway
                 t = frame.time - start if frame.time is not None else i / rate
                 if not math.isfinite(t):
                     raise VideoError(f"video {name}: frame {i} has no usable timestamp ({t})")
-                while target is not None and t > target + 1e-6:
+                if t > target + 1e-6:
                     take(*(prev or (frame, t)))
-                    target = next(targets, None)
-                if target is None:
-                    break
+                    k = _next_sample(plan, fps, k, t)
+                    target = _sample_time(plan, fps, k)
+                    if target is None:
+                        break
                 prev = (frame, t)
         except VideoError:
             raise

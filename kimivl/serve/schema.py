@@ -141,6 +141,7 @@ def _video(part: dict, kind: str, at: str, limits: Limits, n_frames: list[int]) 
             "fps": fps,
             "max_frames": limits.max_frames - n_frames[0] + 1,
             "max_decoded": limits.max_decoded_frames,
+            "max_frame_pixels": limits.max_image_pixels,
         }
     if not isinstance(source, list) or not source:
         raise RequestError(

@@ -1,4 +1,6 @@
+import fractions
 import io
+import threading
 
 import av
 import numpy as np
@@ -134,3 +136,89 @@ def test_timestamps_and_chat_parts(video):
     assert len(media) == 2
     with pytest.raises(VideoError, match="more than 5 frames to decode"):  # a server's bound reaches the decoder
         apply_chat_template([{"role": "user", "content": [{"type": "video", "video": video, "max_decoded": 5}]}])
+
+
+def make_clip(start: float = 0.0, n: int = 10, rate: int = 10, fmt: str = "matroska", rotation: int = 0) -> bytes:
+    """A 64x32 clip whose frame i is grey at level 2*i with a green top-left corner; pts from ``start`` seconds; a
+    display matrix rotating it ``rotation`` degrees counter-clockwise."""
+    buf = io.BytesIO()
+    with av.open(buf, "w", format=fmt) as c:
+        s = c.add_stream("flv" if fmt == "flv" else "mpeg4", rate=rate)
+        s.width, s.height, s.pix_fmt = 64, 32, "yuv420p"
+        if rotation:
+            s.set_display_rotation(rotation)
+        for i in range(n):
+            a = np.full((32, 64, 3), 2 * i, np.uint8)
+            a[:16, :16] = (0, 255, 0)
+            frame = av.VideoFrame.from_ndarray(a, format="rgb24")
+            frame.pts, frame.time_base = round((start + i / rate) * 1000), fractions.Fraction(1, 1000)
+            for packet in s.encode(frame):
+                c.mux(packet)
+        for packet in s.encode():
+            c.mux(packet)
+    return buf.getvalue()
+
+
+def green_corner(frame) -> str:
+    """Which corner of ``frame`` is green."""
+    a = np.asarray(frame)
+    h, w = a.shape[:2]
+    corners = {"top-left": (2, 2), "top-right": (2, w - 3), "bottom-left": (h - 3, 2), "bottom-right": (h - 3, w - 3)}
+    (corner,) = [k for k, yx in corners.items() if a[yx][1] > 200]
+    return corner
+
+
+@pytest.mark.parametrize(
+    "rotation, size, scaled, corner",
+    [
+        (0, (64, 32), (44, 22), "top-left"),
+        (-90, (32, 64), (22, 44), "top-right"),  # a 90 degree clockwise turn, as a phone held upright records
+        (90, (32, 64), (22, 44), "bottom-left"),
+        (180, (64, 32), (44, 22), "bottom-right"),
+    ],
+)
+def test_frames_are_turned_upright_by_the_display_rotation(rotation, size, scaled, corner):
+    video = make_clip(fmt="mp4", rotation=rotation)
+    assert next(av.open(io.BytesIO(video)).decode(video=0)).rotation == (rotation if rotation != 180 else -180)
+    frames, times = load_video(video, max_pixels=1000)  # scaled down, then turned: the pixel budget is the same
+    assert times == [0.0] and frames[0].size == scaled
+    frames, _ = load_video(video)
+    assert frames[0].size == size and green_corner(frames[0]) == corner
+
+
+@pytest.mark.parametrize("fmt, container_duration", [("matroska", 70.0), ("flv", 10.0)])
+def test_a_late_start_without_a_stream_duration_is_sampled_over_its_frames(fmt, container_duration):
+    video = make_clip(start=60.0, n=100, fmt=fmt)  # the container's duration: Matroska's is the end, FLV's the length
+    c = av.open(io.BytesIO(video))
+    assert c.streams.video[0].duration is None and c.duration / av.time_base == pytest.approx(container_duration)
+    frames, times = load_video(video, fps=1, max_frames=8)
+    assert len(frames) == 8 and times[0] == 0.0 and times[-1] > 8.9
+    grey = [float(np.asarray(f)[:, 32:].mean()) / 2 for f in frames]  # frame i, grey at 2*i
+    assert all(abs(g - t * 10) <= 2 for g, t in zip(grey, times)), (grey, times)  # samples are 10 frames apart
+    assert load_video(video, fps=1, max_frames=64)[1][:10] == pytest.approx(range(10))
+    at_zero = load_video(make_clip(n=100), fps=1, max_frames=8)[1]  # starting at 0 the duration is unambiguous
+    assert at_zero == load_video(make_clip(n=100, fmt="mp4"), fps=1, max_frames=8)[1] == [0, 1, 3, 4, 5, 6, 8, 9]
+
+
+def test_frames_over_max_frame_pixels_are_refused_before_decoding(monkeypatch):
+    video = make_video(n=3, rate=1, w=640, h=480)
+    decoded = []
+    monkeypatch.setattr(av.container.InputContainer, "decode", lambda *a, **k: decoded.append(1) or iter(()))
+    with pytest.raises(VideoError, match=r"has 640x480 frames = 307200 pixels, over max_frame_pixels=300000"):
+        load_video(video, max_frame_pixels=300_000)
+    assert not decoded
+    monkeypatch.undo()
+    assert load_video(video, max_frame_pixels=307_200)[1] == [0.0, 1.0, 2.0]
+    with pytest.raises(VideoError, match="over max_frame_pixels=99"):  # a chat part carries the bound
+        apply_chat_template([{"role": "user", "content": [{"type": "video", "video": video, "max_frame_pixels": 99}]}])
+
+
+def test_sampling_far_above_the_frame_rate_costs_no_more_than_the_frames():
+    video = make_video(fmt="m4v")  # no duration: samples every 1/fps to the end
+    result = []
+    thread = threading.Thread(target=lambda: result.append(load_video(video, fps=1e9)), daemon=True)
+    thread.start()
+    thread.join(timeout=30)  # one step per sample would be 2.5e9 steps
+    assert not thread.is_alive(), "sampling stepped through every 1/fps"
+    frames, times = result[0]
+    assert len(frames) == 25 and levels(frames) == list(range(25))

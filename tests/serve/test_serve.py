@@ -514,6 +514,21 @@ def test_a_data_video_carries_the_servers_bound_on_decoded_frames():
     assert Limits(context=4096, max_batch=2).max_decoded_frames == 9000
 
 
+def test_a_data_video_carries_the_servers_pixel_limit_and_is_refused_before_decoding():
+    from kimivl.processing.chat_template import apply_chat_template
+    from kimivl.processing.video import VideoError
+
+    clip = "data:video/mp4;base64," + base64.b64encode(_mp4([(200, 40, 40)] * 3)).decode()
+    body = {"messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": clip}}]}]}
+    chat = parse_chat_request(body, Limits(context=4096, max_batch=2, max_image_pixels=1000))
+    assert chat.messages[0]["content"][0]["max_frame_pixels"] == 1000
+    with pytest.raises(VideoError, match="pixels, over max_frame_pixels=1000"):  # a 400, as every ValueError
+        apply_chat_template(chat.messages)
+    chat = parse_chat_request(body, Limits(context=4096, max_batch=2))
+    assert chat.messages[0]["content"][0]["max_frame_pixels"] == 1 << 24
+    assert len(apply_chat_template(chat.messages)[1]) == 1
+
+
 def test_images_in_formats_outside_the_allow_list_are_refused_unopened(monkeypatch):
     from PIL import EpsImagePlugin
 
