@@ -139,9 +139,23 @@ def parse_record(obj: Any, root: str | os.PathLike, where: str = "record") -> di
 
 def parse_text(obj: dict, where: str = "record") -> str:
     """The ``"text"`` of one text document."""
-    if not isinstance(obj.get("text"), str):
+    if "text" not in obj and "messages" in obj:
+        raise DataError(
+            f"{where}: a conversation in a file of text documents (judged by its first record): a file holds one "
+            "kind of record"
+        )
+    if "text" not in obj:
+        raise DataError(_neither(obj, where))
+    if not isinstance(obj["text"], str):
         raise DataError(f"{where}: a text record needs a string 'text'")
     return obj["text"]
+
+
+def _neither(obj: dict, where: str) -> str:
+    return (
+        f"{where}: neither a conversation (a 'messages' list) nor a text document (a string 'text'); its keys are "
+        f"{sorted(obj)}"
+    )
 
 
 def parse_item(obj: dict, text: bool, root: str | os.PathLike, where: str = "record") -> dict | str:
@@ -213,8 +227,11 @@ def write_records(path: str | os.PathLike, records: Iterable[dict]) -> int:
 
 
 def is_text_file(path: str | os.PathLike) -> bool:
-    """Whether a JSONL file holds text documents rather than conversations (judged by its first record)."""
-    for _, _, obj in _lines(Path(path)):
+    """Whether a JSONL file holds text documents rather than conversations (judged by its first record, which must
+    be one or the other)."""
+    for lineno, _, obj in _lines(Path(path)):
+        if "messages" not in obj and "text" not in obj:
+            raise DataError(_neither(obj, f"{path}:{lineno}"))
         return "messages" not in obj
     return False
 

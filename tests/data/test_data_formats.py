@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from kimivl.data.formats import DataError, iter_records, iter_texts, write_records
+from kimivl.data.formats import DataError, is_text_file, iter_records, iter_texts, write_records
 
 
 @pytest.fixture()
@@ -114,8 +114,13 @@ def test_texts_stream_and_name_the_bad_line(tmp_path):
     write_records(path, [{"text": "one\n\ntwo"}, {"id": 2, "text": "three"}])
     assert list(iter_texts(path)) == ["one\n\ntwo", "three"]
     path.write_text('{"text": "ok"}\n{"body": "no text key"}\n', encoding="utf-8")
-    with pytest.raises(DataError, match=r"text\.jsonl:2: a text record needs a string 'text'"):
+    with pytest.raises(
+        DataError, match=r"text\.jsonl:2: neither a conversation .* nor a text document .*; its keys are \['body'\]"
+    ):
         list(iter_texts(path))
+    path.write_text('{"mesages": [], "id": 1}\n', encoding="utf-8")  # a typo in the first record: no kind to judge
+    with pytest.raises(DataError, match=r"text\.jsonl:1: neither a conversation .*; its keys are \['id', 'mesages'\]"):
+        is_text_file(path)
     path.write_text('{"text": "ok"}\nnot json\n', encoding="utf-8")
     with pytest.raises(DataError, match=r"text\.jsonl:2: invalid JSON"):
         list(iter_texts(path))

@@ -71,6 +71,9 @@ def test_a_bad_line_is_named_when_indexing(tmp_path):
     with pytest.raises(DataError, match=r"bad.jsonl:3: not UTF-8"):
         JsonlRecords(path, text=True)
     path.write_bytes(b'{"text": "ok"}\n{"messages": []}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: a conversation in a file of text documents"):
+        JsonlRecords(path, text=True)
+    path.write_bytes(b'{"text": "ok"}\n{"text": 3}\n')
     with pytest.raises(DataError, match=r"bad.jsonl:2: a text record needs a string 'text'"):
         JsonlRecords(path, text=True)
 
