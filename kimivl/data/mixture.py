@@ -1,10 +1,11 @@
 """A deterministic, resumable stream of packed batches drawn from weighted sources.
 
-Sample ``i`` is a pure function of (seed, i): its source is drawn with weights interpolated from ``start`` to
-``end`` as ``i`` goes from 0 to ``horizon`` (a rising multimodal share, for example), then an item of that source:
-at random, or, with ``replacement=False``, the next item of a seeded shuffle of the source, reshuffled after each
-pass, so that every item comes once before any comes twice. So a run resumes from a sample index alone, and two
-runs with one seed see the same data.
+Sample ``i`` is a pure function of (seed, stream, i), ``stream`` naming whose data it is (a stage's name): its
+source is drawn with weights interpolated from ``start`` to ``end`` as ``i`` goes from 0 to ``horizon`` (a rising
+multimodal share, for example), then an item of that source: at random, or, with ``replacement=False``, the next
+item of a seeded shuffle of the source, reshuffled after each pass, so that every item comes once before any comes
+twice. So a run resumes from a sample index alone, two runs with one seed see the same data, and two streams (or two
+seeds) draw independently of each other.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from kimivl.data.formats import DataError
+from kimivl.data.indexed import locate
 from kimivl.data.packing import PackedBatch, pack
 from kimivl.processing.processor import Encoded
 
@@ -36,20 +38,22 @@ class Mixture:
         horizon: int = 1,
         seed: int = 0,
         replacement: bool = True,
+        stream: str = "",
     ):
         unknown = (set(start) | set(end or {})) - set(sources)
         if unknown:
             raise ValueError(f"mixture weights name unknown sources {sorted(unknown)}; have {sorted(sources)}")
-        empty = [k for k in set(start) | set(end or {}) if not sources[k]]
+        empty = sorted(k for k in set(start) | set(end or {}) if not sources[k])
         if empty:
-            raise ValueError(f"mixture sources {sorted(empty)} are empty")
+            where = ", ".join(f"{k!r} ({getattr(sources[k], 'path', 'no file')})" for k in empty)
+            raise ValueError(f"mixture sources {where} hold no records")
         self.sources, self.encode, self.budget = sources, encode, budget
         self.names = sorted(set(start) | set(end or {}))
         self.start = [float(start.get(n, 0.0)) for n in self.names]
         self.end = [float((end or start).get(n, 0.0)) for n in self.names]
         if sum(self.start) <= 0 or sum(self.end) <= 0:
             raise ValueError("mixture weights must have a positive sum")
-        self.horizon, self.seed, self.replacement = max(1, horizon), seed, replacement
+        self.horizon, self.seed, self.replacement, self.stream = max(1, horizon), seed, replacement, stream
         self.skipped = 0
         self._scanned, self._drawn = 0, dict.fromkeys(self.names, 0)  # without replacement: draws before _scanned
         self._orders: dict[tuple[str, int], np.ndarray] = {}  # (source, pass) -> its shuffle, the latest per source
@@ -59,7 +63,7 @@ class Mixture:
         return [a + (b - a) * t for a, b in zip(self.start, self.end)]
 
     def _rng(self, i: int) -> random.Random:
-        return random.Random(self.seed * 1_000_003 + i)
+        return random.Random(f"{self.seed}/{self.stream}/{i}")  # a string seed: hashed by SHA-512, not hash()
 
     def pick(self, i: int) -> tuple[str, int]:
         """Sample ``i``'s source and its index in that source."""
@@ -84,7 +88,8 @@ class Mixture:
         n = len(self.sources[name])
         key = (name, k // n)
         if key not in self._orders:
-            rng = np.random.default_rng([self.seed, zlib.crc32(name.encode()), k // n])
+            salt = [zlib.crc32(self.stream.encode()), zlib.crc32(name.encode())]
+            rng = np.random.default_rng([self.seed, *salt, k // n])
             self._orders = {o: v for o, v in self._orders.items() if o[0] != name}
             self._orders[key] = rng.permutation(n)
         return int(self._orders[key][k % n])
@@ -94,7 +99,8 @@ class Mixture:
         try:
             return self.encode(name, self.sources[name][k])
         except ValueError as e:  # DataError, ImageError, VideoError, a malformed conversation
-            raise DataError(f"sample {i}: item {k} of source {name!r} cannot be encoded: {e}") from e
+            where = locate(self.sources[name], k)
+            raise DataError(f"sample {i}: {where} of source {name!r} cannot be encoded: {e}") from e
 
     def batches(self, position: int) -> Iterator[tuple[PackedBatch, int]]:
         """Rows packed greedily from sample ``position`` on; a sample longer than the budget is skipped (and

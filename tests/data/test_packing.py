@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from kimivl.data.formats import DataError
+from kimivl.data.indexed import JsonlRecords
 from kimivl.data.mixture import Mixture
 from kimivl.data.packing import pack
 from kimivl.processing.processor import IGNORE_INDEX, Encoded
@@ -112,12 +113,15 @@ def test_the_mixture_is_seeded_resumable_and_skips_samples_over_the_budget(caplo
     assert stream().weights(400) == [0.1, 1.0, 0.0]
 
 
-def test_mixture_errors_name_the_problem():
+def test_mixture_errors_name_the_problem(tmp_path):
     ok = {"a": ["x"], "b": []}
     with pytest.raises(ValueError, match=r"unknown sources \['c'\]"):
         Mixture(ok, None, 8, start={"a": 1, "c": 1})
-    with pytest.raises(ValueError, match=r"sources \['b'\] are empty"):
+    with pytest.raises(ValueError, match=r"mixture sources 'b' \(no file\) hold no records"):
         Mixture(ok, None, 8, start={"a": 1, "b": 1})
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match=rf"mixture sources 'b' \({tmp_path / 'empty.jsonl'}\) hold no records"):
+        Mixture({**ok, "b": JsonlRecords(tmp_path / "empty.jsonl", text=True)}, None, 8, start={"a": 1, "b": 1})
     with pytest.raises(ValueError, match="positive sum"):
         Mixture(ok, None, 8, start={"a": 0})
 
@@ -134,12 +138,37 @@ def test_without_replacement_every_item_comes_once_a_pass():
     fresh = Mixture(sources, None, 8, start={"a": 2, "b": 1}, seed=5, replacement=False)
     assert [fresh.pick(i) for i in (59, 3, 40, 0)] == [picks[i] for i in (59, 3, 40, 0)]  # a pure function of i
     # the sources are drawn as with replacement; only the items within them differ
+    with_replacement = Mixture(sources, None, 8, start={"a": 2, "b": 1}, seed=5, stream="sft")
+    assert [s for s, _ in picks] != [with_replacement.pick(i)[0] for i in range(60)]  # another stream
     with_replacement = Mixture(sources, None, 8, start={"a": 2, "b": 1}, seed=5)
     assert [s for s, _ in picks] == [with_replacement.pick(i)[0] for i in range(60)]
     for i in range(60):  # with replacement, as ever: the source by weight, then a random item of it
-        rng = random.Random(5 * 1_000_003 + i)
+        rng = random.Random(f"5//{i}")
         name = rng.choices(["a", "b"], weights=[2.0, 1.0])[0]
         assert with_replacement.pick(i) == (name, rng.randrange(len(sources[name])))
+
+
+def test_each_stream_and_seed_draws_its_own_samples():
+    """Two stages over the same sources (each its own stream), or two seeds, draw unrelated samples: no stage replays
+    another's records, and seed s + 1 is not seed s shifted by some number of samples."""
+    sources = {"a": list(range(1000)), "b": list(range(1000))}
+
+    def picks(seed, stream, replacement, n=2000):
+        mix = Mixture(sources, None, 8, {"a": 1, "b": 1}, seed=seed, stream=stream, replacement=replacement)
+        return [mix.pick(i) for i in range(n)]
+
+    for replacement in (True, False):
+        one, other = picks(0, "sft", replacement), picks(0, "cooldown", replacement)
+        assert one == picks(0, "sft", replacement)  # a pure function of (seed, stream, i)
+        assert sum(x == y for x, y in zip(one, other)) < 10  # chance: 2000 / 2 / 1000 = 1 expected
+        assert sum(x == y for x, y in zip(one, picks(1, "sft", replacement))) < 10
+    # seed 1 is not seed 0 shifted (the old seeding, seed * 1,000,003 + i, made it sample 1,000,003 on)
+    seed0, seed1 = (Mixture(sources, None, 8, {"a": 1, "b": 1}, seed=s, stream="sft") for s in (0, 1))
+    shifted = [seed0.pick(1_000_003 + i) for i in range(200)]
+    assert sum(x == y for x, y in zip(shifted, (seed1.pick(i) for i in range(200)))) < 5
+    # without replacement, two stages of one epoch each over a source see it in different orders
+    epoch = [k for _, k in picks(0, "epoch-1", False, n=2000) if _ == "a"][:500]
+    assert epoch != [k for _, k in picks(0, "epoch-2", False, n=2000) if _ == "a"][:500]
 
 
 def test_data_that_never_fits_the_budget_is_an_error(monkeypatch, caplog):
