@@ -160,6 +160,20 @@ def build_world(
     return manifest
 
 
+def world_built(out_dir: str | os.PathLike) -> tuple | None:
+    """The (seed, sizes, tasks, generators) the world under ``out_dir`` was built with (its world.json), or None."""
+    manifest_path = Path(out_dir) / "world.json"
+    if not manifest_path.is_file():
+        return None
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    return manifest.get("seed"), manifest.get("sizes"), manifest.get("tasks"), manifest.get("generators")
+
+
+def world_wanted(seed: int = 0, tasks: tuple[str, ...] | list[str] = TASKS, **sizes: int) -> tuple:
+    """What ``world_built`` must give for ``ensure_world`` (with these arguments) to reuse a world."""
+    return seed, sizes or dict(DEFAULT_SIZES), list(tasks), generators_fingerprint()
+
+
 def ensure_world(
     out_dir: str | os.PathLike,
     seed: int = 0,
@@ -170,13 +184,10 @@ def ensure_world(
     """Build the world (``sizes`` as split=count keywords, e.g. ``train=4000, heldout=300``) unless ``out_dir``
     already holds one built with the same seed, sizes, tasks and generator code; return its manifest."""
     sizes = sizes or dict(DEFAULT_SIZES)
-    manifest_path = Path(out_dir) / "world.json"
-    if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        built = (manifest.get("seed"), manifest.get("sizes"), manifest.get("tasks"), manifest.get("generators"))
-        if built == (seed, sizes, list(tasks), generators_fingerprint()):
-            logger.info("reusing the world under %s", out_dir)
-            return manifest
-        if built[:3] == (seed, sizes, list(tasks)):
-            logger.warning("the world under %s was made by other generator code: rebuilding it", out_dir)
+    built, wanted = world_built(out_dir), world_wanted(seed, tasks, **sizes)
+    if built == wanted:
+        logger.info("reusing the world under %s", out_dir)
+        return json.loads((Path(out_dir) / "world.json").read_text(encoding="utf-8"))
+    if built is not None and built[:3] == wanted[:3]:
+        logger.warning("the world under %s was made by other generator code: rebuilding it", out_dir)
     return build_world(out_dir, seed, sizes, tasks, overwrite=True, progress=progress)

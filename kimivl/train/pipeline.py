@@ -13,6 +13,7 @@ import os
 import shutil
 import statistics
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -57,7 +58,7 @@ class Sources:
     def __init__(self, recipe: Recipe, progress: bool = False):
         self.items: dict[str, JsonlRecords] = {}
         self.is_text: dict[str, bool] = {}
-        self.checked: set[str] = set()  # conversation sources whose every record a stage has checked
+        self.checked: set[tuple[str, Any]] = set()  # (conversation source, problem) every record was checked for
         for name, spec in recipe.sources.items():
             path = recipe.source_path(name)
             if not path.is_file():
@@ -65,6 +66,11 @@ class Sources:
             self.is_text[name] = is_text_file(path)
             spec = spec if isinstance(spec, dict) else {}
             levels = spec.get("difficulty")
+            if levels is not None and self.is_text[name]:
+                raise RecipeError(
+                    f"data source {name!r}: {path} holds text documents, and difficulty keeps conversation records "
+                    "by their meta.difficulty: remove difficulty, or split the file by difficulty yourself"
+                )
             keep = None if levels is None else _of_difficulty(name, path, levels)
             self.items[name] = JsonlRecords(
                 path, self.is_text[name], keep, _answers_only if spec.get("answers_only") else None, progress
@@ -85,8 +91,8 @@ class Sources:
 def _of_difficulty(name: str, path: Path, levels: list[str]):
     """``JsonlRecords``' ``keep``: records whose ``meta.difficulty`` is one of ``levels``."""
 
-    def keep(lineno: int, record) -> bool:
-        level = record.get("meta", {}).get("difficulty") if isinstance(record, dict) else None
+    def keep(lineno: int, record: dict) -> bool:
+        level = record.get("meta", {}).get("difficulty")
         if level is None:
             raise RecipeError(f"data source {name!r}: {path}:{lineno} has no meta.difficulty to filter on")
         return level in levels

@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 
 from kimivl.checkpoint import checkpoint_files
+from kimivl.data.world import world_built, world_wanted
 from kimivl.model.kimivl import KimiVL
 from kimivl.precision import use_bf16
 from kimivl.processing.processor import KimiVLProcessor
@@ -34,7 +35,7 @@ def stored_in_bf16(path: Path) -> bool:
 def plan_recipe(recipe: Recipe, progress: bool = False) -> list[str]:
     """What the run computes in, then two lines per stage: its data (samples and passes over each source) and its
     memory plan. ``progress`` shows a bar while large sources are checked."""
-    if recipe.world is not None and not (recipe.out / "world" / "world.json").is_file():
+    if recipe.world is not None and world_built(recipe.out / "world") != world_wanted(**recipe.world):
         return _before_the_world(recipe)
     sources = Sources(recipe, progress)
     base_dir = base_checkpoint(recipe)
@@ -66,15 +67,18 @@ def plan_recipe(recipe: Recipe, progress: bool = False) -> list[str]:
 
 
 def _before_the_world(recipe: Recipe) -> list[str]:
-    """The plan of a recipe whose synthetic world is not built yet: what the run would build first, and the stages
-    (their data and memory are planned from the world's files, so only once it exists)."""
+    """The plan of a recipe whose synthetic world is not built yet, or was built with other settings (seed, sizes,
+    tasks or generator code) than the recipe's: what the run would build first, and the stages (their data and
+    memory are planned from the world's files, so only once it exists)."""
     world = recipe.world
+    again = world_built(recipe.out / "world") is not None
     sizes = ", ".join(f"{v} {k}" for k, v in world.items() if k not in ("seed", "tasks"))
     tasks = ", ".join(world.get("tasks", [])) or "every task"
     vocab = recipe.tokenizer.get("train_vocab")
     lines = [
         compute_line(recipe),
-        f"kimivl train first builds the synthetic world under {recipe.out / 'world'} (seed {world.get('seed', 0)}, "
+        f"kimivl train first {'rebuilds' if again else 'builds'} the synthetic world under {recipe.out / 'world'} "
+        f"{'(the one there was built with other settings) ' if again else ''}(seed {world.get('seed', 0)}, "
         f"{sizes or 'the default sizes'} samples per task of {tasks})"
         + (f", then trains a {vocab}-rank tokenizer on it" if vocab else ""),
     ]

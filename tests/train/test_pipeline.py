@@ -306,6 +306,8 @@ def test_a_source_can_keep_only_some_difficulties(data_dir, tmp_path):
         sources(["easy"], [record(0, "easy"), record(1, None)])
     with pytest.raises(RecipeError, match="no record of .*levels.jsonl has difficulty \\['hard'\\]"):
         sources(["hard"], [record(0, "easy")])
+    with pytest.raises(RecipeError, match="levels.jsonl holds text documents, and difficulty keeps conversation"):
+        sources(["easy"], [{"text": "a document", "meta": {"difficulty": "easy"}}])
 
 
 def test_a_failing_stage_leaves_the_model_as_it_came(data_dir, tmp_path, monkeypatch):
@@ -739,3 +741,20 @@ def test_plan_before_the_world_is_built_says_what_the_run_builds(tmp_path):
     )
     assert lines[2].startswith("stage vit: vit, 300 steps; its data and memory are planned once the world is built")
     assert len(lines) == 2 + len(recipe.stages) and not (tmp_path / "run").exists()  # nothing written
+
+
+def test_plan_with_a_world_the_run_would_rebuild_says_so(tmp_path):
+    """A world built with other settings than the recipe's is rebuilt by the run: the plan does not count its
+    samples."""
+    from pathlib import Path
+
+    from kimivl.data.world import build_world
+
+    build_world(tmp_path / "run" / "world", sizes={"train": 2, "heldout": 1}, tasks=["caption"], progress=False)
+    recipe = load_recipe(Path(__file__).parents[2] / "recipes" / "tiny.yaml", {"out": str(tmp_path / "run")})
+    lines = plan_recipe(recipe)
+    assert lines[1].startswith(
+        f"kimivl train first rebuilds the synthetic world under {tmp_path / 'run' / 'world'} (the one there was "
+        "built with other settings) (seed 0, 4000 train, 100 heldout samples per task of every task)"
+    )
+    assert lines[2].startswith("stage vit: vit, 300 steps; its data and memory are planned once the world is built")
