@@ -277,7 +277,7 @@ def test_sources_that_cannot_train_are_found_before_training(small_processor, ca
     no_answer = {"messages": [{"role": "user", "content": "2 + 2?"}]}
     ctx = _ctx([chat, no_answer], small_processor)
     encode = lambda name, record: small_processor.encode_for_training(record["messages"])  # noqa: E731
-    with pytest.raises(DataError, match="data source 'c': record 2 of c has no assistant turn to learn from"):
+    with pytest.raises(DataError, match="data source 'c': record 2 has no assistant turn to learn from"):
         check_sources(stage, ctx, encode)
     check_sources(stage, _ctx([chat], small_processor), encode)
     assert "score no token" not in caplog.text
@@ -288,7 +288,7 @@ def test_sources_that_cannot_train_are_found_before_training(small_processor, ca
     def truncated(name, record):  # a PNG whose header reads but whose pixels do not
         raise ImageError("image x.png cannot be decoded: image file is truncated")
 
-    with pytest.raises(DataError, match="data source 'c': record 1 of c cannot be encoded: image x.png cannot be"):
+    with pytest.raises(DataError, match="data source 'c': record 1 cannot be encoded: image x.png cannot be"):
         check_sources(stage, _ctx([chat], small_processor), truncated)
 
     posing = tmp_path / "notes.png"
@@ -296,18 +296,18 @@ def test_sources_that_cannot_train_are_found_before_training(small_processor, ca
     pictured = {
         "messages": [{"role": "user", "content": [{"type": "image", "image": str(posing)}]}, chat["messages"][1]]
     }
-    with pytest.raises(DataError, match=f"record 1 of c names {posing}, which is no image that can be read"):
+    with pytest.raises(DataError, match=f"record 1 names {posing}, which is no image that can be read"):
         check_sources(stage, _ctx([pictured], small_processor), encode)
 
     rl = RLStage(name="r", kind="rl", steps=2, lr=1e-3, sources=["c"])
     check_problems(rl, _ctx([{**chat, "meta": {"gold": "4"}}], small_processor))
-    with pytest.raises(DataError, match="record 1 of c is no RL problem: it needs a user prompt and meta.gold"):
+    with pytest.raises(DataError, match="record 1 is no RL problem: it needs a user prompt and meta.gold"):
         check_problems(rl, _ctx([{**chat, "meta": {"task": "x"}}], small_processor))
     for meta, words in (  # what the reward would fail on mid-run is found before training
         ({"task": "reasoning", "gold": "n/a"}, "the reasoning reward cannot check .ValueError: could not convert"),
         ({"task": "reasoning", "gold": None}, "the reasoning reward cannot check .TypeError"),
         ({"task": "gui", "gold": "x"}, r"the gui reward cannot check \(missing meta.box\)"),
     ):
-        with pytest.raises(DataError, match=f"record 1 of c has a meta.gold {words}"):
+        with pytest.raises(DataError, match=f"record 1 has a meta.gold {words}"):
             check_problems(rl, _ctx([{**chat, "meta": meta}], small_processor))
     check_problems(rl, _ctx([{**chat, "meta": {"task": "gui", "gold": "x", "box": [0, 0, 1, 1]}}], small_processor))

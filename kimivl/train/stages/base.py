@@ -13,6 +13,7 @@ from PIL import Image
 from torch import nn
 
 from kimivl.data.formats import DataError
+from kimivl.data.indexed import locate
 from kimivl.distributed.world import World
 from kimivl.train.loop import LoopConfig
 from kimivl.train.recipe import PARTS, RecipeError, integer, number
@@ -127,33 +128,54 @@ class PartsSettings(StageSettings):
 
 
 def check_records(ctx: StageContext, names: list[str], problem: Callable[[dict], str | None]) -> None:
-    """Before training, read every record of the conversation sources ``names`` once (a source checked by an earlier
-    stage is not read again): ``problem(record)`` says what is wrong with one, and the first found is a ``DataError``
-    naming its source, record and file. Images named by path must open as images (their headers are read)."""
+    """Before training, read every record of the conversation sources ``names`` once (a source checked for the same
+    ``problem`` by an earlier stage is not read again): ``problem(record)`` says what is wrong with one, and the first
+    found is a ``DataError`` naming its source, file and line. Media named by path must open: images and video frames
+    as images (their headers are read), video files as containers holding a video stream (nothing is decoded)."""
     for name in names:
-        if name in ctx.sources.checked or ctx.sources.is_text[name]:
+        if (name, problem) in ctx.sources.checked or ctx.sources.is_text[name]:
             continue
         items = ctx.sources.items[name]
         for i in range(len(items)):
             record = items[i]
-            why = problem(record) or _unreadable_image(record)
+            why = problem(record) or _unreadable_media(record)
             if why:
-                raise DataError(f"data source {name!r}: record {i + 1} of {getattr(items, 'path', name)} {why}")
-        ctx.sources.checked.add(name)
+                raise DataError(f"data source {name!r}: {locate(items, i)} {why}")
+        ctx.sources.checked.add((name, problem))
 
 
-def _unreadable_image(record: dict) -> str | None:
+def _unreadable_media(record: dict) -> str | None:
     for message in record["messages"]:
         parts = message["content"] if isinstance(message["content"], list) else ()
         for part in parts:
-            path = part.get("image") if isinstance(part, dict) and part.get("type") == "image" else None
-            if isinstance(path, str):
-                try:
-                    with Image.open(path):
-                        pass
-                except (OSError, ValueError, Image.DecompressionBombError) as e:
-                    return f"names {path}, which is no image that can be read ({e})"
+            kind = part.get("type") if isinstance(part, dict) else None
+            images = [part["image"]] if kind == "image" else part.get("frames", []) if kind == "video" else []
+            for path in images:
+                if isinstance(path, str) and (why := _unreadable_image(path)):
+                    return why
+            if kind == "video" and isinstance(part.get("video"), str) and (why := _unreadable_video(part["video"])):
+                return why
     return None
+
+
+def _unreadable_image(path: str) -> str | None:
+    try:
+        with Image.open(path):
+            return None
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        return f"names {path}, which is no image that can be read ({e})"
+
+
+def _unreadable_video(path: str) -> str | None:
+    import av
+
+    try:
+        with av.open(path) as container:
+            if container.streams.video:
+                return None
+            return f"names {path}, which holds no video stream"
+    except (av.FFmpegError, OSError, ValueError) as e:
+        return f"names {path}, which is no video that can be read ({e})"
 
 
 def loop_config(stage: StageSettings, recipe: Recipe, **more) -> LoopConfig:

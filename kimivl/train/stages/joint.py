@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from kimivl.data.formats import DataError
+from kimivl.data.indexed import locate
 from kimivl.data.mixture import Mixture
 from kimivl.processing.processor import IGNORE_INDEX
 from kimivl.train.calibrate import standardize_image_features
@@ -44,6 +45,8 @@ class JointStage(PartsSettings):
             weights = getattr(self, key) or {}
             if not isinstance(weights, dict) or not all(number(w) and w >= 0 for w in weights.values()):
                 raise RecipeError(f"{where}: {key} maps source names to weights >= 0, got {weights!r}")
+            if weights and not sum(weights.values()) > 0:
+                raise RecipeError(f"{where}: {key} weights must have a positive sum, got {weights!r}")
         for key in ("accum", "log_every"):
             if not integer(getattr(self, key)) or getattr(self, key) < 1:
                 raise RecipeError(f"{where}: {key} must be an integer >= 1, got {getattr(self, key)!r}")
@@ -75,11 +78,13 @@ def _check_val(where: str, val: Any) -> None:
 
 
 def stage_mixture(stage: JointStage, ctx: StageContext, encode) -> tuple[Mixture, str]:
-    """A joint stage's data, and a line saying about how many samples its steps hold (from the mean length of the
-    ``PROBE_SAMPLES`` sampled ones that fit the budget) and how many passes over each source they make (the weights
-    move linearly from ``mix`` to ``mix_end``, so each source gets the mean of its two shares)."""
+    """A joint stage's data, its own stream (seeded by the recipe's seed and the stage's name), and a line saying
+    about how many samples its steps hold (from the mean length of the ``PROBE_SAMPLES`` sampled ones that fit the
+    budget) and how many passes over each source they make (the weights move linearly from ``mix`` to ``mix_end``,
+    so each source gets the mean of its two shares, and so do the sampled ones)."""
     items, seed = ctx.sources.items, ctx.recipe.seed
-    probe = Mixture(items, encode, stage.budget, stage.mix, stage.mix_end, seed=seed)
+    shares = mean_shares(stage.mix, stage.mix_end or stage.mix)
+    probe = Mixture(items, encode, stage.budget, shares, seed=seed, stream=f"{stage.name}/probe")
     lengths = [len(probe.sample(i).input_ids) for i in range(PROBE_SAMPLES)]
     fitting = [n for n in lengths if n <= stage.budget]  # longer samples are skipped when rows are packed
     if not fitting:
@@ -99,18 +104,21 @@ def stage_mixture(stage: JointStage, ctx: StageContext, encode) -> tuple[Mixture
         horizon=horizon,
         seed=seed,
         replacement=stage.replacement,
+        stream=stage.name,
     )
-    start, end = sum(data.start), sum(data.end)
-    passes = ", ".join(
-        f"{name} {horizon * (a / start + b / end) / 2 / len(items[name]):.2f}"
-        for name, a, b in zip(data.names, data.start, data.end)
-    )
+    passes = ", ".join(f"{name} {horizon * share / len(items[name]):.2f}" for name, share in shares.items())
     over = len(lengths) - len(fitting)
     skipped = f"; {over} of {PROBE_SAMPLES} sampled records are over the budget and skipped" if over else ""
     return data, (
         f"stage {stage.name}: about {horizon} samples ({round(mean_len)} tokens each on average); "
         f"passes over each source: {passes}{skipped}"
     )
+
+
+def mean_shares(start: dict[str, float], end: dict[str, float]) -> dict[str, float]:
+    """Each source's share of the samples, the mean of its shares under ``start`` and ``end``."""
+    a, b = sum(start.values()), sum(end.values())
+    return {n: (start.get(n, 0) / a + end.get(n, 0) / b) / 2 for n in sorted(set(start) | set(end))}
 
 
 def check_sources(stage: JointStage, ctx: StageContext, encode) -> None:
@@ -126,8 +134,7 @@ def check_sources(stage: JointStage, ctx: StageContext, encode) -> None:
             try:
                 probe.append(encode(name, items[i]))
             except ValueError as e:  # an image whose header reads but whose pixels do not, a malformed turn
-                where = f"record {i + 1} of {getattr(items, 'path', name)}"
-                raise DataError(f"data source {name!r}: {where} cannot be encoded: {e}") from None
+                raise DataError(f"data source {name!r}: {locate(items, i)} cannot be encoded: {e}") from None
         if probe and not any(label != IGNORE_INDEX for e in probe for label in e.labels):
             log.warning(
                 "stage %s: the first %d records of data source %r score no token (every label masked): it "
@@ -182,7 +189,7 @@ def prepare(stage: JointStage, ctx: StageContext, model) -> Prepared:
         cfg = loop_config(
             stage, recipe, bias_update_rate=stage.bias_update_rate, val_every=(stage.val or {}).get("every", 100)
         )
-        return train_loop(
+        metrics = train_loop(
             model,
             joint_loss,
             data,
@@ -195,5 +202,13 @@ def prepare(stage: JointStage, ctx: StageContext, model) -> Prepared:
             validate=validate,
             world=ctx.world,
         )
+        if data.skipped:
+            log.warning(
+                "stage %s: %d samples over the budget of %d tokens were skipped",
+                stage.name,
+                data.skipped,
+                stage.budget,
+            )
+        return metrics
 
     return Prepared(model, line, run, setup, hold_frozen_bf16=True)

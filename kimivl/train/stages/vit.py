@@ -13,7 +13,7 @@ from kimivl.data.indexed import Concat
 from kimivl.processing.processor import KimiVLProcessor
 from kimivl.train.loop import train_loop
 from kimivl.train.recipe import RecipeError, integer
-from kimivl.train.stages.base import Prepared, StageContext, StageSettings, loop_config
+from kimivl.train.stages.base import Prepared, StageContext, StageSettings, check_records, loop_config
 from kimivl.train.vit import ViTPretrainer, caption_batch, vit_loss
 
 
@@ -36,25 +36,55 @@ class ViTStage(StageSettings):
         return set(self.sources)
 
 
+def caption_of(record: dict) -> tuple[str, str, str] | None:
+    """A record's (image, question, answer): the first image of its first user turn with one, that turn's text,
+    and the text of the assistant turn after it; None when it has no such image or answer."""
+    messages = record["messages"]
+    for k, message in enumerate(messages):
+        content = message["content"]
+        if message["role"] != "user" or isinstance(content, str):
+            continue
+        image = next((p["image"] for p in content if isinstance(p, dict) and p.get("type") == "image"), None)
+        if image is None:
+            continue
+        answer = next((m["content"] for m in messages[k + 1 :] if m["role"] == "assistant"), None)
+        if answer is None or not content_text(answer).strip():
+            return None
+        return image, content_text(content), content_text(answer)
+    return None
+
+
+def _no_caption(record: dict) -> str | None:
+    if caption_of(record) is None:
+        return "has no user turn with an image and an assistant answer after it to caption that image with"
+    return None
+
+
 class CaptionStream:
-    """ViT-stage batches: ``images_per_batch`` (image, caption) pairs, sample i a pure function of (seed, i)."""
+    """ViT-stage batches: ``images_per_batch`` (image, caption) pairs, sample i a pure function of (seed, stream,
+    i), ``stream`` naming whose data it is (the stage's name)."""
 
     def __init__(
-        self, records: Sequence[dict], processor: KimiVLProcessor, per_batch: int, seed: int, max_len: int = 64
+        self,
+        records: Sequence[dict],
+        processor: KimiVLProcessor,
+        per_batch: int,
+        seed: int,
+        max_len: int = 64,
+        stream: str = "",
     ):
-        self.records, self.processor, self.per_batch, self.seed, self.max_len = (
+        self.records, self.processor, self.per_batch, self.seed, self.max_len, self.stream = (
             records,
             processor,
             per_batch,
             seed,
             max_len,
+            stream,
         )
 
     def pair(self, i: int):
-        rec = self.records[random.Random(self.seed * 1_000_003 + i).randrange(len(self.records))]
-        user, answer = rec["messages"][0]["content"], rec["messages"][-1]["content"]
-        image = next(p["image"] for p in user if isinstance(p, dict) and p.get("type") == "image")
-        question = content_text(user)
+        rng = random.Random(f"{self.seed}/{self.stream}/{i}")  # a string seed: hashed by SHA-512, not hash()
+        image, question, answer = caption_of(self.records[rng.randrange(len(self.records))])
         return self.processor.image_processor(image), self.processor.tokenizer.encode(
             f"{question} {answer}", allow_special=False
         )
@@ -75,8 +105,16 @@ class CaptionStream:
 def prepare(stage: ViTStage, ctx: StageContext, model) -> Prepared:
     """The tower with its training heads (built on the meta device for a meta tower, else on the CPU from
     ``recipe.seed`` and moved, so every device and rank starts from the same weights); the rest of the model is
-    frozen."""
+    frozen. First every record of its sources must hold an image in a user turn and an answer to it (``caption_of``)."""
     recipe, sources = ctx.recipe, ctx.sources
+    text = [name for name in stage.sources if sources.is_text[name]]
+    if text:
+        where = getattr(sources.items[text[0]], "path", text[0])
+        raise RecipeError(
+            f"stage {stage.name!r}: sources {text} hold text documents ({where}); a vit stage trains on images "
+            "with captions: give it conversation sources whose user turns hold images"
+        )
+    check_records(ctx, stage.sources, _no_caption)
     vocab = model.config.text_config.vocab_size
     device = model.vision_tower.patch_embed.proj.weight.device
     if device.type == "meta":
@@ -96,7 +134,11 @@ def prepare(stage: ViTStage, ctx: StageContext, model) -> Prepared:
 
     def run(optimizer, scheduler, progress: bool) -> dict[str, float]:
         data = CaptionStream(
-            Concat([sources.items[name] for name in stage.sources]), ctx.processor, stage.images_per_batch, recipe.seed
+            Concat([sources.items[name] for name in stage.sources]),
+            ctx.processor,
+            stage.images_per_batch,
+            recipe.seed,
+            stream=stage.name,
         )
         cfg = loop_config(stage, recipe)
         return train_loop(

@@ -1,0 +1,161 @@
+"""What each stage reads: its own stream of samples, and only records it can train on, checked before training with
+errors that name the file and line."""
+
+import json
+import random
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kimivl.data.formats import DataError, write_records
+from kimivl.data.indexed import Concat, JsonlRecords
+from kimivl.model.kimivl import KimiVL
+from kimivl.train.recipe import RecipeError
+from kimivl.train.stages.base import StageContext
+from kimivl.train.stages.joint import JointStage, check_sources, stage_mixture
+from kimivl.train.stages.joint import prepare as prepare_joint
+from kimivl.train.stages.rl import RLStage, check_problems
+from kimivl.train.stages.vit import CaptionStream, ViTStage, caption_of, prepare
+
+
+def _image(path, colour=(200, 30, 30)):
+    Image.fromarray(np.full((28, 28, 3), colour, dtype=np.uint8)).save(path)
+    return path.name
+
+
+def _asked(image, answer="red", question="What colour?"):
+    user = {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}
+    return {"messages": [user, {"role": "assistant", "content": answer}], "meta": {"gold": "red"}}
+
+
+def _ctx(items, processor, text=None, seed=0):
+    """A stage context over ``items`` (name -> records)."""
+    sources = SimpleNamespace(
+        items=items, is_text=text or dict.fromkeys(items, False), checked=set(), encoder=lambda p: None
+    )
+    return StageContext(SimpleNamespace(seed=seed, out=None), sources, processor)
+
+
+def test_errors_name_the_file_and_line_not_the_index_among_kept_records(tmp_path, small_processor):
+    image = _image(tmp_path / "a.png")
+    lines = [json.dumps({**_asked(image), "meta": {"difficulty": d}}) for d in ("easy", "hard", "easy")]
+    broken = {"messages": [{"role": "user", "content": "hi"}], "meta": {"difficulty": "easy"}}
+    # two blank lines, three records (one filtered out), then the record with no answer on line 6
+    (tmp_path / "c.jsonl").write_text("\n\n" + "\n".join(lines) + "\n" + json.dumps(broken) + "\n")
+    easy = JsonlRecords(tmp_path / "c.jsonl", text=False, keep=lambda n, r: r["meta"]["difficulty"] == "easy")
+    assert len(easy) == 3 and easy.where(2) == f"{tmp_path / 'c.jsonl'}:6"
+    assert Concat([easy, easy]).where(4) == f"{tmp_path / 'c.jsonl'}:5"
+    stage = JointStage(name="sft", kind="joint", steps=1, lr=1e-3, mix={"c": 1})
+    with pytest.raises(DataError, match=rf"data source 'c': {tmp_path / 'c.jsonl'}:6 has no assistant turn"):
+        check_sources(stage, _ctx({"c": easy}, small_processor), None)
+
+
+def test_video_frames_and_files_are_checked_before_training(tmp_path, small_processor):
+    image = str(tmp_path / _image(tmp_path / "a.png"))
+    (tmp_path / "notes.png").write_text("a text file posing as an image")
+    (tmp_path / "clip.mp4").write_text("a text file posing as a video")
+
+    def with_video(part):
+        record = _asked(image)
+        record["messages"][0]["content"].append({"type": "video", **part})
+        return record
+
+    stage = JointStage(name="sft", kind="joint", steps=1, lr=1e-3, mix={"c": 1})
+    encode = lambda name, record: small_processor.encode_for_training(record["messages"])  # noqa: E731
+    check_sources(stage, _ctx({"c": [with_video({"frames": [str(tmp_path / "a.png")] * 2})]}, small_processor), encode)
+    frames = with_video({"frames": [str(tmp_path / "a.png"), str(tmp_path / "notes.png")]})
+    # past the records a stage encodes to probe its sources: found by the check of every record alone
+    with pytest.raises(DataError, match=f"record 10 names {tmp_path / 'notes.png'}, which is no image that can be"):
+        check_sources(stage, _ctx({"c": [_asked(image)] * 9 + [frames]}, small_processor), encode)
+    clip = with_video({"video": str(tmp_path / "clip.mp4")})
+    with pytest.raises(DataError, match=f"record 1 names {tmp_path / 'clip.mp4'}, which is no video that can be"):
+        check_sources(stage, _ctx({"c": [clip]}, small_processor), encode)
+
+
+def test_a_source_checked_for_one_stage_kind_is_checked_again_for_another(small_processor):
+    chat = {"messages": [{"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "4"}]}
+    ctx = _ctx({"c": [chat]}, small_processor)
+    encode = lambda name, record: small_processor.encode_for_training(record["messages"])  # noqa: E731
+    check_sources(JointStage(name="sft", kind="joint", steps=1, lr=1e-3, mix={"c": 1}), ctx, encode)
+    with pytest.raises(DataError, match="record 1 is no RL problem"):  # a joint stage's check is not an rl stage's
+        check_problems(RLStage(name="rl", kind="rl", steps=1, lr=1e-3, sources=["c"]), ctx)
+
+
+def _meta_model(small_model):
+    with torch.device("meta"):
+        return KimiVL(small_model.config)
+
+
+def test_a_vit_stage_takes_only_records_with_an_image_and_an_answer(tmp_path, small_model, small_processor):
+    image = str(tmp_path / _image(tmp_path / "a.png"))
+    stage = ViTStage(name="vit", kind="vit", steps=1, lr=1e-3, sources=["c"], images_per_batch=2)
+    model = _meta_model(small_model)
+    with pytest.raises(RecipeError, match=r"stage 'vit': sources \['c'\] hold text documents"):
+        prepare(stage, _ctx({"c": ["a document"]}, small_processor, text={"c": True}), model)
+    no_image = {"messages": [{"role": "user", "content": "What colour?"}, {"role": "assistant", "content": "red"}]}
+    no_answer = {"messages": _asked(image)["messages"][:1]}
+    for bad in (no_image, no_answer):
+        with pytest.raises(DataError, match="record 2 has no user turn with an image and an assistant answer"):
+            prepare(stage, _ctx({"c": [_asked(image), bad]}, small_processor), model)
+    # a system turn first, the answer as a list of parts: the caption is the question and the answer's text
+    framed = _asked(image, answer=[{"type": "text", "text": "red"}])
+    framed["messages"].insert(0, {"role": "system", "content": "Be brief."})
+    assert caption_of(framed) == (image, "What colour?", "red")
+    assert "passes over c" in prepare(stage, _ctx({"c": [framed]}, small_processor), model).data_line
+    pixels, tokens = CaptionStream([framed], small_processor, 2, seed=0, stream="vit").pair(0)
+    assert small_processor.tokenizer.decode(tokens) == "What colour? red"
+
+
+def test_each_vit_stage_draws_its_own_stream(tmp_path, small_processor):
+    records = [_asked(str(tmp_path / _image(tmp_path / f"{i}.png", (i, 0, 0))), str(i)) for i in range(50)]
+
+    def captions(seed, stream):
+        data = CaptionStream(records, small_processor, 4, seed=seed, stream=stream)
+        return [small_processor.tokenizer.decode(data.pair(i)[1]) for i in range(40)]
+
+    assert captions(0, "vit") == captions(0, "vit")
+    assert sum(a == b for a, b in zip(captions(0, "vit"), captions(0, "vit-2"))) < 6  # chance: 40 / 50
+    assert sum(a == b for a, b in zip(captions(0, "vit"), captions(1, "vit"))) < 6
+
+
+def _lengths_ctx(small_processor, tmp_path):
+    """Sources of short and long texts."""
+    short, long = ["red"] * 40, [" ".join(random.Random(0).choices(["red", "blue"], k=60))] * 40
+    write_records(tmp_path / "short.jsonl", [{"text": t} for t in short])
+    write_records(tmp_path / "long.jsonl", [{"text": t} for t in long])
+    items = {n: JsonlRecords(tmp_path / f"{n}.jsonl", text=True) for n in ("short", "long")}
+    return _ctx(items, small_processor, text={"short": True, "long": True})
+
+
+def test_the_sample_count_is_planned_over_the_whole_stage_mix(tmp_path, small_processor):
+    """A mix moving from short samples to long ones holds, on average, samples of their mean length: the probe
+    samples the stage's mean shares, not its end weights."""
+    ctx = _lengths_ctx(small_processor, tmp_path)
+    encode = lambda name, text: small_processor.encode_text(text)  # noqa: E731
+    short, long = (len(encode(n, ctx.sources.items[n][0]).input_ids) for n in ("short", "long"))
+    stage = JointStage(
+        name="pretrain", kind="joint", steps=10, lr=1e-3, budget=256, mix={"short": 1}, mix_end={"long": 1}
+    )
+    _, line = stage_mixture(stage, ctx, encode)
+    mean = int(line.split("(")[1].split(" tokens")[0])
+    assert abs(mean - (short + long) / 2) < (long - short) / 4, (line, short, long)
+
+
+def test_samples_over_the_budget_are_counted_when_the_stage_ends(tmp_path, small_model, small_processor, caplog):
+    ctx = _lengths_ctx(small_processor, tmp_path)
+    ctx.recipe = SimpleNamespace(seed=0, out=tmp_path / "run", bf16=False)
+    ctx.sources.encoder = lambda processor: lambda name, text: processor.encode_text(text)
+    long = len(small_processor.encode_text(ctx.sources.items["long"][0]).input_ids)
+    stage = JointStage(name="s", kind="joint", steps=2, lr=1e-3, budget=long - 1, mix={"short": 1, "long": 1})
+    prepared = prepare_joint(stage, ctx, small_model)
+    optimizer = torch.optim.SGD([p for p in small_model.parameters() if p.requires_grad], lr=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    prepared.run(optimizer, scheduler, False)
+    small_model.requires_grad_(True)
+    skipped = [r.getMessage() for r in caplog.records if "were skipped" in r.getMessage()]
+    assert len(skipped) == 1 and skipped[0].startswith("stage s: ")
+    count = int(skipped[0].split(": ")[1].split()[0])
+    assert count > 0 and skipped[0].endswith(f"samples over the budget of {long - 1} tokens were skipped")
