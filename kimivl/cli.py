@@ -256,6 +256,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from kimivl.serve.schema import Limits
 
     _at_least_one(args, "port", "max_batch", "max_queue", "prefill_chunk")
+    if args.port > 65535:
+        raise CommandError(f"--port must be at most 65535, got {args.port}")
     if args.allowed_local_media_path and not os.path.isdir(args.allowed_local_media_path):
         raise CommandError(f"--allowed-local-media-path {args.allowed_local_media_path}: not a directory")
     model, processor = _load(args.model, args.dtype, args.device)
@@ -269,7 +271,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
     app = create_app(engine, name, api_key=args.api_key, limits=limits)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    finally:  # a forced quit (a second Ctrl-C) skips the app's shutdown: the engine's thread must not die inside torch
+        engine.shutdown()
     return 0
 
 

@@ -170,11 +170,19 @@ def _encode(engine: Engine, chat: ChatRequest, context: int):
     except ValueError as e:  # MessageError, ImageError, VideoError
         raise RequestError(f"the messages cannot be encoded: {e}", "messages") from None
     n = len(encoded.input_ids)
-    if n >= context or (chat.max_tokens is not None and n + chat.max_tokens > context):
+    if n >= context:
         raise RequestError(
-            f"the prompt is {n} tokens and max_tokens is {chat.max_tokens}: together over the model's context of "
-            f"{context} tokens; shorten the messages or lower max_tokens",
+            f"the prompt is {n} tokens, which leaves no room for an answer in the model's context of {context} "
+            "tokens; shorten the messages",
             "messages",
+            code="context_length_exceeded",
+        )
+    if chat.max_tokens is not None and n + chat.max_tokens > context:
+        raise RequestError(
+            f"the prompt is {n} tokens and {chat.max_tokens} new tokens were asked for: together over the model's "
+            f"context of {context} tokens; shorten the messages or ask for at most {context - n} tokens",
+            "messages",
+            code="context_length_exceeded",
         )
     return encoded
 

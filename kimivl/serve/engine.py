@@ -81,12 +81,11 @@ class _Choice:
         self.tokens += 1
         if not self.tokenizer.is_special(token):
             self.text += self.decoder.decode(self.tokenizer.token_bytes(token))
-        for s in self.request.stop:
-            at = self.text.find(s, max(0, self.sent - len(s)))
-            if at >= 0:
-                self.text = self.text[:at]
-                self._end("stop", flush=False)
-                return
+        hits = [at for s in self.request.stop if (at := self.text.find(s, max(0, self.sent - len(s)))) >= 0]
+        if hits:  # cut at the earliest, whichever stop string it is: no stop string is ever returned
+            self.text = self.text[: min(hits)]
+            self._end("stop", flush=False)
+            return
         if self.tokens >= self.request.params.max_new_tokens:
             self._end("length")
             return

@@ -157,3 +157,26 @@ def test_a_burst_of_waiting_prompts_gets_up_to_burst_chunks_per_turn(loaded):
         second = engine._prefill(jobs, running=len(jobs))  # no more wait than rows decode: one chunk
     assert packs[1] <= 64 < packs[1] + width and len(second) == packs[1] // width
     assert len({len(j.request.prompt) for j in jobs}) == 1 and len(jobs) == 16 - len(first) - len(second)
+
+
+def test_a_token_that_completes_two_stop_strings_ends_the_text_before_the_earlier():
+    """The stop strings were tried in list order: "A re" came back for stop ["d", "re"] (and "A " for ["re", "d"])."""
+    from kimivl.serve.engine import _Choice
+
+    class Pieces:  # token i is the i-th piece of text
+        pieces = ["A ", "red"]
+
+        def is_special(self, token):
+            return False
+
+        def token_bytes(self, token):
+            return self.pieces[token].encode()
+
+    for stop in (["d", "re"], ["re", "d"]):
+        events = []
+        request = Request([1], None, None, SamplingParams(max_new_tokens=8), events.append, stop=stop)
+        choice = _Choice(request, 0, Pieces(), torch.device("cpu"))
+        choice.add(0, set())
+        choice.add(1, set())
+        assert choice.text == "A " and choice.finish == "stop", stop
+        assert "".join(e[2] for e in events if e[0] == "text") == "A "

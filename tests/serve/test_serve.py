@@ -163,8 +163,9 @@ def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_serving(tiny, tmp_pat
         ({**good, "messages": _image_msg(_png(5000, 4000))}, 400, "pixels, over the limit", "secret-key"),
         ({**good, "messages": _image_msg("https://example.com/a.png")}, 400, "no remote URLs", "secret-key"),
         ({**good, "messages": _image_msg(str(tmp_path / "x.png"))}, 400, "no remote URLs or local paths", "secret-key"),
-        ({**good, "max_tokens": 4090}, 400, "over the model's context of 4096", "secret-key"),
-        ({**good, "messages": [{"role": "user", "content": "word " * 5000}]}, 400, "context", "secret-key"),
+        ({**good, "max_tokens": 4090}, 400, "4090 new tokens were asked for: together over the model's", "secret-key"),
+        ({**good, "max_completion_tokens": 4090}, 400, "ask for at most", "secret-key"),
+        ({**good, "messages": [{"role": "user", "content": "word " * 5000}]}, 400, "leaves no room", "secret-key"),
         ({**good, "messages": _image_msg(_png_header(20000, 20000))}, 400, "over the limit of 16777216", "secret-key"),
         (b"[" * 100_000, 400, "nested too deeply", "secret-key"),
         ({**good, "logprobs": True, "top_logprobs": 5}, 400, "logprobs=True is not supported", "secret-key"),
@@ -179,6 +180,8 @@ def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_serving(tiny, tmp_pat
     for body, status, words, key in cases:
         code, reply = _post(url, body, key)
         assert code == status and words in reply["error"]["message"], body if isinstance(body, bytes) else words
+        if "context" in reply["error"]["message"]:  # the OpenAI code for it
+            assert reply["error"]["code"] == "context_length_exceeded"
         code, reply = _post(url, good)
         assert code == 200 and reply["choices"][0]["message"]["content"] is not None
     inert = {"logprobs": False, "tools": [], "tool_choice": "none", "presence_penalty": 0, "logit_bias": {}}
@@ -458,6 +461,8 @@ def test_serve_binds_to_loopback_by_default_and_checks_its_numbers(capsys):
     assert (args.host, args.port, args.api_key, args.max_batch) == ("127.0.0.1", 8000, None, 8)
     assert main(["serve", "--max-batch", "0"]) == 2
     assert "--max-batch must be >= 1" in capsys.readouterr().err
+    assert main(["serve", "--port", "70000"]) == 2  # was a 72-line OverflowError, after loading the model
+    assert "--port must be at most 65535, got 70000" in capsys.readouterr().err
     assert main(["serve", "--allowed-local-media-path", "/no/such/dir"]) == 2
     assert "not a directory" in capsys.readouterr().err
 
@@ -504,6 +509,14 @@ def test_kimivl_serve_runs_uvicorn_on_loopback_with_the_app(monkeypatch):
     ((app, kw),) = calls
     assert kw["host"] == "127.0.0.1" and kw["port"] == 8123
     assert {r.path for r in app.routes} >= {"/v1/chat/completions", "/v1/models", "/health", "/metrics"}
+    from kimivl.serve.engine import Engine
+
+    stopped = []  # a forced quit (a second Ctrl-C) skipped the app's shutdown: the process aborted in torch
+    monkeypatch.setattr(Engine, "shutdown", lambda self: stopped.append(self))
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: (_ for _ in ()).throw(SystemExit(1)))
+    with pytest.raises(SystemExit):
+        main(["serve", "--model", model, "--device", "cpu"])
+    assert len(stopped) == 1
 
 
 def test_a_data_video_carries_the_servers_bound_on_decoded_frames():
