@@ -79,8 +79,10 @@ class ExpertLoadTracker:
         return {name: float(c.max() / c.float().mean()) for name, c in self.counts.items() if c.sum() > 0}
 
     def update_biases(self, rate: float) -> None:
-        """``update_bias`` on every router from the counts so far, then ``reset()``. Under data parallelism,
-        all-reduce ``counts`` (sum) first so that every rank moves its biases alike."""
+        """``update_bias`` on every trained router (its weight requires grad: a frozen layer, or a frozen language
+        model, keeps its routing) from the counts so far, then ``reset()``. Under data parallelism, all-reduce
+        ``counts`` (sum) first so that every rank moves its biases alike."""
         for name, router in self.routers.items():
-            update_bias(router.e_score_correction_bias, self.counts[name], rate)
+            if router.weight.requires_grad:
+                update_bias(router.e_score_correction_bias, self.counts[name], rate)
         self.reset()

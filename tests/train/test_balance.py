@@ -49,6 +49,21 @@ def test_bias_updates_balance_a_skewed_router():
     assert all(int(c.sum()) == 128 * 2 for c in tracker.counts.values())
 
 
+def test_a_frozen_router_keeps_its_bias():
+    """A stage that froze the language model (train: [multi_modal_projector]) still moved every router's bias, so
+    fine-tuning the projector re-routed the LM."""
+    model, ids = skewed_model()
+    model.requires_grad_(False)
+    routers = [m for m in model.modules() if isinstance(m, Router)]
+    routers[0].weight.requires_grad_(True)  # this layer trains, the others are frozen
+    before = [r.e_score_correction_bias.clone() for r in routers]
+    with ExpertLoadTracker(model) as tracker, torch.no_grad():
+        model(ids)
+        tracker.update_biases(rate=0.01)
+    assert not torch.equal(routers[0].e_score_correction_bias, before[0])
+    assert all(torch.equal(r.e_score_correction_bias, b) for r, b in zip(routers[1:], before[1:]))
+
+
 def test_the_bias_selects_but_never_weights():
     torch.manual_seed(0)
     router = Router(KimiVLConfig.from_preset("tiny").text_config)
