@@ -71,10 +71,15 @@ class KimiVL(nn.Module):
         pixel_values: torch.Tensor | None = None,
         image_grid_hws: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Token embeddings with image features written into the placeholder positions."""
+        """Token embeddings with image features written into the placeholder positions (no images: ``None`` or the
+        empty tensors a processor gives for a text-only conversation)."""
         embeds = self.language_model.model.embed_tokens(input_ids)
         is_media = input_ids == self.config.media_placeholder_token_id
         n_slots = int(is_media.sum())
+        if pixel_values is not None and pixel_values.shape[0] == 0:
+            if image_grid_hws is not None and image_grid_hws.shape[0]:
+                raise ValueError(f"no pixel_values for the {image_grid_hws.shape[0]} images of image_grid_hws")
+            pixel_values = None
         if pixel_values is None:
             if n_slots:
                 raise ValueError(f"input_ids hold {n_slots} image placeholder tokens but no pixel_values were given")

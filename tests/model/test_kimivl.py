@@ -47,6 +47,17 @@ def test_placeholder_count_mismatch_is_an_error(tiny_model, tiny_config):
         tiny_model(torch.tensor([[1, 2, 3, 4]]), labels=torch.tensor([[1, 2, 3]]))
 
 
+def test_a_processors_inputs_for_a_text_only_chat_run_the_model(small_model, small_processor):
+    """``model(**processor(messages))`` failed without images: the processor's empty pixel tensors went to the tower."""
+    inputs = small_processor([{"role": "user", "content": "hi"}])
+    assert inputs["pixel_values"].shape[0] == 0 and inputs["image_grid_hws"].shape[0] == 0
+    with torch.no_grad():
+        got = small_model(**inputs).logits
+        torch.testing.assert_close(got, small_model(inputs["input_ids"]).logits, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="no pixel_values for the 1 images"):
+        small_model.embed(inputs["input_ids"], inputs["pixel_values"], torch.tensor([[2, 2]]))
+
+
 def test_loss_is_mean_next_token_cross_entropy(tiny_model, tiny_config):
     ids = torch.randint(0, 3000, (2, 12))
     labels = ids.clone()
