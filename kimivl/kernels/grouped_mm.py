@@ -32,12 +32,21 @@ def grouped_swiglu(
     device = x_TD.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x_TD.dtype
     x_ND = source.index_select(0, token).to(dtype)
-    gate_up_N2I = torch._grouped_mm(x_ND, gate_up_E2ID.to(dtype).transpose(1, 2), offs=offsets)
+    gate_up_N2I = _grouped_mm(x_ND, gate_up_E2ID.to(dtype).transpose(1, 2), offsets)
     gate, up = gate_up_N2I.chunk(2, dim=-1)
     # the routing weight scales the hidden activation (down_proj is linear): no full-width float32 copy
     h_NI = F.silu(gate) * up * weight[:, None].to(dtype)
-    y_ND = torch._grouped_mm(h_NI, down_EDI.to(dtype).transpose(1, 2), offs=offsets)
+    y_ND = _grouped_mm(h_NI, down_EDI.to(dtype).transpose(1, 2), offsets)
     return torch.zeros_like(source).index_add_(0, token, y_ND.to(x_TD.dtype))[:t]
+
+
+def _grouped_mm(x_NK: torch.Tensor, w_EKM: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Rows of group e (ending at ``offsets[e]``) times ``w_EKM[e]``: ``torch._grouped_mm``, or one matmul per group
+    in float64, which it does not multiply."""
+    if x_NK.dtype != torch.float64:
+        return torch._grouped_mm(x_NK, w_EKM, offs=offsets)
+    ends = offsets.tolist()
+    return torch.cat([x_NK[a:b] @ w_EKM[e] for e, (a, b) in enumerate(zip([0, *ends], ends))])
 
 
 def _pad_groups(counts, token, weight, expert, t):

@@ -18,9 +18,10 @@ from kimivl.model.moe import Router
 def update_bias(router_bias: torch.Tensor, expert_counts: torch.Tensor, rate: float) -> torch.Tensor:
     """In place: raise the bias of experts chosen less than average by ``rate``, lower the over-loaded ones by
     ``rate``, leave exactly average ones alone. Returns ``router_bias``."""
-    if router_bias.dtype != torch.float32:
+    if router_bias.dtype not in (torch.float32, torch.float64):
         raise ValueError(
-            f"the router bias must be float32 (tiny steps vanish in lower precision), got {router_bias.dtype}"
+            "the router bias must be float32 or float64 (tiny steps vanish in lower precision), got "
+            f"{router_bias.dtype}"
         )
     if expert_counts.shape != router_bias.shape:
         raise ValueError(f"expert_counts {tuple(expert_counts.shape)} must match the bias {tuple(router_bias.shape)}")

@@ -60,3 +60,22 @@ def test_grouped_swiglu_with_few_rows_per_expert_matches_a_per_token_loop():
                 gate, up = (gate_up[e] @ x[t]).chunk(2)
                 expected[t] += weight * (down[e] @ (F.silu(gate) * up))
         torch.testing.assert_close(grouped_swiglu(x, idx, w, gate_up, down), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_grouped_swiglu_multiplies_float64_which_grouped_mm_does_not():
+    """A float64 model loaded and saved, but every MoE layer's forward failed (torch._grouped_mm has no float64)."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(9, 16, generator=g, dtype=torch.float64)
+    idx = torch.randint(0, 5, (9, 2), generator=g)
+    idx[:, 1] = (idx[:, 0] + 1) % 5  # two distinct experts per token; expert 4 may get none
+    w = torch.rand(9, 2, generator=g, dtype=torch.float64)
+    gate_up = torch.randn(5, 2 * 8, 16, generator=g, dtype=torch.float64) / 4
+    down = torch.randn(5, 16, 8, generator=g, dtype=torch.float64) / 3
+    got = grouped_swiglu(x, idx, w, gate_up, down)
+    expected = torch.zeros_like(x)
+    for t in range(9):
+        for e, weight in zip(idx[t].tolist(), w[t]):
+            gate, up = (gate_up[e] @ x[t]).chunk(2)
+            expected[t] += weight * (down[e] @ (F.silu(gate) * up))
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
