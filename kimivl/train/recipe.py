@@ -93,15 +93,13 @@ class Recipe:
             missing = s.sources_used() - set(self.sources)
             if missing:
                 raise RecipeError(f"stage {s.name!r} uses sources {sorted(missing)} that 'sources' does not define")
+        self._check_schedule(names)
         continued = sum(s.steps for s in self.stages if s.schedule == "continue")
         if continued and not self.schedule.get("warmup", 0) < continued:
             raise RecipeError(
                 f"schedule.warmup ({self.schedule['warmup']} steps) must be below the steps of the stages "
                 f"that continue the recipe-wide schedule ({continued})"
             )
-        unknown = set(self.schedule.get("decay_stages", [])) - set(names)
-        if unknown:
-            raise RecipeError(f"schedule.decay_stages names unknown stages {sorted(unknown)}")
         unknown = set((self.eval or {}).get("after", [])) - set(names)
         if unknown:
             raise RecipeError(f"eval.after names unknown stages {sorted(unknown)}")
@@ -110,6 +108,31 @@ class Recipe:
         _check_device(self.device)
         if not (integer(self.seed) and 0 <= self.seed < 2**64):
             raise RecipeError(f"seed must be an integer in [0, 2**64), got {self.seed!r}")
+
+    def _check_schedule(self, names: list[str]) -> None:
+        """``schedule``'s values: a warm-up of whole steps, a floor in [0, 1], and decay stages that continue the
+        curve one after another (the decay runs over their steps in a row)."""
+        warmup, floor = self.schedule.get("warmup", 0), self.schedule.get("min_ratio", 0.1)
+        if not (integer(warmup) and warmup >= 0):
+            raise RecipeError(f"schedule.warmup must be a whole number of steps >= 0, got {warmup!r}")
+        if not (isinstance(floor, (int, float)) and not isinstance(floor, bool) and 0 <= floor <= 1):
+            raise RecipeError(f"schedule.min_ratio must be a number in [0, 1] (the LR's floor), got {floor!r}")
+        decay = self.schedule.get("decay_stages", [])
+        if not (isinstance(decay, list) and all(isinstance(n, str) for n in decay)):
+            raise RecipeError(f"schedule.decay_stages must be a list of stage names, got {decay!r}")
+        unknown = set(decay) - set(names)
+        if unknown:
+            raise RecipeError(f"schedule.decay_stages names unknown stages {sorted(unknown)}")
+        continued = [s.name for s in self.stages if s.schedule == "continue"]
+        own = sorted(set(decay) - set(continued))
+        if own:
+            raise RecipeError(f"schedule.decay_stages names {own}, which run their own schedule, not the shared curve")
+        at = sorted(continued.index(n) for n in set(decay))
+        if at and at != list(range(at[0], at[-1] + 1)):
+            raise RecipeError(
+                f"schedule.decay_stages {decay} must follow one another among the stages that continue the curve "
+                f"({continued}): the decay runs over their steps in a row"
+            )
         if not (self.bf16 is None or isinstance(self.bf16, bool)):
             raise RecipeError(f"bf16 is true, false or null (where the device multiplies bf16 fast), got {self.bf16!r}")
         check_parallel(self.parallel)

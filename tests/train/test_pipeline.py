@@ -217,6 +217,13 @@ def _stage(i, **changes):
             lambda r: r["schedule"].update(decay_stages=["warmdown"]),
             r"decay_stages names unknown stages \['warmdown'\]",
         ),
+        # each of these had trained at a wrong rate: negative (gradient ascent), rising, undecayed, or decayed early
+        (lambda r: r["schedule"].update(min_ratio=-0.5), r"min_ratio must be a number in \[0, 1\].*got -0.5"),
+        (lambda r: r["schedule"].update(min_ratio=3), r"min_ratio must be a number in \[0, 1\].*got 3"),
+        (lambda r: r["schedule"].update(warmup=10.5), "warmup must be a whole number of steps >= 0, got 10.5"),
+        (lambda r: r["schedule"].update(warmup=-5), "warmup must be a whole number of steps >= 0, got -5"),
+        (lambda r: r["schedule"].update(decay_stages=["sft"]), r"names \['sft'\], which run their own schedule"),
+        (lambda r: r["schedule"].update(decay_stages=["align", "cooldown"]), "must follow one another"),
         (
             lambda r: r.update(eval={"after": ["final"], "split": "world/heldout"}),
             r"eval.after names unknown stages \['final'\]",
