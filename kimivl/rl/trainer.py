@@ -41,7 +41,7 @@ from kimivl.train.interrupt import stop_on_interrupt
 from kimivl.train.loop import NoMetrics, agreed
 from kimivl.train.metrics import MetricsLog, plot_curves
 from kimivl.train.state import TrainState
-from kimivl.train.step import check_loss, optimizer_step
+from kimivl.train.step import TrainingError, check_loss, optimizer_step
 
 log = logging.getLogger(__name__)
 OBJECTIVES = ("opmd", "grpo")
@@ -190,6 +190,13 @@ class RLTrainer:
         start = time.perf_counter()
         world = self.world
         everyone = self.sampler.sample(cfg.problems, it / cfg.iterations)
+        # fewer problems than asked may hold weight now (a curriculum phase): the ranks share as many as divide evenly
+        everyone = everyone[: len(everyone) // world.size * world.size]
+        if not everyone:
+            raise TrainingError(
+                f"rl iteration {it + 1}: fewer problems can be drawn now than the {world.size} ranks (the curriculum "
+                "phase's difficulties hold too few): add problems of those difficulties, or run on fewer ranks"
+            )
         chosen = everyone[world.rank :: world.size]  # this rank's problems
         # pi_i is the policy now: its rollouts and log-probs are all taken before the first update
         reference = self.policy.eval()
@@ -244,7 +251,7 @@ class RLTrainer:
             mine = (correct, lengths, reward, [r.stopped for r in rolls], torch.cat(losses), seen, seen_ref)
             dist.all_gather_object(parts, mine)
             correct, lengths, reward = (torch.cat([p[j].view(-1, k) for p in parts]) for j in range(3))
-            order_back = torch.cat([torch.arange(r, cfg.problems, world.size) for r in range(world.size)]).argsort()
+            order_back = torch.cat([torch.arange(r, len(everyone), world.size) for r in range(world.size)]).argsort()
             correct, lengths, reward = (t[order_back].flatten() for t in (correct, lengths, reward))
             correct_PK = correct.view(-1, k) >= 0.5
             stopped = [s for p in parts for s in p[3]]

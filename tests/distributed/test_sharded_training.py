@@ -273,7 +273,7 @@ def test_the_rl_update_of_two_ranks_equals_one_process_on_all_answers(tmp_path):
 
 
 def test_an_rl_recipe_runs_data_parallel(tmp_path):
-    """Two ranks, each its own problem and rollouts: one metrics row per iteration (rank 0), a checkpoint per
+    """Two ranks, each its own problems and rollouts: one metrics row per iteration (rank 0), a checkpoint per
     iteration in the sharded format, the export, and a resume that finds the stage done."""
     root = tmp_path / "problems"
     make = run(["-c", MAKE_PROBLEMS.format(root=root)], None)
@@ -295,7 +295,8 @@ def test_an_rl_recipe_runs_data_parallel(tmp_path):
                 "budget": 512,
                 "ckpt_every": 1,
                 "sources": ["reasoning"],
-                "rl": {"problems": 2, "samples": 2, "max_new_tokens": 6, "length_weight": 1.0},
+                # 6 asked of 4 problems: the ranks share the 4 (fewer than asked had failed in the gather's order)
+                "rl": {"problems": 6, "samples": 2, "max_new_tokens": 6, "length_weight": 1.0},
             }
         ],
     }
