@@ -207,7 +207,8 @@ def partition_params(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter
     - ``muon_gate_up``: the experts' ``gate_up_proj`` stack, gate and up rows orthogonalised apart, as the
       official per-expert ``gate_proj`` / ``up_proj`` matrices would be;
     - ``adamw``: ``embed_tokens``, ``lm_head``, the patch-embedding conv and the router ``gate.weight`` (a small
-      float32 matrix whose scale sets the sigmoid scores, so it gets the conservative optimizer);
+      float32 matrix whose scale sets the sigmoid scores, so it gets the conservative optimizer), and any other
+      matrix, such as a ``nn.MultiheadAttention``'s fused ``in_proj_weight`` (the vit stage's training-only heads);
     - ``adamw_no_decay``: norms, biases and the position-embedding table.
     Buffers such as the router's ``e_score_correction_bias`` are never parameters (see ``kimivl.train.balance``).
     """
