@@ -217,16 +217,30 @@ def _answer(model, processor, messages: list[dict], sampling: dict) -> str:
     return printer.close()
 
 
+def _check_chat_inputs(args: argparse.Namespace, sampling: dict) -> None:
+    """The sampling settings, images and video of a chat, checked before the model loads (minutes for the A3B)."""
+    from kimivl.inference.sampling import SamplingParams
+    from kimivl.processing.image import ImageProcessor
+    from kimivl.processing.video import check_video_file
+
+    SamplingParams.from_kwargs(**sampling)
+    for image in args.image:
+        ImageProcessor().load(image)
+    if args.video:
+        check_video_file(args.video)
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     if args.question is not None and not args.question.strip():
         raise CommandError("the question is empty; ask something, or leave it out for an interactive session")
-    model, processor = _load(args.model, args.dtype, args.device)
     sampling = {
         "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature,
         "top_p": args.top_p,
         "seed": args.seed,
     }
+    _check_chat_inputs(args, sampling)
+    model, processor = _load(args.model, args.dtype, args.device)
     if args.question:
         _answer(model, processor, [_user_message(args.question, args.image, args.video)], sampling)
         return 0
@@ -241,8 +255,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if not question:
             return 0
         history.append(_user_message(question, images, video))
+        try:
+            answer = _answer(model, processor, history, sampling)
+        except ValueError as e:  # this turn cannot be answered (e.g. over the context): the session goes on
+            print(f"kimivl chat: error: {e}; ask again", file=sys.stderr)
+            history.pop()
+            continue
         images, video = [], None
-        answer = _answer(model, processor, history, sampling)
         history.append({"role": "assistant", "content": answer})
 
 
@@ -353,12 +372,17 @@ def _data_paths(specs: list[str], tasks: list) -> dict[str, str]:
     return paths
 
 
+def _resume_advice(args: argparse.Namespace) -> str:
+    """How to go on after an interrupted eval: the same command, less an ``--overwrite`` that would drop the kept."""
+    return "Rerun the command without --overwrite" if args.overwrite else "Rerun the same command"
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     try:
         return _eval(args)
     except KeyboardInterrupt:
         print(
-            f"kimivl eval: interrupted; the predictions written so far stay in {args.out}. Rerun the same command "
+            f"kimivl eval: interrupted; the predictions written so far stay in {args.out}. {_resume_advice(args)} "
             "to resume.",
             file=sys.stderr,
         )
@@ -448,8 +472,8 @@ def _eval(args: argparse.Namespace) -> int:
             )
         except EvalInterrupted as e:
             print(
-                f"kimivl eval: interrupted; {e.kept} predictions of {e.task} kept in {e.path}. Rerun the same "
-                "command to resume from there.",
+                f"kimivl eval: interrupted; {e.kept} predictions of {e.task} kept in {e.path}. "
+                f"{_resume_advice(args)} to resume from there.",
                 file=sys.stderr,
             )
             return 130

@@ -79,6 +79,24 @@ def test_chat_interactive_and_errors(checkpoint, monkeypatch, capsys, tmp_path):
     bad.write_bytes(b"not an image")
     assert main(["chat", "--model", str(checkpoint), "--image", str(bad), "hi"]) == 2
     assert "bad.png" in capsys.readouterr().err
+    loaded = []  # bad settings and media are named before the model loads (minutes for the A3B)
+    monkeypatch.setattr("kimivl.cli._load", lambda *a: loaded.append(a))
+    for flags, words in (
+        (["--image", str(bad)], "bad.png"),
+        (["--top-p", "2"], "top_p"),
+        (["--video", str(bad)], "bad.png"),
+    ):
+        assert main(["chat", "--model", str(checkpoint), *flags, "hi"]) == 2
+        assert words in capsys.readouterr().err and not loaded, flags
+
+
+def test_a_turn_that_cannot_be_answered_leaves_the_session_going(checkpoint, monkeypatch, capsys):
+    """One prompt over the context ended the interactive session (exit 2) and lost the conversation."""
+    answers = iter(["word " * 6000, "Count the circles.", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(answers))
+    assert main(["chat", "--model", str(checkpoint), "--max-new-tokens", "3"]) == 0
+    captured = capsys.readouterr()
+    assert "does not fit the model's context" in captured.err and "ask again" in captured.err
 
 
 def _stream(pieces):

@@ -139,6 +139,23 @@ def _upright(image: Image.Image, rotation: float) -> Image.Image:
     return image.transpose(turns[quarter]) if quarter else image
 
 
+def check_video_file(path: str) -> None:
+    """A ``VideoError`` unless ``path`` opens as a container holding a video stream whose first frame decodes: the
+    cheap check before a long job (FFmpeg opens any file named like an image as a one-frame video, unread)."""
+    import av
+
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise VideoError(f"video {path} holds no video stream")
+            if next(container.decode(video=0), None) is None:
+                raise VideoError(f"video {path} holds no frame that decodes")
+    except (av.FFmpegError, OSError, ValueError) as e:
+        if isinstance(e, VideoError):
+            raise
+        raise VideoError(f"video {path} cannot be read ({e})") from None
+
+
 def load_video(
     source: str | os.PathLike | bytes | BinaryIO,
     fps: float = DEFAULT_FPS,

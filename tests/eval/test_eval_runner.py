@@ -298,6 +298,10 @@ def test_cli_ctrl_c_keeps_predictions_and_says_how_to_resume(monkeypatch, tmp_pa
     err = capsys.readouterr().err
     assert "another run (max_new_tokens: 512 before, 64 now)" in err and "--overwrite" in err
     assert main([*args, "--max-new-tokens", "64", "--overwrite"]) == 0 and len(asked) == 8
+    batches.clear()  # interrupted under --overwrite: rerunning it as it was would drop what was kept
+    fake_cli(monkeypatch, tmp_path, interrupted)
+    assert main([*args, "--overwrite"]) == 130
+    assert "Rerun the command without --overwrite to resume" in capsys.readouterr().err
 
     def stopped(path, dtype, device):
         raise KeyboardInterrupt

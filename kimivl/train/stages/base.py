@@ -15,6 +15,8 @@ from torch import nn
 from kimivl.data.formats import DataError
 from kimivl.data.indexed import locate
 from kimivl.distributed.world import World
+from kimivl.processing.image import ImageError, open_image
+from kimivl.processing.video import VideoError, check_video_file
 from kimivl.train.loop import LoopConfig
 from kimivl.train.recipe import PARTS, RecipeError, integer, number
 from kimivl.train.trainable import set_trainable
@@ -160,22 +162,18 @@ def _unreadable_media(record: dict) -> str | None:
 
 def _unreadable_image(path: str) -> str | None:
     try:
-        with Image.open(path):
+        with open(path, "rb") as f, open_image(f, path):
             return None
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
+    except (ImageError, OSError, Image.DecompressionBombError) as e:
         return f"names {path}, which is no image that can be read ({e})"
 
 
 def _unreadable_video(path: str) -> str | None:
-    import av
-
     try:
-        with av.open(path) as container:
-            if container.streams.video:
-                return None
-            return f"names {path}, which holds no video stream"
-    except (av.FFmpegError, OSError, ValueError) as e:
+        check_video_file(path)
+    except VideoError as e:
         return f"names {path}, which is no video that can be read ({e})"
+    return None
 
 
 def loop_config(stage: StageSettings, recipe: Recipe, **more) -> LoopConfig:
