@@ -43,6 +43,9 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--checkpoints", type=int, default=3)
     args = ap.parse_args()
+    if args.layers < 2 or args.checkpoints < 1:
+        ap.error("--layers must be >= 2 (the first layer is dense; the experts frozen are the others') and "
+                 "--checkpoints >= 1")  # fmt: skip
 
     config = KimiVLConfig.from_preset("kimi-vl-a3b")
     config.text_config = dataclasses.replace(

@@ -91,10 +91,23 @@ def t_interval(values: Sequence[float]) -> Interval:
     return mean, mean - half, mean + half
 
 
-def _clamped(value: Interval) -> Interval:
-    """An accuracy's interval within [0, 1] (a t-interval can reach past either end)."""
+def _clamped(value: Interval, lowest: float = 0.0) -> Interval:
+    """An accuracy's interval within [0, 1], a change's within [-1, 1] (``lowest`` -1): a t-interval can reach past
+    either end."""
     mean, low, high = value
-    return value if low is None else (mean, max(0.0, low), min(1.0, high))
+    return value if low is None else (mean, max(lowest, low), min(1.0, high))
+
+
+def _named(runs: Sequence[str | os.PathLike]) -> dict[str, list[str | os.PathLike]]:
+    """Each run an arm of one seed, named after its directory; two runs of one name (or one run twice) are a
+    ``ValueError``, since one would hide the other."""
+    arms: dict[str, list[str | os.PathLike]] = {}
+    for r in runs:
+        name = Path(r).name
+        if name in arms:
+            raise ValueError(f"two runs are named {name!r} ({arms[name][0]}, {r}): give them as --arm NAME=DIR")
+        arms[name] = [r]
+    return arms
 
 
 def wilson(p: float, n: int, z: float = Z95) -> Interval:
@@ -119,7 +132,12 @@ def arm_summary(runs: Sequence[str | os.PathLike], stage: str = "rl", task: str 
     columns["change"] = [a - b for a, b in zip(columns["after"], columns["before"])]
     if len(runs) > 1:
         out = {k: t_interval(v) for k, v in columns.items()}
-        return {"seeds": len(runs), **out, "before": _clamped(out["before"]), "after": _clamped(out["after"])}
+        out["before"], out["after"], out["change"] = (
+            _clamped(out["before"]),
+            _clamped(out["after"]),
+            _clamped(out["change"], -1.0),
+        )
+        return {"seeds": len(runs), **out}
     out = {k: (v[0], None, None) for k, v in columns.items()}
     out["before"] = wilson(columns["before"][0], _problems(runs[0], "base", task))
     out["after"] = wilson(columns["after"][0], _problems(runs[0], stage, task))
@@ -179,6 +197,7 @@ def difficulty_summary(
         if len(runs) > 1:
             out[d] = {"problems": n, **{k: t_interval(v) for k, v in cols.items()}}
             out[d]["before"], out[d]["after"] = _clamped(out[d]["before"]), _clamped(out[d]["after"])
+            out[d]["change"] = _clamped(out[d]["change"], -1.0)
         else:
             out[d] = {
                 "problems": n,
@@ -197,7 +216,7 @@ def difficulty_table(
     """One markdown row per arm and difficulty: problems, accuracy before and after ``stage`` and its change in
     points, with 95% intervals (see the module docstring)."""
     if not isinstance(arms, Mapping):
-        arms = {Path(r).name: [r] for r in arms}
+        arms = _named(arms)
     lines = [
         f"| arm | seeds | difficulty | problems | {task} accuracy before | after | change (points) |",
         "|---|---|---|---|---|---|---|",
@@ -226,7 +245,7 @@ def comparison_table(
     after its directory): mean accuracy on ``task`` before and after ``stage``, its change in points and mean
     answer tokens, with 95% intervals (see the module docstring)."""
     if not isinstance(arms, Mapping):
-        arms = {Path(r).name: [r] for r in arms}
+        arms = _named(arms)
     lines = [
         f"| arm | seeds | {task} accuracy before | after | change (points) | answer tokens before | after |",
         "|---|---|---|---|---|---|---|",
@@ -260,10 +279,15 @@ def main(argv: list[str] | None = None) -> int:
         "--by-difficulty", action="store_true", help="accuracy per meta.difficulty (from the predictions) instead"
     )
     args = parser.parse_args(argv)
-    arms = {Path(r).name: [r] for r in args.runs}
+    try:
+        arms = _named(args.runs)
+    except ValueError as e:
+        parser.error(str(e))
     for name, runs in args.arm:
         if name in arms:
             parser.error(f"arm {name!r} is given twice")
+        if len({Path(r).resolve() for r in runs}) < len(runs):
+            parser.error(f"arm {name!r} names one run twice: each seed's run once")
         arms[name] = runs
     if not arms:
         parser.error("give run directories, or arms as --arm NAME=DIR,DIR,...")

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 
 from tqdm.auto import tqdm
 
+from kimivl.data.synthetic.sample import DIFFICULTIES
 from kimivl.rl.rewards import correctness
 
 # (problem records, answers per problem, seed) -> the answers' texts, problem by problem
@@ -60,11 +61,13 @@ def count_correct(
 
 
 def summarise(difficulties: Sequence[str], counts: Sequence[int], n: int, ks: Sequence[int]) -> dict[str, dict]:
-    """Per difficulty (sorted) and ``all``: ``problems``, ``pass@k`` for each k, ``never`` and ``always`` (the
-    shares of problems with c = 0 and c = n)."""
+    """Per difficulty (easy, medium, hard, then any others by name) and ``all``: ``problems``, ``pass@k`` for each
+    k, ``never`` and ``always`` (the shares of problems with c = 0 and c = n)."""
     if len(difficulties) != len(counts) or not counts:
         raise ValueError(f"need one count per problem and at least one problem, got {len(counts)} counts")
-    groups = {d: [c for d2, c in zip(difficulties, counts) if d2 == d] for d in sorted(set(difficulties))}
+    rank = {d: i for i, d in enumerate(DIFFICULTIES)}
+    order = sorted(set(difficulties), key=lambda d: (rank.get(d, len(rank)), d))
+    groups = {d: [c for d2, c in zip(difficulties, counts) if d2 == d] for d in order}
     groups["all"] = list(counts)
     table = {}
     for name, cs in groups.items():

@@ -78,6 +78,9 @@ def test_the_command(runs, capsys, tmp_path):
         ([str(tmp_path / "nowhere")], "base.json is missing"),
         (["--arm", "opmd"], "--arm takes NAME=DIR[,DIR...]"),
         (["--arm", f"a={opmd[0]}", "--arm", f"a={opmd[1]}"], "arm 'a' is given twice"),
+        # one run hid the other, and one run twice counted as two seeds of no spread
+        ([str(opmd[0]), str(tmp_path / "elsewhere" / opmd[0].name)], "two runs are named 'opmd-s0'"),
+        (["--arm", f"a={opmd[0]},{opmd[0]}"], "arm 'a' names one run twice"),
         (["--arm", "a=" + ",".join(map(str, opmd)), "--task", "gui"], "no 'gui' in a run's eval files"),
         ([], "give run directories"),
     ):
@@ -124,6 +127,10 @@ def test_accuracy_by_difficulty_with_intervals(tmp_path, capsys):
     assert difficulty_table({"h": hard}).splitlines()[3] == (
         "| h | 3 | hard | 10 | 10.0% [10.0, 10.0] | 3.3% [0.0, 17.7] | -6.7 [-21.0, +7.7] |"
     )
+    # a change's interval stays within [-100, +100] points (0, 0, 100% after 0%: +33.3 +- 143.4 unclamped)
+    wide = [write_difficulty_run(tmp_path / f"w{i}", {"easy": (0, 1)}, {"easy": (r, 1)}) for i, r in
+            enumerate((0, 0, 1))]  # fmt: skip
+    assert difficulty_table({"w": wide}).splitlines()[2].endswith("| +33.3 [-100.0, +100.0] |")
     summary = difficulty_summary([one], task="all")  # every task: the ocr row counts as an easy problem
     assert summary["easy"]["problems"] == 11 and summary["easy"]["before"][0] == pytest.approx(5 / 11)
 

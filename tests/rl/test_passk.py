@@ -96,3 +96,9 @@ def test_the_command_on_a_checkpoint(checkpoint, small_model, small_processor, t
         with pytest.raises(SystemExit) as e:
             main(argv + bad)
         assert e.value.code == 2 and match in capsys.readouterr().err
+
+
+def test_difficulties_go_easy_medium_hard_as_elsewhere():
+    """They were sorted by name (easy, hard, medium), unlike docs/rl.md and the comparison tables."""
+    table = summarise(["hard", "odd", "easy", "medium", "hard"], [1, 2, 3, 4, 0], n=4, ks=[1])
+    assert list(table) == ["easy", "medium", "hard", "odd", "all"]
