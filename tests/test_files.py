@@ -1,0 +1,56 @@
+"""write_text_atomic: a whole text always, with concurrent writers of one file too."""
+
+import multiprocessing
+import os
+import stat
+
+import pytest
+
+from kimivl import files
+from kimivl.files import write_text_atomic
+
+
+def test_a_writer_that_gets_in_between_does_not_break_another(tmp_path, monkeypatch):
+    path = tmp_path / "results.json"
+    replace, cut_in = os.replace, []
+
+    def racing_replace(src, dst):  # another writer of the same file finishes while this one is about to rename
+        if not cut_in:
+            cut_in.append(src)
+            write_text_atomic(path, "second\n")
+        replace(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", racing_replace)
+    write_text_atomic(path, "first\n")  # with one shared "<name>.tmp" the other writer renamed ours away
+    assert path.read_text() == "first\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]  # no temporary file left
+
+
+def _write_many(path, k):
+    for i in range(30):
+        write_text_atomic(path, f"writer {k} text {i}\n" * 50)
+
+
+def test_concurrent_writers_leave_one_writers_whole_text(tmp_path):
+    path = tmp_path / "f.txt"
+    procs = [multiprocessing.get_context("fork").Process(target=_write_many, args=(path, k)) for k in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+    lines = path.read_text().splitlines()
+    assert len(lines) == 50 and len(set(lines)) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.txt"]
+
+
+def test_the_file_gets_the_usual_permissions_and_a_failed_write_leaves_the_old_text(tmp_path):
+    path = tmp_path / "config.json"
+    write_text_atomic(path, "{}\n")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+    with pytest.raises(UnicodeEncodeError):
+        write_text_atomic(path, "\udc80")  # not encodable: fails mid-write
+    assert path.read_text() == "{}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
