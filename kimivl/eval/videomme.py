@@ -14,8 +14,8 @@ option isThe correct option is", "Best answer:Best option:" (the official list m
 are two glued strings) are deleted where they occur (case-sensitive); an answer of more than 10 words without any
 capital A-D is unanswered; otherwise the first capital A, B, C or D anywhere is the answer, inside a word too
 ("Based on ..." answers B). Unanswered rows (no letter) are left out of the accuracy, which is right / answered, as
-the official script counts it (``accuracy_all`` gives right / all rows, ``answered`` the percent answered). An
-``extracted`` answer goes through the same rule.
+the official script counts it (``accuracy_all`` gives right / all rows, ``parsed`` the percent of rows with a
+letter). An ``extracted`` answer goes through the same rule.
 
 ``mode="lenient"`` (kimivl's own): lead-ins (any case, "answer:" and "option:" too) are stripped and the first
 letter A-D standing alone (not inside a word) is the answer; accuracy over every row.
@@ -122,7 +122,8 @@ def score(prediction: str, meta: dict, mode: str = "official", extracted: str | 
 
 def summarize(rows: list[dict], mode: str = "official") -> dict[str, float]:
     """``accuracy`` (official: right / answered; lenient: right / all) and ``accuracy/<duration>``, in percent;
-    official mode adds ``accuracy_all`` (right / all rows) and ``answered`` (percent of rows answered)."""
+    official mode adds ``accuracy_all`` (right / all rows) and ``parsed`` (percent of rows with a letter; not the
+    results' ``answered``, the count of rows with a prediction)."""
     official = check_mode(mode) == "official"
     groups: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
@@ -137,5 +138,5 @@ def summarize(rows: list[dict], mode: str = "official") -> dict[str, float]:
         out[key] = 100 * sum(r["score"] for r in counted) / len(counted) if counted else 0.0
     if official:
         out["accuracy_all"] = 100 * sum(r["score"] for r in rows) / max(1, len(rows))
-        out["answered"] = 100 * sum(bool(r.get("answered", True)) for r in rows) / max(1, len(rows))
+        out["parsed"] = 100 * sum(bool(r.get("answered", True)) for r in rows) / max(1, len(rows))
     return out

@@ -158,6 +158,13 @@ def test_videomme_score():
     assert lenient(videomme)("◁think▷ B or C", {"answer": "B"})["score"] == 0.0
 
 
+def test_videomme_reports_the_percent_of_rows_with_a_letter_as_parsed():
+    meta = {"answer": "B"}
+    rows = [{**videomme.score(p, meta), "meta": meta} for p in ("B", "C", "no idea at all", "")]
+    metrics = videomme.summarize(rows)
+    assert metrics == {"accuracy": 50.0, "accuracy_all": 25.0, "parsed": 50.0}  # "answered" is the results' count
+
+
 def _doc(fmt, answer):
     return {"format": fmt, "answer": answer}
 
