@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,7 +116,7 @@ def get_task(name: str) -> Task:
         sub = name.partition(":")[2] or None
         return Task(
             name,
-            _synthetic_load,
+            functools.partial(_synthetic_load, task=sub),  # load(data) takes the sub-task, from Python too
             _synthetic_score,
             needs_data=False,
             default_data=_default_heldout(),

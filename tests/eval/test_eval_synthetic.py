@@ -85,3 +85,15 @@ def test_evaluate_rows_carry_the_difficulty(monkeypatch):
         ("r2", None, True),
     ]
     assert accuracy == {"ocr": 1.0, "reasoning": 0.5, "all": pytest.approx(2 / 3)}
+
+
+def test_a_synthetic_sub_task_loads_only_its_rows_from_python(tmp_path):
+    from kimivl.eval.runner import run_task
+    from kimivl.eval.tasks import get_task
+
+    task = get_task("synthetic:ocr")
+    rows = task.load(task.default_data)  # no options: the sub-task is bound to the task
+    assert len(rows) == 20 and {r.meta["task"] for r in rows} == {"ocr"}
+    result = run_task(task, rows, tmp_path, generate_fn=lambda c: ["x"] * len(c), progress=False)
+    assert result["scored"] == 20 and set(result["metrics"]) == {"accuracy", "accuracy/ocr"}
+    assert len(task.load(task.default_data, **task.options)) == 20  # as the CLI calls it
