@@ -64,15 +64,19 @@ def secret_for(index: str, seed: int = 0) -> str:
 
 
 def meta_from_index(index: str, seed: int = 0) -> dict:
-    """A case's meta from its index ``kind/length/depth/trial`` (what re-scoring needs)."""
-    kind, length, depth, trial = str(index).split("/")
-    if kind not in KINDS:
-        raise ValueError(f"not a NIAH index: {index!r} (expected kind/length/depth/trial, kind in {KINDS})")
+    """A case's meta from its index ``kind/length/depth/trial`` (what re-scoring needs); any other index is a
+    ``ValueError``."""
+    found = re.fullmatch(r"([a-z]+)/([0-9]+)/([0-9]+)/([0-9]+)", str(index))
+    if not found or found[1] not in KINDS:
+        raise ValueError(
+            f"not a NIAH index: {str(index)!r:.80} (expected kind/length/depth/trial, kind one of {', '.join(KINDS)}, "
+            "the others whole numbers)"
+        )
     return {
-        "kind": kind,
-        "length": int(length),
-        "depth": int(depth),
-        "trial": int(trial),
+        "kind": found[1],
+        "length": int(found[2]),
+        "depth": int(found[3]),
+        "trial": int(found[4]),
         "secret": secret_for(str(index), seed),
     }
 

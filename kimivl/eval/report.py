@@ -23,16 +23,40 @@ def accuracy(rows: list[dict], mode: str = "official") -> dict[str, float]:
     return out
 
 
+def read_results(out_dir: str | os.PathLike) -> dict:
+    """The results in ``out_dir/results.json`` (``{}`` when there is none); a damaged file is a ``ValueError``
+    naming it."""
+    path = Path(out_dir) / "results.json"
+    if not path.is_file():
+        return {}
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(results, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(
+            f"{path} is damaged ({e}), so no result can be added to it; move it away (or choose another --out) and "
+            "run again"
+        ) from None
+    return results
+
+
 def update_results(out_dir: str | os.PathLike, task: str, result: dict) -> dict:
     """Merge one task's result into ``out_dir/results.json`` (other tasks' entries are kept), rewrite
-    ``results.md`` from it, and return the merged results."""
+    ``results.md`` from it, and return the merged results. Not safe against another writer of ``out_dir`` at the
+    same time: ``run_task`` holds ``out_dir``'s lock while it calls this."""
     out_dir = Path(out_dir)
-    path = out_dir / "results.json"
-    results = json.loads(path.read_text()) if path.is_file() else {}
+    results = read_results(out_dir)
     results[task] = result
-    write_text_atomic(path, json.dumps(results, indent=2, ensure_ascii=False) + "\n")
-    (out_dir / "results.md").write_text(markdown(results))
+    write_text_atomic(out_dir / "results.json", json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(out_dir / "results.md", markdown(results))
     return results
+
+
+def headline(metrics: dict[str, float]) -> dict[str, float]:
+    """The metrics a summary shows: those without a ``/`` (the per-group ones have it), or all of them when every
+    one has (NIAH's ``recall/<haystack>``)."""
+    return {k: v for k, v in metrics.items() if "/" not in k} or metrics
 
 
 def _fmt(value) -> str:
@@ -53,7 +77,7 @@ def markdown(results: dict) -> str:
     details = []
     for task, res in results.items():
         metrics = res.get("metrics", {})
-        head = {k: v for k, v in metrics.items() if "/" not in k} or metrics
+        head = headline(metrics)
         for k, v in head.items():
             counts = " | ".join(str(res.get(key, "")) for key in ("scored", "answered", "skipped"))
             lines.append(f"| {task} | {k} | {_fmt(v)} | {counts} |")

@@ -3,9 +3,11 @@
 ``OUT/<task>.predictions.jsonl`` gets one ``{"index", "prediction"}`` line per row as batches finish; a rerun
 skips the indices already there (a line cut short by a kill is dropped), so every row is generated and scored
 once. ``OUT/<task>.run.json`` records what produced those predictions (model, checkpoint fingerprint, task, data,
-generation settings); a rerun with different settings is refused (``overwrite=True`` starts afresh), so one file
-never mixes two models' answers. A predictions line may carry an ``extracted`` answer (parsed elsewhere, e.g. by
-an LLM), which the scorers use instead of parsing the prediction; ``mode`` picks the official or lenient rules.
+generation settings); a rerun with different settings is refused (``overwrite=True`` starts afresh), and so is a
+second run into ``OUT`` while one runs there (``OUT/.lock``), so one file never mixes two models' answers. A
+predictions line may carry an ``extracted`` answer (parsed elsewhere, e.g. by an LLM), which the scorers use instead
+of parsing the prediction; ``mode`` picks the official or lenient rules. A line repeating an earlier line's index is
+ignored (the first wins), counted and warned about.
 ``OUT/<task>.scored.jsonl`` holds each row's extracted answer and score; ``OUT/results.json`` and
 ``OUT/results.md`` the metrics of every task run into ``OUT``. Malformed rows, rows whose generation failed
 (e.g. a prompt longer than the context) and rows without a prediction are listed with their reason, never scored.
@@ -13,6 +15,7 @@ an LLM), which the scorers use instead of parsing the prediction; ``mode`` picks
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -21,10 +24,13 @@ import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from kimivl.data.formats import DataError
 from kimivl.eval.answers import check_mode
-from kimivl.eval.report import update_results
-from kimivl.eval.tables import Sample, Skipped
+from kimivl.eval.report import read_results, update_results
+from kimivl.eval.tables import Sample, Skipped, jsonl_objects
 from kimivl.eval.tasks import Task
+from kimivl.train.lock import run_lock
+from kimivl.train.recipe import RecipeError
 
 log = logging.getLogger(__name__)
 
@@ -53,31 +59,51 @@ def read_prediction_records(path: str | os.PathLike, repair: bool = False) -> di
     """``{str(index): {"prediction", "extracted"}}`` as ``read_predictions`` reads them; ``extracted`` is the
     line's optional extracted answer (a string) or ``None``. With ``repair`` (kimivl's own file, resumed), a last line
     without its newline is an interrupted write and is cut off; otherwise (a file given to re-score) it is read."""
+    return _read_records(path, repair)[0]
+
+
+def _read_records(path: str | os.PathLike, repair: bool) -> tuple[dict[str, dict], int]:
+    """``read_prediction_records`` and the number of lines that repeat an index already read (ignored)."""
     path = Path(path)
     if not path.is_file():
-        return {}
+        return {}, 0
     data = path.read_bytes()
     complete = data[: data.rfind(b"\n") + 1] if repair else data
     if len(complete) < len(data):
         log.warning("%s: ignoring an incomplete last line (an interrupted write)", path)
         with open(path, "r+b") as f:
             f.truncate(len(complete))
+    expected = "expected a JSON object with 'index', a string 'prediction' and optionally a string 'extracted'"
     out: dict[str, dict] = {}
-    for lineno, line in enumerate(complete.decode("utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
+    duplicates = 0
+    try:
+        for lineno, obj in jsonl_objects(path, complete.split(b"\n")):
+            text, extracted = obj.get("prediction"), obj.get("extracted")
+            if "index" not in obj or not isinstance(text, str) or not (extracted is None or isinstance(extracted, str)):
+                raise ValueError(f"{path}:{lineno}: {expected}")
+            key = str(obj["index"])
+            if key in out:
+                duplicates += 1
+            else:
+                out[key] = {"prediction": text, "extracted": extracted}
+    except DataError as e:  # not UTF-8, not JSON, not an object
+        raise ValueError(f"{e}; {expected}") from None
+    return out, duplicates
+
+
+def rescoring_samples(task: Task, predictions: str | os.PathLike) -> list[Sample]:
+    """For a task without data files that rebuilds a row from its index (``task.from_index``, e.g. NIAH): the rows
+    of the indices in ``predictions``. An index that is not one of the task's is left out, so ``run_task`` counts
+    its line among the ``unmatched_predictions``, as it does for tasks with data."""
+    samples, foreign = [], []
+    for key in read_predictions(predictions):
         try:
-            obj = json.loads(line)
-            key, text, extracted = str(obj["index"]), obj["prediction"], obj.get("extracted")
-            if not isinstance(text, str) or not (extracted is None or isinstance(extracted, str)):
-                raise TypeError
-            out.setdefault(key, {"prediction": text, "extracted": extracted})
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-            raise ValueError(
-                f"{path}:{lineno}: expected a JSON object with 'index', a string 'prediction' and "
-                "optionally a string 'extracted'"
-            ) from None
-    return out
+            samples.append(Sample(key, [], task.from_index(key)))
+        except ValueError as e:
+            foreign.append(str(e))
+    if foreign:
+        log.warning("%s: %d predictions are not %s rows, e.g. %s", predictions, len(foreign), task.name, foreign[0])
+    return samples
 
 
 def checkpoint_fingerprint(path: str | os.PathLike) -> str:
@@ -118,6 +144,17 @@ def _check_run(pred_path: Path, run_path: Path, settings: dict, overwrite: bool)
                 "them or choose another --out"
             )
     run_path.write_text(json.dumps(settings, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def _out_lock(out_dir: Path) -> contextlib.ExitStack:
+    """``out_dir``'s run lock (``kimivl.train.lock``: one run at a time, training or eval), held until the returned
+    context exits; another run holding it is an ``EvalError`` naming that run."""
+    stack = contextlib.ExitStack()
+    try:
+        stack.enter_context(run_lock(out_dir))
+    except RecipeError as e:
+        raise EvalError(str(e)) from None
+    return stack
 
 
 def _generate(generate_fn: GenerateFn, batch: list[Sample]) -> tuple[list[tuple[Sample, str]], list[Skipped]]:
@@ -194,8 +231,11 @@ def run_task(
 
     ``settings`` (what makes the predictions: model, checkpoint fingerprint, data, generation settings) guards
     resuming: predictions already in ``out_dir`` made with other settings raise ``EvalError`` unless
-    ``overwrite`` (start afresh). ``total``, the row count where it is known, sizes the progress bar. Ctrl-C
-    (``KeyboardInterrupt``) during generation raises ``EvalInterrupted``; every finished batch stays on disk."""
+    ``overwrite`` (start afresh). ``out_dir`` is locked from that check until the results are written: another
+    run into it at the same time (an eval or a training run) raises ``EvalError`` naming it. ``total``, the row count
+    where it is known, sizes the progress bar. Ctrl-C (``KeyboardInterrupt``) during generation raises
+    ``EvalInterrupted``; every finished batch stays on disk. A predictions line repeating an earlier line's index is
+    ignored, counted (``duplicate_predictions``) and warned about."""
     from tqdm.auto import tqdm
 
     if (generate_fn is None) == (predictions is None):
@@ -203,81 +243,91 @@ def run_task(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     check_mode(mode)
-    stem = task.name.replace(":", "_")
-    pred_path = out_dir / f"{stem}.predictions.jsonl" if predictions is None else Path(predictions)
-    if predictions is None and (settings is not None or overwrite):
-        _check_run(pred_path, out_dir / f"{stem}.run.json", {**(settings or {}), "task": task.name}, overwrite)
-    records = read_prediction_records(pred_path, repair=predictions is None)
-    done = {k: v["prediction"] for k, v in records.items()}
-    extracted = {k: v["extracted"] for k, v in records.items() if v["extracted"] is not None}
-    metas: dict[str, dict] = {}
-    skipped: list[Skipped] = []
-    batch: list[Sample] = []
-    if total is None and hasattr(samples, "__len__"):
-        total = len(samples)
-    total = min(x for x in (total, limit) if x is not None) if total is not None or limit is not None else None
-    bar = tqdm(desc=task.name, unit="row", total=total, disable=not progress)
+    with _out_lock(out_dir):
+        read_results(out_dir)  # a damaged results.json stops the run now, not after all the generation and scoring
+        stem = task.name.replace(":", "_")
+        pred_path = out_dir / f"{stem}.predictions.jsonl" if predictions is None else Path(predictions)
+        if predictions is None and (settings is not None or overwrite):
+            _check_run(pred_path, out_dir / f"{stem}.run.json", {**(settings or {}), "task": task.name}, overwrite)
+        records, duplicates = _read_records(pred_path, repair=predictions is None)
+        if duplicates:
+            log.warning(
+                "%s: %d lines repeat an index of an earlier line and are ignored (the first line of an index is "
+                "scored)",
+                pred_path,
+                duplicates,
+            )
+        done = {k: v["prediction"] for k, v in records.items()}
+        extracted = {k: v["extracted"] for k, v in records.items() if v["extracted"] is not None}
+        metas: dict[str, dict] = {}
+        skipped: list[Skipped] = []
+        batch: list[Sample] = []
+        if total is None and hasattr(samples, "__len__"):
+            total = len(samples)
+        total = min(x for x in (total, limit) if x is not None) if total is not None or limit is not None else None
+        bar = tqdm(desc=task.name, unit="row", total=total, disable=not progress)
 
-    def flush() -> None:
-        answered, failed = _generate(generate_fn, batch)
-        with open(pred_path, "a", encoding="utf-8") as f:
-            for sample, text in answered:
-                f.write(json.dumps({"index": sample.index, "prediction": text}, ensure_ascii=False) + "\n")
-                done[str(sample.index)] = text
-        skipped.extend(failed)
-        for s in failed:
-            log.warning("%s row %s skipped: %s", task.name, s.index, s.reason)
-        bar.update(len(batch))
-        batch.clear()
+        def flush() -> None:
+            answered, failed = _generate(generate_fn, batch)
+            with open(pred_path, "a", encoding="utf-8") as f:
+                for sample, text in answered:
+                    f.write(json.dumps({"index": sample.index, "prediction": text}, ensure_ascii=False) + "\n")
+                    done[str(sample.index)] = text
+            skipped.extend(failed)
+            for s in failed:
+                log.warning("%s row %s skipped: %s", task.name, s.index, s.reason)
+            bar.update(len(batch))
+            batch.clear()
 
-    try:
-        for item in itertools.islice(samples, limit):
-            key = str(item.index)
-            if isinstance(item, Skipped) or key in metas:
-                item = item if isinstance(item, Skipped) else Skipped(item.index, "duplicate index")
-                skipped.append(item)
-                log.warning("%s row %s skipped: %s", task.name, item.index, item.reason)
-                bar.update(1)
-                continue
-            metas[key] = item.meta
-            if key in done or generate_fn is None:
-                bar.update(1)
-                continue
-            batch.append(item)
-            if len(batch) >= batch_size:
+        try:
+            for item in itertools.islice(samples, limit):
+                key = str(item.index)
+                if isinstance(item, Skipped) or key in metas:
+                    item = item if isinstance(item, Skipped) else Skipped(item.index, "duplicate index")
+                    skipped.append(item)
+                    log.warning("%s row %s skipped: %s", task.name, item.index, item.reason)
+                    bar.update(1)
+                    continue
+                metas[key] = item.meta
+                if key in done or generate_fn is None:
+                    bar.update(1)
+                    continue
+                batch.append(item)
+                if len(batch) >= batch_size:
+                    flush()
+            if batch:
                 flush()
-        if batch:
-            flush()
-    except KeyboardInterrupt:
+        except KeyboardInterrupt:
+            bar.close()
+            if generate_fn is None:
+                raise
+            raise EvalInterrupted(task.name, pred_path, len(read_predictions(pred_path, repair=True))) from None
         bar.close()
-        if generate_fn is None:
-            raise
-        raise EvalInterrupted(task.name, pred_path, len(read_predictions(pred_path, repair=True))) from None
-    bar.close()
-    if not metas and not skipped:
-        raise ValueError(f"{task.name}: the data holds no rows")
+        if not metas and not skipped:
+            raise ValueError(f"{task.name}: the data holds no rows")
 
-    rows = _score(task, metas, done, extracted, skipped, mode)
-    scored_path = out_dir / f"{task.name.replace(':', '_')}.scored.jsonl"
-    with open(scored_path, "w", encoding="utf-8") as f:
-        f.writelines(
-            json.dumps({k: v for k, v in r.items() if k != "meta"}, ensure_ascii=False, default=str) + "\n"
-            for r in rows
-        )
-    result = {
-        "metrics": task.summarize(rows, mode=mode) if rows else {},
-        "scoring": mode,
-        **_extraction(task, rows, extracted),
-        "scored": len(rows),
-        "answered": sum("failed" not in r for r in rows),
-        "skipped": len(skipped),
-        "skipped_rows": [{"index": s.index, "reason": s.reason} for s in skipped],
-        "unmatched_predictions": len(done.keys() - metas.keys()),
-        "predictions": str(pred_path),
-        "scores": str(scored_path),
-        **(info or {}),
-    }
-    if task.report and rows:
-        result.update(task.report(rows, out_dir))
-    update_results(out_dir, task.name, result)
-    return result
+        rows = _score(task, metas, done, extracted, skipped, mode)
+        scored_path = out_dir / f"{task.name.replace(':', '_')}.scored.jsonl"
+        with open(scored_path, "w", encoding="utf-8") as f:
+            f.writelines(
+                json.dumps({k: v for k, v in r.items() if k != "meta"}, ensure_ascii=False, default=str) + "\n"
+                for r in rows
+            )
+        result = {
+            "metrics": task.summarize(rows, mode=mode) if rows else {},
+            "scoring": mode,
+            **_extraction(task, rows, extracted),
+            "scored": len(rows),
+            "answered": sum("failed" not in r for r in rows),
+            "skipped": len(skipped),
+            "skipped_rows": [{"index": s.index, "reason": s.reason} for s in skipped],
+            "unmatched_predictions": len(done.keys() - metas.keys()),
+            "duplicate_predictions": duplicates,
+            "predictions": str(pred_path),
+            "scores": str(scored_path),
+            **(info or {}),
+        }
+        if task.report and rows:
+            result.update(task.report(rows, out_dir))
+        update_results(out_dir, task.name, result)
+        return result

@@ -15,18 +15,21 @@ from __future__ import annotations
 import ast
 import base64
 import binascii
+import codecs
 import csv
 import io
 import json
 import math
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
+
+from kimivl.data.formats import parse_line
 
 TABLE_SUFFIXES = (".tsv", ".parquet", ".json", ".jsonl")
 
@@ -110,13 +113,23 @@ def _parquet_rows(path: Path) -> Iterator[dict]:
         yield from batch.to_pylist()
 
 
+def jsonl_objects(path: Path, lines: Iterable[bytes]) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSONL file's ``lines`` of bytes, split at b"\\n" only
+    (str.splitlines would also split inside a JSON string holding U+2028, U+2029 or U+0085); a UTF-8 BOM before the
+    first line is skipped; a line that is not UTF-8, not JSON or not an object is a ``DataError`` naming path:line."""
+    for lineno, raw in enumerate(lines, 1):
+        if lineno == 1:
+            raw = raw.removeprefix(codecs.BOM_UTF8)
+        if raw.strip():
+            yield lineno, parse_line(raw, f"{path}:{lineno}")
+
+
 def _json_rows(path: Path) -> Iterator[dict]:
-    with open(path, encoding="utf-8") as f:
-        if path.suffix == ".jsonl":
-            for line in f:
-                if line.strip():
-                    yield json.loads(line)
-            return
+    if path.suffix == ".jsonl":
+        with open(path, "rb") as f:
+            yield from (row for _, row in jsonl_objects(path, f))
+        return
+    with open(path, encoding="utf-8-sig") as f:
         data = json.load(f)
     rows = data.get("data", data.get("samples", data.get("annotations"))) if isinstance(data, dict) else data
     if type(rows) is not list:

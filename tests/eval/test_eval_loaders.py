@@ -425,6 +425,19 @@ def test_json_and_jsonl_tables_and_missing_data(tmp_path):
         list(iter_rows(tmp_path / "empty"))
 
 
+def test_jsonl_tables_split_only_at_newlines_skip_a_bom_and_name_a_bad_line(tmp_path):
+    from kimivl.eval.tables import iter_rows
+
+    row = {"index": "0", "image": b64(png()), "question": "What is\u2028written?", "answer": "['ST\u2029OP']"}
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(row, ensure_ascii=False).encode() + b"\r\n")
+    [sample], skipped = split(ocrbench.load(path))
+    assert not skipped and sample.meta["answers"] == ["ST\u2029OP"] and text_of(sample) == "What is\u2028written?"
+    path.write_text(json.dumps(row) + "\n" + '{"index": "1", "question"\n')
+    with pytest.raises(ValueError, match=r"rows.jsonl:2: invalid JSON"):
+        list(iter_rows(path))
+
+
 def test_a_small_base64_image_is_an_image_not_a_file_name(tmp_path):
     from kimivl.eval.tables import RowError, image_bytes
 

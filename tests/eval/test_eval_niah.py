@@ -8,7 +8,8 @@ import pytest
 
 from kimivl.cli import main
 from kimivl.eval import niah
-from kimivl.eval.runner import run_task
+from kimivl.eval.report import headline, markdown
+from kimivl.eval.runner import rescoring_samples, run_task
 from kimivl.eval.tasks import get_task
 
 
@@ -134,3 +135,35 @@ def test_cli_rejects_a_negative_depth_in_one_line(small_model, small_processor, 
     )
     err = capsys.readouterr().err
     assert "0 to 100" in err and "-50" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("index", ["garbage", "text/abc/0/0", "audio/1024/0/0", "text/1024/0/0/1", "text/1024/-5/0"])
+def test_a_foreign_index_is_not_a_niah_case(index):
+    with pytest.raises(ValueError, match=r"not a NIAH index: .* \(expected kind/length/depth/trial"):
+        niah.meta_from_index(index)
+
+
+def test_rescoring_counts_predictions_with_foreign_indices_as_unmatched(tmp_path):
+    task = get_task("niah")
+    cases = [niah.case_index("text", 1024, 50, 0), niah.case_index("video", 3000, 0, 0)]
+    lines = [{"index": i, "prediction": niah.secret_for(i)} for i in cases]
+    lines += [{"index": i, "prediction": "1234567"} for i in ("garbage", "text/abc/0/0", 7)]
+    pred = tmp_path / "p.jsonl"
+    pred.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    samples = rescoring_samples(task, pred)
+    assert [s.index for s in samples] == cases
+    result = run_task(task, samples, tmp_path / "out", predictions=pred, progress=False)
+    assert result["scored"] == 2 and result["unmatched_predictions"] == 3
+    assert result["metrics"] == {
+        "recall/text": 100.0,
+        "recall/text/0K-2K": 100.0,
+        "recall/video": 100.0,
+        "recall/video/2K-4K": 100.0,
+    }
+
+
+def test_the_headline_metrics_of_a_task_whose_metrics_all_have_groups():
+    recall = {"recall/text": 50.0, "recall/text/0K-2K": 50.0}
+    assert headline(recall) == recall  # NIAH: no metric without a "/", so all of them
+    assert headline({"accuracy": 40.0, "accuracy/ocr": 55.0}) == {"accuracy": 40.0}
+    assert "| niah | recall/text | 50.0 | 2 |" in markdown({"niah": {"metrics": recall, "scored": 2}})

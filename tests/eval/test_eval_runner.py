@@ -4,6 +4,8 @@ import base64
 import csv
 import io
 import json
+import logging
+import os
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ from PIL import Image
 
 from kimivl import generate
 from kimivl.cli import main
-from kimivl.eval.runner import read_predictions, run_task
+from kimivl.eval.runner import EvalError, read_predictions, run_task
 from kimivl.eval.tasks import get_task
 
 
@@ -381,3 +383,74 @@ def test_rule_extraction_is_recorded_where_the_official_pipeline_uses_an_llm(tmp
     assert result["extraction"] == {"given": 2, "rules": 1}
     assert "answers of 1 rows extracted by kimivl's rules" in markdown({"t": result})
     assert "extracted by" not in markdown({"t": {**result, "extraction": {"given": 3, "rules": 0}}})
+
+
+def test_predictions_holding_line_separators_resume_and_a_bom_or_bad_bytes_are_handled(tmp_path):
+    task = get_task("synthetic:ocr")
+    rows = task.load(task.default_data)
+    out = tmp_path / "out"
+    run_task(task, rows, out, generate_fn=lambda c: ["3\u2028\u2029\x85"] * len(c), progress=False, limit=4)
+    result = run_task(task, rows, out, generate_fn=lambda c: ["3"] * len(c), progress=False, limit=8)  # resumes
+    assert result["scored"] == 8 and result["duplicate_predictions"] == 0
+    saved = read_predictions(out / "synthetic_ocr.predictions.jsonl")
+    assert list(saved.values()) == ["3\u2028\u2029\x85"] * 4 + ["3"] * 4
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b'\xef\xbb\xbf{"index": 1, "prediction": "a"}\r\n{"index": 2, "prediction": "b"}\r\n')
+    assert read_predictions(bom) == {"1": "a", "2": "b"}  # as Windows editors save it
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"index": 1, "prediction": "a"}\n{"index": 2, "prediction": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"latin.jsonl:2: not UTF-8 \(byte 32 of the line\)"):
+        read_predictions(latin)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"index": 1, "prediction": "a"}\n{"index": 2, "prediction": \n')
+    with pytest.raises(ValueError, match=r"broken.jsonl:2: invalid JSON .*; expected a JSON object with 'index'"):
+        read_predictions(broken)
+
+
+def test_a_second_eval_into_the_same_out_is_refused_while_the_first_runs(tmp_path):
+    task = get_task("synthetic:ocr")
+    rows = task.load(task.default_data)
+    out, refused = tmp_path / "out", []
+
+    def answer_and_start_another(conversations):
+        with pytest.raises(EvalError, match=rf"{out} is in use by another run \(pid {os.getpid()} on ") as e:
+            run_task(task, rows, out, generate_fn=lambda c: ["9"] * len(c), progress=False, settings={"model": "B"})
+        refused.append(e.value)
+        return ["3"] * len(conversations)
+
+    settings = {"model": "A"}
+    result = run_task(task, rows, out, generate_fn=answer_and_start_another, progress=False, limit=4, settings=settings)
+    assert len(refused) == 1 and result["scored"] == 4
+    assert list(read_predictions(out / "synthetic_ocr.predictions.jsonl").values()) == ["3"] * 4  # A's answers only
+    assert json.loads((out / "synthetic_ocr.run.json").read_text())["model"] == "A"
+    again = run_task(task, rows, out, generate_fn=lambda c: ["3"] * len(c), progress=False, limit=6, settings=settings)
+    assert again["scored"] == 6  # the lock went with the first run
+
+
+def test_a_damaged_results_file_stops_the_run_before_any_generation(tmp_path):
+    task = get_task("synthetic:ocr")
+    out, asked = tmp_path / "out", []
+    out.mkdir()
+    (out / "results.json").write_text('{"mmmu": {"metrics": {\n')
+
+    def answer(conversations):
+        asked.extend(conversations)
+        return ["3"] * len(conversations)
+
+    with pytest.raises(ValueError, match=rf"{out / 'results.json'} is damaged \(Expecting property name .*move it"):
+        run_task(task, task.load(task.default_data), out, generate_fn=answer, progress=False, limit=4)
+    assert asked == []
+
+
+def test_repeated_indices_in_predictions_are_counted_and_the_first_is_scored(tmp_path, caplog):
+    data = ocr_tsv(tmp_path / "ocr.tsv", n=4)
+    pred = tmp_path / "p.jsonl"
+    answers = [(0, "wrong"), (1, "wrong"), (0, "word0"), (1, "word1"), (2, "word2"), (3, "word3")]
+    pred.write_text("".join(json.dumps({"index": i, "prediction": p}) + "\n" for i, p in answers))
+    task = get_task("ocrbench")
+    with caplog.at_level(logging.WARNING):
+        result = run_task(task, task.load(data), tmp_path / "out", predictions=pred, progress=False)
+    assert result["duplicate_predictions"] == 2 and result["metrics"]["score"] == 500.0  # 2 of 4 right
+    assert "p.jsonl: 2 lines repeat an index of an earlier line and are ignored" in caplog.text
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())["ocrbench"]
+    assert saved["duplicate_predictions"] == 2
