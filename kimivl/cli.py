@@ -395,13 +395,8 @@ def _eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from kimivl import generate
-    from kimivl.eval.runner import (
-        EvalInterrupted,
-        checkpoint_fingerprint,
-        read_predictions,
-        run_task,
-    )
-    from kimivl.eval.tables import Sample
+    from kimivl.eval.report import headline
+    from kimivl.eval.runner import EvalInterrupted, checkpoint_fingerprint, rescoring_samples, run_task
     from kimivl.eval.tasks import get_task
 
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
@@ -440,7 +435,7 @@ def _eval(args: argparse.Namespace) -> int:
         options = {k: v for k, v in options.items() if v is not None}
         source = data.get(task.name) or task.default_data
         if args.predictions and task.from_index:
-            samples = [Sample(k, [], task.from_index(k)) for k in read_predictions(args.predictions)]
+            samples = rescoring_samples(task, args.predictions)
         else:
             samples = task.load(source, **options)
         settings = None
@@ -477,7 +472,7 @@ def _eval(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 130
-        metrics = "  ".join(f"{k}={v:.1f}" for k, v in result["metrics"].items() if "/" not in k)
+        metrics = "  ".join(f"{k}={v:.1f}" for k, v in headline(result["metrics"]).items())
         print(
             f"{task.name}: {metrics}  (scored {result['scored']} rows, {result['answered']} answered; skipped "
             f"{result['skipped']}; {args.scoring} scoring)"

@@ -95,10 +95,15 @@ def test_niah_through_the_cli_and_rescored_from_the_index(small_model, small_pro
     perfect = tmp_path / "perfect.jsonl"
     perfect.write_text(
         "".join(json.dumps({"index": r["index"], "prediction": niah.secret_for(r["index"])}) + "\n" for r in rows)
+        + json.dumps({"index": "garbage", "prediction": "x"})  # a foreign line had ended the run
+        + "\n"
     )
+    capsys.readouterr()
     assert main(["eval", "--task", "niah", "--predictions", str(perfect), "--out", str(tmp_path / "re")]) == 0
     rescored = json.loads((tmp_path / "re" / "results.json").read_text())["niah"]
     assert rescored["metrics"]["recall/text"] == rescored["metrics"]["recall/video"] == 100.0
+    assert rescored["unmatched_predictions"] == 1
+    assert "recall/text=100.0" in capsys.readouterr().out  # the summary line had shown no number
 
 
 def test_depths_outside_0_to_100_are_an_error_and_the_grid_has_a_size(small_processor):
