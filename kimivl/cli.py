@@ -270,11 +270,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from kimivl.serve.app import create_app
+    from kimivl.serve.app import LOOPBACK_NAMES, check_api_key, create_app
     from kimivl.serve.engine import Engine
     from kimivl.serve.schema import Limits
 
     _at_least_one(args, "port", "max_batch", "max_queue", "prefill_chunk")
+    api_key = args.api_key if args.api_key is not None else os.environ.get("KIMIVL_API_KEY")
+    if api_key is not None:
+        check_api_key(api_key)
     if args.port > 65535:
         raise CommandError(f"--port must be at most 65535, got {args.port}")
     if args.allowed_local_media_path and not os.path.isdir(args.allowed_local_media_path):
@@ -289,7 +292,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         allowed_local_media_path=args.allowed_local_media_path,
     )
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
-    app = create_app(engine, name, api_key=args.api_key, limits=limits)
+    hosts = LOOPBACK_NAMES if args.host in LOOPBACK_NAMES else None  # on loopback, no re-pointed name gets in
+    app = create_app(engine, name, api_key=api_key, limits=limits, hosts=hosts)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     finally:  # a forced quit (a second Ctrl-C) skips the app's shutdown: the engine's thread must not die inside torch
@@ -559,7 +563,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", default=str(DEFAULT_MODEL), help="checkpoint directory (default: kimivl-tiny)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ requests")
+    serve.add_argument(
+        "--api-key", help="require 'Authorization: Bearer KEY' on /v1/ requests (or set KIMIVL_API_KEY, unseen by ps)"
+    )
     serve.add_argument("--dtype", choices=["bfloat16", "float32"], help="default: the checkpoint's (as for chat)")
     serve.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is a GPU, else cpu)")
     serve.add_argument("--max-batch", type=int, default=8, help="most sequences decoded together (default 8)")

@@ -367,6 +367,10 @@ class ImageProcessor:
             raise ImageError(f"{label} ({w}x{h}) is smaller than one {p}x{p} patch and pad_input is off")
         return h // p, w // p
 
+    def image_tokens(self, width: int, height: int) -> int:
+        """LM tokens of an image of this size (EXIF turns do not change the count)."""
+        return self.num_tokens(self.grid_hw(width, height))
+
     def num_tokens(self, grid_hw: tuple[int, int]) -> int:
         """LM tokens of one image: (h/2)*(w/2) for a 2x2 merge."""
         mh, mw = self.merge_kernel_size

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import hmac
 import importlib.resources
@@ -29,6 +30,14 @@ from kimivl.serve.schema import ChatRequest, Limits, RequestError, parse_chat_re
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 << 20
+BODY_IDLE_SECONDS = 30  # a request body that stalls this long is refused (408), its buffer freed
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+PAGE_HEADERS = {  # the chat page: its own scripts and server only, never framed by another site
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; connect-src 'self' data: blob:; "
+    "script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+}
 
 
 def _error(e: RequestError) -> JSONResponse:
@@ -43,11 +52,19 @@ def create_app(
     limits: Limits | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
     start_engine: bool = True,
+    hosts: tuple[str, ...] | None = None,
 ) -> FastAPI:
     """An app serving ``engine`` under the name ``model_name``; the engine stops with the app, and starts with it
-    unless ``start_engine`` is False (then the caller starts it; requests wait in its queue until then)."""
+    unless ``start_engine`` is False (then the caller starts it; requests wait in its queue until then). ``hosts``:
+    the only host names a request may address (``kimivl serve`` on a loopback address gives ``LOOPBACK_NAMES``,
+    so a web page whose name an attacker re-points at 127.0.0.1 cannot use the server); None accepts any.
+    ``api_key`` must be printable ASCII (what an HTTP header carries)."""
+    if api_key is not None:
+        check_api_key(api_key)
     context = engine.model.config.text_config.max_position_embeddings
     limits = limits or Limits(context=context, max_batch=engine.max_batch)
+    if limits.image_tokens is None:  # images past the context are refused from their headers, before decoding
+        limits = dataclasses.replace(limits, image_tokens=engine.processor.image_processor.image_tokens)
 
     # one thread turns messages into ids and pixels, its torch ops on one core: beside the engine's worker, a second
     # team of OpenMP threads on the same cores would make both wait (several times slower decode steps on 2 cores)
@@ -71,10 +88,12 @@ def create_app(
         return JSONResponse(RequestError(what, status=e.status_code, code=code).body(), e.status_code, e.headers)
 
     @app.middleware("http")
-    async def check_key(request: Request, call_next):
+    async def check_host_and_key(request: Request, call_next):
+        if hosts is not None and _host_name(request.headers.get("host", "")) not in hosts:
+            return _error(RequestError(f"this server answers requests to {', '.join(hosts)} only", status=421))
         if api_key is not None and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
                 return _error(RequestError("invalid or missing API key (Authorization: Bearer KEY)", status=401))
         return await call_next(request)
 
@@ -82,7 +101,7 @@ def create_app(
 
     @app.get("/", response_class=HTMLResponse)
     async def index():  # the same page for every visitor: it asks for the API key itself when /v1/ answers 401
-        return HTMLResponse(page)
+        return HTMLResponse(page, headers=PAGE_HEADERS)
 
     @app.get("/health")
     async def health():
@@ -102,11 +121,7 @@ def create_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         try:
-            raw = bytearray()
-            async for chunk in request.stream():  # read no further than the limit
-                raw += chunk
-                if len(raw) > max_body_bytes:
-                    raise RequestError(f"the request body is over the limit of {max_body_bytes} bytes", status=413)
+            raw = await _read_body(request, max_body_bytes)
             try:
                 body = json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -154,6 +169,41 @@ def create_app(
             job.cancel()  # the client went away (or the answer is complete: then this is a no-op)
 
     return app
+
+
+def check_api_key(key: str) -> None:
+    """A ``ValueError`` for a key no client could send in a header (empty, spaces around it, not printable ASCII)."""
+    if not (key.isascii() and key.isprintable() and key.strip() == key != ""):
+        raise ValueError("the API key must be non-empty printable ASCII without surrounding spaces")
+
+
+def _host_name(host: str) -> str:
+    """The name in a Host header, without its port (``[::1]:8000`` -> ``::1``)."""
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+async def _read_body(request: Request, limit: int) -> bytearray:
+    """A JSON request body of at most ``limit`` bytes: another content type is refused (a browser sends a foreign
+    site's form or no-cors request as text, never as JSON without asking first), so is a body declared or grown
+    over the limit, or one that stalls ``BODY_IDLE_SECONDS``."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":
+        raise RequestError(f"the request body must be JSON (Content-Type: application/json), got {kind!r}", status=415)
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise RequestError(f"the request body is over the limit of {limit} bytes", status=413)
+    raw, chunks = bytearray(), request.stream().__aiter__()
+    while True:
+        try:
+            raw += await asyncio.wait_for(anext(chunks), BODY_IDLE_SECONDS)
+        except StopAsyncIteration:
+            return raw
+        except TimeoutError:
+            raise RequestError(f"the request body stalled for {BODY_IDLE_SECONDS} s", status=408) from None
+        if len(raw) > limit:  # read no further than the limit
+            raise RequestError(f"the request body is over the limit of {limit} bytes", status=413)
 
 
 def _deliver(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, event: tuple) -> None:

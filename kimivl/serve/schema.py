@@ -12,6 +12,9 @@ from __future__ import annotations
 import io
 import math
 import os
+import stat
+import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +45,9 @@ class Limits:
     max_frames: int = 64  # video frames per request, on top of max_images
     max_decoded_frames: int = 9000  # frames decoded per data:video URL (5 minutes at 30 fps)
     allowed_local_media_path: str | None = None
+    # LM tokens of an image of (width, height), from its header: a request whose images alone overflow the context
+    # is refused before any is decoded (``ImageProcessor.image_tokens``; None: not checked here)
+    image_tokens: Callable[[int, int], int] | None = None
 
 
 @dataclass
@@ -79,7 +85,9 @@ def _integer(body: dict, name: str, lo: int, hi: int) -> int | None:
     return v
 
 
-def _image_bytes(url: Any, where: str, limits: Limits) -> bytes:
+def _image_bytes(url: Any, where: str, limits: Limits, spent: list[int]) -> bytes:
+    """An image part's bytes, its header checked against the pixel limit; its LM tokens are added to ``spent`` (the
+    request's so far), refused once they pass the context."""
     if isinstance(url, dict):
         url = url.get("url")
     if not isinstance(url, str) or not url:
@@ -89,24 +97,15 @@ def _image_bytes(url: Any, where: str, limits: Limits) -> bytes:
             data = data_url_bytes(url, limits.max_image_bytes)
         except ValueError as e:
             raise RequestError(f"{where}: {e}", where) from None
-    elif limits.allowed_local_media_path and (url.startswith("file://") or url.startswith("/")):
-        path = os.path.realpath(url.removeprefix("file://"))
-        root = os.path.realpath(limits.allowed_local_media_path)
-        if os.path.commonpath([path, root]) != root or not os.path.isfile(path):
-            raise RequestError(f"{where}: {url!r} is not a file under the allowed local media path", where)
-        if os.path.getsize(path) > limits.max_image_bytes:
-            raise RequestError(f"{where}: the image is over the limit of {limits.max_image_bytes} bytes", where)
-        with open(path, "rb") as f:
-            data = f.read()
+    elif limits.allowed_local_media_path and (url.startswith("file:") or url.startswith("/")):
+        data = _local_file(url, where, limits)
     else:
         allowed = "data: URLs" + (
             " or files under the allowed local media path" if limits.allowed_local_media_path else ""
         )
         raise RequestError(f"{where}: only {allowed} are accepted as images (no remote URLs or local paths)", where)
     if len(data) > limits.max_image_bytes:
-        raise RequestError(
-            f"{where}: the image is {len(data)} bytes, over the limit of {limits.max_image_bytes}", where
-        )
+        raise RequestError(f"{where}: the image is over the limit of {limits.max_image_bytes} bytes", where)
     try:
         with open_image(io.BytesIO(data), f"<{len(data)} bytes>") as img:  # the header only
             w, h = img.size
@@ -118,10 +117,51 @@ def _image_bytes(url: Any, where: str, limits: Limits) -> bytes:
         raise RequestError(
             f"{where}: the image is {w}x{h} = {w * h} pixels, over the limit of {limits.max_image_pixels}", where
         )
+    if limits.image_tokens is not None:
+        try:
+            spent[0] += limits.image_tokens(w, h)
+        except ImageError as e:
+            raise RequestError(f"{where}: {e}", where) from None
+        if spent[0] >= limits.context:
+            raise RequestError(
+                f"the images up to {where} take {spent[0]} tokens, which leaves no room in the model's context of "
+                f"{limits.context} tokens; send fewer or smaller images",
+                "messages",
+                code="context_length_exceeded",
+            )
     return data
 
 
-def _video(part: dict, kind: str, at: str, limits: Limits, n_frames: list[int]) -> dict:
+def _local_file(url: str, where: str, limits: Limits) -> bytes:
+    """The bytes (at most ``max_image_bytes`` + 1) of a regular file under the allowed local media path, named by a
+    path or a ``file://`` URL. The file is opened first (without waiting on a FIFO) and the opened file itself is
+    checked, so a path swapped after a check cannot lead outside the root."""
+    refused = RequestError(f"{where}: {url!r} is not a file under the allowed local media path", where)
+    path = url
+    if url.startswith("file:"):
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme != "file" or parts.netloc not in ("", "localhost") or parts.query or parts.fragment:
+            raise refused
+        path = urllib.parse.unquote(parts.path)
+    root = os.path.realpath(limits.allowed_local_media_path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except (OSError, ValueError):  # missing, unreadable, a NUL in the path
+        raise refused from None
+    try:
+        opened = f"/proc/self/fd/{fd}"  # where the open file really is (Linux); elsewhere the path as it is now
+        real = os.path.realpath(opened if os.path.exists(opened) else path)
+        if not stat.S_ISREG(os.fstat(fd).st_mode) or os.path.commonpath([real, root]) != root:
+            raise refused
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read(limits.max_image_bytes + 1)
+    except OSError as e:
+        raise RequestError(f"{where}: {url!r} cannot be read ({e.strerror})", where) from None
+    finally:
+        os.close(fd)
+
+
+def _video(part: dict, kind: str, at: str, limits: Limits, n_frames: list[int], spent: list[int]) -> dict:
     """A ``video`` / ``video_url`` part as kimivl's video part: its frames' bytes and timestamps, or a video's bytes."""
     source = part.get(kind)
     if isinstance(source, dict):
@@ -156,11 +196,13 @@ def _video(part: dict, kind: str, at: str, limits: Limits, n_frames: list[int]) 
         times = [i / fps for i in range(len(source))]
     elif not isinstance(times, list) or len(times) != len(source):
         raise RequestError(f"{at}: timestamps must be a list of seconds, one per frame ({len(source)})", at)
-    frames = [_image_bytes(url, f"{at}.{kind}[{i}]", limits) for i, url in enumerate(source)]
+    frames = [_image_bytes(url, f"{at}.{kind}[{i}]", limits, spent) for i, url in enumerate(source)]
     return {"type": "video", "frames": frames, "timestamps": times}
 
 
-def _content(content: Any, where: str, limits: Limits, n_images: list[int], n_frames: list[int]) -> str | list[dict]:
+def _content(
+    content: Any, where: str, limits: Limits, n_images: list[int], n_frames: list[int], spent: list[int]
+) -> str | list[dict]:
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
@@ -177,9 +219,9 @@ def _content(content: Any, where: str, limits: Limits, n_images: list[int], n_fr
             n_images[0] += 1
             if n_images[0] > limits.max_images:
                 raise RequestError(f"more than {limits.max_images} images in one request (the limit)", "messages")
-            parts.append({"type": "image", "image": _image_bytes(part.get("image_url"), at, limits)})
+            parts.append({"type": "image", "image": _image_bytes(part.get("image_url"), at, limits, spent)})
         elif kind in ("video", "video_url"):
-            parts.append(_video(part, kind, at, limits, n_frames))
+            parts.append(_video(part, kind, at, limits, n_frames, spent))
         else:
             raise RequestError(
                 f"{at}: a content part must have type 'text', 'image_url', 'video' or 'video_url', got {kind!r}", at
@@ -221,7 +263,7 @@ def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise RequestError("messages must be a non-empty list of {role, content} objects", "messages")
-    out, n_images, n_frames = [], [0], [0]
+    out, n_images, n_frames, spent = [], [0], [0], [0]
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
@@ -229,7 +271,10 @@ def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
         if m.get("content") is None:
             raise RequestError(f"{where}: content is missing", f"{where}.content")
         out.append(
-            {"role": m["role"], "content": _content(m["content"], f"{where}.content", limits, n_images, n_frames)}
+            {
+                "role": m["role"],
+                "content": _content(m["content"], f"{where}.content", limits, n_images, n_frames, spent),
+            }
         )
     _refuse_unsupported(body)
     max_tokens = _integer(body, "max_completion_tokens", 1, limits.context)

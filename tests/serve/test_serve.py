@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import struct
 import threading
 import time
@@ -553,3 +554,107 @@ def test_images_in_formats_outside_the_allow_list_are_refused_unopened(monkeypat
     url = "data:image/eps;base64," + base64.b64encode(eps).decode()
     with pytest.raises(RequestError, match=r"content\[0\]: image <58 bytes> looks like EPS, a format not accepted"):
         parse_chat_request({"messages": _image_msg(url)}, Limits(context=4096, max_batch=2))
+
+
+def _raw(url: str, request: bytes, timeout: float = 30) -> bytes:
+    """Send raw HTTP bytes; the response's bytes (until the server closes or ``timeout``)."""
+    import socket
+
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as s:
+        s.sendall(request)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+            if b"\r\n\r\n" in out and b"content-length" in out.lower():
+                head, _, body = out.partition(b"\r\n\r\n")
+                length = int(
+                    next(h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")).split(b":")[1]
+                )
+                if len(body) >= length:
+                    return out
+    return out
+
+
+def test_foreign_sites_cannot_drive_a_loopback_server(tmp_path):
+    """A page elsewhere could POST text/plain (no preflight) and spend compute, and a name re-pointed at 127.0.0.1
+    (DNS rebinding) could read answers and /metrics; keys: scheme case, empty keys."""
+    from kimivl.serve.app import LOOPBACK_NAMES
+
+    body = json.dumps({"model": "kimivl-tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+    with live_server("kimivl-tiny", api_key="k3y", hosts=LOOPBACK_NAMES) as (url, _):
+        port = url.rsplit(":", 1)[1]
+
+        def post(host: str, kind: str = "application/json", auth: str = "Bearer k3y") -> bytes:
+            head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: {kind}\r\n"
+            head += f"Authorization: {auth}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            return _raw(url, head.encode() + body.encode())
+
+        assert post(f"127.0.0.1:{port}").startswith(b"HTTP/1.1 200")
+        assert post(f"localhost:{port}", auth="bearer k3y").startswith(b"HTTP/1.1 200")  # the scheme's case is free
+        assert post(f"[::1]:{port}", auth="BEARER  k3y").startswith(b"HTTP/1.1 200")
+        assert post(f"rebind.attacker.example:{port}").startswith(b"HTTP/1.1 421")
+        reply = post(f"127.0.0.1:{port}", kind="text/plain")
+        assert reply.startswith(b"HTTP/1.1 415") and b"Content-Type: application/json" in reply
+        assert post(f"127.0.0.1:{port}", auth="Basic k3y").startswith(b"HTTP/1.1 401")
+        with urllib.request.urlopen(url, timeout=10) as r:  # the page: its own scripts only, never framed
+            assert "frame-ancestors 'none'" in r.headers["Content-Security-Policy"]
+            assert r.headers["X-Content-Type-Options"] == "nosniff"
+    from kimivl.cli import main
+
+    for key in ("", " k", "clé"):
+        with pytest.raises(ValueError, match="printable ASCII"):
+            create_app_check(key)
+        assert main(["serve", "--api-key", key]) == 2
+
+
+def create_app_check(key: str) -> None:
+    from kimivl.serve.app import check_api_key
+
+    check_api_key(key)
+
+
+def test_stalled_oversized_and_image_heavy_bodies_are_refused_early(monkeypatch):
+    """A body that stalls held its buffer (up to 64 MiB) for good; a declared size over the limit was read to the
+    limit first; images whose headers already overflow the context were all decoded first (42 s, 2 GB)."""
+    import kimivl.serve.app as app_module
+
+    monkeypatch.setattr(app_module, "BODY_IDLE_SECONDS", 1)
+    with live_server("kimivl-tiny", max_body_bytes=10_000_000) as (url, _):
+        head = (
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\n"
+        )
+        start = time.monotonic()
+        reply = _raw(url, (head + "Content-Length: 1000\r\n\r\n").encode() + b'{"model":')  # then nothing
+        assert reply.startswith(b"HTTP/1.1 408") and time.monotonic() - start < 10
+        reply = _raw(url, (head + "Content-Length: 999999999\r\n\r\n").encode())
+        assert reply.startswith(b"HTTP/1.1 413")
+        big = _png(1792, 1792)  # 1,024 tokens each: the fourth fills the 4,096-token context
+        code, reply = _post(url, {"model": "kimivl-tiny", "messages": _image_msg(*[big] * 6), "max_tokens": 2}, None)
+        assert code == 400 and reply["error"]["code"] == "context_length_exceeded"
+        assert "the images up to messages[0].content[3] take 4096 tokens" in reply["error"]["message"]
+
+
+def test_local_media_opens_only_regular_files_under_the_root_and_parses_file_urls(tmp_path):
+    """A FIFO swapped in after the checks blocked the event loop (the whole server); a NUL in a path was a 500;
+    file:// URLs were not parsed (a space as %20 refused, file://localhost refused, file://media/x taken as local)."""
+    media = tmp_path / "media"
+    media.mkdir()
+    png = base64.b64decode(_png(28, 28).split(",")[1])
+    (media / "a b.png").write_bytes(png)
+    os.mkfifo(media / "pipe.png")
+    limits = Limits(context=4096, max_batch=8, allowed_local_media_path=str(media))
+    good = {"model": "kimivl-tiny", "max_tokens": 2}
+    with live_server("kimivl-tiny", limits=limits) as (url, _):
+        path = media / "a b.png"
+        for image in (path.as_uri(), "file://localhost" + path.as_uri().removeprefix("file://"), str(path)):
+            assert _post(url, {**good, "messages": _image_msg(image)}, None)[0] == 200, image
+        for image in (
+            str(media / "pipe.png"),  # answered at once: not waited on
+            str(media / "a b.png") + "\x00",
+            "file://media/a%20b.png",
+            str(media),
+            path.as_uri() + "?x",
+        ):
+            code, reply = _post(url, {**good, "messages": _image_msg(image)}, None)
+            assert code == 400 and "not a file under the allowed local media path" in reply["error"]["message"], image
