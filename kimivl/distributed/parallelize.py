@@ -31,15 +31,17 @@ from kimivl.model.moe import GroupedExperts
 
 
 def parallelize(model: nn.Module, world: World, recompute: bool = False) -> nn.Module:
-    """Shard ``model`` (in place) over ``world``'s mesh; returns it."""
-    if world.ep > 1:
+    """Shard ``model`` (in place) over ``world``'s mesh, its routed experts (if it has any: a vit stage's tower has
+    none) split over ``world.ep`` ranks; returns it."""
+    experts_split = world.ep > 1 and any(isinstance(m, GroupedExperts) for m in model.modules())
+    if experts_split:
         from kimivl.distributed.expert_parallel import apply_expert_parallel
 
         apply_expert_parallel(model, world.ep_group(), weight_grad_scale=1 / world.ep)
     if recompute:
         apply_recompute(model)
     mesh = world.fsdp_mesh()
-    for experts in [m for m in model.modules() if isinstance(m, GroupedExperts)] if world.ep > 1 else []:
+    for experts in [m for m in model.modules() if isinstance(m, GroupedExperts)] if experts_split else []:
         # a local expert's gradient sums its whole expert group's tokens, scaled by 1/ep in the forward: FSDP's mean
         # over the ranks that hold the same experts is then the mean over every rank
         fully_shard(experts, mesh=world.expert_fsdp_mesh())

@@ -145,13 +145,23 @@ def load_state_sharded(path: Path, model, optimizer, world: World) -> dict[str, 
     return torch.load(path / TRAINER_FILE, map_location="cpu", weights_only=True)
 
 
+def _group_record(group: dict[str, Any]) -> dict[str, Any]:
+    """A sharded checkpoint's record of one param group: its hyperparameters (the current lr among them) and the
+    elements it trains (a group that trains other parameters, after ``freeze`` or ``ep`` changed, no longer fits)."""
+    return {k: v for k, v in group.items() if k != "params"} | {"numel": sum(p.numel() for p in group["params"])}
+
+
 def _restore_groups(optimizer: torch.optim.Optimizer, saved: list[dict[str, Any]]) -> None:
-    """The hyperparameters of each param group (the current lr among them), as ``Optimizer.load_state_dict`` would."""
-    names = [g.get("name") for g in optimizer.param_groups]
-    if names != [g.get("name") for g in saved]:
-        raise ValueError(f"param groups {names} vs saved {[g.get('name') for g in saved]}")
+    """The hyperparameters of each param group, as ``Optimizer.load_state_dict`` would; a ``ValueError`` when the
+    groups are not those saved (names, or the elements they train)."""
+    now = [_group_record(g) for g in optimizer.param_groups]
+    for record, values in zip(now, saved):
+        if "numel" in values and values["numel"] != record["numel"]:
+            raise ValueError(f"group {record.get('name')} trains {record['numel']} elements, {values['numel']} saved")
+    if [g.get("name") for g in now] != [g.get("name") for g in saved]:
+        raise ValueError(f"param groups {[g.get('name') for g in now]} vs saved {[g.get('name') for g in saved]}")
     for group, values in zip(optimizer.param_groups, saved):
-        group.update(values)
+        group.update({k: v for k, v in values.items() if k != "numel"})
 
 
 @dataclass
@@ -184,6 +194,13 @@ class TrainState:
                 "launched (torchrun and parallel, or neither), or start the stage afresh"
             )
         if self.world.active:
+            written = torch.load(found / TRAINER_FILE, map_location="cpu", weights_only=True).get("ep", self.world.ep)
+            if written != self.world.ep:  # DCP would load no expert of the other layout, and say nothing
+                raise TrainingError(
+                    f"{self.stage}: {found} was written with ep {written} and this run has ep {self.world.ep}: "
+                    f"resume with ep {written} (parallel: {{ep: {written}}} or --ep {written}), or start the stage "
+                    "afresh"
+                )
             state = load_state_sharded(found, self.model, self.optimizer, self.world)
         else:
             state = load_state(found, self.model)
@@ -228,9 +245,8 @@ class TrainState:
                 **{n: p.state_dict() for n, p in self.extras.items()},
             }
             if self.world.active:  # the optimiser's tensors go by DCP, its hyperparameters (the current lr) here
-                trainer["param_groups"] = [
-                    {k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups
-                ]
+                trainer["param_groups"] = [_group_record(group) for group in self.optimizer.param_groups]
+                trainer["ep"] = self.world.ep
                 self.saved = save_state_sharded(
                     self.ckpt_dir, self.model, self.optimizer, trainer, self.world, keep=self.keep
                 )

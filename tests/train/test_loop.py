@@ -294,3 +294,20 @@ def test_resuming_with_another_schedule_is_refused(small_model, small_processor,
             )
     model, data, opt, sched = setup(small_model, small_processor)  # the same settings resume
     train_loop(model, joint_loss, data, opt, sched, LoopConfig(steps=4), tmp_path, "s", progress=False)
+
+
+def test_a_sharded_resume_refuses_param_groups_that_train_other_parameters():
+    """Sharded checkpoints kept each group's hyperparameters only, compared by name: after ``freeze`` changed, the
+    groups kept their names, DCP's partial load hid the rest, and the run resumed with other parameters in them."""
+    from kimivl.train.optim import build_optimizer
+    from kimivl.train.state import _group_record, _restore_groups
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    saved = [_group_record(g) for g in build_optimizer(model, lr=1e-3).param_groups]
+    model[1].requires_grad_(False)  # the run now freezes a layer
+    with pytest.raises(ValueError, match="trains 16 elements, 24 saved"):
+        _restore_groups(build_optimizer(model, lr=1e-3), saved)
+    model[1].requires_grad_(True)
+    optimizer = build_optimizer(model, lr=5e-4)
+    _restore_groups(optimizer, saved)  # the same parameters: the saved hyperparameters come back
+    assert all(g["lr"] == 1e-3 and "numel" not in g for g in optimizer.param_groups)
