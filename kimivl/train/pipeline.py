@@ -41,7 +41,7 @@ from kimivl.train.metrics import plot_curves
 from kimivl.train.optim import build_optimizer
 from kimivl.train.recipe import Recipe, RecipeError
 from kimivl.train.schedule import WSD, WarmupCosine, scheduler_at
-from kimivl.train.stages import prepare
+from kimivl.train.stages import check_layout, prepare
 from kimivl.train.stages.base import StageContext, StageSettings
 from kimivl.train.trainable import hold_frozen_in_bf16, memory_plan, restore_float32
 
@@ -427,6 +427,8 @@ def _run_stages(
 ) -> tuple[KimiVL, Path | None, KimiVLProcessor]:
     """The stages in order; returns the last model and the checkpoint it came from (a sharded run's model is left
     unloaded, on the meta device, between stages: each stage reads its shards from the checkpoint before it)."""
+    if world.active:
+        check_layout(recipe, world.size, world.ep)
     recipe.out.mkdir(parents=True, exist_ok=True)
     with main_first(world, recipe.out / ".prepare.lock"):  # the others then reuse the world and tokenizer built
         if recipe.world is not None:

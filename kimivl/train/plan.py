@@ -17,7 +17,7 @@ from kimivl.precision import use_bf16
 from kimivl.processing.processor import KimiVLProcessor
 from kimivl.train.pipeline import Sources, base_checkpoint, base_config, compute_line, memory_line, recipe_tokenizer
 from kimivl.train.recipe import Recipe
-from kimivl.train.stages import prepare
+from kimivl.train.stages import check_layout, prepare
 from kimivl.train.stages.base import StageContext
 from kimivl.train.trainable import hold_frozen_in_bf16, restore_float32
 
@@ -52,6 +52,8 @@ def plan_recipe(recipe: Recipe, progress: bool = False) -> list[str]:
     bf16 = use_bf16(recipe.device, recipe.bf16)
     parallel = recipe.parallel or {}
     layout = (parallel["dp_shard"], parallel.get("ep", 1)) if parallel.get("dp_shard") else None
+    if layout is not None:
+        check_layout(recipe, layout[0] * parallel.get("dp_replicate", 1), layout[1])
     lines = [compute_line(recipe)]
     if parallel and layout is None:
         lines.append("memory is planned for one process: give --dp-shard N for the plan per rank of N")

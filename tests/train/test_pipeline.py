@@ -628,7 +628,7 @@ def test_a_plan_for_sharded_ranks_gives_the_memory_per_rank(data_dir, tmp_path, 
     base = tmp_path / "base"
     small_model.save_pretrained(base, dtype=torch.bfloat16)
     small_processor.save_pretrained(base)
-    stage = {"name": "lm", "kind": "joint", "steps": 2, "lr": 1e-3, "budget": 192, "mix": {"text": 1}}
+    stage = {"name": "lm", "kind": "joint", "steps": 2, "lr": 1e-3, "budget": 192, "mix": {"text": 1}, "accum": 4}
     recipe = {
         "name": "p",
         "out": str(tmp_path / "run"),
@@ -637,6 +637,8 @@ def test_a_plan_for_sharded_ranks_gives_the_memory_per_rank(data_dir, tmp_path, 
         "stages": [{**stage, "train": ["language_model"]}],
     }
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(RecipeError, match=r"accum \(4 batches per step over all ranks\) must be a multiple of the 8"):
+        plan_recipe(load_recipe(tmp_path / "r.yaml", {"parallel": {"dp_shard": 4, "dp_replicate": 2}}))
     one = plan_recipe(load_recipe(tmp_path / "r.yaml"))
     sharded = plan_recipe(load_recipe(tmp_path / "r.yaml", {"parallel": {"dp_shard": 4, "ep": 2}}))
     small_model.requires_grad_(False)

@@ -48,3 +48,22 @@ def _a(kind: str) -> str:
 def prepare(stage: StageSettings, ctx: StageContext, model) -> Prepared:
     """What ``stage`` needs to run on ``model`` (a meta-device model plans it), by its kind's ``prepare()``."""
     return KINDS[stage.kind][1](stage, ctx, model)
+
+
+def check_layout(recipe, ranks: int, ep: int) -> None:
+    """Every stage of ``recipe`` fits ``ranks`` data-parallel ranks and ``ep``, checked before the first stage
+    (a later stage's misfit had surfaced only when it started, after the stages before it trained): a vit or joint
+    stage's ``accum`` is a multiple of the ranks, an rl stage's problems too, and rl runs with ep 1."""
+    for stage in recipe.stages:
+        if stage.kind == "rl":
+            problems = rl.rl_config(recipe, stage).problems
+            if ep > 1 or problems % ranks:
+                raise RecipeError(
+                    f"stage {stage.name!r}: an rl stage runs data-parallel without expert parallelism (ep 1), its "
+                    f"problems ({problems}) a multiple of the {ranks} ranks"
+                )
+        elif stage.accum % ranks:
+            raise RecipeError(
+                f"stage {stage.name!r}: accum ({stage.accum} batches per step over all ranks) must be a multiple of "
+                f"the {ranks} data-parallel ranks"
+            )

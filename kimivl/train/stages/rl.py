@@ -75,11 +75,6 @@ def _no_problem(record: dict) -> str | None:
 
 def prepare(stage: RLStage, ctx: StageContext, model) -> Prepared:
     cfg = rl_config(ctx.recipe, stage)
-    if ctx.world.ep > 1 or cfg.problems % ctx.world.size:
-        raise RecipeError(
-            f"stage {stage.name!r}: an rl stage runs data-parallel without expert parallelism (ep 1), its problems "
-            f"({cfg.problems}) a multiple of the {ctx.world.size} ranks"
-        )
     check_problems(stage, ctx)
     stage.freeze_model(model)
     line = f"stage {stage.name}: {stage.steps} iterations of {cfg.problems} problems x {cfg.samples} answers"
