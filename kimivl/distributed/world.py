@@ -41,6 +41,7 @@ class World:
     device: str = "cpu"
     mesh: Any = None  # DeviceMesh (dp_replicate, dp_shard)
     ep_mesh: Any = None  # the same ranks as (dp_replicate, dp_shard_mod_ep, ep)
+    waits: Any = None  # a gloo group without the collective timeout, for ``wait_for_main``
 
     @property
     def active(self) -> bool:
@@ -79,6 +80,13 @@ class World:
     def barrier(self) -> None:
         if self.active:
             dist.barrier()
+
+    def wait_for_main(self) -> None:
+        """A barrier while rank 0 works alone (writing a stage's checkpoint, the export), which may outlast the
+        collective timeout: over a group of its own that waits as long as it takes (a rank that fails ends the job
+        through torchrun)."""
+        if self.active:
+            dist.barrier(group=self.waits)
 
 
 @contextlib.contextmanager
@@ -156,7 +164,8 @@ def init_world(parallel: dict | None, device: str) -> World:
         replicate,
         dist.get_backend(),
     )
-    return World(rank, size, shard, ep, replicate, device, mesh, ep_mesh)
+    waits = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=7))
+    return World(rank, size, shard, ep, replicate, device, mesh, ep_mesh, waits)
 
 
 def close_world(world: World) -> None:

@@ -393,7 +393,7 @@ def run_recipe(recipe: Recipe, progress: bool = True, world: World | None = None
         model, source, processor = _run_stages(recipe, base_dir, progress and world.main, world)
         if world.main and export is not None:
             _export(recipe, source, processor, export)
-    world.barrier()
+    world.wait_for_main()  # the export may take longer than the collective timeout
     return model.eval()
 
 
@@ -490,7 +490,7 @@ def _finish_stage(
     if world.main:
         processor.save_pretrained(tmp)
         _publish_final(final)
-    world.barrier()
+    world.wait_for_main()  # rank 0 also copies what no rank holds (after a vit stage, the language model)
     return _unloaded_model(final) if world.active else model
 
 

@@ -280,6 +280,31 @@ def test_a_vit_stage_runs_under_expert_parallelism(data_dir, tmp_path):  # noqa:
     assert (tmp_path / "run" / "vit" / "final" / "config.json").is_file()
 
 
+SLOW_EXPORT = """
+import sys, time
+import kimivl.train.pipeline as pipeline
+from kimivl.cli import main
+
+convert = pipeline.convert_checkpoint
+pipeline.convert_checkpoint = lambda *a, **k: (time.sleep(6), convert(*a, **k))[1]
+sys.exit(main(["train", sys.argv[1]]))
+"""
+
+
+def test_an_export_longer_than_the_collective_timeout_completes(data_dir, tmp_path):  # noqa: F811
+    """Rank 0 exported while the others waited in a collective barrier: an export longer than parallel.timeout
+    (minutes for the A3B) killed the job mid-write."""
+    d = recipe_dict(data_dir, tmp_path / "run")
+    d["stages"], d["schedule"], d["bf16"] = [d["stages"][1]], {"warmup": 1}, False
+    d["stages"][0]["accum"] = 2
+    d["parallel"] = {"timeout": 3}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(d))
+    (tmp_path / "slow.py").write_text(SLOW_EXPORT)
+    done = run([str(tmp_path / "slow.py"), str(tmp_path / "r.yaml")], 2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "run" / "export" / "model.safetensors").is_file()
+
+
 def test_the_rl_update_of_two_ranks_equals_one_process_on_all_answers(tmp_path):
     """Each rank updates on its share of 8 answers of different lengths (so the ranks pack different numbers of rows,
     the short one running weightless repeats): the weights after the step equal one process's on all 8."""
