@@ -51,9 +51,9 @@ def _lines(path: Path) -> Iterator[tuple[int, int, Any]]:
 
 
 def parse_line(raw: bytes, where: str) -> dict:
-    """One JSONL line (UTF-8 bytes) as a JSON object."""
+    """One JSONL line (UTF-8 bytes; the byte-order mark some editors put first is skipped) as a JSON object."""
     try:
-        obj = json.loads(raw.decode("utf-8"))
+        obj = json.loads(raw.decode("utf-8").removeprefix("\ufeff"))
     except UnicodeDecodeError as e:
         raise DataError(f"{where}: not UTF-8 (byte {e.start + 1} of the line)") from None
     except json.JSONDecodeError as e:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import ast
 import base64
 import binascii
-import codecs
 import csv
 import io
 import json
@@ -116,10 +115,9 @@ def _parquet_rows(path: Path) -> Iterator[dict]:
 def jsonl_objects(path: Path, lines: Iterable[bytes]) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line of a JSONL file's ``lines`` of bytes, split at b"\\n" only
     (str.splitlines would also split inside a JSON string holding U+2028, U+2029 or U+0085); a UTF-8 BOM before the
-    first line is skipped; a line that is not UTF-8, not JSON or not an object is a ``DataError`` naming path:line."""
+    first line is skipped (``parse_line``); a line that is not UTF-8, not JSON or not an object is a ``DataError``
+    naming path:line."""
     for lineno, raw in enumerate(lines, 1):
-        if lineno == 1:
-            raw = raw.removeprefix(codecs.BOM_UTF8)
         if raw.strip():
             yield lineno, parse_line(raw, f"{path}:{lineno}")
 

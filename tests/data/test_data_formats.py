@@ -124,3 +124,14 @@ def test_texts_stream_and_name_the_bad_line(tmp_path):
     path.write_text('{"text": "ok"}\nnot json\n', encoding="utf-8")
     with pytest.raises(DataError, match=r"text\.jsonl:2: invalid JSON"):
         list(iter_texts(path))
+
+
+def test_a_byte_order_mark_before_the_first_record_is_skipped(tmp_path):
+    """Files saved by some editors start with a UTF-8 BOM: the first record was 'invalid JSON'."""
+    from kimivl.data.indexed import JsonlRecords
+
+    path = tmp_path / "bom.jsonl"
+    chat = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
+    path.write_bytes(b"\xef\xbb\xbf" + (json.dumps(chat) + "\n").encode() * 2)
+    assert [r["messages"][1]["content"] for r in iter_records(path)] == ["Hello."] * 2
+    assert not is_text_file(path) and JsonlRecords(path, text=False)[0]["messages"][0]["content"] == "Hi"
