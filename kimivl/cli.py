@@ -292,7 +292,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         allowed_local_media_path=args.allowed_local_media_path,
     )
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
-    hosts = LOOPBACK_NAMES if args.host in LOOPBACK_NAMES else None  # on loopback, no re-pointed name gets in
+    # on loopback, no name re-pointed at 127.0.0.1 gets in; a reverse proxy's public name is added with --allowed-host
+    hosts = (*LOOPBACK_NAMES, *args.allowed_host) if args.host in LOOPBACK_NAMES else None
     app = create_app(engine, name, api_key=api_key, limits=limits, hosts=hosts)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="info")
@@ -563,6 +564,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", default=str(DEFAULT_MODEL), help="checkpoint directory (default: kimivl-tiny)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        help="on a loopback --host, a host name requests may also address (a reverse proxy's; repeatable)",
+    )
     serve.add_argument(
         "--api-key", help="require 'Authorization: Bearer KEY' on /v1/ requests (or set KIMIVL_API_KEY, unseen by ps)"
     )

@@ -509,6 +509,12 @@ def test_kimivl_serve_runs_uvicorn_on_loopback_with_the_app(monkeypatch):
     assert main(["serve", "--model", model, "--device", "cpu", "--max-batch", "2", "--port", "8123"]) == 0
     ((app, kw),) = calls
     assert kw["host"] == "127.0.0.1" and kw["port"] == 8123
+    assert main(["serve", "--model", model, "--device", "cpu", "--allowed-host", "chat.example.org"]) == 0
+    from fastapi.testclient import TestClient
+
+    client = TestClient(calls[-1][0])  # on loopback: the loopback names and the reverse proxy's, no other
+    for host, status in (("chat.example.org", 200), ("localhost:8000", 200), ("rebind.example", 421)):
+        assert client.get("/v1/models", headers={"host": host}).status_code == status, host
     assert {r.path for r in app.routes} >= {"/v1/chat/completions", "/v1/models", "/health", "/metrics"}
     from kimivl.serve.engine import Engine
 
