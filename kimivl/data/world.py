@@ -126,11 +126,12 @@ def build_world(
     if unknown:
         raise ValueError(f"unknown tasks {unknown} (expected some of {', '.join(TASKS)})")
     out = Path(out_dir)
-    for split in sizes:
-        if (out / split).exists():
-            if not overwrite:
-                raise FileExistsError(f"{out / split} exists; pass overwrite=True to replace it")
-            shutil.rmtree(out / split)
+    existing = [out / split for split in sizes if (out / split).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{existing[0]} exists; pass overwrite=True to replace it")
+    (out / "world.json").unlink(missing_ok=True)  # written last: a build cut short is never taken for a whole one
+    for path in existing:
+        shutil.rmtree(path)
     start = time.perf_counter()
     files: dict[str, dict[str, str]] = {}
     seen: set[str] = set()

@@ -272,11 +272,15 @@ def train_bpe(
     Special tokens follow at ids ``vocab_size..vocab_size+255``, named like the released table unless
     ``special_names`` (index from the first special id -> name) says otherwise.
     """
+    if isinstance(texts, (str, bytes)):
+        raise TypeError("texts must be an iterable of str (a list of documents), not one str")
     if vocab_size < 256:
         raise ValueError(f"vocab_size must be at least 256 (one rank per byte), got {vocab_size}")
     word_counts: Counter[bytes] = Counter()
-    for text in texts:
-        word_counts.update(w.encode("utf-8") for w in _TRAIN_SPLIT.findall(text))
+    for text in texts:  # long runs cut as encode cuts them: a merge never spans more than encode would see
+        word_counts.update(
+            w.encode("utf-8") for piece in split_long_runs(text, MAX_RUN_CHARS) for w in _TRAIN_SPLIT.findall(piece)
+        )
     ranks = {bytes([b]): b for b in range(256)}
     vocab = [bytes([b]) for b in range(256)]  # rank -> bytes; words are lists of ranks
     words = [list(w) for w in word_counts]

@@ -91,3 +91,23 @@ def test_existing_world_is_kept_or_replaced_on_request(tmp_path):
     assert not (tmp_path / "train" / "text.jsonl").exists()
     with pytest.raises(ValueError, match="unknown tasks"):
         build_world(tmp_path / "x", tasks=["caption", "smell"])
+
+
+def test_a_rebuild_cut_short_is_built_again(tmp_path, monkeypatch):
+    """world.json was written last but deleted never: a rebuild under another seed cut short (Ctrl-C) left the old
+    manifest over half-written files of the new seed, and the next run reused them as the old world."""
+    import kimivl.data.world as world_module
+
+    ensure_world(tmp_path, seed=0, progress=False, **SIZES)
+    whole = _tree(tmp_path)
+
+    def interrupted(rng, difficulty=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(world_module.GENERATORS, "gui", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ensure_world(tmp_path, seed=1, progress=False, **SIZES)
+    monkeypatch.undo()
+    assert not (tmp_path / "world.json").exists()
+    ensure_world(tmp_path, seed=0, progress=False, **SIZES)  # built again, as it was
+    assert _tree(tmp_path) == whole

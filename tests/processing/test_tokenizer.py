@@ -288,3 +288,15 @@ def test_bad_files(tmp_path, damage, match):
 def test_decode_rejects_out_of_range(tok):
     with pytest.raises(ValueError, match="outside the vocabulary"):
         tok.decode([tok.vocab_size])
+
+
+def test_train_bpe_cuts_long_runs_as_encode_does_and_wants_a_list(monkeypatch):
+    """A long run trained merges longer than encode (which cuts runs at MAX_RUN_CHARS) ever sees, in time growing
+    with the run's length times the merges; one str was read as a corpus of characters."""
+    import kimivl.processing.tokenizer as tokenizer
+
+    monkeypatch.setattr(tokenizer, "MAX_RUN_CHARS", 8)
+    tok = train_bpe(["a" * 40, "b" * 40], vocab_size=262)
+    assert max(len(b) for b in tok.mergeable_ranks) == 8  # 'a' * 16 and longer came from the uncut runs
+    with pytest.raises(TypeError, match="iterable of str"):
+        train_bpe("hello world", vocab_size=260)
