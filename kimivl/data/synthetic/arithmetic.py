@@ -19,9 +19,9 @@ from kimivl.data.synthetic.draw import (
 )
 from kimivl.data.synthetic.sample import Sample
 
-# difficulty: (operations, largest literal drawn for + and -, font sizes; a product's factor reaches 12 and a
-# quotient's dividend 81 at every level): easy problems are one operation in large print on the token grid
-# (draw.grid_text)
+# difficulty: (operations, largest literal drawn for + and -, font sizes; a product's left factor goes to 12 at
+# every level, and above 20 a quotient's literal dividend to 81): easy problems are one operation in large print on
+# the token grid (draw.grid_text)
 LEVELS = {"easy": (1, 9, (20, 24)), "medium": (2, 30, (14, 26)), "hard": (3, 50, (14, 26))}
 PREC = {"+": 1, "-": 1, "×": 2, "÷": 2}
 INVERSE = {"+": "-", "-": "+", "×": "÷", "÷": "×"}
