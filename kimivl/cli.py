@@ -265,6 +265,16 @@ def cmd_chat(args: argparse.Namespace) -> int:
         history.append({"role": "assistant", "content": answer})
 
 
+def _loopback(host: str) -> bool:
+    """Whether ``--host`` is a loopback address (any of 127.0.0.0/8, ::1) or ``localhost``."""
+    import ipaddress
+
+    try:
+        return host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
 
@@ -292,8 +302,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         allowed_local_media_path=args.allowed_local_media_path,
     )
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
-    # on loopback, no name re-pointed at 127.0.0.1 gets in; a reverse proxy's public name is added with --allowed-host
-    hosts = (*LOOPBACK_NAMES, *args.allowed_host) if args.host in LOOPBACK_NAMES else None
+    # on loopback, no name re-pointed at it gets in; a reverse proxy's public name is added with --allowed-host
+    hosts = tuple(dict.fromkeys((*LOOPBACK_NAMES, args.host, *args.allowed_host))) if _loopback(args.host) else None
     app = create_app(engine, name, api_key=api_key, limits=limits, hosts=hosts)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="info")

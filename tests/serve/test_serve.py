@@ -515,6 +515,13 @@ def test_kimivl_serve_runs_uvicorn_on_loopback_with_the_app(monkeypatch):
     client = TestClient(calls[-1][0])  # on loopback: the loopback names and the reverse proxy's, no other
     for host, status in (("chat.example.org", 200), ("localhost:8000", 200), ("rebind.example", 421)):
         assert client.get("/v1/models", headers={"host": host}).status_code == status, host
+    for bind in ("127.0.0.2", "::1", "0.0.0.0"):  # any loopback address is guarded, under its own name too
+        assert main(["serve", "--model", model, "--device", "cpu", "--host", bind]) == 0
+        client = TestClient(calls[-1][0])
+        assert client.get("/v1/models", headers={"host": "rebind.example"}).status_code == (
+            200 if bind == "0.0.0.0" else 421
+        ), bind
+        assert client.get("/v1/models", headers={"host": f"[{bind}]:80" if ":" in bind else bind}).status_code == 200
     assert {r.path for r in app.routes} >= {"/v1/chat/completions", "/v1/models", "/health", "/metrics"}
     from kimivl.serve.engine import Engine
 
