@@ -303,7 +303,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
     # on loopback, no name re-pointed at it gets in; a reverse proxy's public name is added with --allowed-host
-    hosts = tuple(dict.fromkeys((*LOOPBACK_NAMES, args.host, *args.allowed_host))) if _loopback(args.host) else None
+    names = (*LOOPBACK_NAMES, args.host.strip("[]"), *args.allowed_host)
+    hosts = tuple(dict.fromkeys(n.lower() for n in names)) if _loopback(args.host) else None
     app = create_app(engine, name, api_key=api_key, limits=limits, hosts=hosts)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="info")

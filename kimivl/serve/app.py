@@ -56,8 +56,9 @@ def create_app(
 ) -> FastAPI:
     """An app serving ``engine`` under the name ``model_name``; the engine stops with the app, and starts with it
     unless ``start_engine`` is False (then the caller starts it; requests wait in its queue until then). ``hosts``:
-    the only host names a request may address (``kimivl serve`` on a loopback address gives ``LOOPBACK_NAMES``,
-    so a web page whose name an attacker re-points at 127.0.0.1 cannot use the server); None accepts any.
+    the only host names (lower case) a request may address (``kimivl serve`` on a loopback address gives
+    ``LOOPBACK_NAMES``, its own and ``--allowed-host``'s, so a web page whose name an attacker re-points at 127.0.0.1
+    cannot use the server); None accepts any.
     ``api_key`` must be printable ASCII (what an HTTP header carries)."""
     if api_key is not None:
         check_api_key(api_key)
@@ -89,7 +90,7 @@ def create_app(
 
     @app.middleware("http")
     async def check_host_and_key(request: Request, call_next):
-        if hosts is not None and _host_name(request.headers.get("host", "")) not in hosts:
+        if hosts is not None and _host_name(request.headers.get("host", "")).lower() not in hosts:
             return _error(RequestError(f"this server answers requests to {', '.join(hosts)} only", status=421))
         if api_key is not None and request.url.path.startswith("/v1/"):
             scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")

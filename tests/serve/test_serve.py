@@ -513,7 +513,7 @@ def test_kimivl_serve_runs_uvicorn_on_loopback_with_the_app(monkeypatch):
     from fastapi.testclient import TestClient
 
     client = TestClient(calls[-1][0])  # on loopback: the loopback names and the reverse proxy's, no other
-    for host, status in (("chat.example.org", 200), ("localhost:8000", 200), ("rebind.example", 421)):
+    for host, status in (("Chat.Example.org", 200), ("LOCALHOST:8000", 200), ("rebind.example", 421)):
         assert client.get("/v1/models", headers={"host": host}).status_code == status, host
     for bind in ("127.0.0.2", "::1", "0.0.0.0"):  # any loopback address is guarded, under its own name too
         assert main(["serve", "--model", model, "--device", "cpu", "--host", bind]) == 0
