@@ -136,13 +136,12 @@ def load_state(path: str | os.PathLike, model) -> dict[str, Any]:
     return trainer
 
 
-def load_state_sharded(path: Path, model, optimizer, world: World) -> dict[str, Any]:
+def load_state_sharded(path: Path, model, optimizer, world: World) -> None:
     """``load_state`` for a sharded model, on every rank: its shards of weights and optimiser state, its RNG state
-    (rank 0's when the saving run had fewer ranks); returns the trainer dict."""
+    (rank 0's when the saving run had fewer ranks); the caller reads the trainer dict."""
     load_sharded(path, model, optimizer, world)
     rng = path / f"rng-{world.rank}.pt"
     set_rng_state(torch.load(rng if rng.is_file() else path / "rng-0.pt", weights_only=True))
-    return torch.load(path / TRAINER_FILE, map_location="cpu", weights_only=True)
 
 
 def _group_record(group: dict[str, Any]) -> dict[str, Any]:
@@ -194,14 +193,15 @@ class TrainState:
                 "launched (torchrun and parallel, or neither), or start the stage afresh"
             )
         if self.world.active:
-            written = torch.load(found / TRAINER_FILE, map_location="cpu", weights_only=True).get("ep", self.world.ep)
+            state = torch.load(found / TRAINER_FILE, map_location="cpu", weights_only=True)
+            written = state.get("ep", self.world.ep)
             if written != self.world.ep:  # DCP would load no expert of the other layout, and say nothing
                 raise TrainingError(
                     f"{self.stage}: {found} was written with ep {written} and this run has ep {self.world.ep}: "
                     f"resume with ep {written} (parallel: {{ep: {written}}} or --ep {written}), or start the stage "
                     "afresh"
                 )
-            state = load_state_sharded(found, self.model, self.optimizer, self.world)
+            load_state_sharded(found, self.model, self.optimizer, self.world)
         else:
             state = load_state(found, self.model)
         try:
