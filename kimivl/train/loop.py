@@ -62,6 +62,15 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return dataclasses.replace(batch, **moved)
 
 
+def check_accum(stage: str, accum: int, ranks: int) -> None:
+    """A ``ValueError`` unless a step's ``accum`` batches divide evenly among the data-parallel ``ranks``."""
+    if accum % ranks:
+        raise ValueError(
+            f"{stage}: accum ({accum} batches per step over all ranks) must be a multiple of the {ranks} "
+            "data-parallel ranks"
+        )
+
+
 def train_loop(
     model: torch.nn.Module,
     loss_fn: LossFn,
@@ -86,11 +95,7 @@ def train_loop(
     trains batches r, r + size, ... of them (so ``accum`` must be a multiple of the world size); losses, token counts
     and expert loads are summed over ranks, and rank 0 alone shows progress and writes metrics."""
     world = world or World()
-    if cfg.accum % world.size:
-        raise ValueError(
-            f"{stage}: accum ({cfg.accum} batches per step over all ranks) must be a multiple of the "
-            f"{world.size} data-parallel ranks"
-        )
+    check_accum(stage, cfg.accum, world.size)
     state = TrainState(
         Path(run_dir) / stage / "checkpoints",
         stage,

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any
 
+from kimivl.train.loop import check_accum
 from kimivl.train.recipe import RecipeError
 from kimivl.train.stages import joint, rl, vit
 from kimivl.train.stages.base import Prepared, StageContext, StageSettings
@@ -62,8 +63,8 @@ def check_layout(recipe, ranks: int, ep: int) -> None:
                     f"stage {stage.name!r}: an rl stage runs data-parallel without expert parallelism (ep 1), its "
                     f"problems ({problems}) a multiple of the {ranks} ranks"
                 )
-        elif stage.accum % ranks:
-            raise RecipeError(
-                f"stage {stage.name!r}: accum ({stage.accum} batches per step over all ranks) must be a multiple of "
-                f"the {ranks} data-parallel ranks"
-            )
+        else:
+            try:
+                check_accum(f"stage {stage.name!r}", stage.accum, ranks)
+            except ValueError as e:  # a recipe's misfit, named as the other recipe errors are
+                raise RecipeError(str(e)) from None
