@@ -63,6 +63,15 @@ class ChatRequest:
     include_usage: bool = False
 
 
+@dataclass
+class _Used:
+    """What a request's parts have taken so far, against ``Limits``: images, video frames, and images' LM tokens."""
+
+    images: int = 0
+    frames: int = 0
+    tokens: int = 0
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -85,9 +94,9 @@ def _integer(body: dict, name: str, lo: int, hi: int) -> int | None:
     return v
 
 
-def _image_bytes(url: Any, where: str, limits: Limits, spent: list[int]) -> bytes:
-    """An image part's bytes, its header checked against the pixel limit; its LM tokens are added to ``spent`` (the
-    request's so far), refused once they pass the context."""
+def _image_bytes(url: Any, where: str, limits: Limits, used: _Used) -> bytes:
+    """An image part's bytes, its header checked against the pixel limit; its LM tokens are added to ``used.tokens``
+    (the request's so far), refused once they pass the context."""
     if isinstance(url, dict):
         url = url.get("url")
     if not isinstance(url, str) or not url:
@@ -119,12 +128,12 @@ def _image_bytes(url: Any, where: str, limits: Limits, spent: list[int]) -> byte
         )
     if limits.image_tokens is not None:
         try:
-            spent[0] += limits.image_tokens(w, h)
+            used.tokens += limits.image_tokens(w, h)
         except ImageError as e:
             raise RequestError(f"{where}: {e}", where) from None
-        if spent[0] >= limits.context:
+        if used.tokens >= limits.context:
             raise RequestError(
-                f"the images up to {where} take {spent[0]} tokens, which leaves no room in the model's context of "
+                f"the images up to {where} take {used.tokens} tokens, which leaves no room in the model's context of "
                 f"{limits.context} tokens; send fewer or smaller images",
                 "messages",
                 code="context_length_exceeded",
@@ -161,15 +170,15 @@ def _local_file(url: str, where: str, limits: Limits) -> bytes:
         os.close(fd)
 
 
-def _video(part: dict, kind: str, at: str, limits: Limits, n_frames: list[int], spent: list[int]) -> dict:
+def _video(part: dict, kind: str, at: str, limits: Limits, used: _Used) -> dict:
     """A ``video`` / ``video_url`` part as kimivl's video part: its frames' bytes and timestamps, or a video's bytes."""
     source = part.get(kind)
     if isinstance(source, dict):
         source = source.get("url")
     fps = _number(part, "fps", 1.0, 0.0, 120.0, lo_open=True)
     if isinstance(source, str) and source.startswith("data:video/"):
-        n_frames[0] += 1
-        if n_frames[0] > limits.max_frames:
+        used.frames += 1
+        if used.frames > limits.max_frames:
             raise RequestError(f"more than {limits.max_frames} video frames in one request (the limit)", "messages")
         try:
             data = data_url_bytes(source)
@@ -179,7 +188,7 @@ def _video(part: dict, kind: str, at: str, limits: Limits, n_frames: list[int], 
             "type": "video",
             "video": data,
             "fps": fps,
-            "max_frames": limits.max_frames - n_frames[0] + 1,
+            "max_frames": limits.max_frames - used.frames + 1,
             "max_decoded": limits.max_decoded_frames,
             "max_frame_pixels": limits.max_image_pixels,
         }
@@ -188,21 +197,19 @@ def _video(part: dict, kind: str, at: str, limits: Limits, n_frames: list[int], 
             f"{at}: a {kind} part needs {kind!r}: a non-empty list of frame URLs (data:image/...) or a data:video/ URL",
             at,
         )
-    n_frames[0] += len(source)
-    if n_frames[0] > limits.max_frames:
+    used.frames += len(source)
+    if used.frames > limits.max_frames:
         raise RequestError(f"more than {limits.max_frames} video frames in one request (the limit)", "messages")
     times = part.get("timestamps")
     if times is None:
         times = [i / fps for i in range(len(source))]
     elif not isinstance(times, list) or len(times) != len(source):
         raise RequestError(f"{at}: timestamps must be a list of seconds, one per frame ({len(source)})", at)
-    frames = [_image_bytes(url, f"{at}.{kind}[{i}]", limits, spent) for i, url in enumerate(source)]
+    frames = [_image_bytes(url, f"{at}.{kind}[{i}]", limits, used) for i, url in enumerate(source)]
     return {"type": "video", "frames": frames, "timestamps": times}
 
 
-def _content(
-    content: Any, where: str, limits: Limits, n_images: list[int], n_frames: list[int], spent: list[int]
-) -> str | list[dict]:
+def _content(content: Any, where: str, limits: Limits, used: _Used) -> str | list[dict]:
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
@@ -216,12 +223,12 @@ def _content(
                 raise RequestError(f"{at}: a text part needs 'text' (a string)", at)
             parts.append({"type": "text", "text": part["text"]})
         elif kind == "image_url":
-            n_images[0] += 1
-            if n_images[0] > limits.max_images:
+            used.images += 1
+            if used.images > limits.max_images:
                 raise RequestError(f"more than {limits.max_images} images in one request (the limit)", "messages")
-            parts.append({"type": "image", "image": _image_bytes(part.get("image_url"), at, limits, spent)})
+            parts.append({"type": "image", "image": _image_bytes(part.get("image_url"), at, limits, used)})
         elif kind in ("video", "video_url"):
-            parts.append(_video(part, kind, at, limits, n_frames, spent))
+            parts.append(_video(part, kind, at, limits, used))
         else:
             raise RequestError(
                 f"{at}: a content part must have type 'text', 'image_url', 'video' or 'video_url', got {kind!r}", at
@@ -263,7 +270,7 @@ def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise RequestError("messages must be a non-empty list of {role, content} objects", "messages")
-    out, n_images, n_frames, spent = [], [0], [0], [0]
+    out, used = [], _Used()
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
@@ -273,7 +280,7 @@ def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
         out.append(
             {
                 "role": m["role"],
-                "content": _content(m["content"], f"{where}.content", limits, n_images, n_frames, spent),
+                "content": _content(m["content"], f"{where}.content", limits, used),
             }
         )
     _refuse_unsupported(body)
