@@ -151,12 +151,12 @@ class KimiVL(nn.Module):
 
     def stored_config(self, dtype: torch.dtype | None = None) -> KimiVLConfig:
         """The config to write beside weights saved in ``dtype`` (None: as held): its ``torch_dtype`` names that dtype
-        (the widest held outside the routers, which stay float32 in any model), which is what ``from_pretrained``
-        loads them in."""
-        routers = [r for r in self.modules() if isinstance(r, Router)]
-        routers = {id(t) for r in routers for t in (r.weight, r.e_score_correction_bias)}
+        (the widest held outside the routers, which are held in at least float32 whatever the model's dtype), which
+        is what ``from_pretrained`` loads them in."""
+        routers = [m for m in self.modules() if isinstance(m, Router)]
+        router_tensors = {id(t) for r in routers for t in (r.weight, r.e_score_correction_bias)}
         tensors = [*self.parameters(), *self.buffers()]
-        held = (t.dtype for t in tensors if t.is_floating_point() and id(t) not in routers)
+        held = (t.dtype for t in tensors if t.is_floating_point() and id(t) not in router_tensors)
         config = copy.deepcopy(self.config)
         config.text_config.torch_dtype = str(dtype or max(held, key=lambda d: d.itemsize)).removeprefix("torch.")
         return config

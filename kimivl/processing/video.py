@@ -150,9 +150,9 @@ def check_video_file(path: str) -> None:
                 raise VideoError(f"video {path} holds no video stream")
             if next(container.decode(video=0), None) is None:
                 raise VideoError(f"video {path} holds no frame that decodes")
+    except VideoError:
+        raise
     except (av.FFmpegError, OSError, ValueError) as e:
-        if isinstance(e, VideoError):
-            raise
         raise VideoError(f"video {path} cannot be read ({e})") from None
 
 
