@@ -27,6 +27,12 @@ log = logging.getLogger(__name__)
 SKIPPED_IN_A_ROW = 1000  # samples over the budget in a row that stop the stream: the data cannot fill a row
 
 
+def sample_rng(seed: int, stream: str, i: int) -> random.Random:
+    """The generator of sample ``i`` of the stream ``stream`` under ``seed``: a string seed, hashed by SHA-512 (not
+    by Python's salted ``hash()``), so streams and seeds draw independently and every run alike."""
+    return random.Random(f"{seed}/{stream}/{i}")
+
+
 class Mixture:
     def __init__(
         self,
@@ -62,12 +68,9 @@ class Mixture:
         t = min(1.0, i / self.horizon)
         return [a + (b - a) * t for a, b in zip(self.start, self.end)]
 
-    def _rng(self, i: int) -> random.Random:
-        return random.Random(f"{self.seed}/{self.stream}/{i}")  # a string seed: hashed by SHA-512, not hash()
-
     def pick(self, i: int) -> tuple[str, int]:
         """Sample ``i``'s source and its index in that source."""
-        rng = self._rng(i)
+        rng = sample_rng(self.seed, self.stream, i)
         name = rng.choices(self.names, weights=self.weights(i))[0]
         if self.replacement:
             return name, rng.randrange(len(self.sources[name]))
@@ -79,7 +82,7 @@ class Mixture:
         if i < self._scanned:
             self._scanned, self._drawn = 0, dict.fromkeys(self.names, 0)
         for j in range(self._scanned, i):
-            self._drawn[self._rng(j).choices(self.names, weights=self.weights(j))[0]] += 1
+            self._drawn[sample_rng(self.seed, self.stream, j).choices(self.names, weights=self.weights(j))[0]] += 1
         self._scanned = i
         return self._drawn[name]
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -10,6 +9,7 @@ import torch
 
 from kimivl.data.formats import content_text
 from kimivl.data.indexed import Concat
+from kimivl.data.mixture import sample_rng
 from kimivl.processing.processor import KimiVLProcessor
 from kimivl.train.loop import train_loop
 from kimivl.train.recipe import RecipeError, integer
@@ -83,7 +83,7 @@ class CaptionStream:
         )
 
     def pair(self, i: int):
-        rng = random.Random(f"{self.seed}/{self.stream}/{i}")  # a string seed: hashed by SHA-512, not hash()
+        rng = sample_rng(self.seed, self.stream, i)
         image, question, answer = caption_of(self.records[rng.randrange(len(self.records))])
         return self.processor.image_processor(image), self.processor.tokenizer.encode(
             f"{question} {answer}", allow_special=False
