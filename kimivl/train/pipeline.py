@@ -40,7 +40,7 @@ from kimivl.train.lock import run_lock
 from kimivl.train.metrics import plot_curves
 from kimivl.train.optim import build_optimizer
 from kimivl.train.recipe import Recipe, RecipeError
-from kimivl.train.schedule import WSD, WarmupCosine, scheduler_at
+from kimivl.train.schedule import WSD, WarmupCosine, WSDFrom, scheduler_at
 from kimivl.train.stages import check_layout, prepare
 from kimivl.train.stages.base import StageContext, StageSettings
 from kimivl.train.trainable import hold_frozen_in_bf16, memory_plan, restore_float32
@@ -211,8 +211,7 @@ def stage_scheduler(recipe: Recipe, stage: StageSettings, optimizer: torch.optim
     cosine."""
     if stage.schedule == "continue":
         schedule, offsets = global_schedule(recipe)
-        offset = offsets[stage.name]
-        return scheduler_at(optimizer, lambda step: schedule(offset + step))
+        return scheduler_at(optimizer, WSDFrom(**dataclasses.asdict(schedule), offset=offsets[stage.name]))
     return scheduler_at(optimizer, WarmupCosine(stage.warmup, stage.steps, min_ratio=0.1))
 
 

@@ -2,8 +2,9 @@
 
 A multiplier depends on the step alone, so resuming needs only the step: restore the scheduler's state_dict, or
 build ``scheduler_at(optimizer, schedule, step)`` (also how a later stage, with a new optimizer, continues the
-schedule of the one before). Warm-up is linear, (step + 1) / warmup_steps, so step 0 already trains and step
-warmup_steps - 1 reaches the peak.
+schedule of the one before). Multipliers are dataclasses of plain fields, not lambdas: the scheduler's state_dict
+records a callable object's fields (a lambda's as None), so a resume can compare them with the run's. Warm-up is
+linear, (step + 1) / warmup_steps, so step 0 already trains and step warmup_steps - 1 reaches the peak.
 """
 
 from __future__ import annotations
@@ -76,6 +77,22 @@ class WSD:
             return 1.0
         progress = min(1.0, into_decay / self.decay_steps) if self.decay_steps else 1.0
         return self.min_ratio + (1 - self.min_ratio) * DECAY_SHAPES[self.shape](progress)
+
+
+@dataclass(frozen=True)
+class WSDFrom(WSD):
+    """``WSD`` read from its global step ``offset`` on: the multiplier of a stage that starts there on the
+    recipe-wide curve. Its fields are plain numbers and a string, so the scheduler's state_dict records them and a
+    resume can tell whether the curve or the stage's place on it changed (a lambda is recorded as None)."""
+
+    offset: int = 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check(offset=self.offset)
+
+    def __call__(self, step: int) -> float:
+        return super().__call__(self.offset + step)
 
 
 def scheduler_at(optimizer: Optimizer, schedule: Callable[[int], float], step: int = 0) -> LambdaLR:

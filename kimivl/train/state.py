@@ -163,6 +163,22 @@ def _restore_groups(optimizer: torch.optim.Optimizer, saved: list[dict[str, Any]
         group.update({k: v for k, v in values.items() if k != "numel"})
 
 
+def _schedule_changes(then: dict[str, Any], now: dict[str, Any], multipliers: bool) -> list[str]:
+    """``what: value then, value now`` for the base lrs and (``multipliers``) each field of the multipliers
+    (``lr_lambdas``, one per param group and the same in each) that differ, each once."""
+    changed = []
+    if then.get("base_lrs") != now.get("base_lrs"):
+        changed.append(f"base_lrs: {then.get('base_lrs')} then, {now.get('base_lrs')} now")
+    if multipliers:
+        for a, b in zip(then["lr_lambdas"], now["lr_lambdas"]):
+            a, b = a or {}, b or {}
+            for key in sorted(a.keys() | b.keys()):
+                line = f"{key}: {a.get(key)!r} then, {b.get(key)!r} now"
+                if a.get(key) != b.get(key) and line not in changed:
+                    changed.append(line)
+    return changed
+
+
 @dataclass
 class TrainState:
     """What a stage saves and resumes: the model, optimizer and scheduler, the step, the data position, and any other
@@ -215,21 +231,36 @@ class TrainState:
                 f"trains ({e}); resume with the stage's settings of that run (train, freeze, "
                 "lr_scale), or start the stage afresh"
             ) from None
-        now, then = self.scheduler.state_dict(), state["scheduler"]
-        changed = {k: (then.get(k), now.get(k)) for k in ("base_lrs", "lr_lambdas") if then.get(k) != now.get(k)}
-        if changed:  # loading would quietly keep the old schedule
-            raise TrainingError(
-                f"{self.stage}: the learning-rate schedule of this run differs from the one {found} was trained "
-                f"with ({'; '.join(f'{k}: {a} then, {b} now' for k, (a, b) in changed.items())}): lr, steps, "
-                "warmup or the schedule changed in the recipe. Resume with that run's settings, or start the stage "
-                f"afresh (remove {self.ckpt_dir})"
-            )
-        self.scheduler.load_state_dict(then)
+        self._check_schedule(found, state["scheduler"])
+        self.scheduler.load_state_dict(state["scheduler"])
         for name, part in self.extras.items():
             part.load_state_dict(state[name])
         self.step, self.position, self.saved = state["step"], state.get("position", 0), found
         log.info("%s: resumed at step %d from %s", self.stage, self.step, found)
         return found
+
+    def _check_schedule(self, found: Path, then: dict[str, Any]) -> None:
+        """Refuse a checkpoint whose scheduler had another base lr or multiplier (loading it would quietly keep the
+        old schedule). A multiplier recorded as None (a 'continue' stage's, saved before kimivl recorded it) cannot be
+        compared: the run goes on with its own, with a warning."""
+        now = self.scheduler.state_dict()
+        unrecorded = any(f is None for f in then["lr_lambdas"]) and all(f is not None for f in now["lr_lambdas"])
+        if unrecorded:
+            log.warning(
+                "%s: %s holds no record of its learning-rate schedule (written before kimivl kept one): going on "
+                "with this run's, which must be the recipe's schedule of that run",
+                self.stage,
+                found,
+            )
+        changed = _schedule_changes(then, now, multipliers=not unrecorded)
+        if changed:
+            raise TrainingError(
+                f"{self.stage}: the learning-rate schedule of this run differs from the one {found} was trained "
+                f"with ({'; '.join(changed)}): lr, steps, "
+                "warmup or the schedule changed in the recipe (or, for a stage that continues the recipe-wide "
+                "schedule, schedule.warmup, decay_stages, min_ratio or the steps of the stages that continue it). "
+                f"Resume with that run's settings, or start the stage afresh (remove {self.ckpt_dir})"
+            )
 
     def advance(self, position: int = 0) -> None:
         """One step done, the data read up to ``position``."""

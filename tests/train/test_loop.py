@@ -311,3 +311,80 @@ def test_a_sharded_resume_refuses_param_groups_that_train_other_parameters():
     optimizer = build_optimizer(model, lr=5e-4)
     _restore_groups(optimizer, saved)  # the same parameters: the saved hyperparameters come back
     assert all(g["lr"] == 1e-3 and "numel" not in g for g in optimizer.param_groups)
+
+
+def _continue_stage(tmp_path, warmup=2, min_ratio=0.1, pre_steps=10, cooldown_steps=10):
+    """A 'cooldown' stage on the recipe-wide curve after a 'pre' stage, over a small model, and its TrainState."""
+    from kimivl.train.pipeline import stage_scheduler
+    from kimivl.train.recipe import load_recipe
+    from kimivl.train.state import TrainState
+
+    recipe = {
+        "name": "r",
+        "out": str(tmp_path / "run"),
+        "sources": {"a": "a.jsonl"},
+        "schedule": {"warmup": warmup, "decay_stages": ["cooldown"], "min_ratio": min_ratio},
+        "stages": [
+            {"name": "pre", "kind": "joint", "steps": pre_steps, "lr": 1e-3, "mix": {"a": 1}},
+            {"name": "cooldown", "kind": "joint", "steps": cooldown_steps, "lr": 1e-3, "mix": {"a": 1}},
+        ],
+    }
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / "r.json").write_text(json.dumps(recipe))
+    recipe = load_recipe(tmp_path / "r.json")
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 4)
+    opt = build_optimizer(model, lr=1e-3)
+    sched = stage_scheduler(recipe, recipe.stages[1], opt)
+    return TrainState(tmp_path / "ckpt", "cooldown", model, opt, sched), sched
+
+
+def _train(state, sched, steps):
+    lrs = []
+    for _ in range(steps):
+        lrs.append(state.optimizer.param_groups[0]["lr"])
+        state.model(torch.ones(2, 4)).pow(2).sum().backward()
+        state.optimizer.step()
+        state.optimizer.zero_grad()
+        sched.step()
+        state.advance()
+    return lrs
+
+
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        ({"warmup": 3}, "warmup_steps: 2 then, 3 now"),
+        ({"min_ratio": 0.5}, "min_ratio: 0.1 then, 0.5 now"),
+        ({"cooldown_steps": 20}, "decay_steps: 10 then, 20 now"),
+        ({"pre_steps": 12}, "offset: 10 then, 12 now"),  # an earlier stage moved where this one starts
+    ],
+)
+def test_resuming_a_stage_on_the_recipe_wide_curve_after_the_curve_changed_is_refused(tmp_path, change, named):
+    state, sched = _continue_stage(tmp_path)
+    _train(state, sched, 4)
+    state.save()
+    state, _ = _continue_stage(tmp_path, **change)
+    with pytest.raises(TrainingError, match=f"cooldown: the learning-rate schedule .*{named}.*start the stage afresh"):
+        state.resume()
+
+
+def test_a_stage_on_the_recipe_wide_curve_resumes_where_it_stopped(tmp_path, caplog):
+    """Unchanged, it resumes at the lr of an uninterrupted run; a checkpoint written before the multiplier was
+    recorded (``lr_lambdas`` None) cannot be compared, and resumes with a warning."""
+    state, sched = _continue_stage(tmp_path / "full")
+    full = _train(state, sched, 8)
+    state, sched = _continue_stage(tmp_path)
+    _train(state, sched, 4)
+    saved = state.save()
+    state, sched = _continue_stage(tmp_path)
+    assert state.resume() == saved and state.step == 4
+    assert _train(state, sched, 4) == full[4:]
+    trainer = torch.load(saved / "trainer.pt", weights_only=True)
+    trainer["scheduler"]["lr_lambdas"] = [None] * len(trainer["scheduler"]["lr_lambdas"])  # as kimivl wrote it
+    torch.save(trainer, saved / "trainer.pt")
+    state, sched = _continue_stage(tmp_path)
+    with caplog.at_level("WARNING"):
+        assert state.resume() == saved
+    assert "holds no record of its learning-rate schedule" in caplog.text
+    assert _train(state, sched, 4) == full[4:]

@@ -61,3 +61,19 @@ def test_resuming_equals_an_uninterrupted_run():
     resumed.load_state_dict(saved_opt)
     resumed_sched.load_state_dict(saved_sched)
     assert lrs_over(resumed, resumed_sched, 7) == pytest.approx(full[5:])
+
+
+def test_a_stage_on_the_recipe_wide_curve_reads_it_from_its_offset_and_records_it(tmp_path):
+    """The scheduler's state_dict holds the multiplier's fields (a lambda's would be None), loadable as plain data."""
+    from kimivl.train.schedule import WSDFrom
+
+    curve, stage = WSD(4, 10, 20, min_ratio=0.1), WSDFrom(4, 10, 20, min_ratio=0.1, offset=12)
+    assert [stage(i) for i in range(30)] == [curve(12 + i) for i in range(30)]
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    torch.save(scheduler_at(opt, stage).state_dict(), tmp_path / "s.pt")
+    recorded = torch.load(tmp_path / "s.pt", weights_only=True)["lr_lambdas"]
+    assert recorded == [
+        {"warmup_steps": 4, "stable_steps": 10, "decay_steps": 20, "min_ratio": 0.1, "shape": "linear", "offset": 12}
+    ]
+    with pytest.raises(ValueError, match="offset must be >= 0"):
+        WSDFrom(1, 1, 1, offset=-1)
