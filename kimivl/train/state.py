@@ -163,6 +163,26 @@ def _restore_groups(optimizer: torch.optim.Optimizer, saved: list[dict[str, Any]
         group.update({k: v for k, v in values.items() if k != "numel"})
 
 
+NOT_COMPARED = ("params", "lr", "initial_lr", "numel")  # the lr is the scheduler's, compared as its base_lrs
+
+
+def _hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
+    """A param group's settings that a resume must find unchanged (``betas`` as a tuple, however it was stored)."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in group.items() if k not in NOT_COMPARED}
+
+
+def _changed_hyperparameters(wanted: list[dict[str, Any]], restored: list[dict[str, Any]]) -> list[str]:
+    """``key: value then, value now`` for each setting that the restored param groups hold otherwise than
+    ``wanted``, the run's own, each once (a key the checkpoint does not hold is not compared)."""
+    changed = []
+    for now, then in zip(wanted, map(_hyperparameters, restored)):
+        for key in sorted(now.keys() & then.keys()):
+            line = f"{key}: {then[key]!r} then, {now[key]!r} now"
+            if now[key] != then[key] and line not in changed:
+                changed.append(line)
+    return changed
+
+
 def _schedule_changes(then: dict[str, Any], now: dict[str, Any], multipliers: bool) -> list[str]:
     """``what: value then, value now`` for the base lrs and (``multipliers``) each field of the multipliers
     (``lr_lambdas``, one per param group and the same in each) that differ, each once."""
@@ -220,6 +240,7 @@ class TrainState:
             load_state_sharded(found, self.model, self.optimizer, self.world)
         else:
             state = load_state(found, self.model)
+        wanted = [_hyperparameters(g) for g in self.optimizer.param_groups]
         try:
             if self.world.active:
                 _restore_groups(self.optimizer, state["param_groups"])
@@ -231,6 +252,13 @@ class TrainState:
                 f"trains ({e}); resume with the stage's settings of that run (train, freeze, "
                 "lr_scale), or start the stage afresh"
             ) from None
+        changed = _changed_hyperparameters(wanted, self.optimizer.param_groups)
+        if changed:  # loading the optimiser restored the checkpoint's values over the run's
+            raise TrainingError(
+                f"{self.stage}: the optimiser settings of this run differ from those {found} was trained with "
+                f"({'; '.join(changed)}): weight_decay or ns_dtype changed in the recipe. Resume with that run's "
+                f"settings, or start the stage afresh (remove {self.ckpt_dir})"
+            )
         self._check_schedule(found, state["scheduler"])
         self.scheduler.load_state_dict(state["scheduler"])
         for name, part in self.extras.items():

@@ -388,3 +388,52 @@ def test_a_stage_on_the_recipe_wide_curve_resumes_where_it_stopped(tmp_path, cap
         assert state.resume() == saved
     assert "holds no record of its learning-rate schedule" in caplog.text
     assert _train(state, sched, 4) == full[4:]
+
+
+@pytest.mark.parametrize(
+    "setting, named",
+    [
+        ({"weight_decay": 0.05}, r"\(weight_decay: 0.1 then, 0.05 now\)"),
+        ({"ns_dtype": "bfloat16"}, r"\(ns_dtype: 'float32' then, 'bfloat16' now\)"),
+        ({"betas": (0.9, 0.99)}, r"\(betas: \(0.9, 0.95\) then, \(0.9, 0.99\) now\)"),
+    ],
+)
+def test_resuming_with_other_optimiser_settings_is_refused(small_model, small_processor, tmp_path, setting, named):
+    """Loading the optimiser's state restores its param groups' settings: a changed weight_decay or ns_dtype would be
+    quietly replaced by the checkpoint's."""
+    model, data, opt, sched = setup(small_model, small_processor)
+    train_loop(model, joint_loss, data, opt, sched, LoopConfig(steps=2, ckpt_every=2), tmp_path, "s", progress=False)
+    model, data, _, _ = setup(small_model, small_processor)
+    opt = build_optimizer(model, lr=3e-3, **setting)
+    with pytest.raises(TrainingError, match=f"s: the optimiser settings of this run differ .*{named}"):
+        train_loop(
+            model,
+            joint_loss,
+            data,
+            opt,
+            scheduler_at(opt, WarmupCosine(2, 8)),
+            LoopConfig(steps=4),
+            tmp_path,
+            "s",
+            progress=False,
+        )
+
+
+def test_a_sharded_resume_names_changed_optimiser_settings():
+    """A sharded checkpoint's param groups come back by ``_restore_groups``; what they restore over the run's own
+    settings is named as in one process."""
+    from kimivl.train.state import _changed_hyperparameters, _group_record, _hyperparameters, _restore_groups
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    saved = [_group_record(g) for g in build_optimizer(model, lr=1e-3).param_groups]
+    optimizer = build_optimizer(model, lr=1e-3)
+    wanted = [_hyperparameters(g) for g in optimizer.param_groups]
+    _restore_groups(optimizer, saved)
+    assert _changed_hyperparameters(wanted, optimizer.param_groups) == []
+    optimizer = build_optimizer(model, lr=1e-3, weight_decay=0.2, ns_dtype="bfloat16")
+    wanted = [_hyperparameters(g) for g in optimizer.param_groups]
+    _restore_groups(optimizer, saved)
+    assert _changed_hyperparameters(wanted, optimizer.param_groups) == [
+        "ns_dtype: 'float32' then, 'bfloat16' now",
+        "weight_decay: 0.1 then, 0.2 now",
+    ]
