@@ -201,8 +201,8 @@ def global_schedule(recipe: Recipe) -> tuple[WSD, dict[str, int]]:
         step += s.steps
     warmup = int(recipe.schedule.get("warmup", 0))
     decay_start = step if decay_start is None else decay_start
-    return WSD(
-        warmup, max(0, decay_start - warmup), decay_steps, min_ratio=float(recipe.schedule.get("min_ratio", 0.1))
+    return WSD(  # the recipe has checked that the decay starts after the warm-up
+        warmup, decay_start - warmup, decay_steps, min_ratio=float(recipe.schedule.get("min_ratio", 0.1))
     ), offsets
 
 

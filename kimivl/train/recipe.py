@@ -111,7 +111,7 @@ class Recipe:
 
     def _check_schedule(self, names: list[str]) -> None:
         """``schedule``'s values: a warm-up of whole steps, a floor in [0, 1], and decay stages that continue the
-        curve one after another (the decay runs over their steps in a row)."""
+        curve one after another (the decay runs over their steps in a row), after the warm-up has ended."""
         warmup, floor = self.schedule.get("warmup", 0), self.schedule.get("min_ratio", 0.1)
         if not (integer(warmup) and warmup >= 0):
             raise RecipeError(f"schedule.warmup must be a whole number of steps >= 0, got {warmup!r}")
@@ -132,6 +132,14 @@ class Recipe:
             raise RecipeError(
                 f"schedule.decay_stages {decay} must follow one another among the stages that continue the curve "
                 f"({continued}): the decay runs over their steps in a row"
+            )
+        steps = {s.name: s.steps for s in self.stages}
+        start = sum(steps[n] for n in continued[: at[0]]) if at else 0  # the global step where the decay begins
+        if at and warmup > start:
+            raise RecipeError(
+                f"schedule.warmup ({warmup} steps) must end before the decay begins: schedule.decay_stages {decay} "
+                f"start at step {start} of the recipe-wide curve, so the LR would still rise there. Shorten "
+                f"schedule.warmup to at most {start} steps, or decay later stages"
             )
         if not (self.bf16 is None or isinstance(self.bf16, bool)):
             raise RecipeError(f"bf16 is true, false or null (where the device multiplies bf16 fast), got {self.bf16!r}")

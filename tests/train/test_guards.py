@@ -16,7 +16,7 @@ from kimivl.train.interrupt import Interrupted
 from kimivl.train.lock import run_lock
 from kimivl.train.loop import LoopConfig, train_loop
 from kimivl.train.metrics import MetricsLog, read_metrics
-from kimivl.train.pipeline import EXPORT_RECORD, check_export
+from kimivl.train.pipeline import EXPORT_RECORD, check_export, global_schedule
 from kimivl.train.recipe import RecipeError, load_recipe
 from kimivl.train.state import latest_checkpoint
 from kimivl.train.step import TrainingError, optimizer_step
@@ -185,6 +185,10 @@ def _recipe(tmp_path, **changes):
         ({"name": "world"}, "stage name 'world': .* other than"),
         ({"name": ".hidden"}, "stage name '.hidden'"),
         ({"schedule": "cosine", "warmup": 4}, r"stage 'a': warmup \(4 steps\) must be below steps \(4\)"),
+        (  # ignored unless the stage runs its own schedule
+            {"warmup": 2},
+            r"stage 'a': warmup \(2 steps\) .* set schedule: cosine .* or .* the recipe's schedule.warmup",
+        ),
     ],
 )
 def test_stage_names_and_warmups_that_cannot_work(tmp_path, stage, match):
@@ -214,6 +218,24 @@ def test_a_recipe_warmup_longer_than_its_stages(tmp_path):
         r"continue the recipe-wide schedule \(4\)",
     ):
         load_recipe(_recipe(tmp_path, schedule={"warmup": 10}))
+
+
+def test_a_decay_that_begins_before_the_recipe_warmup_ends(tmp_path):
+    """The decay would start later than its stage (the curve's stable part cannot be shorter than nothing): the LR
+    would rise during the cooldown."""
+    stages = [
+        {"name": "a", "kind": "joint", "steps": 4, "lr": 1e-3, "mix": {"t": 1}},
+        {"name": "cool", "kind": "joint", "steps": 6, "lr": 1e-3, "mix": {"t": 1}},
+    ]
+    with pytest.raises(
+        RecipeError,
+        match=r"schedule.warmup \(5 steps\) must end before the decay begins: schedule.decay_stages \['cool'\] "
+        r"start at step 4 .* at most 4 steps",
+    ):
+        load_recipe(_recipe(tmp_path, stages=stages, schedule={"warmup": 5, "decay_stages": ["cool"]}))
+    recipe = load_recipe(_recipe(tmp_path, stages=stages, schedule={"warmup": 4, "decay_stages": ["cool"]}))
+    curve, _ = global_schedule(recipe)
+    assert [curve(i) for i in range(4, 10)] == pytest.approx([1.0] + [0.1 + 0.9 * (1 - i / 6) for i in range(1, 6)])
 
 
 def test_export_goes_under_out_and_never_replaces_another_runs_model(

@@ -73,6 +73,12 @@ class StageSettings:
             raise RecipeError(f"{where}: rope_theta must be a number > 0, got {self.rope_theta!r}")
         if self.schedule not in ("continue", "cosine"):
             raise RecipeError(f"{where}: schedule must be 'continue' or 'cosine', got {self.schedule!r}")
+        if self.schedule != "cosine" and self.warmup:
+            raise RecipeError(
+                f"{where}: warmup ({self.warmup} steps) is the warm-up of a stage's own schedule, and this stage "
+                f"continues the recipe-wide one: set schedule: cosine to give the stage its own warm-up + cosine, or "
+                "warm the recipe-wide curve up with the recipe's schedule.warmup"
+            )
         if self.schedule == "cosine" and self.warmup >= self.steps:
             raise RecipeError(f"{where}: warmup ({self.warmup} steps) must be below steps ({self.steps})")
         if not isinstance(self.recompute, bool):
