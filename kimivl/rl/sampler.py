@@ -27,6 +27,21 @@ from kimivl.inference.sampling import seeded_generator
 PRIORITIES = ("failure", "signal")
 
 
+def check_rates(floor: float, decay: float) -> None:
+    """The sampler's ``floor`` (an RL stage's ``priority_floor``) in (0, 1] and ``decay`` (``success_decay``) in
+    [0, 1); a ``ValueError`` naming what the value would do otherwise."""
+    if not 0 < floor <= 1:
+        raise ValueError(
+            f"priority_floor must lie in (0, 1], got {floor}: it is the least priority of a problem (0 would never "
+            "draw again the problems at the floor, such as those always solved)"
+        )
+    if not 0 <= decay < 1:
+        raise ValueError(
+            f"success_decay must lie in [0, 1), got {decay}: it is the weight of a problem's old success rate (1 "
+            "would keep the rate of its first visit for ever)"
+        )
+
+
 class ProblemSampler:
     def __init__(
         self,
@@ -41,8 +56,7 @@ class ProblemSampler:
             raise ValueError(f"sampler priority must be one of {PRIORITIES}, got {priority!r}")
         if not difficulties:
             raise ValueError("the sampler needs at least one problem")
-        if not 0 < floor <= 1 or not 0 <= decay < 1:
-            raise ValueError(f"need 0 < floor <= 1 and 0 <= decay < 1, got {floor} and {decay}")
+        check_rates(floor, decay)
         self.difficulties = list(difficulties)
         self.labels = sorted(set(self.difficulties))
         self.curriculum = {float(k): dict(v) for k, v in sorted((curriculum or {}).items())}

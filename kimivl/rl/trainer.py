@@ -36,7 +36,7 @@ from kimivl.processing.processor import Encoded, KimiVLProcessor
 from kimivl.rl.objectives import group_baseline, group_normalised, grpo_loss, kl_estimate, length_reward, opmd_loss
 from kimivl.rl.rewards import correctness
 from kimivl.rl.rollouts import pack_rows, rollout, token_logprobs
-from kimivl.rl.sampler import PRIORITIES, ProblemSampler
+from kimivl.rl.sampler import PRIORITIES, ProblemSampler, check_rates
 from kimivl.train.interrupt import stop_on_interrupt
 from kimivl.train.loop import NoMetrics, agreed
 from kimivl.train.metrics import MetricsLog, plot_curves
@@ -99,8 +99,7 @@ class RLConfig:
                 f"rl priority is 'signal' (most weight to problems sometimes solved) or 'failure' (most to problems "
                 f"never solved), got {self.priority!r}"
             )
-        if not (0 <= self.priority_floor <= 1 and 0 <= self.success_decay <= 1):
-            raise ValueError("rl priority_floor and success_decay must lie in [0, 1]")
+        check_rates(self.priority_floor, self.success_decay)  # the sampler's, when the recipe loads
         SamplingParams(self.max_new_tokens, self.temperature, top_p=self.top_p)  # its own checks, named
 
 

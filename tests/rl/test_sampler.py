@@ -96,7 +96,9 @@ def test_bad_settings():
         ProblemSampler(["easy"], {0.2: {"easy": 1}})
     with pytest.raises(ValueError, match="no weight"):
         ProblemSampler(["easy"], {0.0: {"hard": 1}})
-    with pytest.raises(ValueError, match="floor"):
+    with pytest.raises(ValueError, match=r"priority_floor must lie in \(0, 1\], got 0"):
         ProblemSampler(["easy"], floor=0)
+    with pytest.raises(ValueError, match=r"success_decay must lie in \[0, 1\), got 1"):
+        ProblemSampler(["easy"], decay=1)
     with pytest.raises(ValueError, match="priority must be one of"):
         ProblemSampler(["easy"], priority="uncertainty")

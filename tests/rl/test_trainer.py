@@ -120,7 +120,10 @@ def test_config_checks():
         ({"clip_eps": 0}, "clip_eps > 0"),
         ({"grpo_level": "batch"}, "grpo_level is 'token'"),
         ({"priority": "success"}, "rl priority is 'signal' .* or 'failure' .*, got 'success'"),
-        ({"priority_floor": 1.5}, r"priority_floor and success_decay must lie in \[0, 1\]"),
+        ({"priority_floor": 1.5}, r"priority_floor must lie in \(0, 1\], got 1.5"),
+        ({"priority_floor": 0}, r"priority_floor must lie in \(0, 1\], got 0: .* would never draw again"),
+        ({"success_decay": 1}, r"success_decay must lie in \[0, 1\), got 1: .* first visit for ever"),
+        ({"success_decay": -0.1}, r"success_decay must lie in \[0, 1\), got -0.1"),
         ({"temperature": -1}, "temperature must be >= 0"),
         ({"top_p": 0}, "top_p must be in"),
     ):
