@@ -33,7 +33,7 @@ from kimivl.eval.synthetic import evaluate, heldout_records
 from kimivl.files import write_text_atomic
 from kimivl.model.kimivl import KimiVL
 from kimivl.precision import use_bf16
-from kimivl.processing.chat_template import parse_thinking
+from kimivl.processing.chat_template import THINK_CLOSE, THINK_OPEN, parse_thinking
 from kimivl.processing.processor import KimiVLProcessor
 from kimivl.processing.tokenizer import KimiTokenizer, train_bpe
 from kimivl.train.lock import run_lock
@@ -101,13 +101,27 @@ def _of_difficulty(name: str, path: Path, levels: list[str]):
 
 
 def _answers_only(record: dict) -> dict:
-    messages = [
-        {**m, "content": parse_thinking(m["content"])[1]}
-        if m["role"] == "assistant" and isinstance(m["content"], str)
-        else m
-        for m in record["messages"]
-    ]
+    """``record`` with each assistant turn's answer alone (``parse_thinking``): a text content, or each text part of a
+    list content that holds a think marker (the other parts, images among them, as they are)."""
+
+    def answer(content):
+        if isinstance(content, str):
+            return parse_thinking(content)[1]
+        if not isinstance(content, list):  # a malformed turn, which encoding names
+            return content
+        return [
+            {**part, "text": parse_thinking(part["text"])[1]}
+            if isinstance(part, dict) and part.get("type") == "text" and _has_think_marker(part.get("text"))
+            else part
+            for part in content
+        ]
+
+    messages = [{**m, "content": answer(m["content"])} if m["role"] == "assistant" else m for m in record["messages"]]
     return {**record, "messages": messages}
+
+
+def _has_think_marker(text) -> bool:
+    return isinstance(text, str) and (THINK_OPEN in text or THINK_CLOSE in text)
 
 
 def recipe_tokenizer(recipe: Recipe, sources: Sources, base_dir: Path | None, save: bool = True) -> KimiTokenizer:

@@ -317,6 +317,29 @@ def test_a_source_can_keep_only_some_difficulties(data_dir, tmp_path):
         sources(["easy"], [{"text": "a document", "meta": {"difficulty": "easy"}}])
 
 
+def test_an_answers_only_source_drops_the_thinking_of_text_and_of_text_parts(data_dir, tmp_path):
+    image = str(tmp_path / "red.png")
+    Image.new("RGB", (28, 28), COLOURS["red"]).save(image)
+    turns = [
+        "◁think▷ 2 + 2 ◁/think▷ 4",
+        [{"type": "text", "text": "◁think▷ r ◁/think▷ 4"}],
+        [{"type": "image", "image": image}, {"type": "text", "text": "◁think▷ red? ◁/think▷ red"}],
+        [{"type": "text", "text": "no thinking "}, {"type": "image", "image": image}],
+    ]
+    records = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": t}]} for t in turns]
+    write_records(tmp_path / "cot.jsonl", records)
+    d = recipe_dict(data_dir, tmp_path)
+    d["sources"]["cot"] = {"path": str(tmp_path / "cot.jsonl"), "answers_only": True}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(d))
+    answers = [r["messages"][1]["content"] for r in Sources(load_recipe(tmp_path / "r.yaml")).items["cot"]]
+    assert answers == [
+        "4",
+        [{"type": "text", "text": "4"}],
+        [{"type": "image", "image": image}, {"type": "text", "text": "red"}],
+        [{"type": "text", "text": "no thinking "}, {"type": "image", "image": image}],  # no marker: as it was
+    ]
+
+
 def test_a_failing_stage_leaves_the_model_as_it_came(data_dir, tmp_path, monkeypatch):
     from kimivl.processing.processor import KimiVLProcessor
     from kimivl.train import pipeline
