@@ -45,6 +45,7 @@ from kimivl.train.step import TrainingError, check_loss, optimizer_step
 
 log = logging.getLogger(__name__)
 OBJECTIVES = ("opmd", "grpo")
+OBJECTIVE_SETTINGS = {"opmd": ("tau",), "grpo": ("clip_eps", "grpo_level", "kl_coef")}  # read by that objective only
 
 
 @dataclass

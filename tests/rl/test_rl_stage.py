@@ -100,6 +100,12 @@ def test_bad_rl_settings_are_recipe_errors(problems, tmp_path):
         ({**stage, "rl": {"priority": "bogus"}}, "rl: rl priority is 'signal'"),
         ({**stage, "rl": {"samplez": 4}}, "samplez"),
         ({**stage, "rl": {"bf16": False}}, "bf16 is set for the whole recipe"),
+        (
+            {**stage, "rl": {"kl_coef": 0.1, "grpo_level": "sequence"}},
+            "rl: grpo_level, kl_coef set, which only objective grpo reads, and the stage trains with objective opmd: "
+            "remove them, or set objective: grpo",
+        ),
+        ({**stage, "rl": {"objective": "grpo", "tau": 0.3}}, "rl: tau set, which only objective opmd reads"),
     ):
         (tmp_path / "r.yaml").write_text(yaml.safe_dump({**base, "stages": [bad]}))
         with pytest.raises(RecipeError, match=match):  # when the recipe loads, before anything runs

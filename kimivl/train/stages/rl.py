@@ -7,7 +7,7 @@ from typing import Any
 
 from kimivl.data.indexed import Concat
 from kimivl.rl.rewards import REWARDS, binary
-from kimivl.rl.trainer import RLConfig, RLTrainer, prompt_of
+from kimivl.rl.trainer import OBJECTIVE_SETTINGS, RLConfig, RLTrainer, prompt_of
 from kimivl.train.recipe import Recipe, RecipeError
 from kimivl.train.stages.base import PartsSettings, Prepared, StageContext, check_records
 
@@ -37,11 +37,11 @@ class RLStage(PartsSettings):
 
 def rl_config(recipe: Recipe, stage: RLStage) -> RLConfig:
     """The ``RLConfig`` of an rl stage: its ``rl`` settings plus the stage's steps, budget, clip and ckpt_every, and
-    the recipe's bf16."""
+    the recipe's bf16. A setting of the objective the stage does not train with is an error (it would be ignored)."""
     if "bf16" in stage.rl:
         raise RecipeError(f"stage {stage.name!r}: rl: bf16 is set for the whole recipe (its top-level 'bf16')")
     try:
-        return RLConfig(
+        config = RLConfig(
             iterations=stage.steps,
             budget=stage.budget,
             clip=stage.clip,
@@ -52,6 +52,14 @@ def rl_config(recipe: Recipe, stage: RLStage) -> RLConfig:
         )
     except (TypeError, ValueError) as e:
         raise RecipeError(f"stage {stage.name!r}: rl: {e}") from None
+    for objective, keys in OBJECTIVE_SETTINGS.items():
+        unread = [k for k in keys if k in stage.rl]
+        if objective != config.objective and unread:
+            raise RecipeError(
+                f"stage {stage.name!r}: rl: {', '.join(unread)} set, which only objective {objective} reads, and the "
+                f"stage trains with objective {config.objective}: remove them, or set objective: {objective}"
+            )
+    return config
 
 
 def check_problems(stage: RLStage, ctx: StageContext) -> None:
