@@ -33,7 +33,8 @@ class SwiGLU(nn.Module):
 class Router(nn.Module):
     """Sigmoid scores; choice by score + ``e_score_correction_bias`` within the best groups; weights from the
     unbiased scores. Held in float32 whatever narrower dtype the rest of the model takes (the bias moves in tiny
-    steps), float64 in a float64 model: kimivl casts models with ``to_dtype``, which casts the routers so."""
+    steps), float64 in a float64 model: kimivl casts models with ``to_dtype``, which casts the routers so. Scores
+    likewise in float32 (float64 for float64 inputs), autocast or not, so training picks the experts inference does."""
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
@@ -43,8 +44,11 @@ class Router(nn.Module):
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts))
 
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns (weights (T, k) float32, expert ids (T, k), scores (T, E) float32)."""
-        scores_TE = F.linear(x_TD.float(), self.weight.float()).sigmoid()
+        """Returns (weights (T, k), expert ids (T, k), scores (T, E)); weights and scores in float32, or float64 for
+        float64 ``x_TD``."""
+        dtype = torch.promote_types(x_TD.dtype, torch.float32)
+        with torch.autocast(x_TD.device.type, enabled=False):  # autocast would run the linear in bf16
+            scores_TE = F.linear(x_TD.to(dtype), self.weight.to(dtype)).sigmoid()
         choice_TE = scores_TE.detach() + self.e_score_correction_bias
         if self.n_group > 1:
             t, e = choice_TE.shape

@@ -78,3 +78,29 @@ def test_a_plain_cast_rounds_the_router_too():
     assert torch.equal(gate.weight.float(), w.bfloat16().float())
     x = torch.randn(5, cfg.hidden_size).bfloat16()
     assert gate(x)[2].dtype == torch.float32
+
+
+def test_the_router_scores_in_float32_under_bf16_autocast():
+    """Training runs under autocast; its routers must pick the experts inference picks (autocast ran F.linear in
+    bf16, and 25 of 1000 tokens took another expert set)."""
+    cfg, lm = tiny_lm()
+    gate = lm.model.layers[1].mlp.gate
+    with torch.no_grad():
+        gate.weight.normal_(0, 0.5)
+    x = torch.randn(1000, cfg.hidden_size, generator=torch.Generator().manual_seed(1))
+    want = gate(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = gate(x)
+    assert got[2].dtype == torch.float32
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+def test_a_float64_router_scores_in_float64():
+    cfg, lm = tiny_lm()
+    to_dtype(lm, torch.float64)
+    gate = lm.model.layers[1].mlp.gate
+    x = torch.randn(6, cfg.hidden_size, dtype=torch.float64)
+    w_TK, idx_TK, scores_TE = gate(x)
+    assert w_TK.dtype == scores_TE.dtype == torch.float64
+    torch.testing.assert_close(scores_TE, (x @ gate.weight.T).sigmoid(), rtol=1e-15, atol=1e-15)
