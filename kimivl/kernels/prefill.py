@@ -79,8 +79,12 @@ def _partial(q_BHSD, rows_BNX, expand, scale, mask, *, causal):
     each query's log-sum-exp (B, H, S)."""
     k_BNHD, v_BNHE = expand(rows_BNX)
     d, e = k_BNHD.shape[-1], v_BNHE.shape[-1]
-    if e < d:  # the fused CPU kernel needs equal head dims: zero-padded values, the padding dropped after
+    # the fused CPU kernel needs equal head dims: zero-padded values (the padding dropped after), or zero-padded
+    # queries and keys, which leave the scores as they were (the scale is given)
+    if e < d:
         v_BNHE = F.pad(v_BNHE, (0, d - e))
+    elif e > d:
+        q_BHSD, k_BNHD = F.pad(q_BHSD, (0, e - d)), F.pad(k_BNHD, (0, e - d))
     k_BHND, v_BHND = k_BNHD.transpose(1, 2), v_BNHE.transpose(1, 2)
     o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q_BHSD, k_BHND, v_BHND, 0.0, causal, attn_mask=mask, scale=scale

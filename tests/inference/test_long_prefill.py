@@ -1,7 +1,10 @@
 """Chunked prefill on the compressed cache in key blocks, in the model: logits at every prompt position equal the
-uncached forward (float32, left-padded batch, chunks and key blocks that split cache blocks), greedy generation and
+uncached forward (float32, left-padded batch, chunks and key blocks that split cache blocks; values wider than keys
+too), greedy generation and
 logits equal the former path (the whole cache expanded to per-head keys and values in each pass), and a pass's live
 memory stays flat as the context grows where the former path's grows with it."""
+
+import dataclasses
 
 import pytest
 import torch
@@ -11,6 +14,8 @@ from kimivl.inference.generate import generate_ids
 from kimivl.inference.sampling import SamplingParams
 from kimivl.kernels import dispatch
 from kimivl.model import mla
+from kimivl.model.init import init_weights
+from kimivl.model.language_model import LanguageModel
 from tests.kernels.test_prefill import live_peak
 
 
@@ -43,6 +48,36 @@ def test_chunks_in_key_blocks_equal_the_uncached_forward(tiny_model, monkeypatch
     assert full.abs().max() > 0.1
     for row, p in enumerate(prompts):  # real positions only: padding queries see only themselves in both
         torch.testing.assert_close(cached[row, -len(p) :], full[row, -len(p) :], atol=2e-5, rtol=2e-5)
+
+
+@torch.no_grad()
+def test_values_wider_than_keys_prefill_as_the_uncached_forward(tiny_config, monkeypatch):
+    """v_head_dim above qk_nope + qk_rope (a valid config): the fused kernel needs equal head dims, so the cached
+    prefill pads queries and keys; its logits equal the uncached forward's."""
+    monkeypatch.setattr("kimivl.kernels.prefill.PREFILL_KEY_BLOCK", 8)
+    cfg = dataclasses.replace(tiny_config.text_config, v_head_dim=40)  # keys 16 + 8 = 24 wide
+    lm = LanguageModel(cfg).eval()
+    init_weights(lm, seed=3, std=0.1)
+    g = torch.Generator().manual_seed(6)
+    ids, mask, positions = padded([torch.randint(5, 3000, (n,), generator=g).tolist() for n in (30, 17)])
+    embeds = lm.model.embed_tokens(ids)
+    full = lm.logits(lm(embeds, position_ids=positions, attention_mask=mask))
+    cache = MLACache(cfg, 2, ids.shape[1])
+    parts = [
+        lm.logits(
+            lm(
+                embeds[:, a : a + 12],
+                position_ids=positions[:, a : a + 12],
+                cache=cache,
+                attention_mask=mask[:, : a + 12],
+            )
+        )
+        for a in range(0, ids.shape[1], 12)
+    ]
+    cached = torch.cat(parts, 1)
+    assert full.abs().max() > 0.1
+    torch.testing.assert_close(cached[0], full[0], atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(cached[1, -17:], full[1, -17:], atol=2e-5, rtol=2e-5)
 
 
 @torch.no_grad()

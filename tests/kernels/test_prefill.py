@@ -38,9 +38,10 @@ def reference(q_BSHD, kv_BKX, expand, scale, valid_BK=None):
 
 
 @pytest.mark.parametrize("key_block", [3, 8, 64])
-def test_key_blocks_equal_one_softmax_float32(key_block):
+@pytest.mark.parametrize("d,e", [(12, 8), (12, 12), (8, 12)])  # values narrower, as wide, wider than keys
+def test_key_blocks_equal_one_softmax_float32(key_block, d, e):
     g = torch.Generator().manual_seed(0)
-    b, h, x, d, e, s = 3, 4, 20, 12, 8, 6
+    b, h, x, s = 3, 4, 20, 6
     sizes = [7, 3, 16, 1, 9]  # cache blocks of uneven sizes; the chunk's own 6 keys straddle the last two
     blocks = [torch.randn(b, n, x, generator=g) for n in sizes]
     kv = torch.cat(blocks, 1)
