@@ -1,8 +1,7 @@
 """Chunked prefill on the compressed cache in key blocks, in the model: logits at every prompt position equal the
 uncached forward (float32, left-padded batch, chunks and key blocks that split cache blocks; values wider than keys
-too), greedy generation and
-logits equal the former path (the whole cache expanded to per-head keys and values in each pass), and a pass's live
-memory stays flat as the context grows where the former path's grows with it."""
+too), greedy generation and logits equal the former path (the whole cache expanded to per-head keys and values in
+each pass), and a pass's live memory stays flat as the context grows where the former path's grows with it."""
 
 import dataclasses
 
