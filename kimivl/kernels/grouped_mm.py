@@ -3,7 +3,8 @@
 Grouped matmuls are not autocast ops, so autocast is followed by hand. On CPU each expert's rows are padded to a
 power of two below ``CPU_GROUP_ROWS`` and to a multiple of it above: the CPU kernel prepares one plan per distinct
 group size, which costs more than the multiply itself when sizes change every batch; rounded sizes recur, and a
-decoding step's one or few rows per expert are not padded to 32.
+decoding step's one or few rows per expert are not padded to 32. Float64, and widths whose rows are not multiples of
+16 bytes, run one matmul per expert instead (``torch._grouped_mm`` takes neither).
 """
 
 from __future__ import annotations
@@ -42,8 +43,10 @@ def grouped_swiglu(
 
 def _grouped_mm(x_NK: torch.Tensor, w_EKM: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Rows of group e (ending at ``offsets[e]``) times ``w_EKM[e]``: ``torch._grouped_mm``, or one matmul per group
-    in float64, which it does not multiply."""
-    if x_NK.dtype != torch.float64:
+    where it cannot: in float64, which it does not multiply, and where a row of ``x_NK`` or ``w_EKM`` is not a
+    multiple of 16 bytes (e.g. a hidden size not a multiple of 8 in bf16), which it requires."""
+    aligned = all(s * t.element_size() % 16 == 0 for t in (x_NK, w_EKM) for s in t.stride() if s != 1)
+    if x_NK.dtype != torch.float64 and aligned:
         return torch._grouped_mm(x_NK, w_EKM, offs=offsets)
     ends = offsets.tolist()
     return torch.cat([x_NK[a:b] @ w_EKM[e] for e, (a, b) in enumerate(zip([0, *ends], ends))])

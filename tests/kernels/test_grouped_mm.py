@@ -1,5 +1,6 @@
 """kimivl.kernels.grouped_mm: the routed experts' grouped matmuls, CPU row padding and autocast."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -79,3 +80,26 @@ def test_grouped_swiglu_multiplies_float64_which_grouped_mm_does_not():
             expected[t] += weight * (down[e] @ (F.silu(gate) * up))
     assert got.dtype == torch.float64
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dim,hidden", [(12, 8), (16, 6), (10, 5)])
+def test_sizes_grouped_mm_cannot_stride_run_per_group(dtype, dim, hidden):
+    """torch._grouped_mm wants rows of 16 bytes: a hidden size or expert width not a multiple of 8 (bf16) or 4
+    (float32) raised "strides should be multiple of 16 bytes"; such sizes run one matmul per expert instead."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(11, dim, generator=g)
+    idx = torch.randint(0, 4, (11, 2), generator=g)
+    idx[:, 1] = (idx[:, 0] + 1) % 4
+    w = torch.rand(11, 2, generator=g)
+    gate_up, down = torch.randn(4, 2 * hidden, dim, generator=g) / 4, torch.randn(4, dim, hidden, generator=g) / 3
+    x, w, gate_up, down = (t.to(dtype) for t in (x, w, gate_up, down))
+    expected = torch.zeros(11, dim, dtype=torch.float64)  # one token at a time, in float64 from the same values
+    for t in range(11):
+        for e, weight in zip(idx[t].tolist(), w[t].double()):
+            gate, up = (gate_up[e].double() @ x[t].double()).chunk(2)
+            expected[t] += weight * (down[e].double() @ (F.silu(gate) * up))
+    got = grouped_swiglu(x, idx, w, gate_up, down)
+    assert got.dtype == dtype
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(got.double(), expected, rtol=tol, atol=tol)
