@@ -25,7 +25,10 @@ def rope_rotation(positions: torch.Tensor, dim: int, theta: float) -> torch.Tens
 
 def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs (2i, 2i+1) of ``x`` (..., dim) by ``rot`` (complex, broadcastable to (..., dim/2))."""
-    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2).contiguous())
+    # a fresh copy: a one-token slice of a wider row (the rope key after an odd kv_lora_rank) is a contiguous view at
+    # an odd offset, which .contiguous() keeps and view_as_complex refuses
+    x32 = x.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+    xc = torch.view_as_complex(x32.reshape(*x.shape[:-1], -1, 2))
     return torch.view_as_real(xc * rot).flatten(-2).to(x.dtype)
 
 
