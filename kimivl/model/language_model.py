@@ -36,7 +36,8 @@ class TextModel(nn.Module):
 
 
 class LanguageModel(nn.Module):
-    """Decoder + untied head. ``forward`` returns final hidden states (B, S, D); ``logits`` maps them to float32."""
+    """Decoder + untied head. ``forward`` returns final hidden states (B, S, D); ``logits`` maps them to float32
+    (float64 in a float64 model)."""
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
@@ -44,9 +45,12 @@ class LanguageModel(nn.Module):
         self.model = TextModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
-    def rotation(self, position_ids: torch.Tensor) -> torch.Tensor:
+    def rotation(self, position_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """RoPE rotations for ``position_ids``, computed in float32, or float64 for float64 ``dtype``."""
         cfg = self.config
-        return rope_rotation(position_ids, cfg.qk_rope_head_dim, cfg.rope_theta)
+        return rope_rotation(
+            position_ids, cfg.qk_rope_head_dim, cfg.rope_theta, torch.promote_types(dtype, torch.float32)
+        )
 
     def forward(
         self,
@@ -80,7 +84,7 @@ class LanguageModel(nn.Module):
                     f"got {tuple(attention_mask.shape)}"
                 )
             key_valid = attention_mask.bool()
-        rot = self.rotation(position_ids)
+        rot = self.rotation(position_ids, inputs_embeds.dtype)
         h = inputs_embeds
         for i, layer in enumerate(self.model.layers):
             layer_cache = cache.layer(i) if cache is not None else None
@@ -90,7 +94,8 @@ class LanguageModel(nn.Module):
         return self.model.norm(h)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        logits = self.lm_head(hidden)
+        return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
 def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:

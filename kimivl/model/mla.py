@@ -16,19 +16,21 @@ from kimivl.kernels import attention, latent_decode_attention, latent_prefill_at
 from kimivl.model.norm import RMSNorm
 
 
-def rope_rotation(positions: torch.Tensor, dim: int, theta: float) -> torch.Tensor:
-    """Unit complex rotations (positions.shape + (dim/2,)): pair i turns by pos * theta^(-2i/dim), in float32."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim)
-    angles = positions.float()[..., None] * inv_freq
+def rope_rotation(positions: torch.Tensor, dim: int, theta: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Unit complex rotations (positions.shape + (dim/2,)): pair i turns by pos * theta^(-2i/dim), computed in
+    ``dtype`` (float32, or float64 for a float64 model)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, device=positions.device, dtype=dtype) / dim)
+    angles = positions.to(dtype)[..., None] * inv_freq
     return torch.polar(torch.ones_like(angles), angles)
 
 
 def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (2i, 2i+1) of ``x`` (..., dim) by ``rot`` (complex, broadcastable to (..., dim/2))."""
+    """Rotate interleaved pairs (2i, 2i+1) of ``x`` (..., dim) by ``rot`` (complex, broadcastable to (..., dim/2)),
+    in float32 (float64 for float64 ``x``)."""
     # a fresh copy: a one-token slice of a wider row (the rope key after an odd kv_lora_rank) is a contiguous view at
     # an odd offset, which .contiguous() keeps and view_as_complex refuses
-    x32 = x.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
-    xc = torch.view_as_complex(x32.reshape(*x.shape[:-1], -1, 2))
+    x_wide = x.to(torch.promote_types(x.dtype, torch.float32), memory_format=torch.contiguous_format, copy=True)
+    xc = torch.view_as_complex(x_wide.reshape(*x.shape[:-1], -1, 2))
     return torch.view_as_real(xc * rot).flatten(-2).to(x.dtype)
 
 

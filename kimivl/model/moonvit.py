@@ -46,8 +46,11 @@ def check_grids(grid_hws: torch.Tensor, num_patches: int, max_grid: int | None =
     return grids
 
 
-def rope_2d_freqs(grids: list[Grid], head_dim: int, theta: float, device=None) -> torch.Tensor:
-    """Unit complex rotations (N, D/2) in complex64: pair 2i turns by col*f_i, pair 2i+1 by row*f_i.
+def rope_2d_freqs(
+    grids: list[Grid], head_dim: int, theta: float, device=None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Unit complex rotations (N, D/2), computed in ``dtype`` (float32, or float64 for a float64 model): pair 2i
+    turns by col*f_i, pair 2i+1 by row*f_i.
 
     f_i = 1 / theta^(4i/D) for i < D/4; positions restart at (0, 0) for every image.
     """
@@ -58,16 +61,17 @@ def rope_2d_freqs(grids: list[Grid], head_dim: int, theta: float, device=None) -
     image_N = torch.repeat_interleave(torch.arange(len(grids), device=device), counts, output_size=n)
     local_N = torch.arange(n, device=device) - (counts.cumsum(0) - counts)[image_N]
     w_N = ws[image_N]
-    inv_freq_Q = 1.0 / theta ** (torch.arange(0, head_dim, 4, device=device)[: head_dim // 4].float() / head_dim)
-    col_NQ = (local_N % w_N).float()[:, None] * inv_freq_Q
-    row_NQ = (local_N // w_N).float()[:, None] * inv_freq_Q
+    inv_freq_Q = 1.0 / theta ** (torch.arange(0, head_dim, 4, device=device)[: head_dim // 4].to(dtype) / head_dim)
+    col_NQ = (local_N % w_N).to(dtype)[:, None] * inv_freq_Q
+    row_NQ = (local_N // w_N).to(dtype)[:, None] * inv_freq_Q
     angle_NP = torch.stack((col_NQ, row_NQ), dim=-1).flatten(1)
     return torch.polar(torch.ones_like(angle_NP), angle_NP)
 
 
 def apply_rope_2d(x_ND: torch.Tensor, freqs_NP: torch.Tensor) -> torch.Tensor:
-    """Rotate consecutive pairs (2j, 2j+1) of the last dim of ``x_N...D`` by ``freqs_NP``, in float32."""
-    x_NP = torch.view_as_complex(x_ND.float().unflatten(-1, (-1, 2)))
+    """Rotate consecutive pairs (2j, 2j+1) of the last dim of ``x_N...D`` by ``freqs_NP``, in float32 (float64 for
+    float64 ``x_N...D``)."""
+    x_NP = torch.view_as_complex(x_ND.to(torch.promote_types(x_ND.dtype, torch.float32)).unflatten(-1, (-1, 2)))
     freqs_NP = freqs_NP.view(freqs_NP.shape[0], *[1] * (x_ND.dim() - 2), freqs_NP.shape[1])
     return torch.view_as_real(x_NP * freqs_NP).flatten(-2).type_as(x_ND)
 
@@ -79,12 +83,13 @@ def cu_seqlens_of(grids: list[Grid], device=None) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=256)
-def bicubic_matrix(n_out: int, n_in: int, device: torch.device) -> torch.Tensor:
-    """(n_out, n_in) float32 weights of PyTorch's 1-D bicubic resize (align_corners=False, edges clamped), read off
-    by resizing the identity: a 2-D bicubic resize is this matrix applied along each axis. Cached per device, and
-    built outside inference mode, so that a matrix first made during generation can later be used in training."""
+def bicubic_matrix(n_out: int, n_in: int, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(n_out, n_in) weights of PyTorch's 1-D bicubic resize (align_corners=False, edges clamped) in ``dtype``, read
+    off by resizing the identity: a 2-D bicubic resize is this matrix applied along each axis. Cached per device and
+    dtype, and built outside inference mode, so that a matrix first made during generation can later be used in
+    training."""
     with torch.inference_mode(False), torch.no_grad():
-        eye_1CH1 = torch.eye(n_in)[None, :, :, None]
+        eye_1CH1 = torch.eye(n_in, dtype=dtype)[None, :, :, None]
         a_oi = F.interpolate(eye_1CH1, size=(n_out, 1), mode="bicubic", align_corners=False)[0, :, :, 0].T
         return a_oi.contiguous().to(device)
 
@@ -99,15 +104,15 @@ class PositionEmbedding(nn.Module):
 
     def table(self, h: int, w: int) -> torch.Tensor:
         """The table resized to (h, w) as ``F.interpolate(mode="bicubic")`` would (within float32 rounding), flattened
-        row-major to (h*w, C). Run as two small float32 matmuls: their backward is several times faster on CPU than
-        the bicubic kernel's."""
+        row-major to (h*w, C). Run as two small float32 (float64 in a float64 model) matmuls: their backward is
+        several times faster on CPU than the bicubic kernel's."""
         height, width = self.weight.shape[:2]
         if (h, w) == (height, width):
             return self.weight.flatten(0, 1)
-        device = self.weight.device
+        device, dtype = self.weight.device, torch.promote_types(self.weight.dtype, torch.float32)
         with torch.autocast(device.type, enabled=False):
-            a_hH, a_wW = (bicubic_matrix(n, m, device) for n, m in ((h, height), (w, width)))
-            resized_hwC = torch.einsum("hH,HWC,wW->hwC", a_hH, self.weight.float(), a_wW)
+            a_hH, a_wW = (bicubic_matrix(n, m, device, dtype) for n, m in ((h, height), (w, width)))
+            resized_hwC = torch.einsum("hH,HWC,wW->hwC", a_hH, self.weight.to(dtype), a_wW)
         return resized_hwC.flatten(0, 1).to(self.weight.dtype)
 
     def forward(self, x_NC: torch.Tensor, grids: list[Grid]) -> torch.Tensor:
@@ -202,7 +207,8 @@ class MoonViT(nn.Module):
             )
         grids = check_grids(grid_hws, pixel_values.shape[0])
         x_NC = self.patch_embed(pixel_values, grids)
-        freqs_NP = rope_2d_freqs(grids, self.config.head_dim, self.config.rope_theta, device=x_NC.device)
+        wide = torch.promote_types(x_NC.dtype, torch.float32)
+        freqs_NP = rope_2d_freqs(grids, self.config.head_dim, self.config.rope_theta, device=x_NC.device, dtype=wide)
         return self.encoder(x_NC, freqs_NP, cu_seqlens_of(grids, device=x_NC.device))
 
 

@@ -17,7 +17,8 @@ LOGITS_LIMIT = 1 << 26  # float32 logit elements materialised at once (256 MiB)
 def target_logprobs(
     hidden_ND: torch.Tensor, weight_VD: torch.Tensor, targets_N: torch.Tensor, limit: int | None = None
 ) -> torch.Tensor:
-    """log softmax(hidden @ weight.T)[target] per position, float32 (N,); differentiable in hidden and weight.
+    """log softmax(hidden @ weight.T)[target] per position, float32 (float64 for float64 hidden states) (N,);
+    differentiable in hidden and weight.
     Under autocast the head's matmuls run in the autocast dtype, as ``nn.Linear`` would. ``limit``: logits held at
     once (default ``LOGITS_LIMIT``)."""
     if hidden_ND.shape[:-1] != targets_N.shape:
@@ -25,7 +26,7 @@ def target_logprobs(
     limit = LOGITS_LIMIT if limit is None else limit
     vocab = weight_VD.shape[0]
     if hidden_ND.shape[0] * vocab <= limit:
-        logits_NV = F.linear(hidden_ND, weight_VD).float()
+        logits_NV = _widened(F.linear(hidden_ND, weight_VD))
         return F.log_softmax(logits_NV, -1).gather(-1, targets_N[:, None]).squeeze(-1)
     device = hidden_ND.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden_ND.dtype
@@ -50,9 +51,14 @@ def next_token_loss(
     return -logprobs_N.mean()
 
 
+def _widened(logits: torch.Tensor) -> torch.Tensor:
+    """Logits in float32, or float64 when they are float64."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
 def _logits(hidden_ND, weight_VD, dtype):
     with torch.autocast(hidden_ND.device.type, enabled=False):
-        return (hidden_ND.to(dtype) @ weight_VD.to(dtype).T).float()
+        return _widened(hidden_ND.to(dtype) @ weight_VD.to(dtype).T)
 
 
 class _ChunkedLogprobs(torch.autograd.Function):
@@ -62,7 +68,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden_ND, weight_VD, targets_N, dtype, limit):
         rows = max(1, limit // weight_VD.shape[0])
-        out_N = torch.empty(targets_N.shape, dtype=torch.float32, device=hidden_ND.device)
+        out_N = torch.empty(targets_N.shape, dtype=torch.promote_types(dtype, torch.float32), device=hidden_ND.device)
         lse_N = torch.empty_like(out_N)
         w = weight_VD.to(dtype)
         for s in range(0, len(targets_N), rows):
