@@ -5,7 +5,8 @@ decode (a file's size checked against ``max_bytes`` before it is read, its heade
 pixels are decoded; a pipe or device must start like an image and is read up to ``max_bytes``), apply the EXIF
 orientation, convert to RGB, then
 1. if (w//p)*(h//p) > in_token_limit: resize by sqrt(limit / ((w//p)*(h//p))) to (int(w*s), int(h*s)), BICUBIC;
-2. pad right/bottom with zero pixels to multiples of p*merge (``pad_input``; otherwise centre-crop to multiples of p);
+2. pad right/bottom with zero pixels to multiples of p*merge (``pad_input``; otherwise centre-crop to multiples of
+   p*merge, see below);
 3. keep every side under 512 patches (the size of MoonViT's RoPE table): the spec rejects such grids, here an image
    that long is scaled down further until its padded grid fits (see below), and refused only if that leaves a side
    under one pixel;
@@ -18,7 +19,9 @@ the original mode, so palette images were resized with nearest-neighbour), trans
 a background (the release drops alpha, exposing whatever colour transparent pixels store; ``background=None``
 restores that), 16-bit images are rescaled instead of being clipped at 255, float images must hold values in [0, 1]
 (anything else is refused, not clipped), and an image with a side of 512 patches or more is scaled down to fit
-MoonViT's RoPE table instead of being refused (the official model cannot take it either way).
+MoonViT's RoPE table instead of being refused (the official model cannot take it either way). Without ``pad_input``
+the release centre-crops to multiples of p, which leaves grids that the 2x2 patch merge cannot divide (a 70x42 image:
+grid (3, 5)); here it crops to multiples of p*merge, so every grid merges and the announced tokens are the ones made.
 """
 
 from __future__ import annotations
@@ -359,13 +362,16 @@ class ImageProcessor:
         """Patch grid (rows, cols) of an upright image of this size; an ImageError for a size ``preprocess`` refuses."""
         w, h = self.resized_size(width, height, name)
         p = self.patch_size
+        mh, mw = self.merge_kernel_size
         if self.pad_input:
-            mh, mw = self.merge_kernel_size
             return -(-h // (p * mh)) * mh, -(-w // (p * mw)) * mw
-        if w < p or h < p:
+        if w < p * mw or h < p * mh:  # cropped to whole merge blocks, so that the patch merge divides the grid
             label = f"image {name}" if name else "an image"
-            raise ImageError(f"{label} ({w}x{h}) is smaller than one {p}x{p} patch and pad_input is off")
-        return h // p, w // p
+            raise ImageError(
+                f"{label} ({w}x{h}) is smaller than one {p * mw}x{p * mh} block of {mw}x{mh} merged patches and "
+                "pad_input is off"
+            )
+        return h // (p * mh) * mh, w // (p * mw) * mw
 
     def image_tokens(self, width: int, height: int) -> int:
         """LM tokens of an image of this size (EXIF turns do not change the count)."""
@@ -378,7 +384,7 @@ class ImageProcessor:
 
     # ---- processing ---------------------------------------------------------------------------------------
     def _rescale(self, img: Image.Image, name: str) -> Image.Image:
-        """Steps 1-3: resized, then padded (or cropped) to the patch grid ``grid_hw`` gives."""
+        """Steps 1-3: resized, then padded (or centre-cropped) to the patch grid ``grid_hw`` gives."""
         gh, gw = self.grid_hw(*img.size, name)
         size = self.resized_size(*img.size)
         if size != img.size:

@@ -82,12 +82,14 @@ def test_downscale_uses_pil_bicubic():
 
 
 def test_center_crop_without_pad():
+    """Cropped to whole 2x2 merge blocks (28 pixels), not 14: a crop to 98x42 gave grid (3, 7), which the patch merge
+    cannot divide."""
     a = photo(100, 50)
     out = ImageProcessor(pad_input=False)(a)
-    assert out["image_grid_hws"].tolist() == [[3, 7]]  # 98x42, offsets left 1, top 4
-    np.testing.assert_allclose(pixel(out["pixel_values"], 7, 0, 0), normalised(a[4, 1]), atol=1e-6)
+    assert out["image_grid_hws"].tolist() == [[2, 6]]  # 84x28, offsets left 8, top 11
+    np.testing.assert_allclose(pixel(out["pixel_values"], 6, 0, 0), normalised(a[11, 8]), atol=1e-6)
     with pytest.raises(ImageError, match="smaller than one"):
-        ImageProcessor(pad_input=False)(photo(10, 40))
+        ImageProcessor(pad_input=False)(photo(20, 40))
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
@@ -318,8 +320,21 @@ def test_grid_hw_refuses_what_preprocess_refuses_and_names_the_rope_limit():
     with pytest.raises(ImageError, match="no pixels"):
         proc.grid_hw(0, 10)
     crop = ImageProcessor(pad_input=False)
-    assert crop.grid_hw(30, 14) == (1, 2)
-    with pytest.raises(ImageError, match=r"\(13x30\) is smaller than one 14x14 patch and pad_input is off"):
-        crop.grid_hw(13, 30)
-    with pytest.raises(ImageError, match="smaller than one 14x14 patch"):
-        crop.preprocess(np.zeros((30, 13, 3), np.uint8))
+    assert crop.grid_hw(30, 28) == (2, 2)
+    with pytest.raises(ImageError, match=r"\(27x30\) is smaller than one 28x28 block of 2x2 merged patches and pad_"):
+        crop.grid_hw(27, 30)
+    with pytest.raises(ImageError, match="smaller than one 28x28 block"):
+        crop.preprocess(np.zeros((30, 27, 3), np.uint8))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("pad_input", [False, True])
+def test_announced_tokens_are_the_encoders_output_at_odd_sizes(tiny_model, pad_input):
+    """Without padding, a 70x42 image was cropped to grid (3, 5): announced as 2 tokens, then refused by the patch
+    merge ("not divisible by the merge kernel")."""
+    proc = ImageProcessor(pad_input=pad_input)
+    for i, (w, h) in enumerate([(70, 42), (99, 57), (43, 29), (28, 28), (141, 83), (57, 200)]):
+        out = proc(photo(w, h, seed=i))
+        assert out["image_grid_hws"].tolist() == [list(proc.grid_hw(w, h))]
+        feats = tiny_model.get_image_features(out["pixel_values"], out["image_grid_hws"])
+        assert feats.shape[0] == proc.image_tokens(w, h) > 0, (w, h)
