@@ -1,9 +1,10 @@
 """Batched generation on token ids with the compressed MLA cache.
 
 Prompts of different lengths are left-padded into one batch; each row's positions start at its first real token,
-and padding is masked out of attention, so a greedy row generates exactly what it would alone. A seeded batch
-samples from one generator, so a sampled row depends on the rows beside it (RL's k answers to one prompt, side by
-side, differ so); the server seeds each choice apart (seed + i).
+and padding is masked out of attention, so in float32 a greedy row generates exactly what it would alone. In bf16 the
+batch's matmuls round differently from a single row's, which can flip a near-tie: with kimivl-tiny, 1 of 18 rows
+left its answer alone at the 8th token. A seeded batch samples from one generator, so a sampled row depends on the
+rows beside it (RL's k answers to one prompt, side by side, differ so); the server seeds each choice apart (seed + i).
 """
 
 from __future__ import annotations
