@@ -10,7 +10,10 @@ timestamped frames (see ``kimivl.processing.video``), or ``{"type": "video", "fr
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kimivl.processing.image import ImageProcessor
 
 ROLES = ("system", "user", "assistant")
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant"
@@ -58,7 +61,7 @@ def _image_payload(part: dict, where: str) -> Any:
     raise MessageError(f"{where}: image part has no 'image' (or 'image_url' / 'url') value")
 
 
-def _video_parts(part: dict, where: str) -> list[dict]:
+def _video_parts(part: dict, where: str, image_processor: ImageProcessor | None) -> list[dict]:
     from kimivl.processing.image import MAX_PIXELS
     from kimivl.processing.video import DEFAULT_FPS, DEFAULT_MAX_FRAMES, frames_to_parts, load_video
 
@@ -73,11 +76,14 @@ def _video_parts(part: dict, where: str) -> list[dict]:
         max_frames=part.get("max_frames", DEFAULT_MAX_FRAMES),
         max_decoded=part.get("max_decoded"),
         max_frame_pixels=part.get("max_frame_pixels", MAX_PIXELS),
+        image_processor=image_processor,
     )
     return frames_to_parts(frames, times)
 
 
-def _render_content(content: Any, where: str, media: list) -> list[Segment]:
+def _render_content(
+    content: Any, where: str, media: list, image_processor: ImageProcessor | None = None
+) -> list[Segment]:
     if isinstance(content, str):
         return [(content, False)]
     if not isinstance(content, list):
@@ -92,7 +98,7 @@ def _render_content(content: Any, where: str, media: list) -> list[Segment]:
             media.append(_image_payload(part, at))
             out.append((IMAGE_PLACEHOLDER, True))
         else:
-            out += _render_content(_video_parts(part, at), at, media)
+            out += _render_content(_video_parts(part, at, image_processor), at, media)
     return out
 
 
@@ -107,9 +113,12 @@ def apply_chat_template(messages: list[dict], add_generation_prompt: bool = True
     return "".join(text for text, _ in segments), media
 
 
-def chat_segments(messages: list[dict], add_generation_prompt: bool = True) -> tuple[list[Segment], list]:
+def chat_segments(
+    messages: list[dict], add_generation_prompt: bool = True, image_processor: ImageProcessor | None = None
+) -> tuple[list[Segment], list]:
     """``messages`` as ``(text, is_structure)`` segments in order, and the images in placeholder order. Only
-    structure segments may be encoded with special tokens; content segments are plain text."""
+    structure segments may be encoded with special tokens; content segments are plain text. Video frames are
+    resized as they are decoded, as ``image_processor`` (default: the official settings) resizes images."""
     if not isinstance(messages, list) or not messages:
         raise MessageError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
     media: list = []
@@ -125,7 +134,7 @@ def chat_segments(messages: list[dict], add_generation_prompt: bool = True) -> t
             raise MessageError(f"{where}: missing 'content'")
         if i == 0 and role != "system":
             out += _turn("system", [(DEFAULT_SYSTEM_PROMPT, False)])
-        out += _turn(role, _render_content(msg["content"], where, media))
+        out += _turn(role, _render_content(msg["content"], where, media, image_processor))
     if add_generation_prompt:
         out.append((GENERATION_PROMPT, True))
     return out, media

@@ -53,10 +53,23 @@ FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF", "ICO")
 UNIT_TOLERANCE = 1e-3  # how far outside [0, 1] a float pixel may stray (rounding) before the image is refused
 BACKGROUNDS = {"black": (0, 0, 0), "white": (255, 255, 255), None: None}
 READ_CHUNK = 1 << 20
+SOURCE_SIZE = "kimivl.source_size"  # PIL info key: the size of the whole image a smaller one was scaled from
 
 
 class ImageError(ValueError):
     """An image that cannot be read or processed."""
+
+
+def source_size(img: Image.Image) -> tuple[int, int]:
+    """The (w, h) of the whole image that ``img`` was scaled down from, as ``info[SOURCE_SIZE]`` records it (a video
+    frame decoded straight to the size the image processor gives the whole frame), else ``img``'s own size.
+    Preprocessing uses it in place of ``img``'s size: that size's grid, and ``img`` resized to the size it gives
+    (already so for such a frame; resizing that size anew could give a smaller grid). Only a tuple counts: an image
+    file's own metadata (PNG text is a string) never does."""
+    size = img.info.get(SOURCE_SIZE)
+    if isinstance(size, tuple) and len(size) == 2 and all(type(n) is int and n >= 1 for n in size):
+        return size
+    return img.size
 
 
 def _describe(image: Any) -> str:
@@ -385,8 +398,9 @@ class ImageProcessor:
     # ---- processing ---------------------------------------------------------------------------------------
     def _rescale(self, img: Image.Image, name: str) -> Image.Image:
         """Steps 1-3: resized, then padded (or centre-cropped) to the patch grid ``grid_hw`` gives."""
-        gh, gw = self.grid_hw(*img.size, name)
-        size = self.resized_size(*img.size)
+        source = source_size(img)  # a video frame decoded straight to its size is not resized again
+        gh, gw = self.grid_hw(*source, name)
+        size = self.resized_size(*source)
         if size != img.size:
             img = img.resize(size, Image.Resampling.BICUBIC)
         w, h = img.size

@@ -67,7 +67,7 @@ class KimiVLProcessor:
 
     def encode(self, messages: list[dict], add_generation_prompt: bool = True) -> Encoded:
         """A conversation as a prompt for generation."""
-        segments, media = chat_segments(messages, add_generation_prompt=add_generation_prompt)
+        segments, media = chat_segments(messages, add_generation_prompt, self.image_processor)
         images = self.image_processor(media)
         ids = self._expand(self.encode_segments(segments), images["image_grid_hws"])
         return Encoded(ids, images["pixel_values"], images["image_grid_hws"])

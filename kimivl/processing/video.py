@@ -4,12 +4,14 @@ A video enters the chat as its sampled frames, each an ordinary image preceded b
 
     00:00.0<|media_start|>image<|media_content|><|media_pad|><|media_end|>00:01.0<|media_start|>image...
 
-Timestamps are ``MM:SS.d`` (minutes, seconds, tenths), with an ``H:`` prefix from one hour on (``1:02:03.5``); they
-must be finite, non-negative and under ``MAX_TIMESTAMP`` (a hundred hours). Decoded frames larger than
-``max_pixels`` are scaled down as they are decoded (the image processor shrinks them to its patch budget anyway), so a
-video of huge frames holds small ones in memory; frames over ``max_frame_pixels`` (the image processor's pixel cap)
-are refused from the header, before any is decoded. Frames are turned upright as the file's display rotation asks.
-``frames_to_parts`` builds these content parts; ``apply_chat_template`` does it for ``{"type": "video"}`` parts.
+Timestamps are ``MM:SS.d`` (minutes, seconds, tenths), with an ``H:`` prefix from one hour on (``1:02:03.5``); they must
+be finite, non-negative and under ``MAX_TIMESTAMP`` (a hundred hours). Each kept frame is resized as it is decoded
+(FFmpeg's bicubic scaler) to the size the image processor gives the whole frame, and marked with the whole frame's size
+(``image.SOURCE_SIZE``) so that the processor leaves it as it is: a video of huge frames holds small ones in memory, and
+a frame gets the grid and tokens of the whole frame given as an image, and nearly its pixels. Frames over
+``max_frame_pixels`` (the image processor's pixel cap) are refused from the header, before any is decoded. Frames are
+turned upright as the file's display rotation asks. ``frames_to_parts`` builds these content parts;
+``apply_chat_template`` does it for ``{"type": "video"}`` parts.
 """
 
 from __future__ import annotations
@@ -22,11 +24,10 @@ from typing import Any, BinaryIO
 import numpy as np
 from PIL import Image
 
-from kimivl.processing.image import MAX_PIXELS
+from kimivl.processing.image import MAX_PIXELS, SOURCE_SIZE, ImageError, ImageProcessor
 
 DEFAULT_FPS = 1.0
 DEFAULT_MAX_FRAMES = 64
-DEFAULT_MAX_PIXELS = 1 << 20  # per kept frame; above the image processor's default budget (4096 patches of 14x14)
 MAX_TIMESTAMP = 360_000.0  # seconds
 
 
@@ -117,24 +118,21 @@ def _duration(container, stream, start: float, fps: float, max_frames: int) -> f
     return duration if math.isfinite(duration) and duration >= 0 else None  # else a damaged header
 
 
-def _fit(width: int, height: int, max_pixels: int) -> tuple[int, int]:
-    """(w, h) scaled down, aspect kept, to at most ``max_pixels``; unchanged when it fits."""
-    if width * height <= max_pixels:
-        return width, height
-    scale = math.sqrt(max_pixels / (width * height))
-    return max(1, int(width * scale)), max(1, int(height * scale))
-
-
 def _positive(value: Any, name: str, kind: type) -> None:
     ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
     if not (ok and math.isfinite(value) and value > 0):
         raise VideoError(f"need {name} > 0 (a finite {'number' if kind is float else 'integer'}), got {value!r}")
 
 
+def _quarters(rotation: float) -> int:
+    """Quarter turns counter-clockwise for a display matrix's ``rotation`` (degrees, as PyAV gives it)."""
+    return round(rotation / 90) % 4
+
+
 def _upright(image: Image.Image, rotation: float) -> Image.Image:
-    """``image`` turned as the file's display matrix asks (``rotation``: degrees counter-clockwise, as PyAV gives
-    it), to the nearest quarter turn: a phone's portrait video comes out portrait."""
-    quarter = round(rotation / 90) % 4
+    """``image`` turned as the file's display matrix asks, to the nearest quarter turn: a phone's portrait video
+    comes out portrait."""
+    quarter = _quarters(rotation)
     turns = {1: Image.Transpose.ROTATE_90, 2: Image.Transpose.ROTATE_180, 3: Image.Transpose.ROTATE_270}
     return image.transpose(turns[quarter]) if quarter else image
 
@@ -160,29 +158,30 @@ def load_video(
     source: str | os.PathLike | bytes | BinaryIO,
     fps: float = DEFAULT_FPS,
     max_frames: int = DEFAULT_MAX_FRAMES,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
     max_decoded: int | None = None,
     max_frame_pixels: int = MAX_PIXELS,
+    image_processor: ImageProcessor | None = None,
 ) -> tuple[list[Image.Image], list[float]]:
     """Decode ``source`` and sample frames at ``fps``; more than ``max_frames`` samples are thinned uniformly.
 
-    The frame for time t is the one on screen at t (the last frame starting at or before t). Returns RGB
-    PIL frames, upright (turned as the file's display rotation asks), each scaled down to at most ``max_pixels`` as
-    it is decoded, and their times in seconds from the start of the stream (a frame before the start counts as 0).
-    A stream whose duration is unknown (or ambiguous, see ``_duration``) is sampled at ``fps`` to its end, holding at
-    most ``2 * max_frames`` samples (every other one is dropped, and then every other sample is skipped, whenever
-    they reach that), then thinned. A video whose frames are over ``max_frame_pixels`` (the image processor's
-    ``max_pixels``) is a ``VideoError`` before any frame is decoded. With ``max_decoded``, a video with more frames
-    to decode is a ``VideoError`` (a server's bound on the work one request can ask for).
+    The frame for time t is the one on screen at t (the last frame starting at or before t). Returns RGB PIL frames,
+    upright (turned as the file's display rotation asks), each decoded straight to the size ``image_processor``
+    (default: the official settings) gives the whole frame, and their times in seconds from the start of the stream (a
+    frame before the start counts as 0). A stream whose duration is unknown (or ambiguous, see ``_duration``) is sampled
+    at ``fps`` to its end, holding at most ``2 * max_frames`` samples (every other one is dropped, and then every other
+    sample is skipped, whenever they reach that), then thinned. A video whose frames are over ``max_frame_pixels`` (the
+    image processor's ``max_pixels``), or too elongated for it, is a ``VideoError`` before any frame is decoded. With
+    ``max_decoded``, a video with more frames to decode is a ``VideoError`` (a server's bound on the work one request
+    can ask for).
     """
     import av
 
     _positive(fps, "fps", float)
     _positive(max_frames, "max_frames", int)
-    _positive(max_pixels, "max_pixels", int)
     _positive(max_frame_pixels, "max_frame_pixels", int)
     if max_decoded is not None:
         _positive(max_decoded, "max_decoded", int)
+    processor = image_processor or ImageProcessor()
     name = _describe(source)
     if isinstance(source, (bytes, bytearray)):
         source = io.BytesIO(source)
@@ -199,6 +198,11 @@ def load_video(
                 f"video {name} has {width}x{height} frames = {width * height} pixels, over max_frame_pixels="
                 f"{max_frame_pixels}; send it scaled down"
             )
+        try:
+            if width and height:  # a header may leave the size to the first frame
+                processor.resized_size(width, height)  # a frame too elongated to be an image
+        except ImageError as e:
+            raise VideoError(f"video {name}: {e}") from None
 
     with container:
         if not container.streams.video:
@@ -223,10 +227,12 @@ def load_video(
             sampled, last = sampled + 1, max(t, 0.0)
             if (sampled - 1) % every:
                 return
-            size = _fit(frame.width, frame.height, max_pixels)
-            scaled = size != (frame.width, frame.height)
-            image = frame.to_image(width=size[0], height=size[1]) if scaled else frame.to_image()
-            frames.append(_upright(image, frame.rotation))
+            # straight to the size the processor gives the whole frame (the same turned, so turning after is the same)
+            w, h = processor.resized_size(frame.width, frame.height)
+            image = _upright(frame.to_image(width=w, height=h, interpolation="BICUBIC"), frame.rotation)
+            turned = _quarters(frame.rotation) % 2
+            image.info[SOURCE_SIZE] = (frame.height, frame.width) if turned else (frame.width, frame.height)
+            frames.append(image)
             times.append(max(t, 0.0))
             if len(frames) == 2 * max_frames:
                 del frames[1::2], times[1::2]

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
 
-from kimivl.processing.image import ImageError, ImageProcessor
+from kimivl.processing.image import ImageError, ImageProcessor, source_size
 from kimivl.processing.video import VideoError, frames_to_parts, load_video
 from tests.fuzz.common import case, expect, fuzz
 from tests.processing.test_video_frames import make_video
@@ -100,8 +100,8 @@ def video():
 
 
 def _frames(source):
-    frames, times = load_video(source, fps=2.0, max_frames=4, max_pixels=1 << 12)
-    assert len(frames) == len(times) <= 4 and all(f.size[0] * f.size[1] <= 1 << 12 for f in frames)
+    frames, times = load_video(source, fps=2.0, max_frames=4, image_processor=PROCESSOR)
+    assert len(frames) == len(times) <= 4 and all(f.size == PROCESSOR.resized_size(*source_size(f)) for f in frames)
     assert all(t >= 0 for t in times)
     return frames
 

@@ -7,9 +7,9 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
-from kimivl.processing.image import CLIP_MEAN, CLIP_STD, ImageError, ImageProcessor
+from kimivl.processing.image import CLIP_MEAN, CLIP_STD, SOURCE_SIZE, ImageError, ImageProcessor, source_size
 
 MEAN = np.array(CLIP_MEAN, dtype=np.float32)
 STD = np.array(CLIP_STD, dtype=np.float32)
@@ -338,3 +338,26 @@ def test_announced_tokens_are_the_encoders_output_at_odd_sizes(tiny_model, pad_i
         assert out["image_grid_hws"].tolist() == [list(proc.grid_hw(w, h))]
         feats = tiny_model.get_image_features(out["pixel_values"], out["image_grid_hws"])
         assert feats.shape[0] == proc.image_tokens(w, h) > 0, (w, h)
+
+
+def test_an_image_marked_with_its_source_size_is_processed_as_that_source():
+    ip = ImageProcessor()
+    img = Image.fromarray(photo(1210, 676))
+    small = img.resize((1205, 673), Image.Resampling.BICUBIC)  # the size the processor gives img
+    assert ip.resized_size(1210, 676) == (1205, 673) and ip.resized_size(1205, 673) == (1200, 670)
+    assert ip.preprocess(small)[1] == (48, 86)  # unmarked, it is over the budget again and resized anew
+    small.info[SOURCE_SIZE] = (1210, 676)  # as a video frame decoded straight to that size is marked
+    (got, grid), (want, want_grid) = ip.preprocess(small), ip.preprocess(img)
+    assert grid == want_grid == (50, 88) and torch.equal(got, want)
+    shrunk = img.resize((605, 338), Image.Resampling.BICUBIC)  # smaller than that: resized up to it
+    shrunk.info[SOURCE_SIZE] = (1210, 676)
+    assert ip.preprocess(shrunk)[1] == (50, 88)
+
+
+def test_an_image_files_own_metadata_is_not_a_source_size(tmp_path):
+    meta = PngImagePlugin.PngInfo()
+    meta.add_text(SOURCE_SIZE, "(4000, 4000)")
+    Image.fromarray(photo(100, 50)).save(tmp_path / "a.png", pnginfo=meta)
+    ip = ImageProcessor()
+    assert ip.load(tmp_path / "a.png").info[SOURCE_SIZE] == "(4000, 4000)"
+    assert source_size(ip.load(tmp_path / "a.png")) == (100, 50) and ip.preprocess(tmp_path / "a.png")[1] == (4, 8)

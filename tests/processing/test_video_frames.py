@@ -5,8 +5,11 @@ import threading
 import av
 import numpy as np
 import pytest
+from PIL import Image
 
 from kimivl.processing.chat_template import IMAGE_PLACEHOLDER, apply_chat_template
+from kimivl.processing.image import ImageProcessor, source_size
+from kimivl.processing.processor import KimiVLProcessor
 from kimivl.processing.video import VideoError, format_timestamp, frames_to_parts, load_video
 
 
@@ -171,16 +174,16 @@ def green_corner(frame) -> str:
 @pytest.mark.parametrize(
     "rotation, size, scaled, corner",
     [
-        (0, (64, 32), (44, 22), "top-left"),
-        (-90, (32, 64), (22, 44), "top-right"),  # a 90 degree clockwise turn, as a phone held upright records
-        (90, (32, 64), (22, 44), "bottom-left"),
-        (180, (64, 32), (44, 22), "bottom-right"),
+        (0, (64, 32), (45, 22), "top-left"),
+        (-90, (32, 64), (22, 45), "top-right"),  # a 90 degree clockwise turn, as a phone held upright records
+        (90, (32, 64), (22, 45), "bottom-left"),
+        (180, (64, 32), (45, 22), "bottom-right"),
     ],
 )
 def test_frames_are_turned_upright_by_the_display_rotation(rotation, size, scaled, corner):
     video = make_clip(fmt="mp4", rotation=rotation)
     assert next(av.open(io.BytesIO(video)).decode(video=0)).rotation == (rotation if rotation != 180 else -180)
-    frames, times = load_video(video, max_pixels=1000)  # scaled down, then turned: the pixel budget is the same
+    frames, times = load_video(video, image_processor=ImageProcessor(in_token_limit=4))  # 8 patches: 0.71 a side
     assert times == [0.0] and frames[0].size == scaled
     frames, _ = load_video(video)
     assert frames[0].size == size and green_corner(frames[0]) == corner
@@ -222,3 +225,68 @@ def test_sampling_far_above_the_frame_rate_costs_no_more_than_the_frames():
     assert not thread.is_alive(), "sampling stepped through every 1/fps"
     frames, times = result[0]
     assert len(frames) == 25 and levels(frames) == list(range(25))
+
+
+def make_still(w: int, h: int, rotation: int = 0) -> bytes:
+    """A one-frame mp4 of a w x h picture with detail everywhere (gradients, a checkerboard, stripes)."""
+    y, x = np.mgrid[0:h, 0:w]
+    a = np.stack([x * 255 // w, y * 255 // h, (x // 37 + y // 23) % 2 * 200 + (x + y) % 50], -1).astype(np.uint8)
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as c:
+        s = c.add_stream("mpeg4", rate=1)
+        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+        if rotation:
+            s.set_display_rotation(rotation)
+        for packet in [*s.encode(av.VideoFrame.from_ndarray(a, format="rgb24")), *s.encode()]:
+            c.mux(packet)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "w, h, rotation",
+    [(1920, 1080, 0), (1080, 1920, 0), (3840, 2160, 0), (1210, 676, 0), (160, 90, 0), (1920, 1080, -90)],
+)
+def test_a_decoded_frame_is_processed_as_the_whole_frame_given_as_an_image(small_processor, tmp_path, w, h, rotation):
+    path = tmp_path / "still.mp4"
+    path.write_bytes(make_still(w, h, rotation))
+    whole = next(av.open(str(path)).decode(video=0)).to_image()
+    if rotation:  # -90: a quarter turn clockwise
+        whole = whole.transpose(Image.Transpose.ROTATE_270)
+    video = small_processor.encode([{"role": "user", "content": [{"type": "video", "video": str(path)}]}])
+    image = small_processor.encode(
+        [{"role": "user", "content": [{"type": "text", "text": "00:00.0"}, {"type": "image", "image": whole}]}]
+    )
+    ip = small_processor.image_processor
+    assert video.image_grid_hws.tolist() == image.image_grid_hws.tolist() == [list(ip.grid_hw(*whole.size))]
+    assert video.input_ids == image.input_ids  # the same tokens: the frame's text and its (h/2)*(w/2) pads
+    # FFmpeg's bicubic scaler (from YUV 4:2:0) in place of Pillow's (from RGB): close (0.04-0.07 here), not equal
+    assert (video.pixel_values - image.pixel_values).abs().mean() < 0.1  # 0.1 of a unit: 7 of 255 levels
+    (frame,), _ = load_video(path)  # held at the size the processor gives it, not whole
+    assert frame.size == ip.resized_size(*whole.size) and source_size(frame) == whole.size
+    # 1210x676 is resized to 1205x673, which is over the budget again: resizing it anew would give a (48, 86) grid
+    assert (w, h) != (1210, 676) or ip.grid_hw(*frame.size) == (48, 86) != ip.grid_hw(*whole.size)
+
+
+def test_frames_are_resized_for_the_processor_that_reads_them(small_processor):
+    video = make_still(1920, 1080)
+    whole = next(av.open(io.BytesIO(video)).decode(video=0)).to_image()
+    ip = ImageProcessor(in_token_limit=64)
+    enc = KimiVLProcessor(small_processor.tokenizer, ip).encode(
+        [{"role": "user", "content": [{"type": "video", "video": video}]}]
+    )
+    as_image = ip(whole)
+    assert enc.image_grid_hws.tolist() == as_image["image_grid_hws"].tolist() == [[6, 12]]
+    assert (enc.pixel_values - as_image["pixel_values"]).abs().mean() < 0.05
+    frames, _ = load_video(video)  # resized for the official settings (1196x672), then read by another processor
+    got = ip(frames)
+    assert frames[0].size == (1196, 672) and got["image_grid_hws"].tolist() == [[6, 12]]
+    assert (got["pixel_values"] - as_image["pixel_values"]).abs().mean() < 0.05  # resized twice, so not exactly
+
+
+def test_frames_too_elongated_to_be_images_are_refused_before_decoding(monkeypatch):
+    video = make_video(n=1, rate=1, codec="rawvideo", fmt="matroska", w=2, h=16000)
+    decoded = []
+    monkeypatch.setattr(av.container.InputContainer, "decode", lambda *a, **k: decoded.append(1) or iter(()))
+    with pytest.raises(VideoError, match=r"2x16000 image is too elongated: .*under 512 patches"):
+        load_video(video)
+    assert not decoded
