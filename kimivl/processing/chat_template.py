@@ -5,7 +5,8 @@ Messages are dicts ``{"role": "system"|"user"|"assistant", "content": str | list
 or ``"url"`` are accepted in place of ``"image"``), or ``{"type": "video", "video": <path | bytes | file>,
 "fps": 1.0, "max_frames": 64, "max_decoded": None, "max_frame_pixels": 2**26}`` which is decoded and written as
 timestamped frames (see ``kimivl.processing.video``), or ``{"type": "video", "frames": [images], "timestamps":
-[seconds]}`` for frames sampled beforehand.
+[seconds]}`` for frames sampled beforehand (timestamps may be an array; without them, one frame a second). Numbers
+may be numpy's.
 """
 
 from __future__ import annotations
@@ -66,8 +67,7 @@ def _video_parts(part: dict, where: str, image_processor: ImageProcessor | None)
     from kimivl.processing.video import DEFAULT_FPS, DEFAULT_MAX_FRAMES, frames_to_parts, load_video
 
     if part.get("frames") is not None:  # pre-sampled frames (the data format's alternative to a file)
-        frames = part["frames"]
-        return frames_to_parts(frames, part.get("timestamps") or [float(i) for i in range(len(frames))])
+        return frames_to_parts(part["frames"], part.get("timestamps"))  # no timestamps: one frame a second
     if part.get("video") is None:
         raise MessageError(f"{where}: video part has no 'video' (a file) or 'frames' (a list of images)")
     frames, times = load_video(

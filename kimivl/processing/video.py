@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import math
+import numbers
 import os
 from typing import Any, BinaryIO
 
@@ -43,25 +44,37 @@ def format_timestamp(seconds: float) -> str:
     return f"{h}:{s}" if h else s
 
 
-def frames_to_parts(frames: list, timestamps: list[float]) -> list[dict]:
-    """Content parts for a video: timestamp text then the frame image, per frame."""
+def _is_real(value: Any) -> bool:
+    """A real number, numpy's included; not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def frames_to_parts(frames: list, timestamps: Any = None) -> list[dict]:
+    """Content parts for a video: timestamp text then the frame image, per frame. ``timestamps`` (seconds) is a list
+    or tuple of numbers (numpy's too), an array of them (a numpy array or a tensor: anything with ``tolist``), or
+    None for one frame a second."""
+    if timestamps is None and isinstance(frames, (list, tuple)):
+        timestamps = [float(i) for i in range(len(frames))]
+    if not isinstance(timestamps, (list, tuple)) and hasattr(timestamps, "tolist"):
+        timestamps = timestamps.tolist()
     if not isinstance(frames, (list, tuple)) or not isinstance(timestamps, (list, tuple)):
         raise VideoError(
-            f"video frames and timestamps must be lists, got {type(frames).__name__} and {type(timestamps).__name__}"
+            f"video frames must be a list and timestamps a list or an array, got {type(frames).__name__} and "
+            f"{type(timestamps).__name__}"
         )
     if not frames:
         raise VideoError("a video part holds no frames: give at least one")
     if len(frames) != len(timestamps):
         raise VideoError(f"{len(frames)} frames but {len(timestamps)} timestamps")
     for i, t in enumerate(timestamps):
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or not 0 <= t < MAX_TIMESTAMP:
+        if not _is_real(t) or not math.isfinite(t) or not 0 <= t < MAX_TIMESTAMP:
             raise VideoError(
                 f"video frame {i} has timestamp {t!r}: timestamps must be finite numbers of seconds >= 0 and under "
                 f"{MAX_TIMESTAMP:.0f}"
             )
     parts: list[dict] = []
     for frame, t in zip(frames, timestamps):
-        parts += [{"type": "text", "text": format_timestamp(t)}, {"type": "image", "image": frame}]
+        parts += [{"type": "text", "text": format_timestamp(float(t))}, {"type": "image", "image": frame}]
     return parts
 
 
@@ -118,10 +131,12 @@ def _duration(container, stream, start: float, fps: float, max_frames: int) -> f
     return duration if math.isfinite(duration) and duration >= 0 else None  # else a damaged header
 
 
-def _positive(value: Any, name: str, kind: type) -> None:
-    ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
+def _positive(value: Any, name: str, kind: type) -> float | int:
+    """``value`` as a Python ``kind`` (float or int) once checked to be a finite number (numpy's too) above 0."""
+    ok = _is_real(value) and (kind is float or isinstance(value, numbers.Integral))
     if not (ok and math.isfinite(value) and value > 0):
         raise VideoError(f"need {name} > 0 (a finite {'number' if kind is float else 'integer'}), got {value!r}")
+    return kind(value)
 
 
 def _quarters(rotation: float) -> int:
@@ -176,11 +191,11 @@ def load_video(
     """
     import av
 
-    _positive(fps, "fps", float)
-    _positive(max_frames, "max_frames", int)
-    _positive(max_frame_pixels, "max_frame_pixels", int)
+    fps = _positive(fps, "fps", float)
+    max_frames = _positive(max_frames, "max_frames", int)
+    max_frame_pixels = _positive(max_frame_pixels, "max_frame_pixels", int)
     if max_decoded is not None:
-        _positive(max_decoded, "max_decoded", int)
+        max_decoded = _positive(max_decoded, "max_decoded", int)
     processor = image_processor or ImageProcessor()
     name = _describe(source)
     if isinstance(source, (bytes, bytearray)):

@@ -5,6 +5,7 @@ import threading
 import av
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from kimivl.processing.chat_template import IMAGE_PLACEHOLDER, apply_chat_template
@@ -290,3 +291,39 @@ def test_frames_too_elongated_to_be_images_are_refused_before_decoding(monkeypat
     with pytest.raises(VideoError, match=r"2x16000 image is too elongated: .*under 512 patches"):
         load_video(video)
     assert not decoded
+
+
+def test_numpy_numbers_and_arrays_of_timestamps_are_accepted(video):
+    frames = [np.zeros((28, 28, 3), np.uint8)] * 3
+
+    def chat(**part):
+        return apply_chat_template([{"role": "user", "content": [{"type": "video", "frames": frames, **part}]}])[0]
+
+    want = chat(timestamps=[0.0, 1.0, 2.5])
+    assert "00:00.0" in want and "00:02.5" in want
+    for times in (
+        np.array([0.0, 1.0, 2.5]),
+        np.array([0.0, 1.0, 2.5], np.float32),
+        [np.float32(0), np.int64(1), np.float64(2.5)],
+        (0, np.int32(1), 2.5),
+        torch.tensor([0.0, 1.0, 2.5]),
+    ):
+        assert chat(timestamps=times) == want, times
+    assert chat() == chat(timestamps=np.arange(3))  # none given: one a second
+    for bad, message in (
+        (np.array([0.0, np.nan, 1.0]), "frame 1 has timestamp nan"),
+        (np.array([[0.0, 1.0, 2.0]]), "1 timestamps"),
+        ([0.0, np.bool_(True), 2.0], "frame 1 has timestamp"),
+        ([], "3 frames but 0 timestamps"),  # an empty list is not a missing one
+        ("0 1 2", "timestamps a list or an array, got list and str"),
+    ):
+        with pytest.raises(VideoError, match=message):
+            chat(timestamps=bad)
+    settings = {"fps": np.float32(4), "max_frames": np.int64(5), "max_decoded": np.int32(100)}
+    times = load_video(video, **settings)[1]
+    assert times == load_video(video, fps=4, max_frames=5)[1] and len(times) == 5
+    assert all(type(t) is float for t in times)
+    text, media = apply_chat_template([{"role": "user", "content": [{"type": "video", "video": video, **settings}]}])
+    assert len(media) == 5 and "00:02.2" in text
+    with pytest.raises(VideoError, match="need max_frames > 0"):
+        load_video(video, max_frames=np.float64(5))
