@@ -77,18 +77,45 @@ class SamplingParams:
         return cls(**sampling)
 
 
-def sample_next(
-    logits_BV: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """Next token ids (B,) from last-position logits (B, V)."""
+def check_logits(logits_BV: torch.Tensor, temperature: float = 0.0) -> None:
+    """A ``SamplingError`` unless every row of ``logits_BV`` (B, V) has a token to choose: no NaN, no +inf (softmax
+    over it is NaN, argmax meaningless) and at least one finite logit (all -inf: every token masked out). -inf beside
+    finite logits is a mask, and fine. ``temperature``: the logits were divided by it (under 1, finite logits may have
+    overflowed float32). One reduction when all is well (a row's max is finite exactly then: max propagates NaN); the
+    rest only names what is wrong."""
+    if bool(torch.isfinite(logits_BV.amax(-1)).all()):
+        return
     if bool(torch.isnan(logits_BV).any()):
         raise SamplingError(
             "the model's logits hold NaN: its weights (or inputs) are not finite; check the "
             "checkpoint (loading it warns about NaN/inf tensors)"
         )
+    limit = torch.finfo(torch.float32).max * temperature
+    scaled = f" (or logits beyond +-{limit:.2g}, which overflow once divided by temperature {temperature:g})"
+    scaled = scaled if 0 < temperature < 1 else ""
+    rows = (logits_BV == float("inf")).any(-1).nonzero().flatten().tolist()
+    if rows:
+        raise SamplingError(
+            f"the model's logits hold +inf (row {', '.join(map(str, rows))}){scaled}: no token can be chosen from "
+            "them; the model overflowed (float16?) or its weights are not finite"
+        )
+    rows = (~torch.isfinite(logits_BV).any(-1)).nonzero().flatten().tolist()  # what is left: rows all -inf
+    raise SamplingError(
+        f"row {', '.join(map(str, rows))} of the logits holds no finite value (all -inf){scaled}: every token is "
+        "masked out, so none can be chosen"
+    )
+
+
+def sample_next(
+    logits_BV: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Next token ids (B,) from last-position logits (B, V); -inf logits are masked out. Logits holding NaN or +inf,
+    or a row with no finite logit, are a ``SamplingError`` (``check_logits``)."""
     if params.temperature == 0:
+        check_logits(logits_BV)
         return logits_BV.argmax(-1)
     logits_BV = logits_BV.float() / params.temperature
+    check_logits(logits_BV, params.temperature)  # after dividing: top-k and top-p keep a finite logit in every row
     if params.top_k:
         kth = logits_BV.topk(min(params.top_k, logits_BV.shape[-1]), dim=-1).values[:, -1:]
         logits_BV = logits_BV.masked_fill(logits_BV < kth, float("-inf"))

@@ -104,3 +104,41 @@ def test_non_finite_logits_are_an_error_not_garbage(tiny_model):
         with pytest.raises(SamplingError, match="logits hold NaN"):
             generate_ids(tiny_model, [[5, 6]], params=SamplingParams(max_new_tokens=2, temperature=temperature))
     assert math.isnan(float(tiny_model.language_model.lm_head.weight[7, 0].detach()))
+
+
+INF = float("inf")
+SETTINGS = [
+    SamplingParams(),
+    SamplingParams(temperature=1.0),
+    SamplingParams(temperature=0.7, top_k=2),
+    SamplingParams(temperature=1.0, top_p=0.5),
+]
+
+
+@pytest.mark.parametrize("params", SETTINGS)
+def test_infinite_logits_and_rows_with_nothing_to_choose_are_errors(params):
+    g = torch.Generator().manual_seed(0)
+    fine = [0.0, 1.0, -INF, 2.0]  # a masked token beside it: not an error
+    with pytest.raises(SamplingError, match=r"the model's logits hold \+inf \(row 1\).*: no token can be chosen"):
+        sample_next(torch.tensor([fine, [0.0, INF, 0.0, 0.0]]), params, g)
+    with pytest.raises(SamplingError, match=r"row 1 of the logits holds no finite value \(all -inf\)"):
+        sample_next(torch.tensor([fine, [-INF] * 4]), params, g)
+    with pytest.raises(SamplingError, match="row 0, 1 of the logits holds no finite value"):
+        sample_next(torch.full((2, 4), -INF, dtype=torch.bfloat16), params, g)
+
+
+def test_finite_logits_that_overflow_at_a_low_temperature_are_named():
+    g = torch.Generator().manual_seed(0)
+    with pytest.raises(SamplingError, match=r"\+inf .row 0. .or logits beyond \+-3.4e\+34, which overflow once"):
+        sample_next(torch.tensor([[0.0, 3e35, 0.0]]), SamplingParams(temperature=1e-4), g)
+    assert int(sample_next(torch.tensor([[0.0, 3e35, 0.0]]), SamplingParams(temperature=1e-3), g)) == 1
+
+
+@pytest.mark.parametrize("params", [*SETTINGS, SamplingParams(temperature=1.0, top_k=4)])
+def test_logits_masked_with_minus_inf_are_chosen_around_the_mask(params):
+    logits = torch.tensor([[0.0, -INF, 0.5, -INF, 0.2], [-INF, -INF, -INF, 3.0, -INF]])
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample_next(logits, params, g) for _ in range(300)])
+    assert set(draws[:, 1].tolist()) == {3}  # the one token left
+    want = {2} if params.temperature == 0 else {2, 4} if params.top_k == 2 or params.top_p < 1 else {0, 2, 4}
+    assert set(draws[:, 0].tolist()) == want
