@@ -28,7 +28,7 @@ import torch
 
 from kimivl.inference.cache import MLACache
 from kimivl.inference.generate import prefill
-from kimivl.inference.sampling import SamplingParams, sample_next, seeded_generator
+from kimivl.inference.sampling import SamplingError, SamplingParams, check_logits, sample_next, seeded_generator
 
 log = logging.getLogger(__name__)
 
@@ -473,7 +473,7 @@ class Engine:
         logits = lm.logits(hidden[:, -1])
         batch.positions = batch.positions + 1
         greedy = logits.argmax(-1).tolist()  # sample_next's greedy choice for all rows at once
-        nan = torch.isnan(logits).any(-1).tolist()
+        bad = (~torch.isfinite(logits.amax(-1))).tolist()  # NaN, +inf, or no finite logit: nothing to choose from
         context = self.model.config.text_config.max_position_embeddings
         tokens = []
         for i, (row, position) in enumerate(zip(batch.rows, batch.positions.tolist())):
@@ -481,12 +481,17 @@ class Engine:
                 tokens.append(0)
                 continue
             params = row.request.params
-            if nan[i]:  # this row's request fails; the others go on
+            try:
+                if bad[i]:
+                    check_logits(logits[i : i + 1])  # names what is wrong
+                token = (
+                    greedy[i] if params.temperature == 0 else int(sample_next(logits[i : i + 1], params, row.generator))
+                )
+            except SamplingError as e:  # this row's request fails; the others go on
                 tokens.append(0)
                 if not row.request.cancelled:
-                    self._fail(row.request, "the model's logits hold NaN for this request")
+                    self._fail(row.request, f"this request's next token cannot be chosen: {e}")
                 continue
-            token = greedy[i] if params.temperature == 0 else int(sample_next(logits[i : i + 1], params, row.generator))
             tokens.append(token)
             if not row.request.cancelled:
                 row.add(token, self._stop_ids)

@@ -6,6 +6,7 @@ a pack fails alone."""
 from __future__ import annotations
 
 import collections
+import re
 import threading
 import time
 
@@ -180,3 +181,63 @@ def test_a_token_that_completes_two_stop_strings_ends_the_text_before_the_earlie
         choice.add(1, set())
         assert choice.text == "A " and choice.finish == "stop", stop
         assert "".join(e[2] for e in events if e[0] == "text") == "A "
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+@pytest.mark.parametrize("poison", ["+inf", "all -inf", "nan"])
+def test_a_decode_step_with_nothing_to_choose_from_fails_its_requests_and_the_engine_goes_on(
+    loaded, monkeypatch, temperature, poison
+):
+    """+inf logits (an overflow) made greedy rows take the argmax silently and sampled rows raise out of the step;
+    now each such row's request fails with the reason, and the engine serves the next request."""
+    model, processor = loaded
+    lm = model.language_model
+    real, real_step, poisoned, stepping = lm.logits, Engine._step, threading.Event(), threading.Event()
+
+    def step(self, batch):  # a decode step's logits are poisoned, not a prefill's
+        stepping.set()
+        try:
+            real_step(self, batch)
+        finally:
+            stepping.clear()
+
+    def logits(hidden):
+        out = real(hidden)
+        if poisoned.is_set() and stepping.is_set():
+            out = out.clone()
+            if poison == "+inf":
+                out[:, 7] = float("inf")
+            else:
+                out[:] = float("-inf") if poison == "all -inf" else float("nan")
+        return out
+
+    monkeypatch.setattr(lm, "logits", logits)
+    monkeypatch.setattr(Engine, "_step", step)
+    engine = Engine(model, processor, max_batch=4)
+    engine.start()
+    try:
+        params = SamplingParams(max_new_tokens=6, temperature=temperature, seed=1)
+        events = [[] for _ in range(3)]
+        done = [threading.Event() for _ in range(3)]
+
+        def submit(i):
+            def emit(event):
+                events[i].append(event)
+                if event[0] in ("done", "error"):
+                    done[i].set()
+
+            messages = [{"role": "user", "content": f"What is {i} plus {i}?"}]
+            engine.submit(Request(processor.encode(messages).input_ids, None, None, params, emit))
+
+        poisoned.set()
+        submit(0), submit(1)
+        assert done[0].wait(60) and done[1].wait(60)
+        want = {"+inf": "hold \\+inf", "all -inf": "no finite value", "nan": "hold NaN"}[poison]
+        for i in (0, 1):
+            assert events[i][-1][0] == "error", events[i]
+            assert re.search(f"next token cannot be chosen: .*{want}", events[i][-1][1]), events[i][-1]
+        poisoned.clear()
+        submit(2)
+        assert done[2].wait(60) and events[2][-1][0] == "done" and events[2][-1][3] > 0, events[2]
+    finally:
+        engine.shutdown()
