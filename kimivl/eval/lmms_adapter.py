@@ -9,7 +9,14 @@ Importing this module with lmms-eval installed registers the model as ``kimivl``
 ones: ``args = (context, gen_kwargs, doc_to_visual, doc_id, task, split)``; the visuals (PIL images, image
 paths, or video paths) come first in the user turn, unless the context has one ``<image>`` mark per image, in
 which case they go there. ``gen_kwargs`` ``max_new_tokens``, ``temperature``, ``top_p`` and ``until`` (stop
-strings, cut from the answer) are honoured. Only generation is supported: ``loglikelihood`` raises.
+strings, cut from the answer) are honoured. Of a thinking model's output only the answer goes to lmms-eval's
+scorers, as ``kimivl eval`` scores it (``official_text``: the text after ``◁/think▷``, an unclosed reasoning as the
+empty answer), and the stop strings are cut from that answer; ``keep_thinking=true`` passes the whole output on.
+Only generation is supported: ``loglikelihood`` raises.
+
+Model arguments (``--model_args``, strings): ``pretrained``, ``dtype`` (bfloat16, float16, float32, float64; default the
+checkpoint's), ``device``, ``batch_size`` (a positive integer, or ``auto`` for 1), ``max_new_tokens`` (a positive
+integer, default 1024), ``keep_thinking`` (true/false, default false); a bad value is a ``ValueError`` naming it.
 """
 
 from __future__ import annotations
@@ -56,6 +63,24 @@ def request_messages(context: str, visuals) -> list[dict]:
     return [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}]
 
 
+def _positive_int(name: str, value) -> int:
+    """``value`` (an int or its decimal string, as model_args give it) if a positive integer, else a ValueError."""
+    text = str(value).strip()
+    if isinstance(value, bool) or not text.isascii() or not text.isdigit() or int(text) < 1:
+        raise ValueError(f"KimiVLLmms: {name} must be a positive integer, got {value!r}")
+    return int(text)
+
+
+def _flag(name: str, value) -> bool:
+    """A boolean model argument: a bool, or true/false (yes/no, 1/0) as a string."""
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "1"):
+        return True
+    if text in ("false", "no", "0"):
+        return False
+    raise ValueError(f"KimiVLLmms: {name} must be true or false, got {value!r}")
+
+
 def _cut(text: str, until) -> str:
     for stop in [until] if isinstance(until, str) else (until or []):
         if stop:
@@ -72,26 +97,32 @@ class KimiVLLmms(_Base):
         dtype: str | None = None,
         device: str = "cpu",
         batch_size: int | str = 1,
-        max_new_tokens: int = 1024,
+        max_new_tokens: int | str = 1024,
+        keep_thinking: bool | str = False,
         model=None,
         processor=None,
         **_,
     ):
         super().__init__()
+        self.batch_size_per_gpu = 1 if str(batch_size).strip() == "auto" else _positive_int("batch_size", batch_size)
+        self.max_new_tokens = _positive_int("max_new_tokens", max_new_tokens)
+        self.keep_thinking = _flag("keep_thinking", keep_thinking)
         if model is None:
             if not pretrained:
                 raise ValueError("KimiVLLmms needs pretrained=<checkpoint directory> (or a model and processor)")
             import torch
 
             from kimivl import KimiVL, KimiVLProcessor
+            from kimivl.checkpoint import WEIGHT_DTYPES
             from kimivl.precision import checkpoint_load_dtype
 
+            names = [str(d).removeprefix("torch.") for d in WEIGHT_DTYPES]
+            if dtype is not None and dtype not in names:
+                raise ValueError(f"KimiVLLmms: dtype must be one of {', '.join(names)}, got {dtype!r}")
             dtype = checkpoint_load_dtype(pretrained, device, getattr(torch, dtype) if dtype else None)
             model = KimiVL.from_pretrained(pretrained, dtype=dtype, device=device)
             processor = KimiVLProcessor.from_pretrained(pretrained)
         self.model, self.processor = model.eval(), processor
-        self.batch_size_per_gpu = int(batch_size) if str(batch_size).isdigit() else 1  # "auto" -> 1
-        self.max_new_tokens = int(max_new_tokens)
         self.task_dict = getattr(self, "task_dict", {})
 
     def _sampling(self, gen_kwargs: dict) -> dict:
@@ -106,6 +137,7 @@ class KimiVLLmms(_Base):
 
     def generate_until(self, requests) -> list[str]:
         """Answers in request order, generated in batches of requests that share their generation settings."""
+        from kimivl.eval.answers import official_text
         from kimivl.inference.chat import generate
 
         answers: list[str | None] = [None] * len(requests)
@@ -124,7 +156,7 @@ class KimiVLLmms(_Base):
                     conversations.append(request_messages(context, visuals))
                 texts = generate(self.model, self.processor, conversations, **self._sampling(gen_kwargs))
                 for i, text in zip(chunk, texts):
-                    answers[i] = _cut(text, gen_kwargs.get("until"))
+                    answers[i] = _cut(text if self.keep_thinking else official_text(text), gen_kwargs.get("until"))
                 bar.update(len(chunk))
         bar.close()
         return answers

@@ -1,6 +1,7 @@
 """The lmms-eval adapter against a minimal fake of lmms-eval's model API (lmms-eval itself is not installed)."""
 
 import importlib
+import re
 import sys
 import types
 from types import SimpleNamespace
@@ -122,3 +123,39 @@ def test_loads_a_checkpoint_directory(checkpoint, small_model, small_processor):
         adapter.KimiVLLmms()
     with pytest.raises(TypeError, match="images and videos"):
         adapter.request_messages("listen", [{"array": [0.0], "sampling_rate": 16000}])
+
+
+def test_a_thinking_models_reasoning_is_not_passed_to_the_scorers(monkeypatch, small_model, small_processor):
+    import kimivl.eval.lmms_adapter as adapter
+    import kimivl.inference.chat as chat
+
+    outputs = ["◁think▷6 x 5 is 30.\n\nPlus 1.◁/think▷31\n\nDone.", "◁think▷still thinking", "plain\n\n42"]
+    monkeypatch.setattr(chat, "generate", lambda model, processor, convs, **kw: outputs[: len(convs)])
+    reqs = [request("What is 6 x 5 + 1?", {"until": ["\n\n"]}, None) for _ in outputs]
+    reqs = [SimpleNamespace(args=(*r.args[:2], None, *r.args[3:])) for r in reqs]  # no visuals
+    lm = adapter.KimiVLLmms(model=small_model, processor=small_processor, batch_size=3)
+    assert lm.generate_until(reqs) == ["31", "", "plain"]  # the answer after ◁/think▷, then the stop string cut
+    keep = adapter.KimiVLLmms(model=small_model, processor=small_processor, batch_size=3, keep_thinking="true")
+    assert keep.generate_until(reqs) == ["◁think▷6 x 5 is 30.", "◁think▷still thinking", "plain"]
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        ({"batch_size": 0}, "batch_size must be a positive integer, got 0"),
+        ({"batch_size": "-1"}, "batch_size must be a positive integer, got '-1'"),
+        ({"batch_size": "two"}, "batch_size must be a positive integer, got 'two'"),
+        ({"max_new_tokens": "0"}, "max_new_tokens must be a positive integer, got '0'"),
+        ({"max_new_tokens": "1.5"}, "max_new_tokens must be a positive integer"),
+        ({"keep_thinking": "maybe"}, "keep_thinking must be true or false, got 'maybe'"),
+        ({"pretrained": "ckpt", "dtype": "bogus"}, "dtype must be one of float32, bfloat16, float16, float64"),
+    ],
+)
+def test_bad_model_args_are_refused_when_the_model_is_made(args, words, small_model, small_processor):
+    import kimivl.eval.lmms_adapter as adapter
+
+    given = {} if "pretrained" in args else {"model": small_model, "processor": small_processor}
+    with pytest.raises(ValueError, match=re.escape(words)):
+        adapter.KimiVLLmms(**given, **args)
+    ok = adapter.KimiVLLmms(model=small_model, processor=small_processor, batch_size="3", max_new_tokens="16")
+    assert (ok.batch_size_per_gpu, ok.max_new_tokens, ok.keep_thinking) == (3, 16, False)
