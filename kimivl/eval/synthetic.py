@@ -15,6 +15,7 @@ from typing import Any
 
 from kimivl.data.formats import DataError, is_text_file, iter_records
 from kimivl.eval.answers import final_answer
+from kimivl.eval.tables import is_eval_output
 
 _INT = re.compile(r"-?\d+")
 _FLOAT = re.compile(r"-?\d+(?:\.\d+)?")
@@ -80,11 +81,12 @@ def evaluate(
 
 
 def heldout_records(split_dir: str | os.PathLike, limit: int | None = None) -> list[dict]:
-    """The first ``limit`` records of every task file in a held-out split directory (text files excluded); each
-    needs ``meta.task`` and ``meta.gold`` to be scored (a ``DataError`` names the first that lacks them)."""
+    """The first ``limit`` records of every task file in a held-out split directory (text files and eval outputs,
+    such as an ``--out`` into the same directory writes, excluded); each needs ``meta.task`` and ``meta.gold`` to be
+    scored (a ``DataError`` names the first that lacks them)."""
     records = []
     for path in sorted(Path(split_dir).glob("*.jsonl")):
-        if is_text_file(path):
+        if is_eval_output(path) or is_text_file(path):
             continue
         mine = list(iter_records(path))[:limit]
         for i, record in enumerate(mine):

@@ -28,7 +28,7 @@ from typing import Any
 
 from PIL import Image
 
-from kimivl.data.formats import parse_line
+from kimivl.data.formats import DataError, parse_line
 
 TABLE_SUFFIXES = (".tsv", ".parquet", ".json", ".jsonl")
 
@@ -57,7 +57,7 @@ class RowError(ValueError):
 OUTPUT_SUFFIXES = (".predictions.jsonl", ".scored.jsonl", ".run.json")
 
 
-def _is_eval_output(path: Path) -> bool:
+def is_eval_output(path: Path) -> bool:
     """A file kimivl eval (or another system) wrote: predictions, scores, results; never benchmark rows."""
     if path.name == "results.json" or path.name.endswith(OUTPUT_SUFFIXES):
         return True
@@ -67,7 +67,7 @@ def _is_eval_output(path: Path) -> bool:
         first = next((line for line in f if line.strip()), "")
     try:
         row = json.loads(first)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # not a predictions line: reading it as data says what is wrong
         return False
     return isinstance(row, dict) and "prediction" in row and "question" not in row
 
@@ -80,7 +80,7 @@ def table_files(path: str | os.PathLike) -> list[Path]:
         return [path]
     if not path.is_dir():
         raise FileNotFoundError(f"benchmark data not found: {path}")
-    files = sorted(p for p in path.rglob("*") if p.suffix in TABLE_SUFFIXES and p.is_file() and not _is_eval_output(p))
+    files = sorted(p for p in path.rglob("*") if p.suffix in TABLE_SUFFIXES and p.is_file() and not is_eval_output(p))
     if not files:
         raise FileNotFoundError(f"no {', '.join(TABLE_SUFFIXES)} files under {path}")
     return files
@@ -127,8 +127,15 @@ def _json_rows(path: Path) -> Iterator[dict]:
         with open(path, "rb") as f:
             yield from (row for _, row in jsonl_objects(path, f))
         return
-    with open(path, encoding="utf-8-sig") as f:
-        data = json.load(f)
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            data = json.load(f)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 ({e.reason})") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply to read") from None
     rows = data.get("data", data.get("samples", data.get("annotations"))) if isinstance(data, dict) else data
     if type(rows) is not list:
         raise ValueError(f"{path}: expected a JSON list of rows (or an object with a 'data' list)")

@@ -97,3 +97,20 @@ def test_a_synthetic_sub_task_loads_only_its_rows_from_python(tmp_path):
     result = run_task(task, rows, tmp_path, generate_fn=lambda c: ["x"] * len(c), progress=False)
     assert result["scored"] == 20 and set(result["metrics"]) == {"accuracy", "accuracy/ocr"}
     assert len(task.load(task.default_data, **task.options)) == 20  # as the CLI calls it
+
+
+def test_eval_outputs_written_into_the_data_directory_are_not_held_out_records(tmp_path):
+    import shutil
+
+    from kimivl.eval.runner import run_task
+    from kimivl.eval.synthetic import heldout_records
+    from kimivl.eval.tasks import get_task
+
+    data = tmp_path / "heldout"
+    shutil.copytree(get_task("synthetic").default_data, data)
+    task = get_task("synthetic:ocr")
+    for _ in range(2):  # --out equal to --data: the second run reads the first one's outputs there
+        result = run_task(task, task.load(data), data, generate_fn=lambda c: ["x"] * len(c), progress=False)
+        assert result["scored"] == 20
+    assert (data / "synthetic_ocr.scored.jsonl").is_file() and (data / "synthetic_ocr.predictions.jsonl").is_file()
+    assert len(heldout_records(data)) == 140
