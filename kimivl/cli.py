@@ -405,6 +405,39 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 130
 
 
+def _max_new_tokens(args: argparse.Namespace, task) -> int:
+    return args.max_new_tokens or (32 if task.name == "niah" else 512)
+
+
+def _check_eval_inputs(args: argparse.Namespace, tasks: list, data: dict[str, str]) -> None:
+    """What can be checked before a model loads: every task's data is there, and NIAH's options (when generating,
+    lengths within the context of the checkpoint's config less the new tokens)."""
+    from pathlib import Path
+
+    from kimivl.eval import niah
+    from kimivl.eval.tables import table_files
+
+    for task in tasks:
+        source = data.get(task.name) or task.default_data
+        if source is not None:
+            try:
+                if task.needs_data:
+                    table_files(source)  # a benchmark's table files (a directory holding none is an error too)
+                elif not Path(source).exists():
+                    raise FileNotFoundError(f"no such file or directory: {source}")
+            except FileNotFoundError as e:
+                raise CommandError(f"--data for {task.name}: {e}") from None
+        if task.name == "niah" and not args.predictions:
+            niah.check_options(
+                args.lengths,
+                args.depths or niah.DEFAULT_DEPTHS,
+                args.haystack or niah.KINDS,
+                args.trials or 1,
+                KimiVLConfig.from_pretrained(args.model).text_config.max_position_embeddings,
+                _max_new_tokens(args, task),
+            )
+
+
 def _eval(args: argparse.Namespace) -> int:
     import logging
     from functools import partial
@@ -430,13 +463,14 @@ def _eval(args: argparse.Namespace) -> int:
         raise ValueError("--predictions re-scores one task at a time")
     if not args.predictions and not args.model:
         raise ValueError("give --model to generate answers, or --predictions to re-score saved ones")
+    _check_eval_inputs(args, tasks, data)
     model, processor, context, fingerprint = None, None, None, None
     if args.model:
         fingerprint = checkpoint_fingerprint(args.model)
         model, processor = _load(args.model, args.dtype, args.device)
         context = model.config.text_config.max_position_embeddings
     for task in tasks:
-        max_new = args.max_new_tokens or (32 if task.name == "niah" else 512)
+        max_new = _max_new_tokens(args, task)
         answer = None if args.predictions else partial(generate, model, processor, max_new_tokens=max_new)
         options = {
             **task.options,

@@ -204,6 +204,38 @@ class Cases:
                         yield Sample(index, messages, {**meta, **where})
 
 
+def check_options(
+    lengths=None,
+    depths=DEFAULT_DEPTHS,
+    kinds=KINDS,
+    trials: int = 1,
+    context: int | None = None,
+    max_new_tokens: int = 32,
+) -> list[int]:
+    """The prompt lengths the cases get (``lengths``, else ``default_lengths(context, max_new_tokens)``), after
+    checking the options (no model needed, so the command line checks them before loading one): known haystack
+    kinds, depths in 0-100 (percent), positive lengths and trials, and, where ``context`` is known, no length above
+    ``context - max_new_tokens`` (such a prompt leaves no room for the answer: every row would fail)."""
+    for kind in kinds:
+        if kind not in KINDS:
+            raise ValueError(f"unknown haystack {kind!r} (expected one of {', '.join(KINDS)})")
+    bad = [d for d in depths if not 0 <= d <= 100]
+    if bad:
+        raise ValueError(f"NIAH depths are percentages from 0 to 100; got {', '.join(map(str, bad))} (--depths)")
+    lengths = list(lengths or default_lengths(context or 131072, max_new_tokens))
+    if any(n <= 0 for n in lengths) or trials < 1:
+        raise ValueError(f"NIAH lengths and trials must be positive; got lengths {lengths}, trials {trials}")
+    if context is not None:
+        top = context - max_new_tokens
+        over = [n for n in lengths if n > top]
+        if over:
+            raise ValueError(
+                f"NIAH lengths {', '.join(map(str, over))} exceed what the model's context of {context} tokens leaves "
+                f"for a prompt with {max_new_tokens} new tokens ({top}); give --lengths up to {top}"
+            )
+    return lengths
+
+
 def load(
     data=None,
     processor=None,
@@ -216,21 +248,12 @@ def load(
     max_new_tokens: int = 32,
     **_,
 ) -> Cases:
-    """NIAH cases for every kind x length x depth x trial (built lazily). ``lengths`` defaults to
-    ``default_lengths(context, max_new_tokens)``; depths must lie in 0-100 (percent), lengths and trials be
-    positive."""
+    """NIAH cases for every kind x length x depth x trial (built lazily), with the options ``check_options``
+    accepts."""
     if processor is None:
         raise ValueError("building NIAH haystacks needs the model's processor (pass --model)")
-    for kind in kinds:
-        if kind not in KINDS:
-            raise ValueError(f"unknown haystack {kind!r} (expected one of {', '.join(KINDS)})")
-    bad = [d for d in depths if not 0 <= d <= 100]
-    if bad:
-        raise ValueError(f"NIAH depths are percentages from 0 to 100; got {', '.join(map(str, bad))} (--depths)")
-    lengths = lengths or default_lengths(context or 131072, max_new_tokens)
-    if any(n <= 0 for n in lengths) or trials < 1:
-        raise ValueError(f"NIAH lengths and trials must be positive; got lengths {list(lengths)}, trials {trials}")
-    return Cases(processor, list(lengths), list(depths), list(kinds), trials, seed)
+    lengths = check_options(lengths, depths, kinds, trials, context, max_new_tokens)
+    return Cases(processor, lengths, list(depths), list(kinds), trials, seed)
 
 
 def score(prediction: str, meta: dict, mode: str = "official", extracted: str | None = None) -> dict:

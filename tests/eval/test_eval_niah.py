@@ -172,3 +172,27 @@ def test_the_headline_metrics_of_a_task_whose_metrics_all_have_groups():
     assert headline(recall) == recall  # NIAH: no metric without a "/", so all of them
     assert headline({"accuracy": 40.0, "accuracy/ocr": 55.0}) == {"accuracy": 40.0}
     assert "| niah | recall/text | 50.0 | 2 |" in markdown({"niah": {"metrics": recall, "scored": 2}})
+
+
+def test_lengths_beyond_the_context_are_refused_before_any_haystack_or_model(
+    checkpoint, small_model, small_processor, monkeypatch, tmp_path, capsys
+):
+    context = small_model.config.text_config.max_position_embeddings
+    top = context - 32
+    cases = niah.load(processor=small_processor, lengths=[300, top], context=context, max_new_tokens=32)
+    assert len(cases) == 2 * 2 * 11  # 2 haystacks, 2 lengths, 11 depths: the longest that leaves room is taken
+    with pytest.raises(ValueError, match=rf"NIAH lengths {top + 1} exceed .* of {context} tokens .*up to {top}"):
+        niah.load(processor=small_processor, lengths=[300, top + 1], context=context, max_new_tokens=32)
+
+    def never(path, dtype, device):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("kimivl.cli._load", never)
+    args = ["eval", "--model", str(checkpoint), "--task", "niah", "--out", str(tmp_path / "out")]
+    assert main([*args, "--lengths", "100000k"]) == 2
+    err = capsys.readouterr().err
+    assert f"NIAH lengths 102400000 exceed what the model's context of {context} tokens leaves" in err
+    assert f"give --lengths up to {top}" in err and "Traceback" not in err
+    assert main([*args, "--lengths", "1k", "--depths", "0,120"]) == 2  # other options too, before the model loads
+    assert "0 to 100; got 120" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
