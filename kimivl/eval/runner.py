@@ -21,15 +21,15 @@ import itertools
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from kimivl.data.formats import DataError
 from kimivl.eval.answers import check_mode
 from kimivl.eval.report import read_results, update_results
-from kimivl.eval.tables import Sample, Skipped, jsonl_objects
+from kimivl.eval.tables import Sample, Skipped, index_key, jsonl_objects
 from kimivl.eval.tasks import Task
-from kimivl.train.lock import run_lock
+from kimivl.train.lock import LOCK, run_lock
 from kimivl.train.recipe import RecipeError
 
 log = logging.getLogger(__name__)
@@ -50,13 +50,13 @@ class EvalInterrupted(Exception):
 
 
 def read_predictions(path: str | os.PathLike, repair: bool = False) -> dict[str, str]:
-    """``{str(index): prediction}`` from a predictions JSONL (the first line of an index wins); ``repair`` as for
+    """``{index_key(index): prediction}`` from a predictions JSONL (the first line of an index wins); ``repair`` as for
     ``read_prediction_records``."""
     return {k: v["prediction"] for k, v in read_prediction_records(path, repair).items()}
 
 
 def read_prediction_records(path: str | os.PathLike, repair: bool = False) -> dict[str, dict]:
-    """``{str(index): {"prediction", "extracted"}}`` as ``read_predictions`` reads them; ``extracted`` is the
+    """``{index_key(index): {"prediction", "extracted"}}`` as ``read_predictions`` reads them; ``extracted`` is the
     line's optional extracted answer (a string) or ``None``. With ``repair`` (kimivl's own file, resumed), a last line
     without its newline is an interrupted write and is cut off; otherwise (a file given to re-score) it is read."""
     return _read_records(path, repair)[0]
@@ -81,7 +81,7 @@ def _read_records(path: str | os.PathLike, repair: bool) -> tuple[dict[str, dict
             text, extracted = obj.get("prediction"), obj.get("extracted")
             if "index" not in obj or not isinstance(text, str) or not (extracted is None or isinstance(extracted, str)):
                 raise ValueError(f"{path}:{lineno}: {expected}")
-            key = str(obj["index"])
+            key = index_key(obj["index"])
             if key in out:
                 duplicates += 1
             else:
@@ -106,22 +106,46 @@ def rescoring_samples(task: Task, predictions: str | os.PathLike) -> list[Sample
     return samples
 
 
+FULL_HASH_BYTES = 64 << 20  # weight files up to this size are hashed whole
+SAMPLE_BYTES = 4096  # larger ones: their first MiB (a safetensors header), then 4 KiB of every SAMPLE_STRIDE
+SAMPLE_STRIDE = 2 << 20
+
+
+def sampled_ranges(size: int) -> list[tuple[int, int]]:
+    """The (offset, length) byte ranges of a weight file of ``size`` bytes that ``checkpoint_fingerprint`` reads."""
+    if size <= FULL_HASH_BYTES:
+        return [(0, size)]
+    head = 1 << 20
+    samples = [(at, SAMPLE_BYTES) for at in range(head, size - SAMPLE_BYTES, SAMPLE_STRIDE)]
+    return [(0, head), *samples, (size - SAMPLE_BYTES, SAMPLE_BYTES)]
+
+
 def checkpoint_fingerprint(path: str | os.PathLike) -> str:
-    """A cheap identity of a checkpoint directory: sha256 over its ``config.json``, its weight index (if any) and
-    the names and sizes of its weight files (no weights are read)."""
+    """An identity of a checkpoint directory's contents: sha256 over its ``config.json``, its weight index (if any)
+    and, for each weight file, its name, size and the bytes of ``sampled_ranges``: the whole file up to 64 MiB,
+    else its first MiB (the safetensors header: names, dtypes, shapes, offsets) and 4 KiB of every 2 MiB, about
+    0.2% of the file (a 16 GB checkpoint reads 32 MB). Training or re-exporting changes nearly every value of each
+    tensor it touches, so a checkpoint with the same shapes but other weights gets another fingerprint; a copy of
+    the same files (another inode or modification time) gets the same one. An edit confined to the unread bytes of
+    a large file (a few values of tensors smaller than 2 MiB) goes unnoticed."""
     path = Path(path)
     digest = hashlib.sha256()
     for name in ("config.json", "model.safetensors.index.json"):
         if (path / name).is_file():
             digest.update(name.encode() + b"\0" + (path / name).read_bytes() + b"\0")
     for weights in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
-        digest.update(f"{weights.name}:{weights.stat().st_size}\0".encode())
+        size = weights.stat().st_size
+        digest.update(f"{weights.name}:{size}\0".encode())
+        with open(weights, "rb") as f:
+            for offset, length in sampled_ranges(size):
+                f.seek(offset)
+                digest.update(f.read(length))
     return digest.hexdigest()
 
 
 def _check_run(pred_path: Path, run_path: Path, settings: dict, overwrite: bool) -> None:
     """Start afresh (``overwrite``), or make sure the predictions already in ``pred_path`` come from a run with the
-    same ``settings``; record the settings for the next run."""
+    same ``settings`` (``run_task`` records them in ``run_path`` once the first row is read)."""
     has_predictions = pred_path.is_file() and pred_path.stat().st_size > 0
     if overwrite:
         pred_path.unlink(missing_ok=True)
@@ -139,11 +163,32 @@ def _check_run(pred_path: Path, run_path: Path, settings: dict, overwrite: bool)
         changed = [k for k in sorted(set(before) | set(settings)) if before.get(k) != settings.get(k)]
         if changed:
             diffs = "; ".join(f"{k}: {before.get(k)!r} before, {settings.get(k)!r} now" for k in changed)
+            why = " (the checkpoint's config or weights changed since)" if "checkpoint_fingerprint" in changed else ""
             raise EvalError(
-                f"{pred_path} holds predictions of another run ({diffs}); pass --overwrite to replace "
+                f"{pred_path} holds predictions of another run ({diffs}){why}; pass --overwrite to replace "
                 "them or choose another --out"
             )
+
+
+def _write_run(run_path: Path, settings: dict) -> None:
     run_path.write_text(json.dumps(settings, indent=2, sort_keys=True, default=str) + "\n")
+
+
+@contextlib.contextmanager
+def _made_dir(out_dir: Path) -> Iterator[None]:
+    """Create ``out_dir``; when it was created here and what runs inside fails leaving nothing there but the lock,
+    remove it again, and the parents created with it (a failed start leaves no output directory behind)."""
+    made = [d for d in (out_dir, *out_dir.parents) if not d.exists()]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        if made and {p.name for p in out_dir.iterdir()} <= {LOCK}:
+            with contextlib.suppress(OSError):  # another run may have come in meanwhile: leave it its directory
+                (out_dir / LOCK).unlink(missing_ok=True)
+                for d in made:
+                    d.rmdir()
+        raise
 
 
 def _out_lock(out_dir: Path) -> contextlib.ExitStack:
@@ -183,7 +228,7 @@ def _score(
     """Score every row the data holds: a row without a prediction (its generation failed, or a re-scored file lacks
     it) as an empty answer, as the official scripts count every row, and it also joins ``skipped`` (unless already
     there) with its reason; a malformed row (no ``metas`` entry) cannot be scored and stays in ``skipped`` alone."""
-    reasons = {str(s.index): s.reason for s in skipped}
+    reasons = {index_key(s.index): s.reason for s in skipped}
     for key in metas:
         if key not in done and key not in reasons:
             reasons[key] = "no prediction"
@@ -235,20 +280,26 @@ def run_task(
     run into it at the same time (an eval or a training run) raises ``EvalError`` naming it. ``total``, the row count
     where it is known, sizes the progress bar. Ctrl-C (``KeyboardInterrupt``) during generation raises
     ``EvalInterrupted``; every finished batch stays on disk. A predictions line repeating an earlier line's index is
-    ignored, counted (``duplicate_predictions``) and warned about."""
+    ignored, counted (``duplicate_predictions``) and warned about. A predictions line whose index is no row of the
+    data is counted as ``unmatched_predictions``; when ``limit`` stopped the reading early, the lines whose index is
+    not among the rows read are ``beyond_limit_predictions`` instead (rows past the limit, or not in the data: only
+    reading the rest could tell). Rows and predictions match by ``index_key`` (``"007"``, 7 and 7.0 are one row).
+    The settings go to ``out_dir/<task>.run.json`` once the first row is read, and an ``out_dir`` this call created
+    is removed again when the run fails before writing anything there but its lock."""
     from tqdm.auto import tqdm
 
     if (generate_fn is None) == (predictions is None):
         raise ValueError("give exactly one of generate_fn (generate answers) or predictions (re-score a file)")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     check_mode(mode)
-    with _out_lock(out_dir):
+    with _made_dir(out_dir), _out_lock(out_dir):
         read_results(out_dir)  # a damaged results.json stops the run now, not after all the generation and scoring
         stem = task.name.replace(":", "_")
         pred_path = out_dir / f"{stem}.predictions.jsonl" if predictions is None else Path(predictions)
+        run_record = None
         if predictions is None and (settings is not None or overwrite):
-            _check_run(pred_path, out_dir / f"{stem}.run.json", {**(settings or {}), "task": task.name}, overwrite)
+            run_record = {**(settings or {}), "task": task.name}
+            _check_run(pred_path, out_dir / f"{stem}.run.json", run_record, overwrite)
         records, duplicates = _read_records(pred_path, repair=predictions is None)
         if duplicates:
             log.warning(
@@ -260,6 +311,7 @@ def run_task(
         done = {k: v["prediction"] for k, v in records.items()}
         extracted = {k: v["extracted"] for k, v in records.items() if v["extracted"] is not None}
         metas: dict[str, dict] = {}
+        rows_read: set[str] = set()  # the index of every row read, malformed ones included
         skipped: list[Skipped] = []
         batch: list[Sample] = []
         if total is None and hasattr(samples, "__len__"):
@@ -272,16 +324,22 @@ def run_task(
             with open(pred_path, "a", encoding="utf-8") as f:
                 for sample, text in answered:
                     f.write(json.dumps({"index": sample.index, "prediction": text}, ensure_ascii=False) + "\n")
-                    done[str(sample.index)] = text
+                    done[index_key(sample.index)] = text
             skipped.extend(failed)
             for s in failed:
                 log.warning("%s row %s skipped: %s", task.name, s.index, s.reason)
             bar.update(len(batch))
             batch.clear()
 
+        read = 0
         try:
             for item in itertools.islice(samples, limit):
-                key = str(item.index)
+                if run_record is not None:  # the first row is read: the run has started
+                    _write_run(out_dir / f"{stem}.run.json", run_record)
+                    run_record = None
+                read += 1
+                key = index_key(item.index)
+                rows_read.add(key)
                 if isinstance(item, Skipped) or key in metas:
                     item = item if isinstance(item, Skipped) else Skipped(item.index, "duplicate index")
                     skipped.append(item)
@@ -307,6 +365,8 @@ def run_task(
             raise ValueError(f"{task.name}: the data holds no rows")
 
         rows = _score(task, metas, done, extracted, skipped, mode)
+        unread = done.keys() - rows_read
+        limited = limit is not None and read >= limit
         scored_path = out_dir / f"{task.name.replace(':', '_')}.scored.jsonl"
         with open(scored_path, "w", encoding="utf-8") as f:
             f.writelines(
@@ -321,7 +381,9 @@ def run_task(
             "answered": sum("failed" not in r for r in rows),
             "skipped": len(skipped),
             "skipped_rows": [{"index": s.index, "reason": s.reason} for s in skipped],
-            "unmatched_predictions": len(done.keys() - metas.keys()),
+            "unmatched_predictions": 0 if limited else len(unread),
+            "beyond_limit_predictions": len(unread) if limited else 0,
+            "limit": limit,
             "duplicate_predictions": duplicates,
             "predictions": str(pred_path),
             "scores": str(scored_path),

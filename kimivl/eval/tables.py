@@ -20,6 +20,7 @@ import io
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -70,6 +71,15 @@ def is_eval_output(path: Path) -> bool:
     except (json.JSONDecodeError, RecursionError):  # not a predictions line: reading it as data says what is wrong
         return False
     return isinstance(row, dict) and "prediction" in row and "question" not in row
+
+
+def index_key(index: Any) -> str:
+    """A row's index as the runner matches rows and predictions by: its text, with a whole number written the same
+    way however it was stored ("000", 0, "7.0" and 7.0 are "0" and "7"), as ``load_samples`` reads digit-only
+    indices as integers while a predictions file may keep them as written."""
+    text = str(index).strip()
+    whole = re.fullmatch(r"([-+]?[0-9]+)(?:\.0*)?", text)
+    return str(int(whole[1])) if whole else text
 
 
 def table_files(path: str | os.PathLike) -> list[Path]:
@@ -160,7 +170,7 @@ def load_samples(
     column of ``index_keys``, else the row's position."""
     for position, (file, row) in enumerate(iter_rows(path)):
         index = next((row[k] for k in index_keys if row.get(k) not in (None, "")), position)
-        index = int(index) if isinstance(index, str) and index.lstrip("-").isdigit() else index
+        index = int(index) if isinstance(index, str) and re.fullmatch(r"-?[0-9]+", index) else index
         try:
             sample = parse(row, index, file)
         except (KeyError, ValueError, TypeError) as e:

@@ -518,3 +518,25 @@ def test_ocrbench_own_json_layout(tmp_path):
     assert first.meta == {"answers": ["CENTRE"], "hme": False, "group": "Regular Text Recognition"}
     assert hme.meta["hme"] and hme.meta["answers"] == ["x ^ { 2 }"]
     assert ocrbench.score("x^{2}", hme.meta)["score"] == 1.0 and ocrbench.score("X^{2}", hme.meta)["score"] == 0.0
+
+
+def test_deeply_nested_json_is_a_data_error_naming_the_file(tmp_path, capsys):
+    from kimivl.cli import main
+
+    pred = tmp_path / "p.jsonl"
+    pred.write_text('{"index": 0, "prediction": "x"}\n')
+    for name in ("deep.jsonl", "deep.json"):
+        data = tmp_path / name.split(".")[1]
+        data.mkdir()
+        (data / name).write_text("[" * 100_000)
+        with pytest.raises(ValueError, match=rf"{name}(:1)?: JSON nested too deeply to read"):
+            list(ocrbench.load(data))
+        args = ["--task", "ocrbench", "--data", str(data), "--predictions", str(pred)]
+        assert main(["eval", *args, "--out", str(tmp_path / "runs" / "eval")]) == 2
+        err = capsys.readouterr().err
+        assert f"{data / name}" in err and "nested too deeply" in err and "Traceback" not in err
+        assert not (tmp_path / "runs").exists()  # the failed start left no output directory, nor its parent
+    broken = tmp_path / "broken.json"
+    broken.write_text('[{"index": 0,')
+    with pytest.raises(ValueError, match=r"broken.json: invalid JSON \(Expecting property name"):
+        list(ocrbench.load(broken))

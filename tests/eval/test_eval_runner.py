@@ -226,23 +226,56 @@ def test_resuming_refuses_predictions_of_other_settings_unless_overwrite(tmp_pat
         run_task(task, task.load(data), out, generate_fn=answer("B"), settings=b, progress=False)
 
 
-def test_checkpoint_fingerprint_is_cheap_and_tells_checkpoints_apart(tmp_path):
-    from kimivl.eval.runner import checkpoint_fingerprint
+def test_checkpoint_fingerprint_reads_the_weights_survives_a_copy_and_samples_large_files(tmp_path):
+    import shutil
+
+    from kimivl.eval.runner import checkpoint_fingerprint, sampled_ranges
 
     a = tmp_path / "a"
     a.mkdir()
     (a / "config.json").write_text('{"x": 1}')
-    (a / "model.safetensors").write_bytes(b"0" * 100)
+    (a / "model.safetensors").write_bytes(bytes(range(256)) * 4)
     b = tmp_path / "b"
-    b.mkdir()
-    (b / "config.json").write_text('{"x": 1}')
-    (b / "model.safetensors").write_bytes(b"1" * 100)
-    assert checkpoint_fingerprint(a) == checkpoint_fingerprint(b)  # same config and sizes: contents not read
-    (b / "model.safetensors").write_bytes(b"1" * 101)
+    shutil.copytree(a, b)  # another inode and modification time, the same contents
+    assert checkpoint_fingerprint(a) == checkpoint_fingerprint(b)
+    with open(b / "model.safetensors", "r+b") as f:  # other weights of the same size
+        f.seek(500)
+        f.write(b"\xff")
     assert checkpoint_fingerprint(a) != checkpoint_fingerprint(b)
-    (b / "model.safetensors").write_bytes(b"1" * 100)
+    shutil.copy(a / "model.safetensors", b / "model.safetensors")
     (b / "config.json").write_text('{"x": 2}')
     assert checkpoint_fingerprint(a) != checkpoint_fingerprint(b)
+
+    size = 16 << 30  # a 16 GiB file: its first MiB and 4 KiB of every 2 MiB, to its last byte
+    ranges = sampled_ranges(size)
+    assert ranges[0] == (0, 1 << 20) and ranges[-1] == (size - 4096, 4096)
+    assert 8 << 20 < sum(n for _, n in ranges) < 40 << 20
+    assert all(at + n <= nxt for (at, n), (nxt, _) in zip(ranges, ranges[1:]))
+    big = tmp_path / "big"
+    big.mkdir()
+    with open(big / "model.safetensors", "wb") as f:  # 80 MiB, sparse: sampled, not read whole
+        f.truncate(80 << 20)
+    before = checkpoint_fingerprint(big)
+    with open(big / "model.safetensors", "r+b") as f:  # a trained tensor in the middle of the file
+        f.seek(40 << 20)
+        f.write(b"\x01" * (3 << 20))
+    assert checkpoint_fingerprint(big) != before
+
+
+def test_cli_refuses_to_resume_after_the_weights_changed_in_place(monkeypatch, tmp_path, capsys):
+    data, out = ocr_tsv(tmp_path / "ocr.tsv", n=4), tmp_path / "out"
+    ckpt = fake_cli(monkeypatch, tmp_path, lambda convs: ["x"] * len(convs))
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(bytes(64) * 64)
+    args = ["eval", "--model", str(ckpt), "--task", "ocrbench", "--data", str(data), "--out", str(out)]
+    assert main([*args, "--limit", "2"]) == 0
+    with open(weights, "r+b") as f:  # retrained: same shapes and sizes, other values
+        f.write(b"\x07" * 64)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "holds predictions of another run (checkpoint_fingerprint:" in err
+    assert "(the checkpoint's config or weights changed since); pass --overwrite" in err
+    assert len(lines(out / "ocrbench.predictions.jsonl")) == 2  # nothing of the other weights was added
 
 
 class FakeModel:
@@ -454,3 +487,75 @@ def test_repeated_indices_in_predictions_are_counted_and_the_first_is_scored(tmp
     assert "p.jsonl: 2 lines repeat an index of an earlier line and are ignored" in caplog.text
     saved = json.loads((tmp_path / "out" / "results.json").read_text())["ocrbench"]
     assert saved["duplicate_predictions"] == 2
+
+
+def test_zero_padded_and_float_looking_indices_match_their_rows(tmp_path):
+    from kimivl.eval.tables import index_key
+
+    assert [index_key(i) for i in ("000", 0, "007", 7.0, "7.0", "-3", " 12 ")] == ["0", "0", "7", "7", "7", "-3", "12"]
+    assert [index_key(i) for i in ("7.5", "text/1024/0/0", "a1", "1e3")] == ["7.5", "text/1024/0/0", "a1", "1e3"]
+    data = tmp_path / "ocr.tsv"
+    rows = ocr_tsv(tmp_path / "plain.tsv", n=3).read_text().splitlines()
+    data.write_text("\n".join([rows[0], *(r.replace(f"{i}\t", f"00{i}\t", 1) for i, r in enumerate(rows[1:]))]) + "\n")
+    pred = tmp_path / "p.jsonl"
+    answers = [("000", "word0"), (1, "word1"), ("2.0", "word2")]
+    pred.write_text("".join(json.dumps({"index": i, "prediction": p}) + "\n" for i, p in answers))
+    task = get_task("ocrbench")
+    result = run_task(task, task.load(data), tmp_path / "out", predictions=pred, progress=False)
+    assert result["answered"] == 3 and result["metrics"]["score"] == 1000.0 and result["unmatched_predictions"] == 0
+
+
+def test_limit_counts_predictions_past_it_apart_from_unmatched_ones(tmp_path):
+    data = ocr_tsv(tmp_path / "ocr.tsv", n=5)
+    pred = tmp_path / "p.jsonl"
+    pred.write_text("".join(json.dumps({"index": i, "prediction": f"word{i}"}) + "\n" for i in [0, 1, 2, 3, 4, 99]))
+    task = get_task("ocrbench")
+    limited = run_task(task, task.load(data), tmp_path / "a", predictions=pred, limit=2, progress=False)
+    assert (limited["scored"], limited["limit"]) == (2, 2)
+    assert limited["unmatched_predictions"] == 0 and limited["beyond_limit_predictions"] == 4
+    whole = run_task(task, task.load(data), tmp_path / "b", predictions=pred, progress=False)
+    assert (whole["scored"], whole["limit"], whole["unmatched_predictions"], whole["beyond_limit_predictions"]) == (
+        5,
+        None,
+        1,
+        0,
+    )
+    saved = json.loads((tmp_path / "a" / "results.json").read_text())["ocrbench"]
+    assert saved["limit"] == 2 and saved["beyond_limit_predictions"] == 4
+
+
+def test_a_failed_start_leaves_no_run_record_and_no_output_directory(tmp_path):
+    from kimivl.data.formats import DataError
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"index": 0, "question": "q"\n')
+    task = get_task("ocrbench")
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match="bad.jsonl:1: invalid JSON"):
+        run_task(task, task.load(bad), out, generate_fn=lambda c: ["x"] * len(c), settings={"model": "A"})
+    assert not out.exists()
+    out.mkdir()  # a directory the user made stays, without a record of a run that never started
+    with pytest.raises(DataError):
+        run_task(task, task.load(bad), out, generate_fn=lambda c: ["x"] * len(c), settings={"model": "A"})
+    assert [p.name for p in out.iterdir()] == [".lock"]
+
+
+def test_cli_checks_every_tasks_data_before_loading_the_model(monkeypatch, tmp_path, capsys):
+    data, out = ocr_tsv(tmp_path / "ocr.tsv", n=2), tmp_path / "out"
+    ckpt = fake_cli(monkeypatch, tmp_path, lambda convs: ["x"] * len(convs))
+
+    def never(path, dtype, device):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("kimivl.cli._load", never)
+    (tmp_path / "empty").mkdir()
+    for later, words in (
+        (f"mmmu={tmp_path / 'missing.tsv'}", "--data for mmmu: benchmark data not found: "),
+        (f"mmmu={tmp_path / 'empty'}", "--data for mmmu: no .tsv, .parquet, .json, .jsonl files under"),
+    ):
+        args = ["eval", "--model", str(ckpt), "--task", "ocrbench,mmmu", "--data", f"ocrbench={data}", "--data", later]
+        assert main([*args, "--out", str(out)]) == 2
+        assert words in capsys.readouterr().err
+    assert main(["eval", "--model", str(ckpt), "--task", "synthetic", "--data", str(tmp_path / "nope")]) == 2
+    assert "--data for synthetic: no such file or directory: " in capsys.readouterr().err
+    assert not out.exists()
