@@ -6,8 +6,10 @@ Shards named by an index must lie inside the checkpoint directory; tensors whose
 the model's are refused, and non-finite values are reported by name.
 
 Saving marks every file it writes (``WRITER`` in the safetensors metadata and in the index's metadata), so a later
-save into the same directory can tell the shards of an older kimivl save, which it removes, from another model's,
-which make it refuse; it never deletes a file it cannot tell is kimivl's.
+save into the same directory can tell the files of an older kimivl save, which it replaces or removes, from another
+model's, which make it refuse before anything is written; a ``config.json`` is kimivl's when it configures a Kimi-VL
+model (``model_type`` ``kimi_vl``), and every file of a directory that a recipe exported to (``EXPORT_RECORD``) is
+kimivl's (an export may predate the mark). It never overwrites or deletes a file it cannot tell is kimivl's.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ log = logging.getLogger(__name__)
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+CONFIG = "config.json"
+EXPORT_RECORD = "kimivl-run.json"  # in a model that a recipe exported: which run wrote it
 FROZEN_FINGERPRINT = "kimivl_frozen_fingerprint"  # safetensors metadata of a training checkpoint's frozen shard
 WRITER = "kimivl_checkpoint"  # metadata key marking a file (shard or index) that save_checkpoint wrote
 # Keys that released checkpoints may carry but that hold nothing a model needs.
@@ -299,7 +303,7 @@ def save_checkpoint(
     groups = [g for part in parts if part for g in _shards(part, max_shard_bytes)]
     names = shard_file_names(len(groups))
     keep = set(names) | ({INDEX} if len(groups) > 1 else set())
-    stale = _stale_files(path, keep)
+    stale = _stale_files(path, keep | {CONFIG})  # a config.json beside the weights describes them
     file = path
     try:
         for keys, name in zip(groups, names):
@@ -331,14 +335,15 @@ def save_checkpoint(
 
 
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: torch.dtype) -> None:
-    """The checkpoint at ``src`` written again to ``dst`` (a new directory, or one holding an older kimivl save) with
-    its floating-point tensors in ``dtype``, file by file, so that one file is in memory at a time; the files keep
-    their names and keys, and ``config.json`` is copied with ``torch_dtype`` (in ``text_config``, and at the top level
-    where the source has one) naming ``dtype``. The dtype and the source's config are checked before anything is
-    written; a failed conversion removes a ``dst`` that it created."""
+    """The checkpoint at ``src`` written again to ``dst`` (a new directory, one holding an older kimivl save, or
+    ``src`` itself) with its floating-point tensors in ``dtype``, file by file, so that one file is in memory at a
+    time; the files keep their names and keys, and ``config.json`` is copied with ``torch_dtype`` (in ``text_config``,
+    and at the top level where the source has one) naming ``dtype``. The dtype, the source's config and the files
+    ``dst`` holds (another model's are refused) are checked before anything is written; a failed conversion removes a
+    ``dst`` that it created."""
     check_dtype(dtype)
     src, dst = os.fspath(src), os.fspath(dst)
-    source_config = os.path.join(src, "config.json")
+    source_config = os.path.join(src, CONFIG)
     if not os.path.isfile(source_config):
         raise CheckpointError(f"no config.json in {src}: a checkpoint to convert needs the config of its model")
     KimiVLConfig.from_json_file(source_config)  # a ConfigError for a broken one
@@ -352,8 +357,9 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: to
     indexed = os.path.isfile(os.path.join(src, INDEX))
     created = not os.path.exists(dst)
     os.makedirs(dst, exist_ok=True)
+    in_place = os.path.samefile(src, dst)  # then the files overwritten are the source's own
     try:
-        stale = _stale_files(dst, set(names) | ({INDEX} if indexed else set()))
+        stale = _stale_files(dst, {*names, *([INDEX] if indexed else []), CONFIG}, checked=not in_place)
         _write_converted(src, dst, names, indexed, dtype, config)
     except BaseException:
         if created:
@@ -379,7 +385,7 @@ def _write_converted(src: str, dst: str, names: list[str], indexed: bool, dtype:
                 index = json.load(f)
             index["metadata"] = {"total_size": total, WRITER: "1"}
             write_text_atomic(file, json.dumps(index, indent=2))
-        file = os.path.join(dst, "config.json")
+        file = os.path.join(dst, CONFIG)
         write_text_atomic(file, json.dumps(config, indent=2) + "\n")
     except OSError as e:
         raise write_error(e, file) from None
@@ -393,8 +399,13 @@ def _for_file(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 
 
 def _written_by_kimivl(file: str) -> bool:
-    """Whether ``file`` (a shard or an index) carries the mark of ``save_checkpoint``."""
+    """Whether ``file`` is kimivl's: a shard or an index carrying the mark of ``save_checkpoint``, or a
+    ``config.json`` of a Kimi-VL model (``model_type`` ``kimi_vl``, as every config kimivl writes has)."""
     try:
+        if os.path.basename(file) == CONFIG:
+            with open(file, encoding="utf-8") as f:
+                config = json.load(f)
+            return isinstance(config, dict) and config.get("model_type") == "kimi_vl"
         if file.endswith(".json"):
             with open(file, encoding="utf-8") as f:
                 meta = json.load(f).get("metadata")
@@ -406,20 +417,24 @@ def _written_by_kimivl(file: str) -> bool:
         return False
 
 
-def _stale_files(path: str, keep: set[str]) -> list[str]:
-    """The checkpoint files in ``path`` that this save does not write: shards and an index of an older kimivl save
-    (returned, removed once the new files are written). A file that kimivl did not write is never deleted: the save
-    is refused before anything is written."""
-    others = sorted(
+def _stale_files(path: str, writes: set[str], checked: bool = True) -> list[str]:
+    """Check ``path`` before a save writes the files ``writes`` (shards, an index, ``config.json``) there, and return
+    the shards and index of an older kimivl save that it does not write (removed once the new files are written). A
+    file that the save would overwrite (unless ``checked`` is false: the caller knows them to be its own) or leave
+    stale and that is not kimivl's (``_written_by_kimivl``, or in a recipe's export) is never overwritten or deleted:
+    the save is refused before anything is written."""
+    stale = sorted(
         n
         for n in os.listdir(path)
-        if n not in keep and (n == INDEX or (n.startswith("model") and n.endswith(".safetensors")))
+        if n not in writes and (n == INDEX or (n.startswith("model") and n.endswith(".safetensors")))
     )
-    foreign = [n for n in others if not _written_by_kimivl(os.path.join(path, n))]
+    if os.path.isfile(os.path.join(path, EXPORT_RECORD)):  # a recipe's export: all kimivl's
+        return stale
+    replaced = [n for n in writes if checked and os.path.exists(os.path.join(path, n))]
+    foreign = sorted(n for n in [*replaced, *stale] if not _written_by_kimivl(os.path.join(path, n)))
     if foreign:
         raise CheckpointError(
-            f"{path} holds checkpoint files that this save would leave inconsistent and that kimivl "
-            f"did not write: {', '.join(foreign[:10])}; save into an empty directory, or move "
-            "those files away first"
+            f"{path} holds files that this save would overwrite or leave inconsistent and that kimivl did not "
+            f"write: {', '.join(foreign[:10])}; save into an empty directory, or move those files away first"
         )
-    return others
+    return stale

@@ -131,6 +131,90 @@ def test_save_refuses_a_directory_holding_another_models_shards(tiny_model, tmp_
     assert _listing(tmp_path) == before
 
 
+@pytest.mark.parametrize(
+    ("weights", "config", "refused"),
+    [
+        (True, "llama", "config.json, model.safetensors"),
+        (False, "llama", "config.json"),
+        (True, None, "model.safetensors"),
+        (True, "kimi_vl", "model.safetensors"),  # a Kimi-VL config beside weights kimivl did not write
+        (False, "not json", "config.json"),
+    ],
+)
+def test_a_save_never_overwrites_another_models_files(tiny_model, tmp_path, weights, config, refused):
+    """A file of the same name that kimivl did not write (weights without its mark, a config.json that is not a
+    Kimi-VL model's) is never overwritten: the save is refused before anything is written."""
+    if weights:
+        save_file({"foreign.weight": torch.ones(3)}, tmp_path / "model.safetensors")
+    if config is not None:
+        kimi_vl = json.dumps(tiny_model.config.to_dict())
+        texts = {"llama": '{"model_type": "llama"}', "kimi_vl": kimi_vl, "not json": "{"}
+        (tmp_path / "config.json").write_text(texts[config])
+    before = _listing(tmp_path)
+    for save in (tiny_model.save_pretrained, lambda path: ckpt.save_checkpoint(tiny_model, path)):
+        with pytest.raises(CheckpointError, match=f"kimivl did not write: {refused}; save into an empty directory"):
+            save(tmp_path)
+        assert _listing(tmp_path) == before
+    if weights:
+        assert torch.equal(load_file(tmp_path / "model.safetensors")["foreign.weight"], torch.ones(3))
+
+
+def test_a_conversion_never_overwrites_another_models_shards(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "src", max_shard_bytes=3_000_000)
+    shards = sorted(p.name for p in (tmp_path / "src").glob("model-*.safetensors"))
+    assert len(shards) > 1
+    (tmp_path / "other").mkdir()
+    for name in shards:  # another model sharded into as many files
+        save_file({"foreign.weight": torch.ones(3)}, tmp_path / "other" / name)
+    (tmp_path / "other" / "config.json").write_text('{"model_type": "llama"}')
+    before = _listing(tmp_path / "other")
+    with pytest.raises(CheckpointError, match=f"kimivl did not write: config.json, {', '.join(shards)};"):
+        ckpt.convert_checkpoint(tmp_path / "src", tmp_path / "other", torch.bfloat16)
+    assert _listing(tmp_path / "other") == before
+    (tmp_path / "other" / "config.json").unlink()  # the weights alone are refused too
+    with pytest.raises(CheckpointError, match=f"kimivl did not write: {', '.join(shards)};"):
+        ckpt.convert_checkpoint(tmp_path / "src", tmp_path / "other", torch.bfloat16)
+    assert torch.equal(load_file(tmp_path / "other" / shards[0])["foreign.weight"], torch.ones(3))
+
+
+def _unmarked(path):
+    """Strip kimivl's mark from the safetensors files under ``path``, as a checkpoint from elsewhere (or a kimivl
+    export older than the mark) has none."""
+    for file in path.glob("*.safetensors"):
+        save_file(load_file(file), file, metadata={"format": "pt"})
+
+
+def test_a_conversion_in_place_and_saves_over_kimivls_own_files_are_allowed(tiny_model, tmp_path):
+    src = tmp_path / "src"
+    tiny_model.save_pretrained(src)
+    _unmarked(src)  # e.g. the official checkpoint converted where it lies
+    ckpt.convert_checkpoint(src, src, torch.bfloat16)
+    assert load_file(src / "model.safetensors")["language_model.lm_head.weight"].dtype == torch.bfloat16
+    assert json.loads((src / "config.json").read_text())["text_config"]["torch_dtype"] == "bfloat16"
+    ckpt.convert_checkpoint(src, tmp_path / "out", torch.float32)
+    ckpt.convert_checkpoint(src, tmp_path / "out", torch.float16)  # over its own earlier conversion
+    assert load_file(tmp_path / "out" / "model.safetensors")["language_model.lm_head.weight"].dtype == torch.float16
+    tiny_model.save_pretrained(tmp_path / "out", dtype=torch.float32)  # a save over a conversion
+    loaded = KimiVL.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    assert torch.equal(loaded.language_model.lm_head.weight, tiny_model.language_model.lm_head.weight)
+
+
+def test_a_recipes_export_is_kimivls_even_without_the_mark(tiny_model, tmp_path):
+    """An export older than the mark (the shipped kimivl-tiny) is recognised by its run record."""
+    export = tmp_path / "export"
+    tiny_model.save_pretrained(export, dtype=torch.bfloat16)
+    _unmarked(export)
+    with pytest.raises(CheckpointError, match="kimivl did not write: model.safetensors;"):
+        tiny_model.save_pretrained(export)
+    (export / ckpt.EXPORT_RECORD).write_text(json.dumps({"out": "../run"}))
+    tiny_model.save_pretrained(tmp_path / "final", dtype=torch.float32)
+    ckpt.convert_checkpoint(tmp_path / "final", export, torch.float32)  # the run exporting again
+    assert load_file(export / "model.safetensors")["language_model.lm_head.weight"].dtype == torch.float32
+    _unmarked(export)
+    tiny_model.save_pretrained(export, dtype=torch.bfloat16)
+    assert load_file(export / "model.safetensors")["language_model.lm_head.weight"].dtype == torch.bfloat16
+
+
 def test_save_keeps_unrelated_files_and_replaces_an_older_kimivl_save(tiny_model, tmp_path):
     save_file({"x": torch.ones(3)}, tmp_path / "adapter.safetensors")
     (tmp_path / "notes.txt").write_text("mine")
@@ -170,7 +254,7 @@ def test_a_full_disk_is_a_clear_error_and_leaves_no_temporary_files(tiny_model, 
     (existing / "keep.txt").write_text("x")
     with pytest.raises(CheckpointError, match="the disk is full"):
         tiny_model.save_pretrained(existing, max_shard_bytes=300_000)
-    assert sorted(p.name for p in existing.iterdir()) == ["config.json", "keep.txt"]  # no *.tmp left
+    assert sorted(p.name for p in existing.iterdir()) == ["keep.txt"]  # no *.tmp left, no config without weights
 
 
 def test_a_full_disk_during_a_training_checkpoint_removes_its_temporary_directory(tiny_model, tmp_path, monkeypatch):
@@ -249,13 +333,15 @@ def test_saved_files_that_are_symlinks_are_replaced_and_their_targets_left_alone
     names = ["config.json", "tiktoken.model", "tokenizer_config.json", "preprocessor_config.json"]
     (tmp_path / "blobs").mkdir()
     (tmp_path / "snapshot").mkdir()
+    cached = {name: "the cached file" for name in names}
+    cached["config.json"] = json.dumps(tiny_model.config.to_dict())  # a Kimi-VL config: a save may replace it
     for name in names:
-        (tmp_path / "blobs" / name).write_text("the cached file")
+        (tmp_path / "blobs" / name).write_text(cached[name])
         (tmp_path / "snapshot" / name).symlink_to(tmp_path / "blobs" / name)
     tiny_model.save_pretrained(tmp_path / "snapshot")
     small_processor.save_pretrained(tmp_path / "snapshot")
     for name in names:
-        assert (tmp_path / "blobs" / name).read_text() == "the cached file", name
+        assert (tmp_path / "blobs" / name).read_text() == cached[name], name
         assert not (tmp_path / "snapshot" / name).is_symlink(), name
     assert KimiVL.from_pretrained(tmp_path / "snapshot").config.to_dict() == tiny_model.stored_config().to_dict()
     assert type(small_processor).from_pretrained(tmp_path / "snapshot").tokenizer.encode("the cached file") == (

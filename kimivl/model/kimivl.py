@@ -167,17 +167,18 @@ class KimiVL(nn.Module):
         """Write ``config.json`` and safetensors weights (sharded above ``max_shard_bytes``; ``frozen``:
         ``save_checkpoint``'s ``frozen_apart`` and ``frozen_from``, for training checkpoints), in ``dtype`` (a floating
         torch dtype, as ``from_pretrained`` takes) or as held; the config's ``torch_dtype`` names that dtype (the widest
-        held). Bad arguments are a ``ValueError`` before anything is written; a failed save (a full disk) raises
-        ``CheckpointError``; a directory that the call created is removed again, whatever the failure."""
+        held). Bad arguments, and a directory holding another model's weights or config (``save_checkpoint``), are
+        refused before anything is written; a failed save (a full disk) raises ``CheckpointError``; a directory that
+        the call created is removed again, whatever the failure."""
         check_save_arguments(max_shard_bytes, dtype)
         created = not os.path.exists(path)
         config = self.stored_config(dtype)
         try:
+            save_checkpoint(self, path, max_shard_bytes=max_shard_bytes, dtype=dtype, **frozen)
             try:
                 config.save_pretrained(path)
             except OSError as e:
                 raise write_error(e, os.path.join(path, "config.json")) from None
-            save_checkpoint(self, path, max_shard_bytes=max_shard_bytes, dtype=dtype, **frozen)
         except BaseException:
             if created:
                 shutil.rmtree(path, ignore_errors=True)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from kimivl.checkpoint import convert_checkpoint, load_checkpoint
+from kimivl.checkpoint import EXPORT_RECORD, convert_checkpoint, load_checkpoint
 from kimivl.config import KimiVLConfig
 from kimivl.data.formats import content_text, is_text_file, iter_texts
 from kimivl.data.indexed import JsonlRecords
@@ -356,9 +356,6 @@ def _publish_final(final: Path) -> None:
     no ``final`` and finishes the stage again from its last training checkpoint."""
     shutil.rmtree(final, ignore_errors=True)  # an incomplete one left by an older version
     os.replace(final.with_name(f".{final.name}.tmp"), final)
-
-
-EXPORT_RECORD = "kimivl-run.json"  # in an exported model: which run wrote it
 
 
 def check_export(recipe: Recipe) -> Path | None:
