@@ -23,14 +23,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         args.preset = "kimi-vl-a3b"
     config = KimiVLConfig.from_preset(args.preset) if args.preset else KimiVLConfig.from_pretrained(args.path)
     limit = config.text_config.max_position_embeddings
-    if args.context is not None and not (0 < args.context <= limit and args.prefill_chunk > 0):
-        print(
-            f"error: --context must be 1..{limit} tokens (the model's context) and --prefill-chunk at least 1, "
-            f"got {args.context} and {args.prefill_chunk}",
-            file=sys.stderr,
-        )
+    if args.context is not None and not 0 < args.context <= limit:
+        print(f"error: --context must be 1..{limit} tokens (the model's context), got {args.context}", file=sys.stderr)
         return 2
-    for flag, value in (("--dp-shard", args.dp_shard), ("--ep", args.ep)):
+    for flag, value in (("--prefill-chunk", args.prefill_chunk), ("--dp-shard", args.dp_shard), ("--ep", args.ep)):
         if value is not None and value < 1:
             print(f"error: {flag} must be >= 1, got {value}", file=sys.stderr)
             return 2
@@ -320,6 +316,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from kimivl.train.pipeline import run_recipe
     from kimivl.train.recipe import load_recipe
 
+    _at_least_one(args, "dp_shard", "ep")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     overrides = {key: value for key, value in (("out", args.out), ("device", args.device)) if value}
     if args.bf16 is not None:
@@ -327,7 +324,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.seed is not None:
         overrides["seed"] = args.seed
     recipe = load_recipe(args.recipe, overrides)
-    layout = {key: value for key, value in (("dp_shard", args.dp_shard), ("ep", args.ep)) if value}
+    layout = {key: value for key, value in (("dp_shard", args.dp_shard), ("ep", args.ep)) if value is not None}
     if layout:
         recipe.parallel = {**(recipe.parallel or {}), **layout}
     if args.plan:

@@ -10,7 +10,7 @@ from kimivl import KimiVL, KimiVLProcessor, cli, generate
 from kimivl.checkpoint import CheckpointError
 from kimivl.cli import CommandError, main, resolve_device
 from kimivl.data.formats import DataError, iter_records, iter_texts
-from kimivl.demo import DEFAULT_MODEL
+from kimivl.demo import DEFAULT_EXAMPLES, DEFAULT_MODEL
 from kimivl.train.loop import TrainingError
 from kimivl.train.recipe import RecipeError
 
@@ -130,6 +130,40 @@ def test_bad_sampling_flags_and_configs_are_one_line(capsys, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert main(["info", str(tmp_path)]) == 2
     _one_line_error(capsys, "info", "eos_token_id must be a token id")
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--dp-shard", "0"], "--dp-shard must be >= 1, got 0"),
+        (["--dp-shard", "-1"], "--dp-shard must be >= 1, got -1"),
+        (["--ep", "0"], "--ep must be >= 1, got 0"),
+        (["--dp-shard", "2", "--ep", "0"], "--ep must be >= 1, got 0"),
+    ],
+)
+def test_train_refuses_a_parallel_layout_below_one(tmp_path, capsys, flags, message):
+    """``--dp-shard 0`` and ``--ep 0`` were dropped as if not given: the plan (or the run) went on without them."""
+    stage = {"name": "sft", "kind": "joint", "steps": 2, "lr": 1e-3, "mix": {"ocr": 1}}
+    recipe = {
+        "name": "p",
+        "out": str(tmp_path / "run"),
+        "base": {"checkpoint": str(DEFAULT_MODEL)},
+        "sources": {"ocr": str(DEFAULT_EXAMPLES / "ocr.jsonl")},
+        "stages": [stage],
+    }
+    (tmp_path / "r.yaml").write_text(json.dumps(recipe))  # JSON is YAML
+    assert main(["train", str(tmp_path / "r.yaml"), "--plan"]) == 0  # the recipe plans without the flags
+    assert "stage sft trains" in capsys.readouterr().out
+    assert main(["train", str(tmp_path / "r.yaml"), "--plan", *flags]) == 2
+    _one_line_error(capsys, "train", message)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("chunk", ["0", "-1"])
+def test_info_refuses_a_prefill_chunk_below_one_without_context_too(capsys, chunk):
+    assert main(["info", "--preset", "tiny", "--prefill-chunk", chunk]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip() == f"error: --prefill-chunk must be >= 1, got {chunk}" and captured.out == ""
 
 
 def test_deeply_nested_jsonl_lines_are_data_errors(tmp_path):
