@@ -494,7 +494,10 @@ def _tiny() -> KimiVLConfig:
 
 
 def _kimivl_tiny() -> KimiVLConfig:
-    """The shipped kimivl-tiny (about 5M parameters): wider than ``tiny`` so it can learn the synthetic world."""
+    """The config ``recipes/tiny.yaml`` starts from (6.5M parameters): the shipped kimivl-tiny's sizes, wider than
+    ``tiny`` so it can learn the synthetic world, with ``tiny``'s 4,096-token vocabulary and RoPE base 50,000. The
+    recipe sizes the vocabulary to the tokenizer it trains (2,048 ranks + 256 special tokens) with that tokenizer's
+    special ids, and its long-context stage raises ``rope_theta`` to 800,000: ``models/kimivl-tiny`` (5.6M)."""
     cfg = _tiny()
     cfg.vision_config = VisionConfig(
         init_pos_emb_height=16,

@@ -123,3 +123,7 @@ def test_the_kimivl_tiny_preset_is_the_shipped_architecture():
             if getattr(preset.text_config, f.name) != getattr(shipped.text_config, f.name)
         }
         assert differ <= recipe_set and shipped.text_config.rope_theta == 800_000.0
+        assert shipped.text_config.vocab_size == 2048 + 256  # the recipe's tokenizer: train_vocab + special tokens
+        assert f"{parameter_counts(shipped)['total'].total / 1e6:.1f}M" == "5.6M"
+    assert (preset.text_config.vocab_size, preset.text_config.rope_theta) == (4096, 50_000.0)
+    assert f"{parameter_counts(preset)['total'].total / 1e6:.1f}M" == "6.5M"  # as its docstring says
