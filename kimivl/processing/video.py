@@ -67,7 +67,7 @@ def frames_to_parts(frames: list, timestamps: Any = None) -> list[dict]:
     if len(frames) != len(timestamps):
         raise VideoError(f"{len(frames)} frames but {len(timestamps)} timestamps")
     for i, t in enumerate(timestamps):
-        if not _is_real(t) or not math.isfinite(t) or not 0 <= t < MAX_TIMESTAMP:
+        if not _is_real(t) or not 0 <= t < MAX_TIMESTAMP:  # compared as it is: a huge int is out of range, NaN too
             raise VideoError(
                 f"video frame {i} has timestamp {t!r}: timestamps must be finite numbers of seconds >= 0 and under "
                 f"{MAX_TIMESTAMP:.0f}"

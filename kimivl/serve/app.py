@@ -11,6 +11,7 @@ import hmac
 import importlib.resources
 import json
 import logging
+import math
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -95,8 +96,19 @@ def create_app(
         if api_key is not None and request.url.path.startswith("/v1/"):
             scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
-                return _error(RequestError("invalid or missing API key (Authorization: Bearer KEY)", status=401))
+                message = "invalid or missing API key (Authorization: Bearer KEY)"
+                return _error(RequestError(message, status=401, code="invalid_api_key"))
         return await call_next(request)
+
+    @app.middleware("http")  # added last, so it wraps the app and the check above
+    async def unexpected_errors(request: Request, call_next):
+        """A bug answers 500 with an OpenAI-shaped body (a client reads the error), its traceback in the log."""
+        try:
+            return await call_next(request)
+        except Exception as e:
+            log.exception("%s %s failed", request.method, request.url.path)
+            message = f"the server failed on this request ({type(e).__name__}); its log has the details"
+            return _error(RequestError(message, status=500))
 
     page = importlib.resources.files("kimivl.serve").joinpath("static/index.html").read_text(encoding="utf-8")
 
@@ -124,8 +136,8 @@ def create_app(
         try:
             raw = await _read_body(request, max_body_bytes)
             try:
-                body = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                body = json.loads(raw, parse_int=_json_int)
+            except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
                 raise RequestError(f"the request body is not valid JSON: {e}") from None
             except RecursionError:
                 raise RequestError("the request body is JSON nested too deeply to read") from None
@@ -205,6 +217,15 @@ async def _read_body(request: Request, limit: int) -> bytearray:
             raise RequestError(f"the request body stalled for {BODY_IDLE_SECONDS} s", status=408) from None
         if len(raw) > limit:  # read no further than the limit
             raise RequestError(f"the request body is over the limit of {limit} bytes", status=413)
+
+
+def _json_int(digits: str) -> int | float:
+    """A JSON integer; one too long for Python to convert (over ``sys.get_int_max_str_digits()``) is read as the
+    infinity of its sign, which the field's range check refuses by name."""
+    try:
+        return int(digits)
+    except ValueError:
+        return -math.inf if digits.startswith("-") else math.inf
 
 
 def _deliver(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, event: tuple) -> None:

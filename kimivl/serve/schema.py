@@ -10,7 +10,6 @@ list of frames, each an image URL as above (with ``timestamps`` in seconds, or `
 from __future__ import annotations
 
 import io
-import math
 import os
 import stat
 import urllib.parse
@@ -80,7 +79,8 @@ def _number(body: dict, name: str, default: float, lo: float, hi: float, lo_open
     v = body.get(name)
     if v is None:
         return default
-    if not (_is_int(v) or isinstance(v, float)) or not math.isfinite(v) or v > hi or v < lo or (lo_open and v == lo):
+    # compared before any conversion: a huge int is out of range, not an OverflowError; NaN fails every comparison
+    if not (_is_int(v) or isinstance(v, float)) or not lo <= v <= hi or (lo_open and v == lo):
         raise RequestError(f"{name} must be a number in {'(' if lo_open else '['}{lo}, {hi}], got {v!r}", name)
     return float(v)
 

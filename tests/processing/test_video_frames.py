@@ -327,3 +327,14 @@ def test_numpy_numbers_and_arrays_of_timestamps_are_accepted(video):
     assert len(media) == 5 and "00:02.2" in text
     with pytest.raises(VideoError, match="need max_frames > 0"):
         load_video(video, max_frames=np.float64(5))
+
+
+def test_timestamps_too_large_for_a_float_are_refused_as_out_of_range():
+    frames = [np.zeros((28, 28, 3), np.uint8)]
+    for bad in (10**400, -(10**400), 10**309):
+        with pytest.raises(VideoError, match="timestamps must be finite numbers of seconds >= 0 and under 360000"):
+            frames_to_parts(frames, [bad])
+        part = {"type": "video", "frames": frames, "timestamps": [bad]}
+        with pytest.raises(VideoError, match="frame 0 has timestamp"):  # generate's path
+            apply_chat_template([{"role": "user", "content": [part]}])
+    assert frames_to_parts(frames, [359_999])[0]["text"] == "99:59:59.0"
