@@ -174,6 +174,7 @@ def _video(part: dict, kind: str, at: str, limits: Limits, used: _Used) -> dict:
     """A ``video`` / ``video_url`` part as kimivl's video part: its frames' bytes and timestamps, or a video's bytes."""
     source = part.get(kind)
     if isinstance(source, dict):
+        _refuse_unknown(source, ("url",), f"{at}.{kind}", kind)
         source = source.get("url")
     fps = _number(part, "fps", 1.0, 0.0, 120.0, lo_open=True)
     if isinstance(source, str) and source.startswith("data:video/"):
@@ -218,6 +219,8 @@ def _content(content: Any, where: str, limits: Limits, used: _Used) -> str | lis
     for j, part in enumerate(content):
         at = f"{where}[{j}]"
         kind = part.get("type") if isinstance(part, dict) else None
+        if kind in PART_FIELDS:
+            _refuse_unknown(part, PART_FIELDS[kind], at, f"a {kind} part")
         if kind == "text":
             if not isinstance(part.get("text"), str):
                 raise RequestError(f"{at}: a text part needs 'text' (a string)", at)
@@ -226,7 +229,16 @@ def _content(content: Any, where: str, limits: Limits, used: _Used) -> str | lis
             used.images += 1
             if used.images > limits.max_images:
                 raise RequestError(f"more than {limits.max_images} images in one request (the limit)", "messages")
-            parts.append({"type": "image", "image": _image_bytes(part.get("image_url"), at, limits, used)})
+            image = part.get("image_url")
+            if isinstance(image, dict):
+                _refuse_unknown(image, ("url", "detail"), f"{at}.image_url", "image_url")
+                if image.get("detail") not in (None, "auto", "high"):
+                    raise RequestError(
+                        f"{at}.image_url.detail={image['detail']!r} is not supported: every image is read at its own "
+                        "resolution (up to the pixel limit); use 'auto' or 'high', or leave it out",
+                        f"{at}.image_url.detail",
+                    )
+            parts.append({"type": "image", "image": _image_bytes(image, at, limits, used)})
         elif kind in ("video", "video_url"):
             parts.append(_video(part, kind, at, limits, used))
         else:
@@ -236,6 +248,44 @@ def _content(content: Any, where: str, limits: Limits, used: _Used) -> str | lis
     return parts
 
 
+# The request fields this server reads; UNSUPPORTED and HARMLESS below are accepted too, any other is refused
+IMPLEMENTED = (
+    "model",
+    "messages",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "seed",
+    "n",
+    "stop",
+    "stream",
+    "stream_options",
+)
+# OpenAI fields that do not change the answer (bookkeeping, billing, a tool setting without tools), with their types:
+# accepted and ignored
+HARMLESS = {
+    "user": str,
+    "safety_identifier": str,
+    "prompt_cache_key": str,
+    "metadata": dict,
+    "store": bool,
+    "service_tier": str,
+    "parallel_tool_calls": bool,
+}
+# the keys of a message (an assistant message's reasoning_content, as this server returns it, is dropped: a past
+# answer is sent without its reasoning, as the chat page sends it) and of each content part type
+MESSAGE_FIELDS = {
+    "system": ("role", "content", "name"),
+    "user": ("role", "content", "name"),
+    "assistant": ("role", "content", "name", "reasoning_content"),
+}
+PART_FIELDS = {
+    "text": ("type", "text"),
+    "image_url": ("type", "image_url"),
+    "video": ("type", "video", "fps", "timestamps"),
+    "video_url": ("type", "video_url", "fps", "timestamps"),
+}
 # OpenAI fields this server does not implement, with the values that ask for nothing (accepted and ignored)
 UNSUPPORTED = {
     "logprobs": (False,),
@@ -248,11 +298,29 @@ UNSUPPORTED = {
     "logit_bias": ({},),
     "frequency_penalty": (0, 0.0),
     "presence_penalty": (0, 0.0),
+    "modalities": (["text"],),
+    "audio": (),
 }
 
 
-def _refuse_unsupported(body: dict) -> None:
-    """A 400 for a field that would change the answer in a way this server cannot: never ignored silently."""
+def _refuse_unknown(obj: dict, known, where: str | None, what: str) -> None:
+    """A 400 naming the first key of ``obj`` outside ``known`` (null values ask for nothing and pass)."""
+    for key, value in obj.items():
+        if key not in known and value is not None:
+            raise RequestError(
+                f"{what} has the field {key!r}, which this server does not implement; leave it out (accepted: "
+                f"{', '.join(known)})",
+                f"{where}.{key}" if where else key,
+            )
+
+
+def _check_fields(body: dict) -> None:
+    """A 400 for a field that would change the answer in a way this server cannot (an unknown one, an unsupported
+    one not holding a value that asks for nothing): never ignored silently."""
+    _refuse_unknown(body, (*IMPLEMENTED, *HARMLESS, *UNSUPPORTED), None, "the request")
+    for name, kind in HARMLESS.items():
+        if body.get(name) is not None and not isinstance(body[name], kind):
+            raise RequestError(f"{name} must be a {kind.__name__} (or null), got {body[name]!r}", name)
     for name, inert in UNSUPPORTED.items():
         value = body.get(name)
         if value is not None and not any(value == v and type(value) is type(v) for v in inert):
@@ -270,20 +338,22 @@ def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise RequestError("messages must be a non-empty list of {role, content} objects", "messages")
+    _check_fields(body)
     out, used = [], _Used()
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-            raise RequestError(f"{where}: must be an object with role 'system', 'user' or 'assistant'", where)
+        role = m.get("role") if isinstance(m, dict) else None
+        role = "system" if role == "developer" else role  # newer OpenAI clients' name for the system role
+        if role not in MESSAGE_FIELDS:
+            raise RequestError(
+                f"{where}: must be an object with role 'system' (or 'developer'), 'user' or 'assistant'", where
+            )
+        _refuse_unknown(m, MESSAGE_FIELDS[role], where, f"{where} (role {m['role']!r})")
+        if not isinstance(m.get("name"), (str, type(None))):
+            raise RequestError(f"{where}: name must be a string", f"{where}.name")
         if m.get("content") is None:
             raise RequestError(f"{where}: content is missing", f"{where}.content")
-        out.append(
-            {
-                "role": m["role"],
-                "content": _content(m["content"], f"{where}.content", limits, used),
-            }
-        )
-    _refuse_unsupported(body)
+        out.append({"role": role, "content": _content(m["content"], f"{where}.content", limits, used)})
     max_tokens = _integer(body, "max_completion_tokens", 1, limits.context)
     legacy = _integer(body, "max_tokens", 1, limits.context)
     max_tokens = legacy if max_tokens is None else max_tokens
@@ -300,6 +370,7 @@ def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
     options = options or {}
     if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
         raise RequestError("stream_options must be {'include_usage': true|false}", "stream_options")
+    _refuse_unknown(options, ("include_usage", "include_obfuscation"), "stream_options", "stream_options")
     return ChatRequest(
         messages=out,
         max_tokens=max_tokens,

@@ -10,10 +10,12 @@ import logging
 import urllib.error
 import urllib.request
 
+import openai
+import pytest
 from PIL import Image
 
 from kimivl.serve import app as app_module
-from kimivl.serve.schema import Limits
+from kimivl.serve.schema import Limits, RequestError, parse_chat_request
 
 GOOD = {"model": "kimivl-tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
 LIMITS = Limits(context=4096, max_batch=2)
@@ -88,3 +90,101 @@ def test_a_bad_api_key_has_the_openai_code(tiny):
     url, _ = tiny
     code, reply = _post(url, GOOD, key="wrong-key")
     assert code == 401 and reply["error"]["code"] == "invalid_api_key"
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("top_k", 5),
+        ("ignore_eos", True),
+        ("min_tokens", 5),
+        ("guided_json", {"type": "object"}),
+        ("repetition_penalty", 1.2),
+        ("reasoning_effort", "low"),
+        ("continue_final_message", True),
+        ("add_generation_prompt", False),
+        ("verbosity", "low"),
+        ("prediction", {"type": "content", "content": "x"}),
+    ],
+)
+def test_unknown_request_fields_are_refused_by_name(field, value):
+    with pytest.raises(RequestError, match=f"the request has the field '{field}', which this server does not") as e:
+        parse_chat_request({**GOOD, field: value}, LIMITS)
+    assert e.value.param == field and e.value.status == 400
+
+
+def test_fields_that_change_nothing_are_accepted_and_unsupported_ones_refused():
+    harmless = {
+        "user": "u1",
+        "metadata": {"a": "b"},
+        "store": False,
+        "service_tier": "auto",
+        "parallel_tool_calls": False,
+        "modalities": ["text"],
+        "stream_options": None,
+        "top_k": None,  # null asks for nothing
+    }
+    assert parse_chat_request({**GOOD, **harmless}, LIMITS) == parse_chat_request(GOOD, LIMITS)
+    for field, value, words in [
+        ("modalities", ["text", "audio"], r"modalities=\['text', 'audio'\] is not supported"),
+        ("audio", {"voice": "alloy", "format": "wav"}, "audio="),
+        ("user", 5, "user must be a str"),
+        ("store", "yes", "store must be a bool"),
+    ]:
+        with pytest.raises(RequestError, match=words) as e:
+            parse_chat_request({**GOOD, field: value}, LIMITS)
+        assert e.value.param == field
+    with pytest.raises(RequestError, match="stream_options has the field 'foo'") as e:
+        parse_chat_request({**GOOD, "stream": True, "stream_options": {"include_usage": True, "foo": 1}}, LIMITS)
+    assert e.value.param == "stream_options.foo"
+
+
+def test_unknown_keys_in_messages_and_parts_are_refused_by_name():
+    image = {"type": "image_url", "image_url": {"url": _png()}}
+
+    def user(part: dict) -> dict:
+        return {"role": "user", "content": [part]}
+
+    part = "messages[0].content[0]"
+    for message, param in [
+        ({"role": "user", "content": "Hi", "tool_call_id": "a"}, "messages[0].tool_call_id"),
+        ({"role": "assistant", "content": "Hi", "tool_calls": [{"id": "a"}]}, "messages[0].tool_calls"),
+        (user({"type": "text", "text": "Hi", "cache_control": {}}), f"{part}.cache_control"),
+        (user({**image, "image_url": {"url": _png(), "x": 1}}), f"{part}.image_url.x"),
+        (user({**image, "image_url": {"url": _png(), "detail": "low"}}), f"{part}.image_url.detail"),
+        (user({"type": "video", "video": [_png()], "max_frames": 1}), f"{part}.max_frames"),
+        (user({"type": "video_url", "video_url": {"url": [_png()], "fps": 2}}), f"{part}.video_url.fps"),
+        ({"role": "tool", "content": "x", "tool_call_id": "a"}, "messages[0]"),
+        (user({"type": "refusal", "refusal": "no"}), part),
+        ({"role": "user", "content": "Hi", "name": 5}, "messages[0].name"),
+    ]:
+        with pytest.raises(RequestError) as e:
+            parse_chat_request({**GOOD, "messages": [message]}, LIMITS)
+        assert e.value.status == 400 and e.value.param == param, (message, e.value.param)
+        assert e.value.param.split(".")[-1].split("[")[0] in e.value.message, e.value.message
+    plain = parse_chat_request({**GOOD, "messages": [{"role": "user", "content": [image]}]}, LIMITS)
+    for detail in ("auto", "high", None):
+        part = {**image, "image_url": {"url": _png(), "detail": detail}}
+        assert parse_chat_request({**GOOD, "messages": [{"role": "user", "content": [part]}]}, LIMITS) == plain
+
+
+def test_an_answer_sent_back_with_its_reasoning_and_a_name_is_read_without_them():
+    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    echoed = [{**history[0], "name": "ann"}, {**history[1], "reasoning_content": "They greet me."}]
+    assert parse_chat_request({**GOOD, "messages": echoed}, LIMITS) == parse_chat_request(
+        {**GOOD, "messages": history}, LIMITS
+    )
+
+
+def test_the_developer_role_is_the_system_role(tiny):
+    url, engine = tiny
+    system = [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Name a colour."}]
+    developer = [{**system[0], "role": "developer"}, system[1]]
+    assert parse_chat_request({**GOOD, "messages": developer}, LIMITS).messages[0]["role"] == "system"
+    client = openai.OpenAI(base_url=url + "/v1", api_key="secret-key", timeout=30, max_retries=0)
+    answers = [
+        client.chat.completions.create(model="kimivl-tiny", messages=m, temperature=0, max_tokens=8)
+        for m in (system, developer)
+    ]
+    assert answers[0].choices[0].message.content == answers[1].choices[0].message.content
+    assert answers[0].usage.prompt_tokens == answers[1].usage.prompt_tokens
