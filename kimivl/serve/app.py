@@ -339,7 +339,9 @@ async def _stream(job: EngineRequest, queue: asyncio.Queue, reply: _Reply):
         return {"index": i, "delta": d, "finish_reason": None, "logprobs": None}
 
     try:
-        yield reply.chunk([{"index": i, "delta": {"role": "assistant", "content": ""}} for i in range(reply.chat.n)])
+        for i in range(reply.chat.n):  # one choice per chunk, as OpenAI streams several
+            role = {"role": "assistant", "content": ""}
+            yield reply.chunk([{"index": i, "delta": role, "finish_reason": None, "logprobs": None}])
         while not all(reply.finish):
             event = await queue.get()
             if event[0] == "error":

@@ -86,12 +86,6 @@ def test_an_unexpected_error_is_an_openai_shaped_500_and_its_traceback_is_logged
     assert _post(url, GOOD)[0] == 200
 
 
-def test_a_bad_api_key_has_the_openai_code(tiny):
-    url, _ = tiny
-    code, reply = _post(url, GOOD, key="wrong-key")
-    assert code == 401 and reply["error"]["code"] == "invalid_api_key"
-
-
 @pytest.mark.parametrize(
     "field, value",
     [
@@ -188,3 +182,27 @@ def test_the_developer_role_is_the_system_role(tiny):
     ]
     assert answers[0].choices[0].message.content == answers[1].choices[0].message.content
     assert answers[0].usage.prompt_tokens == answers[1].usage.prompt_tokens
+
+
+def test_streamed_chunks_carry_one_choice_each_with_finish_reason_and_logprobs(tiny):
+    url, _ = tiny
+    body = json.dumps({**GOOD, "n": 2, "stream": True, "temperature": 0}).encode()
+    headers = {"Content-Type": "application/json", "Authorization": "Bearer secret-key"}
+    req = urllib.request.Request(url + "/v1/chat/completions", body, headers, method="POST")
+    with urllib.request.urlopen(req, timeout=30) as r:
+        events = [line[6:] for line in r.read().decode().splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(len(c["choices"]) == 1 for c in chunks)  # as OpenAI streams several choices
+    for choice in (c["choices"][0] for c in chunks):
+        assert "finish_reason" in choice and "logprobs" in choice, choice
+    first = [c["choices"][0] for c in chunks[:2]]
+    assert [c["index"] for c in first] == [0, 1]
+    assert all(c["delta"] == {"role": "assistant", "content": ""} and c["finish_reason"] is None for c in first)
+    assert sorted(c["choices"][0]["index"] for c in chunks if c["choices"][0]["finish_reason"]) == [0, 1]
+
+
+def test_a_bad_api_key_has_the_openai_code(tiny):
+    url, _ = tiny
+    code, reply = _post(url, GOOD, key="wrong-key")
+    assert code == 401 and reply["error"]["code"] == "invalid_api_key"
