@@ -16,6 +16,7 @@ turned upright as the file's display rotation asks. ``frames_to_parts`` builds t
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import numbers
@@ -133,10 +134,13 @@ def _duration(container, stream, start: float, fps: float, max_frames: int) -> f
 
 def _positive(value: Any, name: str, kind: type) -> float | int:
     """``value`` as a Python ``kind`` (float or int) once checked to be a finite number (numpy's too) above 0."""
-    ok = _is_real(value) and (kind is float or isinstance(value, numbers.Integral))
-    if not (ok and math.isfinite(value) and value > 0):
+    number = None
+    if _is_real(value) and (kind is float or isinstance(value, numbers.Integral)):
+        with contextlib.suppress(OverflowError):  # an integer too large for a float
+            number = kind(value)
+    if number is None or not ((kind is int or math.isfinite(number)) and number > 0):
         raise VideoError(f"need {name} > 0 (a finite {'number' if kind is float else 'integer'}), got {value!r}")
-    return kind(value)
+    return number
 
 
 def _quarters(rotation: float) -> int:

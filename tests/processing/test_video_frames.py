@@ -102,6 +102,11 @@ def test_unreadable(video, tmp_path):
         load_video(video[:300])  # truncated
     with pytest.raises(ValueError, match="fps > 0"):
         load_video(video, fps=0)
+    huge = 10**400  # too large for a float: was an OverflowError
+    for settings in ({"fps": huge}, {"fps": float("nan")}, {"max_frames": 0}, {"max_frames": 2.0}):
+        with pytest.raises(VideoError, match=f"need {next(iter(settings))} > 0"):
+            load_video(video, **settings)
+    assert len(load_video(video, max_frames=huge)[0]) == 3  # a huge integer cap is a cap
 
 
 def test_timestamps_and_chat_parts(video):
