@@ -31,6 +31,7 @@ from tqdm import tqdm
 from kimivl.data import synthetic
 from kimivl.data.formats import write_records
 from kimivl.data.synthetic import GENERATORS, TASKS, TEXTS, Clip, Sample
+from kimivl.files import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +152,7 @@ def build_world(
         "generators": generators_fingerprint(),
         "files": files,
     }
-    (out / "world.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    write_text_atomic(out / "world.json", json.dumps(manifest, indent=1) + "\n")  # whole, or absent
     logger.info(
         "built the world (%d records) in %.1f s under %s",
         sum(sizes.values()) * len(tasks),
@@ -161,13 +162,32 @@ def build_world(
     return manifest
 
 
-def world_built(out_dir: str | os.PathLike) -> tuple | None:
-    """The (seed, sizes, tasks, generators) the world under ``out_dir`` was built with (its world.json), or None."""
-    manifest_path = Path(out_dir) / "world.json"
-    if not manifest_path.is_file():
+def _manifest(out_dir: str | os.PathLike) -> dict | None:
+    """The world's world.json, or None when there is none or it cannot be read (a warning names it): either way the
+    world is built again."""
+    path = Path(out_dir) / "world.json"
+    if not path.is_file():
         return None
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        problem = None if isinstance(manifest, dict) else "not a JSON object"
+    except (OSError, ValueError) as e:
+        problem = e
+    if problem is not None:
+        logger.warning("the world manifest %s cannot be read (%s): the world is built again", path, problem)
+        return None
+    return manifest
+
+
+def _built_with(manifest: dict) -> tuple:
     return manifest.get("seed"), manifest.get("sizes"), manifest.get("tasks"), manifest.get("generators")
+
+
+def world_built(out_dir: str | os.PathLike) -> tuple | None:
+    """The (seed, sizes, tasks, generators) the world under ``out_dir`` was built with (its world.json), or None when
+    it has no readable one."""
+    manifest = _manifest(out_dir)
+    return None if manifest is None else _built_with(manifest)
 
 
 def world_wanted(seed: int = 0, tasks: tuple[str, ...] | list[str] = TASKS, **sizes: int) -> tuple:
@@ -185,10 +205,11 @@ def ensure_world(
     """Build the world (``sizes`` as split=count keywords, e.g. ``train=4000, heldout=300``) unless ``out_dir``
     already holds one built with the same seed, sizes, tasks and generator code; return its manifest."""
     sizes = sizes or dict(DEFAULT_SIZES)
-    built, wanted = world_built(out_dir), world_wanted(seed, tasks, **sizes)
+    manifest, wanted = _manifest(out_dir), world_wanted(seed, tasks, **sizes)
+    built = None if manifest is None else _built_with(manifest)
     if built == wanted:
         logger.info("reusing the world under %s", out_dir)
-        return json.loads((Path(out_dir) / "world.json").read_text(encoding="utf-8"))
+        return manifest
     if built is not None and built[:3] == wanted[:3]:
         logger.warning("the world under %s was made by other generator code: rebuilding it", out_dir)
     return build_world(out_dir, seed, sizes, tasks, overwrite=True, progress=progress)

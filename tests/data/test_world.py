@@ -111,3 +111,52 @@ def test_a_rebuild_cut_short_is_built_again(tmp_path, monkeypatch):
     assert not (tmp_path / "world.json").exists()
     ensure_world(tmp_path, seed=0, progress=False, **SIZES)  # built again, as it was
     assert _tree(tmp_path) == whole
+
+
+@pytest.mark.parametrize("text", ["", '{"seed": 0, "si', "[]"])
+def test_an_unreadable_manifest_is_a_world_to_build_again(tmp_path, caplog, text):
+    """An empty or torn world.json (a full disk, written by an older kimivl) stopped every later run with a bare
+    'Expecting value: line 1 column 1 (char 0)' naming no file."""
+    sizes = {"train": 2, "heldout": 1}
+    manifest = build_world(tmp_path, seed=0, sizes=sizes, tasks=["caption", "text"], progress=False)
+    whole = _tree(tmp_path)
+    (tmp_path / "world.json").write_text(text)
+    (tmp_path / "train" / "caption.jsonl").write_text("half a rec")  # what a build cut short may have left
+    assert ensure_world(tmp_path, seed=0, tasks=["caption", "text"], progress=False, **sizes) == manifest
+    assert f"the world manifest {tmp_path / 'world.json'} cannot be read" in caplog.text
+    assert _tree(tmp_path) == whole
+
+
+def test_a_full_disk_while_writing_the_manifest_leaves_none(tmp_path, monkeypatch):
+    """world.json is whole or absent: a full disk while writing it leaves no empty or torn manifest behind."""
+    import builtins
+    import errno
+    import io
+    import os
+
+    real_open = builtins.open
+
+    class Full(io.StringIO):
+        def __init__(self, file):
+            super().__init__()
+            self.file = file
+
+        def write(self, text):
+            with real_open(self.file, "a") as f:  # what fitted on the disk
+                f.write(text[:7])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def full_for_the_manifest(file, mode="r", *args, **kwargs):
+        if "world.json" in os.fspath(file) and "r" not in mode:
+            real_open(file, "x" if "x" in mode else "w").close()
+            return Full(file)
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", full_for_the_manifest)
+    monkeypatch.setattr(io, "open", full_for_the_manifest)
+    with pytest.raises(OSError, match="No space left"):
+        build_world(tmp_path, seed=0, sizes={"train": 2, "heldout": 1}, tasks=["caption"], progress=False)
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir() if "world.json" in p.name] == []
+    ensure_world(tmp_path, seed=0, tasks=["caption"], progress=False, train=2, heldout=1)
+    assert json.loads((tmp_path / "world.json").read_text())["seed"] == 0
