@@ -351,43 +351,84 @@ def evaluate_stage(
     return accuracy
 
 
-def _publish_final(final: Path) -> None:
-    """Rename the stage's checkpoint, complete under ``final``'s temporary name, into place: a run killed before finds
-    no ``final`` and finishes the stage again from its last training checkpoint."""
-    shutil.rmtree(final, ignore_errors=True)  # an incomplete one left by an older version
-    os.replace(final.with_name(f".{final.name}.tmp"), final)
+def _temporary(path: Path) -> Path:
+    """Where the directory ``path`` is written before ``_publish`` renames it into place: ``.<name>.tmp`` beside it."""
+    return path.with_name(f".{path.name}.tmp")
+
+
+def _publish(path: Path) -> None:
+    """Rename the directory completed under ``path``'s temporary name into place, replacing ``path``: a process killed
+    before finds the previous ``path`` (or none), never a half-written one."""
+    shutil.rmtree(path, ignore_errors=True)  # a previous one, or an incomplete one left by an older version
+    os.replace(_temporary(path), path)
 
 
 def check_export(recipe: Recipe) -> Path | None:
-    """The export directory, refused (before anything runs) when it holds a model that another run wrote, or one
-    with no record of its run."""
+    """The export directory, refused (before anything runs) when it cannot be written, or when it holds anything but
+    this run's export (the export replaces the directory as a whole): another run's model, a model with no record of
+    its run, other files, or the run's own ``out``."""
     if not recipe.export:
         return None
     path = Path(recipe.export["path"])
+    elsewhere = "export elsewhere (export.path, or --out, which moves a relative export path under it)"
+    if path.exists() and not path.is_dir():
+        raise RecipeError(f"export path {path} exists and is not a directory: {elsewhere} or remove it")
+    if recipe.out.resolve().is_relative_to(path.resolve()):
+        raise RecipeError(
+            f"export path {path} holds the run's out directory {recipe.out}, and an export replaces its directory "
+            f"as a whole: {elsewhere}"
+        )
+    _check_writable(path, elsewhere)
+    held = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    if not held:
+        return path
+    try:
+        wrote = json.loads((path / EXPORT_RECORD).read_text())["out"]
+    except (OSError, ValueError, KeyError, TypeError):
+        wrote = None
+    if wrote is not None and (path / wrote).resolve() == recipe.out.resolve():
+        return path
     if (path / "config.json").is_file():
-        try:
-            wrote = json.loads((path / EXPORT_RECORD).read_text())["out"]
-        except (OSError, ValueError, KeyError, TypeError):
-            wrote = None
-        if wrote is None or (path / wrote).resolve() != recipe.out.resolve():
-            who = f"the run in {(path / wrote).resolve()}" if wrote else "no recorded run"
-            raise RecipeError(
-                f"export path {path} holds a model written by {who}, not by this run ({recipe.out}); "
-                "export elsewhere (export.path, or --out, which moves a relative export path under it) "
-                "or remove it"
-            )
-    return path
+        who = f"the run in {(path / wrote).resolve()}" if wrote else "no recorded run"
+        raise RecipeError(
+            f"export path {path} holds a model written by {who}, not by this run ({recipe.out}); "
+            f"{elsewhere} or remove it"
+        )
+    raise RecipeError(
+        f"export path {path} holds {', '.join(held[:5])}{', ...' if len(held) > 5 else ''} and no export of this "
+        f"run, and an export replaces its directory as a whole: {elsewhere}, or into a new or empty directory"
+    )
+
+
+def _check_writable(path: Path, elsewhere: str) -> None:
+    """Refuse an export ``path`` that the run could not write and rename into place: its nearest existing folder
+    (``path``'s parent or above) must be a writable directory, and so must ``path`` where it exists."""
+    folder = path.resolve().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise RecipeError(f"export path {path} cannot be made: {folder} is not a directory; {elsewhere}")
+    for where in [folder, *([path.resolve()] if path.exists() else [])]:
+        if not os.access(where, os.W_OK | os.X_OK):
+            raise RecipeError(f"export path {path} cannot be written: {where} is not writable; {elsewhere}")
 
 
 def _export(recipe: Recipe, final: Path, processor: KimiVLProcessor, path: Path) -> None:
-    """The last stage's checkpoint in the export dtype, converted file by file (no process holds the whole model).
-    The run's record goes first: an export cut short by a kill is this run's, and ``--resume`` writes it again."""
-    path.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(
-        path / EXPORT_RECORD, json.dumps({"out": os.path.relpath(recipe.out.resolve(), path.resolve())}) + "\n"
-    )
-    convert_checkpoint(final, path, getattr(torch, recipe.export.get("dtype", "bfloat16")))
-    processor.save_pretrained(path)
+    """The last stage's checkpoint in the export dtype, converted file by file (no process holds the whole model),
+    with the tokenizer files and the run's record, written under a temporary name beside ``path`` (one left by a
+    killed export is written again) and renamed into place once whole: an export cut short by a kill or a full disk
+    leaves the previous export (or none), never new weights beside an old config, and ``--resume`` exports again."""
+    path = path.resolve()  # a link to a folder elsewhere: the export is written and renamed there
+    tmp = _temporary(path)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        convert_checkpoint(final, tmp, getattr(torch, recipe.export.get("dtype", "bfloat16")))
+        processor.save_pretrained(tmp)
+        write_text_atomic(tmp / EXPORT_RECORD, json.dumps({"out": os.path.relpath(recipe.out.resolve(), path)}) + "\n")
+        _publish(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk gets its space back
+        raise
     log.info("exported %s", path)
 
 
@@ -489,7 +530,7 @@ def _finish_stage(
     """Write the stage's official-format checkpoint; a sharded model is gathered file by file (rank 0 writes; what
     it left unloaded comes from ``source``), and every rank goes on with the model unloaded: the next stage reads
     its shards from that checkpoint."""
-    tmp = final.with_name(f".{final.name}.tmp")
+    tmp = _temporary(final)
     if world.main:
         shutil.rmtree(tmp, ignore_errors=True)
     world.barrier()
@@ -499,7 +540,7 @@ def _finish_stage(
         model.save_pretrained(tmp)
     if world.main:
         processor.save_pretrained(tmp)
-        _publish_final(final)
+        _publish(final)
     world.wait_for_main()  # rank 0 also copies what no rank holds (after a vit stage, the language model)
     return _unloaded_model(final) if world.active else model
 

@@ -260,22 +260,114 @@ def test_export_goes_under_out_and_never_replaces_another_runs_model(
         check_export(recipe)
 
 
-def test_an_export_killed_midway_is_still_this_runs(tmp_path, monkeypatch, small_model, small_processor):
-    """The record goes before the weights: a kill during the export leaves a directory that --resume may write again."""
+def _tree(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _retrained(final, rope_theta):
+    """``final`` as a later stage leaves it: other weights, another config."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(final / "model.safetensors")
+    save_file({k: v + 1 if v.is_floating_point() else v for k, v in weights.items()}, final / "model.safetensors")
+    config = json.loads((final / "config.json").read_text())
+    config["text_config"]["rope_theta"] = rope_theta
+    (final / "config.json").write_text(json.dumps(config))
+
+
+KILLED_EXPORT = """
+import os, signal, sys
+import kimivl.checkpoint as checkpoint
+from kimivl import KimiVLProcessor
+from kimivl.train import pipeline
+from kimivl.train.recipe import load_recipe
+
+save = checkpoint._atomic_save
+def save_then_die(tensors, file, metadata=None):
+    save(tensors, file, metadata)
+    os.kill(os.getpid(), signal.SIGTERM)  # a time limit, after the weights and before the config
+checkpoint._atomic_save = save_then_die
+recipe = load_recipe("r.yaml")
+pipeline._export(recipe, "final", KimiVLProcessor.from_pretrained("final"), pipeline.check_export(recipe))
+"""
+
+
+def test_an_export_killed_after_its_weights_leaves_the_previous_one_whole(
+    tmp_path, monkeypatch, small_model, small_processor
+):
+    """A re-export was converted over the previous one file by file, config.json last: a SIGTERM between left the new
+    weights with the old config (an old rope_theta), which loaded with no warning. Now the previous export stays
+    whole until the new one is, and --resume exports again over what the killed one left."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
     from kimivl.train import pipeline
 
     monkeypatch.chdir(tmp_path)
     recipe = load_recipe(_recipe(tmp_path))
     small_model.save_pretrained(tmp_path / "final")
+    small_processor.save_pretrained(tmp_path / "final")
+    export = tmp_path / "models" / "mine"
+    pipeline._export(recipe, tmp_path / "final", small_processor, check_export(recipe))
+    before = _tree(export)
+    assert json.loads(before[EXPORT_RECORD]) == {"out": "../../run"} and "tiktoken.model" in before
+    _retrained(tmp_path / "final", 800000.0)
 
-    def killed(*args):
-        raise KeyboardInterrupt  # the process dies while the weights are converted
+    killed = subprocess.run([sys.executable, "-c", KILLED_EXPORT], cwd=tmp_path, capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGTERM, killed.stderr
+    assert _tree(export) == before  # the previous export, whole: its weights with its config
+    assert (tmp_path / "models" / ".mine.tmp" / "model.safetensors").is_file()  # killed after the weights
 
-    monkeypatch.setattr(pipeline, "convert_checkpoint", killed)
-    with pytest.raises(KeyboardInterrupt):
-        pipeline._export(recipe, tmp_path / "final", small_processor, check_export(recipe))
-    (tmp_path / "models" / "mine" / "config.json").write_text("{}")  # as far as the kill let it get
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline, "convert_checkpoint", full)
+        with pytest.raises(OSError, match="No space left"):
+            pipeline._export(recipe, tmp_path / "final", small_processor, check_export(recipe))
+    assert _tree(export) == before and not (tmp_path / "models" / ".mine.tmp").exists()
+
+    pipeline._export(recipe, tmp_path / "final", small_processor, check_export(recipe))  # as --resume does
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["mine"]
+    exported = KimiVL.from_pretrained(export)
+    assert exported.config.text_config.rope_theta == 800000.0 and exported.dtype == torch.bfloat16
+    trained, written = load_file(tmp_path / "final" / "model.safetensors"), load_file(export / "model.safetensors")
+    assert all(torch.equal(trained[k].to(torch.bfloat16), written[k]) for k in trained)
+    assert sorted(_tree(export)) == sorted(before) and check_export(recipe).resolve() == export
+
+
+@pytest.mark.parametrize(
+    "where, make, match",
+    [
+        ("taken", lambda p: p.write_text("x"), r"export path taken exists and is not a directory"),
+        ("afile/model", lambda p: p.parent.write_text("x"), r"export path afile/model cannot be made: .*afile is not"),
+        ("notes", lambda p: (p.mkdir(), (p / "b.txt").touch(), (p / "a.txt").touch()), r"holds a.txt, b.txt and no"),
+        (".", lambda p: None, r"export path \. holds the run's out directory"),
+    ],
+)
+def test_an_export_path_that_cannot_take_the_export_stops_the_run_before_anything_runs(
+    tmp_path, monkeypatch, where, make, match
+):
+    """``touch OUT/export`` was found with [Errno 17] only once every stage had trained."""
+    from kimivl.train.pipeline import run_recipe
+
+    monkeypatch.chdir(tmp_path)
+    make(tmp_path / where)
+    recipe = load_recipe(_recipe(tmp_path, export={"path": where}, base={"preset": "tiny"}))
+    with pytest.raises(RecipeError, match=match):
+        run_recipe(recipe, progress=False)
+    assert not (tmp_path / "run").exists()  # no stage began
+
+
+def test_an_export_path_in_a_folder_that_cannot_be_written_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe(_recipe(tmp_path))
     assert check_export(recipe).resolve() == tmp_path / "models" / "mine"
+    monkeypatch.setattr(os, "access", lambda path, mode: path != tmp_path)  # as for a user without write access
+    with pytest.raises(RecipeError, match=f"export path models/mine cannot be written: {tmp_path} is not writable"):
+        check_export(recipe)
 
 
 def _ctx(records, processor, text=False):
