@@ -14,21 +14,22 @@ kimivl's (an export may predate the mark). It never overwrites or deletes a file
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import PurePath
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from kimivl.config import KimiVLConfig
-from kimivl.files import write_text_atomic
+from kimivl.files import WriteError, file_mode, write_text_atomic
+from kimivl.files import write_error as _write_error
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,11 @@ class CheckpointError(ValueError):
     """A checkpoint that does not match the model or cannot be read."""
 
 
-class CheckpointWriteError(CheckpointError, OSError):
+class CheckpointReadError(CheckpointError):
+    """A checkpoint file that cannot be read (damaged, cut short); the message names it."""
+
+
+class CheckpointWriteError(CheckpointError, WriteError):
     """Writing a checkpoint failed (a full disk, a read-only directory); also an ``OSError``, as the failure was."""
 
 
@@ -103,7 +108,7 @@ def _read_headers(files: dict[str, list[str] | None]) -> dict[str, tuple[str, li
                 keys = list(f.keys())
                 shapes = {k: (f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in keys}
         except Exception as e:  # safetensors raises its own error types for corrupt headers
-            raise CheckpointError(f"cannot read {file}: {e}") from None
+            raise CheckpointReadError(f"cannot read {file}: {e}") from None
         if listed is not None and set(listed) - set(keys):
             raise CheckpointError(f"{file} lacks keys its index assigns to it: {sorted(set(listed) - set(keys))[:10]}")
         for k in keys:
@@ -231,19 +236,25 @@ def write_index(path: str | os.PathLike, weight_map: dict[str, str], total: int)
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], file: str, metadata: dict[str, str] | None = None) -> None:
+    """Write ``file`` by way of ``file.tmp``, readable as ``open`` would make it (safetensors creates files 0o600, which
+    another user, a serving container, cannot read). A failed write is an ``OSError`` with the errno of the failure
+    (safetensors reports it as a ``SafetensorError`` ending in ``(os error N)``)."""
     tmp = file + ".tmp"
-    save_file(tensors, tmp, metadata={"format": "pt", WRITER: "1", **(metadata or {})})
+    try:
+        save_file(tensors, tmp, metadata={"format": "pt", WRITER: "1", **(metadata or {})})
+    except SafetensorError as e:
+        found = re.search(r"\(os error (\d+)\)", str(e))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code)) from None
+    os.chmod(tmp, file_mode())
     os.replace(tmp, file)
 
 
 def write_error(e: OSError, file: str | os.PathLike) -> CheckpointWriteError:
     """The error for an OS failure while writing ``file``: a full disk says so."""
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return CheckpointWriteError(
-            f"the disk is full: writing {os.fspath(file)} failed ({e.strerror or e}); "
-            "free space (or choose another directory) and save again"
-        )
-    return CheckpointWriteError(f"cannot write {os.fspath(file)}: {e.strerror or e}")
+    return _write_error(e, file, CheckpointWriteError)
 
 
 def _frozen_keys(model: nn.Module, state: dict[str, torch.Tensor]) -> set[str]:
@@ -323,11 +334,13 @@ def save_checkpoint(
                 for t in state.values()
             )
             write_index(path, {k: name for keys, name in zip(groups, names) for k in keys}, total)
-    except OSError as e:
+    except BaseException as e:
         for name in keep:
             if os.path.exists(os.path.join(path, name + ".tmp")):
                 os.remove(os.path.join(path, name + ".tmp"))
-        raise write_error(e, file) from None
+        if isinstance(e, OSError):
+            raise write_error(e, file) from None
+        raise
     for name in stale:
         log.info("removing %s of an older kimivl save from %s", name, path)
         os.remove(os.path.join(path, name))
@@ -388,6 +401,9 @@ def _write_converted(src: str, dst: str, names: list[str], indexed: bool, dtype:
         file = os.path.join(dst, CONFIG)
         write_text_atomic(file, json.dumps(config, indent=2) + "\n")
     except OSError as e:
+        for name in names:  # the temporary file of the one that failed
+            if os.path.exists(os.path.join(dst, name + ".tmp")):
+                os.remove(os.path.join(dst, name + ".tmp"))
         raise write_error(e, file) from None
 
 

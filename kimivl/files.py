@@ -1,19 +1,70 @@
-"""Files written so that a crash mid-write leaves the previous content, never a torn one."""
+"""Files written so that a crash mid-write leaves the previous content, never a torn one; a write that fails (a full
+disk) is an error naming the file."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
+
+FULL = (errno.ENOSPC, errno.EDQUOT)  # the errnos of a full disk (or quota)
+
+
+class WriteError(OSError):
+    """Writing a file failed; the message names the file, and a full disk says so. ``errno`` is the failure's."""
+
+
+def write_error(e: OSError, file: str | os.PathLike, kind: type[WriteError] = WriteError) -> WriteError:
+    """The ``kind`` of error for an OS failure ``e`` while writing ``file``: a full disk says so (a ``WriteError``
+    already names its file: its message is kept)."""
+    if isinstance(e, kind):
+        return e
+    if isinstance(e, WriteError):
+        error = kind(str(e))
+    elif e.errno in FULL:
+        error = kind(
+            f"the disk is full: writing {os.fspath(file)} failed ({e.strerror or e}); "
+            "free space (or choose another directory) and try again"
+        )
+    else:
+        error = kind(f"cannot write {os.fspath(file)}: {e.strerror or e}")
+    error.errno = e.errno
+    return error
+
+
+@contextlib.contextmanager
+def writing(file: str | os.PathLike) -> Iterator[None]:
+    """An ``OSError`` inside the block (a full disk) becomes a ``WriteError`` naming ``file``."""
+    try:
+        yield
+    except OSError as e:
+        raise write_error(e, file) from None
+
+
+def file_mode() -> int:
+    """The mode a new file gets from ``open`` (0o666 less the umask), for files that a library creates private
+    (safetensors' 0o600). The umask is read from ``/proc`` where it can be: setting it to read it is not thread-safe."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to a temporary file of this writer's own beside ``path`` (``.<name>.<random>.tmp``, so writers
-    of one file at once never share one), then rename it over ``path``: the file is always one writer's whole text."""
+    of one file at once never share one), then rename it over ``path``: the file is always one writer's whole text. A
+    failed write (a full disk) is a ``WriteError`` naming ``path``, which keeps its old text."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        with open(tmp, "x", encoding="utf-8") as f:
+        f = open(tmp, "x", encoding="utf-8")  # noqa: SIM115 - closed in the block, where a full disk is named
+        with writing(path), f:
             f.write(text)
         os.replace(tmp, path)
     except BaseException:

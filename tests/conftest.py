@@ -1,4 +1,6 @@
 import dataclasses
+import resource
+import signal
 
 import pytest
 import torch
@@ -12,6 +14,21 @@ CORPUS = [
     "Count the circles: there are 3 circles and 2 squares.",
     "你好，世界",
 ] * 5
+
+
+@pytest.fixture()
+def file_size_limit():
+    """``limit(n)``: files this process writes may grow to ``n`` bytes (``RLIMIT_FSIZE``), so that a longer write fails
+    in the libraries' own code as on a full disk, with the errno EFBIG instead of ENOSPC; ``limit(None)`` lifts it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead of killing the process
+
+    def limit(n):
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft if n is None else n, hard))
+
+    yield limit
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    signal.signal(signal.SIGXFSZ, handler)
 
 
 @pytest.fixture(autouse=True)

@@ -5,6 +5,7 @@ import errno
 import json
 import logging
 import os
+import stat
 
 import pytest
 import torch
@@ -347,3 +348,27 @@ def test_saved_files_that_are_symlinks_are_replaced_and_their_targets_left_alone
     assert type(small_processor).from_pretrained(tmp_path / "snapshot").tokenizer.encode("the cached file") == (
         small_processor.tokenizer.encode("the cached file")
     )
+
+
+def test_a_write_the_disk_refuses_is_named_with_its_errno_and_leaves_nothing(tiny_model, tmp_path, file_size_limit):
+    tiny_model.save_pretrained(tmp_path / "src")
+    file_size_limit(100_000)  # safetensors raises its SafetensorError: "... File too large (os error 27)"
+    with pytest.raises(CheckpointError, match=r"cannot write .*m.model\.safetensors: File too large") as failed:
+        tiny_model.save_pretrained(tmp_path / "m")
+    assert failed.value.errno == errno.EFBIG and isinstance(failed.value, OSError)
+    with pytest.raises(CheckpointError, match=r"cannot write .*out.model\.safetensors: File too large"):
+        ckpt.convert_checkpoint(tmp_path / "src", tmp_path / "out", torch.bfloat16)
+    file_size_limit(None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_saved_weights_are_as_readable_as_the_config(tiny_model, tmp_path):
+    umask = os.umask(0o022)
+    try:
+        tiny_model.save_pretrained(tmp_path / "m", max_shard_bytes=2_000_000)
+        ckpt.convert_checkpoint(tmp_path / "m", tmp_path / "bf16", torch.bfloat16)
+    finally:
+        os.umask(umask)
+    files = sorted((tmp_path / "m").iterdir()) + sorted((tmp_path / "bf16").iterdir())
+    assert len(files) > 4
+    assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {p.name: "0o644" for p in files}

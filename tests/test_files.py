@@ -1,5 +1,6 @@
-"""write_text_atomic: a whole text always, with concurrent writers of one file too."""
+"""write_text_atomic: a whole text always, with concurrent writers of one file too; a failed write named."""
 
+import errno
 import multiprocessing
 import os
 import stat
@@ -7,7 +8,7 @@ import stat
 import pytest
 
 from kimivl import files
-from kimivl.files import write_text_atomic
+from kimivl.files import WriteError, file_mode, write_text_atomic
 
 
 def test_a_writer_that_gets_in_between_does_not_break_another(tmp_path, monkeypatch):
@@ -54,3 +55,24 @@ def test_the_file_gets_the_usual_permissions_and_a_failed_write_leaves_the_old_t
         write_text_atomic(path, "\udc80")  # not encodable: fails mid-write
     assert path.read_text() == "{}\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
+
+
+def test_a_write_the_disk_refuses_names_the_file_and_keeps_the_old_text(tmp_path, file_size_limit):
+    path = tmp_path / "run.json"
+    write_text_atomic(path, "{}\n")
+    file_size_limit(100)
+    with pytest.raises(WriteError, match=r"cannot write .*run\.json: File too large") as failed:
+        write_text_atomic(path, "x" * 10_000)
+    file_size_limit(None)
+    assert failed.value.errno == errno.EFBIG
+    assert path.read_text() == "{}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json"]
+
+
+def test_file_mode_is_what_open_gives_a_new_file(tmp_path):
+    umask = os.umask(0o027)
+    try:
+        (tmp_path / "f").touch()
+        assert file_mode() == stat.S_IMODE((tmp_path / "f").stat().st_mode) == 0o640
+    finally:
+        os.umask(umask)
