@@ -11,6 +11,7 @@ those resume with the same ``ep``.
 from __future__ import annotations
 
 import itertools
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,10 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint import DefaultLoadPlanner
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 
+from kimivl.checkpoint import CheckpointReadError, CheckpointWriteError, write_error
 from kimivl.distributed.world import World
 from kimivl.model.moe import GroupedExperts
 
@@ -67,7 +70,42 @@ def save_sharded(tmp: Path, model: nn.Module, optimizer: torch.optim.Optimizer, 
     if world.main:
         shutil.rmtree(tmp, ignore_errors=True)
     world.barrier()
-    dcp.save(_tensors(model, optimizer, world)[0], checkpoint_id=str(tmp))
+    try:
+        dcp.save(_tensors(model, optimizer, world)[0], checkpoint_id=str(tmp))
+    except CheckpointException as e:  # a BaseException, holding each failed rank's error
+        rank, error = _first_failure(e)
+        if isinstance(error, OSError):
+            raise write_error(error, tmp) from None
+        free = shutil.disk_usage(tmp.parent).free / 2**20  # torch reports a short write (a full disk) as this
+        raise CheckpointWriteError(
+            f"cannot write {tmp} (rank {rank}: {type(error).__name__}: {error}); {free:.0f} MiB are free on its disk"
+        ) from None
+
+
+def _first_failure(e: CheckpointException) -> tuple[int, BaseException]:
+    """The failed rank of ``e`` with the lowest number and its error: the ``OSError`` it met where it kept one."""
+    rank = min(e.failures)
+    error = met = e.failures[rank][0]
+    while met is not None and not isinstance(met, OSError):
+        met = met.__context__
+    return rank, met or error
+
+
+def _damaged_files(path: Path) -> list[str]:
+    """The files of the DCP checkpoint at ``path`` known to be damaged: ``.metadata`` when it cannot be read, else the
+    shard files that are missing or shorter than it says."""
+    try:
+        metadata = FileSystemReader(str(path)).read_metadata()
+    except Exception:  # noqa: BLE001 - every way a damaged file fails to read
+        return [METADATA]
+    needed: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    return [
+        name
+        for name, size in sorted(needed.items())
+        if not (path / name).is_file() or os.path.getsize(path / name) < size
+    ]
 
 
 def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, world: World) -> None:
@@ -75,6 +113,14 @@ def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
     created first (``init_state``) so that it has tensors to fill; state a parameter never had stays at its start."""
     optimizer.init_state()
     state, ints = _tensors(model, optimizer, world)
-    dcp.load(state, checkpoint_id=str(path), planner=DefaultLoadPlanner(allow_partial_load=True))
+    try:
+        dcp.load(state, checkpoint_id=str(path), planner=DefaultLoadPlanner(allow_partial_load=True))
+    except CheckpointException as e:
+        rank, error = _first_failure(e)
+        damaged = _damaged_files(Path(path))
+        which = ", ".join(str(Path(path) / n) for n in damaged) if damaged else f"the files of {path}"
+        raise CheckpointReadError(
+            f"cannot read {which}: damaged or cut short (rank {rank}: {type(error).__name__})"
+        ) from None
     for key, (held, k) in ints.items():
         held[k] = int(state[key])

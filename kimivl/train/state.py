@@ -10,7 +10,7 @@ own, hard-linked from the previous checkpoint while they stay unchanged (``save_
 
 from __future__ import annotations
 
-import errno
+import io
 import logging
 import os
 import random
@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from kimivl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from kimivl.checkpoint import CheckpointReadError, load_checkpoint, save_checkpoint, write_error
 from kimivl.distributed.checkpoint import is_sharded, load_sharded, save_sharded
 from kimivl.distributed.world import World
-from kimivl.files import write_text_atomic
+from kimivl.files import FULL, WriteError, write_text_atomic
 from kimivl.train.interrupt import Interrupted, StopRequest
 from kimivl.train.step import TrainingError
 
@@ -55,6 +55,75 @@ def _tuples(x):
     return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
+class _NotedFile(io.BufferedWriter):
+    """A file that keeps the first ``OSError`` of its writes: ``torch.save`` meets it in its own code and raises a
+    ``RuntimeError`` of its own (``unexpected pos``) that names neither the file nor the failure."""
+
+    error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return super().write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        try:
+            super().flush()
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+
+def _save_torch(obj: Any, file: Path) -> None:
+    """``torch.save`` of ``obj`` to ``file``, streamed; a failed write (a full disk) is a ``CheckpointWriteError``
+    naming the file."""
+    try:
+        with _NotedFile(io.FileIO(file, "w")) as f:
+            try:
+                torch.save(obj, f)
+            except RuntimeError:
+                if f.error is None:
+                    raise
+                raise f.error from None
+    except OSError as e:
+        raise write_error(e, file) from None
+
+
+def _load_torch(file: Path) -> Any:
+    """``torch.load`` of ``file`` (tensors and plain containers only); a damaged file is a ``CheckpointReadError``
+    naming it (torch raises what its reader met: a RuntimeError, an UnpicklingError, an EOFError, ...)."""
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as e:  # noqa: BLE001 - every way a damaged file fails to read
+        raise CheckpointReadError(f"cannot read {file}: it is damaged or cut short ({type(e).__name__})") from None
+
+
+def _damaged(path: Path, e: CheckpointReadError) -> TrainingError:
+    """The error for the checkpoint ``path`` that holds a file that cannot be read (``e``), with what to do."""
+    older = sorted(p.name for p in path.parent.glob("step-*") if p.name < path.name and p.is_dir())
+    if older:
+        fix = (
+            f"resume from the checkpoint before it by writing {older[-1]} into {path.parent / LATEST} (checkpoints "
+            f"kept: {', '.join(older)}), then remove {path}"
+        )
+    else:
+        fix = f"there is no older checkpoint: remove {path.parent} to start the stage afresh"
+    return TrainingError(f"{e}; the checkpoint {path} is damaged: {fix}")
+
+
+def _write_failed(target: Path, e: OSError, previous: Path | None) -> TrainingError:
+    """The error for the checkpoint ``target`` that could not be written (``e``); ``previous`` is kept."""
+    why = str(e) if isinstance(e, WriteError) else f"{e.strerror or e}"  # a WriteError names the file
+    if e.errno in FULL and not isinstance(e, WriteError):
+        why += " (the disk is full: free space, then resume)"
+    kept = f"; {previous} is intact" if previous else ""
+    return TrainingError(f"checkpoint {target} not written: {why}{kept}")
+
+
 def save_state(ckpt_dir: str | os.PathLike, model, trainer: dict[str, Any], keep: int = 2) -> Path:
     """Write ``model`` and ``trainer`` (a dict with at least ``step``) as a new checkpoint; prune old ones."""
     root = Path(ckpt_dir)
@@ -69,14 +138,12 @@ def save_state(ckpt_dir: str | os.PathLike, model, trainer: dict[str, Any], keep
             model.save_pretrained(tmp, frozen_apart=True, frozen_from=previous)
         else:  # a training-only wrapper (e.g. the ViT pre-trainer): its tensors alone
             save_checkpoint(model, tmp, frozen_apart=True, frozen_from=previous)
-        torch.save({**trainer, "rng": rng_state()}, tmp / TRAINER_FILE)
-    except OSError as e:
+        _save_torch({**trainer, "rng": rng_state()}, tmp / TRAINER_FILE)
+    except BaseException as e:  # a failed write, or anything else: no partial checkpoint is left
         shutil.rmtree(tmp, ignore_errors=True)
-        why = str(e) if isinstance(e, CheckpointError) else f"{e.strerror or e}"  # the former names the file
-        if e.errno == errno.ENOSPC and not isinstance(e, CheckpointError):
-            why += " (the disk is full: free space, then resume)"
-        kept = f"; {previous} is intact" if previous else ""
-        raise TrainingError(f"checkpoint {root / name} not written: {why}{kept}") from e
+        if isinstance(e, OSError):
+            raise _write_failed(root / name, e, previous) from None
+        raise
     return _publish(root, name, keep)
 
 
@@ -89,6 +156,8 @@ def _publish(root: Path, name: str, keep: int) -> Path:
     older = sorted(p for p in root.glob("step-*") if p.name != name)
     for old in older[: max(0, len(older) - (keep - 1))]:
         shutil.rmtree(old, ignore_errors=True)
+    for torn in root.glob(".step-*.tmp"):  # left by a kill mid-save
+        shutil.rmtree(torn, ignore_errors=True)
     log.info("checkpoint %s written", final)
     return final
 
@@ -101,19 +170,22 @@ def save_state_sharded(
     root = Path(ckpt_dir)
     name = f"step-{trainer['step']:07d}"
     tmp, final = root / f".{name}.tmp", root / name
+    latest = root / LATEST
+    previous = root / latest.read_text().strip() if latest.is_file() else None
     try:
         if world.main:
             root.mkdir(parents=True, exist_ok=True)
         save_sharded(tmp, model, optimizer, world)
-        torch.save(rng_state(), tmp / f"rng-{world.rank}.pt")
+        _save_torch(rng_state(), tmp / f"rng-{world.rank}.pt")
         world.barrier()
         if world.main:
-            torch.save(trainer, tmp / TRAINER_FILE)
+            _save_torch(trainer, tmp / TRAINER_FILE)
             _publish(root, name, keep)
-    except OSError as e:
-        if world.main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise TrainingError(f"checkpoint {final} not written: {e}") from e
+    except BaseException as e:  # on the rank that failed, which may not be rank 0: no partial checkpoint is left
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise _write_failed(final, e, previous) from None
+        raise
     world.barrier()
     return final
 
@@ -130,8 +202,12 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
 
 def load_state(path: str | os.PathLike, model) -> dict[str, Any]:
     """Restore ``model`` weights and the global RNG from checkpoint ``path``; return the trainer dict."""
-    load_checkpoint(model, path)
-    trainer = torch.load(Path(path) / TRAINER_FILE, map_location="cpu", weights_only=True)
+    path = Path(path)
+    try:
+        load_checkpoint(model, path)
+        trainer = _load_torch(path / TRAINER_FILE)
+    except CheckpointReadError as e:
+        raise _damaged(path, e) from None
     set_rng_state(trainer.pop("rng"))
     return trainer
 
@@ -139,9 +215,12 @@ def load_state(path: str | os.PathLike, model) -> dict[str, Any]:
 def load_state_sharded(path: Path, model, optimizer, world: World) -> None:
     """``load_state`` for a sharded model, on every rank: its shards of weights and optimiser state, its RNG state
     (rank 0's when the saving run had fewer ranks); the caller reads the trainer dict."""
-    load_sharded(path, model, optimizer, world)
     rng = path / f"rng-{world.rank}.pt"
-    set_rng_state(torch.load(rng if rng.is_file() else path / "rng-0.pt", weights_only=True))
+    try:
+        load_sharded(path, model, optimizer, world)
+        set_rng_state(_load_torch(rng if rng.is_file() else path / "rng-0.pt"))
+    except CheckpointReadError as e:
+        raise _damaged(path, e) from None
 
 
 def _group_record(group: dict[str, Any]) -> dict[str, Any]:
@@ -229,7 +308,10 @@ class TrainState:
                 "launched (torchrun and parallel, or neither), or start the stage afresh"
             )
         if self.world.active:
-            state = torch.load(found / TRAINER_FILE, map_location="cpu", weights_only=True)
+            try:
+                state = _load_torch(found / TRAINER_FILE)
+            except CheckpointReadError as e:
+                raise _damaged(found, e) from None
             written = state.get("ep", self.world.ep)
             if written != self.world.ep:  # DCP would load no expert of the other layout, and say nothing
                 raise TrainingError(

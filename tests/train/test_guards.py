@@ -2,23 +2,25 @@
 line tolerated, one run per directory, stage names confined to their folder, exports that never replace another run's
 model."""
 
-import errno
 import json
 import os
 import signal
+import threading
+from pathlib import Path
 
 import pytest
 import torch
 from test_loop import joint_loss, setup
 
 from kimivl import KimiVL
+from kimivl.distributed.world import World
 from kimivl.train.interrupt import Interrupted
 from kimivl.train.lock import run_lock
 from kimivl.train.loop import LoopConfig, train_loop
 from kimivl.train.metrics import MetricsLog, read_metrics
 from kimivl.train.pipeline import EXPORT_RECORD, check_export, global_schedule
 from kimivl.train.recipe import RecipeError, load_recipe
-from kimivl.train.state import latest_checkpoint
+from kimivl.train.state import TrainState, latest_checkpoint, load_state_sharded, save_state, save_state_sharded
 from kimivl.train.step import TrainingError, optimizer_step
 
 
@@ -124,23 +126,73 @@ def test_a_stop_asked_while_the_ranks_agree_counts_at_the_next_step():
     assert agreed(stop, world).requested
 
 
-def test_a_full_disk_is_named_and_leaves_no_partial_checkpoint(small_model, small_processor, tmp_path, monkeypatch):
-    model, data, opt, sched = setup(small_model, small_processor)
-    train_loop(model, joint_loss, data, opt, sched, LoopConfig(steps=2, ckpt_every=2), tmp_path, "s", progress=False)
-
-    def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(torch, "save", full)
+def test_a_write_the_disk_refuses_is_named_and_leaves_no_partial_checkpoint(small_model, tmp_path, file_size_limit):
+    ckpts = tmp_path / "checkpoints"
+    save_state(ckpts, small_model, {"step": 2})
+    weights = (ckpts / "step-0000002" / "model.safetensors").stat().st_size
+    file_size_limit(weights + 100_000)  # the weights fit, trainer.pt does not: torch.save raises its RuntimeError
     with pytest.raises(
         TrainingError,
-        match=r"checkpoint .*step-0000004 not written: No space left on device \(the "
-        r"disk is full: free space, then resume\); .*step-0000002 is intact",
+        match=r"checkpoint .*step-0000004 not written: cannot write .*step-0000004\.tmp.trainer\.pt: File too large; "
+        r".*step-0000002 is intact",
     ):
-        train_loop(
-            model, joint_loss, data, opt, sched, LoopConfig(steps=4, ckpt_every=2), tmp_path, "s", progress=False
-        )
-    assert sorted(p.name for p in (tmp_path / "s" / "checkpoints").iterdir()) == ["latest", "step-0000002"]
+        save_state(ckpts, small_model, {"step": 4, "optimizer": torch.zeros(weights // 4 + 100_000)})
+    file_size_limit(None)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-0000002"]
+
+
+def test_a_full_disk_under_torch_save_says_so(tmp_path):
+    from kimivl.train.state import _save_torch
+
+    with pytest.raises(OSError, match=r"the disk is full: writing /dev/full failed \(No space left on device\)"):
+        _save_torch({"x": torch.zeros(100_000)}, Path("/dev/full"))  # a device every write to which is ENOSPC
+
+
+def _two_checkpoints(small_model, small_processor, tmp_path):
+    model, data, opt, sched = setup(small_model, small_processor)
+    config = LoopConfig(steps=4, ckpt_every=2)
+    train_loop(model, joint_loss, data, opt, sched, config, tmp_path, "s", progress=False)
+    return tmp_path / "s" / "checkpoints"
+
+
+@pytest.mark.parametrize(
+    "damage, raised",
+    [
+        (lambda f: f.write_bytes(f.read_bytes()[: f.stat().st_size // 2]), "RuntimeError"),
+        (lambda f: f.write_bytes(bytes(range(256)) * 40), "UnpicklingError"),
+        (lambda f: f.write_bytes(b""), "EOFError"),
+    ],
+)
+def test_a_damaged_trainer_file_is_named_with_the_checkpoint_to_resume_from(
+    small_model, small_processor, tmp_path, damage, raised
+):
+    ckpts = _two_checkpoints(small_model, small_processor, tmp_path)
+    damage(ckpts / "step-0000004" / "trainer.pt")
+    model, data, opt, sched = setup(small_model, small_processor)
+    state = TrainState(ckpts, "s", model, opt, sched)
+    with pytest.raises(
+        TrainingError,
+        match=rf"cannot read .*step-0000004.trainer\.pt: it is damaged or cut short \({raised}\); the checkpoint "
+        rf".*step-0000004 is damaged: resume from the checkpoint before it by writing step-0000002 into .*latest "
+        r"\(checkpoints kept: step-0000002\), then remove",
+    ):
+        state.resume()
+    (ckpts / "latest").write_text("step-0000002\n")  # as the error says
+    assert state.resume() == ckpts / "step-0000002" and state.step == 2
+
+
+def test_damaged_weights_of_the_only_checkpoint_say_to_start_afresh(small_model, small_processor, tmp_path):
+    ckpts = _two_checkpoints(small_model, small_processor, tmp_path)
+    (ckpts / "step-0000002").rename(tmp_path / "away")
+    weights = ckpts / "step-0000004" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    model, _, opt, sched = setup(small_model, small_processor)
+    with pytest.raises(
+        TrainingError,
+        match=r"cannot read .*model\.safetensors: .*; the checkpoint .*step-0000004 is damaged: there is no older "
+        r"checkpoint: remove .*checkpoints to start the stage afresh",
+    ):
+        TrainState(ckpts, "s", model, opt, sched).resume()
 
 
 def test_a_torn_last_metrics_line_is_passed_over_and_mended(tmp_path):
@@ -425,3 +477,61 @@ def test_sources_that_cannot_train_are_found_before_training(small_processor, ca
         with pytest.raises(DataError, match=f"record 1 has a meta.gold {words}"):
             check_problems(rl, _ctx([{**chat, "meta": meta}], small_processor))
     check_problems(rl, _ctx([{**chat, "meta": {"task": "gui", "gold": "x", "box": [0, 0, 1, 1]}}], small_processor))
+
+
+def _sharded_checkpoints(small_model, small_processor, tmp_path):
+    """Two checkpoints of the sharded path (DCP), written by one process."""
+    model, _, opt, _ = setup(small_model, small_processor)
+    opt.init_state()
+    for step in (2, 4):
+        save_state_sharded(tmp_path, model, opt, {"step": step}, World())
+    return model, opt
+
+
+@pytest.mark.parametrize(
+    "name, damage, named",
+    [
+        ("__0_0.distcp", lambda f: f.write_bytes(f.read_bytes()[:1000]), r".*step-0000004.__0_0\.distcp: damaged"),
+        ("__0_0.distcp", lambda f: f.write_bytes(b"\1" * f.stat().st_size), r"the files of .*step-0000004: damaged"),
+        (".metadata", lambda f: f.write_bytes(b""), r".*step-0000004.\.metadata: damaged"),
+        ("rng-0.pt", lambda f: f.write_bytes(b""), r".*step-0000004.rng-0\.pt: it is damaged"),
+    ],
+)
+def test_a_damaged_sharded_checkpoint_is_named_with_the_checkpoint_to_resume_from(
+    small_model, small_processor, tmp_path, name, damage, named
+):
+    model, opt = _sharded_checkpoints(small_model, small_processor, tmp_path)
+    damage(tmp_path / "step-0000004" / name)
+    with pytest.raises(TrainingError, match=rf"cannot read {named}.*writing step-0000002 into .*latest"):
+        load_state_sharded(tmp_path / "step-0000004", model, opt, World())
+    load_state_sharded(tmp_path / "step-0000002", model, opt, World())
+
+
+def test_a_sharded_checkpoint_the_disk_refuses_is_named_and_removed(
+    small_model, small_processor, tmp_path, file_size_limit
+):
+    model, opt = _sharded_checkpoints(small_model, small_processor, tmp_path)
+    file_size_limit(100_000)  # DCP raises its CheckpointException, a BaseException
+    with pytest.raises(TrainingError, match=r"checkpoint .*step-0000006 not written: cannot write .*step-0000006\.tmp"):
+        save_state_sharded(tmp_path, model, opt, {"step": 6}, World())
+    file_size_limit(None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-0000002", "step-0000004"]
+
+
+def test_a_metrics_write_the_disk_refuses_is_named_and_the_writer_thread_stays_quiet(
+    tmp_path, file_size_limit, monkeypatch
+):
+    printed = []  # what the default threading.excepthook would print
+    monkeypatch.setattr(threading, "excepthook", printed.append)
+    log = MetricsLog(tmp_path, "s")
+    log.write(1, {"loss": 1.0})
+    file_size_limit((tmp_path / "metrics.jsonl").stat().st_size + 5000)
+    with pytest.raises(OSError, match=r"cannot write .*tensorboard.s: File too large"):
+        for step in range(2, 200):  # TensorBoard's events grow faster than the JSON lines
+            log.write(step, {f"value{i}": 1.0 for i in range(20)})
+    log.close()  # the failure was told once
+    file_size_limit(None)
+    for thread in threading.enumerate():
+        if type(thread).__name__ == "_AsyncWriterThread":
+            thread.join(5)
+    assert printed == []
