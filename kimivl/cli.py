@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from kimivl.config import PRESETS, ConfigError, KimiVLConfig
+from kimivl.files import FULL, WriteError, write_error
 from kimivl.train.recipe import PARTS
 
 
@@ -733,6 +734,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if not isinstance(e, _user_errors()):
             raise
+        if isinstance(e, OSError) and e.errno in FULL and not isinstance(e, WriteError):  # a write not wrapped
+            e = write_error(e, e.filename) if e.filename else f"the disk is full ({e.strerror}): free space, try again"
         message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
         print(f"kimivl {args.command}: error: {message}", file=sys.stderr)
         return 2

@@ -91,7 +91,11 @@ def test_chat_uses_the_shipped_model_by_default_and_streams(monkeypatch, capsys)
     "error,parts",
     [
         (TrainingError("step 12: the loss is NaN"), ["step 12: the loss is NaN"]),
-        (OSError(errno.ENOSPC, "No space left on device"), ["No space left on device"]),
+        (OSError(errno.ENOSPC, "No space left on device"), ["the disk is full (No space left on device)"]),
+        (
+            OSError(errno.ENOSPC, "No space left on device", "/out/seed.json"),
+            ["the disk is full: writing /out/seed.json failed (No space left on device)"],
+        ),
         (PermissionError(errno.EACCES, "Permission denied", "/root/x.png"), ["Permission denied", "/root/x.png"]),
         (CheckpointError("the disk is full: writing m failed"), ["the disk is full"]),
         (RecipeError("stage 'sft': steps (5) below warmup (10)"), ["stage 'sft'"]),

@@ -29,6 +29,7 @@ from kimivl.eval.answers import check_mode
 from kimivl.eval.report import read_results, update_results
 from kimivl.eval.tables import Sample, Skipped, index_key, jsonl_objects
 from kimivl.eval.tasks import Task
+from kimivl.files import write_text_atomic, writing
 from kimivl.train.lock import LOCK, run_lock
 from kimivl.train.recipe import RecipeError
 
@@ -171,7 +172,7 @@ def _check_run(pred_path: Path, run_path: Path, settings: dict, overwrite: bool)
 
 
 def _write_run(run_path: Path, settings: dict) -> None:
-    run_path.write_text(json.dumps(settings, indent=2, sort_keys=True, default=str) + "\n")
+    write_text_atomic(run_path, json.dumps(settings, indent=2, sort_keys=True, default=str) + "\n")
 
 
 @contextlib.contextmanager
@@ -321,7 +322,7 @@ def run_task(
 
         def flush() -> None:
             answered, failed = _generate(generate_fn, batch)
-            with open(pred_path, "a", encoding="utf-8") as f:
+            with writing(pred_path), open(pred_path, "a", encoding="utf-8") as f:
                 for sample, text in answered:
                     f.write(json.dumps({"index": sample.index, "prediction": text}, ensure_ascii=False) + "\n")
                     done[index_key(sample.index)] = text
@@ -368,11 +369,13 @@ def run_task(
         unread = done.keys() - rows_read
         limited = limit is not None and read >= limit
         scored_path = out_dir / f"{task.name.replace(':', '_')}.scored.jsonl"
-        with open(scored_path, "w", encoding="utf-8") as f:
-            f.writelines(
+        write_text_atomic(
+            scored_path,
+            "".join(
                 json.dumps({k: v for k, v in r.items() if k != "meta"}, ensure_ascii=False, default=str) + "\n"
                 for r in rows
-            )
+            ),
+        )
         result = {
             "metrics": task.summarize(rows, mode=mode) if rows else {},
             "scoring": mode,

@@ -3,12 +3,14 @@ PNG curves drawn from that file."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 
-from kimivl.files import write_text_atomic
+from kimivl.files import write_error, write_text_atomic, writing
 
 log = logging.getLogger(__name__)
 
@@ -30,29 +32,60 @@ class MetricsLog:
             if len(kept) < len(rows) or torn:
                 write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._tb = None
+        self.tb_dir = Path(run_dir) / "tensorboard" / stage
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # tensorboard is optional
             return
-        self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard" / stage), purge_step=start + 1)
+        if threading.excepthook is not _quiet_tensorboard_writer:
+            _quiet_tensorboard_writer.fallback = threading.excepthook
+            threading.excepthook = _quiet_tensorboard_writer
+        self._tb = SummaryWriter(str(self.tb_dir), purge_step=start + 1)
 
     def write(self, step: int, values: dict[str, float]) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
+        """Append one record; a failed write (a full disk) is a ``WriteError`` naming the file or directory."""
+        with writing(self.path), open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps({"stage": self.stage, "step": step, **values}) + "\n")
         if self._tb is not None:
-            for k, v in values.items():
-                self._tb.add_scalar(k, v, step)
-            self._tb.flush()
+            with self._tensorboard():
+                for k, v in values.items():
+                    self._tb.add_scalar(k, v, step)
+                self._tb.flush()
+
+    @contextlib.contextmanager
+    def _tensorboard(self):
+        """A failure of the TensorBoard writer (its thread's, raised on the next call) names its directory and
+        stops it (closing it again would raise it again)."""
+        try:
+            yield
+        except OSError as e:
+            writer, self._tb = self._tb, None
+            with contextlib.suppress(OSError):
+                writer.close()
+            raise write_error(e, self.tb_dir) from None
 
     def close(self) -> None:
         if self._tb is not None:
-            self._tb.close()
+            with self._tensorboard():
+                self._tb.close()
 
     def __enter__(self) -> MetricsLog:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.close()
+        if exc[0] is None:
+            self.close()
+        else:  # the error that ended the block is the one to report
+            with contextlib.suppress(OSError):
+                self.close()
+
+
+def _quiet_tensorboard_writer(args: threading.ExceptHookArgs) -> None:
+    """``threading.excepthook`` that leaves unprinted the ``OSError`` (a full disk) of TensorBoard's writer thread,
+    which ``MetricsLog.write`` raises naming the directory, rather than a traceback amid the run's output."""
+    if type(args.thread).__name__ == "_AsyncWriterThread" and issubclass(args.exc_type, OSError):
+        return
+    _quiet_tensorboard_writer.fallback(args)
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:

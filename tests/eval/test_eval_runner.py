@@ -559,3 +559,24 @@ def test_cli_checks_every_tasks_data_before_loading_the_model(monkeypatch, tmp_p
     assert main(["eval", "--model", str(ckpt), "--task", "synthetic", "--data", str(tmp_path / "nope")]) == 2
     assert "--data for synthetic: no such file or directory: " in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_write_the_disk_refuses_names_the_file_and_leaves_the_scores_whole(tmp_path, file_size_limit):
+    data, out = ocr_tsv(tmp_path / "ocr.tsv"), tmp_path / "out"
+    task = get_task("ocrbench")
+
+    def long(conversations):
+        return ["word " * 100] * len(conversations)
+
+    run_task(task, task.load(data), out, generate_fn=long, batch_size=2, progress=False)
+    pred, scored = out / "ocrbench.predictions.jsonl", out / "ocrbench.scored.jsonl"
+    before = scored.read_text()
+    assert len(before) > pred.stat().st_size + 200
+    file_size_limit(pred.stat().st_size + 100)  # the predictions fit, the scores do not
+    with pytest.raises(OSError, match=r"cannot write .*ocrbench\.scored\.jsonl: File too large"):
+        run_task(task, task.load(data), out, generate_fn=long, batch_size=2, progress=False, overwrite=True)
+    file_size_limit(1000)
+    with pytest.raises(OSError, match=r"cannot write .*ocrbench\.predictions\.jsonl: File too large"):
+        run_task(task, task.load(data), out, generate_fn=long, batch_size=2, progress=False, overwrite=True)
+    file_size_limit(None)
+    assert scored.read_text() == before  # whole, as results.json says
