@@ -2,6 +2,7 @@
 line tolerated, one run per directory, stage names confined to their folder, exports that never replace another run's
 model."""
 
+import errno
 import json
 import os
 import signal
