@@ -60,15 +60,22 @@ class ImageError(ValueError):
     """An image that cannot be read or processed."""
 
 
+def mark_source_size(img: Image.Image, source: tuple[int, int]) -> None:
+    """Record in ``img.info[SOURCE_SIZE]`` that ``img`` is the whole image of size ``source`` (w, h) scaled down (a
+    video frame decoded straight to the size the image processor gives the whole frame), with ``img``'s own size."""
+    img.info[SOURCE_SIZE] = (*source, *img.size)
+
+
 def source_size(img: Image.Image) -> tuple[int, int]:
-    """The (w, h) of the whole image that ``img`` was scaled down from, as ``info[SOURCE_SIZE]`` records it (a video
-    frame decoded straight to the size the image processor gives the whole frame), else ``img``'s own size.
-    Preprocessing uses it in place of ``img``'s size: that size's grid, and ``img`` resized to the size it gives
-    (already so for such a frame; resizing that size anew could give a smaller grid). Only a tuple counts: an image
-    file's own metadata (PNG text is a string) never does."""
-    size = img.info.get(SOURCE_SIZE)
-    if isinstance(size, tuple) and len(size) == 2 and all(type(n) is int and n >= 1 for n in size):
-        return size
+    """The (w, h) of the whole image that ``img`` was scaled down from, as ``mark_source_size`` recorded it, else
+    ``img``'s own size. Preprocessing uses it in place of ``img``'s size: that size's grid, and ``img`` resized to the
+    size it gives (already so for such a frame; resizing that size anew could give a smaller grid). The mark holds
+    only while ``img`` keeps the size it was made at (Pillow copies ``info`` through ``crop`` and ``resize``, whose
+    results are other images), and only as a tuple: an image file's own metadata (PNG text is a string) never counts."""
+    mark = img.info.get(SOURCE_SIZE)
+    if isinstance(mark, tuple) and len(mark) == 4 and all(type(n) is int and n >= 1 for n in mark):
+        if mark[2:] == img.size:
+            return mark[:2]
     return img.size
 
 

@@ -6,9 +6,9 @@ A video enters the chat as its sampled frames, each an ordinary image preceded b
 
 Timestamps are ``MM:SS.d`` (minutes, seconds, tenths), with an ``H:`` prefix from one hour on (``1:02:03.5``); they must
 be finite, non-negative and under ``MAX_TIMESTAMP`` (a hundred hours). Each kept frame is resized as it is decoded
-(FFmpeg's bicubic scaler) to the size the image processor gives the whole frame, and marked with the whole frame's size
-(``image.SOURCE_SIZE``) so that the processor leaves it as it is: a video of huge frames holds small ones in memory, and
-a frame gets the grid and tokens of the whole frame given as an image, and nearly its pixels. Frames over
+(FFmpeg's bicubic scaler) to the size the image processor gives the whole frame, and marked with the whole frame's
+size (``image.mark_source_size``) so that the processor leaves it as it is: a video of huge frames holds small ones in
+memory, and a frame gets the grid and tokens of the whole frame given as an image, and nearly its pixels. Frames over
 ``max_frame_pixels`` (the image processor's pixel cap) are refused from the header, before any is decoded. Frames are
 turned upright as the file's display rotation asks. ``frames_to_parts`` builds these content parts;
 ``apply_chat_template`` does it for ``{"type": "video"}`` parts.
@@ -26,7 +26,7 @@ from typing import Any, BinaryIO
 import numpy as np
 from PIL import Image
 
-from kimivl.processing.image import MAX_PIXELS, SOURCE_SIZE, ImageError, ImageProcessor
+from kimivl.processing.image import MAX_PIXELS, ImageError, ImageProcessor, mark_source_size
 
 DEFAULT_FPS = 1.0
 DEFAULT_MAX_FRAMES = 64
@@ -250,7 +250,7 @@ def load_video(
             w, h = processor.resized_size(frame.width, frame.height)
             image = _upright(frame.to_image(width=w, height=h, interpolation="BICUBIC"), frame.rotation)
             turned = _quarters(frame.rotation) % 2
-            image.info[SOURCE_SIZE] = (frame.height, frame.width) if turned else (frame.width, frame.height)
+            mark_source_size(image, (frame.height, frame.width) if turned else (frame.width, frame.height))
             frames.append(image)
             times.append(max(t, 0.0))
             if len(frames) == 2 * max_frames:

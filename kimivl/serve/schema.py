@@ -368,8 +368,13 @@ def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
     if options is not None and not stream:
         raise RequestError("stream_options is only allowed with stream: true", "stream_options")
     options = options or {}
-    if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
-        raise RequestError("stream_options must be {'include_usage': true|false}", "stream_options")
+    if not isinstance(options, dict) or not all(
+        isinstance(options.get(k, False), (bool, type(None))) for k in ("include_usage", "include_obfuscation")
+    ):  # include_obfuscation (padding against length side channels) is accepted and ignored
+        raise RequestError(
+            "stream_options must be {'include_usage': true|false} (and 'include_obfuscation', accepted and ignored)",
+            "stream_options",
+        )
     _refuse_unknown(options, ("include_usage", "include_obfuscation"), "stream_options", "stream_options")
     return ChatRequest(
         messages=out,

@@ -357,10 +357,15 @@ def _temporary(path: Path) -> Path:
 
 
 def _publish(path: Path) -> None:
-    """Rename the directory completed under ``path``'s temporary name into place, replacing ``path``: a process killed
-    before finds the previous ``path`` (or none), never a half-written one."""
-    shutil.rmtree(path, ignore_errors=True)  # a previous one, or an incomplete one left by an older version
+    """Rename the directory completed under ``path``'s temporary name into place, replacing ``path``: the previous
+    one is first renamed aside (``.<name>.old``, removed after), so a process killed at any point leaves at ``path``
+    the previous directory whole, the new one whole, or (between the two renames) none, never a part of either."""
+    old = path.with_name(f".{path.name}.old")
+    shutil.rmtree(old, ignore_errors=True)  # left by a process killed after its swap
+    if path.exists():
+        os.replace(path, old)
     os.replace(_temporary(path), path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def check_export(recipe: Recipe) -> Path | None:

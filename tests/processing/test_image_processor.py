@@ -9,7 +9,15 @@ import pytest
 import torch
 from PIL import Image, PngImagePlugin
 
-from kimivl.processing.image import CLIP_MEAN, CLIP_STD, SOURCE_SIZE, ImageError, ImageProcessor, source_size
+from kimivl.processing.image import (
+    CLIP_MEAN,
+    CLIP_STD,
+    SOURCE_SIZE,
+    ImageError,
+    ImageProcessor,
+    mark_source_size,
+    source_size,
+)
 
 MEAN = np.array(CLIP_MEAN, dtype=np.float32)
 STD = np.array(CLIP_STD, dtype=np.float32)
@@ -346,12 +354,16 @@ def test_an_image_marked_with_its_source_size_is_processed_as_that_source():
     small = img.resize((1205, 673), Image.Resampling.BICUBIC)  # the size the processor gives img
     assert ip.resized_size(1210, 676) == (1205, 673) and ip.resized_size(1205, 673) == (1200, 670)
     assert ip.preprocess(small)[1] == (48, 86)  # unmarked, it is over the budget again and resized anew
-    small.info[SOURCE_SIZE] = (1210, 676)  # as a video frame decoded straight to that size is marked
+    mark_source_size(small, (1210, 676))  # as a video frame decoded straight to that size is marked
     (got, grid), (want, want_grid) = ip.preprocess(small), ip.preprocess(img)
     assert grid == want_grid == (50, 88) and torch.equal(got, want)
     shrunk = img.resize((605, 338), Image.Resampling.BICUBIC)  # smaller than that: resized up to it
-    shrunk.info[SOURCE_SIZE] = (1210, 676)
+    mark_source_size(shrunk, (1210, 676))
     assert ip.preprocess(shrunk)[1] == (50, 88)
+    # Pillow copies info through crop and resize: the results are other images, processed at their own sizes
+    assert source_size(small.crop((0, 0, 600, 673))) == (600, 673)
+    assert ip.preprocess(small.crop((0, 0, 600, 673)))[1] == ip.grid_hw(600, 673) == (50, 44)
+    assert ip.preprocess(small.resize((56, 56)))[1] == (4, 4)
 
 
 def test_an_image_files_own_metadata_is_not_a_source_size(tmp_path):

@@ -131,6 +131,12 @@ def test_fields_that_change_nothing_are_accepted_and_unsupported_ones_refused():
     with pytest.raises(RequestError, match="stream_options has the field 'foo'") as e:
         parse_chat_request({**GOOD, "stream": True, "stream_options": {"include_usage": True, "foo": 1}}, LIMITS)
     assert e.value.param == "stream_options.foo"
+    streamed = {**GOOD, "stream": True}
+    assert parse_chat_request({**streamed, "stream_options": {"include_obfuscation": True}}, LIMITS) == (
+        parse_chat_request(streamed, LIMITS)
+    )
+    with pytest.raises(RequestError, match="stream_options must be") as e:  # was accepted, whatever its value
+        parse_chat_request({**streamed, "stream_options": {"include_obfuscation": "weird"}}, LIMITS)
 
 
 def test_unknown_keys_in_messages_and_parts_are_refused_by_name():

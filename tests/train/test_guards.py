@@ -536,3 +536,34 @@ def test_a_metrics_write_the_disk_refuses_is_named_and_the_writer_thread_stays_q
         if type(thread).__name__ == "_AsyncWriterThread":
             thread.join(5)
     assert printed == []
+
+
+def test_a_publish_stopped_between_its_renames_leaves_each_directory_whole(tmp_path, monkeypatch):
+    """The previous directory was removed file by file before the new one was renamed in, so a kill during the removal
+    left part of it (a config without weights) at the path. Now it is renamed aside first, and removed after."""
+    from kimivl.train import pipeline
+
+    path = tmp_path / "export"
+    path.mkdir()
+    (path / "config.json").write_text("old config")
+    (path / "model.safetensors").write_text("old weights")
+    new = pipeline._temporary(path)
+    new.mkdir()
+    (new / "config.json").write_text("new config")
+    replace = os.replace
+
+    def stopped(src, dst):  # the process dies after moving the previous directory aside
+        if Path(src) == new:
+            raise KeyboardInterrupt
+        replace(src, dst)
+
+    monkeypatch.setattr(pipeline.os, "replace", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline._publish(path)
+    old = tmp_path / ".export.old"
+    assert not path.exists() and sorted(p.name for p in old.iterdir()) == ["config.json", "model.safetensors"]
+    assert (new / "config.json").read_text() == "new config"
+    monkeypatch.setattr(pipeline.os, "replace", replace)
+    pipeline._publish(path)  # the next run's publish (--resume exports again)
+    assert [p.name for p in path.iterdir()] == ["config.json"] and (path / "config.json").read_text() == "new config"
+    assert not old.exists() and not new.exists()
