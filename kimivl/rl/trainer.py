@@ -28,6 +28,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from kimivl.distributed.parallelize import gathered
+from kimivl.distributed.vision_sync import has_images, vision_pad
 from kimivl.distributed.world import World, max_over_ranks
 from kimivl.inference.sampling import SamplingParams, seeded_generator
 from kimivl.kernels import training_attention
@@ -300,12 +301,15 @@ class RLTrainer:
             extra = max_over_ranks(len(rows), world) - len(rows) if world.active else 0
             for n, row in enumerate(rows + rows[:1] * extra):
                 idx = [mb[j] for j in row]
+                pixel_values, grids = _images([images[i] for i in idx])
                 with self._autocast(), training_attention():
+                    pad = vision_pad(self.policy, world, has_images(pixel_values))
                     tokens = token_logprobs(
                         self.policy,
                         [prompts[i] for i in idx],
                         [responses[i] for i in idx],
-                        *_images([images[i] for i in idx]),
+                        pixel_values,
+                        grids,
                         cfg.budget,
                     )
                 if cfg.objective == "opmd":
@@ -317,7 +321,7 @@ class RLTrainer:
                     )
                 check_loss(loss, where, self._last_good, world)
                 weight = (0.0 if n >= len(rows) else world.size) if world.active else 1
-                (loss.sum() * weight / total).backward()
+                (loss.sum() * weight / total + pad).backward()
                 if n < len(rows):
                     losses.append(loss.detach())
                     seen += [t.detach().sum() for t in tokens]

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import torch
 from tqdm.auto import tqdm
 
+from kimivl.distributed.vision_sync import has_images, vision_pad
 from kimivl.distributed.world import World
 from kimivl.kernels import training_attention
 from kimivl.model.moe import Router
@@ -137,7 +138,9 @@ def train_loop(
             losses, metered, n_tokens = [], [], 0
             for batch in micro:
                 with autocast(device, cfg.bf16), training_attention():
+                    pad = vision_pad(model, world, has_images(getattr(batch, "pixel_values", None)))
                     loss, values, n = loss_fn(model, to_device(batch, device))
+                    loss = loss + pad
                 check_loss(loss, where, state.last_good, world)
                 (loss / len(micro) if len(micro) > 1 else loss).backward()
                 losses.append(loss.detach())

@@ -2,7 +2,7 @@
 its ranks' shares (answer i on rank i mod size, of different lengths, so the ranks pack different numbers of rows).
 Writes the updated weights (gathered) to ``--weights``.
 
-python tests/distributed/rl_worker.py --out DIR --weights FILE [--objective opmd|grpo]
+python tests/distributed/rl_worker.py --out DIR --weights FILE [--objective opmd|grpo] [--images]
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from train_worker import (
     CORPUS,  # noqa: E402
     build,  # noqa: E402
+    images,  # noqa: E402
 )
 
 from kimivl.distributed.gather import gathered_tensors  # noqa: E402
@@ -26,7 +27,7 @@ from kimivl.distributed.world import close_world, init_world  # noqa: E402
 from kimivl.processing.processor import KimiVLProcessor  # noqa: E402
 from kimivl.processing.tokenizer import train_bpe  # noqa: E402
 from kimivl.rl.rollouts import token_logprobs  # noqa: E402
-from kimivl.rl.trainer import RLConfig, RLTrainer  # noqa: E402
+from kimivl.rl.trainer import RLConfig, RLTrainer, _images  # noqa: E402
 from kimivl.train.optim import build_optimizer  # noqa: E402
 from kimivl.train.schedule import WarmupCosine, scheduler_at  # noqa: E402
 
@@ -38,6 +39,7 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--weights", required=True)
     ap.add_argument("--objective", default="opmd")
+    ap.add_argument("--images", action="store_true", help="even answers' prompts hold an image (rank 0's, of 2)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     world = init_world(None, "cpu")
@@ -50,8 +52,14 @@ def main() -> int:
         prompts = [torch.randint(0, 250, (5 + i % 3,), generator=g).tolist() for i in range(ANSWERS)]
         responses = [torch.randint(0, 250, (3 + 5 * i,), generator=g).tolist() for i in range(ANSWERS)]
         advantage = torch.randn(ANSWERS, generator=g)
+        encoded = [processor.encode([{"role": "user", "content": "q"}])] * ANSWERS
+        if args.images:
+            chat = [{"role": "user", "content": [{"type": "image", "image": images(args.out)[0]}]}]
+            encoded[::2] = [processor.encode(chat)] * len(encoded[::2])
+            prompts[::2] = [e.input_ids for e in encoded[::2]]
         mine = list(range(world.rank, ANSWERS, world.size))
         prompts, responses, advantage = [prompts[i] for i in mine], [responses[i] for i in mine], advantage[mine]
+        encoded = [encoded[i] for i in mine]
         cfg = RLConfig(
             iterations=1, problems=world.size, samples=2, updates=1, budget=48, objective=args.objective, bf16=False
         )
@@ -67,11 +75,10 @@ def main() -> int:
             args.out,
             world=world,
         )
-        images = [processor.encode([{"role": "user", "content": "q"}])] * len(mine)
         with gathered(model) if world.active else torch.no_grad(), torch.no_grad():
-            ref_tokens = token_logprobs(model, prompts, responses, None, None, cfg.budget)
+            ref_tokens = token_logprobs(model, prompts, responses, *_images(encoded), cfg.budget)
         ref_seq = torch.stack([t.sum() + 0.1 for t in ref_tokens])  # pi_i a little off, so the loss is not flat
-        trainer._update(torch.arange(len(mine)), prompts, responses, images, ref_tokens, ref_seq, advantage)
+        trainer._update(torch.arange(len(mine)), prompts, responses, encoded, ref_tokens, ref_seq, advantage)
         if world.active:
             state = dict(gathered_tensors(model, world))  # whole on rank 0, which saves it
         else:

@@ -2,7 +2,7 @@
 sharded run) or as a plain process (the one-process reference). Writes metrics under ``--out`` and, with
 ``--weights FILE``, the final weights (gathered by rank 0).
 
-python tests/distributed/train_worker.py --out DIR --steps 4 [--resume] [--die-at STEP] [--weights FILE]
+python tests/distributed/train_worker.py --out DIR --steps 4 [--resume] [--die-at STEP] [--weights FILE] [--alternate]
 """
 
 from __future__ import annotations
@@ -43,7 +43,19 @@ def images(folder: str) -> list[str]:
     return paths
 
 
-def build(folder: str) -> tuple:
+class Alternating:
+    """Rows of images and rows of text in turn (under 2 ranks, rank 0 trains image rows only, rank 1 text rows)."""
+
+    def __init__(self, images: Mixture, text: Mixture, rows: int = 64):
+        pairs = zip(itertools.islice(images.batches(0), rows), itertools.islice(text.batches(0), rows))
+        self.rows = [row for pair in pairs for row, _ in pair]
+
+    def batches(self, position: int):
+        for i in range(position, len(self.rows)):
+            yield self.rows[i], i + 1
+
+
+def build(folder: str, alternate: bool = False) -> tuple:
     processor = KimiVLProcessor(train_bpe(CORPUS, vocab_size=280))
     base = KimiVLConfig.from_preset("tiny")
     n = processor.tokenizer.n_ranks
@@ -62,6 +74,9 @@ def build(folder: str) -> tuple:
     def encode(kind, item):
         return processor.encode_text(item) if kind == "text" else processor.encode_for_training(item)
 
+    if alternate:
+        kinds = (("chat", chats), ("text", CORPUS))
+        return model, Alternating(*[Mixture({k: v}, encode, budget=160, start={k: 1}, seed=1) for k, v in kinds])
     data = Mixture({"chat": chats, "text": CORPUS}, encode, budget=160, start={"chat": 2, "text": 1}, seed=1)
     return model, data
 
@@ -75,6 +90,7 @@ def main() -> int:
     ap.add_argument("--die-at", type=int, help="rank 1 exits abruptly while drawing this step's rows")
     ap.add_argument("--weights", help="write the final weights (whole) here")
     ap.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (nccl)")
+    ap.add_argument("--alternate", action="store_true", help="image rows and text rows in turn (see Alternating)")
     ap.add_argument("--ep", type=int)
     ap.add_argument("--replicate", type=int, help="dp_replicate: weight copies (one per node)")
     ap.add_argument("--load", help="no training: read this official checkpoint into the sharded model ...")
@@ -85,7 +101,7 @@ def main() -> int:
     parallel = {k: v for k, v in (("ep", args.ep), ("dp_replicate", args.replicate)) if v} or None
     world = init_world(parallel, args.device)
     try:
-        model, data = build(args.out)
+        model, data = build(args.out, args.alternate)
         model = model.to(world.device if world.active else args.device)
         loss_fn = _loss
         if args.die_at is not None and world.rank == 1:
