@@ -102,7 +102,20 @@ class RLConfig:
                 f"never solved), got {self.priority!r}"
             )
         check_rates(self.priority_floor, self.success_decay)  # the sampler's, when the recipe loads
+        check_updates(self, 1)
         SamplingParams(self.max_new_tokens, self.temperature, top_p=self.top_p)  # its own checks, named
+
+
+def check_updates(cfg: RLConfig, ranks: int) -> None:
+    """A ``ValueError`` unless each of ``ranks`` ranks has at least ``updates`` answers an iteration (one per
+    minibatch): ``problems`` / ``ranks`` x ``samples``."""
+    answers = cfg.problems // ranks * cfg.samples
+    if cfg.updates > answers:
+        per = f"{cfg.problems} problems / {ranks} ranks x {cfg.samples} samples" if ranks > 1 else "problems x samples"
+        raise ValueError(
+            f"rl updates ({cfg.updates} optimizer steps, one minibatch of answers each) is more than the {answers} "
+            f"answers a rank has per iteration ({per}): lower updates, or draw more problems or samples"
+        )
 
 
 @torch.no_grad()
@@ -153,6 +166,7 @@ class RLTrainer:
             raise ValueError(
                 f"rl: problems ({cfg.problems} per iteration) must be a multiple of the {self.world.size} ranks"
             )
+        check_updates(cfg, self.world.size)
         self.sampler = ProblemSampler(
             [p["meta"].get("difficulty", "any") for p in problems],
             cfg.curriculum,
@@ -285,13 +299,24 @@ class RLTrainer:
         return values
 
     def _update(self, order, prompts, responses, images, ref_tokens, ref_seq, advantage):
-        """``updates`` optimizer steps, one per chunk of ``order``; the policy's log-probs are recomputed with
-        gradients row by packed row (each row back-propagated at once, so memory holds one row's graph).
-        Returns the per-sample losses, the policy's and reference's sequence log-probs seen, the last grad norm."""
+        """``updates`` optimizer steps, one per part of ``order`` (parts differ in size by at most one); the policy's
+        log-probs are recomputed with gradients row by packed row (each row back-propagated at once, so memory holds
+        one row's graph). Fewer answers than ``updates`` (a curriculum phase drawing fewer problems than asked) take
+        one step per answer, and say so. Returns the per-sample losses, the policy's and reference's sequence log-probs
+        seen, the last grad norm."""
         cfg, where, world = self.cfg, f"{self.stage}: iteration {self.iteration + 1}", self.world
         self.policy.train()
         losses, seen, seen_ref, grad_norm = [], [], [], torch.tensor(0.0)
-        for minibatch in order.chunk(cfg.updates):
+        minibatches = [m for m in order.tensor_split(cfg.updates) if len(m)]
+        if len(minibatches) < cfg.updates:
+            log.warning(
+                "%s: %d answers per rank, fewer than updates (%d): %d optimizer steps this iteration",
+                where,
+                len(order),
+                cfg.updates,
+                len(minibatches),
+            )
+        for minibatch in minibatches:
             mb = minibatch.tolist()
             self.optimizer.zero_grad(set_to_none=True)
             rows = pack_rows([len(prompts[i]) + len(responses[i]) for i in mb], cfg.budget)

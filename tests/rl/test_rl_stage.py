@@ -12,6 +12,7 @@ from kimivl import KimiVL
 from kimivl.cli import main
 from kimivl.data.formats import write_records
 from kimivl.train.recipe import RecipeError, load_recipe
+from kimivl.train.stages import check_layout
 from kimivl.train.stages.rl import rl_config
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
@@ -106,6 +107,10 @@ def test_bad_rl_settings_are_recipe_errors(problems, tmp_path):
             "remove them, or set objective: grpo",
         ),
         ({**stage, "rl": {"objective": "grpo", "tau": 0.3}}, "rl: tau set, which only objective opmd reads"),
+        (
+            {**stage, "rl": {"problems": 2, "samples": 2, "updates": 5}},
+            r"rl: rl updates \(5 optimizer steps.*\) is more than the 4 answers a rank has per iteration",
+        ),
     ):
         (tmp_path / "r.yaml").write_text(yaml.safe_dump({**base, "stages": [bad]}))
         with pytest.raises(RecipeError, match=match):  # when the recipe loads, before anything runs
@@ -113,6 +118,18 @@ def test_bad_rl_settings_are_recipe_errors(problems, tmp_path):
     (tmp_path / "r.yaml").write_text(yaml.safe_dump({**base, "bf16": False, "stages": [stage]}))
     recipe = load_recipe(tmp_path / "r.yaml")
     assert rl_config(recipe, recipe.stages[0]).bf16 is False
+
+
+def test_more_updates_than_a_rank_has_answers_is_refused_before_the_first_stage(problems, tmp_path):
+    """4 problems x 2 samples: 8 answers in one process, 4 per rank of 2; updates 5 fits 1 rank, not 2."""
+    stage = {"name": "rl", "kind": "rl", "steps": 2, "lr": 1e-3, "sources": ["p"]}
+    stage["rl"] = {"problems": 4, "samples": 2, "updates": 5}
+    d = {"name": "x", "out": str(tmp_path), "sources": {"p": str(problems / "train" / "reasoning.jsonl")}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({**d, "stages": [stage]}))
+    recipe = load_recipe(tmp_path / "r.yaml")
+    check_layout(recipe, 1, 1)
+    with pytest.raises(RecipeError, match=r"'rl': rl updates \(5 .*4 answers .*\(4 problems / 2 ranks x 2 samples\)"):
+        check_layout(recipe, 2, 1)
 
 
 @pytest.mark.parametrize("name", ["tiny-rl.yaml", "tiny-rl-nolen.yaml", "tiny-rl-grpo.yaml"])

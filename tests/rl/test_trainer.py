@@ -131,6 +131,23 @@ def test_config_checks():
             RLConfig(**settings)
 
 
+def test_an_iteration_takes_updates_optimizer_steps(small_model, small_processor, tmp_path, monkeypatch):
+    """3 problems x 2 samples = 6 answers in 4 updates: 4 optimizer steps (torch.chunk gave 3 parts of 2, one step
+    fewer than asked, silently)."""
+    steps = []
+    step = trainer_mod.optimizer_step
+    monkeypatch.setattr(trainer_mod, "optimizer_step", lambda *a, **k: steps.append(1) or step(*a, **k))
+    trainer = make_trainer(copy.deepcopy(small_model), small_processor, tmp_path, problems=3, samples=2, updates=4)
+    trainer.step()
+    assert len(steps) == 4
+
+
+def test_more_updates_than_answers_is_refused():
+    with pytest.raises(ValueError, match=r"updates \(7 .*\) is more than the 6 answers .*\(problems x samples\)"):
+        RLConfig(problems=3, samples=2, updates=7)
+    assert RLConfig(problems=3, samples=2, updates=6).updates == 6
+
+
 def test_the_priority_setting_reaches_the_sampler(small_model, small_processor, tmp_path):
     trainer = make_trainer(small_model, small_processor, tmp_path, priority="signal", priority_floor=0.1)
     trainer.sampler.update([0, 1, 2], [0.0, 0.5, 1.0])

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any
 
+from kimivl.rl.trainer import check_updates
 from kimivl.train.loop import check_accum
 from kimivl.train.recipe import RecipeError
 from kimivl.train.stages import joint, rl, vit
@@ -54,7 +55,8 @@ def prepare(stage: StageSettings, ctx: StageContext, model) -> Prepared:
 def check_layout(recipe, ranks: int, ep: int) -> None:
     """Every stage of ``recipe`` fits ``ranks`` data-parallel ranks and ``ep``, checked before the first stage
     (a later stage's misfit had surfaced only when it started, after the stages before it trained): a vit or joint
-    stage's ``accum`` is a multiple of the ranks, an rl stage's problems too, and rl runs with ep 1."""
+    stage's ``accum`` is a multiple of the ranks, an rl stage's problems too, its ``updates`` at most the answers of a
+    rank, and rl runs with ep 1."""
     for stage in recipe.stages:
         if stage.kind == "rl":
             problems = rl.rl_config(recipe, stage).problems
@@ -63,6 +65,10 @@ def check_layout(recipe, ranks: int, ep: int) -> None:
                     f"stage {stage.name!r}: an rl stage runs data-parallel without expert parallelism (ep 1), its "
                     f"problems ({problems}) a multiple of the {ranks} ranks"
                 )
+            try:
+                check_updates(rl.rl_config(recipe, stage), ranks)
+            except ValueError as e:
+                raise RecipeError(f"stage {stage.name!r}: {e}") from None
         else:
             try:
                 check_accum(f"stage {stage.name!r}", stage.accum, ranks)
