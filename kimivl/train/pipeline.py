@@ -27,6 +27,7 @@ from kimivl.distributed.load import load_sharded_checkpoint, local_rows
 from kimivl.distributed.parallelize import parallelize
 from kimivl.distributed.plan import rank_memory_plan
 from kimivl.distributed.recompute import apply_recompute, remove_recompute
+from kimivl.distributed.same_run import check_same_run
 from kimivl.distributed.world import World, main_first
 from kimivl.eval.position_loss import position_loss
 from kimivl.eval.synthetic import evaluate, heldout_records
@@ -484,6 +485,7 @@ def _run_stages(
     """The stages in order; returns the last model and the checkpoint it came from (a sharded run's model is left
     unloaded, on the meta device, between stages: each stage reads its shards from the checkpoint before it)."""
     if world.active:
+        check_same_run(recipe, world)
         check_layout(recipe, world.size, world.ep)
     recipe.out.mkdir(parents=True, exist_ok=True)
     with main_first(world, recipe.out / ".prepare.lock"):  # the others then reuse the world and tokenizer built

@@ -1,0 +1,68 @@
+"""Ranks launched with different recipes or flags stop before anything runs, every one naming what differs (a rank
+with another lr or --seed trained silently wrong; another --ep stopped mid-step with a gloo size mismatch)."""
+
+import json
+
+import yaml
+
+from kimivl.distributed.same_run import run_settings
+from kimivl.distributed.world import World
+from kimivl.train.recipe import load_recipe
+from tests.distributed.test_sharded_training import run
+
+RANK_1_DIFFERS = """
+import os, pathlib, sys, time
+from kimivl.cli import main
+args = sys.argv[1:]
+if os.environ["RANK"] == "1":
+    args = [a.replace("a.yaml", "b.yaml") for a in args] + ["--seed", "1", "--ep", "2"]
+code = main(args)
+sys.stderr.flush()
+here = pathlib.Path(args[1]).parent  # each rank waits for the other's message: torchrun ends the others on a failure
+(here / f"done{os.environ['RANK']}").touch()
+for _ in range(300):
+    if all((here / f"done{r}").exists() for r in range(2)):
+        break
+    time.sleep(0.1)
+sys.exit(code)
+"""
+
+
+def recipe(tmp_path, lr: float) -> dict:
+    (tmp_path / "text.jsonl").write_text("".join(json.dumps({"text": f"line {i}"}) + "\n" for i in range(8)))
+    return {
+        "name": "r",
+        "out": str(tmp_path / "run"),
+        "base": {"preset": "tiny"},
+        "tokenizer": {"train_vocab": 280},
+        "sources": {"text": str(tmp_path / "text.jsonl")},
+        "stages": [{"name": "s", "kind": "joint", "steps": 2, "lr": lr, "budget": 64, "accum": 2, "mix": {"text": 1}}],
+    }
+
+
+def test_ranks_with_another_lr_seed_and_ep_stop_naming_them(tmp_path):
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(recipe(tmp_path, 1e-3)))
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(recipe(tmp_path, 2e-3)))
+    (tmp_path / "launch.py").write_text(RANK_1_DIFFERS)
+    done = run([str(tmp_path / "launch.py"), "train", str(tmp_path / "a.yaml")], 2)
+    assert done.returncode != 0
+    said = "kimivl train: error: the ranks were launched with different recipes or flags ("
+    assert done.stderr.count(said) == 2, done.stderr[-3000:]  # every rank stops, saying why
+    for part in (
+        "stage s: lr: 0.001 on rank 0 vs 0.002 on rank 1",
+        "seed: 0 on rank 0 vs 1 on rank 1",
+        "ep: 1 on rank 0 vs 2 on rank 1",
+    ):
+        assert done.stderr.count(part) == 2, part
+    assert not (tmp_path / "run" / "s").exists()  # before anything ran
+
+
+def test_the_settings_compared_leave_out_the_rank_s_own_device_index(tmp_path):
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(recipe(tmp_path, 1e-3)))
+    settings = []
+    for device in ("cuda:0", "cuda:1", "cpu"):
+        r = load_recipe(tmp_path / "a.yaml")
+        r.device = device  # as kimivl train sets it after init_world
+        settings.append(run_settings(r, World(device=device)))
+    assert settings[0] == settings[1] and settings[0] != settings[2]
+    assert json.loads(settings[0]["stage s: lr"]) == 1e-3 and json.loads(settings[0]["dp_shard"]) == 1
