@@ -13,23 +13,13 @@ import urllib.request
 import openai
 import pytest
 from PIL import Image
+from test_serve import _post
 
 from kimivl.serve import app as app_module
 from kimivl.serve.schema import Limits, RequestError, parse_chat_request
 
 GOOD = {"model": "kimivl-tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
 LIMITS = Limits(context=4096, max_batch=2)
-
-
-def _post(url: str, body: dict | bytes, key: str = "secret-key") -> tuple[int, dict]:
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
-    req = urllib.request.Request(url + "/v1/chat/completions", data, headers, method="POST")
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
 
 
 def _png() -> str:

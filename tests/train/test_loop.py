@@ -246,17 +246,7 @@ def test_resuming_with_other_trained_parameters_is_named(small_model, small_proc
         match="s: the optimiser state in .*step-0000002 does not fit the parameters "
         "this run trains .*resume with the stage's settings of that run",
     ):
-        train_loop(
-            model,
-            joint_loss,
-            data,
-            opt,
-            scheduler_at(opt, WarmupCosine(2, 8)),
-            LoopConfig(steps=4),
-            tmp_path,
-            "s",
-            progress=False,
-        )
+        _resume_to_four(model, data, opt, tmp_path)
 
 
 def test_the_logged_lr_is_the_rate_each_step_trained_at(small_model, small_processor, tmp_path):
@@ -406,17 +396,7 @@ def test_resuming_with_other_optimiser_settings_is_refused(small_model, small_pr
     model, data, _, _ = setup(small_model, small_processor)
     opt = build_optimizer(model, lr=3e-3, **setting)
     with pytest.raises(TrainingError, match=f"s: the optimiser settings of this run differ .*{named}"):
-        train_loop(
-            model,
-            joint_loss,
-            data,
-            opt,
-            scheduler_at(opt, WarmupCosine(2, 8)),
-            LoopConfig(steps=4),
-            tmp_path,
-            "s",
-            progress=False,
-        )
+        _resume_to_four(model, data, opt, tmp_path)
 
 
 def test_a_sharded_resume_names_changed_optimiser_settings():
@@ -437,3 +417,18 @@ def test_a_sharded_resume_names_changed_optimiser_settings():
         "ns_dtype: 'float32' then, 'bfloat16' now",
         "weight_decay: 0.1 then, 0.2 now",
     ]
+
+
+def _resume_to_four(model, data, opt, tmp_path) -> None:
+    """Stage "s" in ``tmp_path`` trained on (resumed) to step 4 with a fresh warm-up + cosine schedule."""
+    train_loop(
+        model,
+        joint_loss,
+        data,
+        opt,
+        scheduler_at(opt, WarmupCosine(2, 8)),
+        LoopConfig(steps=4),
+        tmp_path,
+        "s",
+        progress=False,
+    )
