@@ -155,6 +155,10 @@ def main() -> None:
     ap.add_argument("--rank-main", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.steps < 1:
+        ap.error(f"--steps {args.steps}: at least 1 timed step is needed")
+    if args.rows < 2 or args.rows % 2:
+        ap.error(f"--rows {args.rows}: must be a positive even number, so that 1 and 2 ranks do the same work")
     if args.rank_main:
         rank_main(args)
         return
