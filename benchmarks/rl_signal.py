@@ -4,8 +4,8 @@
 
 1. The reasoning problems RL trains on (recipes/tiny.yaml's world: seed 0, 4000 train) and ``--fresh`` problems it
    never sees (a world of seed ``--fresh-seed``, 7, its held-out split), under ``OUT/world`` and ``OUT/fresh``.
-2. pass@1 and pass@k of ``--model`` (kimivl-tiny) on the fresh problems, k up to ``--samples``
-   (``OUT/passk/base.json``): how much RL can gain there.
+2. pass@1 and pass@k of ``--model`` (models/kimivl-tiny; every arm starts from it) on the fresh problems, k up to
+   ``--samples`` (``OUT/passk/base.json``): how much RL can gain there.
 3. Each arm (a recipe of recipes/: ``opmd-len`` tiny-rl.yaml, ``opmd-nolen`` tiny-rl-nolen.yaml, ``grpo``
    tiny-rl-grpo.yaml, in the order of ``--arms``) once per seed, in ``OUT/<arm>-s<seed>``: the recipe
    with that ``seed``, the shared problems (``--priority``, ``--steps``, ``--problems``, ``--samples`` override the
@@ -50,6 +50,7 @@ def derived_recipe(args: argparse.Namespace, arm: str, seed: int, out: Path) -> 
     recipe.update(
         name=f"rl-signal-{arm}-s{seed}",
         seed=seed,
+        base={"checkpoint": str(args.model)},
         out=str(out),
         sources={"reasoning": str(args.out / "world" / "train" / "reasoning.jsonl")},
         eval={
@@ -62,10 +63,16 @@ def derived_recipe(args: argparse.Namespace, arm: str, seed: int, out: Path) -> 
         export={"path": str(out / "model"), "dtype": "bfloat16"},
     )
     (stage,) = recipe["stages"]
-    stage["steps"] = args.steps or stage["steps"]
+    stage["steps"] = stage["steps"] if args.steps is None else args.steps
     given = {"problems": args.problems, "samples": args.samples, "priority": args.priority}
     stage["rl"].update({k: v for k, v in given.items() if v is not None})
     return recipe
+
+
+def least_steps(arms: list[str]) -> int:
+    """The fewest RL iterations every arm can run: past each recipe's warm-up, and 4 for ``curve_summary``."""
+    stages = [yaml.safe_load((ROOT / "recipes" / ARMS[arm]).read_text())["stages"][0] for arm in arms]
+    return max(4, *(stage.get("warmup", 0) + 1 for stage in stages))
 
 
 def curve_summary(run_dir: Path) -> dict[str, tuple[float, ...]]:
@@ -83,7 +90,9 @@ def curve_summary(run_dir: Path) -> dict[str, tuple[float, ...]]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("runs/rl-signal"))
-    ap.add_argument("--model", default="models/kimivl-tiny", help="the starting model (the recipes' base)")
+    ap.add_argument(
+        "--model", type=Path, default=ROOT / "models" / "kimivl-tiny", help="the starting model of every arm"
+    )
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--arms", default=",".join(ARMS), help=f"some of {', '.join(ARMS)}")
     ap.add_argument("--fresh", type=int, default=500, help="fresh problems evaluated (default 500)")
@@ -94,12 +103,16 @@ def main() -> int:
     ap.add_argument("--samples", type=int, default=8, help="answers per problem (default: 8, the recipes')")
     ap.add_argument("--no-passk", action="store_true", help="skip step 2")
     args = ap.parse_args()
-    args.out = args.out.resolve()
+    args.out, args.model = args.out.resolve(), args.model.resolve()  # the children run in ROOT
     seeds = [int(s) for s in args.seeds.split(",")]
     arms = args.arms.split(",")
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         ap.error(f"unknown arms {unknown}; choose from {', '.join(ARMS)}")
+    if args.steps is not None and args.steps < least_steps(arms):
+        ap.error(f"--steps {args.steps}: at least {least_steps(arms)} (past the recipes' warm-up, 4 for the summary)")
+    if not (args.model / "config.json").is_file():
+        ap.error(f"--model {args.model}: no checkpoint there (no config.json); give a kimivl checkpoint directory")
 
     ensure_world(args.out / "world", seed=0, tasks=["reasoning"], progress=False, train=4000, heldout=100)
     ensure_world(args.out / "fresh", seed=args.fresh_seed, tasks=["reasoning"], progress=False, heldout=args.fresh)

@@ -4,6 +4,8 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,12 +22,14 @@ spec.loader.exec_module(rl_signal)
 
 @pytest.mark.parametrize("arm", list(rl_signal.ARMS))
 def test_each_arm_and_seed_gets_its_recipe_with_the_evaluation_on_the_fresh_problems(arm, tmp_path):
-    args = argparse.Namespace(out=tmp_path, fresh=500, steps=None, problems=None, samples=8, priority=None)
+    model = tmp_path / "start"
+    args = argparse.Namespace(out=tmp_path, model=model, fresh=500, steps=None, problems=None, samples=8, priority=None)
     out = tmp_path / f"{arm}-s2"
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(rl_signal.derived_recipe(args, arm, 2, out)))
     recipe = load_recipe(tmp_path / "r.yaml")
     shipped = load_recipe(ROOT / "recipes" / rl_signal.ARMS[arm])
     assert recipe.seed == 2 and recipe.out == out and recipe.world is None
+    assert recipe.base == {"checkpoint": str(model)}  # --model, not the shipped recipe's models/kimivl-tiny
     assert recipe.source_path("reasoning") == tmp_path / "world" / "train" / "reasoning.jsonl"
     assert recipe.eval == {"base": True, "after": ["rl"], "split": str(tmp_path / "fresh" / "heldout"), "limit": 500,
                            "max_new_tokens": 160}  # fmt: skip
@@ -51,3 +55,16 @@ def test_curve_summary_means_each_quarter(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
     with pytest.raises(ValueError, match="has 3 RL iterations; a summary by quarter needs 4"):
         rl_signal.curve_summary(tmp_path)
+
+
+def test_steps_below_what_the_recipes_can_run_are_refused_and_zero_is_not_the_default(tmp_path):
+    assert rl_signal.least_steps(list(rl_signal.ARMS)) == 5  # warm-up 4 must be below the steps
+    args = argparse.Namespace(out=tmp_path, model=tmp_path, fresh=5, steps=0, problems=None, samples=8, priority=None)
+    assert rl_signal.derived_recipe(args, "grpo", 0, tmp_path)["stages"][0]["steps"] == 0
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "rl_signal.py"), "--out", str(tmp_path / "o"), "--steps", "4"]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 2 and "--steps 4: at least 5" in done.stderr
+    cmd[-2:] = ["--model", "nowhere"]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 2 and f"--model {tmp_path / 'nowhere'}: no checkpoint there" in done.stderr
+    assert not (tmp_path / "o").exists()  # refused before any work
