@@ -146,12 +146,22 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["bfloat16", "float32"], help="default: kimivl serve's (the checkpoint's)")
     ap.add_argument("--tasks", default=",".join(TASKS), help="held-out tasks whose questions are sent, in turn")
     args = ap.parse_args()
-    levels = [int(c) for c in args.clients.split(",")]
+    try:
+        levels = [int(c) for c in args.clients.split(",")]
+    except ValueError:
+        ap.error(f"--clients {args.clients!r}: give whole numbers separated by commas, e.g. 1,8,32")
     unknown = [t for t in args.tasks.split(",") if not (HELDOUT / f"{t}.jsonl").is_file()]
     if unknown:
         ap.error(f"--tasks: no held-out questions for {unknown} in {HELDOUT}")
     if args.requests < 1 or args.max_tokens < 1 or min(levels) < 1:
         ap.error("--requests, --max-tokens and every --clients level must be >= 1")
+    if (Path(args.model) / "config.json").is_file():  # the server refuses a prompt and answer over the context
+        sys.path.insert(0, str(REPO))
+        from kimivl import KimiVLConfig
+
+        context = KimiVLConfig.from_pretrained(args.model).text_config.max_position_embeddings
+        if args.max_tokens >= context:
+            ap.error(f"--max-tokens {args.max_tokens}: the model's context is {context} tokens, prompt included")
 
     if args.dtype is None:  # what `kimivl serve` picks without --dtype; passed on, so that the printed one is used
         sys.path.insert(0, str(REPO))  # this checkout's kimivl, as the server's PYTHONPATH
@@ -188,6 +198,12 @@ def main() -> None:
         server.terminate()
         server.wait(timeout=30)
 
+    for r in rows:  # first, so that they show whatever follows
+        for e in r["errors"][:3]:
+            print(f"  {r['clients']} clients: {e}")
+    for r in rows:
+        if not r["requests"]:
+            raise SystemExit(f"with {r['clients']} clients no request completed ({len(r['errors'])} failed, above)")
     base = rows[0]
     print(f"server dtype {args.dtype}; load average at the end: {os.getloadavg()[0]:.2f} ({os.cpu_count()} CPUs)")
     print("| clients | requests | req/s | output tok/s | vs 1 client | TTFT p50 / p99 s | ITL p50 / p99 ms", end="")
@@ -201,9 +217,6 @@ def main() -> None:
             f"{r['itl'][0] * 1000:.0f} / {r['itl'][1] * 1000:.0f} | {same}/{r['requests']} |"
         )
     print(f"mean output tokens per request: {base['tokens']:.1f} (max_tokens {args.max_tokens})")
-    for r in rows:
-        for e in r["errors"][:3]:
-            print(f"  {r['clients']} clients: {e}")
 
 
 if __name__ == "__main__":
