@@ -305,62 +305,62 @@ def main() -> None:
         recipe_arms(args, device, bf16)
         return
 
-    files, weights = args.data, None
-    if not files:
-        world = tempfile.mkdtemp()
-        weights = {t: float(w or 1) for t, _, w in (item.partition(":") for item in args.tasks.split(","))}
-        build_world(world, seed=1, sizes={"train": 120}, tasks=list(weights), progress=False)
-        files = [Path(world) / "train" / f"{task}.jsonl" for task in sorted(weights)]
-    texts = {p.stem: is_text_file(p) for p in files}
-    sources = {p.stem: list(iter_texts(p) if texts[p.stem] else iter_records(p)) for p in files}
-    corpus = [t for name in sources if texts[name] for t in sources[name]]
-    if not args.data and not corpus:
-        ap.error("--tasks needs a text corpus (text or long) to train the benchmark's tokenizer on")
-    processor = (
-        KimiVLProcessor.from_pretrained(args.tokenizer)
-        if args.data
-        else KimiVLProcessor(train_bpe(corpus, vocab_size=1024))
-    )
+    with tempfile.TemporaryDirectory() as world:  # the synthetic world, removed at the end (its images load as read)
+        files, weights = args.data, None
+        if not files:
+            weights = {t: float(w or 1) for t, _, w in (item.partition(":") for item in args.tasks.split(","))}
+            build_world(world, seed=1, sizes={"train": 120}, tasks=list(weights), progress=False)
+            files = [Path(world) / "train" / f"{task}.jsonl" for task in sorted(weights)]
+        texts = {p.stem: is_text_file(p) for p in files}
+        sources = {p.stem: list(iter_texts(p) if texts[p.stem] else iter_records(p)) for p in files}
+        corpus = [t for name in sources if texts[name] for t in sources[name]]
+        if not args.data and not corpus:
+            ap.error("--tasks needs a text corpus (text or long) to train the benchmark's tokenizer on")
+        processor = (
+            KimiVLProcessor.from_pretrained(args.tokenizer)
+            if args.data
+            else KimiVLProcessor(train_bpe(corpus, vocab_size=1024))
+        )
 
-    def encode(name, item):
-        return processor.encode_text(item) if texts[name] else processor.encode_for_training(item["messages"])
+        def encode(name, item):
+            return processor.encode_text(item) if texts[name] else processor.encode_for_training(item["messages"])
 
-    config = KimiVLConfig.from_preset("kimivl-tiny")
-    t = config.text_config
-    scale = args.width // t.hidden_size
-    config.text_config = dataclasses.replace(
-        t,
-        hidden_size=args.width,
-        intermediate_size=t.intermediate_size * scale,
-        moe_intermediate_size=t.moe_intermediate_size * scale,
-    )
-    v = config.vision_config
-    widen = args.vision_width / v.hidden_size
-    config.vision_config = dataclasses.replace(
-        v, hidden_size=args.vision_width, intermediate_size=round(v.intermediate_size * widen)
-    )
-    n = processor.tokenizer.n_ranks
-    config.text_config.vocab_size = n + 256
-    config.media_placeholder_token_id = processor.tokenizer.media_pad_id
-    model, opt = trainee(config, device, bf16, args)
-    mix = Mixture(sources, encode, args.budget, weights or {k: 1 for k in sources}, seed=0)
+        config = KimiVLConfig.from_preset("kimivl-tiny")
+        t = config.text_config
+        scale = args.width / t.hidden_size
+        config.text_config = dataclasses.replace(
+            t,
+            hidden_size=args.width,
+            intermediate_size=round(t.intermediate_size * scale),
+            moe_intermediate_size=round(t.moe_intermediate_size * scale),
+        )
+        v = config.vision_config
+        widen = args.vision_width / v.hidden_size
+        config.vision_config = dataclasses.replace(
+            v, hidden_size=args.vision_width, intermediate_size=round(v.intermediate_size * widen)
+        )
+        n = processor.tokenizer.n_ranks
+        config.text_config.vocab_size = n + 256
+        config.media_placeholder_token_id = processor.tokenizer.media_pad_id
+        model, opt = trainee(config, device, bf16, args)
+        mix = Mixture(sources, encode, args.budget, weights or {k: 1 for k in sources}, seed=0)
 
-    # Cycle 0 warms both arms up (and creates the optimiser state); the others alternate, timed.
-    arms, position, counts = Arms(), 0, parameter_counts(config)
-    for c in range(max(1, args.steps // args.accum) + 1):
-        one, position = cycle(model, opt, mix, position, args, bf16, processor.tokenizer.pad_id, counts)
-        if c:
-            arms.add(one)
-    data = ", ".join(map(str, args.data)) if args.data else f"the synthetic world ({args.tasks})"
-    report(
-        arms,
-        device,
-        bf16,
-        args,
-        f"on {data}: kimivl-tiny at LM width {args.width}, vision width "
-        f"{args.vision_width} ({counts['total'].total / 1e6:.1f}M parameters), packed rows of "
-        f"{args.budget}",
-    )
+        # Cycle 0 warms both arms up (and creates the optimiser state); the others alternate, timed.
+        arms, position, counts = Arms(), 0, parameter_counts(config)
+        for c in range(max(1, args.steps // args.accum) + 1):
+            one, position = cycle(model, opt, mix, position, args, bf16, processor.tokenizer.pad_id, counts)
+            if c:
+                arms.add(one)
+        data = ", ".join(map(str, args.data)) if args.data else f"the synthetic world ({args.tasks})"
+        report(
+            arms,
+            device,
+            bf16,
+            args,
+            f"on {data}: kimivl-tiny at LM width {args.width}, vision width "
+            f"{args.vision_width} ({counts['total'].total / 1e6:.1f}M parameters), packed rows of "
+            f"{args.budget}",
+        )
 
 
 def recipe_arms(args, device: torch.device, bf16: bool) -> None:
