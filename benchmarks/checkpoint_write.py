@@ -6,7 +6,10 @@ The model has the A3B's LM width and expert shapes (hidden 2048, 64 experts of 1
 first dense), a 32,000-entry vocabulary and a one-block vision tower; its weights are bf16 values in float32, as after
 loading a bf16 checkpoint, so the stage holds the frozen matrices in bf16.
 
-    python benchmarks/checkpoint_write.py [--layers 2] [--checkpoints 3]
+    python benchmarks/checkpoint_write.py [--layers 2] [--checkpoints 3] [--dir DIR]
+
+The checkpoints (GiBs) go to a temporary folder in ``--dir`` (default: the system's temporary directory), removed
+at the end.
 """
 
 from __future__ import annotations
@@ -42,10 +45,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--checkpoints", type=int, default=3)
+    ap.add_argument("--dir", type=Path, help="where the checkpoints are written (default: the system's temp dir)")
     args = ap.parse_args()
-    if args.layers < 2 or args.checkpoints < 1:
+    if args.layers < 2 or args.checkpoints < 2:
         ap.error("--layers must be >= 2 (the first layer is dense; the experts frozen are the others') and "
-                 "--checkpoints >= 1")  # fmt: skip
+                 "--checkpoints >= 2 (the first checkpoint links nothing; later ones are compared)")  # fmt: skip
+    if args.dir is not None and not args.dir.is_dir():
+        ap.error(f"--dir {args.dir}: not a directory")
 
     config = KimiVLConfig.from_preset("kimi-vl-a3b")
     config.text_config = dataclasses.replace(
@@ -63,7 +69,7 @@ def main() -> None:
     )
 
     times = {"linked": [], "full": []}
-    with tempfile.TemporaryDirectory(dir=".") as work:
+    with tempfile.TemporaryDirectory(dir=args.dir) as work:
         linked, full = Path(work) / "linked", Path(work) / "full"
         for step in range(1, args.checkpoints + 1):
             with torch.no_grad():  # a training step moves the trained weights
@@ -81,12 +87,12 @@ def main() -> None:
             times["full"].append(time.perf_counter() - start)
         sizes = {"linked": disk_bytes(linked), "full": disk_bytes(full)}
     for arm in ("linked", "full"):
-        later = times[arm][1:] or times[arm]
+        later = times[arm][1:]
         print(
             f"{arm:>6}: first checkpoint {times[arm][0]:.1f} s, later ones {sum(later) / len(later):.1f} s each; "
             f"{args.checkpoints} checkpoints take {sizes[arm] / 2**30:.2f} GiB on disk"
         )
-    later = {arm: sum(t[1:]) / max(1, len(t) - 1) for arm, t in times.items()}
+    later = {arm: sum(t[1:]) / (len(t) - 1) for arm, t in times.items()}
     print(
         f"later checkpoints {later['full'] / later['linked']:.1f}x faster, "
         f"{sizes['full'] / sizes['linked']:.1f}x less disk"
