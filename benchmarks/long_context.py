@@ -8,11 +8,12 @@ beside a baseline measured in the same run and, for decode, the memory-bandwidth
   Baselines: the former path (each chunk expands the whole cache to per-head keys and values, one SDPA call; up to
   ``--baseline-max``) and transformers' ``DeepseekV3ForCausalLM`` in one pass with the same weights (up to
   ``--hf-max``). A length whose predicted time would pass ``--time-limit`` is skipped.
-- Decode (``--decode-layers``, default 8: the issue's 427M-parameter shape) times greedy steps on a cache filled with
+- Decode (``--decode-layers``, default 8: the issue's 404M-parameter shape) times greedy steps on a cache filled with
   random latents (decode cost does not depend on their values), median of ``--steps``. Baselines: the former step
-  (the whole cache widened to float32, one SDPA call) and transformers with its per-head cache (up to
-  ``--hf-decode-max``). Roofline: (cache bytes + weight bytes read per step) / the bandwidth of a large tensor copy
-  measured at the start. Compute floor: the weights' read time plus the longer of the cache's read time and its
+  (the whole cache widened to float32, one SDPA call) and transformers (up to ``--hf-decode-max``; 5.25 caches the
+  compressed latent and rope key, as kimivl does, and expands the whole cache to per-head keys and values every
+  step). Roofline: (cache bytes + weight bytes read per step) / the bandwidth of a large tensor copy measured at the
+  start. Compute floor: the weights' read time plus the longer of the cache's read time and its
   attention FLOPs (MLA's absorbed step: heads x (latent + rope + latent) x 2 per cached token and layer) at the rate
   of a square bf16 matmul measured at the start, the fastest this CPU multiplies.
 

@@ -25,7 +25,7 @@ MIB = 1 << 20
 
 
 def run(model, batch, recompute: bool):
-    """Loss, the first layer's gradients, the memory kept from forward for backward, the peak over forward and
+    """Loss, the last layer's gradients, the memory kept from forward for backward, the peak over forward and
     backward (gradient buffers exist already, so neither counts them), seconds."""
     model.zero_grad(set_to_none=False)
     (apply_recompute if recompute else remove_recompute)(model)
