@@ -22,7 +22,7 @@ from torch import nn
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 
-from kimivl.checkpoint import CheckpointReadError, CheckpointWriteError, write_error
+from kimivl.checkpoint import CheckpointError, CheckpointReadError, CheckpointWriteError, write_error
 from kimivl.distributed.world import World
 from kimivl.model.moe import GroupedExperts
 
@@ -118,9 +118,16 @@ def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
     except CheckpointException as e:
         rank, error = _first_failure(e)
         damaged = _damaged_files(Path(path))
-        which = ", ".join(str(Path(path) / n) for n in damaged) if damaged else f"the files of {path}"
+        if damaged:
+            which = ", ".join(str(Path(path) / n) for n in damaged)
+            raise CheckpointReadError(f"cannot read {which}: damaged or cut short (rank {rank})") from None
+        if isinstance(error, ValueError) and str(error).startswith("Size mismatch"):  # whole files, other shapes
+            raise CheckpointError(
+                f"{path} does not fit this model (rank {rank}: {str(error).splitlines()[0][:200]}): resume with the "
+                "model of the run that wrote it, or start the stage afresh"
+            ) from None
         raise CheckpointReadError(
-            f"cannot read {which}: damaged or cut short (rank {rank}: {type(error).__name__})"
+            f"cannot read the files of {path}: damaged (rank {rank}: {type(error).__name__})"
         ) from None
     for key, (held, k) in ints.items():
         held[k] = int(state[key])

@@ -2,6 +2,7 @@
 line tolerated, one run per directory, stage names confined to their folder, exports that never replace another run's
 model."""
 
+import dataclasses
 import errno
 import json
 import os
@@ -14,6 +15,7 @@ import torch
 from test_loop import joint_loss, setup
 
 from kimivl import KimiVL
+from kimivl.checkpoint import CheckpointError
 from kimivl.distributed.world import World
 from kimivl.train.interrupt import Interrupted
 from kimivl.train.lock import run_lock
@@ -567,3 +569,17 @@ def test_a_publish_stopped_between_its_renames_leaves_each_directory_whole(tmp_p
     pipeline._publish(path)  # the next run's publish (--resume exports again)
     assert [p.name for p in path.iterdir()] == ["config.json"] and (path / "config.json").read_text() == "new config"
     assert not old.exists() and not new.exists()
+
+
+def test_a_whole_sharded_checkpoint_of_another_model_is_not_called_damaged(small_model, small_processor, tmp_path):
+    """A DCP load that failed on whole files of other shapes (another model's) said 'damaged or cut short' and advised
+    rolling latest back; it now says the checkpoint does not fit the model, naming the tensor."""
+    _sharded_checkpoints(small_model, small_processor, tmp_path)
+    cfg = dataclasses.replace(small_model.config)
+    moe = cfg.text_config.moe_intermediate_size
+    cfg.text_config = dataclasses.replace(cfg.text_config, moe_intermediate_size=moe * 2)
+    other, _, opt, _ = setup(KimiVL(cfg), small_processor)
+    opt.init_state()
+    with pytest.raises(CheckpointError, match=r"step-0000004 does not fit this model \(rank 0: Size mismatch") as e:
+        load_state_sharded(tmp_path / "step-0000004", other, opt, World())
+    assert "damaged" not in str(e.value) and "experts.down_proj" in str(e.value)
