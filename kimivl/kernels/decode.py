@@ -3,10 +3,10 @@
 first ``value_dim`` values).
 
 The cache is read once per step, in its stored dtype (split-K over the context, as flash-decoding does): a span of
-cached tokens at a time is widened to float32 in one buffer, cut into chunks whose scores, softmax and weighted values
-are taken in float32, all the span's chunks in one batched matmul (so the threads share them), and the chunks' partial
-maxima, sums and outputs are merged exactly at the end. Per-step memory beyond the cache is bounded by the span, not
-the context.
+cached tokens at a time is widened to float32 (float64 in a float64 model) in one buffer, cut into chunks whose
+scores, softmax and weighted values are taken in that dtype, all the span's chunks in one batched matmul (so the
+threads share them), and the chunks' partial maxima, sums and outputs are merged exactly at the end. Per-step memory
+beyond the cache is bounded by the span, not the context.
 """
 
 from __future__ import annotations
@@ -49,17 +49,18 @@ def latent_decode_attention(
         raise ValueError(
             f"key_valid_BK must be ({b}, {total}) for {total} cached tokens, got {tuple(key_valid_BK.shape)}"
         )
-    q_B1HX = (q_BHX.float() * scale)[:, None]
+    wide = torch.promote_types(q_BHX.dtype, torch.float32)  # float64 for a float64 model
+    q_B1HX = (q_BHX.to(wide) * scale)[:, None]
     buf_BSX = None
     maxima, sums, outs = [], [], []
     start = 0
     for group in _groups(pieces, per_row):
         n = sum(p.shape[1] for p in group)
-        if len(group) == 1 and group[0].dtype == torch.float32:
+        if len(group) == 1 and group[0].dtype == wide:
             kv_BNX = group[0]
         else:
             if buf_BSX is None:  # no larger than the context: a short one allocates little per step
-                buf_BSX = torch.empty(b, min(per_row, total), x, dtype=torch.float32, device=q_BHX.device)
+                buf_BSX = torch.empty(b, min(per_row, total), x, dtype=wide, device=q_BHX.device)
             kv_BNX = buf_BSX[:, :n]
             if len(group) > 1:
                 torch.cat(group, dim=1, out=kv_BNX)

@@ -143,13 +143,15 @@ def _batched(
     key_valid_BK: torch.Tensor | None,
 ) -> torch.Tensor:
     """Causal attention of rows; returns (B, H, S, E) in ``q``'s dtype. On CPU, keys shared by several heads (MLA's
-    absorbed decoding) are attended to in float32, where the fused kernel is many times faster."""
+    absorbed decoding) are attended to in float32 (float64 in a float64 model), where the fused kernel is many times
+    faster."""
     b, h, s, _ = q_BHSD.shape
     k = k_BhKD.shape[2]
     gqa = k_BhKD.shape[1] != h
     dtype = q_BHSD.dtype
     if gqa and not q_BHSD.is_cuda:
-        q_BHSD, k_BhKD, v_BhKE = q_BHSD.float(), k_BhKD.float(), v_BhKE.float()
+        wide = torch.promote_types(dtype, torch.float32)  # float64 for a float64 model
+        q_BHSD, k_BhKD, v_BhKE = q_BHSD.to(wide), k_BhKD.to(wide), v_BhKE.to(wide)
     matmul = _matmul_rows and not q_BHSD.is_cuda and not gqa and s > 1 and b * h * s * k <= SCORES_LIMIT
     if key_valid_BK is None and (s == k or s == 1) and not matmul:
         return fused.sdpa(q_BHSD, k_BhKD, v_BhKE, is_causal=s > 1, scale=scale, enable_gqa=gqa).to(dtype)

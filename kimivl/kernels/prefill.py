@@ -75,8 +75,8 @@ def latent_prefill_attention(
 
 
 def _partial(q_BHSD, rows_BNX, expand, scale, mask, *, causal):
-    """The block's attention output (B, H, S, E) in float32 (a tensor of its own: the merge scales it in place) and
-    each query's log-sum-exp (B, H, S)."""
+    """The block's attention output (B, H, S, E) in float32 (float64 in a float64 model; a tensor of its own: the
+    merge scales it in place) and each query's log-sum-exp (B, H, S)."""
     k_BNHD, v_BNHE = expand(rows_BNX)
     d, e = k_BNHD.shape[-1], v_BNHE.shape[-1]
     # the fused CPU kernel needs equal head dims: zero-padded values (the padding dropped after), or zero-padded
@@ -89,7 +89,7 @@ def _partial(q_BHSD, rows_BNX, expand, scale, mask, *, causal):
     o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q_BHSD, k_BHND, v_BHND, 0.0, causal, attn_mask=mask, scale=scale
     )
-    return o[..., :e].float(), lse
+    return o[..., :e].to(torch.promote_types(o.dtype, torch.float32)), lse
 
 
 def _rows(blocks_BNX: Sequence[torch.Tensor], start: int, end: int) -> torch.Tensor:

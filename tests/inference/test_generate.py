@@ -257,3 +257,32 @@ def test_cache_write_replaces_one_row_in_place_across_blocks(tiny_config):
     for bad_row, bad in [(3, row), (-1, row), (0, row[:, :6])]:
         with pytest.raises(ValueError, match=r"row -?\d+ of 3 takes"):
             cache.write(bad_row, bad)
+
+
+@torch.no_grad()
+def test_a_float64_model_decodes_in_float64(tiny_model, tiny_config, monkeypatch):
+    """A float64 model's cached steps (chunked prefill in key blocks, then split-K decode) equal its full forward to
+    float64 rounding: the attention kernels widened to float32 only, which left errors of about 1e-7."""
+    import copy
+
+    from kimivl.inference.generate import prefill
+    from kimivl.model.moe import to_dtype
+
+    monkeypatch.setattr("kimivl.inference.cache.BLOCK_TOKENS", 4)
+    monkeypatch.setattr("kimivl.kernels.prefill.PREFILL_KEY_BLOCK", 5)
+    model = to_dtype(copy.deepcopy(tiny_model), torch.float64)
+    prompt, pixels = image_prompt(tiny_config, (4, 6), 3, 5, seed=1)
+    pixels, grid = pixels.double(), torch.tensor([[4, 6]])
+    lm = model.language_model
+    cache = MLACache(tiny_config.text_config, 1, len(prompt) + 3, dtype=torch.float64)
+    embeds = model.embed(torch.tensor([prompt]), pixels, grid)
+    hidden = prefill(lm, embeds, torch.arange(len(prompt))[None], cache, torch.ones(1, len(prompt)), 4)
+    cached = [lm.logits(hidden[:, -1])]
+    for i, token in enumerate((7, 8)):
+        step = lm(
+            lm.model.embed_tokens(torch.tensor([[token]])), position_ids=torch.tensor([[len(prompt) + i]]), cache=cache
+        )
+        cached.append(lm.logits(step[:, -1]))
+    full = model(torch.tensor([prompt + [7, 8]]), pixels, grid).logits[0, len(prompt) - 1 :]
+    assert full.dtype == torch.float64 and full.abs().max() > 0.1
+    torch.testing.assert_close(torch.cat(cached), full, atol=1e-11, rtol=1e-11)
