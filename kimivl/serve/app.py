@@ -330,18 +330,20 @@ async def _stream(job: EngineRequest, queue: asyncio.Queue, reply: _Reply):
     """Server-sent events: a role chunk per choice, content/reasoning deltas, each choice's finish, usage, [DONE]."""
     splitters = [ThinkSplitter() for _ in range(reply.chat.n)]
 
+    def choice(i: int, d: dict, finish: str | None = None) -> dict:
+        return {"index": i, "delta": d, "finish_reason": finish, "logprobs": None}
+
     def delta(i: int, reasoning: str, answer: str) -> dict:
         d = {}
         if reasoning:
             d["reasoning_content"] = reasoning
         if answer:
             d["content"] = answer
-        return {"index": i, "delta": d, "finish_reason": None, "logprobs": None}
+        return choice(i, d)
 
     try:
         for i in range(reply.chat.n):  # one choice per chunk, as OpenAI streams several
-            role = {"role": "assistant", "content": ""}
-            yield reply.chunk([{"index": i, "delta": role, "finish_reason": None, "logprobs": None}])
+            yield reply.chunk([choice(i, {"role": "assistant", "content": ""})])
         while not all(reply.finish):
             event = await queue.get()
             if event[0] == "error":
@@ -356,7 +358,7 @@ async def _stream(job: EngineRequest, queue: asyncio.Queue, reply: _Reply):
             if reasoning or answer:
                 yield reply.chunk([delta(i, reasoning, answer)])
             if event[0] == "done":
-                yield reply.chunk([{"index": i, "delta": {}, "finish_reason": event[2], "logprobs": None}])
+                yield reply.chunk([choice(i, {}, event[2])])
         if reply.chat.include_usage:
             yield reply.chunk([], reply.usage())
         yield "data: [DONE]\n\n"
