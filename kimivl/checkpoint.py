@@ -238,18 +238,24 @@ def write_index(path: str | os.PathLike, weight_map: dict[str, str], total: int)
 def _atomic_save(tensors: dict[str, torch.Tensor], file: str, metadata: dict[str, str] | None = None) -> None:
     """Write ``file`` by way of ``file.tmp``, readable as ``open`` would make it (safetensors creates files 0o600, which
     another user, a serving container, cannot read). A failed write is an ``OSError`` with the errno of the failure
-    (safetensors reports it as a ``SafetensorError`` ending in ``(os error N)``)."""
+    (safetensors reports it as a ``SafetensorError`` ending in ``(os error N)``); a failure of any kind leaves no
+    ``file.tmp``."""
     tmp = file + ".tmp"
     try:
-        save_file(tensors, tmp, metadata={"format": "pt", WRITER: "1", **(metadata or {})})
-    except SafetensorError as e:
-        found = re.search(r"\(os error (\d+)\)", str(e))
-        if found is None:
-            raise
-        code = int(found.group(1))
-        raise OSError(code, os.strerror(code)) from None
-    os.chmod(tmp, file_mode())
-    os.replace(tmp, file)
+        try:
+            save_file(tensors, tmp, metadata={"format": "pt", WRITER: "1", **(metadata or {})})
+        except SafetensorError as e:
+            found = re.search(r"\(os error (\d+)\)", str(e))
+            if found is None:
+                raise
+            code = int(found.group(1))
+            raise OSError(code, os.strerror(code)) from None
+        os.chmod(tmp, file_mode())
+        os.replace(tmp, file)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def write_error(e: OSError, file: str | os.PathLike) -> CheckpointWriteError:
@@ -334,13 +340,8 @@ def save_checkpoint(
                 for t in state.values()
             )
             write_index(path, {k: name for keys, name in zip(groups, names) for k in keys}, total)
-    except BaseException as e:
-        for name in keep:
-            if os.path.exists(os.path.join(path, name + ".tmp")):
-                os.remove(os.path.join(path, name + ".tmp"))
-        if isinstance(e, OSError):
-            raise write_error(e, file) from None
-        raise
+    except OSError as e:  # _atomic_save removed its temporary file
+        raise write_error(e, file) from None
     for name in stale:
         log.info("removing %s of an older kimivl save from %s", name, path)
         os.remove(os.path.join(path, name))
@@ -400,10 +401,7 @@ def _write_converted(src: str, dst: str, names: list[str], indexed: bool, dtype:
             write_text_atomic(file, json.dumps(index, indent=2))
         file = os.path.join(dst, CONFIG)
         write_text_atomic(file, json.dumps(config, indent=2) + "\n")
-    except OSError as e:
-        for name in names:  # the temporary file of the one that failed
-            if os.path.exists(os.path.join(dst, name + ".tmp")):
-                os.remove(os.path.join(dst, name + ".tmp"))
+    except OSError as e:  # _atomic_save removed its temporary file
         raise write_error(e, file) from None
 
 
