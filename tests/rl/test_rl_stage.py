@@ -11,6 +11,7 @@ from PIL import Image
 from kimivl import KimiVL
 from kimivl.cli import main
 from kimivl.data.formats import write_records
+from kimivl.rl.sampler import ProblemSampler
 from kimivl.train.recipe import RecipeError, load_recipe
 from kimivl.train.stages import check_layout
 from kimivl.train.stages.rl import rl_config
@@ -118,6 +119,20 @@ def test_bad_rl_settings_are_recipe_errors(problems, tmp_path):
     (tmp_path / "r.yaml").write_text(yaml.safe_dump({**base, "bf16": False, "stages": [stage]}))
     recipe = load_recipe(tmp_path / "r.yaml")
     assert rl_config(recipe, recipe.stages[0]).bf16 is False
+
+
+def test_a_second_rl_stage_draws_other_problems_than_the_first(problems, tmp_path):
+    """The first rl stage samples with the recipe's seed (the shipped runs), each later one with the next seed."""
+    stage = {"kind": "rl", "steps": 2, "lr": 1e-3, "sources": ["p"], "rl": {"problems": 2, "samples": 2}}
+    stages = [{**stage, "name": "rl1"}, {"name": "sft", "kind": "joint", "steps": 1, "lr": 1e-3, "mix": {"p": 1}}]
+    stages.append({**stage, "name": "rl2"})
+    d = {"name": "x", "out": str(tmp_path), "seed": 5, "sources": {"p": str(problems / "train" / "reasoning.jsonl")}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({**d, "stages": stages}))
+    recipe = load_recipe(tmp_path / "r.yaml")
+    first, second = (rl_config(recipe, s) for s in (recipe.stages[0], recipe.stages[2]))
+    assert (first.seed, second.seed) == (5, 6)
+    draws = [ProblemSampler(["easy"] * 100, seed=cfg.seed).sample(8, 0.0) for cfg in (first, second)]
+    assert draws[0] != draws[1]
 
 
 def test_more_updates_than_a_rank_has_answers_is_refused_before_the_first_stage(problems, tmp_path):

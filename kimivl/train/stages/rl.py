@@ -37,7 +37,10 @@ class RLStage(PartsSettings):
 
 def rl_config(recipe: Recipe, stage: RLStage) -> RLConfig:
     """The ``RLConfig`` of an rl stage: its ``rl`` settings plus the stage's steps, budget, clip and ckpt_every, and
-    the recipe's bf16. A setting of the objective the stage does not train with is an error (it would be ignored)."""
+    the recipe's bf16. Its seed is the recipe's plus the number of rl stages before it, so a later rl stage draws
+    other problems and rollouts than the first. A setting of the objective the stage does not train with is an error
+    (it would be ignored)."""
+    earlier = [s.name for s in recipe.stages if isinstance(s, RLStage)].index(stage.name)
     if "bf16" in stage.rl:
         raise RecipeError(f"stage {stage.name!r}: rl: bf16 is set for the whole recipe (its top-level 'bf16')")
     try:
@@ -46,7 +49,7 @@ def rl_config(recipe: Recipe, stage: RLStage) -> RLConfig:
             budget=stage.budget,
             clip=stage.clip,
             ckpt_every=stage.ckpt_every,
-            seed=recipe.seed,
+            seed=(recipe.seed + earlier) % 2**64,
             bf16=recipe.bf16,
             **stage.rl,
         )
