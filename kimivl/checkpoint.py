@@ -431,6 +431,30 @@ def _written_by_kimivl(file: str) -> bool:
         return False
 
 
+def check_overwrite(path: str | os.PathLike, names: list[str]) -> None:
+    """Refuse (``CheckpointError``, before anything is written) a save of the files ``names`` into ``path`` that
+    would overwrite one of them in a directory that is not a Kimi-VL model's: Kimi-VL's are those with a
+    ``config.json`` of a Kimi-VL model, a recipe's export, and, without a ``config.json``, a tokenizer of Kimi-VL's
+    class (``TikTokenTokenizer``). Files not there yet overwrite nothing."""
+    there = [n for n in names if os.path.exists(os.path.join(path, n))]
+    if not there or os.path.isfile(os.path.join(path, EXPORT_RECORD)):
+        return
+    config = os.path.join(path, CONFIG)
+    if os.path.exists(config):
+        ours = _written_by_kimivl(config)
+    else:
+        try:
+            with open(os.path.join(path, "tokenizer_config.json"), encoding="utf-8") as f:
+                ours = json.load(f).get("tokenizer_class") == "TikTokenTokenizer"
+        except (OSError, ValueError, AttributeError):  # missing, unreadable or not a JSON object
+            ours = False
+    if not ours:
+        raise CheckpointError(
+            f"{path} is not a Kimi-VL model's directory, and this save would overwrite its {', '.join(there)}; "
+            "save into an empty directory, or move those files away first"
+        )
+
+
 def _stale_files(path: str, writes: set[str], checked: bool = True) -> list[str]:
     """Check ``path`` before a save writes the files ``writes`` (shards, an index, ``config.json``) there, and return
     the shards and index of an older kimivl save that it does not write (removed once the new files are written). A

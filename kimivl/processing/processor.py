@@ -16,8 +16,12 @@ from dataclasses import dataclass
 
 import torch
 
+from kimivl.checkpoint import check_overwrite
 from kimivl.processing.chat_template import MessageError, chat_segments
+from kimivl.processing.image import CONFIG_FILE as IMAGE_CONFIG
 from kimivl.processing.image import ImageProcessor
+from kimivl.processing.tokenizer import CONFIG_FILE as TOKENIZER_CONFIG
+from kimivl.processing.tokenizer import MODEL_FILE as TOKENIZER_MODEL
 from kimivl.processing.tokenizer import KimiTokenizer
 
 IGNORE_INDEX = -100
@@ -47,6 +51,9 @@ class KimiVLProcessor:
         return cls(tokenizer, ImageProcessor.from_pretrained(path) if has_pre else ImageProcessor())
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write the tokenizer's and the image processor's files; overwriting another model's is refused first
+        (``kimivl.checkpoint.check_overwrite``)."""
+        check_overwrite(path, [TOKENIZER_MODEL, TOKENIZER_CONFIG, IMAGE_CONFIG])
         self.tokenizer.save_pretrained(path)
         self.image_processor.save_pretrained(path)
 

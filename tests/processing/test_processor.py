@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from kimivl.checkpoint import CheckpointError
 from kimivl.inference.chat import generate, stream_generate
 from kimivl.inference.generate import generate_ids
 from kimivl.processing.processor import IGNORE_INDEX, KimiVLProcessor
@@ -80,6 +81,27 @@ def test_save_and_load(small_processor, tmp_path):
     msgs = [{"role": "user", "content": "What colour is the square?"}]
     assert again(msgs)["input_ids"].tolist() == small_processor(msgs)["input_ids"].tolist()
     assert again.image_processor == small_processor.image_processor
+
+
+def test_save_refuses_to_overwrite_another_models_files(small_processor, small_model, tmp_path):
+    """A Qwen-style download (config or tokenizer of another model) keeps its files; Kimi-VL's own are replaced."""
+    theirs = {"tokenizer_config.json": '{"tokenizer_class": "Qwen2TokenizerFast"}', "preprocessor_config.json": "{}"}
+    for config in ('{"model_type": "qwen2_vl"}', None):
+        d = tmp_path / f"other-{config is None}"
+        d.mkdir()
+        for name, text in {**theirs, **({"config.json": config} if config else {})}.items():
+            (d / name).write_text(text)
+        with pytest.raises(CheckpointError, match=r"not a Kimi-VL model's directory.*tokenizer_config.json"):
+            small_processor.save_pretrained(d)
+        assert {p.name: p.read_text() for p in d.iterdir() if p.name != "config.json"} == theirs
+        assert not (d / "tiktoken.model").exists()
+    model_dir = tmp_path / "model"  # a model saved first, then its processor: Kimi-VL's directory
+    small_model.save_pretrained(model_dir)
+    for _ in range(2):
+        small_processor.save_pretrained(model_dir)
+        small_processor.save_pretrained(tmp_path / "alone")  # a processor over its own earlier save
+    for d in (model_dir, tmp_path / "alone"):
+        assert KimiVLProcessor.from_pretrained(d).tokenizer.encode("a cat") == small_processor.tokenizer.encode("a cat")
 
 
 def test_generate_text_single_batched_and_streamed(small_model, small_processor):
