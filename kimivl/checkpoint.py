@@ -3,7 +3,7 @@
 
 Loading copies tensor by tensor into an already-allocated model, so a 16B checkpoint never exists twice in memory.
 Shards named by an index must lie inside the checkpoint directory; tensors whose kind (float or not) differs from
-the model's are refused, and non-finite values are reported by name.
+the model's, and float8 (quantized) tensors, are refused, and non-finite values are reported by name.
 
 Saving marks every file it writes (``WRITER`` in the safetensors metadata and in the index's metadata), so a later
 save into the same directory can tell the files of an older kimivl save, which it replaces or removes, from another
@@ -43,6 +43,10 @@ WRITER = "kimivl_checkpoint"  # metadata key marking a file (shard or index) tha
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 # The dtypes weights are loaded and saved in (those a config's torch_dtype can name).
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# Their names in safetensors headers; a float dtype of another name (F8_E4M3 ...) is a quantized checkpoint's.
+STORED_FLOATS = ("F32", "BF16", "F16", "F64")
+# torch's names of the float8 dtypes of quantized releases, by their safetensors names.
+FLOAT8_NAMES = {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu"}
 
 
 class CheckpointError(ValueError):
@@ -138,6 +142,22 @@ def _is_float(safetensors_dtype: str) -> bool:
     return safetensors_dtype.startswith(("F", "BF"))
 
 
+def check_weight_dtypes(path: str | os.PathLike, found: dict[str, tuple[str, list[int], str]]) -> None:
+    """A ``CheckpointError`` when a tensor of the checkpoint at ``path`` (headers ``found``) is stored in a float dtype
+    outside ``WEIGHT_DTYPES``: a quantized checkpoint (float8 weights), whose values mean nothing without their
+    scales, which kimivl does not apply."""
+    odd = {}
+    for k, (_, _, dtype) in sorted(found.items()):
+        if _is_float(dtype) and dtype not in STORED_FLOATS:
+            odd.setdefault(FLOAT8_NAMES.get(dtype, dtype), []).append(k)
+    if odd:
+        kinds = ", ".join(f"{name} ({len(keys)} tensors, e.g. {keys[0]})" for name, keys in odd.items())
+        raise CheckpointError(
+            f"checkpoint {os.fspath(path)} holds {kinds}: {' and '.join(odd)} weights (a quantized checkpoint) are "
+            "not supported; use the bf16 release"
+        )
+
+
 def check_tensors(
     path: str | os.PathLike,
     found: dict[str, tuple[str, list[int], str]],
@@ -147,8 +167,10 @@ def check_tensors(
     """Raise one ``CheckpointError`` listing every problem of the checkpoint at ``path`` whose headers are ``found``
     (``_read_headers``) for a model whose tensors (or views of them) are ``expected`` by name: a missing tensor, an
     unexpected one (not expected and not in ``elsewhere``, the names other ranks load), a shape that differs, and a
-    float tensor where the model holds an integer one, or the reverse."""
+    float tensor where the model holds an integer one, or the reverse; a quantized checkpoint is refused first, as
+    such (``check_weight_dtypes``)."""
     found = {k: v for k, v in found.items() if not k.endswith(IGNORED_SUFFIXES)}
+    check_weight_dtypes(path, found)
     missing = sorted(expected.keys() - found.keys())
     unexpected = sorted(found.keys() - expected.keys() - elsewhere)
     wrong = [
@@ -352,9 +374,9 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: to
     """The checkpoint at ``src`` written again to ``dst`` (a new directory, one holding an older kimivl save, or
     ``src`` itself) with its floating-point tensors in ``dtype``, file by file, so that one file is in memory at a
     time; the files keep their names and keys, and ``config.json`` is copied with ``torch_dtype`` (in ``text_config``,
-    and at the top level where the source has one) naming ``dtype``. The dtype, the source's config and the files
-    ``dst`` holds (another model's are refused) are checked before anything is written; a failed conversion removes a
-    ``dst`` that it created."""
+    and at the top level where the source has one) naming ``dtype``. The dtype, the source's config and tensor dtypes
+    (a quantized checkpoint is refused) and the files ``dst`` holds (another model's are refused) are checked before
+    anything is written; a failed conversion removes a ``dst`` that it created."""
     check_dtype(dtype)
     src, dst = os.fspath(src), os.fspath(dst)
     source_config = os.path.join(src, CONFIG)
@@ -367,7 +389,9 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: to
     config["text_config"]["torch_dtype"] = dtype_name
     if "torch_dtype" in config:
         config["torch_dtype"] = dtype_name
-    names = [os.path.relpath(f, src) for f in checkpoint_files(src)]
+    files = checkpoint_files(src)
+    check_weight_dtypes(src, _read_headers(files))
+    names = [os.path.relpath(f, src) for f in files]
     indexed = os.path.isfile(os.path.join(src, INDEX))
     created = not os.path.exists(dst)
     os.makedirs(dst, exist_ok=True)

@@ -37,6 +37,28 @@ def test_non_float_tensors_are_refused(saved, dtype):
         KimiVL.from_pretrained(saved)
 
 
+@pytest.mark.parametrize("with_scales", [False, True])
+def test_quantized_weights_are_refused_by_name(saved, tmp_path, with_scales):
+    """float8 weights were cast into the model with no scale (values 8x off, no warning); with their
+    ``weight_scale_inv`` tensors the error named only unexpected tensors. Loading and converting refuse both as a
+    quantized checkpoint, before anything is written."""
+    tensors = load_file(saved / "model.safetensors")
+    for k in [k for k in tensors if "q_proj" in k]:
+        tensors[k] = (tensors[k] * 8).to(torch.float8_e4m3fn)
+        if with_scales:
+            tensors[k + "_scale_inv"] = torch.full((1, 1), 0.125)
+    save_file(tensors, saved / "model.safetensors")
+    message = (
+        r"holds float8_e4m3fn \(4 tensors, e\.g\. language_model\.model\.layers\.0\.self_attn\.q_proj\.weight\): "
+        r"float8_e4m3fn weights \(a quantized checkpoint\) are not supported; use the bf16 release"
+    )
+    with pytest.raises(CheckpointError, match=message):
+        KimiVL.from_pretrained(saved)
+    with pytest.raises(CheckpointError, match=message):
+        ckpt.convert_checkpoint(saved, tmp_path / "out", torch.bfloat16)
+    assert not (tmp_path / "out").exists()
+
+
 def test_non_finite_values_are_named_in_a_warning(saved, caplog):
     tensors = load_file(saved / "model.safetensors")
     bad = ["language_model.lm_head.weight", "vision_tower.patch_embed.proj.bias"]
