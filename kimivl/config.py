@@ -191,7 +191,7 @@ class TextConfig:
     num_nextn_predict_layers: int = 0
     bos_token_id: int = 163584
     eos_token_id: int | list[int] = 163585
-    pad_token_id: int | None = 0  # null (as transformers writes for DeepSeek-V3) falls back to the first eos id
+    pad_token_id: int | None = 0  # null (as transformers writes for DeepSeek-V3): pad_id is the first eos id
     initializer_range: float = 0.02
     torch_dtype: str = "bfloat16"
     model_type: str = "deepseek_v3"
@@ -200,8 +200,15 @@ class TextConfig:
     def __post_init__(self):
         self.validate()
         if self.pad_token_id is None:
-            self.pad_token_id = self.eos_token_id if _is_int(self.eos_token_id) else self.eos_token_id[0]
-            log.info("text_config.pad_token_id is null: padding with the eos id %d", self.pad_token_id)
+            log.info("text_config.pad_token_id is null: padding with the eos id %d", self.pad_id)
+
+    @property
+    def pad_id(self) -> int:
+        """The id batches are padded with: ``pad_token_id``, or the first eos id where that is null (the null itself
+        is kept, and written back)."""
+        if self.pad_token_id is not None:
+            return self.pad_token_id
+        return self.eos_token_id if _is_int(self.eos_token_id) else self.eos_token_id[0]
 
     @property
     def qk_head_dim(self) -> int:
@@ -331,7 +338,7 @@ class KimiVLConfig:
     text_config: TextConfig = field(default_factory=TextConfig)
     media_placeholder_token_id: int = 163605
     ignore_index: int = -100
-    pad_token_id: int = 0
+    pad_token_id: int | None = 0
     model_type: str = "kimi_vl"
     architectures: list[str] = field(default_factory=lambda: ["KimiVLForConditionalGeneration"])
     extra: dict[str, Any] = field(default_factory=dict)
@@ -349,9 +356,8 @@ class KimiVLConfig:
             f"(vocab_size {vocab})",
         )
         _require(_is_int(self.ignore_index), f"ignore_index must be an integer, got {self.ignore_index!r}")
-        if self.pad_token_id is None:
-            self.pad_token_id = self.text_config.pad_token_id
-        _token_id("config", "pad_token_id", self.pad_token_id, vocab)
+        if self.pad_token_id is not None:  # kept null as read: padding uses text_config.pad_id
+            _token_id("config", "pad_token_id", self.pad_token_id, vocab)
         _require(
             isinstance(self.architectures, list) and all(isinstance(a, str) for a in self.architectures),
             f"architectures must be a list of strings, got {self.architectures!r}",

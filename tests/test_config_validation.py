@@ -113,16 +113,19 @@ def test_estimate_matches_the_built_models():
     assert estimated_parameters(KimiVLConfig.from_preset("kimi-vl-a3b")) < MAX_PARAMETERS
 
 
-def test_null_pad_token_id_falls_back_and_generation_works(tmp_path):
-    """transformers writes ``pad_token_id: null`` in DeepSeek-V3 text configs; the pad id falls back to the first eos
-    id, and left-padded batches generate exactly what each prompt gives alone."""
+def test_null_pad_token_id_is_kept_and_generation_pads_with_the_first_eos(tmp_path):
+    """transformers writes ``pad_token_id: null`` in DeepSeek-V3 text configs: the null is kept (a round trip writes
+    it back), padding uses the first eos id, and left-padded batches generate exactly what each prompt gives alone."""
     d = tiny_dict()
     d["text_config"]["pad_token_id"] = None
     d["pad_token_id"] = None
     (tmp_path / "config.json").write_text(json.dumps(d))
     config = KimiVLConfig.from_pretrained(tmp_path)
+    assert config.to_dict() == d and config.to_dict()["text_config"]["pad_token_id"] is None
+    config.save_pretrained(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "config.json").read_text()) == d
     first_eos = d["text_config"]["eos_token_id"][0]
-    assert config.text_config.pad_token_id == first_eos and config.pad_token_id == first_eos
+    assert config.text_config.pad_id == first_eos
     torch.manual_seed(0)
     model = KimiVL(config).eval()
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12]]
@@ -131,8 +134,9 @@ def test_null_pad_token_id_falls_back_and_generation_works(tmp_path):
     alone = [generate_ids(model, [p], params=params)[0] for p in prompts]
     assert batch == alone and all(len(row) == 6 for row in batch)
     d["text_config"]["eos_token_id"] = 3843
-    d["text_config"]["pad_token_id"] = None
-    assert KimiVLConfig.from_dict(d).text_config.pad_token_id == 3843
+    assert KimiVLConfig.from_dict(d).text_config.pad_id == 3843
+    d["text_config"]["pad_token_id"] = 7
+    assert KimiVLConfig.from_dict(d).text_config.pad_id == 7
 
 
 def test_shipped_configs_still_load_unchanged():

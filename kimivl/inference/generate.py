@@ -111,7 +111,7 @@ def stream_ids(
         )
     max_new = max(budgets)
     device = model.device
-    ids, mask = _left_pad(prompts, cfg.pad_token_id, device)
+    ids, mask = _left_pad(prompts, cfg.pad_id, device)
     padded = bool((mask == 0).any())
     shortest = min(len(p) for p in prompts)
     cache = MLACache(cfg, len(prompts), longest + max_new, dtype=model.dtype, device=device, padding=longest - shortest)
