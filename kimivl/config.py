@@ -1,7 +1,9 @@
 """Configuration dataclasses for Kimi-VL, read from and written to the official ``config.json`` schema.
 
 Unknown fields of an official file are kept in ``extra`` and written back unchanged, so a load/save round trip
-never loses information.
+never loses information. Those that other DeepSeek-V3 or transformers configs use to change the math
+(``rope_parameters``, ``rope_interleave``, ``mlp_bias``, ``head_dim``, a top-level ``tie_word_embeddings``,
+``quantization_config``) are refused unless they say what kimivl computes.
 """
 
 from __future__ import annotations
@@ -80,6 +82,28 @@ def _token_id(part: str, name: str, v: Any, vocab: int) -> None:
     _require(_is_int(v) and 0 <= v < vocab, f"{part}.{name} must be a token id in [0, vocab_size={vocab}), got {v!r}")
 
 
+def _show(v: Any) -> str:
+    return json.dumps(v, default=repr)
+
+
+def _absent_or(extra: dict[str, Any], part: str | None, name: str, implemented: bool, why: str) -> None:
+    """A field kimivl does not read (kept in ``extra``) that would change the model's math: refused unless absent or
+    ``implemented`` (null counts as false, as transformers reads it)."""
+    if name in extra:
+        v, where = extra[name], f"{part}.{name}" if part else name
+        ok = v is implemented or (v is None and implemented is False)
+        _require(ok, f"{where} {_show(v)} is not supported: {why} ({name} {_show(implemented)})")
+
+
+def _no_quantization(extra: dict[str, Any], part: str | None) -> None:
+    where = f"{part}.quantization_config" if part else "quantization_config"
+    _require(
+        extra.get("quantization_config") is None,
+        f"{where} {_show(extra.get('quantization_config'))}: quantized checkpoints are not supported; "
+        "use the bf16 release",
+    )
+
+
 @dataclass
 class VisionConfig:
     """MoonViT (``vision_config``, model_type ``moonvit``)."""
@@ -132,6 +156,11 @@ class VisionConfig:
         _ints(self, "vision_config", ("num_hidden_layers",), 1, MAX_LAYERS)
         _floats(self, "vision_config", ("layer_norm_eps", "rope_theta"), positive=True)
         _types(self, "vision_config", ("model_type",), str)
+        _require(
+            self.model_type == "moonvit",
+            f"vision_config.model_type {self.model_type!r} is not supported: kimivl implements MoonViT "
+            "(model_type 'moonvit')",
+        )
         _require(
             self.hidden_size % self.num_attention_heads == 0,
             f"vision_config.num_attention_heads ({self.num_attention_heads}) must divide "
@@ -249,6 +278,11 @@ class TextConfig:
         _types(self, part, ("norm_topk_prob", "seq_aux", "attention_bias", "tie_word_embeddings"), bool)
         _types(self, part, ("topk_method", "scoring_func", "hidden_act", "model_type", "torch_dtype"), str)
         _require(
+            self.model_type == "deepseek_v3",
+            f"text_config.model_type {self.model_type!r} is not supported: kimivl implements Kimi-VL's "
+            "DeepSeek-V3-style language model (model_type 'deepseek_v3')",
+        )
+        _require(
             self.torch_dtype in FLOAT_DTYPES,
             f"text_config.torch_dtype must name a float type ({', '.join(FLOAT_DTYPES[:4])}), got {self.torch_dtype!r}",
         )
@@ -320,14 +354,57 @@ class TextConfig:
             self.num_nextn_predict_layers == 0,
             "text_config.num_nextn_predict_layers must be 0: multi-token prediction layers are not supported",
         )
+        self._validate_extra()
+
+    def _validate_extra(self) -> None:
+        """The fields of other DeepSeek-V3 configs that kimivl does not read but that change the math: refused unless
+        they say what kimivl computes."""
+        x = self.extra
+        _absent_or(x, "text_config", "rope_interleave", True, "Kimi-VL's RoPE rotates interleaved pairs")
+        _absent_or(x, "text_config", "mlp_bias", False, "Kimi-VL's MLPs have no biases")
+        _no_quantization(x, "text_config")
+        if x.get("head_dim") is not None:
+            _require(
+                x["head_dim"] == self.qk_rope_head_dim and _is_int(x["head_dim"]),
+                f"text_config.head_dim {_show(x['head_dim'])} is not supported: a DeepSeek-V3 config's head_dim is "
+                f"the RoPE width, qk_rope_head_dim ({self.qk_rope_head_dim})",
+            )
+        if x.get("qk_head_dim") is not None:
+            _require(
+                x["qk_head_dim"] == self.qk_head_dim and _is_int(x["qk_head_dim"]),
+                f"text_config.qk_head_dim {_show(x['qk_head_dim'])} must be qk_nope_head_dim + qk_rope_head_dim "
+                f"({self.qk_head_dim})",
+            )
+        rope = x.get("rope_parameters")
+        if rope is not None:
+            plain = {"rope_type": "default", "rope_theta": self.rope_theta}
+            _require(
+                isinstance(rope, dict) and rope.keys() <= plain.keys() and rope.get("rope_type") == "default",
+                f"text_config.rope_parameters {_show(rope)} is not supported: Kimi-VL uses plain RoPE "
+                f"(rope_parameters {_show(plain)})",
+            )
+            _require(
+                rope.get("rope_theta", self.rope_theta) == self.rope_theta,
+                f"text_config.rope_parameters.rope_theta {_show(rope['rope_theta'])} disagrees with "
+                f"rope_theta {self.rope_theta}",
+            )
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TextConfig:
+        """``rope_parameters`` (what transformers 5 writes in place of ``rope_theta``) gives ``rope_theta`` where the
+        dict has none."""
+        rope = d.get("rope_parameters")
+        if "rope_theta" not in d and isinstance(rope, dict) and "rope_theta" in rope:
+            d = {**d, "rope_theta": rope["rope_theta"]}
         known, extra = _split_known(cls, d)
         return cls(**known, extra=extra)
 
     def to_dict(self) -> dict[str, Any]:
-        return _to_dict(self)
+        out = _to_dict(self)
+        rope = out.get("rope_parameters")
+        if isinstance(rope, dict) and "rope_theta" in rope:  # rope_theta may have been set since (long context)
+            out["rope_parameters"] = {**rope, "rope_theta": self.rope_theta}
+        return out
 
 
 @dataclass
@@ -358,6 +435,10 @@ class KimiVLConfig:
         _require(_is_int(self.ignore_index), f"ignore_index must be an integer, got {self.ignore_index!r}")
         if self.pad_token_id is not None:  # kept null as read: padding uses text_config.pad_id
             _token_id("config", "pad_token_id", self.pad_token_id, vocab)
+        _absent_or(
+            self.extra, None, "tie_word_embeddings", False, "Kimi-VL's lm_head and embed_tokens are separate weights"
+        )
+        _no_quantization(self.extra, None)
         _require(
             isinstance(self.architectures, list) and all(isinstance(a, str) for a in self.architectures),
             f"architectures must be a list of strings, got {self.architectures!r}",

@@ -139,6 +139,80 @@ def test_null_pad_token_id_is_kept_and_generation_pads_with_the_first_eos(tmp_pa
     assert KimiVLConfig.from_dict(d).text_config.pad_id == 7
 
 
+QUANTIZED = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
+
+
+@pytest.mark.parametrize(
+    "part,field,value,message",
+    [
+        ("text_config", "rope_interleave", False, r"text_config.rope_interleave false is not supported: .*interleaved"),
+        ("text_config", "rope_interleave", None, r"text_config.rope_interleave null is not supported"),
+        ("text_config", "mlp_bias", True, r"text_config.mlp_bias true is not supported: .*no biases"),
+        ("text_config", "head_dim", 24, r"text_config.head_dim 24 is not supported: .*qk_rope_head_dim \(8\)"),
+        ("text_config", "qk_head_dim", 16, r"text_config.qk_head_dim 16 must be .* \(24\)"),
+        (
+            "text_config",
+            "rope_parameters",
+            {"rope_type": "yarn", "factor": 4.0, "rope_theta": 50000.0},
+            r"text_config.rope_parameters .*yarn.* is not supported: Kimi-VL uses plain RoPE",
+        ),
+        (
+            "text_config",
+            "rope_parameters",
+            {"rope_type": "default", "rope_theta": 50000.0, "partial_rotary_factor": 0.5},
+            r"rope_parameters .*partial_rotary_factor.* is not supported",
+        ),
+        (
+            "text_config",
+            "rope_parameters",
+            {"rope_type": "default", "rope_theta": 10000.0},
+            r"text_config.rope_parameters.rope_theta 10000.0 disagrees with rope_theta 50000.0",
+        ),
+        ("text_config", "model_type", "deepseek_v2", r"text_config.model_type 'deepseek_v2' is not supported"),
+        ("vision_config", "model_type", "siglip", r"vision_config.model_type 'siglip' is not supported: .*MoonViT"),
+        (None, "tie_word_embeddings", True, r"^tie_word_embeddings true is not supported: .*separate weights"),
+        (None, "quantization_config", QUANTIZED, r"^quantization_config .*fp8.*: quantized checkpoints are not sup"),
+        ("text_config", "quantization_config", QUANTIZED, r"text_config.quantization_config .*: quantized checkpoi"),
+    ],
+)
+def test_fields_kimivl_does_not_read_that_would_change_the_math_are_refused(part, field, value, message):
+    """Fields of other DeepSeek-V3 or transformers configs that kimivl has no field for but that change what the model
+    computes: a value other than the one kimivl computes is refused, not kept in ``extra`` and ignored."""
+    d = tiny_dict()
+    (d[part] if part else d)[field] = value
+    with pytest.raises(ConfigError, match=message):
+        KimiVLConfig.from_dict(d)
+
+
+def test_those_fields_load_and_round_trip_when_they_say_what_kimivl_computes():
+    """What transformers writes for the model kimivl implements, and the official files' other fields, load and are
+    written back unchanged."""
+    d = tiny_dict()
+    t = d["text_config"]
+    t |= {"rope_interleave": True, "mlp_bias": False, "head_dim": 8, "qk_head_dim": 24, "quantization_config": None}
+    t |= {"rope_parameters": {"rope_type": "default", "rope_theta": 50000.0}, "rope_theta": 50000}
+    t |= {"attention_dropout": 0.0, "ep_size": 1, "pretraining_tp": 1, "use_cache": True, "pad_token_id": None}
+    d |= {"tie_word_embeddings": False, "transformers_version": "4.50.3", "auto_map": {"AutoConfig": "x.KimiVLConfig"}}
+    config = KimiVLConfig.from_dict(d)
+    assert config.to_dict() == d
+    d["text_config"]["mlp_bias"] = d["tie_word_embeddings"] = None  # null is false, as transformers reads it
+    assert KimiVLConfig.from_dict(d).to_dict() == d
+
+
+def test_rope_parameters_give_the_rope_base_where_rope_theta_is_absent():
+    """transformers 5 writes ``rope_parameters`` in place of ``rope_theta``: its base is the one RoPE uses, and the
+    config is written back with that base in both (a long-context stage that sets rope_theta changes both)."""
+    d = tiny_dict()
+    d["text_config"].pop("rope_theta")
+    d["text_config"]["rope_parameters"] = {"rope_type": "default", "rope_theta": 12345.0}
+    config = KimiVLConfig.from_dict(d)
+    assert config.text_config.rope_theta == 12345.0
+    config.text_config.rope_theta = 800000.0
+    written = config.to_dict()["text_config"]
+    assert written["rope_theta"] == written["rope_parameters"]["rope_theta"] == 800000.0
+    assert KimiVLConfig.from_dict(config.to_dict()).text_config.rope_theta == 800000.0
+
+
 def test_shipped_configs_still_load_unchanged():
     from pathlib import Path
 
