@@ -27,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from kimivl.config import KimiVLConfig
+from kimivl.config import KimiVLConfig, set_weight_dtype
 from kimivl.files import WriteError, file_mode, write_text_atomic
 from kimivl.files import write_error as _write_error
 
@@ -373,10 +373,11 @@ def save_checkpoint(
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: torch.dtype) -> None:
     """The checkpoint at ``src`` written again to ``dst`` (a new directory, one holding an older kimivl save, or
     ``src`` itself) with its floating-point tensors in ``dtype``, file by file, so that one file is in memory at a
-    time; the files keep their names and keys, and ``config.json`` is copied with ``torch_dtype`` (in ``text_config``,
-    and at the top level where the source has one) naming ``dtype``. The dtype, the source's config and tensor dtypes
-    (a quantized checkpoint is refused) and the files ``dst`` holds (another model's are refused) are checked before
-    anything is written; a failed conversion removes a ``dst`` that it created."""
+    time; the files keep their names and keys, and ``config.json`` is copied with its dtype fields naming ``dtype``
+    (``set_weight_dtype``: text_config's, and the top level's and vision_config's where the source has them). The
+    dtype, the source's config and tensor dtypes (a quantized checkpoint is refused) and the files ``dst`` holds
+    (another model's are refused) are checked before anything is written; a failed conversion removes a ``dst`` that it
+    created."""
     check_dtype(dtype)
     src, dst = os.fspath(src), os.fspath(dst)
     source_config = os.path.join(src, CONFIG)
@@ -385,10 +386,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: to
     KimiVLConfig.from_json_file(source_config)  # a ConfigError for a broken one
     with open(source_config, encoding="utf-8") as f:
         config = json.load(f)
-    dtype_name = str(dtype).removeprefix("torch.")
-    config["text_config"]["torch_dtype"] = dtype_name
-    if "torch_dtype" in config:
-        config["torch_dtype"] = dtype_name
+    set_weight_dtype(config, str(dtype).removeprefix("torch."))
     files = checkpoint_files(src)
     check_weight_dtypes(src, _read_headers(files))
     names = [os.path.relpath(f, src) for f in files]

@@ -26,6 +26,8 @@ MAX_LAYERS = 1024
 MAX_PARAMETERS = 2 * 10**12
 # torch_dtype values a checkpoint may declare (the float types torch loads weights in).
 FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64", "float", "half", "double")
+# The names a config gives the dtype of its weights under: transformers 4's and transformers 5's.
+DTYPE_KEYS = ("torch_dtype", "dtype")
 
 
 class ConfigError(ValueError):
@@ -102,6 +104,24 @@ def _no_quantization(extra: dict[str, Any], part: str | None) -> None:
         f"{where} {_show(extra.get('quantization_config'))}: quantized checkpoints are not supported; "
         "use the bf16 release",
     )
+
+
+def _dtype_fields(d: dict[str, Any]) -> list[tuple[str, Any]]:
+    """(field, value) for each dtype field of the config dict ``d`` that names one (``DTYPE_KEYS``, null ones left
+    out): text_config's first, then the top level's, then vision_config's."""
+    parts = (("text_config.", d["text_config"]), ("", d), ("vision_config.", d["vision_config"]))
+    return [(where + key, part[key]) for where, part in parts for key in DTYPE_KEYS if part.get(key) is not None]
+
+
+def set_weight_dtype(d: dict[str, Any], name: str) -> None:
+    """Make the config dict ``d`` say its weights are stored in ``name`` (``"float32"``): ``text_config.torch_dtype``,
+    and every other dtype field ``d`` has (the top level's, vision_config's; ``torch_dtype`` or ``dtype``), so that the
+    config never contradicts itself (transformers' ``torch_dtype="auto"`` reads the top-level one)."""
+    d["text_config"]["torch_dtype"] = name
+    for part in (d, d["text_config"], d["vision_config"]):
+        for key in DTYPE_KEYS:
+            if key in part:
+                part[key] = name
 
 
 @dataclass
@@ -453,9 +473,26 @@ class KimiVLConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> KimiVLConfig:
+        """The weights' dtype is ``text_config.torch_dtype``; where that is absent or null, the first of
+        ``text_config.dtype``, the top level's ``torch_dtype`` or ``dtype`` and vision_config's that names one."""
         _require(isinstance(d, dict), f"a config must be a JSON object, got {type(d).__name__}")
         for part in ("vision_config", "text_config"):
             _require(isinstance(d.get(part), dict), f"config.json has no {part} object")
+        declared = _dtype_fields(d)
+        for where, name in declared:
+            _require(
+                name in FLOAT_DTYPES,
+                f"{where} must name a float type ({', '.join(FLOAT_DTYPES[:4])}), got {_show(name)}",
+            )
+        if declared and d["text_config"].get("torch_dtype") is None:
+            d = {**d, "text_config": {**d["text_config"], "torch_dtype": declared[0][1]}}
+        if len({name for _, name in declared}) > 1:
+            log.warning(
+                "config.json names different dtypes for its weights (%s): taking %s, as %s says",
+                ", ".join(f"{where} {name}" for where, name in declared),
+                declared[0][1],
+                declared[0][0],
+            )
         known, extra = _split_known(cls, d)
         return cls(**known, extra=extra)
 
@@ -464,6 +501,12 @@ class KimiVLConfig:
         out["vision_config"] = self.vision_config.to_dict()
         out["text_config"] = self.text_config.to_dict()
         return out
+
+    def with_weight_dtype(self, name: str) -> KimiVLConfig:
+        """A copy whose every dtype field names ``name`` (``set_weight_dtype``)."""
+        d = self.to_dict()
+        set_weight_dtype(d, name)
+        return KimiVLConfig.from_dict(d)
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> KimiVLConfig:

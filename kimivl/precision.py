@@ -97,8 +97,10 @@ def physical_memory() -> int | None:
 
 
 def stored_dtype(config: KimiVLConfig) -> torch.dtype:
-    """The dtype a checkpoint's weights are stored in: its config's ``torch_dtype`` (bfloat16 when it names none)."""
-    return getattr(torch, config.text_config.torch_dtype, torch.bfloat16)
+    """The dtype a checkpoint's weights are stored in: its config's ``text_config.torch_dtype``, which
+    ``KimiVLConfig.from_dict`` takes from the top level's ``torch_dtype`` or ``dtype`` where text_config names none
+    (bfloat16 where no field names one)."""
+    return getattr(torch, config.text_config.torch_dtype)
 
 
 def held_dtype(stored: torch.dtype, device: str | torch.device, requested: torch.dtype | None = None) -> torch.dtype:

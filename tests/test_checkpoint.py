@@ -1,6 +1,7 @@
 """Saving and loading the official safetensors layout: round trips, sharding, dtypes, and every bad case."""
 
 import json
+import logging
 import os
 
 import pytest
@@ -95,6 +96,52 @@ def test_the_config_names_the_dtype_the_files_hold(tiny_model, tmp_path):
         assert json.loads((tmp_path / name / "config.json").read_text())["text_config"]["torch_dtype"] == name
         assert KimiVL.from_pretrained(tmp_path / name).dtype == getattr(torch, name)
     assert tiny_model.config.text_config.torch_dtype == "bfloat16"  # the model's own config is left alone
+
+
+def test_every_dtype_field_of_a_saved_config_names_the_dtype_saved(tiny_model, tmp_path):
+    """An official config also names the dtype at the top level and in vision_config (transformers' ``"auto"`` reads
+    the top-level one): a float32 save left those saying bfloat16."""
+    tiny_model.save_pretrained(tmp_path / "official", dtype=torch.bfloat16)
+    config = json.loads((tmp_path / "official" / "config.json").read_text())
+    config["vision_config"]["torch_dtype"] = config["torch_dtype"] = config["dtype"] = "bfloat16"
+    (tmp_path / "official" / "config.json").write_text(json.dumps(config))
+    model = KimiVL.from_pretrained(tmp_path / "official", dtype=torch.float32)
+    model.save_pretrained(tmp_path / "f32")
+    saved = json.loads((tmp_path / "f32" / "config.json").read_text())
+    dtypes = [saved["torch_dtype"], saved["dtype"], saved["vision_config"]["torch_dtype"]]
+    assert dtypes + [saved["text_config"]["torch_dtype"]] == ["float32"] * 4
+    assert "dtype" not in saved["text_config"] and "dtype" not in saved["vision_config"]
+    assert all(t.dtype == torch.float32 for t in load_file(tmp_path / "f32" / "model.safetensors").values())
+    assert model.config.to_dict()["torch_dtype"] == "bfloat16"  # the model's own config is left alone
+
+
+@pytest.mark.parametrize("declared", ["top-level torch_dtype", "transformers 5 dtype"])
+def test_a_dtype_named_only_at_the_top_level_is_the_stored_one(tiny_model, tmp_path, declared):
+    """A float32 checkpoint whose text_config names no dtype loaded in bfloat16 (rounded) although the top level said
+    float32; it loads in float32, exactly."""
+    tiny_model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["text_config"]["torch_dtype"]
+    if declared == "top-level torch_dtype":
+        config["torch_dtype"] = "float32"
+    else:
+        config["dtype"] = config["text_config"]["dtype"] = "float32"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = KimiVL.from_pretrained(tmp_path)
+    assert loaded.dtype == torch.float32
+    for (k, a), b in zip(tiny_model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_a_config_naming_different_dtypes_is_read_by_text_config_with_a_warning(tiny_model, tmp_path, caplog):
+    """What kimivl's own float32 saves wrote before every dtype field was kept in step: text_config float32, the top
+    level bfloat16. text_config's is the weights' dtype, and the contradiction is named."""
+    tiny_model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "torch_dtype": "bfloat16"}))
+    with caplog.at_level(logging.WARNING, logger="kimivl.config"):
+        assert KimiVL.from_pretrained(tmp_path).dtype == torch.float32
+    assert "different dtypes for its weights (text_config.torch_dtype float32, torch_dtype bfloat16)" in caplog.text
 
 
 def test_a_model_held_in_bf16_saves_and_reloads_in_bf16(tiny_model, tmp_path):

@@ -342,13 +342,19 @@ def test_a_failed_conversion_removes_the_directory_it_created(tiny_model, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
-def test_a_conversion_names_its_dtype_at_the_top_level_too(tiny_model, tmp_path):
+def test_a_conversion_names_its_dtype_in_every_dtype_field(tiny_model, tmp_path):
+    """The top level's and vision_config's dtype fields (``torch_dtype``, or transformers 5's ``dtype``) too: a
+    converted config that still said float32 there contradicted itself."""
     tiny_model.save_pretrained(tmp_path / "src")
     config = json.loads((tmp_path / "src" / "config.json").read_text())
-    (tmp_path / "src" / "config.json").write_text(json.dumps({**config, "torch_dtype": "float32"}))
+    config["vision_config"] |= {"torch_dtype": "float32", "dtype": "float32"}
+    (tmp_path / "src" / "config.json").write_text(json.dumps({**config, "torch_dtype": "float32", "dtype": "float32"}))
     ckpt.convert_checkpoint(tmp_path / "src", tmp_path / "out", torch.bfloat16)
     converted = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert converted["torch_dtype"] == converted["text_config"]["torch_dtype"] == "bfloat16"
+    parts = (converted, converted["vision_config"])
+    fields = [part[k] for part in parts for k in ("torch_dtype", "dtype")] + [converted["text_config"]["torch_dtype"]]
+    assert fields == ["bfloat16"] * 5
+    assert "dtype" not in converted["text_config"]  # fields the source lacks are not added
 
 
 def test_saved_files_that_are_symlinks_are_replaced_and_their_targets_left_alone(tiny_model, small_processor, tmp_path):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 import shutil
 from dataclasses import dataclass
@@ -150,16 +149,15 @@ class KimiVL(nn.Module):
         return model.eval()
 
     def stored_config(self, dtype: torch.dtype | None = None) -> KimiVLConfig:
-        """The config to write beside weights saved in ``dtype`` (None: as held): its ``torch_dtype`` names that dtype
-        (the widest held outside the routers, which are held in at least float32 whatever the model's dtype), which
-        is what ``from_pretrained`` loads them in."""
+        """The config to write beside weights saved in ``dtype`` (None: as held): its ``torch_dtype`` fields (in
+        text_config, and the top level's and vision_config's where it has them) name that dtype (the widest held
+        outside the routers, which are held in at least float32 whatever the model's dtype), which is what
+        ``from_pretrained`` loads them in."""
         routers = [m for m in self.modules() if isinstance(m, Router)]
         router_tensors = {id(t) for r in routers for t in (r.weight, r.e_score_correction_bias)}
         tensors = [*self.parameters(), *self.buffers()]
         held = (t.dtype for t in tensors if t.is_floating_point() and id(t) not in router_tensors)
-        config = copy.deepcopy(self.config)
-        config.text_config.torch_dtype = str(dtype or max(held, key=lambda d: d.itemsize)).removeprefix("torch.")
-        return config
+        return self.config.with_weight_dtype(str(dtype or max(held, key=lambda d: d.itemsize)).removeprefix("torch."))
 
     def save_pretrained(
         self, path: str | os.PathLike, *, max_shard_bytes: int = 5 * 2**30, dtype: torch.dtype | None = None, **frozen
