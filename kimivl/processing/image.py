@@ -40,7 +40,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from kimivl.files import write_text_atomic
-from kimivl.processing.data_url import data_url_bytes
+from kimivl.processing.data_url import data_url_bytes, is_data_url
 
 CONFIG_FILE = "preprocessor_config.json"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -48,8 +48,13 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_GRID_SIDE = 512
 MAX_PIXELS = 1 << 26  # decoded-size cap per image (and per video frame) against decompression bombs
 # Encoded formats decoded at all: other Pillow plugins (EPS runs Ghostscript, and many are rarely used) never see
-# the bytes of an image that may come from an untrusted client.
-FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF", "ICO")
+# the bytes of an image that may come from an untrusted client. ICO is left out: Pillow decodes an icon's embedded
+# PNG, whatever its size, while reading the header, before any pixel limit can be checked.
+FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF")
+# Pillow refuses an encoded image over twice its MAX_IMAGE_PIXELS (about 179M pixels) as a decompression bomb while
+# reading the header; max_pixels cannot raise that ceiling (Pillow's limit is a global, shared by every thread).
+PILLOW_CEILING = 2 * Image.MAX_IMAGE_PIXELS
+MAX_NAME = 200  # characters of a path kept in messages
 UNIT_TOLERANCE = 1e-3  # how far outside [0, 1] a float pixel may stray (rounding) before the image is refused
 BACKGROUNDS = {"black": (0, 0, 0), "white": (255, 255, 255), None: None}
 READ_CHUNK = 1 << 20
@@ -79,11 +84,17 @@ def source_size(img: Image.Image) -> tuple[int, int]:
     return img.size
 
 
+def short_name(path: str | os.PathLike) -> str:
+    """A path as messages name it: in full up to ``MAX_NAME`` characters, else its start and its length."""
+    text = str(path)
+    return text if len(text) <= MAX_NAME else f"{text[:MAX_NAME]}... ({len(text)} characters)"
+
+
 def _describe(image: Any) -> str:
-    if isinstance(image, str) and image.startswith("data:"):
+    if is_data_url(image):
         return f"<data: URL of {len(image)} characters>"
     if isinstance(image, (str, os.PathLike)):
-        return str(image)
+        return short_name(image)
     if isinstance(image, (bytes, bytearray)):
         return f"<{len(image)} bytes>"
     if isinstance(image, np.ndarray):
@@ -163,20 +174,21 @@ def to_rgb(img: Image.Image, background: str | None = "black") -> Image.Image:
     an ImageError).
     """
     mode = img.mode
-    if mode == "RGB":
+    if mode == "RGB" and "transparency" not in img.info:
         return img
     if mode.startswith("I"):
         a = np.asarray(img.convert("I"), dtype=np.float64) if mode != "I" else np.asarray(img, dtype=np.float64)
         return Image.fromarray(np.round(np.clip(a, 0, 65535) / 257).astype(np.uint8)).convert("RGB")
     if mode == "F":
         return Image.fromarray(_unit_to_bytes(np.asarray(img))).convert("RGB")
-    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info)
+    if mode in ("RGBa", "La"):  # premultiplied alpha: Pillow converts these only to their plain forms
+        img = img.convert(mode.upper())
+    # a colour key (a PNG tRNS chunk, a GIF's transparent index: info["transparency"]) is alpha in any mode
+    has_alpha = img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info
     if has_alpha and BACKGROUNDS[background] is not None:
         rgba = img.convert("RGBA")
         canvas = Image.new("RGBA", img.size, BACKGROUNDS[background] + (255,))
         return Image.alpha_composite(canvas, rgba).convert("RGB")
-    if mode in ("RGBa", "La"):
-        img = img.convert(mode.upper())
     return img.convert("RGB")
 
 
@@ -261,7 +273,7 @@ class ImageProcessor:
             img = _from_array(image, name)
         elif isinstance(image, Image.Image):
             img = image
-        elif isinstance(image, str) and image.startswith("data:"):
+        elif is_data_url(image):
             try:
                 data = data_url_bytes(image)
             except ValueError as e:
@@ -336,7 +348,8 @@ class ImageProcessor:
             if w * h > self.max_pixels:
                 raise ImageError(
                     f"image {name} is {w}x{h} = {w * h} pixels, over max_pixels={self.max_pixels} "
-                    "(a decompression bomb or a very large scan; raise max_pixels to allow it)"
+                    f"(a decompression bomb or a very large scan; raise max_pixels to allow it, up to {PILLOW_CEILING} "
+                    "for an encoded image)"
                 )
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -344,7 +357,10 @@ class ImageProcessor:
         except ImageError:
             raise
         except Image.DecompressionBombError as e:
-            raise ImageError(f"image {name} looks like a decompression bomb: {e}") from None
+            raise ImageError(
+                f"image {name} looks like a decompression bomb: {e} (Pillow's ceiling for an encoded image, which "
+                "max_pixels cannot raise; send it scaled down, or as an array)"
+            ) from None
         except (OSError, ValueError, SyntaxError, EOFError) as e:
             raise ImageError(f"cannot decode image {name}: {e}") from None
         return img

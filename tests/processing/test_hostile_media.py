@@ -5,6 +5,7 @@ import io
 import json
 import math
 import os
+import struct
 import threading
 import time
 
@@ -111,10 +112,29 @@ def test_formats_outside_the_allow_list_never_reach_their_plugin(tmp_path, monke
             ImageProcessor().load(source)
     with pytest.raises(ImageError, match=r"does not start like an image in an accepted format \(PNG, JPEG"):
         ImageProcessor().load(str(fifo))
-    for fmt in ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF", "ICO"):  # the accepted ones still decode
+    for fmt in ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF"):  # the accepted ones still decode
         buf = io.BytesIO()
         Image.new("RGB", (16, 16), (250, 0, 0)).save(buf, fmt)
         assert ImageProcessor().load(buf.getvalue()).getpixel((8, 8))[0] > 240, fmt
+
+
+def test_an_icon_is_refused_before_pillow_decodes_its_embedded_png(monkeypatch):
+    from PIL import IcoImagePlugin, PngImagePlugin
+
+    embedded = io.BytesIO()
+    Image.new("RGBA", (300, 200), (250, 0, 0, 255)).save(embedded, "PNG")  # an icon's PNG may be any size
+    png = embedded.getvalue()
+    icon = struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 16, 16, 0, 0, 1, 32, len(png), 22) + png
+    with pytest.warns(UserWarning, match="not the expected size"):  # Pillow decodes the PNG as it opens the icon
+        assert Image.open(io.BytesIO(icon)).size == (300, 200)
+
+    def never(*args, **kwargs):
+        raise AssertionError("an icon was opened: Pillow decodes its embedded PNG while reading the header")
+
+    monkeypatch.setattr(IcoImagePlugin.IcoImageFile, "_open", never)
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", never)
+    with pytest.raises(ImageError, match=r"looks like ICO, a format not accepted here; send one of PNG, JPEG"):
+        ImageProcessor(max_pixels=100).load(icon)
 
 
 def test_huge_sparse_file_is_refused_from_its_size(tmp_path):

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image, PngImagePlugin
 
+from kimivl.processing.data_url import data_url_bytes
 from kimivl.processing.image import (
     CLIP_MEAN,
     CLIP_STD,
@@ -123,6 +124,46 @@ def test_a_bad_data_url_is_named():
         proc("data:image/png,abc")
 
 
+def test_data_urls_are_read_as_browsers_read_them():
+    data = encoded(photo(30, 20), "PNG")
+    text = base64.b64encode(data).decode()
+    assert len(data) % 3 and "=" in text  # so that leaving the padding out is tested
+    safe = base64.urlsafe_b64encode(data).decode()
+    assert safe != text  # so that the URL-safe alphabet is tested
+    want = np.asarray(ImageProcessor().load(data))
+    variants = [
+        "data:image/png;base64," + base64.encodebytes(data).decode(),  # wrapped at 76 columns
+        "data:image/png;base64," + base64.encodebytes(data).decode().replace("\n", "\r\n"),
+        "data:image/png;base64," + text.rstrip("="),
+        "data:image/png;base64," + safe,
+        "data:image/png;BASE64," + text,
+        "data:image/png; base64 ," + text,
+        " \nDATA:image/png;base64," + text,
+    ]
+    for url in variants:
+        np.testing.assert_array_equal(np.asarray(ImageProcessor().load(url)), want, err_msg=url[:30])
+    for garbage, words in (
+        ("data:image/png;base64," + text[:-3] + "!" + text[-2:], "not valid base64"),
+        ("data:image/png;base64,QUJDR", "not valid base64 \\(its length is one past a whole block\\)"),
+        ("data:image/png;base64x," + text, "must be 'data:<mime type>;base64,<data>'"),
+    ):
+        with pytest.raises(ImageError, match=words):
+            ImageProcessor().load(garbage)
+    with pytest.raises(ValueError, match="over the limit of 100 bytes"):  # before decoding, whitespace not counted
+        data_url_bytes("data:;base64," + base64.encodebytes(data).decode(), max_bytes=100)
+    assert data_url_bytes("data:;base64," + base64.encodebytes(data).decode(), max_bytes=len(data)) == data
+
+
+def test_messages_name_a_long_input_by_its_start_and_length():
+    url = "DATA:image/png;base64," + "A" * 2_000_000  # a data: URL in capitals: read as one, not as a path
+    with pytest.raises(ImageError, match=r"^cannot decode image <data: URL of 2000022 characters>: not in") as e:
+        ImageProcessor().load(url)
+    path = "/no/such/dir/" + "x" * 100_000
+    with pytest.raises(ImageError, match=r"^cannot read image file /no/such/dir/x+\.\.\. \(100013 characters\): ") as e:
+        ImageProcessor().load(path)
+    assert len(str(e.value)) < 400
+
+
 def test_batch_concatenates_in_order():
     imgs = [photo(100, 50), photo(28, 56, seed=2), photo(60, 60, seed=4)]
     proc = ImageProcessor()
@@ -189,6 +230,8 @@ def _mode_image(mode: str) -> tuple[Image.Image, tuple, tuple]:
         "RGBA": ((200, 100, 50, 255), (200, 100, 50), (200, 100, 50)),
         "RGBA-half": ((200, 100, 50, 102), (80, 40, 20), (233, 193, 173)),
         "LA": ((100, 0), (0, 0, 0), (255, 255, 255)),
+        "La": ((40, 102), (40,) * 3, (193,) * 3),  # premultiplied: 100 at 40% opacity
+        "RGBa": ((80, 40, 20, 102), (80, 40, 20), (233, 193, 173)),
         "CMYK": ((0, 0, 0, 0), (255, 255, 255), (255, 255, 255)),
         "YCbCr": ((128, 128, 128), (128, 128, 128), (128, 128, 128)),
         "I;16": (25700, (100,) * 3, (100,) * 3),
@@ -200,13 +243,27 @@ def _mode_image(mode: str) -> tuple[Image.Image, tuple, tuple]:
 
 
 @pytest.mark.parametrize(
-    "mode", ["L", "1", "P", "P+transparency", "RGBA", "RGBA-half", "LA", "CMYK", "YCbCr", "I;16", "I", "F"]
+    "mode",
+    ["L", "1", "P", "P+transparency", "RGBA", "RGBA-half", "LA", "La", "RGBa", "CMYK", "YCbCr", "I;16", "I", "F"],
 )
 def test_every_mode(mode):
     im, black, white = _mode_image(mode)
     for background, expect in (("black", black), ("white", white)):
         got = pixel(ImageProcessor(background=background)(im)["pixel_values"], 2, 3, 3)
         np.testing.assert_allclose(got, normalised(expect), atol=1.01 / 255 / STD.min())
+
+
+@pytest.mark.parametrize("mode, key", [("RGB", (255, 255, 255)), ("L", 255)])
+def test_a_colour_key_is_transparency(mode, key):
+    im = Image.new(mode, (16, 16), key)  # a dot on a background of the transparent colour (a PNG tRNS chunk)
+    im.putpixel((5, 5), (200, 0, 0) if mode == "RGB" else 90)
+    buf = io.BytesIO()
+    im.save(buf, "PNG", transparency=key)
+    dot = [200, 0, 0] if mode == "RGB" else [90] * 3
+    for background, colour in (("black", [0] * 3), ("white", [255] * 3)):
+        out = ImageProcessor(background=background).load(buf.getvalue())
+        assert list(out.getpixel((0, 0))) == colour and list(out.getpixel((5, 5))) == dot, background
+    assert ImageProcessor(background=None).load(buf.getvalue()).getpixel((0, 0)) == (255, 255, 255)
 
 
 def test_alpha_dropped_when_background_none():
@@ -253,7 +310,7 @@ def test_bad_images(tmp_path):
     empty = tmp_path / "empty.png"
     empty.write_bytes(b"")
     cases = [
-        (b"definitely not an image", r"<23 bytes>: not in an accepted format \(PNG, JPEG, GIF, WEBP, BMP, TIFF, ICO\)"),
+        (b"definitely not an image", r"<23 bytes>: not in an accepted format \(PNG, JPEG, GIF, WEBP, BMP, TIFF\)"),
         (jpeg[: len(jpeg) // 2], "cannot decode"),  # truncated JPEG
         (b"", "empty"),
         (str(empty), "empty"),
@@ -272,6 +329,14 @@ def test_bad_images(tmp_path):
         proc(b"x" * 100)
     with pytest.raises(ImageError, match="over max_pixels"):
         ImageProcessor(max_pixels=100)(photo(20, 20))
+    # Pillow refuses an encoded image over its own ceiling (about 179M pixels) first; the message says max_pixels
+    # cannot raise it, and the one for max_pixels says how far it can be raised
+    ceiling = 2 * Image.MAX_IMAGE_PIXELS
+    with pytest.raises(ImageError, match=f"raise max_pixels to allow it, up to {ceiling} for an encoded image"):
+        ImageProcessor(max_pixels=1 << 26)(png_header_only(9000, 9000))
+    assert ceiling < 15000 * 15000 < 1 << 28
+    with pytest.raises(ImageError, match="Pillow's ceiling for an encoded image, which max_pixels cannot raise"):
+        ImageProcessor(max_pixels=1 << 28)(png_header_only(15000, 15000))
     assert issubclass(ImageError, ValueError)
 
 
