@@ -3,10 +3,10 @@
 Messages are dicts ``{"role": "system"|"user"|"assistant", "content": str | list[part]}``. A part is
 ``{"type": "text", "text": str}``, ``{"type": "image", "image": <path | bytes | PIL image | array>}`` (``"image_url"``
 or ``"url"`` are accepted in place of ``"image"``), or ``{"type": "video", "video": <path | bytes | file>,
-"fps": 1.0, "max_frames": 64, "max_decoded": None, "max_frame_pixels": 2**26}`` which is decoded and written as
-timestamped frames (see ``kimivl.processing.video``), or ``{"type": "video", "frames": [images], "timestamps":
-[seconds]}`` for frames sampled beforehand (timestamps may be an array; without them, one frame a second). Numbers
-may be numpy's.
+"fps": 1.0, "max_frames": 64, "max_decoded": None, "max_frame_pixels": 2**26, "max_decoded_pixels": None}`` which is
+decoded and written as timestamped frames (see ``kimivl.processing.video``), or ``{"type": "video", "frames":
+[images], "timestamps": [seconds]}`` for frames sampled beforehand (timestamps may be an array; without them, one
+frame a second). Numbers may be numpy's.
 """
 
 from __future__ import annotations
@@ -77,6 +77,7 @@ def _video_parts(part: dict, where: str, image_processor: ImageProcessor | None)
         max_decoded=part.get("max_decoded"),
         max_frame_pixels=part.get("max_frame_pixels", MAX_PIXELS),
         image_processor=image_processor,
+        max_decoded_pixels=part.get("max_decoded_pixels"),
     )
     return frames_to_parts(frames, times)
 

@@ -26,7 +26,7 @@ from typing import Any, BinaryIO
 import numpy as np
 from PIL import Image
 
-from kimivl.processing.image import MAX_PIXELS, ImageError, ImageProcessor, mark_source_size
+from kimivl.processing.image import MAX_PIXELS, ImageError, ImageProcessor, mark_source_size, short_name
 
 DEFAULT_FPS = 1.0
 DEFAULT_MAX_FRAMES = 64
@@ -81,7 +81,7 @@ def frames_to_parts(frames: list, timestamps: Any = None) -> list[dict]:
 
 def _describe(source: Any) -> str:
     if isinstance(source, (str, os.PathLike)):
-        return str(source)
+        return short_name(source)
     if isinstance(source, (bytes, bytearray)):
         return f"<{len(source)} bytes>"
     return f"<{type(source).__name__}>"
@@ -180,6 +180,7 @@ def load_video(
     max_decoded: int | None = None,
     max_frame_pixels: int = MAX_PIXELS,
     image_processor: ImageProcessor | None = None,
+    max_decoded_pixels: int | None = None,
 ) -> tuple[list[Image.Image], list[float]]:
     """Decode ``source`` and sample frames at ``fps``; more than ``max_frames`` samples are thinned uniformly.
 
@@ -190,8 +191,9 @@ def load_video(
     at ``fps`` to its end, holding at most ``2 * max_frames`` samples (every other one is dropped, and then every other
     sample is skipped, whenever they reach that), then thinned. A video whose frames are over ``max_frame_pixels`` (the
     image processor's ``max_pixels``), or too elongated for it, is a ``VideoError`` before any frame is decoded. With
-    ``max_decoded``, a video with more frames to decode is a ``VideoError`` (a server's bound on the work one request
-    can ask for).
+    ``max_decoded``, a video with more frames to decode is a ``VideoError``, and with ``max_decoded_pixels``, one
+    whose decoded frames hold more pixels (frames x width x height, counted as they are decoded: every frame up to
+    the last sample is decoded, sampled or not); a server's bounds on the work one request can ask for.
     """
     import av
 
@@ -200,6 +202,8 @@ def load_video(
     max_frame_pixels = _positive(max_frame_pixels, "max_frame_pixels", int)
     if max_decoded is not None:
         max_decoded = _positive(max_decoded, "max_decoded", int)
+    if max_decoded_pixels is not None:
+        max_decoded_pixels = _positive(max_decoded_pixels, "max_decoded_pixels", int)
     processor = image_processor or ImageProcessor()
     name = _describe(source)
     if isinstance(source, (bytes, bytearray)):
@@ -238,6 +242,7 @@ def load_video(
         prev = None
 
         every, sampled, last = 1, 0, None  # unknown duration: keep one sample in `every`
+        decoded = 0  # pixels decoded so far
 
         def take(frame, t):
             nonlocal every, sampled, last
@@ -265,6 +270,13 @@ def load_video(
                         "or frames sampled from it"
                     )
                 check_size(frame.width, frame.height)  # a stream may change size midway
+                decoded += frame.width * frame.height
+                if max_decoded_pixels is not None and decoded > max_decoded_pixels:
+                    raise VideoError(
+                        f"video {name} has more than max_decoded_pixels={max_decoded_pixels} pixels to decode (frames "
+                        f"x width x height: frame {i + 1}, of {frame.width}x{frame.height}, passes it); send a shorter "
+                        "or smaller clip, or frames sampled from it"
+                    )
                 t = frame.time - start if frame.time is not None else i / rate
                 if not math.isfinite(t):
                     raise VideoError(f"video {name}: frame {i} has no usable timestamp ({t})")

@@ -76,6 +76,18 @@ def test_a_bound_on_decoded_frames():
     assert load_video(video, max_decoded=25)[1] == [0.0, 1.0, 2.0, 3.0, 4.0]
 
 
+def test_a_bound_on_decoded_pixels_counts_every_decoded_frame():
+    video = make_video(n=25, rate=5, fmt="m4v", w=64, h=48)  # 5 s of 64x48 frames, all decoded for 5 samples
+    with pytest.raises(VideoError, match=r"more than max_decoded_pixels=61440 pixels to decode .*frame 21, of 64x48"):
+        load_video(video, max_decoded_pixels=20 * 64 * 48)
+    assert load_video(video, max_decoded_pixels=25 * 64 * 48)[1] == [0.0, 1.0, 2.0, 3.0, 4.0]
+    part = {"type": "video", "video": video, "max_decoded_pixels": 20 * 64 * 48}  # as a chat part too
+    with pytest.raises(VideoError, match="max_decoded_pixels=61440"):
+        apply_chat_template([{"role": "user", "content": [part]}])
+    with pytest.raises(VideoError, match="need max_decoded_pixels > 0"):
+        load_video(video, max_decoded_pixels=0)
+
+
 def test_libx264():
     frames, times = load_video(make_video(codec="libx264"))
     assert times == [0.0, 1.0, 2.0] and levels(frames) == [0, 10, 20]
