@@ -15,6 +15,7 @@ import math
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import torch
 from fastapi import FastAPI, Request
@@ -150,8 +151,10 @@ def create_app(
                     status=404,
                     code="model_not_found",
                 )
-            chat = parse_chat_request(body, limits)
-            encoded = await asyncio.get_running_loop().run_in_executor(encoder, _encode, engine, chat, context)
+            # off the event loop: checking the media headers, and decoding data: URLs, takes time
+            chat, encoded = await asyncio.get_running_loop().run_in_executor(
+                encoder, _parse_and_encode, engine, body, limits, context
+            )
         except RequestError as e:
             return _error(e)
         except ClientDisconnect:  # gone while sending its body: nobody to answer
@@ -234,6 +237,11 @@ def _deliver(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, event: tuple
         loop.call_soon_threadsafe(queue.put_nowait, event)
     except RuntimeError:
         pass
+
+
+def _parse_and_encode(engine: Engine, body: Any, limits: Limits, context: int) -> tuple[ChatRequest, Any]:
+    chat = parse_chat_request(body, limits)
+    return chat, _encode(engine, chat, context)
 
 
 def _encode(engine: Engine, chat: ChatRequest, context: int):

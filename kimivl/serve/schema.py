@@ -4,7 +4,9 @@ Every problem is a ``RequestError`` with the HTTP status, a message naming the f
 (``param``), as the OpenAI API reports errors. Images come as ``data:`` URLs (base64); a local path or ``file://`` URL
 only under ``allowed_local_media_path``; remote URLs never. A video is a ``video`` (or ``video_url``) part holding a
 list of frames, each an image URL as above (with ``timestamps`` in seconds, or ``fps``, default 1), or one
-``data:video/...`` URL that is decoded and sampled at ``fps`` (``kimivl.processing.video``).
+``data:video/...`` URL that is decoded and sampled at ``fps`` (``kimivl.processing.video``). A request's bounds on
+video frames (sent and sampled together), decoded frames and decoded pixels are shared evenly among its ``data:video``
+URLs, each given its share before any is decoded.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 from PIL import Image
 
 from kimivl.inference.sampling import MAX_SEED
-from kimivl.processing.data_url import data_url_bytes
+from kimivl.processing.data_url import data_url_bytes, is_data_url
 from kimivl.processing.image import ImageError, open_image
 
 
@@ -42,7 +44,10 @@ class Limits:
     max_image_bytes: int = 20 << 20
     max_image_pixels: int = 1 << 24
     max_frames: int = 64  # video frames per request, on top of max_images
-    max_decoded_frames: int = 9000  # frames decoded per data:video URL (5 minutes at 30 fps)
+    # decoding work per request, shared by its data:video URLs: frames (5 minutes at 30 fps) and pixels (frames x width
+    # x height: 5 minutes of 720p at 30 fps, 2.5 minutes of 1080p)
+    max_decoded_frames: int = 9000
+    max_decoded_pixels: int = 9000 * 1280 * 720
     allowed_local_media_path: str | None = None
     # LM tokens of an image of (width, height), from its header: a request whose images alone overflow the context
     # is refused before any is decoded (``ImageProcessor.image_tokens``; None: not checked here)
@@ -67,8 +72,9 @@ class _Used:
     """What a request's parts have taken so far, against ``Limits``: images, video frames, and images' LM tokens."""
 
     images: int = 0
-    frames: int = 0
+    frames: int = 0  # each data:video URL counts one here, its share of the rest is given at the end
     tokens: int = 0
+    videos: list[dict] = field(default_factory=list)  # the data:video parts, given their shares at the end
 
 
 def _is_int(v: Any) -> bool:
@@ -101,7 +107,7 @@ def _image_bytes(url: Any, where: str, limits: Limits, used: _Used) -> bytes:
         url = url.get("url")
     if not isinstance(url, str) or not url:
         raise RequestError(f"{where}: image_url must be {{'url': 'data:image/...;base64,...'}}", where)
-    if url.startswith("data:"):
+    if is_data_url(url):
         try:
             data = data_url_bytes(url, limits.max_image_bytes)
         except ValueError as e:
@@ -177,22 +183,17 @@ def _video(part: dict, kind: str, at: str, limits: Limits, used: _Used) -> dict:
         _refuse_unknown(source, ("url",), f"{at}.{kind}", kind)
         source = source.get("url")
     fps = _number(part, "fps", 1.0, 0.0, 120.0, lo_open=True)
-    if isinstance(source, str) and source.startswith("data:video/"):
-        used.frames += 1
+    if is_data_url(source, "video/"):
+        used.frames += 1  # at least one frame; the rest of its share is given by _share_video_budgets
         if used.frames > limits.max_frames:
             raise RequestError(f"more than {limits.max_frames} video frames in one request (the limit)", "messages")
         try:
             data = data_url_bytes(source)
         except ValueError as e:
             raise RequestError(f"{at}: {e}", at) from None
-        return {
-            "type": "video",
-            "video": data,
-            "fps": fps,
-            "max_frames": limits.max_frames - used.frames + 1,
-            "max_decoded": limits.max_decoded_frames,
-            "max_frame_pixels": limits.max_image_pixels,
-        }
+        video = {"type": "video", "video": data, "fps": fps, "max_frame_pixels": limits.max_image_pixels}
+        used.videos.append(video)
+        return video
     if not isinstance(source, list) or not source:
         raise RequestError(
             f"{at}: a {kind} part needs {kind!r}: a non-empty list of frame URLs (data:image/...) or a data:video/ URL",
@@ -208,6 +209,21 @@ def _video(part: dict, kind: str, at: str, limits: Limits, used: _Used) -> dict:
         raise RequestError(f"{at}: timestamps must be a list of seconds, one per frame ({len(source)})", at)
     frames = [_image_bytes(url, f"{at}.{kind}[{i}]", limits, used) for i, url in enumerate(source)]
     return {"type": "video", "frames": frames, "timestamps": times}
+
+
+def _share_video_budgets(limits: Limits, used: _Used) -> None:
+    """Give each data:video part its even share of what the request may still take: the video frames the frame lists
+    left (each video already holds one in ``used.frames``), and the decoded frames and pixels."""
+    count = len(used.videos)
+    if count > limits.max_decoded_frames:
+        raise RequestError(
+            f"{count} data:video URLs, but a request may decode only {limits.max_decoded_frames} frames", "messages"
+        )
+    spare = limits.max_frames - used.frames
+    for i, video in enumerate(used.videos):
+        video["max_frames"] = 1 + spare // count + (i < spare % count)
+        video["max_decoded"] = limits.max_decoded_frames // count
+        video["max_decoded_pixels"] = limits.max_decoded_pixels // count
 
 
 def _content(content: Any, where: str, limits: Limits, used: _Used) -> str | list[dict]:
@@ -354,6 +370,7 @@ def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
         if m.get("content") is None:
             raise RequestError(f"{where}: content is missing", f"{where}.content")
         out.append({"role": role, "content": _content(m["content"], f"{where}.content", limits, used)})
+    _share_video_budgets(limits, used)
     max_tokens = _integer(body, "max_completion_tokens", 1, limits.context)
     legacy = _integer(body, "max_tokens", 1, limits.context)
     max_tokens = legacy if max_tokens is None else max_tokens

@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import logging
+import threading
 import urllib.error
 import urllib.request
 
@@ -74,6 +75,22 @@ def test_an_unexpected_error_is_an_openai_shaped_500_and_its_traceback_is_logged
     assert record.exc_info and str(record.exc_info[1]) == "a bug in the parser"
     monkeypatch.undo()
     assert _post(url, GOOD)[0] == 200
+
+
+def test_requests_are_checked_off_the_event_loop(tiny, monkeypatch):
+    url, _ = tiny
+    threads = []
+
+    def parse(body, limits):
+        threads.append(threading.current_thread().name)
+        return parse_chat_request(body, limits)
+
+    monkeypatch.setattr(app_module, "parse_chat_request", parse)
+    assert _post(url, GOOD)[0] == 200
+    bad = {**GOOD, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}
+    code, reply = _post(url, bad)
+    assert code == 400 and "no remote URLs" in reply["error"]["message"]  # the same answer from the other thread
+    assert len(threads) == 2 and all(name.startswith("kimivl-encode") for name in threads), threads
 
 
 @pytest.mark.parametrize(

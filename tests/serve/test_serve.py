@@ -541,6 +541,48 @@ def test_a_data_video_carries_the_servers_bound_on_decoded_frames():
     assert Limits(context=4096, max_batch=2).max_decoded_frames == 9000
 
 
+def test_data_videos_share_one_frame_and_decode_budget_per_request():
+    from kimivl.processing.chat_template import apply_chat_template
+    from kimivl.processing.video import VideoError
+
+    clip = "data:video/mp4;base64," + base64.b64encode(_mp4([(200, 40, 40)] * 80, rate=1)).decode()  # 80 s
+    video = {"type": "video_url", "video_url": {"url": clip}}
+    listed = {"type": "video", "video": [_png(28, 28)] * 4}  # 4 frames sent as images
+    body = {"messages": [{"role": "user", "content": [video, listed, video, video]}]}
+    limits = Limits(context=100_000, max_batch=1)
+    parts = [p for p in parse_chat_request(body, limits).messages[0]["content"] if "video" in p]
+    assert [p["max_frames"] for p in parts] == [20, 20, 20]  # the 60 frames the list left, shared
+    assert [p["max_decoded"] for p in parts] == [3000] * 3
+    assert [p["max_decoded_pixels"] for p in parts] == [9000 * 1280 * 720 // 3] * 3
+    chat = parse_chat_request(body, limits)
+    assert len(apply_chat_template(chat.messages)[1]) == 64  # every frame of the request, the limit and no more
+    body = {"messages": [{"role": "user", "content": [video, video]}]}
+    chat = parse_chat_request(body, Limits(context=100_000, max_batch=1, max_decoded_frames=100))
+    with pytest.raises(VideoError, match="more than 50 frames to decode"):  # 80 each, 100 for the two
+        apply_chat_template(chat.messages)
+    chat = parse_chat_request(body, Limits(context=100_000, max_batch=1, max_decoded_pixels=100 * 64 * 48))
+    with pytest.raises(VideoError, match="more than max_decoded_pixels=153600 pixels"):
+        apply_chat_template(chat.messages)
+    with pytest.raises(RequestError, match="2 data:video URLs, but a request may decode only 1 frames"):
+        parse_chat_request(body, Limits(context=100_000, max_batch=1, max_decoded_frames=1))
+
+
+def test_an_icon_is_refused_before_its_embedded_png_is_decoded(monkeypatch):
+    from PIL import PngImagePlugin
+
+    def never(*args, **kwargs):
+        raise AssertionError("the icon's embedded PNG was decoded")
+
+    buf = io.BytesIO()
+    Image.new("RGBA", (300, 300)).save(buf, "PNG")
+    png = buf.getvalue()
+    icon = struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 16, 16, 0, 0, 1, 32, len(png), 22) + png
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", never)
+    url = "data:image/x-icon;base64," + base64.b64encode(icon).decode()
+    with pytest.raises(RequestError, match="looks like ICO, a format not accepted here"):
+        parse_chat_request({"messages": _image_msg(url)}, Limits(context=4096, max_batch=1))
+
+
 def test_a_data_video_carries_the_servers_pixel_limit_and_is_refused_before_decoding():
     from kimivl.processing.chat_template import apply_chat_template
     from kimivl.processing.video import VideoError
