@@ -17,12 +17,19 @@ LOGITS_LIMIT = 1 << 26  # float32 logit elements materialised at once (256 MiB)
 def target_logprobs(
     hidden_ND: torch.Tensor, weight_VD: torch.Tensor, targets_N: torch.Tensor, limit: int | None = None
 ) -> torch.Tensor:
-    """log softmax(hidden @ weight.T)[target] per position, float32 (float64 for float64 hidden states) (N,);
-    differentiable in hidden and weight.
+    """log softmax(hidden @ weight.T)[target] per position, float32 (float64 for float64 hidden states), in the
+    targets' shape: ``hidden`` (..., D) and ``targets`` (...) with the same leading dimensions, (N, D) and (N,) or
+    (B, S, D) and (B, S) alike; differentiable in hidden and weight.
     Under autocast the head's matmuls run in the autocast dtype, as ``nn.Linear`` would. ``limit``: logits held at
     once (default ``LOGITS_LIMIT``)."""
-    if hidden_ND.shape[:-1] != targets_N.shape:
-        raise ValueError(f"hidden {tuple(hidden_ND.shape)} and targets {tuple(targets_N.shape)} disagree")
+    if hidden_ND.dim() < 2 or hidden_ND.shape[:-1] != targets_N.shape:
+        raise ValueError(
+            f"hidden {tuple(hidden_ND.shape)} and targets {tuple(targets_N.shape)} disagree: hidden must be "
+            "(..., hidden size) and targets (...), with the same leading dimensions"
+        )
+    if targets_N.dim() != 1:  # any leading shape: the positions flattened, and the result shaped as the targets
+        flat = target_logprobs(hidden_ND.reshape(-1, hidden_ND.shape[-1]), weight_VD, targets_N.reshape(-1), limit)
+        return flat.reshape(targets_N.shape)
     limit = LOGITS_LIMIT if limit is None else limit
     vocab = weight_VD.shape[0]
     if hidden_ND.shape[0] * vocab <= limit:

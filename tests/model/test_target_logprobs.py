@@ -64,3 +64,25 @@ def test_memory_stays_within_the_limit():
 def test_shape_mismatch_is_named():
     with pytest.raises(ValueError, match=r"hidden \(3, 4\) and targets \(2,\) disagree"):
         target_logprobs(torch.zeros(3, 4), torch.zeros(5, 4), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"hidden \(2, 3, 4\) and targets \(2, 2\) disagree"):
+        target_logprobs(torch.zeros(2, 3, 4), torch.zeros(5, 4), torch.zeros(2, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"hidden \(4,\) and targets \(\) disagree"):
+        target_logprobs(torch.zeros(4), torch.zeros(5, 4), torch.zeros((), dtype=torch.long))
+
+
+@pytest.mark.parametrize("limit", [7 * 50, 10**9])  # chunks, the plain path
+def test_batched_positions_keep_their_shape(limit):
+    """(B, S, D) hidden states with (B, S) targets were taken for (N,) positions: a (B, 1, S) result, and in chunks
+    the wrong rows' logits."""
+    torch.manual_seed(2)
+    hidden, weight = torch.randn(3, 5, 16, dtype=torch.float64), torch.randn(50, 16, dtype=torch.float64)
+    targets, upstream = torch.randint(0, 50, (3, 5)), torch.randn(3, 5, dtype=torch.float64)
+
+    def flat_reference(h, w, t):
+        return reference(h.reshape(-1, 16), w, t.reshape(-1)).reshape(t.shape)
+
+    want = grads(flat_reference, hidden, weight, targets, upstream)
+    got = grads(lambda h, w, t: target_logprobs(h, w, t, limit=limit), hidden, weight, targets, upstream)
+    assert got[0].shape == (3, 5)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
