@@ -34,6 +34,32 @@ class KimiVLOutput:
     hidden_states: torch.Tensor | None = None  # (B, S, D) after the final norm
 
 
+def check_placeholder_runs(is_media_BS: torch.Tensor, tokens_M: torch.Tensor) -> None:
+    """Each of the M images' ``tokens`` placeholders must be one whole run of placeholders (consecutive ones, not
+    across rows), the images in the order of the runs, row after row: a count that only agrees in total would put
+    one image's features in another's slots."""
+    before = F.pad(is_media_BS[:, :-1], (1, 0))  # the token before is a placeholder too
+    after = F.pad(is_media_BS[:, 1:], (0, 1))
+    starts = (is_media_BS & ~before).flatten().nonzero()[:, 0]
+    lengths = (is_media_BS & ~after).flatten().nonzero()[:, 0] + 1 - starts
+    tokens_M = tokens_M.to(lengths.device)
+    if len(lengths) == len(tokens_M) and torch.equal(lengths, tokens_M):
+        return
+    if len(lengths) != len(tokens_M):
+        problem = f"input_ids hold {len(lengths)} runs of image placeholders but {len(tokens_M)} images were given"
+    else:
+        i = int((lengths != tokens_M).nonzero()[0])
+        row, column = divmod(int(starts[i]), is_media_BS.shape[1])
+        problem = (
+            f"image {i} needs {int(tokens_M[i])} placeholder tokens but placeholder run {i} (row {row}, from position "
+            f"{column}) holds {int(lengths[i])}"
+        )
+    raise ValueError(
+        f"{problem}: each image's (h/2)*(w/2) placeholders must be one run of their own (next images separated by "
+        "another token), the images in the order of their runs, row after row"
+    )
+
+
 class KimiVL(nn.Module):
     def __init__(self, config: KimiVLConfig):
         super().__init__()
@@ -71,15 +97,14 @@ class KimiVL(nn.Module):
         image_grid_hws: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token embeddings with image features written into the placeholder positions (no images: ``None`` or the
-        empty tensors a processor gives for a text-only conversation)."""
+        empty tensors a processor gives for a text-only conversation). Each image's (h/2)*(w/2) features fill one
+        run of placeholders of its own, the images in order of their runs, row after row."""
         embeds = self.language_model.model.embed_tokens(input_ids)
         is_media = input_ids == self.config.media_placeholder_token_id
         n_slots = int(is_media.sum())
-        if pixel_values is not None and pixel_values.shape[0] == 0:
+        if pixel_values is None or pixel_values.shape[0] == 0:
             if image_grid_hws is not None and image_grid_hws.shape[0]:
                 raise ValueError(f"no pixel_values for the {image_grid_hws.shape[0]} images of image_grid_hws")
-            pixel_values = None
-        if pixel_values is None:
             if n_slots:
                 raise ValueError(f"input_ids hold {n_slots} image placeholder tokens but no pixel_values were given")
             return embeds
@@ -92,6 +117,8 @@ class KimiVL(nn.Module):
                 f"(id {self.config.media_placeholder_token_id}) but the images give {feats.shape[0]} "
                 "features; each image of grid (h, w) needs (h/2)*(w/2) placeholders"
             )
+        kh, kw = self.config.vision_config.merge_kernel_size
+        check_placeholder_runs(is_media, (image_grid_hws[:, 0] // kh) * (image_grid_hws[:, 1] // kw))
         return embeds.masked_scatter(is_media[..., None], feats.to(embeds.dtype))
 
     def forward(
@@ -103,17 +130,32 @@ class KimiVL(nn.Module):
         position_ids: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
         return_logits: bool | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> KimiVLOutput:
         """``input_ids`` (B, S). With ``cu_seqlens`` the single row is a pack of samples that never attend to
-        each other and whose positions restart at 0. Logits are returned unless ``labels`` are given: then the
-        loss alone is computed, through the head at the labelled positions only (``next_token_loss``), unless
-        ``return_logits=True``."""
+        each other and whose positions restart at 0. ``attention_mask`` (B, S), 1 for real tokens and 0 for padding,
+        runs rows padded to one length (left or right) as each row alone: positions count from each row's first real
+        token unless ``position_ids`` are given, and labels are scored only where the token and the one before it are
+        real. Logits are returned unless ``labels`` are given: then the loss alone is computed, through the head at
+        the labelled positions only (``next_token_loss``), unless ``return_logits=True``."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
-        if labels is not None and labels.shape != input_ids.shape:
-            raise ValueError(f"labels shape {tuple(labels.shape)} differs from input_ids {tuple(input_ids.shape)}")
+        if labels is not None:
+            if labels.shape != input_ids.shape:
+                raise ValueError(f"labels shape {tuple(labels.shape)} differs from input_ids {tuple(input_ids.shape)}")
+            if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+                raise ValueError(f"labels must hold token ids (integers), got dtype {labels.dtype}")
+            labels = labels.long()
+        if attention_mask is not None:
+            real = attention_mask.bool()
+            if position_ids is None and cu_seqlens is None:
+                position_ids = (real.cumsum(-1) - 1).clamp(min=0)
+            if labels is not None and real.shape == labels.shape:  # another shape is refused by the language model
+                labels = labels.masked_fill(~(real & F.pad(real[:, :-1], (1, 0))), self.config.ignore_index)
         embeds = self.embed(input_ids, pixel_values, image_grid_hws)
-        hidden = self.language_model(embeds, position_ids=position_ids, cu_seqlens=cu_seqlens)
+        hidden = self.language_model(
+            embeds, position_ids=position_ids, cu_seqlens=cu_seqlens, attention_mask=attention_mask
+        )
         if return_logits is None:
             return_logits = labels is None
         logits = self.language_model.logits(hidden) if return_logits else None
@@ -124,7 +166,7 @@ class KimiVL(nn.Module):
             if scored.any():
                 loss = F.cross_entropy(logits[:, :-1][scored], targets[scored])
             else:  # nothing to score: 0 with a graph, as next_token_loss gives, not the mean of nothing (NaN)
-                loss = (logits.sum() * 0.0).float()
+                loss = logits.sum() * 0.0
         elif labels is not None:
             loss = next_token_loss(hidden, self.language_model.lm_head.weight, labels, self.config.ignore_index)
         return KimiVLOutput(logits=logits, loss=loss, hidden_states=hidden)

@@ -65,25 +65,35 @@ class LanguageModel(nn.Module):
         pack's latents, one sample after another); ``attention_mask`` (B, past + S), 1 for real tokens and 0 for
         padding, is needed only for batches padded to one length."""
         b, s, _ = inputs_embeds.shape
+        if b == 0 or s == 0:
+            raise ValueError(f"no tokens to run: inputs of shape {tuple(inputs_embeds.shape)}; give at least one")
         past = cache.length if cache is not None else 0
-        if position_ids is None:
-            if cu_seqlens is not None:
-                position_ids = positions_from_cu_seqlens(cu_seqlens, s)[None]
-            else:
-                position_ids = torch.arange(past, past + s, device=inputs_embeds.device).expand(b, s)
-        if int(position_ids.max()) >= self.config.max_position_embeddings:
-            raise ValueError(
-                f"position {int(position_ids.max())} is past the context of "
-                f"{self.config.max_position_embeddings} tokens"
-            )
         key_valid = None
         if attention_mask is not None:
+            if cu_seqlens is not None:
+                raise ValueError("attention_mask and cu_seqlens do not go together: a packed row has no padding")
             if attention_mask.shape != (b, past + s):
                 raise ValueError(
                     f"attention_mask must cover past and new tokens: expected {(b, past + s)}, "
                     f"got {tuple(attention_mask.shape)}"
                 )
             key_valid = attention_mask.bool()
+        if cu_seqlens is not None:
+            check_cu_seqlens(cu_seqlens, s)
+        if position_ids is None:
+            if cu_seqlens is not None:
+                position_ids = positions_from_cu_seqlens(cu_seqlens, s)[None]
+            else:
+                position_ids = torch.arange(past, past + s, device=inputs_embeds.device).expand(b, s)
+        elif not _is_integer(position_ids):
+            raise ValueError(f"position_ids must hold integers, got dtype {position_ids.dtype}")
+        elif position_ids.shape != (b, s):
+            raise ValueError(f"position_ids must be (batch, seq) = {(b, s)}, got shape {tuple(position_ids.shape)}")
+        low, high = torch.stack(torch.aminmax(position_ids)).tolist()  # one synchronisation
+        if low < 0:
+            raise ValueError(f"position_ids must be >= 0, got {low}")
+        if high >= self.config.max_position_embeddings:
+            raise ValueError(f"position {high} is past the context of {self.config.max_position_embeddings} tokens")
         rot = self.rotation(position_ids, inputs_embeds.dtype)
         h = inputs_embeds
         for i, layer in enumerate(self.model.layers):
@@ -98,11 +108,28 @@ class LanguageModel(nn.Module):
         return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
+def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> None:
+    """``cu_seqlens`` must be the bounds of the packed samples of a row of ``total`` tokens: integers (N+1,) from 0,
+    non-decreasing, ending at ``total``."""
+    if cu_seqlens.dim() != 1 or len(cu_seqlens) < 2 or not _is_integer(cu_seqlens):
+        raise ValueError(
+            "cu_seqlens must be a 1-D integer tensor of sample bounds (0, end of sample 1, ..., total), got "
+            f"shape {tuple(cu_seqlens.shape)} and dtype {cu_seqlens.dtype}"
+        )
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0 or any(a > b for a, b in zip(bounds[:-1], bounds[1:])):
+        raise ValueError(f"cu_seqlens must start at 0 and never decrease, got {bounds}")
+    if bounds[-1] != total:
+        raise ValueError(f"cu_seqlens ends at {bounds[-1]} but the packed row has {total} tokens")
+
+
+def _is_integer(t: torch.Tensor) -> bool:
+    return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+
+
 def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     """Positions that restart at 0 at every packed sample boundary: (total,)."""
     cu = cu_seqlens.to(torch.long)
-    if int(cu[-1]) != total:
-        raise ValueError(f"cu_seqlens ends at {int(cu[-1])} but the packed row has {total} tokens")
     lengths = cu[1:] - cu[:-1]
     starts = torch.repeat_interleave(cu[:-1], lengths)
     return torch.arange(total, device=cu.device) - starts

@@ -45,7 +45,8 @@ def next_token_loss(
 ) -> torch.Tensor:
     """Mean next-token cross-entropy through the head ``weight`` at the scored positions only. ``labels`` are
     aligned with the inputs (unscored positions set to ``ignore_index``); the shift happens here: the hidden state
-    at s predicts the label at s + 1. 0, with a graph, when nothing is scored."""
+    at s predicts the label at s + 1. 0, with a graph, when nothing is scored (float32, float64 for float64 hidden
+    states, as the loss is)."""
     if hidden_BSD.shape[:-1] != labels_BS.shape:
         raise ValueError(
             f"hidden {tuple(hidden_BSD.shape)} and labels {tuple(labels_BS.shape)} disagree on (batch, seq)"
@@ -54,7 +55,7 @@ def next_token_loss(
     scored = targets != ignore_index
     logprobs_N = target_logprobs(hidden_BSD[:, :-1][scored], weight_VD, targets[scored])
     if not len(logprobs_N):
-        return (hidden_BSD.sum() * 0.0).float()
+        return _widened(hidden_BSD.sum() * 0.0)
     return -logprobs_N.mean()
 
 

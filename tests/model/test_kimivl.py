@@ -4,6 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kimivl.model.moe import to_dtype
+
 
 def image_batch(grids, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -20,17 +22,38 @@ def prompt(cfg, n_image_tokens, before=3, after=4, seed=0):
 
 def test_image_features_fill_placeholders(tiny_model, tiny_config):
     pv, hws = image_batch([(4, 6), (2, 2)])
-    ids = prompt(tiny_config, 6 + 1)
+    ids = prompt(tiny_config, 6 + 1 + 1)
+    ids[0, 9] = 7  # each image's placeholders are a run of their own
     feats = tiny_model.get_image_features(pv, hws)
     assert feats.shape == (7, tiny_config.text_config.hidden_size)
     embeds = tiny_model.embed(ids, pv, hws)
-    assert torch.equal(embeds[0, 3:10], feats.to(embeds.dtype))
+    assert torch.equal(embeds[0, 3:9], feats[:6].to(embeds.dtype))
+    assert torch.equal(embeds[0, 10], feats[6].to(embeds.dtype))
     assert torch.equal(embeds[0, :3], tiny_model.language_model.model.embed_tokens(ids[0, :3]))
     with torch.no_grad():
         base = tiny_model(ids, pv, hws).logits
         other = tiny_model(ids, pv + 1, hws).logits
     assert (base[0, :3] - other[0, :3]).abs().max() < 1e-6  # causal: text before the image is unaffected
     assert not torch.allclose(base[0, 3:], other[0, 3:])
+
+
+def test_each_image_fills_its_own_placeholder_run(tiny_model, tiny_config):
+    """Only the total count was checked: images needing 2 and 4 tokens ran in two runs of 3 (the second image's first
+    feature in the first's slots), and a batch's images in swapped order ran too."""
+    p = tiny_config.media_placeholder_token_id
+    pv, hws = image_batch([(2, 4), (4, 4)])  # 2 and 4 tokens
+    with pytest.raises(ValueError, match=r"image 0 needs 2 placeholder tokens but placeholder run 0 \(row 0, from "):
+        tiny_model(torch.tensor([[1, 5, p, p, p, 6, 5, p, p, p, 6, 9]]), pv, hws)
+    rows = torch.tensor([[1, 2, p, p, 3, 4, 5, 6], [7, p, p, p, p, 8, 9, 10]])
+    swapped = torch.cat([pv[8:], pv[:8]]), hws.flip(0)
+    with pytest.raises(ValueError, match=r"image 0 needs 4 placeholder tokens but placeholder run 0 \(row 0, from "):
+        tiny_model(rows, *swapped)
+    with pytest.raises(ValueError, match="3 runs of image placeholders but 2 images"):  # a run does not span rows
+        tiny_model(torch.tensor([[1, p, p, 3, 4, 5, p, p], [p, p, 7, 8, 9, 10, 11, 12]]), pv, hws)
+    with pytest.raises(ValueError, match="1 runs of image placeholders but 2 images"):
+        tiny_model(torch.tensor([[1, p, p, p, p, p, p, 2]]), pv, hws)  # no token between the images
+    with torch.no_grad():  # the right order runs
+        assert tiny_model(rows, pv, hws).logits.shape[:2] == rows.shape
 
 
 def test_placeholder_count_mismatch_is_an_error(tiny_model, tiny_config):
@@ -45,6 +68,13 @@ def test_placeholder_count_mismatch_is_an_error(tiny_model, tiny_config):
         tiny_model(torch.tensor([1, 2, 3, 4]))
     with pytest.raises(ValueError, match=r"labels shape \(1, 3\) differs from input_ids \(1, 4\)"):
         tiny_model(torch.tensor([[1, 2, 3, 4]]), labels=torch.tensor([[1, 2, 3]]))
+    with pytest.raises(ValueError, match="labels must hold token ids .integers., got dtype torch.float32"):
+        tiny_model(torch.tensor([[1, 2, 3, 4]]), labels=torch.tensor([[1.0, 2, 3, 4]]))
+    with pytest.raises(ValueError, match="no pixel_values for the 1 images"):  # was accepted without placeholders
+        tiny_model(torch.tensor([[1, 2, 3, 4]]), None, hws)
+    for empty in (torch.zeros(1, 0, dtype=torch.long), torch.zeros(0, 5, dtype=torch.long)):
+        with pytest.raises(ValueError, match="no tokens to run"):
+            tiny_model(empty)
 
 
 def test_a_processors_inputs_for_a_text_only_chat_run_the_model(small_model, small_processor):
@@ -119,3 +149,74 @@ def test_loss_in_chunks_equals_the_plain_loss_under_autocast(tiny_model, monkeyp
     torch.testing.assert_close(chunked, plain)
     for a, b in zip(chunked_grads, plain_grads):
         torch.testing.assert_close(a, b, rtol=0.02, atol=0.02 * b.abs().max().item())
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_a_padded_batch_with_its_mask_equals_each_row_alone(tiny_model, tiny_config, side):
+    """``forward`` took no ``attention_mask``: a left-padded row was 0.96 off the row alone, with no way to mask it."""
+    model = to_dtype(tiny_model, torch.float64)
+    p = tiny_config.media_placeholder_token_id
+    g = torch.Generator().manual_seed(3)
+    rows = [[5, 6, p, p, 7, 8, 9], [11, 12, 13], [p, p, p, p, 14, 15, 16, 17, 18]]
+    pv, hws = image_batch([(2, 4), (4, 4)])
+    pv = pv.double()
+    images = [(pv[:8], hws[:1]), (None, None), (pv[8:], hws[1:])]
+    labels = [torch.tensor(r).masked_fill(torch.tensor(r) == p, -100) for r in rows]
+    length = max(map(len, rows))
+    ids = torch.randint(0, 3000, (3, length), generator=g)  # padding of any id: the mask leaves it out
+    mask = torch.zeros(3, length, dtype=torch.long)
+    padded_labels = torch.randint(0, 3000, (3, length), generator=g)  # labels on padding are not scored either
+    for i, r in enumerate(rows):
+        span = slice(length - len(r), length) if side == "left" else slice(0, len(r))
+        ids[i, span], mask[i, span], padded_labels[i, span] = torch.tensor(r), 1, labels[i]
+    with torch.no_grad():
+        out = model(ids, pv, hws, labels=padded_labels, return_logits=True, attention_mask=mask)
+        alone = [
+            model(torch.tensor([r]), *im, labels=lab[None], return_logits=True)
+            for r, im, lab in zip(rows, images, labels)
+        ]
+    for i, r in enumerate(rows):
+        span = slice(length - len(r), length) if side == "left" else slice(0, len(r))
+        assert (out.logits[i, span] - alone[i].logits[0]).abs().max() < 1e-9
+    scored = [int((lab[1:] != -100).sum()) for lab in labels]
+    want = sum(a.loss * n for a, n in zip(alone, scored)) / sum(scored)
+    assert abs(out.loss - want) < 1e-9
+    loss_alone = model(ids, pv, hws, labels=padded_labels, attention_mask=mask).loss  # through next_token_loss
+    assert abs(loss_alone - want) < 1e-9
+    with pytest.raises(ValueError, match="attention_mask and cu_seqlens do not go together"):
+        model(ids[:1], pv[:8], hws[:1], attention_mask=mask[:1], cu_seqlens=torch.tensor([0, length]))
+
+
+def test_position_ids_and_cu_seqlens_are_checked(tiny_model):
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    bad_positions = [
+        ("must be >= 0, got -5", ids, torch.tensor([[-5, 0, 1, 2, 3]])),
+        ("must hold integers, got dtype torch.float32", ids, torch.tensor([[0.0, 1, 2, 3, 4]])),
+        (r"must be \(batch, seq\) = \(1, 5\), got shape \(5,\)", ids, torch.arange(5)),
+        (r"must be \(batch, seq\) = \(2, 5\), got shape \(1, 5\)", ids.repeat(2, 1), torch.arange(5)[None]),
+    ]
+    for message, batch, positions in bad_positions:
+        with pytest.raises(ValueError, match=message):
+            tiny_model(batch, position_ids=positions)
+    bad_bounds = {
+        r"must start at 0 and never decrease, got \[2, 5\]": torch.tensor([2, 5]),
+        r"must start at 0 and never decrease, got \[0, 4, 2, 5\]": torch.tensor([0, 4, 2, 5]),
+        r"1-D integer tensor .* got shape \(1, 2\)": torch.tensor([[0, 5]]),
+        "ends at 3 but the packed row has 5 tokens": torch.tensor([0, 3]),
+    }
+    for message, bounds in bad_bounds.items():
+        with pytest.raises(ValueError, match=message):
+            tiny_model(ids, cu_seqlens=bounds.int())
+
+
+def test_int32_labels_and_an_empty_loss_keep_the_model_dtypes(tiny_model):
+    """int32 labels failed with ``return_logits=True`` ("expected target dtype to be Long"), and a loss with nothing
+    scored was float32 in a float64 model."""
+    model = to_dtype(tiny_model, torch.float64)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        plain = model(ids, labels=ids).loss
+        for return_logits in (False, True):
+            assert model(ids, labels=ids.int(), return_logits=return_logits).loss == plain
+            empty = model(ids, labels=torch.full_like(ids, -100), return_logits=return_logits).loss
+            assert empty.dtype == torch.float64 and empty.item() == 0.0
