@@ -62,7 +62,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     billions = counts["total"].total >= 1e9
     for name, c in counts.items():
         print(f"{name:<24}{_fmt(c.total, billions):>12}{_fmt(c.active, billions):>12}")
-    print("active = parameters used per token (the routed experts count only the chosen ones)")
+    print("active = parameters used per token (routed experts: the chosen ones only); a text token uses the LM's alone")
     if args.context is not None:
         _print_context_memory(config, args.context, args.prefill_chunk)
     if model is not None:

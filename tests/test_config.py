@@ -99,6 +99,7 @@ def test_info_command(capsys, tmp_path):
     assert main(["info", "--preset", "kimi-vl-a3b"]) == 0
     out = capsys.readouterr().out
     assert "16.408B" in out and "15.960B" in out and "2.915B" in out
+    assert "a text token uses the LM's alone" in out  # the total's 3.362B adds the vision tower, which text skips
     KimiVLConfig.from_preset("tiny").save_pretrained(tmp_path)
     assert main(["info", str(tmp_path)]) == 0
     assert "language_model" in capsys.readouterr().out
