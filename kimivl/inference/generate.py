@@ -1,10 +1,12 @@
 """Batched generation on token ids with the compressed MLA cache.
 
 Prompts of different lengths are left-padded into one batch; each row's positions start at its first real token,
-and padding is masked out of attention, so in float32 a greedy row generates exactly what it would alone. In bf16 the
-batch's matmuls round differently from a single row's, which can flip a near-tie: with kimivl-tiny, 1 of 18 rows
-left its answer alone at the 8th token. A seeded batch samples from one generator, so a sampled row depends on the
-rows beside it (RL's k answers to one prompt, side by side, differ so); the server seeds each choice apart (seed + i).
+and padding is masked out of attention, so a row computes what it would alone up to rounding: the batch's matmuls
+(the MoE's grouped expert matmuls above all) round differently from a single row's, about 1e-5 in float32's logits and
+far more in bf16's, which can flip a greedy near-tie: with kimivl-tiny in bf16, 1 of 18 rows left its answer alone at
+the 8th token. In float64 rows agree to about 1e-13. A seeded batch samples from one generator, so a sampled row
+depends on the rows beside it (RL's k answers to one prompt, side by side, differ so); the server seeds each choice
+apart (seed + i).
 """
 
 from __future__ import annotations
