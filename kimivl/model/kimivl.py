@@ -35,28 +35,24 @@ class KimiVLOutput:
 
 
 def check_placeholder_runs(is_media_BS: torch.Tensor, tokens_M: torch.Tensor) -> None:
-    """Each of the M images' ``tokens`` placeholders must be one whole run of placeholders (consecutive ones, not
-    across rows), the images in the order of the runs, row after row: a count that only agrees in total would put
-    one image's features in another's slots."""
+    """Each run of image placeholders (consecutive ones, not across rows) must hold whole images, the M images (of
+    ``tokens`` placeholders each) filling the runs in order, row after row: a count that only agrees in total would
+    put one image's features in another's slots."""
     before = F.pad(is_media_BS[:, :-1], (1, 0))  # the token before is a placeholder too
     after = F.pad(is_media_BS[:, 1:], (0, 1))
     starts = (is_media_BS & ~before).flatten().nonzero()[:, 0]
     lengths = (is_media_BS & ~after).flatten().nonzero()[:, 0] + 1 - starts
-    tokens_M = tokens_M.to(lengths.device)
-    if len(lengths) == len(tokens_M) and torch.equal(lengths, tokens_M):
+    run_ends, image_ends = lengths.cumsum(0), tokens_M.to(lengths.device).cumsum(0)
+    split = ~torch.isin(run_ends, image_ends)  # a run that ends inside an image
+    if not split.any():
         return
-    if len(lengths) != len(tokens_M):
-        problem = f"input_ids hold {len(lengths)} runs of image placeholders but {len(tokens_M)} images were given"
-    else:
-        i = int((lengths != tokens_M).nonzero()[0])
-        row, column = divmod(int(starts[i]), is_media_BS.shape[1])
-        problem = (
-            f"image {i} needs {int(tokens_M[i])} placeholder tokens but placeholder run {i} (row {row}, from position "
-            f"{column}) holds {int(lengths[i])}"
-        )
+    i = int(split.nonzero()[0])
+    image = int((image_ends <= run_ends[i]).sum())  # the image the run ends in
+    row, column = divmod(int(starts[i]), is_media_BS.shape[1])
     raise ValueError(
-        f"{problem}: each image's (h/2)*(w/2) placeholders must be one run of their own (next images separated by "
-        "another token), the images in the order of their runs, row after row"
+        f"placeholder run {i} (row {row}, from position {column}, {int(lengths[i])} tokens) ends inside image {image}, "
+        f"which needs {int(tokens_M[image])} placeholder tokens: each image's (h/2)*(w/2) placeholders must lie in "
+        "one run, the images in the order of the runs, row after row"
     )
 
 

@@ -37,23 +37,26 @@ def test_image_features_fill_placeholders(tiny_model, tiny_config):
     assert not torch.allclose(base[0, 3:], other[0, 3:])
 
 
-def test_each_image_fills_its_own_placeholder_run(tiny_model, tiny_config):
+def test_each_image_lies_in_one_placeholder_run(tiny_model, tiny_config):
     """Only the total count was checked: images needing 2 and 4 tokens ran in two runs of 3 (the second image's first
     feature in the first's slots), and a batch's images in swapped order ran too."""
     p = tiny_config.media_placeholder_token_id
     pv, hws = image_batch([(2, 4), (4, 4)])  # 2 and 4 tokens
-    with pytest.raises(ValueError, match=r"image 0 needs 2 placeholder tokens but placeholder run 0 \(row 0, from "):
+    with pytest.raises(
+        ValueError, match=r"run 0 \(row 0, from position 2, 3 tokens\) ends inside image 1, which needs 4"
+    ):
         tiny_model(torch.tensor([[1, 5, p, p, p, 6, 5, p, p, p, 6, 9]]), pv, hws)
     rows = torch.tensor([[1, 2, p, p, 3, 4, 5, 6], [7, p, p, p, p, 8, 9, 10]])
     swapped = torch.cat([pv[8:], pv[:8]]), hws.flip(0)
-    with pytest.raises(ValueError, match=r"image 0 needs 4 placeholder tokens but placeholder run 0 \(row 0, from "):
+    with pytest.raises(
+        ValueError, match=r"run 0 \(row 0, from position 2, 2 tokens\) ends inside image 0, which needs 4"
+    ):
         tiny_model(rows, *swapped)
-    with pytest.raises(ValueError, match="3 runs of image placeholders but 2 images"):  # a run does not span rows
-        tiny_model(torch.tensor([[1, p, p, 3, 4, 5, p, p], [p, p, 7, 8, 9, 10, 11, 12]]), pv, hws)
-    with pytest.raises(ValueError, match="1 runs of image placeholders but 2 images"):
-        tiny_model(torch.tensor([[1, p, p, p, p, p, p, 2]]), pv, hws)  # no token between the images
-    with torch.no_grad():  # the right order runs
+    with pytest.raises(ValueError, match=r"run 1 \(row 0, from position 6, 2 tokens\) ends inside image 1"):
+        tiny_model(torch.tensor([[1, p, p, 3, 4, 5, p, p], [p, p, 7, 8, 9, 10, 11, 12]]), pv, hws)  # no run across rows
+    with torch.no_grad():  # the right order runs, and so do two images back to back in one run
         assert tiny_model(rows, pv, hws).logits.shape[:2] == rows.shape
+        assert tiny_model(torch.tensor([[1, p, p, p, p, p, p, 2]]), pv, hws).logits.shape[:2] == (1, 8)
 
 
 def test_placeholder_count_mismatch_is_an_error(tiny_model, tiny_config):
