@@ -77,6 +77,11 @@ class LanguageModel(nn.Module):
                     f"attention_mask must cover past and new tokens: expected {(b, past + s)}, "
                     f"got {tuple(attention_mask.shape)}"
                 )
+            if attention_mask.is_floating_point() and not ((attention_mask == 0) | (attention_mask == 1)).all():
+                raise ValueError(
+                    "attention_mask must hold 1 for real tokens and 0 for padding; got other values (an additive "
+                    "mask of 0 and -inf would be read the wrong way round)"
+                )
             key_valid = attention_mask.bool()
         if cu_seqlens is not None:
             check_cu_seqlens(cu_seqlens, s)

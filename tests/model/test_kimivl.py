@@ -188,6 +188,10 @@ def test_a_padded_batch_with_its_mask_equals_each_row_alone(tiny_model, tiny_con
     assert abs(loss_alone - want) < 1e-9
     with pytest.raises(ValueError, match="attention_mask and cu_seqlens do not go together"):
         model(ids[:1], pv[:8], hws[:1], attention_mask=mask[:1], cu_seqlens=torch.tensor([0, length]))
+    additive = torch.zeros(mask.shape).masked_fill(mask == 0, float("-inf"))  # a transformers-style additive mask
+    with pytest.raises(ValueError, match="1 for real tokens and 0 for padding; got other values"):
+        model(ids, pv, hws, attention_mask=additive)
+    assert torch.equal(model(ids, pv, hws, attention_mask=mask.double()).logits, out.logits)
 
 
 def test_position_ids_and_cu_seqlens_are_checked(tiny_model):
