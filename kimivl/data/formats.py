@@ -19,7 +19,8 @@ made absolute; ``write_records`` writes paths inside the file's directory back a
 Text (for language pre-training and tokenizer training): one JSON object per line with a string ``"text"``
 key holding a whole document (newlines escaped by JSON); other keys are free-form. Read with ``iter_texts``.
 
-Every malformed line raises ``DataError`` naming the file and 1-based line number. Both readers stream.
+Every malformed line (a lone UTF-16 surrogate escaped in a string included) raises ``DataError`` naming the file and
+1-based line number. Both readers stream.
 """
 
 from __future__ import annotations
@@ -27,12 +28,22 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Iterable, Iterator
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 from kimivl.processing.chat_template import ROLES, part_type
+
+# A line that may hold a lone surrogate (only a JSON escape puts one into valid UTF-8): an escaped high half not
+# followed by an escaped low half, a low half not preceded by a high one, or "ud" after two backslashes (an escaped
+# backslash: the "\\ud83d" after it is text, so a low half after that is alone). A whole pair is text, not checked.
+LONE_SURROGATE = re.compile(
+    rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F])"
+    rb"|\\u[dD][c-fC-F](?<!\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F])"
+    rb"|\\\\u[dD]"
+)
 
 
 class DataError(ValueError):
@@ -62,7 +73,30 @@ def parse_line(raw: bytes, where: str) -> dict:
         raise DataError(f"{where}: JSON nested too deeply to read") from None
     if not isinstance(obj, dict):
         raise DataError(f"{where}: a record must be a JSON object, got {type(obj).__name__}")
+    if LONE_SURROGATE.search(raw):
+        _check_unicode(obj, where)
     return obj
+
+
+def _check_unicode(value: Any, where: str) -> None:
+    """A ``DataError`` for a string of ``value`` (keys included) that holds a lone surrogate (``\\ud800`` escaped
+    without its pair): no text, it would break tokenizer training or become U+FFFD when encoded."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_unicode(key, where)
+            _check_unicode(item, where)
+    elif isinstance(value, list):
+        for item in value:
+            _check_unicode(item, where)
+    elif isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise DataError(
+                f"{where}: a string holds a lone surrogate {ascii(value[e.start])} (half of a UTF-16 pair without "
+                f"the other) at character {e.start + 1} of {ascii(value[max(0, e.start - 20) : e.start + 20])}: "
+                "not text; fix or remove it"
+            ) from None
 
 
 def _media(value: Any, root: Path, where: str) -> str:

@@ -135,3 +135,25 @@ def test_a_byte_order_mark_before_the_first_record_is_skipped(tmp_path):
     path.write_bytes(b"\xef\xbb\xbf" + (json.dumps(chat) + "\n").encode() * 2)
     assert [r["messages"][1]["content"] for r in iter_records(path)] == ["Hello."] * 2
     assert not is_text_file(path) and JsonlRecords(path, text=False)[0]["messages"][0]["content"] == "Hi"
+
+
+def test_a_lone_surrogate_is_an_error_naming_file_and_line(tmp_path):
+    """JSON may escape half of a UTF-16 pair alone ("\\ud800"): that passed validation, then broke tokenizer training
+    naming no file (or became U+FFFD when encoded)."""
+    from kimivl.data.indexed import JsonlRecords
+
+    path = tmp_path / "text.jsonl"
+    path.write_text(
+        '{"text": "pair \\ud83d\\ude00 and \\\\ud800 as text"}\n\n{"text": "bad \\uD800 x"}\n', encoding="utf-8"
+    )
+    texts = iter_texts(path)
+    assert next(texts) == "pair \U0001f600 and \\ud800 as text"  # a whole pair, and an escaped backslash, are text
+    with pytest.raises(DataError, match=r"text\.jsonl:3: a string holds a lone surrogate '\\ud800'"):
+        next(texts)
+    chat = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "ok"}]}
+    path.write_text(json.dumps(chat) + "\n", encoding="utf-8")
+    records = JsonlRecords(path, text=False)
+    path.write_text(json.dumps(chat).replace("ok", "\\udfff"), encoding="utf-8")  # same size: read again, by offset
+    records._stamp = records._stat()
+    with pytest.raises(DataError, match=r"text\.jsonl at byte 0: a string holds a lone surrogate '\\udfff'"):
+        records[0]
