@@ -2,8 +2,9 @@
 
 ``JsonlRecords`` validates a file in one streaming pass and keeps only each record's byte offset (8 bytes a record,
 against kilobytes for a parsed conversation); record i is read and parsed again when asked for, and ``where(i)``
-gives its ``file:line`` (the lines before it are counted then: error messages are rare, and a table of line numbers
-would cost every record 4 bytes more). ``Concat`` joins several such sequences into one. Training samples by index
+gives its ``file:line`` (the lines before it are counted then, and the count of each MiB block of the file kept, so
+that a later call counts within one block: errors and warnings are rare, and a table of line numbers would cost every
+record 4 bytes more). ``Concat`` joins several such sequences into one. Training samples by index
 (``Mixture``, the ViT stage, RL), so a source of millions of conversations costs its offsets, not its contents.
 """
 
@@ -22,6 +23,7 @@ from tqdm import tqdm
 from kimivl.data.formats import DataError, iter_lines, parse_item, parse_line
 
 PROGRESS_BYTES = 1 << 26  # 64 MiB
+LINE_BLOCK = 1 << 20  # bytes whose newlines ``where`` counts once and keeps
 
 
 class JsonlRecords(Sequence):
@@ -43,6 +45,7 @@ class JsonlRecords(Sequence):
         self._root = self.path.resolve().parent
         self._stamp = self._stat()
         self._offsets = array("q")
+        self._newlines = [0]  # newlines before each block of LINE_BLOCK bytes counted so far
         with tqdm(
             total=self._stamp[0],
             unit="B",
@@ -83,12 +86,14 @@ class JsonlRecords(Sequence):
         """``file:line`` of record ``i`` (1-based line, counting blank lines and records left out by ``keep``)."""
         offset = self._offsets[i]
         self._unchanged()
-        lines, read = 1, 0
+        block, rest = divmod(offset, LINE_BLOCK)
         with open(self.path, "rb") as f:
-            while read < offset:
-                block = f.read(min(1 << 20, offset - read))
-                lines, read = lines + block.count(b"\n"), read + len(block)
-        return f"{self.path}:{lines}"
+            f.seek((len(self._newlines) - 1) * LINE_BLOCK)
+            while len(self._newlines) <= block:
+                self._newlines.append(self._newlines[-1] + f.read(LINE_BLOCK).count(b"\n"))
+            f.seek(block * LINE_BLOCK)
+            line = self._newlines[block] + f.read(rest).count(b"\n") + 1
+        return f"{self.path}:{line}"
 
 
 class Concat(Sequence):
@@ -104,10 +109,11 @@ class Concat(Sequence):
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[k] for k in range(*i.indices(len(self)))]
-        part, k = self._find(i)
+        part, k = self.find(i)
         return self.parts[part][k]
 
-    def _find(self, i: int) -> tuple[int, int]:
+    def find(self, i: int) -> tuple[int, int]:
+        """Which part item ``i`` is in, and its index there."""
         if not -len(self) <= i < len(self):
             raise IndexError(f"index {i} out of range for {len(self)} items")
         i %= len(self)
@@ -116,7 +122,7 @@ class Concat(Sequence):
 
     def where(self, i: int) -> str:
         """Where item ``i`` comes from (``locate`` in its part)."""
-        part, k = self._find(i)
+        part, k = self.find(i)
         return locate(self.parts[part], k)
 
 

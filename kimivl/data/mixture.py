@@ -97,13 +97,17 @@ class Mixture:
             self._orders[key] = rng.permutation(n)
         return int(self._orders[key][k % n])
 
+    def where(self, i: int) -> str:
+        """Where sample ``i``'s record is: its ``file:line`` (``locate``) and source."""
+        name, k = self.pick(i)
+        return f"{locate(self.sources[name], k)} of source {name!r}"
+
     def sample(self, i: int) -> Encoded:
         name, k = self.pick(i)
         try:
             return self.encode(name, self.sources[name][k])
         except ValueError as e:  # DataError, ImageError, VideoError, a malformed conversation
-            where = locate(self.sources[name], k)
-            raise DataError(f"sample {i}: {where} of source {name!r} cannot be encoded: {e}") from e
+            raise DataError(f"sample {i}: {self.where(i)} cannot be encoded: {e}") from e
 
     def batches(self, position: int) -> Iterator[tuple[PackedBatch, int]]:
         """Rows packed greedily from sample ``position`` on; a sample longer than the budget is skipped (and
@@ -120,7 +124,13 @@ class Mixture:
                 if n > self.budget:
                     self.skipped += 1
                     in_a_row += 1
-                    log.warning("sample %d (%d tokens) exceeds the %d-token budget; skipped", i, n, self.budget)
+                    log.warning(
+                        "sample %d (%s, %d tokens) exceeds the %d-token budget; skipped",
+                        i,
+                        self.where(i),
+                        n,
+                        self.budget,
+                    )
                     if in_a_row >= SKIPPED_IN_A_ROW:
                         raise DataError(
                             f"samples {i - in_a_row + 1} to {i} all exceed the {self.budget}-token "

@@ -51,6 +51,21 @@ def test_texts_and_line_numbers(tmp_path):
     assert seen == [1, 2, 3] and list(docs) == ["first", "third ü"] and list(iter_texts(path)) == texts
 
 
+def test_line_numbers_count_across_the_blocks_kept_in_any_order(tmp_path, monkeypatch):
+    """``where`` keeps each block's count of newlines (a warning per skipped sample would otherwise read the file up
+    to its record every time): every record's line is right, asked in any order, whatever the block size."""
+    import kimivl.data.indexed as indexed
+
+    path = _conversations(tmp_path, n=12)
+    raw = path.read_bytes()
+    starts = [k for k, line in enumerate(raw.split(b"\n"), 1) if line.strip()]
+    for block in (7, 64, 1 << 20):
+        monkeypatch.setattr(indexed, "LINE_BLOCK", block)
+        records = JsonlRecords(path, text=False)
+        for i in (11, 3, 0, 7, 11, 1):
+            assert records.where(i) == f"{path}:{starts[i]}"
+
+
 def test_keep_and_transform(tmp_path):
     path = _conversations(tmp_path)
     easy = JsonlRecords(

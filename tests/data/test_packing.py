@@ -107,7 +107,9 @@ def test_the_mixture_is_seeded_resumable_and_skips_samples_over_the_budget(caplo
     # resuming from a row's end position continues exactly where the uninterrupted stream went on
     assert rows(stream(), first[4][1], 7) == first[5:]
     assert all(len(ids[0]) <= 64 for ids, _ in first)
-    assert mix.skipped > 0 and "(200 tokens) exceeds the 64-token budget; skipped" in caplog.text
+    assert mix.skipped > 0 and "(record 1 of source 'huge', 200 tokens) exceeds the 64-token budget; skipped" in (
+        caplog.text
+    )
     # sources in name order (huge, long, short); weights move from start to end over the horizon, then stay
     assert stream().weights(0) == [0.1, 0.0, 1.0] and stream().weights(20) == [0.1, 0.5, 0.5]
     assert stream().weights(400) == [0.1, 1.0, 0.0]

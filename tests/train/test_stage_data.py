@@ -105,7 +105,7 @@ def test_a_vit_stage_takes_only_records_with_an_image_and_an_answer(tmp_path, sm
     framed["messages"].insert(0, {"role": "system", "content": "Be brief."})
     assert caption_of(framed) == (image, "What colour?", "red")
     assert "passes over c" in prepare(stage, _ctx({"c": [framed]}, small_processor), model).data_line
-    pixels, tokens = CaptionStream([framed], small_processor, 2, seed=0, stream="vit").pair(0)
+    pixels, tokens = CaptionStream({"c": [framed]}, small_processor, 2, seed=0, stream="vit").pair(0)
     assert small_processor.tokenizer.decode(tokens) == "What colour? red"
 
 
@@ -113,12 +113,50 @@ def test_each_vit_stage_draws_its_own_stream(tmp_path, small_processor):
     records = [_asked(str(tmp_path / _image(tmp_path / f"{i}.png", (i, 0, 0))), str(i)) for i in range(50)]
 
     def captions(seed, stream):
-        data = CaptionStream(records, small_processor, 4, seed=seed, stream=stream)
+        data = CaptionStream({"c": records}, small_processor, 4, seed=seed, stream=stream)
         return [small_processor.tokenizer.decode(data.pair(i)[1]) for i in range(40)]
 
     assert captions(0, "vit") == captions(0, "vit")
     assert sum(a == b for a, b in zip(captions(0, "vit"), captions(0, "vit-2"))) < 6  # chance: 40 / 50
     assert sum(a == b for a, b in zip(captions(0, "vit"), captions(1, "vit"))) < 6
+
+
+def _truncated(path):
+    """A PNG whose header reads (so the checks before training pass it) but whose pixels are cut short."""
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (56, 56, 3), dtype=np.uint8)).save(path)
+    path.write_bytes(path.read_bytes()[:400])
+    return path.name
+
+
+def _with_a_truncated_image(tmp_path, at: int, n: int):
+    """A source of ``n`` captioned images whose record ``at`` (0-based) has a truncated one, written as JSONL after a
+    blank line (so record ``at`` is on line ``at + 2``)."""
+    good, bad = _image(tmp_path / "a.png"), _truncated(tmp_path / "cut.png")
+    records = [_asked(bad if i == at else good) for i in range(n)]
+    path = tmp_path / "c.jsonl"
+    path.write_text("\n" + "".join(json.dumps(r) + "\n" for r in records))
+    return path, JsonlRecords(path, text=False)
+
+
+def test_a_vit_sample_that_cannot_be_encoded_names_its_source_file_and_line(tmp_path, small_processor):
+    """The vit stage stopped with the image's error alone ("cannot decode image cut.png: image file is truncated")."""
+    path, records = _with_a_truncated_image(tmp_path, at=3, n=5)
+    data = CaptionStream({"other": [_asked(str(tmp_path / "a.png"))], "c": records}, small_processor, 4, seed=0)
+    with pytest.raises(DataError, match=rf"sample \d+: {path}:5 of source 'c' cannot be encoded: cannot decode image "):
+        for i in range(200):  # sample i draws any of the 6 records: the cut one comes soon
+            data.pair(i)
+
+
+def test_the_records_standardize_images_measures_are_checked_before_training(tmp_path, small_processor):
+    """Record 13 past the first 8 (the records encoded to probe a source), among the 32 that standardize_images
+    encodes: that stage failed at setup with the image's error alone, naming no record."""
+    path, records = _with_a_truncated_image(tmp_path, at=12, n=20)
+    encode = lambda name, record: small_processor.encode_for_training(record["messages"])  # noqa: E731
+    stage = JointStage(name="sft", kind="joint", steps=1, lr=1e-3, mix={"c": 1})
+    check_sources(stage, _ctx({"c": records}, small_processor), encode)  # not calibrated: record 13 is not probed
+    stage.standardize_images = 1.0
+    with pytest.raises(DataError, match=rf"data source 'c': {path}:14 cannot be encoded: cannot decode image .*cut"):
+        check_sources(stage, _ctx({"c": records}, small_processor), encode)
 
 
 def _lengths_ctx(small_processor, tmp_path):

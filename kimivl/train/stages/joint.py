@@ -123,18 +123,17 @@ def mean_shares(start: dict[str, float], end: dict[str, float]) -> dict[str, flo
 
 def check_sources(stage: JointStage, ctx: StageContext, encode) -> None:
     """Before training: every conversation of the stage's sources has an assistant turn to learn from and readable
-    images (``check_records``); a source whose first records score no token would train at loss 0 without a word, so
-    it is named in a warning."""
+    images (``check_records``), and its first records encode (with ``standardize_images``, those the calibration
+    measures); a source whose first records score no token would train at loss 0 without a word, so it is named in a
+    warning."""
     names = sorted(set(stage.mix) | set(stage.mix_end or {}))
     check_records(ctx, names, _no_answer)
     for name in names:
         items = ctx.sources.items[name]
-        probe = []
-        for i in range(min(PROBE_RECORDS, len(items))):
-            try:
-                probe.append(encode(name, items[i]))
-            except ValueError as e:  # an image whose header reads but whose pixels do not, a malformed turn
-                raise DataError(f"data source {name!r}: {locate(items, i)} cannot be encoded: {e}") from None
+        calibrated = stage.standardize_images and not ctx.sources.is_text[name]
+        probe = [encoded(encode, name, items, i) for i in range(min(PROBE_RECORDS, len(items)))]
+        for i in range(len(probe), min(CALIBRATION_SAMPLES, len(items)) if calibrated else 0):
+            encoded(encode, name, items, i)
         if probe and not any(label != IGNORE_INDEX for e in probe for label in e.labels):
             log.warning(
                 "stage %s: the first %d records of data source %r score no token (every label masked): it "
@@ -143,6 +142,15 @@ def check_sources(stage: JointStage, ctx: StageContext, encode) -> None:
                 len(probe),
                 name,
             )
+
+
+def encoded(encode, name: str, items, i: int):
+    """Record ``i`` of the source ``name`` encoded; a ``DataError`` naming its file and line when it cannot be (an
+    image whose header reads but whose pixels do not, a malformed turn)."""
+    try:
+        return encode(name, items[i])
+    except ValueError as e:
+        raise DataError(f"data source {name!r}: {locate(items, i)} cannot be encoded: {e}") from None
 
 
 def _no_answer(record: dict) -> str | None:
@@ -169,7 +177,11 @@ def prepare(stage: JointStage, ctx: StageContext, model) -> Prepared:
     def setup() -> None:
         if stage.standardize_images:
             names = sorted(n for n in data.names if not sources.is_text[n])
-            samples = [encode(n, r) for n in names for r in sources.items[n][:CALIBRATION_SAMPLES]]
+            samples = [
+                encoded(encode, n, sources.items[n], i)
+                for n in names
+                for i in range(min(CALIBRATION_SAMPLES, len(sources.items[n])))
+            ]
             standardize_image_features(model, samples, stage.standardize_images)
 
     def run(optimizer, scheduler, progress: bool) -> dict[str, float]:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kimivl.data.formats import content_text
+from kimivl.data.formats import DataError, content_text
 from kimivl.data.indexed import Concat
 from kimivl.data.mixture import sample_rng
 from kimivl.processing.processor import KimiVLProcessor
@@ -61,20 +61,21 @@ def _no_caption(record: dict) -> str | None:
 
 
 class CaptionStream:
-    """ViT-stage batches: ``images_per_batch`` (image, caption) pairs, sample i a pure function of (seed, stream,
-    i), ``stream`` naming whose data it is (the stage's name)."""
+    """ViT-stage batches: ``images_per_batch`` (image, caption) pairs drawn from the records of ``sources`` (name ->
+    records) joined in their order, sample i a pure function of (seed, stream, i), ``stream`` naming whose data it is
+    (the stage's name)."""
 
     def __init__(
         self,
-        records: Sequence[dict],
+        sources: dict[str, Sequence[dict]],
         processor: KimiVLProcessor,
         per_batch: int,
         seed: int,
         max_len: int = 64,
         stream: str = "",
     ):
-        self.records, self.processor, self.per_batch, self.seed, self.max_len, self.stream = (
-            records,
+        self.names, self.records = list(sources), Concat(list(sources.values()))
+        self.processor, self.per_batch, self.seed, self.max_len, self.stream = (
             processor,
             per_batch,
             seed,
@@ -83,11 +84,15 @@ class CaptionStream:
         )
 
     def pair(self, i: int):
-        rng = sample_rng(self.seed, self.stream, i)
-        image, question, answer = caption_of(self.records[rng.randrange(len(self.records))])
-        return self.processor.image_processor(image), self.processor.tokenizer.encode(
-            f"{question} {answer}", allow_special=False
-        )
+        k = sample_rng(self.seed, self.stream, i).randrange(len(self.records))
+        try:
+            image, question, answer = caption_of(self.records[k])
+            return self.processor.image_processor(image), self.processor.tokenizer.encode(
+                f"{question} {answer}", allow_special=False
+            )
+        except ValueError as e:  # DataError, an image whose header reads but whose pixels do not
+            name = self.names[self.records.find(k)[0]]
+            raise DataError(f"sample {i}: {self.records.where(k)} of source {name!r} cannot be encoded: {e}") from e
 
     def batches(self, position: int) -> Iterator:
         tok = self.processor.tokenizer
@@ -134,7 +139,7 @@ def prepare(stage: ViTStage, ctx: StageContext, model) -> Prepared:
 
     def run(optimizer, scheduler, progress: bool) -> dict[str, float]:
         data = CaptionStream(
-            Concat([sources.items[name] for name in stage.sources]),
+            {name: sources.items[name] for name in stage.sources},
             ctx.processor,
             stage.images_per_batch,
             recipe.seed,
