@@ -15,7 +15,15 @@ from kimivl.data.world import world_built, world_wanted
 from kimivl.model.kimivl import KimiVL
 from kimivl.precision import use_bf16
 from kimivl.processing.processor import KimiVLProcessor
-from kimivl.train.pipeline import Sources, base_checkpoint, base_config, compute_line, memory_line, recipe_tokenizer
+from kimivl.train.pipeline import (
+    Sources,
+    base_checkpoint,
+    base_config,
+    check_export,
+    compute_line,
+    memory_line,
+    recipe_tokenizer,
+)
 from kimivl.train.recipe import Recipe
 from kimivl.train.stages import check_layout, prepare
 from kimivl.train.stages.base import StageContext
@@ -35,10 +43,11 @@ def stored_in_bf16(path: Path) -> bool:
 def plan_recipe(recipe: Recipe, progress: bool = False) -> list[str]:
     """What the run computes in, then two lines per stage: its data (samples and passes over each source) and its
     memory plan. ``progress`` shows a bar while large sources are checked."""
+    base_dir = base_checkpoint(recipe)  # what the run refuses before anything runs, the plan refuses first too
+    check_export(recipe)
     if recipe.world is not None and world_built(recipe.out / "world") != world_wanted(**recipe.world):
         return _before_the_world(recipe)
     sources = Sources(recipe, progress)
-    base_dir = base_checkpoint(recipe)
     processor = KimiVLProcessor(recipe_tokenizer(recipe, sources, base_dir, save=False))
     with torch.device("meta"):
         model = KimiVL(base_config(recipe, processor.tokenizer))

@@ -775,6 +775,28 @@ def test_plan_before_the_world_is_built_says_what_the_run_builds(tmp_path):
     assert len(lines) == 2 + len(recipe.stages) and not (tmp_path / "run").exists()  # nothing written
 
 
+def test_a_plan_before_the_world_is_built_refuses_what_the_run_refuses_first(tmp_path):
+    """A missing base checkpoint, or an export path that is a file, stops the run before anything runs: the plan of a
+    recipe whose world is not built yet said nothing of them and exited 0."""
+    recipe = {
+        "name": "x",
+        "out": str(tmp_path / "run"),
+        "base": {"checkpoint": str(tmp_path / "nope")},
+        "world": {"seed": 0, "train": 2, "heldout": 1, "tasks": ["reasoning"]},
+        "sources": {"reasoning": "world/train/reasoning.jsonl"},
+        "stages": [{"name": "sft", "kind": "joint", "steps": 1, "lr": 1e-3, "mix": {"reasoning": 1}}],
+    }
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(RecipeError, match="base checkpoint .*nope has no config.json"):
+        plan_recipe(load_recipe(tmp_path / "r.yaml"))
+    (tmp_path / "a-file").write_text("")
+    recipe.update(base={"preset": "tiny"}, export={"path": str(tmp_path / "a-file")})
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(RecipeError, match="export path .*a-file exists and is not a directory"):
+        plan_recipe(load_recipe(tmp_path / "r.yaml"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_plan_with_a_world_the_run_would_rebuild_says_so(tmp_path):
     """A world built with other settings than the recipe's is rebuilt by the run: the plan does not count its
     samples."""
