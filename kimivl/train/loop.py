@@ -46,6 +46,7 @@ class LoopConfig:
     keep_checkpoints: int = 2
     accum: int = 1  # batches (micro-batches) whose gradients add up to one optimizer step
     val_every: int = 100  # steps between calls of train_loop's ``validate`` (and after the last step)
+    data: dict[str, Any] | None = None  # the stage's settings its data stream follows (``TrainState.data``)
 
 
 LossFn = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, dict[str, float], int]]
@@ -105,6 +106,7 @@ def train_loop(
         scheduler,
         keep=cfg.keep_checkpoints,
         world=world,
+        data=cfg.data,
     )
     if resume:
         state.resume()

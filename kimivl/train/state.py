@@ -1,10 +1,10 @@
 """Resumable training checkpoints, written atomically.
 
 A checkpoint is a directory ``step-{N:07d}`` holding the model in the official format (``config.json`` +
-safetensors, full precision) and ``trainer.pt`` (optimizer, scheduler, step, data position, RNG states; loaded with
-``weights_only=True``, so nothing is unpickled beyond tensors and plain containers). It is written under a
-temporary name and renamed into place; the ``latest`` file then moves to it with an atomic replace, so a crash at
-any moment leaves the previous checkpoint intact and pointed to. Frozen parameters' tensors are shards of their
+safetensors, full precision) and ``trainer.pt`` (optimizer, scheduler, step, data position and settings, RNG
+states; loaded with ``weights_only=True``, so nothing is unpickled beyond tensors and plain containers). It is written
+under a temporary name and renamed into place; the ``latest`` file then moves to it with an atomic replace, so a
+crash at any moment leaves the previous checkpoint intact and pointed to. Frozen parameters' tensors are shards of their
 own, hard-linked from the previous checkpoint while they stay unchanged (``save_checkpoint``'s ``frozen_from``).
 """
 
@@ -292,6 +292,7 @@ class TrainState:
     extras: dict[str, Any] = field(default_factory=dict)
     keep: int = 2
     world: World = field(default_factory=World)  # a sharded world saves and resumes with DCP
+    data: dict[str, Any] | None = None  # the stage's settings its data stream follows (a joint stage's mix, ...)
     step: int = 0
     position: int = 0
     saved: Path | None = None  # the checkpoint of the current step; None while the step has progress not on disk
@@ -342,6 +343,7 @@ class TrainState:
                 f"settings, or start the stage afresh (remove {self.ckpt_dir})"
             )
         self._check_schedule(found, state["scheduler"])
+        self._check_data(found, state.get("data"))
         self.scheduler.load_state_dict(state["scheduler"])
         for name, part in self.extras.items():
             part.load_state_dict(state[name])
@@ -372,6 +374,34 @@ class TrainState:
                 f"Resume with that run's settings, or start the stage afresh (remove {self.ckpt_dir})"
             )
 
+    def _check_data(self, found: Path, then: dict[str, Any] | None) -> None:
+        """Refuse a checkpoint whose data stream followed other settings (a joint stage's ``mix``, ``mix_end``,
+        ``replacement`` or ``budget``, a vit stage's ``sources``): the saved position would go on in another stream,
+        and a pass without replacement would draw some records twice and others never. A checkpoint that holds no
+        record of them (written before kimivl kept one) resumes with this run's, with a warning."""
+        if self.data is None:
+            return
+        if then is None:
+            log.warning(
+                "%s: %s holds no record of the settings its data stream followed (written before kimivl kept one): "
+                "going on with this run's, which must be the recipe's settings of that run",
+                self.stage,
+                found,
+            )
+            return
+        changed = [
+            f"{key}: {then.get(key)!r} then, {self.data.get(key)!r} now"
+            for key in sorted(then.keys() | self.data.keys())
+            if then.get(key) != self.data.get(key)
+        ]
+        if changed:
+            raise TrainingError(
+                f"{self.stage}: the data stream of this run differs from the one {found} was trained with "
+                f"({'; '.join(changed)}): the stage's data settings changed in the recipe, and the samples still to "
+                "come (and, without replacement, which records a pass has drawn) follow them. Resume with that run's "
+                f"settings, or start the stage afresh (remove {self.ckpt_dir})"
+            )
+
     def advance(self, position: int = 0) -> None:
         """One step done, the data read up to ``position``."""
         self.step, self.position, self.saved = self.step + 1, position, None
@@ -384,6 +414,7 @@ class TrainState:
                 "position": self.position,
                 "scheduler": self.scheduler.state_dict(),
                 **{n: p.state_dict() for n, p in self.extras.items()},
+                **({"data": self.data} if self.data is not None else {}),
             }
             if self.world.active:  # the optimiser's tensors go by DCP, its hyperparameters (the current lr) here
                 trainer["param_groups"] = [_group_record(group) for group in self.optimizer.param_groups]

@@ -199,7 +199,11 @@ def prepare(stage: JointStage, ctx: StageContext, model) -> Prepared:
                 return {"val_loss": heldout_loss(m, rows, recipe.bf16)}
 
         cfg = loop_config(
-            stage, recipe, bias_update_rate=stage.bias_update_rate, val_every=(stage.val or {}).get("every", 100)
+            stage,
+            recipe,
+            bias_update_rate=stage.bias_update_rate,
+            val_every=(stage.val or {}).get("every", 100),
+            data={key: getattr(stage, key) for key in ("mix", "mix_end", "replacement", "budget")},
         )
         metrics = train_loop(
             model,

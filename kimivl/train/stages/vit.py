@@ -145,7 +145,7 @@ def prepare(stage: ViTStage, ctx: StageContext, model) -> Prepared:
             recipe.seed,
             stream=stage.name,
         )
-        cfg = loop_config(stage, recipe)
+        cfg = loop_config(stage, recipe, data={"sources": stage.sources})
         return train_loop(
             trainee,
             vit_loss,
