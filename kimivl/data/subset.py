@@ -3,6 +3,7 @@ repository bundles its held-out examples)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -38,11 +39,22 @@ def _relocate(record: dict, mapping: dict[str, str]) -> dict:
     return {**record, "messages": messages}
 
 
+def _copy_name(stem: str, media: str, taken: set[str]) -> str:
+    """``{stem}_{file name}``, or, when another file already has that name (``a/1.png`` and ``b/1.png``), with a short
+    hash of the file's path inserted."""
+    name = f"{stem}_{Path(media).name}"
+    if name in taken:
+        name = f"{stem}_{hashlib.sha256(media.encode()).hexdigest()[:8]}_{Path(media).name}"
+    return name
+
+
 def copy_subset(split_dir: str | os.PathLike, out_dir: str | os.PathLike, per_task: int) -> int:
     """Copy ``per_task`` records of every conversation file in ``split_dir`` to ``out_dir`` (media under
     ``out_dir/media``); returns the number of records copied."""
     src, out = Path(split_dir), Path(out_dir)
     (out / "media").mkdir(parents=True, exist_ok=True)
+    copied: dict[str, str] = {}  # media file -> its copy's name
+    names: set[str] = set()
     total = 0
     for path in sorted(p for p in src.glob("*.jsonl") if not is_text_file(p)):
         records = []
@@ -51,9 +63,11 @@ def copy_subset(split_dir: str | os.PathLike, out_dir: str | os.PathLike, per_ta
                 break
             mapping = {}
             for media in _media_paths(record):
-                target = out / "media" / f"{path.stem}_{Path(media).name}"
-                shutil.copyfile(media, target)
-                mapping[media] = str(target.resolve())
+                if media not in copied:
+                    copied[media] = _copy_name(path.stem, media, names)
+                    names.add(copied[media])
+                    shutil.copyfile(media, out / "media" / copied[media])
+                mapping[media] = str((out / "media" / copied[media]).resolve())
             records.append(_relocate(record, mapping))
         if records:
             write_records(out / path.name, records)
