@@ -200,8 +200,14 @@ def _stage(i, **changes):
         (_stage(1, weight_decay=-0.1), "weight_decay must be a number >= 0, got -0.1"),
         (_stage(1, ns_dtype="float16"), "ns_dtype is 'float32' or 'bfloat16', got 'float16'"),
         (_stage(1, rope_theta=0), "rope_theta must be a number > 0, got 0"),
-        (_stage(1, mix={"colour": -1}), "mix maps source names to weights >= 0"),
-        (_stage(2, mix_end={"text": "lots"}), "mix_end maps source names to weights >= 0"),
+        (_stage(1, mix={"colour": -1}), "mix maps source names to finite weights >= 0"),
+        (_stage(2, mix_end={"text": "lots"}), "mix_end maps source names to finite weights >= 0"),
+        # these passed the check, then failed with numpy's bare "Total of weights must be finite"
+        (
+            _stage(1, mix={"colour": float("inf")}),
+            r"mix maps source names to finite weights >= 0, got \{'colour': inf\}",
+        ),
+        (_stage(1, mix={"colour": 1e308, "text": 1e308}), "mix weights must have a positive, finite sum"),
         (_stage(1, replacement="no"), "replacement is true or false, got 'no'"),
         (_stage(1, accum=0), "accum must be an integer >= 1, got 0"),
         (_stage(1, accum=1.5), "accum must be an integer >= 1, got 1.5"),

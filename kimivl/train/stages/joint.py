@@ -4,6 +4,7 @@ cooldown, long-context activation, SFT, long-CoT SFT)."""
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,10 +44,12 @@ class JointStage(PartsSettings):
             raise RecipeError(f"{where}: a joint stage needs a 'mix' of sources")
         for key in ("mix", "mix_end"):
             weights = getattr(self, key) or {}
-            if not isinstance(weights, dict) or not all(number(w) and w >= 0 for w in weights.values()):
-                raise RecipeError(f"{where}: {key} maps source names to weights >= 0, got {weights!r}")
-            if weights and not sum(weights.values()) > 0:
-                raise RecipeError(f"{where}: {key} weights must have a positive sum, got {weights!r}")
+            if not isinstance(weights, dict) or not all(
+                number(w) and math.isfinite(w) and w >= 0 for w in weights.values()
+            ):
+                raise RecipeError(f"{where}: {key} maps source names to finite weights >= 0, got {weights!r}")
+            if weights and not 0 < sum(weights.values()) < math.inf:
+                raise RecipeError(f"{where}: {key} weights must have a positive, finite sum, got {weights!r}")
         for key in ("accum", "log_every"):
             if not integer(getattr(self, key)) or getattr(self, key) < 1:
                 raise RecipeError(f"{where}: {key} must be an integer >= 1, got {getattr(self, key)!r}")
