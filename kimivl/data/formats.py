@@ -13,8 +13,9 @@ Conversations: one JSON object per line (blank lines are skipped)::
 ``{"type": "text", "text": str}``, ``{"type": "image", "image": path}``, ``{"type": "video", "video": path}``
 (an encoded file, e.g. mp4) or ``{"type": "video", "frames": [path, ...], "timestamps": [seconds, ...]}``
 (pre-sampled frames; timestamps optional, same length, non-decreasing, finite seconds >= 0). Media paths are relative
-to the directory of the JSONL file (or absolute) and must exist. ``iter_records`` yields records with media paths
-made absolute; ``write_records`` writes paths inside the file's directory back as relative ones.
+to the directory the JSONL file is named in (for a symbolic link, the link's folder, not its target's: a Hugging Face
+snapshot links each file to a blob elsewhere), or absolute, and must exist. ``iter_records`` yields records with
+media paths made absolute; ``write_records`` writes paths inside the file's directory back as relative ones.
 
 Text (for language pre-training and tokenizer training): one JSON object per line with a string ``"text"``
 key holding a whole document (newlines escaped by JSON); other keys are free-form. Read with ``iter_texts``.
@@ -202,7 +203,7 @@ def iter_lines(path: str | os.PathLike, text: bool) -> Iterator[tuple[int, int, 
     """Stream (line number, byte offset, item) over a JSONL file: validated conversation records (media paths made
     absolute) or, with ``text``, the documents' texts."""
     path = Path(path)
-    root = path.resolve().parent
+    root = path.absolute().parent
     for lineno, offset, obj in _lines(path):
         yield lineno, offset, parse_item(obj, text, root, f"{path}:{lineno}")
 
@@ -249,7 +250,7 @@ def write_records(path: str | os.PathLike, records: Iterable[dict]) -> int:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    root = path.resolve().parent
+    root = path.absolute().parent
     n = 0
     with open(path, "w", encoding="utf-8") as f:
         for record in records:

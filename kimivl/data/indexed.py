@@ -42,7 +42,7 @@ class JsonlRecords(Sequence):
         progress: bool = False,
     ):
         self.path, self.text, self.transform = Path(path), text, transform
-        self._root = self.path.resolve().parent
+        self._root = self.path.absolute().parent
         self._stamp = self._stat()
         self._offsets = array("q")
         self._newlines = [0]  # newlines before each block of LINE_BLOCK bytes counted so far

@@ -67,7 +67,7 @@ def copy_subset(split_dir: str | os.PathLike, out_dir: str | os.PathLike, per_ta
                     copied[media] = _copy_name(path.stem, media, names)
                     names.add(copied[media])
                     shutil.copyfile(media, out / "media" / copied[media])
-                mapping[media] = str((out / "media" / copied[media]).resolve())
+                mapping[media] = str((out / "media" / copied[media]).absolute())
             records.append(_relocate(record, mapping))
         if records:
             write_records(out / path.name, records)

@@ -157,3 +157,18 @@ def test_a_lone_surrogate_is_an_error_naming_file_and_line(tmp_path):
     records._stamp = records._stat()
     with pytest.raises(DataError, match=r"text\.jsonl at byte 0: a string holds a lone surrogate '\\udfff'"):
         records[0]
+
+
+def test_media_paths_of_a_linked_file_are_relative_to_the_link(media, tmp_path_factory):
+    """A JSONL file that is a symbolic link (a Hugging Face snapshot links each file to a blob elsewhere) names its
+    media relative to the link's folder; they were looked for beside its target."""
+    from kimivl.data.indexed import JsonlRecords
+
+    store = tmp_path_factory.mktemp("blobs") / "0123abcd"
+    store.write_text(json.dumps({"messages": [{"role": "user", "content": [{"type": "image", "image": "img/a.png"}]}]}))
+    (media / "linked.jsonl").symlink_to(store)
+    expected = str(media / "img" / "a.png")
+    assert next(iter_records(media / "linked.jsonl"))["messages"][0]["content"][0]["image"] == expected
+    assert JsonlRecords(media / "linked.jsonl", text=False)[0]["messages"][0]["content"][0]["image"] == expected
+    with pytest.raises(DataError, match=f"media file 'img/a.png' not found \\(looked for {store.parent}"):
+        next(iter_records(store))
