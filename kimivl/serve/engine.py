@@ -284,12 +284,21 @@ class Engine:
         if request.n > self.max_batch:
             raise ValueError(f"n={request.n} choices do not fit the batch of {self.max_batch} rows")
         with self._cond:
+            self._drop_cancelled()
             if len(self._waiting) >= self.max_queue:
                 self.metrics.requests["rejected"] += 1
                 raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); retry later")
             self._waiting.append(request)
             self.metrics.queue_length = len(self._waiting)
             self._cond.notify()
+
+    def _drop_cancelled(self) -> None:
+        """Requests whose clients left while they waited give up their places (call with ``_cond`` held)."""
+        live = [r for r in self._waiting if not r.cancelled]
+        if len(live) < len(self._waiting):
+            self.metrics.requests["cancelled"] += len(self._waiting) - len(live)
+            self._waiting = collections.deque(live)
+            self.metrics.queue_length = len(live)
 
     # ---- the worker ------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -303,6 +312,7 @@ class Engine:
                     self._cond.wait()
                 if self._stop:
                     return
+                self._drop_cancelled()  # a dead request at the head would hold back those behind it
                 room = self.max_batch - len(batch.live()) - sum(j.request.n for j in jobs)
                 while self._waiting and self._waiting[0].n <= room:
                     room -= self._waiting[0].n

@@ -241,3 +241,35 @@ def test_a_decode_step_with_nothing_to_choose_from_fails_its_requests_and_the_en
         assert done[2].wait(60) and events[2][-1][0] == "done" and events[2][-1][3] > 0, events[2]
     finally:
         engine.shutdown()
+
+
+def test_requests_cancelled_while_queued_give_up_their_places(loaded):
+    """Clients that left while queued kept their places: a new request got QueueFull and the queue gauge stayed full;
+    a dead request at the head whose choices did not fit held back a live one behind it until rows were free."""
+    model, processor = loaded
+    engine = Engine(model, processor, max_batch=2, max_queue=2)  # not started
+    dead = [_request(processor, [{"role": "user", "content": "Hi"}]) for _ in range(2)]
+    for request in dead:
+        engine.submit(request)
+    for request in dead:
+        request.cancel()
+    alive = _Client(engine, [{"role": "user", "content": "Hi"}], 3)  # raised QueueFull
+    assert engine.metrics.queue_length == 1 and engine.metrics.requests["cancelled"] == 2
+
+    engine = Engine(model, processor, max_batch=2)
+    engine.start()
+    try:
+        _, thinking = _questions("reasoning", 1)[0]
+        running = _Client(engine, thinking, 200)  # one of the two rows for 200 steps
+        while not any(e[0] == "text" for _, e in running.events):
+            time.sleep(0.005)
+        head = _request(processor, [{"role": "user", "content": "Hi"}])
+        head.n = 2  # waits for both rows
+        engine.submit(head)
+        alive = _Client(engine, [{"role": "user", "content": "Hi"}], 3)
+        head.cancel()
+        alive.text()
+        assert not running.done.is_set()  # answered beside the running request, not after it
+        assert engine.metrics.requests["cancelled"] == 1 and engine.metrics.queue_length == 0
+    finally:
+        engine.shutdown()
