@@ -53,6 +53,8 @@ class Request:
     stop: list[str] = field(default_factory=list)
     cancelled: bool = False
     failed: bool = False
+    rows: int = 0  # its choices in the batch: its outcome is counted when the last leaves
+    cut: bool = False  # a choice left unfinished (the request was cancelled)
     submitted: float = field(default_factory=time.monotonic)
     first_token: float | None = None
 
@@ -332,6 +334,7 @@ class Engine:
                     for request in {id(c.request): c.request for c, _, _ in ready}.values():
                         self._fail(request, f"admission failed: {e}")
                     batch.rows = [None if r is not None and r.request.failed else r for r in batch.rows]
+                    self._leave([c for c, _, _ in ready])
             try:
                 if batch.live():
                     if batch.crowded():
@@ -341,12 +344,15 @@ class Engine:
                     batch.relay()  # nobody to take the free slots: drop them
             except Exception as e:  # a failure in the shared step ends the rows it holds, not the server
                 log.exception("decode step failed")
-                for request in {id(r.request): r.request for r in batch.rows if r is not None}.values():
+                live = [r for r in batch.rows if r is not None]
+                for request in {id(r.request): r.request for r in live}.values():
                     self._fail(request, f"generation failed: {e}")
+                self._leave(live)
                 batch.__init__(batch.cfg)
             self.metrics.batch_size = len(batch.live())
 
     def _fail(self, request: Request, message: str) -> None:
+        """End ``request`` with an error, counted now (its choices still in the batch then leave uncounted)."""
         request.failed = request.cancelled = True
         self.metrics.requests["error"] += 1
         request.emit(("error", message))
@@ -457,17 +463,24 @@ class Engine:
             request.first_token = time.monotonic()
             self.metrics.observe_ttft(request.first_token - request.submitted)
             self.metrics.prompt_tokens += len(request.prompt)
+            request.rows = len(rows)
             for row, token in zip(rows, firsts):
                 row.add(token, self._stop_ids)
-            self._account([row for row in rows if row.finish])
+            self._leave([row for row in rows if row.finish])
             ready += [(row, own, token) for row, token in zip(rows, firsts) if not row.finish]
         return ready
 
-    def _account(self, finished: list[_Choice]) -> None:
-        for row in finished:
+    def _leave(self, rows: list[_Choice]) -> None:
+        """Count the tokens of choices leaving the batch (finished, cancelled or failed), and each request's outcome
+        once, when its last choice leaves: ok, or cancelled if a choice left unfinished (a failed request was
+        counted by ``_fail``)."""
+        for row in rows:
+            request = row.request
             self.metrics.completion_tokens += row.tokens
-            if row.index == 0:  # one request counted once, by its first choice's end (choices may end apart)
-                self.metrics.requests["ok"] += 1
+            request.cut |= row.finish is None
+            request.rows -= 1
+            if request.rows == 0 and not request.failed:
+                self.metrics.requests["cancelled" if request.cut else "ok"] += 1
 
     def _step(self, batch: _Batch) -> None:
         """One decode step for every row (a free slot's result is ignored), then finished and cancelled rows leave
@@ -508,8 +521,7 @@ class Engine:
                 if not row.finish and position >= context:
                     row._end("length")
         batch.tokens = torch.tensor(tokens, device=batch.tokens.device)
-        live = [r for r in batch.rows if r is not None]
-        self._account([r for r in live if r.finish])
-        cancelled = {id(r.request) for r in live if r.request.cancelled and not r.request.failed and not r.finish}
-        self.metrics.requests["cancelled"] += len(cancelled)
-        batch.rows = [None if r is None or r.finish or r.request.cancelled else r for r in batch.rows]
+        # the rows that leave, read once (a client may cancel meanwhile): each is counted and freed
+        leaving = [r for r in batch.rows if r is not None and (r.finish or r.request.cancelled)]
+        self._leave(leaving)
+        batch.rows = [None if r in leaving else r for r in batch.rows]

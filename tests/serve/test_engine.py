@@ -273,3 +273,51 @@ def test_requests_cancelled_while_queued_give_up_their_places(loaded):
         assert engine.metrics.requests["cancelled"] == 1 and engine.metrics.queue_length == 0
     finally:
         engine.shutdown()
+
+
+def test_a_request_is_counted_once_when_its_last_choice_leaves_with_all_its_tokens(loaded, monkeypatch):
+    """With n=2, choice 0 ending then the client leaving counted ok and cancelled, and only choice 0's tokens; choice 0
+    ending then choice 1 failing counted ok and error. Now: one outcome per request, every choice's tokens."""
+    model, processor = loaded
+    lm = model.language_model
+    messages = [{"role": "user", "content": "Describe a red circle."}]
+    params = SamplingParams(max_new_tokens=40, temperature=1.0, seed=11)
+
+    def run(emit=lambda event, request: None):
+        engine, events = Engine(model, processor, max_batch=2), []
+        ids = processor.encode(messages).input_ids
+        request = Request(ids, None, None, params, lambda e: (events.append(e), emit(e, request)), n=2, stop=stop)
+        engine.submit(request)
+        engine.start()
+        try:
+            _wait(lambda: engine.metrics.requests.total())
+        finally:
+            engine.shutdown()  # after the turn that counted the outcome
+        return engine.metrics, events
+
+    stop = []
+    _, events = run()
+    texts = ["".join(e[2] for e in events if e[0] == "text" and e[1] == i) for i in (0, 1)]
+    cut = next(i for i in range(8, 60) if texts[0][i : i + 4].strip() and texts[0][i : i + 4] not in texts[1])
+    stop = [texts[0][cut : cut + 4]]  # choice 0 stops at it, choice 1 runs on
+
+    metrics, events = run(lambda event, request: event[:2] == ("done", 0) and request.cancel())
+    ((_, _, reason, tokens0),) = [e for e in events if e[0] == "done"]
+    assert reason == "stop" and tokens0 > 1
+    assert dict(metrics.requests) == {"cancelled": 1}
+    # choice 1 took as many tokens as choice 0, less the step's own: the cancel came while the step was at choice 0
+    assert metrics.completion_tokens == 2 * tokens0 - 1
+
+    poisoned, real = threading.Event(), lm.logits
+    monkeypatch.setattr(lm, "logits", lambda hidden: real(hidden) * (float("nan") if poisoned.is_set() else 1))
+    metrics, events = run(lambda event, request: event[:2] == ("done", 0) and poisoned.set())
+    assert [e[0] for e in events if e[0] != "text"] == ["done", "error"]
+    assert dict(metrics.requests) == {"error": 1}
+    assert metrics.completion_tokens == 2 * events[[e[0] for e in events].index("done")][3]
+
+
+def _wait(condition, seconds: float = 60.0) -> None:
+    """Poll ``condition`` every 10 ms until it holds or ``seconds`` pass (the caller asserts what it needs)."""
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
