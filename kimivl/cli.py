@@ -287,6 +287,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         check_api_key(api_key)
     if args.port > 65535:
         raise CommandError(f"--port must be at most 65535, got {args.port}")
+    if not 0 <= args.shutdown_timeout < float("inf"):
+        raise CommandError(f"--shutdown-timeout must be a number of seconds >= 0, got {args.shutdown_timeout}")
     if args.allowed_local_media_path and not os.path.isdir(args.allowed_local_media_path):
         raise CommandError(f"--allowed-local-media-path {args.allowed_local_media_path}: not a directory")
     model, processor = _load(args.model, args.dtype, args.device)
@@ -304,7 +306,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     hosts = tuple(dict.fromkeys(n.lower() for n in names)) if _loopback(args.host) else None
     app = create_app(engine, name, api_key=api_key, limits=limits, hosts=hosts)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+        uvicorn.run(
+            app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=args.shutdown_timeout
+        )
     finally:  # a forced quit (a second Ctrl-C) skips the app's shutdown: the engine's thread must not die inside torch
         engine.shutdown()
     return 0
@@ -626,6 +630,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=512,
         help="prompt tokens per prefill pass and between two decode steps; up to 4 passes' worth while more prompts "
         "wait than rows decode (default 512)",
+    )
+    serve.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="on Ctrl-C or SIGTERM, how long open requests may finish before they are cancelled (default 30)",
     )
     serve.add_argument("--served-model-name", help="the model name clients send (default: the directory's name)")
     serve.add_argument(

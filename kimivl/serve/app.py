@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 << 20
 BODY_IDLE_SECONDS = 30  # a request body that stalls this long is refused (408), its buffer freed
+BODY_TOTAL_SECONDS = 120  # and one that takes longer than this in all (64 MiB at about 4.5 Mbit/s)
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 PAGE_HEADERS = {  # the chat page: its own scripts and server only, never framed by another site
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; connect-src 'self' data: blob:; "
@@ -73,11 +74,15 @@ def create_app(
     # team of OpenMP threads on the same cores would make both wait (several times slower decode steps on 2 cores)
     encoder = ThreadPoolExecutor(1, "kimivl-encode", initializer=torch.set_num_threads, initargs=(1,))
 
+    answering: set[asyncio.Task] = set()  # the requests' tasks, to let cancelled ones send their 503 on shutdown
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         if start_engine:
             engine.start()
         yield
+        if answering:  # uvicorn cancelled them (--shutdown-timeout ran out): their answers take a moment
+            await asyncio.wait(set(answering), timeout=5)
         engine.shutdown()
         encoder.shutdown(wait=False, cancel_futures=True)
 
@@ -110,6 +115,8 @@ def create_app(
             log.exception("%s %s failed", request.method, request.url.path)
             message = f"the server failed on this request ({type(e).__name__}); its log has the details"
             return _error(RequestError(message, status=500))
+
+    app.add_middleware(_CancelledQuietly, answering=answering)  # added last: outside the others
 
     page = importlib.resources.files("kimivl.serve").joinpath("static/index.html").read_text(encoding="utf-8")
 
@@ -203,7 +210,7 @@ def _host_name(host: str) -> str:
 async def _read_body(request: Request, limit: int) -> bytearray:
     """A JSON request body of at most ``limit`` bytes: another content type is refused (a browser sends a foreign
     site's form or no-cors request as text, never as JSON without asking first), so is a body declared or grown
-    over the limit, or one that stalls ``BODY_IDLE_SECONDS``."""
+    over the limit, or one that stalls ``BODY_IDLE_SECONDS`` or takes over ``BODY_TOTAL_SECONDS`` in all (408)."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind != "application/json":
         raise RequestError(f"the request body must be JSON (Content-Type: application/json), got {kind!r}", status=415)
@@ -211,15 +218,52 @@ async def _read_body(request: Request, limit: int) -> bytearray:
     if declared.isdigit() and int(declared) > limit:
         raise RequestError(f"the request body is over the limit of {limit} bytes", status=413)
     raw, chunks = bytearray(), request.stream().__aiter__()
+    deadline = time.monotonic() + BODY_TOTAL_SECONDS
     while True:
+        left = deadline - time.monotonic()
         try:
-            raw += await asyncio.wait_for(anext(chunks), BODY_IDLE_SECONDS)
+            raw += await asyncio.wait_for(anext(chunks), min(BODY_IDLE_SECONDS, max(left, 0)))
         except StopAsyncIteration:
             return raw
         except TimeoutError:
-            raise RequestError(f"the request body stalled for {BODY_IDLE_SECONDS} s", status=408) from None
+            if left < BODY_IDLE_SECONDS:
+                message = f"the request body took over {BODY_TOTAL_SECONDS} s to arrive"
+            else:
+                message = f"the request body stalled for {BODY_IDLE_SECONDS} s"
+            raise RequestError(message, status=408) from None
         if len(raw) > limit:  # read no further than the limit
             raise RequestError(f"the request body is over the limit of {limit} bytes", status=413)
+
+
+class _CancelledQuietly:
+    """A request whose task the server cancels (``--shutdown-timeout`` ran out, or a second Ctrl-C) gets a 503 when
+    nothing was sent yet, and one line in the log instead of a traceback each; its engine request was cancelled on the
+    way out (the handlers' ``finally``). ``answering`` holds the tasks of the requests being answered."""
+
+    def __init__(self, app, answering: set[asyncio.Task]):
+        self.app, self.answering = app, answering
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def watched(message):
+            nonlocal started
+            started |= message["type"] == "http.response.start"
+            await send(message)
+
+        task = asyncio.current_task()
+        self.answering.add(task)
+        try:
+            await self.app(scope, receive, watched)
+        except asyncio.CancelledError:
+            log.warning("%s %s: cancelled, the server is shutting down", scope["method"], scope["path"])
+            if not started:
+                error = RequestError("the server is shutting down; retry later", status=503, code="shutting_down")
+                await JSONResponse(error.body(), 503, {"Connection": "close"})(scope, receive, send)
+        finally:
+            self.answering.discard(task)
 
 
 def _json_int(digits: str) -> int | float:

@@ -466,6 +466,8 @@ def test_serve_binds_to_loopback_by_default_and_checks_its_numbers(capsys):
     assert "--port must be at most 65535, got 70000" in capsys.readouterr().err
     assert main(["serve", "--allowed-local-media-path", "/no/such/dir"]) == 2
     assert "not a directory" in capsys.readouterr().err
+    assert main(["serve", "--shutdown-timeout", "nan"]) == 2
+    assert "--shutdown-timeout must be a number of seconds >= 0, got nan" in capsys.readouterr().err
 
 
 def test_local_media_only_under_the_allowed_directory_and_byte_limits(tmp_path):
@@ -508,7 +510,7 @@ def test_kimivl_serve_runs_uvicorn_on_loopback_with_the_app(monkeypatch):
     model = str(MODELS / "kimivl-tiny")
     assert main(["serve", "--model", model, "--device", "cpu", "--max-batch", "2", "--port", "8123"]) == 0
     ((app, kw),) = calls
-    assert kw["host"] == "127.0.0.1" and kw["port"] == 8123
+    assert kw["host"] == "127.0.0.1" and kw["port"] == 8123 and kw["timeout_graceful_shutdown"] == 30
     assert main(["serve", "--model", model, "--device", "cpu", "--allowed-host", "chat.example.org"]) == 0
     from fastapi.testclient import TestClient
 
