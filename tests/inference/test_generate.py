@@ -68,6 +68,24 @@ def test_sampling_is_seeded_and_respects_top_k(tiny_model):
         assert int(sample_next(tied, SamplingParams(temperature=0.7, top_p=1e-9), g)) == int(tied.argmax()) == 300
 
 
+def test_top_p_keeps_the_nucleus_of_the_tempered_distribution():
+    """Temperature comes first: at T=2 the top token holds 47.5% of the mass, so top_p=0.5 keeps two tokens; at T=1
+    it holds 66%, alone enough."""
+    logits = torch.tensor([[0.0, 5.0, 4.0, 3.0, -1.0]])
+    for temperature, nucleus in ((2.0, {1, 2}), (1.0, {1})):
+        g = torch.Generator().manual_seed(0)
+        params = SamplingParams(temperature=temperature, top_p=0.5)
+        assert {int(sample_next(logits, params, g)) for _ in range(300)} == nucleus, temperature
+
+
+def test_top_p_drops_a_token_once_the_mass_before_it_reaches_top_p():
+    """Two tied tokens at top_p=0.5: the first already holds half the mass, so the second is dropped; one token
+    stays, as with transformers' TopPLogitsWarper (which keeps the higher id; here the lower, the one greedy takes)."""
+    g = torch.Generator().manual_seed(0)
+    draws = {int(sample_next(torch.zeros(1, 2), SamplingParams(temperature=1.0, top_p=0.5), g)) for _ in range(200)}
+    assert draws == {0}
+
+
 def test_seeds_that_differ_above_32_bits_draw_differently(tiny_model):
     """A CPU generator keeps 32 bits of its seed: 5 and 5 + 2**32 (or 0 and 2**63) drew the same samples."""
     flat = torch.zeros(64, 4096)
