@@ -18,6 +18,7 @@ from kimivl.processing.image import (
     ImageProcessor,
     mark_source_size,
     source_size,
+    to_rgb,
 )
 
 MEAN = np.array(CLIP_MEAN, dtype=np.float32)
@@ -279,6 +280,14 @@ def test_sixteen_bit_png_is_rescaled_not_clipped():
     pv = ImageProcessor()(buf.getvalue())["pixel_values"]
     got = [pixel(pv, 2, 0, x)[0] for x in range(3)]
     np.testing.assert_allclose(got, normalised([[0] * 3, [50] * 3, [255] * 3])[:, 0], atol=1e-6)
+
+
+def test_sixteen_bit_values_round_to_the_nearest_eight_bit_value():
+    """v / 257 rounded: 128 (0.498) is 0, 255 (0.992) is 1, 385 (1.498) is 1, 386 (1.502) is 2, 65535 is 255."""
+    a = np.array([[0, 128, 255, 385, 386, 65535]], np.uint16)
+    got = np.asarray(to_rgb(Image.fromarray(a)))
+    assert Image.fromarray(a).mode.startswith("I;16")
+    assert got[0, :, 0].tolist() == [0, 0, 1, 1, 2, 255] and (got == got[..., :1]).all()
 
 
 def test_exif_orientation():
