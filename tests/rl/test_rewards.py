@@ -80,6 +80,10 @@ def test_point_in_box():
     assert point_in_box("[0.25, 0.35, 0.35, 0.45]", meta) == 1.0  # a box scores by its centre
     assert point_in_box("(0.5, 0.4)", meta) == 0.0
     assert point_in_box("0.3", meta) == 0.0
+    edges = {"box": [0.2, 0.4, 0.6, 0.8]}  # the box's edges are inside, as the ScreenSpot scorer counts them
+    for point in ("(0.2, 0.5)", "(0.6, 0.5)", "(0.3, 0.4)", "(0.3, 0.8)", "(0.6, 0.8)"):
+        assert point_in_box(point, edges) == 1.0, point
+    assert point_in_box("(0.61, 0.5)", edges) == 0.0
     assert correctness("◁think▷ the button ◁/think▷(0.3, 0.4)", meta) == 1.0
 
 
