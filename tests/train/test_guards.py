@@ -48,6 +48,28 @@ def test_an_update_that_makes_weights_non_finite_stops_and_names_them():
     assert told == [False]  # the current weights are not offered as the good state
 
 
+def test_gradients_are_clipped_to_the_norm_clip_and_never_scaled_up():
+    """Below ``clip`` the gradients are left exactly as they are; above it they are scaled to norm ``clip``; the norm
+    before clipping is returned."""
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    torch.manual_seed(0)
+    for norm in (0.5, 5.0):
+        grads = [torch.randn_like(p) for p in model.parameters()]
+        scale = norm / torch.cat([g.flatten() for g in grads]).norm()
+        for p, g in zip(model.parameters(), grads):
+            p.grad = g * scale
+        before = [p.grad.clone() for p in model.parameters()]
+        got = optimizer_step(model, optimizer, 1.0, "s: step 1", lambda ok: "c")
+        torch.testing.assert_close(got, torch.tensor(norm), rtol=1e-6, atol=0)
+        after = torch.cat([p.grad.flatten() for p in model.parameters()])
+        if norm < 1:
+            assert all(torch.equal(p.grad, b) for p, b in zip(model.parameters(), before))
+        else:
+            torch.testing.assert_close(after.norm(), torch.tensor(1.0), rtol=1e-6, atol=0)
+            torch.testing.assert_close(after, torch.cat([b.flatten() for b in before]) / norm, rtol=1e-5, atol=0)
+
+
 @pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
 def test_loop_never_saves_non_finite_weights(small_model, small_processor, tmp_path, monkeypatch):
     model, data, opt, sched = setup(small_model, small_processor)
