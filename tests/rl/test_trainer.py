@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import kimivl.rl.trainer as trainer_mod
+from kimivl.rl.objectives import group_baseline, length_reward, opmd_loss
 from kimivl.rl.rollouts import token_logprobs
 from kimivl.rl.trainer import RLConfig, RLTrainer
 from kimivl.train.optim import build_optimizer
@@ -161,3 +162,115 @@ def test_the_largest_seed_runs(small_model, small_processor, tmp_path):
     trainer = make_trainer(copy.deepcopy(small_model), small_processor, tmp_path, iterations=1, seed=2**64 - 1)
     trainer.run(progress=False)
     assert json.loads((tmp_path / "metrics.jsonl").read_text())["step"] == 1
+
+
+def _reward_by_call(values):
+    """A reward stub: the i-th answer scored in an iteration gets ``values[i]`` (answers are scored problem by
+    problem, k at a time)."""
+    calls = []
+
+    def reward(text, meta):
+        calls.append(1)
+        return values[(len(calls) - 1) % len(values)]
+
+    return reward
+
+
+@pytest.mark.parametrize("objective", ["opmd", "grpo"])
+def test_each_objective_gets_its_own_advantage(small_model, small_processor, tmp_path, monkeypatch, objective):
+    """OPMD weighs r - mean(r) of the problem's k answers; GRPO (r - mean) / (population std + 1e-6)."""
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.5, 1.0, 1.0, 0.25, 0.0])  # 2 problems x 4 answers
+    given = []
+    for name in ("opmd_loss", "grpo_loss"):
+        real = getattr(trainer_mod, name)
+        monkeypatch.setattr(trainer_mod, name, lambda *a, real=real: given.append(a[2].cpu()) or real(*a))
+    trainer = make_trainer(
+        copy.deepcopy(small_model),
+        small_processor,
+        tmp_path,
+        _reward_by_call(rewards.tolist()),
+        problems=2,
+        samples=4,
+        objective=objective,
+    )
+    trainer.step()
+    r = rewards.view(2, 4)
+    centred = r - r.mean(1, keepdim=True)
+    want = centred if objective == "opmd" else centred / (r.std(1, unbiased=False, keepdim=True) + 1e-6)
+    # the minibatches take the answers shuffled: compare the advantages given, sorted
+    got = torch.cat(given).sort().values
+    torch.testing.assert_close(got, want.flatten().sort().values, atol=1e-6, rtol=0)
+
+
+def _cut_rollouts(monkeypatch) -> list:
+    """Rollouts cut to at most 1, 2, 3, 1, 2, 3, ... tokens, so the k answers of a problem differ in length; returns
+    the list they are put in."""
+    real, rolls = trainer_mod.rollout, []
+
+    def cut(*args, **kwargs):
+        rolls.extend(real(*args, **kwargs))
+        for j, r in enumerate(rolls):
+            r.ids = r.ids[: 1 + j % 3]
+        return rolls
+
+    monkeypatch.setattr(trainer_mod, "rollout", cut)
+    return rolls
+
+
+def test_the_length_reward_is_weighed_by_length_weight(small_model, small_processor, tmp_path, monkeypatch):
+    """With length_weight 0.5 the reward is correct + 0.5 x Kimi's length reward, which is logged unweighed."""
+    rolls = _cut_rollouts(monkeypatch)
+    correct = [0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0]
+    trainer = make_trainer(
+        copy.deepcopy(small_model),
+        small_processor,
+        tmp_path,
+        _reward_by_call(correct),
+        problems=2,
+        samples=4,
+        max_new_tokens=3,
+        length_weight=0.5,
+    )
+    values = trainer.step()
+    lengths = torch.tensor([r.length for r in rolls], dtype=torch.float32)
+    bonus = length_reward(lengths, torch.tensor(correct) >= 0.5, 4)
+    assert len(rolls) == 8 and bonus.mean() != 0
+    assert values["length_reward"] == pytest.approx(bonus.mean().item(), abs=1e-6)
+    assert values["reward"] == pytest.approx((torch.tensor(correct) + 0.5 * bonus).mean().item(), abs=1e-6)
+
+
+def test_the_update_is_the_gradient_of_the_minibatch_mean_loss(small_model, small_processor, tmp_path, monkeypatch):
+    """One minibatch of all 8 answers: the gradient (its norm logged, before clipping) is that of the mean OPMD loss
+    over them, not of their sum."""
+    rewards = [1.0, 0.0, 0.0, 0.5, 1.0, 1.0, 0.25, 0.0]
+    rolls, prompts = [], []  # the answers, and the prompts they answer
+    real_rollout = trainer_mod.rollout
+    monkeypatch.setattr(
+        trainer_mod, "rollout", lambda *a, **k: prompts.extend(a[2]) or rolls.extend(real_rollout(*a, **k)) or rolls
+    )
+    want = []
+    real_step = trainer_mod.optimizer_step
+
+    def step(model, *args, **kwargs):  # the weights are still those the answers were sampled from
+        with trainer_mod.training_attention():
+            tokens = token_logprobs(model, [prompts[r.prompt] for r in rolls], [r.ids for r in rolls])
+        logp = torch.stack([t.sum() for t in tokens])
+        advantage = group_baseline(torch.tensor(rewards), 4)
+        loss = opmd_loss(logp, logp.detach(), advantage, trainer.cfg.tau).mean()
+        grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+        want.append(torch.stack([g.double().norm() for g in grads if g is not None]).norm())  # a float32 sum drifts
+        return real_step(model, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_mod, "optimizer_step", step)
+    trainer = make_trainer(
+        copy.deepcopy(small_model),
+        small_processor,
+        tmp_path,
+        _reward_by_call(rewards),
+        problems=2,
+        samples=4,
+        updates=1,
+    )
+    values = trainer.step()
+    assert len(want) == 1 and want[0] > 0
+    assert values["grad_norm"] == pytest.approx(want[0].item(), rel=1e-5)
