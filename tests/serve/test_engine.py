@@ -16,6 +16,7 @@ from conftest import MODELS
 from test_serve import _questions
 
 from kimivl import KimiVL, KimiVLProcessor
+from kimivl.inference.generate import generate_ids
 from kimivl.inference.sampling import SamplingParams
 from kimivl.serve.engine import PREFILL_BURST, Engine, Request, _Prefill
 
@@ -321,3 +322,18 @@ def _wait(condition, seconds: float = 60.0) -> None:
     deadline = time.monotonic() + seconds
     while not condition() and time.monotonic() < deadline:
         time.sleep(0.01)
+
+
+def test_completion_tokens_leave_out_the_stop_token_as_generate_ids_does(engine):
+    """An answer that ends on a stop id counts its tokens before it: as many as ``generate_ids`` returns."""
+    model, processor = engine.model, engine.processor
+    _, messages = _questions("ocr", 1)[0]  # the tiny model answers it in a few tokens and stops
+    encoded = processor.encode(messages)
+    params = SamplingParams(max_new_tokens=40, temperature=0.0)
+    ids = generate_ids(
+        model, [encoded.input_ids], encoded.pixel_values, encoded.image_grid_hws, params, processor.stop_ids
+    )[0]
+    client = _Client(engine, messages, 40)
+    assert client.text() == processor.decode(ids)
+    ((_, _, reason, tokens),) = [e for _, e in client.events if e[0] == "done"]
+    assert reason == "stop" and tokens == len(ids) < 40

@@ -104,6 +104,38 @@ def test_several_choices_stop_strings_and_length(tiny):
     assert [c.message.content for c in sampled[0]] == [c.message.content for c in sampled[1]]  # seeded
 
 
+def test_a_temperature_under_1_samples_as_generate_does(tiny):
+    """A temperature between the least one (below it is greedy) and 1 samples: the answer equals generate's with that
+    temperature and seed, and differs from the greedy one for some seed."""
+    url, engine = tiny
+    client = _client(url)
+    api, local = _questions("gui", 1)[0]
+
+    def served(seed: int) -> str:
+        r = client.chat.completions.create(model="kimivl-tiny", messages=api, temperature=0.7, max_tokens=12, seed=seed)
+        return r.choices[0].message.content
+
+    sampled = generate(engine.model, engine.processor, local, max_new_tokens=12, temperature=0.7, seed=5)
+    assert served(5) == sampled
+    greedy = generate(engine.model, engine.processor, local, max_new_tokens=12, temperature=0.0)
+    assert any(served(seed) != greedy for seed in range(5, 9))
+
+
+def test_choice_i_samples_with_seed_plus_i(tiny):
+    url, _ = tiny
+    client = _client(url)
+    api, _ = _questions("gui", 1)[0]
+
+    def served(seed: int, n: int = 1) -> list[str]:
+        r = client.chat.completions.create(
+            model="kimivl-tiny", messages=api, temperature=1.0, max_tokens=12, seed=seed, n=n
+        )
+        return [c.message.content for c in r.choices]
+
+    two = served(5, n=2)
+    assert two == served(5) + served(6) and two[0] != two[1]
+
+
 def _post(url: str, body, key: str | None = "secret-key") -> tuple[int, dict]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
