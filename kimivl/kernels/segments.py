@@ -8,14 +8,20 @@ from kimivl.kernels import fused
 from kimivl.kernels.matmul import causal_bias, mask_bias, matmul_attention
 
 
+PAD_SCORES = 1 << 16  # padding score elements a segment may add to a batch rather than run in a call of its own
+
+
 def similar_lengths(segments: list[tuple[int, int]], heads: int, limit: int) -> list[list[tuple[int, int]]]:
-    """(start, length) segments grouped, longest first, into buckets of lengths within 2x of the bucket's longest
-    whose padded scores (heads * bucket size * longest^2 elements) stay within ``limit``."""
+    """(start, length) segments grouped, longest first, into buckets: a segment joins the bucket of the one before
+    when its padding to the bucket's longest adds at most ``PAD_SCORES`` score elements (heads * (longest^2 -
+    length^2): short segments share a call whatever their lengths, long ones only with lengths close to their own)
+    and the padded scores (heads * bucket size * longest^2 elements) stay within ``limit``."""
     buckets: list[list[tuple[int, int]]] = []
     for seg in sorted(segments, key=lambda s: -s[1]):
         if buckets:
             longest = buckets[-1][0][1]
-            if 2 * seg[1] >= longest and (len(buckets[-1]) + 1) * heads * longest * longest <= limit:
+            cheap = heads * (longest * longest - seg[1] * seg[1]) <= PAD_SCORES
+            if cheap and (len(buckets[-1]) + 1) * heads * longest * longest <= limit:
                 buckets[-1].append(seg)
                 continue
         buckets.append([seg])

@@ -22,11 +22,21 @@ def packed(q, k, v, cu, **kwargs):
     return kernels.attention(q[None], k[None], v[None], cu_seqlens=cu, **kwargs)[0]
 
 
+def test_segments_share_a_call_where_their_padding_is_cheap():
+    """Short segments share one padded batch whatever their lengths; long ones only with lengths close to their own
+    (padding adds at most PAD_SCORES score elements), and no batch's scores pass the limit."""
+    short = [(i * 40, n) for i, n in enumerate([3, 40, 17, 9])]
+    assert segments.similar_lengths(short, 4, 1 << 24) == [[(40, 40), (80, 17), (120, 9), (0, 3)]]
+    long = [(0, 300), (300, 280), (580, 250), (830, 150)]  # 4 heads: 300 -> 280 adds 46,400, 300 -> 250 110,000
+    assert segments.similar_lengths(long, 4, 1 << 24) == [[(0, 300), (300, 280)], [(580, 250)], [(830, 150)]]
+    assert segments.similar_lengths(long[:2], 4, 4 * 300 * 300) == [[(0, 300)], [(300, 280)]]
+
+
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("path", ["matmul", "fused", "padded_batch", "flash"])
 def test_packed_paths_equal_per_segment_sdpa(monkeypatch, causal, path):
-    """CPU: similar-length segments in padded batches of plain matmuls (here lengths 12 and 6 together, 5 alone, so
-    outputs are reordered), or one by one through the fused kernel past SCORES_LIMIT; CUDA: one fused padded batch,
+    """CPU: similar-length segments in padded batches of plain matmuls (here, with PAD_SCORES lowered, lengths 12 and 6
+    together, 5 alone, so outputs are reordered), or one by one through the fused kernel past SCORES_LIMIT; CUDA: one fused padded batch,
     or flash-attn's varlen kernel (here a stand-in that checks its input contract: equal head dims, so the narrower
     values are padded and the output cut back, int32 bounds, the longest segment's length)."""
 
@@ -62,6 +72,8 @@ def test_packed_paths_equal_per_segment_sdpa(monkeypatch, causal, path):
     else:
         if path != "flash":
             monkeypatch.setattr(attn, "SCORES_LIMIT", 1 << 24 if path == "matmul" else 0)
+            monkeypatch.setattr(segments, "PAD_SCORES", 4 * (12 * 12 - 6 * 6))
+            assert segments.similar_lengths([(0, 5), (5, 12), (17, 6)], 4, 1 << 24) == [[(5, 12), (17, 6)], [(0, 5)]]
         got = run(lambda q, k, v: packed(q, k, v, cu, causal=causal), (q, k, v))
     want = run(
         lambda q, k, v: torch.cat(
