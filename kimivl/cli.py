@@ -634,9 +634,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--shutdown-timeout",
         type=float,
-        default=30.0,
+        default=25.0,
         metavar="SECONDS",
-        help="on Ctrl-C or SIGTERM, how long open requests may finish before they are cancelled (default 30)",
+        help="on Ctrl-C or SIGTERM, how long open requests may finish before they are cancelled (default 25: within "
+        "Kubernetes' grace period of 30 s)",
     )
     serve.add_argument("--served-model-name", help="the model name clients send (default: the directory's name)")
     serve.add_argument(

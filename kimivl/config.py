@@ -181,6 +181,7 @@ class VisionConfig:
             f"vision_config.model_type {self.model_type!r} is not supported: kimivl implements MoonViT "
             "(model_type 'moonvit')",
         )
+        _no_quantization(self.extra, "vision_config")
         _require(
             self.hidden_size % self.num_attention_heads == 0,
             f"vision_config.num_attention_heads ({self.num_attention_heads}) must divide "

@@ -173,6 +173,7 @@ QUANTIZED = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 12
         (None, "tie_word_embeddings", True, r"^tie_word_embeddings true is not supported: .*separate weights"),
         (None, "quantization_config", QUANTIZED, r"^quantization_config .*fp8.*: quantized checkpoints are not sup"),
         ("text_config", "quantization_config", QUANTIZED, r"text_config.quantization_config .*: quantized checkpoi"),
+        ("vision_config", "quantization_config", QUANTIZED, r"vision_config.quantization_config .*: quantized chec"),
         (None, "torch_dtype", "int8", r"^torch_dtype must name a float type .*got \"int8\""),
         ("vision_config", "dtype", "float8_e4m3fn", r"vision_config.dtype must name a float type"),
     ],

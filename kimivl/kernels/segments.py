@@ -7,7 +7,6 @@ import torch
 from kimivl.kernels import fused
 from kimivl.kernels.matmul import causal_bias, mask_bias, matmul_attention
 
-
 PAD_SCORES = 1 << 16  # padding score elements a segment may add to a batch rather than run in a call of its own
 
 

@@ -178,7 +178,11 @@ def to_rgb(img: Image.Image, background: str | None = "black") -> Image.Image:
         return img
     if mode.startswith("I"):
         a = np.asarray(img.convert("I"), dtype=np.float64) if mode != "I" else np.asarray(img, dtype=np.float64)
-        return Image.fromarray(np.round(np.clip(a, 0, 65535) / 257).astype(np.uint8)).convert("RGB")
+        grey = Image.fromarray(np.round(np.clip(a, 0, 65535) / 257).astype(np.uint8))
+        key = img.info.get("transparency")
+        if not isinstance(key, (int, float)):
+            return grey.convert("RGB")
+        img = Image.merge("LA", (grey, Image.fromarray(np.where(a == key, 0, 255).astype(np.uint8))))  # the key's alpha
     if mode == "F":
         return Image.fromarray(_unit_to_bytes(np.asarray(img))).convert("RGB")
     if mode in ("RGBa", "La"):  # premultiplied alpha: Pillow converts these only to their plain forms

@@ -45,7 +45,7 @@ class Limits:
     max_image_pixels: int = 1 << 24
     max_frames: int = 64  # video frames per request, on top of max_images
     # decoding work per request, shared by its data:video URLs: frames (5 minutes at 30 fps) and pixels (frames x width
-    # x height: 5 minutes of 720p at 30 fps, 2.5 minutes of 1080p)
+    # x height: 5 minutes of 720p at 30 fps, 2.2 minutes of 1080p)
     max_decoded_frames: int = 9000
     max_decoded_pixels: int = 9000 * 1280 * 720
     allowed_local_media_path: str | None = None

@@ -36,9 +36,9 @@ def test_segments_share_a_call_where_their_padding_is_cheap():
 @pytest.mark.parametrize("path", ["matmul", "fused", "padded_batch", "flash"])
 def test_packed_paths_equal_per_segment_sdpa(monkeypatch, causal, path):
     """CPU: similar-length segments in padded batches of plain matmuls (here, with PAD_SCORES lowered, lengths 12 and 6
-    together, 5 alone, so outputs are reordered), or one by one through the fused kernel past SCORES_LIMIT; CUDA: one fused padded batch,
-    or flash-attn's varlen kernel (here a stand-in that checks its input contract: equal head dims, so the narrower
-    values are padded and the output cut back, int32 bounds, the longest segment's length)."""
+    together, 5 alone, so outputs are reordered), or one by one through the fused kernel past SCORES_LIMIT; CUDA: one
+    fused padded batch, or flash-attn's varlen kernel (here a stand-in that checks its input contract: equal head
+    dims, so the narrower values are padded and the output cut back, int32 bounds, the longest segment's length)."""
 
     def flash_stand_in(q, k, v, cu_q, cu_k, max_q, max_k, *, softmax_scale, causal):
         assert q.shape == k.shape == v.shape and cu_q.dtype == cu_k.dtype == torch.int32

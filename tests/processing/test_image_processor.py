@@ -254,12 +254,13 @@ def test_every_mode(mode):
         np.testing.assert_allclose(got, normalised(expect), atol=1.01 / 255 / STD.min())
 
 
-@pytest.mark.parametrize("mode, key", [("RGB", (255, 255, 255)), ("L", 255)])
+@pytest.mark.parametrize("mode, key", [("RGB", (255, 255, 255)), ("L", 255), ("I;16", 65535)])
 def test_a_colour_key_is_transparency(mode, key):
     im = Image.new(mode, (16, 16), key)  # a dot on a background of the transparent colour (a PNG tRNS chunk)
-    im.putpixel((5, 5), (200, 0, 0) if mode == "RGB" else 90)
+    im.putpixel((5, 5), {"RGB": (200, 0, 0), "L": 90, "I;16": 90 * 257}[mode])
     buf = io.BytesIO()
     im.save(buf, "PNG", transparency=key)
+    assert Image.open(io.BytesIO(buf.getvalue())).info["transparency"] == key
     dot = [200, 0, 0] if mode == "RGB" else [90] * 3
     for background, colour in (("black", [0] * 3), ("white", [255] * 3)):
         out = ImageProcessor(background=background).load(buf.getvalue())

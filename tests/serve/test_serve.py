@@ -542,7 +542,7 @@ def test_kimivl_serve_runs_uvicorn_on_loopback_with_the_app(monkeypatch):
     model = str(MODELS / "kimivl-tiny")
     assert main(["serve", "--model", model, "--device", "cpu", "--max-batch", "2", "--port", "8123"]) == 0
     ((app, kw),) = calls
-    assert kw["host"] == "127.0.0.1" and kw["port"] == 8123 and kw["timeout_graceful_shutdown"] == 30
+    assert kw["host"] == "127.0.0.1" and kw["port"] == 8123 and kw["timeout_graceful_shutdown"] == 25
     assert main(["serve", "--model", model, "--device", "cpu", "--allowed-host", "chat.example.org"]) == 0
     from fastapi.testclient import TestClient
 
