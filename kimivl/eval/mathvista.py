@@ -32,6 +32,7 @@ the normalised string. The number is the first after an "answer is" cue, else th
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -54,6 +55,7 @@ from kimivl.eval.tables import (
     literal_list,
     load_samples,
     present,
+    text_cell,
     user_turn,
 )
 
@@ -66,6 +68,16 @@ HINTS = {
 }
 
 
+def _precision(value) -> int | None:
+    """A row's ``precision`` (decimal places of a float answer): ``None`` when absent, else a whole number >= 0."""
+    if not present(value):
+        return None
+    number = float(value)
+    if not math.isfinite(number) or number < 0 or number != int(number):
+        raise RowError(f"precision must be a whole number of decimal places, got {value!r}")
+    return int(number)
+
+
 def parse_row(row: dict, index, file: Path) -> Sample:
     qtype, atype = str(row.get("question_type") or ""), str(row.get("answer_type") or "")
     if qtype not in ("multi_choice", "free_form"):
@@ -75,8 +87,10 @@ def parse_row(row: dict, index, file: Path) -> Sample:
     cell = next((row[k] for k in ("decoded_image", "image") if present(row.get(k))), None)
     image = image_bytes(cell, file.parent)
     raw_answer = row["answer"]
+    if not present(raw_answer) or not str(raw_answer).strip():
+        raise RowError("no answer")
     answer = str(raw_answer).strip()
-    precision = int(float(row["precision"])) if present(row.get("precision")) else None
+    precision = _precision(row.get("precision"))
     metadata = row["metadata"] if isinstance(row.get("metadata"), dict) else {}
     meta = {
         "question_type": qtype,
@@ -88,7 +102,7 @@ def parse_row(row: dict, index, file: Path) -> Sample:
         "group": str(row.get("task") or metadata.get("task") or ""),
     }
     hint = HINTS[qtype if qtype == "multi_choice" else atype].format(p=2 if precision is None else precision)
-    text = str(row["question"])
+    text = text_cell(row, "question", "query")  # no question: the query (the hub's whole prompt) gives the prompt
     if qtype == "multi_choice":
         choices = [str(c) for c in literal_list(row.get("choices"))]
         if len(choices) < 2:
@@ -100,7 +114,7 @@ def parse_row(row: dict, index, file: Path) -> Sample:
         meta.update(options=options, answer=gold, choices=choices)
         if "Choices:" not in text:
             text += "\nChoices:\n" + "\n".join(f"({k}) {v}" for k, v in options.items())
-    if present(row.get("query")):
+    if present(row.get("query")) and str(row["query"]).strip():
         prompt = str(row["query"])
     else:
         prompt = text if text.startswith("Hint:") else f"Hint: {hint}\nQuestion: {text}"

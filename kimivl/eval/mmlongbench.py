@@ -68,6 +68,7 @@ from kimivl.eval.tables import (
     literal_list,
     load_samples,
     present,
+    text_cell,
     user_turn,
 )
 
@@ -82,7 +83,8 @@ _EXACT = re.compile(r"https?://|www\.|@|\.(?:py|pdf|ipynb|txt|csv|docx?)\b|\b\d{
 
 
 def render_pdf(path: Path, max_pages: int, dpi: int) -> list[bytes]:
-    """The first ``max_pages`` pages of a PDF as PNG bytes."""
+    """The first ``max_pages`` pages of a PDF as PNG bytes; a file PyMuPDF cannot open or render is a ``RowError``
+    ("unreadable document", with PyMuPDF's reason), so its rows are skipped."""
     try:
         import pymupdf
     except ImportError:
@@ -90,8 +92,12 @@ def render_pdf(path: Path, max_pages: int, dpi: int) -> list[bytes]:
             f"rendering {path} needs PyMuPDF: pip install 'kimivl[eval]' (or pip install pymupdf), or "
             f"give page images: a directory {path.with_suffix('')} of them"
         ) from None
-    with pymupdf.open(path) as doc:
-        return [page.get_pixmap(dpi=dpi).tobytes("png") for page in list(doc)[:max_pages]]
+    mupdf_error = getattr(getattr(pymupdf, "mupdf", None), "FzErrorBase", RuntimeError)  # MuPDF's own errors
+    try:
+        with pymupdf.open(path) as doc:
+            return [page.get_pixmap(dpi=dpi).tobytes("png") for page in list(doc)[:max_pages]]
+    except (RuntimeError, ValueError, mupdf_error) as e:  # pymupdf.FileDataError is a RuntimeError
+        raise RowError(f"unreadable document {path}: {e}") from None
 
 
 def _pages(row: dict, file: Path, max_pages: int, dpi: int) -> list:
@@ -116,10 +122,11 @@ def parse_row(row: dict, index, file: Path, max_pages: int, dpi: int) -> Sample:
     answer = row["answer"]
     if not present(answer):
         raise RowError("no answer")
+    question = text_cell(row, "question").strip()
     pages = _pages(row, file, max_pages, dpi)
     return Sample(
         index,
-        user_turn(pages, PROMPT.format(question=str(row["question"]).strip())),
+        user_turn(pages, PROMPT.format(question=question)),
         {"format": fmt, "answer": str(answer), "group": str(row.get("doc_type") or "")},
     )
 

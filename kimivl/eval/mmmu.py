@@ -3,7 +3,9 @@
 Formats: VLMEvalKit TSV (``index``, ``question``, option columns ``A``..``I``, ``answer``, ``image`` holding one
 base64 image or a list of them, ``category``; of its ``split`` column, the validation rows are read) and the hub's
 parquet (``id``, ``question``, ``options`` as a list string, ``answer``, ``question_type``, ``image_1``..``image_7``
-structs). The images come first, then the question (its ``<image k>`` references left in the text), then the options.
+structs; of a directory holding the dev, validation and test files, the validation rows are read, known by the
+``validation_`` prefix of their ``id`` or, without one, by the file's name). The images come first, then the
+question (its ``<image k>`` references left in the text), then the options.
 
 Scoring, ``mode="official"`` (the default): the rules of MMMU's own ``mmmu/utils/eval_utils.py``
 (github:MMMU-Benchmark/MMMU, commit bb0b95a945998d91dfef37e969e07d49d1139438, file last changed in aa9b70d),
@@ -55,6 +57,7 @@ from kimivl.eval.tables import (
     literal_list,
     load_samples,
     present,
+    text_cell,
     user_turn,
 )
 
@@ -80,7 +83,7 @@ def _images(row: dict, root: Path) -> list:
 
 
 def parse_row(row: dict, index, file: Path) -> Sample:
-    question = str(row["question"])
+    question = text_cell(row, "question")
     options = _options(row)
     kind = str(row.get("question_type") or ("multiple-choice" if options else "open"))
     if kind not in ("multiple-choice", "open"):
@@ -106,12 +109,29 @@ def parse_row(row: dict, index, file: Path) -> Sample:
     return Sample(index, user_turn(images, text), {**meta, "seed": str(index), "group": str(subject)})
 
 
+SPLITS = ("dev", "validation", "test")
+
+
+def row_split(row: dict, file: Path) -> str | None:
+    """The MMMU split a row belongs to: its ``split`` column (VLMEvalKit's TSV), else the prefix of its ``id``
+    (the hub's ``validation_Art_1``), else the start of its file's name (the hub's ``dev-00000-of-00001.parquet``);
+    ``None`` when none of them names a split."""
+    if present(row.get("split")):
+        return str(row["split"]).strip()
+    prefix = str(row.get("id") or "").partition("_")[0]
+    if prefix in SPLITS:
+        return prefix
+    named = re.match(r"(dev|validation|test)(?![a-z])", file.name.lower())
+    return named[1] if named else None
+
+
 def load(data, **_):
-    """The rows of ``data``; of a file with a ``split`` column (VLMEvalKit's ``MMMU_DEV_VAL.tsv`` holds the 150 dev
-    rows beside the 900 validation ones), the validation rows only: MMMU's reported number is over those."""
+    """The validation rows of ``data``: MMMU's reported number is over those, and VLMEvalKit's ``MMMU_DEV_VAL.tsv``
+    holds the 150 dev rows beside the 900 validation ones, as a hub directory holds dev, validation and test files
+    (``row_split`` says how a row's split is known; a row whose split is not named is read)."""
 
     def parse(row, index, file):
-        return None if present(row.get("split")) and str(row["split"]) != "validation" else parse_row(row, index, file)
+        return parse_row(row, index, file) if row_split(row, file) in (None, "validation") else None
 
     return (sample for sample in load_samples(data, parse, ("index", "id")) if sample is not None)
 

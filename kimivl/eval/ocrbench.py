@@ -28,6 +28,7 @@ from kimivl.eval.tables import (
     image_bytes,
     literal_list,
     load_samples,
+    text_cell,
     user_turn,
 )
 
@@ -55,8 +56,8 @@ def parse_row(row: dict, index, file: Path) -> Sample:
         raise RowError("no answer")
     category = str(row.get("category") or row.get("type") or row.get("question_type") or "")
     hme = category == HME or str(row.get("dataset") or row.get("dataset_name") or "") == "HME100k"
-    image = _image(row, file)
-    return Sample(index, user_turn([image], str(row["question"])), {"answers": answers, "hme": hme, "group": category})
+    question, image = text_cell(row, "question"), _image(row, file)
+    return Sample(index, user_turn([image], question), {"answers": answers, "hme": hme, "group": category})
 
 
 def load(data, **_):

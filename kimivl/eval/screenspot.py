@@ -86,10 +86,18 @@ def _image(row: dict, file: Path):
     raise RowError(f"image file {name!r} not found next to {file} or in images/")
 
 
+def _size(value) -> tuple[int, int]:
+    """An ``img_size`` cell: [width, height], both positive (pixel boxes are divided by them)."""
+    size = tuple(int(v) for v in literal_list(value))
+    if len(size) != 2 or min(size) < 1:
+        raise RowError(f"img_size must be [width, height] of positive pixels, got {value!r}")
+    return size
+
+
 def parse_row(row: dict, index, file: Path, task: str, box_format: str | None) -> Sample:
     fmt = box_format or BOX_FORMATS[(task, file.suffix)]
     image = _image(row, file)
-    size = tuple(int(v) for v in literal_list(row["img_size"])) if present(row.get("img_size")) else image_size(image)
+    size = _size(row["img_size"]) if present(row.get("img_size")) else image_size(image)
     box = normalized_box(literal_list(row["bbox"]), fmt, size)
     instruction = str(row.get("instruction") or row.get("question") or "").strip()
     if not instruction:

@@ -166,14 +166,14 @@ def load_samples(
     path: str | os.PathLike, parse, index_keys: tuple[str, ...] = ("index",)
 ) -> Iterator[Sample | Skipped]:
     """Apply ``parse(row, index, file) -> Sample`` to every row; a row it cannot parse (``RowError``, a missing
-    column, a value of the wrong kind) becomes ``Skipped`` with the reason. The index is the first present
-    column of ``index_keys``, else the row's position."""
+    column, a value of the wrong kind, a number that overflows or divides by zero, an index out of range) becomes
+    ``Skipped`` with the reason. The index is the first present column of ``index_keys``, else the row's position."""
     for position, (file, row) in enumerate(iter_rows(path)):
         index = next((row[k] for k in index_keys if row.get(k) not in (None, "")), position)
         index = int(index) if isinstance(index, str) and re.fullmatch(r"-?[0-9]+", index) else index
         try:
             sample = parse(row, index, file)
-        except (KeyError, ValueError, TypeError) as e:
+        except (LookupError, ValueError, TypeError, ArithmeticError) as e:
             reason = f"missing column {e}" if isinstance(e, KeyError) else str(e)
             if not isinstance(e, RowError):
                 reason = f"{type(e).__name__}: {reason}"
@@ -184,6 +184,15 @@ def load_samples(
 def present(value: Any) -> bool:
     """A cell that holds something (not None, NaN or an empty string)."""
     return not (value is None or value == "" or (isinstance(value, float) and math.isnan(value)))
+
+
+def text_cell(row: dict, *keys: str) -> str:
+    """The text of the first of ``keys`` the row holds, as written; a ``RowError`` naming ``keys[0]`` when none does
+    (a null, NaN or blank cell is no text: it must not become the prompt "None")."""
+    for key in keys:
+        if present(row.get(key)) and str(row[key]).strip():
+            return str(row[key])
+    raise RowError(f"no {keys[0]}")
 
 
 def literal_list(value: Any) -> list:

@@ -29,7 +29,7 @@ from functools import partial
 from pathlib import Path
 
 from kimivl.eval.answers import check_mode, final_answer, official_text
-from kimivl.eval.tables import RowError, Sample, literal_list, load_samples
+from kimivl.eval.tables import RowError, Sample, literal_list, load_samples, text_cell
 from kimivl.processing.video import DEFAULT_FPS, DEFAULT_MAX_FRAMES
 
 PROMPT = (
@@ -80,7 +80,7 @@ def parse_row(row: dict, index, file: Path, fps: float, max_frames: int) -> Samp
     if not name:
         raise RowError("no video")
     video = {"type": "video", "video": str(_video(name, file)), "fps": fps, "max_frames": max_frames}
-    text = PROMPT.format(question=str(row["question"]).strip(), options="\n".join(options))
+    text = PROMPT.format(question=text_cell(row, "question").strip(), options="\n".join(options))
     return Sample(
         index,
         [{"role": "user", "content": [video, {"type": "text", "text": text}]}],

@@ -540,3 +540,134 @@ def test_deeply_nested_json_is_a_data_error_naming_the_file(tmp_path, capsys):
     broken.write_text('[{"index": 0,')
     with pytest.raises(ValueError, match=r"broken.json: invalid JSON \(Expecting property name"):
         list(ocrbench.load(broken))
+
+
+def test_mmmu_hub_directory_scores_the_validation_rows_and_their_official_random_stream(tmp_path):
+    """The hub's MMMU has no split column: dev, validation and test rows sit in files named after their split, with
+    ids dev_Art_1, validation_Art_1, test_Art_1. Only the validation rows are read, so MMMU's random stream (seed 42,
+    subjects in the official order) is drawn for them alone, as the official script draws it."""
+
+    def row(split_name, subject, i):
+        return {
+            "id": f"{split_name}_{subject}_{i}",
+            "question": "Which?",
+            "options": "['p', 'q', 'r', 's']",
+            "answer": "A",  # the hub's test rows have "?"; labelled here, they must still be left out
+            "question_type": "multiple-choice",
+            "image_1": {"bytes": png(), "path": None},
+        }
+
+    for subject in ("Math", "Art"):
+        (tmp_path / subject).mkdir()
+        for name in ("dev", "validation", "test"):
+            rows = [row(name, subject, i) for i in (1, 2, 3)]
+            write_parquet(tmp_path / subject / f"{name}-00000-of-00001.parquet", rows)
+    samples, skipped = split(mmmu.load(tmp_path))
+    assert not skipped
+    assert [s.index for s in samples] == [f"validation_{s}_{i}" for s in ("Art", "Math") for i in (1, 2, 3)]
+    scored = mmmu.score_rows([("I cannot tell.", s.meta, None) for s in samples])
+    rng = random.Random(42)  # the official script: Art's rows, then Math's (CAT_SHORT2LONG order), one stream
+    assert [r["extracted"] for r in scored] == [rng.choice("ABCD") for _ in samples]
+    assert all(r["random"] for r in scored)
+
+
+def test_mmmu_split_from_the_id_or_the_file_name_and_rows_of_no_split_are_read(tmp_path):
+    base = {"question": "Which?", "options": "['p', 'q']", "answer": "B", "image_1": {"bytes": png(), "path": None}}
+    write_parquet(tmp_path / "dev-00000.parquet", [{**base, "id": "7"}])  # no prefix: the file name tells
+    write_parquet(tmp_path / "mine.parquet", [{**base, "id": "8"}, {**base, "id": "test_Art_1"}])
+    samples, _ = split(mmmu.load(tmp_path))
+    assert [s.index for s in samples] == [8]  # of a split not named anywhere: read
+
+
+def test_rows_that_break_a_loader_with_arithmetic_are_skipped_with_the_reason(tmp_path):
+    """img_size [0, 0] with a pixel box (a division by zero), a precision of "inf" (int() overflows): each such row
+    is skipped, naming what is wrong; the good rows are read."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.png").write_bytes(png(200, 100))
+    good = {"img_filename": "a.png", "instruction": "click ok", "bbox": [10, 10, 50, 40], "img_size": [200, 100]}
+    ann = [
+        {**good, "id": "ok"},
+        {**good, "id": "zero", "img_size": [0, 0]},
+        {**good, "id": "one", "img_size": [200]},
+        {**good, "id": "neg", "img_size": "[-200, 100]"},
+    ]
+    (tmp_path / "ann.json").write_text(json.dumps(ann))
+    samples, skipped = split(screenspot.loader("screenspot_pro")(tmp_path / "ann.json"))
+    assert [s.index for s in samples] == ["ok"] and samples[0].meta["box"] == pytest.approx([0.05, 0.1, 0.25, 0.4])
+    assert skipped == {
+        "zero": "img_size must be [width, height] of positive pixels, got [0, 0]",
+        "one": "img_size must be [width, height] of positive pixels, got [200]",
+        "neg": "img_size must be [width, height] of positive pixels, got '[-200, 100]'",
+    }
+
+    row = {"question": "q", "image": b64(png()), "question_type": "free_form", "answer_type": "float", "answer": "1.5"}
+    rows = [{**row, "pid": str(i), "precision": p} for i, p in enumerate([1, "inf", "nan", -1, 1.5, "two"])]
+    (tmp_path / "mv.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    samples, skipped = split(mathvista.load(tmp_path / "mv.jsonl"))
+    assert [(s.index, s.meta["precision"]) for s in samples] == [(0, 1)]
+    for i, p in zip(range(1, 5), ["'inf'", "'nan'", "-1", "1.5"]):
+        assert skipped[i] == f"precision must be a whole number of decimal places, got {p}"
+    assert skipped[5] == "ValueError: could not convert string to float: 'two'"
+
+
+def test_load_samples_skips_rows_raising_arithmetic_or_lookup_errors_naming_them(tmp_path):
+    from kimivl.eval.tables import load_samples
+
+    def parse(row, index, file):
+        return Sample(index, [], {"ratio": 1 / row["n"], "first": [0][row["i"]], "big": int(float(row["x"]))})
+
+    rows = [{"n": 1, "i": 0, "x": "1"}, {"n": 0, "i": 0, "x": "1"}, {"n": 1, "i": 3, "x": "1"}, {"n": 1, "i": 0}]
+    rows.append({"n": 1, "i": 0, "x": "inf"})
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    samples, skipped = split(load_samples(tmp_path / "t.jsonl", parse))
+    assert [s.index for s in samples] == [0]
+    assert skipped == {
+        1: "ZeroDivisionError: division by zero",
+        2: "IndexError: list index out of range",
+        3: "KeyError: missing column 'x'",
+        4: "OverflowError: cannot convert float infinity to integer",
+    }
+
+
+def test_an_unreadable_pdf_skips_its_rows_with_the_reason(tmp_path):
+    (tmp_path / "documents").mkdir()
+    with pymupdf.open() as doc:
+        doc.new_page(width=300, height=200)
+        doc.save(tmp_path / "documents" / "good.pdf")
+    (tmp_path / "documents" / "corrupt.pdf").write_bytes(b"%PDF-1.4 not really a pdf")
+    row = {"question": "Pages?", "answer": "1", "answer_format": "Int"}
+    rows = [{**row, "index": 0, "doc_id": "good.pdf"}, {**row, "index": 1, "doc_id": "corrupt.pdf"}]
+    (tmp_path / "samples.json").write_text(json.dumps(rows))
+    samples, skipped = split(mmlongbench.load(tmp_path / "samples.json"))
+    assert [s.index for s in samples] == [0] and len(images_of(samples[0])) == 1
+    assert list(skipped) == [1]
+    assert skipped[1].startswith(f"unreadable document {tmp_path / 'documents' / 'corrupt.pdf'}: Failed to open")
+
+
+@pytest.mark.parametrize("empty", [None, "", "  "])
+def test_a_row_without_an_answer_or_a_question_is_skipped_not_prompted_with_none(tmp_path, empty):
+    mv = {"pid": "1", "question": "How many?", "image": b64(png()), "question_type": "free_form"}
+    mv = {**mv, "answer_type": "integer", "answer": "3"}
+    mv_rows = [mv, {**mv, "pid": "2", "answer": empty}, {**mv, "pid": "3", "question": empty}]
+    (tmp_path / "mv.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mv_rows))
+    samples, skipped = split(mathvista.load(tmp_path / "mv.jsonl"))
+    assert [s.index for s in samples] == [1] and skipped == {2: "no answer", 3: "no question"}
+    # a query (the hub's full prompt) stands in for the question
+    (tmp_path / "mvq.jsonl").write_text(json.dumps({**mv, "question": empty, "query": "Hint: count\nQ?"}) + "\n")
+    [sample], _ = split(mathvista.load(tmp_path / "mvq.jsonl"))
+    assert text_of(sample) == "Hint: count\nQ?"
+
+    mm = {"id": "validation_Art_1", "options": "['p', 'q']", "answer": "A", "image_1": {"bytes": png(), "path": None}}
+    write_parquet(tmp_path / "validation.parquet", [{**mm, "question": "Which?"}, {**mm, "id": "validation_Art_2"}])
+    samples, skipped = split(mmmu.load(tmp_path / "validation.parquet"))
+    assert [s.index for s in samples] == ["validation_Art_1"] and skipped == {"validation_Art_2": "no question"}
+
+    (tmp_path / "documents").mkdir()
+    (tmp_path / "documents" / "d").mkdir()
+    (tmp_path / "documents" / "d" / "p1.png").write_bytes(png())
+    doc = [{"index": 0, "doc_id": "d.pdf", "question": empty, "answer": "1", "answer_format": "Int"}]
+    (tmp_path / "samples.json").write_text(json.dumps(doc))
+    assert split(mmlongbench.load(tmp_path / "samples.json"))[1] == {0: "no question"}
+
+    ocr = {"index": "0", "image": b64(png()), "question": empty, "answer": "['STOP']"}
+    assert split(ocrbench.load(write_tsv(tmp_path / "ocr.tsv", [ocr])))[1] == {0: "no question"}
