@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from kimivl.data.formats import DataError, is_text_file, iter_records
+from kimivl.data.formats import DataError, is_text_file, iter_lines
 from kimivl.eval.answers import final_answer
 from kimivl.eval.tables import is_eval_output
 
@@ -83,20 +83,23 @@ def evaluate(
 def heldout_records(split_dir: str | os.PathLike, limit: int | None = None) -> list[dict]:
     """The first ``limit`` records of every task file in a held-out split directory (text files and eval outputs,
     such as an ``--out`` into the same directory writes, excluded); each needs ``meta.task`` and ``meta.gold`` to be
-    scored (a ``DataError`` names the first that lacks them)."""
+    scored (a ``DataError`` names the first that lacks them). A record without an ``id`` gets ``<file stem>/<line>``
+    (``ocr/3``: the third line of ``ocr.jsonl``), so that each is a row of its own."""
     records = []
     for path in sorted(Path(split_dir).glob("*.jsonl")):
         if is_eval_output(path) or is_text_file(path):
             continue
-        mine = list(iter_records(path))[:limit]
-        for i, record in enumerate(mine):
+        mine = list(iter_lines(path, text=False))[:limit]
+        for i, (lineno, _, record) in enumerate(mine):
             meta = record.get("meta")
             if not isinstance(meta, dict) or "task" not in meta or "gold" not in meta:
                 raise DataError(
                     f"{path}: record {i + 1} has no meta.task and meta.gold to score it by (held-out "
                     "accuracy needs them; for a loss on your own data use a stage's val)"
                 )
-        records += mine
+            if record.get("id") in (None, ""):
+                record["id"] = f"{path.stem}/{lineno}"
+        records += [record for _, _, record in mine]
     if not records:
         raise FileNotFoundError(f"no held-out conversation files in {split_dir}")
     return records

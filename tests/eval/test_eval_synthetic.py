@@ -1,5 +1,7 @@
 """Scoring the synthetic world's held-out answers (kimivl.eval.synthetic.score)."""
 
+from pathlib import Path
+
 import pytest
 
 from kimivl.data.synthetic import THINK_CLOSE, THINK_OPEN
@@ -114,3 +116,31 @@ def test_eval_outputs_written_into_the_data_directory_are_not_held_out_records(t
         assert result["scored"] == 20
     assert (data / "synthetic_ocr.scored.jsonl").is_file() and (data / "synthetic_ocr.predictions.jsonl").is_file()
     assert len(heldout_records(data)) == 140
+
+
+def test_held_out_records_without_an_id_are_rows_of_their_own(tmp_path):
+    """Records lacking an id get <file stem>/<line>: three such records are three rows, not one and two
+    'duplicate index' skips."""
+    import json
+
+    from kimivl.eval.runner import run_task
+    from kimivl.eval.tasks import get_task
+
+    data = tmp_path / "heldout"
+    data.mkdir()
+    source = get_task("synthetic").default_data
+    records = [json.loads(x) for x in (Path(source) / "ocr.jsonl").read_text().splitlines()[:3]]
+    for r in records:
+        del r["id"]
+        for part in r["messages"][0]["content"]:
+            if part["type"] == "image":
+                part["image"] = str(Path(source) / part["image"])
+    records[2]["id"] = "kept"
+    first, rest = json.dumps(records[0]), "".join(json.dumps(r) + "\n" for r in records[1:])
+    (data / "ocr.jsonl").write_text(f"{first}\n\n{rest}")
+    task = get_task("synthetic")
+    assert [s.index for s in task.load(data)] == ["ocr/1", "ocr/3", "kept"]  # line numbers count the blank line
+    golds = [r["meta"]["gold"] for r in records]
+    answers = iter(golds)
+    result = run_task(task, task.load(data), tmp_path / "out", generate_fn=lambda c: [next(answers) for _ in c])
+    assert (result["scored"], result["skipped"], result["metrics"]["accuracy"]) == (3, 0, 100.0)
