@@ -429,6 +429,8 @@ def _check_eval_inputs(args: argparse.Namespace, tasks: list, data: dict[str, st
                     raise FileNotFoundError(f"no such file or directory: {source}")
             except FileNotFoundError as e:
                 raise CommandError(f"--data for {task.name}: {e}") from None
+        if task.options.get("task") and source is not None:
+            task.load(source)  # synthetic:<task>: an unknown one is an error listing those the data holds
         if task.name == "niah" and not args.predictions:
             niah.check_options(
                 args.lengths,
@@ -480,7 +482,7 @@ def _eval(args: argparse.Namespace) -> int:
             "context": context,
             "max_new_tokens": max_new,
             "lengths": args.lengths,
-            "depths": args.depths or None,
+            "depths": args.depths,
             "kinds": args.haystack,
             "trials": args.trials,
         }
@@ -498,11 +500,9 @@ def _eval(args: argparse.Namespace) -> int:
                 "data": str(Path(source).resolve()) if source else None,
                 "dtype": str(model.dtype).removeprefix("torch."),  # as loaded: the default depends on the CPU
                 "max_new_tokens": max_new,
-                "lengths": args.lengths,
-                "depths": args.depths or None,
-                "haystack": args.haystack,
-                "trials": args.trials,
             }
+            if task.name == "niah":  # the NIAH options make its rows; other tasks' predictions do not depend on them
+                settings.update(lengths=args.lengths, depths=args.depths, haystack=args.haystack, trials=args.trials)
         try:
             result = run_task(
                 task,
@@ -540,9 +540,16 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _ints(text: str) -> list[int]:
-    return [
-        int(float(x.lower().replace("k", "")) * (1024 if x.lower().endswith("k") else 1)) for x in text.split(",") if x
+    """``--lengths``/``--depths``: comma-separated numbers, ``k`` for 1024; at least one (none is an error, not the
+    default)."""
+    values = [
+        int(float(x.lower().replace("k", "")) * (1024 if x.lower().endswith("k") else 1))
+        for x in text.split(",")
+        if x.strip()
     ]
+    if not values:
+        raise argparse.ArgumentTypeError(f"{text!r} holds no number; give one or more, comma-separated")
+    return values
 
 
 def build_parser() -> argparse.ArgumentParser:

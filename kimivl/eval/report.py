@@ -24,8 +24,8 @@ def accuracy(rows: list[dict], mode: str = "official") -> dict[str, float]:
 
 
 def read_results(out_dir: str | os.PathLike) -> dict:
-    """The results in ``out_dir/results.json`` (``{}`` when there is none); a damaged file is a ``ValueError``
-    naming it."""
+    """The results in ``out_dir/results.json`` (``{}`` when there is none); a damaged file (not JSON, not an object
+    of one object per task) is a ``ValueError`` naming it."""
     path = Path(out_dir) / "results.json"
     if not path.is_file():
         return {}
@@ -33,6 +33,9 @@ def read_results(out_dir: str | os.PathLike) -> dict:
         results = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(results, dict):
             raise ValueError("not a JSON object")
+        for task, result in results.items():
+            if not isinstance(result, dict):
+                raise ValueError(f"the entry of {task!r} is {json.dumps(result)[:40]}, not an object")
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise ValueError(
             f"{path} is damaged ({e}), so no result can be added to it; move it away (or choose another --out) and "

@@ -85,6 +85,8 @@ def test_niah_through_the_cli_and_rescored_from_the_index(small_model, small_pro
         )
         == 0
     )
+    run = json.loads((out / "niah.run.json").read_text())  # NIAH's options make its rows: resuming checks them
+    assert (run["lengths"], run["depths"], run["haystack"], run["trials"]) == ([300, 600], [0, 100], None, None)
     result = json.loads((out / "results.json").read_text())["niah"]
     assert result["scored"] == 8 and set(result["figures"]) == {str(out / "niah_text.png"), str(out / "niah_video.png")}
     assert "| haystack | 0K-2K |" in (out / "results.md").read_text()

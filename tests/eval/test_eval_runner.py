@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import os
+import re
 
 import pytest
 import torch
@@ -580,3 +581,56 @@ def test_a_write_the_disk_refuses_names_the_file_and_leaves_the_scores_whole(tmp
         run_task(task, task.load(data), out, generate_fn=long, batch_size=2, progress=False, overwrite=True)
     file_size_limit(None)
     assert scored.read_text() == before  # whole, as results.json says
+
+
+def test_niah_options_are_recorded_for_niah_only_so_other_tasks_resume_without_them(monkeypatch, tmp_path, capsys):
+    ckpt, out = fake_cli(monkeypatch, tmp_path, lambda convs: ["3"] * len(convs)), tmp_path / "out"
+    base = ["eval", "--model", str(ckpt), "--task", "synthetic:ocr", "--limit", "2", "--out", str(out)]
+    assert main([*base, "--lengths", "1k,2k", "--depths", "0,50,100", "--haystack", "text", "--trials", "2"]) == 0
+    run = json.loads((out / "synthetic_ocr.run.json").read_text())
+    assert not {"lengths", "depths", "haystack", "trials"} & set(run) and run["task"] == "synthetic:ocr"
+    capsys.readouterr()
+    assert main([*base, "--limit", "4"]) == 0, capsys.readouterr().err  # the same run, without the NIAH options
+    assert json.loads((out / "results.json").read_text())["synthetic:ocr"]["scored"] == 4
+    assert len(lines(out / "synthetic_ocr.predictions.jsonl")) == 4
+
+
+def test_an_unknown_synthetic_task_is_refused_before_the_model_loads(monkeypatch, tmp_path, capsys):
+    ckpt = fake_cli(monkeypatch, tmp_path, lambda convs: ["3"] * len(convs))
+
+    def never(path, dtype, device):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("kimivl.cli._load", never)
+    out = tmp_path / "out"
+    assert main(["eval", "--model", str(ckpt), "--task", "synthetic:ocr,synthetic:foo", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown synthetic task 'foo'" in err and "holds: caption, chart, gui, interleaved, ocr" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flag", ["--lengths", "--depths"])
+@pytest.mark.parametrize("value", [",", "", " , "])
+def test_an_empty_list_of_lengths_or_depths_is_refused_not_the_default(flag, value, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["eval", "--task", "niah", "--predictions", "p.jsonl", flag, value])
+    assert stop.value.code == 2
+    assert f"argument {flag}: {value!r} holds no number; give one or more, comma-separated" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("entry", ["5", "null", "[1, 2]", '"done"'])
+def test_a_results_entry_that_is_not_an_object_stops_the_run_before_any_generation(tmp_path, entry):
+    task = get_task("synthetic:ocr")
+    out, asked = tmp_path / "out", []
+    out.mkdir()
+    damaged = f'{{"mmmu": {{"metrics": {{}}}}, "ocrbench": {entry}}}\n'
+    (out / "results.json").write_text(damaged)
+
+    def answer(conversations):
+        asked.extend(conversations)
+        return ["3"] * len(conversations)
+
+    words = rf"{out / 'results.json'} is damaged \(the entry of 'ocrbench' is {re.escape(entry)}, not an object\)"
+    with pytest.raises(ValueError, match=words):
+        run_task(task, task.load(task.default_data), out, generate_fn=answer, progress=False, limit=4)
+    assert asked == [] and (out / "results.json").read_text() == damaged
