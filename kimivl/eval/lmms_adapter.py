@@ -15,8 +15,14 @@ empty answer), and the stop strings are cut from that answer; ``keep_thinking=tr
 Only generation is supported: ``loglikelihood`` raises.
 
 Model arguments (``--model_args``, strings): ``pretrained``, ``dtype`` (bfloat16, float16, float32, float64; default the
-checkpoint's), ``device``, ``batch_size`` (a positive integer, or ``auto`` for 1), ``max_new_tokens`` (a positive
-integer, default 1024), ``keep_thinking`` (true/false, default false); a bad value is a ``ValueError`` naming it.
+checkpoint's), ``device`` (default ``cuda`` when there is a GPU, else ``cpu``), ``batch_size`` (a positive integer;
+``auto`` or ``auto:N``, lmms-eval's automatic sizing, is a batch of 1: kimivl does not search for the largest batch
+that fits), ``max_new_tokens`` (a positive integer, default 1024), ``keep_thinking`` (true/false, default false); a
+bad value is a ``ValueError`` naming it. lmms-eval's ``--batch_size`` and ``--device`` arrive as these arguments.
+
+Where lmms-eval looks the model up depends on its release, so ``register`` puts ``kimivl`` in every place it knows:
+``lmms_eval.models.MODEL_REGISTRY_V2`` (0.7, whose ``get_model`` reads only that), ``AVAILABLE_SIMPLE_MODELS`` or,
+before it, ``AVAILABLE_MODELS`` (from 0.2.3, dotted class paths), and ``lmms_eval.api.registry`` (earlier releases).
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ try:
 except ImportError:  # lmms-eval not installed: the class still works on its own (and in tests)
     _Base, register_model = object, None
 
+MODEL_NAME = "kimivl"
+CLASS_PATH = "kimivl.eval.lmms_adapter.KimiVLLmms"  # what lmms-eval imports by name (even when run as __main__)
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov")
 IMAGE_MARK = "<image>"
 
@@ -71,6 +79,16 @@ def _positive_int(name: str, value) -> int:
     return int(text)
 
 
+def _batch_size(value) -> int:
+    """``batch_size``: a positive integer; lmms-eval's ``auto`` and ``auto:N`` (N re-tries of its search) give 1."""
+    text = str(value).strip()
+    if text == "auto" or (text.startswith("auto:") and text[5:].isascii() and text[5:].isdigit()):
+        return 1
+    if text.startswith("auto"):
+        raise ValueError(f"KimiVLLmms: batch_size must be a positive integer, auto or auto:N, got {value!r}")
+    return _positive_int("batch_size", value)
+
+
 def _flag(name: str, value) -> bool:
     """A boolean model argument: a bool, or true/false (yes/no, 1/0) as a string."""
     text = str(value).strip().lower()
@@ -95,7 +113,7 @@ class KimiVLLmms(_Base):
         self,
         pretrained: str | None = None,
         dtype: str | None = None,
-        device: str = "cpu",
+        device: str | None = None,
         batch_size: int | str = 1,
         max_new_tokens: int | str = 1024,
         keep_thinking: bool | str = False,
@@ -104,7 +122,7 @@ class KimiVLLmms(_Base):
         **_,
     ):
         super().__init__()
-        self.batch_size_per_gpu = 1 if str(batch_size).strip() == "auto" else _positive_int("batch_size", batch_size)
+        self.batch_size_per_gpu = _batch_size(batch_size)
         self.max_new_tokens = _positive_int("max_new_tokens", max_new_tokens)
         self.keep_thinking = _flag("keep_thinking", keep_thinking)
         if model is None:
@@ -114,11 +132,13 @@ class KimiVLLmms(_Base):
 
             from kimivl import KimiVL, KimiVLProcessor
             from kimivl.checkpoint import WEIGHT_DTYPES
+            from kimivl.devices import check_device
             from kimivl.precision import checkpoint_load_dtype
 
             names = [str(d).removeprefix("torch.") for d in WEIGHT_DTYPES]
             if dtype is not None and dtype not in names:
                 raise ValueError(f"KimiVLLmms: dtype must be one of {', '.join(names)}, got {dtype!r}")
+            device = check_device(device)  # None: a GPU when there is one
             dtype = checkpoint_load_dtype(pretrained, device, getattr(torch, dtype) if dtype else None)
             model = KimiVL.from_pretrained(pretrained, dtype=dtype, device=device)
             processor = KimiVLProcessor.from_pretrained(pretrained)
@@ -171,8 +191,24 @@ class KimiVLLmms(_Base):
         raise NotImplementedError("kimivl's lmms-eval adapter does not implement multi-round generation")
 
 
+def register() -> None:
+    """Register ``kimivl`` where the installed lmms-eval's ``get_model`` looks it up (see the module docstring)."""
+    import lmms_eval.models as models
+
+    register_model(MODEL_NAME)(KimiVLLmms)
+    if hasattr(models, "MODEL_REGISTRY_V2"):
+        from lmms_eval.models.registry_v2 import ModelManifest
+
+        manifest = ModelManifest(model_id=MODEL_NAME, simple_class_path=CLASS_PATH)
+        models.MODEL_REGISTRY_V2.register_manifest(manifest, overwrite=True)
+    elif hasattr(models, "AVAILABLE_SIMPLE_MODELS"):
+        models.AVAILABLE_SIMPLE_MODELS[MODEL_NAME] = CLASS_PATH
+    elif hasattr(models, "AVAILABLE_MODELS"):
+        models.AVAILABLE_MODELS[MODEL_NAME] = CLASS_PATH
+
+
 if register_model is not None:
-    register_model("kimivl")(KimiVLLmms)
+    register()
 
 
 def main() -> None:

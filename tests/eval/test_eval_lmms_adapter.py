@@ -34,6 +34,7 @@ def fake_lmms_eval(monkeypatch):
         "lmms_eval.api": types.ModuleType("lmms_eval.api"),
         "lmms_eval.api.model": types.ModuleType("lmms_eval.api.model"),
         "lmms_eval.api.registry": types.ModuleType("lmms_eval.api.registry"),
+        "lmms_eval.models": types.ModuleType("lmms_eval.models"),  # before 0.2.3: get_model read api.registry
     }
     modules["lmms_eval.api.model"].lmms = lmms
     modules["lmms_eval.api.registry"].register_model = register_model
@@ -159,3 +160,131 @@ def test_bad_model_args_are_refused_when_the_model_is_made(args, words, small_mo
         adapter.KimiVLLmms(**given, **args)
     ok = adapter.KimiVLLmms(model=small_model, processor=small_processor, batch_size="3", max_new_tokens="16")
     assert (ok.batch_size_per_gpu, ok.max_new_tokens, ok.keep_thinking) == (3, 16, False)
+
+
+def _import_class(path: str):
+    module, name = path.rsplit(".", 1)
+    return getattr(importlib.import_module(module), name)
+
+
+def _models_module(layout: str) -> dict:
+    """A fake ``lmms_eval.models`` (and ``registry_v2``) whose ``get_model`` looks models up as that layout does:
+    ``v2`` (0.7: MODEL_REGISTRY_V2 of ModelManifests), ``simple`` (AVAILABLE_SIMPLE_MODELS and
+    AVAILABLE_CHAT_TEMPLATE_MODELS), ``available`` (0.2.3-0.3: AVAILABLE_MODELS); none reads api.registry."""
+    models = types.ModuleType("lmms_eval.models")
+    made = {"lmms_eval.models": models}
+    if layout == "v2":
+        from dataclasses import dataclass
+
+        @dataclass(frozen=True)
+        class ModelManifest:
+            model_id: str
+            simple_class_path: str | None = None
+            chat_class_path: str | None = None
+
+        class ModelRegistryV2:
+            def __init__(self):
+                self.manifests = {"qwen2_vl": ModelManifest("qwen2_vl", "lmms_eval.models.simple.qwen2_vl.Qwen2_VL")}
+
+            def register_manifest(self, manifest, *, overwrite=False):
+                assert overwrite or manifest.model_id not in self.manifests
+                self.manifests[manifest.model_id] = manifest
+
+            def get_model_class(self, name, force_simple=False):
+                if name not in self.manifests:
+                    raise ValueError(f"Model '{name}' not found in available models")
+                manifest = self.manifests[name]
+                return _import_class(manifest.chat_class_path or manifest.simple_class_path)
+
+        registry_v2 = types.ModuleType("lmms_eval.models.registry_v2")
+        registry_v2.ModelManifest = ModelManifest
+        made["lmms_eval.models.registry_v2"] = registry_v2
+        models.MODEL_REGISTRY_V2 = ModelRegistryV2()
+        models.AVAILABLE_SIMPLE_MODELS = {"qwen2_vl": "Qwen2_VL"}  # 0.7 keeps the table, get_model ignores it
+        models.get_model = lambda name, force_simple=False: models.MODEL_REGISTRY_V2.get_model_class(name, force_simple)
+        return made
+    tables = (
+        ("AVAILABLE_SIMPLE_MODELS", "AVAILABLE_CHAT_TEMPLATE_MODELS") if layout == "simple" else ("AVAILABLE_MODELS",)
+    )
+    for table in tables:
+        setattr(models, table, {})
+
+    def get_model(name, force_simple=False):
+        found = [getattr(models, t)[name] for t in reversed(tables) if name in getattr(models, t)]
+        if not found:
+            raise ValueError(f"Model {name} not found in available models.")
+        path = found[-1] if force_simple else found[0]
+        return _import_class(path if "." in path else f"lmms_eval.models.{name}.{path}")
+
+    models.get_model = get_model
+    return made
+
+
+@pytest.mark.parametrize("layout", ["v2", "simple", "available"])
+def test_lmms_evals_get_model_finds_kimivl_in_each_releases_layout(layout, monkeypatch):
+    """simple_evaluate calls lmms_eval.models.get_model("kimivl"), which (from 0.2.3 on) never reads the
+    api.registry decorator's table: the adapter registers where each release's get_model looks."""
+    base = types.ModuleType("lmms_eval.api.model")
+    base.lmms = type("lmms", (), {"__init__": lambda self: None})
+    registry = types.ModuleType("lmms_eval.api.registry")
+    registry.MODEL_REGISTRY = {}
+    registry.register_model = lambda *names: (
+        lambda cls: registry.MODEL_REGISTRY.update(dict.fromkeys(names, cls)) or cls
+    )
+    modules = {
+        "lmms_eval": types.ModuleType("lmms_eval"),
+        "lmms_eval.api": types.ModuleType("lmms_eval.api"),
+        "lmms_eval.api.model": base,
+        "lmms_eval.api.registry": registry,
+        **_models_module(layout),
+    }
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    import kimivl.eval.lmms_adapter as adapter
+
+    try:
+        adapter = importlib.reload(adapter)
+        models = sys.modules["lmms_eval.models"]
+        assert models.get_model("kimivl") is adapter.KimiVLLmms and issubclass(adapter.KimiVLLmms, base.lmms)
+        assert models.get_model("kimivl", force_simple=True) is adapter.KimiVLLmms
+        assert registry.MODEL_REGISTRY["kimivl"] is adapter.KimiVLLmms  # the old table too
+        adapter.register()  # registering again (lmms-eval imports the module by name after __main__ did) is fine
+        assert models.get_model("kimivl") is adapter.KimiVLLmms
+    finally:
+        monkeypatch.undo()
+        importlib.reload(adapter)
+
+
+@pytest.mark.parametrize("value", ["auto", "auto:4", " auto:1 "])
+def test_batch_size_auto_is_a_batch_of_one(value, small_model, small_processor):
+    import kimivl.eval.lmms_adapter as adapter
+
+    lm = adapter.KimiVLLmms(model=small_model, processor=small_processor, batch_size=value)
+    assert lm.batch_size_per_gpu == 1
+    for bad in ("auto:", "auto:x", "automatic"):
+        with pytest.raises(
+            ValueError, match=re.escape(f"batch_size must be a positive integer, auto or auto:N, got {bad!r}")
+        ):
+            adapter.KimiVLLmms(model=small_model, processor=small_processor, batch_size=bad)
+
+
+@pytest.mark.parametrize("gpu, want", [(True, "cuda"), (False, "cpu")])
+def test_the_device_defaults_to_the_gpu_when_there_is_one(gpu, want, monkeypatch, checkpoint):
+    import kimivl
+    import kimivl.eval.lmms_adapter as adapter
+    import kimivl.precision
+
+    loaded = {}
+
+    def from_pretrained(path, dtype=None, device=None):
+        loaded.update(path=path, device=device)
+        return torch.nn.Linear(1, 1)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    monkeypatch.setattr(kimivl.precision, "checkpoint_load_dtype", lambda path, device, requested: torch.float32)
+    monkeypatch.setattr(kimivl.KimiVL, "from_pretrained", staticmethod(from_pretrained))
+    monkeypatch.setattr(kimivl.KimiVLProcessor, "from_pretrained", staticmethod(lambda path: "processor"))
+    adapter.KimiVLLmms(pretrained=str(checkpoint))
+    assert loaded == {"path": str(checkpoint), "device": want}
+    with pytest.raises(ValueError, match="device='tpu': not a device name"):
+        adapter.KimiVLLmms(pretrained=str(checkpoint), device="tpu")
