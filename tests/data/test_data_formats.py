@@ -172,3 +172,11 @@ def test_media_paths_of_a_linked_file_are_relative_to_the_link(media, tmp_path_f
     assert JsonlRecords(media / "linked.jsonl", text=False)[0]["messages"][0]["content"][0]["image"] == expected
     with pytest.raises(DataError, match=f"media file 'img/a.png' not found \\(looked for {store.parent}"):
         next(iter_records(store))
+
+
+def test_equal_timestamps_are_non_decreasing(media):
+    """Two frames at the same second (a repeated frame) are allowed: timestamps must not go back, only."""
+    path = media / "same.jsonl"
+    frames = {"type": "video", "frames": ["img/a.png", "img/b.png", "img/c.png"], "timestamps": [0, 2, 2]}
+    path.write_text(_user(frames) + "\n", encoding="utf-8")
+    assert next(iter_records(path))["messages"][0]["content"][0]["timestamps"] == [0, 2, 2]

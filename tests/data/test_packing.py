@@ -1,5 +1,6 @@
 """Packing samples into rows, and the seeded, resumable mixture that feeds them."""
 
+import itertools
 import logging
 import random
 
@@ -181,3 +182,20 @@ def test_data_that_never_fits_the_budget_is_an_error(monkeypatch, caplog):
         pytest.raises(DataError, match="samples 0 to 19 all exceed the 16-token budget: raise the stage's budget"),
     ):
         next(long.batches(0))
+
+
+def test_the_budget_is_inclusive():
+    """Samples whose lengths sum to the budget share one row, and a sample exactly as long as the budget fills a row
+    alone: neither is pushed to the next row nor skipped."""
+
+    def mixture(n):
+        def encode(_, k):
+            return Encoded(list(range(k)), torch.zeros(0, 3, 14, 14), torch.zeros(0, 2, dtype=torch.long), [1] * k)
+
+        return Mixture({"s": [n]}, encode, 8, start={"s": 1})
+
+    halves, whole = mixture(4), mixture(8)
+    rows = [(row.cu_seqlens.tolist(), end) for row, end in itertools.islice(halves.batches(0), 3)]
+    assert rows == [([0, 4, 8], 2), ([0, 4, 8], 4), ([0, 4, 8], 6)]
+    rows = [(row.cu_seqlens.tolist(), end) for row, end in itertools.islice(whole.batches(0), 2)]
+    assert rows == [([0, 8], 1), ([0, 8], 2)] and whole.skipped == 0

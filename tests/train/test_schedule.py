@@ -25,6 +25,11 @@ def test_wsd_key_steps():
     assert WSD(0, 0, 4, shape="sqrt", min_ratio=0.2)(1) == pytest.approx(0.2 + 0.8 * 0.5)
 
 
+def test_wsd_without_decay_steps_drops_to_min_ratio_after_the_stable_phase():
+    s = WSD(warmup_steps=2, stable_steps=3, decay_steps=0, min_ratio=0.25)
+    assert [s(i) for i in range(7)] == [0.5, 1.0, 1.0, 1.0, 1.0, 0.25, 0.25]
+
+
 def test_bad_schedules_are_rejected():
     with pytest.raises(ValueError, match="decay_steps"):
         WarmupCosine(warmup_steps=10, total_steps=5)
