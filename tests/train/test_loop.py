@@ -1,9 +1,11 @@
 """The shared training loop: kill-and-resume equality, atomic checkpoints, the NaN guard, metrics."""
 
 import json
+import random
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -17,7 +19,7 @@ from kimivl.data.packing import PackedBatch
 from kimivl.train.loop import LoopConfig, to_device, train_loop
 from kimivl.train.optim import build_optimizer
 from kimivl.train.schedule import WarmupCosine, scheduler_at
-from kimivl.train.state import latest_checkpoint, save_state
+from kimivl.train.state import latest_checkpoint, load_state, save_state
 from kimivl.train.step import TrainingError
 from kimivl.train.trainable import set_trainable
 
@@ -432,3 +434,13 @@ def _resume_to_four(model, data, opt, tmp_path) -> None:
         "s",
         progress=False,
     )
+
+
+def test_loading_a_state_restores_the_global_random_generators(tiny_model, tmp_path):
+    """torch's, Python's and numpy's generators continue from where the saved run left them."""
+    torch.manual_seed(3), random.seed(3), np.random.seed(3)
+    saved = save_state(tmp_path, tiny_model, {"step": 1})
+    expected = (torch.rand(4).tolist(), random.random(), np.random.rand(2).tolist())
+    torch.manual_seed(9), random.seed(9), np.random.seed(9)
+    assert load_state(saved, tiny_model)["step"] == 1
+    assert (torch.rand(4).tolist(), random.random(), np.random.rand(2).tolist()) == expected
