@@ -266,3 +266,19 @@ def test_resuming_a_vit_stage_after_its_sources_changed_is_refused(tmp_path, sma
     run(["c"])
     with pytest.raises(TrainingError, match=r"vit: the data stream .*\(sources: \['c'\] then, \['c', 'd'\] now\)"):
         run(["c", "d"])
+
+
+def test_the_mix_moves_over_every_accumulated_row_and_a_sample_of_the_budget_fits(tmp_path, small_processor):
+    """Each step packs ``accum`` rows, so the horizon over which weights go from ``mix`` to ``mix_end`` is ``accum``
+    times longer; a probe sample exactly as long as the budget fits it."""
+    ctx = _lengths_ctx(small_processor, tmp_path)
+    encode = lambda name, text: small_processor.encode_text(text)  # noqa: E731
+    stage = dict(name="p", kind="joint", steps=10, lr=1e-3, budget=256, mix={"short": 1}, mix_end={"long": 1})
+    one, _ = stage_mixture(JointStage(**stage, accum=1), ctx, encode)
+    three, _ = stage_mixture(JointStage(**stage, accum=3), ctx, encode)
+    assert one.horizon > 10 and abs(three.horizon - 3 * one.horizon) < 3
+    long = len(encode("long", ctx.sources.items["long"][0]).input_ids)
+    exact, line = stage_mixture(
+        JointStage(**{**stage, "budget": long, "mix": {"long": 1}, "mix_end": None}), ctx, encode
+    )
+    assert exact.budget == long and f"({long} tokens each on average)" in line
