@@ -210,6 +210,25 @@ def test_a_checkpoint_converted_file_by_file_equals_one_saved_in_that_dtype(tiny
     )
 
 
+def test_shards_fill_to_exactly_the_limit_and_the_index_counts_the_saved_dtype(tiny_model, tmp_path):
+    """Tensors whose bytes sum to ``max_shard_bytes`` share one file; saved in bf16, the index's ``total_size`` is
+    the bf16 bytes the files hold, not the float32 bytes the model holds."""
+    limit, first = 0, set()
+    for key, t in tiny_model.state_dict().items():
+        first.add(key)
+        limit += t.numel() * t.element_size()
+        if len(first) == 3:
+            break
+    tiny_model.save_pretrained(tmp_path / "f32", max_shard_bytes=limit)
+    shards = sorted((tmp_path / "f32").glob("model-*.safetensors"))
+    assert len(shards) > 2 and set(load_file(shards[0])) == first
+    tiny_model.save_pretrained(tmp_path / "bf16", max_shard_bytes=limit, dtype=torch.bfloat16)
+    held = [t for file in (tmp_path / "bf16").glob("model-*.safetensors") for t in load_file(file).values()]
+    assert {t.dtype for t in held} == {torch.bfloat16}
+    index = json.loads((tmp_path / "bf16" / INDEX).read_text())
+    assert index["metadata"]["total_size"] == sum(t.numel() * 2 for t in held)
+
+
 def test_bf16_and_float32_loading(tiny_model, tmp_path):
     tiny_model.save_pretrained(tmp_path, dtype=torch.bfloat16)
     on_disk = load_file(tmp_path / "model.safetensors")
