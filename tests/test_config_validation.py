@@ -66,6 +66,15 @@ def test_bad_field_values_are_config_errors(part, field, value, message):
         KimiVLConfig.from_dict(d)
 
 
+def test_every_layer_may_be_dense():
+    """``first_k_dense_replace`` equal to the layer count (a dense model) is valid: no layer holds experts."""
+    d = tiny_dict()
+    d["text_config"]["first_k_dense_replace"] = d["text_config"]["num_hidden_layers"]
+    model = KimiVL(KimiVLConfig.from_dict(d))
+    assert not any("experts" in name for name, _ in model.named_parameters())
+    assert model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, d["text_config"]["vocab_size"])
+
+
 @pytest.mark.parametrize(
     "text",
     ["[1, 2]", '"kimi"', "null", "3", "[" * 100_000 + "]" * 100_000],
