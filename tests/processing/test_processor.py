@@ -118,3 +118,14 @@ def test_generate_text_single_batched_and_streamed(small_model, small_processor)
         small_model, [enc.input_ids], enc.pixel_values, enc.image_grid_hws, stop_ids=small_processor.stop_ids
     )[0]
     assert small_processor.decode(ids[:6]) == one
+
+
+def test_streamed_text_joins_split_characters_and_ends_a_cut_one_visibly(small_processor, monkeypatch):
+    """A character whose bytes come in two tokens is yielded once whole; an answer cut inside a character ends with
+    U+FFFD instead of losing its last bytes silently."""
+    steps = {"whole": [104, 195, 169], "cut": [104, 195]}  # "h", then the two bytes of "é"
+    chat = [{"role": "user", "content": "Hi"}]
+    for name, expected, pieces in (("whole", "hé", ["h", "é"]), ("cut", "h\ufffd", ["h", "\ufffd"])):
+        monkeypatch.setattr("kimivl.inference.chat.stream_ids", lambda *a, ids=steps[name], **k: ([t] for t in ids))
+        assert list(stream_generate(None, small_processor, chat)) == pieces
+        assert generate(None, small_processor, chat) == expected
