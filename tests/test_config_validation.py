@@ -66,6 +66,22 @@ def test_bad_field_values_are_config_errors(part, field, value, message):
         KimiVLConfig.from_dict(d)
 
 
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        ({"n_group": 2, "topk_group": 1, "num_experts_per_tok": 5}, "exceeds the experts reachable in topk_group=1"),
+        ({"n_group": 8, "topk_group": 1, "num_experts_per_tok": 1}, "every group needs at least 2 experts"),
+    ],
+)
+def test_grouped_routing_that_cannot_pick_its_experts_is_refused(fields, message):
+    """Of 8 experts in 2 groups, top-1 group reaches only 4; groups of one expert have no top-2 to score them."""
+    d = tiny_dict()
+    assert d["text_config"]["n_routed_experts"] == 8
+    d["text_config"].update(fields)
+    with pytest.raises(ConfigError, match=message):
+        KimiVLConfig.from_dict(d)
+
+
 def test_every_layer_may_be_dense():
     """``first_k_dense_replace`` equal to the layer count (a dense model) is valid: no layer holds experts."""
     d = tiny_dict()
