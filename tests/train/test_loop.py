@@ -444,3 +444,12 @@ def test_loading_a_state_restores_the_global_random_generators(tiny_model, tmp_p
     torch.manual_seed(9), random.seed(9), np.random.seed(9)
     assert load_state(saved, tiny_model)["step"] == 1
     assert (torch.rand(4).tolist(), random.random(), np.random.rand(2).tolist()) == expected
+
+
+def test_a_latest_pointer_to_an_incomplete_checkpoint_is_an_error(tiny_model, tmp_path):
+    """``latest`` naming a checkpoint without its trainer state is named, not resumed from weights alone."""
+    saved = save_state(tmp_path, tiny_model, {"step": 2})
+    assert latest_checkpoint(tmp_path) == saved
+    (saved / "trainer.pt").unlink()
+    with pytest.raises(FileNotFoundError, match=f"names {saved}, which is not a complete checkpoint"):
+        latest_checkpoint(tmp_path)
