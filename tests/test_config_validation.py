@@ -82,6 +82,14 @@ def test_grouped_routing_that_cannot_pick_its_experts_is_refused(fields, message
         KimiVLConfig.from_dict(d)
 
 
+def test_moe_layer_freq_leaves_the_layers_between_dense():
+    d = tiny_dict()
+    d["text_config"].update(num_hidden_layers=4, first_k_dense_replace=1, moe_layer_freq=2)
+    model = KimiVL(KimiVLConfig.from_dict(d))
+    moe = [any("experts" in n for n, _ in layer.named_parameters()) for layer in model.language_model.model.layers]
+    assert moe == [False, False, True, False]
+
+
 def test_every_layer_may_be_dense():
     """``first_k_dense_replace`` equal to the layer count (a dense model) is valid: no layer holds experts."""
     d = tiny_dict()

@@ -90,6 +90,10 @@ MALFORMED = {
         _user({"type": "video", "frames": ["img/a.png", "img/b.png"], "timestamps": [1, 0]}),
         "non-decreasing",
     ),
+    "boolean timestamp": (
+        _user({"type": "video", "frames": ["img/a.png", "img/b.png"], "timestamps": [0, True]}),
+        "non-decreasing finite numbers",
+    ),
     "bad id": ('{"id": [1], "messages": [{"role": "user", "content": "hi"}]}', "'id' must be"),
     "bad meta": ('{"meta": 3, "messages": [{"role": "user", "content": "hi"}]}', "'meta' must be an object"),
 }
