@@ -250,15 +250,17 @@ def _hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in group.items() if k not in NOT_COMPARED}
 
 
+def _differences(then: dict[str, Any], now: dict[str, Any], keys) -> list[str]:
+    """``key: value then, value now`` for each of ``keys`` (sorted) whose values in ``then`` and ``now`` differ."""
+    return [f"{k}: {then.get(k)!r} then, {now.get(k)!r} now" for k in sorted(keys) if then.get(k) != now.get(k)]
+
+
 def _changed_hyperparameters(wanted: list[dict[str, Any]], restored: list[dict[str, Any]]) -> list[str]:
     """``key: value then, value now`` for each setting that the restored param groups hold otherwise than
     ``wanted``, the run's own, each once (a key the checkpoint does not hold is not compared)."""
     changed = []
     for now, then in zip(wanted, map(_hyperparameters, restored)):
-        for key in sorted(now.keys() & then.keys()):
-            line = f"{key}: {then[key]!r} then, {now[key]!r} now"
-            if now[key] != then[key] and line not in changed:
-                changed.append(line)
+        changed += [line for line in _differences(then, now, now.keys() & then.keys()) if line not in changed]
     return changed
 
 
@@ -271,10 +273,7 @@ def _schedule_changes(then: dict[str, Any], now: dict[str, Any], multipliers: bo
     if multipliers:
         for a, b in zip(then["lr_lambdas"], now["lr_lambdas"]):
             a, b = a or {}, b or {}
-            for key in sorted(a.keys() | b.keys()):
-                line = f"{key}: {a.get(key)!r} then, {b.get(key)!r} now"
-                if a.get(key) != b.get(key) and line not in changed:
-                    changed.append(line)
+            changed += [line for line in _differences(a, b, a.keys() | b.keys()) if line not in changed]
     return changed
 
 
@@ -389,11 +388,7 @@ class TrainState:
                 found,
             )
             return
-        changed = [
-            f"{key}: {then.get(key)!r} then, {self.data.get(key)!r} now"
-            for key in sorted(then.keys() | self.data.keys())
-            if then.get(key) != self.data.get(key)
-        ]
+        changed = _differences(then, self.data, then.keys() | self.data.keys())
         if changed:
             raise TrainingError(
                 f"{self.stage}: the data stream of this run differs from the one {found} was trained with "
