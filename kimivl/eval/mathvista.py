@@ -86,10 +86,8 @@ def parse_row(row: dict, index, file: Path) -> Sample:
         raise RowError(f"unknown answer_type {atype!r}")
     cell = next((row[k] for k in ("decoded_image", "image") if present(row.get(k))), None)
     image = image_bytes(cell, file.parent)
-    raw_answer = row["answer"]
-    if not present(raw_answer) or not str(raw_answer).strip():
-        raise RowError("no answer")
-    answer = str(raw_answer).strip()
+    raw_answer = text_cell(row, "answer")  # a RowError ("no answer") for a missing, null or blank one
+    answer = raw_answer.strip()
     precision = _precision(row.get("precision"))
     metadata = row["metadata"] if isinstance(row.get("metadata"), dict) else {}
     meta = {
@@ -97,7 +95,7 @@ def parse_row(row: dict, index, file: Path) -> Sample:
         "answer_type": atype,
         "precision": precision,
         "answer": answer,
-        "answer_text": raw_answer if isinstance(raw_answer, str) else str(raw_answer),
+        "answer_text": raw_answer,
         "choices": None,
         "group": str(row.get("task") or metadata.get("task") or ""),
     }
