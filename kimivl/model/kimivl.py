@@ -19,7 +19,7 @@ from kimivl.checkpoint import (
 from kimivl.config import KimiVLConfig
 from kimivl.devices import check_device
 from kimivl.model.init import init_weights
-from kimivl.model.language_model import LanguageModel
+from kimivl.model.language_model import LanguageModel, is_integer
 from kimivl.model.moe import Router, to_dtype
 from kimivl.model.moonvit import MoonViT, patch_merge
 from kimivl.model.projector import Projector
@@ -139,7 +139,7 @@ class KimiVL(nn.Module):
         if labels is not None:
             if labels.shape != input_ids.shape:
                 raise ValueError(f"labels shape {tuple(labels.shape)} differs from input_ids {tuple(input_ids.shape)}")
-            if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            if not is_integer(labels):
                 raise ValueError(f"labels must hold token ids (integers), got dtype {labels.dtype}")
             labels = labels.long()
         if attention_mask is not None:

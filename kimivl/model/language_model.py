@@ -90,7 +90,7 @@ class LanguageModel(nn.Module):
                 position_ids = positions_from_cu_seqlens(cu_seqlens, s)[None]
             else:
                 position_ids = torch.arange(past, past + s, device=inputs_embeds.device).expand(b, s)
-        elif not _is_integer(position_ids):
+        elif not is_integer(position_ids):
             raise ValueError(f"position_ids must hold integers, got dtype {position_ids.dtype}")
         elif position_ids.shape != (b, s):
             raise ValueError(f"position_ids must be (batch, seq) = {(b, s)}, got shape {tuple(position_ids.shape)}")
@@ -116,7 +116,7 @@ class LanguageModel(nn.Module):
 def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> None:
     """``cu_seqlens`` must be the bounds of the packed samples of a row of ``total`` tokens: integers (N+1,) from 0,
     non-decreasing, ending at ``total``."""
-    if cu_seqlens.dim() != 1 or len(cu_seqlens) < 2 or not _is_integer(cu_seqlens):
+    if cu_seqlens.dim() != 1 or len(cu_seqlens) < 2 or not is_integer(cu_seqlens):
         raise ValueError(
             "cu_seqlens must be a 1-D integer tensor of sample bounds (0, end of sample 1, ..., total), got "
             f"shape {tuple(cu_seqlens.shape)} and dtype {cu_seqlens.dtype}"
@@ -128,7 +128,8 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> None:
         raise ValueError(f"cu_seqlens ends at {bounds[-1]} but the packed row has {total} tokens")
 
 
-def _is_integer(t: torch.Tensor) -> bool:
+def is_integer(t: torch.Tensor) -> bool:
+    """Whether ``t`` holds integers (token ids, positions, bounds): not float, complex or bool."""
     return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
 
 
