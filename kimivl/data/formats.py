@@ -62,16 +62,23 @@ def _lines(path: Path) -> Iterator[tuple[int, int, Any]]:
                 yield lineno, start, parse_line(raw, f"{path}:{lineno}")
 
 
-def parse_line(raw: bytes, where: str) -> dict:
-    """One JSONL line (UTF-8 bytes; the byte-order mark some editors put first is skipped) as a JSON object."""
+def parse_json(raw: bytes, where: str, text: str = "the line") -> Any:
+    """JSON ``text`` (UTF-8 bytes; the byte-order mark some editors put first is skipped) as a value; a ``DataError``
+    starting with ``where`` (``file:line``, or a file) when it is not UTF-8, not JSON, or nested too deeply."""
     try:
-        obj = json.loads(raw.decode("utf-8").removeprefix("\ufeff"))
+        return json.loads(raw.decode("utf-8").removeprefix("\ufeff"))
     except UnicodeDecodeError as e:
-        raise DataError(f"{where}: not UTF-8 (byte {e.start + 1} of the line)") from None
+        raise DataError(f"{where}: not UTF-8 (byte {e.start + 1} of {text})") from None
     except json.JSONDecodeError as e:
-        raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+        at = f"line {e.lineno} column {e.colno}" if e.lineno > 1 else f"column {e.colno}"
+        raise DataError(f"{where}: invalid JSON ({e.msg} at {at})") from None
     except RecursionError:
         raise DataError(f"{where}: JSON nested too deeply to read") from None
+
+
+def parse_line(raw: bytes, where: str) -> dict:
+    """One JSONL line (``parse_json``) as a JSON object."""
+    obj = parse_json(raw, where)
     if not isinstance(obj, dict):
         raise DataError(f"{where}: a record must be a JSON object, got {type(obj).__name__}")
     if LONE_SURROGATE.search(raw):

@@ -29,7 +29,7 @@ from typing import Any
 
 from PIL import Image
 
-from kimivl.data.formats import DataError, parse_line
+from kimivl.data.formats import parse_json, parse_line
 
 TABLE_SUFFIXES = (".tsv", ".parquet", ".json", ".jsonl")
 
@@ -137,15 +137,7 @@ def _json_rows(path: Path) -> Iterator[dict]:
         with open(path, "rb") as f:
             yield from (row for _, row in jsonl_objects(path, f))
         return
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            data = json.load(f)
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 ({e.reason})") from None
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
-    except RecursionError:
-        raise DataError(f"{path}: JSON nested too deeply to read") from None
+    data = parse_json(path.read_bytes(), str(path), "the file")
     rows = data.get("data", data.get("samples", data.get("annotations"))) if isinstance(data, dict) else data
     if type(rows) is not list:
         raise ValueError(f"{path}: expected a JSON list of rows (or an object with a 'data' list)")
