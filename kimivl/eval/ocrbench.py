@@ -2,8 +2,9 @@
 
 Formats: VLMEvalKit TSV (``index``, ``image`` base64, ``question``, ``answer`` as a list string, ``category``),
 the hub's parquet (``question``, ``answer`` list, ``question_type``, ``dataset``, ``image`` struct) and OCRBench's
-own ``OCRBench.json`` (``dataset_name``, ``id``, ``image_path``, ``question``, ``answers`` a string or a list,
-``type``), its images under ``OCRBench_Images/`` beside the JSON file or its folder (or next to it, or in
+own ``OCRBench.json`` (``dataset_name``, ``id``, ``image_path``, ``question``, ``answers`` a list or a string,
+``type``; a string is one answer as it stands, even one like ``"[ \\pi ]"`` that looks like a list, as the official
+script reads it), its images under ``OCRBench_Images/`` beside the JSON file or its folder (or next to it, or in
 ``images/``).
 
 Scoring, both modes (there is nothing lenient to add): the rule of OCRBench's example script
@@ -50,8 +51,11 @@ def _image(row: dict, file: Path):
 
 
 def parse_row(row: dict, index, file: Path) -> Sample:
-    cell = row["answers"] if "answers" in row and "answer" not in row else row["answer"]
-    answers = [a if isinstance(a, str) else str(a) for a in literal_list(cell)]
+    own_json = "answers" in row and "answer" not in row
+    cell = row["answers"] if own_json else row["answer"]
+    # OCRBench.json's string is one answer as it stands (its script never parses it); the TSV's is a list string
+    cells = [cell] if own_json and isinstance(cell, str) else literal_list(cell)
+    answers = [a if isinstance(a, str) else str(a) for a in cells]
     if not any(a.strip() for a in answers):
         raise RowError("no answer")
     category = str(row.get("category") or row.get("type") or row.get("question_type") or "")

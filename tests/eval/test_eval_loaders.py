@@ -508,12 +508,22 @@ def test_ocrbench_own_json_layout(tmp_path):
             "answers": "A",
             "type": "Regular Text Recognition",
         },
+        {  # the released row: a string that looks like a list is still one answer
+            "dataset_name": "HME100k",
+            "id": 20952,
+            "image_path": "HME/2.png",
+            "question": "latex?",
+            "answers": "[ \\arccos \\frac { 1 } { 4 } , \\pi ]\n",
+            "type": "Handwritten Mathematical Expression Recognition",
+        },
     ]
     data = root / "OCRBench" / "OCRBench.json"
     data.write_text(json.dumps(rows))
     samples, skipped = split(ocrbench.load(data))
-    assert [s.index for s in samples] == [0, 1] and "not found" in skipped[2]
-    first, hme = samples
+    assert [s.index for s in samples] == [0, 1, 3] and "not found" in skipped[2]
+    first, hme, listlike = samples
+    assert listlike.meta["answers"] == [rows[3]["answers"]] and listlike.meta["hme"]
+    assert ocrbench.score("$[\\arccos\\frac{1}{4},\\pi]$", listlike.meta)["score"] == 1.0
     assert images_of(first) == [str(root / "OCRBench_Images" / "IIIT5K" / "1.png")]
     assert first.meta == {"answers": ["CENTRE"], "hme": False, "group": "Regular Text Recognition"}
     assert hme.meta["hme"] and hme.meta["answers"] == ["x ^ { 2 }"]

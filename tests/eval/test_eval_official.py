@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from kimivl.eval import mathvista, mmlongbench, mmmu, ocrbench, screenspot, videomme
 from kimivl.eval.answers import OPTION_LETTERS
@@ -98,12 +99,19 @@ def test_mathvista_stand_in_for_the_llm_extraction():
     assert mathvista.score("◁think▷ (A)?", meta)["normalized"] == "2"  # no answer: "" picks the shortest choice
 
 
-def test_ocrbench_agrees_with_the_official_code():
+def test_ocrbench_agrees_with_the_official_code(tmp_path):
+    """Each case read as a row of OCRBench's own OCRBench.json, then scored: a string answer is one gold as it is."""
     cases = fixture("ocrbench")["cases"]
-    for c in cases:
-        answers = c["answers"] if isinstance(c["answers"], list) else [c["answers"]]
-        meta = {"answers": answers, "hme": c["dataset_name"] == "HME100k", "group": c["type"]}
-        assert ocrbench.score(c["predict"], meta)["score"] == c["official_result"], c
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    keys = ("dataset_name", "type", "answers")
+    rows = [{"id": i, "image_path": "a.png", "question": "q", **{k: c[k] for k in keys}} for i, c in enumerate(cases)]
+    (tmp_path / "OCRBench.json").write_text(json.dumps(rows))
+    loaded = {s.index: s for s in ocrbench.load(tmp_path / "OCRBench.json")}
+    for i, c in enumerate(cases):
+        if not str(c["answers"]).strip():  # an empty gold: a row the loader skips (OCRBench.json has none)
+            assert loaded[i].reason == "no answer"
+            continue
+        assert ocrbench.score(c["predict"], loaded[i].meta)["score"] == c["official_result"], c
     assert 0 < sum(c["official_result"] for c in cases) < len(cases)
 
 
