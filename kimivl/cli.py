@@ -227,15 +227,19 @@ def _check_chat_inputs(args: argparse.Namespace, sampling: dict) -> None:
         check_video_file(args.video)
 
 
+# kimivl chat's sampling where neither a flag nor the checkpoint's generation_config.json sets it (spec section 9:
+# Instruct's temperature)
+CHAT_SAMPLING = {"max_new_tokens": 512, "temperature": 0.2, "top_p": 1.0}
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     if args.question is not None and not args.question.strip():
         raise CommandError("the question is empty; ask something, or leave it out for an interactive session")
-    sampling = {
-        "max_new_tokens": args.max_new_tokens,
-        "temperature": args.temperature,
-        "top_p": args.top_p,
-        "seed": args.seed,
-    }
+    from kimivl.inference.generation_config import generation_defaults
+
+    # a flag given wins; then the checkpoint's generation_config.json; then the Instruct model's settings
+    flags = {k: getattr(args, k) for k in CHAT_SAMPLING if getattr(args, k) is not None}
+    sampling = {**CHAT_SAMPLING, **generation_defaults(args.model), **flags, "seed": args.seed}
     _check_chat_inputs(args, sampling)
     model, processor = _load(args.model, args.dtype, args.device)
     if args.question:
@@ -602,9 +606,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     chat.add_argument("--image", action="append", default=[], help="an image file (repeatable)")
     chat.add_argument("--video", help="a video file, fed as timestamped frames")
-    chat.add_argument("--max-new-tokens", type=int, default=512)
-    chat.add_argument("--temperature", type=float, default=0.2, help="0 for greedy (default 0.2, as for Instruct)")
-    chat.add_argument("--top-p", type=float, default=1.0)
+    given = "default: the checkpoint's generation_config.json, else"
+    chat.add_argument("--max-new-tokens", type=int, help=f"{given} 512")
+    chat.add_argument("--temperature", type=float, help=f"0 for greedy ({given} 0.2, as for Instruct)")
+    chat.add_argument("--top-p", type=float, help=f"{given} 1.0")
     chat.add_argument("--seed", type=int, default=0)
     chat.add_argument(
         "--dtype",

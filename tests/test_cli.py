@@ -3,7 +3,7 @@
 import numpy as np
 from PIL import Image
 
-from kimivl import generate
+from kimivl import KimiVL, KimiVLProcessor, generate
 from kimivl.cli import main
 
 
@@ -118,3 +118,34 @@ def test_thinking_output_is_shown_apart(capsys):
     assert capsys.readouterr().out == "plain text\n"
     assert _stream(["a ◁", "b"]) == "a ◁b"  # a marker's prefix that turns out not to be one is printed
     assert capsys.readouterr().out == "a ◁b\n"
+
+
+def test_chat_takes_its_defaults_from_the_checkpoints_generation_config(checkpoint, tmp_path, capsys):
+    """Hugging Face's generation_config.json sets chat's sampling defaults; a flag still wins."""
+    import json
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, ckpt)
+    (ckpt / "generation_config.json").write_text(json.dumps({"temperature": 0, "max_new_tokens": 2, "top_k": 5}))
+    model, processor = KimiVL.from_pretrained(ckpt), KimiVLProcessor.from_pretrained(ckpt)
+    question = [{"role": "user", "content": [{"type": "text", "text": "Count the circles."}]}]
+    answers = []
+    for flags, new_tokens in (([], 2), (["--max-new-tokens", "6"], 6)):
+        assert main(["chat", "--model", str(ckpt), "--dtype", "float32", *flags, "Count the circles."]) == 0
+        answers.append(generate(model, processor, question, temperature=0.0, max_new_tokens=new_tokens).strip())
+        assert capsys.readouterr().out.strip() == answers[-1], flags
+    assert answers[0] != answers[1]
+
+
+def test_the_shipped_models_generation_configs_follow_the_spec():
+    """Section 9: Instruct temperature 0.2; Thinking 0.6 to 0.8 with a long budget (here within the 4K context)."""
+    from kimivl.config import KimiVLConfig
+    from kimivl.demo import DEFAULT_MODEL
+    from kimivl.inference.generation_config import generation_defaults
+
+    thinking = DEFAULT_MODEL.parent / "kimivl-tiny-thinking"
+    assert generation_defaults(DEFAULT_MODEL) == {"temperature": 0.2}
+    found = generation_defaults(thinking)
+    context = KimiVLConfig.from_pretrained(thinking).text_config.max_position_embeddings
+    assert 0.6 <= found["temperature"] <= 0.8 and 160 < found["max_new_tokens"] <= context // 2

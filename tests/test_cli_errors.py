@@ -137,6 +137,36 @@ def test_bad_sampling_flags_and_configs_are_one_line(capsys, tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('{"temperature": "0.8"}', "temperature must be >= 0"),
+        ('{"temperature": -1}', "temperature must be >= 0"),
+        ('{"top_p": 0}', "top_p must be in (0, 1]"),
+        ('{"max_new_tokens": 0}', "max_new_tokens must be an integer >= 1"),
+        ('{"max_new_tokens": 1.5}', "max_new_tokens must be an integer >= 1"),
+        ('{"do_sample": "yes"}', "do_sample must be true or false"),
+        ("[0.8]", "must be a JSON object of generation settings"),
+        ('{"temperature": 0.8,}', "invalid JSON"),
+    ],
+)
+def test_a_bad_generation_config_is_named_before_the_model_loads(tmp_path, monkeypatch, capsys, text, message):
+    (tmp_path / "generation_config.json").write_text(text)
+    loaded = []
+    monkeypatch.setattr(cli, "_load", lambda *a: loaded.append(a))
+    assert main(["chat", "--model", str(tmp_path), "hi"]) == 2
+    _one_line_error(capsys, "chat", f"{tmp_path / 'generation_config.json'}", message)
+    assert not loaded
+
+
+def test_do_sample_false_in_a_generation_config_is_greedy(tmp_path):
+    from kimivl.inference.generation_config import generation_defaults
+
+    (tmp_path / "generation_config.json").write_text('{"do_sample": false, "temperature": 0.6, "top_p": 0.9}')
+    assert generation_defaults(tmp_path) == {"temperature": 0.0, "top_p": 0.9}
+    assert generation_defaults(tmp_path / "elsewhere") == {}
+
+
+@pytest.mark.parametrize(
     ("flags", "message"),
     [
         (["--dp-shard", "0"], "--dp-shard must be >= 1, got 0"),

@@ -1,0 +1,41 @@
+"""A checkpoint's recommended sampling: Hugging Face's ``generation_config.json``.
+
+Of its keys, ``temperature``, ``top_p`` and ``max_new_tokens`` are read, and ``do_sample: false`` means greedy
+decoding (temperature 0), as in Hugging Face's ``generate``; the others (token ids, ``top_k``, ...) are ignored.
+The shipped models hold one: ``kimivl-tiny`` temperature 0.2 (the spec's for Instruct), ``kimivl-tiny-thinking``
+temperature 0.8 with 1024 new tokens (the spec's Thinking range, and a quarter of its 4K context as 32K is of 128K).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from kimivl.data.formats import parse_json
+from kimivl.inference.sampling import SamplingError, SamplingParams
+
+FILE = "generation_config.json"
+KEYS = ("temperature", "top_p", "max_new_tokens")
+
+
+def generation_defaults(checkpoint: str | os.PathLike) -> dict:
+    """The sampling settings that ``checkpoint``'s ``generation_config.json`` recommends (a subset of ``KEYS``), or
+    ``{}`` without one. A file that is not a JSON object, or a value of the wrong type or range, is an error naming
+    the file."""
+    file = Path(checkpoint) / FILE
+    if not file.is_file():
+        return {}
+    config = parse_json(file.read_bytes(), str(file), "the file")
+    if not isinstance(config, dict):
+        raise SamplingError(f"{file}: must be a JSON object of generation settings, got {type(config).__name__}")
+    found = {k: config[k] for k in KEYS if config.get(k) is not None}
+    do_sample = config.get("do_sample")
+    if do_sample is not None and not isinstance(do_sample, bool):
+        raise SamplingError(f"{file}: do_sample must be true or false, got {do_sample!r}")
+    if do_sample is False:
+        found["temperature"] = 0.0
+    try:
+        SamplingParams.from_kwargs(**found)
+    except SamplingError as e:
+        raise SamplingError(f"{file}: {e}") from None
+    return found
