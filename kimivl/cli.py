@@ -148,8 +148,8 @@ def _load(path: str, dtype: str, device: str | None):
 
     device = resolve_device(device)
     dtype = checkpoint_load_dtype(path, device, getattr(torch, dtype) if dtype else None)
-    model = KimiVL.from_pretrained(path, dtype=dtype, device=device)
-    return model, KimiVLProcessor.from_pretrained(path)
+    processor = KimiVLProcessor.from_pretrained(path)  # first: a tokenizer not the model's is refused in seconds
+    return KimiVL.from_pretrained(path, dtype=dtype, device=device), processor
 
 
 def _user_message(text: str, images: list[str], video: str | None) -> dict:

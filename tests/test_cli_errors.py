@@ -158,6 +158,22 @@ def test_a_bad_generation_config_is_named_before_the_model_loads(tmp_path, monke
     assert not loaded
 
 
+def test_chat_refuses_a_config_whose_image_placeholder_is_not_the_tokenizers_before_loading_weights(
+    tmp_path, monkeypatch, capsys
+):
+    import shutil
+
+    shutil.copytree(DEFAULT_MODEL, tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config["media_placeholder_token_id"] = 2068  # the tokenizer's <|media_pad|> is 2069
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    loaded = []
+    monkeypatch.setattr(KimiVL, "from_pretrained", lambda *a, **k: loaded.append(a))
+    assert main(["chat", "--model", str(tmp_path / "m"), "--device", "cpu", "hi"]) == 2
+    _one_line_error(capsys, "chat", "media_placeholder_token_id 2068", "<|media_pad|> at id 2069", "config.json")
+    assert not loaded
+
+
 def test_do_sample_false_in_a_generation_config_is_greedy(tmp_path):
     from kimivl.inference.generation_config import generation_defaults
 

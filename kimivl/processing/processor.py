@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kimivl.checkpoint import check_overwrite
+from kimivl.checkpoint import CheckpointError, check_overwrite
+from kimivl.config import KimiVLConfig
 from kimivl.processing.chat_template import MessageError, chat_segments
 from kimivl.processing.image import CONFIG_FILE as IMAGE_CONFIG
 from kimivl.processing.image import ImageProcessor
@@ -25,6 +26,22 @@ from kimivl.processing.tokenizer import MODEL_FILE as TOKENIZER_MODEL
 from kimivl.processing.tokenizer import KimiTokenizer
 
 IGNORE_INDEX = -100
+
+
+def check_media_pad(
+    config: KimiVLConfig, tokenizer: KimiTokenizer, model_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike
+) -> None:
+    """A ``CheckpointError`` unless the model's ``media_placeholder_token_id`` (the id its image features replace)
+    is the tokenizer's ``<|media_pad|>`` id (the one the processor writes for each image): otherwise text prompts
+    work and every prompt with an image fails."""
+    if config.media_placeholder_token_id != tokenizer.media_pad_id:
+        raise CheckpointError(
+            f"{os.path.join(model_dir, 'config.json')} gives media_placeholder_token_id "
+            f"{config.media_placeholder_token_id}, but the tokenizer in {tokenizer_dir} ({TOKENIZER_MODEL}, "
+            f"{TOKENIZER_CONFIG}) has <|media_pad|> at id {tokenizer.media_pad_id}: the model and tokenizer do not "
+            f"belong together; use the model's own tokenizer, or set media_placeholder_token_id to "
+            f"{tokenizer.media_pad_id} if this tokenizer is the one it was trained with"
+        )
 
 
 @dataclass
@@ -45,8 +62,11 @@ class KimiVLProcessor:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> KimiVLProcessor:
         """Reads ``tiktoken.model``, ``tokenizer_config.json`` and ``preprocessor_config.json`` (defaults to the
-        official values when the last is absent)."""
+        official values when the last is absent). Beside a model's ``config.json``, the tokenizer must be that
+        model's (``check_media_pad``)."""
         tokenizer = KimiTokenizer.from_pretrained(path)
+        if os.path.isfile(os.path.join(path, "config.json")):
+            check_media_pad(KimiVLConfig.from_pretrained(path), tokenizer, path, path)
         has_pre = os.path.isfile(os.path.join(path, "preprocessor_config.json"))
         return cls(tokenizer, ImageProcessor.from_pretrained(path) if has_pre else ImageProcessor())
 

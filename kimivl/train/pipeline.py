@@ -35,7 +35,7 @@ from kimivl.files import write_text_atomic
 from kimivl.model.kimivl import KimiVL
 from kimivl.precision import use_bf16
 from kimivl.processing.chat_template import THINK_CLOSE, THINK_OPEN, parse_thinking
-from kimivl.processing.processor import KimiVLProcessor
+from kimivl.processing.processor import KimiVLProcessor, check_media_pad
 from kimivl.processing.tokenizer import KimiTokenizer, train_bpe
 from kimivl.train.lock import run_lock
 from kimivl.train.metrics import plot_curves
@@ -495,6 +495,9 @@ def _run_stages(
         if recipe.eval:  # a held-out split that cannot be scored fails now, not after the first stage
             heldout_records(recipe.out / recipe.eval["split"], recipe.eval.get("limit"))
         processor = KimiVLProcessor(recipe_tokenizer(recipe, sources, base_dir))
+        if base_dir is not None:  # a tokenizer from elsewhere must write the base model's image placeholder
+            where = recipe.tokenizer.get("path", recipe.out / "tokenizer" if recipe.tokenizer else base_dir)
+            check_media_pad(KimiVLConfig.from_pretrained(base_dir), processor.tokenizer, base_dir, where)
         keep_seed(recipe, world)
     source = base_dir
     if world.active:  # every stage reads its shards from a checkpoint: a preset's fresh weights are written first

@@ -83,6 +83,25 @@ def test_save_and_load(small_processor, tmp_path):
     assert again.image_processor == small_processor.image_processor
 
 
+def test_a_tokenizer_whose_media_pad_is_not_the_models_placeholder_is_refused(small_processor, small_model, tmp_path):
+    """Both read from one checkpoint directory: a config naming another placeholder id made every image prompt fail
+    in the model, blaming the prompt ("input_ids hold 1 image placeholder tokens ... the images give 4 features")."""
+    import json
+
+    small_model.save_pretrained(tmp_path)
+    small_processor.save_pretrained(tmp_path)
+    pad = small_processor.tokenizer.media_pad_id
+    assert KimiVLProcessor.from_pretrained(tmp_path).tokenizer.media_pad_id == pad
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["media_placeholder_token_id"] = pad - 1
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError) as e:
+        KimiVLProcessor.from_pretrained(tmp_path)
+    for part in (f"{tmp_path / 'config.json'} gives media_placeholder_token_id {pad - 1}", f"at id {pad}"):
+        assert part in str(e.value)
+    assert f"tokenizer in {tmp_path} (tiktoken.model, tokenizer_config.json)" in str(e.value)
+
+
 def test_save_refuses_to_overwrite_another_models_files(small_processor, small_model, tmp_path):
     """A Qwen-style download (config or tokenizer of another model) keeps its files; Kimi-VL's own are replaced."""
     theirs = {"tokenizer_config.json": '{"tokenizer_class": "Qwen2TokenizerFast"}', "preprocessor_config.json": "{}"}

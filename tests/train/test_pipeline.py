@@ -11,7 +11,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from kimivl import KimiVL, KimiVLProcessor, precision
-from kimivl.checkpoint import checkpoint_files
+from kimivl.checkpoint import CheckpointError, checkpoint_files
 from kimivl.cli import main
 from kimivl.data.formats import DataError, write_records
 from kimivl.distributed.plan import rank_memory_plan
@@ -716,6 +716,32 @@ def test_a_missing_base_checkpoint_is_named_before_anything_runs(data_dir, tmp_p
         with pytest.raises(RecipeError, match="base checkpoint .*nope has no config.json"):
             run(load_recipe(tmp_path / "r.yaml"))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_recipe_tokenizer_that_is_not_the_base_models_is_refused_before_training(
+    data_dir, tmp_path, small_model, small_processor
+):
+    """The same BPE with <|media_pad|> one id further: before, the run trained until its first image failed."""
+    from kimivl.processing.tokenizer import DEFAULT_SPECIAL_NAMES, KimiTokenizer
+
+    base, tok = tmp_path / "base", tmp_path / "tok"
+    small_model.save_pretrained(base)
+    small_processor.save_pretrained(base)
+    names = {22 if i == 21 else i: name for i, name in DEFAULT_SPECIAL_NAMES.items()}
+    n = small_processor.tokenizer.n_ranks
+    KimiTokenizer(small_processor.tokenizer.mergeable_ranks, {n + i: s for i, s in names.items()}).save_pretrained(tok)
+    recipe = {
+        "name": "x",
+        "out": str(tmp_path / "run"),
+        "base": {"checkpoint": str(base)},
+        "tokenizer": {"path": str(tok)},
+        "sources": {"colour": str(data_dir / "colour.jsonl")},
+        "stages": [{"name": "sft", "kind": "joint", "steps": 1, "lr": 1e-3, "budget": 192, "mix": {"colour": 1}}],
+    }
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(CheckpointError, match=rf"media_placeholder_token_id {n + 21}, but the tokenizer in {tok} "):
+        run_recipe(load_recipe(tmp_path / "r.yaml"), progress=False)
+    assert not (tmp_path / "run" / "sft").exists()
 
 
 def test_a_held_out_split_without_answers_to_score_fails_before_training(data_dir, tmp_path):
