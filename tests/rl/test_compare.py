@@ -145,3 +145,11 @@ def test_accuracy_by_difficulty_with_intervals(tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2 and message in capsys.readouterr().err, argv
+
+
+def test_difficulties_go_easy_medium_hard_then_others_by_name(tmp_path):
+    correct = {"odd": (1, 2), "hard": (0, 2), "medium": (1, 2), "easy": (2, 2)}
+    run = write_difficulty_run(tmp_path / "r", correct, correct)
+    summary = difficulty_summary([run])
+    assert list(summary) == ["easy", "medium", "hard", "odd"]
+    assert [summary[d]["before"][0] for d in summary] == [1.0, 0.5, 0.0, 0.5]

@@ -102,3 +102,20 @@ def test_difficulties_go_easy_medium_hard_as_elsewhere():
     """They were sorted by name (easy, hard, medium), unlike docs/rl.md and the comparison tables."""
     table = summarise(["hard", "odd", "easy", "medium", "hard"], [1, 2, 3, 4, 0], n=4, ks=[1])
     assert list(table) == ["easy", "medium", "hard", "odd", "all"]
+
+
+def test_a_reward_of_one_half_counts_as_correct():
+    """The module's rule is reward >= 0.5: a partial-credit reward of exactly 0.5 is a correct answer."""
+    rewards = {"a": 0.0, "b": 0.49, "c": 0.5, "d": 1.0}
+    problems = [{"meta": {"gold": 0}}, {"meta": {"gold": 1}}]
+    texts = ["a", "c", "d", "b", "b", "c"]  # problem 0: 0, 0.5, 1; problem 1: 0.49, 0.49, 0.5
+    counts = count_correct(lambda r, s, seed: texts, problems, 3, reward_fn=lambda t, meta: rewards[t])
+    assert counts == [2, 1]
+
+
+@pytest.mark.parametrize("k", ["0", "0,4"])
+def test_k_below_one_is_refused_before_any_model_is_loaded(k, capsys):
+    argv = ["--model", "no/such/dir", "--data", "no/such.jsonl", "--samples", "4", "--k", k]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and "--k takes integers >= 1" in capsys.readouterr().err

@@ -39,6 +39,7 @@ def test_split_images(small_model, prompts):
 def test_pack_rows():
     assert pack_rows([3, 4, 2, 9, 1], budget=8) == [[0, 1], [2], [3], [4]]
     assert pack_rows([], budget=8) == []
+    assert pack_rows([3, 5, 8, 1], budget=8) == [[0, 1], [2], [3]]  # a row filled exactly to the budget
 
 
 def test_logprobs_cover_response_tokens_only_and_match_a_plain_forward(small_model, prompts):
@@ -120,3 +121,16 @@ def test_a_sampled_placeholder_token_is_a_plain_token(small_model, prompts):
     # the token after a sampled placeholder, for the text-only prompt: compare a hand-built forward
     after = token_logprobs(small_model, ids[1:2], [[pad, 5]])[0][1]
     torch.testing.assert_close(after, torch.log_softmax(logits, -1)[5], rtol=1e-4, atol=1e-4)
+
+
+def test_each_batch_of_rollouts_samples_with_its_own_seed(small_model, small_processor, prompts):
+    """Batch b samples with seed + b: batch 1 gives what the engine gives with seed 4, not batch 0's tokens again;
+    rows cut at max_new_tokens are not ``stopped``."""
+    ids = [prompts[0][1]]
+    params = SamplingParams(max_new_tokens=5, temperature=1.0, seed=3)
+    rolls = rollout(small_model, small_processor, ids, None, None, k=4, params=params, stop_ids=[], batch_size=2)
+    for b, seed in enumerate((3, 4)):
+        own = SamplingParams(max_new_tokens=5, temperature=1.0, seed=seed)
+        assert [r.ids for r in rolls[2 * b : 2 * b + 2]] == generate_ids(small_model, ids * 2, params=own)
+    assert [r.ids for r in rolls[:2]] != [r.ids for r in rolls[2:]]
+    assert all(r.length == 5 and not r.stopped for r in rolls)  # cut at max_new_tokens: not stopped

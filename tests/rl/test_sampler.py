@@ -102,3 +102,23 @@ def test_bad_settings():
         ProblemSampler(["easy"], decay=1)
     with pytest.raises(ValueError, match="priority must be one of"):
         ProblemSampler(["easy"], priority="uncertainty")
+
+
+def test_running_rate_weighs_the_old_value_by_decay():
+    """decay is the old rate's weight: with decay 0.8 a success after a failure moves the rate to 0.2, not 0.8
+    (decay 0.5, used elsewhere, cannot tell the two apart)."""
+    s = ProblemSampler(["easy"] * 2, decay=0.8)
+    s.update([0, 1], [0.0, 1.0])  # first visits set the rate outright
+    s.update([0, 1], [1.0, 0.0])
+    assert s.success.tolist() == pytest.approx([0.2, 0.8])
+    s.update([0], [1.0])  # 0.8 * 0.2 + 0.2 * 1 = 0.36
+    assert s.success[0].item() == pytest.approx(0.36)
+
+
+def test_a_phase_starts_at_its_own_progress():
+    """The phase in force is the one with the largest start <= progress: at exactly 0.5 the second phase."""
+    s = ProblemSampler(["easy", "medium", "hard"], CURRICULUM)
+    assert s.weights(0.5) == {"easy": 1.0, "medium": 1.0}
+    assert s.probabilities(0.5).tolist() == pytest.approx([0.5, 0.5, 0.0])
+    assert s.probabilities(0.8).tolist() == pytest.approx([0.25, 0.25, 0.5])
+    assert s.weights(0.4999) == {"easy": 1.0}
