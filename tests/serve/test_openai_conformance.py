@@ -219,3 +219,106 @@ def test_a_bad_api_key_has_the_openai_code(tiny):
     url, _ = tiny
     code, reply = _post(url, GOOD, key="wrong-key")
     assert code == 401 and reply["error"]["code"] == "invalid_api_key"
+
+
+def _refused(body: dict, param: str, words: str, limits: Limits = LIMITS) -> None:
+    with pytest.raises(RequestError, match=words) as e:
+        parse_chat_request(body, limits)
+    assert e.value.status == 400 and e.value.param == param, (body, e.value.param)
+
+
+def test_sampling_fields_take_the_openai_ranges_and_defaults():
+    """temperature in [0, 2] (default 1), top_p in (0, 1] (default 1), max_tokens >= 1, seed >= 0, n >= 1, as the
+    OpenAI API takes them; a bool is no number."""
+    plain = parse_chat_request(GOOD, LIMITS)
+    assert (plain.temperature, plain.top_p, plain.seed, plain.n, plain.stop) == (1.0, 1.0, None, 1, [])
+    edges = parse_chat_request({**GOOD, "temperature": 2, "top_p": 1, "seed": 0, "n": 2}, LIMITS)
+    assert (edges.temperature, edges.top_p, edges.seed, edges.n) == (2.0, 1.0, 0, 2)
+    assert parse_chat_request({**GOOD, "top_p": 1e-9, "max_tokens": 1}, LIMITS).max_tokens == 1
+    for field, value, words in [
+        ("temperature", 2.01, r"temperature must be a number in \[0.0, 2.0\], got 2.01"),
+        ("temperature", -0.1, r"temperature must be a number in \[0.0, 2.0\]"),
+        ("temperature", True, "temperature must be a number"),
+        ("top_p", 0, r"top_p must be a number in \(0.0, 1.0\], got 0"),
+        ("top_p", 1.5, "top_p must be a number"),
+        ("max_tokens", 0, r"max_tokens must be an integer in \[1, 4096\], got 0"),
+        ("max_completion_tokens", 0, r"max_completion_tokens must be an integer in \[1, 4096\]"),
+        ("max_tokens", True, "max_tokens must be an integer"),
+        ("seed", -1, "seed must be an integer in \\[0, "),
+        ("n", 0, r"n must be an integer in \[1, 2\], got 0"),
+        ("n", 3, r"n must be an integer in \[1, 2\], got 3"),
+        ("n", True, "n must be an integer"),
+    ]:
+        _refused({**GOOD, field: value}, field, words)
+
+
+def test_max_completion_tokens_wins_over_the_legacy_max_tokens():
+    assert parse_chat_request({**GOOD, "max_completion_tokens": 7, "max_tokens": 3}, LIMITS).max_tokens == 7
+    assert parse_chat_request({**GOOD, "max_tokens": 3}, LIMITS).max_tokens == 3
+
+
+def test_stop_is_at_most_four_non_empty_strings_and_stream_options_needs_stream():
+    assert parse_chat_request({**GOOD, "stop": "x"}, LIMITS).stop == ["x"]
+    assert parse_chat_request({**GOOD, "stop": list("abcd")}, LIMITS).stop == list("abcd")
+    for stop in (list("abcde"), [""], "", ["a", 1]):
+        _refused({**GOOD, "stop": stop}, "stop", "stop must be a non-empty string or a list of at most 4")
+    _refused({**GOOD, "stream_options": {"include_usage": True}}, "stream_options", "only allowed with stream: true")
+    assert parse_chat_request({**GOOD, "stream": True, "stream_options": {"include_usage": True}}, LIMITS).include_usage
+
+
+def test_inert_values_of_unsupported_fields_must_have_the_inert_type():
+    """logprobs: false asks for nothing; logprobs: 0 is not the OpenAI boolean (nor top_logprobs: false the 0)."""
+    assert parse_chat_request({**GOOD, "logprobs": False, "top_logprobs": 0}, LIMITS) == parse_chat_request(
+        GOOD, LIMITS
+    )
+    _refused({**GOOD, "logprobs": 0}, "logprobs", "logprobs=0 is not supported")
+    _refused({**GOOD, "top_logprobs": False}, "top_logprobs", "top_logprobs=False is not supported")
+
+
+def test_image_limits_are_inclusive():
+    """A request may hold exactly max_images images of exactly max_image_pixels pixels and max_image_bytes bytes;
+    one more of any is refused. Images whose tokens fill the whole context leave no room and are refused."""
+    url = _png()  # 28 x 28
+    size = len(base64.b64decode(url.split(",", 1)[1]))
+    image = {"type": "image_url", "image_url": {"url": url}}
+    body = {**GOOD, "messages": [{"role": "user", "content": [image, image]}]}
+    exact = Limits(context=4096, max_batch=1, max_images=2, max_image_pixels=28 * 28, max_image_bytes=size)
+    assert len(parse_chat_request(body, exact).messages[0]["content"]) == 2
+    limits = Limits(context=4096, max_batch=1, max_images=1)
+    _refused(body, "messages", "more than 1 images in one request", limits)
+    part = "messages[0].content[0]"
+    limits = Limits(context=4096, max_batch=1, max_image_pixels=28 * 28 - 1)
+    _refused(body, part, "28x28 = 784 pixels, over the limit of 783", limits)
+    _refused(
+        body, part, f"over the limit of {size - 1} bytes", Limits(context=4096, max_batch=1, max_image_bytes=size - 1)
+    )
+    tokens = lambda w, h: 50  # noqa: E731
+    assert parse_chat_request(body, Limits(context=101, max_batch=1, image_tokens=tokens))
+    _refused(
+        body, "messages", "take 100 tokens, which leaves no room", Limits(context=100, max_batch=1, image_tokens=tokens)
+    )
+
+
+def test_video_frame_lists_get_timestamps_from_fps_and_fps_must_be_positive():
+    frames = [_png()] * 3
+    part = {"type": "video", "video": frames, "fps": 2}
+    chat = parse_chat_request({**GOOD, "messages": [{"role": "user", "content": [part]}]}, LIMITS)
+    assert chat.messages[0]["content"][0]["timestamps"] == [0.0, 0.5, 1.0]
+    for fps in (0, -1, 121):
+        body = {**GOOD, "messages": [{"role": "user", "content": [{**part, "fps": fps}]}]}
+        _refused(body, "fps", r"fps must be a number in \(0.0, 120.0\]")
+
+
+def test_data_videos_share_the_spare_frames_with_the_remainder_to_the_first():
+    clip = "data:video/mp4;base64," + base64.b64encode(b"not decoded here").decode()
+    video = {"type": "video_url", "video_url": {"url": clip}}
+    body = {**GOOD, "messages": [{"role": "user", "content": [video, video, video]}]}
+    parts = parse_chat_request(body, Limits(context=4096, max_batch=1, max_frames=10)).messages[0]["content"]
+    assert [p["max_frames"] for p in parts] == [4, 3, 3]  # one each, then the 7 spare: 3, 2 and 2 more
+    assert sum(p["max_frames"] for p in parts) == 10
+
+
+def test_a_null_unknown_field_asks_for_nothing():
+    assert parse_chat_request({**GOOD, "frobnicate": None}, LIMITS) == parse_chat_request(GOOD, LIMITS)
+    message = {"role": "user", "content": "Hi", "tool_call_id": None}
+    assert parse_chat_request({**GOOD, "messages": [message]}, LIMITS) == parse_chat_request(GOOD, LIMITS)
