@@ -300,3 +300,30 @@ def test_train_bpe_cuts_long_runs_as_encode_does_and_wants_a_list(monkeypatch):
     assert max(len(b) for b in tok.mergeable_ranks) == 8  # 'a' * 16 and longer came from the uncut runs
     with pytest.raises(TypeError, match="iterable of str"):
         train_bpe("hello world", vocab_size=260)
+
+
+def test_a_special_id_past_the_last_of_the_256_is_refused(tok):
+    n = tok.n_ranks
+    assert KimiTokenizer(tok.mergeable_ranks, {n + 255: "[LAST]"}).special_id("[LAST]") == n + 255
+    with pytest.raises(TokenizerError, match=f"outside the special range {n}..{n + 255}"):
+        KimiTokenizer(tok.mergeable_ranks, {n + 256: "[PAST]"})  # it would be dropped without a word
+
+
+def test_is_special_starts_at_the_first_special_id(tok):
+    assert tok.is_special(tok.bos_id) and tok.bos_id == tok.n_ranks
+    assert not tok.is_special(tok.n_ranks - 1) and tok.is_special(tok.vocab_size - 1)
+
+
+def test_invalid_utf8_decodes_to_the_replacement_character(tok):
+    half = tok.mergeable_ranks[b"\xc3"]  # the first byte of "é" alone is not UTF-8
+    assert tok.decode([half]) == "\ufffd" and tok.decode([half, *tok.encode("x")]) == "\ufffdx"
+
+
+def test_texts_longer_than_one_encode_chunk_lose_nothing(tok, monkeypatch):
+    import kimivl.processing.tokenizer as tokenizer
+
+    monkeypatch.setattr(tokenizer, "MAX_ENCODE_CHARS", 1000)
+    text = SAMPLE * (2500 // len(SAMPLE) + 1)
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert ids == [i for start in range(0, len(text), 1000) for i in tok._enc.encode(text[start : start + 1000])]
