@@ -1,10 +1,11 @@
 import json
+import os
 
 import pytest
 from PIL import Image
 
 from kimivl.data.formats import DataError, iter_records, iter_texts, write_records
-from kimivl.data.indexed import Concat, JsonlRecords
+from kimivl.data.indexed import Concat, JsonlRecords, locate
 
 
 def _conversations(tmp_path, n=7):
@@ -104,6 +105,17 @@ def test_a_file_changed_after_indexing_is_refused(tmp_path):
     assert JsonlRecords(path, text=False)[1]["id"] == 1  # indexed again, it reads
 
 
+def test_an_edit_that_keeps_the_size_is_refused_too(tmp_path):
+    path = _conversations(tmp_path)
+    records = JsonlRecords(path, text=False)
+    size, mtime = path.stat().st_size, path.stat().st_mtime_ns
+    path.write_text(path.read_text(encoding="utf-8").replace('"q1 é"', '"q9 é"'), encoding="utf-8")
+    os.utime(path, ns=(mtime + 10**9, mtime + 10**9))  # a later write, whatever the clock's resolution
+    assert path.stat().st_size == size
+    with pytest.raises(DataError, match="changed after it was indexed"):
+        records[1]
+
+
 def test_concat_indexes_across_parts():
     joined = Concat([[0, 1, 2], [], [3], [4, 5]])
     assert len(joined) == 6 and list(joined) == [0, 1, 2, 3, 4, 5]
@@ -112,6 +124,13 @@ def test_concat_indexes_across_parts():
         with pytest.raises(IndexError, match="out of range for 6 items"):
             joined[bad]
     assert len(Concat([])) == 0 and list(Concat([])) == []
+
+
+def test_where_names_a_file_line_or_a_record_number(tmp_path):
+    path = _conversations(tmp_path, n=2)  # a blank line, then the records on lines 2 and 3
+    joined = Concat([JsonlRecords(path, text=False), ["a", "b"]])
+    assert [joined.where(i) for i in range(4)] == [f"{path}:2", f"{path}:3", "record 1", "record 2"]
+    assert locate(["x"], 0) == "record 1"
 
 
 def test_large_files_show_indexing_progress(tmp_path, monkeypatch, capsys):

@@ -67,6 +67,8 @@ def test_unknown_duration():
     # every frame sampled: held samples halve at 6 (keeping 0 2 4), 6 again (0 4 8 ...), ... then 4 thinned to 3
     frames, times = load_video(video, fps=10, max_frames=3)
     assert times == pytest.approx([0, 1.6, 2.4]) and levels(frames) == [0, 16, 24]
+    # 2 s exactly (20 frames at 10 fps): the sample at 2.0 s is past the last frame's end, so it is not taken
+    assert load_video(make_video(n=20, fmt="m4v"))[1] == [0.0, 1.0]
 
 
 def test_a_bound_on_decoded_frames():
@@ -74,6 +76,8 @@ def test_a_bound_on_decoded_frames():
     with pytest.raises(VideoError, match="more than 20 frames to decode"):
         load_video(video, max_decoded=20)
     assert load_video(video, max_decoded=25)[1] == [0.0, 1.0, 2.0, 3.0, 4.0]
+    with pytest.raises(VideoError, match="more than 24 frames to decode"):  # one frame over the bound
+        load_video(video, max_decoded=24)
 
 
 def test_a_bound_on_decoded_pixels_counts_every_decoded_frame():
@@ -81,6 +85,8 @@ def test_a_bound_on_decoded_pixels_counts_every_decoded_frame():
     with pytest.raises(VideoError, match=r"more than max_decoded_pixels=61440 pixels to decode .*frame 21, of 64x48"):
         load_video(video, max_decoded_pixels=20 * 64 * 48)
     assert load_video(video, max_decoded_pixels=25 * 64 * 48)[1] == [0.0, 1.0, 2.0, 3.0, 4.0]
+    with pytest.raises(VideoError, match="frame 25, of 64x48"):  # one pixel under what the 25 frames hold
+        load_video(video, max_decoded_pixels=25 * 64 * 48 - 1)
     part = {"type": "video", "video": video, "max_decoded_pixels": 20 * 64 * 48}  # as a chat part too
     with pytest.raises(VideoError, match="max_decoded_pixels=61440"):
         apply_chat_template([{"role": "user", "content": [part]}])
@@ -355,3 +361,20 @@ def test_timestamps_too_large_for_a_float_are_refused_as_out_of_range():
         with pytest.raises(VideoError, match="frame 0 has timestamp"):  # generate's path
             apply_chat_template([{"role": "user", "content": [part]}])
     assert frames_to_parts(frames, [359_999])[0]["text"] == "99:59:59.0"
+
+
+def test_a_display_rotation_turns_to_the_nearest_quarter():
+    from kimivl.processing.video import _quarters
+
+    assert [_quarters(r) for r in (0, 40, 50, 89.99, 90, 179.9, -90, -89.99, -180, 270)] == [
+        0,
+        0,
+        1,
+        1,
+        1,
+        2,
+        3,
+        3,
+        2,
+        3,
+    ]
