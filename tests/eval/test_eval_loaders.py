@@ -2,6 +2,7 @@
 
 import base64
 import csv
+import hashlib
 import io
 import json
 import random
@@ -13,7 +14,7 @@ import pytest
 from PIL import Image
 
 from kimivl.eval import mathvista, mmlongbench, mmmu, ocrbench, screenspot, videomme
-from kimivl.eval.tables import Sample, Skipped
+from kimivl.eval.tables import Sample, Skipped, image_bytes, iter_rows, literal_list, table_files
 
 
 def png(w=40, h=30, colour=(200, 30, 30)) -> bytes:
@@ -681,3 +682,36 @@ def test_a_row_without_an_answer_or_a_question_is_skipped_not_prompted_with_none
 
     ocr = {"index": "0", "image": b64(png()), "question": empty, "answer": "['STOP']"}
     assert split(ocrbench.load(write_tsv(tmp_path / "ocr.tsv", [ocr])))[1] == {0: "no question"}
+
+
+def test_a_64_character_row_index_still_names_a_shared_image(tmp_path):
+    """A cell of up to 64 characters naming another row's index takes that row's image: a sha256 hex digest (64
+    characters) as the index included."""
+    red = png()
+    key = hashlib.sha256(b"row 0").hexdigest()
+    rows = [
+        {"index": key, "question": "Q1", "A": "x", "B": "y", "answer": "A", "image": b64(red)},
+        {"index": "7", "question": "Q2", "A": "x", "B": "y", "answer": "B", "image": key},
+    ]
+    samples, skipped = split(mmmu.load(write_tsv(tmp_path / "t.tsv", rows)))
+    assert not skipped and [s.index for s in samples] == [key, 7] and images_of(samples[1]) == [red]
+
+
+def test_benchmark_rows_with_a_prediction_column_are_data_not_eval_output(tmp_path):
+    (tmp_path / "bench.jsonl").write_text(json.dumps({"question": "q", "prediction": "p", "answer": "a"}) + "\n")
+    (tmp_path / "run.jsonl").write_text(json.dumps({"index": 0, "prediction": "p"}) + "\n")
+    assert table_files(tmp_path) == [tmp_path / "bench.jsonl"]
+
+
+def test_an_empty_list_cell_is_an_empty_list():
+    """A null, NaN or blank cell holds no items (not one item "None"); a lone value is a list of one."""
+    assert [literal_list(v) for v in (None, "", float("nan"))] == [[], [], []]
+    assert literal_list("x") == ["x"] and literal_list(" [1, 'a']") == [1, "a"] and literal_list((3,)) == [3]
+
+
+def test_json_rows_under_samples_or_annotations_and_a_struct_with_only_a_path(tmp_path):
+    for key in ("data", "samples", "annotations"):
+        (tmp_path / f"{key}.json").write_text(json.dumps({key: [{"index": key}]}))
+        assert [row for _, row in iter_rows(tmp_path / f"{key}.json")] == [{"index": key}]
+    (tmp_path / "a.png").write_bytes(png())
+    assert image_bytes({"bytes": None, "path": "a.png"}, tmp_path) == str(tmp_path / "a.png")  # a hub struct

@@ -14,7 +14,15 @@ from kimivl.eval import (
     screenspot,
     videomme,
 )
-from kimivl.eval.answers import answer_number, final_answer, numbers, parse_option
+from kimivl.eval.answers import (
+    after_cue,
+    answer_number,
+    final_answer,
+    normalize_text,
+    numbers,
+    official_text,
+    parse_option,
+)
 
 
 def lenient(module):
@@ -238,3 +246,52 @@ def test_screenspot_lenient_reads_qwen_boxes_and_boxes_without_spaces():
     assert lenient(screenspot)("[50,25,90,45]", meta)["extracted"] == [0.35, 0.35]  # pixels, no spaces
     assert lenient(screenspot)("(70,35)", meta)["score"] == 1.0
     assert screenspot.score("(70,35)", meta)["score"] == 0.0  # official: points are taken as normalised
+
+
+def test_answer_cues_numbers_and_normalisation_details():
+    # the last cue counts, "Answer:" is a cue, and the first number after it answers
+    assert after_cue("The answer is probably 3. Checking again, the final answer is 5") == "5"
+    assert answer_number("Answer: 7 (not 4)") == 7.0
+    assert answer_number("The answer is 12 (out of 15)") == 12.0
+    # a dotted run such as a section number gives its first number only, never a fragment after a dot
+    assert numbers("section 2.3.4 says 7") == [2.3, 7.0]
+    # punctuation becomes a space, so words on either side stay apart
+    assert normalize_text("Hello, world!  It's-fine") == "hello world it s fine"
+    # official scripts get a plain answer exactly as written
+    assert official_text("  B \n") == "  B \n" and official_text("◁think▷x◁/think▷ B ") == "B"
+
+
+def test_option_parsing_prefers_the_cue_the_longest_text_and_whole_letters():
+    options = {"A": "red", "B": "dark red", "C": "blue"}
+    assert parse_option("I considered (B) at first; the answer is (C)", options) == "C"  # the text after the cue first
+    assert parse_option("It is dark red", options) == "B"  # the longest option text contained
+    assert parse_option("Table B.2 shows it: C.", options) == "C"  # "B.2" is no letter choice
+
+
+def test_mmlongbench_official_rules_at_their_edges():
+    """eval_score's rules where a looser reading would differ: exact match for "page ..." golds and for lists of
+    dates, the worst pair's ANLS for a list, the Int rule's failure scoring an empty gold as right, the float rule's
+    rounding to the shorter of the two decimals (at least 2; 3 for a number written without a point), and ANLS of
+    exactly 0.5 kept in lenient mode."""
+    official = mmlongbench.official_score
+    assert official("page 12", "page 13", "Str") == 0.0  # ANLS would give 0.86
+    assert official("['2019-05', '2020-01']", "['2019-05', '2020-02']", "List") == 0.0
+    assert official("['apple pie', 'banana']", "['apple pie', 'bandana']", "List") == pytest.approx(1 - 1 / 7)
+    assert official("", "abc", "Int") == 1.0 and official("3", "x", "Int") == 0.0
+    assert official("0.004", "0.00449", "Float") == 1.0  # rounded to 3 places, both are 0.004
+    assert official("1e-05", "0.004", "Float") == 0.0  # 3 places for "1e-05": 0.004 is not 0.0
+    assert official("it's", "its", "Str") == 0.75  # only a leading or trailing quote is removed
+    assert mmlongbench.anls("abcd", "abxy") == 0.5
+    # the stand-in extraction drops a final period and keeps a minus sign
+    assert mmlongbench.score("The answer is Paris.", {"format": "Str", "answer": "Paris"})["score"] == 1.0
+    assert mmlongbench.stand_in("The answer is -3", "Int") == "-3"
+    lenient = partial(mmlongbench.score, mode="lenient")
+    assert lenient("The answer is 3.7", {"format": "Int", "answer": "3"})["score"] == 1.0  # truncated, not rounded
+    assert lenient("12/06", {"format": "Str", "answer": "12/05"})["score"] == 0.0  # digits match exactly
+    assert lenient("Not answerable", {"format": "Str", "answer": "Not answerable"})["score"] == 1.0
+    # the F1's recall counts the rows whose gold is not "Not answerable", whatever their answer_format
+    rows = [
+        {"score": 1.0, "extracted": "Not answerable", "meta": {"format": "Str", "answer": "Not answerable"}},
+        {"score": 1.0, "extracted": "5", "meta": {"format": "Int", "answer": "5"}},
+    ]
+    assert mmlongbench.summarize(rows)["f1"] == pytest.approx(100.0)

@@ -144,3 +144,22 @@ def test_held_out_records_without_an_id_are_rows_of_their_own(tmp_path):
     answers = iter(golds)
     result = run_task(task, task.load(data), tmp_path / "out", generate_fn=lambda c: [next(answers) for _ in c])
     assert (result["scored"], result["skipped"], result["metrics"]["accuracy"]) == (3, 0, 100.0)
+
+
+def test_a_held_out_prompt_keeps_a_final_user_turn_and_an_extracted_answer_is_scored(tmp_path):
+    import json
+
+    from kimivl.eval.tasks import get_task
+
+    data = tmp_path / "heldout"
+    data.mkdir()
+    record = {
+        "id": "q1",
+        "messages": [{"role": "user", "content": "How many?"}],
+        "meta": {"task": "caption", "gold": 3},
+    }
+    (data / "caption.jsonl").write_text(json.dumps(record) + "\n")
+    task = get_task("synthetic")
+    [sample] = task.load(data)
+    assert sample.messages == record["messages"]  # no answer turn to drop: the question stays
+    assert task.score("There are 5.", {"task": "caption", "gold": 3}, extracted="3")["score"] == 1.0
