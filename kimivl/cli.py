@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 from kimivl.config import PRESETS, ConfigError, KimiVLConfig
@@ -358,11 +359,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         try:
             run_recipe(recipe, world=world)
         except Interrupted as e:
-            again = " ".join(
-                ["kimivl train", args.recipe, "--resume"]
-                + (["--out", args.out] if args.out else [])
-                + (["--seed", str(args.seed)] if args.seed is not None else [])
-            )
+            again = _resume_command(args)
             if world.active:
                 again = f"torchrun (as before) -m {again}"
             if world.main:
@@ -371,6 +368,24 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     finally:
         close_world(world)
+
+
+def _resume_command(args: argparse.Namespace) -> str:
+    """The command that resumes an interrupted ``kimivl train``: ``--resume`` and every setting the command line gave
+    (out, device, seed, bf16, layout), so that the rest of the run trains as it began."""
+    words = ["kimivl", "train", args.recipe, "--resume"]
+    for flag, value in (
+        ("--out", args.out),
+        ("--device", args.device),
+        ("--seed", args.seed),
+        ("--dp-shard", args.dp_shard),
+        ("--ep", args.ep),
+    ):
+        if value is not None:
+            words += [flag, str(value)]
+    if args.bf16 is not None:
+        words.append("--bf16" if args.bf16 else "--no-bf16")
+    return shlex.join(words)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

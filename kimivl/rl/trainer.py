@@ -32,7 +32,7 @@ from kimivl.distributed.vision_sync import has_images, vision_pad
 from kimivl.distributed.world import World, max_over_ranks
 from kimivl.inference.sampling import SamplingParams, seeded_generator
 from kimivl.kernels import training_attention
-from kimivl.precision import autocast
+from kimivl.precision import autocast, use_bf16
 from kimivl.processing.processor import Encoded, KimiVLProcessor
 from kimivl.rl.objectives import group_baseline, group_normalised, grpo_loss, kl_estimate, length_reward, opmd_loss
 from kimivl.rl.rewards import correctness
@@ -186,6 +186,7 @@ class RLTrainer:
             {"sampler": self.sampler},
             keep=cfg.keep_checkpoints,
             world=self.world,
+            bf16=use_bf16(policy.device, cfg.bf16),
         )
 
     @property

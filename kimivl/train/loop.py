@@ -20,7 +20,7 @@ from kimivl.distributed.vision_sync import has_images, vision_pad
 from kimivl.distributed.world import World
 from kimivl.kernels import training_attention
 from kimivl.model.moe import Router
-from kimivl.precision import autocast
+from kimivl.precision import autocast, use_bf16
 from kimivl.train.balance import ExpertLoadTracker
 from kimivl.train.interrupt import StopRequest, stop_on_interrupt
 from kimivl.train.metrics import MetricsLog
@@ -98,6 +98,7 @@ def train_loop(
     and expert loads are summed over ranks, and rank 0 alone shows progress and writes metrics."""
     world = world or World()
     check_accum(stage, cfg.accum, world.size)
+    device = torch.device(world.device) if world.active else next(model.parameters()).device
     state = TrainState(
         Path(run_dir) / stage / "checkpoints",
         stage,
@@ -107,10 +108,10 @@ def train_loop(
         keep=cfg.keep_checkpoints,
         world=world,
         data=cfg.data,
+        bf16=use_bf16(device, cfg.bf16),
     )
     if resume:
         state.resume()
-    device = torch.device(world.device) if world.active else next(model.parameters()).device
     last: dict[str, float] = {}
     tokens_seen, t0 = 0, time.perf_counter()
     progress = progress and world.main

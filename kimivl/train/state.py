@@ -292,6 +292,7 @@ class TrainState:
     keep: int = 2
     world: World = field(default_factory=World)  # a sharded world saves and resumes with DCP
     data: dict[str, Any] | None = None  # the stage's settings its data stream follows (a joint stage's mix, ...)
+    bf16: bool | None = None  # whether the stage computes under bf16 autocast (None: not recorded, not compared)
     step: int = 0
     position: int = 0
     saved: Path | None = None  # the checkpoint of the current step; None while the step has progress not on disk
@@ -343,6 +344,7 @@ class TrainState:
             )
         self._check_schedule(found, state["scheduler"])
         self._check_data(found, state.get("data"))
+        self._check_bf16(found, state.get("bf16"))
         self.scheduler.load_state_dict(state["scheduler"])
         for name, part in self.extras.items():
             part.load_state_dict(state[name])
@@ -397,6 +399,19 @@ class TrainState:
                 f"settings, or start the stage afresh (remove {self.ckpt_dir})"
             )
 
+    def _check_bf16(self, found: Path, then: bool | None) -> None:
+        """Refuse a checkpoint trained under the other precision (bf16 autocast, or float32): the rest of the stage
+        would compute otherwise than its start, silently. A checkpoint that holds no record of it (written before
+        kimivl kept one) resumes with this run's."""
+        if then is None or self.bf16 is None or then == self.bf16:
+            return
+        was, flag = ("bf16 autocast", "--bf16") if then else ("float32, without bf16 autocast", "--no-bf16")
+        now = "bf16 autocast" if self.bf16 else "float32"
+        raise TrainingError(
+            f"{self.stage}: {found} was trained in {was}, and this run computes in {now}: resume with {flag} (or "
+            f"bf16: {str(then).lower()} in the recipe), or start the stage afresh (remove {self.ckpt_dir})"
+        )
+
     def advance(self, position: int = 0) -> None:
         """One step done, the data read up to ``position``."""
         self.step, self.position, self.saved = self.step + 1, position, None
@@ -410,6 +425,7 @@ class TrainState:
                 "scheduler": self.scheduler.state_dict(),
                 **{n: p.state_dict() for n, p in self.extras.items()},
                 **({"data": self.data} if self.data is not None else {}),
+                **({"bf16": self.bf16} if self.bf16 is not None else {}),
             }
             if self.world.active:  # the optimiser's tensors go by DCP, its hyperparameters (the current lr) here
                 trainer["param_groups"] = [_group_record(group) for group in self.optimizer.param_groups]

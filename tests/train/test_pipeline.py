@@ -2,6 +2,7 @@
 
 import json
 import re
+import shlex
 
 import numpy as np
 import pytest
@@ -844,3 +845,43 @@ def test_plan_with_a_world_the_run_would_rebuild_says_so(tmp_path):
         "built with other settings) (seed 0, 4000 train, 100 heldout samples per task of every task)"
     )
     assert lines[2].startswith("stage vit: vit, 300 steps; its data and memory are planned once the world is built")
+
+
+def test_an_interrupted_run_prints_a_resume_command_with_its_settings_and_keeps_its_precision(
+    data_dir, tmp_path, monkeypatch, capsys
+):
+    """The printed command kept only --out and --seed, so a run begun with --no-bf16 resumed in bf16 autocast (which
+    no resume check compared), and one begun with --device or a layout failed; now every flag given is repeated, and
+    a resume under the other precision is refused, naming the flag (a checkpoint with no record of it resumes)."""
+    from kimivl.train import loop
+    from kimivl.train.interrupt import StopRequest
+    from kimivl.train.state import TRAINER_FILE
+
+    recipe = recipe_dict(data_dir, tmp_path / "elsewhere")
+    recipe["stages"], recipe["schedule"] = [{**recipe["stages"][1], "steps": 3}], {"warmup": 1}
+    del recipe["export"]
+    path, out = str(tmp_path / "r.yaml"), tmp_path / "b16"
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    asked = StopRequest()
+    asked.requested = True
+    agreed = loop.agreed
+    monkeypatch.setattr(loop, "agreed", lambda stop, world: asked)  # Ctrl-C after every step
+    flags = ["--device", "cpu", "--no-bf16", "--out", str(out), "--seed", "3", "--dp-shard", "1", "--ep", "1"]
+    assert main(["train", path, *flags]) == 130
+    again = shlex.split(capsys.readouterr().err.split("resume with: ")[1].splitlines()[0])
+    assert again[:4] == ["kimivl", "train", path, "--resume"] and sorted(again[4:]) == sorted(flags)
+    # without --no-bf16 the rest of the stage would run in bf16 autocast (this CPU counts as fast: conftest)
+    assert main(["train", path, "--resume", "--out", str(out), "--seed", "3"]) == 2
+    assert (
+        "align: " + str(out / "align" / "checkpoints" / "step-0000001") + " was trained in float32, without bf16 "
+        "autocast, and this run computes in bf16 autocast: resume with --no-bf16"
+    ) in capsys.readouterr().err.replace("\n", " ")
+    assert main(again[1:]) == 130  # the printed command resumes, and is stopped after step 2
+    assert "align: stopped at your request after step 2 of 3" in capsys.readouterr().err
+    saved = out / "align" / "checkpoints" / "step-0000002" / TRAINER_FILE
+    trainer = torch.load(saved, weights_only=True)
+    assert trainer.pop("bf16") is False
+    torch.save(trainer, saved)  # as written before kimivl recorded the precision: resumable as before
+    monkeypatch.setattr(loop, "agreed", agreed)
+    assert main(["train", path, "--resume", "--out", str(out), "--seed", "3"]) == 0
+    assert (out / "align" / "final" / "config.json").is_file()
