@@ -333,7 +333,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides["bf16"] = args.bf16
     if args.seed is not None:
         overrides["seed"] = args.seed
-    recipe = load_recipe(args.recipe, overrides)
+    recipe = load_recipe(args.recipe, overrides, device_needed=not args.plan)
     layout = {key: value for key, value in (("dp_shard", args.dp_shard), ("ep", args.ep)) if value is not None}
     if layout:
         recipe.parallel = {**(recipe.parallel or {}), **layout}

@@ -230,10 +230,16 @@ def stage_scheduler(recipe: Recipe, stage: StageSettings, optimizer: torch.optim
     return scheduler_at(optimizer, WarmupCosine(stage.warmup, stage.steps, min_ratio=0.1))
 
 
-def compute_line(recipe: Recipe) -> str:
-    """What the run computes in, as it logs it (the weights train in float32 either way)."""
-    autocast = "bf16 autocast" if use_bf16(recipe.device, recipe.bf16) else "float32, no bf16 autocast"
+def compute_line(recipe: Recipe, bf16: bool) -> str:
+    """What the run computes in (under bf16 autocast or not), as it logs it (the weights train in float32 either
+    way)."""
+    autocast = "bf16 autocast" if bf16 else "float32, no bf16 autocast"
     return f"training on {recipe.device} in {autocast}"
+
+
+def export_line(recipe: Recipe, path: Path) -> str:
+    """Where the run exports, as it logs it at its start and ``--plan`` prints it."""
+    return f"the last stage's model is exported in {recipe.export.get('dtype', 'bfloat16')} to {path.resolve()}"
 
 
 def memory_line(
@@ -446,6 +452,8 @@ def run_recipe(recipe: Recipe, progress: bool = True, world: World | None = None
     world = world or World()
     base_dir = base_checkpoint(recipe)
     export = check_export(recipe)
+    if export is not None and world.main:
+        log.info("%s", export_line(recipe, export))
     with run_lock(recipe.out) if world.main else contextlib.nullcontext():
         model, source, processor = _run_stages(recipe, base_dir, progress and world.main, world)
         if world.main and export is not None:
@@ -505,7 +513,7 @@ def _run_stages(
         model = _unloaded_model(source)
     else:
         model = _base_model(recipe, processor.tokenizer)
-    log.info("%s", compute_line(recipe))
+    log.info("%s", compute_line(recipe, use_bf16(recipe.device, recipe.bf16)))
     for stage in recipe.stages:
         stage.check_model(model)
     with main_first(world, recipe.out / ".eval.lock") as first:

@@ -21,10 +21,11 @@ from kimivl.train.pipeline import (
     base_config,
     check_export,
     compute_line,
+    export_line,
     memory_line,
     recipe_tokenizer,
 )
-from kimivl.train.recipe import Recipe
+from kimivl.train.recipe import Recipe, device_here
 from kimivl.train.stages import check_layout, prepare
 from kimivl.train.stages.base import StageContext
 from kimivl.train.trainable import hold_frozen_in_bf16, restore_float32
@@ -40,13 +41,34 @@ def stored_in_bf16(path: Path) -> bool:
     return dtypes.most_common(1)[0][0] == "BF16"
 
 
+def planned_bf16(recipe: Recipe) -> bool:
+    """Whether the run trains under bf16 autocast (``use_bf16`` on its device); for a GPU this machine lacks, as the
+    recipe's ``bf16`` says, else yes (kimivl's GPUs, NVIDIA from Ampere on and AMD, multiply bf16 fast)."""
+    if device_here(recipe.device):
+        return use_bf16(recipe.device, recipe.bf16)
+    return recipe.bf16 is not False
+
+
+def _device_lines(recipe: Recipe) -> list[str]:
+    """What the run computes in, and, for a device this machine lacks, that the plan is for it all the same."""
+    lines = [compute_line(recipe, planned_bf16(recipe))]
+    if device_here(recipe.device):
+        return lines
+    absent = f"{recipe.device} is not present on this machine: planned for it"
+    if recipe.bf16 is None:
+        absent += ", in bf16 autocast as a GPU from Ampere on would choose (--no-bf16 plans float32)"
+    return [*lines, absent]
+
+
 def plan_recipe(recipe: Recipe, progress: bool = False) -> list[str]:
     """What the run computes in, then two lines per stage: its data (samples and passes over each source) and its
-    memory plan. ``progress`` shows a bar while large sources are checked."""
+    memory plan, then where it exports. ``progress`` shows a bar while large sources are checked. The recipe's device
+    need not be present here (``load_recipe(..., device_needed=False)``): the plan is for it."""
     base_dir = base_checkpoint(recipe)  # what the run refuses before anything runs, the plan refuses first too
-    check_export(recipe)
+    export = check_export(recipe)
+    exported = [export_line(recipe, export)] if export is not None else []
     if recipe.world is not None and world_built(recipe.out / "world") != world_wanted(**recipe.world):
-        return _before_the_world(recipe)
+        return _before_the_world(recipe) + exported
     sources = Sources(recipe, progress)
     processor = KimiVLProcessor(recipe_tokenizer(recipe, sources, base_dir, save=False))
     with torch.device("meta"):
@@ -58,12 +80,12 @@ def plan_recipe(recipe: Recipe, progress: bool = False) -> list[str]:
     def from_checkpoint(name: str, p) -> bool:
         return bf16_base and name not in trained
 
-    bf16 = use_bf16(recipe.device, recipe.bf16)
+    bf16 = planned_bf16(recipe)
     parallel = recipe.parallel or {}
     layout = (parallel["dp_shard"], parallel.get("ep", 1)) if parallel.get("dp_shard") else None
     if layout is not None:
         check_layout(recipe, layout[0] * parallel.get("dp_replicate", 1), layout[1])
-    lines = [compute_line(recipe)]
+    lines = _device_lines(recipe)
     if parallel and layout is None:
         lines.append("memory is planned for one process: give --dp-shard N for the plan per rank of N")
     for stage in recipe.stages:
@@ -74,7 +96,7 @@ def plan_recipe(recipe: Recipe, progress: bool = False) -> list[str]:
         restore_float32(held)
         trained |= {name for name, p in model.named_parameters() if p.requires_grad}
         model.requires_grad_(True)
-    return lines
+    return lines + exported
 
 
 def _before_the_world(recipe: Recipe) -> list[str]:
@@ -87,7 +109,7 @@ def _before_the_world(recipe: Recipe) -> list[str]:
     tasks = ", ".join(world.get("tasks", [])) or "every task"
     vocab = recipe.tokenizer.get("train_vocab")
     lines = [
-        compute_line(recipe),
+        *_device_lines(recipe),
         f"kimivl train first {'rebuilds' if again else 'builds'} the synthetic world under {recipe.out / 'world'} "
         f"{'(the one there was built with other settings) ' if again else ''}(seed {world.get('seed', 0)}, "
         f"{sizes or 'the default sizes'} samples per task of {tasks})"

@@ -181,10 +181,16 @@ def _check_device(name: Any) -> None:
         device = torch.device(name)
     except (RuntimeError, TypeError):
         raise RecipeError(f"device must name a torch device such as 'cpu' or 'cuda', got {name!r}") from None
-    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
-        raise RecipeError(f"device {name!r} is not available here ({torch.cuda.device_count()} CUDA devices)")
     if device.type not in ("cpu", "cuda"):
         raise RecipeError(f"device {name!r}: training runs on 'cpu' or 'cuda'")
+
+
+def device_here(name: str) -> bool:
+    """Whether the training device ``name`` (``cpu``, ``cuda`` or ``cuda:N``) exists on this machine."""
+    import torch
+
+    device = torch.device(name)
+    return device.type == "cpu" or (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count())
 
 
 def _check_keys(key: str, value: Any, allowed: set[str]) -> None:
@@ -242,10 +248,11 @@ def _recipe_loader() -> type:
     return Loader
 
 
-def load_recipe(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> Recipe:
+def load_recipe(path: str | os.PathLike, overrides: dict[str, Any] | None = None, device_needed: bool = True) -> Recipe:
     """Read a recipe file; relative ``out`` and export paths are taken from the current directory, except that an
     ``out`` among the ``overrides`` (``kimivl train --out``) moves a relative export path under it: every output of
-    the run then lands there."""
+    the run then lands there. The recipe's device must exist here unless ``device_needed`` is false (``--plan``, which
+    plans for a device this machine lacks)."""
     import yaml
 
     try:
@@ -273,6 +280,14 @@ def load_recipe(path: str | os.PathLike, overrides: dict[str, Any] | None = None
         stages = [parse_stage(s) for s in raw.pop("stages", None) or []]
         if not stages:
             raise RecipeError(f"recipe {path} has no stages")
-        return Recipe(stages=stages, out=Path(raw.pop("out", f"runs/{raw.get('name', 'run')}")), **raw)
+        recipe = Recipe(stages=stages, out=Path(raw.pop("out", f"runs/{raw.get('name', 'run')}")), **raw)
     except TypeError as e:
         raise RecipeError(f"recipe {path}: {e}") from None
+    if device_needed and not device_here(recipe.device):
+        import torch
+
+        raise RecipeError(
+            f"device {recipe.device!r} is not available here ({torch.cuda.device_count()} CUDA devices): give "
+            "--device cpu, or --plan to plan the run for that device"
+        )
+    return recipe

@@ -805,7 +805,9 @@ def test_plan_before_the_world_is_built_says_what_the_run_builds(tmp_path):
         "on it"
     )
     assert lines[2].startswith("stage vit: vit, 300 steps; its data and memory are planned once the world is built")
-    assert len(lines) == 2 + len(recipe.stages) and not (tmp_path / "run").exists()  # nothing written
+    assert len(lines) == 3 + len(recipe.stages) and not (tmp_path / "run").exists()  # nothing written
+    export = tmp_path / "run" / "models" / "kimivl-tiny"  # --out moves the relative export path under it
+    assert lines[-1] == f"the last stage's model is exported in bfloat16 to {export}"
 
 
 def test_a_plan_before_the_world_is_built_refuses_what_the_run_refuses_first(tmp_path):
@@ -885,3 +887,70 @@ def test_an_interrupted_run_prints_a_resume_command_with_its_settings_and_keeps_
     monkeypatch.setattr(loop, "agreed", agreed)
     assert main(["train", path, "--resume", "--out", str(out), "--seed", "3"]) == 0
     assert (out / "align" / "final" / "config.json").is_file()
+
+
+def test_a_plan_is_for_the_recipes_device_even_where_this_machine_lacks_it(
+    data_dir, tmp_path, small_model, small_processor, capsys
+):
+    """``--plan`` refused a recipe whose GPU this machine lacks ("device 'cuda' is not available here"): a GPU run
+    could not be planned on a laptop. Now it plans for that device, in bf16 autocast unless the recipe or --no-bf16
+    says otherwise, and says the device is not here; the run itself still refuses it."""
+    base = tmp_path / "base"
+    small_model.save_pretrained(base, dtype=torch.bfloat16)
+    small_processor.save_pretrained(base)
+    stage = {"name": "lm", "kind": "joint", "steps": 2, "lr": 1e-3, "budget": 192, "mix": {"text": 1}}
+    recipe = {
+        "name": "gpu",
+        "out": str(tmp_path / "run"),
+        "device": "cuda:99",
+        "base": {"checkpoint": str(base)},
+        "sources": {"text": str(data_dir / "text.jsonl")},
+        "stages": [{**stage, "train": ["language_model"], "freeze": ["*.mlp.experts.*"]}],
+    }
+    path = str(tmp_path / "r.yaml")
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    plans = {}
+    for flags in ([], ["--no-bf16"], ["--device", "cpu", "--bf16"], ["--device", "cpu", "--no-bf16"]):
+        assert main(["train", path, "--plan", *flags]) == 0
+        plans[" ".join(flags)] = capsys.readouterr().out.splitlines()
+    assert plans[""][:2] == [
+        "training on cuda:99 in bf16 autocast",
+        "cuda:99 is not present on this machine: planned for it, in bf16 autocast as a GPU from Ampere on would "
+        "choose (--no-bf16 plans float32)",
+    ]
+    assert plans["--no-bf16"][:2] == [
+        "training on cuda:99 in float32, no bf16 autocast",
+        "cuda:99 is not present on this machine: planned for it",
+    ]
+    # the stages are planned as on a device here with the same precision (frozen bf16 experts held only under bf16)
+    assert plans[""][2:] == plans["--device cpu --bf16"][1:] != plans["--no-bf16"][2:]
+    assert plans["--no-bf16"][2:] == plans["--device cpu --no-bf16"][1:]
+    assert main(["train", path]) == 2
+    assert "device 'cuda:99' is not available here" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_run_and_its_plan_say_where_a_relative_export_path_lands(data_dir, tmp_path, monkeypatch, capsys, caplog):
+    """A relative export path is taken from the current directory, except under --out DIR, which moves it under DIR
+    (even when DIR is the recipe's own out); the plan and the run's first lines give the absolute path."""
+    stage = {"name": "lm", "kind": "joint", "steps": 1, "lr": 1e-3, "budget": 192, "mix": {"text": 1}}
+    out = tmp_path / "abs-run"
+    recipe = {
+        "name": "where",
+        "out": str(out),
+        "tokenizer": {"train_vocab": 280},
+        "sources": {"text": str(data_dir / "text.jsonl")},
+        "export": {"path": "export"},
+        "stages": [stage],
+    }
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    said = "the last stage's model is exported in bfloat16 to "
+    for flags, export in (([], tmp_path / "cwd" / "export"), (["--out", str(out)], out / "export")):
+        assert main(["train", str(tmp_path / "r.yaml"), "--plan", *flags]) == 0
+        assert capsys.readouterr().out.splitlines()[-1] == said + str(export)
+    with caplog.at_level("INFO", logger="kimivl.train.pipeline"):
+        assert main(["train", str(tmp_path / "r.yaml")]) == 0
+    assert said + str(tmp_path / "cwd" / "export") in caplog.messages
+    assert (tmp_path / "cwd" / "export" / "config.json").is_file() and not (out / "export").exists()
