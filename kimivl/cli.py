@@ -545,15 +545,17 @@ def _eval(args: argparse.Namespace) -> int:
             return 130
         metrics = "  ".join(f"{k}={v:.1f}" for k, v in headline(result["metrics"]).items())
         print(
-            f"{task.name}: {metrics}  (scored {result['scored']} rows, {result['answered']} answered; skipped "
-            f"{result['skipped']}; {args.scoring} scoring)"
+            f"{task.name}: {metrics}  (scored {result['scored']} rows: {result['answered']} answered, "
+            f"{result['missing']} missing and scored as empty answers; {result['skipped']} skipped as malformed; "
+            f"{args.scoring} scoring)"
         )
         if result.get("table"):
             print(result["table"])
-        for row in result["skipped_rows"][:5]:
-            print(f"  skipped {row['index']}: {row['reason']}")
-        if result["skipped"] > 5:
-            print(f"  ... {result['skipped'] - 5} more skipped rows in {args.out}/results.json")
+        for kind in ("missing", "skipped"):
+            for row in result[f"{kind}_rows"][:5]:
+                print(f"  {kind} {row['index']}: {row['reason']}")
+            if result[kind] > 5:
+                print(f"  ... {result[kind] - 5} more {kind} rows in {args.out}/results.json")
     print(f"results: {args.out}/results.json, {args.out}/results.md")
     return 0
 

@@ -9,8 +9,9 @@ predictions line may carry an ``extracted`` answer (parsed elsewhere, e.g. by an
 of parsing the prediction; ``mode`` picks the official or lenient rules. A line repeating an earlier line's index is
 ignored (the first wins), counted and warned about.
 ``OUT/<task>.scored.jsonl`` holds each row's extracted answer and score; ``OUT/results.json`` and
-``OUT/results.md`` the metrics of every task run into ``OUT``. Malformed rows, rows whose generation failed
-(e.g. a prompt longer than the context) and rows without a prediction are listed with their reason, never scored.
+``OUT/results.md`` the metrics of every task run into ``OUT``. A row whose generation failed (e.g. a prompt longer
+than the context) or that has no prediction is scored as an empty answer and listed among the ``missing_rows`` with
+its reason; a malformed row (or one repeating an index) is listed among the ``skipped_rows``, never scored.
 """
 
 from __future__ import annotations
@@ -204,7 +205,8 @@ def _out_lock(out_dir: Path) -> contextlib.ExitStack:
 
 
 def _generate(generate_fn: GenerateFn, batch: list[Sample]) -> tuple[list[tuple[Sample, str]], list[Skipped]]:
-    """Predictions for a batch; when the batch fails, each row alone, and the rows that still fail are skipped."""
+    """Predictions for a batch; when the batch fails, each row alone, and the rows that still fail are returned with
+    their reason (scored as empty answers)."""
     try:
         return list(zip(batch, generate_fn([s.messages for s in batch]))), []
     except ValueError as e:
@@ -223,17 +225,13 @@ def _score(
     metas: dict[str, dict],
     done: dict[str, str],
     extracted: dict[str, str | None],
-    skipped: list[Skipped],
+    failed: list[Skipped],
     mode: str,
 ) -> list[dict]:
-    """Score every row the data holds: a row without a prediction (its generation failed, or a re-scored file lacks
-    it) as an empty answer, as the official scripts count every row, and it also joins ``skipped`` (unless already
-    there) with its reason; a malformed row (no ``metas`` entry) cannot be scored and stays in ``skipped`` alone."""
-    reasons = {index_key(s.index): s.reason for s in skipped}
-    for key in metas:
-        if key not in done and key not in reasons:
-            reasons[key] = "no prediction"
-            skipped.append(Skipped(key, "no prediction"))
+    """Score every row the data holds (a malformed row has no ``metas`` entry): a row without a prediction (its
+    generation ``failed``, or a re-scored file lacks it) as an empty answer, as the official scripts count every row,
+    its reason in the row's ``failed``."""
+    reasons = {index_key(s.index): s.reason for s in failed}
     keys = list(metas)
     scores = task.score_rows([(done.get(k, ""), metas[k], extracted.get(k)) for k in keys], mode)
     return [
@@ -241,7 +239,7 @@ def _score(
             "index": k,
             "prediction": done.get(k, ""),
             "meta": metas[k],
-            **({} if k in done else {"failed": reasons[k]}),
+            **({} if k in done else {"failed": reasons.get(k, "no prediction")}),
             **s,
         }
         for k, s in zip(keys, scores)
@@ -313,7 +311,8 @@ def run_task(
         extracted = {k: v["extracted"] for k, v in records.items() if v["extracted"] is not None}
         metas: dict[str, dict] = {}
         rows_read: set[str] = set()  # the index of every row read, malformed ones included
-        skipped: list[Skipped] = []
+        skipped: list[Skipped] = []  # malformed rows and repeated indices: not scored
+        failed: list[Skipped] = []  # rows whose generation failed: scored as empty answers
         batch: list[Sample] = []
         if total is None and hasattr(samples, "__len__"):
             total = len(samples)
@@ -321,14 +320,14 @@ def run_task(
         bar = tqdm(desc=task.name, unit="row", total=total, disable=not progress)
 
         def flush() -> None:
-            answered, failed = _generate(generate_fn, batch)
+            answered, unanswered = _generate(generate_fn, batch)
             with writing(pred_path), open(pred_path, "a", encoding="utf-8") as f:
                 for sample, text in answered:
                     f.write(json.dumps({"index": sample.index, "prediction": text}, ensure_ascii=False) + "\n")
                     done[index_key(sample.index)] = text
-            skipped.extend(failed)
-            for s in failed:
-                log.warning("%s row %s skipped: %s", task.name, s.index, s.reason)
+            failed.extend(unanswered)
+            for s in unanswered:
+                log.warning("%s row %s has no prediction, scored as an empty answer: %s", task.name, s.index, s.reason)
             bar.update(len(batch))
             batch.clear()
 
@@ -365,7 +364,8 @@ def run_task(
         if not metas and not skipped:
             raise ValueError(f"{task.name}: the data holds no rows")
 
-        rows = _score(task, metas, done, extracted, skipped, mode)
+        rows = _score(task, metas, done, extracted, failed, mode)
+        missing = [{"index": r["index"], "reason": r["failed"]} for r in rows if "failed" in r]
         unread = done.keys() - rows_read
         limited = limit is not None and read >= limit
         scored_path = out_dir / f"{task.name.replace(':', '_')}.scored.jsonl"
@@ -381,9 +381,11 @@ def run_task(
             "scoring": mode,
             **_extraction(task, rows, extracted),
             "scored": len(rows),
-            "answered": sum("failed" not in r for r in rows),
+            "answered": len(rows) - len(missing),
+            "missing": len(missing),
+            "missing_rows": missing,
             "skipped": len(skipped),
-            "skipped_rows": [{"index": s.index, "reason": s.reason} for s in skipped],
+            "skipped_rows": [{"index": index_key(s.index), "reason": s.reason} for s in skipped],
             "unmatched_predictions": 0 if limited else len(unread),
             "beyond_limit_predictions": len(unread) if limited else 0,
             "limit": limit,

@@ -91,9 +91,10 @@ def test_malformed_rows_are_reported_and_failed_generation_scores_as_an_empty_an
         return ["nothing"] * len(conversations)
 
     result = run_task(task, task.load(data), tmp_path / "out", generate_fn=gen, batch_size=4, progress=False)
-    reasons = {r["index"]: r["reason"] for r in result["skipped_rows"]}
-    assert result["scored"] == 4 and result["answered"] == 3 and result["skipped"] == 2
-    assert reasons[1] == "no answer" and "does not fit" in reasons[3]
+    assert result["scored"] == 4 and result["answered"] == 3 and result["missing"] == 1 and result["skipped"] == 1
+    assert result["skipped_rows"] == [{"index": "1", "reason": "no answer"}]
+    [missing] = result["missing_rows"]
+    assert missing["index"] == "3" and "does not fit" in missing["reason"]
     scored = {r["index"]: r for r in lines(tmp_path / "out" / "ocrbench.scored.jsonl")}
     assert sorted(scored) == ["0", "2", "3", "4"]
     assert "does not fit" in scored["3"]["failed"] and scored["3"]["prediction"] == "" and scored["3"]["score"] == 0
@@ -114,8 +115,8 @@ def test_rescoring_saved_predictions_without_a_model(tmp_path, capsys):
     result = json.loads((out / "results.json").read_text())["ocrbench"]
     assert result["scored"] == 4 and result["answered"] == 3
     assert result["metrics"]["score"] == pytest.approx(2000 / 4)  # the row without a prediction counts, as wrong
-    assert result["skipped_rows"] == [{"index": "3", "reason": "no prediction"}]
-    assert "ocrbench: score=500.0  (scored 4 rows, 3 answered; skipped 1" in capsys.readouterr().out
+    assert result["missing_rows"] == [{"index": "3", "reason": "no prediction"}] and result["skipped_rows"] == []
+    assert "ocrbench: score=500.0  (scored 4 rows: 3 answered, 1 missing" in capsys.readouterr().out
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"index": 0}\n')
     assert main(["eval", "--task", "ocrbench", "--data", str(data), "--predictions", str(bad)]) == 2
@@ -634,3 +635,36 @@ def test_a_results_entry_that_is_not_an_object_stops_the_run_before_any_generati
     with pytest.raises(ValueError, match=words):
         run_task(task, task.load(task.default_data), out, generate_fn=answer, progress=False, limit=4)
     assert asked == [] and (out / "results.json").read_text() == damaged
+
+
+def test_rows_without_a_prediction_are_counted_as_missing_not_as_skipped(tmp_path, capsys):
+    """Rows a predictions file lacks are scored (as empty answers) and were counted and listed as "skipped" beside the
+    malformed rows, which are not scored, with their indices now an int, now a string; each has its own count and
+    list, every index a string."""
+    buf = io.BytesIO()
+    Image.new("RGB", (28, 28), (255, 255, 255)).save(buf, format="PNG")
+    image = base64.b64encode(buf.getvalue()).decode()
+    rows = [
+        {"index": str(i), "question": f"Pick {i}", "A": "x", "B": "y", "answer": "Z" if i == 7 else "A", "image": image}
+        for i in range(8)
+    ]
+    data = tmp_path / "MMMU_DEV_VAL.tsv"
+    with open(data, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter="\t")
+        w.writeheader()
+        w.writerows(rows)
+    pred = tmp_path / "pred.jsonl"
+    pred.write_text("".join(json.dumps({"index": i, "prediction": "A"}) + "\n" for i in (0, 1, 2, 3, 6, 7)))
+    out = tmp_path / "out"
+    assert main(["eval", "--task", "mmmu", "--data", str(data), "--predictions", str(pred), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert (
+        "(scored 7 rows: 5 answered, 2 missing and scored as empty answers; 1 skipped as malformed; official "
+        "scoring)" in printed
+    )
+    assert "  missing 4: no prediction\n  missing 5: no prediction\n  skipped 7: " in printed
+    result = json.loads((out / "results.json").read_text())["mmmu"]
+    assert (result["scored"], result["answered"], result["missing"], result["skipped"]) == (7, 5, 2, 1)
+    assert result["missing_rows"] == [{"index": i, "reason": "no prediction"} for i in ("4", "5")]
+    [skipped] = result["skipped_rows"]
+    assert skipped["index"] == "7" and "option letters" in skipped["reason"]
