@@ -396,16 +396,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _data_paths(specs: list[str], tasks: list) -> dict[str, str]:
-    """``--data`` values (``FILE``, or ``TASK=FILE`` when several tasks run) as ``{task: path}``."""
+    """``--data`` values (``FILE`` or ``TASK=FILE``; ``TASK=FILE`` when several tasks run) as ``{task: path}``. A
+    task given data twice is refused, and so is ``TASK=`` naming a known task that ``--task`` does not run (a path
+    may hold ``=``: only a known task's name before it counts)."""
+    from kimivl.eval.tasks import is_task_name
+
+    names = [t.name for t in tasks]
     paths: dict[str, str] = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
-        if sep and any(t.name == name for t in tasks):
-            paths[name] = path
-        elif len(tasks) == 1:
-            paths[tasks[0].name] = spec
-        else:
-            raise ValueError(f"--data {spec}: with several tasks, write --data TASK=FILE")
+        if sep and name not in names and is_task_name(name):
+            raise CommandError(
+                f"--data {spec}: task {name} is not among --task {','.join(names)}; add it to --task, or drop this "
+                "--data"
+            )
+        if not (sep and name in names):
+            if len(tasks) > 1:
+                raise CommandError(f"--data {spec}: with several tasks, write --data TASK=FILE")
+            name, path = names[0], spec
+        if name in paths:
+            raise CommandError(f"--data gives task {name} two files, {paths[name]} and {path}: give one")
+        paths[name] = path
     return paths
 
 

@@ -110,6 +110,11 @@ TASKS = {
 }
 
 
+def is_task_name(name: str) -> bool:
+    """Whether ``name`` names a task ``get_task`` knows."""
+    return name in TASKS or name == "synthetic" or name.startswith("synthetic:")
+
+
 def get_task(name: str) -> Task:
     """The task called ``name`` (``synthetic`` and ``synthetic:<task>`` included)."""
     if name == "synthetic" or name.startswith("synthetic:"):

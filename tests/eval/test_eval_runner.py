@@ -668,3 +668,26 @@ def test_rows_without_a_prediction_are_counted_as_missing_not_as_skipped(tmp_pat
     assert result["missing_rows"] == [{"index": i, "reason": "no prediction"} for i in ("4", "5")]
     [skipped] = result["skipped_rows"]
     assert skipped["index"] == "7" and "option letters" in skipped["reason"]
+
+
+def test_data_given_twice_or_for_a_task_not_run_is_refused(tmp_path, capsys):
+    """``--data mmmu=A --data mmmu=B`` silently used B; with one task, ``--data ocrbench=X`` for ``--task mmmu`` was
+    taken whole as a path ("benchmark data not found: ocrbench=X"). A path holding '=' still reads as a path."""
+    data = ocr_tsv(tmp_path / "ocr.tsv", n=2)
+    pred = tmp_path / "p.jsonl"
+    pred.write_text('{"index": 0, "prediction": "word0"}\n')
+    rescore = ["eval", "--predictions", str(pred), "--out", str(tmp_path / "out")]
+    for task, given, words in (
+        ("ocrbench", [f"ocrbench={data}", f"ocrbench={tmp_path / 'B.tsv'}"], "--data gives task ocrbench two files, "),
+        ("ocrbench", [str(data), f"ocrbench={data}"], "--data gives task ocrbench two files, "),
+        ("mmmu", [f"ocrbench={data}"], f"--data ocrbench={data}: task ocrbench is not among --task mmmu; add it"),
+        ("ocrbench", [f"synthetic:count={data}"], "task synthetic:count is not among --task ocrbench"),
+    ):
+        assert main([*rescore, "--task", task, *(x for d in given for x in ("--data", d))]) == 2
+        assert words in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "a=b").mkdir()
+    odd = ocr_tsv(tmp_path / "a=b" / "ocr=1.tsv", n=2)  # '=' in a path, with no task's name before it
+    for spec in (str(odd), f"ocrbench={odd}"):
+        assert main([*rescore, "--task", "ocrbench", "--data", spec]) == 0
+        assert "ocrbench: score=500.0  (scored 2 rows: 1 answered, 1 missing" in capsys.readouterr().out
