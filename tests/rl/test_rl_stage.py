@@ -156,3 +156,28 @@ def test_shipped_rl_recipes_are_valid(name):
     assert cfg.objective == ("grpo" if "grpo" in name else "opmd")
     assert (cfg.length_weight > 0) == (name != "tiny-rl-nolen.yaml")
     assert cfg.priority == "signal" and "hard" not in str(cfg.curriculum)  # the budget where the model has signal
+
+
+def test_an_unknown_rl_setting_is_named_with_the_settings_rl_takes(problems, tmp_path):
+    """A typo under ``rl:`` read "RLConfig.__init__() got an unexpected keyword argument 'tua'", and a setting the
+    stage gives elsewhere "got multiple values for keyword argument"; every other recipe mistake lists what is taken."""
+    from dataclasses import fields
+
+    from kimivl.rl.trainer import RLConfig
+
+    base = {"name": "x", "out": str(tmp_path), "sources": {"p": str(problems / "train" / "reasoning.jsonl")}}
+    stage = {"name": "rl", "kind": "rl", "steps": 2, "lr": 1e-3, "sources": ["p"]}
+    taken = sorted({f.name for f in fields(RLConfig)} - {"iterations", "budget", "clip", "ckpt_every", "seed", "bf16"})
+    assert "tau" in taken and "samples" in taken
+    for rl, words in (
+        ({"tua": 0.3, "samples": 4}, f"stage 'rl': rl has unknown keys ['tua']; it takes {taken}"),
+        (
+            {"budget": 512, "iterations": 3},
+            "stage 'rl': rl: iterations, budget set, which the stage takes elsewhere (iterations from the stage's "
+            "steps, budget from the stage's budget)",
+        ),
+    ):
+        (tmp_path / "r.yaml").write_text(yaml.safe_dump({**base, "stages": [{**stage, "rl": rl}]}))
+        with pytest.raises(RecipeError) as e:
+            load_recipe(tmp_path / "r.yaml")
+        assert str(e.value) == words

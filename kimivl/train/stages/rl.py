@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from kimivl.data.indexed import Concat
@@ -35,6 +35,16 @@ class RLStage(PartsSettings):
         rl_config(recipe, self)
 
 
+# RLConfig's settings that an rl stage does not give under ``rl:``: where they come from
+FROM_STAGE = {
+    "iterations": "the stage's steps",
+    "budget": "the stage's budget",
+    "clip": "the stage's clip",
+    "ckpt_every": "the stage's ckpt_every",
+    "seed": "the recipe's seed",
+}
+
+
 def rl_config(recipe: Recipe, stage: RLStage) -> RLConfig:
     """The ``RLConfig`` of an rl stage: its ``rl`` settings plus the stage's steps, budget, clip and ckpt_every, and
     the recipe's bf16. Its seed is the recipe's plus the number of rl stages before it, so a later rl stage draws
@@ -43,6 +53,17 @@ def rl_config(recipe: Recipe, stage: RLStage) -> RLConfig:
     earlier = [s.name for s in recipe.stages if isinstance(s, RLStage)].index(stage.name)
     if "bf16" in stage.rl:
         raise RecipeError(f"stage {stage.name!r}: rl: bf16 is set for the whole recipe (its top-level 'bf16')")
+    names = {f.name for f in fields(RLConfig)}
+    unknown = sorted(set(stage.rl) - names)
+    if unknown:
+        taken = sorted(names - set(FROM_STAGE) - {"bf16"})
+        raise RecipeError(f"stage {stage.name!r}: rl has unknown keys {unknown}; it takes {taken}")
+    given = [k for k in FROM_STAGE if k in stage.rl]
+    if given:
+        where = ", ".join(f"{k} from {FROM_STAGE[k]}" for k in given)
+        raise RecipeError(
+            f"stage {stage.name!r}: rl: {', '.join(given)} set, which the stage takes elsewhere ({where})"
+        )
     try:
         config = RLConfig(
             iterations=stage.steps,
