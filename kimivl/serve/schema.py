@@ -114,11 +114,14 @@ def _image_bytes(url: Any, where: str, limits: Limits, used: _Used) -> bytes:
             raise RequestError(f"{where}: {e}", where) from None
     elif limits.allowed_local_media_path and (url.startswith("file:") or url.startswith("/")):
         data = _local_file(url, where, limits)
-    else:
-        allowed = "data: URLs" + (
-            " or files under the allowed local media path" if limits.allowed_local_media_path else ""
+    elif limits.allowed_local_media_path:
+        raise RequestError(
+            f"{where}: only data: URLs or files under the allowed local media path (an absolute path or a file:// URL) "
+            "are accepted as images (no remote URLs or relative paths)",
+            where,
         )
-        raise RequestError(f"{where}: only {allowed} are accepted as images (no remote URLs or local paths)", where)
+    else:
+        raise RequestError(f"{where}: only data: URLs are accepted as images (no remote URLs or local paths)", where)
     if len(data) > limits.max_image_bytes:
         raise RequestError(f"{where}: the image is over the limit of {limits.max_image_bytes} bytes", where)
     try:

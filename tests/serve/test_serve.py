@@ -747,3 +747,21 @@ def test_local_media_opens_only_regular_files_under_the_root_and_parses_file_url
         ):
             code, reply = _post(url, {**good, "messages": _image_msg(image)}, None)
             assert code == 400 and "not a file under the allowed local media path" in reply["error"]["message"], image
+
+
+def test_a_refused_image_url_is_named_as_the_server_is_configured(tmp_path):
+    """With --allowed-local-media-path set, the refusal said "(no remote URLs or local paths)" while files under the
+    path are accepted; it now says which images are accepted in either configuration."""
+    for root, words in (
+        (None, "only data: URLs are accepted as images (no remote URLs or local paths)"),
+        (
+            str(tmp_path),
+            "only data: URLs or files under the allowed local media path (an absolute path or a file:// URL) are "
+            "accepted as images (no remote URLs or relative paths)",
+        ),
+    ):
+        for url in ("photos/x.png", "https://example.com/x.png"):
+            body = {"model": "m", "messages": _image_msg(url)}
+            with pytest.raises(RequestError) as e:
+                parse_chat_request(body, Limits(context=4096, max_batch=2, allowed_local_media_path=root))
+            assert str(e.value).endswith(words)
