@@ -272,14 +272,19 @@ def bucket_name(length: int) -> str:
     return f">{BUCKETS[-1][1] // 1024}K"
 
 
-def summarize(rows: list[dict], mode: str = "official") -> dict[str, float]:
-    """``recall/<kind>`` and ``recall/<kind>/<bucket>`` in percent."""
-    groups: dict[str, list[float]] = defaultdict(list)
+def _metric_rows(rows: list[dict]) -> dict[str, list[dict]]:
+    """The rows each metric is over: ``recall/<kind>`` and ``recall/<kind>/<bucket>``."""
+    groups: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         kind = r["meta"]["kind"]
-        groups[f"recall/{kind}"].append(r["score"])
-        groups[f"recall/{kind}/{bucket_name(r['meta']['length'])}"].append(r["score"])
-    return {k: 100 * sum(v) / len(v) for k, v in groups.items()}
+        groups[f"recall/{kind}"].append(r)
+        groups[f"recall/{kind}/{bucket_name(r['meta']['length'])}"].append(r)
+    return groups
+
+
+def summarize(rows: list[dict], mode: str = "official") -> dict[str, float]:
+    """``recall/<kind>`` and ``recall/<kind>/<bucket>`` in percent."""
+    return {k: 100 * sum(r["score"] for r in v) / len(v) for k, v in _metric_rows(rows).items()}
 
 
 def table(rows: list[dict]) -> str:
@@ -332,7 +337,11 @@ def heatmap(rows: list[dict], kind: str, path: str | Path) -> Path:
 
 
 def report(rows: list[dict], out_dir: str | Path) -> dict:
-    """The recall table and one heatmap PNG per haystack kind under ``out_dir``."""
+    """The recall table, one heatmap PNG per haystack kind under ``out_dir``, and each metric's own row counts
+    (``metric_rows``: its rows scored and answered, which ``results.md`` shows beside it)."""
     kinds = sorted({r["meta"]["kind"] for r in rows})
     figures = [str(heatmap(rows, kind, Path(out_dir) / f"niah_{kind}.png")) for kind in kinds]
-    return {"table": table(rows), "figures": figures}
+    counts = {
+        k: {"scored": len(v), "answered": sum("failed" not in r for r in v)} for k, v in _metric_rows(rows).items()
+    }
+    return {"table": table(rows), "figures": figures, "metric_rows": counts}

@@ -75,14 +75,17 @@ def _extracted(res: dict) -> str:
 
 
 def markdown(results: dict) -> str:
-    """One table of every task's headline metrics (groups and extra tables follow per task)."""
+    """One table of every task's headline metrics (groups and extra tables follow per task). A metric over some of
+    the task's rows (a task's ``metric_rows``, e.g. NIAH's per haystack) shows its own rows scored and answered; the
+    skipped rows, never scored, are the task's."""
     lines = ["| task | metric | value | scored | answered | skipped |", "|---|---|---|---|---|---|"]
     details = []
     for task, res in results.items():
         metrics = res.get("metrics", {})
         head = headline(metrics)
         for k, v in head.items():
-            counts = " | ".join(str(res.get(key, "")) for key in ("scored", "answered", "skipped"))
+            own = {**res, **res.get("metric_rows", {}).get(k, {})}
+            counts = " | ".join(str(own.get(key, "")) for key in ("scored", "answered", "skipped"))
             lines.append(f"| {task} | {k} | {_fmt(v)} | {counts} |")
         groups = {k: v for k, v in metrics.items() if k not in head}
         if groups:

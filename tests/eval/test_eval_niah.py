@@ -198,3 +198,24 @@ def test_lengths_beyond_the_context_are_refused_before_any_haystack_or_model(
     assert main([*args, "--lengths", "1k", "--depths", "0,120"]) == 2  # other options too, before the model loads
     assert "0 to 100; got 120" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_each_niah_metric_in_results_md_counts_its_own_rows(tmp_path):
+    """Each per-haystack (and per-bucket) metric showed the task's total row count (5) rather than its own."""
+    task = get_task("niah")
+    text = [niah.case_index("text", n, d, 0) for n, d in ((1024, 0), (1024, 50), (3000, 0))]
+    video = [niah.case_index("video", 3000, d, 0) for d in (0, 50)]
+    pred = tmp_path / "p.jsonl"
+    answers = [(i, niah.secret_for(i)) for i in text + video[:1]] + [(video[1], "0")]
+    pred.write_text("".join(json.dumps({"index": i, "prediction": p}) + "\n" for i, p in answers))
+    result = run_task(task, rescoring_samples(task, pred), tmp_path / "out", predictions=pred, progress=False)
+    assert result["scored"] == 5
+    table = (tmp_path / "out" / "results.md").read_text()
+    for row in (
+        "| niah | recall/text | 100.0 | 3 | 3 | 0 |",
+        "| niah | recall/text/0K-2K | 100.0 | 2 | 2 | 0 |",
+        "| niah | recall/text/2K-4K | 100.0 | 1 | 1 | 0 |",
+        "| niah | recall/video | 50.0 | 2 | 2 | 0 |",
+        "| niah | recall/video/2K-4K | 50.0 | 2 | 2 | 0 |",
+    ):
+        assert row in table, row
