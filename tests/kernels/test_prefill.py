@@ -102,6 +102,7 @@ def test_cuda_paths_equal_the_cpu_kernels():
     blocks = [torch.randn(b, n, x, generator=g) for n in (50, 30, 7)]
     valid = torch.ones(b, 87, dtype=torch.bool)
     valid[0, :60] = False
+    valid[1, 40:] = False  # a row whose newest keys, its own among them, are marked padding: it still sees its own
     q_dec = torch.randn(b, h, x, generator=g)
     q_pre = torch.randn(b, 20, h, d, generator=g)
     expand = expander(x, h, d, e)
