@@ -58,6 +58,21 @@ def test_memory_plan_is_what_training_holds(tiny_model):
     assert weights == sum(p.numel() * p.element_size() for p in params) and 2 * plan.total < weights < 2.01 * plan.total
 
 
+def test_memory_plan_counts_the_state_of_trained_experts(tiny_model):
+    """The experts' gate_up stacks (a Muon group of their own) hold one momentum tensor each, as every Muon weight."""
+    set_trainable(tiny_model, ["language_model"])
+    plan = memory_plan(tiny_model)
+    opt = build_optimizer(tiny_model, lr=1e-2)
+    opt.init_state()  # every trained parameter's state, as its first step creates it
+    held = {
+        name: [t for t in opt.state[p].values() if isinstance(t, torch.Tensor)]
+        for name, p in tiny_model.named_parameters()
+        if p in opt.state
+    }
+    assert any(name.endswith("gate_up_proj") for name in held)
+    assert plan.optimizer == sum(t.numel() * t.element_size() for ts in held.values() for t in ts)
+
+
 def test_a_pattern_that_matches_nothing_or_everything_is_an_error(tiny_model):
     with pytest.raises(ValueError, match=r"freeze pattern '\*\.mlp\.expert\.\*' matches no parameter"):
         set_trainable(tiny_model, ["language_model"], ["*.mlp.expert.*"])
@@ -136,6 +151,13 @@ def test_frozen_bf16_weights_train_exactly_as_float32_in_half_the_memory(tiny_mo
 def test_weights_with_more_precision_than_bf16_stay_float32(tiny_model):
     set_trainable(tiny_model, ["language_model"], [EXPERTS])  # freshly initialised float32 values
     assert hold_frozen_in_bf16(tiny_model) == []
+    to_dtype(tiny_model, torch.bfloat16).float()
+    nudged = tiny_model.language_model.lm_head.weight
+    nudged.requires_grad_(False)
+    nudged.data.view(torch.int32)[0, 0] += 1  # one float32 step off a bfloat16 value: more precision than bf16 holds
+    held = hold_frozen_in_bf16(tiny_model)
+    assert held and nudged.dtype == torch.float32 and not any(p is nudged for p in held)
+    restore_float32(held)
     with torch.device("meta"):
         planned = KimiVL(tiny_model.config)
     set_trainable(planned, ["language_model"], [EXPERTS])
