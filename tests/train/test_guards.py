@@ -21,7 +21,7 @@ from kimivl.train.interrupt import Interrupted
 from kimivl.train.lock import run_lock
 from kimivl.train.loop import LoopConfig, train_loop
 from kimivl.train.metrics import MetricsLog, read_metrics
-from kimivl.train.pipeline import EXPORT_RECORD, check_export, global_schedule
+from kimivl.train.pipeline import EXPORT_RECORD, check_export, global_schedule, keep_seed, stage_scheduler
 from kimivl.train.recipe import RecipeError, load_recipe
 from kimivl.train.state import TrainState, latest_checkpoint, load_state_sharded, save_state, save_state_sharded
 from kimivl.train.step import TrainingError, optimizer_step
@@ -232,6 +232,25 @@ def test_a_torn_last_metrics_line_is_passed_over_and_mended(tmp_path):
         read_metrics(path)
 
 
+def test_a_stage_drops_only_its_own_records_after_the_step_it_resumes_from(tmp_path):
+    """A later stage, or a resumed one, never erases another stage's curve, whatever its steps."""
+    with MetricsLog(tmp_path, "a") as log:
+        for step in (1, 2, 3):
+            log.write(step, {"loss": 4.0 - step})
+    with MetricsLog(tmp_path, "b") as log:  # the next stage starts at step 0
+        log.write(1, {"loss": 5.0})
+        log.write(2, {"loss": 4.5})
+    with MetricsLog(tmp_path, "b", start=1):  # b resumed from its step 1: its step 2 goes
+        pass
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [(r["stage"], r["step"], r["loss"]) for r in rows] == [
+        ("a", 1, 3.0),
+        ("a", 2, 2.0),
+        ("a", 3, 1.0),
+        ("b", 1, 5.0),
+    ]
+
+
 def test_a_second_run_on_the_same_out_is_refused(tmp_path):
     with run_lock(tmp_path):
         with pytest.raises(RecipeError, match=rf"{tmp_path} is in use by another run \(pid {os.getpid()} on "):
@@ -295,6 +314,9 @@ def test_a_recipe_warmup_longer_than_its_stages(tmp_path):
         r"continue the recipe-wide schedule \(4\)",
     ):
         load_recipe(_recipe(tmp_path, schedule={"warmup": 10}))
+    with pytest.raises(RecipeError, match=r"schedule.warmup \(4 steps\) must be below"):  # the LR would never peak
+        load_recipe(_recipe(tmp_path, schedule={"warmup": 4}))
+    assert load_recipe(_recipe(tmp_path, schedule={"warmup": 3})).schedule["warmup"] == 3
 
 
 def test_a_decay_that_begins_before_the_recipe_warmup_ends(tmp_path):
@@ -313,6 +335,41 @@ def test_a_decay_that_begins_before_the_recipe_warmup_ends(tmp_path):
     recipe = load_recipe(_recipe(tmp_path, stages=stages, schedule={"warmup": 4, "decay_stages": ["cool"]}))
     curve, _ = global_schedule(recipe)
     assert [curve(i) for i in range(4, 10)] == pytest.approx([1.0] + [0.1 + 0.9 * (1 - i / 6) for i in range(1, 6)])
+
+
+def test_the_recipe_wide_decay_runs_over_its_decay_stages_in_a_row(tmp_path):
+    stages = [
+        {"name": "a", "kind": "joint", "steps": 4, "lr": 1e-3, "mix": {"t": 1}},
+        {"name": "cool", "kind": "joint", "steps": 3, "lr": 1e-3, "mix": {"t": 1}},
+        {"name": "cool2", "kind": "joint", "steps": 3, "lr": 1e-3, "mix": {"t": 1}},
+    ]
+    schedule = {"warmup": 2, "decay_stages": ["cool", "cool2"]}
+    curve, offsets = global_schedule(load_recipe(_recipe(tmp_path, stages=stages, schedule=schedule)))
+    assert offsets == {"a": 0, "cool": 4, "cool2": 7}
+    assert [curve(i) for i in range(10)] == pytest.approx(
+        [0.5, 1.0, 1.0, 1.0] + [0.1 + 0.9 * (1 - i / 6) for i in range(6)]  # from the first decay stage on
+    )
+
+
+def test_a_stage_with_its_own_schedule_warms_up_then_follows_a_cosine(tmp_path):
+    stage = {"name": "a", "kind": "joint", "steps": 6, "lr": 1e-3, "mix": {"t": 1}, "schedule": "cosine", "warmup": 2}
+    recipe = load_recipe(_recipe(tmp_path, stages=[stage]))
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    scheduler, lrs = stage_scheduler(recipe, recipe.stages[0], optimizer), []
+    for _ in range(6):
+        lrs.append(optimizer.param_groups[0]["lr"] / 1e-3)
+        optimizer.step()
+        scheduler.step()
+    assert lrs == pytest.approx([0.5, 1.0, 1.0, 0.8682, 0.55, 0.2318], abs=1e-4)  # down to 0.1 at step 6
+
+
+def test_a_run_stopped_in_its_first_stage_goes_on_only_with_its_seed(tmp_path):
+    """A stage's checkpoints, as its final, hold a data stream drawn with the run's seed."""
+    recipe = load_recipe(_recipe(tmp_path))
+    (recipe.out / "a" / "checkpoints" / "step-0000001").mkdir(parents=True)
+    keep_seed(recipe, World())
+    with pytest.raises(RecipeError, match="was trained with seed 0, not 7"):
+        keep_seed(load_recipe(_recipe(tmp_path), {"seed": 7}), World())
 
 
 def test_export_goes_under_out_and_never_replaces_another_runs_model(
