@@ -1,6 +1,7 @@
 """What each stage reads: its own stream of samples, and only records it can train on, checked before training with
 errors that name the file and line."""
 
+import itertools
 import json
 import random
 import re
@@ -15,7 +16,7 @@ from kimivl.data.formats import DataError, write_records
 from kimivl.data.indexed import Concat, JsonlRecords
 from kimivl.model.kimivl import KimiVL
 from kimivl.train.recipe import RecipeError
-from kimivl.train.stages.base import StageContext
+from kimivl.train.stages.base import StageContext, loop_config
 from kimivl.train.stages.joint import JointStage, check_sources, stage_mixture
 from kimivl.train.stages.joint import prepare as prepare_joint
 from kimivl.train.stages.rl import RLStage, check_problems
@@ -120,6 +121,43 @@ def test_each_vit_stage_draws_its_own_stream(tmp_path, small_processor):
     assert captions(0, "vit") == captions(0, "vit")
     assert sum(a == b for a, b in zip(captions(0, "vit"), captions(0, "vit-2"))) < 6  # chance: 40 / 50
     assert sum(a == b for a, b in zip(captions(0, "vit"), captions(1, "vit"))) < 6
+
+
+def test_a_vit_stage_trains_the_tower_and_seeded_heads_on_new_images_each_batch(tmp_path, small_model, small_processor):
+    records = [_asked(str(tmp_path / _image(tmp_path / f"{i}.png", (i, 0, 0))), str(i)) for i in range(8)]
+    stage = ViTStage(name="vit", kind="vit", steps=1, lr=1e-3, sources=["c"], images_per_batch=2, accum=3)
+    try:
+        prepared = prepare(stage, _ctx({"c": records}, small_processor), small_model)
+        trained = {n for n, p in small_model.named_parameters() if p.requires_grad}
+        assert trained == {n for n, _ in small_model.named_parameters() if n.startswith("vision_tower.")}
+        assert prepared.data_line == "stage vit: 6 captioned images, 0.75 passes over c"  # steps x accum x images
+
+        def heads(seed):
+            trainee = prepare(stage, _ctx({"c": records}, small_processor, seed=seed), small_model).trainee
+            return {n: p.detach() for n, p in trainee.named_parameters() if not n.startswith("tower.")}
+
+        same, other = heads(0), heads(1)
+        assert all(torch.equal(p, same[n]) for n, p in heads(0).items())  # the recipe's seed draws the heads
+        assert not torch.equal(same["text_pos"], other["text_pos"])
+    finally:
+        small_model.requires_grad_(True)
+    data = CaptionStream({"c": records}, small_processor, 2, seed=0, stream="vit")
+    (first, at), (second, _) = itertools.islice(data.batches(0), 2)
+    assert at == 2 and not torch.equal(first.text_ids, second.text_ids)  # each batch draws new samples
+    resumed, _ = next(data.batches(at))
+    assert torch.equal(resumed.text_ids, second.text_ids) and torch.equal(resumed.pixel_values, second.pixel_values)
+
+
+def test_a_stage_s_loop_settings_reach_its_training_loop():
+    for stage in (
+        ViTStage(name="v", kind="vit", steps=7, lr=1e-3, sources=["c"], accum=3, clip=0.25, log_every=2, ckpt_every=5),
+        JointStage(
+            name="j", kind="joint", steps=7, lr=1e-3, mix={"c": 1}, accum=3, clip=0.25, log_every=2, ckpt_every=5
+        ),
+    ):
+        cfg = loop_config(stage, SimpleNamespace(bf16=False), data={"x": 1})
+        got = (cfg.steps, cfg.accum, cfg.clip, cfg.log_every, cfg.ckpt_every, cfg.bf16, cfg.data)
+        assert got == (7, 3, 0.25, 2, 5, False, {"x": 1}), stage.kind
 
 
 def _truncated(path):
