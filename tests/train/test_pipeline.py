@@ -17,9 +17,10 @@ from kimivl.cli import main
 from kimivl.data.formats import DataError, write_records
 from kimivl.distributed.plan import rank_memory_plan
 from kimivl.distributed.recompute import recomputed
-from kimivl.train.pipeline import Sources, run_recipe
+from kimivl.train.pipeline import Sources, base_config, run_recipe
 from kimivl.train.plan import plan_recipe
 from kimivl.train.recipe import RecipeError, load_recipe
+from kimivl.train.state import TRAINER_FILE, latest_checkpoint
 from kimivl.train.trainable import memory_plan
 from kimivl.train.validation import heldout_loss, heldout_rows
 
@@ -283,6 +284,35 @@ def test_empty_settings_take_their_defaults(data_dir, tmp_path):
     assert loaded.tokenizer == {} and loaded.schedule == {}
 
 
+def test_a_stage_trains_with_its_own_optimiser_settings(data_dir, tmp_path):
+    """A stage's lr, lr_scale, weight_decay and ns_dtype are those its checkpoints' optimiser ran with."""
+    d = recipe_dict(data_dir, tmp_path / "run")
+    align = {**d["stages"][1], "train": ["multi_modal_projector", "language_model"], "steps": 1}
+    align |= {"weight_decay": 0.05, "ns_dtype": "bfloat16"}
+    d["stages"], d["schedule"] = [{**align, "lr_scale": {"multi_modal_projector": 0.5}}], {}
+    del d["export"]
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(d))
+    run_recipe(load_recipe(tmp_path / "r.yaml"), progress=False)
+    trainer = torch.load(latest_checkpoint(tmp_path / "run" / "align" / "checkpoints") / TRAINER_FILE)
+    groups = trainer["optimizer"]["param_groups"]
+    assert {g["name"] for g in groups} >= {"muon", "muon@multi_modal_projector", "adamw_no_decay"}
+    for g in groups:
+        scaled, decays = "@multi_modal_projector" in g["name"], not g["name"].startswith("adamw_no_decay")
+        assert g["initial_lr"] == (5e-4 if scaled else 1e-3) and g["weight_decay"] == (0.05 if decays else 0.0)
+        assert g["ns_dtype"] == "bfloat16", g["name"]
+
+
+def test_a_preset_base_takes_the_tokenizer_s_special_tokens(data_dir, tmp_path, small_processor):
+    """A model trained from a preset stops generating at <|im_end|> as at [EOS], and pads with the tokenizer's pad."""
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe_dict(data_dir, tmp_path / "run")))
+    tok = small_processor.tokenizer
+    config = base_config(load_recipe(tmp_path / "r.yaml"), tok)
+    text = config.text_config
+    assert (text.vocab_size, text.bos_token_id, text.pad_token_id) == (tok.n_ranks + 256, tok.bos_id, tok.pad_id)
+    assert text.eos_token_id == [tok.eos_id, tok.im_end_id] and tok.im_end_id != tok.eos_id
+    assert (config.media_placeholder_token_id, config.pad_token_id) == (tok.media_pad_id, tok.pad_id)
+
+
 def test_an_unreadable_recipe_is_named(tmp_path):
     with pytest.raises(RecipeError, match="cannot read recipe .*missing.yaml"):
         load_recipe(tmp_path / "missing.yaml")
@@ -316,6 +346,8 @@ def test_a_source_can_keep_only_some_difficulties(data_dir, tmp_path):
         sources(["extreme"], mixed)
     with pytest.raises(RecipeError, match="difficulty must be a list"):
         sources("easy", mixed)
+    with pytest.raises(RecipeError, match="difficulty must be a list of some of"):  # keeping none: not a source
+        sources([], mixed)
     with pytest.raises(RecipeError, match="levels.jsonl:2 has no meta.difficulty"):
         sources(["easy"], [record(0, "easy"), record(1, None)])
     with pytest.raises(RecipeError, match="no record of .*levels.jsonl has difficulty \\['hard'\\]"):
