@@ -303,5 +303,14 @@ def test_a_rank_saves_and_loads_its_experts_under_their_official_global_names():
         moe.load_state_dict(official)
 
 
+def test_experts_frozen_before_the_split_stay_frozen():
+    """A stage freezes (``freeze``) before it parallelizes: each rank's share of frozen experts must stay frozen."""
+    moe = _moe(False)
+    moe.experts.requires_grad_(False)
+    apply_expert_parallel(moe, _Group(2, 1))
+    assert not moe.experts.gate_up_proj.requires_grad and not moe.experts.down_proj.requires_grad
+    assert moe.gate.weight.requires_grad
+
+
 if __name__ == "__main__":
     _worker(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]))
