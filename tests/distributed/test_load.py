@@ -42,14 +42,16 @@ def test_a_checkpoint_loads_equal(tiny_model, saved):
         assert torch.equal(a, b), k
 
 
-def test_an_expert_parallel_rank_loads_its_experts_and_leaves_the_others(tiny_model, saved):
+@pytest.mark.parametrize("rank", [0, 1])
+def test_an_expert_parallel_rank_loads_its_experts_and_leaves_the_others(tiny_model, saved, rank):
     model = _empty(tiny_model.config)
-    apply_expert_parallel(model, _Group(2, 1))
+    apply_expert_parallel(model, _Group(2, rank))
     load_sharded_checkpoint(model, saved, World())
     official = tiny_model.state_dict()
     mine = model.state_dict()
     n = tiny_model.config.text_config.n_routed_experts
-    assert f"language_model.model.layers.1.mlp.experts.{n - 1}.down_proj.weight" in mine and EXPERT not in mine
+    last = f"language_model.model.layers.1.mlp.experts.{n - 1}.down_proj.weight"
+    assert (last in mine, EXPERT in mine) == (rank == 1, rank == 0)
     for k, v in mine.items():
         assert torch.equal(v, official[k]), k
 
@@ -106,3 +108,29 @@ def test_a_gathered_save_checks_its_arguments_before_writing(tiny_model, tmp_pat
         with pytest.raises(ValueError, match=words):
             save_gathered(tiny_model, tmp_path / "out", World(), **bad)
         assert not (tmp_path / "out").exists()
+
+
+def test_a_gathered_save_copies_what_the_model_did_not_load_in_the_planned_dtype(tiny_model, tmp_path):
+    """A vit stage's sharded ranks hold the tower alone: the rest comes from the stage's source, a file's worth at a
+    time, in the layout's dtype (float32 here, from a bfloat16 source), files of copied tensors alone included."""
+    from kimivl.distributed.gather import save_gathered
+
+    source = tmp_path / "source"
+    tiny_model.save_pretrained(source, dtype=torch.bfloat16)
+    with torch.device("meta"):
+        model = KimiVL(tiny_model.config)
+    model.vision_tower.to_empty(device="cpu")
+    load_sharded_checkpoint(model.vision_tower, source, World(), prefix="vision_tower.")
+    with torch.no_grad():
+        for p in model.vision_tower.parameters():
+            p.add_(1)  # the stage trained the tower: its weights are written, not the source's
+    save_gathered(model, tmp_path / "out", World(), max_shard_bytes=2**20, source=source)
+    files = sorted((tmp_path / "out").glob("model-*.safetensors"))
+    written = {k: v for f in files for k, v in load_file(f).items()}
+    assert any(all(k.startswith("language_model.") for k in load_file(f)) for f in files)  # copied tensors alone
+    assert written.keys() == tiny_model.state_dict().keys()
+    trained = {f"vision_tower.{n}" for n, _ in model.vision_tower.named_parameters()}
+    for key, whole in tiny_model.state_dict().items():
+        want = whole.bfloat16().float() + (1 if key in trained else 0)
+        assert written[key].dtype == torch.float32, key
+        torch.testing.assert_close(written[key], want, rtol=0, atol=0, msg=key)
