@@ -59,7 +59,10 @@ def build(folder: str, alternate: bool = False) -> tuple:
     processor = KimiVLProcessor(train_bpe(CORPUS, vocab_size=280))
     base = KimiVLConfig.from_preset("tiny")
     n = processor.tokenizer.n_ranks
-    text = dataclasses.replace(base.text_config, vocab_size=n + 256, bos_token_id=n, eos_token_id=[n + 1, n + 2])
+    # odd sizes: FSDP splits the vocabulary rows and the dense MLP's rows unevenly, as torch.chunk does
+    text = dataclasses.replace(
+        base.text_config, vocab_size=n + 257, intermediate_size=255, bos_token_id=n, eos_token_id=[n + 1, n + 2]
+    )
     config = dataclasses.replace(base, text_config=text, media_placeholder_token_id=processor.tokenizer.media_pad_id)
     torch.manual_seed(0)
     model = KimiVL(config)
