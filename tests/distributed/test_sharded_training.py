@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -90,13 +91,15 @@ def test_sharded_ranks_train_as_one_process(reference, tmp_path, nproc, layout):
     assert moved == 3  # every MoE layer's bias moved, alike on both ranks
 
 
-def test_a_killed_rank_ends_the_job_and_the_run_resumes_to_the_same_losses(reference, tmp_path):
-    died = run([str(WORKER), "--out", str(tmp_path), "--steps", "4", "--die-at", "3"], 2)
+@pytest.mark.parametrize("layout", [[], ["--ep", "2"]], ids=["dp_shard 2", "dp_shard 2 ep 2"])
+def test_a_killed_rank_ends_the_job_and_the_run_resumes_to_the_same_losses(reference, tmp_path, layout):
+    """With ep, each expert group's experts are saved under their own keys and resumed as they were."""
+    died = run([str(WORKER), "--out", str(tmp_path), "--steps", "4", "--die-at", "3", *layout], 2)
     assert died.returncode != 0
     checkpoints = tmp_path / "s" / "checkpoints"
     assert (checkpoints / "latest").read_text().strip() == "step-0000002"
     assert not list(checkpoints.glob(".*.tmp"))
-    resumed = run([str(WORKER), "--out", str(tmp_path), "--steps", "4", "--resume"], 2)
+    resumed = run([str(WORKER), "--out", str(tmp_path), "--steps", "4", "--resume", *layout], 2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     close(metrics(tmp_path), metrics(reference))
 
@@ -209,8 +212,9 @@ def test_a_layout_that_does_not_fit_the_world_is_refused_before_anything_runs(mo
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(RecipeError, match=r"dp_shard 3 x dp_replicate 1 = 3 ranks, but the world has 2"):
         init_world({"dp_shard": 3}, "cpu")
-    with pytest.raises(RecipeError, match=r"ep \(3\) must divide dp_shard \(2\)"):
-        init_world({"ep": 3}, "cpu")
+    for ep in (3, 4):  # experts split over more ranks than a shard group holds
+        with pytest.raises(RecipeError, match=rf"ep \({ep}\) must divide dp_shard \(2\)"):
+            init_world({"ep": ep}, "cpu")
     with pytest.raises(RecipeError, match="parallel.dp_shard must be an integer >= 1"):
         init_world({"dp_shard": 0}, "cpu")
     monkeypatch.delenv("WORLD_SIZE")
@@ -303,6 +307,26 @@ def test_an_export_longer_than_the_collective_timeout_completes(data_dir, tmp_pa
     done = run([str(tmp_path / "slow.py"), str(tmp_path / "r.yaml")], 2)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "run" / "export" / "model.safetensors").is_file()
+
+
+HANG = """
+import time
+import torch.distributed as dist
+from kimivl.distributed.world import init_world
+
+world = init_world({"timeout": 2}, "cpu")
+if world.rank == 1:
+    time.sleep(90)  # a stuck rank
+dist.barrier()
+"""
+
+
+def test_a_stuck_rank_ends_the_job_after_parallel_timeout(tmp_path):
+    """The others wait for a stuck rank ``parallel.timeout`` seconds in a collective, not the default 10 minutes."""
+    (tmp_path / "hang.py").write_text(HANG)
+    start = time.monotonic()
+    done = run([str(tmp_path / "hang.py")], 2)
+    assert done.returncode != 0 and time.monotonic() - start < 60, done.stderr[-3000:]
 
 
 def test_the_rl_update_of_two_ranks_equals_one_process_on_all_answers(tmp_path):
