@@ -60,7 +60,7 @@ def derived_recipe(args: argparse.Namespace, arm: str, seed: int, out: Path) -> 
             "limit": args.fresh,
             "max_new_tokens": 160,
         },
-        export={"path": str(out / "model"), "dtype": "bfloat16"},
+        export={"dtype": "bfloat16", **recipe.get("export", {}), "path": str(out / "model")},  # and its sampling
     )
     (stage,) = recipe["stages"]
     stage["steps"] = stage["steps"] if args.steps is None else args.steps

@@ -1,5 +1,9 @@
 """The kimivl command: chat on a saved checkpoint."""
 
+import json
+import shutil
+from pathlib import Path
+
 import numpy as np
 from PIL import Image
 
@@ -122,9 +126,6 @@ def test_thinking_output_is_shown_apart(capsys):
 
 def test_chat_takes_its_defaults_from_the_checkpoints_generation_config(checkpoint, tmp_path, capsys):
     """Hugging Face's generation_config.json sets chat's sampling defaults; a flag still wins."""
-    import json
-    import shutil
-
     ckpt = tmp_path / "ckpt"
     shutil.copytree(checkpoint, ckpt)
     (ckpt / "generation_config.json").write_text(json.dumps({"temperature": 0, "max_new_tokens": 2, "top_k": 5}))
@@ -149,3 +150,16 @@ def test_the_shipped_models_generation_configs_follow_the_spec():
     found = generation_defaults(thinking)
     context = KimiVLConfig.from_pretrained(thinking).text_config.max_position_embeddings
     assert 0.6 <= found["temperature"] <= 0.8 and 160 < found["max_new_tokens"] <= context // 2
+
+
+def test_the_shipped_recipes_export_the_shipped_models_generation_configs():
+    """Training a shipped model again writes the generation_config.json it ships with (export.generation)."""
+    from kimivl.demo import DEFAULT_MODEL
+    from kimivl.train.recipe import load_recipe
+
+    recipes = Path(__file__).parents[1] / "recipes"
+    for recipe, model in (("tiny.yaml", "kimivl-tiny"), ("tiny-rl.yaml", "kimivl-tiny-thinking")):
+        export = load_recipe(recipes / recipe).export
+        shipped = json.loads((DEFAULT_MODEL.parent / model / "generation_config.json").read_text())
+        assert Path(export["path"]).name == model
+        assert shipped == {"do_sample": True, **export["generation"]}

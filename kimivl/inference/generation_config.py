@@ -8,10 +8,12 @@ temperature 0.8 with 1024 new tokens (the spec's Thinking range, and a quarter o
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 from kimivl.data.formats import parse_json
+from kimivl.files import write_text_atomic
 from kimivl.inference.sampling import SamplingError, SamplingParams
 
 FILE = "generation_config.json"
@@ -28,14 +30,29 @@ def generation_defaults(checkpoint: str | os.PathLike) -> dict:
     config = parse_json(file.read_bytes(), str(file), "the file")
     if not isinstance(config, dict):
         raise SamplingError(f"{file}: must be a JSON object of generation settings, got {type(config).__name__}")
+    return checked_settings(config, str(file))
+
+
+def checked_settings(config: dict, where: str) -> dict:
+    """``config``'s settings among ``KEYS`` (``do_sample: false`` as temperature 0), or a ``SamplingError`` naming
+    ``where`` for a value of the wrong type or range."""
     found = {k: config[k] for k in KEYS if config.get(k) is not None}
     do_sample = config.get("do_sample")
     if do_sample is not None and not isinstance(do_sample, bool):
-        raise SamplingError(f"{file}: do_sample must be true or false, got {do_sample!r}")
+        raise SamplingError(f"{where}: do_sample must be true or false, got {do_sample!r}")
     if do_sample is False:
         found["temperature"] = 0.0
     try:
         SamplingParams.from_kwargs(**found)
     except SamplingError as e:
-        raise SamplingError(f"{file}: {e}") from None
+        raise SamplingError(f"{where}: {e}") from None
     return found
+
+
+def write_generation_config(directory: str | os.PathLike, settings: dict) -> None:
+    """``settings`` (checked ones) as ``directory``'s ``generation_config.json``, with the ``do_sample`` that makes
+    Hugging Face's ``generate`` sample at a temperature above 0 as kimivl does."""
+    config = dict(settings)
+    if "temperature" in config:
+        config = {"do_sample": config["temperature"] > 0, **config}
+    write_text_atomic(Path(directory) / FILE, json.dumps(config, indent=2) + "\n")

@@ -32,6 +32,7 @@ from kimivl.distributed.world import World, main_first
 from kimivl.eval.position_loss import position_loss
 from kimivl.eval.synthetic import evaluate, heldout_records
 from kimivl.files import write_text_atomic
+from kimivl.inference.generation_config import write_generation_config
 from kimivl.model.kimivl import KimiVL
 from kimivl.precision import use_bf16
 from kimivl.processing.chat_template import THINK_CLOSE, THINK_OPEN, parse_thinking
@@ -427,15 +428,18 @@ def _check_writable(path: Path, elsewhere: str) -> None:
 
 def _export(recipe: Recipe, final: Path, processor: KimiVLProcessor, path: Path) -> None:
     """The last stage's checkpoint in the export dtype, converted file by file (no process holds the whole model),
-    with the tokenizer files and the run's record, written under a temporary name beside ``path`` (one left by a
-    killed export is written again) and renamed into place once whole: an export cut short by a kill or a full disk
-    leaves the previous export (or none), never new weights beside an old config, and ``--resume`` exports again."""
+    with the tokenizer files, the recommended sampling (``export.generation``) and the run's record, written under a
+    temporary name beside ``path`` (one left by a killed export is written again) and renamed into place once whole:
+    an export cut short by a kill or a full disk leaves the previous export (or none), never new weights beside an old
+    config, and ``--resume`` exports again."""
     path = path.resolve()  # a link to a folder elsewhere: the export is written and renamed there
     tmp = _temporary(path)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         convert_checkpoint(final, tmp, getattr(torch, recipe.export.get("dtype", "bfloat16")))
         processor.save_pretrained(tmp)
+        if recipe.export.get("generation"):
+            write_generation_config(tmp, recipe.export["generation"])
         write_text_atomic(tmp / EXPORT_RECORD, json.dumps({"out": os.path.relpath(recipe.out.resolve(), path)}) + "\n")
         _publish(path)
     except BaseException:

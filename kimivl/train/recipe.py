@@ -11,7 +11,7 @@ bf16: null                            # bf16 autocast: true, false, or null: whe
 world: {seed: 0, train: 4000, heldout: 300}   # optional: build the synthetic world under out/world
 sources: {caption: world/train/caption.jsonl, text: world/train/text.jsonl}   # name -> JSONL (relative to out/)
 schedule: {warmup: 50, decay_stages: [cooldown]}   # one warm-up/stable/decay LR curve over 'continue' stages
-export: {path: models/kimivl-tiny, dtype: bfloat16}
+export: {path: models/kimivl-tiny, dtype: bfloat16, generation: {temperature: 0.2}}   # -> generation_config.json
 parallel: {dp_shard: 2, ep: 2}        # optional, under torchrun: shard weights over 2 ranks, split experts over 2
 eval: {after: [sft], split: world/heldout, limit: 50}   # held-out accuracy -> out/eval/<stage>.json
                                       # (base: true also evaluates the base model first -> out/eval/base.json)
@@ -45,7 +45,7 @@ PARTS = ("vision_tower", "multi_modal_projector", "language_model")
 MAPPINGS = {
     "tokenizer": {"path", "train_vocab"},
     "schedule": {"warmup", "decay_stages", "min_ratio"},
-    "export": {"path", "dtype"},
+    "export": {"path", "dtype", "generation"},
     "eval": {"after", "split", "limit", "max_new_tokens", "base"},
 }
 
@@ -84,6 +84,8 @@ class Recipe:
             "path" not in self.export or self.export.get("dtype", "bfloat16") not in ("bfloat16", "float32")
         ):
             raise RecipeError(f"export needs a path and a dtype of bfloat16 (default) or float32, got {self.export}")
+        if self.export is not None and "generation" in self.export:
+            _check_generation(self.export["generation"])
         if self.eval is not None and "split" not in self.eval:
             raise RecipeError(f"eval needs a split (a directory of held-out <task>.jsonl files), got {self.eval}")
         names = [s.name for s in self.stages]
@@ -201,6 +203,18 @@ def _check_keys(key: str, value: Any, allowed: set[str]) -> None:
     unknown = set(value) - allowed
     if unknown:
         raise RecipeError(f"{key} has unknown keys {sorted(unknown)}; it takes {sorted(allowed)}")
+
+
+def _check_generation(settings: Any) -> None:
+    """``export.generation``: the sampling the export recommends in its ``generation_config.json``."""
+    from kimivl.inference.generation_config import KEYS, checked_settings
+    from kimivl.inference.sampling import SamplingError
+
+    _check_keys("export.generation", settings, set(KEYS))
+    try:
+        checked_settings(settings or {}, "export.generation")
+    except SamplingError as e:
+        raise RecipeError(str(e)) from None
 
 
 def _check_source(name: str, spec: Any) -> None:

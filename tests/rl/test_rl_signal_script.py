@@ -33,7 +33,8 @@ def test_each_arm_and_seed_gets_its_recipe_with_the_evaluation_on_the_fresh_prob
     assert recipe.source_path("reasoning") == tmp_path / "world" / "train" / "reasoning.jsonl"
     assert recipe.eval == {"base": True, "after": ["rl"], "split": str(tmp_path / "fresh" / "heldout"), "limit": 500,
                            "max_new_tokens": 160}  # fmt: skip
-    assert recipe.export == {"path": str(out / "model"), "dtype": "bfloat16"}  # never over models/
+    # never over models/; the shipped recipe's sampling (the thinking model's) goes with the arm's model
+    assert recipe.export == {**(shipped.export or {"dtype": "bfloat16"}), "path": str(out / "model")}
     # the shipped recipe's RL settings, with the seed
     assert rl_config(recipe, recipe.stages[0]) == dataclasses.replace(rl_config(shipped, shipped.stages[0]), seed=2)
     args.steps, args.priority = 12, "failure"

@@ -67,7 +67,7 @@ def recipe_dict(data_dir, out):
         "tokenizer": {"train_vocab": 280},
         "sources": {"colour": str(data_dir / "colour.jsonl"), "text": str(data_dir / "text.jsonl")},
         "schedule": {"warmup": 1, "decay_stages": ["cooldown"]},
-        "export": {"path": str(out / "export"), "dtype": "bfloat16"},
+        "export": {"path": str(out / "export"), "dtype": "bfloat16", "generation": {"temperature": 0.7, "top_p": 0.9}},
         "stages": [
             {
                 "name": "vit",
@@ -131,6 +131,8 @@ def test_every_stage_runs_and_chains(data_dir, tmp_path):
     exported = KimiVL.from_pretrained(out / "export")
     assert exported.dtype == torch.bfloat16 and exported.config.text_config.rope_theta == 800000.0
     assert (out / "export" / "tiktoken.model").is_file() and (out / "curves.png").is_file()
+    written = json.loads((out / "export" / "generation_config.json").read_text())
+    assert written == {"do_sample": True, "temperature": 0.7, "top_p": 0.9}  # the recipe's, for chat and HF
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {r["stage"] for r in rows} == {"vit", "align", "pretrain", "cooldown", "long-context", "sft"}
     assert all("siglip" in r and "caption" in r for r in rows if r["stage"] == "vit")
@@ -253,6 +255,13 @@ def _stage(i, **changes):
         (lambda r: r.update(tokenizer="tok"), "tokenizer must be a mapping"),
         (lambda r: r["export"].update(dtype="float16"), "export needs a path and a dtype of bfloat16"),
         (lambda r: r.update(export={"dtype": "float32"}), "export needs a path"),
+        (lambda r: r["export"].update(generation={"temprature": 0.7}), r"export.generation has unknown keys"),
+        (
+            lambda r: r["export"].update(generation={"temperature": -1}),
+            "export.generation: temperature must be .* got -1",
+        ),
+        (lambda r: r["export"].update(generation={"max_new_tokens": 0}), "export.generation: max_new_tokens"),
+        (lambda r: r["export"].update(generation=0.7), "export.generation must be a mapping"),
         (
             lambda r: r["sources"].update(text={"path": r["sources"]["text"], "answer_only": True}),
             r"data source 'text': unknown keys \['answer_only'\]",
