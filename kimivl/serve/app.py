@@ -1,5 +1,5 @@
 """The FastAPI app: OpenAI chat completions (plain and server-sent events), models, health, Prometheus metrics, and
-the chat page at ``/`` (``static/index.html``: plain HTML and JavaScript over the same API)."""
+the chat page at ``/`` (``static/index.html`` and ``static/chat.js``: plain HTML and JavaScript over the same API)."""
 
 from __future__ import annotations
 
@@ -35,9 +35,10 @@ MAX_BODY_BYTES = 64 << 20
 BODY_IDLE_SECONDS = 30  # a request body that stalls this long is refused (408), its buffer freed
 BODY_TOTAL_SECONDS = 120  # and one that takes longer than this in all (64 MiB at about 4.5 Mbit/s)
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
-PAGE_HEADERS = {  # the chat page: its own scripts and server only, never framed by another site
+PAGE_HEADERS = {  # the chat page: its own script file and server only (no inline script), never framed by another site
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; connect-src 'self' data: blob:; "
-    "script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'",
+    "script-src 'self'; style-src 'self' 'unsafe-inline'; base-uri 'none'; form-action 'self'; "
+    "frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
 }
@@ -118,11 +119,17 @@ def create_app(
 
     app.add_middleware(_CancelledQuietly, answering=answering)  # added last: outside the others
 
-    page = importlib.resources.files("kimivl.serve").joinpath("static/index.html").read_text(encoding="utf-8")
+    static = importlib.resources.files("kimivl.serve").joinpath("static")
+    page = static.joinpath("index.html").read_text(encoding="utf-8")
+    script = static.joinpath("chat.js").read_text(encoding="utf-8")
 
     @app.get("/", response_class=HTMLResponse)
     async def index():  # the same page for every visitor: it asks for the API key itself when /v1/ answers 401
         return HTMLResponse(page, headers=PAGE_HEADERS)
+
+    @app.get("/chat.js")
+    async def page_script():
+        return Response(script, media_type="text/javascript", headers=PAGE_HEADERS)
 
     @app.get("/health")
     async def health():

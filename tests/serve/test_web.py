@@ -1,7 +1,8 @@
 """The chat page at ``/`` in headless Chromium (Debian's chromium + chromium-driver, driven by Selenium) against a live
 server on kimivl-tiny: the API key asked for, an image attached through the file picker, the streamed answer equal
 to the API's greedy answer, a follow-up turn carrying the history, and the stop button freeing the slot. A screenshot
-is kept under $KIMIVL_ARTIFACTS (default tests/artifacts/)."""
+is kept under $KIMIVL_ARTIFACTS (default tests/artifacts/). The page's edges (New chat while an answer streams,
+failures, long words, its content security policy) run against a server whose engine plays a script."""
 
 from __future__ import annotations
 
@@ -9,11 +10,14 @@ import base64
 import json
 import os
 import shutil
+import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import openai
 import pytest
+from conftest import live_server
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -41,6 +45,7 @@ def browser():
     options.binary_location = chromium
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1000,900"):
         options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the console, CSP violations included
     driver = webdriver.Chrome(service=Service(driver_path), options=options)
     yield driver
     driver.quit()
@@ -148,3 +153,147 @@ def test_page_asks_for_the_key_streams_the_greedy_answer_keeps_history_and_stops
     time.sleep(0.2)
     assert engine.metrics.batch_size == 0 and engine.metrics.completion_tokens < 3000
     assert _text(browser, last + " .note") == "stopped" and _text(browser, last + " .answer") == ""
+
+
+def _play(job, script: dict) -> None:
+    """Answer ``job`` from ``script``: its pieces of text (a dict piece is an engine error), one every ``delay``
+    seconds, then its finish reason."""
+    for piece in script["pieces"]:
+        if job.cancelled:
+            return
+        if isinstance(piece, dict):
+            job.emit(("error", piece["error"]))
+            return
+        job.emit(("text", 0, piece))
+        time.sleep(script["delay"])
+    job.emit(("done", 0, script["finish"], len(script["pieces"])))
+
+
+@pytest.fixture(scope="module")
+def scripted():
+    """(base_url, script) of a server with no API key whose engine answers every request from ``script``."""
+    script = {}
+    with live_server("kimivl-tiny", start=False) as (url, engine):
+        engine.submit = lambda job: threading.Thread(target=_play, args=(job, dict(script)), daemon=True).start()
+        yield url, script
+
+
+def _open(browser, url: str, script: dict, pieces: list, delay: float = 0.0, finish: str = "stop") -> None:
+    """The page, loaded afresh with its model, the requests it sends kept in ``window.sent``."""
+    script.update(pieces=pieces, delay=delay, finish=finish)
+    browser.get(url + "/")
+    WebDriverWait(browser, 10).until(lambda d: _text(d, "#model") == "kimivl-tiny")
+    browser.execute_script(
+        "window.sent = []; const f = window.fetch;"
+        "window.fetch = (u, o) => { if (o && o.body) window.sent.push(JSON.parse(o.body)); return f(u, o); };"
+    )
+
+
+def _last_state(driver) -> str:
+    return driver.find_elements(By.CSS_SELECTOR, ".turn.assistant")[-1].get_attribute("data-state")
+
+
+def test_new_chat_while_an_answer_streams_starts_an_empty_conversation(scripted, browser):
+    """The aborted answer's send() went on after New chat emptied the history and put the cut-off answer into the new
+    conversation: its first request began with an assistant message."""
+    url, script = scripted
+    _open(browser, url, script, ["part "] * 100, delay=0.05)
+    _ask(browser, None, "a first question")
+    WebDriverWait(browser, 10).until(lambda d: "part part" in _text(d, ".answer"))
+    browser.find_element(By.ID, "clear").click()
+    time.sleep(0.3)  # the aborted request's send() ends
+    script.update(pieces=["fresh"], delay=0.0)
+    _ask(browser, None, "a new conversation")
+    WebDriverWait(browser, 10).until(lambda d: _last_state(d) == "done")
+    _ask(browser, None, "and a follow-up")
+    WebDriverWait(browser, 10).until(lambda d: _last_state(d) == "done")
+    sent = browser.execute_script("return window.sent.map((b) => b.messages)")
+    assert sent[1:] == [
+        [{"role": "user", "content": [{"type": "text", "text": "a new conversation"}]}],
+        [
+            {"role": "user", "content": [{"type": "text", "text": "a new conversation"}]},
+            {"role": "assistant", "content": "fresh"},
+            {"role": "user", "content": [{"type": "text", "text": "and a follow-up"}]},
+        ],
+    ]
+    assert len(browser.find_elements(By.CSS_SELECTOR, ".turn")) == 4
+
+
+def test_the_page_runs_its_own_script_file_only(scripted, browser):
+    """The policy allowed inline scripts ('unsafe-inline'), so an injected one would run; the page's script is now a
+    file of its own and runs without a single CSP violation."""
+    url, script = scripted
+    with urllib.request.urlopen(url + "/", timeout=10) as r:
+        policy = dict(p.strip().split(" ", 1) for p in r.headers["Content-Security-Policy"].split(";"))
+        assert "<script>" not in r.read().decode()
+    assert policy["script-src"] == "'self'" and policy["base-uri"] == "'none'" and policy["form-action"] == "'self'"
+    browser.get("about:blank")
+    browser.get_log("browser")  # emptied
+    _open(browser, url, script, ["an ", "answer"])
+    _ask(browser, None, "a question")
+    WebDriverWait(browser, 10).until(lambda d: _last_state(d) == "done")
+    assert _text(browser, ".answer") == "an answer"
+    assert not [e for e in browser.get_log("browser") if "Content Security Policy" in e["message"]]
+    ran = browser.execute_script(
+        "const s = document.createElement('script'); s.textContent = 'window.injected = 1'; document.body.append(s);"
+        "return window.injected === 1"
+    )
+    assert ran is False
+    assert any("Content Security Policy" in e["message"] for e in browser.get_log("browser"))  # the log sees one
+
+
+def test_a_bad_key_or_a_failing_model_list_says_so(scripted, browser):
+    """A key with non-Latin-1 characters made every fetch throw (nothing shown, Send did nothing), and a /v1/models
+    that failed (network, not JSON) was an unhandled rejection with nothing shown."""
+    url, script = scripted
+    _open(browser, url, script, ["hi"])
+    submit = "document.getElementById('key').value = arguments[0]; document.getElementById('key-form').requestSubmit()"
+    browser.execute_script(submit, "sécret-ключ")
+    assert "printable ASCII" in _text(browser, "#error")
+    assert browser.execute_script("return sessionStorage.getItem('kimivl-key')") is None
+    for fake, words in [
+        ("() => Promise.reject(new TypeError('Failed to fetch'))", "the server cannot be reached (Failed to fetch)"),
+        ("async () => new Response('<html>bad gateway</html>', {status: 502})", "HTTP 502, not a list of models"),
+    ]:
+        browser.execute_script(f"window.fetch = {fake}; document.getElementById('error').textContent = ''")
+        browser.execute_script(submit, "a-good-key")
+        WebDriverWait(browser, 5).until(lambda d: words in _text(d, "#error"))
+    browser.execute_script("sessionStorage.clear()")
+
+
+def test_long_words_stay_inside_their_bubbles(scripted, browser):
+    url, script = scripted
+    _open(browser, url, script, ["y" * 2000])
+    _ask(browser, None, "x" * 2000)
+    WebDriverWait(browser, 10).until(lambda d: _last_state(d) == "done")
+    widths = browser.execute_script(
+        "return ['#chat', '.question', '.answer'].map((s) => document.querySelector(s))"
+        ".map((e) => [e.scrollWidth, e.clientWidth])"
+    )
+    assert all(scroll <= client for scroll, client in widths), widths
+
+
+def test_a_failed_question_comes_back_and_an_answer_cut_by_max_tokens_says_so(scripted, browser):
+    """A question that got no answer left the conversation but stayed on screen as if asked; an answer cut at
+    max_tokens looked complete."""
+    url, script = scripted
+    _open(browser, url, script, [{"error": "the engine failed"}])
+    image, _ = _question("caption")
+    _ask(browser, image, "a question that fails")
+    WebDriverWait(browser, 10).until(lambda d: _last_state(d) == "error")
+    assert _text(browser, ".turn.assistant .note") == "the engine failed"
+    user = browser.find_element(By.CSS_SELECTOR, ".turn.user")
+    assert user.get_attribute("data-state") == "unsent" and "not sent" in _text(browser, ".turn.user .note")
+    assert browser.find_element(By.ID, "question").get_attribute("value") == "a question that fails"
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#attachments img")) == 1  # its image too
+    script.update(pieces=["cut ", "short"], finish="length")
+    browser.find_element(By.ID, "send").click()  # sent again as it is
+    WebDriverWait(browser, 10).until(lambda d: _last_state(d) == "done")
+    messages = browser.execute_script("return window.sent.at(-1).messages")
+    assert [m["role"] for m in messages] == ["user"]
+    assert [p["type"] for p in messages[0]["content"]] == ["image_url", "text"]
+    assert "max tokens" in _text(browser, ".turn.assistant:last-of-type .note")
+    script.update(finish="stop")
+    _ask(browser, None, "one more")
+    WebDriverWait(browser, 10).until(lambda d: _last_state(d) == "done")
+    assert _text(browser, ".turn.assistant:last-of-type .note") == ""
