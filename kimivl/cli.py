@@ -282,11 +282,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from kimivl.serve.app import LOOPBACK_NAMES, check_api_key, create_app
+    from kimivl.serve.app import LOOPBACK_NAMES, HeaderDeadlineProtocol, check_api_key, create_app
     from kimivl.serve.engine import Engine
     from kimivl.serve.schema import Limits
 
     _at_least_one(args, "port", "max_batch", "max_queue", "prefill_chunk")
+    if args.limit_concurrency <= args.max_batch + args.max_queue:
+        raise CommandError(
+            f"--limit-concurrency must be over --max-batch + --max-queue ({args.max_batch + args.max_queue}), so that "
+            f"every request the engine can hold has its connection, got {args.limit_concurrency}"
+        )
     api_key = args.api_key if args.api_key is not None else os.environ.get("KIMIVL_API_KEY")
     if api_key is not None:
         check_api_key(api_key)
@@ -312,7 +317,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(engine, name, api_key=api_key, limits=limits, hosts=hosts)
     try:
         uvicorn.run(
-            app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=args.shutdown_timeout
+            app,
+            host=args.host,
+            port=args.port,
+            log_level="info",
+            timeout_graceful_shutdown=args.shutdown_timeout,
+            limit_concurrency=args.limit_concurrency,
+            http=HeaderDeadlineProtocol,  # closes connections whose headers do not arrive
         )
     finally:  # a forced quit (a second Ctrl-C) skips the app's shutdown: the engine's thread must not die inside torch
         engine.shutdown()
@@ -678,6 +689,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="on Ctrl-C or SIGTERM, how long open requests may finish before they are cancelled (default 25: within "
         "Kubernetes' grace period of 30 s)",
+    )
+    serve.add_argument(
+        "--limit-concurrency",
+        type=int,
+        default=1024,
+        metavar="N",
+        help="open connections (idle ones too) and requests in progress over which new requests get 503 (default "
+        "1024; must be over --max-batch + --max-queue)",
     )
     serve.add_argument("--served-model-name", help="the model name clients send (default: the directory's name)")
     serve.add_argument(

@@ -22,6 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from kimivl.inference.sampling import MIN_TEMPERATURE, SamplingParams
 from kimivl.serve.engine import Engine, QueueFull
@@ -34,6 +35,8 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 64 << 20
 BODY_IDLE_SECONDS = 30  # a request body that stalls this long is refused (408), its buffer freed
 BODY_TOTAL_SECONDS = 120  # and one that takes longer than this in all (64 MiB at about 4.5 Mbit/s)
+HEADER_SECONDS = 10  # a connection whose request headers are not complete this long after it opened (or after its
+# last answer) is closed: uvicorn waits for headers forever, and enough such sockets exhaust the file descriptors
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 PAGE_HEADERS = {  # the chat page: its own script file and server only (no inline script), never framed by another site
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; connect-src 'self' data: blob:; "
@@ -271,6 +274,40 @@ class _CancelledQuietly:
                 await JSONResponse(error.body(), 503, {"Connection": "close"})(scope, receive, send)
         finally:
             self.answering.discard(task)
+
+
+class HeaderDeadlineProtocol(H11Protocol):
+    """uvicorn's h11 protocol (``uvicorn.run(http=...)``) that closes a connection whose request headers are not
+    complete ``HEADER_SECONDS`` after it opened or after its last response: uvicorn itself has no such deadline (its
+    keep-alive timer stops at the first byte), so a client sending headers slowly, or never, held a socket for good.
+    A request whose headers arrived is never cut (its body has the app's own deadlines)."""
+
+    _deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._arm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self._deadline = self.loop.call_later(HEADER_SECONDS, self._expire, self.cycle)
+
+    def _expire(self, cycle) -> None:
+        """Close the connection if no request began since the deadline was set (``cycle``: the request then)."""
+        waiting = self.cycle is cycle and (cycle is None or cycle.response_complete)
+        if waiting and not self.transport.is_closing():
+            log.debug("closed a connection whose request headers took over %s s", HEADER_SECONDS)
+            self.transport.close()
 
 
 def _json_int(digits: str) -> int | float:

@@ -20,9 +20,18 @@ MODELS = Path(__file__).resolve().parents[2] / "models"
 
 
 @contextlib.contextmanager
-def live_server(model_dir: str, *, max_batch: int = 8, max_queue: int = 64, start: bool = True, **app_kwargs):
+def live_server(
+    model_dir: str,
+    *,
+    max_batch: int = 8,
+    max_queue: int = 64,
+    start: bool = True,
+    server_options: dict | None = None,
+    **app_kwargs,
+):
     """Yield (base_url, engine) of a server on 127.0.0.1; with ``start=False`` the engine's worker is not started
-    (requests stay queued) until the test calls ``engine.start()``."""
+    (requests stay queued) until the test calls ``engine.start()``. ``server_options``: more ``uvicorn.Config``
+    arguments (as ``kimivl serve`` passes them)."""
     model = KimiVL.from_pretrained(MODELS / model_dir, dtype=torch.float32, device="cpu")
     processor = KimiVLProcessor.from_pretrained(MODELS / model_dir)
     engine = Engine(model, processor, max_batch=max_batch, max_queue=max_queue)
@@ -30,7 +39,9 @@ def live_server(model_dir: str, *, max_batch: int = 8, max_queue: int = 64, star
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", **(server_options or {}))
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

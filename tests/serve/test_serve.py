@@ -22,6 +22,7 @@ from PIL import Image
 
 from kimivl.inference.chat import generate
 from kimivl.inference.sampling import SamplingParams
+from kimivl.serve.app import HeaderDeadlineProtocol
 from kimivl.serve.engine import Request as EngineRequest
 from kimivl.serve.reasoning import split_reasoning
 from kimivl.serve.schema import Limits, RequestError, parse_chat_request
@@ -500,6 +501,8 @@ def test_serve_binds_to_loopback_by_default_and_checks_its_numbers(capsys):
     assert "not a directory" in capsys.readouterr().err
     assert main(["serve", "--shutdown-timeout", "nan"]) == 2
     assert "--shutdown-timeout must be a number of seconds >= 0, got nan" in capsys.readouterr().err
+    assert main(["serve", "--max-queue", "60", "--limit-concurrency", "68"]) == 2  # 8 running + 60 waiting
+    assert "--limit-concurrency must be over --max-batch + --max-queue (68)" in capsys.readouterr().err
 
 
 def test_local_media_only_under_the_allowed_directory_and_byte_limits(tmp_path):
@@ -543,13 +546,14 @@ def test_kimivl_serve_runs_uvicorn_on_loopback_with_the_app(monkeypatch):
     assert main(["serve", "--model", model, "--device", "cpu", "--max-batch", "2", "--port", "8123"]) == 0
     ((app, kw),) = calls
     assert kw["host"] == "127.0.0.1" and kw["port"] == 8123 and kw["timeout_graceful_shutdown"] == 25
+    assert kw["limit_concurrency"] == 1024 and kw["http"] is HeaderDeadlineProtocol  # stalled headers are closed
     assert main(["serve", "--model", model, "--device", "cpu", "--allowed-host", "chat.example.org"]) == 0
     from fastapi.testclient import TestClient
 
     client = TestClient(calls[-1][0])  # on loopback: the loopback names and the reverse proxy's, no other
     for host, status in (("Chat.Example.org", 200), ("LOCALHOST:8000", 200), ("rebind.example", 421)):
         assert client.get("/v1/models", headers={"host": host}).status_code == status, host
-    for bind in ("127.0.0.2", "::1", "0.0.0.0"):  # any loopback address is guarded, under its own name too
+    for bind in ("127.0.0.2", "::1", "0.0.0.0"):  # any loopback address is guarded, its own name let in
         assert main(["serve", "--model", model, "--device", "cpu", "--host", bind]) == 0
         client = TestClient(calls[-1][0])
         assert client.get("/v1/models", headers={"host": "rebind.example"}).status_code == (
@@ -722,6 +726,49 @@ def test_stalled_oversized_and_image_heavy_bodies_are_refused_early(monkeypatch)
         code, reply = _post(url, {"model": "kimivl-tiny", "messages": _image_msg(*[big] * 6), "max_tokens": 2}, None)
         assert code == 400 and reply["error"]["code"] == "context_length_exceeded"
         assert "the images up to messages[0].content[3] take 4096 tokens" in reply["error"]["message"]
+
+
+def test_connections_whose_headers_stall_are_closed_and_their_number_bounded(monkeypatch):
+    """Sockets that never finished their headers were kept for good (about 20,000 exhausted the file descriptors);
+    now each is closed ``HEADER_SECONDS`` after it opened or after its last answer, and past ``limit_concurrency``
+    connections a whole request gets a clean 503 at once. A request whose headers arrived is never cut."""
+    import http.client
+    import socket
+
+    import kimivl.serve.app as app_module
+
+    monkeypatch.setattr(app_module, "HEADER_SECONDS", 1)
+    options = {"http": HeaderDeadlineProtocol, "limit_concurrency": 4}
+    models = b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    with live_server("kimivl-tiny", start=False, server_options=options) as (url, _):
+        host, port = url.removeprefix("http://").split(":")
+
+        def connect(data: bytes) -> socket.socket:
+            s = socket.create_connection((host, int(port)), timeout=5)
+            s.sendall(data)
+            return s
+
+        stalled = [connect(b"GET /health HTTP/1.1\r\nHost: x\r\n") for _ in range(8)]
+        assert _raw(url, models, timeout=5).startswith(b"HTTP/1.1 503")  # over the limit: refused, not hung
+        start = time.monotonic()
+        for s in stalled:
+            assert s.recv(100) == b""  # closed by the server
+        assert time.monotonic() - start < 3
+        assert _raw(url, models, timeout=5).startswith(b"HTTP/1.1 200")
+
+        slow_body = connect(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n")
+        slow_body.sendall(b'Content-Length: 17\r\nConnection: close\r\n\r\n{"model":')  # headers done
+        kept = connect(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")  # keep-alive: then a stalled second request
+        first = http.client.HTTPResponse(kept)
+        first.begin()
+        assert first.status == 200 and json.loads(first.read())["data"][0]["id"] == "kimivl-tiny"
+        kept.sendall(b"GET /v1/models HTTP/1.1\r\n")
+        assert kept.recv(100) == b""
+        time.sleep(0.5)
+        slow_body.sendall(b'"other"}')  # its body ends after the deadline: answered
+        assert slow_body.recv(65536).startswith(b"HTTP/1.1 404")
+        for s in (*stalled, kept, slow_body):
+            s.close()
 
 
 def test_local_media_opens_only_regular_files_under_the_root_and_parses_file_urls(tmp_path):
