@@ -268,13 +268,17 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def _loopback(host: str) -> bool:
-    """Whether ``--host`` is a loopback address (any of 127.0.0.0/8, ::1) or ``localhost``."""
+    """Whether ``--host`` binds loopback only: every address it resolves to (as the bind resolves it: ``127.1``,
+    ``LOCALHOST``, ``::ffff:127.0.0.1`` too) is in 127.0.0.0/8 or ::1; False for a name that does not resolve."""
     import ipaddress
+    import socket
 
     try:
-        return host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
+        found = socket.getaddrinfo(host.strip("[]").lower(), None)
+    except (OSError, UnicodeError):
         return False
+    addresses = [ipaddress.ip_address(info[4][0]) for info in found]
+    return bool(addresses) and all((getattr(a, "ipv4_mapped", None) or a).is_loopback for a in addresses)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -505,6 +505,18 @@ def test_serve_binds_to_loopback_by_default_and_checks_its_numbers(capsys):
     assert "--limit-concurrency must be over --max-batch + --max-queue (68)" in capsys.readouterr().err
 
 
+def test_every_spelling_of_a_loopback_host_is_loopback():
+    """``--host 127.1``, ``LOCALHOST`` or ``::ffff:127.0.0.1`` bind loopback but turned the Host guard off."""
+    from kimivl.cli import _loopback
+
+    for host in ("127.0.0.1", "127.1", "127.0.0.2", "2130706433", "localhost", "LOCALHOST", "::1", "[::1]"):
+        assert _loopback(host), host
+    for host in ("::ffff:127.0.0.1", "[::FFFF:127.0.0.1]", "::ffff:7f00:1"):
+        assert _loopback(host), host
+    for host in ("0.0.0.0", "::", "10.0.0.1", "::ffff:10.0.0.1", "", "0"):
+        assert not _loopback(host), host
+
+
 def test_local_media_only_under_the_allowed_directory_and_byte_limits(tmp_path):
     media, outside = tmp_path / "media", tmp_path / "secret.png"
     media.mkdir()
@@ -553,7 +565,7 @@ def test_kimivl_serve_runs_uvicorn_on_loopback_with_the_app(monkeypatch):
     client = TestClient(calls[-1][0])  # on loopback: the loopback names and the reverse proxy's, no other
     for host, status in (("Chat.Example.org", 200), ("LOCALHOST:8000", 200), ("rebind.example", 421)):
         assert client.get("/v1/models", headers={"host": host}).status_code == status, host
-    for bind in ("127.0.0.2", "::1", "0.0.0.0"):  # any loopback address is guarded, its own name let in
+    for bind in ("127.0.0.2", "::1", "127.1", "0.0.0.0"):  # any loopback address is guarded, its own name let in
         assert main(["serve", "--model", model, "--device", "cpu", "--host", bind]) == 0
         client = TestClient(calls[-1][0])
         assert client.get("/v1/models", headers={"host": "rebind.example"}).status_code == (
