@@ -283,8 +283,16 @@ class Engine:
             self._thread.join(timeout=30)
 
     def submit(self, request: Request) -> None:
+        """Queue ``request``; a ``ValueError`` for one that cannot run (its prompt empty or filling the context: its
+        first decode step would fail the whole batch), a ``QueueFull`` when the queue is."""
         if request.n > self.max_batch:
             raise ValueError(f"n={request.n} choices do not fit the batch of {self.max_batch} rows")
+        context = self.model.config.text_config.max_position_embeddings
+        if not 0 < len(request.prompt) < context:
+            raise ValueError(
+                f"a prompt of {len(request.prompt)} tokens: it needs at least one, and fewer than the context of "
+                f"{context} tokens, to leave room for an answer"
+            )
         with self._cond:
             self._drop_cancelled()
             if len(self._waiting) >= self.max_queue:

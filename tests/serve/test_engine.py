@@ -337,3 +337,28 @@ def test_completion_tokens_leave_out_the_stop_token_as_generate_ids_does(engine)
     assert client.text() == processor.decode(ids)
     ((_, _, reason, tokens),) = [e for _, e in client.events if e[0] == "done"]
     assert reason == "stop" and tokens == len(ids) < 40
+
+
+def test_a_prompt_that_is_empty_or_fills_the_context_is_refused_before_it_joins_the_batch(loaded, engine):
+    """A prompt of exactly the context's tokens prefilled, then its first decode step (at position = context) failed
+    every request in the batch; it is now refused at submit. One token shorter fits: it ends at the context."""
+    model, processor = loaded
+    context = model.config.text_config.max_position_embeddings
+    _, thinking = _questions("reasoning", 1)[0]
+    alone = _Client(engine, thinking, 48).text()
+    running = _Client(engine, thinking, 48)
+    params = SamplingParams(max_new_tokens=4, temperature=0.0)
+    for prompt in ([], [1] * context):
+        refused = f"a prompt of {len(prompt)} tokens: .* fewer than the context of {context}"
+        with pytest.raises(ValueError, match=refused):
+            engine.submit(Request(prompt, None, None, params, lambda event: None))
+    events, finished = [], threading.Event()
+
+    def emit(event):
+        events.append(event)
+        if event[0] in ("done", "error"):
+            finished.set()
+
+    engine.submit(Request([1] * (context - 1), None, None, params, emit))
+    assert running.text() == alone
+    assert finished.wait(60) and events[-1][0] == "done" and events[-1][2] == "length", events[-1]  # at the context
