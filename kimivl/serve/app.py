@@ -186,12 +186,13 @@ def create_app(
             emit=functools.partial(_deliver, loop, queue),
             n=chat.n,
             stop=chat.stop,
+            logprobs=chat.top_logprobs if chat.logprobs else None,
         )
         try:
             engine.submit(job)
         except QueueFull as e:
             return _error(RequestError(str(e), status=429, code="queue_full"))
-        reply = _Reply(model_name, chat, len(encoded.input_ids))
+        reply = _Reply(model_name, chat, len(encoded.input_ids), engine.processor.tokenizer)
         if chat.stream:
             return StreamingResponse(_stream(job, queue, reply), media_type="text/event-stream")
         watch = asyncio.create_task(_watch_disconnect(request, job, queue))
@@ -365,12 +366,34 @@ def _params(chat: ChatRequest, room: int) -> SamplingParams:
 class _Reply:
     """What the answer so far looks like in the OpenAI schema."""
 
-    def __init__(self, model_name: str, chat: ChatRequest, prompt_tokens: int):
+    def __init__(self, model_name: str, chat: ChatRequest, prompt_tokens: int, tokenizer):
         self.id, self.created, self.model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), model_name
-        self.chat, self.prompt_tokens = chat, prompt_tokens
+        self.chat, self.prompt_tokens, self.tokenizer = chat, prompt_tokens, tokenizer
         self.texts = [""] * chat.n
         self.finish: list[str | None] = [None] * chat.n
         self.tokens = [0] * chat.n
+        self.logprobs = [[] for _ in range(chat.n)]  # each choice's logprob entries not yet sent (or all, not streamed)
+
+    def entries(self, records: list[tuple]) -> list[dict]:
+        """The engine's logprob records as OpenAI's ``ChatCompletionTokenLogprob`` objects."""
+        return [{**self._token(t, lp), "top_logprobs": [self._token(*top) for top in tops]} for t, lp, tops in records]
+
+    def _token(self, token: int, logprob: float) -> dict:
+        """A token's text (a special token's name), its bytes (null for a special token, which adds no text) and its
+        logprob, at least -9999.0 (OpenAI's value for a token that cannot follow: never -inf, which JSON lacks)."""
+        logprob = max(logprob, -9999.0)
+        if self.tokenizer.is_special(token):
+            return {"token": self.tokenizer.id_to_special[token], "logprob": logprob, "bytes": None}
+        raw = self.tokenizer.token_bytes(token)
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
+
+    def take_logprobs(self, i: int) -> dict | None:
+        """Choice ``i``'s logprobs entries gathered so far, as a choice's ``logprobs`` (null when not asked for or,
+        streamed, when none are due), and forget them."""
+        if not self.chat.logprobs or (self.chat.stream and not self.logprobs[i]):
+            return None
+        content, self.logprobs[i] = self.logprobs[i], []
+        return {"content": content, "refusal": None}
 
     def usage(self) -> dict:
         done = sum(self.tokens)
@@ -409,6 +432,8 @@ async def _collect(job: EngineRequest, queue: asyncio.Queue, reply: _Reply):
             return _error(_server_error(event[1]))
         if event[0] == "text":
             reply.texts[event[1]] += event[2]
+        elif event[0] == "logprobs":
+            reply.logprobs[event[1]] += reply.entries(event[2])
         else:
             reply.finish[event[1]], reply.tokens[event[1]] = event[2], event[3]
     choices = []
@@ -417,17 +442,21 @@ async def _collect(job: EngineRequest, queue: asyncio.Queue, reply: _Reply):
         message = {"role": "assistant", "content": answer}
         if reasoning is not None:
             message["reasoning_content"] = reasoning
-        choices.append({"index": i, "message": message, "finish_reason": reply.finish[i], "logprobs": None})
+        choices.append(
+            {"index": i, "message": message, "finish_reason": reply.finish[i], "logprobs": reply.take_logprobs(i)}
+        )
     body = {"id": reply.id, "object": "chat.completion", "created": reply.created, "model": reply.model}
     return JSONResponse({**body, "choices": choices, "usage": reply.usage()})
 
 
 async def _stream(job: EngineRequest, queue: asyncio.Queue, reply: _Reply):
-    """Server-sent events: a role chunk per choice, content/reasoning deltas, each choice's finish, usage, [DONE]."""
+    """Server-sent events: a role chunk per choice, content/reasoning deltas, each choice's finish, usage, [DONE]. A
+    choice's logprobs entries go with its first chunk after the engine sent them (with their tokens' text, unless the
+    reasoning splitter holds that text back)."""
     splitters = [ThinkSplitter() for _ in range(reply.chat.n)]
 
     def choice(i: int, d: dict, finish: str | None = None) -> dict:
-        return {"index": i, "delta": d, "finish_reason": finish, "logprobs": None}
+        return {"index": i, "delta": d, "finish_reason": finish, "logprobs": reply.take_logprobs(i)}
 
     def delta(i: int, reasoning: str, answer: str) -> dict:
         d = {}
@@ -446,6 +475,9 @@ async def _stream(job: EngineRequest, queue: asyncio.Queue, reply: _Reply):
                 yield f"data: {json.dumps(_server_error(event[1]).body())}\n\n"
                 return
             i = event[1]
+            if event[0] == "logprobs":
+                reply.logprobs[i] += reply.entries(event[2])
+                continue
             if event[0] == "text":
                 reasoning, answer = splitters[i].feed(event[2])
             else:

@@ -7,6 +7,10 @@ steps instead of pausing the running rows. Prompts that fit one pass are prefill
 (``cu_seqlens``: each attends to itself only; their images in one vision call); a longer prompt is prefilled alone,
 ``prefill_chunk`` tokens per turn at fixed offsets. A request's ``n`` choices are copied from its one prefill.
 
+A request that asks for ``logprobs`` gets, for each generated token, its log-probability and the ``logprobs`` most
+likely tokens' under the model's raw distribution at that step: a float32 log-softmax over the whole vocabulary of the
+logits before temperature and top-p (vLLM's default "raw logprobs"), computed for the rows that asked only.
+
 The running rows share one ``MLACache``, left-padded to one length with a key mask; every row keeps its own
 positions. A row whose choice ends (stop token, stop string, ``max_tokens``, a cancelled request) becomes a free
 slot: a new choice whose prompt fits the cache's length is written into it in place (``MLACache.write``); otherwise,
@@ -35,6 +39,17 @@ log = logging.getLogger(__name__)
 PREFILL_BURST = 4  # prefill_chunks per turn while more prompts wait than rows decode
 
 
+def token_logprobs(logits: torch.Tensor, tokens: list[int], tops: list[int]) -> list[tuple]:
+    """Per row of ``logits`` (rows, vocab; raw, before temperature and top-p): ``(token, logprob, top)``, the
+    float32 log-softmax over the vocabulary at its chosen token ``tokens[i]`` and ``top``, its ``tops[i]`` most likely
+    tokens as ``(token, logprob)``, most likely first."""
+    logprobs = logits.float().log_softmax(-1)
+    chosen = logprobs.gather(1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0].tolist()
+    values, ids = logprobs.topk(max(tops), -1)
+    values, ids = values.tolist(), ids.tolist()
+    return [(t, lp, list(zip(ids[i][:k], values[i][:k]))) for i, (t, lp, k) in enumerate(zip(tokens, chosen, tops))]
+
+
 class QueueFull(RuntimeError):
     """The waiting queue holds ``max_queue`` requests: the client should retry later (HTTP 429)."""
 
@@ -42,7 +57,10 @@ class QueueFull(RuntimeError):
 @dataclass
 class Request:
     """One completion request: its prompt ids and images, sampling, ``n`` choices and stop strings. ``emit`` gets the
-    events: ``("text", choice, piece)``, ``("done", choice, finish_reason, n_tokens)``, ``("error", message)``."""
+    events: ``("text", choice, piece)``, ``("done", choice, finish_reason, n_tokens)``, ``("error", message)``, and
+    when ``logprobs`` is not None, ``("logprobs", choice, records)`` just before the text of the records' tokens (or
+    before ``done`` for tokens without text): a record ``(token, logprob, [(token, logprob), ...])`` per generated
+    token, with the ``logprobs`` most likely tokens, most likely first (see ``_Choice.add`` for which tokens)."""
 
     prompt: list[int]
     pixel_values: torch.Tensor | None
@@ -51,6 +69,7 @@ class Request:
     emit: Callable[[tuple], None]
     n: int = 1
     stop: list[str] = field(default_factory=list)
+    logprobs: int | None = None  # None: none; k: each token's log-probability and the k most likely tokens'
     cancelled: bool = False
     failed: bool = False
     rows: int = 0  # its choices in the batch: its outcome is counted when the last leaves
@@ -74,18 +93,28 @@ class _Choice:
         self.text, self.sent, self.tokens = "", 0, 0
         self.finish: str | None = None
         self.hold = max((len(s) for s in request.stop), default=1) - 1
+        self.records: list[tuple[int, int, tuple]] = []  # logprob records not sent yet, with their text's span
 
-    def add(self, token: int, stop_ids: set[int]) -> None:
-        """Take one generated token; set ``finish`` when the choice is over, and emit any text that is safe to send."""
+    def add(self, token: int, stop_ids: set[int], record: tuple | None = None) -> None:
+        """Take one generated token (and its logprob ``record``, if asked for); set ``finish`` when the choice is
+        over, and emit any text that is safe to send. A record is sent with the piece of text that ends its token's
+        text (a token without text, a special one or the first bytes of a character, goes with the next piece); the
+        stop token gets none, nor does a token whose text starts at or after a stop string's cut (a token that is
+        partly cut keeps its record)."""
         if token in stop_ids:
             self._end("stop")
             return
         self.tokens += 1
+        start = len(self.text)
         if not self.tokenizer.is_special(token):
             self.text += self.decoder.decode(self.tokenizer.token_bytes(token))
+        if record is not None:
+            self.records.append((start, len(self.text), record))
         hits = [at for s in self.request.stop if (at := self.text.find(s, max(0, self.sent - len(s)))) >= 0]
         if hits:  # cut at the earliest, whichever stop string it is: no stop string is ever returned
-            self.text = self.text[: min(hits)]
+            cut = min(hits)
+            self.text = self.text[:cut]
+            self.records = [r for r in self.records if r[0] < cut]
             self._end("stop", flush=False)
             return
         if self.tokens >= self.request.params.max_new_tokens:
@@ -93,7 +122,15 @@ class _Choice:
             return
         self._send(len(self.text) - self.hold)
 
-    def _send(self, upto: int) -> None:
+    def _send(self, upto: int, last: bool = False) -> None:
+        """Emit the text up to ``upto`` not sent yet, after the records of the tokens it ends (all of them if
+        ``last``)."""
+        if upto <= self.sent and not (last and self.records):
+            return
+        ready = [r for _, end, r in self.records if last or end <= upto]
+        if ready:
+            self.records = self.records[len(ready) :]
+            self.request.emit(("logprobs", self.index, ready))
         if upto > self.sent:
             self.request.emit(("text", self.index, self.text[self.sent : upto]))
             self.sent = upto
@@ -101,7 +138,7 @@ class _Choice:
     def _end(self, reason: str, flush: bool = True) -> None:
         if flush:
             self.text += self.decoder.decode(b"", final=True)
-        self._send(len(self.text))
+        self._send(len(self.text), last=True)
         self.finish = reason
         self.request.emit(("done", self.index, reason, self.tokens))
 
@@ -464,6 +501,9 @@ class Engine:
                 logits = lm.logits(hidden)
                 rows = [_Choice(request, i, self.processor.tokenizer, self.model.device) for i in range(request.n)]
                 firsts = [int(sample_next(logits, request.params, row.generator)) for row in rows]
+                records = [None] * len(rows)
+                if request.logprobs is not None:
+                    records = token_logprobs(logits.expand(len(rows), -1), firsts, [request.logprobs] * len(rows))
             except Exception as e:
                 log.exception("sampling the first token failed")
                 self._fail(request, f"prefill failed: {e}")
@@ -472,8 +512,8 @@ class Engine:
             self.metrics.observe_ttft(request.first_token - request.submitted)
             self.metrics.prompt_tokens += len(request.prompt)
             request.rows = len(rows)
-            for row, token in zip(rows, firsts):
-                row.add(token, self._stop_ids)
+            for row, token, record in zip(rows, firsts, records):
+                row.add(token, self._stop_ids, record)
             self._leave([row for row in rows if row.finish])
             ready += [(row, own, token) for row, token in zip(rows, firsts) if not row.finish]
         return ready
@@ -507,7 +547,7 @@ class Engine:
         bad = (~torch.isfinite(logits.amax(-1))).tolist()  # NaN, +inf, or no finite logit: nothing to choose from
         context = self.model.config.text_config.max_position_embeddings
         tokens = []
-        for i, (row, position) in enumerate(zip(batch.rows, batch.positions.tolist())):
+        for i, row in enumerate(batch.rows):
             if row is None:
                 tokens.append(0)
                 continue
@@ -524,10 +564,19 @@ class Engine:
                     self._fail(row.request, f"this request's next token cannot be chosen: {e}")
                 continue
             tokens.append(token)
-            if not row.request.cancelled:
-                row.add(token, self._stop_ids)
-                if not row.finish and position >= context:
-                    row._end("length")
+        live = [(i, r) for i, r in enumerate(batch.rows) if r is not None and not r.request.cancelled]
+        asked = [i for i, r in live if r.request.logprobs is not None]
+        records = {}
+        if asked:  # the rows that asked for logprobs, only
+            tops = [batch.rows[i].request.logprobs for i in asked]
+            records = dict(zip(asked, token_logprobs(logits[asked], [tokens[i] for i in asked], tops)))
+        positions = batch.positions.tolist()
+        for i, row in live:
+            if row.request.cancelled:  # meanwhile (a sibling choice's event may cancel it): its row takes nothing more
+                continue
+            row.add(tokens[i], self._stop_ids, records.get(i))
+            if not row.finish and positions[i] >= context:
+                row._end("length")
         batch.tokens = torch.tensor(tokens, device=batch.tokens.device)
         # the rows that leave, read once (a client may cancel meanwhile): each is counted and freed
         leaving = [r for r in batch.rows if r is not None and (r.finish or r.request.cancelled)]

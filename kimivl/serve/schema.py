@@ -65,6 +65,8 @@ class ChatRequest:
     stop: list[str] = field(default_factory=list)
     stream: bool = False
     include_usage: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0
 
 
 @dataclass
@@ -267,6 +269,8 @@ def _content(content: Any, where: str, limits: Limits, used: _Used) -> str | lis
     return parts
 
 
+MAX_TOP_LOGPROBS = 20  # the OpenAI API's bound
+
 # The request fields this server reads; UNSUPPORTED and HARMLESS below are accepted too, any other is refused
 IMPLEMENTED = (
     "model",
@@ -280,6 +284,8 @@ IMPLEMENTED = (
     "stop",
     "stream",
     "stream_options",
+    "logprobs",
+    "top_logprobs",
 )
 # OpenAI fields that do not change the answer (bookkeeping, billing, a tool setting without tools), with their types:
 # accepted and ignored
@@ -307,8 +313,6 @@ PART_FIELDS = {
 }
 # OpenAI fields this server does not implement, with the values that ask for nothing (accepted and ignored)
 UNSUPPORTED = {
-    "logprobs": (False,),
-    "top_logprobs": (0,),
     "tools": ([],),
     "tool_choice": ("none",),
     "functions": ([],),
@@ -396,6 +400,16 @@ def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
             "stream_options",
         )
     _refuse_unknown(options, ("include_usage", "include_obfuscation"), "stream_options", "stream_options")
+    logprobs = body.get("logprobs")
+    if not isinstance(logprobs, (bool, type(None))):
+        raise RequestError(f"logprobs must be true or false, got {logprobs!r}", "logprobs")
+    top_logprobs = _integer(body, "top_logprobs", 0, MAX_TOP_LOGPROBS) or 0
+    if top_logprobs and not logprobs:
+        raise RequestError(
+            f"top_logprobs={top_logprobs} needs logprobs: true (the most likely tokens come with each token's "
+            "log-probability); set logprobs to true or leave top_logprobs out",
+            "top_logprobs",
+        )
     return ChatRequest(
         messages=out,
         max_tokens=max_tokens,
@@ -406,4 +420,6 @@ def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
         stop=stop,
         stream=bool(stream),
         include_usage=bool(options.get("include_usage", False)),
+        logprobs=bool(logprobs),
+        top_logprobs=top_logprobs,
     )

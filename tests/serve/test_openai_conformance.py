@@ -267,12 +267,12 @@ def test_stop_is_at_most_four_non_empty_strings_and_stream_options_needs_stream(
 
 
 def test_inert_values_of_unsupported_fields_must_have_the_inert_type():
-    """logprobs: false asks for nothing; logprobs: 0 is not the OpenAI boolean (nor top_logprobs: false the 0)."""
-    assert parse_chat_request({**GOOD, "logprobs": False, "top_logprobs": 0}, LIMITS) == parse_chat_request(
+    """presence_penalty: 0 asks for nothing; presence_penalty: false is not the OpenAI number 0."""
+    assert parse_chat_request({**GOOD, "presence_penalty": 0, "logit_bias": {}}, LIMITS) == parse_chat_request(
         GOOD, LIMITS
     )
-    _refused({**GOOD, "logprobs": 0}, "logprobs", "logprobs=0 is not supported")
-    _refused({**GOOD, "top_logprobs": False}, "top_logprobs", "top_logprobs=False is not supported")
+    _refused({**GOOD, "presence_penalty": False}, "presence_penalty", "presence_penalty=False is not supported")
+    _refused({**GOOD, "tool_choice": 0}, "tool_choice", "tool_choice=0 is not supported")
 
 
 def test_image_limits_are_inclusive():

@@ -202,7 +202,7 @@ def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_serving(tiny, tmp_pat
         ({**good, "messages": [{"role": "user", "content": "word " * 5000}]}, 400, "leaves no room", "secret-key"),
         ({**good, "messages": _image_msg(_png_header(20000, 20000))}, 400, "over the limit of 16777216", "secret-key"),
         (b"[" * 100_000, 400, "nested too deeply", "secret-key"),
-        ({**good, "logprobs": True, "top_logprobs": 5}, 400, "logprobs=True is not supported", "secret-key"),
+        ({**good, "top_logprobs": 5}, 400, "top_logprobs=5 needs logprobs: true", "secret-key"),
         ({**good, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools=", "secret-key"),
         ({**good, "response_format": {"type": "json_object"}}, 400, "response_format=", "secret-key"),
         ({**good, "frequency_penalty": 0.5}, 400, "frequency_penalty=0.5 is not", "secret-key"),
