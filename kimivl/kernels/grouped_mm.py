@@ -4,7 +4,8 @@ Grouped matmuls are not autocast ops, so autocast is followed by hand. On CPU ea
 power of two below ``CPU_GROUP_ROWS`` and to a multiple of it above: the CPU kernel prepares one plan per distinct
 group size, which costs more than the multiply itself when sizes change every batch; rounded sizes recur, and a
 decoding step's one or few rows per expert are not padded to 32. Float64, and widths whose rows are not multiples of
-16 bytes, run one matmul per expert instead (``torch._grouped_mm`` takes neither).
+16 bytes, run one matmul per expert instead (``torch._grouped_mm`` takes neither); so does any dtype but bf16 under
+``torch.compile``, whose shape function for ``torch._grouped_mm`` takes bf16 alone (the CPU kernel takes float32).
 """
 
 from __future__ import annotations
@@ -44,9 +45,14 @@ def grouped_swiglu(
 def _grouped_mm(x_NK: torch.Tensor, w_EKM: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Rows of group e (ending at ``offsets[e]``) times ``w_EKM[e]``: ``torch._grouped_mm``, or one matmul per group
     where it cannot: in float64, which it does not multiply, and where a row of ``x_NK`` or ``w_EKM`` is not a
-    multiple of 16 bytes (e.g. a hidden size not a multiple of 8 in bf16), which it requires."""
+    multiple of 16 bytes (e.g. a hidden size not a multiple of 8 in bf16), which it requires; under ``torch.compile``
+    in any dtype but bf16, the only one the compiler's shape function for ``torch._grouped_mm`` takes."""
     aligned = all(s * t.element_size() % 16 == 0 for t in (x_NK, w_EKM) for s in t.stride() if s != 1)
-    if x_NK.dtype != torch.float64 and aligned:
+    if torch.compiler.is_compiling():
+        takes_dtype = x_NK.dtype == torch.bfloat16
+    else:
+        takes_dtype = x_NK.dtype != torch.float64
+    if takes_dtype and aligned:
         return torch._grouped_mm(x_NK, w_EKM, offs=offsets)
     ends = offsets.tolist()
     return torch.cat([x_NK[a:b] @ w_EKM[e] for e, (a, b) in enumerate(zip([0, *ends], ends))])

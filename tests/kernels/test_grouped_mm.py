@@ -103,3 +103,21 @@ def test_sizes_grouped_mm_cannot_stride_run_per_group(dtype, dim, hidden):
     assert got.dtype == dtype
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
     torch.testing.assert_close(got.double(), expected, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_under_compile_only_bf16_takes_grouped_mm(monkeypatch, dtype):
+    """The compiler's shape function for ``torch._grouped_mm`` takes bf16 alone, so ``torch.compile`` of a float32
+    model failed ("Expected inputs of BF16 type"): while compiling, other dtypes run one matmul per expert."""
+    g = torch.Generator().manual_seed(4)
+    x, idx, w = torch.randn(20, 16, generator=g), torch.randint(0, 4, (20, 2), generator=g), torch.rand(20, 2)
+    gate_up, down = torch.randn(4, 16, 16, generator=g) / 4, torch.randn(4, 16, 8, generator=g) / 3
+    x, gate_up, down = x.to(dtype), gate_up.to(dtype), down.to(dtype)
+    eager = grouped_swiglu(x, idx, w, gate_up, down)
+    calls = []
+    grouped_mm = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: calls.append(1) or grouped_mm(*a, **k))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    compiling = grouped_swiglu(x, idx, w, gate_up, down)
+    assert len(calls) == (2 if dtype == torch.bfloat16 else 0)
+    torch.testing.assert_close(compiling, eager, rtol=1e-5, atol=1e-6)

@@ -104,3 +104,16 @@ def test_a_float64_router_scores_in_float64():
     w_TK, idx_TK, scores_TE = gate(x)
     assert w_TK.dtype == scores_TE.dtype == torch.float64
     torch.testing.assert_close(scores_TE, (x @ gate.weight.T).sigmoid(), rtol=1e-15, atol=1e-15)
+
+
+def test_a_compiled_float32_moe_block_equals_the_block():
+    """``torch.compile`` of a float32 model failed in the MoE blocks' grouped matmuls ("Expected inputs of BF16
+    type"). The aot_eager backend traces as the default one does (fake tensors) without generating code, which would
+    take half a minute."""
+    cfg, lm = tiny_lm()
+    moe = lm.model.layers[1].mlp
+    x = torch.randn(2, 8, cfg.hidden_size, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = moe(x)
+        got = torch.compile(moe, backend="aot_eager")(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
