@@ -126,15 +126,21 @@ def _split_experts(module: GroupedExperts, state_dict, prefix, local_metadata):
 
 
 def _stack_experts(module: GroupedExperts, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
-    names = {prefix + k for k in module.official_views()}
-    if not names & state_dict.keys():
+    """The official per-expert tensors stacked into ``gate_up_proj`` and ``down_proj``. Those absent from a partial
+    state dict keep the module's values and are reported missing under their official names (an error when strict)."""
+    held = module.official_views()
+    if not {prefix + k for k in held} & state_dict.keys():
         return
-    absent = sorted(names - state_dict.keys())
-    if absent:
-        missing.extend(absent)
-        return
+    device = next(state_dict[prefix + k].device for k in held if prefix + k in state_dict)
+
+    def take(key):
+        if prefix + key in state_dict:
+            return state_dict.pop(prefix + key)
+        missing.append(prefix + key)
+        return held[key].detach().to(device)
+
     per = [
-        [state_dict.pop(f"{prefix}{e}.{p}.weight") for p in ("gate_proj", "up_proj", "down_proj")]
+        [take(f"{e}.{p}.weight") for p in ("gate_proj", "up_proj", "down_proj")]
         for e in range(module.expert_offset, module.expert_offset + module.n_experts)
     ]
     state_dict[prefix + "gate_up_proj"] = torch.stack([torch.cat(w[:2]) for w in per])

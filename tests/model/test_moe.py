@@ -117,3 +117,19 @@ def test_a_compiled_float32_moe_block_equals_the_block():
         want = moe(x)
         got = torch.compile(moe, backend="aot_eager")(x)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_state_dict_lacking_one_experts_tensor_loads_the_rest():
+    """With one per-expert tensor absent, ``load_state_dict(strict=False)`` left the whole layer's experts unloaded,
+    called the present ones unexpected and the stacked names (never in a state dict) missing."""
+    _, lm = tiny_lm()
+    absent = "model.layers.1.mlp.experts.3.up_proj.weight"
+    kept = lm.state_dict()[absent].clone()
+    given = {k: torch.full_like(v, 0.5) if ".experts." in k else v for k, v in lm.state_dict().items() if k != absent}
+    result = lm.load_state_dict(given, strict=False)
+    assert result.missing_keys == [absent] and result.unexpected_keys == []
+    loaded = lm.state_dict()
+    assert all((loaded[k] == 0.5).all() for k in given if ".experts." in k)
+    assert torch.equal(loaded[absent], kept)
+    with pytest.raises(RuntimeError, match=f'Missing key\\(s\\) in state_dict: "{absent}"'):
+        lm.load_state_dict(given)
