@@ -63,12 +63,13 @@ class LanguageModel(nn.Module):
         """Final hidden states (B, S, D). ``cache`` (see ``kimivl.inference.cache.MLACache``) holds the past
         tokens' latents and is extended in place (with ``cu_seqlens``, a packed row, only an empty cache: it takes the
         pack's latents, one sample after another); ``attention_mask`` (B, past + S), 1 for real tokens and 0 for
-        padding, is needed only for batches padded to one length."""
+        padding (in any dtype; one row may be all padding, not the whole mask), is needed only for batches padded to
+        one length."""
         b, s, _ = inputs_embeds.shape
         if b == 0 or s == 0:
             raise ValueError(f"no tokens to run: inputs of shape {tuple(inputs_embeds.shape)}; give at least one")
         past = cache.length if cache is not None else 0
-        key_valid = None
+        key_valid, mask_facts = None, []  # the mask's facts are read with the positions' range, in one synchronisation
         if attention_mask is not None:
             if cu_seqlens is not None:
                 raise ValueError("attention_mask and cu_seqlens do not go together: a packed row has no padding")
@@ -77,12 +78,8 @@ class LanguageModel(nn.Module):
                     f"attention_mask must cover past and new tokens: expected {(b, past + s)}, "
                     f"got {tuple(attention_mask.shape)}"
                 )
-            if attention_mask.is_floating_point() and not ((attention_mask == 0) | (attention_mask == 1)).all():
-                raise ValueError(
-                    "attention_mask must hold 1 for real tokens and 0 for padding; got other values (an additive "
-                    "mask of 0 and -inf would be read the wrong way round)"
-                )
             key_valid = attention_mask.bool()
+            mask_facts = [((attention_mask == 0) | (attention_mask == 1)).all(), key_valid.any()]
         if cu_seqlens is not None:
             check_cu_seqlens(cu_seqlens, s)
         if position_ids is None:
@@ -94,7 +91,9 @@ class LanguageModel(nn.Module):
             raise ValueError(f"position_ids must hold integers, got dtype {position_ids.dtype}")
         elif position_ids.shape != (b, s):
             raise ValueError(f"position_ids must be (batch, seq) = {(b, s)}, got shape {tuple(position_ids.shape)}")
-        low, high = torch.stack(torch.aminmax(position_ids)).tolist()  # one synchronisation
+        low, high, *mask_facts = torch.stack([*torch.aminmax(position_ids), *mask_facts]).tolist()
+        if mask_facts:
+            check_mask(*mask_facts)
         if low < 0:
             raise ValueError(f"position_ids must be >= 0, got {low}")
         if high >= self.config.max_position_embeddings:
@@ -126,6 +125,21 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> None:
         raise ValueError(f"cu_seqlens must start at 0 and never decrease, got {bounds}")
     if bounds[-1] != total:
         raise ValueError(f"cu_seqlens ends at {bounds[-1]} but the packed row has {total} tokens")
+
+
+def check_mask(zero_or_one: bool, any_real: bool) -> None:
+    """An ``attention_mask`` must hold only 0 and 1 and mark some token real (one row may be all padding)."""
+    if not zero_or_one:
+        raise ValueError(
+            "attention_mask must hold 1 for real tokens and 0 for padding; got other values (an additive mask of 0 "
+            "and -inf would be read the wrong way round; packed samples' segment ids would be read as one sample: "
+            "pack with cu_seqlens)"
+        )
+    if not any_real:
+        raise ValueError(
+            "attention_mask marks no token as real (all 0): give 1 for real tokens and 0 for padding (an additive "
+            "mask with no padding is all 0)"
+        )
 
 
 def is_integer(t: torch.Tensor) -> bool:

@@ -227,3 +227,21 @@ def test_int32_labels_and_an_empty_loss_keep_the_model_dtypes(tiny_model):
             assert model(ids, labels=ids.int(), return_logits=return_logits).loss == plain
             empty = model(ids, labels=torch.full_like(ids, -100), return_logits=return_logits).loss
             assert empty.dtype == torch.float64 and empty.item() == 0.0
+
+
+def test_a_mask_must_hold_0_and_1_and_mark_some_token_real(tiny_model):
+    """Integer masks of other values (segment ids) were read as all real, and an all-0 float mask (an additive mask
+    with no padding) gave a loss of 0.0; one row of padding alone in a batch is still run."""
+    ids = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    with torch.no_grad():
+        for segments in (torch.tensor([[1, 1, 2, 2], [1, 1, 1, 1]]), torch.tensor([[0.0, 1, 1, 0.5], [1, 1, 1, 1]])):
+            with pytest.raises(ValueError, match="1 for real tokens and 0 for padding; got other values"):
+                tiny_model(ids, attention_mask=segments)
+        for dtype in (torch.float32, torch.long, torch.bool):
+            with pytest.raises(ValueError, match="attention_mask marks no token as real"):
+                tiny_model(ids, labels=ids, attention_mask=torch.zeros(2, 4, dtype=dtype))
+        mask = torch.tensor([[0, 0, 0, 0], [0, 1, 1, 1]])
+        out = tiny_model(ids, labels=ids, attention_mask=mask, return_logits=True)
+        alone = tiny_model(ids[1:, 1:], labels=ids[1:, 1:], return_logits=True)
+    assert (out.logits[1, 1:] - alone.logits[0]).abs().max() < 1e-5
+    assert abs(out.loss - alone.loss) < 1e-5
