@@ -81,6 +81,11 @@ class KimiVL(nn.Module):
 
     def get_image_features(self, pixel_values: torch.Tensor, image_grid_hws: torch.Tensor) -> torch.Tensor:
         """Packed patches of many images -> LM-width features, (sum of h/2 * w/2, text hidden size)."""
+        if not pixel_values.is_floating_point():
+            raise ValueError(
+                f"pixel_values must be the processor's normalised floats, got dtype {pixel_values.dtype}: run the "
+                "images through KimiVLProcessor (or kimivl.processing's image transforms)"
+            )
         weight = self.vision_tower.patch_embed.proj.weight
         feats_NC = self.vision_tower(pixel_values.to(weight.device, weight.dtype), image_grid_hws)
         merged_TKC = patch_merge(feats_NC, image_grid_hws, self.config.vision_config.merge_kernel_size)
@@ -95,9 +100,15 @@ class KimiVL(nn.Module):
         """Token embeddings with image features written into the placeholder positions (no images: ``None`` or the
         empty tensors a processor gives for a text-only conversation). Each image's (h/2)*(w/2) features fill one
         run of placeholders of its own, the images in order of their runs, row after row."""
-        embeds = self.language_model.model.embed_tokens(input_ids)
+        if not is_integer(input_ids):
+            raise ValueError(f"input_ids must hold token ids (integers), got dtype {input_ids.dtype}")
+        vocab = self.config.text_config.vocab_size
+        outside = (input_ids < 0) | (input_ids >= vocab)
         is_media = input_ids == self.config.media_placeholder_token_id
-        n_slots = int(is_media.sum())
+        n_slots, n_outside = torch.stack([is_media.sum(), outside.sum()]).tolist()  # one synchronisation
+        if n_outside:
+            raise ValueError(f"input_ids must be token ids in [0, {vocab}), got {int(input_ids[outside][0])}")
+        embeds = self.language_model.model.embed_tokens(input_ids)
         if pixel_values is None or pixel_values.shape[0] == 0:
             if image_grid_hws is not None and image_grid_hws.shape[0]:
                 raise ValueError(f"no pixel_values for the {image_grid_hws.shape[0]} images of image_grid_hws")
@@ -141,6 +152,12 @@ class KimiVL(nn.Module):
                 raise ValueError(f"labels shape {tuple(labels.shape)} differs from input_ids {tuple(input_ids.shape)}")
             if not is_integer(labels):
                 raise ValueError(f"labels must hold token ids (integers), got dtype {labels.dtype}")
+            vocab, ignore = self.config.text_config.vocab_size, self.config.ignore_index
+            outside = ((labels < 0) | (labels >= vocab)) & (labels != ignore)
+            if outside.any():  # a synchronisation before anything runs
+                raise ValueError(
+                    f"labels must be token ids in [0, {vocab}) or {ignore} (not scored), got {int(labels[outside][0])}"
+                )
             labels = labels.long()
         if attention_mask is not None:
             real = attention_mask.bool()

@@ -245,3 +245,28 @@ def test_a_mask_must_hold_0_and_1_and_mark_some_token_real(tiny_model):
         alone = tiny_model(ids[1:, 1:], labels=ids[1:, 1:], return_logits=True)
     assert (out.logits[1, 1:] - alone.logits[0]).abs().max() < 1e-5
     assert abs(out.loss - alone.loss) < 1e-5
+
+
+def test_ids_labels_and_pixels_of_the_wrong_kind_are_refused(tiny_model, tiny_config):
+    """Integer pixels were cast silently, float ids met the embedding's dtype error, ids past the vocabulary an
+    IndexError (a device-side assert on CUDA), and labels such as -1 failed late inside the loss."""
+    vocab = tiny_config.text_config.vocab_size
+    ids = torch.tensor([[1, 2, 3, 4]])
+    bad_ids = {
+        "must hold token ids \\(integers\\), got dtype torch.float32": ids.float(),
+        f"must be token ids in \\[0, {vocab}\\), got {vocab}": torch.tensor([[1, vocab, 3, 4]]),
+        f"must be token ids in \\[0, {vocab}\\), got -1": torch.tensor([[1, 2, -1, 4]]),
+    }
+    for message, batch in bad_ids.items():
+        with pytest.raises(ValueError, match="input_ids " + message):
+            tiny_model(batch)
+    for label in (-1, vocab):
+        with pytest.raises(ValueError, match=f"labels must be token ids in \\[0, {vocab}\\) or -100 .*got {label}"):
+            tiny_model(ids, labels=torch.tensor([[1, 2, label, -100]]))
+    pv, hws = image_batch([(2, 2)])
+    image_ids = prompt(tiny_config, 1)
+    message = "pixel_values must be the processor's normalised floats, got dtype torch.uint8"
+    with pytest.raises(ValueError, match=message):
+        tiny_model(image_ids, (pv * 50).clamp(0, 255).to(torch.uint8), hws)
+    with torch.no_grad():
+        assert tiny_model(image_ids, pv, hws, labels=image_ids.masked_fill(image_ids > 3000, -100)).loss > 0
