@@ -9,6 +9,7 @@ import torch
 
 from kimivl.inference.generate import stream_ids
 from kimivl.inference.sampling import SamplingParams
+from kimivl.processing.chat_template import MessageError
 
 
 def _is_batch(messages) -> bool:
@@ -34,6 +35,11 @@ def _pieces(model, processor, conversations, params) -> Iterator[list[str]]:
 
 def stream_generate(model, processor, messages: list[dict], **sampling) -> Iterator[str]:
     """Yield the answer to one conversation piece by piece as it is generated."""
+    if _is_batch(messages):
+        raise MessageError(
+            f"stream_generate takes one conversation (a list of messages), got a list of {len(messages)} "
+            "conversations: stream each alone, or generate them as one batch with generate"
+        )
     for pieces in _pieces(model, processor, [messages], SamplingParams.from_kwargs(**sampling)):
         if pieces[0]:
             yield pieces[0]

@@ -155,7 +155,9 @@ class KimiTokenizer:
         return [self.im_end_id, self.eos_id]
 
     def is_special(self, token_id: int) -> bool:
-        return token_id >= self.n_ranks
+        """Whether ``token_id`` is one of the special ids after the BPE ranks (ids past the vocabulary are not: decoding
+        them is an error, not an empty string)."""
+        return self.n_ranks <= token_id < self.vocab_size
 
     def encode(self, text: str, allow_special: bool = True) -> list[int]:
         """Token ids of ``text``; no BOS is added. Special-token strings become their ids, as the released tokenizer

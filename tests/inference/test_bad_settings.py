@@ -10,6 +10,7 @@ from kimivl import generate
 from kimivl.inference.chat import stream_generate
 from kimivl.inference.generate import generate_ids
 from kimivl.inference.sampling import SamplingError, SamplingParams, sample_next
+from kimivl.processing.chat_template import MessageError
 
 
 @pytest.mark.parametrize(
@@ -142,3 +143,11 @@ def test_logits_masked_with_minus_inf_are_chosen_around_the_mask(params):
     assert set(draws[:, 1].tolist()) == {3}  # the one token left
     want = {2} if params.temperature == 0 else {2, 4} if params.top_k == 2 or params.top_p < 1 else {0, 2, 4}
     assert set(draws[:, 0].tolist()) == want
+
+
+def test_stream_generate_given_a_batch_points_to_generate(small_model, small_processor):
+    """A list of conversations was refused as "message 0: must be a dict with 'role' and 'content', got list"."""
+    chats = [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "hello"}]]
+    with pytest.raises(MessageError, match="stream_generate takes one conversation .* got a list of 2 conversations"):
+        next(stream_generate(small_model, small_processor, chats))
+    assert len(generate(small_model, small_processor, chats, max_new_tokens=2)) == 2

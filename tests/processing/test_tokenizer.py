@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kimivl.config import TINY_SPECIAL_BASE, TINY_VOCAB, KimiVLConfig
+from kimivl.processing.processor import KimiVLProcessor
 from kimivl.processing.tokenizer import (
     _TRAIN_SPLIT,
     DEFAULT_SPECIAL_NAMES,
@@ -327,3 +328,14 @@ def test_texts_longer_than_one_encode_chunk_lose_nothing(tok, monkeypatch):
     ids = tok.encode(text)
     assert tok.decode(ids) == text
     assert ids == [i for start in range(0, len(text), 1000) for i in tok._enc.encode(text[start : start + 1000])]
+
+
+def test_ids_past_the_vocabulary_are_refused_not_decoded_as_special(tok):
+    """``is_special`` held every id from the first special one up, so the processor's decode dropped an id past the
+    vocabulary as special and returned '' where one below 0 raised."""
+    assert not tok.is_special(tok.vocab_size) and not tok.is_special(99999)
+    processor = KimiVLProcessor(tok)
+    assert processor.decode([tok.bos_id, *tok.encode("hi")]) == "hi"
+    for bad in (-100, tok.vocab_size, 99999):
+        with pytest.raises(ValueError, match=f"token ids \\[{bad}\\] are outside the vocabulary"):
+            processor.decode([bad])
