@@ -158,6 +158,10 @@ class KimiVLProcessor:
         }
 
     def decode(self, ids: list[int], skip_special: bool = True) -> str:
+        """Text of ``ids``, without the special tokens' names if ``skip_special``; an id outside the vocabulary is a
+        ``ValueError`` either way."""
+        ids = list(ids)
+        self.tokenizer.check_ids(ids)
         if skip_special:
             ids = [t for t in ids if not self.tokenizer.is_special(t)]
         return self.tokenizer.decode(ids)

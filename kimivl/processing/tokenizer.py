@@ -155,9 +155,9 @@ class KimiTokenizer:
         return [self.im_end_id, self.eos_id]
 
     def is_special(self, token_id: int) -> bool:
-        """Whether ``token_id`` is one of the special ids after the BPE ranks (ids past the vocabulary are not: decoding
-        them is an error, not an empty string)."""
-        return self.n_ranks <= token_id < self.vocab_size
+        """Whether ``token_id`` has no text: a special id after the BPE ranks, or one past them all that a model with
+        a larger vocabulary than its tokenizer's can generate (``decode`` refuses it)."""
+        return token_id >= self.n_ranks
 
     def encode(self, text: str, allow_special: bool = True) -> list[int]:
         """Token ids of ``text``; no BOS is added. Special-token strings become their ids, as the released tokenizer
@@ -178,10 +178,14 @@ class KimiTokenizer:
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         """Raw bytes of ``ids`` (a streaming decoder can hold back an incomplete UTF-8 tail)."""
         ids = list(ids)
+        self.check_ids(ids)
+        return self._enc.decode_bytes(ids)
+
+    def check_ids(self, ids: list[int]) -> None:
+        """A ``ValueError`` naming the ids outside the vocabulary, if any."""
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
             raise ValueError(f"token ids {bad[:5]} are outside the vocabulary (size {self.vocab_size})")
-        return self._enc.decode_bytes(ids)
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of ``ids``; invalid UTF-8 becomes U+FFFD."""
