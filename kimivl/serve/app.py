@@ -379,11 +379,13 @@ class _Reply:
         return [{**self._token(t, lp), "top_logprobs": [self._token(*top) for top in tops]} for t, lp, tops in records]
 
     def _token(self, token: int, logprob: float) -> dict:
-        """A token's text (a special token's name), its bytes (null for a special token, which adds no text) and its
-        logprob, at least -9999.0 (OpenAI's value for a token that cannot follow: never -inf, which JSON lacks)."""
+        """A token's text (a special token's name; ``<|id N|>`` for one past the tokenizer, in a model whose vocabulary
+        is larger), its bytes (null for a special token, which adds no text) and its logprob, at least -9999.0 (OpenAI's
+        value for a token that cannot follow: never -inf, which JSON lacks)."""
         logprob = max(logprob, -9999.0)
         if self.tokenizer.is_special(token):
-            return {"token": self.tokenizer.id_to_special[token], "logprob": logprob, "bytes": None}
+            name = self.tokenizer.id_to_special.get(token, f"<|id {token}|>")
+            return {"token": name, "logprob": logprob, "bytes": None}
         raw = self.tokenizer.token_bytes(token)
         return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
 

@@ -209,6 +209,9 @@ def test_a_token_that_cannot_follow_gets_openais_minus_9999_never_minus_infinity
     (entry,) = reply.entries([(token, float("-inf"), [(token, float("-inf"))])])
     top = {"token": "A", "logprob": -9999.0, "bytes": [65]}
     assert entry == {**top, "top_logprobs": [top]}
+    past = engine.processor.tokenizer.vocab_size + 3  # a model's vocabulary may be larger than its tokenizer's
+    (entry,) = reply.entries([(token, -1.0, [(past, -2.0)])])
+    assert entry["top_logprobs"] == [{"token": f"<|id {past}|>", "logprob": -2.0, "bytes": None}]
 
 
 def test_a_row_joining_a_running_batch_gets_the_logprobs_it_gets_alone_and_other_rows_none(tiny, monkeypatch):
