@@ -373,7 +373,8 @@ def test_saved_files_that_are_symlinks_are_replaced_and_their_targets_left_alone
         assert (tmp_path / "blobs" / name).read_text() == cached[name], name
         assert not (tmp_path / "snapshot" / name).is_symlink(), name
     assert KimiVL.from_pretrained(tmp_path / "snapshot").config.to_dict() == tiny_model.stored_config().to_dict()
-    assert type(small_processor).from_pretrained(tmp_path / "snapshot").tokenizer.encode("the cached file") == (
+    # the tokenizer alone: this preset model and small tokenizer are no pair (their image placeholders differ)
+    assert type(small_processor.tokenizer).from_pretrained(tmp_path / "snapshot").encode("the cached file") == (
         small_processor.tokenizer.encode("the cached file")
     )
 
