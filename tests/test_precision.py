@@ -148,7 +148,7 @@ def test_from_pretrained_keeps_the_stored_dtype_whatever_the_cpu(tiny_model, tmp
 
 
 def test_the_command_line_and_the_demo_load_in_float32_where_bf16_is_slow(
-    tiny_model, small_model, small_processor, tmp_path, monkeypatch
+    small_model, small_processor, tmp_path, monkeypatch
 ):
     """``kimivl chat``/``eval`` (``_load``) and the demo choose float32 for a bf16 checkpoint on a CPU that multiplies
     bf16 slowly (exactly its values), bf16 where bf16 is fast, and what ``--dtype`` names."""
@@ -156,7 +156,7 @@ def test_the_command_line_and_the_demo_load_in_float32_where_bf16_is_slow(
     from kimivl.data.subset import copy_subset
     from kimivl.demo import DEFAULT_EXAMPLES, run_demo
 
-    tiny_model.save_pretrained(tmp_path, dtype=torch.bfloat16)
+    small_model.save_pretrained(tmp_path, dtype=torch.bfloat16)  # with its own tokenizer: _load checks the pair
     small_processor.save_pretrained(tmp_path)
     slow_cpu(monkeypatch)
     assert precision.checkpoint_load_dtype(tmp_path, "cpu") == torch.float32
