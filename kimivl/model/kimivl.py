@@ -102,6 +102,8 @@ class KimiVL(nn.Module):
         run of placeholders of its own, the images in order of their runs, row after row."""
         if not is_integer(input_ids):
             raise ValueError(f"input_ids must hold token ids (integers), got dtype {input_ids.dtype}")
+        if input_ids.dtype not in (torch.int32, torch.int64):  # uint8, int16 ...: a vocabulary id would wrap
+            input_ids = input_ids.long()
         vocab = self.config.text_config.vocab_size
         outside = (input_ids < 0) | (input_ids >= vocab)
         is_media = input_ids == self.config.media_placeholder_token_id
@@ -153,12 +155,12 @@ class KimiVL(nn.Module):
             if not is_integer(labels):
                 raise ValueError(f"labels must hold token ids (integers), got dtype {labels.dtype}")
             vocab, ignore = self.config.text_config.vocab_size, self.config.ignore_index
+            labels = labels.long()  # first: compared in a narrower dtype, the vocabulary's size wraps
             outside = ((labels < 0) | (labels >= vocab)) & (labels != ignore)
             if outside.any():  # a synchronisation before anything runs
                 raise ValueError(
                     f"labels must be token ids in [0, {vocab}) or {ignore} (not scored), got {int(labels[outside][0])}"
                 )
-            labels = labels.long()
         if attention_mask is not None:
             real = attention_mask.bool()
             if position_ids is None and cu_seqlens is None:

@@ -270,3 +270,8 @@ def test_ids_labels_and_pixels_of_the_wrong_kind_are_refused(tiny_model, tiny_co
         tiny_model(image_ids, (pv * 50).clamp(0, 255).to(torch.uint8), hws)
     with torch.no_grad():
         assert tiny_model(image_ids, pv, hws, labels=image_ids.masked_fill(image_ids > 3000, -100)).loss > 0
+        # narrow integer dtypes are ids too: compared in uint8, a vocabulary of 4096 wrapped and refused every id
+        small = torch.tensor([[1, 2, 3, 4, 5]])
+        loss = tiny_model(small, labels=small).loss
+        for dtype in (torch.uint8, torch.int16, torch.int32):
+            assert torch.equal(tiny_model(small.to(dtype), labels=small.to(dtype)).loss, loss), dtype
