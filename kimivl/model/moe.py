@@ -137,6 +137,8 @@ def _stack_experts(module: GroupedExperts, state_dict, prefix, local_metadata, s
         if prefix + key in state_dict:
             return state_dict.pop(prefix + key)
         missing.append(prefix + key)
+        if held[key].is_meta:  # a model built on the meta device, loaded a shard at a time: a later one fills it
+            return torch.empty_like(held[key], device=device)
         return held[key].detach().to(device)
 
     per = [

@@ -133,3 +133,17 @@ def test_a_state_dict_lacking_one_experts_tensor_loads_the_rest():
     assert torch.equal(loaded[absent], kept)
     with pytest.raises(RuntimeError, match=f'Missing key\\(s\\) in state_dict: "{absent}"'):
         lm.load_state_dict(given)
+
+
+def test_a_meta_model_loads_a_layers_experts_from_two_shards_with_assign():
+    """Loading shard by shard onto a model built on the meta device (``assign=True``), a layer's experts split across
+    two shards failed: the absent experts' meta values could not be copied; the second shard now fills them."""
+    cfg, lm = tiny_lm()
+    whole = lm.state_dict()
+    with torch.device("meta"):
+        empty = LanguageModel(cfg)
+    first = {k: v for k, v in whole.items() if ".experts.1." not in k and ".experts.2." not in k}
+    second = {k: v for k, v in whole.items() if k not in first}
+    assert {k for k in empty.load_state_dict(first, strict=False, assign=True).missing_keys} == set(second)
+    assert empty.load_state_dict(second, strict=False, assign=True).missing_keys == list(first)
+    assert all(torch.equal(empty.state_dict()[k], v) for k, v in whole.items())
