@@ -427,8 +427,12 @@ def _data_paths(specs: list[str], tasks: list) -> dict[str, str]:
             )
         if not (sep and name in names):
             if len(tasks) > 1:
-                raise CommandError(f"--data {spec}: with several tasks, write --data TASK=FILE")
+                raise CommandError(
+                    f"--data {spec}: with several tasks, write --data TASK=FILE, TASK one of {', '.join(names)}"
+                )
             name, path = names[0], spec
+        if not path:
+            raise CommandError(f"--data {spec!r} gives no file: write --data FILE or --data TASK=FILE")
         if name in paths:
             raise CommandError(f"--data gives task {name} two files, {paths[name]} and {path}: give one")
         paths[name] = path

@@ -682,6 +682,10 @@ def test_data_given_twice_or_for_a_task_not_run_is_refused(tmp_path, capsys):
         ("ocrbench", [str(data), f"ocrbench={data}"], "--data gives task ocrbench two files, "),
         ("mmmu", [f"ocrbench={data}"], f"--data ocrbench={data}: task ocrbench is not among --task mmmu; add it"),
         ("ocrbench", [f"synthetic:count={data}"], "task synthetic:count is not among --task ocrbench"),
+        # an empty path loaded the model, then failed in the loader with a TypeError
+        ("ocrbench", ["ocrbench="], "--data 'ocrbench=' gives no file"),
+        ("ocrbench", [""], "--data '' gives no file"),
+        ("ocrbench,mmmu", [f"unknown={data}"], "TASK=FILE, TASK one of ocrbench, mmmu"),
     ):
         assert main([*rescore, "--task", task, *(x for d in given for x in ("--data", d))]) == 2
         assert words in capsys.readouterr().err
