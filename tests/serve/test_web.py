@@ -297,3 +297,14 @@ def test_a_failed_question_comes_back_and_an_answer_cut_by_max_tokens_says_so(sc
     _ask(browser, None, "one more")
     WebDriverWait(browser, 10).until(lambda d: _last_state(d) == "done")
     assert _text(browser, ".turn.assistant:last-of-type .note") == ""
+
+
+def test_a_failed_question_leaves_a_new_draft_in_the_box_and_says_only_not_sent(scripted, browser):
+    """A question failing while a new draft was being typed said it was back in the box, which held the draft."""
+    url, script = scripted
+    _open(browser, url, script, ["", {"error": "a late failure"}], delay=1.0)
+    _ask(browser, None, "a question that fails late")
+    browser.find_element(By.ID, "question").send_keys("a new draft")
+    WebDriverWait(browser, 10).until(lambda d: _last_state(d) == "error")
+    assert _text(browser, ".turn.user .note") == "not sent"
+    assert browser.find_element(By.ID, "question").get_attribute("value") == "a new draft"

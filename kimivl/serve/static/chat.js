@@ -190,11 +190,14 @@ async function send() {
   if (state === "error" && !answer.textContent) {  // nothing came back: the question leaves the conversation
     thread.pop();
     question.dataset.state = "unsent";
-    question.querySelector(".note").textContent = "not sent: the question is back in the box below";
+    const note = question.querySelector(".note");
     if (!$("question").value.trim() && !attachments.length) {
       $("question").value = text;
       attachments = images;
       drawAttachments();
+      note.textContent = "not sent: the question is back in the box below";
+    } else {  // the box holds a new draft: it stays, and the question is not put back
+      note.textContent = "not sent";
     }
     return;
   }
