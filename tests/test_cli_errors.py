@@ -175,8 +175,11 @@ def test_chat_refuses_a_config_whose_image_placeholder_is_not_the_tokenizers_bef
 
 
 def test_do_sample_false_in_a_generation_config_is_greedy(tmp_path):
-    from kimivl.inference.generation_config import generation_defaults
+    from kimivl.inference.generation_config import generation_defaults, write_generation_config
 
+    write_generation_config(tmp_path, {"temperature": 0.0, "max_new_tokens": 9})  # greedy: as transformers reads it
+    assert json.loads((tmp_path / "generation_config.json").read_text()) == {"do_sample": False, "max_new_tokens": 9}
+    assert generation_defaults(tmp_path) == {"temperature": 0.0, "max_new_tokens": 9}
     (tmp_path / "generation_config.json").write_text('{"do_sample": false, "temperature": 0.6, "top_p": 0.9}')
     assert generation_defaults(tmp_path) == {"temperature": 0.0, "top_p": 0.9}
     assert generation_defaults(tmp_path / "elsewhere") == {}

@@ -50,9 +50,11 @@ def checked_settings(config: dict, where: str) -> dict:
 
 
 def write_generation_config(directory: str | os.PathLike, settings: dict) -> None:
-    """``settings`` (checked ones) as ``directory``'s ``generation_config.json``, with the ``do_sample`` that makes
-    Hugging Face's ``generate`` sample at a temperature above 0 as kimivl does."""
+    """``settings`` (checked ones, ``temperature`` among them) as ``directory``'s ``generation_config.json``, with the
+    ``do_sample`` that makes Hugging Face's ``generate`` decode as kimivl does: sampling above temperature 0, greedy
+    at 0 (then no temperature, which transformers warns about beside ``do_sample: false``)."""
     config = dict(settings)
-    if "temperature" in config:
-        config = {"do_sample": config["temperature"] > 0, **config}
-    write_text_atomic(Path(directory) / FILE, json.dumps(config, indent=2) + "\n")
+    greedy = config["temperature"] == 0
+    if greedy:
+        del config["temperature"]
+    write_text_atomic(Path(directory) / FILE, json.dumps({"do_sample": not greedy, **config}, indent=2) + "\n")

@@ -211,6 +211,8 @@ def _check_generation(settings: Any) -> None:
     from kimivl.inference.sampling import SamplingError
 
     _check_keys("export.generation", settings, set(KEYS))
+    if "temperature" not in (settings or {}):  # Hugging Face reads a file without one as greedy decoding
+        raise RecipeError(f"export.generation needs a temperature (0 for greedy), got {settings}")
     try:
         checked_settings(settings or {}, "export.generation")
     except SamplingError as e:

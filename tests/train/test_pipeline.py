@@ -260,8 +260,12 @@ def _stage(i, **changes):
             lambda r: r["export"].update(generation={"temperature": -1}),
             "export.generation: temperature must be .* got -1",
         ),
-        (lambda r: r["export"].update(generation={"max_new_tokens": 0}), "export.generation: max_new_tokens"),
+        (
+            lambda r: r["export"].update(generation={"temperature": 0.2, "max_new_tokens": 0}),
+            "export.generation: max_new_tokens",
+        ),
         (lambda r: r["export"].update(generation=0.7), "export.generation must be a mapping"),
+        (lambda r: r["export"].update(generation={"top_p": 0.9}), "export.generation needs a temperature"),
         (
             lambda r: r["sources"].update(text={"path": r["sources"]["text"], "answer_only": True}),
             r"data source 'text': unknown keys \['answer_only'\]",
