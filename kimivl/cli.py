@@ -267,6 +267,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
         history.append({"role": "assistant", "content": answer})
 
 
+IDLE_CONNECTIONS = 1024  # kimivl serve's default --limit-concurrency, beyond the requests the engine holds
+
+
 def _loopback(host: str) -> bool:
     """Whether ``--host`` binds loopback only: every address it resolves to (as the bind resolves it: ``127.1``,
     ``LOCALHOST``, ``::ffff:127.0.0.1`` too) is in 127.0.0.0/8 or ::1; False for a name that does not resolve."""
@@ -291,9 +294,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from kimivl.serve.schema import Limits
 
     _at_least_one(args, "port", "max_batch", "max_queue", "prefill_chunk")
-    if args.limit_concurrency <= args.max_batch + args.max_queue:
+    held = args.max_batch + args.max_queue  # the requests the engine holds, each on its connection
+    if args.limit_concurrency is None:
+        args.limit_concurrency = held + IDLE_CONNECTIONS
+    if args.limit_concurrency <= held:
         raise CommandError(
-            f"--limit-concurrency must be over --max-batch + --max-queue ({args.max_batch + args.max_queue}), so that "
+            f"--limit-concurrency must be over --max-batch + --max-queue ({held}), so that "
             f"every request the engine can hold has its connection, got {args.limit_concurrency}"
         )
     api_key = args.api_key if args.api_key is not None else os.environ.get("KIMIVL_API_KEY")
@@ -701,10 +707,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--limit-concurrency",
         type=int,
-        default=1024,
         metavar="N",
         help="open connections (idle ones too) and requests in progress over which new requests get 503 (default "
-        "1024; must be over --max-batch + --max-queue)",
+        f"--max-batch + --max-queue + {IDLE_CONNECTIONS}; must be over --max-batch + --max-queue)",
     )
     serve.add_argument("--served-model-name", help="the model name clients send (default: the directory's name)")
     serve.add_argument(

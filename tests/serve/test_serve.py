@@ -558,7 +558,11 @@ def test_kimivl_serve_runs_uvicorn_on_loopback_with_the_app(monkeypatch):
     assert main(["serve", "--model", model, "--device", "cpu", "--max-batch", "2", "--port", "8123"]) == 0
     ((app, kw),) = calls
     assert kw["host"] == "127.0.0.1" and kw["port"] == 8123 and kw["timeout_graceful_shutdown"] == 25
-    assert kw["limit_concurrency"] == 1024 and kw["http"] is HeaderDeadlineProtocol  # stalled headers are closed
+    # 2 running + 64 waiting (the default --max-queue) + 1024 idle; stalled headers are closed
+    assert kw["limit_concurrency"] == 2 + 64 + 1024 and kw["http"] is HeaderDeadlineProtocol
+    calls.clear()  # a long queue raises the default with it (a fixed 1024 refused --max-queue 1024 at start)
+    assert main(["serve", "--model", model, "--device", "cpu", "--max-batch", "32", "--max-queue", "1024"]) == 0
+    assert calls[0][1]["limit_concurrency"] == 32 + 1024 + 1024
     assert main(["serve", "--model", model, "--device", "cpu", "--allowed-host", "chat.example.org"]) == 0
     from fastapi.testclient import TestClient
 
