@@ -51,6 +51,7 @@ from kimivl.eval.answers import (
 from kimivl.eval.tables import (
     RowError,
     Sample,
+    has_text,
     image_bytes,
     literal_list,
     load_samples,
@@ -112,7 +113,7 @@ def parse_row(row: dict, index, file: Path) -> Sample:
         meta.update(options=options, answer=gold, choices=choices)
         if "Choices:" not in text:
             text += "\nChoices:\n" + "\n".join(f"({k}) {v}" for k, v in options.items())
-    if present(row.get("query")) and str(row["query"]).strip():
+    if has_text(row.get("query")):
         prompt = str(row["query"])
     else:
         prompt = text if text.startswith("Hint:") else f"Hint: {hint}\nQuestion: {text}"

@@ -178,11 +178,16 @@ def present(value: Any) -> bool:
     return not (value is None or value == "" or (isinstance(value, float) and math.isnan(value)))
 
 
+def has_text(value: Any) -> bool:
+    """Whether a cell holds text: a null, NaN or blank one does not (it must not become the prompt "None")."""
+    return present(value) and bool(str(value).strip())
+
+
 def text_cell(row: dict, *keys: str) -> str:
-    """The text of the first of ``keys`` the row holds, as written; a ``RowError`` naming ``keys[0]`` when none does
-    (a null, NaN or blank cell is no text: it must not become the prompt "None")."""
+    """The text of the first of ``keys`` the row holds (``has_text``), as written; a ``RowError`` naming ``keys[0]``
+    when none does."""
     for key in keys:
-        if present(row.get(key)) and str(row[key]).strip():
+        if has_text(row.get(key)):
             return str(row[key])
     raise RowError(f"no {keys[0]}")
 

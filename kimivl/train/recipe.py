@@ -214,7 +214,7 @@ def _check_generation(settings: Any) -> None:
     if "temperature" not in (settings or {}):  # Hugging Face reads a file without one as greedy decoding
         raise RecipeError(f"export.generation needs a temperature (0 for greedy), got {settings}")
     try:
-        checked_settings(settings or {}, "export.generation")
+        checked_settings(settings, "export.generation")
     except SamplingError as e:
         raise RecipeError(str(e)) from None
 
