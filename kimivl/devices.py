@@ -37,7 +37,10 @@ def check_device(device: str | torch.device | None, flag: str | None = None) -> 
                 f"use cuda:0..cuda:{torch.cuda.device_count() - 1}"
             )
         return name
-    if parsed.type == "mps" and torch.backends.mps.is_available():
-        return name
-    why = "holds no weights (it only describes shapes)" if parsed.type == "meta" else "is not available here"
+    if parsed.type == "meta":
+        why = "holds no weights (it only describes shapes)"
+    elif parsed.type == "mps" and torch.backends.mps.is_available():  # its prefill kernel is the CPU's (CPU only)
+        why = "is not supported by kimivl"
+    else:
+        why = "is not available here"
     raise DeviceError(f"{opt(name)}: {parsed.type} {why}; use {opt('cpu')} or cuda")

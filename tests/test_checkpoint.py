@@ -174,6 +174,9 @@ def test_from_pretrained_names_a_bad_dtype_or_device(tiny_model, tmp_path, monke
         with pytest.raises(DeviceError, match=f"device='{device}': {words}"):
             KimiVL.from_pretrained(tmp_path, device=device)
     assert KimiVL.from_pretrained(tmp_path, device=None).language_model.lm_head.weight.device.type == "cpu"
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)  # a Mac: prefill's kernel is CPU-only
+    with pytest.raises(DeviceError, match="device='mps': mps is not supported by kimivl; use device='cpu'"):
+        KimiVL.from_pretrained(tmp_path, device="mps")
 
 
 def test_resharding_removes_stale_shards(tiny_model, tmp_path):

@@ -12,7 +12,6 @@ import dataclasses
 import json
 
 import torch
-import torch.distributed as dist
 
 from kimivl.distributed.world import World
 from kimivl.train.recipe import Recipe, RecipeError
@@ -42,8 +41,7 @@ def check_same_run(recipe: Recipe, world: World) -> None:
     names the settings that differ and which ranks hold which value."""
     if not world.active:
         return
-    every: list[dict[str, str]] = [{} for _ in range(world.size)]
-    dist.all_gather_object(every, run_settings(recipe, world))
+    every: list[dict[str, str]] = world.gather(run_settings(recipe, world))
     keys = list(dict.fromkeys(k for settings in every for k in settings))
     differ = [k for k in keys if len({settings.get(k) for settings in every}) > 1]
     if not differ:

@@ -13,8 +13,10 @@ from __future__ import annotations
 import contextlib
 import datetime
 import fcntl
+import io
 import logging
 import os
+import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +79,17 @@ class World:
             dist.all_reduce(t)
         return t
 
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` (picklable, holding no tensors), in rank order; ``[obj]`` in one process. Tensors are
+        refused: torch pickles one with its device, so a GPU tensor would arrive on the sending rank's device (or fail
+        to load where that device is not visible): send ``.tolist()`` instead."""
+        _PlainPickler(io.BytesIO()).dump(obj)
+        if not self.active:
+            return [obj]
+        every: list[Any] = [None] * self.size
+        dist.all_gather_object(every, obj)
+        return every
+
     def barrier(self) -> None:
         if self.active:
             dist.barrier()
@@ -87,6 +100,15 @@ class World:
         through torchrun)."""
         if self.active:
             dist.barrier(group=self.waits)
+
+
+class _PlainPickler(pickle.Pickler):
+    """Pickles what ``World.gather`` sends, refusing tensors."""
+
+    def persistent_id(self, obj: Any) -> None:
+        if isinstance(obj, torch.Tensor):
+            raise TypeError(f"World.gather sends no tensors (got one of shape {tuple(obj.shape)}): send .tolist()")
+        return None
 
 
 @contextlib.contextmanager

@@ -12,8 +12,14 @@ except ImportError:  # pragma: no cover - depends on the machine
 
 
 def use_flash(x: torch.Tensor) -> bool:
-    """True when the flash-attn kernel can run on ``x``."""
-    return flash_attn_varlen_func is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+    """True when the flash-attn kernel can run on ``x``: a 16-bit CUDA tensor on an Ampere or newer GPU (flash-attn 2
+    refuses older ones, such as a T4 or V100)."""
+    return (
+        flash_attn_varlen_func is not None
+        and x.is_cuda
+        and x.dtype in (torch.float16, torch.bfloat16)
+        and torch.cuda.get_device_capability(x.device)[0] >= 8
+    )
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:

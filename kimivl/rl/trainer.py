@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from kimivl.distributed.parallelize import gathered
@@ -263,19 +262,14 @@ class RLTrainer:
 
         correct_PK = correct.view(-1, k) >= 0.5
         if world.active:  # every rank's answers, in the order of the problems drawn
-            parts = [None] * world.size
-            mine = (correct, lengths, reward, [r.stopped for r in rolls], torch.cat(losses), seen, seen_ref)
-            dist.all_gather_object(parts, mine)
-            correct, lengths, reward = (torch.cat([p[j].view(-1, k) for p in parts]) for j in range(3))
+            mine = (correct, lengths, reward, torch.cat(losses), torch.stack(seen), torch.stack(seen_ref))
+            parts = world.gather(([t.tolist() for t in mine], [r.stopped for r in rolls]))
+            whole = [torch.tensor([x for part, _ in parts for x in part[j]], dtype=t.dtype) for j, t in enumerate(mine)]
             order_back = torch.cat([torch.arange(r, len(everyone), world.size) for r in range(world.size)]).argsort()
-            correct, lengths, reward = (t[order_back].flatten() for t in (correct, lengths, reward))
+            correct, lengths, reward = (t.view(-1, k)[order_back].flatten() for t in whole[:3])
             correct_PK = correct.view(-1, k) >= 0.5
-            stopped = [s for p in parts for s in p[3]]
-            losses, seen, seen_ref = (
-                [torch.cat([p[4] for p in parts])],
-                sum((p[5] for p in parts), []),
-                sum((p[6] for p in parts), []),
-            )
+            stopped = [s for _, part in parts for s in part]
+            losses, seen, seen_ref = [whole[3]], list(whole[4]), list(whole[5])
         else:
             stopped = [r.stopped for r in rolls]
         self.sampler.update(everyone, correct_PK.float().mean(1).tolist())

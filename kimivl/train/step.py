@@ -7,7 +7,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from kimivl.distributed.muon import local
@@ -60,7 +59,7 @@ def optimizer_step(
     if not torch.isfinite(total_norm([p.detach() for _, p in named], world)):
         bad = [name for name, p in named if not torch.isfinite(local(p.detach())).all()]
         if world.active:
-            bad = _gathered(bad)
+            bad = list(dict.fromkeys(n for part in world.gather(bad) for n in part))  # every rank's, no repeats
         if bad:  # (else the norm overflowed on huge, finite weights)
             raise TrainingError(
                 f"{where}: the update made {len(bad)} weight tensors non-finite ({', '.join(bad[:3])}"
@@ -80,10 +79,3 @@ def total_norm(tensors: list[torch.Tensor], world: World) -> torch.Tensor:
     for t in tensors:
         squares += local(t).float().square().sum().to(device)
     return (world.sum(squares) / world.dp_replicate).sqrt()
-
-
-def _gathered(names: list[str]) -> list[str]:
-    """Every rank's ``names``, in rank order, without repeats."""
-    every: list[list[str]] = [[] for _ in range(dist.get_world_size())]
-    dist.all_gather_object(every, names)
-    return list(dict.fromkeys(n for part in every for n in part))

@@ -3,6 +3,8 @@ with another lr or --seed trained silently wrong; another --ep stopped mid-step 
 
 import json
 
+import pytest
+import torch
 import yaml
 
 from kimivl.distributed.same_run import run_settings
@@ -66,3 +68,10 @@ def test_the_settings_compared_leave_out_the_rank_s_own_device_index(tmp_path):
         settings.append(run_settings(r, World(device=device)))
     assert settings[0] == settings[1] and settings[0] != settings[2]
     assert json.loads(settings[0]["stage s: lr"]) == 1e-3 and json.loads(settings[0]["dp_shard"]) == 1
+
+
+def test_world_gather_refuses_tensors_and_passes_plain_objects_in_one_process():
+    world = World()
+    assert world.gather({"names": ["a", "b"], "n": 3}) == [{"names": ["a", "b"], "n": 3}]
+    with pytest.raises(TypeError, match=r"shape \(2, 3\)\): send \.tolist\(\)"):
+        world.gather((["a"], [torch.ones(2, 3)]))

@@ -1,6 +1,8 @@
 """kimivl.kernels.attention: every path equals plain per-segment SDPA, outputs and gradients; the CPU path of
 batched rows follows the training_attention setting, whatever the grad mode."""
 
+import types
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -246,3 +248,13 @@ def test_bad_calls_are_rejected():
         kernels.attention(rows, rows, rows, cu_seqlens=torch.tensor([0, 5], dtype=torch.int32))
     with pytest.raises(ValueError, match="non-causal attention takes packed segments"):
         kernels.attention(rows, rows, rows, causal=False)
+
+
+def test_flash_attn_is_used_only_on_ampere_or_newer_gpus(monkeypatch):
+    """flash-attn 2 refuses GPUs before Ampere (a T4 or V100): there the fused SDPA path runs instead."""
+    monkeypatch.setattr(fused, "flash_attn_varlen_func", object())
+    gpu = types.SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, device=torch.device("cuda", 0))
+    for capability, usable in (((7, 5), False), ((8, 0), True), ((9, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, c=capability: c)
+        assert fused.use_flash(gpu) is usable
+    assert not fused.use_flash(types.SimpleNamespace(is_cuda=True, dtype=torch.float32, device=gpu.device))
