@@ -142,8 +142,9 @@ def chat_segments(
 
 
 def parse_thinking(text: str) -> tuple[str | None, str]:
-    """Split a thinking model's output into ``(reasoning, answer)``, both stripped: the one rule of the chat, eval,
-    RL rewards and the server (which splits outputs that open with ``◁think▷``: those it can tell while streaming).
+    """Split a thinking model's output into ``(reasoning, answer)``, both stripped: the rule of the chat, eval and RL
+    rewards. The server (``kimivl.serve.reasoning``) splits alike only outputs that open with ``◁think▷`` (those it can
+    tell while streaming; its answer unstripped): any other is all answer there, ``reasoning ◁/think▷ answer`` too.
 
     As the model card's parser: the answer is what follows the first ``◁/think▷``, the reasoning what precedes it
     (after a ``◁think▷``, when one opens it); an unclosed ``◁think▷`` leaves the answer empty, the rest reasoning.

@@ -442,7 +442,7 @@ async def _collect(job: EngineRequest, queue: asyncio.Queue, reply: _Reply):
     for i, text in enumerate(reply.texts):
         reasoning, answer = split_reasoning(text)
         message = {"role": "assistant", "content": answer}
-        if reasoning is not None:
+        if reasoning:  # an empty thought is left out, as the stream sends no delta of it
             message["reasoning_content"] = reasoning
         choices.append(
             {"index": i, "message": message, "finish_reason": reply.finish[i], "logprobs": reply.take_logprobs(i)}

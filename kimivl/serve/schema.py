@@ -372,8 +372,10 @@ def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
                 f"{where}: must be an object with role 'system' (or 'developer'), 'user' or 'assistant'", where
             )
         _refuse_unknown(m, MESSAGE_FIELDS[role], where, f"{where} (role {m['role']!r})")
-        if not isinstance(m.get("name"), (str, type(None))):
-            raise RequestError(f"{where}: name must be a string", f"{where}.name")
+        for key in ("name", "reasoning_content"):  # read, then dropped: still a wrong type is refused
+            if not isinstance(m.get(key), (str, type(None))):
+                kind = type(m[key]).__name__
+                raise RequestError(f"{where}: {key} must be a string (or null), got {kind}", f"{where}.{key}")
         if m.get("content") is None:
             raise RequestError(f"{where}: content is missing", f"{where}.content")
         out.append({"role": role, "content": _content(m["content"], f"{where}.content", limits, used)})

@@ -183,6 +183,18 @@ def test_an_answer_sent_back_with_its_reasoning_and_a_name_is_read_without_them(
     )
 
 
+def test_a_name_or_reasoning_content_of_the_wrong_type_is_refused_by_name():
+    for key in ("name", "reasoning_content"):
+        for value in (5, {}, ["x"], True):
+            _refused(
+                {**GOOD, "messages": [{"role": "assistant", "content": "Hi", key: value}]},
+                f"messages[0].{key}",
+                f"messages\\[0\\]: {key} must be a string",
+            )
+        for value in ("x", None):
+            parse_chat_request({**GOOD, "messages": [{"role": "assistant", "content": "Hi", key: value}]}, LIMITS)
+
+
 def test_the_developer_role_is_the_system_role(tiny):
     url, engine = tiny
     system = [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Name a colour."}]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import random
 
 import pytest
@@ -64,3 +66,39 @@ def test_an_output_that_opens_with_a_thought_splits_as_chat_eval_and_rewards_spl
         return
     assert (reasoning, answer.strip()) == parse_thinking(text)
     assert answer_of(text) == (answer.strip() if THINK_CLOSE in text else None)
+
+
+def _replies(text: str) -> tuple[dict, list[dict]]:
+    """The plain reply's message and the streamed deltas that the app's reply builders make of an engine's output
+    ``text`` (given a character at a time, then finished by max_tokens)."""
+    from kimivl.serve.app import _collect, _Reply, _stream
+    from kimivl.serve.schema import ChatRequest
+
+    class Job:
+        def cancel(self):
+            pass
+
+    async def build(stream: bool):
+        queue = asyncio.Queue()
+        for ch in text:
+            queue.put_nowait(("text", 0, ch))
+        queue.put_nowait(("done", 0, "length", len(text)))
+        reply = _Reply("m", ChatRequest(messages=[], max_tokens=None, stream=stream), 1, tokenizer=None)
+        if stream:
+            return [json.loads(c[6:]) async for c in _stream(Job(), queue, reply) if c != "data: [DONE]\n\n"]
+        return json.loads((await _collect(Job(), queue, reply)).body)
+
+    plain, chunks = asyncio.run(build(False)), asyncio.run(build(True))
+    return plain["choices"][0]["message"], [c["choices"][0]["delta"] for c in chunks]
+
+
+@pytest.mark.parametrize("text", ["◁think▷", "◁think▷ ◁/think▷ x", "◁think▷ a ◁/think▷ b", "x"])
+def test_the_streamed_deltas_join_to_the_plain_reply_field_by_field(text):
+    """An empty thought (a reply cut by max_tokens just after ``◁think▷``) has no reasoning_content either way."""
+    message, deltas = _replies(text)
+    joined = {}
+    for d in deltas:
+        for key, value in d.items():
+            joined[key] = value if key == "role" else joined.get(key, "") + value
+    assert joined == message
+    assert ("reasoning_content" in message) == (split_reasoning(text)[0] not in (None, ""))
