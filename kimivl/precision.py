@@ -1,7 +1,9 @@
 """Whether a device multiplies bfloat16 fast, and the dtypes kimivl computes and loads in there.
 
 GPUs and CPUs with native bf16 matmul (Ampere and later, AMX, AVX512-BF16) multiply bfloat16 as fast as float32 or
-faster. CPUs without it (AVX2 only: many laptops' chips) emulate it, about 100x slower than float32. There kimivl
+faster. CPUs without it emulate it: AVX-512 ones 2-5x slower than float32, AVX2-only ones (many laptops' chips) about
+100x. On x86 the instructions decide (a timing near the line once chose either from run to run); elsewhere (ARM) a
+matmul timing does. There kimivl
 trains without bf16 autocast, and its command line and demo load bf16 checkpoints in float32 (exactly: every bf16
 value is a float32 value), unless told otherwise; ``KimiVL.from_pretrained`` itself keeps the stored dtype.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import platform
 import time
 
 import torch
@@ -24,6 +27,7 @@ log = logging.getLogger(__name__)
 SLOW = 4.0  # bf16 matmuls this many times slower than float32 are emulated ones
 FIT = 0.6  # float32 weights are chosen only while they take at most this share of physical memory
 ROUNDS = 3  # alternated timings of bf16 and float32 at most
+CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")  # v2, v1
 NATIVE_BF16_CHECKS = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's feature checks
 
 
@@ -43,6 +47,20 @@ def _matmul_seconds(dtype: torch.dtype, n: int = 256, repeats: int = 3) -> float
 def cpu_native_bf16() -> bool:
     """Whether this CPU has the bf16 instructions oneDNN multiplies with (x86 AVX512-BF16 or AMX tiles)."""
     return any(getattr(torch.cpu, name, lambda: False)() for name in NATIVE_BF16_CHECKS)
+
+
+def cpu_flags_known() -> bool:
+    """Whether torch reads this CPU's bf16 instructions (x86, from CPUID); elsewhere only a timing tells."""
+    return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+
+
+@functools.cache
+def _warn_emulated() -> None:
+    log.warning(
+        "this CPU lacks bf16 instructions (AVX512-BF16, AMX), so bfloat16 matmuls are emulated, several times slower "
+        "than float32: kimivl's training, command line and demo compute in float32 here unless asked for bf16 "
+        "(in Python: KimiVL.from_pretrained(path, dtype=torch.float32))"
+    )
 
 
 @functools.cache
@@ -68,12 +86,18 @@ def cpu_bf16_slowdown() -> float:
 
 def fast_bf16(device: str | torch.device) -> bool:
     """Whether bf16 matmuls on ``device`` run at least about as fast as float32 ones: natively on NVIDIA GPUs from
-    Ampere on (compute capability 8) and on AMD GPUs; on a CPU, where it has the instructions, else as measured."""
+    Ampere on (compute capability 8) and on AMD GPUs; on a CPU, where it has the instructions (on x86 nowhere else,
+    with a warning once), elsewhere as measured."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.version.hip is not None or torch.cuda.get_device_capability(device)[0] >= 8
     if device.type == "cpu":
-        return cpu_native_bf16() or cpu_bf16_slowdown() < SLOW
+        if cpu_native_bf16():
+            return True
+        if cpu_flags_known():
+            _warn_emulated()
+            return False
+        return cpu_bf16_slowdown() < SLOW
     return True
 
 
@@ -89,11 +113,20 @@ def autocast(device: str | torch.device, bf16: bool | None = None) -> torch.auto
 
 
 def physical_memory() -> int | None:
-    """Bytes of RAM of this machine, or None where the OS does not say."""
+    """Bytes of RAM this process may use: the machine's, or less where a cgroup (a container, a Slurm job) caps it;
+    None where the OS does not say."""
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):
-        return None
+        memory = None
+    for file in CGROUP_LIMITS:
+        try:
+            with open(file) as f:
+                limit = int(f.read().strip())  # "max" (v2, no limit) is not a number
+        except (OSError, ValueError):
+            continue
+        memory = limit if memory is None else min(memory, limit)
+    return memory
 
 
 def stored_dtype(config: KimiVLConfig) -> torch.dtype:
@@ -139,7 +172,7 @@ def load_dtype(
         need, memory = 4 * n_params, physical_memory()
         if memory is not None and need > FIT * memory:
             log.warning(
-                "float32 weights (%.1f GB) would not fit in this machine's %.1f GB: loading in bfloat16, "
+                "float32 weights (%.1f GB) would not fit in the %.1f GB of memory here: loading in bfloat16, "
                 "which this CPU multiplies slowly",
                 need / 1e9,
                 memory / 1e9,

@@ -34,6 +34,7 @@ def file_size_limit():
 @pytest.fixture(autouse=True)
 def bf16_is_fast(monkeypatch):
     """Every test takes the bf16 paths, whatever this CPU multiplies fast; tests of that choice set it themselves."""
+    monkeypatch.setattr(precision, "cpu_flags_known", lambda: False)
     monkeypatch.setattr(precision, "cpu_bf16_slowdown", lambda: 1.0)
 
 

@@ -1,6 +1,7 @@
 import functools
 import json
 import logging
+import os
 
 import pytest
 import torch
@@ -98,7 +99,7 @@ def test_a_bf16_checkpoint_loads_in_float32_on_a_cpu_that_multiplies_bf16_slowly
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="kimivl.precision"):
         assert load_dtype(torch.bfloat16, "cpu", n) == torch.bfloat16
-    assert "float32 weights (4.0 GB) would not fit in this machine's 6.4 GB" in caplog.text
+    assert "float32 weights (4.0 GB) would not fit in the 6.4 GB of memory here" in caplog.text
     slow_cpu(monkeypatch, slowdown=1.0)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="kimivl.precision"):
@@ -181,3 +182,39 @@ def test_the_command_line_and_the_demo_load_in_float32_where_bf16_is_slow(
     run_demo(demo_model, tmp_path / "ex", max_new_tokens=1, progress=False)
     assert _load(str(tmp_path), None, "cpu")[0].dtype == torch.bfloat16
     assert [m.dtype for m in loaded] == [torch.float32, torch.bfloat16, torch.bfloat16]
+
+
+def test_on_x86_the_instructions_decide_without_timing_and_warn_once(monkeypatch, caplog):
+    """An x86 CPU without AVX512-BF16 or AMX emulates bf16 (2-5x slower with AVX-512, about 100x with AVX2): float32,
+    whatever a timing would say (near the threshold one chose either, run to run); elsewhere a timing decides."""
+    monkeypatch.setattr(precision, "cpu_flags_known", lambda: True)
+    monkeypatch.setattr(precision, "cpu_native_bf16", lambda: False)
+    monkeypatch.setattr(precision, "cpu_bf16_slowdown", lambda: pytest.fail("timed on x86"))
+    monkeypatch.setattr(precision, "_warn_emulated", functools.cache(precision._warn_emulated.__wrapped__))
+    with caplog.at_level(logging.WARNING, logger="kimivl.precision"):
+        assert not fast_bf16("cpu") and not fast_bf16("cpu") and not use_bf16("cpu")
+    assert caplog.text.count("this CPU lacks bf16 instructions (AVX512-BF16, AMX)") == 1
+    monkeypatch.setattr(precision, "cpu_native_bf16", lambda: True)
+    assert fast_bf16("cpu")
+    monkeypatch.setattr(precision, "cpu_flags_known", lambda: False)  # ARM: measured
+    monkeypatch.setattr(precision, "cpu_native_bf16", lambda: False)
+    for slowdown, fast in ((1.5, True), (precision.SLOW, False)):
+        monkeypatch.setattr(precision, "cpu_bf16_slowdown", lambda s=slowdown: s)
+        assert fast_bf16("cpu") is fast
+
+
+def test_memory_is_capped_by_a_cgroup_limit(monkeypatch, tmp_path):
+    """In a container or a Slurm job the cgroup's limit, not the host's RAM, bounds float32 weights."""
+    v2, v1 = tmp_path / "memory.max", tmp_path / "memory.limit_in_bytes"
+    monkeypatch.setattr(precision, "CGROUP_LIMITS", (str(v2), str(v1)))
+    monkeypatch.setattr(os, "sysconf", {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 16 << 20}.__getitem__)  # 64 GiB
+    assert precision.physical_memory() == 64 << 30  # neither file
+    v2.write_text("max\n")  # v2 without a limit
+    assert precision.physical_memory() == 64 << 30
+    v1.write_text(f"{8 << 30}\n")
+    assert precision.physical_memory() == 8 << 30
+    v2.write_text(f"{4 << 30}\n")
+    assert precision.physical_memory() == 4 << 30
+    slow_cpu(monkeypatch, memory=None)
+    monkeypatch.setattr(precision, "physical_memory", lambda: 4 << 30)
+    assert load_dtype(torch.bfloat16, "cpu", 10**9) == torch.bfloat16  # 4 GB of float32 do not fit in 60% of 4 GiB
