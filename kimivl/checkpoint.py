@@ -30,6 +30,7 @@ from torch import nn
 from kimivl.config import KimiVLConfig, set_weight_dtype
 from kimivl.files import WriteError, file_mode, write_text_atomic
 from kimivl.files import write_error as _write_error
+from kimivl.model.moe import ROUTER_KEY_SUFFIXES, router_dtype
 
 log = logging.getLogger(__name__)
 
@@ -354,13 +355,10 @@ def save_checkpoint(
                     os.path.join(frozen_from, name), file, metadata[FROZEN_FINGERPRINT]
                 ):
                     continue
-            _atomic_save({k: _for_file(state[k], dtype) for k in keys}, file, metadata)
+            _atomic_save({k: _for_file(k, state[k], dtype) for k in keys}, file, metadata)
         if len(groups) > 1:
             file = os.path.join(path, INDEX)
-            total = sum(
-                t.numel() * (dtype.itemsize if dtype and t.is_floating_point() else t.element_size())
-                for t in state.values()
-            )
+            total = sum(t.numel() * saved_dtype(k, t, dtype).itemsize for k, t in state.items())
             write_index(path, {k: name for keys, name in zip(groups, names) for k in keys}, total)
     except OSError as e:  # _atomic_save removed its temporary file
         raise write_error(e, file) from None
@@ -372,12 +370,12 @@ def save_checkpoint(
 
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: torch.dtype) -> None:
     """The checkpoint at ``src`` written again to ``dst`` (a new directory, one holding an older kimivl save, or
-    ``src`` itself) with its floating-point tensors in ``dtype``, file by file, so that one file is in memory at a
-    time; the files keep their names and keys, and ``config.json`` is copied with its dtype fields naming ``dtype``
-    (``set_weight_dtype``: text_config's, and the top level's and vision_config's where the source has them). The
-    dtype, the source's config and tensor dtypes (a quantized checkpoint is refused) and the files ``dst`` holds
-    (another model's are refused) are checked before anything is written; a failed conversion removes a ``dst`` that it
-    created."""
+    ``src`` itself) with its floating-point tensors in ``dtype`` (the routers' in float32 at least: ``saved_dtype``),
+    file by file, so that one file is in memory at a time; the files keep their names and keys, and ``config.json`` is
+    copied with its dtype fields naming ``dtype`` (``set_weight_dtype``: text_config's, and the top level's and
+    vision_config's where the source has them). The dtype, the source's config and tensor dtypes (a quantized
+    checkpoint is refused) and the files ``dst`` holds (another model's are refused) are checked before anything is
+    written; a failed conversion removes a ``dst`` that it created."""
     check_dtype(dtype)
     src, dst = os.fspath(src), os.fspath(dst)
     source_config = os.path.join(src, CONFIG)
@@ -412,7 +410,7 @@ def _write_converted(src: str, dst: str, names: list[str], indexed: bool, dtype:
         for name in names:
             file = os.path.join(dst, name)
             os.makedirs(os.path.dirname(file), exist_ok=True)
-            tensors = {k: _for_file(t, dtype) for k, t in load_file(os.path.join(src, name)).items()}
+            tensors = {k: _for_file(k, t, dtype) for k, t in load_file(os.path.join(src, name)).items()}
             total += sum(t.numel() * t.element_size() for t in tensors.values())
             _atomic_save(tensors, file)
         if indexed:
@@ -427,11 +425,19 @@ def _write_converted(src: str, dst: str, names: list[str], indexed: bool, dtype:
         raise write_error(e, file) from None
 
 
-def _for_file(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+def saved_dtype(key: str, t: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype a save in ``dtype`` (None: as held) writes the tensor ``t`` of state key ``key`` in: ``dtype`` for a
+    float tensor, except a router's weight and selection bias, which take ``router_dtype(dtype)``, float32 at least
+    (as ``to_dtype`` holds them: in bf16 the bias's small updates would round away and a reloaded model would choose
+    other experts); integer tensors as held."""
+    if dtype is None or not t.is_floating_point():
+        return t.dtype
+    return router_dtype(dtype) if key.endswith(ROUTER_KEY_SUFFIXES) else dtype
+
+
+def _for_file(key: str, t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     t = t.detach().to("cpu")
-    if dtype is not None and t.is_floating_point():
-        t = t.to(dtype)
-    return t.clone()  # a private, contiguous copy: expert views share storage
+    return t.to(saved_dtype(key, t, dtype)).clone()  # a private, contiguous copy: expert views share storage
 
 
 def _written_by_kimivl(file: str) -> bool:

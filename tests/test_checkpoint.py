@@ -213,6 +213,71 @@ def test_a_checkpoint_converted_file_by_file_equals_one_saved_in_that_dtype(tiny
     )
 
 
+ROUTER = "language_model.model.layers.1.mlp.gate."
+
+
+def _routed_by_its_bias(model):
+    """``model`` with layer 1's router choosing by its selection bias: biases 1 + k/1000 (no bf16 value: bf16 holds
+    1, 1.0078 ... there) over scores that differ by less, from a router weight scaled down (values bf16 cannot hold
+    either). Returns the router and a batch of hidden states for it."""
+    gate = model.language_model.model.layers[1].mlp.gate
+    with torch.no_grad():
+        gate.weight.mul_(1e-3)
+        gate.e_score_correction_bias.copy_(1.0 + 1e-3 * torch.tensor([3.0, 7, 0, 5, 1, 6, 2, 4]))
+    return gate, torch.randn(16, gate.weight.shape[1], generator=torch.Generator().manual_seed(0))
+
+
+def test_a_narrower_save_keeps_the_routers_in_float32_so_a_reload_routes_alike(tiny_model, tmp_path):
+    """Saved in bf16 (or converted to it), every float tensor is bf16 in the file but the routers' weight and selection
+    bias, which stay float32 as ``to_dtype`` holds them: reloaded, they are the saved values exactly and choose the
+    same experts with the same weights. In bf16 the bias's small trained steps round away and the choice changes."""
+    gate, x = _routed_by_its_bias(tiny_model)
+    weights, experts, _ = gate(x)
+    tiny_model.save_pretrained(tmp_path / "bf16", dtype=torch.bfloat16)
+    tiny_model.save_pretrained(tmp_path / "f32", max_shard_bytes=300_000)
+    convert_checkpoint(tmp_path / "f32", tmp_path / "converted", torch.bfloat16)
+    held = to_dtype(KimiVL.from_pretrained(tmp_path / "f32"), torch.bfloat16).state_dict()  # as a bf16 save writes
+    for name in ("bf16", "converted"):
+        loaded = KimiVL.from_pretrained(tmp_path / name)
+        again = loaded.language_model.model.layers[1].mlp.gate
+        weights_again, experts_again, _ = again(x)
+        assert torch.equal(experts_again, experts), name
+        torch.testing.assert_close(weights_again, weights, rtol=0, atol=0)
+        assert torch.equal(again.weight, gate.weight)
+        assert torch.equal(again.e_score_correction_bias, gate.e_score_correction_bias)
+        assert loaded.dtype == torch.bfloat16
+        for (key, a), b in zip(held.items(), loaded.state_dict().values()):
+            assert a.dtype == b.dtype and torch.equal(a, b), key
+        on_disk = {}
+        for file in (tmp_path / name).glob("*.safetensors"):
+            on_disk |= load_file(file)
+        routers = {k for k in on_disk if ".mlp.gate." in k}
+        assert len(routers) == 2 * (tiny_model.config.text_config.num_hidden_layers - 1)
+        assert {on_disk[k].dtype for k in routers} == {torch.float32}, name
+        assert {t.dtype for k, t in on_disk.items() if k not in routers and t.is_floating_point()} == {torch.bfloat16}
+    index = json.loads((tmp_path / "converted" / INDEX).read_text())
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in on_disk.values())
+
+
+def test_an_official_checkpoint_with_bf16_routers_loads_them_in_float32(tiny_model, tmp_path):
+    """Released checkpoints store the routers in bf16: loaded, they hold those values in float32, and a bf16 save
+    writes them in float32."""
+    tiny_model.save_pretrained(tmp_path, dtype=torch.bfloat16)
+    _rewrite(tmp_path, lambda t: t.update({k: v.bfloat16() for k, v in t.items() if ".mlp.gate." in k}))
+    official = load_file(tmp_path / "model.safetensors")
+    assert {t.dtype for t in official.values()} == {torch.bfloat16}
+    loaded = KimiVL.from_pretrained(tmp_path)
+    state = loaded.state_dict()
+    for name in ("weight", "e_score_correction_bias"):
+        key = ROUTER + name
+        assert state[key].dtype == torch.float32 and torch.equal(state[key], official[key].float()), key
+    loaded.save_pretrained(tmp_path / "again", dtype=torch.bfloat16)
+    again = load_file(tmp_path / "again" / "model.safetensors")
+    assert again[ROUTER + "weight"].dtype == torch.float32 and torch.equal(
+        again[ROUTER + "weight"], state[ROUTER + "weight"]
+    )
+
+
 def test_shards_fill_to_exactly_the_limit_and_the_index_counts_the_saved_dtype(tiny_model, tmp_path):
     """Tensors whose bytes sum to ``max_shard_bytes`` share one file; saved in bf16, the index's ``total_size`` is
     the bf16 bytes the files hold, not the float32 bytes the model holds."""
@@ -227,15 +292,15 @@ def test_shards_fill_to_exactly_the_limit_and_the_index_counts_the_saved_dtype(t
     assert len(shards) > 2 and set(load_file(shards[0])) == first
     tiny_model.save_pretrained(tmp_path / "bf16", max_shard_bytes=limit, dtype=torch.bfloat16)
     held = [t for file in (tmp_path / "bf16").glob("model-*.safetensors") for t in load_file(file).values()]
-    assert {t.dtype for t in held} == {torch.bfloat16}
+    assert {t.dtype for t in held} == {torch.bfloat16, torch.float32}  # the routers stay float32
     index = json.loads((tmp_path / "bf16" / INDEX).read_text())
-    assert index["metadata"]["total_size"] == sum(t.numel() * 2 for t in held)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in held)
 
 
 def test_bf16_and_float32_loading(tiny_model, tmp_path):
     tiny_model.save_pretrained(tmp_path, dtype=torch.bfloat16)
     on_disk = load_file(tmp_path / "model.safetensors")
-    assert all(t.dtype == torch.bfloat16 for t in on_disk.values())
+    assert all(t.dtype == (torch.float32 if ".mlp.gate." in k else torch.bfloat16) for k, t in on_disk.items())
     bf16 = KimiVL.from_pretrained(tmp_path, dtype=torch.bfloat16)
     fp32 = KimiVL.from_pretrained(tmp_path, dtype=torch.float32)
     assert bf16.dtype == torch.bfloat16 and fp32.dtype == torch.float32

@@ -20,6 +20,7 @@ from kimivl.checkpoint import (
     _for_file,
     _shards,
     check_save_arguments,
+    saved_dtype,
     shard_file_names,
     write_index,
 )
@@ -67,10 +68,7 @@ def save_gathered(
     with torch.device("meta"):  # the official names and shapes, in the order a one-process save writes them
         whole_layout = KimiVL(model.config)
     layout = whole_layout.state_dict()
-    planned = {
-        k: torch.empty(t.shape, dtype=dtype if dtype and t.is_floating_point() else t.dtype, device="meta")
-        for k, t in layout.items()
-    }
+    planned = {k: torch.empty(t.shape, dtype=saved_dtype(k, t, dtype), device="meta") for k, t in layout.items()}
     groups = _shards(planned, max_shard_bytes)
     names = shard_file_names(len(groups))
     file_of = {k: i for i, keys in enumerate(groups) for k in keys}
@@ -105,7 +103,7 @@ def save_gathered(
                 continue
             for key, t in _official(name, whole, stacks.get(name)):
                 i = file_of[key]
-                pending.setdefault(i, {})[key] = _for_file(t, dtype)
+                pending.setdefault(i, {})[key] = _for_file(key, t, dtype)
                 if len(pending[i]) == gathered[i]:
                     write(i)
         if world.main:

@@ -221,10 +221,10 @@ class KimiVL(nn.Module):
     ) -> None:
         """Write ``config.json`` and safetensors weights (sharded above ``max_shard_bytes``; ``frozen``:
         ``save_checkpoint``'s ``frozen_apart`` and ``frozen_from``, for training checkpoints), in ``dtype`` (a floating
-        torch dtype, as ``from_pretrained`` takes) or as held; the config's ``torch_dtype`` names that dtype (the widest
-        held). Bad arguments, and a directory holding another model's weights or config (``save_checkpoint``), are
-        refused before anything is written; a failed save (a full disk) raises ``CheckpointError``; a directory that
-        the call created is removed again, whatever the failure."""
+        torch dtype, as ``from_pretrained`` takes; the routers in float32 at least, ``saved_dtype``) or as held; the
+        config's ``torch_dtype`` names that dtype (the widest held). Bad arguments, and a directory holding another
+        model's weights or config (``save_checkpoint``), are refused before anything is written; a failed save (a full
+        disk) raises ``CheckpointError``; a directory that the call created is removed again, whatever the failure."""
         check_save_arguments(max_shard_bytes, dtype)
         created = not os.path.exists(path)
         config = self.stored_config(dtype)

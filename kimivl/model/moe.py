@@ -64,6 +64,15 @@ class Router(nn.Module):
         return w_TK * self.scaling, idx_TK, scores_TE
 
 
+# The routers' state-dict keys end so (``MoE.gate``), in the official layout as here; no other module is named gate.
+ROUTER_KEY_SUFFIXES = (".gate.weight", ".gate.e_score_correction_bias")
+
+
+def router_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype routers take in a model, or a checkpoint, of ``dtype``: float32, or ``dtype`` where it is wider."""
+    return max(dtype, torch.float32, key=lambda d: d.itemsize)
+
+
 def to_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """``model.to(dtype)`` except the routers' weights and ``e_score_correction_bias``, which take float32 or
     ``dtype``, whichever is wider (float64 for a float64 model), never rounded through a narrower ``dtype``; returns
@@ -72,9 +81,8 @@ def to_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     float32."""
     if not dtype.is_floating_point:
         raise ValueError(f"a model is cast to a floating-point dtype, not {dtype}")
-    router_dtype = max(dtype, torch.float32, key=lambda d: d.itemsize)
     for module in model.modules():
-        cast = router_dtype if isinstance(module, Router) else dtype
+        cast = router_dtype(dtype) if isinstance(module, Router) else dtype
         module._apply(lambda t, cast=cast: t.to(cast) if t.is_floating_point() else t, recurse=False)
     return model
 

@@ -1,5 +1,6 @@
 """The sharded loader (``load_sharded_checkpoint``) in one process: as strict as ``load_checkpoint``."""
 
+import json
 import logging
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kimivl import KimiVL
-from kimivl.checkpoint import CheckpointError
+from kimivl.checkpoint import INDEX, CheckpointError
 from kimivl.distributed.expert_parallel import apply_expert_parallel
 from kimivl.distributed.load import load_sharded_checkpoint
 from kimivl.distributed.world import World
@@ -110,6 +111,24 @@ def test_a_gathered_save_checks_its_arguments_before_writing(tiny_model, tmp_pat
         assert not (tmp_path / "out").exists()
 
 
+def test_a_gathered_save_in_bf16_writes_what_save_pretrained_does(tiny_model, tmp_path):
+    """The same tensors in the same dtypes: bf16, but the routers' weight and selection bias in float32; the index
+    counts the bytes written."""
+    from kimivl.distributed.gather import save_gathered
+
+    tiny_model.save_pretrained(tmp_path / "one", dtype=torch.bfloat16)
+    save_gathered(tiny_model, tmp_path / "gathered", World(), dtype=torch.bfloat16, max_shard_bytes=2**20)
+    files = sorted((tmp_path / "gathered").glob("model-*.safetensors"))
+    written = {k: v for f in files for k, v in load_file(f).items()}
+    expected = load_file(tmp_path / "one" / "model.safetensors")
+    assert len(files) > 1 and written.keys() == expected.keys()
+    assert {t.dtype for k, t in written.items() if ".mlp.gate." in k} == {torch.float32}
+    for key in expected:
+        torch.testing.assert_close(written[key], expected[key], rtol=0, atol=0, msg=key)
+    index = json.loads((tmp_path / "gathered" / INDEX).read_text())
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in written.values())
+
+
 def test_a_gathered_save_copies_what_the_model_did_not_load_in_the_planned_dtype(tiny_model, tmp_path):
     """A vit stage's sharded ranks hold the tower alone: the rest comes from the stage's source, a file's worth at a
     time, in the layout's dtype (float32 here, from a bfloat16 source), files of copied tensors alone included."""
@@ -131,6 +150,7 @@ def test_a_gathered_save_copies_what_the_model_did_not_load_in_the_planned_dtype
     assert written.keys() == tiny_model.state_dict().keys()
     trained = {f"vision_tower.{n}" for n, _ in model.vision_tower.named_parameters()}
     for key, whole in tiny_model.state_dict().items():
-        want = whole.bfloat16().float() + (1 if key in trained else 0)
+        stored = whole if ".mlp.gate." in key else whole.bfloat16().float()  # the source's routers are float32
+        want = stored + (1 if key in trained else 0)
         assert written[key].dtype == torch.float32, key
         torch.testing.assert_close(written[key], want, rtol=0, atol=0, msg=key)

@@ -468,7 +468,8 @@ def test_an_export_killed_after_its_weights_leaves_the_previous_one_whole(
     exported = KimiVL.from_pretrained(export)
     assert exported.config.text_config.rope_theta == 800000.0 and exported.dtype == torch.bfloat16
     trained, written = load_file(tmp_path / "final" / "model.safetensors"), load_file(export / "model.safetensors")
-    assert all(torch.equal(trained[k].to(torch.bfloat16), written[k]) for k in trained)
+    saved_as = {k: torch.float32 if ".mlp.gate." in k else torch.bfloat16 for k in trained}  # routers in float32
+    assert all(torch.equal(trained[k].to(saved_as[k]), written[k]) for k in trained)
     assert sorted(_tree(export)) == sorted(before) and check_export(recipe).resolve() == export
 
 
