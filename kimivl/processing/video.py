@@ -112,24 +112,23 @@ def _next_sample(plan: list[float] | None, fps: float, k: int, t: float) -> int:
     return k
 
 
-def _duration(container, stream, start: float, fps: float, max_frames: int) -> float | None:
+def _duration(container, stream, start: float) -> float | None:
     """The stream's length in seconds from its header, or None (sample to the end) when unknown or unusable.
 
     A container's duration (the fallback when the stream declares none) means the end time for some formats
     (Matroska, WebM, NUT) and the length for others (FLV). For a stream that starts late the two readings differ, so
-    it is used only when it cannot change the samples: when no thinning is planned either way.
+    it is used only where it cannot be the end time: when the stream starts at 0, or after it. Zero is no length: a
+    one-frame NUT file declares it.
     """
     import av
 
     if stream.duration is not None and stream.time_base is not None:
         duration = float(stream.duration * stream.time_base)
-    elif container.duration is not None:
+    elif container.duration is not None and not 0 < start < container.duration / av.time_base:
         duration = container.duration / av.time_base
-        if 0 < start < duration and math.ceil(duration * fps - 1e-6) > max_frames:
-            return None
     else:
         return None
-    return duration if math.isfinite(duration) and duration >= 0 else None  # else a damaged header
+    return duration if math.isfinite(duration) and duration > 0 else None  # else a damaged header
 
 
 def _positive(value: Any, name: str, kind: type) -> float | int:
@@ -236,7 +235,7 @@ def load_video(
         stream.thread_type = "AUTO"
         rate = float(stream.average_rate or 25)
         start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
-        duration = _duration(container, stream, start, fps, max_frames)
+        duration = _duration(container, stream, start)
         plan = None if duration is None else _sample_times(duration, fps, max_frames)
         k, target = 0, 0.0  # the next sample and its time
         prev = None
@@ -293,7 +292,7 @@ def load_video(
             raise VideoError(f"cannot decode video {name}: {e}") from None
         if prev is not None and target is not None:
             end = duration if duration is not None else prev[1] + 1 / rate
-            if target < end:
+            if target < end - 1e-6:  # a sample on the end is past it, within rounding (times here are differences)
                 take(*prev)
     if not frames:
         raise VideoError(f"{name} has no decodable frames")

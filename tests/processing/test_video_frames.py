@@ -227,6 +227,124 @@ def test_a_late_start_without_a_stream_duration_is_sampled_over_its_frames(fmt, 
     assert at_zero == load_video(make_clip(n=100, fmt="mp4"), fps=1, max_frames=8)[1] == [0, 1, 3, 4, 5, 6, 8, 9]
 
 
+@pytest.mark.parametrize("fps, max_frames", [(1, 64), (1, 70), (1, 8), (10, 64), (4, 32)])
+def test_a_late_start_is_sampled_alike_whatever_the_container(fps, max_frames):
+    """Ten seconds of frames from 60 s, sampled as the same frames from 0. Matroska's duration (70 s, the end time)
+    gave one sample too many, the last frame again at 9.9 s: read as a length where no thinning was planned, or, where
+    the length was unknown, through floats (69.9 - 60 + 0.1 lands past the sample at 10.0)."""
+    want = load_video(make_clip(n=100, fmt="mp4"), fps=fps, max_frames=max_frames)[1]
+    assert len(want) == min(10 * fps, max_frames) and want[-1] == pytest.approx(10 - 1 / fps, abs=0.11)
+    for fmt in ("matroska", "flv", "mp4"):
+        assert load_video(make_clip(start=60.0, n=100, fmt=fmt), fps=fps, max_frames=max_frames)[1] == pytest.approx(
+            want
+        ), fmt
+    if (fps, max_frames) == (1, 64):
+        assert want == [float(i) for i in range(10)]
+
+
+def test_a_container_duration_that_cannot_be_an_end_time_is_the_length():
+    """Matroska's duration for a start at 0, and FLV's (10 s) for a start past it (60 s), are lengths, so thinning is
+    planned over them: an unknown length would hold 8 samples, halve them and thin 0 2 4 6 8 to 0 2 6 8."""
+    for video in (make_clip(n=100), make_clip(start=60.0, n=100, fmt="flv")):
+        assert load_video(video, fps=1, max_frames=4)[1] == [0.0, 3.0, 6.0, 9.0]
+
+
+def make_timed(pts_ms: list[int], fmt: str = "matroska", **options: str) -> bytes:
+    """A 64x48 MPEG-4 clip whose frame i is grey at level 10*i with pts ``pts_ms[i]`` milliseconds (gaps allowed);
+    ``options`` go to the encoder (``bf="2"``: B-frames)."""
+    buf = io.BytesIO()
+    with av.open(buf, "w", format=fmt) as c:
+        s = c.add_stream("mpeg4", rate=10, options=options)
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        for i, pts in enumerate(pts_ms):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 10 * i, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = pts, fractions.Fraction(1, 1000)
+            for packet in s.encode(frame):
+                c.mux(packet)
+        for packet in s.encode():
+            c.mux(packet)
+    return buf.getvalue()
+
+
+def test_a_first_frame_after_the_stream_start_is_sampled_once_at_its_own_time():
+    """An AVI with B-frames starts at 0 but shows its first frame from 0.1 s: sample 0 takes that frame, at 0.1, and
+    the samples that would show it again (0.1 s at 10 fps) do not repeat it."""
+    video = make_timed([100 * i for i in range(10)], fmt="avi", bf="2")
+    c = av.open(io.BytesIO(video))
+    assert c.streams.video[0].start_time == 0 and next(c.decode(video=0)).time == pytest.approx(0.1)
+    frames, times = load_video(video, fps=10)
+    assert times == pytest.approx([i / 10 for i in range(1, 10)]) and levels(frames) == list(range(9))
+    frames, times = load_video(video, fps=4)  # samples at 0, 0.25, 0.5, 0.75 s
+    assert times == pytest.approx([0.1, 0.2, 0.5, 0.7]) and levels(frames) == [0, 1, 4, 6]
+
+
+def test_a_variable_frame_rate_gives_the_frame_on_screen_at_each_sample():
+    """Each frame is on screen until the next (Matroska: 2.2 s). The samples from 0.75 to 1.75 s at 4 fps show the frame
+    at 0.6 s, taken already: the next is the frame at 2.0 s for the sample at 2.0, and the one at 2.1 s ends before
+    2.25."""
+    video = make_timed([0, 100, 500, 600, 2000, 2100])
+    frames, times = load_video(video, fps=4)
+    assert times == pytest.approx([0, 0.1, 0.5, 0.6, 2.0]) and levels(frames) == [0, 1, 2, 3, 4]
+    frames, times = load_video(video, fps=1)
+    assert times == pytest.approx([0, 0.6, 2.0]) and levels(frames) == [0, 3, 4]
+    assert load_video(video, fps=10)[1] == pytest.approx([0, 0.1, 0.5, 0.6, 2.0, 2.1])
+
+
+def test_samples_end_before_the_declared_duration_through_float_rounding():
+    """25 frames at 3 fps declare 25/3 s, 250.00000000000003 samples at 30 fps: 250 of them (0 to 249/30 s), not
+    251, the last at the end. Thinned to two: the frame on screen at 8.3 s, not a sample at 8.33 s past the end."""
+    frames, times = load_video(make_video(n=25, rate=3), fps=30, max_frames=2)
+    assert times == [0.0, 8.0] and levels(frames) == [0, 24]
+
+
+def test_a_clip_with_fewer_frames_than_samples_gives_each_frame_once():
+    video = make_video(n=3, rate=10)
+    for fps in (10, 20, 100):
+        frames, times = load_video(video, fps=fps)
+        assert times == pytest.approx([0, 0.1, 0.2]) and levels(frames) == [0, 1, 2]
+
+
+def test_a_late_start_without_a_frame_rate_ends_after_its_last_frame():
+    """NUT declares no frame rate, and its duration (5.1 s) is the last frame's start: two frames from 5 s are taken
+    up to the sample at 0.1 s, and the sample at 0.25 s is past them (25 fps assumed: the last ends at 0.14 s)."""
+    video = make_timed([5000, 5100], fmt="nut")
+    c = av.open(io.BytesIO(video))
+    assert c.streams.video[0].average_rate is None and c.duration == 5_100_000
+    frames, times = load_video(video, fps=4)
+    assert times == [0.0] and levels(frames) == [0]
+    frames, times = load_video(video, fps=10)
+    assert times == pytest.approx([0.0, 0.1]) and levels(frames) == [0, 1]
+
+
+def test_a_declared_duration_of_zero_is_no_length():
+    """A one-frame NUT file declares a duration of 0: its frame, at 0, was never sampled ("no decodable frames")."""
+    video = make_timed([0], fmt="nut")
+    c = av.open(io.BytesIO(video))
+    assert c.duration == 0 and c.streams.video[0].duration is None
+    frames, times = load_video(video)
+    assert times == [0.0] and levels(frames) == [0]
+
+
+def test_an_unknown_length_ending_exactly_on_a_sample_does_not_take_it():
+    """A raw MPEG-4 stream declares no duration: 25 frames at 25 fps end at 1.0 s exactly, so the sample at 1.0 is past
+    them; a 26th frame is on screen then."""
+    for n, want in ((25, [0.0]), (26, [0.0, 1.0])):
+        video = make_video(n=n, rate=25, fmt="m4v")
+        c = av.open(io.BytesIO(video))
+        assert c.streams.video[0].duration is None and c.duration is None and c.streams.video[0].average_rate == 25
+        frames, times = load_video(video)
+        assert times == want and levels(frames) == [round(25 * t) for t in want]
+
+
+def test_frames_without_timestamps_are_timed_by_the_frame_rate():
+    video = make_video(n=10, rate=25, codec="libx264", fmt="h264")  # a raw H.264 stream: no pts, start or duration
+    c = av.open(io.BytesIO(video))
+    stream = c.streams.video[0]
+    assert stream.start_time is None and stream.average_rate == 25 and {f.time for f in c.decode(stream)} == {None}
+    frames, times = load_video(video, fps=10)  # frame i from i/25 s; after the last (0.36 to 0.4) nothing
+    assert times == pytest.approx([0, 0.08, 0.2, 0.28]) and levels(frames) == [0, 2, 5, 7]
+
+
 def test_frames_over_max_frame_pixels_are_refused_before_decoding(monkeypatch):
     video = make_video(n=3, rate=1, w=640, h=480)
     decoded = []
