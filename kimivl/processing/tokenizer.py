@@ -309,11 +309,12 @@ def train_bpe(
                 f"the training text only supports {len(ranks)} ranks, fewer than vocab_size="
                 f"{vocab_size}; give more (or more varied) text"
             )
+        # Always new bytes: the pair's tokens, wherever they lie, were split at every earlier step as their bytes
+        # alone would be (no merge crosses a token boundary that lasts), so an earlier merge making the same bytes
+        # would have joined them already.
         merged = vocab[pair[0]] + vocab[pair[1]]
-        if merged not in ranks:  # the same bytes reached by another merge path keep their rank
-            ranks[merged] = len(vocab)
-            vocab.append(merged)
-        new_id = ranks[merged]
+        new_id = ranks[merged] = len(vocab)
+        vocab.append(merged)
         touched: set[tuple[int, int]] = set()
         for wi in where.pop(pair):
             w, f = words[wi], freqs[wi]

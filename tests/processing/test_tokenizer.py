@@ -182,6 +182,18 @@ def test_trainer_matches_naive_reference():
     assert train_bpe(texts, vocab_size=420).mergeable_ranks == naive_bpe(texts, 420)
 
 
+def test_runs_of_one_letter_train_each_length_once_with_the_ranks_worked_out_by_hand():
+    """Words a, aa, ... a*9 (once each), trained to the end. Where bytes could be reached by two merge paths (aaa as
+    aa+a or a+aa, a*5 as a*4+a or aa+aaa ...) the trainer meets only one: each merge makes new bytes, one rank each.
+    By hand: aa (36 pairs), aa+aa (12), then ties of 2 and of 1 go to the smallest bytes, left token first: aa+a,
+    a*4+a, a*4+aa, a*4+aaa, a*4+a*4, a*4+a*5."""
+    tok = train_bpe(["a" * n for n in range(1, 10)], vocab_size=264)
+    merged = {token: rank for token, rank in tok.mergeable_ranks.items() if rank >= 256}
+    assert merged == {b"a" * n: rank for n, rank in zip((2, 4, 3, 5, 6, 7, 8, 9), range(256, 264))}
+    assert [tok.encode("a" * n) for n in (3, 5, 10, 11)] == [[258], [259], [257, 260], [257, 261]]
+    assert tok.mergeable_ranks == naive_bpe(["a" * n for n in range(1, 10)], 264)
+
+
 def test_trainer_rejects_too_small_corpus():
     with pytest.raises(ValueError, match="only supports"):
         train_bpe(["abab"], vocab_size=300)
