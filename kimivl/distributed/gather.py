@@ -32,7 +32,9 @@ from kimivl.model.moe import GroupedExperts, expert_views
 
 def gathered_tensors(model: nn.Module, world: World) -> Iterator[tuple[str, torch.Tensor | None]]:
     """Every rank, in step: each parameter and buffer of ``model`` by module name, whole (with expert parallelism,
-    every expert group's experts in order): a CPU tensor on rank 0, None on the others. Tensors still on the meta
+    every expert group's experts in order): a CPU tensor on rank 0, None on the others. They come in the order of
+    ``state_dict()`` (each module's own parameters, then its own buffers, then its submodules'), the order the
+    official files are planned in, so each file is complete once its last tensor comes. Tensors still on the meta
     device (not loaded on any rank) are left out."""
     experts = {
         f"{name}.{p}"
@@ -40,7 +42,7 @@ def gathered_tensors(model: nn.Module, world: World) -> Iterator[tuple[str, torc
         if isinstance(m, GroupedExperts)
         for p in ("gate_up_proj", "down_proj")
     }
-    for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
+    for name, t in _in_state_dict_order(model):
         if t.is_meta:
             continue
         whole = t.detach().full_tensor() if isinstance(t, DTensor) else t.detach()
@@ -50,6 +52,12 @@ def gathered_tensors(model: nn.Module, world: World) -> Iterator[tuple[str, torc
             whole = torch.cat(parts)
         yield name, whole.cpu().clone() if world.main else None
         del whole
+
+
+def _in_state_dict_order(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    for prefix, module in model.named_modules():
+        for name, t in itertools.chain(module.named_parameters(recurse=False), module.named_buffers(recurse=False)):
+            yield f"{prefix}.{name}" if prefix else name, t
 
 
 def save_gathered(
