@@ -24,7 +24,7 @@ from pathlib import PurePath
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from kimivl.config import KimiVLConfig, set_weight_dtype
@@ -410,9 +410,7 @@ def _write_converted(src: str, dst: str, names: list[str], indexed: bool, dtype:
         for name in names:
             file = os.path.join(dst, name)
             os.makedirs(os.path.dirname(file), exist_ok=True)
-            tensors = {k: _for_file(k, t, dtype) for k, t in load_file(os.path.join(src, name)).items()}
-            total += sum(t.numel() * t.element_size() for t in tensors.values())
-            _atomic_save(tensors, file)
+            total += _convert_file(os.path.join(src, name), file, dtype)
         if indexed:
             file = os.path.join(dst, INDEX)
             with open(os.path.join(src, INDEX), encoding="utf-8") as f:
@@ -423,6 +421,15 @@ def _write_converted(src: str, dst: str, names: list[str], indexed: bool, dtype:
         write_text_atomic(file, json.dumps(config, indent=2) + "\n")
     except OSError as e:  # _atomic_save removed its temporary file
         raise write_error(e, file) from None
+
+
+def _convert_file(source: str, file: str, dtype: torch.dtype) -> int:
+    """The safetensors ``source`` written to ``file`` in ``dtype`` (``_for_file``), read a tensor at a time; returns the
+    bytes of tensors written. The converted tensors are freed on return, before the caller reads the next file."""
+    with safe_open(source, framework="pt") as f:
+        tensors = {k: _for_file(k, f.get_tensor(k), dtype) for k in f.keys()}
+    _atomic_save(tensors, file)
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def saved_dtype(key: str, t: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:

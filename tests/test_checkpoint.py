@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import weakref
 
 import pytest
 import torch
@@ -211,6 +212,30 @@ def test_a_checkpoint_converted_file_by_file_equals_one_saved_in_that_dtype(tiny
     torch.testing.assert_close(
         loaded(ids).logits, KimiVL.from_pretrained(tmp_path / "bf16", dtype=torch.float32)(ids).logits
     )
+
+
+def test_a_conversion_holds_one_file_at_a_time(tiny_model, tmp_path, monkeypatch):
+    """Memory of one file, not two: when a tensor is converted, every tensor of the files written before is freed, and
+    so is the source tensor converted before it (the source is read a tensor at a time)."""
+    from kimivl import checkpoint
+
+    tiny_model.save_pretrained(tmp_path / "bf16", dtype=torch.bfloat16, max_shard_bytes=300_000)
+    written, sources = [], []  # weak references to the tensors of the files written, and to each source tensor
+    for_file, atomic_save = checkpoint._for_file, checkpoint._atomic_save
+
+    def converted(key, t, dtype):
+        assert not [r for r in written + sources if r() is not None], f"{key}: an earlier tensor is still held"
+        sources.append(weakref.ref(t))
+        return for_file(key, t, dtype)
+
+    def save(tensors, file, metadata=None):
+        atomic_save(tensors, file, metadata)
+        written.extend(weakref.ref(t) for t in tensors.values())
+
+    monkeypatch.setattr(checkpoint, "_for_file", converted)
+    monkeypatch.setattr(checkpoint, "_atomic_save", save)
+    convert_checkpoint(tmp_path / "bf16", tmp_path / "f32", torch.float32)
+    assert len(list((tmp_path / "f32").glob("*.safetensors"))) > 3 and len(sources) == len(tiny_model.state_dict())
 
 
 ROUTER = "language_model.model.layers.1.mlp.gate."
