@@ -235,10 +235,12 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
     warn_non_finite(path, non_finite)
 
 
-def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
+def _shards(state: dict[str, torch.Tensor], max_bytes: int, dtype: torch.dtype | None = None) -> list[list[str]]:
+    """The keys of ``state`` in order, cut into files of at most ``max_bytes`` (a larger tensor alone) as saved in
+    ``dtype`` (``saved_dtype``; None: as held)."""
     shards, size = [[]], 0
     for k, t in state.items():
-        n = t.numel() * t.element_size()
+        n = t.numel() * saved_dtype(k, t, dtype).itemsize
         if shards[-1] and size + n > max_bytes:
             shards.append([])
             size = 0
@@ -340,7 +342,7 @@ def save_checkpoint(
     state = model.state_dict()
     frozen = _frozen_keys(model, state) if frozen_apart else set()
     parts = [{k: t for k, t in state.items() if (k in frozen) == side} for side in (True, False)]
-    groups = [g for part in parts if part for g in _shards(part, max_shard_bytes)]
+    groups = [g for part in parts if part for g in _shards(part, max_shard_bytes, dtype)]
     names = shard_file_names(len(groups))
     keep = set(names) | ({INDEX} if len(groups) > 1 else set())
     stale = _stale_files(path, keep | {CONFIG})  # a config.json beside the weights describes them

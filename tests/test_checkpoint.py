@@ -322,6 +322,22 @@ def test_shards_fill_to_exactly_the_limit_and_the_index_counts_the_saved_dtype(t
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in held)
 
 
+@pytest.mark.parametrize("held, saved", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)])
+def test_shards_are_sized_in_the_dtype_written(tiny_model, tmp_path, held, saved):
+    """A model saved in another dtype is cut into files as a model held in that dtype is: no file holds more than
+    ``max_shard_bytes`` of tensors when saving wider (sized by the dtype held, a bf16 model's float32 files reached
+    1.6x the limit), and files are not left half full when saving narrower."""
+    limit = 4_000_000  # above every tensor (the largest is 2.1 MB in float32)
+    to_dtype(tiny_model, held).save_pretrained(tmp_path / "cast", max_shard_bytes=limit, dtype=saved)
+    to_dtype(tiny_model, saved).save_pretrained(tmp_path / "held", max_shard_bytes=limit)
+    files = sorted((tmp_path / "cast").glob("model-*.safetensors"))
+    assert len(files) > 1
+    for file in files:
+        assert sum(t.numel() * t.element_size() for t in load_file(file).values()) <= limit, file.name
+    index, expected = (json.loads((tmp_path / d / INDEX).read_text()) for d in ("cast", "held"))
+    assert index == expected
+
+
 def test_bf16_and_float32_loading(tiny_model, tmp_path):
     tiny_model.save_pretrained(tmp_path, dtype=torch.bfloat16)
     on_disk = load_file(tmp_path / "model.safetensors")
