@@ -72,6 +72,23 @@ def test_non_finite_values_are_named_in_a_warning(saved, caplog):
     assert torch.isnan(model.language_model.lm_head.weight[3, 5])
 
 
+@pytest.mark.parametrize("dtype", ckpt.WEIGHT_DTYPES)
+def test_is_finite_finds_any_nan_or_inf(dtype):
+    """``is_finite`` (by the least and greatest values) agrees with ``isfinite(t).all()``: one NaN, +inf or -inf
+    anywhere (a non-contiguous view too), both infinities, NaN alone; an empty tensor and an integer one are finite."""
+    inf, nan = float("inf"), float("nan")
+    assert ckpt.is_finite(torch.randn(64, 33).to(dtype)) and ckpt.is_finite(torch.tensor(65504.0, dtype=dtype))
+    assert ckpt.is_finite(torch.empty(0, 5, dtype=dtype)) and ckpt.is_finite(torch.tensor([], dtype=torch.int64))
+    for bad in ([nan], [inf], [-inf], [-inf, inf], [nan, inf], [-inf, nan, 1.0]):
+        assert not ckpt.is_finite(torch.tensor(bad, dtype=dtype)), bad
+    for value in (nan, inf, -inf):
+        for at in ((0, 0), (17, 5), (63, 32)):
+            t = torch.randn(64, 33).to(dtype)
+            t[at] = value
+            assert not ckpt.is_finite(t), (value, at)
+            assert ckpt.is_finite(t.t()[5:]) == (at[1] < 5), (value, at)  # a non-contiguous view: columns 5 on
+
+
 def test_finite_checkpoints_load_without_warning(saved, caplog):
     with caplog.at_level(logging.WARNING, logger="kimivl.checkpoint"):
         KimiVL.from_pretrained(saved)
