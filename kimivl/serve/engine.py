@@ -83,10 +83,12 @@ class Request:
 
 
 class _Choice:
-    """One row of the batch: its request, generator, incremental UTF-8 decoder and stop-string hold-back."""
+    """One row of the batch: its request, generator, incremental UTF-8 decoder and stop-string hold-back. It takes at
+    most ``max_new_tokens`` tokens, fewer where the prompt leaves less of the ``context`` (as ``generate_ids``)."""
 
-    def __init__(self, request: Request, index: int, tokenizer, device: torch.device):
+    def __init__(self, request: Request, index: int, tokenizer, device: torch.device, context: int):
         self.request, self.index, self.tokenizer = request, index, tokenizer
+        self.room = min(request.params.max_new_tokens, context - len(request.prompt))
         seed = request.params.seed
         self.generator = None if seed is None else seeded_generator((seed + index) % 2**64, device)
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -97,10 +99,10 @@ class _Choice:
 
     def add(self, token: int, stop_ids: set[int], record: tuple | None = None) -> None:
         """Take one generated token (and its logprob ``record``, if asked for); set ``finish`` when the choice is
-        over, and emit any text that is safe to send. A record is sent with the piece of text that ends its token's
-        text (a token without text, a special one or the first bytes of a character, goes with the next piece); the
-        stop token gets none, nor does a token whose text starts at or after a stop string's cut (a token that is
-        partly cut keeps its record)."""
+        over (a stop token or string; "length" once it holds ``room`` tokens), and emit any text that is safe to send.
+        A record is sent with the piece of text that ends its token's text (a token without text, a special one or the
+        first bytes of a character, goes with the next piece); the stop token gets none, nor does a token whose text
+        starts at or after a stop string's cut (a token that is partly cut keeps its record)."""
         if token in stop_ids:
             self._end("stop")
             return
@@ -117,7 +119,7 @@ class _Choice:
             self.records = [r for r in self.records if r[0] < cut]
             self._end("stop", flush=False)
             return
-        if self.tokens >= self.request.params.max_new_tokens:
+        if self.tokens >= self.room:
             self._end("length")
             return
         self._send(len(self.text) - self.hold)
@@ -495,11 +497,13 @@ class Engine:
                 self._fail(job.request, f"prefill failed: {result}")
             return []
         lm, ready = self.model.language_model, []
+        context = self.model.config.text_config.max_position_embeddings
         for job, (own, hidden) in zip(group, result):
             request = job.request
             try:
                 logits = lm.logits(hidden)
-                rows = [_Choice(request, i, self.processor.tokenizer, self.model.device) for i in range(request.n)]
+                tokenizer, device = self.processor.tokenizer, self.model.device
+                rows = [_Choice(request, i, tokenizer, device, context) for i in range(request.n)]
                 firsts = [int(sample_next(logits, request.params, row.generator)) for row in rows]
                 records = [None] * len(rows)
                 if request.logprobs is not None:
@@ -545,7 +549,6 @@ class Engine:
         batch.positions = batch.positions + 1
         greedy = logits.argmax(-1).tolist()  # sample_next's greedy choice for all rows at once
         bad = (~torch.isfinite(logits.amax(-1))).tolist()  # NaN, +inf, or no finite logit: nothing to choose from
-        context = self.model.config.text_config.max_position_embeddings
         tokens = []
         for i, row in enumerate(batch.rows):
             if row is None:
@@ -570,13 +573,10 @@ class Engine:
         if asked:  # the rows that asked for logprobs, only
             tops = [batch.rows[i].request.logprobs for i in asked]
             records = dict(zip(asked, token_logprobs(logits[asked], [tokens[i] for i in asked], tops)))
-        positions = batch.positions.tolist()
         for i, row in live:
             if row.request.cancelled:  # meanwhile (a sibling choice's event may cancel it): its row takes nothing more
                 continue
             row.add(tokens[i], self._stop_ids, records.get(i))
-            if not row.finish and positions[i] >= context:
-                row._end("length")
         batch.tokens = torch.tensor(tokens, device=batch.tokens.device)
         # the rows that leave, read once (a client may cancel meanwhile): each is counted and freed
         leaving = [r for r in batch.rows if r is not None and (r.finish or r.request.cancelled)]

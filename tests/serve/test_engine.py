@@ -177,7 +177,7 @@ def test_a_token_that_completes_two_stop_strings_ends_the_text_before_the_earlie
     for stop in (["d", "re"], ["re", "d"]):
         events = []
         request = Request([1], None, None, SamplingParams(max_new_tokens=8), events.append, stop=stop)
-        choice = _Choice(request, 0, Pieces(), torch.device("cpu"))
+        choice = _Choice(request, 0, Pieces(), torch.device("cpu"), context=64)
         choice.add(0, set())
         choice.add(1, set())
         assert choice.text == "A " and choice.finish == "stop", stop
@@ -361,4 +361,47 @@ def test_a_prompt_that_is_empty_or_fills_the_context_is_refused_before_it_joins_
 
     engine.submit(Request([1] * (context - 1), None, None, params, emit))
     assert running.text() == alone
-    assert finished.wait(60) and events[-1][0] == "done" and events[-1][2] == "length", events[-1]  # at the context
+    assert finished.wait(60) and events[-1][0] == "done", events[-1]
+    assert events[-1][2:] == ("length", 1)  # its one token fills the context (it took a second one past it)
+
+
+def test_the_engine_stops_at_the_context_as_generate_ids_does(loaded, monkeypatch):
+    """A prompt of context - 3 tokens got 4 tokens (prompt + completion = context + 1) and one of context - 1 got 2:
+    the step ended a row after the token at the context, and the first token was never checked. Now each row stops
+    where ``generate_ids`` does, with its tokens, alone and beside running rows (a context of 64, no stop ids)."""
+    model, processor = loaded
+    context = 64
+    monkeypatch.setattr(model.config.text_config, "max_position_embeddings", context)
+    text = " ".join(f"item {i} is red;" for i in range(40))
+    ids = processor.encode([{"role": "user", "content": text}]).input_ids
+    params = SamplingParams(max_new_tokens=10, temperature=0.0)
+
+    def submit(engine, prompt):
+        events, done = [], threading.Event()
+        emit = lambda event: (events.append(event), event[0] in ("done", "error") and done.set())  # noqa: E731
+        engine.submit(Request(prompt, None, None, params, emit, logprobs=0))
+        return events, done
+
+    def tokens(events, done):  # the tokens of the logprob records, which are all of them (no stop id or string)
+        assert done.wait(60) and events[-1][0] == "done", events[-1]
+        got = [record[0] for e in events if e[0] == "logprobs" for record in e[2]]
+        assert events[-1][2:] == ("length", len(got))
+        return got
+
+    prompts = [ids[:n] for n in (context - 1, context - 2, context - 3, context - 20)]
+    want = [generate_ids(model, [p], params=params)[0] for p in prompts]
+    assert [len(w) for w in want] == [1, 2, 3, 10]
+    engine = Engine(model, processor, max_batch=4, prefill_chunk=16)
+    engine._stop_ids = set()
+    engine.start()
+    try:
+        for prompt, ref in zip(prompts, want):  # alone
+            assert tokens(*submit(engine, prompt)) == ref
+        running = submit(engine, prompts[-1])  # the edge prompts join a running row, then decode beside it
+        while not any(e[0] == "text" for e in running[0]):
+            time.sleep(0.005)
+        edges = [submit(engine, p) for p in prompts[:3]]
+        assert [tokens(*e) for e in edges] + [tokens(*running)] == want
+    finally:
+        engine.shutdown()
+    assert engine.metrics.completion_tokens == 2 * sum(len(w) for w in want)
