@@ -375,19 +375,7 @@ def test_the_engine_stops_at_the_context_as_generate_ids_does(loaded, monkeypatc
     text = " ".join(f"item {i} is red;" for i in range(40))
     ids = processor.encode([{"role": "user", "content": text}]).input_ids
     params = SamplingParams(max_new_tokens=10, temperature=0.0)
-
-    def submit(engine, prompt):
-        events, done = [], threading.Event()
-        emit = lambda event: (events.append(event), event[0] in ("done", "error") and done.set())  # noqa: E731
-        engine.submit(Request(prompt, None, None, params, emit, logprobs=0))
-        return events, done
-
-    def tokens(events, done):  # the tokens of the logprob records, which are all of them (no stop id or string)
-        assert done.wait(60) and events[-1][0] == "done", events[-1]
-        got = [record[0] for e in events if e[0] == "logprobs" for record in e[2]]
-        assert events[-1][2:] == ("length", len(got))
-        return got
-
+    submit = lambda engine, prompt: _submit(engine, prompt, params)  # noqa: E731
     prompts = [ids[:n] for n in (context - 1, context - 2, context - 3, context - 20)]
     want = [generate_ids(model, [p], params=params)[0] for p in prompts]
     assert [len(w) for w in want] == [1, 2, 3, 10]
@@ -396,12 +384,33 @@ def test_the_engine_stops_at_the_context_as_generate_ids_does(loaded, monkeypatc
     engine.start()
     try:
         for prompt, ref in zip(prompts, want):  # alone
-            assert tokens(*submit(engine, prompt)) == ref
+            assert _tokens(*submit(engine, prompt)) == ref
         running = submit(engine, prompts[-1])  # the edge prompts join a running row, then decode beside it
-        while not any(e[0] == "text" for e in running[0]):
-            time.sleep(0.005)
+        _wait(lambda: any(e[0] == "text" for e in running[0]))
         edges = [submit(engine, p) for p in prompts[:3]]
-        assert [tokens(*e) for e in edges] + [tokens(*running)] == want
+        assert [_tokens(*e) for e in edges] + [_tokens(*running)] == want
     finally:
         engine.shutdown()
     assert engine.metrics.completion_tokens == 2 * sum(len(w) for w in want)
+
+
+def _submit(engine: Engine, prompt: list[int], params: SamplingParams) -> tuple[list[tuple], threading.Event]:
+    """Submit ``prompt`` asking for logprobs; returns its events and an event set by its ``done`` or ``error``."""
+    events, done = [], threading.Event()
+
+    def emit(event):
+        events.append(event)
+        if event[0] in ("done", "error"):
+            done.set()
+
+    engine.submit(Request(prompt, None, None, params, emit, logprobs=0))
+    return events, done
+
+
+def _tokens(events: list[tuple], done: threading.Event) -> list[int]:
+    """A request's tokens, read from its logprob records (all of them: the caller's engine has no stop ids, and it
+    has no stop strings), once it ended at its length."""
+    assert done.wait(60) and events[-1][0] == "done", events[-1:]
+    got = [record[0] for e in events if e[0] == "logprobs" for record in e[2]]
+    assert events[-1][2:] == ("length", len(got))
+    return got
