@@ -82,6 +82,27 @@ def test_mmmu_open_numbers_and_strings():
     assert lenient(mmmu)("respiration", meta)["score"] == 0.0
 
 
+def test_mmmu_score_rows_in_lenient_mode_scores_each_row_as_score_does():
+    """What ``kimivl eval --scoring lenient`` runs for MMMU: each row as ``score`` gives it, an answer extracted
+    elsewhere in place of the prediction, a guess from the row's own seed (not the official single stream, so the
+    rows' order changes nothing)."""
+    meta = {"type": "open", "answer": ["3.14159"], "seed": "1", "group": "Math"}
+    items = [
+        ("◁think▷ maybe (B) ◁/think▷ The answer is (C).", MC, None),
+        ("The capital is Berlin", MC, None),  # the option's text: the official rules find no letter and guess
+        ("I cannot tell", MC, None),
+        ("The value is 3.14", meta, None),
+        ("a long rambling answer", meta, "3.14"),
+        ("The value is 3.14", meta, "3.2"),  # the extracted answer, not the prediction
+    ]
+    rows = mmmu.score_rows(items, mode="lenient")
+    assert [r["score"] for r in rows] == [1.0, 1.0, 0.0, 1.0, 1.0, 0.0]
+    assert [r["extracted"] for r in rows[:2]] == ["C", "C"] and rows[2]["random"]
+    assert rows == [lenient(mmmu)(p, m, extracted=e) for p, m, e in items]
+    assert mmmu.score_rows(items[::-1], mode="lenient") == rows[::-1]
+    assert mmmu.score_rows(items)[1]["score"] == 0.0  # officially scored, the second row is a wrong guess
+
+
 def test_numbers():
     assert numbers("x = -3, y = 1,234.5 and .5 or 2e3") == [-3.0, 1234.5, 0.5, 2000.0]
     assert numbers("v2 of 5cm") == [5.0]

@@ -1,5 +1,6 @@
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from kimivl.rl.rollouts import token_logprobs
 from kimivl.rl.trainer import RLConfig, RLTrainer
 from kimivl.train.optim import build_optimizer
 from kimivl.train.schedule import scheduler_at
+from kimivl.train.step import TrainingError
 
 PROBLEMS = [
     {"messages": [{"role": "user", "content": f"question {i}"}], "meta": {"task": "toy", "gold": i}} for i in range(4)
@@ -200,6 +202,42 @@ def test_each_objective_gets_its_own_advantage(small_model, small_processor, tmp
     # the minibatches take the answers shuffled: compare the advantages given, sorted
     got = torch.cat(given).sort().values
     torch.testing.assert_close(got, want.flatten().sort().values, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("objective", ["opmd", "grpo"])
+def test_a_non_finite_loss_or_gradient_norm_stops_rl_naming_the_last_checkpoint(
+    small_model, small_processor, tmp_path, monkeypatch, objective
+):
+    """A NaN loss in an iteration's second minibatch (after its first update) stops before its backward, and a
+    non-finite gradient in the first stops before the update (the weights as they were); both name the checkpoint of
+    the last iteration, not the half-updated weights, and write none."""
+    trainer = make_trainer(copy.deepcopy(small_model), small_processor, tmp_path, objective=objective, iterations=1)
+    trainer.run(progress=False)
+    checkpoint = tmp_path / "rl" / "checkpoints" / "step-0000001"
+    assert trainer.iteration == 1 and checkpoint.is_dir()
+    names = lambda: sorted(p.name for p in checkpoint.parent.iterdir())  # noqa: E731
+    before = names()
+    last_good = rf"the last good state is the checkpoint {re.escape(str(checkpoint))}$"
+
+    name = f"{objective}_loss"
+    real, calls = getattr(trainer_mod, name), []
+    nan_second = lambda *a: real(*a) * (float("nan") if calls.append(1) or len(calls) == 2 else 1.0)  # noqa: E731
+    monkeypatch.setattr(trainer_mod, name, nan_second)
+    with pytest.raises(TrainingError, match="^rl: iteration 2: loss is not finite; " + last_good):
+        trainer.step()
+    assert len(calls) == 2  # the NaN loss went no further
+    monkeypatch.undo()
+
+    weights = {k: v.clone() for k, v in trainer.policy.state_dict().items()}
+    embed = trainer.policy.language_model.model.embed_tokens.weight
+    hook = embed.register_hook(lambda grad: grad * float("inf"))
+    try:
+        with pytest.raises(TrainingError, match="^rl: iteration 2: gradient norm is (nan|inf); " + last_good):
+            trainer.step()
+    finally:
+        hook.remove()
+    assert all(torch.equal(v, weights[k]) for k, v in trainer.policy.state_dict().items())
+    assert trainer.iteration == 1 and names() == before
 
 
 def _cut_rollouts(monkeypatch) -> list:
