@@ -173,8 +173,10 @@ def create_app(
                 encoder, _parse_and_encode, engine, body, limits, context
             )
         except RequestError as e:
+            engine.metrics.requests["invalid"] += 1  # refused before it ran: a bad body, field, media, size or model
             return _error(e)
         except ClientDisconnect:  # gone while sending its body: nobody to answer
+            engine.metrics.requests["cancelled"] += 1
             return Response(status_code=499)
         queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()

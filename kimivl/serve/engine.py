@@ -167,7 +167,7 @@ class Metrics:
 
     def prometheus(self) -> str:
         lines = ["# TYPE kimivl_requests_total counter"]
-        for outcome in sorted(set(self.requests) | {"ok", "error", "cancelled", "rejected"}):
+        for outcome in sorted(set(self.requests) | {"ok", "error", "cancelled", "rejected", "invalid"}):
             lines.append(f'kimivl_requests_total{{outcome="{outcome}"}} {self.requests[outcome]}')
         lines += [
             "# TYPE kimivl_prompt_tokens_total counter",

@@ -237,8 +237,8 @@ def test_models_health_and_metrics(tiny):
     url, _ = tiny
     assert [m.id for m in _client(url).models.list()] == ["kimivl-tiny"]
     assert json.loads(_get(url + "/health")) == {"status": "ok"}
-    _client(url).chat.completions.create(
-        model="kimivl-tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=3, temperature=0
+    _client(url).chat.completions.create(  # a question the model answers (to "Hi" it ends at once)
+        model="kimivl-tiny", messages=[{"role": "user", "content": "What is 2 + 3?"}], max_tokens=3, temperature=0
     )
     text = _get(url + "/metrics")
     values = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
@@ -247,6 +247,16 @@ def test_models_health_and_metrics(tiny):
     assert int(values["kimivl_time_to_first_token_seconds_count"]) >= 1
     assert values["kimivl_queue_length"] == "0" and "kimivl_batch_size" in values
     assert int(values['kimivl_requests_total{outcome="rejected"}']) == 0
+    # refusals before anything runs are counted too (an alert on failures would see none of them otherwise)
+    invalid = int(values['kimivl_requests_total{outcome="invalid"}'])
+    for bad in ({"max_tokens": -5}, {"model": "other"}, {"messages": []}):
+        with pytest.raises(openai.APIStatusError):
+            _client(url).chat.completions.create(
+                **{"model": "kimivl-tiny", "messages": [{"role": "user", "content": "Hi"}], **bad}
+            )
+    text = _get(url + "/metrics")
+    values = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
+    assert int(values['kimivl_requests_total{outcome="invalid"}']) == invalid + 3
 
 
 def test_greedy_answers_under_8_concurrent_clients_equal_the_answers_alone(tiny):
