@@ -485,7 +485,7 @@ def _check_eval_inputs(args: argparse.Namespace, tasks: list, data: dict[str, st
             except FileNotFoundError as e:
                 raise CommandError(f"--data for {task.name}: {e}") from None
         if task.options.get("task") and source is not None:
-            task.load(source)  # synthetic:<task>: an unknown one is an error listing those the data holds
+            next(iter(task.load(source)), None)  # synthetic:<task>: an unknown one is an error listing the data's
         if task.name == "niah" and not args.predictions:
             niah.check_options(
                 args.lengths,

@@ -8,8 +8,10 @@ gold box (normalised coordinates).
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -80,26 +82,34 @@ def evaluate(
     return acc, rows
 
 
-def heldout_records(split_dir: str | os.PathLike, limit: int | None = None) -> list[dict]:
-    """The first ``limit`` records of every task file in a held-out split directory (text files and eval outputs,
-    such as an ``--out`` into the same directory writes, excluded); each needs ``meta.task`` and ``meta.gold`` to be
-    scored (a ``DataError`` names the first that lacks them). A record without an ``id`` gets ``<file stem>/<line>``
+def heldout_files(split_dir: str | os.PathLike) -> list[Path]:
+    """The task files of a held-out split directory, sorted: its ``*.jsonl`` less text files and eval outputs (such
+    as an ``--out`` into the same directory writes)."""
+    paths = sorted(Path(split_dir).glob("*.jsonl"))
+    return [p for p in paths if not (is_eval_output(p) or is_text_file(p))]
+
+
+def iter_heldout(path: str | os.PathLike) -> Iterator[dict]:
+    """Stream the records of one held-out task file, each checked to hold ``meta.task`` and ``meta.gold`` (a
+    ``DataError`` names the first that lacks them); a record without an ``id`` gets ``<file stem>/<line>``
     (``ocr/3``: the third line of ``ocr.jsonl``), so that each is a row of its own."""
-    records = []
-    for path in sorted(Path(split_dir).glob("*.jsonl")):
-        if is_eval_output(path) or is_text_file(path):
-            continue
-        mine = list(iter_lines(path, text=False))[:limit]
-        for i, (lineno, _, record) in enumerate(mine):
-            meta = record.get("meta")
-            if not isinstance(meta, dict) or "task" not in meta or "gold" not in meta:
-                raise DataError(
-                    f"{path}: record {i + 1} has no meta.task and meta.gold to score it by (held-out "
-                    "accuracy needs them; for a loss on your own data use a stage's val)"
-                )
-            if record.get("id") in (None, ""):
-                record["id"] = f"{path.stem}/{lineno}"
-        records += [record for _, _, record in mine]
+    path = Path(path)
+    for i, (lineno, _, record) in enumerate(iter_lines(path, text=False)):
+        meta = record.get("meta")
+        if not isinstance(meta, dict) or "task" not in meta or "gold" not in meta:
+            raise DataError(
+                f"{path}: record {i + 1} has no meta.task and meta.gold to score it by (held-out "
+                "accuracy needs them; for a loss on your own data use a stage's val)"
+            )
+        if record.get("id") in (None, ""):
+            record["id"] = f"{path.stem}/{lineno}"
+        yield record
+
+
+def heldout_records(split_dir: str | os.PathLike, limit: int | None = None) -> list[dict]:
+    """The first ``limit`` records of every task file of a held-out split directory (``heldout_files``; only those
+    lines are read), checked and named by ``iter_heldout``."""
+    records = [r for path in heldout_files(split_dir) for r in itertools.islice(iter_heldout(path), limit)]
     if not records:
         raise FileNotFoundError(f"no held-out conversation files in {split_dir}")
     return records

@@ -7,7 +7,8 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable
+import itertools
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,24 +56,48 @@ class Task:
         return [self.score(p, m, mode=mode, extracted=e) for p, m, e in items]
 
 
-def _synthetic_load(data, task: str | None = None, **_) -> list[Sample]:
+def _synthetic_load(data, task: str | None = None, **_) -> Iterator[Sample]:
     """The held-out questions, interleaved across tasks (so ``--limit N`` takes rows of every task), or those of
-    ``task``; an unknown ``task`` is an error listing the tasks the data holds."""
-    by_task: dict[str, list[Sample]] = {}
-    for record in synthetic.heldout_records(data):
-        meta = record.get("meta") or {}
-        messages = record["messages"]
-        prompt = messages[:-1] if messages[-1]["role"] == "assistant" else messages
-        by_task.setdefault(meta["task"], []).append(Sample(record.get("id"), prompt, {**meta, "group": meta["task"]}))
+    ``task``; an unknown ``task`` is an error listing the tasks the data holds. Rows are read as they are asked for:
+    one open reader per task file, the files of a task (by their first record's) one after the other."""
+    files = synthetic.heldout_files(data)
     if task is not None:
-        if task not in by_task:
+        seen: set[str] = set()
+        for path in files:
+            for record in synthetic.iter_heldout(path):
+                seen.add(record["meta"]["task"])
+                if record["meta"]["task"] == task:
+                    yield _synthetic_sample(record)
+        if not seen:
+            raise FileNotFoundError(f"no held-out conversation files in {data}")
+        if task not in seen:
             raise ValueError(
-                f"unknown synthetic task {task!r}; {data} holds: {', '.join(sorted(by_task))} "
+                f"unknown synthetic task {task!r}; {data} holds: {', '.join(sorted(seen))} "
                 "(use --task synthetic:<one of them>, or synthetic for all)"
             )
-        return by_task[task]
-    queues = list(by_task.values())
-    return [queue[i] for i in range(max(map(len, queues))) for queue in queues if i < len(queue)]
+        return
+    by_task: dict[str, list[Iterator[dict]]] = {}
+    for path in files:
+        records = synthetic.iter_heldout(path)
+        first = next(records, None)
+        if first is not None:
+            by_task.setdefault(first["meta"]["task"], []).append(itertools.chain([first], records))
+    if not by_task:
+        raise FileNotFoundError(f"no held-out conversation files in {data}")
+    queues = [itertools.chain.from_iterable(readers) for readers in by_task.values()]
+    while queues:
+        for queue in list(queues):
+            record = next(queue, None)
+            if record is None:
+                queues.remove(queue)
+            else:
+                yield _synthetic_sample(record)
+
+
+def _synthetic_sample(record: dict) -> Sample:
+    meta, messages = record["meta"], record["messages"]
+    prompt = messages[:-1] if messages[-1]["role"] == "assistant" else messages
+    return Sample(record.get("id"), prompt, {**meta, "group": meta["task"]})
 
 
 def _synthetic_score(prediction: str, meta: dict, mode: str = "official", extracted: str | None = None) -> dict:

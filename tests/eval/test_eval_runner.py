@@ -422,7 +422,7 @@ def test_rule_extraction_is_recorded_where_the_official_pipeline_uses_an_llm(tmp
 
 def test_predictions_holding_line_separators_resume_and_a_bom_or_bad_bytes_are_handled(tmp_path):
     task = get_task("synthetic:ocr")
-    rows = task.load(task.default_data)
+    rows = list(task.load(task.default_data))
     out = tmp_path / "out"
     run_task(task, rows, out, generate_fn=lambda c: ["3\u2028\u2029\x85"] * len(c), progress=False, limit=4)
     result = run_task(task, rows, out, generate_fn=lambda c: ["3"] * len(c), progress=False, limit=8)  # resumes
@@ -444,7 +444,7 @@ def test_predictions_holding_line_separators_resume_and_a_bom_or_bad_bytes_are_h
 
 def test_a_second_eval_into_the_same_out_is_refused_while_the_first_runs(tmp_path):
     task = get_task("synthetic:ocr")
-    rows = task.load(task.default_data)
+    rows = list(task.load(task.default_data))
     out, refused = tmp_path / "out", []
 
     def answer_and_start_another(conversations):

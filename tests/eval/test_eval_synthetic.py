@@ -54,13 +54,13 @@ def test_synthetic_sub_task_typo_lists_the_tasks_and_limit_spans_tasks():
 
     task = get_task("synthetic:captoin")
     with pytest.raises(ValueError, match="unknown synthetic task 'captoin'.*caption, chart, gui"):
-        task.load(task.default_data, **task.options)
+        list(task.load(task.default_data, **task.options))
     every = get_task("synthetic")
-    rows = every.load(every.default_data)
+    rows = list(every.load(every.default_data))
     tasks = {r.meta["task"] for r in rows}
     assert len(tasks) == 7 and {r.meta["task"] for r in rows[:7]} == tasks  # the first 7 rows: one of each
     caption = get_task("synthetic:caption")
-    only = caption.load(caption.default_data, **caption.options)
+    only = list(caption.load(caption.default_data, **caption.options))
     assert only and {r.meta["task"] for r in only} == {"caption"}
 
 
@@ -94,11 +94,11 @@ def test_a_synthetic_sub_task_loads_only_its_rows_from_python(tmp_path):
     from kimivl.eval.tasks import get_task
 
     task = get_task("synthetic:ocr")
-    rows = task.load(task.default_data)  # no options: the sub-task is bound to the task
+    rows = list(task.load(task.default_data))  # no options: the sub-task is bound to the task
     assert len(rows) == 20 and {r.meta["task"] for r in rows} == {"ocr"}
     result = run_task(task, rows, tmp_path, generate_fn=lambda c: ["x"] * len(c), progress=False)
     assert result["scored"] == 20 and set(result["metrics"]) == {"accuracy", "accuracy/ocr"}
-    assert len(task.load(task.default_data, **task.options)) == 20  # as the CLI calls it
+    assert len(list(task.load(task.default_data, **task.options))) == 20  # as the CLI calls it
 
 
 def test_eval_outputs_written_into_the_data_directory_are_not_held_out_records(tmp_path):
@@ -163,3 +163,50 @@ def test_a_held_out_prompt_keeps_a_final_user_turn_and_an_extracted_answer_is_sc
     [sample] = task.load(data)
     assert sample.messages == record["messages"]  # no answer turn to drop: the question stays
     assert task.score("There are 5.", {"task": "caption", "gold": 3}, extracted="3")["score"] == 1.0
+
+
+def _small_split(path: Path, sizes: dict[str, tuple[str, int]]) -> Path:
+    """Task files (name -> (task, records)) of text-only held-out records whose ids say file and line."""
+    import json
+
+    path.mkdir()
+    for name, (task, n) in sizes.items():
+        lines = [
+            {"id": f"{name}{i}", "messages": [{"role": "user", "content": "?"}], "meta": {"task": task, "gold": i}}
+            for i in range(n)
+        ]
+        (path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    return path
+
+
+def test_synthetic_rows_interleave_tasks_in_the_same_order_as_reading_them_all(tmp_path):
+    from kimivl.eval.tasks import get_task
+
+    # tasks of unequal lengths, and task "a" split over two files (a1, a2): a1 then a2 within the task's turn
+    data = _small_split(tmp_path / "split", {"a1": ("a", 2), "a2": ("a", 1), "b": ("b", 4), "c": ("c", 1)})
+    rows = [s.index for s in get_task("synthetic").load(data)]
+    assert rows == ["a10", "b0", "c0", "a11", "b1", "a20", "b2", "b3"]
+    assert [s.index for s in get_task("synthetic:a").load(data)] == ["a10", "a11", "a20"]
+
+
+def test_a_synthetic_limit_reads_about_limit_lines_not_the_whole_split(tmp_path, monkeypatch):
+    from kimivl.eval import synthetic
+    from kimivl.eval.runner import run_task
+    from kimivl.eval.tasks import get_task
+
+    data = _small_split(tmp_path / "split", {"a": ("a", 500), "b": ("b", 500)})
+    read = []
+
+    def counted(path, text):
+        for item in iter_lines(path, text):
+            read.append(item)
+            yield item
+
+    iter_lines = synthetic.iter_lines
+    monkeypatch.setattr(synthetic, "iter_lines", counted)
+    assert len(synthetic.heldout_records(data, limit=5)) == 10 and len(read) == 10  # 5 lines of each file
+    read.clear()
+    samples = get_task("synthetic").load(data)
+    assert not isinstance(samples, list)  # read as asked for
+    result = run_task(get_task("synthetic"), samples, tmp_path / "out", generate_fn=lambda c: ["0"] * len(c), limit=6)
+    assert result["scored"] == 6 and len(read) <= 8  # 3 of each file, and at most one more each read ahead
