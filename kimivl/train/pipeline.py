@@ -61,6 +61,7 @@ class Sources:
         self.items: dict[str, JsonlRecords] = {}
         self.is_text: dict[str, bool] = {}
         self.checked: set[tuple[str, Any]] = set()  # (conversation source, problem) every record was checked for
+        self.progress = progress  # bars while large files are indexed and checked
         for name, spec in recipe.sources.items():
             path = recipe.source_path(name)
             if not path.is_file():

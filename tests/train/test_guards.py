@@ -511,7 +511,9 @@ def _ctx(records, processor, text=False):
     from kimivl.train.stages.base import StageContext
 
     return StageContext(
-        SimpleNamespace(seed=0), SimpleNamespace(items={"c": records}, is_text={"c": text}, checked=set()), processor
+        SimpleNamespace(seed=0),
+        SimpleNamespace(items={"c": records}, is_text={"c": text}, checked=set(), progress=False),
+        processor,
     )
 
 

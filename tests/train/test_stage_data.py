@@ -36,7 +36,7 @@ def _asked(image, answer="red", question="What colour?"):
 def _ctx(items, processor, text=None, seed=0):
     """A stage context over ``items`` (name -> records)."""
     sources = SimpleNamespace(
-        items=items, is_text=text or dict.fromkeys(items, False), checked=set(), encoder=lambda p: None
+        items=items, is_text=text or dict.fromkeys(items, False), checked=set(), encoder=lambda p: None, progress=False
     )
     return StageContext(SimpleNamespace(seed=seed, out=None), sources, processor)
 
@@ -320,3 +320,46 @@ def test_the_mix_moves_over_every_accumulated_row_and_a_sample_of_the_budget_fit
         JointStage(**{**stage, "budget": long, "mix": {"long": 1}, "mix_end": None}), ctx, encode
     )
     assert exact.budget == long and f"({long} tokens each on average)" in line
+
+
+def test_the_check_opens_each_image_once_and_finds_the_same_bad_one(tmp_path, small_processor, monkeypatch):
+    from kimivl.train.stages import base
+
+    images = [str(tmp_path / _image(tmp_path / name)) for name in ("a.png", "b.png")]
+    (tmp_path / "bad.png").write_text("a text file posing as an image")
+    opened = []
+
+    def counted(f, path):
+        opened.append(path)
+        return open_image(f, path)
+
+    open_image = base.open_image
+    monkeypatch.setattr(base, "open_image", counted)
+    no_problem = lambda record: None  # noqa: E731
+    base.check_records(_ctx({"c": [_asked(images[i % 2]) for i in range(50)]}, small_processor), ["c"], no_problem)
+    assert sorted(opened) == images  # 50 records, 2 images: each opened once
+    records = [_asked(images[i % 2]) for i in range(30)]
+    records[20] = _asked(str(tmp_path / "bad.png"))
+    with pytest.raises(DataError, match=f"record 21 names {tmp_path / 'bad.png'}, which is no image that can be"):
+        base.check_records(_ctx({"c": records}, small_processor), ["c"], no_problem)
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_a_large_source_shows_a_bar_while_it_is_checked(tmp_path, small_processor, monkeypatch, progress):
+    from kimivl.train.stages import base
+
+    image = _image(tmp_path / "a.png")
+    write_records(tmp_path / "c.jsonl", [_asked(str(tmp_path / image))] * 3)
+    bars = []
+
+    def recorded(**kwargs):
+        bars.append(kwargs)
+        return tqdm(**kwargs)
+
+    tqdm = base.tqdm
+    monkeypatch.setattr(base, "tqdm", recorded)
+    monkeypatch.setattr(base, "PROGRESS_BYTES", (tmp_path / "c.jsonl").stat().st_size)  # the file is "large"
+    ctx = _ctx({"c": JsonlRecords(tmp_path / "c.jsonl", text=False)}, small_processor)
+    ctx.sources.progress = progress
+    base.check_records(ctx, ["c"], lambda record: None)
+    assert [(b["total"], b["disable"]) for b in bars] == [(3, not progress)]

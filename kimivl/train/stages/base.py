@@ -3,6 +3,8 @@ parts of the model, what a stage's ``prepare()`` gets and returns."""
 
 from __future__ import annotations
 
+import functools
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -11,9 +13,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from PIL import Image
 from torch import nn
+from tqdm import tqdm
 
 from kimivl.data.formats import DataError
-from kimivl.data.indexed import locate
+from kimivl.data.indexed import PROGRESS_BYTES, locate
 from kimivl.distributed.world import World
 from kimivl.processing.image import ImageError, open_image
 from kimivl.processing.video import VideoError, check_video_file
@@ -139,27 +142,40 @@ def check_records(ctx: StageContext, names: list[str], problem: Callable[[dict],
     """Before training, read every record of the conversation sources ``names`` once (a source checked for the same
     ``problem`` by an earlier stage is not read again): ``problem(record)`` says what is wrong with one, and the first
     found is a ``DataError`` naming its source, file and line. Media named by path must open: images and video frames
-    as images (their headers are read), video files as containers holding a video stream (nothing is decoded)."""
+    as images (their headers are read; a path many records share is opened once), video files as containers holding
+    a video stream (nothing is decoded). With the sources' ``progress``, files of ``PROGRESS_BYTES`` or more show a
+    progress bar while they are checked."""
     for name in names:
         if (name, problem) in ctx.sources.checked or ctx.sources.is_text[name]:
             continue
         items = ctx.sources.items[name]
-        for i in range(len(items)):
-            record = items[i]
-            why = problem(record) or _unreadable_media(record)
-            if why:
-                raise DataError(f"data source {name!r}: {locate(items, i)} {why}")
+        path = getattr(items, "path", None)  # a JsonlRecords' file
+        large = path is not None and os.path.getsize(path) >= PROGRESS_BYTES
+        unreadable_image = functools.lru_cache(maxsize=4096)(_unreadable_image)  # this check's images, by path
+        with tqdm(
+            total=len(items),
+            unit="record",
+            unit_scale=True,
+            desc=f"checking {name}",
+            disable=not (ctx.sources.progress and large),
+        ) as bar:
+            for i in range(len(items)):
+                record = items[i]
+                why = problem(record) or _unreadable_media(record, unreadable_image)
+                if why:
+                    raise DataError(f"data source {name!r}: {locate(items, i)} {why}")
+                bar.update()
         ctx.sources.checked.add((name, problem))
 
 
-def _unreadable_media(record: dict) -> str | None:
+def _unreadable_media(record: dict, unreadable_image: Callable[[str], str | None]) -> str | None:
     for message in record["messages"]:
         parts = message["content"] if isinstance(message["content"], list) else ()
         for part in parts:
             kind = part.get("type") if isinstance(part, dict) else None
             images = [part["image"]] if kind == "image" else part.get("frames", []) if kind == "video" else []
             for path in images:
-                if isinstance(path, str) and (why := _unreadable_image(path)):
+                if isinstance(path, str) and (why := unreadable_image(path)):
                     return why
             if kind == "video" and isinstance(part.get("video"), str) and (why := _unreadable_video(part["video"])):
                 return why
