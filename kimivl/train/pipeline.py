@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import statistics
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -137,16 +138,23 @@ def recipe_tokenizer(recipe: Recipe, sources: Sources, base_dir: Path | None, sa
         out = recipe.out / "tokenizer"
         if (out / "tiktoken.model").is_file():
             return KimiTokenizer.from_pretrained(out)
-        texts = [t for n, items in sources.items.items() if sources.is_text[n] for t in items]
-        texts += [_record_text(r) for n, items in sources.items.items() if not sources.is_text[n] for r in items]
-        log.info("training a %d-rank BPE on %d texts", spec["train_vocab"], len(texts))
-        tok = train_bpe(texts, vocab_size=spec["train_vocab"])
+        log.info("training a %d-rank BPE on the texts of %d sources", spec["train_vocab"], len(sources.items))
+        read = itertools.count()  # advanced once per text train_bpe takes: next(read) is how many it read
+        tok = train_bpe((t for t, _ in zip(_source_texts(sources), read)), vocab_size=spec["train_vocab"])
+        log.info("trained the BPE on %d texts", next(read))
         if save:
             tok.save_pretrained(out)
         return tok
     if base_dir is None:
         raise ValueError("a preset base needs tokenizer: {path: DIR} or {train_vocab: N}")
     return KimiTokenizer.from_pretrained(base_dir)
+
+
+def _source_texts(sources: Sources) -> Iterator[str]:
+    """Stream every text of the sources: the text sources' documents, then each conversation record's text."""
+    items, is_text = sources.items, sources.is_text
+    yield from (t for n in items if is_text[n] for t in items[n])
+    yield from (_record_text(r) for n in items if not is_text[n] for r in items[n])
 
 
 def _record_text(record: dict) -> str:

@@ -999,3 +999,29 @@ def test_the_run_and_its_plan_say_where_a_relative_export_path_lands(data_dir, t
         assert main(["train", str(tmp_path / "r.yaml")]) == 0
     assert said + str(tmp_path / "cwd" / "export") in caplog.messages
     assert (tmp_path / "cwd" / "export" / "config.json").is_file() and not (out / "export").exists()
+
+
+def test_the_recipe_tokenizer_streams_the_sources_texts_into_the_same_bpe(data_dir, tmp_path, monkeypatch, caplog):
+    import logging
+
+    from kimivl.data.formats import iter_records, iter_texts
+    from kimivl.processing.tokenizer import train_bpe
+    from kimivl.train import pipeline
+
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe_dict(data_dir, tmp_path)))
+    recipe = load_recipe(tmp_path / "r.yaml")
+    # the texts as they were gathered in one list: the text source's documents, then each record's text
+    texts = [*iter_texts(data_dir / "text.jsonl")]
+    texts += [pipeline._record_text(r) for r in iter_records(data_dir / "colour.jsonl")]
+    given = []
+
+    def recorded(texts, **kwargs):
+        given.append(texts)
+        return train_bpe(texts, **kwargs)
+
+    monkeypatch.setattr(pipeline, "train_bpe", recorded)
+    with caplog.at_level(logging.INFO, logger=pipeline.log.name):
+        tok = pipeline.recipe_tokenizer(recipe, Sources(recipe), None, save=False)
+    assert not isinstance(given[0], (list, tuple)) and iter(given[0]) is given[0]  # an iterator, not held texts
+    assert tok.mergeable_ranks == train_bpe(texts, vocab_size=280).mergeable_ranks
+    assert f"trained the BPE on {len(texts)} texts" in caplog.text
