@@ -3,9 +3,9 @@
 GPUs and CPUs with native bf16 matmul (Ampere and later, AMX, AVX512-BF16) multiply bfloat16 as fast as float32 or
 faster. CPUs without it emulate it: AVX-512 ones 2-5x slower than float32, AVX2-only ones (many laptops' chips) about
 100x. On x86 the instructions decide (a timing near the line once chose either from run to run); elsewhere (ARM) a
-matmul timing does. There kimivl
-trains without bf16 autocast, and its command line and demo load bf16 checkpoints in float32 (exactly: every bf16
-value is a float32 value), unless told otherwise; ``KimiVL.from_pretrained`` itself keeps the stored dtype.
+matmul timing does. Where bf16 is slow kimivl trains without bf16 autocast, and its command line and demo load bf16
+checkpoints in float32 (exactly: every bf16 value is a float32 value), unless told otherwise;
+``KimiVL.from_pretrained`` itself keeps the stored dtype.
 """
 
 from __future__ import annotations

@@ -260,18 +260,15 @@ class RLTrainer:
         )
         self.scheduler.step()
 
+        # every rank's answers, in the order of the problems drawn (one process: its own, as they are)
+        mine = (correct, lengths, reward, torch.cat(losses), torch.stack(seen), torch.stack(seen_ref))
+        parts = world.gather(([t.tolist() for t in mine], [r.stopped for r in rolls]))
+        whole = [torch.tensor([x for part, _ in parts for x in part[j]], dtype=t.dtype) for j, t in enumerate(mine)]
+        order_back = torch.cat([torch.arange(r, len(everyone), world.size) for r in range(world.size)]).argsort()
+        correct, lengths, reward = (t.view(-1, k)[order_back].flatten() for t in whole[:3])
         correct_PK = correct.view(-1, k) >= 0.5
-        if world.active:  # every rank's answers, in the order of the problems drawn
-            mine = (correct, lengths, reward, torch.cat(losses), torch.stack(seen), torch.stack(seen_ref))
-            parts = world.gather(([t.tolist() for t in mine], [r.stopped for r in rolls]))
-            whole = [torch.tensor([x for part, _ in parts for x in part[j]], dtype=t.dtype) for j, t in enumerate(mine)]
-            order_back = torch.cat([torch.arange(r, len(everyone), world.size) for r in range(world.size)]).argsort()
-            correct, lengths, reward = (t.view(-1, k)[order_back].flatten() for t in whole[:3])
-            correct_PK = correct.view(-1, k) >= 0.5
-            stopped = [s for _, part in parts for s in part]
-            losses, seen, seen_ref = [whole[3]], list(whole[4]), list(whole[5])
-        else:
-            stopped = [r.stopped for r in rolls]
+        stopped = [s for _, part in parts for s in part]
+        losses, seen, seen_ref = [whole[3]], list(whole[4]), list(whole[5])
         self.sampler.update(everyone, correct_PK.float().mean(1).tolist())
         self.state.advance()
         tokens = int(lengths.sum())

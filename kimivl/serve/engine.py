@@ -498,11 +498,11 @@ class Engine:
             return []
         lm, ready = self.model.language_model, []
         context = self.model.config.text_config.max_position_embeddings
+        tokenizer, device = self.processor.tokenizer, self.model.device
         for job, (own, hidden) in zip(group, result):
             request = job.request
             try:
                 logits = lm.logits(hidden)
-                tokenizer, device = self.processor.tokenizer, self.model.device
                 rows = [_Choice(request, i, tokenizer, device, context) for i in range(request.n)]
                 firsts = [int(sample_next(logits, request.params, row.generator)) for row in rows]
                 records = [None] * len(rows)

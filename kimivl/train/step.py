@@ -58,8 +58,7 @@ def optimizer_step(
     optimizer.step()
     if not torch.isfinite(total_norm([p.detach() for _, p in named], world)):
         bad = [name for name, p in named if not torch.isfinite(local(p.detach())).all()]
-        if world.active:
-            bad = list(dict.fromkeys(n for part in world.gather(bad) for n in part))  # every rank's, no repeats
+        bad = list(dict.fromkeys(n for part in world.gather(bad) for n in part))  # every rank's, no repeats
         if bad:  # (else the norm overflowed on huge, finite weights)
             raise TrainingError(
                 f"{where}: the update made {len(bad)} weight tensors non-finite ({', '.join(bad[:3])}"
