@@ -821,6 +821,10 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, OSError) and e.errno in FULL and not isinstance(e, WriteError):  # a write not wrapped
             e = write_error(e, e.filename) if e.filename else f"the disk is full ({e.strerror}): free space, try again"
         message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        from kimivl.demo import DEFAULT_EXAMPLES, DEFAULT_MODEL, NOT_SHIPPED
+
+        if any(str(path) in message and not path.exists() for path in (DEFAULT_MODEL, DEFAULT_EXAMPLES)):
+            message += f" ({NOT_SHIPPED})"  # an installed package, run away from a clone
         print(f"kimivl {args.command}: error: {message}", file=sys.stderr)
         return 2
 

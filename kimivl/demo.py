@@ -9,9 +9,20 @@ from pathlib import Path
 
 from kimivl.data.formats import content_text
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL = REPO / "models" / "kimivl-tiny"
-DEFAULT_EXAMPLES = REPO / "examples" / "heldout"
+
+def shipped(relative: str) -> Path:
+    """A path the git repository ships (``models/...``, ``examples/...``): beside the package in a clone (an editable
+    install), else under the current directory (an installed wheel holds neither, so a clone's root serves)."""
+    beside, here = Path(__file__).resolve().parents[1] / relative, Path.cwd() / relative
+    return here if here.exists() and not beside.exists() else beside
+
+
+DEFAULT_MODEL = shipped("models/kimivl-tiny")
+DEFAULT_EXAMPLES = shipped("examples/heldout")
+NOT_SHIPPED = (
+    "kimivl-tiny and its held-out questions ship in the git repository, not in an installed package: run from the "
+    "root of a clone, or name your own with --model (and --examples or --data)"
+)
 
 
 def _question(record: dict) -> str:
@@ -36,9 +47,7 @@ def run_demo(
 
     model_dir, examples_dir = Path(model_dir), Path(examples_dir)
     if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(
-            f"no model at {model_dir}: train it with 'kimivl train recipes/tiny.yaml' or pass --model"
-        )
+        raise FileNotFoundError(f"no model at {model_dir} (no config.json): pass --model a checkpoint directory")
     model = KimiVL.from_pretrained(model_dir, dtype=checkpoint_load_dtype(model_dir, "cpu"))
     processor = KimiVLProcessor.from_pretrained(model_dir)
     records = heldout_records(examples_dir)

@@ -1,8 +1,11 @@
 """kimivl demo on a saved checkpoint and the bundled held-out examples."""
 
+from pathlib import Path
+
+import kimivl.demo
 from kimivl.cli import main
 from kimivl.data.subset import copy_subset
-from kimivl.demo import DEFAULT_EXAMPLES, run_demo
+from kimivl.demo import DEFAULT_EXAMPLES, NOT_SHIPPED, run_demo, shipped
 from kimivl.eval.synthetic import heldout_records
 
 
@@ -26,4 +29,20 @@ def test_demo_runs_and_reports_accuracy(small_model, small_processor, tmp_path, 
 
 def test_demo_without_a_model_says_how_to_get_one(tmp_path, capsys):
     assert main(["demo", "--model", str(tmp_path)]) == 2
-    assert "kimivl train recipes/tiny.yaml" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"no model at {tmp_path} (no config.json): pass --model" in err and NOT_SHIPPED not in err
+
+
+def test_an_install_without_the_clone_says_where_the_shipped_files_are(tmp_path, monkeypatch, capsys):
+    """A wheel holds no models/ or examples/: the defaults then point at nothing, and every command says why."""
+    monkeypatch.chdir(tmp_path)
+    assert shipped("models/kimivl-tiny") == Path(kimivl.__file__).parents[1] / "models" / "kimivl-tiny"
+    (tmp_path / "only-here").mkdir()  # absent beside the package, present in the current directory (a clone's root)
+    assert shipped("only-here") == tmp_path / "only-here"
+    assert shipped("nowhere") == Path(kimivl.__file__).parents[1] / "nowhere"
+    monkeypatch.setattr(kimivl.demo, "DEFAULT_MODEL", tmp_path / "site-packages" / "models" / "kimivl-tiny")
+    monkeypatch.setattr(kimivl.demo, "DEFAULT_EXAMPLES", tmp_path / "site-packages" / "examples" / "heldout")
+    for argv in (["demo"], ["chat", "hi"], ["eval", "--task", "synthetic", "--model", str(kimivl.demo.DEFAULT_MODEL)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err and NOT_SHIPPED in err, err
