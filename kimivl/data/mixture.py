@@ -4,8 +4,9 @@ Sample ``i`` is a pure function of (seed, stream, i), ``stream`` naming whose da
 source is drawn with weights interpolated from ``start`` to ``end`` as ``i`` goes from 0 to ``horizon`` (a rising
 multimodal share, for example), then an item of that source: at random, or, with ``replacement=False``, the next
 item of a seeded shuffle of the source, reshuffled after each pass, so that every item comes once before any comes
-twice. So a run resumes from a sample index alone, two runs with one seed see the same data, and two streams (or two
-seeds) draw independently of each other.
+twice. So a run resumes from a sample index alone (the draw counts saved beside it, ``state_dict``, spare a resume
+without replacement the replay of every earlier draw), two runs with one seed see the same data, and two streams (or
+two seeds) draw independently of each other.
 """
 
 from __future__ import annotations
@@ -76,15 +77,45 @@ class Mixture:
             return name, rng.randrange(len(self.sources[name]))
         return name, self._next_of(name, self._draws_before(i, name))
 
+    def _source(self, j: int) -> str:
+        """Sample ``j``'s source (``pick``'s first draw)."""
+        return sample_rng(self.seed, self.stream, j).choices(self.names, weights=self.weights(j))[0]
+
     def _draws_before(self, i: int, name: str) -> int:
-        """How many of samples 0..i-1 came from ``name``: a replay of their source draws (cheap: no item is read),
-        continued from the last call, or restarted for an earlier ``i``."""
-        if i < self._scanned:
+        """How many of samples 0..i-1 came from ``name``: the counts kept for samples 0.._scanned-1, moved to ``i``
+        by replaying the source draws between (cheap: no item is read), or counted from 0 when that is nearer."""
+        if i < self._scanned - i:
             self._scanned, self._drawn = 0, dict.fromkeys(self.names, 0)
         for j in range(self._scanned, i):
-            self._drawn[sample_rng(self.seed, self.stream, j).choices(self.names, weights=self.weights(j))[0]] += 1
+            self._drawn[self._source(j)] += 1
+        for j in range(i, self._scanned):
+            self._drawn[self._source(j)] -= 1
         self._scanned = i
         return self._drawn[name]
+
+    def identity(self) -> dict[str, Any]:
+        """What the draw counts follow: a change of any of it draws other sources for the same samples."""
+        return {
+            "seed": self.seed,
+            "stream": self.stream,
+            "names": list(self.names),
+            "start": list(self.start),
+            "end": list(self.end),
+            "horizon": self.horizon,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """The draw counts (how many of samples 0..scanned-1 came from each source) with the mixture they belong to:
+        saved with the data position, so that a resume without replacement need not replay every earlier draw."""
+        return {"mixture": self.identity(), "scanned": self._scanned, "drawn": dict(self._drawn)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Go on from saved draw counts. Those of another mixture (other sources, weights, horizon, seed or stream)
+        are left, and the draws before a sample are counted afresh from sample 0."""
+        if state.get("mixture") != self.identity():
+            log.info("the saved draw counts belong to another mixture; counting the draws again from sample 0")
+            return
+        self._scanned, self._drawn = int(state["scanned"]), {n: int(state["drawn"][n]) for n in self.names}
 
     def _next_of(self, name: str, k: int) -> int:
         """The ``k``-th draw from ``name`` without replacement: item ``k % n`` of that pass's seeded shuffle."""

@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 
 class Batches(Protocol):
     def batches(self, position: int) -> Iterator[tuple[Any, int]]:
-        """Batches from data ``position`` on, each with the position just after it."""
+        """Batches from data ``position`` on, each with the position just after it. A stream with ``state_dict`` and
+        ``load_state_dict`` (a ``Mixture``'s draw counts) has that state saved and restored with the position."""
 
 
 @dataclass
@@ -109,6 +110,7 @@ def train_loop(
         world=world,
         data=cfg.data,
         bf16=use_bf16(device, cfg.bf16),
+        stream=data if hasattr(data, "state_dict") else None,
     )
     if resume:
         state.resume()

@@ -1,11 +1,11 @@
 """Resumable training checkpoints, written atomically.
 
-A checkpoint is a directory ``step-{N:07d}`` holding the model in the official format (``config.json`` +
-safetensors, full precision) and ``trainer.pt`` (optimizer, scheduler, step, data position and settings, RNG
-states; loaded with ``weights_only=True``, so nothing is unpickled beyond tensors and plain containers). It is written
-under a temporary name and renamed into place; the ``latest`` file then moves to it with an atomic replace, so a
-crash at any moment leaves the previous checkpoint intact and pointed to. Frozen parameters' tensors are shards of their
-own, hard-linked from the previous checkpoint while they stay unchanged (``save_checkpoint``'s ``frozen_from``).
+A checkpoint is a directory ``step-{N:07d}`` holding the model in the official format (``config.json`` + safetensors,
+full precision) and ``trainer.pt`` (optimizer, scheduler, step, data position and settings, the data stream's draw
+counts, RNG states; loaded with ``weights_only=True``, so nothing is unpickled beyond tensors and plain containers). It
+is written under a temporary name and renamed into place; the ``latest`` file then moves to it with an atomic replace,
+so a crash at any moment leaves the previous checkpoint intact and pointed to. Frozen parameters' tensors are shards of
+their own, hard-linked from the previous checkpoint while they stay unchanged (``save_checkpoint``'s ``frozen_from``).
 """
 
 from __future__ import annotations
@@ -293,6 +293,7 @@ class TrainState:
     world: World = field(default_factory=World)  # a sharded world saves and resumes with DCP
     data: dict[str, Any] | None = None  # the stage's settings its data stream follows (a joint stage's mix, ...)
     bf16: bool | None = None  # whether the stage computes under bf16 autocast (None: not recorded, not compared)
+    stream: Any = None  # a data stream's state_dict/load_state_dict (a Mixture's draw counts), saved with position
     step: int = 0
     position: int = 0
     saved: Path | None = None  # the checkpoint of the current step; None while the step has progress not on disk
@@ -348,6 +349,8 @@ class TrainState:
         self.scheduler.load_state_dict(state["scheduler"])
         for name, part in self.extras.items():
             part.load_state_dict(state[name])
+        if self.stream is not None and "stream" in state:  # a checkpoint written before kimivl kept it: none to load
+            self.stream.load_state_dict(state["stream"])
         self.step, self.position, self.saved = state["step"], state.get("position", 0), found
         log.info("%s: resumed at step %d from %s", self.stage, self.step, found)
         return found
@@ -426,6 +429,7 @@ class TrainState:
                 **{n: p.state_dict() for n, p in self.extras.items()},
                 **({"data": self.data} if self.data is not None else {}),
                 **({"bf16": self.bf16} if self.bf16 is not None else {}),
+                **({"stream": self.stream.state_dict()} if self.stream is not None else {}),
             }
             if self.world.active:  # the optimiser's tensors go by DCP, its hyperparameters (the current lr) here
                 trainer["param_groups"] = [_group_record(group) for group in self.optimizer.param_groups]

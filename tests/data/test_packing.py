@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from kimivl.data import mixture
 from kimivl.data.formats import DataError
 from kimivl.data.indexed import JsonlRecords
 from kimivl.data.mixture import Mixture
@@ -149,6 +150,52 @@ def test_without_replacement_every_item_comes_once_a_pass():
         rng = random.Random(f"5//{i}")
         name = rng.choices(["a", "b"], weights=[2.0, 1.0])[0]
         assert with_replacement.pick(i) == (name, rng.randrange(len(sources[name])))
+
+
+def counted_draws(monkeypatch) -> dict:
+    """Counts the mixture's calls of ``sample_rng`` (one per source draw replayed, one per sample picked)."""
+    calls = {"n": 0}
+    real = mixture.sample_rng
+
+    def counted(*args):
+        calls["n"] += 1
+        return real(*args)
+
+    monkeypatch.setattr(mixture, "sample_rng", counted)
+    return calls
+
+
+@pytest.mark.parametrize("replacement", [False, True])
+def test_a_resume_from_the_saved_draw_counts_draws_what_an_uninterrupted_run_does(monkeypatch, tmp_path, replacement):
+    """The draw counts saved with the position (through a checkpoint file) let a resume at sample 5000 go on without
+    replaying the 5000 earlier draws, and its samples are those of a run never stopped; counts of another mixture
+    (another seed, weights or horizon) are not taken, and the draws are counted afresh."""
+    sources = {"a": list(range(7)), "b": list(range(3)), "c": list(range(11))}
+
+    def mix(seed=5, start=None, horizon=8000):
+        start = start or {"a": 5, "b": 1, "c": 2}
+        return Mixture(sources, None, 8, start, {"a": 1, "b": 3, "c": 2}, horizon, seed, replacement, "sft")
+
+    at, n = 5000, 300
+    never_stopped, stopped = mix(), mix()
+    whole = [never_stopped.pick(i) for i in range(at + n)]
+    for i in range(at):  # a run that stopped at sample ``at``
+        stopped.pick(i)
+    torch.save(stopped.state_dict(), tmp_path / "trainer.pt")
+    saved = torch.load(tmp_path / "trainer.pt", weights_only=True)
+    resumed = mix()
+    resumed.load_state_dict(saved)
+    calls = counted_draws(monkeypatch)
+    assert [resumed.pick(i) for i in range(at, at + n)] == whole[at:]
+    assert calls["n"] <= 2 * n
+    calls["n"] = 0  # going back replays the samples between, not every one from sample 0
+    assert [resumed.pick(i) for i in range(at - 20, at)] == whole[at - 20 : at]
+    assert calls["n"] <= (20 if replacement else n + 3 * 20)
+    for change in ({"seed": 6}, {"start": {"a": 1, "b": 1, "c": 1}}, {"horizon": 9000}):
+        counted_afresh, other = mix(**change), mix(**change)
+        expected = [counted_afresh.pick(i) for i in range(at, at + 20)]
+        other.load_state_dict(saved)
+        assert [other.pick(i) for i in range(at, at + 20)] == expected
 
 
 def test_each_stream_and_seed_draws_its_own_samples():

@@ -14,8 +14,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from kimivl import KimiVL
 from kimivl.checkpoint import FROZEN_FINGERPRINT, checkpoint_files
+from kimivl.data import mixture
 from kimivl.data.mixture import Mixture
 from kimivl.data.packing import PackedBatch
+from kimivl.processing.processor import Encoded
 from kimivl.train.loop import LoopConfig, to_device, train_loop
 from kimivl.train.optim import build_optimizer
 from kimivl.train.schedule import WarmupCosine, scheduler_at
@@ -89,6 +91,70 @@ def test_kill_and_resume_gives_identical_losses(small_model, small_processor, tm
     assert len(losses(tmp_path / "a")) == 6 and losses(tmp_path / "a")[-1] < losses(tmp_path / "a")[0]
     # TensorBoard hides what the killed run logged after its checkpoint: the curves equal the uninterrupted run's
     assert tensorboard_losses(tmp_path / "b") == tensorboard_losses(tmp_path / "a")
+
+
+def id_mixture(replacement: bool) -> Mixture:
+    """Samples of 1 to 3 tokens whose ids name their record (``offset`` of the source + index): about 32 to a row."""
+    sources, offset = {"a": list(range(7)), "b": list(range(3)), "c": list(range(11))}, {"a": 0, "b": 100, "c": 200}
+
+    def encode(name, k):
+        ids = [offset[name] + k] * (1 + k % 3)
+        return Encoded(ids, torch.zeros(0, 3, 14, 14), torch.zeros(0, 2, dtype=torch.long), ids)
+
+    weights = {"a": 5, "b": 1, "c": 2}, {"a": 1, "b": 3, "c": 2}
+    return Mixture(sources, encode, 64, *weights, horizon=500, seed=1, replacement=replacement, stream="s")
+
+
+@pytest.mark.parametrize("replacement, counts_saved", [(False, True), (True, True), (False, False)])
+def test_a_resume_draws_the_uninterrupted_run_s_samples_without_replaying_the_earlier_draws(
+    tmp_path, monkeypatch, replacement, counts_saved
+):
+    """Killed after the step-10 checkpoint (about 300 samples in) and resumed with a fresh mixture, a run trains on
+    the rows of an uninterrupted one; the draw counts saved with the position spare it the replay of every earlier
+    sample's draw, and a checkpoint without them (written before kimivl kept them) resumes by replaying them."""
+    cfg = LoopConfig(steps=12, ckpt_every=10, log_every=1)
+
+    def run(run_dir, die_at=None):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(1, 1)
+        opt = build_optimizer(model, lr=1e-3)
+        rows = []
+
+        def loss_fn(model, batch):
+            if len(rows) + 1 == die_at:
+                raise KeyboardInterrupt
+            rows.append(batch.input_ids[0].tolist())
+            return model(torch.ones(1, 1)).pow(2).sum(), {}, batch.n_tokens
+
+        data = id_mixture(replacement)
+        sched = scheduler_at(opt, WarmupCosine(2, 12))
+        train_loop(model, loss_fn, data, opt, sched, cfg, run_dir, "s", progress=False)
+        return rows
+
+    whole = run(tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", die_at=11)
+    trainer = latest_checkpoint(tmp_path / "b" / "s" / "checkpoints") / "trainer.pt"
+    saved = torch.load(trainer, weights_only=True)
+    if not counts_saved:
+        del saved["stream"]
+        torch.save(saved, trainer)
+    calls = {"n": 0}
+    real = mixture.sample_rng
+
+    def counted(*args):
+        calls["n"] += 1
+        return real(*args)
+
+    monkeypatch.setattr(mixture, "sample_rng", counted)
+    assert run(tmp_path / "b") == whole[10:]
+    at = saved["position"]
+    end = torch.load(latest_checkpoint(tmp_path / "b" / "s" / "checkpoints") / "trainer.pt")["position"]
+    assert at > 250 and end - at < 100
+    if counts_saved:  # a draw for each sample (and one of its replay), none for the samples before the resume
+        assert calls["n"] <= 2 * (end - at) + 2
+    elif not replacement:
+        assert calls["n"] >= at
 
 
 def test_nan_loss_stops_with_a_usable_checkpoint(small_model, small_processor, tmp_path):
