@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from array import array
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Sequence
 from itertools import accumulate
 from pathlib import Path
@@ -81,6 +81,15 @@ class JsonlRecords(Sequence):
             obj = parse_line(f.readline(), where)
         item = parse_item(obj, self.text, self._root, where)
         return item if self.transform is None else self.transform(item)
+
+    def offset(self, i: int) -> int:
+        """Where record ``i`` starts in the file, in bytes: with the file's resolved path, which record it is."""
+        return self._offsets[i]
+
+    def holds(self, offset: int) -> bool:
+        """Whether the record starting at byte ``offset`` is one of these (``keep`` may have left it out)."""
+        k = bisect_left(self._offsets, offset)
+        return k < len(self._offsets) and self._offsets[k] == offset
 
     def where(self, i: int) -> str:
         """``file:line`` of record ``i`` (1-based line, counting blank lines and records left out by ``keep``)."""

@@ -151,10 +151,19 @@ def recipe_tokenizer(recipe: Recipe, sources: Sources, base_dir: Path | None, sa
 
 
 def _source_texts(sources: Sources) -> Iterator[str]:
-    """Stream every text of the sources: the text sources' documents, then each conversation record's text."""
+    """Stream every text of the sources once: the text sources' documents, then each conversation record's text. A
+    record that another source gives too (sources over one file: named twice, or with other ``difficulty`` levels or
+    ``answers_only``) is given once, as a source without ``answers_only`` reads it where one does: naming a file
+    twice weighs nothing twice."""
     items, is_text = sources.items, sources.is_text
-    yield from (t for n in items if is_text[n] for t in items[n])
-    yield from (_record_text(r) for n in items if not is_text[n] for r in items[n])
+    earlier: dict[Path, list[JsonlRecords]] = {}  # resolved file -> the sources over it given so far
+    for name in sorted(items, key=lambda n: (not is_text[n], items[n].transform is not None)):
+        records = items[name]
+        before = earlier.setdefault(records.path.resolve(), [])
+        for i in range(len(records)):
+            if not any(r.holds(records.offset(i)) for r in before):
+                yield records[i] if is_text[name] else _record_text(records[i])
+        before.append(records)
 
 
 def _record_text(record: dict) -> str:

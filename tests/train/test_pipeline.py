@@ -392,6 +392,49 @@ def test_an_answers_only_source_drops_the_thinking_of_text_and_of_text_parts(dat
     ]
 
 
+def test_a_file_named_by_several_sources_trains_the_recipe_tokenizer_once(data_dir, tmp_path, monkeypatch):
+    """Sources over one file (the same path twice, a link to it, other difficulties, answers only) give each of its
+    records to the BPE once: as a source without answers_only reads it where one does, else answers only."""
+    from collections import Counter
+
+    from kimivl.data.formats import iter_records, iter_texts
+    from kimivl.processing.tokenizer import train_bpe
+    from kimivl.train import pipeline
+
+    cot = []
+    for a, level in enumerate(["easy", "medium", "hard"]):
+        turns = [{"role": "user", "content": f"What is {a} + {a}?"}]
+        turns.append({"role": "assistant", "content": f"◁think▷{a} and {a} make {2 * a}◁/think▷{2 * a}"})
+        cot.append({"messages": turns, "meta": {"difficulty": level}})
+    write_records(tmp_path / "cot.jsonl", cot)
+    (tmp_path / "text-link.jsonl").symlink_to(data_dir / "text.jsonl")
+    d = recipe_dict(data_dir, tmp_path)
+    d["sources"] = {
+        "text": str(data_dir / "text.jsonl"),
+        "colour": str(data_dir / "colour.jsonl"),
+        "text_again": str(data_dir / "text.jsonl"),
+        "text_link": str(tmp_path / "text-link.jsonl"),
+        "cot": {"path": str(tmp_path / "cot.jsonl"), "answers_only": True},
+        "cot_easy": {"path": str(tmp_path / "cot.jsonl"), "difficulty": ["easy"]},
+        "cot_later": {"path": str(tmp_path / "cot.jsonl"), "answers_only": True, "difficulty": ["easy", "hard"]},
+    }
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(d))
+    recipe = load_recipe(tmp_path / "r.yaml")
+    records = [*iter_records(data_dir / "colour.jsonl"), cot[0], *map(pipeline._answers_only, cot[1:])]
+    once = [*iter_texts(data_dir / "text.jsonl"), *map(pipeline._record_text, records)]
+    given = []
+
+    def recorded(texts, **kwargs):
+        given.extend(texts)
+        return train_bpe(given, **kwargs)
+
+    monkeypatch.setattr(pipeline, "train_bpe", recorded)
+    tok = pipeline.recipe_tokenizer(recipe, Sources(recipe), None, save=False)
+    assert Counter(given) == Counter(once)  # as many texts as the files hold records
+    assert "◁think▷1 and 1 make 2◁/think▷2" not in " ".join(given) and "◁think▷0 and 0 make 0" in " ".join(given)
+    assert tok.mergeable_ranks == train_bpe(once, vocab_size=280).mergeable_ranks
+
+
 def test_a_failing_stage_leaves_the_model_as_it_came(data_dir, tmp_path, monkeypatch):
     from kimivl.processing.processor import KimiVLProcessor
     from kimivl.train import pipeline
