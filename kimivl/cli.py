@@ -376,16 +376,19 @@ def cmd_train(args: argparse.Namespace) -> int:
                 "(finished stages are kept) or choose another --out"
             )
         from kimivl.train.interrupt import Interrupted
+        from kimivl.train.recipe import ExportRefused
 
+        again = _resume_command(args)
+        if world.active:
+            again = f"torchrun (as before) -m {again}"
         try:
             run_recipe(recipe, world=world)
         except Interrupted as e:
-            again = _resume_command(args)
-            if world.active:
-                again = f"torchrun (as before) -m {again}"
             if world.main:
                 print(f"kimivl train: {e}\nresume with: {again}", file=sys.stderr)
             return 130
+        except ExportRefused as e:
+            raise ExportRefused(f"{e}, and resume with: {again}") from None
         return 0
     finally:
         close_world(world)

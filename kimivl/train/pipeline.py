@@ -39,10 +39,10 @@ from kimivl.precision import use_bf16
 from kimivl.processing.chat_template import THINK_CLOSE, THINK_OPEN, parse_thinking
 from kimivl.processing.processor import KimiVLProcessor, check_media_pad
 from kimivl.processing.tokenizer import KimiTokenizer, train_bpe
-from kimivl.train.lock import run_lock
+from kimivl.train.lock import export_lock, run_lock
 from kimivl.train.metrics import plot_curves
 from kimivl.train.optim import build_optimizer
-from kimivl.train.recipe import Recipe, RecipeError
+from kimivl.train.recipe import ExportRefused, Recipe, RecipeError
 from kimivl.train.schedule import WSD, WarmupCosine, WSDFrom, scheduler_at
 from kimivl.train.stages import check_layout, prepare
 from kimivl.train.stages.base import StageContext, StageSettings
@@ -394,14 +394,17 @@ def _publish(path: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def check_export(recipe: Recipe) -> Path | None:
-    """The export directory, refused (before anything runs) when it cannot be written, or when it holds anything but
-    this run's export (the export replaces the directory as a whole): another run's model, a model with no record of
-    its run, other files, or the run's own ``out``."""
+ELSEWHERE = "export elsewhere (export.path, or --out, which moves a relative export path under it)"
+
+
+def check_export(recipe: Recipe, elsewhere: str = ELSEWHERE) -> Path | None:
+    """The export directory, refused (before anything runs, and again before the export, with the advice
+    ``elsewhere``) when it cannot be written, or when it holds anything but this run's export (the export
+    replaces the directory as a whole): another run's model, a model with no record of its run, other files, or the
+    run's own ``out``."""
     if not recipe.export:
         return None
     path = Path(recipe.export["path"])
-    elsewhere = "export elsewhere (export.path, or --out, which moves a relative export path under it)"
     if path.exists() and not path.is_dir():
         raise RecipeError(f"export path {path} exists and is not a directory: {elsewhere} or remove it")
     if recipe.out.resolve().is_relative_to(path.resolve()):
@@ -449,20 +452,34 @@ def _export(recipe: Recipe, final: Path, processor: KimiVLProcessor, path: Path)
     with the tokenizer files, the recommended sampling (``export.generation``) and the run's record, written under a
     temporary name beside ``path`` (one left by a killed export is written again) and renamed into place once whole:
     an export cut short by a kill or a full disk leaves the previous export (or none), never new weights beside an old
-    config, and ``--resume`` exports again."""
+    config, and ``--resume`` exports again. Runs sharing the export path take turns: the run holds its export lock
+    from before the temporary directory to the rename, and checks again under it, once trained, that the path holds
+    no other run's export (one written while this run trained); either refusal is an ``ExportRefused`` saying where
+    the trained model is kept."""
     path = path.resolve()  # a link to a folder elsewhere: the export is written and renamed there
-    tmp = _temporary(path)
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        convert_checkpoint(final, tmp, getattr(torch, recipe.export.get("dtype", "bfloat16")))
-        processor.save_pretrained(tmp)
-        if recipe.export.get("generation"):
-            write_generation_config(tmp, recipe.export["generation"])
-        write_text_atomic(tmp / EXPORT_RECORD, json.dumps({"out": os.path.relpath(recipe.out.resolve(), path)}) + "\n")
-        _publish(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # a full disk gets its space back
-        raise
+    kept = (
+        f"this run's trained model is kept in {final}, not exported (resuming the run keeps its finished stages and "
+        "exports it): export elsewhere (export.path)"
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with export_lock(path, recipe.out, kept):
+        try:
+            check_export(recipe, kept)
+        except RecipeError as e:
+            raise ExportRefused(str(e)) from None
+        tmp = _temporary(path)
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a killed export (the lock rules out one under way)
+        try:
+            convert_checkpoint(final, tmp, getattr(torch, recipe.export.get("dtype", "bfloat16")))
+            processor.save_pretrained(tmp)
+            if recipe.export.get("generation"):
+                write_generation_config(tmp, recipe.export["generation"])
+            record = {"out": os.path.relpath(recipe.out.resolve(), path)}
+            write_text_atomic(tmp / EXPORT_RECORD, json.dumps(record) + "\n")
+            _publish(path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # a full disk gets its space back
+            raise
     log.info("exported %s", path)
 
 

@@ -54,6 +54,10 @@ class RecipeError(ValueError):
     """A recipe that cannot run."""
 
 
+class ExportRefused(RecipeError):
+    """A trained run's export path, taken by another run meanwhile: the model stays in the run's ``out``."""
+
+
 @dataclass
 class Recipe:
     name: str

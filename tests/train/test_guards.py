@@ -473,6 +473,65 @@ def test_an_export_killed_after_its_weights_leaves_the_previous_one_whole(
     assert sorted(_tree(export)) == sorted(before) and check_export(recipe).resolve() == export
 
 
+def test_runs_sharing_an_export_path_take_turns_and_never_replace_each_others_export(
+    tmp_path, small_model, small_processor
+):
+    """Each run checked its export path once, at its start: another run's export written there while it trained was
+    replaced, and two runs exporting at once wrote into one temporary directory. Now a run checks the path again at
+    its export, holding the path's export lock from the temporary directory to the rename."""
+    import re
+
+    from kimivl.train import pipeline
+
+    final, shared = tmp_path / "final", tmp_path / "models" / "mine"
+    small_model.save_pretrained(final)
+    small_processor.save_pretrained(final)
+    a = load_recipe(_recipe(tmp_path, export={"path": str(shared)}))
+    b = load_recipe(tmp_path / "r.yaml", {"out": str(tmp_path / "other")})
+    assert check_export(a) == check_export(b) == shared  # both runs start
+    kept = f"this run's trained model is kept in {final}, not exported"
+    pipeline._export(a, final, small_processor, shared)
+    before = _tree(shared)
+    taken = rf"export path {shared} holds a model written by the run in {tmp_path / 'run'}, not by this run"
+    with pytest.raises(RecipeError, match=re.escape(taken) + r" \(.*\); " + re.escape(kept)):
+        pipeline._export(b, final, small_processor, shared)
+    assert _tree(shared) == before and sorted(p.name for p in shared.parent.iterdir()) == ["mine"]
+
+    from kimivl.train.lock import export_lock
+    from kimivl.train.recipe import ExportRefused
+
+    with export_lock(shared, a.out, "wait"):  # as while run a exports
+        busy = f"export path {shared} is being written by another run (pid {os.getpid()} on "
+        with pytest.raises(ExportRefused, match=re.escape(busy) + rf".*, out {re.escape(str(a.out))}\); "):
+            pipeline._export(a, final, small_processor, shared)  # even a's own: one writer at a time
+    assert _tree(shared) == before
+    pipeline._export(a, final, small_processor, shared)  # free again (--resume exports again)
+    assert sorted(_tree(shared)) == sorted(before) and sorted(p.name for p in shared.parent.iterdir()) == ["mine"]
+
+
+def test_an_export_lock_removed_as_it_was_taken_is_taken_again(tmp_path, monkeypatch):
+    """The lock file goes when its export ends: a run that opened it just before holds a removed file, and must not
+    take that for the lock (a third run would create and lock a new one), so it opens the path again."""
+    from kimivl.train import lock
+
+    path, opened = tmp_path / "mine", []
+    file = tmp_path / ".mine.lock"
+    real_open = os.open
+
+    def open_then_removed(name, *args):
+        fd = real_open(name, *args)
+        opened.append(os.fstat(fd).st_ino)
+        if len(opened) == 1:
+            os.unlink(name)  # as the run exporting before ends its export
+        return fd
+
+    monkeypatch.setattr(lock.os, "open", open_then_removed)
+    with lock.export_lock(path, tmp_path / "run", "wait"):
+        assert len(opened) == 2 and os.stat(file).st_ino == opened[1]
+        assert json.loads(file.read_text())["out"] == str(tmp_path / "run")
+    assert not file.exists()
+
+
 @pytest.mark.parametrize(
     "where, make, match",
     [

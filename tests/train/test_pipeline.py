@@ -1068,3 +1068,50 @@ def test_the_recipe_tokenizer_streams_the_sources_texts_into_the_same_bpe(data_d
     assert not isinstance(given[0], (list, tuple)) and iter(given[0]) is given[0]  # an iterator, not held texts
     assert tok.mergeable_ranks == train_bpe(texts, vocab_size=280).mergeable_ranks
     assert f"trained the BPE on {len(texts)} texts" in caplog.text
+
+
+def test_a_run_whose_export_path_another_run_took_meanwhile_keeps_its_model_and_replaces_nothing(
+    data_dir, tmp_path, monkeypatch, capsys
+):
+    """Two runs (other outs) sharing an export path both passed the export check at their start, both logged
+    `exported`, and the later to finish replaced the other's export. Now the later one is refused at its export, once
+    its checkpoint is written, naming the other run and the command that exports its model from there."""
+    import kimivl.train.pipeline as pipeline
+
+    shared = tmp_path / "shared"
+    for run in ("a", "b"):
+        d = recipe_dict(data_dir, tmp_path / run)
+        d["stages"], d["schedule"] = [{"name": "sft", "kind": "joint", "steps": 1, "lr": 1e-3, "mix": {"text": 1}}], {}
+        d["export"] = {"path": str(shared)}
+        (tmp_path / f"{run}.yaml").write_text(yaml.safe_dump(d))
+    stages = pipeline._run_stages
+
+    def a_finishes_while_b_trains(recipe, *args):
+        done = stages(recipe, *args)
+        if recipe.out == tmp_path / "b":
+            run_recipe(load_recipe(tmp_path / "a.yaml"), progress=False)
+        return done
+
+    monkeypatch.setattr(pipeline, "_run_stages", a_finishes_while_b_trains)
+    assert main(["train", str(tmp_path / "b.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"export path {shared} holds a model written by the run in {tmp_path / 'a'}, not by this run "
+        f"({tmp_path / 'b'}); this run's trained model is kept in {tmp_path / 'b' / 'sft' / 'final'}, not exported"
+    ) in err
+    assert err.rstrip().endswith(
+        f"and resume with: {shlex.join(['kimivl', 'train', str(tmp_path / 'b.yaml')])} --resume"
+    )
+    assert json.loads((shared / "kimivl-run.json").read_text()) == {"out": "../a"}  # a's export, whole
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary dir, no lock
+    monkeypatch.undo()
+    d = yaml.safe_load((tmp_path / "b.yaml").read_text())
+    d["export"]["path"] = str(tmp_path / "b-export")
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(d))
+    assert main(["train", str(tmp_path / "b.yaml"), "--resume"]) == 0  # as told: only the export runs
+    trained, exported = (
+        load_file(p / "model.safetensors") for p in (tmp_path / "b" / "sft" / "final", tmp_path / "b-export")
+    )
+    key = "language_model.model.norm.weight"
+    assert torch.equal(trained[key].bfloat16(), exported[key])
+    assert json.loads((tmp_path / "b-export" / "kimivl-run.json").read_text()) == {"out": "../b"}
