@@ -302,9 +302,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"--limit-concurrency must be over --max-batch + --max-queue ({held}), so that "
             f"every request the engine can hold has its connection, got {args.limit_concurrency}"
         )
+    given = "--api-key" if args.api_key is not None else "the environment variable KIMIVL_API_KEY"
     api_key = args.api_key if args.api_key is not None else os.environ.get("KIMIVL_API_KEY")
     if api_key is not None:
-        check_api_key(api_key)
+        try:
+            check_api_key(api_key)
+        except ValueError as e:
+            raise CommandError(f"{e} (this one came from {given})") from None
     if args.port > 65535:
         raise CommandError(f"--port must be at most 65535, got {args.port}")
     if not 0 <= args.shutdown_timeout < float("inf"):

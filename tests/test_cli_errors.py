@@ -272,3 +272,41 @@ def test_bad_preprocessor_configs(tmp_path, field, value, message):
 def test_an_empty_question_is_an_error_not_a_session(capsys):
     assert main(["chat", "  "]) == 2
     _one_line_error(capsys, "chat", "the question is empty")
+
+
+@pytest.mark.parametrize(
+    ("variables", "message"),
+    [
+        ({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc' must be the number of processes, an integer >= 1"),
+        ({"WORLD_SIZE": "0"}, "WORLD_SIZE='0' must be the number of processes, an integer >= 1"),
+        ({"RANK": ""}, "RANK='' must be this process's rank, an integer from 0 to WORLD_SIZE - 1 (1)"),
+        ({"RANK": "2"}, "RANK='2' must be this process's rank, an integer from 0 to WORLD_SIZE - 1 (1)"),
+        ({"LOCAL_RANK": "x"}, "LOCAL_RANK='x' must be this process's rank on its machine, an integer >= 0"),
+        ({"LOCAL_RANK": "-1"}, "LOCAL_RANK='-1' must be this process's rank on its machine, an integer >= 0"),
+        ({"MASTER_PORT": "notaport"}, "MASTER_PORT='notaport' must be the rendezvous port, an integer from 1 to 65535"),
+        ({"MASTER_PORT": "70000"}, "MASTER_PORT='70000' must be the rendezvous port"),
+    ],
+)
+def test_a_launch_variable_that_is_not_a_number_in_range_is_named(tmp_path, monkeypatch, capsys, variables, message):
+    """``WORLD_SIZE=abc`` (or a bad RANK, LOCAL_RANK, MASTER_PORT) said only "invalid literal for int() with base 10:
+    'abc'"; a RANK past the world was not checked."""
+    stage = {"name": "sft", "kind": "joint", "steps": 2, "lr": 1e-3, "mix": {"ocr": 1}}
+    recipe = {"name": "p", "out": str(tmp_path / "run"), "sources": {"ocr": str(DEFAULT_EXAMPLES / "ocr.jsonl")}}
+    (tmp_path / "r.yaml").write_text(json.dumps({**recipe, "stages": [stage]}))
+    for name, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_PORT": "29500", **variables}.items():
+        monkeypatch.setenv(name, value)
+    assert main(["train", str(tmp_path / "r.yaml")]) == 2
+    _one_line_error(capsys, "train", f"the environment variable {message}", "torchrun sets it")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("key", ["", " k"])
+def test_an_unusable_api_key_says_where_it_came_from(monkeypatch, capsys, key):
+    """A bad KIMIVL_API_KEY was reported as "the API key must be ..." as if --api-key had given it."""
+    monkeypatch.setenv("KIMIVL_API_KEY", key)
+    assert main(["serve"]) == 2
+    _one_line_error(
+        capsys, "serve", "the API key must be non-empty", "came from the environment variable KIMIVL_API_KEY"
+    )
+    assert main(["serve", "--api-key", key]) == 2
+    _one_line_error(capsys, "serve", "the API key must be non-empty", "(this one came from --api-key)")

@@ -144,13 +144,35 @@ def launched() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
+def _launch_variables() -> tuple[int, int, int]:
+    """WORLD_SIZE, RANK and LOCAL_RANK (0 when unset) as torchrun sets them; one of them, or MASTER_PORT, set to
+    anything else is a ``RecipeError`` naming it, its value and what it must be."""
+    size = _variable("WORLD_SIZE", "the number of processes, an integer >= 1", 1)
+    rank = _variable("RANK", f"this process's rank, an integer from 0 to WORLD_SIZE - 1 ({size - 1})", 0, size - 1)
+    local = _variable("LOCAL_RANK", "this process's rank on its machine, an integer >= 0", 0)
+    if "MASTER_PORT" in os.environ:  # read by torch's rendezvous, whose error names no variable
+        _variable("MASTER_PORT", "the rendezvous port, an integer from 1 to 65535", 1, 65535)
+    return size, rank, local
+
+
+def _variable(name: str, what: str, least: int, most: int | None = None) -> int:
+    """The integer, ``what``, from ``least`` to ``most``, in the environment variable ``name`` (``least`` unset)."""
+    value = os.environ.get(name, str(least))
+    if not (value.isascii() and value.isdigit() and least <= int(value) <= (int(value) if most is None else most)):
+        raise RecipeError(
+            f"the environment variable {name}={value!r} must be {what}: torchrun sets it; to run one process, "
+            "launch without torchrun and with neither WORLD_SIZE nor RANK set"
+        )
+    return int(value)
+
+
 def init_world(parallel: dict | None, device: str) -> World:
     """Join the process group torchrun set up and lay out the mesh; ``World()`` when not launched by torchrun and
-    ``parallel`` asks for one process. A layout that does not fit the world is a ``RecipeError`` naming both, before
-    anything runs."""
+    ``parallel`` asks for one process. A layout that does not fit the world is a ``RecipeError`` naming both, and a
+    launch variable unlike torchrun's one naming it, before anything runs."""
     parallel = dict(parallel or {})
     check_parallel(parallel)
-    size = int(os.environ.get("WORLD_SIZE", 1)) if launched() else 1
+    size, rank, local = _launch_variables() if launched() else (1, 0, 0)
     replicate = parallel.get("dp_replicate") or 1
     shard = parallel.get("dp_shard") or size // replicate
     ep = parallel.get("ep") or 1
@@ -164,7 +186,6 @@ def init_world(parallel: dict | None, device: str) -> World:
         raise RecipeError(f"parallel.ep ({ep}) must divide dp_shard ({shard}): expert groups lie within a shard group")
     if not launched():
         return World()
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
     kind = torch.device(device).type
     if kind == "cuda":
         torch.cuda.set_device(local)
