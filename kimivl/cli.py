@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
+import stat
 import sys
 
 from kimivl.config import PRESETS, ConfigError, KimiVLConfig
@@ -153,11 +155,46 @@ def _load(path: str, dtype: str, device: str | None):
     return KimiVL.from_pretrained(path, dtype=dtype, device=device), processor
 
 
-def _user_message(text: str, images: list[str], video: str | None) -> dict:
+def _user_message(text: str, images: list[str | bytes], video: str | bytes | None) -> dict:
     parts = [{"type": "image", "image": f} for f in images]
     if video:
         parts.append({"type": "video", "video": video})
     return {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
+
+
+PIPED_VIDEO_BYTES = 1 << 30  # a --video read from a pipe is held in memory: at most this
+
+
+def _piped(path: str) -> bool:
+    """Whether ``path`` is a pipe or device (``/dev/stdin``, bash's ``<(...)``), which can be read once."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False  # the check names what is wrong
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
+def _read_piped(args: argparse.Namespace) -> tuple[list[str | bytes], str | bytes | None]:
+    """Chat's images and video: a piped one is read here, once, and its bytes stand for it in the check and in every
+    turn; a file stays a path (named in errors, a video not held in memory)."""
+    from kimivl.processing.image import ImageProcessor
+
+    images: list[str | bytes] = []
+    for path in args.image:
+        if not _piped(path):
+            images.append(path)
+            continue
+        with open(path, "rb") as f:
+            images.append(ImageProcessor().read_stream(f, path))
+    video = args.video
+    if video and _piped(video):
+        with open(video, "rb") as f:
+            video = f.read(PIPED_VIDEO_BYTES + 1)
+        if len(video) > PIPED_VIDEO_BYTES:
+            raise CommandError(
+                f"--video {args.video} is over {PIPED_VIDEO_BYTES} bytes; stopped reading it (save it to a file)"
+            )
+    return images, video
 
 
 class _StreamPrinter:
@@ -215,17 +252,24 @@ def _answer(model, processor, messages: list[dict], sampling: dict) -> str:
     return printer.close()
 
 
-def _check_chat_inputs(args: argparse.Namespace, sampling: dict) -> None:
+def _check_chat_inputs(
+    args: argparse.Namespace, sampling: dict, images: list[str | bytes], video: str | bytes | None
+) -> None:
     """The sampling settings, images and video of a chat, checked before the model loads (minutes for the A3B)."""
     from kimivl.inference.sampling import SamplingParams
-    from kimivl.processing.image import ImageProcessor
+    from kimivl.processing.image import ImageError, ImageProcessor
     from kimivl.processing.video import check_video_file
 
     SamplingParams.from_kwargs(**sampling)
-    for image in args.image:
-        ImageProcessor().load(image)
-    if args.video:
-        check_video_file(args.video)
+    for path, image in zip(args.image, images):
+        try:
+            ImageProcessor().load(image)
+        except ImageError as e:
+            if not isinstance(image, bytes):
+                raise
+            raise ImageError(f"--image {path}: {e}") from None  # the bytes' name is their length
+    if video:
+        check_video_file(args.video, video if isinstance(video, bytes) else None)
 
 
 # kimivl chat's sampling where neither a flag nor the checkpoint's generation_config.json sets it (spec section 9:
@@ -241,13 +285,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
     # a flag given wins; then the checkpoint's generation_config.json; then the Instruct model's settings
     flags = {k: getattr(args, k) for k in CHAT_SAMPLING if getattr(args, k) is not None}
     sampling = {**CHAT_SAMPLING, **generation_defaults(args.model), **flags, "seed": args.seed}
-    _check_chat_inputs(args, sampling)
+    images, video = _read_piped(args)  # attached to the first turn
+    _check_chat_inputs(args, sampling, images, video)
     model, processor = _load(args.model, args.dtype, args.device)
     if args.question:
-        _answer(model, processor, [_user_message(args.question, args.image, args.video)], sampling)
+        _answer(model, processor, [_user_message(args.question, images, video)], sampling)
         return 0
     history: list[dict] = []
-    images, video = args.image, args.video  # attached to the first turn
     print("kimivl chat: type a message; an empty line or Ctrl-D ends.")
     while True:
         try:
@@ -285,8 +329,6 @@ def _loopback(host: str) -> bool:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import os
-
     import uvicorn
 
     from kimivl.serve.app import LOOPBACK_NAMES, HeaderDeadlineProtocol, check_api_key, create_app
@@ -664,8 +706,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=str(DEFAULT_MODEL),
         help="checkpoint directory (weights, tokenizer, preprocessor; default: the shipped kimivl-tiny)",
     )
-    chat.add_argument("--image", action="append", default=[], help="an image file (repeatable)")
-    chat.add_argument("--video", help="a video file, fed as timestamped frames")
+    chat.add_argument(
+        "--image", action="append", default=[], help="an image file, or a pipe such as /dev/stdin (repeatable)"
+    )
+    chat.add_argument("--video", help="a video file (or a pipe), fed as timestamped frames")
     given = "default: the checkpoint's generation_config.json, else"
     chat.add_argument("--max-new-tokens", type=int, help=f"{given} 512")
     chat.add_argument("--temperature", type=float, help=f"0 for greedy ({given} 0.2, as for Instruct)")

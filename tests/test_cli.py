@@ -1,10 +1,13 @@
 """The kimivl command: chat on a saved checkpoint."""
 
 import json
+import os
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from kimivl import KimiVL, KimiVLProcessor, generate
@@ -72,6 +75,73 @@ def test_chat_about_a_video(checkpoint, small_model, small_processor, tmp_path, 
     assert capsys.readouterr().out.strip() == expected.strip()
     assert main(["chat", "--model", str(checkpoint), "--video", str(tmp_path / "none.mp4"), "hi"]) == 2
     assert "none.mp4" in capsys.readouterr().err
+
+
+@pytest.fixture
+def piped():
+    """Puts bytes behind a pipe and names it as bash's ``<(...)`` does (``/dev/fd/N``): it can be read once."""
+    opened = []
+
+    def pipe(data: bytes) -> str:
+        read, write = os.pipe()
+        opened.append(read)
+
+        def feed():
+            with os.fdopen(write, "wb") as f:
+                f.write(data)
+
+        threading.Thread(target=feed, daemon=True).start()
+        return f"/dev/fd/{read}"
+
+    yield pipe
+    for fd in opened:
+        os.close(fd)
+
+
+def test_chat_reads_a_piped_image_and_video_once(
+    checkpoint, small_model, small_processor, tmp_path, monkeypatch, capsys, piped
+):
+    """``--image /dev/stdin`` (or ``<(...)``) was read to its end by the check before the model loads, then found
+    empty when the answer read it again; in a session it was re-read each turn."""
+    img = tmp_path / "x.png"
+    Image.fromarray(np.full((40, 60, 3), 200, dtype=np.uint8)).save(img)
+    flags = ["--model", str(checkpoint), "--temperature", "0", "--max-new-tokens", "5", "--dtype", "float32"]
+    assert main(["chat", *flags, "--image", piped(img.read_bytes()), "What colour?"]) == 0
+    captured = capsys.readouterr()
+    message = {
+        "role": "user",
+        "content": [{"type": "image", "image": str(img)}, {"type": "text", "text": "What colour?"}],
+    }
+    first = generate(small_model, small_processor, [message], max_new_tokens=5)
+    assert captured.out.strip() == first.strip(), captured.err
+    answers = iter(["What colour?", "And now?", ""])  # a session: the image stays in the history of the second turn
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(answers))
+    assert main(["chat", *flags, "--image", piped(img.read_bytes())]) == 0
+    captured = capsys.readouterr()
+    history = [message, {"role": "assistant", "content": first.strip()}, {"role": "user", "content": "And now?"}]
+    second = generate(small_model, small_processor, history, max_new_tokens=5)
+    assert captured.out.split("\n")[1:3] == [first.strip(), second.strip()], captured.err
+    import av
+
+    clip = tmp_path / "clip.mp4"
+    with av.open(str(clip), "w") as c:
+        s = c.add_stream("mpeg4", rate=4)
+        s.width, s.height, s.pix_fmt = 56, 56, "yuv420p"
+        for i in range(4):
+            frame = np.full((56, 56, 3), 60 * i, np.uint8)
+            for packet in s.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                c.mux(packet)
+        for packet in s.encode():
+            c.mux(packet)
+    assert main(["chat", *flags, "--video", piped(clip.read_bytes()), "What happens?"]) == 0
+    captured = capsys.readouterr()
+    message = {
+        "role": "user",
+        "content": [{"type": "video", "video": str(clip)}, {"type": "text", "text": "What happens?"}],
+    }
+    assert captured.out.strip() == generate(small_model, small_processor, [message], max_new_tokens=5).strip()
+    assert main(["chat", *flags, "--image", piped(b"GIF89a" + bytes(30)), "hi"]) == 2
+    assert "--image /dev/fd/" in capsys.readouterr().err  # a bad piped image is named by its path, not its length
 
 
 def test_chat_interactive_and_errors(checkpoint, monkeypatch, capsys, tmp_path):

@@ -299,7 +299,7 @@ class ImageProcessor:
         except (OSError, ValueError, SyntaxError) as e:
             raise ImageError(f"cannot convert image {name} (mode {img.mode}) to RGB: {e}") from None
 
-    def _read_stream(self, f, name: str) -> bytes:
+    def read_stream(self, f, name: str) -> bytes:
         """A pipe or device: it must start like an image, and at most ``max_bytes`` are read."""
         head = f.read(16)
         if not head:
@@ -335,7 +335,7 @@ class ImageProcessor:
                 )
             with open(source, "rb") as f:
                 if not stat.S_ISREG(info.st_mode):
-                    return self._decode(io.BytesIO(self._read_stream(f, name)), name)
+                    return self._decode(io.BytesIO(self.read_stream(f, name)), name)
                 return self._decode(f, name)
         except OSError as e:
             raise ImageError(f"cannot read image file {name}: {e.strerror or e}") from None

@@ -155,13 +155,14 @@ def _upright(image: Image.Image, rotation: float) -> Image.Image:
     return image.transpose(turns[quarter]) if quarter else image
 
 
-def check_video_file(path: str) -> None:
+def check_video_file(path: str, data: bytes | None = None) -> None:
     """A ``VideoError`` unless ``path`` opens as a container holding a video stream whose first frame decodes: the
-    cheap check before a long job (FFmpeg opens any file named like an image as a one-frame video, unread)."""
+    cheap check before a long job (FFmpeg opens any file named like an image as a one-frame video, unread). ``data``:
+    the file's bytes, read already (a pipe can be read once), checked in its place."""
     import av
 
     try:
-        with av.open(path) as container:
+        with av.open(path if data is None else io.BytesIO(data)) as container:
             if not container.streams.video:
                 raise VideoError(f"video {path} holds no video stream")
             if next(container.decode(video=0), None) is None:
