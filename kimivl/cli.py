@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import codecs
+import io
 import os
 import shlex
 import stat
@@ -858,8 +860,18 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return ConfigError, ValueError, TrainingError, OSError, ImportError
 
 
+def _escape_unencodable() -> None:
+    """On a console that is not UTF-8 (``PYTHONIOENCODING=ascii``, ``LANG=C`` without UTF-8 mode, a Windows console),
+    a character it cannot show is printed as its escape (``\\U0001f33f``), as Python's stderr does: an answer no
+    longer stops at it with a UnicodeEncodeError. Escapes, not ``?``: the character can still be told."""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper) and codecs.lookup(stream.encoding).name != "utf-8":
+            stream.reconfigure(errors="backslashreplace")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run a command; a user's mistake prints one ``kimivl CMD: error: ...`` message (no traceback) and exits 2."""
+    _escape_unencodable()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -194,6 +194,32 @@ def test_thinking_output_is_shown_apart(capsys):
     assert capsys.readouterr().out == "a ◁b\n"
 
 
+def test_an_answer_a_console_cannot_encode_is_printed_escaped(checkpoint, monkeypatch):
+    """On an ASCII stdout (PYTHONIOENCODING=ascii, LANG=C, a Windows console) an answer stopped at its first non-ASCII
+    character with a UnicodeEncodeError, taken for a user's error: exit 2, or in a session a turn thrown away."""
+    import io
+    import sys
+
+    answers = []
+
+    def stream(model, processor, messages, **sampling):
+        answers.append(messages)
+        yield from ["a leaf ", "\U0001f33f", " é"]
+
+    monkeypatch.setattr("kimivl.inference.chat.stream_generate", stream)
+    monkeypatch.setattr("kimivl.cli._load", lambda *a: (None, None))
+    for session in (False, True):
+        out = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
+        monkeypatch.setattr(sys, "stdout", out)
+        turns = iter(["hi", "again", ""])
+        monkeypatch.setattr("builtins.input", lambda prompt="": next(turns))
+        assert main(["chat", "--model", str(checkpoint), *([] if session else ["hi"])]) == 0
+        out.flush()
+        printed = out.buffer.getvalue().decode("ascii")
+        assert printed.count("a leaf \\U0001f33f \\xe9\n") == (2 if session else 1), printed
+    assert answers[-1][1] == {"role": "assistant", "content": "a leaf \U0001f33f é"}  # the first turn was kept
+
+
 def test_chat_takes_its_defaults_from_the_checkpoints_generation_config(checkpoint, tmp_path, capsys):
     """Hugging Face's generation_config.json sets chat's sampling defaults; a flag still wins."""
     ckpt = tmp_path / "ckpt"
