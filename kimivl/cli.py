@@ -490,6 +490,7 @@ def _data_paths(specs: list[str], tasks: list) -> dict[str, str]:
             name, path = names[0], spec
         if not path:
             raise CommandError(f"--data {spec!r} gives no file: write --data FILE or --data TASK=FILE")
+        path = _path(path)
         if name in paths:
             raise CommandError(f"--data gives task {name} two files, {paths[name]} and {path}: give one")
         paths[name] = path
@@ -660,6 +661,11 @@ def _ints(text: str) -> list[int]:
     return values
 
 
+def _path(text: str) -> str:
+    """A path flag's value with ``~`` expanded: a shell leaves it in ``--model=~/m`` (after ``=``) and in quotes."""
+    return os.path.expanduser(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from kimivl.demo import DEFAULT_EXAMPLES, DEFAULT_MODEL
     from kimivl.inference.generate import PREFILL_CHUNK
@@ -668,7 +674,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="parameter counts of a checkpoint or preset (no weights are loaded)")
     src = info.add_mutually_exclusive_group()
-    src.add_argument("path", nargs="?", help="checkpoint directory (its config.json)")
+    src.add_argument("path", nargs="?", type=_path, help="checkpoint directory (its config.json)")
     src.add_argument("--preset", choices=sorted(PRESETS), help="a built-in configuration")
     info.add_argument(
         "--train",
@@ -705,13 +711,18 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("question", nargs="?", help="one question; without it, an interactive multi-turn session")
     chat.add_argument(
         "--model",
+        type=_path,
         default=str(DEFAULT_MODEL),
         help="checkpoint directory (weights, tokenizer, preprocessor; default: the shipped kimivl-tiny)",
     )
     chat.add_argument(
-        "--image", action="append", default=[], help="an image file, or a pipe such as /dev/stdin (repeatable)"
+        "--image",
+        action="append",
+        default=[],
+        type=_path,
+        help="an image file, or a pipe such as /dev/stdin (repeatable)",
     )
-    chat.add_argument("--video", help="a video file (or a pipe), fed as timestamped frames")
+    chat.add_argument("--video", type=_path, help="a video file (or a pipe), fed as timestamped frames")
     given = "default: the checkpoint's generation_config.json, else"
     chat.add_argument("--max-new-tokens", type=int, help=f"{given} 512")
     chat.add_argument("--temperature", type=float, help=f"0 for greedy ({given} 0.2, as for Instruct)")
@@ -726,7 +737,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(func=cmd_chat)
 
     serve = sub.add_parser("serve", help="an OpenAI-compatible chat completions server (continuous batching)")
-    serve.add_argument("--model", default=str(DEFAULT_MODEL), help="checkpoint directory (default: kimivl-tiny)")
+    serve.add_argument(
+        "--model", type=_path, default=str(DEFAULT_MODEL), help="checkpoint directory (default: kimivl-tiny)"
+    )
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument(
@@ -766,14 +779,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--served-model-name", help="the model name clients send (default: the directory's name)")
     serve.add_argument(
-        "--allowed-local-media-path", help="a directory whose image files requests may name (default: data: URLs only)"
+        "--allowed-local-media-path",
+        type=_path,
+        help="a directory whose image files requests may name (default: data: URLs only)",
     )
     serve.set_defaults(func=cmd_serve)
 
     train = sub.add_parser("train", help="run a training recipe (YAML): every stage in order, resumable")
-    train.add_argument("recipe", help="recipe file, e.g. recipes/tiny.yaml")
+    train.add_argument("recipe", type=_path, help="recipe file, e.g. recipes/tiny.yaml")
     train.add_argument("--resume", action="store_true", help="continue a run: skip finished stages, resume the rest")
-    train.add_argument("--out", help="run directory (default: the recipe's 'out')")
+    train.add_argument("--out", type=_path, help="run directory (default: the recipe's 'out')")
     train.add_argument("--device", help="where to train, e.g. cuda (default: the recipe's 'device', else cpu)")
     train.add_argument("--seed", type=int, help="the run's seed (default: the recipe's 'seed'), e.g. for RL repeats")
     train.add_argument(
@@ -793,8 +808,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     demo = sub.add_parser("demo", help="the shipped kimivl-tiny answering bundled held-out questions")
-    demo.add_argument("--model", default=str(DEFAULT_MODEL), help="checkpoint directory (default: kimivl-tiny)")
-    demo.add_argument("--examples", default=str(DEFAULT_EXAMPLES), help="held-out split directory")
+    demo.add_argument(
+        "--model", type=_path, default=str(DEFAULT_MODEL), help="checkpoint directory (default: kimivl-tiny)"
+    )
+    demo.add_argument("--examples", type=_path, default=str(DEFAULT_EXAMPLES), help="held-out split directory")
     demo.set_defaults(func=cmd_demo)
 
     ev = sub.add_parser("eval", help="score a checkpoint (or saved predictions) on benchmarks, synthetic tasks, NIAH")
@@ -804,7 +821,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated: mmmu, mathvista, ocrbench, screenspot, "
         "screenspot_pro, videomme, mmlongbench_doc, synthetic, synthetic:<task>, niah",
     )
-    ev.add_argument("--model", help="checkpoint directory (not needed with --predictions)")
+    ev.add_argument("--model", type=_path, help="checkpoint directory (not needed with --predictions)")
     ev.add_argument(
         "--data",
         action="append",
@@ -813,6 +830,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument(
         "--predictions",
+        type=_path,
         help="re-score this JSONL of {index, prediction[, extracted]} without loading a "
         "model (extracted: an answer parsed elsewhere, e.g. by an LLM, scored by the rules)",
     )
@@ -830,7 +848,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="start afresh: drop the predictions already in --out for these tasks (needed when they "
         "come from another model, checkpoint, data or generation settings)",
     )
-    ev.add_argument("--out", default="runs/eval", help="output directory (default runs/eval)")
+    ev.add_argument("--out", type=_path, default="runs/eval", help="output directory (default runs/eval)")
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--max-new-tokens", type=int, help="default 512 (32 for niah)")
     ev.add_argument(

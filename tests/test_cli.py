@@ -259,3 +259,32 @@ def test_the_shipped_recipes_export_the_shipped_models_generation_configs():
         shipped = json.loads((DEFAULT_MODEL.parent / model / "generation_config.json").read_text())
         assert Path(export["path"]).name == model
         assert shipped == {"do_sample": True, **export["generation"]}
+
+
+def test_path_flags_expand_a_tilde(tmp_path, monkeypatch):
+    """A shell leaves ``~`` in ``--model=~/m`` (after ``=``) and in quotes: the path named a ``~`` folder here."""
+    from kimivl.cli import _data_paths, build_parser
+    from kimivl.eval.tasks import get_task
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    parse = build_parser().parse_args
+    args = parse(["chat", "--model=~/m", "--image=~/a.png", "--image", "~/b.png", "--video=~/v.mp4", "hi"])
+    assert (args.model, args.image, args.video) == (
+        f"{tmp_path}/m",
+        [f"{tmp_path}/a.png", f"{tmp_path}/b.png"],
+        f"{tmp_path}/v.mp4",
+    )
+    args = parse(["eval", "--task", "ocrbench", "--model=~/m", "--predictions=~/p.jsonl", "--out=~/e"])
+    assert (args.model, args.predictions, args.out) == (f"{tmp_path}/m", f"{tmp_path}/p.jsonl", f"{tmp_path}/e")
+    tasks = [get_task("ocrbench"), get_task("mmmu")]
+    assert _data_paths(["ocrbench=~/o.tsv", "mmmu=~/u"], tasks) == {
+        "ocrbench": f"{tmp_path}/o.tsv",
+        "mmmu": f"{tmp_path}/u",
+    }
+    assert _data_paths(["~/o.tsv"], tasks[:1]) == {"ocrbench": f"{tmp_path}/o.tsv"}
+    args = parse(["train", "~/r.yaml", "--out=~/run"])
+    assert (args.recipe, args.out) == (f"{tmp_path}/r.yaml", f"{tmp_path}/run")
+    args = parse(["serve", "--model=~/m", "--allowed-local-media-path=~/media"])
+    assert (args.model, args.allowed_local_media_path) == (f"{tmp_path}/m", f"{tmp_path}/media")
+    assert parse(["demo", "--model=~/m", "--examples=~/x"]).examples == f"{tmp_path}/x"
+    assert parse(["info", "~/m"]).path == f"{tmp_path}/m"

@@ -268,11 +268,25 @@ def _recipe_loader() -> type:
     return Loader
 
 
+def _expand_home(raw: dict[str, Any]) -> None:
+    """``~`` at the start of a recipe's paths (``out``, ``base.checkpoint``, ``tokenizer.path``, ``sources``,
+    ``export.path``, ``eval.split``) is the home directory, as a shell would read it: no shell sees them."""
+    places = [(raw, "out")]
+    places += [(raw.get(k), key) for k, key in (("base", "checkpoint"), ("tokenizer", "path"), ("export", "path"))]
+    places.append((raw.get("eval"), "split"))
+    sources = raw.get("sources")
+    if isinstance(sources, dict):
+        places += [(sources, name) for name in sources] + [(spec, "path") for spec in sources.values()]
+    for mapping, key in places:
+        if isinstance(mapping, dict) and isinstance(mapping.get(key), str):
+            mapping[key] = os.path.expanduser(mapping[key])
+
+
 def load_recipe(path: str | os.PathLike, overrides: dict[str, Any] | None = None, device_needed: bool = True) -> Recipe:
     """Read a recipe file; relative ``out`` and export paths are taken from the current directory, except that an
     ``out`` among the ``overrides`` (``kimivl train --out``) moves a relative export path under it: every output of
-    the run then lands there. The recipe's device must exist here unless ``device_needed`` is false (``--plan``, which
-    plans for a device this machine lacks)."""
+    the run then lands there (``~`` in a path is the home directory). The recipe's device must exist here unless
+    ``device_needed`` is false (``--plan``, which plans for a device this machine lacks)."""
     import yaml
 
     try:
@@ -282,6 +296,7 @@ def load_recipe(path: str | os.PathLike, overrides: dict[str, Any] | None = None
     if not isinstance(raw, dict):
         raise RecipeError(f"recipe {path} must be a mapping")
     raw.update(overrides or {})
+    _expand_home(raw)
     export = raw.get("export")
     if (
         (overrides or {}).get("out")
@@ -289,7 +304,7 @@ def load_recipe(path: str | os.PathLike, overrides: dict[str, Any] | None = None
         and isinstance(export.get("path"), str)
         and not Path(export["path"]).is_absolute()
     ):
-        raw["export"] = {**export, "path": str(Path(overrides["out"]) / export["path"])}
+        raw["export"] = {**export, "path": str(Path(raw["out"]) / export["path"])}
     known = {f.name for f in fields(Recipe)}
     unknown = set(raw) - known
     if unknown:

@@ -1044,6 +1044,42 @@ def test_the_run_and_its_plan_say_where_a_relative_export_path_lands(data_dir, t
     assert (tmp_path / "cwd" / "export" / "config.json").is_file() and not (out / "export").exists()
 
 
+def test_a_tilde_in_a_recipes_paths_is_the_home_directory(data_dir, tmp_path, monkeypatch, caplog):
+    """``out: ~/runs/x`` made a literal ``./~/runs/x`` under the current directory (where ``rm -rf ~/runs`` typed to
+    clean it hits the real home), and ``~`` in sources, base, tokenizer, export and eval paths named nothing."""
+    import shutil
+
+    home = tmp_path / "home"
+    (home / "data").mkdir(parents=True)
+    shutil.copy(data_dir / "text.jsonl", home / "data" / "text.jsonl")
+    monkeypatch.setenv("HOME", str(home))
+    stage = {"name": "lm", "kind": "joint", "steps": 1, "lr": 1e-3, "budget": 192, "mix": {"text": 1}}
+    recipe = {
+        "name": "tilde",
+        "out": "~/runs/x",
+        "tokenizer": {"train_vocab": 280},
+        "sources": {"text": "~/data/text.jsonl"},
+        "export": {"path": "~/models/x"},
+        "stages": [stage],
+    }
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    with caplog.at_level("INFO", logger="kimivl.train.pipeline"):
+        assert main(["train", str(tmp_path / "r.yaml")]) == 0
+    assert "the last stage's model is exported in bfloat16 to " + str(home / "models" / "x") in caplog.messages
+    assert (home / "models" / "x" / "config.json").is_file() and (home / "runs" / "x" / "lm" / "final").is_dir()
+    assert not any((tmp_path / "cwd").iterdir())
+    # --out ~/other (as --out=~/other leaves it) moves the export only when it is relative: ~/models/x is not
+    assert load_recipe(tmp_path / "r.yaml", {"out": "~/other"}).out == home / "other"
+    other = {"base": {"checkpoint": "~/m"}, "tokenizer": {"path": "~/tok"}, "eval": {"split": "~/heldout"}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({**recipe, **other, "sources": {"text": {"path": "~/t.jsonl"}}}))
+    loaded = load_recipe(tmp_path / "r.yaml")
+    assert (loaded.base["checkpoint"], loaded.tokenizer["path"]) == (str(home / "m"), str(home / "tok"))
+    assert loaded.out / loaded.eval["split"] == home / "heldout"
+    assert loaded.source_path("text") == home / "t.jsonl" and loaded.export["path"] == str(home / "models" / "x")
+
+
 def test_the_recipe_tokenizer_streams_the_sources_texts_into_the_same_bpe(data_dir, tmp_path, monkeypatch, caplog):
     import logging
 
