@@ -112,7 +112,8 @@ def rank_main(args) -> None:
                     "plan": dataclasses.asdict(plan) | {"total": plan.total},
                     "tokens_per_s": args.steps * args.rows * args.budget / seconds,
                 }
-            )
+            ),
+            encoding="utf-8",
         )
     close_world(world)
 
@@ -141,7 +142,7 @@ def launch(args, ranks: int, result: Path, live: bool) -> dict:
         *[f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("rank_main", "result")],
     ]
     subprocess.run(cmd, check=True, env=env, timeout=1800)
-    return json.loads(result.read_text())
+    return json.loads(result.read_text(encoding="utf-8"))
 
 
 def main() -> None:

@@ -45,7 +45,7 @@ def run(argv: list[str]) -> None:
 
 
 def derived_recipe(args: argparse.Namespace, arm: str, seed: int, out: Path) -> dict:
-    recipe = yaml.safe_load((ROOT / "recipes" / ARMS[arm]).read_text())
+    recipe = yaml.safe_load((ROOT / "recipes" / ARMS[arm]).read_text(encoding="utf-8"))
     recipe.pop("world", None)
     recipe.update(
         name=f"rl-signal-{arm}-s{seed}",
@@ -71,14 +71,18 @@ def derived_recipe(args: argparse.Namespace, arm: str, seed: int, out: Path) -> 
 
 def least_steps(arms: list[str]) -> int:
     """The fewest RL iterations every arm can run: past each recipe's warm-up, and 4 for ``curve_summary``."""
-    stages = [yaml.safe_load((ROOT / "recipes" / ARMS[arm]).read_text())["stages"][0] for arm in arms]
+    stages = [yaml.safe_load((ROOT / "recipes" / ARMS[arm]).read_text(encoding="utf-8"))["stages"][0] for arm in arms]
     return max(4, *(stage.get("warmup", 0) + 1 for stage in stages))
 
 
 def curve_summary(run_dir: Path) -> dict[str, tuple[float, ...]]:
     """Means over each quarter of the iterations in ``metrics.jsonl`` (the recipes' curriculum: easy problems only in
     the first two, a quarter medium ones in the last two)."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [
+        json.loads(line)
+        for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+        if line.strip()
+    ]
     rows = [r for r in rows if "reward" in r]
     if len(rows) < 4:
         raise ValueError(f"{run_dir / 'metrics.jsonl'} has {len(rows)} RL iterations; a summary by quarter needs 4")
@@ -136,7 +140,7 @@ def main() -> int:
                 continue
             recipe = args.out / "recipes" / f"{arm}-s{seed}.yaml"
             recipe.parent.mkdir(parents=True, exist_ok=True)
-            recipe.write_text(yaml.safe_dump(derived_recipe(args, arm, seed, out), sort_keys=False))
+            recipe.write_text(yaml.safe_dump(derived_recipe(args, arm, seed, out), sort_keys=False), encoding="utf-8")
             if base_eval is not None and not (out / "eval" / "base.json").is_file():
                 (out / "eval").mkdir(parents=True, exist_ok=True)
                 for f in base_eval.glob("base.*"):
@@ -149,7 +153,7 @@ def main() -> int:
     done = {arm: rs for arm, rs in done.items() if rs}
     lines = ["# RL signal experiment", ""]
     if passk.is_file():
-        table = json.loads(passk.read_text())
+        table = json.loads(passk.read_text(encoding="utf-8"))
         lines += [f"pass@k of {args.model} on the fresh problems: `{json.dumps(table)}`", ""]
     keys = ("reward", "accuracy", "mean_length", "all_correct", "all_wrong")
     lines += [comparison_table(done), "", difficulty_table(done), "", "RL iterations by quarter (means):", ""]
@@ -158,7 +162,7 @@ def main() -> int:
         for r in rs:
             c = curve_summary(r)
             lines.append(f"| {r.name} | " + " | ".join(" / ".join(f"{v:.2f}" for v in c[k]) for k in keys) + " |")
-    (args.out / "compare.md").write_text("\n".join(lines) + "\n")
+    (args.out / "compare.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
     return 0
 

@@ -37,7 +37,7 @@ def _url(path: str) -> str:
 
 def questions(count: int, tasks: tuple[str, ...] = TASKS) -> list[list[dict]]:
     """``count`` held-out questions, the tasks taken in turn, as OpenAI messages with data: URL images and videos."""
-    per_task = {t: (HELDOUT / f"{t}.jsonl").read_text().splitlines() for t in tasks}
+    per_task = {t: (HELDOUT / f"{t}.jsonl").read_text(encoding="utf-8").splitlines() for t in tasks}
     out = []
     for i in range(count):
         task = tasks[i % len(tasks)]

@@ -153,7 +153,7 @@ def _check_run(pred_path: Path, run_path: Path, settings: dict, overwrite: bool)
         pred_path.unlink(missing_ok=True)
     elif has_predictions:
         try:
-            before = json.loads(run_path.read_text()) if run_path.is_file() else None
+            before = json.loads(run_path.read_text(encoding="utf-8")) if run_path.is_file() else None
         except json.JSONDecodeError:
             before = None
         if before is None:

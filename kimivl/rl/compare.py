@@ -39,14 +39,14 @@ def _read(run: Path, name: str) -> dict:
     path = run / "eval" / f"{name}.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: run the recipe (with eval base: true and after: [rl]) first")
-    return json.loads(path.read_text())
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def _problems(run: Path, stage: str, task: str) -> int:
     path = run / "eval" / f"{stage}.predictions.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: a single seed's interval needs the number of problems scored")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     n = sum(task in ("all", r["task"]) for r in rows)
     if not n:
         raise ValueError(f"{path} holds no predictions of task {task!r}")
@@ -148,7 +148,7 @@ def _predictions(run: Path, stage: str, task: str) -> list[dict]:
     path = run / "eval" / f"{stage}.predictions.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: accuracy by difficulty is computed from the predictions")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     rows = [r for r in rows if task in ("all", r["task"])]
     if not rows:
         raise ValueError(f"{path} holds no predictions of task {task!r}")

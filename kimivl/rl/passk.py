@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(e))
     table = summarise([p["meta"].get("difficulty", "any") for p in problems], counts, args.samples, args.k)
     settings = {k: getattr(args, k) for k in ("model", "data", "samples", "temperature", "top_p", "max_new_tokens")}
-    with open(args.out, "w") as f:
+    with open(args.out, "w", encoding="utf-8") as f:
         json.dump({"settings": {**settings, "seed": args.seed}, "table": table, "correct": counts}, f, indent=1)
     print(format_table(table, args.k))
     print(f"written to {args.out}")

@@ -417,7 +417,7 @@ def check_export(recipe: Recipe, elsewhere: str = ELSEWHERE) -> Path | None:
     if not held:
         return path
     try:
-        wrote = json.loads((path / EXPORT_RECORD).read_text())["out"]
+        wrote = json.loads((path / EXPORT_RECORD).read_text(encoding="utf-8"))["out"]
     except (OSError, ValueError, KeyError, TypeError):
         wrote = None
     if wrote is not None and (path / wrote).resolve() == recipe.out.resolve():
@@ -510,7 +510,7 @@ def keep_seed(recipe: Recipe, world: World) -> None:
     stream). Rank 0 records the seed; a run with nothing trained yet may still change it."""
     path = recipe.out / SEED_RECORD
     started = any(recipe.out.glob("*/checkpoints/*")) or any(recipe.out.glob(f"*/{FINAL}"))
-    if started and path.is_file() and (then := json.loads(path.read_text())["seed"]) != recipe.seed:
+    if started and path.is_file() and (then := json.loads(path.read_text(encoding="utf-8"))["seed"]) != recipe.seed:
         raise RecipeError(
             f"{recipe.out} was trained with seed {then}, not {recipe.seed}: the rest of the run follows its seed, "
             f"so resume with --seed {then}, or give another --out to train with seed {recipe.seed}"

@@ -132,7 +132,9 @@ def save_state(ckpt_dir: str | os.PathLike, model, trainer: dict[str, Any], keep
     tmp = root / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     previous = root / LATEST
-    previous = root / previous.read_text().strip() if previous.is_file() else None  # frozen shards link from it
+    previous = (
+        root / previous.read_text(encoding="utf-8").strip() if previous.is_file() else None
+    )  # frozen shards link from it
     try:
         if hasattr(model, "save_pretrained"):
             model.save_pretrained(tmp, frozen_apart=True, frozen_from=previous)
@@ -171,7 +173,7 @@ def save_state_sharded(
     name = f"step-{trainer['step']:07d}"
     tmp, final = root / f".{name}.tmp", root / name
     latest = root / LATEST
-    previous = root / latest.read_text().strip() if latest.is_file() else None
+    previous = root / latest.read_text(encoding="utf-8").strip() if latest.is_file() else None
     try:
         if world.main:
             root.mkdir(parents=True, exist_ok=True)
@@ -194,7 +196,7 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
     pointer = Path(ckpt_dir) / LATEST
     if not pointer.is_file():
         return None
-    path = Path(ckpt_dir) / pointer.read_text().strip()
+    path = Path(ckpt_dir) / pointer.read_text(encoding="utf-8").strip()
     if not (path / TRAINER_FILE).is_file():
         raise FileNotFoundError(f"{pointer} names {path}, which is not a complete checkpoint")
     return path
