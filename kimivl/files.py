@@ -6,11 +6,26 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 FULL = (errno.ENOSPC, errno.EDQUOT)  # the errnos of a full disk (or quota)
+
+
+def unencodable(path: str | os.PathLike) -> str | None:
+    """Why the OS cannot be given ``path``: it holds characters that the filesystem encoding cannot encode (ASCII in
+    the C locale without Python's UTF-8 mode, where ``Path.is_file`` says False and ``open`` names no path); None
+    when it can be given."""
+    try:
+        os.fsencode(path)
+    except UnicodeEncodeError as e:
+        return (
+            f"{os.fspath(path)} holds {e.object[e.start : e.end]!r}, which the filesystem encoding "
+            f"({sys.getfilesystemencoding()}) cannot encode: run with PYTHONUTF8=1, or in a UTF-8 locale (LANG=C.UTF-8)"
+        )
+    return None
 
 
 class WriteError(OSError):

@@ -35,6 +35,7 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
+from kimivl.files import unencodable
 from kimivl.processing.chat_template import ROLES, part_type
 
 # A line that may hold a lone surrogate (only a JSON escape puts one into valid UTF-8): an escaped high half not
@@ -111,6 +112,8 @@ def _media(value: Any, root: Path, where: str) -> str:
     if not isinstance(value, str) or not value:
         raise DataError(f"{where}: a media path must be a non-empty string, got {value!r}")
     path = root / value
+    if why := unencodable(path):
+        raise DataError(f"{where}: media file {why}")
     try:
         found = path.is_file()
     except (OSError, ValueError) as e:  # a NUL byte, a name too long for the filesystem

@@ -32,11 +32,13 @@ from __future__ import annotations
 import functools
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kimivl.data.synthetic.sample import DIFFICULTIES
+from kimivl.files import unencodable
 
 if TYPE_CHECKING:
     from kimivl.train.stages.base import StageSettings
@@ -48,6 +50,7 @@ MAPPINGS = {
     "export": {"path", "dtype", "generation"},
     "eval": {"after", "split", "limit", "max_new_tokens", "base"},
 }
+PATH_KEYS = (("base", "checkpoint"), ("tokenizer", "path"), ("export", "path"), ("eval", "split"))
 
 
 class RecipeError(ValueError):
@@ -268,18 +271,16 @@ def _recipe_loader() -> type:
     return Loader
 
 
-def _expand_home(raw: dict[str, Any]) -> None:
-    """``~`` at the start of a recipe's paths (``out``, ``base.checkpoint``, ``tokenizer.path``, ``sources``,
-    ``export.path``, ``eval.split``) is the home directory, as a shell would read it: no shell sees them."""
-    places = [(raw, "out")]
-    places += [(raw.get(k), key) for k, key in (("base", "checkpoint"), ("tokenizer", "path"), ("export", "path"))]
-    places.append((raw.get("eval"), "split"))
+def _paths(raw: dict[str, Any]) -> Iterator[tuple[str, dict, str]]:
+    """(name, mapping, key) of each path a raw recipe gives as a string: ``out``, ``base.checkpoint``,
+    ``tokenizer.path``, ``sources``, ``export.path``, ``eval.split``."""
+    places = [("out", raw, "out")]
+    places += [(f"{k}.{key}", raw.get(k), key) for k, key in PATH_KEYS]
     sources = raw.get("sources")
     if isinstance(sources, dict):
-        places += [(sources, name) for name in sources] + [(spec, "path") for spec in sources.values()]
-    for mapping, key in places:
-        if isinstance(mapping, dict) and isinstance(mapping.get(key), str):
-            mapping[key] = os.path.expanduser(mapping[key])
+        for name, spec in sources.items():
+            places += [(f"sources.{name}", sources, name), (f"sources.{name}.path", spec, "path")]
+    return ((name, m, key) for name, m, key in places if isinstance(m, dict) and isinstance(m.get(key), str))
 
 
 def load_recipe(path: str | os.PathLike, overrides: dict[str, Any] | None = None, device_needed: bool = True) -> Recipe:
@@ -296,7 +297,11 @@ def load_recipe(path: str | os.PathLike, overrides: dict[str, Any] | None = None
     if not isinstance(raw, dict):
         raise RecipeError(f"recipe {path} must be a mapping")
     raw.update(overrides or {})
-    _expand_home(raw)
+    raw.setdefault("out", f"runs/{raw.get('name', 'run')}")
+    for name, mapping, key in _paths(raw):
+        mapping[key] = os.path.expanduser(mapping[key])  # as a shell would read ~: no shell sees these
+        if why := unencodable(mapping[key]):
+            raise RecipeError(f"recipe {path}: {name}: {why}")
     export = raw.get("export")
     if (
         (overrides or {}).get("out")
@@ -315,7 +320,7 @@ def load_recipe(path: str | os.PathLike, overrides: dict[str, Any] | None = None
         stages = [parse_stage(s) for s in raw.pop("stages", None) or []]
         if not stages:
             raise RecipeError(f"recipe {path} has no stages")
-        recipe = Recipe(stages=stages, out=Path(raw.pop("out", f"runs/{raw.get('name', 'run')}")), **raw)
+        recipe = Recipe(stages=stages, out=Path(raw.pop("out")), **raw)
     except TypeError as e:
         raise RecipeError(f"recipe {path}: {e}") from None
     if device_needed and not device_here(recipe.device):
