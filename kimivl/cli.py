@@ -330,6 +330,34 @@ def _loopback(host: str) -> bool:
     return bool(addresses) and all((getattr(a, "ipv4_mapped", None) or a).is_loopback for a in addresses)
 
 
+def _check_listen(host: str, port: int) -> None:
+    """A ``CommandError`` unless ``host:port`` can be listened on now, bound as uvicorn binds it (every address the
+    host resolves to): checked before the model loads (minutes for the A3B), not after."""
+    import errno
+    import socket
+
+    where = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+    held = []
+    try:
+        for family, kind, proto, _, address in set(
+            socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        ):
+            held.append(socket.socket(family, kind, proto))
+            held[-1].setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                held[-1].setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            held[-1].bind(address)
+    except OSError as e:
+        advice = {
+            errno.EADDRINUSE: "another server listens there: choose another --port",
+            errno.EACCES: "this user may not listen there: choose another --port (1024 or more)",
+        }.get(e.errno, "give --host an address of this machine, e.g. 127.0.0.1 or 0.0.0.0")
+        raise CommandError(f"cannot listen on --host/--port {where} ({e.strerror or e}); {advice}") from None
+    finally:
+        for sock in held:
+            sock.close()
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -359,6 +387,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CommandError(f"--shutdown-timeout must be a number of seconds >= 0, got {args.shutdown_timeout}")
     if args.allowed_local_media_path and not os.path.isdir(args.allowed_local_media_path):
         raise CommandError(f"--allowed-local-media-path {args.allowed_local_media_path}: not a directory")
+    _check_listen(args.host, args.port)
     model, processor = _load(args.model, args.dtype, args.device)
     engine = Engine(
         model, processor, max_batch=args.max_batch, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk

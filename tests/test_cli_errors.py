@@ -310,3 +310,25 @@ def test_an_unusable_api_key_says_where_it_came_from(monkeypatch, capsys, key):
     )
     assert main(["serve", "--api-key", key]) == 2
     _one_line_error(capsys, "serve", "the API key must be non-empty", "(this one came from --api-key)")
+
+
+@pytest.mark.parametrize(
+    ("host", "message"),
+    [
+        ("127.0.0.1", "(Address already in use); another server listens there: choose another --port"),
+        ("192.0.2.1", "(Cannot assign requested address); give --host an address of this machine"),
+    ],
+)
+def test_serve_refuses_an_address_it_cannot_listen_on_before_loading(monkeypatch, capsys, host, message):
+    """A port in use was found by uvicorn after the model loaded (minutes for the A3B): its own log line, exit 3."""
+    import socket
+
+    loaded = []
+    monkeypatch.setattr(cli, "_load", lambda *a: loaded.append(a))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--host", host, "--port", str(port)]) == 2
+    _one_line_error(capsys, "serve", f"cannot listen on --host/--port {host}:{port} {message}")
+    assert not loaded

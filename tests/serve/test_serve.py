@@ -560,10 +560,12 @@ def test_local_media_only_under_the_allowed_directory_and_byte_limits(tmp_path):
 def test_kimivl_serve_runs_uvicorn_on_loopback_with_the_app(monkeypatch):
     import uvicorn
 
+    from kimivl import cli
     from kimivl.cli import main
 
     calls = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append((app, kw)))
+    monkeypatch.setattr(cli, "_check_listen", lambda host, port: None)  # port 8000 may be in use here
     model = str(MODELS / "kimivl-tiny")
     assert main(["serve", "--model", model, "--device", "cpu", "--max-batch", "2", "--port", "8123"]) == 0
     ((app, kw),) = calls
