@@ -332,3 +332,42 @@ def test_serve_refuses_an_address_it_cannot_listen_on_before_loading(monkeypatch
         assert main(["serve", "--host", host, "--port", str(port)]) == 2
     _one_line_error(capsys, "serve", f"cannot listen on --host/--port {host}:{port} {message}")
     assert not loaded
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "shown", "model"),
+    [("merge_kernel_size", [4, 4], "[4, 4]", "[2, 2]"), ("patch_size", 16, "16", "14")],
+)
+def test_a_preprocessor_config_not_the_models_is_refused_before_loading_weights(
+    tmp_path, monkeypatch, capsys, field, value, shown, model
+):
+    """It loaded, and every image request failed with a placeholder count naming neither file."""
+    import shutil
+
+    shutil.copytree(DEFAULT_MODEL, tmp_path / "m")
+    pre = json.loads((tmp_path / "m" / "preprocessor_config.json").read_text())
+    (tmp_path / "m" / "preprocessor_config.json").write_text(json.dumps({**pre, field: value}))
+    loaded = []
+    monkeypatch.setattr(KimiVL, "from_pretrained", lambda *a, **k: loaded.append(a))
+    assert main(["chat", "--model", str(tmp_path / "m"), "--device", "cpu", "hi"]) == 2
+    _one_line_error(
+        capsys,
+        "chat",
+        f"{tmp_path / 'm' / 'preprocessor_config.json'} gives {field} {shown}",
+        f"{tmp_path / 'm' / 'config.json'} has vision_config.{field} {model}",
+    )
+    assert not loaded
+
+
+def test_the_default_image_processor_must_fit_the_model_too(tmp_path):
+    import shutil
+
+    shutil.copytree(DEFAULT_MODEL, tmp_path / "m")
+    (tmp_path / "m" / "preprocessor_config.json").unlink()
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config["vision_config"]["patch_size"] = 16
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        CheckpointError, match=r"the default image processor \(no preprocessor_config.json in .*\) gives"
+    ):
+        KimiVLProcessor.from_pretrained(tmp_path / "m")

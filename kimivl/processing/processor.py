@@ -44,6 +44,24 @@ def check_media_pad(
         )
 
 
+def check_image_processor(config: KimiVLConfig, image_processor: ImageProcessor, model_dir: str | os.PathLike) -> None:
+    """A ``CheckpointError`` unless the image processor cuts images into the patches and merge windows of the
+    model's vision tower (``vision_config``'s ``patch_size`` and ``merge_kernel_size``): otherwise text prompts work
+    and every image fails, its placeholder count not its feature count."""
+    source = os.path.join(model_dir, IMAGE_CONFIG)
+    if not os.path.isfile(source):
+        source = f"the default image processor (no {IMAGE_CONFIG} in {model_dir})"
+    for name in ("patch_size", "merge_kernel_size"):
+        ours, model = (getattr(part, name) for part in (image_processor, config.vision_config))
+        if ours != model:
+            shown = [list(v) if isinstance(v, tuple) else v for v in (ours, model)]
+            raise CheckpointError(
+                f"{source} gives {name} {shown[0]}, but {os.path.join(model_dir, 'config.json')} has vision_config."
+                f"{name} {shown[1]}: images would not match the vision tower; set {name} to {shown[1]} in "
+                f"{IMAGE_CONFIG}"
+            )
+
+
 @dataclass
 class Encoded:
     """One conversation: token ids (placeholders expanded), labels for training, and its images' patches."""
@@ -63,12 +81,16 @@ class KimiVLProcessor:
     def from_pretrained(cls, path: str | os.PathLike) -> KimiVLProcessor:
         """Reads ``tiktoken.model``, ``tokenizer_config.json`` and ``preprocessor_config.json`` (defaults to the
         official values when the last is absent). Beside a model's ``config.json``, the tokenizer must be that
-        model's (``check_media_pad``)."""
+        model's (``check_media_pad``) and the image processor must cut images as its vision tower does
+        (``check_image_processor``)."""
         tokenizer = KimiTokenizer.from_pretrained(path)
+        has_pre = os.path.isfile(os.path.join(path, IMAGE_CONFIG))
+        image_processor = ImageProcessor.from_pretrained(path) if has_pre else ImageProcessor()
         if os.path.isfile(os.path.join(path, "config.json")):
-            check_media_pad(KimiVLConfig.from_pretrained(path), tokenizer, path, path)
-        has_pre = os.path.isfile(os.path.join(path, "preprocessor_config.json"))
-        return cls(tokenizer, ImageProcessor.from_pretrained(path) if has_pre else ImageProcessor())
+            config = KimiVLConfig.from_pretrained(path)
+            check_media_pad(config, tokenizer, path, path)
+            check_image_processor(config, image_processor, path)
+        return cls(tokenizer, image_processor)
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write the tokenizer's and the image processor's files; overwriting another model's is refused first
