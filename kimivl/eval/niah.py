@@ -214,14 +214,20 @@ def check_options(
 ) -> list[int]:
     """The prompt lengths the cases get (``lengths``, else ``default_lengths(context, max_new_tokens)``), after
     checking the options (no model needed, so the command line checks them before loading one): known haystack
-    kinds, depths in 0-100 (percent), positive lengths and trials, and, where ``context`` is known, no length above
-    ``context - max_new_tokens`` (such a prompt leaves no room for the answer: every row would fail)."""
+    kinds, depths in 0-100 (percent), positive lengths and trials, and, where ``context`` is known, ``max_new_tokens``
+    below it and no length above ``context - max_new_tokens`` (such a prompt leaves no room for the answer: every row
+    would fail)."""
     for kind in kinds:
         if kind not in KINDS:
             raise ValueError(f"unknown haystack {kind!r} (expected one of {', '.join(KINDS)})")
     bad = [d for d in depths if not 0 <= d <= 100]
     if bad:
         raise ValueError(f"NIAH depths are percentages from 0 to 100; got {', '.join(map(str, bad))} (--depths)")
+    if context is not None and max_new_tokens >= context:
+        raise ValueError(
+            f"--max-new-tokens {max_new_tokens} must be below the model's context of {context} tokens: the prompt "
+            "and the answer share it"
+        )
     lengths = list(lengths or default_lengths(context or 131072, max_new_tokens))
     if any(n <= 0 for n in lengths) or trials < 1:
         raise ValueError(f"NIAH lengths and trials must be positive; got lengths {lengths}, trials {trials}")

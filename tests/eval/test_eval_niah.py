@@ -200,6 +200,23 @@ def test_lengths_beyond_the_context_are_refused_before_any_haystack_or_model(
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("lengths", [["--lengths", "1k"], []])
+def test_max_new_tokens_over_the_context_is_named_before_the_lengths(
+    checkpoint, small_model, tmp_path, capsys, lengths
+):
+    """The advice was nonsense: '... a prompt with 5000 new tokens (-904); give --lengths up to -904'."""
+    context = small_model.config.text_config.max_position_embeddings
+    args = ["eval", "--model", str(checkpoint), "--task", "niah", "--out", str(tmp_path / "out"), *lengths]
+    for max_new in (context, context + 904):
+        assert main([*args, "--max-new-tokens", str(max_new)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (
+            f"kimivl eval: error: --max-new-tokens {max_new} must be below the model's context of {context} tokens: "
+            "the prompt and the answer share it"
+        )
+    assert not (tmp_path / "out").exists()
+
+
 def test_each_niah_metric_in_results_md_counts_its_own_rows(tmp_path):
     """Each per-haystack (and per-bucket) metric showed the task's total row count (5) rather than its own."""
     task = get_task("niah")
