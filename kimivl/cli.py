@@ -426,7 +426,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     _at_least_one(args, "dp_shard", "ep")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    overrides = {key: value for key, value in (("out", args.out), ("device", args.device)) if value}
+    overrides = {key: value for key, value in (("out", args.out), ("device", args.device)) if value is not None}
+    for key, value in overrides.items():
+        if not value.strip():  # e.g. an unset $OUT: the recipe's own would be used, unsaid
+            raise CommandError(f"--{key} is empty: give one, or leave --{key} out for the recipe's '{key}'")
     if args.bf16 is not None:
         overrides["bf16"] = args.bf16
     if args.seed is not None:

@@ -212,6 +212,24 @@ def test_train_refuses_a_parallel_layout_below_one(tmp_path, capsys, flags, mess
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(("flag", "value"), [("--out", ""), ("--device", ""), ("--out", " ")])
+def test_train_refuses_an_empty_out_or_device(tmp_path, capsys, flag, value):
+    """``--out ""`` (an unset $OUT in a script) was dropped: the run trained into the recipe's out."""
+    stage = {"name": "sft", "kind": "joint", "steps": 1, "lr": 1e-3, "mix": {"ocr": 1}}
+    recipe = {
+        "name": "p",
+        "out": str(tmp_path / "run"),
+        "base": {"checkpoint": str(DEFAULT_MODEL)},
+        "sources": {"ocr": str(DEFAULT_EXAMPLES / "ocr.jsonl")},
+        "stages": [stage],
+    }
+    (tmp_path / "r.yaml").write_text(json.dumps(recipe))
+    assert main(["train", str(tmp_path / "r.yaml"), flag, value]) == 2
+    key = flag.removeprefix("--")
+    _one_line_error(capsys, "train", f"{flag} is empty: give one, or leave {flag} out for the recipe's '{key}'")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("chunk", ["0", "-1"])
 def test_info_refuses_a_prefill_chunk_below_one_without_context_too(capsys, chunk):
     assert main(["info", "--preset", "tiny", "--prefill-chunk", chunk]) == 2
