@@ -20,29 +20,25 @@ def _fmt(n: int, billions: bool) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from kimivl.inference.generate import PREFILL_CHUNK
     from kimivl.model.params import parameter_counts
 
     if not args.path and not args.preset:
         if args.context is None:
-            print("error: info needs a checkpoint directory or --preset NAME", file=sys.stderr)
-            return 2
+            raise CommandError("info needs a checkpoint directory or --preset NAME")
         args.preset = "kimi-vl-a3b"
     config = KimiVLConfig.from_preset(args.preset) if args.preset else KimiVLConfig.from_pretrained(args.path)
     limit = config.text_config.max_position_embeddings
     if args.context is not None and not 0 < args.context <= limit:
-        print(f"error: --context must be 1..{limit} tokens (the model's context), got {args.context}", file=sys.stderr)
-        return 2
-    for flag, value in (("--prefill-chunk", args.prefill_chunk), ("--dp-shard", args.dp_shard), ("--ep", args.ep)):
-        if value is not None and value < 1:
-            print(f"error: {flag} must be >= 1, got {value}", file=sys.stderr)
-            return 2
+        raise CommandError(f"--context must be 1..{limit} tokens (the model's context), got {args.context}")
+    _at_least_one(args, "prefill_chunk", "dp_shard", "ep")
+    if args.prefill_chunk is not None and args.context is None:
+        raise CommandError("--prefill-chunk sizes the prefill of --context's memory estimate: give --context too")
     if (args.dp_shard or args.ep) and not (args.train or args.freeze):
-        print("error: --dp-shard and --ep plan a training run: give --train (and --freeze) too", file=sys.stderr)
-        return 2
+        raise CommandError("--dp-shard and --ep plan a training run: give --train (and --freeze) too")
     if args.ep and not args.dp_shard:
-        print("error: --ep splits the experts of a sharded run: give --dp-shard too", file=sys.stderr)
-        return 2
-    model = None
+        raise CommandError("--ep splits the experts of a sharded run: give --dp-shard too")
+    model = plan = None
     if args.train or args.freeze:  # checked before anything is printed
         import torch
 
@@ -51,11 +47,11 @@ def cmd_info(args: argparse.Namespace) -> int:
 
         with torch.device("meta"):
             model = KimiVL(config)  # float32, as training keeps its weights
-        try:
-            set_trainable(model, args.train or list(PARTS), args.freeze)
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        set_trainable(model, args.train or list(PARTS), args.freeze)
+        if args.dp_shard:  # what the plan refuses too (experts that do not split over --ep)
+            from kimivl.distributed.plan import rank_memory_plan
+
+            plan = rank_memory_plan(model, args.dp_shard, args.ep or 1)
     counts = parameter_counts(config)
     tc, vc = config.text_config, config.vision_config
     print(
@@ -69,19 +65,12 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"{name:<24}{_fmt(c.total, billions):>12}{_fmt(c.active, billions):>12}")
     print("active = parameters used per token (routed experts: the chosen ones only); a text token uses the LM's alone")
     if args.context is not None:
-        _print_context_memory(config, args.context, args.prefill_chunk)
+        _print_context_memory(config, args.context, args.prefill_chunk or PREFILL_CHUNK)
     if model is not None:
         from kimivl.train.trainable import hold_frozen_in_bf16, memory_plan
 
         frozen = f", less {' '.join(args.freeze)}" if args.freeze else ""
-        if args.dp_shard:
-            from kimivl.distributed.plan import rank_memory_plan
-
-            try:  # what the plan itself refuses (experts that do not split over --ep) comes after the table
-                plan = rank_memory_plan(model, args.dp_shard, args.ep or 1)
-            except ValueError as e:
-                print(f"error: {e}", file=sys.stderr)
-                return 2
+        if plan is not None:
             print(f"training {' + '.join(args.train or PARTS)}{frozen} sharded, with recompute: {plan}")
             return 0
         hold_frozen_in_bf16(model, lambda name, p: True)  # as joint stages do with a bf16 checkpoint's frozen weights
@@ -146,11 +135,15 @@ def resolve_device(name: str | None) -> str:
 
 
 def _load(path: str, dtype: str, device: str | None):
+    import os
+
     import torch
 
     from kimivl import KimiVL, KimiVLProcessor
     from kimivl.precision import checkpoint_load_dtype
 
+    if os.path.isfile(path):
+        raise CommandError(f"--model {path} is a file: give the checkpoint directory ({os.path.dirname(path) or '.'})")
     device = resolve_device(device)
     dtype = checkpoint_load_dtype(path, device, getattr(torch, dtype) if dtype else None)
     processor = KimiVLProcessor.from_pretrained(path)  # first: a tokenizer not the model's is refused in seconds
@@ -683,11 +676,14 @@ def _eval(args: argparse.Namespace) -> int:
 def _ints(text: str) -> list[int]:
     """``--lengths``/``--depths``: comma-separated numbers, ``k`` for 1024; at least one (none is an error, not the
     default)."""
-    values = [
-        int(float(x.lower().replace("k", "")) * (1024 if x.lower().endswith("k") else 1))
-        for x in text.split(",")
-        if x.strip()
-    ]
+    values = []
+    for x in filter(str.strip, text.split(",")):
+        try:
+            values.append(int(float(x.lower().removesuffix("k")) * (1024 if x.lower().endswith("k") else 1)))
+        except (ValueError, OverflowError):
+            raise argparse.ArgumentTypeError(
+                f"{x.strip()!r} in {text!r} is not a number; give numbers, k for 1024, comma-separated (e.g. 1k,2k)"
+            ) from None
     if not values:
         raise argparse.ArgumentTypeError(f"{text!r} holds no number; give one or more, comma-separated")
     return values
@@ -731,7 +727,6 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument(
         "--prefill-chunk",
         type=int,
-        default=PREFILL_CHUNK,
         metavar="TOKENS",
         help=f"with --context: tokens per prefill chunk (default {PREFILL_CHUNK}, as generation uses)",
     )

@@ -234,7 +234,29 @@ def test_train_refuses_an_empty_out_or_device(tmp_path, capsys, flag, value):
 def test_info_refuses_a_prefill_chunk_below_one_without_context_too(capsys, chunk):
     assert main(["info", "--preset", "tiny", "--prefill-chunk", chunk]) == 2
     captured = capsys.readouterr()
-    assert captured.err.strip() == f"error: --prefill-chunk must be >= 1, got {chunk}" and captured.out == ""
+    assert captured.err.strip() == f"kimivl info: error: --prefill-chunk must be >= 1, got {chunk}"
+    assert captured.out == ""
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ([], "info needs a checkpoint directory or --preset NAME"),
+        (["--preset", "tiny", "--prefill-chunk", "512"], "--prefill-chunk sizes the prefill of --context's memory"),
+        (
+            ["--preset", "tiny", "--train", "language_model", "--dp-shard", "2", "--ep", "3"],
+            "ep (3) must divide dp_shard (2)",
+        ),
+        (["--preset", "tiny", "--freeze", "nothing*"], "freeze pattern 'nothing*' matches no parameter"),
+    ],
+)
+def test_info_errors_are_the_commands_one_line_and_come_before_the_table(capsys, flags, message):
+    """info printed 'error: ...' without 'kimivl info:', the whole table before a layout the plan refuses, and
+    ignored --prefill-chunk without --context."""
+    assert main(["info", *flags]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith("kimivl info: error: ") and message in captured.err
+    assert captured.err.count("\n") == 1, captured.err
 
 
 def test_deeply_nested_jsonl_lines_are_data_errors(tmp_path):
@@ -389,3 +411,24 @@ def test_the_default_image_processor_must_fit_the_model_too(tmp_path):
         CheckpointError, match=r"the default image processor \(no preprocessor_config.json in .*\) gives"
     ):
         KimiVLProcessor.from_pretrained(tmp_path / "m")
+
+
+@pytest.mark.parametrize("text", ["1k,abc", "k", "1k,inf"])
+def test_niah_lengths_that_are_not_numbers_are_named(capsys, text):
+    """argparse named the type function: 'invalid _ints value: '1k,abc''."""
+    with pytest.raises(SystemExit):
+        main(["eval", "--task", "niah", "--model", str(DEFAULT_MODEL), "--lengths", text])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    bad = text.split(",")[-1]
+    assert err == (
+        f"kimivl eval: error: argument --lengths: {bad!r} in {text!r} is not a number; give numbers, k for 1024, "
+        "comma-separated (e.g. 1k,2k)"
+    )
+
+
+@pytest.mark.parametrize("command", [["chat", "hi"], ["serve"], ["eval", "--task", "synthetic"]])
+def test_a_model_given_as_a_file_is_named_as_such(capsys, command):
+    """``--model DIR/config.json`` failed with 'tokenizer directory DIR/config.json has no tiktoken.model'."""
+    file = DEFAULT_MODEL / "config.json"
+    assert main([*command, "--model", str(file), "--device", "cpu"]) == 2
+    _one_line_error(capsys, command[0], f"--model {file} is a file: give the checkpoint directory ({DEFAULT_MODEL})")
