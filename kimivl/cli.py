@@ -135,8 +135,6 @@ def resolve_device(name: str | None) -> str:
 
 
 def _load(path: str, dtype: str, device: str | None):
-    import os
-
     import torch
 
     from kimivl import KimiVL, KimiVLProcessor
