@@ -141,7 +141,8 @@ def _images(encoded: list[Encoded]):
 
 class RLTrainer:
     """``problems``: records ``{"messages": [...], "meta": {"task", "gold", "difficulty", ...}}``; ``reward_fn``
-    ``(response text, meta) -> float`` (default: ``kimivl.rl.rewards.correctness``)."""
+    ``(response text, meta) -> float`` (default: ``kimivl.rl.rewards.correctness``); ``settings`` and ``sources``: what
+    a resume compares (``TrainState``'s)."""
 
     def __init__(
         self,
@@ -155,6 +156,8 @@ class RLTrainer:
         stage: str = "rl",
         reward_fn: Callable[[str, dict], float] = correctness,
         world: World | None = None,
+        settings: dict[str, Any] | None = None,
+        sources: dict[str, dict[str, Any]] | None = None,
     ):
         if not problems:
             raise ValueError("RL needs at least one problem")
@@ -186,6 +189,8 @@ class RLTrainer:
             keep=cfg.keep_checkpoints,
             world=self.world,
             bf16=use_bf16(policy.device, cfg.bf16),
+            settings=settings,
+            sources=sources,
         )
 
     @property

@@ -47,7 +47,8 @@ class LoopConfig:
     keep_checkpoints: int = 2
     accum: int = 1  # batches (micro-batches) whose gradients add up to one optimizer step
     val_every: int = 100  # steps between calls of train_loop's ``validate`` (and after the last step)
-    data: dict[str, Any] | None = None  # the stage's settings its data stream follows (``TrainState.data``)
+    settings: dict[str, Any] | None = None  # the stage's settings a resume compares (``TrainState.settings``)
+    sources: dict[str, dict[str, Any]] | None = None  # its data sources' records (``TrainState.sources``)
 
 
 LossFn = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, dict[str, float], int]]
@@ -108,7 +109,8 @@ def train_loop(
         scheduler,
         keep=cfg.keep_checkpoints,
         world=world,
-        data=cfg.data,
+        settings=cfg.settings,
+        sources=cfg.sources,
         bf16=use_bf16(device, cfg.bf16),
         stream=data if hasattr(data, "state_dict") else None,
     )
@@ -135,7 +137,7 @@ def train_loop(
                 except Exception as e:  # bad data: keep the progress made, resume once the data is fixed
                     raise TrainingError(
                         f"{stage}: no batch for step {state.step + 1}: {e}; the state before it is "
-                        f"saved at {state.save()} (fix the data, then resume)"
+                        f"saved at {state.save()} (fix the record in place, then resume)"
                     ) from e
                 if j % world.size == world.rank:
                     micro.append(batch)

@@ -293,7 +293,8 @@ class TrainState:
     extras: dict[str, Any] = field(default_factory=dict)
     keep: int = 2
     world: World = field(default_factory=World)  # a sharded world saves and resumes with DCP
-    data: dict[str, Any] | None = None  # the stage's settings its data stream follows (a joint stage's mix, ...)
+    settings: dict[str, Any] | None = None  # the stage's settings, each compared on resume (``StageSettings.record``)
+    sources: dict[str, dict[str, Any]] | None = None  # each data source's record count and index digest
     bf16: bool | None = None  # whether the stage computes under bf16 autocast (None: not recorded, not compared)
     stream: Any = None  # a data stream's state_dict/load_state_dict (a Mixture's draw counts), saved with position
     step: int = 0
@@ -346,7 +347,8 @@ class TrainState:
                 f"settings, or start the stage afresh (remove {self.ckpt_dir})"
             )
         self._check_schedule(found, state["scheduler"])
-        self._check_data(found, state.get("data"))
+        self._check_settings(found, state.get("settings"), state.get("data"))
+        self._check_sources(found, state.get("sources"))
         self._check_bf16(found, state.get("bf16"))
         self.scheduler.load_state_dict(state["scheduler"])
         for name, part in self.extras.items():
@@ -380,28 +382,67 @@ class TrainState:
                 f"Resume with that run's settings, or start the stage afresh (remove {self.ckpt_dir})"
             )
 
-    def _check_data(self, found: Path, then: dict[str, Any] | None) -> None:
-        """Refuse a checkpoint whose data stream followed other settings (a joint stage's ``mix``, ``mix_end``,
-        ``replacement`` or ``budget``, a vit stage's ``sources``): the saved position would go on in another stream,
-        and a pass without replacement would draw some records twice and others never. A checkpoint that holds no
-        record of them (written before kimivl kept one) resumes with this run's, with a warning."""
-        if self.data is None:
+    def _check_settings(self, found: Path, then: dict[str, Any] | None, data: dict[str, Any] | None) -> None:
+        """Refuse a checkpoint trained under other settings of the stage (``settings``, compared key by key: its
+        ``clip``, ``rope_theta``, ``accum``, a joint stage's ``mix``, an rl stage's ``rl.temperature``, ...): the rest
+        of the stage would train otherwise than its start, and a changed data setting would go on from the saved
+        position in another stream (a pass without replacement drawing some records twice and others never). A key the
+        checkpoint holds no record of is not compared, with a warning: a checkpoint of an earlier kimivl recorded
+        none, or only the settings its data stream followed (``data``)."""
+        if self.settings is None:
             return
-        if then is None:
+        then = then if then is not None else data or {}
+        unrecorded = sorted(self.settings.keys() - then.keys())
+        if unrecorded:
             log.warning(
-                "%s: %s holds no record of the settings its data stream followed (written before kimivl kept one): "
-                "going on with this run's, which must be the recipe's settings of that run",
+                "%s: %s holds no record of the stage's settings %s (written before kimivl kept them): going on with "
+                "this run's, which must be the recipe's settings of that run",
                 self.stage,
                 found,
+                ", ".join(unrecorded),
             )
-            return
-        changed = _differences(then, self.data, then.keys() | self.data.keys())
+        changed = _differences(then, self.settings, self.settings.keys() & then.keys())
         if changed:
             raise TrainingError(
-                f"{self.stage}: the data stream of this run differs from the one {found} was trained with "
-                f"({'; '.join(changed)}): the stage's data settings changed in the recipe, and the samples still to "
-                "come (and, without replacement, which records a pass has drawn) follow them. Resume with that run's "
-                f"settings, or start the stage afresh (remove {self.ckpt_dir})"
+                f"{self.stage}: the settings of this run differ from those {found} was trained with "
+                f"({'; '.join(changed)}): the rest of the stage would train otherwise than its start (and its samples "
+                "still to come, and which records a pass without replacement has drawn, follow its data settings). "
+                f"Resume with that run's settings, or start the stage afresh (remove {self.ckpt_dir})"
+            )
+
+    def _check_sources(self, found: Path, then: dict[str, dict[str, Any]] | None) -> None:
+        """Refuse a checkpoint whose data sources held another number of records: the samples still to come pick
+        records by their index, which would name other records (a pass without replacement drawing some twice and
+        others never, an RL sampler's successes belonging to other problems). Records changed in place, as many as
+        before (a bad record fixed, as a data error asks), resume with a warning naming the sources. A checkpoint that
+        holds no record of its sources (written before kimivl kept one) resumes."""
+        if self.sources is None or then is None:
+            return
+        names = sorted(self.sources.keys() & then.keys())
+        counts = [
+            f"{name}: {then[name]['records']} records then, {self.sources[name]['records']} now"
+            for name in names
+            if then[name]["records"] != self.sources[name]["records"]
+        ]
+        if counts:
+            raise TrainingError(
+                f"{self.stage}: the data sources of this run hold another number of records than when {found} was "
+                f"saved ({'; '.join(counts)}): the samples still to come pick records by their index, which would "
+                "name other records (without replacement, a pass would draw some twice and others never). Restore "
+                "the records (fix a bad record in place: one corrected line for it, not none), or start the stage "
+                f"afresh (remove {self.ckpt_dir})"
+            )
+        edited = [name for name in names if then[name]["index"] != self.sources[name]["index"]]
+        if edited:
+            log.warning(
+                "%s: data sources %s changed since %s was saved (as many records, other bytes): going on with the "
+                "records as they are now, which is right for a bad record fixed in place; if records were reordered "
+                "or replaced, the rest of the stage draws other ones than its start did: stop, restore them, or start "
+                "the stage afresh (remove %s)",
+                self.stage,
+                ", ".join(edited),
+                found,
+                self.ckpt_dir,
             )
 
     def _check_bf16(self, found: Path, then: bool | None) -> None:
@@ -429,7 +470,8 @@ class TrainState:
                 "position": self.position,
                 "scheduler": self.scheduler.state_dict(),
                 **{n: p.state_dict() for n, p in self.extras.items()},
-                **({"data": self.data} if self.data is not None else {}),
+                **({"settings": self.settings} if self.settings is not None else {}),
+                **({"sources": self.sources} if self.sources is not None else {}),
                 **({"bf16": self.bf16} if self.bf16 is not None else {}),
                 **({"stream": self.stream.state_dict()} if self.stream is not None else {}),
             }

@@ -220,7 +220,7 @@ def test_a_sample_that_cannot_be_encoded_stops_with_the_progress_saved(small_mod
         TrainingError,
         match=rf"s: no batch for step 2: sample {first_bad}: record {bad[1] + 1} of source "
         rf"'{bad[0]}' cannot be encoded: image /data/x.png is truncated; the state "
-        "before it is saved at .*step-0000001 \\(fix the data, then resume\\)",
+        "before it is saved at .*step-0000001 \\(fix the record in place, then resume\\)",
     ):
         train_loop(model, joint_loss, data, opt, sched, cfg, tmp_path / "b", "s", progress=False)
     data.encode = encode  # fixed: the resumed run equals an uninterrupted one

@@ -977,6 +977,47 @@ def test_an_interrupted_run_prints_a_resume_command_with_its_settings_and_keeps_
     assert (out / "align" / "final" / "config.json").is_file()
 
 
+def test_a_resume_refuses_another_rope_theta_or_source_size_and_warns_of_a_record_fixed_in_place(
+    data_dir, tmp_path, monkeypatch, caplog
+):
+    """A stage stopped after step 1 and resumed with another rope_theta in the recipe went on silently, two RoPE bases
+    in one stage; so did one whose text source gained records meanwhile (the samples still to come, picked by index,
+    named other records). Now both are refused; a record fixed in place, as the error of a bad sample asks, resumes
+    with a warning naming its source."""
+    import shutil
+
+    from kimivl.train import loop
+    from kimivl.train.interrupt import Interrupted, StopRequest
+    from kimivl.train.step import TrainingError
+
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    recipe = recipe_dict(data, tmp_path / "run")
+    recipe["stages"], recipe["schedule"] = [{**recipe["stages"][3], "steps": 2, "accum": 1}], {"warmup": 1}
+    del recipe["export"]
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    asked = StopRequest()
+    asked.requested = True
+    with monkeypatch.context() as m:
+        m.setattr(loop, "agreed", lambda stop, world: asked)  # Ctrl-C after step 1
+        with pytest.raises(Interrupted, match="cooldown: stopped at your request after step 1 of 2"):
+            run_recipe(load_recipe(tmp_path / "r.yaml"), progress=False)
+    recipe["stages"][0]["rope_theta"] = 800000.0
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(TrainingError, match=r"cooldown: the settings .*\(rope_theta: None then, 800000.0 now\)"):
+        run_recipe(load_recipe(tmp_path / "other.yaml"), progress=False)
+    text = data / "text.jsonl"
+    lines = text.read_text().splitlines(keepends=True)
+    text.write_text("".join(lines + [json.dumps({"text": "A red circle."}) + "\n"]))
+    with pytest.raises(TrainingError, match=r"cooldown: the data sources .*\(text: 180 records then, 181 now\)"):
+        run_recipe(load_recipe(tmp_path / "r.yaml"), progress=False)
+    text.write_text("".join([json.dumps({"text": "A red circle."}) + "\n", *lines[1:]]))
+    with caplog.at_level("WARNING", logger="kimivl.train.state"):
+        run_recipe(load_recipe(tmp_path / "r.yaml"), progress=False)
+    assert "cooldown: data sources text changed since " in caplog.text
+    assert (tmp_path / "run" / "cooldown" / "final" / "config.json").is_file()
+
+
 def test_a_plan_is_for_the_recipes_device_even_where_this_machine_lacks_it(
     data_dir, tmp_path, small_model, small_processor, capsys
 ):

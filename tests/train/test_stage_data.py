@@ -3,6 +3,7 @@ errors that name the file and line."""
 
 import itertools
 import json
+import os
 import random
 import re
 from types import SimpleNamespace
@@ -155,9 +156,10 @@ def test_a_stage_s_loop_settings_reach_its_training_loop():
             name="j", kind="joint", steps=7, lr=1e-3, mix={"c": 1}, accum=3, clip=0.25, log_every=2, ckpt_every=5
         ),
     ):
-        cfg = loop_config(stage, SimpleNamespace(bf16=False), data={"x": 1})
-        got = (cfg.steps, cfg.accum, cfg.clip, cfg.log_every, cfg.ckpt_every, cfg.bf16, cfg.data)
-        assert got == (7, 3, 0.25, 2, 5, False, {"x": 1}), stage.kind
+        cfg = loop_config(stage, SimpleNamespace(bf16=False), sources={"c": {"records": 1, "index": None}})
+        got = (cfg.steps, cfg.accum, cfg.clip, cfg.log_every, cfg.ckpt_every, cfg.bf16, cfg.sources)
+        assert got == (7, 3, 0.25, 2, 5, False, {"c": {"records": 1, "index": None}}), stage.kind
+        assert cfg.settings == stage.record() and cfg.settings["clip"] == 0.25 and "ckpt_every" not in cfg.settings
 
 
 def _truncated(path):
@@ -199,10 +201,11 @@ def test_the_records_standardize_images_measures_are_checked_before_training(tmp
 
 
 def _lengths_ctx(small_processor, tmp_path):
-    """Sources of short and long texts."""
+    """Sources of short and long texts (written once: a later call reads the files as they are then)."""
     short, long = ["red"] * 40, [" ".join(random.Random(0).choices(["red", "blue"], k=60))] * 40
-    write_records(tmp_path / "short.jsonl", [{"text": t} for t in short])
-    write_records(tmp_path / "long.jsonl", [{"text": t} for t in long])
+    if not (tmp_path / "short.jsonl").is_file():
+        write_records(tmp_path / "short.jsonl", [{"text": t} for t in short])
+        write_records(tmp_path / "long.jsonl", [{"text": t} for t in long])
     items = {n: JsonlRecords(tmp_path / f"{n}.jsonl", text=True) for n in ("short", "long")}
     return _ctx(items, small_processor, text={"short": True, "long": True})
 
@@ -262,37 +265,155 @@ def _run_joint(small_model, small_processor, tmp_path, **settings):
         ({"mix_end": {"long": 1}}, "mix_end: None then, {'long': 1} now"),
         ({"replacement": False}, "replacement: True then, False now"),
         ({"budget": 200}, "budget: 256 then, 200 now"),
+        (
+            {"clip": 0.01, "accum": 2, "bias_update_rate": 0.5, "rope_theta": 800000.0},
+            "accum: 1 then, 2 now; bias_update_rate: 0.001 then, 0.5 now; clip: 1.0 then, 0.01 now; "
+            "rope_theta: None then, 800000.0 now",
+        ),
     ],
 )
-def test_resuming_after_the_data_settings_changed_is_refused(
+def test_resuming_after_the_stage_s_settings_changed_is_refused(
     tmp_path, small_model, small_processor, caplog, change, named
 ):
     """A changed mix (or mix_end, replacement, budget) went on from the saved sample index in another stream: a pass
-    without replacement drew 15 distinct records of 20. The seed was refused; these were accepted without a word."""
+    without replacement drew 15 distinct records of 20. The seed was refused; these were accepted without a word, and
+    so were a changed clip, accum, bias_update_rate or rope_theta (two RoPE bases in one stage)."""
     from kimivl.train.step import TrainingError
 
     _run_joint(small_model, small_processor, tmp_path)
-    _run_joint(small_model, small_processor, tmp_path)  # unchanged: resumes
-    with pytest.raises(TrainingError, match=rf"s: the data stream of this run differs from .*\({re.escape(named)}\)"):
+    with caplog.at_level("WARNING"):
+        _run_joint(small_model, small_processor, tmp_path, ckpt_every=5, log_every=3, recompute=True)  # free to change
+    assert "holds no record" not in caplog.text
+    with pytest.raises(TrainingError, match=rf"s: the settings of this run differ from .*\({re.escape(named)}\)"):
         _run_joint(small_model, small_processor, tmp_path, **change)
+
+
+def test_a_checkpoint_of_an_earlier_kimivl_compares_the_settings_it_recorded(
+    tmp_path, small_model, small_processor, caplog
+):
+    """Before the stage's settings were recorded whole, a checkpoint held those its data stream followed (``data``),
+    or none: those are compared, the others resume with a warning naming them."""
+    from kimivl.train.step import TrainingError
+
+    _run_joint(small_model, small_processor, tmp_path)
     trainer = tmp_path / "run" / "s" / "checkpoints" / "step-0000002" / "trainer.pt"
     saved = torch.load(trainer, weights_only=True)
-    del saved["data"]  # as an earlier kimivl wrote it: cannot be compared, resumes with a warning
+    del saved["settings"], saved["sources"]
+    saved["data"] = {"mix": {"short": 1, "long": 1}, "mix_end": None, "replacement": True, "budget": 256}
     torch.save(saved, trainer)
+    with pytest.raises(TrainingError, match=r"\(replacement: True then, False now\)"):
+        _run_joint(small_model, small_processor, tmp_path, replacement=False)
+    everything = JointStage(name="s", kind="joint", steps=1, lr=1e-3, mix={"short": 1}).record()
+    for recorded in (saved["data"], {}):
+        unrecorded = ", ".join(sorted(set(everything) - set(recorded)))
+        assert "clip" in unrecorded and ("mix" in unrecorded) == (not recorded)
+        saved["data"] = recorded or None
+        torch.save(saved, trainer)
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            _run_joint(small_model, small_processor, tmp_path, clip=0.01)
+        assert f"holds no record of the stage's settings {unrecorded} (written before kimivl kept them)" in caplog.text
+
+
+def test_resuming_after_a_source_s_records_changed(tmp_path, small_model, small_processor, caplog):
+    """Records added to a source (or removed) between a kill and --resume were drawn by their index without a word:
+    the rest of a pass without replacement drew some records twice and others never. Now refused, naming the
+    counts; a record fixed in place (as many records, as a data error asks) resumes with a warning naming the source,
+    and a copy of the file (another mtime) resumes as it is."""
+    from kimivl.train.step import TrainingError
+
+    _run_joint(small_model, small_processor, tmp_path, replacement=False)
+    short = tmp_path / "short.jsonl"
+    lines = short.read_text().splitlines(keepends=True)
+    short.write_text("".join(lines + [json.dumps({"text": "blue"}) + "\n"]))
+    with pytest.raises(TrainingError, match=r"s: the data sources .* \(short: 40 records then, 41 now\): .* Restore"):
+        _run_joint(small_model, small_processor, tmp_path, replacement=False)
+    short.write_text("".join(lines[:-1]))
+    with pytest.raises(TrainingError, match=r"\(short: 40 records then, 39 now\)"):
+        _run_joint(small_model, small_processor, tmp_path, replacement=False)
+    short.write_text("".join(lines))
+    os.utime(short, (1, 1))  # a copy: same records, another mtime
     with caplog.at_level("WARNING"):
-        _run_joint(small_model, small_processor, tmp_path, **change)
-    assert "holds no record of the settings its data stream followed" in caplog.text
+        _run_joint(small_model, small_processor, tmp_path, replacement=False)
+    assert "changed since" not in caplog.text
+    short.write_text("".join([json.dumps({"text": "blue"}) + "\n", *lines[1:]]))  # record 1 fixed in place
+    with caplog.at_level("WARNING"):
+        _run_joint(small_model, small_processor, tmp_path, replacement=False)
+    assert "s: data sources short changed since " in caplog.text and "long" not in caplog.text
 
 
-def test_resuming_a_vit_stage_after_its_sources_changed_is_refused(tmp_path, small_model, small_processor):
+def _run_rl(tmp_path, model, processor, clip=1.0, **rl):
+    """One iteration of an rl stage (its ``clip``, its ``rl`` settings) on the problems of ``tmp_path / 'p.jsonl'``,
+    resuming what ``tmp_path / 'run'`` holds."""
+    from kimivl.train.stages.rl import prepare as prepare_rl
+
+    stage = RLStage(
+        name="rl",
+        kind="rl",
+        steps=1,
+        lr=1e-3,
+        budget=2048,
+        ckpt_every=1,
+        clip=clip,
+        sources=["p"],
+        rl={"problems": 2, "samples": 2, "max_new_tokens": 2, "updates": 1, "temperature": 1.0, **rl},
+    )
+    ctx = _ctx({"p": JsonlRecords(tmp_path / "p.jsonl", text=False)}, processor)
+    ctx.recipe = SimpleNamespace(seed=0, out=tmp_path / "run", bf16=False, stages=[stage])
+    prepared = prepare_rl(stage, ctx, model)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    try:
+        prepared.run(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0), False)
+    finally:
+        model.requires_grad_(True)
+
+
+def test_resuming_an_rl_stage_after_its_settings_or_problems_changed(tmp_path, small_model, small_processor, caplog):
+    """An rl stage recorded none of its settings: a resume after its temperature, samples, problems, objective, clip
+    (...) changed went on silently, and one after its problems were reordered gave the sampler's successes and visits
+    of each index to another problem (only another count was caught, by the sampler)."""
+    from kimivl.train.step import TrainingError
+
+    problems = [
+        {
+            "messages": [{"role": "user", "content": f"question {'?' * i}"}],
+            "meta": {"task": "toy", "gold": i, "difficulty": "easy"},
+        }
+        for i in range(4)
+    ]
+    write_records(tmp_path / "p.jsonl", problems)
+    _run_rl(tmp_path, small_model, small_processor)
+    changed = {"temperature": 1.5, "samples": 4, "problems": 4, "tau": 5.0, "length_weight": 0.5, "length_warmup": 2}
+    named = (
+        "rl.length_warmup: 0 then, 2 now; rl.length_weight: 0.0 then, 0.5 now; rl.problems: 2 then, 4 now; "
+        "rl.samples: 2 then, 4 now; rl.tau: 0.5 then, 5.0 now; rl.temperature: 1.0 then, 1.5 now"
+    )
+    with pytest.raises(TrainingError, match=rf"rl: the settings of this run differ from .*\({re.escape(named)}\)"):
+        _run_rl(tmp_path, small_model, small_processor, **changed)
+    changed = {"objective": "grpo", "curriculum": {0.0: {"easy": 1}}, "clip": 0.5}
+    named = "clip: 1.0 then, 0.5 now; rl.curriculum: None then, {0.0: {'easy': 1}} now; rl.objective: 'opmd' then"
+    with pytest.raises(TrainingError, match=re.escape(named)):
+        _run_rl(tmp_path, small_model, small_processor, **changed)
+    write_records(tmp_path / "p.jsonl", problems + problems[:1])
+    with pytest.raises(TrainingError, match=r"rl: the data sources .*\(p: 4 records then, 5 now\)"):
+        _run_rl(tmp_path, small_model, small_processor)
+    write_records(tmp_path / "p.jsonl", problems[::-1])
+    with caplog.at_level("WARNING"):
+        _run_rl(tmp_path, small_model, small_processor)
+    assert "rl: data sources p changed since " in caplog.text
+
+
+def test_resuming_a_vit_stage_after_its_settings_changed_is_refused(tmp_path, small_model, small_processor):
     from kimivl.train.step import TrainingError
 
     records = [_asked(str(tmp_path / _image(tmp_path / f"{i}.png", (i, 0, 0))), str(i)) for i in range(4)]
     ctx = _ctx({"c": records, "d": records[:2]}, small_processor)
     ctx.recipe = SimpleNamespace(seed=0, out=tmp_path / "run", bf16=False)
 
-    def run(sources):
-        stage = ViTStage(name="vit", kind="vit", steps=1, lr=1e-3, sources=sources, images_per_batch=2)
+    def run(sources, **settings):
+        stage = ViTStage(
+            name="vit", kind="vit", steps=1, lr=1e-3, sources=sources, **{"images_per_batch": 2, **settings}
+        )
         prepared = prepare(stage, ctx, small_model)
         optimizer = torch.optim.SGD([p for p in prepared.trainee.parameters() if p.requires_grad], lr=0.0)
         try:
@@ -302,8 +423,12 @@ def test_resuming_a_vit_stage_after_its_sources_changed_is_refused(tmp_path, sma
 
     run(["c"])
     run(["c"])
-    with pytest.raises(TrainingError, match=r"vit: the data stream .*\(sources: \['c'\] then, \['c', 'd'\] now\)"):
+    with pytest.raises(TrainingError, match=r"vit: the settings .*\(sources: \['c'\] then, \['c', 'd'\] now\)"):
         run(["c", "d"])
+    with pytest.raises(TrainingError, match=r"vit: the settings .*\(images_per_batch: 2 then, 4 now\)"):
+        run(["c"], images_per_batch=4)
+    with pytest.raises(TrainingError, match=r"vit: the settings .*\(accum: 1 then, 2 now; clip: 1.0 then, 0.5 now\)"):
+        run(["c"], accum=2, clip=0.5)
 
 
 def test_the_mix_moves_over_every_accumulated_row_and_a_sample_of_the_budget_fits(tmp_path, small_processor):

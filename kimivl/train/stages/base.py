@@ -3,6 +3,7 @@ parts of the model, what a stage's ``prepare()`` gets and returns."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import re
@@ -24,6 +25,7 @@ from kimivl.train.loop import LoopConfig
 from kimivl.train.recipe import PARTS, RecipeError, integer, number
 from kimivl.train.trainable import set_trainable
 
+RESUME_FREE = ("name", "kind", "ckpt_every", "log_every", "val", "recompute")  # a resume may change them
 STAGE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}")
 RESERVED = {"world", "tokenizer", "eval", "tensorboard"}  # other folders of a run
 
@@ -90,6 +92,11 @@ class StageSettings:
     def sources_used(self) -> set[str]:
         """The recipe sources this stage reads."""
         return set()
+
+    def record(self) -> dict[str, Any]:
+        """The settings a resume of the stage must find unchanged (``TrainState.settings``): all but those of
+        ``RESUME_FREE``, which change how often it saves, logs and validates, or its memory, not what it trains."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in RESUME_FREE}
 
     def check_recipe(self, recipe: Recipe) -> None:
         """Checks that need the whole recipe, when it loads."""
@@ -199,7 +206,8 @@ def _unreadable_video(path: str) -> str | None:
 
 
 def loop_config(stage: StageSettings, recipe: Recipe, **more) -> LoopConfig:
-    """The ``train_loop`` settings of a vit or joint stage (``more``: its kind's own, e.g. bias balancing)."""
+    """The ``train_loop`` settings of a vit or joint stage (``more``: its kind's own, e.g. bias balancing, and its
+    ``source_record``), the stage's ``record`` among them."""
     return LoopConfig(
         steps=stage.steps,
         ckpt_every=stage.ckpt_every,
@@ -207,8 +215,19 @@ def loop_config(stage: StageSettings, recipe: Recipe, **more) -> LoopConfig:
         clip=stage.clip,
         bf16=recipe.bf16,
         accum=stage.accum,
+        settings=stage.record(),
         **more,
     )
+
+
+def source_record(ctx: StageContext, names) -> dict[str, dict[str, Any]]:
+    """Each of the sources ``names``: its number of records and its index's ``digest`` (None for records held
+    otherwise than as a ``JsonlRecords``), which a resume compares (``TrainState.sources``)."""
+    items = ctx.sources.items
+    return {
+        name: {"records": len(items[name]), "index": items[name].digest() if hasattr(items[name], "digest") else None}
+        for name in sorted(names)
+    }
 
 
 @dataclass

@@ -18,7 +18,7 @@ from kimivl.processing.processor import IGNORE_INDEX
 from kimivl.train.calibrate import standardize_image_features
 from kimivl.train.loop import train_loop
 from kimivl.train.recipe import RecipeError, integer, number
-from kimivl.train.stages.base import PartsSettings, Prepared, StageContext, check_records, loop_config
+from kimivl.train.stages.base import PartsSettings, Prepared, StageContext, check_records, loop_config, source_record
 from kimivl.train.validation import heldout_loss, heldout_rows
 
 CALIBRATION_SAMPLES = 32  # per image source, for standardize_images
@@ -206,7 +206,7 @@ def prepare(stage: JointStage, ctx: StageContext, model) -> Prepared:
             recipe,
             bias_update_rate=stage.bias_update_rate,
             val_every=(stage.val or {}).get("every", 100),
-            data={key: getattr(stage, key) for key in ("mix", "mix_end", "replacement", "budget")},
+            sources=source_record(ctx, set(stage.mix) | set(stage.mix_end or {})),
         )
         metrics = train_loop(
             model,

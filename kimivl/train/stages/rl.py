@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from kimivl.data.indexed import Concat
 from kimivl.rl.rewards import REWARDS, binary
 from kimivl.rl.trainer import OBJECTIVE_SETTINGS, RLConfig, RLTrainer, prompt_of
 from kimivl.train.recipe import Recipe, RecipeError
-from kimivl.train.stages.base import PartsSettings, Prepared, StageContext, check_records
+from kimivl.train.stages.base import PartsSettings, Prepared, StageContext, check_records, source_record
 
 
 @dataclass
@@ -33,6 +33,12 @@ class RLStage(PartsSettings):
 
     def check_recipe(self, recipe: Recipe) -> None:
         rl_config(recipe, self)
+
+    def record_with(self, cfg: RLConfig) -> dict[str, Any]:
+        """``record`` with each of the ``RLConfig`` ``cfg``'s settings in place of the ``rl`` given (``rl.tau``, ...,
+        defaults included), less those taken from the stage or the recipe and ``keep_checkpoints``."""
+        own = {f"rl.{k}": v for k, v in asdict(cfg).items() if k not in (*FROM_STAGE, "bf16", "keep_checkpoints")}
+        return {k: v for k, v in self.record().items() if k != "rl"} | own
 
 
 # RLConfig's settings that an rl stage does not give under ``rl:``: where they come from
@@ -114,7 +120,17 @@ def prepare(stage: RLStage, ctx: StageContext, model) -> Prepared:
     def run(optimizer, scheduler, progress: bool) -> dict[str, float]:
         problems = Concat([ctx.sources.items[name] for name in stage.sources])
         trainer = RLTrainer(
-            model, ctx.processor, problems, cfg, optimizer, scheduler, ctx.recipe.out, stage.name, world=ctx.world
+            model,
+            ctx.processor,
+            problems,
+            cfg,
+            optimizer,
+            scheduler,
+            ctx.recipe.out,
+            stage.name,
+            world=ctx.world,
+            settings=stage.record_with(cfg),
+            sources=source_record(ctx, stage.sources),
         )
         return trainer.run(progress=progress)
 

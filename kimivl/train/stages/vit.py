@@ -13,7 +13,7 @@ from kimivl.data.mixture import sample_rng
 from kimivl.processing.processor import KimiVLProcessor
 from kimivl.train.loop import train_loop
 from kimivl.train.recipe import RecipeError, integer
-from kimivl.train.stages.base import Prepared, StageContext, StageSettings, check_records, loop_config
+from kimivl.train.stages.base import Prepared, StageContext, StageSettings, check_records, loop_config, source_record
 from kimivl.train.vit import ViTPretrainer, caption_batch, vit_loss
 
 
@@ -145,7 +145,7 @@ def prepare(stage: ViTStage, ctx: StageContext, model) -> Prepared:
             recipe.seed,
             stream=stage.name,
         )
-        cfg = loop_config(stage, recipe, data={"sources": stage.sources})
+        cfg = loop_config(stage, recipe, sources=source_record(ctx, stage.sources))
         return train_loop(
             trainee,
             vit_loss,
