@@ -342,7 +342,7 @@ def test_resuming_after_a_source_s_records_changed(tmp_path, small_model, small_
     assert "s: data sources short changed since " in caplog.text and "long" not in caplog.text
 
 
-def _run_rl(tmp_path, model, processor, clip=1.0, **rl):
+def _run_rl(tmp_path, model, processor, clip=1.0, budget=2048, **rl):
     """One iteration of an rl stage (its ``clip``, its ``rl`` settings) on the problems of ``tmp_path / 'p.jsonl'``,
     resuming what ``tmp_path / 'run'`` holds."""
     from kimivl.train.stages.rl import prepare as prepare_rl
@@ -352,7 +352,7 @@ def _run_rl(tmp_path, model, processor, clip=1.0, **rl):
         kind="rl",
         steps=1,
         lr=1e-3,
-        budget=2048,
+        budget=budget,
         ckpt_every=1,
         clip=clip,
         sources=["p"],
@@ -383,6 +383,7 @@ def test_resuming_an_rl_stage_after_its_settings_or_problems_changed(tmp_path, s
     ]
     write_records(tmp_path / "p.jsonl", problems)
     _run_rl(tmp_path, small_model, small_processor)
+    _run_rl(tmp_path, small_model, small_processor, budget=1024)  # rows packed for log-probs: memory, not the update
     changed = {"temperature": 1.5, "samples": 4, "problems": 4, "tau": 5.0, "length_weight": 0.5, "length_warmup": 2}
     named = (
         "rl.length_warmup: 0 then, 2 now; rl.length_weight: 0.0 then, 0.5 now; rl.problems: 2 then, 4 now; "

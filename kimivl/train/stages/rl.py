@@ -36,9 +36,10 @@ class RLStage(PartsSettings):
 
     def record_with(self, cfg: RLConfig) -> dict[str, Any]:
         """``record`` with each of the ``RLConfig`` ``cfg``'s settings in place of the ``rl`` given (``rl.tau``, ...,
-        defaults included), less those taken from the stage or the recipe and ``keep_checkpoints``."""
+        defaults included), less those taken from the stage or the recipe and ``keep_checkpoints``, and less the
+        ``budget``: here only the length of the rows its log-prob forwards pack (memory, not the update)."""
         own = {f"rl.{k}": v for k, v in asdict(cfg).items() if k not in (*FROM_STAGE, "bf16", "keep_checkpoints")}
-        return {k: v for k, v in self.record().items() if k != "rl"} | own
+        return {k: v for k, v in self.record().items() if k not in ("rl", "budget")} | own
 
 
 # RLConfig's settings that an rl stage does not give under ``rl:``: where they come from
