@@ -101,7 +101,7 @@ class Mixture:
             "names": list(self.names),
             "start": list(self.start),
             "end": list(self.end),
-            "horizon": self.horizon,
+            "horizon": self.horizon if self.start != self.end else None,  # fixed weights do not follow it
         }
 
     def state_dict(self) -> dict[str, Any]:

@@ -196,6 +196,15 @@ def test_a_resume_from_the_saved_draw_counts_draws_what_an_uninterrupted_run_doe
         expected = [counted_afresh.pick(i) for i in range(at, at + 20)]
         other.load_state_dict(saved)
         assert [other.pick(i) for i in range(at, at + 20)] == expected
+    fixed = {"a": 5, "b": 1, "c": 2}  # weights that do not move: a horizon (which follows the data's lengths) no matter
+    stopped = Mixture(sources, None, 8, fixed, None, 8000, 5, replacement, "sft")
+    for i in range(at):
+        stopped.pick(i)
+    resumed = Mixture(sources, None, 8, fixed, None, 9000, 5, replacement, "sft")
+    resumed.load_state_dict(stopped.state_dict())
+    calls["n"] = 0
+    assert [resumed.pick(i) for i in range(at, at + n)] == [stopped.pick(i) for i in range(at, at + n)]
+    assert calls["n"] <= 4 * n  # both mixtures' draws (the kept counts), not a replay of the ``at`` before
 
 
 def test_each_stream_and_seed_draws_its_own_samples():
