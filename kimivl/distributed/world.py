@@ -94,12 +94,15 @@ class World:
         if self.active:
             dist.barrier()
 
-    def wait_for_main(self) -> None:
+    def wait_for_main(self, outcome: Any = None) -> Any:
         """A barrier while rank 0 works alone (writing a stage's checkpoint, the export), which may outlast the
         collective timeout: over a group of its own that waits as long as it takes (a rank that fails ends the job
-        through torchrun)."""
-        if self.active:
-            dist.barrier(group=self.waits)
+        through torchrun). Rank 0's ``outcome`` (a plain object: what its work came to) is returned on every rank."""
+        if not self.active:
+            return outcome
+        box = [outcome]
+        dist.broadcast_object_list(box, src=0, group=self.waits)
+        return box[0]
 
 
 class _PlainPickler(pickle.Pickler):

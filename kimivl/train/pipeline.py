@@ -493,11 +493,17 @@ def run_recipe(recipe: Recipe, progress: bool = True, world: World | None = None
     export = check_export(recipe)
     if export is not None and world.main:
         log.info("%s", export_line(recipe, export))
+    refused = None
     with run_lock(recipe.out) if world.main else contextlib.nullcontext():
         model, source, processor = _run_stages(recipe, base_dir, progress and world.main, world)
         if world.main and export is not None:
-            _export(recipe, source, processor, export)
-    world.wait_for_main()  # the export may take longer than the collective timeout
+            try:
+                _export(recipe, source, processor, export)
+            except ExportRefused as e:
+                refused = str(e)
+    refused = world.wait_for_main(refused)  # the export may outlast the collective timeout; every rank stops alike
+    if refused is not None:
+        raise ExportRefused(refused)
     return model.eval()
 
 

@@ -365,7 +365,7 @@ class TrainState:
         compared: the run goes on with its own, with a warning."""
         now = self.scheduler.state_dict()
         unrecorded = any(f is None for f in then["lr_lambdas"]) and all(f is not None for f in now["lr_lambdas"])
-        if unrecorded:
+        if unrecorded and self.world.main:  # every rank reads the same checkpoint: rank 0 says it
             log.warning(
                 "%s: %s holds no record of its learning-rate schedule (written before kimivl kept one): going on "
                 "with this run's, which must be the recipe's schedule of that run",
@@ -393,7 +393,7 @@ class TrainState:
             return
         then = then if then is not None else data or {}
         unrecorded = sorted(self.settings.keys() - then.keys())
-        if unrecorded:
+        if unrecorded and self.world.main:
             log.warning(
                 "%s: %s holds no record of the stage's settings %s (written before kimivl kept them): going on with "
                 "this run's, which must be the recipe's settings of that run",
@@ -433,7 +433,7 @@ class TrainState:
                 f"afresh (remove {self.ckpt_dir})"
             )
         edited = [name for name in names if then[name]["index"] != self.sources[name]["index"]]
-        if edited:
+        if edited and self.world.main:
             log.warning(
                 "%s: data sources %s changed since %s was saved (as many records, other bytes): going on with the "
                 "records as they are now, which is right for a bad record fixed in place; if records were reordered "

@@ -6,6 +6,7 @@ import json
 import os
 import random
 import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -15,6 +16,7 @@ from PIL import Image
 
 from kimivl.data.formats import DataError, write_records
 from kimivl.data.indexed import Concat, JsonlRecords
+from kimivl.distributed.world import World
 from kimivl.model.kimivl import KimiVL
 from kimivl.train.recipe import RecipeError
 from kimivl.train.stages.base import StageContext, loop_config
@@ -22,6 +24,7 @@ from kimivl.train.stages.joint import JointStage, check_sources, stage_mixture
 from kimivl.train.stages.joint import prepare as prepare_joint
 from kimivl.train.stages.rl import RLStage, check_problems
 from kimivl.train.stages.vit import CaptionStream, ViTStage, caption_of, prepare
+from kimivl.train.state import TrainState
 
 
 def _image(path, colour=(200, 30, 30)):
@@ -489,3 +492,22 @@ def test_a_large_source_shows_a_bar_while_it_is_checked(tmp_path, small_processo
     ctx.sources.progress = progress
     base.check_records(ctx, ["c"], lambda record: None)
     assert [(b["total"], b["disable"]) for b in bars] == [(3, not progress)]
+
+
+def test_the_warnings_of_a_resume_come_from_rank_0_alone(caplog):
+    """Every rank reads the same checkpoint, and each logged its warnings: 8 copies on 8 ranks."""
+    then = {"short": {"records": 2, "index": "a"}}
+    for rank in (0, 1):
+        state = SimpleNamespace(
+            sources={"short": {"records": 2, "index": "b"}},
+            settings={"clip": 1.0},
+            world=World(rank=rank, size=2),
+            stage="s",
+            ckpt_dir=Path("c"),
+        )
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            TrainState._check_sources(state, Path("f"), then)
+            TrainState._check_settings(state, Path("f"), None, None)
+        assert ("s: data sources short changed since f" in caplog.text) == (rank == 0), caplog.text
+        assert ("s: f holds no record of the stage's settings clip" in caplog.text) == (rank == 0), caplog.text
