@@ -19,7 +19,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from kimivl.rl.sampler import PRIORITIES, ProblemSampler, check_rates
 from kimivl.train.interrupt import stop_on_interrupt
 from kimivl.train.loop import NoMetrics, agreed
 from kimivl.train.metrics import MetricsLog, plot_curves
+from kimivl.train.recipe import integer, number
 from kimivl.train.state import TrainState
 from kimivl.train.step import TrainingError, check_loss, optimizer_step
 
@@ -81,6 +82,14 @@ class RLConfig:
     seed: int = 0
 
     def __post_init__(self):
+        for f in fields(self):  # the annotations are strings (``from __future__ import annotations``)
+            value = getattr(self, f.name)
+            if f.type == "int" and not integer(value):
+                raise ValueError(f"rl {f.name} must be an integer, got {value!r}")
+            if f.type == "float" and not number(value):
+                raise ValueError(f"rl {f.name} must be a finite number, got {value!r}")
+        if not (isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop)):
+            raise ValueError(f"rl stop must be a list of special-token names, got {self.stop!r}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"rl objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if min(self.iterations, self.problems, self.samples, self.updates, self.max_new_tokens) < 1:

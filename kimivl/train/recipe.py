@@ -30,6 +30,7 @@ of the recipe-wide schedule at the global step where the stage starts, so stages
 from __future__ import annotations
 
 import functools
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -124,7 +125,7 @@ class Recipe:
         warmup, floor = self.schedule.get("warmup", 0), self.schedule.get("min_ratio", 0.1)
         if not (integer(warmup) and warmup >= 0):
             raise RecipeError(f"schedule.warmup must be a whole number of steps >= 0, got {warmup!r}")
-        if not (isinstance(floor, (int, float)) and not isinstance(floor, bool) and 0 <= floor <= 1):
+        if not (number(floor) and 0 <= floor <= 1):
             raise RecipeError(f"schedule.min_ratio must be a number in [0, 1] (the LR's floor), got {floor!r}")
         decay = self.schedule.get("decay_stages", [])
         if not (isinstance(decay, list) and all(isinstance(n, str) for n in decay)):
@@ -166,7 +167,8 @@ def integer(value: Any) -> bool:
 
 
 def number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite int or float (not a bool, NaN or an infinity)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 PARALLEL_KEYS = ("dp_shard", "ep", "dp_replicate", "timeout")

@@ -112,6 +112,11 @@ def test_bad_rl_settings_are_recipe_errors(problems, tmp_path):
             {**stage, "rl": {"problems": 2, "samples": 2, "updates": 5}},
             r"rl: rl updates \(5 optimizer steps.*\) is more than the 4 answers a rank has per iteration",
         ),
+        # these had loaded, then failed when the rl stage started (after the stages before it) or gave NaN
+        ({**stage, "rl": {"samples": "2"}}, "rl: rl samples must be an integer, got '2'"),
+        ({**stage, "rl": {"tau": float("nan")}}, "rl: rl tau must be a finite number, got nan"),
+        ({**stage, "rl": {"length_weight": float("nan")}}, "rl: rl length_weight must be a finite number, got nan"),
+        ({**stage, "rl": {"stop": "<|im_end|>"}}, "rl: rl stop must be a list of special-token names"),
     ):
         (tmp_path / "r.yaml").write_text(yaml.safe_dump({**base, "stages": [bad]}))
         with pytest.raises(RecipeError, match=match):  # when the recipe loads, before anything runs

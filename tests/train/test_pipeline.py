@@ -280,6 +280,15 @@ def _stage(i, **changes):
             lambda r: r["sources"].update(text={"path": r["sources"]["text"], "difficulty": ["extreme"]}),
             "data source 'text': difficulty must be a list of some of",
         ),
+        # not finite: these had passed the load, then trained NaN into the router biases or stopped at step 1 or later
+        (_stage(1, bias_update_rate=float("nan")), "bias_update_rate must be a number >= 0, got nan"),
+        (_stage(1, lr=float("nan")), "lr > 0 are required, got 2, nan"),
+        (_stage(1, clip=float("inf")), "clip must be a number >= 0 .and not 0., got inf"),
+        (_stage(1, weight_decay=float("nan")), "weight_decay must be a number >= 0, got nan"),
+        (_stage(1, lr_scale={"vision_tower": float("inf")}), "lr_scale maps parts .* factors > 0"),
+        (_stage(1, rope_theta=float("inf")), "rope_theta must be a number > 0, got inf"),
+        (_stage(1, standardize_images=float("inf")), "standardize_images is a target std > 0, got inf"),
+        (lambda r: r["schedule"].update(min_ratio=float("nan")), r"min_ratio must be a number in \[0, 1\].*got nan"),
     ],
 )
 def test_every_recipe_mistake_is_named(data_dir, tmp_path, edit, match):

@@ -44,9 +44,7 @@ class JointStage(PartsSettings):
             raise RecipeError(f"{where}: a joint stage needs a 'mix' of sources")
         for key in ("mix", "mix_end"):
             weights = getattr(self, key) or {}
-            if not isinstance(weights, dict) or not all(
-                number(w) and math.isfinite(w) and w >= 0 for w in weights.values()
-            ):
+            if not isinstance(weights, dict) or not all(number(w) and w >= 0 for w in weights.values()):
                 raise RecipeError(f"{where}: {key} maps source names to finite weights >= 0, got {weights!r}")
             if weights and not 0 < sum(weights.values()) < math.inf:
                 raise RecipeError(f"{where}: {key} weights must have a positive, finite sum, got {weights!r}")
