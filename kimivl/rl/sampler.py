@@ -18,13 +18,46 @@ priority over all problems. A batch never repeats a problem.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
+from kimivl.data.synthetic.sample import DIFFICULTIES
 from kimivl.inference.sampling import seeded_generator
 
 PRIORITIES = ("failure", "signal")
+
+
+def check_curriculum(curriculum: Any) -> None:
+    """A curriculum (an RL stage's ``curriculum``): phases keyed by the progress where they start, numbers in
+    [0, 1) (progress runs from 0 at the first iteration towards 1 at the end) one of them 0, each mapping some of
+    ``DIFFICULTIES`` to finite weights >= 0 with a positive sum; a ``ValueError`` naming the phase otherwise."""
+    if curriculum is None:
+        return
+    if not isinstance(curriculum, dict):
+        raise ValueError(f"curriculum maps the progress where each phase starts to its weights, got {curriculum!r}")
+    for start, weights in curriculum.items():
+        if isinstance(start, bool) or not isinstance(start, (int, float)) or not 0 <= start < 1:
+            raise ValueError(
+                f"curriculum phase {start!r}: a phase is keyed by the progress where it starts, a number in [0, 1) "
+                "(0 the first iteration, 1 the end of the stage)"
+            )
+        if not isinstance(weights, dict):
+            raise ValueError(f"curriculum phase {start}: a phase maps difficulties to weights, got {weights!r}")
+        unknown = sorted(map(str, set(weights) - set(DIFFICULTIES)))
+        if unknown:
+            raise ValueError(
+                f"curriculum phase {start}: unknown difficulties {unknown}; a phase weighs some of {list(DIFFICULTIES)}"
+            )
+        numbers = all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights.values())
+        if not (numbers and all(0 <= w < math.inf for w in weights.values()) and 0 < sum(weights.values()) < math.inf):
+            raise ValueError(
+                f"curriculum phase {start}: weights must be finite numbers >= 0 with a positive sum, got {weights!r}"
+            )
+    if curriculum and 0 not in curriculum:
+        raise ValueError(f"the curriculum must start at progress 0, got {sorted(curriculum)}")
 
 
 def check_rates(floor: float, decay: float) -> None:
@@ -57,11 +90,10 @@ class ProblemSampler:
         if not difficulties:
             raise ValueError("the sampler needs at least one problem")
         check_rates(floor, decay)
+        check_curriculum(curriculum)
         self.difficulties = list(difficulties)
         self.labels = sorted(set(self.difficulties))
         self.curriculum = {float(k): dict(v) for k, v in sorted((curriculum or {}).items())}
-        if self.curriculum and min(self.curriculum) > 0:
-            raise ValueError(f"the curriculum must start at progress 0, got {sorted(self.curriculum)}")
         for start, weights in self.curriculum.items():
             if not any(w > 0 and d in self.labels for d, w in weights.items()):
                 raise ValueError(

@@ -36,7 +36,7 @@ from kimivl.processing.processor import Encoded, KimiVLProcessor
 from kimivl.rl.objectives import group_baseline, group_normalised, grpo_loss, kl_estimate, length_reward, opmd_loss
 from kimivl.rl.rewards import correctness
 from kimivl.rl.rollouts import pack_rows, rollout, token_logprobs
-from kimivl.rl.sampler import PRIORITIES, ProblemSampler, check_rates
+from kimivl.rl.sampler import PRIORITIES, ProblemSampler, check_curriculum, check_rates
 from kimivl.train.interrupt import stop_on_interrupt
 from kimivl.train.loop import NoMetrics, agreed
 from kimivl.train.metrics import MetricsLog, plot_curves
@@ -110,6 +110,7 @@ class RLConfig:
                 f"never solved), got {self.priority!r}"
             )
         check_rates(self.priority_floor, self.success_decay)  # the sampler's, when the recipe loads
+        check_curriculum(self.curriculum)
         check_updates(self, 1)
         SamplingParams(self.max_new_tokens, self.temperature, top_p=self.top_p)  # its own checks, named
 

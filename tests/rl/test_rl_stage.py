@@ -112,7 +112,22 @@ def test_bad_rl_settings_are_recipe_errors(problems, tmp_path):
             {**stage, "rl": {"problems": 2, "samples": 2, "updates": 5}},
             r"rl: rl updates \(5 optimizer steps.*\) is more than the 4 answers a rank has per iteration",
         ),
-        # these had loaded, then failed when the rl stage started (after the stages before it) or gave NaN
+        # these had loaded: a misspelt difficulty silently drew none of its problems, a phase from 1 on was never in
+        # force, the others failed when the rl stage started (after the stages before it trained) or gave NaN
+        (
+            {**stage, "rl": {"curriculum": {0.0: {"easy": 1, "mediun": 1}}}},
+            r"rl: curriculum phase 0.0: unknown difficulties \['mediun'\]; a phase weighs some of \['easy', 'medium'",
+        ),
+        ({**stage, "rl": {"curriculum": {"start": {"easy": 1}}}}, r"curriculum phase 'start': .* a number in \[0, 1\)"),
+        ({**stage, "rl": {"curriculum": {0.0: {"easy": 1}, 1.5: {"hard": 1}}}}, r"curriculum phase 1.5: .*\[0, 1\)"),
+        ({**stage, "rl": {"curriculum": {0.5: {"easy": 1}}}}, "the curriculum must start at progress 0"),
+        (
+            {**stage, "rl": {"curriculum": {0.0: {"easy": -1, "medium": 2}}}},
+            r"curriculum phase 0.0: weights must be finite numbers >= 0 with a positive sum, got \{'easy': -1",
+        ),
+        ({**stage, "rl": {"curriculum": {0.0: {"easy": 0}}}}, "curriculum phase 0.0: weights .* a positive sum"),
+        ({**stage, "rl": {"curriculum": {0.0: {"easy": float("nan")}}}}, "curriculum phase 0.0: weights must be"),
+        ({**stage, "rl": {"curriculum": {0.0: None}}}, "curriculum phase 0.0: a phase maps difficulties to weights"),
         ({**stage, "rl": {"samples": "2"}}, "rl: rl samples must be an integer, got '2'"),
         ({**stage, "rl": {"tau": float("nan")}}, "rl: rl tau must be a finite number, got nan"),
         ({**stage, "rl": {"length_weight": float("nan")}}, "rl: rl length_weight must be a finite number, got nan"),

@@ -96,6 +96,13 @@ def test_bad_settings():
         ProblemSampler(["easy"], {0.2: {"easy": 1}})
     with pytest.raises(ValueError, match="no weight"):
         ProblemSampler(["easy"], {0.0: {"hard": 1}})
+    # a misspelt level had been weighed as absent (medium problems never drawn); negative weights failed in multinomial
+    with pytest.raises(ValueError, match=r"curriculum phase 0.0: unknown difficulties \['mediun'\]"):
+        ProblemSampler(["easy", "medium"], {0.0: {"easy": 1, "mediun": 1}})
+    with pytest.raises(ValueError, match="curriculum phase 0.0: weights must be finite numbers >= 0"):
+        ProblemSampler(["easy", "medium"], {0.0: {"easy": -1, "medium": 2}})
+    with pytest.raises(ValueError, match=r"curriculum phase 1: .* a number in \[0, 1\)"):  # never in force
+        ProblemSampler(["easy", "hard"], {0.0: {"easy": 1}, 1: {"hard": 1}})
     with pytest.raises(ValueError, match=r"priority_floor must lie in \(0, 1\], got 0"):
         ProblemSampler(["easy"], floor=0)
     with pytest.raises(ValueError, match=r"success_decay must lie in \[0, 1\), got 1"):
