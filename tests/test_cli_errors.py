@@ -331,7 +331,8 @@ def test_a_launch_variable_that_is_not_a_number_in_range_is_named(tmp_path, monk
     """``WORLD_SIZE=abc`` (or a bad RANK, LOCAL_RANK, MASTER_PORT) said only "invalid literal for int() with base 10:
     'abc'"; a RANK past the world was not checked."""
     stage = {"name": "sft", "kind": "joint", "steps": 2, "lr": 1e-3, "mix": {"ocr": 1}}
-    recipe = {"name": "p", "out": str(tmp_path / "run"), "sources": {"ocr": str(DEFAULT_EXAMPLES / "ocr.jsonl")}}
+    recipe = {"name": "p", "out": str(tmp_path / "run"), "tokenizer": {"train_vocab": 260}}
+    recipe["sources"] = {"ocr": str(DEFAULT_EXAMPLES / "ocr.jsonl")}
     (tmp_path / "r.yaml").write_text(json.dumps({**recipe, "stages": [stage]}))
     for name, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_PORT": "29500", **variables}.items():
         monkeypatch.setenv(name, value)

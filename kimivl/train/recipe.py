@@ -80,25 +80,29 @@ class Recipe:
     parallel: dict[str, int] | None = None  # {dp_shard: N, ep: M, dp_replicate: R, timeout: s} (kimivl.distributed)
 
     def __post_init__(self):
+        if not (integer(self.seed) and 0 <= self.seed < 2**64):  # first: the stages' checks add to it
+            raise RecipeError(f"seed must be an integer in [0, 2**64), got {self.seed!r}")
+        if not (isinstance(self.name, str) and self.name):
+            raise RecipeError(f"name must be the run's name, a string, got {self.name!r}")
         self.tokenizer = {} if self.tokenizer is None else self.tokenizer  # an empty `tokenizer:` in YAML
         self.schedule = {} if self.schedule is None else self.schedule
+        self.sources = {} if self.sources is None else self.sources
+        if not isinstance(self.sources, dict):
+            raise RecipeError(f"sources must be a mapping of source names to paths, got {self.sources!r}")
         for name, spec in self.sources.items():
             _check_source(name, spec)
         for key, allowed in MAPPINGS.items():
             _check_keys(key, getattr(self, key), allowed)
-        if len(self.tokenizer) > 1:
-            raise RecipeError(f"tokenizer takes one of {{path: DIR}} or {{train_vocab: N}}, got {self.tokenizer}")
-        if self.export is not None and (
-            "path" not in self.export or self.export.get("dtype", "bfloat16") not in ("bfloat16", "float32")
-        ):
-            raise RecipeError(f"export needs a path and a dtype of bfloat16 (default) or float32, got {self.export}")
-        if self.export is not None and "generation" in self.export:
-            _check_generation(self.export["generation"])
-        if self.eval is not None and "split" not in self.eval:
-            raise RecipeError(f"eval needs a split (a directory of held-out <task>.jsonl files), got {self.eval}")
+        _check_base(self.base, self.tokenizer)
+        _check_tokenizer(self.tokenizer)
+        _check_world(self.world)
+        if self.export is not None:
+            _check_export(self.export)
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise RecipeError(f"stage names must be unique, got {names}")
+        if self.eval is not None:
+            _check_eval(self.eval, names)
         for s in self.stages:
             missing = s.sources_used() - set(self.sources)
             if missing:
@@ -110,14 +114,7 @@ class Recipe:
                 f"schedule.warmup ({self.schedule['warmup']} steps) must be below the steps of the stages "
                 f"that continue the recipe-wide schedule ({continued})"
             )
-        unknown = set((self.eval or {}).get("after", [])) - set(names)
-        if unknown:
-            raise RecipeError(f"eval.after names unknown stages {sorted(unknown)}")
-        if len(self.base) != 1 or next(iter(self.base)) not in ("preset", "checkpoint"):
-            raise RecipeError(f"base must be {{preset: NAME}} or {{checkpoint: PATH}}, got {self.base}")
         _check_device(self.device)
-        if not (integer(self.seed) and 0 <= self.seed < 2**64):
-            raise RecipeError(f"seed must be an integer in [0, 2**64), got {self.seed!r}")
 
     def _check_schedule(self, names: list[str]) -> None:
         """``schedule``'s values: a warm-up of whole steps, a floor in [0, 1], and decay stages that continue the
@@ -171,6 +168,25 @@ def number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def check_integer(what: str, value: Any, low: int) -> None:
+    """A ``RecipeError`` naming ``what`` (the key, with its stage) unless ``value`` is an integer >= ``low``."""
+    if not integer(value) or value < low:
+        raise RecipeError(f"{what} must be an integer >= {low}, got {value!r}")
+
+
+def check_names(what: str, value: Any, kind: str = "names", known: Any = None, empty: bool = False) -> None:
+    """A ``RecipeError`` naming ``what`` unless ``value`` is a list of ``kind`` (strings), each one of ``known`` when
+    given, and not empty unless ``empty``."""
+    if not (isinstance(value, list) and all(isinstance(v, str) and v for v in value)):
+        raise RecipeError(f"{what} must be a list of {kind}, got {value!r}")
+    choose = "" if known is None else f"; choose from {list(known)}"
+    if not (value or empty):
+        raise RecipeError(f"{what} is empty{choose}")
+    unknown = [] if known is None else sorted(set(value) - set(known))
+    if unknown:
+        raise RecipeError(f"{what} names unknown {kind} {unknown}{choose}")
+
+
 PARALLEL_KEYS = ("dp_shard", "ep", "dp_replicate", "timeout")
 
 
@@ -181,8 +197,8 @@ def check_parallel(parallel: Any) -> None:
     if not isinstance(parallel, dict) or set(parallel) - set(PARALLEL_KEYS):
         raise RecipeError(f"parallel is a mapping of {list(PARALLEL_KEYS)}, got {parallel!r}")
     for key, value in parallel.items():
-        if value is not None and (not integer(value) or value < 1):
-            raise RecipeError(f"parallel.{key} must be an integer >= 1, got {value!r}")
+        if value is not None:
+            check_integer(f"parallel.{key}", value, 1)
 
 
 def _check_device(name: Any) -> None:
@@ -228,11 +244,85 @@ def _check_generation(settings: Any) -> None:
         raise RecipeError(str(e)) from None
 
 
-def _check_source(name: str, spec: Any) -> None:
-    """A source is a path, or ``{path, answers_only: bool, difficulty: [levels]}``."""
+def _check_base(base: Any, tokenizer: dict) -> None:
+    """``base``: ``{preset: NAME}`` (one of ``kimivl.config.PRESETS``, which has no tokenizer: the recipe gives
+    one), or ``{checkpoint: PATH}``."""
+    from kimivl.config import PRESETS
+
+    if not (isinstance(base, dict) and len(base) == 1 and next(iter(base)) in ("preset", "checkpoint")):
+        raise RecipeError(f"base must be {{preset: NAME}} or {{checkpoint: PATH}}, got {base!r}")
+    if "checkpoint" in base and not (isinstance(base["checkpoint"], str) and base["checkpoint"]):
+        raise RecipeError(f"base.checkpoint must be a checkpoint directory, got {base['checkpoint']!r}")
+    if "preset" in base and not (isinstance(base["preset"], str) and base["preset"] in PRESETS):
+        raise RecipeError(f"base.preset {base['preset']!r} is unknown; choose one of {sorted(PRESETS)}")
+    if "preset" in base and not tokenizer:
+        raise RecipeError(
+            f"base {{preset: {base['preset']}}} needs a tokenizer: give tokenizer: {{path: DIR}} or "
+            "{train_vocab: N} (a preset has no tokenizer of its own)"
+        )
+
+
+def _check_tokenizer(tokenizer: dict) -> None:
+    """``tokenizer``: ``{path: DIR}``, or ``{train_vocab: N}`` BPE ranks (the 256 single bytes among them)."""
+    if len(tokenizer) > 1:
+        raise RecipeError(f"tokenizer takes one of {{path: DIR}} or {{train_vocab: N}}, got {tokenizer}")
+    if "path" in tokenizer and not (isinstance(tokenizer["path"], str) and tokenizer["path"]):
+        raise RecipeError(f"tokenizer.path must be a tokenizer directory, got {tokenizer['path']!r}")
+    if "train_vocab" in tokenizer:
+        check_integer("tokenizer.train_vocab", tokenizer["train_vocab"], 256)
+
+
+def _check_world(world: Any) -> None:
+    """``world``: the synthetic world's ``seed``, ``tasks`` and the samples per task of its splits, ``train`` and
+    ``heldout`` (``kimivl.data.world``)."""
+    if world is None:
+        return
+    from kimivl.data.synthetic import TASKS
+    from kimivl.data.world import DEFAULT_SIZES
+
+    _check_keys("world", world, {"seed", "tasks", *DEFAULT_SIZES})
+    check_integer("world.seed", world.get("seed", 0), 0)
+    tasks = world.get("tasks", list(TASKS))
+    check_names("world.tasks", tasks, "tasks", TASKS)
+    if len(set(tasks)) != len(tasks):
+        raise RecipeError(f"world.tasks names a task twice, got {tasks}")
+    for split in DEFAULT_SIZES:
+        if split in world:
+            check_integer(f"world.{split}", world[split], 0)
+
+
+def _check_export(export: dict) -> None:
+    """``export``: the directory the last stage's model is written to, its dtype and the sampling it recommends."""
+    if "path" not in export or export.get("dtype", "bfloat16") not in ("bfloat16", "float32"):
+        raise RecipeError(f"export needs a path and a dtype of bfloat16 (default) or float32, got {export}")
+    if not (isinstance(export["path"], str) and export["path"].strip()):
+        raise RecipeError(f"export.path must be the directory to write the model to, got {export['path']!r}")
+    if "generation" in export:
+        _check_generation(export["generation"])
+
+
+def _check_eval(spec: dict, stages: list[str]) -> None:
+    """``eval``: a held-out ``split`` directory, the stages to evaluate after (``after``; ``base``: the base model
+    too), at most ``limit`` records per task (all without one) and ``max_new_tokens`` per answer."""
+    if "split" not in spec:
+        raise RecipeError(f"eval needs a split (a directory of held-out <task>.jsonl files), got {spec}")
+    if not (isinstance(spec["split"], str) and spec["split"]):
+        raise RecipeError(f"eval.split must be a directory of held-out <task>.jsonl files, got {spec['split']!r}")
+    check_names("eval.after", spec.get("after", []), "stages", stages, empty=True)
+    if spec.get("limit") is not None:
+        check_integer("eval.limit", spec["limit"], 1)
+    check_integer("eval.max_new_tokens", spec.get("max_new_tokens", 160), 1)
+    if not isinstance(spec.get("base", False), bool):
+        raise RecipeError(f"eval.base is true or false (evaluate the base model first), got {spec['base']!r}")
+
+
+def _check_source(name: Any, spec: Any) -> None:
+    """A source is a path, or ``{path, answers_only: bool, difficulty: [levels]}``, under a name."""
+    where = f"data source {name!r}"
+    if not isinstance(name, str) or not name:
+        raise RecipeError(f"{where}: a source's name is a string, as the stages name it")
     if isinstance(spec, str) and spec:
         return
-    where = f"data source {name!r}"
     if not isinstance(spec, dict) or not isinstance(spec.get("path"), str) or not spec["path"]:
         raise RecipeError(
             f"{where}: give a path, or a mapping with a 'path' (and optionally 'answers_only', "

@@ -49,6 +49,12 @@ def problems(tmp_path_factory):
     return root
 
 
+def settings(problems, tmp_path, **more):
+    """A recipe's settings besides its stages: source ``p``, the problems' train split."""
+    p = str(problems / "train" / "reasoning.jsonl")
+    return {"name": "x", "out": str(tmp_path), "tokenizer": {"train_vocab": 260}, "sources": {"p": p}, **more}
+
+
 def test_an_rl_stage_runs_in_a_recipe(problems, tmp_path):
     out = tmp_path / "run"
     recipe = {
@@ -93,7 +99,7 @@ def test_an_rl_stage_runs_in_a_recipe(problems, tmp_path):
 
 
 def test_bad_rl_settings_are_recipe_errors(problems, tmp_path):
-    base = {"name": "x", "out": str(tmp_path), "sources": {"p": str(problems / "train" / "reasoning.jsonl")}}
+    base = settings(problems, tmp_path)
     stage = {"name": "rl", "kind": "rl", "steps": 2, "lr": 1e-3, "sources": ["p"]}
     for bad, match in (
         ({**stage, "sources": []}, "problem 'sources'"),
@@ -132,10 +138,14 @@ def test_bad_rl_settings_are_recipe_errors(problems, tmp_path):
         ({**stage, "rl": {"tau": float("nan")}}, "rl: rl tau must be a finite number, got nan"),
         ({**stage, "rl": {"length_weight": float("nan")}}, "rl: rl length_weight must be a finite number, got nan"),
         ({**stage, "rl": {"stop": "<|im_end|>"}}, "rl: rl stop must be a list of special-token names"),
+        ({**stage, "sources": "p"}, "stage 'rl': sources must be a list of source names, got 'p'"),
     ):
         (tmp_path / "r.yaml").write_text(yaml.safe_dump({**base, "stages": [bad]}))
         with pytest.raises(RecipeError, match=match):  # when the recipe loads, before anything runs
             load_recipe(tmp_path / "r.yaml")
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({**base, "seed": "0", "stages": [stage]}))
+    with pytest.raises(RecipeError, match="^seed must be an integer in"):  # not the rl seed's sum with a string
+        load_recipe(tmp_path / "r.yaml")
     (tmp_path / "r.yaml").write_text(yaml.safe_dump({**base, "bf16": False, "stages": [stage]}))
     recipe = load_recipe(tmp_path / "r.yaml")
     assert rl_config(recipe, recipe.stages[0]).bf16 is False
@@ -146,7 +156,7 @@ def test_a_second_rl_stage_draws_other_problems_than_the_first(problems, tmp_pat
     stage = {"kind": "rl", "steps": 2, "lr": 1e-3, "sources": ["p"], "rl": {"problems": 2, "samples": 2}}
     stages = [{**stage, "name": "rl1"}, {"name": "sft", "kind": "joint", "steps": 1, "lr": 1e-3, "mix": {"p": 1}}]
     stages.append({**stage, "name": "rl2"})
-    d = {"name": "x", "out": str(tmp_path), "seed": 5, "sources": {"p": str(problems / "train" / "reasoning.jsonl")}}
+    d = settings(problems, tmp_path, seed=5)
     (tmp_path / "r.yaml").write_text(yaml.safe_dump({**d, "stages": stages}))
     recipe = load_recipe(tmp_path / "r.yaml")
     first, second = (rl_config(recipe, s) for s in (recipe.stages[0], recipe.stages[2]))
@@ -159,7 +169,7 @@ def test_more_updates_than_a_rank_has_answers_is_refused_before_the_first_stage(
     """4 problems x 2 samples: 8 answers in one process, 4 per rank of 2; updates 5 fits 1 rank, not 2."""
     stage = {"name": "rl", "kind": "rl", "steps": 2, "lr": 1e-3, "sources": ["p"]}
     stage["rl"] = {"problems": 4, "samples": 2, "updates": 5}
-    d = {"name": "x", "out": str(tmp_path), "sources": {"p": str(problems / "train" / "reasoning.jsonl")}}
+    d = settings(problems, tmp_path)
     (tmp_path / "r.yaml").write_text(yaml.safe_dump({**d, "stages": [stage]}))
     recipe = load_recipe(tmp_path / "r.yaml")
     check_layout(recipe, 1, 1)
@@ -185,7 +195,7 @@ def test_an_unknown_rl_setting_is_named_with_the_settings_rl_takes(problems, tmp
 
     from kimivl.rl.trainer import RLConfig
 
-    base = {"name": "x", "out": str(tmp_path), "sources": {"p": str(problems / "train" / "reasoning.jsonl")}}
+    base = settings(problems, tmp_path)
     stage = {"name": "rl", "kind": "rl", "steps": 2, "lr": 1e-3, "sources": ["p"]}
     taken = sorted({f.name for f in fields(RLConfig)} - {"iterations", "budget", "clip", "ckpt_every", "seed", "bf16"})
     assert "tau" in taken and "samples" in taken

@@ -320,7 +320,8 @@ def test_a_recipe_path_the_filesystem_encoding_cannot_encode_is_named(tmp_path):
 
 def test_yaml_exponents_are_numbers_duplicate_keys_and_bad_seeds_are_errors(tmp_path):
     stage = "{name: a, kind: joint, steps: 4, lr: %s, mix: {t: 1}}"
-    base = "name: r\nout: %s\nsources: {t: t.jsonl}\nstages: [%s]\n" % (tmp_path / "run", stage)
+    base = "name: r\nout: %s\ntokenizer: {train_vocab: 260}\nsources: {t: t.jsonl}\n" % (tmp_path / "run")
+    base += "stages: [%s]\n" % stage
     (tmp_path / "r.yaml").write_text(base % "1e-3")  # YAML 1.1 alone reads 1e-3 as a string
     assert load_recipe(tmp_path / "r.yaml").stages[0].lr == 0.001
     (tmp_path / "r.yaml").write_text(base % "1e-3" + "seed: 1\nseed: 2\n")

@@ -380,6 +380,7 @@ def _continue_stage(tmp_path, warmup=2, min_ratio=0.1, pre_steps=10, cooldown_st
     recipe = {
         "name": "r",
         "out": str(tmp_path / "run"),
+        "tokenizer": {"train_vocab": 260},
         "sources": {"a": "a.jsonl"},
         "schedule": {"warmup": warmup, "decay_stages": ["cooldown"], "min_ratio": min_ratio},
         "stages": [

@@ -280,7 +280,39 @@ def _stage(i, **changes):
             lambda r: r["sources"].update(text={"path": r["sources"]["text"], "difficulty": ["extreme"]}),
             "data source 'text': difficulty must be a list of some of",
         ),
-        # not finite: these had passed the load, then trained NaN into the router biases or stopped at step 1 or later
+        # each of these had passed the load: a traceback, an error after the world was built or a stage trained, or
+        # a silent misreading (a typo of world.seed made a split named 'sed'; NaN trained into the router biases)
+        (lambda r: r.update(name=["a"]), r"name must be the run's name, a string, got \['a'\]"),
+        (lambda r: r.update(sources=["colour", "text"]), r"sources must be a mapping of source names to paths"),
+        (lambda r: r["sources"].update({5: r["sources"]["text"]}), "data source 5: a source's name is a string"),
+        (lambda r: r.update(base=["preset"]), r"base must be {preset: NAME} or {checkpoint: PATH}, got \['preset'\]"),
+        (lambda r: r.update(base={"preset": "kimivl_tiny"}), r"base.preset 'kimivl_tiny' is unknown; choose one of \["),
+        (lambda r: r.update(base={"checkpoint": 5}), "base.checkpoint must be a checkpoint directory, got 5"),
+        (lambda r: r.update(tokenizer=None), r"base {preset: tiny} needs a tokenizer"),
+        (lambda r: r.update(tokenizer={"train_vocab": "280"}), "tokenizer.train_vocab must be an integer >= 256"),
+        (
+            lambda r: r.update(tokenizer={"train_vocab": 100}),
+            "tokenizer.train_vocab must be an integer >= 256, got 100",
+        ),
+        (lambda r: r.update(tokenizer={"path": 5}), "tokenizer.path must be a tokenizer directory, got 5"),
+        (lambda r: r.update(world=[20, 3]), r"world must be a mapping, got \[20, 3\]"),
+        (lambda r: r.update(world={"sed": 7, "train": 20}), r"world has unknown keys \['sed'\]; it takes \['heldout'"),
+        (lambda r: r.update(world={"train": "20"}), "world.train must be an integer >= 0, got '20'"),
+        (lambda r: r.update(world={"heldout": -10}), "world.heldout must be an integer >= 0, got -10"),
+        (lambda r: r.update(world={"seed": "0"}), "world.seed must be an integer >= 0, got '0'"),
+        (lambda r: r.update(world={"tasks": ["ocr", "smell"]}), r"world.tasks names unknown tasks \['smell'\]"),
+        (lambda r: r.update(world={"tasks": "ocr"}), "world.tasks must be a list of tasks, got 'ocr'"),
+        (lambda r: r.update(eval={"split": 5}), "eval.split must be a directory of held-out <task>.jsonl files, got 5"),
+        (lambda r: r.update(eval={"split": "h", "limit": -1}), "eval.limit must be an integer >= 1, got -1"),
+        (lambda r: r.update(eval={"split": "h", "limit": 0}), "eval.limit must be an integer >= 1, got 0"),
+        (lambda r: r.update(eval={"split": "h", "max_new_tokens": 0}), "eval.max_new_tokens must be an integer >= 1"),
+        (lambda r: r.update(eval={"split": "h", "max_new_tokens": "4"}), "eval.max_new_tokens must be an integer"),
+        (lambda r: r.update(eval={"split": "h", "after": "sft"}), "eval.after must be a list of stages, got 'sft'"),
+        (lambda r: r.update(eval={"split": "h", "base": "no"}), "eval.base is true or false .*, got 'no'"),
+        (lambda r: r["export"].update(path=5), "export.path must be the directory to write the model to, got 5"),
+        (lambda r: r["export"].update(path=""), "export.path must be the directory to write the model to, got ''"),
+        (_stage(1, train=None), "stage 'align': train must be a list of parts, got None"),
+        (_stage(0, sources="colour"), "stage 'vit': sources must be a list of source names, got 'colour'"),
         (_stage(1, bias_update_rate=float("nan")), "bias_update_rate must be a number >= 0, got nan"),
         (_stage(1, lr=float("nan")), "lr > 0 are required, got 2, nan"),
         (_stage(1, clip=float("inf")), "clip must be a number >= 0 .and not 0., got inf"),
@@ -300,7 +332,7 @@ def test_every_recipe_mistake_is_named(data_dir, tmp_path, edit, match):
 
 
 def test_empty_settings_take_their_defaults(data_dir, tmp_path):
-    recipe = {**recipe_dict(data_dir, tmp_path), "tokenizer": None, "schedule": None}
+    recipe = {**recipe_dict(data_dir, tmp_path), "base": {"checkpoint": "ckpt"}, "tokenizer": None, "schedule": None}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     loaded = load_recipe(tmp_path / "r.yaml")
     assert loaded.tokenizer == {} and loaded.schedule == {}
@@ -922,7 +954,7 @@ def test_a_plan_before_the_world_is_built_refuses_what_the_run_refuses_first(tmp
     with pytest.raises(RecipeError, match="base checkpoint .*nope has no config.json"):
         plan_recipe(load_recipe(tmp_path / "r.yaml"))
     (tmp_path / "a-file").write_text("")
-    recipe.update(base={"preset": "tiny"}, export={"path": str(tmp_path / "a-file")})
+    recipe.update(base={"preset": "tiny"}, tokenizer={"train_vocab": 260}, export={"path": str(tmp_path / "a-file")})
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     with pytest.raises(RecipeError, match="export path .*a-file exists and is not a directory"):
         plan_recipe(load_recipe(tmp_path / "r.yaml"))

@@ -22,7 +22,7 @@ from kimivl.distributed.world import World
 from kimivl.processing.image import ImageError, open_image
 from kimivl.processing.video import VideoError, check_video_file
 from kimivl.train.loop import LoopConfig
-from kimivl.train.recipe import PARTS, RecipeError, integer, number
+from kimivl.train.recipe import PARTS, RecipeError, check_integer, check_names, integer, number
 from kimivl.train.trainable import set_trainable
 
 RESUME_FREE = ("name", "kind", "ckpt_every", "log_every", "val", "recompute")  # a resume may change them
@@ -64,8 +64,7 @@ class StageSettings:
         if not integer(self.steps) or self.steps < 1 or not number(self.lr) or self.lr <= 0:
             raise RecipeError(f"{where}: steps >= 1 and lr > 0 are required, got {self.steps!r}, {self.lr!r}")
         for key, low in (("ckpt_every", 1), ("warmup", 0)):
-            if not integer(getattr(self, key)) or getattr(self, key) < low:
-                raise RecipeError(f"{where}: {key} must be an integer >= {low}, got {getattr(self, key)!r}")
+            check_integer(f"{where}: {key}", getattr(self, key), low)
         for key in ("clip", "weight_decay"):
             if not number(getattr(self, key)) or getattr(self, key) < 0 or (key == "clip" and not self.clip):
                 raise RecipeError(
@@ -119,10 +118,7 @@ class PartsSettings(StageSettings):
         super().check(where)
         if not integer(self.budget) or self.budget < 16:
             raise RecipeError(f"{where}: budget (tokens of a packed row) must be an integer >= 16, got {self.budget!r}")
-        bad = set(self.train) - set(PARTS)
-        if bad or not self.train:
-            problem = f"names unknown parts {sorted(bad)}" if bad else "is empty"
-            raise RecipeError(f"{where}: train {problem}; choose from {PARTS}")
+        check_names(f"{where}: train", self.train, "parts", PARTS)
         if not isinstance(self.freeze, list) or not all(isinstance(g, str) and g for g in self.freeze):
             raise RecipeError(f"{where}: freeze is a list of parameter-name patterns, got {self.freeze!r}")
         if (

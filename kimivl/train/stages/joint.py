@@ -17,7 +17,7 @@ from kimivl.data.mixture import Mixture
 from kimivl.processing.processor import IGNORE_INDEX
 from kimivl.train.calibrate import standardize_image_features
 from kimivl.train.loop import train_loop
-from kimivl.train.recipe import RecipeError, integer, number
+from kimivl.train.recipe import RecipeError, check_integer, number
 from kimivl.train.stages.base import PartsSettings, Prepared, StageContext, check_records, loop_config, source_record
 from kimivl.train.validation import heldout_loss, heldout_rows
 
@@ -49,8 +49,7 @@ class JointStage(PartsSettings):
             if weights and not 0 < sum(weights.values()) < math.inf:
                 raise RecipeError(f"{where}: {key} weights must have a positive, finite sum, got {weights!r}")
         for key in ("accum", "log_every"):
-            if not integer(getattr(self, key)) or getattr(self, key) < 1:
-                raise RecipeError(f"{where}: {key} must be an integer >= 1, got {getattr(self, key)!r}")
+            check_integer(f"{where}: {key}", getattr(self, key), 1)
         if not isinstance(self.replacement, bool):
             raise RecipeError(f"{where}: replacement is true or false, got {self.replacement!r}")
         if self.standardize_images is not None and not (
@@ -74,8 +73,8 @@ def _check_val(where: str, val: Any) -> None:
     if not isinstance(sources, list) or not sources or not all(isinstance(s, str) for s in sources):
         raise RecipeError(f"{where}: val needs 'sources', a list of source names, got {sources!r}")
     for key in ("every", "rows"):
-        if key in val and (not integer(val[key]) or val[key] < 1):
-            raise RecipeError(f"{where}: val {key} must be an integer >= 1, got {val[key]!r}")
+        if key in val:
+            check_integer(f"{where}: val {key}", val[key], 1)
 
 
 def stage_mixture(stage: JointStage, ctx: StageContext, encode) -> tuple[Mixture, str]:

@@ -8,7 +8,7 @@ from typing import Any
 from kimivl.data.indexed import Concat
 from kimivl.rl.rewards import REWARDS, binary
 from kimivl.rl.trainer import OBJECTIVE_SETTINGS, RLConfig, RLTrainer, prompt_of
-from kimivl.train.recipe import Recipe, RecipeError
+from kimivl.train.recipe import Recipe, RecipeError, check_names
 from kimivl.train.stages.base import PartsSettings, Prepared, StageContext, check_records, source_record
 
 
@@ -25,6 +25,7 @@ class RLStage(PartsSettings):
         self.rl = {} if self.rl is None else self.rl  # an empty `rl:` in YAML
         if not self.sources:
             raise RecipeError(f"{where}: an rl stage needs problem 'sources'")
+        check_names(f"{where}: sources", self.sources, "source names")
         if not isinstance(self.rl, dict):
             raise RecipeError(f"{where}: 'rl' settings are a mapping, got {self.rl!r}")
 

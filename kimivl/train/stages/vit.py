@@ -12,7 +12,7 @@ from kimivl.data.indexed import Concat
 from kimivl.data.mixture import sample_rng
 from kimivl.processing.processor import KimiVLProcessor
 from kimivl.train.loop import train_loop
-from kimivl.train.recipe import RecipeError, integer
+from kimivl.train.recipe import RecipeError, check_integer, check_names
 from kimivl.train.stages.base import Prepared, StageContext, StageSettings, check_records, loop_config, source_record
 from kimivl.train.vit import ViTPretrainer, caption_batch, vit_loss
 
@@ -28,9 +28,9 @@ class ViTStage(StageSettings):
         super().check(where)
         if not self.sources:
             raise RecipeError(f"{where}: a vit stage needs caption 'sources'")
+        check_names(f"{where}: sources", self.sources, "source names")
         for key in ("images_per_batch", "accum", "log_every"):
-            if not integer(getattr(self, key)) or getattr(self, key) < 1:
-                raise RecipeError(f"{where}: {key} must be an integer >= 1, got {getattr(self, key)!r}")
+            check_integer(f"{where}: {key}", getattr(self, key), 1)
 
     def sources_used(self) -> set[str]:
         return set(self.sources)
