@@ -56,7 +56,7 @@ class Sources:
     """The recipe's data sources, validated once and read on demand (``JsonlRecords``): conversation records or plain
     texts, by name. A source given as ``{path: FILE, answers_only: true}`` drops the ``◁think▷…◁/think▷`` part of
     assistant turns; ``{path: FILE, difficulty: [easy, ...]}`` keeps the records whose ``meta.difficulty`` is
-    listed (a curriculum)."""
+    listed (a curriculum). A source without records is an error."""
 
     def __init__(self, recipe: Recipe, progress: bool = False):
         self.items: dict[str, JsonlRecords] = {}
@@ -82,6 +82,8 @@ class Sources:
             log.info("data source %s: %d records from %s", name, len(self.items[name]), path)
             if levels is not None and not self.items[name]:
                 raise RecipeError(f"data source {name!r}: no record of {path} has difficulty {levels}")
+            if not self.items[name]:  # a stage's passes over its sources divided by their records
+                raise RecipeError(f"data source {name!r}: {path} holds no records")
 
     def encoder(self, processor: KimiVLProcessor):
         def encode(name: str, item):

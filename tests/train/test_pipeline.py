@@ -410,6 +410,16 @@ def test_a_source_can_keep_only_some_difficulties(data_dir, tmp_path):
         sources(["easy"], [{"text": "a document", "meta": {"difficulty": "easy"}}])
 
 
+def test_a_source_without_records_is_named_before_any_stage(data_dir, tmp_path):
+    """An empty file had planned and run a vit stage into a ZeroDivisionError (its passes over the sources)."""
+    (tmp_path / "empty.jsonl").write_text("")
+    d = recipe_dict(data_dir, tmp_path)
+    d["sources"]["colour"] = str(tmp_path / "empty.jsonl")
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(d))
+    with pytest.raises(RecipeError, match=f"data source 'colour': {tmp_path / 'empty.jsonl'} holds no records"):
+        Sources(load_recipe(tmp_path / "r.yaml"))
+
+
 def test_an_answers_only_source_drops_the_thinking_of_text_and_of_text_parts(data_dir, tmp_path):
     image = str(tmp_path / "red.png")
     Image.new("RGB", (28, 28), COLOURS["red"]).save(image)
