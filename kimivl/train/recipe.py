@@ -390,6 +390,9 @@ def load_recipe(path: str | os.PathLike, overrides: dict[str, Any] | None = None
         raise RecipeError(f"recipe {path} must be a mapping")
     raw.update(overrides or {})
     raw.setdefault("out", f"runs/{raw.get('name', 'run')}")
+    raw["out"] = os.fspath(raw["out"]) if isinstance(raw["out"], os.PathLike) else raw["out"]
+    if not isinstance(raw["out"], str) or not raw["out"].strip():  # " " would be a folder named by a space
+        raise RecipeError(f"recipe {path}: out must be the run's directory, got {raw['out']!r}")
     for name, mapping, key in _paths(raw):
         mapping[key] = os.path.expanduser(mapping[key])  # as a shell would read ~: no shell sees these
         if why := unencodable(mapping[key]):

@@ -309,6 +309,8 @@ def _stage(i, **changes):
         (lambda r: r.update(eval={"split": "h", "max_new_tokens": "4"}), "eval.max_new_tokens must be an integer"),
         (lambda r: r.update(eval={"split": "h", "after": "sft"}), "eval.after must be a list of stages, got 'sft'"),
         (lambda r: r.update(eval={"split": "h", "base": "no"}), "eval.base is true or false .*, got 'no'"),
+        (lambda r: r.update(out=" "), "out must be the run's directory, got ' '"),
+        (lambda r: r.update(out=5), "out must be the run's directory, got 5"),
         (lambda r: r["export"].update(path=5), "export.path must be the directory to write the model to, got 5"),
         (lambda r: r["export"].update(path=""), "export.path must be the directory to write the model to, got ''"),
         (_stage(1, train=None), "stage 'align': train must be a list of parts, got None"),
