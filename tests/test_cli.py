@@ -220,19 +220,22 @@ def test_an_answer_a_console_cannot_encode_is_printed_escaped(checkpoint, monkey
     assert answers[-1][1] == {"role": "assistant", "content": "a leaf \U0001f33f é"}  # the first turn was kept
 
 
-def test_chat_takes_its_defaults_from_the_checkpoints_generation_config(checkpoint, tmp_path, capsys):
+def test_chat_takes_its_defaults_from_the_checkpoints_generation_config(checkpoint, tmp_path, capsys, monkeypatch):
     """Hugging Face's generation_config.json sets chat's sampling defaults; a flag still wins."""
+    from kimivl import cli
+
     ckpt = tmp_path / "ckpt"
     shutil.copytree(checkpoint, ckpt)
     (ckpt / "generation_config.json").write_text(json.dumps({"temperature": 0, "max_new_tokens": 2, "top_k": 5}))
     model, processor = KimiVL.from_pretrained(ckpt), KimiVLProcessor.from_pretrained(ckpt)
     question = [{"role": "user", "content": [{"type": "text", "text": "Count the circles."}]}]
-    answers = []
+    sampled, answer = [], cli._answer
+    monkeypatch.setattr(cli, "_answer", lambda *a: sampled.append(dict(a[3])) or answer(*a))
     for flags, new_tokens in (([], 2), (["--max-new-tokens", "6"], 6)):
         assert main(["chat", "--model", str(ckpt), "--dtype", "float32", *flags, "Count the circles."]) == 0
-        answers.append(generate(model, processor, question, temperature=0.0, max_new_tokens=new_tokens).strip())
-        assert capsys.readouterr().out.strip() == answers[-1], flags
-    assert answers[0] != answers[1]
+        expected = generate(model, processor, question, temperature=0.0, max_new_tokens=new_tokens).strip()
+        assert capsys.readouterr().out.strip() == expected, flags
+        assert (sampled[-1]["temperature"], sampled[-1]["max_new_tokens"]) == (0, new_tokens), flags
 
 
 def test_the_shipped_models_generation_configs_follow_the_spec():
