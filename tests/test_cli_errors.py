@@ -185,6 +185,19 @@ def test_do_sample_false_in_a_generation_config_is_greedy(tmp_path):
     assert generation_defaults(tmp_path / "elsewhere") == {}
 
 
+def _ocr_recipe(tmp_path, steps: int) -> None:
+    """``tmp_path / 'r.yaml'``: one joint stage of ``steps`` on the bundled OCR questions from kimivl-tiny."""
+    stage = {"name": "sft", "kind": "joint", "steps": steps, "lr": 1e-3, "mix": {"ocr": 1}}
+    recipe = {
+        "name": "p",
+        "out": str(tmp_path / "run"),
+        "base": {"checkpoint": str(DEFAULT_MODEL)},
+        "sources": {"ocr": str(DEFAULT_EXAMPLES / "ocr.jsonl")},
+        "stages": [stage],
+    }
+    (tmp_path / "r.yaml").write_text(json.dumps(recipe))  # JSON is YAML
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
@@ -196,15 +209,7 @@ def test_do_sample_false_in_a_generation_config_is_greedy(tmp_path):
 )
 def test_train_refuses_a_parallel_layout_below_one(tmp_path, capsys, flags, message):
     """``--dp-shard 0`` and ``--ep 0`` were dropped as if not given: the plan (or the run) went on without them."""
-    stage = {"name": "sft", "kind": "joint", "steps": 2, "lr": 1e-3, "mix": {"ocr": 1}}
-    recipe = {
-        "name": "p",
-        "out": str(tmp_path / "run"),
-        "base": {"checkpoint": str(DEFAULT_MODEL)},
-        "sources": {"ocr": str(DEFAULT_EXAMPLES / "ocr.jsonl")},
-        "stages": [stage],
-    }
-    (tmp_path / "r.yaml").write_text(json.dumps(recipe))  # JSON is YAML
+    _ocr_recipe(tmp_path, steps=2)
     assert main(["train", str(tmp_path / "r.yaml"), "--plan"]) == 0  # the recipe plans without the flags
     assert "stage sft trains" in capsys.readouterr().out
     assert main(["train", str(tmp_path / "r.yaml"), "--plan", *flags]) == 2
@@ -215,15 +220,7 @@ def test_train_refuses_a_parallel_layout_below_one(tmp_path, capsys, flags, mess
 @pytest.mark.parametrize(("flag", "value"), [("--out", ""), ("--device", ""), ("--out", " ")])
 def test_train_refuses_an_empty_out_or_device(tmp_path, capsys, flag, value):
     """``--out ""`` (an unset $OUT in a script) was dropped: the run trained into the recipe's out."""
-    stage = {"name": "sft", "kind": "joint", "steps": 1, "lr": 1e-3, "mix": {"ocr": 1}}
-    recipe = {
-        "name": "p",
-        "out": str(tmp_path / "run"),
-        "base": {"checkpoint": str(DEFAULT_MODEL)},
-        "sources": {"ocr": str(DEFAULT_EXAMPLES / "ocr.jsonl")},
-        "stages": [stage],
-    }
-    (tmp_path / "r.yaml").write_text(json.dumps(recipe))
+    _ocr_recipe(tmp_path, steps=1)
     assert main(["train", str(tmp_path / "r.yaml"), flag, value]) == 2
     key = flag.removeprefix("--")
     _one_line_error(capsys, "train", f"{flag} is empty: give one, or leave {flag} out for the recipe's '{key}'")

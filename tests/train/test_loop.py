@@ -14,7 +14,6 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from kimivl import KimiVL
 from kimivl.checkpoint import FROZEN_FINGERPRINT, checkpoint_files
-from kimivl.data import mixture
 from kimivl.data.mixture import Mixture
 from kimivl.data.packing import PackedBatch
 from kimivl.processing.processor import Encoded
@@ -24,6 +23,7 @@ from kimivl.train.schedule import WarmupCosine, scheduler_at
 from kimivl.train.state import latest_checkpoint, load_state, save_state
 from kimivl.train.step import TrainingError
 from kimivl.train.trainable import set_trainable
+from tests.data.test_packing import counted_draws
 
 CHATS = [
     [{"role": "user", "content": f"What is {a} plus {b}?"}, {"role": "assistant", "content": str(a + b)}]
@@ -139,14 +139,7 @@ def test_a_resume_draws_the_uninterrupted_run_s_samples_without_replaying_the_ea
     if not counts_saved:
         del saved["stream"]
         torch.save(saved, trainer)
-    calls = {"n": 0}
-    real = mixture.sample_rng
-
-    def counted(*args):
-        calls["n"] += 1
-        return real(*args)
-
-    monkeypatch.setattr(mixture, "sample_rng", counted)
+    calls = counted_draws(monkeypatch)
     assert run(tmp_path / "b") == whole[10:]
     at = saved["position"]
     end = torch.load(latest_checkpoint(tmp_path / "b" / "s" / "checkpoints") / "trainer.pt")["position"]
