@@ -1,6 +1,9 @@
 import dataclasses
+import os
 import resource
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -29,6 +32,28 @@ def file_size_limit():
     yield limit
     resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     signal.signal(signal.SIGXFSZ, handler)
+
+
+@pytest.fixture()
+def ascii_filesystem():
+    """``run(imports, call, error, arg)``: ``call`` (a Python expression of ``sys.argv[1]``, which is ``arg``) in a
+    Python under LANG=C without UTF-8 mode, whose filesystem encoding is ASCII; returns that encoding, the lines of
+    ``ascii(str(e))`` for the ``error`` it raised, and its stderr. Skips where that encoding is UTF-8 (macOS, or a
+    locale coerced to UTF-8)."""
+
+    def run(imports: str, call: str, error: str, arg: str) -> tuple[str, list[str], str]:
+        code = (
+            f"import sys\n{imports}\nprint(sys.getfilesystemencoding())\n"
+            f"try:\n    {call}\nexcept {error} as e:\n    print(ascii(str(e)))"
+        )
+        env = {**os.environ, "LANG": "C", "LC_ALL": "C", "PYTHONUTF8": "0"}
+        done = subprocess.run([sys.executable, "-c", code, arg], env=env, capture_output=True, text=True)
+        encoding, *said = done.stdout.splitlines()
+        if encoding == "utf-8":
+            pytest.skip("the C locale's filesystem encoding is UTF-8 here (macOS, or a locale coerced to UTF-8)")
+        return encoding, said, done.stderr
+
+    return run
 
 
 @pytest.fixture(autouse=True)

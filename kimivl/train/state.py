@@ -131,10 +131,7 @@ def save_state(ckpt_dir: str | os.PathLike, model, trainer: dict[str, Any], keep
     name = f"step-{trainer['step']:07d}"
     tmp = root / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    previous = root / LATEST
-    previous = (
-        root / previous.read_text(encoding="utf-8").strip() if previous.is_file() else None
-    )  # frozen shards link from it
+    previous = _pointed(root)  # frozen shards link from it
     try:
         if hasattr(model, "save_pretrained"):
             model.save_pretrained(tmp, frozen_apart=True, frozen_from=previous)
@@ -172,8 +169,7 @@ def save_state_sharded(
     root = Path(ckpt_dir)
     name = f"step-{trainer['step']:07d}"
     tmp, final = root / f".{name}.tmp", root / name
-    latest = root / LATEST
-    previous = root / latest.read_text(encoding="utf-8").strip() if latest.is_file() else None
+    previous = _pointed(root)
     try:
         if world.main:
             root.mkdir(parents=True, exist_ok=True)
@@ -192,13 +188,18 @@ def save_state_sharded(
     return final
 
 
+def _pointed(root: Path) -> Path | None:
+    """The checkpoint ``root``'s ``latest`` file names; None without one."""
+    pointer = root / LATEST
+    return root / pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else None
+
+
 def latest_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
-    pointer = Path(ckpt_dir) / LATEST
-    if not pointer.is_file():
+    path = _pointed(Path(ckpt_dir))
+    if path is None:
         return None
-    path = Path(ckpt_dir) / pointer.read_text(encoding="utf-8").strip()
     if not (path / TRAINER_FILE).is_file():
-        raise FileNotFoundError(f"{pointer} names {path}, which is not a complete checkpoint")
+        raise FileNotFoundError(f"{Path(ckpt_dir) / LATEST} names {path}, which is not a complete checkpoint")
     return path
 
 

@@ -1,7 +1,4 @@
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -189,26 +186,21 @@ def test_equal_timestamps_are_non_decreasing(media):
     assert next(iter_records(path))["messages"][0]["content"][0]["timestamps"] == [0, 2, 2]
 
 
-def test_a_media_name_the_filesystem_encoding_cannot_encode_is_named_so(media):
+def test_a_media_name_the_filesystem_encoding_cannot_encode_is_named_so(media, ascii_filesystem):
     """Under LANG=C without Python's UTF-8 mode (an ASCII filesystem encoding) an existing img/картинка 0.png was
     reported 'not found': Path.is_file says False for a name it cannot encode."""
     Image.new("RGB", (28, 28), "red").save(media / "img" / "картинка 0.png")
     image = {"type": "image", "image": "img/картинка 0.png"}
     record = {"messages": [{"role": "user", "content": [image]}, {"role": "assistant", "content": "red"}]}
     (media / "d.jsonl").write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
-    code = (
-        "import sys\nfrom kimivl.data.formats import DataError, iter_records\nprint(sys.getfilesystemencoding())\n"
-        "try:\n    list(iter_records(sys.argv[1]))\nexcept DataError as e:\n    print(ascii(str(e)))"
+    imports = "from kimivl.data.formats import DataError, iter_records"
+    encoding, said, stderr = ascii_filesystem(
+        imports, "list(iter_records(sys.argv[1]))", "DataError", str(media / "d.jsonl")
     )
-    env = {**os.environ, "LANG": "C", "LC_ALL": "C", "PYTHONUTF8": "0"}
-    run = subprocess.run([sys.executable, "-c", code, str(media / "d.jsonl")], env=env, capture_output=True, text=True)
-    encoding, *said = run.stdout.splitlines()
-    if encoding == "utf-8":
-        pytest.skip("the C locale's filesystem encoding is UTF-8 here (macOS, or a locale coerced to UTF-8)")
     assert said == [
         ascii(
             f"{media / 'd.jsonl'}:1: message 0, part 0: media file {media / 'img' / 'картинка 0.png'} holds "
             f"'картинка', which the filesystem encoding ({encoding}) cannot encode: run with PYTHONUTF8=1, or in a "
             "UTF-8 locale (LANG=C.UTF-8)"
         )
-    ], run.stderr
+    ], stderr

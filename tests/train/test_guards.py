@@ -293,29 +293,18 @@ def test_stage_names_and_warmups_that_cannot_work(tmp_path, stage, match):
         load_recipe(path)
 
 
-def test_a_recipe_path_the_filesystem_encoding_cannot_encode_is_named(tmp_path):
+def test_a_recipe_path_the_filesystem_encoding_cannot_encode_is_named(tmp_path, ascii_filesystem):
     """Under LANG=C without Python's UTF-8 mode a recipe's ``out: выход`` failed with a bare "'ascii' codec can't
     encode", naming no path."""
-    import os
-    import subprocess
-    import sys
-
     path = _recipe(tmp_path, out=str(tmp_path / "выход run"))
-    code = (
-        "import sys\nfrom kimivl.train.recipe import RecipeError, load_recipe\nprint(sys.getfilesystemencoding())\n"
-        "try:\n    load_recipe(sys.argv[1])\nexcept RecipeError as e:\n    print(ascii(str(e)))"
-    )
-    env = {**os.environ, "LANG": "C", "LC_ALL": "C", "PYTHONUTF8": "0"}
-    run = subprocess.run([sys.executable, "-c", code, str(path)], env=env, capture_output=True, text=True)
-    encoding, *said = run.stdout.splitlines()
-    if encoding == "utf-8":
-        pytest.skip("the C locale's filesystem encoding is UTF-8 here (macOS, or a locale coerced to UTF-8)")
+    imports = "from kimivl.train.recipe import RecipeError, load_recipe"
+    encoding, said, stderr = ascii_filesystem(imports, "load_recipe(sys.argv[1])", "RecipeError", str(path))
     assert said == [
         ascii(
             f"recipe {path}: out: {tmp_path / 'выход run'} holds 'выход', which the filesystem encoding ({encoding}) "
             "cannot encode: run with PYTHONUTF8=1, or in a UTF-8 locale (LANG=C.UTF-8)"
         )
-    ], run.stderr
+    ], stderr
 
 
 def test_yaml_exponents_are_numbers_duplicate_keys_and_bad_seeds_are_errors(tmp_path):
