@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import io
+import math
 import os
 import shlex
 import stat
@@ -673,12 +674,17 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _ints(text: str) -> list[int]:
-    """``--lengths``/``--depths``: comma-separated numbers, ``k`` for 1024; at least one (none is an error, not the
-    default)."""
+    """``--lengths``/``--depths``: comma-separated whole numbers, ``k`` for 1024 (``1.5k`` is 1536); at least one (none
+    is an error, not the default)."""
     values = []
     for x in filter(str.strip, text.split(",")):
         try:
-            values.append(int(float(x.lower().removesuffix("k")) * (1024 if x.lower().endswith("k") else 1)))
+            value = float(x.lower().removesuffix("k")) * (1024 if x.lower().endswith("k") else 1)
+            if not math.isfinite(value):
+                raise ValueError(x)
+            if not value.is_integer():
+                raise argparse.ArgumentTypeError(f"{x.strip()!r} in {text!r} is not a whole number; give whole numbers")
+            values.append(int(value))
         except (ValueError, OverflowError):
             raise argparse.ArgumentTypeError(
                 f"{x.strip()!r} in {text!r} is not a number; give numbers, k for 1024, comma-separated (e.g. 1k,2k)"

@@ -8,7 +8,7 @@ import torch
 
 from kimivl import KimiVL, KimiVLProcessor, cli, generate
 from kimivl.checkpoint import CheckpointError
-from kimivl.cli import CommandError, main, resolve_device
+from kimivl.cli import CommandError, _ints, main, resolve_device
 from kimivl.data.formats import DataError, iter_records, iter_texts
 from kimivl.demo import DEFAULT_EXAMPLES, DEFAULT_MODEL
 from kimivl.train.loop import TrainingError
@@ -320,6 +320,11 @@ def test_an_empty_question_is_an_error_not_a_session(capsys):
         ({"RANK": "2"}, "RANK='2' must be this process's rank, an integer from 0 to WORLD_SIZE - 1 (1)"),
         ({"LOCAL_RANK": "x"}, "LOCAL_RANK='x' must be this process's rank on its machine, an integer >= 0"),
         ({"LOCAL_RANK": "-1"}, "LOCAL_RANK='-1' must be this process's rank on its machine, an integer >= 0"),
+        ({"LOCAL_WORLD_SIZE": "3"}, "LOCAL_WORLD_SIZE='3' must be the number of processes on this machine, from 1 to"),
+        (
+            {"LOCAL_WORLD_SIZE": "1", "LOCAL_RANK": "1"},
+            "LOCAL_RANK='1' must be this process's rank on its machine, an integer from 0 to LOCAL_WORLD_SIZE - 1 (0)",
+        ),
         ({"MASTER_PORT": "notaport"}, "MASTER_PORT='notaport' must be the rendezvous port, an integer from 1 to 65535"),
         ({"MASTER_PORT": "70000"}, "MASTER_PORT='70000' must be the rendezvous port"),
     ],
@@ -422,6 +427,19 @@ def test_niah_lengths_that_are_not_numbers_are_named(capsys, text):
         f"kimivl eval: error: argument --lengths: {bad!r} in {text!r} is not a number; give numbers, k for 1024, "
         "comma-separated (e.g. 1k,2k)"
     )
+
+
+@pytest.mark.parametrize(("flag", "text", "bad"), [("--depths", "0,1.5", "1.5"), ("--lengths", "1k,0.3k", "0.3k")])
+def test_niah_numbers_that_are_not_whole_are_named_not_rounded(capsys, flag, text, bad):
+    """``--depths 1.5`` ran at depth 1 and ``--lengths 0.3k`` at 307 tokens, each rounded down without a word."""
+    with pytest.raises(SystemExit):
+        main(["eval", "--task", "niah", "--model", str(DEFAULT_MODEL), flag, text])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == f"kimivl eval: error: argument {flag}: {bad!r} in {text!r} is not a whole number; give whole numbers"
+
+
+def test_niah_lengths_in_fractions_of_k_that_are_whole_are_kept():
+    assert _ints("1.5k,2k,100") == [1536, 2048, 100]
 
 
 @pytest.mark.parametrize("command", [["chat", "hi"], ["serve"], ["eval", "--task", "synthetic"]])

@@ -148,11 +148,21 @@ def launched() -> bool:
 
 
 def _launch_variables() -> tuple[int, int, int]:
-    """WORLD_SIZE, RANK and LOCAL_RANK (0 when unset) as torchrun sets them; one of them, or MASTER_PORT, set to
-    anything else is a ``RecipeError`` naming it, its value and what it must be."""
+    """WORLD_SIZE, RANK and LOCAL_RANK (0 when unset) as torchrun sets them; one of them, LOCAL_WORLD_SIZE or
+    MASTER_PORT set to anything else is a ``RecipeError`` naming it, its value and what it must be."""
     size = _variable("WORLD_SIZE", "the number of processes, an integer >= 1", 1)
     rank = _variable("RANK", f"this process's rank, an integer from 0 to WORLD_SIZE - 1 ({size - 1})", 0, size - 1)
     local = _variable("LOCAL_RANK", "this process's rank on its machine, an integer >= 0", 0)
+    if "LOCAL_WORLD_SIZE" in os.environ:  # torchrun's processes on this machine; cuda:LOCAL_RANK must be one of them
+        machine = _variable(
+            "LOCAL_WORLD_SIZE", f"the number of processes on this machine, from 1 to WORLD_SIZE ({size})", 1, size
+        )
+        _variable(
+            "LOCAL_RANK",
+            f"this process's rank on its machine, an integer from 0 to LOCAL_WORLD_SIZE - 1 ({machine - 1})",
+            0,
+            machine - 1,
+        )
     if "MASTER_PORT" in os.environ:  # read by torch's rendezvous, whose error names no variable
         _variable("MASTER_PORT", "the rendezvous port, an integer from 1 to 65535", 1, 65535)
     return size, rank, local
