@@ -62,6 +62,9 @@ class Sources:
         self.items: dict[str, JsonlRecords] = {}
         self.is_text: dict[str, bool] = {}
         self.checked: set[tuple[str, Any]] = set()  # (conversation source, problem) every record was checked for
+        self.answers_only = {
+            name for name, spec in recipe.sources.items() if isinstance(spec, dict) and spec.get("answers_only")
+        }
         self.progress = progress  # bars while large files are indexed and checked
         for name, spec in recipe.sources.items():
             path = recipe.source_path(name)

@@ -415,8 +415,9 @@ class TrainState:
         """Refuse a checkpoint whose data sources held another number of records: the samples still to come pick
         records by their index, which would name other records (a pass without replacement drawing some twice and
         others never, an RL sampler's successes belonging to other problems). Records changed in place, as many as
-        before (a bad record fixed, as a data error asks), resume with a warning naming the sources. A checkpoint that
-        holds no record of its sources (written before kimivl kept one) resumes."""
+        before (a bad record fixed, as a data error asks), resume with a warning naming the sources; a source whose
+        ``answers_only`` was toggled is refused. A checkpoint that holds no record of its sources (written before
+        kimivl kept one) resumes."""
         if self.sources is None or then is None:
             return
         names = sorted(self.sources.keys() & then.keys())
@@ -432,6 +433,17 @@ class TrainState:
                 "name other records (without replacement, a pass would draw some twice and others never). Restore "
                 "the records (fix a bad record in place: one corrected line for it, not none), or start the stage "
                 f"afresh (remove {self.ckpt_dir})"
+            )
+        toggled = [
+            f"{name}: answers_only {then[name]['answers_only']} then, {self.sources[name]['answers_only']} now"
+            for name in names
+            if "answers_only" in then[name] and then[name]["answers_only"] != self.sources[name].get("answers_only")
+        ]
+        if toggled:
+            raise TrainingError(
+                f"{self.stage}: the data sources of this run are read otherwise than when {found} was saved "
+                f"({'; '.join(toggled)}): the rest of the stage would train on other targets than its start. Resume "
+                f"with that run's sources, or start the stage afresh (remove {self.ckpt_dir})"
             )
         edited = [name for name in names if then[name]["index"] != self.sources[name]["index"]]
         if edited and self.world.main:

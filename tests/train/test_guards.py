@@ -586,7 +586,7 @@ def _ctx(records, processor, text=False):
 
     return StageContext(
         SimpleNamespace(seed=0),
-        SimpleNamespace(items={"c": records}, is_text={"c": text}, checked=set(), progress=False),
+        SimpleNamespace(items={"c": records}, is_text={"c": text}, checked=set(), progress=False, answers_only=set()),
         processor,
     )
 

@@ -40,7 +40,12 @@ def _asked(image, answer="red", question="What colour?"):
 def _ctx(items, processor, text=None, seed=0):
     """A stage context over ``items`` (name -> records)."""
     sources = SimpleNamespace(
-        items=items, is_text=text or dict.fromkeys(items, False), checked=set(), encoder=lambda p: None, progress=False
+        items=items,
+        is_text=text or dict.fromkeys(items, False),
+        checked=set(),
+        encoder=lambda p: None,
+        progress=False,
+        answers_only=set(),
     )
     return StageContext(SimpleNamespace(seed=seed, out=None), sources, processor)
 
@@ -244,9 +249,11 @@ def test_samples_over_the_budget_are_counted_when_the_stage_ends(tmp_path, small
     assert count > 0 and skipped[0].endswith(f"samples over the budget of {long - 1} tokens were skipped")
 
 
-def _run_joint(small_model, small_processor, tmp_path, **settings):
-    """Two steps of a joint stage over short and long texts, resuming what ``tmp_path / 'run'`` holds."""
+def _run_joint(small_model, small_processor, tmp_path, answers_only=(), **settings):
+    """Two steps of a joint stage over short and long texts (``answers_only``: the sources so marked), resuming what
+    ``tmp_path / 'run'`` holds."""
     ctx = _lengths_ctx(small_processor, tmp_path)
+    ctx.sources.answers_only = set(answers_only)
     ctx.recipe = SimpleNamespace(seed=0, out=tmp_path / "run", bf16=False)
     ctx.sources.encoder = lambda processor: lambda name, text: processor.encode_text(text)
     stage = JointStage(
@@ -343,6 +350,17 @@ def test_resuming_after_a_source_s_records_changed(tmp_path, small_model, small_
     with caplog.at_level("WARNING"):
         _run_joint(small_model, small_processor, tmp_path, replacement=False)
     assert "s: data sources short changed since " in caplog.text and "long" not in caplog.text
+
+
+def test_resuming_after_a_source_s_answers_only_was_toggled(tmp_path, small_model, small_processor):
+    """A source's ``answers_only`` toggled between a kill and --resume trained the rest of the stage on other targets
+    (reasoning kept, or dropped) without a word: counts and bytes of the file are the same."""
+    from kimivl.train.step import TrainingError
+
+    _run_joint(small_model, small_processor, tmp_path)
+    with pytest.raises(TrainingError, match=r"s: the data sources .* \(long: answers_only False then, True now\)"):
+        _run_joint(small_model, small_processor, tmp_path, answers_only={"long"})
+    _run_joint(small_model, small_processor, tmp_path)
 
 
 def _run_rl(tmp_path, model, processor, clip=1.0, budget=2048, **rl):
@@ -496,10 +514,10 @@ def test_a_large_source_shows_a_bar_while_it_is_checked(tmp_path, small_processo
 
 def test_the_warnings_of_a_resume_come_from_rank_0_alone(caplog):
     """Every rank reads the same checkpoint, and each logged its warnings: 8 copies on 8 ranks."""
-    then = {"short": {"records": 2, "index": "a"}}
+    then = {"short": {"records": 2, "index": "a", "answers_only": False}}
     for rank in (0, 1):
         state = SimpleNamespace(
-            sources={"short": {"records": 2, "index": "b"}},
+            sources={"short": {"records": 2, "index": "b", "answers_only": False}},
             settings={"clip": 1.0},
             world=World(rank=rank, size=2),
             stage="s",

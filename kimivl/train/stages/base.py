@@ -217,11 +217,16 @@ def loop_config(stage: StageSettings, recipe: Recipe, **more) -> LoopConfig:
 
 
 def source_record(ctx: StageContext, names) -> dict[str, dict[str, Any]]:
-    """Each of the sources ``names``: its number of records and its index's ``digest`` (None for records held
-    otherwise than as a ``JsonlRecords``), which a resume compares (``TrainState.sources``)."""
+    """Each of the sources ``names``: its number of records, its index's ``digest`` (None for records held
+    otherwise than as a ``JsonlRecords``) and whether it trains on answers only, which a resume compares
+    (``TrainState.sources``)."""
     items = ctx.sources.items
     return {
-        name: {"records": len(items[name]), "index": items[name].digest() if hasattr(items[name], "digest") else None}
+        name: {
+            "records": len(items[name]),
+            "index": items[name].digest() if hasattr(items[name], "digest") else None,
+            "answers_only": name in ctx.sources.answers_only,
+        }
         for name in sorted(names)
     }
 
