@@ -62,6 +62,16 @@ def check_image_processor(config: KimiVLConfig, image_processor: ImageProcessor,
             )
 
 
+def model_image_processor(model_dir: str | os.PathLike, config: KimiVLConfig | None = None) -> ImageProcessor:
+    """The image processor of ``model_dir``: its ``preprocessor_config.json``, or the official defaults when it has
+    none; with the model's ``config``, checked to cut images as its vision tower does (``check_image_processor``)."""
+    has_pre = os.path.isfile(os.path.join(model_dir, IMAGE_CONFIG))
+    image_processor = ImageProcessor.from_pretrained(model_dir) if has_pre else ImageProcessor()
+    if config is not None:
+        check_image_processor(config, image_processor, model_dir)
+    return image_processor
+
+
 @dataclass
 class Encoded:
     """One conversation: token ids (placeholders expanded), labels for training, and its images' patches."""
@@ -84,13 +94,11 @@ class KimiVLProcessor:
         model's (``check_media_pad``) and the image processor must cut images as its vision tower does
         (``check_image_processor``)."""
         tokenizer = KimiTokenizer.from_pretrained(path)
-        has_pre = os.path.isfile(os.path.join(path, IMAGE_CONFIG))
-        image_processor = ImageProcessor.from_pretrained(path) if has_pre else ImageProcessor()
-        if os.path.isfile(os.path.join(path, "config.json")):
-            config = KimiVLConfig.from_pretrained(path)
-            check_media_pad(config, tokenizer, path, path)
-            check_image_processor(config, image_processor, path)
-        return cls(tokenizer, image_processor)
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            return cls(tokenizer, model_image_processor(path))
+        config = KimiVLConfig.from_pretrained(path)
+        check_media_pad(config, tokenizer, path, path)
+        return cls(tokenizer, model_image_processor(path, config))
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write the tokenizer's and the image processor's files; overwriting another model's is refused first

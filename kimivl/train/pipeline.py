@@ -37,7 +37,7 @@ from kimivl.inference.generation_config import write_generation_config
 from kimivl.model.kimivl import KimiVL
 from kimivl.precision import use_bf16
 from kimivl.processing.chat_template import THINK_CLOSE, THINK_OPEN, parse_thinking
-from kimivl.processing.processor import KimiVLProcessor, check_media_pad
+from kimivl.processing.processor import KimiVLProcessor, check_media_pad, model_image_processor
 from kimivl.processing.tokenizer import KimiTokenizer, train_bpe
 from kimivl.train.lock import export_lock, run_lock
 from kimivl.train.metrics import plot_curves
@@ -537,6 +537,19 @@ def keep_seed(recipe: Recipe, world: World) -> None:
         write_text_atomic(path, json.dumps({"seed": recipe.seed}) + "\n")
 
 
+def recipe_processor(recipe: Recipe, sources: Sources, base_dir: Path | None, save: bool = True) -> KimiVLProcessor:
+    """The run's processor: the recipe's tokenizer (``recipe_tokenizer``; ``save`` as there) and the base checkpoint's
+    image processor (its ``preprocessor_config.json``, which the exports keep), or a preset's default one. A tokenizer
+    from elsewhere must write the base model's image placeholder."""
+    tokenizer = recipe_tokenizer(recipe, sources, base_dir, save=save)
+    if base_dir is None:
+        return KimiVLProcessor(tokenizer)
+    config = KimiVLConfig.from_pretrained(base_dir)
+    where = recipe.tokenizer.get("path", recipe.out / "tokenizer" if recipe.tokenizer else base_dir)
+    check_media_pad(config, tokenizer, base_dir, where)
+    return KimiVLProcessor(tokenizer, model_image_processor(base_dir, config))
+
+
 def _run_stages(
     recipe: Recipe, base_dir: Path | None, progress: bool, world: World
 ) -> tuple[KimiVL, Path | None, KimiVLProcessor]:
@@ -552,10 +565,7 @@ def _run_stages(
         sources = Sources(recipe, progress)
         if recipe.eval:  # a held-out split that cannot be scored fails now, not after the first stage
             heldout_records(recipe.out / recipe.eval["split"], recipe.eval.get("limit"))
-        processor = KimiVLProcessor(recipe_tokenizer(recipe, sources, base_dir))
-        if base_dir is not None:  # a tokenizer from elsewhere must write the base model's image placeholder
-            where = recipe.tokenizer.get("path", recipe.out / "tokenizer" if recipe.tokenizer else base_dir)
-            check_media_pad(KimiVLConfig.from_pretrained(base_dir), processor.tokenizer, base_dir, where)
+        processor = recipe_processor(recipe, sources, base_dir)
         keep_seed(recipe, world)
     source = base_dir
     if world.active:  # every stage reads its shards from a checkpoint: a preset's fresh weights are written first

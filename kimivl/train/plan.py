@@ -14,7 +14,6 @@ from kimivl.checkpoint import checkpoint_files
 from kimivl.data.world import world_built, world_wanted
 from kimivl.model.kimivl import KimiVL
 from kimivl.precision import use_bf16
-from kimivl.processing.processor import KimiVLProcessor
 from kimivl.train.pipeline import (
     Sources,
     base_checkpoint,
@@ -23,7 +22,7 @@ from kimivl.train.pipeline import (
     compute_line,
     export_line,
     memory_line,
-    recipe_tokenizer,
+    recipe_processor,
 )
 from kimivl.train.recipe import Recipe, device_here
 from kimivl.train.stages import check_layout, prepare
@@ -70,7 +69,7 @@ def plan_recipe(recipe: Recipe, progress: bool = False) -> list[str]:
     if recipe.world is not None and world_built(recipe.out / "world") != world_wanted(**recipe.world):
         return _before_the_world(recipe) + exported
     sources = Sources(recipe, progress)
-    processor = KimiVLProcessor(recipe_tokenizer(recipe, sources, base_dir, save=False))
+    processor = recipe_processor(recipe, sources, base_dir, save=False)
     with torch.device("meta"):
         model = KimiVL(base_config(recipe, processor.tokenizer))
     ctx = StageContext(recipe, sources, processor)

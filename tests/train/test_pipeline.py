@@ -886,6 +886,38 @@ def test_a_recipe_tokenizer_that_is_not_the_base_models_is_refused_before_traini
     assert not (tmp_path / "run" / "sft").exists()
 
 
+def test_a_run_from_a_checkpoint_processes_images_as_its_preprocessor_config_says(
+    data_dir, tmp_path, small_model, small_processor
+):
+    """The run built the default image processor, not the base checkpoint's: a base with another ``image_mean`` (or
+    token limit) trained on images normalised otherwise than it was trained and served with, and its export wrote the
+    defaults over the base's settings. One whose patches are not its vision tower's is refused before training."""
+    base = tmp_path / "base"
+    small_model.save_pretrained(base)
+    small_processor.save_pretrained(base)
+    pre = json.loads((base / "preprocessor_config.json").read_text())
+    pre.update(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], in_token_limit=1024)
+    (base / "preprocessor_config.json").write_text(json.dumps(pre))
+    recipe = {
+        "name": "x",
+        "out": str(tmp_path / "run"),
+        "base": {"checkpoint": str(base)},
+        "sources": {"colour": str(data_dir / "colour.jsonl")},
+        "stages": [{"name": "sft", "kind": "joint", "steps": 1, "lr": 1e-3, "budget": 192, "mix": {"colour": 1}}],
+    }
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    run_recipe(load_recipe(tmp_path / "r.yaml"), progress=False)
+    assert json.loads((tmp_path / "run" / "sft" / "final" / "preprocessor_config.json").read_text()) == pre
+    pre["patch_size"] = 16
+    (base / "preprocessor_config.json").write_text(json.dumps(pre))
+    recipe["out"] = str(tmp_path / "run2")
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    for run in (run_recipe, plan_recipe):
+        with pytest.raises(CheckpointError, match=r"preprocessor_config.json gives patch_size 16, but .* has vision_"):
+            run(load_recipe(tmp_path / "r.yaml"))
+    assert not (tmp_path / "run2" / "sft").exists()
+
+
 def test_a_held_out_split_without_answers_to_score_fails_before_training(data_dir, tmp_path):
     split = tmp_path / "heldout"
     split.mkdir()
