@@ -153,24 +153,10 @@ def create_app(
     async def chat_completions(request: Request):
         try:
             raw = await _read_body(request, max_body_bytes)
-            try:
-                body = json.loads(raw, parse_int=_json_int)
-            except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-                raise RequestError(f"the request body is not valid JSON: {e}") from None
-            except RecursionError:
-                raise RequestError("the request body is JSON nested too deeply to read") from None
-            if isinstance(body, dict) and not isinstance(body.get("model"), str):
-                raise RequestError(f"model is required (a string): this server serves {model_name!r}", "model")
-            if isinstance(body, dict) and body["model"] != model_name:
-                raise RequestError(
-                    f"model {body['model']!r} is not served here; this server serves {model_name!r}",
-                    "model",
-                    status=404,
-                    code="model_not_found",
-                )
-            # off the event loop: checking the media headers, and decoding data: URLs, takes time
+            # off the event loop: parsing up to max_body_bytes of JSON, checking the media headers and decoding data:
+            # URLs take time that would stall every stream
             chat, encoded = await asyncio.get_running_loop().run_in_executor(
-                encoder, _parse_and_encode, engine, body, limits, context
+                encoder, _parse_and_encode, engine, raw, model_name, limits, context
             )
         except RequestError as e:
             engine.metrics.requests["invalid"] += 1  # refused before it ran: a bad body, field, media, size or model
@@ -330,7 +316,25 @@ def _deliver(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, event: tuple
         pass
 
 
-def _parse_and_encode(engine: Engine, body: Any, limits: Limits, context: int) -> tuple[ChatRequest, Any]:
+def _parse_and_encode(
+    engine: Engine, raw: bytearray, model_name: str, limits: Limits, context: int
+) -> tuple[ChatRequest, Any]:
+    """A request body's bytes -> its checked request and encoded prompt; a ``RequestError`` for what is wrong."""
+    try:
+        body = json.loads(raw, parse_int=_json_int)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise RequestError(f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise RequestError("the request body is JSON nested too deeply to read") from None
+    if isinstance(body, dict) and not isinstance(body.get("model"), str):
+        raise RequestError(f"model is required (a string): this server serves {model_name!r}", "model")
+    if isinstance(body, dict) and body["model"] != model_name:
+        raise RequestError(
+            f"model {body['model']!r} is not served here; this server serves {model_name!r}",
+            "model",
+            status=404,
+            code="model_not_found",
+        )
     chat = parse_chat_request(body, limits)
     return chat, _encode(engine, chat, context)
 

@@ -233,6 +233,25 @@ def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_serving(tiny, tmp_pat
         _client(url).chat.completions.create(**{**good, "max_tokens": -5})
 
 
+def test_request_bodies_are_parsed_off_the_event_loop(tiny, monkeypatch):
+    """The JSON of a request (up to 64 MB) was parsed on the event loop, stalling every stream while it ran; it is
+    read on the encoding thread now, with the media it holds."""
+    import kimivl.serve.app as served
+
+    threads, loads = [], json.loads
+
+    def recorded(raw, **kwargs):
+        if "parse_int" in kwargs:  # the server's parse, not a test client's
+            threads.append(threading.current_thread().name)
+        return loads(raw, **kwargs)
+
+    monkeypatch.setattr(served.json, "loads", recorded)
+    url, _ = tiny
+    good = {"model": "kimivl-tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    assert _post(url, good)[0] == 200 and _post(url, b"{not json")[0] == 400
+    assert len(threads) == 2 and all(name.startswith("kimivl-encode") for name in threads), threads
+
+
 def test_models_health_and_metrics(tiny):
     url, _ = tiny
     assert [m.id for m in _client(url).models.list()] == ["kimivl-tiny"]
