@@ -322,33 +322,22 @@ def _loopback(host: str) -> bool:
     return bool(addresses) and all((getattr(a, "ipv4_mapped", None) or a).is_loopback for a in addresses)
 
 
-def _check_listen(host: str, port: int) -> None:
-    """A ``CommandError`` unless ``host:port`` can be listened on now, bound as uvicorn binds it (every address the
-    host resolves to): checked before the model loads (minutes for the A3B), not after."""
+def _listen(host: str, port: int) -> list:
+    """``open_sockets(host, port)``; one that cannot be opened is a ``CommandError`` saying what to change, before the
+    model loads, not uvicorn's error after it."""
     import errno
-    import socket
 
-    where = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
-    held = []
+    from kimivl.serve.listen import open_sockets
+
     try:
-        for family, kind, proto, _, address in set(
-            socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        ):
-            sock = socket.socket(family, kind, proto)
-            held.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(address)
+        return open_sockets(host, port)
     except OSError as e:
+        where = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
         advice = {
             errno.EADDRINUSE: "another server listens there: choose another --port",
             errno.EACCES: "this user may not listen there: choose another --port (1024 or more)",
         }.get(e.errno, "give --host an address of this machine, e.g. 127.0.0.1 or 0.0.0.0")
         raise CommandError(f"cannot listen on --host/--port {where} ({e.strerror or e}); {advice}") from None
-    finally:
-        for sock in held:
-            sock.close()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -356,6 +345,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from kimivl.serve.app import LOOPBACK_NAMES, HeaderDeadlineProtocol, check_api_key, create_app
     from kimivl.serve.engine import Engine
+    from kimivl.serve.listen import PreboundServer
     from kimivl.serve.schema import Limits
 
     _at_least_one(args, "port", "max_batch", "max_queue", "prefill_chunk")
@@ -380,23 +370,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CommandError(f"--shutdown-timeout must be a number of seconds >= 0, got {args.shutdown_timeout}")
     if args.allowed_local_media_path and not os.path.isdir(args.allowed_local_media_path):
         raise CommandError(f"--allowed-local-media-path {args.allowed_local_media_path}: not a directory")
-    _check_listen(args.host, args.port)
-    model, processor = _load(args.model, args.dtype, args.device)
-    engine = Engine(
-        model, processor, max_batch=args.max_batch, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk
-    )
-    limits = Limits(
-        context=model.config.text_config.max_position_embeddings,
-        max_batch=args.max_batch,
-        allowed_local_media_path=args.allowed_local_media_path,
-    )
-    name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
-    # on loopback, no name re-pointed at it gets in; a reverse proxy's public name is added with --allowed-host
-    names = (*LOOPBACK_NAMES, args.host.strip("[]"), *args.allowed_host)
-    hosts = tuple(dict.fromkeys(n.lower() for n in names)) if _loopback(args.host) else None
-    app = create_app(engine, name, api_key=api_key, limits=limits, hosts=hosts)
+    sockets = _listen(args.host, args.port)
     try:
-        uvicorn.run(
+        model, processor = _load(args.model, args.dtype, args.device)
+        engine = Engine(
+            model, processor, max_batch=args.max_batch, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk
+        )
+        limits = Limits(
+            context=model.config.text_config.max_position_embeddings,
+            max_batch=args.max_batch,
+            allowed_local_media_path=args.allowed_local_media_path,
+        )
+        name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
+        # on loopback, no name re-pointed at it gets in; a reverse proxy's public name is added with --allowed-host
+        names = (*LOOPBACK_NAMES, args.host.strip("[]"), *args.allowed_host)
+        hosts = tuple(dict.fromkeys(n.lower() for n in names)) if _loopback(args.host) else None
+        app = create_app(engine, name, api_key=api_key, limits=limits, hosts=hosts)
+        config = uvicorn.Config(
             app,
             host=args.host,
             port=args.port,
@@ -405,8 +395,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
             limit_concurrency=args.limit_concurrency,
             http=HeaderDeadlineProtocol,  # closes connections whose headers do not arrive
         )
-    finally:  # a forced quit (a second Ctrl-C) skips the app's shutdown: the engine's thread must not die inside torch
-        engine.shutdown()
+        try:
+            PreboundServer(config).run(sockets=sockets)
+        except KeyboardInterrupt:  # a Ctrl-C the server passed on once it had shut down (as uvicorn.run)
+            pass
+        finally:  # a forced quit (a second Ctrl-C) skips the app's shutdown: the engine's thread must not die in torch
+            engine.shutdown()
+    finally:
+        for sock in sockets:
+            sock.close()
     return 0
 
 

@@ -582,9 +582,15 @@ def test_kimivl_serve_runs_uvicorn_on_loopback_with_the_app(monkeypatch):
     from kimivl import cli
     from kimivl.cli import main
 
-    calls = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append((app, kw)))
-    monkeypatch.setattr(cli, "_check_listen", lambda host, port: None)  # port 8000 may be in use here
+    calls, listened = [], []
+
+    def run(server, sockets):
+        kw = {k: getattr(server.config, k) for k in ("host", "port", "timeout_graceful_shutdown", "limit_concurrency")}
+        calls.append((server.config.app, {**kw, "http": server.config.http}))
+        listened.append(sockets)
+
+    monkeypatch.setattr(uvicorn.Server, "run", run)
+    monkeypatch.setattr(cli, "_listen", lambda host, port: [])  # port 8000 may be in use here
     model = str(MODELS / "kimivl-tiny")
     assert main(["serve", "--model", model, "--device", "cpu", "--max-batch", "2", "--port", "8123"]) == 0
     ((app, kw),) = calls
@@ -612,10 +618,46 @@ def test_kimivl_serve_runs_uvicorn_on_loopback_with_the_app(monkeypatch):
 
     stopped = []  # a forced quit (a second Ctrl-C) skipped the app's shutdown: the process aborted in torch
     monkeypatch.setattr(Engine, "shutdown", lambda self: stopped.append(self))
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: (_ for _ in ()).throw(SystemExit(1)))
+    monkeypatch.setattr(uvicorn.Server, "run", lambda server, sockets: (_ for _ in ()).throw(SystemExit(1)))
     with pytest.raises(SystemExit):
         main(["serve", "--model", model, "--device", "cpu"])
     assert len(stopped) == 1
+
+
+def test_kimivl_serve_holds_its_port_while_the_model_loads(monkeypatch):
+    """The port was checked free, then let go for the load (minutes for the A3B): a server started meanwhile took it,
+    and uvicorn failed with its own error after the load. The port is held from the check to the end; a connection
+    made during the load is answered once the server runs, on the sockets opened before."""
+    import socket
+
+    import uvicorn
+
+    from kimivl import cli
+    from kimivl.cli import main
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    load, taken, served = cli._load, [], []
+
+    def loading(*args):
+        with socket.socket() as other:  # another server starting on the port while the model loads
+            other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            taken.append(other.connect_ex(("127.0.0.1", port)) == 0)
+            with pytest.raises(OSError):
+                other.bind(("127.0.0.1", port))
+        return load(*args)
+
+    def run(server, sockets):
+        served.extend((s.getsockname()[1], s.fileno() != -1) for s in sockets)
+
+    monkeypatch.setattr(cli, "_load", loading)
+    monkeypatch.setattr(uvicorn.Server, "run", run)
+    model = str(MODELS / "kimivl-tiny")
+    assert main(["serve", "--model", model, "--device", "cpu", "--port", str(port)]) == 0
+    assert taken == [True] and served == [(port, True)]
+    with socket.socket() as after:  # let go when the server ends
+        after.bind(("127.0.0.1", port))
 
 
 def test_a_data_video_carries_the_servers_bound_on_decoded_frames():
