@@ -39,7 +39,9 @@ ARMS = {"opmd-len": "tiny-rl.yaml", "opmd-nolen": "tiny-rl-nolen.yaml", "grpo": 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run(argv: list[str]) -> None:
+def run(argv: list) -> None:
+    """Run ``python ARGV`` in the repository (paths among ``argv`` as their text)."""
+    argv = [str(a) for a in argv]
     print("+", " ".join(argv), flush=True)
     subprocess.run([sys.executable, *argv], check=True, cwd=ROOT)
 

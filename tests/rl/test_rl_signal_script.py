@@ -43,6 +43,12 @@ def test_each_arm_and_seed_gets_its_recipe_with_the_evaluation_on_the_fresh_prob
     assert (cfg.iterations, cfg.priority) == (12, "failure")
 
 
+def test_a_command_may_name_paths(tmp_path, capsys):
+    """The pass@k command passed --model as a Path: " ".join failed at step 2 of every run of the script."""
+    rl_signal.run(["-c", "import sys; open(sys.argv[1], 'w').write('ran')", tmp_path / "out"])
+    assert (tmp_path / "out").read_text() == "ran" and "+ -c import sys" in capsys.readouterr().out
+
+
 def test_curve_summary_means_each_quarter(tmp_path):
     rows = [
         {"step": i, "reward": i / 10, "accuracy": 0.5, "mean_length": 60 - i, "all_correct": 0, "all_wrong": i % 2}
