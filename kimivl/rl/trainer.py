@@ -149,6 +149,20 @@ def _images(encoded: list[Encoded]):
     return torch.cat([e.pixel_values for e in have]), torch.cat([e.image_grid_hws for e in have])
 
 
+def check_sampling(cfg: RLConfig, problems: Sequence[dict], tokenizer) -> tuple[ProblemSampler, list[int]]:
+    """The sampler of ``problems`` by their ``meta.difficulty`` (a ``ValueError`` if a curriculum phase weighs none of
+    them) and the ids of the ``stop`` tokens (a ``KeyError`` naming one the tokenizer lacks)."""
+    sampler = ProblemSampler(
+        [p["meta"].get("difficulty", "any") for p in problems],
+        cfg.curriculum,
+        cfg.priority_floor,
+        cfg.success_decay,
+        cfg.seed,
+        cfg.priority,
+    )
+    return sampler, [tokenizer.special_id(s) for s in cfg.stop]
+
+
 class RLTrainer:
     """``problems``: records ``{"messages": [...], "meta": {"task", "gold", "difficulty", ...}}``; ``reward_fn``
     ``(response text, meta) -> float`` (default: ``kimivl.rl.rewards.correctness``); ``settings`` and ``sources``: what
@@ -179,15 +193,7 @@ class RLTrainer:
                 f"rl: problems ({cfg.problems} per iteration) must be a multiple of the {self.world.size} ranks"
             )
         check_updates(cfg, self.world.size)
-        self.sampler = ProblemSampler(
-            [p["meta"].get("difficulty", "any") for p in problems],
-            cfg.curriculum,
-            cfg.priority_floor,
-            cfg.success_decay,
-            cfg.seed,
-            cfg.priority,
-        )
-        self.stop_ids = [processor.tokenizer.special_id(s) for s in cfg.stop]
+        self.sampler, self.stop_ids = check_sampling(cfg, problems, processor.tokenizer)
         # nothing of pi_i is saved: checkpoints fall between iterations, where pi_i is the policy as it is then
         self.state = TrainState(
             self.run_dir / stage / "checkpoints",

@@ -567,6 +567,10 @@ def _run_stages(
             heldout_records(recipe.out / recipe.eval["split"], recipe.eval.get("limit"))
         processor = recipe_processor(recipe, sources, base_dir)
         keep_seed(recipe, world)
+    ctx = StageContext(recipe, sources, processor, world)
+    for stage in recipe.stages:  # every stage's records before the first trains (each stage checks its own again)
+        if not (recipe.out / stage.name / FINAL / "config.json").is_file():
+            stage.check_data(ctx)
     source = base_dir
     if world.active:  # every stage reads its shards from a checkpoint: a preset's fresh weights are written first
         source = source or _initial_checkpoint(recipe, processor, world)

@@ -1,6 +1,7 @@
 """The rl stage kind inside a recipe: a two-iteration run on hand-made problems, and the shipped RL recipes."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +135,10 @@ def test_bad_rl_settings_are_recipe_errors(problems, tmp_path):
         ({**stage, "rl": {"curriculum": {0.0: {"easy": 0}}}}, "curriculum phase 0.0: weights .* a positive sum"),
         ({**stage, "rl": {"curriculum": {0.0: {"easy": float("nan")}}}}, "curriculum phase 0.0: weights must be"),
         ({**stage, "rl": {"curriculum": {0.0: None}}}, "curriculum phase 0.0: a phase maps difficulties to weights"),
+        (  # the 2 iterations draw at progress 0 and 0.5: the phase was silently never in force
+            {**stage, "rl": {"curriculum": {0.0: {"easy": 1}, 0.6: {"hard": 1}}}},
+            r"rl: curriculum phase 0.6 starts after the stage's last iteration \(its 2 iterations reach progress 0.5\)",
+        ),
         ({**stage, "rl": {"samples": "2"}}, "rl: rl samples must be an integer, got '2'"),
         ({**stage, "rl": {"tau": float("nan")}}, "rl: rl tau must be a finite number, got nan"),
         ({**stage, "rl": {"length_weight": float("nan")}}, "rl: rl length_weight must be a finite number, got nan"),
@@ -149,6 +154,32 @@ def test_bad_rl_settings_are_recipe_errors(problems, tmp_path):
     (tmp_path / "r.yaml").write_text(yaml.safe_dump({**base, "bf16": False, "stages": [stage]}))
     recipe = load_recipe(tmp_path / "r.yaml")
     assert rl_config(recipe, recipe.stages[0]).bf16 is False
+
+
+@pytest.mark.parametrize(
+    ("rl", "match"),
+    [
+        ({"curriculum": {0.0: {"medium": 1}}}, r"rl: curriculum phase 0.0 gives no weight to any difficulty present"),
+        ({"stop": ["<|im_end|>", "<|endoftext|>"]}, r"rl: this tokenizer has no special token '<\|endoftext\|>'"),
+        ({"problems": 2, "bad": True}, r"data source 'bad': .*bad.jsonl:1 is no RL problem"),
+    ],
+)
+def test_an_rl_stage_s_data_is_checked_before_the_first_stage_trains(problems, tmp_path, capsys, rl, match):
+    """A curriculum weighing no difficulty the problems hold, a stop token the tokenizer lacks or a problem without a
+    gold answer failed when the rl stage started, after the stages before it had trained."""
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "2 + 2?"}]}) + "\n")
+    rl = {"problems": 2, "samples": 2, "max_new_tokens": 2, **rl}
+    sources = ["bad"] if rl.pop("bad", False) else ["p"]
+    stages = [
+        {"name": "sft", "kind": "joint", "steps": 1, "lr": 1e-3, "budget": 256, "mix": {"p": 1}},
+        {"name": "rl", "kind": "rl", "steps": 2, "lr": 1e-3, "budget": 256, "sources": sources, "rl": rl},
+    ]
+    d = settings(problems, tmp_path / "run")
+    d["base"], d["sources"]["bad"] = {"preset": "tiny"}, str(tmp_path / "bad.jsonl")
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({**d, "stages": stages}))
+    assert main(["train", str(tmp_path / "r.yaml")]) == 2
+    assert re.search(match, capsys.readouterr().err)
+    assert not (tmp_path / "run" / "sft").exists()
 
 
 def test_a_second_rl_stage_draws_other_problems_than_the_first(problems, tmp_path):

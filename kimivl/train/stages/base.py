@@ -103,6 +103,10 @@ class StageSettings:
     def check_model(self, model: nn.Module) -> None:
         """Checks that need the model, before the first stage runs (a meta-device model will do)."""
 
+    def check_data(self, ctx: StageContext) -> None:
+        """Checks of the records the stage reads, before the first stage runs (a later stage's bad record surfaced
+        only when it started, after the stages before it trained) and again when it starts (sources checked once)."""
+
 
 @dataclass
 class PartsSettings(StageSettings):

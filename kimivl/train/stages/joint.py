@@ -64,6 +64,9 @@ class JointStage(PartsSettings):
     def sources_used(self) -> set[str]:
         return set(self.mix) | set(self.mix_end or {}) | set((self.val or {}).get("sources", []))
 
+    def check_data(self, ctx: StageContext) -> None:
+        check_sources(self, ctx, ctx.sources.encoder(ctx.processor))
+
 
 def _check_val(where: str, val: Any) -> None:
     """``val``: ``{sources: [names], every: steps, rows: packed rows}``."""
@@ -171,7 +174,7 @@ def prepare(stage: JointStage, ctx: StageContext, model) -> Prepared:
         raise RecipeError(f"stage {stage.name!r}: budget {stage.budget} is over the model's context ({context} tokens)")
     stage.freeze_model(model)
     encode = sources.encoder(ctx.processor)
-    check_sources(stage, ctx, encode)
+    stage.check_data(ctx)
     data, line = stage_mixture(stage, ctx, encode)
 
     def setup() -> None:

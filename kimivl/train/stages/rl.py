@@ -7,7 +7,7 @@ from typing import Any
 
 from kimivl.data.indexed import Concat
 from kimivl.rl.rewards import REWARDS, binary
-from kimivl.rl.trainer import OBJECTIVE_SETTINGS, RLConfig, RLTrainer, prompt_of
+from kimivl.rl.trainer import OBJECTIVE_SETTINGS, RLConfig, RLTrainer, check_sampling, prompt_of
 from kimivl.train.recipe import Recipe, RecipeError, check_names
 from kimivl.train.stages.base import PartsSettings, Prepared, StageContext, check_records, source_record
 
@@ -34,6 +34,17 @@ class RLStage(PartsSettings):
 
     def check_recipe(self, recipe: Recipe) -> None:
         rl_config(recipe, self)
+
+    def check_data(self, ctx: StageContext) -> None:
+        """Every problem has a prompt, a ``meta.gold`` its reward can check and readable images; every curriculum
+        phase weighs a difficulty the problems hold, and the tokenizer has each ``stop`` token."""
+        check_problems(self, ctx)
+        cfg = rl_config(ctx.recipe, self)
+        problems = Concat([ctx.sources.items[name] for name in self.sources])
+        try:
+            check_sampling(cfg, problems, ctx.processor.tokenizer)
+        except (KeyError, ValueError) as e:
+            raise RecipeError(f"stage {self.name!r}: rl: {e.args[0]}") from None
 
     def record_with(self, cfg: RLConfig) -> dict[str, Any]:
         """``record`` with each of the ``RLConfig`` ``cfg``'s settings in place of the ``rl`` given (``rl.tau``, ...,
@@ -91,11 +102,19 @@ def rl_config(recipe: Recipe, stage: RLStage) -> RLConfig:
                 f"stage {stage.name!r}: rl: {', '.join(unread)} set, which only objective {objective} reads, and the "
                 f"stage trains with objective {config.objective}: remove them, or set objective: {objective}"
             )
+    last = (config.iterations - 1) / config.iterations  # the progress of the last iteration
+    late = sorted(start for start in config.curriculum or {} if start > last)
+    if late:
+        raise RecipeError(
+            f"stage {stage.name!r}: rl: curriculum phase {late[0]} starts after the stage's last iteration (its "
+            f"{config.iterations} iterations reach progress {last:.4g}), so it would never apply: start it earlier, "
+            "or give the stage more steps"
+        )
     return config
 
 
 def check_problems(stage: RLStage, ctx: StageContext) -> None:
-    """Before training: every problem has a prompt, a ``meta.gold`` answer to reward against and readable images."""
+    """Every problem has a prompt, a ``meta.gold`` answer to reward against and readable images."""
     check_records(ctx, stage.sources, _no_problem)
 
 
@@ -115,7 +134,7 @@ def _no_problem(record: dict) -> str | None:
 
 def prepare(stage: RLStage, ctx: StageContext, model) -> Prepared:
     cfg = rl_config(ctx.recipe, stage)
-    check_problems(stage, ctx)
+    stage.check_data(ctx)
     stage.freeze_model(model)
     line = f"stage {stage.name}: {stage.steps} iterations of {cfg.problems} problems x {cfg.samples} answers"
 

@@ -35,6 +35,17 @@ class ViTStage(StageSettings):
     def sources_used(self) -> set[str]:
         return set(self.sources)
 
+    def check_data(self, ctx: StageContext) -> None:
+        """Every record of its sources holds an image in a user turn and an answer to it (``caption_of``)."""
+        text = [name for name in self.sources if ctx.sources.is_text[name]]
+        if text:
+            where = getattr(ctx.sources.items[text[0]], "path", text[0])
+            raise RecipeError(
+                f"stage {self.name!r}: sources {text} hold text documents ({where}); a vit stage trains on images "
+                "with captions: give it conversation sources whose user turns hold images"
+            )
+        check_records(ctx, self.sources, _no_caption)
+
 
 def caption_of(record: dict) -> tuple[str, str, str] | None:
     """A record's (image, question, answer): the first image of its first user turn with one, that turn's text,
@@ -110,16 +121,9 @@ class CaptionStream:
 def prepare(stage: ViTStage, ctx: StageContext, model) -> Prepared:
     """The tower with its training heads (built on the meta device for a meta tower, else on the CPU from
     ``recipe.seed`` and moved, so every device and rank starts from the same weights); the rest of the model is
-    frozen. First every record of its sources must hold an image in a user turn and an answer to it (``caption_of``)."""
+    frozen. First its data is checked (``ViTStage.check_data``)."""
     recipe, sources = ctx.recipe, ctx.sources
-    text = [name for name in stage.sources if sources.is_text[name]]
-    if text:
-        where = getattr(sources.items[text[0]], "path", text[0])
-        raise RecipeError(
-            f"stage {stage.name!r}: sources {text} hold text documents ({where}); a vit stage trains on images "
-            "with captions: give it conversation sources whose user turns hold images"
-        )
-    check_records(ctx, stage.sources, _no_caption)
+    stage.check_data(ctx)
     vocab = model.config.text_config.vocab_size
     device = model.vision_tower.patch_embed.proj.weight.device
     if device.type == "meta":
