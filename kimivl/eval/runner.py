@@ -165,7 +165,12 @@ def _check_run(pred_path: Path, run_path: Path, settings: dict, overwrite: bool)
         changed = [k for k in sorted(set(before) | set(settings)) if before.get(k) != settings.get(k)]
         if changed:
             diffs = "; ".join(f"{k}: {before.get(k)!r} before, {settings.get(k)!r} now" for k in changed)
-            why = " (the checkpoint's config or weights changed since)" if "checkpoint_fingerprint" in changed else ""
+            why = (
+                " (the checkpoint's config or weights changed since, or a kimivl before 2026-12-06 made them: it"
+                " fingerprinted checkpoints otherwise)"
+                if "checkpoint_fingerprint" in changed
+                else ""
+            )
             raise EvalError(
                 f"{pred_path} holds predictions of another run ({diffs}){why}; pass --overwrite to replace "
                 "them or choose another --out"

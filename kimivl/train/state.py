@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kimivl.checkpoint import CheckpointReadError, load_checkpoint, save_checkpoint, write_error
+from kimivl.checkpoint import CheckpointError, CheckpointReadError, load_checkpoint, save_checkpoint, write_error
 from kimivl.distributed.checkpoint import is_sharded, load_sharded, save_sharded
 from kimivl.distributed.world import World
 from kimivl.files import FULL, WriteError, write_text_atomic
@@ -211,6 +211,12 @@ def load_state(path: str | os.PathLike, model) -> dict[str, Any]:
         trainer = _load_torch(path / TRAINER_FILE)
     except CheckpointReadError as e:
         raise _damaged(path, e) from None
+    except CheckpointError as e:  # readable, but not this model's tensors
+        raise TrainingError(
+            f"{e}: the checkpoint was written for another model, or by an earlier kimivl that shaped them otherwise "
+            f"(the vit stage's log_temp and logit_bias before 2026-12-06): resume with the recipe and kimivl that "
+            f"wrote it, or start the stage afresh (remove {path.parent})"
+        ) from None
     set_rng_state(trainer.pop("rng"))
     return trainer
 
@@ -401,6 +407,15 @@ class TrainState:
                 self.stage,
                 found,
                 ", ".join(unrecorded),
+            )
+        if not then and self.settings.get("replacement") is False and self.world.main:
+            log.warning(
+                "%s: %s may come from a kimivl before 2026-12-06, whose joint stages drew their samples in another "
+                "order: the rest of this pass without replacement may draw some records twice and others never; to "
+                "draw each record once per pass, resume with that kimivl, or start the stage afresh (remove %s)",
+                self.stage,
+                found,
+                self.ckpt_dir,
             )
         changed = _differences(then, self.settings, self.settings.keys() & then.keys())
         if changed:

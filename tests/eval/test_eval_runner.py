@@ -276,7 +276,7 @@ def test_cli_refuses_to_resume_after_the_weights_changed_in_place(monkeypatch, t
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "holds predictions of another run (checkpoint_fingerprint:" in err
-    assert "(the checkpoint's config or weights changed since); pass --overwrite" in err
+    assert "(the checkpoint's config or weights changed since, or a kimivl before 2026-12-06 made them" in err
     assert len(lines(out / "ocrbench.predictions.jsonl")) == 2  # nothing of the other weights was added
 
 

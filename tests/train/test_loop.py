@@ -506,6 +506,22 @@ def test_loading_a_state_restores_the_global_random_generators(tiny_model, tmp_p
     assert (torch.rand(4).tolist(), random.random(), np.random.rand(2).tolist()) == expected
 
 
+def test_a_checkpoint_of_other_shapes_says_what_to_do(tmp_path):
+    """A vit checkpoint of kimivl before 2026-12-06 (scalar log_temp, now of shape (1,)) failed to resume with the
+    shapes alone; the error now says where such a checkpoint comes from and how to go on."""
+
+    class Heads(torch.nn.Module):
+        def __init__(self, shape):
+            super().__init__()
+            self.log_temp = torch.nn.Parameter(torch.zeros(shape))
+
+    saved = save_state(tmp_path / "checkpoints", Heads(()), {"step": 2})
+    with pytest.raises(TrainingError) as e:
+        load_state(saved, Heads((1,)))
+    assert "log_temp: checkpoint [] vs model [1]" in str(e.value)
+    assert str(e.value).endswith(f"start the stage afresh (remove {tmp_path / 'checkpoints'})")
+
+
 def test_a_latest_pointer_to_an_incomplete_checkpoint_is_an_error(tiny_model, tmp_path):
     """``latest`` naming a checkpoint without its trainer state is named, not resumed from weights alone."""
     saved = save_state(tmp_path, tiny_model, {"step": 2})

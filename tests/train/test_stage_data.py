@@ -323,6 +323,13 @@ def test_a_checkpoint_of_an_earlier_kimivl_compares_the_settings_it_recorded(
         with caplog.at_level("WARNING"):
             _run_joint(small_model, small_processor, tmp_path, clip=0.01)
         assert f"holds no record of the stage's settings {unrecorded} (written before kimivl kept them)" in caplog.text
+        assert "may come from a kimivl before 2026-12-06" not in caplog.text  # a pass with replacement
+    caplog.clear()  # no record at all: perhaps the stream before 2026-12-06, whose order a pass without replacement
+    with caplog.at_level("WARNING"):  # would mix with today's
+        _run_joint(small_model, small_processor, tmp_path, replacement=False)
+    assert "may come from a kimivl before 2026-12-06, whose joint stages drew their samples in another order" in (
+        caplog.text
+    )
 
 
 def test_resuming_after_a_source_s_records_changed(tmp_path, small_model, small_processor, caplog):
