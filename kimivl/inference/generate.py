@@ -7,6 +7,9 @@ far more in bf16's, which can flip a greedy near-tie: with kimivl-tiny in bf16, 
 the 8th token. In float64 rows agree to about 1e-13. A seeded batch samples from one generator, so a sampled row
 depends on the rows beside it (RL's k answers to one prompt, side by side, differ so); the server seeds each choice
 apart (seed + i).
+
+Generation computes in the model's own dtype, the cache's: an enclosing autocast (a training loop's evaluation) is
+switched off while it runs.
 """
 
 from __future__ import annotations
@@ -94,7 +97,20 @@ def stream_ids(
 ) -> Iterator[list[int | None]]:
     """Yield, per decoding step, each row's new token id (None once the row has stopped). A stop id ends its
     row and is not yielded. Images of all prompts are packed in prompt order. Prompts are prefilled in passes of
-    ``prefill_chunk`` tokens."""
+    ``prefill_chunk`` tokens. Each step computes in the model's dtype, under autocast or not."""
+    steps = _steps(model, prompts, pixel_values, image_grid_hws, params, stop_ids, prefill_chunk)
+    while True:
+        # autocast off around each resumption only: a ``with`` inside the generator would hold it off in the
+        # caller's code between steps as well
+        with torch.autocast(model.device.type, enabled=False):
+            step = next(steps, None)
+        if step is None:
+            return
+        yield step
+
+
+def _steps(model, prompts, pixel_values, image_grid_hws, params, stop_ids, prefill_chunk) -> Iterator[list[int | None]]:
+    """``stream_ids``'s steps, computed in whatever autocast state each resumption finds."""
     params = SamplingParams() if params is None else params
     if not isinstance(params, SamplingParams):
         raise SamplingError(f"params must be a SamplingParams, got {type(params).__name__}")

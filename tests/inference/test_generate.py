@@ -304,3 +304,27 @@ def test_a_float64_model_decodes_in_float64(tiny_model, tiny_config, monkeypatch
     full = model(torch.tensor([prompt + [7, 8]]), pixels, grid).logits[0, len(prompt) - 1 :]
     assert full.dtype == torch.float64 and full.abs().max() > 0.1
     torch.testing.assert_close(torch.cat(cached), full, atol=1e-11, rtol=1e-11)
+
+
+def test_generation_under_autocast_computes_in_the_models_dtype(tiny_model, tiny_config, monkeypatch):
+    """A training loop's evaluation generates inside bf16 autocast: the float32 cache then met bf16 queries in the
+    prefill kernel (a dtype error). Generation switches autocast off while it computes, so every step's logits are
+    those it gives outside, and the caller's code between steps still runs under its autocast."""
+    import kimivl.inference.generate as gen
+
+    p1, pv1 = image_prompt(tiny_config, (4, 6), 3, 5, seed=1)
+    p2, pv2 = image_prompt(tiny_config, (2, 2), 1, 2, seed=2)
+    args = ([p1, p2], torch.cat([pv1, pv2]), torch.tensor([[4, 6], [2, 2]]), SamplingParams(max_new_tokens=5))
+    seen = []
+    monkeypatch.setattr(gen, "sample_next", lambda logits, *a: seen.append(logits) or sample_next(logits, *a))
+    outside = list(stream_ids(tiny_model, *args))
+    logits_outside, seen[:] = seen[:], []
+    inside = []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for step in stream_ids(tiny_model, *args):
+            inside.append(step)
+            assert torch.is_autocast_enabled("cpu")  # the caller's setting, between steps
+    assert inside == outside and len(seen) == len(logits_outside) == 5
+    for a, b in zip(seen, logits_outside):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
