@@ -80,7 +80,8 @@ class KimiVL(nn.Module):
         return self.language_model.lm_head.weight.dtype
 
     def get_image_features(self, pixel_values: torch.Tensor, image_grid_hws: torch.Tensor) -> torch.Tensor:
-        """Packed patches of many images -> LM-width features, (sum of h/2 * w/2, text hidden size)."""
+        """Packed patches of many images -> LM-width features, (sum of h/2 * w/2, text hidden size). The tower and the
+        projector each compute in their own dtype (either may be cast apart from the rest of the model)."""
         if not pixel_values.is_floating_point():
             raise ValueError(
                 f"pixel_values must be the processor's normalised floats, got dtype {pixel_values.dtype}: run the "
@@ -89,7 +90,7 @@ class KimiVL(nn.Module):
         weight = self.vision_tower.patch_embed.proj.weight
         feats_NC = self.vision_tower(pixel_values.to(weight.device, weight.dtype), image_grid_hws)
         merged_TKC = patch_merge(feats_NC, image_grid_hws, self.config.vision_config.merge_kernel_size)
-        return self.multi_modal_projector(merged_TKC)
+        return self.multi_modal_projector(merged_TKC.to(self.multi_modal_projector.linear_1.weight.dtype))
 
     def embed(
         self,

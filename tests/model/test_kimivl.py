@@ -275,3 +275,22 @@ def test_ids_labels_and_pixels_of_the_wrong_kind_are_refused(tiny_model, tiny_co
         loss = tiny_model(small, labels=small).loss
         for dtype in (torch.uint8, torch.int16, torch.int32):
             assert torch.equal(tiny_model(small.to(dtype), labels=small.to(dtype)).loss, loss), dtype
+
+
+@pytest.mark.parametrize("part", ["vision_tower", "multi_modal_projector"])
+def test_a_tower_or_projector_cast_to_bf16_alone_runs_with_images(tiny_model, tiny_config, part):
+    """Casting the vision tower (or the projector) alone to bf16, to save memory, met the next module's float32
+    weights with bf16 features (a dtype error): each computes in its own dtype, the logits those of the float32 model
+    to bf16 rounding."""
+    import copy
+
+    pv, hws = image_batch([(4, 6), (2, 2)])
+    ids = prompt(tiny_config, 6 + 1, after=6)
+    with torch.no_grad():
+        full = tiny_model(ids, pv, hws).logits
+        mixed = copy.deepcopy(tiny_model)
+        getattr(mixed, part).to(torch.bfloat16)
+        logits = mixed(ids, pv, hws).logits
+    assert logits.dtype == torch.float32 and full.abs().max() > 0.1
+    torch.testing.assert_close(logits, full, atol=2e-2, rtol=0)
+    assert not torch.equal(logits, full)  # the bf16 part really ran in bf16
