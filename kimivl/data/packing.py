@@ -1,7 +1,8 @@
 """Multimodal sequence packing: encoded samples laid end to end in one row of at most ``budget`` tokens.
 
 Samples never attend to each other (``cu_seqlens``), positions restart per sample, and each sample's first label
-is ignored, so no token is ever predicted from another sample. Images travel with their samples, in order.
+is ignored, so no token is ever predicted from another sample (``KimiVL.forward`` ignores it as well; set here, the
+labels are the ones scored, which ``heldout_loss`` counts). Images travel with their samples, in order.
 """
 
 from __future__ import annotations

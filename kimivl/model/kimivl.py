@@ -19,7 +19,7 @@ from kimivl.checkpoint import (
 from kimivl.config import KimiVLConfig
 from kimivl.devices import check_device
 from kimivl.model.init import init_weights
-from kimivl.model.language_model import LanguageModel, is_integer
+from kimivl.model.language_model import LanguageModel, check_cu_seqlens, is_integer, positions_from_cu_seqlens
 from kimivl.model.moe import Router, to_dtype
 from kimivl.model.moonvit import MoonViT, patch_merge
 from kimivl.model.projector import Projector
@@ -143,7 +143,8 @@ class KimiVL(nn.Module):
         attention_mask: torch.Tensor | None = None,
     ) -> KimiVLOutput:
         """``input_ids`` (B, S). With ``cu_seqlens`` the single row is a pack of samples that never attend to
-        each other and whose positions restart at 0. ``attention_mask`` (B, S), 1 for real tokens and 0 for padding,
+        each other and whose positions restart at 0; each sample's first label is not scored (nothing of its sample
+        comes before it). ``attention_mask`` (B, S), 1 for real tokens and 0 for padding,
         runs rows padded to one length (left or right) as each row alone: positions count from each row's first real
         token unless ``position_ids`` are given, and labels are scored only where the token and the one before it are
         real. Logits are returned unless ``labels`` are given: then the loss alone is computed, through the head at
@@ -168,6 +169,10 @@ class KimiVL(nn.Module):
                 position_ids = (real.cumsum(-1) - 1).clamp(min=0)
             if labels is not None and real.shape == labels.shape:  # another shape is refused by the language model
                 labels = labels.masked_fill(~(real & F.pad(real[:, :-1], (1, 0))), self.config.ignore_index)
+        if cu_seqlens is not None and labels is not None:
+            check_cu_seqlens(cu_seqlens, input_ids.shape[1])  # before its bounds index the labels
+            first = positions_from_cu_seqlens(cu_seqlens, input_ids.shape[1]).to(labels.device) == 0
+            labels = labels.masked_fill(first, self.config.ignore_index)
         embeds = self.embed(input_ids, pixel_values, image_grid_hws)
         hidden = self.language_model(
             embeds, position_ids=position_ids, cu_seqlens=cu_seqlens, attention_mask=attention_mask

@@ -294,3 +294,21 @@ def test_a_tower_or_projector_cast_to_bf16_alone_runs_with_images(tiny_model, ti
     assert logits.dtype == torch.float32 and full.abs().max() > 0.1
     torch.testing.assert_close(logits, full, atol=2e-2, rtol=0)
     assert not torch.equal(logits, full)  # the bf16 part really ran in bf16
+
+
+def test_packed_labels_score_no_token_from_the_sample_before(tiny_model):
+    """forward(labels=, cu_seqlens=) scored each sample's first token from the previous sample's last position,
+    which it never attends to: the loss of a pack is that of its samples run alone (an empty sample among them)."""
+    g = torch.Generator().manual_seed(0)
+    a, b, c = (torch.randint(0, 3000, (n,), generator=g) for n in (9, 6, 5))
+    cu = torch.tensor([0, 9, 9, 15, 20], dtype=torch.int32)
+    ids = torch.cat([a, b, c])[None]
+    as_packed = ids.clone()
+    as_packed[0, [0, 9, 15]] = -100  # the labels kimivl.data.packing gives
+    with torch.no_grad():
+        packed = tiny_model(ids, labels=ids, cu_seqlens=cu).loss
+        assert torch.equal(tiny_model(ids, labels=as_packed, cu_seqlens=cu).loss, packed)
+        sums = [F.cross_entropy(tiny_model(s[None]).logits[0, :-1], s[1:], reduction="sum") for s in (a, b, c)]
+    alone = sum(sums) / (8 + 5 + 4)
+    assert alone > 1
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
