@@ -56,6 +56,27 @@ def check_placeholder_runs(is_media_BS: torch.Tensor, tokens_M: torch.Tensor) ->
     )
 
 
+FORWARD_TENSORS = {
+    "input_ids": "a LongTensor (batch, seq) of token ids",
+    "pixel_values": "a float tensor (num_patches, 3, 14, 14), as the processor gives",
+    "image_grid_hws": "an integer tensor (num_images, 2)",
+    "labels": "a LongTensor (batch, seq)",
+    "position_ids": "an integer tensor (batch, seq)",
+    "cu_seqlens": "an integer tensor (samples + 1,)",
+    "attention_mask": "a tensor (batch, seq) of 1 and 0",
+}
+
+
+def check_tensors(**arguments) -> None:
+    """``forward``'s tensor arguments (None or a tensor each): a list or a NumPy array is named, not met with an
+    AttributeError inside."""
+    for name, value in arguments.items():
+        if value is not None and not isinstance(value, torch.Tensor):
+            raise TypeError(
+                f"{name} must be {FORWARD_TENSORS[name]}, got {type(value).__name__}: convert it with torch.as_tensor"
+            )
+
+
 class KimiVL(nn.Module):
     def __init__(self, config: KimiVLConfig):
         super().__init__()
@@ -149,6 +170,15 @@ class KimiVL(nn.Module):
         token unless ``position_ids`` are given, and labels are scored only where the token and the one before it are
         real. Logits are returned unless ``labels`` are given: then the loss alone is computed, through the head at
         the labelled positions only (``next_token_loss``), unless ``return_logits=True``."""
+        check_tensors(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            image_grid_hws=image_grid_hws,
+            labels=labels,
+            position_ids=position_ids,
+            cu_seqlens=cu_seqlens,
+            attention_mask=attention_mask,
+        )
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
         if labels is not None:

@@ -312,3 +312,25 @@ def test_packed_labels_score_no_token_from_the_sample_before(tiny_model):
     alone = sum(sums) / (8 + 5 + 4)
     assert alone > 1
     torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_arguments_that_are_not_tensors_are_named(tiny_model, tiny_config):
+    """A list or a NumPy array as input_ids (or pixel_values, labels ...) met an AttributeError ('list' object has no
+    attribute 'dim') naming no argument."""
+    import numpy as np
+
+    ids = torch.tensor([[1, 2, 3, 4]])
+    pv, hws = image_batch([(2, 2)])
+    image_ids = prompt(tiny_config, 1)
+    for name, call in [
+        ("input_ids", lambda: tiny_model([[1, 2, 3, 4]])),
+        ("input_ids", lambda: tiny_model(ids.numpy())),
+        ("labels", lambda: tiny_model(ids, labels=[[1, 2, 3, 4]])),
+        ("pixel_values", lambda: tiny_model(image_ids, pv.numpy(), hws)),
+        ("image_grid_hws", lambda: tiny_model(image_ids, pv, hws.tolist())),
+        ("attention_mask", lambda: tiny_model(ids, attention_mask=np.ones((1, 4)))),
+    ]:
+        with pytest.raises(TypeError, match=f"^{name} must be .*[Tt]ensor .*, got (list|ndarray): convert it with"):
+            call()
+    with pytest.raises(TypeError, match=r"input_ids must be a LongTensor \(batch, seq\) of token ids, got list"):
+        tiny_model([1, 2, 3])
