@@ -135,16 +135,24 @@ def _split_experts(module: GroupedExperts, state_dict, prefix, local_metadata):
 
 def _stack_experts(module: GroupedExperts, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
     """The official per-expert tensors stacked into ``gate_up_proj`` and ``down_proj``. Those absent from a partial
-    state dict keep the module's values and are reported missing under their official names (an error when strict)."""
+    state dict keep the module's values and are reported missing under their official names (an error when strict);
+    a tensor of another shape keeps them too, reported as ``load_state_dict`` reports one (always an error)."""
     held = module.official_views()
     if not {prefix + k for k in held} & state_dict.keys():
         return
     device = next(state_dict[prefix + k].device for k in held if prefix + k in state_dict)
 
     def take(key):
-        if prefix + key in state_dict:
-            return state_dict.pop(prefix + key)
-        missing.append(prefix + key)
+        given = state_dict.pop(prefix + key, None)
+        if given is None:
+            missing.append(prefix + key)
+        elif given.shape == held[key].shape:
+            return given
+        else:
+            errors.append(
+                f"size mismatch for {prefix + key}: copying a param with shape {given.shape} from checkpoint, "
+                f"the shape in current model is {held[key].shape}."
+            )
         if held[key].is_meta:  # a model built on the meta device, loaded a shard at a time: a later one fills it
             return torch.empty_like(held[key], device=device)
         return held[key].detach().to(device)

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -133,6 +135,24 @@ def test_a_state_dict_lacking_one_experts_tensor_loads_the_rest():
     assert torch.equal(loaded[absent], kept)
     with pytest.raises(RuntimeError, match=f'Missing key\\(s\\) in state_dict: "{absent}"'):
         lm.load_state_dict(given)
+
+
+def test_an_experts_tensor_of_another_shape_is_named_with_both_shapes():
+    """A wrong-shaped per-expert tensor failed inside torch.cat (Sizes of tensors must match ...) naming no key; it is
+    reported as load_state_dict reports any size mismatch, strict or not, beside the other tensors' mismatches."""
+    _, lm = tiny_lm()
+    whole = lm.state_dict()
+    bad = "model.layers.1.mlp.experts.3.up_proj.weight"
+    shape = tuple(whole[bad].shape)
+    given = {**whole, bad: whole[bad][:, :-1]}
+    message = re.escape(
+        f"size mismatch for {bad}: copying a param with shape torch.Size([{shape[0]}, {shape[1] - 1}]) from "
+        f"checkpoint, the shape in current model is torch.Size([{shape[0]}, {shape[1]}])"
+    )
+    for strict in (True, False):
+        with pytest.raises(RuntimeError, match=message):
+            lm.load_state_dict(given, strict=strict)
+    assert all(torch.equal(lm.state_dict()[k], v) for k, v in whole.items())
 
 
 def test_a_meta_model_loads_a_layers_experts_from_two_shards_with_assign():
