@@ -62,8 +62,17 @@ class CheckpointWriteError(CheckpointError, WriteError):
     """Writing a checkpoint failed (a full disk, a read-only directory); also an ``OSError``, as the failure was."""
 
 
+def check_directory(path: str | os.PathLike) -> None:
+    """A checkpoint is read from its directory: a file given instead (its ``config.json``, a shard) is refused, naming
+    the directory to give."""
+    if os.path.isfile(path):
+        path = os.fspath(path)
+        raise CheckpointError(f"{path} is a file: give the checkpoint directory ({os.path.dirname(path) or '.'})")
+
+
 def checkpoint_files(path: str | os.PathLike) -> dict[str, list[str]]:
     """Map each safetensors file of the checkpoint at ``path`` to the keys it should hold (None = all)."""
+    check_directory(path)
     path = os.fspath(path)
     index = os.path.join(path, INDEX)
     if os.path.isfile(index):
@@ -383,6 +392,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: to
     checkpoint is refused) and the files ``dst`` holds (another model's are refused) are checked before anything is
     written; a failed conversion removes a ``dst`` that it created."""
     check_dtype(dtype)
+    check_directory(src)
     src, dst = os.fspath(src), os.fspath(dst)
     source_config = os.path.join(src, CONFIG)
     if not os.path.isfile(source_config):

@@ -139,10 +139,13 @@ def _load(path: str, dtype: str, device: str | None):
     import torch
 
     from kimivl import KimiVL, KimiVLProcessor
+    from kimivl.checkpoint import CheckpointError, check_directory
     from kimivl.precision import checkpoint_load_dtype
 
-    if os.path.isfile(path):
-        raise CommandError(f"--model {path} is a file: give the checkpoint directory ({os.path.dirname(path) or '.'})")
+    try:
+        check_directory(path)
+    except CheckpointError as e:
+        raise CommandError(f"--model {e}") from None
     device = resolve_device(device)
     dtype = checkpoint_load_dtype(path, device, getattr(torch, dtype) if dtype else None)
     processor = KimiVLProcessor.from_pretrained(path)  # first: a tokenizer not the model's is refused in seconds

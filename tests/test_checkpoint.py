@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import re
 import weakref
 
 import pytest
@@ -390,6 +391,24 @@ def test_missing_and_pickle_checkpoints(tiny_model, tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
     with pytest.raises(CheckpointError, match="pickle checkpoints are never loaded"):
         KimiVL.from_pretrained(tmp_path)
+
+
+def test_a_file_of_a_checkpoint_given_for_its_directory_is_named(checkpoint):
+    """KimiVL.from_pretrained('.../config.json') said "no model.safetensors or model.safetensors.index.json in
+    .../config.json", the processor "tokenizer directory .../config.json has no tiktoken.model", as if the path
+    were a directory; each now says it is a file and names the directory, as the command line's --model does."""
+    from kimivl import KimiVLProcessor
+
+    for name in ("config.json", "model.safetensors"):
+        file = checkpoint / name
+        message = "^" + re.escape(f"{file} is a file: give the checkpoint directory ({checkpoint})") + "$"
+        for load in (KimiVL.from_pretrained, KimiVLProcessor.from_pretrained, convert_checkpoint):
+            args = (file, checkpoint.parent / "converted", torch.float32) if load is convert_checkpoint else (file,)
+            with pytest.raises(CheckpointError, match=message):
+                load(*args)
+            with pytest.raises(CheckpointError, match=message):
+                load(str(file), *args[1:])
+    assert not (checkpoint.parent / "converted").exists()
 
 
 def test_corrupt_safetensors_file(tiny_model, tmp_path):

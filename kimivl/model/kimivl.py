@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kimivl.checkpoint import (
+    check_directory,
     check_save_arguments,
     load_checkpoint,
     save_checkpoint,
@@ -226,12 +227,13 @@ class KimiVL(nn.Module):
     def from_pretrained(
         cls, path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device | None = "cpu"
     ) -> KimiVL:
-        """Load an official-format checkpoint directory. The model is built on the meta device and filled
-        shard by shard, so weights are held once. ``dtype`` defaults to the stored one (the config's ``torch_dtype``;
-        float16 becomes bfloat16 on CPU); the routers are held in float32, or in ``dtype`` where it is wider
-        (``to_dtype``). The command line and the demo pick float32 on a CPU that multiplies bf16 slowly
-        (``kimivl.precision.checkpoint_load_dtype``). ``device`` None is a GPU when there is one; a device that cannot
-        hold it here (no GPU for ``"cuda"``, ``"meta"``) is a ``DeviceError``."""
+        """Load an official-format checkpoint directory (a file in it is refused, naming the directory). The model is
+        built on the meta device and filled shard by shard, so weights are held once. ``dtype`` defaults to the stored
+        one (the config's ``torch_dtype``; float16 becomes bfloat16 on CPU); the routers are held in float32, or in
+        ``dtype`` where it is wider (``to_dtype``). The command line and the demo pick float32 on a CPU that multiplies
+        bf16 slowly (``kimivl.precision.checkpoint_load_dtype``). ``device`` None is a GPU when there is one; a device
+        that cannot hold it here (no GPU for ``"cuda"``, ``"meta"``) is a ``DeviceError``."""
+        check_directory(path)
         device = check_device(device)
         config = KimiVLConfig.from_pretrained(path)
         with torch.device("meta"):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kimivl.checkpoint import CheckpointError, check_overwrite
+from kimivl.checkpoint import CheckpointError, check_directory, check_overwrite
 from kimivl.config import KimiVLConfig
 from kimivl.processing.chat_template import MessageError, chat_segments
 from kimivl.processing.image import CONFIG_FILE as IMAGE_CONFIG
@@ -93,6 +93,7 @@ class KimiVLProcessor:
         official values when the last is absent). Beside a model's ``config.json``, the tokenizer must be that
         model's (``check_media_pad``) and the image processor must cut images as its vision tower does
         (``check_image_processor``)."""
+        check_directory(path)
         tokenizer = KimiTokenizer.from_pretrained(path)
         if not os.path.isfile(os.path.join(path, "config.json")):
             return cls(tokenizer, model_image_processor(path))
