@@ -147,12 +147,16 @@ def save_state(ckpt_dir: str | os.PathLike, model, trainer: dict[str, Any], keep
 
 
 def _publish(root: Path, name: str, keep: int) -> Path:
-    """Rename the complete ``.{name}.tmp`` into place, point ``latest`` at it, prune to the ``keep`` newest."""
+    """Rename the complete ``.{name}.tmp`` into place, point ``latest`` at it, prune to the ``keep`` newest. Those
+    past it are of a run resumed from an earlier checkpoint (``latest`` pointed back at one kept, the newest being
+    damaged): their steps are trained again, and they are removed, not kept in place of the one resumed from."""
     final = root / name
     shutil.rmtree(final, ignore_errors=True)
     os.replace(root / f".{name}.tmp", final)
     write_text_atomic(root / LATEST, name + "\n")
-    older = sorted(p for p in root.glob("step-*") if p.name != name)
+    for abandoned in (p for p in root.glob("step-*") if p.name > name):
+        shutil.rmtree(abandoned, ignore_errors=True)
+    older = sorted(p for p in root.glob("step-*") if p.name < name)
     for old in older[: max(0, len(older) - (keep - 1))]:
         shutil.rmtree(old, ignore_errors=True)
     for torn in root.glob(".step-*.tmp"):  # left by a kill mid-save

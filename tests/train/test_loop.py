@@ -506,6 +506,18 @@ def test_loading_a_state_restores_the_global_random_generators(tiny_model, tmp_p
     assert (torch.rand(4).tolist(), random.random(), np.random.rand(2).tolist()) == expected
 
 
+def test_a_run_resumed_from_an_earlier_checkpoint_keeps_it_and_drops_the_later_ones(tiny_model, tmp_path):
+    """With ``latest`` pointed back at step 10 (step 20 damaged, as the error for it advises), the next save pruned
+    step 10 as the older of two and kept the damaged step 20."""
+    root = tmp_path / "checkpoints"
+    for step in (10, 20):
+        save_state(root, tiny_model, {"step": step})
+    (root / "step-0000020" / "trainer.pt").write_bytes(b"torn")
+    (root / "latest").write_text("step-0000010\n")
+    save_state(root, tiny_model, {"step": 11})
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-0000010", "step-0000011"]
+
+
 def test_a_checkpoint_of_other_shapes_says_what_to_do(tmp_path):
     """A vit checkpoint of kimivl before 2026-12-06 (scalar log_temp, now of shape (1,)) failed to resume with the
     shapes alone; the error now says where such a checkpoint comes from and how to go on."""
