@@ -21,6 +21,7 @@ import regex
 import tiktoken
 
 from kimivl.files import write_text_atomic
+from kimivl.processing.chat_template import MessageError
 
 NUM_SPECIAL = 256
 MODEL_FILE = "tiktoken.model"
@@ -78,6 +79,18 @@ def split_long_runs(text: str, max_run: int = MAX_RUN_CHARS) -> list[str]:
     cuts = [c for m in long_run.finditer(text) for c in range(m.start() + max_run, m.end(), max_run)]
     bounds = [0, *cuts, len(text)]
     return [text[a:b] for a, b in pairwise(bounds)]
+
+
+def _check_surrogates(text: str) -> None:
+    """A ``MessageError`` when ``text`` holds a lone surrogate."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise MessageError(
+            f"the text holds a lone surrogate {ascii(text[e.start])} (half of a UTF-16 pair without the other, as "
+            f"bytes decoded with errors='surrogateescape' or a JSON escape give) at character {e.start + 1}: not text; "
+            "decode the bytes as UTF-8, or remove it"
+        ) from None
 
 
 def _special(name: str) -> property:
@@ -162,9 +175,13 @@ class KimiTokenizer:
     def encode(self, text: str, allow_special: bool = True) -> list[int]:
         """Token ids of ``text``; no BOS is added. Special-token strings become their ids, as the released tokenizer
         does, unless ``allow_special`` is False: then they are plain text (ordinary tokens), which is how message
-        content and documents must be encoded so that they cannot forge turns, system prompts or image slots."""
+        content and documents must be encoded so that they cannot forge turns, system prompts or image slots. Text
+        holding a lone surrogate, which is no Unicode character, is a ``MessageError`` (tiktoken would read it as
+        U+FFFD)."""
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
+        if not text.isascii():
+            _check_surrogates(text)
         ids: list[int] = []
         for start in range(0, max(len(text), 1), MAX_ENCODE_CHARS):
             for chunk in split_long_runs(text[start : start + MAX_ENCODE_CHARS]):

@@ -351,3 +351,18 @@ def test_ids_past_the_vocabulary_are_refused_not_decoded_as_special(tok):
     for bad in (-100, tok.vocab_size, 99999):
         with pytest.raises(ValueError, match=f"token ids \\[{bad}\\] are outside the vocabulary"):
             processor.decode([bad])
+
+
+def test_text_with_a_lone_surrogate_is_refused_not_read_as_the_replacement_character(tok):
+    """tiktoken read a lone surrogate (bytes decoded with surrogateescape, a JSON "\\ud800") as U+FFFD: the model saw
+    another text than the caller's, silently. It is refused, as a message that cannot be encoded."""
+    from kimivl.processing.chat_template import MessageError
+
+    assert tok._enc.encode_ordinary("caf\udcc3") == tok._enc.encode_ordinary("caf\ufffd")  # what tiktoken does
+    for text in ("caf\udcc3\udca9", "\ud800", "naïve \U0001f600 \udfff"):
+        for allow_special in (True, False):
+            with pytest.raises(MessageError, match=r"lone surrogate '\\ud[89a-f][0-9a-f]{2}' \(.*\) at character \d+"):
+                tok.encode(text, allow_special=allow_special)
+    with pytest.raises(MessageError, match=r"lone surrogate '\\ud800' \(.*\) at character 5: not text"):
+        KimiVLProcessor(tok).encode([{"role": "user", "content": "café\ud800"}])
+    assert tok.decode(tok.encode(SAMPLE)) == SAMPLE  # text that is all characters is encoded as before

@@ -191,6 +191,12 @@ def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_serving(tiny, tmp_pat
         ({**good, "stream": "yes"}, 400, "stream must be", "secret-key"),
         ({**good, "n": 9}, 400, "n must be an integer in [1, 8]", "secret-key"),
         ({**good, "messages": [{"role": "robot", "content": "hi"}]}, 400, "role", "secret-key"),
+        (
+            {**good, "messages": [{"role": "user", "content": "caf\ud800"}]},
+            400,
+            "cannot be encoded: the text holds a lone surrogate",
+            "secret-key",
+        ),
         ({**good, "messages": _image_msg(*[_png(28, 28)] * 9)}, 400, "more than 8 images", "secret-key"),
         ({**good, "messages": _image_msg("data:image/png;base64,aGVsbG8=")}, 400, "accepted format", "secret-key"),
         ({**good, "messages": _image_msg("data:image/png;base64,@@@")}, 400, "not valid base64", "secret-key"),
