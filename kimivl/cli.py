@@ -196,12 +196,15 @@ def _read_piped(args: argparse.Namespace) -> tuple[list[str | bytes], str | byte
 
 class _StreamPrinter:
     """Prints an answer piece by piece as it is generated; a thinking model's ``◁think▷ ... ◁/think▷`` becomes
-    ``[reasoning]`` and ``[answer]`` headers, with the whitespace around the markers dropped."""
+    ``[reasoning]`` and ``[answer]`` headers, with the whitespace around the markers dropped. As ``parse_thinking``
+    reads it, only the first ``◁think▷`` before the first ``◁/think▷`` and that ``◁/think▷`` are markers; any other is
+    text, so what follows ``[answer]`` is the answer the history keeps."""
 
     def __init__(self):
         from kimivl.processing.chat_template import THINK_CLOSE, THINK_OPEN
 
         self.markers = {THINK_OPEN: "[reasoning]\n", THINK_CLOSE: "\n[answer]\n"}
+        self.close_tag = THINK_CLOSE
         self.text, self.held, self.space, self.fresh = "", "", "", True
 
     def _emit(self, content: str) -> None:
@@ -226,6 +229,10 @@ class _StreamPrinter:
             self._emit(self.held[:at])
             print(self.markers[marker], end="", flush=True)
             self.held, self.space, self.fresh = self.held[at + len(marker) :], "", True
+            if marker == self.close_tag:
+                self.markers = {}  # what follows the first close is the answer, markers and all
+            else:
+                del self.markers[marker]  # in the reasoning, only its close is a marker
         keep = max((k for m in self.markers for k in range(1, len(m)) if self.held.endswith(m[:k])), default=0)
         self._emit(self.held[: len(self.held) - keep])
         self.held = self.held[len(self.held) - keep :]

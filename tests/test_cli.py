@@ -192,6 +192,11 @@ def test_thinking_output_is_shown_apart(capsys):
     assert capsys.readouterr().out == "plain text\n"
     assert _stream(["a ◁", "b"]) == "a ◁b"  # a marker's prefix that turns out not to be one is printed
     assert capsys.readouterr().out == "a ◁b\n"
+    # a marker after the first close, or a second open in the reasoning, is text, as parse_thinking keeps it
+    assert _stream(["x ◁/think▷ y ◁th", "ink▷ z ◁/think▷ w"]) == "y ◁think▷ z ◁/think▷ w"
+    assert capsys.readouterr().out == "x\n[answer]\ny ◁think▷ z ◁/think▷ w\n"
+    assert _stream(["◁think▷ a ◁think▷ b ◁/", "think▷ c"]) == "c"
+    assert capsys.readouterr().out == "[reasoning]\na ◁think▷ b\n[answer]\nc\n"
 
 
 def test_an_answer_a_console_cannot_encode_is_printed_escaped(checkpoint, monkeypatch):
