@@ -281,9 +281,52 @@ def _check_chat_inputs(
 CHAT_SAMPLING = {"max_new_tokens": 512, "temperature": 0.2, "top_p": 1.0}
 
 
+def _utf8(text: str, encoding: str, what: str) -> str:
+    """``text`` as it was typed. Where the locale is not UTF-8 (``LC_ALL=C``), Python reads the bytes it cannot decode
+    as lone surrogates (``surrogateescape``), which are no text to tokenize: their bytes are read as UTF-8 here, and
+    refused when they are not UTF-8 either."""
+    try:
+        text.encode("utf-8")  # no lone surrogate: the text as decoded
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        return text.encode(encoding, "surrogateescape").decode("utf-8")
+    except UnicodeError:
+        raise CommandError(
+            f"{what} is not UTF-8 text (it holds bytes that UTF-8 does not read): set the terminal and the locale to "
+            "UTF-8 (e.g. LANG=C.UTF-8)"
+        ) from None
+
+
+def _reads_stdin(path: str) -> bool:
+    """Whether ``path`` is this process's stdin (``/dev/stdin``, ``/dev/fd/0``)."""
+    try:
+        return os.path.samestat(os.stat(path), os.fstat(0))
+    except OSError:
+        return False
+
+
+def _media(messages: list[dict]) -> str:
+    """The images and video in ``messages``, in words ('' for none)."""
+    kinds = [p["type"] for m in messages if isinstance(m["content"], list) for p in m["content"]]
+    images = kinds.count("image")
+    return " and ".join([f"{images} image{'s' * (images > 1)}"] * (images > 0) + ["the video"] * ("video" in kinds))
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
-    if args.question is not None and not args.question.strip():
-        raise CommandError("the question is empty; ask something, or leave it out for an interactive session")
+    question = args.question
+    if question is not None:
+        question = _utf8(question, sys.getfilesystemencoding(), "the question")
+        if not question.strip():
+            raise CommandError("the question is empty; ask something, or leave it out for an interactive session")
+    media = [*(("--image", path) for path in args.image), ("--video", args.video)]
+    for flag, path in media if question is None else []:
+        if path and _reads_stdin(path):
+            raise CommandError(
+                f"{flag} {path} reads stdin, so a session cannot read questions from it: give the question as an "
+                "argument"
+            )
     from kimivl.inference.generation_config import generation_defaults
 
     # a flag given wins; then the checkpoint's generation_config.json; then the Instruct model's settings
@@ -292,27 +335,81 @@ def cmd_chat(args: argparse.Namespace) -> int:
     images, video = _read_piped(args)  # attached to the first turn
     _check_chat_inputs(args, sampling, images, video)
     model, processor = _load(args.model, args.dtype, args.device)
-    if args.question:
-        _answer(model, processor, [_user_message(args.question, images, video)], sampling)
+    if question:
+        _answer(model, processor, [_user_message(question, images, video)], sampling)
         return 0
-    history: list[dict] = []
-    print("kimivl chat: type a message; an empty line or Ctrl-D ends.")
+    return _session(model, processor, images, video, sampling)
+
+
+def _session(model, processor, images: list[str | bytes], video: str | bytes | None, sampling: dict) -> int:
+    """The interactive chat: each question is answered with the conversation so far (the media in its first
+    question); when they no longer fit the model's context, its earliest exchanges are dropped."""
+    from kimivl.processing.chat_template import DEFAULT_SYSTEM_PROMPT
+
+    if sys.stdin.isatty():
+        try:  # line editing, no 4095-character limit on a line, and (readline 8.1+) a paste of several lines as one
+            import readline  # noqa: F401
+        except ImportError:  # a Python built without it: plain input()
+            pass
+    if isinstance(sys.stdin, io.TextIOWrapper):
+        sys.stdin.reconfigure(errors="surrogateescape")  # a line that is not UTF-8 is refused, the session goes on
+    context = model.config.text_config.max_position_embeddings
+    system = [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}]
+    # Each turn is encoded on its own, between special tokens, so a prompt's tokens are the system turn's and the
+    # generation prompt's (frame) and each turn's, counted once as the turn joins the conversation.
+    frame = len(processor.encode(system).input_ids)
+    bare = len(processor.encode(system, add_generation_prompt=False).input_ids)
+
+    def tokens(message: dict) -> int:
+        return len(processor.encode([*system, message], add_generation_prompt=False).input_ids) - bare
+
+    history: list[dict] = []  # questions and answers, in turn
+    sizes: list[int] = []  # each exchange's tokens
+    print("kimivl chat: type a message; Ctrl-D or Ctrl-C ends (Ctrl-C while answering stops the answer).")
     while True:
         try:
-            question = input("> ").strip()
+            line = input("> ")
         except EOFError:
+            print()  # the shell's prompt on a line of its own
             return 0
-        if not question:
-            return 0
-        history.append(_user_message(question, images, video))
+        message = None
         try:
+            question = _utf8(line, getattr(sys.stdin, "encoding", None) or "utf-8", "the line").strip()
+            if not question:
+                continue
+            message = _user_message(question, images, video)
+            asked = tokens(message)
+            if frame + asked >= context:
+                held = _media([message])
+                raise CommandError(
+                    f"the question does not fit the model's context of {context} tokens: with the system prompt"
+                    f"{f' and {held}' if held else ''} it takes {frame + asked}"
+                )
+            drop = 0
+            while frame + sum(sizes[drop:]) + asked >= context:
+                drop += 1
+            if drop:
+                held = _media(history[: 2 * drop])
+                print(
+                    f"kimivl chat: dropped the first {'exchange' if drop == 1 else f'{drop} exchanges'} of the "
+                    f"conversation{f' (with {held})' if held else ''} to fit the model's context of {context} tokens",
+                    file=sys.stderr,
+                )
+                del history[: 2 * drop], sizes[:drop]
+            history.append(message)
             answer = _answer(model, processor, history, sampling)
-        except ValueError as e:  # this turn cannot be answered (e.g. over the context): the session goes on
+        except KeyboardInterrupt:
+            print(flush=True)
+            print("kimivl chat: stopped; the question is dropped from the conversation", file=sys.stderr)
+        except ValueError as e:  # this question cannot be answered: the session goes on
             print(f"kimivl chat: error: {e}; ask again", file=sys.stderr)
-            history.pop()
+        else:
+            images, video = [], None
+            history.append({"role": "assistant", "content": answer})
+            sizes.append(asked + tokens(history[-1]))
             continue
-        images, video = [], None
-        history.append({"role": "assistant", "content": answer})
+        if history and history[-1] is message:
+            history.pop()
 
 
 IDLE_CONNECTIONS = 1024  # kimivl serve's default --limit-concurrency, beyond the requests the engine holds

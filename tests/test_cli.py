@@ -1,5 +1,6 @@
 """The kimivl command: chat on a saved checkpoint."""
 
+import importlib.util
 import json
 import os
 import shutil
@@ -12,6 +13,18 @@ from PIL import Image
 
 from kimivl import KimiVL, KimiVLProcessor, generate
 from kimivl.cli import main
+
+
+def _typed(monkeypatch, *lines):
+    """A session's input: these lines, then Ctrl-D."""
+    typed = iter(lines)
+
+    def read(prompt=""):
+        for line in typed:
+            return line
+        raise EOFError
+
+    monkeypatch.setattr("builtins.input", read)
 
 
 def test_chat_one_question_with_image(checkpoint, small_model, small_processor, tmp_path, capsys):
@@ -114,8 +127,7 @@ def test_chat_reads_a_piped_image_and_video_once(
     }
     first = generate(small_model, small_processor, [message], max_new_tokens=5)
     assert captured.out.strip() == first.strip(), captured.err
-    answers = iter(["What colour?", "And now?", ""])  # a session: the image stays in the history of the second turn
-    monkeypatch.setattr("builtins.input", lambda prompt="": next(answers))
+    _typed(monkeypatch, "What colour?", "And now?")  # a session: the image stays in the history of the second turn
     assert main(["chat", *flags, "--image", piped(img.read_bytes())]) == 0
     captured = capsys.readouterr()
     history = [message, {"role": "assistant", "content": first.strip()}, {"role": "user", "content": "And now?"}]
@@ -145,8 +157,7 @@ def test_chat_reads_a_piped_image_and_video_once(
 
 
 def test_chat_interactive_and_errors(checkpoint, monkeypatch, capsys, tmp_path):
-    answers = iter(["Count the circles.", "And squares?", ""])
-    monkeypatch.setattr("builtins.input", lambda prompt="": next(answers))
+    _typed(monkeypatch, "Count the circles.", "And squares?")
     assert main(["chat", "--model", str(checkpoint), "--max-new-tokens", "3"]) == 0
     assert "type a message" in capsys.readouterr().out
     bad = tmp_path / "bad.png"
@@ -166,11 +177,208 @@ def test_chat_interactive_and_errors(checkpoint, monkeypatch, capsys, tmp_path):
 
 def test_a_turn_that_cannot_be_answered_leaves_the_session_going(checkpoint, monkeypatch, capsys):
     """One prompt over the context ended the interactive session (exit 2) and lost the conversation."""
-    answers = iter(["word " * 6000, "Count the circles.", ""])
-    monkeypatch.setattr("builtins.input", lambda prompt="": next(answers))
+    _typed(monkeypatch, "word " * 6000, "Count the circles.")
     assert main(["chat", "--model", str(checkpoint), "--max-new-tokens", "3"]) == 0
     captured = capsys.readouterr()
     assert "does not fit the model's context" in captured.err and "ask again" in captured.err
+
+
+def test_a_full_conversation_drops_its_earliest_exchanges_to_fit_the_context(checkpoint, tmp_path, monkeypatch, capsys):
+    """Once the history filled the 4096-token context every question failed ("ask again") and none could fit again.
+    The earliest exchanges, their media with them, are now dropped until the prompt fits, and no more; the ids the
+    model sees are the kept conversation's, as encoded in one call. A question that alone does not fit is refused."""
+    from kimivl.config import KimiVLConfig
+    from kimivl.inference import chat
+
+    processor = KimiVLProcessor.from_pretrained(checkpoint)
+    context = KimiVLConfig.from_pretrained(checkpoint).text_config.max_position_embeddings
+    answer = "The circles are red. " * 130
+    assert 900 < len(processor.tokenizer.encode(answer)) < 1400  # three exchanges fill the context
+    prompts = []
+
+    def stream_ids(model, ids, pixel_values, grids, params, stop_ids):
+        prompts.append((ids[0], pixel_values is not None))
+        yield from ([t] for t in processor.tokenizer.encode(answer))
+
+    monkeypatch.setattr(chat, "stream_ids", stream_ids)
+    img = tmp_path / "x.png"
+    Image.fromarray(np.full((40, 60, 3), 200, dtype=np.uint8)).save(img)
+    questions = ["Count the circles.", "And squares?", "Which is more?", "word " * 5000, "Why?", "And now?", "Sure?"]
+    _typed(monkeypatch, *questions)
+    assert main(["chat", "--model", str(checkpoint), "--image", str(img)]) == 0
+    err = capsys.readouterr().err
+    assert f"the question does not fit the model's context of {context} tokens: with the system prompt it takes" in err
+    asked = [q for q in questions if not q.startswith("word")]
+    assert len(prompts) == len(asked)
+    exchanges, first, drops = [], 0, []  # first: the earliest exchange kept
+    for i, (question, (ids, pixels)) in enumerate(zip(asked, prompts)):
+        image = [{"type": "image", "image": str(img)}] if i == 0 else []
+        message = {"role": "user", "content": [*image, {"type": "text", "text": question}]}
+        fits = [
+            k
+            for k in range(first, i + 1)
+            if len(processor.encode([*sum(exchanges[k:], []), message]).input_ids) < context
+        ]
+        drops += [fits[0] - first] * (fits[0] > first)
+        first = fits[0]
+        kept = [*sum(exchanges[first:], []), message]
+        assert ids == processor.encode(kept).input_ids, i
+        assert pixels == (first == 0), i
+        exchanges.append([message, {"role": "assistant", "content": answer.strip()}])
+    assert drops and first > 1  # the conversation filled the context more than once
+    notes = [line for line in err.splitlines() if "dropped" in line]
+    assert len(notes) == len(drops)
+    assert all(("first exchange " if d == 1 else f"first {d} exchanges") in n for d, n in zip(drops, notes)), notes
+    assert notes[0].endswith(f"(with 1 image) to fit the model's context of {context} tokens"), notes
+    assert "image" not in "".join(notes[1:])
+
+
+def test_the_session_skips_blank_lines_and_ctrl_c_stops_only_the_answer(checkpoint, monkeypatch, capsys):
+    """A blank line ended the session (a paste with a blank line in it ended it midway); Ctrl-C during an answer
+    ended the session (exit 130) and lost the conversation. Now a blank line is skipped; Ctrl-C stops the answer and
+    drops its question; Ctrl-C at the prompt still ends the session, and Ctrl-D ends it on a line of its own."""
+    seen = []
+
+    def stream(model, processor, messages, **sampling):
+        seen.append(list(messages))  # the session's history, as it was asked
+        yield "half an"
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+        yield " answer"
+
+    monkeypatch.setattr("kimivl.inference.chat.stream_generate", stream)
+    typed = iter(["first", "", "  ", "second", "third"])
+
+    def read(prompt):
+        print(prompt, end="")
+        for line in typed:
+            return line
+        raise EOFError
+
+    monkeypatch.setattr("builtins.input", read)
+    assert main(["chat", "--model", str(checkpoint)]) == 0
+    out, err = capsys.readouterr()
+    assert "Ctrl-D or Ctrl-C ends" in out
+    assert out.split("\n")[1:] == ["> half an answer", "> > > half an", "> half an answer", "> ", ""]
+    assert "kimivl chat: stopped; the question is dropped from the conversation" in err
+    text = [[p["text"] for p in m["content"]] if m["role"] == "user" else m["content"] for m in seen[-1]]
+    assert text == [["first"], "half an answer", ["third"]]
+
+    def interrupt(prompt):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("builtins.input", interrupt)
+    assert main(["chat", "--model", str(checkpoint)]) == 130
+    assert "kimivl chat: interrupted" in capsys.readouterr().err
+
+
+def test_a_question_from_a_terminal_that_is_not_utf8_reaches_the_model_as_typed(checkpoint, monkeypatch, capsys):
+    """Under LC_ALL=C (no UTF-8 mode) Python reads "café" as lone surrogates, which reached the model as U+FFFD,
+    typed or as the argument; in a UTF-8 locale a line that is not UTF-8 (a Latin-1 terminal) ended the session."""
+    import io
+    import sys
+
+    seen = []
+
+    def stream(model, processor, messages, **sampling):
+        seen.append(messages[-1]["content"][-1]["text"])
+        yield "ok"
+
+    monkeypatch.setattr("kimivl.inference.chat.stream_generate", stream)
+    typed = "café?\n".encode() + b"caf\xe9?\n" + "naïve?\n".encode()  # the second line is Latin-1
+    for encoding, errors in (("ascii", "surrogateescape"), ("utf-8", "strict")):  # LC_ALL=C; a UTF-8 locale
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(typed), encoding=encoding, errors=errors))
+        assert main(["chat", "--model", str(checkpoint)]) == 0
+        assert seen[-2:] == ["café?", "naïve?"], encoding
+        assert capsys.readouterr().err.count("the line is not UTF-8 text") == 1
+    assert main(["chat", "--model", str(checkpoint), "caf\udcc3\udca9?"]) == 0  # argv as Python reads it then
+    assert seen[-1] == "café?"
+    assert main(["chat", "--model", str(checkpoint), "caf\udce9?"]) == 2
+    assert "the question is not UTF-8 text" in capsys.readouterr().err
+
+
+def test_a_session_whose_stdin_is_the_image_is_refused(checkpoint, tmp_path, monkeypatch, capsys):
+    """``cat img.png | kimivl chat --image /dev/stdin`` without a question printed the banner and ended, exit 0: stdin
+    was the image, so no question could be read from it."""
+    img = tmp_path / "x.png"
+    Image.fromarray(np.full((40, 60, 3), 200, dtype=np.uint8)).save(img)
+    loaded = []
+    monkeypatch.setattr("kimivl.cli._load", lambda *a: loaded.append(a))
+    read, write = os.pipe()
+    saved = os.dup(0)
+    try:
+        os.write(write, img.read_bytes())
+        os.close(write)
+        os.dup2(read, 0)
+        assert main(["chat", "--model", str(checkpoint), "--image", "/dev/stdin"]) == 2
+    finally:
+        os.dup2(saved, 0)
+        os.close(saved)
+        os.close(read)
+    err = capsys.readouterr().err
+    assert "--image /dev/stdin reads stdin" in err and "give the question as an argument" in err and not loaded
+
+
+def _read_until(fd: int, text: str, seconds: float) -> str:
+    """What a terminal shows up to ``text``, read from its primary side."""
+    import select
+    import time
+
+    shown, deadline = b"", time.monotonic() + seconds
+    while text.encode() not in shown:
+        if not select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            raise AssertionError(f"{text!r} not shown in {seconds} s; the terminal shows ...{shown[-400:]!r}")
+        try:
+            shown += os.read(fd, 1 << 16)
+        except OSError:  # the session ended and closed the terminal
+            raise AssertionError(f"the session ended before showing {text!r}: ...{shown[-400:]!r}") from None
+    return shown.decode()
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "openpty") or importlib.util.find_spec("readline") is None, reason="needs a pty and readline"
+)
+def test_at_a_terminal_lines_are_edited_and_read_whole(checkpoint, tmp_path):
+    """At a terminal the prompt had no line editing: an arrow key went into the question as an escape sequence, a
+    line over 4095 characters was cut by the terminal's line limit, silently, and a paste of several lines was as many
+    questions. With readline a paste (bracketed, readline 8.1+) is one question; Ctrl-D ends on a new line."""
+    import readline
+    import subprocess
+    import sys
+
+    script = tmp_path / "session.py"
+    script.write_text(
+        "import sys\n"
+        "from kimivl import cli\n"
+        "from kimivl.inference import chat\n"
+        "def stream(model, processor, messages, **sampling):\n"
+        "    question = messages[-1]['content'][-1]['text']\n"
+        "    yield f'[{len(question)} {question[:12]!r} {question[-4:]!r}]'\n"
+        "chat.stream_generate = stream\n"
+        "sys.exit(cli.main(['chat', '--model', sys.argv[1]]))\n"
+    )
+    primary, secondary = os.openpty()
+    root = str(Path(__file__).parents[1])
+    env = {**os.environ, "TERM": "xterm", "INPUTRC": "/dev/null", "PYTHONPATH": root}
+    with subprocess.Popen(
+        [sys.executable, str(script), str(checkpoint)], stdin=secondary, stdout=secondary, stderr=secondary, env=env
+    ) as session:
+        os.close(secondary)
+        try:
+            _read_until(primary, "> ", 120)
+            os.write(primary, b"What is 2+2" + b"\x1b[D" * 3 + b" \r")  # Left three times, then a space
+            _read_until(primary, "[12 'What is  2+2' ' 2+2']\r\n> ", 30)
+            os.write(primary, ("circles " * 749 + "the end.").encode() + b"\r")  # 6000 characters, 1500 tokens
+            _read_until(primary, "[6000 'circles circ' 'end.']\r\n> ", 30)
+            if "libedit" not in (readline.__doc__ or "") and readline._READLINE_VERSION >= 0x0801:
+                os.write(primary, b"\x1b[200~one\rtwo\r\rthree\x1b[201~\r")  # a paste, as the terminal brackets it
+                _read_until(primary, "[14 'one\\ntwo\\n\\nthr' 'hree']\r\n> ", 30)
+            os.write(primary, b"\x04")
+            assert _read_until(primary, "\r\n", 30) == "\r\n"  # the shell's prompt on a new line
+            assert session.wait(30) == 0
+        finally:
+            session.kill()
+            os.close(primary)
 
 
 def _stream(pieces):
@@ -212,12 +420,10 @@ def test_an_answer_a_console_cannot_encode_is_printed_escaped(checkpoint, monkey
         yield from ["a leaf ", "\U0001f33f", " é"]
 
     monkeypatch.setattr("kimivl.inference.chat.stream_generate", stream)
-    monkeypatch.setattr("kimivl.cli._load", lambda *a: (None, None))
     for session in (False, True):
         out = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
         monkeypatch.setattr(sys, "stdout", out)
-        turns = iter(["hi", "again", ""])
-        monkeypatch.setattr("builtins.input", lambda prompt="": next(turns))
+        _typed(monkeypatch, "hi", "again")
         assert main(["chat", "--model", str(checkpoint), *([] if session else ["hi"])]) == 0
         out.flush()
         printed = out.buffer.getvalue().decode("ascii")
