@@ -385,8 +385,8 @@ def _session(model, processor, images: list[str | bytes], video: str | bytes | N
                     f"the question does not fit the model's context of {context} tokens: with the system prompt"
                     f"{f' and {held}' if held else ''} it takes {frame + asked}"
                 )
-            drop = 0
-            while frame + sum(sizes[drop:]) + asked >= context:
+            drop = 0  # the earliest exchanges, until the prompt leaves its answer room (or none is left to drop)
+            while drop < len(sizes) and frame + sum(sizes[drop:]) + asked + sampling["max_new_tokens"] > context:
                 drop += 1
             if drop:
                 held = _media(history[: 2 * drop])

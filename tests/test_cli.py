@@ -185,8 +185,9 @@ def test_a_turn_that_cannot_be_answered_leaves_the_session_going(checkpoint, mon
 
 def test_a_full_conversation_drops_its_earliest_exchanges_to_fit_the_context(checkpoint, tmp_path, monkeypatch, capsys):
     """Once the history filled the 4096-token context every question failed ("ask again") and none could fit again.
-    The earliest exchanges, their media with them, are now dropped until the prompt fits, and no more; the ids the
-    model sees are the kept conversation's, as encoded in one call. A question that alone does not fit is refused."""
+    The earliest exchanges, their media with them, are now dropped until the prompt leaves room for the answer's
+    --max-new-tokens (or none is left to drop), and no more; the ids the model sees are the kept conversation's, as
+    encoded in one call. A question that alone does not fit is refused."""
     from kimivl.config import KimiVLConfig
     from kimivl.inference import chat
 
@@ -205,7 +206,7 @@ def test_a_full_conversation_drops_its_earliest_exchanges_to_fit_the_context(che
     Image.fromarray(np.full((40, 60, 3), 200, dtype=np.uint8)).save(img)
     questions = ["Count the circles.", "And squares?", "Which is more?", "word " * 5000, "Why?", "And now?", "Sure?"]
     _typed(monkeypatch, *questions)
-    assert main(["chat", "--model", str(checkpoint), "--image", str(img)]) == 0
+    assert main(["chat", "--model", str(checkpoint), "--image", str(img), "--max-new-tokens", "300"]) == 0
     err = capsys.readouterr().err
     assert f"the question does not fit the model's context of {context} tokens: with the system prompt it takes" in err
     asked = [q for q in questions if not q.startswith("word")]
@@ -217,7 +218,7 @@ def test_a_full_conversation_drops_its_earliest_exchanges_to_fit_the_context(che
         fits = [
             k
             for k in range(first, i + 1)
-            if len(processor.encode([*sum(exchanges[k:], []), message]).input_ids) < context
+            if len(processor.encode([*sum(exchanges[k:], []), message]).input_ids) + 300 <= context or k == i
         ]
         drops += [fits[0] - first] * (fits[0] > first)
         first = fits[0]
