@@ -456,6 +456,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from kimivl.serve.schema import Limits
 
     _at_least_one(args, "port", "max_batch", "max_queue", "prefill_chunk")
+    if args.host.startswith("[") and args.host.endswith("]"):  # an IPv6 address as a URL writes it: [::1]
+        args.host = args.host[1:-1]
     held = args.max_batch + args.max_queue  # the requests the engine holds, each on its connection
     if args.limit_concurrency is None:
         args.limit_concurrency = held + IDLE_CONNECTIONS

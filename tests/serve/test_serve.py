@@ -630,6 +630,33 @@ def test_kimivl_serve_runs_uvicorn_on_loopback_with_the_app(monkeypatch):
     assert len(stopped) == 1
 
 
+def test_kimivl_serve_takes_an_ipv6_host_in_brackets(monkeypatch):
+    """``--host [::1]`` (as a URL writes it, and as the Host guard lists it) was "Name or service not known"."""
+    import socket
+
+    import uvicorn
+
+    from kimivl.cli import main
+
+    bound, guarded = [], []
+
+    def run(server, sockets):
+        bound.extend(sock.getsockname()[0] for sock in sockets)
+        guarded.append(server.config.app)
+
+    monkeypatch.setattr(uvicorn.Server, "run", run)
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError as e:
+        pytest.skip(f"no IPv6 loopback here: {e}")
+    assert main(["serve", "--model", str(MODELS / "kimivl-tiny"), "--device", "cpu", "--host", "[::1]"]) == 0
+    assert bound == ["::1"]
+    from fastapi.testclient import TestClient
+
+    assert TestClient(guarded[0]).get("/v1/models", headers={"host": "[::1]:8000"}).status_code == 200
+
+
 def test_kimivl_serve_holds_its_port_while_the_model_loads(monkeypatch):
     """The port was checked free, then let go for the load (minutes for the A3B): a server started meanwhile took it,
     and uvicorn failed with its own error after the load. The port is held from the check to the end; a connection
