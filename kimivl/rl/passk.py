@@ -16,12 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from kimivl.data.synthetic.sample import DIFFICULTIES
+from kimivl.files import write_text_atomic
 from kimivl.rl.rewards import correctness
 
 # (problem records, answers per problem, seed) -> the answers' texts, problem by problem
@@ -126,29 +129,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="checkpoint directory")
     p.add_argument("--data", required=True, help="JSONL problem records with meta.task, meta.gold, meta.difficulty")
     p.add_argument("--samples", type=int, required=True, help="answers sampled per problem (n)")
-    p.add_argument("--k", type=_ks, default=[1, 8], help="comma-separated k values, each <= --samples (default 1,8)")
+    p.add_argument(
+        "--k", type=_ks, help="comma-separated k values, each <= --samples (default 1,8, 8 capped at --samples)"
+    )
     p.add_argument("--limit", type=int, help="the first M problems only")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default 0.8, the RL default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--max-new-tokens", type=int, default=160)
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling's mass (default %(default)s: off)")
+    p.add_argument("--max-new-tokens", type=int, default=160, help="tokens per answer at most (default %(default)s)")
     p.add_argument("--batch", type=int, default=64, help="generation rows per batch (default 64)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the first chunk's sampling seed (default %(default)s)")
     p.add_argument("--out", default="passk.json", help="where the table is written as JSON (default passk.json)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is a GPU, else cpu)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], help="weights' dtype (default: the checkpoint's)")
     return p
 
 
+def _check_out(path: str) -> None:
+    """That ``--out`` can be written, before minutes of sampling: its directory is created, and it is no directory."""
+    out = Path(path)
+    if out.parent.exists() and not out.parent.is_dir():
+        raise ValueError(f"--out {path}: {out.parent} is a file, not a directory; choose another --out")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"--out {path}: cannot create its directory {out.parent} ({e.strerror or e})") from None
+    if out.is_dir():
+        raise ValueError(f"--out {path} is a directory: give a file name such as {out / 'passk.json'}")
+    if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise PermissionError(f"--out {path}: this user may not write there; choose another --out")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.samples < 1 or max(args.k) > args.samples:
+    try:
+        return _run(parser, args)
+    except KeyboardInterrupt:
+        print(f"\n{parser.prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """The command after parsing: checks, sampling, the table printed, then written to ``--out``."""
+    if args.samples < 1:
+        parser.error(f"--samples must be >= 1, got {args.samples}")
+    if args.k is None:
+        args.k = sorted({1, min(8, args.samples)})
+    if max(args.k) > args.samples:
         parser.error(f"--k values must lie in 1..--samples ({args.samples}), got {args.k}")
     if args.limit is not None and args.limit < 1:
         parser.error(f"--limit must be >= 1, got {args.limit}")
     if args.batch < 1:
         parser.error(f"--batch must be >= 1, got {args.batch}")
     try:
+        _check_out(args.out)
         from kimivl.cli import _load
         from kimivl.data.formats import iter_records
         from kimivl.inference.sampling import SamplingParams
@@ -173,9 +207,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(e))
     table = summarise([p["meta"].get("difficulty", "any") for p in problems], counts, args.samples, args.k)
     settings = {k: getattr(args, k) for k in ("model", "data", "samples", "temperature", "top_p", "max_new_tokens")}
-    with open(args.out, "w", encoding="utf-8") as f:
-        json.dump({"settings": {**settings, "seed": args.seed}, "table": table, "correct": counts}, f, indent=1)
-    print(format_table(table, args.k))
+    print(format_table(table, args.k), flush=True)  # first: a failed write loses no table
+    result = {"settings": {**settings, "seed": args.seed}, "table": table, "correct": counts}
+    try:
+        write_text_atomic(args.out, json.dumps(result, indent=1))
+    except OSError as e:
+        parser.error(str(e))
     print(f"written to {args.out}")
     return 0
 

@@ -119,3 +119,57 @@ def test_k_below_one_is_refused_before_any_model_is_loaded(k, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2 and "--k takes integers >= 1" in capsys.readouterr().err
+
+
+def _problems(tmp_path, n=2):
+    problems = [
+        {"messages": [{"role": "user", "content": f"What is {i} + {i}?"}], "meta": {"task": "reasoning", "gold": 2 * i}}
+        for i in range(n)
+    ]
+    write_records(tmp_path / "p.jsonl", problems)
+    return ["--data", str(tmp_path / "p.jsonl"), "--max-new-tokens", "2", "--device", "cpu"]
+
+
+def test_out_in_a_new_directory_is_created_and_default_k_is_capped_at_samples(checkpoint, tmp_path, capsys):
+    """--out nodir/pk.json raised FileNotFoundError after all the sampling, the table unprinted; --samples 2 without
+    --k was refused for the default k=8 that the user never gave."""
+    out = tmp_path / "nodir" / "deeper" / "pk.json"
+    assert main(["--model", str(checkpoint), "--samples", "2", "--out", str(out), *_problems(tmp_path)]) == 0
+    assert list(json.loads(out.read_text())["table"]["all"]) == ["problems", "pass@1", "pass@2", "never", "always"]
+    assert "| pass@1 | pass@2 |" in capsys.readouterr().out
+
+
+def test_an_out_that_cannot_be_written_is_refused_before_the_model_loads(tmp_path, capsys):
+    (tmp_path / "d").mkdir()
+    argv = ["--model", "no/such/dir", "--samples", "2", *_problems(tmp_path)]
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--out", str(tmp_path / "d")])
+    assert e.value.code == 2 and f"--out {tmp_path / 'd'} is a directory" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--out", str(tmp_path / "file" / "pk.json")])
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert e.value.code == 2 and error.endswith(f"{tmp_path / 'file'} is a file, not a directory; choose another --out")
+
+
+def test_a_failed_write_prints_the_table_first_and_one_error_line(checkpoint, tmp_path, capsys, monkeypatch):
+    def fail(path, text):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("kimivl.rl.passk.write_text_atomic", fail)
+    argv = ["--model", str(checkpoint), "--samples", "1", "--out", str(tmp_path / "pk.json"), *_problems(tmp_path)]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    captured = capsys.readouterr()
+    assert e.value.code == 2 and "| difficulty | problems | pass@1 |" in captured.out
+    assert captured.err.strip().splitlines()[-1].endswith("error: [Errno 28] No space left on device")
+
+
+def test_ctrl_c_prints_one_line_and_exits_130(tmp_path, capsys, monkeypatch):
+    def interrupt(path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("kimivl.data.formats.iter_records", interrupt)
+    argv = ["--model", "m", "--samples", "1", "--out", str(tmp_path / "pk.json"), *_problems(tmp_path)]
+    assert main(argv) == 130
+    assert capsys.readouterr().err == "\npython -m kimivl.rl.passk: interrupted\n"
