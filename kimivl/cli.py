@@ -711,6 +711,7 @@ def _eval(args: argparse.Namespace) -> int:
         fingerprint = checkpoint_fingerprint(args.model)
         model, processor = _load(args.model, args.dtype, args.device)
         context = model.config.text_config.max_position_embeddings
+    unscored = []  # tasks whose every row was skipped: no number to publish
     for task in tasks:
         max_new = _max_new_tokens(args, task)
         answer = None if args.predictions else partial(generate, model, processor, max_new_tokens=max_new)
@@ -768,6 +769,8 @@ def _eval(args: argparse.Namespace) -> int:
             f"{result['missing']} missing and scored as empty answers; {result['skipped']} skipped as malformed; "
             f"{args.scoring} scoring)"
         )
+        if not result["scored"]:
+            unscored.append(task.name)
         if result.get("table"):
             print(result["table"])
         for kind in ("missing", "skipped"):
@@ -776,6 +779,13 @@ def _eval(args: argparse.Namespace) -> int:
             if result[kind] > 5:
                 print(f"  ... {result[kind] - 5} more {kind} rows in {args.out}/results.json")
     print(f"results: {args.out}/results.json, {args.out}/results.md")
+    if unscored:
+        print(
+            f"kimivl eval: error: {', '.join(unscored)} scored 0 rows (every row skipped as malformed): no metrics; "
+            f"see the skipped rows in {args.out}/results.json",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -695,3 +695,28 @@ def test_data_given_twice_or_for_a_task_not_run_is_refused(tmp_path, capsys):
     for spec in (str(odd), f"ocrbench={odd}"):
         assert main([*rescore, "--task", "ocrbench", "--data", spec]) == 0
         assert "ocrbench: score=500.0  (scored 2 rows: 1 answered, 1 missing" in capsys.readouterr().out
+
+
+def test_a_task_that_scored_no_rows_fails_the_command_after_the_others_ran(monkeypatch, tmp_path, capsys):
+    """Every row of mmmu malformed: it scored 0 rows with metrics {}, and eval exited 0 (CI published it)."""
+    data, bad, out = ocr_tsv(tmp_path / "ocr.tsv", n=2), tmp_path / "bad.tsv", tmp_path / "out"
+    bad.write_text("index\tquestion\n0\thello\n")
+    ckpt = fake_cli(monkeypatch, tmp_path, lambda convs: ["word0"] * len(convs))
+    args = [
+        "eval",
+        "--model",
+        str(ckpt),
+        "--task",
+        "mmmu,ocrbench",
+        "--data",
+        f"mmmu={bad}",
+        "--data",
+        f"ocrbench={data}",
+    ]
+    assert main([*args, "--out", str(out)]) == 1
+    results = json.loads((out / "results.json").read_text())
+    assert results["mmmu"]["scored"] == 0 and results["mmmu"]["skipped"] == 1 and results["mmmu"]["metrics"] == {}
+    assert results["ocrbench"]["scored"] == 2 and results["ocrbench"]["metrics"]["score"] == pytest.approx(500)
+    captured = capsys.readouterr()
+    assert "ocrbench: score=500.0" in captured.out and f"results: {out}/results.json" in captured.out
+    assert captured.err.splitlines()[-1].startswith("kimivl eval: error: mmmu scored 0 rows")
