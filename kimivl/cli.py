@@ -1036,14 +1036,20 @@ def _escape_unencodable() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run a command; a user's mistake prints one ``kimivl CMD: error: ...`` message (no traceback) and exits 2."""
+    """Run a command; a user's mistake prints one ``kimivl CMD: error: ...`` message (no traceback) and exits 2;
+    Ctrl-C exits 130 and a closed stdout (``| head``) 141, quietly."""
     _escape_unencodable()
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # here, where a reader that has gone is caught, not in the interpreter's flush at exit
+        return code
     except KeyboardInterrupt:
         print(f"\nkimivl {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader stopped early (| head): quiet, as a shell's tools; 128 + SIGPIPE as they do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # what is left unflushed goes nowhere
+        return 141
     except Exception as e:
         if not isinstance(e, _user_errors()):
             raise

@@ -448,3 +448,26 @@ def test_a_model_given_as_a_file_is_named_as_such(capsys, command):
     file = DEFAULT_MODEL / "config.json"
     assert main([*command, "--model", str(file), "--device", "cpu"]) == 2
     _one_line_error(capsys, command[0], f"--model {file} is a file: give the checkpoint directory ({DEFAULT_MODEL})")
+
+
+@pytest.mark.parametrize("lines", [3, 100_000])  # all in the buffer (flushed at the end), more than a pipe holds
+def test_a_reader_that_stops_early_ends_the_command_quietly_with_141(tmp_path, lines):
+    """``kimivl info ... | head -1`` printed 'error: [Errno 32] Broken pipe' and exited 2."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "demo.py"
+    script.write_text(
+        "import sys\n"
+        "from kimivl import cli\n"
+        f"cli.cmd_demo = lambda args: print('line\\n' * {lines}, end='') or 0\n"
+        "sys.exit(cli.main(['demo']))\n"
+    )
+    read, write = os.pipe()
+    os.close(read)  # the reader has gone
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    done = subprocess.run([sys.executable, str(script)], stdout=write, stderr=subprocess.PIPE, env=env, text=True)
+    os.close(write)
+    assert (done.returncode, done.stderr) == (141, "")
