@@ -320,6 +320,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
         question = _utf8(question, sys.getfilesystemencoding(), "the question")
         if not question.strip():
             raise CommandError("the question is empty; ask something, or leave it out for an interactive session")
+    if question is None and (sys.stdin is None or sys.stdin.closed):  # `<&-`, as some schedulers and daemons run
+        raise CommandError(
+            "stdin is closed, so a session cannot read questions from it: give the question as an argument"
+        )
     media = [*(("--image", path) for path in args.image), ("--video", args.video)]
     for flag, path in media if question is None else []:
         if path and _reads_stdin(path):
@@ -346,7 +350,8 @@ def _session(model, processor, images: list[str | bytes], video: str | bytes | N
     question); when they no longer fit the model's context, its earliest exchanges are dropped."""
     from kimivl.processing.chat_template import DEFAULT_SYSTEM_PROMPT
 
-    if sys.stdin.isatty():
+    terminal = sys.stdin.isatty()  # else questions come from a pipe or file: stdout holds the answers alone
+    if terminal:
         try:  # line editing, no 4095-character limit on a line, and (readline 8.1+) a paste of several lines as one
             import readline  # noqa: F401
         except ImportError:  # a Python built without it: plain input()
@@ -365,12 +370,14 @@ def _session(model, processor, images: list[str | bytes], video: str | bytes | N
 
     history: list[dict] = []  # questions and answers, in turn
     sizes: list[int] = []  # each exchange's tokens
-    print("kimivl chat: type a message; Ctrl-D or Ctrl-C ends (Ctrl-C while answering stops the answer).")
+    if terminal:
+        print("kimivl chat: type a message; Ctrl-D or Ctrl-C ends (Ctrl-C while answering stops the answer).")
     while True:
         try:
-            line = input("> ")
+            line = input("> " if terminal else "")
         except EOFError:
-            print()  # the shell's prompt on a line of its own
+            if terminal:
+                print()  # the shell's prompt on a line of its own
             return 0
         message = None
         try:
