@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import contextlib
 import io
+import logging
 import math
 import os
 import shlex
 import stat
 import sys
+from collections.abc import Iterator
 
 from kimivl.config import PRESETS, ConfigError, KimiVLConfig
 from kimivl.files import FULL, WriteError, write_error
@@ -523,15 +526,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    import logging
+@contextlib.contextmanager
+def _console_log(level: int, fmt: str) -> Iterator[None]:
+    """Log records from ``level`` up to stderr in ``fmt``, each on a line of its own above the progress bars (not
+    glued to the end of a bar's line) while the block runs."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
+    logging.basicConfig(level=level, format=fmt)
+    with logging_redirect_tqdm():
+        yield
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    with _console_log(logging.INFO, "%(asctime)s %(name)s: %(message)s"):
+        return _train(args)
+
+
+def _train(args: argparse.Namespace) -> int:
     from kimivl.distributed.world import close_world, init_world
     from kimivl.train.pipeline import run_recipe
     from kimivl.train.recipe import load_recipe
 
     _at_least_one(args, "dp_shard", "ep")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     overrides = {key: value for key, value in (("out", args.out), ("device", args.device)) if value is not None}
     for key, value in overrides.items():
         if not value.strip():  # e.g. an unset $OUT: the recipe's own would be used, unsaid
@@ -642,7 +658,8 @@ def _resume_advice(args: argparse.Namespace) -> str:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     try:
-        return _eval(args)
+        with _console_log(logging.WARNING, "%(name)s: %(message)s"):
+            return _eval(args)
     except KeyboardInterrupt:
         print(
             f"kimivl eval: interrupted; the predictions written so far stay in {args.out}. {_resume_advice(args)} "
@@ -688,7 +705,6 @@ def _check_eval_inputs(args: argparse.Namespace, tasks: list, data: dict[str, st
 
 
 def _eval(args: argparse.Namespace) -> int:
-    import logging
     from functools import partial
     from pathlib import Path
 
@@ -697,7 +713,6 @@ def _eval(args: argparse.Namespace) -> int:
     from kimivl.eval.runner import EvalInterrupted, checkpoint_fingerprint, rescoring_samples, run_task
     from kimivl.eval.tasks import get_task
 
-    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     tasks = [get_task(name.strip()) for name in args.task.split(",") if name.strip()]
     if not tasks:
         raise CommandError(f"--task {args.task!r} names no task; give one or more, comma-separated")

@@ -19,9 +19,8 @@ from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from kimivl.data.formats import DataError, iter_lines, parse_item, parse_line
+from kimivl.progress import progress_bar
 
 PROGRESS_BYTES = 1 << 26  # 64 MiB
 LINE_BLOCK = 1 << 20  # bytes whose newlines ``where`` counts once and keeps
@@ -47,7 +46,7 @@ class JsonlRecords(Sequence):
         self._stamp = self._stat()
         self._offsets = array("q")
         self._newlines = [0]  # newlines before each block of LINE_BLOCK bytes counted so far
-        with tqdm(
+        with progress_bar(
             total=self._stamp[0],
             unit="B",
             unit_scale=True,

@@ -32,6 +32,7 @@ from kimivl.data import synthetic
 from kimivl.data.formats import write_records
 from kimivl.data.synthetic import GENERATORS, TASKS, TEXTS, Clip, Sample
 from kimivl.files import write_text_atomic
+from kimivl.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +137,7 @@ def build_world(
     start = time.perf_counter()
     files: dict[str, dict[str, str]] = {}
     seen: set[str] = set()
-    with tqdm(total=sum(sizes.values()) * len(tasks), unit="sample", desc="world", disable=not progress) as bar:
+    with progress_bar(total=sum(sizes.values()) * len(tasks), unit="sample", desc="world", disable=not progress) as bar:
         for split, n in sizes.items():
             files[split] = {}
             for task in tasks:

@@ -290,7 +290,7 @@ def run_task(
     reading the rest could tell). Rows and predictions match by ``index_key`` (``"007"``, 7 and 7.0 are one row).
     The settings go to ``out_dir/<task>.run.json`` once the first row is read, and an ``out_dir`` this call created
     is removed again when the run fails before writing anything there but its lock."""
-    from tqdm.auto import tqdm
+    from kimivl.progress import progress_bar
 
     if (generate_fn is None) == (predictions is None):
         raise ValueError("give exactly one of generate_fn (generate answers) or predictions (re-score a file)")
@@ -322,7 +322,7 @@ def run_task(
         if total is None and hasattr(samples, "__len__"):
             total = len(samples)
         total = min(x for x in (total, limit) if x is not None) if total is not None or limit is not None else None
-        bar = tqdm(desc=task.name, unit="row", total=total, disable=not progress)
+        bar = progress_bar(desc=task.name, unit="row", total=total, disable=not progress)
 
         def flush() -> None:
             answered, unanswered = _generate(generate_fn, batch)

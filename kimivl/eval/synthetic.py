@@ -55,12 +55,11 @@ def evaluate(
     """Greedy answers to each record's prompt (its messages before the last assistant turn), scored.
     Returns (accuracy per task, with ``all``) and one row per record (its id, task, ``meta.difficulty`` or None,
     prediction, gold and whether it is correct)."""
-    from tqdm.auto import tqdm
-
     from kimivl.inference.chat import generate
+    from kimivl.progress import progress_bar
 
     rows = []
-    for start in tqdm(range(0, len(records), batch_size), desc="eval", disable=not progress):
+    for start in progress_bar(range(0, len(records), batch_size), desc="eval", disable=not progress):
         chunk = records[start : start + batch_size]
         prompts = [r["messages"][:-1] if r["messages"][-1]["role"] == "assistant" else r["messages"] for r in chunk]
         for rec, pred in zip(chunk, generate(model, processor, prompts, max_new_tokens=max_new_tokens)):

@@ -21,10 +21,9 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from kimivl.data.synthetic.sample import DIFFICULTIES
 from kimivl.files import write_text_atomic
+from kimivl.progress import progress_bar
 from kimivl.rl.rewards import correctness
 
 # (problem records, answers per problem, seed) -> the answers' texts, problem by problem
@@ -50,7 +49,7 @@ def count_correct(
     """How many of ``samples`` answers to each problem are correct, generated ``chunk`` problems at a time (chunk j
     with seed ``seed + j``)."""
     counts: list[int] = []
-    bar = tqdm(total=len(problems), desc="pass@k", unit="problem", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=len(problems), desc="pass@k", unit="problem", disable=not progress, dynamic_ncols=True)
     for j, start in enumerate(range(0, len(problems), chunk)):
         part = problems[start : start + chunk]
         texts = generate(part, samples, seed + j)

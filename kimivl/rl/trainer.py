@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from kimivl.distributed.parallelize import gathered
 from kimivl.distributed.vision_sync import has_images, vision_pad
@@ -33,6 +32,7 @@ from kimivl.inference.sampling import SamplingParams, seeded_generator
 from kimivl.kernels import training_attention
 from kimivl.precision import autocast, use_bf16
 from kimivl.processing.processor import Encoded, KimiVLProcessor
+from kimivl.progress import progress_bar
 from kimivl.rl.objectives import group_baseline, group_normalised, grpo_loss, kl_estimate, length_reward, opmd_loss
 from kimivl.rl.rewards import correctness
 from kimivl.rl.rollouts import pack_rows, rollout, token_logprobs
@@ -386,7 +386,7 @@ class RLTrainer:
             self.state.resume()
         last: dict[str, Any] = {}
         main = self.world.main
-        bar = tqdm(
+        bar = progress_bar(
             total=self.cfg.iterations,
             initial=self.iteration,
             desc=self.stage,

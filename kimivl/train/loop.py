@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from tqdm.auto import tqdm
 
 from kimivl.distributed.vision_sync import has_images, vision_pad
 from kimivl.distributed.world import World
 from kimivl.kernels import training_attention
 from kimivl.model.moe import Router
 from kimivl.precision import autocast, use_bf16
+from kimivl.progress import progress_bar
 from kimivl.train.balance import ExpertLoadTracker
 from kimivl.train.interrupt import StopRequest, stop_on_interrupt
 from kimivl.train.metrics import MetricsLog
@@ -119,7 +119,9 @@ def train_loop(
     last: dict[str, float] = {}
     tokens_seen, t0 = 0, time.perf_counter()
     progress = progress and world.main
-    bar = tqdm(total=cfg.steps, initial=state.step, desc=stage, disable=not progress, unit="step", dynamic_ncols=True)
+    bar = progress_bar(
+        total=cfg.steps, initial=state.step, desc=stage, disable=not progress, unit="step", dynamic_ncols=True
+    )
     model.train()
     moe = any(isinstance(m, Router) for m in model.modules())
     with (

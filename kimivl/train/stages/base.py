@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from PIL import Image
 from torch import nn
-from tqdm import tqdm
 
 from kimivl.data.formats import DataError
 from kimivl.data.indexed import PROGRESS_BYTES, locate
 from kimivl.distributed.world import World
 from kimivl.processing.image import ImageError, open_image
 from kimivl.processing.video import VideoError, check_video_file
+from kimivl.progress import progress_bar
 from kimivl.train.loop import LoopConfig
 from kimivl.train.recipe import PARTS, RecipeError, check_integer, check_names, integer, number
 from kimivl.train.trainable import set_trainable
@@ -159,7 +159,7 @@ def check_records(ctx: StageContext, names: list[str], problem: Callable[[dict],
         path = getattr(items, "path", None)  # a JsonlRecords' file
         large = path is not None and os.path.getsize(path) >= PROGRESS_BYTES
         unreadable_image = functools.lru_cache(maxsize=4096)(_unreadable_image)  # this check's images, by path
-        with tqdm(
+        with progress_bar(
             total=len(items),
             unit="record",
             unit_scale=True,
