@@ -457,6 +457,11 @@ def _listen(host: str, port: int) -> list:
         raise CommandError(f"cannot listen on --host/--port {where} ({e.strerror or e}); {advice}") from None
 
 
+def _no_colour() -> bool:
+    """Whether the environment asks for plain text: ``NO_COLOR`` set and not empty (no-color.org), or ``TERM=dumb``."""
+    return bool(os.environ.get("NO_COLOR")) or os.environ.get("TERM") == "dumb"
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -513,6 +518,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             timeout_graceful_shutdown=args.shutdown_timeout,
             limit_concurrency=args.limit_concurrency,
             http=HeaderDeadlineProtocol,  # closes connections whose headers do not arrive
+            use_colors=False if _no_colour() else None,  # None: uvicorn's colours at a terminal
         )
         try:
             PreboundServer(config).run(sockets=sockets)

@@ -934,3 +934,23 @@ def test_a_refused_image_url_is_named_as_the_server_is_configured(tmp_path):
             with pytest.raises(RequestError) as e:
                 parse_chat_request(body, Limits(context=4096, max_batch=2, allowed_local_media_path=root))
             assert str(e.value).endswith(words)
+
+
+def test_kimivl_serve_drops_its_colours_under_no_color_or_a_dumb_terminal(monkeypatch):
+    """At a terminal uvicorn's log lines were coloured even with NO_COLOR=1 or TERM=dumb."""
+    import uvicorn
+
+    from kimivl import cli
+    from kimivl.cli import main
+
+    colours = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda server, sockets: colours.append(server.config.use_colors))
+    monkeypatch.setattr(cli, "_listen", lambda host, port: [])
+    for no_color, term in ((None, "xterm"), ("", "xterm"), ("1", "xterm"), (None, "dumb")):
+        monkeypatch.setenv("TERM", term)
+        if no_color is None:
+            monkeypatch.delenv("NO_COLOR", raising=False)
+        else:
+            monkeypatch.setenv("NO_COLOR", no_color)
+        assert main(["serve", "--model", str(MODELS / "kimivl-tiny"), "--device", "cpu"]) == 0
+    assert colours == [None, None, False, False]  # None: uvicorn colours a terminal only
