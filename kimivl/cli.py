@@ -199,15 +199,18 @@ def _read_piped(args: argparse.Namespace) -> tuple[list[str | bytes], str | byte
 
 class _StreamPrinter:
     """Prints an answer piece by piece as it is generated; a thinking model's ``◁think▷ ... ◁/think▷`` becomes
-    ``[reasoning]`` and ``[answer]`` headers, with the whitespace around the markers dropped. As ``parse_thinking``
-    reads it, only the first ``◁think▷`` before the first ``◁/think▷`` and that ``◁/think▷`` are markers; any other is
-    text, so what follows ``[answer]`` is the answer the history keeps."""
+    ``[reasoning]`` and ``[answer]`` headers, with the whitespace around the markers dropped. The answer is the
+    command's result, on stdout; the reasoning and the headers, its process, go to stderr (each write flushed, so a
+    terminal shows them in order). As ``parse_thinking`` reads it, only the first ``◁think▷`` before the first
+    ``◁/think▷`` and that ``◁/think▷`` are markers; any other is text, so what follows ``[answer]`` is the answer the
+    history keeps."""
 
     def __init__(self):
         from kimivl.processing.chat_template import THINK_CLOSE, THINK_OPEN
 
-        self.markers = {THINK_OPEN: "[reasoning]\n", THINK_CLOSE: "\n[answer]\n"}
+        self.markers = {THINK_OPEN: ("[reasoning]", sys.stderr), THINK_CLOSE: ("[answer]", sys.stdout)}
         self.close_tag = THINK_CLOSE
+        self.stream = sys.stdout  # where text goes now: stderr in the reasoning
         self.text, self.held, self.space, self.fresh = "", "", "", True
 
     def _emit(self, content: str) -> None:
@@ -217,9 +220,13 @@ class _StreamPrinter:
             return
         body = content.rstrip()
         if body:
-            print(self.space + body, end="", flush=True)
+            print(self.space + body, end="", file=self.stream, flush=True)
             self.fresh, self.space = False, ""
         self.space += content[len(body) :]
+
+    def _end_line(self) -> None:
+        if not self.fresh:
+            print(file=self.stream, flush=True)
 
     def feed(self, piece: str) -> None:
         self.text += piece
@@ -230,7 +237,9 @@ class _StreamPrinter:
                 break
             at, marker = min(found)
             self._emit(self.held[:at])
-            print(self.markers[marker], end="", flush=True)
+            self._end_line()
+            header, self.stream = self.markers[marker]
+            print(header, file=sys.stderr, flush=True)
             self.held, self.space, self.fresh = self.held[at + len(marker) :], "", True
             if marker == self.close_tag:
                 self.markers = {}  # what follows the first close is the answer, markers and all
@@ -241,10 +250,13 @@ class _StreamPrinter:
         self.held = self.held[len(self.held) - keep :]
 
     def close(self) -> str:
-        """Print what is held and the final newline; return the answer (the reasoning of a thinking model apart)."""
+        """Print what is held and end the answer's line on stdout (an empty answer too: one line per answer); return
+        the answer (the reasoning of a thinking model apart)."""
         from kimivl.processing.chat_template import parse_thinking
 
         self._emit(self.held)
+        if self.stream is not sys.stdout:  # a reasoning never closed: no answer
+            self._end_line()
         print(flush=True)
         return parse_thinking(self.text)[1]
 

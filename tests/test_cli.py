@@ -426,20 +426,28 @@ def _stream(pieces):
 
 
 def test_thinking_output_is_shown_apart(capsys):
+    """The answer alone goes to stdout; the reasoning and the headers to stderr (``kimivl chat "q" > answer.txt``
+    saved '[reasoning]\\n...\\n[answer]\\n20')."""
     assert _stream(["◁think▷ 2+2 is 4 ◁/think▷ 4"]) == "4"
-    assert capsys.readouterr().out == "[reasoning]\n2+2 is 4\n[answer]\n4\n"
+    assert capsys.readouterr() == ("4\n", "[reasoning]\n2+2 is 4\n[answer]\n")
     # markers and whitespace split across pieces, as a streamed answer arrives
     assert _stream(["◁th", "ink", "▷ 2+2", " is", " 4 ", " ◁/", "think", "▷", " ", "4", "\n"]) == "4"
-    assert capsys.readouterr().out == "[reasoning]\n2+2 is 4\n[answer]\n4\n"
+    assert capsys.readouterr() == ("4\n", "[reasoning]\n2+2 is 4\n[answer]\n")
     assert _stream(["pl", "ain", " text "]) == "plain text"
-    assert capsys.readouterr().out == "plain text\n"
+    assert capsys.readouterr() == ("plain text\n", "")
     assert _stream(["a ◁", "b"]) == "a ◁b"  # a marker's prefix that turns out not to be one is printed
-    assert capsys.readouterr().out == "a ◁b\n"
-    # a marker after the first close, or a second open in the reasoning, is text, as parse_thinking keeps it
+    assert capsys.readouterr() == ("a ◁b\n", "")
+    # a marker after the first close, or a second open in the reasoning, is text, as parse_thinking keeps it; text
+    # before a close without an open was printed before it could be told reasoning
     assert _stream(["x ◁/think▷ y ◁th", "ink▷ z ◁/think▷ w"]) == "y ◁think▷ z ◁/think▷ w"
-    assert capsys.readouterr().out == "x\n[answer]\ny ◁think▷ z ◁/think▷ w\n"
+    assert capsys.readouterr() == ("x\ny ◁think▷ z ◁/think▷ w\n", "[answer]\n")
     assert _stream(["◁think▷ a ◁think▷ b ◁/", "think▷ c"]) == "c"
-    assert capsys.readouterr().out == "[reasoning]\na ◁think▷ b\n[answer]\nc\n"
+    assert capsys.readouterr() == ("c\n", "[reasoning]\na ◁think▷ b\n[answer]\n")
+    # a reasoning never closed is no answer: an empty line on stdout; an empty reasoning, the two headers
+    assert _stream(["◁think▷ still thinking"]) == ""
+    assert capsys.readouterr() == ("\n", "[reasoning]\nstill thinking\n")
+    assert _stream(["◁think▷◁/think▷ 7"]) == "7"
+    assert capsys.readouterr() == ("7\n", "[reasoning]\n[answer]\n")
 
 
 def test_an_answer_a_console_cannot_encode_is_printed_escaped(checkpoint, monkeypatch):
