@@ -915,7 +915,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-new-tokens", type=int, help=f"{given} 512")
     chat.add_argument("--temperature", type=float, help=f"0 for greedy ({given} 0.2, as for Instruct)")
     chat.add_argument("--top-p", type=float, help=f"{given} 1.0")
-    chat.add_argument("--seed", type=int, default=0)
+    chat.add_argument("--seed", type=int, default=0, help="the sampling seed (default %(default)s)")
     chat.add_argument(
         "--dtype",
         choices=["bfloat16", "float32"],
@@ -929,7 +929,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", type=_path, default=str(DEFAULT_MODEL), help="checkpoint directory (default: kimivl-tiny)"
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default %(default)s)")
     serve.add_argument(
         "--allowed-host",
         action="append",
@@ -999,7 +999,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--model", type=_path, default=str(DEFAULT_MODEL), help="checkpoint directory (default: kimivl-tiny)"
     )
-    demo.add_argument("--examples", type=_path, default=str(DEFAULT_EXAMPLES), help="held-out split directory")
+    demo.add_argument(
+        "--examples",
+        type=_path,
+        default=str(DEFAULT_EXAMPLES),
+        help="held-out split directory (default: the bundled examples/heldout)",
+    )
     demo.set_defaults(func=cmd_demo)
 
     ev = sub.add_parser("eval", help="score a checkpoint (or saved predictions) on benchmarks, synthetic tasks, NIAH")
@@ -1037,7 +1042,7 @@ def build_parser() -> argparse.ArgumentParser:
         "come from another model, checkpoint, data or generation settings)",
     )
     ev.add_argument("--out", type=_path, default="runs/eval", help="output directory (default runs/eval)")
-    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--batch-size", type=int, default=8, help="rows generated together (default %(default)s)")
     ev.add_argument("--max-new-tokens", type=int, help="default 512 (32 for niah)")
     ev.add_argument(
         "--lengths",

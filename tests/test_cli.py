@@ -545,3 +545,27 @@ def test_path_flags_expand_a_tilde(tmp_path, monkeypatch):
     assert (args.model, args.allowed_local_media_path) == (f"{tmp_path}/m", f"{tmp_path}/media")
     assert parse(["demo", "--model=~/m", "--examples=~/x"]).examples == f"{tmp_path}/x"
     assert parse(["info", "~/m"]).path == f"{tmp_path}/m"
+
+
+@pytest.mark.parametrize(
+    "argv,flag,text",
+    [
+        (["chat"], "--seed SEED", "the sampling seed (default 0)"),
+        (["serve"], "--port PORT", "port to listen on (default 8000)"),
+        (["eval"], "--batch-size BATCH_SIZE", "rows generated together (default 8)"),
+        (["demo"], "--examples EXAMPLES", "held-out split directory (default: the bundled examples/heldout)"),
+        ([], "--top-p TOP_P", "nucleus sampling's mass (default 1.0: off)"),
+        ([], "--max-new-tokens MAX_NEW_TOKENS", "tokens per answer at most (default 160)"),
+        ([], "--seed SEED", "the first chunk's sampling seed (default 0)"),
+    ],
+)
+def test_help_says_what_each_flag_is_and_its_default(argv, flag, text, capsys):
+    """chat --seed, serve --port, eval --batch-size, demo --examples and passk's --top-p, --max-new-tokens and --seed
+    had no help text: neither what they set nor their default."""
+    from kimivl.rl import passk
+
+    with pytest.raises(SystemExit) as e:
+        (main if argv else passk.main)([*argv, "--help"])
+    assert e.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert f"{flag} {text}" in help_text
