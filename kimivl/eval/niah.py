@@ -214,12 +214,20 @@ def check_options(
 ) -> list[int]:
     """The prompt lengths the cases get (``lengths``, else ``default_lengths(context, max_new_tokens)``), after
     checking the options (no model needed, so the command line checks them before loading one): known haystack
-    kinds, depths in 0-100 (percent), positive lengths and trials, and, where ``context`` is known, ``max_new_tokens``
-    below it and no length above ``context - max_new_tokens`` (such a prompt leaves no room for the answer: every row
-    would fail)."""
+    kinds, no value given twice, depths in 0-100 (percent), positive lengths and trials, and, where ``context`` is
+    known, ``max_new_tokens`` below it and no length above ``context - max_new_tokens`` (such a prompt leaves no room
+    for the answer: every row would fail)."""
     for kind in kinds:
         if kind not in KINDS:
             raise ValueError(f"unknown haystack {kind!r} (expected one of {', '.join(KINDS)})")
+    for flag, given in (("--lengths", lengths or []), ("--depths", depths), ("--haystack", kinds)):
+        values = list(given)
+        repeated = list(dict.fromkeys(v for i, v in enumerate(values) if v in values[:i]))
+        if repeated:
+            raise ValueError(
+                f"NIAH {flag} gives {', '.join(map(str, repeated))} more than once (each would build the same cases "
+                "again); give each value once"
+            )
     bad = [d for d in depths if not 0 <= d <= 100]
     if bad:
         raise ValueError(f"NIAH depths are percentages from 0 to 100; got {', '.join(map(str, bad))} (--depths)")

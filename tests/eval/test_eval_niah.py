@@ -236,3 +236,35 @@ def test_each_niah_metric_in_results_md_counts_its_own_rows(tmp_path):
         "| niah | recall/video/2K-4K | 50.0 | 2 | 2 | 0 |",
     ):
         assert row in table, row
+
+
+def test_a_value_given_twice_is_refused_before_the_model_loads(checkpoint, tmp_path, monkeypatch, capsys):
+    """--haystack text,text (or --lengths 1k,1024, --depths 0,0) built each case twice; the second of each was then
+    'skipped as malformed' (a repeated index)."""
+    for options, message in (
+        ({"lengths": [1024, 512, 1024]}, "NIAH --lengths gives 1024 more than once"),
+        ({"lengths": [512], "depths": [0, 50, 0, 50]}, "NIAH --depths gives 0, 50 more than once"),
+        ({"lengths": [512], "kinds": ["text", "text"]}, "NIAH --haystack gives text more than once"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            niah.check_options(**options)
+    assert niah.check_options([512, 1024], [0, 100], ["text", "video"]) == [512, 1024]
+
+    def never(path, dtype, device):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("kimivl.cli._load", never)
+    args = [
+        "eval",
+        "--model",
+        str(checkpoint),
+        "--task",
+        "niah",
+        "--out",
+        str(tmp_path / "out"),
+        "--lengths",
+        "1k,1024",
+    ]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("kimivl eval: error: NIAH --lengths gives 1024 more than once") and "\n" not in err
