@@ -1,6 +1,5 @@
 """Progress bars in logs: rare refreshes where stderr is no terminal, log records on lines of their own."""
 
-import json
 import os
 import re
 import subprocess
@@ -8,8 +7,8 @@ import sys
 import time
 from pathlib import Path
 
-from kimivl.demo import DEFAULT_EXAMPLES, DEFAULT_MODEL
 from kimivl.rl.passk import count_correct
+from tests.test_cli_errors import _ocr_recipe
 
 
 def test_a_bar_that_no_terminal_shows_refreshes_rarely(capsys):
@@ -28,15 +27,7 @@ def test_a_bar_that_no_terminal_shows_refreshes_rarely(capsys):
 
 def test_train_logs_each_record_on_a_line_of_its_own_not_glued_to_a_bar(tmp_path):
     """'...tok_s=43]2026-12-07 03:10:07,081 kimivl.train.state: checkpoint ... written' in a log file."""
-    stage = {"name": "sft", "kind": "joint", "steps": 3, "lr": 1e-3, "mix": {"ocr": 1}}
-    recipe = {
-        "name": "p",
-        "out": str(tmp_path / "run"),
-        "base": {"checkpoint": str(DEFAULT_MODEL)},
-        "sources": {"ocr": str(DEFAULT_EXAMPLES / "ocr.jsonl")},
-        "stages": [stage],
-    }
-    (tmp_path / "r.yaml").write_text(json.dumps(recipe))
+    _ocr_recipe(tmp_path, steps=3)
     script = tmp_path / "train.py"
     script.write_text(
         "import logging, sys\n"
