@@ -154,6 +154,7 @@ class Metrics:
     completion_tokens: int = 0
     queue_length: int = 0
     batch_size: int = 0
+    cache_bytes: int = 0  # the running batch's cache (``MLACache.nbytes()``)
     ttft_buckets: tuple = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0)
     ttft_counts: list = field(default_factory=lambda: [0] * 9)
     ttft_sum: float = 0.0
@@ -178,6 +179,8 @@ class Metrics:
             f"kimivl_queue_length {self.queue_length}",
             "# TYPE kimivl_batch_size gauge",
             f"kimivl_batch_size {self.batch_size}",
+            "# TYPE kimivl_cache_bytes gauge",
+            f"kimivl_cache_bytes {self.cache_bytes}",
             "# TYPE kimivl_time_to_first_token_seconds histogram",
         ]
         for edge, count in zip(self.ttft_buckets, self.ttft_counts):
@@ -397,6 +400,7 @@ class Engine:
                 self._leave(live)
                 batch.__init__(batch.cfg)
             self.metrics.batch_size = len(batch.live())
+            self.metrics.cache_bytes = batch.cache.nbytes() if batch.cache is not None else 0
 
     def _fail(self, request: Request, message: str) -> None:
         """End ``request`` with an error, counted now (its choices still in the batch then leave uncounted)."""

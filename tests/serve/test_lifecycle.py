@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -88,9 +89,12 @@ def test_sigterm_cancels_what_is_left_after_the_shutdown_timeout_and_the_process
 
         threading.Thread(target=drip, daemon=True).start()
         deadline = time.monotonic() + 30
-        while b"kimivl_batch_size 3" not in urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read():
+        while b"kimivl_batch_size 3" not in (
+            metrics := urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read()
+        ):
             assert time.monotonic() < deadline
             time.sleep(0.1)
+        assert int(re.search(rb"kimivl_cache_bytes (\d+)", metrics)[1]) > 0  # three rows decoding hold their cache
         start = time.monotonic()
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=20)

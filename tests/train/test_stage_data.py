@@ -508,10 +508,10 @@ def test_a_large_source_shows_a_bar_while_it_is_checked(tmp_path, small_processo
 
     def recorded(**kwargs):
         bars.append(kwargs)
-        return tqdm(**kwargs)
+        return progress_bar(**kwargs)
 
-    tqdm = base.tqdm
-    monkeypatch.setattr(base, "tqdm", recorded)
+    progress_bar = base.progress_bar
+    monkeypatch.setattr(base, "progress_bar", recorded)
     monkeypatch.setattr(base, "PROGRESS_BYTES", (tmp_path / "c.jsonl").stat().st_size)  # the file is "large"
     ctx = _ctx({"c": JsonlRecords(tmp_path / "c.jsonl", text=False)}, small_processor)
     ctx.sources.progress = progress
