@@ -1080,6 +1080,18 @@ def _escape_unencodable() -> None:
             stream.reconfigure(errors="backslashreplace")
 
 
+def _reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (the poll of its write end reports an error)."""
+    import select
+
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (OSError, ValueError, AttributeError):  # no stdout, or not a file (a test's capture)
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run a command; a user's mistake prints one ``kimivl CMD: error: ...`` message (no traceback) and exits 2;
     Ctrl-C exits 130 and a closed stdout (``| head``) 141, quietly."""
@@ -1092,10 +1104,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"\nkimivl {args.command}: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # the reader stopped early (| head): quiet, as a shell's tools; 128 + SIGPIPE as they do
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # what is left unflushed goes nowhere
-        return 141
     except Exception as e:
+        if isinstance(e, BrokenPipeError) and _reader_gone():  # stdout's reader stopped early (| head): quiet, as a
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # shell's tools; what is left goes nowhere
+            return 141  # 128 + SIGPIPE, as they exit
         if not isinstance(e, _user_errors()):
             raise
         if isinstance(e, OSError) and e.errno in FULL and not isinstance(e, WriteError):  # a write not wrapped

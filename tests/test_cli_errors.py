@@ -471,3 +471,10 @@ def test_a_reader_that_stops_early_ends_the_command_quietly_with_141(tmp_path, l
     done = subprocess.run([sys.executable, str(script)], stdout=write, stderr=subprocess.PIPE, env=env, text=True)
     os.close(write)
     assert (done.returncode, done.stderr) == (141, "")
+
+
+def test_a_broken_pipe_that_is_not_stdout_is_an_error(monkeypatch, capsys):
+    """Only stdout's reader going away ends a command quietly: another pipe or socket breaking is named, exit 2."""
+    monkeypatch.setattr(cli, "cmd_demo", lambda args: (_ for _ in ()).throw(BrokenPipeError(32, "Broken pipe")))
+    assert main(["demo"]) == 2
+    _one_line_error(capsys, "demo", "[Errno 32] Broken pipe")
