@@ -1080,6 +1080,9 @@ def _escape_unencodable() -> None:
             stream.reconfigure(errors="backslashreplace")
 
 
+RESULT_ON_STDOUT = ("chat", "demo", "info", "eval")  # commands whose result is what they print (and train --plan)
+
+
 def _reader_gone() -> bool:
     """Whether stdout is a pipe whose reader has closed it (the poll of its write end reports an error)."""
     import select
@@ -1098,8 +1101,12 @@ def main(argv: list[str] | None = None) -> int:
     _escape_unencodable()
     args = build_parser().parse_args(argv)
     try:
+        prints = args.command in RESULT_ON_STDOUT or getattr(args, "plan", False)
+        if sys.stdout is None and prints:  # `>&-`: print() would drop the result unsaid
+            raise CommandError("stdout is closed, so the result would be lost: redirect it to a file (or /dev/null)")
         code = args.func(args)
-        sys.stdout.flush()  # here, where a reader that has gone is caught, not in the interpreter's flush at exit
+        if sys.stdout is not None:  # here, where a reader that has gone is caught, not in the interpreter's flush
+            sys.stdout.flush()
         return code
     except KeyboardInterrupt:
         print(f"\nkimivl {args.command}: interrupted", file=sys.stderr)

@@ -478,3 +478,24 @@ def test_a_broken_pipe_that_is_not_stdout_is_an_error(monkeypatch, capsys):
     monkeypatch.setattr(cli, "cmd_demo", lambda args: (_ for _ in ()).throw(BrokenPipeError(32, "Broken pipe")))
     assert main(["demo"]) == 2
     _one_line_error(capsys, "demo", "[Errno 32] Broken pipe")
+
+
+@pytest.mark.parametrize("command", [["info", "--preset", "tiny"], ["train", "recipes/tiny.yaml", "--plan"]])
+def test_a_closed_stdout_is_refused_where_the_result_is_printed(command):
+    """``kimivl info >&-`` printed its table into nothing and exited 0 (then, once stdout was flushed at the end, an
+    AttributeError traceback)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    code = "import sys; from kimivl.cli import main; sys.exit(main(sys.argv[1:]))"
+    done = subprocess.run(
+        [sys.executable, "-c", code, *command], cwd=root, env=env, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: os.close(1),
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    message = "error: stdout is closed, so the result would be lost: redirect it to a file (or /dev/null)"
+    assert done.stderr.strip().endswith(f"kimivl {command[0]}: {message}")
