@@ -21,6 +21,7 @@ from typing import Any
 
 from PIL import Image
 
+from kimivl.files import unencodable
 from kimivl.inference.sampling import MAX_SEED
 from kimivl.processing.data_url import data_url_bytes, is_data_url
 from kimivl.processing.image import ImageError, open_image
@@ -163,6 +164,9 @@ def _local_file(url: str, where: str, limits: Limits) -> bytes:
         if parts.scheme != "file" or parts.netloc not in ("", "localhost") or parts.query or parts.fragment:
             raise refused
         path = urllib.parse.unquote(parts.path)
+    why = unencodable(path)  # the OS cannot be given it: "not a file" would be wrong
+    if why:
+        raise RequestError(f"{where}: {why}", where)
     root = os.path.realpath(limits.allowed_local_media_path)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)

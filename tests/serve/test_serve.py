@@ -922,6 +922,19 @@ def test_local_media_opens_only_regular_files_under_the_root_and_parses_file_url
             assert code == 400 and "not a file under the allowed local media path" in reply["error"]["message"], image
 
 
+def test_a_local_media_name_the_filesystem_encoding_cannot_encode_is_named_so(tmp_path, ascii_filesystem):
+    """Under LANG=C without Python's UTF-8 mode an existing картинка.png under the allowed path was "not a file under
+    the allowed local media path"."""
+    Image.new("RGB", (28, 28), "red").save(tmp_path / "картинка.png")
+    imports = "from kimivl.serve.schema import Limits, RequestError, parse_chat_request"
+    # the URL as a request's JSON gives it (Unicode text), not as argv under LANG=C would (surrogate escapes)
+    body = {"model": "m", "messages": _image_msg(str(tmp_path / "картинка.png"))}
+    call = f"parse_chat_request({ascii(body)}, Limits(context=4096, max_batch=2, allowed_local_media_path=sys.argv[1]))"
+    encoding, said, stderr = ascii_filesystem(imports, call, "RequestError", str(tmp_path))
+    assert len(said) == 1 and "not a file under" not in said[0], (said, stderr)
+    assert f"holds 'картинка', which the filesystem encoding ({encoding}) cannot encode" in eval(said[0]), said
+
+
 def test_a_refused_image_url_is_named_as_the_server_is_configured(tmp_path):
     """With --allowed-local-media-path set, the refusal said "(no remote URLs or local paths)" while files under the
     path are accepted; it now says which images are accepted in either configuration."""
