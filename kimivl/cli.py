@@ -461,7 +461,7 @@ def _listen(host: str, port: int) -> list:
     try:
         return open_sockets(host, port)
     except OSError as e:
-        where = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         advice = {
             errno.EADDRINUSE: "another server listens there: choose another --port",
             errno.EACCES: "this user may not listen there: choose another --port (1024 or more)",
@@ -519,7 +519,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
         name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
         # on loopback, no name re-pointed at it gets in; a reverse proxy's public name is added with --allowed-host
-        names = (*LOOPBACK_NAMES, args.host.strip("[]"), *args.allowed_host)
+        names = (*LOOPBACK_NAMES, args.host, *args.allowed_host)
         hosts = tuple(dict.fromkeys(n.lower() for n in names)) if _loopback(args.host) else None
         app = create_app(engine, name, api_key=api_key, limits=limits, hosts=hosts)
         config = uvicorn.Config(

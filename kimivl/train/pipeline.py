@@ -62,9 +62,7 @@ class Sources:
         self.items: dict[str, JsonlRecords] = {}
         self.is_text: dict[str, bool] = {}
         self.checked: set[tuple[str, Any]] = set()  # (conversation source, problem) every record was checked for
-        self.answers_only = {
-            name for name, spec in recipe.sources.items() if isinstance(spec, dict) and spec.get("answers_only")
-        }
+        self.answers_only: set[str] = set()  # the sources trained on their answers alone
         self.progress = progress  # bars while large files are indexed and checked
         for name, spec in recipe.sources.items():
             path = recipe.source_path(name)
@@ -79,8 +77,10 @@ class Sources:
                     "by their meta.difficulty: remove difficulty, or split the file by difficulty yourself"
                 )
             keep = None if levels is None else _of_difficulty(name, path, levels)
+            if spec.get("answers_only"):
+                self.answers_only.add(name)
             self.items[name] = JsonlRecords(
-                path, self.is_text[name], keep, _answers_only if spec.get("answers_only") else None, progress
+                path, self.is_text[name], keep, _answers_only if name in self.answers_only else None, progress
             )
             log.info("data source %s: %d records from %s", name, len(self.items[name]), path)
             if levels is not None and not self.items[name]:
