@@ -28,6 +28,22 @@ def unencodable(path: str | os.PathLike) -> str | None:
     return None
 
 
+def unwritable(path: str | os.PathLike) -> str | None:
+    """Why this user could not create ``path`` (or replace it, by a rename beside it), checked before long work that
+    ends by writing it: its nearest existing folder is no directory or not writable, or ``path`` exists and is not
+    writable; None when it could. Nothing is created."""
+    path = Path(path).resolve()
+    folder = path.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"{folder} is not a directory"
+    for where in [folder, *([path] if path.exists() else [])]:
+        if not os.access(where, os.W_OK | (os.X_OK if where.is_dir() else 0)):
+            return f"{where} is not writable"
+    return None
+
+
 class WriteError(OSError):
     """Writing a file failed; the message names the file, and a full disk says so. ``errno`` is the failure's."""
 

@@ -16,13 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from kimivl.data.synthetic.sample import DIFFICULTIES
-from kimivl.files import write_text_atomic
+from kimivl.files import unwritable, write_text_atomic
 from kimivl.progress import progress_bar
 from kimivl.rl.rewards import correctness
 
@@ -144,18 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_out(path: str) -> None:
-    """That ``--out`` can be written, before minutes of sampling: its directory is created, and it is no directory."""
-    out = Path(path)
-    if out.parent.exists() and not out.parent.is_dir():
-        raise ValueError(f"--out {path}: {out.parent} is a file, not a directory; choose another --out")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OSError(f"--out {path}: cannot create its directory {out.parent} ({e.strerror or e})") from None
-    if out.is_dir():
-        raise ValueError(f"--out {path} is a directory: give a file name such as {out / 'passk.json'}")
-    if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
-        raise PermissionError(f"--out {path}: this user may not write there; choose another --out")
+    """That ``--out`` can be written, before minutes of sampling (its directory is made only when it is written)."""
+    if Path(path).is_dir():
+        raise ValueError(f"--out {path} is a directory: give a file name such as {Path(path) / 'passk.json'}")
+    if why := unwritable(path):
+        raise ValueError(f"--out {path} cannot be written: {why}; choose another --out")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -209,6 +201,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     print(format_table(table, args.k), flush=True)  # first: a failed write loses no table
     result = {"settings": {**settings, "seed": args.seed}, "table": table, "correct": counts}
     try:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(args.out, json.dumps(result, indent=1))
     except OSError as e:
         parser.error(str(e))

@@ -32,7 +32,7 @@ from kimivl.distributed.same_run import check_same_run
 from kimivl.distributed.world import World, main_first
 from kimivl.eval.position_loss import position_loss
 from kimivl.eval.synthetic import evaluate, heldout_records
-from kimivl.files import write_text_atomic
+from kimivl.files import unwritable, write_text_atomic
 from kimivl.inference.generation_config import write_generation_config
 from kimivl.model.kimivl import KimiVL
 from kimivl.precision import use_bf16
@@ -417,7 +417,8 @@ def check_export(recipe: Recipe, elsewhere: str = ELSEWHERE) -> Path | None:
             f"export path {path} holds the run's out directory {recipe.out}, and an export replaces its directory "
             f"as a whole: {elsewhere}"
         )
-    _check_writable(path, elsewhere)
+    if why := unwritable(path):
+        raise RecipeError(f"export path {path} cannot be written: {why}; {elsewhere}")
     held = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
     if not held:
         return path
@@ -437,19 +438,6 @@ def check_export(recipe: Recipe, elsewhere: str = ELSEWHERE) -> Path | None:
         f"export path {path} holds {', '.join(held[:5])}{', ...' if len(held) > 5 else ''} and no export of this "
         f"run, and an export replaces its directory as a whole: {elsewhere}, or into a new or empty directory"
     )
-
-
-def _check_writable(path: Path, elsewhere: str) -> None:
-    """Refuse an export ``path`` that the run could not write and rename into place: its nearest existing folder
-    (``path``'s parent or above) must be a writable directory, and so must ``path`` where it exists."""
-    folder = path.resolve().parent
-    while not folder.exists():
-        folder = folder.parent
-    if not folder.is_dir():
-        raise RecipeError(f"export path {path} cannot be made: {folder} is not a directory; {elsewhere}")
-    for where in [folder, *([path.resolve()] if path.exists() else [])]:
-        if not os.access(where, os.W_OK | os.X_OK):
-            raise RecipeError(f"export path {path} cannot be written: {where} is not writable; {elsewhere}")
 
 
 def _export(recipe: Recipe, final: Path, processor: KimiVLProcessor, path: Path) -> None:

@@ -149,7 +149,16 @@ def test_an_out_that_cannot_be_written_is_refused_before_the_model_loads(tmp_pat
     with pytest.raises(SystemExit) as e:
         main([*argv, "--out", str(tmp_path / "file" / "pk.json")])
     error = capsys.readouterr().err.splitlines()[-1]
-    assert e.value.code == 2 and error.endswith(f"{tmp_path / 'file'} is a file, not a directory; choose another --out")
+    assert e.value.code == 2 and error.endswith(f"{tmp_path / 'file'} is not a directory; choose another --out")
+
+
+def test_a_run_that_fails_after_the_checks_leaves_no_out_directory(tmp_path, capsys):
+    """The --out directory was made before sampling and left empty when a later step (here the model) failed."""
+    out = tmp_path / "new" / "pk.json"
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(tmp_path / "no-model"), "--samples", "1", "--out", str(out), *_problems(tmp_path)])
+    assert e.value.code == 2 and "no-model" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
 
 
 def test_a_failed_write_prints_the_table_first_and_one_error_line(checkpoint, tmp_path, capsys, monkeypatch):

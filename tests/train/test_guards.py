@@ -551,7 +551,7 @@ def test_an_export_lock_removed_as_it_was_taken_is_taken_again(tmp_path, monkeyp
     "where, make, match",
     [
         ("taken", lambda p: p.write_text("x"), r"export path taken exists and is not a directory"),
-        ("afile/model", lambda p: p.parent.write_text("x"), r"export path afile/model cannot be made: .*afile is not"),
+        ("afile/model", lambda p: p.parent.write_text("x"), r"afile/model cannot be written: .*afile is not a dir"),
         ("notes", lambda p: (p.mkdir(), (p / "b.txt").touch(), (p / "a.txt").touch()), r"holds a.txt, b.txt and no"),
         (".", lambda p: None, r"export path \. holds the run's out directory"),
     ],
