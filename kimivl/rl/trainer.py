@@ -149,11 +149,16 @@ def _images(encoded: list[Encoded]):
     return torch.cat([e.pixel_values for e in have]), torch.cat([e.image_grid_hws for e in have])
 
 
-def check_sampling(cfg: RLConfig, problems: Sequence[dict], tokenizer) -> tuple[ProblemSampler, list[int]]:
-    """The sampler of ``problems`` by their ``meta.difficulty`` (a ``ValueError`` if a curriculum phase weighs none of
-    them) and the ids of the ``stop`` tokens (a ``KeyError`` naming one the tokenizer lacks)."""
+def difficulties_of(problems: Sequence[dict]) -> list[str]:
+    """Each problem's ``meta.difficulty`` ("any" where it has none)."""
+    return [p["meta"].get("difficulty", "any") for p in problems]
+
+
+def check_sampling(cfg: RLConfig, difficulties: Sequence[str], tokenizer) -> tuple[ProblemSampler, list[int]]:
+    """The sampler of problems of ``difficulties`` (a ``ValueError`` if a curriculum phase weighs none of them) and
+    the ids of the ``stop`` tokens (a ``KeyError`` naming one the tokenizer lacks)."""
     sampler = ProblemSampler(
-        [p["meta"].get("difficulty", "any") for p in problems],
+        difficulties,
         cfg.curriculum,
         cfg.priority_floor,
         cfg.success_decay,
@@ -166,7 +171,8 @@ def check_sampling(cfg: RLConfig, problems: Sequence[dict], tokenizer) -> tuple[
 class RLTrainer:
     """``problems``: records ``{"messages": [...], "meta": {"task", "gold", "difficulty", ...}}``; ``reward_fn``
     ``(response text, meta) -> float`` (default: ``kimivl.rl.rewards.correctness``); ``settings`` and ``sources``: what
-    a resume compares (``TrainState``'s)."""
+    a resume compares (``TrainState``'s); ``difficulties``: the problems' ``meta.difficulty`` where the caller has
+    read them already (default: read from ``problems``)."""
 
     def __init__(
         self,
@@ -182,6 +188,7 @@ class RLTrainer:
         world: World | None = None,
         settings: dict[str, Any] | None = None,
         sources: dict[str, dict[str, Any]] | None = None,
+        difficulties: Sequence[str] | None = None,
     ):
         if not problems:
             raise ValueError("RL needs at least one problem")
@@ -193,7 +200,10 @@ class RLTrainer:
                 f"rl: problems ({cfg.problems} per iteration) must be a multiple of the {self.world.size} ranks"
             )
         check_updates(cfg, self.world.size)
-        self.sampler, self.stop_ids = check_sampling(cfg, problems, processor.tokenizer)
+        difficulties = difficulties_of(problems) if difficulties is None else difficulties
+        if len(difficulties) != len(problems):
+            raise ValueError(f"rl: {len(difficulties)} difficulties given for {len(problems)} problems")
+        self.sampler, self.stop_ids = check_sampling(cfg, difficulties, processor.tokenizer)
         # nothing of pi_i is saved: checkpoints fall between iterations, where pi_i is the policy as it is then
         self.state = TrainState(
             self.run_dir / stage / "checkpoints",

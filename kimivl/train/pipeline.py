@@ -39,6 +39,7 @@ from kimivl.precision import use_bf16
 from kimivl.processing.chat_template import THINK_CLOSE, THINK_OPEN, parse_thinking
 from kimivl.processing.processor import KimiVLProcessor, check_media_pad, model_image_processor
 from kimivl.processing.tokenizer import KimiTokenizer, train_bpe
+from kimivl.rl.trainer import difficulties_of
 from kimivl.train.lock import export_lock, run_lock
 from kimivl.train.metrics import plot_curves
 from kimivl.train.optim import build_optimizer
@@ -64,6 +65,7 @@ class Sources:
         self.checked: set[tuple[str, Any]] = set()  # (conversation source, problem) every record was checked for
         self.answers_only: set[str] = set()  # the sources trained on their answers alone
         self.progress = progress  # bars while large files are indexed and checked
+        self._difficulties: dict[str, list[str]] = {}
         for name, spec in recipe.sources.items():
             path = recipe.source_path(name)
             if not path.is_file():
@@ -87,6 +89,14 @@ class Sources:
                 raise RecipeError(f"data source {name!r}: no record of {path} has difficulty {levels}")
             if not self.items[name]:  # a stage's passes over its sources divided by their records
                 raise RecipeError(f"data source {name!r}: {path} holds no records")
+
+    def difficulties(self, names: list[str]) -> list[str]:
+        """The ``meta.difficulty`` of every problem of the sources ``names`` in turn ("any" where one has none), each
+        source read once per run however many checks and stages ask."""
+        for name in names:
+            if name not in self._difficulties:
+                self._difficulties[name] = difficulties_of(self.items[name])
+        return [d for name in names for d in self._difficulties[name]]
 
     def encoder(self, processor: KimiVLProcessor):
         def encode(name: str, item):

@@ -242,3 +242,18 @@ def test_an_unknown_rl_setting_is_named_with_the_settings_rl_takes(problems, tmp
         with pytest.raises(RecipeError) as e:
             load_recipe(tmp_path / "r.yaml")
         assert str(e.value) == words
+
+
+def test_an_rl_stage_reads_each_problem_once_for_its_difficulty(problems, tmp_path, monkeypatch):
+    """The sampling check (the curriculum against the problems' difficulties) read every problem again before the
+    first stage, again when the stage started and once more for the trainer's sampler."""
+    from kimivl.data.indexed import JsonlRecords
+
+    reads, get = [], JsonlRecords.__getitem__
+    monkeypatch.setattr(JsonlRecords, "__getitem__", lambda self, i: reads.append(i) or get(self, i))
+    stage = {"name": "rl", "kind": "rl", "steps": 1, "lr": 1e-3, "budget": 256, "sources": ["p"]}
+    stage["rl"] = {"problems": 2, "samples": 2, "max_new_tokens": 2, "curriculum": {0.0: {"easy": 1}}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({**settings(problems, tmp_path / "run"), "stages": [stage]}))
+    assert main(["train", str(tmp_path / "r.yaml")]) == 0
+    # problems 1 and 3 are hard, never sampled: read to train the tokenizer, to check them and for their difficulty
+    assert reads.count(1) == reads.count(3) == 3 and {0, 2} <= set(reads)

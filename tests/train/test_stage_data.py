@@ -18,6 +18,7 @@ from kimivl.data.formats import DataError, write_records
 from kimivl.data.indexed import Concat, JsonlRecords
 from kimivl.distributed.world import World
 from kimivl.model.kimivl import KimiVL
+from kimivl.rl.trainer import difficulties_of
 from kimivl.train.recipe import RecipeError
 from kimivl.train.stages.base import StageContext, loop_config
 from kimivl.train.stages.joint import JointStage, check_sources, stage_mixture
@@ -46,6 +47,7 @@ def _ctx(items, processor, text=None, seed=0):
         encoder=lambda p: None,
         progress=False,
         answers_only=set(),
+        difficulties=lambda names: [d for name in names for d in difficulties_of(items[name])],
     )
     return StageContext(SimpleNamespace(seed=seed, out=None), sources, processor)
 

@@ -40,9 +40,8 @@ class RLStage(PartsSettings):
         phase weighs a difficulty the problems hold, and the tokenizer has each ``stop`` token."""
         check_problems(self, ctx)
         cfg = rl_config(ctx.recipe, self)
-        problems = Concat([ctx.sources.items[name] for name in self.sources])
         try:
-            check_sampling(cfg, problems, ctx.processor.tokenizer)
+            check_sampling(cfg, ctx.sources.difficulties(self.sources), ctx.processor.tokenizer)
         except (KeyError, ValueError) as e:
             raise RecipeError(f"stage {self.name!r}: rl: {e.args[0]}") from None
 
@@ -152,6 +151,7 @@ def prepare(stage: RLStage, ctx: StageContext, model) -> Prepared:
             world=ctx.world,
             settings=stage.record_with(cfg),
             sources=source_record(ctx, stage.sources),
+            difficulties=ctx.sources.difficulties(stage.sources),
         )
         return trainer.run(progress=progress)
 
