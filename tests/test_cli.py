@@ -236,6 +236,64 @@ def test_a_full_conversation_drops_its_earliest_exchanges_to_fit_the_context(che
     assert "image" not in "".join(notes[1:])
 
 
+def _answering(monkeypatch, processor, answer: str) -> list:
+    """The prompts the chat session asks the model (their ids), each answered with ``answer``'s tokens."""
+    from kimivl.inference import chat
+
+    prompts = []
+
+    def stream_ids(model, ids, pixel_values, grids, params, stop_ids):
+        prompts.append(ids[0])
+        yield from ([t] for t in processor.tokenizer.encode(answer))
+
+    monkeypatch.setattr(chat, "stream_ids", stream_ids)
+    return prompts
+
+
+def _text(text: str) -> dict:
+    return {"role": "user", "content": [{"type": "text", "text": text}]}
+
+
+def test_a_prompt_that_leaves_exactly_max_new_tokens_keeps_the_whole_conversation(checkpoint, monkeypatch, capsys):
+    """Prompt + --max-new-tokens == context fits: no exchange is dropped for it (with '>=' the first one was); one
+    token more and the first exchange is dropped."""
+    from kimivl.config import KimiVLConfig
+
+    processor = KimiVLProcessor.from_pretrained(checkpoint)
+    context = KimiVLConfig.from_pretrained(checkpoint).text_config.max_position_embeddings
+    answer = "The circles are red. " * 20
+    kept = [_text("Count the circles."), {"role": "assistant", "content": answer.strip()}, _text("Why?")]
+    room = context - len(processor.encode(kept).input_ids)
+    assert 3000 < room < 4000
+    for max_new, prompt in ((room, kept), (room + 1, kept[2:])):
+        prompts = _answering(monkeypatch, processor, answer)
+        _typed(monkeypatch, "Count the circles.", "Why?")
+        assert main(["chat", "--model", str(checkpoint), "--max-new-tokens", str(max_new)]) == 0
+        dropped = "kimivl chat: dropped the first exchange of the conversation" in capsys.readouterr().err
+        assert dropped == (max_new > room) and prompts[1] == processor.encode(prompt).input_ids, max_new
+
+
+def test_a_question_as_long_as_the_context_is_refused_before_any_exchange_is_dropped(checkpoint, monkeypatch, capsys):
+    """A question whose prompt alone is the context's 4096 tokens leaves no room for an answer: it is refused and the
+    conversation kept (with '>' it was let through, the whole conversation dropped for it)."""
+    from kimivl.config import KimiVLConfig
+
+    processor = KimiVLProcessor.from_pretrained(checkpoint)
+    context = KimiVLConfig.from_pretrained(checkpoint).text_config.max_position_embeddings
+    frame = len(processor.encode([_text("Z")]).input_ids) - 1  # a 'Z' is a token of its own: no merge has one
+    question = "Z" * (context - frame)
+    assert len(processor.encode([_text(question)]).input_ids) == context == 4096
+    answer = "The circles are red. " * 20
+    prompts = _answering(monkeypatch, processor, answer)
+    _typed(monkeypatch, "Count the circles.", question, "Why?")
+    assert main(["chat", "--model", str(checkpoint), "--max-new-tokens", "8"]) == 0
+    err = capsys.readouterr().err
+    assert f"does not fit the model's context of {context} tokens: with the system prompt it takes {context};" in err
+    assert "dropped" not in err and len(prompts) == 2
+    kept = [_text("Count the circles."), {"role": "assistant", "content": answer.strip()}, _text("Why?")]
+    assert prompts[1] == processor.encode(kept).input_ids
+
+
 def test_the_session_skips_blank_lines_and_ctrl_c_stops_only_the_answer(checkpoint, monkeypatch, capsys):
     """A blank line ended the session (a paste with a blank line in it ended it midway); Ctrl-C during an answer
     ended the session (exit 130) and lost the conversation. Now a blank line is skipped; Ctrl-C stops the answer and

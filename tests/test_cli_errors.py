@@ -473,11 +473,23 @@ def test_a_reader_that_stops_early_ends_the_command_quietly_with_141(tmp_path, l
     assert (done.returncode, done.stderr) == (141, "")
 
 
-def test_a_broken_pipe_that_is_not_stdout_is_an_error(monkeypatch, capsys):
-    """Only stdout's reader going away ends a command quietly: another pipe or socket breaking is named, exit 2."""
+def test_a_broken_pipe_that_is_not_stdout_is_an_error(monkeypatch, capsys, tmp_path):
+    """Only stdout's reader going away ends a command quietly: another pipe or socket breaking is named, exit 2,
+    whether stdout is a capture with no file descriptor, a file, or a pipe whose reader is there (polled, both say
+    they can be written: no error, so not the quiet exit 141)."""
+    import os
+    import sys
+
     monkeypatch.setattr(cli, "cmd_demo", lambda args: (_ for _ in ()).throw(BrokenPipeError(32, "Broken pipe")))
     assert main(["demo"]) == 2
     _one_line_error(capsys, "demo", "[Errno 32] Broken pipe")
+    read, write = os.pipe()
+    with open(tmp_path / "out.txt", "w") as file, open(write, "w") as pipe, open(read):
+        for stdout in (file, pipe):
+            with monkeypatch.context() as patch:
+                patch.setattr(sys, "stdout", stdout)
+                assert main(["demo"]) == 2, stdout
+            _one_line_error(capsys, "demo", "[Errno 32] Broken pipe")
 
 
 @pytest.mark.parametrize("command", [["info", "--preset", "tiny"], ["train", "recipes/tiny.yaml", "--plan"]])

@@ -1,5 +1,6 @@
 """Progress bars in logs: rare refreshes where stderr is no terminal, log records on lines of their own."""
 
+import io
 import os
 import re
 import subprocess
@@ -7,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from kimivl.progress import progress_bar
 from kimivl.rl.passk import count_correct
 from tests.test_cli_errors import _ocr_recipe
 
@@ -23,6 +25,22 @@ def test_a_bar_that_no_terminal_shows_refreshes_rarely(capsys):
     assert counts == [1] * 60  # in 1.2 s
     err = capsys.readouterr().err
     assert "60/60" in err and err.count("\r") <= 2, err.count("\r")  # opened and closed, nothing between
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_a_bar_on_a_terminal_keeps_tqdms_refreshes_and_one_elsewhere_waits_30_s_for_either(monkeypatch):
+    """A terminal's bar refreshes as tqdm's does (an update 0.1 s after the last refresh shows); elsewhere neither an
+    update nor tqdm's monitor thread (which refreshes a bar not refreshed for 10 s) refreshes it sooner than 30 s
+    after the last refresh."""
+    monkeypatch.delenv("TQDM_MININTERVAL", raising=False)
+    for stream, intervals in ((_Terminal(), (0.1, 10.0)), (io.StringIO(), (30.0, 30.0))):
+        bar = progress_bar(total=3, file=stream)
+        assert (bar.mininterval, bar.maxinterval) == intervals, stream
+        bar.close()
 
 
 def test_train_logs_each_record_on_a_line_of_its_own_not_glued_to_a_bar(tmp_path):

@@ -697,6 +697,17 @@ def test_data_given_twice_or_for_a_task_not_run_is_refused(tmp_path, capsys):
         assert "ocrbench: score=500.0  (scored 2 rows: 1 answered, 1 missing" in capsys.readouterr().out
 
 
+def test_a_task_whose_rows_were_all_missing_is_scored_not_failed(tmp_path, capsys):
+    """No row has a prediction: each is scored as an empty answer, 0 answered of 2 scored, a score of 0 to publish
+    (exit 0); only a task with no row scored at all fails the command."""
+    data, pred, out = ocr_tsv(tmp_path / "ocr.tsv", n=2), tmp_path / "p.jsonl", tmp_path / "out"
+    pred.write_text('{"index": 99, "prediction": "word0"}\n')  # no row of the data has this index
+    assert main(["eval", "--predictions", str(pred), "--out", str(out), "--task", "ocrbench", "--data", str(data)]) == 0
+    assert "ocrbench: score=0.0  (scored 2 rows: 0 answered, 2 missing" in capsys.readouterr().out
+    result = json.loads((out / "results.json").read_text())["ocrbench"]
+    assert (result["scored"], result["answered"], result["missing"], result["metrics"]["score"]) == (2, 0, 2, 0)
+
+
 def test_a_task_that_scored_no_rows_fails_the_command_after_the_others_ran(monkeypatch, tmp_path, capsys):
     """Every row of mmmu malformed: it scored 0 rows with metrics {}, and eval exited 0 (CI published it)."""
     data, bad, out = ocr_tsv(tmp_path / "ocr.tsv", n=2), tmp_path / "bad.tsv", tmp_path / "out"

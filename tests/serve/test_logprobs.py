@@ -166,6 +166,16 @@ def test_streamed_entries_add_up_to_the_plain_answers(tiny):
     assert texts == [content[:cut]]
     _same(entries, whole.logprobs.content[: t + 1])
 
+    # a stop string at a token's first character cuts all its text: that token has no entry either
+    t = next(i for i in range(2, len(tokens)) if len(tokens[i]) > 1 and content.index(tokens[i][:2]) == starts[i])
+    stop = tokens[t][:2]
+    stopped = _ask(client, top_logprobs=2, stop=stop).choices[0]
+    assert stopped.message.content == content[: starts[t]]
+    _same(stopped.logprobs.content, whole.logprobs.content[:t])
+    texts, (entries,) = _streamed(client, top_logprobs=2, stop=stop)
+    assert texts == [content[: starts[t]]]
+    _same(entries, whole.logprobs.content[:t])
+
     # two sampled choices with a seed: streamed as they are answered whole
     both = _ask(client, n=2, seed=5, temperature=1.0, top_logprobs=3)
     texts, entries = _streamed(client, n=2, seed=5, temperature=1.0, top_logprobs=3)

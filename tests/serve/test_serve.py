@@ -556,6 +556,20 @@ def test_every_spelling_of_a_loopback_host_is_loopback():
         assert not _loopback(host), host
 
 
+def test_a_host_that_also_resolves_to_a_public_address_is_not_loopback(monkeypatch):
+    """The bind listens on every address the host resolves to: one public address among loopback ones makes the
+    server public, and its Host guard (loopback names only) must be off, as for ``0.0.0.0``."""
+    import socket
+
+    from kimivl.cli import _loopback
+
+    found = [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, 0)) for address in ("127.0.1.1", "192.0.2.7")]
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: found)
+    assert not _loopback("myhost")
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: found[:1])
+    assert _loopback("myhost")
+
+
 def test_local_media_only_under_the_allowed_directory_and_byte_limits(tmp_path):
     media, outside = tmp_path / "media", tmp_path / "secret.png"
     media.mkdir()
@@ -695,6 +709,27 @@ def test_kimivl_serve_holds_its_port_while_the_model_loads(monkeypatch):
     assert taken == [True] and served == [(port, True)]
     with socket.socket() as after:  # let go when the server ends
         after.bind(("127.0.0.1", port))
+
+
+def test_a_port_just_served_on_can_be_listened_on_again():
+    """A server stopped after answering a connection leaves that connection in TIME_WAIT on its port for 60 s: a
+    restart meanwhile was refused ('another server listens there') without SO_REUSEADDR, which uvicorn sets too."""
+    import socket
+
+    from kimivl.serve.listen import open_sockets
+
+    (server,) = open_sockets("127.0.0.1", 0)
+    port = server.getsockname()[1]
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+        answered, _ = server.accept()
+        answered.close()  # the server closes first: its side waits in TIME_WAIT once the client closes
+        assert client.recv(1) == b""
+    server.close()
+    with socket.socket() as plain, pytest.raises(OSError):  # the port is still taken for a bind without the option
+        plain.bind(("127.0.0.1", port))
+    for sock in open_sockets("127.0.0.1", port):
+        assert sock.getsockname()[1] == port
+        sock.close()
 
 
 def test_a_data_video_carries_the_servers_bound_on_decoded_frames():
