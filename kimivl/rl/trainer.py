@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
@@ -219,6 +220,21 @@ class RLTrainer:
             sources=sources,
         )
 
+    def _reward(self, text: str, meta: dict) -> float:
+        """The reward function's value for one answer, as a float (a bool or an int is a number too); a value that is
+        no finite number is a ``TrainingError`` naming the task, before it reaches an update."""
+        value = self.reward_fn(text, meta)
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = math.nan
+        if isinstance(value, str) or not math.isfinite(number):
+            raise TrainingError(
+                f"rl: the reward of a {meta.get('task') or 'default'}-task answer is {value!r}, not a finite number: "
+                "a reward function returns a float (a bool or an int counts as one)"
+            )
+        return number
+
     @property
     def iteration(self) -> int:
         return self.state.step
@@ -266,7 +282,7 @@ class RLTrainer:
             )
             rollout_s = time.perf_counter() - rollout_start
 
-            correct = torch.tensor([self.reward_fn(r.text, self.problems[chosen[r.prompt]]["meta"]) for r in rolls])
+            correct = torch.tensor([self._reward(r.text, self.problems[chosen[r.prompt]]["meta"]) for r in rolls])
             lengths = torch.tensor([r.length for r in rolls], dtype=torch.float32)
             reward = correct.clone()
             length_on = cfg.length_weight > 0 and it >= cfg.length_warmup

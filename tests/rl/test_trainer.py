@@ -312,3 +312,20 @@ def test_the_update_is_the_gradient_of_the_minibatch_mean_loss(small_model, smal
     values = trainer.step()
     assert len(want) == 1 and want[0] > 0
     assert values["grad_norm"] == pytest.approx(want[0].item(), rel=1e-5)
+
+
+def test_a_reward_of_bools_trains_as_floats_and_one_that_is_no_number_is_named(small_model, small_processor, tmp_path):
+    """A checker returning bools (or ints) crashed at ``reward.mean()`` once every answer of an iteration got one (a
+    mix with 0.0 became floats), after the update; None or NaN gave a deep error or 'loss is not finite'."""
+    runs = {}
+    for kind, reward_fn in (("float", starts_with_a_letter), ("bool", lambda text, meta: text[:1].isalpha())):
+        trainer = make_trainer(copy.deepcopy(small_model), small_processor, tmp_path / kind, reward_fn=reward_fn)
+        runs[kind] = {k: v for k, v in trainer.step().items() if k != "seconds" and not k.endswith("_per_s")}
+    assert runs["float"]["reward"] > 0 and runs["bool"] == pytest.approx(runs["float"], rel=1e-6, abs=1e-7)
+    for value in (None, float("nan"), "1"):
+        policy = copy.deepcopy(small_model)
+        before = [p.clone() for p in policy.parameters()]
+        trainer = make_trainer(policy, small_processor, tmp_path / "bad", reward_fn=lambda text, meta: value)
+        with pytest.raises(TrainingError, match=rf"the reward of a toy-task answer is {re.escape(repr(value))}, not a"):
+            trainer.step()
+        assert all(torch.equal(p, q) for p, q in zip(policy.parameters(), before))  # found before any update
