@@ -239,7 +239,8 @@ def build_optimizer(
     """``MuonAdamW`` over ``partition_params(model)``; each param group carries its ``name``. Empty groups are
     dropped, so a resumed run must freeze the same parts as the run that saved the state. ``lr_scale`` maps a
     submodule name (``vision_tower``) to a multiplier of ``lr`` for its parameters; those form their own groups,
-    named ``muon@vision_tower`` and so on, after the unscaled ones."""
+    named ``muon@vision_tower`` and so on, after the unscaled ones; a parameter under two of them (``language_model``
+    and ``language_model.lm_head``) takes the nearer one's."""
     lr_scale = dict(lr_scale or {})
     modules = dict(model.named_modules())
     for prefix, factor in lr_scale.items():
@@ -254,7 +255,7 @@ def build_optimizer(
     split: dict[tuple[str, str | None], list[nn.Parameter]] = {}
     for name, named in partition_params(model).items():
         for pname, p in named:
-            prefix = next((k for k in lr_scale if pname.startswith(k + ".")), None)
+            prefix = max((k for k in lr_scale if pname.startswith(k + ".")), key=len, default=None)
             split.setdefault((name, prefix), []).append(p)
     param_groups = [
         {

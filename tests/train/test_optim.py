@@ -239,6 +239,16 @@ def test_lr_scale_gives_a_part_its_own_groups_and_a_proportional_step(model):
             assert torch.equal(step_scaled, step), n
 
 
+@pytest.mark.parametrize("outer_first", [True, False])
+def test_a_parameter_under_two_scaled_parts_takes_the_nearer_ones_rate(model, outer_first):
+    """{language_model: 0.5, language_model.lm_head: 2.0} gave lm_head 0.5; in the other order 2.0."""
+    scales = [("language_model", 0.5), ("language_model.lm_head", 2.0)]
+    opt = build_optimizer(model, lr=1e-2, lr_scale=dict(scales if outer_first else scales[::-1]))
+    rate = {id(p): group["lr"] for group in opt.param_groups for p in group["params"]}
+    assert {rate[id(p)] for p in model.language_model.lm_head.parameters()} == {2e-2}
+    assert {rate[id(p)] for p in model.language_model.model.embed_tokens.parameters()} == {5e-3}
+
+
 @pytest.mark.parametrize("lr_scale", [{"vision": 0.1}, {"vision_tower": 0.0}, {"language_model": -1.0}])
 def test_lr_scale_rejects_unknown_parts_and_bad_factors(model, lr_scale):
     with pytest.raises(ValueError, match="lr_scale"):
