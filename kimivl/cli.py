@@ -474,6 +474,16 @@ def _no_colour() -> bool:
     return bool(os.environ.get("NO_COLOR")) or os.environ.get("TERM") == "dumb"
 
 
+def _event_loop_running() -> bool:
+    import asyncio
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -483,6 +493,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from kimivl.serve.schema import Limits
 
     _at_least_one(args, "port", "max_batch", "max_queue", "prefill_chunk")
+    if _event_loop_running():
+        raise CommandError(
+            "this thread runs an event loop already (a notebook's), and the server runs its own: start it in a "
+            "process of its own, e.g. subprocess.Popen([sys.executable, '-m', 'kimivl', 'serve', ...])"
+        )
     if args.host.startswith("[") and args.host.endswith("]"):  # an IPv6 address as a URL writes it: [::1]
         args.host = args.host[1:-1]
     held = args.max_batch + args.max_queue  # the requests the engine holds, each on its connection
@@ -547,12 +562,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
 @contextlib.contextmanager
 def _console_log(level: int, fmt: str) -> Iterator[None]:
     """Log records from ``level`` up to stderr in ``fmt``, each on a line of its own above the progress bars (not
-    glued to the end of a bar's line) while the block runs."""
+    glued to the end of a bar's line) while the block runs; where logging is configured already (an application, a
+    notebook's own ``basicConfig``) its configuration is used. Logging is left as it was found (a notebook calling
+    ``main`` keeps its own)."""
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    logging.basicConfig(level=level, format=fmt)
-    with logging_redirect_tqdm():
-        yield
+    root = logging.getLogger()
+    handler, level_before = None, root.level
+    if not root.handlers:  # as logging.basicConfig does
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(fmt))
+        root.addHandler(handler)
+        root.setLevel(level)
+    try:
+        with logging_redirect_tqdm():
+            yield
+    finally:
+        if handler is not None:
+            root.removeHandler(handler)
+            root.setLevel(level_before)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -5,8 +5,11 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+import pytest
 
 from kimivl.progress import progress_bar
 from kimivl.rl.passk import count_correct
@@ -68,3 +71,46 @@ def test_train_logs_each_record_on_a_line_of_its_own_not_glued_to_a_bar(tmp_path
     assert done.returncode == 0, done.stderr
     record = r"\d{4}-\d\d-\d\d [\d:,]+ kimivl\.train\.state: checkpoint written"
     assert re.search(record, done.stderr) and re.search(rf"(^|[\r\n]){record}\n", done.stderr), done.stderr
+
+
+def test_a_training_loops_bar_keeps_its_interval_and_is_closed_when_it_fails(small_model, small_processor, capsys):
+    """``set_postfix`` refreshed the bar at every step, past its 30 s interval (19 redraws for 12 steps in a log);
+    a loop that raised left its bar open, so the next bar in a notebook kernel was drawn one line down, garbled."""
+    import tqdm
+
+    from kimivl.train.loop import LoopConfig, train_loop
+    from tests.train.test_loop import joint_loss, setup
+
+    calls = []
+
+    def failing_at_step_7(model, batch):
+        calls.append(1)
+        if len(calls) == 7:
+            raise RuntimeError("a failure of one's own")
+        return joint_loss(model, batch)
+
+    model, data, opt, sched = setup(small_model, small_processor)
+    before = len(tqdm.tqdm._instances)
+    with pytest.raises(RuntimeError, match="of one's own"), tempfile.TemporaryDirectory() as run:
+        train_loop(model, failing_at_step_7, data, opt, sched, LoopConfig(steps=8, ckpt_every=100), run, "s")
+    err = capsys.readouterr().err
+    assert "s:" in err and "6/8" in err and err.count("\r") <= 2, err  # opened and closed, nothing between
+    assert len(tqdm.tqdm._instances) == before
+
+
+def test_a_command_called_from_python_shows_its_log_and_leaves_logging_as_it_was():
+    """``main(['train', ...])`` in a notebook left the root logger at INFO with kimivl's handler: the user's own
+    records printed in kimivl's format and their later ``basicConfig`` did nothing."""
+    script = (
+        "import logging, sys\n"
+        "from kimivl.cli import main\n"
+        "root = logging.getLogger()\n"
+        "before = (root.level, list(root.handlers))\n"
+        "assert main(['train', 'recipes/tiny.yaml', '--plan']) == 0\n"
+        "assert (root.level, list(root.handlers)) == before, (root.level, root.handlers)\n"
+        "logging.getLogger('mine').info('not shown')\n"
+    )
+    root = Path(__file__).parents[1]
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=root, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"\d\d:\d\d:\d\d,\d+ kimivl\.\w+", done.stderr) and "not shown" not in done.stderr, done.stderr

@@ -59,20 +59,22 @@ def evaluate(
     from kimivl.progress import progress_bar
 
     rows = []
-    for start in progress_bar(range(0, len(records), batch_size), desc="eval", disable=not progress):
-        chunk = records[start : start + batch_size]
-        prompts = [r["messages"][:-1] if r["messages"][-1]["role"] == "assistant" else r["messages"] for r in chunk]
-        for rec, pred in zip(chunk, generate(model, processor, prompts, max_new_tokens=max_new_tokens)):
-            rows.append(
-                {
-                    "id": rec.get("id"),
-                    "task": rec["meta"]["task"],
-                    "difficulty": rec["meta"].get("difficulty"),
-                    "prediction": pred,
-                    "gold": rec["meta"]["gold"],
-                    "correct": score(pred, rec["meta"]),
-                }
-            )
+    starts = range(0, len(records), batch_size)
+    with progress_bar(starts, desc="eval", disable=not progress) as bar:  # closed however the loop ends
+        for start in bar:
+            chunk = records[start : start + batch_size]
+            prompts = [r["messages"][:-1] if r["messages"][-1]["role"] == "assistant" else r["messages"] for r in chunk]
+            for rec, pred in zip(chunk, generate(model, processor, prompts, max_new_tokens=max_new_tokens)):
+                rows.append(
+                    {
+                        "id": rec.get("id"),
+                        "task": rec["meta"]["task"],
+                        "difficulty": rec["meta"].get("difficulty"),
+                        "prediction": pred,
+                        "gold": rec["meta"]["gold"],
+                        "correct": score(pred, rec["meta"]),
+                    }
+                )
     acc: dict[str, float] = {}
     for task in sorted({r["task"] for r in rows}):
         mine = [r["correct"] for r in rows if r["task"] == task]

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import itertools
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -39,7 +40,7 @@ class Task:
 
     name: str
     load: Callable[..., Iterable]
-    score: Callable[[str, dict], dict]
+    score: Callable[..., dict]  # (prediction, meta, mode=, extracted=) -> {"score": ..., ...}
     summarize: Callable[[list[dict]], dict] = accuracy
     needs_data: bool = True
     default_data: str | None = None
@@ -49,11 +50,29 @@ class Task:
     rows_scorer: Callable[[list[tuple], str], list[dict]] | None = None
     llm_extraction: bool = False  # the official pipeline has an LLM extract each answer (kimivl uses rules)
 
+    def __post_init__(self) -> None:
+        """A ``score`` that cannot be called as the runner calls it is named when the task is made, not once every
+        row has been generated."""
+        if self.rows_scorer is None:
+            try:
+                inspect.signature(self.score).bind("", {}, mode="official", extracted=None)
+            except TypeError as e:
+                raise TypeError(
+                    f"task {self.name!r}: score is called as score(prediction, meta, mode=, extracted=) ({e})"
+                ) from None
+            except ValueError:  # a callable without a signature to inspect: called as it is
+                pass
+
     def score_rows(self, items: list[tuple[str, dict, str | None]], mode: str = "official") -> list[dict]:
-        """Scores of (prediction, meta, extracted) rows under ``mode``."""
+        """Scores of (prediction, meta, extracted) rows under ``mode``; a score that is no mapping with a ``score``
+        is a ``TypeError`` naming the task."""
         if self.rows_scorer is not None:
             return self.rows_scorer(items, mode)
-        return [self.score(p, m, mode=mode, extracted=e) for p, m, e in items]
+        rows = [self.score(p, m, mode=mode, extracted=e) for p, m, e in items]
+        wrong = next((r for r in rows if not (isinstance(r, dict) and "score" in r)), None)
+        if wrong is not None:
+            raise TypeError(f"task {self.name!r}: score returned {wrong!r}, not a dict with a 'score'")
+        return rows
 
 
 def _synthetic_load(data, task: str | None = None, **_) -> Iterator[Sample]:

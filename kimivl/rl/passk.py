@@ -48,16 +48,19 @@ def count_correct(
     """How many of ``samples`` answers to each problem are correct, generated ``chunk`` problems at a time (chunk j
     with seed ``seed + j``)."""
     counts: list[int] = []
-    bar = progress_bar(total=len(problems), desc="pass@k", unit="problem", disable=not progress, dynamic_ncols=True)
-    for j, start in enumerate(range(0, len(problems), chunk)):
-        part = problems[start : start + chunk]
-        texts = generate(part, samples, seed + j)
-        if len(texts) != len(part) * samples:
-            raise ValueError(f"the generator gave {len(texts)} answers for {len(part)} problems x {samples} samples")
-        for i, record in enumerate(part):
-            counts.append(sum(reward_fn(t, record["meta"]) >= 0.5 for t in texts[i * samples : (i + 1) * samples]))
-        bar.update(len(part))
-    bar.close()
+    with progress_bar(
+        total=len(problems), desc="pass@k", unit="problem", disable=not progress, dynamic_ncols=True
+    ) as bar:
+        for j, start in enumerate(range(0, len(problems), chunk)):
+            part = problems[start : start + chunk]
+            texts = generate(part, samples, seed + j)
+            if len(texts) != len(part) * samples:
+                raise ValueError(
+                    f"the generator gave {len(texts)} answers for {len(part)} problems x {samples} samples"
+                )
+            for i, record in enumerate(part):
+                counts.append(sum(reward_fn(t, record["meta"]) >= 0.5 for t in texts[i * samples : (i + 1) * samples]))
+            bar.update(len(part))
     return counts
 
 

@@ -421,18 +421,20 @@ class RLTrainer:
             dynamic_ncols=True,
         )
         log_to = MetricsLog(self.run_dir, self.stage, start=self.iteration) if main else NoMetrics()
-        with log_to as metrics, stop_on_interrupt() as stop:
+        with bar, log_to as metrics, stop_on_interrupt() as stop:  # the bar closed however the run ends
             while self.iteration < self.cfg.iterations:
                 last = self.step()
                 metrics.write(self.iteration, last)
-                bar.update(1)
                 bar.set_postfix(
-                    reward=f"{last['reward']:.2f}", acc=f"{last['accuracy']:.2f}", len=f"{last['mean_length']:.0f}"
+                    reward=f"{last['reward']:.2f}",
+                    acc=f"{last['accuracy']:.2f}",
+                    len=f"{last['mean_length']:.0f}",
+                    refresh=False,  # shown by update's refresh, which keeps the bar's interval
                 )
+                bar.update(1)
                 if self.iteration % self.cfg.ckpt_every == 0 or self.iteration == self.cfg.iterations:
                     self.state.save()
                     if main:
                         self._plot()
                 self.state.stop_if_asked(agreed(stop, self.world), self.cfg.iterations)
-        bar.close()
         return last

@@ -119,12 +119,12 @@ def train_loop(
     last: dict[str, float] = {}
     tokens_seen, t0 = 0, time.perf_counter()
     progress = progress and world.main
-    bar = progress_bar(
-        total=cfg.steps, initial=state.step, desc=stage, disable=not progress, unit="step", dynamic_ncols=True
-    )
     model.train()
     moe = any(isinstance(m, Router) for m in model.modules())
     with (
+        progress_bar(
+            total=cfg.steps, initial=state.step, desc=stage, disable=not progress, unit="step", dynamic_ncols=True
+        ) as bar,  # closed however the loop ends: a bar left open garbles the next one in a notebook
         MetricsLog(run_dir, stage, start=state.step) if world.main else NoMetrics() as metrics,
         stop_on_interrupt() as stop,
         ExpertLoadTracker(model) if moe else contextlib.nullcontext() as tracker,
@@ -171,8 +171,8 @@ def train_loop(
             step = state.step
             tokens_seen += n_tokens
             rate = tokens_seen / (time.perf_counter() - t0)
+            bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{rate:.0f}", refresh=False)  # shown by update's refresh
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{rate:.0f}")
             held_out = validate(model) if validate and (step % cfg.val_every == 0 or step == cfg.steps) else {}
             if moe and held_out:
                 tracker.reset()  # held-out forwards are no training load for the next bias update
@@ -191,7 +191,6 @@ def train_loop(
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
                 state.save()
             state.stop_if_asked(agreed(stop, world), cfg.steps)
-    bar.close()
     return last
 
 

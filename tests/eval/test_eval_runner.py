@@ -731,3 +731,23 @@ def test_a_task_that_scored_no_rows_fails_the_command_after_the_others_ran(monke
     captured = capsys.readouterr()
     assert "ocrbench: score=500.0" in captured.out and f"results: {out}/results.json" in captured.out
     assert captured.err.splitlines()[-1].startswith("kimivl eval: error: mmmu scored 0 rows")
+
+
+def test_a_task_of_ones_own_with_a_scorer_the_runner_cannot_use_is_named_before_generating(tmp_path):
+    """A ``score(prediction, meta)`` (the old annotation) failed with 'unexpected keyword argument mode', and one
+    returning a float with "'float' object is not a mapping", both as tracebacks once every row was generated."""
+    from kimivl.eval.tables import Sample
+    from kimivl.eval.tasks import Task
+
+    def load(data, **_):
+        yield Sample("0", [{"role": "user", "content": "Say yes."}], {"gold": "yes"})
+
+    with pytest.raises(TypeError, match=r"task 'mine': score is called as score\(prediction, meta, mode=, extra"):
+        Task("mine", load, lambda prediction, meta: {"score": 1.0})
+    task = Task("mine", load, lambda prediction, meta, mode, extracted: float(prediction == meta["gold"]))
+    (tmp_path / "p.jsonl").write_text('{"index": "0", "prediction": "yes"}\n')
+    with pytest.raises(TypeError, match=r"task 'mine': score returned 1.0, not a dict with a 'score'"):
+        run_task(task, load(None), tmp_path / "out", predictions=tmp_path / "p.jsonl", progress=False)
+    task = Task("mine", load, lambda prediction, meta, **_: {"score": float(prediction == meta["gold"])})
+    result = run_task(task, load(None), tmp_path / "ok", predictions=tmp_path / "p.jsonl", progress=False)
+    assert result["metrics"]["accuracy"] == 100.0 and result["scored"] == 1  # accuracy in percent

@@ -1006,3 +1006,18 @@ def test_kimivl_serve_drops_its_colours_under_no_color_or_a_dumb_terminal(monkey
             monkeypatch.setenv("NO_COLOR", no_color)
         assert main(["serve", "--model", str(MODELS / "kimivl-tiny"), "--device", "cpu"]) == 0
     assert colours == [None, None, False, False]  # None: uvicorn colours a terminal only
+
+
+def test_serve_called_where_an_event_loop_runs_says_so_before_loading(tmp_path, capsys):
+    """``main(['serve', ...])`` in a notebook cell loaded the model, then died in uvicorn: 'Cannot run the event loop
+    while another loop is running'."""
+    import asyncio
+
+    from kimivl.cli import main
+
+    async def cell():
+        return main(["serve", "--model", str(tmp_path / "not-loaded")])
+
+    assert asyncio.run(cell()) == 2
+    err = capsys.readouterr().err
+    assert "this thread runs an event loop already (a notebook's)" in err and "not-loaded" not in err
