@@ -315,11 +315,9 @@ def table(rows: list[dict]) -> str:
 
 
 def heatmap(rows: list[dict], kind: str, path: str | Path) -> Path:
-    """Recall (percent, mean over trials) as a depth x length heatmap PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Recall (percent, mean over trials) as a depth x length heatmap PNG (a figure of its own: matplotlib's backend,
+    a notebook's, is left as it is)."""
+    from matplotlib.figure import Figure
 
     cells: dict[tuple[int, int], list[float]] = defaultdict(list)
     for r in rows:
@@ -331,7 +329,8 @@ def heatmap(rows: list[dict], kind: str, path: str | Path) -> Path:
         [100 * sum(cells[(d, n)]) / len(cells[(d, n)]) if cells.get((d, n)) else float("nan") for n in lengths]
         for d in depths
     ]
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 1.2 + 0.45 * len(depths)))
+    fig = Figure(figsize=(1.2 + 0.9 * len(lengths), 1.2 + 0.45 * len(depths)))
+    ax = fig.subplots()
     im = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
     ax.set_xticks(range(len(lengths)), [f"{n / 1024:.3g}K" for n in lengths])
     ax.set_yticks(range(len(depths)), [f"{d}%" for d in depths])
@@ -346,7 +345,6 @@ def heatmap(rows: list[dict], kind: str, path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 

@@ -106,19 +106,18 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
 
 
 def plot_curves(metrics_file: str | os.PathLike, out_png: str | os.PathLike, keys: tuple[str, ...] = ("loss",)) -> None:
-    """One panel per stage with the given keys against the step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """One panel per stage that logged any of the given keys, the keys against the step. Drawn on a figure of its
+    own: matplotlib's backend (a notebook's) is left as it is."""
+    from matplotlib.figure import Figure
 
     rows = read_metrics(metrics_file)
-    stages = list(dict.fromkeys(r["stage"] for r in rows))
+    stages = list(dict.fromkeys(r["stage"] for r in rows if any(key in r for key in keys)))
     if not stages:
-        raise ValueError(f"{metrics_file} holds no metrics")
+        raise ValueError(f"{metrics_file} holds no metrics of {', '.join(keys)}")
     cols = min(4, len(stages))
     nrows = (len(stages) + cols - 1) // cols
-    fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3 * nrows), squeeze=False)
+    fig = Figure(figsize=(4 * cols, 3 * nrows))
+    axes = fig.subplots(nrows, cols, squeeze=False)
     for ax, stage in zip(axes.flat, stages):
         mine = [r for r in rows if r["stage"] == stage]
         for key in keys:
@@ -132,4 +131,3 @@ def plot_curves(metrics_file: str | os.PathLike, out_png: str | os.PathLike, key
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
-    plt.close(fig)

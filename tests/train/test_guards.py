@@ -739,3 +739,33 @@ def test_a_whole_sharded_checkpoint_of_another_model_is_not_called_damaged(small
     with pytest.raises(CheckpointError, match=r"step-0000004 does not fit this model \(rank 0: Size mismatch") as e:
         load_state_sharded(tmp_path / "step-0000004", other, opt, World())
     assert "damaged" not in str(e.value) and "experts.down_proj" in str(e.value)
+
+
+def test_curves_leave_matplotlibs_backend_and_draw_only_stages_with_their_keys(tmp_path):
+    """plot_curves switched the process to Agg (a notebook lost its inline plots), and an rl stage's reward plot
+    drew an empty panel for the sft stage before it, warning 'No artists with labels found' (a crash under -W
+    error) at every rl checkpoint."""
+    import warnings
+
+    import matplotlib
+    from PIL import Image
+
+    from kimivl.train.metrics import plot_curves
+
+    rows = [{"stage": "sft", "step": s, "loss": 2.0 / s} for s in (1, 2)]
+    rows += [{"stage": "rl", "step": s, "loss": 0.5, "reward": 0.1 * s} for s in (1, 2)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    backend = matplotlib.get_backend()
+    matplotlib.use("svg")  # as a notebook's inline backend: another than Agg
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            plot_curves(tmp_path / "metrics.jsonl", tmp_path / "rewards.png", ("reward",))
+            plot_curves(tmp_path / "metrics.jsonl", tmp_path / "curves.png", ("loss", "val_loss"))
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(backend)
+    assert Image.open(tmp_path / "rewards.png").size == (400, 300)  # one panel: rl's
+    assert Image.open(tmp_path / "curves.png").size == (800, 300)  # sft's and rl's
+    with pytest.raises(ValueError, match="holds no metrics of kl_ref"):
+        plot_curves(tmp_path / "metrics.jsonl", tmp_path / "kl.png", ("kl_ref",))
