@@ -74,6 +74,8 @@ def prefill(lm, embeds_BSD, positions_BS, cache, mask_BS: torch.Tensor | None, c
     if not isinstance(chunk, Integral) or isinstance(chunk, bool) or chunk < 1:
         raise GenerationError(f"prefill_chunk must be a positive number of tokens, got {chunk!r}")
     s = embeds_BSD.shape[1]
+    if s == 0:
+        raise GenerationError("prefill needs a prompt of at least one token, got an empty one")
     for start in range(0, s, chunk):
         end = min(start + chunk, s)
         hidden = lm(

@@ -244,6 +244,17 @@ def test_prefill_chunk_must_be_positive(tiny_model):
         generate_ids(tiny_model, [[1, 2, 3]], params=SamplingParams(max_new_tokens=2), prefill_chunk=0)
 
 
+def test_prefill_of_an_empty_prompt_is_refused(tiny_model):
+    """An empty prompt met an UnboundLocalError at the return (benchmarks/long_context.py --lengths 0)."""
+    from kimivl.inference.generate import prefill
+
+    lm = tiny_model.language_model
+    cache = MLACache(tiny_model.config.text_config, 1, 8)
+    embeds = lm.model.embed_tokens(torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match="prefill needs a prompt of at least one token, got an empty one"):
+        prefill(lm, embeds, torch.zeros(1, 0, dtype=torch.long), cache, None, 4)
+
+
 def test_cache_load_lays_tokens_out_again_for_other_rows(tiny_config):
     cfg = tiny_config.text_config
     cache = MLACache(cfg, 2, 20, block=3)
