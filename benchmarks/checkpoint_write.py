@@ -25,6 +25,7 @@ import torch
 
 from kimivl import KimiVL, KimiVLConfig
 from kimivl.checkpoint import save_checkpoint
+from kimivl.files import unwritable
 from kimivl.model.moe import to_dtype
 from kimivl.train.state import save_state
 from kimivl.train.trainable import hold_frozen_in_bf16, set_trainable
@@ -41,6 +42,17 @@ def disk_bytes(root: Path) -> int:
     return total
 
 
+def bench_config(layers: int) -> KimiVLConfig:
+    """The A3B's LM width and expert shapes with ``layers`` layers, a 32,000-entry vocabulary (its special ids, the
+    image placeholder's among them, inside it) and a one-block vision tower."""
+    config = KimiVLConfig.from_preset("kimi-vl-a3b")
+    text = dataclasses.replace(
+        config.text_config, num_hidden_layers=layers, vocab_size=32000, bos_token_id=1, eos_token_id=2
+    )
+    vision = dataclasses.replace(config.vision_config, num_hidden_layers=1)
+    return dataclasses.replace(config, text_config=text, vision_config=vision, media_placeholder_token_id=31999)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=2)
@@ -52,14 +64,11 @@ def main() -> None:
                  "--checkpoints >= 2 (the first checkpoint links nothing; later ones are compared)")  # fmt: skip
     if args.dir is not None and not args.dir.is_dir():
         ap.error(f"--dir {args.dir}: not a directory")
+    if args.dir is not None and (why := unwritable(args.dir / "checkpoint_write")):
+        ap.error(f"--dir {args.dir}: {why}; choose another --dir")
 
-    config = KimiVLConfig.from_preset("kimi-vl-a3b")
-    config.text_config = dataclasses.replace(
-        config.text_config, num_hidden_layers=args.layers, vocab_size=32000, bos_token_id=1, eos_token_id=2
-    )
-    config.vision_config = dataclasses.replace(config.vision_config, num_hidden_layers=1)
     torch.manual_seed(0)
-    model = to_dtype(KimiVL(config), torch.bfloat16).float()
+    model = to_dtype(KimiVL(bench_config(args.layers)), torch.bfloat16).float()
     set_trainable(model, ["multi_modal_projector", "language_model"], ["*.mlp.experts.*"])
     held = hold_frozen_in_bf16(model)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)

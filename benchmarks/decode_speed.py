@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from arguments import at_least
 
 from kimivl import KimiVL, KimiVLConfig
 from kimivl.config import TextConfig, VisionConfig
@@ -77,13 +78,27 @@ def hf_cache_bytes_per_token(ref, ids: torch.Tensor) -> float:
     return sum(t.nbytes for t in tensors) / ids.numel()
 
 
+def same_greedy_tokens(model, ref, prompt_ids: torch.Tensor, new: int = 8) -> bool:
+    """Whether kimivl's greedy tokens after ``prompt_ids`` (B, P) equal transformers' ``generate``'s."""
+    theirs = ref.generate(
+        prompt_ids,
+        max_new_tokens=new,
+        min_new_tokens=new,
+        do_sample=False,
+        pad_token_id=0,
+        attention_mask=torch.ones_like(prompt_ids),
+    )
+    ours = generate_ids(model, prompt_ids.tolist(), params=SamplingParams(max_new_tokens=new))
+    return ours == theirs[:, prompt_ids.shape[1] :].tolist()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--prompt", type=int, default=512)
-    ap.add_argument("--new", type=int, default=64)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batch", type=at_least(1), default=4)
+    ap.add_argument("--prompt", type=at_least(1), default=512)
+    ap.add_argument("--new", type=at_least(1), default=64)
+    ap.add_argument("--layers", type=at_least(1), default=4)
+    ap.add_argument("--repeats", type=at_least(1), default=3)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     if args.threads:
@@ -112,18 +127,7 @@ def main() -> None:
         return out[:, args.prompt :].tolist()
 
     with torch.inference_mode():
-        short = ids[:, :32]
-        same = (
-            generate_ids(model, short.tolist(), params=SamplingParams(max_new_tokens=8))
-            == ref.generate(
-                short,
-                max_new_tokens=8,
-                min_new_tokens=8,
-                do_sample=False,
-                pad_token_id=0,
-                attention_mask=torch.ones_like(short),
-            )[:, 32:].tolist()
-        )
+        same = same_greedy_tokens(model, ref, ids[:, :32])  # a short prompt: at most 32 tokens
         print(f"fp32 greedy tokens identical to transformers on a short prompt: {same}")
         to_bf16(model)
         to_bf16(ref)

@@ -22,13 +22,14 @@ import dataclasses
 import json
 import os
 import socket
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from arguments import at_least
+from children import exit_on_sigterm, run
 
 from kimivl import KimiVL, KimiVLConfig
 
@@ -141,28 +142,27 @@ def launch(args, ranks: int, result: Path, live: bool) -> dict:
         str(result),
         *[f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("rank_main", "result")],
     ]
-    subprocess.run(cmd, check=True, env=env, timeout=1800)
+    run(cmd, timeout=1800, env=env)  # cut short, torchrun gets SIGTERM (not SIGKILL) and stops its ranks
     return json.loads(result.read_text(encoding="utf-8"))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--steps", type=at_least(1), default=6, help="timed steps")
     ap.add_argument("--rows", type=int, default=4, help="rows of --budget tokens per step, over all ranks")
-    ap.add_argument("--budget", type=int, default=1024)
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--budget", type=at_least(1), default=1024)
+    ap.add_argument("--hidden", type=at_least(4), default=512, help="LM hidden size (the latent is a quarter of it)")
+    ap.add_argument("--layers", type=at_least(1), default=4)
     ap.add_argument("--bf16", choices=("on", "off"), help="bf16 autocast (default: where this CPU multiplies it fast)")
     ap.add_argument("--rank-main", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.steps < 1:
-        ap.error(f"--steps {args.steps}: at least 1 timed step is needed")
     if args.rows < 2 or args.rows % 2:
         ap.error(f"--rows {args.rows}: must be a positive even number, so that 1 and 2 ranks do the same work")
     if args.rank_main:
         rank_main(args)
         return
+    exit_on_sigterm()  # SIGTERM to this process alone stops torchrun and its ranks and removes the temporary folder
     load = os.getloadavg()[0]
     if args.bf16 is None:  # decided once, so that both runs compute alike
         from kimivl.precision import use_bf16

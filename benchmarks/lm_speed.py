@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from arguments import at_least
 
 from kimivl.config import TextConfig
 
@@ -66,11 +67,11 @@ def timed(fn, x) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--seq", type=int, default=1024)
-    ap.add_argument("--layers", type=int, default=6)
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads; 0 for torch's default")
+    ap.add_argument("--batch", type=at_least(1), default=2)
+    ap.add_argument("--seq", type=at_least(1), default=1024)
+    ap.add_argument("--layers", type=at_least(1), default=6)
+    ap.add_argument("--repeats", type=at_least(1), default=7)
+    ap.add_argument("--threads", type=at_least(0), default=1, help="torch threads; 0 for torch's default")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

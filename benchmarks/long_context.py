@@ -40,6 +40,7 @@ from kimivl.model import mla
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from arguments import at_least  # noqa: E402
 from hf_reference import hf_reference, random_lm, to_bf16  # noqa: E402
 from rss import PeakRise  # noqa: E402
 
@@ -272,11 +273,11 @@ def decode_table(args, context: int, g: torch.Generator, bw: float, rate: float)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--lengths", type=int, nargs="*", default=[1024, 4096, 16384, 32768, 65536, 131072])
-    ap.add_argument("--decode-lengths", type=int, nargs="*", default=[1024, 8192, 32768, 131072])
-    ap.add_argument("--layers", type=int, default=1, help="layers of the prefill model (one: an MoE layer)")
-    ap.add_argument("--decode-layers", type=int, default=8, help="layers of the decode model")
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--lengths", type=at_least(1), nargs="*", default=[1024, 4096, 16384, 32768, 65536, 131072])
+    ap.add_argument("--decode-lengths", type=at_least(1), nargs="*", default=[1024, 8192, 32768, 131072])
+    ap.add_argument("--layers", type=at_least(1), default=1, help="layers of the prefill model (one: an MoE layer)")
+    ap.add_argument("--decode-layers", type=at_least(1), default=8, help="layers of the decode model")
+    ap.add_argument("--steps", type=at_least(1), default=8)
     ap.add_argument("--baseline-max", type=int, default=32768, help="longest prompt for the former prefill")
     ap.add_argument("--hf-max", type=int, default=4096, help="longest prompt for transformers' prefill")
     ap.add_argument("--hf-decode-max", type=int, default=8192, help="longest context for transformers' decode")

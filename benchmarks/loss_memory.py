@@ -16,6 +16,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from arguments import at_least
 from rss import PeakRise
 
 from kimivl.model.target_logprobs import target_logprobs
@@ -46,10 +47,10 @@ def run(loss_fn, hidden, weight, labels):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--positions", type=int, default=2048)
+    ap.add_argument("--positions", type=at_least(1), default=2048)
     ap.add_argument("--scored", type=float, default=0.25, help="share of positions with a target")
-    ap.add_argument("--vocab", type=int, default=163840, help="Kimi-VL-A3B: 163840")
-    ap.add_argument("--hidden", type=int, default=2048, help="Kimi-VL-A3B: 2048")
+    ap.add_argument("--vocab", type=at_least(1), default=163840, help="Kimi-VL-A3B: 163840")
+    ap.add_argument("--hidden", type=at_least(1), default=2048, help="Kimi-VL-A3B: 2048")
     args = ap.parse_args()
     if not 0 < args.scored <= 1:
         ap.error("--scored must be in (0, 1]")
@@ -59,6 +60,8 @@ def main() -> None:
     weight = torch.randn(args.vocab, args.hidden) * args.hidden**-0.5
     labels = torch.randint(0, args.vocab, (args.positions,))
     labels[torch.rand(args.positions) >= args.scored] = IGNORE_INDEX
+    if not (labels != IGNORE_INDEX).any():  # the losses would be nan
+        ap.error(f"--positions {args.positions} at --scored {args.scored}: none drew a target; give more of either")
 
     arms = {"full logits + cross-entropy": full_logits, "target_logprobs": scored_only}
     results = {name: run(fn, hidden, weight, labels) for name, fn in arms.items()}

@@ -16,6 +16,7 @@ import dataclasses
 import time
 
 import torch
+from arguments import at_least
 from rss import PeakRise
 
 from kimivl.config import VisionConfig
@@ -26,8 +27,8 @@ MIB = 1 << 20
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layers", type=int, default=1, help="encoder blocks (per-block peak is what matters)")
-    ap.add_argument("--side", type=int, default=128, help="patches per side of the square image")
+    ap.add_argument("--layers", type=at_least(1), default=1, help="encoder blocks (per-block peak is what matters)")
+    ap.add_argument("--side", type=at_least(1), default=128, help="patches per side of the square image")
     args = ap.parse_args()
 
     torch.manual_seed(0)

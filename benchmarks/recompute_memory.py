@@ -16,6 +16,7 @@ import dataclasses
 import time
 
 import torch
+from arguments import at_least
 from rss import PeakRise, status_kib
 
 from kimivl import KimiVL, KimiVLConfig
@@ -43,18 +44,19 @@ def run(model, batch, recompute: bool):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--tokens", type=int, default=4096, help="positions in the packed row")
-    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--layers", type=at_least(1), default=2)
+    ap.add_argument("--tokens", type=at_least(1), default=4096, help="positions in the packed row")
+    ap.add_argument("--vocab", type=at_least(4), default=32000, help="its last id is the image placeholder")
     args = ap.parse_args()
 
     config = KimiVLConfig.from_preset("kimi-vl-a3b")
-    config.text_config = dataclasses.replace(
+    text = dataclasses.replace(
         config.text_config, num_hidden_layers=args.layers, vocab_size=args.vocab, bos_token_id=1, eos_token_id=2
     )
+    config = dataclasses.replace(config, text_config=text, media_placeholder_token_id=args.vocab - 1)
     torch.manual_seed(0)
     model = KimiVL(config).train()
-    ids = torch.randint(0, args.vocab, (1, args.tokens))
+    ids = torch.randint(0, args.vocab - 1, (1, args.tokens))  # text only: no image placeholder
     starts = list(range(0, args.tokens, 512)) + [args.tokens]  # samples of 512 tokens
     batch = {"input_ids": ids, "labels": ids, "cu_seqlens": torch.tensor(starts, dtype=torch.int32)}
     run(model, batch, recompute=False)  # warm-up: kernels and allocator

@@ -16,7 +16,9 @@
    summed up (mean reward, accuracy, answer tokens and the shares of problems all right or all wrong, per quarter of
    the iterations).
 
-Every step is skipped when its output exists, and an interrupted run resumes, so the command can be run again.
+Every step is skipped when its output exists, and an interrupted run resumes, so the command can be run again
+with the same settings (kept in ``OUT/settings.json``; a run with another ``--model``, ``--fresh``, ``--fresh-seed``,
+``--steps``, ``--problems``, ``--samples`` or ``--priority`` is refused: give it another ``--out``).
 One process at a time: each run is a ``kimivl train`` child process.
 """
 
@@ -26,24 +28,28 @@ import argparse
 import json
 import shutil
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 import yaml
+from arguments import at_least
+from children import exit_on_sigterm
+from children import run as run_child
 
 from kimivl.data.world import ensure_world
 from kimivl.rl.compare import comparison_table, difficulty_table
 
 ARMS = {"opmd-len": "tiny-rl.yaml", "opmd-nolen": "tiny-rl-nolen.yaml", "grpo": "tiny-rl-grpo.yaml"}
 ROOT = Path(__file__).resolve().parent.parent
+# the options that make an --out's problems, pass@k and runs what they are (OUT/settings.json)
+SETTINGS = ("model", "fresh", "fresh_seed", "steps", "problems", "samples", "priority")
 
 
 def run(argv: list) -> None:
     """Run ``python ARGV`` in the repository (paths among ``argv`` as their text)."""
     argv = [str(a) for a in argv]
     print("+", " ".join(argv), flush=True)
-    subprocess.run([sys.executable, *argv], check=True, cwd=ROOT)
+    run_child([sys.executable, *argv], cwd=ROOT)  # SIGTERM to this process: the child saves and stops
 
 
 def derived_recipe(args: argparse.Namespace, arm: str, seed: int, out: Path) -> dict:
@@ -93,6 +99,29 @@ def curve_summary(run_dir: Path) -> dict[str, tuple[float, ...]]:
     return {k: tuple(statistics.fmean(r[k] for r in rows[a:b]) for a, b in zip(cuts, cuts[1:])) for k in keys}
 
 
+def check_settings(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``OUT/settings.json``: the ``SETTINGS`` that its problems, pass@k and runs were made with, written by the first
+    run; a later run into the same ``--out`` with others would reuse those results, and is refused."""
+    settings = {k: str(v) if isinstance(v := getattr(args, k), Path) else v for k in SETTINGS}
+    path = args.out / "settings.json"
+    if not path.is_file():
+        args.out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+        return
+    before = json.loads(path.read_text(encoding="utf-8"))
+    shown = {None: "the default"}
+    changed = [
+        f"--{k.replace('_', '-')} {shown.get(before.get(k), before.get(k))} then, {shown.get(v, v)} now"
+        for k, v in settings.items()
+        if before.get(k) != v
+    ]
+    if changed:
+        ap.error(
+            f"--out {args.out} holds results made with other settings ({'; '.join(changed)}), which this run would "
+            "reuse: give another --out, or remove that one to start over"
+        )
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("runs/rl-signal"))
@@ -101,16 +130,21 @@ def main() -> int:
     )
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--arms", default=",".join(ARMS), help=f"some of {', '.join(ARMS)}")
-    ap.add_argument("--fresh", type=int, default=500, help="fresh problems evaluated (default 500)")
+    ap.add_argument("--fresh", type=at_least(1), default=500, help="fresh problems evaluated (default 500)")
     ap.add_argument("--fresh-seed", type=int, default=7)
     ap.add_argument("--priority", choices=["signal", "failure"], help="sampler priority (default: the recipes')")
     ap.add_argument("--steps", type=int, help="RL iterations per run (default: the recipes', 48)")
-    ap.add_argument("--problems", type=int, help="problems per iteration (default: the recipes', 16)")
-    ap.add_argument("--samples", type=int, default=8, help="answers per problem (default: 8, the recipes')")
+    ap.add_argument("--problems", type=at_least(1), help="problems per iteration (default: the recipes', 16)")
+    ap.add_argument(
+        "--samples", type=at_least(2), default=8, help="answers per problem, at least 2 (default: 8, the recipes')"
+    )
     ap.add_argument("--no-passk", action="store_true", help="skip step 2")
     args = ap.parse_args()
     args.out, args.model = args.out.resolve(), args.model.resolve()  # the children run in ROOT
-    seeds = [int(s) for s in args.seeds.split(",")]
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        ap.error(f"--seeds {args.seeds!r}: give whole numbers separated by commas, e.g. 0,1,2")
     arms = args.arms.split(",")
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
@@ -119,6 +153,8 @@ def main() -> int:
         ap.error(f"--steps {args.steps}: at least {least_steps(arms)} (past the recipes' warm-up, 4 for the summary)")
     if not (args.model / "config.json").is_file():
         ap.error(f"--model {args.model}: no checkpoint there (no config.json); give a kimivl checkpoint directory")
+    check_settings(ap, args)
+    exit_on_sigterm()
 
     ensure_world(args.out / "world", seed=0, tasks=["reasoning"], progress=False, train=4000, heldout=100)
     ensure_world(args.out / "fresh", seed=args.fresh_seed, tasks=["reasoning"], progress=False, heldout=args.fresh)

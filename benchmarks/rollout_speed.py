@@ -12,22 +12,26 @@ from __future__ import annotations
 import argparse
 import random
 import time
+from pathlib import Path
 
 import torch
+from arguments import at_least
 
 from kimivl import KimiVL, KimiVLProcessor
 from kimivl.data.synthetic.reasoning import make_reasoning
 from kimivl.inference.sampling import SamplingParams
 from kimivl.rl.rollouts import rollout
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="models/kimivl-tiny")
-    ap.add_argument("--problems", type=int, default=8)
-    ap.add_argument("--k", type=int, default=8)
-    ap.add_argument("--new", type=int, default=96)
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--model", default=str(ROOT / "models" / "kimivl-tiny"))
+    ap.add_argument("--problems", type=at_least(1), default=8)
+    ap.add_argument("--k", type=at_least(1), default=8)
+    ap.add_argument("--new", type=at_least(1), default=96)
+    ap.add_argument("--batch", type=at_least(1), default=64)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     if args.threads:

@@ -22,9 +22,12 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
+
+from children import exit_on_sigterm
 
 REPO = Path(__file__).resolve().parents[1]
 HELDOUT = REPO / "examples" / "heldout"
@@ -109,7 +112,7 @@ def level(port: int, model: str, prompts: list, clients: int, max_tokens: int, t
             except Exception as e:  # counted and reported, the level goes on
                 errors.append(f"{type(e).__name__}: {e}")
 
-    threads = [threading.Thread(target=client) for _ in range(clients)]
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]  # none outlives a SIGTERM
     for t in threads:
         t.start()
     for t in threads:
@@ -136,6 +139,25 @@ def level(port: int, model: str, prompts: list, clients: int, max_tokens: int, t
     }
 
 
+def table(rows: list[dict]) -> list[str]:
+    """The levels' rows (``level``'s results), each against the first: the baseline, named in the header."""
+    base = rows[0]
+    baseline = f"{base['clients']} client{'s' if base['clients'] > 1 else ''}"
+    lines = [
+        f"| clients | requests | req/s | output tok/s | vs {baseline} | TTFT p50 / p99 s | ITL p50 / p99 ms "
+        "| same answers |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        same = sum(a == b for a, b in zip(r["texts"], base["texts"]) if a is not None)
+        lines.append(
+            f"| {r['clients']} | {r['requests']} ({len(r['errors'])} failed) | {r['rps']:.2f} | {r['tps']:.1f} | "
+            f"{r['tps'] / base['tps']:.2f}x | {r['ttft'][0]:.2f} / {r['ttft'][1]:.2f} | "
+            f"{r['itl'][0] * 1000:.0f} / {r['itl'][1] * 1000:.0f} | {same}/{r['requests']} |"
+        )
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=str(REPO / "models" / "kimivl-tiny"))
@@ -155,16 +177,17 @@ def main() -> None:
         ap.error(f"--tasks: no held-out questions for {unknown} in {HELDOUT}")
     if args.requests < 1 or args.max_tokens < 1 or min(levels) < 1:
         ap.error("--requests, --max-tokens and every --clients level must be >= 1")
-    if (Path(args.model) / "config.json").is_file():  # the server refuses a prompt and answer over the context
-        sys.path.insert(0, str(REPO))
-        from kimivl import KimiVLConfig
+    args.model = str(Path(args.model).resolve())  # the server runs in REPO
+    if not (Path(args.model) / "config.json").is_file():
+        ap.error(f"--model {args.model}: no checkpoint there (no config.json); give a kimivl checkpoint directory")
+    sys.path.insert(0, str(REPO))  # this checkout's kimivl, as the server's PYTHONPATH
+    from kimivl import KimiVLConfig
 
-        context = KimiVLConfig.from_pretrained(args.model).text_config.max_position_embeddings
-        if args.max_tokens >= context:
-            ap.error(f"--max-tokens {args.max_tokens}: the model's context is {context} tokens, prompt included")
+    context = KimiVLConfig.from_pretrained(args.model).text_config.max_position_embeddings
+    if args.max_tokens >= context:  # the server refuses a prompt and answer over the context
+        ap.error(f"--max-tokens {args.max_tokens}: the model's context is {context} tokens, prompt included")
 
     if args.dtype is None:  # what `kimivl serve` picks without --dtype; passed on, so that the printed one is used
-        sys.path.insert(0, str(REPO))  # this checkout's kimivl, as the server's PYTHONPATH
         from kimivl.precision import checkpoint_load_dtype
 
         args.dtype = str(checkpoint_load_dtype(args.model, "cpu")).removeprefix("torch.")
@@ -172,11 +195,13 @@ def main() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     name = "bench"
+    exit_on_sigterm()  # SIGTERM to this process alone stops the server too (the finally below)
+    log = tempfile.TemporaryFile()  # the server's stderr, shown if it does not start
     server = subprocess.Popen(
         [sys.executable, "-m", "kimivl.cli", "serve", "--model", args.model, "--host", "127.0.0.1", "--port", str(port),
          "--dtype", args.dtype, "--device", "cpu", "--max-batch", str(max(levels)), "--max-queue", "1024",
          "--served-model-name", name],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ | {"PYTHONPATH": str(REPO)},
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=log, env=os.environ | {"PYTHONPATH": str(REPO)},
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 120
@@ -189,7 +214,9 @@ def main() -> None:
             except OSError:
                 pass
             if server.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("the server did not start")
+                log.seek(0)
+                tail = log.read().decode(errors="replace").splitlines()[-20:]
+                raise SystemExit("the server did not start; the end of its log:\n" + "\n".join(tail))
             time.sleep(0.2)
         prompts = questions(args.requests, tuple(args.tasks.split(",")))
         ask(port, name, prompts[0], 4)  # warm-up
@@ -204,19 +231,9 @@ def main() -> None:
     for r in rows:
         if not r["requests"]:
             raise SystemExit(f"with {r['clients']} clients no request completed ({len(r['errors'])} failed, above)")
-    base = rows[0]
     print(f"server dtype {args.dtype}; load average at the end: {os.getloadavg()[0]:.2f} ({os.cpu_count()} CPUs)")
-    print("| clients | requests | req/s | output tok/s | vs 1 client | TTFT p50 / p99 s | ITL p50 / p99 ms", end="")
-    print(" | same answers |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        same = sum(a == b for a, b in zip(r["texts"], base["texts"]) if a is not None)
-        print(
-            f"| {r['clients']} | {r['requests']} ({len(r['errors'])} failed) | {r['rps']:.2f} | {r['tps']:.1f} | "
-            f"{r['tps'] / base['tps']:.2f}x | {r['ttft'][0]:.2f} / {r['ttft'][1]:.2f} | "
-            f"{r['itl'][0] * 1000:.0f} / {r['itl'][1] * 1000:.0f} | {same}/{r['requests']} |"
-        )
-    print(f"mean output tokens per request: {base['tokens']:.1f} (max_tokens {args.max_tokens})")
+    print("\n".join(table(rows)))
+    print(f"mean output tokens per request: {rows[0]['tokens']:.1f} (max_tokens {args.max_tokens})")
 
 
 if __name__ == "__main__":

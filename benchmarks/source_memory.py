@@ -13,6 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from arguments import at_least
 from PIL import Image
 from rss import PeakRise, status_kib
 
@@ -39,7 +40,7 @@ def conversations(n: int, seed: int = 0):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--records", type=int, default=200_000)
+    ap.add_argument("--records", type=at_least(1), default=200_000)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as root:
         Image.new("RGB", (28, 28)).save(Path(root) / "img.png")

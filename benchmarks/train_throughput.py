@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from arguments import at_least
 
 from kimivl import KimiVL, KimiVLConfig, KimiVLProcessor
 from kimivl.data.formats import is_text_file, iter_records, iter_texts
@@ -247,21 +248,24 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
         "--steps",
-        type=int,
+        type=at_least(1),
         default=64,
         help="packed micro-batches timed (whole cycles of --accum, after one warm-up cycle)",
     )
-    ap.add_argument("--budget", type=int, default=2048)
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--budget", type=at_least(1), default=2048)
+    ap.add_argument("--batch", type=at_least(1), default=16)
     ap.add_argument(
         "--padded-tokens",
-        type=int,
+        type=at_least(1),
         help="instead of --batch samples, padded batches of as many samples (in order) as fit this many "
-        "tokens with their padding (a max-tokens batch; --budget gives both arms equal rows)",
+        "tokens with their padding (a max-tokens batch; --budget gives both arms equal rows; at least the rows' "
+        "length, which a sample may fill)",
     )
-    ap.add_argument("--width", type=int, default=256, help="LM hidden size (kimivl-tiny: 256)")
-    ap.add_argument("--vision-width", type=int, default=128, help="vision tower hidden size (kimivl-tiny: 128)")
-    ap.add_argument("--accum", type=int, default=8, help="micro-batches per optimiser step (gradient accumulation)")
+    ap.add_argument("--width", type=at_least(1), default=256, help="LM hidden size (kimivl-tiny: 256)")
+    ap.add_argument("--vision-width", type=at_least(1), default=128, help="vision tower hidden size (kimivl-tiny: 128)")
+    ap.add_argument(
+        "--accum", type=at_least(1), default=8, help="micro-batches per optimiser step (gradient accumulation)"
+    )
     ap.add_argument(
         "--ns-dtype", choices=["bfloat16", "float32"], help="Muon's Newton-Schulz (default: the compute dtype)"
     )
@@ -299,6 +303,11 @@ def main() -> None:
         "world under its out if it is not there)",
     )
     args = ap.parse_args()
+    if args.padded_tokens is not None:  # a sample may fill a packed row: a batch of it alone must fit the limit
+        stages = load_recipe(args.recipe).stages if args.recipe else []
+        rows = max([s.budget for s in stages if isinstance(s, JointStage)], default=args.budget)
+        if args.padded_tokens < rows:
+            ap.error(f"--padded-tokens {args.padded_tokens}: must be >= {rows}, the packed rows' length")
     device = torch.device(args.device)
     bf16 = use_bf16(device, args.bf16)
     if args.recipe:
@@ -326,22 +335,25 @@ def main() -> None:
             return processor.encode_text(item) if texts[name] else processor.encode_for_training(item["messages"])
 
         config = KimiVLConfig.from_preset("kimivl-tiny")
-        t = config.text_config
+        t, tokenizer = config.text_config, processor.tokenizer
         scale = args.width / t.hidden_size
-        config.text_config = dataclasses.replace(
+        text = dataclasses.replace(
             t,
             hidden_size=args.width,
             intermediate_size=round(t.intermediate_size * scale),
             moe_intermediate_size=round(t.moe_intermediate_size * scale),
+            vocab_size=tokenizer.n_ranks + 256,  # the tokenizer's, its special ids among them
+            bos_token_id=tokenizer.bos_id,
+            eos_token_id=[tokenizer.eos_id, tokenizer.im_end_id],
         )
         v = config.vision_config
         widen = args.vision_width / v.hidden_size
-        config.vision_config = dataclasses.replace(
+        vision = dataclasses.replace(
             v, hidden_size=args.vision_width, intermediate_size=round(v.intermediate_size * widen)
         )
-        n = processor.tokenizer.n_ranks
-        config.text_config.vocab_size = n + 256
-        config.media_placeholder_token_id = processor.tokenizer.media_pad_id
+        config = dataclasses.replace(
+            config, text_config=text, vision_config=vision, media_placeholder_token_id=tokenizer.media_pad_id
+        )
         model, opt = trainee(config, device, bf16, args)
         mix = Mixture(sources, encode, args.budget, weights or {k: 1 for k in sources}, seed=0)
 

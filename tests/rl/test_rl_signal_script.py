@@ -17,7 +17,9 @@ from kimivl.train.stages.rl import rl_config
 ROOT = Path(__file__).resolve().parents[2]
 spec = importlib.util.spec_from_file_location("rl_signal", ROOT / "benchmarks" / "rl_signal.py")
 rl_signal = importlib.util.module_from_spec(spec)
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the helpers it imports, as when it runs
 spec.loader.exec_module(rl_signal)
+sys.path.remove(str(ROOT / "benchmarks"))
 
 
 @pytest.mark.parametrize("arm", list(rl_signal.ARMS))
@@ -75,3 +77,20 @@ def test_steps_below_what_the_recipes_can_run_are_refused_and_zero_is_not_the_de
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 2 and f"--model {tmp_path / 'nowhere'}: no checkpoint there" in done.stderr
     assert not (tmp_path / "o").exists()  # refused before any work
+
+
+def test_a_run_into_an_out_made_with_other_settings_is_refused(tmp_path, capsys):
+    """A second run into the same --out with --fresh 6 (the first had 4) reported the first run's pass@k and runs."""
+    ap = argparse.ArgumentParser()
+    settings = {"fresh": 4, "fresh_seed": 7, "steps": None, "problems": 2, "samples": 2, "priority": None}
+    args = argparse.Namespace(out=tmp_path / "o", model=tmp_path / "m", **settings)
+    rl_signal.check_settings(ap, args)
+    assert json.loads((tmp_path / "o" / "settings.json").read_text()) == {"model": str(tmp_path / "m"), **settings}
+    rl_signal.check_settings(ap, args)  # the same settings: the run goes on where the last one stopped
+    args.fresh, args.steps = 6, 12
+    with pytest.raises(SystemExit) as stopped:
+        rl_signal.check_settings(ap, args)
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and f"--out {tmp_path / 'o'} holds results made with other settings" in err
+    assert "(--fresh 4 then, 6 now; --steps the default then, 12 now)" in err
+    assert "give another --out, or remove that one to start over" in err

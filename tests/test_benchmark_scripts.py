@@ -1,0 +1,158 @@
+"""What the benchmark scripts build, compare and leave behind: checkpoint_write's config can be saved, decode_speed's
+parity check holds for short prompts, serve_load's server runs the model named from any folder and says why it did
+not start, and SIGTERM to serve_load or distributed alone stops their children."""
+
+import os
+import runpy
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from kimivl import KimiVL, KimiVLConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+ENV = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture()
+def script(monkeypatch):
+    """``script(NAME)``: the globals of ``benchmarks/NAME.py``, its ``main`` not run (its folder on the path)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    return lambda name: runpy.run_path(str(BENCHMARKS / f"{name}.py"), run_name=f"benchmark_{name}")
+
+
+def test_checkpoint_write_builds_a_config_its_checkpoints_can_be_saved_with(script):
+    """The script died at its first save for every argument set: it gave the A3B config a 32,000-entry vocabulary and
+    kept the image placeholder id 163605, which ``stored_config`` (reading the config back) refused."""
+    config = script("checkpoint_write")["bench_config"](2)
+    t = config.text_config
+    assert (t.vocab_size, t.num_hidden_layers, t.hidden_size, t.n_routed_experts) == (32000, 2, 2048, 64)
+    assert config.media_placeholder_token_id < t.vocab_size and KimiVLConfig.from_dict(config.to_dict()) == config
+    with torch.device("meta"):
+        model = KimiVL(config)
+    assert model.stored_config(torch.bfloat16).text_config.torch_dtype == "bfloat16"  # what each checkpoint writes
+
+
+def test_decode_speed_parity_check_reads_the_new_tokens_after_a_prompt_under_32(script, tiny_model):
+    """``--prompt 16`` printed a parity failure: transformers' new tokens were taken from position 32 on."""
+    from kimivl.inference.generate import generate_ids
+    from kimivl.inference.sampling import SamplingParams
+
+    class Reference:  # generate as transformers returns it: the prompt, then the new tokens (``shift`` off kimivl's)
+        def __init__(self, shift: int):
+            self.shift = shift
+
+        def generate(self, ids, max_new_tokens, **_):
+            new = generate_ids(tiny_model, ids.tolist(), params=SamplingParams(max_new_tokens=max_new_tokens))
+            return torch.cat([ids, torch.tensor(new) + self.shift], 1)
+
+    same_greedy_tokens = script("decode_speed")["same_greedy_tokens"]
+    ids = torch.randint(10, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        assert same_greedy_tokens(tiny_model, Reference(0), ids, new=4)
+        assert not same_greedy_tokens(tiny_model, Reference(1), ids, new=4)
+
+
+def test_rollout_speed_finds_its_default_model_from_any_folder(script, tmp_path, monkeypatch, capsys):
+    """The default ``--model models/kimivl-tiny`` was relative to the folder the script ran from."""
+    monkeypatch.chdir(tmp_path)
+    main = script("rollout_speed")["main"]
+    monkeypatch.setattr(sys, "argv", ["rollout_speed.py", "--problems", "1", "--k", "2", "--new", "2", "--batch", "2"])
+    main()
+    out = capsys.readouterr().out
+    assert "one at a time" in out and "(2 answers x 2 tokens)" in out and "batched / one at a time" in out
+
+
+def test_serve_load_names_the_baseline_it_compares_with(script):
+    table = script("serve_load")["table"]
+    level = {"requests": 4, "errors": [], "rps": 1.0, "ttft": (0.1, 0.2), "itl": (0.01, 0.02), "texts": ["a"] * 4}
+    lines = table([{**level, "clients": 8, "tps": 50.0}, {**level, "clients": 32, "tps": 100.0}])
+    assert "| vs 8 clients |" in lines[0] and "| 32 | 4 (0 failed) | 1.00 | 100.0 | 2.00x |" in lines[3]
+    assert "| vs 1 client |" in table([{**level, "clients": 1, "tps": 50.0}])[0]
+
+
+def test_serve_load_gives_the_server_its_model_from_this_folder_and_shows_why_it_did_not_start(tmp_path):
+    """A relative ``--model`` went unchanged to the server, which runs in the repository (there it found none, or
+    another model); and a server that did not start said nothing more (its stderr went to /dev/null)."""
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "config.json").write_bytes((ROOT / "models" / "kimivl-tiny" / "config.json").read_bytes())
+    cmd = [sys.executable, str(BENCHMARKS / "serve_load.py"), "--model", "mine", "--requests", "1", "--max-tokens", "2"]
+    done = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "the server did not start; the end of its log:" in done.stderr
+    assert f"tokenizer directory {tmp_path / 'mine'} has no tiktoken.model" in done.stderr  # the server's own words
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def terminated_alone(cmd: list[str], cwd: Path, depth: int, env: dict = ENV) -> tuple[int, list[int]]:
+    """Start ``cmd``, wait until it has ``depth`` generations of children, send SIGTERM to it alone (not its group);
+    its exit status and its descendants then (each killed here afterwards, should it still run)."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seen = []
+    try:
+        deadline = time.monotonic() + 120
+        generation = [proc.pid]
+        for _ in range(depth):
+            while not (found := [c for p in generation for c in children(p)]):
+                assert proc.poll() is None and time.monotonic() < deadline, "the script ended before its children began"
+                time.sleep(0.1)
+            seen += found
+            generation = found
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=120)
+        deadline = time.monotonic() + 10
+        while any(map(alive, seen)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return code, [pid for pid in seen if alive(pid)]
+    finally:
+        for pid in seen:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the children in /proc")
+def test_sigterm_to_serve_load_alone_stops_its_server(tmp_path):
+    """The server ran on forever, its parent gone."""
+    cmd = [sys.executable, str(BENCHMARKS / "serve_load.py"), "--requests", "64", "--max-tokens", "16"]
+    code, left = terminated_alone(cmd, tmp_path, depth=1)
+    assert code == 143 and left == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the children in /proc")
+def test_sigterm_to_distributed_alone_stops_torchrun_and_its_ranks_and_removes_its_folder(tmp_path):
+    """torchrun and its rank ran on, their parent gone, and the temporary folder of results stayed."""
+    (tmp_path / "tmp").mkdir()
+    cmd = [sys.executable, str(BENCHMARKS / "distributed.py"), "--steps", "50", "--rows", "2", "--budget", "64",
+           "--hidden", "64", "--layers", "1", "--bf16", "off"]  # fmt: skip
+    env = ENV | {"TMPDIR": str(tmp_path / "tmp")}
+    code, left = terminated_alone(cmd, tmp_path, depth=2, env=env)  # torchrun, then its rank
+    assert code == 143 and left == []
+    # the script's temporary folder of results is gone (torchrun and the ranks leave torch's own, on every run)
+    assert [p.name for p in (tmp_path / "tmp").iterdir() if p.name.startswith("tmp")] == []
