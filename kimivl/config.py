@@ -446,6 +446,14 @@ class KimiVLConfig:
             self.vision_config = VisionConfig.from_dict(self.vision_config)
         if isinstance(self.text_config, dict):
             self.text_config = TextConfig.from_dict(self.text_config)
+        self.validate()
+
+    def validate(self) -> None:
+        """Check the whole config, its parts included: ``KimiVL`` calls it again, so that a config changed since it
+        was built (a part replaced or a field set, say a smaller ``vocab_size``) is refused before a model is built
+        on it, not when the model is saved."""
+        self.vision_config.validate()
+        self.text_config.validate()
         _require(self.model_type == "kimi_vl", f"model_type must be 'kimi_vl', got {self.model_type!r}")
         vocab = self.text_config.vocab_size
         _require(

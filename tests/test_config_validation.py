@@ -258,3 +258,16 @@ def test_shipped_configs_still_load_unchanged():
         assert KimiVLConfig.from_pretrained(path).to_dict() == d
     a3b = KimiVLConfig.from_preset("kimi-vl-a3b")
     assert dataclasses.replace(a3b.text_config, torch_dtype="float32").torch_dtype == "float32"
+
+
+def test_a_model_is_not_built_on_a_config_changed_since_it_was_checked():
+    """benchmarks/checkpoint_write.py gave the A3B config a 32,000-entry text_config and kept the placeholder id
+    163605: KimiVL was built on it, and the config refused only when the first checkpoint was saved."""
+    config = KimiVLConfig.from_preset("tiny")
+    config.text_config = dataclasses.replace(config.text_config, vocab_size=3000, bos_token_id=1, eos_token_id=2)
+    with pytest.raises(ConfigError, match=r"media_placeholder_token_id \(3861\) is outside the vocabulary"):
+        KimiVL(config)
+    config = KimiVLConfig.from_preset("tiny")
+    config.text_config.num_experts_per_tok = 9  # a part's field set in place: more than its 8 experts
+    with pytest.raises(ConfigError, match=r"num_experts_per_tok \(9\) exceeds the experts reachable"):
+        KimiVL(config)

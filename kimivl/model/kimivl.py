@@ -81,6 +81,7 @@ def check_tensors(**arguments) -> None:
 class KimiVL(nn.Module):
     def __init__(self, config: KimiVLConfig):
         super().__init__()
+        config.validate()  # a config changed since it was built is refused here, not when the model is saved
         self.config = config
         self.vision_tower = MoonViT(config.vision_config)
         self.multi_modal_projector = Projector(config.vision_config, config.text_config.hidden_size)
