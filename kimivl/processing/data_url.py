@@ -28,7 +28,7 @@ def data_url_bytes(url: str, max_bytes: int | None = None) -> bytes:
     if not comma or not is_data_url(header) or header.split(";")[-1].strip().lower() != "base64":
         raise ValueError("a data: URL must be 'data:<mime type>;base64,<data>'")
     payload = WHITESPACE.sub("", payload).rstrip("=")
-    if max_bytes is not None and len(payload) > (max_bytes + 2) // 3 * 4:
+    if max_bytes is not None and len(payload) * 3 // 4 > max_bytes:  # the bytes that n base64 characters decode to
         raise ValueError(f"the data is over the limit of {max_bytes} bytes")
     if len(payload) % 4 == 1:  # no padding can complete it
         raise ValueError("the data: URL's payload is not valid base64 (its length is one past a whole block)")

@@ -153,6 +153,11 @@ def test_data_urls_are_read_as_browsers_read_them():
     with pytest.raises(ValueError, match="over the limit of 100 bytes"):  # before decoding, whitespace not counted
         data_url_bytes("data:;base64," + base64.encodebytes(data).decode(), max_bytes=100)
     assert data_url_bytes("data:;base64," + base64.encodebytes(data).decode(), max_bytes=len(data)) == data
+    for size in range(1, 8):  # a limit within a base64 block: 6 bytes passed a limit of 4 or 5
+        url = "data:;base64," + base64.b64encode(bytes(size)).decode()
+        assert all(len(data_url_bytes(url, max_bytes=limit)) == size for limit in (size, size + 1))
+        with pytest.raises(ValueError, match=f"over the limit of {size - 1} bytes"):
+            data_url_bytes(url, max_bytes=size - 1)
 
 
 def test_messages_name_a_long_input_by_its_start_and_length():
