@@ -244,6 +244,8 @@ def _content(content: Any, where: str, limits: Limits, used: _Used) -> str | lis
     for j, part in enumerate(content):
         at = f"{where}[{j}]"
         kind = part.get("type") if isinstance(part, dict) else None
+        if kind is not None and not isinstance(kind, str):  # a list or object cannot be looked up in PART_FIELDS
+            raise RequestError(f"{at}: type must be a string, got {type(kind).__name__}", f"{at}.type")
         if kind in PART_FIELDS:
             _refuse_unknown(part, PART_FIELDS[kind], at, f"a {kind} part")
         if kind == "text":
@@ -370,6 +372,8 @@ def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         role = m.get("role") if isinstance(m, dict) else None
+        if role is not None and not isinstance(role, str):  # a list or object cannot be looked up in MESSAGE_FIELDS
+            raise RequestError(f"{where}: role must be a string, got {type(role).__name__}", f"{where}.role")
         role = "system" if role == "developer" else role  # newer OpenAI clients' name for the system role
         if role not in MESSAGE_FIELDS:
             raise RequestError(

@@ -195,6 +195,21 @@ def test_a_name_or_reasoning_content_of_the_wrong_type_is_refused_by_name():
             parse_chat_request({**GOOD, "messages": [{"role": "assistant", "content": "Hi", key: value}]}, LIMITS)
 
 
+def test_a_role_or_part_type_that_is_a_list_or_object_is_refused_by_name():
+    """Such a value cannot be looked up among the known roles and part types: it was a TypeError, a 500."""
+    for value, kind in ((["user"], "list"), ({}, "dict")):
+        _refused(
+            {**GOOD, "messages": [{"role": value, "content": "Hi"}]},
+            "messages[0].role",
+            f"messages\\[0\\]: role must be a string, got {kind}",
+        )
+        _refused(
+            {**GOOD, "messages": [{"role": "user", "content": [{"type": value, "text": "Hi"}]}]},
+            "messages[0].content[0].type",
+            f"messages\\[0\\].content\\[0\\]: type must be a string, got {kind}",
+        )
+
+
 def test_the_developer_role_is_the_system_role(tiny):
     url, engine = tiny
     system = [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Name a colour."}]
