@@ -58,6 +58,10 @@ DEFAULT_SPECIAL_NAMES = {
     255: "[PAD]",
 }
 
+# The special tokens kimivl reads: the chat template's turns, the image and video placeholders, generation's stops,
+# training's [BOS] / [EOS] / [PAD]. [UNK] is never used (byte-level BPE encodes any text).
+REQUIRED_SPECIAL = tuple(name for name in DEFAULT_SPECIAL_NAMES.values() if name != "[UNK]")
+
 # Chunking of long inputs, as the released tokenizer does: pieces of at most 400,000 characters, each cut inside
 # runs of more than 25,000 consecutive whitespace or non-whitespace characters (tiktoken is quadratic there).
 MAX_ENCODE_CHARS = 400_000
@@ -235,7 +239,14 @@ class KimiTokenizer:
                     '(expected an integer id mapping to {"content": str, ...})'
                 )
             names[int(key)] = entry["content"]
-        return cls(ranks, names, config=config, name=os.path.basename(os.path.normpath(path)))
+        tokenizer = cls(ranks, names, config=config, name=os.path.basename(os.path.normpath(path)))
+        missing = [name for name in REQUIRED_SPECIAL if name not in tokenizer.special_tokens]
+        if missing:
+            raise TokenizerError(
+                f"{config_file}: added_tokens_decoder names no {', '.join(missing)}: special tokens kimivl needs (chat "
+                "turns, image placeholders, stopping, padding); name them as the released tokenizer_config.json does"
+            )
+        return tokenizer
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         os.makedirs(path, exist_ok=True)

@@ -298,6 +298,22 @@ def test_bad_files(tmp_path, damage, match):
         KimiTokenizer.from_pretrained(tmp_path)
 
 
+def test_a_config_without_a_special_token_kimivl_needs_is_refused_by_file_and_name(tmp_path):
+    """Before, it loaded and the first chat, image or generation failed with a bare KeyError naming no file."""
+    n = write_hand_built(tmp_path)
+    config = tmp_path / "tokenizer_config.json"
+    full = json.loads(config.read_text())
+    for dropped in (["<|media_pad|>"], ["[EOS]", "<|im_end|>"], ["[PAD]"]):
+        kept = {k: v for k, v in full["added_tokens_decoder"].items() if v["content"] not in dropped}
+        config.write_text(json.dumps({"added_tokens_decoder": kept}))
+        with pytest.raises(TokenizerError) as e:
+            KimiTokenizer.from_pretrained(tmp_path)
+        assert str(e.value).startswith(f"{config}: added_tokens_decoder names no {', '.join(dropped)}: "), e.value
+    kept = {k: v for k, v in full["added_tokens_decoder"].items() if v["content"] != "[UNK]"}  # never used
+    config.write_text(json.dumps({"added_tokens_decoder": kept}))
+    assert KimiTokenizer.from_pretrained(tmp_path).media_pad_id == n + 21
+
+
 def test_decode_rejects_out_of_range(tok):
     with pytest.raises(ValueError, match="outside the vocabulary"):
         tok.decode([tok.vocab_size])
