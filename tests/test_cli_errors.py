@@ -294,6 +294,8 @@ def test_multi_line_checkpoint_errors_print_as_one_line(checkpoint, tmp_path, ca
         ("image_std", ["a", 1, 1], "image_mean/image_std need 3 finite numbers"),
         ("image_mean", [0.5, float("nan"), 0.5], "image_mean/image_std need 3 finite numbers"),
         ("in_token_limit", 0, "in_token_limit must be a positive integer, got 0"),
+        ("patch_size", 0, "patch_size must be a positive integer, got 0"),
+        ("image_mean", [0.5, 0.5], "image_mean/image_std need 3 finite numbers"),
         ("max_bytes", "1e9", "max_bytes must be a positive integer, got '1e9'"),
         ("pad_input", "yes", "pad_input must be true or false, got 'yes'"),
     ],
@@ -302,8 +304,10 @@ def test_bad_preprocessor_configs(tmp_path, field, value, message):
     from kimivl.processing.image import ImageProcessor
 
     (tmp_path / "preprocessor_config.json").write_text(json.dumps({field: value}))
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as e:
         ImageProcessor.from_pretrained(tmp_path)
+    # named: config.json's vision_config has a patch_size and merge_kernel_size too
+    assert str(e.value).startswith(f"{tmp_path / 'preprocessor_config.json'} is not a valid preprocessor_config.json: ")
 
 
 def test_an_empty_question_is_an_error_not_a_session(capsys):

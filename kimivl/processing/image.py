@@ -260,7 +260,7 @@ class ImageProcessor:
             if not isinstance(d, dict):
                 raise TypeError(f"it holds a JSON {type(d).__name__}, not an object")
             return cls.from_dict(d)
-        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
+        except (ValueError, TypeError) as e:  # bad JSON or UTF-8, or a bad value (from_dict): the file is named
             raise ValueError(f"{file} is not a valid {CONFIG_FILE}: {e}") from None
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
