@@ -83,6 +83,14 @@ def evaluate(
     return acc, rows
 
 
+def _is_box(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) == 4
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    )
+
+
 def heldout_files(split_dir: str | os.PathLike) -> list[Path]:
     """The task files of a held-out split directory, sorted: its ``*.jsonl`` less text files and eval outputs (such
     as an ``--out`` into the same directory writes)."""
@@ -91,9 +99,10 @@ def heldout_files(split_dir: str | os.PathLike) -> list[Path]:
 
 
 def iter_heldout(path: str | os.PathLike) -> Iterator[dict]:
-    """Stream the records of one held-out task file, each checked to hold ``meta.task`` and ``meta.gold`` (a
-    ``DataError`` names the first that lacks them); a record without an ``id`` gets ``<file stem>/<line>``
-    (``ocr/3``: the third line of ``ocr.jsonl``), so that each is a row of its own."""
+    """Stream the records of one held-out task file, each checked to hold ``meta.task`` and ``meta.gold``, and a
+    ``gui`` one a ``meta.box`` of 4 numbers (a ``DataError`` names the first that lacks them); a record without an
+    ``id`` gets ``<file stem>/<line>`` (``ocr/3``: the third line of ``ocr.jsonl``), so that each is a row of its
+    own."""
     path = Path(path)
     for i, (lineno, _, record) in enumerate(iter_lines(path, text=False)):
         meta = record.get("meta")
@@ -101,6 +110,11 @@ def iter_heldout(path: str | os.PathLike) -> Iterator[dict]:
             raise DataError(
                 f"{path}: record {i + 1} has no meta.task and meta.gold to score it by (held-out "
                 "accuracy needs them; for a loss on your own data use a stage's val)"
+            )
+        if meta["task"] == "gui" and not _is_box(meta.get("box")):
+            raise DataError(
+                f"{path}: record {i + 1} is a gui task whose meta.box is {meta.get('box', 'missing')!r}: a click is "
+                "scored by the gold box [x1, y1, x2, y2], 4 numbers"
             )
         if record.get("id") in (None, ""):
             record["id"] = f"{path.stem}/{lineno}"

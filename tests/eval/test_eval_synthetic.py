@@ -210,3 +210,20 @@ def test_a_synthetic_limit_reads_about_limit_lines_not_the_whole_split(tmp_path,
     assert not isinstance(samples, list)  # read as asked for
     result = run_task(get_task("synthetic"), samples, tmp_path / "out", generate_fn=lambda c: ["0"] * len(c), limit=6)
     assert result["scored"] == 6 and len(read) <= 8  # 3 of each file, and at most one more each read ahead
+
+
+@pytest.mark.parametrize("box", [None, [0.4, 0.2, 0.6], [0.4, 0.2, 0.6, "0.4"], [True, 0, 1, 1]])
+def test_a_gui_record_without_a_box_of_four_numbers_is_refused_when_read(tmp_path, box):
+    """Scoring a click needs meta.box: a gui record without one is named when read, not a KeyError after
+    generation."""
+    import json
+
+    from kimivl.data.formats import DataError
+    from kimivl.eval.synthetic import iter_heldout
+
+    meta = {"task": "gui", "gold": "OK"} | ({} if box is None else {"box": box})
+    good = {"messages": [{"role": "user", "content": "Click OK"}], "meta": {**GUI}}
+    bad = {"messages": [{"role": "user", "content": "Click OK"}], "meta": meta}
+    (tmp_path / "gui.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    with pytest.raises(DataError, match=r"gui.jsonl: record 2 is a gui task whose meta.box is .*4 numbers"):
+        list(iter_heldout(tmp_path / "gui.jsonl"))
