@@ -178,17 +178,17 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
         _check_out(args.out)
         from kimivl.cli import _load
-        from kimivl.data.formats import iter_records
+        from kimivl.data.formats import iter_lines
         from kimivl.inference.sampling import SamplingParams
-        from kimivl.rl.trainer import RLConfig
+        from kimivl.rl.trainer import RLConfig, problem_error
 
         params = SamplingParams(args.max_new_tokens, args.temperature, top_p=args.top_p, seed=args.seed)
         problems = []
-        for record in iter_records(args.data):
+        for lineno, _, record in iter_lines(args.data, text=False):
             if len(problems) == args.limit:
                 break
-            if "gold" not in record.get("meta", {}):
-                raise ValueError(f"{args.data}: record {len(problems) + 1} has no meta.gold to check answers against")
+            if why := problem_error(record):  # as the rl stage checks its problems: before the model loads
+                raise ValueError(f"{args.data}:{lineno} (problem {len(problems) + 1}) {why}")
             problems.append(record)
         if not problems:
             raise ValueError(f"{args.data} holds no problems")

@@ -35,7 +35,7 @@ from kimivl.precision import autocast, use_bf16
 from kimivl.processing.processor import Encoded, KimiVLProcessor
 from kimivl.progress import progress_bar
 from kimivl.rl.objectives import group_baseline, group_normalised, grpo_loss, kl_estimate, length_reward, opmd_loss
-from kimivl.rl.rewards import correctness
+from kimivl.rl.rewards import REWARDS, binary, correctness
 from kimivl.rl.rollouts import pack_rows, rollout, token_logprobs
 from kimivl.rl.sampler import PRIORITIES, ProblemSampler, check_curriculum, check_rates
 from kimivl.train.interrupt import stop_on_interrupt
@@ -141,6 +141,22 @@ def prompt_of(record: dict) -> list[dict]:
     """A problem record's messages up to (not including) a final assistant turn."""
     messages = record["messages"]
     return messages[:-1] if messages and messages[-1]["role"] == "assistant" else messages
+
+
+def problem_error(record: dict) -> str | None:
+    """What makes ``record`` no RL problem (no user prompt, or a ``meta.gold`` or ``meta.box`` its task's reward
+    cannot read), worded to follow where it is; None when it is one."""
+    meta = record.get("meta", {})
+    if "gold" not in meta or not prompt_of(record):
+        return "is no RL problem: it needs a user prompt and meta.gold, the answer its reward checks"
+    task = meta.get("task")
+    try:  # the reward's checker on stand-in answers: a gold (or box) it cannot read fails here, not mid-run
+        for answer in ("0", "(0, 0)"):
+            REWARDS.get(task, binary)(answer, meta)
+    except (KeyError, TypeError, ValueError) as e:
+        what = f"missing meta.{e.args[0]}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+        return f"has a meta.gold the {task or 'default'} reward cannot check ({what})"
+    return None
 
 
 def _images(encoded: list[Encoded]):

@@ -1,6 +1,7 @@
 import itertools
 import json
 import random
+import re
 from fractions import Fraction
 
 import pytest
@@ -121,6 +122,30 @@ def test_k_below_one_is_refused_before_any_model_is_loaded(k, capsys):
     assert e.value.code == 2 and "--k takes integers >= 1" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "meta, why",
+    [
+        ({"task": "reasoning"}, "is no RL problem: it needs a user prompt and meta.gold"),
+        (
+            {"task": "reasoning", "gold": "seven"},
+            r"has a meta.gold the reasoning reward cannot check \(ValueError: could not convert",
+        ),
+        ({"task": "gui", "gold": "OK"}, r"has a meta.gold the gui reward cannot check \(missing meta.box\)"),
+    ],
+)
+def test_a_problem_its_reward_cannot_check_is_refused_before_the_model_loads(tmp_path, capsys, meta, why):
+    """A gold the reward cannot read failed after all the sampling, naming no record (or a KeyError escaped);
+    passk now checks each problem as the rl stage does, naming the file and line."""
+    argv = ["--model", "no/such/dir", "--samples", "2", "--out", str(tmp_path / "pk.json"), *_problems(tmp_path)]
+    with (tmp_path / "p.jsonl").open("a") as f:
+        f.write("\n" + json.dumps({"messages": [{"role": "user", "content": "?"}], "meta": meta}) + "\n")
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    error = capsys.readouterr().err
+    assert e.value.code == 2 and re.search(rf"p.jsonl:4 \(problem 3\) {why}", error), error
+    assert "no/such/dir" not in error
+
+
 def _problems(tmp_path, n=2):
     problems = [
         {"messages": [{"role": "user", "content": f"What is {i} + {i}?"}], "meta": {"task": "reasoning", "gold": 2 * i}}
@@ -175,10 +200,10 @@ def test_a_failed_write_prints_the_table_first_and_one_error_line(checkpoint, tm
 
 
 def test_ctrl_c_prints_one_line_and_exits_130(tmp_path, capsys, monkeypatch):
-    def interrupt(path):
+    def interrupt(path, text):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("kimivl.data.formats.iter_records", interrupt)
+    monkeypatch.setattr("kimivl.data.formats.iter_lines", interrupt)
     argv = ["--model", "m", "--samples", "1", "--out", str(tmp_path / "pk.json"), *_problems(tmp_path)]
     assert main(argv) == 130
     assert capsys.readouterr().err == "\npython -m kimivl.rl.passk: interrupted\n"

@@ -6,8 +6,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from kimivl.data.indexed import Concat
-from kimivl.rl.rewards import REWARDS, binary
-from kimivl.rl.trainer import OBJECTIVE_SETTINGS, RLConfig, RLTrainer, check_sampling, prompt_of
+from kimivl.rl.trainer import OBJECTIVE_SETTINGS, RLConfig, RLTrainer, check_sampling, problem_error
 from kimivl.train.recipe import Recipe, RecipeError, check_names
 from kimivl.train.stages.base import PartsSettings, Prepared, StageContext, check_records, source_record
 
@@ -114,21 +113,7 @@ def rl_config(recipe: Recipe, stage: RLStage) -> RLConfig:
 
 def check_problems(stage: RLStage, ctx: StageContext) -> None:
     """Every problem has a prompt, a ``meta.gold`` answer to reward against and readable images."""
-    check_records(ctx, stage.sources, _no_problem)
-
-
-def _no_problem(record: dict) -> str | None:
-    meta = record.get("meta", {})
-    if "gold" not in meta or not prompt_of(record):
-        return "is no RL problem: it needs a user prompt and meta.gold, the answer its reward checks"
-    task = meta.get("task")
-    try:  # the reward's checker on stand-in answers: a gold (or box) it cannot read fails here, not mid-run
-        for answer in ("0", "(0, 0)"):
-            REWARDS.get(task, binary)(answer, meta)
-    except (KeyError, TypeError, ValueError) as e:
-        what = f"missing meta.{e.args[0]}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
-        return f"has a meta.gold the {task or 'default'} reward cannot check ({what})"
-    return None
+    check_records(ctx, stage.sources, problem_error)
 
 
 def prepare(stage: RLStage, ctx: StageContext, model) -> Prepared:
