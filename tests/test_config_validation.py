@@ -26,6 +26,7 @@ def tiny_dict():
         ("text_config", "rope_theta", "1e4", "rope_theta must be a finite number > 0"),
         ("text_config", "rms_norm_eps", -1e-6, "rms_norm_eps must be a finite number > 0"),
         ("text_config", "rms_norm_eps", float("nan"), "rms_norm_eps must be a finite number > 0"),
+        ("text_config", "rope_theta", 10**400, "rope_theta must be a finite number > 0"),  # no OverflowError
         ("text_config", "routed_scaling_factor", float("inf"), "routed_scaling_factor"),
         ("text_config", "initializer_range", -0.02, "initializer_range must be a finite number >= 0"),
         ("text_config", "aux_loss_alpha", True, "aux_loss_alpha"),

@@ -26,6 +26,7 @@ from kimivl.processing.chat_template import MessageError
         ),
         ({"temperature": 1e-310}, "temperature must be >= 0"),
         ({"temperature": float("inf")}, "temperature must be >= 0"),
+        ({"temperature": 10**400}, "temperature must be >= 0"),  # too large for a float: no OverflowError
         ({"temperature": -0.5}, "temperature must be >= 0"),
         ({"temperature": "0.7"}, "temperature must be >= 0"),
         ({"max_new_tokens": 2.5}, "max_new_tokens must be an integer >= 1, got 2.5"),
@@ -38,6 +39,7 @@ from kimivl.processing.chat_template import MessageError
         ({"top_k": 2.0}, "top_k must be an integer >= 0"),
         ({"top_p": float("nan")}, r"top_p must be in \(0, 1\] \(a number\)"),
         ({"top_p": 1.5}, r"top_p must be in \(0, 1\] \(a number\)"),
+        ({"top_p": 10**400}, r"top_p must be in \(0, 1\] \(a number\)"),
     ],
 )
 def test_bad_sampling_settings(settings, message):
