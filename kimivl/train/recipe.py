@@ -164,8 +164,13 @@ def integer(value: Any) -> bool:
 
 
 def number(value: Any) -> bool:
-    """A finite int or float (not a bool, NaN or an infinity)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite int or float (not a bool, NaN, an infinity or an int too large for a float)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int of hundreds of digits
+        return False
 
 
 def check_integer(what: str, value: Any, low: int) -> None:
@@ -227,7 +232,7 @@ def _check_keys(key: str, value: Any, allowed: set[str]) -> None:
         raise RecipeError(f"{key} must be a mapping, got {value!r}")
     unknown = set(value) - allowed
     if unknown:
-        raise RecipeError(f"{key} has unknown keys {sorted(unknown)}; it takes {sorted(allowed)}")
+        raise RecipeError(f"{key} has unknown keys {sorted(unknown, key=str)}; it takes {sorted(allowed)}")
 
 
 def _check_generation(settings: Any) -> None:
@@ -331,7 +336,7 @@ def _check_source(name: Any, spec: Any) -> None:
     unknown = set(spec) - {"path", "answers_only", "difficulty"}
     if unknown:
         raise RecipeError(
-            f"{where}: unknown keys {sorted(unknown)}; a source takes 'path', 'answers_only', 'difficulty'"
+            f"{where}: unknown keys {sorted(unknown, key=str)}; a source takes 'path', 'answers_only', 'difficulty'"
         )
     if not isinstance(spec.get("answers_only", False), bool):
         raise RecipeError(f"{where}: answers_only must be true or false, got {spec['answers_only']!r}")
@@ -343,7 +348,8 @@ def _check_source(name: Any, spec: Any) -> None:
 @functools.cache
 def _recipe_loader() -> type:
     """PyYAML's safe loader, with YAML 1.2's floats (``1e-3`` is a number, not the string YAML 1.1 makes it) and
-    a duplicate key as an error (YAML 1.1 lets the last one win silently)."""
+    a duplicate key as an error (YAML 1.1 lets the last one win silently), and so a key that is a list or a
+    mapping."""
     import yaml
 
     class Loader(yaml.SafeLoader):
@@ -351,6 +357,10 @@ def _recipe_loader() -> type:
             seen = set()
             for key_node, _ in node.value:
                 key = self.construct_object(key_node, deep=deep)
+                if isinstance(key, (list, dict)):
+                    raise yaml.constructor.ConstructorError(
+                        "while reading a mapping", node.start_mark, "a key is a list or a mapping", key_node.start_mark
+                    )
                 if key in seen:
                     raise yaml.constructor.ConstructorError(
                         "while reading a mapping", node.start_mark, f"key {key!r} appears twice", key_node.start_mark
@@ -408,11 +418,18 @@ def load_recipe(path: str | os.PathLike, overrides: dict[str, Any] | None = None
     known = {f.name for f in fields(Recipe)}
     unknown = set(raw) - known
     if unknown:
-        raise RecipeError(f"recipe {path}: unknown keys {sorted(unknown)}")
+        raise RecipeError(f"recipe {path}: unknown keys {sorted(unknown, key=str)}")
+    if "name" not in raw:
+        raise RecipeError(f"recipe {path} has no name: give the run one (name: my-run)")
+    stages = raw.pop("stages", None) or []
+    if not isinstance(stages, list):
+        raise RecipeError(
+            f"recipe {path}: stages is a list of stage mappings, each starting '- name: ...', got {stages!r}"
+        )
     from kimivl.train.stages import parse_stage  # the stage kinds build on this module
 
     try:
-        stages = [parse_stage(s) for s in raw.pop("stages", None) or []]
+        stages = [parse_stage(s) for s in stages]
         if not stages:
             raise RecipeError(f"recipe {path} has no stages")
         recipe = Recipe(stages=stages, out=Path(raw.pop("out")), **raw)

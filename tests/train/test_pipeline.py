@@ -323,6 +323,16 @@ def _stage(i, **changes):
         (_stage(1, rope_theta=float("inf")), "rope_theta must be a number > 0, got inf"),
         (_stage(1, standardize_images=float("inf")), "standardize_images is a target std > 0, got inf"),
         (lambda r: r["schedule"].update(min_ratio=float("nan")), r"min_ratio must be a number in \[0, 1\].*got nan"),
+        (_stage(1, lr=10**400), "lr > 0 are required, got 2, 1000"),  # too large for a float: no OverflowError
+        (_stage(1, weight_decay=10**400), "weight_decay must be a number >= 0, got 1000"),
+        (lambda r: r["schedule"].update(min_ratio=10**400), r"min_ratio must be a number in \[0, 1\]"),
+        (lambda r: r.update(stages=r["stages"][0]), r"stages is a list of stage mappings, .* got \{'accum': 2"),
+        (
+            lambda r: r.update(stages="sft"),
+            "stages is a list of stage mappings, each starting '- name: ...', got 'sft'",
+        ),
+        (lambda r: r.pop("name"), r"has no name: give the run one \(name: my-run\)"),
+        (_stage(0, kind=["vit"]), r"stage 'vit': kind must be 'vit', 'joint' or 'rl', got \['vit'\]"),
     ],
 )
 def test_every_recipe_mistake_is_named(data_dir, tmp_path, edit, match):

@@ -22,7 +22,7 @@ def parse_stage(raw: Any) -> StageSettings:
         raise RecipeError(f"a stage is a mapping with a name, kind, steps and lr, got {raw!r}")
     where = f"stage {raw.get('name', '?')!r}"
     kind = raw.get("kind")
-    if kind not in KINDS:
+    if not isinstance(kind, str) or kind not in KINDS:
         names = [repr(k) for k in KINDS]
         raise RecipeError(f"{where}: kind must be {', '.join(names[:-1])} or {names[-1]}, got {kind!r}")
     settings = KINDS[kind][0]
@@ -34,7 +34,7 @@ def parse_stage(raw: Any) -> StageSettings:
         raise RecipeError(
             f"{where}: {', '.join(elsewhere)} {'does' if len(elsewhere) == 1 else 'do'} not apply to {_a(kind)} stage"
         )
-    unknown = sorted(set(raw) - taken)
+    unknown = sorted(set(raw) - taken, key=str)
     if unknown:
         raise RecipeError(f"{where}: unknown keys {unknown}; {_a(kind)} stage takes {sorted(taken)}")
     missing = sorted(f.name for f in fields(settings) if f.name in ("name", "steps", "lr") and f.name not in raw)

@@ -71,7 +71,7 @@ def rl_config(recipe: Recipe, stage: RLStage) -> RLConfig:
     if "bf16" in stage.rl:
         raise RecipeError(f"stage {stage.name!r}: rl: bf16 is set for the whole recipe (its top-level 'bf16')")
     names = {f.name for f in fields(RLConfig)}
-    unknown = sorted(set(stage.rl) - names)
+    unknown = sorted(set(stage.rl) - names, key=str)
     if unknown:
         taken = sorted(names - set(FROM_STAGE) - {"bf16"})
         raise RecipeError(f"stage {stage.name!r}: rl has unknown keys {unknown}; it takes {taken}")
