@@ -296,6 +296,19 @@ def _check_chat_inputs(
 CHAT_SAMPLING = {"max_new_tokens": 512, "temperature": 0.2, "top_p": 1.0}
 
 
+def _sampling_flags(args: argparse.Namespace) -> dict:
+    """chat's sampling flags that were given, each checked alone, so that a bad one is named as typed."""
+    from kimivl.inference.sampling import SamplingError, SamplingParams
+
+    flags = {k: getattr(args, k) for k in CHAT_SAMPLING if getattr(args, k) is not None}
+    for name, value in flags.items():
+        try:
+            SamplingParams.from_kwargs(**{name: value})
+        except SamplingError as e:  # "top_p must be ..." as "--top-p must be ..."
+            raise SamplingError(f"--{name.replace('_', '-')}{str(e).removeprefix(name)}") from None
+    return flags
+
+
 def _utf8(text: str, encoding: str, what: str) -> str:
     """``text`` as it was typed. Where the locale is not UTF-8 (``LC_ALL=C``), Python reads the bytes it cannot decode
     as lone surrogates (``surrogateescape``), which are no text to tokenize: their bytes are read as UTF-8 here, and
@@ -349,7 +362,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from kimivl.inference.generation_config import generation_defaults
 
     # a flag given wins; then the checkpoint's generation_config.json; then the Instruct model's settings
-    flags = {k: getattr(args, k) for k in CHAT_SAMPLING if getattr(args, k) is not None}
+    flags = _sampling_flags(args)
     sampling = {**CHAT_SAMPLING, **generation_defaults(args.model), **flags, "seed": args.seed}
     images, video = _read_piped(args)  # attached to the first turn
     _check_chat_inputs(args, sampling, images, video)

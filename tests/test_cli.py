@@ -170,7 +170,7 @@ def test_chat_interactive_and_errors(checkpoint, monkeypatch, capsys, tmp_path):
     monkeypatch.setattr("kimivl.cli._load", lambda *a: loaded.append(a))
     for flags, words in (
         (["--image", str(bad)], "bad.png"),
-        (["--top-p", "2"], "top_p"),
+        (["--top-p", "2"], "--top-p must be in (0, 1]"),
         (["--video", str(bad)], "bad.png"),
     ):
         assert main(["chat", "--model", str(checkpoint), *flags, "hi"]) == 2

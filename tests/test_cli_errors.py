@@ -2,6 +2,7 @@
 
 import errno
 import json
+import re
 
 import pytest
 import torch
@@ -134,6 +135,22 @@ def test_bad_sampling_flags_and_configs_are_one_line(capsys, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert main(["info", str(tmp_path)]) == 2
     _one_line_error(capsys, "info", "eos_token_id must be a token id")
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--max-new-tokens", "0", "--max-new-tokens must be an integer >= 1, got 0"),
+        ("--top-p", "0", r"--top-p must be in \(0, 1\] \(a number\), got 0.0"),
+        ("--temperature", "-1", r"--temperature must be >= 0: 0 \(greedy\) or a finite number"),
+    ],
+)
+def test_a_bad_chat_sampling_flag_is_named_as_typed(monkeypatch, capsys, flag, value, message):
+    loaded = []
+    monkeypatch.setattr(cli, "_load", lambda *a: loaded.append(a))
+    assert main(["chat", flag, value, "--device", "cpu", "hi"]) == 2
+    assert re.search(f"^kimivl chat: error: {message}", capsys.readouterr().err.strip().splitlines()[-1])
+    assert not loaded
 
 
 @pytest.mark.parametrize(
