@@ -11,12 +11,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from kimivl.files import write_text_atomic
+from kimivl.finite import finite
 
 log = logging.getLogger(__name__)
 
@@ -66,18 +66,11 @@ def _ints(obj, part: str, names: tuple[str, ...], low: int, high: int | None = N
         _require(ok, f"{part}.{name} must be {kind}{f' (at most {high})' if high is not None else ''}, got {v!r}")
 
 
-def _finite(v: float) -> bool:
-    try:
-        return math.isfinite(v)
-    except OverflowError:  # an int too large for a float
-        return False
-
-
 def _floats(obj, part: str, names: tuple[str, ...], positive: bool) -> None:
     """Each field a finite number (not a bool), > 0 (``positive``) or >= 0."""
     for name in names:
         v = getattr(obj, name)
-        ok = (_is_int(v) or isinstance(v, float)) and _finite(v) and (v > 0 if positive else v >= 0)
+        ok = (_is_int(v) or isinstance(v, float)) and finite(v) and (v > 0 if positive else v >= 0)
         _require(ok, f"{part}.{name} must be a finite number {'> 0' if positive else '>= 0'}, got {v!r}")
 
 

@@ -27,7 +27,6 @@ Every malformed line (a lone UTF-16 surrogate escaped in a string included) rais
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from collections.abc import Iterable, Iterator
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from kimivl.files import unencodable
+from kimivl.finite import finite
 from kimivl.processing.chat_template import ROLES, part_type
 
 # A line that may hold a lone surrogate (only a JSON escape puts one into valid UTF-8): an escaped high half not
@@ -142,9 +142,7 @@ def _part(part: Any, root: Path, where: str) -> dict:
         ok = (
             isinstance(times, list)
             and len(times) == len(frames)
-            and all(
-                isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t >= 0 for t in times
-            )
+            and all(isinstance(t, (int, float)) and not isinstance(t, bool) and finite(t) and t >= 0 for t in times)
         )
         if not ok or any(b < a for a, b in pairwise(times)):
             raise DataError(

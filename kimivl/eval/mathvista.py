@@ -73,7 +73,10 @@ def _precision(value) -> int | None:
     """A row's ``precision`` (decimal places of a float answer): ``None`` when absent, else a whole number >= 0."""
     if not present(value):
         return None
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an int of hundreds of digits: no number of decimal places
+        number = math.inf
     if not math.isfinite(number) or number < 0 or number != int(number):
         raise RowError(f"precision must be a whole number of decimal places, got {value!r}")
     return int(number)

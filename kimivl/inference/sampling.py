@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 import numbers
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from kimivl.finite import finite
 
 # Below this a temperature divides float32 logits towards overflow (a denormal one gives inf and NaN probabilities);
 # 0 is the way to ask for greedy decoding.
@@ -35,12 +36,7 @@ def _is_int(v: Any) -> bool:
 
 
 def _is_real(v: Any) -> bool:
-    if not isinstance(v, numbers.Real) or isinstance(v, bool):
-        return False
-    try:
-        return math.isfinite(v)
-    except OverflowError:  # an int too large for a float
-        return False
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and finite(v)
 
 
 @dataclass

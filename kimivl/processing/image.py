@@ -40,6 +40,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from kimivl.files import write_text_atomic
+from kimivl.finite import finite
 from kimivl.processing.data_url import data_url_bytes, is_data_url
 
 CONFIG_FILE = "preprocessor_config.json"
@@ -216,7 +217,7 @@ class ImageProcessor:
             return (
                 isinstance(v, (list, tuple))
                 and len(v) == n
-                and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+                and all(isinstance(x, (int, float)) and not isinstance(x, bool) and finite(x) for x in v)
             )
 
         if not (

@@ -242,7 +242,7 @@ class RLTrainer:
         value = self.reward_fn(text, meta)
         try:
             number = float(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # None, a list, an int of hundreds of digits
             number = math.nan
         if isinstance(value, str) or not math.isfinite(number):
             raise TrainingError(

@@ -30,7 +30,6 @@ of the recipe-wide schedule at the global step where the stage starts, so stages
 from __future__ import annotations
 
 import functools
-import math
 import os
 import re
 from collections.abc import Iterator
@@ -40,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from kimivl.data.synthetic.sample import DIFFICULTIES
 from kimivl.files import unencodable
+from kimivl.finite import finite
 
 if TYPE_CHECKING:
     from kimivl.train.stages.base import StageSettings
@@ -165,12 +165,7 @@ def integer(value: Any) -> bool:
 
 def number(value: Any) -> bool:
     """A finite int or float (not a bool, NaN, an infinity or an int too large for a float)."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:  # an int of hundreds of digits
-        return False
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and finite(value)
 
 
 def check_integer(what: str, value: Any, low: int) -> None:

@@ -322,7 +322,7 @@ def test_a_reward_of_bools_trains_as_floats_and_one_that_is_no_number_is_named(s
         trainer = make_trainer(copy.deepcopy(small_model), small_processor, tmp_path / kind, reward_fn=reward_fn)
         runs[kind] = {k: v for k, v in trainer.step().items() if k != "seconds" and not k.endswith("_per_s")}
     assert runs["float"]["reward"] > 0 and runs["bool"] == pytest.approx(runs["float"], rel=1e-6, abs=1e-7)
-    for value in (None, float("nan"), "1"):
+    for value in (None, float("nan"), "1", 10**400):
         policy = copy.deepcopy(small_model)
         before = [p.clone() for p in policy.parameters()]
         trainer = make_trainer(policy, small_processor, tmp_path / "bad", reward_fn=lambda text, meta: value)
