@@ -137,9 +137,10 @@ def train_loop(
                 try:
                     batch, next_position = next(batches)
                 except Exception as e:  # bad data: keep the progress made, resume once the data is fixed
+                    fix = "make the file readable again" if isinstance(e, OSError) else "fix the record in place"
                     raise TrainingError(
                         f"{stage}: no batch for step {state.step + 1}: {e}; the state before it is "
-                        f"saved at {state.save()} (fix the record in place, then resume)"
+                        f"saved at {state.save()} ({fix}, then resume)"
                     ) from e
                 if j % world.size == world.rank:
                     micro.append(batch)

@@ -222,6 +222,27 @@ def test_a_sample_that_cannot_be_encoded_stops_with_the_progress_saved(small_mod
     assert losses(tmp_path / "b") == losses(tmp_path / "a")
 
 
+def test_a_source_that_cannot_be_read_mid_run_stops_with_the_progress_saved(small_model, small_processor, tmp_path):
+    """A source file deleted or unmounted mid-run was met with the advice to fix a record in place."""
+    model, data, opt, sched = setup(small_model, small_processor)
+    encode, first_bad, calls = data.encode, next(data.batches(0))[1] + 1, []  # as in the test above: step 2's
+
+    def gone(kind, item):
+        calls.append(kind)
+        if len(calls) > first_bad:
+            raise FileNotFoundError(2, "No such file or directory", "/data/chat.jsonl")
+        return encode(kind, item)
+
+    data.encode = gone
+    with pytest.raises(
+        TrainingError,
+        match=r"s: no batch for step 2: \[Errno 2\] No such file or directory: "
+        r"'/data/chat.jsonl'; the state before it is saved at .*step-0000001 \(make the file readable "
+        r"again, then resume\)",
+    ):
+        train_loop(model, joint_loss, data, opt, sched, LoopConfig(steps=4, ckpt_every=10), tmp_path, "s", False)
+
+
 def test_batches_move_to_the_model_device():
     batch = PackedBatch(
         torch.ones(1, 4, dtype=torch.long),
