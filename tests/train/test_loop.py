@@ -193,22 +193,29 @@ def test_crash_while_writing_keeps_previous_checkpoint(small_model, small_proces
     KimiVL.from_pretrained(saved)
 
 
+def failing_from_step_2(data, error: Exception) -> tuple:
+    """Make ``data``'s encoding raise ``error`` from the second row's second sample on (samples are encoded once
+    each, in order); returns the working encode and that sample's index."""
+    encode, first_bad, calls = data.encode, next(data.batches(0))[1] + 1, []
+
+    def broken(kind, item):
+        calls.append(kind)
+        if len(calls) > first_bad:
+            raise error
+        return encode(kind, item)
+
+    data.encode = broken
+    return encode, first_bad
+
+
 def test_a_sample_that_cannot_be_encoded_stops_with_the_progress_saved(small_model, small_processor, tmp_path):
     cfg = LoopConfig(steps=6, ckpt_every=10, log_every=1)
     model, data, opt, sched = setup(small_model, small_processor)
     train_loop(model, joint_loss, data, opt, sched, cfg, tmp_path / "a", "s", progress=False)
 
     model, data, opt, sched = setup(small_model, small_processor)
-    encode, first_bad = data.encode, next(data.batches(0))[1] + 1  # the second row's second sample
-    bad, calls = data.pick(first_bad), []
-
-    def broken(kind, item):  # samples are encoded once each, in order: from this one on, the data is bad
-        calls.append(kind)
-        if len(calls) > first_bad:
-            raise ValueError("image /data/x.png is truncated")
-        return encode(kind, item)
-
-    data.encode = broken
+    encode, first_bad = failing_from_step_2(data, ValueError("image /data/x.png is truncated"))
+    bad = data.pick(first_bad)
     with pytest.raises(
         TrainingError,
         match=rf"s: no batch for step 2: sample {first_bad}: record {bad[1] + 1} of source "
@@ -225,15 +232,7 @@ def test_a_sample_that_cannot_be_encoded_stops_with_the_progress_saved(small_mod
 def test_a_source_that_cannot_be_read_mid_run_stops_with_the_progress_saved(small_model, small_processor, tmp_path):
     """A source file deleted or unmounted mid-run was met with the advice to fix a record in place."""
     model, data, opt, sched = setup(small_model, small_processor)
-    encode, first_bad, calls = data.encode, next(data.batches(0))[1] + 1, []  # as in the test above: step 2's
-
-    def gone(kind, item):
-        calls.append(kind)
-        if len(calls) > first_bad:
-            raise FileNotFoundError(2, "No such file or directory", "/data/chat.jsonl")
-        return encode(kind, item)
-
-    data.encode = gone
+    failing_from_step_2(data, FileNotFoundError(2, "No such file or directory", "/data/chat.jsonl"))
     with pytest.raises(
         TrainingError,
         match=r"s: no batch for step 2: \[Errno 2\] No such file or directory: "
