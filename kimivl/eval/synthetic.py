@@ -9,6 +9,7 @@ gold box (normalised coordinates).
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -27,20 +28,40 @@ def _norm(text: str) -> str:
     return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
 
 
+def clicked(answer: str, box: list[float]) -> bool:
+    """Whether the point "(x, y)" of ``answer``, or the centre of its box (its first two or four numbers), falls in
+    ``box`` ``[x1, y1, x2, y2]``, edges included."""
+    nums = [float(x) for x in _FLOAT.findall(answer)]
+    if len(nums) >= 4:
+        x, y = (nums[0] + nums[2]) / 2, (nums[1] + nums[3]) / 2
+    elif len(nums) >= 2:
+        x, y = nums[0], nums[1]
+    else:
+        return False
+    x1, y1, x2, y2 = box
+    return x1 <= x <= x2 and y1 <= y <= y2
+
+
+def box_error(meta: dict[str, Any]) -> str | None:
+    """Why ``meta.box`` is no box a click can be scored in (4 finite numbers ``[x1, y1, x2, y2]``, ``x1 <= x2`` and
+    ``y1 <= y2``: a NaN or reversed box would score every click wrong); None when it is one."""
+    box = meta.get("box", "missing")
+    numbers = isinstance(box, list) and len(box) == 4
+    numbers = numbers and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)
+    if numbers and all(math.isfinite(v) for v in box) and box[0] <= box[2] and box[1] <= box[3]:
+        return None
+    return (
+        f"meta.box is {box!r}: a click is scored by the gold box [x1, y1, x2, y2], 4 finite numbers with x1 <= x2 "
+        "and y1 <= y2"
+    )
+
+
 def score(prediction: str, meta: dict[str, Any]) -> bool:
     """Whether ``prediction`` answers the record whose meta is ``meta``."""
     answer = final_answer(prediction) or ""  # an unclosed reasoning has no answer
     gold = meta["gold"]
     if meta.get("task") == "gui":
-        nums = [float(x) for x in _FLOAT.findall(answer)]
-        if len(nums) >= 4:
-            point = ((nums[0] + nums[2]) / 2, (nums[1] + nums[3]) / 2)
-        elif len(nums) >= 2:
-            point = (nums[0], nums[1])
-        else:
-            return False
-        x1, y1, x2, y2 = meta["box"]
-        return x1 <= point[0] <= x2 and y1 <= point[1] <= y2
+        return clicked(answer, meta["box"])
     if isinstance(gold, int):
         found = _INT.search(answer)
         return found is not None and int(found.group()) == gold
@@ -83,14 +104,6 @@ def evaluate(
     return acc, rows
 
 
-def _is_box(value: Any) -> bool:
-    return (
-        isinstance(value, list)
-        and len(value) == 4
-        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
-    )
-
-
 def heldout_files(split_dir: str | os.PathLike) -> list[Path]:
     """The task files of a held-out split directory, sorted: its ``*.jsonl`` less text files and eval outputs (such
     as an ``--out`` into the same directory writes)."""
@@ -111,11 +124,8 @@ def iter_heldout(path: str | os.PathLike) -> Iterator[dict]:
                 f"{path}: record {i + 1} has no meta.task and meta.gold to score it by (held-out "
                 "accuracy needs them; for a loss on your own data use a stage's val)"
             )
-        if meta["task"] == "gui" and not _is_box(meta.get("box")):
-            raise DataError(
-                f"{path}: record {i + 1} is a gui task whose meta.box is {meta.get('box', 'missing')!r}: a click is "
-                "scored by the gold box [x1, y1, x2, y2], 4 numbers"
-            )
+        if meta["task"] == "gui" and (why := box_error(meta)):
+            raise DataError(f"{path}: record {i + 1} is a gui task whose {why}")
         if record.get("id") in (None, ""):
             record["id"] = f"{path.stem}/{lineno}"
         yield record

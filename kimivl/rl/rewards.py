@@ -24,13 +24,12 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from kimivl.eval.synthetic import score
+from kimivl.eval.synthetic import clicked, score
 from kimivl.processing.chat_template import THINK_CLOSE, parse_thinking
 
 Checker = Callable[[str, dict[str, Any]], float]
 
 _NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")
-_FLOAT = re.compile(r"-?\d+(?:\.\d+)?")
 _UNIT = re.compile(r"(?<![A-Za-z])(?:mm|cm|km|m|in|ft|units?|sq)(?:\s*\^\s*[23]|[²³]|[23](?!\d))?(?![A-Za-z])|[²³]")
 _LEAD_LETTER = re.compile(r"^\(?([A-Z])(?:\)|\.|:|$|\s)")
 _PAREN_LETTER = re.compile(r"\(([A-Z])\)")
@@ -73,15 +72,7 @@ def string(answer: str, meta: dict[str, Any]) -> float:
 
 
 def point_in_box(answer: str, meta: dict[str, Any]) -> float:
-    found = [float(n) for n in _FLOAT.findall(answer)]
-    if len(found) >= 4:
-        x, y = (found[0] + found[2]) / 2, (found[1] + found[3]) / 2
-    elif len(found) >= 2:
-        x, y = found[0], found[1]
-    else:
-        return 0.0
-    x1, y1, x2, y2 = meta["box"]
-    return float(x1 <= x <= x2 and y1 <= y <= y2)
+    return float(clicked(answer, meta["box"]))
 
 
 def binary(answer: str, meta: dict[str, Any]) -> float:

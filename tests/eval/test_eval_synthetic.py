@@ -212,10 +212,20 @@ def test_a_synthetic_limit_reads_about_limit_lines_not_the_whole_split(tmp_path,
     assert result["scored"] == 6 and len(read) <= 8  # 3 of each file, and at most one more each read ahead
 
 
-@pytest.mark.parametrize("box", [None, [0.4, 0.2, 0.6], [0.4, 0.2, 0.6, "0.4"], [True, 0, 1, 1]])
+@pytest.mark.parametrize(
+    "box",
+    [
+        None,
+        [0.4, 0.2, 0.6],
+        [0.4, 0.2, 0.6, "0.4"],
+        [True, 0, 1, 1],
+        [0.4, 0.2, float("nan"), 0.6],
+        [0.6, 0.2, 0.4, 0.6],
+    ],
+)
 def test_a_gui_record_without_a_box_of_four_numbers_is_refused_when_read(tmp_path, box):
     """Scoring a click needs meta.box: a gui record without one is named when read, not a KeyError after
-    generation."""
+    generation; a NaN or reversed box, which no click could hit, is named too (it scored every answer wrong)."""
     import json
 
     from kimivl.data.formats import DataError
@@ -225,5 +235,7 @@ def test_a_gui_record_without_a_box_of_four_numbers_is_refused_when_read(tmp_pat
     good = {"messages": [{"role": "user", "content": "Click OK"}], "meta": {**GUI}}
     bad = {"messages": [{"role": "user", "content": "Click OK"}], "meta": meta}
     (tmp_path / "gui.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
-    with pytest.raises(DataError, match=r"gui.jsonl: record 2 is a gui task whose meta.box is .*4 numbers"):
+    with pytest.raises(
+        DataError, match=r"gui.jsonl: record 2 is a gui task whose meta.box is .*4 finite numbers with x1 <= x2"
+    ):
         list(iter_heldout(tmp_path / "gui.jsonl"))

@@ -130,7 +130,7 @@ def test_k_below_one_is_refused_before_any_model_is_loaded(k, capsys):
             {"task": "reasoning", "gold": "seven"},
             r"has a meta.gold the reasoning reward cannot check \(ValueError: could not convert",
         ),
-        ({"task": "gui", "gold": "OK"}, r"has a meta.gold the gui reward cannot check \(missing meta.box\)"),
+        ({"task": "gui", "gold": "OK"}, r"is a gui problem whose meta.box is 'missing'"),
     ],
 )
 def test_a_problem_its_reward_cannot_check_is_refused_before_the_model_loads(tmp_path, capsys, meta, why):

@@ -659,9 +659,14 @@ def test_sources_that_cannot_train_are_found_before_training(small_processor, ca
     for meta, words in (  # what the reward would fail on mid-run is found before training
         ({"task": "reasoning", "gold": "n/a"}, "the reasoning reward cannot check .ValueError: could not convert"),
         ({"task": "reasoning", "gold": None}, "the reasoning reward cannot check .TypeError"),
-        ({"task": "gui", "gold": "x"}, r"the gui reward cannot check \(missing meta.box\)"),
     ):
         with pytest.raises(DataError, match=f"record 1 has a meta.gold {words}"):
+            check_problems(rl, _ctx([{**chat, "meta": meta}], small_processor))
+    # a box is checked in full: the stand-in click (0, 0) never reached the "a" of the second, which an answer
+    # left of 0.5 would have met mid-run; no click hits a NaN or reversed box
+    for box in ("missing", [0.5, "a", 1, 1], [0, 0, float("nan"), 1], [0.6, 0, 0.4, 1]):
+        meta = {"task": "gui", "gold": "x"} | ({} if box == "missing" else {"box": box})
+        with pytest.raises(DataError, match=r"record 1 is a gui problem whose meta.box is .* 4 finite numbers"):
             check_problems(rl, _ctx([{**chat, "meta": meta}], small_processor))
     check_problems(rl, _ctx([{**chat, "meta": {"task": "gui", "gold": "x", "box": [0, 0, 1, 1]}}], small_processor))
 
