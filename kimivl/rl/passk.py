@@ -46,7 +46,14 @@ def count_correct(
     progress: bool = False,
 ) -> list[int]:
     """How many of ``samples`` answers to each problem are correct, generated ``chunk`` problems at a time (chunk j
-    with seed ``seed + j``)."""
+    with seed ``seed + j``). With the default reward, every problem's meta is checked first (a ``ValueError`` names the
+    first whose gold ``correctness`` cannot read), not after the answers before it are sampled."""
+    if reward_fn is correctness:
+        from kimivl.rl.trainer import gold_error
+
+        for i, record in enumerate(problems):
+            if why := gold_error(record.get("meta", {})):
+                raise ValueError(f"problem {i + 1} {why}")
     counts: list[int] = []
     with progress_bar(
         total=len(problems), desc="pass@k", unit="problem", disable=not progress, dynamic_ncols=True

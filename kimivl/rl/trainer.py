@@ -150,6 +150,12 @@ def problem_error(record: dict) -> str | None:
     meta = record.get("meta", {})
     if "gold" not in meta or not prompt_of(record):
         return "is no RL problem: it needs a user prompt and meta.gold, the answer its reward checks"
+    return gold_error(meta)
+
+
+def gold_error(meta: dict) -> str | None:
+    """What in ``meta`` its task's reward (``correctness``) cannot read, worded to follow "problem N"; None when
+    nothing."""
     task = meta.get("task")
     if task == "gui" and REWARDS.get(task, binary) in (point_in_box, binary) and (why := box_error(meta)):
         return f"is a gui problem whose {why}"  # checked in full: stand-in clicks need not reach every coordinate

@@ -69,6 +69,22 @@ def test_count_correct_seeds_each_chunk():
         count_correct(lambda r, s, seed: ["x"], problems, 3, chunk=2)
 
 
+def test_count_correct_checks_every_gold_before_it_samples():
+    """A gold the default reward cannot read stopped count_correct only when its chunk was scored, after every
+    answer before it was sampled; a custom reward reads what it likes."""
+    calls = []
+
+    def generate(records, samples, seed):
+        calls.append(seed)
+        return ["◁think▷◁/think▷1"] * (len(records) * samples)
+
+    problems = [{"meta": {"task": "reasoning", "gold": 1}}] * 3 + [{"meta": {"task": "reasoning", "gold": "seven"}}]
+    with pytest.raises(ValueError, match=r"problem 4 has a meta.gold the reasoning reward cannot check \(ValueError"):
+        count_correct(generate, problems, 2, chunk=1)
+    assert calls == []
+    assert count_correct(generate, problems, 2, reward_fn=lambda t, meta: 1.0, chunk=1) == [2, 2, 2, 2]
+
+
 def test_the_command_on_a_checkpoint(checkpoint, small_model, small_processor, tmp_path, capsys):
     problems = [
         {
