@@ -1,5 +1,6 @@
-"""The argument type the benchmark scripts share: counts and sizes below their least are refused as the arguments are
-parsed, not met as a traceback (or a table of nan) after the work."""
+"""What the benchmark scripts' arguments share: counts and sizes below their least are refused as the arguments are
+parsed, not met as a traceback (or a table of nan) after the work; each parser is described by its script's
+docstring."""
 
 from __future__ import annotations
 
@@ -20,3 +21,9 @@ def at_least(low: int) -> Callable[[str], int]:
         return value
 
     return whole
+
+
+def parser(doc: str | None) -> argparse.ArgumentParser:
+    """A script's parser, described by the first line of its docstring ``doc`` (None under ``python -OO``, which
+    strips docstrings: then no description)."""
+    return argparse.ArgumentParser(description=(doc or "").partition("\n")[0])

@@ -14,7 +14,6 @@ at the end.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import tempfile
@@ -22,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from arguments import parser
 
 from kimivl import KimiVL, KimiVLConfig
 from kimivl.checkpoint import save_checkpoint
@@ -54,7 +54,7 @@ def bench_config(layers: int) -> KimiVLConfig:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--checkpoints", type=int, default=3)
     ap.add_argument("--dir", type=Path, help="where the checkpoints are written (default: the system's temp dir)")

@@ -7,7 +7,6 @@ timed (median per step).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import statistics
 import sys
@@ -19,13 +18,13 @@ import torch
 from kimivl.inference.cache import MLACache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the small MoE config of decode_speed.py
-from arguments import at_least  # noqa: E402
+from arguments import at_least, parser  # noqa: E402
 from decode_speed import bench_config, kimivl_with  # noqa: E402
 from hf_reference import random_lm, to_bf16  # noqa: E402  (decode_speed put tests/ on the path)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--contexts", type=at_least(1), nargs="+", default=[1024, 8192])
     ap.add_argument("--steps", type=at_least(1), default=16)
     ap.add_argument("--layers", type=at_least(1), default=4)

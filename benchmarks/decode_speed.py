@@ -11,7 +11,6 @@ generation, and the A3B shape's compressed cache against per-head keys and value
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from arguments import at_least
+from arguments import at_least, parser
 
 from kimivl import KimiVL, KimiVLConfig
 from kimivl.config import TextConfig, VisionConfig
@@ -93,7 +92,7 @@ def same_greedy_tokens(model, ref, prompt_ids: torch.Tensor, new: int = 8) -> bo
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--batch", type=at_least(1), default=4)
     ap.add_argument("--prompt", type=at_least(1), default=512)
     ap.add_argument("--new", type=at_least(1), default=64)

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import torch
-from arguments import at_least
+from arguments import at_least, parser
 from children import exit_on_sigterm, run
 
 from kimivl import KimiVL, KimiVLConfig
@@ -147,7 +147,7 @@ def launch(args, ranks: int, result: Path, live: bool) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--steps", type=at_least(1), default=6, help="timed steps")
     ap.add_argument("--rows", type=int, default=4, help="rows of --budget tokens per step, over all ranks")
     ap.add_argument("--budget", type=at_least(1), default=1024)

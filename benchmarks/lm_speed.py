@@ -18,7 +18,6 @@ and the timings then say more about the neighbours than about the models.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from arguments import at_least
+from arguments import at_least, parser
 
 from kimivl.config import TextConfig
 
@@ -66,7 +65,7 @@ def timed(fn, x) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--batch", type=at_least(1), default=2)
     ap.add_argument("--seq", type=at_least(1), default=1024)
     ap.add_argument("--layers", type=at_least(1), default=6)

@@ -22,7 +22,6 @@ beside a baseline measured in the same run and, for decode, the memory-bandwidth
 
 from __future__ import annotations
 
-import argparse
 import gc
 import os
 import statistics
@@ -40,7 +39,7 @@ from kimivl.model import mla
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from arguments import at_least  # noqa: E402
+from arguments import at_least, parser  # noqa: E402
 from hf_reference import hf_reference, random_lm, to_bf16  # noqa: E402
 from rss import PeakRise  # noqa: E402
 
@@ -272,7 +271,7 @@ def decode_table(args, context: int, g: torch.Generator, bw: float, rate: float)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--lengths", type=at_least(1), nargs="*", default=[1024, 4096, 16384, 32768, 65536, 131072])
     ap.add_argument("--decode-lengths", type=at_least(1), nargs="*", default=[1024, 8192, 32768, 131072])
     ap.add_argument("--layers", type=at_least(1), default=1, help="layers of the prefill model (one: an MoE layer)")

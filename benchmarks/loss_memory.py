@@ -11,12 +11,11 @@ high-water mark over the resident set before each arm (see rss.py).
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
 import torch.nn.functional as F
-from arguments import at_least
+from arguments import at_least, parser
 from rss import PeakRise
 
 from kimivl.model.target_logprobs import target_logprobs
@@ -46,7 +45,7 @@ def run(loss_fn, hidden, weight, labels):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--positions", type=at_least(1), default=2048)
     ap.add_argument("--scored", type=float, default=0.25, help="share of positions with a target")
     ap.add_argument("--vocab", type=at_least(1), default=163840, help="Kimi-VL-A3B: 163840")

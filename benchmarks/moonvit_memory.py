@@ -11,12 +11,11 @@ Target: a ratio below 0.1.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import time
 
 import torch
-from arguments import at_least
+from arguments import at_least, parser
 from rss import PeakRise
 
 from kimivl.config import VisionConfig
@@ -26,7 +25,7 @@ MIB = 1 << 20
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--layers", type=at_least(1), default=1, help="encoder blocks (per-block peak is what matters)")
     ap.add_argument("--side", type=at_least(1), default=128, help="patches per side of the square image")
     args = ap.parse_args()

@@ -11,12 +11,11 @@ for backward the rise of the resident set over forward; losses and gradients are
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import time
 
 import torch
-from arguments import at_least
+from arguments import at_least, parser
 from rss import PeakRise, status_kib
 
 from kimivl import KimiVL, KimiVLConfig
@@ -43,7 +42,7 @@ def run(model, batch, recompute: bool):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--layers", type=at_least(1), default=2)
     ap.add_argument("--tokens", type=at_least(1), default=4096, help="positions in the packed row")
     ap.add_argument("--vocab", type=at_least(4), default=32000, help="its last id is the image placeholder")

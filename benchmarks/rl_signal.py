@@ -32,7 +32,7 @@ import sys
 from pathlib import Path
 
 import yaml
-from arguments import at_least
+from arguments import at_least, parser
 from children import exit_on_sigterm
 from children import run as run_child
 
@@ -123,7 +123,7 @@ def check_settings(ap: argparse.ArgumentParser, args: argparse.Namespace) -> Non
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--out", type=Path, default=Path("runs/rl-signal"))
     ap.add_argument(
         "--model", type=Path, default=ROOT / "models" / "kimivl-tiny", help="the starting model of every arm"

@@ -9,13 +9,12 @@ generate exactly ``--new`` tokens per answer; printed are new tokens/s of each a
 
 from __future__ import annotations
 
-import argparse
 import random
 import time
 from pathlib import Path
 
 import torch
-from arguments import at_least
+from arguments import at_least, parser
 
 from kimivl import KimiVL, KimiVLProcessor
 from kimivl.data.synthetic.reasoning import make_reasoning
@@ -26,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--model", default=str(ROOT / "models" / "kimivl-tiny"))
     ap.add_argument("--problems", type=at_least(1), default=8)
     ap.add_argument("--k", type=at_least(1), default=8)

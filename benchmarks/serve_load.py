@@ -13,7 +13,6 @@ kimivl-tiny, float32 on a CPU that multiplies bf16 slowly) unless ``--dtype`` na
 
 from __future__ import annotations
 
-import argparse
 import base64
 import http.client
 import json
@@ -27,6 +26,7 @@ import threading
 import time
 from pathlib import Path
 
+from arguments import parser
 from children import exit_on_sigterm
 
 REPO = Path(__file__).resolve().parents[1]
@@ -159,7 +159,7 @@ def table(rows: list[dict]) -> list[str]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--model", default=str(REPO / "models" / "kimivl-tiny"))
     ap.add_argument("--requests", type=int, default=256, help="requests per level (default 256: 8 per client at 32)")
     ap.add_argument("--max-tokens", type=int, default=64)

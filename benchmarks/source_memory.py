@@ -7,13 +7,12 @@ questions, two answers), in a temporary folder removed at the end.
 
 from __future__ import annotations
 
-import argparse
 import random
 import tempfile
 import time
 from pathlib import Path
 
-from arguments import at_least
+from arguments import at_least, parser
 from PIL import Image
 from rss import PeakRise, status_kib
 
@@ -39,7 +38,7 @@ def conversations(n: int, seed: int = 0):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--records", type=at_least(1), default=200_000)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as root:

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from arguments import at_least
+from arguments import at_least, parser
 
 from kimivl import KimiVL, KimiVLConfig, KimiVLProcessor
 from kimivl.data.formats import is_text_file, iter_records, iter_texts
@@ -245,7 +245,7 @@ def scored(labels) -> int:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument(
         "--steps",
         type=at_least(1),

@@ -1,6 +1,7 @@
 """What the benchmark scripts build, compare and leave behind: checkpoint_write's config can be saved, decode_speed's
 parity check holds for short prompts, serve_load's server runs the model named from any folder and says why it did
-not start, and SIGTERM to serve_load or distributed alone stops their children."""
+not start, SIGTERM to serve_load or distributed alone stops their children, and every script answers --help under
+-OO."""
 
 import os
 import runpy
@@ -18,6 +19,7 @@ from kimivl import KimiVL, KimiVLConfig
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
 ENV = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+HELPERS = ("arguments.py", "children.py", "rss.py")  # modules the scripts import, no scripts themselves
 
 
 @pytest.fixture()
@@ -156,3 +158,28 @@ def test_sigterm_to_distributed_alone_stops_torchrun_and_its_ranks_and_removes_i
     assert code == 143 and left == []
     # the script's temporary folder of results is gone (torchrun and the ranks leave torch's own, on every run)
     assert [p.name for p in (tmp_path / "tmp").iterdir() if p.name.startswith("tmp")] == []
+
+
+def test_every_script_and_module_command_answers_help_under_python_OO():
+    """``python -OO`` strips docstrings: every parser described by ``__doc__`` met None with an AttributeError."""
+    run = (
+        f"HELPERS = {HELPERS}"
+        + """
+import runpy, sys
+from pathlib import Path
+assert __doc__ is None and sys.flags.optimize == 2
+sys.path.insert(0, "benchmarks")
+scripts = sorted(str(p) for p in Path("benchmarks").glob("*.py") if p.name not in HELPERS)
+for target in scripts + ["kimivl.rl.compare", "kimivl.rl.passk"]:
+    sys.argv = [target, "--help"]
+    try:
+        (runpy.run_path if target.endswith(".py") else runpy.run_module)(target, run_name="__main__")
+    except SystemExit as e:
+        assert e.code == 0, (target, e.code)
+    print("ok", target)
+"""
+    )
+    done = subprocess.run([sys.executable, "-OO", "-c", run], cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    scripts = [p for p in BENCHMARKS.glob("*.py") if p.name not in HELPERS]
+    assert len(scripts) == 14 and done.stdout.count("ok ") == len(scripts) + 2, done.stdout

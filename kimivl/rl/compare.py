@@ -270,7 +270,7 @@ def _arm(text: str) -> tuple[str, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kimivl.rl.compare", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m kimivl.rl.compare", description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("runs", nargs="*", help="run directories, each an arm of one seed")
     parser.add_argument("--arm", type=_arm, action="append", default=[], help="NAME=DIR[,DIR...]: one arm's seeds")
     parser.add_argument("--stage", default="rl", help="the stage evaluated after (default rl)")

@@ -133,7 +133,7 @@ def _ks(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m kimivl.rl.passk", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m kimivl.rl.passk", description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--model", required=True, help="checkpoint directory")
     p.add_argument("--data", required=True, help="JSONL problem records with meta.task, meta.gold, meta.difficulty")
     p.add_argument("--samples", type=int, required=True, help="answers sampled per problem (n)")
