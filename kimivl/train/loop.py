@@ -32,8 +32,10 @@ log = logging.getLogger(__name__)
 
 class Batches(Protocol):
     def batches(self, position: int) -> Iterator[tuple[Any, int]]:
-        """Batches from data ``position`` on, each with the position just after it. A stream with ``state_dict`` and
-        ``load_state_dict`` (a ``Mixture``'s draw counts) has that state saved and restored with the position."""
+        """Batches from data ``position`` on, each with the position just after it, enough for every step left (the
+        built-in streams never end; one that does stops ``train_loop`` with a ``TrainingError``, its state saved). A
+        stream with ``state_dict`` and ``load_state_dict`` (a ``Mixture``'s draw counts) has that state saved and
+        restored with the position."""
 
 
 @dataclass
@@ -136,6 +138,12 @@ def train_loop(
             for j in range(cfg.accum):
                 try:
                     batch, next_position = next(batches)
+                except StopIteration:  # not bad data: a stream of the caller's that ends
+                    raise TrainingError(
+                        f"{stage}: no batch for step {state.step + 1}: the data stream ended (it must yield "
+                        f"{cfg.accum} batch(es) per step for all {cfg.steps} steps); the state before it is saved at "
+                        f"{state.save()}"
+                    ) from None
                 except Exception as e:  # bad data: keep the progress made, resume once the data is fixed
                     fix = "make the file readable again" if isinstance(e, OSError) else "fix the record in place"
                     raise TrainingError(

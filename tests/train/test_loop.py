@@ -1,7 +1,9 @@
 """The shared training loop: kill-and-resume equality, atomic checkpoints, the NaN guard, metrics."""
 
+import itertools
 import json
 import random
+import re
 import time
 from pathlib import Path
 
@@ -240,6 +242,24 @@ def test_a_source_that_cannot_be_read_mid_run_stops_with_the_progress_saved(smal
         r"again, then resume\)",
     ):
         train_loop(model, joint_loss, data, opt, sched, LoopConfig(steps=4, ckpt_every=10), tmp_path, "s", False)
+
+
+def test_a_stream_of_batches_that_ends_is_named_not_called_bad_data(small_model, small_processor, tmp_path):
+    """A caller's stream that ran out was reported as bad data with an empty reason and advice to fix a record."""
+    model, data, opt, sched = setup(small_model, small_processor)
+
+    class ThreeBatches:
+        def batches(self, position):
+            return itertools.islice(data.batches(position), 3)
+
+    with pytest.raises(TrainingError) as e:
+        train_loop(model, joint_loss, ThreeBatches(), opt, sched, LoopConfig(steps=5, ckpt_every=10), tmp_path, "s")
+    assert re.fullmatch(
+        r"s: no batch for step 4: the data stream ended \(it must yield 1 batch\(es\) per step for all 5 steps\); "
+        r"the state before it is saved at .*step-0000003",
+        str(e.value),
+    ), e.value
+    assert latest_checkpoint(tmp_path / "s" / "checkpoints").name == "step-0000003"
 
 
 def test_batches_move_to_the_model_device():
