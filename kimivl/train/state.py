@@ -102,9 +102,21 @@ def _load_torch(file: Path) -> Any:
         raise CheckpointReadError(f"cannot read {file}: it is damaged or cut short ({type(e).__name__})") from None
 
 
+def _step(name: str) -> int | None:
+    """The step of a checkpoint named ``step-N``; None for any other name."""
+    digits = name.removeprefix("step-")
+    return int(digits) if digits != name and digits.isascii() and digits.isdigit() else None
+
+
+def _checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """The checkpoints ``step-N`` in ``root`` with their steps, by step (compared as numbers: past 7 digits the
+    names no longer sort as their steps do)."""
+    return sorted((step, p) for p in root.glob("step-*") if (step := _step(p.name)) is not None)
+
+
 def _damaged(path: Path, e: CheckpointReadError) -> TrainingError:
     """The error for the checkpoint ``path`` that holds a file that cannot be read (``e``), with what to do."""
-    older = sorted(p.name for p in path.parent.glob("step-*") if p.name < path.name and p.is_dir())
+    older = [p.name for step, p in _checkpoints(path.parent) if step < _step(path.name) and p.is_dir()]
     if older:
         fix = (
             f"resume from the checkpoint before it by writing {older[-1]} into {path.parent / LATEST} (checkpoints "
@@ -154,9 +166,9 @@ def _publish(root: Path, name: str, keep: int) -> Path:
     shutil.rmtree(final, ignore_errors=True)
     os.replace(root / f".{name}.tmp", final)
     write_text_atomic(root / LATEST, name + "\n")
-    for abandoned in (p for p in root.glob("step-*") if p.name > name):
+    for abandoned in (p for step, p in _checkpoints(root) if step > _step(name)):
         shutil.rmtree(abandoned, ignore_errors=True)
-    older = sorted(p for p in root.glob("step-*") if p.name < name)
+    older = [p for step, p in _checkpoints(root) if step < _step(name)]
     for old in older[: max(0, len(older) - (keep - 1))]:
         shutil.rmtree(old, ignore_errors=True)
     for torn in root.glob(".step-*.tmp"):  # left by a kill mid-save

@@ -558,6 +558,16 @@ def test_a_run_resumed_from_an_earlier_checkpoint_keeps_it_and_drops_the_later_o
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step-0000010", "step-0000011"]
 
 
+def test_checkpoints_past_seven_digits_of_steps_are_kept_and_pruned_by_step(tiny_model, tmp_path):
+    """Names were compared as text: step-10000000 sorts before step-9999999, so its save deleted the checkpoint
+    before it as 'abandoned'; a folder step-x of the user's is no checkpoint to prune."""
+    root = tmp_path / "checkpoints"
+    (root / "step-x").mkdir(parents=True)
+    for step in (9_999_998, 9_999_999, 10_000_000):
+        save_state(root, tiny_model, {"step": step})
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-10000000", "step-9999999", "step-x"]
+
+
 def test_a_checkpoint_of_other_shapes_says_what_to_do(tmp_path):
     """A vit checkpoint of kimivl before 2026-12-06 (scalar log_temp, now of shape (1,)) failed to resume with the
     shapes alone; the error now says where such a checkpoint comes from and how to go on."""
