@@ -128,8 +128,10 @@ def load(data, **_):
 
 
 def _list(text: str) -> list[float] | None:
+    """The numbers of the last bracketed list in ``text`` (commas separate them: "[3,250]" is 3 and 250), else of
+    the whole text; None when there are none."""
     bracket = re.findall(r"\[([^\[\]]*)\]", text)
-    return numbers(bracket[-1]) if bracket else (numbers(text) or None)
+    return numbers(bracket[-1], thousands=False) if bracket else (numbers(text) or None)
 
 
 def extract(answer: str, meta: dict):

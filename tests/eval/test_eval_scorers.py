@@ -126,6 +126,9 @@ def test_mathvista_by_answer_type():
     lists = _mv(answer_type="list", answer="[2, 3.5, 1]")
     assert lenient(mathvista)("So the list is [2, 3.5, 1].", lists)["score"] == 1.0
     assert lenient(mathvista)("[2, 1, 3.5]", lists)["score"] == 0.0
+    pair = _mv(answer_type="list", answer="[3,250]")  # commas in brackets separate items: not 3250, either side
+    assert lenient(mathvista)("The answer is [3,250].", pair) == {"score": 1.0, "extracted": [3.0, 250.0]}
+    assert lenient(mathvista)("[3, 250]", pair)["score"] == 1.0 and lenient(mathvista)("[3250]", pair)["score"] == 0.0
     text = _mv(answer_type="text", answer="Yes")
     assert lenient(mathvista)("yes.", text)["score"] == 1.0
     mc = {

@@ -1,4 +1,4 @@
-"""OCR: words, short lines and small pages of text rendered in several styles, sizes, colours and rotations."""
+"""OCR: one-digit sums, short lines and small pages of text rendered in several styles, sizes, colours and rotations."""
 
 from __future__ import annotations
 
@@ -29,7 +29,6 @@ LEVELS = {
     "hard": ((3, 5), (2, 4), (11, 18), 4, 12),
 }
 QUESTIONS = {
-    "word": ("What word is written in the image?", "Read the word in the image."),
     "line": ("What does the text say?", "Read the text in the image."),
     "page": ("Read all the text in the image.", "Transcribe the text in the image."),
 }
@@ -90,7 +89,7 @@ def make_ocr(rng: random.Random, difficulty: str | None = None) -> Sample:
     img = Image.new("RGB", (w, h), bg)
     img.paste(layer, (x, y), layer)
     img = add_noise(img, rng, rng.uniform(0, max_noise))
-    kind = "page" if len(lines) > 1 else ("line" if " " in text else "word")
+    kind = "page" if len(lines) > 1 else "line"  # a line holds 2 words at least
     meta = {
         "task": "ocr",
         "kind": kind,
