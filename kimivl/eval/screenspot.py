@@ -104,7 +104,8 @@ def parse_row(row: dict, index, file: Path, task: str, box_format: str | None) -
         raise RowError("no instruction")
     group = row.get("ui_type") or row.get("data_type") or ""
     if task == "screenspot_pro" and (row.get("group") or row.get("application")):
-        group = f"{row.get('group') or row.get('application')}/{group}" if group else row.get("group")
+        where = row.get("group") or row.get("application")
+        group = f"{where}/{group}" if group else where
     return Sample(
         index,
         user_turn([image], PROMPT.format(instruction=instruction)),

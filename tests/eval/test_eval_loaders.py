@@ -304,14 +304,16 @@ def test_screenspot_conventions_per_loader(tmp_path):
             "group": "Dev",
         },
         {"id": "p1", "img_filename": "missing.png", "bbox": [1, 1, 2, 2], "instruction": "x"},
+        {"id": "p2", "img_filename": "shot.png", "bbox": [1, 1, 2, 2], "instruction": "x", "application": "vscode"},
     ]
     (pro / "annotations" / "vscode_macos.json").write_text(json.dumps(ann))
     samples, skipped = split(screenspot.loader("screenspot_pro")(pro / "annotations"))
     assert samples[0].meta["box"] == pytest.approx(want) and samples[0].meta["group"] == "Dev/icon"
+    assert samples[1].meta["group"] == "vscode"  # no group nor ui_type: its application, not the text "None"
     assert images_of(samples[0]) == [str(pro / "images" / "shot.png")]
     assert "not found" in skipped["p1"]
     # the convention is explicit and can be overridden
-    [sample], _ = split(
+    [sample, _], _ = split(
         screenspot.loader("screenspot_pro")(pro / "annotations" / "vscode_macos.json", box_format="xywh")
     )
     assert sample.meta["box"] == pytest.approx([0.2, 0.2, 0.7, 0.7])
