@@ -57,7 +57,8 @@ def canvas_size(
     aspect: tuple[float, float] = (1 / 3, 3),
 ) -> tuple[int, int]:
     """A random (width, height): aspect ratio log-uniform in ``aspect``, usually at most ``max_patches`` 14px
-    patches (<= max_patches / 4 LM tokens), with ``big_chance`` of up to 4x that, sides in [min_side, max_side]."""
+    patches, with ``big_chance`` of up to 4x that, sides in [min_side, max_side]. LM tokens are about a quarter of
+    the patches, up to half as many more: the processor pads each side to 28 px."""
     limit = max_patches * (4 if rng.random() < big_chance else 1)
     ratio = math.exp(rng.uniform(math.log(aspect[0]), math.log(aspect[1])))
     area = rng.uniform(0.25, 1.0) * limit * PATCH * PATCH
