@@ -7,11 +7,14 @@ failures, long words, its content security policy) run against a server whose en
 from __future__ import annotations
 
 import base64
+import http.client
+import http.server
 import json
 import os
 import shutil
 import threading
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -240,6 +243,53 @@ def test_the_page_runs_its_own_script_file_only(scripted, browser):
     )
     assert ran is False
     assert any("Content Security Policy" in e["message"] for e in browser.get_log("browser"))  # the log sees one
+
+
+class _PrefixProxy(http.server.BaseHTTPRequestHandler):
+    """A reverse proxy serving the upstream ``self.server.upstream`` under ``/kimi/`` (the prefix stripped), as
+    nginx's ``location /kimi/ { proxy_pass http://upstream/; }`` does; HTTP/1.0, so a stream ends with the
+    connection."""
+
+    def _forward(self) -> None:
+        if not self.path.startswith("/kimi/"):
+            self.send_error(404)
+            return
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        upstream = http.client.HTTPConnection(self.server.upstream, timeout=30)
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+        upstream.request(self.command, self.path.removeprefix("/kimi"), body or None, headers)
+        answer = upstream.getresponse()
+        self.send_response(answer.status)
+        for key, value in answer.getheaders():
+            if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                self.send_header(key, value)
+        self.end_headers()
+        while piece := answer.read1(65536):
+            self.wfile.write(piece)
+            self.wfile.flush()
+        upstream.close()
+
+    do_GET = do_POST = _forward
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_the_page_works_behind_a_proxy_that_serves_it_under_a_path_prefix(scripted, browser):
+    """The page asked for /chat.js and /v1/... at the site's root: under /kimi/ its script was a 404 and nothing
+    could be sent. Its URLs are relative now."""
+    url, script = scripted
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _PrefixProxy)
+    proxy.upstream = urllib.parse.urlsplit(url).netloc
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        _open(browser, f"http://127.0.0.1:{proxy.server_address[1]}/kimi", script, ["through ", "the proxy"])
+        _ask(browser, None, "a question")
+        WebDriverWait(browser, 10).until(lambda d: _last_state(d) == "done")
+        assert _text(browser, ".answer") == "through the proxy"
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
 
 
 def test_a_bad_key_or_a_failing_model_list_says_so(scripted, browser):

@@ -17,7 +17,7 @@ function showError(text) { $("error").textContent = text || ""; }
 async function loadModel() {
   let r, body = null;
   try {
-    r = await fetch("/v1/models", { headers: headers() });
+    r = await fetch("v1/models", { headers: headers() });
     body = await r.json();
   } catch (e) {
     if (!r) { showError("the server cannot be reached (" + e.message + ")"); return; }
@@ -148,7 +148,7 @@ async function send() {
   $("stop").disabled = false;
   let state = "done";
   try {
-    const r = await fetch("/v1/chat/completions",
+    const r = await fetch("v1/chat/completions",
                           { method: "POST", headers: headers(), body: JSON.stringify(body), signal: mine.signal });
     if (!r.ok) {
       const err = await r.json().catch(() => ({}));
