@@ -105,12 +105,16 @@ class JsonlRecords(Sequence):
         offset = self._offsets[i]
         self._unchanged()
         block, rest = divmod(offset, LINE_BLOCK)
+        counts = self._newlines  # extended on a copy, swapped in whole: threads asking at once each see one that holds
         with open(self.path, "rb") as f:
-            f.seek((len(self._newlines) - 1) * LINE_BLOCK)
-            while len(self._newlines) <= block:
-                self._newlines.append(self._newlines[-1] + f.read(LINE_BLOCK).count(b"\n"))
+            if len(counts) <= block:
+                counts = list(counts)
+                f.seek((len(counts) - 1) * LINE_BLOCK)
+                while len(counts) <= block:
+                    counts.append(counts[-1] + f.read(LINE_BLOCK).count(b"\n"))
+                self._newlines = counts
             f.seek(block * LINE_BLOCK)
-            line = self._newlines[block] + f.read(rest).count(b"\n") + 1
+            line = counts[block] + f.read(rest).count(b"\n") + 1
         return f"{self.path}:{line}"
 
 

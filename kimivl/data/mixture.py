@@ -62,7 +62,9 @@ class Mixture:
             raise ValueError("mixture weights must have a positive sum")
         self.horizon, self.seed, self.replacement, self.stream = max(1, horizon), seed, replacement, stream
         self.skipped = 0
-        self._scanned, self._drawn = 0, dict.fromkeys(self.names, 0)  # without replacement: draws before _scanned
+        # without replacement: the draws from each source before sample ``scanned``, as (scanned, counts); this, and
+        # _orders, are replaced whole, never changed in place, so threads picking at once each see one consistent copy
+        self._counted: tuple[int, dict[str, int]] = (0, dict.fromkeys(self.names, 0))
         self._orders: dict[tuple[str, int], np.ndarray] = {}  # (source, pass) -> its shuffle, the latest per source
 
     def weights(self, i: int) -> list[float]:
@@ -82,16 +84,18 @@ class Mixture:
         return sample_rng(self.seed, self.stream, j).choices(self.names, weights=self.weights(j))[0]
 
     def _draws_before(self, i: int, name: str) -> int:
-        """How many of samples 0..i-1 came from ``name``: the counts kept for samples 0.._scanned-1, moved to ``i``
-        by replaying the source draws between (cheap: no item is read), or counted from 0 when that is nearer."""
-        if i < self._scanned - i:
-            self._scanned, self._drawn = 0, dict.fromkeys(self.names, 0)
-        for j in range(self._scanned, i):
-            self._drawn[self._source(j)] += 1
-        for j in range(i, self._scanned):
-            self._drawn[self._source(j)] -= 1
-        self._scanned = i
-        return self._drawn[name]
+        """How many of samples 0..i-1 came from ``name``: the counts kept for the samples before ``scanned``, moved to
+        ``i`` by replaying the source draws between (cheap: no item is read), or counted from 0 when that is nearer."""
+        scanned, drawn = self._counted
+        if i < scanned - i:
+            scanned, drawn = 0, dict.fromkeys(self.names, 0)
+        drawn = dict(drawn)
+        for j in range(scanned, i):
+            drawn[self._source(j)] += 1
+        for j in range(i, scanned):
+            drawn[self._source(j)] -= 1
+        self._counted = (i, drawn)
+        return drawn[name]
 
     def identity(self) -> dict[str, Any]:
         """What the draw counts follow: a change of any of it draws other sources for the same samples."""
@@ -107,7 +111,8 @@ class Mixture:
     def state_dict(self) -> dict[str, Any]:
         """The draw counts (how many of samples 0..scanned-1 came from each source) with the mixture they belong to:
         saved with the data position, so that a resume without replacement need not replay every earlier draw."""
-        return {"mixture": self.identity(), "scanned": self._scanned, "drawn": dict(self._drawn)}
+        scanned, drawn = self._counted
+        return {"mixture": self.identity(), "scanned": scanned, "drawn": dict(drawn)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Go on from saved draw counts. Those of another mixture (other sources, weights, horizon, seed or stream)
@@ -115,18 +120,19 @@ class Mixture:
         if state.get("mixture") != self.identity():
             log.info("the saved draw counts belong to another mixture; counting the draws again from sample 0")
             return
-        self._scanned, self._drawn = int(state["scanned"]), {n: int(state["drawn"][n]) for n in self.names}
+        self._counted = (int(state["scanned"]), {n: int(state["drawn"][n]) for n in self.names})
 
     def _next_of(self, name: str, k: int) -> int:
         """The ``k``-th draw from ``name`` without replacement: item ``k % n`` of that pass's seeded shuffle."""
         n = len(self.sources[name])
         key = (name, k // n)
-        if key not in self._orders:
+        orders = self._orders
+        if key not in orders:
             salt = [zlib.crc32(self.stream.encode()), zlib.crc32(name.encode())]
             rng = np.random.default_rng([self.seed, *salt, k // n])
-            self._orders = {o: v for o, v in self._orders.items() if o[0] != name}
-            self._orders[key] = rng.permutation(n)
-        return int(self._orders[key][k % n])
+            orders = {o: v for o, v in orders.items() if o[0] != name} | {key: rng.permutation(n)}
+            self._orders = orders
+        return int(orders[key][k % n])
 
     def where(self, i: int) -> str:
         """Where sample ``i``'s record is: its ``file:line`` (``locate``) and source."""

@@ -1,5 +1,6 @@
 import json
 import os
+import threading
 
 import pytest
 from PIL import Image
@@ -131,6 +132,48 @@ def test_where_names_a_file_line_or_a_record_number(tmp_path):
     joined = Concat([JsonlRecords(path, text=False), ["a", "b"]])
     assert [joined.where(i) for i in range(4)] == [f"{path}:2", f"{path}:3", "record 1", "record 2"]
     assert locate(["x"], 0) == "record 1"
+
+
+def test_where_asked_from_two_threads_at_once_keeps_its_line_counts(tmp_path, monkeypatch):
+    """The table of newlines per block was extended in place: a second thread's where() midway through the first's
+    count left entries out of step, and every later where() named a wrong line."""
+    from kimivl.data import indexed
+
+    path = _conversations(tmp_path)
+    want = [JsonlRecords(path, text=False).where(i) for i in range(7)]
+    records = JsonlRecords(path, text=False)
+    monkeypatch.setattr(indexed, "LINE_BLOCK", 16)  # many blocks to count
+    midway, done, got, real_open = threading.Event(), threading.Event(), {}, open
+
+    class Pausing:  # the other thread's file stops at its third block
+        def __init__(self, f):
+            self.f, self.reads = f, 0
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def seek(self, n):
+            return self.f.seek(n)
+
+        def read(self, n):
+            self.reads += 1
+            if self.reads == 3 and threading.current_thread() is other:
+                midway.set()
+                done.wait(10)
+            return self.f.read(n)
+
+    monkeypatch.setattr(indexed, "open", lambda p, mode: Pausing(real_open(p, mode)), raising=False)
+    other = threading.Thread(target=lambda: got.update({6: records.where(6)}))
+    other.start()
+    assert midway.wait(10)
+    got[3] = records.where(3)
+    done.set()
+    other.join(10)
+    assert got == {6: want[6], 3: want[3]}
+    assert [records.where(i) for i in range(7)] == want
 
 
 def test_large_files_show_indexing_progress(tmp_path, monkeypatch, capsys):

@@ -3,6 +3,7 @@
 import itertools
 import logging
 import random
+import threading
 
 import numpy as np
 import pytest
@@ -205,6 +206,31 @@ def test_a_resume_from_the_saved_draw_counts_draws_what_an_uninterrupted_run_doe
     calls["n"] = 0
     assert [resumed.pick(i) for i in range(at, at + n)] == [stopped.pick(i) for i in range(at, at + n)]
     assert calls["n"] <= 4 * n  # both mixtures' draws (the kept counts), not a replay of the ``at`` before
+
+
+def test_threads_picking_at_once_draw_what_one_thread_does():
+    """The draw counts were one cursor moved in place: a pick in another thread midway through a long replay left
+    both counting from a mix of the two positions (duplicates and gaps in an epoch)."""
+    sources = {"a": list(range(7)), "b": list(range(5))}
+    serial = Mixture(sources, None, 8, start={"a": 2, "b": 1}, seed=5, replacement=False)
+    want = {i: serial.pick(i) for i in (300, 40)}
+    mix = Mixture(sources, None, 8, start={"a": 2, "b": 1}, seed=5, replacement=False)
+    source, midway, done, got = mix._source, threading.Event(), threading.Event(), {}
+
+    def paused(j):  # the other thread stops halfway through its replay of 300 draws
+        if j == 150:
+            midway.set()
+            done.wait(10)
+        return source(j)
+
+    mix._source = paused
+    other = threading.Thread(target=lambda: got.update({300: mix.pick(300)}))
+    other.start()
+    assert midway.wait(10)
+    got[40] = mix.pick(40)
+    done.set()
+    other.join(10)
+    assert got == want
 
 
 def test_each_stream_and_seed_draws_its_own_samples():
