@@ -31,14 +31,14 @@ class MetricsLog:
             torn = not self.path.read_bytes().endswith(b"\n")  # a kill or a full disk cut the last line short
             if len(kept) < len(rows) or torn:
                 write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
-        self._tb = None
+        self._tb, self._hook = None, None
         self.tb_dir = Path(run_dir) / "tensorboard" / stage
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # tensorboard is optional
             return
-        if threading.excepthook is not _quiet_tensorboard_writer:
-            _quiet_tensorboard_writer.fallback = threading.excepthook
+        if threading.excepthook is not _quiet_tensorboard_writer:  # the process's hook comes back at close
+            self._hook = _quiet_tensorboard_writer.fallback = threading.excepthook
             threading.excepthook = _quiet_tensorboard_writer
         self._tb = SummaryWriter(str(self.tb_dir), purge_step=start + 1)
 
@@ -65,9 +65,13 @@ class MetricsLog:
             raise write_error(e, self.tb_dir) from None
 
     def close(self) -> None:
-        if self._tb is not None:
-            with self._tensorboard():
-                self._tb.close()
+        try:
+            if self._tb is not None:
+                with self._tensorboard():
+                    self._tb.close()
+        finally:
+            if self._hook is not None and threading.excepthook is _quiet_tensorboard_writer:
+                threading.excepthook, self._hook = self._hook, None
 
     def __enter__(self) -> MetricsLog:
         return self

@@ -722,6 +722,7 @@ def test_a_metrics_write_the_disk_refuses_is_named_and_the_writer_thread_stays_q
         for step in range(2, 200):  # TensorBoard's events grow faster than the JSON lines
             log.write(step, {f"value{i}": 1.0 for i in range(20)})
     log.close()  # the failure was told once
+    assert threading.excepthook == printed.append  # the process's hook is back (it was left replaced for good)
     file_size_limit(None)
     for thread in threading.enumerate():
         if type(thread).__name__ == "_AsyncWriterThread":
