@@ -113,13 +113,13 @@ def parse_row(row: dict, index, file: Path, task: str, box_format: str | None) -
     )
 
 
+def load(data, task: str, box_format: str | None = None, **_):
+    return load_samples(data, partial(parse_row, task=task, box_format=box_format), ("index", "id"))
+
+
 def loader(task: str):
-    """The loader of ``screenspot`` or ``screenspot_pro``."""
-
-    def load(data, box_format: str | None = None, **_):
-        return load_samples(data, partial(parse_row, task=task, box_format=box_format), ("index", "id"))
-
-    return load
+    """The loader of ``screenspot`` or ``screenspot_pro`` (a partial: a task pickles, for worker processes)."""
+    return partial(load, task=task)
 
 
 _QWEN_BOX = re.compile(r"<box>\((\d+),(\d+)\),\((\d+),(\d+)\)</box>")

@@ -5,6 +5,7 @@ import csv
 import hashlib
 import io
 import json
+import pickle
 import random
 
 import pyarrow as pa
@@ -257,6 +258,13 @@ def test_ocrbench_tsv_and_parquet(tmp_path):
     assert sample.index == 0 and sample.meta["hme"]
 
 
+def test_every_task_pickles_for_worker_processes():
+    """screenspot's loaders were closures: its two tasks could not go to spawned workers or a process pool."""
+    from kimivl.eval.tasks import TASKS
+
+    assert [pickle.loads(pickle.dumps(task)).name for task in TASKS.values()] == list(TASKS)
+
+
 def test_screenspot_conventions_per_loader(tmp_path):
     """The same element (pixels x 40..100, y 20..50 of a 200x100 screenshot) in each release's convention."""
     image = png(200, 100)
@@ -310,6 +318,8 @@ def test_screenspot_conventions_per_loader(tmp_path):
     samples, skipped = split(screenspot.loader("screenspot_pro")(pro / "annotations"))
     assert samples[0].meta["box"] == pytest.approx(want) and samples[0].meta["group"] == "Dev/icon"
     assert samples[1].meta["group"] == "vscode"  # no group nor ui_type: its application, not the text "None"
+    copied = pickle.loads(pickle.dumps(screenspot.loader("screenspot_pro")))  # a closure did not pickle
+    assert [x.meta for x in split(copied(pro / "annotations"))[0]] == [x.meta for x in samples]
     assert images_of(samples[0]) == [str(pro / "images" / "shot.png")]
     assert "not found" in skipped["p1"]
     # the convention is explicit and can be overridden
