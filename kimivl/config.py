@@ -461,9 +461,19 @@ class KimiVLConfig:
             f"media_placeholder_token_id ({self.media_placeholder_token_id!r}) is outside the vocabulary "
             f"(vocab_size {vocab})",
         )
-        _require(_is_int(self.ignore_index), f"ignore_index must be an integer, got {self.ignore_index!r}")
+        _require(
+            self.ignore_index == -100 and _is_int(self.ignore_index),
+            f"ignore_index must be -100, the label kimivl's processor and training write for positions not scored "
+            f"(Kimi-VL's value), got {self.ignore_index!r}",
+        )
         if self.pad_token_id is not None:  # kept null as read: padding uses text_config.pad_id
             _token_id("config", "pad_token_id", self.pad_token_id, vocab)
+        for where, pad in (("pad_token_id", self.pad_token_id), ("text_config.pad_token_id", self.text_config.pad_id)):
+            _require(
+                pad != self.media_placeholder_token_id,
+                f"{where} ({pad}) is the media_placeholder_token_id: padding would be read as image slots; pad with "
+                "another id",
+            )
         _absent_or(
             self.extra, None, "tie_word_embeddings", False, "Kimi-VL's lm_head and embed_tokens are separate weights"
         )

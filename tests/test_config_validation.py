@@ -55,7 +55,11 @@ def tiny_dict():
         ("vision_config", "merge_kernel_size", "22", "merge_kernel_size must be two positive integers"),
         ("vision_config", "merge_kernel_size", [2, True], "merge_kernel_size must be two positive integers"),
         (None, "media_placeholder_token_id", "3861", "outside the vocabulary"),
-        (None, "ignore_index", None, "ignore_index must be an integer"),
+        (None, "ignore_index", None, "ignore_index must be -100"),
+        (None, "ignore_index", -1, "ignore_index must be -100, the label kimivl's processor"),  # met at step 1
+        (None, "ignore_index", 5, "ignore_index must be -100"),  # token 5 silently left out of the loss
+        (None, "pad_token_id", 3861, r"pad_token_id \(3861\) is the media_placeholder_token_id"),
+        ("text_config", "pad_token_id", 3861, r"text_config.pad_token_id \(3861\) is the media_placeholder"),
         (None, "pad_token_id", -5, "pad_token_id must be a token id in"),
         (None, "architectures", "KimiVL", "architectures must be a list of strings"),
     ],
@@ -89,6 +93,18 @@ def test_moe_layer_freq_leaves_the_layers_between_dense():
     model = KimiVL(KimiVLConfig.from_dict(d))
     moe = [any("experts" in n for n, _ in layer.named_parameters()) for layer in model.language_model.model.layers]
     assert moe == [False, False, True, False]
+
+
+def test_no_shared_experts_builds_without_a_warning_and_adds_nothing(recwarn):
+    """Zero-width shared experts made torch warn at every build (a crash under -W error)."""
+    d = tiny_dict()
+    d["text_config"]["n_shared_experts"] = 0
+    model = KimiVL(KimiVLConfig.from_dict(d))
+    assert not [w for w in recwarn if "zero-element" in str(w.message)]
+    mlp = model.language_model.model.layers[-1].mlp
+    x = torch.randn(1, 3, d["text_config"]["hidden_size"])
+    assert mlp.shared_experts.gate_proj.weight.shape == (0, d["text_config"]["hidden_size"])
+    assert torch.equal(mlp.shared_experts(x), torch.zeros_like(x))
 
 
 def test_every_layer_may_be_dense():

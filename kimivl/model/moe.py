@@ -17,14 +17,22 @@ from kimivl.config import TextConfig
 from kimivl.kernels import grouped_swiglu
 
 
+class _ZeroWidth(nn.Linear):
+    """A linear layer with no hidden units (no shared experts): nothing to initialise, and torch warns if asked."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
 class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)): the dense MLP and the shared experts."""
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden, bias=False)
-        self.up_proj = nn.Linear(dim, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, dim, bias=False)
+        linear = nn.Linear if hidden else _ZeroWidth
+        self.gate_proj = linear(dim, hidden, bias=False)
+        self.up_proj = linear(dim, hidden, bias=False)
+        self.down_proj = linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
