@@ -29,7 +29,7 @@ from typing import Any
 
 from PIL import Image
 
-from kimivl.data.formats import parse_json, parse_line
+from kimivl.data.formats import DataError, parse_json, parse_line
 
 TABLE_SUFFIXES = (".tsv", ".parquet", ".json", ".jsonl")
 
@@ -64,7 +64,7 @@ def is_eval_output(path: Path) -> bool:
         return True
     if path.suffix != ".jsonl":
         return False
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
         first = next((line for line in f if line.strip()), "")
     try:
         row = json.loads(first)
@@ -96,12 +96,27 @@ def table_files(path: str | os.PathLike) -> list[Path]:
     return files
 
 
+def _not_utf8(path: Path) -> DataError:
+    """The ``DataError`` for a text file that is not UTF-8, naming its first line that is not (no byte of a UTF-8
+    character is a line end, so each line decodes alone)."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return DataError(f"{path}:{lineno}: not UTF-8 (byte {e.start + 1} of the line)")
+    return DataError(f"{path}: not UTF-8")
+
+
 def _tsv_rows(path: Path) -> Iterator[dict]:
     csv.field_size_limit(sys.maxsize)
 
-    def rows() -> Iterator[dict]:
-        with open(path, newline="", encoding="utf-8") as f:
-            yield from csv.DictReader(f, delimiter="\t")
+    def rows() -> Iterator[dict]:  # a byte-order mark (Excel, Notepad) must not become part of the first column's name
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            try:
+                yield from csv.DictReader(f, delimiter="\t")
+            except UnicodeDecodeError:
+                raise _not_utf8(path) from None
 
     refs = {r["image"] for r in rows() if 0 < len(r.get("image") or "") <= 64}
     shared = {r["index"]: r["image"] for r in rows() if r.get("index") in refs} if refs else {}

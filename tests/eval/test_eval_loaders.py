@@ -14,6 +14,7 @@ import pymupdf
 import pytest
 from PIL import Image
 
+from kimivl.data.formats import DataError
 from kimivl.eval import mathvista, mmlongbench, mmmu, ocrbench, screenspot, videomme
 from kimivl.eval.tables import Sample, Skipped, image_bytes, iter_rows, literal_list, table_files
 
@@ -449,6 +450,24 @@ def test_jsonl_tables_split_only_at_newlines_skip_a_bom_and_name_a_bad_line(tmp_
     path.write_text(json.dumps(row) + "\n" + '{"index": "1", "question"\n')
     with pytest.raises(ValueError, match=r"rows.jsonl:2: invalid JSON"):
         list(iter_rows(path))
+
+
+def test_a_tsv_saved_with_a_bom_keeps_its_index_column_and_one_not_utf8_names_the_line(tmp_path):
+    """Excel and Notepad put a byte-order mark first: read into the header it renamed 'index' to '\\ufeffindex', so the
+    rows fell back to their positions and matched no prediction. A Latin-1 byte is a DataError naming file and line."""
+    rows = [
+        {"index": str(100 + i), "image": b64(png()), "question": f"Word {i}?", "answer": f"['w{i}']", "category": "c"}
+        for i in range(3)
+    ]
+    path = write_tsv(tmp_path / "OCRBench.tsv", rows)
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    samples, skipped = split(ocrbench.load(path))
+    assert [s.index for s in samples] == [100, 101, 102] and not skipped
+    path.write_bytes(path.read_bytes()[3:].replace(b"Word 1?", "W\xf6rd 1?".encode("latin-1")))
+    with pytest.raises(DataError, match=r"OCRBench.tsv:3: not UTF-8 \(byte [0-9]+ of the line\)"):
+        list(ocrbench.load(path))
+    (tmp_path / "mine.jsonl").write_bytes(b"\xef\xbb\xbf" + b'{"index": 1, "prediction": "w1"}\n')
+    assert table_files(tmp_path) == [path]  # a predictions file with a BOM is no data either
 
 
 def test_a_small_base64_image_is_an_image_not_a_file_name(tmp_path):
