@@ -16,13 +16,16 @@ FULL = (errno.ENOSPC, errno.EDQUOT)  # the errnos of a full disk (or quota)
 
 def unencodable(path: str | os.PathLike) -> str | None:
     """Why the OS cannot be given ``path``: it holds characters that the filesystem encoding cannot encode (ASCII in
-    the C locale without Python's UTF-8 mode, where ``Path.is_file`` says False and ``open`` names no path); None
-    when it can be given."""
+    the C locale without Python's UTF-8 mode, where ``Path.is_file`` says False and ``open`` names no path), or a
+    lone UTF-16 surrogate (a JSON "\\ud800"), which no encoding can; None when it can be given."""
     try:
         os.fsencode(path)
     except UnicodeEncodeError as e:
+        bad = e.object[e.start : e.end]
+        if all("\ud800" <= c <= "\udfff" for c in bad):
+            return f"{os.fspath(path)!r} holds the lone UTF-16 surrogate {bad!r}, which no file name can hold"
         return (
-            f"{os.fspath(path)} holds {e.object[e.start : e.end]!r}, which the filesystem encoding "
+            f"{os.fspath(path)} holds {bad!r}, which the filesystem encoding "
             f"({sys.getfilesystemencoding()}) cannot encode: run with PYTHONUTF8=1, or in a UTF-8 locale (LANG=C.UTF-8)"
         )
     return None

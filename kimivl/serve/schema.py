@@ -33,8 +33,15 @@ class RequestError(ValueError):
         self.message, self.param, self.status, self.code = message, param, status, code
 
     def body(self) -> dict:
+        """The OpenAI error object. A lone surrogate from the request (JSON's "\\ud800" in a field's name or a path),
+        which UTF-8 cannot encode, is written as its escape: the response would fail to render (a 500)."""
         kind = "invalid_request_error" if self.status < 500 else "server_error"
-        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+        message, param = (_utf8_text(s) for s in (self.message, self.param))
+        return {"error": {"message": message, "type": kind, "param": param, "code": self.code}}
+
+
+def _utf8_text(text: str | None) -> str | None:
+    return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 @dataclass
@@ -163,7 +170,10 @@ def _local_file(url: str, where: str, limits: Limits) -> bytes:
         parts = urllib.parse.urlsplit(url)
         if parts.scheme != "file" or parts.netloc not in ("", "localhost") or parts.query or parts.fragment:
             raise refused
-        path = urllib.parse.unquote(parts.path)
+        try:  # percent escapes are bytes (RFC 8089): a file whose name is not UTF-8 can be named too
+            path = os.fsdecode(urllib.parse.unquote_to_bytes(parts.path))
+        except UnicodeEncodeError:  # a lone surrogate, named below
+            path = parts.path
     why = unencodable(path)  # the OS cannot be given it: "not a file" would be wrong
     if why:
         raise RequestError(f"{where}: {why}", where)

@@ -957,6 +957,53 @@ def test_local_media_opens_only_regular_files_under_the_root_and_parses_file_url
             assert code == 400 and "not a file under the allowed local media path" in reply["error"]["message"], image
 
 
+def test_a_file_url_names_a_file_by_the_bytes_of_its_percent_escapes(tmp_path):
+    """file:///.../lat%E8.png (a Latin-1 name, as RFC 8089 writes its bytes) was "not a file under the allowed local
+    media path" though it exists: the escapes were read as UTF-8."""
+    media = tmp_path / "media"
+    media.mkdir()
+    with open(os.path.join(os.fsencode(media), b"lat\xe8.png"), "wb") as f:
+        f.write(base64.b64decode(_png(28, 28).split(",")[1]))
+    limits = Limits(context=4096, max_batch=8, allowed_local_media_path=str(media))
+    with live_server("kimivl-tiny", limits=limits) as (url, _):
+        for image in (f"file://{media}/lat%E8.png", f"file://{media}/lat%e8.png"):
+            code, reply = _post(url, {"model": "kimivl-tiny", "max_tokens": 2, "messages": _image_msg(image)}, None)
+            assert code == 200, (image, reply)
+        code, reply = _post(
+            url, {"model": "kimivl-tiny", "messages": _image_msg(f"file://{media}/lat%C3%A8.png")}, None
+        )
+        assert code == 400 and "not a file under the allowed local media path" in reply["error"]["message"]
+
+
+def test_a_lone_surrogate_in_a_field_name_or_a_local_path_is_a_400_that_escapes_it(tmp_path):
+    """A lone surrogate (JSON "\\ud800") in a field's name or in a local image path was a 500 with a traceback in the
+    log: the 400's body held it, which the response's UTF-8 cannot encode. The body now holds its escape, and the path
+    is not said to need PYTHONUTF8=1 (no encoding holds a lone surrogate)."""
+    media = tmp_path / "media"
+    media.mkdir()
+    limits = Limits(context=4096, max_batch=8, allowed_local_media_path=str(media))
+    hi, part = [{"role": "user", "content": "Hi"}], "messages[0].content[0]"
+
+    def image(url: str, **more) -> list[dict]:
+        return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url, **more}}]}]
+
+    cases = [
+        ({"messages": hi, "\ud800": 1}, "\\ud800"),
+        ({"messages": [{"role": "user", "content": "Hi", "\udc00x": 1}]}, "messages[0].\\udc00x"),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi", "\ud800": 1}]}]}, f"{part}.\\ud800"),
+        ({"messages": image(_png(28, 28), **{"\ud800": 1})}, f"{part}.image_url.\\ud800"),
+        ({"messages": hi, "stream": True, "stream_options": {"\ud800": True}}, "stream_options.\\ud800"),
+        ({"messages": image(f"{media}/\ud800.png")}, part),
+        ({"messages": image(f"file://{media}/\ud800.png")}, part),
+    ]
+    with live_server("kimivl-tiny", limits=limits) as (url, _):
+        for body, param in cases:
+            code, reply = _post(url, {"model": "kimivl-tiny", "max_tokens": 2, **body}, None)
+            assert code == 400 and reply["error"]["param"] == param, (body, code, reply)
+            assert "\\ud800" in reply["error"]["message"] or "\\udc00" in reply["error"]["message"], reply
+            assert "PYTHONUTF8" not in reply["error"]["message"], reply
+
+
 def test_a_local_media_name_the_filesystem_encoding_cannot_encode_is_named_so(tmp_path, ascii_filesystem):
     """Under LANG=C without Python's UTF-8 mode an existing картинка.png under the allowed path was "not a file under
     the allowed local media path"."""
