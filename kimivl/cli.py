@@ -534,6 +534,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CommandError(f"--shutdown-timeout must be a number of seconds >= 0, got {args.shutdown_timeout}")
     if args.allowed_local_media_path and not os.path.isdir(args.allowed_local_media_path):
         raise CommandError(f"--allowed-local-media-path {args.allowed_local_media_path}: not a directory")
+    name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
+    what = (
+        "--served-model-name"
+        if args.served_model_name
+        else "the model directory's name (the default --served-model-name)"
+    )
+    name = _utf8(name, sys.getfilesystemencoding(), what)  # argv under LC_ALL=C holds bytes as lone surrogates
     sockets = _listen(args.host, args.port)
     try:
         model, processor = _load(args.model, args.dtype, args.device)
@@ -545,7 +552,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
             max_batch=args.max_batch,
             allowed_local_media_path=args.allowed_local_media_path,
         )
-        name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
         # on loopback, no name re-pointed at it gets in; a reverse proxy's public name is added with --allowed-host
         names = (*LOOPBACK_NAMES, args.host, *args.allowed_host)
         hosts = tuple(dict.fromkeys(n.lower() for n in names)) if _loopback(args.host) else None

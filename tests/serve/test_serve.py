@@ -1055,6 +1055,43 @@ def test_kimivl_serve_drops_its_colours_under_no_color_or_a_dumb_terminal(monkey
     assert colours == [None, None, False, False]  # None: uvicorn colours a terminal only
 
 
+def test_kimivl_serve_serves_a_name_from_argv_under_lc_all_c_as_its_text(tmp_path, monkeypatch, capsys):
+    """Under LC_ALL=C without UTF-8 mode argv's non-ASCII bytes are lone surrogates: a model directory named 模型 was
+    served as '\\udce6...' (/v1/models a 500, every request naming 模型 a 404). A name that is not UTF-8 is refused
+    before the model loads."""
+    import functools
+
+    import uvicorn
+    from fastapi.testclient import TestClient
+
+    from kimivl import cli
+    from kimivl.cli import main
+
+    def argv(raw: bytes) -> str:  # as Python reads it under LC_ALL=C
+        return raw.decode("ascii", "surrogateescape")
+
+    apps = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda server, sockets: apps.append(server.config.app))
+    monkeypatch.setattr(cli, "_listen", lambda host, port: [])
+    monkeypatch.setattr(cli, "_load", functools.cache(cli._load))
+    model = argv(os.path.join(os.fsencode(tmp_path), "模型".encode()))
+    os.symlink(MODELS / "kimivl-tiny", model)
+    for more, name in (([], "模型"), (["--served-model-name", argv("名字".encode())], "名字")):
+        assert main(["serve", "--model", model, *more, "--device", "cpu"]) == 0
+        client, host = TestClient(apps[-1]), {"host": "127.0.0.1"}
+        listed = client.get("/v1/models", headers=host)
+        assert listed.status_code == 200 and listed.json()["data"][0]["id"] == name
+        body = {"model": name, "messages": [{"role": "user", "content": "Hi"}], "bogus": 1}  # past the model's check
+        assert client.post("/v1/chat/completions", json=body, headers=host).json()["error"]["param"] == "bogus"
+    monkeypatch.setattr(cli, "_load", lambda *a: pytest.fail("loaded"))
+    latin1 = argv(os.path.join(os.fsencode(tmp_path), b"mod\xe8le"))
+    os.symlink(MODELS / "kimivl-tiny", latin1)
+    assert main(["serve", "--model", model, "--served-model-name", argv(b"mod\xe8le")]) == 2
+    assert "--served-model-name is not UTF-8 text" in capsys.readouterr().err
+    assert main(["serve", "--model", latin1]) == 2
+    assert "the model directory's name (the default --served-model-name) is not UTF-8" in capsys.readouterr().err
+
+
 def test_serve_called_where_an_event_loop_runs_says_so_before_loading(tmp_path, capsys):
     """``main(['serve', ...])`` in a notebook cell loaded the model, then died in uvicorn: 'Cannot run the event loop
     while another loop is running'."""
