@@ -1121,10 +1121,22 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def _escape_unencodable() -> None:
     """On a console that is not UTF-8 (``PYTHONIOENCODING=ascii``, ``LANG=C`` without UTF-8 mode, a Windows console),
     a character it cannot show is printed as its escape (``\\U0001f33f``), as Python's stderr does: an answer no
-    longer stops at it with a UnicodeEncodeError. Escapes, not ``?``: the character can still be told."""
+    longer stops at it with a UnicodeEncodeError. Escapes, not ``?``: the character can still be told. A byte that
+    Python read as a lone surrogate (a path from argv or the filesystem under ``LANG=C``) is written back as that byte,
+    as Python's stdout does there: the path prints as it is."""
+    codecs.register_error("kimivl.escape", _byte_or_escape)
     for stream in (sys.stdout, sys.stderr):
         if isinstance(stream, io.TextIOWrapper) and codecs.lookup(stream.encoding).name != "utf-8":
-            stream.reconfigure(errors="backslashreplace")
+            stream.reconfigure(errors="kimivl.escape")
+
+
+def _byte_or_escape(e: UnicodeEncodeError) -> tuple[str | bytes, int]:
+    """The encoding error handler of ``_escape_unencodable``, one character at a time: ``surrogateescape``'s byte,
+    else ``backslashreplace``'s escape."""
+    c = e.object[e.start]
+    if "\udc80" <= c <= "\udcff":
+        return bytes([ord(c) - 0xDC00]), e.start + 1
+    return c.encode("ascii", "backslashreplace").decode("ascii"), e.start + 1
 
 
 RESULT_ON_STDOUT = ("chat", "demo", "info", "eval")  # commands whose result is what they print (and train --plan)

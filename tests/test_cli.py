@@ -532,6 +532,24 @@ def test_an_answer_a_console_cannot_encode_is_printed_escaped(checkpoint, monkey
     assert answers[-1][1] == {"role": "assistant", "content": "a leaf \U0001f33f é"}  # the first turn was kept
 
 
+def test_a_path_in_bytes_the_locale_cannot_decode_is_printed_as_those_bytes(checkpoint, tmp_path, monkeypatch):
+    """Under LC_ALL=C without UTF-8 mode Python reads a path's non-ASCII bytes as lone surrogates, and its stdout
+    writes them back as those bytes (surrogateescape); kimivl's escaping of what the console cannot show printed them
+    as \\udce6\\udca8 instead. A character the console lacks is still printed as its escape."""
+    import sys
+
+    link = os.path.join(os.fsencode(tmp_path), "模型".encode() + b" mod\xe8le")  # UTF-8, then a Latin-1 byte
+    os.symlink(checkpoint, link)
+    out = io.TextIOWrapper(io.BytesIO(), encoding="ascii", errors="surrogateescape")  # stdout under LC_ALL=C
+    monkeypatch.setattr(sys, "stdout", out)
+    assert main(["info", link.decode("ascii", "surrogateescape")]) == 0  # argv as Python reads it under LC_ALL=C
+    print("a leaf \U0001f33f")
+    out.flush()
+    printed = out.buffer.getvalue()
+    assert link in printed and b"\\udc" not in printed, printed
+    assert printed.endswith(b"a leaf \\U0001f33f\n"), printed
+
+
 def test_chat_takes_its_defaults_from_the_checkpoints_generation_config(checkpoint, tmp_path, capsys, monkeypatch):
     """Hugging Face's generation_config.json sets chat's sampling defaults; a flag still wins."""
     from kimivl import cli
