@@ -15,7 +15,7 @@ import sys
 from collections.abc import Iterator
 
 from kimivl.config import PRESETS, ConfigError, KimiVLConfig
-from kimivl.files import FULL, WriteError, write_error
+from kimivl.files import FULL, WriteError, path_text, write_error
 from kimivl.train.recipe import PARTS
 
 
@@ -821,9 +821,9 @@ def _eval(args: argparse.Namespace) -> int:
         settings = None
         if not args.predictions:
             settings = {
-                "model": str(Path(args.model).resolve()),
+                "model": path_text(Path(args.model).resolve()),  # the same path in any locale
                 "checkpoint_fingerprint": fingerprint,
-                "data": str(Path(source).resolve()) if source else None,
+                "data": path_text(Path(source).resolve()) if source else None,
                 "dtype": str(model.dtype).removeprefix("torch."),  # as loaded: the default depends on the CPU
                 "max_new_tokens": max_new,
             }
@@ -841,7 +841,7 @@ def _eval(args: argparse.Namespace) -> int:
                 mode=args.scoring,
                 settings=settings,
                 overwrite=args.overwrite,
-                info={"model": args.model, "data": source},
+                info={"model": args.model and path_text(args.model), "data": source and path_text(source)},
             )
         except EvalInterrupted as e:
             print(

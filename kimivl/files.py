@@ -31,6 +31,13 @@ def unencodable(path: str | os.PathLike) -> str | None:
     return None
 
 
+def path_text(path: str | os.PathLike) -> str:
+    """``path`` as text to record (in JSON, say): its bytes read as UTF-8, as a UTF-8 locale reads them, whatever this
+    one is (under ``LC_ALL=C`` without UTF-8 mode Python holds a non-ASCII name as lone surrogates, which UTF-8 cannot
+    write and another locale reads as another path); a byte that is not UTF-8 as its escape (``\\xe8``)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def unwritable(path: str | os.PathLike) -> str | None:
     """Why this user could not create ``path`` (or replace it, by a rename beside it), checked before long work that
     ends by writing it: its nearest existing folder is no directory or not writable, or ``path`` exists and is not
@@ -90,14 +97,16 @@ def file_mode() -> int:
     return 0o666 & ~umask
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+def write_text_atomic(path: str | os.PathLike, text: str, errors: str = "strict") -> None:
     """Write ``text`` to a temporary file of this writer's own beside ``path`` (``.<name>.<random>.tmp``, so writers
     of one file at once never share one), then rename it over ``path``: the file is always one writer's whole text. A
-    failed write (a full disk) is a ``WriteError`` naming ``path``, which keeps its old text."""
+    failed write (a full disk) is a ``WriteError`` naming ``path``, which keeps its old text. ``errors``: what UTF-8
+    does with a lone surrogate, the one character it cannot write (``"backslashreplace"``: its JSON escape)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        f = open(tmp, "x", encoding="utf-8")  # noqa: SIM115 - closed in the block, where a full disk is named
+        # closed in the block, where a full disk is named
+        f = open(tmp, "x", encoding="utf-8", errors=errors)  # noqa: SIM115
         with writing(path), f:
             f.write(text)
         os.replace(tmp, path)

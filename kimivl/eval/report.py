@@ -51,8 +51,10 @@ def update_results(out_dir: str | os.PathLike, task: str, result: dict) -> dict:
     out_dir = Path(out_dir)
     results = read_results(out_dir)
     results[task] = result
-    write_text_atomic(out_dir / "results.json", json.dumps(results, indent=2, ensure_ascii=False) + "\n")
-    write_text_atomic(out_dir / "results.md", markdown(results))
+    # a lone surrogate left in a text (a skipped row's reason naming a path under LC_ALL=C) is written as its escape
+    text = json.dumps(results, indent=2, ensure_ascii=False) + "\n"
+    write_text_atomic(out_dir / "results.json", text, errors="backslashreplace")
+    write_text_atomic(out_dir / "results.md", markdown(results), errors="backslashreplace")
     return results
 
 

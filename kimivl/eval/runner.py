@@ -30,7 +30,7 @@ from kimivl.eval.answers import check_mode
 from kimivl.eval.report import read_results, update_results
 from kimivl.eval.tables import Sample, Skipped, index_key, jsonl_objects
 from kimivl.eval.tasks import Task
-from kimivl.files import write_text_atomic, writing
+from kimivl.files import path_text, write_text_atomic, writing
 from kimivl.train.lock import LOCK, run_lock
 from kimivl.train.recipe import RecipeError
 
@@ -380,6 +380,7 @@ def run_task(
                 json.dumps({k: v for k, v in r.items() if k != "meta"}, ensure_ascii=False, default=str) + "\n"
                 for r in rows
             ),
+            errors="backslashreplace",  # a reason naming a path under LC_ALL=C: its lone surrogates as their escapes
         )
         result = {
             "metrics": task.summarize(rows, mode=mode) if rows else {},
@@ -395,8 +396,8 @@ def run_task(
             "beyond_limit_predictions": len(unread) if limited else 0,
             "limit": limit,
             "duplicate_predictions": duplicates,
-            "predictions": str(pred_path),
-            "scores": str(scored_path),
+            "predictions": path_text(pred_path),
+            "scores": path_text(scored_path),
             **(info or {}),
         }
         if task.report and rows:

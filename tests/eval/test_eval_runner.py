@@ -280,6 +280,40 @@ def test_cli_refuses_to_resume_after_the_weights_changed_in_place(monkeypatch, t
     assert len(lines(out / "ocrbench.predictions.jsonl")) == 2  # nothing of the other weights was added
 
 
+def test_paths_read_under_lc_all_c_are_recorded_as_their_text_and_the_results_written(monkeypatch, tmp_path):
+    """Under LC_ALL=C without UTF-8 mode argv holds a non-ASCII path as lone surrogates: every row was generated, then
+    writing results.json failed ("surrogates not allowed"), and the run record kept the surrogates, so a rerun in a
+    UTF-8 locale was refused as another run's predictions. Paths are recorded as their UTF-8 text; a lone surrogate
+    left in a reason is written as its escape."""
+
+    def argv(path) -> str:  # as Python reads it under LC_ALL=C
+        return os.fsencode(path).decode("ascii", "surrogateescape")
+
+    def answer(convs):
+        if any("Word 1?" in str(c) for c in convs):
+            raise ValueError(f"{argv(tmp_path)} is unreadable")
+        return ["x"] * len(convs)
+
+    (tmp_path / "数据").mkdir()
+    data = ocr_tsv(tmp_path / "数据" / "ocr.tsv", n=3)
+    with open(data, "a") as f:
+        f.write("3\tgone.png\tWord 3?\t['word3']\tRegular\n")  # skipped: its reason names the data's folder
+    model, out = fake_cli(monkeypatch, tmp_path, answer).rename(tmp_path / "模型"), tmp_path / "出力"
+    args = ["eval", "--task", "ocrbench", "--out"]
+    assert main([*args, argv(out), "--model", argv(model), "--data", argv(data)]) == 0
+    run = json.loads((out / "ocrbench.run.json").read_text(encoding="utf-8"))
+    assert (run["model"], run["data"]) == (str(model), str(data))
+    result = json.loads((out / "results.json").read_text(encoding="utf-8"))["ocrbench"]
+    assert (result["model"], result["data"]) == (str(model), str(data))
+    assert result["predictions"] == str(out / "ocrbench.predictions.jsonl")
+    assert result["skipped_rows"][0]["reason"].startswith(
+        f"image 'gone.png' is neither a file under {argv(data.parent)}"
+    )
+    assert result["missing_rows"][0]["reason"] == f"generation failed: {argv(tmp_path)} is unreadable"
+    assert lines(out / "ocrbench.scored.jsonl")[1]["failed"] == result["missing_rows"][0]["reason"]
+    assert main([*args, str(out), "--model", str(model), "--data", str(data)]) == 0  # resumed in a UTF-8 locale
+
+
 class FakeModel:
     dtype = torch.bfloat16
 
