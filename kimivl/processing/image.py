@@ -29,7 +29,9 @@ from __future__ import annotations
 import io
 import json
 import math
+import mmap
 import os
+import re
 import stat
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -60,6 +62,15 @@ UNIT_TOLERANCE = 1e-3  # how far outside [0, 1] a float pixel may stray (roundin
 BACKGROUNDS = {"black": (0, 0, 0), "white": (255, 255, 255), None: None}
 READ_CHUNK = 1 << 20
 SOURCE_SIZE = "kimivl.source_size"  # PIL info key: the size of the whole image a smaller one was scaled from
+# libjpeg decodes every scan of a progressive JPEG over the whole image, so one tiny scan repeated thousands of times
+# makes a small file take minutes to decode. Encoders write about 10 scans (libjpeg's progression: 6 for grey, 10 for
+# colour, 18 for CMYK); libtiff stops a JPEG in a TIFF past 100 scans by default, and so does this.
+JPEG_MAX_SCANS = 100
+# The next marker with a length field (or EOI): fill bytes (0xFF runs) lead it; a stuffed zero, TEM, SOI or a restart
+# marker is no such marker (libjpeg reads past them), so the search goes on. Only a run's first 0xFF starts a match, so
+# a long run of 0xFF is searched once, not once per byte.
+JPEG_MARKER = re.compile(rb"(?<!\xff)\xff+([^\x00\x01\xd0-\xd8\xff])")
+JPEG_SOS, JPEG_EOI = 0xDA, 0xD9
 
 
 class ImageError(ValueError):
@@ -129,6 +140,20 @@ def _accepts(head: bytes, formats) -> str | None:
         except Exception:  # a plugin's check may raise on short or odd input; it just does not match
             continue
     return None
+
+
+def jpeg_scans(data, stop: int = JPEG_MAX_SCANS) -> int:
+    """How many start-of-scan (SOS) markers the JPEG ``data`` (a bytes-like object) holds before its end of image, as
+    libjpeg meets them, counting no further than ``stop + 1``. A marker segment is skipped by its length; a scan's
+    entropy-coded data runs to the next ``JPEG_MARKER``."""
+    view, scans, pos = memoryview(data), 0, 2
+    while scans <= stop and (m := JPEG_MARKER.search(view[pos:])):  # a slice: no look behind the segment just skipped
+        code, pos = view[pos + m.start(1)], pos + m.end()
+        if code == JPEG_EOI:
+            break
+        scans += code == JPEG_SOS
+        pos += int.from_bytes(view[pos : pos + 2], "big")
+    return scans
 
 
 def open_image(f, name: str) -> Image.Image:
@@ -346,6 +371,7 @@ class ImageProcessor:
         f.seek(0, os.SEEK_END)
         if f.tell() == 0:
             raise ImageError(f"image {name} is empty")
+        self._check_jpeg_scans(f, name)
         f.seek(0)
         try:
             img = open_image(f, name)
@@ -369,6 +395,23 @@ class ImageProcessor:
         except (OSError, ValueError, SyntaxError, EOFError) as e:
             raise ImageError(f"cannot decode image {name}: {e}") from None
         return img
+
+    @staticmethod
+    def _check_jpeg_scans(f, name: str) -> None:
+        """An ImageError for a JPEG of more than ``JPEG_MAX_SCANS`` scans, counted before any is decoded (in memory,
+        or through a map of the file: a file is never read whole)."""
+        f.seek(0)
+        if f.read(2) != b"\xff\xd8":
+            return
+        data = f.getbuffer() if isinstance(f, io.BytesIO) else mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        with data:
+            scans = jpeg_scans(data)
+        if scans > JPEG_MAX_SCANS:
+            raise ImageError(
+                f"image {name} is a JPEG of more than {JPEG_MAX_SCANS} scans (start-of-scan markers): each is decoded "
+                "over the whole image, so a small file of that many can take minutes; encoders write about 10, "
+                "re-encode it"
+            )
 
     # ---- geometry -----------------------------------------------------------------------------------------
     def resized_size(self, width: int, height: int, name: str | None = None) -> tuple[int, int]:

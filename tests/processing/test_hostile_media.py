@@ -15,7 +15,7 @@ from PIL import Image
 
 from kimivl.data.formats import DataError, iter_records
 from kimivl.processing.chat_template import apply_chat_template
-from kimivl.processing.image import ImageError, ImageProcessor
+from kimivl.processing.image import JPEG_MAX_SCANS, ImageError, ImageProcessor, jpeg_scans
 from kimivl.processing.video import VideoError, frames_to_parts, load_video
 from tests.processing.test_video_frames import make_video
 
@@ -177,6 +177,55 @@ def test_regular_files_are_decoded_from_their_header_without_a_whole_read(tmp_pa
     with pytest.raises(ImageError, match="over max_pixels"):
         ImageProcessor().load(str(path))
     assert reads and all(0 <= n < 1_000_000 for n in reads)  # no read() of the whole file
+
+
+def jpeg_of_scans(n: int) -> bytes:
+    """A 64x64 grey progressive JPEG whose last scan is repeated to make ``n`` scans in all (a 'scan bomb' in small)."""
+    buf = io.BytesIO()
+    Image.new("L", (64, 64), 128).save(buf, "JPEG", progressive=True)
+    data = buf.getvalue()
+    last = data.rindex(b"\xff\xda")
+    before = jpeg_scans(data)
+    return data[:last] + data[last:-2] * (n - before + 1) + b"\xff\xd9"
+
+
+def test_a_jpeg_of_too_many_scans_is_refused_before_it_is_decoded(tmp_path):
+    """Every scan is decoded over the whole image: 600 scans in a few KB would be minutes at 4096x4096."""
+    bomb = jpeg_of_scans(600)
+    assert len(bomb) < 20_000 and jpeg_scans(bomb, stop=10_000) == 600
+    path = tmp_path / "bomb.jpg"
+    path.write_bytes(bomb)
+    for source in (bomb, str(path)):  # bytes in memory, and a file (walked through a map, never read whole)
+        start = time.perf_counter()
+        with pytest.raises(ImageError, match=r"is a JPEG of more than 100 scans \(start-of-scan markers\)"):
+            ImageProcessor().load(source)
+        assert time.perf_counter() - start < 0.5
+    edge = ImageProcessor().load(jpeg_of_scans(JPEG_MAX_SCANS))  # as many as allowed: decoded, the same grey
+    assert edge.size == (64, 64) and abs(np.asarray(edge).astype(float).mean() - 128) < 2
+
+
+def test_jpeg_scans_counts_the_markers_libjpeg_reads():
+    def segment(code: int, body: bytes) -> bytes:
+        return bytes([0xFF, code]) + (len(body) + 2).to_bytes(2, "big") + body
+
+    sos = segment(0xDA, bytes([1, 1, 0, 0, 63, 0]))
+    stream = (
+        b"\xff\xd8"
+        + segment(0xFE, b"comment ending in \xff")  # the SOS right after it still counts
+        + sos
+        + b"\x12\xff\x00\x34\xff\xd3\x56\xff\xff\x00"  # entropy data: stuffed bytes and a restart are no markers
+        + b"\xff\xff"  # fill bytes before the next marker
+        + sos
+        + b"\xff" * 100_000  # a long run of 0xFF: one search, not one per byte
+        + b"\x00\x01\xff\xd9"
+        + sos  # after the end of image: libjpeg stops before it
+    )
+    assert jpeg_scans(stream) == 2
+    assert jpeg_scans(stream[: stream.index(b"\xff\xd9")] + sos * 5, stop=3) == 4  # counts stop past ``stop``
+    for progressive, scans in ((False, 1), (True, 10)):  # what an encoder writes for a colour image
+        buf = io.BytesIO()
+        Image.new("RGB", (32, 32), (10, 200, 30)).save(buf, "JPEG", progressive=progressive)
+        assert jpeg_scans(buf.getvalue()) == scans
 
 
 def test_video_of_huge_frames_is_downscaled_as_it_is_decoded():
