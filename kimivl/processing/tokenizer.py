@@ -66,7 +66,16 @@ REQUIRED_SPECIAL = tuple(name for name in DEFAULT_SPECIAL_NAMES.values() if name
 # runs of more than 25,000 consecutive whitespace or non-whitespace characters (tiktoken is quadratic there).
 MAX_ENCODE_CHARS = 400_000
 MAX_RUN_CHARS = 25_000
-_LONG_RUN = re.compile(r"\s{%d,}|\S{%d,}" % (MAX_RUN_CHARS + 1, MAX_RUN_CHARS + 1))
+
+
+def _long_run(max_run: int) -> re.Pattern:
+    """Runs of more than ``max_run`` whitespace or non-whitespace characters. A match starts only where a run does:
+    tried at every character, as a bare ``\\S{n,}`` is, each one of a shorter run would scan to the run's end, and
+    runs just under the length would take time quadratic in it (minutes for a megabyte)."""
+    return re.compile(r"(?<!\s)\s{%d,}|(?<!\S)\S{%d,}" % (max_run + 1, max_run + 1))
+
+
+_LONG_RUN = _long_run(MAX_RUN_CHARS)
 
 
 class TokenizerError(ValueError):
@@ -79,7 +88,7 @@ def reserved_name(token_id: int) -> str:
 
 def split_long_runs(text: str, max_run: int = MAX_RUN_CHARS) -> list[str]:
     """Cut ``text`` every ``max_run`` characters inside longer whitespace / non-whitespace runs."""
-    long_run = _LONG_RUN if max_run == MAX_RUN_CHARS else re.compile(r"\s{%d,}|\S{%d,}" % (max_run + 1, max_run + 1))
+    long_run = _LONG_RUN if max_run == MAX_RUN_CHARS else _long_run(max_run)
     cuts = [c for m in long_run.finditer(text) for c in range(m.start() + max_run, m.end(), max_run)]
     bounds = [0, *cuts, len(text)]
     return [text[a:b] for a, b in pairwise(bounds)]
