@@ -173,12 +173,13 @@ def check_tensors(
     found: dict[str, tuple[str, list[int], str]],
     expected: dict[str, torch.Tensor],
     elsewhere: set[str] = frozenset(),
+    model: str = "the model",
 ) -> None:
     """Raise one ``CheckpointError`` listing every problem of the checkpoint at ``path`` whose headers are ``found``
     (``_read_headers``) for a model whose tensors (or views of them) are ``expected`` by name: a missing tensor, an
     unexpected one (not expected and not in ``elsewhere``, the names other ranks load), a shape that differs, and a
     float tensor where the model holds an integer one, or the reverse; a quantized checkpoint is refused first, as
-    such (``check_weight_dtypes``)."""
+    such (``check_weight_dtypes``). The message names the model as ``model`` says."""
     found = {k: v for k, v in found.items() if not k.endswith(IGNORED_SUFFIXES)}
     check_weight_dtypes(path, found)
     missing = sorted(expected.keys() - found.keys())
@@ -204,7 +205,7 @@ def check_tensors(
             )
             if items
         ]
-        raise CheckpointError(f"checkpoint {os.fspath(path)} does not match the model:\n" + "\n".join(parts))
+        raise CheckpointError(f"checkpoint {os.fspath(path)} does not match {model}:\n" + "\n".join(parts))
 
 
 def warn_non_finite(path: str | os.PathLike, names: list[str]) -> None:

@@ -5,6 +5,7 @@ import errno
 import json
 import logging
 import os
+import re
 import stat
 
 import pytest
@@ -21,6 +22,48 @@ def saved(tiny_model, tmp_path):
     path = tmp_path / "model"
     tiny_model.save_pretrained(path)
     return path
+
+
+@pytest.mark.parametrize(
+    "part, sizes, wrong",
+    [
+        (
+            "text_config",
+            {"vocab_size": 10**9},
+            r"embed_tokens\.weight: checkpoint \[4096, 128\] vs model \[1000000000, 128\]",
+        ),
+        (
+            "text_config",
+            {"n_routed_experts": 10**6},
+            r"layers\.1\.mlp\.gate\.weight: checkpoint \[8, 128\] vs model \[1000000, 128\]",
+        ),
+        (
+            "vision_config",
+            {"init_pos_emb_height": 10**5, "init_pos_emb_width": 10**5},
+            r"pos_emb\.weight: checkpoint \[16, 16, (\d+)\] vs model \[100000, 100000, \1\]",
+        ),
+    ],
+    ids=["vocab", "experts", "pos_emb"],
+)
+def test_config_sizes_far_from_the_weights_are_refused_before_the_model_is_allocated(
+    saved, monkeypatch, part, sizes, wrong
+):
+    """A config.json asking for terabytes (under the parameter cap) met the allocator before its shapes were compared
+    with the weights': a raw 'DefaultCPUAllocator: can't allocate' error. The weights' headers are compared with the
+    model on the meta device first; a million experts are refused from the routers, before a state names each one."""
+    config = json.loads((saved / "config.json").read_text())
+    config[part].update(sizes)
+    (saved / "config.json").write_text(json.dumps(config))
+
+    def allocate(*args, **kwargs):
+        raise AssertionError("the model was allocated")
+
+    monkeypatch.setattr(torch.nn.Module, "to_empty", allocate)
+    with pytest.raises(CheckpointError) as e:
+        KimiVL.from_pretrained(saved)
+    message = str(e.value)
+    assert f"does not match the model that {saved / 'config.json'} describes:\nwrongly shaped tensors" in message
+    assert re.search(wrong, message), message
 
 
 @pytest.mark.parametrize("dtype", [torch.int8, torch.bool, torch.int64])

@@ -298,7 +298,8 @@ def test_multi_line_checkpoint_errors_print_as_one_line(checkpoint, tmp_path, ca
     _one_line_error(
         capsys,
         "chat",
-        "does not match the model: missing tensors (1): language_model.model.norm.weight",
+        "does not match the model that ",
+        "config.json describes: missing tensors (1): language_model.model.norm.weight",
         "wrong kind",
         "language_model.lm_head.weight: checkpoint I8",
     )

@@ -11,12 +11,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from kimivl.checkpoint import (
+    CONFIG,
+    _read_headers,
     check_directory,
     check_save_arguments,
+    checkpoint_files,
     load_checkpoint,
     save_checkpoint,
     write_error,
 )
+from kimivl.checkpoint import check_tensors as check_checkpoint_tensors
 from kimivl.config import KimiVLConfig
 from kimivl.devices import check_device
 from kimivl.model.init import init_weights
@@ -55,6 +59,23 @@ def check_placeholder_runs(is_media_BS: torch.Tensor, tokens_M: torch.Tensor) ->
         f"which needs {int(tokens_M[image])} placeholder tokens: each image's (h/2)*(w/2) placeholders must lie in "
         "one run, the images in the order of the runs, row after row"
     )
+
+
+def check_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
+    """``load_checkpoint``'s checks of the checkpoint at ``path`` against ``model`` while it is on the meta device: a
+    ``config.json`` whose sizes are not its weights' (a vocab_size of 1e9) is refused, naming it, before the model asks
+    for terabytes. The routers are compared first: their shapes hold the config's expert count, and the whole model's
+    state names each expert (minutes and gigabytes for a million)."""
+    found = _read_headers(checkpoint_files(path))
+    described = f"the model that {os.path.join(os.fspath(path), CONFIG)} describes"
+    routers = {
+        f"{name}.{attr}": getattr(module, attr)
+        for name, module in model.named_modules()
+        if isinstance(module, Router)
+        for attr in ("weight", "e_score_correction_bias")
+    }
+    check_checkpoint_tensors(path, found, routers, elsewhere=found.keys(), model=described)
+    check_checkpoint_tensors(path, found, model.state_dict(keep_vars=True), model=described)
 
 
 FORWARD_TENSORS = {
@@ -239,6 +260,7 @@ class KimiVL(nn.Module):
         config = KimiVLConfig.from_pretrained(path)
         with torch.device("meta"):
             model = cls(config)
+        check_checkpoint(model, path)
         dtype = held_dtype(stored_dtype(config), device, dtype)
         model = to_dtype(model, dtype).to_empty(device=torch.device(device))
         load_checkpoint(model, path)
