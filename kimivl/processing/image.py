@@ -26,6 +26,7 @@ grid (3, 5)); here it crops to multiples of p*merge, so every grid merges and th
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -33,7 +34,9 @@ import mmap
 import os
 import re
 import stat
+import threading
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -61,6 +64,7 @@ MAX_NAME = 200  # characters of a path kept in messages
 UNIT_TOLERANCE = 1e-3  # how far outside [0, 1] a float pixel may stray (rounding) before the image is refused
 BACKGROUNDS = {"black": (0, 0, 0), "white": (255, 255, 255), None: None}
 READ_CHUNK = 1 << 20
+_WARNINGS = threading.Lock()  # held while Pillow's warnings are silenced (_no_bomb_warning)
 SOURCE_SIZE = "kimivl.source_size"  # PIL info key: the size of the whole image a smaller one was scaled from
 # libjpeg decodes every scan of a progressive JPEG over the whole image, so one tiny scan repeated thousands of times
 # makes a small file take minutes to decode. Encoders write about 10 scans (libjpeg's progression: 6 for grey, 10 for
@@ -156,13 +160,22 @@ def jpeg_scans(data, stop: int = JPEG_MAX_SCANS) -> int:
     return scans
 
 
+@contextlib.contextmanager
+def _no_bomb_warning() -> Iterator[None]:
+    """Pillow's DecompressionBombWarning silenced (kimivl names its own pixel limit). ``catch_warnings`` swaps the
+    process's warning filters and restores them on exit, which two threads doing so at once would leave broken (a
+    filter left behind for good): kimivl's threads take turns."""
+    with _WARNINGS, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        yield
+
+
 def open_image(f, name: str) -> Image.Image:
     """Pillow's header read (no pixels yet) of an open image file in one of ``FORMATS``; ImageError otherwise,
     naming a format that Pillow knows but that is not accepted. Pillow's DecompressionBombError (a header far over
     any sensible size) is left to the caller, which names its own pixel limit."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with _no_bomb_warning():
             return Image.open(f, formats=FORMATS)
     except UnidentifiedImageError:  # Pillow's message would name only its in-memory buffer
         f.seek(0)
@@ -382,9 +395,8 @@ class ImageProcessor:
                     f"(a decompression bomb or a very large scan; raise max_pixels to allow it, up to {PILLOW_CEILING} "
                     "for an encoded image)"
                 )
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                img.load()
+            with _no_bomb_warning() if w * h > (Image.MAX_IMAGE_PIXELS or w * h) else contextlib.nullcontext():
+                img.load()  # Pillow warns again while decoding only an image past its warning size
         except ImageError:
             raise
         except Image.DecompressionBombError as e:

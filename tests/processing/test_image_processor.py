@@ -453,3 +453,38 @@ def test_an_image_files_own_metadata_is_not_a_source_size(tmp_path):
     ip = ImageProcessor()
     assert ip.load(tmp_path / "a.png").info[SOURCE_SIZE] == "(4000, 4000)"
     assert source_size(ip.load(tmp_path / "a.png")) == (100, 50) and ip.preprocess(tmp_path / "a.png")[1] == (4, 8)
+
+
+def test_two_threads_reading_images_at_once_leave_the_warning_filters_as_they_were(monkeypatch):
+    """Each read swapped the process's warning filters (catch_warnings) and put them back on exit: a thread leaving
+    after another had entered put back the other's filters, and Pillow's warning stayed silenced for good."""
+    import threading
+    import warnings
+
+    from kimivl.processing import image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, format="PNG")
+    before, real_open = list(warnings.filters), Image.open
+    inside = {"a": threading.Event(), "b": threading.Event()}
+    a_left = threading.Event()
+
+    def meeting_open(*args, **kwargs):  # a waits (up to 1 s) for b to be inside too; b waits for a to leave first
+        me = threading.current_thread().name
+        inside[me].set()
+        inside["b"].wait(1) if me == "a" else a_left.wait(5)
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(image.Image, "open", meeting_open)
+
+    def read(me):
+        image.open_image(io.BytesIO(buffer.getvalue()), me)
+        if me == "a":
+            a_left.set()
+
+    threads = [threading.Thread(target=read, args=(me,), name=me) for me in "ab"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert warnings.filters == before
