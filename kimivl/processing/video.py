@@ -9,9 +9,13 @@ be finite, non-negative and under ``MAX_TIMESTAMP`` (a hundred hours). Each kept
 (FFmpeg's bicubic scaler) to the size the image processor gives the whole frame, and marked with the whole frame's
 size (``image.mark_source_size``) so that the processor leaves it as it is: a video of huge frames holds small ones in
 memory, and a frame gets the grid and tokens of the whole frame given as an image, and nearly its pixels. Frames over
-``max_frame_pixels`` (the image processor's pixel cap) are refused from the header, before any is decoded. Frames are
-turned upright as the file's display rotation asks. ``frames_to_parts`` builds these content parts;
+``max_frame_pixels`` (the image processor's pixel cap) are refused from the container's header, before any is decoded,
+where it gives their size; the decoder refuses a larger frame than that from the frame's own header, before allocating
+it. Frames are turned upright as the file's display rotation asks. ``frames_to_parts`` builds these content parts;
 ``apply_chat_template`` does it for ``{"type": "video"}`` parts.
+
+Every video is opened by ``open_video``: only the containers in ``CONTAINERS``, and FFmpeg opens no file, socket or
+URL itself.
 """
 
 from __future__ import annotations
@@ -31,6 +35,25 @@ from kimivl.processing.image import MAX_PIXELS, ImageError, ImageProcessor, mark
 DEFAULT_FPS = 1.0
 DEFAULT_MAX_FRAMES = 64
 MAX_TIMESTAMP = 360_000.0  # seconds
+
+# FFmpeg's demuxers for the video containers read here, by their names, and what a message calls them. FFmpeg picks a
+# demuxer from the bytes, whatever the file's name or the data URL's type says: others (an ffconcat or HLS playlist,
+# which opens the files it names; an SDP session, which listens on the ports it names; a text file drawn as a picture;
+# an image sequence) are refused before they read anything.
+CONTAINERS = {
+    "mov,mp4,m4a,3gp,3g2,mj2": "MP4/MOV",
+    "matroska,webm": "Matroska/WebM",
+    "avi": "AVI",
+    "flv": "FLV",
+    "nut": "NUT",
+    "mpegts": "MPEG-TS",
+    "asf": "ASF/WMV",
+    "ogg": "Ogg",
+    "gif": "GIF",
+    "m4v": "raw MPEG-4",
+    "h264": "raw H.264",
+    "hevc": "raw HEVC",
+}
 
 
 class VideoError(ValueError):
@@ -155,22 +178,89 @@ def _upright(image: Image.Image, rotation: float) -> Image.Image:
     return image.transpose(turns[quarter]) if quarter else image
 
 
-def check_video_file(path: str, data: bytes | None = None) -> None:
-    """A ``VideoError`` unless ``path`` opens as a container holding a video stream whose first frame decodes: the
-    cheap check before a long job (FFmpeg opens any file named like an image as a one-frame video, unread). ``data``:
-    the file's bytes, read already (a pipe can be read once), checked in its place."""
+def _decoder_pixels(max_frame_pixels: int) -> int:
+    """The decoders' frame cap (FFmpeg's ``max_pixels``) for ``max_frame_pixels``, above it so that a frame at the limit
+    still decodes (and is then checked exactly): FFmpeg counts a frame's rows padded, to 64 pixels with AVX-512, and
+    MPEG-4 Part 2 allocates at least 280 rows. A quarter more and 2^20 pixels cover a frame at least 256 wide and 280
+    high, and a smaller one up to about 16,000 rows high."""
+    return min(max_frame_pixels + max_frame_pixels // 4 + (1 << 20), (1 << 31) - 1)
+
+
+@contextlib.contextmanager
+def open_video(source: str | os.PathLike | bytes | BinaryIO, name: str, max_frame_pixels: int = MAX_PIXELS):
+    """``source`` (a path, bytes or a binary file) opened as one of ``CONTAINERS``, a ``VideoError`` otherwise.
+
+    The file is opened here, not by FFmpeg, and FFmpeg may open nothing itself (no protocol): a file or address the
+    bytes name is never read. Nothing is decoded while opening: FFmpeg decodes a stream's first frames to learn its
+    details unless no decoder is allowed, uncapped for a stream that its container declares only as its packets come
+    (FLV, MPEG-TS). The details come from the container alone (a frame size it leaves out, as MP4 does for MPEG-4 Part
+    2, is learned from the first frame), and the video streams' decoders refuse a frame over
+    ``_decoder_pixels(max_frame_pixels)`` from its own header, before allocating it: a frame larger than the
+    container says costs no more than one at the limit."""
     import av
 
-    try:
-        with av.open(path if data is None else io.BytesIO(data)) as container:
-            if not container.streams.video:
-                raise VideoError(f"video {path} holds no video stream")
-            if next(container.decode(video=0), None) is None:
-                raise VideoError(f"video {path} holds no frame that decodes")
-    except VideoError:
-        raise
-    except (av.FFmpegError, OSError, ValueError) as e:
-        raise VideoError(f"video {path} cannot be read ({e})") from None
+    with contextlib.ExitStack() as stack:
+        try:
+            if isinstance(source, (str, os.PathLike)):
+                source = stack.enter_context(open(source, "rb"))
+            elif isinstance(source, (bytes, bytearray)):
+                source = io.BytesIO(source)
+            container = stack.enter_context(
+                av.open(
+                    source,
+                    container_options={
+                        "format_whitelist": ",".join(CONTAINERS),
+                        "protocol_whitelist": "",
+                        "codec_whitelist": "none",  # the streams' details come from the container, not from decoding
+                    },
+                )
+            )
+        except av.ArgumentError:  # FFmpeg's error for a demuxer not on the list
+            raise VideoError(
+                f"cannot open video {name}: it is no container kimivl reads; send one of "
+                f"{', '.join(CONTAINERS.values())}"
+            ) from None
+        except (av.FFmpegError, OSError, ValueError, TypeError) as e:
+            raise VideoError(
+                f"cannot open video {name}: {_reason(e)}; kimivl reads {', '.join(CONTAINERS.values())}"
+            ) from None
+        for stream in container.streams.video:
+            if stream.codec_context is not None:  # None: no decoder for it, which decoding reports
+                stream.codec_context.options = {"max_pixels": str(_decoder_pixels(max_frame_pixels))}
+        yield container
+
+
+def _reason(error: Exception) -> str:
+    """An error's text; FFmpeg's without the C function that failed."""
+    import av
+
+    return error.strerror if isinstance(error, av.FFmpegError) and error.strerror else str(error)
+
+
+def _decode_error(name: str, error: Exception, max_frame_pixels: int) -> VideoError:
+    return VideoError(
+        f"cannot decode video {name}: {_reason(error)}; it is damaged, or holds a frame over max_frame_pixels="
+        f"{max_frame_pixels} that its header does not declare (the decoder refuses such a frame before decoding it; "
+        "send it scaled down)"
+    )
+
+
+def check_video_file(path: str, data: bytes | None = None) -> None:
+    """A ``VideoError`` unless ``path`` opens as one of ``CONTAINERS`` holding a video stream whose first frame decodes
+    (opening reads no frame): the cheap check before a long job. ``data``: the file's bytes, read already (a pipe can
+    be read once), checked in its place."""
+    import av
+
+    name = short_name(path)
+    with open_video(path if data is None else data, name) as container:
+        if not container.streams.video:
+            raise VideoError(f"video {name} holds no video stream")
+        try:
+            frame = next(container.decode(video=0), None)
+        except (av.FFmpegError, OSError, ValueError) as e:
+            raise _decode_error(name, e, MAX_PIXELS) from None
+    if frame is None:
+        raise VideoError(f"video {name} holds no frame that decodes")
 
 
 def load_video(
@@ -190,7 +280,8 @@ def load_video(
     frame before the start counts as 0). A stream whose duration is unknown (or ambiguous, see ``_duration``) is sampled
     at ``fps`` to its end, holding at most ``2 * max_frames`` samples (every other one is dropped, and then every other
     sample is skipped, whenever they reach that), then thinned. A video whose frames are over ``max_frame_pixels`` (the
-    image processor's ``max_pixels``), or too elongated for it, is a ``VideoError`` before any frame is decoded. With
+    image processor's ``max_pixels``), or too elongated for it, is a ``VideoError`` before any frame is decoded where
+    the container's header gives their size, else at the first frame (see ``open_video`` for the decoder's cap). With
     ``max_decoded``, a video with more frames to decode is a ``VideoError``, and with ``max_decoded_pixels``, one
     whose decoded frames hold more pixels (frames x width x height, counted as they are decoded: every frame up to
     the last sample is decoded, sampled or not); a server's bounds on the work one request can ask for.
@@ -206,12 +297,6 @@ def load_video(
         max_decoded_pixels = _positive(max_decoded_pixels, "max_decoded_pixels", int)
     processor = image_processor or ImageProcessor()
     name = _describe(source)
-    if isinstance(source, (bytes, bytearray)):
-        source = io.BytesIO(source)
-    try:
-        container = av.open(source)
-    except (av.FFmpegError, OSError, ValueError, TypeError) as e:
-        raise VideoError(f"cannot open video {name}: {e}") from None
     frames: list[Image.Image] = []
     times: list[float] = []
 
@@ -227,7 +312,7 @@ def load_video(
         except ImageError as e:
             raise VideoError(f"video {name}: {e}") from None
 
-    with container:
+    with open_video(source, name, max_frame_pixels) as container:
         if not container.streams.video:
             raise VideoError(f"{name} has no video stream")
         stream = container.streams.video[0]
@@ -290,7 +375,7 @@ def load_video(
         except VideoError:
             raise
         except (av.FFmpegError, OSError, ValueError) as e:
-            raise VideoError(f"cannot decode video {name}: {e}") from None
+            raise _decode_error(name, e, max_frame_pixels) from None
         if prev is not None and target is not None:
             end = duration if duration is not None else prev[1] + 1 / rate
             if target < end - 1e-6:  # a sample on the end is past it, within rounding (times here are differences)

@@ -1,6 +1,8 @@
 """Hostile media: endless devices and pipes, huge sparse files, videos of huge frames, broken timestamps. Each is
 a clear error (or bounded work), never a read of the whole input or frames kept at full size."""
 
+import fractions
+import functools
 import io
 import json
 import math
@@ -8,7 +10,9 @@ import os
 import struct
 import threading
 import time
+import zlib
 
+import av
 import numpy as np
 import pytest
 from PIL import Image
@@ -16,7 +20,7 @@ from PIL import Image
 from kimivl.data.formats import DataError, iter_records
 from kimivl.processing.chat_template import apply_chat_template
 from kimivl.processing.image import JPEG_MAX_SCANS, ImageError, ImageProcessor, jpeg_scans
-from kimivl.processing.video import VideoError, frames_to_parts, load_video
+from kimivl.processing.video import VideoError, check_video_file, frames_to_parts, load_video
 from tests.processing.test_video_frames import make_video
 
 
@@ -240,6 +244,116 @@ def test_video_of_huge_frames_is_downscaled_as_it_is_decoded():
     assert all(f.size == (121, 81) for f in small)  # to the budget of the processor that will read them
     full, _ = load_video(make_video(n=2, rate=1, w=64, h=48))
     assert all(f.size == (64, 48) for f in full)  # frames under the cap are untouched
+
+
+REFUSED = "it is no container kimivl reads; send one of MP4/MOV, Matroska/WebM, AVI"
+
+
+def test_playlists_and_network_sessions_are_refused_before_they_open_anything(tmp_path, monkeypatch):
+    """FFmpeg picks its demuxer from the bytes: an ffconcat playlist opened the files it names (relative to the
+    working directory) and showed them as frames; an SDP description listened on UDP for ~20 s."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cam.mp4").write_bytes(make_video(n=3, rate=1))
+    playlist = b"ffconcat version 1.0\nfile cam.mp4\n"
+    sdp = b"v=0\no=- 0 0 IN IP4 127.0.0.1\ns=x\nc=IN IP4 127.0.0.1\nt=0 0\nm=video 18161 RTP/AVP 96\n"
+    for payload in (playlist, sdp + b"a=rtpmap:96 H264/90000\n"):
+        start = time.perf_counter()
+        with pytest.raises(VideoError, match=f"cannot open video <{len(payload)} bytes>: {REFUSED}"):
+            load_video(payload)
+        assert time.perf_counter() - start < 2
+    (tmp_path / "clip.mp4").write_bytes(playlist)  # the CLI's and the trainer's check, and a path in a chat
+    with pytest.raises(VideoError, match=f"cannot open video clip.mp4: {REFUSED}"):
+        check_video_file("clip.mp4")
+    with pytest.raises(VideoError, match=f"cannot open video clip.mp4: {REFUSED}"):
+        apply_chat_template([{"role": "user", "content": [{"type": "video", "video": "clip.mp4"}]}])
+    assert load_video("cam.mp4")[1] == [0.0, 1.0, 2.0]  # the named file itself is a video that opens
+
+
+@functools.cache
+def _zero_png(w: int, h: int) -> bytes:
+    """A w x h PNG in 16-bit RGBA, all zeros (8 bytes a pixel, compressed about 1000:1)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    z, row = zlib.compressobj(9), b"\0" * (1 + 8 * w)
+    idat = b"".join(z.compress(row) for _ in range(h)) + z.flush()
+    header = struct.pack(">IIBBBBB", w, h, 16, 6, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def png_in_mov(sizes: list[tuple[int, int]]) -> bytes:
+    """A MOV whose header says 64x64 and whose frames are zero PNGs of ``sizes``: a frame's true size is in its own
+    PNG header only."""
+    pngs = {size: _zero_png(*size) for size in set(sizes)}
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mov") as c:
+        s = c.add_stream("png", rate=1)
+        s.width, s.height, s.pix_fmt = 64, 64, "rgba64be"
+        for k, size in enumerate(sizes):
+            packet = av.Packet(pngs[size])
+            packet.stream, packet.pts, packet.dts, packet.time_base = s, k, k, fractions.Fraction(1, 1)
+            c.mux(packet)
+    return buf.getvalue()
+
+
+def _peak_mb() -> int:
+    return int(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1]) // 1024
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux's resettable peak RSS")
+@pytest.mark.parametrize("small", [0, 30])
+def test_a_frame_larger_than_its_header_says_is_refused_before_it_is_allocated(small):
+    """A 6000x6000 16-bit RGBA frame (288 MB decoded) behind a 64x64 header: FFmpeg decoded it inside av.open to
+    learn the stream's details, or (after ``small`` 64x64 frames) its frame threads decoded several at once, before
+    the per-frame check saw one. The decoder now refuses it from its own header."""
+    video = png_in_mov([(64, 64)] * small + [(6000, 6000)] * 4)
+    assert len(video) < 2_000_000
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak RSS to the current RSS
+    before = _peak_mb()
+    with pytest.raises(VideoError, match="over max_frame_pixels=1048576"):
+        load_video(video, max_frame_pixels=1 << 20, fps=30)
+    assert _peak_mb() - before < 100
+
+
+@pytest.mark.parametrize(
+    "fmt, codec",
+    [
+        ("mp4", "mpeg4"),
+        ("mov", "libx264"),
+        ("matroska", "mpeg4"),
+        ("webm", "libvpx-vp9"),
+        ("avi", "mpeg4"),
+        ("flv", "flv"),
+        ("nut", "mpeg4"),
+        ("mpegts", "libx264"),
+        ("asf", "wmv2"),
+        ("ogg", "libvpx"),
+        ("gif", "gif"),
+        ("m4v", "mpeg4"),
+        ("h264", "libx264"),
+    ],
+)
+def test_every_container_read_decodes_as_ffmpeg_alone_does(fmt, codec):
+    """Opened with only these demuxers allowed and no decoding while opening, a video gives the frames FFmpeg gives
+    unrestricted, each once (fps above the frame rate)."""
+    y, x = np.mgrid[0:48, 0:64]
+    buf = io.BytesIO()
+    with av.open(buf, "w", format=fmt) as c:
+        s = c.add_stream(codec, rate=25)
+        s.width, s.height, s.pix_fmt = 64, 48, "rgb8" if codec == "gif" else "yuv420p"
+        for i in range(8):
+            a = np.stack([(x * 4 + 30 * i) % 256, y * 5, np.full_like(x, 25 * i)], -1).astype(np.uint8)
+            for packet in s.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
+                c.mux(packet)
+        for packet in s.encode():
+            c.mux(packet)
+    with av.open(io.BytesIO(buf.getvalue())) as c:
+        want = [f.to_image(width=64, height=48, interpolation="BICUBIC") for f in c.decode(video=0)]
+    frames, _ = load_video(buf.getvalue(), fps=1000)
+    assert len(want) == 8 and len(frames) == (7 if fmt == "nut" else 8)  # NUT's end: the last frame's start
+    assert all(np.array_equal(np.asarray(a), np.asarray(b.convert("RGB"))) for a, b in zip(frames, want))
 
 
 @pytest.mark.parametrize("bad", [float("nan"), -1.0, float("inf"), "1.0", True, None])

@@ -101,7 +101,7 @@ def test_libx264():
 
 def test_audio_only_file_has_no_video_stream():
     buf = io.BytesIO()
-    with av.open(buf, "w", format="wav") as c:
+    with av.open(buf, "w", format="matroska") as c:  # an audio-only Matroska (.mka) file
         s = c.add_stream("pcm_s16le", rate=8000)
         frame = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16", layout="mono")
         frame.sample_rate = 8000
@@ -346,7 +346,7 @@ def test_frames_without_timestamps_are_timed_by_the_frame_rate():
 
 
 def test_frames_over_max_frame_pixels_are_refused_before_decoding(monkeypatch):
-    video = make_video(n=3, rate=1, w=640, h=480)
+    video = make_video(n=3, rate=1, w=640, h=480, codec="libx264")
     decoded = []
     monkeypatch.setattr(av.container.InputContainer, "decode", lambda *a, **k: decoded.append(1) or iter(()))
     with pytest.raises(VideoError, match=r"has 640x480 frames = 307200 pixels, over max_frame_pixels=300000"):
@@ -354,6 +354,10 @@ def test_frames_over_max_frame_pixels_are_refused_before_decoding(monkeypatch):
     assert not decoded
     monkeypatch.undo()
     assert load_video(video, max_frame_pixels=307_200)[1] == [0.0, 1.0, 2.0]
+    video = make_video(n=3, rate=1, w=640, h=480)  # MPEG-4 Part 2 in MP4: FFmpeg learns the size by decoding
+    with pytest.raises(VideoError, match=r"has 640x480 frames = 307200 pixels, over max_frame_pixels=300000"):
+        load_video(video, max_frame_pixels=300_000)  # the first frame, which the decoder caps at about 1.25x that
+    assert load_video(video, max_frame_pixels=307_200)[1] == [0.0, 1.0, 2.0]  # a frame at the limit decodes
     with pytest.raises(VideoError, match="over max_frame_pixels=99"):  # a chat part carries the bound
         apply_chat_template([{"role": "user", "content": [{"type": "video", "video": video, "max_frame_pixels": 99}]}])
 
