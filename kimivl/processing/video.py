@@ -205,6 +205,8 @@ def open_video(source: str | os.PathLike | bytes | BinaryIO, name: str, max_fram
                 source = stack.enter_context(open(source, "rb"))
             elif isinstance(source, (bytes, bytearray)):
                 source = io.BytesIO(source)
+            elif source.seekable():  # a file of the caller's is left where it was: a next turn reads it again
+                stack.callback(source.seek, source.tell())
             container = stack.enter_context(
                 av.open(
                     source,

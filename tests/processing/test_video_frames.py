@@ -45,6 +45,8 @@ def test_one_fps(video, tmp_path):
     path = tmp_path / "v.mp4"
     path.write_bytes(video)
     assert load_video(str(path))[1] == times and load_video(io.BytesIO(video))[1] == times
+    f = io.BytesIO(video)  # an open file is left where it was: a second turn or a batch holding it twice reads it again
+    assert levels(load_video(f)[0]) == levels(load_video(f)[0]) == [0, 10, 20] and f.tell() == 0
 
 
 def test_fps_and_uniform_cap(video):
