@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import heapq
 import json
 import os
@@ -68,14 +69,12 @@ MAX_ENCODE_CHARS = 400_000
 MAX_RUN_CHARS = 25_000
 
 
+@functools.cache
 def _long_run(max_run: int) -> re.Pattern:
     """Runs of more than ``max_run`` whitespace or non-whitespace characters. A match starts only where a run does:
     tried at every character, as a bare ``\\S{n,}`` is, each one of a shorter run would scan to the run's end, and
     runs just under the length would take time quadratic in it (minutes for a megabyte)."""
     return re.compile(r"(?<!\s)\s{%d,}|(?<!\S)\S{%d,}" % (max_run + 1, max_run + 1))
-
-
-_LONG_RUN = _long_run(MAX_RUN_CHARS)
 
 
 class TokenizerError(ValueError):
@@ -88,8 +87,7 @@ def reserved_name(token_id: int) -> str:
 
 def split_long_runs(text: str, max_run: int = MAX_RUN_CHARS) -> list[str]:
     """Cut ``text`` every ``max_run`` characters inside longer whitespace / non-whitespace runs."""
-    long_run = _LONG_RUN if max_run == MAX_RUN_CHARS else _long_run(max_run)
-    cuts = [c for m in long_run.finditer(text) for c in range(m.start() + max_run, m.end(), max_run)]
+    cuts = [c for m in _long_run(max_run).finditer(text) for c in range(m.start() + max_run, m.end(), max_run)]
     bounds = [0, *cuts, len(text)]
     return [text[a:b] for a, b in pairwise(bounds)]
 

@@ -339,9 +339,12 @@ def test_train_bpe_cuts_long_runs_as_encode_does_and_wants_a_list(monkeypatch):
     with the run's length times the merges; one str was read as a corpus of characters."""
     import kimivl.processing.tokenizer as tokenizer
 
-    monkeypatch.setattr(tokenizer, "MAX_RUN_CHARS", 8)
+    assert max(len(b) for b in train_bpe(["a" * 40, "b" * 40], vocab_size=264).mergeable_ranks) == 16  # uncut
+    monkeypatch.setattr(tokenizer, "MAX_RUN_CHARS", 8)  # (a cut at the default length was once taken for any)
+    with pytest.raises(ValueError, match="only supports 262 ranks"):  # runs of 8 hold no pair past 'a' * 8
+        train_bpe(["a" * 40, "b" * 40], vocab_size=264)
     tok = train_bpe(["a" * 40, "b" * 40], vocab_size=262)
-    assert max(len(b) for b in tok.mergeable_ranks) == 8  # 'a' * 16 and longer came from the uncut runs
+    assert max(len(b) for b in tok.mergeable_ranks) == 8
     with pytest.raises(TypeError, match="iterable of str"):
         train_bpe("hello world", vocab_size=260)
 
