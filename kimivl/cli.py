@@ -482,6 +482,18 @@ def _listen(host: str, port: int) -> list:
         raise CommandError(f"cannot listen on --host/--port {where} ({e.strerror or e}); {advice}") from None
 
 
+def _allowed_host(text: str) -> str:
+    """An ``--allowed-host`` as the Host guard compares a request's Host: lower case, an IPv6 address out of its
+    brackets. One with a port is refused: the guard compares names only, so the port would never be checked."""
+    name = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+    if not name or "[" in name or "]" in name or name.count(":") == 1:
+        raise CommandError(
+            f"--allowed-host takes a host name or address without a port (requests to it are let in on any port), "
+            f"e.g. kimi.example.com or [fd00::1], got {text!r}"
+        )
+    return name.lower()
+
+
 def _no_colour() -> bool:
     """Whether the environment asks for plain text: ``NO_COLOR`` set and not empty (no-color.org), or ``TERM=dumb``."""
     return bool(os.environ.get("NO_COLOR")) or os.environ.get("TERM") == "dumb"
@@ -532,6 +544,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CommandError(f"--port must be at most 65535, got {args.port}")
     if not 0 <= args.shutdown_timeout < float("inf"):
         raise CommandError(f"--shutdown-timeout must be a number of seconds >= 0, got {args.shutdown_timeout}")
+    allowed_hosts = [_allowed_host(h) for h in args.allowed_host]
     if args.allowed_local_media_path and not os.path.isdir(args.allowed_local_media_path):
         raise CommandError(f"--allowed-local-media-path {args.allowed_local_media_path}: not a directory")
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
@@ -553,7 +566,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             allowed_local_media_path=args.allowed_local_media_path,
         )
         # on loopback, no name re-pointed at it gets in; a reverse proxy's public name is added with --allowed-host
-        names = (*LOOPBACK_NAMES, args.host, *args.allowed_host)
+        names = (*LOOPBACK_NAMES, args.host, *allowed_hosts)
         hosts = tuple(dict.fromkeys(n.lower() for n in names)) if _loopback(args.host) else None
         app = create_app(engine, name, api_key=api_key, limits=limits, hosts=hosts)
         config = uvicorn.Config(
@@ -981,7 +994,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--allowed-host",
         action="append",
         default=[],
-        help="on a loopback --host, a host name requests may also address (a reverse proxy's; repeatable)",
+        help="on a loopback --host, a host name (or address) requests may also address, without a port (a reverse "
+        "proxy's; repeatable)",
     )
     serve.add_argument(
         "--api-key", help="require 'Authorization: Bearer KEY' on /v1/ requests (or set KIMIVL_API_KEY, unseen by ps)"

@@ -17,6 +17,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import h11
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -90,7 +91,11 @@ def create_app(
         engine.shutdown()
         encoder.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="kimivl", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    # no redirect of a path with a trailing slash (an empty 307 whose Location comes from the Host header, wrong behind
+    # a proxy): it is an unknown path, 404 as any other
+    app = FastAPI(
+        title="kimivl", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan, redirect_slashes=False
+    )
     created = int(time.time())
 
     @app.exception_handler(StarletteHTTPException)
@@ -126,25 +131,29 @@ def create_app(
     page = static.joinpath("index.html").read_text(encoding="utf-8")
     script = static.joinpath("chat.js").read_text(encoding="utf-8")
 
-    @app.get("/", response_class=HTMLResponse)
+    # the GET routes answer HEAD too (RFC 9110; uptime monitors, HAProxy's `option httpchk HEAD /health`): the same
+    # status and headers, the body left out by the server
+    get = functools.partial(app.api_route, methods=["GET", "HEAD"])
+
+    @get("/", response_class=HTMLResponse)
     async def index():  # the same page for every visitor: it asks for the API key itself when /v1/ answers 401
         return HTMLResponse(page, headers=PAGE_HEADERS)
 
-    @app.get("/chat.js")
+    @get("/chat.js")
     async def page_script():
         return Response(script, media_type="text/javascript", headers=PAGE_HEADERS)
 
-    @app.get("/health")
+    @get("/health")
     async def health():
         if not engine.alive():
             return JSONResponse({"status": "engine not running"}, status_code=503)
         return {"status": "ok"}
 
-    @app.get("/metrics")
+    @get("/metrics")
     async def metrics():
         return PlainTextResponse(engine.metrics.prometheus(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/models")
+    @get("/v1/models")
     async def models():
         card = {"id": model_name, "object": "model", "created": created, "owned_by": "kimivl"}
         return {"object": "list", "data": [card]}
@@ -209,10 +218,23 @@ def _host_name(host: str) -> str:
 async def _read_body(request: Request, limit: int) -> bytearray:
     """A JSON request body of at most ``limit`` bytes: another content type is refused (a browser sends a foreign
     site's form or no-cors request as text, never as JSON without asking first), so is a body declared or grown
-    over the limit, or one that stalls ``BODY_IDLE_SECONDS`` or takes over ``BODY_TOTAL_SECONDS`` in all (408)."""
-    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    over the limit, or one that stalls ``BODY_IDLE_SECONDS`` or takes over ``BODY_TOTAL_SECONDS`` in all (408). JSON
+    is UTF-8 (RFC 8259): another charset is refused, and so is a compressed body (a Content-Encoding), unread (415)."""
+    kind, *params = request.headers.get("content-type", "").split(";")
+    kind = kind.strip().lower()
     if kind != "application/json":
         raise RequestError(f"the request body must be JSON (Content-Type: application/json), got {kind!r}", status=415)
+    for name, _, value in (p.partition("=") for p in params):
+        charset = value.strip().strip('"')
+        if name.strip().lower() == "charset" and charset.lower() != "utf-8":
+            raise RequestError(
+                f"the request body must be UTF-8 JSON (charset=utf-8), got charset={charset!r}", status=415
+            )
+    coding = request.headers.get("content-encoding", "").strip().lower()
+    if coding not in ("", "identity"):
+        raise RequestError(
+            f"content encodings are not supported (Content-Encoding: {coding}): send the body uncompressed", status=415
+        )
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise RequestError(f"the request body is over the limit of {limit} bytes", status=413)
@@ -285,6 +307,27 @@ class HeaderDeadlineProtocol(H11Protocol):
         if self._deadline is not None:
             self._deadline.cancel()
         super().connection_lost(exc)
+
+    def send_400_response(self, msg: str) -> None:
+        """A request h11 cannot read gets the app's OpenAI-shaped JSON error, not uvicorn's plain text; the connection
+        closes after it (what follows in it cannot be framed)."""
+        error = RequestError(
+            "the request is not valid HTTP/1.1 (a malformed request line or header, a bad or conflicting "
+            "Content-Length, or a Transfer-Encoding other than chunked)"
+        )
+        body = json.dumps(error.body(), separators=(",", ":")).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+        ]
+        for event in (
+            h11.Response(status_code=400, headers=headers, reason=b"Bad Request"),
+            h11.Data(data=body),
+            h11.EndOfMessage(),
+        ):
+            self.transport.write(self.conn.send(event))
+        self.transport.close()
 
     def _arm(self) -> None:
         if self._deadline is not None:

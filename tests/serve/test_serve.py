@@ -226,7 +226,12 @@ def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_serving(tiny, tmp_pat
         assert code == 200 and reply["choices"][0]["message"]["content"] is not None
     inert = {"logprobs": False, "tools": [], "tool_choice": "none", "presence_penalty": 0, "logit_bias": {}}
     assert _post(url, {**good, **inert})[0] == 200  # the values that ask for nothing are accepted
-    for method, path, status in (("POST", "/v1/completions", 404), ("GET", "/v1/chat/completions", 405)):
+    for method, path, status in (
+        ("POST", "/v1/completions", 404),
+        ("GET", "/v1/chat/completions", 405),
+        ("POST", "/v1/chat/completions/", 404),  # a trailing slash: no empty 307 to a URL built from the Host header
+        ("GET", "/v1/models/", 404),
+    ):
         req = urllib.request.Request(url + path, b"{}" if method == "POST" else None, method=method)
         req.add_header("Authorization", "Bearer secret-key")
         with pytest.raises(urllib.error.HTTPError) as e:
@@ -286,6 +291,39 @@ def test_models_health_and_metrics(tiny):
     text = _get(url + "/metrics")
     values = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
     assert int(values['kimivl_requests_total{outcome="invalid"}']) == invalid + 3
+
+
+def test_head_answers_every_get_route_with_its_headers_and_no_body(tiny):
+    """HEAD (uptime monitors, HAProxy's ``option httpchk HEAD /health``) was a 405 on every route. It answers as GET
+    does, without the body (the next answer on the connection reads cleanly), behind the same API key."""
+    import http.client
+
+    url, _ = tiny
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    key = {"Authorization": "Bearer secret-key"}
+    for path in ("/", "/chat.js", "/health", "/metrics", "/v1/models"):
+        conn.request("GET", path, headers=key)
+        got = conn.getresponse()
+        body = got.read()
+        conn.request("HEAD", path, headers=key)  # on the same keep-alive connection, as the GET after it
+        head = conn.getresponse()
+        assert head.status == got.status == 200 and head.read() == b"", path
+        assert head.getheader("Content-Type") == got.getheader("Content-Type"), path
+        assert head.getheader("Content-Security-Policy") == got.getheader("Content-Security-Policy"), path
+        if path != "/metrics":  # its numbers may change between the two
+            assert int(head.getheader("Content-Length")) == len(body) > 0, path
+    conn.request("HEAD", "/v1/models")  # no key
+    refused = conn.getresponse()
+    assert refused.status == 401 and refused.read() == b""
+    conn.request("HEAD", "/v1/chat/completions", headers=key)
+    refused = conn.getresponse()
+    assert refused.status == 405 and refused.getheader("Allow") == "POST" and refused.read() == b""
+    conn.request("POST", "/health", headers=key)
+    refused = conn.getresponse()
+    assert refused.status == 405 and sorted(refused.getheader("Allow").split(", ")) == ["GET", "HEAD"]  # in any order
+    assert json.loads(refused.read())["error"]["code"] == "method_not_allowed"
+    conn.close()
 
 
 def test_greedy_answers_under_8_concurrent_clients_equal_the_answers_alone(tiny):
@@ -648,6 +686,37 @@ def test_kimivl_serve_runs_uvicorn_on_loopback_with_the_app(monkeypatch):
     assert len(stopped) == 1
 
 
+def test_allowed_hosts_are_read_as_the_host_guard_reads_a_host(monkeypatch, capsys):
+    """``--allowed-host kimi.example.com:8443`` or ``[fd00::1]`` was accepted and never matched (421 for all): the
+    guard compares a request's Host without its port and brackets. Brackets and case are dropped now; a port is
+    refused before the model loads."""
+    import uvicorn
+
+    from kimivl import cli
+    from kimivl.cli import main
+
+    apps = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda server, sockets: apps.append(server.config.app))
+    monkeypatch.setattr(cli, "_listen", lambda host, port: [])
+    model = str(MODELS / "kimivl-tiny")
+    for given in ("kimi.example.com:8443", "[fd00::1]:8443", "[fd00::1", ""):
+        assert main(["serve", "--model", model, "--allowed-host", given]) == 2
+        assert (
+            f"--allowed-host takes a host name or address without a port (requests to it are let in on any "
+            f"port), e.g. kimi.example.com or [fd00::1], got {given!r}" in capsys.readouterr().err
+        )
+    assert apps == []  # refused before loading
+    flags = ["--allowed-host", "Kimi.Example.com", "--allowed-host", "[FD00::1]", "--allowed-host", "fd00::2"]
+    assert main(["serve", "--model", model, "--device", "cpu", *flags]) == 0
+    from fastapi.testclient import TestClient
+
+    client = TestClient(apps[0])
+    for host in ("kimi.example.com:8443", "KIMI.example.com", "[fd00::1]", "[fd00::1]:8443", "[fd00::2]:80"):
+        assert client.get("/v1/models", headers={"host": host}).status_code == 200, host
+    for host in ("example.com", "[fd00::3]", "kimi.example.com.evil"):
+        assert client.get("/v1/models", headers={"host": host}).status_code == 421, host
+
+
 def test_kimivl_serve_takes_an_ipv6_host_in_brackets(monkeypatch):
     """``--host [::1]`` (as a URL writes it, and as the Host guard lists it) was "Name or service not known"."""
     import socket
@@ -848,6 +917,8 @@ def test_foreign_sites_cannot_drive_a_loopback_server(tmp_path):
         assert post(f"localhost:{port}", auth="bearer k3y").startswith(b"HTTP/1.1 200")  # the scheme's case is free
         assert post(f"[::1]:{port}", auth="BEARER  k3y").startswith(b"HTTP/1.1 200")
         assert post(f"rebind.attacker.example:{port}").startswith(b"HTTP/1.1 421")
+        head = b"HEAD /health HTTP/1.1\r\nHost: rebind.attacker.example\r\nConnection: close\r\n\r\n"
+        assert _raw(url, head).startswith(b"HTTP/1.1 421")  # HEAD passes the same guard
         reply = post(f"127.0.0.1:{port}", kind="text/plain")
         assert reply.startswith(b"HTTP/1.1 415") and b"Content-Type: application/json" in reply
         assert post(f"127.0.0.1:{port}", auth="Basic k3y").startswith(b"HTTP/1.1 401")
@@ -860,6 +931,65 @@ def test_foreign_sites_cannot_drive_a_loopback_server(tmp_path):
         with pytest.raises(ValueError, match="printable ASCII"):
             create_app_check(key)
         assert main(["serve", "--api-key", key]) == 2
+
+
+CHAT_BODY = json.dumps({"model": "kimivl-tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+
+
+def _chat_raw(url: str, headers: str, data: bytes = CHAT_BODY.encode()) -> tuple[str, dict, dict]:
+    """POST ``data`` to /v1/chat/completions after the raw header lines ``headers``: (status line, header fields in
+    lower case, the JSON body)."""
+    head = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer secret-key\r\n"
+    reply = _raw(url, f"{head}{headers}Connection: close\r\n\r\n".encode() + data)
+    top, _, payload = reply.partition(b"\r\n\r\n")
+    status, *lines = top.decode("latin-1").split("\r\n")
+    return status, {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}, json.loads(payload)
+
+
+def test_malformed_http_gets_the_openai_error_json():
+    """A negative or conflicting Content-Length, or Transfer-Encoding: identity, got uvicorn's plain-text "Invalid HTTP
+    request received.", where the docs promise every bad request the OpenAI error JSON."""
+    json_type = f"Content-Type: application/json\r\nContent-Length: {len(CHAT_BODY)}\r\n"
+    with live_server("kimivl-tiny", server_options={"http": HeaderDeadlineProtocol}) as (url, _):
+        for bad in (
+            "Content-Type: application/json\r\nContent-Length: -1\r\n",
+            f"{json_type}Content-Length: {len(CHAT_BODY) + 1}\r\n",
+            f"Transfer-Encoding: identity\r\n{json_type}",
+        ):
+            status, fields, error = _chat_raw(url, bad)
+            assert status == "HTTP/1.1 400 Bad Request" and fields["content-type"] == "application/json", bad
+            assert fields["connection"] == "close" and error["error"]["type"] == "invalid_request_error"
+            assert error["error"]["message"].startswith("the request is not valid HTTP/1.1"), bad
+        assert _chat_raw(url, json_type)[0] == "HTTP/1.1 200 OK"
+
+
+def test_compressed_or_non_utf8_bodies_are_refused_with_415(tiny):
+    """A gzip body was read as JSON ("'utf-8' codec can't decode byte 0x8b"), and one declared latin-1 as UTF-8."""
+    import gzip
+
+    url, _ = tiny
+    packed = gzip.compress(CHAT_BODY.encode())
+    for coding in ("gzip", "GZIP", "br, gzip"):
+        headers = f"Content-Encoding: {coding}\r\nContent-Type: application/json\r\nContent-Length: {len(packed)}\r\n"
+        status, fields, error = _chat_raw(url, headers, packed)
+        assert status == "HTTP/1.1 415 Unsupported Media Type" and fields["content-type"] == "application/json"
+        message = (
+            f"content encodings are not supported (Content-Encoding: {coding.lower()}): send the body uncompressed"
+        )
+        assert error["error"]["message"] == message
+    for kind, charset in (
+        ("application/json; charset=latin-1", "latin-1"),
+        ('Application/JSON;Charset="UTF-16"', "UTF-16"),
+    ):
+        status, _, error = _chat_raw(url, f"Content-Type: {kind}\r\nContent-Length: {len(CHAT_BODY)}\r\n")
+        assert status == "HTTP/1.1 415 Unsupported Media Type", kind
+        message = f"the request body must be UTF-8 JSON (charset=utf-8), got charset={charset!r}"
+        assert error["error"]["message"] == message
+    for kind in ("application/json; charset=UTF-8", 'application/json;charset="utf-8"'):
+        for coding in ("", "Content-Encoding: identity\r\n"):
+            headers = f"{coding}Content-Type: {kind}\r\nContent-Length: {len(CHAT_BODY)}\r\n"
+            status, _, answer = _chat_raw(url, headers)
+            assert status == "HTTP/1.1 200 OK" and answer["object"] == "chat.completion", kind
 
 
 def create_app_check(key: str) -> None:
