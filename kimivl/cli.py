@@ -38,12 +38,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     _at_least_one(args, "prefill_chunk", "dp_shard", "ep")
     if args.prefill_chunk is not None and args.context is None:
         raise CommandError("--prefill-chunk sizes the prefill of --context's memory estimate: give --context too")
-    if (args.dp_shard or args.ep) and not (args.train or args.freeze):
+    training = args.train is not None or bool(args.freeze)  # --train alone: every part
+    if (args.dp_shard or args.ep) and not training:
         raise CommandError("--dp-shard and --ep plan a training run: give --train (and --freeze) too")
     if args.ep and not args.dp_shard:
         raise CommandError("--ep splits the experts of a sharded run: give --dp-shard too")
     model = plan = None
-    if args.train or args.freeze:  # checked before anything is printed
+    if training:  # checked before anything is printed
         import torch
 
         from kimivl import KimiVL
@@ -927,7 +928,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--preset", choices=sorted(PRESETS), help="a built-in configuration")
     info.add_argument(
         "--train",
-        nargs="+",
+        nargs="*",
         choices=PARTS,
         metavar="PART",
         help=f"print the memory that training these parts takes ({', '.join(PARTS)}; default all)",

@@ -7,6 +7,7 @@ from kimivl import KimiVL
 from kimivl.cli import main
 from kimivl.model.moe import to_dtype
 from kimivl.train.optim import build_optimizer
+from kimivl.train.recipe import PARTS
 from kimivl.train.trainable import hold_frozen_in_bf16, memory_plan, restore_float32, set_trainable
 
 EXPERTS = "*.mlp.experts.*"
@@ -114,6 +115,20 @@ def test_info_prints_the_memory_of_a_fine_tuning_plan(capsys, tiny_config, tmp_p
     assert capsys.readouterr().out.splitlines()[-1] == expected
     assert main(["info", str(tmp_path), "--freeze", "nothing*"]) == 2
     assert "freeze pattern 'nothing*' matches no parameter" in capsys.readouterr().err
+
+
+def test_info_train_without_parts_plans_every_part(capsys):
+    """``--train`` alone was an argparse error (expected at least one argument), though its help says "default all"."""
+    assert main(["info", "--preset", "tiny", "--train", *PARTS]) == 0
+    every = capsys.readouterr().out.splitlines()[-1]
+    assert (
+        every.startswith(f"training {' + '.join(PARTS)} from a bfloat16 checkpoint")
+        and "trains 2.15M of 2.15M" in every
+    )
+    assert main(["info", "--preset", "tiny", "--train"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == every
+    assert main(["info", "--preset", "tiny", "--train", "--dp-shard", "2"]) == 0  # a training run: the plan is made
+    assert capsys.readouterr().out.splitlines()[-1].startswith(f"training {' + '.join(PARTS)} sharded")
 
 
 def loss_and_grads(model, ids):
