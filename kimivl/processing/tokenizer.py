@@ -183,6 +183,11 @@ class KimiTokenizer:
         a larger vocabulary than its tokenizer's can generate (``decode`` refuses it)."""
         return token_id >= self.n_ranks
 
+    @functools.cached_property
+    def longest_token(self) -> int:
+        """The most bytes one token holds: a text of n bytes is at least n / longest_token tokens."""
+        return max(map(len, self.mergeable_ranks))
+
     def encode(self, text: str, allow_special: bool = True) -> list[int]:
         """Token ids of ``text``; no BOS is added. Special-token strings become their ids, as the released tokenizer
         does, unless ``allow_special`` is False: then they are plain text (ordinary tokens), which is how message

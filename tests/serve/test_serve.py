@@ -1019,6 +1019,25 @@ def test_stalled_oversized_and_image_heavy_bodies_are_refused_early(monkeypatch)
         assert "the images up to messages[0].content[3] take 4096 tokens" in reply["error"]["message"]
 
 
+def test_text_that_cannot_fit_the_context_is_refused_without_tokenizing_it(monkeypatch):
+    """Megabytes of text were tokenized (seconds on the one encode thread, every other request waiting) before the
+    prompt was found over the context; text whose characters over the longest token's bytes reach it is refused
+    unread."""
+    from kimivl.processing.processor import KimiVLProcessor
+
+    encoded, encode = [], KimiVLProcessor.encode
+    monkeypatch.setattr(KimiVLProcessor, "encode", lambda self, *a, **k: encoded.append(1) or encode(self, *a, **k))
+    with live_server("kimivl-tiny") as (url, engine):
+        longest = engine.processor.tokenizer.longest_token
+        assert longest == max(len(t) for t in engine.processor.tokenizer.mergeable_ranks)
+        parts = [{"type": "text", "text": "x" * (2048 * longest)}] * 2  # 4,096 tokens at the least
+        code, reply = _post(url, {"model": "kimivl-tiny", "messages": [{"role": "user", "content": parts}]}, None)
+        assert code == 400 and reply["error"]["code"] == "context_length_exceeded" and not encoded
+        assert "the messages hold at least 4096 tokens of text" in reply["error"]["message"]
+        code, reply = _post(url, {"model": "kimivl-tiny", "messages": [{"role": "user", "content": "hi"}]}, None)
+        assert code == 200 and encoded == [1]
+
+
 def test_connections_whose_headers_stall_are_closed_and_their_number_bounded(monkeypatch):
     """Sockets that never finished their headers were kept for good (about 20,000 exhausted the file descriptors);
     now each is closed ``HEADER_SECONDS`` after it opened or after its last answer, and past ``limit_concurrency``
