@@ -475,7 +475,7 @@ def test_the_mix_moves_over_every_accumulated_row_and_a_sample_of_the_budget_fit
     exact, line = stage_mixture(
         JointStage(**{**stage, "budget": long, "mix": {"long": 1}, "mix_end": None}), ctx, encode
     )
-    assert exact.budget == long and f"({long} tokens each on average)" in line
+    assert exact.budget == long and f"({long} tokens each on average, 1.0 a row)" in line
 
 
 def test_the_check_opens_each_image_once_and_finds_the_same_bad_one(tmp_path, small_processor, monkeypatch):

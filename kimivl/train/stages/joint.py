@@ -82,9 +82,10 @@ def _check_val(where: str, val: Any) -> None:
 
 def stage_mixture(stage: JointStage, ctx: StageContext, encode) -> tuple[Mixture, str]:
     """A joint stage's data, its own stream (seeded by the recipe's seed and the stage's name), and a line saying
-    about how many samples its steps hold (from the mean length of the ``PROBE_SAMPLES`` sampled ones that fit the
-    budget) and how many passes over each source they make (the weights move linearly from ``mix`` to ``mix_end``,
-    so each source gets the mean of its two shares, and so do the sampled ones)."""
+    about how many samples its steps hold (the ``PROBE_SAMPLES`` sampled ones that fit the budget, packed into rows
+    as training packs them: also the horizon over which the weights move linearly from ``mix`` to ``mix_end``) and
+    how many passes over each source they make (each source gets the mean of its two shares, and so do the sampled
+    ones)."""
     items, seed = ctx.sources.items, ctx.recipe.seed
     shares = mean_shares(stage.mix, stage.mix_end or stage.mix)
     probe = Mixture(items, encode, stage.budget, shares, seed=seed, stream=f"{stage.name}/probe")
@@ -96,7 +97,8 @@ def stage_mixture(stage: JointStage, ctx: StageContext, encode) -> tuple[Mixture
             f"tokens (the shortest holds {min(lengths)}): raise budget or shorten the data"
         )
     mean_len = statistics.mean(fitting)
-    horizon = int(stage.steps * stage.accum * stage.budget / mean_len)
+    per_row = len(fitting) / packed_rows(fitting, stage.budget)  # rows are not full: a budget / mean_len overcounts
+    horizon = int(stage.steps * stage.accum * per_row)
     used = set(stage.mix) | set(stage.mix_end or {})
     data = Mixture(
         {k: items[k] for k in used},
@@ -113,9 +115,20 @@ def stage_mixture(stage: JointStage, ctx: StageContext, encode) -> tuple[Mixture
     over = len(lengths) - len(fitting)
     skipped = f"; {over} of {PROBE_SAMPLES} sampled records are over the budget and skipped" if over else ""
     return data, (
-        f"stage {stage.name}: about {horizon} samples ({round(mean_len)} tokens each on average); "
+        f"stage {stage.name}: about {horizon} samples ({round(mean_len)} tokens each on average, {per_row:.1f} a row); "
         f"passes over each source: {passes}{skipped}"
     )
+
+
+def packed_rows(lengths: list[int], budget: int) -> int:
+    """How many rows samples of ``lengths`` (each within ``budget``) fill when packed in order, as
+    ``Mixture.batches`` packs them: a sample that does not fit the row's room starts the next row."""
+    rows, used = 1, 0
+    for n in lengths:
+        if used + n > budget:
+            rows, used = rows + 1, 0
+        used += n
+    return rows
 
 
 def mean_shares(start: dict[str, float], end: dict[str, float]) -> dict[str, float]:
