@@ -72,7 +72,7 @@ def main() -> None:
         f"{logits_mib:.0f} MiB"
     )
     for name, (_, _, _, rise, seconds) in results.items():
-        bound = "" if rise.exact else "  (ru_maxrss upper bound)"
+        bound = "" if rise.exact else "  (ru_maxrss: a lower bound)"
         print(f"{name:28s} peak extra {rise.bytes / MIB:8.0f} MiB  forward+backward {seconds:6.2f} s{bound}")
     full, lean = (r[3].bytes for r in results.values())
     print(

@@ -51,7 +51,7 @@ def main() -> None:
     )
     print(
         f"peak extra memory        {extra / MIB:10.1f} MiB"
-        f"{'' if rise.exact else '  (ru_maxrss: VmHWM reset unavailable, upper bound)'}"
+        f"{'' if rise.exact else '  (ru_maxrss: VmHWM reset unavailable, a lower bound)'}"
     )
     print(f"dense attention matrix   {dense / MIB:10.1f} MiB  ({config.num_attention_heads} heads x {n}^2 x 2 B)")
     print(f"output features          {features / MIB:10.1f} MiB")

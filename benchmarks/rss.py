@@ -25,7 +25,8 @@ def reset_peak() -> bool:
 
 class PeakRise:
     """``with PeakRise() as rise: ...`` then ``rise.bytes``: how far the high-water mark rose above the resident set
-    at entry (``rise.exact`` False: VmHWM could not be reset, so ru_maxrss gives an upper bound)."""
+    at entry (``rise.exact`` False: VmHWM could not be reset, so the rise of the process's lifetime peak, ru_maxrss,
+    stands in: a lower bound, 0 for a block that stays under an earlier peak)."""
 
     def __enter__(self) -> PeakRise:
         self.exact = reset_peak()

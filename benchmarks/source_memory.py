@@ -70,7 +70,7 @@ def measure(path: Path) -> None:
         results[name] = held
         print(
             f"{name:8s} load {seconds:5.1f} s, held {held:7.1f} MiB (peak rise {rise.bytes / 2**20:.1f} MiB"
-            f"{'' if rise.exact else ', upper bound'}), random read {per_read:.1f} us"
+            f"{'' if rise.exact else ', lower bound'}), random read {per_read:.1f} us"
         )
         del records
     print(f"indexed holds {results['indexed'] / max(results['list'], 1e-9):.4f} of the list's memory")
