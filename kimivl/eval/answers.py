@@ -71,6 +71,14 @@ def numbers(text: str, thousands: bool = True) -> list[float]:
     return [value for _, value in found]
 
 
+def click_point(found: list[float]) -> tuple[float, float] | None:
+    """The click an answer's numbers ``found`` write: the centre of a box (the first four), else a point (the first
+    two); None with fewer than two."""
+    if len(found) >= 4:
+        return (found[0] + found[2]) / 2, (found[1] + found[3]) / 2
+    return (found[0], found[1]) if len(found) >= 2 else None
+
+
 def answer_number(text: str) -> float | None:
     """The number that answers: the first one after an answer cue, else the last one in the text."""
     tail = after_cue(text)

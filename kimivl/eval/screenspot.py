@@ -35,7 +35,7 @@ import re
 from functools import partial
 from pathlib import Path
 
-from kimivl.eval.answers import check_mode, final_answer, numbers, official_text
+from kimivl.eval.answers import check_mode, click_point, final_answer, numbers, official_text
 from kimivl.eval.tables import (
     RowError,
     Sample,
@@ -132,13 +132,10 @@ def click(answer: str, size: tuple[int, int]) -> tuple[float, float] | None:
     if box:
         x1, y1, x2, y2 = (int(v) for v in box.groups())
         return (x1 + x2) / 2000, (y1 + y2) / 2000
-    found = numbers(answer, thousands=False)
-    if len(found) >= 4:
-        x, y = (found[0] + found[2]) / 2, (found[1] + found[3]) / 2
-    elif len(found) >= 2:
-        x, y = found[0], found[1]
-    else:
+    point = click_point(numbers(answer, thousands=False))
+    if point is None:
         return None
+    x, y = point
     if max(x, y) > 1:
         x, y = x / size[0], y / size[1]
     return x, y

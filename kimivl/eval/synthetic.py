@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from kimivl.data.formats import DataError, is_text_file, iter_lines
-from kimivl.eval.answers import final_answer
+from kimivl.eval.answers import click_point, final_answer
 from kimivl.eval.tables import is_eval_output
 
 _INT = re.compile(r"-?\d+")
@@ -31,14 +31,10 @@ def _norm(text: str) -> str:
 def clicked(answer: str, box: list[float]) -> bool:
     """Whether the point "(x, y)" of ``answer``, or the centre of its box (its first two or four numbers), falls in
     ``box`` ``[x1, y1, x2, y2]``, edges included."""
-    nums = [float(x) for x in _FLOAT.findall(answer)]
-    if len(nums) >= 4:
-        x, y = (nums[0] + nums[2]) / 2, (nums[1] + nums[3]) / 2
-    elif len(nums) >= 2:
-        x, y = nums[0], nums[1]
-    else:
+    point = click_point([float(x) for x in _FLOAT.findall(answer)])
+    if point is None:
         return False
-    x1, y1, x2, y2 = box
+    (x, y), (x1, y1, x2, y2) = point, box
     return x1 <= x <= x2 and y1 <= y <= y2
 
 

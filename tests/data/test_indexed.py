@@ -7,6 +7,7 @@ from PIL import Image
 
 from kimivl.data.formats import DataError, iter_records, iter_texts, write_records
 from kimivl.data.indexed import Concat, JsonlRecords, locate
+from tests.midway import Midway
 
 
 def _conversations(tmp_path, n=7):
@@ -143,7 +144,7 @@ def test_where_asked_from_two_threads_at_once_keeps_its_line_counts(tmp_path, mo
     want = [JsonlRecords(path, text=False).where(i) for i in range(7)]
     records = JsonlRecords(path, text=False)
     monkeypatch.setattr(indexed, "LINE_BLOCK", 16)  # many blocks to count
-    midway, done, got, real_open = threading.Event(), threading.Event(), {}, open
+    midway, real_open = Midway(), open
 
     class Pausing:  # the other thread's file stops at its third block
         def __init__(self, f):
@@ -160,19 +161,12 @@ def test_where_asked_from_two_threads_at_once_keeps_its_line_counts(tmp_path, mo
 
         def read(self, n):
             self.reads += 1
-            if self.reads == 3 and threading.current_thread() is other:
-                midway.set()
-                done.wait(10)
+            if self.reads == 3 and threading.current_thread() is not threading.main_thread():
+                midway.stop()
             return self.f.read(n)
 
     monkeypatch.setattr(indexed, "open", lambda p, mode: Pausing(real_open(p, mode)), raising=False)
-    other = threading.Thread(target=lambda: got.update({6: records.where(6)}))
-    other.start()
-    assert midway.wait(10)
-    got[3] = records.where(3)
-    done.set()
-    other.join(10)
-    assert got == {6: want[6], 3: want[3]}
+    assert midway.run(lambda: records.where(6), lambda: records.where(3)) == (want[6], want[3])
     assert [records.where(i) for i in range(7)] == want
 
 

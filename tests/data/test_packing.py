@@ -3,7 +3,6 @@
 import itertools
 import logging
 import random
-import threading
 
 import numpy as np
 import pytest
@@ -16,6 +15,7 @@ from kimivl.data.indexed import JsonlRecords
 from kimivl.data.mixture import Mixture
 from kimivl.data.packing import pack
 from kimivl.processing.processor import IGNORE_INDEX, Encoded
+from tests.midway import Midway
 
 
 def picture(w, h, seed):
@@ -215,22 +215,15 @@ def test_threads_picking_at_once_draw_what_one_thread_does():
     serial = Mixture(sources, None, 8, start={"a": 2, "b": 1}, seed=5, replacement=False)
     want = {i: serial.pick(i) for i in (300, 40)}
     mix = Mixture(sources, None, 8, start={"a": 2, "b": 1}, seed=5, replacement=False)
-    source, midway, done, got = mix._source, threading.Event(), threading.Event(), {}
+    source, midway = mix._source, Midway()
 
     def paused(j):  # the other thread stops halfway through its replay of 300 draws
         if j == 150:
-            midway.set()
-            done.wait(10)
+            midway.stop()
         return source(j)
 
     mix._source = paused
-    other = threading.Thread(target=lambda: got.update({300: mix.pick(300)}))
-    other.start()
-    assert midway.wait(10)
-    got[40] = mix.pick(40)
-    done.set()
-    other.join(10)
-    assert got == want
+    assert midway.run(lambda: mix.pick(300), lambda: mix.pick(40)) == (want[300], want[40])
 
 
 def test_each_stream_and_seed_draws_its_own_samples():
