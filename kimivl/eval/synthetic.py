@@ -9,7 +9,6 @@ gold box (normalised coordinates).
 from __future__ import annotations
 
 import itertools
-import math
 import os
 import re
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ from typing import Any
 from kimivl.data.formats import DataError, is_text_file, iter_lines
 from kimivl.eval.answers import click_point, final_answer
 from kimivl.eval.tables import is_eval_output
+from kimivl.finite import finite
 
 _INT = re.compile(r"-?\d+")
 _FLOAT = re.compile(r"-?\d+(?:\.\d+)?")
@@ -44,7 +44,7 @@ def box_error(meta: dict[str, Any]) -> str | None:
     box = meta.get("box", "missing")
     numbers = isinstance(box, list) and len(box) == 4
     numbers = numbers and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)
-    if numbers and all(math.isfinite(v) for v in box) and box[0] <= box[2] and box[1] <= box[3]:
+    if numbers and all(finite(v) for v in box) and box[0] <= box[2] and box[1] <= box[3]:
         return None
     return (
         f"meta.box is {box!r}: a click is scored by the gold box [x1, y1, x2, y2], 4 finite numbers with x1 <= x2 "
