@@ -221,6 +221,10 @@ def test_a_synthetic_limit_reads_about_limit_lines_not_the_whole_split(tmp_path,
         [True, 0, 1, 1],
         [0.4, 0.2, float("nan"), 0.6],
         [0.6, 0.2, 0.4, 0.6],
+        [0.4, 0.6, 0.6, 0.2],  # reversed in y
+        [0, 0, 1, 1, 3],  # five numbers
+        [0, 0, float("inf"), 1],  # Python's json reads Infinity
+        [0, 0, 10**400, 1],  # an int no float holds (an OverflowError escaped)
     ],
 )
 def test_a_gui_record_without_a_box_of_four_numbers_is_refused_when_read(tmp_path, box):
