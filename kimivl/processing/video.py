@@ -30,6 +30,7 @@ from typing import Any, BinaryIO
 import numpy as np
 from PIL import Image
 
+from kimivl.processing.data_url import data_url_bytes, is_data_url
 from kimivl.processing.image import MAX_PIXELS, ImageError, ImageProcessor, mark_source_size, short_name
 
 DEFAULT_FPS = 1.0
@@ -39,7 +40,9 @@ MAX_TIMESTAMP = 360_000.0  # seconds
 # FFmpeg's demuxers for the video containers read here, by their names, and what a message calls them. FFmpeg picks a
 # demuxer from the bytes, whatever the file's name or the data URL's type says: others (an ffconcat or HLS playlist,
 # which opens the files it names; an SDP session, which listens on the ports it names; a text file drawn as a picture;
-# an image sequence) are refused before they read anything.
+# an image sequence) are refused before they read anything. MPEG-PS (.mpg, .vob) is not among them: its streams' frame
+# delays are learned only by decoding while opening, which is not done here (an MPEG-1 one's first frame came out
+# late), so it is refused too (`ffmpeg -i in.mpg -c copy out.ts` remuxes it unchanged).
 CONTAINERS = {
     "mov,mp4,m4a,3gp,3g2,mj2": "MP4/MOV",
     "matroska,webm": "Matroska/WebM",
@@ -53,6 +56,13 @@ CONTAINERS = {
     "m4v": "raw MPEG-4",
     "h264": "raw H.264",
     "hevc": "raw HEVC",
+    "mpegvideo": "raw MPEG-1/2",
+    "ivf": "IVF",
+    "mxf": "MXF",
+    "mjpeg": "raw MJPEG",
+    "yuv4mpegpipe": "Y4M",
+    "dv": "DV",
+    "apng": "APNG",
 }
 
 
@@ -188,7 +198,8 @@ def _decoder_pixels(max_frame_pixels: int) -> int:
 
 @contextlib.contextmanager
 def open_video(source: str | os.PathLike | bytes | BinaryIO, name: str, max_frame_pixels: int = MAX_PIXELS):
-    """``source`` (a path, bytes or a binary file) opened as one of ``CONTAINERS``, a ``VideoError`` otherwise.
+    """``source`` (a path, a ``data:`` URL, bytes or a binary file) opened as one of ``CONTAINERS``, a ``VideoError``
+    otherwise.
 
     The file is opened here, not by FFmpeg, and FFmpeg may open nothing itself (no protocol): a file or address the
     bytes name is never read. Nothing is decoded while opening: FFmpeg decodes a stream's first frames to learn its
@@ -201,7 +212,9 @@ def open_video(source: str | os.PathLike | bytes | BinaryIO, name: str, max_fram
 
     with contextlib.ExitStack() as stack:
         try:
-            if isinstance(source, (str, os.PathLike)):
+            if is_data_url(source):  # as images take one (FFmpeg's own data protocol is not allowed)
+                source = io.BytesIO(data_url_bytes(source))
+            elif isinstance(source, (str, os.PathLike)):
                 source = stack.enter_context(open(source, "rb"))
             elif isinstance(source, (bytes, bytearray)):
                 source = io.BytesIO(source)
@@ -236,7 +249,9 @@ def _reason(error: Exception) -> str:
     """An error's text; FFmpeg's without the C function that failed."""
     import av
 
-    return error.strerror if isinstance(error, av.FFmpegError) and error.strerror else str(error)
+    if isinstance(error, (av.FFmpegError, OSError)) and error.strerror:
+        return error.strerror  # not the file's name again: the caller names it, shortened
+    return str(error)
 
 
 def _decode_error(name: str, error: Exception, max_frame_pixels: int) -> VideoError:

@@ -333,6 +333,12 @@ def test_a_frame_larger_than_its_header_says_is_refused_before_it_is_allocated(s
         ("gif", "gif"),
         ("m4v", "mpeg4"),
         ("h264", "libx264"),
+        ("ivf", "libvpx-vp9"),
+        ("mxf", "mpeg2video"),
+        ("yuv4mpegpipe", "rawvideo"),
+        ("mjpeg", "mjpeg"),
+        ("mpeg2video", "mpeg2video"),
+        ("apng", "apng"),
     ],
 )
 def test_every_container_read_decodes_as_ffmpeg_alone_does(fmt, codec):
@@ -342,7 +348,11 @@ def test_every_container_read_decodes_as_ffmpeg_alone_does(fmt, codec):
     buf = io.BytesIO()
     with av.open(buf, "w", format=fmt) as c:
         s = c.add_stream(codec, rate=25)
-        s.width, s.height, s.pix_fmt = 64, 48, "rgb8" if codec == "gif" else "yuv420p"
+        s.width, s.height, s.pix_fmt = (
+            64,
+            48,
+            {"gif": "rgb8", "mjpeg": "yuvj420p", "apng": "rgb24"}.get(codec, "yuv420p"),
+        )
         for i in range(8):
             a = np.stack([(x * 4 + 30 * i) % 256, y * 5, np.full_like(x, 25 * i)], -1).astype(np.uint8)
             for packet in s.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):

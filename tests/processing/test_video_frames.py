@@ -1,3 +1,4 @@
+import base64
 import fractions
 import io
 import threading
@@ -45,6 +46,11 @@ def test_one_fps(video, tmp_path):
     path = tmp_path / "v.mp4"
     path.write_bytes(video)
     assert load_video(str(path))[1] == times and load_video(io.BytesIO(video))[1] == times
+    url = "data:video/mp4;base64," + base64.b64encode(video).decode()  # as images take one (FFmpeg's protocol is off)
+    assert load_video(url)[1] == times
+    with pytest.raises(VideoError) as e:  # the path named once, shortened: a data URL's error held it twice in full
+        load_video("data:" + "x" * 5000)
+    assert len(str(e.value)) < 600
     f = io.BytesIO(video)  # an open file is left where it was: a second turn or a batch holding it twice reads it again
     assert levels(load_video(f)[0]) == levels(load_video(f)[0]) == [0, 10, 20] and f.tell() == 0
 
