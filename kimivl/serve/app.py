@@ -4,6 +4,7 @@ the chat page at ``/`` (``static/index.html`` and ``static/chat.js``: plain HTML
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import dataclasses
 import functools
@@ -215,6 +216,14 @@ def _host_name(host: str) -> str:
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
+def _codec(charset: str) -> str | None:
+    """Python's name for the codec a charset label names (``utf8`` and ``UTF-8`` are ``utf-8``); None if unknown."""
+    try:
+        return codecs.lookup(charset).name
+    except LookupError:
+        return None
+
+
 async def _read_body(request: Request, limit: int) -> bytearray:
     """A JSON request body of at most ``limit`` bytes: another content type is refused (a browser sends a foreign
     site's form or no-cors request as text, never as JSON without asking first), so is a body declared or grown
@@ -226,7 +235,7 @@ async def _read_body(request: Request, limit: int) -> bytearray:
         raise RequestError(f"the request body must be JSON (Content-Type: application/json), got {kind!r}", status=415)
     for name, _, value in (p.partition("=") for p in params):
         charset = value.strip().strip('"')
-        if name.strip().lower() == "charset" and charset.lower() != "utf-8":
+        if name.strip().lower() == "charset" and _codec(charset) not in ("utf-8", "ascii"):  # ASCII is UTF-8 too
             raise RequestError(
                 f"the request body must be UTF-8 JSON (charset=utf-8), got charset={charset!r}", status=415
             )

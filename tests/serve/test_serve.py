@@ -980,12 +980,19 @@ def test_compressed_or_non_utf8_bodies_are_refused_with_415(tiny):
     for kind, charset in (
         ("application/json; charset=latin-1", "latin-1"),
         ('Application/JSON;Charset="UTF-16"', "UTF-16"),
+        ("application/json; charset=no-such-thing", "no-such-thing"),
     ):
         status, _, error = _chat_raw(url, f"Content-Type: {kind}\r\nContent-Length: {len(CHAT_BODY)}\r\n")
         assert status == "HTTP/1.1 415 Unsupported Media Type", kind
         message = f"the request body must be UTF-8 JSON (charset=utf-8), got charset={charset!r}"
         assert error["error"]["message"] == message
-    for kind in ("application/json; charset=UTF-8", 'application/json;charset="utf-8"'):
+    # utf8 (a common alias) and ASCII (a subset) label UTF-8 bodies too
+    for kind in (
+        "application/json; charset=UTF-8",
+        'application/json;charset="utf-8"',
+        "application/json; charset=utf8",
+        "application/json; charset=US-ASCII",
+    ):
         for coding in ("", "Content-Encoding: identity\r\n"):
             headers = f"{coding}Content-Type: {kind}\r\nContent-Length: {len(CHAT_BODY)}\r\n"
             status, _, answer = _chat_raw(url, headers)
