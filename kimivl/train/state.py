@@ -116,7 +116,8 @@ def _checkpoints(root: Path) -> list[tuple[int, Path]]:
 
 def _damaged(path: Path, e: CheckpointReadError) -> TrainingError:
     """The error for the checkpoint ``path`` that holds a file that cannot be read (``e``), with what to do."""
-    older = [p.name for step, p in _checkpoints(path.parent) if step < _step(path.name) and p.is_dir()]
+    cut = _step(path.name)  # None: a folder of another name (``latest`` may name any), so every step-N is a choice
+    older = [p.name for step, p in _checkpoints(path.parent) if (cut is None or step < cut) and p.is_dir()]
     if older:
         fix = (
             f"resume from the checkpoint before it by writing {older[-1]} into {path.parent / LATEST} (checkpoints "

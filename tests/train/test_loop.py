@@ -4,6 +4,7 @@ import itertools
 import json
 import random
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -566,6 +567,17 @@ def test_checkpoints_past_seven_digits_of_steps_are_kept_and_pruned_by_step(tiny
     for step in (9_999_998, 9_999_999, 10_000_000):
         save_state(root, tiny_model, {"step": step})
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step-10000000", "step-9999999", "step-x"]
+
+
+def test_a_damaged_checkpoint_of_another_name_than_step_n_names_the_checkpoints_to_resume_from(tiny_model, tmp_path):
+    """``latest`` may name any folder (a copy called best); when it was damaged, ordering it among the steps met None
+    with a TypeError."""
+    root = tmp_path / "checkpoints"
+    save_state(root, tiny_model, {"step": 10})
+    shutil.copytree(root / "step-0000010", root / "best")
+    (root / "best" / "trainer.pt").write_bytes(b"torn")
+    with pytest.raises(TrainingError, match=r"the checkpoint .*best is damaged: resume from .* writing step-0000010"):
+        load_state(root / "best", tiny_model)
 
 
 def test_a_checkpoint_of_other_shapes_says_what_to_do(tmp_path):
