@@ -931,7 +931,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="*",
         choices=PARTS,
         metavar="PART",
-        help=f"print the memory that training these parts takes ({', '.join(PARTS)}; default all)",
+        help=f"print the memory that training these parts takes ({', '.join(PARTS)}; none named: all); give the "
+        "checkpoint first (kimivl info CKPT --train), as a path after --train is read as a part",
     )
     info.add_argument(
         "--freeze",
