@@ -148,7 +148,7 @@ def problem_error(record: dict) -> str | None:
     """What makes ``record`` no RL problem (no user prompt, or a ``meta.gold`` or ``meta.box`` its task's reward
     cannot read), worded to follow where it is; None when it is one."""
     meta = record.get("meta", {})
-    if "gold" not in meta or not prompt_of(record):
+    if "gold" not in meta or not any(m["role"] == "user" for m in prompt_of(record)):
         return "is no RL problem: it needs a user prompt and meta.gold, the answer its reward checks"
     return gold_error(meta)
 

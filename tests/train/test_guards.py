@@ -654,8 +654,15 @@ def test_sources_that_cannot_train_are_found_before_training(small_processor, ca
 
     rl = RLStage(name="r", kind="rl", steps=2, lr=1e-3, sources=["c"])
     check_problems(rl, _ctx([{**chat, "meta": {"gold": "4"}}], small_processor))
-    with pytest.raises(DataError, match="record 1 is no RL problem: it needs a user prompt and meta.gold"):
-        check_problems(rl, _ctx([{**chat, "meta": {"task": "x"}}], small_processor))
+    answer, system = chat["messages"][1], {"role": "system", "content": "Be brief."}
+    for record in (  # no gold; a gold but nothing to answer, or only a system turn before the answer
+        {**chat, "meta": {"task": "x"}},
+        {"messages": [], "meta": {"gold": "4"}},
+        {"messages": [answer], "meta": {"gold": "4"}},
+        {"messages": [system, answer], "meta": {"gold": "4"}},
+    ):
+        with pytest.raises(DataError, match="record 1 is no RL problem: it needs a user prompt and meta.gold"):
+            check_problems(rl, _ctx([record], small_processor))
     for meta, words in (  # what the reward would fail on mid-run is found before training
         ({"task": "reasoning", "gold": "n/a"}, "the reasoning reward cannot check .ValueError: could not convert"),
         ({"task": "reasoning", "gold": None}, "the reasoning reward cannot check .TypeError"),
