@@ -288,3 +288,7 @@ def test_a_model_is_not_built_on_a_config_changed_since_it_was_checked():
     config.text_config.num_experts_per_tok = 9  # a part's field set in place: more than its 8 experts
     with pytest.raises(ConfigError, match=r"num_experts_per_tok \(9\) exceeds the experts reachable"):
         KimiVL(config)
+    config = KimiVLConfig.from_preset("tiny")
+    config.vision_config.num_attention_heads = 5  # the vision part's too: 5 heads do not divide its width 64
+    with pytest.raises(ConfigError, match=r"vision_config.num_attention_heads \(5\) must divide"):
+        KimiVL(config)

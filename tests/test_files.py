@@ -1,4 +1,5 @@
-"""write_text_atomic: a whole text always, with concurrent writers of one file too; a failed write named."""
+"""write_text_atomic: a whole text always, with concurrent writers of one file too; a failed write named. unwritable:
+why a path could not be written, found before the work that ends by writing it."""
 
 import errno
 import multiprocessing
@@ -76,3 +77,18 @@ def test_file_mode_is_what_open_gives_a_new_file(tmp_path):
         assert file_mode() == stat.S_IMODE((tmp_path / "f").stat().st_mode) == 0o640
     finally:
         os.umask(umask)
+
+
+def test_unwritable_names_a_folder_that_cannot_be_written_or_entered_and_a_file_that_cannot_be_replaced(
+    tmp_path, monkeypatch
+):
+    """As root, ``os.access`` allows everything: the permissions it reports are patched."""
+    tmp_path = tmp_path.resolve()
+    (tmp_path / "f").write_text("")
+    assert files.unwritable(tmp_path / "new" / "out.json") is None  # its folder is made when it is written
+    assert files.unwritable(tmp_path / "f" / "out.json") == f"{tmp_path / 'f'} is not a directory"
+    monkeypatch.setattr(files.os, "access", lambda path, mode: not mode & os.X_OK)  # writable, not enterable
+    assert files.unwritable(tmp_path / "new" / "out.json") == f"{tmp_path} is not writable"
+    (tmp_path / "out.json").write_text("{}")
+    monkeypatch.setattr(files.os, "access", lambda path, mode: os.fspath(path) != str(tmp_path / "out.json"))
+    assert files.unwritable(tmp_path / "out.json") == f"{tmp_path / 'out.json'} is not writable"

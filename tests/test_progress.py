@@ -1,6 +1,7 @@
 """Progress bars in logs: rare refreshes where stderr is no terminal, log records on lines of their own."""
 
 import io
+import logging
 import os
 import re
 import subprocess
@@ -114,3 +115,23 @@ def test_a_command_called_from_python_shows_its_log_and_leaves_logging_as_it_was
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=root, timeout=120)
     assert done.returncode == 0, done.stderr
     assert re.search(r"\d\d:\d\d:\d\d,\d+ kimivl\.\w+", done.stderr) and "not shown" not in done.stderr, done.stderr
+
+
+def test_a_command_called_where_logging_is_configured_keeps_that_configuration():
+    """A notebook's root logger at WARNING with its own handler: kimivl's INFO records stay hidden there."""
+    from kimivl.cli import _console_log
+
+    root, seen = logging.getLogger(), []
+    handler, level = logging.Handler(), root.level
+    handler.emit = lambda record: seen.append(record.getMessage())
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    try:
+        with _console_log(logging.INFO, "%(message)s"):
+            logging.getLogger("kimivl.x").info("hidden")
+            logging.getLogger("kimivl.x").warning("shown")
+        assert root.level == logging.WARNING and handler in root.handlers
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    assert seen == ["shown"]

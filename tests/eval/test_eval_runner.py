@@ -782,6 +782,9 @@ def test_a_task_of_ones_own_with_a_scorer_the_runner_cannot_use_is_named_before_
     (tmp_path / "p.jsonl").write_text('{"index": "0", "prediction": "yes"}\n')
     with pytest.raises(TypeError, match=r"task 'mine': score returned 1.0, not a dict with a 'score'"):
         run_task(task, load(None), tmp_path / "out", predictions=tmp_path / "p.jsonl", progress=False)
+    task = Task("mine", load, lambda prediction, meta, **_: {"correct": prediction == meta["gold"]})
+    with pytest.raises(TypeError, match=r"task 'mine': score returned \{'correct': True\}, not a dict with a 'score'"):
+        run_task(task, load(None), tmp_path / "out", predictions=tmp_path / "p.jsonl", progress=False)
     task = Task("mine", load, lambda prediction, meta, **_: {"score": float(prediction == meta["gold"])})
     result = run_task(task, load(None), tmp_path / "ok", predictions=tmp_path / "p.jsonl", progress=False)
     assert result["metrics"]["accuracy"] == 100.0 and result["scored"] == 1  # accuracy in percent

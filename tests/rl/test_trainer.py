@@ -23,7 +23,7 @@ def starts_with_a_letter(text: str, meta: dict) -> float:
     return float(text[:1].isalpha())
 
 
-def make_trainer(model, processor, run_dir, reward_fn=starts_with_a_letter, **overrides):
+def make_trainer(model, processor, run_dir, reward_fn=starts_with_a_letter, difficulties=None, **overrides):
     settings = {
         "iterations": 12,
         "problems": 4,
@@ -39,7 +39,15 @@ def make_trainer(model, processor, run_dir, reward_fn=starts_with_a_letter, **ov
     optimizer = build_optimizer(model, lr=1e-2, weight_decay=0.0)
     scheduler = scheduler_at(optimizer, lambda step: 1.0)
     return RLTrainer(
-        model, processor, PROBLEMS, RLConfig(**settings), optimizer, scheduler, run_dir, reward_fn=reward_fn
+        model,
+        processor,
+        PROBLEMS,
+        RLConfig(**settings),
+        optimizer,
+        scheduler,
+        run_dir,
+        reward_fn=reward_fn,
+        difficulties=difficulties,
     )
 
 
@@ -156,6 +164,11 @@ def test_the_priority_setting_reaches_the_sampler(small_model, small_processor, 
     trainer.sampler.update([0, 1, 2], [0.0, 0.5, 1.0])
     assert trainer.sampler.priorities().tolist() == pytest.approx([0.1, 1.0, 0.1, 1.0])
     assert make_trainer(small_model, small_processor, tmp_path).sampler.priority == "failure"
+
+
+def test_difficulties_of_another_length_than_the_problems_are_refused(small_model, small_processor, tmp_path):
+    with pytest.raises(ValueError, match="rl: 1 difficulties given for 4 problems"):
+        make_trainer(small_model, small_processor, tmp_path, difficulties=["any"])
 
 
 def test_the_largest_seed_runs(small_model, small_processor, tmp_path):
@@ -322,7 +335,7 @@ def test_a_reward_of_bools_trains_as_floats_and_one_that_is_no_number_is_named(s
         trainer = make_trainer(copy.deepcopy(small_model), small_processor, tmp_path / kind, reward_fn=reward_fn)
         runs[kind] = {k: v for k, v in trainer.step().items() if k != "seconds" and not k.endswith("_per_s")}
     assert runs["float"]["reward"] > 0 and runs["bool"] == pytest.approx(runs["float"], rel=1e-6, abs=1e-7)
-    for value in (None, float("nan"), "1", 10**400):
+    for value in (None, float("nan"), float("inf"), float("-inf"), "1", 10**400):
         policy = copy.deepcopy(small_model)
         before = [p.clone() for p in policy.parameters()]
         trainer = make_trainer(policy, small_processor, tmp_path / "bad", reward_fn=lambda text, meta: value)

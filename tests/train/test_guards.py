@@ -326,6 +326,7 @@ def test_yaml_exponents_are_numbers_duplicate_keys_and_bad_seeds_are_errors(tmp_
     "extra, match",
     [
         ("[a, b]: 1\n", "a key is a list or a mapping"),  # crashed on `key in seen`: unhashable
+        ("? {a: 1}\n: 1\n", "a key is a list or a mapping"),
         ("1: x\nfoo: y\n", r"unknown keys \[1, 'foo'\]"),  # crashed sorting an int among strings
         ("schedule: {1: 2, foo: 3}\n", r"schedule has unknown keys \[1, 'foo'\]; it takes"),
     ],
@@ -338,8 +339,12 @@ def test_recipe_keys_that_are_lists_or_mix_numbers_and_names_are_named(tmp_path,
         load_recipe(tmp_path / "r.yaml")
 
 
-def test_stage_and_rl_unknown_keys_mixing_numbers_and_names_are_named(tmp_path):
+def test_source_stage_and_rl_unknown_keys_mixing_numbers_and_names_are_named(tmp_path):
     head = f"name: r\nout: {tmp_path / 'run'}\ntokenizer: {{train_vocab: 260}}\nsources: {{t: t.jsonl}}\n"
+    stage = "{name: a, kind: joint, steps: 4, lr: 1e-3, mix: {t: 1}}"
+    (tmp_path / "r.yaml").write_text(head.replace("t.jsonl", "{path: t.jsonl, 1: x, foo: y}") + f"stages: [{stage}]\n")
+    with pytest.raises(RecipeError, match=r"data source 't': unknown keys \[1, 'foo'\]; a source takes 'path'"):
+        load_recipe(tmp_path / "r.yaml")
     stage = "{name: a, kind: joint, steps: 4, lr: 1e-3, mix: {t: 1}, 1: x, foo: y}"
     (tmp_path / "r.yaml").write_text(f"{head}stages: [{stage}]\n")
     with pytest.raises(RecipeError, match=r"stage 'a': unknown keys \[1, 'foo'\]; a joint stage takes"):

@@ -249,6 +249,17 @@ def test_a_parameter_under_two_scaled_parts_takes_the_nearer_ones_rate(model, ou
     assert {rate[id(p)] for p in model.language_model.model.embed_tokens.parameters()} == {5e-3}
 
 
+def test_a_scaled_part_is_a_whole_submodule_blocks_1_not_blocks_10():
+    config = KimiVLConfig.from_preset("tiny")
+    config.vision_config.num_hidden_layers = 11
+    model = KimiVL(config)
+    opt = build_optimizer(model, lr=1e-2, lr_scale={"vision_tower.encoder.blocks.1": 0.5})
+    rate = {id(p): group["lr"] for group in opt.param_groups for p in group["params"]}
+    blocks = model.vision_tower.encoder.blocks
+    assert {rate[id(p)] for p in blocks[1].parameters()} == {5e-3}
+    assert {rate[id(p)] for i in (0, *range(2, 11)) for p in blocks[i].parameters()} == {1e-2}
+
+
 @pytest.mark.parametrize("lr_scale", [{"vision": 0.1}, {"vision_tower": 0.0}, {"language_model": -1.0}])
 def test_lr_scale_rejects_unknown_parts_and_bad_factors(model, lr_scale):
     with pytest.raises(ValueError, match="lr_scale"):
