@@ -31,6 +31,7 @@ separate numbers); a click with a coordinate above 1 is in pixels and is divided
 
 from __future__ import annotations
 
+import math
 import re
 from functools import partial
 from pathlib import Path
@@ -64,7 +65,12 @@ def normalized_box(box: list[float], box_format: str, size: tuple[int, int]) -> 
     """``box`` as normalised ``[x1, y1, x2, y2]``, from ``xywh`` or ``xyxy`` in pixels or normalised units."""
     if len(box) != 4:
         raise RowError(f"a box needs 4 numbers, got {box}")
-    x1, y1, a, b = (float(v) for v in box)
+    try:
+        x1, y1, a, b = (float(v) for v in box)
+    except (TypeError, ValueError, OverflowError):
+        raise RowError(f"a box needs 4 numbers, got {box}") from None
+    if not all(math.isfinite(v) for v in (x1, y1, a, b)):  # Python's json reads NaN and Infinity
+        raise RowError(f"box {box} holds a number that is not finite")
     x2, y2 = (x1 + a, y1 + b) if box_format == "xywh" else (a, b)
     if max(x1, y1, x2, y2) > 1:
         w, h = size

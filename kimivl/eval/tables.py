@@ -214,7 +214,7 @@ def literal_list(value: Any) -> list:
     if isinstance(value, str) and value.strip().startswith("["):
         try:
             parsed = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
+        except (ValueError, SyntaxError, RecursionError, MemoryError):  # the last two: nested or chained too deep
             raise RowError(f"cannot read {value[:60]!r} as a list") from None
         return list(parsed)
     return [value] if present(value) else []

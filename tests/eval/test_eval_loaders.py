@@ -16,7 +16,7 @@ from PIL import Image
 
 from kimivl.data.formats import DataError
 from kimivl.eval import mathvista, mmlongbench, mmmu, ocrbench, screenspot, videomme
-from kimivl.eval.tables import Sample, Skipped, image_bytes, iter_rows, literal_list, table_files
+from kimivl.eval.tables import RowError, Sample, Skipped, image_bytes, iter_rows, literal_list, table_files
 
 
 def png(w=40, h=30, colour=(200, 30, 30)) -> bytes:
@@ -738,6 +738,9 @@ def test_an_empty_list_cell_is_an_empty_list():
     """A null, NaN or blank cell holds no items (not one item "None"); a lone value is a list of one."""
     assert [literal_list(v) for v in (None, "", float("nan"))] == [[], [], []]
     assert literal_list("x") == ["x"] and literal_list(" [1, 'a']") == [1, "a"] and literal_list((3,)) == [3]
+    for deep in ("[" + "1+" * 100_000 + "1]", "[" + "-" * 100_000 + "1]"):  # a RecursionError, a MemoryError escaped
+        with pytest.raises(RowError, match="cannot read .* as a list"):  # the row is skipped, the run goes on
+            literal_list(deep)
 
 
 def test_json_rows_under_samples_or_annotations_and_a_struct_with_only_a_path(tmp_path):

@@ -23,6 +23,7 @@ from kimivl.eval.answers import (
     official_text,
     parse_option,
 )
+from kimivl.eval.tables import RowError
 
 
 def lenient(module):
@@ -159,6 +160,10 @@ def test_screenspot_points_boxes_pixels_and_conventions():
     box_xyxy = screenspot.normalized_box([40, 20, 100, 50], "xyxy", size)  # pixels [x1, y1, x2, y2]
     assert box_xywh == box_xyxy == [0.2, 0.2, 0.5, 0.5]
     assert screenspot.normalized_box([0.2, 0.2, 0.3, 0.3], "xywh", size) == pytest.approx([0.2, 0.2, 0.5, 0.5])
+    # an infinite box was scored (a click at x=123456 counted)
+    for box in ([10, 10, float("inf"), 20], [0.1, float("nan"), 0.2, 0.3], [1, 2, 3, 10**400]):
+        with pytest.raises(RowError, match="not finite|needs 4 numbers"):
+            screenspot.normalized_box(box, "xyxy", size)
     meta = {"box": box_xyxy, "size": list(size)}
     assert lenient(screenspot)("(0.3, 0.4)", meta)["score"] == 1.0  # normalised point
     assert lenient(screenspot)("click(x=70, y=35)", meta)["score"] == 1.0  # pixels: 0.35, 0.35
