@@ -788,7 +788,7 @@ def _eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from kimivl import generate
-    from kimivl.eval.report import headline
+    from kimivl.eval.report import headline, printable
     from kimivl.eval.runner import EvalInterrupted, checkpoint_fingerprint, rescoring_samples, run_task
     from kimivl.eval.tasks import get_task
 
@@ -876,7 +876,7 @@ def _eval(args: argparse.Namespace) -> int:
             print(result["table"])
         for kind in ("missing", "skipped"):
             for row in result[f"{kind}_rows"][:5]:
-                print(f"  {kind} {row['index']}: {row['reason']}")
+                print(f"  {kind} {printable(row['index'])}: {printable(row['reason'])}")  # data may hold escapes
             if result[kind] > 5:
                 print(f"  ... {result[kind] - 5} more {kind} rows in {args.out}/results.json")
     print(f"results: {args.out}/results.json, {args.out}/results.md")

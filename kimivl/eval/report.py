@@ -76,6 +76,18 @@ def _extracted(res: dict) -> str:
     return f" (answers of {ex['rules']} rows extracted by kimivl's rules, not the official LLM: not comparable)"
 
 
+def printable(value: object) -> str:
+    """``value`` as text safe to print or log: control characters (a terminal's escape sequences, a line break), which
+    a data file may hold in an index, a group or a reason, written as their escapes."""
+    text = str(value)
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _cell(value: object) -> str:
+    """``value`` as one Markdown table cell: printable, its ``|`` escaped (a group name cannot add cells or rows)."""
+    return printable(value).replace("|", "\\|")
+
+
 def markdown(results: dict) -> str:
     """One table of every task's headline metrics (groups and extra tables follow per task). A metric over some of
     the task's rows (a task's ``metric_rows``, e.g. NIAH's per haystack) shows its own rows scored and answered; the
@@ -88,11 +100,11 @@ def markdown(results: dict) -> str:
         for k, v in head.items():
             own = {**res, **res.get("metric_rows", {}).get(k, {})}
             counts = " | ".join(str(own.get(key, "")) for key in ("scored", "answered", "skipped"))
-            lines.append(f"| {task} | {k} | {_fmt(v)} | {counts} |")
+            lines.append(f"| {_cell(task)} | {_cell(k)} | {_fmt(v)} | {counts} |")
         groups = {k: v for k, v in metrics.items() if k not in head}
         if groups:
             details += ["", f"### {task}", "", "| metric | value |", "|---|---|"]
-            details += [f"| {k} | {_fmt(v)} |" for k, v in groups.items()]
+            details += [f"| {_cell(k)} | {_fmt(v)} |" for k, v in groups.items()]
         if res.get("table"):
             details += ["", f"### {task}", "", res["table"]]
         details += [f"\n![{task} {Path(f).stem}]({Path(f).name})" for f in res.get("figures", [])]

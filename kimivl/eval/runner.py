@@ -27,7 +27,7 @@ from pathlib import Path
 
 from kimivl.data.formats import DataError
 from kimivl.eval.answers import check_mode
-from kimivl.eval.report import read_results, update_results
+from kimivl.eval.report import printable, read_results, update_results
 from kimivl.eval.tables import Sample, Skipped, index_key, jsonl_objects
 from kimivl.eval.tasks import Task
 from kimivl.files import path_text, write_text_atomic, writing
@@ -332,7 +332,12 @@ def run_task(
                     done[index_key(sample.index)] = text
             failed.extend(unanswered)
             for s in unanswered:
-                log.warning("%s row %s has no prediction, scored as an empty answer: %s", task.name, s.index, s.reason)
+                log.warning(
+                    "%s row %s has no prediction, scored as an empty answer: %s",
+                    task.name,
+                    printable(s.index),
+                    printable(s.reason),
+                )
             bar.update(len(batch))
             batch.clear()
 
@@ -348,7 +353,7 @@ def run_task(
                 if isinstance(item, Skipped) or key in metas:
                     item = item if isinstance(item, Skipped) else Skipped(item.index, "duplicate index")
                     skipped.append(item)
-                    log.warning("%s row %s skipped: %s", task.name, item.index, item.reason)
+                    log.warning("%s row %s skipped: %s", task.name, printable(item.index), printable(item.reason))
                     bar.update(1)
                     continue
                 metas[key] = item.meta

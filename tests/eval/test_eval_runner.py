@@ -788,3 +788,28 @@ def test_a_task_of_ones_own_with_a_scorer_the_runner_cannot_use_is_named_before_
     task = Task("mine", load, lambda prediction, meta, **_: {"score": float(prediction == meta["gold"])})
     result = run_task(task, load(None), tmp_path / "ok", predictions=tmp_path / "p.jsonl", progress=False)
     assert result["metrics"]["accuracy"] == 100.0 and result["scored"] == 1  # accuracy in percent
+
+
+def test_control_characters_and_pipes_from_the_data_are_escaped_in_what_is_printed_and_tabled(tmp_path, capsys, caplog):
+    """A row's index or group reached the terminal and results.md raw: an escape sequence could clear the screen and
+    print fake results, a group name with a | and a line break add cells and a heading to the table."""
+    buf = io.BytesIO()
+    Image.new("RGB", (28, 28), (255, 255, 255)).save(buf, format="PNG")
+    image = base64.b64encode(buf.getvalue()).decode()
+    data = tmp_path / "OCRBench.tsv"
+    with open(data, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["index", "image", "question", "answer", "category"], delimiter="\t")
+        w.writeheader()
+        row = {"image": image, "question": "q"}
+        w.writerow({**row, "index": "0", "answer": "['a']", "category": "Text | 100.0 |\n# x"})
+        w.writerow({**row, "index": "\x1b[2J", "answer": "[]", "category": "Regular"})
+    pred = tmp_path / "pred.jsonl"
+    pred.write_text(json.dumps({"index": 0, "prediction": "b"}) + "\n")
+    out = tmp_path / "out"
+    argv = ["eval", "--task", "ocrbench", "--data", str(data), "--predictions", str(pred), "--out", str(out)]
+    with caplog.at_level(logging.WARNING):
+        assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "\x1b" not in printed + caplog.text and "skipped \\x1b[2J: " in printed
+    table = (out / "results.md").read_text()
+    assert "\n# x" not in table and "Text \\| 100.0 \\|\\n# x | 0.0 |" in table
