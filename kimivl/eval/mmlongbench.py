@@ -4,8 +4,10 @@ Formats: the official ``samples.json`` or the hub's parquet (``doc_id``, ``quest
 ``answer_format`` Int/Float/Str/List/None, ``evidence_pages``) with the PDFs in ``documents/`` beside the file
 (or beside it directly), and VLMEvalKit-style TSV whose ``image`` column holds the page images (a list of
 base64). A PDF is rendered with PyMuPDF (``pip install pymupdf``) at ``dpi`` (default 72) up to ``max_pages``
-(default 120, MMLongBench-Doc's cap); a directory named after the document's stem holding page images
-(sorted by name) is used instead when present.
+(default 120, MMLongBench-Doc's cap), once per load however many questions it has (the last few documents are kept);
+a page that would be over the image processor's ``MAX_PIXELS`` (2^26 pixels, e.g. a poster of 14400 x 14400 pt) at
+``dpi`` is rendered at the lower resolution that fits. A directory named after the document's stem holding page
+images (sorted by name) is used instead when present.
 
 Scoring, ``mode="official"`` (the default): MMLongBench-Doc's ``eval/eval_score.py`` (github:mayubo2333/
 MMLongBench-Doc, commit d73f0dc0be7e0a2ff6a403d5fe65fcd96461f384, file last changed in 263f15d), rule for rule:
@@ -48,7 +50,7 @@ from __future__ import annotations
 import ast
 import math
 import re
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 
 from kimivl.eval.answers import (
@@ -71,6 +73,7 @@ from kimivl.eval.tables import (
     text_cell,
     user_turn,
 )
+from kimivl.processing.image import MAX_PIXELS
 
 NOT_ANSWERABLE = "Not answerable"
 FORMATS = ("Int", "Float", "Str", "List", "None")
@@ -79,12 +82,29 @@ PROMPT = (
     f'If the document does not contain the answer, answer "{NOT_ANSWERABLE}".'
 )
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+CACHED_DOCUMENTS = 4  # rendered documents a load keeps (rows of one document usually come together)
 _EXACT = re.compile(r"https?://|www\.|@|\.(?:py|pdf|ipynb|txt|csv|docx?)\b|\b\d{1,2}:\d{2}\b|\ba\.m\.|\bp\.m\.")
 
 
-def render_pdf(path: Path, max_pages: int, dpi: int) -> list[bytes]:
-    """The first ``max_pages`` pages of a PDF as PNG bytes; a file PyMuPDF cannot open or render is a ``RowError``
-    ("unreadable document", with PyMuPDF's reason), so its rows are skipped."""
+def _pixmap(pymupdf, page, dpi: int):
+    """The page at ``dpi``, or at the lower resolution that keeps it within ``MAX_PIXELS``."""
+
+    def size(zoom: float) -> int:
+        box = (page.rect * pymupdf.Matrix(zoom, zoom)).irect
+        return box.width * box.height
+
+    if size(dpi / 72) <= MAX_PIXELS:
+        return page.get_pixmap(dpi=dpi)
+    zoom = math.sqrt(MAX_PIXELS / (page.rect.width * page.rect.height))
+    while size(zoom) > MAX_PIXELS:  # the pixel box rounds outwards
+        zoom *= 0.999
+    return page.get_pixmap(matrix=pymupdf.Matrix(zoom, zoom))
+
+
+def render_pdf(path: Path, max_pages: int, dpi: int) -> tuple[bytes, ...]:
+    """The first ``max_pages`` pages of a PDF as PNG bytes (only those are loaded), each within ``MAX_PIXELS``; a
+    file PyMuPDF cannot open or render is a ``RowError`` ("unreadable document", with PyMuPDF's reason), so its rows
+    are skipped."""
     try:
         import pymupdf
     except ImportError:
@@ -95,12 +115,13 @@ def render_pdf(path: Path, max_pages: int, dpi: int) -> list[bytes]:
     mupdf_error = getattr(getattr(pymupdf, "mupdf", None), "FzErrorBase", RuntimeError)  # MuPDF's own errors
     try:
         with pymupdf.open(path) as doc:
-            return [page.get_pixmap(dpi=dpi).tobytes("png") for page in list(doc)[:max_pages]]
+            pages = (doc.load_page(i) for i in range(min(max_pages, doc.page_count)))
+            return tuple(_pixmap(pymupdf, page, dpi).tobytes("png") for page in pages)
     except (RuntimeError, ValueError, mupdf_error) as e:  # pymupdf.FileDataError is a RuntimeError
         raise RowError(f"unreadable document {path}: {e}") from None
 
 
-def _pages(row: dict, file: Path, max_pages: int, dpi: int) -> list:
+def _pages(row: dict, file: Path, max_pages: int, dpi: int, render=render_pdf) -> list:
     if present(row.get("image")):
         return image_list(row["image"], file.parent)[:max_pages]
     doc = str(row["doc_id"])
@@ -111,11 +132,11 @@ def _pages(row: dict, file: Path, max_pages: int, dpi: int) -> list:
             if pages:
                 return [str(p) for p in pages[:max_pages]]
         if (root / doc).is_file():
-            return render_pdf(root / doc, max_pages, dpi)
+            return list(render(root / doc, max_pages, dpi))
     raise RowError(f"document {doc!r} not found in {file.parent / 'documents'} or {file.parent}")
 
 
-def parse_row(row: dict, index, file: Path, max_pages: int, dpi: int) -> Sample:
+def parse_row(row: dict, index, file: Path, max_pages: int, dpi: int, render=render_pdf) -> Sample:
     fmt = str(row.get("answer_format") or "")
     if fmt not in FORMATS:
         raise RowError(f"unknown answer_format {fmt!r} (expected one of {', '.join(FORMATS)})")
@@ -123,7 +144,7 @@ def parse_row(row: dict, index, file: Path, max_pages: int, dpi: int) -> Sample:
     if not present(answer):
         raise RowError("no answer")
     question = text_cell(row, "question").strip()
-    pages = _pages(row, file, max_pages, dpi)
+    pages = _pages(row, file, max_pages, dpi, render)
     return Sample(
         index,
         user_turn(pages, PROMPT.format(question=question)),
@@ -132,7 +153,8 @@ def parse_row(row: dict, index, file: Path, max_pages: int, dpi: int) -> Sample:
 
 
 def load(data, max_pages: int = 120, dpi: int = 72, **_):
-    return load_samples(data, partial(parse_row, max_pages=max_pages, dpi=dpi), ("index",))
+    render = lru_cache(maxsize=CACHED_DOCUMENTS)(render_pdf)  # each document rendered once, not once per question
+    return load_samples(data, partial(parse_row, max_pages=max_pages, dpi=dpi, render=render), ("index",))
 
 
 def anls(gold: str, said: str, threshold: float = 0.5) -> float:

@@ -417,6 +417,41 @@ def test_mmlongbench_renders_pdf_pages(tmp_path):
     assert all(box is not None and box[0] >= 70 for box in ink)  # the text, from x = 40 pt = 80 px on
 
 
+def test_mmlongbench_loads_only_max_pages_and_renders_each_document_once(tmp_path, monkeypatch):
+    """A long document loads only its first max_pages pages, and one render serves all of its questions."""
+    (tmp_path / "documents").mkdir()
+    with pymupdf.open() as doc:
+        for _ in range(40):
+            doc.new_page(width=100, height=100)
+        doc.save(tmp_path / "documents" / "long.pdf")
+    loaded = []
+    load_page = pymupdf.Document.load_page
+    monkeypatch.setattr(pymupdf.Document, "load_page", lambda doc, i, *a: loaded.append(i) or load_page(doc, i, *a))
+    rows = [{"doc_id": "long.pdf", "question": f"Q{i}?", "answer": "1", "answer_format": "Int"} for i in range(3)]
+    (tmp_path / "samples.json").write_text(json.dumps(rows))
+    samples, skipped = split(mmlongbench.load(tmp_path / "samples.json", max_pages=2))
+    assert not skipped and [len(images_of(s)) for s in samples] == [2, 2, 2]
+    assert loaded == [0, 1]  # not all 40 pages, and not again for the second and third question
+
+
+def test_mmlongbench_renders_an_oversized_page_within_the_image_processors_pixel_cap(tmp_path):
+    """A 14400 x 14400 pt page (207M pixels at 72 dpi) is rendered at the resolution that fits MAX_PIXELS (2^26)."""
+    from kimivl.processing.image import MAX_PIXELS
+
+    (tmp_path / "documents").mkdir()
+    with pymupdf.open() as doc:
+        doc.new_page(width=14400, height=14400)
+        doc.new_page(width=300, height=200).insert_text((40, 100), "Page 2", fontsize=20)
+        doc.save(tmp_path / "documents" / "poster.pdf")
+        ordinary = doc[1].get_pixmap(dpi=72).tobytes("png")
+    rows = [{"doc_id": "poster.pdf", "question": "Pages?", "answer": "2", "answer_format": "Int"}]
+    (tmp_path / "samples.json").write_text(json.dumps(rows))
+    [sample], _ = split(mmlongbench.load(tmp_path / "samples.json"))
+    poster, page = images_of(sample)
+    assert Image.open(io.BytesIO(poster)).size == (8192, 8192) and 8192 * 8192 <= MAX_PIXELS
+    assert page == ordinary  # an ordinary page renders exactly as at the plain 72 dpi
+
+
 def test_json_and_jsonl_tables_and_missing_data(tmp_path):
     """A JSON list, a JSON object holding its rows under 'data', JSONL (blank lines ignored): the same sample."""
     from kimivl.eval.tables import iter_rows
