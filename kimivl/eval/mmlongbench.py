@@ -128,7 +128,8 @@ def _pages(row: dict, file: Path, max_pages: int, dpi: int, render=render_pdf) -
     for root in (file.parent / "documents", file.parent):
         folder = (root / doc).with_suffix("")
         if folder.is_dir():
-            pages = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            # files only: opening a FIFO named like a page would wait for a writer for ever
+            pages = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
             if pages:
                 return [str(p) for p in pages[:max_pages]]
         if (root / doc).is_file():
