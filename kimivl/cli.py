@@ -825,6 +825,7 @@ def _eval(args: argparse.Namespace) -> int:
             "depths": args.depths,
             "kinds": args.haystack,
             "trials": args.trials,
+            "media": not args.predictions,  # re-scoring needs no rendered pages (MMLongBench-Doc's PDFs)
         }
         options = {k: v for k, v in options.items() if v is not None}
         source = data.get(task.name) or task.default_data

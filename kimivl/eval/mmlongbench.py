@@ -153,8 +153,13 @@ def parse_row(row: dict, index, file: Path, max_pages: int, dpi: int, render=ren
     )
 
 
-def load(data, max_pages: int = 120, dpi: int = 72, **_):
-    render = lru_cache(maxsize=CACHED_DOCUMENTS)(render_pdf)  # each document rendered once, not once per question
+def load(data, max_pages: int = 120, dpi: int = 72, media: bool = True, **_):
+    """The rows of ``data``; ``media=False`` (re-scoring saved answers, which needs no pages) renders no PDF: a row
+    holds its question alone."""
+    if media:
+        render = lru_cache(maxsize=CACHED_DOCUMENTS)(render_pdf)  # each document rendered once, not once per question
+    else:
+        render = lambda *_: ()  # noqa: E731
     return load_samples(data, partial(parse_row, max_pages=max_pages, dpi=dpi, render=render), ("index",))
 
 

@@ -436,6 +436,26 @@ def test_mmlongbench_loads_only_max_pages_and_renders_each_document_once(tmp_pat
     assert loaded == [0, 1]  # not all 40 pages, and not again for the second and third question
 
 
+def test_rescoring_mmlongbench_renders_no_document(tmp_path, monkeypatch, capsys):
+    """Re-scoring saved answers needs no pages, yet rendered every document (minutes for a benchmark's 135 PDFs)."""
+    from kimivl.cli import main
+
+    (tmp_path / "documents").mkdir()
+    with pymupdf.open() as doc:
+        doc.new_page(width=100, height=100)
+        doc.save(tmp_path / "documents" / "d.pdf")
+    loaded = []
+    load_page = pymupdf.Document.load_page
+    monkeypatch.setattr(pymupdf.Document, "load_page", lambda doc, i, *a: loaded.append(i) or load_page(doc, i, *a))
+    rows = [{"doc_id": "d.pdf", "question": f"Q{i}?", "answer": "1", "answer_format": "Int"} for i in range(2)]
+    (tmp_path / "samples.json").write_text(json.dumps(rows))
+    (tmp_path / "pred.jsonl").write_text("".join(json.dumps({"index": i, "prediction": "1"}) + "\n" for i in (0, 1)))
+    argv = ["eval", "--task", "mmlongbench_doc", "--data", str(tmp_path / "samples.json")]
+    assert main([*argv, "--predictions", str(tmp_path / "pred.jsonl"), "--out", str(tmp_path / "out")]) == 0
+    assert loaded == [] and "scored 2 rows: 2 answered" in capsys.readouterr().out
+    assert [len(images_of(s)) for s in split(mmlongbench.load(tmp_path / "samples.json"))[0]] == [1, 1]
+
+
 def test_mmlongbench_renders_an_oversized_page_within_the_image_processors_pixel_cap(tmp_path):
     """A 14400 x 14400 pt page (207M pixels at 72 dpi) is rendered at the resolution that fits MAX_PIXELS (2^26)."""
     from kimivl.processing.image import MAX_PIXELS
