@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import unicodedata
 from collections import defaultdict
 from pathlib import Path
 
@@ -77,10 +78,15 @@ def _extracted(res: dict) -> str:
 
 
 def printable(value: object) -> str:
-    """``value`` as text safe to print or log: control characters (a terminal's escape sequences, a line break), which
-    a data file may hold in an index, a group or a reason, written as their escapes."""
+    """``value`` as text safe to print or log: control characters (a terminal's escape sequences, line and paragraph
+    breaks, the bidirectional overrides that reorder what follows), which a data file may hold in an index, a group
+    or a reason, written as their escapes; any other text (spaces of other scripts, joiners, new emoji) as it is."""
     text = str(value)
-    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return "".join(repr(c)[1:-1] if _control(c) else c for c in text)
+
+
+def _control(c: str) -> bool:
+    return unicodedata.category(c) in ("Cc", "Zl", "Zp") or "\u202a" <= c <= "\u202e" or "\u2066" <= c <= "\u2069"
 
 
 def _cell(value: object) -> str:

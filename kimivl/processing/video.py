@@ -212,7 +212,8 @@ def open_video(source: str | os.PathLike | bytes | BinaryIO, name: str, max_fram
 
     with contextlib.ExitStack() as stack:
         try:
-            if is_data_url(source):  # as images take one (FFmpeg's own data protocol is not allowed)
+            # a data: URL, as images take one (FFmpeg's own data protocol is not allowed), unless a file is so named
+            if is_data_url(source) and not os.path.exists(source):
                 source = io.BytesIO(data_url_bytes(source))
             elif isinstance(source, (str, os.PathLike)):
                 source = stack.enter_context(open(source, "rb"))

@@ -4,9 +4,9 @@ the chat page at ``/`` (``static/index.html`` and ``static/chat.js``: plain HTML
 from __future__ import annotations
 
 import asyncio
-import codecs
 import contextlib
 import dataclasses
+import encodings.aliases
 import functools
 import hmac
 import importlib.resources
@@ -216,12 +216,11 @@ def _host_name(host: str) -> str:
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
-def _codec(charset: str) -> str | None:
-    """Python's name for the codec a charset label names (``utf8`` and ``UTF-8`` are ``utf-8``); None if unknown."""
-    try:
-        return codecs.lookup(charset).name
-    except LookupError:
-        return None
+def _codec(charset: str) -> str:
+    """The codec a charset label names, by Python's alias table (``utf8``, ``UTF-8`` and ``U8`` are ``utf_8``), not
+    by ``codecs.lookup``, which keeps every label it is asked about for good (a client could fill memory)."""
+    name = encodings.normalize_encoding(charset.lower())
+    return encodings.aliases.aliases.get(name, name)
 
 
 async def _read_body(request: Request, limit: int) -> bytearray:
@@ -235,7 +234,7 @@ async def _read_body(request: Request, limit: int) -> bytearray:
         raise RequestError(f"the request body must be JSON (Content-Type: application/json), got {kind!r}", status=415)
     for name, _, value in (p.partition("=") for p in params):
         charset = value.strip().strip('"')
-        if name.strip().lower() == "charset" and _codec(charset) not in ("utf-8", "ascii"):  # ASCII is UTF-8 too
+        if name.strip().lower() == "charset" and _codec(charset) not in ("utf_8", "ascii"):  # ASCII is UTF-8 too
             raise RequestError(
                 f"the request body must be UTF-8 JSON (charset=utf-8), got charset={charset!r}", status=415
             )

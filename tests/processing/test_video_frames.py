@@ -39,7 +39,7 @@ def levels(frames) -> list[int]:
     return [round(float(np.asarray(f).mean()) / 10) for f in frames]
 
 
-def test_one_fps(video, tmp_path):
+def test_one_fps(video, tmp_path, monkeypatch):
     frames, times = load_video(video)
     assert times == [0.0, 1.0, 2.0] and levels(frames) == [0, 10, 20]
     assert all(f.mode == "RGB" and f.size == (64, 48) for f in frames)
@@ -48,6 +48,10 @@ def test_one_fps(video, tmp_path):
     assert load_video(str(path))[1] == times and load_video(io.BytesIO(video))[1] == times
     url = "data:video/mp4;base64," + base64.b64encode(video).decode()  # as images take one (FFmpeg's protocol is off)
     assert load_video(url)[1] == times
+    (tmp_path / "data:clip.mp4").write_bytes(video)  # a file so named is a file, not a data: URL
+    assert load_video(str(tmp_path / "data:clip.mp4"))[1] == times
+    monkeypatch.chdir(tmp_path)
+    assert load_video("data:clip.mp4")[1] == times
     with pytest.raises(VideoError) as e:  # the path named once, shortened: a data URL's error held it twice in full
         load_video("data:" + "x" * 5000)
     assert len(str(e.value)) < 600
