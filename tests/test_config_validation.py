@@ -58,6 +58,7 @@ def tiny_dict():
         (None, "ignore_index", None, "ignore_index must be -100"),
         (None, "ignore_index", -1, "ignore_index must be -100, the label kimivl's processor"),  # met at step 1
         (None, "ignore_index", 5, "ignore_index must be -100"),  # token 5 silently left out of the loss
+        (None, "ignore_index", -100.0, "ignore_index must be -100"),  # a float compares equal, yet is no label
         (None, "pad_token_id", 3861, r"pad_token_id \(3861\) is the media_placeholder_token_id"),
         ("text_config", "pad_token_id", 3861, r"text_config.pad_token_id \(3861\) is the media_placeholder"),
         (None, "pad_token_id", -5, "pad_token_id must be a token id in"),

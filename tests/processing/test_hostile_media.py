@@ -226,6 +226,11 @@ def test_jpeg_scans_counts_the_markers_libjpeg_reads():
     )
     assert jpeg_scans(stream) == 2
     assert jpeg_scans(stream[: stream.index(b"\xff\xd9")] + sos * 5, stop=3) == 4  # counts stop past ``stop``
+    soi, eoi = b"\xff\xd8", b"\xff\xd9"
+    assert jpeg_scans(soi + sos + b"\x12\xff\x01" + sos + eoi) == 2  # TEM is no marker: the next SOS is still seen
+    assert jpeg_scans(soi + sos + eoi + b"\x00\x02" + sos * 3) == 1  # nothing after the end of image counts
+    thumbnail = segment(0xE1, soi + sos * 3 + eoi)  # an EXIF thumbnail's scans are inside a segment, skipped whole
+    assert jpeg_scans(soi + thumbnail + sos + eoi) == 1
     for progressive, scans in ((False, 1), (True, 10)):  # what an encoder writes for a colour image
         buf = io.BytesIO()
         Image.new("RGB", (32, 32), (10, 200, 30)).save(buf, "JPEG", progressive=progressive)

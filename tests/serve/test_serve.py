@@ -962,6 +962,15 @@ def test_malformed_http_gets_the_openai_error_json():
             assert fields["connection"] == "close" and error["error"]["type"] == "invalid_request_error"
             assert error["error"]["message"].startswith("the request is not valid HTTP/1.1"), bad
         assert _chat_raw(url, json_type)[0] == "HTTP/1.1 200 OK"
+        import socket  # the connection closes after the 400 (what follows in it cannot be framed), asked or not
+
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=3) as conn:
+            conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n")
+            reply = b""
+            while chunk := conn.recv(65536):  # a socket left open would time out here
+                reply += chunk
+        assert reply.startswith(b"HTTP/1.1 400 Bad Request")
 
 
 def test_compressed_or_non_utf8_bodies_are_refused_with_415(tiny):

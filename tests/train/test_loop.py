@@ -567,6 +567,8 @@ def test_checkpoints_past_seven_digits_of_steps_are_kept_and_pruned_by_step(tiny
     for step in (9_999_998, 9_999_999, 10_000_000):
         save_state(root, tiny_model, {"step": step})
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step-10000000", "step-9999999", "step-x"]
+    save_state(root, tiny_model, {"step": 10_000_001})  # of the two older, the larger step is kept, not the longer name
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-10000000", "step-10000001", "step-x"]
 
 
 def test_a_damaged_checkpoint_of_another_name_than_step_n_names_the_checkpoints_to_resume_from(tiny_model, tmp_path):
@@ -578,6 +580,16 @@ def test_a_damaged_checkpoint_of_another_name_than_step_n_names_the_checkpoints_
     (root / "best" / "trainer.pt").write_bytes(b"torn")
     with pytest.raises(TrainingError, match=r"the checkpoint .*best is damaged: resume from .* writing step-0000010"):
         load_state(root / "best", tiny_model)
+    for step in (11, 12):  # a damaged step-N names the newest before it: an older one would lose progress
+        save_state(root, tiny_model, {"step": step}, keep=5)
+    (root / "step-0000012" / "trainer.pt").write_bytes(b"torn")
+    with pytest.raises(TrainingError, match=r"writing step-0000011 into .*latest \(checkpoints kept: step-0000010, "):
+        load_state(root / "step-0000012", tiny_model)
+    for name in ("step-0000010", "step-0000011"):
+        shutil.rmtree(root / name)
+    (root / "step-0000011").write_text("a file, no checkpoint")
+    with pytest.raises(TrainingError, match="there is no older checkpoint"):
+        load_state(root / "step-0000012", tiny_model)
 
 
 def test_a_checkpoint_of_other_shapes_says_what_to_do(tmp_path):

@@ -476,6 +476,9 @@ def test_the_mix_moves_over_every_accumulated_row_and_a_sample_of_the_budget_fit
         JointStage(**{**stage, "budget": long, "mix": {"long": 1}, "mix_end": None}), ctx, encode
     )
     assert exact.budget == long and f"({long} tokens each on average, 1.0 a row)" in line
+    from kimivl.train.stages.joint import packed_rows
+
+    assert [packed_rows(n, 8) for n in ([4, 4], [4, 5], [8, 1, 7, 3])] == [1, 2, 3]  # a row filled exactly holds both
 
 
 def test_the_check_opens_each_image_once_and_finds_the_same_bad_one(tmp_path, small_processor, monkeypatch):
