@@ -419,18 +419,24 @@ def test_mmlongbench_renders_pdf_pages(tmp_path):
     assert all(box is not None and box[0] >= 70 for box in ink)  # the text, from x = 40 pt = 80 px on
 
 
-def test_mmlongbench_loads_only_max_pages_and_renders_each_document_once(tmp_path, monkeypatch):
-    """A long document loads only its first max_pages pages, and one render serves all of its questions."""
+def _questions_on_one_pdf(tmp_path, monkeypatch, pages: int, questions: int) -> list[int]:
+    """``samples.json`` of ``questions`` questions on ``documents/d.pdf`` of ``pages`` blank pages; returns the list
+    that every page PyMuPDF loads from then on is appended to."""
     (tmp_path / "documents").mkdir()
     with pymupdf.open() as doc:
-        for _ in range(40):
+        for _ in range(pages):
             doc.new_page(width=100, height=100)
-        doc.save(tmp_path / "documents" / "long.pdf")
-    loaded = []
-    load_page = pymupdf.Document.load_page
+        doc.save(tmp_path / "documents" / "d.pdf")
+    loaded, load_page = [], pymupdf.Document.load_page
     monkeypatch.setattr(pymupdf.Document, "load_page", lambda doc, i, *a: loaded.append(i) or load_page(doc, i, *a))
-    rows = [{"doc_id": "long.pdf", "question": f"Q{i}?", "answer": "1", "answer_format": "Int"} for i in range(3)]
+    rows = [{"doc_id": "d.pdf", "question": f"Q{i}?", "answer": "1", "answer_format": "Int"} for i in range(questions)]
     (tmp_path / "samples.json").write_text(json.dumps(rows))
+    return loaded
+
+
+def test_mmlongbench_loads_only_max_pages_and_renders_each_document_once(tmp_path, monkeypatch):
+    """A long document loads only its first max_pages pages, and one render serves all of its questions."""
+    loaded = _questions_on_one_pdf(tmp_path, monkeypatch, pages=40, questions=3)
     samples, skipped = split(mmlongbench.load(tmp_path / "samples.json", max_pages=2))
     assert not skipped and [len(images_of(s)) for s in samples] == [2, 2, 2]
     assert loaded == [0, 1]  # not all 40 pages, and not again for the second and third question
@@ -440,15 +446,7 @@ def test_rescoring_mmlongbench_renders_no_document(tmp_path, monkeypatch, capsys
     """Re-scoring saved answers needs no pages, yet rendered every document (minutes for a benchmark's 135 PDFs)."""
     from kimivl.cli import main
 
-    (tmp_path / "documents").mkdir()
-    with pymupdf.open() as doc:
-        doc.new_page(width=100, height=100)
-        doc.save(tmp_path / "documents" / "d.pdf")
-    loaded = []
-    load_page = pymupdf.Document.load_page
-    monkeypatch.setattr(pymupdf.Document, "load_page", lambda doc, i, *a: loaded.append(i) or load_page(doc, i, *a))
-    rows = [{"doc_id": "d.pdf", "question": f"Q{i}?", "answer": "1", "answer_format": "Int"} for i in range(2)]
-    (tmp_path / "samples.json").write_text(json.dumps(rows))
+    loaded = _questions_on_one_pdf(tmp_path, monkeypatch, pages=1, questions=2)
     (tmp_path / "pred.jsonl").write_text("".join(json.dumps({"index": i, "prediction": "1"}) + "\n" for i in (0, 1)))
     argv = ["eval", "--task", "mmlongbench_doc", "--data", str(tmp_path / "samples.json")]
     assert main([*argv, "--predictions", str(tmp_path / "pred.jsonl"), "--out", str(tmp_path / "out")]) == 0
