@@ -27,6 +27,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     from kimivl.inference.generate import PREFILL_CHUNK
     from kimivl.model.params import parameter_counts
 
+    parts = args.train or []
+    if parts and parts[-1] not in PARTS and not args.path and not args.preset:  # info --train CKPT: the path came last
+        args.path = _path(parts.pop())
+    if any(part not in PARTS for part in parts):
+        raise CommandError(f"--train takes parts of the model ({', '.join(PARTS)}), got {parts}")
     if not args.path and not args.preset:
         if args.context is None:
             raise CommandError("info needs a checkpoint directory or --preset NAME")
@@ -930,10 +935,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument(
         "--train",
         nargs="*",
-        choices=PARTS,
         metavar="PART",
-        help=f"print the memory that training these parts takes ({', '.join(PARTS)}; none named: all); give the "
-        "checkpoint first (kimivl info CKPT --train), as a path after --train is read as a part",
+        help=f"print the memory that training these parts takes ({', '.join(PARTS)}; none named: all)",
     )
     info.add_argument(
         "--freeze",

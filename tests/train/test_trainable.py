@@ -1,5 +1,7 @@
 """What a stage trains (parts less freeze patterns) and the memory it says training will hold."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -118,7 +120,8 @@ def test_info_prints_the_memory_of_a_fine_tuning_plan(capsys, tiny_config, tmp_p
 
 
 def test_info_train_without_parts_plans_every_part(capsys):
-    """``--train`` alone was an argparse error (expected at least one argument), though its help says "default all"."""
+    """``--train`` alone was an argparse error (expected at least one argument), though its help says "default all";
+    a checkpoint after it was refused as no part."""
     assert main(["info", "--preset", "tiny", "--train", *PARTS]) == 0
     every = capsys.readouterr().out.splitlines()[-1]
     assert (
@@ -129,6 +132,12 @@ def test_info_train_without_parts_plans_every_part(capsys):
     assert capsys.readouterr().out.splitlines()[-1] == every
     assert main(["info", "--preset", "tiny", "--train", "--dp-shard", "2"]) == 0  # a training run: the plan is made
     assert capsys.readouterr().out.splitlines()[-1].startswith(f"training {' + '.join(PARTS)} sharded")
+    tiny = str(Path(__file__).resolve().parents[2] / "models" / "kimivl-tiny")  # the path after --train: read as one
+    assert main(["info", tiny, "--train"]) == 0
+    first = capsys.readouterr().out
+    assert main(["info", "--train", tiny]) == 0 and capsys.readouterr().out == first
+    assert main(["info", "--preset", "tiny", "--train", "vit", "experts"]) == 2
+    assert "--train takes parts of the model (vision_tower, " in capsys.readouterr().err
 
 
 def loss_and_grads(model, ids):
