@@ -157,11 +157,12 @@ def gold_error(meta: dict) -> str | None:
     """What in ``meta`` its task's reward (``correctness``) cannot read, worded to follow "problem N"; None when
     nothing."""
     task = meta.get("task")
-    if task == "gui" and REWARDS.get(task, binary) in (point_in_box, binary) and (why := box_error(meta)):
+    check = REWARDS.get(task, binary)
+    if task == "gui" and check in (point_in_box, binary) and (why := box_error(meta)):
         return f"is a gui problem whose {why}"  # checked in full: stand-in clicks need not reach every coordinate
     try:  # the reward's checker on stand-in answers: a gold (or box) it cannot read fails here, not mid-run
         for answer in ("0", "(0, 0)"):
-            REWARDS.get(task, binary)(answer, meta)
+            check(answer, meta)
     except (KeyError, TypeError, ValueError) as e:
         what = f"missing meta.{e.args[0]}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
         return f"has a meta.gold the {task or 'default'} reward cannot check ({what})"

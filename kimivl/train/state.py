@@ -167,9 +167,10 @@ def _publish(root: Path, name: str, keep: int) -> Path:
     shutil.rmtree(final, ignore_errors=True)
     os.replace(root / f".{name}.tmp", final)
     write_text_atomic(root / LATEST, name + "\n")
-    for abandoned in (p for step, p in _checkpoints(root) if step > _step(name)):
+    published, kept = _step(name), _checkpoints(root)
+    for abandoned in (p for step, p in kept if step > published):
         shutil.rmtree(abandoned, ignore_errors=True)
-    older = [p for step, p in _checkpoints(root) if step < _step(name)]
+    older = [p for step, p in kept if step < published]
     for old in older[: max(0, len(older) - (keep - 1))]:
         shutil.rmtree(old, ignore_errors=True)
     for torn in root.glob(".step-*.tmp"):  # left by a kill mid-save
