@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from kimivl import KimiVL
 from kimivl import checkpoint as ckpt
 from kimivl.checkpoint import INDEX, CheckpointError
+from kimivl.train.pipeline import _unloaded_model
 
 
 @pytest.fixture()
@@ -45,12 +46,15 @@ def saved(tiny_model, tmp_path):
     ],
     ids=["vocab", "experts", "pos_emb"],
 )
+@pytest.mark.parametrize("load", [KimiVL.from_pretrained, _unloaded_model], ids=["from_pretrained", "sharded_run"])
 def test_config_sizes_far_from_the_weights_are_refused_before_the_model_is_allocated(
-    saved, monkeypatch, part, sizes, wrong
+    saved, monkeypatch, part, sizes, wrong, load
 ):
     """A config.json asking for terabytes (under the parameter cap) met the allocator before its shapes were compared
     with the weights': a raw 'DefaultCPUAllocator: can't allocate' error. The weights' headers are compared with the
-    model on the meta device first; a million experts are refused from the routers, before a state names each one."""
+    model on the meta device first; a million experts are refused from the routers, before a state names each one.
+    A sharded training run, which builds the model of each stage's checkpoint unloaded and has each rank allocate
+    its shards, compares them as early."""
     config = json.loads((saved / "config.json").read_text())
     config[part].update(sizes)
     (saved / "config.json").write_text(json.dumps(config))
@@ -60,7 +64,7 @@ def test_config_sizes_far_from_the_weights_are_refused_before_the_model_is_alloc
 
     monkeypatch.setattr(torch.nn.Module, "to_empty", allocate)
     with pytest.raises(CheckpointError) as e:
-        KimiVL.from_pretrained(saved)
+        load(saved)
     message = str(e.value)
     assert f"does not match the model that {saved / 'config.json'} describes:\nwrongly shaped tensors" in message
     assert re.search(wrong, message), message

@@ -34,7 +34,7 @@ from kimivl.eval.position_loss import position_loss
 from kimivl.eval.synthetic import evaluate, heldout_records
 from kimivl.files import unwritable, write_text_atomic
 from kimivl.inference.generation_config import write_generation_config
-from kimivl.model.kimivl import KimiVL
+from kimivl.model.kimivl import KimiVL, check_checkpoint
 from kimivl.precision import use_bf16
 from kimivl.processing.chat_template import THINK_CLOSE, THINK_OPEN, parse_thinking
 from kimivl.processing.processor import KimiVLProcessor, check_media_pad, model_image_processor
@@ -631,8 +631,12 @@ def _meta_model(config: KimiVLConfig) -> KimiVL:
 
 
 def _unloaded_model(path: Path) -> KimiVL:
-    """The model of the checkpoint at ``path`` on the meta device, no weight read yet."""
-    return _meta_model(KimiVLConfig.from_pretrained(path))
+    """The model of the checkpoint at ``path`` on the meta device, no weight read yet; its shapes are compared with
+    the weights' headers first (``check_checkpoint``), so a config of absurd sizes is refused before any rank
+    allocates it."""
+    model = _meta_model(KimiVLConfig.from_pretrained(path))
+    check_checkpoint(model, path)
+    return model
 
 
 def _unloaded(model: KimiVL) -> bool:
