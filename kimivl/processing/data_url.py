@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import os
 import re
 
 WHITESPACE = re.compile("[\t\n\f\r ]+")  # ASCII whitespace, as the WHATWG forgiving-base64 decode drops it
@@ -19,6 +20,11 @@ def is_data_url(value: object, mime_prefix: str = "") -> bool:
     """Whether ``value`` is a string starting (after leading whitespace) with ``data:`` and ``mime_prefix``, in any
     case (``is_data_url(url, "video/")`` for a video)."""
     return isinstance(value, str) and re.match(f"[\t\n\f\r ]*data:{re.escape(mime_prefix)}", value, re.I) is not None
+
+
+def is_inline_data(value: object) -> bool:
+    """Whether a local input ``value`` (a path or a data: URL) is a data: URL: one unless a file is so named."""
+    return is_data_url(value) and not os.path.exists(value)
 
 
 def data_url_bytes(url: str, max_bytes: int | None = None) -> bytes:

@@ -46,7 +46,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from kimivl.files import write_text_atomic
 from kimivl.finite import finite
-from kimivl.processing.data_url import data_url_bytes, is_data_url
+from kimivl.processing.data_url import data_url_bytes, is_inline_data
 
 CONFIG_FILE = "preprocessor_config.json"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -107,7 +107,7 @@ def short_name(path: str | os.PathLike) -> str:
 
 
 def _describe(image: Any) -> str:
-    if is_data_url(image):
+    if is_inline_data(image):
         return f"<data: URL of {len(image)} characters>"
     if isinstance(image, (str, os.PathLike)):
         return short_name(image)
@@ -316,7 +316,7 @@ class ImageProcessor:
             img = _from_array(image, name)
         elif isinstance(image, Image.Image):
             img = image
-        elif is_data_url(image):
+        elif is_inline_data(image):
             try:
                 data = data_url_bytes(image)
             except ValueError as e:

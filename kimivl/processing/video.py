@@ -30,7 +30,7 @@ from typing import Any, BinaryIO
 import numpy as np
 from PIL import Image
 
-from kimivl.processing.data_url import data_url_bytes, is_data_url
+from kimivl.processing.data_url import data_url_bytes, is_inline_data
 from kimivl.processing.image import MAX_PIXELS, ImageError, ImageProcessor, mark_source_size, short_name
 
 DEFAULT_FPS = 1.0
@@ -212,8 +212,7 @@ def open_video(source: str | os.PathLike | bytes | BinaryIO, name: str, max_fram
 
     with contextlib.ExitStack() as stack:
         try:
-            # a data: URL, as images take one (FFmpeg's own data protocol is not allowed), unless a file is so named
-            if is_data_url(source) and not os.path.exists(source):
+            if is_inline_data(source):  # as images take one (FFmpeg's own data protocol is not allowed)
                 source = io.BytesIO(data_url_bytes(source))
             elif isinstance(source, (str, os.PathLike)):
                 source = stack.enter_context(open(source, "rb"))

@@ -117,6 +117,14 @@ def test_encoded_inputs_bytes_and_path(tmp_path, fmt):
         np.testing.assert_allclose(pixel(out["pixel_values"], 8, 33, 44), normalised(ref[33, 44]), atol=1e-6)
 
 
+def test_a_file_named_like_a_data_url_is_a_file(tmp_path, monkeypatch):
+    """As a video: a path that exists is read as one, not as a (bad) data: URL."""
+    (tmp_path / "data:image.png").write_bytes(encoded(photo(30, 20), "PNG"))
+    monkeypatch.chdir(tmp_path)
+    want = np.asarray(ImageProcessor().load(str(tmp_path / "data:image.png")))
+    np.testing.assert_array_equal(np.asarray(ImageProcessor().load("data:image.png")), want)
+
+
 def test_a_bad_data_url_is_named():
     proc = ImageProcessor()
     with pytest.raises(ImageError, match=r"<data: URL of 26 characters>: the data: URL's payload is not valid base64"):
