@@ -161,13 +161,18 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
+        arrived = time.monotonic()  # the time to first token counts from here: reading and encoding the body included
         try:
             raw = await _read_body(request, max_body_bytes)
-            # off the event loop: parsing up to max_body_bytes of JSON, checking the media headers and decoding data:
-            # URLs take time that would stall every stream
-            chat, encoded = await asyncio.get_running_loop().run_in_executor(
-                encoder, _parse_and_encode, engine, raw, model_name, limits, context
-            )
+            engine.metrics.encoding += 1  # waiting for or in the encode thread: counted in the queue gauge
+            try:
+                # off the event loop: parsing up to max_body_bytes of JSON, checking the media headers and decoding
+                # data: URLs take time that would stall every stream
+                chat, encoded = await asyncio.get_running_loop().run_in_executor(
+                    encoder, _parse_and_encode, engine, raw, model_name, limits, context
+                )
+            finally:
+                engine.metrics.encoding -= 1
         except RequestError as e:
             engine.metrics.requests["invalid"] += 1  # refused before it ran: a bad body, field, media, size or model
             return _error(e)
@@ -185,6 +190,7 @@ def create_app(
             n=chat.n,
             stop=chat.stop,
             logprobs=chat.top_logprobs if chat.logprobs else None,
+            arrived=arrived,
         )
         try:
             engine.submit(job)

@@ -74,7 +74,8 @@ class Request:
     failed: bool = False
     rows: int = 0  # its choices in the batch: its outcome is counted when the last leaves
     cut: bool = False  # a choice left unfinished (the request was cancelled)
-    submitted: float = field(default_factory=time.monotonic)
+    arrived: float = field(default_factory=time.monotonic)  # the time to first token counts from this (the app gives
+    # the moment the request reached it, so reading, parsing and encoding it, and waiting for the encode thread count)
     first_token: float | None = None
 
     def cancel(self) -> None:
@@ -147,12 +148,14 @@ class _Choice:
 
 @dataclass
 class Metrics:
-    """Counters and gauges for ``/metrics``."""
+    """Counters and gauges for ``/metrics``. ``kimivl_queue_length`` counts the requests waiting for their prefill:
+    ``encoding`` (the app's) and then ``queue_length`` (the engine's queue)."""
 
     requests: collections.Counter = field(default_factory=collections.Counter)  # by outcome
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    queue_length: int = 0
+    queue_length: int = 0  # requests in the engine's queue (``max_queue`` bounds them)
+    encoding: int = 0  # requests whose body has arrived, being encoded or waiting for the encode thread (the app's)
     batch_size: int = 0
     cache_bytes: int = 0  # the running batch's cache (``MLACache.nbytes()``)
     ttft_buckets: tuple = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0)
@@ -176,7 +179,7 @@ class Metrics:
             "# TYPE kimivl_completion_tokens_total counter",
             f"kimivl_completion_tokens_total {self.completion_tokens}",
             "# TYPE kimivl_queue_length gauge",
-            f"kimivl_queue_length {self.queue_length}",
+            f"kimivl_queue_length {self.queue_length + self.encoding}",
             "# TYPE kimivl_batch_size gauge",
             f"kimivl_batch_size {self.batch_size}",
             "# TYPE kimivl_cache_bytes gauge",
@@ -517,7 +520,7 @@ class Engine:
                 self._fail(request, f"prefill failed: {e}")
                 continue
             request.first_token = time.monotonic()
-            self.metrics.observe_ttft(request.first_token - request.submitted)
+            self.metrics.observe_ttft(request.first_token - request.arrived)
             self.metrics.prompt_tokens += len(request.prompt)
             request.rows = len(rows)
             for row, token, record in zip(rows, firsts, records):

@@ -75,7 +75,7 @@ def test_a_long_prompt_is_prefilled_between_decode_steps_and_answers_equal_alone
     late = _Client(engine, long, 8)
     assert late.prompt > 1000  # 32+ prefill passes of 32 tokens
     assert running.text() == running_alone and late.text() == long_alone
-    submitted, first = late.request.submitted, late.request.first_token
+    submitted, first = late.request.arrived, late.request.first_token
     during = [t for t, e in running.events if e[0] == "text" and submitted < t < first]
     # one decode step after each prefill pass: the running request got a token per pass, give or take its last
     assert len(during) >= late.prompt // 32 - 4, (len(during), late.prompt)

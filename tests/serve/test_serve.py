@@ -264,6 +264,47 @@ def test_request_bodies_are_parsed_off_the_event_loop(tiny, monkeypatch):
     assert len(threads) == 2 and all(name.startswith("kimivl-encode") for name in threads), threads
 
 
+def test_time_to_first_token_and_queue_length_count_the_wait_to_be_encoded(tiny, monkeypatch):
+    """The time to first token counted from when the engine got the request, after its body was parsed and its media
+    decoded on the one encode thread, and the queue gauge counted the engine's queue only: requests held up there (by
+    a large video, or behind another request) showed a fast first token and nobody waiting."""
+    import kimivl.serve.app as served
+
+    url, _ = tiny
+    entered, release, encode = threading.Event(), threading.Event(), served._encode
+
+    def held(*args):
+        entered.set()
+        assert release.wait(30)
+        return encode(*args)
+
+    def metrics() -> dict[str, str]:
+        return dict(line.rsplit(" ", 1) for line in _get(url + "/metrics").splitlines() if not line.startswith("#"))
+
+    monkeypatch.setattr(served, "_encode", held)
+    before = metrics()
+    body = {"model": "kimivl-tiny", "messages": [{"role": "user", "content": "What is 2 + 3?"}], "max_tokens": 1}
+    with ThreadPoolExecutor(2) as pool:
+        try:
+            answers = [pool.submit(_post, url, body)]
+            assert entered.wait(30)
+            answers.append(pool.submit(_post, url, body))  # waits for the encode thread, which the first holds
+            deadline = time.monotonic() + 10
+            while metrics()["kimivl_queue_length"] != "2":
+                assert time.monotonic() < deadline, "the requests waiting to be encoded are not in the queue gauge"
+                time.sleep(0.02)
+            time.sleep(0.6)
+        finally:
+            release.set()
+        assert [a.result()[0] for a in answers] == [200, 200]
+    after = metrics()
+    ttft = "kimivl_time_to_first_token_seconds"
+    assert int(after[f"{ttft}_count"]) - int(before[f"{ttft}_count"]) == 2
+    assert float(after[f"{ttft}_sum"]) - float(before[f"{ttft}_sum"]) >= 1.2  # each waited 0.6 s at least
+    assert after[f'{ttft}_bucket{{le="0.5"}}'] == before[f'{ttft}_bucket{{le="0.5"}}']
+    assert after["kimivl_queue_length"] == "0"
+
+
 def test_models_health_and_metrics(tiny):
     url, _ = tiny
     assert [m.id for m in _client(url).models.list()] == ["kimivl-tiny"]
