@@ -188,10 +188,12 @@ def check_names(what: str, value: Any, kind: str = "names", known: Any = None, e
 
 
 PARALLEL_KEYS = ("dp_shard", "ep", "dp_replicate", "timeout")
+MAX_TIMEOUT = 365 * 24 * 3600  # parallel.timeout's most seconds: a year (torch's limit, in nanoseconds, is ~292 years)
 
 
 def check_parallel(parallel: Any) -> None:
-    """A recipe's ``parallel`` mapping: positive integers under the known keys (``kimivl.distributed.world``)."""
+    """A recipe's ``parallel`` mapping: positive integers under the known keys (``kimivl.distributed.world``), the
+    timeout at most ``MAX_TIMEOUT`` seconds."""
     if parallel is None:
         return
     if not isinstance(parallel, dict) or set(parallel) - set(PARALLEL_KEYS):
@@ -199,6 +201,11 @@ def check_parallel(parallel: Any) -> None:
     for key, value in parallel.items():
         if value is not None:
             check_integer(f"parallel.{key}", value, 1)
+    if (parallel.get("timeout") or 0) > MAX_TIMEOUT:
+        raise RecipeError(
+            f"parallel.timeout must be at most {MAX_TIMEOUT:,} seconds (one year), got {parallel['timeout']}: it is "
+            "how long a collective waits for a stuck rank before the job ends (default 600); give fewer seconds"
+        )
 
 
 def _check_device(name: Any) -> None:
