@@ -59,9 +59,12 @@ class JsonlRecords(Sequence):
                     self._offsets.append(offset)
             bar.update(self._stamp[0] - bar.n)
 
-    def _stat(self) -> tuple[int, int]:
+    def _stat(self) -> tuple[int, int, int]:
+        """The file's size, mtime and ctime: no tool sets the ctime, so a file replaced or rewritten with the old size
+        and mtime (``cp -p``, ``rsync -t``, ``touch -r``) is a change too. The inode and device numbers are left out:
+        some FUSE mounts (rclone's) give an unchanged file a new inode number now and then."""
         st = os.stat(self.path)
-        return st.st_size, st.st_mtime_ns
+        return st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
     def __len__(self) -> int:
         return len(self._offsets)

@@ -118,6 +118,29 @@ def test_an_edit_that_keeps_the_size_is_refused_too(tmp_path):
         records[1]
 
 
+@pytest.mark.parametrize("how", ["in place", "renamed over"])
+def test_a_same_size_file_with_the_old_mtime_is_refused(tmp_path, how):
+    """Other content of the same size with the old mtime copied (``cp -p`` onto the file, or ``rsync -t`` and
+    ``os.replace`` of a new one) was read silently: the check compared the size and mtime only."""
+    path = _conversations(tmp_path)
+    records = JsonlRecords(path, text=False)
+    st = path.stat()
+    tick = tmp_path / "tick"  # timestamps are coarse (a clock tick or more): wait until a write gets a later ctime
+    tick.touch()
+    while tick.stat().st_ctime_ns <= st.st_ctime_ns:
+        tick.touch()
+    other = path.read_bytes().replace(b'"q1 ', b'"q9 ')
+    new = path if how == "in place" else tmp_path / "new.jsonl"
+    new.write_bytes(other)
+    os.utime(new, ns=(st.st_atime_ns, st.st_mtime_ns))
+    if how == "renamed over":
+        os.replace(new, path)
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    with pytest.raises(DataError, match="changed after it was indexed"):
+        records[1]
+    assert JsonlRecords(path, text=False)[1]["messages"][0]["content"][1]["text"] == "q9 é"  # indexed again, it reads
+
+
 def test_concat_indexes_across_parts():
     joined = Concat([[0, 1, 2], [], [3], [4, 5]])
     assert len(joined) == 6 and list(joined) == [0, 1, 2, 3, 4, 5]
