@@ -6,11 +6,11 @@ with the process, however it ends."""
 from __future__ import annotations
 
 import contextlib
+import datetime
 import fcntl
 import json
 import os
 import socket
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -71,7 +71,9 @@ def _take(file: Path, holder: dict[str, str], refusal: str, advice: str, error: 
         except (ValueError, KeyError, TypeError):
             who = "another process"
         raise error(f"{refusal} ({who}); {advice}") from None
-    held = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"), **holder}
+    started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")  # with its UTC offset: the run
+    # refused may be in another time zone, or on another host of a shared filesystem
+    held = {"pid": os.getpid(), "host": socket.gethostname(), "started": started, **holder}
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(held).encode(), 0)
     return fd

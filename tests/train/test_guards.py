@@ -3,11 +3,14 @@ line tolerated, one run per directory, stage names confined to their folder, exp
 model."""
 
 import dataclasses
+import datetime
 import errno
 import json
 import os
+import re
 import signal
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -258,6 +261,24 @@ def test_a_second_run_on_the_same_out_is_refused(tmp_path):
                 pass
     with run_lock(tmp_path):  # free again once the first run ends
         pass
+
+
+def test_a_refused_run_is_told_when_the_holder_started_with_its_utc_offset(tmp_path, monkeypatch):
+    """The holder's start was local time without a zone: a run in another zone, or on another host, misread it."""
+    monkeypatch.setenv("TZ", "KIR-14")  # UTC+14, a POSIX zone that needs no tz database
+    time.tzset()
+    try:
+        with run_lock(tmp_path):
+            with pytest.raises(RecipeError) as refused:
+                with run_lock(tmp_path):
+                    pass
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    started = re.search(r"started ([^)]*)\)", str(refused.value)).group(1)
+    assert started.endswith("+14:00"), refused.value
+    now = datetime.datetime.now(datetime.timezone.utc)
+    assert abs((datetime.datetime.fromisoformat(started) - now).total_seconds()) < 60
 
 
 def _recipe(tmp_path, **changes):
