@@ -79,7 +79,11 @@ class JsonlRecords(Sequence):
         return h.hexdigest()
 
     def _unchanged(self) -> None:
-        if self._stat() != self._stamp:
+        try:
+            stamp = self._stat()
+        except OSError as e:  # deleted, renamed away or unmounted since it was indexed
+            raise DataError(f"{self.path} cannot be read since it was indexed ({e.strerror}); restore it") from None
+        if stamp != self._stamp:
             raise DataError(f"{self.path} changed after it was indexed; load the data source again")
 
     def __getitem__(self, i):

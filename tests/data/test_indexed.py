@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import threading
 
 import pytest
@@ -139,6 +140,18 @@ def test_a_same_size_file_with_the_old_mtime_is_refused(tmp_path, how):
     with pytest.raises(DataError, match="changed after it was indexed"):
         records[1]
     assert JsonlRecords(path, text=False)[1]["messages"][0]["content"][1]["text"] == "q9 é"  # indexed again, it reads
+
+
+def test_a_file_removed_after_it_was_indexed_is_named(tmp_path):
+    """A FileNotFoundError from ``os.stat`` came out of reading a record, not the data's own error."""
+    path = _conversations(tmp_path)
+    records = JsonlRecords(path, text=False)
+    path.rename(tmp_path / "elsewhere.jsonl")
+    message = f"{path} cannot be read since it was indexed (No such file or directory)"
+    with pytest.raises(DataError, match=re.escape(message)):
+        records[1]
+    with pytest.raises(DataError, match="cannot be read since it was indexed"):
+        records.where(1)
 
 
 def test_concat_indexes_across_parts():
