@@ -24,7 +24,7 @@ def _fmt(n: int, billions: bool) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from kimivl.inference.generate import PREFILL_CHUNK
+    from kimivl.inference import PREFILL_CHUNK
     from kimivl.model.params import parameter_counts
 
     parts = args.train or []
@@ -924,7 +924,7 @@ def _path(text: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from kimivl.demo import DEFAULT_EXAMPLES, DEFAULT_MODEL
-    from kimivl.inference.generate import PREFILL_CHUNK
+    from kimivl.inference import PREFILL_CHUNK
 
     parser = argparse.ArgumentParser(prog="kimivl", description="Kimi-VL in plain PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)

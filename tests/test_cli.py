@@ -645,3 +645,20 @@ def test_help_says_what_each_flag_is_and_its_default(argv, flag, text, capsys):
     assert e.value.code == 0
     help_text = " ".join(capsys.readouterr().out.split())
     assert f"{flag} {text}" in help_text
+
+
+def test_help_does_not_wait_for_torch():
+    """``kimivl --help`` and a command's help imported torch (seconds), through the package's own imports: its names
+    are now imported when first used."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\nfrom kimivl.cli import main\n"
+        "for argv in ([], ['serve'], ['train'], ['eval']):\n"
+        "    try:\n        main([*argv, '--help'])\n    except SystemExit:\n        pass\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+        "import kimivl\nassert kimivl.KimiVL.__name__ == 'KimiVL' and 'torch' in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

@@ -20,13 +20,11 @@ from numbers import Integral
 
 import torch
 
+from kimivl.inference import PREFILL_CHUNK
 from kimivl.inference.cache import MLACache
 from kimivl.inference.sampling import SamplingError, SamplingParams, sample_next, seeded_generator
 
 log = logging.getLogger(__name__)
-
-
-PREFILL_CHUNK = 2048  # prompt tokens per prefill pass: bounds the activations (kimivl.inference.memory)
 
 
 class GenerationError(ValueError):
