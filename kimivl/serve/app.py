@@ -260,7 +260,7 @@ async def _read_body(request: Request, limit: int) -> bytearray:
             raw += await asyncio.wait_for(anext(chunks), min(BODY_IDLE_SECONDS, max(left, 0)))
         except StopAsyncIteration:
             return raw
-        except TimeoutError:
+        except asyncio.TimeoutError:  # the builtin TimeoutError from Python 3.11, a class of its own on 3.10
             if left < BODY_IDLE_SECONDS:
                 message = f"the request body took over {BODY_TOTAL_SECONDS} s to arrive"
             else:
