@@ -793,9 +793,10 @@ def _eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from kimivl import generate
-    from kimivl.eval.report import headline, printable
+    from kimivl.eval.report import headline
     from kimivl.eval.runner import EvalInterrupted, checkpoint_fingerprint, rescoring_samples, run_task
     from kimivl.eval.tasks import get_task
+    from kimivl.terminal import printable
 
     tasks = [get_task(name.strip()) for name in args.task.split(",") if name.strip()]
     if not tasks:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import unicodedata
 from collections import defaultdict
 from pathlib import Path
 
 from kimivl.files import write_text_atomic
+from kimivl.terminal import table_cell
 
 
 def accuracy(rows: list[dict], mode: str = "official") -> dict[str, float]:
@@ -77,23 +77,6 @@ def _extracted(res: dict) -> str:
     return f" (answers of {ex['rules']} rows extracted by kimivl's rules, not the official LLM: not comparable)"
 
 
-def printable(value: object) -> str:
-    """``value`` as text safe to print or log: control characters (a terminal's escape sequences, line and paragraph
-    breaks, the bidirectional overrides that reorder what follows), which a data file may hold in an index, a group
-    or a reason, written as their escapes; any other text (spaces of other scripts, joiners, new emoji) as it is."""
-    text = str(value)
-    return "".join(repr(c)[1:-1] if _control(c) else c for c in text)
-
-
-def _control(c: str) -> bool:
-    return unicodedata.category(c) in ("Cc", "Zl", "Zp") or "\u202a" <= c <= "\u202e" or "\u2066" <= c <= "\u2069"
-
-
-def _cell(value: object) -> str:
-    """``value`` as one Markdown table cell: printable, its ``|`` escaped (a group name cannot add cells or rows)."""
-    return printable(value).replace("|", "\\|")
-
-
 def markdown(results: dict) -> str:
     """One table of every task's headline metrics (groups and extra tables follow per task). A metric over some of
     the task's rows (a task's ``metric_rows``, e.g. NIAH's per haystack) shows its own rows scored and answered; the
@@ -106,11 +89,11 @@ def markdown(results: dict) -> str:
         for k, v in head.items():
             own = {**res, **res.get("metric_rows", {}).get(k, {})}
             counts = " | ".join(str(own.get(key, "")) for key in ("scored", "answered", "skipped"))
-            lines.append(f"| {_cell(task)} | {_cell(k)} | {_fmt(v)} | {counts} |")
+            lines.append(f"| {table_cell(task)} | {table_cell(k)} | {_fmt(v)} | {counts} |")
         groups = {k: v for k, v in metrics.items() if k not in head}
         if groups:
             details += ["", f"### {task}", "", "| metric | value |", "|---|---|"]
-            details += [f"| {_cell(k)} | {_fmt(v)} |" for k, v in groups.items()]
+            details += [f"| {table_cell(k)} | {_fmt(v)} |" for k, v in groups.items()]
         if res.get("table"):
             details += ["", f"### {task}", "", res["table"]]
         details += [f"\n![{task} {Path(f).stem}]({Path(f).name})" for f in res.get("figures", [])]

@@ -27,10 +27,11 @@ from pathlib import Path
 
 from kimivl.data.formats import DataError
 from kimivl.eval.answers import check_mode
-from kimivl.eval.report import printable, read_results, update_results
+from kimivl.eval.report import read_results, update_results
 from kimivl.eval.tables import Sample, Skipped, index_key, jsonl_objects
 from kimivl.eval.tasks import Task
 from kimivl.files import path_text, write_text_atomic, writing
+from kimivl.terminal import printable
 from kimivl.train.lock import LOCK, run_lock
 from kimivl.train.recipe import RecipeError
 

@@ -813,7 +813,7 @@ def test_control_characters_and_pipes_from_the_data_are_escaped_in_what_is_print
     assert "\x1b" not in printed + caplog.text and "skipped \\x1b[2J: " in printed
     table = (out / "results.md").read_text()
     assert "\n# x" not in table and "Text \\| 100.0 \\|\\n# x | 0.0 |" in table
-    from kimivl.eval.report import printable  # other text stays as it is: scripts' spaces, joiners, new emoji
+    from kimivl.terminal import printable  # other text stays as it is: scripts' spaces, joiners, new emoji
 
     kept = "中文\u3000问题 👩\u200d💻 x\xa0y \U0001fae8"
     assert printable(kept + " a\tb") == kept + " a\\tb"
