@@ -6,6 +6,7 @@ import argparse
 import codecs
 import contextlib
 import io
+import itertools
 import logging
 import math
 import os
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 
 from kimivl.config import PRESETS, ConfigError, KimiVLConfig
 from kimivl.files import FULL, WriteError, path_text, write_error
+from kimivl.terminal import printable
 from kimivl.train.recipe import PARTS
 
 
@@ -209,7 +211,9 @@ class _StreamPrinter:
     command's result, on stdout; the reasoning and the headers, its process, go to stderr (each write flushed, so a
     terminal shows them in order). As ``parse_thinking`` reads it, only the first ``◁think▷`` before the first
     ``◁/think▷`` and that ``◁/think▷`` are markers; any other is text, so what follows ``[answer]`` is the answer the
-    history keeps."""
+    history keeps. Written to a terminal, the text's control characters but its line breaks and tabs are printed as
+    their escapes (``printable``): a prompt-injected image or document cannot make the model's output clear the
+    screen, set the clipboard or overwrite what was printed; piped or redirected, the text is written as it is."""
 
     def __init__(self):
         from kimivl.processing.chat_template import THINK_CLOSE, THINK_OPEN
@@ -218,6 +222,7 @@ class _StreamPrinter:
         self.close_tag = THINK_CLOSE
         self.stream = sys.stdout  # where text goes now: stderr in the reasoning
         self.text, self.held, self.space, self.fresh = "", "", "", True
+        self.terminals = {stream for stream in (sys.stdout, sys.stderr) if _is_terminal(stream)}
 
     def _emit(self, content: str) -> None:
         if self.fresh:
@@ -226,7 +231,10 @@ class _StreamPrinter:
             return
         body = content.rstrip()
         if body:
-            print(self.space + body, end="", file=self.stream, flush=True)
+            text = self.space + body
+            if self.stream in self.terminals:  # each character alone: a piece's escapes need no other piece
+                text = printable(text, keep="\n\t")
+            print(text, end="", file=self.stream, flush=True)
             self.fresh, self.space = False, ""
         self.space += content[len(body) :]
 
@@ -265,6 +273,14 @@ class _StreamPrinter:
             self._end_line()
         print(flush=True)
         return parse_thinking(self.text)[1]
+
+
+def _is_terminal(stream) -> bool:
+    """Whether ``stream`` writes to a terminal (not to a pipe, a file or a test's capture)."""
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # no stream, or a closed one
+        return False
 
 
 def _answer(model, processor, messages: list[dict], sampling: dict) -> str:
@@ -381,7 +397,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def _session(model, processor, images: list[str | bytes], video: str | bytes | None, sampling: dict) -> int:
     """The interactive chat: each question is answered with the conversation so far (the media in its first
-    question); when they no longer fit the model's context, its earliest exchanges are dropped."""
+    question); when they no longer fit the model's context, its earliest exchanges are dropped. Piped, stdout holds
+    one answer per question, an empty line for a question refused, and a refused question makes the session exit 2
+    at its end."""
     from kimivl.processing.chat_template import DEFAULT_SYSTEM_PROMPT
 
     terminal = sys.stdin.isatty()  # else questions come from a pipe or file: stdout holds the answers alone
@@ -404,20 +422,29 @@ def _session(model, processor, images: list[str | bytes], video: str | bytes | N
 
     history: list[dict] = []  # questions and answers, in turn
     sizes: list[int] = []  # each exchange's tokens
+    asked_lines: list[int] = []  # each question's line of the input
+    refused: list[int] = []  # piped: the questions (numbered from 1) not answered
     if terminal:
         print("kimivl chat: type a message; Ctrl-D or Ctrl-C ends (Ctrl-C while answering stops the answer).")
-    while True:
+    for number in itertools.count(1):
         try:
             line = input("> " if terminal else "")
         except EOFError:
             if terminal:
                 print()  # the shell's prompt on a line of its own
+            if refused:
+                named = ", ".join(f"question {q} (line {asked_lines[q - 1]})" for q in refused)
+                raise CommandError(
+                    f"{len(refused)} of {len(asked_lines)} questions not answered: {named}; each left an empty answer "
+                    "line"
+                ) from None
             return 0
         message = None
         try:
-            question = _utf8(line, getattr(sys.stdin, "encoding", None) or "utf-8", "the line").strip()
-            if not question:
+            if not line.strip():
                 continue
+            asked_lines.append(number)
+            question = _utf8(line, getattr(sys.stdin, "encoding", None) or "utf-8", "the line").strip()
             message = _user_message(question, images, video)
             asked = tokens(message)
             if frame + asked >= context:
@@ -443,7 +470,14 @@ def _session(model, processor, images: list[str | bytes], video: str | bytes | N
             print(flush=True)
             print("kimivl chat: stopped; the question is dropped from the conversation", file=sys.stderr)
         except ValueError as e:  # this question cannot be answered: the session goes on
-            print(f"kimivl chat: error: {e}; ask again", file=sys.stderr)
+            if terminal:
+                print(f"kimivl chat: error: {printable(e)}; ask again", file=sys.stderr)
+            else:  # its answer is left empty (a line break alone): the answers stay one for each question
+                refused.append(len(asked_lines))
+                print(
+                    f"kimivl chat: error: question {len(asked_lines)} (line {number}): {printable(e)}", file=sys.stderr
+                )
+                print(flush=True)
         else:
             images, video = [], None
             history.append({"role": "assistant", "content": answer})
@@ -796,7 +830,6 @@ def _eval(args: argparse.Namespace) -> int:
     from kimivl.eval.report import headline
     from kimivl.eval.runner import EvalInterrupted, checkpoint_fingerprint, rescoring_samples, run_task
     from kimivl.eval.tasks import get_task
-    from kimivl.terminal import printable
 
     tasks = [get_task(name.strip()) for name in args.task.split(",") if name.strip()]
     if not tasks:
@@ -1199,12 +1232,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         if isinstance(e, OSError) and e.errno in FULL and not isinstance(e, WriteError):  # a write not wrapped
             e = write_error(e, e.filename) if e.filename else f"the disk is full ({e.strerror}): free space, try again"
-        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        message = " ".join(line.strip() for line in str(e).split("\n") if line.strip())  # a \r mid-line: escaped
         from kimivl.demo import DEFAULT_EXAMPLES, DEFAULT_MODEL, NOT_SHIPPED
 
         if any(str(path) in message and not path.exists() for path in (DEFAULT_MODEL, DEFAULT_EXAMPLES)):
             message += f" ({NOT_SHIPPED})"  # an installed package, run away from a clone
-        print(f"kimivl {args.command}: error: {message}", file=sys.stderr)
+        print(f"kimivl {args.command}: error: {printable(message)}", file=sys.stderr)  # it may quote a data file
         return 2
 
 

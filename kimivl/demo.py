@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from kimivl.data.formats import content_text
+from kimivl.terminal import printable
 
 
 def shipped(relative: str) -> Path:
@@ -30,7 +31,7 @@ def _question(record: dict) -> str:
     parts = content if isinstance(content, list) else [{"type": "text", "text": content}]
     media = sum(p["type"] in ("image", "video") for p in parts)
     text = content_text(parts)
-    return f"[{media} image/video part{'s' if media != 1 else ''}] {text}"
+    return f"[{media} image/video part{'s' if media != 1 else ''}] {printable(text)}"
 
 
 def run_demo(
@@ -60,14 +61,14 @@ def run_demo(
             continue
         shown.add(row["task"])
         reasoning, answer = parse_thinking(row["prediction"])
-        print(f"--- {row['task']}: {_question(record)}")
+        print(f"--- {printable(row['task'])}: {_question(record)}")  # the examples' text, as printable as the answer
         for media in (p for p in record["messages"][0]["content"] if isinstance(p, dict) and p["type"] == "image"):
-            print(f"    image: {os.path.relpath(media['image'])}")
+            print(f"    image: {printable(os.path.relpath(media['image']))}")
         if reasoning is not None:
-            print(f"    reasoning: {reasoning}")
+            print(f"    reasoning: {printable(reasoning)}")
         print(f"    answer: {answer!r}   gold: {row['gold']!r}   {'correct' if row['correct'] else 'wrong'}\n")
     print(f"held-out accuracy ({len(rows)} questions, {time.perf_counter() - start:.0f} s):")
     for task, acc in accuracy.items():
         n = sum(r["task"] == task for r in rows) if task != "all" else len(rows)
-        print(f"  {task:<12} {100 * acc:5.1f}%  (n={n})")
+        print(f"  {printable(task):<12} {100 * acc:5.1f}%  (n={n})")
     return accuracy

@@ -179,10 +179,41 @@ def test_chat_interactive_and_errors(checkpoint, monkeypatch, capsys, tmp_path):
 
 def test_a_turn_that_cannot_be_answered_leaves_the_session_going(checkpoint, monkeypatch, capsys):
     """One prompt over the context ended the interactive session (exit 2) and lost the conversation."""
+    monkeypatch.setattr("kimivl.inference.chat.stream_generate", lambda *a, **k: iter(["an answer"]))
     _typed(monkeypatch, "word " * 6000, "Count the circles.")
+    monkeypatch.setattr("sys.stdin", _Terminal())
     assert main(["chat", "--model", str(checkpoint), "--max-new-tokens", "3"]) == 0
     captured = capsys.readouterr()
     assert "does not fit the model's context" in captured.err and "ask again" in captured.err
+    assert captured.out.split("\n")[1:] == ["an answer", "", ""]  # no empty answer line, as a piped session has
+
+
+def test_a_piped_session_keeps_a_line_for_each_answer_and_exits_2_when_a_question_failed(
+    checkpoint, monkeypatch, capsys
+):
+    """``kimivl chat < questions.txt > answers.txt`` with a question refused (too long for the context, not UTF-8)
+    left that answer's line out, so each later answer sat on an earlier question's line, exited 0 and said "ask
+    again". Now a refused question's answer line is empty, stderr names the question and its line, and the session
+    exits 2 naming every one refused."""
+    import sys
+
+    def stream(model, processor, messages, **sampling):
+        yield f"answer to {len(messages)} messages"
+
+    monkeypatch.setattr("kimivl.inference.chat.stream_generate", stream)
+    typed = b"q1\n\n" + b"word " * 6000 + b"\nq3\n\xff\xfe\nq5\n"  # a blank line is no question
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(typed), encoding="utf-8"))
+    assert main(["chat", "--model", str(checkpoint)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "answer to 1 messages\n\nanswer to 3 messages\n\nanswer to 5 messages\n"
+    lines = err.splitlines()
+    assert lines[0].startswith("kimivl chat: error: question 2 (line 3): the question does not fit the model's context")
+    assert lines[1].startswith("kimivl chat: error: question 4 (line 5): the line is not UTF-8 text")
+    assert lines[2:] == [
+        "kimivl chat: error: 2 of 5 questions not answered: question 2 (line 3), question 4 (line 5); each left an "
+        "empty answer line"
+    ]
+    assert "ask again" not in err
 
 
 def test_a_full_conversation_drops_its_earliest_exchanges_to_fit_the_context(checkpoint, tmp_path, monkeypatch, capsys):
@@ -208,7 +239,8 @@ def test_a_full_conversation_drops_its_earliest_exchanges_to_fit_the_context(che
     Image.fromarray(np.full((40, 60, 3), 200, dtype=np.uint8)).save(img)
     questions = ["Count the circles.", "And squares?", "Which is more?", "word " * 5000, "Why?", "And now?", "Sure?"]
     _typed(monkeypatch, *questions)
-    assert main(["chat", "--model", str(checkpoint), "--image", str(img), "--max-new-tokens", "300"]) == 0
+    # piped, as the questions are here, the question refused makes the session exit 2 at its end
+    assert main(["chat", "--model", str(checkpoint), "--image", str(img), "--max-new-tokens", "300"]) == 2
     err = capsys.readouterr().err
     assert f"the question does not fit the model's context of {context} tokens: with the system prompt it takes" in err
     asked = [q for q in questions if not q.startswith("word")]
@@ -286,9 +318,9 @@ def test_a_question_as_long_as_the_context_is_refused_before_any_exchange_is_dro
     answer = "The circles are red. " * 20
     prompts = _answering(monkeypatch, processor, answer)
     _typed(monkeypatch, "Count the circles.", question, "Why?")
-    assert main(["chat", "--model", str(checkpoint), "--max-new-tokens", "8"]) == 0
+    assert main(["chat", "--model", str(checkpoint), "--max-new-tokens", "8"]) == 2  # piped: a question refused
     err = capsys.readouterr().err
-    assert f"does not fit the model's context of {context} tokens: with the system prompt it takes {context};" in err
+    assert f"does not fit the model's context of {context} tokens: with the system prompt it takes {context}\n" in err
     assert "dropped" not in err and len(prompts) == 2
     kept = [_text("Count the circles."), {"role": "assistant", "content": answer.strip()}, _text("Why?")]
     assert prompts[1] == processor.encode(kept).input_ids
@@ -335,7 +367,7 @@ def test_the_session_skips_blank_lines_and_ctrl_c_stops_only_the_answer(checkpoi
 
 
 class _Terminal(io.StringIO):
-    """A stdin that is a terminal."""
+    """A stdin, stdout or stderr that is a terminal."""
 
     def isatty(self):
         return True
@@ -381,9 +413,10 @@ def test_a_question_from_a_terminal_that_is_not_utf8_reaches_the_model_as_typed(
     typed = "café?\n".encode() + b"caf\xe9?\n" + "naïve?\n".encode()  # the second line is Latin-1
     for encoding, errors in (("ascii", "surrogateescape"), ("utf-8", "strict")):  # LC_ALL=C; a UTF-8 locale
         monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(typed), encoding=encoding, errors=errors))
-        assert main(["chat", "--model", str(checkpoint)]) == 0
+        assert main(["chat", "--model", str(checkpoint)]) == 2  # piped: the session goes on, and fails at its end
         assert seen[-2:] == ["café?", "naïve?"], encoding
-        assert capsys.readouterr().err.count("the line is not UTF-8 text") == 1
+        out, err = capsys.readouterr()
+        assert out == "ok\n\nok\n" and err.count("question 2 (line 2): the line is not UTF-8 text") == 1
     assert main(["chat", "--model", str(checkpoint), "caf\udcc3\udca9?"]) == 0  # argv as Python reads it then
     assert seen[-1] == "café?"
     assert main(["chat", "--model", str(checkpoint), "caf\udce9?"]) == 2
@@ -662,3 +695,35 @@ def test_help_does_not_wait_for_torch():
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_at_a_terminal_the_models_control_characters_print_as_their_escapes(checkpoint, monkeypatch, capsys):
+    """``kimivl chat`` wrote the model's output to the terminal as it came: a prompt-injected image or document could
+    make it set the clipboard (OSC 52), clear the screen, reverse what follows (U+202E) or overwrite the answer
+    (``\\r``, ``\\b``). At a terminal they are printed as escapes (line breaks and tabs kept), the reasoning on stderr
+    too, whatever pieces the sequences are split across; piped, the bytes are the model's; the conversation keeps
+    the answer as generated."""
+    import sys
+
+    pieces = ["◁think▷ ", "\x1b]52;c;cHduZWQ=", "\x07 plan\r", "\x08 ◁/think▷ A\x1b[", "31mRED\x1b[2J"]
+    pieces += [" \u202eevil\r\x08X\x00Y", "\nline\ttab"]
+    answer = "A\x1b[31mRED\x1b[2J \u202eevil\r\x08X\x00Y\nline\ttab"
+    seen = []
+
+    def stream(model, processor, messages, **sampling):
+        seen.append(messages)
+        yield from pieces
+
+    monkeypatch.setattr("kimivl.inference.chat.stream_generate", stream)
+    with monkeypatch.context() as m:
+        m.setattr(sys, "stdout", _Terminal())
+        m.setattr(sys, "stderr", _Terminal())
+        _typed(m, "hi", "again")
+        assert main(["chat", "--model", str(checkpoint)]) == 0
+        out, err = sys.stdout.getvalue(), sys.stderr.getvalue()
+    escaped = "A\\x1b[31mRED\\x1b[2J \\u202eevil\\r\\x08X\\x00Y\nline\ttab\n"
+    assert out == escaped * 2
+    assert err == "[reasoning]\n\\x1b]52;c;cHduZWQ=\\x07 plan\\r\\x08\n[answer]\n" * 2
+    assert seen[1][1] == {"role": "assistant", "content": answer}
+    assert main(["chat", "--model", str(checkpoint), "hi"]) == 0
+    assert capsys.readouterr() == (answer + "\n", "[reasoning]\n\x1b]52;c;cHduZWQ=\x07 plan\r\x08\n[answer]\n")

@@ -533,3 +533,20 @@ def test_a_closed_stdout_is_refused_where_the_result_is_printed(command):
     assert done.returncode == 2, done.stderr
     message = "error: stdout is closed, so the result would be lost: redirect it to a file (or /dev/null)"
     assert done.stderr.strip().endswith(f"kimivl {command[0]}: {message}")
+
+
+def test_an_error_quoting_a_data_file_prints_its_escapes_not_its_control_characters(tmp_path, capsys):
+    """``kimivl demo --examples DIR`` whose media path held terminal escapes printed them raw in the looked-for path of
+    its error (the path quoted with repr was escaped): a data file could clear the screen and retitle the terminal."""
+    record = {
+        "messages": [
+            {"role": "user", "content": [{"type": "image", "image": "media/\x1b[2J\x1b]0;t\x07x\r.png"}]},
+            {"role": "assistant", "content": "35"},
+        ],
+        "meta": {"task": "reasoning", "gold": 35},
+    }
+    (tmp_path / "ex").mkdir()
+    (tmp_path / "ex" / "reasoning.jsonl").write_text(json.dumps(record) + "\n")
+    assert main(["demo", "--examples", str(tmp_path / "ex")]) == 2
+    err = _one_line_error(capsys, "demo", f"(looked for {tmp_path}/ex/media/\\x1b[2J\\x1b]0;t\\x07x\\r.png)")
+    assert err.count("x1b[2J\\x1b]0;t\\x07x\\r.png") == 2 and not any(c in err for c in "\x1b\x07\r"), err

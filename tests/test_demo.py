@@ -46,3 +46,29 @@ def test_an_install_without_the_clone_says_where_the_shipped_files_are(tmp_path,
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "Traceback" not in err and NOT_SHIPPED in err, err
+
+
+def test_the_examples_question_and_the_models_reasoning_print_their_escapes(
+    small_model, small_processor, tmp_path, monkeypatch, capsys
+):
+    """A held-out file's question and the model's reasoning were printed raw (the answer, repr-quoted, was escaped):
+    a data file, or a model steered by it, could clear the screen, set the clipboard (OSC 52) or overwrite a line."""
+    import json
+
+    small_model.save_pretrained(tmp_path / "model")
+    small_processor.save_pretrained(tmp_path / "model")
+    (tmp_path / "ex").mkdir()
+    record = heldout_records(DEFAULT_EXAMPLES)[0]
+    record["messages"][0]["content"][-1]["text"] = "Solve\x1b[2J\x1b]52;c;cHduZWQ=\x07 it.\r\u202e"
+    record["meta"]["task"], record["meta"]["gold"] = "reasoning", 35
+    (tmp_path / "ex" / "reasoning.jsonl").write_text(json.dumps(record) + "\n")
+    # the model answers with a reasoning of escapes, as a prompt-injected one might
+    answer = "\u25c1think\u25b7\x1b[2J\x08x\u25c1/think\u25b735"
+    monkeypatch.setattr(
+        "kimivl.inference.chat.generate", lambda model, processor, prompts, **kw: [answer] * len(prompts)
+    )
+    run_demo(tmp_path / "model", tmp_path / "ex", progress=False)
+    out = capsys.readouterr().out
+    assert "--- reasoning: [1 image/video part] Solve\\x1b[2J\\x1b]52;c;cHduZWQ=\\x07 it.\\r\\u202e\n" in out, out
+    assert "    reasoning: \\x1b[2J\\x08x\n    answer: '35'   gold: 35   correct\n" in out, out
+    assert not any(c in out for c in "\x1b\x07\x08\r\u202e"), out
