@@ -2,13 +2,15 @@
 server on kimivl-tiny: the API key asked for, an image attached through the file picker, the streamed answer equal
 to the API's greedy answer, a follow-up turn carrying the history, and the stop button freeing the slot. A screenshot
 is kept under $KIMIVL_ARTIFACTS (default tests/artifacts/). The page's edges (New chat while an answer streams,
-failures, long words, its content security policy) run against a server whose engine plays a script."""
+failures, long words, its content security policy, what a screen reader hears, keyboard focus, 320 px reflow,
+scrolling) run against a server whose engine plays a script."""
 
 from __future__ import annotations
 
 import base64
 import http.client
 import http.server
+import io
 import json
 import os
 import shutil
@@ -21,6 +23,7 @@ from pathlib import Path
 import openai
 import pytest
 from conftest import live_server
+from PIL import Image
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -323,6 +326,13 @@ def test_long_words_stay_inside_their_bubbles(scripted, browser):
     assert all(scroll <= client for scroll, client in widths), widths
 
 
+def _contrast_on_white(color: str) -> float:
+    """WCAG's contrast ratio of a CSS ``rgb(r, g, b)`` colour on white."""
+    channels = [int(c) / 255 for c in color[color.index("(") + 1 : color.index(")")].split(",")[:3]]
+    linear = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in channels]
+    return 1.05 / (0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2] + 0.05)
+
+
 def test_a_failed_question_comes_back_and_an_answer_cut_by_max_tokens_says_so(scripted, browser):
     """A question that got no answer left the conversation but stayed on screen as if asked; an answer cut at
     max_tokens looked complete."""
@@ -334,6 +344,8 @@ def test_a_failed_question_comes_back_and_an_answer_cut_by_max_tokens_says_so(sc
     assert _text(browser, ".turn.assistant .note") == "the engine failed"
     user = browser.find_element(By.CSS_SELECTOR, ".turn.user")
     assert user.get_attribute("data-state") == "unsent" and "not sent" in _text(browser, ".turn.user .note")
+    color = browser.execute_script("return getComputedStyle(document.querySelector('.turn.user .question')).color")
+    assert _contrast_on_white(color) >= 4.5, color  # #777 was 4.48
     assert browser.find_element(By.ID, "question").get_attribute("value") == "a question that fails"
     assert len(browser.find_elements(By.CSS_SELECTOR, "#attachments img")) == 1  # its image too
     script.update(pieces=["cut ", "short"], finish="length")
@@ -358,3 +370,155 @@ def test_a_failed_question_leaves_a_new_draft_in_the_box_and_says_only_not_sent(
     WebDriverWait(browser, 10).until(lambda d: _last_state(d) == "error")
     assert _text(browser, ".turn.user .note") == "not sent"
     assert browser.find_element(By.ID, "question").get_attribute("value") == "a new draft"
+
+
+_DROP = """
+const data = new DataTransfer();
+for (const [name, type, url] of arguments[0]) data.items.add(new File([await (await fetch(url)).blob()], name, {type}));
+document.dispatchEvent(new DragEvent("drop", {dataTransfer: data, cancelable: true}));
+"""
+
+
+def _png(width: int, height: int) -> str:
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), "red").save(out, "PNG")
+    return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
+
+
+def _accessibility_tree(driver) -> list[tuple[str, str, dict]]:
+    """What a screen reader is told: (role, name, properties) of each node Chromium does not leave out, in the
+    page's order."""
+    nodes = driver.execute_cdp_cmd("Accessibility.getFullAXTree", {})["nodes"]
+    by_id, order, todo = {n["nodeId"]: n for n in nodes}, [], [nodes[0]["nodeId"]]
+    while todo:
+        node = by_id[todo.pop()]
+        if not node.get("ignored"):
+            properties = {p["name"]: p["value"].get("value") for p in node.get("properties", [])}
+            order.append((node["role"]["value"], node.get("name", {}).get("value", ""), properties))
+        todo += [c for c in reversed(node.get("childIds", [])) if c in by_id]
+    return order
+
+
+def _focused(driver) -> str:
+    return driver.execute_script(
+        "return document.activeElement.id || document.activeElement.getAttribute('aria-label')"
+    )
+
+
+def test_a_screen_reader_hears_who_speaks_each_answer_once_and_named_images_and_buttons(scripted, browser):
+    """The conversation was no live region (nothing was read as it came), turns differed only by colour, images had
+    no alt text, the remove button was named "×", the question box had no label and a dropped video vanished without a
+    word."""
+    url, script = scripted
+    _open(browser, url, script, ["an ", "answer ", "read once"], delay=0.5)
+    video = "data:video/mp4;base64," + base64.b64encode(b"\0\0\0\x18ftypmp42").decode()
+    browser.execute_script(_DROP, [["cat.png", "image/png", _png(8, 8)], ["clip.mp4", "video/mp4", video]])
+    WebDriverWait(browser, 5).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#attachments img"))
+    assert "only images can be attached here; send videos through the API" in _text(browser, "#error")
+    names = {(role, name) for role, name, _ in _accessibility_tree(browser)}
+    assert {("image", "attached image 1: cat.png"), ("button", "remove image 1"), ("textbox", "question")} <= names
+    _ask(browser, None, "what is it?")
+    WebDriverWait(browser, 5).until(lambda d: "answer" in _text(d, ".answer"))
+    turn = browser.find_elements(By.CSS_SELECTOR, ".turn.assistant")[-1]
+    assert turn.get_attribute("aria-busy") == "true"  # the log holds the answer back while it streams
+    WebDriverWait(browser, 10).until(lambda d: _last_state(d) == "done")
+    assert turn.get_attribute("aria-busy") is None
+    tree = _accessibility_tree(browser)
+    live = {role: props for role, _, props in tree if role in ("log", "alert", "status")}
+    assert (
+        live["log"]["live"] == "polite" and live["alert"]["live"] == "assertive" and live["status"]["live"] == "polite"
+    )
+    assert [role for role, _, _ in tree].count("status") == 2  # each turn's note
+    said = [name for role, name, _ in tree if role in ("StaticText", "image")]
+    assert said.index("You:") < said.index("image 1: cat.png") < said.index("what is it?") < said.index("Kimi-VL:")
+
+
+def test_focus_follows_send_stop_and_remove_and_the_enter_of_an_input_method_does_not_send(scripted, browser):
+    """Send and Stop disable themselves and removed buttons vanish: the focus fell to the page's body. The Enter that
+    confirms a CJK composition sent the half-typed question."""
+    url, script = scripted
+    _open(browser, url, script, ["part "] * 100, delay=0.05)
+    _ask(browser, None, "a long answer")
+    assert _focused(browser) == "stop"
+    WebDriverWait(browser, 10).until(lambda d: "part part" in _text(d, ".answer"))
+    browser.find_element(By.ID, "stop").click()
+    WebDriverWait(browser, 5).until(lambda d: _last_state(d) == "stopped")
+    assert _focused(browser) == "question"
+
+    browser.execute_script(_DROP, [[f"{i}.png", "image/png", _png(8, 8)] for i in range(2)])
+    WebDriverWait(browser, 5).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#attachments img")) == 2)
+    browser.find_element(By.CSS_SELECTOR, "#attachments button").click()
+    assert _focused(browser) == "remove image 1"  # the next one, now the first
+    browser.find_element(By.CSS_SELECTOR, "#attachments button").click()
+    assert _focused(browser) == "file"
+
+    browser.find_element(By.ID, "question").click()
+    browser.execute_cdp_cmd("Input.insertText", {"text": "这张图"})
+    browser.execute_cdp_cmd("Input.imeSetComposition", {"text": "里有什么", "selectionStart": 4, "selectionEnd": 4})
+    browser.execute_script(
+        "document.getElementById('question').dispatchEvent(new KeyboardEvent('keydown',"
+        "{key: 'Enter', isComposing: true, bubbles: true, cancelable: true}))"
+    )
+    browser.execute_cdp_cmd("Input.insertText", {"text": "里有什么"})  # the composition ends
+    enter = {"type": "rawKeyDown", "key": "Enter", "code": "Enter", "windowsVirtualKeyCode": 229}
+    browser.execute_cdp_cmd("Input.dispatchKeyEvent", enter)  # Safari's Enter that ends it: keyCode 229 only
+    time.sleep(0.3)
+    assert len(browser.find_elements(By.CSS_SELECTOR, ".turn.user")) == 1
+    assert browser.find_element(By.ID, "question").get_attribute("value") == "这张图里有什么"
+
+
+def test_the_page_reflows_at_320_pixels_and_wide_images_fit(scripted, browser):
+    """At 320 CSS pixels (400 % zoom) the page scrolled sideways, the question box was 6 px wide and Send and Stop
+    were off screen; a wide image overflowed its turn."""
+    url, script = scripted
+    browser.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride", {"width": 320, "height": 640, "deviceScaleFactor": 1, "mobile": False}
+    )
+    try:
+        _open(browser, url, script, ["fits"])
+        browser.execute_script(_DROP, [["wide.png", "image/png", _png(3000, 60)]])
+        WebDriverWait(browser, 5).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#attachments img"))
+        layout = (
+            "const rect = (s) => document.querySelector(s).getBoundingClientRect();"
+            "return {page: document.documentElement.scrollWidth, view: document.documentElement.clientWidth,"
+            "        box: rect('#question').width, right: Math.max(...['#send', '#stop', '#attachments img',"
+            "        '#attachments button', '#file'].map((s) => rect(s).right))}"
+        )
+        shown = browser.execute_script(layout)
+        assert shown["page"] <= shown["view"] == 320 and shown["right"] <= 320 and shown["box"] >= 150, shown
+        _ask(browser, None, "wide")
+        WebDriverWait(browser, 10).until(lambda d: _last_state(d) == "done")
+        fit = browser.execute_script(
+            "const img = document.querySelector('.turn.user img').getBoundingClientRect();"
+            "return [img.right, document.querySelector('.turn.user').getBoundingClientRect().right,"
+            "        document.documentElement.scrollWidth]"
+        )
+        assert fit[0] <= fit[1] and fit[2] <= 320, fit
+    finally:
+        browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
+def test_a_reader_who_scrolled_up_stays_there_and_a_stream_without_its_end_is_cut_off(scripted, browser):
+    """Every piece of a streaming answer scrolled the conversation to its end, away from the earlier turn being
+    read; a stream that stopped without a finish reason or [DONE] (the server shut down) looked complete."""
+    url, script = scripted
+    _open(browser, url, script, ["line\n"] * 60, delay=0.02)
+    gap = "const c = document.getElementById('chat'); return c.scrollHeight - c.scrollTop - c.clientHeight"
+    _ask(browser, None, "a long answer")
+    WebDriverWait(browser, 10).until(lambda d: _last_state(d) == "done")
+    assert browser.execute_script(gap) < 30  # followed to the end
+    _ask(browser, None, "another")
+    WebDriverWait(browser, 5).until(lambda d: _text(d, ".turn.assistant:last-of-type .answer").count("line") > 5)
+    browser.execute_script("document.getElementById('chat').scrollTop = 0")
+    WebDriverWait(browser, 10).until(lambda d: _last_state(d) == "done")
+    assert browser.execute_script("return document.getElementById('chat').scrollTop") == 0
+
+    piece = {"choices": [{"index": 0, "delta": {"content": "partly"}, "finish_reason": None}]}
+    browser.execute_script(
+        "window.fetch = async () => new Response(arguments[0], {headers: {'Content-Type': 'text/event-stream'}})",
+        f"data: {json.dumps(piece)}\n\n",
+    )
+    _ask(browser, None, "a question whose answer is cut off")
+    WebDriverWait(browser, 10).until(lambda d: _last_state(d) != "streaming")
+    assert _last_state(browser) == "error" and _text(browser, ".turn.assistant:last-of-type .answer") == "partly"
+    assert _text(browser, ".turn.assistant:last-of-type .note").startswith("cut off")
