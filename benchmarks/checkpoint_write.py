@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from arguments import parser
 
 from kimivl import KimiVL, KimiVLConfig
 from kimivl.checkpoint import save_checkpoint
+from kimivl.exits import run_command
 from kimivl.files import unwritable
 from kimivl.model.moe import to_dtype
 from kimivl.train.state import save_state
@@ -109,4 +111,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command("checkpoint_write.py", main))

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from kimivl.exits import run_command
 from kimivl.inference.cache import MLACache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the small MoE config of decode_speed.py
@@ -57,4 +58,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command("decode_context.py", main))

@@ -22,6 +22,7 @@ from arguments import at_least, parser
 
 from kimivl import KimiVL, KimiVLConfig
 from kimivl.config import TextConfig, VisionConfig
+from kimivl.exits import run_command
 from kimivl.inference.cache import MLACache
 from kimivl.inference.generate import generate_ids
 from kimivl.inference.sampling import SamplingParams
@@ -167,4 +168,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command("decode_speed.py", main))

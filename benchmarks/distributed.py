@@ -32,6 +32,7 @@ from arguments import at_least, parser
 from children import exit_on_sigterm, run
 
 from kimivl import KimiVL, KimiVLConfig
+from kimivl.exits import run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -192,4 +193,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command("distributed.py", main))

@@ -28,6 +28,7 @@ import transformers
 from arguments import at_least, parser
 
 from kimivl.config import TextConfig
+from kimivl.exits import run_command
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the transformers reference
 from hf_reference import hf_reference, random_lm, to_bf16  # noqa: E402
@@ -136,4 +137,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command("lm_speed.py", main))

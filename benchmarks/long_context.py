@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from kimivl.config import TextConfig
+from kimivl.exits import run_command
 from kimivl.inference.cache import MLACache
 from kimivl.inference.generate import PREFILL_CHUNK, prefill
 from kimivl.kernels import dispatch
@@ -305,4 +306,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command("long_context.py", main))

@@ -11,6 +11,7 @@ high-water mark over the resident set before each arm (see rss.py).
 
 from __future__ import annotations
 
+import sys
 import time
 
 import torch
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from arguments import at_least, parser
 from rss import PeakRise
 
+from kimivl.exits import run_command
 from kimivl.model.target_logprobs import target_logprobs
 from kimivl.processing.processor import IGNORE_INDEX
 
@@ -84,4 +86,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command("loss_memory.py", main))

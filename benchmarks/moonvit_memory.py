@@ -12,6 +12,7 @@ Target: a ratio below 0.1.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 
 import torch
@@ -19,6 +20,7 @@ from arguments import at_least, parser
 from rss import PeakRise
 
 from kimivl.config import VisionConfig
+from kimivl.exits import run_command
 from kimivl.model.moonvit import MoonViT
 
 MIB = 1 << 20
@@ -60,4 +62,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command("moonvit_memory.py", main))

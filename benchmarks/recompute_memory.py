@@ -12,6 +12,7 @@ for backward the rise of the resident set over forward; losses and gradients are
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 
 import torch
@@ -20,6 +21,7 @@ from rss import PeakRise, status_kib
 
 from kimivl import KimiVL, KimiVLConfig
 from kimivl.distributed.recompute import apply_recompute, remove_recompute
+from kimivl.exits import run_command
 
 MIB = 1 << 20
 
@@ -84,4 +86,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command("recompute_memory.py", main))

@@ -37,6 +37,7 @@ from children import exit_on_sigterm
 from children import run as run_child
 
 from kimivl.data.world import ensure_world
+from kimivl.exits import run_command
 from kimivl.rl.compare import comparison_table, difficulty_table
 
 ARMS = {"opmd-len": "tiny-rl.yaml", "opmd-nolen": "tiny-rl-nolen.yaml", "grpo": "tiny-rl-grpo.yaml"}
@@ -206,4 +207,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command("rl_signal.py", main))

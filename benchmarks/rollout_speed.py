@@ -10,6 +10,7 @@ generate exactly ``--new`` tokens per answer; printed are new tokens/s of each a
 from __future__ import annotations
 
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from arguments import at_least, parser
 
 from kimivl import KimiVL, KimiVLProcessor
 from kimivl.data.synthetic.reasoning import make_reasoning
+from kimivl.exits import run_command
 from kimivl.inference.sampling import SamplingParams
 from kimivl.rl.rollouts import rollout
 
@@ -60,4 +62,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command("rollout_speed.py", main))

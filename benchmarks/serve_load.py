@@ -30,6 +30,10 @@ from arguments import parser
 from children import exit_on_sigterm
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's kimivl, as the server's PYTHONPATH
+
+from kimivl.exits import run_command  # noqa: E402
+
 HELDOUT = REPO / "examples" / "heldout"
 TASKS = ("caption", "ocr", "gui", "chart", "reasoning", "video")
 
@@ -180,7 +184,6 @@ def main() -> None:
     args.model = str(Path(args.model).resolve())  # the server runs in REPO
     if not (Path(args.model) / "config.json").is_file():
         ap.error(f"--model {args.model}: no checkpoint there (no config.json); give a kimivl checkpoint directory")
-    sys.path.insert(0, str(REPO))  # this checkout's kimivl, as the server's PYTHONPATH
     from kimivl import KimiVLConfig
 
     context = KimiVLConfig.from_pretrained(args.model).text_config.max_position_embeddings
@@ -237,4 +240,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command("serve_load.py", main))

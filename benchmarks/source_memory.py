@@ -8,6 +8,7 @@ questions, two answers), in a temporary folder removed at the end.
 from __future__ import annotations
 
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from rss import PeakRise, status_kib
 
 from kimivl.data.formats import iter_records, write_records
 from kimivl.data.indexed import JsonlRecords
+from kimivl.exits import run_command
 
 
 def conversations(n: int, seed: int = 0):
@@ -77,4 +79,4 @@ def measure(path: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command("source_memory.py", main))

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ from kimivl.data.formats import is_text_file, iter_records, iter_texts
 from kimivl.data.mixture import Mixture
 from kimivl.data.synthetic import TASKS
 from kimivl.data.world import build_world, ensure_world
+from kimivl.exits import run_command
 from kimivl.kernels import training_attention
 from kimivl.model.params import parameter_counts
 from kimivl.precision import autocast, use_bf16
@@ -460,4 +462,4 @@ def report(arms: Arms, device: torch.device, bf16: bool, args, heading: str) -> 
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command("train_throughput.py", main))

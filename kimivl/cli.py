@@ -16,6 +16,7 @@ import sys
 from collections.abc import Iterator
 
 from kimivl.config import PRESETS, ConfigError, KimiVLConfig
+from kimivl.exits import stop_code
 from kimivl.files import FULL, WriteError, path_text, write_error
 from kimivl.terminal import printable
 from kimivl.train.recipe import PARTS
@@ -1196,18 +1197,6 @@ def _byte_or_escape(e: UnicodeEncodeError) -> tuple[str | bytes, int]:
 RESULT_ON_STDOUT = ("chat", "demo", "info", "eval")  # commands whose result is what they print (and train --plan)
 
 
-def _reader_gone() -> bool:
-    """Whether stdout is a pipe whose reader has closed it (the poll of its write end reports an error)."""
-    import select
-
-    try:
-        poll = select.poll()
-        poll.register(sys.stdout.fileno(), select.POLLOUT)
-        return any(events & select.POLLERR for _, events in poll.poll(0))
-    except (OSError, ValueError, AttributeError):  # no stdout, or not a file (a test's capture)
-        return False
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run a command; a user's mistake prints one ``kimivl CMD: error: ...`` message (no traceback) and exits 2;
     Ctrl-C exits 130 and a closed stdout (``| head``) 141, quietly."""
@@ -1221,13 +1210,9 @@ def main(argv: list[str] | None = None) -> int:
         if sys.stdout is not None:  # here, where a reader that has gone is caught, not in the interpreter's flush
             sys.stdout.flush()
         return code
-    except KeyboardInterrupt:
-        print(f"\nkimivl {args.command}: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:
-        if isinstance(e, BrokenPipeError) and _reader_gone():  # stdout's reader stopped early (| head): quiet, as a
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # shell's tools; what is left goes nowhere
-            return 141  # 128 + SIGPIPE, as they exit
+    except (KeyboardInterrupt, Exception) as e:
+        if (code := stop_code(f"kimivl {args.command}", e)) is not None:  # Ctrl-C; stdout's reader gone (| head)
+            return code
         if not isinstance(e, _user_errors()):
             raise
         if isinstance(e, OSError) and e.errno in FULL and not isinstance(e, WriteError):  # a write not wrapped

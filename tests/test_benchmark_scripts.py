@@ -3,6 +3,7 @@ parity check holds for short prompts, serve_load's server runs the model named f
 not start, SIGTERM to serve_load or distributed alone stops their children, and every script answers --help under
 -OO."""
 
+import json
 import os
 import runpy
 import signal
@@ -183,3 +184,70 @@ for target in scripts + ["kimivl.rl.compare", "kimivl.rl.passk"]:
     assert done.returncode == 0, done.stderr[-2000:]
     scripts = [p for p in BENCHMARKS.glob("*.py") if p.name not in HELPERS]
     assert len(scripts) == 14 and done.stdout.count("ok ") == len(scripts) + 2, done.stdout
+
+
+STOPPED = f"""
+import argparse, io, json, os, runpy, signal, sys, time, warnings
+from pathlib import Path
+HELPERS = {HELPERS}
+warnings.filterwarnings("ignore", "'kimivl.rl.compare' found in sys.modules")  # imported by rl_signal.py
+signal.signal(signal.SIGINT, signal.default_int_handler)
+sys.path.insert(0, "benchmarks")
+scripts = sorted(str(p) for p in Path("benchmarks").glob("*.py") if p.name not in HELPERS)
+stdout, said, results = os.dup(1), {{}}, Path(sys.argv[1])  # stdout: a pipe whose reader has gone
+
+def stopped(parser, *args, **kwargs):  # each command stopped as it parses its arguments
+    if how == "interrupt":
+        print("started", file=sys.__stderr__, flush=True)  # the test sends SIGINT
+        time.sleep(60)
+    print("line\\n" * 100_000)  # more than a pipe holds
+
+argparse.ArgumentParser.parse_args = stopped
+for target in scripts + ["kimivl.rl.compare", "kimivl.rl.passk"]:
+    for how in ("interrupt", "pipe"):
+        os.dup2(stdout, 1)
+        sys.argv, sys.stderr = [target], io.StringIO()
+        try:
+            (runpy.run_path if target.endswith(".py") else runpy.run_module)(target, run_name="__main__")
+            code = "no exit"
+        except SystemExit as e:
+            code = e.code
+        except BaseException as e:
+            code = type(e).__name__
+        said[f"{{target}} {{how}}"] = [code, sys.stderr.getvalue()]
+os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+results.write_text(json.dumps(said))
+"""
+
+
+def test_every_script_and_module_command_stops_on_ctrl_c_and_a_reader_gone_as_kimivl_does(tmp_path):
+    """Ctrl-C printed a torch traceback (no script caught KeyboardInterrupt), and stdout's reader gone (``| true``,
+    ``| head``) a BrokenPipeError traceback, or for ``kimivl.rl.compare`` its usage and 'error: [Errno 32] Broken
+    pipe' with exit 2. Each now stops as ``kimivl`` does: Ctrl-C one line and 130; the reader gone quietly, 141. Here
+    every command, run in one process, gets SIGINT from outside once it has started, then writes to a stdout whose
+    reader has gone."""
+    read, write = os.pipe()
+    os.close(read)
+    results = tmp_path / "said.json"
+    cmd = [sys.executable, "-c", STOPPED, str(results)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=write, stderr=subprocess.PIPE, text=True)
+    os.close(write)
+    other = []
+    try:
+        for line in proc.stderr:
+            if line == "started\n":
+                proc.send_signal(signal.SIGINT)
+            else:
+                other.append(line)
+        assert proc.wait(timeout=60) == 0, "".join(other)[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    said = json.loads(results.read_text())
+    scripts = sorted(p.name for p in BENCHMARKS.glob("*.py") if p.name not in HELPERS)
+    progs = {f"benchmarks/{s}": s for s in scripts}
+    progs |= {m: f"python -m {m}" for m in ("kimivl.rl.compare", "kimivl.rl.passk")}
+    assert len(said) == 2 * len(progs) == 32
+    for target, prog in progs.items():
+        assert said[f"{target} interrupt"] == [130, f"\n{prog}: interrupted\n"], target
+        assert said[f"{target} pipe"] == [141, ""], target

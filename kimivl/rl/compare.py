@@ -31,6 +31,9 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from kimivl.exits import run_command
+from kimivl.terminal import table_cell
+
 Z95 = statistics.NormalDist().inv_cdf(0.975)
 Interval = tuple[float, float, float] | tuple[float, None, None]  # (mean, low, high); no interval: (mean, None, None)
 
@@ -157,6 +160,11 @@ def _predictions(run: Path, stage: str, task: str) -> list[dict]:
             f"{path} has predictions without a difficulty (written before predictions carried meta.difficulty, or "
             "from problems without one): evaluate again to compare by difficulty"
         )
+    if wrong := [r["difficulty"] for r in rows if not isinstance(r["difficulty"], str)]:
+        raise ValueError(
+            f"{path} has a prediction whose difficulty is of type {type(wrong[0]).__name__}: a difficulty is a "
+            'label, a string such as "easy" (fix meta.difficulty in the problems and evaluate again)'
+        )
     return rows
 
 
@@ -224,8 +232,9 @@ def difficulty_table(
     for name, runs in arms.items():
         for d, s in difficulty_summary(runs, stage, task).items():
             lines.append(
-                f"| {name} | {len(runs)} | {d} | {s['problems']} | {_cell(s['before'], 100, '.1f', '%')} | "
-                f"{_cell(s['after'], 100, '.1f', '%')} | {_cell(s['change'], 100, '+.1f')} |"
+                f"| {table_cell(name)} | {len(runs)} | {table_cell(d)} | {s['problems']} | "
+                f"{_cell(s['before'], 100, '.1f', '%')} | {_cell(s['after'], 100, '.1f', '%')} | "
+                f"{_cell(s['change'], 100, '+.1f')} |"
             )
     return "\n".join(lines)
 
@@ -254,8 +263,9 @@ def comparison_table(
         s = arm_summary(runs, stage, task)
         length_change = s["tokens_after"][0] / s["tokens_before"][0] - 1 if s["tokens_before"][0] else float("nan")
         lines.append(
-            f"| {name} | {s['seeds']} | {_cell(s['before'], 100, '.1f', '%')} | {_cell(s['after'], 100, '.1f', '%')} | "
-            f"{_cell(s['change'], 100, '+.1f')} | {_cell(s['tokens_before'], 1, '.1f')} | "
+            f"| {table_cell(name)} | {s['seeds']} | {_cell(s['before'], 100, '.1f', '%')} | "
+            f"{_cell(s['after'], 100, '.1f', '%')} | {_cell(s['change'], 100, '+.1f')} | "
+            f"{_cell(s['tokens_before'], 1, '.1f')} | "
             f"{_cell(s['tokens_after'], 1, '.1f')} ({100 * length_change:+.0f}%) |"
         )
     return "\n".join(lines)
@@ -269,8 +279,16 @@ def _arm(text: str) -> tuple[str, list[str]]:
     return name.strip(), dirs
 
 
+PROG = "python -m kimivl.rl.compare"
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kimivl.rl.compare", description=(__doc__ or "").split("\n\n")[0])
+    """The command; Ctrl-C exits 130 with one line, stdout's reader gone (``| head``) 141, quietly."""
+    return run_command(PROG, lambda: _run(argv))
+
+
+def _run(argv: list[str] | None) -> int:
+    parser = argparse.ArgumentParser(prog=PROG, description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("runs", nargs="*", help="run directories, each an arm of one seed")
     parser.add_argument("--arm", type=_arm, action="append", default=[], help="NAME=DIR[,DIR...]: one arm's seeds")
     parser.add_argument("--stage", default="rl", help="the stage evaluated after (default rl)")
@@ -293,9 +311,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give run directories, or arms as --arm NAME=DIR,DIR,...")
     try:
         table = difficulty_table if args.by_difficulty else comparison_table
-        print(table(arms, args.stage, args.task))
+        text = table(arms, args.stage, args.task)
     except (ValueError, KeyError, OSError) as e:
         parser.error(str(e) if not isinstance(e, KeyError) else f"no {e} in a run's eval files (--task, --stage)")
+    print(text)  # outside the errors above: stdout's reader gone is no error of the runs
     return 0
 
 

@@ -21,12 +21,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from kimivl.data.synthetic.sample import DIFFICULTIES
+from kimivl.exits import run_command
 from kimivl.files import unwritable, write_text_atomic
 from kimivl.progress import progress_bar
 from kimivl.rl.rewards import correctness
+from kimivl.terminal import table_cell
 
 # (problem records, answers per problem, seed) -> the answers' texts, problem by problem
 Generator = Callable[[Sequence[dict], int, int], list[str]]
+TOTAL = "all"  # the table's row over every problem: no difficulty may take its name
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -73,13 +76,16 @@ def count_correct(
 
 def summarise(difficulties: Sequence[str], counts: Sequence[int], n: int, ks: Sequence[int]) -> dict[str, dict]:
     """Per difficulty (easy, medium, hard, then any others by name) and ``all``: ``problems``, ``pass@k`` for each
-    k, ``never`` and ``always`` (the shares of problems with c = 0 and c = n)."""
+    k, ``never`` and ``always`` (the shares of problems with c = 0 and c = n). A difficulty named ``all`` is a
+    ``ValueError``: its row would be the total's."""
     if len(difficulties) != len(counts) or not counts:
         raise ValueError(f"need one count per problem and at least one problem, got {len(counts)} counts")
+    if TOTAL in difficulties:
+        raise ValueError(f"a difficulty is named {TOTAL!r}, as the table's row over every problem is: rename it")
     rank = {d: i for i, d in enumerate(DIFFICULTIES)}
     order = sorted(set(difficulties), key=lambda d: (rank.get(d, len(rank)), d))
     groups = {d: [c for d2, c in zip(difficulties, counts) if d2 == d] for d in order}
-    groups["all"] = list(counts)
+    groups[TOTAL] = list(counts)
     table = {}
     for name, cs in groups.items():
         row: dict[str, float] = {"problems": len(cs)}
@@ -112,13 +118,12 @@ def model_generator(model, processor, params, stop: Sequence[str], batch_size: i
 
 
 def format_table(table: dict[str, dict], ks: Sequence[int]) -> str:
+    """``summarise``'s table as Markdown, each difficulty's name one cell (``table_cell``)."""
     head = " | ".join(f"pass@{k}" for k in ks)
     lines = [f"| difficulty | problems | {head} | never solved | always solved |", "|---" * (4 + len(ks)) + "|"]
     for name, row in table.items():
-        cells = " | ".join(f"{100 * row[f'pass@{k}']:.1f}%" for k in ks)
-        lines.append(
-            f"| {name} | {row['problems']} | {cells} | {100 * row['never']:.1f}% | {100 * row['always']:.1f}% |"
-        )
+        cells = " | ".join(f"{100 * row[key]:.1f}%" for key in [*(f"pass@{k}" for k in ks), "never", "always"])
+        lines.append(f"| {table_cell(name)} | {row['problems']} | {cells} |")
     return "\n".join(lines)
 
 
@@ -161,17 +166,13 @@ def _check_out(path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command; Ctrl-C exits 130 with one line, stdout's reader gone (``| head``) 141, quietly."""
     parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return _run(parser, args)
-    except KeyboardInterrupt:
-        print(f"\n{parser.prog}: interrupted", file=sys.stderr)
-        return 130
+    return run_command(parser.prog, lambda: _run(parser, parser.parse_args(argv)))
 
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    """The command after parsing: checks, sampling, the table printed, then written to ``--out``."""
+    """The command after parsing: checks, sampling, the table written to ``--out``, then printed."""
     if args.samples < 1:
         parser.error(f"--samples must be >= 1, got {args.samples}")
     if args.k is None:
@@ -187,14 +188,14 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         from kimivl.cli import _load
         from kimivl.data.formats import iter_lines
         from kimivl.inference.sampling import SamplingParams
-        from kimivl.rl.trainer import RLConfig, problem_error
+        from kimivl.rl.trainer import RLConfig, difficulties_of, problem_error
 
         params = SamplingParams(args.max_new_tokens, args.temperature, top_p=args.top_p, seed=args.seed)
         problems = []
         for lineno, _, record in iter_lines(args.data, text=False):
             if len(problems) == args.limit:
                 break
-            if why := problem_error(record):  # as the rl stage checks its problems: before the model loads
+            if why := problem_error(record) or _total_named(record):  # as the rl stage checks: before the model loads
                 raise ValueError(f"{args.data}:{lineno} (problem {len(problems) + 1}) {why}")
             problems.append(record)
         if not problems:
@@ -206,17 +207,25 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         counts = count_correct(generate, problems, args.samples, chunk=chunk, seed=args.seed, progress=True)
     except (ValueError, OSError) as e:
         parser.error(str(e))
-    table = summarise([p["meta"].get("difficulty", "any") for p in problems], counts, args.samples, args.k)
+    table = summarise(difficulties_of(problems), counts, args.samples, args.k)
     settings = {k: getattr(args, k) for k in ("model", "data", "samples", "temperature", "top_p", "max_new_tokens")}
-    print(format_table(table, args.k), flush=True)  # first: a failed write loses no table
     result = {"settings": {**settings, "seed": args.seed}, "table": table, "correct": counts}
-    try:
+    try:  # first: a stdout whose reader has gone (| head) loses no result
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(args.out, json.dumps(result, indent=1))
     except OSError as e:
+        print(format_table(table, args.k), flush=True)  # a failed write loses no table
         parser.error(str(e))
+    print(format_table(table, args.k))
     print(f"written to {args.out}")
     return 0
+
+
+def _total_named(record: dict) -> str | None:
+    """Why ``record``'s difficulty cannot be a row of the table (it is named as the total row); None when it can."""
+    if record.get("meta", {}).get("difficulty") == TOTAL:
+        return f"has meta.difficulty {TOTAL!r}, the name of the table's row over every problem: rename that difficulty"
+    return None
 
 
 if __name__ == "__main__":

@@ -145,11 +145,17 @@ def prompt_of(record: dict) -> list[dict]:
 
 
 def problem_error(record: dict) -> str | None:
-    """What makes ``record`` no RL problem (no user prompt, or a ``meta.gold`` or ``meta.box`` its task's reward
-    cannot read), worded to follow where it is; None when it is one."""
+    """What makes ``record`` no RL problem (no user prompt, a ``meta.gold`` or ``meta.box`` its task's reward cannot
+    read, or a ``meta.difficulty`` that is no string, which the sampler and pass@k could not group by), worded to
+    follow where it is; None when it is one."""
     meta = record.get("meta", {})
     if "gold" not in meta or not any(m["role"] == "user" for m in prompt_of(record)):
         return "is no RL problem: it needs a user prompt and meta.gold, the answer its reward checks"
+    if not isinstance(meta.get("difficulty", ""), str):
+        return (
+            f"has a meta.difficulty of type {type(meta['difficulty']).__name__}: a difficulty is a label, a string "
+            'such as "easy" (or none: leave it out)'
+        )
     return gold_error(meta)
 
 

@@ -1,6 +1,11 @@
 """``kimivl.rl.compare`` on run directories laid out as the pipeline writes them (``out/eval``)."""
 
 import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -153,3 +158,44 @@ def test_difficulties_go_easy_medium_hard_then_others_by_name(tmp_path):
     summary = difficulty_summary([run])
     assert list(summary) == ["easy", "medium", "hard", "odd"]
     assert [summary[d]["before"][0] for d in summary] == [1.0, 0.5, 0.0, 0.5]
+
+
+def test_arm_and_difficulty_names_are_one_cell_each(tmp_path):
+    """A difficulty (from the problems' meta.difficulty) or an arm's name holding escapes, ``|`` or a newline went
+    into the table as it was: cells and rows that no run made, and the terminal cleared. Each is one cell now."""
+    hostile = "easy\x1b[2J | x |\n| fake"
+    run = write_difficulty_run(tmp_path / "r|1", {hostile: (1, 2)}, {hostile: (2, 2)})
+    for arms, arm in (({"a|b": [run]}, "a\\|b"), ([run], "r\\|1")):
+        table = difficulty_table(arms)
+        lines = table.splitlines()
+        assert len(lines) == 3 and "\x1b" not in table
+        assert lines[2].startswith(f"| {arm} | 1 | easy\\x1b[2J \\| x \\|\\n\\| fake | 2 | 50.0% [")
+        assert [len(re.findall(r"(?<!\\)\|", line)) for line in lines] == [8] * 3
+    plain = write_run(tmp_path / "p", 0.2, 0.3, 10.0, 9.0)
+    assert comparison_table({"a|b\n": [plain]}).splitlines()[2].startswith("| a\\|b\\n | 1 | 20.0% [")
+
+
+@pytest.mark.parametrize("difficulty", [["easy"], 3])
+def test_a_difficulty_that_is_no_string_is_named_not_a_traceback(tmp_path, capsys, difficulty):
+    """A list difficulty raised TypeError 'unhashable type', an int among strings "'<' not supported"."""
+    run = write_difficulty_run(tmp_path / "r", {"easy": (1, 2)}, {"easy": (1, 2)})
+    path = run / "eval" / "base.predictions.jsonl"
+    row = {"id": "x", "task": "reasoning", "prediction": "7", "gold": 7, "correct": True, "difficulty": difficulty}
+    path.write_text(path.read_text() + json.dumps(row) + "\n")
+    with pytest.raises(SystemExit) as e:
+        main(["--by-difficulty", str(run)])
+    error = capsys.readouterr().err.splitlines()[-1]
+    kind = type(difficulty).__name__
+    assert e.value.code == 2 and f"{path} has a prediction whose difficulty is of type {kind}: a difficulty" in error
+
+
+def test_a_reader_gone_from_stdout_ends_the_command_quietly_with_141(runs):
+    """``compare ... | head -1`` printed its usage and 'error: [Errno 32] Broken pipe' and exited 2."""
+    _, grpo = runs
+    read, write = os.pipe()
+    os.close(read)  # the reader has gone
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+    cmd = [sys.executable, "-m", "kimivl.rl.compare", str(grpo)]
+    done = subprocess.run(cmd, stdout=write, stderr=subprocess.PIPE, env=env, text=True, timeout=60)
+    os.close(write)
+    assert (done.returncode, done.stderr) == (141, "")

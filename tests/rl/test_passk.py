@@ -1,14 +1,18 @@
 import itertools
 import json
+import os
 import random
 import re
+import subprocess
+import sys
 from fractions import Fraction
+from pathlib import Path
 
 import pytest
 
 from kimivl.data.formats import write_records
 from kimivl.inference.sampling import SamplingParams
-from kimivl.rl.passk import count_correct, main, model_generator, pass_at_k, summarise
+from kimivl.rl.passk import count_correct, format_table, main, model_generator, pass_at_k, summarise
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 6])
@@ -115,6 +119,19 @@ def test_the_command_on_a_checkpoint(checkpoint, small_model, small_processor, t
         assert e.value.code == 2 and match in capsys.readouterr().err
 
 
+def test_a_difficulty_is_printed_as_one_cell_and_none_takes_the_total_rows_name():
+    """A difficulty's escapes (clearing the screen), ``|`` and newline went into the table as they were: cells and
+    rows that no problem made. Each is one cell now, written as its escapes; and 'all' would be the total row."""
+    name = "easy\x1b[2J | fake | 100.0% |\n| hard"
+    table = summarise([name, "hard"], [1, 0], n=1, ks=[1])
+    lines = format_table(table, [1]).splitlines()
+    assert len(lines) == 5 and "\x1b" not in "".join(lines)
+    assert lines[3] == "| easy\\x1b[2J \\| fake \\| 100.0% \\|\\n\\| hard | 1 | 100.0% | 0.0% | 100.0% |"
+    assert [len(re.findall(r"(?<!\\)\|", line)) for line in lines] == [6] * 5
+    with pytest.raises(ValueError, match="a difficulty is named 'all', as the table's row over every problem is"):
+        summarise(["all", "easy"], [1, 0], n=1, ks=[1])
+
+
 def test_difficulties_go_easy_medium_hard_as_elsewhere():
     """They were sorted by name (easy, hard, medium), unlike docs/rl.md and the comparison tables."""
     table = summarise(["hard", "odd", "easy", "medium", "hard"], [1, 2, 3, 4, 0], n=4, ks=[1])
@@ -147,11 +164,25 @@ def test_k_below_one_is_refused_before_any_model_is_loaded(k, capsys):
             r"has a meta.gold the reasoning reward cannot check \(ValueError: could not convert",
         ),
         ({"task": "gui", "gold": "OK"}, r"is a gui problem whose meta.box is 'missing'"),
+        (
+            {"task": "reasoning", "gold": 4, "difficulty": ["a"]},
+            'has a meta.difficulty of type list: .* string such as "easy"',
+        ),
+        (
+            {"task": "reasoning", "gold": 4, "difficulty": 3},
+            "has a meta.difficulty of type int: a difficulty is a label",
+        ),
+        (
+            {"task": "reasoning", "gold": 4, "difficulty": "all"},
+            "has meta.difficulty 'all', the name of the table's row",
+        ),
     ],
 )
 def test_a_problem_its_reward_cannot_check_is_refused_before_the_model_loads(tmp_path, capsys, meta, why):
-    """A gold the reward cannot read failed after all the sampling, naming no record (or a KeyError escaped);
-    passk now checks each problem as the rl stage does, naming the file and line."""
+    """A gold the reward cannot read failed after all the sampling, naming no record (or a KeyError escaped), as
+    did a difficulty that is a list ('unhashable type') or an int among strings ('<' not supported), while one named
+    'all' was silently replaced by the total row; passk now checks each problem as the rl stage does, naming the
+    file and line."""
     argv = ["--model", "no/such/dir", "--samples", "2", "--out", str(tmp_path / "pk.json"), *_problems(tmp_path)]
     with (tmp_path / "p.jsonl").open("a") as f:
         f.write("\n" + json.dumps({"messages": [{"role": "user", "content": "?"}], "meta": meta}) + "\n")
@@ -223,3 +254,19 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path, capsys, monkeypatch):
     argv = ["--model", "m", "--samples", "1", "--out", str(tmp_path / "pk.json"), *_problems(tmp_path)]
     assert main(argv) == 130
     assert capsys.readouterr().err == "\npython -m kimivl.rl.passk: interrupted\n"
+
+
+def test_a_reader_gone_from_stdout_exits_141_quietly_with_out_written(checkpoint, tmp_path):
+    """``passk ... | head -1``: printing the table (before --out was written) raised BrokenPipeError, a traceback
+    after all the sampling, and --out was never written. --out is written first now, and the command ends quietly
+    with 141, as ``kimivl`` does."""
+    out = tmp_path / "pk.json"
+    argv = ["--model", str(checkpoint), "--samples", "1", "--out", str(out), *_problems(tmp_path)]
+    read, write = os.pipe()
+    os.close(read)  # the reader has gone
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+    cmd = [sys.executable, "-m", "kimivl.rl.passk", *argv]
+    done = subprocess.run(cmd, stdout=write, stderr=subprocess.PIPE, env=env, text=True, timeout=300)
+    os.close(write)
+    assert done.returncode == 141 and "Error" not in done.stderr, done.stderr[-2000:]
+    assert json.loads(out.read_text())["correct"] in ([0, 0], [0, 1], [1, 0], [1, 1])

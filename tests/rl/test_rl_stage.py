@@ -161,15 +161,22 @@ def test_bad_rl_settings_are_recipe_errors(problems, tmp_path):
     [
         ({"curriculum": {0.0: {"medium": 1}}}, r"rl: curriculum phase 0.0 gives no weight to any difficulty present"),
         ({"stop": ["<|im_end|>", "<|endoftext|>"]}, r"rl: this tokenizer has no special token '<\|endoftext\|>'"),
-        ({"problems": 2, "bad": True}, r"data source 'bad': .*bad.jsonl:1 is no RL problem"),
+        ({"problems": 2, "bad": {}}, r"data source 'bad': .*bad.jsonl:1 is no RL problem"),
+        (  # a TypeError traceback ('unhashable type') as the sampler grouped the problems by difficulty
+            {"problems": 2, "bad": {"gold": 4, "difficulty": ["easy"]}},
+            r"data source 'bad': .*bad.jsonl:1 has a meta.difficulty of type list: a difficulty is a label",
+        ),
     ],
 )
 def test_an_rl_stage_s_data_is_checked_before_the_first_stage_trains(problems, tmp_path, capsys, rl, match):
-    """A curriculum weighing no difficulty the problems hold, a stop token the tokenizer lacks or a problem without a
-    gold answer failed when the rl stage started, after the stages before it had trained."""
-    (tmp_path / "bad.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "2 + 2?"}]}) + "\n")
+    """A curriculum weighing no difficulty the problems hold, a stop token the tokenizer lacks, a problem without a
+    gold answer or with a difficulty that is no string failed when the rl stage started, after the stages before it
+    had trained."""
     rl = {"problems": 2, "samples": 2, "max_new_tokens": 2, **rl}
-    sources = ["bad"] if rl.pop("bad", False) else ["p"]
+    bad = rl.pop("bad", None)
+    record = {"messages": [{"role": "user", "content": "2 + 2?"}], "meta": bad or {}}
+    (tmp_path / "bad.jsonl").write_text(json.dumps(record) + "\n")
+    sources = ["bad"] if bad is not None else ["p"]
     stages = [
         {"name": "sft", "kind": "joint", "steps": 1, "lr": 1e-3, "budget": 256, "mix": {"p": 1}},
         {"name": "rl", "kind": "rl", "steps": 2, "lr": 1e-3, "budget": 256, "sources": sources, "rl": rl},
