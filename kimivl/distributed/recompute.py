@@ -18,8 +18,9 @@ LAYERS = (DecoderLayer, EncoderBlock)
 
 
 def _checkpointed(forward, *args, **kwargs):
-    """``forward(*args, **kwargs)``, checkpointed while gradients are on and no inference cache is passed (a prefill
-    with a cache runs as usual); recomputed with the attention path of the forward."""
+    """``forward(*args, **kwargs)``, checkpointed while gradients are on and no inference cache is passed (a forward
+    with a cache is not differentiable: ``LanguageModel`` refuses one while anything requires gradients, and runs it
+    as usual when nothing does); recomputed with the attention path of the forward."""
     if is_grad_enabled() and kwargs.get("cache") is None:
         return checkpoint(forward, *args, use_reentrant=False, context_fn=recompute_contexts, **kwargs)
     return forward(*args, **kwargs)

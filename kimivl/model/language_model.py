@@ -64,10 +64,18 @@ class LanguageModel(nn.Module):
         tokens' latents and is extended in place (with ``cu_seqlens``, a packed row, only an empty cache: it takes the
         pack's latents, one sample after another); ``attention_mask`` (B, past + S), 1 for real tokens and 0 for
         padding (in any dtype; one row may be all padding, not the whole mask), is needed only for batches padded to
-        one length."""
+        one length. The cache is for inference: a forward given one is refused while gradients are on and anything
+        requires them."""
         b, s, _ = inputs_embeds.shape
         if b == 0 or s == 0:
             raise ValueError(f"no tokens to run: inputs of shape {tuple(inputs_embeds.shape)}; give at least one")
+        if cache is not None and torch.is_grad_enabled():
+            if inputs_embeds.requires_grad or any(p.requires_grad for p in self.parameters()):
+                raise ValueError(
+                    "a forward with a cache cannot be differentiated (the cache is written in place): the cache is "
+                    "for inference, run it under torch.no_grad() or torch.inference_mode(); for gradients, run the "
+                    "whole sequence without a cache"
+                )
         past = cache.length if cache is not None else 0
         key_valid, mask_facts = None, []  # the mask's facts are read with the positions' range, in one synchronisation
         if attention_mask is not None:

@@ -129,6 +129,30 @@ def test_context_limit_is_checked(tiny_model, tiny_config):
         tiny_model(torch.zeros(1, 2, dtype=torch.long), position_ids=torch.tensor([[0, n]]))
 
 
+def test_a_cached_forward_that_would_need_gradients_is_refused(tiny_model, tiny_config):
+    """Backward through a forward given a cache failed deep in autograd (latents written in place into views already
+    handed out); such a forward is refused up front, the cache untouched, and runs where no gradient is asked for."""
+    from kimivl.inference.cache import MLACache
+
+    lm = tiny_model.language_model
+    ids = torch.randint(0, 3000, (1, 5), generator=torch.Generator().manual_seed(0))
+    cache = MLACache(tiny_config.text_config, batch=1, max_len=8)
+    with pytest.raises(ValueError, match=r"the cache is for inference, run it under torch.no_grad\(\)"):
+        lm(tiny_model.embed(ids), cache=cache)  # trainable weights
+    tiny_model.requires_grad_(False)
+    with pytest.raises(ValueError, match="the cache is for inference"):
+        lm(tiny_model.embed(ids).requires_grad_(), cache=cache)  # frozen weights, but inputs that want a gradient
+    assert cache.length == 0 and cache.nbytes() == 0
+    with torch.no_grad():
+        plain = lm(tiny_model.embed(ids))
+    frozen = lm(tiny_model.embed(ids), cache=cache)  # gradients on, but nothing to differentiate
+    tiny_model.requires_grad_(True)
+    with torch.no_grad():
+        step = lm(tiny_model.embed(ids[:, :1]), position_ids=torch.tensor([[5]]), cache=cache)
+    assert cache.length == 6 and not frozen.requires_grad and step.shape == (1, 1, tiny_config.text_config.hidden_size)
+    torch.testing.assert_close(frozen, plain, rtol=1e-5, atol=1e-6)
+
+
 def test_loss_in_chunks_equals_the_plain_loss_under_autocast(tiny_model, monkeypatch):
     import kimivl.model.target_logprobs as head_loss
 
