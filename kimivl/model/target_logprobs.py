@@ -71,7 +71,8 @@ def _logits(hidden_ND, weight_VD, dtype):
 
 class _ChunkedLogprobs(torch.autograd.Function):
     """Chunks of positions with at most ``limit`` logits; keeps each position's log-sum-exp and recomputes its
-    logits in backward."""
+    logits in backward, where only the gradients asked for are computed (a frozen head's is neither allocated nor
+    multiplied out)."""
 
     @staticmethod
     def forward(ctx, hidden_ND, weight_VD, targets_N, dtype, limit):
@@ -92,10 +93,13 @@ class _ChunkedLogprobs(torch.autograd.Function):
     def backward(ctx, grad_N):
         hidden_ND, weight_VD, targets_N, lse_N = ctx.saved_tensors
         dtype, rows, block = ctx.dtype, ctx.rows, ctx.block
-        grad_hidden = torch.empty_like(hidden_ND)
-        grad_weight = torch.zeros(
-            weight_VD.shape, dtype=torch.promote_types(weight_VD.dtype, torch.float32), device=weight_VD.device
-        )
+        want_hidden, want_weight = ctx.needs_input_grad[:2]
+        grad_hidden = torch.empty_like(hidden_ND) if want_hidden else None
+        grad_weight = None
+        if want_weight:
+            grad_weight = torch.zeros(
+                weight_VD.shape, dtype=torch.promote_types(weight_VD.dtype, torch.float32), device=weight_VD.device
+            )
         w = weight_VD.to(dtype)
         with torch.autocast(hidden_ND.device.type, enabled=False):
             for s in range(0, len(targets_N), rows):
@@ -104,7 +108,11 @@ class _ChunkedLogprobs(torch.autograd.Function):
                 probs_nV = (_logits(h, w, dtype) - lse_N[s : s + rows, None]).exp_()
                 probs_nV[torch.arange(len(h), device=h.device), targets_N[s : s + rows]] -= 1
                 g_nV = (probs_nV * -grad_N[s : s + rows, None]).to(dtype)
-                grad_hidden[s : s + rows] = g_nV @ w
-                for v in range(0, len(w), block):  # vocabulary blocks bound the float32 copy of the product
-                    grad_weight[v : v + block] += g_nV[:, v : v + block].T @ h
-        return grad_hidden, grad_weight.to(weight_VD.dtype), None, None, None
+                if want_hidden:
+                    grad_hidden[s : s + rows] = g_nV @ w
+                if want_weight:
+                    for v in range(0, len(w), block):  # vocabulary blocks bound the float32 copy of the product
+                        grad_weight[v : v + block] += g_nV[:, v : v + block].T @ h
+        if want_weight:
+            grad_weight = grad_weight.to(weight_VD.dtype)
+        return grad_hidden, grad_weight, None, None, None

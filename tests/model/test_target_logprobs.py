@@ -1,6 +1,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from kimivl.model.target_logprobs import target_logprobs
 
@@ -29,6 +30,28 @@ def test_equals_full_log_softmax_with_gradients(limit):
     for a, b in zip(got, want):  # float64 throughout (the log-probs were float32)
         assert a.dtype == torch.float64
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("frozen", ["weight", "hidden"])
+def test_chunks_skip_the_gradient_of_a_frozen_input(frozen):
+    """With a frozen head, backward still allocated the head's (vocab, D) float32 gradient and multiplied it out: a
+    third of its matmul work wasted. The other input's gradient is unchanged, and the frozen one gets none."""
+    torch.manual_seed(3)
+    n, v, d = 23, 50, 16
+    hidden, weight = torch.randn(n, d, dtype=torch.float64), torch.randn(v, d, dtype=torch.float64)
+    targets, upstream = torch.randint(0, v, (n,)), torch.randn(n, dtype=torch.float64)
+    _, want_hidden, want_weight = grads(reference, hidden, weight, targets, upstream)
+    h, w = hidden.clone().requires_grad_(frozen != "hidden"), weight.clone().requires_grad_(frozen != "weight")
+    out = target_logprobs(h, w, targets, limit=7 * v)
+    with FlopCounterMode(display=False) as flops:
+        (out * upstream).sum().backward()
+    assert flops.get_total_flops() == 2 * (2 * n * v * d)  # the logits again, and the one gradient asked for
+    if frozen == "weight":
+        assert w.grad is None
+        torch.testing.assert_close(h.grad, want_hidden, rtol=1e-12, atol=1e-12)
+    else:
+        assert h.grad is None
+        torch.testing.assert_close(w.grad, want_weight, rtol=1e-12, atol=1e-12)
 
 
 def test_chunks_follow_autocast_like_the_linear_head():
