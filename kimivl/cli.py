@@ -398,7 +398,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def _session(model, processor, images: list[str | bytes], video: str | bytes | None, sampling: dict) -> int:
     """The interactive chat: each question is answered with the conversation so far (the media in its first
-    question); when they no longer fit the model's context, its earliest exchanges are dropped. Piped, stdout holds
+    question); when they no longer fit the model's context, its earliest exchanges are dropped. Question n (from 1)
+    is sampled with seed ``seed + n - 1``: reproducible, and no turn repeats another's draws. Piped, stdout holds
     one answer per question, an empty line for a question refused, and a refused question makes the session exit 2
     at its end."""
     from kimivl.processing.chat_template import DEFAULT_SYSTEM_PROMPT
@@ -466,7 +467,8 @@ def _session(model, processor, images: list[str | bytes], video: str | bytes | N
                 )
                 del history[: 2 * drop], sizes[:drop]
             history.append(message)
-            answer = _answer(model, processor, history, sampling)
+            turn = {**sampling, "seed": (sampling["seed"] + len(asked_lines) - 1) % 2**64}  # turns draw apart
+            answer = _answer(model, processor, history, turn)
         except KeyboardInterrupt:
             print(flush=True)
             print("kimivl chat: stopped; the question is dropped from the conversation", file=sys.stderr)
@@ -1016,7 +1018,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-new-tokens", type=int, help=f"{given} 512")
     chat.add_argument("--temperature", type=float, help=f"0 for greedy ({given} 0.2, as for Instruct)")
     chat.add_argument("--top-p", type=float, help=f"{given} 1.0")
-    chat.add_argument("--seed", type=int, default=0, help="the sampling seed (default %(default)s)")
+    chat.add_argument(
+        "--seed", type=int, default=0, help="the sampling seed; a session's question n uses seed + n - 1 (default 0)"
+    )
     chat.add_argument(
         "--dtype",
         choices=["bfloat16", "float32"],

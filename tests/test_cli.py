@@ -397,6 +397,27 @@ def test_a_piped_session_prints_the_answers_alone_and_a_closed_stdin_is_refused(
     assert not loaded
 
 
+@pytest.mark.parametrize("seed, seeds", [(5, [5, 6, 7]), (2**64 - 2, [2**64 - 2, 2**64 - 1, 0])])
+def test_each_question_of_a_session_draws_with_a_seed_of_its_own(checkpoint, monkeypatch, capsys, seed, seeds):
+    """Every turn was sampled with the same --seed, so the same question asked twice at temperature 1 gave the same
+    answer again (3 sessions in 20 for a probe), and turns drew correlated tokens: question n uses seed + n - 1."""
+    import sys
+
+    used = []
+
+    def stream(model, processor, messages, **sampling):
+        used.append(sampling["seed"])
+        yield "a"
+
+    monkeypatch.setattr("kimivl.inference.chat.stream_generate", stream)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"q\n\nq\nq\n"), encoding="utf-8"))
+    assert main(["chat", "--model", str(checkpoint), "--temperature", "1", "--seed", str(seed)]) == 0
+    assert used == seeds and capsys.readouterr().out == "a\na\na\n"
+    used.clear()
+    assert main(["chat", "--model", str(checkpoint), "--temperature", "1", "--seed", str(seed), "q"]) == 0
+    assert used == seeds[:1]  # a one-question chat draws as a session's first question
+
+
 def test_a_question_from_a_terminal_that_is_not_utf8_reaches_the_model_as_typed(checkpoint, monkeypatch, capsys):
     """Under LC_ALL=C (no UTF-8 mode) Python reads "café" as lone surrogates, which reached the model as U+FFFD,
     typed or as the argument; in a UTF-8 locale a line that is not UTF-8 (a Latin-1 terminal) ended the session."""
@@ -659,7 +680,7 @@ def test_path_flags_expand_a_tilde(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "argv,flag,text",
     [
-        (["chat"], "--seed SEED", "the sampling seed (default 0)"),
+        (["chat"], "--seed SEED", "the sampling seed; a session's question n uses seed + n - 1 (default 0)"),
         (["serve"], "--port PORT", "port to listen on (default 8000)"),
         (["eval"], "--batch-size BATCH_SIZE", "rows generated together (default 8)"),
         (["demo"], "--examples EXAMPLES", "held-out split directory (default: the bundled examples/heldout)"),
