@@ -42,12 +42,17 @@ PREFILL_BURST = 4  # prefill_chunks per turn while more prompts wait than rows d
 def token_logprobs(logits: torch.Tensor, tokens: list[int], tops: list[int]) -> list[tuple]:
     """Per row of ``logits`` (rows, vocab; raw, before temperature and top-p): ``(token, logprob, top)``, the
     float32 log-softmax over the vocabulary at its chosen token ``tokens[i]`` and ``top``, its ``tops[i]`` most likely
-    tokens as ``(token, logprob)``, most likely first."""
+    tokens as ``(token, logprob)``, most likely first, equal ones lowest id first (as greedy decoding and top-p break
+    ties: a greedy token is always the first, which ``topk``'s own order among ties does not keep)."""
     logprobs = logits.float().log_softmax(-1)
     chosen = logprobs.gather(1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0].tolist()
-    values, ids = logprobs.topk(max(tops), -1)
-    values, ids = values.tolist(), ids.tolist()
-    return [(t, lp, list(zip(ids[i][:k], values[i][:k]))) for i, (t, lp, k) in enumerate(zip(tokens, chosen, tops))]
+    least = logprobs.topk(max(1, *tops), -1).values[:, -1:]
+    rows = []
+    for i, (token, logprob, k) in enumerate(zip(tokens, chosen, tops)):
+        ids = (logprobs[i] >= least[i]).nonzero()[:, 0]  # the most likely, any tied with the last of them too: by id
+        values, order = logprobs[i, ids].sort(descending=True, stable=True)
+        rows.append((token, logprob, list(zip(ids[order[:k]].tolist(), values[:k].tolist()))))
+    return rows
 
 
 class QueueFull(RuntimeError):

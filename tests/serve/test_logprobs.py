@@ -319,3 +319,25 @@ def test_the_openai_client_reads_the_logprobs_into_its_types(tiny):
         assert isinstance(e.token, str) and isinstance(e.logprob, float) and e.bytes == list(e.token.encode())
         assert len(e.top_logprobs) == 3 and all(isinstance(t, TopLogprob) for t in e.top_logprobs)
         assert all((t.bytes is None) == (t.token in special) for t in e.top_logprobs)
+
+
+def test_tied_tokens_are_listed_lowest_id_first_so_a_greedy_token_leads():
+    """Greedy decoding picks the lowest id among tied logits, but ``topk`` ordered ties as it liked: in bf16 (where
+    ties are common) a greedy token came second behind its tie in 5 of 2,012 steps, and with top_logprobs 1 it was
+    missing from its own list. Ties are now listed by id, at the cut of the k most likely too."""
+    token_logprobs = engine_module.token_logprobs
+    logits = torch.zeros(4, 64)
+    logits[:, [50, 9, 33]] = 3.0  # a three-way tie at the top
+    logits[:, 20] = 2.0
+    logits[:, [60, 5]] = 1.0  # a tie across the cut of the 5 most likely
+    greedy = logits.argmax(-1).tolist()
+    rows = token_logprobs(logits, greedy, [1, 3, 5, 6])
+    want = logits.log_softmax(-1)[0]
+    assert [t for t, _, _ in rows] == [9] * 4
+    for (_, lp, top), ids in zip(rows, ([9], [9, 33, 50], [9, 33, 50, 20, 5], [9, 33, 50, 20, 5, 60])):
+        assert [i for i, _ in top] == ids
+        assert [v for _, v in top] == pytest.approx(want[ids].tolist(), abs=1e-6) and lp == top[0][1]
+    assert token_logprobs(logits[:2], [9, 20], [0, 0]) == [
+        (9, pytest.approx(want[9].item()), []),
+        (20, pytest.approx(want[20].item()), []),
+    ]
