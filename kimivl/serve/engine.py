@@ -46,13 +46,26 @@ def token_logprobs(logits: torch.Tensor, tokens: list[int], tops: list[int]) -> 
     ties: a greedy token is always the first, which ``topk``'s own order among ties does not keep)."""
     logprobs = logits.float().log_softmax(-1)
     chosen = logprobs.gather(1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0].tolist()
-    least = logprobs.topk(max(1, *tops), -1).values[:, -1:]
-    rows = []
-    for i, (token, logprob, k) in enumerate(zip(tokens, chosen, tops)):
-        ids = (logprobs[i] >= least[i]).nonzero()[:, 0]  # the most likely, any tied with the last of them too: by id
-        values, order = logprobs[i, ids].sort(descending=True, stable=True)
-        rows.append((token, logprob, list(zip(ids[order[:k]].tolist(), values[:k].tolist()))))
-    return rows
+    k = max(tops)
+    if k == 0:
+        return [(t, lp, []) for t, lp in zip(tokens, chosen)]
+    vocab = logprobs.shape[-1]
+    values, ids = logprobs.topk(min(k + 1, vocab), -1)  # one more: whether a tie crosses the cut
+    cut = (values[:, k] == values[:, k - 1]).nonzero()[:, 0] if k < vocab else values.new_empty(0, dtype=torch.long)
+    values, ids = values[:, :k], ids[:, :k]
+    ids, by_id = ids.sort(-1)
+    values, order = values.gather(-1, by_id).sort(dim=-1, descending=True, stable=True)  # equal values stay by id
+    ids = ids.gather(-1, order)
+    if len(cut):  # (rare) topk chose among the tokens tied at the cut: every more likely one, then the lowest ids
+        least = values[cut, -1:]
+        above = (values[cut] > least).sum(-1, keepdim=True)
+        lowest = torch.arange(vocab, 0, -1, device=logits.device)
+        tied = torch.where(logprobs[cut] == least, lowest, 0).topk(k, -1).indices  # by id
+        j = torch.arange(k, device=logits.device)
+        ids[cut] = torch.where(j < above, ids[cut], tied.gather(-1, (j - above).clamp(min=0)))
+        values[cut] = torch.where(j < above, values[cut], least)
+    values, ids = values.tolist(), ids.tolist()
+    return [(t, lp, list(zip(ids[i][:n], values[i][:n]))) for i, (t, lp, n) in enumerate(zip(tokens, chosen, tops))]
 
 
 class QueueFull(RuntimeError):
