@@ -119,6 +119,36 @@ def test_an_edit_that_keeps_the_size_is_refused_too(tmp_path):
         records[1]
 
 
+def _next_tick(tmp_path, st: os.stat_result) -> None:
+    """Wait until a change gets a later ctime than ``st``'s: timestamps are coarse (a clock tick or more)."""
+    tick = tmp_path / "tick"
+    tick.touch()
+    while tick.stat().st_ctime_ns <= st.st_ctime_ns:
+        tick.touch()
+
+
+@pytest.mark.parametrize("how", ["chmod", "hard link", "same bytes renamed over"])
+def test_a_change_of_metadata_alone_is_no_change(tmp_path, how):
+    """With the ctime in the stamp, a ``chmod -R g+r data/`` or a backup hard-linking the file (``cp -al``,
+    rsnapshot) stopped a training run as if the data had changed: a moved ctime now has the bytes compared."""
+    path = _conversations(tmp_path)
+    records = JsonlRecords(path, text=False)
+    want, where = records[1], records.where(1)
+    st = path.stat()
+    _next_tick(tmp_path, st)
+    if how == "chmod":
+        path.chmod(0o640)
+    elif how == "hard link":
+        os.link(path, tmp_path / "snapshot.jsonl")
+    else:
+        copy = tmp_path / "copy.jsonl"
+        copy.write_bytes(path.read_bytes())
+        os.utime(copy, ns=(st.st_atime_ns, st.st_mtime_ns))
+        os.replace(copy, path)
+    assert path.stat().st_ctime_ns != st.st_ctime_ns
+    assert records[1] == want and records.where(1) == where
+
+
 @pytest.mark.parametrize("how", ["in place", "renamed over"])
 def test_a_same_size_file_with_the_old_mtime_is_refused(tmp_path, how):
     """Other content of the same size with the old mtime copied (``cp -p`` onto the file, or ``rsync -t`` and
@@ -126,10 +156,7 @@ def test_a_same_size_file_with_the_old_mtime_is_refused(tmp_path, how):
     path = _conversations(tmp_path)
     records = JsonlRecords(path, text=False)
     st = path.stat()
-    tick = tmp_path / "tick"  # timestamps are coarse (a clock tick or more): wait until a write gets a later ctime
-    tick.touch()
-    while tick.stat().st_ctime_ns <= st.st_ctime_ns:
-        tick.touch()
+    _next_tick(tmp_path, st)
     other = path.read_bytes().replace(b'"q1 ', b'"q9 ')
     new = path if how == "in place" else tmp_path / "new.jsonl"
     new.write_bytes(other)
