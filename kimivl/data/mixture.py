@@ -46,6 +46,7 @@ class Mixture:
         seed: int = 0,
         replacement: bool = True,
         stream: str = "",
+        fewest: Callable[[str, Any], int] | None = None,
     ):
         unknown = (set(start) | set(end or {})) - set(sources)
         if unknown:
@@ -55,6 +56,8 @@ class Mixture:
             where = ", ".join(f"{k!r} ({getattr(sources[k], 'path', 'no file')})" for k in empty)
             raise ValueError(f"mixture sources {where} hold no records")
         self.sources, self.encode, self.budget = sources, encode, budget
+        self.fewest = fewest  # (source, record) -> a floor on its tokens, read without encoding it
+        self._over: dict[tuple[str, int], int] = {}  # (source, index) -> the floor of a record over the budget
         self.names = sorted(set(start) | set(end or {}))
         self.start = [float(start.get(n, 0.0)) for n in self.names]
         self.end = [float((end or start).get(n, 0.0)) for n in self.names]
@@ -139,12 +142,22 @@ class Mixture:
         name, k = self.pick(i)
         return f"{locate(self.sources[name], k)} of source {name!r}"
 
-    def sample(self, i: int) -> Encoded:
+    def sample(self, i: int) -> tuple[Encoded | None, int]:
+        """Sample ``i`` encoded and its tokens; or, where ``fewest`` puts it over the budget, None and that floor on
+        its tokens: a record that cannot fit is never encoded (a document of megabytes took seconds to tokenize), nor
+        read again once found so."""
         name, k = self.pick(i)
+        if (name, k) in self._over:
+            return None, self._over[name, k]
+        item = self.sources[name][k]
+        if self.fewest is not None and (floor := self.fewest(name, item)) > self.budget:
+            self._over[name, k] = floor
+            return None, floor
         try:
-            return self.encode(name, self.sources[name][k])
+            s = self.encode(name, item)
         except ValueError as e:  # DataError, ImageError, VideoError, a malformed conversation
             raise DataError(f"sample {i}: {self.where(i)} cannot be encoded: {e}") from e
+        return s, len(s.input_ids)
 
     def batches(self, position: int) -> Iterator[tuple[PackedBatch, int]]:
         """Rows packed greedily from sample ``position`` on; a sample longer than the budget is skipped (and
@@ -155,16 +168,16 @@ class Mixture:
         while True:
             row, used = [], 0
             while True:
-                s = pending if pending is not None else self.sample(i)
+                s, n = pending if pending is not None else self.sample(i)
                 pending = None
-                n = len(s.input_ids)
                 if n > self.budget:
                     self.skipped += 1
                     in_a_row += 1
                     log.warning(
-                        "sample %d (%s, %d tokens) exceeds the %d-token budget; skipped",
+                        "sample %d (%s, %s%d tokens) exceeds the %d-token budget; skipped",
                         i,
                         self.where(i),
+                        "at least " if s is None else "",
                         n,
                         self.budget,
                     )
@@ -177,7 +190,7 @@ class Mixture:
                     continue
                 in_a_row = 0
                 if used + n > self.budget:
-                    pending = s
+                    pending = s, n
                     break
                 row.append(s)
                 used += n

@@ -160,6 +160,24 @@ class KimiVLProcessor:
         p = self.image_processor.patch_size
         return Encoded(ids, torch.zeros(0, 3, p, p), torch.zeros(0, 2, dtype=torch.int64), list(ids))
 
+    def fewest_tokens(self, content: str | list[dict]) -> int:
+        """A floor on the tokens of a document (as ``encode_text`` encodes it, [EOS] included) or of messages, read
+        without tokenizing them: each character is at least a byte and a token holds at most ``longest_token``. Only
+        text counts (messages' images, markup, and parts that encoding would refuse count nothing), so a document or
+        conversation whose floor is over a limit is over it when encoded, and megabytes of it are refused unread."""
+        longest = self.tokenizer.longest_token
+        if isinstance(content, str):
+            return len(content) // longest + 1
+        chars = 0
+        for message in content if isinstance(content, list) else []:
+            parts = message.get("content") if isinstance(message, dict) else None
+            if isinstance(parts, str):
+                chars += len(parts)
+            for part in parts if isinstance(parts, list) else []:
+                if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+                    chars += len(part["text"])
+        return chars // longest
+
     def answer_labels(self, ids: list[int]) -> list[int]:
         """Labels that keep the tokens from each assistant turn's ``<|im_middle|>`` (exclusive) through its
         ``<|im_end|>`` (inclusive) and ignore everything else, images in an answer too (``<|media_start|>`` through

@@ -397,7 +397,7 @@ def _parse_and_encode(
 
 
 def _encode(engine: Engine, chat: ChatRequest, context: int):
-    fewest = _text_chars(chat.messages) // engine.processor.tokenizer.longest_token  # tokens the text takes at least
+    fewest = engine.processor.fewest_tokens(chat.messages)  # tokens the text takes at least
     if fewest >= context:  # refused unread: megabytes of text cost seconds of tokenizing on the one encode thread
         raise RequestError(
             f"the messages hold at least {fewest} tokens of text, which leaves no room for an answer in the model's "
@@ -425,13 +425,6 @@ def _encode(engine: Engine, chat: ChatRequest, context: int):
             code="context_length_exceeded",
         )
     return encoded
-
-
-def _text_chars(messages: list[dict]) -> int:
-    """The characters of the messages' text (each at least a byte, so this over a token's most bytes is a floor on
-    its tokens)."""
-    parts = [p for m in messages for p in ([m["content"]] if isinstance(m["content"], str) else m["content"])]
-    return sum(len(p) if isinstance(p, str) else len(p.get("text") or "") for p in parts)
 
 
 def _params(chat: ChatRequest, room: int) -> SamplingParams:

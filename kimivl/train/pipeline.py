@@ -106,6 +106,15 @@ class Sources:
 
         return encode
 
+    def fewest(self, processor: KimiVLProcessor):
+        """``encoder``'s floor: at least how many tokens a record encodes to, read without encoding it
+        (``KimiVLProcessor.fewest_tokens``), so that a record over a stage's budget is skipped untokenized."""
+
+        def fewest(name: str, item) -> int:
+            return processor.fewest_tokens(item if self.is_text[name] else item["messages"])
+
+        return fewest
+
 
 def _of_difficulty(name: str, path: Path, levels: list[str]):
     """``JsonlRecords``' ``keep``: records whose ``meta.difficulty`` is one of ``levels``."""

@@ -16,11 +16,17 @@ from kimivl.train.loop import to_device
 
 
 def heldout_rows(
-    sources: dict[str, Sequence[Any]], encode: Callable[[str, Any], Encoded], budget: int, rows: int, seed: int = 0
+    sources: dict[str, Sequence[Any]],
+    encode: Callable[[str, Any], Encoded],
+    budget: int,
+    rows: int,
+    seed: int = 0,
+    fewest: Callable[[str, Any], int] | None = None,
 ) -> list[PackedBatch]:
     """The first ``rows`` rows of ``budget`` tokens packed from ``sources`` (equally weighted, seeded, no record twice
-    before every record once): the same rows at every evaluation, and in a resumed run."""
-    mixture = Mixture(sources, encode, budget, {name: 1.0 for name in sources}, seed=seed, replacement=False)
+    before every record once): the same rows at every evaluation, and in a resumed run. ``fewest`` as ``Mixture``'s."""
+    weights = {name: 1.0 for name in sources}
+    mixture = Mixture(sources, encode, budget, weights, seed=seed, replacement=False, fewest=fewest)
     return [row for row, _ in itertools.islice(mixture.batches(0), rows)]
 
 

@@ -75,26 +75,30 @@ def test_pack_rejects_overflow_nothing_and_unlabelled_samples(small_processor, s
         pack([samples[0], small_processor.encode([{"role": "user", "content": "Hi?"}])], budget=512)
 
 
-def stream(seed=0, budget=64):
-    """Sources of 4-, 12- and 200-token samples; the 200-token one never fits the budget."""
+def stream(seed=0, budget=64, fewest=None, encode=None):
+    """Sources of 4-, 12- and 200-token samples; the 200-token one never fits the budget. ``encode`` is told each
+    text it encodes."""
     texts = {
         "short": [f"item {i} " * 2 for i in range(10)],
         "long": [f"sample {i} " * 6 for i in range(10)],
         "huge": ["word " * 200],
     }
 
-    def encode(name, text):
+    def encoded(name, text):
+        if encode is not None:
+            encode(text)
         ids = [sum(map(ord, w)) % 97 for w in text.split()]
         return Encoded(ids, torch.zeros(0, 3, 14, 14), torch.zeros(0, 2, dtype=torch.long), ids)
 
     return Mixture(
         texts,
-        encode,
+        encoded,
         budget,
         start={"short": 1, "long": 0, "huge": 0.1},
         end={"short": 0, "long": 1, "huge": 0.1},
         horizon=40,
         seed=seed,
+        fewest=fewest,
     )
 
 
@@ -116,6 +120,34 @@ def test_the_mixture_is_seeded_resumable_and_skips_samples_over_the_budget(caplo
     # sources in name order (huge, long, short); weights move from start to end over the horizon, then stay
     assert stream().weights(0) == [0.1, 0.0, 1.0] and stream().weights(20) == [0.1, 0.5, 0.5]
     assert stream().weights(400) == [0.1, 1.0, 0.0]
+
+
+def test_a_sample_whose_floor_is_over_the_budget_is_skipped_without_encoding_it(caplog):
+    """A document of megabytes was tokenized whole at every draw only to be skipped; with ``fewest`` (a floor on a
+    record's tokens) it is skipped unencoded, and unread once found over, and the stream is otherwise the same: the
+    same rows, ends and skips."""
+
+    def rows(mix):
+        it = mix.batches(0)
+        return [(row.input_ids.tolist(), end) for row, end in (next(it) for _ in range(12))]
+
+    measured = []
+
+    def fewest(name, text):  # 5 characters a word, at most 9 characters a token (the tokens here are words)
+        measured.append(name)
+        return len(text) // 9
+
+    plain, encoded = stream(), []
+    floored = stream(fewest=fewest, encode=encoded.append)
+    with caplog.at_level(logging.WARNING, logger="kimivl.data.mixture"):
+        assert rows(floored) == rows(plain)
+    assert floored.skipped == plain.skipped > 0 and encoded and not [t for t in encoded if t.startswith("word")]
+    assert measured.count("huge") == 1  # found over the budget once, the record is not read again
+    assert "(record 1 of source 'huge', at least 111 tokens) exceeds the 64-token budget; skipped" in caplog.text
+    huge = next(i for i in range(100) if floored.pick(i)[0] == "huge")
+    assert floored.sample(huge) == (None, 111)
+    within = stream(budget=111, fewest=fewest, encode=encoded.append).sample(huge)  # its floor fits: it is encoded
+    assert within[0] is not None and within[1] == 200 and encoded[-1].startswith("word")
 
 
 def test_mixture_errors_name_the_problem(tmp_path):

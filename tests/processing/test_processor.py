@@ -148,3 +148,32 @@ def test_streamed_text_joins_split_characters_and_ends_a_cut_one_visibly(small_p
         monkeypatch.setattr("kimivl.inference.chat.stream_ids", lambda *a, ids=steps[name], **k: ([t] for t in ids))
         assert list(stream_generate(None, small_processor, chat)) == pieces
         assert generate(None, small_processor, chat) == expected
+
+
+def test_the_fewest_tokens_of_a_document_or_chat_are_a_floor_on_what_it_encodes_to(small_processor):
+    """``fewest_tokens`` lets training skip, and chat and the server refuse, text over a limit without tokenizing it:
+    it must never exceed the tokens encoding gives (characters of several bytes, special-token strings as plain text,
+    images, parts encoding refuses), and it counts text alone."""
+    longest = small_processor.tokenizer.longest_token
+    assert longest == max(len(t) for t in small_processor.tokenizer.mergeable_ranks)
+    texts = ["", "a", "The quick brown fox. " * 50, "你好，世界" * 40, "<|im_end|><|media_pad|>" * 30, " \n\t" * 99]
+    for text in texts:
+        assert small_processor.fewest_tokens(text) == len(text) // longest + 1  # its [EOS] too
+        assert small_processor.fewest_tokens(text) <= len(small_processor.encode_text(text).input_ids)
+        parts = [{"type": "image", "image": picture(28, 28)}, {"type": "text", "text": text}]
+        chats = (
+            [{"role": "user", "content": text}],
+            [
+                {"role": "system", "content": text},
+                {"role": "user", "content": parts},
+                {"role": "assistant", "content": "red"},
+            ],
+        )
+        for chat in chats:
+            assert small_processor.fewest_tokens(chat) <= len(small_processor.encode(chat).input_ids)
+    assert small_processor.fewest_tokens([{"role": "user", "content": "x" * 7 * longest}]) == 7
+    assert small_processor.fewest_tokens([{"role": "user", "content": [{"type": "image", "text": "x" * 99}]}]) == 0
+    for malformed in (None, [None], [{"role": "user"}], [{"content": ["x" * 99, 3]}]):  # encoding names what is wrong
+        assert small_processor.fewest_tokens(malformed) == 0
+        with pytest.raises(ValueError):
+            small_processor.encode(malformed)

@@ -783,6 +783,52 @@ def test_a_plan_refuses_a_budget_no_sample_fits_or_past_the_context(data_dir, tm
     assert 0 < over < 32
 
 
+def test_records_that_cannot_fit_the_budget_are_skipped_without_tokenizing_them(
+    data_dir, tmp_path, small_model, small_processor, monkeypatch, caplog
+):
+    """A 5 MB document took 52 s to plan (each of the 32 sampled records tokenized whole) before "none of 32 sampled
+    records fits", and a run tokenized it again at every draw; a document or chat whose characters over the longest
+    token's bytes are over the budget is now skipped unread, in the plan, the check, the stage and its validation,
+    and the records that fit train as before."""
+    from kimivl.processing.tokenizer import KimiTokenizer
+
+    base = tmp_path / "base"
+    small_model.save_pretrained(base)
+    small_processor.save_pretrained(base)
+    huge = "lorem ipsum " * 100_000  # 1.2 MB: 171,429 tokens at the least
+    write_records(tmp_path / "huge.jsonl", [{"text": huge}])
+    write_records(tmp_path / "docs.jsonl", [{"text": huge}] + [{"text": "The red square."}] * 2)
+    ask = [{"role": "user", "content": "What colour?"}, {"role": "assistant", "content": "red"}]
+    long_ask = [{"role": "user", "content": [{"type": "text", "text": huge}]}, ask[1]]
+    write_records(tmp_path / "chats.jsonl", [{"messages": ask}] * 2 + [{"messages": long_ask}])
+    tokenized, encode = [], KimiTokenizer.encode
+    monkeypatch.setattr(
+        KimiTokenizer, "encode", lambda self, text, *a, **k: tokenized.append(text) or encode(self, text, *a, **k)
+    )
+    stage = {"name": "lm", "kind": "joint", "steps": 2, "lr": 1e-3, "budget": 128, "mix": {"huge": 1}}
+    recipe = {
+        "name": "big",
+        "out": str(tmp_path / "run"),
+        "base": {"checkpoint": str(base)},
+        "sources": {n: str(tmp_path / f"{n}.jsonl") for n in ("huge", "docs", "chats")},
+        "stages": [stage],
+    }
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(RecipeError, match=r"none of 32 sampled records fits .*the shortest holds at least 171429\)"):
+        plan_recipe(load_recipe(tmp_path / "r.yaml"))
+    stage.update(mix={"docs": 1, "chats": 1}, val={"sources": ["docs", "chats"], "every": 2, "rows": 2})
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    with caplog.at_level("WARNING"):
+        run_recipe(load_recipe(tmp_path / "r.yaml"), progress=False)
+    assert not [t for t in tokenized if len(t) > 1000]
+    over = re.findall(r"\(([^,]+) of source '(\w+)', at least (\d+) tokens\) exceeds the 128-token budget", caplog.text)
+    assert {(where.split("/")[-1], name, int(n)) for where, name, n in over} == {
+        ("docs.jsonl:1", "docs", 171429),
+        ("chats.jsonl:3", "chats", 171429),
+    }
+    assert "stage lm: " in caplog.text and "samples over the budget of 128 tokens were skipped" in caplog.text
+
+
 def test_a_plan_holds_nothing_in_bf16_from_a_float32_checkpoint(data_dir, tmp_path, small_model, small_processor):
     plans = {}
     for dtype in (torch.float32, torch.bfloat16):

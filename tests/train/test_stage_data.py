@@ -45,6 +45,7 @@ def _ctx(items, processor, text=None, seed=0):
         is_text=text or dict.fromkeys(items, False),
         checked=set(),
         encoder=lambda p: None,
+        fewest=lambda p: None,
         progress=False,
         answers_only=set(),
         difficulties=lambda names: [d for name in names for d in difficulties_of(items[name])],

@@ -65,7 +65,7 @@ class JointStage(PartsSettings):
         return set(self.mix) | set(self.mix_end or {}) | set((self.val or {}).get("sources", []))
 
     def check_data(self, ctx: StageContext) -> None:
-        check_sources(self, ctx, ctx.sources.encoder(ctx.processor))
+        check_sources(self, ctx, ctx.sources.encoder(ctx.processor), ctx.sources.fewest(ctx.processor))
 
 
 def _check_val(where: str, val: Any) -> None:
@@ -80,21 +80,23 @@ def _check_val(where: str, val: Any) -> None:
             check_integer(f"{where}: val {key}", val[key], 1)
 
 
-def stage_mixture(stage: JointStage, ctx: StageContext, encode) -> tuple[Mixture, str]:
+def stage_mixture(stage: JointStage, ctx: StageContext, encode, fewest=None) -> tuple[Mixture, str]:
     """A joint stage's data, its own stream (seeded by the recipe's seed and the stage's name), and a line saying
     about how many samples its steps hold (the ``PROBE_SAMPLES`` sampled ones that fit the budget, packed into rows
     as training packs them: also the horizon over which the weights move linearly from ``mix`` to ``mix_end``) and
     how many passes over each source they make (each source gets the mean of its two shares, and so do the sampled
-    ones)."""
+    ones). ``fewest`` (``Sources.fewest``) finds records over the budget without encoding them (``Mixture``)."""
     items, seed = ctx.sources.items, ctx.recipe.seed
     shares = mean_shares(stage.mix, stage.mix_end or stage.mix)
-    probe = Mixture(items, encode, stage.budget, shares, seed=seed, stream=f"{stage.name}/probe")
-    lengths = [len(probe.sample(i).input_ids) for i in range(PROBE_SAMPLES)]
+    probe = Mixture(items, encode, stage.budget, shares, seed=seed, stream=f"{stage.name}/probe", fewest=fewest)
+    probed = [(n, s is None) for s, n in map(probe.sample, range(PROBE_SAMPLES))]  # tokens, or a floor over budget
+    lengths = [n for n, _ in probed]
     fitting = [n for n in lengths if n <= stage.budget]  # longer samples are skipped when rows are packed
     if not fitting:
+        shortest, floor = min(probed)
         raise RecipeError(
             f"stage {stage.name!r}: none of {PROBE_SAMPLES} sampled records fits the budget of {stage.budget} "
-            f"tokens (the shortest holds {min(lengths)}): raise budget or shorten the data"
+            f"tokens (the shortest holds {'at least ' * floor}{shortest}): raise budget or shorten the data"
         )
     mean_len = statistics.mean(fitting)
     per_row = len(fitting) / packed_rows(fitting, stage.budget)  # rows are not full: a budget / mean_len overcounts
@@ -110,6 +112,7 @@ def stage_mixture(stage: JointStage, ctx: StageContext, encode) -> tuple[Mixture
         seed=seed,
         replacement=stage.replacement,
         stream=stage.name,
+        fewest=fewest,
     )
     passes = ", ".join(f"{name} {horizon * share / len(items[name]):.2f}" for name, share in shares.items())
     over = len(lengths) - len(fitting)
@@ -137,18 +140,20 @@ def mean_shares(start: dict[str, float], end: dict[str, float]) -> dict[str, flo
     return {n: (start.get(n, 0) / a + end.get(n, 0) / b) / 2 for n in sorted(set(start) | set(end))}
 
 
-def check_sources(stage: JointStage, ctx: StageContext, encode) -> None:
+def check_sources(stage: JointStage, ctx: StageContext, encode, fewest=None) -> None:
     """Before training: every conversation of the stage's sources has an assistant turn to learn from and readable
-    images (``check_records``), and its first records encode (with ``standardize_images``, those the calibration
-    measures); a source whose first records score no token would train at loss 0 without a word, so it is named in a
-    warning."""
+    images (``check_records``), and its first records encode (those that ``fewest`` puts over the budget, which
+    training skips, are not encoded; with ``standardize_images``, the records the calibration measures are); a source
+    whose first records score no token would train at loss 0 without a word, so it is named in a warning."""
     names = sorted(set(stage.mix) | set(stage.mix_end or {}))
     check_records(ctx, names, _no_answer)
     for name in names:
         items = ctx.sources.items[name]
         calibrated = stage.standardize_images and not ctx.sources.is_text[name]
-        probe = [encoded(encode, name, items, i) for i in range(min(PROBE_RECORDS, len(items)))]
-        for i in range(len(probe), min(CALIBRATION_SAMPLES, len(items)) if calibrated else 0):
+        first = range(min(PROBE_RECORDS, len(items)))
+        fits = [i for i in first if fewest is None or fewest(name, items[i]) <= stage.budget]
+        probe = [encoded(encode, name, items, i) for i in fits]
+        for i in range(len(first), min(CALIBRATION_SAMPLES, len(items)) if calibrated else 0):
             encoded(encode, name, items, i)
         if probe and not any(label != IGNORE_INDEX for e in probe for label in e.labels):
             log.warning(
@@ -186,9 +191,9 @@ def prepare(stage: JointStage, ctx: StageContext, model) -> Prepared:
     if stage.budget > context:  # a packed row is one sequence of positions: it must fit the model's context
         raise RecipeError(f"stage {stage.name!r}: budget {stage.budget} is over the model's context ({context} tokens)")
     stage.freeze_model(model)
-    encode = sources.encoder(ctx.processor)
+    encode, fewest = sources.encoder(ctx.processor), sources.fewest(ctx.processor)
     stage.check_data(ctx)
-    data, line = stage_mixture(stage, ctx, encode)
+    data, line = stage_mixture(stage, ctx, encode, fewest)
 
     def setup() -> None:
         if stage.standardize_images:
@@ -209,6 +214,7 @@ def prepare(stage: JointStage, ctx: StageContext, model) -> Prepared:
                 stage.budget,
                 stage.val.get("rows", 16),
                 seed=recipe.seed,
+                fewest=fewest,
             )
 
             def validate(m):
