@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import torch
 
-from kimivl.inference.generate import stream_ids
+from kimivl.inference.generate import GenerationError, stream_ids
 from kimivl.inference.sampling import SamplingParams
 from kimivl.processing.chat_template import MessageError
 
@@ -16,7 +16,20 @@ def _is_batch(messages) -> bool:
     return isinstance(messages, list) and bool(messages) and isinstance(messages[0], list)
 
 
-def _inputs(processor, conversations: list[list[dict]]):
+def check_fits(processor, messages: list[dict], context: int) -> None:
+    """A ``GenerationError`` when the text of ``messages`` alone takes the model's ``context`` (``fewest_tokens``, a
+    floor counted without tokenizing): megabytes of text are refused at once, not after seconds of encoding."""
+    fewest = processor.fewest_tokens(messages)
+    if fewest >= context:
+        raise GenerationError(
+            f"the messages hold at least {fewest} tokens of text, which leaves no room for an answer in the model's "
+            f"context of {context} tokens; shorten them"
+        )
+
+
+def _inputs(processor, conversations: list[list[dict]], context: int):
+    for messages in conversations:
+        check_fits(processor, messages, context)
     encoded = [processor.encode(c) for c in conversations]
     pixel_values = torch.cat([e.pixel_values for e in encoded]) if any(len(e.image_grid_hws) for e in encoded) else None
     grids = torch.cat([e.image_grid_hws for e in encoded]) if pixel_values is not None else None
@@ -25,7 +38,7 @@ def _inputs(processor, conversations: list[list[dict]]):
 
 def _pieces(model, processor, conversations, params) -> Iterator[list[str]]:
     """Per step, each conversation's newly completed text ('' when nothing new)."""
-    prompts, pixel_values, grids = _inputs(processor, conversations)
+    prompts, pixel_values, grids = _inputs(processor, conversations, model.config.text_config.max_position_embeddings)
     tok = processor.tokenizer
     decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in prompts]
     for step in stream_ids(model, prompts, pixel_values, grids, params, stop_ids=processor.stop_ids):

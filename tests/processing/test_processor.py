@@ -139,15 +139,15 @@ def test_generate_text_single_batched_and_streamed(small_model, small_processor)
     assert small_processor.decode(ids[:6]) == one
 
 
-def test_streamed_text_joins_split_characters_and_ends_a_cut_one_visibly(small_processor, monkeypatch):
+def test_streamed_text_joins_split_characters_and_ends_a_cut_one_visibly(small_model, small_processor, monkeypatch):
     """A character whose bytes come in two tokens is yielded once whole; an answer cut inside a character ends with
     U+FFFD instead of losing its last bytes silently."""
     steps = {"whole": [104, 195, 169], "cut": [104, 195]}  # "h", then the two bytes of "é"
     chat = [{"role": "user", "content": "Hi"}]
     for name, expected, pieces in (("whole", "hé", ["h", "é"]), ("cut", "h\ufffd", ["h", "\ufffd"])):
         monkeypatch.setattr("kimivl.inference.chat.stream_ids", lambda *a, ids=steps[name], **k: ([t] for t in ids))
-        assert list(stream_generate(None, small_processor, chat)) == pieces
-        assert generate(None, small_processor, chat) == expected
+        assert list(stream_generate(small_model, small_processor, chat)) == pieces
+        assert generate(small_model, small_processor, chat) == expected
 
 
 def test_the_fewest_tokens_of_a_document_or_chat_are_a_floor_on_what_it_encodes_to(small_processor):
@@ -177,3 +177,33 @@ def test_the_fewest_tokens_of_a_document_or_chat_are_a_floor_on_what_it_encodes_
         assert small_processor.fewest_tokens(malformed) == 0
         with pytest.raises(ValueError):
             small_processor.encode(malformed)
+
+
+def test_a_question_that_cannot_fit_the_context_is_refused_without_tokenizing_it(
+    small_model, small_processor, monkeypatch
+):
+    """A 50 MB line piped into kimivl chat was tokenized whole (22 s, about 1 GB) before it was found over the
+    context; a question whose characters over the longest token's bytes reach the context is refused unread."""
+    from kimivl.inference.generate import GenerationError
+
+    tokenized, encode = [], small_processor.tokenizer.encode
+    monkeypatch.setattr(
+        small_processor.tokenizer, "encode", lambda text, *a, **k: tokenized.append(text) or encode(text, *a, **k)
+    )
+    context = small_model.config.text_config.max_position_embeddings
+    huge = "x" * (context * small_processor.tokenizer.longest_token)
+    for question in (huge, [{"type": "text", "text": huge[:-1]}, {"type": "text", "text": "x"}]):
+        chat = [{"role": "user", "content": question}]
+        for ask in (
+            lambda: generate(small_model, small_processor, chat, max_new_tokens=2),
+            lambda: next(stream_generate(small_model, small_processor, chat, max_new_tokens=2)),
+            lambda: generate(small_model, small_processor, [[{"role": "user", "content": "Hi"}], chat]),
+        ):
+            with pytest.raises(GenerationError) as refused:
+                ask()
+            assert not tokenized  # nothing: every conversation of a batch is checked before any is encoded
+            want = f"at least {context} tokens of text, which leaves no room for an answer in the model's context of "
+            assert f"{want}{context} tokens" in str(refused.value)
+    from kimivl.inference.chat import check_fits
+
+    check_fits(small_processor, [{"role": "user", "content": huge[1:]}], context)  # a floor of a token less may fit
