@@ -153,10 +153,10 @@ class KimiVLProcessor:
         enc.labels = self.answer_labels(enc.input_ids)
         return enc
 
-    def encode_text(self, text: str) -> Encoded:
+    def encode_text(self, text: str, limit: int | None = None) -> Encoded:
         """A plain document for language modelling: every token is a label; ends with [EOS]. Special-token strings in
-        the document are plain text."""
-        ids = self.tokenizer.encode(text, allow_special=False) + [self.tokenizer.eos_id]
+        the document are plain text. With ``limit``, its first ``limit`` tokens alone, the rest never tokenized."""
+        ids = (self.tokenizer.encode(text, allow_special=False, limit=limit) + [self.tokenizer.eos_id])[:limit]
         p = self.image_processor.patch_size
         return Encoded(ids, torch.zeros(0, 3, p, p), torch.zeros(0, 2, dtype=torch.int64), list(ids))
 

@@ -188,12 +188,14 @@ class KimiTokenizer:
         """The most bytes one token holds: a text of n bytes is at least n / longest_token tokens."""
         return max(map(len, self.mergeable_ranks))
 
-    def encode(self, text: str, allow_special: bool = True) -> list[int]:
+    def encode(self, text: str, allow_special: bool = True, limit: int | None = None) -> list[int]:
         """Token ids of ``text``; no BOS is added. Special-token strings become their ids, as the released tokenizer
         does, unless ``allow_special`` is False: then they are plain text (ordinary tokens), which is how message
         content and documents must be encoded so that they cannot forge turns, system prompts or image slots. Text
         holding a lone surrogate, which is no Unicode character, is a ``MessageError`` (tiktoken would read it as
-        U+FFFD)."""
+        U+FFFD). With ``limit``, the first ``limit`` ids alone: the text is encoded in pieces, each on its own (at
+        most ``MAX_ENCODE_CHARS`` characters), and those after the one that reaches ``limit`` are never encoded, so a
+        document of megabytes cut to a few tokens costs one piece."""
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
         if not text.isascii():
@@ -206,6 +208,8 @@ class KimiTokenizer:
                     if allow_special
                     else self._enc.encode_ordinary(chunk)
                 )
+                if limit is not None and len(ids) >= limit:
+                    return ids[:limit]
         return ids
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:

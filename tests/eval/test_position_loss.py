@@ -46,3 +46,23 @@ def test_documents_are_cut_to_the_context_and_unreached_ranges_left_out(small_mo
     got = position_loss(short, small_processor, TEXTS[:1], edges)
     assert list(got) == [f"0-{n // 4}", f"{n // 4}-{n // 2}"]
     assert got == pytest.approx(by_hand(short, [ids[: n // 2]], edges), rel=1e-5)
+
+
+def test_a_document_past_the_context_is_not_tokenized_whole(small_model, small_processor, monkeypatch):
+    """A document cut to the context was tokenized whole first (megabytes: seconds, and its ids held); now only the
+    tokenizer's first piece (``MAX_ENCODE_CHARS`` characters) is, and the loss is that of the same cut."""
+    from kimivl.processing.tokenizer import MAX_ENCODE_CHARS
+
+    config = dataclasses.replace(
+        small_model.config,
+        text_config=dataclasses.replace(small_model.config.text_config, max_position_embeddings=64),
+    )
+    short = KimiVL(config).eval()
+    short.load_state_dict(small_model.state_dict())
+    huge = TEXTS[0] * 3000  # 1.6 MB
+    cut = small_processor.encode_text(huge).input_ids[:64]
+    pieces, encode = [], small_processor.tokenizer._enc.encode_ordinary
+    monkeypatch.setattr(small_processor.tokenizer._enc, "encode_ordinary", lambda t: pieces.append(len(t)) or encode(t))
+    edges = (0, 32, 64)
+    assert position_loss(short, small_processor, [huge], edges) == pytest.approx(by_hand(short, [cut], edges), rel=1e-5)
+    assert sum(pieces) <= MAX_ENCODE_CHARS < len(huge)

@@ -3,7 +3,7 @@ import json
 import os
 import time
 from collections import Counter
-from itertools import pairwise
+from itertools import accumulate, pairwise
 from pathlib import Path
 
 import pytest
@@ -374,6 +374,26 @@ def test_texts_longer_than_one_encode_chunk_lose_nothing(tok, monkeypatch):
     ids = tok.encode(text)
     assert tok.decode(ids) == text
     assert ids == [i for start in range(0, len(text), 1000) for i in tok._enc.encode(text[start : start + 1000])]
+
+
+def test_a_limit_gives_the_first_ids_and_leaves_the_pieces_after_them_unencoded(tok, monkeypatch):
+    """A caption of megabytes cut to 62 tokens, or a document cut to the context, was tokenized whole; with ``limit``
+    the ids are the first ``limit`` of the whole text's, and no piece after the one that reaches them is encoded."""
+    import kimivl.processing.tokenizer as tokenizer
+
+    monkeypatch.setattr(tokenizer, "MAX_ENCODE_CHARS", 1000)
+    text = SAMPLE * (5000 // len(SAMPLE) + 1)
+    whole = tok.encode(text, allow_special=False)
+    chunks = [text[start : start + 1000] for start in range(0, len(text), 1000)]
+    reach = list(accumulate(len(tok.encode(c, allow_special=False)) for c in chunks))  # ids to each end
+    pieces, encode = [], tok._enc.encode_ordinary
+    monkeypatch.setattr(tok._enc, "encode_ordinary", lambda piece: pieces.append(piece) or encode(piece))
+    for limit in (0, 1, 62, reach[0], reach[0] + 1, len(whole) - 1, len(whole), len(whole) + 5):
+        pieces.clear()
+        assert tok.encode(text, allow_special=False, limit=limit) == whole[:limit]
+        last = next((j for j, n in enumerate(reach) if n >= limit), len(chunks) - 1)
+        assert pieces == chunks[: last + 1], limit  # one piece for 62 ids of 5,000 characters
+    assert tok.encode(text, limit=62) == tok.encode(text)[:62]
 
 
 def test_ids_past_the_vocabulary_are_refused_not_decoded_as_special(tok):

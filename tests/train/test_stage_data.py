@@ -123,6 +123,20 @@ def test_a_vit_stage_takes_only_records_with_an_image_and_an_answer(tmp_path, sm
     assert small_processor.tokenizer.decode(tokens) == "What colour? red"
 
 
+def test_a_caption_of_megabytes_is_cut_to_its_row_without_being_tokenized_whole(tmp_path, small_processor, monkeypatch):
+    """A caption row holds 62 tokens, yet the whole answer was tokenized at every draw; now only the first of the
+    tokenizer's pieces (``MAX_ENCODE_CHARS`` characters) is, and the row's tokens are the same."""
+    from kimivl.processing.tokenizer import MAX_ENCODE_CHARS
+
+    answer = "The red square is next to the blue circle. " * 30_000  # 1.3 MB
+    record = _asked(str(tmp_path / _image(tmp_path / "a.png")), answer)
+    whole = small_processor.tokenizer.encode(f"What colour? {answer}", allow_special=False)
+    pieces, encode = [], small_processor.tokenizer._enc.encode_ordinary
+    monkeypatch.setattr(small_processor.tokenizer._enc, "encode_ordinary", lambda t: pieces.append(len(t)) or encode(t))
+    _, tokens = CaptionStream({"c": [record]}, small_processor, 2, seed=0, stream="vit").pair(0)
+    assert tokens == whole[:62] and sum(pieces) <= MAX_ENCODE_CHARS < len(answer)
+
+
 def test_each_vit_stage_draws_its_own_stream(tmp_path, small_processor):
     records = [_asked(str(tmp_path / _image(tmp_path / f"{i}.png", (i, 0, 0))), str(i)) for i in range(50)]
 

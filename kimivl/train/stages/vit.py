@@ -99,8 +99,8 @@ class CaptionStream:
         try:
             image, question, answer = caption_of(self.records[k])
             return self.processor.image_processor(image), self.processor.tokenizer.encode(
-                f"{question} {answer}", allow_special=False
-            )
+                f"{question} {answer}", allow_special=False, limit=self.max_len - 2
+            )  # the tokens a caption row holds (``caption_batch``): a caption of megabytes is not tokenized whole
         except ValueError as e:  # DataError, an image whose header reads but whose pixels do not
             name = self.names[self.records.find(k)[0]]
             raise DataError(f"sample {i}: {self.records.where(k)} of source {name!r} cannot be encoded: {e}") from e
