@@ -326,6 +326,24 @@ def test_a_question_as_long_as_the_context_is_refused_before_any_exchange_is_dro
     assert prompts[1] == processor.encode(kept).input_ids
 
 
+def test_a_question_of_megabytes_is_refused_before_it_is_tokenized(checkpoint, monkeypatch, capsys):
+    """A 50 MB line piped into a session was tokenized whole (22 s, about 1 GB) before being refused as too long."""
+    from kimivl.processing.tokenizer import KimiTokenizer
+
+    processor = KimiVLProcessor.from_pretrained(checkpoint)
+    question = "ab" * (4096 * processor.tokenizer.longest_token)
+    seen, encode = [], KimiTokenizer.encode
+    monkeypatch.setattr(
+        KimiTokenizer, "encode", lambda self, text, *a, **k: (seen.append(len(text)), encode(self, text, *a, **k))[1]
+    )
+    prompts = _answering(monkeypatch, processor, "Fine.")
+    _typed(monkeypatch, question, "Why?")
+    assert main(["chat", "--model", str(checkpoint), "--max-new-tokens", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "question 1 (line 1): the messages hold at least" in err and "leaves no room for an answer" in err
+    assert len(prompts) == 1 and max(seen) < 1000  # the other question answered; the long one never tokenized
+
+
 def test_the_session_skips_blank_lines_and_ctrl_c_stops_only_the_answer(checkpoint, monkeypatch, capsys):
     """A blank line ended the session (a paste with a blank line in it ended it midway); Ctrl-C during an answer
     ended the session (exit 130) and lost the conversation. Now a blank line is skipped; Ctrl-C stops the answer and
