@@ -402,7 +402,6 @@ def _session(model, processor, images: list[str | bytes], video: str | bytes | N
     is sampled with seed ``seed + n - 1``: reproducible, and no turn repeats another's draws. Piped, stdout holds
     one answer per question, an empty line for a question refused, and a refused question makes the session exit 2
     at its end."""
-    from kimivl.inference.chat import check_fits
     from kimivl.processing.chat_template import DEFAULT_SYSTEM_PROMPT
 
     terminal = sys.stdin.isatty()  # else questions come from a pipe or file: stdout holds the answers alone
@@ -449,13 +448,14 @@ def _session(model, processor, images: list[str | bytes], video: str | bytes | N
             asked_lines.append(number)
             question = _utf8(line, getattr(sys.stdin, "encoding", None) or "utf-8", "the line").strip()
             message = _user_message(question, images, video)
-            check_fits(processor, [message], context - frame)  # megabytes of text: refused before tokenizing
-            asked = tokens(message)
+            asked, floor = processor.fewest_tokens([message]), "at least "  # megabytes are refused untokenized
+            if frame + asked < context:
+                asked, floor = tokens(message), ""
             if frame + asked >= context:
                 held = _media([message])
                 raise CommandError(
                     f"the question does not fit the model's context of {context} tokens: with the system prompt"
-                    f"{f' and {held}' if held else ''} it takes {frame + asked}"
+                    f"{f' and {held}' if held else ''} it takes {floor}{frame + asked}"
                 )
             drop = 0  # the earliest exchanges, until the prompt leaves its answer room (or none is left to drop)
             while drop < len(sizes) and frame + sum(sizes[drop:]) + asked + sampling["max_new_tokens"] > context:

@@ -340,7 +340,8 @@ def test_a_question_of_megabytes_is_refused_before_it_is_tokenized(checkpoint, m
     _typed(monkeypatch, question, "Why?")
     assert main(["chat", "--model", str(checkpoint), "--max-new-tokens", "8"]) == 2
     err = capsys.readouterr().err
-    assert "question 1 (line 1): the messages hold at least" in err and "leaves no room for an answer" in err
+    assert "question 1 (line 1): the question does not fit the model's context of 4096 tokens: with the system " in err
+    assert "prompt it takes at least " in err
     assert len(prompts) == 1 and max(seen) < 1000  # the other question answered; the long one never tokenized
 
 
