@@ -20,6 +20,7 @@ think markers: the RL policy is a thinking model and must keep its format. Check
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from typing import Any
@@ -51,13 +52,26 @@ def numeric(answer: str, meta: dict[str, Any], rel_tol: float = 1e-4, abs_tol: f
     found = numbers(answer)
     if not found:
         return 0.0
-    gold = float(meta["gold"])
+    gold = _finite_gold(meta["gold"])
     return float(abs(found[-1] - gold) <= max(abs_tol, rel_tol * abs(gold)))
+
+
+def _finite_gold(gold: Any) -> float:
+    """``gold`` as a float; a ``ValueError`` for one that is no finite float (an infinite gold was within tolerance of
+    every number, a NaN of none; an int of hundreds of digits raised ``OverflowError``)."""
+    try:
+        value = float(gold)
+    except OverflowError:
+        value = math.inf
+    if not math.isfinite(value):
+        raise ValueError(f"meta.gold {str(gold)[:40]!r} is not a finite number")
+    return value
 
 
 def option(answer: str, meta: dict[str, Any]) -> float:
     answer = answer.strip()
-    found = _LEAD_LETTER.match(answer) or _PAREN_LETTER.search(answer) or _SAID_LETTER.search(answer)
+    # what the answer says is its letter first: a leading "A" or "I" is more often a word than the option
+    found = _SAID_LETTER.search(answer) or _PAREN_LETTER.search(answer) or _LEAD_LETTER.match(answer)
     return float(found is not None and found.group(1).upper() == str(meta["gold"]).strip().upper())
 
 

@@ -1,6 +1,7 @@
 import pytest
 
 from kimivl.rl.rewards import REWARDS, answer_of, correctness, numbers, option, point_in_box, register, string
+from kimivl.rl.trainer import problem_error
 
 THINK = "◁think▷ 3 + 4 = 7 ◁/think▷"
 
@@ -42,6 +43,18 @@ def test_numeric(answer, gold, expected):
     assert correctness(f"{THINK}{answer}", {"task": "reasoning", "gold": gold}) == expected
 
 
+@pytest.mark.parametrize("gold", [float("inf"), "inf", "-1e999", float("nan"), "nan", 10**400])
+def test_a_gold_that_is_no_finite_number_is_refused_before_training(gold):
+    """An infinite gold rewarded every answer holding a number (|x - inf| <= 1e-4 * inf), a NaN one none, and an int
+    of 400 digits raised OverflowError out of the record check: each is now a problem the check names."""
+    meta = {"task": "reasoning", "gold": gold}
+    record = {"messages": [{"role": "user", "content": "What is 2 + 2?"}], "meta": meta}
+    assert "is not a finite number" in problem_error(record)
+    with pytest.raises(ValueError, match="is not a finite number"):
+        correctness(f"{THINK}-7", meta)
+    assert problem_error({**record, "meta": {**meta, "gold": "1e300"}}) is None
+
+
 def test_numbers_strip_units_not_digits():
     assert numbers("area 12 cm² and 3 m^3, total 15") == [12.0, 3.0, 15.0]
 
@@ -59,6 +72,9 @@ def test_numbers_strip_units_not_digits():
         ("(A) or (B)", 0.0),
         ("Blue", 0.0),
         ("", 0.0),
+        ("A triangle has three sides, so the answer is B", 1.0),  # a leading "A" or "I" word was read as the letter
+        ("I think the answer is (B)", 1.0),
+        ("I think (B)", 1.0),
     ],
 )
 def test_option(answer, expected):
