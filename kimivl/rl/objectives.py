@@ -28,22 +28,32 @@ def length_reward(lengths: torch.Tensor, correct: torch.Tensor, k: int) -> torch
 
 
 def group_baseline(rewards: torch.Tensor, k: int) -> torch.Tensor:
-    """Each sample's r - mean reward of its problem's k samples (OPMD's advantage)."""
+    """Each sample's r - mean reward of its problem's k samples (OPMD's advantage); exactly 0 where they are equal."""
     r_PK = _groups(rewards.float(), k)
-    return (r_PK - r_PK.mean(1, keepdim=True)).flatten()
+    return _zero_where_equal(r_PK, r_PK - r_PK.mean(1, keepdim=True)).flatten()
+
+
+def _zero_where_equal(r_PK: torch.Tensor, advantage_PK: torch.Tensor) -> torch.Tensor:
+    """``advantage_PK`` with the problems whose k rewards are all equal set to 0: their mean's float32 rounding (0.7
+    x 8) left advantages of 6e-8 (GRPO scaled it to 0.06), which the optimizers' normalised updates turned into full
+    steps on no signal."""
+    return advantage_PK.masked_fill((r_PK == r_PK[:, :1]).all(1, keepdim=True), 0.0)
 
 
 def group_normalised(rewards: torch.Tensor, k: int, eps: float = 1e-6) -> torch.Tensor:
     """GRPO's advantage (r - mean) / (std + eps) within each problem (population std; equal rewards give 0)."""
     r_PK = _groups(rewards.float(), k)
     mean, std = r_PK.mean(1, keepdim=True), r_PK.std(1, unbiased=False, keepdim=True)
-    return ((r_PK - mean) / (std + eps)).flatten()
+    return _zero_where_equal(r_PK, (r_PK - mean) / (std + eps)).flatten()
 
 
 def opmd_loss(logp: torch.Tensor, logp_ref: torch.Tensor, advantage: torch.Tensor, tau: float) -> torch.Tensor:
     """Per-sample (r - r_mean - tau * (log pi_theta(y|x) - log pi_ref(y|x)))^2 on sequence log-probs (N,).
     No value network, no clipping; its minimiser over pi is pi_ref * exp((r - r_mean) / tau), renormalised."""
     return (advantage - tau * (logp - logp_ref)) ** 2
+
+
+MAX_LOG_RATIO = 80.0  # GRPO's log-ratios are cut here, under float32's exp overflow (88.7)
 
 
 def grpo_loss(
@@ -57,16 +67,17 @@ def grpo_loss(
     """Per-sample clipped-ratio surrogate, negated: -min(rho * A, clip(rho, 1 - eps, 1 + eps) * A).
 
     ``level='token'``: rho per token, averaged over the sample's tokens (GRPO); ``'sequence'``: rho is the
-    sequence probability ratio. ``kl_coef`` adds the k3 estimate of KL(pi_theta || pi_old) per token,
-    exp(old - new) - (old - new) - 1, averaged the same way. The old policy here is the iteration's reference
-    (the sampling policy); a fixed initial reference as in the GRPO paper would need a second frozen copy.
+    sequence probability ratio. Log-ratios are cut at ``MAX_LOG_RATIO`` (no gradient past it), so rho stays finite.
+    ``kl_coef`` adds the k3 estimate of KL(pi_theta || pi_old) per token, exp(old - new) - (old - new) - 1, averaged
+    the same way. The old policy here is the iteration's reference (the sampling policy); a fixed initial reference as
+    in the GRPO paper would need a second frozen copy.
     """
     if level not in ("token", "sequence"):
         raise ValueError(f"GRPO level must be 'token' or 'sequence', got {level!r}")
     out = []
     for new, old, a in zip(logp_tokens, logp_old_tokens, advantage):
         log_ratio = (new - old) if level == "token" else (new - old).sum(0, keepdim=True)
-        rho = log_ratio.exp()
+        rho = log_ratio.clamp(max=MAX_LOG_RATIO).exp()  # finite: a sequence's ratio of e^100 made 0 * inf = NaN
         surrogate = torch.minimum(rho * a, rho.clamp(1 - clip_eps, 1 + clip_eps) * a).mean()
         loss = -surrogate
         if kl_coef:

@@ -89,6 +89,25 @@ def test_group_advantages():
         group_baseline(r, 4)
 
 
+def test_equal_rewards_give_advantages_of_exactly_zero():
+    """0.7 x 8 left the group mean's float32 rounding as advantages (6e-8; GRPO divided it by its std to 0.06), and
+    the normalised updates of Muon and AdamW made full steps of it."""
+    r = torch.tensor([0.7] * 8 + [0.7] * 7 + [0.2])
+    for advantages in (group_baseline(r, 8), group_normalised(r, 8)):
+        assert advantages[:8].tolist() == [0.0] * 8 and advantages[8:].abs().min() > 0.06
+
+
+def test_a_sequence_ratio_past_floats_range_keeps_the_loss_finite():
+    """A sequence log-ratio of 100 overflowed exp in float32: 0 x inf gave NaN for an answer of advantage 0 (every
+    answer of a group all right or all wrong), stopping the run."""
+    new, old = [torch.full((200,), -0.1, requires_grad=True)], [torch.full((200,), -0.6)]  # log-ratio 100
+    for a, want in ((0.0, 0.0), (1.0, -1.2)):
+        loss = grpo_loss(new, old, torch.tensor([a]), level="sequence")
+        loss.sum().backward()
+        assert loss.item() == pytest.approx(want) and torch.isfinite(new[0].grad).all()
+    assert torch.isfinite(grpo_loss(new, old, torch.tensor([-1.0]), level="sequence")).all()
+
+
 def test_length_reward_hand_cases():
     # mixed: lengths 10, 20, 30 -> lambda 0.5, 0, -0.5; the wrong ones keep only the negative part
     lengths = torch.tensor([10, 20, 30, 10, 20, 30])
