@@ -18,7 +18,9 @@ priority over all problems. A batch never repeats a problem.
 
 from __future__ import annotations
 
+import logging
 import math
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,6 +29,7 @@ import torch
 from kimivl.data.synthetic.sample import DIFFICULTIES
 from kimivl.inference.sampling import seeded_generator
 
+log = logging.getLogger(__name__)
 PRIORITIES = ("failure", "signal")
 
 
@@ -99,6 +102,17 @@ class ProblemSampler:
                 raise ValueError(
                     f"curriculum phase {start} gives no weight to any difficulty present ({', '.join(self.labels)})"
                 )
+        weighed = {d for weights in self.curriculum.values() for d, w in weights.items() if w > 0}
+        never = Counter(d for d in self.difficulties if self.curriculum and d not in weighed)
+        if never:  # a label may be left out on purpose, but "Easy" or a missing one is more likely a slip
+            log.warning(
+                "the curriculum never draws %d of the %d problems: no phase weighs their difficulties (%s; 'any' is "
+                "a problem without meta.difficulty), and a phase weighs some of %s",
+                never.total(),
+                len(self.difficulties),
+                ", ".join(f"{d}: {n}" for d, n in sorted(never.items())),
+                list(DIFFICULTIES),
+            )
         self.floor, self.decay, self.priority = floor, decay, priority
         self.success = torch.zeros(len(difficulties), dtype=torch.float64)
         self.visits = torch.zeros(len(difficulties), dtype=torch.int64)

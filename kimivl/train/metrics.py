@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import threading
 from pathlib import Path
@@ -43,9 +44,15 @@ class MetricsLog:
         self._tb = SummaryWriter(str(self.tb_dir), purge_step=start + 1)
 
     def write(self, step: int, values: dict[str, float]) -> None:
-        """Append one record; a failed write (a full disk) is a ``WriteError`` naming the file or directory."""
+        """Append one record; a failed write (a full disk) is a ``WriteError`` naming the file or directory. A value
+        that is no finite number (a ``kl_ref`` whose exp overflowed) is written as ``null``, standard JSON, and
+        warned of (``json.dumps`` would write ``Infinity``, which other JSON readers refuse)."""
+        bad = [k for k, v in values.items() if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            log.warning("%s step %d: %s not finite, logged as null", self.stage, step, ", ".join(bad))
+        record = {"stage": self.stage, "step": step, **{k: None if k in bad else v for k, v in values.items()}}
         with writing(self.path), open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"stage": self.stage, "step": step, **values}) + "\n")
+            f.write(json.dumps(record, allow_nan=False) + "\n")
         if self._tb is not None:
             with self._tensorboard():
                 for k, v in values.items():
@@ -125,7 +132,7 @@ def plot_curves(metrics_file: str | os.PathLike, out_png: str | os.PathLike, key
     for ax, stage in zip(axes.flat, stages):
         mine = [r for r in rows if r["stage"] == stage]
         for key in keys:
-            pts = [(r["step"], r[key]) for r in mine if key in r]
+            pts = [(r["step"], r[key]) for r in mine if r.get(key) is not None]
             if pts:
                 ax.plot(*zip(*pts), label=key)
         ax.set_title(stage)

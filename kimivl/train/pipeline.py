@@ -574,7 +574,8 @@ def _run_stages(
             heldout_records(recipe.out / recipe.eval["split"], recipe.eval.get("limit"))
         processor = recipe_processor(recipe, sources, base_dir)
         keep_seed(recipe, world)
-    ctx = StageContext(recipe, sources, processor, world)
+    context = base_config(recipe, processor.tokenizer).text_config.max_position_embeddings
+    ctx = StageContext(recipe, sources, processor, world, context)
     for stage in recipe.stages:  # every stage's records before the first trains (each stage checks its own again)
         if not (recipe.out / stage.name / FINAL / "config.json").is_file():
             stage.check_data(ctx)

@@ -166,15 +166,24 @@ def test_bad_rl_settings_are_recipe_errors(problems, tmp_path):
             {"problems": 2, "bad": {"gold": 4, "difficulty": ["easy"]}},
             r"data source 'bad': .*bad.jsonl:1 has a meta.difficulty of type list: a difficulty is a label",
         ),
+        (  # a GenerationError naming neither problem nor file when the problem was first drawn, maybe hours in
+            {"problems": 2, "bad": {"gold": 4}, "prompt": "1 + " * 3000 + "1?"},
+            r"'bad': .*bad.jsonl:1 is a problem whose prompt takes \d{4} tokens, which does not fit the model's "
+            r"context of 4096 tokens",
+        ),
+        (  # refused by its text's floor of tokens, unencoded
+            {"problems": 2, "bad": {"gold": 4}, "prompt": "1 + " * 60000},
+            r"'bad': .*bad.jsonl:1 is a problem whose prompt takes at least \d+ tokens, which does not fit",
+        ),
     ],
 )
 def test_an_rl_stage_s_data_is_checked_before_the_first_stage_trains(problems, tmp_path, capsys, rl, match):
     """A curriculum weighing no difficulty the problems hold, a stop token the tokenizer lacks, a problem without a
-    gold answer or with a difficulty that is no string failed when the rl stage started, after the stages before it
-    had trained."""
+    gold answer, with a difficulty that is no string or with a prompt over the model's context failed when the rl
+    stage started (or, the prompt, when first drawn), after the stages before it had trained."""
     rl = {"problems": 2, "samples": 2, "max_new_tokens": 2, **rl}
-    bad = rl.pop("bad", None)
-    record = {"messages": [{"role": "user", "content": "2 + 2?"}], "meta": bad or {}}
+    bad, prompt = rl.pop("bad", None), rl.pop("prompt", "2 + 2?")
+    record = {"messages": [{"role": "user", "content": prompt}], "meta": bad or {}}
     (tmp_path / "bad.jsonl").write_text(json.dumps(record) + "\n")
     sources = ["bad"] if bad is not None else ["p"]
     stages = [
@@ -262,5 +271,6 @@ def test_an_rl_stage_reads_each_problem_once_for_its_difficulty(problems, tmp_pa
     stage["rl"] = {"problems": 2, "samples": 2, "max_new_tokens": 2, "curriculum": {0.0: {"easy": 1}}}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump({**settings(problems, tmp_path / "run"), "stages": [stage]}))
     assert main(["train", str(tmp_path / "r.yaml")]) == 0
-    # problems 1 and 3 are hard, never sampled: read to train the tokenizer, to check them and for their difficulty
-    assert reads.count(1) == reads.count(3) == 3 and {0, 2} <= set(reads)
+    # problems 1 and 3 are hard, never sampled: read to train the tokenizer, to check them, for their difficulty and
+    # to check that their prompts fit the model's context (once, before the first stage)
+    assert reads.count(1) == reads.count(3) == 4 and {0, 2} <= set(reads)

@@ -1,3 +1,5 @@
+import logging
+
 import pytest
 import torch
 
@@ -129,3 +131,17 @@ def test_a_phase_starts_at_its_own_progress():
     assert s.probabilities(0.5).tolist() == pytest.approx([0.5, 0.5, 0.0])
     assert s.probabilities(0.8).tolist() == pytest.approx([0.25, 0.25, 0.5])
     assert s.weights(0.4999) == {"easy": 1.0}
+
+
+def test_a_curriculum_warns_of_the_problems_it_never_draws(caplog):
+    """Problems labelled "Easy" or unlabelled ("any") were never drawn under a curriculum, without a word."""
+    with caplog.at_level(logging.WARNING, logger="kimivl.rl.sampler"):
+        sampler = ProblemSampler(["easy", "easy", "Easy", "any", "hard"], {0.0: {"easy": 1, "medium": 1}})
+    assert sampler.probabilities(0.0)[2:].tolist() == [0.0, 0.0, 0.0]
+    assert "the curriculum never draws 3 of the 5 problems" in caplog.text
+    assert "Easy: 1, any: 1, hard: 1" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kimivl.rl.sampler"):
+        ProblemSampler(["easy", "Easy", "any"])  # without a curriculum every problem is drawn
+        ProblemSampler(["easy", "hard"], {0.0: {"easy": 1}, 0.5: {"hard": 1}})
+    assert caplog.text == ""

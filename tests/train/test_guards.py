@@ -6,6 +6,8 @@ import dataclasses
 import datetime
 import errno
 import json
+import logging
+import math
 import os
 import re
 import signal
@@ -23,7 +25,7 @@ from kimivl.distributed.world import World
 from kimivl.train.interrupt import Interrupted
 from kimivl.train.lock import run_lock
 from kimivl.train.loop import LoopConfig, train_loop
-from kimivl.train.metrics import MetricsLog, read_metrics
+from kimivl.train.metrics import MetricsLog, plot_curves, read_metrics
 from kimivl.train.pipeline import EXPORT_RECORD, check_export, global_schedule, keep_seed, stage_scheduler
 from kimivl.train.recipe import RecipeError, load_recipe
 from kimivl.train.state import TrainState, latest_checkpoint, load_state_sharded, save_state, save_state_sharded
@@ -836,3 +838,19 @@ def test_curves_leave_matplotlibs_backend_and_draw_only_stages_with_their_keys(t
     assert Image.open(tmp_path / "curves.png").size == (800, 300)  # sft's and rl's
     with pytest.raises(ValueError, match="holds no metrics of kl_ref"):
         plot_curves(tmp_path / "metrics.jsonl", tmp_path / "kl.png", ("kl_ref",))
+
+
+def test_a_metric_that_is_not_finite_is_logged_as_standard_json_null(tmp_path, caplog):
+    """A kl_ref whose exp overflowed was written as Infinity, which JSON readers other than Python's refuse."""
+    with caplog.at_level(logging.WARNING, logger="kimivl.train.metrics"), MetricsLog(tmp_path, "rl") as log:
+        log.write(1, {"kl_ref": math.inf, "loss": 0.5, "reward": math.nan})
+    line = (tmp_path / "metrics.jsonl").read_text()
+    assert json.loads(line, parse_constant=lambda c: pytest.fail(f"non-standard JSON {c}")) == {
+        "stage": "rl",
+        "step": 1,
+        "kl_ref": None,
+        "loss": 0.5,
+        "reward": None,
+    }
+    assert "rl step 1: kl_ref, reward not finite, logged as null" in caplog.text
+    plot_curves(tmp_path / "metrics.jsonl", tmp_path / "kl.png", ("kl_ref", "loss"))  # a null is left out of a curve

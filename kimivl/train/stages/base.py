@@ -243,6 +243,7 @@ class StageContext:
     sources: Sources
     processor: KimiVLProcessor
     world: World = field(default_factory=World)
+    context: int | None = None  # the model's max_position_embeddings, where known: the most tokens a prompt may hold
 
 
 @dataclass

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from kimivl.data.indexed import Concat
-from kimivl.rl.trainer import OBJECTIVE_SETTINGS, RLConfig, RLTrainer, check_sampling, problem_error
+from kimivl.data.formats import DataError
+from kimivl.data.indexed import Concat, locate
+from kimivl.rl.trainer import OBJECTIVE_SETTINGS, RLConfig, RLTrainer, check_sampling, problem_error, prompt_of
 from kimivl.train.recipe import Recipe, RecipeError, check_names
 from kimivl.train.stages.base import PartsSettings, Prepared, StageContext, check_records, source_record
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -36,9 +41,12 @@ class RLStage(PartsSettings):
 
     def check_data(self, ctx: StageContext) -> None:
         """Every problem has a prompt, a ``meta.gold`` its reward can check and readable images; every curriculum
-        phase weighs a difficulty the problems hold, and the tokenizer has each ``stop`` token."""
+        phase weighs a difficulty the problems hold, and the tokenizer has each ``stop`` token. Where the model's
+        context is known, every prompt fits it (``check_prompts``)."""
         check_problems(self, ctx)
         cfg = rl_config(ctx.recipe, self)
+        if ctx.context is not None:
+            check_prompts(self, ctx, ctx.context, cfg.max_new_tokens)
         try:
             check_sampling(cfg, ctx.sources.difficulties(self.sources), ctx.processor.tokenizer)
         except (KeyError, ValueError) as e:
@@ -116,8 +124,43 @@ def check_problems(stage: RLStage, ctx: StageContext) -> None:
     check_records(ctx, stage.sources, problem_error)
 
 
+def check_prompts(stage: RLStage, ctx: StageContext, context: int, max_new_tokens: int) -> None:
+    """Every problem's prompt, encoded as rollouts encode it (generation prompt and images included), holds fewer
+    than ``context`` tokens: a longer one would end the run when first drawn, maybe hours in. A ``DataError`` names
+    the first that does not; a warning counts those that leave under ``max_new_tokens`` of room (their answers are
+    cut short). A prompt whose text alone takes ``context`` (``fewest_tokens``) is refused unencoded; the others are
+    encoded once per source and context (problem sets are small next to training corpora)."""
+    for name in stage.sources:
+        if (name, ("prompt fits", context)) in ctx.sources.checked:
+            continue
+        items, cramped = ctx.sources.items[name], 0
+        for i in range(len(items)):
+            prompt = prompt_of(items[i])
+            fewest = ctx.processor.fewest_tokens(prompt)
+            n = fewest if fewest >= context else len(ctx.processor.encode(prompt).input_ids)
+            if n >= context:
+                at_least = "at least " if n == fewest else ""
+                raise DataError(
+                    f"data source {name!r}: {locate(items, i)} is a problem whose prompt takes {at_least}{n} tokens, "
+                    f"which does not fit the model's context of {context} tokens: shorten it, "
+                    "or leave the problem out"
+                )
+            cramped += context - n < max_new_tokens
+        if cramped:
+            log.warning(
+                "data source %r: %d problems leave fewer than max_new_tokens (%d) of the %d-token context to answer "
+                "in: their answers are cut short",
+                name,
+                cramped,
+                max_new_tokens,
+                context,
+            )
+        ctx.sources.checked.add((name, ("prompt fits", context)))
+
+
 def prepare(stage: RLStage, ctx: StageContext, model) -> Prepared:
     cfg = rl_config(ctx.recipe, stage)
+    ctx = dataclasses.replace(ctx, context=model.config.text_config.max_position_embeddings)
     stage.check_data(ctx)
     stage.freeze_model(model)
     line = f"stage {stage.name}: {stage.steps} iterations of {cfg.problems} problems x {cfg.samples} answers"
