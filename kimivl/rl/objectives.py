@@ -91,5 +91,5 @@ def kl_estimate(logp: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
     """Mean k3 estimate of KL(pi_ref || pi_theta) per sequence: E[rho - 1 - log rho], rho = pi_theta(y|x) /
     pi_ref(y|x) (non-negative; unbiased for samples of pi_ref itself, so only a guide for rollouts drawn with a
     temperature or ``top_p``, as RL's are)."""
-    log_rho = (logp - logp_ref).float()
+    log_rho = (logp - logp_ref).double()  # float32's exp overflows past a log-ratio of 88.7, float64's past 709
     return (log_rho.exp() - 1 - log_rho).mean()

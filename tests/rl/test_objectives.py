@@ -108,6 +108,11 @@ def test_a_sequence_ratio_past_floats_range_keeps_the_loss_finite():
     assert torch.isfinite(grpo_loss(new, old, torch.tensor([-1.0]), level="sequence")).all()
 
 
+def test_kl_estimate_stays_finite_past_float32s_exp():
+    """A sequence log-ratio of 100 made kl_ref inf (written to metrics.jsonl as non-standard Infinity)."""
+    assert kl_estimate(torch.tensor([100.0]), torch.tensor([0.0])).item() == pytest.approx(math.exp(100) - 101)
+
+
 def test_length_reward_hand_cases():
     # mixed: lengths 10, 20, 30 -> lambda 0.5, 0, -0.5; the wrong ones keep only the negative part
     lengths = torch.tensor([10, 20, 30, 10, 20, 30])
