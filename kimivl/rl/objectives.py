@@ -67,10 +67,10 @@ def grpo_loss(
     """Per-sample clipped-ratio surrogate, negated: -min(rho * A, clip(rho, 1 - eps, 1 + eps) * A).
 
     ``level='token'``: rho per token, averaged over the sample's tokens (GRPO); ``'sequence'``: rho is the
-    sequence probability ratio. Log-ratios are cut at ``MAX_LOG_RATIO`` (no gradient past it), so rho stays finite.
-    ``kl_coef`` adds the k3 estimate of KL(pi_theta || pi_old) per token, exp(old - new) - (old - new) - 1, averaged
-    the same way. The old policy here is the iteration's reference (the sampling policy); a fixed initial reference as
-    in the GRPO paper would need a second frozen copy.
+    sequence probability ratio. ``kl_coef`` adds the k3 estimate of KL(pi_theta || pi_old) per token,
+    exp(old - new) - (old - new) - 1, averaged the same way. Log-ratios are cut at ``MAX_LOG_RATIO`` (no gradient
+    past it) in rho and in the KL term's exp, so both stay finite. The old policy here is the iteration's reference
+    (the sampling policy); a fixed initial reference as in the GRPO paper would need a second frozen copy.
     """
     if level not in ("token", "sequence"):
         raise ValueError(f"GRPO level must be 'token' or 'sequence', got {level!r}")
@@ -82,7 +82,7 @@ def grpo_loss(
         loss = -surrogate
         if kl_coef:
             d = old - new
-            loss = loss + kl_coef * (d.exp() - d - 1).mean()
+            loss = loss + kl_coef * (d.clamp(max=MAX_LOG_RATIO).exp() - d - 1).mean()
         out.append(loss)
     return torch.stack(out) if out else advantage.new_zeros(0)
 

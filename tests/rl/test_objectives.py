@@ -106,6 +106,8 @@ def test_a_sequence_ratio_past_floats_range_keeps_the_loss_finite():
         loss.sum().backward()
         assert loss.item() == pytest.approx(want) and torch.isfinite(new[0].grad).all()
     assert torch.isfinite(grpo_loss(new, old, torch.tensor([-1.0]), level="sequence")).all()
+    far = [torch.tensor([-100.0, -0.5])]  # a token 99.5 nats less likely than the old policy made it: exp(99.5)
+    assert torch.isfinite(grpo_loss(far, [torch.tensor([-0.5, -0.5])], torch.tensor([1.0]), kl_coef=0.1)).all()
 
 
 def test_kl_estimate_stays_finite_past_float32s_exp():
