@@ -18,12 +18,13 @@ def _is_batch(messages) -> bool:
 
 def check_fits(processor, messages: list[dict], context: int) -> None:
     """A ``GenerationError`` when the text of ``messages`` alone takes the model's ``context`` (``fewest_tokens``, a
-    floor counted without tokenizing): megabytes of text are refused at once, not after seconds of encoding."""
+    floor counted without tokenizing): megabytes of text are refused at once, not after seconds of encoding (the
+    server's encode thread refuses them so too)."""
     fewest = processor.fewest_tokens(messages)
     if fewest >= context:
         raise GenerationError(
             f"the messages hold at least {fewest} tokens of text, which leaves no room for an answer in the model's "
-            f"context of {context} tokens; shorten them"
+            f"context of {context} tokens; shorten the messages"
         )
 
 

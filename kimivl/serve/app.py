@@ -26,6 +26,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from kimivl.inference.chat import check_fits
+from kimivl.inference.generate import GenerationError
 from kimivl.inference.sampling import MIN_TEMPERATURE, SamplingParams
 from kimivl.serve.engine import Engine, QueueFull
 from kimivl.serve.engine import Request as EngineRequest
@@ -397,14 +399,10 @@ def _parse_and_encode(
 
 
 def _encode(engine: Engine, chat: ChatRequest, context: int):
-    fewest = engine.processor.fewest_tokens(chat.messages)  # tokens the text takes at least
-    if fewest >= context:  # refused unread: megabytes of text cost seconds of tokenizing on the one encode thread
-        raise RequestError(
-            f"the messages hold at least {fewest} tokens of text, which leaves no room for an answer in the model's "
-            f"context of {context} tokens; shorten the messages",
-            "messages",
-            code="context_length_exceeded",
-        )
+    try:  # refused unread: megabytes of text cost seconds of tokenizing on the one encode thread
+        check_fits(engine.processor, chat.messages, context)
+    except GenerationError as e:
+        raise RequestError(str(e), "messages", code="context_length_exceeded") from None
     try:
         encoded = engine.processor.encode(chat.messages)
     except ValueError as e:  # MessageError, ImageError, VideoError
