@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from kimivl.config import PRESETS, ConfigError, KimiVLConfig
 from kimivl.exits import stop_code
 from kimivl.files import FULL, WriteError, path_text, write_error
-from kimivl.terminal import printable
+from kimivl.terminal import is_terminal, printable
 from kimivl.train.recipe import PARTS
 
 
@@ -223,7 +223,7 @@ class _StreamPrinter:
         self.close_tag = THINK_CLOSE
         self.stream = sys.stdout  # where text goes now: stderr in the reasoning
         self.text, self.held, self.space, self.fresh = "", "", "", True
-        self.terminals = {stream for stream in (sys.stdout, sys.stderr) if _is_terminal(stream)}
+        self.terminals = {stream for stream in (sys.stdout, sys.stderr) if is_terminal(stream)}
 
     def _emit(self, content: str) -> None:
         if self.fresh:
@@ -274,14 +274,6 @@ class _StreamPrinter:
             self._end_line()
         print(flush=True)
         return parse_thinking(self.text)[1]
-
-
-def _is_terminal(stream) -> bool:
-    """Whether ``stream`` writes to a terminal (not to a pipe, a file or a test's capture)."""
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError):  # no stream, or a closed one
-        return False
 
 
 def _answer(model, processor, messages: list[dict], sampling: dict) -> str:

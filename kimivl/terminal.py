@@ -19,6 +19,15 @@ def _control(c: str) -> bool:
     return unicodedata.category(c) in ("Cc", "Zl", "Zp") or "\u202a" <= c <= "\u202e" or "\u2066" <= c <= "\u2069"
 
 
+def is_terminal(stream) -> bool:
+    """Whether ``stream`` writes to a terminal (not to a pipe, a file or a test's capture; no stream or a closed one:
+    no)."""
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
 def table_cell(value: object) -> str:
     """``value`` as one Markdown table cell: printable, its ``|`` escaped (a group name cannot add cells or rows)."""
     return printable(value).replace("|", "\\|")
