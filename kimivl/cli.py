@@ -388,12 +388,32 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return _session(model, processor, images, video, sampling)
 
 
+def _unanswered(refused: list[int], stopped: list[int], asked_lines: list[int]) -> str:
+    """What a piped session says at its end of the questions (numbered from 1) refused and the answers stopped."""
+
+    def named(questions: list[int]) -> str:
+        return ", ".join(f"question {q} (line {asked_lines[q - 1]})" for q in questions)
+
+    said = []
+    if refused:
+        said.append(
+            f"{len(refused)} of {len(asked_lines)} questions not answered: {named(refused)}; each left an empty answer "
+            "line"
+        )
+    if stopped:
+        said.append(
+            f"{len(stopped)} answer{'s' if len(stopped) > 1 else ''} stopped by Ctrl-C: {named(stopped)}; each line "
+            "holds what was said before"
+        )
+    return "; ".join(said)
+
+
 def _session(model, processor, images: list[str | bytes], video: str | bytes | None, sampling: dict) -> int:
     """The interactive chat: each question is answered with the conversation so far (the media in its first
     question); when they no longer fit the model's context, its earliest exchanges are dropped. Question n (from 1)
     is sampled with seed ``seed + n - 1``: reproducible, and no turn repeats another's draws. Piped, stdout holds
-    one answer per question, an empty line for a question refused, and a refused question makes the session exit 2
-    at its end."""
+    one answer per question, an empty line for a question refused, and a refused question or an answer stopped by
+    Ctrl-C (its line holds what was said before) makes the session exit 2 at its end."""
     from kimivl.processing.chat_template import DEFAULT_SYSTEM_PROMPT
 
     terminal = sys.stdin.isatty()  # else questions come from a pipe or file: stdout holds the answers alone
@@ -418,6 +438,7 @@ def _session(model, processor, images: list[str | bytes], video: str | bytes | N
     sizes: list[int] = []  # each exchange's tokens
     asked_lines: list[int] = []  # each question's line of the input
     refused: list[int] = []  # piped: the questions (numbered from 1) not answered
+    stopped: list[int] = []  # piped: the questions whose answer Ctrl-C cut short
     if terminal:
         print("kimivl chat: type a message; Ctrl-D or Ctrl-C ends (Ctrl-C while answering stops the answer).")
     for number in itertools.count(1):
@@ -426,12 +447,8 @@ def _session(model, processor, images: list[str | bytes], video: str | bytes | N
         except EOFError:
             if terminal:
                 print()  # the shell's prompt on a line of its own
-            if refused:
-                named = ", ".join(f"question {q} (line {asked_lines[q - 1]})" for q in refused)
-                raise CommandError(
-                    f"{len(refused)} of {len(asked_lines)} questions not answered: {named}; each left an empty answer "
-                    "line"
-                ) from None
+            if refused or stopped:
+                raise CommandError(_unanswered(refused, stopped, asked_lines)) from None
             return 0
         message = None
         try:
@@ -465,7 +482,10 @@ def _session(model, processor, images: list[str | bytes], video: str | bytes | N
             answer = _answer(model, processor, history, turn)
         except KeyboardInterrupt:
             print(flush=True)
-            print("kimivl chat: stopped; the question is dropped from the conversation", file=sys.stderr)
+            where = "" if terminal else f"question {len(asked_lines)} (line {number}) "
+            print(f"kimivl chat: {where}stopped; the question is dropped from the conversation", file=sys.stderr)
+            if not terminal:  # its answer line holds a part: the session's exit says so
+                stopped.append(len(asked_lines))
         except ValueError as e:  # this question cannot be answered: the session goes on
             if terminal:
                 print(f"kimivl chat: error: {printable(e)}; ask again", file=sys.stderr)

@@ -216,6 +216,32 @@ def test_a_piped_session_keeps_a_line_for_each_answer_and_exits_2_when_a_questio
     assert "ask again" not in err
 
 
+def test_a_piped_answer_stopped_by_ctrl_c_makes_the_session_exit_2(checkpoint, monkeypatch, capsys):
+    """``kimivl chat < questions.txt > answers.txt`` with an answer cut short by Ctrl-C exited 0: the answers file
+    held half an answer as if it were whole. Now stderr names the question and the session exits 2 naming it."""
+    import sys
+
+    asked = []
+
+    def stream(model, processor, messages, **sampling):
+        asked.append(messages[-1]["content"][0]["text"])
+        yield "half an"
+        if asked[-1] == "q2":
+            raise KeyboardInterrupt
+        yield " answer"
+
+    monkeypatch.setattr("kimivl.inference.chat.stream_generate", stream)
+    typed = b"q1\n\nq2\nq3\n"
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(typed), encoding="utf-8"))
+    assert main(["chat", "--model", str(checkpoint)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "half an answer\nhalf an\nhalf an answer\n"
+    assert err.splitlines() == [
+        "kimivl chat: question 2 (line 3) stopped; the question is dropped from the conversation",
+        "kimivl chat: error: 1 answer stopped by Ctrl-C: question 2 (line 3); each line holds what was said before",
+    ]
+
+
 def test_a_full_conversation_drops_its_earliest_exchanges_to_fit_the_context(checkpoint, tmp_path, monkeypatch, capsys):
     """Once the history filled the 4096-token context every question failed ("ask again") and none could fit again.
     The earliest exchanges, their media with them, are now dropped until the prompt leaves room for the answer's
