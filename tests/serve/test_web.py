@@ -522,3 +522,23 @@ def test_a_reader_who_scrolled_up_stays_there_and_a_stream_without_its_end_is_cu
     WebDriverWait(browser, 10).until(lambda d: _last_state(d) != "streaming")
     assert _last_state(browser) == "error" and _text(browser, ".turn.assistant:last-of-type .answer") == "partly"
     assert _text(browser, ".turn.assistant:last-of-type .note").startswith("cut off")
+
+    # the connection reset mid-answer, or no server to reach: Chromium's bare "network error" / "Failed to fetch"
+    browser.execute_script(
+        "const sent = arguments[0];"
+        "window.fetch = async () => new Response(new ReadableStream({start(c) {"
+        "  c.enqueue(new TextEncoder().encode(sent));"
+        "  setTimeout(() => c.error(new TypeError('network error')), 50); }}),"
+        "  {headers: {'Content-Type': 'text/event-stream'}})",
+        f"data: {json.dumps(piece)}\n\n",
+    )
+    _ask(browser, None, "a question whose connection breaks")
+    WebDriverWait(browser, 10).until(lambda d: _last_state(d) != "streaming")
+    assert _last_state(browser) == "error" and _text(browser, ".turn.assistant:last-of-type .answer") == "partly"
+    note = _text(browser, ".turn.assistant:last-of-type .note")
+    assert note == "cut off: the connection to the server was lost (network error)"
+    browser.execute_script("window.fetch = async () => { throw new TypeError('Failed to fetch'); }")
+    _ask(browser, None, "a question no server hears")
+    WebDriverWait(browser, 10).until(lambda d: _last_state(d) != "streaming")
+    note = _text(browser, ".turn.assistant:last-of-type .note")
+    assert note == "the server could not be reached (Failed to fetch)"

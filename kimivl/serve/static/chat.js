@@ -216,7 +216,12 @@ async function send() {
     }
   } catch (e) {
     if (e.name === "AbortError") { state = "stopped"; note.textContent = "stopped"; }
-    else { state = "error"; note.textContent = e.message; }
+    else if (e instanceof TypeError) {  // fetch's network failure: the server went away, or was never reached
+      state = "error";
+      const said = answer.textContent || reasoning.textContent;
+      note.textContent = (said ? "cut off: the connection to the server was lost" : "the server could not be reached")
+                         + " (" + e.message + ")";
+    } else { state = "error"; note.textContent = e.message; }
   } finally {
     div.removeAttribute("aria-busy");
     if (controller === mine) idle();
