@@ -99,8 +99,8 @@ class Recipe:
         if self.export is not None:
             _check_export(self.export)
         names = [s.name for s in self.stages]
-        if len(set(names)) != len(names):
-            raise RecipeError(f"stage names must be unique, got {names}")
+        if len({name.casefold() for name in names}) != len(names):  # macOS's and Windows' disks: one folder
+            raise RecipeError(f"stage names must be unique, letter case aside, got {names}")
         if self.eval is not None:
             _check_eval(self.eval, names)
         for s in self.stages:

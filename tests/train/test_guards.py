@@ -303,6 +303,13 @@ def _recipe(tmp_path, **changes):
         ({"name": "../../x"}, r"stage name '\.\./\.\./x': use letters, digits"),
         ({"name": "world"}, "stage name 'world': .* other than"),
         ({"name": ".hidden"}, "stage name '.hidden'"),
+        # one folder on macOS's and Windows' disks: the stage would have resumed from, or exported, another's
+        ({"name": "Tokenizer"}, "stage name 'Tokenizer': .* other than .* in any letter case"),
+        ({"name": "base"}, "stage name 'base': .* other than"),  # its evaluation was the base model's, overwritten
+        ({"name": "CON.sft"}, "stage name 'CON.sft': .* Windows' device names"),
+        ({"name": "sft."}, r"stage name 'sft\.': .* not ending with '\.'"),
+        ({"name": "straße"}, "stage name 'straße': use letters, digits"),
+        ({"name": 3}, "stage name 3: use letters"),
         ({"schedule": "cosine", "warmup": 4}, r"stage 'a': warmup \(4 steps\) must be below steps \(4\)"),
         (  # ignored unless the stage runs its own schedule
             {"warmup": 2},

@@ -223,6 +223,7 @@ def _stage(i, **changes):
         (_stage(0, freeze=["*.wqkv.*"]), "freeze does not apply to a vit stage"),
         (_stage(1, epochs=3), "unknown keys \\['epochs'\\]; a joint stage takes \\['accum', "),
         (_stage(2, name="align"), "stage names must be unique"),
+        (_stage(2, name="ALIGN"), "stage names must be unique, letter case aside"),  # one folder on macOS, Windows
         (
             lambda r: r["schedule"].update(decay_stages=["warmdown"]),
             r"decay_stages names unknown stages \['warmdown'\]",

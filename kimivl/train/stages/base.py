@@ -26,8 +26,13 @@ from kimivl.train.recipe import PARTS, RecipeError, check_integer, check_names, 
 from kimivl.train.trainable import set_trainable
 
 RESUME_FREE = ("name", "kind", "ckpt_every", "log_every", "val", "recompute")  # a resume may change them
-STAGE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}")
-RESERVED = {"world", "tokenizer", "eval", "tensorboard"}  # other folders of a run
+STAGE_NAME = re.compile(
+    r"[A-Za-z0-9_][A-Za-z0-9._-]{0,98}[A-Za-z0-9_-]|[A-Za-z0-9_]"
+)  # no trailing '.' (Windows drops it)
+# other folders of a run, and the name of the base model's evaluation under out/eval; compared case-folded, as macOS's
+# and Windows' filesystems compare names; nor can a folder take a Windows device's name, with or without a suffix
+RESERVED = {"world", "tokenizer", "eval", "tensorboard", "base"}
+DEVICES = {"con", "prn", "aux", "nul"} | {f"{port}{n}" for port in ("com", "lpt") for n in range(1, 10)}
 
 if TYPE_CHECKING:
     from kimivl.processing.processor import KimiVLProcessor
@@ -56,10 +61,12 @@ class StageSettings:
         self.check(f"stage {self.name!r}")
 
     def check(self, where: str) -> None:
-        if not isinstance(self.name, str) or not STAGE_NAME.fullmatch(self.name) or self.name in RESERVED:
+        name = self.name.casefold() if isinstance(self.name, str) else ""
+        if not STAGE_NAME.fullmatch(self.name if name else "") or name in RESERVED or name.split(".")[0] in DEVICES:
             raise RecipeError(
-                f"stage name {self.name!r}: use letters, digits, '.', '_' and '-' (not starting with "
-                f"'.' or '-'), other than {sorted(RESERVED)}: it names the stage's folder under out"
+                f"stage name {self.name!r}: use letters, digits, '.', '_' and '-' (not starting with '.' or '-', not "
+                f"ending with '.'), other than {sorted(RESERVED)} and Windows' device names (con, nul, com1, ...) in "
+                "any letter case: it names the stage's folder under out"
             )
         if not integer(self.steps) or self.steps < 1 or not number(self.lr) or self.lr <= 0:
             raise RecipeError(f"{where}: steps >= 1 and lr > 0 are required, got {self.steps!r}, {self.lr!r}")
