@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import fcntl
 import io
 import logging
 import os
@@ -122,6 +121,8 @@ def main_first(world: World, lock: Path) -> Iterator[bool]:
     if not world.active:
         yield True
         return
+    import fcntl  # not at import: a platform without it (Windows) still scores predictions, with one process
+
     lock.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:

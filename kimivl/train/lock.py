@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import fcntl
 import json
 import os
 import socket
@@ -57,6 +56,13 @@ def export_lock(path: Path, out: Path, advice: str) -> Iterator[None]:
 def _take(file: Path, holder: dict[str, str], refusal: str, advice: str, error: type[RecipeError] = RecipeError) -> int:
     """The descriptor of ``file``, locked by this process, which it names there (with ``holder``); while another
     process holds it, an ``error``: ``refusal``, that process, ``advice``."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        raise RecipeError(
+            "training locks its out directory with fcntl, which this platform lacks: train on Linux or macOS (on "
+            "Windows, under WSL)"
+        ) from None
     fd = os.open(file, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

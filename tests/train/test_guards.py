@@ -265,6 +265,30 @@ def test_a_second_run_on_the_same_out_is_refused(tmp_path):
         pass
 
 
+def test_without_fcntl_scoring_still_imports_and_training_is_refused_clearly(tmp_path):
+    """On Windows (no ``fcntl``) ``kimivl eval``, ``kimivl train --plan`` and ``kimivl info --dp-shard`` died at import
+    (18 modules import ``kimivl.distributed.world``); now only a run's lock needs it, and says what to do."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; sys.modules['fcntl'] = None\n"  # import fcntl fails, as on Windows
+        "import kimivl.eval.runner, kimivl.train.pipeline, kimivl.rl.trainer, kimivl.cli\n"
+        "from pathlib import Path\n"
+        "from kimivl.train.lock import run_lock\n"
+        "from kimivl.train.recipe import RecipeError\n"
+        "try:\n"
+        "    with run_lock(Path(sys.argv[1])): pass\n"
+        "except RecipeError as e: print(e)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == (
+        "training locks its out directory with fcntl, which this platform lacks: train on Linux or macOS (on Windows, "
+        "under WSL)\n"
+    )
+
+
 def test_a_refused_run_is_told_when_the_holder_started_with_its_utc_offset(tmp_path, monkeypatch):
     """The holder's start was local time without a zone: a run in another zone, or on another host, misread it."""
     monkeypatch.setenv("TZ", "KIR-14")  # UTC+14, a POSIX zone that needs no tz database
