@@ -1,8 +1,10 @@
-"""The process's resident-set high-water mark, resettable, for the memory benchmarks (Linux /proc)."""
+"""The process's resident-set high-water mark, resettable, for the memory benchmarks (Linux /proc; elsewhere the
+lifetime peak, ``ru_maxrss``)."""
 
 from __future__ import annotations
 
 import resource
+import sys
 
 
 def status_kib(field: str) -> int:
@@ -30,9 +32,15 @@ class PeakRise:
 
     def __enter__(self) -> PeakRise:
         self.exact = reset_peak()
-        self._before = status_kib("VmRSS") if self.exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        self._before = status_kib("VmRSS") * 1024 if self.exact else max_rss()
         return self
 
     def __exit__(self, *exc) -> None:
-        peak = status_kib("VmHWM") if self.exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        self.bytes = (peak - self._before) * 1024
+        peak = status_kib("VmHWM") * 1024 if self.exact else max_rss()
+        self.bytes = peak - self._before
+
+
+def max_rss() -> int:
+    """The process's peak resident set in bytes (``ru_maxrss`` counts bytes on macOS, KiB on Linux)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024

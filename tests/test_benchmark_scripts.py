@@ -251,3 +251,25 @@ def test_every_script_and_module_command_stops_on_ctrl_c_and_a_reader_gone_as_ki
     for target, prog in progs.items():
         assert said[f"{target} interrupt"] == [130, f"\n{prog}: interrupted\n"], target
         assert said[f"{target} pipe"] == [141, ""], target
+
+
+def test_the_peak_rise_counts_bytes_where_ru_maxrss_does_macos(script, monkeypatch):
+    """Without /proc (macOS) the memory benchmarks took ``ru_maxrss`` for KiB, as Linux counts it, and printed 200 GiB
+    for a block of 200 MiB: macOS counts it in bytes."""
+    import resource
+
+    rss = script("rss")["PeakRise"].__enter__.__globals__  # the module's own globals (run_path returns a copy)
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux's answer, in KiB
+    block = 400 * 2**20
+
+    class Darwin:  # getrusage as macOS answers it: bytes, the peak risen by the block
+        def __init__(self, risen: bool):
+            self.ru_maxrss = kib * 1024 + (block if risen else 0)
+
+    answers = iter([Darwin(False), Darwin(True)])
+    monkeypatch.setattr(sys, "platform", "darwin")
+    monkeypatch.setitem(rss, "reset_peak", lambda: False)  # no /proc/self/clear_refs
+    monkeypatch.setattr(resource, "getrusage", lambda who: next(answers))
+    with rss["PeakRise"]() as rise:
+        pass
+    assert (rise.exact, rise.bytes) == (False, block)
