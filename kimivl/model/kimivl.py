@@ -134,7 +134,8 @@ class KimiVL(nn.Module):
         weight = self.vision_tower.patch_embed.proj.weight
         feats_NC = self.vision_tower(pixel_values.to(weight.device, weight.dtype), image_grid_hws)
         merged_TKC = patch_merge(feats_NC, image_grid_hws, self.config.vision_config.merge_kernel_size)
-        return self.multi_modal_projector(merged_TKC.to(self.multi_modal_projector.linear_1.weight.dtype))
+        # the dtype of the projector's first op, its LayerNorm: a frozen linear_1 may be held in bf16 apart from it
+        return self.multi_modal_projector(merged_TKC.to(self.multi_modal_projector.pre_norm.weight.dtype))
 
     def embed(
         self,

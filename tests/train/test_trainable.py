@@ -172,6 +172,25 @@ def test_frozen_bf16_weights_train_exactly_as_float32_in_half_the_memory(tiny_mo
     assert all(p.dtype == originals[n].dtype and torch.equal(p, originals[n]) for n, p in tiny_model.named_parameters())
 
 
+def test_a_frozen_projector_held_in_bf16_projects_images_as_in_float32(tiny_model):
+    """Holding a frozen projector's ``linear_1`` in bf16 rounded the tower's features to bf16 before the projector's
+    float32 LayerNorm (they were cast to ``linear_1``'s dtype): a language-model-only stage on images trained on other
+    numbers in one process (loss 0.71197 for 0.71727) than sharded, where nothing is held."""
+    to_dtype(tiny_model, torch.bfloat16).float()  # float32 holding bfloat16 values, as loaded from a bf16 checkpoint
+    set_trainable(tiny_model, ["language_model"])
+    g = torch.Generator().manual_seed(0)
+    hws = torch.tensor([[4, 6], [2, 2]])
+    patch = tiny_model.config.vision_config.patch_size
+    pixels = torch.randn(int(hws.prod(1).sum()), 3, patch, patch, generator=g)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        before = tiny_model.get_image_features(pixels, hws)
+        held = hold_frozen_in_bf16(tiny_model)
+        assert tiny_model.multi_modal_projector.linear_1.weight.dtype == torch.bfloat16
+        assert tiny_model.multi_modal_projector.pre_norm.weight.dtype == torch.float32
+        assert torch.equal(tiny_model.get_image_features(pixels, hws), before)
+    restore_float32(held)
+
+
 def test_weights_with_more_precision_than_bf16_stay_float32(tiny_model):
     set_trainable(tiny_model, ["language_model"], [EXPERTS])  # freshly initialised float32 values
     assert hold_frozen_in_bf16(tiny_model) == []
