@@ -96,9 +96,11 @@ class ProblemSampler:
         check_curriculum(curriculum)
         self.difficulties = list(difficulties)
         self.labels = sorted(set(self.difficulties))
+        self.index = {d: i for i, d in enumerate(self.labels)}  # dicts, not list lookups: thousands of labels
+        self.label = torch.tensor([self.index[d] for d in self.difficulties])  # each problem's label's index
         self.curriculum = {float(k): dict(v) for k, v in sorted((curriculum or {}).items())}
         for start, weights in self.curriculum.items():
-            if not any(w > 0 and d in self.labels for d, w in weights.items()):
+            if not any(w > 0 and d in self.index for d, w in weights.items()):
                 raise ValueError(
                     f"curriculum phase {start} gives no weight to any difficulty present ({', '.join(self.labels)})"
                 )
@@ -110,7 +112,10 @@ class ProblemSampler:
                 "a problem without meta.difficulty), and a phase weighs some of %s",
                 never.total(),
                 len(self.difficulties),
-                ", ".join(f"{d}: {n}" for d, n in sorted(never.items())),
+                ", ".join(
+                    [f"{d}: {n}" for d, n in sorted(never.items())[:10]]
+                    + [f"{len(never) - 10} other difficulties"] * (len(never) > 10)
+                ),
                 list(DIFFICULTIES),
             )
         self.floor, self.decay, self.priority = floor, decay, priority
@@ -123,7 +128,7 @@ class ProblemSampler:
         if not self.curriculum:
             return {}
         start = max((s for s in self.curriculum if s <= progress), default=0.0)
-        return {d: float(w) for d, w in self.curriculum[start].items() if d in self.labels}
+        return {d: float(w) for d, w in self.curriculum[start].items() if d in self.index}
 
     def priorities(self) -> torch.Tensor:
         """Each problem's priority (N,) by the ``priority`` mode (see the module docstring)."""
@@ -137,12 +142,11 @@ class ProblemSampler:
         prio = self.priorities()
         if not self.curriculum:
             return prio / prio.sum()
-        label = torch.tensor([self.labels.index(d) for d in self.difficulties])
         weights = self.weights(progress)
         share = torch.tensor([weights.get(d, 0.0) for d in self.labels], dtype=torch.float64)
         share = share / share.sum()
-        per_label = torch.zeros(len(self.labels), dtype=torch.float64).index_add_(0, label, prio)
-        return share[label] * prio / per_label[label]
+        per_label = torch.zeros(len(self.labels), dtype=torch.float64).index_add_(0, self.label, prio)
+        return share[self.label] * prio / per_label[self.label]
 
     def sample(self, n: int, progress: float) -> list[int]:
         """``n`` distinct problem indices (fewer if fewer problems have non-zero probability)."""
