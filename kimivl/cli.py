@@ -13,7 +13,9 @@ import os
 import shlex
 import stat
 import sys
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 from kimivl.config import PRESETS, ConfigError, KimiVLConfig
 from kimivl.exits import stop_code
@@ -161,7 +163,24 @@ def _load(path: str, dtype: str, device: str | None):
     device = resolve_device(device)
     dtype = checkpoint_load_dtype(path, device, getattr(torch, dtype) if dtype else None)
     processor = KimiVLProcessor.from_pretrained(path)  # first: a tokenizer not the model's is refused in seconds
-    return KimiVL.from_pretrained(path, dtype=dtype, device=device), processor
+    files = list(Path(path).glob("*.safetensors"))
+    size = sum(f.stat().st_size for f in files)
+    said = size >= LOAD_NOTICE_BYTES  # a large model takes a while (about 45 s for the A3B's 33 GB from a warm cache)
+    if said:
+        print(
+            f"kimivl: loading {printable(path)} ({size / 1e9:.1f} GB in {len(files)} file{'s' * (len(files) != 1)}) on {device} in "
+            f"{str(dtype).removeprefix('torch.')}",
+            file=sys.stderr,
+            flush=True,
+        )
+    start = time.monotonic()
+    model = KimiVL.from_pretrained(path, dtype=dtype, device=device)
+    if said:
+        print(f"kimivl: loaded in {time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)
+    return model, processor
+
+
+LOAD_NOTICE_BYTES = 1 << 30  # weights from this size up are announced as they load, and the time it took
 
 
 def _user_message(text: str, images: list[str | bytes], video: str | bytes | None) -> dict:
@@ -811,8 +830,6 @@ def _max_new_tokens(args: argparse.Namespace, task) -> int:
 def _check_eval_inputs(args: argparse.Namespace, tasks: list, data: dict[str, str]) -> None:
     """What can be checked before a model loads: every task's data is there, and NIAH's options (when generating,
     lengths within the context of the checkpoint's config less the new tokens)."""
-    from pathlib import Path
-
     from kimivl.eval import niah
     from kimivl.eval.tables import table_files
 
@@ -841,7 +858,6 @@ def _check_eval_inputs(args: argparse.Namespace, tasks: list, data: dict[str, st
 
 def _eval(args: argparse.Namespace) -> int:
     from functools import partial
-    from pathlib import Path
 
     from kimivl import generate
     from kimivl.eval.report import headline

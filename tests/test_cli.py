@@ -4,6 +4,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -214,6 +215,27 @@ def test_a_piped_session_keeps_a_line_for_each_answer_and_exits_2_when_a_questio
         "empty answer line"
     ]
     assert "ask again" not in err
+
+
+def test_a_large_model_is_announced_as_it_loads(checkpoint, monkeypatch, capsys):
+    """Loading the A3B (33 GB, about 45 s from a warm cache, minutes from disk) printed nothing: chat, serve and eval
+    sat silent. Weights from ``LOAD_NOTICE_BYTES`` up are announced, with their size, device and dtype, and the time
+    the load took; a small model loads unsaid."""
+    import kimivl.cli
+
+    def stream(model, processor, messages, **sampling):
+        yield "an answer"
+
+    monkeypatch.setattr("kimivl.inference.chat.stream_generate", stream)
+    assert main(["chat", "--model", str(checkpoint), "--dtype", "float32", "Hi"]) == 0
+    assert "kimivl: load" not in capsys.readouterr().err
+    size = sum(f.stat().st_size for f in checkpoint.glob("*.safetensors"))
+    monkeypatch.setattr(kimivl.cli, "LOAD_NOTICE_BYTES", size)
+    assert main(["chat", "--model", str(checkpoint), "--dtype", "float32", "Hi"]) == 0
+    out, err = capsys.readouterr()
+    said = [line for line in err.splitlines() if line.startswith("kimivl: load")]
+    assert said[0] == f"kimivl: loading {checkpoint} ({size / 1e9:.1f} GB in 1 file) on cpu in float32"
+    assert re.fullmatch(r"kimivl: loaded in \d+ s", said[1]) and len(said) == 2 and out == "an answer\n"
 
 
 def test_a_piped_answer_stopped_by_ctrl_c_makes_the_session_exit_2(checkpoint, monkeypatch, capsys):
