@@ -175,10 +175,21 @@ def official_extraction(response: str, meta: dict) -> str:
                 return str(convert(response))
             except ValueError:
                 pass
-    quoted = re.search(r'The answer is "(.*)"\.', response)
-    if quoted:
-        return quoted.group(1)
+    quoted = _quoted_answer(response)
+    if quoted is not None:
+        return quoted
     return _stand_in(response, meta)
+
+
+def _quoted_answer(response: str) -> str | None:
+    r"""``re.search(r'The answer is "(.*)"\.', response)``'s group, or None, in linear time: from after the first cue
+    on the first line (``.`` stops at "\n" only) with a '".' after its cue, to that line's last '".'."""
+    cue = 'The answer is "'
+    for line in response.split("\n"):
+        start, end = line.find(cue), line.rfind('".')
+        if 0 <= start and start + len(cue) <= end:
+            return line[start + len(cue) : end]
+    return None
 
 
 def official_normalize(extraction, meta: dict) -> str | None:

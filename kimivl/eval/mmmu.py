@@ -198,9 +198,12 @@ def official_choice(response: str, options: dict[str, str]) -> str | None:
 
 
 def _official_numbers(text: str) -> list[str]:
+    # MMMU's extract_numbers patterns, each ``\d+`` that can begin a match guarded by ``(?<!\d)``: the same matches (a
+    # match never starts inside a run of digits: one from there would extend to the run's start, and none ends before a
+    # digit), without retrying from each digit of a long run every shorter tail of it (quadratic time).
     with_commas = re.findall(r"-?\b\d{1,3}(?:,\d{3})+\b", text)
-    scientific = re.findall(r"-?\d+(?:\.\d+)?[eE][+-]?\d+", text)
-    simple = re.findall(r"-?(?:\d+\.\d+|\.\d+|\d+\b)(?![eE][+-]?\d+)(?![,\d])", text)
+    scientific = re.findall(r"-?(?<!\d)\d+(?:\.\d+)?[eE][+-]?\d+", text)
+    simple = re.findall(r"-?(?:(?<!\d)\d+\.\d+|\.\d+|(?<!\d)\d+\b)(?![eE][+-]?\d+)(?![,\d])", text)
     return with_commas + scientific + simple
 
 
