@@ -653,7 +653,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             timeout_graceful_shutdown=args.shutdown_timeout,
             limit_concurrency=args.limit_concurrency,
             http=HeaderDeadlineProtocol,  # closes connections whose headers do not arrive
-            use_colors=False if _no_colour() else None,  # None: uvicorn's colours at a terminal
+            # uvicorn colours by stdout alone, but its server log goes to stderr: a log file got escape codes
+            use_colors=not _no_colour() and is_terminal(sys.stdout) and is_terminal(sys.stderr),
         )
         try:
             PreboundServer(config).run(sockets=sockets)

@@ -32,7 +32,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from kimivl.exits import run_command
-from kimivl.terminal import table_cell
+from kimivl.terminal import printable, table_cell
 
 Z95 = statistics.NormalDist().inv_cdf(0.975)
 Interval = tuple[float, float, float] | tuple[float, None, None]  # (mean, low, high); no interval: (mean, None, None)
@@ -300,7 +300,7 @@ def _run(argv: list[str] | None) -> int:
     try:
         arms = _named(args.runs)
     except ValueError as e:
-        parser.error(str(e))
+        parser.error(printable(e))
     for name, runs in args.arm:
         if name in arms:
             parser.error(f"arm {name!r} is given twice")
@@ -313,7 +313,7 @@ def _run(argv: list[str] | None) -> int:
         table = difficulty_table if args.by_difficulty else comparison_table
         text = table(arms, args.stage, args.task)
     except (ValueError, KeyError, OSError) as e:
-        parser.error(str(e) if not isinstance(e, KeyError) else f"no {e} in a run's eval files (--task, --stage)")
+        parser.error(printable(e) if not isinstance(e, KeyError) else f"no {e} in a run's eval files (--task, --stage)")
     print(text)  # outside the errors above: stdout's reader gone is no error of the runs
     return 0
 

@@ -25,7 +25,7 @@ from kimivl.exits import run_command
 from kimivl.files import unwritable, write_text_atomic
 from kimivl.progress import progress_bar
 from kimivl.rl.rewards import correctness
-from kimivl.terminal import table_cell
+from kimivl.terminal import printable, table_cell
 
 # (problem records, answers per problem, seed) -> the answers' texts, problem by problem
 Generator = Callable[[Sequence[dict], int, int], list[str]]
@@ -155,7 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="the first chunk's sampling seed (default %(default)s)")
     p.add_argument("--out", default="passk.json", help="where the table is written as JSON (default passk.json)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is a GPU, else cpu)")
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], help="weights' dtype (default: the checkpoint's)")
+    p.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float32"],
+        help="weights' dtype (default: the checkpoint's; float32 on a CPU that multiplies bf16 slowly)",
+    )
     return p
 
 
@@ -208,7 +212,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         chunk = max(1, args.batch // args.samples)
         counts = count_correct(generate, problems, args.samples, chunk=chunk, seed=args.seed, progress=True)
     except (ValueError, OSError) as e:
-        parser.error(str(e))
+        parser.error(printable(e))
     table = summarise(difficulties_of(problems), counts, args.samples, args.k)
     settings = {k: getattr(args, k) for k in ("model", "data", "samples", "temperature", "top_p", "max_new_tokens")}
     result = {"settings": {**settings, "seed": args.seed}, "table": table, "correct": counts}
@@ -217,7 +221,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         write_text_atomic(args.out, json.dumps(result, indent=1))
     except OSError as e:
         print(format_table(table, args.k), flush=True)  # a failed write loses no table
-        parser.error(str(e))
+        parser.error(printable(e))
     print(format_table(table, args.k))
     print(f"written to {args.out}")
     return 0

@@ -94,6 +94,17 @@ def test_the_command(runs, capsys, tmp_path):
         assert e.value.code == 2 and message in capsys.readouterr().err, argv
 
 
+def test_a_run_directorys_escapes_are_printed_as_escapes(tmp_path, capsys):
+    """``python -m kimivl.rl.compare runs/*`` with a run directory named with escape sequences printed them raw in its
+    error: the terminal was retitled and cleared. Now they print as escapes, as the ``kimivl`` commands do."""
+    run = tmp_path / "run\x1b]0;PWNED\x07\x1b[2J"
+    with pytest.raises(SystemExit) as e:
+        main([str(run)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "\x1b" not in err and "\x07" not in err
+    assert f"{tmp_path}/run\\x1b]0;PWNED\\x07\\x1b[2J/eval/base.json is missing" in err
+
+
 def write_difficulty_run(root, correct_before, correct_after, difficulties=True):
     """A run whose predictions carry a difficulty: ``correct_*`` maps difficulty -> (right, problems)."""
     out = root / "eval"

@@ -8,6 +8,7 @@ import io
 import json
 import os
 import struct
+import sys
 import threading
 import time
 import urllib.error
@@ -1244,24 +1245,39 @@ def test_a_refused_image_url_is_named_as_the_server_is_configured(tmp_path):
             assert str(e.value).endswith(words)
 
 
-def test_kimivl_serve_drops_its_colours_under_no_color_or_a_dumb_terminal(monkeypatch):
-    """At a terminal uvicorn's log lines were coloured even with NO_COLOR=1 or TERM=dumb."""
+def test_kimivl_serve_colours_its_log_at_a_terminal_only(monkeypatch):
+    """At a terminal uvicorn's log lines were coloured even with NO_COLOR=1 or TERM=dumb; and ``kimivl serve 2> log``
+    at a terminal wrote escape codes into the log file (uvicorn looks at stdout only, its server log goes to
+    stderr)."""
     import uvicorn
 
     from kimivl import cli
     from kimivl.cli import main
 
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
     colours = []
     monkeypatch.setattr(uvicorn.Server, "run", lambda server, sockets: colours.append(server.config.use_colors))
     monkeypatch.setattr(cli, "_listen", lambda host, port: [])
-    for no_color, term in ((None, "xterm"), ("", "xterm"), ("1", "xterm"), (None, "dumb")):
+    for no_color, term, stdout, stderr in (
+        (None, "xterm", Terminal(), Terminal()),
+        ("", "xterm", Terminal(), Terminal()),
+        ("1", "xterm", Terminal(), Terminal()),
+        (None, "dumb", Terminal(), Terminal()),
+        (None, "xterm", Terminal(), io.StringIO()),  # 2> serve.log
+        (None, "xterm", io.StringIO(), Terminal()),  # > access.log
+    ):
         monkeypatch.setenv("TERM", term)
         if no_color is None:
             monkeypatch.delenv("NO_COLOR", raising=False)
         else:
             monkeypatch.setenv("NO_COLOR", no_color)
+        monkeypatch.setattr(sys, "stdout", stdout)
+        monkeypatch.setattr(sys, "stderr", stderr)
         assert main(["serve", "--model", str(MODELS / "kimivl-tiny"), "--device", "cpu"]) == 0
-    assert colours == [None, None, False, False]  # None: uvicorn colours a terminal only
+    assert colours == [True, True, False, False, False, False]
 
 
 def test_kimivl_serve_serves_a_name_from_argv_under_lc_all_c_as_its_text(tmp_path, monkeypatch, capsys):
