@@ -167,8 +167,9 @@ def _load(path: str, dtype: str, device: str | None):
     size = sum(f.stat().st_size for f in files)
     said = size >= LOAD_NOTICE_BYTES  # a large model takes a while (about 45 s for the A3B's 33 GB from a warm cache)
     if said:
+        count = f"{len(files)} file{'s' * (len(files) != 1)}"
         print(
-            f"kimivl: loading {printable(path)} ({size / 1e9:.1f} GB in {len(files)} file{'s' * (len(files) != 1)}) on {device} in "
+            f"kimivl: loading {printable(path)} ({size / 1e9:.1f} GB in {count}) on {device} in "
             f"{str(dtype).removeprefix('torch.')}",
             file=sys.stderr,
             flush=True,
