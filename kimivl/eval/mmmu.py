@@ -129,11 +129,11 @@ def load(data, **_):
     """The validation rows of ``data``: MMMU's reported number is over those, and VLMEvalKit's ``MMMU_DEV_VAL.tsv``
     holds the 150 dev rows beside the 900 validation ones, as a hub directory holds dev, validation and test files
     (``row_split`` says how a row's split is known; a row whose split is not named is read)."""
+    return load_samples(data, parse_row, ("index", "id"), keep=_validation)
 
-    def parse(row, index, file):
-        return parse_row(row, index, file) if row_split(row, file) in (None, "validation") else None
 
-    return (sample for sample in load_samples(data, parse, ("index", "id")) if sample is not None)
+def _validation(row: dict, file: Path) -> bool:
+    return row_split(row, file) in (None, "validation")
 
 
 # The subject order of the official script's CAT_SHORT2LONG table (what --subject ALL walks through).

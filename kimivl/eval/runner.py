@@ -261,6 +261,27 @@ def _extraction(task: Task, rows: list[dict], extracted: dict[str, str]) -> dict
     return {"extraction": {"given": given, "rules": len(rows) - given}}
 
 
+def _total(samples: Iterable, total: int | None, limit: int | None) -> int | None:
+    """The progress bar's total: the number of rows (``total``, else the samples' own: their ``total`` as ``Rows``
+    know it, or their length) capped by ``limit``; ``None`` while that number is not known (``limit`` alone says
+    nothing: the data may hold fewer rows)."""
+    if total is None:
+        total = getattr(samples, "total", None)
+    if total is None and hasattr(samples, "__len__"):
+        total = len(samples)
+    return total if total is None or limit is None else min(total, limit)
+
+
+def _outside_rate(bar) -> None:
+    """Count a row on ``bar`` without counting it into its rate: it moves the bar's start (``initial``, as a resumed
+    training run's bar starts at its step), so that the rate and the time left are those of the rows generated."""
+    if not bar.disable:
+        bar.initial += 1
+        bar.n += 1
+        bar.last_print_n += 1
+        bar.update(0)  # a refresh when one is due
+
+
 def run_task(
     task: Task,
     samples: Iterable[Sample | Skipped],
@@ -282,15 +303,16 @@ def run_task(
     ``settings`` (what makes the predictions: model, checkpoint fingerprint, data, generation settings) guards
     resuming: predictions already in ``out_dir`` made with other settings raise ``EvalError`` unless
     ``overwrite`` (start afresh). ``out_dir`` is locked from that check until the results are written: another
-    run into it at the same time (an eval or a training run) raises ``EvalError`` naming it. ``total``, the row count
-    where it is known, sizes the progress bar. Ctrl-C (``KeyboardInterrupt``) during generation raises
-    ``EvalInterrupted``; every finished batch stays on disk. A predictions line repeating an earlier line's index is
-    ignored, counted (``duplicate_predictions``) and warned about. A predictions line whose index is no row of the
-    data is counted as ``unmatched_predictions``; when ``limit`` stopped the reading early, the lines whose index is
-    not among the rows read are ``beyond_limit_predictions`` instead (rows past the limit, or not in the data: only
-    reading the rest could tell). Rows and predictions match by ``index_key`` (``"007"``, 7 and 7.0 are one row).
-    The settings go to ``out_dir/<task>.run.json`` once the first row is read, and an ``out_dir`` this call created
-    is removed again when the run fails before writing anything there but its lock."""
+    run into it at the same time (an eval or a training run) raises ``EvalError`` naming it. The progress bar's total
+    is ``total``, the row count where it is known, else the samples' own (``_total``), capped by ``limit``; the rows
+    not generated (predicted by an earlier run, or malformed) count outside its rate. Ctrl-C (``KeyboardInterrupt``)
+    during generation raises ``EvalInterrupted``; every finished batch stays on disk. A predictions line repeating an
+    earlier line's index is ignored, counted (``duplicate_predictions``) and warned about. A predictions line whose
+    index is no row of the data is counted as ``unmatched_predictions``; when ``limit`` stopped the reading early,
+    the lines whose index is not among the rows read are ``beyond_limit_predictions`` instead (rows past the limit,
+    or not in the data: only reading the rest could tell). Rows and predictions match by ``index_key`` (``"007"``, 7
+    and 7.0 are one row). The settings go to ``out_dir/<task>.run.json`` once the first row is read, and an
+    ``out_dir`` this call created is removed again when the run fails before writing anything there but its lock."""
     from kimivl.progress import progress_bar
 
     if (generate_fn is None) == (predictions is None):
@@ -320,10 +342,7 @@ def run_task(
         skipped: list[Skipped] = []  # malformed rows and repeated indices: not scored
         failed: list[Skipped] = []  # rows whose generation failed: scored as empty answers
         batch: list[Sample] = []
-        if total is None and hasattr(samples, "__len__"):
-            total = len(samples)
-        total = min(x for x in (total, limit) if x is not None) if total is not None or limit is not None else None
-        bar = progress_bar(desc=task.name, unit="row", total=total, disable=not progress)
+        bar = progress_bar(desc=task.name, unit="row", total=_total(samples, total, limit), disable=not progress)
 
         def flush() -> None:
             answered, unanswered = _generate(generate_fn, batch)
@@ -342,6 +361,14 @@ def run_task(
             bar.update(len(batch))
             batch.clear()
 
+        def passed() -> None:
+            """A row read and not generated (malformed, or predicted by an earlier run): outside the rate while
+            generating, which is the generation's."""
+            if generate_fn is None:
+                bar.update(1)
+            else:
+                _outside_rate(bar)
+
         read = 0
         try:
             for item in itertools.islice(samples, limit):
@@ -349,17 +376,20 @@ def run_task(
                     _write_run(out_dir / f"{stem}.run.json", run_record)
                     run_record = None
                 read += 1
+                if bar.total is None and (known := _total(samples, total, limit)) is not None:
+                    bar.total = known  # ``Rows`` learn their count as they are read: shown once learnt
+                    bar.refresh()
                 key = index_key(item.index)
                 rows_read.add(key)
                 if isinstance(item, Skipped) or key in metas:
                     item = item if isinstance(item, Skipped) else Skipped(item.index, "duplicate index")
                     skipped.append(item)
                     log.warning("%s row %s skipped: %s", task.name, printable(item.index), printable(item.reason))
-                    bar.update(1)
+                    passed()
                     continue
                 metas[key] = item.meta
                 if key in done or generate_fn is None:
-                    bar.update(1)
+                    passed()
                     continue
                 batch.append(item)
                 if len(batch) >= batch_size:

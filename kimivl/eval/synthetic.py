@@ -127,6 +127,15 @@ def iter_heldout(path: str | os.PathLike) -> Iterator[dict]:
         yield record
 
 
+def count_heldout(path: str | os.PathLike, task: str | None = None) -> int:
+    """How many records ``iter_heldout`` yields from a held-out task file (its non-blank lines), or how many of
+    them are of ``task`` (those are read: a file may hold several tasks)."""
+    if task is not None:
+        return sum(record["meta"]["task"] == task for record in iter_heldout(path))
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
 def heldout_records(split_dir: str | os.PathLike, limit: int | None = None) -> list[dict]:
     """The first ``limit`` records of every task file of a held-out split directory (``heldout_files``; only those
     lines are read), checked and named by ``iter_heldout``."""

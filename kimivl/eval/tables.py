@@ -22,8 +22,9 @@ import math
 import os
 import re
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from PIL import Image
 from kimivl.data.formats import DataError, parse_json, parse_line
 
 TABLE_SUFFIXES = (".tsv", ".parquet", ".json", ".jsonl")
+Keep = Callable[[dict, Path], bool]  # whether a row (with its file) is one of the task's
 
 
 @dataclass
@@ -108,7 +110,9 @@ def _not_utf8(path: Path) -> DataError:
     return DataError(f"{path}: not UTF-8")
 
 
-def _tsv_rows(path: Path) -> Iterator[dict]:
+def _tsv_rows(path: Path, keep: Keep | None, counted: Callable[[int], None]) -> Iterator[dict]:
+    """The rows of a TSV file; the first pass (for the images other rows refer to) tells ``counted`` how many rows
+    ``keep`` keeps."""
     csv.field_size_limit(sys.maxsize)
 
     def rows() -> Iterator[dict]:  # a byte-order mark (Excel, Notepad) must not become part of the first column's name
@@ -118,7 +122,12 @@ def _tsv_rows(path: Path) -> Iterator[dict]:
             except UnicodeDecodeError:
                 raise _not_utf8(path) from None
 
-    refs = {r["image"] for r in rows() if 0 < len(r.get("image") or "") <= 64}
+    refs, kept = set(), 0
+    for r in rows():
+        if 0 < len(r.get("image") or "") <= 64:
+            refs.add(r["image"])
+        kept += keep is None or bool(keep(r, path))
+    counted(kept)
     shared = {r["index"]: r["image"] for r in rows() if r.get("index") in refs} if refs else {}
     for row in rows():
         if row.get("image") in refs:
@@ -126,14 +135,20 @@ def _tsv_rows(path: Path) -> Iterator[dict]:
         yield row
 
 
-def _parquet_rows(path: Path) -> Iterator[dict]:
+def _parquet(path: Path):
+    """``path`` opened as a ``pyarrow.parquet.ParquetFile``; an ``ImportError`` saying what to install without
+    pyarrow."""
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise ImportError(
             f"reading {path} needs pyarrow: pip install 'kimivl[eval]' (or pip install pyarrow)"
         ) from None
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=64):
+    return pq.ParquetFile(path)
+
+
+def _parquet_rows(path: Path, keep: Keep | None, counted: Callable[[int], None]) -> Iterator[dict]:
+    for batch in _parquet(path).iter_batches(batch_size=64):
         yield from batch.to_pylist()
 
 
@@ -147,7 +162,8 @@ def jsonl_objects(path: Path, lines: Iterable[bytes]) -> Iterator[tuple[int, dic
             yield lineno, parse_line(raw, f"{path}:{lineno}")
 
 
-def _json_rows(path: Path) -> Iterator[dict]:
+def _json_rows(path: Path, keep: Keep | None, counted: Callable[[int], None]) -> Iterator[dict]:
+    """The rows of a JSONL file, or of a JSON file: parsed whole, it tells ``counted`` how many rows ``keep`` keeps."""
     if path.suffix == ".jsonl":
         with open(path, "rb") as f:
             yield from (row for _, row in jsonl_objects(path, f))
@@ -156,26 +172,79 @@ def _json_rows(path: Path) -> Iterator[dict]:
     rows = data.get("data", data.get("samples", data.get("annotations"))) if isinstance(data, dict) else data
     if type(rows) is not list:
         raise ValueError(f"{path}: expected a JSON list of rows (or an object with a 'data' list)")
+    counted(sum(keep is None or bool(keep(r, path)) for r in rows))
     yield from rows
 
 
-def iter_rows(path: str | os.PathLike) -> Iterator[tuple[Path, dict]]:
-    """(file, row as a dict) for every row of every table file at ``path``."""
+def _count(file: Path, keep: Keep | None) -> int | None:
+    """How many rows of a table file ``keep`` keeps, where that is known without reading the rows: a parquet file's
+    from its metadata (with ``keep``: from its columns less the binary and nested ones, such as images), a JSONL
+    file's non-blank lines (without ``keep``); ``None`` for the rest, counted as they are read."""
+    if file.suffix == ".parquet":
+        table = _parquet(file)
+        if keep is None:
+            return table.metadata.num_rows
+        import pyarrow as pa
+
+        kinds = (pa.types.is_nested, pa.types.is_binary, pa.types.is_large_binary)
+        flat = [f.name for f in table.schema_arrow if not any(kind(f.type) for kind in kinds)]
+        return sum(bool(keep(row, file)) for row in table.read(columns=flat).to_pylist())
+    if file.suffix == ".jsonl" and keep is None:
+        with open(file, "rb") as f:
+            return sum(1 for line in f if line.strip())
+    return None
+
+
+def iter_rows(
+    path: str | os.PathLike, keep: Keep | None = None, counts: dict[Path, int | None] | None = None
+) -> Iterator[tuple[Path, dict]]:
+    """(file, row as a dict) for every row of every table file at ``path``. ``counts`` gets each file's number of
+    rows that ``keep(row, file)`` keeps (all without it) as soon as it is known: a parquet or JSONL file's before any
+    row is read (``_count``), a TSV file's once the reader's first pass over it is done, a JSON file's once it is
+    parsed; ``None`` until then."""
     readers = {".tsv": _tsv_rows, ".parquet": _parquet_rows, ".json": _json_rows, ".jsonl": _json_rows}
-    for file in table_files(path):
+    files = table_files(path)
+    counts = {} if counts is None else counts
+    counts.update((file, _count(file, keep)) for file in files)
+    for file in files:
         if file.suffix not in readers:
             raise ValueError(f"{file}: unknown table format (expected one of {', '.join(TABLE_SUFFIXES)})")
-        for row in readers[file.suffix](file):
+        for row in readers[file.suffix](file, keep, partial(counts.__setitem__, file)):
             yield file, row
 
 
+class Rows:
+    """Rows read as they are iterated (``read(counts)`` makes a fresh iterator, filling ``counts`` as ``iter_rows``
+    does), and ``total``: how many there are, ``None`` until every count is known."""
+
+    def __init__(self, read: Callable[[dict], Iterator]):
+        self._read, self._counts = read, {}
+
+    def __iter__(self) -> Iterator:
+        self._counts = {}
+        return self._read(self._counts)
+
+    @property
+    def total(self) -> int | None:
+        counts = list(self._counts.values())
+        return sum(counts) if counts and None not in counts else None
+
+
 def load_samples(
-    path: str | os.PathLike, parse, index_keys: tuple[str, ...] = ("index",)
-) -> Iterator[Sample | Skipped]:
-    """Apply ``parse(row, index, file) -> Sample`` to every row; a row it cannot parse (``RowError``, a missing
-    column, a value of the wrong kind, a number that overflows or divides by zero, an index out of range) becomes
-    ``Skipped`` with the reason. The index is the first present column of ``index_keys``, else the row's position."""
-    for position, (file, row) in enumerate(iter_rows(path)):
+    path: str | os.PathLike, parse, index_keys: tuple[str, ...] = ("index",), keep: Keep | None = None
+) -> Rows:
+    """Apply ``parse(row, index, file) -> Sample`` to every row that ``keep(row, file)`` keeps (all without it); a
+    row it cannot parse (``RowError``, a missing column, a value of the wrong kind, a number that overflows or
+    divides by zero, an index out of range) becomes ``Skipped`` with the reason. The index is the first present
+    column of ``index_keys``, else the row's position among all rows. Rows are read as they are iterated; the
+    ``Rows``' ``total`` is known once every file's count is (``iter_rows``)."""
+    return Rows(partial(_samples, path, parse, index_keys, keep))
+
+
+def _samples(path, parse, index_keys, keep, counts) -> Iterator[Sample | Skipped]:
+    for position, (file, row) in enumerate(iter_rows(path, keep, counts)):
+        if keep is not None and not keep(row, file):
+            continue
         index = next((row[k] for k in index_keys if row.get(k) not in (None, "")), position)
         index = int(index) if isinstance(index, str) and re.fullmatch(r"-?[0-9]+", index) else index
         try:

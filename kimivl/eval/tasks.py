@@ -25,7 +25,7 @@ from kimivl.eval import (
 )
 from kimivl.eval.answers import final_answer
 from kimivl.eval.report import accuracy
-from kimivl.eval.tables import Sample
+from kimivl.eval.tables import Rows, Sample
 
 
 @dataclass(frozen=True)
@@ -75,11 +75,17 @@ class Task:
         return rows
 
 
-def _synthetic_load(data, task: str | None = None, **_) -> Iterator[Sample]:
+def _synthetic_load(data, task: str | None = None, **_) -> Rows:
     """The held-out questions, interleaved across tasks (so ``--limit N`` takes rows of every task), or those of
     ``task``; an unknown ``task`` is an error listing the tasks the data holds. Rows are read as they are asked for:
-    one open reader per task file, the files of a task (by their first record's) one after the other."""
+    one open reader per task file, the files of a task (by their first record's) one after the other. Their
+    ``total`` is known once the first is read: the files' records (non-blank lines), or those of ``task``."""
+    return Rows(functools.partial(_synthetic_rows, data, task))
+
+
+def _synthetic_rows(data, task: str | None, counts: dict) -> Iterator[Sample]:
     files = synthetic.heldout_files(data)
+    counts.update((path, synthetic.count_heldout(path, task)) for path in files)
     if task is not None:
         seen: set[str] = set()
         for path in files:
