@@ -68,9 +68,11 @@ def grpo_loss(
 
     ``level='token'``: rho per token, averaged over the sample's tokens (GRPO); ``'sequence'``: rho is the
     sequence probability ratio. ``kl_coef`` adds the k3 estimate of KL(pi_theta || pi_old) per token,
-    exp(old - new) - (old - new) - 1, averaged the same way. Log-ratios are cut at ``MAX_LOG_RATIO`` (no gradient
-    past it) in rho and in the KL term's exp, so both stay finite. The old policy here is the iteration's reference
-    (the sampling policy); a fixed initial reference as in the GRPO paper would need a second frozen copy.
+    exp(old - new) - (old - new) - 1, averaged the same way. Log-ratios are cut at ``MAX_LOG_RATIO`` in rho and in
+    both parts of the KL term, so both stay finite, constant and without gradient past the cut (cutting only the KL's
+    exp left its -(old - new) pushing such a token further from the old policy). The old policy here is the
+    iteration's reference (the sampling policy); a fixed initial reference as in the GRPO paper would need a second
+    frozen copy.
     """
     if level not in ("token", "sequence"):
         raise ValueError(f"GRPO level must be 'token' or 'sequence', got {level!r}")
@@ -81,8 +83,8 @@ def grpo_loss(
         surrogate = torch.minimum(rho * a, rho.clamp(1 - clip_eps, 1 + clip_eps) * a).mean()
         loss = -surrogate
         if kl_coef:
-            d = old - new
-            loss = loss + kl_coef * (d.clamp(max=MAX_LOG_RATIO).exp() - d - 1).mean()
+            d = (old - new).clamp(max=MAX_LOG_RATIO)
+            loss = loss + kl_coef * (d.exp() - d - 1).mean()
         out.append(loss)
     return torch.stack(out) if out else advantage.new_zeros(0)
 

@@ -110,6 +110,21 @@ def test_a_sequence_ratio_past_floats_range_keeps_the_loss_finite():
     assert torch.isfinite(grpo_loss(far, [torch.tensor([-0.5, -0.5])], torch.tensor([1.0]), kl_coef=0.1)).all()
 
 
+def test_grpo_kl_term_has_no_gradient_past_the_cut():
+    """Cutting only the KL term's exp at MAX_LOG_RATIO left its -(old - new): a token more than 80 nats less likely
+    than under the old policy got dloss/dnew = +kl_coef, so descent pushed it further from the old policy."""
+    for gap, want_loss, want_grad in (
+        (79.0, math.exp(79) - 80, 0.1 * (1 - math.exp(79))),  # inside the cut: the k3 gradient, raising new
+        (81.0, math.exp(80) - 81, 0.0),
+        (99.5, math.exp(80) - 81, 0.0),
+    ):
+        new = torch.tensor([-0.5 - gap], requires_grad=True)
+        loss = grpo_loss([new], [torch.tensor([-0.5])], torch.tensor([0.0]), kl_coef=0.1)  # advantage 0: KL alone
+        loss.sum().backward()
+        assert loss.item() == pytest.approx(0.1 * want_loss, rel=1e-5)
+        assert new.grad.item() == pytest.approx(want_grad, rel=1e-5)
+
+
 def test_kl_estimate_stays_finite_past_float32s_exp():
     """A sequence log-ratio of 100 made kl_ref inf (written to metrics.jsonl as non-standard Infinity)."""
     assert kl_estimate(torch.tensor([100.0]), torch.tensor([0.0])).item() == pytest.approx(math.exp(100) - 101)
