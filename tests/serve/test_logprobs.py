@@ -341,3 +341,23 @@ def test_tied_tokens_are_listed_lowest_id_first_so_a_greedy_token_leads():
         (9, pytest.approx(want[9].item()), []),
         (20, pytest.approx(want[20].item()), []),
     ]
+
+
+@pytest.mark.parametrize("vocab", [64, 163840])
+def test_a_wide_tie_at_the_cut_lists_the_lowest_ids(vocab):
+    """40 tokens tied at the top: ``topk`` returned some 5 of them, not the 5 lowest ids, so the greedy token (the
+    lowest) was missing from a list of 1 or 5. Row 1 has one token above the tie: it leads, then the lowest tied ids."""
+    torch.manual_seed(0)
+    tied = torch.randperm(vocab - 1)[:40]
+    logits = torch.zeros(2, vocab)
+    logits[:, tied] = 5.0
+    logits[1, vocab - 1] = 6.0
+    lowest = sorted(tied.tolist())
+    greedy = logits.argmax(-1).tolist()
+    assert greedy == [lowest[0], vocab - 1]
+    want = logits.log_softmax(-1)
+    for tops in ([1, 1], [5, 5]):
+        rows = engine_module.token_logprobs(logits, greedy, tops)
+        for row, (t, lp, top), ids in zip(want, rows, (lowest[:5], [vocab - 1, *lowest[:4]])):
+            assert [i for i, _ in top] == ids[: tops[0]] and top[0] == (t, lp)
+            assert [v for _, v in top] == pytest.approx(row[ids[: tops[0]]].tolist(), abs=1e-6)
