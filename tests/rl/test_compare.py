@@ -205,7 +205,8 @@ def test_a_reader_gone_from_stdout_ends_the_command_quietly_with_141(runs):
     _, grpo = runs
     read, write = os.pipe()
     os.close(read)  # the reader has gone
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout buffered, as a shell runs it
+    env["PYTHONPATH"] = str(Path(__file__).parents[2])
     cmd = [sys.executable, "-m", "kimivl.rl.compare", str(grpo)]
     done = subprocess.run(cmd, stdout=write, stderr=subprocess.PIPE, env=env, text=True, timeout=60)
     os.close(write)

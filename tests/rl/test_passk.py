@@ -264,7 +264,8 @@ def test_a_reader_gone_from_stdout_exits_141_quietly_with_out_written(checkpoint
     argv = ["--model", str(checkpoint), "--samples", "1", "--out", str(out), *_problems(tmp_path)]
     read, write = os.pipe()
     os.close(read)  # the reader has gone
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout buffered, as a shell runs it
+    env["PYTHONPATH"] = str(Path(__file__).parents[2])
     cmd = [sys.executable, "-m", "kimivl.rl.passk", *argv]
     done = subprocess.run(cmd, stdout=write, stderr=subprocess.PIPE, env=env, text=True, timeout=300)
     os.close(write)
