@@ -1,7 +1,9 @@
 """The rl stage kind inside a recipe: a two-iteration run on hand-made problems, and the shipped RL recipes."""
 
 import json
+import logging
 import re
+import types
 from pathlib import Path
 
 import numpy as np
@@ -11,11 +13,12 @@ from PIL import Image
 
 from kimivl import KimiVL
 from kimivl.cli import main
-from kimivl.data.formats import write_records
+from kimivl.data.formats import DataError, write_records
 from kimivl.rl.sampler import ProblemSampler
+from kimivl.rl.trainer import prompt_of
 from kimivl.train.recipe import RecipeError, load_recipe
 from kimivl.train.stages import check_layout
-from kimivl.train.stages.rl import rl_config
+from kimivl.train.stages.rl import check_prompts, rl_config
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
@@ -196,6 +199,33 @@ def test_an_rl_stage_s_data_is_checked_before_the_first_stage_trains(problems, t
     assert main(["train", str(tmp_path / "r.yaml")]) == 2
     assert re.search(match, capsys.readouterr().err)
     assert not (tmp_path / "run" / "sft").exists()
+
+
+def test_the_prompt_check_refuses_a_prompt_of_exactly_the_context_and_warns_where_answers_are_cut(
+    small_processor, caplog
+):
+    """Generation refuses a prompt of ``context`` tokens (no room for one answer token), so the check before the
+    first stage does too; one that leaves fewer than ``max_new_tokens`` of room is trained on with a warning."""
+    record = {"messages": [{"role": "user", "content": "What is 2 + 2? " * 40}], "meta": {"task": "reasoning"}}
+    n = len(small_processor.encode(prompt_of(record)).input_ids)
+    fewest = small_processor.fewest_tokens(prompt_of(record))
+    assert fewest < n
+
+    def check(context, max_new_tokens=1):
+        sources = types.SimpleNamespace(checked=set(), items={"p": [record, record]})
+        ctx = types.SimpleNamespace(processor=small_processor, sources=sources)
+        check_prompts(types.SimpleNamespace(sources=["p"]), ctx, context, max_new_tokens)
+
+    with pytest.raises(DataError, match=f"record 1 is a problem whose prompt takes {n} tokens, .* context of {n} "):
+        check(n)
+    with pytest.raises(DataError, match=f"takes at least {fewest} tokens, .* context of {fewest} tokens"):
+        check(fewest)  # refused by its text's floor alone, unencoded
+    with caplog.at_level(logging.WARNING, logger="kimivl.train.stages.rl"):
+        check(n + 1)  # room for the one answer token asked for
+        check(n + 3, max_new_tokens=3)
+        assert caplog.text == ""
+        check(n + 1, max_new_tokens=2)
+    assert f"2 problems leave fewer than max_new_tokens (2) of the {n + 1}-token context to answer in" in caplog.text
 
 
 def test_a_second_rl_stage_draws_other_problems_than_the_first(problems, tmp_path):
