@@ -75,6 +75,8 @@ def test_numbers_strip_units_not_digits():
         ("A triangle has three sides, so the answer is B", 1.0),  # a leading "A" or "I" word was read as the letter
         ("I think the answer is (B)", 1.0),
         ("I think (B)", 1.0),
+        ("(A) is a trap; the answer is B", 1.0),  # the letter said outranks a parenthesised one before it
+        ("(B) is tempting, but the answer is A", 0.0),
     ],
 )
 def test_option(answer, expected):
