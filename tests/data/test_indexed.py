@@ -128,9 +128,10 @@ def _next_tick(tmp_path, st: os.stat_result) -> None:
 
 
 @pytest.mark.parametrize("how", ["chmod", "hard link", "same bytes renamed over"])
-def test_a_change_of_metadata_alone_is_no_change(tmp_path, how):
+def test_a_change_of_metadata_alone_is_no_change(tmp_path, how, monkeypatch):
     """With the ctime in the stamp, a ``chmod -R g+r data/`` or a backup hard-linking the file (``cp -al``,
-    rsnapshot) stopped a training run as if the data had changed: a moved ctime now has the bytes compared."""
+    rsnapshot) stopped a training run as if the data had changed: a moved ctime now has the bytes compared, once (the
+    new stamp is kept: hashing the file at every read would cost a pass over it per record)."""
     path = _conversations(tmp_path)
     records = JsonlRecords(path, text=False)
     want, where = records[1], records.where(1)
@@ -146,7 +147,11 @@ def test_a_change_of_metadata_alone_is_no_change(tmp_path, how):
         os.utime(copy, ns=(st.st_atime_ns, st.st_mtime_ns))
         os.replace(copy, path)
     assert path.stat().st_ctime_ns != st.st_ctime_ns
-    assert records[1] == want and records.where(1) == where
+    hashed, real = [], JsonlRecords._hash
+    monkeypatch.setattr(JsonlRecords, "_hash", lambda self: hashed.append(1) or real(self))
+    for _ in range(3):
+        assert records[1] == want and records.where(1) == where
+    assert len(hashed) == 1
 
 
 @pytest.mark.parametrize("how", ["in place", "renamed over"])
@@ -179,6 +184,20 @@ def test_a_file_removed_after_it_was_indexed_is_named(tmp_path):
         records[1]
     with pytest.raises(DataError, match="cannot be read since it was indexed"):
         records.where(1)
+
+
+def test_a_file_that_cannot_be_stated_since_it_was_indexed_is_named(tmp_path):
+    """Any error of ``os.stat`` (here ELOOP, a symlink made a loop), not a missing file alone, is the data's error."""
+    real = _conversations(tmp_path)
+    path = tmp_path / "link.jsonl"
+    path.symlink_to(real)
+    records = JsonlRecords(path, text=False)
+    assert records[1]["id"] == 1
+    path.unlink()
+    path.symlink_to(path.name)  # a link to itself
+    message = f"{path} cannot be read since it was indexed (Too many levels of symbolic links)"
+    with pytest.raises(DataError, match=re.escape(message)):
+        records[1]
 
 
 def test_concat_indexes_across_parts():
