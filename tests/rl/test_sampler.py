@@ -142,6 +142,12 @@ def test_a_curriculum_warns_of_the_problems_it_never_draws(caplog):
     assert "Easy: 1, any: 1, hard: 1" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="kimivl.rl.sampler"):
+        ProblemSampler(["easy", "hard", "hard", "hard"], {0.0: {"easy": 1}})  # problems counted, not labels
+        ProblemSampler(["easy", "hard"], {0.0: {"easy": 1, "hard": 0}})  # a weight of 0 draws none
+    assert "the curriculum never draws 3 of the 4 problems: no phase weighs their difficulties (hard: 3;" in caplog.text
+    assert "the curriculum never draws 1 of the 2 problems: no phase weighs their difficulties (hard: 1;" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kimivl.rl.sampler"):
         ProblemSampler(["easy", "Easy", "any"])  # without a curriculum every problem is drawn
         ProblemSampler(["easy", "hard"], {0.0: {"easy": 1}, 0.5: {"hard": 1}})
     assert caplog.text == ""
