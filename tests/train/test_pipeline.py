@@ -348,6 +348,19 @@ def test_every_recipe_mistake_is_named(data_dir, tmp_path, edit, match):
         load_recipe(tmp_path / "bad.yaml")
 
 
+def test_a_parallel_timeout_of_one_year_exactly_is_taken(data_dir, tmp_path):
+    """parallel.timeout is at most a year, 31,536,000 seconds: that many load, one more is refused."""
+    recipe = {**recipe_dict(data_dir, tmp_path), "parallel": {"timeout": 31_536_000}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    assert load_recipe(tmp_path / "r.yaml").parallel == {"timeout": 31_536_000}
+    recipe["parallel"]["timeout"] += 1
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(
+        RecipeError, match="parallel.timeout must be at most 31,536,000 seconds .one year., got 31536001"
+    ):
+        load_recipe(tmp_path / "r.yaml")
+
+
 def test_empty_settings_take_their_defaults(data_dir, tmp_path):
     recipe = {**recipe_dict(data_dir, tmp_path), "base": {"checkpoint": "ckpt"}, "tokenizer": None, "schedule": None}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
