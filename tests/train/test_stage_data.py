@@ -89,6 +89,23 @@ def test_video_frames_and_files_are_checked_before_training(tmp_path, small_proc
         check_sources(stage, _ctx({"c": [clip]}, small_processor), encode)
 
 
+def test_the_probe_encodes_a_record_whose_floor_is_the_budget_and_skips_one_over_it(small_processor):
+    """Training skips a record whose floor of tokens (``fewest``) is over the budget, not one at it: the probe of a
+    source's first records encodes what training may take, so a record of exactly ``budget`` tokens too."""
+    chats = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "4"}]} for q in "abc"]
+    floors = {"a": 256, "b": 257, "c": 1}  # the stage's budget, one over it, well under it
+    encoded = []
+
+    def encode(name, record):
+        encoded.append(record["messages"][0]["content"])
+        return small_processor.encode_for_training(record["messages"])
+
+    stage = JointStage(name="sft", kind="joint", steps=1, lr=1e-3, budget=256, mix={"c": 1})
+    fewest = lambda name, record: floors[record["messages"][0]["content"]]  # noqa: E731
+    check_sources(stage, _ctx({"c": chats}, small_processor), encode, fewest)
+    assert encoded == ["a", "c"]
+
+
 def test_a_source_checked_for_one_stage_kind_is_checked_again_for_another(small_processor):
     chat = {"messages": [{"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "4"}]}
     ctx = _ctx({"c": [chat]}, small_processor)
