@@ -5,10 +5,15 @@ gradients, on every rank of the group together. ``KimiVL.embed`` runs the tower 
 one rank's row has images and another's has none, the ranks' collectives no longer match (gloo stops with "collective
 mismatch", nccl hangs). Before each sharded forward the ranks agree whether any of them has images; a rank without
 runs the tower and projector on one blank image of the smallest grid and adds 0 x its features to the loss, so it
-makes the same collectives in the same order, and its gradients gain exact zeros.
+makes the same collectives in the same order, and its gradients gain exact zeros. When the language model is frozen,
+only a row with images back-propagates through its layers (to reach the projector); the rank without adds that 0 to
+its token embeddings too (``pad_embeddings``), so its backward also runs through every layer, as the others' does.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -39,3 +44,18 @@ def vision_pad(model: nn.Module, world: World, images: bool) -> torch.Tensor:
     grid = torch.tensor([[kh, kw]], device=world.device)
     ids = torch.full((1, 1), model.config.media_placeholder_token_id, device=world.device)  # its one merged feature
     return model.embed(ids, pixels, grid).float().sum() * 0.0
+
+
+@contextlib.contextmanager
+def pad_embeddings(model: nn.Module, pad: torch.Tensor) -> Iterator[None]:
+    """The forwards of the block add ``vision_pad``'s ``pad`` to their token embeddings, when it is one (it requires
+    grad): their backward then runs through the language model's layers, frozen or not, as a row with images does on
+    another rank (their values are unchanged, 0 added)."""
+    if not pad.requires_grad:
+        yield
+        return
+    hook = model.language_model.model.embed_tokens.register_forward_hook(lambda m, args, out: out + pad.to(out.dtype))
+    try:
+        yield
+    finally:
+        hook.remove()

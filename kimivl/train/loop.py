@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import torch
 
-from kimivl.distributed.vision_sync import has_images, vision_pad
+from kimivl.distributed.vision_sync import has_images, pad_embeddings, vision_pad
 from kimivl.distributed.world import World
 from kimivl.kernels import training_attention
 from kimivl.model.moe import Router
@@ -93,7 +93,9 @@ def train_loop(
 ) -> dict[str, float]:
     """Run ``cfg.steps`` optimizer steps of one stage under ``run_dir/stage``; resume from its latest checkpoint
     when there is one. ``loss_fn(model, batch)`` returns (loss, metrics, tokens). Each step back-propagates
-    ``cfg.accum`` batches, each loss weighing 1/accum (their logged loss and metrics are the mean, tokens the sum).
+    ``cfg.accum`` batches, each loss weighing 1/accum (their logged loss and metrics are the mean, tokens the sum); a
+    batch whose loss reaches no trained weight (a row without images when only the vision side trains) adds a zero
+    gradient, its loss counted in the mean all the same.
     ``validate(model)``, every ``cfg.val_every`` steps and after the last, adds its metrics (e.g. a held-out loss) to
     that step's. Returns the last metrics.
 
@@ -157,10 +159,12 @@ def train_loop(
             for batch in micro:
                 with autocast(device, cfg.bf16), training_attention():
                     pad = vision_pad(model, world, has_images(getattr(batch, "pixel_values", None)))
-                    loss, values, n = loss_fn(model, to_device(batch, device))
+                    with pad_embeddings(model, pad):
+                        loss, values, n = loss_fn(model, to_device(batch, device))
                     loss = loss + pad
                 check_loss(loss, where, state.last_good, world)
-                (loss / len(micro) if len(micro) > 1 else loss).backward()
+                if loss.requires_grad:  # else no trained weight is on its path (a text row, the vision side trained)
+                    (loss / len(micro) if len(micro) > 1 else loss).backward()
                 losses.append(loss.detach())
                 metered.append(values)
                 n_tokens += n

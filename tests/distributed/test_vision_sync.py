@@ -24,6 +24,24 @@ def test_image_rows_on_one_rank_and_text_rows_on_the_other_train_as_one_process(
         torch.testing.assert_close(weights["sharded"][key], whole, rtol=1e-5, atol=1e-5, msg=key)
 
 
+def test_text_rows_that_reach_no_trained_weight_train_as_one_process(tmp_path):
+    """Only the projector trains, so a text row's loss reaches no trained weight. Steps of an image row and a text
+    row (either rank's the image row), and a step of text rows on both ranks, which trains nothing: the losses,
+    gradient norms and final weights of one process, where such a row adds a zero gradient."""
+    weights = {}
+    for name, nproc in (("single", None), ("sharded", 2)):
+        out = tmp_path / name
+        args = [str(WORKER), "--out", str(out), "--steps", "3", "--accum", "2", "--rows", "itttti"]
+        done = run([*args, "--train", "multi_modal_projector", "--weights", str(out / "w.pt")], nproc)
+        assert done.returncode == 0, done.stderr[-3000:]
+        weights[name] = torch.load(out / "w.pt")
+    single = metrics(tmp_path / "single")
+    assert [r["grad_norm"] == 0 for r in single] == [False, True, False]
+    close(metrics(tmp_path / "sharded"), single, keys=("loss", "grad_norm"))
+    for key, whole in weights["single"].items():
+        torch.testing.assert_close(weights["sharded"][key], whole, rtol=1e-5, atol=1e-5, msg=key)
+
+
 @pytest.mark.parametrize("objective", ["opmd", "grpo"])
 def test_an_rl_update_with_image_answers_on_one_rank_only_equals_one_process(tmp_path, objective):
     """Rank 0's answers have image prompts, rank 1's none: the update's weights equal one process's on all 8."""

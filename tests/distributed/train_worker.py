@@ -3,6 +3,7 @@ sharded run) or as a plain process (the one-process reference). Writes metrics u
 ``--weights FILE``, the final weights (gathered by rank 0).
 
 python tests/distributed/train_worker.py --out DIR --steps 4 [--resume] [--die-at STEP] [--weights FILE] [--alternate]
+    [--rows PATTERN] [--train PART ...]
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from kimivl.processing.tokenizer import train_bpe
 from kimivl.train.loop import LoopConfig, train_loop
 from kimivl.train.optim import build_optimizer
 from kimivl.train.schedule import WarmupCosine, scheduler_at
+from kimivl.train.trainable import set_trainable
 
 CORPUS = ["What colour is the square? It is red.", "Count the circles: there are 3 circles and 2 squares."] * 5
 
@@ -44,18 +46,19 @@ def images(folder: str) -> list[str]:
 
 
 class Alternating:
-    """Rows of images and rows of text in turn (under 2 ranks, rank 0 trains image rows only, rank 1 text rows)."""
+    """Rows of images (``i`` in ``pattern``) and rows of text (``t``) in the pattern's order, repeated; by default in
+    turn (under 2 ranks, rank 0 trains image rows only, rank 1 text rows)."""
 
-    def __init__(self, images: Mixture, text: Mixture, rows: int = 64):
-        pairs = zip(itertools.islice(images.batches(0), rows), itertools.islice(text.batches(0), rows))
-        self.rows = [row for pair in pairs for row, _ in pair]
+    def __init__(self, images: Mixture, text: Mixture, pattern: str = "it", rows: int = 64):
+        drawn = {"i": images.batches(0), "t": text.batches(0)}
+        self.rows = [next(drawn[kind])[0] for kind in itertools.islice(itertools.cycle(pattern), rows)]
 
     def batches(self, position: int):
         for i in range(position, len(self.rows)):
             yield self.rows[i], i + 1
 
 
-def build(folder: str, alternate: bool = False) -> tuple:
+def build(folder: str, pattern: str | None = None) -> tuple:
     processor = KimiVLProcessor(train_bpe(CORPUS, vocab_size=280))
     base = KimiVLConfig.from_preset("tiny")
     n = processor.tokenizer.n_ranks
@@ -77,9 +80,10 @@ def build(folder: str, alternate: bool = False) -> tuple:
     def encode(kind, item):
         return processor.encode_text(item) if kind == "text" else processor.encode_for_training(item)
 
-    if alternate:
+    if pattern:
         kinds = (("chat", chats), ("text", CORPUS))
-        return model, Alternating(*[Mixture({k: v}, encode, budget=160, start={k: 1}, seed=1) for k, v in kinds])
+        mixtures = [Mixture({k: v}, encode, budget=160, start={k: 1}, seed=1) for k, v in kinds]
+        return model, Alternating(*mixtures, pattern)
     data = Mixture({"chat": chats, "text": CORPUS}, encode, budget=160, start={"chat": 2, "text": 1}, seed=1)
     return model, data
 
@@ -94,6 +98,8 @@ def main() -> int:
     ap.add_argument("--weights", help="write the final weights (whole) here")
     ap.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (nccl)")
     ap.add_argument("--alternate", action="store_true", help="image rows and text rows in turn (see Alternating)")
+    ap.add_argument("--rows", help="image (i) and text (t) rows in this order, repeated (--alternate: it)")
+    ap.add_argument("--train", nargs="+", help="the parts trained (set_trainable); all by default")
     ap.add_argument("--ep", type=int)
     ap.add_argument("--replicate", type=int, help="dp_replicate: weight copies (one per node)")
     ap.add_argument("--load", help="no training: read this official checkpoint into the sharded model ...")
@@ -104,7 +110,9 @@ def main() -> int:
     parallel = {k: v for k, v in (("ep", args.ep), ("dp_replicate", args.replicate)) if v} or None
     world = init_world(parallel, args.device)
     try:
-        model, data = build(args.out, args.alternate)
+        model, data = build(args.out, args.rows or ("it" if args.alternate else None))
+        if args.train:
+            set_trainable(model, args.train)
         model = model.to(world.device if world.active else args.device)
         loss_fn = _loss
         if args.die_at is not None and world.rank == 1:

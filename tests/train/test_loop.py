@@ -1,5 +1,6 @@
 """The shared training loop: kill-and-resume equality, atomic checkpoints, the NaN guard, metrics."""
 
+import dataclasses
 import itertools
 import json
 import random
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -18,7 +20,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from kimivl import KimiVL
 from kimivl.checkpoint import FROZEN_FINGERPRINT, checkpoint_files
 from kimivl.data.mixture import Mixture
-from kimivl.data.packing import PackedBatch
+from kimivl.data.packing import PackedBatch, pack
 from kimivl.processing.processor import Encoded
 from kimivl.train.loop import LoopConfig, to_device, train_loop
 from kimivl.train.optim import build_optimizer
@@ -335,6 +337,86 @@ def test_accumulation_adds_the_gradients_of_several_batches_to_one_step(small_mo
     assert losses(tmp_path / "a") == pytest.approx(logged, rel=1e-6)
     state = torch.load(latest_checkpoint(tmp_path / "a" / "s" / "checkpoints") / "trainer.pt", weights_only=True)
     assert state["position"] == position  # six batches consumed
+
+
+class Rows:
+    """A stream of the given packed rows, in order."""
+
+    def __init__(self, rows: list[PackedBatch]):
+        self.rows = rows
+
+    def batches(self, position: int):
+        for i in range(position, len(self.rows)):
+            yield self.rows[i], i + 1
+
+
+def image_and_text_rows(processor, folder: Path) -> tuple[list[PackedBatch], list[PackedBatch]]:
+    """Two rows of one image question each, and two rows of text."""
+    images = []
+    for i, colour in enumerate([(220, 30, 30), (30, 30, 220)]):
+        Image.fromarray(np.full((28 * (i + 1), 56, 3), colour, dtype=np.uint8)).save(folder / f"{i}.png")
+        chat = [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "image": str(folder / f"{i}.png")},
+                    {"type": "text", "text": "What colour?"},
+                ],
+            },
+            {"role": "assistant", "content": ["red", "blue"][i]},
+        ]
+        images.append(pack([processor.encode_for_training(chat)], 96))
+    return images, [pack([processor.encode_text(t)], 96) for t in TEXTS]
+
+
+def test_a_row_whose_loss_reaches_no_trained_weight_adds_a_zero_gradient(small_model, small_processor, tmp_path):
+    """Only the projector trains: a text row's loss reaches no trained weight (it crashed the backward). Among the
+    accumulated rows it adds nothing to the gradient and its loss counts in the step's mean, so a step of two image
+    rows and two text rows has half the gradient of the step of the two image rows alone; a step of text rows alone
+    leaves the weights as they were."""
+    (image_a, image_b), (text_a, text_b) = image_and_text_rows(small_processor, tmp_path)
+    cfg = LoopConfig(steps=1, log_every=1, clip=1e9, bf16=False, bias_update_rate=0)  # no clipping
+
+    def run(name, rows, **settings):
+        torch.manual_seed(0)
+        model = KimiVL(small_model.config)
+        set_trainable(model, ["multi_modal_projector"])
+        opt = build_optimizer(model, lr=3e-3)
+        run_cfg = dataclasses.replace(cfg, **settings)
+        train_loop(
+            model,
+            joint_loss,
+            Rows(rows),
+            opt,
+            scheduler_at(opt, WarmupCosine(2, 8)),
+            run_cfg,
+            tmp_path / name,
+            "s",
+            progress=False,
+        )
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return model, grads, json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[-1])
+
+    torch.manual_seed(0)
+    by_hand = KimiVL(small_model.config)
+    with torch.no_grad():
+        first = {k: joint_loss(by_hand, row)[0].item() for k, row in zip("abcd", (image_a, text_a, image_b, text_b))}
+    _, alone, images_only = run("images", [image_a, image_b], accum=2)
+    mixed_model, mixed, step = run("mixed", [image_a, text_a, image_b, text_b], accum=4)
+    assert alone.keys() == mixed.keys() and all(n.startswith("multi_modal_projector.") for n in alone)
+    for name, grad in alone.items():
+        torch.testing.assert_close(mixed[name], grad / 2, rtol=1e-6, atol=1e-9, msg=name)
+    assert step["grad_norm"] == pytest.approx(images_only["grad_norm"] / 2, rel=1e-6)
+    assert step["loss"] == pytest.approx(sum(first.values()) / 4, rel=1e-5)  # the text rows' losses among them
+    assert images_only["loss"] == pytest.approx((first["a"] + first["c"]) / 2, rel=1e-5)
+    one_text = run("one text", [text_a, image_a], accum=2)[2]  # a text row first, an image row after it
+    assert one_text["loss"] == pytest.approx((first["b"] + first["a"]) / 2, rel=1e-5)
+    rows = [image_a, text_a, image_b, text_b] + [text_a, text_b] * 2
+    then_text, _, last = run("then text", rows, accum=4, steps=2)
+    assert last["step"] == 2 and last["grad_norm"] == 0.0
+    assert last["loss"] == pytest.approx((first["b"] + first["d"]) / 2, rel=1e-5)  # the weights it reaches are frozen
+    for a, b in zip(then_text.state_dict().values(), mixed_model.state_dict().values()):
+        assert torch.equal(a, b)  # the text-only step changed nothing
 
 
 def test_resuming_with_other_trained_parameters_is_named(small_model, small_processor, tmp_path):

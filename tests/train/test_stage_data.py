@@ -242,6 +242,42 @@ def test_the_records_standardize_images_measures_are_checked_before_training(tmp
         check_sources(stage, _ctx({"c": records}, small_processor), encode)
 
 
+def test_a_stage_training_the_vision_side_only_refuses_text_documents_and_warns_of_rows_without_images(
+    tmp_path, small_processor, caplog
+):
+    """A row without images reaches no weight of the vision tower or projector: a source of text documents in the mix
+    of a stage that trains only them would train nothing (and the run passed the check, then crashed at its first
+    text row); a conversation source whose first records hold no image is named in a warning."""
+    image = _image(tmp_path / "a.png")
+    plain = {"messages": [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"}]}
+    items = {"c": [_asked(str(tmp_path / image))], "t": ["red and blue"], "p": [plain]}
+    text = {"c": False, "t": True, "p": False}
+
+    def encode(name, item):
+        return (
+            small_processor.encode_text(item) if text[name] else small_processor.encode_for_training(item["messages"])
+        )
+
+    def check(**settings):
+        stage = JointStage(name="align", kind="joint", steps=1, lr=1e-3, **settings)
+        check_sources(stage, _ctx(items, small_processor, text=text), encode)
+
+    with pytest.raises(
+        RecipeError,
+        match=r"stage 'align': data sources \['t'\] hold text documents \(t\), and the stage trains only "
+        r"\['multi_modal_projector'\], which a row without images never reaches: .* or train language_model too",
+    ):
+        check(mix={"c": 1, "t": 1}, train=["multi_modal_projector"])
+    with pytest.raises(RecipeError, match=r"data sources \['t'\] hold text documents"):  # drawn as the mix moves
+        check(mix={"c": 1, "t": 0}, mix_end={"t": 1}, train=["vision_tower", "multi_modal_projector"])
+    check(mix={"c": 1, "t": 0}, train=["multi_modal_projector"])  # never drawn
+    check(mix={"c": 1, "t": 1})  # the language model trains on its rows
+    assert "hold no image" not in caplog.text
+    check(mix={"c": 1, "p": 1}, train=["multi_modal_projector"])
+    assert "the first 1 records of data source 'p' hold no image, and the stage trains only" in caplog.text
+    assert "source 'c' hold no image" not in caplog.text
+
+
 def _lengths_ctx(small_processor, tmp_path):
     """Sources of short and long texts (written once: a later call reads the files as they are then)."""
     short, long = ["red"] * 40, [" ".join(random.Random(0).choices(["red", "blue"], k=60))] * 40

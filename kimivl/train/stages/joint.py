@@ -144,8 +144,20 @@ def check_sources(stage: JointStage, ctx: StageContext, encode, fewest=None) -> 
     """Before training: every conversation of the stage's sources has an assistant turn to learn from and readable
     images (``check_records``), and its first records encode (those that ``fewest`` puts over the budget, which
     training skips, are not encoded; with ``standardize_images``, the records the calibration measures are); a source
-    whose first records score no token would train at loss 0 without a word, so it is named in a warning."""
+    whose first records score no token would train at loss 0 without a word, so it is named in a warning. A stage that
+    trains only the vision side (no ``language_model`` in ``train``) learns nothing from a row without images: a source
+    of text documents in its mix is refused, and one whose first records hold no image is named in a warning."""
     names = sorted(set(stage.mix) | set(stage.mix_end or {}))
+    vision_only = "language_model" not in stage.train
+    drawn = {name for weights in (stage.mix, stage.mix_end or {}) for name, w in weights.items() if w > 0}
+    text = [name for name in names if name in drawn and ctx.sources.is_text[name]]
+    if vision_only and text:
+        where = getattr(ctx.sources.items[text[0]], "path", text[0])
+        raise RecipeError(
+            f"stage {stage.name!r}: data sources {text} hold text documents ({where}), and the stage trains only "
+            f"{stage.train}, which a row without images never reaches: their rows would train nothing. Remove them "
+            "from mix (and mix_end), or train language_model too"
+        )
     check_records(ctx, names, _no_answer)
     for name in names:
         items = ctx.sources.items[name]
@@ -155,6 +167,15 @@ def check_sources(stage: JointStage, ctx: StageContext, encode, fewest=None) -> 
         probe = [encoded(encode, name, items, i) for i in fits]
         for i in range(len(first), min(CALIBRATION_SAMPLES, len(items)) if calibrated else 0):
             encoded(encode, name, items, i)
+        if vision_only and name in drawn and probe and not any(e.pixel_values.shape[0] for e in probe):
+            log.warning(
+                "stage %s: the first %d records of data source %r hold no image, and the stage trains only %s: a row "
+                "without images trains nothing",
+                stage.name,
+                len(probe),
+                name,
+                stage.train,
+            )
         if probe and not any(label != IGNORE_INDEX for e in probe for label in e.labels):
             log.warning(
                 "stage %s: the first %d records of data source %r score no token (every label masked): it "
