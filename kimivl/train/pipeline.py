@@ -152,15 +152,20 @@ def _has_think_marker(text) -> bool:
     return isinstance(text, str) and (THINK_OPEN in text or THINK_CLOSE in text)
 
 
+TOKENIZER_RECORD = "trained_with.json"  # in out/tokenizer: the train_vocab and sources the BPE was trained on
+
+
 def recipe_tokenizer(recipe: Recipe, sources: Sources, base_dir: Path | None, save: bool = True) -> KimiTokenizer:
-    """The recipe's tokenizer: from ``path``, trained on the sources (``train_vocab``; saved under ``out`` unless
-    ``save`` is false), or the base checkpoint's."""
+    """The recipe's tokenizer: from ``path``, trained on the sources (``train_vocab``; saved under ``out`` with a
+    record of what it was trained on, unless ``save`` is false), or the base checkpoint's. The one saved is used again
+    when the recipe asks for the same (``keep_tokenizer``)."""
     spec = recipe.tokenizer
     if "path" in spec:
         return KimiTokenizer.from_pretrained(spec["path"])
     if "train_vocab" in spec:
         out = recipe.out / "tokenizer"
-        if (out / "tiktoken.model").is_file():
+        trained_with = {"train_vocab": spec["train_vocab"], "sources": _bpe_sources(sources)}
+        if (out / "tiktoken.model").is_file() and keep_tokenizer(recipe, trained_with, save):
             return KimiTokenizer.from_pretrained(out)
         log.info("training a %d-rank BPE on the texts of %d sources", spec["train_vocab"], len(sources.items))
         read = itertools.count()  # advanced once per text train_bpe takes: next(read) is how many it read
@@ -168,10 +173,77 @@ def recipe_tokenizer(recipe: Recipe, sources: Sources, base_dir: Path | None, sa
         log.info("trained the BPE on %d texts", next(read))
         if save:
             tok.save_pretrained(out)
+            write_text_atomic(out / TOKENIZER_RECORD, json.dumps(trained_with) + "\n")
         return tok
     if base_dir is None:
         raise ValueError("a preset base needs tokenizer: {path: DIR} or {train_vocab: N}")
     return KimiTokenizer.from_pretrained(base_dir)
+
+
+def _bpe_sources(sources: Sources) -> dict[str, dict[str, Any]]:
+    """What the BPE reads of each source: its number of records, its index's digest, whether answers only."""
+    return {
+        name: {"records": len(items), "index": items.digest(), "answers_only": name in sources.answers_only}
+        for name, items in sorted(sources.items.items())
+    }
+
+
+def keep_tokenizer(recipe: Recipe, trained_with: dict[str, Any], save: bool = True) -> bool:
+    """Whether the BPE saved under ``out/tokenizer`` is the one the recipe asks for (``trained_with``: its
+    ``train_vocab`` and sources, as its record says). When not, and nothing was trained with it yet, it is trained
+    again (False); once stages were, a ``RecipeError`` names the change: another ``train_vocab``, or sources with
+    other records (another number, or other sources, or ``answers_only`` toggled). Records changed in place, as many
+    as before (a bad record fixed), keep it with a warning; a tokenizer saved with no record (by a kimivl before it
+    kept one) is kept and recorded (``save``)."""
+    out = recipe.out / "tokenizer"
+    path = out / TOKENIZER_RECORD
+    then = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    if then == trained_with:
+        return True
+    if not begun(recipe.out):
+        log.info("%s is not the BPE the recipe asks for, and nothing was trained with it yet: training it again", out)
+        return False
+    if then is None:
+        log.warning(
+            "%s holds no record of what it was trained on (a run begun before kimivl kept one): going on with it, "
+            "which must be the BPE of train_vocab %d on the recipe's sources",
+            out,
+            trained_with["train_vocab"],
+        )
+        if save:
+            write_text_atomic(path, json.dumps(trained_with) + "\n")
+        return True
+    trained = "the run's stages were trained with that tokenizer (their embeddings are its tokens)"
+    if then["train_vocab"] != trained_with["train_vocab"]:
+        raise RecipeError(
+            f"{out} was trained with train_vocab {then['train_vocab']}, not {trained_with['train_vocab']}: {trained}, "
+            f"so resume with train_vocab {then['train_vocab']}, or give another --out to train with "
+            f"{trained_with['train_vocab']}"
+        )
+    was, now = then["sources"], trained_with["sources"]
+    changed = [
+        f"{name}: {was[name]['records'] if name in was else 'no'} records then, "
+        f"{now[name]['records'] if name in now else 'no'} now"
+        for name in sorted(was.keys() | now.keys())
+        if name not in was or name not in now or was[name]["records"] != now[name]["records"]
+    ] + [
+        f"{name}: answers_only {was[name]['answers_only']} then, {now[name]['answers_only']} now"
+        for name in sorted(was.keys() & now.keys())
+        if was[name]["answers_only"] != now[name]["answers_only"]
+    ]
+    if changed:
+        raise RecipeError(
+            f"{out} was trained on other records than the recipe's sources hold now ({'; '.join(changed)}): "
+            f"{trained}, so resume with the sources it was trained on, keep it under this recipe by naming it "
+            f"(tokenizer: {{path: {out}}}), or give another --out to train a new one"
+        )
+    log.warning(
+        "%s was trained on data sources %s before they changed (as many records, other bytes): going on with it, "
+        "which is right for a bad record fixed in place",
+        out,
+        ", ".join(name for name in sorted(now) if now[name]["index"] != was[name]["index"]),
+    )
+    return True
 
 
 def _source_texts(sources: Sources) -> Iterator[str]:
@@ -522,12 +594,20 @@ def run_recipe(recipe: Recipe, progress: bool = True, world: World | None = None
 SEED_RECORD = "seed.json"  # in out: the seed the run's stages were trained with
 
 
+def begun(out: Path) -> bool:
+    """Whether anything was trained in the run directory ``out``: a stage's checkpoint or final model, or a sharded
+    run's initial weights (drawn from its seed, sized to its tokenizer)."""
+    return (
+        any(out.glob("*/checkpoints/*")) or any(out.glob(f"*/{FINAL}")) or (out / "initial" / "config.json").is_file()
+    )
+
+
 def keep_seed(recipe: Recipe, world: World) -> None:
     """Refuse to go on with a run under another seed than the one its stages began with (each stage's data stream,
     and a preset's initial weights, follow it: resuming under a new seed would silently change the rest of the
     stream). Rank 0 records the seed; a run with nothing trained yet may still change it."""
     path = recipe.out / SEED_RECORD
-    started = any(recipe.out.glob("*/checkpoints/*")) or any(recipe.out.glob(f"*/{FINAL}"))
+    started = begun(recipe.out)
     if started and path.is_file() and (then := json.loads(path.read_text(encoding="utf-8"))["seed"]) != recipe.seed:
         raise RecipeError(
             f"{recipe.out} was trained with seed {then}, not {recipe.seed}: the rest of the run follows its seed, "

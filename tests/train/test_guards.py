@@ -474,6 +474,18 @@ def test_a_run_stopped_in_its_first_stage_goes_on_only_with_its_seed(tmp_path):
         keep_seed(load_recipe(_recipe(tmp_path), {"seed": 7}), World())
 
 
+def test_a_sharded_run_s_initial_weights_hold_its_seed(tmp_path):
+    """A preset's initial weights, written once to out/initial by a sharded run, were drawn with the run's seed: a run
+    killed before its first checkpoint went on under another seed from them."""
+    recipe = load_recipe(_recipe(tmp_path))
+    (recipe.out / "initial").mkdir(parents=True)
+    keep_seed(recipe, World())
+    keep_seed(load_recipe(_recipe(tmp_path), {"seed": 7}), World())  # nothing drawn yet: the seed may change
+    (recipe.out / "initial" / "config.json").write_text("{}")
+    with pytest.raises(RecipeError, match="was trained with seed 7, not 0"):
+        keep_seed(recipe, World())
+
+
 def test_export_goes_under_out_and_never_replaces_another_runs_model(
     tmp_path, monkeypatch, small_model, small_processor
 ):

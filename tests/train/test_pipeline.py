@@ -17,6 +17,7 @@ from kimivl.cli import main
 from kimivl.data.formats import DataError, write_records
 from kimivl.distributed.plan import rank_memory_plan
 from kimivl.distributed.recompute import recomputed
+from kimivl.processing.tokenizer import train_bpe
 from kimivl.train.pipeline import Sources, base_config, run_recipe
 from kimivl.train.plan import plan_recipe
 from kimivl.train.recipe import RecipeError, load_recipe
@@ -516,6 +517,64 @@ def test_a_file_named_by_several_sources_trains_the_recipe_tokenizer_once(data_d
     assert tok.mergeable_ranks == train_bpe(once, vocab_size=280).mergeable_ranks
 
 
+def test_the_recipe_tokenizer_is_used_again_only_for_the_recipe_it_was_trained_for(
+    data_dir, tmp_path, monkeypatch, caplog
+):
+    """A changed train_vocab was ignored once out/tokenizer existed: the run went on with the old tokenizer without a
+    word. Its record (train_vocab, each source's records) decides: the same recipe reuses it; another one trains it
+    again while nothing was trained with it, and once a stage was, is refused naming both values; records fixed in
+    place keep it with a warning; a tokenizer saved with no record (an earlier kimivl) is kept and recorded."""
+    from kimivl.train import pipeline
+
+    texts = tmp_path / "text.jsonl"
+    texts.write_bytes((data_dir / "text.jsonl").read_bytes())
+    trained = []
+
+    def recorded(texts, vocab_size):
+        trained.append(vocab_size)
+        return train_bpe(list(texts), vocab_size=vocab_size)
+
+    def tokenizer(vocab=280, sources=None, save=True):
+        d = recipe_dict(data_dir, tmp_path / "run")
+        d["tokenizer"] = {"train_vocab": vocab}
+        d["sources"] = sources or {"colour": str(data_dir / "colour.jsonl"), "text": str(texts)}
+        (tmp_path / "r.yaml").write_text(yaml.safe_dump(d))
+        recipe = load_recipe(tmp_path / "r.yaml")
+        return pipeline.recipe_tokenizer(recipe, Sources(recipe), None, save=save)
+
+    monkeypatch.setattr(pipeline, "train_bpe", recorded)
+    record = tmp_path / "run" / "tokenizer" / pipeline.TOKENIZER_RECORD
+    first = tokenizer()
+    assert tokenizer().mergeable_ranks == first.mergeable_ranks and trained == [280]  # saved, then used again
+    assert json.loads(record.read_text())["train_vocab"] == 280
+    assert tokenizer(290).n_ranks == 290 and trained == [280, 290]  # nothing trained with it yet: trained again
+    assert json.loads(record.read_text())["train_vocab"] == 290
+    (tmp_path / "run" / "pre" / "checkpoints" / "step-0000001").mkdir(parents=True)  # a stage began with it
+    for save in (True, False):  # the run, and its --plan
+        with pytest.raises(
+            RecipeError,
+            match=r"run/tokenizer was trained with train_vocab 290, not 280: the run's stages were trained with that "
+            r"tokenizer .*, so resume with train_vocab 290, or give another --out to train with 280",
+        ):
+            tokenizer(280, save=save)
+    more = {"colour": str(data_dir / "colour.jsonl"), "text": str(texts), "again": str(data_dir / "text.jsonl")}
+    with pytest.raises(RecipeError, match=r"was trained on other records .* \(again: no records then, 180 now\)"):
+        tokenizer(290, more)
+    lines = texts.read_text().splitlines(keepends=True)
+    texts.write_text("".join(lines[:-1]))
+    with pytest.raises(
+        RecipeError, match=r"\(text: 180 records then, 179 now\): .*\(tokenizer: \{path: .*run/tokenizer\}\)"
+    ):
+        tokenizer(290)
+    texts.write_text("".join(lines[:-1]) + json.dumps({"text": "a record fixed in place"}) + "\n")
+    assert tokenizer(290).n_ranks == 290 and trained == [280, 290]
+    assert "run/tokenizer was trained on data sources text before they changed" in caplog.text
+    record.unlink()  # a run begun before kimivl kept the record
+    assert tokenizer(290).n_ranks == 290 and trained == [280, 290]
+    assert "holds no record of what it was trained on" in caplog.text
+    assert json.loads(record.read_text())["train_vocab"] == 290
+
+
 def test_a_failing_stage_leaves_the_model_as_it_came(data_dir, tmp_path, monkeypatch):
     from kimivl.processing.processor import KimiVLProcessor
     from kimivl.train import pipeline
@@ -751,7 +810,7 @@ def test_the_plan_is_what_the_run_then_logs(data_dir, tmp_path, small_model, sma
         "stages": [
             {"name": "vit", "kind": "vit", "steps": 2, "lr": 1e-3, "sources": ["colour"], "images_per_batch": 4},
             {"name": "lm", **joint, "train": ["language_model"], "freeze": ["*.mlp.experts.*"]},
-            {"name": "projector", **joint, "train": ["multi_modal_projector"], "accum": 2},
+            {"name": "projector", **joint, "train": ["multi_modal_projector"], "mix": {"colour": 1}, "accum": 2},
         ],
     }
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
@@ -1173,8 +1232,15 @@ def test_a_resume_refuses_another_rope_theta_or_source_size_and_warns_of_a_recor
     text = data / "text.jsonl"
     lines = text.read_text().splitlines(keepends=True)
     text.write_text("".join(lines + [json.dumps({"text": "A red circle."}) + "\n"]))
+    with pytest.raises(
+        RecipeError, match=r"run/tokenizer was trained on other records .*\(text: 180 records then, 181"
+    ):
+        run_recipe(load_recipe(tmp_path / "r.yaml"), progress=False)  # the BPE read them too
+    kept = yaml.safe_load((tmp_path / "r.yaml").read_text())
+    kept["tokenizer"] = {"path": str(tmp_path / "run" / "tokenizer")}  # the run's tokenizer, as that error says
+    (tmp_path / "kept.yaml").write_text(yaml.safe_dump(kept))
     with pytest.raises(TrainingError, match=r"cooldown: the data sources .*\(text: 180 records then, 181 now\)"):
-        run_recipe(load_recipe(tmp_path / "r.yaml"), progress=False)
+        run_recipe(load_recipe(tmp_path / "kept.yaml"), progress=False)
     text.write_text("".join([json.dumps({"text": "A red circle."}) + "\n", *lines[1:]]))
     with caplog.at_level("WARNING", logger="kimivl.train.state"):
         run_recipe(load_recipe(tmp_path / "r.yaml"), progress=False)
