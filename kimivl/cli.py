@@ -745,11 +745,26 @@ def _train(args: argparse.Namespace) -> int:
             if world.main:
                 print(f"kimivl train: {e}\nresume with: {again}", file=sys.stderr)
             return 130
+        except KeyboardInterrupt:  # outside a training step: building data, evaluating, writing a model, exporting
+            if world.main:
+                print(f"kimivl train: interrupted; {_kept(recipe)}\nresume with: {again}", file=sys.stderr)
+            return 130
         except ExportRefused as e:
             raise ExportRefused(f"{e}, and resume with: {again}") from None
         return 0
     finally:
         close_world(world)
+
+
+def _kept(recipe) -> str:
+    """What a run interrupted between training steps keeps: its finished stages, and where."""
+    from kimivl.train.pipeline import FINAL
+
+    done = [s.name for s in recipe.stages if (recipe.out / s.name / FINAL / "config.json").is_file()]
+    if not done:
+        return f"no stage had finished (a stage's checkpoints, if any, are under {printable(recipe.out)})"
+    stages = f"stage{'s' * (len(done) > 1)} {', '.join(done)}"
+    return f"finished {stages} kept under {printable(recipe.out)} (what came after them is redone)"
 
 
 def _resume_command(args: argparse.Namespace) -> str:

@@ -554,7 +554,10 @@ def _export(recipe: Recipe, final: Path, processor: KimiVLProcessor, path: Path)
         tmp = _temporary(path)
         shutil.rmtree(tmp, ignore_errors=True)  # left by a killed export (the lock rules out one under way)
         try:
-            convert_checkpoint(final, tmp, getattr(torch, recipe.export.get("dtype", "bfloat16")))
+            dtype = recipe.export.get("dtype", "bfloat16")
+            size = sum(f.stat().st_size for f in final.glob("*.safetensors")) / 1e9
+            log.info("exporting %s (%.1f GB) to %s in %s", final, size, path, dtype)
+            convert_checkpoint(final, tmp, getattr(torch, dtype))
             processor.save_pretrained(tmp)
             if recipe.export.get("generation"):
                 write_generation_config(tmp, recipe.export["generation"])
@@ -703,6 +706,7 @@ def _finish_stage(
     tmp = _temporary(final)
     if world.main:
         shutil.rmtree(tmp, ignore_errors=True)
+        log.info("writing the stage's model to %s", final)  # minutes at scale: the step bar is done by then
     world.barrier()
     if world.active:
         save_gathered(model, tmp, world, source=source)

@@ -1,6 +1,7 @@
 """A smoke run of every stage kind of a recipe on the tiny preset, on hand-made data."""
 
 import json
+import logging
 import re
 import shlex
 
@@ -1158,6 +1159,37 @@ def test_plan_with_a_world_the_run_would_rebuild_says_so(tmp_path):
         "built with other settings) (seed 0, 4000 train, 100 heldout samples per task of every task)"
     )
     assert lines[2].startswith("stage vit: vit, 300 steps; its data and memory are planned once the world is built")
+
+
+def test_ctrl_c_between_steps_says_which_stages_are_kept_and_how_to_resume(
+    data_dir, tmp_path, monkeypatch, capsys, caplog
+):
+    """Ctrl-C during a recipe's held-out evaluation (or its world build, a model's write, the export) printed
+    "kimivl train: interrupted" alone: nothing of the finished stage kept nor how to go on."""
+    from kimivl.train import pipeline
+
+    recipe = recipe_dict(data_dir, tmp_path / "out")
+    recipe["stages"], recipe["schedule"] = (
+        [{**recipe["stages"][1], "steps": 1}, {**recipe["stages"][2], "steps": 1}],
+        {},
+    )
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "_export", interrupted)
+    caplog.set_level(logging.INFO, logger="kimivl.train.pipeline")
+    assert main(["train", str(tmp_path / "r.yaml")]) == 130
+    err = capsys.readouterr().err.splitlines()
+    names = ", ".join(s["name"] for s in recipe["stages"])
+    assert err[-2:] == [
+        f"kimivl train: interrupted; finished stages {names} kept under {tmp_path / 'out'} (what came after them is "
+        "redone)",
+        f"resume with: kimivl train {tmp_path / 'r.yaml'} --resume",
+    ]
+    first = tmp_path / "out" / recipe["stages"][0]["name"] / "final"
+    assert f"writing the stage's model to {first}" in caplog.messages  # before the write, minutes at scale
 
 
 def test_an_interrupted_run_prints_a_resume_command_with_its_settings_and_keeps_its_precision(
