@@ -163,7 +163,7 @@ def _load(path: str, dtype: str, device: str | None):
     device = resolve_device(device)
     dtype = checkpoint_load_dtype(path, device, getattr(torch, dtype) if dtype else None)
     processor = KimiVLProcessor.from_pretrained(path)  # first: a tokenizer not the model's is refused in seconds
-    files = list(Path(path).glob("*.safetensors"))
+    files = [f for f in Path(path).glob("*.safetensors") if f.is_file()]  # a broken link: from_pretrained names it
     size = sum(f.stat().st_size for f in files)
     said = size >= LOAD_NOTICE_BYTES  # a large model takes a while (about 45 s for the A3B's 33 GB from a warm cache)
     if said:
@@ -761,10 +761,11 @@ def _kept(recipe) -> str:
     from kimivl.train.pipeline import FINAL
 
     done = [s.name for s in recipe.stages if (recipe.out / s.name / FINAL / "config.json").is_file()]
+    saved = "a stage under way resumes from its last checkpoint"
     if not done:
-        return f"no stage had finished (a stage's checkpoints, if any, are under {printable(recipe.out)})"
+        return f"no stage had finished, {saved} (under {printable(recipe.out)})"
     stages = f"stage{'s' * (len(done) > 1)} {', '.join(done)}"
-    return f"finished {stages} kept under {printable(recipe.out)} (what came after them is redone)"
+    return f"finished {stages} kept under {printable(recipe.out)}; {saved}"
 
 
 def _resume_command(args: argparse.Namespace) -> str:

@@ -60,8 +60,8 @@ def _take(file: Path, holder: dict[str, str], refusal: str, advice: str, error: 
         import fcntl
     except ImportError:  # Windows
         raise RecipeError(
-            "training locks its out directory with fcntl, which this platform lacks: train on Linux or macOS (on "
-            "Windows, under WSL)"
+            f"{file.parent} would be locked for this run alone with fcntl (training and eval take such a lock on "
+            "their output directory), which this platform lacks: run kimivl on Linux or macOS (on Windows, under WSL)"
         ) from None
     fd = os.open(file, os.O_RDWR | os.O_CREAT, 0o644)
     try:

@@ -122,6 +122,7 @@ def train_loop(
         state.resume()
     last: dict[str, float] = {}
     tokens_seen, t0 = 0, time.perf_counter()
+    untrained_said = False  # a row reaching no trained weight is warned about once
     progress = progress and world.main
     model.train()
     moe = any(isinstance(m, Router) for m in model.modules())
@@ -165,6 +166,14 @@ def train_loop(
                 check_loss(loss, where, state.last_good, world)
                 if loss.requires_grad:  # else no trained weight is on its path (a text row, the vision side trained)
                     (loss / len(micro) if len(micro) > 1 else loss).backward()
+                elif not untrained_said:  # the data check refuses the plain case; freeze patterns may hide others
+                    untrained_said = True
+                    log.warning(
+                        "%s: step %d has a row that reaches no trained weight (no images while the language model is "
+                        "frozen): such rows add no gradient, and train nothing",
+                        stage,
+                        state.step + 1,
+                    )
                 losses.append(loss.detach())
                 metered.append(values)
                 n_tokens += n

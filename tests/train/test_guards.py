@@ -267,7 +267,8 @@ def test_a_second_run_on_the_same_out_is_refused(tmp_path):
 
 def test_without_fcntl_scoring_still_imports_and_training_is_refused_clearly(tmp_path):
     """On Windows (no ``fcntl``) ``kimivl eval``, ``kimivl train --plan`` and ``kimivl info --dp-shard`` died at import
-    (18 modules import ``kimivl.distributed.world``); now only a run's lock needs it, and says what to do."""
+    (18 modules import ``kimivl.distributed.world``); now only the lock of a run's output directory (training's, an
+    eval's) needs it, and says what to do."""
     import subprocess
     import sys
 
@@ -284,8 +285,8 @@ def test_without_fcntl_scoring_still_imports_and_training_is_refused_clearly(tmp
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout == (
-        "training locks its out directory with fcntl, which this platform lacks: train on Linux or macOS (on Windows, "
-        "under WSL)\n"
+        f"{tmp_path} would be locked for this run alone with fcntl (training and eval take such a lock on their output "
+        "directory), which this platform lacks: run kimivl on Linux or macOS (on Windows, under WSL)\n"
     )
 
 

@@ -1184,8 +1184,8 @@ def test_ctrl_c_between_steps_says_which_stages_are_kept_and_how_to_resume(
     err = capsys.readouterr().err.splitlines()
     names = ", ".join(s["name"] for s in recipe["stages"])
     assert err[-2:] == [
-        f"kimivl train: interrupted; finished stages {names} kept under {tmp_path / 'out'} (what came after them is "
-        "redone)",
+        f"kimivl train: interrupted; finished stages {names} kept under {tmp_path / 'out'}; a stage under way resumes "
+        "from its last checkpoint",
         f"resume with: kimivl train {tmp_path / 'r.yaml'} --resume",
     ]
     first = tmp_path / "out" / recipe["stages"][0]["name"] / "final"
