@@ -8,7 +8,7 @@ chose to stop, so that choice is part of y and gets its log-prob); a response cu
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -74,11 +74,13 @@ def rollout(
     params: SamplingParams,
     stop_ids: Sequence[int],
     batch_size: int = 64,
+    advance: Callable[[int], object] | None = None,
 ) -> list[Rollout]:
     """``k`` sampled responses per prompt, prompt by prompt (``k * len(prompts)`` rollouts), generated in batches
     of ``batch_size`` rows. Batch b samples with seed ``params.seed + b`` (a fixed seed makes rollouts repeatable).
     The engine runs without stop ids so that the stop token each row drew is seen; a batch ends once every row
-    has stopped, as the engine would end it."""
+    has stopped, as the engine would end it. ``advance(n)`` (a progress bar's ``update``), if given, is told after
+    each generated token of the ``n`` responses it finished, and at a batch's end of those cut at max_new_tokens."""
     images = split_images(
         prompts,
         pixel_values,
@@ -98,13 +100,19 @@ def rollout(
         done = [False] * len(chunk)
         steps = stream_ids(model, [prompts[i] for i in chunk], pv, grids, sampling)
         for step in steps:
+            finished = 0
             for r, token in enumerate(step):
                 if not done[r]:
                     ids[r].append(token)
                     done[r] = token in stop
+                    finished += done[r]
+            if advance is not None:
+                advance(finished)  # 0 too: a bar's clock goes on while no answer has finished
             if all(done):
                 steps.close()
                 break
+        if advance is not None and not all(done):  # the rows cut at max_new_tokens
+            advance(done.count(False))
         for i, row_ids, stopped in zip(chunk, ids, done):
             out.append(Rollout(i, row_ids, processor.decode(row_ids), stopped))
     return out
@@ -138,10 +146,12 @@ def token_logprobs(
     pixel_values: torch.Tensor | None = None,
     image_grid_hws: torch.Tensor | None = None,
     budget: int = 4096,
+    advance: Callable[[int], object] | None = None,
 ) -> list[torch.Tensor]:
     """log pi(y_t | x, y_<t) for every response token (float32, one tensor per sample), from teacher-forced
     forwards over rows packed with ``cu_seqlens`` up to ``budget`` tokens (a longer sample gets a row of its own).
-    Gradients flow unless called under ``torch.no_grad``. Prompt and image tokens get no log-prob."""
+    Gradients flow unless called under ``torch.no_grad``. Prompt and image tokens get no log-prob. ``advance(n)``,
+    if given, is told of the ``n`` samples of each row done."""
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     if not all(prompts):
@@ -167,6 +177,8 @@ def token_logprobs(
         at = torch.cat([torch.arange(a, a + n, device=device) for a, n in zip(starts, lengths)])
         logp = target_logprobs(hidden_TD[at - 1], model.language_model.lm_head.weight, ids[0, at])
         out.extend(logp.split(lengths))
+        if advance is not None:
+            advance(len(row))
     return out
 
 

@@ -49,6 +49,9 @@ from kimivl.train.step import TrainingError, check_loss, optimizer_step
 log = logging.getLogger(__name__)
 OBJECTIVES = ("opmd", "grpo")
 OBJECTIVE_SETTINGS = {"opmd": ("tau",), "grpo": ("clip_eps", "grpo_level", "kl_coef")}  # read by that objective only
+# seconds before a phase's bar shows: a short phase writes nothing (no flicker on a terminal; in a log, where a bar
+# refreshes every 30 s, only a phase that long writes)
+PHASE_DELAY = 1.0
 
 
 @dataclass
@@ -278,8 +281,22 @@ class RLTrainer:
     def _autocast(self):
         return autocast(self.policy.device, self.cfg.bf16)
 
-    def step(self) -> dict[str, float]:
-        """One iteration; returns its metrics."""
+    def _phase(self, name: str, total: int, shown: bool):
+        """A bar over this rank's ``total`` answers in phase ``name`` of an iteration, under the stage's bar and
+        cleared when the phase ends. Any update may refresh it (within its interval), one of 0 answers too."""
+        return progress_bar(
+            total=total,
+            desc=name,
+            unit="answer",
+            leave=False,
+            delay=PHASE_DELAY,
+            miniters=0,
+            disable=not shown,
+            dynamic_ncols=True,
+        )
+
+    def step(self, progress: bool = False) -> dict[str, float]:
+        """One iteration; returns its metrics. ``progress``: show its rollouts, log-probs and updates on bars."""
         cfg, it, k = self.cfg, self.iteration, self.cfg.samples
         start = time.perf_counter()
         world = self.world
@@ -302,16 +319,18 @@ class RLTrainer:
         with gathered(reference) if world.active else contextlib.nullcontext():
             ref_print = fingerprint(reference)
             rollout_start = time.perf_counter()
-            rolls = rollout(
-                reference,
-                self.processor,
-                [e.input_ids for e in encoded],
-                *_images(encoded),
-                k,
-                params,
-                self.stop_ids,
-                cfg.rollout_batch,
-            )
+            with self._phase("rollouts", len(chosen) * k, progress) as bar:
+                rolls = rollout(
+                    reference,
+                    self.processor,
+                    [e.input_ids for e in encoded],
+                    *_images(encoded),
+                    k,
+                    params,
+                    self.stop_ids,
+                    cfg.rollout_batch,
+                    bar.update,
+                )
             rollout_s = time.perf_counter() - rollout_start
 
             correct = torch.tensor([self._reward(r.text, self.problems[chosen[r.prompt]]["meta"]) for r in rolls])
@@ -326,17 +345,20 @@ class RLTrainer:
             prompts = [encoded[r.prompt].input_ids for r in rolls]
             responses = [r.ids for r in rolls]
             sample_images = [encoded[r.prompt] for r in rolls]
-            with torch.no_grad(), self._autocast():
-                ref_tokens = token_logprobs(reference, prompts, responses, *_images(sample_images), cfg.budget)
+            with torch.no_grad(), self._autocast(), self._phase("log-probs", len(rolls), progress) as bar:
+                ref_tokens = token_logprobs(
+                    reference, prompts, responses, *_images(sample_images), cfg.budget, bar.update
+                )
             if not torch.equal(fingerprint(reference), ref_print):
                 raise AssertionError("the policy changed while the reference pi_i's samples and log-probs were taken")
         ref_seq = torch.stack([t.sum() for t in ref_tokens])
 
         lr = self.scheduler.get_last_lr()[0]  # the rate this iteration's update uses (the scheduler moves on next)
         order = torch.randperm(len(rolls), generator=seeded_generator((base_seed + 999) % 2**64))
-        losses, seen, seen_ref, grad_norm = self._update(
-            order, prompts, responses, sample_images, ref_tokens, ref_seq, advantage
-        )
+        with self._phase("updates", len(rolls), progress) as bar:
+            losses, seen, seen_ref, grad_norm = self._update(
+                order, prompts, responses, sample_images, ref_tokens, ref_seq, advantage, bar.update
+            )
         self.scheduler.step()
 
         # every rank's answers, in the order of the problems drawn (one process: its own, as they are)
@@ -369,12 +391,12 @@ class RLTrainer:
             values["length_reward"] = (reward - correct).mean().item() / cfg.length_weight
         return values
 
-    def _update(self, order, prompts, responses, images, ref_tokens, ref_seq, advantage):
+    def _update(self, order, prompts, responses, images, ref_tokens, ref_seq, advantage, advance):
         """``updates`` optimizer steps, one per part of ``order`` (parts differ in size by at most one); the policy's
         log-probs are recomputed with gradients row by packed row (each row back-propagated at once, so memory holds
-        one row's graph). Fewer answers than ``updates`` (a curriculum phase drawing fewer problems than asked) take
-        one step per answer, and say so. Returns the per-sample losses, the policy's and reference's sequence log-probs
-        seen, the last grad norm."""
+        one row's graph), ``advance(n)`` told of each row's ``n`` answers. Fewer answers than ``updates`` (a
+        curriculum phase drawing fewer problems than asked) take one step per answer, and say so. Returns the
+        per-sample losses, the policy's and reference's sequence log-probs seen, the last grad norm."""
         cfg, where, world = self.cfg, f"{self.stage}: iteration {self.iteration + 1}", self.world
         self.policy.train()
         losses, seen, seen_ref, grad_norm = [], [], [], torch.tensor(0.0)
@@ -422,6 +444,7 @@ class RLTrainer:
                     losses.append(loss.detach())
                     seen += [t.detach().sum() for t in tokens]
                     seen_ref += [ref_seq[i] for i in idx]
+                    advance(len(idx))
             grad_norm = optimizer_step(self.policy, self.optimizer, cfg.clip, where, self._last_good, world)
         return losses, seen, seen_ref, grad_norm
 
@@ -455,7 +478,7 @@ class RLTrainer:
         log_to = MetricsLog(self.run_dir, self.stage, start=self.iteration) if main else NoMetrics()
         with bar, log_to as metrics, stop_on_interrupt() as stop:  # the bar closed however the run ends
             while self.iteration < self.cfg.iterations:
-                last = self.step()
+                last = self.step(progress and main)
                 metrics.write(self.iteration, last)
                 bar.set_postfix(
                     reward=f"{last['reward']:.2f}",

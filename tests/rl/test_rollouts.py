@@ -134,3 +134,22 @@ def test_each_batch_of_rollouts_samples_with_its_own_seed(small_model, small_pro
         assert [r.ids for r in rolls[2 * b : 2 * b + 2]] == generate_ids(small_model, ids * 2, params=own)
     assert [r.ids for r in rolls[:2]] != [r.ids for r in rolls[2:]]
     assert all(r.length == 5 and not r.stopped for r in rolls)  # cut at max_new_tokens: not stopped
+
+
+def test_rollouts_and_log_probs_tell_of_their_progress(small_model, small_processor, prompts):
+    """``advance`` hears after each generated token how many answers it finished (0 too, so that a bar's clock goes
+    on while none has), at a batch's end how many were cut at max_new_tokens, and after each packed log-prob row how
+    many samples it held."""
+    ids, pv, grids = prompts
+    told = []
+    params = SamplingParams(max_new_tokens=6, temperature=1.0, seed=3)
+    rolls = rollout(small_model, small_processor, ids, pv, grids, 4, params, list(range(200)), 5, told.append)
+    want = []
+    for b in range(0, len(rolls), 5):
+        batch = rolls[b : b + 5]
+        want += [sum(r.stopped and r.length == t for r in batch) for t in range(1, max(r.length for r in batch) + 1)]
+        want += [sum(not r.stopped for r in batch)] if not all(r.stopped for r in batch) else []
+    assert told == want and sum(told) == 12 and 0 in told, told
+    told.clear()
+    token_logprobs(small_model, ids, [[5, 17], [9], [33, 2]], pv, grids, 1, told.append)  # a row per sample
+    assert told == [1, 1, 1]

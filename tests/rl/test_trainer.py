@@ -1,6 +1,8 @@
 import copy
+import io
 import json
 import re
+import sys
 
 import pytest
 import torch
@@ -342,3 +344,77 @@ def test_a_reward_of_bools_trains_as_floats_and_one_that_is_no_number_is_named(s
         with pytest.raises(TrainingError, match=rf"the reward of a toy-task answer is {re.escape(repr(value))}, not a"):
             trainer.step()
         assert all(torch.equal(p, q) for p, q in zip(policy.parameters(), before))  # found before any update
+
+
+def _recorded_bars(monkeypatch) -> list:
+    """Every bar the trainer opens, as ``[kwargs, bar, increments]``, the bars themselves real."""
+    bars, real = [], trainer_mod.progress_bar
+
+    def recorded(*args, **kwargs):
+        bar = real(*args, **kwargs)
+        increments = []
+        update = bar.update
+        bar.update = lambda n=1: increments.append(n) or update(n)
+        bars.append([kwargs, bar, increments])
+        return bar
+
+    monkeypatch.setattr(trainer_mod, "progress_bar", recorded)
+    return bars
+
+
+def test_an_iteration_shows_its_rollouts_log_probs_and_updates_on_bars_of_their_own(
+    small_model, small_processor, tmp_path, monkeypatch
+):
+    """The stage's bar moved once an iteration: the rollouts, pi_i's log-probs and the updates (8-35 s an iteration
+    for kimivl-tiny, minutes at A3B scale) showed `rl: 0/48` throughout. Each phase now has a transient bar over the
+    iteration's answers: 2 problems x 4 samples, generated in batches of 3 (3, 3, 2)."""
+    bars = _recorded_bars(monkeypatch)
+    small = {"problems": 2, "samples": 4, "ckpt_every": 2}
+    trainer = make_trainer(
+        copy.deepcopy(small_model), small_processor, tmp_path, iterations=2, rollout_batch=3, **small
+    )
+    trainer.run(progress=True)
+    stage, *phases = bars
+    assert (stage[0]["total"], stage[0]["desc"], stage[1].n) == (2, "rl", 2)
+    shown = [(kw["desc"], kw["total"], bar.n, sum(steps), kw["leave"]) for kw, bar, steps in phases]
+    assert shown == [(phase, 8, 8, 8, False) for phase in ("rollouts", "log-probs", "updates")] * 2
+    # no answer stops within its 3 tokens: each batch tells of its 3 tokens (none finished), then of its answers cut
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["truncated"] == 1
+    assert phases[0][2] == [0, 0, 0, 3, 0, 0, 0, 3, 0, 0, 0, 2]
+    assert all(not kw["disable"] for kw, _, _ in phases)
+    del bars[:]
+    trainer.step()  # no bars asked for
+    assert len(bars) == 3 and all(kw["disable"] for kw, _, _ in bars)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_rl_is_the_same_with_its_bars_on_a_terminal_and_in_a_log(small_model, small_processor, tmp_path, monkeypatch):
+    """The phases' bars change nothing the RL computes: the same metrics and weights whether stderr is a terminal
+    (refreshed often) or a log (refreshed every 30 s)."""
+    runs = {}
+    for where in ("terminal", "log"):
+        stream = _Terminal() if where == "terminal" else io.StringIO()
+        monkeypatch.setattr(sys, "stderr", stream)
+        monkeypatch.setattr(trainer_mod, "PHASE_DELAY", 0.0, raising=False)  # short phases shown too
+        trainer = make_trainer(
+            copy.deepcopy(small_model),
+            small_processor,
+            tmp_path / where,
+            iterations=2,
+            problems=2,
+            samples=4,
+            updates=1,
+        )
+        trainer.run(progress=True)
+        monkeypatch.undo()
+        rows = [json.loads(line) for line in (tmp_path / where / "metrics.jsonl").read_text().splitlines()]
+        drop = ("seconds", "rollout_tokens_per_s")
+        runs[where] = trainer.policy.state_dict(), [{k: v for k, v in r.items() if k not in drop} for r in rows]
+        text = stream.getvalue()
+        assert "rl: 100%" in text and all(f"{phase}: " in text for phase in ("rollouts", "log-probs", "updates"))
+    assert runs["terminal"][1] == runs["log"][1] and len(runs["log"][1]) == 2
+    assert all(torch.equal(v, runs["log"][0][k]) for k, v in runs["terminal"][0].items())
