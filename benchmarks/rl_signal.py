@@ -36,7 +36,7 @@ from arguments import at_least, parser
 from children import exit_on_sigterm
 from children import run as run_child
 
-from kimivl.data.world import ensure_world
+from kimivl.data.world import ensure_world, world_built, world_wanted
 from kimivl.exits import run_command
 from kimivl.rl.compare import comparison_table, difficulty_table
 
@@ -44,6 +44,7 @@ ARMS = {"opmd-len": "tiny-rl.yaml", "opmd-nolen": "tiny-rl-nolen.yaml", "grpo": 
 ROOT = Path(__file__).resolve().parent.parent
 # the options that make an --out's problems, pass@k and runs what they are (OUT/settings.json)
 SETTINGS = ("model", "fresh", "fresh_seed", "steps", "problems", "samples", "priority")
+WORLD = {"train": 4000, "heldout": 100}  # the problems RL trains on, split by split (recipes/tiny.yaml's world)
 
 
 def run(argv: list) -> None:
@@ -51,6 +52,13 @@ def run(argv: list) -> None:
     argv = [str(a) for a in argv]
     print("+", " ".join(argv), flush=True)
     run_child([sys.executable, *argv], cwd=ROOT)  # SIGTERM to this process: the child saves and stops
+
+
+def problems(out: Path, seed: int, what: str, **sizes: int) -> None:
+    """``ensure_world``'s reasoning problems under ``out``: built (saying so, with a bar) unless built there already."""
+    if world_built(out) != world_wanted(seed, ["reasoning"], **sizes):
+        print(f"building {what} under {out} ({', '.join(f'{n} {split}' for split, n in sizes.items())})", flush=True)
+    ensure_world(out, seed=seed, tasks=["reasoning"], progress=True, **sizes)
 
 
 def derived_recipe(args: argparse.Namespace, arm: str, seed: int, out: Path) -> dict:
@@ -157,8 +165,8 @@ def main() -> int:
     check_settings(ap, args)
     exit_on_sigterm()
 
-    ensure_world(args.out / "world", seed=0, tasks=["reasoning"], progress=False, train=4000, heldout=100)
-    ensure_world(args.out / "fresh", seed=args.fresh_seed, tasks=["reasoning"], progress=False, heldout=args.fresh)
+    problems(args.out / "world", 0, "the problems RL trains on", **WORLD)
+    problems(args.out / "fresh", args.fresh_seed, "the fresh problems", heldout=args.fresh)
     fresh = args.out / "fresh" / "heldout" / "reasoning.jsonl"
 
     passk = args.out / "passk" / "base.json"

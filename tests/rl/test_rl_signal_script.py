@@ -94,3 +94,32 @@ def test_a_run_into_an_out_made_with_other_settings_is_refused(tmp_path, capsys)
     assert stopped.value.code == 2 and f"--out {tmp_path / 'o'} holds results made with other settings" in err
     assert "(--fresh 4 then, 6 now; --steps the default then, 12 now)" in err
     assert "give another --out, or remove that one to start over" in err
+
+
+def test_building_the_problems_says_so_and_shows_a_bar(tmp_path, monkeypatch, capsys):
+    """The script built its 4,100 + 500 problems with no bar and no word: 40-60 s of silence before its first line.
+    Here the worlds have 3 problems a split, and the run stops at its first child."""
+
+    class Stopped(Exception):
+        pass
+
+    def stop(argv):
+        raise Stopped
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    monkeypatch.setattr(rl_signal, "WORLD", {"train": 3, "heldout": 3}, raising=False)
+    monkeypatch.setattr(rl_signal, "run", stop)
+    out = tmp_path / "o"
+    argv = ["--out", str(out), "--model", str(tmp_path / "m"), "--seeds", "0", "--arms", "opmd-len", "--no-passk"]
+    monkeypatch.setattr(sys, "argv", ["rl_signal.py", *argv, "--fresh", "3"])
+    with pytest.raises(Stopped):
+        rl_signal.main()
+    said = capsys.readouterr()
+    assert f"building the problems RL trains on under {out / 'world'}" in said.out, said.out
+    assert f"building the fresh problems under {out / 'fresh'}" in said.out, said.out
+    assert said.err.count("world: 100%") == 2 and "6/6" in said.err and "3/3" in said.err, said.err
+    with pytest.raises(Stopped):  # built: nothing to say
+        rl_signal.main()
+    said = capsys.readouterr()
+    assert "building" not in said.out and "world:" not in said.err, said
