@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from kimivl.distributed.parallelize import gathered
-from kimivl.distributed.vision_sync import has_images, vision_pad
+from kimivl.distributed.vision_sync import has_images, pad_embeddings, vision_pad
 from kimivl.distributed.world import World, max_over_ranks
 from kimivl.eval.synthetic import box_error
 from kimivl.inference.sampling import SamplingParams, seeded_generator
@@ -229,6 +229,7 @@ class RLTrainer:
         if not problems:
             raise ValueError("RL needs at least one problem")
         self.policy, self.processor, self.problems, self.cfg = policy, processor, problems, cfg
+        self._untrained_said = False  # a row reaching no trained weight is warned about once
         self.optimizer, self.scheduler, self.reward_fn = optimizer, scheduler, reward_fn
         self.run_dir, self.stage, self.world = Path(run_dir), stage, world or World()
         if cfg.problems % self.world.size:
@@ -422,14 +423,15 @@ class RLTrainer:
                 pixel_values, grids = _images([images[i] for i in idx])
                 with self._autocast(), training_attention():
                     pad = vision_pad(self.policy, world, has_images(pixel_values))
-                    tokens = token_logprobs(
-                        self.policy,
-                        [prompts[i] for i in idx],
-                        [responses[i] for i in idx],
-                        pixel_values,
-                        grids,
-                        cfg.budget,
-                    )
+                    with pad_embeddings(self.policy, pad):
+                        tokens = token_logprobs(
+                            self.policy,
+                            [prompts[i] for i in idx],
+                            [responses[i] for i in idx],
+                            pixel_values,
+                            grids,
+                            cfg.budget,
+                        )
                 if cfg.objective == "opmd":
                     seq = torch.stack([t.sum() for t in tokens])
                     loss = opmd_loss(seq, ref_seq[idx], advantage[idx], cfg.tau)
@@ -439,7 +441,16 @@ class RLTrainer:
                     )
                 check_loss(loss, where, self._last_good, world)
                 weight = (0.0 if n >= len(rows) else world.size) if world.active else 1
-                (loss.sum() * weight / total + pad).backward()
+                part = loss.sum() * weight / total + pad
+                if part.requires_grad:  # else no trained weight is on its path (a text row, the vision side trained)
+                    part.backward()
+                elif not self._untrained_said:
+                    self._untrained_said = True
+                    log.warning(
+                        "%s: a row of answers reaches no trained weight (no images while the language model is "
+                        "frozen): such rows add no gradient, and train nothing",
+                        where,
+                    )
                 if n < len(rows):
                     losses.append(loss.detach())
                     seen += [t.detach().sum() for t in tokens]

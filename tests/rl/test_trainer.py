@@ -418,3 +418,26 @@ def test_rl_is_the_same_with_its_bars_on_a_terminal_and_in_a_log(small_model, sm
         assert "rl: 100%" in text and all(f"{phase}: " in text for phase in ("rollouts", "log-probs", "updates"))
     assert runs["terminal"][1] == runs["log"][1] and len(runs["log"][1]) == 2
     assert all(torch.equal(v, runs["log"][0][k]) for k, v in runs["terminal"][0].items())
+
+
+def test_rl_training_only_the_vision_side_on_text_problems_adds_no_gradient_and_says_so(
+    small_model, small_processor, tmp_path, caplog
+):
+    """An rl stage training only the projector on text-only problems died in the update's backward ("element 0 of
+    tensors does not require grad"): no trained weight is on a text row's path. Now such a row adds no gradient, the
+    weights stay as they were, and the run says so once."""
+    import logging
+
+    from kimivl.train.trainable import set_trainable
+
+    policy = copy.deepcopy(small_model)
+    set_trainable(policy, ["multi_modal_projector"])
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    trainer = make_trainer(policy, small_processor, tmp_path, iterations=2, problems=2, samples=2)
+    with caplog.at_level(logging.WARNING, logger="kimivl.rl.trainer"):
+        trainer.run(progress=False)
+    said = [m for m in caplog.messages if "reaches no trained weight" in m]
+    assert len(said) == 1 and said[0].startswith("rl: iteration 1: a row of answers reaches no trained weight")
+    assert all(torch.equal(p, before[n]) for n, p in policy.named_parameters())
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["grad_norm"] == 0.0 for r in rows)
