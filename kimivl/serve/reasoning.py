@@ -21,45 +21,57 @@ def _partial_suffix(text: str, marker: str) -> int:
 
 
 class ThinkSplitter:
+    """Each piece costs time in its own length (and a marker's), whatever came before: only the text not sent yet is
+    kept, the whitespace that may end the reasoning as its pieces, joined once when later text sends it."""
+
     def __init__(self):
-        self.buf, self.mode, self.sent = "", "start", 0  # modes: start, think, after (the close), answer
+        self.mode = "start"  # start, think, after (the close), answer
         self.thought = False  # whether the output opened with a thought
+        self.pieces: list[str] = []  # start: the pieces so far (all answer if no thought opens them)
+        self.head = ""  # start: the text so far without its leading whitespace (a partial marker)
+        self.space: list[str] = []  # think: whitespace held back after the reasoning sent
+        self.partial = ""  # think: a partial close marker held back after that whitespace
+        self.sent = False  # think: whether any reasoning was sent (leading whitespace is dropped until then)
 
     def feed(self, piece: str) -> tuple[str, str]:
         """(reasoning, answer) text that ``piece`` makes safe to send."""
-        self.buf += piece
         reasoning = ""
         if self.mode == "start":
-            s = self.buf.lstrip()
-            if s.startswith(THINK_OPEN):
-                self.mode, self.buf, self.thought = "think", s[len(THINK_OPEN) :].lstrip(), True
-            elif THINK_OPEN.startswith(s):  # whitespace or a partial marker so far
+            self.head = (self.head + piece).lstrip()
+            if self.head.startswith(THINK_OPEN):
+                self.mode, self.thought, piece = "think", True, self.head[len(THINK_OPEN) :]
+            elif THINK_OPEN.startswith(self.head):  # whitespace or a partial marker so far
+                self.pieces.append(piece)
                 return "", ""
             else:
-                self.mode = "answer"
+                self.mode, piece = "answer", "".join(self.pieces) + piece
         if self.mode == "think":
-            self.buf = self.buf.lstrip() if self.sent == 0 else self.buf
-            at = self.buf.find(THINK_CLOSE)
+            text = self.partial + piece  # no close marker starts before the held partial one
+            text = text if self.sent else text.lstrip()
+            at = text.find(THINK_CLOSE)
+            self.partial = text[len(text) - _partial_suffix(text, THINK_CLOSE) :] if at < 0 else ""
+            body = text[: len(text) - len(self.partial)] if at < 0 else text[:at]
+            said = body.rstrip()
+            if said:  # the whitespace held before it is reasoning too
+                reasoning, self.space, self.sent = "".join(self.space) + said, [body[len(said) :]], True
+            else:
+                self.space.append(body)
             if at < 0:
-                safe = self.buf[: len(self.buf) - _partial_suffix(self.buf, THINK_CLOSE)].rstrip()
-                reasoning, self.sent = safe[self.sent :], max(self.sent, len(safe))
                 return reasoning, ""
-            reasoning = self.buf[:at].rstrip()[self.sent :]
-            self.mode, self.buf = "after", self.buf[at + len(THINK_CLOSE) :]
+            self.mode, piece = "after", text[at + len(THINK_CLOSE) :]
         if self.mode == "after":
-            self.buf = self.buf.lstrip()
-            if not self.buf:
+            piece = piece.lstrip()
+            if not piece:
                 return reasoning, ""
             self.mode = "answer"
-        answer, self.buf = self.buf, ""
-        return reasoning, answer
+        return reasoning, piece
 
     def close(self) -> tuple[str, str]:
         """What is left at the end: an unclosed thought is all reasoning."""
         if self.mode == "start":
-            return "", self.buf
-        if self.mode == "think":
-            return self.buf.rstrip()[self.sent :], ""
+            return "", "".join(self.pieces)
+        if self.mode == "think" and self.partial:  # held whitespace without a marker after it ends the reasoning
+            return "".join(self.space) + self.partial, ""
         return "", ""
 
 

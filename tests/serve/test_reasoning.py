@@ -7,8 +7,11 @@ import json
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from kimivl.serve.reasoning import ThinkSplitter, split_reasoning
+from kimivl.processing.chat_template import THINK_CLOSE, THINK_OPEN
+from kimivl.serve.reasoning import ThinkSplitter, _partial_suffix, split_reasoning
 
 CASES = [
     ("◁think▷ 6 + 9 = 15.\nThe answer is 15. ◁/think▷ 15 ", ("6 + 9 = 15.\nThe answer is 15.", "15 ")),
@@ -41,6 +44,92 @@ def test_any_split_into_pieces_joins_to_the_whole_split(text, expected):
             r, a = splitter.feed(piece) if piece is not None else splitter.close()
             got_r, got_a = got_r + r, got_a + a
         assert (got_r, got_a) == (reasoning or "", answer), pieces
+
+
+class RescanningSplitter:
+    """The splitter as it was first written, the reference for the incremental one: it keeps all the text and reads it
+    again for each piece (time in the square of the output's length)."""
+
+    def __init__(self):
+        self.buf, self.mode, self.sent = "", "start", 0
+
+    def feed(self, piece: str) -> tuple[str, str]:
+        self.buf += piece
+        reasoning = ""
+        if self.mode == "start":
+            s = self.buf.lstrip()
+            if s.startswith(THINK_OPEN):
+                self.mode, self.buf = "think", s[len(THINK_OPEN) :].lstrip()
+            elif THINK_OPEN.startswith(s):
+                return "", ""
+            else:
+                self.mode = "answer"
+        if self.mode == "think":
+            self.buf = self.buf.lstrip() if self.sent == 0 else self.buf
+            at = self.buf.find(THINK_CLOSE)
+            if at < 0:
+                safe = self.buf[: len(self.buf) - _partial_suffix(self.buf, THINK_CLOSE)].rstrip()
+                reasoning, self.sent = safe[self.sent :], max(self.sent, len(safe))
+                return reasoning, ""
+            reasoning = self.buf[:at].rstrip()[self.sent :]
+            self.mode, self.buf = "after", self.buf[at + len(THINK_CLOSE) :]
+        if self.mode == "after":
+            self.buf = self.buf.lstrip()
+            if not self.buf:
+                return reasoning, ""
+            self.mode = "answer"
+        answer, self.buf = self.buf, ""
+        return reasoning, answer
+
+    def close(self) -> tuple[str, str]:
+        if self.mode == "start":
+            return "", self.buf
+        if self.mode == "think":
+            return self.buf.rstrip()[self.sent :], ""
+        return "", ""
+
+
+ATOMS = [
+    THINK_OPEN,
+    THINK_CLOSE,
+    "◁",
+    "▷",
+    "/",
+    "think",
+    "◁/th",
+    "◁thi",
+    "nk▷",
+    " ",
+    "  ",
+    "\n",
+    "\t",
+    "\u3000",
+    "a",
+    "b c",
+]
+
+
+@st.composite
+def split_outputs(draw) -> list[str]:
+    """An output made of markers, pieces of markers, whitespace and text, most often opening with a thought, cut into
+    pieces anywhere."""
+    opening = draw(st.sampled_from(["", " ", "\n "])) + draw(st.sampled_from([THINK_OPEN] * 3 + ["◁thi", "", "a"]))
+    text = opening + "".join(draw(st.lists(st.sampled_from(ATOMS), max_size=14)))
+    cuts = sorted(draw(st.lists(st.integers(0, len(text)), max_size=10)))
+    return [text[i:j] for i, j in zip([0, *cuts], [*cuts, len(text)])]
+
+
+@settings(max_examples=400, deadline=None, derandomize=True)
+@given(split_outputs())
+def test_each_piece_gives_what_the_rescanning_splitter_gave(pieces):
+    """The splitter keeps only the text not sent yet (its whitespace as pieces) so that a piece costs its own length;
+    piece by piece it gives exactly what the first one, which read all the text again each time, gave."""
+    new, old = ThinkSplitter(), RescanningSplitter()
+    for piece in pieces:
+        assert new.feed(piece) == old.feed(piece), pieces
+    assert new.close() == old.close(), pieces
+    reasoning, answer = split_reasoning("".join(pieces))
+    assert new.thought == (reasoning is not None)
 
 
 def test_text_is_sent_as_soon_as_it_cannot_be_a_marker():
