@@ -10,6 +10,7 @@ import encodings.aliases
 import functools
 import hmac
 import importlib.resources
+import io
 import json
 import logging
 import math
@@ -438,7 +439,8 @@ class _Reply:
     def __init__(self, model_name: str, chat: ChatRequest, prompt_tokens: int, tokenizer):
         self.id, self.created, self.model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), model_name
         self.chat, self.prompt_tokens, self.tokenizer = chat, prompt_tokens, tokenizer
-        self.texts = [""] * chat.n
+        self.texts = [io.StringIO(newline="") for _ in range(chat.n)]  # each choice's text, not streamed (str +=
+        # would copy the text so far for each piece)
         self.finish: list[str | None] = [None] * chat.n
         self.tokens = [0] * chat.n
         self.logprobs = [[] for _ in range(chat.n)]  # each choice's logprob entries not yet sent (or all, not streamed)
@@ -502,14 +504,14 @@ async def _collect(job: EngineRequest, queue: asyncio.Queue, reply: _Reply):
         if event[0] == "error":
             return _error(_server_error(event[1]))
         if event[0] == "text":
-            reply.texts[event[1]] += event[2]
+            reply.texts[event[1]].write(event[2])
         elif event[0] == "logprobs":
             reply.logprobs[event[1]] += reply.entries(event[2])
         else:
             reply.finish[event[1]], reply.tokens[event[1]] = event[2], event[3]
     choices = []
     for i, text in enumerate(reply.texts):
-        reasoning, answer = split_reasoning(text)
+        reasoning, answer = split_reasoning(text.getvalue())
         message = {"role": "assistant", "content": answer}
         if reasoning:  # an empty thought is left out, as the stream sends no delta of it
             message["reasoning_content"] = reasoning

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import codecs
 import collections
+import io
 import logging
 import threading
 import time
@@ -37,6 +38,7 @@ from kimivl.inference.sampling import SamplingError, SamplingParams, check_logit
 log = logging.getLogger(__name__)
 
 PREFILL_BURST = 4  # prefill_chunks per turn while more prompts wait than rows decode
+STOP_TAIL = 16  # a stop string is looked for by its last characters, at most this many (see _Choice._stop_at)
 
 
 def token_logprobs(logits: torch.Tensor, tokens: list[int], tops: list[int]) -> list[tuple]:
@@ -103,7 +105,9 @@ class Request:
 
 class _Choice:
     """One row of the batch: its request, generator, incremental UTF-8 decoder and stop-string hold-back. It takes at
-    most ``max_new_tokens`` tokens, fewer where the prompt leaves less of the ``context`` (as ``generate_ids``)."""
+    most ``max_new_tokens`` tokens, fewer where the prompt leaves less of the ``context`` (as ``generate_ids``). Only
+    the text not sent yet is kept as one string (at most the hold-back and a token's text), so a token costs the same
+    however long the text is."""
 
     def __init__(self, request: Request, index: int, tokenizer, device: torch.device, context: int):
         self.request, self.index, self.tokenizer = request, index, tokenizer
@@ -111,10 +115,16 @@ class _Choice:
         seed = request.params.seed
         self.generator = None if seed is None else seeded_generator((seed + index) % 2**64, device)
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.text, self.sent, self.tokens = "", 0, 0
+        self.said = io.StringIO(newline="")  # the text sent (appending to a str would copy it each time)
+        self.held, self.sent, self.tokens = "", 0, 0  # the text not sent yet, from offset ``sent``
         self.finish: str | None = None
         self.hold = max((len(s) for s in request.stop), default=1) - 1
         self.records: list[tuple[int, int, tuple]] = []  # logprob records not sent yet, with their text's span
+
+    @property
+    def text(self) -> str:
+        """The text so far (up to a stop string's cut)."""
+        return self.said.getvalue() + self.held
 
     def add(self, token: int, stop_ids: set[int], record: tuple | None = None) -> None:
         """Take one generated token (and its logprob ``record``, if asked for); set ``finish`` when the choice is
@@ -126,25 +136,42 @@ class _Choice:
             self._end("stop")
             return
         self.tokens += 1
-        start = len(self.text)
+        start = self.sent + len(self.held)
         if not self.tokenizer.is_special(token):
-            self.text += self.decoder.decode(self.tokenizer.token_bytes(token))
+            self.held += self.decoder.decode(self.tokenizer.token_bytes(token))
         if record is not None:
-            self.records.append((start, len(self.text), record))
-        hits = [at for s in self.request.stop if (at := self.text.find(s, max(0, self.sent - len(s)))) >= 0]
-        if hits:  # cut at the earliest, whichever stop string it is: no stop string is ever returned
-            cut = min(hits)
-            self.text = self.text[:cut]
-            self.records = [r for r in self.records if r[0] < cut]
+            self.records.append((start, self.sent + len(self.held), record))
+        cut = self._stop_at(start - self.sent)
+        if cut is not None:  # cut at the earliest, whichever stop string it is: no stop string is ever returned
+            self.held = self.held[:cut]
+            self.records = [r for r in self.records if r[0] < self.sent + cut]
             self._end("stop", flush=False)
             return
         if self.tokens >= self.room:
             self._end("length")
             return
-        self._send(len(self.text) - self.hold)
+        self._send(self.sent + len(self.held) - self.hold)
+
+    def _stop_at(self, new: int) -> int | None:
+        """Where in the held text the earliest stop string that ends at or after ``new`` in it begins, or None. The
+        text before ``new`` holds none, and the hold-back keeps every one that may end later whole in the held text. A
+        stop string is looked for by its last ``STOP_TAIL`` characters, and compared whole only where they are: a
+        ``find`` of the whole string read it, and twice its length of text, at every token (milliseconds for long
+        ones)."""
+        cut = None
+        for s in self.request.stop:
+            tail = s[-STOP_TAIL:]
+            at = self.held.find(tail, max(0, new - len(tail) + 1))
+            while at >= 0:
+                begin = at + len(tail) - len(s)
+                if begin >= 0 and self.held.startswith(s, begin):
+                    cut = begin if cut is None else min(cut, begin)
+                    break
+                at = self.held.find(tail, at + 1)
+        return cut
 
     def _send(self, upto: int, last: bool = False) -> None:
-        """Emit the text up to ``upto`` not sent yet, after the records of the tokens it ends (all of them if
+        """Emit the text up to offset ``upto`` not sent yet, after the records of the tokens it ends (all of them if
         ``last``)."""
         if upto <= self.sent and not (last and self.records):
             return
@@ -153,13 +180,15 @@ class _Choice:
             self.records = self.records[len(ready) :]
             self.request.emit(("logprobs", self.index, ready))
         if upto > self.sent:
-            self.request.emit(("text", self.index, self.text[self.sent : upto]))
+            piece, self.held = self.held[: upto - self.sent], self.held[upto - self.sent :]
+            self.said.write(piece)
+            self.request.emit(("text", self.index, piece))
             self.sent = upto
 
     def _end(self, reason: str, flush: bool = True) -> None:
         if flush:
-            self.text += self.decoder.decode(b"", final=True)
-        self._send(len(self.text), last=True)
+            self.held += self.decoder.decode(b"", final=True)
+        self._send(self.sent + len(self.held), last=True)
         self.finish = reason
         self.request.emit(("done", self.index, reason, self.tokens))
 

@@ -5,19 +5,24 @@ a pack fails alone."""
 
 from __future__ import annotations
 
+import codecs
 import collections
 import re
 import threading
 import time
+from unittest import mock
 
 import pytest
 import torch
 from conftest import MODELS
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_serve import _questions
 
 from kimivl import KimiVL, KimiVLProcessor
 from kimivl.inference.generate import generate_ids
 from kimivl.inference.sampling import SamplingParams
+from kimivl.serve import engine as engine_module
 from kimivl.serve.engine import PREFILL_BURST, Engine, Request, _Prefill
 
 
@@ -182,6 +187,61 @@ def test_a_token_that_completes_two_stop_strings_ends_the_text_before_the_earlie
         choice.add(1, set())
         assert choice.text == "A " and choice.finish == "stop", stop
         assert "".join(e[2] for e in events if e[0] == "text") == "A "
+
+
+PIECES = [b"a", b"a", b"aa", b"aaaaa", b"b", b"ab", b"\n", "é".encode(), b"\xc3", b"\xa9", b"\xff"]  # "é" in halves
+
+
+@st.composite
+def outputs_and_stops(draw) -> tuple[list[int], list[str]]:
+    """Tokens of PIECES, and up to 4 stop strings: pieces of their text (up to 40 characters, past the tail that is
+    looked for first), some with a character changed."""
+    tokens = draw(st.lists(st.integers(0, len(PIECES) - 1), min_size=1, max_size=80))
+    text = b"".join(PIECES[t] for t in tokens).decode(errors="replace")
+    stop = []
+    for _ in range(draw(st.integers(0, 4))):
+        at = draw(st.integers(0, len(text) - 1))
+        s = text[at : at + draw(st.integers(1, 40))]
+        if draw(st.booleans()):
+            i = draw(st.integers(0, len(s) - 1))
+            s = s[:i] + draw(st.sampled_from("ab\né")) + s[i + 1 :]
+        stop.append(s)
+    return tokens, stop
+
+
+@pytest.mark.parametrize("tail", [1, 3, engine_module.STOP_TAIL])
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(outputs_and_stops())
+def test_a_choice_ends_where_the_whole_text_so_far_first_holds_a_stop_string(tail, case):
+    """A choice looks for each stop string by its last ``STOP_TAIL`` characters in the text a token adds (then
+    compares the whole string there), and holds back the text that may start one: what it sends is what searching
+    the whole text after each token gives. Shorter tails than the engine's check the whole string more often."""
+    from kimivl.serve.engine import _Choice
+
+    class Pieces:
+        def is_special(self, token):
+            return False
+
+        def token_bytes(self, token):
+            return PIECES[token]
+
+    tokens, stop = case
+    decoder, text, expected = codecs.getincrementaldecoder("utf-8")(errors="replace"), "", None
+    for token in tokens:
+        text += decoder.decode(PIECES[token])
+        if hits := [at for s in stop if (at := text.find(s)) >= 0]:
+            expected = (text[: min(hits)], "stop")
+            break
+    expected = expected or (text + decoder.decode(b"", final=True), "length")
+    events = []
+    request = Request([1], None, None, SamplingParams(max_new_tokens=len(tokens)), events.append, stop=stop)
+    choice = _Choice(request, 0, Pieces(), torch.device("cpu"), context=len(tokens) + 1)
+    with mock.patch.object(engine_module, "STOP_TAIL", tail):
+        for token in tokens:
+            if choice.finish is None:
+                choice.add(token, set())
+    assert ("".join(e[2] for e in events if e[0] == "text"), choice.finish) == expected
+    assert choice.text == expected[0]
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
