@@ -286,6 +286,7 @@ def _content(content: Any, where: str, limits: Limits, used: _Used) -> str | lis
 
 
 MAX_TOP_LOGPROBS = 20  # the OpenAI API's bound
+MAX_STOP_CHARS = 4096  # a stop string's length (the OpenAI API's are short; the engine holds this much text back)
 
 # The request fields this server reads; UNSUPPORTED and HARMLESS below are accepted too, any other is refused
 IMPLEMENTED = (
@@ -405,6 +406,8 @@ def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
     stop = [stop] if isinstance(stop, str) else ([] if stop is None else stop)
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
         raise RequestError("stop must be a non-empty string or a list of at most 4 of them", "stop")
+    if (longest := max(map(len, stop), default=0)) > MAX_STOP_CHARS:
+        raise RequestError(f"a stop string must be at most {MAX_STOP_CHARS} characters, got one of {longest}", "stop")
     stream = body.get("stream", False)
     if not isinstance(stream, bool) and stream is not None:
         raise RequestError(f"stream must be true or false, got {stream!r}", "stream")

@@ -17,7 +17,7 @@ from PIL import Image
 from test_serve import _post
 
 from kimivl.serve import app as app_module
-from kimivl.serve.schema import Limits, RequestError, parse_chat_request
+from kimivl.serve.schema import MAX_STOP_CHARS, Limits, RequestError, parse_chat_request
 
 GOOD = {"model": "kimivl-tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
 LIMITS = Limits(context=4096, max_batch=2)
@@ -291,6 +291,16 @@ def test_stop_is_at_most_four_non_empty_strings_and_stream_options_needs_stream(
         _refused({**GOOD, "stop": stop}, "stop", "stop must be a non-empty string or a list of at most 4")
     _refused({**GOOD, "stream_options": {"include_usage": True}}, "stream_options", "only allowed with stream: true")
     assert parse_chat_request({**GOOD, "stream": True, "stream_options": {"include_usage": True}}, LIMITS).include_usage
+
+
+def test_a_stop_string_is_at_most_max_stop_chars_long():
+    """A stop string of any length was taken: a choice holds back as much streamed text as the longest, and each token
+    searched twice that (milliseconds of the decode thread a token with four of 128k characters). Now one over 4,096
+    characters is a 400 that names the bound."""
+    assert MAX_STOP_CHARS == 4096
+    assert parse_chat_request({**GOOD, "stop": ["x" * MAX_STOP_CHARS] * 4}, LIMITS).stop == ["x" * MAX_STOP_CHARS] * 4
+    for stop in ("x" * (MAX_STOP_CHARS + 1), ["a", "é" * (MAX_STOP_CHARS + 1)]):
+        _refused({**GOOD, "stop": stop}, "stop", "a stop string must be at most 4096 characters, got one of 4097")
 
 
 def test_inert_values_of_unsupported_fields_must_have_the_inert_type():
