@@ -121,7 +121,7 @@ def main_first(world: World, lock: Path) -> Iterator[bool]:
     if not world.active:
         yield True
         return
-    import fcntl  # not at import: a platform without it (Windows) still scores predictions, with one process
+    import fcntl  # not at import: a platform without it (Windows) still imports the trainer, eval and RL
 
     lock.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
