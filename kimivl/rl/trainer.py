@@ -392,7 +392,7 @@ class RLTrainer:
             values["length_reward"] = (reward - correct).mean().item() / cfg.length_weight
         return values
 
-    def _update(self, order, prompts, responses, images, ref_tokens, ref_seq, advantage, advance):
+    def _update(self, order, prompts, responses, images, ref_tokens, ref_seq, advantage, advance=lambda n: None):
         """``updates`` optimizer steps, one per part of ``order`` (parts differ in size by at most one); the policy's
         log-probs are recomputed with gradients row by packed row (each row back-propagated at once, so memory holds
         one row's graph), ``advance(n)`` told of each row's ``n`` answers. Fewer answers than ``updates`` (a

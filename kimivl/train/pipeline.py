@@ -555,7 +555,7 @@ def _export(recipe: Recipe, final: Path, processor: KimiVLProcessor, path: Path)
         shutil.rmtree(tmp, ignore_errors=True)  # left by a killed export (the lock rules out one under way)
         try:
             dtype = recipe.export.get("dtype", "bfloat16")
-            size = sum(f.stat().st_size for f in final.glob("*.safetensors")) / 1e9
+            size = sum(f.stat().st_size for f in Path(final).glob("*.safetensors")) / 1e9
             log.info("exporting %s (%.1f GB) to %s in %s", final, size, path, dtype)
             convert_checkpoint(final, tmp, getattr(torch, dtype))
             processor.save_pretrained(tmp)
