@@ -20,7 +20,7 @@ import logging
 import os
 import re
 import shutil
-from pathlib import PurePath
+from pathlib import Path, PurePath
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -68,6 +68,12 @@ def check_directory(path: str | os.PathLike) -> None:
     if os.path.isfile(path):
         path = os.fspath(path)
         raise CheckpointError(f"{path} is a file: give the checkpoint directory ({os.path.dirname(path) or '.'})")
+
+
+def weights_size(path: str | os.PathLike) -> tuple[int, int]:
+    """How many safetensors files the directory ``path`` holds, and their bytes (a broken link counts as none)."""
+    files = [f for f in Path(path).glob("*.safetensors") if f.is_file()]
+    return len(files), sum(f.stat().st_size for f in files)
 
 
 def checkpoint_files(path: str | os.PathLike) -> dict[str, list[str]]:

@@ -153,7 +153,7 @@ def _load(path: str, dtype: str, device: str | None):
     import torch
 
     from kimivl import KimiVL, KimiVLProcessor
-    from kimivl.checkpoint import CheckpointError, check_directory
+    from kimivl.checkpoint import CheckpointError, check_directory, weights_size
     from kimivl.precision import checkpoint_load_dtype
 
     try:
@@ -163,11 +163,10 @@ def _load(path: str, dtype: str, device: str | None):
     device = resolve_device(device)
     dtype = checkpoint_load_dtype(path, device, getattr(torch, dtype) if dtype else None)
     processor = KimiVLProcessor.from_pretrained(path)  # first: a tokenizer not the model's is refused in seconds
-    files = [f for f in Path(path).glob("*.safetensors") if f.is_file()]  # a broken link: from_pretrained names it
-    size = sum(f.stat().st_size for f in files)
+    files, size = weights_size(path)  # a broken link counts as none: from_pretrained names it
     said = size >= LOAD_NOTICE_BYTES  # a large model takes a while (about 45 s for the A3B's 33 GB from a warm cache)
     if said:
-        count = f"{len(files)} file{'s' * (len(files) != 1)}"
+        count = f"{files} file{'s' * (files != 1)}"
         print(
             f"kimivl: loading {printable(path)} ({size / 1e9:.1f} GB in {count}) on {device} in "
             f"{str(dtype).removeprefix('torch.')}",

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from kimivl.checkpoint import EXPORT_RECORD, convert_checkpoint, load_checkpoint
+from kimivl.checkpoint import EXPORT_RECORD, convert_checkpoint, load_checkpoint, weights_size
 from kimivl.config import KimiVLConfig
 from kimivl.data.formats import content_text, is_text_file, iter_texts
 from kimivl.data.indexed import JsonlRecords
@@ -555,8 +555,7 @@ def _export(recipe: Recipe, final: Path, processor: KimiVLProcessor, path: Path)
         shutil.rmtree(tmp, ignore_errors=True)  # left by a killed export (the lock rules out one under way)
         try:
             dtype = recipe.export.get("dtype", "bfloat16")
-            size = sum(f.stat().st_size for f in Path(final).glob("*.safetensors")) / 1e9
-            log.info("exporting %s (%.1f GB) to %s in %s", final, size, path, dtype)
+            log.info("exporting %s (%.1f GB) to %s in %s", final, weights_size(final)[1] / 1e9, path, dtype)
             convert_checkpoint(final, tmp, getattr(torch, dtype))
             processor.save_pretrained(tmp)
             if recipe.export.get("generation"):
