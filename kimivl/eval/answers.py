@@ -10,14 +10,24 @@ from __future__ import annotations
 import random
 import re
 import string
+import unicodedata
 
 from kimivl.processing.chat_template import THINK_CLOSE, THINK_OPEN, parse_thinking
 
 MODES = ("official", "lenient")
+# Han, kana, Hangul and Thai, written without spaces between words: Python's \w holds their characters, yet a number
+# or letter right after one stands alone ("答案是42", "答案是B")
+_SPACELESS = (
+    "\u0e00-\u0e7f\u1100-\u11ff\u3005-\u3007\u3040-\u30ff\u3131-\u318e\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af"
+    "\uf900-\ufaff\U00020000-\U0003ffff"
+)
+_WORD = rf"[^\W{_SPACELESS}]"  # a word character of a script written with spaces
+# full-width ASCII ("（Ｂ）", "４２") and the ideographic space as ASCII; one character for one
+_HALF_WIDTH = str.maketrans({chr(c): chr(c - 0xFEE0) for c in range(0xFF01, 0xFF5F)} | {"\u3000": " "})
 # "1,234.5", "-3", "0.25", ".5", "1e-3"
 _PLAIN = r"[-+]?(?:\d+(?:\.\d+)?(?:[eE][-+]?\d+)?|\.\d+)"
-_NUMBER = re.compile(rf"(?<![\w.])(?:[-+]?\d{{1,3}}(?:,\d{{3}})+(?:\.\d+)?(?![\d.])|{_PLAIN})")
-_PLAIN_NUMBER = re.compile(rf"(?<![\w.]){_PLAIN}")
+_NUMBER = re.compile(rf"(?<!{_WORD})(?<!\.)(?:[-+]?\d{{1,3}}(?:,\d{{3}})+(?:\.\d+)?(?![\d.])|{_PLAIN})")
+_PLAIN_NUMBER = re.compile(rf"(?<!{_WORD})(?<!\.){_PLAIN}")
 # "(250,250)", "[5,100, 7]": inside brackets, commas separate numbers (never thousands)
 _TUPLE = re.compile(rf"[(\[]\s*{_PLAIN}(?:\s*,\s*{_PLAIN})+\s*[)\]]")
 _CUE = re.compile(r"(?:the\s+)?(?:final\s+|correct\s+|best\s+)?(?:answer|option|choice)\s*(?:is|:)\s*:?", re.IGNORECASE)
@@ -53,10 +63,19 @@ def after_cue(text: str) -> str:
     return text[cues[-1].end() :].strip() if cues else text.strip()
 
 
+def half_width(text: str) -> str:
+    """``text`` with full-width ASCII forms ("（Ｂ）", "４２", "：") and the ideographic space as plain ASCII. Not NFKC,
+    which would also turn "5²" into "52"."""
+    return text.translate(_HALF_WIDTH)
+
+
 def numbers(text: str, thousands: bool = True) -> list[float]:
-    """Every number written in ``text``, in order. With ``thousands`` a comma between digit groups of three is a
-    thousands separator ("1,234.5"), except inside a bracketed tuple or list ("(250,250)", "[5,100]") where
-    commas separate numbers; without it, commas always separate numbers (coordinates)."""
+    """Every number written in ``text`` (full-width digits too), in order; one right after a letter or digit ("v2")
+    is none, one right after a Chinese, Japanese, Korean or Thai character ("共有3个") is. With ``thousands`` a comma
+    between digit groups of three is a thousands separator ("1,234.5"), except inside a bracketed tuple or list
+    ("(250,250)", "[5,100]") where commas separate numbers; without it, commas always separate numbers
+    (coordinates)."""
+    text = half_width(text)
     if not thousands:
         return [float(m.group()) for m in _PLAIN_NUMBER.finditer(text)]
     found: list[tuple[int, float]] = []
@@ -90,8 +109,10 @@ def answer_number(text: str) -> float | None:
 
 
 def normalize_text(text: str) -> str:
-    """Lower case, punctuation to spaces, whitespace collapsed."""
-    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+    """NFKC, lower case, punctuation, symbols and control characters (Unicode categories P*, S*, C*) to spaces,
+    whitespace collapsed. Letters, digits and combining marks stay: "कि" and "को" differ in their vowel signs."""
+    text = unicodedata.normalize("NFKC", text).lower()
+    return " ".join("".join(" " if unicodedata.category(c)[0] in "PSC" else c for c in text).split())
 
 
 def parse_option(text: str, options: dict[str, str]) -> str | None:
@@ -99,17 +120,19 @@ def parse_option(text: str, options: dict[str, str]) -> str | None:
 
     In order: a bracketed letter "(B)"; a letter standing alone followed by ".", ")" or ":" ("B.", "B)");
     a lone letter word ("B"); the text of an option (the longest one contained). A capital letter inside a word
-    ("Because") never counts, nor "I" or "A" used as a word ("I think", "A cat"). Text after an answer cue ("The
-    answer is ...") is searched first.
+    ("Because") never counts, nor "I" or "A" used as a word ("I think", "A cat"); one right after a Chinese,
+    Japanese, Korean or Thai character stands alone ("答案是B"), and full-width forms are read ("（Ｂ）"). Text after
+    an answer cue ("The answer is ...") is searched first.
     """
     letters = "".join(sorted(options))
     if not letters:
         return None
+    text = half_width(text)
     for region in dict.fromkeys([after_cue(text), text]):
         for pattern, flags in (
             (rf"\(([{letters}])\)", re.IGNORECASE),
-            (rf"(?<![\w])([{letters}])[.):](?!\w)", 0),
-            (rf"(?<![\w'])([{letters}])(?![\w'])", 0),
+            (rf"(?<!{_WORD})([{letters}])[.):](?!{_WORD})", 0),
+            (rf"(?<!{_WORD})(?<!')([{letters}])(?!{_WORD})(?!')", 0),
         ):
             for found in re.finditer(pattern, region, flags):
                 if not (found.group(1) in "AI" and re.match(r"\s+[a-z]", region[found.end() :])):  # "I think"

@@ -1,9 +1,9 @@
 """Scoring the synthetic world's held-out tasks from each record's ``meta.gold``.
 
 Thinking output is scored on the text after ``◁/think▷``; a reasoning that never closes has no answer. Integers
-are read as the first integer of the answer; strings compare case- and punctuation-insensitively; lists (an
-order of shapes) compare item by item; GUI clicks score when the point, or a predicted box's centre, falls in the
-gold box (normalised coordinates).
+are read as the first integer of the answer; strings compare case- and punctuation-insensitively
+(``kimivl.eval.answers.normalize_text``); lists (an order of shapes) compare item by item; GUI clicks score when the
+point, or a predicted box's centre, falls in the gold box (normalised coordinates).
 """
 
 from __future__ import annotations
@@ -16,16 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from kimivl.data.formats import DataError, is_text_file, iter_lines
-from kimivl.eval.answers import click_point, final_answer
+from kimivl.eval.answers import click_point, final_answer, normalize_text
 from kimivl.eval.tables import is_eval_output
 from kimivl.finite import finite
 
 _INT = re.compile(r"-?\d+")
 _FLOAT = re.compile(r"-?\d+(?:\.\d+)?")
-
-
-def _norm(text: str) -> str:
-    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
 
 
 def clicked(answer: str, box: list[float]) -> bool:
@@ -62,8 +58,8 @@ def score(prediction: str, meta: dict[str, Any]) -> bool:
         found = _INT.search(answer)
         return found is not None and int(found.group()) == gold
     if isinstance(gold, list):
-        return _norm(answer) == _norm(" ".join(str(g) for g in gold))
-    return _norm(answer) == _norm(str(gold))
+        return normalize_text(answer) == normalize_text(" ".join(str(g) for g in gold))
+    return normalize_text(answer) == normalize_text(str(gold))
 
 
 def evaluate(

@@ -8,9 +8,10 @@ think markers: the RL policy is a thinking model and must keep its format. Check
   ``max(abs_tol, rel_tol * |gold|)``. The last number because a worked answer ends on its result
   ("3 + 4 = 7"); held-out scoring (``kimivl.eval.synthetic``) reads the first integer, and the two agree on
   answers holding one number, which is what the synthetic tasks ask for.
-- ``option``: the option letter, from "B", "(B)", "B." / "B)" at the start, or "answer is B", equals the gold letter.
-- ``string``: case-, space- and punctuation-insensitive equality (OCR); no substring credit, which a policy could
-  farm by writing many words.
+- ``option``: the option letter, from "B", "(B)", "B." / "B)" / "B。" at the start, or "answer is B", equals the gold
+  letter (full-width forms such as "（Ｂ）" read as ASCII).
+- ``string``: case-, space-, punctuation- and symbol-insensitive equality (OCR; ``kimivl.eval.answers.normalize_text``:
+  accents and vowel signs count); no substring credit, which a policy could farm by writing many words.
 - ``point_in_box``: a point "(x, y)" or a box's centre (the first two or four numbers) inside ``meta['box']``
   ``[x1, y1, x2, y2]``, normalised coordinates (GUI grounding).
 
@@ -25,6 +26,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from kimivl.eval.answers import half_width, normalize_text
 from kimivl.eval.synthetic import clicked, score
 from kimivl.processing.chat_template import THINK_CLOSE, parse_thinking
 
@@ -32,7 +34,7 @@ Checker = Callable[[str, dict[str, Any]], float]
 
 _NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")
 _UNIT = re.compile(r"(?<![A-Za-z])(?:mm|cm|km|m|in|ft|units?|sq)(?:\s*\^\s*[23]|[²³]|[23](?!\d))?(?![A-Za-z])|[²³]")
-_LEAD_LETTER = re.compile(r"^\(?([A-Z])(?:\)|\.|:|$|\s)")
+_LEAD_LETTER = re.compile(r"^\(?([A-Z])(?:[).:,;。、]|$|\s)")
 _PAREN_LETTER = re.compile(r"\(([A-Z])\)")
 _SAID_LETTER = re.compile(r"answer is:?\s*\(?([A-Z])\b", re.IGNORECASE)
 
@@ -69,20 +71,17 @@ def _finite_gold(gold: Any) -> float:
 
 
 def option(answer: str, meta: dict[str, Any]) -> float:
-    answer = answer.strip()
+    answer = half_width(answer).strip()
     # what the answer says is its letter first: a leading "A" or "I" is more often a word than the option
     found = _SAID_LETTER.search(answer) or _PAREN_LETTER.search(answer) or _LEAD_LETTER.match(answer)
     return float(found is not None and found.group(1).upper() == str(meta["gold"]).strip().upper())
 
 
-def _norm(text: str) -> str:
-    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
-
-
 def string(answer: str, meta: dict[str, Any]) -> float:
     gold = meta["gold"]
     gold = " ".join(map(str, gold)) if isinstance(gold, list) else str(gold)
-    return float(bool(_norm(answer)) and _norm(answer) == _norm(gold))
+    said = normalize_text(answer)
+    return float(bool(said) and said == normalize_text(gold))
 
 
 def point_in_box(answer: str, meta: dict[str, Any]) -> float:

@@ -97,6 +97,16 @@ def test_mathvista_stand_in_for_the_llm_extraction():
     )
     assert mathvista.score("So the answer is (C).", meta)["score"] == 1.0
     assert mathvista.score("◁think▷ (A)?", meta)["normalized"] == "2"  # no answer: "" picks the shortest choice
+    # the stand-in reads a letter or number right after Chinese text as it does after English
+    assert mathvista.score("答案是C", meta) == {"score": 1.0, "extracted": "C", "normalized": "6"}
+    integer = {
+        "question_type": "free_form",
+        "answer_type": "integer",
+        "answer": "42",
+        "choices": None,
+        "precision": None,
+    }
+    assert mathvista.score("所以答案是42", _mathvista_meta(integer))["score"] == 1.0
 
 
 def test_ocrbench_agrees_with_the_official_code(tmp_path):

@@ -324,3 +324,33 @@ def test_mmlongbench_official_rules_at_their_edges():
         {"score": 1.0, "extracted": "5", "meta": {"format": "Int", "answer": "5"}},
     ]
     assert mmlongbench.summarize(rows)["f1"] == pytest.approx(100.0)
+
+
+CITIES = {"A": "北京", "B": "上海", "C": "广州", "D": "深圳"}
+
+
+def test_numbers_and_letters_right_after_chinese_characters_are_read():
+    """Chinese writes no spaces, and Python's \\w holds Han characters: a number or letter right after one counts, as
+    do full-width forms; a letter or number inside a Latin word ("Bébé", "v2") and superscripts still do not."""
+    assert numbers("答案是42") == [42.0] and numbers("４２") == [42.0] and numbers("3² + 4² = 5²") == [3.0, 4.0, 5.0]
+    assert answer_number("共有3个苹果") == 3.0
+    assert parse_option("答案是B", CITIES) == "B" and parse_option("我选B。", CITIES) == "B"
+    assert parse_option("选（Ｂ）", CITIES) == "B" and parse_option("Ｂ", CITIES) == "B"
+    assert parse_option("Bébé", OPTIONS) is None and parse_option("I think so", {"I": "x", "J": "y"}) is None
+    mc = {"type": "multiple-choice", "options": CITIES, "answer": "B", "seed": "1", "group": "Art"}
+    assert lenient(mmmu)("答案是B", mc) == {"score": 1.0, "extracted": "B", "random": False}  # was a random guess
+    assert lenient(mmmu)("答案是42", {"type": "open", "answer": ["42"], "seed": "1"})["score"] == 1.0
+    assert lenient(mathvista)("所以答案是42", _mv(answer="42"))["score"] == 1.0
+    assert lenient(mmlongbench)("答案是42", {"format": "Int", "answer": "42"})["score"] == 1.0
+    assert lenient(screenspot)("坐标0.2,0.2", {"box": [0.1, 0.1, 0.3, 0.3], "size": (1000, 1000)})["score"] == 1.0
+
+
+def test_normalisation_keeps_combining_marks_and_folds_compatibility_forms():
+    """Vowel signs and accents are part of a word (Python's \\w leaves them out): "कि" (ki) and "को" (ko) differ, and
+    NFC and NFD spellings of one word agree."""
+    assert normalize_text("कि") == "कि" != normalize_text("को") and normalize_text("ดี") != normalize_text("ด")
+    assert normalize_text("नमस्ते!") == "नमस्ते" and normalize_text("cafe\u0301") == normalize_text("caf\u00e9")
+    assert normalize_text("Ｈｅｌｌｏ，ｗｏｒｌｄ！") == "hello world" and normalize_text("snake_case") == "snake case"
+    assert lenient(mmmu)("को", {"type": "open", "answer": ["कि"], "seed": "1"})["score"] == 0.0
+    text = _mv(answer_type="text", answer="caf\u00e9")
+    assert lenient(mathvista)("cafe\u0301", text) == {"score": 1.0, "extracted": "caf\u00e9"}

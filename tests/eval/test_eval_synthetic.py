@@ -39,6 +39,7 @@ def test_gui_clicks_and_boxes(prediction, right):
         ("none", {"task": "chart", "gold": 0}, False),
         ("Hold, DUCK!", {"task": "ocr", "gold": "hold duck"}, True),
         ("hold duck now", {"task": "ocr", "gold": "hold duck"}, False),
+        ("को", {"task": "ocr", "gold": "कि"}, False),  # vowel signs count
         ("red circle, blue square", {"task": "video", "gold": ["red circle", "blue square"]}, True),
         ("blue square, red circle", {"task": "video", "gold": ["red circle", "blue square"]}, False),
         (f"{THINK_OPEN}3 + 4 = 7, minus 2.{THINK_CLOSE}5", {"task": "reasoning", "gold": 5}, True),

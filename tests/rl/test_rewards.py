@@ -77,6 +77,11 @@ def test_numbers_strip_units_not_digits():
         ("I think (B)", 1.0),
         ("(A) is a trap; the answer is B", 1.0),  # the letter said outranks a parenthesised one before it
         ("(B) is tempting, but the answer is A", 0.0),
+        ("B。", 1.0),  # Chinese and full-width punctuation after the letter, full-width letters
+        ("B，因为", 1.0),
+        ("（Ｂ）", 1.0),
+        ("Ｂ：上海", 1.0),
+        ("A。", 0.0),
     ],
 )
 def test_option(answer, expected):
@@ -90,6 +95,8 @@ def test_string_match():
     assert string("hello world again", meta) == 0.0  # no credit for a superset
     assert string("", {"gold": ""}) == 0.0
     assert string("red circle", {"gold": ["red", "circle"]}) == 1.0
+    assert string("को", {"gold": "कि"}) == 0.0  # vowel signs count: "ko" is not "ki"
+    assert string("cafe\u0301", {"gold": "caf\u00e9"}) == 1.0  # NFD and NFC spellings agree
 
 
 def test_point_in_box():
