@@ -115,6 +115,13 @@ def normalize_text(text: str) -> str:
     return " ".join("".join(" " if unicodedata.category(c)[0] in "PSC" else c for c in text).split())
 
 
+def holds_phrase(text: str, phrase: str) -> bool:
+    """Whether ``phrase``, normalised, stands in ``text``, normalised, as whole words: "cat" is not in "bobcat", while
+    "北京" is in "答案是北京" (no spaces between words there)."""
+    phrase = normalize_text(phrase)
+    return bool(phrase) and re.search(rf"(?<!{_WORD}){re.escape(phrase)}(?!{_WORD})", normalize_text(text)) is not None
+
+
 def parse_option(text: str, options: dict[str, str]) -> str | None:
     """The option letter ``text`` chooses among ``options`` (letter -> option text), or ``None``.
 
@@ -137,8 +144,7 @@ def parse_option(text: str, options: dict[str, str]) -> str | None:
             for found in re.finditer(pattern, region, flags):
                 if not (found.group(1) in "AI" and re.match(r"\s+[a-z]", region[found.end() :])):  # "I think"
                     return found.group(1).upper()
-        norm = f" {normalize_text(region)} "
-        hits = [(len(t), k) for k, t in options.items() if normalize_text(t) and f" {normalize_text(t)} " in norm]
+        hits = [(len(t), k) for k, t in options.items() if holds_phrase(region, t)]
         if hits:
             return max(hits)[1]
     return None

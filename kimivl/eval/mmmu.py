@@ -44,7 +44,7 @@ from kimivl.eval.answers import (
     after_cue,
     check_mode,
     final_answer,
-    normalize_text,
+    holds_phrase,
     numbers,
     official_text,
     parse_option,
@@ -273,13 +273,12 @@ def _lenient(prediction: str, meta: dict, extracted: str | None) -> dict:
         return {"score": float(letter == meta["answer"]), "extracted": letter, "random": guessed}
     tail = after_cue(answer)
     said_numbers = {round(n, 2) for n in numbers(tail)}
-    said = normalize_text(tail)
     for gold in meta["answer"]:
         value = _as_number(gold)
         if value is not None:
             if value in said_numbers:
                 return {"score": 1.0, "extracted": tail}
-        elif normalize_text(gold) and f" {normalize_text(gold)} " in f" {said} ":
+        elif holds_phrase(tail, gold):
             return {"score": 1.0, "extracted": tail}
     return {"score": 0.0, "extracted": tail}
 

@@ -18,6 +18,7 @@ from kimivl.eval.answers import (
     after_cue,
     answer_number,
     final_answer,
+    holds_phrase,
     normalize_text,
     numbers,
     official_text,
@@ -343,6 +344,17 @@ def test_numbers_and_letters_right_after_chinese_characters_are_read():
     assert lenient(mathvista)("所以答案是42", _mv(answer="42"))["score"] == 1.0
     assert lenient(mmlongbench)("答案是42", {"format": "Int", "answer": "42"})["score"] == 1.0
     assert lenient(screenspot)("坐标0.2,0.2", {"box": [0.1, 0.1, 0.3, 0.3], "size": (1000, 1000)})["score"] == 1.0
+
+
+def test_open_answers_and_option_texts_are_found_inside_chinese_sentences():
+    """A gold string stands as a word in a Chinese sentence though no space sets it apart; in Latin text it still
+    must be a whole word ("cat" is not in "bobcat")."""
+    city = {"type": "open", "answer": ["北京"], "seed": "1"}
+    assert lenient(mmmu)("答案是北京。", city)["score"] == 1.0 and lenient(mmmu)("答案是上海", city)["score"] == 0.0
+    cat = {"type": "open", "answer": ["cat"], "seed": "1"}
+    assert lenient(mmmu)("a bobcat", cat)["score"] == 0.0 and lenient(mmmu)("a cat.", cat)["score"] == 1.0
+    assert parse_option("我认为是上海", {"A": "北京", "B": "上海"}) == "B"
+    assert holds_phrase("Es ist Köln.", "köln") and not holds_phrase("Kölner Dom", "köln")
 
 
 def test_normalisation_keeps_combining_marks_and_folds_compatibility_forms():
