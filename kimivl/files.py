@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 import sys
 import uuid
 from collections.abc import Iterator
@@ -41,7 +42,10 @@ def path_text(path: str | os.PathLike) -> str:
 def unwritable(path: str | os.PathLike) -> str | None:
     """Why this user could not create ``path`` (or replace it, by a rename beside it), checked before long work that
     ends by writing it: its nearest existing folder is no directory or not writable, or ``path`` exists and is not
-    writable; None when it could. Nothing is created."""
+    writable; None when it could. A device or FIFO (``/dev/null``, ``/dev/stdout`` on a pipe) is written where it is
+    (``write_text_atomic``): only it must be writable. Nothing is created."""
+    if in_place(path):
+        return None if os.access(path, os.W_OK) else f"{os.fspath(path)} is not writable"
     path = Path(path).resolve()
     folder = path.parent
     while not folder.exists():
@@ -97,12 +101,32 @@ def file_mode() -> int:
     return 0o666 & ~umask
 
 
-def write_text_atomic(path: str | os.PathLike, text: str, errors: str = "strict") -> None:
+def in_place(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is, through its symlinks, a device, FIFO or socket: written where it is, since a rename over
+    it would put a regular file in its place (``--out /dev/null`` as root: the system's /dev/null)."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):  # absent (or a dangling link), or a name the OS cannot be given
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
+def write_text_atomic(
+    path: str | os.PathLike, text: str, errors: str = "strict", *, through_links: bool = False
+) -> None:
     """Write ``text`` to a temporary file of this writer's own beside ``path`` (``.<name>.<random>.tmp``, so writers
     of one file at once never share one), then rename it over ``path``: the file is always one writer's whole text. A
     failed write (a full disk) is a ``WriteError`` naming ``path``, which keeps its old text. ``errors``: what UTF-8
-    does with a lone surrogate, the one character it cannot write (``"backslashreplace"``: its JSON escape)."""
-    path = Path(path)
+    does with a lone surrogate, the one character it cannot write (``"backslashreplace"``: its JSON escape).
+
+    A device or FIFO (``in_place``) is opened and written, not replaced. ``through_links``: a symlink's target is
+    replaced, not the link, as a shell's ``>`` writes (for a file the user named, such as ``--out``); without it a
+    symlink is replaced by the file (a checkpoint's file linked into a cache of blobs shared with others)."""
+    if in_place(path):
+        with writing(path), open(path, "w", encoding="utf-8", errors=errors) as f:
+            f.write(text)
+        return
+    path = Path(os.path.realpath(path) if through_links else path)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         # closed in the block, where a full disk is named

@@ -92,3 +92,35 @@ def test_unwritable_names_a_folder_that_cannot_be_written_or_entered_and_a_file_
     (tmp_path / "out.json").write_text("{}")
     monkeypatch.setattr(files.os, "access", lambda path, mode: os.fspath(path) != str(tmp_path / "out.json"))
     assert files.unwritable(tmp_path / "out.json") == f"{tmp_path / 'out.json'} is not writable"
+
+
+def test_a_fifo_or_device_is_written_where_it_is_and_a_symlink_named_as_out_keeps_its_link(tmp_path, monkeypatch):
+    """``passk --out /dev/null`` renamed a temporary file over the device (as root: the system's /dev/null became a
+    regular file), and ``--out /dev/stdout`` (a link to a pipe) replaced the link; ``unwritable`` refused
+    /dev/stdout for its folder /dev. A FIFO stands in for the device here (private to the test), read without
+    blocking: before the fix nothing reached it and a regular file took its place."""
+    fifo, link = tmp_path / "fifo", tmp_path / "stdout"
+    os.mkfifo(fifo)
+    link.symlink_to(fifo)
+    for path in (fifo, link):
+        reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # a reader there, as `cat fifo` is
+        try:
+            write_text_atomic(path, f"to {path.name}\n")  # through a link too, without through_links
+            assert os.read(reader, 1000) == f"to {path.name}\n".encode()
+        finally:
+            os.close(reader)
+        assert stat.S_ISFIFO(fifo.lstat().st_mode) and link.is_symlink()
+    monkeypatch.setattr(files.os, "access", lambda path, mode: os.fspath(path) != os.fspath(tmp_path))
+    assert files.unwritable(fifo) is None and files.unwritable(link) is None  # its folder is not written
+    monkeypatch.setattr(files.os, "access", lambda path, mode: False)
+    assert files.unwritable(link) == f"{link} is not writable"
+
+    target = tmp_path / "results" / "passk.json"  # a link to a file: the file is replaced, the link kept
+    target.parent.mkdir()
+    target.write_text("old\n")
+    (tmp_path / "out.json").symlink_to(target)
+    write_text_atomic(tmp_path / "out.json", "new\n", through_links=True)
+    assert (tmp_path / "out.json").is_symlink() and target.read_text() == "new\n"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["passk.json"]  # no temporary file left
+    write_text_atomic(tmp_path / "out.json", "own\n")  # a checkpoint's file linked into a shared cache: not followed
+    assert not (tmp_path / "out.json").is_symlink() and target.read_text() == "new\n"

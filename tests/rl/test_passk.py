@@ -234,7 +234,7 @@ def test_a_run_that_fails_after_the_checks_leaves_no_out_directory(tmp_path, cap
 
 
 def test_a_failed_write_prints_the_table_first_and_one_error_line(checkpoint, tmp_path, capsys, monkeypatch):
-    def fail(path, text):
+    def fail(path, text, **kwargs):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr("kimivl.rl.passk.write_text_atomic", fail)
@@ -271,3 +271,19 @@ def test_a_reader_gone_from_stdout_exits_141_quietly_with_out_written(checkpoint
     os.close(write)
     assert done.returncode == 141 and "Error" not in done.stderr, done.stderr[-2000:]
     assert json.loads(out.read_text())["correct"] in ([0, 0], [0, 1], [1, 0], [1, 1])
+
+
+def test_an_out_that_is_a_link_to_stdout_gets_the_json_and_stays_a_link(checkpoint, tmp_path):
+    """``--out /dev/stdout`` (a link to /proc/self/fd/1) replaced the link by a regular file (``--out /dev/null`` as
+    root: the system's /dev/null), and the check before it refused /dev/stdout as its folder /dev is not writable to
+    a user. A link of the test's own to /proc/self/fd/1 stands in for /dev/stdout: the JSON goes down stdout's pipe."""
+    out = tmp_path / "stdout"
+    out.symlink_to("/proc/self/fd/1")
+    argv = ["--model", str(checkpoint), "--samples", "1", "--out", str(out), *_problems(tmp_path)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+    cmd = [sys.executable, "-m", "kimivl.rl.passk", *argv]
+    done = subprocess.run(cmd, capture_output=True, env=env, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    written, end = json.JSONDecoder().raw_decode(done.stdout)
+    assert written["correct"] in ([0, 0], [0, 1], [1, 0], [1, 1]) and written["settings"]["samples"] == 1
+    assert "| difficulty | problems | pass@1 |" in done.stdout[end:] and out.is_symlink()
