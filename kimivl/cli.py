@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from kimivl.config import PRESETS, ConfigError, KimiVLConfig
-from kimivl.exits import stop_code
+from kimivl.exits import run_command
 from kimivl.files import FULL, WriteError, path_text, write_error
 from kimivl.terminal import is_terminal, printable
 from kimivl.train.recipe import PARTS
@@ -1253,17 +1253,10 @@ def main(argv: list[str] | None = None) -> int:
     Ctrl-C exits 130 and a closed stdout (``| head``) 141, quietly."""
     _escape_unencodable()
     args = build_parser().parse_args(argv)
-    try:
-        prints = args.command in RESULT_ON_STDOUT or getattr(args, "plan", False)
-        if sys.stdout is None and prints:  # `>&-`: print() would drop the result unsaid
-            raise CommandError("stdout is closed, so the result would be lost: redirect it to a file (or /dev/null)")
-        code = args.func(args)
-        if sys.stdout is not None:  # here, where a reader that has gone is caught, not in the interpreter's flush
-            sys.stdout.flush()
-        return code
-    except (KeyboardInterrupt, Exception) as e:
-        if (code := stop_code(f"kimivl {args.command}", e)) is not None:  # Ctrl-C; stdout's reader gone (| head)
-            return code
+    prints = args.command in RESULT_ON_STDOUT or getattr(args, "plan", False)
+    try:  # Ctrl-C, a reader gone (| head) and a closed stdout where the result is printed end in run_command
+        return run_command(f"kimivl {args.command}", lambda: args.func(args), prints)
+    except Exception as e:
         if not isinstance(e, _user_errors()):
             raise
         if isinstance(e, OSError) and e.errno in FULL and not isinstance(e, WriteError):  # a write not wrapped

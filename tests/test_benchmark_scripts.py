@@ -254,6 +254,47 @@ def test_every_script_and_module_command_stops_on_ctrl_c_and_a_reader_gone_as_ki
         assert said[f"{target} pipe"] == [141, ""], target
 
 
+CLOSED = f"""
+import argparse, io, json, runpy, sys, warnings
+from pathlib import Path
+HELPERS = {HELPERS}
+warnings.filterwarnings("ignore", "'kimivl.rl.compare' found in sys.modules")  # imported by rl_signal.py
+assert sys.stdout is None  # started with stdout closed (>&-)
+sys.path.insert(0, "benchmarks")
+scripts = sorted(str(p) for p in Path("benchmarks").glob("*.py") if p.name not in HELPERS)
+argparse.ArgumentParser.parse_args = lambda *args, **kwargs: sys.exit("parsed")  # not refused: it would run
+said, results = {{}}, Path(sys.argv[1])
+for target in scripts + ["kimivl.rl.compare", "kimivl.rl.passk"]:
+    sys.argv, sys.stderr = [target], io.StringIO()
+    try:
+        (runpy.run_path if target.endswith(".py") else runpy.run_module)(target, run_name="__main__")
+        code = "no exit"
+    except SystemExit as e:
+        code = e.code
+    said[target] = [code, sys.stderr.getvalue()]
+results.write_text(json.dumps(said))
+"""
+
+
+def test_every_script_and_module_command_refuses_a_closed_stdout_as_kimivl_does(tmp_path):
+    """``python -m kimivl.rl.compare RUN >&-`` exited 0 with its table, its only result, printed into nothing (and
+    passk's and the benchmarks' tables alike); ``kimivl`` refused it. Each now says so on stderr and exits 2 before
+    it starts (here: before it parses its arguments)."""
+    results = tmp_path / "said.json"
+    cmd = [sys.executable, "-c", CLOSED, str(results)]
+    done = subprocess.run(cmd, cwd=ROOT, env=ENV, stderr=subprocess.PIPE, text=True, preexec_fn=lambda: os.close(1))
+    assert done.returncode == 0, done.stderr[-3000:]
+    said = json.loads(results.read_text())
+    scripts = sorted(p.name for p in BENCHMARKS.glob("*.py") if p.name not in HELPERS)
+    progs = {f"benchmarks/{s}": s for s in scripts} | {
+        m: f"python -m {m}" for m in ("kimivl.rl.compare", "kimivl.rl.passk")
+    }
+    assert len(said) == len(progs) == 16
+    message = "error: stdout is closed, so the result would be lost: redirect it to a file (or /dev/null)"
+    for target, prog in progs.items():
+        assert said[target] == [2, f"{prog}: {message}\n"], target
+
+
 def test_the_peak_rise_counts_bytes_where_ru_maxrss_does_macos(script, monkeypatch):
     """Without /proc (macOS) the memory benchmarks took ``ru_maxrss`` for KiB, as Linux counts it, and printed 200 GiB
     for a block of 200 MiB: macOS counts it in bytes."""

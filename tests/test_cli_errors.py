@@ -498,6 +498,31 @@ def test_a_reader_that_stops_early_ends_the_command_quietly_with_141(tmp_path, l
     assert (done.returncode, done.stderr) == (141, "")
 
 
+def test_a_reader_gone_from_stderr_ends_the_command_quietly_with_141(tmp_path):
+    """``kimivl eval ... 2>&1 >out | grep -m1 x``: once grep had gone, the progress bar's write to stderr raised
+    BrokenPipeError, whose error line (to the same stderr) raised again: a traceback into nothing and exit 1. A log
+    filter gone from stderr ends the command as a reader gone from stdout does; what it printed is kept."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "demo.py"
+    script.write_text(
+        "import sys\n"
+        "from kimivl import cli\n"
+        "cli.cmd_demo = lambda args: print('result') or print('progress', file=sys.stderr) or 0\n"
+        "sys.exit(cli.main(['demo']))\n"
+    )
+    read, write = os.pipe()
+    os.close(read)  # the reader has gone
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    with open(tmp_path / "out.txt", "w") as out:
+        done = subprocess.run([sys.executable, str(script)], stdout=out, stderr=write, env=env)
+    os.close(write)
+    assert done.returncode == 141 and (tmp_path / "out.txt").read_text() == "result\n"
+
+
 def test_a_broken_pipe_that_is_not_stdout_is_an_error(monkeypatch, capsys, tmp_path):
     """Only stdout's reader going away ends a command quietly: another pipe or socket breaking is named, exit 2,
     whether stdout is a capture with no file descriptor, a file, or a pipe whose reader is there (polled, both say
