@@ -945,7 +945,10 @@ def _eval(args: argparse.Namespace) -> int:
                 mode=args.scoring,
                 settings=settings,
                 overwrite=args.overwrite,
-                info={"model": args.model and path_text(args.model), "data": source and path_text(source)},
+                info={  # absolute, as run.json records them
+                    "model": args.model and path_text(Path(args.model).resolve()),
+                    "data": source and path_text(Path(source).resolve()),
+                },
             )
         except EvalInterrupted as e:
             print(

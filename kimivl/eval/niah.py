@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from kimivl.eval.answers import final_answer
 from kimivl.eval.tables import Sample
+from kimivl.files import path_text
 from kimivl.processing.chat_template import apply_chat_template
 from kimivl.processing.video import frames_to_parts
 
@@ -349,10 +350,11 @@ def heatmap(rows: list[dict], kind: str, path: str | Path) -> Path:
 
 
 def report(rows: list[dict], out_dir: str | Path) -> dict:
-    """The recall table, one heatmap PNG per haystack kind under ``out_dir``, and each metric's own row counts
-    (``metric_rows``: its rows scored and answered, which ``results.md`` shows beside it)."""
+    """The recall table, one heatmap PNG per haystack kind under ``out_dir`` (``figures``: their absolute paths), and
+    each metric's own row counts (``metric_rows``: its rows scored and answered, which ``results.md`` shows beside
+    it)."""
     kinds = sorted({r["meta"]["kind"] for r in rows})
-    figures = [str(heatmap(rows, kind, Path(out_dir) / f"niah_{kind}.png")) for kind in kinds]
+    figures = [path_text(heatmap(rows, kind, Path(out_dir).resolve() / f"niah_{kind}.png")) for kind in kinds]
     counts = {
         k: {"scored": len(v), "answered": sum("failed" not in r for r in v)} for k, v in _metric_rows(rows).items()
     }

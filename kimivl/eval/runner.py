@@ -432,8 +432,8 @@ def run_task(
             "beyond_limit_predictions": len(unread) if limited else 0,
             "limit": limit,
             "duplicate_predictions": duplicates,
-            "predictions": path_text(pred_path),
-            "scores": path_text(scored_path),
+            "predictions": path_text(pred_path.resolve()),  # absolute, as run.json's paths: the same from any cwd
+            "scores": path_text(scored_path.resolve()),
             **(info or {}),
         }
         if task.report and rows:

@@ -58,6 +58,17 @@ def test_an_oracle_that_reads_the_needle_scores_full_recall(small_processor, tmp
     assert (tmp_path / "niah_text.png").stat().st_size > 1000
 
 
+def test_the_heatmaps_are_named_by_absolute_paths(small_processor, tmp_path, monkeypatch):
+    """An ``--out`` given relatively recorded ``figures`` relative to the caller's directory (run.json's paths are
+    absolute): read from anywhere else, they named other files."""
+    task = get_task("niah")
+    cases = task.load(processor=small_processor, lengths=[300], depths=[0], kinds=["text"])
+    monkeypatch.chdir(tmp_path)
+    result = run_task(task, cases, "out", generate_fn=lambda c: ["0"] * len(c), progress=False)
+    assert result["figures"] == [str(tmp_path.resolve() / "out" / "niah_text.png")]
+    assert result["predictions"] == str(tmp_path.resolve() / "out" / "niah.predictions.jsonl")
+
+
 def test_niah_through_the_cli_and_rescored_from_the_index(small_model, small_processor, tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
     small_model.save_pretrained(ckpt)

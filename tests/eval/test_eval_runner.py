@@ -334,6 +334,32 @@ def fake_cli(monkeypatch, tmp_path, generate_fn):
     return ckpt
 
 
+def test_results_name_the_model_data_and_files_by_absolute_paths_as_run_json_does(monkeypatch, tmp_path):
+    """``kimivl eval --model m --out ../out`` wrote ``"model": "m"`` and ``"predictions": "../out/..."`` into
+    results.json, paths relative to the caller's directory (run.json held them resolved): read from anywhere else, or
+    beside results.json, they named other files. A re-scored predictions file given relatively is named so too."""
+    tmp_path = tmp_path.resolve()
+    work, out = tmp_path / "work", tmp_path / "out"
+    work.mkdir()
+    ocr_tsv(work / "ocr.tsv", n=2)
+    fake_cli(monkeypatch, work, lambda convs: ["x"] * len(convs))
+    monkeypatch.chdir(work)
+    assert main(["eval", "--model", "ckpt", "--task", "ocrbench", "--data", "ocr.tsv", "--out", "../out"]) == 0
+    run = json.loads((out / "ocrbench.run.json").read_text())
+    result = json.loads((out / "results.json").read_text())["ocrbench"]
+    assert (
+        (result["model"], result["data"]) == (run["model"], run["data"]) == (str(work / "ckpt"), str(work / "ocr.tsv"))
+    )
+    assert (result["predictions"], result["scores"]) == (
+        str(out / "ocrbench.predictions.jsonl"),
+        str(out / "ocrbench.scored.jsonl"),
+    )
+    args = ["--data", "ocr.tsv", "--predictions", "../out/ocrbench.predictions.jsonl", "--out", "../again"]
+    assert main(["eval", "--task", "ocrbench", *args]) == 0
+    again = json.loads((tmp_path / "again" / "results.json").read_text())["ocrbench"]
+    assert (again["model"], again["predictions"]) == (None, str(out / "ocrbench.predictions.jsonl"))
+
+
 def test_cli_ctrl_c_keeps_predictions_and_says_how_to_resume(monkeypatch, tmp_path, capsys):
     data, out = ocr_tsv(tmp_path / "ocr.tsv", n=6), tmp_path / "out"
     batches = []
