@@ -38,11 +38,25 @@ Z95 = statistics.NormalDist().inv_cdf(0.975)
 Interval = tuple[float, float, float] | tuple[float, None, None]  # (mean, low, high); no interval: (mean, None, None)
 
 
-def _read(run: Path, name: str) -> dict:
+def _read(run: Path, name: str) -> dict[str, float]:
+    """``run/eval/<name>.json``: a number per task; a damaged file (not JSON, not an object of numbers) is a
+    ``ValueError`` naming it."""
     path = run / "eval" / f"{name}.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: run the recipe (with eval base: true and after: [rl]) first")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{path} is damaged ({e}): evaluate the run again") from None
+    numbers = isinstance(values, dict) and all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in values.values()
+    )
+    if not numbers:
+        raise ValueError(
+            f"{path} is damaged: it holds {json.dumps(values)[:60]}, not an object of one number per task "
+            "(as the pipeline writes it): evaluate the run again"
+        )
+    return values
 
 
 def _problems(run: Path, stage: str, task: str) -> int:

@@ -211,3 +211,23 @@ def test_a_reader_gone_from_stdout_ends_the_command_quietly_with_141(runs):
     done = subprocess.run(cmd, stdout=write, stderr=subprocess.PIPE, env=env, text=True, timeout=60)
     os.close(write)
     assert (done.returncode, done.stderr) == (141, "")
+
+
+@pytest.mark.parametrize(
+    "name, text, holds",
+    [
+        ("base", "[0.2]\n", "is damaged: it holds [0.2], not an object of one number per task"),
+        ("rl", '{"reasoning": "0.2"}\n', 'is damaged: it holds {"reasoning": "0.2"}, not an object of one number'),
+        ("base.lengths", '{"reasoning": true}\n', 'is damaged: it holds {"reasoning": true}, not an object'),
+        ("rl.lengths", '{"reasoning": 4', "is damaged (Expecting ',' delimiter: line 1 column 16 (char 15))"),
+    ],
+)
+def test_a_damaged_eval_file_is_named_not_a_traceback(tmp_path, capsys, name, text, holds):
+    """``base.json`` holding ``[0.2]`` (or a task's accuracy as the string "0.2") raised TypeError with a traceback
+    and exit 1; a file that is not JSON was refused without its name."""
+    run = write_run(tmp_path / "r", 0.2, 0.25, 50.0, 40.0)
+    (run / "eval" / f"{name}.json").write_text(text)
+    with pytest.raises(SystemExit) as e:
+        main([str(run)])
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert e.value.code == 2 and f"error: {run / 'eval' / name}.json {holds}" in error, error
