@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import stat
 import sys
 import uuid
@@ -44,6 +45,8 @@ def unwritable(path: str | os.PathLike) -> str | None:
     ends by writing it: its nearest existing folder is no directory or not writable, or ``path`` exists and is not
     writable; None when it could. A device or FIFO (``/dev/null``, ``/dev/stdout`` on a pipe) is written where it is
     (``write_text_atomic``): only it must be writable. Nothing is created."""
+    if own_descriptor(path) is not None:  # written through that descriptor, which the shell opened
+        return None
     if in_place(path):
         return None if os.access(path, os.W_OK) else f"{os.fspath(path)} is not writable"
     path = Path(path).resolve()
@@ -101,6 +104,22 @@ def file_mode() -> int:
     return 0o666 & ~umask
 
 
+def own_descriptor(path: str | os.PathLike) -> int | None:
+    """The descriptor ``N`` of this process that ``path`` names through its symlinks (``/dev/stdout``,
+    ``/proc/self/fd/N``, ``/dev/fd/N``), else None. Opening such a name anew would start at offset 0 and truncate
+    what the shell opened (``--out /dev/stdout > file``), so it is written through ``N`` itself."""
+    name = os.fspath(path)
+    for _ in range(40):  # the kernel's own limit on links followed
+        found = re.fullmatch(r"/(?:proc/self|dev)/fd/(\d+)", os.path.normpath(name))
+        if found:
+            return int(found.group(1))
+        try:
+            name = os.path.join(os.path.dirname(name), os.readlink(name))
+        except (OSError, ValueError):  # not a link (or no such file)
+            return None
+    return None
+
+
 def in_place(path: str | os.PathLike) -> bool:
     """Whether ``path`` is, through its symlinks, a device, FIFO or socket: written where it is, since a rename over
     it would put a regular file in its place (``--out /dev/null`` as root: the system's /dev/null)."""
@@ -119,9 +138,19 @@ def write_text_atomic(
     failed write (a full disk) is a ``WriteError`` naming ``path``, which keeps its old text. ``errors``: what UTF-8
     does with a lone surrogate, the one character it cannot write (``"backslashreplace"``: its JSON escape).
 
-    A device or FIFO (``in_place``) is opened and written, not replaced. ``through_links``: a symlink's target is
+    A descriptor of this process (``own_descriptor``: ``/dev/stdout``) is written through; a device or FIFO
+    (``in_place``) is opened and written, not replaced. ``through_links``: a symlink's target is
     replaced, not the link, as a shell's ``>`` writes (for a file the user named, such as ``--out``); without it a
     symlink is replaced by the file (a checkpoint's file linked into a cache of blobs shared with others)."""
+    if (fd := own_descriptor(path)) is not None:
+        for stream in (sys.stdout, sys.stderr):  # what was printed first stays first
+            if stream is not None:
+                stream.flush()
+        data = memoryview(text.encode("utf-8", errors))
+        with writing(path):
+            while data:
+                data = data[os.write(fd, data) :]
+        return
     if in_place(path):
         with writing(path), open(path, "w", encoding="utf-8", errors=errors) as f:
             f.write(text)

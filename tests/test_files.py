@@ -5,6 +5,8 @@ import errno
 import multiprocessing
 import os
 import stat
+import subprocess
+import sys
 
 import pytest
 
@@ -92,6 +94,23 @@ def test_unwritable_names_a_folder_that_cannot_be_written_or_entered_and_a_file_
     (tmp_path / "out.json").write_text("{}")
     monkeypatch.setattr(files.os, "access", lambda path, mode: os.fspath(path) != str(tmp_path / "out.json"))
     assert files.unwritable(tmp_path / "out.json") == f"{tmp_path / 'out.json'} is not writable"
+
+
+def test_a_link_to_stdout_redirected_to_a_file_is_written_through_the_shells_descriptor(tmp_path):
+    """``passk --out /dev/stdout > file``: /dev/stdout is a link to the regular file the shell opened. Renaming over
+    it unlinked that file (what was printed after went to a deleted file); opening it anew would start at offset 0
+    and write over what stdout printed. Written through descriptor 1, the file holds all of it, in order."""
+    link, out = tmp_path / "stdout", tmp_path / "out.txt"
+    link.symlink_to("/proc/self/fd/1")  # what /dev/stdout is, private to the test
+    code = (
+        "import sys; from kimivl.files import write_text_atomic, unwritable\n"
+        f"print('before'); assert unwritable({str(link)!r}) is None\n"
+        f"write_text_atomic({str(link)!r}, 'json\\n', through_links=True); print('after')"
+    )
+    with open(out, "w") as f:
+        subprocess.run([sys.executable, "-c", code], stdout=f, check=True)
+    assert out.read_text() == "before\njson\nafter\n" and link.is_symlink()
+    assert files.own_descriptor(link) == 1 and files.own_descriptor(tmp_path) is None
 
 
 def test_a_fifo_or_device_is_written_where_it_is_and_a_symlink_named_as_out_keeps_its_link(tmp_path, monkeypatch):
