@@ -7,6 +7,10 @@ import torch
 
 from tests.distributed.test_sharded_training import WORKER, close, metrics, run
 
+# seconds a collective waits: the ranks' collectives mismatched (a change that undoes the blank image) fail the test
+# then, not at run's limit of 5 minutes; a step of the tiny model takes well under a second
+COLLECTIVE_TIMEOUT = ["--timeout", "60"]
+
 
 def test_image_rows_on_one_rank_and_text_rows_on_the_other_train_as_one_process(tmp_path):
     """Image rows and text rows in turn, 2 per step: under 2 ranks rank 0 trains only image rows, rank 1 only text
@@ -14,7 +18,7 @@ def test_image_rows_on_one_rank_and_text_rows_on_the_other_train_as_one_process(
     weights = {}
     for name, nproc in (("single", None), ("sharded", 2)):
         out = tmp_path / name
-        args = [str(WORKER), "--out", str(out), "--steps", "3", "--accum", "2", "--alternate"]
+        args = [str(WORKER), "--out", str(out), "--steps", "3", "--accum", "2", "--alternate", *COLLECTIVE_TIMEOUT]
         done = run([*args, "--weights", str(out / "w.pt")], nproc)
         assert done.returncode == 0, done.stderr[-3000:]
         weights[name] = torch.load(out / "w.pt")
@@ -31,7 +35,7 @@ def test_text_rows_that_reach_no_trained_weight_train_as_one_process(tmp_path):
     weights = {}
     for name, nproc in (("single", None), ("sharded", 2)):
         out = tmp_path / name
-        args = [str(WORKER), "--out", str(out), "--steps", "3", "--accum", "2", "--rows", "itttti"]
+        args = [str(WORKER), "--out", str(out), "--steps", "3", "--accum", "2", "--rows", "itttti", *COLLECTIVE_TIMEOUT]
         done = run([*args, "--train", "multi_modal_projector", "--weights", str(out / "w.pt")], nproc)
         assert done.returncode == 0, done.stderr[-3000:]
         weights[name] = torch.load(out / "w.pt")

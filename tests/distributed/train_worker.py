@@ -3,7 +3,7 @@ sharded run) or as a plain process (the one-process reference). Writes metrics u
 ``--weights FILE``, the final weights (gathered by rank 0).
 
 python tests/distributed/train_worker.py --out DIR --steps 4 [--resume] [--die-at STEP] [--weights FILE] [--alternate]
-    [--rows PATTERN] [--train PART ...]
+    [--rows PATTERN] [--train PART ...] [--timeout SECONDS]
 """
 
 from __future__ import annotations
@@ -105,9 +105,11 @@ def main() -> int:
     ap.add_argument("--load", help="no training: read this official checkpoint into the sharded model ...")
     ap.add_argument("--init", type=int, help="no training: fresh weights of this seed drawn shard by shard ...")
     ap.add_argument("--export", help="... and write it back, gathered, in the official format here")
+    ap.add_argument("--timeout", type=int, help="parallel.timeout: seconds a collective waits (a mismatch fails then)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    parallel = {k: v for k, v in (("ep", args.ep), ("dp_replicate", args.replicate)) if v} or None
+    layout = (("ep", args.ep), ("dp_replicate", args.replicate), ("timeout", args.timeout))
+    parallel = {k: v for k, v in layout if v} or None
     world = init_world(parallel, args.device)
     try:
         model, data = build(args.out, args.rows or ("it" if args.alternate else None))
