@@ -295,6 +295,16 @@ def test_every_script_and_module_command_refuses_a_closed_stdout_as_kimivl_does(
         assert said[target] == [2, f"{prog}: {message}\n"], target
 
 
+def test_the_peak_rise_reads_proc_in_kib_and_counts_bytes_on_linux(script, monkeypatch):
+    """Where VmHWM can be reset, the rise is VmHWM at exit less VmRSS at entry, both KiB in /proc/self/status."""
+    rss = script("rss")["PeakRise"].__enter__.__globals__
+    monkeypatch.setitem(rss, "reset_peak", lambda: True)
+    monkeypatch.setitem(rss, "status_kib", {"VmRSS": 1000, "VmHWM": 1500}.__getitem__)
+    with rss["PeakRise"]() as rise:
+        pass
+    assert (rise.exact, rise.bytes) == (True, 500 * 1024)
+
+
 def test_the_peak_rise_counts_bytes_where_ru_maxrss_does_macos(script, monkeypatch):
     """Without /proc (macOS) the memory benchmarks took ``ru_maxrss`` for KiB, as Linux counts it, and printed 200 GiB
     for a block of 200 MiB: macOS counts it in bytes."""

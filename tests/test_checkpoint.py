@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kimivl import KimiVL
-from kimivl.checkpoint import INDEX, CheckpointError, convert_checkpoint
+from kimivl.checkpoint import INDEX, CheckpointError, convert_checkpoint, weights_size
 from kimivl.model.moe import to_dtype
 
 
@@ -409,6 +409,15 @@ def test_a_file_of_a_checkpoint_given_for_its_directory_is_named(checkpoint):
             with pytest.raises(CheckpointError, match=message):
                 load(str(file), *args[1:])
     assert not (checkpoint.parent / "converted").exists()
+
+
+def test_the_weights_size_counts_no_broken_link(tmp_path):
+    """The size the command line announces a load with: a shard that is a dangling link counts as no file, no bytes
+    (its stat would raise; from_pretrained names it)."""
+    (tmp_path / "a.safetensors").write_bytes(b"x" * 10)
+    (tmp_path / "b.safetensors").symlink_to(tmp_path / "missing")
+    (tmp_path / "c.json").write_bytes(b"x" * 100)
+    assert weights_size(tmp_path) == (1, 10)
 
 
 def test_corrupt_safetensors_file(tiny_model, tmp_path):

@@ -236,6 +236,9 @@ def test_a_large_model_is_announced_as_it_loads(checkpoint, monkeypatch, capsys)
     said = [line for line in err.splitlines() if line.startswith("kimivl: load")]
     assert said[0] == f"kimivl: loading {checkpoint} ({size / 1e9:.1f} GB in 1 file) on cpu in float32"
     assert re.fullmatch(r"kimivl: loaded in \d+ s", said[1]) and len(said) == 2 and out == "an answer\n"
+    monkeypatch.setattr("kimivl.checkpoint.weights_size", lambda path: (2, 33_000_000_000))  # the A3B's, in SI GB
+    assert main(["chat", "--model", str(checkpoint), "--dtype", "float32", "Hi"]) == 0
+    assert f"kimivl: loading {checkpoint} (33.0 GB in 2 files) on cpu in float32\n" in capsys.readouterr().err
 
 
 def test_a_piped_answer_stopped_by_ctrl_c_makes_the_session_exit_2(checkpoint, monkeypatch, capsys):

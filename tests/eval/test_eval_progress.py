@@ -73,6 +73,15 @@ def test_a_resumed_run_starts_at_the_rows_already_predicted_and_rates_only_the_r
     assert all(0 < rate <= 20.5 for rate in rates), shown  # the 2 rows generated, 0.05 s each
 
 
+def test_rescoring_a_predictions_file_rates_every_row(tmp_path, bars):
+    """Nothing is generated: each row read is the work, counted into the rate from a start of 0."""
+    data, task = ocr_tsv(tmp_path / "ocr.tsv", n=5), get_task("ocrbench")
+    run_task(task, task.load(data), tmp_path / "out", generate_fn=answer, progress=False)
+    predictions = tmp_path / "out" / "ocrbench.predictions.jsonl"
+    run_task(task, task.load(data), tmp_path / "again", predictions=predictions)
+    assert [(b.total, b.n, b.initial) for b in bars[1:]] == [(5, 5, 0)]
+
+
 def test_the_cli_bar_counts_the_synthetic_rows_and_caps_them_by_a_lower_limit(monkeypatch, tmp_path, bars):
     """``kimivl eval --task synthetic --limit 1000`` on 140 rows ended at 140/1000; without a limit, 140row."""
     ckpt = fake_cli(monkeypatch, tmp_path, answer)
@@ -118,6 +127,11 @@ def test_mmmus_count_is_of_its_validation_rows(tmp_path):
     tsv = write_tsv(tmp_path / "MMMU_DEV_VAL.tsv", [{**row, "index": i, "split": s} for i, s in enumerate(SPLITS)])
     rows = mmmu.load(tsv)
     assert len(list(rows)) == 3 and rows.total == 3
+    (tmp_path / "mmmu.json").write_text(json.dumps([{**row, "index": i, "split": s} for i, s in enumerate(SPLITS)]))
+    rows = mmmu.load(tmp_path / "mmmu.json")
+    read = iter(rows)
+    next(read)
+    assert rows.total == 3 and len(list(read)) == 2  # counted as parsed: its validation rows too
     hub = tmp_path / "hub"
     hub.mkdir()
     row = {"question": "q", "options": "['a', 'b']", "answer": "A", "question_type": "multiple-choice"}

@@ -140,7 +140,9 @@ def test_held_out_records_without_an_id_are_rows_of_their_own(tmp_path):
     first, rest = json.dumps(records[0]), "".join(json.dumps(r) + "\n" for r in records[1:])
     (data / "ocr.jsonl").write_text(f"{first}\n\n{rest}")
     task = get_task("synthetic")
-    assert [s.index for s in task.load(data)] == ["ocr/1", "ocr/3", "kept"]  # line numbers count the blank line
+    rows = task.load(data)
+    assert [s.index for s in rows] == ["ocr/1", "ocr/3", "kept"]  # line numbers count the blank line
+    assert rows.total == 3  # the blank line is no row
     golds = [r["meta"]["gold"] for r in records]
     answers = iter(golds)
     result = run_task(task, task.load(data), tmp_path / "out", generate_fn=lambda c: [next(answers) for _ in c])

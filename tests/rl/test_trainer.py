@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import kimivl.rl.trainer as trainer_mod
+from kimivl.distributed.world import World
 from kimivl.rl.objectives import group_baseline, length_reward, opmd_loss
 from kimivl.rl.rollouts import token_logprobs
 from kimivl.rl.trainer import RLConfig, RLTrainer
@@ -385,6 +386,16 @@ def test_an_iteration_shows_its_rollouts_log_probs_and_updates_on_bars_of_their_
     del bars[:]
     trainer.step()  # no bars asked for
     assert len(bars) == 3 and all(kw["disable"] for kw, _, _ in bars)
+    del bars[:]
+    trainer.world, trainer.cfg.iterations = _OtherRank(), trainer.iteration + 1
+    trainer.run(resume=False, progress=True)  # a rank but the first shows none
+    assert len(bars) == 4 and all(kw["disable"] for kw, _, _ in bars)
+
+
+class _OtherRank(World):
+    """A rank but the first, computing as one process does."""
+
+    main = False
 
 
 class _Terminal(io.StringIO):

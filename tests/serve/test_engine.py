@@ -189,6 +189,42 @@ def test_a_token_that_completes_two_stop_strings_ends_the_text_before_the_earlie
         assert "".join(e[2] for e in events if e[0] == "text") == "A "
 
 
+def test_each_logprobs_event_holds_the_records_of_the_text_event_after_it_while_a_stop_string_holds_text_back():
+    """With stop "ZZZZZ" four characters wait: a record's span counts from the start of the whole text, not of the
+    held text (measured from the held text, records go out with the wrong piece, and those of the stop string's
+    tokens outlive its cut)."""
+    from kimivl.serve.engine import _Choice
+
+    class Letters:  # token i is the character chr(i)
+        def is_special(self, token):
+            return False
+
+        def token_bytes(self, token):
+            return bytes([token])
+
+    def events(text: str) -> list[tuple]:
+        got = []
+        request = Request([1], None, None, SamplingParams(max_new_tokens=100), got.append, stop=["ZZZZZ"], logprobs=0)
+        choice = _Choice(request, 0, Letters(), torch.device("cpu"), context=4096)
+        for ch in text:
+            choice.add(ord(ch), set(), (ch,))
+            if choice.finish:
+                return got
+        choice._end("length")
+        return got
+
+    got = events("abcdefghij")
+    texts = [e[2] for e in got if e[0] == "text"]
+    assert "".join(texts) == "abcdefghij" and len(texts) > 1
+    for i, e in enumerate(got):
+        if e[0] == "logprobs":
+            assert got[i + 1][0] == "text" and "".join(r[0] for r in e[2]) == got[i + 1][2], got
+    got = events("abcdefgh" + "ZZZZZ")
+    assert "".join(e[2] for e in got if e[0] == "text") == "abcdefgh"
+    assert "".join(r[0] for e in got if e[0] == "logprobs" for r in e[2]) == "abcdefgh"
+    assert got[-1] == ("done", 0, "stop", 13)
+
+
 PIECES = [b"a", b"a", b"aa", b"aaaaa", b"b", b"ab", b"\n", "é".encode(), b"\xc3", b"\xa9", b"\xff"]  # "é" in halves
 
 

@@ -276,6 +276,13 @@ def test_a_stage_training_the_vision_side_only_refuses_text_documents_and_warns_
     check(mix={"c": 1, "p": 1}, train=["multi_modal_projector"])
     assert "the first 1 records of data source 'p' hold no image, and the stage trains only" in caplog.text
     assert "source 'c' hold no image" not in caplog.text
+    items["m"], text["m"] = [_asked(str(tmp_path / image)), plain] * 2, False  # every other record has an image
+    caplog.clear()
+    check(mix={"m": 1, "p": 1}, train=["vision_tower"])
+    assert "source 'm' hold no image" not in caplog.text
+    assert "the first 1 records of data source 'p' hold no image, and the stage trains only ['vision_tower']" in (
+        caplog.text
+    )
 
 
 def _lengths_ctx(small_processor, tmp_path):
