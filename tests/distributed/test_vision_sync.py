@@ -9,7 +9,7 @@ from tests.distributed.test_sharded_training import WORKER, close, metrics, run
 
 # seconds a collective waits: the ranks' collectives mismatched (a change that undoes the blank image) fail the test
 # then, not at run's limit of 5 minutes; a step of the tiny model takes well under a second
-COLLECTIVE_TIMEOUT = ["--timeout", "60"]
+COLLECTIVE_TIMEOUT = ["--timeout", "120"]
 
 
 def test_image_rows_on_one_rank_and_text_rows_on_the_other_train_as_one_process(tmp_path):
