@@ -15,22 +15,50 @@ import unicodedata
 from kimivl.processing.chat_template import THINK_CLOSE, THINK_OPEN, parse_thinking
 
 MODES = ("official", "lenient")
+
+
+def _ranges(codes):
+    """Consecutive runs of the increasing integers ``codes``, as (first, last) pairs."""
+    runs: list[list[int]] = []
+    for c in codes:
+        if runs and runs[-1][1] == c - 1:
+            runs[-1][1] = c
+        else:
+            runs.append([c, c])
+    return [tuple(r) for r in runs]
+
+
 # Han, kana, Hangul and Thai, written without spaces between words: Python's \w holds their characters, yet a number
 # or letter right after one stands alone ("答案是42", "答案是B")
 _SPACELESS = (
     "\u0e00-\u0e7f\u1100-\u11ff\u3005-\u3007\u3040-\u30ff\u3131-\u318e\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af"
     "\uf900-\ufaff\U00020000-\U0003ffff"
 )
-_WORD = rf"[^\W{_SPACELESS}]"  # a word character of a script written with spaces
-# full-width ASCII ("（Ｂ）", "４２") and the ideographic space as ASCII; one character for one
-_HALF_WIDTH = str.maketrans({chr(c): chr(c - 0xFEE0) for c in range(0xFF01, 0xFF5F)} | {"\u3000": " "})
+# combining marks (vowel signs, accents), which Python's \w leaves out: one joins the letter before it ("कि")
+_MARKS = (
+    "".join(
+        f"{chr(a)}-{chr(b)}" for a, b in _ranges(c for c in range(0x20000) if unicodedata.category(chr(c))[0] == "M")
+    )
+    + "\U000e0100-\U000e01ef"
+)  # and the variation selectors, the only marks past U+20000
+# a word character of a script written with spaces, or a mark
+_WORD = rf"(?:[^\W{_SPACELESS}]|[{_MARKS}])"
+# full-width ASCII ("（Ｂ）", "４２") and the ideographic space as ASCII; the full-width comma separates items, never
+# thousands ("120，300": two numbers)
+_HALF_WIDTH = str.maketrans({chr(c): chr(c - 0xFEE0) for c in range(0xFF01, 0xFF5F)} | {"\u3000": " ", "，": ", "})
+# what NFKC would fuse with the digits beside it ("2³" as "23", "1½" as "11/2"): kept as written
+_SCRIPT_FORMS = ("<super>", "<sub>", "<fraction>")
 # "1,234.5", "-3", "0.25", ".5", "1e-3"
 _PLAIN = r"[-+]?(?:\d+(?:\.\d+)?(?:[eE][-+]?\d+)?|\.\d+)"
 _NUMBER = re.compile(rf"(?<!{_WORD})(?<!\.)(?:[-+]?\d{{1,3}}(?:,\d{{3}})+(?:\.\d+)?(?![\d.])|{_PLAIN})")
 _PLAIN_NUMBER = re.compile(rf"(?<!{_WORD})(?<!\.){_PLAIN}")
 # "(250,250)", "[5,100, 7]": inside brackets, commas separate numbers (never thousands)
 _TUPLE = re.compile(rf"[(\[]\s*{_PLAIN}(?:\s*,\s*{_PLAIN})+\s*[)\]]")
-_CUE = re.compile(r"(?:the\s+)?(?:final\s+|correct\s+|best\s+)?(?:answer|option|choice)\s*(?:is|:)\s*:?", re.IGNORECASE)
+_CUE = re.compile(
+    r"(?:the\s+)?(?:final\s+|correct\s+|best\s+)?(?:answer|option|choice)\s*(?:is|:)\s*:?"
+    r"|答案\s*(?:应该|應該)?(?:是|为|為|[:：])\s*[:：]?|[故应應]选|答えは|正解は|정답은",
+    re.IGNORECASE,
+)
 OPTION_LETTERS = string.ascii_uppercase
 
 
@@ -109,9 +137,17 @@ def answer_number(text: str) -> float | None:
 
 
 def normalize_text(text: str) -> str:
-    """NFKC, lower case, punctuation, symbols and control characters (Unicode categories P*, S*, C*) to spaces,
-    whitespace collapsed. Letters, digits and combining marks stay: "कि" and "को" differ in their vowel signs."""
-    text = unicodedata.normalize("NFKC", text).lower()
+    """NFKC (superscripts, subscripts and fractions kept: "2³" is not "23"), lower case, punctuation, symbols and
+    control characters (Unicode categories P*, S*, C*) to spaces, whitespace collapsed. Letters, digits and combining
+    marks stay: "कि" and "को" differ in their vowel signs."""
+    pieces, run = [], []
+    for c in text:  # NFKC but for superscripts, subscripts and fractions
+        if unicodedata.decomposition(c).startswith(_SCRIPT_FORMS):
+            pieces += [unicodedata.normalize("NFKC", "".join(run)), c]
+            run = []
+        else:
+            run.append(c)
+    text = ("".join(pieces) + unicodedata.normalize("NFKC", "".join(run))).lower()
     return " ".join("".join(" " if unicodedata.category(c)[0] in "PSC" else c for c in text).split())
 
 

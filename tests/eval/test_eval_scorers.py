@@ -357,6 +357,29 @@ def test_open_answers_and_option_texts_are_found_inside_chinese_sentences():
     assert holds_phrase("Es ist Köln.", "köln") and not holds_phrase("Kölner Dom", "köln")
 
 
+def test_chinese_commas_cues_superscripts_and_vowel_signs_read_as_written():
+    """A review of the CJK reading: "，" was folded to a thousands comma ("120，300" as 120300); a letter named before
+    a Chinese or Japanese answer cue won over the answer ("点A ... 答案是C" as A); NFKC fused "2³" into "23" and
+    "1½" into "11/2"; a vowel sign after a phrase did not join it ("क" held in "कि")."""
+    assert numbers("分别是 120，300") == [120.0, 300.0] and numbers("１，２３４") == [1.0, 234.0]
+    assert lenient(mmmu)("两个解分别是 120，300", {"type": "open", "answer": ["300"], "seed": "1"})["score"] == 1.0
+    four = dict(zip("ABCD", ["w", "x", "y", "z"], strict=True))
+    for said, letter in (
+        ("因为点A在圆上，所以答案是C", "C"),
+        ("选项A错误，选项B也错误，正确答案是C", "C"),
+        ("AさんはBさんより背が高い。答えはC", "C"),
+        ("点A的坐标已知，故选D", "D"),
+        ("答案：（Ｂ）", "B"),
+    ):
+        assert parse_option(said, four) == letter, said
+    assert answer_number("设点A为原点，答案为 7，因为 3+4=7，共 2 步") == 7.0
+    assert normalize_text("2³") == "2³" != normalize_text("23") and normalize_text("1½") == "1½"
+    assert normalize_text("x₂") == "x₂" and normalize_text("ｘ²") == "x²"
+    assert lenient(mmlongbench)("23", {"format": "Str", "answer": "2³"})["score"] < 1.0
+    assert not holds_phrase("कि", "क") and not holds_phrase("रामा", "राम") and holds_phrase("राम है", "राम")
+    assert parse_option("उत्तर कि है", {"A": "क", "B": "कि"}) == "B"
+
+
 def test_normalisation_keeps_combining_marks_and_folds_compatibility_forms():
     """Vowel signs and accents are part of a word (Python's \\w leaves them out): "कि" (ki) and "को" (ko) differ, and
     NFC and NFD spellings of one word agree."""
