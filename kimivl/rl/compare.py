@@ -39,7 +39,7 @@ Interval = tuple[float, float, float] | tuple[float, None, None]  # (mean, low, 
 
 
 def _read(run: Path, name: str) -> dict[str, float]:
-    """``run/eval/<name>.json``: a number per task; a damaged file (not JSON, not an object of numbers) is a
+    """``run/eval/<name>.json``: a number per task; a damaged file (not JSON, not an object of finite numbers) is a
     ``ValueError`` naming it."""
     path = run / "eval" / f"{name}.json"
     if not path.is_file():
@@ -49,7 +49,7 @@ def _read(run: Path, name: str) -> dict[str, float]:
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise ValueError(f"{path} is damaged ({e}): evaluate the run again") from None
     numbers = isinstance(values, dict) and all(
-        isinstance(v, int | float) and not isinstance(v, bool) for v in values.values()
+        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in values.values()
     )
     if not numbers:
         raise ValueError(
@@ -59,12 +59,30 @@ def _read(run: Path, name: str) -> dict[str, float]:
     return values
 
 
+def _rows(path: Path) -> list[dict]:
+    """The predictions of ``path`` (JSONL), each an object with a ``task``; a damaged line is a ``ValueError`` naming
+    the file and line."""
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            row, why = None, str(e)
+        else:
+            why = "not an object with a task"
+        if not (isinstance(row, dict) and isinstance(row.get("task"), str)):
+            raise ValueError(f"{path}:{number} is damaged ({why}): evaluate the run again")
+        rows.append(row)
+    return rows
+
+
 def _problems(run: Path, stage: str, task: str) -> int:
     path = run / "eval" / f"{stage}.predictions.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: a single seed's interval needs the number of problems scored")
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    n = sum(task in ("all", r["task"]) for r in rows)
+    n = sum(task in ("all", r["task"]) for r in _rows(path))
     if not n:
         raise ValueError(f"{path} holds no predictions of task {task!r}")
     return n
@@ -165,8 +183,7 @@ def _predictions(run: Path, stage: str, task: str) -> list[dict]:
     path = run / "eval" / f"{stage}.predictions.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: accuracy by difficulty is computed from the predictions")
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    rows = [r for r in rows if task in ("all", r["task"])]
+    rows = [r for r in _rows(path) if task in ("all", r["task"])]
     if not rows:
         raise ValueError(f"{path} holds no predictions of task {task!r}")
     if any(r.get("difficulty") is None for r in rows):

@@ -220,6 +220,7 @@ def test_a_reader_gone_from_stdout_ends_the_command_quietly_with_141(runs):
         ("rl", '{"reasoning": "0.2"}\n', 'is damaged: it holds {"reasoning": "0.2"}, not an object of one number'),
         ("base.lengths", '{"reasoning": true}\n', 'is damaged: it holds {"reasoning": true}, not an object'),
         ("rl.lengths", '{"reasoning": 4', "is damaged (Expecting ',' delimiter: line 1 column 16 (char 15))"),
+        ("rl.lengths", '{"reasoning": NaN}', 'is damaged: it holds {"reasoning": NaN}, not an object'),
     ],
 )
 def test_a_damaged_eval_file_is_named_not_a_traceback(tmp_path, capsys, name, text, holds):
@@ -231,3 +232,16 @@ def test_a_damaged_eval_file_is_named_not_a_traceback(tmp_path, capsys, name, te
         main([str(run)])
     error = capsys.readouterr().err.splitlines()[-1]
     assert e.value.code == 2 and f"error: {run / 'eval' / name}.json {holds}" in error, error
+
+
+@pytest.mark.parametrize("line", ['{"id": "0", "task": "reas', "[1, 2]"])
+def test_a_damaged_predictions_line_is_named_with_its_file_and_line(tmp_path, capsys, line):
+    """A truncated ``base.predictions.jsonl`` (a single seed's interval counts its problems) printed the JSON error
+    alone, naming no file; a line that is no object raised TypeError."""
+    run = write_run(tmp_path / "r", 0.2, 0.25, 50.0, 40.0, problems=2, other=0)
+    path = run / "eval" / "base.predictions.jsonl"
+    path.write_text(path.read_text() + line + "\n")
+    with pytest.raises(SystemExit) as e:
+        main([str(run)])
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert e.value.code == 2 and f"error: {path}:3 is damaged (" in error, error
