@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from kimivl.config import PRESETS, ConfigError, KimiVLConfig
-from kimivl.exits import run_command
+from kimivl.exits import run_command, stop_code
 from kimivl.files import FULL, WriteError, path_text, write_error
 from kimivl.terminal import is_terminal, printable
 from kimivl.train.recipe import PARTS
@@ -1269,7 +1269,10 @@ def main(argv: list[str] | None = None) -> int:
 
         if any(str(path) in message and not path.exists() for path in (DEFAULT_MODEL, DEFAULT_EXAMPLES)):
             message += f" ({NOT_SHIPPED})"  # an installed package, run away from a clone
-        print(f"kimivl {args.command}: error: {printable(message)}", file=sys.stderr)  # it may quote a data file
+        try:
+            print(f"kimivl {args.command}: error: {printable(message)}", file=sys.stderr)  # it may quote a data file
+        except BrokenPipeError as gone:  # stderr's reader has gone (2>&1 | true): the error unsaid, its status kept
+            stop_code(f"kimivl {args.command}", gone)
         return 2
 
 

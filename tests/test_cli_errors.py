@@ -521,6 +521,12 @@ def test_a_reader_gone_from_stderr_ends_the_command_quietly_with_141(tmp_path):
         done = subprocess.run([sys.executable, str(script)], stdout=out, stderr=write, env=env)
     os.close(write)
     assert done.returncode == 141 and (tmp_path / "out.txt").read_text() == "result\n"
+    bad = [sys.executable, "-m", "kimivl", "chat", "--model", str(tmp_path / "absent"), "hi"]
+    read, write = os.pipe()
+    os.close(read)
+    done = subprocess.run(bad, stdout=subprocess.DEVNULL, stderr=write, env=env)
+    os.close(write)
+    assert done.returncode == 2  # a user's error, unsaid: its status kept (a traceback into nothing exited 1)
 
 
 def test_a_broken_pipe_that_is_not_stdout_is_an_error(monkeypatch, capsys, tmp_path):
