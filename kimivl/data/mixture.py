@@ -117,13 +117,26 @@ class Mixture:
         scanned, drawn = self._counted
         return {"mixture": self.identity(), "scanned": scanned, "drawn": dict(drawn)}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Go on from saved draw counts. Those of another mixture (other sources, weights, horizon, seed or stream)
-        are left, and the draws before a sample are counted afresh from sample 0."""
-        if state.get("mixture") != self.identity():
-            log.info("the saved draw counts belong to another mixture; counting the draws again from sample 0")
-            return
+    def load_state_dict(self, state: dict[str, Any]) -> str | None:
+        """Go on from saved draw counts. Counts saved under another ``stream`` alone are a stage renamed (its folder
+        moved with it): the stream goes on as saved, its name and horizon (which ``stage_mixture`` estimates from a
+        probe the name seeds) taken from the saved state, so the rest of the stage draws what it would have. Those of
+        another mixture (other sources, weights, seed, or horizon) are left, the draws before a sample counted afresh
+        from sample 0; what differs is returned, for the caller to warn of (None when the counts were taken)."""
+        saved, now = state.get("mixture") or {}, self.identity()
+        if saved.get("stream") != self.stream and _without(saved, "stream", "horizon") == _without(
+            now, "stream", "horizon"
+        ):
+            log.info(
+                "going on with the stream %r the saved draw counts belong to (the stage was renamed)", saved["stream"]
+            )
+            self.stream, self._orders = saved["stream"], {}
+            self.horizon = saved["horizon"] or self.horizon  # None: fixed weights, which no horizon moves
+            now = self.identity()
+        if saved != now:
+            return "; ".join(f"{k}: {saved.get(k)!r} then, {now[k]!r} now" for k in now if saved.get(k) != now[k])
         self._counted = (int(state["scanned"]), {n: int(state["drawn"][n]) for n in self.names})
+        return None
 
     def _next_of(self, name: str, k: int) -> int:
         """The ``k``-th draw from ``name`` without replacement: item ``k % n`` of that pass's seeded shuffle."""
@@ -196,3 +209,7 @@ class Mixture:
                 used += n
                 i += 1
             yield pack(row, self.budget), i
+
+
+def _without(identity: dict[str, Any], *keys: str) -> dict[str, Any]:
+    return {k: v for k, v in identity.items() if k not in keys}

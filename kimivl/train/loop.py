@@ -34,8 +34,9 @@ class Batches(Protocol):
     def batches(self, position: int) -> Iterator[tuple[Any, int]]:
         """Batches from data ``position`` on, each with the position just after it, enough for every step left (the
         built-in streams never end; one that does stops ``train_loop`` with a ``TrainingError``, its state saved). A
-        stream with ``state_dict`` and ``load_state_dict`` (a ``Mixture``'s draw counts) has that state saved and
-        restored with the position."""
+        stream with ``state_dict`` and ``load_state_dict`` (a ``Mixture``'s draw counts, a stream's name) has that state
+        saved and restored with the position; ``load_state_dict`` returns what of it differs from the stream's own and
+        was left, or None."""
 
 
 @dataclass

@@ -38,7 +38,7 @@ from kimivl.model.kimivl import KimiVL, check_checkpoint
 from kimivl.precision import use_bf16
 from kimivl.processing.chat_template import THINK_CLOSE, THINK_OPEN, parse_thinking
 from kimivl.processing.processor import KimiVLProcessor, check_media_pad, model_image_processor
-from kimivl.processing.tokenizer import KimiTokenizer, train_bpe
+from kimivl.processing.tokenizer import MODEL_FILE, KimiTokenizer, load_ranks, train_bpe
 from kimivl.rl.trainer import difficulties_of
 from kimivl.train.lock import export_lock, run_lock
 from kimivl.train.metrics import plot_curves
@@ -47,6 +47,7 @@ from kimivl.train.recipe import ExportRefused, Recipe, RecipeError
 from kimivl.train.schedule import WSD, WarmupCosine, WSDFrom, scheduler_at
 from kimivl.train.stages import check_layout, prepare
 from kimivl.train.stages.base import StageContext, StageSettings
+from kimivl.train.state import LATEST
 from kimivl.train.trainable import hold_frozen_in_bf16, memory_plan, restore_float32
 
 log = logging.getLogger(__name__)
@@ -194,7 +195,8 @@ def keep_tokenizer(recipe: Recipe, trained_with: dict[str, Any], save: bool = Tr
     again (False); once stages were, a ``RecipeError`` names the change: another ``train_vocab``, or sources with
     other records (another number, or other sources, or ``answers_only`` toggled). Records changed in place, as many
     as before (a bad record fixed), keep it with a warning; a tokenizer saved with no record (by a kimivl before it
-    kept one) is kept and recorded (``save``)."""
+    kept one) is kept and recorded (``save``) when it holds ``train_vocab`` ranks, and refused naming its size when
+    not."""
     out = recipe.out / "tokenizer"
     path = out / TOKENIZER_RECORD
     then = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
@@ -204,6 +206,14 @@ def keep_tokenizer(recipe: Recipe, trained_with: dict[str, Any], save: bool = Tr
         log.info("%s is not the BPE the recipe asks for, and nothing was trained with it yet: training it again", out)
         return False
     if then is None:
+        ranks = len(load_ranks(out / MODEL_FILE))
+        if ranks != trained_with["train_vocab"]:  # train_bpe learns train_vocab ranks exactly (specials come after)
+            raise RecipeError(
+                f"{out} holds a BPE of {ranks} ranks (no record of what it was trained on: a run begun before kimivl "
+                f"kept one), not the {trained_with['train_vocab']} of the recipe's train_vocab: the run's stages were "
+                f"trained with that tokenizer (their embeddings are its tokens), so resume with train_vocab {ranks}, "
+                f"or give another --out to train with {trained_with['train_vocab']}"
+            )
         log.warning(
             "%s holds no record of what it was trained on (a run begun before kimivl kept one): going on with it, "
             "which must be the BPE of train_vocab %d on the recipe's sources",
@@ -473,6 +483,40 @@ def evaluate_stage(
     return accuracy
 
 
+def stage_outputs(out: Path, name: str) -> list[Path]:
+    """What the stage ``name`` wrote under the run directory ``out`` by its name: its folder, its TensorBoard log
+    (``MetricsLog``) and its evaluation (``evaluate_stage``), those that exist. (Its rows of ``metrics.jsonl`` name it
+    too.)"""
+    evaluation = (".json", ".predictions.jsonl", ".lengths.json", ".position_loss.json")
+    paths = [out / name, out / "tensorboard" / name, *(out / "eval" / f"{name}{end}" for end in evaluation)]
+    return [path for path in paths if path.exists()]
+
+
+def renamed_stage_advice(out: Path, names: list[Any]) -> str:
+    """What to add to the refusal of the stage names ``names`` where ``out`` holds the work of a stage so named (a
+    kimivl that took the name trained it): to rename the stage and move its work along, not to rename it alone."""
+    held = [
+        name
+        for name in names
+        if isinstance(name, str)
+        and Path(name).name == name
+        and name not in (".", "..")
+        and ((out / name / "checkpoints").is_dir() or (out / name / FINAL).is_dir())
+    ]
+    if not held:
+        return ""
+    found = "; ".join(", ".join(os.path.relpath(p, out) for p in stage_outputs(out, name)) for name in held)
+    first = held[0]
+    evaluation = " (where eval.after names it; else it is the base model's)" if first.casefold() == "base" else ""
+    whose = "stages of those names" if len(held) > 1 else "a stage of that name"
+    return (
+        f". {out} holds the work of {whose}, from a kimivl that took it ({found}): rename the stage in the recipe (and "
+        f"where eval.after and schedule.decay_stages name it) and move what it wrote under its name to the new one "
+        f"({out / first} to {out}/NEW, tensorboard/{first} and eval/{first}.*{evaluation} likewise), and the stage "
+        "goes on, or stays finished, as it was; renamed in the recipe alone, it would train again from scratch"
+    )
+
+
 def _temporary(path: Path) -> Path:
     """Where the directory ``path`` is written before ``_publish`` renames it into place: ``.<name>.tmp`` beside it."""
     return path.with_name(f".{path.name}.tmp")
@@ -647,6 +691,7 @@ def _run_stages(
     if world.active:
         check_same_run(recipe, world)
         check_layout(recipe, world.size, world.ep)
+    check_trained_in_order(recipe)
     recipe.out.mkdir(parents=True, exist_ok=True)
     with main_first(world, recipe.out / ".prepare.lock"):  # the others then reuse the world and tokenizer built
         if recipe.world is not None:
@@ -694,6 +739,31 @@ def _run_stages(
     if metrics.is_file() and world.main:
         plot_curves(metrics, recipe.out / "curves.png", keys=("loss", "val_loss"))
     return model, source, processor
+
+
+def check_trained_in_order(recipe: Recipe) -> None:
+    """Refuse a run where a stage still to train comes before one that trained (finished, or begun: its checkpoints):
+    the later stage was trained from something else (an earlier version of the stage, or a stage since renamed), and
+    the run would train the earlier stage anew and keep, or resume, the later one as it is: its stages no longer one
+    chain."""
+    finished = [(recipe.out / stage.name / FINAL / "config.json").is_file() for stage in recipe.stages]
+    if all(finished):
+        return
+    first = finished.index(False)
+    later = [
+        stage.name
+        for stage, done in zip(recipe.stages[first + 1 :], finished[first + 1 :])
+        if done or (recipe.out / stage.name / "checkpoints" / LATEST).exists()
+    ]
+    if later:
+        name, has = recipe.stages[first].name, "have" if len(later) > 1 else "has"
+        raise RecipeError(
+            f"stage {name} is still to train, and {', '.join(later)} after it {has} trained already: trained from "
+            f"something else than this {name} (an earlier one, or a stage since renamed), they would be kept, or "
+            f"resumed, as they are while {name} trains anew. Remove {', '.join(str(recipe.out / n) for n in later)} "
+            f"to train them again after the new {name}, or restore {recipe.out / name} (a stage renamed: move its "
+            "folder there)"
+        )
 
 
 def _finish_stage(

@@ -19,6 +19,7 @@ from kimivl.train.pipeline import (
     base_checkpoint,
     base_config,
     check_export,
+    check_trained_in_order,
     compute_line,
     export_line,
     memory_line,
@@ -65,6 +66,7 @@ def plan_recipe(recipe: Recipe, progress: bool = False) -> list[str]:
     need not be present here (``load_recipe(..., device_needed=False)``): the plan is for it."""
     base_dir = base_checkpoint(recipe)  # what the run refuses before anything runs, the plan refuses first too
     export = check_export(recipe)
+    check_trained_in_order(recipe)
     exported = [export_line(recipe, export)] if export is not None else []
     if recipe.world is not None and world_built(recipe.out / "world") != world_wanted(**recipe.world):
         return _before_the_world(recipe) + exported

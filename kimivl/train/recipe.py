@@ -58,6 +58,15 @@ class RecipeError(ValueError):
     """A recipe that cannot run."""
 
 
+class StageNameError(RecipeError):
+    """A stage name a recipe cannot take (``names``: those refused), which ``load_recipe`` says more of when the run
+    directory holds the work of a stage so named (an earlier kimivl took the name)."""
+
+    def __init__(self, message: str, names: list[Any]):
+        super().__init__(message)
+        self.names = names
+
+
 class ExportRefused(RecipeError):
     """A trained run's export path, taken by another run meanwhile: the model stays in the run's ``out``."""
 
@@ -100,7 +109,8 @@ class Recipe:
             _check_export(self.export)
         names = [s.name for s in self.stages]
         if len({name.casefold() for name in names}) != len(names):  # macOS's and Windows' disks: one folder
-            raise RecipeError(f"stage names must be unique, letter case aside, got {names}")
+            cased = [n for n in names if any(m != n and m.casefold() == n.casefold() for m in names)]
+            raise StageNameError(f"stage names must be unique, letter case aside, got {names}", cased)
         if self.eval is not None:
             _check_eval(self.eval, names)
         for s in self.stages:
@@ -430,11 +440,16 @@ def load_recipe(path: str | os.PathLike, overrides: dict[str, Any] | None = None
         )
     from kimivl.train.stages import parse_stage  # the stage kinds build on this module
 
+    out = Path(raw.pop("out"))
     try:
         stages = [parse_stage(s) for s in stages]
         if not stages:
             raise RecipeError(f"recipe {path} has no stages")
-        recipe = Recipe(stages=stages, out=Path(raw.pop("out")), **raw)
+        recipe = Recipe(stages=stages, out=out, **raw)
+    except StageNameError as e:
+        from kimivl.train.pipeline import renamed_stage_advice
+
+        raise StageNameError(f"{e}{renamed_stage_advice(out, e.names)}", e.names) from None
     except TypeError as e:
         raise RecipeError(f"recipe {path}: {e}") from None
     if device_needed and not device_here(recipe.device):

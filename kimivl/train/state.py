@@ -379,10 +379,27 @@ class TrainState:
         for name, part in self.extras.items():
             part.load_state_dict(state[name])
         if self.stream is not None and "stream" in state:  # a checkpoint written before kimivl kept it: none to load
-            self.stream.load_state_dict(state["stream"])
+            self._load_stream(found, state["stream"])
         self.step, self.position, self.saved = state["step"], state.get("position", 0), found
         log.info("%s: resumed at step %d from %s", self.stage, self.step, found)
         return found
+
+    def _load_stream(self, found: Path, then: dict[str, Any]) -> None:
+        """Restore the data stream's state (a ``Mixture``'s draw counts). State of another stream, which it leaves, is
+        named in a warning: the samples still to come are this run's stream's, and a pass without replacement may draw
+        some records twice and others never."""
+        differs = self.stream.load_state_dict(then)
+        if differs and self.world.main:
+            log.warning(
+                "%s: the data stream of this run is not the one %s saved its draws of (%s): the samples still to come "
+                "are this run's, their draws counted again from sample 0, and without replacement the rest of the "
+                "pass may draw some records twice and others never; to draw each once, resume with the kimivl and "
+                "data that saved it, or start the stage afresh (remove %s)",
+                self.stage,
+                found,
+                differs,
+                self.ckpt_dir,
+            )
 
     def _check_schedule(self, found: Path, then: dict[str, Any]) -> None:
         """Refuse a checkpoint whose scheduler had another base lr or multiplier (loading it would quietly keep the

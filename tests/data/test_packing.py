@@ -240,6 +240,35 @@ def test_a_resume_from_the_saved_draw_counts_draws_what_an_uninterrupted_run_doe
     assert calls["n"] <= 4 * n  # both mixtures' draws (the kept counts), not a replay of the ``at`` before
 
 
+@pytest.mark.parametrize("replacement", [False, True])
+def test_draw_counts_saved_under_another_stream_name_go_on_with_that_stream(monkeypatch, replacement):
+    """A stage renamed between a stop and its resume (its folder moved along) seeded the rest of its samples by the
+    new name, and its probe gave its moving mix another horizon: the saved counts were left with an info line, and
+    a pass without replacement drew some records twice and others never. Counts that differ only in the stream's
+    name go on with the saved stream, its horizon too; another mixture is named, for the caller to warn of."""
+    sources = {"a": list(range(7)), "b": list(range(3)), "c": list(range(11))}
+
+    def mix(stream, horizon=8000, seed=5):
+        return Mixture(
+            sources, None, 8, {"a": 5, "b": 1, "c": 2}, {"a": 1, "b": 3, "c": 2}, horizon, seed, replacement, stream
+        )
+
+    at, n = 3000, 300
+    never_stopped, stopped = mix("sft"), mix("sft")
+    whole = [never_stopped.pick(i) for i in range(at + n)]
+    for i in range(at):
+        stopped.pick(i)
+    saved = stopped.state_dict()
+    renamed = mix("chat", horizon=7000)
+    assert renamed.load_state_dict(saved) is None
+    calls = counted_draws(monkeypatch)
+    assert [renamed.pick(i) for i in range(at, at + n)] == whole[at:]
+    assert calls["n"] <= 2 * n + 2  # the saved counts taken: no replay of the draws before ``at``
+    assert renamed.state_dict()["mixture"] == saved["mixture"]  # and saved again as that stream's
+    assert mix("chat", seed=6).load_state_dict(saved) == "seed: 5 then, 6 now; stream: 'sft' then, 'chat' now"
+    assert mix("sft", horizon=7000).load_state_dict(saved) == "horizon: 8000 then, 7000 now"
+
+
 def test_threads_picking_at_once_draw_what_one_thread_does():
     """The draw counts were one cursor moved in place: a pick in another thread midway through a long replay left
     both counting from a mix of the two positions (duplicates and gaps in an epoch)."""

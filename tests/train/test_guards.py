@@ -348,6 +348,37 @@ def test_stage_names_and_warmups_that_cannot_work(tmp_path, stage, match):
         load_recipe(path)
 
 
+@pytest.mark.parametrize("names", [["base"], ["sft."], ["CON"], ["sft", "SFT"]])
+def test_a_stage_name_refused_since_its_run_began_says_to_move_its_work_with_it(tmp_path, names):
+    """A run of an earlier kimivl whose stage took a name refused now was refused with the rule alone, never naming
+    the folder under out; renamed in the recipe alone, as the rule suggests, the stage trained again from scratch.
+    Where out holds the stage's work, the refusal names it and says to move it to the new name."""
+    run = tmp_path / "run"
+    stages = [{"name": n, "kind": "joint", "steps": 4, "lr": 1e-3, "mix": {"t": 1}} for n in names]
+    path = _recipe(tmp_path, stages=stages)
+    with pytest.raises(RecipeError) as rule:  # nothing under out: the rule alone
+        load_recipe(path)
+    assert "holds the work" not in str(rule.value)
+    held = names[-1]
+    (run / held / "checkpoints" / "step-0000002").mkdir(parents=True)
+    (run / "tensorboard" / held).mkdir(parents=True)
+    (run / "eval").mkdir()
+    for end in (".json", ".lengths.json", ".other.json"):
+        (run / "eval" / f"{held}{end}").write_text("{}")
+    with pytest.raises(RecipeError) as refused:
+        load_recipe(path)
+    said = str(refused.value)
+    assert said.startswith(str(rule.value))
+    found = f"{held}, tensorboard/{held}, eval/{held}.json, eval/{held}.lengths.json"
+    assert (
+        f". {run} holds the work of a stage of that name, from a kimivl that took it ({found}): rename the stage in "
+        f"the recipe (and where eval.after and schedule.decay_stages name it) and move what it wrote under its name to "
+        f"the new one ({run / held} to {run}/NEW, tensorboard/{held} and eval/{held}.*"
+    ) in said
+    assert said.endswith("renamed in the recipe alone, it would train again from scratch")
+    assert ("else it is the base model's" in said) == (held == "base")
+
+
 def test_a_recipe_path_the_filesystem_encoding_cannot_encode_is_named(tmp_path, ascii_filesystem):
     """Under LANG=C without Python's UTF-8 mode a recipe's ``out: выход`` failed with a bare "'ascii' codec can't
     encode", naming no path."""

@@ -1,9 +1,11 @@
 """A smoke run of every stage kind of a recipe on the tiny preset, on hand-made data."""
 
+import itertools
 import json
 import logging
 import re
 import shlex
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -574,6 +576,35 @@ def test_the_recipe_tokenizer_is_used_again_only_for_the_recipe_it_was_trained_f
     assert tokenizer(290).n_ranks == 290 and trained == [280, 290]
     assert "holds no record of what it was trained on" in caplog.text
     assert json.loads(record.read_text())["train_vocab"] == 290
+
+
+def test_a_tokenizer_saved_without_a_record_is_kept_only_at_the_recipe_s_size(data_dir, tmp_path):
+    """A run begun before kimivl recorded its BPE (280 ranks), resumed under train_vocab 300, went on with that BPE and
+    recorded it as trained with 300; resuming with the true 280 was then refused. Its size is compared first."""
+    from kimivl.train import pipeline
+
+    def tokenizer(vocab, save=True):
+        d = recipe_dict(data_dir, tmp_path / "run")
+        d["tokenizer"] = {"train_vocab": vocab}
+        (tmp_path / "r.yaml").write_text(yaml.safe_dump(d))
+        recipe = load_recipe(tmp_path / "r.yaml")
+        return pipeline.recipe_tokenizer(recipe, Sources(recipe), None, save=save)
+
+    first = tokenizer(280)
+    record = tmp_path / "run" / "tokenizer" / pipeline.TOKENIZER_RECORD
+    record.unlink()  # as a kimivl before the record wrote it
+    (tmp_path / "run" / "pre" / "checkpoints" / "step-0000001").mkdir(parents=True)  # a stage began with it
+    for save in (True, False):  # the run, and its --plan
+        with pytest.raises(
+            RecipeError,
+            match=r"run/tokenizer holds a BPE of 280 ranks \(no record of what it was trained on: .*\), not the 300 "
+            r"of the recipe's train_vocab: the run's stages were trained with that tokenizer .*, so resume with "
+            r"train_vocab 280, or give another --out to train with 300",
+        ):
+            tokenizer(300, save=save)
+    assert not record.exists()
+    assert tokenizer(280).mergeable_ranks == first.mergeable_ranks
+    assert json.loads(record.read_text())["train_vocab"] == 280
 
 
 def test_a_failing_stage_leaves_the_model_as_it_came(data_dir, tmp_path, monkeypatch):
@@ -1454,3 +1485,102 @@ def test_a_run_whose_export_path_another_run_took_meanwhile_keeps_its_model_and_
     key = "language_model.model.norm.weight"
     assert torch.equal(trained[key].bfloat16(), exported[key])
     assert json.loads((tmp_path / "b-export" / "kimivl-run.json").read_text()) == {"out": "../b"}
+
+
+def _rename(recipe: dict, old: str, new: str) -> dict:
+    """``recipe`` with its stage ``old`` named ``new``, where the stage is listed and where the schedule names it."""
+    renamed = json.loads(json.dumps(recipe))
+    for stage in renamed["stages"]:
+        stage["name"] = new if stage["name"] == old else stage["name"]
+    decay = renamed["schedule"].get("decay_stages", [])
+    renamed["schedule"]["decay_stages"] = [new if name == old else name for name in decay]
+    return renamed
+
+
+@pytest.fixture(scope="module")
+def renamed_runs(data_dir, tmp_path_factory):
+    """A recipe of a vit stage and a joint stage whose mix moves (without replacement), and its final weights
+    trained without a stop."""
+    root = tmp_path_factory.mktemp("renamed")
+    recipe = recipe_dict(data_dir, root / "whole")
+    vit, pretrain = recipe["stages"][0], recipe["stages"][2]
+    recipe["stages"] = [
+        {**vit, "steps": 3, "accum": 1, "ckpt_every": 1},
+        {**pretrain, "steps": 3, "replacement": False},
+    ]
+    recipe["schedule"] = {"warmup": 1, "decay_stages": ["pretrain"]}
+    recipe["bf16"] = False  # set: this module's fixture comes before conftest's bf16_is_fast
+    del recipe["export"]
+    (root / "r.yaml").write_text(yaml.safe_dump(recipe))
+    run_recipe(load_recipe(root / "r.yaml"), progress=False)
+    return recipe, load_file(root / "whole" / "pretrain" / "final" / "model.safetensors")
+
+
+@pytest.mark.parametrize("stage, stop_after, new", [("vit", 1, "captions"), ("pretrain", 5, "pre")])
+def test_a_stage_renamed_between_a_stop_and_its_resume_trains_what_it_would_have(
+    renamed_runs, tmp_path, monkeypatch, caplog, stage, stop_after, new
+):
+    """A stage's name seeds its data stream (and the probe its moving mix's horizon comes from), and a resume may
+    rename it: renamed, its folder moved along, it went on in another stream (a pass without replacement drawing
+    some records twice and others never), with an info line. It goes on with the stream the checkpoint saved (and
+    the horizon of its moving mix, which the new name's probe puts elsewhere), and the run ends with the weights of
+    a run never stopped."""
+    from kimivl.train import loop
+    from kimivl.train.interrupt import Interrupted, StopRequest
+
+    recipe, whole = renamed_runs
+    recipe = {**recipe, "out": str(tmp_path / "run")}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    steps = itertools.count(1)
+    asked = StopRequest()
+    with monkeypatch.context() as m:
+        m.setattr(loop, "agreed", lambda stop, world: asked if next(steps) == stop_after else stop)
+        asked.requested = True
+        with pytest.raises(Interrupted, match=f"{stage}: stopped at your request after step"):
+            run_recipe(load_recipe(tmp_path / "r.yaml"), progress=False)
+    for folder in (tmp_path / "run", tmp_path / "run" / "tensorboard"):
+        (folder / stage).rename(folder / new)
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(_rename(recipe, stage, new)))
+    with caplog.at_level("INFO"):
+        run_recipe(load_recipe(tmp_path / "r.yaml"), progress=False)
+    last = new if stage == "pretrain" else "pretrain"
+    resumed = load_file(tmp_path / "run" / last / "final" / "model.safetensors")
+    assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole)
+    assert f"going on with the stream {stage!r} the saved" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "data stream" in r.message]
+
+
+def test_a_stage_to_train_before_one_that_trained_is_refused(data_dir, tmp_path):
+    """A stage renamed in the recipe alone (its folder left under the old name) trained again from scratch, and the
+    finished stage after it was loaded as it was (or a begun one resumed), trained from the old one: a run whose
+    stages were no longer one chain, without a word. The run (and its plan) refuses it before training, saying what
+    to do; moving the folder along keeps the run as it was."""
+    from kimivl.train.plan import plan_recipe
+
+    recipe = recipe_dict(data_dir, tmp_path / "run")
+    recipe["stages"] = [{**recipe["stages"][i], "steps": 1} for i in (1, 3)]
+    recipe["schedule"] = {}
+    del recipe["export"]
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    run_recipe(load_recipe(tmp_path / "r.yaml"), progress=False)
+    kept = {p: p.read_bytes() for p in (tmp_path / "run").glob("*/final/model.safetensors")}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(_rename(recipe, "align", "projector")))
+    run = tmp_path / "run"
+    said = (
+        f"stage projector is still to train, and cooldown after it has trained already: trained from something else "
+        f"than this projector (an earlier one, or a stage since renamed), they would be kept, or resumed, as they are "
+        f"while projector trains anew. Remove {run / 'cooldown'} to train them again after the new projector, or "
+        f"restore {run / 'projector'} (a stage renamed: move its folder there)"
+    )
+    for final_aside in (False, True):  # cooldown finished; cooldown begun (its checkpoints alone)
+        if final_aside:
+            (run / "cooldown" / "final").rename(tmp_path / "final")
+        for attempt in (lambda r: run_recipe(r, progress=False), plan_recipe):
+            with pytest.raises(RecipeError, match=re.escape(said)):
+                attempt(load_recipe(tmp_path / "r.yaml"))
+    (tmp_path / "final").rename(run / "cooldown" / "final")
+    assert not (run / "projector").exists()
+    (run / "align").rename(run / "projector")
+    run_recipe(load_recipe(tmp_path / "r.yaml"), progress=False)  # both finished: kept
+    moved = {Path(str(p).replace("/align/", "/projector/")): b for p, b in kept.items()}
+    assert {p: p.read_bytes() for p in run.glob("*/final/model.safetensors")} == moved

@@ -16,6 +16,7 @@ from PIL import Image
 
 from kimivl.data.formats import DataError, write_records
 from kimivl.data.indexed import Concat, JsonlRecords
+from kimivl.data.mixture import Mixture
 from kimivl.distributed.world import World
 from kimivl.model.kimivl import KimiVL
 from kimivl.rl.trainer import difficulties_of
@@ -610,9 +611,13 @@ def test_the_warnings_of_a_resume_come_from_rank_0_alone(caplog):
             stage="s",
             ckpt_dir=Path("c"),
         )
+        state.stream = Mixture({"short": [1, 2]}, None, 8, {"short": 1}, seed=1, stream="s")
         caplog.clear()
         with caplog.at_level("WARNING"):
             TrainState._check_sources(state, Path("f"), then)
             TrainState._check_settings(state, Path("f"), None, None)
+            TrainState._load_stream(state, Path("f"), Mixture({"short": [1, 2]}, None, 8, {"short": 1}).state_dict())
         assert ("s: data sources short changed since f" in caplog.text) == (rank == 0), caplog.text
         assert ("s: f holds no record of the stage's settings clip" in caplog.text) == (rank == 0), caplog.text
+        another = "s: the data stream of this run is not the one f saved its draws of (seed: 0 then, 1 now; stream: ''"
+        assert (another in caplog.text) == (rank == 0), caplog.text

@@ -22,7 +22,7 @@ from kimivl.processing.image import ImageError, open_image
 from kimivl.processing.video import VideoError, check_video_file
 from kimivl.progress import progress_bar
 from kimivl.train.loop import LoopConfig
-from kimivl.train.recipe import PARTS, RecipeError, check_integer, check_names, integer, number
+from kimivl.train.recipe import PARTS, RecipeError, StageNameError, check_integer, check_names, integer, number
 from kimivl.train.trainable import set_trainable
 
 RESUME_FREE = ("name", "kind", "ckpt_every", "log_every", "val", "recompute")  # a resume may change them
@@ -63,10 +63,11 @@ class StageSettings:
     def check(self, where: str) -> None:
         name = self.name.casefold() if isinstance(self.name, str) else ""
         if not STAGE_NAME.fullmatch(self.name if name else "") or name in RESERVED or name.split(".")[0] in DEVICES:
-            raise RecipeError(
+            raise StageNameError(
                 f"stage name {self.name!r}: use letters, digits, '.', '_' and '-' (not starting with '.' or '-', not "
                 f"ending with '.'), other than {sorted(RESERVED)} and Windows' device names (con, nul, com1, ...) in "
-                "any letter case: it names the stage's folder under out"
+                "any letter case: it names the stage's folder under out",
+                [self.name],
             )
         if not integer(self.steps) or self.steps < 1 or not number(self.lr) or self.lr <= 0:
             raise RecipeError(f"{where}: steps >= 1 and lr > 0 are required, got {self.steps!r}, {self.lr!r}")

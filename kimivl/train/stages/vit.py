@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -15,6 +16,8 @@ from kimivl.train.loop import train_loop
 from kimivl.train.recipe import RecipeError, check_integer, check_names
 from kimivl.train.stages.base import Prepared, StageContext, StageSettings, check_records, loop_config, source_record
 from kimivl.train.vit import ViTPretrainer, caption_batch, vit_loss
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -74,7 +77,8 @@ def _no_caption(record: dict) -> str | None:
 class CaptionStream:
     """ViT-stage batches: ``images_per_batch`` (image, caption) pairs drawn from the records of ``sources`` (name ->
     records) joined in their order, sample i a pure function of (seed, stream, i), ``stream`` naming whose data it is
-    (the stage's name)."""
+    (the stage's name), which is saved with the data position (``state_dict``): a stage renamed (its folder moved)
+    goes on with the stream it began."""
 
     def __init__(
         self,
@@ -93,6 +97,16 @@ class CaptionStream:
             max_len,
             stream,
         )
+
+    def state_dict(self) -> dict[str, str]:
+        return {"stream": self.stream}
+
+    def load_state_dict(self, state: dict[str, str]) -> None:
+        if state["stream"] != self.stream:
+            log.info(
+                "going on with the stream %r the saved position belongs to (the stage was renamed)", state["stream"]
+            )
+            self.stream = state["stream"]
 
     def pair(self, i: int):
         k = sample_rng(self.seed, self.stream, i).randrange(len(self.records))
