@@ -118,18 +118,21 @@ class Mixture:
         return {"mixture": self.identity(), "scanned": scanned, "drawn": dict(drawn)}
 
     def load_state_dict(self, state: dict[str, Any]) -> str | None:
-        """Go on from saved draw counts. Counts saved under another ``stream`` alone are a stage renamed (its folder
-        moved with it): the stream goes on as saved, its name and horizon (which ``stage_mixture`` estimates from a
-        probe the name seeds) taken from the saved state, so the rest of the stage draws what it would have. Those of
-        another mixture (other sources, weights, seed, or horizon) are left, the draws before a sample counted afresh
-        from sample 0; what differs is returned, for the caller to warn of (None when the counts were taken)."""
+        """Go on from saved draw counts. Counts saved under another ``stream`` or ``horizon`` alone are a stage renamed
+        (its folder moved with it), or a horizon estimated otherwise (``stage_mixture`` estimates it from a probe the
+        name seeds, by a kimivl's own rule): the stream goes on as saved, its name and horizon taken from the saved
+        state, so the rest of the stage draws what it would have. Those of another mixture (other sources, weights or
+        seed) are left, the draws before a sample counted afresh from sample 0; what differs is returned, for the
+        caller to warn of (None when the counts were taken)."""
         saved, now = state.get("mixture") or {}, self.identity()
-        if saved.get("stream") != self.stream and _without(saved, "stream", "horizon") == _without(
-            now, "stream", "horizon"
-        ):
-            log.info(
-                "going on with the stream %r the saved draw counts belong to (the stage was renamed)", saved["stream"]
-            )
+        if saved != now and _without(saved, "stream", "horizon") == _without(now, "stream", "horizon"):
+            if saved.get("stream") != self.stream:
+                log.info(
+                    "going on with the stream %r the saved draw counts belong to (the stage was renamed)",
+                    saved["stream"],
+                )
+            else:  # a kimivl that estimated the samples a stage draws otherwise
+                log.info("going on with the horizon of %s samples the stage began with", saved["horizon"])
             self.stream, self._orders = saved["stream"], {}
             self.horizon = saved["horizon"] or self.horizon  # None: fixed weights, which no horizon moves
             now = self.identity()

@@ -201,8 +201,9 @@ def counted_draws(monkeypatch) -> dict:
 @pytest.mark.parametrize("replacement", [False, True])
 def test_a_resume_from_the_saved_draw_counts_draws_what_an_uninterrupted_run_does(monkeypatch, tmp_path, replacement):
     """The draw counts saved with the position (through a checkpoint file) let a resume at sample 5000 go on without
-    replaying the 5000 earlier draws, and its samples are those of a run never stopped; counts of another mixture
-    (another seed, weights or horizon) are not taken, and the draws are counted afresh."""
+    replaying the 5000 earlier draws, and its samples are those of a run never stopped (a horizon estimated otherwise
+    too: the saved one is kept); counts of another mixture (another seed or weights) are not taken, and the draws are
+    counted afresh."""
     sources = {"a": list(range(7)), "b": list(range(3)), "c": list(range(11))}
 
     def mix(seed=5, start=None, horizon=8000):
@@ -224,11 +225,14 @@ def test_a_resume_from_the_saved_draw_counts_draws_what_an_uninterrupted_run_doe
     calls["n"] = 0  # going back replays the samples between, not every one from sample 0
     assert [resumed.pick(i) for i in range(at - 20, at)] == whole[at - 20 : at]
     assert calls["n"] <= (20 if replacement else n + 3 * 20)
-    for change in ({"seed": 6}, {"start": {"a": 1, "b": 1, "c": 1}}, {"horizon": 9000}):
+    for change in ({"seed": 6}, {"start": {"a": 1, "b": 1, "c": 1}}):
         counted_afresh, other = mix(**change), mix(**change)
         expected = [counted_afresh.pick(i) for i in range(at, at + 20)]
         other.load_state_dict(saved)
         assert [other.pick(i) for i in range(at, at + 20)] == expected
+    estimated_otherwise = mix(horizon=9000)  # the same stage, its samples estimated by another kimivl: as saved
+    estimated_otherwise.load_state_dict(saved)
+    assert [estimated_otherwise.pick(i) for i in range(at, at + 20)] == whole[at : at + 20]
     fixed = {"a": 5, "b": 1, "c": 2}  # weights that do not move: a horizon (which follows the data's lengths) no matter
     stopped = Mixture(sources, None, 8, fixed, None, 8000, 5, replacement, "sft")
     for i in range(at):
@@ -245,7 +249,8 @@ def test_draw_counts_saved_under_another_stream_name_go_on_with_that_stream(monk
     """A stage renamed between a stop and its resume (its folder moved along) seeded the rest of its samples by the
     new name, and its probe gave its moving mix another horizon: the saved counts were left with an info line, and
     a pass without replacement drew some records twice and others never. Counts that differ only in the stream's
-    name go on with the saved stream, its horizon too; another mixture is named, for the caller to warn of."""
+    name, or in the horizon alone (estimated by another kimivl's rule), go on with the saved stream and horizon;
+    another mixture is named, for the caller to warn of."""
     sources = {"a": list(range(7)), "b": list(range(3)), "c": list(range(11))}
 
     def mix(stream, horizon=8000, seed=5):
@@ -266,7 +271,9 @@ def test_draw_counts_saved_under_another_stream_name_go_on_with_that_stream(monk
     assert calls["n"] <= 2 * n + 2  # the saved counts taken: no replay of the draws before ``at``
     assert renamed.state_dict()["mixture"] == saved["mixture"]  # and saved again as that stream's
     assert mix("chat", seed=6).load_state_dict(saved) == "seed: 5 then, 6 now; stream: 'sft' then, 'chat' now"
-    assert mix("sft", horizon=7000).load_state_dict(saved) == "horizon: 8000 then, 7000 now"
+    estimated_otherwise = mix("sft", horizon=7000)  # a kimivl whose probe estimates the stage's samples otherwise
+    assert estimated_otherwise.load_state_dict(saved) is None and estimated_otherwise.horizon == 8000
+    assert [estimated_otherwise.pick(i) for i in range(at, at + n)] == whole[at:]
 
 
 def test_threads_picking_at_once_draw_what_one_thread_does():
