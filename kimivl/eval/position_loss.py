@@ -26,7 +26,7 @@ def position_loss(model, processor, texts: Iterable[str], edges: tuple[int, ...]
     for text in texts:
         ids = torch.tensor([processor.encode_text(text, limit=context).input_ids], device=device)
         hidden = model(input_ids=ids, return_logits=False).hidden_states[0, :-1]
-        nll = -target_logprobs(hidden, model.language_model.lm_head.weight, ids[0, 1:]).double().cpu()
+        nll = -target_logprobs(hidden, model.language_model.lm_head, ids[0, 1:]).double().cpu()
         positions = torch.arange(1, ids.shape[1])  # the position of each predicted token
         bucket = torch.bucketize(positions, torch.tensor(edges[1:]), right=True)
         keep = bucket < len(edges) - 1

@@ -243,7 +243,7 @@ class KimiVL(nn.Module):
             else:  # nothing to score: 0 with a graph, as next_token_loss gives, not the mean of nothing (NaN)
                 loss = logits.sum() * 0.0
         elif labels is not None:
-            loss = next_token_loss(hidden, self.language_model.lm_head.weight, labels, self.config.ignore_index)
+            loss = next_token_loss(hidden, self.language_model.lm_head, labels, self.config.ignore_index)
         return KimiVLOutput(logits=logits, loss=loss, hidden_states=hidden)
 
     @classmethod

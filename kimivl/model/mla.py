@@ -14,6 +14,7 @@ from torch import nn
 from kimivl.config import TextConfig
 from kimivl.kernels import attention, latent_decode_attention, latent_prefill_attention
 from kimivl.model.norm import RMSNorm
+from kimivl.model.plain import plain_layer
 
 
 def rope_rotation(positions: torch.Tensor, dim: int, theta: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -70,7 +71,8 @@ class MLA(nn.Module):
     ) -> torch.Tensor:
         """Causal attention of ``x`` over itself and, with ``cache`` (an object whose ``update(c, kr)`` stores the
         new latents and ``blocks()`` returns all cached ``[latent | rope key]`` rows as (B, N, C + R) pieces in
-        order), over the cached tokens: single-token steps run absorbed on the cache, longer ones expand it to per-head
+        order), over the cached tokens: single-token steps run absorbed on the cache (reading ``kv_b_proj``'s weight;
+        a wrapped or hooked ``kv_b_proj`` is called, on the longer steps' path), longer ones expand it to per-head
         keys and values a block at a time. ``key_valid_BK`` marks real (non-padding) keys. With ``cu_seqlens`` the
         single row is a pack of samples; a cache given with it must be empty, and takes the pack's latents (a packed
         prefill: attention stays within each sample)."""
@@ -81,7 +83,7 @@ class MLA(nn.Module):
         c_BKC, kr_BKR = self.compress(x_BSD, rot_BSR)
         if cache is not None:
             cache.update(c_BKC, kr_BKR)
-            if s == 1 and cu_seqlens is None:
+            if s == 1 and cu_seqlens is None and plain_layer(self.kv_b_proj, nn.Linear):
                 return self._absorbed(q_nope, q_rope, cache.blocks(), key_valid_BK)
         q_BSHD = torch.cat([q_nope, q_rope], dim=-1)
         if cache is not None and cu_seqlens is None:

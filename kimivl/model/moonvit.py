@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from kimivl.config import VisionConfig
 from kimivl.kernels import attention
+from kimivl.model.plain import plain_layer
 
 MAX_GRID = 512  # size of the released RoPE table: grids with h or w >= this are rejected (spec §3 step 3)
 
@@ -121,7 +122,8 @@ class PositionEmbedding(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """Conv2d(3, C, p, stride p) on each patch (run as one matmul), then the resized position table."""
+    """Conv2d(3, C, p, stride p) on each patch (run as one matmul; a wrapped or hooked ``proj`` is called), then the
+    resized position table."""
 
     def __init__(self, config: VisionConfig):
         super().__init__()
@@ -131,7 +133,10 @@ class PatchEmbed(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, grids: list[Grid]) -> torch.Tensor:
         weight = self.proj.weight
-        x_NC = F.linear(pixel_values.flatten(1).to(weight.dtype), weight.flatten(1), self.proj.bias)
+        if plain_layer(self.proj, nn.Conv2d):
+            x_NC = F.linear(pixel_values.flatten(1).to(weight.dtype), weight.flatten(1), self.proj.bias)
+        else:
+            x_NC = self.proj(pixel_values.to(weight.dtype)).flatten(1)
         return self.pos_emb(x_NC, grids)
 
 

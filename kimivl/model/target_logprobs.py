@@ -10,16 +10,21 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from kimivl.model.plain import plain_layer
 
 LOGITS_LIMIT = 1 << 26  # float32 logit elements materialised at once (256 MiB)
 
 
 def target_logprobs(
-    hidden_ND: torch.Tensor, weight_VD: torch.Tensor, targets_N: torch.Tensor, limit: int | None = None
+    hidden_ND: torch.Tensor, head: torch.Tensor | nn.Module, targets_N: torch.Tensor, limit: int | None = None
 ) -> torch.Tensor:
     """log softmax(hidden @ weight.T)[target] per position, float32 (float64 for float64 hidden states), in the
     targets' shape: ``hidden`` (..., D) and ``targets`` (...) with the same leading dimensions, (N, D) and (N,) or
-    (B, S, D) and (B, S) alike; differentiable in hidden and weight.
+    (B, S, D) and (B, S) alike; differentiable in hidden and the head. ``head``: the head's weight (V, D) or the head
+    itself, whose weight is read when it is a plain bias-free ``nn.Linear`` (``plain_layer``); any other head (a
+    LoRA wrapper, a hooked layer) is called on all positions at once, holding their logits whatever ``limit``.
     Under autocast the head's matmuls run in the autocast dtype, as ``nn.Linear`` would. ``limit``: logits held at
     once (default ``LOGITS_LIMIT``)."""
     if hidden_ND.dim() < 2 or hidden_ND.shape[:-1] != targets_N.shape:
@@ -27,6 +32,9 @@ def target_logprobs(
             f"hidden {tuple(hidden_ND.shape)} and targets {tuple(targets_N.shape)} disagree: hidden must be "
             "(..., hidden size) and targets (...), with the same leading dimensions"
         )
+    if isinstance(head, nn.Module) and (not plain_layer(head, nn.Linear) or head.bias is not None):
+        return F.log_softmax(_widened(head(hidden_ND)), -1).gather(-1, targets_N[..., None]).squeeze(-1)
+    weight_VD = head.weight if isinstance(head, nn.Module) else head
     if targets_N.dim() != 1:  # any leading shape: the positions flattened, and the result shaped as the targets
         flat = target_logprobs(hidden_ND.reshape(-1, hidden_ND.shape[-1]), weight_VD, targets_N.reshape(-1), limit)
         return flat.reshape(targets_N.shape)
@@ -41,19 +49,19 @@ def target_logprobs(
 
 
 def next_token_loss(
-    hidden_BSD: torch.Tensor, weight_VD: torch.Tensor, labels_BS: torch.Tensor, ignore_index: int = -100
+    hidden_BSD: torch.Tensor, head: torch.Tensor | nn.Module, labels_BS: torch.Tensor, ignore_index: int = -100
 ) -> torch.Tensor:
-    """Mean next-token cross-entropy through the head ``weight`` at the scored positions only. ``labels`` are
-    aligned with the inputs (unscored positions set to ``ignore_index``); the shift happens here: the hidden state
-    at s predicts the label at s + 1. 0, with a graph, when nothing is scored (float32, float64 for float64 hidden
-    states, as the loss is)."""
+    """Mean next-token cross-entropy through ``head`` (its weight or itself, as ``target_logprobs`` takes) at the
+    scored positions only. ``labels`` are aligned with the inputs (unscored positions set to ``ignore_index``); the
+    shift happens here: the hidden state at s predicts the label at s + 1. 0, with a graph, when nothing is scored
+    (float32, float64 for float64 hidden states, as the loss is)."""
     if hidden_BSD.shape[:-1] != labels_BS.shape:
         raise ValueError(
             f"hidden {tuple(hidden_BSD.shape)} and labels {tuple(labels_BS.shape)} disagree on (batch, seq)"
         )
     targets = labels_BS[:, 1:]
     scored = targets != ignore_index
-    logprobs_N = target_logprobs(hidden_BSD[:, :-1][scored], weight_VD, targets[scored])
+    logprobs_N = target_logprobs(hidden_BSD[:, :-1][scored], head, targets[scored])
     if not len(logprobs_N):
         return _widened(hidden_BSD.sum() * 0.0)
     return -logprobs_N.mean()

@@ -175,7 +175,7 @@ def token_logprobs(
         starts = [int(cu[j]) + len(prompts[i]) for j, i in enumerate(row)]
         lengths = [len(responses[i]) for i in row]
         at = torch.cat([torch.arange(a, a + n, device=device) for a, n in zip(starts, lengths)])
-        logp = target_logprobs(hidden_TD[at - 1], model.language_model.lm_head.weight, ids[0, at])
+        logp = target_logprobs(hidden_TD[at - 1], model.language_model.lm_head, ids[0, at])
         out.extend(logp.split(lengths))
         if advance is not None:
             advance(len(row))

@@ -73,7 +73,7 @@ class ViTPretrainer(nn.Module):
             memory_key_padding_mask=~patch_mask,
         )
         labels = batch.text_ids.masked_fill(~batch.text_mask, -100)
-        l_caption = next_token_loss(self.out_norm(dec), self.lm_head.weight, labels)
+        l_caption = next_token_loss(self.out_norm(dec), self.lm_head, labels)
         loss = l_siglip + CAPTION_WEIGHT * l_caption
         return loss, {"siglip": l_siglip.item(), "caption": l_caption.item()}
 
