@@ -88,12 +88,28 @@ def cmd_info(args: argparse.Namespace) -> int:
         if plan is not None:
             print(f"training {' + '.join(args.train or PARTS)}{frozen} sharded, with recompute: {plan}")
             return 0
-        hold_frozen_in_bf16(model, lambda name, p: True)  # as joint stages do with a bf16 checkpoint's frozen weights
+        stored = _weights_dtype(args.preset, args.path, config)
+        if stored == "bfloat16":  # as joint stages hold a bf16 checkpoint's frozen weights (``plan_recipe``)
+            hold_frozen_in_bf16(model, lambda name, p: True)
         print(
-            f"training {' + '.join(args.train or PARTS)}{frozen} from a bfloat16 checkpoint under bf16 autocast: "
+            f"training {' + '.join(args.train or PARTS)}{frozen} from a {stored} checkpoint under bf16 autocast: "
             f"{memory_plan(model)}"
         )
     return 0
+
+
+def _weights_dtype(preset: str | None, path: str | None, config: KimiVLConfig) -> str:
+    """The dtype ``info --train`` plans the weights as loaded from: a preset's released checkpoint's (bfloat16), a
+    checkpoint's as its safetensors headers say (``stored_dtype``, as ``train --plan`` reads them: a stage's ``final``
+    is float32), or, for a directory of a config alone, the dtype the config declares."""
+    from kimivl.checkpoint import INDEX, SINGLE
+    from kimivl.train.plan import stored_dtype
+
+    if preset:
+        return "bfloat16"
+    if any((Path(path) / name).is_file() for name in (SINGLE, INDEX)):
+        return stored_dtype(Path(path))
+    return config.text_config.torch_dtype
 
 
 def _size(n: int) -> str:

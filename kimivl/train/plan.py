@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from kimivl.checkpoint import checkpoint_files
+from kimivl.checkpoint import STORED_FLOATS, WEIGHT_DTYPES, checkpoint_files
 from kimivl.data.world import world_built, world_wanted
 from kimivl.model.kimivl import KimiVL
 from kimivl.precision import use_bf16
@@ -30,15 +30,19 @@ from kimivl.train.stages import check_layout, prepare
 from kimivl.train.stages.base import StageContext
 from kimivl.train.trainable import hold_frozen_in_bf16, restore_float32
 
+# torch's names of the weights' dtypes by their safetensors names ("BF16": "bfloat16")
+STORED_DTYPES = {s: str(d).removeprefix("torch.") for s, d in zip(STORED_FLOATS, WEIGHT_DTYPES)}
 
-def stored_in_bf16(path: Path) -> bool:
-    """Whether most tensors of the checkpoint at ``path`` are stored in bfloat16, as in released checkpoints (read
-    from the headers only)."""
+
+def stored_dtype(path: Path) -> str:
+    """The dtype most tensors of the checkpoint at ``path`` are stored in (``bfloat16`` in released checkpoints,
+    ``float32`` in a stage's ``final``), read from the headers only."""
     dtypes = Counter()
     for file in checkpoint_files(path):
         with safe_open(file, framework="pt") as f:
             dtypes.update(f.get_slice(k).get_dtype() for k in f.keys())
-    return dtypes.most_common(1)[0][0] == "BF16"
+    stored = dtypes.most_common(1)[0][0]
+    return STORED_DTYPES.get(stored, stored)
 
 
 def planned_bf16(recipe: Recipe) -> bool:
@@ -76,7 +80,7 @@ def plan_recipe(recipe: Recipe, progress: bool = False) -> list[str]:
         model = KimiVL(base_config(recipe, processor.tokenizer))
     ctx = StageContext(recipe, sources, processor)
     trained: set[str] = set()  # trained by an earlier stage: float32 values, never held in bf16
-    bf16_base = base_dir is not None and stored_in_bf16(base_dir)
+    bf16_base = base_dir is not None and stored_dtype(base_dir) == "bfloat16"
 
     def from_checkpoint(name: str, p) -> bool:
         return bf16_base and name not in trained

@@ -934,8 +934,12 @@ def test_records_that_cannot_fit_the_budget_are_skipped_without_tokenizing_them(
     assert "stage lm: " in caplog.text and "samples over the budget of 128 tokens were skipped" in caplog.text
 
 
-def test_a_plan_holds_nothing_in_bf16_from_a_float32_checkpoint(data_dir, tmp_path, small_model, small_processor):
-    plans = {}
+def test_a_plan_holds_nothing_in_bf16_from_a_float32_checkpoint(
+    data_dir, tmp_path, small_model, small_processor, capsys
+):
+    """``info CKPT --train`` held the frozen weights of every checkpoint in bf16 and said "from a bfloat16
+    checkpoint": for a float32 one (a stage's final) it planned less memory than the plan, and the run, hold."""
+    plans, infos = {}, {}
     for dtype in (torch.float32, torch.bfloat16):
         base = tmp_path / str(dtype)
         small_model.save_pretrained(base, dtype=dtype)
@@ -959,8 +963,14 @@ def test_a_plan_holds_nothing_in_bf16_from_a_float32_checkpoint(data_dir, tmp_pa
         }
         (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
         plans[dtype] = plan_recipe(load_recipe(tmp_path / "r.yaml"))[-1]
+        capsys.readouterr()
+        assert main(["info", str(base), "--train", "multi_modal_projector"]) == 0
+        infos[dtype] = capsys.readouterr().out.splitlines()[-1]
     float32 = sum(4 * p.numel() for p in small_model.parameters()) / 1e6
     assert f"holds weights {float32:.1f} MB" in plans[torch.float32] and plans[torch.bfloat16] != plans[torch.float32]
+    for dtype, name in ((torch.float32, "float32"), (torch.bfloat16, "bfloat16")):  # info plans as the run holds
+        said = f"training multi_modal_projector from a {name} checkpoint under bf16 autocast: "
+        assert infos[dtype] == said + plans[dtype].removeprefix("stage sft "), (infos[dtype], plans[dtype])
 
 
 def test_a_plan_for_sharded_ranks_gives_the_memory_per_rank(data_dir, tmp_path, small_model, small_processor):

@@ -112,8 +112,13 @@ def test_info_prints_the_memory_of_a_fine_tuning_plan(capsys, tiny_config, tmp_p
     with torch.device("meta"):
         model = KimiVL(tiny_config)
     set_trainable(model, ["language_model"])
-    hold_frozen_in_bf16(model, lambda name, p: True)
+    held = hold_frozen_in_bf16(model, lambda name, p: True)
     expected = f"training language_model from a bfloat16 checkpoint under bf16 autocast: {memory_plan(model)}"
+    assert capsys.readouterr().out.splitlines()[-1] == expected
+    tiny_config.with_weight_dtype("float32").save_pretrained(tmp_path / "f32")  # a config alone: the dtype it declares
+    assert main(["info", str(tmp_path / "f32"), "--train", "language_model"]) == 0
+    restore_float32(held)
+    expected = f"training language_model from a float32 checkpoint under bf16 autocast: {memory_plan(model)}"
     assert capsys.readouterr().out.splitlines()[-1] == expected
     assert main(["info", str(tmp_path), "--freeze", "nothing*"]) == 2
     assert "freeze pattern 'nothing*' matches no parameter" in capsys.readouterr().err
