@@ -554,7 +554,20 @@ def test_the_mix_moves_over_every_accumulated_row_and_a_sample_of_the_budget_fit
     assert exact.budget == long and f"({long} tokens each on average, 1.0 a row)" in line
     from kimivl.train.stages.joint import packed_rows
 
-    assert [packed_rows(n, 8) for n in ([4, 4], [4, 5], [8, 1, 7, 3])] == [1, 2, 3]  # a row filled exactly holds both
+    # a row filled exactly holds both; the last row counts by the share of the budget it fills
+    assert [packed_rows(n, 8) for n in ([4, 4], [4, 5], [8, 1, 7, 3])] == [1, 1.625, 2.375]
+
+
+def test_the_plan_samples_until_its_samples_fill_rows(tmp_path, small_processor):
+    """32 samples that all fit one row said 32 a row of any budget: here rows of 256 tokens hold 85 of these 3-token
+    texts. The probe samples on until its samples fill rows (up to ``PROBE_LIMIT``), and its count is
+    what packing then draws."""
+    ctx = _lengths_ctx(small_processor, tmp_path)
+    encode = lambda name, text: small_processor.encode_text(text)  # noqa: E731
+    stage = JointStage(name="p", kind="joint", steps=5, lr=1e-3, budget=256, mix={"short": 1})
+    data, line = stage_mixture(stage, ctx, encode)
+    drawn = next(i for row, (_, i) in enumerate(data.batches(0), 1) if row == 5)
+    assert data.horizon == drawn == 5 * 85, (line, drawn)  # before: 5 * 32
 
 
 def test_the_check_opens_each_image_once_and_finds_the_same_bad_one(tmp_path, small_processor, monkeypatch):

@@ -23,7 +23,11 @@ from kimivl.train.validation import heldout_loss, heldout_rows
 
 CALIBRATION_SAMPLES = 32  # per image source, for standardize_images
 PROBE_RECORDS = 8  # per source, checked for scored tokens before training
-PROBE_SAMPLES = 32  # sampled to plan a stage: their mean length, and how many fit the budget
+# A stage's plan samples records and packs them into rows as training packs them: at least PROBE_SAMPLES, and on
+# until those that fit fill PROBE_ROWS rows or PROBE_LIMIT are sampled (each is encoded: a cap on the work)
+PROBE_SAMPLES = 32
+PROBE_ROWS = 16
+PROBE_LIMIT = 1024
 log = logging.getLogger(__name__)
 
 
@@ -82,24 +86,26 @@ def _check_val(where: str, val: Any) -> None:
 
 def stage_mixture(stage: JointStage, ctx: StageContext, encode, fewest=None) -> tuple[Mixture, str]:
     """A joint stage's data, its own stream (seeded by the recipe's seed and the stage's name), and a line saying
-    about how many samples its steps hold (the ``PROBE_SAMPLES`` sampled ones that fit the budget, packed into rows
-    as training packs them: also the horizon over which the weights move linearly from ``mix`` to ``mix_end``) and
-    how many passes over each source they make (each source gets the mean of its two shares, and so do the sampled
-    ones). ``fewest`` (``Sources.fewest``) finds records over the budget without encoding them (``Mixture``)."""
+    about how many samples its steps hold (sampled ones, ``probe_lengths``, packed into rows as training packs them:
+    also the horizon over which the weights move linearly from ``mix`` to ``mix_end``) and how many passes over each
+    source they make (each source gets the mean of its two shares, and so do the sampled ones). ``fewest``
+    (``Sources.fewest``) finds records over the budget without encoding them (``Mixture``)."""
     items, seed = ctx.sources.items, ctx.recipe.seed
     shares = mean_shares(stage.mix, stage.mix_end or stage.mix)
     probe = Mixture(items, encode, stage.budget, shares, seed=seed, stream=f"{stage.name}/probe", fewest=fewest)
-    probed = [(n, s is None) for s, n in map(probe.sample, range(PROBE_SAMPLES))]  # tokens, or a floor over budget
+    probed = probe_lengths(probe)
     lengths = [n for n, _ in probed]
     fitting = [n for n in lengths if n <= stage.budget]  # longer samples are skipped when rows are packed
     if not fitting:
         shortest, floor = min(probed)
         raise RecipeError(
-            f"stage {stage.name!r}: none of {PROBE_SAMPLES} sampled records fits the budget of {stage.budget} "
+            f"stage {stage.name!r}: none of {len(probed)} sampled records fits the budget of {stage.budget} "
             f"tokens (the shortest holds {'at least ' * floor}{shortest}): raise budget or shorten the data"
         )
     mean_len = statistics.mean(fitting)
-    per_row = len(fitting) / packed_rows(fitting, stage.budget)  # rows are not full: a budget / mean_len overcounts
+    # the samples drawn a row, skipped ones too (each takes a sample index); rows are not full: budget / mean_len
+    # would overcount
+    per_row = len(lengths) / packed_rows(fitting, stage.budget)
     horizon = int(stage.steps * stage.accum * per_row)
     used = set(stage.mix) | set(stage.mix_end or {})
     data = Mixture(
@@ -116,22 +122,35 @@ def stage_mixture(stage: JointStage, ctx: StageContext, encode, fewest=None) -> 
     )
     passes = ", ".join(f"{name} {horizon * share / len(items[name]):.2f}" for name, share in shares.items())
     over = len(lengths) - len(fitting)
-    skipped = f"; {over} of {PROBE_SAMPLES} sampled records are over the budget and skipped" if over else ""
+    skipped = f"; {over} of {len(lengths)} sampled records are over the budget and skipped" if over else ""
     return data, (
         f"stage {stage.name}: about {horizon} samples ({round(mean_len)} tokens each on average, {per_row:.1f} a row); "
         f"passes over each source: {passes}{skipped}"
     )
 
 
-def packed_rows(lengths: list[int], budget: int) -> int:
+def probe_lengths(probe: Mixture) -> list[tuple[int, bool]]:
+    """The tokens of ``probe``'s samples in order, each with whether it is over the budget (its tokens then a floor,
+    ``Mixture.sample``): ``PROBE_SAMPLES``, then on while some fit and those fill fewer than ``PROBE_ROWS`` rows'
+    worth of tokens, up to ``PROBE_LIMIT`` (32 samples alone, all in one row, said 32 a row of any budget)."""
+    probed, fitting = [], 0
+    while len(probed) < PROBE_SAMPLES or (0 < fitting < PROBE_ROWS * probe.budget and len(probed) < PROBE_LIMIT):
+        s, n = probe.sample(len(probed))
+        probed.append((n, s is None))
+        fitting += n if n <= probe.budget else 0
+    return probed
+
+
+def packed_rows(lengths: list[int], budget: int) -> float:
     """How many rows samples of ``lengths`` (each within ``budget``) fill when packed in order, as
-    ``Mixture.batches`` packs them: a sample that does not fit the row's room starts the next row."""
-    rows, used = 1, 0
+    ``Mixture.batches`` packs them (a sample that does not fit the row's room starts the next row); the last row,
+    which more samples would go on filling, counts by the share of the budget it fills."""
+    rows, used = 0, 0
     for n in lengths:
         if used + n > budget:
             rows, used = rows + 1, 0
         used += n
-    return rows
+    return rows + used / budget
 
 
 def mean_shares(start: dict[str, float], end: dict[str, float]) -> dict[str, float]:
