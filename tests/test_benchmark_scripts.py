@@ -186,15 +186,29 @@ for target in scripts + ["kimivl.rl.compare", "kimivl.rl.passk"]:
     assert len(scripts) == 14 and done.stdout.count("ok ") == len(scripts) + 2, done.stdout
 
 
-STOPPED = f"""
+# every command (each benchmark script, compare and passk) run in one process: ``exit_code(target)``
+COMMANDS = f"""
 import argparse, io, json, os, runpy, signal, sys, time, warnings
 from pathlib import Path
 HELPERS = {HELPERS}
 warnings.filterwarnings("ignore", "'kimivl.rl.compare' found in sys.modules")  # imported by rl_signal.py
-signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.path.insert(0, "benchmarks")
 scripts = sorted(str(p) for p in Path("benchmarks").glob("*.py") if p.name not in HELPERS)
-stdout, said, results = os.dup(1), {{}}, Path(sys.argv[1])  # stdout: a pipe whose reader has gone
+targets = scripts + ["kimivl.rl.compare", "kimivl.rl.passk"]
+
+def exit_code(target):
+    try:
+        (runpy.run_path if target.endswith(".py") else runpy.run_module)(target, run_name="__main__")
+    except SystemExit as e:
+        return e.code
+    return "no exit"
+"""
+
+STOPPED = (
+    COMMANDS
+    + """
+signal.signal(signal.SIGINT, signal.default_int_handler)
+stdout, said, results = os.dup(1), {}, Path(sys.argv[1])  # stdout: a pipe whose reader has gone
 
 def stopped(parser, *args, **kwargs):  # each command stopped as it parses its arguments
     if how == "interrupt":
@@ -203,21 +217,19 @@ def stopped(parser, *args, **kwargs):  # each command stopped as it parses its a
     print("line\\n" * 100_000)  # more than a pipe holds
 
 argparse.ArgumentParser.parse_args = stopped
-for target in scripts + ["kimivl.rl.compare", "kimivl.rl.passk"]:
+for target in targets:
     for how in ("interrupt", "pipe"):
         os.dup2(stdout, 1)
         sys.argv, sys.stderr = [target], io.StringIO()
         try:
-            (runpy.run_path if target.endswith(".py") else runpy.run_module)(target, run_name="__main__")
-            code = "no exit"
-        except SystemExit as e:
-            code = e.code
+            code = exit_code(target)
         except BaseException as e:
             code = type(e).__name__
-        said[f"{{target}} {{how}}"] = [code, sys.stderr.getvalue()]
+        said[f"{target} {how}"] = [code, sys.stderr.getvalue()]
 os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
 results.write_text(json.dumps(said))
 """
+)
 
 
 def test_every_script_and_module_command_stops_on_ctrl_c_and_a_reader_gone_as_kimivl_does(tmp_path):
@@ -254,26 +266,18 @@ def test_every_script_and_module_command_stops_on_ctrl_c_and_a_reader_gone_as_ki
         assert said[f"{target} pipe"] == [141, ""], target
 
 
-CLOSED = f"""
-import argparse, io, json, runpy, sys, warnings
-from pathlib import Path
-HELPERS = {HELPERS}
-warnings.filterwarnings("ignore", "'kimivl.rl.compare' found in sys.modules")  # imported by rl_signal.py
+CLOSED = (
+    COMMANDS
+    + """
 assert sys.stdout is None  # started with stdout closed (>&-)
-sys.path.insert(0, "benchmarks")
-scripts = sorted(str(p) for p in Path("benchmarks").glob("*.py") if p.name not in HELPERS)
 argparse.ArgumentParser.parse_args = lambda *args, **kwargs: sys.exit("parsed")  # not refused: it would run
-said, results = {{}}, Path(sys.argv[1])
-for target in scripts + ["kimivl.rl.compare", "kimivl.rl.passk"]:
+said, results = {}, Path(sys.argv[1])
+for target in targets:
     sys.argv, sys.stderr = [target], io.StringIO()
-    try:
-        (runpy.run_path if target.endswith(".py") else runpy.run_module)(target, run_name="__main__")
-        code = "no exit"
-    except SystemExit as e:
-        code = e.code
-    said[target] = [code, sys.stderr.getvalue()]
+    said[target] = [exit_code(target), sys.stderr.getvalue()]
 results.write_text(json.dumps(said))
 """
+)
 
 
 def test_every_script_and_module_command_refuses_a_closed_stdout_as_kimivl_does(tmp_path):
