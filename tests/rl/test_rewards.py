@@ -82,6 +82,13 @@ def test_numbers_strip_units_not_digits():
         ("（Ｂ）", 1.0),
         ("Ｂ：上海", 1.0),
         ("A。", 0.0),
+        ("因为点A在圆上，所以答案是B", 1.0),  # Chinese, Japanese and Korean answer cues: the letter said
+        ("答案是B因为", 1.0),
+        ("故选B", 1.0),
+        ("AさんよりBさん。答えはB", 1.0),
+        ("정답은 B", 1.0),
+        ("答案是A", 0.0),
+        ("the answer is Bob", 0.0),
     ],
 )
 def test_option(answer, expected):
