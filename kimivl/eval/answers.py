@@ -35,12 +35,13 @@ _SPACELESS = (
     "\uf900-\ufaff\U00020000-\U0003ffff"
 )
 # combining marks (vowel signs, accents), which Python's \w leaves out: one joins the letter before it ("कि")
+# (the variation selectors U+E0100-E01EF are the only marks past U+20000)
 _MARKS = (
     "".join(
         f"{chr(a)}-{chr(b)}" for a, b in _ranges(c for c in range(0x20000) if unicodedata.category(chr(c))[0] == "M")
     )
     + "\U000e0100-\U000e01ef"
-)  # and the variation selectors, the only marks past U+20000
+)
 # a word character of a script written with spaces, or a mark
 _WORD = rf"(?:[^\W{_SPACELESS}]|[{_MARKS}])"
 # full-width ASCII ("（Ｂ）", "４２") and the ideographic space as ASCII; the full-width comma separates items, never
@@ -92,8 +93,8 @@ def after_cue(text: str) -> str:
 
 
 def half_width(text: str) -> str:
-    """``text`` with full-width ASCII forms ("（Ｂ）", "４２", "：") and the ideographic space as plain ASCII. Not NFKC,
-    which would also turn "5²" into "52"."""
+    """``text`` with full-width ASCII forms ("（Ｂ）", "４２", "：") and the ideographic space as plain ASCII, and
+    "，" as ", " (it separates, "120，300"). Not NFKC, which would also turn "5²" into "52"."""
     return text.translate(_HALF_WIDTH)
 
 
