@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kimivl.rl.compare import comparison_table, difficulty_summary, difficulty_table, main, t_quantile, wilson
+from kimivl.rl.compare import _rows, comparison_table, difficulty_summary, difficulty_table, main, t_quantile, wilson
 
 
 def write_run(root, before, after, tokens_before, tokens_after, problems=100, other=20):
@@ -245,3 +245,12 @@ def test_a_damaged_predictions_line_is_named_with_its_file_and_line(tmp_path, ca
         main([str(run)])
     error = capsys.readouterr().err.splitlines()[-1]
     assert e.value.code == 2 and f"error: {path}:3 is damaged (" in error, error
+
+
+def test_predictions_holding_a_line_separator_or_a_bom_are_read_as_eval_writes_them(tmp_path):
+    """A prediction holding U+2028 (JSON writes it raw) split its line under str.splitlines: the row was called
+    damaged. Lines split at newlines only, as eval reads them, and a BOM before the first is passed over."""
+    path = tmp_path / "base.predictions.jsonl"
+    rows = [{"task": "ocr", "prediction": "a\u2028b"}, {"task": "reasoning", "prediction": "7"}]
+    path.write_bytes(("\ufeff" + "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)).encode())
+    assert _rows(path) == rows
