@@ -773,9 +773,9 @@ def _train(args: argparse.Namespace) -> int:
 
 def _kept(recipe) -> str:
     """What a run interrupted between training steps keeps: its finished stages, and where."""
-    from kimivl.train.pipeline import FINAL
+    from kimivl.train.pipeline import finished
 
-    done = [s.name for s in recipe.stages if (recipe.out / s.name / FINAL / "config.json").is_file()]
+    done = [s.name for s in recipe.stages if finished(recipe.out, s.name)]
     saved = "a stage under way resumes from its last checkpoint"
     if not done:
         return f"no stage had finished, {saved} (under {printable(recipe.out)})"

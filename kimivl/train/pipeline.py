@@ -640,6 +640,12 @@ def run_recipe(recipe: Recipe, progress: bool = True, world: World | None = None
 SEED_RECORD = "seed.json"  # in out: the seed the run's stages were trained with
 
 
+def finished(out: Path, stage: str) -> bool:
+    """Whether the stage ``stage`` of the run directory ``out`` has finished: its final model (published whole, by a
+    rename) holds its config."""
+    return (out / stage / FINAL / "config.json").is_file()
+
+
 def begun(out: Path) -> bool:
     """Whether anything was trained in the run directory ``out``: a stage's checkpoint or final model, or a sharded
     run's initial weights (drawn from its seed, sized to its tokenizer)."""
@@ -704,7 +710,7 @@ def _run_stages(
     context = base_config(recipe, processor.tokenizer).text_config.max_position_embeddings
     ctx = StageContext(recipe, sources, processor, world, context)
     for stage in recipe.stages:  # every stage's records before the first trains (each stage checks its own again)
-        if not (recipe.out / stage.name / FINAL / "config.json").is_file():
+        if not finished(recipe.out, stage.name):
             stage.check_data(ctx)
     source = base_dir
     if world.active:  # every stage reads its shards from a checkpoint: a preset's fresh weights are written first
@@ -720,9 +726,9 @@ def _run_stages(
             evaluate_stage(recipe, "base", _whole(model, source, recipe.device), processor, progress)
     for stage in recipe.stages:
         final = recipe.out / stage.name / FINAL
-        finished = (final / "config.json").is_file()
+        done = finished(recipe.out, stage.name)
         world.barrier()  # every rank has looked before rank 0 may write it
-        if finished:
+        if done:
             log.info("stage %s already finished; loading %s", stage.name, final)
             model = _unloaded_model(final) if world.active else _whole(_unloaded_model(final), final, recipe.device)
         else:
@@ -731,7 +737,7 @@ def _run_stages(
             model = _finish_stage(model, processor, final, world, source)
         source = final
         # a finished stage is evaluated again only when a kill cut its evaluation short (position_loss comes last)
-        evaluated = finished and (recipe.out / "eval" / f"{stage.name}.position_loss.json").is_file()
+        evaluated = done and (recipe.out / "eval" / f"{stage.name}.position_loss.json").is_file()
         with main_first(world, recipe.out / ".eval.lock") as first:
             if first and stage.name in (recipe.eval or {}).get("after", []) and not evaluated:
                 evaluate_stage(recipe, stage.name, _whole(model, source, recipe.device), processor, progress)
@@ -746,13 +752,13 @@ def check_trained_in_order(recipe: Recipe) -> None:
     the later stage was trained from something else (an earlier version of the stage, or a stage since renamed), and
     the run would train the earlier stage anew and keep, or resume, the later one as it is: its stages no longer one
     chain."""
-    finished = [(recipe.out / stage.name / FINAL / "config.json").is_file() for stage in recipe.stages]
-    if all(finished):
+    finals = [finished(recipe.out, stage.name) for stage in recipe.stages]
+    if all(finals):
         return
-    first = finished.index(False)
+    first = finals.index(False)
     later = [
         stage.name
-        for stage, done in zip(recipe.stages[first + 1 :], finished[first + 1 :])
+        for stage, done in zip(recipe.stages[first + 1 :], finals[first + 1 :])
         if done or (recipe.out / stage.name / "checkpoints" / LATEST).exists()
     ]
     if later:
