@@ -1030,16 +1030,20 @@ def test_a_plan_for_sharded_ranks_gives_the_memory_per_rank(data_dir, tmp_path, 
         plan_recipe(load_recipe(tmp_path / "r.yaml", {"parallel": {"dp_shard": 4, "dp_replicate": 2}}))
     one = plan_recipe(load_recipe(tmp_path / "r.yaml"))
     sharded = plan_recipe(load_recipe(tmp_path / "r.yaml", {"parallel": {"dp_shard": 4, "ep": 2}}))
+    unsized = plan_recipe(load_recipe(tmp_path / "r.yaml", {"parallel": {"dp_replicate": 2}}))
     small_model.requires_grad_(False)
     small_model.language_model.requires_grad_(True)
-    per_rank = rank_memory_plan(small_model, 4, 2, 192, torch.bfloat16, recompute=False)
-    assert sharded[-1] == f"stage lm {memory_plan(small_model).counts}; {per_rank}"
+    try:
+        lm_only = memory_plan(small_model)
+        per_rank = rank_memory_plan(small_model, 4, 2, 192, torch.bfloat16, recompute=False)
+    finally:  # the session's model, which later tests save and train whole
+        small_model.requires_grad_(True)
+    assert sharded[-1] == f"stage lm {lm_only.counts}; {per_rank}"
     assert "per rank (dp_shard 4, ep 2)" in sharded[-1] and "per rank" not in one[-1]
     # one process holds the frozen bf16 checkpoint weights in bf16; sharded ranks do not
-    assert one[-1] != f"stage lm {memory_plan(small_model)}"
-    unsized = plan_recipe(load_recipe(tmp_path / "r.yaml", {"parallel": {"dp_replicate": 2}}))
+    assert one[-1] != f"stage lm {lm_only}"
     assert unsized[1] == "memory is planned for one process: give --dp-shard N for the plan per rank of N"
-    assert unsized[-1] == f"stage lm {memory_plan(small_model)}"  # nothing held in bf16, as on sharded ranks
+    assert unsized[-1] == f"stage lm {lm_only}"  # nothing held in bf16, as on sharded ranks
 
 
 def test_a_run_goes_on_only_with_the_seed_it_was_trained_with(data_dir, tmp_path, capsys, caplog):
