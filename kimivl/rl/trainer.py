@@ -44,7 +44,7 @@ from kimivl.train.loop import NoMetrics, agreed
 from kimivl.train.metrics import MetricsLog, plot_curves
 from kimivl.train.recipe import integer, number
 from kimivl.train.state import TrainState
-from kimivl.train.step import TrainingError, check_loss, optimizer_step
+from kimivl.train.step import TrainingError, UntrainedRows, check_loss, optimizer_step
 
 log = logging.getLogger(__name__)
 OBJECTIVES = ("opmd", "grpo")
@@ -229,7 +229,7 @@ class RLTrainer:
         if not problems:
             raise ValueError("RL needs at least one problem")
         self.policy, self.processor, self.problems, self.cfg = policy, processor, problems, cfg
-        self._untrained_said = False  # a row reaching no trained weight is warned about once
+        self._untrained = UntrainedRows()
         self.optimizer, self.scheduler, self.reward_fn = optimizer, scheduler, reward_fn
         self.run_dir, self.stage, self.world = Path(run_dir), stage, world or World()
         if cfg.problems % self.world.size:
@@ -441,16 +441,7 @@ class RLTrainer:
                     )
                 check_loss(loss, where, self._last_good, world)
                 weight = (0.0 if n >= len(rows) else world.size) if world.active else 1
-                part = loss.sum() * weight / total + pad
-                if part.requires_grad:  # else no trained weight is on its path (a text row, the vision side trained)
-                    part.backward()
-                elif not self._untrained_said:
-                    self._untrained_said = True
-                    log.warning(
-                        "%s: a row of answers reaches no trained weight (no images while the language model is "
-                        "frozen): such rows add no gradient, and train nothing",
-                        where,
-                    )
+                self._untrained.backward(loss.sum() * weight / total + pad, f"{where}: a row of answers")
                 if n < len(rows):
                     losses.append(loss.detach())
                     seen += [t.detach().sum() for t in tokens]

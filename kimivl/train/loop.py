@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,9 +24,7 @@ from kimivl.train.balance import ExpertLoadTracker
 from kimivl.train.interrupt import StopRequest, stop_on_interrupt
 from kimivl.train.metrics import MetricsLog
 from kimivl.train.state import TrainState
-from kimivl.train.step import TrainingError, check_loss, optimizer_step
-
-log = logging.getLogger(__name__)
+from kimivl.train.step import TrainingError, UntrainedRows, check_loss, optimizer_step
 
 
 class Batches(Protocol):
@@ -123,7 +120,7 @@ def train_loop(
         state.resume()
     last: dict[str, float] = {}
     tokens_seen, t0 = 0, time.perf_counter()
-    untrained_said = False  # a row reaching no trained weight is warned about once
+    untrained = UntrainedRows()
     progress = progress and world.main
     model.train()
     moe = any(isinstance(m, Router) for m in model.modules())
@@ -165,16 +162,9 @@ def train_loop(
                         loss, values, n = loss_fn(model, to_device(batch, device))
                     loss = loss + pad
                 check_loss(loss, where, state.last_good, world)
-                if loss.requires_grad:  # else no trained weight is on its path (a text row, the vision side trained)
-                    (loss / len(micro) if len(micro) > 1 else loss).backward()
-                elif not untrained_said:  # the data check refuses the plain case; freeze patterns may hide others
-                    untrained_said = True
-                    log.warning(
-                        "%s: step %d has a row that reaches no trained weight (no images while the language model is "
-                        "frozen): such rows add no gradient, and train nothing",
-                        stage,
-                        state.step + 1,
-                    )
+                untrained.backward(
+                    loss / len(micro) if len(micro) > 1 else loss, f"{stage}: step {state.step + 1} has a row that"
+                )
                 losses.append(loss.detach())
                 metered.append(values)
                 n_tokens += n

@@ -4,6 +4,7 @@ checked, so a run never goes on from (or saves) non-finite weights."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
@@ -11,6 +12,8 @@ from torch import nn
 
 from kimivl.distributed.muon import local
 from kimivl.distributed.world import World
+
+log = logging.getLogger(__name__)
 
 
 class TrainingError(RuntimeError):
@@ -20,6 +23,28 @@ class TrainingError(RuntimeError):
 # ``last_good(weights_ok)`` says where the last good state is; ``weights_ok`` tells it whether the model's weights are
 # still good (they are before the update, so it may save them), or not (it must name an earlier checkpoint)
 LastGood = Callable[[bool], str]
+
+
+class UntrainedRows:
+    """The backward of a loss part, joint rows or RL answers alike, where a trained weight is on its path; a part that
+    reaches none (a text row while only the vision side trains, which freeze patterns can hide from the data check)
+    adds no gradient, and is warned about once."""
+
+    def __init__(self):
+        self.said = False
+
+    def backward(self, part: torch.Tensor, what: str) -> None:
+        """``part.backward()``, or the warning that ``what`` ("stage: step 3 has a row that") reaches no trained
+        weight."""
+        if part.requires_grad:
+            part.backward()
+        elif not self.said:
+            self.said = True
+            log.warning(
+                "%s reaches no trained weight (no images while the language model is frozen): such rows add no "
+                "gradient, and train nothing",
+                what,
+            )
 
 
 def check_loss(loss: torch.Tensor, where: str, last_good: LastGood, world: World | None = None) -> None:

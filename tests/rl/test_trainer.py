@@ -445,7 +445,7 @@ def test_rl_training_only_the_vision_side_on_text_problems_adds_no_gradient_and_
     set_trainable(policy, ["multi_modal_projector"])
     before = {n: p.detach().clone() for n, p in policy.named_parameters()}
     trainer = make_trainer(policy, small_processor, tmp_path, iterations=2, problems=2, samples=2)
-    with caplog.at_level(logging.WARNING, logger="kimivl.rl.trainer"):
+    with caplog.at_level(logging.WARNING, logger="kimivl.train.step"):
         trainer.run(progress=False)
     said = [m for m in caplog.messages if "reaches no trained weight" in m]
     assert len(said) == 1 and said[0].startswith("rl: iteration 1: a row of answers reaches no trained weight")

@@ -378,7 +378,7 @@ def test_a_row_whose_loss_reaches_no_trained_weight_adds_a_zero_gradient(
     rows and two text rows has half the gradient of the step of the two image rows alone; a step of text rows alone
     leaves the weights as they were. A run with such rows says so once (a language model frozen by ``freeze``
     patterns, which the data check cannot see, trained nothing on its text rows without a word)."""
-    caplog.set_level(logging.WARNING, logger="kimivl.train.loop")
+    caplog.set_level(logging.WARNING, logger="kimivl.train.step")
     (image_a, image_b), (text_a, text_b) = image_and_text_rows(small_processor, tmp_path)
     cfg = LoopConfig(steps=1, log_every=1, clip=1e9, bf16=False, bias_update_rate=0)  # no clipping
 
