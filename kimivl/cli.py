@@ -100,15 +100,15 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def _weights_dtype(preset: str | None, path: str | None, config: KimiVLConfig) -> str:
     """The dtype ``info --train`` plans the weights as loaded from: a preset's released checkpoint's (bfloat16), a
-    checkpoint's as its safetensors headers say (``stored_dtype``, as ``train --plan`` reads them: a stage's ``final``
+    checkpoint's as its safetensors headers say (``header_dtype``, as ``train --plan`` reads them: a stage's ``final``
     is float32), or, for a directory of a config alone, the dtype the config declares."""
     from kimivl.checkpoint import INDEX, SINGLE
-    from kimivl.train.plan import stored_dtype
+    from kimivl.train.plan import header_dtype
 
     if preset:
         return "bfloat16"
     if any((Path(path) / name).is_file() for name in (SINGLE, INDEX)):
-        return stored_dtype(Path(path))
+        return header_dtype(Path(path))
     return config.text_config.torch_dtype
 
 

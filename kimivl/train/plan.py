@@ -34,7 +34,7 @@ from kimivl.train.trainable import hold_frozen_in_bf16, restore_float32
 STORED_DTYPES = {s: str(d).removeprefix("torch.") for s, d in zip(STORED_FLOATS, WEIGHT_DTYPES)}
 
 
-def stored_dtype(path: Path) -> str:
+def header_dtype(path: Path) -> str:
     """The dtype most tensors of the checkpoint at ``path`` are stored in (``bfloat16`` in released checkpoints,
     ``float32`` in a stage's ``final``), read from the headers only."""
     dtypes = Counter()
@@ -80,7 +80,7 @@ def plan_recipe(recipe: Recipe, progress: bool = False) -> list[str]:
         model = KimiVL(base_config(recipe, processor.tokenizer))
     ctx = StageContext(recipe, sources, processor)
     trained: set[str] = set()  # trained by an earlier stage: float32 values, never held in bf16
-    bf16_base = base_dir is not None and stored_dtype(base_dir) == "bfloat16"
+    bf16_base = base_dir is not None and header_dtype(base_dir) == "bfloat16"
 
     def from_checkpoint(name: str, p) -> bool:
         return bf16_base and name not in trained
