@@ -97,7 +97,8 @@ def _text_messages(haystack: str) -> list[dict]:
 
 
 def text_case(processor, length: int, depth: int, secret: str, seed: int = 0) -> tuple[list[dict], dict]:
-    """A text haystack of about ``length`` prompt tokens with the needle at ``depth`` percent.
+    """A text haystack of at most ``length`` prompt tokens (short of it by less than a filler sentence) with the needle
+    at ``depth`` percent.
     Returns the messages and where things landed: ``tokens`` (prompt length), ``haystack`` (token span of the
     haystack in the prompt) and ``needle`` (token position of the needle's first token)."""
     tok = processor.tokenizer
@@ -113,6 +114,17 @@ def text_case(processor, length: int, depth: int, secret: str, seed: int = 0) ->
         sentences.append(sentence)
         counts.append(n)
         budget -= n
+    while True:  # joined text can tokenize longer than its sentences' counts: drop filler until it fits
+        messages, where = _place_needle(processor, sentences, counts, needle, depth)
+        if where["tokens"] <= length or not sentences:
+            return messages, where
+        sentences, counts = sentences[:-1], counts[:-1]
+
+
+def _place_needle(processor, sentences: list[str], counts: list[int], needle: str, depth: int) -> tuple[list, dict]:
+    """The text haystack of ``sentences`` (of ``counts`` tokens) with the needle at the sentence boundary nearest
+    ``depth`` percent, and where things landed."""
+    tok = processor.tokenizer
     total, before, cut = sum(counts), 0, 0
     target = depth / 100 * total
     for i, n in enumerate(counts):  # the sentence boundary nearest the target depth
@@ -169,18 +181,29 @@ def _video_messages(frames: list) -> list[dict]:
 
 
 def video_case(processor, length: int, depth: int, secret: str, seed: int = 0) -> tuple[list[dict], dict]:
-    """A video haystack of about ``length`` prompt tokens with the needle frame at ``depth`` percent.
+    """A video haystack of the most frames that fit in ``length`` prompt tokens, the needle frame at ``depth`` percent.
     Returns the messages and ``tokens``, ``frames`` (count) and ``needle`` (index of the needle frame)."""
     pool = _frame_pool(seed)
     one, two = (_prompt_tokens(processor, _video_messages(list(pool[:k]))) for k in (1, 2))
-    per_frame = two - one
+    per_frame = two - one  # a guess: later timestamps ("00:10.0") can take more tokens than "00:01.0"
     n = max(1, (length - (one - per_frame)) // per_frame)
-    at = round(depth / 100 * (n - 1))
     rng = random.Random(f"{seed}:{length}")
-    frames = [pool[rng.randrange(len(pool))] for _ in range(n)]
+    drawn = [pool[rng.randrange(len(pool))] for _ in range(n + 1)]
+
+    def tokens(k: int) -> int:
+        while len(drawn) < k:
+            drawn.append(pool[rng.randrange(len(pool))])
+        return _prompt_tokens(processor, _video_messages(drawn[:k]))
+
+    count = tokens(n)
+    while count > length and n > 1:
+        n, count = n - 1, tokens(n - 1)
+    while (more := tokens(n + 1)) <= length:
+        n, count = n + 1, more
+    frames = drawn[:n]
+    at = round(depth / 100 * (n - 1))
     frames[at] = needle_frame(secret)
-    messages = _video_messages(frames)
-    return messages, {"tokens": one + (n - 1) * per_frame, "frames": n, "needle": at}
+    return _video_messages(frames), {"tokens": count, "frames": n, "needle": at}
 
 
 class Cases:

@@ -2,10 +2,12 @@
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from kimivl import KimiVLProcessor
 from kimivl.cli import main
 from kimivl.eval import niah
 from kimivl.eval.report import headline, markdown
@@ -35,6 +37,37 @@ def test_video_needle_frame_at_the_asked_depth(small_processor, depth):
     assert len(frames) == where["frames"]
     white = [bool((np.asarray(f) == 255).mean() > 0.8) for f in frames]
     assert white.index(True) == where["needle"] == round(depth / 100 * (len(frames) - 1)) and sum(white) == 1
+
+
+@pytest.fixture(scope="module")
+def shipped_processor():
+    """The shipped model's processor (its tokenizer splits timestamps and joined filler as the bug needs)."""
+    return KimiVLProcessor.from_pretrained(Path(__file__).parents[2] / "models" / "kimivl-tiny")
+
+
+def test_video_haystack_counts_its_tokens_past_ten_seconds(shipped_processor):
+    # timestamps from 00:10.0 on take more tokens than 00:01.0: the count is measured, not extrapolated from two
+    # frames, and the prompt stays within the asked length by less than a frame
+    for length in (2048, 4064):
+        messages, where = niah.video_case(shipped_processor, length, 50, "5550123")
+        assert where["tokens"] == len(shipped_processor.encode(messages).input_ids) <= length
+        assert where["tokens"] > length - 80
+        assert where["frames"] == sum(p["type"] == "image" for p in messages[0]["content"])
+
+
+def test_text_haystack_never_passes_the_asked_length(shipped_processor):
+    # joining filler sentences can tokenize a token longer than their counts; at the top length such a prompt
+    # would leave the answer one token short of the context
+    over = []
+    for trial in range(8):
+        for depth in (0, 10, 25, 50, 75, 90, 100):
+            messages, where = niah.text_case(
+                shipped_processor, 1024, depth, niah.secret_for(f"text/1024/{depth}/0"), trial
+            )
+            assert where["tokens"] == len(shipped_processor.encode(messages).input_ids)
+            over += [where["tokens"] - 1024] if where["tokens"] > 1024 else []
+            assert where["tokens"] > 1024 - 70  # short by less than two filler sentences (34 tokens at most)
+    assert over == []
 
 
 def test_secret_and_meta_come_back_from_the_index():
