@@ -341,16 +341,12 @@ def _check_chat_inputs(
         check_video_file(args.video, video if isinstance(video, bytes) else None)
 
 
-# kimivl chat's sampling where neither a flag nor the checkpoint's generation_config.json sets it (spec section 9:
-# Instruct's temperature)
-CHAT_SAMPLING = {"max_new_tokens": 512, "temperature": 0.2, "top_p": 1.0}
-
-
 def _sampling_flags(args: argparse.Namespace) -> dict:
     """chat's sampling flags that were given, each checked alone, so that a bad one is named as typed."""
+    from kimivl.inference.generation_config import KEYS
     from kimivl.inference.sampling import SamplingError, SamplingParams
 
-    flags = {k: getattr(args, k) for k in CHAT_SAMPLING if getattr(args, k) is not None}
+    flags = {k: getattr(args, k) for k in KEYS if getattr(args, k) is not None}
     for name, value in flags.items():
         try:
             SamplingParams.from_kwargs(**{name: value})
@@ -409,11 +405,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 f"{flag} {path} reads stdin, so a session cannot read questions from it: give the question as an "
                 "argument"
             )
-    from kimivl.inference.generation_config import generation_defaults
+    from kimivl.inference.generation_config import recommended_sampling
 
     # a flag given wins; then the checkpoint's generation_config.json; then the Instruct model's settings
     flags = _sampling_flags(args)
-    sampling = {**CHAT_SAMPLING, **generation_defaults(args.model), **flags, "seed": args.seed}
+    sampling = {**recommended_sampling(args.model), **flags, "seed": args.seed}
     images, video = _read_piped(args)  # attached to the first turn
     _check_chat_inputs(args, sampling, images, video)
     model, processor = _load(args.model, args.dtype, args.device)
@@ -604,6 +600,7 @@ def _event_loop_running() -> bool:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from kimivl.inference.generation_config import recommended_sampling
     from kimivl.serve.app import LOOPBACK_NAMES, HeaderDeadlineProtocol, check_api_key, create_app
     from kimivl.serve.engine import Engine
     from kimivl.serve.listen import PreboundServer
@@ -646,6 +643,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         else "the model directory's name (the default --served-model-name)"
     )
     name = _utf8(name, sys.getfilesystemencoding(), what)  # argv under LC_ALL=C holds bytes as lone surrogates
+    sampling = recommended_sampling(args.model)  # the chat page's, as kimivl chat's (a bad file fails before loading)
     sockets = _listen(args.host, args.port)
     try:
         model, processor = _load(args.model, args.dtype, args.device)
@@ -660,7 +658,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # on loopback, no name re-pointed at it gets in; a reverse proxy's public name is added with --allowed-host
         names = (*LOOPBACK_NAMES, args.host, *allowed_hosts)
         hosts = tuple(dict.fromkeys(n.lower() for n in names)) if _loopback(args.host) else None
-        app = create_app(engine, name, api_key=api_key, limits=limits, hosts=hosts)
+        app = create_app(engine, name, api_key=api_key, limits=limits, hosts=hosts, sampling=sampling)
         config = uvicorn.Config(
             app,
             host=args.host,

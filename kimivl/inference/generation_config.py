@@ -4,6 +4,7 @@ Of its keys, ``temperature``, ``top_p`` and ``max_new_tokens`` are read, and ``d
 decoding (temperature 0), as in Hugging Face's ``generate``; the others (token ids, ``top_k``, ...) are ignored.
 The shipped models hold one: ``kimivl-tiny`` temperature 0.2 (the spec's for Instruct), ``kimivl-tiny-thinking``
 temperature 0.8 with 1024 new tokens (the spec's Thinking range, and a quarter of its 4K context as 32K is of 128K).
+``kimivl chat`` and the chat page of ``kimivl serve`` start from ``recommended_sampling``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from kimivl.inference.sampling import SamplingError, SamplingParams
 
 FILE = "generation_config.json"
 KEYS = ("temperature", "top_p", "max_new_tokens")
+# the settings where the file says nothing, or there is none (spec section 9: Instruct's temperature)
+FALLBACK = {"max_new_tokens": 512, "temperature": 0.2, "top_p": 1.0}
 
 
 def generation_defaults(checkpoint: str | os.PathLike) -> dict:
@@ -31,6 +34,11 @@ def generation_defaults(checkpoint: str | os.PathLike) -> dict:
     if not isinstance(config, dict):
         raise SamplingError(f"{file}: must be a JSON object of generation settings, got {type(config).__name__}")
     return checked_settings(config, str(file))
+
+
+def recommended_sampling(checkpoint: str | os.PathLike) -> dict:
+    """Every one of ``KEYS``: what ``checkpoint``'s ``generation_config.json`` recommends, else ``FALLBACK``'s."""
+    return {**FALLBACK, **generation_defaults(checkpoint)}
 
 
 def checked_settings(config: dict, where: str) -> dict:

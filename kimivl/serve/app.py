@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import math
+import string
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +30,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from kimivl.inference.chat import check_fits
 from kimivl.inference.generate import GenerationError
+from kimivl.inference.generation_config import FALLBACK
 from kimivl.inference.sampling import MIN_TEMPERATURE, SamplingParams
 from kimivl.serve.engine import Engine, QueueFull
 from kimivl.serve.engine import Request as EngineRequest
@@ -65,12 +67,15 @@ def create_app(
     max_body_bytes: int = MAX_BODY_BYTES,
     start_engine: bool = True,
     hosts: tuple[str, ...] | None = None,
+    sampling: dict | None = None,
 ) -> FastAPI:
     """An app serving ``engine`` under the name ``model_name``; the engine stops with the app, and starts with it
     unless ``start_engine`` is False (then the caller starts it; requests wait in its queue until then). ``hosts``:
     the only host names (lower case) a request may address (``kimivl serve`` on a loopback address gives
     ``LOOPBACK_NAMES``, its own and ``--allowed-host``'s, so a web page whose name an attacker re-points at 127.0.0.1
-    cannot use the server); None accepts any.
+    cannot use the server); None accepts any. ``sampling``: the chat page's starting temperature, max tokens and top-p
+    (``temperature``, ``max_new_tokens``, ``top_p``; ``kimivl serve`` gives the model's ``recommended_sampling``, as
+    ``kimivl chat`` has), ``FALLBACK``'s where one is missing.
     ``api_key`` must be printable ASCII (what an HTTP header carries)."""
     if api_key is not None:
         check_api_key(api_key)
@@ -132,7 +137,9 @@ def create_app(
     app.add_middleware(_CancelledQuietly, answering=answering)  # added last: outside the others
 
     static = importlib.resources.files("kimivl.serve").joinpath("static")
-    page = static.joinpath("index.html").read_text(encoding="utf-8")
+    page = string.Template(static.joinpath("index.html").read_text(encoding="utf-8")).substitute(
+        {**FALLBACK, **(sampling or {})}
+    )
     script = static.joinpath("chat.js").read_text(encoding="utf-8")
 
     # the GET routes answer HEAD too (RFC 9110; uptime monitors, HAProxy's `option httpchk HEAD /health`): the same

@@ -729,6 +729,42 @@ def test_kimivl_serve_runs_uvicorn_on_loopback_with_the_app(monkeypatch):
     assert len(stopped) == 1
 
 
+def test_the_chat_page_starts_from_the_models_recommended_sampling(monkeypatch, tmp_path):
+    """The page's temperature and max tokens were 0.7 and 512 for every model, while ``kimivl chat`` starts from the
+    model's generation_config.json (a thinking model's 1024 tokens of reasoning were cut at 512 on the page). ``kimivl
+    serve`` fills them (and the top-p the page sends) from the file, else with chat's own 0.2, 512 and 1."""
+    import re
+
+    import uvicorn
+    from fastapi.testclient import TestClient
+
+    from kimivl import cli
+    from kimivl.cli import main
+
+    apps = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda server, sockets: apps.append(server.config.app))
+    monkeypatch.setattr(cli, "_listen", lambda host, port: [])
+    bare, nucleus = tmp_path / "bare", tmp_path / "nucleus"  # the thinking model without its file, and with another
+    for folder in (bare, nucleus):
+        folder.mkdir()
+        for file in (MODELS / "kimivl-tiny-thinking").iterdir():
+            if file.name != "generation_config.json":
+                (folder / file.name).symlink_to(file)
+    (nucleus / "generation_config.json").write_text('{"do_sample": true, "temperature": 0.5, "top_p": 0.9}')
+    for model, expected in (
+        (MODELS / "kimivl-tiny-thinking", [0.8, 1024, 1.0]),
+        (MODELS / "kimivl-tiny", [0.2, 512, 1.0]),
+        (bare, [0.2, 512, 1.0]),
+        (nucleus, [0.5, 512, 0.9]),
+    ):
+        assert main(["serve", "--model", str(model), "--device", "cpu"]) == 0
+        page = TestClient(apps[-1]).get("/", headers={"host": "127.0.0.1"})
+        assert page.status_code == 200
+        inputs = dict(re.findall(r'<input id="([\w-]+)"[^>]*value="([^"]*)"', page.text))
+        found = {i: float(inputs[i]) for i in ("temperature", "max-tokens", "top-p") if i in inputs}
+        assert found == dict(zip(("temperature", "max-tokens", "top-p"), expected)), model
+
+
 def test_allowed_hosts_are_read_as_the_host_guard_reads_a_host(monkeypatch, capsys):
     """``--allowed-host kimi.example.com:8443`` or ``[fd00::1]`` was accepted and never matched (421 for all): the
     guard compares a request's Host without its port and brackets. Brackets and case are dropped now; a port is

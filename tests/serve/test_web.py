@@ -199,6 +199,27 @@ def _last_state(driver) -> str:
     return driver.find_elements(By.CSS_SELECTOR, ".turn.assistant")[-1].get_attribute("data-state")
 
 
+def test_the_page_starts_from_the_served_models_sampling_and_sends_what_the_user_sets(browser):
+    """The page began at temperature 0.7 and 512 tokens whatever the model recommended; it starts from the sampling
+    the server was given (the model's generation_config.json under ``kimivl serve``), and the user can still change
+    it."""
+    script = {}
+    sampling = {"temperature": 0.8, "max_new_tokens": 1024, "top_p": 0.9}
+    with live_server("kimivl-tiny", start=False, sampling=sampling) as (url, engine):
+        engine.submit = lambda job: threading.Thread(target=_play, args=(job, dict(script)), daemon=True).start()
+        _open(browser, url, script, ["an answer"])
+        shown = [browser.find_element(By.ID, i).get_attribute("value") for i in ("temperature", "max-tokens")]
+        assert shown == ["0.8", "1024"]
+        _ask(browser, None, "a question")
+        WebDriverWait(browser, 10).until(lambda d: _last_state(d) == "done")
+        _set(browser, "temperature", 0.3)
+        _set(browser, "max-tokens", 40)
+        _ask(browser, None, "another")
+        WebDriverWait(browser, 10).until(lambda d: _last_state(d) == "done")
+        sent = browser.execute_script("return window.sent.map((b) => [b.temperature, b.max_tokens, b.top_p])")
+        assert sent == [[0.8, 1024, 0.9], [0.3, 40, 0.9]]
+
+
 def test_new_chat_while_an_answer_streams_starts_an_empty_conversation(scripted, browser):
     """The aborted answer's send() went on after New chat emptied the history and put the cut-off answer into the new
     conversation: its first request began with an assistant message."""

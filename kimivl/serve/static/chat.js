@@ -166,7 +166,8 @@ async function send() {
   const div = assistantTurn();
   const reasoningBox = div.querySelector("details"), reasoning = div.querySelector(".reasoning-text");
   const answer = div.querySelector(".answer"), note = div.querySelector(".note");
-  const body = { model, messages: thread, stream: true, temperature: Number($("temperature").value) };
+  const body = { model, messages: thread, stream: true, temperature: Number($("temperature").value),
+                 top_p: Number($("top-p").value) };
   const maxTokens = parseInt($("max-tokens").value, 10);
   if (maxTokens > 0) body.max_tokens = maxTokens;
   const chat = $("chat");
