@@ -1,5 +1,5 @@
-"""Files written so that a crash mid-write leaves the previous content, never a torn one; a write that fails (a full
-disk) is an error naming the file."""
+"""Files (and directories) written so that a crash mid-write leaves the previous content, never a torn one; a write
+that fails (a full disk) is an error naming the file."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import contextlib
 import errno
 import os
 import re
+import shutil
 import stat
 import sys
 import uuid
@@ -166,3 +167,21 @@ def write_text_atomic(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def temporary_dir(path: Path) -> Path:
+    """Where the directory ``path`` is written before ``publish_dir`` renames it into place: ``.<name>.tmp`` beside
+    it."""
+    return path.with_name(f".{path.name}.tmp")
+
+
+def publish_dir(path: Path) -> None:
+    """Rename the directory completed under ``path``'s temporary name into place, replacing ``path``: the previous
+    one is first renamed aside (``.<name>.old``, removed after), so a process killed at any point leaves at ``path``
+    the previous directory whole, the new one whole, or (between the two renames) none, never a part of either."""
+    old = path.with_name(f".{path.name}.old")
+    shutil.rmtree(old, ignore_errors=True)  # left by a process killed after its swap
+    if path.exists():
+        os.replace(path, old)
+    os.replace(temporary_dir(path), path)
+    shutil.rmtree(old, ignore_errors=True)

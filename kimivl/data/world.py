@@ -12,6 +12,8 @@ Each (split, task) draws from its own seeded stream, so the same seed gives byte
 same Pillow, zlib and FreeType) and splits never share a stream. No sample repeats another anywhere in the world
 (same question, answer and images).
 Reasoning records of the train split answer with the long-CoT target ``◁think▷steps◁/think▷answer``.
+One process at a time builds a world (``.<name>.lock`` beside its folder; another waits), each split written under a
+temporary name and renamed into place, world.json last: its world.json says a world is whole only when it is.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from tqdm import tqdm
 from kimivl.data import synthetic
 from kimivl.data.formats import write_records
 from kimivl.data.synthetic import GENERATORS, TASKS, TEXTS, Clip, Sample
-from kimivl.files import write_text_atomic
+from kimivl.files import publish_dir, temporary_dir, write_text_atomic
 from kimivl.progress import progress_bar
 
 logger = logging.getLogger(__name__)
@@ -122,30 +124,67 @@ def build_world(
     progress: bool = True,
 ) -> dict:
     """Generate ``sizes[split]`` samples per task for every split (in order; later splits are de-duplicated
-    against earlier ones) and write them under ``out_dir``. Returns the manifest also saved as world.json."""
-    sizes = dict(DEFAULT_SIZES if sizes is None else sizes)
+    against earlier ones) and write them under ``out_dir``. Returns the manifest also saved as world.json. Builds of
+    one folder take turns (``_turn``)."""
+    _known(tasks)
+    with _turn(out_dir):
+        return _build(Path(out_dir), seed, sizes, tasks, overwrite, progress)
+
+
+def _known(tasks: tuple[str, ...] | list[str]) -> None:
+    """Refuse a task the generators lack, before anything is written."""
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"unknown tasks {unknown} (expected some of {', '.join(TASKS)})")
-    out = Path(out_dir)
+
+
+def _turn(out_dir: str | os.PathLike):
+    """The lock of the world in ``out_dir`` (``.<name>.lock`` beside it), held while a process builds it or looks
+    whether it is built: a second process waits for the first (a warning names it), then finds the world it built."""
+    from kimivl.train.lock import world_lock  # not at import: kimivl.train imports kimivl.data
+
+    out = Path(out_dir).resolve()  # a link's target: each name of one folder takes the same lock
+    out.mkdir(parents=True, exist_ok=True)
+    return world_lock(out)
+
+
+def _build(
+    out: Path,
+    seed: int,
+    sizes: dict[str, int] | None,
+    tasks: tuple[str, ...] | list[str],
+    overwrite: bool,
+    progress: bool,
+) -> dict:
+    """``build_world``, by a process holding the world's lock. Each split is written beside its folder
+    (``.<split>.tmp``) and renamed into place once every split is whole, world.json last: a build cut short leaves the
+    previous world as it was, and a world whose world.json says it is built lacks no file."""
+    sizes = dict(DEFAULT_SIZES if sizes is None else sizes)
     existing = [out / split for split in sizes if (out / split).exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{existing[0]} exists; pass overwrite=True to replace it")
-    (out / "world.json").unlink(missing_ok=True)  # written last: a build cut short is never taken for a whole one
-    for path in existing:
-        shutil.rmtree(path)
     start = time.perf_counter()
     files: dict[str, dict[str, str]] = {}
     seen: set[str] = set()
-    with progress_bar(total=sum(sizes.values()) * len(tasks), unit="sample", desc="world", disable=not progress) as bar:
-        for split, n in sizes.items():
-            files[split] = {}
-            for task in tasks:
-                rel = f"{split}/{task}.jsonl"
-                records = _records(split, task, n, seed, seen, out / split)
-                write_records(out / rel, _ticking(records, bar))
-                files[split][task] = rel
-                logger.info("wrote %d %s records to %s", n, task, out / rel)
+    try:
+        with progress_bar(
+            total=sum(sizes.values()) * len(tasks), unit="sample", desc="world", disable=not progress
+        ) as bar:
+            for split, n in sizes.items():
+                files[split], tmp = {}, temporary_dir(out / split)
+                shutil.rmtree(tmp, ignore_errors=True)  # left by a killed build (the lock rules out one under way)
+                for task in tasks:
+                    records = _records(split, task, n, seed, seen, tmp)
+                    write_records(tmp / f"{task}.jsonl", _ticking(records, bar))
+                    files[split][task] = f"{split}/{task}.jsonl"
+                    logger.info("wrote %d %s records to %s", n, task, out / split / f"{task}.jsonl")
+        (out / "world.json").unlink(missing_ok=True)  # written last: a build cut short is never taken for a whole one
+        for split in sizes:
+            publish_dir(out / split)
+    except BaseException:
+        for split in sizes:  # a full disk gets its space back
+            shutil.rmtree(temporary_dir(out / split), ignore_errors=True)
+        raise
     manifest = {
         "seed": seed,
         "sizes": sizes,
@@ -204,13 +243,27 @@ def ensure_world(
     **sizes: int,
 ) -> dict:
     """Build the world (``sizes`` as split=count keywords, e.g. ``train=4000, heldout=300``) unless ``out_dir``
-    already holds one built with the same seed, sizes, tasks and generator code; return its manifest."""
+    already holds one built with the same seed, sizes, tasks and generator code; return its manifest. A process
+    building it now is waited for; a world of other settings is not rebuilt under the run that holds the folder
+    around it (``out/.lock``, a training run on ``out/world``)."""
+    from kimivl.train.lock import running
+    from kimivl.train.recipe import RecipeError
+
     sizes = sizes or dict(DEFAULT_SIZES)
-    manifest, wanted = _manifest(out_dir), world_wanted(seed, tasks, **sizes)
-    built = None if manifest is None else _built_with(manifest)
-    if built == wanted:
-        logger.info("reusing the world under %s", out_dir)
-        return manifest
-    if built is not None and built[:3] == wanted[:3]:
-        logger.warning("the world under %s was made by other generator code: rebuilding it", out_dir)
-    return build_world(out_dir, seed, sizes, tasks, overwrite=True, progress=progress)
+    _known(tasks)
+    with _turn(out_dir):
+        manifest, wanted = _manifest(out_dir), world_wanted(seed, tasks, **sizes)
+        built = None if manifest is None else _built_with(manifest)
+        if built == wanted:
+            logger.info("reusing the world under %s", out_dir)
+            return manifest
+        run = Path(out_dir).resolve().parent
+        if built is not None and (user := running(run)):
+            raise RecipeError(
+                f"the world under {out_dir} was built with other settings (seed, sizes, tasks or generator code), and "
+                f"the run in {run} ({user}) may be training on it, so it is not rebuilt under that run: wait for the "
+                "run to end, or build this world elsewhere"
+            )
+        if built is not None and built[:3] == wanted[:3]:
+            logger.warning("the world under %s was made by other generator code: rebuilding it", out_dir)
+        return _build(Path(out_dir), seed, sizes, tasks, overwrite=True, progress=progress)

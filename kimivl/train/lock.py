@@ -1,13 +1,15 @@
 """One run at a time in a run directory: ``out/.lock`` is held (``flock``) while a run trains there, and names its
 holder, so a second run on the same ``out`` is refused instead of corrupting the first. Likewise one export at a time
-to an export path: ``.<name>.lock`` beside it is held while a run writes and publishes its export there. A lock goes
-with the process, however it ends."""
+to an export path: ``.<name>.lock`` beside it is held while a run writes and publishes its export there; and one build
+at a time of a synthetic world: ``.<name>.lock`` beside its folder, which a second builder waits for. A lock goes with
+the process, however it ends."""
 
 from __future__ import annotations
 
 import contextlib
 import datetime
 import json
+import logging
 import os
 import socket
 from collections.abc import Iterator
@@ -15,6 +17,7 @@ from pathlib import Path
 
 from kimivl.train.recipe import ExportRefused, RecipeError
 
+log = logging.getLogger(__name__)
 LOCK = ".lock"
 
 
@@ -28,20 +31,61 @@ def run_lock(out: Path) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
+def running(out: Path) -> str | None:
+    """The other process (``pid N on HOST, started ...``) whose run holds ``out`` now; None when none does, or when
+    it is this process's own run."""
+    import fcntl  # not at import, as in _take
+
+    try:
+        fd = os.open(out / LOCK, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # taken only while no run holds it
+        return None
+    except BlockingIOError:
+        held = os.pread(fd, 4096, 0).decode("utf-8", "replace")
+        with contextlib.suppress(ValueError, AttributeError):
+            who = json.loads(held)
+            if (who.get("pid"), who.get("host")) == (os.getpid(), socket.gethostname()):
+                return None
+        return _who(held)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def export_lock(path: Path, out: Path, advice: str) -> Iterator[None]:
     """The export to ``path`` by the run in ``out``: another run exporting there now is an ``ExportRefused`` naming
-    its ``out``, with ``advice``. The lock file is removed when the export ends (a run that opened it just before
-    then holds a removed file, and opens the path again)."""
+    its ``out``, with ``advice``."""
+    holder = {"out": str(out.resolve())}
+    with _beside(path, holder, f"export path {path} is being written by another run", advice, ExportRefused):
+        yield
+
+
+@contextlib.contextmanager
+def world_lock(path: Path) -> Iterator[None]:
+    """The synthetic world in the folder ``path`` for this process to build: while another process builds it, a
+    warning names that process, and this one waits for it to end."""
+    refusal = f"the world under {path} is being built by another process"
+    with _beside(path, {}, refusal, "waiting for it to end", wait=True):
+        yield
+
+
+@contextlib.contextmanager
+def _beside(
+    path: Path,
+    holder: dict[str, str],
+    refusal: str,
+    advice: str,
+    error: type[RecipeError] = RecipeError,
+    wait: bool = False,
+) -> Iterator[None]:
+    """The lock ``.<name>.lock`` beside ``path`` (``_take``'s, with these arguments). The lock file is removed when the
+    block ends (a process that opened it just before then holds a removed file, and opens the path again)."""
     file = path.with_name(f".{path.name}.lock")
     while True:
-        fd = _take(
-            file,
-            {"out": str(out.resolve())},
-            f"export path {path} is being written by another run",
-            advice,
-            ExportRefused,
-        )
+        fd = _take(file, holder, refusal, advice, error, wait)
         with contextlib.suppress(FileNotFoundError):
             if os.path.samestat(os.fstat(fd), os.stat(file)):
                 break
@@ -53,9 +97,17 @@ def export_lock(path: Path, out: Path, advice: str) -> Iterator[None]:
         os.close(fd)
 
 
-def _take(file: Path, holder: dict[str, str], refusal: str, advice: str, error: type[RecipeError] = RecipeError) -> int:
+def _take(
+    file: Path,
+    holder: dict[str, str],
+    refusal: str,
+    advice: str,
+    error: type[RecipeError] = RecipeError,
+    wait: bool = False,
+) -> int:
     """The descriptor of ``file``, locked by this process, which it names there (with ``holder``); while another
-    process holds it, an ``error``: ``refusal``, that process, ``advice``."""
+    process holds it, an ``error``: ``refusal``, that process, ``advice`` (with ``wait``, a warning of those, and the
+    lock once that process lets it go)."""
     try:
         import fcntl
     except ImportError:  # Windows
@@ -67,19 +119,26 @@ def _take(file: Path, holder: dict[str, str], refusal: str, advice: str, error: 
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        held = os.pread(fd, 4096, 0).decode("utf-8", "replace")
-        os.close(fd)
-        try:
-            who = json.loads(held)
-            who = f"pid {who['pid']} on {who['host']}, started {who['started']}" + (
-                f", out {who['out']}" if "out" in who else ""
-            )
-        except (ValueError, KeyError, TypeError):
-            who = "another process"
-        raise error(f"{refusal} ({who}); {advice}") from None
+        who = _who(os.pread(fd, 4096, 0).decode("utf-8", "replace"))
+        if not wait:
+            os.close(fd)
+            raise error(f"{refusal} ({who}); {advice}") from None
+        log.warning("%s (%s): %s", refusal, who, advice)
+        fcntl.flock(fd, fcntl.LOCK_EX)
     started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")  # with its UTC offset: the run
     # refused may be in another time zone, or on another host of a shared filesystem
     held = {"pid": os.getpid(), "host": socket.gethostname(), "started": started, **holder}
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(held).encode(), 0)
     return fd
+
+
+def _who(held: str) -> str:
+    """The holder a lock file names (``_take`` wrote it), as words."""
+    try:
+        who = json.loads(held)
+        return f"pid {who['pid']} on {who['host']}, started {who['started']}" + (
+            f", out {who['out']}" if "out" in who else ""
+        )
+    except (ValueError, KeyError, TypeError):
+        return "another process"

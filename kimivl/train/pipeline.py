@@ -32,7 +32,7 @@ from kimivl.distributed.same_run import check_same_run
 from kimivl.distributed.world import World, main_first
 from kimivl.eval.position_loss import position_loss
 from kimivl.eval.synthetic import evaluate, heldout_records
-from kimivl.files import unwritable, write_text_atomic
+from kimivl.files import publish_dir, temporary_dir, unwritable, write_text_atomic
 from kimivl.inference.generation_config import write_generation_config
 from kimivl.model.kimivl import KimiVL, check_checkpoint
 from kimivl.precision import use_bf16
@@ -517,23 +517,6 @@ def renamed_stage_advice(out: Path, names: list[Any]) -> str:
     )
 
 
-def _temporary(path: Path) -> Path:
-    """Where the directory ``path`` is written before ``_publish`` renames it into place: ``.<name>.tmp`` beside it."""
-    return path.with_name(f".{path.name}.tmp")
-
-
-def _publish(path: Path) -> None:
-    """Rename the directory completed under ``path``'s temporary name into place, replacing ``path``: the previous
-    one is first renamed aside (``.<name>.old``, removed after), so a process killed at any point leaves at ``path``
-    the previous directory whole, the new one whole, or (between the two renames) none, never a part of either."""
-    old = path.with_name(f".{path.name}.old")
-    shutil.rmtree(old, ignore_errors=True)  # left by a process killed after its swap
-    if path.exists():
-        os.replace(path, old)
-    os.replace(_temporary(path), path)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 ELSEWHERE = "export elsewhere (export.path, or --out, which moves a relative export path under it)"
 
 
@@ -595,7 +578,7 @@ def _export(recipe: Recipe, final: Path, processor: KimiVLProcessor, path: Path)
             check_export(recipe, kept)
         except RecipeError as e:
             raise ExportRefused(str(e)) from None
-        tmp = _temporary(path)
+        tmp = temporary_dir(path)
         shutil.rmtree(tmp, ignore_errors=True)  # left by a killed export (the lock rules out one under way)
         try:
             dtype = recipe.export.get("dtype", "bfloat16")
@@ -606,7 +589,7 @@ def _export(recipe: Recipe, final: Path, processor: KimiVLProcessor, path: Path)
                 write_generation_config(tmp, recipe.export["generation"])
             record = {"out": os.path.relpath(recipe.out.resolve(), path)}
             write_text_atomic(tmp / EXPORT_RECORD, json.dumps(record) + "\n")
-            _publish(path)
+            publish_dir(path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)  # a full disk gets its space back
             raise
@@ -778,7 +761,7 @@ def _finish_stage(
     """Write the stage's official-format checkpoint; a sharded model is gathered file by file (rank 0 writes; what
     it left unloaded comes from ``source``), and every rank goes on with the model unloaded: the next stage reads
     its shards from that checkpoint."""
-    tmp = _temporary(final)
+    tmp = temporary_dir(final)
     if world.main:
         shutil.rmtree(tmp, ignore_errors=True)
         log.info("writing the stage's model to %s", final)  # minutes at scale: the step bar is done by then
@@ -789,7 +772,7 @@ def _finish_stage(
         model.save_pretrained(tmp)
     if world.main:
         processor.save_pretrained(tmp)
-        _publish(final)
+        publish_dir(final)
     world.wait_for_main()  # rank 0 also copies what no rank holds (after a vit stage, the language model)
     return _unloaded_model(final) if world.active else model
 

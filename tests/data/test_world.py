@@ -1,5 +1,10 @@
 import hashlib
 import json
+import os
+import re
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -93,9 +98,11 @@ def test_existing_world_is_kept_or_replaced_on_request(tmp_path):
         build_world(tmp_path / "x", tasks=["caption", "smell"])
 
 
-def test_a_rebuild_cut_short_is_built_again(tmp_path, monkeypatch):
+def test_a_rebuild_cut_short_leaves_the_previous_world_whole(tmp_path, monkeypatch):
     """world.json was written last but deleted never: a rebuild under another seed cut short (Ctrl-C) left the old
-    manifest over half-written files of the new seed, and the next run reused them as the old world."""
+    manifest over half-written files of the new seed, and the next run reused them as the old world. Then the rebuild
+    removed world.json and the splits first: cut short, it left no world. Now each split is written aside and renamed
+    into place: cut short while writing, the previous world is whole; between the renames, it has no world.json."""
     import kimivl.data.world as world_module
 
     ensure_world(tmp_path, seed=0, progress=False, **SIZES)
@@ -108,7 +115,19 @@ def test_a_rebuild_cut_short_is_built_again(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         ensure_world(tmp_path, seed=1, progress=False, **SIZES)
     monkeypatch.undo()
-    assert not (tmp_path / "world.json").exists()
+    assert _tree(tmp_path) == whole and sorted(p.name for p in tmp_path.iterdir()) == ["heldout", "train", "world.json"]
+
+    publish = world_module.publish_dir
+
+    def killed_after_the_first(path):
+        publish(path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(world_module, "publish_dir", killed_after_the_first)
+    with pytest.raises(KeyboardInterrupt):
+        ensure_world(tmp_path, seed=1, progress=False, **SIZES)
+    monkeypatch.undo()
+    assert not (tmp_path / "world.json").exists()  # train is seed 1's, heldout seed 0's: no world
     ensure_world(tmp_path, seed=0, progress=False, **SIZES)  # built again, as it was
     assert _tree(tmp_path) == whole
 
@@ -132,7 +151,6 @@ def test_a_full_disk_while_writing_the_manifest_leaves_none(tmp_path, monkeypatc
     import builtins
     import errno
     import io
-    import os
 
     real_open = builtins.open
 
@@ -160,3 +178,97 @@ def test_a_full_disk_while_writing_the_manifest_leaves_none(tmp_path, monkeypatc
     assert [p.name for p in tmp_path.iterdir() if "world.json" in p.name] == []
     ensure_world(tmp_path, seed=0, tasks=["caption"], progress=False, train=2, heldout=1)
     assert json.loads((tmp_path / "world.json").read_text())["seed"] == 0
+
+
+BUILDER = """
+import pathlib, sys, time
+import kimivl.data.world as world
+from kimivl.data import iter_records
+
+out, role = pathlib.Path(sys.argv[1]), sys.argv[2]
+signal = out.parent / "second-builds"
+if role == "first":  # pauses before its world.json until the second builds (or 3 s pass: it waits for the lock)
+    write = world.write_text_atomic
+
+    def paused(path, text, **kwargs):
+        (out.parent / "first-paused").touch()
+        for _ in range(30):
+            if signal.exists():
+                break
+            time.sleep(0.1)
+        write(path, text, **kwargs)
+
+    world.write_text_atomic = paused
+else:  # builds slowly, saying so at its first image
+    save = world._save
+
+    def slow(*args):
+        signal.touch()
+        time.sleep(0.1)
+        return save(*args)
+
+    world._save = slow
+manifest = world.ensure_world(out, seed=0, tasks=["caption"], progress=False, train=12, heldout=4)
+for split, files in manifest["files"].items():  # the world as this process found it on return
+    records = list(iter_records(out / files["caption"]))
+    images = [p["image"] for r in records for p in r["messages"][0]["content"] if p["type"] == "image"]
+    missing = [i for i in images if not pathlib.Path(i).is_file()]
+    print(split, len(records), len(images), len(missing))
+"""
+
+
+def test_two_processes_building_one_world_take_turns(tmp_path):
+    """Two builds of one world at once (``benchmarks/rl_signal.py`` twice with one --out, a benchmark beside the run
+    of its recipe) took no lock: the second removed the first's splits to build them again, the first crashed
+    (Directory not empty) or wrote world.json over the second's half-written ones, and every later run reused that
+    world with its images missing. Now the second waits for the first, naming it, and then finds the world built."""
+    (tmp_path / "build.py").write_text(BUILDER)
+    out = tmp_path / "world"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+
+    def start(role):
+        cmd = [sys.executable, str(tmp_path / "build.py"), str(out), role]
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    first = start("first")
+    for _ in range(600):
+        if (tmp_path / "first-paused").exists() or first.poll() is not None:
+            break
+        time.sleep(0.05)
+    second = start("second")
+    said = [p.communicate(timeout=120) for p in (first, second)]
+    assert [p.returncode for p in (first, second)] == [0, 0], said
+    assert said[0][0] == said[1][0] == "train 12 12 0\nheldout 4 4 0\n"  # whole, as each found it
+    assert f"the world under {out} is being built by another process (pid {first.pid} on " in said[1][1]
+    assert not (tmp_path / "second-builds").exists()  # it waited, and reused the world
+    assert json.loads((out / "world.json").read_text())["sizes"] == {"train": 12, "heldout": 4}
+    assert sorted(p.name for p in out.iterdir()) == ["heldout", "train", "world.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["build.py", "first-paused", "world"]  # no lock file left
+
+
+def test_a_world_a_run_trains_on_is_not_rebuilt_under_it(tmp_path):
+    """A benchmark given a run's recipe (``train_throughput.py --recipe``) builds the world under the run's out:
+    with other settings (or generator code) it rebuilt the world a live run was reading. Now that is refused, naming
+    the run; the run's own process (which holds the lock) still rebuilds it."""
+    from kimivl.train.lock import run_lock
+    from kimivl.train.recipe import RecipeError
+
+    run, sizes = tmp_path / "run", {"train": 2, "heldout": 1}
+    ensure_world(run / "world", seed=0, tasks=["caption"], progress=False, **sizes)
+    whole = _tree(run / "world")
+    holds = f"from pathlib import Path\nfrom kimivl.train.lock import run_lock\nwith run_lock(Path({str(run)!r})):\n"
+    holds += "    print('held', flush=True)\n    input()\n"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+    holder = subprocess.Popen([sys.executable, "-c", holds], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == b"held\n"
+        assert ensure_world(run / "world", seed=0, tasks=["caption"], progress=False, **sizes)["seed"] == 0
+        refused = f"the world under {run / 'world'} was built with other settings (seed, sizes, tasks or generator "
+        refused += f"code), and the run in {run} (pid {holder.pid} on "
+        with pytest.raises(RecipeError, match=re.escape(refused)):
+            ensure_world(run / "world", seed=1, tasks=["caption"], progress=False, **sizes)
+        assert _tree(run / "world") == whole
+    finally:
+        holder.communicate(b"\n", timeout=60)
+    with run_lock(run):  # this process's own run
+        assert ensure_world(run / "world", seed=1, tasks=["caption"], progress=False, **sizes)["seed"] == 1

@@ -843,13 +843,13 @@ def test_a_metrics_write_the_disk_refuses_is_named_and_the_writer_thread_stays_q
 def test_a_publish_stopped_between_its_renames_leaves_each_directory_whole(tmp_path, monkeypatch):
     """The previous directory was removed file by file before the new one was renamed in, so a kill during the removal
     left part of it (a config without weights) at the path. Now it is renamed aside first, and removed after."""
-    from kimivl.train import pipeline
+    from kimivl import files
 
     path = tmp_path / "export"
     path.mkdir()
     (path / "config.json").write_text("old config")
     (path / "model.safetensors").write_text("old weights")
-    new = pipeline._temporary(path)
+    new = files.temporary_dir(path)
     new.mkdir()
     (new / "config.json").write_text("new config")
     replace = os.replace
@@ -859,14 +859,14 @@ def test_a_publish_stopped_between_its_renames_leaves_each_directory_whole(tmp_p
             raise KeyboardInterrupt
         replace(src, dst)
 
-    monkeypatch.setattr(pipeline.os, "replace", stopped)
+    monkeypatch.setattr(files.os, "replace", stopped)
     with pytest.raises(KeyboardInterrupt):
-        pipeline._publish(path)
+        files.publish_dir(path)
     old = tmp_path / ".export.old"
     assert not path.exists() and sorted(p.name for p in old.iterdir()) == ["config.json", "model.safetensors"]
     assert (new / "config.json").read_text() == "new config"
-    monkeypatch.setattr(pipeline.os, "replace", replace)
-    pipeline._publish(path)  # the next run's publish (--resume exports again)
+    monkeypatch.setattr(files.os, "replace", replace)
+    files.publish_dir(path)  # the next run's publish (--resume exports again)
     assert [p.name for p in path.iterdir()] == ["config.json"] and (path / "config.json").read_text() == "new config"
     assert not old.exists() and not new.exists()
 
