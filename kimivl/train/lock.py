@@ -14,21 +14,37 @@ import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kimivl.train.recipe import ExportRefused, RecipeError
+
+if TYPE_CHECKING:
+    from kimivl.distributed.world import World
 
 log = logging.getLogger(__name__)
 LOCK = ".lock"
 
 
 @contextlib.contextmanager
-def run_lock(out: Path) -> Iterator[None]:
-    out.mkdir(parents=True, exist_ok=True)
-    fd = _take(out / LOCK, {}, f"{out} is in use by another run", "wait for it to end, or choose another --out")
+def run_lock(out: Path, world: World | None = None) -> Iterator[None]:
+    """``out`` for this run alone. Under torchrun (``world``) rank 0 takes the lock for every rank, and a refusal
+    stops every rank with its message (the other ranks went on into their first collective, and died there)."""
+    fd, refused = None, None
+    if world is None or world.main:
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = _take(out / LOCK, {}, f"{out} is in use by another run", "wait for it to end, or choose another --out")
+        except RecipeError as e:
+            refused = str(e)
+    if world is not None:
+        refused = world.wait_for_main(refused)
+    if refused is not None:
+        raise RecipeError(refused)
     try:
         yield
     finally:
-        os.close(fd)  # releases the lock
+        if fd is not None:
+            os.close(fd)  # releases the lock
 
 
 def running(out: Path) -> str | None:

@@ -4,7 +4,6 @@ recipe, can start from; a re-run skips finished stages and resumes an interrupte
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 import json
@@ -607,7 +606,7 @@ def run_recipe(recipe: Recipe, progress: bool = True, world: World | None = None
     if export is not None and world.main:
         log.info("%s", export_line(recipe, export))
     refused = None
-    with run_lock(recipe.out) if world.main else contextlib.nullcontext():
+    with run_lock(recipe.out, world):  # taken by rank 0; a refusal stops every rank
         model, source, processor = _run_stages(recipe, base_dir, progress and world.main, world)
         if world.main and export is not None:
             try:
