@@ -713,6 +713,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from kimivl.distributed.world import close_world, init_world
+    from kimivl.train.lock import check_free
     from kimivl.train.pipeline import run_recipe
     from kimivl.train.recipe import load_recipe
 
@@ -739,6 +740,7 @@ def _train(args: argparse.Namespace) -> int:
         recipe.device = world.device if world.active else recipe.device
         if not world.main:
             logging.getLogger().setLevel(logging.WARNING)  # rank 0 tells the story
+        check_free(recipe.out, world)  # a run there now is named, not the --resume that would then be refused
         started = any(recipe.out.glob("*/checkpoints")) or any(recipe.out.glob("*/final"))
         world.barrier()  # every rank has looked before any writes
         if started and not args.resume:

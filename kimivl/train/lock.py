@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 LOCK = ".lock"
+IN_USE, ADVICE = "is in use by another run", "wait for it to end, or choose another --out"
 
 
 @contextlib.contextmanager
@@ -33,7 +34,7 @@ def run_lock(out: Path, world: World | None = None) -> Iterator[None]:
     if world is None or world.main:
         out.mkdir(parents=True, exist_ok=True)
         try:
-            fd = _take(out / LOCK, {}, f"{out} is in use by another run", "wait for it to end, or choose another --out")
+            fd = _take(out / LOCK, {}, f"{out} {IN_USE}", ADVICE)
         except RecipeError as e:
             refused = str(e)
     if world is not None:
@@ -47,11 +48,23 @@ def run_lock(out: Path, world: World | None = None) -> Iterator[None]:
             os.close(fd)  # releases the lock
 
 
+def check_free(out: Path, world: World | None = None) -> None:
+    """Refuse now, as ``run_lock`` would (on every rank under torchrun: rank 0 looks), when another process's run
+    holds ``out``: before a check that would send the user to ``--resume`` on a folder in use."""
+    who = running(out) if world is None or world.main else None
+    if world is not None:
+        who = world.wait_for_main(who)
+    if who is not None:
+        raise RecipeError(f"{out} {IN_USE} ({who}); {ADVICE}")
+
+
 def running(out: Path) -> str | None:
     """The other process (``pid N on HOST, started ...``) whose run holds ``out`` now; None when none does, or when
     it is this process's own run."""
-    import fcntl  # not at import, as in _take
-
+    try:
+        import fcntl  # not at import, as in _take
+    except ImportError:  # Windows: no run holds a lock there (run_lock refuses to run)
+        return None
     try:
         fd = os.open(out / LOCK, os.O_RDONLY)
     except FileNotFoundError:

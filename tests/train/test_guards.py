@@ -265,6 +265,38 @@ def test_a_second_run_on_the_same_out_is_refused(tmp_path):
         pass
 
 
+def test_a_train_on_an_out_in_use_names_the_run_before_asking_for_resume(tmp_path, capsys):
+    """Without --resume, a second ``kimivl train`` on the out of a live run said the out "already holds a run of this
+    recipe; pass --resume to continue it": the user did, and only then learnt the folder was in use."""
+    import subprocess
+    import sys
+
+    from kimivl.cli import main
+
+    out = tmp_path / "run"
+    (tmp_path / "text.jsonl").write_text("".join(json.dumps({"text": f"line {i}"}) + "\n" for i in range(8)))
+    stage = {"name": "s", "kind": "joint", "steps": 2, "lr": 1e-3, "budget": 64, "mix": {"text": 1}}
+    recipe = {"name": "r", "out": str(out), "base": {"preset": "tiny"}, "tokenizer": {"train_vocab": 280}}
+    recipe.update(sources={"text": str(tmp_path / "text.jsonl")}, stages=[stage])
+    (tmp_path / "r.yaml").write_text(json.dumps(recipe))
+    (out / "s" / "checkpoints").mkdir(parents=True)  # the live run's first stage has begun
+    holds = f"from pathlib import Path\nfrom kimivl.train.lock import run_lock\nwith run_lock(Path({str(out)!r})):\n"
+    holds += "    print('held', flush=True)\n    input()\n"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+    holder = subprocess.Popen([sys.executable, "-c", holds], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == b"held\n"
+        for resume in ([], ["--resume"]):
+            assert main(["train", str(tmp_path / "r.yaml"), *resume]) == 2
+            err = capsys.readouterr().err
+            assert f"kimivl train: error: {out} is in use by another run (pid {holder.pid} on " in err, err
+            assert "--resume" not in err and "; wait for it to end, or choose another --out\n" in err
+    finally:
+        holder.communicate(b"\n", timeout=60)
+    assert main(["train", str(tmp_path / "r.yaml")]) == 2  # the run ended: a begun run is now what stops it
+    assert "already holds a run of this recipe; pass --resume to continue it" in capsys.readouterr().err
+
+
 def test_without_fcntl_scoring_still_imports_and_training_is_refused_clearly(tmp_path):
     """On Windows (no ``fcntl``) ``kimivl eval``, ``kimivl train --plan`` and ``kimivl info --dp-shard`` died at import
     (18 modules import ``kimivl.distributed.world``); now only the lock of a run's output directory (training's, an
