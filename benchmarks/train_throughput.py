@@ -181,7 +181,7 @@ def cycle(model, opt, mix, position: int, args, bf16: bool, pad_id: int, counts)
     for _ in range(args.accum):
         row, end = next(stream)
         rows.append(row)
-    samples = [s for s in map(mix.sample, range(position, end)) if len(s.input_ids) <= mix.budget]
+    samples = [s for s, _ in map(mix.sample, range(position, end)) if s is not None and len(s.input_ids) <= mix.budget]
     batches = [
         padded(group, pad_id)
         for group in (

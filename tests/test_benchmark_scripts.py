@@ -1,7 +1,7 @@
 """What the benchmark scripts build, compare and leave behind: checkpoint_write's config can be saved, decode_speed's
 parity check holds for short prompts, serve_load's server runs the model named from any folder and says why it did
 not start, SIGTERM to serve_load or distributed alone stops their children, and every script answers --help under
--OO."""
+-OO, and train_throughput runs both arms."""
 
 import json
 import os
@@ -329,3 +329,20 @@ def test_the_peak_rise_counts_bytes_where_ru_maxrss_does_macos(script, monkeypat
     with rss["PeakRise"]() as rise:
         pass
     assert (rise.exact, rise.bytes) == (False, block)
+
+
+def test_train_throughput_runs_both_arms_on_the_synthetic_world():
+    """The script died at its first cycle since ``Mixture.sample`` returns ``(encoded or None, tokens)``: it read the
+    pair as a sample."""
+    flags = "--steps 1 --accum 1 --budget 256 --batch 4 --width 64 --vision-width 32 --tasks text,caption".split()
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "train_throughput.py"), *flags],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    ratio = float(done.stdout.split("ratio packed / padded: ")[1].split("x")[0])
+    flops = float(done.stdout.split("their model FLOPs: ")[1].split("x")[0])
+    assert ratio > 0 and 1.0 <= flops < 3.0  # packing never adds model FLOPs; these short samples pad little
