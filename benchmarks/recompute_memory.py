@@ -74,9 +74,11 @@ def main() -> None:
             f"{name:18s} kept for backward {kept / MIB:8.0f} MiB  peak extra {peak / MIB:8.0f} MiB  "
             f"forward+backward {seconds:6.2f} s"
         )
+    peak = plain[3] / max(recomputed[3], 1)
+    lower = f"{peak:.2f}x lower peak" if peak >= 1 else f"{1 / peak:.2f}x higher peak"
     print(
-        f"with recompute: {plain[2] / max(recomputed[2], 1):.1f}x less kept, {plain[3] / max(recomputed[3], 1):.2f}x "
-        f"lower peak, {recomputed[4] / plain[4]:.2f}x the time"
+        f"with recompute: {plain[2] / max(recomputed[2], 1):.1f}x less kept, {lower}, {recomputed[4] / plain[4]:.2f}x "
+        "the time"
     )
     grad_err = max(((a - b).norm() / b.norm()).item() for a, b in zip(recomputed[1], plain[1]))
     print(

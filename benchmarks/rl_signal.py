@@ -39,6 +39,7 @@ from children import run as run_child
 from kimivl.data.world import ensure_world, world_built, world_wanted
 from kimivl.exits import run_command
 from kimivl.rl.compare import comparison_table, difficulty_table
+from kimivl.rl.passk import format_table
 
 ARMS = {"opmd-len": "tiny-rl.yaml", "opmd-nolen": "tiny-rl-nolen.yaml", "grpo": "tiny-rl-grpo.yaml"}
 ROOT = Path(__file__).resolve().parent.parent
@@ -200,8 +201,7 @@ def main() -> int:
     done = {arm: rs for arm, rs in done.items() if rs}
     lines = ["# RL signal experiment", ""]
     if passk.is_file():
-        table = json.loads(passk.read_text(encoding="utf-8"))
-        lines += [f"pass@k of {args.model} on the fresh problems: `{json.dumps(table)}`", ""]
+        lines += [f"pass@k of {args.model} on the fresh problems:", "", passk_table(passk), ""]
     keys = ("reward", "accuracy", "mean_length", "all_correct", "all_wrong")
     lines += [comparison_table(done), "", difficulty_table(done), "", "RL iterations by quarter (means):", ""]
     lines += ["| run | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
@@ -212,6 +212,13 @@ def main() -> int:
     (args.out / "compare.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
     return 0
+
+
+def passk_table(path: Path) -> str:
+    """The pass@k table ``kimivl.rl.passk`` wrote to ``path`` as JSON, in Markdown as the command prints it."""
+    table = json.loads(path.read_text(encoding="utf-8"))["table"]
+    ks = [int(key.removeprefix("pass@")) for key in next(iter(table.values())) if key.startswith("pass@")]
+    return format_table(table, ks)
 
 
 if __name__ == "__main__":

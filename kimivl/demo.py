@@ -52,7 +52,8 @@ def run_demo(
     model = KimiVL.from_pretrained(model_dir, dtype=checkpoint_load_dtype(model_dir, "cpu"))
     processor = KimiVLProcessor.from_pretrained(model_dir)
     records = heldout_records(examples_dir)
-    print(f"kimivl-tiny from {model_dir}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters\n")
+    size = sum(p.numel() for p in model.parameters()) / 1e6
+    print(f"{model_dir.resolve().name} from {model_dir}: {size:.1f}M parameters\n")
     start = time.perf_counter()
     accuracy, rows = evaluate(model, processor, records, max_new_tokens=max_new_tokens, progress=progress)
     shown = set()

@@ -23,6 +23,7 @@ def test_demo_runs_and_reports_accuracy(small_model, small_processor, tmp_path, 
     accuracy = run_demo(tmp_path / "model", tmp_path / "ex", max_new_tokens=4, progress=False)
     out = capsys.readouterr().out
     assert set(accuracy) == {"caption", "ocr", "chart", "gui", "video", "reasoning", "interleaved", "all"}
+    assert out.startswith(f"model from {tmp_path / 'model'}: ")  # the model's name, whichever (not kimivl-tiny's)
     assert out.count("--- ") == 7 and "held-out accuracy (14 questions" in out
     assert all(0.0 <= a <= 1.0 for a in accuracy.values())
 

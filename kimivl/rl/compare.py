@@ -293,12 +293,13 @@ def comparison_table(
     ]
     for name, runs in arms.items():
         s = arm_summary(runs, stage, task)
-        length_change = s["tokens_after"][0] / s["tokens_before"][0] - 1 if s["tokens_before"][0] else float("nan")
+        before = s["tokens_before"][0]
+        length_change = f"{100 * (s['tokens_after'][0] / before - 1):+.0f}%" if before else "n/a"  # answers were empty
         lines.append(
             f"| {table_cell(name)} | {s['seeds']} | {_cell(s['before'], 100, '.1f', '%')} | "
             f"{_cell(s['after'], 100, '.1f', '%')} | {_cell(s['change'], 100, '+.1f')} | "
             f"{_cell(s['tokens_before'], 1, '.1f')} | "
-            f"{_cell(s['tokens_after'], 1, '.1f')} ({100 * length_change:+.0f}%) |"
+            f"{_cell(s['tokens_after'], 1, '.1f')} ({length_change}) |"
         )
     return "\n".join(lines)
 

@@ -218,7 +218,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     result = {"settings": {**settings, "seed": args.seed}, "table": table, "correct": counts}
     try:  # first: a stdout whose reader has gone (| head) loses no result
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(args.out, json.dumps(result, indent=1), through_links=True)  # /dev/stdout too
+        write_text_atomic(args.out, json.dumps(result, indent=1) + "\n", through_links=True)  # /dev/stdout too
     except OSError as e:
         print(format_table(table, args.k), flush=True)  # a failed write loses no table
         parser.error(printable(e))

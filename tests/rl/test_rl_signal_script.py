@@ -123,3 +123,14 @@ def test_building_the_problems_says_so_and_shows_a_bar(tmp_path, monkeypatch, ca
         rl_signal.main()
     said = capsys.readouterr()
     assert "building" not in said.out and "world:" not in said.err, said
+
+
+def test_compare_md_shows_the_pass_at_k_table(tmp_path):
+    """compare.md held passk's whole JSON (its per-problem counts too) in a code span, not the table."""
+    from kimivl.rl.passk import format_table, summarise
+
+    table = summarise(["easy", "easy", "hard"], [2, 0, 1], 2, [1, 2])  # correct answers of 2 samples each
+    (tmp_path / "base.json").write_text(json.dumps({"settings": {}, "table": table, "correct": [2, 0, 1]}))
+    shown = rl_signal.passk_table(tmp_path / "base.json")
+    assert shown == format_table(table, [1, 2]) and shown.splitlines()[0].startswith("| difficulty | problems | pass@1")
+    assert "correct" not in shown
