@@ -346,3 +346,38 @@ def test_train_throughput_runs_both_arms_on_the_synthetic_world():
     ratio = float(done.stdout.split("ratio packed / padded: ")[1].split("x")[0])
     flops = float(done.stdout.split("their model FLOPs: ")[1].split("x")[0])
     assert ratio > 0 and 1.0 <= flops < 3.0  # packing never adds model FLOPs; these short samples pad little
+
+
+SMOKE = {  # each script's main path at the smallest sizes, and a line of its result
+    "decode_context": ("--contexts 64 128 --steps 2 --layers 1", r"context +128: decode +[0-9.]+ ms/token"),
+    "decode_speed": (
+        "--batch 1 --prompt 16 --new 4 --layers 1 --repeats 1 --threads 1",
+        r"fp32 greedy tokens identical to transformers on a short prompt: True",
+    ),
+    "lm_speed": ("--batch 1 --seq 32 --layers 1 --repeats 1 --threads 1", r"ratio kimivl / transformers: [0-9.]+x"),
+    "loss_memory": (
+        "--positions 64 --vocab 1024 --hidden 64",
+        r"largest relative gradient difference [0-9.]+e[-+][0-9]+",
+    ),
+    "moonvit_memory": ("--layers 1 --side 8", r"peak extra / features +[0-9.]+"),
+    "source_memory": ("--records 200", r"indexed holds [0-9.]+ of the list's memory"),
+    "rollout_speed": ("--problems 2 --k 2 --new 4 --batch 4 --threads 1", r"batched / one at a time: [0-9.]+x"),
+    "long_context": (
+        "--lengths 64 --decode-lengths 64 --layers 1 --decode-layers 1 --steps 1 --baseline-max 64 --hf-max 64 "
+        "--hf-decode-max 64 --threads 1 --time-limit 30",
+        r"\| 64 \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \|",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", SMOKE)
+def test_each_benchmark_script_runs_its_main_path(name):
+    """Every script end to end at tiny sizes: an internal change (train_throughput read ``Mixture.sample``'s new pair
+    as a sample) broke a script for a whole session, as only its --help and helpers were tested."""
+    import re
+
+    flags, result = SMOKE[name]
+    cmd = [sys.executable, str(BENCHMARKS / f"{name}.py"), *flags.split()]
+    done = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert re.search(result, done.stdout), done.stdout[-2000:]
