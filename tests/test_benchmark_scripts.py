@@ -1,7 +1,7 @@
 """What the benchmark scripts build, compare and leave behind: checkpoint_write's config can be saved, decode_speed's
 parity check holds for short prompts, serve_load's server runs the model named from any folder and says why it did
-not start, SIGTERM to serve_load or distributed alone stops their children, and every script answers --help under
--OO, and train_throughput runs both arms."""
+not start, SIGTERM to serve_load or distributed alone stops their children, every script answers --help under -OO,
+and each script's main path runs at tiny sizes."""
 
 import json
 import os
