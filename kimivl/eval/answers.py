@@ -42,8 +42,12 @@ _MARKS = (
     )
     + "\U000e0100-\U000e01ef"
 )
-# a word character of a script written with spaces, or a mark
+# what goes on a word: a word character of a script written with spaces, or a mark, which joins the letter before it
+# ("ด" does not stand in "ดี")
 _WORD = rf"(?:[^\W{_SPACELESS}]|[{_MARKS}])"
+# what a word written with spaces ends on: a mark after a character of the spaceless scripts ends none, so a number
+# or letter after a Thai vowel sign or tone mark stands alone ("ข้อที่3", "ได้5") while one after "कि" does not
+_WORD_END = rf"(?:[^\W{_SPACELESS}]|(?<![{_SPACELESS}])[{_MARKS}])"
 # full-width ASCII ("（Ｂ）", "４２") and the ideographic space as ASCII; the full-width comma separates items, never
 # thousands ("120，300": two numbers)
 _HALF_WIDTH = str.maketrans({chr(c): chr(c - 0xFEE0) for c in range(0xFF01, 0xFF5F)} | {"\u3000": " ", "，": ", "})
@@ -51,13 +55,13 @@ _HALF_WIDTH = str.maketrans({chr(c): chr(c - 0xFEE0) for c in range(0xFF01, 0xFF
 _SCRIPT_FORMS = ("<super>", "<sub>", "<fraction>")
 # "1,234.5", "-3", "0.25", ".5", "1e-3"
 _PLAIN = r"[-+]?(?:\d+(?:\.\d+)?(?:[eE][-+]?\d+)?|\.\d+)"
-_NUMBER = re.compile(rf"(?<!{_WORD})(?<!\.)(?:[-+]?\d{{1,3}}(?:,\d{{3}})+(?:\.\d+)?(?![\d.])|{_PLAIN})")
-_PLAIN_NUMBER = re.compile(rf"(?<!{_WORD})(?<!\.){_PLAIN}")
+_NUMBER = re.compile(rf"(?<!{_WORD_END})(?<!\.)(?:[-+]?\d{{1,3}}(?:,\d{{3}})+(?:\.\d+)?(?![\d.])|{_PLAIN})")
+_PLAIN_NUMBER = re.compile(rf"(?<!{_WORD_END})(?<!\.){_PLAIN}")
 # "(250,250)", "[5,100, 7]": inside brackets, commas separate numbers (never thousands)
 _TUPLE = re.compile(rf"[(\[]\s*{_PLAIN}(?:\s*,\s*{_PLAIN})+\s*[)\]]")
 _CUE = re.compile(
     r"(?:the\s+)?(?:final\s+|correct\s+|best\s+)?(?:answer|option|choice)\s*(?:is|:)\s*:?"
-    r"|答案\s*(?:应该|應該)?(?:是|为|為|[:：])\s*[:：]?|[故应應]选|答えは|正解は|정답은",
+    r"|答案\s*(?:应该|應該)?(?:是|为|為|[:：])\s*[:：]?|[故应應][选選]|答えは|正解は|정답은",
     re.IGNORECASE,
 )
 OPTION_LETTERS = string.ascii_uppercase
@@ -156,7 +160,9 @@ def holds_phrase(text: str, phrase: str) -> bool:
     """Whether ``phrase``, normalised, stands in ``text``, normalised, as whole words: "cat" is not in "bobcat", while
     "北京" is in "答案是北京" (no spaces between words there)."""
     phrase = normalize_text(phrase)
-    return bool(phrase) and re.search(rf"(?<!{_WORD}){re.escape(phrase)}(?!{_WORD})", normalize_text(text)) is not None
+    return (
+        bool(phrase) and re.search(rf"(?<!{_WORD_END}){re.escape(phrase)}(?!{_WORD})", normalize_text(text)) is not None
+    )
 
 
 def parse_option(text: str, options: dict[str, str]) -> str | None:
@@ -175,8 +181,8 @@ def parse_option(text: str, options: dict[str, str]) -> str | None:
     for region in dict.fromkeys([after_cue(text), text]):
         for pattern, flags in (
             (rf"\(([{letters}])\)", re.IGNORECASE),
-            (rf"(?<!{_WORD})([{letters}])[.):](?!{_WORD})", 0),
-            (rf"(?<!{_WORD})(?<!')([{letters}])(?!{_WORD})(?!')", 0),
+            (rf"(?<!{_WORD_END})([{letters}])[.):](?!{_WORD})", 0),
+            (rf"(?<!{_WORD_END})(?<!')([{letters}])(?!{_WORD})(?!')", 0),
         ):
             for found in re.finditer(pattern, region, flags):
                 if not (found.group(1) in "AI" and re.match(r"\s+[a-z]", region[found.end() :])):  # "I think"

@@ -9,7 +9,8 @@ think markers: the RL policy is a thinking model and must keep its format. Check
   ("3 + 4 = 7"); held-out scoring (``kimivl.eval.synthetic``) reads the first integer, and the two agree on
   answers holding one number, which is what the synthetic tasks ask for.
 - ``option``: the option letter, from "B", "(B)", "B." / "B)" / "B。" at the start, or "answer is B" ("答案是B",
-  "故选B", "答えはB", "정답은 B"), equals the gold letter (full-width forms such as "（Ｂ）" read as ASCII).
+  "故选B", "故選B", "答えはB", "정답은 B"), equals the gold letter (full-width forms such as "（Ｂ）" read as ASCII; a
+  lower-case letter only bracketed, "answer is (b)", as eval's ``parse_option`` reads it).
 - ``string``: case-, space-, punctuation- and symbol-insensitive equality (OCR; ``kimivl.eval.answers.normalize_text``:
   accents and vowel signs count); no substring credit, which a policy could farm by writing many words.
 - ``point_in_box``: a point "(x, y)" or a box's centre (the first two or four numbers) inside ``meta['box']``
@@ -36,10 +37,12 @@ _NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")
 _UNIT = re.compile(r"(?<![A-Za-z])(?:mm|cm|km|m|in|ft|units?|sq)(?:\s*\^\s*[23]|[²³]|[23](?!\d))?(?![A-Za-z])|[²³]")
 _LEAD_LETTER = re.compile(r"^\(?([A-Z])(?:[).:,;。、]|$|\s)")
 _PAREN_LETTER = re.compile(r"\(([A-Z])\)")
-# "answer is B", and the Chinese, Japanese and Korean cues ("答案是B", "故选B", "答えはB", "정답은 B")
+# "answer is B", and the Chinese, Japanese and Korean cues ("答案是B", "故选B", "故選B", "答えはB", "정답은 B"); the cue
+# in any case, the letter a capital or, as eval's parse_option reads it, a bracketed lower-case one ("answer is (b)"):
+# in "the answer is a right triangle (B)" the article is no letter
 _SAID_LETTER = re.compile(
-    r"(?:answer is|答案\s*(?:应该|應該)?(?:是|为|為|:)|[故应應]选|答えは|正解は|정답은):?\s*\(?([A-Z])(?![A-Za-z0-9])",
-    re.IGNORECASE,
+    r"(?i:answer is|答案\s*(?:应该|應該)?(?:是|为|為|:)|[故应應][选選]|答えは|正解は|정답은):?\s*"
+    r"\(?((?<=\()[a-z](?=\))|[A-Z](?![A-Za-z0-9]))"
 )
 
 

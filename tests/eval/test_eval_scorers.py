@@ -389,3 +389,26 @@ def test_normalisation_keeps_combining_marks_and_folds_compatibility_forms():
     assert lenient(mmmu)("को", {"type": "open", "answer": ["कि"], "seed": "1"})["score"] == 0.0
     text = _mv(answer_type="text", answer="caf\u00e9")
     assert lenient(mathvista)("cafe\u0301", text) == {"score": 1.0, "extracted": "caf\u00e9"}
+
+
+FOUR = dict(zip("ABCD", ["w", "x", "y", "z"], strict=True))
+
+
+def test_after_a_thai_vowel_sign_or_tone_mark_numbers_and_letters_stand_alone():
+    """Thai writes no spaces, and its vowel signs and tone marks are combining marks: a number or letter after one was
+    taken for part of a word ("ข้อที่3" read no number). A mark still joins the letter before it ("ด" is not in "ดี"),
+    and after a Devanagari vowel sign a number stays part of the word."""
+    assert numbers("ข้อที่3") == [3.0] and numbers("ได้5") == [5.0] and answer_number("ได้5") == 5.0
+    assert parse_option("คำตอบที่ถูกคือข้อที่B", FOUR) == "B"
+    assert not holds_phrase("ดี", "ด") and holds_phrase("คำตอบคือดี", "ดี") and numbers("कि3") == []
+
+
+@pytest.mark.parametrize(
+    "said",
+    [
+        "A不對，故選B",  # traditional 選 was no cue: A, the letter named first, was read
+        "A不對，應選B",
+    ],
+)
+def test_traditional_chinese_cues_name_the_answer(said):
+    assert parse_option(said, FOUR) == "B"
