@@ -18,6 +18,7 @@ from kimivl.eval.answers import (
     after_cue,
     answer_number,
     final_answer,
+    half_width,
     holds_phrase,
     normalize_text,
     numbers,
@@ -406,9 +407,23 @@ def test_after_a_thai_vowel_sign_or_tone_mark_numbers_and_letters_stand_alone():
 @pytest.mark.parametrize(
     "said",
     [
+        "A不对，答案应该是B",
+        "A不對，答案為B",
+        "A不对，应选B",
         "A不對，故選B",  # traditional 選 was no cue: A, the letter named first, was read
         "A不對，應選B",
+        "Aではなく、正解はB",
+        "A는 틀렸고 정답은 B",
     ],
 )
-def test_traditional_chinese_cues_name_the_answer(said):
+def test_chinese_japanese_and_korean_cues_name_the_answer(said):
     assert parse_option(said, FOUR) == "B"
+
+
+def test_reading_details_at_their_edges():
+    assert numbers("ราคา5") == [5.0] and numbers("총3개") == [3.0] and numbers("りんごは3個") == [3.0]
+    assert numbers("（０．２５，－０．５）", thousands=False) == [0.25, -0.5] and half_width("～") == "~"
+    assert normalize_text("Paris\u200b") == "paris" and normalize_text("$5") == "5"
+    assert parse_option("不知道", {"A": "…", "B": "北京"}) is None  # an option text normalising to nothing matches none
+    assert parse_option("C 不对，是B.", OPTIONS) == "B" and parse_option("I'D SAY B", OPTIONS) == "B"
+    assert parse_option("B's claim is false; C holds", OPTIONS) == "C"

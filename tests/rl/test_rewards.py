@@ -89,8 +89,16 @@ def test_numbers_strip_units_not_digits():
         ("정답은 B", 1.0),
         ("答案是A", 0.0),
         ("the answer is Bob", 0.0),
+        ("B、因为", 1.0),
+        ("the answer is B3", 0.0),  # a letter before a digit is no option
+        ("A不对，答案应该是B", 1.0),
+        ("A不對，答案為B", 1.0),
+        ("A不对，答案为B", 1.0),
+        ("A不对，应选B", 1.0),
         ("A不對，故選B", 1.0),  # traditional 選 was no cue
         ("A不對，應選B", 1.0),
+        ("Aではなく、正解はB", 1.0),
+        ("A는 틀렸고 정답은 B", 1.0),
         ("The answer is a right triangle (B)", 1.0),  # the article "a" was read as the letter A
         ("the answer is b", 0.0),  # a lower-case letter counts bracketed only, as in eval's parse_option
     ],
