@@ -243,21 +243,26 @@ def ensure_world(
     **sizes: int,
 ) -> dict:
     """Build the world (``sizes`` as split=count keywords, e.g. ``train=4000, heldout=300``) unless ``out_dir``
-    already holds one built with the same seed, sizes, tasks and generator code; return its manifest. A process
-    building it now is waited for; a world of other settings is not rebuilt under the run that holds the folder
-    around it (``out/.lock``, a training run on ``out/world``)."""
+    already holds one built with the same seed, sizes, tasks and generator code; return its manifest. A built world
+    is read without a lock (a read-only share serves); a process building it now is waited for; a world of other
+    settings is not rebuilt under the run that holds the folder around it (``out/.lock``, a training run on
+    ``out/world``)."""
     from kimivl.train.lock import running
     from kimivl.train.recipe import RecipeError
 
     sizes = sizes or dict(DEFAULT_SIZES)
     _known(tasks)
+    wanted = world_wanted(seed, tasks, **sizes)
+    if (manifest := _manifest(out_dir)) is not None and _built_with(manifest) == wanted:
+        logger.info("reusing the world under %s", out_dir)
+        return manifest
     with _turn(out_dir):
-        manifest, wanted = _manifest(out_dir), world_wanted(seed, tasks, **sizes)
+        manifest = _manifest(out_dir)  # again: the process waited for may have built it
         built = None if manifest is None else _built_with(manifest)
         if built == wanted:
             logger.info("reusing the world under %s", out_dir)
             return manifest
-        run = Path(out_dir).resolve().parent
+        run = Path(out_dir).absolute().parent  # the folder named, not a link's target: the run holds that one
         if built is not None and (user := running(run)):
             raise RecipeError(
                 f"the world under {out_dir} was built with other settings (seed, sizes, tasks or generator code), and "

@@ -96,6 +96,11 @@ def export_lock(path: Path, out: Path, advice: str) -> Iterator[None]:
 def world_lock(path: Path) -> Iterator[None]:
     """The synthetic world in the folder ``path`` for this process to build: while another process builds it, a
     warning names that process, and this one waits for it to end."""
+    try:
+        import fcntl  # noqa: F401  (not at import, as in _take)
+    except ImportError:  # Windows: built unlocked (training and eval, which lock their folders, refuse to run there)
+        yield
+        return
     refusal = f"the world under {path} is being built by another process"
     with _beside(path, {}, refusal, "waiting for it to end", wait=True):
         yield

@@ -1,3 +1,4 @@
+import errno
 import hashlib
 import json
 import os
@@ -149,7 +150,6 @@ def test_an_unreadable_manifest_is_a_world_to_build_again(tmp_path, caplog, text
 def test_a_full_disk_while_writing_the_manifest_leaves_none(tmp_path, monkeypatch):
     """world.json is whole or absent: a full disk while writing it leaves no empty or torn manifest behind."""
     import builtins
-    import errno
     import io
 
     real_open = builtins.open
@@ -256,6 +256,8 @@ def test_a_world_a_run_trains_on_is_not_rebuilt_under_it(tmp_path):
     run, sizes = tmp_path / "run", {"train": 2, "heldout": 1}
     ensure_world(run / "world", seed=0, tasks=["caption"], progress=False, **sizes)
     whole = _tree(run / "world")
+    ensure_world(tmp_path / "shared", seed=0, tasks=["caption"], progress=False, **sizes)
+    (run / "linked").symlink_to(tmp_path / "shared")  # a world of the run's that lives elsewhere
     holds = f"from pathlib import Path\nfrom kimivl.train.lock import run_lock\nwith run_lock(Path({str(run)!r})):\n"
     holds += "    print('held', flush=True)\n    input()\n"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
@@ -268,7 +270,35 @@ def test_a_world_a_run_trains_on_is_not_rebuilt_under_it(tmp_path):
         with pytest.raises(RecipeError, match=re.escape(refused)):
             ensure_world(run / "world", seed=1, tasks=["caption"], progress=False, **sizes)
         assert _tree(run / "world") == whole
+        with pytest.raises(RecipeError, match=re.escape(f"and the run in {run} (pid {holder.pid} on ")):
+            ensure_world(run / "linked", seed=1, tasks=["caption"], progress=False, **sizes)  # was rebuilt
+        assert json.loads((tmp_path / "shared" / "world.json").read_text())["seed"] == 0
     finally:
         holder.communicate(b"\n", timeout=60)
     with run_lock(run):  # this process's own run
         assert ensure_world(run / "world", seed=1, tasks=["caption"], progress=False, **sizes)["seed"] == 1
+
+
+def test_a_built_world_is_reused_without_a_lock(tmp_path, monkeypatch):
+    """Reusing a world took its lock, which creates ``.world.lock`` beside it: a world on a read-only share (or in a
+    folder the user cannot write) could no longer be reused."""
+    import kimivl.data.world as world
+
+    sizes = {"train": 2, "heldout": 1}
+    ensure_world(tmp_path / "world", seed=0, tasks=["caption"], progress=False, **sizes)
+
+    def read_only(path):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    monkeypatch.setattr(world, "_turn", read_only)
+    assert ensure_world(tmp_path / "world", seed=0, tasks=["caption"], progress=False, **sizes)["seed"] == 0
+    with pytest.raises(OSError, match="Read-only"):  # a world to build still needs the lock
+        ensure_world(tmp_path / "world", seed=1, tasks=["caption"], progress=False, **sizes)
+
+
+def test_a_world_builds_where_there_is_no_fcntl(tmp_path, monkeypatch):
+    """On Windows (no ``fcntl``) the world lock refused with a message about training runs: ``build_world``, public
+    API, built there before it took a lock."""
+    monkeypatch.setitem(sys.modules, "fcntl", None)  # import fcntl: ImportError
+    manifest = build_world(tmp_path / "w", seed=0, sizes={"train": 2}, tasks=["caption"], progress=False)
+    assert manifest["sizes"] == {"train": 2} and (tmp_path / "w" / "train" / "caption.jsonl").is_file()
