@@ -196,6 +196,11 @@ def video_case(processor, length: int, depth: int, secret: str, seed: int = 0) -
         return _prompt_tokens(processor, _video_messages(drawn[:k]))
 
     count = tokens(n)
+    for _ in range(3):  # again from the mean tokens per frame so far, until a step or two from the most that fit
+        guess = max(1, 1 + int((length - one) * (n - 1) / (count - one))) if n > 1 else n
+        if abs(guess - n) <= 1:
+            break
+        n, count = guess, tokens(guess)
     while count > length and n > 1:
         n, count = n - 1, tokens(n - 1)
     while (more := tokens(n + 1)) <= length:

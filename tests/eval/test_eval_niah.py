@@ -312,3 +312,25 @@ def test_a_value_given_twice_is_refused_before_the_model_loads(checkpoint, tmp_p
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("kimivl eval: error: NIAH --lengths gives 1024 more than once") and "\n" not in err
+
+
+def test_video_haystack_fits_a_long_length_in_few_encodes(monkeypatch):
+    """At 128K the frame count was found a frame at a time from a two-frame guess: 17 encodes of about 1,700 frames
+    (45 s a case). Later frames here cost more tokens, as later timestamps do."""
+
+    def cost(k: int) -> int:
+        return 30 + sum(64 + 2 * (i >= 10) + 2 * (i >= 100) + 2 * (i >= 1000) for i in range(k))
+
+    calls = []
+
+    def tokens(processor, messages):
+        calls.append(sum(p["type"] == "image" for p in messages[0]["content"]))
+        return cost(calls[-1])
+
+    monkeypatch.setattr(niah, "_prompt_tokens", tokens)
+    for length in (1200, 32768, 131072):
+        calls.clear()
+        _, where = niah.video_case(None, length, 50, "5550123")
+        n = where["frames"]
+        assert where["tokens"] == cost(n) <= length < cost(n + 1)  # the most frames that fit
+        assert len(calls) <= 6, (length, calls)  # two for the guess, three tries, one past the most
