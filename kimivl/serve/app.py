@@ -35,7 +35,7 @@ from kimivl.inference.sampling import MIN_TEMPERATURE, SamplingParams
 from kimivl.serve.engine import Engine, QueueFull
 from kimivl.serve.engine import Request as EngineRequest
 from kimivl.serve.reasoning import ThinkSplitter, split_reasoning
-from kimivl.serve.schema import ChatRequest, Limits, RequestError, parse_chat_request
+from kimivl.serve.schema import MAX_TEMPERATURE, ChatRequest, Limits, RequestError, parse_chat_request
 
 log = logging.getLogger(__name__)
 
@@ -137,9 +137,9 @@ def create_app(
     app.add_middleware(_CancelledQuietly, answering=answering)  # added last: outside the others
 
     static = importlib.resources.files("kimivl.serve").joinpath("static")
-    page = string.Template(static.joinpath("index.html").read_text(encoding="utf-8")).substitute(
-        {**FALLBACK, **(sampling or {})}
-    )
+    starting = {**FALLBACK, **(sampling or {})}
+    starting["temperature"] = min(starting["temperature"], MAX_TEMPERATURE)  # what a request may ask for
+    page = string.Template(static.joinpath("index.html").read_text(encoding="utf-8")).substitute(starting)
     script = static.joinpath("chat.js").read_text(encoding="utf-8")
 
     # the GET routes answer HEAD too (RFC 9110; uptime monitors, HAProxy's `option httpchk HEAD /health`): the same

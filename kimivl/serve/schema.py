@@ -286,6 +286,7 @@ def _content(content: Any, where: str, limits: Limits, used: _Used) -> str | lis
 
 
 MAX_TOP_LOGPROBS = 20  # the OpenAI API's bound
+MAX_TEMPERATURE = 2.0  # the OpenAI API's bound
 MAX_STOP_CHARS = 4096  # a stop string's length (the OpenAI API's are short; the engine holds this much text back)
 
 # The request fields this server reads; UNSUPPORTED and HARMLESS below are accepted too, any other is refused
@@ -436,7 +437,7 @@ def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
     return ChatRequest(
         messages=out,
         max_tokens=max_tokens,
-        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+        temperature=_number(body, "temperature", 1.0, 0.0, MAX_TEMPERATURE),
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
         seed=_integer(body, "seed", 0, MAX_SEED),
         n=_integer(body, "n", 1, limits.max_batch) or 1,

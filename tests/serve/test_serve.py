@@ -744,18 +744,20 @@ def test_the_chat_page_starts_from_the_models_recommended_sampling(monkeypatch, 
     apps = []
     monkeypatch.setattr(uvicorn.Server, "run", lambda server, sockets: apps.append(server.config.app))
     monkeypatch.setattr(cli, "_listen", lambda host, port: [])
-    bare, nucleus = tmp_path / "bare", tmp_path / "nucleus"  # the thinking model without its file, and with another
-    for folder in (bare, nucleus):
+    bare, nucleus, hot = tmp_path / "bare", tmp_path / "nucleus", tmp_path / "hot"  # the thinking model, other files
+    for folder in (bare, nucleus, hot):
         folder.mkdir()
         for file in (MODELS / "kimivl-tiny-thinking").iterdir():
             if file.name != "generation_config.json":
                 (folder / file.name).symlink_to(file)
     (nucleus / "generation_config.json").write_text('{"do_sample": true, "temperature": 0.5, "top_p": 0.9}')
+    (hot / "generation_config.json").write_text('{"do_sample": true, "temperature": 2.5}')  # chat's; the API's max 2
     for model, expected in (
         (MODELS / "kimivl-tiny-thinking", [0.8, 1024, 1.0]),
         (MODELS / "kimivl-tiny", [0.2, 512, 1.0]),
         (bare, [0.2, 512, 1.0]),
         (nucleus, [0.5, 512, 0.9]),
+        (hot, [2.0, 512, 1.0]),  # 2.5 made the page's every request a 400
     ):
         assert main(["serve", "--model", str(model), "--device", "cpu"]) == 0
         page = TestClient(apps[-1]).get("/", headers={"host": "127.0.0.1"})
