@@ -32,8 +32,10 @@ def run_lock(out: Path, world: World | None = None) -> Iterator[None]:
     stops every rank with its message (the other ranks went on into their first collective, and died there)."""
     fd, refused = None, None
     if world is None or world.main:
-        out.mkdir(parents=True, exist_ok=True)
         try:
+            if out.exists() and not out.is_dir():
+                raise RecipeError(f"{out} is not a directory: choose another --out")
+            out.mkdir(parents=True, exist_ok=True)
             fd = _take(out / LOCK, {}, f"{out} {IN_USE}", ADVICE)
         except RecipeError as e:
             refused = str(e)
@@ -67,7 +69,7 @@ def running(out: Path) -> str | None:
         return None
     try:
         fd = os.open(out / LOCK, os.O_RDONLY)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no run there (a file for a folder is named by the checks after)
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # taken only while no run holds it

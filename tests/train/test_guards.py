@@ -295,6 +295,9 @@ def test_a_train_on_an_out_in_use_names_the_run_before_asking_for_resume(tmp_pat
         holder.communicate(b"\n", timeout=60)
     assert main(["train", str(tmp_path / "r.yaml")]) == 2  # the run ended: a begun run is now what stops it
     assert "already holds a run of this recipe; pass --resume to continue it" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("x")  # an --out that is a file is named as one (was ENOTDIR for .lock)
+    assert main(["train", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "a-file")]) == 2
+    assert f"{tmp_path / 'a-file'} is not a directory" in capsys.readouterr().err
 
 
 def test_without_fcntl_scoring_still_imports_and_training_is_refused_clearly(tmp_path):
