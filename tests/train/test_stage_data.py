@@ -1,6 +1,7 @@
 """What each stage reads: its own stream of samples, and only records it can train on, checked before training with
 errors that name the file and line."""
 
+import dataclasses
 import itertools
 import json
 import os
@@ -568,6 +569,44 @@ def test_the_plan_samples_until_its_samples_fill_rows(tmp_path, small_processor)
     data, line = stage_mixture(stage, ctx, encode)
     drawn = next(i for row, (_, i) in enumerate(data.batches(0), 1) if row == 5)
     assert data.horizon == drawn == 5 * 85, (line, drawn)  # before: 5 * 32
+
+
+def test_the_plan_counts_the_samples_it_skips_and_names_the_shortest_when_none_fits(tmp_path, small_processor):
+    """About half the samples (the long texts) are over the budget: the horizon counts the indices they take too, the
+    line says how many of all those probed were over, and a budget no sample fits names the shortest of them."""
+    ctx = _lengths_ctx(small_processor, tmp_path)
+    encode = lambda name, text: small_processor.encode_text(text)  # noqa: E731
+    stage = JointStage(name="p", kind="joint", steps=20, lr=1e-3, budget=30, mix={"short": 1, "long": 1})
+    data, line = stage_mixture(stage, ctx, encode)
+    drawn = next(i for row, (_, i) in enumerate(data.batches(0), 1) if row == 20)
+    assert abs(data.horizon - drawn) < 0.15 * drawn, (line, drawn)  # counting fitting samples alone: about half
+    over, probed = map(int, re.search(r"; (\d+) of (\d+) sampled records are over the budget", line).groups())
+    assert probed > 32 and 0.4 < over / probed < 0.6, line  # the count probed, not the 32 probed at least
+    # records of 20 and 40 tokens, none within a budget of 16
+    lengths = _ctx({"a": [20], "b": [40]}, small_processor)
+    with pytest.raises(RecipeError, match=r"none of 32 sampled records fits .* \(the shortest holds 20\)"):
+        stage_mixture(dataclasses.replace(stage, budget=16, mix={"a": 1, "b": 1}), lengths, lambda name, n: _tokens(n))
+
+
+def _tokens(n):
+    return SimpleNamespace(input_ids=[0] * n)
+
+
+class _Probe:
+    """A stand-in for a probe's ``Mixture``: ``sample(i)`` is ``draw(i)``."""
+
+    def __init__(self, budget, draw):
+        self.budget, self.sample = budget, draw
+
+
+def test_the_probe_counts_only_samples_that_fit_and_stops_at_its_limit():
+    from kimivl.train.stages.joint import PROBE_LIMIT, probe_lengths
+
+    # samples of 1 token fill no row of a budget this large: the probe ends at its limit (a sample past it: IndexError)
+    assert len(probe_lengths(_Probe(10**9, ([(object(), 1)] * 1024).__getitem__))) == PROBE_LIMIT == 1024
+    # 32 samples of 50 that fit fill 16 rows of 100 at sample 62; the odd ones, over the budget, fill none
+    odd_over = _Probe(100, lambda i: (None, 10**6) if i % 2 else (object(), 50))
+    assert probe_lengths(odd_over) == [(10**6, True) if i % 2 else (50, False) for i in range(63)]
 
 
 def test_the_check_opens_each_image_once_and_finds_the_same_bad_one(tmp_path, small_processor, monkeypatch):
