@@ -245,7 +245,7 @@ def test_a_resume_from_the_saved_draw_counts_draws_what_an_uninterrupted_run_doe
 
 
 @pytest.mark.parametrize("replacement", [False, True])
-def test_draw_counts_saved_under_another_stream_name_go_on_with_that_stream(monkeypatch, replacement):
+def test_draw_counts_saved_under_another_stream_name_go_on_with_that_stream(monkeypatch, caplog, replacement):
     """A stage renamed between a stop and its resume (its folder moved along) seeded the rest of its samples by the
     new name, and its probe gave its moving mix another horizon: the saved counts were left with an info line, and
     a pass without replacement drew some records twice and others never. Counts that differ only in the stream's
@@ -264,6 +264,12 @@ def test_draw_counts_saved_under_another_stream_name_go_on_with_that_stream(monk
     for i in range(at):
         stopped.pick(i)
     saved = stopped.state_dict()
+    caplog.set_level(logging.INFO, "kimivl.data.mixture")
+    assert mix("sft").load_state_dict(saved) is None and "going on" not in caplog.text  # the same stream: no word
+    early = mix("chat", horizon=7000)
+    early.pick(0)  # a shuffle drawn under the new name is dropped with it
+    assert early.load_state_dict(mix("sft").state_dict()) is None and "going on with the stream 'sft'" in caplog.text
+    assert [early.pick(i) for i in range(20)] == whole[:20]
     renamed = mix("chat", horizon=7000)
     assert renamed.load_state_dict(saved) is None
     calls = counted_draws(monkeypatch)
