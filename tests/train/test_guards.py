@@ -414,6 +414,21 @@ def test_a_stage_name_refused_since_its_run_began_says_to_move_its_work_with_it(
     assert ("else it is the base model's" in said) == (held == "base")
 
 
+def test_the_advice_names_each_refused_stage_whose_work_out_holds_a_final_model_alone_too(tmp_path):
+    from kimivl.train.pipeline import renamed_stage_advice
+
+    (tmp_path / "Base" / "final").mkdir(parents=True)  # finished, its checkpoints removed
+    (tmp_path / "CON" / "checkpoints").mkdir(parents=True)
+    said = renamed_stage_advice(tmp_path, ["Base", "CON"])
+    assert said.startswith(
+        f". {tmp_path} holds the work of stages of those names, from a kimivl that took it (Base; CON)"
+    )
+    assert (
+        f"({tmp_path / 'Base'} to {tmp_path}/NEW, tensorboard/Base and eval/Base.* (where eval.after names it; else it "
+        "is the base model's) likewise)"
+    ) in said
+
+
 def test_a_recipe_path_the_filesystem_encoding_cannot_encode_is_named(tmp_path, ascii_filesystem):
     """Under LANG=C without Python's UTF-8 mode a recipe's ``out: выход`` failed with a bare "'ascii' codec can't
     encode", naming no path."""

@@ -606,6 +606,8 @@ def test_a_tokenizer_saved_without_a_record_is_kept_only_at_the_recipe_s_size(da
             r"train_vocab 280, or give another --out to train with 300",
         ):
             tokenizer(300, save=save)
+    with pytest.raises(RecipeError, match=r"holds a BPE of 280 ranks .*, not the 270 of"):  # fewer asked for, too
+        tokenizer(270)
     assert not record.exists()
     assert tokenizer(280).mergeable_ranks == first.mergeable_ranks
     assert json.loads(record.read_text())["train_vocab"] == 280
@@ -1622,12 +1624,15 @@ def test_a_stage_to_train_before_one_that_trained_is_refused(data_dir, tmp_path)
         f"while projector trains anew. Remove {run / 'cooldown'} to train them again after the new projector, or "
         f"restore {run / 'projector'} (a stage renamed: move its folder there)"
     )
-    for final_aside in (False, True):  # cooldown finished; cooldown begun (its checkpoints alone)
-        if final_aside:
-            (run / "cooldown" / "final").rename(tmp_path / "final")
+    # cooldown finished; finished, its checkpoints removed (its final model alone); begun (its checkpoints alone)
+    for aside in (None, "checkpoints", "final"):
+        if aside:
+            (run / "cooldown" / aside).rename(tmp_path / aside)
         for attempt in (lambda r: run_recipe(r, progress=False), plan_recipe):
             with pytest.raises(RecipeError, match=re.escape(said)):
                 attempt(load_recipe(tmp_path / "r.yaml"))
+        if aside == "checkpoints":
+            (tmp_path / aside).rename(run / "cooldown" / aside)
     (tmp_path / "final").rename(run / "cooldown" / "final")
     assert not (run / "projector").exists()
     (run / "align").rename(run / "projector")
