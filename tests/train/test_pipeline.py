@@ -980,7 +980,7 @@ def test_a_plan_holds_nothing_in_bf16_from_a_float32_checkpoint(
     """``info CKPT --train`` held the frozen weights of every checkpoint in bf16 and said "from a bfloat16
     checkpoint": for a float32 one (a stage's final) it planned less memory than the plan, and the run, hold."""
     plans, infos = {}, {}
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):  # float16 values are not bfloat16 ones: as float32
         base = tmp_path / str(dtype)
         small_model.save_pretrained(base, dtype=dtype)
         small_processor.save_pretrained(base)
@@ -1008,9 +1008,20 @@ def test_a_plan_holds_nothing_in_bf16_from_a_float32_checkpoint(
         infos[dtype] = capsys.readouterr().out.splitlines()[-1]
     float32 = sum(4 * p.numel() for p in small_model.parameters()) / 1e6
     assert f"holds weights {float32:.1f} MB" in plans[torch.float32] and plans[torch.bfloat16] != plans[torch.float32]
-    for dtype, name in ((torch.float32, "float32"), (torch.bfloat16, "bfloat16")):  # info plans as the run holds
+    assert plans[torch.float16] == plans[torch.float32]
+    for dtype, name in ((torch.float32, "float32"), (torch.bfloat16, "bfloat16"), (torch.float16, "float16")):
         said = f"training multi_modal_projector from a {name} checkpoint under bf16 autocast: "
         assert infos[dtype] == said + plans[dtype].removeprefix("stage sft "), (infos[dtype], plans[dtype])
+
+
+def test_a_checkpoint_s_dtype_is_that_of_most_of_its_tensors(tmp_path):
+    from safetensors.torch import save_file
+
+    from kimivl.train.plan import header_dtype
+
+    tensors = {f"w{i}": torch.zeros(2) for i in range(10)} | {"b": torch.zeros(2, dtype=torch.bfloat16)}
+    save_file(tensors, tmp_path / "model.safetensors")
+    assert header_dtype(tmp_path) == "float32"
 
 
 def test_a_plan_for_sharded_ranks_gives_the_memory_per_rank(data_dir, tmp_path, small_model, small_processor):
