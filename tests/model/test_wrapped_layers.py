@@ -31,6 +31,19 @@ class LoRA(nn.Module):
         return self.base(x) + self.up(self.down(x))
 
 
+class Shifted(nn.Linear):
+    """A subclass of ``nn.Linear`` that adds a term: its ``weight`` alone is not what it computes."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + 0.1
+
+
+def shifted(base: nn.Linear) -> Shifted:
+    layer = Shifted(base.in_features, base.out_features, bias=base.bias is not None)
+    layer.load_state_dict(base.state_dict())
+    return layer
+
+
 def image_batch(grids, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(sum(h * w for h, w in grids), 3, 14, 14, generator=g), torch.tensor(grids)
@@ -49,13 +62,14 @@ def decode_step_gap(model, ids):
     return (step - full).abs().max().item(), len(calls)
 
 
-def test_a_decode_step_calls_a_wrapped_kv_b_proj(tiny_model):
+@pytest.mark.parametrize("wrap", [LoRA, shifted])
+def test_a_decode_step_calls_a_wrapped_kv_b_proj(tiny_model, wrap):
     ids = torch.randint(0, 3000, (1, 9), generator=torch.Generator().manual_seed(0))
     gap, absorbed = decode_step_gap(tiny_model, ids)
     layers = tiny_model.language_model.model.layers
     assert gap < 1e-5 and absorbed == len(layers)  # a plain model still takes the absorbed step
     for layer in layers:
-        layer.self_attn.kv_b_proj = LoRA(layer.self_attn.kv_b_proj)
+        layer.self_attn.kv_b_proj = wrap(layer.self_attn.kv_b_proj)
     gap, absorbed = decode_step_gap(tiny_model, ids)
     assert gap < 1e-5 and absorbed == 0  # was 0.35: the adapter was left out of every decoding step
 
@@ -74,17 +88,19 @@ def test_a_forward_hook_on_kv_b_proj_fires_on_decode_steps(tiny_model):
 def test_a_global_hook_sends_layers_down_the_called_path():
     linear = nn.Linear(3, 4)
     assert plain_layer(linear, nn.Linear) and not plain_layer(linear, nn.Conv2d)
-    assert not plain_layer(LoRA(linear), nn.Linear)
+    assert not plain_layer(LoRA(linear), nn.Linear) and not plain_layer(shifted(linear), nn.Linear)
+    module = nn.modules.module
     for register in (
-        nn.modules.module.register_module_forward_hook,
-        nn.modules.module.register_module_forward_pre_hook,
+        module.register_module_forward_hook,
+        module.register_module_forward_pre_hook,
+        module.register_module_full_backward_hook,
+        module.register_module_full_backward_pre_hook,
+        linear.register_forward_pre_hook,
+        linear.register_full_backward_hook,
     ):
         handle = register(lambda *args: None)
-        assert not plain_layer(linear, nn.Linear)
+        assert not plain_layer(linear, nn.Linear), register
         handle.remove()
-    handle = linear.register_full_backward_hook(lambda *args: None)
-    assert not plain_layer(linear, nn.Linear)
-    handle.remove()
     assert plain_layer(linear, nn.Linear)
 
 
