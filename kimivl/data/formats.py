@@ -72,7 +72,8 @@ def parse_json(raw: bytes, where: str, text: str = "the line") -> Any:
         raise DataError(f"{where}: not UTF-8 (byte {e.start + 1} of {text})") from None
     except json.JSONDecodeError as e:
         at = f"line {e.lineno} column {e.colno}" if e.lineno > 1 else f"column {e.colno}"
-        raise DataError(f"{where}: invalid JSON ({e.msg} at {at})") from None
+        # some of json's messages end in "at" ("Unterminated string starting at"): said once
+        raise DataError(f"{where}: invalid JSON ({e.msg.removesuffix(' at')} at {at})") from None
     except RecursionError:
         raise DataError(f"{where}: JSON nested too deeply to read") from None
 

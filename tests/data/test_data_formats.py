@@ -126,7 +126,10 @@ def test_texts_stream_and_name_the_bad_line(tmp_path):
     with pytest.raises(DataError, match=r"text\.jsonl:1: neither a conversation .*; its keys are \['id', 'mesages'\]"):
         is_text_file(path)
     path.write_text('{"text": "ok"}\nnot json\n', encoding="utf-8")
-    with pytest.raises(DataError, match=r"text\.jsonl:2: invalid JSON"):
+    with pytest.raises(DataError, match=r"text\.jsonl:2: invalid JSON \(Expecting value at column 1\)"):
+        list(iter_texts(path))
+    path.write_text('{"text": "ok}\n', encoding="utf-8")  # json's message ends in "at": said once
+    with pytest.raises(DataError, match=r"text\.jsonl:1: invalid JSON \(Invalid control character at column 14\)$"):
         list(iter_texts(path))
 
 

@@ -221,21 +221,29 @@ def test_a_reader_gone_from_stdout_ends_the_command_quietly_with_141(runs):
         ("base.lengths", '{"reasoning": true}\n', 'is damaged: it holds {"reasoning": true}, not an object'),
         ("rl.lengths", '{"reasoning": 4', "is damaged (Expecting ',' delimiter: line 1 column 16 (char 15))"),
         ("rl.lengths", '{"reasoning": NaN}', 'is damaged: it holds {"reasoning": NaN}, not an object'),
+        ("base", b'{"reasoning": "\xff"}', "is damaged ('utf-8' codec can't decode byte 0xff in position 15"),
     ],
 )
 def test_a_damaged_eval_file_is_named_not_a_traceback(tmp_path, capsys, name, text, holds):
     """``base.json`` holding ``[0.2]`` (or a task's accuracy as the string "0.2") raised TypeError with a traceback
     and exit 1; a file that is not JSON was refused without its name."""
     run = write_run(tmp_path / "r", 0.2, 0.25, 50.0, 40.0)
-    (run / "eval" / f"{name}.json").write_text(text)
+    (run / "eval" / f"{name}.json").write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises(SystemExit) as e:
         main([str(run)])
     error = capsys.readouterr().err.splitlines()[-1]
     assert e.value.code == 2 and f"error: {run / 'eval' / name}.json {holds}" in error, error
 
 
-@pytest.mark.parametrize("line", ['{"id": "0", "task": "reas', "[1, 2]"])
-def test_a_damaged_predictions_line_is_named_with_its_file_and_line(tmp_path, capsys, line):
+@pytest.mark.parametrize(
+    "line, why",
+    [
+        ('{"id": "0", "task": "reas', "invalid JSON (Unterminated string starting at column 21)"),
+        ("[1, 2]", "a record must be a JSON object, got list"),
+        ('{"task": 3}', "not an object with a task"),
+    ],
+)
+def test_a_damaged_predictions_line_is_named_with_its_file_and_line(tmp_path, capsys, line, why):
     """A truncated ``base.predictions.jsonl`` (a single seed's interval counts its problems) printed the JSON error
     alone, naming no file; a line that is no object raised TypeError."""
     run = write_run(tmp_path / "r", 0.2, 0.25, 50.0, 40.0, problems=2, other=0)
@@ -244,7 +252,8 @@ def test_a_damaged_predictions_line_is_named_with_its_file_and_line(tmp_path, ca
     with pytest.raises(SystemExit) as e:
         main([str(run)])
     error = capsys.readouterr().err.splitlines()[-1]
-    assert e.value.code == 2 and f"error: {path}:3 is damaged (" in error, error
+    assert e.value.code == 2 and error.endswith(f"error: {path}:3 is damaged ({why}): evaluate the run again"), error
+    assert error.count(str(path)) == 1, error
 
 
 def test_predictions_holding_a_line_separator_or_a_bom_are_read_as_eval_writes_them(tmp_path):

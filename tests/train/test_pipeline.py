@@ -6,6 +6,7 @@ import logging
 import random
 import re
 import shlex
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -1168,7 +1169,17 @@ def test_a_held_out_split_without_answers_to_score_fails_before_training(data_di
     assert not (tmp_path / "run" / "vit").exists()
 
 
-def test_an_evaluation_cut_short_runs_again_on_resume(data_dir, tmp_path):
+def test_an_evaluation_cut_short_runs_again_on_resume(data_dir, tmp_path, monkeypatch):
+    """A finished stage is evaluated again only when its evaluation was cut short, and its data is not checked again;
+    a stage trained anew (its folder removed) is checked and evaluated anew whatever eval files are left."""
+    from kimivl.train.stages import KINDS
+
+    checked = []
+    for kind, _ in KINDS.values():
+        check = kind.check_data
+        monkeypatch.setattr(
+            kind, "check_data", lambda self, ctx, check=check: checked.append(self.name) or check(self, ctx)
+        )
     recipe = recipe_dict(data_dir, tmp_path / "run")
     recipe["eval"] = {"after": ["sft"], "split": str(data_dir), "limit": 2, "max_new_tokens": 4}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
@@ -1177,9 +1188,14 @@ def test_an_evaluation_cut_short_runs_again_on_resume(data_dir, tmp_path):
     assert evaluated == ["sft.json", "sft.lengths.json", "sft.position_loss.json", "sft.predictions.jsonl"]
     first = (tmp_path / "run" / "eval" / "sft.json").read_text()
     (tmp_path / "run" / "eval" / "sft.position_loss.json").unlink()  # killed before the last file was written
+    checked.clear()
     run_recipe(load_recipe(tmp_path / "r.yaml"), progress=False)
     assert sorted(p.name for p in (tmp_path / "run" / "eval").iterdir()) == evaluated
-    assert (tmp_path / "run" / "eval" / "sft.json").read_text() == first
+    assert (tmp_path / "run" / "eval" / "sft.json").read_text() == first and checked == []
+    shutil.rmtree(tmp_path / "run" / "sft")
+    (tmp_path / "run" / "eval" / "sft.json").write_text("{}")  # the evaluation of the sft trained before
+    run_recipe(load_recipe(tmp_path / "r.yaml"), progress=False)
+    assert (tmp_path / "run" / "eval" / "sft.json").read_text() == first and set(checked) == {"sft"}
 
 
 def test_a_kill_while_a_stage_saves_its_result_leaves_no_half_final(data_dir, tmp_path, monkeypatch):
