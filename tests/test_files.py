@@ -107,10 +107,33 @@ def test_a_link_to_stdout_redirected_to_a_file_is_written_through_the_shells_des
         f"print('before'); assert unwritable({str(link)!r}) is None\n"
         f"write_text_atomic({str(link)!r}, 'json\\n', through_links=True); print('after')"
     )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # print buffers: flushed before the write
     with open(out, "w") as f:
-        subprocess.run([sys.executable, "-c", code], stdout=f, check=True)
+        subprocess.run([sys.executable, "-c", code], stdout=f, check=True, env=env)
     assert out.read_text() == "before\njson\nafter\n" and link.is_symlink()
     assert files.own_descriptor(link) == 1 and files.own_descriptor(tmp_path) is None
+    (tmp_path / "a").mkdir()
+    relative = tmp_path / "a" / "stdout"  # a relative target, read from the link's folder
+    relative.symlink_to(os.path.relpath("/proc/self/fd/1", tmp_path / "a"))
+    (tmp_path / "loop").symlink_to("loop2")
+    (tmp_path / "loop2").symlink_to("loop")
+    assert files.own_descriptor(relative) == 1 and files.own_descriptor(tmp_path / "loop") is None
+
+
+def test_a_descriptor_named_by_dev_fd_is_written_at_its_offset(tmp_path, monkeypatch):
+    """``--out /dev/fd/3 3> file``: written through the descriptor, after what was written to it, whatever the
+    folder's permissions (the descriptor is open already); ``errors`` applies there too."""
+    path = tmp_path / "out.txt"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)  # as the shell opens it
+    try:
+        os.write(fd, b"before\n")
+        monkeypatch.setattr(files.os, "access", lambda path, mode: False)
+        assert files.unwritable(f"/dev/fd/{fd}") is None
+        write_text_atomic(f"/dev/fd/{fd}", "json \ud800\n", errors="backslashreplace")
+        os.write(fd, b"after\n")
+    finally:
+        os.close(fd)
+    assert path.read_text() == "before\njson \\ud800\nafter\n"
 
 
 def test_a_fifo_or_device_is_written_where_it_is_and_a_symlink_named_as_out_keeps_its_link(tmp_path, monkeypatch):
@@ -124,8 +147,9 @@ def test_a_fifo_or_device_is_written_where_it_is_and_a_symlink_named_as_out_keep
     for path in (fifo, link):
         reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # a reader there, as `cat fifo` is
         try:
-            write_text_atomic(path, f"to {path.name}\n")  # through a link too, without through_links
-            assert os.read(reader, 1000) == f"to {path.name}\n".encode()
+            # through a link too, without through_links; a lone surrogate as its escape
+            write_text_atomic(path, f"to {path.name} \ud800\n", errors="backslashreplace")
+            assert os.read(reader, 1000) == f"to {path.name} \\ud800\n".encode()
         finally:
             os.close(reader)
         assert stat.S_ISFIFO(fifo.lstat().st_mode) and link.is_symlink()
