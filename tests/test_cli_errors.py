@@ -569,6 +569,16 @@ def test_a_closed_stdout_is_refused_where_the_result_is_printed(command):
     assert done.stderr.strip().endswith(f"kimivl {command[0]}: {message}")
 
 
+def test_a_closed_stdout_is_refused_only_where_the_result_is_printed(monkeypatch, capsys):
+    import sys
+
+    from kimivl.exits import run_command
+
+    monkeypatch.setattr(sys, "stdout", None)  # ``>&-``: Python's sys.stdout is None
+    assert run_command("x", lambda: 0, prints=False) == 0  # kimivl train logs to stderr and writes files
+    assert run_command("x", lambda: 0) == 2 and "x: error: stdout is closed" in capsys.readouterr().err
+
+
 def test_an_error_quoting_a_data_file_prints_its_escapes_not_its_control_characters(tmp_path, capsys):
     """``kimivl demo --examples DIR`` whose media path held terminal escapes printed them raw in the looked-for path of
     its error (the path quoted with repr was escaped): a data file could clear the screen and retitle the terminal."""
