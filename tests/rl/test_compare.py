@@ -67,6 +67,9 @@ def test_seeds_give_t_intervals_and_one_seed_wilson(runs):
     # the old form: each run directory an arm of one seed, named after it
     assert comparison_table([grpo]).splitlines()[2] == table[3]
     assert comparison_table([opmd[0]]).splitlines()[2].startswith("| opmd-s0 | 1 | 24.0% [16.7, 33.2] | 26.0% [")
+    # empty answers before RL: no relative change to give (it printed "+nan%")
+    silent = write_run(runs[0][0].parent / "silent", 0.0, 0.1, 0.0, 4.0)
+    assert comparison_table([silent]).splitlines()[2].endswith("| 0.0 | 4.0 (n/a) |")
     # task "all": its accuracy (0.4) over every prediction (120 problems)
     assert comparison_table({"g": [grpo]}, task="all").splitlines()[2].startswith("| g | 1 | 40.0% [31.7, 48.9] |")
 
