@@ -46,8 +46,8 @@ def unwritable(path: str | os.PathLike) -> str | None:
     ends by writing it: its nearest existing folder is no directory or not writable, or ``path`` exists and is not
     writable; None when it could. A device or FIFO (``/dev/null``, ``/dev/stdout`` on a pipe) is written where it is
     (``write_text_atomic``): only it must be writable. Nothing is created."""
-    if own_descriptor(path) is not None:  # written through that descriptor, which the shell opened
-        return None
+    if (fd := own_descriptor(path)) is not None:  # written through that descriptor, which the shell opened
+        return _unopened(path, fd)
     if in_place(path):
         return None if os.access(path, os.W_OK) else f"{os.fspath(path)} is not writable"
     path = Path(path).resolve()
@@ -59,6 +59,22 @@ def unwritable(path: str | os.PathLike) -> str | None:
     for where in [folder, *([path] if path.exists() else [])]:
         if not os.access(where, os.W_OK | (os.X_OK if where.is_dir() else 0)):
             return f"{where} is not writable"
+    return None
+
+
+def _unopened(path: str | os.PathLike, fd: int) -> str | None:
+    """Why the descriptor ``fd`` that ``path`` names cannot take a command's output: it is not open (later, this
+    process's own files would take the number, and the output would go into one of them), or open for reading only."""
+    try:
+        import fcntl
+
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    except ImportError:  # Windows: no /dev/fd to name one
+        return None
+    except OSError:
+        return f"{os.fspath(path)} names descriptor {fd}, which is not open: open it for the command ({fd}> FILE)"
+    if flags & os.O_ACCMODE == os.O_RDONLY:
+        return f"{os.fspath(path)} names descriptor {fd}, which is open for reading only"
     return None
 
 

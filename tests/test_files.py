@@ -136,6 +136,20 @@ def test_a_descriptor_named_by_dev_fd_is_written_at_its_offset(tmp_path, monkeyp
     assert path.read_text() == "before\njson \\ud800\nafter\n"
 
 
+def test_a_descriptor_not_opened_for_writing_is_refused_before_the_work(tmp_path):
+    """``--out /dev/fd/7`` with no ``7>`` was taken as written: at the end the output went into whatever file of the
+    process's own had number 7 by then (an eval's lock, a checkpoint being read)."""
+    fd = os.open(tmp_path / "x", os.O_RDONLY | os.O_CREAT)
+    try:
+        assert (
+            files.unwritable(f"/dev/fd/{fd}") == f"/dev/fd/{fd} names descriptor {fd}, which is open for reading only"
+        )
+    finally:
+        os.close(fd)
+    said = files.unwritable(f"/dev/fd/{fd}")  # closed now: the number is free
+    assert said == f"/dev/fd/{fd} names descriptor {fd}, which is not open: open it for the command ({fd}> FILE)"
+
+
 def test_a_fifo_or_device_is_written_where_it_is_and_a_symlink_named_as_out_keeps_its_link(tmp_path, monkeypatch):
     """``passk --out /dev/null`` renamed a temporary file over the device (as root: the system's /dev/null became a
     regular file), and ``--out /dev/stdout`` (a link to a pipe) replaced the link; ``unwritable`` refused
