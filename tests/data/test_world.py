@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from held_run import run_held_elsewhere
 from PIL import Image
 
 from kimivl.data import build_world, ensure_world, iter_records, iter_texts
@@ -258,12 +259,7 @@ def test_a_world_a_run_trains_on_is_not_rebuilt_under_it(tmp_path):
     whole = _tree(run / "world")
     ensure_world(tmp_path / "shared", seed=0, tasks=["caption"], progress=False, **sizes)
     (run / "linked").symlink_to(tmp_path / "shared")  # a world of the run's that lives elsewhere
-    holds = f"from pathlib import Path\nfrom kimivl.train.lock import run_lock\nwith run_lock(Path({str(run)!r})):\n"
-    holds += "    print('held', flush=True)\n    input()\n"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
-    holder = subprocess.Popen([sys.executable, "-c", holds], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    try:
-        assert holder.stdout.readline() == b"held\n"
+    with run_held_elsewhere(run) as holder:
         assert ensure_world(run / "world", seed=0, tasks=["caption"], progress=False, **sizes)["seed"] == 0
         refused = f"the world under {run / 'world'} was built with other settings (seed, sizes, tasks or generator "
         refused += f"code), and the run in {run} (pid {holder.pid} on "
@@ -273,8 +269,6 @@ def test_a_world_a_run_trains_on_is_not_rebuilt_under_it(tmp_path):
         with pytest.raises(RecipeError, match=re.escape(f"and the run in {run} (pid {holder.pid} on ")):
             ensure_world(run / "linked", seed=1, tasks=["caption"], progress=False, **sizes)  # was rebuilt
         assert json.loads((tmp_path / "shared" / "world.json").read_text())["seed"] == 0
-    finally:
-        holder.communicate(b"\n", timeout=60)
     with run_lock(run):  # this process's own run
         assert ensure_world(run / "world", seed=1, tasks=["caption"], progress=False, **sizes)["seed"] == 1
 

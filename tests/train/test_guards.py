@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from held_run import run_held_elsewhere
 from test_loop import joint_loss, setup
 
 from kimivl import KimiVL
@@ -268,8 +269,6 @@ def test_a_second_run_on_the_same_out_is_refused(tmp_path):
 def test_a_train_on_an_out_in_use_names_the_run_before_asking_for_resume(tmp_path, capsys):
     """Without --resume, a second ``kimivl train`` on the out of a live run said the out "already holds a run of this
     recipe; pass --resume to continue it": the user did, and only then learnt the folder was in use."""
-    import subprocess
-    import sys
 
     from kimivl.cli import main
 
@@ -280,19 +279,12 @@ def test_a_train_on_an_out_in_use_names_the_run_before_asking_for_resume(tmp_pat
     recipe.update(sources={"text": str(tmp_path / "text.jsonl")}, stages=[stage])
     (tmp_path / "r.yaml").write_text(json.dumps(recipe))
     (out / "s" / "checkpoints").mkdir(parents=True)  # the live run's first stage has begun
-    holds = f"from pathlib import Path\nfrom kimivl.train.lock import run_lock\nwith run_lock(Path({str(out)!r})):\n"
-    holds += "    print('held', flush=True)\n    input()\n"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
-    holder = subprocess.Popen([sys.executable, "-c", holds], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    try:
-        assert holder.stdout.readline() == b"held\n"
+    with run_held_elsewhere(out) as holder:
         for resume in ([], ["--resume"]):
             assert main(["train", str(tmp_path / "r.yaml"), *resume]) == 2
             err = capsys.readouterr().err
             assert f"kimivl train: error: {out} is in use by another run (pid {holder.pid} on " in err, err
             assert "--resume" not in err and "; wait for it to end, or choose another --out\n" in err
-    finally:
-        holder.communicate(b"\n", timeout=60)
     assert main(["train", str(tmp_path / "r.yaml")]) == 2  # the run ended: a begun run is now what stops it
     assert "already holds a run of this recipe; pass --resume to continue it" in capsys.readouterr().err
     (tmp_path / "a-file").write_text("x")  # an --out that is a file is named as one (was ENOTDIR for .lock)
