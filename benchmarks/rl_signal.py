@@ -39,7 +39,6 @@ from children import run as run_child
 from kimivl.data.world import ensure_world, world_built, world_wanted
 from kimivl.exits import run_command
 from kimivl.rl.compare import comparison_table, difficulty_table
-from kimivl.rl.passk import format_table
 
 ARMS = {"opmd-len": "tiny-rl.yaml", "opmd-nolen": "tiny-rl-nolen.yaml", "grpo": "tiny-rl-grpo.yaml"}
 ROOT = Path(__file__).resolve().parent.parent
@@ -216,6 +215,8 @@ def main() -> int:
 
 def passk_table(path: Path) -> str:
     """The pass@k table ``kimivl.rl.passk`` wrote to ``path`` as JSON, in Markdown as the command prints it."""
+    from kimivl.rl.passk import format_table  # not at import: runpy warns when -m runs a module already imported
+
     table = json.loads(path.read_text(encoding="utf-8"))["table"]
     ks = [int(key.removeprefix("pass@")) for key in next(iter(table.values())) if key.startswith("pass@")]
     return format_table(table, ks)
