@@ -36,7 +36,7 @@ Checker = Callable[[str, dict[str, Any]], float]
 _NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")
 _UNIT = re.compile(r"(?<![A-Za-z])(?:mm|cm|km|m|in|ft|units?|sq)(?:\s*\^\s*[23]|[²³]|[23](?!\d))?(?![A-Za-z])|[²³]")
 _LEAD_LETTER = re.compile(r"^\(?([A-Z])(?:[).:,;。、]|$|\s)")
-_PAREN_LETTER = re.compile(r"\(([A-Z])\)")
+_PAREN_LETTER = re.compile(r"\(([A-Za-z])\)")  # "(b)" too, as eval reads it
 # "answer is B", and the Chinese, Japanese and Korean cues ("答案是B", "故选B", "故選B", "答えはB", "정답은 B"); the cue
 # in any case, the letter a capital or, as eval's parse_option reads it, a bracketed lower-case one ("answer is (b)"):
 # in "the answer is a right triangle (B)" the article is no letter

@@ -101,6 +101,8 @@ def test_numbers_strip_units_not_digits():
         ("A는 틀렸고 정답은 B", 1.0),
         ("The answer is a right triangle (B)", 1.0),  # the article "a" was read as the letter A
         ("the answer is b", 0.0),  # a lower-case letter counts bracketed only, as in eval's parse_option
+        ("I pick (b)", 1.0),  # bracketed, with no cue, too (eval reads B; RL read nothing)
+        ("(a) is wrong, so (b)", 0.0),  # the first bracketed letter, as for capitals
     ],
 )
 def test_option(answer, expected):
