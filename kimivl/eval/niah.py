@@ -188,7 +188,7 @@ def video_case(processor, length: int, depth: int, secret: str, seed: int = 0) -
     per_frame = two - one  # a guess: later timestamps ("00:10.0") can take more tokens than "00:01.0"
     n = max(1, (length - (one - per_frame)) // per_frame)
     rng = random.Random(f"{seed}:{length}")
-    drawn = [pool[rng.randrange(len(pool))] for _ in range(n + 1)]
+    drawn: list = []  # the frames in the order drawn, as many as a prompt measured has needed
 
     def tokens(k: int) -> int:
         while len(drawn) < k:
