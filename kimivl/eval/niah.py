@@ -180,19 +180,20 @@ def _video_messages(frames: list) -> list[dict]:
     return [{"role": "user", "content": [*parts, {"type": "text", "text": VIDEO_QUESTION}]}]
 
 
-def video_case(processor, length: int, depth: int, secret: str, seed: int = 0) -> tuple[list[dict], dict]:
-    """A video haystack of the most frames that fit in ``length`` prompt tokens, the needle frame at ``depth`` percent.
-    Returns the messages and ``tokens``, ``frames`` (count) and ``needle`` (index of the needle frame)."""
+def video_fit(processor, length: int, seed: int = 0) -> tuple[int, int]:
+    """The most frames whose video prompt fits in ``length`` tokens, and that prompt's tokens (measured on the frames
+    ``video_case`` draws with ``seed``). The count hangs on the frames' sizes and timestamps, not their pixels, so
+    every depth and trial of a length shares it: ``Cases`` measures it once per length."""
     pool = _frame_pool(seed)
     one, two = (_prompt_tokens(processor, _video_messages(list(pool[:k]))) for k in (1, 2))
     per_frame = two - one  # a guess: later timestamps ("00:10.0") can take more tokens than "00:01.0"
     n = max(1, (length - (one - per_frame)) // per_frame)
-    rng = random.Random(f"{seed}:{length}")
+    draw = _frame_draw(seed, length)
     drawn: list = []  # the frames in the order drawn, as many as a prompt measured has needed
 
     def tokens(k: int) -> int:
         while len(drawn) < k:
-            drawn.append(pool[rng.randrange(len(pool))])
+            drawn.append(next(draw))
         return _prompt_tokens(processor, _video_messages(drawn[:k]))
 
     count = tokens(n)
@@ -205,7 +206,27 @@ def video_case(processor, length: int, depth: int, secret: str, seed: int = 0) -
         n, count = n - 1, tokens(n - 1)
     while (more := tokens(n + 1)) <= length:
         n, count = n + 1, more
-    frames = drawn[:n]
+    return n, count
+
+
+def _frame_draw(seed: int, length: int):
+    """The haystack frames of a case, drawn from the pool one at a time (the same order for each ``seed`` and
+    ``length``)."""
+    pool = _frame_pool(seed)
+    rng = random.Random(f"{seed}:{length}")
+    while True:
+        yield pool[rng.randrange(len(pool))]
+
+
+def video_case(
+    processor, length: int, depth: int, secret: str, seed: int = 0, fit: tuple[int, int] | None = None
+) -> tuple[list[dict], dict]:
+    """A video haystack of the most frames that fit in ``length`` prompt tokens, the needle frame at ``depth`` percent.
+    ``fit`` is ``video_fit``'s answer for ``length`` where already measured.
+    Returns the messages and ``tokens``, ``frames`` (count) and ``needle`` (index of the needle frame)."""
+    n, count = fit or video_fit(processor, length, seed)
+    draw = _frame_draw(seed, length)
+    frames = [next(draw) for _ in range(n)]
     at = round(depth / 100 * (n - 1))
     frames[at] = needle_frame(secret)
     return _video_messages(frames), {"tokens": count, "frames": n, "needle": at}
@@ -222,14 +243,20 @@ class Cases:
         return len(self.kinds) * len(self.lengths) * len(self.depths) * self.trials
 
     def __iter__(self):
-        build = {"text": text_case, "video": video_case}
+        fits: dict[int, tuple[int, int]] = {}  # video frames and tokens per length, measured once
         for kind in self.kinds:
             for length in self.lengths:
                 for depth in self.depths:
                     for trial in range(self.trials):
                         index = case_index(kind, length, depth, trial)
                         meta = meta_from_index(index, self.seed)
-                        messages, where = build[kind](self.processor, length, depth, meta["secret"], self.seed + trial)
+                        seed, secret = self.seed + trial, meta["secret"]
+                        if kind == "text":
+                            messages, where = text_case(self.processor, length, depth, secret, seed)
+                        else:
+                            if length not in fits:
+                                fits[length] = video_fit(self.processor, length, seed)
+                            messages, where = video_case(self.processor, length, depth, secret, seed, fits[length])
                         yield Sample(index, messages, {**meta, **where})
 
 

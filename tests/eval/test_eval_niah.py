@@ -334,3 +334,29 @@ def test_video_haystack_fits_a_long_length_in_few_encodes(monkeypatch):
         n = where["frames"]
         assert where["tokens"] == cost(n) <= length < cost(n + 1)  # the most frames that fit
         assert len(calls) <= 6, (length, calls)  # two for the guess, three tries, one past the most
+
+
+def test_video_cases_of_one_length_share_one_measured_frame_count(small_processor, monkeypatch):
+    """Each video case measured its frame count again (4-5 encodes of the whole haystack): the count hangs on the
+    frames' sizes and timestamps only, so the depths and trials of a length share it, and the cases are the same as
+    each measured alone."""
+    real, calls = niah._prompt_tokens, []
+
+    def counting(processor, messages):
+        calls.append(1)
+        return real(processor, messages)
+
+    monkeypatch.setattr(niah, "_prompt_tokens", counting)
+    cases = list(
+        niah.load(processor=small_processor, lengths=[700, 1200], depths=[0, 50, 100], kinds=["video"], trials=2)
+    )
+    assert len(cases) == 12 and len(calls) <= 2 * 6  # at most six encodes per length, not per case
+    for case in cases:
+        meta = case.meta
+        secret, seed = meta["secret"], meta["trial"]
+        alone, where = niah.video_case(small_processor, meta["length"], meta["depth"], secret, seed)
+        assert {k: meta[k] for k in where} == where
+        parts, alone_parts = case.messages[0]["content"], alone[0]["content"]
+        assert [p.get("text") for p in parts] == [p.get("text") for p in alone_parts]
+        images = [(np.asarray(p["image"]), np.asarray(q["image"])) for p, q in zip(parts, alone_parts) if "image" in p]
+        assert len(images) == meta["frames"] and all(np.array_equal(a, b) for a, b in images)
