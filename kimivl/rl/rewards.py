@@ -10,7 +10,8 @@ think markers: the RL policy is a thinking model and must keep its format. Check
   answers holding one number, which is what the synthetic tasks ask for.
 - ``option``: the option letter, from "B", "(B)", "B." / "B)" / "B。" at the start, or "answer is B" ("答案是B",
   "故选B", "故選B", "答えはB", "정답은 B"), equals the gold letter (full-width forms such as "（Ｂ）" read as ASCII; a
-  lower-case letter only bracketed, "answer is (b)", as eval's ``parse_option`` reads it).
+  lower-case letter only bracketed, "answer is (b)", and "A" or "I" before a lower-case word is that word, "the
+  answer is A right triangle", as eval's ``parse_option`` reads them).
 - ``string``: case-, space-, punctuation- and symbol-insensitive equality (OCR; ``kimivl.eval.answers.normalize_text``:
   accents and vowel signs count); no substring credit, which a policy could farm by writing many words.
 - ``point_in_box``: a point "(x, y)" or a box's centre (the first two or four numbers) inside ``meta['box']``
@@ -35,14 +36,16 @@ Checker = Callable[[str, dict[str, Any]], float]
 
 _NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")
 _UNIT = re.compile(r"(?<![A-Za-z])(?:mm|cm|km|m|in|ft|units?|sq)(?:\s*\^\s*[23]|[²³]|[23](?!\d))?(?![A-Za-z])|[²³]")
-_LEAD_LETTER = re.compile(r"^\(?([A-Z])(?:[).:,;。、]|$|\s)")
+# "A" or "I" before a lower-case word is that word ("A right triangle", "I think"), as eval's parse_option reads it
+_WORD_AI = r"(?![AI]\s+[a-z])"
+_LEAD_LETTER = re.compile(rf"^\(?{_WORD_AI}([A-Z])(?:[).:,;。、]|$|\s)")
 _PAREN_LETTER = re.compile(r"\(([A-Za-z])\)")  # "(b)" too, as eval reads it
 # "answer is B", and the Chinese, Japanese and Korean cues ("答案是B", "故选B", "故選B", "答えはB", "정답은 B"); the cue
 # in any case, the letter a capital or, as eval's parse_option reads it, a bracketed lower-case one ("answer is (b)"):
-# in "the answer is a right triangle (B)" the article is no letter
+# in "the answer is a right triangle (B)" the article is no letter, nor the capital in "the answer is A right triangle"
 _SAID_LETTER = re.compile(
     r"(?i:answer is|答案\s*(?:应该|應該)?(?:是|为|為|:)|[故应應][选選]|答えは|正解は|정답은):?\s*"
-    r"\(?((?<=\()[a-z](?=\))|[A-Z](?![A-Za-z0-9]))"
+    rf"\(?((?<=\()[a-z](?=\))|{_WORD_AI}[A-Z](?![A-Za-z0-9]))"
 )
 
 

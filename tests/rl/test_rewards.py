@@ -1,5 +1,6 @@
 import pytest
 
+from kimivl.eval.answers import parse_option
 from kimivl.rl.rewards import REWARDS, answer_of, correctness, numbers, option, point_in_box, register, string
 from kimivl.rl.trainer import problem_error
 
@@ -143,3 +144,25 @@ def test_registry_and_default():
         assert correctness(f"{THINK}yes", {"task": "toy-task"}) == 1.0
     finally:
         del REWARDS["toy-task"]
+
+
+@pytest.mark.parametrize(
+    "answer, gold",
+    [
+        ("the answer is A right triangle", "A"),  # "A" as a word after the cue was read as the letter (eval: none)
+        ("The answer is A right triangle (B)", "B"),
+        ("The answer is I guess (B)", "B"),
+        ("A right triangle", "A"),  # and a leading one, with no cue
+        ("I see it now", "I"),
+        ("the answer is A", "A"),  # a letter standing alone is still the letter
+        ("the answer is A.", "A"),
+        ("the answer is (A)", "A"),
+        ("(A) right triangle", "A"),
+        ("the answer is A Right triangle", "A"),
+        ("I pick (b)", "B"),
+        ("A", "A"),
+    ],
+)
+def test_option_reads_a_or_i_as_a_word_as_eval_does(answer, gold):
+    options = {k: f"shape number {n}" for n, k in enumerate("ABCDEFGHI")}
+    assert option(answer, {"gold": gold}) == float(parse_option(answer, options) == gold)
