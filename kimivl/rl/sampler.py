@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -87,7 +87,9 @@ class ProblemSampler:
         decay: float = 0.5,
         seed: int = 0,
         priority: str = "failure",
+        warn: Callable[..., None] | None = None,
     ):
+        """``warn`` (default: this module's ``log.warning``) is told of problems the curriculum never draws."""
         if priority not in PRIORITIES:
             raise ValueError(f"sampler priority must be one of {PRIORITIES}, got {priority!r}")
         if not difficulties:
@@ -107,7 +109,7 @@ class ProblemSampler:
         weighed = {d for weights in self.curriculum.values() for d, w in weights.items() if w > 0}
         never = Counter(d for d in self.difficulties if self.curriculum and d not in weighed)
         if never:  # a label may be left out on purpose, but "Easy" or a missing one is more likely a slip
-            log.warning(
+            (warn or log.warning)(
                 "the curriculum never draws %d of the %d problems: no phase weighs their difficulties (%s; 'any' is "
                 "a problem without meta.difficulty), and a phase weighs some of %s",
                 never.total(),

@@ -190,9 +190,12 @@ def difficulties_of(problems: Sequence[dict]) -> list[str]:
     return [p["meta"].get("difficulty", "any") for p in problems]
 
 
-def check_sampling(cfg: RLConfig, difficulties: Sequence[str], tokenizer) -> tuple[ProblemSampler, list[int]]:
-    """The sampler of problems of ``difficulties`` (a ``ValueError`` if a curriculum phase weighs none of them) and
-    the ids of the ``stop`` tokens (a ``KeyError`` naming one the tokenizer lacks)."""
+def check_sampling(
+    cfg: RLConfig, difficulties: Sequence[str], tokenizer, warn: Callable[..., None] | None = None
+) -> tuple[ProblemSampler, list[int]]:
+    """The sampler of problems of ``difficulties`` (a ``ValueError`` if a curriculum phase weighs none of them; a
+    warning through ``warn``, by default the sampler's log, of problems it never draws) and the ids of the ``stop``
+    tokens (a ``KeyError`` naming one the tokenizer lacks)."""
     sampler = ProblemSampler(
         difficulties,
         cfg.curriculum,
@@ -200,6 +203,7 @@ def check_sampling(cfg: RLConfig, difficulties: Sequence[str], tokenizer) -> tup
         cfg.success_decay,
         cfg.seed,
         cfg.priority,
+        warn,
     )
     return sampler, [tokenizer.special_id(s) for s in cfg.stop]
 
@@ -208,7 +212,8 @@ class RLTrainer:
     """``problems``: records ``{"messages": [...], "meta": {"task", "gold", "difficulty", ...}}``; ``reward_fn``
     ``(response text, meta) -> float`` (default: ``kimivl.rl.rewards.correctness``); ``settings`` and ``sources``: what
     a resume compares (``TrainState``'s); ``difficulties``: the problems' ``meta.difficulty`` where the caller has
-    read them already (default: read from ``problems``)."""
+    read them already (default: read from ``problems``); ``warn``: what tells of problems the curriculum never draws
+    (``check_sampling``'s)."""
 
     def __init__(
         self,
@@ -225,6 +230,7 @@ class RLTrainer:
         settings: dict[str, Any] | None = None,
         sources: dict[str, dict[str, Any]] | None = None,
         difficulties: Sequence[str] | None = None,
+        warn: Callable[..., None] | None = None,
     ):
         if not problems:
             raise ValueError("RL needs at least one problem")
@@ -240,7 +246,7 @@ class RLTrainer:
         difficulties = difficulties_of(problems) if difficulties is None else difficulties
         if len(difficulties) != len(problems):
             raise ValueError(f"rl: {len(difficulties)} difficulties given for {len(problems)} problems")
-        self.sampler, self.stop_ids = check_sampling(cfg, difficulties, processor.tokenizer)
+        self.sampler, self.stop_ids = check_sampling(cfg, difficulties, processor.tokenizer, warn)
         # nothing of pi_i is saved: checkpoints fall between iterations, where pi_i is the policy as it is then
         self.state = TrainState(
             self.run_dir / stage / "checkpoints",

@@ -304,3 +304,23 @@ def test_an_rl_stage_reads_each_problem_once_for_its_difficulty(problems, tmp_pa
     # problems 1 and 3 are hard, never sampled: read to train the tokenizer, to check them, for their difficulty and
     # to check that their prompts fit the model's context (once, before the first stage)
     assert reads.count(1) == reads.count(3) == 4 and {0, 2} <= set(reads)
+
+
+def test_a_run_gives_each_data_warning_once(problems, tmp_path, caplog):
+    """Each stage's data is checked before the first stage trains and again when it starts (and the rl trainer builds
+    its sampler once more): the curriculum's undrawn problems were warned of three times, a vision-only stage's
+    imageless source twice."""
+    plain = {"messages": [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"}]}
+    write_records(tmp_path / "plain.jsonl", [plain] * 2)
+    recipe = settings(problems, tmp_path / "run")
+    recipe["sources"]["c"] = str(tmp_path / "plain.jsonl")
+    align = {"name": "align", "kind": "joint", "steps": 1, "lr": 1e-3, "budget": 256, "mix": {"p": 1, "c": 1}}
+    align["train"] = ["multi_modal_projector"]
+    rl = {"name": "rl", "kind": "rl", "steps": 1, "lr": 1e-3, "budget": 256, "sources": ["p"]}
+    rl["rl"] = {"problems": 2, "samples": 2, "max_new_tokens": 2, "curriculum": {0.0: {"easy": 1}}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({**recipe, "stages": [align, rl]}))
+    with caplog.at_level(logging.WARNING):
+        assert main(["train", str(tmp_path / "r.yaml")]) == 0
+    assert caplog.text.count("the curriculum never draws 2 of the 4 problems") == 1
+    assert "stage rl: the curriculum never draws" in caplog.text
+    assert caplog.text.count("the first 2 records of data source 'c' hold no image") == 1

@@ -243,6 +243,20 @@ def source_record(ctx: StageContext, names) -> dict[str, dict[str, Any]]:
     }
 
 
+def once(ctx: StageContext, warn: Callable[..., None]) -> Callable[..., None]:
+    """``warn`` (a logger's ``warning``) that gives each message once a run: a stage's data is checked before the
+    first stage trains and again when it starts, and what a check warns of is said the first time only (the run's
+    ``ctx.sources.checked`` keeps the messages given)."""
+
+    def warn_once(message: str, *args) -> None:
+        key = ("warned", message % args)
+        if key not in ctx.sources.checked:
+            ctx.sources.checked.add(key)
+            warn(message, *args)
+
+    return warn_once
+
+
 @dataclass
 class StageContext:
     """What a stage prepares from besides the model: the recipe, its data sources, the processor and the ranks."""

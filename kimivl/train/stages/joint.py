@@ -18,7 +18,15 @@ from kimivl.processing.processor import IGNORE_INDEX
 from kimivl.train.calibrate import standardize_image_features
 from kimivl.train.loop import train_loop
 from kimivl.train.recipe import RecipeError, check_integer, number
-from kimivl.train.stages.base import PartsSettings, Prepared, StageContext, check_records, loop_config, source_record
+from kimivl.train.stages.base import (
+    PartsSettings,
+    Prepared,
+    StageContext,
+    check_records,
+    loop_config,
+    once,
+    source_record,
+)
 from kimivl.train.validation import heldout_loss, heldout_rows
 
 CALIBRATION_SAMPLES = 32  # per image source, for standardize_images
@@ -178,6 +186,7 @@ def check_sources(stage: JointStage, ctx: StageContext, encode, fewest=None) -> 
             "from mix (and mix_end), or train language_model too"
         )
     check_records(ctx, names, _no_answer)
+    warn = once(ctx, log.warning)
     for name in names:
         items = ctx.sources.items[name]
         calibrated = stage.standardize_images and not ctx.sources.is_text[name]
@@ -187,7 +196,7 @@ def check_sources(stage: JointStage, ctx: StageContext, encode, fewest=None) -> 
         for i in range(len(first), min(CALIBRATION_SAMPLES, len(items)) if calibrated else 0):
             encoded(encode, name, items, i)
         if vision_only and name in drawn and probe and not any(e.pixel_values.shape[0] for e in probe):
-            log.warning(
+            warn(
                 "stage %s: the first %d records of data source %r hold no image, and the stage trains only %s: a row "
                 "without images trains nothing",
                 stage.name,
@@ -196,7 +205,7 @@ def check_sources(stage: JointStage, ctx: StageContext, encode, fewest=None) -> 
                 stage.train,
             )
         if probe and not any(label != IGNORE_INDEX for e in probe for label in e.labels):
-            log.warning(
+            warn(
                 "stage %s: the first %d records of data source %r score no token (every label masked): it "
                 "adds nothing to the loss",
                 stage.name,

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from kimivl.data.formats import DataError
 from kimivl.data.indexed import Concat, locate
+from kimivl.rl.sampler import log as sampler_log
 from kimivl.rl.trainer import OBJECTIVE_SETTINGS, RLConfig, RLTrainer, check_sampling, problem_error, prompt_of
 from kimivl.train.recipe import Recipe, RecipeError, check_names
-from kimivl.train.stages.base import PartsSettings, Prepared, StageContext, check_records, source_record
+from kimivl.train.stages.base import PartsSettings, Prepared, StageContext, check_records, once, source_record
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,9 @@ class RLStage(PartsSettings):
         if ctx.context is not None:
             check_prompts(self, ctx, ctx.context, cfg.max_new_tokens)
         try:
-            check_sampling(cfg, ctx.sources.difficulties(self.sources), ctx.processor.tokenizer)
+            check_sampling(
+                cfg, ctx.sources.difficulties(self.sources), ctx.processor.tokenizer, sampler_warning(self, ctx)
+            )
         except (KeyError, ValueError) as e:
             raise RecipeError(f"stage {self.name!r}: rl: {e.args[0]}") from None
 
@@ -119,6 +123,13 @@ def rl_config(recipe: Recipe, stage: RLStage) -> RLConfig:
     return config
 
 
+def sampler_warning(stage: RLStage, ctx: StageContext) -> Callable[..., None]:
+    """The sampler's warning of problems the curriculum never draws, naming the stage and given once a run: the check
+    before the first stage, the one when the stage starts and the trainer each build a sampler."""
+    warn = once(ctx, sampler_log.warning)
+    return lambda message, *args: warn("stage %s: " + message, stage.name, *args)
+
+
 def check_problems(stage: RLStage, ctx: StageContext) -> None:
     """Every problem has a prompt, a ``meta.gold`` answer to reward against and readable images."""
     check_records(ctx, stage.sources, problem_error)
@@ -180,6 +191,7 @@ def prepare(stage: RLStage, ctx: StageContext, model) -> Prepared:
             settings=stage.record_with(cfg),
             sources=source_record(ctx, stage.sources),
             difficulties=ctx.sources.difficulties(stage.sources),
+            warn=sampler_warning(stage, ctx),
         )
         return trainer.run(progress=progress)
 
