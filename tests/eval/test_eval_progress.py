@@ -132,6 +132,12 @@ def test_mmmus_count_is_of_its_validation_rows(tmp_path):
     read = iter(rows)
     next(read)
     assert rows.total == 3 and len(list(read)) == 2  # counted as parsed: its validation rows too
+    lines = [{**row, "index": i, "split": s} for i, s in enumerate(SPLITS)]
+    (tmp_path / "mmmu.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    rows = mmmu.load(tmp_path / "mmmu.jsonl")
+    read = iter(rows)
+    next(read)
+    assert rows.total == 3 and len(list(read)) == 2  # a first pass reads each line's split (there was no total)
     hub = tmp_path / "hub"
     hub.mkdir()
     row = {"question": "q", "options": "['a', 'b']", "answer": "A", "question_type": "multiple-choice"}
