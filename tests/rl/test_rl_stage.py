@@ -228,6 +228,20 @@ def test_the_prompt_check_refuses_a_prompt_of_exactly_the_context_and_warns_wher
     assert f"2 problems leave fewer than max_new_tokens (2) of the {n + 1}-token context to answer in" in caplog.text
 
 
+def test_the_prompt_check_warns_once_a_run_and_again_for_a_stage_answering_longer(small_processor, caplog):
+    """The check is made once a source and context (before the first stage, and when each stage starts): a later stage
+    on the same problems with a larger max_new_tokens was told nothing of the answers it cuts short."""
+    record = {"messages": [{"role": "user", "content": "What is 2 + 2? " * 10}], "meta": {"task": "reasoning"}}
+    n = len(small_processor.encode(prompt_of(record)).input_ids)
+    sources = types.SimpleNamespace(checked=set(), items={"p": [record]})
+    ctx = types.SimpleNamespace(processor=small_processor, sources=sources)
+    with caplog.at_level(logging.WARNING, logger="kimivl.train.stages.rl"):
+        for max_new_tokens in (8, 8, 20, 20, 8):
+            check_prompts(types.SimpleNamespace(sources=["p"]), ctx, n + 10, max_new_tokens)
+    assert caplog.text.count("1 problems leave fewer than max_new_tokens (20)") == 1
+    assert "max_new_tokens (8)" not in caplog.text
+
+
 def test_a_second_rl_stage_draws_other_problems_than_the_first(problems, tmp_path):
     """The first rl stage samples with the recipe's seed (the shipped runs), each later one with the next seed."""
     stage = {"kind": "rl", "steps": 2, "lr": 1e-3, "sources": ["p"], "rl": {"problems": 2, "samples": 2}}

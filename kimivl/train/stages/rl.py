@@ -140,9 +140,10 @@ def check_prompts(stage: RLStage, ctx: StageContext, context: int, max_new_token
     than ``context`` tokens: a longer one would end the run when first drawn, maybe hours in. A ``DataError`` names
     the first that does not; a warning counts those that leave under ``max_new_tokens`` of room (their answers are
     cut short). A prompt whose text alone takes ``context`` (``fewest_tokens``) is refused unencoded; the others are
-    encoded once per source and context (problem sets are small next to training corpora)."""
+    encoded once per source, context and ``max_new_tokens`` (problem sets are small next to training corpora), so a
+    run warns once, and again for a stage that answers at other lengths."""
     for name in stage.sources:
-        if (name, ("prompt fits", context)) in ctx.sources.checked:
+        if (name, ("prompt fits", context, max_new_tokens)) in ctx.sources.checked:
             continue
         items, cramped = ctx.sources.items[name], 0
         for i in range(len(items)):
@@ -166,7 +167,7 @@ def check_prompts(stage: RLStage, ctx: StageContext, context: int, max_new_token
                 max_new_tokens,
                 context,
             )
-        ctx.sources.checked.add((name, ("prompt fits", context)))
+        ctx.sources.checked.add((name, ("prompt fits", context, max_new_tokens)))
 
 
 def prepare(stage: RLStage, ctx: StageContext, model) -> Prepared:
