@@ -444,6 +444,12 @@ def run_stage(
         remove_recompute(prepared.trainee)
 
 
+def _evaluated(out: Path, stage: str) -> bool:
+    """Whether ``stage`` (or ``base``) was evaluated in full: a kill may cut ``evaluate_stage`` short, and then it
+    runs again (its position-loss file comes last)."""
+    return (out / "eval" / f"{stage}.position_loss.json").is_file()
+
+
 def evaluate_stage(
     recipe: Recipe, stage: str, model: KimiVL, processor: KimiVLProcessor, progress: bool = True
 ) -> dict[str, float]:
@@ -704,7 +710,7 @@ def _run_stages(
     for stage in recipe.stages:
         stage.check_model(model)
     with main_first(world, recipe.out / ".eval.lock") as first:
-        if first and (recipe.eval or {}).get("base") and not (recipe.out / "eval" / "base.json").is_file():
+        if first and (recipe.eval or {}).get("base") and not _evaluated(recipe.out, "base"):
             evaluate_stage(recipe, "base", _whole(model, source, recipe.device), processor, progress)
     for stage in recipe.stages:
         final = recipe.out / stage.name / FINAL
@@ -718,8 +724,7 @@ def _run_stages(
             run_stage(recipe, stage, model, processor, sources, progress, world, source)
             model = _finish_stage(model, processor, final, world, source)
         source = final
-        # a finished stage is evaluated again only when a kill cut its evaluation short (position_loss comes last)
-        evaluated = done and (recipe.out / "eval" / f"{stage.name}.position_loss.json").is_file()
+        evaluated = done and _evaluated(recipe.out, stage.name)
         with main_first(world, recipe.out / ".eval.lock") as first:
             if first and stage.name in (recipe.eval or {}).get("after", []) and not evaluated:
                 evaluate_stage(recipe, stage.name, _whole(model, source, recipe.device), processor, progress)

@@ -1170,8 +1170,9 @@ def test_a_held_out_split_without_answers_to_score_fails_before_training(data_di
 
 
 def test_an_evaluation_cut_short_runs_again_on_resume(data_dir, tmp_path, monkeypatch):
-    """A finished stage is evaluated again only when its evaluation was cut short, and its data is not checked again;
-    a stage trained anew (its folder removed) is checked and evaluated anew whatever eval files are left."""
+    """A finished stage (and the base model) is evaluated again only when its evaluation was cut short, and its data
+    is not checked again; a stage trained anew (its folder removed) is checked and evaluated anew whatever eval files
+    are left."""
     from kimivl.train.stages import KINDS
 
     checked = []
@@ -1181,13 +1182,15 @@ def test_an_evaluation_cut_short_runs_again_on_resume(data_dir, tmp_path, monkey
             kind, "check_data", lambda self, ctx, check=check: checked.append(self.name) or check(self, ctx)
         )
     recipe = recipe_dict(data_dir, tmp_path / "run")
-    recipe["eval"] = {"after": ["sft"], "split": str(data_dir), "limit": 2, "max_new_tokens": 4}
+    recipe["eval"] = {"base": True, "after": ["sft"], "split": str(data_dir), "limit": 2, "max_new_tokens": 4}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     run_recipe(load_recipe(tmp_path / "r.yaml"), progress=False)
     evaluated = sorted(p.name for p in (tmp_path / "run" / "eval").iterdir())
-    assert evaluated == ["sft.json", "sft.lengths.json", "sft.position_loss.json", "sft.predictions.jsonl"]
+    files = [".json", ".lengths.json", ".position_loss.json", ".predictions.jsonl"]
+    assert evaluated == [f"{name}{end}" for name in ("base", "sft") for end in files]
     first = (tmp_path / "run" / "eval" / "sft.json").read_text()
-    (tmp_path / "run" / "eval" / "sft.position_loss.json").unlink()  # killed before the last file was written
+    for name in ("base", "sft"):  # killed before the last file was written
+        (tmp_path / "run" / "eval" / f"{name}.position_loss.json").unlink()
     checked.clear()
     run_recipe(load_recipe(tmp_path / "r.yaml"), progress=False)
     assert sorted(p.name for p in (tmp_path / "run" / "eval").iterdir()) == evaluated
