@@ -10,6 +10,11 @@ save into the same directory can tell the files of an older kimivl save, which i
 model's, which make it refuse before anything is written; a ``config.json`` is kimivl's when it configures a Kimi-VL
 model (``model_type`` ``kimi_vl``), and every file of a directory that a recipe exported to (``EXPORT_RECORD``) is
 kimivl's (an export may predate the mark). It never overwrites or deletes a file it cannot tell is kimivl's.
+
+The mark's value names the save that wrote the file (a conversion keeps its source's), the index last: a save over
+a sharded checkpoint that a crash or a full disk cut short leaves shards of two saves, which loading refuses (a shard
+of another save than its index's) instead of mixing old and new weights. Training checkpoints and exports are written
+elsewhere and renamed into place, and never hold such a mix.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import logging
 import os
 import re
 import shutil
+import uuid
 from pathlib import Path, PurePath
 
 import torch
@@ -39,7 +45,8 @@ SINGLE = "model.safetensors"
 CONFIG = "config.json"
 EXPORT_RECORD = "kimivl-run.json"  # in a model that a recipe exported: which run wrote it
 FROZEN_FINGERPRINT = "kimivl_frozen_fingerprint"  # safetensors metadata of a training checkpoint's frozen shard
-WRITER = "kimivl_checkpoint"  # metadata key marking a file (shard or index) that save_checkpoint wrote
+WRITER = "kimivl_checkpoint"  # metadata key marking a file (shard or index) that save_checkpoint wrote: the save's id
+UNNAMED = "1"  # the mark of a file written before saves were named (or by a gathered save, always into a new folder)
 # Keys that released checkpoints may carry but that hold nothing a model needs.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 # The dtypes weights are loaded and saved in (those a config's torch_dtype can name).
@@ -84,7 +91,8 @@ def checkpoint_files(path: str | os.PathLike) -> dict[str, list[str]]:
     if os.path.isfile(index):
         try:
             with open(index, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
+                parsed = json.load(f)
+                weight_map = parsed["weight_map"]
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index} is not a valid safetensors index: {e!r}") from None
         except RecursionError:
@@ -108,6 +116,7 @@ def checkpoint_files(path: str | os.PathLike) -> dict[str, list[str]]:
         absent = [f for f in files if not os.path.isfile(f)]
         if absent:
             raise CheckpointError(f"{index} names shard files that do not exist: {absent}")
+        _check_one_save(index, _save_of(parsed), files)
         return files
     single = os.path.join(path, SINGLE)
     if os.path.isfile(single):
@@ -117,6 +126,31 @@ def checkpoint_files(path: str | os.PathLike) -> dict[str, list[str]]:
     )
     hint = f" (found {pickles}: pickle checkpoints are never loaded; convert them to safetensors)" if pickles else ""
     raise CheckpointError(f"no {SINGLE} or {INDEX} in {path}{hint}")
+
+
+def _check_one_save(index: str, save: str, files: dict[str, list[str]]) -> None:
+    """Refuse shards that another save than the index's (``save``) wrote: a save into the folder was cut short. Shards
+    of frozen weights, hard-linked from the checkpoint before, keep their own save's mark."""
+    if save == UNNAMED:  # an official checkpoint's index, or an older kimivl save's
+        return
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as f:
+                meta = f.metadata() or {}
+        except Exception:  # noqa: BLE001 - a broken header: _read_headers names it
+            continue
+        if meta.get(WRITER, save) != save and FROZEN_FINGERPRINT not in meta:
+            raise CheckpointError(
+                f"{os.path.dirname(index)} holds shards of two saves: {os.path.basename(file)} is not of the save "
+                f"its index records (a save or conversion into the folder was cut short, by a crash or a full disk); "
+                "save or convert the model into it again"
+            )
+
+
+def _save_of(index: dict) -> str:
+    """The save that wrote the checkpoint of this (parsed) index: ``UNNAMED`` for another writer's or an older one."""
+    meta = index.get("metadata")
+    return meta.get(WRITER, UNNAMED) if isinstance(meta, dict) else UNNAMED
 
 
 def _read_headers(files: dict[str, list[str] | None]) -> dict[str, tuple[str, list[int], str]]:
@@ -274,21 +308,23 @@ def shard_file_names(count: int) -> list[str]:
     return [SINGLE] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
 
 
-def write_index(path: str | os.PathLike, weight_map: dict[str, str], total: int) -> None:
-    """The index of a checkpoint in several files (``total`` bytes of tensors), marked as kimivl's."""
-    index = {"metadata": {"total_size": total, WRITER: "1"}, "weight_map": weight_map}
+def write_index(path: str | os.PathLike, weight_map: dict[str, str], total: int, save: str = UNNAMED) -> None:
+    """The index of a checkpoint in several files (``total`` bytes of tensors), marked as kimivl's ``save``."""
+    index = {"metadata": {"total_size": total, WRITER: save}, "weight_map": weight_map}
     write_text_atomic(os.path.join(path, INDEX), json.dumps(index, indent=2))
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], file: str, metadata: dict[str, str] | None = None) -> None:
-    """Write ``file`` by way of ``file.tmp``, readable as ``open`` would make it (safetensors creates files 0o600, which
-    another user, a serving container, cannot read). A failed write is an ``OSError`` with the errno of the failure
-    (safetensors reports it as a ``SafetensorError`` ending in ``(os error N)``); a failure of any kind leaves no
-    ``file.tmp``."""
+def _atomic_save(
+    tensors: dict[str, torch.Tensor], file: str, metadata: dict[str, str] | None = None, save: str = UNNAMED
+) -> None:
+    """Write ``file``, marked as kimivl's ``save``, by way of ``file.tmp``, readable as ``open`` would make it
+    (safetensors creates files 0o600, which another user, a serving container, cannot read). A failed write is an
+    ``OSError`` with the errno of the failure (safetensors reports it as a ``SafetensorError`` ending in
+    ``(os error N)``); a failure of any kind leaves no ``file.tmp``."""
     tmp = file + ".tmp"
     try:
         try:
-            save_file(tensors, tmp, metadata={"format": "pt", WRITER: "1", **(metadata or {})})
+            save_file(tensors, tmp, metadata={"format": "pt", WRITER: save, **(metadata or {})})
         except SafetensorError as e:
             found = re.search(r"\(os error (\d+)\)", str(e))
             if found is None:
@@ -351,7 +387,9 @@ def save_checkpoint(
     frozen_from: str | os.PathLike | None = None,
 ) -> list[str]:
     """Write the model's tensors under the official names, sharded above ``max_shard_bytes``. Each file is
-    written to a temporary name and renamed, so a crash never leaves a half-written file. Returns file names.
+    written to a temporary name and renamed, so a crash never leaves a half-written file, and marked with this save's
+    id, the index last, so that loading refuses a folder a crash left holding shards of two saves.
+    Returns file names.
 
     ``frozen_apart`` (training checkpoints) puts the tensors of frozen parameters in shards of their own, marked
     with a fingerprint; a frozen shard that the checkpoint ``frozen_from`` holds unchanged is hard-linked from it
@@ -366,7 +404,7 @@ def save_checkpoint(
     names = shard_file_names(len(groups))
     keep = set(names) | ({INDEX} if len(groups) > 1 else set())
     stale = _stale_files(path, keep | {CONFIG})  # a config.json beside the weights describes them
-    file = path
+    file, save = path, uuid.uuid4().hex
     try:
         for keys, name in zip(groups, names):
             file = os.path.join(path, name)
@@ -377,11 +415,11 @@ def save_checkpoint(
                     os.path.join(frozen_from, name), file, metadata[FROZEN_FINGERPRINT]
                 ):
                     continue
-            _atomic_save({k: _for_file(k, state[k], dtype) for k in keys}, file, metadata)
+            _atomic_save({k: _for_file(k, state[k], dtype) for k in keys}, file, metadata, save)
         if len(groups) > 1:
             file = os.path.join(path, INDEX)
             total = sum(t.numel() * saved_dtype(k, t, dtype).itemsize for k, t in state.items())
-            write_index(path, {k: name for keys, name in zip(groups, names) for k in keys}, total)
+            write_index(path, {k: name for keys, name in zip(groups, names) for k in keys}, total, save)
     except OSError as e:  # _atomic_save removed its temporary file
         raise write_error(e, file) from None
     for name in stale:
@@ -438,7 +476,7 @@ def _write_converted(src: str, dst: str, names: list[str], indexed: bool, dtype:
             file = os.path.join(dst, INDEX)
             with open(os.path.join(src, INDEX), encoding="utf-8") as f:
                 index = json.load(f)
-            index["metadata"] = {"total_size": total, WRITER: "1"}
+            index["metadata"] = {"total_size": total, WRITER: _save_of(index)}
             write_text_atomic(file, json.dumps(index, indent=2))
         file = os.path.join(dst, CONFIG)
         write_text_atomic(file, json.dumps(config, indent=2) + "\n")
@@ -447,11 +485,15 @@ def _write_converted(src: str, dst: str, names: list[str], indexed: bool, dtype:
 
 
 def _convert_file(source: str, file: str, dtype: torch.dtype) -> int:
-    """The safetensors ``source`` written to ``file`` in ``dtype`` (``_for_file``), read a tensor at a time; returns the
-    bytes of tensors written. The converted tensors are freed on return, before the caller reads the next file."""
+    """The safetensors ``source`` written to ``file`` in ``dtype`` (``_for_file``), read a tensor at a time, marked as
+    of the save the source is of (a conversion cut short leaves one save's weights, some in the new dtype; a frozen
+    shard's fingerprint is of its new tensors); returns the bytes of tensors written. The converted tensors are freed
+    on return, before the caller reads the next file."""
     with safe_open(source, framework="pt") as f:
         tensors = {k: _for_file(k, f.get_tensor(k), dtype) for k in f.keys()}
-    _atomic_save(tensors, file)
+        meta = f.metadata() or {}
+    frozen = {FROZEN_FINGERPRINT: _fingerprint(tensors, list(tensors))} if FROZEN_FINGERPRINT in meta else {}
+    _atomic_save(tensors, file, frozen, meta.get(WRITER, UNNAMED))
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
