@@ -4,6 +4,7 @@ implement, the streamed chunks' shape, error bodies, the ``developer`` role."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import logging
@@ -355,7 +356,63 @@ def test_data_videos_share_the_spare_frames_with_the_remainder_to_the_first():
     assert sum(p["max_frames"] for p in parts) == 10
 
 
+def test_video_frame_limits_are_inclusive():
+    """A request may hold exactly max_frames video frames, as frame lists or data:video URLs (one frame each at the
+    least, the budget then shared out); one more is refused."""
+    clip = {"type": "video_url", "video_url": {"url": "data:video/mp4;base64," + base64.b64encode(b"x").decode()}}
+    frames = {"type": "video", "video": [_png()] * 2}
+    limits = Limits(context=4096, max_batch=1, max_frames=4)
+    for content in ([clip] * 4, [frames, frames], [frames, clip, clip]):
+        parts = parse_chat_request({**GOOD, "messages": [{"role": "user", "content": content}]}, limits)
+        assert len(parts.messages[0]["content"]) == len(content)
+        assert [p["max_frames"] for p in parts.messages[0]["content"] if "max_frames" in p] == [1] * content.count(clip)
+    for content in ([clip] * 5, [frames, frames, clip], [clip, frames, frames]):
+        body = {**GOOD, "messages": [{"role": "user", "content": content}]}
+        _refused(body, "messages", "more than 4 video frames in one request", limits)
+
+
 def test_a_null_unknown_field_asks_for_nothing():
     assert parse_chat_request({**GOOD, "frobnicate": None}, LIMITS) == parse_chat_request(GOOD, LIMITS)
     message = {"role": "user", "content": "Hi", "tool_call_id": None}
     assert parse_chat_request({**GOOD, "messages": [message]}, LIMITS) == parse_chat_request(GOOD, LIMITS)
+
+
+def test_a_prompt_of_exactly_the_context_is_refused_as_too_long_and_one_token_less_fits():
+    """A prompt that fills the context leaves no room for an answer: a 400 naming it (not the engine's ValueError
+    later, a 500); one token less is encoded, and its max_tokens may take the rest of the context exactly."""
+
+    class Processor:  # encodes any messages to ``length`` ids
+        length = 0
+
+        def fewest_tokens(self, messages):
+            return 0
+
+        def encode(self, messages):
+            return type("Encoded", (), {"input_ids": [1] * self.length})()
+
+    engine = type("Engine", (), {"processor": Processor()})()
+    chat = parse_chat_request(GOOD, LIMITS)
+    engine.processor.length = 64
+    with pytest.raises(RequestError, match="the prompt is 64 tokens, which leaves no room") as e:
+        app_module._encode(engine, dataclasses.replace(chat, max_tokens=None), 64)
+    assert e.value.code == "context_length_exceeded"
+    engine.processor.length = 63
+    assert len(app_module._encode(engine, dataclasses.replace(chat, max_tokens=None), 64).input_ids) == 63
+    assert len(app_module._encode(engine, dataclasses.replace(chat, max_tokens=1), 64).input_ids) == 63
+    with pytest.raises(RequestError, match="ask for at most 1 tokens"):
+        app_module._encode(engine, dataclasses.replace(chat, max_tokens=2), 64)
+
+
+def test_a_temperature_under_the_sampler_floor_is_greedy_and_max_tokens_defaults_to_the_room_left():
+    """The sampler takes 0 (greedy) or at least MIN_TEMPERATURE: a request's temperature under the floor is greedy, one
+    at the floor samples at it; without max_tokens a choice may take the whole room the prompt leaves."""
+    from kimivl.inference.sampling import MIN_TEMPERATURE
+
+    def params(**fields):
+        return app_module._params(parse_chat_request({**GOOD, **fields}, LIMITS), 100)
+
+    assert params(temperature=MIN_TEMPERATURE / 2).temperature == 0.0
+    assert params(temperature=MIN_TEMPERATURE).temperature == MIN_TEMPERATURE
+    assert params(temperature=0.7, top_p=0.5, seed=3).temperature == 0.7
+    assert (params(top_p=0.5).top_p, params(seed=3).seed, params(max_tokens=7).max_new_tokens) == (0.5, 3, 7)
+    assert app_module._params(parse_chat_request({**GOOD, "max_tokens": None}, LIMITS), 100).max_new_tokens == 100
