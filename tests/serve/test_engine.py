@@ -510,3 +510,23 @@ def _tokens(events: list[tuple], done: threading.Event) -> list[int]:
     got = [record[0] for e in events if e[0] == "logprobs" for record in e[2]]
     assert events[-1][2:] == ("length", len(got))
     return got
+
+
+def test_a_batch_is_re_laid_when_rows_join_or_leave_not_at_every_step(loaded, monkeypatch):
+    """A re-lay copies the whole cache: rows decoding together are laid once when they join and dropped once when they
+    end, not re-laid at each of their steps (only a crowded cache, at the context or half padding, is re-laid)."""
+    model, processor = loaded
+    relays, relay = [], engine_module._Batch.relay
+    monkeypatch.setattr(engine_module._Batch, "relay", lambda self, *a: (relays.append(len(a)), relay(self, *a))[1])
+    ids = processor.encode([{"role": "user", "content": "Hi"}]).input_ids
+    engine = Engine(model, processor, max_batch=2)
+    engine._stop_ids = set()
+    params = SamplingParams(max_new_tokens=12, temperature=0.0)
+    requests = [_submit(engine, ids, params) for _ in range(2)]
+    engine.start()
+    try:
+        assert [len(_tokens(*r)) for r in requests] == [12, 12]
+        _wait(lambda: engine.metrics.batch_size == 0)
+    finally:
+        engine.shutdown()
+    assert relays == [1, 0], relays  # the two rows joining, then dropping the empty batch
