@@ -40,6 +40,23 @@ def test_cached_greedy_equals_recompute_single_and_batched(tiny_model, tiny_conf
     assert len(p1) != len(p2)  # the batch really was padded
 
 
+@torch.no_grad()
+def test_each_steps_logits_equal_full_recomputation(tiny_model, tiny_config, monkeypatch):
+    """Every step's float32 logits, in a left-padded batch with images prefilled in chunks, equal the uncached forward
+    over the prompt and the tokens generated before it: greedy tokens alone let a decode position off by one pass."""
+    p1, pv1 = image_prompt(tiny_config, (4, 6), 3, 5, seed=1)
+    p2, pv2 = image_prompt(tiny_config, (2, 2), 1, 2, seed=2)
+    seen = []
+    logits = tiny_model.language_model.logits
+    monkeypatch.setattr(tiny_model.language_model, "logits", lambda h: seen.append(logits(h)) or seen[-1])
+    params = SamplingParams(max_new_tokens=6)
+    out = generate_ids(tiny_model, [p1, p2], torch.cat([pv1, pv2]), torch.tensor([[4, 6], [2, 2]]), params, (), 5)
+    monkeypatch.undo()
+    for row, (p, new, pv, grid) in enumerate(zip((p1, p2), out, (pv1, pv2), ([[4, 6]], [[2, 2]]))):
+        full = tiny_model(torch.tensor([p + new]), pv, torch.tensor(grid)).logits[0, len(p) - 1 : -1]
+        torch.testing.assert_close(torch.stack([s[row] for s in seen]), full, atol=2e-5, rtol=2e-5)
+
+
 def test_text_only_batches_and_stop_ids(tiny_model):
     prompts = [[5, 6, 7, 8, 9], [10, 11]]
     params = SamplingParams(max_new_tokens=8)
