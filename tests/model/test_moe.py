@@ -1,3 +1,4 @@
+import dataclasses
 import re
 
 import pytest
@@ -6,7 +7,7 @@ import torch.nn.functional as F
 
 from kimivl.config import KimiVLConfig
 from kimivl.model.language_model import LanguageModel
-from kimivl.model.moe import GroupedExperts, to_dtype
+from kimivl.model.moe import GroupedExperts, Router, to_dtype
 
 
 def _reference(experts: GroupedExperts, x, idx, w):
@@ -51,6 +52,27 @@ def tiny_lm():
         for layer in lm.model.layers[1:]:
             layer.mlp.gate.e_score_correction_bias.normal_(0, 0.05)
     return cfg, lm
+
+
+@torch.no_grad()
+def test_group_limited_routing_never_picks_an_expert_outside_the_kept_groups():
+    """With every biased choice below 0, the experts chosen still lie in the ``topk_group`` best groups (by the sum of
+    each group's best two), as DeepSeek-V3's reference code masks with -inf; a mask of 0 would let an excluded expert
+    win."""
+    text = dataclasses.replace(
+        KimiVLConfig.from_preset("tiny").text_config, n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=2
+    )
+    router = Router(text)
+    torch.manual_seed(0)
+    router.weight.normal_(0, 0.5)
+    router.e_score_correction_bias.normal_(-2.0, 0.3)
+    w, idx, scores = router(torch.randn(64, text.hidden_size))
+    choice = (scores + router.e_score_correction_bias).view(64, 4, 2)
+    kept = choice.topk(2, dim=-1).values.sum(-1).topk(2, dim=-1).indices
+    assert (idx[:, :, None] // 2 == kept[:, None, :]).any(-1).all()
+    torch.testing.assert_close(
+        w, scores.gather(1, idx) / scores.gather(1, idx).sum(-1, keepdim=True) * text.routed_scaling_factor
+    )
 
 
 def test_router_stays_exact_float32_through_the_explicit_cast_and_device_moves():
