@@ -82,6 +82,17 @@ def test_geometry(w, h, limit, resized, grid):
     assert proc.num_tokens((gh, gw)) == grid[0] * grid[1]
 
 
+def test_default_normalisation_is_clips_mean_and_std():
+    """The official defaults, written out (the other tests read them from the module they check): a pixel of
+    (255, 0, 128) normalises with CLIP's mean (0.48145466, 0.4578275, 0.40821073) and std (0.26862954, 0.26130258,
+    0.27577711)."""
+    proc = ImageProcessor()
+    assert (proc.patch_size, proc.in_token_limit, proc.merge_kernel_size, proc.pad_input) == (14, 4096, (2, 2), True)
+    out = proc(np.full((28, 28, 3), (255, 0, 128), np.uint8))["pixel_values"]
+    want = [(1 - 0.48145466) / 0.26862954, (0 - 0.4578275) / 0.26130258, (128 / 255 - 0.40821073) / 0.27577711]
+    np.testing.assert_allclose(out[0, :, 5, 5].numpy(), want, rtol=0, atol=1e-5)  # 1.93034, -1.75210, 0.34002
+
+
 def test_downscale_uses_pil_bicubic():
     a = photo(300, 200, seed=3)
     pv = ImageProcessor(in_token_limit=64)(a)["pixel_values"]
@@ -210,6 +221,7 @@ def test_array_inputs():
     [
         (200.0, "float values from 200 to 200; float images must hold values in \\[0, 1\\] \\(divide 0..255"),
         (-0.5, "float values from -0.5 to -0.5"),
+        (1.01, "float values from 1.01 to 1.01"),  # past the rounding tolerance (1e-3) already
         (float("nan"), "NaN or infinite"),
         (float("inf"), "NaN or infinite"),
     ],
@@ -401,6 +413,13 @@ def test_an_image_too_long_for_moonvits_rope_is_scaled_down_to_fit():
     patches, (h, w) = proc.preprocess(np.zeros((20, 7200, 3), np.uint8))
     assert (h, w) == (2, MAX_GRID_SIDE - 2) and patches.shape[0] == h * w  # 7140 x 19 px, padded to whole merges
     assert proc.resized_size(1000, 800) == (1000, 800)  # ordinary images are untouched
+
+
+def test_a_short_side_scaled_to_one_pixel_is_kept():
+    """Only a side scaled under one pixel is refused: 1400x14 with a budget of 1 patch scales by 0.1 to 140x1."""
+    proc = ImageProcessor(in_token_limit=1)
+    assert proc.resized_size(1400, 14) == (140, 1) and proc.resized_size(14, 1400) == (1, 140)
+    assert proc.preprocess(np.zeros((14, 1400, 3), np.uint8))[1] == (2, 10)
 
 
 def test_grid_hw_refuses_what_preprocess_refuses_and_names_the_rope_limit():
