@@ -64,6 +64,7 @@ def tiktoken_pieces(text: str) -> list[str]:
         ("camelCaseWord", ["camel", "Case", "Word"]),
         ("12345 ab", ["123", "45", " ab"]),
         ("x  \t y\n\n z", ["x", "  \t", " y", "\n\n", " z"]),
+        ("Hi!\n\nYo 1234567", ["Hi", "!\n\n", "Yo", " ", "123", "456", "7"]),  # punctuation keeps its newlines
         ("日本語のテキスト", ["日本語", "のテキスト"]),
     ],
 )
@@ -242,6 +243,7 @@ def test_chunked_encoding(tok):
     assert tok.decode(ids) == long_run
     chunks = split_long_runs(long_run)
     assert [len(c) for c in chunks] == [MAX_RUN_CHARS, 2 * MAX_RUN_CHARS, 9]  # cut inside each long run
+    assert [len(c) for c in split_long_runs("a" * 50_001 + " b")] == [25_000, 25_000, 3]  # the released run length
 
 
 def test_save_load_round_trip(tok, tmp_path):
@@ -280,6 +282,9 @@ def test_hand_built_files(tmp_path):
     cfg = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
     assert cfg["chat_template"] == "kept" and cfg["model_max_length"] == 1048576
     assert load_ranks(tmp_path / "out" / "tiktoken.model") == tok.mergeable_ranks
+    with open(tmp_path / "out" / "tiktoken.model", "a") as f:  # blank lines are skipped
+        f.write("\n \n")
+    assert load_ranks(tmp_path / "out" / "tiktoken.model") == tok.mergeable_ranks
 
 
 @pytest.mark.parametrize(
@@ -288,7 +293,11 @@ def test_hand_built_files(tmp_path):
         (lambda p: (p / "tiktoken.model").unlink(), "no tiktoken.model"),
         (lambda p: (p / "tokenizer_config.json").unlink(), "no tokenizer_config.json"),
         (lambda p: (p / "tiktoken.model").write_text("!!notbase64 0\n"), "expected 'base64"),
-        (lambda p: (p / "tiktoken.model").write_text("YQ== 0\nYg== 5\n"), "no gaps"),
+        (lambda p: (p / "tiktoken.model").write_text("YQ== 0\n\n!!x 1\n"), r"tiktoken.model:3: expected 'base64"),
+        (
+            lambda p: (p / "tiktoken.model").write_text("YQ== 0\nYg== 5\n"),
+            r"tiktoken.model: ranks must be exactly 0..1",
+        ),
         (lambda p: (p / "tiktoken.model").write_text("YQ== 0\nYQ== 1\n"), "appears twice"),
         (lambda p: (p / "tiktoken.model").write_text(""), "no BPE ranks"),
         (lambda p: (p / "tokenizer_config.json").write_text("{not json"), "not valid JSON"),
