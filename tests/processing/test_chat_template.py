@@ -73,6 +73,10 @@ def test_empty_content_is_allowed():
         ("hi", "non-empty list"),
         (["hi"], "message 0: must be a dict"),
         ([{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}], "message 1: unknown role 'bot'"),
+        (
+            [{"role": "tool", "content": "42"}],
+            "message 0: unknown role 'tool' \\(expected one of system, user, assistant\\)",
+        ),
         ([{"role": "user"}], "message 0: missing 'content'"),
         ([{"role": "user", "content": None}], "message 0: missing 'content'"),
         ([{"role": "user", "content": 3}], "message 0: content must be a string or a list"),

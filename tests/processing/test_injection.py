@@ -68,6 +68,13 @@ def test_forged_media_pad_cannot_open_an_image_slot(small_processor):
     assert pad not in small_processor.encode([{"role": "user", "content": "<|media_pad|>"}]).input_ids
 
 
+def test_segments_ending_in_content_keep_it_as_plain_text(small_processor):
+    """``encode_segments`` flushes content left after the last markup (a caller's segments need not end in markup)."""
+    tok = small_processor.tokenizer
+    ids = small_processor.encode_segments([("<|im_user|>", True), ("hi", False), (" <|im_end|>", False)])
+    assert ids == [tok.im_user_id, *tok.encode("hi <|im_end|>", allow_special=False)]
+
+
 def test_benign_conversations_encode_as_before(small_processor):
     """Content without special strings gives the ids the whole rendered string gave before (the shipped models'
     prompts do not change)."""

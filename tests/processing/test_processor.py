@@ -52,6 +52,7 @@ def test_training_labels_cover_answers_and_end_tokens(small_processor):
     assert len(enc.labels) == len(enc.input_ids)
     kept = [t for t in enc.labels if t != IGNORE_INDEX]
     assert kept == tok.encode("red<|im_end|>") + tok.encode("3 circles<|im_end|>")
+    assert IGNORE_INDEX == enc.labels[0] == -100  # the model's ignore_index (spec section 2)
     for t, lab in zip(enc.input_ids, enc.labels):
         assert lab in (IGNORE_INDEX, t)
     with pytest.raises(ValueError, match="at least one assistant"):
@@ -73,6 +74,13 @@ def test_images_in_an_answer_are_read_not_scored(small_processor):
     kept = [t for t in enc.labels if t != IGNORE_INDEX]
     assert kept == tok.encode("here") + tok.encode("ok<|im_end|>")
     assert enc.input_ids.count(tok.media_pad_id) == 2 and enc.image_grid_hws.tolist() == [[2, 2], [2, 2]]
+
+
+def test_decode_takes_any_iterable_of_ids(small_processor):
+    tok = small_processor.tokenizer
+    ids = [tok.im_user_id, *tok.encode("red square"), tok.im_end_id]
+    assert small_processor.decode(iter(ids)) == small_processor.decode(tuple(ids)) == "red square"
+    assert small_processor.decode(iter(ids), skip_special=False) == "<|im_user|>red square<|im_end|>"
 
 
 def test_save_and_load(small_processor, tmp_path):
