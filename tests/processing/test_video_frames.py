@@ -16,13 +16,13 @@ from kimivl.processing.video import VideoError, format_timestamp, frames_to_part
 
 
 def make_video(n: int = 25, rate: int = 10, codec: str = "mpeg4", fmt: str = "mp4", w: int = 64, h: int = 48) -> bytes:
-    """A video whose frame i is uniformly grey at level 10*i (2.5 s at 10 fps by default)."""
+    """A video whose frame i is uniformly grey at level 10*i mod 256 (2.5 s at 10 fps by default)."""
     buf = io.BytesIO()
     with av.open(buf, "w", format=fmt) as c:
         s = c.add_stream(codec, rate=rate)
         s.width, s.height, s.pix_fmt = w, h, "yuv420p"
         for i in range(n):
-            frame = av.VideoFrame.from_ndarray(np.full((h, w, 3), 10 * i, np.uint8), format="rgb24")
+            frame = av.VideoFrame.from_ndarray(np.full((h, w, 3), 10 * i % 256, np.uint8), format="rgb24")
             for packet in s.encode(frame):
                 c.mux(packet)
         for packet in s.encode():
@@ -104,6 +104,12 @@ def test_a_bound_on_decoded_pixels_counts_every_decoded_frame():
         apply_chat_template([{"role": "user", "content": [part]}])
     with pytest.raises(VideoError, match="need max_decoded_pixels > 0"):
         load_video(video, max_decoded_pixels=0)
+
+
+def test_at_most_64_frames_by_default():
+    """More samples than the default ``max_frames`` (64) are thinned evenly to 64, the first and last kept."""
+    frames, times = load_video(make_video(n=70, rate=10, w=32, h=32), fps=10)  # 70 samples
+    assert len(frames) == 64 and times == pytest.approx([round(k) / 10 for k in np.linspace(0, 69, 64)])
 
 
 def test_libx264():
