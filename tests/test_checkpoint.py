@@ -495,6 +495,13 @@ def test_broken_indexes_and_shards_that_disagree_with_them(tiny_model, tmp_path)
     save_file({**tensors, moved: torch.zeros_like(load_file(second)[moved])}, first)
     loaded = KimiVL.from_pretrained(tmp_path, dtype=torch.float32)
     assert torch.equal(loaded.state_dict()[moved], tiny_model.state_dict()[moved])
+    # and in the second shard, read after the first, a stale copy of a key of the first and a key the index never names
+    kept = next(k for k, name in index["weight_map"].items() if name == shards[0])
+    later = load_file(second)
+    save_file({**later, kept: torch.zeros_like(tensors[kept]), "stray.weight": torch.ones(2)}, second)
+    loaded = KimiVL.from_pretrained(tmp_path, dtype=torch.float32)
+    assert torch.equal(loaded.state_dict()[kept], tiny_model.state_dict()[kept]) and tensors[kept].abs().sum() > 0
+    save_file(later, second)
 
     # the index assigns `moved` to the first shard, which now lacks it
     save_file(tensors, first)

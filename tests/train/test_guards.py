@@ -179,6 +179,17 @@ def test_a_full_disk_under_torch_save_says_so(tmp_path):
         _save_torch({"x": torch.zeros(100_000)}, Path("/dev/full"))  # a device every write to which is ENOSPC
 
 
+def test_a_torch_save_error_that_no_write_caused_is_raised_as_it_is(tmp_path, monkeypatch):
+    from kimivl.train.state import _save_torch
+
+    def refuse(obj, f):
+        raise RuntimeError("cannot save this object")
+
+    monkeypatch.setattr(torch, "save", refuse)
+    with pytest.raises(RuntimeError, match="^cannot save this object$"):
+        _save_torch({"x": 1}, tmp_path / "trainer.pt")
+
+
 def _two_checkpoints(small_model, small_processor, tmp_path):
     model, data, opt, sched = setup(small_model, small_processor)
     config = LoopConfig(steps=4, ckpt_every=2)
