@@ -651,6 +651,15 @@ def test_a_run_resumed_from_an_earlier_checkpoint_keeps_it_and_drops_the_later_o
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step-0000010", "step-0000011"]
 
 
+def test_a_save_removes_the_temporary_folders_a_kill_mid_save_left(tiny_model, tmp_path):
+    """A save killed before its rename leaves ``.step-N.tmp``; the next checkpoint written removes it."""
+    root = tmp_path / "checkpoints"
+    (root / ".step-0000003.tmp").mkdir(parents=True)
+    (root / ".step-0000003.tmp" / "model.safetensors").write_bytes(b"torn")
+    save_state(root, tiny_model, {"step": 4})
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-0000004"]
+
+
 def test_checkpoints_past_seven_digits_of_steps_are_kept_and_pruned_by_step(tiny_model, tmp_path):
     """Names were compared as text: step-10000000 sorts before step-9999999, so its save deleted the checkpoint
     before it as 'abandoned'; a folder step-x of the user's is no checkpoint to prune."""
@@ -672,6 +681,9 @@ def test_a_damaged_checkpoint_of_another_name_than_step_n_names_the_checkpoints_
     (root / "best" / "trainer.pt").write_bytes(b"torn")
     with pytest.raises(TrainingError, match=r"the checkpoint .*best is damaged: resume from .* writing step-0000010"):
         load_state(root / "best", tiny_model)
+    shutil.copytree(root / "best", root / "9")  # a name of digits alone is no step-N either
+    with pytest.raises(TrainingError, match=r"the checkpoint .*9 is damaged: resume from .* writing step-0000010"):
+        load_state(root / "9", tiny_model)
     for step in (11, 12):  # a damaged step-N names the newest before it: an older one would lose progress
         save_state(root, tiny_model, {"step": step}, keep=5)
     (root / "step-0000012" / "trainer.pt").write_bytes(b"torn")
