@@ -605,6 +605,7 @@ def test_a_sharded_resume_names_changed_optimiser_settings():
     wanted = [_hyperparameters(g) for g in optimizer.param_groups]
     _restore_groups(optimizer, saved)
     assert _changed_hyperparameters(wanted, optimizer.param_groups) == []
+    assert _changed_hyperparameters([_hyperparameters({"betas": (0.9, 0.95)})], [{"betas": [0.9, 0.95]}]) == []
     optimizer = build_optimizer(model, lr=1e-3, weight_decay=0.2, ns_dtype="bfloat16")
     wanted = [_hyperparameters(g) for g in optimizer.param_groups]
     _restore_groups(optimizer, saved)
