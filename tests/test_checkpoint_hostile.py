@@ -119,6 +119,34 @@ def test_non_finite_values_are_named_in_a_warning(saved, caplog):
     assert torch.isnan(model.language_model.lm_head.weight[3, 5])
 
 
+def test_a_warning_of_ten_non_finite_tensors_names_them_all_and_of_eleven_says_more(caplog):
+    with caplog.at_level(logging.WARNING, logger="kimivl.checkpoint"):
+        ckpt.warn_non_finite("c", [f"t{i}" for i in range(10)])
+        ckpt.warn_non_finite("c", [f"t{i}" for i in range(11)])
+    ten, eleven = (r.message for r in caplog.records)
+    assert ten.endswith("t8, t9; its outputs will not be usable")
+    assert eleven.endswith("t8, t9 ...; its outputs will not be usable") and "t10" not in eleven
+
+
+def test_integer_tensors_keep_their_dtype_in_a_save_of_another_dtype():
+    assert ckpt.saved_dtype("x.mask", torch.zeros(2, dtype=torch.int64), torch.bfloat16) == torch.int64
+    assert ckpt.saved_dtype("x.weight", torch.zeros(2), torch.bfloat16) == torch.bfloat16
+
+
+def test_a_frozen_shard_s_fingerprint_tells_values_of_equal_sum_apart():
+    """Summed alone, [1, -1] and [2, -2] agree: the sum of magnitudes tells them apart."""
+    a, b = {"w": torch.tensor([1.0, -1.0])}, {"w": torch.tensor([2.0, -2.0])}
+    assert ckpt._fingerprint(a, ["w"]) != ckpt._fingerprint(b, ["w"])
+
+
+def test_a_save_into_a_folder_of_other_files_that_it_overwrites_none_of_is_allowed(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    ckpt.check_overwrite(tmp_path, ["model.safetensors", "config.json"])
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ckpt.CheckpointError, match="would overwrite its config.json"):
+        ckpt.check_overwrite(tmp_path, ["model.safetensors", "config.json"])
+
+
 @pytest.mark.parametrize("dtype", ckpt.WEIGHT_DTYPES)
 def test_is_finite_finds_any_nan_or_inf(dtype):
     """``is_finite`` (by the least and greatest values) agrees with ``isfinite(t).all()``: one NaN, +inf or -inf

@@ -313,6 +313,16 @@ def test_frozen_weights_are_written_once_a_stage(small_model, small_processor, t
     assert not all(torch.equal(load_file(frozen_shard(changed))[k], t) for k, t in frozen.items())
 
 
+def test_a_training_wrapper_s_frozen_weights_are_written_once_too(tmp_path):
+    """A model without ``save_pretrained`` (the vit stage's pre-trainer) is saved by ``save_checkpoint``, its frozen
+    tensors in a shard of their own, linked from the checkpoint before while unchanged."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    model[0].requires_grad_(False)
+    first, second = (save_state(tmp_path, model, {"step": s}) for s in (1, 2))
+    assert frozen_shard(first).stat().st_ino == frozen_shard(second).stat().st_ino
+    assert set(load_file(frozen_shard(second))) == {"0.weight", "0.bias"}
+
+
 def test_accumulation_adds_the_gradients_of_several_batches_to_one_step(small_model, small_processor, tmp_path):
     model, data, opt, sched = setup(small_model, small_processor)
     cfg = LoopConfig(steps=2, log_every=1, accum=3, bias_update_rate=0)  # the router's bias stays put, as by hand
