@@ -11,10 +11,10 @@ model's, which make it refuse before anything is written; a ``config.json`` is k
 model (``model_type`` ``kimi_vl``), and every file of a directory that a recipe exported to (``EXPORT_RECORD``) is
 kimivl's (an export may predate the mark). It never overwrites or deletes a file it cannot tell is kimivl's.
 
-The mark's value names the save that wrote the file (a conversion keeps its source's), the index last: a save over
-a sharded checkpoint that a crash or a full disk cut short leaves shards of two saves, which loading refuses (a shard
-of another save than its index's) instead of mixing old and new weights. Training checkpoints and exports are written
-elsewhere and renamed into place, and never hold such a mix.
+The mark's value names the save that wrote the file (a conversion marks its files with its source's index's), the
+index last: a save over a sharded checkpoint that a crash or a full disk cut short leaves shards of two saves, which
+loading refuses (a marked shard of another save than its index's) instead of mixing old and new weights. Training
+checkpoints and exports are written elsewhere and renamed into place, and never hold such a mix.
 """
 
 from __future__ import annotations
@@ -129,10 +129,10 @@ def checkpoint_files(path: str | os.PathLike) -> dict[str, list[str]]:
 
 
 def _check_one_save(index: str, save: str, files: dict[str, list[str]]) -> None:
-    """Refuse shards that another save than the index's (``save``) wrote: a save into the folder was cut short. Shards
-    of frozen weights, hard-linked from the checkpoint before, keep their own save's mark."""
-    if save == UNNAMED:  # an official checkpoint's index, or an older kimivl save's
-        return
+    """Refuse shards that another save than the index's (``save``) wrote: a save into the folder was cut short (over
+    an older kimivl save or a gathered one, whose files all bear ``UNNAMED``, too). Unmarked shards (an official
+    checkpoint's) are not kimivl's to judge; shards of frozen weights, hard-linked from the checkpoint before, keep
+    their own save's mark."""
     for file in files:
         try:
             with safe_open(file, framework="pt") as f:
@@ -150,7 +150,8 @@ def _check_one_save(index: str, save: str, files: dict[str, list[str]]) -> None:
 def _save_of(index: dict) -> str:
     """The save that wrote the checkpoint of this (parsed) index: ``UNNAMED`` for another writer's or an older one."""
     meta = index.get("metadata")
-    return meta.get(WRITER, UNNAMED) if isinstance(meta, dict) else UNNAMED
+    mark = meta.get(WRITER) if isinstance(meta, dict) else None
+    return mark if isinstance(mark, str) else UNNAMED
 
 
 def _read_headers(files: dict[str, list[str] | None]) -> dict[str, tuple[str, list[int], str]]:
@@ -466,17 +467,19 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: to
 
 def _write_converted(src: str, dst: str, names: list[str], indexed: bool, dtype: torch.dtype, config: dict) -> None:
     """``convert_checkpoint``'s writing: the files ``names`` of ``src`` in ``dtype``, its index, then ``config``."""
-    file, total = dst, 0
+    file, total, index = dst, 0, None
+    if indexed:
+        with open(os.path.join(src, INDEX), encoding="utf-8") as f:
+            index = json.load(f)
+    save = UNNAMED if index is None else _save_of(index)
     try:
         for name in names:
             file = os.path.join(dst, name)
             os.makedirs(os.path.dirname(file), exist_ok=True)
-            total += _convert_file(os.path.join(src, name), file, dtype)
-        if indexed:
+            total += _convert_file(os.path.join(src, name), file, dtype, save)
+        if index is not None:
             file = os.path.join(dst, INDEX)
-            with open(os.path.join(src, INDEX), encoding="utf-8") as f:
-                index = json.load(f)
-            index["metadata"] = {"total_size": total, WRITER: _save_of(index)}
+            index["metadata"] = {"total_size": total, WRITER: save}
             write_text_atomic(file, json.dumps(index, indent=2))
         file = os.path.join(dst, CONFIG)
         write_text_atomic(file, json.dumps(config, indent=2) + "\n")
@@ -484,16 +487,14 @@ def _write_converted(src: str, dst: str, names: list[str], indexed: bool, dtype:
         raise write_error(e, file) from None
 
 
-def _convert_file(source: str, file: str, dtype: torch.dtype) -> int:
+def _convert_file(source: str, file: str, dtype: torch.dtype, save: str) -> int:
     """The safetensors ``source`` written to ``file`` in ``dtype`` (``_for_file``), read a tensor at a time, marked as
-    of the save the source is of (a conversion cut short leaves one save's weights, some in the new dtype; a frozen
-    shard's fingerprint is of its new tensors); returns the bytes of tensors written. The converted tensors are freed
-    on return, before the caller reads the next file."""
+    the source's ``save`` (its index's: a conversion cut short in place leaves one save's weights, some in the new
+    dtype, and a frozen shard linked from another save is that save's no more); returns the bytes of tensors written.
+    The converted tensors are freed on return, before the caller reads the next file."""
     with safe_open(source, framework="pt") as f:
         tensors = {k: _for_file(k, f.get_tensor(k), dtype) for k in f.keys()}
-        meta = f.metadata() or {}
-    frozen = {FROZEN_FINGERPRINT: _fingerprint(tensors, list(tensors))} if FROZEN_FINGERPRINT in meta else {}
-    _atomic_save(tensors, file, frozen, meta.get(WRITER, UNNAMED))
+    _atomic_save(tensors, file, None, save)
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 

@@ -233,6 +233,59 @@ def test_a_save_cut_short_over_a_sharded_one_is_refused_not_mixed(tiny_model, tm
         torch.testing.assert_close(half[k], t, atol=0, rtol=2**-8)
 
 
+def test_a_save_cut_short_over_an_unnamed_save_is_refused_too(tiny_model, tmp_path, monkeypatch):
+    """Over an older kimivl save or a gathered one (every file marked ``UNNAMED``), whose index stays when the new
+    save is cut short: the new save's marked shards are refused beside it (they loaded, 34 new tensors and 125 old)."""
+    from types import SimpleNamespace
+
+    from kimivl import checkpoint
+    from kimivl.checkpoint import UNNAMED, WRITER, CheckpointWriteError
+
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint, "uuid", SimpleNamespace(uuid4=lambda: SimpleNamespace(hex=UNNAMED)))
+        tiny_model.save_pretrained(tmp_path, max_shard_bytes=300_000)
+    assert json.loads((tmp_path / INDEX).read_text())["metadata"][WRITER] == UNNAMED
+    KimiVL.from_pretrained(tmp_path)
+    with torch.no_grad():
+        for p in tiny_model.parameters():
+            p.mul_(2.0)
+    with monkeypatch.context() as m:
+        _full_disk_at(m, 3)
+        with pytest.raises(CheckpointWriteError, match="disk is full"):
+            tiny_model.save_pretrained(tmp_path, max_shard_bytes=300_000)
+    with pytest.raises(CheckpointError, match="holds shards of two saves: model-00001-of-"):
+        KimiVL.from_pretrained(tmp_path)
+
+
+def test_a_conversion_marks_every_file_as_its_sources_index_frozen_shards_too(tiny_model, tmp_path):
+    """A training checkpoint's frozen shards, linked from the one before, bear that one's mark and a fingerprint; its
+    conversion marks every file with the index's save and keeps no fingerprint, so that a conversion of another
+    checkpoint cut short over it is refused whichever files it reached."""
+    from safetensors import safe_open
+
+    from kimivl.checkpoint import FROZEN_FINGERPRINT, WRITER, save_checkpoint
+
+    tiny_model.vision_tower.requires_grad_(False)
+    save_checkpoint(tiny_model, tmp_path / "a", max_shard_bytes=300_000, frozen_apart=True)
+    save_checkpoint(tiny_model, tmp_path / "b", max_shard_bytes=300_000, frozen_apart=True, frozen_from=tmp_path / "a")
+    tiny_model.config.save_pretrained(tmp_path / "b")
+
+    def marks(path):
+        index = json.loads((path / INDEX).read_text())["metadata"][WRITER]
+        shards = []
+        for file in sorted(path.glob("model-*.safetensors")):
+            with safe_open(file, framework="pt") as f:
+                meta = f.metadata()
+            shards.append((meta[WRITER], FROZEN_FINGERPRINT in meta))
+        return index, shards
+
+    index, shards = marks(tmp_path / "b")
+    assert {(m == index, frozen) for m, frozen in shards} == {(False, True), (True, False)}  # linked, and written
+    convert_checkpoint(tmp_path / "b", tmp_path / "c", torch.bfloat16)
+    assert marks(tmp_path / "c") == (index, [(index, False)] * len(shards))
+    KimiVL.from_pretrained(tmp_path / "c")
+
+
 def test_a_checkpoint_converted_file_by_file_equals_one_saved_in_that_dtype(tiny_model, tmp_path):
     """An export: each file of a float32 checkpoint written again in bf16 (same files and keys, the index's size
     updated), into a directory holding an older single-file save, whose file goes."""
