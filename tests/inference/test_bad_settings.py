@@ -50,6 +50,7 @@ def test_bad_sampling_settings(settings, message):
 
 def test_edge_settings_that_work():
     assert SamplingParams(temperature=1e-4, seed=2**64 - 1, max_new_tokens=1).seed == 2**64 - 1
+    assert SamplingParams(seed=0).seed == 0
     numpy_numbers = SamplingParams(max_new_tokens=np.int64(5), seed=np.uint64(3), temperature=np.float32(0.5))
     assert numpy_numbers == SamplingParams(max_new_tokens=5, seed=3, temperature=0.5)
     assert type(numpy_numbers.max_new_tokens) is int and type(numpy_numbers.temperature) is float

@@ -106,11 +106,12 @@ def test_top_p_drops_a_token_once_the_mass_before_it_reaches_top_p():
 def test_seeds_that_differ_above_32_bits_draw_differently(tiny_model):
     """A CPU generator keeps 32 bits of its seed: 5 and 5 + 2**32 (or 0 and 2**63) drew the same samples."""
     flat = torch.zeros(64, 4096)
-    for a, b in ((5, 5 + 2**32), (0, 2**63), (2**64 - 1, 2**32 - 1)):
+    for a, b in ((5, 5 + 2**32), (0, 2**63), (2**64 - 1, 2**32 - 1), (2**32 + 1, 2**33 + 1)):
         draws = [sample_next(flat, SamplingParams(temperature=1.0), seeded_generator(s)) for s in (a, b)]
         assert not torch.equal(*draws), (a, b)
-    torch.manual_seed(7)  # seeds below 2**32 are used as they are, so earlier seeded runs draw as before
-    assert torch.equal(torch.rand(8, generator=seeded_generator(7)), torch.rand(8))
+    for seed in (7, 2**31, 2**32 - 1):  # seeds below 2**32 are used as they are: earlier seeded runs draw as before
+        torch.manual_seed(seed)
+        assert torch.equal(torch.rand(8, generator=seeded_generator(seed)), torch.rand(8)), seed
     params = SamplingParams(max_new_tokens=6, temperature=1.0, seed=5 + 2**32)
     assert generate_ids(tiny_model, [[1, 2, 3]], params=params) != generate_ids(
         tiny_model, [[1, 2, 3]], params=dataclasses.replace(params, seed=5)
@@ -182,6 +183,8 @@ def test_cache_grows_in_blocks_and_keeps_values(tiny_config):
     assert cache.length == 30
     with pytest.raises(ValueError, match="cache full: 31 tokens exceed its 30"):
         cache.layer(0).update(torch.zeros(2, 1, 32), torch.zeros(2, 1, 8))
+    with pytest.raises(ValueError, match="cache blocks need at least one token, got block=0"):
+        MLACache(t, batch=1, max_len=8, block=0)  # a block of 0 tokens would never make room
 
 
 def test_cache_blocks_grow_to_a_quarter_of_what_is_held(tiny_config):
