@@ -123,6 +123,22 @@ def test_packed_samples_equal_separate_runs(tiny_model):
     assert (together - alone).abs().max() < 1e-5
 
 
+def test_masked_rows_count_positions_from_their_first_real_token(tiny_model):
+    """Rotary attention sees only position differences, so positions one too high in every row give the same logits:
+    the positions themselves are checked (one too high, a row filling the context would run past it)."""
+    seen = []
+    record = tiny_model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["position_ids"]), with_kwargs=True
+    )
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    try:
+        with torch.no_grad():
+            tiny_model(torch.ones(3, 5, dtype=torch.long), attention_mask=mask)
+    finally:
+        record.remove()
+    assert seen[0][mask.bool()].tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 0, 1, 2]
+
+
 def test_context_limit_is_checked(tiny_model, tiny_config):
     n = tiny_config.text_config.max_position_embeddings
     with pytest.raises(ValueError, match="past the context"):
