@@ -133,6 +133,21 @@ def test_batched_rows_equal_through_either_path(monkeypatch, masked, past):
         assert (a - b).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("queries,key_heads", [(1, 4), (1, 1), (3, 4), (3, 1)])
+def test_the_last_queries_attend_to_every_key_up_to_their_own(queries, key_heads):
+    """S queries that are the last S of K keys, against softmax(q k^T / sqrt(D)) v written out: query i sees keys
+    0..K-S+i (one query sees them all), with as many key heads as query heads or one shared by all."""
+    g = torch.Generator().manual_seed(0)
+    b, h, keys = 2, 4, 9
+    q = torch.randn(b, queries, h, 8, generator=g)
+    k, v = torch.randn(b, keys, key_heads, 8, generator=g), torch.randn(b, keys, key_heads, 6, generator=g)
+    k_all, v_all = k.repeat_interleave(h // key_heads, 2), v.repeat_interleave(h // key_heads, 2)
+    scores = torch.einsum("bshd,bkhd->bhsk", q, k_all) / 8**0.5
+    seen = torch.arange(keys)[None] <= torch.arange(keys - queries, keys)[:, None]
+    want = torch.einsum("bhsk,bkhe->bshe", scores.masked_fill(~seen, float("-inf")).softmax(-1), v_all)
+    torch.testing.assert_close(kernels.attention(q, k, v), want, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("grad", [True, False])
 @pytest.mark.parametrize("setting", [True, False])
 def test_batched_path_follows_the_setting_whatever_the_grad_mode(monkeypatch, grad, setting):
