@@ -58,9 +58,14 @@ def test_a_top_p_just_under_one_still_drops_the_tail():
 
 def test_half_precision_logits_are_tempered_in_float32():
     """float16 logits of 100 divided by temperature 0.001 are 1e5, past float16's 65504: in float16 they would be
-    +inf and no token could be chosen."""
+    +inf and no token could be chosen. Logits that are +inf already are an error, which blames the temperature only
+    when it is under 1 (dividing by 1 or more cannot overflow)."""
     logits = torch.tensor([[100.0, 99.0, 0.0]], dtype=torch.float16)
     g = torch.Generator().manual_seed(0)
     assert sample_next(logits.expand(100, -1), SamplingParams(temperature=1e-3), g).tolist() == [0] * 100
-    with pytest.raises(SamplingError, match="hold \\+inf"):
-        sample_next(torch.tensor([[float("inf"), 0.0]], dtype=torch.float16), SamplingParams(temperature=1.0), g)
+    infinite = torch.tensor([[float("inf"), 0.0]], dtype=torch.float16)
+    with pytest.raises(SamplingError, match=r"\+inf \(row 0\) \(or logits beyond \+-1.7e\+38, which overflow"):
+        sample_next(infinite, SamplingParams(temperature=0.5), g)
+    with pytest.raises(SamplingError, match=r"\+inf \(row 0\): no token can be chosen") as error:
+        sample_next(infinite, SamplingParams(temperature=1.0), g)
+    assert "temperature" not in str(error.value)
