@@ -101,9 +101,12 @@ def test_a_training_loops_bar_keeps_its_interval_and_is_closed_when_it_fails(sma
 
 def test_a_command_called_from_python_shows_its_log_and_leaves_logging_as_it_was():
     """``main(['train', ...])`` in a notebook left the root logger at INFO with kimivl's handler: the user's own
-    records printed in kimivl's format and their later ``basicConfig`` did nothing."""
+    records printed in kimivl's format and their later ``basicConfig`` did nothing. The CPU is made one without bf16
+    instructions, so that the plan logs its warning on any machine (on one with them it logged nothing)."""
     script = (
         "import logging, sys\n"
+        "import kimivl.precision as precision\n"
+        "precision.cpu_native_bf16, precision.cpu_flags_known = lambda: False, lambda: True\n"
         "from kimivl.cli import main\n"
         "root = logging.getLogger()\n"
         "before = (root.level, list(root.handlers))\n"
