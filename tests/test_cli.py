@@ -189,6 +189,16 @@ def test_a_turn_that_cannot_be_answered_leaves_the_session_going(checkpoint, mon
     assert captured.out.split("\n")[1:] == ["an answer", "", ""]  # no empty answer line, as a piped session has
 
 
+def test_a_piped_video_of_megabytes_is_read_whole(piped):
+    """A piped ``--video`` is held in memory up to ``PIPED_VIDEO_BYTES`` (1 GiB): a clip of a few MiB is its bytes."""
+    import argparse
+
+    from kimivl.cli import _read_piped
+
+    clip = bytes(range(256)) * (3 << 12)  # 3 MiB
+    assert _read_piped(argparse.Namespace(image=[], video=piped(clip))) == ([], clip)
+
+
 def test_a_piped_session_keeps_a_line_for_each_answer_and_exits_2_when_a_question_failed(
     checkpoint, monkeypatch, capsys
 ):

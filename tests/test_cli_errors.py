@@ -569,6 +569,21 @@ def test_a_closed_stdout_is_refused_where_the_result_is_printed(command):
     assert done.stderr.strip().endswith(f"kimivl {command[0]}: {message}")
 
 
+@pytest.mark.parametrize(
+    "command",
+    [["chat", "--model", "m", "hi"], ["demo"], ["info"], ["eval", "--task", "mmmu", "--model", "m"]],
+)
+def test_every_command_whose_result_is_printed_refuses_a_closed_stdout_before_it_runs(command, monkeypatch, capsys):
+    """chat, demo, info and eval print their result: with stdout closed each is refused before its work (eval's
+    scores would be computed for an hour, then lost)."""
+    import sys
+
+    monkeypatch.setattr(sys, "stdout", None)
+    monkeypatch.setattr(cli, f"cmd_{command[0]}", lambda args: pytest.fail("ran with stdout closed"))
+    assert main(command) == 2
+    assert f"kimivl {command[0]}: error: stdout is closed" in capsys.readouterr().err
+
+
 def test_a_closed_stdout_is_refused_only_where_the_result_is_printed(monkeypatch, capsys):
     import sys
 

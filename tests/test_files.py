@@ -181,3 +181,13 @@ def test_a_fifo_or_device_is_written_where_it_is_and_a_symlink_named_as_out_keep
     assert sorted(p.name for p in target.parent.iterdir()) == ["passk.json"]  # no temporary file left
     write_text_atomic(tmp_path / "out.json", "own\n")  # a checkpoint's file linked into a shared cache: not followed
     assert not (tmp_path / "out.json").is_symlink() and target.read_text() == "new\n"
+
+
+def test_a_quota_reached_is_named_as_a_full_disk():
+    """EDQUOT (a user's quota on a shared disk) is a full disk as ENOSPC is: the message says to free space."""
+    for number in (errno.ENOSPC, errno.EDQUOT):
+        error = files.write_error(OSError(number, os.strerror(number)), "/out/model.safetensors")
+        assert isinstance(error, WriteError) and error.errno == number
+        assert str(error).startswith("the disk is full: writing /out/model.safetensors failed"), error
+    error = files.write_error(OSError(errno.EACCES, "Permission denied"), "/out/a")
+    assert str(error) == "cannot write /out/a: Permission denied"
