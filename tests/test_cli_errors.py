@@ -609,3 +609,18 @@ def test_an_error_quoting_a_data_file_prints_its_escapes_not_its_control_charact
     assert main(["demo", "--examples", str(tmp_path / "ex")]) == 2
     err = _one_line_error(capsys, "demo", f"(looked for {tmp_path}/ex/media/\\x1b[2J\\x1b]0;t\\x07x\\r.png)")
     assert err.count("x1b[2J\\x1b]0;t\\x07x\\r.png") == 2 and not any(c in err for c in "\x1b\x07\r"), err
+
+
+def test_eval_data_and_predictions_of_several_tasks_are_refused_before_loading(tmp_path, monkeypatch, capsys):
+    """With several tasks a bare ``--data FILE`` names no task (it went to the first one), and ``--predictions``
+    re-scores one task: both are one line, before any model loads."""
+    import kimivl
+
+    monkeypatch.setattr(kimivl.KimiVL, "from_pretrained", lambda *a, **k: pytest.fail("loaded"))
+    data = tmp_path / "tasks.jsonl"
+    data.write_text("{}\n")
+    tasks = ["--task", "synthetic,niah", "--model", str(DEFAULT_MODEL)]
+    assert main(["eval", *tasks, "--data", str(data)]) == 2
+    _one_line_error(capsys, "eval", f"--data {data}: with several tasks, write --data TASK=FILE, TASK one of")
+    assert main(["eval", "--task", "synthetic,niah", "--predictions", str(data)]) == 2
+    _one_line_error(capsys, "eval", "--predictions re-scores one task at a time")
