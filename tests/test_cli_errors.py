@@ -624,3 +624,9 @@ def test_eval_data_and_predictions_of_several_tasks_are_refused_before_loading(t
     _one_line_error(capsys, "eval", f"--data {data}: with several tasks, write --data TASK=FILE, TASK one of")
     assert main(["eval", "--task", "synthetic,niah", "--predictions", str(data)]) == 2
     _one_line_error(capsys, "eval", "--predictions re-scores one task at a time")
+
+
+@pytest.mark.parametrize("context", ["0", "-1", "4097"])
+def test_info_context_outside_the_models_is_one_line(context, capsys):
+    assert main(["info", "--preset", "tiny", "--context", context]) == 2
+    _one_line_error(capsys, "info", f"--context must be 1..4096 tokens (the model's context), got {context}")

@@ -128,3 +128,15 @@ def test_the_kimivl_tiny_preset_is_the_shipped_architecture():
         assert f"{parameter_counts(shipped)['total'].total / 1e6:.1f}M" == "5.6M"
     assert (preset.text_config.vocab_size, preset.text_config.rope_theta) == (4096, 50_000.0)
     assert f"{parameter_counts(preset)['total'].total / 1e6:.1f}M" == "6.5M"  # as its docstring says
+
+
+def test_set_weight_dtype_rewrites_every_dtype_field_present_and_adds_none_but_text_configs():
+    from kimivl.config import set_weight_dtype
+
+    d = {"torch_dtype": "bfloat16", "text_config": {}, "vision_config": {"dtype": "bfloat16"}}
+    set_weight_dtype(d, "float32")
+    assert d == {
+        "torch_dtype": "float32",
+        "text_config": {"torch_dtype": "float32"},
+        "vision_config": {"dtype": "float32"},
+    }
