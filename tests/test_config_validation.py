@@ -44,6 +44,7 @@ def tiny_dict():
         ("text_config", "norm_topk_prob", 1, "norm_topk_prob must be a boolean"),
         ("text_config", "tie_word_embeddings", "false", "tie_word_embeddings must be a boolean"),
         ("text_config", "tie_word_embeddings", True, "tie_word_embeddings must be false: .* not supported"),
+        ("text_config", "rope_scaling", {"type": "yarn", "factor": 4.0}, "rope_scaling is not supported: .*plain RoPE"),
         ("text_config", "torch_dtype", "int8", "torch_dtype must name a float type"),
         ("text_config", "torch_dtype", "bool", "torch_dtype must name a float type"),
         ("text_config", "torch_dtype", None, "torch_dtype must be a string"),
