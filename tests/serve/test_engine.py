@@ -21,7 +21,7 @@ from test_serve import _questions
 
 from kimivl import KimiVL, KimiVLProcessor
 from kimivl.inference.generate import generate_ids
-from kimivl.inference.sampling import SamplingParams
+from kimivl.inference.sampling import MAX_SEED, SamplingParams
 from kimivl.serve import engine as engine_module
 from kimivl.serve.engine import PREFILL_BURST, Engine, Request, _Prefill
 
@@ -530,3 +530,18 @@ def test_a_batch_is_re_laid_when_rows_join_or_leave_not_at_every_step(loaded, mo
     finally:
         engine.shutdown()
     assert relays == [1, 0], relays  # the two rows joining, then dropping the empty batch
+
+
+def test_choice_seeds_wrap_around_at_2_to_the_64(engine):
+    """Choice i samples with (seed + i) mod 2**64: at the top seed the first choice draws as ``generate_ids`` with
+    that seed, the second as with seed 0."""
+    model, processor = engine.model, engine.processor
+    prompt = processor.encode([{"role": "user", "content": "Say hi"}]).input_ids
+    params = {seed: SamplingParams(max_new_tokens=8, temperature=1.0, seed=seed) for seed in (MAX_SEED, 0)}
+    want = [generate_ids(model, [prompt], params=params[seed], stop_ids=processor.stop_ids)[0] for seed in params]
+    assert want[0] != want[1]
+    events = []
+    engine.submit(Request(prompt, None, None, params[MAX_SEED], events.append, n=2, logprobs=0))
+    _wait(lambda: len([e for e in events if e[0] in ("done", "error")]) == 2)
+    got = [[r[0] for e in events if e[0] == "logprobs" and e[1] == i for r in e[2]] for i in (0, 1)]
+    assert got == want
