@@ -18,6 +18,7 @@ from PIL import Image
 from test_serve import _post
 
 from kimivl.serve import app as app_module
+from kimivl.serve import engine as engine_module
 from kimivl.serve.schema import MAX_STOP_CHARS, Limits, RequestError, parse_chat_request
 
 GOOD = {"model": "kimivl-tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
@@ -241,6 +242,35 @@ def test_streamed_chunks_carry_one_choice_each_with_finish_reason_and_logprobs(t
     assert [c["index"] for c in first] == [0, 1]
     assert all(c["delta"] == {"role": "assistant", "content": ""} and c["finish_reason"] is None for c in first)
     assert sorted(c["choices"][0]["index"] for c in chunks if c["choices"][0]["finish_reason"]) == [0, 1]
+
+
+def test_a_failed_generation_is_an_openai_shaped_500_or_the_last_event_of_its_stream(tiny, monkeypatch):
+    """An engine error (here: sampling the first token) answers a plain request with a 500 whose code is
+    generation_failed, and ends a stream with that error object, after the role chunk and without [DONE]."""
+    url, _ = tiny
+
+    def sample_next(logits, params, generator, real=engine_module.sample_next):
+        if params.seed == 77:
+            raise RuntimeError("injected fault")
+        return real(logits, params, generator)
+
+    monkeypatch.setattr(engine_module, "sample_next", sample_next)
+    error = {
+        "message": "prefill failed: injected fault",
+        "type": "server_error",
+        "param": None,
+        "code": "generation_failed",
+    }
+    assert _post(url, {**GOOD, "seed": 77}) == (500, {"error": error})
+    body = json.dumps({**GOOD, "seed": 77, "stream": True}).encode()
+    headers = {"Content-Type": "application/json", "Authorization": "Bearer secret-key"}
+    req = urllib.request.Request(url + "/v1/chat/completions", body, headers, method="POST")
+    with urllib.request.urlopen(req, timeout=30) as r:
+        events = [line[6:] for line in r.read().decode().splitlines() if line.startswith("data: ")]
+    assert len(events) == 2 and json.loads(events[0])["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert json.loads(events[1]) == {"error": error}
+    monkeypatch.undo()
+    assert _post(url, {**GOOD, "seed": 77})[0] == 200
 
 
 def test_a_bad_api_key_has_the_openai_code(tiny):
