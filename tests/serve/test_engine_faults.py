@@ -157,3 +157,40 @@ def test_a_request_cancelled_mid_prefill_takes_no_more_passes(loaded, monkeypatc
     assert len(request.prompt) > 7 * 8 and passes == [8, 16, 24] and events == []
     assert dict(engine.metrics.requests) == {"cancelled": 1, "ok": 1}
     assert engine.metrics.prompt_tokens == len(after_ids) and engine.metrics.batch_size == 0
+
+
+def test_a_request_failing_to_join_after_a_choice_took_a_free_slot_frees_the_slot(loaded, monkeypatch):
+    """A request of two choices joins a batch with one free slot: the first choice takes the slot, then the re-lay for
+    the second fails (a cache allocation out of memory, say). The request fails alone, its placed choice leaves the
+    slot, its tokens counted once, and the running row answers as alone."""
+    model, processor = loaded
+    long_ids, short_ids = _ids(processor, "Describe a red circle."), _ids(processor, "Say hi")
+    long_params = SamplingParams(max_new_tokens=24)
+    long_alone = generate_ids(model, [long_ids], params=long_params)[0]
+    events, fired = [], []
+    bad = Request(short_ids, None, None, SamplingParams(max_new_tokens=5), events.append, n=2)
+
+    def relay(self, new=(), real=engine_module._Batch.relay):
+        if any(c.request is bad for c, _, _ in new):
+            fired.append(len(new))
+            raise RuntimeError("injected re-lay fault")
+        return real(self, new)
+
+    monkeypatch.setattr(engine_module._Batch, "relay", relay)
+    engine = Engine(model, processor, max_batch=3)
+    engine._stop_ids = set()  # every request runs to its max_new_tokens
+    running, first = (
+        _submit(engine, long_ids, long_params),
+        _submit(engine, short_ids, SamplingParams(max_new_tokens=3)),
+    )
+    engine.submit(bad)  # it waits for two free rows: the first one frees when the short request ends
+    engine.start()
+    try:
+        assert len(_tokens(*first)) == 3 and _tokens(*running) == long_alone
+        assert fired == [1]  # the other choice took the free slot
+        assert events[-1] == ("error", "admission failed: injected re-lay fault")
+    finally:
+        engine.shutdown()
+    assert dict(engine.metrics.requests) == {"error": 1, "ok": 2}
+    assert engine.metrics.completion_tokens == len(long_alone) + 3 + 2  # and the failed choices' first tokens, once
+    assert engine.metrics.batch_size == 0
