@@ -8,6 +8,7 @@ import dataclasses
 import io
 import json
 import logging
+import re
 import threading
 import urllib.error
 import urllib.request
@@ -365,6 +366,30 @@ def test_image_limits_are_inclusive():
     _refused(
         body, "messages", "take 100 tokens, which leaves no room", Limits(context=100, max_batch=1, image_tokens=tokens)
     )
+
+
+def test_a_malformed_part_is_refused_naming_the_part_and_what_is_wrong(tmp_path):
+    """A text part without text, an image_url without a URL, a data:video URL that is not base64 and a local image
+    over the byte limit are 400s whose param is the part and whose message says what is wrong with it."""
+    part = "messages[0].content[0]"
+    for content, words in [
+        ({"type": "text", "text": 5}, "a text part needs 'text'"),
+        ({"type": "image_url", "image_url": {"url": ""}}, "image_url must be {'url': 'data:image/"),
+        ({"type": "video_url", "video_url": {"url": "data:video/mp4;base64,!!"}}, "not valid base64"),
+    ]:
+        _refused(
+            {**GOOD, "messages": [{"role": "user", "content": [content]}]},
+            part,
+            f"^{re.escape(part)}: .*{re.escape(words)}",
+        )
+    png = base64.b64decode(_png().split(",", 1)[1])
+    (tmp_path / "red.png").write_bytes(png)
+    image = {"type": "image_url", "image_url": {"url": str(tmp_path / "red.png")}}
+    body = {**GOOD, "messages": [{"role": "user", "content": [image]}]}
+    limits = Limits(context=4096, max_batch=1, max_image_bytes=len(png), allowed_local_media_path=str(tmp_path))
+    assert parse_chat_request(body, limits).messages[0]["content"][0]["image"] == png
+    limits = dataclasses.replace(limits, max_image_bytes=len(png) - 1)
+    _refused(body, part, f"^{re.escape(part)}: the image is over the limit of {len(png) - 1} bytes$", limits)
 
 
 def test_video_frame_lists_get_timestamps_from_fps_and_fps_must_be_positive():
