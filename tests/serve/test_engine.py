@@ -461,6 +461,21 @@ def test_a_prompt_that_is_empty_or_fills_the_context_is_refused_before_it_joins_
     assert events[-1][2:] == ("length", 1)  # its one token fills the context (it took a second one past it)
 
 
+def test_an_engine_needs_a_row_a_place_and_a_chunk_and_a_request_its_choices_in_one_batch(loaded):
+    """An engine of no rows, queue places or prefill tokens would never answer, nor would a request of more choices
+    than its rows (it would wait at the head of the queue for good): each is a ValueError naming the numbers."""
+    model, processor = loaded
+    for sizes in ({"max_batch": 0}, {"max_queue": 0}, {"prefill_chunk": 0}):
+        with pytest.raises(ValueError, match="max_batch, max_queue and prefill_chunk must be >= 1, got"):
+            Engine(model, processor, **sizes)
+    engine = Engine(model, processor, max_batch=2)  # not started
+    params = SamplingParams(max_new_tokens=4)
+    with pytest.raises(ValueError, match="n=3 choices do not fit the batch of 2 rows"):
+        engine.submit(Request([1, 2], None, None, params, lambda event: None, n=3))
+    engine.submit(Request([1, 2], None, None, params, lambda event: None, n=2))
+    assert engine.metrics.queue_length == 1
+
+
 def test_the_engine_stops_at_the_context_as_generate_ids_does(loaded, monkeypatch):
     """A prompt of context - 3 tokens got 4 tokens (prompt + completion = context + 1) and one of context - 1 got 2:
     the step ended a row after the token at the context, and the first token was never checked. Now each row stops
