@@ -189,6 +189,30 @@ def test_a_token_that_completes_two_stop_strings_ends_the_text_before_the_earlie
         assert "".join(e[2] for e in events if e[0] == "text") == "A "
 
 
+def test_a_choice_that_ends_inside_a_character_ends_its_text_with_a_replacement_character():
+    """The first bytes of a character wait for the rest; a choice that reaches its length before them ends with one
+    U+FFFD for them (as decoding its tokens' bytes gives), not with nothing."""
+    from kimivl.serve.engine import _Choice
+
+    class Bytes:  # token i is the i-th byte string: "A", then two of the three bytes of a CJK character
+        pieces = [b"A", b"\xe4", b"\xb8"]
+
+        def is_special(self, token):
+            return False
+
+        def token_bytes(self, token):
+            return self.pieces[token]
+
+    events = []
+    request = Request([1], None, None, SamplingParams(max_new_tokens=3), events.append)
+    choice = _Choice(request, 0, Bytes(), torch.device("cpu"), context=64)
+    for token in (0, 1, 2):
+        choice.add(token, set())
+    assert [e for e in events if e[0] == "text"] == [("text", 0, "A"), ("text", 0, "\ufffd")]
+    assert choice.text == b"A\xe4\xb8".decode("utf-8", errors="replace") == "A\ufffd"
+    assert events[-1] == ("done", 0, "length", 3)
+
+
 def test_each_logprobs_event_holds_the_records_of_the_text_event_after_it_while_a_stop_string_holds_text_back():
     """With stop "ZZZZZ" four characters wait: a record's span counts from the start of the whole text, not of the
     held text (measured from the held text, records go out with the wrong piece, and those of the stop string's
@@ -474,6 +498,29 @@ def test_an_engine_needs_a_row_a_place_and_a_chunk_and_a_request_its_choices_in_
         engine.submit(Request([1, 2], None, None, params, lambda event: None, n=3))
     engine.submit(Request([1, 2], None, None, params, lambda event: None, n=2))
     assert engine.metrics.queue_length == 1
+
+
+def test_a_request_waits_for_a_free_row_while_the_batch_is_full(loaded):
+    """``max_batch`` bounds the rows decoding together and those being prefilled: a third request joins a long
+    prompt (prefilled over several turns) and a short one only once a row left."""
+    model, processor = loaded
+    engine = Engine(model, processor, max_batch=2, prefill_chunk=16)  # started once all three wait
+    engine._stop_ids = set()  # every request runs to its max_new_tokens
+    long = processor.encode([{"role": "user", "content": " ".join(f"item {i} is red;" for i in range(20))}]).input_ids
+    short = processor.encode([{"role": "user", "content": "Say hi"}]).input_ids
+    assert len(long) > 4 * 16  # more than one turn's passes
+    order = []
+    for name, prompt, n in (("a", long, 12), ("b", short, 3), ("c", short, 3)):
+        emit = lambda event, name=name: order.append((name, event[0]))  # noqa: E731
+        engine.submit(Request(prompt, None, None, SamplingParams(max_new_tokens=n), emit))
+    engine.start()
+    try:
+        _wait(lambda: ("c", "done") in order and ("a", "done") in order)
+    finally:
+        engine.shutdown()
+    first_c = [name for name, _ in order].index("c")
+    assert ("b", "done") in order[:first_c] and ("a", "done") not in order[:first_c], order
+    assert engine.metrics.requests["ok"] == 3
 
 
 def test_the_engine_stops_at_the_context_as_generate_ids_does(loaded, monkeypatch):
