@@ -453,10 +453,13 @@ def test_completion_tokens_leave_out_the_stop_token_as_generate_ids_does(engine)
     ids = generate_ids(
         model, [encoded.input_ids], encoded.pixel_values, encoded.image_grid_hws, params, processor.stop_ids
     )[0]
+    counted, ok = engine.metrics.completion_tokens, engine.metrics.requests["ok"]
     client = _Client(engine, messages, 40)
     assert client.text() == processor.decode(ids)
     ((_, _, reason, tokens),) = [e for _, e in client.events if e[0] == "done"]
     assert reason == "stop" and tokens == len(ids) < 40
+    _wait(lambda: engine.metrics.requests["ok"] == ok + 1)  # counted as the row leaves, after its done event
+    assert engine.metrics.completion_tokens == counted + len(ids)
 
 
 def test_a_prompt_that_is_empty_or_fills_the_context_is_refused_before_it_joins_the_batch(loaded, engine):
