@@ -151,10 +151,12 @@ def test_a_lone_surrogate_is_an_error_naming_file_and_line(tmp_path):
 
     path = tmp_path / "text.jsonl"
     path.write_text(
-        '{"text": "pair \\ud83d\\ude00 and \\\\ud800 as text"}\n\n{"text": "bad \\uD800 x"}\n', encoding="utf-8"
+        '{"text": "pair \\ud83d\\ude00 and \\\\ud800 as text", "n": [1, null, 2.5]}\n\n{"text": "bad \\uD800 x"}\n',
+        encoding="utf-8",
     )
     texts = iter_texts(path)
-    assert next(texts) == "pair \U0001f600 and \\ud800 as text"  # a whole pair, and an escaped backslash, are text
+    # a whole pair, and an escaped backslash, are text; numbers and nulls beside them are checked for nothing
+    assert next(texts) == "pair \U0001f600 and \\ud800 as text"
     with pytest.raises(DataError, match=r"text\.jsonl:3: a string holds a lone surrogate '\\ud800'"):
         next(texts)
     chat = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "ok"}]}

@@ -120,6 +120,9 @@ def test_the_mixture_is_seeded_resumable_and_skips_samples_over_the_budget(caplo
     # sources in name order (huge, long, short); weights move from start to end over the horizon, then stay
     assert stream().weights(0) == [0.1, 0.0, 1.0] and stream().weights(20) == [0.1, 0.5, 0.5]
     assert stream().weights(400) == [0.1, 1.0, 0.0]
+    # each sample is encoded once: the one that does not fit a row is kept for the next, not encoded again
+    encoded = []
+    assert rows(stream(encode=encoded.append), 0, 12) == first and len(encoded) == first[-1][1] + 1
 
 
 def test_a_sample_whose_floor_is_over_the_budget_is_skipped_without_encoding_it(caplog):
@@ -161,6 +164,8 @@ def test_mixture_errors_name_the_problem(tmp_path):
         Mixture({**ok, "b": JsonlRecords(tmp_path / "empty.jsonl", text=True)}, None, 8, start={"a": 1, "b": 1})
     with pytest.raises(ValueError, match="positive sum"):
         Mixture(ok, None, 8, start={"a": 0})
+    with pytest.raises(ValueError, match="positive sum"):  # weights that reach no source by the horizon
+        Mixture(ok, None, 8, start={"a": 1}, end={"a": 0})
 
 
 def test_without_replacement_every_item_comes_once_a_pass():
@@ -323,12 +328,12 @@ def test_each_stream_and_seed_draws_its_own_samples():
     assert epoch != [k for _, k in picks(0, "epoch-2", False, n=2000) if _ == "a"][:500]
 
 
-def test_data_that_never_fits_the_budget_is_an_error(monkeypatch, caplog):
-    monkeypatch.setattr("kimivl.data.mixture.SKIPPED_IN_A_ROW", 20)
+def test_data_that_never_fits_the_budget_is_an_error(caplog):
+    """``SKIPPED_IN_A_ROW`` (1000) samples over the budget in a row stop the stream."""
     long = Mixture({"a": ["x"] * 3}, lambda name, text: Encoded([1] * 50, None, None, [1] * 50), 16, {"a": 1})
     with (
         caplog.at_level(logging.ERROR),
-        pytest.raises(DataError, match="samples 0 to 19 all exceed the 16-token budget: raise the stage's budget"),
+        pytest.raises(DataError, match="samples 0 to 999 all exceed the 16-token budget: raise the stage's budget"),
     ):
         next(long.batches(0))
 
