@@ -63,11 +63,24 @@ def test_line_numbers_count_across_the_blocks_kept_in_any_order(tmp_path, monkey
     path = _conversations(tmp_path, n=12)
     raw = path.read_bytes()
     starts = [k for k, line in enumerate(raw.split(b"\n"), 1) if line.strip()]
-    for block in (7, 64, 1 << 20):
+    for block in (7, 64, 300, 1 << 20):
         monkeypatch.setattr(indexed, "LINE_BLOCK", block)
         records = JsonlRecords(path, text=False)
         for i in (11, 3, 0, 7, 11, 1):
             assert records.where(i) == f"{path}:{starts[i]}"
+        ascending = JsonlRecords(path, text=False)  # each record in the block after the last one counted, or in it
+        assert [ascending.where(i) for i in range(12)] == [f"{path}:{line}" for line in starts]
+
+
+def test_holds_tells_the_records_kept_by_their_offsets(tmp_path):
+    path = _conversations(tmp_path)
+    every = JsonlRecords(path, text=False)
+    easy = JsonlRecords(path, text=False, keep=lambda _, r: r["meta"]["difficulty"] == "easy")
+    offsets = [every.offset(i) for i in range(7)]
+    assert [easy.offset(i) for i in range(3)] == offsets[1:7:2]
+    assert [easy.holds(o) for o in offsets] == [False, True, False, True, False, True, False]
+    assert all(every.holds(o) for o in offsets)
+    assert not every.holds(offsets[1] - 1) and not every.holds(offsets[-1] + 1) and not easy.holds(path.stat().st_size)
 
 
 def test_keep_and_transform(tmp_path):
