@@ -1,6 +1,7 @@
 import errno
 import hashlib
 import json
+import logging
 import os
 import re
 import subprocess
@@ -81,7 +82,7 @@ def test_heldout_is_disjoint_from_train(world):
         assert not train_docs & heldout_docs
 
 
-def test_existing_world_is_kept_or_replaced_on_request(tmp_path):
+def test_existing_world_is_kept_or_replaced_on_request(tmp_path, caplog):
     sizes = {"train": 2, "heldout": 1}
     build_world(tmp_path, seed=0, sizes=sizes, tasks=["caption", "text"], progress=False)
     with pytest.raises(FileExistsError, match="overwrite=True"):
@@ -91,13 +92,21 @@ def test_existing_world_is_kept_or_replaced_on_request(tmp_path):
     assert (tmp_path / "train" / "caption.jsonl").stat().st_mtime_ns == stamp
     manifest = json.loads((tmp_path / "world.json").read_text())
     (tmp_path / "world.json").write_text(json.dumps({**manifest, "generators": "older code"}))
-    ensure_world(tmp_path, seed=0, tasks=["caption", "text"], progress=False, **sizes)
-    assert (tmp_path / "train" / "caption.jsonl").stat().st_mtime_ns != stamp  # rebuilt by today's generators
-    assert json.loads((tmp_path / "world.json").read_text()) == manifest
-    ensure_world(tmp_path, seed=1, tasks=["caption"], progress=False, **sizes)
+    rebuilt = "was made by other generator code: rebuilding it"
+    with caplog.at_level(logging.WARNING, logger="kimivl.data.world"):
+        ensure_world(tmp_path, seed=0, tasks=["caption", "text"], progress=False, **sizes)
+        assert rebuilt in caplog.text
+        caplog.clear()
+        assert (tmp_path / "train" / "caption.jsonl").stat().st_mtime_ns != stamp  # rebuilt by today's generators
+        assert json.loads((tmp_path / "world.json").read_text()) == manifest
+        ensure_world(tmp_path, seed=1, tasks=["caption"], progress=False, **sizes)
+        assert rebuilt not in caplog.text  # other settings, not other code
     assert not (tmp_path / "train" / "text.jsonl").exists()
     with pytest.raises(ValueError, match="unknown tasks"):
         build_world(tmp_path / "x", tasks=["caption", "smell"])
+    with pytest.raises(ValueError, match=r"unknown tasks \['smell'\]"):  # refused before anything is written
+        ensure_world(tmp_path / "y", tasks=["caption", "smell"], progress=False, train=1)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
 def test_a_rebuild_cut_short_leaves_the_previous_world_whole(tmp_path, monkeypatch):
