@@ -129,12 +129,16 @@ def test_read_predictions_keeps_the_first_of_an_index(tmp_path):
     assert read_predictions(path) == {"1": "a"}
 
 
-def test_a_last_line_without_newline_is_read_from_a_users_file_and_cut_from_a_resumed_one(tmp_path):
+def test_a_last_line_without_newline_is_read_from_a_users_file_and_cut_from_a_resumed_one(tmp_path, caplog):
     path = tmp_path / "p.jsonl"
     path.write_text('{"index": 1, "prediction": "a"}\n{"index": 2, "prediction": "b"}')
     assert read_predictions(path) == {"1": "a", "2": "b"}  # an editor's file often ends so
-    assert read_predictions(path, repair=True) == {"1": "a"}  # kimivl's own, killed mid-write
-    assert path.read_text() == '{"index": 1, "prediction": "a"}\n'
+    with caplog.at_level(logging.WARNING, logger="kimivl.eval.runner"):
+        assert read_predictions(path, repair=True) == {"1": "a"}  # kimivl's own, killed mid-write
+        assert "ignoring an incomplete last line" in caplog.text
+        caplog.clear()
+        assert path.read_text() == '{"index": 1, "prediction": "a"}\n'
+        assert read_predictions(path, repair=True) == {"1": "a"} and not caplog.text  # a whole file: no warning
 
 
 def test_cli_eval_refuses_an_empty_task_list_bad_numbers_and_a_missing_predictions_file(tmp_path, capsys):
@@ -226,6 +230,11 @@ def test_resuming_refuses_predictions_of_other_settings_unless_overwrite(tmp_pat
     (out / "ocrbench.run.json").unlink()  # predictions whose run is unknown are not resumed either
     with pytest.raises(EvalError, match="no record of the run"):
         run_task(task, task.load(data), out, generate_fn=answer("B"), settings=b, progress=False)
+    empty = tmp_path / "empty"  # a run cut short before its first prediction left an empty file: nothing to resume
+    empty.mkdir()
+    (empty / "ocrbench.predictions.jsonl").touch()
+    run_task(task, task.load(data), empty, generate_fn=answer("C"), settings=a, progress=False)
+    assert [r["prediction"].split()[0] for r in lines(empty / "ocrbench.predictions.jsonl")] == ["C"] * 4
 
 
 def test_checkpoint_fingerprint_reads_the_weights_survives_a_copy_and_samples_large_files(tmp_path):
@@ -251,6 +260,8 @@ def test_checkpoint_fingerprint_reads_the_weights_survives_a_copy_and_samples_la
     size = 16 << 30  # a 16 GiB file: its first MiB and 4 KiB of every 2 MiB, to its last byte
     ranges = sampled_ranges(size)
     assert ranges[0] == (0, 1 << 20) and ranges[-1] == (size - 4096, 4096)
+    assert ranges[1:3] == [(1 << 20, 4096), (3 << 20, 4096)] and len(ranges) == 2 + 8192  # every 2 MiB after the head
+    assert sampled_ranges(64 << 20) == [(0, 64 << 20)] and len(sampled_ranges((64 << 20) + 1)) > 2  # whole to 64 MiB
     assert 8 << 20 < sum(n for _, n in ranges) < 40 << 20
     assert all(at + n <= nxt for (at, n), (nxt, _) in zip(ranges, ranges[1:]))
     big = tmp_path / "big"
