@@ -540,6 +540,14 @@ def test_a_small_base64_image_is_an_image_not_a_file_name(tmp_path):
         image_bytes(b64(b"%PDF-1.4 not an image at all" * 4), tmp_path)
     (tmp_path / "pic.png").write_bytes(small)
     assert image_bytes("pic.png", tmp_path) == str(tmp_path / "pic.png")
+    for empty in ("", None, 0, 7):
+        with pytest.raises(RowError, match="^no image$"):
+            image_bytes(empty, tmp_path)
+    # up to 64 characters (an index another row's image goes by) a cell that is no file is named as such
+    with pytest.raises(RowError, match="neither a file under .* nor the index of a row"):
+        image_bytes("x" * 64, tmp_path)
+    with pytest.raises(RowError, match="neither base64 nor a file"):
+        image_bytes("x" * 64 + "!", tmp_path)
     rows = [
         {"index": "0", "image": cell, "question": "Word?", "answer": "['a']", "category": "c"},
         {"index": "1", "image": b64(b"GIF89a-broken" * 30), "question": "Word?", "answer": "['b']", "category": "c"},

@@ -491,6 +491,18 @@ def test_rule_extraction_is_recorded_where_the_official_pipeline_uses_an_llm(tmp
     assert "extracted by" not in markdown({"t": {**result, "extraction": {"given": 3, "rules": 0}}})
 
 
+def test_update_results_merges_each_task_into_results_json_and_md(tmp_path):
+    from kimivl.eval.report import update_results
+
+    update_results(str(tmp_path), "a", {"metrics": {"accuracy": 50.0}, "scored": 2, "answered": 2, "skipped": 0})
+    b = {"metrics": {"accuracy": 25.0, "accuracy/x": 10.0}, "scored": 4, "answered": 3, "skipped": 1}
+    merged = update_results(str(tmp_path), "b", b)  # a path as text, as a script passes it
+    assert list(merged) == ["a", "b"] and json.loads((tmp_path / "results.json").read_text()) == merged
+    md = (tmp_path / "results.md").read_text()
+    assert "| a | accuracy | 50.0 | 2 | 2 | 0 |\n| b | accuracy | 25.0 | 4 | 3 | 1 |\n" in md
+    assert "### b\n\n| metric | value |\n|---|---|\n| accuracy/x | 10.0 |" in md
+
+
 def test_predictions_holding_line_separators_resume_and_a_bom_or_bad_bytes_are_handled(tmp_path):
     task = get_task("synthetic:ocr")
     rows = list(task.load(task.default_data))
