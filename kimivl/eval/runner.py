@@ -155,9 +155,9 @@ def _check_run(pred_path: Path, run_path: Path, settings: dict, overwrite: bool)
     elif has_predictions:
         try:
             before = json.loads(run_path.read_text(encoding="utf-8")) if run_path.is_file() else None
-        except json.JSONDecodeError:
+        except ValueError:  # not JSON, or not UTF-8: damaged
             before = None
-        if before is None:
+        if not isinstance(before, dict):
             raise EvalError(
                 f"{pred_path} holds predictions but no record of the run that made them ({run_path.name}),"
                 " so they cannot be resumed safely; pass --overwrite to start afresh or choose another"

@@ -230,6 +230,10 @@ def test_resuming_refuses_predictions_of_other_settings_unless_overwrite(tmp_pat
     (out / "ocrbench.run.json").unlink()  # predictions whose run is unknown are not resumed either
     with pytest.raises(EvalError, match="no record of the run"):
         run_task(task, task.load(data), out, generate_fn=answer("B"), settings=b, progress=False)
+    for damaged in (b'{"model": "/m/b"', b"\xff\xfe{}", b'["model", "/m/b"]'):  # nor those of a damaged record
+        (out / "ocrbench.run.json").write_bytes(damaged)
+        with pytest.raises(EvalError, match=r"no record of the run that made them \(ocrbench.run.json\)"):
+            run_task(task, task.load(data), out, generate_fn=answer("B"), settings=b, progress=False)
     empty = tmp_path / "empty"  # a run cut short before its first prediction left an empty file: nothing to resume
     empty.mkdir()
     (empty / "ocrbench.predictions.jsonl").touch()
