@@ -72,6 +72,23 @@ def test_line_numbers_count_across_the_blocks_kept_in_any_order(tmp_path, monkey
         assert [ascending.where(i) for i in range(12)] == [f"{path}:{line}" for line in starts]
 
 
+def test_the_digest_follows_each_records_length_in_order(tmp_path):
+    """A copy of the file has the same digest; a record edited to another length (the last one included: the file's
+    size counts its end) changes it; an edit that keeps every length does not."""
+    path = tmp_path / "t.jsonl"
+    texts = ["alpha", "beta", "gamma"]
+
+    def digest(docs, name="t.jsonl"):
+        (tmp_path / name).write_text("".join(json.dumps({"text": t}) + "\n" for t in docs), encoding="utf-8")
+        return JsonlRecords(tmp_path / name, text=True).digest()
+
+    first = digest(texts)
+    assert path.exists() and digest(texts, "copy.jsonl") == first and len(first) == 32
+    assert digest(["alpha", "beta", "gammas"]) != first  # the last record longer
+    assert digest(["alpha", "betas", "gamm"]) != first  # two records, the file's size the same
+    assert digest(["alpha", "beta", "GAMMA"]) == first  # every length kept
+
+
 def test_holds_tells_the_records_kept_by_their_offsets(tmp_path):
     path = _conversations(tmp_path)
     every = JsonlRecords(path, text=False)
