@@ -41,6 +41,7 @@ def test_a3b_values():
     assert (t.routed_scaling_factor, t.rope_theta, t.max_position_embeddings) == (2.446, 800000.0, 131072)
     assert (v.hidden_size, v.num_hidden_layers, v.head_dim, v.merged_dim) == (1152, 27, 72, 4608)
     assert cfg.media_placeholder_token_id == 163605
+    assert (t.bos_token_id, t.eos_token_id) == (163584, [163585, 163586])  # [BOS]; [EOS] and <|im_end|>
     assert [t.is_moe_layer(i) for i in range(3)] == [False, True, True]
 
 
