@@ -118,6 +118,8 @@ def test_a_link_to_stdout_redirected_to_a_file_is_written_through_the_shells_des
     (tmp_path / "loop").symlink_to("loop2")
     (tmp_path / "loop2").symlink_to("loop")
     assert files.own_descriptor(relative) == 1 and files.own_descriptor(tmp_path / "loop") is None
+    (tmp_path / "out").symlink_to(link)  # a link to /dev/stdout, itself a link
+    assert files.own_descriptor(tmp_path / "out") == 1
 
 
 def test_a_descriptor_named_by_dev_fd_is_written_at_its_offset(tmp_path, monkeypatch):
@@ -191,3 +193,77 @@ def test_a_quota_reached_is_named_as_a_full_disk():
         assert str(error).startswith("the disk is full: writing /out/model.safetensors failed"), error
     error = files.write_error(OSError(errno.EACCES, "Permission denied"), "/out/a")
     assert str(error) == "cannot write /out/a: Permission denied"
+
+
+def test_an_error_of_a_write_keeps_its_message_in_another_kind_and_names_one_without_strerror():
+    """A ``WriteError`` (a full disk met by ``write_text_atomic``) re-raised as a checkpoint's error keeps its message;
+    an ``OSError`` raised without an errno (a library's own) is named with its text."""
+
+    class Kind(WriteError):
+        pass
+
+    full = files.write_error(OSError(errno.ENOSPC, "No space left on device"), "/out/config.json")
+    error = files.write_error(full, "/out", Kind)
+    assert isinstance(error, Kind) and str(error) == str(full) and error.errno == errno.ENOSPC
+    assert files.write_error(full, "/out") is full
+    assert str(files.write_error(OSError("header too large"), "/out/a")) == "cannot write /out/a: header too large"
+
+
+def test_an_interrupt_mid_write_leaves_the_old_text_and_no_temporary_file(tmp_path, monkeypatch):
+    """Ctrl-C (a ``KeyboardInterrupt``, no ``Exception``) while the file is written removes the temporary file."""
+    path = tmp_path / "results.json"
+    write_text_atomic(path, "old\n")
+
+    def interrupted(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(files.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_text_atomic(path, "new\n")
+    assert path.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+
+def test_a_temporary_file_that_cannot_be_created_is_the_error_raised(tmp_path, monkeypatch):
+    """Where the temporary file cannot be created (a folder this user cannot write), that error is raised, not one from
+    removing the file that was never made."""
+
+    def refused(file, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", os.fspath(file))
+
+    monkeypatch.setattr(files, "open", refused, raising=False)
+    with pytest.raises(PermissionError):
+        write_text_atomic(tmp_path / "out.json", "{}\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_devices_are_written_in_place_and_files_and_folders_are_not(tmp_path):
+    (tmp_path / "f").touch()
+    assert files.in_place("/dev/null") and files.in_place("/dev/zero")
+    assert not files.in_place(tmp_path / "f") and not files.in_place(tmp_path) and not files.in_place(tmp_path / "x")
+
+
+def test_file_mode_without_proc_reads_the_umask_and_leaves_it_as_it_was(tmp_path, monkeypatch):
+    def no_proc(*args, **kwargs):
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", "/proc/self/status")
+
+    monkeypatch.setattr(files, "open", no_proc, raising=False)  # file_mode's own open: no /proc (macOS)
+    umask = os.umask(0o027)
+    try:
+        assert file_mode() == 0o640
+        assert os.umask(0o027) == 0o027  # still the process's umask
+    finally:
+        os.umask(umask)
+
+
+def test_a_path_the_os_cannot_be_given_says_why_and_a_recorded_path_reads_as_utf8():
+    """A lone surrogate (a JSON "\\ud800") fits no file name; in the C locale without UTF-8 mode a non-ASCII name does
+    not fit either (a run of both is the locale's fault). ``path_text``: a name's bytes as UTF-8, a stray byte
+    escaped."""
+    assert files.unencodable("/data/été.png") is None
+    said = files.unencodable("/data/\ud800.png")
+    assert said == "'/data/\\ud800.png' holds the lone UTF-16 surrogate '\\ud800', which no file name can hold"
+    code = "from kimivl.files import unencodable; print(ascii(unencodable('/d/\\xe9\\ud800')))"
+    env = {**os.environ, "LC_ALL": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.startswith("\"/d/\\xe9\\ud800 holds '\\xe9\\\\ud800', which the filesystem encoding (ascii) cannot")
+    assert files.path_text("/d/\udcc3\udca9t\udce8") == "/d/ét\\xe8"  # how the C locale holds b"/d/\xc3\xa9t\xe8"
