@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from kimivl import KimiVL, precision
-from kimivl.precision import cpu_bf16_slowdown, fast_bf16, load_dtype, use_bf16
+from kimivl.precision import cpu_bf16_slowdown, cpu_flags_known, fast_bf16, load_dtype, use_bf16
 
 
 def slow_cpu(monkeypatch, slowdown=100.0, memory=64 << 30):
@@ -81,6 +81,7 @@ def test_on_a_gpu_bf16_is_fast_from_ampere_on(monkeypatch):
     for major, fast in ((7, False), (8, True), (9, True)):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, m=major: (m, 0))
         assert fast_bf16("cuda:0") is fast and use_bf16("cuda") is fast and use_bf16("cuda", True)
+    assert fast_bf16("mps") and fast_bf16("xpu") and use_bf16("meta")  # other accelerators: bf16 is theirs
 
 
 def test_a_bf16_checkpoint_loads_in_float32_on_a_cpu_that_multiplies_bf16_slowly(monkeypatch, caplog):
@@ -92,6 +93,9 @@ def test_a_bf16_checkpoint_loads_in_float32_on_a_cpu_that_multiplies_bf16_slowly
     assert "loading in float32 (4.0 GB" in caplog.text and "float16 is very slow" not in caplog.text
     assert load_dtype(torch.float32, "cpu", n) == torch.float32
     assert load_dtype(torch.bfloat16, "meta", n) == torch.bfloat16  # not a CPU: as stored
+    assert load_dtype(torch.float16, "cuda", n) == torch.float16  # float16 is slow on a CPU only
+    with pytest.raises(ValueError, match="dtype must be a floating torch.dtype"):
+        load_dtype(torch.bfloat16, "cpu", n, torch.int8)
     slow_cpu(monkeypatch, memory=None)  # the OS does not say: float32
     assert load_dtype(torch.bfloat16, "cpu", n) == torch.float32
     # float32 weights that would not fit stay in bf16, with a warning
@@ -114,10 +118,12 @@ def test_asking_for_bf16_on_a_cpu_that_emulates_it_warns_once(tiny_model, tmp_pa
     monkeypatch.setattr(precision, "_matmul_seconds", {torch.bfloat16: 0.06, torch.float32: 0.001}.__getitem__)
     monkeypatch.setattr(precision, "cpu_native_bf16", lambda: False)
     with caplog.at_level(logging.WARNING, logger="kimivl.precision"):
+        assert KimiVL.from_pretrained(tmp_path, dtype=torch.float32).dtype == torch.float32
+        assert caplog.text == ""  # float32 asked for: bf16 is not measured
         for _ in range(2):
             assert KimiVL.from_pretrained(tmp_path, dtype=torch.bfloat16).dtype == torch.bfloat16
+            assert caplog.text.count("this CPU multiplies bfloat16 60x slower than float32") == 1
         assert KimiVL.from_pretrained(tmp_path).dtype == torch.bfloat16  # as stored
-        assert KimiVL.from_pretrained(tmp_path, dtype=torch.float32).dtype == torch.float32
     assert caplog.text.count("this CPU multiplies bfloat16 60x slower than float32") == 1
 
 
@@ -201,6 +207,13 @@ def test_on_x86_the_instructions_decide_without_timing_and_warn_once(monkeypatch
     for slowdown, fast in ((1.5, True), (precision.SLOW, False)):
         monkeypatch.setattr(precision, "cpu_bf16_slowdown", lambda s=slowdown: s)
         assert fast_bf16("cpu") is fast
+
+
+def test_x86_is_known_by_its_names_on_linux_and_windows(monkeypatch):
+    """The suite stands in for ``cpu_flags_known`` (conftest); the module's own is imported before it does."""
+    for machine, known in (("x86_64", True), ("AMD64", True), ("i686", True), ("aarch64", False), ("arm64", False)):
+        monkeypatch.setattr(precision.platform, "machine", lambda m=machine: m)
+        assert cpu_flags_known() is known, machine
 
 
 def test_memory_is_capped_by_a_cgroup_limit(monkeypatch, tmp_path):
