@@ -171,7 +171,7 @@ def test_a_fifo_or_device_is_written_where_it_is_and_a_symlink_named_as_out_keep
         assert stat.S_ISFIFO(fifo.lstat().st_mode) and link.is_symlink()
     monkeypatch.setattr(files.os, "access", lambda path, mode: os.fspath(path) != os.fspath(tmp_path))
     assert files.unwritable(fifo) is None and files.unwritable(link) is None  # its folder is not written
-    monkeypatch.setattr(files.os, "access", lambda path, mode: False)
+    monkeypatch.setattr(files.os, "access", lambda path, mode: not mode & os.W_OK)  # readable only
     assert files.unwritable(link) == f"{link} is not writable"
 
     target = tmp_path / "results" / "passk.json"  # a link to a file: the file is replaced, the link kept
@@ -267,3 +267,15 @@ def test_a_path_the_os_cannot_be_given_says_why_and_a_recorded_path_reads_as_utf
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.startswith("\"/d/\\xe9\\ud800 holds '\\xe9\\\\ud800', which the filesystem encoding (ascii) cannot")
     assert files.path_text("/d/\udcc3\udca9t\udce8") == "/d/ét\\xe8"  # how the C locale holds b"/d/\xc3\xa9t\xe8"
+
+
+def test_a_directory_is_published_over_the_previous_one_and_a_stale_old_one_is_cleared(tmp_path):
+    """A process killed after its first rename left ``.<name>.old``: the next publish clears it, not fails on it."""
+    path = tmp_path / "split"
+    for text in ("one", "two"):
+        files.temporary_dir(path).mkdir()
+        (files.temporary_dir(path) / "data.txt").write_text(text)
+        (tmp_path / ".split.old").mkdir(exist_ok=True)
+        (tmp_path / ".split.old" / "stale.txt").write_text("stale")
+        files.publish_dir(path)
+        assert (path / "data.txt").read_text() == text and sorted(p.name for p in tmp_path.iterdir()) == ["split"]
