@@ -188,6 +188,16 @@ def test_resharding_removes_stale_shards(tiny_model, tmp_path):
     KimiVL.from_pretrained(tmp_path)
 
 
+def test_shards_take_the_official_one_based_names(tiny_model, tmp_path):
+    """The files of a sharded save are named as the release's are, ``model-00001-of-0000N`` up to N, each named by
+    the index."""
+    tiny_model.save_pretrained(tmp_path, max_shard_bytes=300_000)
+    shards = sorted(p.name for p in tmp_path.glob("*.safetensors"))
+    n = len(shards)
+    assert n > 2 and shards == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    assert sorted(set(json.loads((tmp_path / INDEX).read_text())["weight_map"].values())) == shards
+
+
 def _full_disk_at(monkeypatch, n):
     """``save_file`` failing as on a full disk at its ``n``-th call."""
     from safetensors import SafetensorError

@@ -564,6 +564,20 @@ def test_resuming_a_stage_on_the_recipe_wide_curve_after_the_curve_changed_is_re
         state.resume()
 
 
+def test_a_checkpoint_without_a_data_position_resumes_reading_from_the_start(tmp_path):
+    """A checkpoint written before kimivl kept the data position resumes its step with the data read from record 0."""
+    state, sched = _continue_stage(tmp_path)
+    _train(state, sched, 2)
+    state.advance(position=7)
+    saved = state.save()
+    trainer = torch.load(saved / "trainer.pt", weights_only=True)
+    assert trainer["position"] == 7
+    del trainer["position"]
+    torch.save(trainer, saved / "trainer.pt")
+    state, _ = _continue_stage(tmp_path)
+    assert state.resume() == saved and (state.step, state.position) == (3, 0)
+
+
 def test_a_stage_on_the_recipe_wide_curve_resumes_where_it_stopped(tmp_path, caplog):
     """Unchanged, it resumes at the lr of an uninterrupted run; a checkpoint written before the multiplier was
     recorded (``lr_lambdas`` None) cannot be compared, and resumes with a warning."""
