@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from kimivl import KimiVL
 from kimivl import checkpoint as ckpt
 from kimivl.checkpoint import INDEX, CheckpointError
+from kimivl.config import ConfigError
 from kimivl.train.pipeline import _unloaded_model
 
 
@@ -102,6 +103,17 @@ def test_quantized_weights_are_refused_by_name(saved, tmp_path, with_scales):
     with pytest.raises(CheckpointError, match=message):
         KimiVL.from_pretrained(saved)
     with pytest.raises(CheckpointError, match=message):
+        ckpt.convert_checkpoint(saved, tmp_path / "out", torch.bfloat16)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_conversion_refuses_a_source_whose_config_is_not_kimi_vls_before_writing(saved, tmp_path):
+    """A config.json that loading would refuse (here without its vision_config) is refused before a converted copy of
+    the weights, with that config, is written."""
+    config = json.loads((saved / "config.json").read_text())
+    del config["vision_config"]
+    (saved / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="config.json has no vision_config object"):
         ckpt.convert_checkpoint(saved, tmp_path / "out", torch.bfloat16)
     assert not (tmp_path / "out").exists()
 
