@@ -559,6 +559,16 @@ def test_a_run_stopped_in_its_first_stage_goes_on_only_with_its_seed(tmp_path):
         keep_seed(load_recipe(_recipe(tmp_path), {"seed": 7}), World())
 
 
+def test_a_fresh_run_records_its_seed_without_a_warning(tmp_path, caplog):
+    """Only a begun run without a seed record (one begun before kimivl kept it) is warned about; a fresh run is not."""
+    recipe = load_recipe(_recipe(tmp_path))
+    recipe.out.mkdir(parents=True)
+    with caplog.at_level("WARNING", logger="kimivl.train.pipeline"):
+        keep_seed(recipe, World())
+    assert "no record of its seed" not in caplog.text
+    assert json.loads((recipe.out / "seed.json").read_text()) == {"seed": 0}
+
+
 def test_a_sharded_run_s_initial_weights_hold_its_seed(tmp_path):
     """A preset's initial weights, written once to out/initial by a sharded run, were drawn with the run's seed: a run
     killed before its first checkpoint went on under another seed from them."""
