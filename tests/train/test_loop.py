@@ -22,7 +22,9 @@ from kimivl import KimiVL
 from kimivl.checkpoint import FROZEN_FINGERPRINT, checkpoint_files
 from kimivl.data.mixture import Mixture
 from kimivl.data.packing import PackedBatch, pack
+from kimivl.model.moe import Router
 from kimivl.processing.processor import Encoded
+from kimivl.train.balance import ExpertLoadTracker
 from kimivl.train.loop import LoopConfig, to_device, train_loop
 from kimivl.train.optim import build_optimizer
 from kimivl.train.schedule import WarmupCosine, scheduler_at
@@ -401,6 +403,23 @@ def image_and_text_rows(processor, folder: Path) -> tuple[list[PackedBatch], lis
         ]
         images.append(pack([processor.encode_for_training(chat)], 96))
     return images, [pack([processor.encode_text(t)], 96) for t in TEXTS]
+
+
+@pytest.mark.parametrize("rate", [0.01, 0.0])
+def test_a_step_moves_the_router_biases_by_its_batch_s_expert_loads(small_model, small_processor, tmp_path, rate):
+    """After each step the loop moves every router's bias by ``bias_update_rate`` towards the mean load of that
+    step's batch (``update_biases``); a rate of 0 leaves them."""
+    model, data, opt, sched = setup(small_model, small_processor)
+    cfg = LoopConfig(steps=1, log_every=1, bf16=False, bias_update_rate=rate)
+    train_loop(model, joint_loss, data, opt, sched, cfg, tmp_path, "s", progress=False)
+    ref, _, _, _ = setup(small_model, small_processor)
+    with ExpertLoadTracker(ref) as tracker:
+        joint_loss(ref, next(data.batches(0))[0])
+        tracker.update_biases(0.01)
+    moved = [m.e_score_correction_bias for m in ref.modules() if isinstance(m, Router)]
+    biases = [m.e_score_correction_bias for m in model.modules() if isinstance(m, Router)]
+    assert moved and all(b.abs().sum() > 0 for b in moved)
+    assert all(torch.equal(b, m if rate else torch.zeros_like(m)) for b, m in zip(biases, moved))
 
 
 def test_a_row_whose_loss_reaches_no_trained_weight_adds_a_zero_gradient(
