@@ -353,7 +353,8 @@ def test_accumulation_adds_the_gradients_of_several_batches_to_one_step(small_mo
 
 
 def test_the_loop_returns_its_last_metrics_and_shows_a_bar_only_when_asked(tmp_path, capsys):
-    """``train_loop`` returns the metrics it wrote for its last step; ``progress=False`` writes no bar."""
+    """``train_loop`` returns the metrics it wrote for its last step, the held-out ones of a dense model's validation
+    among them; ``progress=False`` writes no bar."""
 
     class Numbers:
         def batches(self, position):
@@ -363,14 +364,19 @@ def test_the_loop_returns_its_last_metrics_and_shows_a_bar_only_when_asked(tmp_p
     def loss_fn(model, batch):
         return model(torch.full((1, 1), float(batch))).pow(2).sum(), {"batch": float(batch)}, 1
 
+    def held_out(model):
+        return {"held_out": 0.5}
+
     for run, progress in (("quiet", False), ("shown", True)):
         torch.manual_seed(0)
         model = torch.nn.Linear(1, 1)
         opt = build_optimizer(model, lr=1e-2)
         sched = scheduler_at(opt, WarmupCosine(1, 3))
         cfg = LoopConfig(steps=3, log_every=1)
-        last = train_loop(model, loss_fn, Numbers(), opt, sched, cfg, tmp_path / run, "s", progress=progress)
-        assert last["batch"] == 2.0 and last["loss"] == losses(tmp_path / run)[-1] > 0
+        last = train_loop(
+            model, loss_fn, Numbers(), opt, sched, cfg, tmp_path / run, "s", progress=progress, validate=held_out
+        )
+        assert last["batch"] == 2.0 and last["loss"] == losses(tmp_path / run)[-1] > 0 and last["held_out"] == 0.5
         shown = capsys.readouterr().err
         assert ("3/3" in shown) == progress, shown
 
