@@ -145,6 +145,17 @@ def test_partition_covers_every_trainable_param_once(model):
     assert buffers and not buffers & placed.keys()
 
 
+def test_a_parameter_shared_by_two_modules_is_placed_once():
+    """A weight two modules hold (tied) is one parameter: placed under the first module's name, optimised once."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    model[1].weight = model[0].weight
+    groups = partition_params(model)
+    assert [name for name, _ in groups["muon"]] == ["0.weight"]
+    assert [name for name, _ in groups["adamw_no_decay"]] == ["0.bias", "1.bias"]
+    opt = build_optimizer(model, lr=1e-3)
+    assert sum(len(g["params"]) for g in opt.param_groups) == 3
+
+
 def test_frozen_params_are_left_out():
     torch.manual_seed(0)
     m = KimiVL(KimiVLConfig.from_preset("tiny"))
