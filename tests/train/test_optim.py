@@ -169,7 +169,7 @@ def test_frozen_params_are_left_out():
 
 
 def test_build_optimizer_groups(model):
-    opt = build_optimizer(model, lr=1e-3, weight_decay=0.1)
+    opt = build_optimizer(model, lr=1e-3)  # the defaults: weight decay 0.1, Muon momentum 0.95 and 5 NS steps
     by_name = {g["name"]: g for g in opt.param_groups}
     assert by_name["muon_gate_up"]["chunks"] == 2 and by_name["muon_gate_up"]["algorithm"] == "muon"
     assert by_name["adamw"]["weight_decay"] == 0.1 and by_name["adamw_no_decay"]["weight_decay"] == 0.0
