@@ -169,11 +169,11 @@ def test_frozen_params_are_left_out():
 
 
 def test_build_optimizer_groups(model):
-    opt = build_optimizer(model, lr=1e-3)  # the defaults: weight decay 0.1, Muon momentum 0.95 and 5 NS steps
+    opt = build_optimizer(model, lr=1e-3)  # the defaults: weight decay 0.1, Nesterov momentum 0.95, 5 NS steps
     by_name = {g["name"]: g for g in opt.param_groups}
     assert by_name["muon_gate_up"]["chunks"] == 2 and by_name["muon_gate_up"]["algorithm"] == "muon"
     assert by_name["adamw"]["weight_decay"] == 0.1 and by_name["adamw_no_decay"]["weight_decay"] == 0.0
-    assert by_name["muon"]["momentum"] == 0.95 and by_name["muon"]["ns_steps"] == 5
+    assert by_name["muon"]["momentum"] == 0.95 and by_name["muon"]["ns_steps"] == 5 and by_name["muon"]["nesterov"]
 
 
 def fake_grads(m: torch.nn.Module, seed: int) -> None:
