@@ -53,9 +53,13 @@ def test_without_nesterov_the_buffer_is_orthogonalised():
 
 @pytest.mark.parametrize("shape", [(32, 96), (96, 32), (4, 64, 24)])
 def test_newton_schulz_singular_values_near_one(shape):
+    """By default five quintic steps (NS5), each matrix on its own."""
     torch.manual_seed(0)
-    s = torch.linalg.svdvals(newton_schulz(torch.randn(shape)))
+    g = torch.randn(shape)
+    o = newton_schulz(g)
+    s = torch.linalg.svdvals(o)
     assert s.min() > 0.65 and s.max() < 1.2, (s.min(), s.max())
+    torch.testing.assert_close(o, torch.stack([reference_ns(m) for m in g.reshape(-1, *shape[-2:])]).reshape(shape))
 
 
 def test_stacked_experts_equal_per_matrix_steps():
@@ -98,6 +102,32 @@ def test_adamw_groups_match_torch_adamw():
         opt.step()
         ref_opt.step()
     torch.testing.assert_close(ours.detach(), ref.detach())
+
+
+def test_a_step_with_a_closure_returns_its_loss_and_steps_on_its_gradient():
+    """As a torch optimizer's: ``step(closure)`` computes the loss and gradient with the closure, then steps."""
+    torch.manual_seed(0)
+    w = torch.randn(6, 10)
+    p, ref = torch.nn.Parameter(w.clone()), torch.nn.Parameter(w.clone())
+    opt, ref_opt = MuonAdamW([p], lr=0.05), MuonAdamW([ref], lr=0.05)
+
+    def closure():
+        loss = (p * torch.arange(60.0).reshape(6, 10)).sum()
+        loss.backward()
+        return loss
+
+    assert opt.step(closure).item() == pytest.approx((w * torch.arange(60.0).reshape(6, 10)).sum().item())
+    ref.grad = torch.arange(60.0).reshape(6, 10)
+    ref_opt.step()
+    assert not torch.equal(p.detach(), w)
+    torch.testing.assert_close(p.detach(), ref.detach())
+
+
+def test_a_sparse_gradient_is_refused():
+    p = torch.nn.Parameter(torch.zeros(4, 3))
+    p.grad = torch.zeros(4, 3).to_sparse()
+    with pytest.raises(RuntimeError, match="MuonAdamW does not support sparse gradients"):
+        MuonAdamW([p]).step()
 
 
 def test_muon_rejects_vectors():
