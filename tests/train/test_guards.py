@@ -538,6 +538,19 @@ def test_the_recipe_wide_decay_runs_over_its_decay_stages_in_a_row(tmp_path):
     )
 
 
+def test_a_stage_with_its_own_schedule_takes_no_steps_of_the_recipe_wide_curve(tmp_path):
+    """The shared curve spans the 'continue' stages alone: a cosine stage before them moves none of their offsets."""
+    stages = [
+        {"name": "v", "kind": "joint", "steps": 5, "lr": 1e-3, "mix": {"t": 1}, "schedule": "cosine", "warmup": 1},
+        {"name": "a", "kind": "joint", "steps": 4, "lr": 1e-3, "mix": {"t": 1}},
+        {"name": "cool", "kind": "joint", "steps": 2, "lr": 1e-3, "mix": {"t": 1}},
+    ]
+    schedule = {"warmup": 2, "decay_stages": ["cool"]}
+    curve, offsets = global_schedule(load_recipe(_recipe(tmp_path, stages=stages, schedule=schedule)))
+    assert offsets == {"a": 0, "cool": 4}
+    assert [curve(i) for i in range(7)] == pytest.approx([0.5, 1.0, 1.0, 1.0, 1.0, 0.55, 0.1])
+
+
 def test_a_stage_with_its_own_schedule_warms_up_then_follows_a_cosine(tmp_path):
     stage = {"name": "a", "kind": "joint", "steps": 6, "lr": 1e-3, "mix": {"t": 1}, "schedule": "cosine", "warmup": 2}
     recipe = load_recipe(_recipe(tmp_path, stages=[stage]))
