@@ -130,6 +130,25 @@ def test_a_sparse_gradient_is_refused():
         MuonAdamW([p]).step()
 
 
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"ns_dtype": "float16"}, "ns_dtype must be 'float32' or 'bfloat16', got 'float16'"),
+        ({"lr": -1e-3}, r"need lr >= 0, weight_decay >= 0, 0 <= momentum < 1; got -0.001, 0.1, 0.95"),
+        ({"weight_decay": -0.1}, r"got 0.001, -0.1, 0.95"),
+        ({"momentum": 1.0}, r"got 0.001, 0.1, 1.0"),
+        ({"momentum": -0.5}, r"got 0.001, 0.1, -0.5"),
+        ({"algorithm": "sgd"}, "param group algorithm must be 'muon' or 'adamw', got 'sgd'"),
+    ],
+)
+def test_bad_settings_are_refused_and_their_edges_allowed(settings, message):
+    p = torch.nn.Parameter(torch.zeros(4, 3))
+    group = {"params": [p], **({"algorithm": settings.pop("algorithm")} if "algorithm" in settings else {})}
+    with pytest.raises(ValueError, match=message):
+        MuonAdamW([group], lr=settings.pop("lr", 1e-3), **settings)
+    MuonAdamW([p], lr=0.0, weight_decay=0.0, momentum=0.0, ns_dtype="bfloat16")  # every edge is allowed
+
+
 def test_muon_rejects_vectors():
     with pytest.raises(ValueError, match="adamw"):
         MuonAdamW([torch.nn.Parameter(torch.zeros(4))])
@@ -196,6 +215,9 @@ def test_frozen_params_are_left_out():
     opt = build_optimizer(m, lr=1e-3)
     in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
     assert in_opt == {id(p) for p in m.parameters() if p.requires_grad}
+    m.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"the model has no trainable parameters \(all have requires_grad=False\)"):
+        build_optimizer(m, lr=1e-3)
 
 
 def test_build_optimizer_groups(model):
