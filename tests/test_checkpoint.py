@@ -215,6 +215,19 @@ def _full_disk_at(monkeypatch, n):
     monkeypatch.setattr(checkpoint, "save_file", save_file)
 
 
+def _changed_and_cut_short(model, path, monkeypatch, n):
+    """Every parameter of ``model`` moved by 1, then saved over ``path`` in shards, the disk full at the ``n``-th."""
+    from kimivl.checkpoint import CheckpointWriteError
+
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    with monkeypatch.context() as m:
+        _full_disk_at(m, n)
+        with pytest.raises(CheckpointWriteError, match="disk is full"):
+            model.save_pretrained(path, max_shard_bytes=300_000)
+
+
 def test_a_save_cut_short_over_a_sharded_one_is_refused_not_mixed(tiny_model, tmp_path, monkeypatch):
     """A full disk at the second shard of a save over a sharded save of other weights leaves shards of both: loading
     refuses them (it loaded 35 new tensors and 121 old ones), and a save in full mends the folder. A conversion in
@@ -222,13 +235,7 @@ def test_a_save_cut_short_over_a_sharded_one_is_refused_not_mixed(tiny_model, tm
     from kimivl.checkpoint import CheckpointWriteError
 
     tiny_model.save_pretrained(tmp_path, max_shard_bytes=300_000)
-    with torch.no_grad():
-        for p in tiny_model.parameters():
-            p.add_(1.0)
-    with monkeypatch.context() as m:
-        _full_disk_at(m, 2)
-        with pytest.raises(CheckpointWriteError, match="disk is full"):
-            tiny_model.save_pretrained(tmp_path, max_shard_bytes=300_000)
+    _changed_and_cut_short(tiny_model, tmp_path, monkeypatch, 2)
     with pytest.raises(CheckpointError, match="holds shards of two saves: model-00001-of-.* save or convert"):
         KimiVL.from_pretrained(tmp_path)
     tiny_model.save_pretrained(tmp_path, max_shard_bytes=300_000)
@@ -249,20 +256,14 @@ def test_a_save_cut_short_over_an_unnamed_save_is_refused_too(tiny_model, tmp_pa
     from types import SimpleNamespace
 
     from kimivl import checkpoint
-    from kimivl.checkpoint import UNNAMED, WRITER, CheckpointWriteError
+    from kimivl.checkpoint import UNNAMED, WRITER
 
     with monkeypatch.context() as m:
         m.setattr(checkpoint, "uuid", SimpleNamespace(uuid4=lambda: SimpleNamespace(hex=UNNAMED)))
         tiny_model.save_pretrained(tmp_path, max_shard_bytes=300_000)
     assert json.loads((tmp_path / INDEX).read_text())["metadata"][WRITER] == UNNAMED
     KimiVL.from_pretrained(tmp_path)
-    with torch.no_grad():
-        for p in tiny_model.parameters():
-            p.mul_(2.0)
-    with monkeypatch.context() as m:
-        _full_disk_at(m, 3)
-        with pytest.raises(CheckpointWriteError, match="disk is full"):
-            tiny_model.save_pretrained(tmp_path, max_shard_bytes=300_000)
+    _changed_and_cut_short(tiny_model, tmp_path, monkeypatch, 3)
     with pytest.raises(CheckpointError, match="holds shards of two saves: model-00001-of-"):
         KimiVL.from_pretrained(tmp_path)
 
