@@ -175,9 +175,7 @@ def write_text_atomic(
     path = Path(os.path.realpath(path) if through_links else path)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        # closed in the block, where a full disk is named
-        f = open(tmp, "x", encoding="utf-8", errors=errors)  # noqa: SIM115
-        with writing(path), f:
+        with writing(path), open(tmp, "x", encoding="utf-8", errors=errors) as f:  # created and closed in the block
             f.write(text)
         os.replace(tmp, path)
     except BaseException:

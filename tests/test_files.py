@@ -223,16 +223,26 @@ def test_an_interrupt_mid_write_leaves_the_old_text_and_no_temporary_file(tmp_pa
     assert path.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
 
 
-def test_a_temporary_file_that_cannot_be_created_is_the_error_raised(tmp_path, monkeypatch):
-    """Where the temporary file cannot be created (a folder this user cannot write), that error is raised, not one from
-    removing the file that was never made."""
+@pytest.mark.parametrize(
+    ("code", "message"),
+    [
+        (errno.EACCES, r"cannot write .*/out\.json: Permission denied"),
+        (errno.ENOSPC, r"disk is full: writing .*/out\.json"),
+    ],
+)
+def test_a_temporary_file_that_cannot_be_created_is_a_write_error_naming_the_target(
+    tmp_path, monkeypatch, code, message
+):
+    """Where the temporary file cannot be created (a folder this user cannot write, a full disk), the error names the
+    file asked for, not the temporary one, and is not one from removing the file that was never made."""
 
     def refused(file, *args, **kwargs):
-        raise PermissionError(errno.EACCES, "Permission denied", os.fspath(file))
+        raise OSError(code, os.strerror(code), os.fspath(file))
 
     monkeypatch.setattr(files, "open", refused, raising=False)
-    with pytest.raises(PermissionError):
+    with pytest.raises(WriteError, match=message) as failed:
         write_text_atomic(tmp_path / "out.json", "{}\n")
+    assert failed.value.errno == code
     assert list(tmp_path.iterdir()) == []
 
 
