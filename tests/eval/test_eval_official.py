@@ -57,6 +57,39 @@ def test_mmmu_extracted_answers_skip_parsing():
     assert mmmu.score("?", {"type": "open", "answer": ["12"]}, extracted="12.0")["score"] == 1.0
 
 
+def test_mmmu_official_parsing_at_its_edges():
+    """What MMMU's parse_multi_choice_response and parse_open_response (the fixture's commit) give where a looser
+    reading differs: the latest last occurrence wins, a tie goes to the first option, option texts need more than
+    5 words; open keys are the shortest tail after a cue, "=" on the last line only, a trivial key left out."""
+    options = dict(zip(OPTION_LETTERS, ["red car", "red", "blue", "green"]))
+    for said, letter in (
+        ("B:", "B"),
+        ("(A) or (B)? I keep (A)", "A"),
+        ("A or B or A", "A"),
+        ("green at first, then blue, finally green", "D"),
+        ("I think it is the red car here", "A"),  # "red" ends at the same place: the first option wins the tie
+        ("one two three four blue", None),  # 5 words: no option text is read, the official code guesses
+    ):
+        assert mmmu.official_choice(said, options) == letter, said
+    for said, keys in (
+        ("the answer is 5, isotope", {"5, isotope"}),
+        ("the result 42 mm", {"42 mm", 42.0}),
+        ("x = 3\nso 5", {5.0}),
+        ("x = 3", {3.0}),
+        ("what it is ;", {"what it is ;"}),
+        ("The capital is Paris.", {"paris"}),
+        ("so it is 5. then 6", {"5. then 6", 5.0, 6.0}),
+        ("1,234 or 1.5e3 and -2.25 so", {"1,234 or 1.5e3 and -2.25 so", 1234.0, 1500.0, -2.25, 1.0, 234.0, 3.0}),
+    ):
+        assert set(mmmu.official_open(said)) == keys, said
+    assert not mmmu.official_open_correct(["c"], mmmu.official_open("the answer is abc"))  # one letter: padded
+    assert mmmu.official_open_correct(["3.14"], mmmu.official_open("area = 3.14159 m"))  # 2 decimals
+    meta = {"type": "multiple-choice", "options": options, "answer": "D", "seed": "0", "group": "Art Theory"}
+    guess = mmmu.score("no idea", meta)  # a row scored alone: the first draw of random.Random(42)
+    assert guess == {"score": 0.0, "extracted": "A", "random": True}
+    assert mmmu._subject_rank("Art Theory") == mmmu._subject_rank("art_theory") == mmmu.SUBJECTS.index("Art_Theory")
+
+
 def _mathvista_meta(problem):
     choices = problem["choices"]
     return {
@@ -109,6 +142,43 @@ def test_mathvista_stand_in_for_the_llm_extraction():
     assert mathvista.score("所以答案是42", _mathvista_meta(integer))["score"] == 1.0
 
 
+def test_mathvista_official_normalisation_at_its_edges():
+    """normalize_extracted_answer's first bracketed letter in either case; a float question without a precision
+    normalises to None; the loader's meta (the gold letter beside the answer text) compares the answer text."""
+    mc = _mathvista_meta(
+        {
+            "question_type": "multi_choice",
+            "answer_type": "text",
+            "answer": "6",
+            "choices": ["2", "4", "6"],
+            "precision": None,
+        }
+    )
+    assert mathvista.official_normalize("(b)", mc) == "4" and mathvista.official_normalize("(A) or (C)", mc) == "2"
+    assert mathvista.score("So it is (C).", {**mc, "answer": "C"}) == {
+        "score": 1.0,
+        "extracted": "C",
+        "normalized": "6",
+    }
+    floats = {
+        "question_type": "free_form",
+        "answer_type": "float",
+        "precision": None,
+        "choices": None,
+        "answer_text": "1.5",
+    }
+    assert mathvista.official_normalize("1.5", floats) is None and mathvista.score("1.5", floats)["score"] == 0.0
+    # the stand-in for the LLM: the last bracketed list; a text answer without its final period
+    lists = {**floats, "answer_type": "list", "answer_text": "[3, 4]"}
+    assert mathvista.score("[1, 2] becomes [3, 4]", lists) == {
+        "score": 1.0,
+        "extracted": "[3, 4]",
+        "normalized": "[3, 4]",
+    }
+    text = {**floats, "answer_type": "text", "answer_text": "yes"}
+    assert mathvista.score("The answer is yes.", text)["score"] == 1.0
+
+
 def test_ocrbench_agrees_with_the_official_code(tmp_path):
     """Each case read as a row of OCRBench's own OCRBench.json, then scored: a string answer is one gold as it is."""
     cases = fixture("ocrbench")["cases"]
@@ -123,6 +193,8 @@ def test_ocrbench_agrees_with_the_official_code(tmp_path):
             continue
         assert ocrbench.score(c["predict"], loaded[i].meta)["score"] == c["official_result"], c
     assert 0 < sum(c["official_result"] for c in cases) < len(cases)
+    hme = {"answers": ["x ^ { 2 } + 1"], "hme": True}
+    assert ocrbench.score("x^{2}+1", hme)["score"] == 1.0 and ocrbench.score("x^{2}\t+1", hme)["score"] == 0.0
 
 
 def test_videomme_agrees_with_the_official_code_and_its_denominator():

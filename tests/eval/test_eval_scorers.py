@@ -290,6 +290,7 @@ def test_answer_cues_numbers_and_normalisation_details():
     assert normalize_text("Hello, world!  It's-fine") == "hello world it s fine"
     # official scripts get a plain answer exactly as written
     assert official_text("  B \n") == "  B \n" and official_text("◁think▷x◁/think▷ B ") == "B"
+    assert official_text("◁think▷ (B)") == ""  # a reasoning that never closes: the empty answer
 
 
 def test_option_parsing_prefers_the_cue_the_longest_text_and_whole_letters():
