@@ -282,6 +282,7 @@ def test_screenspot_lenient_reads_qwen_boxes_and_boxes_without_spaces():
 def test_answer_cues_numbers_and_normalisation_details():
     # the last cue counts, "Answer:" is a cue, and the first number after it answers
     assert after_cue("The answer is probably 3. Checking again, the final answer is 5") == "5"
+    assert after_cue("The answer is: yes") == "yes"  # the space after "is:" goes too
     assert answer_number("Answer: 7 (not 4)") == 7.0
     assert answer_number("The answer is 12 (out of 15)") == 12.0
     # a dotted run such as a section number gives its first number only, never a fragment after a dot
