@@ -79,6 +79,15 @@ def test_grpo_clipping_stops_the_gradient():
     assert new.grad.item() == pytest.approx(-math.exp(0.05))
 
 
+def test_grpo_clips_a_falling_ratio_of_a_negative_advantage():
+    """With A < 0 the lower bound 1 - eps clips: a ratio of 0.5 counts as 0.8 and has no gradient; 0.9 is inside."""
+    for ratio, want_loss, want_grad in ((0.5, 1.6, 0.0), (0.9, 1.8, 1.8)):
+        new = torch.tensor([math.log(ratio)], requires_grad=True)
+        loss = grpo_loss([new], [torch.tensor([0.0])], torch.tensor([-2.0]), clip_eps=0.2)
+        loss.sum().backward()
+        assert loss.item() == pytest.approx(want_loss) and new.grad.item() == pytest.approx(want_grad)
+
+
 def test_group_advantages():
     r = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0])  # a mixed group, then an all-correct one
     assert group_baseline(r, 3).tolist() == pytest.approx([2 / 3, -1 / 3, -1 / 3, 0, 0, 0])
@@ -87,6 +96,9 @@ def test_group_advantages():
     assert norm.tolist() == pytest.approx([(2 / 3) / std, -(1 / 3) / std, -(1 / 3) / std, 0, 0, 0], rel=1e-5)
     with pytest.raises(ValueError, match="problems x 4"):
         group_baseline(r, 4)
+    assert group_baseline(r, 1).tolist() == [0.0] * 6  # one sample per problem: nothing to compare
+    # eps = 1e-6 beside a std of 1e-6: (r - mean) / (std + eps) = +-1e-6 / 2e-6
+    assert group_normalised(torch.tensor([0.0, 2e-6]), 2).tolist() == pytest.approx([-0.5, 0.5], rel=1e-4)
 
 
 def test_equal_rewards_give_advantages_of_exactly_zero():

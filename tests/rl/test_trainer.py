@@ -132,6 +132,7 @@ def test_config_checks():
         ({"rollout_batch": 0}, "rollout_batch, ckpt_every and keep_checkpoints must be >= 1"),
         ({"length_weight": -0.5}, "length_weight, length_warmup and kl_coef must be >= 0"),
         ({"clip_eps": 0}, "clip_eps > 0"),
+        ({"tau": 0}, "tau must be > 0, got 0"),
         ({"grpo_level": "batch"}, "grpo_level is 'token'"),
         ({"priority": "success"}, "rl priority is 'signal' .* or 'failure' .*, got 'success'"),
         ({"priority_floor": 1.5}, r"priority_floor must lie in \(0, 1\], got 1.5"),
@@ -172,6 +173,24 @@ def test_the_priority_setting_reaches_the_sampler(small_model, small_processor, 
 def test_difficulties_of_another_length_than_the_problems_are_refused(small_model, small_processor, tmp_path):
     with pytest.raises(ValueError, match="rl: 1 difficulties given for 4 problems"):
         make_trainer(small_model, small_processor, tmp_path, difficulties=["any"])
+
+
+def test_a_phase_drawing_fewer_problems_than_ranks_is_named(small_model, small_processor, tmp_path):
+    """Two ranks, and the phase in force weighs one problem: no rank would get a problem to answer."""
+    labels, curriculum = ["easy", "hard", "hard", "hard"], {0.0: {"easy": 1}}
+    trainer = make_trainer(
+        small_model, small_processor, tmp_path, difficulties=labels, problems=2, curriculum=curriculum
+    )
+    trainer.world = World(rank=0, size=2)
+    with pytest.raises(TrainingError, match="rl iteration 1: fewer problems can be drawn now than the 2 ranks"):
+        trainer.step()
+
+
+def test_each_iteration_takes_one_scheduler_step(small_model, small_processor, tmp_path):
+    """The rate an iteration's updates use (logged as lr) follows the schedule one step per iteration."""
+    trainer = make_trainer(copy.deepcopy(small_model), small_processor, tmp_path, problems=2, samples=2, updates=1)
+    trainer.scheduler = scheduler_at(trainer.optimizer, lambda step: 1 / (1 + step))
+    assert [trainer.step()["lr"] for _ in range(3)] == pytest.approx([1e-2, 5e-3, 1e-2 / 3])
 
 
 def test_the_largest_seed_runs(small_model, small_processor, tmp_path):
@@ -218,6 +237,17 @@ def test_each_objective_gets_its_own_advantage(small_model, small_processor, tmp
     # the minibatches take the answers shuffled: compare the advantages given, sorted
     got = torch.cat(given).sort().values
     torch.testing.assert_close(got, want.flatten().sort().values, atol=1e-6, rtol=0)
+
+
+def test_an_answer_of_reward_one_half_counts_as_correct(small_model, small_processor, tmp_path):
+    """all_correct, all_wrong and the sampler's success rates count answers of reward >= 0.5 correct."""
+    rewards = [1.0, 0.5, 0.25, 0.0] + [0.5] * 4  # 2 problems x 4 answers
+    trainer = make_trainer(
+        copy.deepcopy(small_model), small_processor, tmp_path, _reward_by_call(rewards), problems=2, samples=4
+    )
+    values = trainer.step()
+    assert (values["all_correct"], values["all_wrong"], values["accuracy"]) == pytest.approx((0.5, 0.0, 0.46875))
+    assert sorted(trainer.sampler.success[trainer.sampler.visits > 0].tolist()) == [0.5, 1.0]
 
 
 @pytest.mark.parametrize("objective", ["opmd", "grpo"])
