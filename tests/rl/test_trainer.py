@@ -157,6 +157,28 @@ def test_an_iteration_takes_updates_optimizer_steps(small_model, small_processor
     assert len(steps) == 4
 
 
+def test_a_phase_drawing_fewer_answers_than_updates_says_so(small_model, small_processor, tmp_path, caplog):
+    """A curriculum phase weighing one problem of the two asked: 2 answers for 4 updates, one step per answer."""
+    import logging
+
+    labels, curriculum = ["easy", "hard", "hard", "hard"], {0.0: {"easy": 1}}
+    trainer = make_trainer(
+        copy.deepcopy(small_model),
+        small_processor,
+        tmp_path,
+        difficulties=labels,
+        curriculum=curriculum,
+        problems=2,
+        samples=2,
+        updates=4,
+    )
+    with caplog.at_level(logging.WARNING, logger="kimivl.rl.trainer"):
+        trainer.step()
+    assert (
+        "rl: iteration 1: 2 answers per rank, fewer than updates (4): 2 optimizer steps this iteration" in caplog.text
+    )
+
+
 def test_more_updates_than_answers_is_refused():
     with pytest.raises(ValueError, match=r"updates \(7 .*\) is more than the 6 answers .*\(problems x samples\)"):
         RLConfig(problems=3, samples=2, updates=7)
