@@ -107,6 +107,8 @@ def test_bad_settings():
         ValueError, match="curriculum phase 0.0: weights must be finite numbers >= 0 with a positive sum"
     ):
         ProblemSampler(["easy", "medium"], {0.0: {"easy": 0, "medium": 0}})
+    with pytest.raises(ValueError, match="curriculum phase 0.0: weights must be finite"):  # their sum overflows
+        ProblemSampler(["easy", "medium"], {0.0: {"easy": 1e308, "medium": 1e308}})
     with pytest.raises(ValueError, match=r"curriculum phase 1: .* a number in \[0, 1\)"):  # never in force
         ProblemSampler(["easy", "hard"], {0.0: {"easy": 1}, 1: {"hard": 1}})
     with pytest.raises(ValueError, match=r"priority_floor must lie in \(0, 1\], got 0"):
