@@ -1,6 +1,7 @@
 import copy
 import io
 import json
+import logging
 import re
 import sys
 
@@ -159,8 +160,6 @@ def test_an_iteration_takes_updates_optimizer_steps(small_model, small_processor
 
 def test_a_phase_drawing_fewer_answers_than_updates_says_so(small_model, small_processor, tmp_path, caplog):
     """A curriculum phase weighing one problem of the two asked: 2 answers for 4 updates, one step per answer."""
-    import logging
-
     labels, curriculum = ["easy", "hard", "hard", "hard"], {0.0: {"easy": 1}}
     trainer = make_trainer(
         copy.deepcopy(small_model),
