@@ -11,14 +11,16 @@ TEXTS = ["The quick brown fox jumps over the lazy dog. " * 12, "What colour is t
 
 
 def by_hand(model, documents: list[list[int]], edges) -> dict[str, float]:
-    """Every predicted token's loss, averaged per range of its position."""
+    """Every predicted token's loss, averaged per range of its position (positions in no range are left out)."""
     sums, counts = {}, {}
     for doc in documents:
         ids = torch.tensor([doc])
         with torch.no_grad():
             nll = F.cross_entropy(model(input_ids=ids).logits[0, :-1].float(), ids[0, 1:], reduction="none")
         for pos in range(1, len(doc)):
-            key = next(f"{a}-{b}" for a, b in zip(edges, edges[1:]) if a <= pos < b)
+            key = next((f"{a}-{b}" for a, b in zip(edges, edges[1:]) if a <= pos < b), None)
+            if key is None:
+                continue
             sums[key] = sums.get(key, 0.0) + nll[pos - 1].item()
             counts[key] = counts.get(key, 0) + 1
     return {k: sums[k] / counts[k] for k in sums}
@@ -28,6 +30,17 @@ def test_loss_by_position_range_is_the_mean_of_each_tokens_loss(small_model, sma
     edges = (0, 8, 40, 100000)
     got = position_loss(small_model, small_processor, TEXTS, edges)
     assert list(got) == ["0-8", "8-40", "40-100000"]
+    assert got == pytest.approx(
+        by_hand(small_model, [small_processor.encode_text(t).input_ids for t in TEXTS], edges), rel=1e-5
+    )
+
+
+def test_positions_outside_the_edges_are_left_out(small_model, small_processor):
+    """Ranges need not start at 0 nor reach the document's end: tokens before the first edge or past the last one
+    count in no range (those before the first edge were counted in the first range)."""
+    edges = (8, 20, 40)
+    got = position_loss(small_model, small_processor, TEXTS, edges)
+    assert list(got) == ["8-20", "20-40"]
     assert got == pytest.approx(
         by_hand(small_model, [small_processor.encode_text(t).input_ids for t in TEXTS], edges), rel=1e-5
     )
