@@ -288,3 +288,33 @@ def test_the_device_defaults_to_the_gpu_when_there_is_one(gpu, want, monkeypatch
     assert loaded == {"path": str(checkpoint), "device": want}
     with pytest.raises(ValueError, match="device='tpu': not a device name"):
         adapter.KimiVLLmms(pretrained=str(checkpoint), device="tpu")
+
+
+def test_requests_are_batched_by_their_generation_settings(monkeypatch, small_model, small_processor):
+    """Requests sharing gen_kwargs go to generate together, at most batch_size at a time, with their sampling
+    settings; the answers come back in request order."""
+    import kimivl.eval.lmms_adapter as adapter
+    import kimivl.inference.chat as chat
+
+    calls = []
+
+    def fake(model, processor, convs, **kw):
+        calls.append((len(convs), kw))
+        return [c[0]["content"][-1]["text"] for c in convs]
+
+    monkeypatch.setattr(chat, "generate", fake)
+    greedy, hot, off = (
+        {"max_new_tokens": 5},
+        {"temperature": 0.7, "top_p": 0.9},
+        {"temperature": 0.7, "do_sample": False},
+    )
+    kwargs = [greedy, hot, greedy, greedy, off]
+    reqs = [SimpleNamespace(args=(f"q{i}", kw, None, i, "demo", "test")) for i, kw in enumerate(kwargs)]
+    lm = adapter.KimiVLLmms(model=small_model, processor=small_processor, batch_size=2, max_new_tokens=9)
+    assert lm.generate_until(reqs) == ["q0", "q1", "q2", "q3", "q4"]
+    assert calls == [
+        (2, {"max_new_tokens": 5, "temperature": 0.0, "top_p": 1.0}),
+        (1, {"max_new_tokens": 5, "temperature": 0.0, "top_p": 1.0}),
+        (1, {"max_new_tokens": 9, "temperature": 0.7, "top_p": 0.9}),
+        (1, {"max_new_tokens": 9, "temperature": 0.0, "top_p": 1.0}),  # do_sample false: greedy
+    ]
