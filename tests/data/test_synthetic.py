@@ -24,7 +24,7 @@ from kimivl.data.synthetic import (
     make_text,
     make_video,
 )
-from kimivl.data.synthetic.arithmetic import make_arithmetic, solve
+from kimivl.data.synthetic.arithmetic import _ok, make_arithmetic, solve
 from kimivl.data.synthetic.caption import describe
 from kimivl.data.synthetic.draw import COLOURS, TOKEN_PX, canvas_size, draw_shape, render_text
 from kimivl.data.synthetic.geometry import make_geometry
@@ -369,6 +369,8 @@ def test_arithmetic_solutions_take_one_operation_of_two_numbers_at_a_time():
         "5 × 7 = 35.",
     ]
     assert solve(("÷", 8, 2))[1] == "8 ÷ 2 = 4.\nCheck: 4 × 2 = 8, which matches.\nThe answer is 4."
+    assert _ok(("-", 3, 3)) and _ok(("×", 37, 27))  # every result in 0..999
+    assert not _ok(("-", 3, 4)) and not _ok(("×", 40, 25)) and not _ok(("÷", 7, 2))  # below, above, inexact
     step = re.compile(r"(\d+) ([-+×÷]) (\d+) = (\d+)(?:\.|, so we get (.+)\.)")
     for s in samples(make_arithmetic, seeds=range(40)):
         steps = [step.fullmatch(line) for line in s.solution.splitlines() if step.fullmatch(line)]
