@@ -268,6 +268,18 @@ def test_chart_bars_are_proportional_to_values():
             assert gold == values[s.question.rstrip("?")[-1]]
 
 
+def test_hard_chart_questions_compare_two_different_bars():
+    kinds = set()
+    for s in samples(make_chart, "hard", seeds=range(40)):
+        kind, values, keys = s.meta["kind"], s.meta["values"], re.findall(r"(?:bar|point) ([A-F])\b", s.question)
+        kinds.add(kind)
+        if kind == "sum":
+            assert len(set(keys)) == 2 and s.meta["gold"] == values[keys[0]] + values[keys[1]]
+        elif kind == "diff":
+            assert s.meta["gold"] == values[keys[0]] - values[keys[1]] > 0
+    assert kinds == {"value", "diff", "sum"}
+
+
 def test_gui_gold_box_is_the_named_widget():
     for s in samples(make_gui, seeds=range(40)):
         img, widgets = s.images[0], s.meta["widgets"]
