@@ -29,6 +29,8 @@ from kimivl.data.synthetic.caption import describe
 from kimivl.data.synthetic.draw import COLOURS, TOKEN_PX, canvas_size, draw_shape, render_text
 from kimivl.data.synthetic.geometry import make_geometry
 from kimivl.data.synthetic.long import FACTS, RECALL
+from kimivl.data.synthetic.text import SENTENCES
+from kimivl.data.synthetic.vocab import NUMBER_WORDS
 
 SEEDS = range(12)
 
@@ -413,6 +415,34 @@ def test_text_documents_are_deterministic_and_varied():
     assert docs == [make_text(random.Random(i)) for i in range(200)]
     assert len(set(docs)) == 200 and all(d.strip() == d and "  " not in d for d in docs)
     assert any("\n\n" in d for d in docs)
+
+
+def test_text_sentences_state_true_facts():
+    word = {w: i for i, w in enumerate(NUMBER_WORDS)}
+    for make in SENTENCES:
+        for seed in range(30):
+            text, family = make(random.Random(seed)), make.__name__
+            n = [int(x) for x in re.findall(r"\d+", text)]
+            if family == "_sum":
+                m = re.fullmatch(r"(\w+) plus (\w+) is (\w+)\.(?: In digits, \d+ \+ \d+ = \d+\.)?", text)
+                a, b, c = (word[x.lower()] for x in m.groups())
+                assert a + b == c and n in ([], [a, b, c])
+            elif family == "_product":
+                assert n[0] * n[1] == n[2] == n[3] and n[3] // n[4] == n[5] == n[0] and n[4] == n[1]
+            elif family == "_story":
+                assert n[0] + n[1] == n[2] if " more. " in text else n[0] - n[1] == n[2] >= 0
+            elif family == "_counting":
+                counted = [word[x] for x in text.removeprefix("Counting: ")[:-1].split(", ")]
+                assert 3 <= len(counted) <= 6 and counted == list(range(counted[0], counted[0] + len(counted)))
+            elif family == "_spelling":
+                m = re.fullmatch(r"The word (\w+) is spelled ([\w-]+) and has (\d+) letters\.", text)
+                assert m[2] == "-".join(m[1]) and int(m[3]) == len(m[1])
+            elif family == "_compare":
+                assert n[0] > n[1] and n[2:] == n[1::-1]
+            elif family == "_chart":
+                assert n[0] == n[1] and text.split()[4] == text.split()[12]
+            elif family == "_geometry":
+                assert n[0] * n[1] == n[2] and 2 * (n[0] + n[1]) == n[3]
 
 
 def test_long_documents_end_by_recalling_one_of_their_facts():
