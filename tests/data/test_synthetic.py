@@ -244,6 +244,7 @@ def test_chart_bars_are_proportional_to_values():
     assert {s.meta["chart"] for s in charts} == {"bar", "line"}
     for s in charts:
         img, values = s.images[0], s.meta["values"]
+        assert ("bar" in s.question) == (s.meta["chart"] == "bar") == ("point" not in s.question)
         mask = colour_mask(img, s.meta["colour"])
         if s.meta["chart"] == "bar":
             heights = {}
@@ -315,7 +316,9 @@ def test_video_motion_and_order_match_the_frames():
         assert clip.timestamps == sorted(clip.timestamps) == s.meta["timestamps"]
         assert len({f.size for f in clip.frames}) == 1
         objects = s.meta["objects"]
-        if s.meta["kind"] in ("direction", "mover"):
+        if s.meta["kind"] in ("direction", "mover"):  # the mover, its still distractors and one more for "mover"
+            most = {"easy": 1, "medium": 2, "hard": 4}[s.meta["difficulty"]] + (s.meta["kind"] == "mover")
+            assert len(objects) <= most
             mover = objects[0]
             centres = []
             for frame in clip.frames:

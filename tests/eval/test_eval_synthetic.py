@@ -246,3 +246,10 @@ def test_a_gui_record_without_a_box_of_four_numbers_is_refused_when_read(tmp_pat
         DataError, match=r"gui.jsonl: record 2 is a gui task whose meta.box is .*4 finite numbers with x1 <= x2"
     ):
         list(iter_heldout(tmp_path / "gui.jsonl"))
+
+
+def test_a_gui_box_of_no_width_or_height_is_a_box_to_click():
+    from kimivl.eval.synthetic import box_error
+
+    assert box_error({"box": [0.5, 0.2, 0.5, 0.2]}) is None
+    assert score("(0.5, 0.2)", {"task": "gui", "gold": [0.5, 0.2], "box": [0.5, 0.2, 0.5, 0.2]})
