@@ -272,15 +272,16 @@ def test_chart_bars_are_proportional_to_values():
 
 
 def test_hard_chart_questions_compare_two_different_bars():
-    kinds = set()
+    kinds, sizes = set(), set()
     for s in samples(make_chart, "hard", seeds=range(40)):
         kind, values, keys = s.meta["kind"], s.meta["values"], re.findall(r"(?:bar|point) ([A-F])\b", s.question)
         kinds.add(kind)
+        sizes.add(len(values))
         if kind == "sum":
             assert len(set(keys)) == 2 and s.meta["gold"] == values[keys[0]] + values[keys[1]]
         elif kind == "diff":
             assert s.meta["gold"] == values[keys[0]] - values[keys[1]] > 0
-    assert kinds == {"value", "diff", "sum"}
+    assert kinds == {"value", "diff", "sum"} and sizes == {5, 6}  # categories
 
 
 def test_gui_gold_box_is_the_named_widget():
