@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from kimivl.data.synthetic import THINK_CLOSE, THINK_OPEN
-from kimivl.eval.synthetic import score
+from kimivl.eval.synthetic import box_error, score
 
 GUI = {"task": "gui", "gold": [0.5, 0.3], "box": [0.4, 0.2, 0.6, 0.4]}
 
@@ -249,7 +249,5 @@ def test_a_gui_record_without_a_box_of_four_numbers_is_refused_when_read(tmp_pat
 
 
 def test_a_gui_box_of_no_width_or_height_is_a_box_to_click():
-    from kimivl.eval.synthetic import box_error
-
     assert box_error({"box": [0.5, 0.2, 0.5, 0.2]}) is None
     assert score("(0.5, 0.2)", {"task": "gui", "gold": [0.5, 0.2], "box": [0.5, 0.2, 0.5, 0.2]})
