@@ -46,8 +46,9 @@ def test_t_quantiles_and_wilson_intervals_match_tables():
     _, low, high = wilson(0.24, 100)  # 24 of 100
     assert (low, high) == pytest.approx((0.16691, 0.33232), abs=1e-5)
     assert wilson(0.0, 50)[1:] == pytest.approx((0.0, 0.07135), abs=1e-5)
-    with pytest.raises(ValueError, match="df >= 1"):
-        t_quantile(0)
+    for df, p in ((0, 0.975), (3, 0.5), (3, 1.0)):
+        with pytest.raises(ValueError, match="need df >= 1 and 1/2 < p < 1"):
+            t_quantile(df, p)
 
 
 def test_seeds_give_t_intervals_and_one_seed_wilson(runs):
@@ -95,6 +96,43 @@ def test_the_command(runs, capsys, tmp_path):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2 and message in capsys.readouterr().err, argv
+
+
+def test_a_single_seed_without_predictions_of_the_task_is_named_not_a_traceback(tmp_path, capsys):
+    """Its Wilson interval needs the number of problems scored: none would divide by zero."""
+    run = write_run(tmp_path / "r", 0.2, 0.25, 50.0, 40.0, problems=0)
+    with pytest.raises(SystemExit) as e:
+        main([str(run)])
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert e.value.code == 2 and error.endswith(
+        f"{run / 'eval' / 'base.predictions.jsonl'} holds no predictions of task 'reasoning'"
+    )
+
+
+def test_seed_intervals_stay_within_what_accuracy_and_its_change_can_be(tmp_path):
+    """After 0, 0, 100% from 0%: 33.3 +- 143.4 points unclamped, for the accuracy and its change alike."""
+    wide = [write_run(tmp_path / f"w{i}", 0.0, after, 10.0, 10.0) for i, after in enumerate((0.0, 0.0, 1.0))]
+    assert (
+        comparison_table({"w": wide})
+        .splitlines()[2]
+        .startswith("| w | 3 | 0.0% [0.0, 0.0] | 33.3% [0.0, 100.0] | +33.3 [-100.0, +100.0] |")
+    )
+
+
+def test_by_difficulty_without_predictions_of_the_task_is_refused(tmp_path):
+    """Predictions holding none of the task gave a table without rows; no predictions file, an OS error alone."""
+    run = write_difficulty_run(tmp_path / "r", {"easy": (1, 2)}, {"easy": (1, 2)})
+    with pytest.raises(ValueError, match=r"base.predictions.jsonl holds no predictions of task 'gui'"):
+        difficulty_table([run], task="gui")
+    (run / "eval" / "base.predictions.jsonl").unlink()
+    with pytest.raises(FileNotFoundError, match="missing: accuracy by difficulty is computed from the predictions"):
+        difficulty_table([run])
+
+
+def test_an_arm_without_runs_is_refused():
+    for table in (comparison_table, difficulty_table):
+        with pytest.raises(ValueError, match="an arm needs at least one run directory"):
+            table({"a": []})
 
 
 def test_a_run_directorys_escapes_are_printed_as_escapes(tmp_path, capsys):

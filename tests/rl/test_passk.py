@@ -24,8 +24,9 @@ def test_the_estimator_matches_brute_force_enumeration(n):
             exact = Fraction(sum(any(samples[i] for i in s) for s in subsets), len(subsets))
             assert pass_at_k(n, c, k) == pytest.approx(float(exact), abs=1e-12), (n, c, k)
     assert pass_at_k(8, 1, 1) == 0.125 and pass_at_k(8, 1, 8) == 1.0 and pass_at_k(8, 0, 8) == 0.0
-    with pytest.raises(ValueError, match="1 <= k <= n"):
-        pass_at_k(4, 1, 5)
+    for c, k in ((1, 5), (1, 0), (5, 1), (-1, 1)):
+        with pytest.raises(ValueError, match="pass@k needs 0 <= c <= n and 1 <= k <= n"):
+            pass_at_k(4, c, k)
 
 
 def toy_policy(records, samples, seed):
@@ -59,7 +60,8 @@ def test_pass_at_k_of_a_toy_policy_follows_its_formula():
     assert table["all"]["pass@4"] == pytest.approx(sum(table[d]["pass@4"] for d in chances) / 4)
 
 
-def test_count_correct_seeds_each_chunk():
+def test_count_correct_seeds_each_chunk(capsys):
+    """By default 8 problems a chunk from seed 0, and no progress bar."""
     seen = []
 
     def generate(records, samples, seed):
@@ -69,6 +71,9 @@ def test_count_correct_seeds_each_chunk():
     problems = [{"meta": {"task": "reasoning", "gold": i % 2}} for i in range(5)]
     assert count_correct(generate, problems, 3, chunk=2, seed=10) == [0, 3, 0, 3, 0]
     assert seen == [(2, 10), (2, 11), (1, 12)]
+    seen.clear()
+    assert count_correct(generate, problems * 2, 1) == [0, 1, 0, 1, 0] * 2
+    assert seen == [(8, 0), (2, 1)] and capsys.readouterr().err == ""
     with pytest.raises(ValueError, match="gave 1 answers for 2 problems x 3 samples"):
         count_correct(lambda r, s, seed: ["x"], problems, 3, chunk=2)
 
@@ -132,6 +137,14 @@ def test_a_difficulty_is_printed_as_one_cell_and_none_takes_the_total_rows_name(
         summarise(["all", "easy"], [1, 0], n=1, ks=[1])
 
 
+def test_summarise_needs_one_count_per_problem():
+    for difficulties, counts in ((["easy", "hard"], [1]), ([], [])):
+        with pytest.raises(
+            ValueError, match=f"one count per problem and at least one problem, got {len(counts)} counts"
+        ):
+            summarise(difficulties, counts, n=1, ks=[1])
+
+
 def test_difficulties_go_easy_medium_hard_as_elsewhere():
     """They were sorted by name (easy, hard, medium), unlike docs/rl.md and the comparison tables."""
     table = summarise(["hard", "odd", "easy", "medium", "hard"], [1, 2, 3, 4, 0], n=4, ks=[1])
@@ -147,12 +160,49 @@ def test_a_reward_of_one_half_counts_as_correct():
     assert counts == [2, 1]
 
 
-@pytest.mark.parametrize("k", ["0", "0,4"])
-def test_k_below_one_is_refused_before_any_model_is_loaded(k, capsys):
-    argv = ["--model", "no/such/dir", "--data", "no/such.jsonl", "--samples", "4", "--k", k]
+@pytest.mark.parametrize(
+    "extra, why",
+    [
+        (["--k", "0"], "--k takes integers >= 1"),
+        (["--k", "0,4"], "--k takes integers >= 1"),
+        (["--k", ","], "--k takes integers >= 1, got ','"),
+        (["--samples", "0"], "--samples must be >= 1, got 0"),
+        (["--limit", "0"], "--limit must be >= 1, got 0"),
+        (["--batch", "0"], "--batch must be >= 1, got 0"),
+    ],
+)
+def test_bad_settings_are_refused_before_any_model_is_loaded(extra, why, capsys):
+    argv = ["--model", "no/such/dir", "--data", "no/such.jsonl", "--samples", "4", *extra]
     with pytest.raises(SystemExit) as e:
         main(argv)
-    assert e.value.code == 2 and "--k takes integers >= 1" in capsys.readouterr().err
+    assert e.value.code == 2 and why in capsys.readouterr().err
+
+
+def test_data_without_problems_is_refused_before_the_model_loads(tmp_path, capsys):
+    (tmp_path / "p.jsonl").write_text("\n")
+    with pytest.raises(SystemExit) as e:
+        main(["--model", "no/such/dir", "--data", str(tmp_path / "p.jsonl"), "--samples", "1"])
+    assert e.value.code == 2 and capsys.readouterr().err.endswith(f"error: {tmp_path / 'p.jsonl'} holds no problems\n")
+
+
+def test_each_generation_batch_holds_as_many_problems_as_batch_rows_allow(checkpoint, tmp_path, monkeypatch, capsys):
+    """--batch 4 with --samples 2: two problems (4 rows) per rollout, the last chunk what is left; --batch 1: one."""
+    import kimivl.rl.rollouts
+
+    real, sizes = kimivl.rl.rollouts.rollout, []
+
+    def recording(model, processor, prompts, *args, **kwargs):
+        sizes.append(len(prompts))
+        return real(model, processor, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(kimivl.rl.rollouts, "rollout", recording)
+    argv = ["--model", str(checkpoint), "--samples", "2", "--batch", "4", "--out", str(tmp_path / "pk.json")]
+    assert main([*argv, *_problems(tmp_path, n=5)]) == 0
+    assert sizes == [2, 2, 1] and "pass@k: 100%" in capsys.readouterr().err  # the command shows its progress
+    sizes.clear()  # fewer rows than samples: still one problem a rollout
+    argv[4:6] = ["--batch", "1"]
+    assert main([*argv, *_problems(tmp_path, n=2)]) == 0
+    assert sizes == [1, 1]
 
 
 @pytest.mark.parametrize(
@@ -209,6 +259,16 @@ def test_out_in_a_new_directory_is_created_and_default_k_is_capped_at_samples(ch
     assert main(["--model", str(checkpoint), "--samples", "2", "--out", str(out), *_problems(tmp_path)]) == 0
     assert list(json.loads(out.read_text())["table"]["all"]) == ["problems", "pass@1", "pass@2", "never", "always"]
     assert "| pass@1 | pass@2 |" in capsys.readouterr().out
+
+
+def test_an_out_that_is_a_link_to_a_file_writes_the_file(checkpoint, tmp_path):
+    """As a shell's ``>`` does: the link stays, its target gets the table."""
+    target, link = tmp_path / "results" / "pk.json", tmp_path / "latest.json"
+    target.parent.mkdir()
+    target.write_text("old")
+    link.symlink_to(target)
+    assert main(["--model", str(checkpoint), "--samples", "1", "--out", str(link), *_problems(tmp_path)]) == 0
+    assert link.is_symlink() and json.loads(target.read_text())["settings"]["samples"] == 1
 
 
 def test_an_out_that_cannot_be_written_is_refused_before_the_model_loads(tmp_path, capsys):

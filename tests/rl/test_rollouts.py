@@ -34,6 +34,11 @@ def test_split_images(small_model, prompts):
     assert len(parts[0][0]) + len(parts[2][0]) == len(pv)
     with pytest.raises(ValueError, match="left over"):
         split_images(ids[:2], pv, grids, small_model.config.media_placeholder_token_id)
+    pad = small_model.config.media_placeholder_token_id
+    short = list(ids[0])
+    short.remove(pad)  # one slot fewer than its image fills
+    with pytest.raises(ValueError, match="prompt 0's image placeholders do not match the packed images' grids"):
+        split_images([short, *ids[1:]], pv, grids, pad)
 
 
 def test_pack_rows():
@@ -59,6 +64,7 @@ def test_logprobs_cover_response_tokens_only_and_match_a_plain_forward(small_mod
     seq = sequence_logprobs(small_model, ids, responses, pv, grids)
     torch.testing.assert_close(seq.detach(), torch.stack([t.sum() for t in packed]).detach())
     assert packed[0].requires_grad
+    assert sequence_logprobs(small_model, [], []).shape == (0,)
 
 
 def test_rollout_k_samples_per_prompt_with_the_stop_token(small_model, small_processor, prompts):
@@ -153,3 +159,17 @@ def test_rollouts_and_log_probs_tell_of_their_progress(small_model, small_proces
     told.clear()
     token_logprobs(small_model, ids, [[5, 17], [9], [33, 2]], pv, grids, 1, told.append)  # a row per sample
     assert told == [1, 1, 1]
+    told.clear()
+    params = SamplingParams(max_new_tokens=4, temperature=1.0, seed=3)
+    rollout(small_model, small_processor, ids[1:2], None, None, 3, params, [], 5, told.append)
+    assert told == [0, 0, 0, 0, 3]  # no stop ids: all three cut at max_new_tokens, told at the batch's end
+
+
+def test_log_probs_need_one_response_per_prompt_and_no_empty_prompt(small_model, prompts):
+    """Fewer responses than prompts would be zipped away; an empty prompt would score its first token on the
+    previous sample's last hidden state."""
+    ids = prompts[0][1:2]
+    with pytest.raises(ValueError, match="1 prompts but 2 responses"):
+        token_logprobs(small_model, ids, [[5], [6]])
+    with pytest.raises(ValueError, match="every prompt needs at least one token"):
+        token_logprobs(small_model, [ids[0], []], [[5], [6]])
