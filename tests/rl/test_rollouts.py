@@ -45,6 +45,7 @@ def test_pack_rows():
     assert pack_rows([3, 4, 2, 9, 1], budget=8) == [[0, 1], [2], [3], [4]]
     assert pack_rows([], budget=8) == []
     assert pack_rows([3, 5, 8, 1], budget=8) == [[0, 1], [2], [3]]  # a row filled exactly to the budget
+    assert pack_rows([5, 4, 2, 2], budget=8) == [[0], [1, 2, 3]]  # a new row starts empty
 
 
 def test_logprobs_cover_response_tokens_only_and_match_a_plain_forward(small_model, prompts):
@@ -159,6 +160,11 @@ def test_rollouts_and_log_probs_tell_of_their_progress(small_model, small_proces
     told.clear()
     token_logprobs(small_model, ids, [[5, 17], [9], [33, 2]], pv, grids, 1, told.append)  # a row per sample
     assert told == [1, 1, 1]
+    told.clear()
+    responses = [[5] * 40, [9] * 40, [33] * 40]
+    budget = len(ids[0]) + len(ids[1]) + 80  # the first two samples, prompt and response tokens, fill a row
+    token_logprobs(small_model, ids, responses, pv, grids, budget, told.append)
+    assert told == [2, 1]
     told.clear()
     params = SamplingParams(max_new_tokens=4, temperature=1.0, seed=3)
     rollout(small_model, small_processor, ids[1:2], None, None, 3, params, [], 5, told.append)
