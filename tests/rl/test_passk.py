@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import kimivl.rl.rollouts
 from kimivl.data.formats import write_records
 from kimivl.inference.sampling import SamplingParams
 from kimivl.rl.passk import count_correct, format_table, main, model_generator, pass_at_k, summarise
@@ -187,8 +188,6 @@ def test_data_without_problems_is_refused_before_the_model_loads(tmp_path, capsy
 
 def test_each_generation_batch_holds_as_many_problems_as_batch_rows_allow(checkpoint, tmp_path, monkeypatch, capsys):
     """--batch 4 with --samples 2: two problems (4 rows) per rollout, the last chunk what is left; --batch 1: one."""
-    import kimivl.rl.rollouts
-
     real, sizes = kimivl.rl.rollouts.rollout, []
 
     def recording(model, processor, prompts, *args, **kwargs):
