@@ -24,7 +24,7 @@ from kimivl import KimiVL
 from kimivl.checkpoint import CheckpointError
 from kimivl.distributed.world import World
 from kimivl.train.interrupt import Interrupted
-from kimivl.train.lock import run_lock
+from kimivl.train.lock import check_free, run_lock
 from kimivl.train.loop import LoopConfig, train_loop
 from kimivl.train.metrics import MetricsLog, plot_curves, read_metrics
 from kimivl.train.pipeline import EXPORT_RECORD, check_export, global_schedule, keep_seed, stage_scheduler
@@ -275,6 +275,17 @@ def test_a_second_run_on_the_same_out_is_refused(tmp_path):
                 pass
     with run_lock(tmp_path):  # free again once the first run ends
         pass
+
+
+def test_an_out_in_use_is_checked_without_a_world_and_this_process_s_own_run_holds_it_free(tmp_path):
+    """``check_free`` called as the library allows, without a ``world``: another process's run is named, no run or
+    this process's own is none."""
+    check_free(tmp_path)
+    with run_held_elsewhere(tmp_path) as holder:
+        with pytest.raises(RecipeError, match=rf"{tmp_path} is in use by another run \(pid {holder.pid} on .*; wait"):
+            check_free(tmp_path)
+    with run_lock(tmp_path):
+        check_free(tmp_path)
 
 
 def test_a_train_on_an_out_in_use_names_the_run_before_asking_for_resume(tmp_path, capsys):
@@ -563,11 +574,16 @@ def test_a_stage_with_its_own_schedule_warms_up_then_follows_a_cosine(tmp_path):
     assert lrs == pytest.approx([0.5, 1.0, 1.0, 0.8682, 0.55, 0.2318], abs=1e-4)  # down to 0.1 at step 6
 
 
-def test_a_run_stopped_in_its_first_stage_goes_on_only_with_its_seed(tmp_path):
-    """A stage's checkpoints, as its final, hold a data stream drawn with the run's seed."""
+def test_a_run_stopped_in_its_first_stage_goes_on_only_with_its_seed(tmp_path, caplog):
+    """A stage's checkpoints, as its final, hold a data stream drawn with the run's seed; a begun run without a seed
+    record is warned of once, the record then written."""
     recipe = load_recipe(_recipe(tmp_path))
     (recipe.out / "a" / "checkpoints" / "step-0000001").mkdir(parents=True)
-    keep_seed(recipe, World())
+    for warned in (True, False):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="kimivl.train.pipeline"):
+            keep_seed(recipe, World())
+        assert ("holds no record of its seed" in caplog.text) == warned
     with pytest.raises(RecipeError, match="was trained with seed 0, not 7"):
         keep_seed(load_recipe(_recipe(tmp_path), {"seed": 7}), World())
 

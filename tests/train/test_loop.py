@@ -352,17 +352,21 @@ def test_accumulation_adds_the_gradients_of_several_batches_to_one_step(small_mo
     assert state["position"] == position  # six batches consumed
 
 
+class Numbers:
+    """Batch i is the number i."""
+
+    def batches(self, position):
+        for i in itertools.count(position):
+            yield i, i + 1
+
+
+def number_loss(model, batch):
+    return model(torch.full((1, 1), float(batch))).pow(2).sum(), {"batch": float(batch)}, 1
+
+
 def test_the_loop_returns_its_last_metrics_and_shows_a_bar_only_when_asked(tmp_path, capsys):
     """``train_loop`` returns the metrics it wrote for its last step, the held-out ones of a dense model's validation
     among them; ``progress=False`` writes no bar."""
-
-    class Numbers:
-        def batches(self, position):
-            for i in itertools.count(position):
-                yield i, i + 1
-
-    def loss_fn(model, batch):
-        return model(torch.full((1, 1), float(batch))).pow(2).sum(), {"batch": float(batch)}, 1
 
     def held_out(model):
         return {"held_out": 0.5}
@@ -374,11 +378,34 @@ def test_the_loop_returns_its_last_metrics_and_shows_a_bar_only_when_asked(tmp_p
         sched = scheduler_at(opt, WarmupCosine(1, 3))
         cfg = LoopConfig(steps=3, log_every=1)
         last = train_loop(
-            model, loss_fn, Numbers(), opt, sched, cfg, tmp_path / run, "s", progress=progress, validate=held_out
+            model, number_loss, Numbers(), opt, sched, cfg, tmp_path / run, "s", progress=progress, validate=held_out
         )
         assert last["batch"] == 2.0 and last["loss"] == losses(tmp_path / run)[-1] > 0 and last["held_out"] == 0.5
         shown = capsys.readouterr().err
         assert ("3/3" in shown) == progress, shown
+
+
+def test_the_loop_logs_validates_and_saves_at_its_cadences_and_after_the_last_step(tmp_path):
+    """A metrics row every ``log_every`` steps and at each validation (every ``val_every`` steps), a checkpoint every
+    ``ckpt_every`` steps, and all three after the last step; a row's metrics are the mean over its ``accum`` batches."""
+    validated = []
+
+    def held_out(model):
+        validated.append(len(validated))
+        return {"held_out": 0.5}
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(1, 1)
+    opt = build_optimizer(model, lr=1e-2)
+    cfg = LoopConfig(steps=5, log_every=2, val_every=3, ckpt_every=2, accum=2, keep_checkpoints=5)
+    sched = scheduler_at(opt, WarmupCosine(1, 5))
+    train_loop(model, number_loss, Numbers(), opt, sched, cfg, tmp_path, "s", progress=False, validate=held_out)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 3, 4, 5] and len(validated) == 2
+    assert ["held_out" in r for r in rows] == [False, True, False, True]
+    assert [r["batch"] for r in rows] == [2.5, 4.5, 6.5, 8.5]  # step s trains batches 2s - 2 and 2s - 1
+    saved = sorted(p.name for p in (tmp_path / "s" / "checkpoints").glob("step-*"))
+    assert saved == ["step-0000002", "step-0000004", "step-0000005"]
 
 
 class Rows:

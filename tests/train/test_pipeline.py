@@ -377,8 +377,9 @@ def test_empty_settings_take_their_defaults(data_dir, tmp_path):
     assert loaded.tokenizer == {} and loaded.schedule == {}
 
 
-def test_a_stage_trains_with_its_own_optimiser_settings(data_dir, tmp_path):
-    """A stage's lr, lr_scale, weight_decay and ns_dtype are those its checkpoints' optimiser ran with."""
+def test_a_stage_trains_with_its_own_optimiser_settings(data_dir, tmp_path, capsys):
+    """A stage's lr, lr_scale, weight_decay and ns_dtype are those its checkpoints' optimiser ran with; a run without
+    ``progress`` shows no bar."""
     d = recipe_dict(data_dir, tmp_path / "run")
     align = {**d["stages"][1], "train": ["multi_modal_projector", "language_model"], "steps": 1}
     align |= {"weight_decay": 0.05, "ns_dtype": "bfloat16"}
@@ -386,6 +387,7 @@ def test_a_stage_trains_with_its_own_optimiser_settings(data_dir, tmp_path):
     del d["export"]
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(d))
     run_recipe(load_recipe(tmp_path / "r.yaml"), progress=False)
+    assert "100%|" not in capsys.readouterr().err
     trainer = torch.load(latest_checkpoint(tmp_path / "run" / "align" / "checkpoints") / TRAINER_FILE)
     groups = trainer["optimizer"]["param_groups"]
     assert {g["name"] for g in groups} >= {"muon", "muon@multi_modal_projector", "adamw_no_decay"}
@@ -467,6 +469,7 @@ def test_an_answers_only_source_drops_the_thinking_of_text_and_of_text_parts(dat
         [{"type": "text", "text": "◁think▷ r ◁/think▷ 4"}],
         [{"type": "image", "image": image}, {"type": "text", "text": "◁think▷ red? ◁/think▷ red"}],
         [{"type": "text", "text": "no thinking "}, {"type": "image", "image": image}],
+        [{"type": "text", "text": "r ◁/think▷ 4"}],
     ]
     records = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": t}]} for t in turns]
     write_records(tmp_path / "cot.jsonl", records)
@@ -479,6 +482,7 @@ def test_an_answers_only_source_drops_the_thinking_of_text_and_of_text_parts(dat
         [{"type": "text", "text": "4"}],
         [{"type": "image", "image": image}, {"type": "text", "text": "red"}],
         [{"type": "text", "text": "no thinking "}, {"type": "image", "image": image}],  # no marker: as it was
+        [{"type": "text", "text": "4"}],  # a closing marker alone ends the thinking too
     ]
 
 
