@@ -268,6 +268,19 @@ def test_more_updates_than_a_rank_has_answers_is_refused_before_the_first_stage(
         check_layout(recipe, 2, 1)
 
 
+def test_an_rl_stage_under_expert_parallelism_or_splitting_its_problems_unevenly_is_refused(problems, tmp_path):
+    """An rl stage runs with ep 1, its problems a multiple of the ranks: 4 problems fit 2 ranks, not 3, nor ep 2."""
+    stage = {"name": "rl", "kind": "rl", "steps": 2, "lr": 1e-3, "sources": ["p"], "rl": {"problems": 4, "samples": 2}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({**settings(problems, tmp_path), "stages": [stage]}))
+    recipe = load_recipe(tmp_path / "r.yaml")
+    check_layout(recipe, 2, 1)
+    for ranks, ep in ((3, 1), (2, 2)):
+        with pytest.raises(
+            RecipeError, match=rf"'rl': .* \(ep 1\), its problems \(4\) a multiple of the {ranks} ranks"
+        ):
+            check_layout(recipe, ranks, ep)
+
+
 @pytest.mark.parametrize("name", ["tiny-rl.yaml", "tiny-rl-nolen.yaml", "tiny-rl-grpo.yaml"])
 def test_shipped_rl_recipes_are_valid(name):
     recipe = load_recipe(RECIPES / name)

@@ -343,6 +343,8 @@ def _stage(i, **changes):
         ),
         (lambda r: r.pop("name"), r"has no name: give the run one \(name: my-run\)"),
         (_stage(0, kind=["vit"]), r"stage 'vit': kind must be 'vit', 'joint' or 'rl', got \['vit'\]"),
+        (lambda r: r["stages"].append("sft"), "a stage is a mapping with a name, kind, steps and lr, got 'sft'"),
+        (lambda r: r["stages"][0].pop("lr"), r"stage 'vit': missing \['lr'\]"),
         (  # it passed, then torch overflowed (int64 nanoseconds) when the ranks met
             lambda r: r.update(parallel={"timeout": 9_999_999_999}),
             r"parallel.timeout must be at most 31,536,000 seconds \(one year\), got 9999999999",
