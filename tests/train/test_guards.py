@@ -28,7 +28,7 @@ from kimivl.train.lock import check_free, run_lock
 from kimivl.train.loop import LoopConfig, train_loop
 from kimivl.train.metrics import MetricsLog, plot_curves, read_metrics
 from kimivl.train.pipeline import EXPORT_RECORD, check_export, global_schedule, keep_seed, stage_scheduler
-from kimivl.train.recipe import RecipeError, load_recipe
+from kimivl.train.recipe import RecipeError, StageNameError, load_recipe
 from kimivl.train.state import TrainState, latest_checkpoint, load_state_sharded, save_state, save_state_sharded
 from kimivl.train.step import TrainingError, optimizer_step
 
@@ -428,6 +428,16 @@ def test_a_stage_name_refused_since_its_run_began_says_to_move_its_work_with_it(
     assert ("else it is the base model's" in said) == (held == "base")
 
 
+def test_of_stages_named_alike_but_for_letter_case_only_those_are_refused_and_advised_on(tmp_path):
+    """Another stage's work under out is no reason to move it: the advice is for the stages refused only."""
+    stages = [{"name": n, "kind": "joint", "steps": 4, "lr": 1e-3, "mix": {"t": 1}} for n in ("a", "sft", "SFT")]
+    path = _recipe(tmp_path, stages=stages)
+    (tmp_path / "run" / "a" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(StageNameError) as refused:
+        load_recipe(path)
+    assert refused.value.names == ["sft", "SFT"] and "holds the work" not in str(refused.value)
+
+
 def test_the_advice_names_each_refused_stage_whose_work_out_holds_a_final_model_alone_too(tmp_path):
     from kimivl.train.pipeline import renamed_stage_advice
 
@@ -447,7 +457,7 @@ def test_a_recipe_path_the_filesystem_encoding_cannot_encode_is_named(tmp_path, 
     """Under LANG=C without Python's UTF-8 mode a recipe's ``out: выход`` failed with a bare "'ascii' codec can't
     encode", naming no path."""
     path = _recipe(tmp_path, out=str(tmp_path / "выход run"))
-    imports = "from kimivl.train.recipe import RecipeError, load_recipe"
+    imports = "from kimivl.train.recipe import RecipeError, StageNameError, load_recipe"
     encoding, said, stderr = ascii_filesystem(imports, "load_recipe(sys.argv[1])", "RecipeError", str(path))
     assert said == [
         ascii(
