@@ -137,6 +137,10 @@ def test_a_vit_stage_takes_only_records_with_an_image_and_an_answer(tmp_path, sm
     framed = _asked(image, answer=[{"type": "text", "text": "red"}])
     framed["messages"].insert(0, {"role": "system", "content": "Be brief."})
     assert caption_of(framed) == (image, "What colour?", "red")
+    # an image in a system turn is no caption's, and a user turn's text may come before its image
+    shown = {"role": "system", "content": [{"type": "image", "image": "logo.png"}, {"type": "text", "text": "Hi."}]}
+    reordered = {"role": "user", "content": framed["messages"][1]["content"][::-1]}
+    assert caption_of({"messages": [shown, reordered, framed["messages"][2]]}) == (image, "What colour?", "red")
     assert "passes over c" in prepare(stage, _ctx({"c": [framed]}, small_processor), model).data_line
     pixels, tokens = CaptionStream({"c": [framed]}, small_processor, 2, seed=0, stream="vit").pair(0)
     assert small_processor.tokenizer.decode(tokens) == "What colour? red"
