@@ -141,6 +141,10 @@ def test_a_vit_stage_takes_only_records_with_an_image_and_an_answer(tmp_path, sm
     shown = {"role": "system", "content": [{"type": "image", "image": "logo.png"}, {"type": "text", "text": "Hi."}]}
     reordered = {"role": "user", "content": framed["messages"][1]["content"][::-1]}
     assert caption_of({"messages": [shown, reordered, framed["messages"][2]]}) == (image, "What colour?", "red")
+    # the answer is the assistant turn right after the user's image, in a conversation of several turns
+    chat = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}, *_asked(image)["messages"]]
+    chat += [{"role": "user", "content": "Sure?"}, {"role": "assistant", "content": "Yes."}]
+    assert caption_of({"messages": chat}) == (image, "What colour?", "red")
     assert "passes over c" in prepare(stage, _ctx({"c": [framed]}, small_processor), model).data_line
     pixels, tokens = CaptionStream({"c": [framed]}, small_processor, 2, seed=0, stream="vit").pair(0)
     assert small_processor.tokenizer.decode(tokens) == "What colour? red"
