@@ -457,7 +457,7 @@ def test_a_recipe_path_the_filesystem_encoding_cannot_encode_is_named(tmp_path, 
     """Under LANG=C without Python's UTF-8 mode a recipe's ``out: выход`` failed with a bare "'ascii' codec can't
     encode", naming no path."""
     path = _recipe(tmp_path, out=str(tmp_path / "выход run"))
-    imports = "from kimivl.train.recipe import RecipeError, StageNameError, load_recipe"
+    imports = "from kimivl.train.recipe import RecipeError, load_recipe"
     encoding, said, stderr = ascii_filesystem(imports, "load_recipe(sys.argv[1])", "RecipeError", str(path))
     assert said == [
         ascii(
