@@ -29,6 +29,7 @@ from kimivl.model.language_model import LanguageModel
 from kimivl.model.moe import MoE
 
 ROOT = Path(__file__).resolve().parents[2]
+SCALE = 0.25  # the "scaled" case's weight_grad_scale
 
 
 def close(got: torch.Tensor, want: torch.Tensor) -> None:
@@ -94,9 +95,9 @@ def _worker(rank: int, world: int, port: int, out: Path) -> None:
     )
     group = torch.distributed.group.WORLD
     results = {}
-    for case in ("moe", "skewed", "autocast"):
+    for case in ("moe", "skewed", "autocast", "scaled"):
         moe = _moe(case == "skewed")
-        apply_expert_parallel(moe, group)
+        apply_expert_parallel(moe, group, weight_grad_scale=SCALE if case == "scaled" else 1.0)
         x, upstream = _moe_inputs(world)[rank]
         x.requires_grad_()
         with torch.autocast("cpu", torch.bfloat16, enabled=case == "autocast"):
@@ -227,6 +228,18 @@ def test_expert_parallel_under_bf16_autocast_computes_what_one_process_does(requ
     torch.testing.assert_close(
         sum(res["autocast"]["router_grad"] for res in results), want, rtol=1e-2, atol=1e-2 * float(want.abs().max())
     )
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_weight_grad_scale_scales_only_the_local_experts_weight_gradients(request, world):
+    """``weight_grad_scale`` (``parallelize`` passes 1/ep): the outputs and every other gradient as without it."""
+    results = request.getfixturevalue({2: "two_ranks", 4: "four_ranks"}[world])
+    for res in results:
+        got, plain = res["scaled"], res["moe"]
+        for key in ("y", "x_grad", "router_grad", "shared_grad"):
+            close(got[key], plain[key])
+        for key in ("gate_up_grad", "down_grad"):
+            close(got[key], SCALE * plain[key])
 
 
 def test_expert_parallel_language_model_equals_one_process(two_ranks):

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from kimivl import KimiVL
 from kimivl.checkpoint import INDEX, CheckpointError
 from kimivl.distributed.expert_parallel import apply_expert_parallel
-from kimivl.distributed.load import load_sharded_checkpoint
+from kimivl.distributed.load import copy_rows, load_sharded_checkpoint
 from kimivl.distributed.world import World
 from tests.distributed.test_expert_parallel import _Group
 
@@ -42,6 +42,13 @@ def test_a_checkpoint_loads_equal(tiny_model, saved):
     load_sharded_checkpoint(model, saved, World())
     for (k, a), b in zip(tiny_model.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+def test_rows_copied_into_a_tensor_not_sharded_are_all_of_them():
+    t, scalar = torch.zeros(3, 2), torch.zeros(())
+    copy_rows(t, torch.arange(6.0).view(3, 2))
+    copy_rows(scalar, torch.tensor(5.0))
+    assert torch.equal(t, torch.arange(6.0).view(3, 2)) and scalar.item() == 5
 
 
 @pytest.mark.parametrize("rank", [0, 1])
@@ -128,6 +135,10 @@ def test_a_gathered_save_in_bf16_writes_what_save_pretrained_does(tiny_model, tm
         torch.testing.assert_close(written[key], expected[key], rtol=0, atol=0, msg=key)
     index = json.loads((tmp_path / "gathered" / INDEX).read_text())
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in written.values())
+    save_gathered(tiny_model, tmp_path / "whole", World(), dtype=torch.bfloat16)  # one file, as save_pretrained
+    assert sorted(p.name for p in (tmp_path / "whole").iterdir()) == sorted(
+        p.name for p in (tmp_path / "one").iterdir()
+    )
 
 
 def test_a_gathered_save_copies_what_the_model_did_not_load_in_the_planned_dtype(tiny_model, tmp_path):

@@ -87,7 +87,7 @@ def test_activations_per_tokens_by_the_formula():
     logits = 64 * 4096 * 10
     assert activation_bytes(cfg, 64, ep=2) == 65_536 + 2 * layer + 65_536 + logits == 3_430_400
     assert activation_bytes(cfg, 64, ep=2, recompute=False) == 5 * layer + 65_536 + logits
-    assert activation_bytes(cfg, 64, ep=1) == 3_430_400 - 2 * 65_536
+    assert activation_bytes(cfg, 64) == 3_430_400 - 2 * 65_536  # ep 1, recompute
     assert rank_memory_plan(tiny(), 2, 2, tokens=64).activations == 3_430_400
 
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 import yaml
 
-from kimivl.distributed.same_run import run_settings
+from kimivl.distributed.same_run import check_same_run, run_settings
 from kimivl.distributed.world import World
-from kimivl.train.recipe import load_recipe
+from kimivl.train.recipe import RecipeError, load_recipe
 from tests.distributed.test_sharded_training import run
 
 RANK_1_DIFFERS = """
@@ -57,6 +57,34 @@ def test_ranks_with_another_lr_seed_and_ep_stop_naming_them(tmp_path):
     ):
         assert done.stderr.count(part) == 2, part
     assert not (tmp_path / "run" / "s").exists()  # before anything ran
+
+
+def test_the_refusal_names_five_settings_each_value_shortened_and_its_ranks(tmp_path):
+    """Six ranks, rank 5 launched with 6 other settings (one it lacks): the first 5 named, values over 40 characters
+    cut to 37 and "...", at most 4 ranks listed by number."""
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(recipe(tmp_path, 1e-3)))
+    world = World(mesh=object())  # sharded: its gather hands back the six ranks' settings below
+    every = [run_settings(load_recipe(tmp_path / "a.yaml"), World()) for _ in range(6)]
+    forty, longer = json.dumps("x" * 38), json.dumps("y" * 39)
+    assert (len(forty), len(longer)) == (40, 41)
+    every[0]["name"] = every[1]["name"] = forty
+    every[5] |= {"seed": "1", "stage s: lr": "0.002", "name": longer, "device": '"cuda"', "bf16": "true"}
+    del every[5]["ep"]
+    world.gather = lambda settings: every
+    with pytest.raises(RecipeError) as e:
+        check_same_run(load_recipe(tmp_path / "a.yaml"), world)
+    named = str(e.value).split("(", 1)[1].rsplit(")", 1)[0]
+    assert named == (
+        f'name: {forty} on ranks 0, 1 vs "r" on ranks 2, 3, 4 vs "{"y" * 36}... on rank 5; '
+        "stage s: lr: 0.001 on ranks 0, 1, 2, 3 and 1 more vs 0.002 on rank 5; "
+        "seed: 0 on ranks 0, 1, 2, 3 and 1 more vs 1 on rank 5; "
+        'device: "cpu" on ranks 0, 1, 2, 3 and 1 more vs "cuda" on rank 5; '
+        "bf16: null on ranks 0, 1, 2, 3 and 1 more vs true on rank 5 and 1 more"
+    )
+    every[:] = [every[4]] * 6
+    check_same_run(load_recipe(tmp_path / "a.yaml"), world)  # the same settings on every rank: no refusal
+    world.gather = None
+    check_same_run(load_recipe(tmp_path / "a.yaml"), World())  # one process: nothing to compare
 
 
 def test_the_settings_compared_leave_out_the_rank_s_own_device_index(tmp_path):

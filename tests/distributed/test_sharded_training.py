@@ -1,6 +1,7 @@
 """Sharded training on 2 CPU processes (gloo, torchrun, loopback) against one process on the same global batch:
 losses, gradient norms and final weights; kill a rank mid-step, resume; a recipe end to end under torchrun."""
 
+import dataclasses
 import json
 import os
 import socket
@@ -14,8 +15,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from kimivl.checkpoint import INDEX
-from kimivl.distributed.world import init_world
+from kimivl import KimiVL
+from kimivl.checkpoint import INDEX, CheckpointError, CheckpointReadError
+from kimivl.distributed.checkpoint import is_sharded, load_sharded, save_sharded
+from kimivl.distributed.world import World, _launch_variables, init_world
+from kimivl.train.optim import build_optimizer
 from kimivl.train.recipe import RecipeError
 from tests.train.test_pipeline import data_dir, recipe_dict  # noqa: F401 (data_dir is a fixture)
 
@@ -220,6 +224,53 @@ def test_a_layout_that_does_not_fit_the_world_is_refused_before_anything_runs(mo
     monkeypatch.delenv("WORLD_SIZE")
     with pytest.raises(RecipeError, match="launch with torchrun"):
         init_world({"dp_shard": 2}, "cpu")
+    assert init_world({"dp_shard": 1, "ep": 1}, "cpu") == init_world(None, "cpu") == World()  # one process
+
+
+def test_local_rank_is_bounded_by_local_world_size_only_where_the_launcher_sets_it(monkeypatch):
+    """torchrun sets LOCAL_WORLD_SIZE; a launcher that does not may still give rank 3 of 4 the local rank 1."""
+    for name, value in {"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert _launch_variables() == (4, 3, 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert _launch_variables() == (4, 3, 1)
+
+
+def test_a_sharded_checkpoint_cut_short_or_of_another_model_is_refused_naming_why(tiny_config, tmp_path):
+    """One process (DCP without a process group writes the same format): weights and optimiser state come back
+    equal; a shard file cut short or a damaged index is named, and another model's shapes are said not to fit."""
+
+    def trained(config):
+        torch.manual_seed(0)
+        model = KimiVL(config)
+        optimizer = build_optimizer(model, lr=1e-3)
+        ids = torch.randint(0, 100, (1, 8), generator=torch.Generator().manual_seed(0))
+        model(ids, labels=ids).loss.backward()
+        optimizer.step()
+        return model, optimizer
+
+    model, optimizer = trained(tiny_config)
+    path = tmp_path / "ckpt"
+    save_sharded(path, model, optimizer, World())
+    assert is_sharded(path) and not is_sharded(tmp_path)
+    again = KimiVL(tiny_config)
+    again_optimizer = build_optimizer(again, lr=1e-3)
+    load_sharded(path, again, again_optimizer, World())
+    for (name, p), q in zip(model.named_parameters(), again.parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=0, msg=name)
+        for key, v in optimizer.state[p].items():
+            torch.testing.assert_close(again_optimizer.state[q][key], v, rtol=0, atol=0, msg=(name, key))
+    other = dataclasses.replace(tiny_config, text_config=dataclasses.replace(tiny_config.text_config, vocab_size=4000))
+    with pytest.raises(CheckpointError, match=rf"{path} does not fit this model \(rank 0: Size mismatch"):
+        load_sharded(path, *trained(other), World())
+    (shard,) = path.glob("*.distcp")
+    shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.raises(CheckpointReadError, match=rf"cannot read {shard}: damaged or cut short \(rank 0\)"):
+        load_sharded(path, again, again_optimizer, World())
+    (path / ".metadata").write_bytes(b"not a pickle")
+    with pytest.raises(CheckpointReadError, match=rf"cannot read {path / '.metadata'}: damaged or cut short"):
+        load_sharded(path, again, again_optimizer, World())
 
 
 FINALS = ("vit/final", "align/final", "pretrain/final")

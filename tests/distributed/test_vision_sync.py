@@ -5,6 +5,8 @@ runs the tower on a blank image weighing 0, and the run equals one process."""
 import pytest
 import torch
 
+from kimivl.distributed.vision_sync import has_images, pad_embeddings, vision_pad
+from kimivl.distributed.world import World
 from tests.distributed.test_sharded_training import WORKER, close, metrics, run
 
 # seconds a collective waits: the ranks' collectives mismatched (a change that undoes the blank image) fail the test
@@ -58,3 +60,24 @@ def test_an_rl_update_with_image_answers_on_one_rank_only_equals_one_process(tmp
         weights[name] = torch.load(out / "w.pt")
     for key, whole in weights["single"].items():
         torch.testing.assert_close(weights["sharded"][key], whole, rtol=1e-5, atol=1e-5, msg=key)
+
+
+def test_one_process_pads_nothing_and_a_pad_joins_the_embeddings_only_while_it_requires_grad(tiny_model):
+    """No patch, no images; in one process the pad is a plain 0 (no collective); a pad that requires grad is added to
+    the token embeddings inside the block (the logits unchanged, its gradient reached through every layer)."""
+    assert not has_images(None) and not has_images(torch.zeros(0, 3, 14, 14)) and has_images(torch.zeros(4, 3, 14, 14))
+    for images in (False, True):
+        zero = vision_pad(tiny_model, World(), images)
+        assert zero.item() == 0 and not zero.requires_grad
+    ids = torch.randint(0, 100, (1, 6), generator=torch.Generator().manual_seed(0))
+    want = tiny_model(ids).logits
+    hooks = tiny_model.language_model.model.embed_tokens._forward_hooks
+    with pad_embeddings(tiny_model, zero):
+        assert not hooks
+    pad = torch.zeros((), requires_grad=True)
+    with pad_embeddings(tiny_model, pad):
+        got = tiny_model(ids).logits
+    assert not hooks
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    got.square().sum().backward()
+    assert pad.grad is not None and pad.grad != 0

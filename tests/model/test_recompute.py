@@ -64,6 +64,7 @@ def test_recompute_only_where_gradients_flow_and_never_with_a_cache(tiny_model, 
     monkeypatch.setattr(recompute, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
     batch = packed_batch(tiny_config)
     apply_recompute(tiny_model)
+    apply_recompute(tiny_model)  # harmless: each layer is still checkpointed once, not within a checkpoint
     with torch.no_grad():
         tiny_model(batch["input_ids"], batch["pixel_values"], batch["image_grid_hws"], cu_seqlens=batch["cu_seqlens"])
     assert not calls
@@ -97,3 +98,18 @@ def test_recompute_keeps_the_attention_path_of_its_forward(tiny_model):
     remove_recompute(tiny_model)
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_removing_recompute_leaves_other_forwards_of_the_instance():
+    """Expert parallelism replaces a ``GroupedExperts``' forward on the instance too: only the layers' go."""
+    from kimivl.distributed.expert_parallel import apply_expert_parallel
+    from kimivl.model.language_model import LanguageModel
+    from tests.distributed.test_expert_parallel import _Group, _text_config
+
+    lm = LanguageModel(_text_config())
+    apply_expert_parallel(lm, _Group(2, 0))
+    apply_recompute(lm)
+    remove_recompute(lm)
+    assert not recomputed(lm)
+    experts = [m.mlp.experts for m in lm.model.layers[1:]]
+    assert experts and all("forward" in vars(e) for e in experts)
