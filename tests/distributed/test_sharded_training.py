@@ -221,6 +221,9 @@ def test_a_layout_that_does_not_fit_the_world_is_refused_before_anything_runs(mo
             init_world({"ep": ep}, "cpu")
     with pytest.raises(RecipeError, match="parallel.dp_shard must be an integer >= 1"):
         init_world({"dp_shard": 0}, "cpu")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(RecipeError, match=r"ep \(4\) must divide dp_shard \(2\)"):  # dp_shard: a replica's ranks
+        init_world({"dp_replicate": 2, "ep": 4}, "cpu")
     monkeypatch.delenv("WORLD_SIZE")
     with pytest.raises(RecipeError, match="launch with torchrun"):
         init_world({"dp_shard": 2}, "cpu")
@@ -228,13 +231,18 @@ def test_a_layout_that_does_not_fit_the_world_is_refused_before_anything_runs(mo
 
 
 def test_local_rank_is_bounded_by_local_world_size_only_where_the_launcher_sets_it(monkeypatch):
-    """torchrun sets LOCAL_WORLD_SIZE; a launcher that does not may still give rank 3 of 4 the local rank 1."""
+    """torchrun sets LOCAL_WORLD_SIZE; a launcher that does not may still give rank 3 of 4 the local rank 1. The
+    highest port is 65535."""
     for name, value in {"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1"}.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert _launch_variables() == (4, 3, 1)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_PORT", "65535")
     assert _launch_variables() == (4, 3, 1)
+    monkeypatch.setenv("MASTER_PORT", "65536")
+    with pytest.raises(RecipeError, match="MASTER_PORT='65536' must be the rendezvous port"):
+        _launch_variables()
 
 
 def test_a_sharded_checkpoint_cut_short_or_of_another_model_is_refused_naming_why(tiny_config, tmp_path):
