@@ -67,7 +67,7 @@ def test_the_refusal_names_five_settings_each_value_shortened_and_its_ranks(tmp_
     every = [run_settings(load_recipe(tmp_path / "a.yaml"), World()) for _ in range(6)]
     forty, longer = json.dumps("x" * 38), json.dumps("y" * 39)
     assert (len(forty), len(longer)) == (40, 41)
-    every[0]["name"] = every[1]["name"] = forty
+    every[0]["name"] = forty
     every[5] |= {"seed": "1", "stage s: lr": "0.002", "name": longer, "device": '"cuda"', "bf16": "true"}
     del every[5]["ep"]
     world.gather = lambda settings: every
@@ -75,12 +75,15 @@ def test_the_refusal_names_five_settings_each_value_shortened_and_its_ranks(tmp_
         check_same_run(load_recipe(tmp_path / "a.yaml"), world)
     named = str(e.value).split("(", 1)[1].rsplit(")", 1)[0]
     assert named == (
-        f'name: {forty} on ranks 0, 1 vs "r" on ranks 2, 3, 4 vs "{"y" * 36}... on rank 5; '
+        f'name: {forty} on rank 0 vs "r" on ranks 1, 2, 3, 4 vs "{"y" * 36}... on rank 5; '
         "stage s: lr: 0.001 on ranks 0, 1, 2, 3 and 1 more vs 0.002 on rank 5; "
         "seed: 0 on ranks 0, 1, 2, 3 and 1 more vs 1 on rank 5; "
         'device: "cpu" on ranks 0, 1, 2, 3 and 1 more vs "cuda" on rank 5; '
         "bf16: null on ranks 0, 1, 2, 3 and 1 more vs true on rank 5 and 1 more"
     )
+    every[5]["bf16"] = every[4]["bf16"]  # five settings differ: all named
+    with pytest.raises(RecipeError, match=r"ep: 1 on ranks 0, 1, 2, 3 and 1 more vs \(none\) on rank 5\): launch"):
+        check_same_run(load_recipe(tmp_path / "a.yaml"), world)
     every[:] = [every[4]] * 6
     check_same_run(load_recipe(tmp_path / "a.yaml"), world)  # the same settings on every rank: no refusal
     world.gather = None
