@@ -2,6 +2,7 @@
 losses, gradient norms and final weights; kill a rank mid-step, resume; a recipe end to end under torchrun."""
 
 import dataclasses
+import errno
 import json
 import os
 import socket
@@ -16,7 +17,7 @@ import yaml
 from safetensors.torch import load_file
 
 from kimivl import KimiVL
-from kimivl.checkpoint import INDEX, CheckpointError, CheckpointReadError
+from kimivl.checkpoint import INDEX, CheckpointError, CheckpointReadError, CheckpointWriteError
 from kimivl.distributed.checkpoint import is_sharded, load_sharded, save_sharded
 from kimivl.distributed.world import World, _launch_variables, init_world
 from kimivl.train.optim import build_optimizer
@@ -245,9 +246,13 @@ def test_local_rank_is_bounded_by_local_world_size_only_where_the_launcher_sets_
         _launch_variables()
 
 
-def test_a_sharded_checkpoint_cut_short_or_of_another_model_is_refused_naming_why(tiny_config, tmp_path):
+def test_a_sharded_checkpoint_cut_short_or_of_another_model_is_refused_naming_why(
+    tiny_config, tmp_path, file_size_limit
+):
     """One process (DCP without a process group writes the same format): weights and optimiser state come back
-    equal; a shard file cut short or a damaged index is named, and another model's shapes are said not to fit."""
+    equal, the experts under their own names (no ``@ep``); a shard file cut short or a damaged index is named, a
+    shard of the right length but damaged bytes and another model's shapes are said apart; a write the disk refuses
+    is named with its errno."""
 
     def trained(config):
         torch.manual_seed(0)
@@ -262,6 +267,7 @@ def test_a_sharded_checkpoint_cut_short_or_of_another_model_is_refused_naming_wh
     path = tmp_path / "ckpt"
     save_sharded(path, model, optimizer, World())
     assert is_sharded(path) and not is_sharded(tmp_path)
+    assert "model/language_model.model.layers.1.mlp.experts.gate_up_proj" in read_metadata(path)
     again = KimiVL(tiny_config)
     again_optimizer = build_optimizer(again, lr=1e-3)
     load_sharded(path, again, again_optimizer, World())
@@ -273,12 +279,28 @@ def test_a_sharded_checkpoint_cut_short_or_of_another_model_is_refused_naming_wh
     with pytest.raises(CheckpointError, match=rf"{path} does not fit this model \(rank 0: Size mismatch"):
         load_sharded(path, *trained(other), World())
     (shard,) = path.glob("*.distcp")
-    shard.write_bytes(shard.read_bytes()[:1000])
+    written = shard.read_bytes()
+    shard.write_bytes(bytes(len(written)))
+    with pytest.raises(CheckpointReadError, match=rf"cannot read the files of {path}: damaged \(rank 0: "):
+        load_sharded(path, again, again_optimizer, World())
+    shard.write_bytes(written[:1000])
     with pytest.raises(CheckpointReadError, match=rf"cannot read {shard}: damaged or cut short \(rank 0\)"):
         load_sharded(path, again, again_optimizer, World())
     (path / ".metadata").write_bytes(b"not a pickle")
     with pytest.raises(CheckpointReadError, match=rf"cannot read {path / '.metadata'}: damaged or cut short"):
         load_sharded(path, again, again_optimizer, World())
+    file_size_limit(100_000)
+    with pytest.raises(CheckpointWriteError, match=r"cannot write .*File too large") as failed:
+        save_sharded(tmp_path / "full", model, optimizer, World())
+    file_size_limit(None)
+    assert failed.value.errno == errno.EFBIG
+
+
+def read_metadata(path: Path) -> dict:
+    """The tensors of the DCP checkpoint at ``path`` by key."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    return FileSystemReader(str(path)).read_metadata().state_dict_metadata
 
 
 FINALS = ("vit/final", "align/final", "pretrain/final")
