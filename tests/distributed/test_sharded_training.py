@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from torch.distributed.checkpoint import FileSystemReader
 
 from kimivl import KimiVL
 from kimivl.checkpoint import INDEX, CheckpointError, CheckpointReadError, CheckpointWriteError
@@ -298,8 +299,6 @@ def test_a_sharded_checkpoint_cut_short_or_of_another_model_is_refused_naming_wh
 
 def read_metadata(path: Path) -> dict:
     """The tensors of the DCP checkpoint at ``path`` by key."""
-    from torch.distributed.checkpoint import FileSystemReader
-
     return FileSystemReader(str(path)).read_metadata().state_dict_metadata
 
 

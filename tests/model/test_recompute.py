@@ -3,8 +3,11 @@ fewer saved activations."""
 
 import torch
 
+from kimivl.distributed.expert_parallel import apply_expert_parallel
 from kimivl.distributed.recompute import apply_recompute, recomputed, remove_recompute
+from kimivl.model.language_model import LanguageModel
 from kimivl.train.balance import ExpertLoadTracker
+from tests.distributed.test_expert_parallel import _Group, _text_config
 from tests.model.test_kimivl import image_batch, prompt
 
 
@@ -102,10 +105,6 @@ def test_recompute_keeps_the_attention_path_of_its_forward(tiny_model):
 
 def test_removing_recompute_leaves_other_forwards_of_the_instance():
     """Expert parallelism replaces a ``GroupedExperts``' forward on the instance too: only the layers' go."""
-    from kimivl.distributed.expert_parallel import apply_expert_parallel
-    from kimivl.model.language_model import LanguageModel
-    from tests.distributed.test_expert_parallel import _Group, _text_config
-
     lm = LanguageModel(_text_config())
     apply_expert_parallel(lm, _Group(2, 0))
     apply_recompute(lm)
