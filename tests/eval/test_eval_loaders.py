@@ -279,6 +279,7 @@ def test_screenspot_conventions_per_loader(tmp_path):
             "bbox": "[40, 20, 60, 30]",
             "data_type": "icon",
             "data_source": "web",
+            "group": "Web",  # ScreenSpot-Pro's grouping: ScreenSpot's rows group by data_type alone
         },
         {"index": "1", "image": b64(image), "question": "broken", "bbox": "[40, 20]", "data_type": "icon"},
     ]
@@ -315,17 +316,20 @@ def test_screenspot_conventions_per_loader(tmp_path):
         },
         {"id": "p1", "img_filename": "missing.png", "bbox": [1, 1, 2, 2], "instruction": "x"},
         {"id": "p2", "img_filename": "shot.png", "bbox": [1, 1, 2, 2], "instruction": "x", "application": "vscode"},
+        {"id": "p3", "img_filename": "shot.png", "bbox": [1, 1, 2, 2]},
+        {"id": "p4", "img_filename": "shot.png", "bbox": [1, 1, 2, 2], "instruction": "x", "ui_type": "text"},
     ]
     (pro / "annotations" / "vscode_macos.json").write_text(json.dumps(ann))
     samples, skipped = split(screenspot.loader("screenspot_pro")(pro / "annotations"))
     assert samples[0].meta["box"] == pytest.approx(want) and samples[0].meta["group"] == "Dev/icon"
     assert samples[1].meta["group"] == "vscode"  # no group nor ui_type: its application, not the text "None"
+    assert samples[2].meta["group"] == "text"  # no group nor application: its ui_type alone
     copied = pickle.loads(pickle.dumps(screenspot.loader("screenspot_pro")))  # a closure did not pickle
     assert [x.meta for x in split(copied(pro / "annotations"))[0]] == [x.meta for x in samples]
     assert images_of(samples[0]) == [str(pro / "images" / "shot.png")]
-    assert "not found" in skipped["p1"]
+    assert "not found" in skipped["p1"] and skipped["p3"] == "no instruction"
     # the convention is explicit and can be overridden
-    [sample, _], _ = split(
+    [sample, *_], _ = split(
         screenspot.loader("screenspot_pro")(pro / "annotations" / "vscode_macos.json", box_format="xywh")
     )
     assert sample.meta["box"] == pytest.approx([0.2, 0.2, 0.7, 0.7])
@@ -383,10 +387,12 @@ def test_mmlongbench_pages_from_image_folder_and_tsv(tmp_path):
         },
         {"doc_id": "missing.pdf", "question": "?", "answer": "1", "answer_format": "Int"},
         {"doc_id": "report.pdf", "question": "?", "answer": "1", "answer_format": "Number"},
+        {"doc_id": "report.pdf", "question": "?", "answer": None, "answer_format": "Str"},
     ]
     (tmp_path / "samples.json").write_text(json.dumps(rows))
     samples, skipped = split(mmlongbench.load(tmp_path / "samples.json", max_pages=2))
-    assert len(samples) == 1 and set(skipped) == {1, 2} and "answer_format" in skipped[2]
+    assert len(samples) == 1 and set(skipped) == {1, 2, 3} and "answer_format" in skipped[2]
+    assert skipped[3] == "no answer"
     assert images_of(samples[0]) == [str(doc / "page_0.png"), str(doc / "page_1.png")]
     assert samples[0].meta == {"format": "Int", "answer": "3", "group": "Research report"}
     assert "Not answerable" in text_of(samples[0])
@@ -402,6 +408,7 @@ def test_mmlongbench_pages_from_image_folder_and_tsv(tmp_path):
     ]
     [sample], _ = split(mmlongbench.load(write_tsv(tmp_path / "MMLongBench_DOC.tsv", tsv)))
     assert len(images_of(sample)) == 2
+    assert sample.meta == {"format": "None", "answer": "Not answerable", "group": ""}  # no doc_type
 
 
 def test_mmlongbench_renders_pdf_pages(tmp_path):

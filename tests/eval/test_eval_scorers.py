@@ -174,6 +174,11 @@ def test_screenspot_points_boxes_pixels_and_conventions():
     assert lenient(screenspot)("[0.0, 0.0, 0.2, 0.2]", meta)["score"] == 0.0
     assert lenient(screenspot)("(0.5, 0.5)", meta)["score"] == 1.0  # edges included
     assert lenient(screenspot)("no idea", meta) == {"score": 0.0, "extracted": None}
+    assert lenient(screenspot)("◁think▷ (0.3, 0.4)", meta) == {"score": 0.0, "extracted": None}  # never closed
+    assert screenspot.normalized_box([40, 20, 0, 30], "xywh", size) == [0.2, 0.2, 0.2, 0.5]  # a line is a box
+    for box in ([40, 50, 100, 20], [100, 20, 40, 50]):  # negative height, negative width
+        with pytest.raises(RowError, match="negative width or height"):
+            screenspot.normalized_box(box, "xyxy", size)
 
 
 @pytest.mark.parametrize(
@@ -239,6 +244,24 @@ def test_mmlongbench_accuracy_and_generalised_f1():
     assert metrics["recall"] == 50.0  # 1 of the 2 answerable questions
     assert metrics["precision"] == 50.0  # 1 right of the 2 answered
     assert metrics["f1"] == pytest.approx(50.0)
+    cases.append(("3", _doc("Int", "3")))  # recall 2 of 3 answerable, precision 2 of 2 answered
+    rows = [{**lenient(mmlongbench)(p, m), "meta": m} for p, m in cases if p != "7"]
+    metrics = mmlongbench.summarize(rows, mode="lenient")
+    assert metrics["accuracy"] == 75.0 and metrics["recall"] == pytest.approx(200 / 3)
+    assert metrics["precision"] == 100.0 and metrics["f1"] == pytest.approx(80.0)
+
+
+def test_mmlongbench_lenient_edges():
+    assert lenient(mmlongbench)("The question is unanswerable.", _doc("None", "Not answerable"))["score"] == 1.0
+    assert lenient(mmlongbench)("I could not find it", _doc("Int", "12"))["score"] == 0.0  # no number
+    assert lenient(mmlongbench)("12", _doc("Int", "twelve"))["score"] == 0.0  # a gold with no number
+    assert lenient(mmlongbench)("3 and 4", _doc("List", "['3', '4']"))["score"] == 1.0  # items as numbers
+    assert lenient(mmlongbench)("3 and 5", _doc("List", "['3', '4']"))["score"] == 0.0
+    assert lenient(mmlongbench)("Hall 3, Hall 4", _doc("List", "['Room 3', 'Room 4']"))["score"] == 0.0  # strings
+    assert lenient(mmlongbench)("garbled", _doc("Int", "12"), extracted="12")["score"] == 1.0  # extracted is read
+    assert mmlongbench.anls("", "") == 1.0 and mmlongbench.anls("abc", "") == 0.0  # nothing left after normalising
+    for said, gold in (("51", "50"), ("0.9805", "100"), ("1.0195", "100"), ("101.5", "1"), ("98.5", "1")):
+        assert lenient(mmlongbench)(said, _doc("Float", gold))["score"] == 0.0
 
 
 def test_niah_score_needs_the_whole_secret():
@@ -277,6 +300,16 @@ def test_screenspot_lenient_reads_qwen_boxes_and_boxes_without_spaces():
     assert lenient(screenspot)("[50,25,90,45]", meta)["extracted"] == [0.35, 0.35]  # pixels, no spaces
     assert lenient(screenspot)("(70,35)", meta)["score"] == 1.0
     assert screenspot.score("(70,35)", meta)["score"] == 0.0  # official: points are taken as normalised
+    assert lenient(screenspot)("click at 60,40", meta)["extracted"] == [0.3, 0.4]  # a comma separates coordinates
+
+
+def test_screenspot_official_click_points():
+    """SeeClick's reading: a Qwen-VL box's centre / 1000, two numbers as the point, four as a box's centre."""
+    meta = {"box": [0.2, 0.2, 0.5, 0.5], "size": [200, 100]}
+    assert screenspot.score("<box>(250,300),(450,402)</box>", meta) == {"score": 1.0, "extracted": [0.35, 0.351]}
+    assert screenspot.score("[0.1, 0.2, 0.3, 0.6]", meta)["extracted"] == pytest.approx([0.2, 0.4])
+    assert screenspot.score("(0.25,0.45)", meta)["extracted"] == [0.25, 0.45]
+    assert screenspot.score("no idea", meta, extracted="(0.3,0.4)") == {"score": 1.0, "extracted": [0.3, 0.4]}
 
 
 def test_answer_cues_numbers_and_normalisation_details():
@@ -328,6 +361,38 @@ def test_mmlongbench_official_rules_at_their_edges():
         {"score": 1.0, "extracted": "5", "meta": {"format": "Int", "answer": "5"}},
     ]
     assert mmlongbench.summarize(rows)["f1"] == pytest.approx(100.0)
+
+
+def test_mmlongbench_official_float_str_and_list_rules():
+    """is_float_equal's 1% tolerance of the gold, gold / 100 and gold x 100, and its rounding to the shorter of the two
+    decimals (at least 2); an e-mail gold matched exactly; a list item with a number is still a string."""
+    official = mmlongbench.official_score
+    assert official("50", "50.4", "Float") == 1.0 and official("50", "51", "Float") == 0.0  # 2% off
+    for gold, said in (("100", "0.9805"), ("100", "1.0195"), ("1", "101.5"), ("1", "98.5")):  # >1% off gold/100, x100
+        assert official(gold, said, "Float") == 0.0
+    assert official("0.014", "0.01", "Float") == 1.0  # rounded to the 2 places of "0.01"
+    assert official("0.54", "0.5", "Float") == 0.0  # at least 2 places, though "0.5" has 1
+    assert official("john@example.com", "john@example.org", "Str") == 0.0  # ANLS would give 0.81
+    assert official("['Room 3', 'Room 4']", "['Hall 3', 'Hall 4']", "List") == 0.0
+    # an answer that is no number scores 0 as itself, not as a failed extraction
+    said = mmlongbench.score("x", {"format": "Float", "answer": "3.5"}, extracted="about three")
+    assert said == {"score": 0.0, "extracted": "about three", "answered": True}
+
+
+def test_mmlongbench_official_summary_counts_and_an_all_unanswered_run():
+    """Recall over the golds that are not "Not answerable", precision over the answers that are not; with no answer
+    given, eval_acc_and_f1's division fails and its F1 is 0."""
+    rows = [
+        {"score": 1.0, "extracted": "5", "meta": {"format": "Int", "answer": "5"}},
+        {"score": 0.0, "extracted": "Not answerable", "meta": {"format": "Int", "answer": "7"}},
+        {"score": 1.0, "extracted": "Not answerable", "meta": {"format": "None", "answer": "Not answerable"}},
+        {"score": 0.0, "extracted": "2", "meta": {"format": "None", "answer": "Not answerable"}},
+    ]
+    metrics = mmlongbench.summarize(rows)
+    assert metrics["accuracy"] == 50.0 and metrics["recall"] == 50.0 and metrics["precision"] == 50.0
+    assert metrics["f1"] == pytest.approx(50.0)
+    metrics = mmlongbench.summarize(rows[1:3])
+    assert metrics["accuracy"] == 50.0 and metrics["recall"] == metrics["precision"] == metrics["f1"] == 0.0
 
 
 CITIES = {"A": "北京", "B": "上海", "C": "广州", "D": "深圳"}
