@@ -363,12 +363,16 @@ def test_videomme_parquet_with_local_videos(tmp_path):
             "options": ["x", "y", "z", "w"],
             "answer": "E",
         },
+        {"question_id": "004-1", "videoID": "vidA", "question": "?", "options": ["x", "y", "z", "w"], "answer": "B"},
+        {"question_id": "005-1", "videoID": None, "question": "?", "options": ["x", "y", "z", "w"], "answer": "B"},
     ]
     samples, skipped = split(videomme.load(write_parquet(tmp_path / "test.parquet", rows), max_frames=8))
-    assert [s.index for s in samples] == ["001-1"] and set(skipped) == {"002-1", "003-1"}
+    assert [s.index for s in samples] == ["001-1", "004-1"] and set(skipped) == {"002-1", "003-1", "005-1"}
+    assert skipped["005-1"] == "no video"
+    assert "?\nA. x\nB. y\nC. z\nD. w\n" in text_of(samples[1])  # bare options get their letters
     video = samples[0].messages[0]["content"][0]
     assert video == {"type": "video", "video": str(tmp_path / "data" / "vidA.mp4"), "fps": 1.0, "max_frames": 8}
-    assert "C. z" in text_of(samples[0]) and samples[0].meta == {"answer": "C", "group": "short"}
+    assert "\nC. z\n" in text_of(samples[0]) and samples[0].meta == {"answer": "C", "group": "short"}
 
 
 def test_mmlongbench_pages_from_image_folder_and_tsv(tmp_path):

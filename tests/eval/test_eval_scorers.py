@@ -200,6 +200,14 @@ def test_videomme_extraction(text, letter):
 def test_videomme_score():
     assert lenient(videomme)("The best answer is B", {"answer": "B"})["score"] == 1.0
     assert lenient(videomme)("◁think▷ B or C", {"answer": "B"})["score"] == 0.0
+    assert lenient(videomme)("no idea", {"answer": "B"}, extracted="B")["score"] == 1.0
+
+
+def test_videomme_official_lead_ins_are_the_glued_strings():
+    """The official prefix list misses two commas: "Best answer:Best option:" is deleted as one string, and "Best
+    answer:" alone stays, so its "B" is the first capital A-D."""
+    assert videomme.official_extract("Best answer:Best option: C") == "C"
+    assert videomme.official_extract("Best answer: C") == "B"
 
 
 def test_videomme_reports_the_percent_of_rows_with_a_letter_as_parsed():
@@ -207,6 +215,11 @@ def test_videomme_reports_the_percent_of_rows_with_a_letter_as_parsed():
     rows = [{**videomme.score(p, meta), "meta": meta} for p in ("B", "C", "no idea at all", "")]
     metrics = videomme.summarize(rows)
     assert metrics == {"accuracy": 50.0, "accuracy_all": 25.0, "parsed": 50.0}  # "answered" is the results' count
+    long = {"answer": "B", "group": "long"}
+    unparsed = videomme.summarize([{**videomme.score("no idea", long), "meta": long}])
+    assert unparsed == {"accuracy": 0.0, "accuracy/long": 0.0, "accuracy_all": 0.0, "parsed": 0.0}  # no letter, no 0/0
+    assert videomme.summarize(rows[:1]) == {"accuracy": 100.0, "accuracy_all": 100.0, "parsed": 100.0}
+    assert videomme.summarize([]) == {"accuracy": 0.0, "accuracy_all": 0.0, "parsed": 0.0}
 
 
 def _doc(fmt, answer):
