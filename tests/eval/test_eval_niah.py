@@ -293,6 +293,11 @@ def test_a_value_given_twice_is_refused_before_the_model_loads(checkpoint, tmp_p
         with pytest.raises(ValueError, match=message):
             niah.check_options(**options)
     assert niah.check_options([512, 1024], [0, 100], ["text", "video"]) == [512, 1024]
+    with pytest.raises(ValueError, match=r"unknown haystack 'audio' \(expected one of text, video\)"):
+        niah.check_options([512], kinds=["audio"])
+    assert niah.check_options(context=4096) == [1024, 2048, 4064]  # room for 32 new tokens by default
+    with pytest.raises(ValueError, match=r"lengths and trials must be positive; got lengths \[512\], trials 0"):
+        niah.check_options([512], trials=0)
 
     def never(path, dtype, device):
         raise AssertionError("the model was loaded")

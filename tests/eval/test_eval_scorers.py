@@ -282,6 +282,7 @@ def test_niah_score_needs_the_whole_secret():
     assert niah.score("The number is 4821337.", meta)["score"] == 1.0
     assert niah.score("14821337", meta)["score"] == 0.0
     assert niah.score("482133", meta)["score"] == 0.0
+    assert niah.score("◁think▷ it is 4821337", meta) == {"score": 0.0, "extracted": None}  # reasoning never closed
 
 
 def test_numbers_in_brackets_are_separate_not_thousands():
