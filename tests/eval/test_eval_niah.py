@@ -296,6 +296,7 @@ def test_a_value_given_twice_is_refused_before_the_model_loads(checkpoint, tmp_p
     with pytest.raises(ValueError, match=r"unknown haystack 'audio' \(expected one of text, video\)"):
         niah.check_options([512], kinds=["audio"])
     assert niah.check_options(context=4096) == [1024, 2048, 4064]  # room for 32 new tokens by default
+    assert niah.check_options()[-1] == 131072 - 32 and niah.check_options([1]) == [1]  # no context: the report's 128K
     with pytest.raises(ValueError, match=r"lengths and trials must be positive; got lengths \[512\], trials 0"):
         niah.check_options([512], trials=0)
 
