@@ -176,6 +176,7 @@ def test_screenspot_points_boxes_pixels_and_conventions():
     assert lenient(screenspot)("no idea", meta) == {"score": 0.0, "extracted": None}
     assert lenient(screenspot)("◁think▷ (0.3, 0.4)", meta) == {"score": 0.0, "extracted": None}  # never closed
     assert screenspot.normalized_box([40, 20, 0, 30], "xywh", size) == [0.2, 0.2, 0.2, 0.5]  # a line is a box
+    assert screenspot.normalized_box([40, 20, 60, 0], "xywh", size) == [0.2, 0.2, 0.5, 0.2]
     for box in ([40, 50, 100, 20], [100, 20, 40, 50]):  # negative height, negative width
         with pytest.raises(RowError, match="negative width or height"):
             screenspot.normalized_box(box, "xyxy", size)
@@ -268,7 +269,7 @@ def test_mmlongbench_lenient_edges():
     assert lenient(mmlongbench)("The question is unanswerable.", _doc("None", "Not answerable"))["score"] == 1.0
     assert lenient(mmlongbench)("I could not find it", _doc("Int", "12"))["score"] == 0.0  # no number
     assert lenient(mmlongbench)("12", _doc("Int", "twelve"))["score"] == 0.0  # a gold with no number
-    assert lenient(mmlongbench)("3 and 4", _doc("List", "['3', '4']"))["score"] == 1.0  # items as numbers
+    assert lenient(mmlongbench)("3.0 and 4", _doc("List", "['3', '4']"))["score"] == 1.0  # items as numbers
     assert lenient(mmlongbench)("3 and 5", _doc("List", "['3', '4']"))["score"] == 0.0
     assert lenient(mmlongbench)("Hall 3, Hall 4", _doc("List", "['Room 3', 'Room 4']"))["score"] == 0.0  # strings
     assert lenient(mmlongbench)("garbled", _doc("Int", "12"), extracted="12")["score"] == 1.0  # extracted is read
@@ -314,7 +315,8 @@ def test_screenspot_lenient_reads_qwen_boxes_and_boxes_without_spaces():
     assert lenient(screenspot)("[50,25,90,45]", meta)["extracted"] == [0.35, 0.35]  # pixels, no spaces
     assert lenient(screenspot)("(70,35)", meta)["score"] == 1.0
     assert screenspot.score("(70,35)", meta)["score"] == 0.0  # official: points are taken as normalised
-    assert lenient(screenspot)("click at 60,40", meta)["extracted"] == [0.3, 0.4]  # a comma separates coordinates
+    wide = {**meta, "size": [1000, 1000]}
+    assert lenient(screenspot)("click at 300,400", wide)["extracted"] == [0.3, 0.4]  # a comma separates, not groups
 
 
 def test_screenspot_official_click_points():
