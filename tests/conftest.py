@@ -1,5 +1,7 @@
+import ctypes
 import dataclasses
 import os
+import pickle
 import resource
 import signal
 import subprocess
@@ -32,6 +34,42 @@ def file_size_limit():
     yield limit
     resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     signal.signal(signal.SIGXFSZ, handler)
+
+
+@pytest.fixture()
+def unprivileged():
+    """``run(fn)``: ``fn()`` in a forked child for which file permissions hold, as for any user (as root, the child
+    drops every capability: root's override of permissions goes, and ``os.access`` answers for the modes too);
+    returns what it returns, or raises what it raises."""
+
+    def run(fn):
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: never back into pytest
+            try:
+                if os.geteuid() == 0:
+                    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
+                    if ctypes.CDLL(None, use_errno=True).capset(header, (ctypes.c_uint32 * 6)()) != 0:
+                        raise OSError(ctypes.get_errno(), "capset failed")
+                outcome = (True, fn())
+            except BaseException as e:  # noqa: BLE001 - handed to the parent
+                outcome = (False, e)
+            try:
+                said = pickle.dumps(outcome)
+            except Exception:  # noqa: BLE001 - an exception pickle cannot take: its words
+                said = pickle.dumps((False, RuntimeError(repr(outcome[1]))))
+            with os.fdopen(write, "wb") as f:
+                f.write(said)
+            os._exit(0)
+        os.close(write)
+        with os.fdopen(read, "rb") as f:
+            ok, value = pickle.loads(f.read())
+        os.waitpid(pid, 0)
+        if not ok:
+            raise value
+        return value
+
+    return run
 
 
 @pytest.fixture()

@@ -39,6 +39,8 @@ def run_lock(out: Path, world: World | None = None) -> Iterator[None]:
             fd = _take(out / LOCK, {}, f"{out} {IN_USE}", ADVICE)
         except RecipeError as e:
             refused = str(e)
+        except OSError as e:  # a folder this user cannot write (a default --out in a read-only clone)
+            refused = f"cannot write to {out}: {e.strerror} ({e.filename}); choose another --out"
     if world is not None:
         refused = world.wait_for_main(refused)
     if refused is not None:
@@ -69,7 +71,7 @@ def running(out: Path) -> str | None:
         return None
     try:
         fd = os.open(out / LOCK, os.O_RDONLY)
-    except (FileNotFoundError, NotADirectoryError):  # no run there (a file for a folder is named by the checks after)
+    except (FileNotFoundError, NotADirectoryError, PermissionError):  # no run there, or one run_lock names
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # taken only while no run holds it
@@ -151,7 +153,15 @@ def _take(
             f"{file.parent} would be locked for this run alone with fcntl (training and eval take such a lock on "
             "their output directory), which this platform lacks: run kimivl on Linux or macOS (on Windows, under WSL)"
         ) from None
-    fd = os.open(file, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(file, os.O_RDWR | os.O_CREAT, 0o666)  # as the umask allows: a group's members share a folder
+    except PermissionError as e:
+        if not file.exists():
+            raise  # the folder is not writable: the caller names it
+        raise error(
+            f"{file} cannot be opened for writing ({e.strerror}): another user made it; make it writable for this user "
+            "(chmod g+w, for a folder the group shares)"
+        ) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

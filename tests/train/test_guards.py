@@ -11,6 +11,7 @@ import math
 import os
 import re
 import signal
+import stat
 import threading
 import time
 from pathlib import Path
@@ -275,6 +276,35 @@ def test_a_second_run_on_the_same_out_is_refused(tmp_path):
                 pass
     with run_lock(tmp_path):  # free again once the first run ends
         pass
+
+
+def test_the_lock_takes_the_umask_and_another_users_lock_or_an_unwritable_folder_is_named(tmp_path, unprivileged):
+    """A group sharing a folder (umask 002): the lock was made 0644 whatever the umask, so a second user could never
+    take it, and was told only "[Errno 13] Permission denied: '.../.lock'"; a default --out in a read-only clone was
+    "Permission denied: 'runs'"."""
+    umask = os.umask(0o002)
+    try:
+        with run_lock(tmp_path / "shared"):
+            pass
+    finally:
+        os.umask(umask)
+    lock = tmp_path / "shared" / ".lock"
+    assert stat.S_IMODE(lock.stat().st_mode) == 0o664
+    lock.chmod(0o444)  # as another user's run left it (0644): not writable for this one
+
+    def take(out):
+        with run_lock(out):
+            return "taken"
+
+    with pytest.raises(RecipeError, match=rf"{lock} cannot be opened for writing \(Permission denied\): another user"):
+        unprivileged(lambda: take(tmp_path / "shared"))
+    assert unprivileged(lambda: check_free(tmp_path / "shared")) is None  # no run holds it: run_lock names it
+    (tmp_path / "clone").mkdir(mode=0o555)
+    with pytest.raises(
+        RecipeError, match=rf"cannot write to {tmp_path}/clone/runs/eval: Permission denied \(.*runs\); choose another"
+    ):
+        unprivileged(lambda: take(tmp_path / "clone" / "runs" / "eval"))
+    assert take(tmp_path / "shared") == "taken"  # its owner still can
 
 
 def test_an_out_in_use_is_checked_without_a_world_and_this_process_s_own_run_holds_it_free(tmp_path):
