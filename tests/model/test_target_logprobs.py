@@ -109,3 +109,15 @@ def test_batched_positions_keep_their_shape(limit):
     assert got[0].shape == (3, 5)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("limit", [7 * 50, 10**9])
+def test_a_head_with_a_bias_or_a_hook_is_called(limit):
+    """Only a plain bias-free ``nn.Linear`` is read as its weight; a bias, or a hook, takes part in the logits."""
+    torch.manual_seed(4)
+    hidden, targets = torch.randn(23, 16), torch.randint(0, 50, (23,))
+    biased, hooked = torch.nn.Linear(16, 50), torch.nn.Linear(16, 50, bias=False)
+    hooked.register_forward_hook(lambda m, i, out: out * 2)
+    for head in (biased, hooked):
+        want = F.log_softmax(head(hidden), -1).gather(-1, targets[:, None]).squeeze(-1)
+        torch.testing.assert_close(target_logprobs(hidden, head, targets, limit=limit), want)

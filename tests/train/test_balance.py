@@ -13,6 +13,8 @@ def test_update_bias_moves_against_the_load():
     torch.testing.assert_close(bias, torch.tensor([-0.1, 0.1, 0.0, 0.1]))
     with pytest.raises(ValueError, match="float32"):
         update_bias(torch.zeros(4, dtype=torch.bfloat16), torch.ones(4), 0.1)
+    with pytest.raises(ValueError, match=r"expert_counts \(1,\) must match the bias \(4,\)"):
+        update_bias(bias, torch.tensor([3]), 0.1)  # would broadcast: every bias moved alike
 
 
 def skewed_model() -> tuple[KimiVL, torch.Tensor]:
@@ -36,7 +38,9 @@ def skewed_model() -> tuple[KimiVL, torch.Tensor]:
 def test_bias_updates_balance_a_skewed_router():
     model, ids = skewed_model()
     with ExpertLoadTracker(model) as tracker, torch.no_grad():
+        assert tracker.imbalance() == {}  # no token routed yet
         model(ids)
+        assert tracker.routing == {}  # kept only when asked: it holds the graph
         start = tracker.imbalance()
         assert len(start) == 3 and min(start.values()) > 3.5, start  # near 4 = every token on expert 0
         for _ in range(40):

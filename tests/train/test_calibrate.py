@@ -48,3 +48,18 @@ def test_standardising_needs_images_and_a_positive_target(small_model, small_pro
         standardize_image_features(copy.deepcopy(small_model), text_only)
     with pytest.raises(ValueError, match="target_std must be > 0"):
         standardize_image_features(copy.deepcopy(small_model), _samples(small_processor), target_std=0.0)
+
+
+def test_a_channel_that_never_varies_stays_finite(small_model, small_processor):
+    """A dead channel (std 0) gets a bounded gain, not an infinite one: its weights stay zero and its bias goes to 0."""
+    model = copy.deepcopy(small_model).float().eval()
+    linear = model.multi_modal_projector.linear_2
+    with torch.no_grad():
+        linear.weight[0] = 0.0
+        linear.bias[0] = 3.0
+    samples = _samples(small_processor, n=2)
+    standardize_image_features(model, samples)
+    assert torch.isfinite(linear.weight).all() and torch.isfinite(linear.bias).all()
+    assert not linear.weight[0].any() and linear.bias[0] == 0.0
+    mean, std, _ = image_feature_stats(model, samples)
+    torch.testing.assert_close(std[1:], torch.ones_like(std[1:]), atol=1e-4, rtol=1e-4)  # target_std defaults to 1

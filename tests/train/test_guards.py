@@ -78,6 +78,30 @@ def test_gradients_are_clipped_to_the_norm_clip_and_never_scaled_up():
 
 
 @pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+def test_a_non_finite_loss_on_any_rank_stops_every_rank():
+    from kimivl.train.step import check_loss
+
+    class World:
+        active = True
+
+        def __init__(self, others_bad: float):
+            self.others_bad = others_bad
+
+        def sum(self, t):
+            return t + self.others_bad  # the other ranks' count of non-finite losses
+
+    def last_good(weights_ok):
+        return "step-2" if weights_ok else "an earlier one"
+
+    check_loss(torch.tensor(2.0), "s: step 3", last_good, World(0.0))  # every rank's loss is finite
+    with pytest.raises(TrainingError, match=r"^s: step 3: a rank's loss is not finite; the last good state is step-2$"):
+        check_loss(torch.tensor(2.0), "s: step 3", last_good, World(1.0))
+    with pytest.raises(TrainingError, match=r"^s: step 3: a rank's loss is inf; "):
+        check_loss(torch.tensor(math.inf), "s: step 3", last_good, World(0.0))
+    with pytest.raises(TrainingError, match=r"^s: step 3: loss is not finite; the last good state is step-2$"):
+        check_loss(torch.tensor([1.0, math.nan]), "s: step 3", last_good)
+
+
 def test_loop_never_saves_non_finite_weights(small_model, small_processor, tmp_path, monkeypatch):
     model, data, opt, sched = setup(small_model, small_processor)
     step = opt.step
@@ -245,6 +269,8 @@ def test_a_torn_last_metrics_line_is_passed_over_and_mended(tmp_path):
     with MetricsLog(tmp_path, "a", start=1) as log:
         log.write(2, {"loss": 1.5})
     assert read_metrics(path) == [{"stage": "a", "step": 1, "loss": 2.0}, {"stage": "a", "step": 2, "loss": 1.5}]
+    path.write_text('{"stage": "a", "step": 1}\n\n{"stage": "a", "step": 2}\n')  # a blank line is passed over
+    assert [r["step"] for r in read_metrics(path)] == [1, 2]
     path.write_text('{"stage": "a", "step": 1}\nnot json\n{"stage": "a", "step": 2}\n')
     with pytest.raises(ValueError, match="metrics.jsonl:2 is not a JSON record"):
         read_metrics(path)
@@ -970,6 +996,48 @@ def test_a_metrics_write_the_disk_refuses_is_named_and_the_writer_thread_stays_q
         if type(thread).__name__ == "_AsyncWriterThread":
             thread.join(5)
     assert printed == []
+
+
+def test_only_the_tensorboard_writer_s_os_errors_are_kept_quiet(tmp_path, monkeypatch):
+    """While a log is open the process's hook still gets every other thread's errors, and the writer thread's other
+    errors (a bug is no full disk)."""
+    printed = []
+    monkeypatch.setattr(threading, "excepthook", printed.append)
+
+    class _AsyncWriterThread(threading.Thread):  # named as TensorBoard's
+        pass
+
+    def fail(error):
+        raise error
+
+    with MetricsLog(tmp_path, "s"):
+        for thread in (
+            threading.Thread(target=fail, args=(OSError(errno.ENOSPC, "another thread's"),)),
+            _AsyncWriterThread(target=fail, args=(ValueError("a bug"),)),
+            _AsyncWriterThread(target=fail, args=(OSError(errno.ENOSPC, "a full disk"),)),
+        ):
+            thread.start()
+            thread.join()
+    assert [(a.exc_type, str(a.exc_value)) for a in printed] == [
+        (OSError, "[Errno 28] another thread's"),
+        (ValueError, "a bug"),
+    ]
+
+
+def test_the_error_that_ends_a_metrics_block_is_raised_rather_than_a_failed_close(tmp_path):
+    def full():
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    log = MetricsLog(tmp_path, "s")
+    close, log._tb.close = log._tb.close, full
+    with pytest.raises(RuntimeError, match="the block's error"), log:
+        raise RuntimeError("the block's error")
+    close()
+    log = MetricsLog(tmp_path, "s")
+    close, log._tb.close = log._tb.close, full
+    with pytest.raises(OSError, match=r"the disk is full: writing .*tensorboard.s failed"), log:
+        pass  # a block that ended well: the failed close is the error
+    close()
 
 
 def test_a_publish_stopped_between_its_renames_leaves_each_directory_whole(tmp_path, monkeypatch):

@@ -25,6 +25,13 @@ def test_siglip_loss_by_hand():
     assert log_temp.grad is not None and bias.grad is not None
 
 
+def test_siglip_loss_names_embeddings_of_other_shapes():
+    t, b = torch.tensor(0.0), torch.tensor(0.0)
+    for img, txt in ((torch.randn(3, 4), torch.randn(2, 4)), (torch.randn(4), torch.randn(4))):
+        with pytest.raises(ValueError, match=r"one shape \(n, d\), got"):
+            siglip_loss(img, txt, t, b)
+
+
 def test_siglip_loss_prefers_matching_pairs():
     torch.manual_seed(0)
     x = torch.randn(4, 8, requires_grad=True)
@@ -99,5 +106,10 @@ def test_sequence_aux_loss_is_alpha_when_perfectly_balanced():
 
 
 def test_sequence_aux_loss_rejects_bad_lengths():
-    with pytest.raises(ValueError, match="seq_lens"):
-        sequence_aux_loss(torch.rand(3, 2), torch.zeros(3, 1, dtype=torch.long), [2, 2], 2, 1, 0.1)
+    idx = torch.zeros(3, 1, dtype=torch.long)
+    for lens in ([2, 2], [3, 0], [[2, 1]]):  # not summing to T, an empty sequence, not a list of lengths
+        with pytest.raises(ValueError, match="seq_lens"):
+            sequence_aux_loss(torch.rand(3, 2), idx, lens, 2, 1, 0.1)
+    for scores, ids in ((torch.rand(3, 3), idx), (torch.rand(3, 2), idx.expand(3, 2))):
+        with pytest.raises(ValueError, match=r"expected scores \(T, 2\) and expert ids \(T, 1\)"):
+            sequence_aux_loss(scores, ids, [3], 2, 1, 0.1)

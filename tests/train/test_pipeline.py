@@ -823,6 +823,13 @@ def test_a_stage_logs_its_held_out_loss(data_dir, tmp_path, small_model, small_p
     assert all(torch.equal(plain[k], validated[k]) for k in plain)
 
 
+def test_held_out_rows_that_score_nothing_are_named_and_the_model_keeps_its_mode(tiny_model):
+    tiny_model.train()
+    with pytest.raises(ValueError, match="the validation rows score no token"):
+        heldout_loss(tiny_model, [])
+    assert tiny_model.training
+
+
 def test_a_stage_says_how_many_passes_over_its_sources_it_makes(data_dir, tmp_path, caplog):
     """The samples were counted as if rows were full (budget / mean length), a quarter more than a run draws with
     small budgets; the mix moved over that many, so a stage ended short of ``mix_end``."""

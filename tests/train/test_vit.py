@@ -21,6 +21,8 @@ def test_pretrainer_loss_is_siglip_plus_twice_the_caption_cross_entropy(tiny_mod
     batch = _batch(vocab)
     decoded = []
     trainer.out_norm.register_forward_hook(lambda m, i, out: decoded.append(out))
+    pooled = []
+    trainer.image_proj.register_forward_hook(lambda m, i, out: pooled.append(i[0]))
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
         loss, values = trainer(batch)
@@ -30,6 +32,11 @@ def test_pretrainer_loss_is_siglip_plus_twice_the_caption_cross_entropy(tiny_mod
     expected = F.cross_entropy(logits, labels[:, 1:].flatten(), ignore_index=-100)
     assert abs(values["caption"] - expected.item()) < 1e-5
     assert abs(loss.item() - values["siglip"] - CAPTION_WEIGHT * values["caption"]) < 1e-4
+    # the contrast sees each image's mean patch feature, its padding left out
+    sizes = (batch.image_grid_hws[:, 0] * batch.image_grid_hws[:, 1]).tolist()
+    with torch.no_grad():
+        feats = trainer.tower(batch.pixel_values, batch.image_grid_hws).split(sizes)
+    torch.testing.assert_close(pooled[0], torch.stack([f.mean(0) for f in feats]))
     # the head runs at the scored positions only: 6 + 3 + 8 next tokens, never the full (3 x 8, vocab)
     scored = int(batch.text_mask[:, 1:].sum())
     assert scored == 17
