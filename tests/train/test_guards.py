@@ -157,6 +157,31 @@ def test_ctrl_c_saves_the_step_and_stops(small_model, small_processor, tmp_path,
     assert {s: signal.getsignal(s) for s in before} == before  # the signals behave as they did before the run
 
 
+def test_a_second_signal_stops_at_once_and_the_handlers_come_back():
+    from kimivl.train.interrupt import stop_on_interrupt
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt), stop_on_interrupt() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested
+        os.kill(os.getpid(), signal.SIGINT)
+        pytest.fail("the second signal was taken for the first")
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_sharded_norm_counts_each_replica_s_shards_once():
+    from kimivl.train.step import total_norm
+
+    class World:
+        active, device, dp_replicate = True, "cpu", 2
+
+        def sum(self, t):
+            return 2 * t  # two replicas holding the same shards
+
+    tensors = [torch.tensor([3.0, 0.0]), torch.tensor([[4.0]], dtype=torch.bfloat16)]
+    assert total_norm(tensors, World()).item() == 5.0
+
+
 def test_a_stop_asked_while_the_ranks_agree_counts_at_the_next_step():
     """A signal landing inside the all-reduce must not be erased by its result: every rank then stops a step later."""
     from kimivl.train.interrupt import StopRequest
