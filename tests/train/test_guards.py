@@ -24,14 +24,14 @@ from test_loop import joint_loss, setup
 from kimivl import KimiVL
 from kimivl.checkpoint import CheckpointError
 from kimivl.distributed.world import World
-from kimivl.train.interrupt import Interrupted
+from kimivl.train.interrupt import Interrupted, StopRequest, stop_on_interrupt
 from kimivl.train.lock import check_free, run_lock
 from kimivl.train.loop import LoopConfig, train_loop
 from kimivl.train.metrics import MetricsLog, plot_curves, read_metrics
 from kimivl.train.pipeline import EXPORT_RECORD, check_export, global_schedule, keep_seed, stage_scheduler
 from kimivl.train.recipe import RecipeError, StageNameError, load_recipe
 from kimivl.train.state import TrainState, latest_checkpoint, load_state_sharded, save_state, save_state_sharded
-from kimivl.train.step import TrainingError, optimizer_step
+from kimivl.train.step import TrainingError, check_loss, optimizer_step, total_norm
 
 
 def test_an_update_that_makes_weights_non_finite_stops_and_names_them():
@@ -79,8 +79,6 @@ def test_gradients_are_clipped_to_the_norm_clip_and_never_scaled_up():
 
 @pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
 def test_a_non_finite_loss_on_any_rank_stops_every_rank():
-    from kimivl.train.step import check_loss
-
     class World:
         active = True
 
@@ -158,8 +156,6 @@ def test_ctrl_c_saves_the_step_and_stops(small_model, small_processor, tmp_path,
 
 
 def test_a_second_signal_stops_at_once_and_the_handlers_come_back():
-    from kimivl.train.interrupt import stop_on_interrupt
-
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(KeyboardInterrupt), stop_on_interrupt() as stop:
         os.kill(os.getpid(), signal.SIGTERM)
@@ -170,8 +166,6 @@ def test_a_second_signal_stops_at_once_and_the_handlers_come_back():
 
 
 def test_a_sharded_norm_counts_each_replica_s_shards_once():
-    from kimivl.train.step import total_norm
-
     class World:
         active, device, dp_replicate = True, "cpu", 2
 
@@ -184,7 +178,6 @@ def test_a_sharded_norm_counts_each_replica_s_shards_once():
 
 def test_a_stop_asked_while_the_ranks_agree_counts_at_the_next_step():
     """A signal landing inside the all-reduce must not be erased by its result: every rank then stops a step later."""
-    from kimivl.train.interrupt import StopRequest
     from kimivl.train.loop import agreed
 
     stop = StopRequest()
