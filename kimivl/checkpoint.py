@@ -163,7 +163,7 @@ def _read_headers(files: dict[str, list[str] | None]) -> dict[str, tuple[str, li
                 keys = list(f.keys())
                 shapes = {k: (f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in keys}
         except Exception as e:  # safetensors raises its own error types for corrupt headers
-            raise CheckpointReadError(f"cannot read {file}: {e}") from None
+            raise CheckpointReadError(f"cannot read {file}: {_unopenable(file) or e}") from None
         if listed is not None and set(listed) - set(keys):
             raise CheckpointError(f"{file} lacks keys its index assigns to it: {sorted(set(listed) - set(keys))[:10]}")
         for k in keys:
@@ -171,6 +171,15 @@ def _read_headers(files: dict[str, list[str] | None]) -> dict[str, tuple[str, li
                 continue  # the index is authoritative about which file holds a key
             found[k] = (file, *shapes[k])
     return found
+
+
+def _unopenable(file: str) -> str | None:
+    """Why ``file`` cannot be opened for reading (safetensors calls a file it may not read "No such file"), if so."""
+    try:
+        with open(file, "rb"):
+            return None
+    except OSError as e:
+        return e.strerror or str(e)
 
 
 def check_dtype(dtype: object) -> None:

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import os
+import stat
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -536,6 +537,8 @@ class KimiVLConfig:
             raise ConfigError(f"{path} is not valid JSON: {e}") from None
         except RecursionError:
             raise ConfigError(f"{path} is not a config: its JSON is nested too deeply") from None
+        except PermissionError as e:
+            raise ConfigError(f"cannot read {path}: {e.strerror}") from None
         try:
             return cls.from_dict(d)
         except ConfigError as e:
@@ -546,7 +549,13 @@ class KimiVLConfig:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> KimiVLConfig:
         file = os.path.join(path, "config.json") if os.path.isdir(path) else path
-        if not os.path.isfile(file):
+        try:
+            found = stat.S_ISREG(os.stat(file).st_mode)
+        except (FileNotFoundError, NotADirectoryError):
+            found = False
+        except OSError as e:  # a folder this user may not enter: its config.json is there, unreadable
+            raise ConfigError(f"cannot read {file}: {e.strerror}") from None
+        if not found:
             raise FileNotFoundError(f"no config.json at {path}")
         return cls.from_json_file(file)
 

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from kimivl import KimiVL
 from kimivl.checkpoint import INDEX, CheckpointError, convert_checkpoint, weights_size
+from kimivl.config import ConfigError
 from kimivl.model.moe import to_dtype
 
 
@@ -536,6 +537,22 @@ def test_corrupt_safetensors_file(tiny_model, tmp_path):
     (tmp_path / "model.safetensors").write_bytes(data[:100])
     with pytest.raises(CheckpointError, match="cannot read"):
         KimiVL.from_pretrained(tmp_path)
+
+
+def test_weights_or_a_folder_this_user_may_not_read_are_named_as_such(tiny_model, tmp_path, unprivileged):
+    """safetensors calls a file it may not read "No such file or directory", and a folder that may not be entered
+    was "no config.json at" it: another user's checkpoint sent the user looking for files that are there."""
+    tiny_model.save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").chmod(0)
+    with pytest.raises(CheckpointError, match=r"cannot read .*model\.safetensors: Permission denied$"):
+        unprivileged(lambda: KimiVL.from_pretrained(tmp_path / "m"))
+    (tmp_path / "m").chmod(0o600)  # readable, not to be entered
+    with pytest.raises(ConfigError, match=r"cannot read .*m/config\.json: Permission denied$"):
+        unprivileged(lambda: KimiVL.from_pretrained(tmp_path / "m"))
+    (tmp_path / "m").chmod(0o700)
+    (tmp_path / "m" / "config.json").chmod(0)
+    with pytest.raises(ConfigError, match=r"cannot read .*m/config\.json: Permission denied$"):
+        unprivileged(lambda: KimiVL.from_pretrained(tmp_path / "m"))
 
 
 def test_index_naming_absent_shard(tiny_model, tmp_path):
