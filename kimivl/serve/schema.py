@@ -180,7 +180,11 @@ def _local_file(url: str, where: str, limits: Limits) -> bytes:
     root = os.path.realpath(limits.allowed_local_media_path)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except (OSError, ValueError):  # missing, unreadable, a NUL in the path
+    except PermissionError:  # under the root, a file the server may not read is named so (nothing outside is told)
+        if os.path.commonpath([os.path.realpath(path), root]) == root:
+            raise RequestError(f"{where}: {url!r} cannot be read by the server (permission denied)", where) from None
+        raise refused from None
+    except (OSError, ValueError):  # missing, a NUL in the path
         raise refused from None
     try:
         opened = f"/proc/self/fd/{fd}"  # where the open file really is (Linux); elsewhere the path as it is now

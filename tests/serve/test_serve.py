@@ -1205,6 +1205,32 @@ def test_local_media_opens_only_regular_files_under_the_root_and_parses_file_url
             assert code == 400 and "not a file under the allowed local media path" in reply["error"]["message"], image
 
 
+def test_a_file_under_the_root_the_server_may_not_read_is_named_so_and_one_outside_is_not(tmp_path, unprivileged):
+    """A file under the root that the server's user may not read was "not a file under the allowed local media path",
+    as a missing one: the operator looked in the wrong place. Outside the root (through a link too) nothing changes."""
+    media = tmp_path / "media"
+    (media / "locked").mkdir(parents=True)
+    png = base64.b64decode(_png(28, 28).split(",")[1])
+    for path in (media / "secret.png", media / "locked" / "x.png", tmp_path / "outside.png"):
+        path.write_bytes(png)
+        path.chmod(0)
+    (media / "locked").chmod(0o600)
+    (media / "link.png").symlink_to(tmp_path / "outside.png")
+    limits = Limits(context=4096, max_batch=8, allowed_local_media_path=str(media))
+
+    def refusal(image):
+        try:
+            parse_chat_request({"model": "m", "messages": _image_msg(image)}, limits)
+        except RequestError as e:
+            return str(e).split(": ", 1)[1]
+
+    images = [media / "secret.png", media / "locked" / "x.png", media / "link.png", tmp_path / "outside.png"]
+    said = unprivileged(lambda: [refusal(str(image)) for image in images])
+    assert said == [f"{str(image)!r} cannot be read by the server (permission denied)" for image in images[:2]] + [
+        f"{str(image)!r} is not a file under the allowed local media path" for image in images[2:]
+    ]
+
+
 def test_a_file_url_names_a_file_by_the_bytes_of_its_percent_escapes(tmp_path):
     """file:///.../lat%E8.png (a Latin-1 name, as RFC 8089 writes its bytes) was "not a file under the allowed local
     media path" though it exists: the escapes were read as UTF-8."""
