@@ -16,10 +16,11 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from kimivl.config import PRESETS, ConfigError, KimiVLConfig
 from kimivl.exits import run_command, stop_code
-from kimivl.files import FULL, WriteError, path_text, write_error
+from kimivl.files import FULL, WriteError, own_descriptor, path_text, write_error
 from kimivl.terminal import is_terminal, printable
 from kimivl.train.recipe import PARTS
 
@@ -228,17 +229,24 @@ def _read_piped(args: argparse.Namespace) -> tuple[list[str | bytes], str | byte
         if not _piped(path):
             images.append(path)
             continue
-        with open(path, "rb") as f:
+        with _open_piped(path) as f:
             images.append(ImageProcessor().read_stream(f, path))
     video = args.video
     if video and _piped(video):
-        with open(video, "rb") as f:
+        with _open_piped(video) as f:
             video = f.read(PIPED_VIDEO_BYTES + 1)
         if len(video) > PIPED_VIDEO_BYTES:
             raise CommandError(
                 f"--video {args.video} is over {PIPED_VIDEO_BYTES} bytes; stopped reading it (save it to a file)"
             )
     return images, video
+
+
+def _open_piped(path: str) -> BinaryIO:
+    """A piped file opened for reading: through this process's own descriptor where ``path`` names one (``/dev/stdin``,
+    ``/dev/fd/N``), as opening it anew is refused for a pipe another user made (``sudo -u svc kimivl chat ... < x``)."""
+    fd = own_descriptor(path)
+    return open(path, "rb") if fd is None else os.fdopen(fd, "rb", closefd=False)
 
 
 class _StreamPrinter:

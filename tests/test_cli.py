@@ -1,5 +1,6 @@
 """The kimivl command: chat on a saved checkpoint."""
 
+import argparse
 import importlib.util
 import io
 import json
@@ -14,7 +15,7 @@ import pytest
 from PIL import Image
 
 from kimivl import KimiVL, KimiVLProcessor, generate
-from kimivl.cli import main
+from kimivl.cli import _read_piped, main
 
 
 def _typed(monkeypatch, *lines):
@@ -191,12 +192,24 @@ def test_a_turn_that_cannot_be_answered_leaves_the_session_going(checkpoint, mon
 
 def test_a_piped_video_of_megabytes_is_read_whole(piped):
     """A piped ``--video`` is held in memory up to ``PIPED_VIDEO_BYTES`` (1 GiB): a clip of a few MiB is its bytes."""
-    import argparse
-
-    from kimivl.cli import _read_piped
-
     clip = bytes(range(256)) * (3 << 12)  # 3 MiB
     assert _read_piped(argparse.Namespace(image=[], video=piped(clip))) == ([], clip)
+
+
+def test_a_pipe_another_user_made_is_read_through_this_process_s_descriptor(unprivileged):
+    """``sudo -u svc kimivl chat --video /dev/stdin ... < clip``: the pipe is the calling user's, and opening
+    /dev/stdin anew is refused ("Permission denied: '/dev/stdin'"); its descriptor reads it."""
+    read, write = os.pipe()
+    os.write(write, b"clip bytes")
+    os.close(write)
+    os.fchmod(read, 0)  # as another user's pipe: this one may not open it anew
+    try:
+        assert unprivileged(lambda: _read_piped(argparse.Namespace(image=[], video=f"/dev/fd/{read}"))) == (
+            [],
+            b"clip bytes",
+        )
+    finally:
+        os.close(read)
 
 
 def test_a_piped_session_keeps_a_line_for_each_answer_and_exits_2_when_a_question_failed(
