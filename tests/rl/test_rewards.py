@@ -28,15 +28,22 @@ def test_answer_needs_a_closed_reasoning():
         ("7.1", 7, 0.0),
         ("-3", -3, 1.0),
         ("1,234", 1234, 1.0),
+        ("1,234,567", 1234567, 1.0),
         ("3 + 4 = 7", 7, 1.0),  # several numbers: the last one is the answer
         ("7, or maybe 8", 7, 0.0),
         ("12 cm", 12, 1.0),
         ("12cm²", 12, 1.0),
         ("12 cm^2", 12, 1.0),
+        ("12 cm ^ 2", 12, 1.0),
+        ("4 unit^2", 4, 1.0),
         ("12 m2", 12, 1.0),
         ("12 sq units", 12, 1.0),
         ("The area is 12 square cm.", 12, 1.0),
         ("2.5", 2.5, 1.0),
+        ("-1000.05", -1000, 1.0),  # within rel_tol 1e-4 of |gold|, a negative gold's too
+        ("1000.5", 1000, 0.0),
+        ("0.000001", 0, 1.0),  # within abs_tol 1e-6 of 0, the bound included
+        ("0.00001", 0, 0.0),
         ("no idea", 7, 0.0),
     ],
 )
@@ -58,6 +65,10 @@ def test_a_gold_that_is_no_finite_number_is_refused_before_training(gold):
 
 def test_numbers_strip_units_not_digits():
     assert numbers("area 12 cm² and 3 m^3, total 15") == [12.0, 3.0, 15.0]
+    assert numbers("3cm4cm") == [3.0, 4.0]  # a unit between numbers keeps them apart
+    assert numbers("1,234 and 1,5") == [1234.0, 1.0, 5.0]  # thousands take three digits
+    assert numbers("a 5m20s run") == [5.0, 20.0]  # no exponent: "2" starts "20"
+    assert numbers("Item3 costs 7") == [3.0, 7.0]  # a word ending in "m" is no unit
 
 
 @pytest.mark.parametrize(
@@ -67,8 +78,14 @@ def test_numbers_strip_units_not_digits():
         ("(B)", 1.0),
         ("B. blue", 1.0),
         ("B) blue", 1.0),
+        ("B because it is blue", 1.0),
+        ("(B", 1.0),  # cut short
+        ("  B  ", 1.0),
         ("The answer is B", 1.0),
         ("the answer is (b)", 1.0),
+        ("THE ANSWER IS B", 1.0),  # the cue in any case
+        ("The answer is: B", 1.0),
+        ("the answer is (based on the figure) C", 0.0),  # a bracketed word is no lower-case letter
         ("A", 0.0),
         ("(A) or (B)", 0.0),
         ("Blue", 0.0),
@@ -95,6 +112,7 @@ def test_numbers_strip_units_not_digits():
         ("A不对，答案应该是B", 1.0),
         ("A不對，答案為B", 1.0),
         ("A不对，答案为B", 1.0),
+        ("A不對，答案應該是B", 1.0),
         ("A不对，应选B", 1.0),
         ("A不對，故選B", 1.0),  # traditional 選 was no cue
         ("A不對，應選B", 1.0),
@@ -110,11 +128,16 @@ def test_option(answer, expected):
     assert option(answer, {"gold": "B"}) == expected
 
 
+def test_option_gold_in_any_case_and_spacing():
+    assert option("(B)", {"gold": " b "}) == 1.0
+
+
 def test_string_match():
     meta = {"task": "ocr", "gold": "Hello, World"}
     assert string("hello world", meta) == 1.0
     assert string("  HELLO   world! ", meta) == 1.0
     assert string("hello world again", meta) == 0.0  # no credit for a superset
+    assert string("hello", meta) == 0.0  # nor for a part
     assert string("", {"gold": ""}) == 0.0
     assert string("red circle", {"gold": ["red", "circle"]}) == 1.0
     assert string("को", {"gold": "कि"}) == 0.0  # vowel signs count: "ko" is not "ki"
@@ -139,9 +162,11 @@ def test_registry_and_default():
     # tasks without a checker use held-out scoring: captions here, an integer gold read as the first integer
     assert correctness(f"{THINK} 3 circles", {"task": "caption", "gold": 3}) == 1.0
     assert correctness(f"{THINK} Red", {"task": "caption", "gold": "red"}) == 1.0
+    assert correctness(f"{THINK} 2024 sales", {"task": "ocr", "gold": 2024}) == 0.0  # OCR reads the whole text
     register("toy-task", lambda answer, meta: float(answer == "yes"))
+    register("toy-task", lambda answer, meta: float(answer == "no"))  # replaces
     try:
-        assert correctness(f"{THINK}yes", {"task": "toy-task"}) == 1.0
+        assert correctness(f"{THINK}no", {"task": "toy-task"}) == 1.0
     finally:
         del REWARDS["toy-task"]
 
@@ -154,6 +179,11 @@ def test_registry_and_default():
         ("The answer is I guess (B)", "B"),
         ("A right triangle", "A"),  # and a leading one, with no cue
         ("I see it now", "I"),
+        ("A  right triangle", "A"),  # more than one space before the word
+        ("a) red, b) blue", "A"),  # a letter closed but not opened is no option
+        ("the answer is b) blue", "B"),
+        ("the answer is BC", "B"),
+        ("C. no, (B)", "B"),  # a bracketed letter outranks a leading one
         ("the answer is A", "A"),  # a letter standing alone is still the letter
         ("the answer is A.", "A"),
         ("the answer is (A)", "A"),

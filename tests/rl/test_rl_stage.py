@@ -147,6 +147,8 @@ def test_bad_rl_settings_are_recipe_errors(problems, tmp_path):
         ({**stage, "rl": {"length_weight": float("nan")}}, "rl: rl length_weight must be a finite number, got nan"),
         ({**stage, "rl": {"stop": "<|im_end|>"}}, "rl: rl stop must be a list of special-token names"),
         ({**stage, "sources": "p"}, "stage 'rl': sources must be a list of source names, got 'p'"),
+        ({**stage, "sources": ["q"]}, r"stage 'rl' uses sources \['q'\] that 'sources' does not define"),
+        ({**stage, "rl": "tau"}, "stage 'rl': 'rl' settings are a mapping, got 'tau'"),
     ):
         (tmp_path / "r.yaml").write_text(yaml.safe_dump({**base, "stages": [bad]}))
         with pytest.raises(RecipeError, match=match):  # when the recipe loads, before anything runs
@@ -154,9 +156,11 @@ def test_bad_rl_settings_are_recipe_errors(problems, tmp_path):
     (tmp_path / "r.yaml").write_text(yaml.safe_dump({**base, "seed": "0", "stages": [stage]}))
     with pytest.raises(RecipeError, match="^seed must be an integer in"):  # not the rl seed's sum with a string
         load_recipe(tmp_path / "r.yaml")
-    (tmp_path / "r.yaml").write_text(yaml.safe_dump({**base, "bf16": False, "stages": [stage]}))
+    given = {**stage, "rl": None, "budget": 512, "clip": 0.5, "ckpt_every": 3}  # an empty `rl:`
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({**base, "bf16": False, "stages": [given]}))
     recipe = load_recipe(tmp_path / "r.yaml")
-    assert rl_config(recipe, recipe.stages[0]).bf16 is False
+    cfg = rl_config(recipe, recipe.stages[0])
+    assert (cfg.bf16, cfg.iterations, cfg.budget, cfg.clip, cfg.ckpt_every) == (False, 2, 512, 0.5, 3)
 
 
 @pytest.mark.parametrize(
@@ -254,6 +258,10 @@ def test_a_second_rl_stage_draws_other_problems_than_the_first(problems, tmp_pat
     assert (first.seed, second.seed) == (5, 6)
     draws = [ProblemSampler(["easy"] * 100, seed=cfg.seed).sample(8, 0.0) for cfg in (first, second)]
     assert draws[0] != draws[1]
+    d["seed"] = 2**64 - 1  # the largest seed: the next wraps round
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({**d, "stages": stages}))
+    recipe = load_recipe(tmp_path / "r.yaml")
+    assert rl_config(recipe, recipe.stages[2]).seed == 0
 
 
 def test_more_updates_than_a_rank_has_answers_is_refused_before_the_first_stage(problems, tmp_path):

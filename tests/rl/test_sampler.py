@@ -42,6 +42,7 @@ def test_priority_within_a_difficulty():
 def test_no_curriculum_is_plain_prioritised_sampling():
     s = ProblemSampler(["easy", "hard", "hard", "hard"])
     torch.testing.assert_close(s.probabilities(0.3), torch.full((4,), 0.25, dtype=torch.float64))
+    assert s.weights(0.3) == {}
     s.update([1], [1.0])
     prio = torch.tensor([1, 0.05, 1, 1], dtype=torch.float64)
     torch.testing.assert_close(s.probabilities(0.3), prio / prio.sum())
@@ -89,6 +90,9 @@ def test_sampling_frequencies_and_resume():
     again = ProblemSampler(["easy"] * 3, seed=99)
     again.load_state_dict(state)
     assert [s.sample(2, 0.0) for _ in range(5)] == [again.sample(2, 0.0) for _ in range(5)]
+    s.update([0, 1, 2], [0.0, 0.0, 0.0])
+    again.update([2], [0.0])
+    assert state["success"].tolist() == [1.0, 0.5, 0.0] and state["visits"].tolist() == [1, 1, 0]  # a snapshot
     with pytest.raises(ValueError, match="same problem sources"):
         ProblemSampler(["easy"] * 4).load_state_dict(state)
 
@@ -117,6 +121,30 @@ def test_bad_settings():
         ProblemSampler(["easy"], decay=1)
     with pytest.raises(ValueError, match="priority must be one of"):
         ProblemSampler(["easy"], priority="uncertainty")
+    with pytest.raises(ValueError, match="at least one problem"):
+        ProblemSampler([])
+    with pytest.raises(ValueError, match=r"priority_floor must lie in \(0, 1\], got 1.5"):
+        ProblemSampler(["easy"], floor=1.5)
+    with pytest.raises(ValueError, match=r"success_decay must lie in \[0, 1\), got -0.1"):
+        ProblemSampler(["easy"], decay=-0.1)
+    with pytest.raises(ValueError, match="curriculum maps the progress where each phase starts to its weights"):
+        ProblemSampler(["easy"], [0.0])
+    with pytest.raises(ValueError, match=r"curriculum phase False: .* a number in \[0, 1\)"):  # no phase 0
+        ProblemSampler(["easy"], {False: {"easy": 1}})
+    for weight in (True, "1"):  # not numbers
+        with pytest.raises(ValueError, match="curriculum phase 0.0: weights must be finite numbers"):
+            ProblemSampler(["easy"], {0.0: {"easy": weight}})
+    with pytest.raises(ValueError, match=r"curriculum phase 0.0 gives no weight to any difficulty present \(easy\)"):
+        ProblemSampler(["easy"], {0.0: {"easy": 0, "hard": 1}})
+
+
+def test_the_bounds_of_the_settings_are_taken():
+    """A floor of 1 draws uniformly, a decay of 0 keeps the latest rate alone and an empty curriculum is none."""
+    s = ProblemSampler(["easy"] * 3, {}, floor=1, decay=0)
+    s.update([0, 1], [1.0, 0.0])
+    s.update([0], [0.25])
+    assert s.success.tolist() == [0.25, 0.0, 0.0]
+    torch.testing.assert_close(s.probabilities(0.5), torch.full((3,), 1 / 3, dtype=torch.float64))
 
 
 def test_running_rate_weighs_the_old_value_by_decay():
@@ -144,6 +172,7 @@ def test_a_curriculum_warns_of_the_problems_it_never_draws(caplog):
     with caplog.at_level(logging.WARNING, logger="kimivl.rl.sampler"):
         sampler = ProblemSampler(["easy", "easy", "Easy", "any", "hard"], {0.0: {"easy": 1, "medium": 1}})
     assert sampler.probabilities(0.0)[2:].tolist() == [0.0, 0.0, 0.0]
+    assert sampler.weights(0.0) == {"easy": 1.0}  # medium: no problem holds it
     assert "the curriculum never draws 3 of the 5 problems" in caplog.text
     assert "Easy: 1, any: 1, hard: 1" in caplog.text
     caplog.clear()
@@ -169,3 +198,7 @@ def test_thousands_of_difficulty_labels_are_drawn_and_named_briefly(caplog):
     assert "never draws 12 of the 16 problems" in said
     assert "(topic 00000: 1, topic 00001: 1," in said and "topic 00009: 1, 2 other difficulties; 'any'" in said
     assert sampler.probabilities(0.0).tolist() == pytest.approx([0.0] * 12 + [0.25] * 3 + [0.25])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kimivl.rl.sampler"):
+        ProblemSampler(labels[2:], {0.0: {"easy": 3, "hard": 1}})
+    assert "(topic 00002: 1, " in caplog.text and "topic 00011: 1; 'any'" in caplog.text  # ten named: all of them

@@ -499,6 +499,7 @@ def test_resuming_an_rl_stage_after_its_settings_or_problems_changed(tmp_path, s
     write_records(tmp_path / "p.jsonl", problems)
     _run_rl(tmp_path, small_model, small_processor)
     _run_rl(tmp_path, small_model, small_processor, budget=1024)  # rows packed for log-probs: memory, not the update
+    _run_rl(tmp_path, small_model, small_processor, keep_checkpoints=3)  # what is kept, not what is trained
     changed = {"temperature": 1.5, "samples": 4, "problems": 4, "tau": 5.0, "length_weight": 0.5, "length_warmup": 2}
     named = (
         "rl.length_warmup: 0 then, 2 now; rl.length_weight: 0.0 then, 0.5 now; rl.problems: 2 then, 4 now; "
@@ -517,6 +518,34 @@ def test_resuming_an_rl_stage_after_its_settings_or_problems_changed(tmp_path, s
     with caplog.at_level("WARNING"):
         _run_rl(tmp_path, small_model, small_processor)
     assert "rl: data sources p changed since " in caplog.text
+
+
+def test_an_rl_stage_trains_its_parts_on_the_problems_of_all_its_sources(tmp_path, small_model, small_processor):
+    """The stage's ``train`` parts alone are trained, on the problems of every source (4 drawn of 2 + 2), and its run
+    returns the last iteration's metrics; a prompt over the model's context is refused when the stage starts."""
+    from kimivl.train.stages.rl import prepare as prepare_rl
+
+    for name, n in (("p", 2), ("q", 2), ("long", 1)):
+        words = "1 + " * 3000 if name == "long" else "2 + 2"
+        problem = {"messages": [{"role": "user", "content": f"{words}?"}], "meta": {"task": "toy", "gold": 4}}
+        write_records(tmp_path / f"{name}.jsonl", [problem] * n)
+    items = {name: JsonlRecords(tmp_path / f"{name}.jsonl", text=False) for name in ("p", "q", "long")}
+    rl = {"problems": 4, "samples": 2, "max_new_tokens": 2, "updates": 1}
+    stage = RLStage(name="rl", kind="rl", steps=1, lr=1e-3, sources=["p", "q"], train=["multi_modal_projector"], rl=rl)
+    ctx = _ctx(items, small_processor)
+    ctx.recipe = SimpleNamespace(seed=0, out=tmp_path / "run", bf16=False, stages=[stage])
+    try:
+        prepared = prepare_rl(stage, ctx, small_model)
+        trained = {n.split(".")[0] for n, p in small_model.named_parameters() if p.requires_grad}
+        assert trained == {"multi_modal_projector"}
+        optimizer = torch.optim.SGD([p for p in small_model.parameters() if p.requires_grad], lr=0.0)
+        metrics = prepared.run(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0), False)
+    finally:
+        small_model.requires_grad_(True)
+    assert 0 <= metrics["accuracy"] <= 1 and "reward" in metrics
+    stage.sources = ["long"]
+    with pytest.raises(DataError, match="'long': .* does not fit the model's context"):
+        prepare_rl(stage, ctx, small_model)
 
 
 def test_resuming_a_vit_stage_after_its_settings_changed_is_refused(tmp_path, small_model, small_processor):
