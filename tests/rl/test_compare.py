@@ -98,6 +98,19 @@ def test_the_command(runs, capsys, tmp_path):
         assert e.value.code == 2 and message in capsys.readouterr().err, argv
 
 
+def test_the_commands_help_and_an_arm_of_runs_whose_paths_hold_an_equals_sign(runs, capsys, tmp_path):
+    """The arm's name is what comes before the first '=': a run directory may hold one (``lr=1e-5``)."""
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and out.startswith("usage: python -m kimivl.rl.compare ")
+    assert "The README comparison of RL runs: held-out accuracy" in " ".join(out.split())
+    opmd, _ = runs
+    moved = [opmd[0].rename(tmp_path / "lr=1e-5-s0"), opmd[1].rename(tmp_path / "lr=1e-5-s1")]
+    assert main(["--arm", "opmd=" + ",".join(map(str, moved))]) == 0
+    assert capsys.readouterr().out.splitlines()[2].startswith("| opmd | 2 | 24.0% [24.0, 24.0] | 27.0% [")
+
+
 def test_a_single_seed_without_predictions_of_the_task_is_named_not_a_traceback(tmp_path, capsys):
     """Its Wilson interval needs the number of problems scored: none would divide by zero."""
     run = write_run(tmp_path / "r", 0.2, 0.25, 50.0, 40.0, problems=0)
