@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from kimivl import KimiVL
 from kimivl.checkpoint import INDEX, CheckpointError, convert_checkpoint, weights_size
 from kimivl.config import ConfigError
+from kimivl.devices import DeviceError, check_device
 from kimivl.model.moe import to_dtype
 
 
@@ -165,8 +166,6 @@ def test_a_model_held_in_bf16_saves_and_reloads_in_bf16(tiny_model, tmp_path):
 
 
 def test_from_pretrained_names_a_bad_dtype_or_device(tiny_model, tmp_path, monkeypatch):
-    from kimivl.devices import DeviceError
-
     tiny_model.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="dtype must be a floating torch.dtype .* got 'float32'"):
         KimiVL.from_pretrained(tmp_path, dtype="float32")
@@ -180,6 +179,21 @@ def test_from_pretrained_names_a_bad_dtype_or_device(tiny_model, tmp_path, monke
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)  # a Mac: prefill's kernel is CPU-only
     with pytest.raises(DeviceError, match="device='mps': mps is not supported by kimivl; use device='cpu'"):
         KimiVL.from_pretrained(tmp_path, device="mps")
+
+
+def test_check_device_with_a_gpu_takes_its_indices_and_names_other_devices(monkeypatch):
+    """On a machine of one GPU: cuda and cuda:0 are taken, cuda:1 is named; a value no device name is refused."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    devices = (None, "cuda", "cuda:0", torch.device("cuda", 0))
+    assert [check_device(d) for d in devices] == ["cuda", "cuda", "cuda:0", "cuda:0"]
+    with pytest.raises(DeviceError, match=r"--device cuda:1: this machine has 1 CUDA device\(s\); use cuda:0..cuda:0$"):
+        check_device("cuda:1", "--device")
+    with pytest.raises(DeviceError, match="device='1.5': not a device name"):
+        check_device(1.5)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)  # a Mac: other devices are still absent
+    with pytest.raises(DeviceError, match="device='xpu': xpu is not available here; use device='cpu' or cuda"):
+        check_device("xpu")
 
 
 def test_resharding_removes_stale_shards(tiny_model, tmp_path):
