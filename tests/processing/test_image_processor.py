@@ -164,8 +164,10 @@ def test_data_urls_are_read_as_browsers_read_them():
         np.testing.assert_array_equal(np.asarray(ImageProcessor().load(url)), want, err_msg=url[:30])
     for garbage, words in (
         ("data:image/png;base64," + text[:-3] + "!" + text[-2:], "not valid base64"),
+        ("data:image/png;base64," + text[:-3] + "é" + text[-2:], "not valid base64$"),  # not ASCII
         ("data:image/png;base64,QUJDR", "not valid base64 \\(its length is one past a whole block\\)"),
         ("data:image/png;base64x," + text, "must be 'data:<mime type>;base64,<data>'"),
+        ("data:image/png;base64", "must be 'data:<mime type>;base64,<data>'"),  # no comma: no data, not empty data
     ):
         with pytest.raises(ImageError, match=words):
             ImageProcessor().load(garbage)
