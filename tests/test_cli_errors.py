@@ -594,6 +594,34 @@ def test_a_closed_stdout_is_refused_only_where_the_result_is_printed(monkeypatch
     assert run_command("x", lambda: 0) == 2 and "x: error: stdout is closed" in capsys.readouterr().err
 
 
+def test_a_commands_status_is_its_own_none_counting_as_zero():
+    from kimivl.exits import run_command
+
+    assert [run_command("x", lambda code=code: code) for code in (None, 0, 1, 3)] == [0, 0, 1, 3]
+
+
+def test_a_full_pipe_whose_reader_is_there_and_no_stream_are_no_reader_gone():
+    """A slow reader (``| less`` not scrolled) has left the pipe full: the poll answers at once, no error."""
+    import os
+    import threading
+
+    from kimivl.exits import reader_gone
+
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    with open(write, "wb", buffering=0) as pipe, open(read):
+        while pipe.write(b"x" * 4096):  # None once the pipe is full
+            pass
+        answers = []
+        poll = threading.Thread(target=lambda: answers.append(reader_gone(pipe)), daemon=True)
+        poll.start()
+        poll.join(10)
+        assert answers == [False]
+    closed = open(os.devnull, "w")
+    closed.close()
+    assert reader_gone(None) is False and reader_gone(closed) is False  # ``>&-`` (sys.stdout is None), a closed file
+
+
 def test_an_error_quoting_a_data_file_prints_its_escapes_not_its_control_characters(tmp_path, capsys):
     """``kimivl demo --examples DIR`` whose media path held terminal escapes printed them raw in the looked-for path of
     its error (the path quoted with repr was escaped): a data file could clear the screen and retitle the terminal."""
