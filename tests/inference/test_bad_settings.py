@@ -154,3 +154,11 @@ def test_stream_generate_given_a_batch_points_to_generate(small_model, small_pro
     with pytest.raises(MessageError, match="stream_generate takes one conversation .* got a list of 2 conversations"):
         next(stream_generate(small_model, small_processor, chats))
     assert len(generate(small_model, small_processor, chats, max_new_tokens=2)) == 2
+
+
+@pytest.mark.parametrize("messages", [[], {"role": "user", "content": "hi"}])
+def test_no_messages_or_one_message_not_in_a_list_is_named(small_model, small_processor, messages):
+    """Neither is taken for a batch (an IndexError or a KeyError from looking into it)."""
+    for answer in (generate, lambda *args: next(stream_generate(*args))):
+        with pytest.raises(MessageError, match="messages must be a non-empty list of"):
+            answer(small_model, small_processor, messages)
