@@ -1,5 +1,7 @@
 """kimivl demo on a saved checkpoint and the bundled held-out examples."""
 
+import json
+import re
 from pathlib import Path
 
 import kimivl.demo
@@ -26,6 +28,10 @@ def test_demo_runs_and_reports_accuracy(small_model, small_processor, tmp_path, 
     assert out.startswith(f"model from {tmp_path / 'model'}: ")  # the model's name, whichever (not kimivl-tiny's)
     assert out.count("--- ") == 7 and "held-out accuracy (14 questions" in out
     assert all(0.0 <= a <= 1.0 for a in accuracy.values())
+    # each task's first question with its images (the interleaved one has two, the video's frames none), and n per task
+    assert "\n--- interleaved: [2 image/video parts] The word green" in out
+    assert out.count("\n    image: ") == 7 and "/ex/media/interleaved_interleaved_000000_1.png\n" in out
+    assert re.findall(r"\(n=(\d+)\)", out) == ["2"] * 7 + ["14"]
 
 
 def test_demo_without_a_model_says_how_to_get_one(tmp_path, capsys):
@@ -54,8 +60,6 @@ def test_the_examples_question_and_the_models_reasoning_print_their_escapes(
 ):
     """A held-out file's question and the model's reasoning were printed raw (the answer, repr-quoted, was escaped):
     a data file, or a model steered by it, could clear the screen, set the clipboard (OSC 52) or overwrite a line."""
-    import json
-
     small_model.save_pretrained(tmp_path / "model")
     small_processor.save_pretrained(tmp_path / "model")
     (tmp_path / "ex").mkdir()
@@ -73,3 +77,16 @@ def test_the_examples_question_and_the_models_reasoning_print_their_escapes(
     assert "--- reasoning: [1 image/video part] Solve\\x1b[2J\\x1b]52;c;cHduZWQ=\\x07 it.\\r\\u202e\n" in out, out
     assert "    reasoning: \\x1b[2J\\x08x\n    answer: '35'   gold: 35   correct\n" in out, out
     assert not any(c in out for c in "\x1b\x07\x08\r\u202e"), out
+
+
+def test_a_question_of_text_alone_is_shown(small_model, small_processor, tmp_path, monkeypatch, capsys):
+    """A held-out record's content may be a string, no list of parts: it has no images to list."""
+    small_model.save_pretrained(tmp_path / "model")
+    small_processor.save_pretrained(tmp_path / "model")
+    (tmp_path / "ex").mkdir()
+    record = {"messages": [{"role": "user", "content": "What is 2 + 3?"}], "meta": {"task": "reasoning", "gold": 5}}
+    (tmp_path / "ex" / "reasoning.jsonl").write_text(json.dumps(record) + "\n")
+    monkeypatch.setattr("kimivl.inference.chat.generate", lambda model, processor, prompts, **kw: ["5"] * len(prompts))
+    assert run_demo(tmp_path / "model", tmp_path / "ex", progress=False) == {"reasoning": 1.0, "all": 1.0}
+    out = capsys.readouterr().out
+    assert "--- reasoning: [0 image/video parts] What is 2 + 3?\n    answer: '5'   gold: 5   correct\n" in out, out
