@@ -45,6 +45,24 @@ def test_a_bar_on_a_terminal_keeps_tqdms_refreshes_and_one_elsewhere_waits_30_s_
         bar = progress_bar(total=3, file=stream)
         assert (bar.mininterval, bar.maxinterval) == intervals, stream
         bar.close()
+        monkeypatch.setattr(sys, "stderr", stream)  # tqdm's own stream, when none is given
+        bar = progress_bar(total=3)
+        assert (bar.mininterval, bar.maxinterval) == intervals, stream
+        bar.close()
+    bar = progress_bar(total=3, file=io.StringIO(), mininterval=1.0)  # a caller's interval wins
+    assert (bar.mininterval, bar.maxinterval) == (1.0, 30.0)
+    bar.close()
+    # and so does the environment's (which tqdm reads once, as it is imported)
+    code = "import io; from kimivl.progress import progress_bar; b = progress_bar(total=3, file=io.StringIO()); "
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "TQDM_MININTERVAL": "5"}
+    done = subprocess.run(
+        [sys.executable, "-c", code + "print(b.mininterval, b.maxinterval)"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert done.stdout == "5.0 10.0\n", done.stderr
 
 
 def test_train_logs_each_record_on_a_line_of_its_own_not_glued_to_a_bar(tmp_path):
