@@ -1,11 +1,11 @@
 import ctypes
 import dataclasses
 import os
-import pickle
 import resource
 import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -38,36 +38,29 @@ def file_size_limit():
 
 @pytest.fixture()
 def unprivileged():
-    """``run(fn)``: ``fn()`` in a forked child for which file permissions hold, as for any user (as root, the child
-    drops every capability: root's override of permissions goes, and ``os.access`` answers for the modes too);
-    returns what it returns, or raises what it raises."""
+    """``run(fn)``: ``fn()`` in a thread of its own for which file permissions hold, as for any user (as root, the
+    thread drops every capability, which Linux keeps per thread: root's override of permissions goes, and
+    ``os.access`` answers for the modes too); returns what it returns, or raises what it raises."""
 
     def run(fn):
-        read, write = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child: never back into pytest
+        outcome = {}
+
+        def call():
             try:
                 if os.geteuid() == 0:
-                    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
+                    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this thread
                     if ctypes.CDLL(None, use_errno=True).capset(header, (ctypes.c_uint32 * 6)()) != 0:
-                        raise OSError(ctypes.get_errno(), "capset failed")
-                outcome = (True, fn())
-            except BaseException as e:  # noqa: BLE001 - handed to the parent
-                outcome = (False, e)
-            try:
-                said = pickle.dumps(outcome)
-            except Exception:  # noqa: BLE001 - an exception pickle cannot take: its words
-                said = pickle.dumps((False, RuntimeError(repr(outcome[1]))))
-            with os.fdopen(write, "wb") as f:
-                f.write(said)
-            os._exit(0)
-        os.close(write)
-        with os.fdopen(read, "rb") as f:
-            ok, value = pickle.loads(f.read())
-        os.waitpid(pid, 0)
-        if not ok:
-            raise value
-        return value
+                        raise OSError(ctypes.get_errno(), "capset: the capabilities could not be dropped")
+                outcome["value"] = fn()
+            except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread
+                outcome["error"] = e
+
+        thread = threading.Thread(target=call)
+        thread.start()
+        thread.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]
 
     return run
 

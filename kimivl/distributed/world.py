@@ -124,7 +124,7 @@ def main_first(world: World, lock: Path) -> Iterator[bool]:
     import fcntl  # not at import: a platform without it (Windows) still imports the trainer, eval and RL
 
     lock.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)  # as the umask allows
+    fd = os.open(lock, os.O_RDONLY | os.O_CREAT, 0o666)  # flock needs no writing: another user's lock file serves
     try:
         if world.main:
             fcntl.flock(fd, fcntl.LOCK_EX)

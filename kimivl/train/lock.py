@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from kimivl.files import FULL, write_error
 from kimivl.train.recipe import ExportRefused, RecipeError
 
 if TYPE_CHECKING:
@@ -39,8 +40,13 @@ def run_lock(out: Path, world: World | None = None) -> Iterator[None]:
             fd = _take(out / LOCK, {}, f"{out} {IN_USE}", ADVICE)
         except RecipeError as e:
             refused = str(e)
-        except OSError as e:  # a folder this user cannot write (a default --out in a read-only clone)
-            refused = f"cannot write to {out}: {e.strerror} ({e.filename}); choose another --out"
+        except OSError as e:  # a folder this user cannot write (a default --out in a read-only clone), a full disk
+            file = e.filename or out / LOCK
+            refused = (
+                str(write_error(e, file))
+                if e.errno in FULL
+                else f"cannot write to {out}: {e.strerror} ({file}); choose another --out"
+            )
     if world is not None:
         refused = world.wait_for_main(refused)
     if refused is not None:
@@ -158,8 +164,9 @@ def _take(
     except PermissionError as e:
         if not file.exists():
             raise  # the folder is not writable: the caller names it
+        whose = "another user made it" if file.stat().st_uid != os.geteuid() else "its mode allows no writing"
         raise error(
-            f"{file} cannot be opened for writing ({e.strerror}): another user made it; make it writable for this user "
+            f"{file} cannot be opened for writing ({e.strerror}): {whose}; make it writable for this user "
             "(chmod g+w, for a folder the group shares)"
         ) from None
     try:
@@ -174,8 +181,13 @@ def _take(
     started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")  # with its UTC offset: the run
     # refused may be in another time zone, or on another host of a shared filesystem
     held = {"pid": os.getpid(), "host": socket.gethostname(), "started": started, **holder}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(held).encode(), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(held).encode(), 0)
+    except OSError as e:  # a full disk: the lock is let go, and the lock file named
+        os.close(fd)
+        e.filename = os.fspath(file)
+        raise
     return fd
 
 

@@ -340,7 +340,10 @@ def test_the_lock_takes_the_umask_and_another_users_lock_or_an_unwritable_folder
         with run_lock(out):
             return "taken"
 
-    with pytest.raises(RecipeError, match=rf"{lock} cannot be opened for writing \(Permission denied\): another user"):
+    with pytest.raises(
+        RecipeError,
+        match=rf"{lock} cannot be opened for writing \(Permission denied\): .*; make it writable for this user",
+    ):
         unprivileged(lambda: take(tmp_path / "shared"))
     assert unprivileged(lambda: check_free(tmp_path / "shared")) is None  # no run holds it: run_lock names it
     (tmp_path / "clone").mkdir(mode=0o555)
@@ -348,7 +351,20 @@ def test_the_lock_takes_the_umask_and_another_users_lock_or_an_unwritable_folder
         RecipeError, match=rf"cannot write to {tmp_path}/clone/runs/eval: Permission denied \(.*runs\); choose another"
     ):
         unprivileged(lambda: take(tmp_path / "clone" / "runs" / "eval"))
-    assert take(tmp_path / "shared") == "taken"  # its owner still can
+    lock.chmod(0o664)  # made writable for the group, as the refusal advises
+    assert unprivileged(lambda: take(tmp_path / "shared")) == "taken"
+
+
+def test_a_lock_the_disk_will_not_take_is_named_and_let_go(tmp_path, file_size_limit):
+    """Its holder record refused (a full disk) was "cannot write to OUT: ... (None)", and the descriptor, still
+    holding the lock, was lost: no run could take the folder until the process ended."""
+    file_size_limit(0)
+    with pytest.raises(RecipeError, match=rf"cannot write to {tmp_path}: File too large \({tmp_path}/\.lock\); choose"):
+        with run_lock(tmp_path):
+            pass
+    file_size_limit(None)
+    with run_lock(tmp_path):
+        pass
 
 
 def test_an_out_in_use_is_checked_without_a_world_and_this_process_s_own_run_holds_it_free(tmp_path):
