@@ -1224,7 +1224,11 @@ def test_a_file_under_the_root_the_server_may_not_read_is_named_so_and_one_outsi
         except RequestError as e:
             return str(e).split(": ", 1)[1]
 
+    (tmp_path / "private").mkdir(
+        mode=0o600
+    )  # a folder outside that the server may not enter: its existence is not told
     images = [media / "secret.png", media / "locked" / "x.png", media / "link.png", tmp_path / "outside.png"]
+    images += [f"{tmp_path}/private/../media/secret.png", f"{tmp_path}/absent/../media/secret.png"]
     said = unprivileged(lambda: [refusal(str(image)) for image in images])
     assert said == [f"{str(image)!r} cannot be read by the server (permission denied)" for image in images[:2]] + [
         f"{str(image)!r} is not a file under the allowed local media path" for image in images[2:]
