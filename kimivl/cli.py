@@ -220,20 +220,21 @@ def _piped(path: str) -> bool:
 
 
 def _read_piped(args: argparse.Namespace) -> tuple[list[str | bytes], str | bytes | None]:
-    """Chat's images and video: a piped one is read here, once, and its bytes stand for it in the check and in every
-    turn; a file stays a path (named in errors, a video not held in memory)."""
+    """Chat's images and video: a piped one, or one this process holds open (``/dev/stdin`` of ``< file``), is read
+    here, once, and its bytes stand for it in the check and in every turn; a file stays a path (named in errors, a
+    video not held in memory)."""
     from kimivl.processing.image import ImageProcessor
 
     images: list[str | bytes] = []
     for path in args.image:
-        if not _piped(path):
+        if not _read_here(path):
             images.append(path)
             continue
-        with _open_piped(path) as f:
+        with _open_piped("--image", path) as f:
             images.append(ImageProcessor().read_stream(f, path))
     video = args.video
-    if video and _piped(video):
-        with _open_piped(video) as f:
+    if video and _read_here(video):
+        with _open_piped("--video", video) as f:
             video = f.read(PIPED_VIDEO_BYTES + 1)
         if len(video) > PIPED_VIDEO_BYTES:
             raise CommandError(
@@ -242,11 +243,21 @@ def _read_piped(args: argparse.Namespace) -> tuple[list[str | bytes], str | byte
     return images, video
 
 
-def _open_piped(path: str) -> BinaryIO:
+def _read_here(path: str) -> bool:
+    return _piped(path) or own_descriptor(path) is not None
+
+
+@contextlib.contextmanager
+def _open_piped(flag: str, path: str) -> Iterator[BinaryIO]:
     """A piped file opened for reading: through this process's own descriptor where ``path`` names one (``/dev/stdin``,
-    ``/dev/fd/N``), as opening it anew is refused for a pipe another user made (``sudo -u svc kimivl chat ... < x``)."""
+    ``/dev/fd/N``), as opening it anew is refused for a file or pipe of another user (``sudo -u svc kimivl chat ...
+    < x``). A failed read names ``flag``."""
     fd = own_descriptor(path)
-    return open(path, "rb") if fd is None else os.fdopen(fd, "rb", closefd=False)
+    try:
+        with open(path, "rb") if fd is None else os.fdopen(fd, "rb", closefd=False) as f:
+            yield f
+    except OSError as e:  # /dev/stdout, open for writing only
+        raise CommandError(f"{flag} {path} cannot be read: {e.strerror or e}") from None
 
 
 class _StreamPrinter:

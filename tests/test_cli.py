@@ -196,20 +196,27 @@ def test_a_piped_video_of_megabytes_is_read_whole(piped):
     assert _read_piped(argparse.Namespace(image=[], video=piped(clip))) == ([], clip)
 
 
-def test_a_pipe_another_user_made_is_read_through_this_process_s_descriptor(unprivileged):
-    """``sudo -u svc kimivl chat --video /dev/stdin ... < clip``: the pipe is the calling user's, and opening
-    /dev/stdin anew is refused ("Permission denied: '/dev/stdin'"); its descriptor reads it."""
+def test_a_pipe_or_file_another_user_opened_is_read_through_this_process_s_descriptor(unprivileged, tmp_path):
+    """``sudo -u svc kimivl chat --video /dev/stdin ... < clip`` (or ``cat clip |``): the file or pipe is the calling
+    user's, and opening /dev/stdin anew is refused ("Permission denied: '/dev/stdin'"); its descriptor reads it. One
+    open for writing only (``--image /dev/stdout``) is named, not a bare "Bad file descriptor"."""
     read, write = os.pipe()
     os.write(write, b"clip bytes")
     os.close(write)
     os.fchmod(read, 0)  # as another user's pipe: this one may not open it anew
+    (tmp_path / "clip").write_bytes(b"file bytes")
+    (tmp_path / "clip").chmod(0)
+    shell_opened = os.open(tmp_path / "clip", os.O_RDONLY)  # as the shell's "<" opens it, before sudo
+    unread, out = os.pipe()
     try:
-        assert unprivileged(lambda: _read_piped(argparse.Namespace(image=[], video=f"/dev/fd/{read}"))) == (
-            [],
-            b"clip bytes",
-        )
+        for fd, data in ((read, b"clip bytes"), (shell_opened, b"file bytes")):
+            video = f"/dev/fd/{fd}"
+            assert unprivileged(lambda: _read_piped(argparse.Namespace(image=[], video=video))) == ([], data)
+        with pytest.raises(ValueError, match=rf"--image /dev/fd/{out} cannot be read: Bad file descriptor"):
+            _read_piped(argparse.Namespace(image=[f"/dev/fd/{out}"], video=None))
     finally:
-        os.close(read)
+        for fd in (read, shell_opened, out, unread):
+            os.close(fd)
 
 
 def test_a_piped_session_keeps_a_line_for_each_answer_and_exits_2_when_a_question_failed(
