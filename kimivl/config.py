@@ -551,7 +551,7 @@ class KimiVLConfig:
         file = os.path.join(path, "config.json") if os.path.isdir(path) else path
         try:
             found = stat.S_ISREG(os.stat(file).st_mode)
-        except (FileNotFoundError, NotADirectoryError):
+        except (FileNotFoundError, NotADirectoryError, ValueError):  # ValueError: a NUL, or a name the OS cannot take
             found = False
         except OSError as e:  # a folder this user may not enter: its config.json is there, unreadable
             raise ConfigError(f"cannot read {file}: {e.strerror}") from None

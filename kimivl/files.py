@@ -173,13 +173,14 @@ def write_text_atomic(
             f.write(text)
         return
     path = Path(os.path.realpath(path) if through_links else path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp = path.with_name(f".{path.name[:100]}.{uuid.uuid4().hex}.tmp")  # a name of 255 bytes has a temporary one
     try:
         with writing(path), open(tmp, "x", encoding="utf-8", errors=errors) as f:  # created and closed in the block
             f.write(text)
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # the error raised is the write's
+            tmp.unlink(missing_ok=True)
         raise
 
 

@@ -10,11 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from kimivl import KimiVL
+from kimivl import KimiVL, KimiVLConfig
 from kimivl.checkpoint import INDEX, CheckpointError, convert_checkpoint, weights_size
 from kimivl.config import ConfigError
 from kimivl.devices import DeviceError, check_device
 from kimivl.model.moe import to_dtype
+from kimivl.train.plan import header_dtype
 
 
 def official_keys(cfg):
@@ -558,11 +559,14 @@ def test_weights_or_a_folder_this_user_may_not_read_are_named_as_such(tiny_model
     was "no config.json at" it: another user's checkpoint sent the user looking for files that are there."""
     tiny_model.save_pretrained(tmp_path / "m")
     (tmp_path / "m" / "model.safetensors").chmod(0)
-    with pytest.raises(CheckpointError, match=r"cannot read .*model\.safetensors: Permission denied$"):
-        unprivileged(lambda: KimiVL.from_pretrained(tmp_path / "m"))
+    for read in (KimiVL.from_pretrained, header_dtype):  # loading, and planning (kimivl info --train)
+        with pytest.raises(CheckpointError, match=r"cannot read .*model\.safetensors: Permission denied$"):
+            unprivileged(lambda: read(tmp_path / "m"))
     (tmp_path / "m").chmod(0o600)  # readable, not to be entered
     with pytest.raises(ConfigError, match=r"cannot read .*m/config\.json: Permission denied$"):
         unprivileged(lambda: KimiVL.from_pretrained(tmp_path / "m"))
+    with pytest.raises(FileNotFoundError, match="no config.json at"):  # a name the OS cannot be given: none there
+        KimiVLConfig.from_pretrained(f"{tmp_path}/m\x00")
     (tmp_path / "m").chmod(0o700)
     (tmp_path / "m" / "config.json").chmod(0)
     with pytest.raises(ConfigError, match=r"cannot read .*m/config\.json: Permission denied$"):

@@ -8,9 +8,8 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
-from kimivl.checkpoint import STORED_FLOATS, WEIGHT_DTYPES, checkpoint_files
+from kimivl.checkpoint import STORED_FLOATS, WEIGHT_DTYPES, _read_headers, checkpoint_files
 from kimivl.data.world import world_built, world_wanted
 from kimivl.model.kimivl import KimiVL
 from kimivl.precision import use_bf16
@@ -37,10 +36,7 @@ STORED_DTYPES = {s: str(d).removeprefix("torch.") for s, d in zip(STORED_FLOATS,
 def header_dtype(path: Path) -> str:
     """The dtype most tensors of the checkpoint at ``path`` are stored in (``bfloat16`` in released checkpoints,
     ``float32`` in a stage's ``final``), read from the headers only."""
-    dtypes = Counter()
-    for file in checkpoint_files(path):
-        with safe_open(file, framework="pt") as f:
-            dtypes.update(f.get_slice(k).get_dtype() for k in f.keys())
+    dtypes = Counter(dtype for _, _, dtype in _read_headers(checkpoint_files(path)).values())
     stored = dtypes.most_common(1)[0][0]
     return STORED_DTYPES.get(stored, stored)
 
