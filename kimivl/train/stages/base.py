@@ -29,9 +29,10 @@ RESUME_FREE = ("name", "kind", "ckpt_every", "log_every", "val", "recompute")  #
 STAGE_NAME = re.compile(
     r"[A-Za-z0-9_][A-Za-z0-9._-]{0,98}[A-Za-z0-9_-]|[A-Za-z0-9_]"
 )  # no trailing '.' (Windows drops it)
-# other folders of a run, and the name of the base model's evaluation under out/eval; compared case-folded, as macOS's
-# and Windows' filesystems compare names; nor can a folder take a Windows device's name, with or without a suffix
-RESERVED = {"world", "tokenizer", "eval", "tensorboard", "base"}
+# other folders and files of a run, and the name of the base model's evaluation under out/eval; compared case-folded,
+# as macOS's and Windows' filesystems compare names; nor can a folder take a Windows device's name, with or without a
+# suffix
+RESERVED = {"world", "tokenizer", "eval", "tensorboard", "base", "initial", "seed.json", "metrics.jsonl", "curves.png"}
 DEVICES = {"con", "prn", "aux", "nul"} | {f"{port}{n}" for port in ("com", "lpt") for n in range(1, 10)}
 
 if TYPE_CHECKING:
