@@ -349,6 +349,14 @@ def _atomic_save(
         raise
 
 
+def _make_folder(path: str) -> None:
+    """The folder a save writes into, made if need be; a full disk or a read-only one is a ``CheckpointWriteError``."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise write_error(e, path) from None
+
+
 def write_error(e: OSError, file: str | os.PathLike) -> CheckpointWriteError:
     """The error for an OS failure while writing ``file``: a full disk says so."""
     return _write_error(e, file, CheckpointWriteError)
@@ -406,7 +414,7 @@ def save_checkpoint(
     instead of written again, so a stage that trains a small part of a large model writes its frozen weights once."""
     check_save_arguments(max_shard_bytes, dtype)
     path = os.fspath(path)
-    os.makedirs(path, exist_ok=True)
+    _make_folder(path)
     state = model.state_dict()
     frozen = _frozen_keys(model, state) if frozen_apart else set()
     parts = [{k: t for k, t in state.items() if (k in frozen) == side} for side in (True, False)]
@@ -461,7 +469,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: to
     names = [os.path.relpath(f, src) for f in files]
     indexed = os.path.isfile(os.path.join(src, INDEX))
     created = not os.path.exists(dst)
-    os.makedirs(dst, exist_ok=True)
+    _make_folder(dst)
     in_place = os.path.samefile(src, dst)  # then the files overwritten are the source's own
     try:
         stale = _stale_files(dst, {*names, *([INDEX] if indexed else []), CONFIG}, checked=not in_place)

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kimivl import KimiVL, KimiVLConfig
-from kimivl.checkpoint import INDEX, CheckpointError, convert_checkpoint, weights_size
+from kimivl.checkpoint import INDEX, CheckpointError, CheckpointWriteError, convert_checkpoint, weights_size
 from kimivl.config import ConfigError
 from kimivl.devices import DeviceError, check_device
 from kimivl.model.moe import to_dtype
@@ -571,6 +571,19 @@ def test_weights_or_a_folder_this_user_may_not_read_are_named_as_such(tiny_model
     (tmp_path / "m" / "config.json").chmod(0)
     with pytest.raises(ConfigError, match=r"cannot read .*m/config\.json: Permission denied$"):
         unprivileged(lambda: KimiVL.from_pretrained(tmp_path / "m"))
+
+
+def test_a_save_or_conversion_into_a_folder_that_cannot_be_made_is_a_write_error(tiny_model, tmp_path, unprivileged):
+    """The folder was made outside the save's error handling: a read-only or full disk gave a bare OSError, where
+    ``save_pretrained`` promises a ``CheckpointError``."""
+    tiny_model.save_pretrained(tmp_path / "m")
+    (tmp_path / "ro").mkdir(mode=0o555)
+    for save in (
+        lambda: tiny_model.save_pretrained(tmp_path / "ro" / "new"),
+        lambda: convert_checkpoint(tmp_path / "m", tmp_path / "ro" / "new", torch.bfloat16),
+    ):
+        with pytest.raises(CheckpointWriteError, match=r"cannot write .*/ro/new: Permission denied"):
+            unprivileged(save)
 
 
 def test_index_naming_absent_shard(tiny_model, tmp_path):
