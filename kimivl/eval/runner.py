@@ -30,7 +30,7 @@ from kimivl.eval.answers import check_mode
 from kimivl.eval.report import read_results, update_results
 from kimivl.eval.tables import Sample, Skipped, index_key, jsonl_objects
 from kimivl.eval.tasks import Task
-from kimivl.files import path_text, write_text_atomic, writing
+from kimivl.files import path_text, write_error, write_text_atomic, writing
 from kimivl.terminal import printable
 from kimivl.train.lock import LOCK, run_lock
 from kimivl.train.recipe import RecipeError
@@ -187,7 +187,10 @@ def _made_dir(out_dir: Path) -> Iterator[None]:
     """Create ``out_dir``; when it was created here and what runs inside fails leaving nothing there but the lock,
     remove it again, and the parents created with it (a failed start leaves no output directory behind)."""
     made = [d for d in (out_dir, *out_dir.parents) if not d.exists()]
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a read-only or full disk: the error names the folder, as a write's does
+        raise write_error(e, e.filename or out_dir) from None
     try:
         yield
     except BaseException:

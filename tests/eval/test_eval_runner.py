@@ -14,8 +14,9 @@ from PIL import Image
 
 from kimivl import generate
 from kimivl.cli import main
-from kimivl.eval.runner import EvalError, read_predictions, run_task
+from kimivl.eval.runner import EvalError, _made_dir, read_predictions, run_task
 from kimivl.eval.tasks import get_task
+from kimivl.files import WriteError
 
 
 def ocr_tsv(path, n=7, bad=()):
@@ -872,3 +873,15 @@ def test_control_characters_and_pipes_from_the_data_are_escaped_in_what_is_print
     kept = "中文\u3000问题 👩\u200d💻 x\xa0y \U0001fae8"
     assert printable(kept + " a\tb") == kept + " a\\tb"
     assert printable("\x1b[2J\u2028\u202e\x85") == "\\x1b[2J\\u2028\\u202e\\x85"
+
+
+def test_an_out_folder_that_cannot_be_made_is_named(tmp_path, unprivileged):
+    """On a read-only disk ``kimivl eval --out ro/new`` printed a bare "[Errno 30] Read-only file system"."""
+    (tmp_path / "ro").mkdir(mode=0o555)
+
+    def make():
+        with _made_dir(tmp_path / "ro" / "evout"):
+            pass
+
+    with pytest.raises(WriteError, match=r"cannot write .*/ro/evout: Permission denied"):
+        unprivileged(make)
