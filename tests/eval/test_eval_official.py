@@ -90,6 +90,15 @@ def test_mmmu_official_parsing_at_its_edges():
     assert mmmu._subject_rank("Art Theory") == mmmu._subject_rank("art_theory") == mmmu.SUBJECTS.index("Art_Theory")
 
 
+THREE_CHOICES = {  # a multiple-choice problem whose answer is the third choice
+    "question_type": "multi_choice",
+    "answer_type": "text",
+    "answer": "6",
+    "choices": ["2", "4", "6"],
+    "precision": None,
+}
+
+
 def _mathvista_meta(problem):
     choices = problem["choices"]
     return {
@@ -119,15 +128,7 @@ def test_mathvista_stand_in_for_the_llm_extraction():
         {"question_type": "free_form", "answer_type": "integer", "answer": "7", "choices": None, "precision": None}
     )
     assert mathvista.score("The answer is 7.", meta) == {"score": 1.0, "extracted": "7", "normalized": "7"}
-    meta = _mathvista_meta(
-        {
-            "question_type": "multi_choice",
-            "answer_type": "text",
-            "answer": "6",
-            "choices": ["2", "4", "6"],
-            "precision": None,
-        }
-    )
+    meta = _mathvista_meta(THREE_CHOICES)
     assert mathvista.score("So the answer is (C).", meta)["score"] == 1.0
     assert mathvista.score("◁think▷ (A)?", meta)["normalized"] == "2"  # no answer: "" picks the shortest choice
     # the stand-in reads a letter or number right after Chinese text as it does after English
@@ -145,15 +146,7 @@ def test_mathvista_stand_in_for_the_llm_extraction():
 def test_mathvista_official_normalisation_at_its_edges():
     """normalize_extracted_answer's first bracketed letter in either case; a float question without a precision
     normalises to None; the loader's meta (the gold letter beside the answer text) compares the answer text."""
-    mc = _mathvista_meta(
-        {
-            "question_type": "multi_choice",
-            "answer_type": "text",
-            "answer": "6",
-            "choices": ["2", "4", "6"],
-            "precision": None,
-        }
-    )
+    mc = _mathvista_meta(THREE_CHOICES)
     assert mathvista.official_normalize("(b)", mc) == "4" and mathvista.official_normalize("(A) or (C)", mc) == "2"
     assert mathvista.score("So it is (C).", {**mc, "answer": "C"}) == {
         "score": 1.0,
