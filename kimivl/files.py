@@ -173,7 +173,7 @@ def write_text_atomic(
             f.write(text)
         return
     path = Path(os.path.realpath(path) if through_links else path)
-    tmp = path.with_name(f".{path.name[:100]}.{uuid.uuid4().hex}.tmp")  # a name of 255 bytes has a temporary one
+    tmp = path.with_name(f".{path.name[:50]}.{uuid.uuid4().hex}.tmp")  # at most 238 bytes: a name of 255 has one
     try:
         with writing(path), open(tmp, "x", encoding="utf-8", errors=errors) as f:  # created and closed in the block
             f.write(text)

@@ -74,9 +74,11 @@ def test_a_write_the_disk_refuses_names_the_file_and_keeps_the_old_text(tmp_path
 
 def test_a_name_of_255_bytes_is_written(tmp_path):
     """Its temporary name, 38 bytes longer, was too long: a file the OS takes could not be written."""
-    path = tmp_path / ("r" * 250 + ".json")
-    write_text_atomic(path, "{}\n")
-    assert path.read_text() == "{}\n" and list(tmp_path.iterdir()) == [path]
+    for name in ("r" * 250 + ".json", "\U0001f600" * 62 + ".json"):  # 255 and 253 bytes in UTF-8
+        path = tmp_path / name
+        write_text_atomic(path, "{}\n")
+        assert path.read_text() == "{}\n" and path in list(tmp_path.iterdir())
+    assert len(list(tmp_path.iterdir())) == 2
 
 
 def test_file_mode_is_what_open_gives_a_new_file(tmp_path):
