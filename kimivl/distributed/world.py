@@ -226,5 +226,10 @@ def init_world(parallel: dict | None, device: str) -> World:
 
 
 def close_world(world: World) -> None:
+    """Tear the process groups down, each rank first waiting (a minute at most) for the others to be done over the
+    gloo group of ``wait_for_main``: a rank that tore its groups down while another still finished the last collective
+    (a refusal every rank met together) made that one abort ("terminate called without an active exception")."""
     if world.active and dist.is_initialized():
+        with contextlib.suppress(RuntimeError):  # a rank that failed alone: the others are not waited for longer
+            dist.monitored_barrier(group=world.waits, timeout=datetime.timedelta(seconds=60))
         dist.destroy_process_group()
